@@ -1,0 +1,259 @@
+//! The operator protocol (`convoy-ctl/1`): what `convoyctl` asks an agent
+//! and what the agent answers. One request per bidirectional stream; the
+//! answer is one response, except `Migrate`, answered by any number of
+//! [`CtlResponse::Progress`] frames and then one [`CtlResponse::Report`]
+//! or [`CtlResponse::Error`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::names::{AgentName, VmName};
+use crate::page::EncodingStats;
+
+/// What a simulated VM's memory is filled with at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ContentProfile {
+    /// About 25% zero pages, 40% compressible text-like pages, 35% random.
+    Mixed,
+    /// Every page random (incompressible).
+    Random,
+    /// Every page zero.
+    Zero,
+}
+
+/// A simulated VM to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimVmSpec {
+    /// Its name, unique on the agent.
+    pub name: VmName,
+    /// Guest memory in bytes (a multiple of 4 KiB).
+    pub memory_bytes: u64,
+    /// Pages the workload dirties per second (0 = idle).
+    pub dirty_pages_per_sec: u64,
+    /// Percentage of memory that takes 90% of the writes (1..=100).
+    pub hot_set_pct: u8,
+    /// Initial content.
+    pub content: ContentProfile,
+    /// Seed for content and workload.
+    pub seed: u64,
+}
+
+/// A VM's lifecycle state on one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum VmState {
+    /// Running.
+    Running,
+    /// Paused (stop-and-copy in progress).
+    Paused,
+    /// Being copied out to another agent, still running here.
+    MigratingOut,
+    /// Handed over but the destination never confirmed the start: kept
+    /// paused here until the outcome is known. Never resumed automatically.
+    InDoubt,
+}
+
+/// One VM as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: VmName,
+    /// Backend (`sim`).
+    pub backend: String,
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+    /// State.
+    pub state: VmState,
+    /// The device counter now.
+    pub counter: u64,
+    /// The counter when the VM started on this agent after arriving.
+    pub counter_at_start: Option<u64>,
+    /// The agent it came from, when it arrived by migration.
+    pub arrived_from: Option<String>,
+    /// Workload dirty rate, pages per second.
+    pub dirty_pages_per_sec: u64,
+}
+
+/// Tuning of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// Parallel data streams (1..=16).
+    pub streams: u16,
+    /// Downtime target in milliseconds.
+    pub max_downtime_ms: u32,
+    /// Most pre-copy rounds before stopping regardless.
+    pub max_rounds: u32,
+    /// zstd level, 0 for none.
+    pub compression_level: i32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            streams: 2,
+            max_downtime_ms: 300,
+            max_rounds: 30,
+            compression_level: 1,
+        }
+    }
+}
+
+/// Migrate a VM to another agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The VM, which must be running on the agent asked.
+    pub vm: VmName,
+    /// The destination agent's name (its SPIFFE ID is derived from it).
+    pub to: AgentName,
+    /// The destination's address, when the agent has no peer entry for it.
+    pub to_addr: Option<String>,
+    /// Tuning.
+    pub options: MigrateOptions,
+}
+
+/// A progress update during a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Phase name (`precopy`, `stop-and-copy`, `verify`, `handover`).
+    pub phase: String,
+    /// Current round.
+    pub round: u32,
+    /// Pages sent so far, all rounds.
+    pub pages_sent: u64,
+    /// Pages dirty and not yet resent.
+    pub remaining_pages: u64,
+    /// Guest memory size in pages.
+    pub total_pages: u64,
+    /// Frame bytes sent so far.
+    pub payload_bytes: u64,
+    /// Measured rate of the last round, bytes per second.
+    pub rate_bytes_per_sec: u64,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The VM runs at the destination; the source copy is gone.
+    Completed,
+    /// The VM still runs at the source; nothing is left at the destination.
+    Aborted(String),
+    /// Handed over, but the destination's start was never confirmed.
+    InDoubt(String),
+}
+
+/// The summary of one migration, from the source's point of view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Migration id (hex).
+    pub migration: String,
+    /// VM.
+    pub vm: VmName,
+    /// Source SPIFFE ID.
+    pub source: String,
+    /// Destination SPIFFE ID.
+    pub destination: String,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// Whether the destination confirmed a root equal to the source's.
+    pub verified: bool,
+    /// Whether pre-copy met the downtime target before the round limit.
+    pub converged: bool,
+    /// Propose to Started, milliseconds.
+    pub total_ms: f64,
+    /// Pause at the source to Started received, milliseconds.
+    pub downtime_ms: f64,
+    /// Copy rounds, the final one included.
+    pub rounds: u32,
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+    /// Pages sent, all rounds (a page sent twice counts twice).
+    pub pages_sent: u64,
+    /// Pages by encoding.
+    pub encodings: EncodingStats,
+    /// Frame bytes on the control and data streams.
+    pub payload_bytes: u64,
+    /// UDP payload bytes the source's connection sent and received.
+    pub wire_bytes: u64,
+    /// Merkle root of the memory image handed over.
+    pub memory_root: Option<Digest>,
+    /// The device counter when the source paused.
+    pub counter_at_pause: Option<u64>,
+}
+
+/// An agent's summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// Address it listens on.
+    pub listen: String,
+    /// Crate version.
+    pub version: String,
+    /// VMs here.
+    pub vms: Vec<VmInfo>,
+    /// Migrations running now.
+    pub active_migrations: u32,
+    /// The latest finished migrations, newest last.
+    pub recent: Vec<MigrationReport>,
+}
+
+/// A refused or failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtlError {
+    /// Machine-readable kind.
+    pub kind: CtlErrorKind,
+    /// For people.
+    pub message: String,
+}
+
+/// Kinds of [`CtlError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CtlErrorKind {
+    /// The request is malformed or out of range.
+    BadRequest,
+    /// No such VM.
+    NotFound,
+    /// The name is taken.
+    Exists,
+    /// The agent lacks resources.
+    NoCapacity,
+    /// The migration failed.
+    MigrationFailed,
+    /// Anything else.
+    Internal,
+}
+
+/// Operator → agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CtlRequest {
+    /// Agent summary.
+    Status,
+    /// Create and start a simulated VM.
+    VmCreate(SimVmSpec),
+    /// List VMs.
+    VmList,
+    /// Migrate a VM.
+    Migrate(MigrateRequest),
+}
+
+/// Agent → operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CtlResponse {
+    /// Answer to `Status`.
+    Status(AgentStatus),
+    /// Answer to `VmCreate`.
+    VmCreated(VmInfo),
+    /// Answer to `VmList`.
+    VmList(Vec<VmInfo>),
+    /// During `Migrate`.
+    Progress(Progress),
+    /// End of `Migrate`.
+    Report(MigrationReport),
+    /// Any request failed.
+    Error(CtlError),
+}

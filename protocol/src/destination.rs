@@ -1,0 +1,559 @@
+//! The destination side of a migration, as a state machine.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> AwaitPropose
+//!     AwaitPropose --> Preparing: Propose acceptable / reserve staging
+//!     AwaitPropose --> Done: Propose refused / send Reject
+//!     Preparing --> Receiving: staging ready / send Accept
+//!     Receiving --> Draining: Finish
+//!     Draining --> AwaitHandover: all batches applied, roots match / send Ready
+//!     Draining --> Done: roots differ / send Abort, discard staging
+//!     AwaitHandover --> Starting: Handover / start the VM
+//!     Starting --> Done: started / send Started
+//!     Receiving --> Done: Abort, link lost, bad message / discard staging
+//!     AwaitHandover --> Done: Abort, link lost, timeout / discard staging
+//! ```
+//!
+//! Pages are written into a *staging* image, never into a running VM. The
+//! driver decodes batches with [`crate::page::StreamReceiver`] (which
+//! enforces order and striping), writes them to staging, hashes the staging
+//! pages, and reports the leaves with [`Destination::handle_batch_applied`].
+//! The VM starts only after the root over those leaves equals the source's
+//! and the source has handed over; a staging image is discarded on every
+//! other path.
+//!
+//! # Driving it
+//! Feed it what happens (`handle_*`, with the current time); after every
+//! call drain [`Destination::poll_action`] until `None`, then
+//! [`Destination::poll_event`], then arm a timer for
+//! [`Destination::poll_timeout`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
+use crate::message::{
+    Abort, Accept, Capabilities, Finish, Manifest, Message, Propose, Ready, Reason, Reject,
+    Started, VersionRange, MAX_DATA_STREAMS,
+};
+use crate::names::{MigrationId, VmName};
+use crate::page::PageIndex;
+
+/// Limits and timeouts of the destination.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// Largest guest memory accepted.
+    pub max_memory_bytes: u64,
+    /// Features offered.
+    pub capabilities: Capabilities,
+    /// How long to wait for Handover after Ready.
+    pub handover_timeout: Duration,
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+#[must_use]
+#[non_exhaustive]
+pub enum DestinationAction {
+    /// Send on the control stream.
+    Send(Message),
+    /// Reserve a zeroed staging image for the VM, then call
+    /// [`Destination::handle_staging_ready`] (or `_failed`).
+    PrepareStaging {
+        /// VM.
+        vm: VmName,
+        /// Its manifest.
+        manifest: Manifest,
+    },
+    /// Start the VM from staging with this device state, then call
+    /// [`Destination::handle_started`].
+    StartVm {
+        /// Device state.
+        device_state: Vec<u8>,
+    },
+    /// Drop and wipe the staging image.
+    DiscardStaging,
+}
+
+/// How a destination migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DestinationEvent {
+    /// The VM runs here.
+    Started {
+        /// The root it was verified against.
+        memory_root: Digest,
+    },
+    /// Nothing is left here.
+    Failed(String),
+}
+
+/// A message or report the destination cannot accept. The machine has
+/// already failed safely when this is returned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DestinationError {
+    /// (phase, message) pair with no transition.
+    #[error("unexpected {message} while {phase}")]
+    Unexpected {
+        /// Phase.
+        phase: &'static str,
+        /// What arrived.
+        message: &'static str,
+    },
+    /// A data stream index outside the manifest, or opened twice.
+    #[error("data stream {0} is not expected")]
+    BadStream(u16),
+    /// A batch reported out of sequence (a driver bug or a replay).
+    #[error("stream {stream}: batch {got} applied, expected {expected}")]
+    BatchSequence {
+        /// Stream.
+        stream: u16,
+        /// Expected.
+        expected: u64,
+        /// Got.
+        got: u64,
+    },
+    /// The source's Finish disagrees with what arrived.
+    #[error("Finish announces {announced} batches on stream {stream}, {applied} arrived")]
+    BatchCount {
+        /// Stream.
+        stream: u16,
+        /// Announced.
+        announced: u64,
+        /// Applied.
+        applied: u64,
+    },
+    /// Finish lists the wrong number of streams.
+    #[error("Finish lists {0} streams")]
+    StreamCount(usize),
+    /// A leaf past the end of memory.
+    #[error("page {0} past the end of memory")]
+    PageOutOfRange(u64),
+    /// The staging image does not hash to the source's root.
+    #[error("memory root mismatch: staging {staging}, source {source_root}")]
+    RootMismatch {
+        /// Recomputed over staging.
+        staging: Digest,
+        /// Announced.
+        source_root: Digest,
+    },
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitPropose,
+    Preparing,
+    Receiving,
+    Draining(Finish),
+    AwaitHandover {
+        deadline: Instant,
+        device_state: Vec<u8>,
+    },
+    Starting,
+    Done,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::AwaitPropose => "awaiting Propose",
+            Phase::Preparing => "preparing staging",
+            Phase::Receiving => "receiving pages",
+            Phase::Draining(_) => "draining the data streams",
+            Phase::AwaitHandover { .. } => "awaiting Handover",
+            Phase::Starting => "starting the VM",
+            Phase::Done => "done",
+        }
+    }
+
+    fn has_staging(&self) -> bool {
+        matches!(
+            self,
+            Phase::Preparing | Phase::Receiving | Phase::Draining(_) | Phase::AwaitHandover { .. }
+        )
+    }
+}
+
+/// The destination state machine. See the module docs.
+#[derive(Debug)]
+pub struct Destination {
+    cfg: DestinationConfig,
+    phase: Phase,
+    actions: VecDeque<DestinationAction>,
+    events: VecDeque<DestinationEvent>,
+    proposal: Option<Propose>,
+    tree: Option<MerkleTree>,
+    applied: Vec<u64>,
+    opened: Vec<bool>,
+    root: Option<Digest>,
+    handover_at: Option<Instant>,
+}
+
+impl Destination {
+    /// A destination waiting for a proposal.
+    pub fn new(cfg: DestinationConfig) -> Self {
+        Destination {
+            cfg,
+            phase: Phase::AwaitPropose,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            proposal: None,
+            tree: None,
+            applied: Vec::new(),
+            opened: Vec::new(),
+            root: None,
+            handover_at: None,
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<DestinationAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next outcome.
+    pub fn poll_event(&mut self) -> Option<DestinationEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Destination::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitHandover { deadline, .. } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Whether the machine has finished.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// The accepted proposal.
+    pub fn proposal(&self) -> Option<&Propose> {
+        self.proposal.as_ref()
+    }
+
+    /// The migration id, once proposed.
+    pub fn migration(&self) -> Option<MigrationId> {
+        self.proposal.as_ref().map(|p| p.migration)
+    }
+
+    /// A message from the source's control stream.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), DestinationError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, msg) {
+            (Phase::AwaitPropose, Message::Propose(p)) => {
+                self.propose(p);
+                Ok(())
+            }
+            (Phase::Receiving, Message::Finish(f)) => {
+                let streams = self.applied.len();
+                if f.batches.len() != streams {
+                    return Err(self.fail(DestinationError::StreamCount(f.batches.len())));
+                }
+                for (s, (&announced, &applied)) in f.batches.iter().zip(&self.applied).enumerate() {
+                    if applied > announced {
+                        return Err(self.fail(DestinationError::BatchCount {
+                            stream: s as u16,
+                            announced,
+                            applied,
+                        }));
+                    }
+                }
+                self.phase = Phase::Draining(f);
+                self.try_verify(now)
+            }
+            (Phase::AwaitHandover { device_state, .. }, Message::Handover) => {
+                self.handover_at = Some(now);
+                self.phase = Phase::Starting;
+                self.actions
+                    .push_back(DestinationAction::StartVm { device_state });
+                Ok(())
+            }
+            (Phase::Done, _) => Ok(()),
+            (Phase::Starting, _) => {
+                // Handover received: the VM is ours; nothing the source says
+                // now can make us drop it.
+                self.phase = Phase::Starting;
+                Ok(())
+            }
+            (phase, Message::Abort(a)) => {
+                self.phase = phase;
+                self.discard(format!("source aborted: {}", a.reason));
+                Ok(())
+            }
+            (phase, msg) => {
+                let e = DestinationError::Unexpected {
+                    phase: phase.name(),
+                    message: msg.kind(),
+                };
+                self.phase = phase;
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    fn propose(&mut self, p: Propose) {
+        let refuse = |me: &mut Self, reason: Reason| {
+            me.actions
+                .push_back(DestinationAction::Send(Message::Reject(Reject {
+                    reason: reason.clone(),
+                })));
+            me.events
+                .push_back(DestinationEvent::Failed(format!("refused: {reason}")));
+            me.phase = Phase::Done;
+        };
+        let Some(version) = VersionRange::OURS.negotiate(p.versions) else {
+            return refuse(self, Reason::UnsupportedVersion);
+        };
+        let _ = version;
+        let streams = p.manifest.data_streams;
+        if streams == 0 || streams > MAX_DATA_STREAMS {
+            return refuse(
+                self,
+                Reason::Unacceptable(format!("{streams} data streams (1..={MAX_DATA_STREAMS})")),
+            );
+        }
+        if p.manifest.memory.bytes() > self.cfg.max_memory_bytes {
+            return refuse(
+                self,
+                Reason::Unacceptable(format!(
+                    "{} bytes of memory exceeds this agent's limit of {}",
+                    p.manifest.memory.bytes(),
+                    self.cfg.max_memory_bytes
+                )),
+            );
+        }
+        self.applied = vec![0; usize::from(streams)];
+        self.opened = vec![false; usize::from(streams)];
+        self.actions.push_back(DestinationAction::PrepareStaging {
+            vm: p.vm.clone(),
+            manifest: p.manifest.clone(),
+        });
+        self.proposal = Some(p);
+        self.phase = Phase::Preparing;
+    }
+
+    /// Staging is reserved and zeroed: accept.
+    pub fn handle_staging_ready(&mut self) {
+        let Phase::Preparing = self.phase else {
+            return;
+        };
+        let Some(p) = &self.proposal else {
+            return;
+        };
+        let page = p.manifest.memory.page_size().bytes();
+        self.tree = Some(MerkleTree::filled(
+            p.manifest.memory.page_count() as usize,
+            zero_leaf(page),
+        ));
+        let version = VersionRange::OURS
+            .negotiate(p.versions)
+            .unwrap_or(crate::message::PROTOCOL_VERSION);
+        self.actions
+            .push_back(DestinationAction::Send(Message::Accept(Accept {
+                version,
+                capabilities: self.cfg.capabilities.intersect(p.capabilities),
+            })));
+        self.phase = Phase::Receiving;
+    }
+
+    /// Staging could not be reserved.
+    pub fn handle_staging_failed(&mut self, reason: Reason) {
+        if let Phase::Preparing = self.phase {
+            self.actions
+                .push_back(DestinationAction::Send(Message::Reject(Reject {
+                    reason: reason.clone(),
+                })));
+            self.events
+                .push_back(DestinationEvent::Failed(format!("refused: {reason}")));
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// A data stream announced itself as `stream`.
+    pub fn handle_stream_opened(&mut self, stream: u16) -> Result<(), DestinationError> {
+        match self.opened.get_mut(usize::from(stream)) {
+            Some(o) if !*o && matches!(self.phase, Phase::Receiving | Phase::Draining(_)) => {
+                *o = true;
+                Ok(())
+            }
+            _ => Err(self.fail(DestinationError::BadStream(stream))),
+        }
+    }
+
+    /// The driver wrote batch `seq` of `stream` to staging; `leaves` are the
+    /// digests of the staging pages it wrote.
+    pub fn handle_batch_applied(
+        &mut self,
+        now: Instant,
+        stream: u16,
+        seq: u64,
+        leaves: &[(PageIndex, Digest)],
+    ) -> Result<(), DestinationError> {
+        if !matches!(self.phase, Phase::Receiving | Phase::Draining(_)) {
+            return Err(self.fail(DestinationError::Unexpected {
+                phase: self.phase.name(),
+                message: "PageBatch",
+            }));
+        }
+        let Some(count) = self.applied.get_mut(usize::from(stream)) else {
+            return Err(self.fail(DestinationError::BadStream(stream)));
+        };
+        if *count != seq {
+            let expected = *count;
+            return Err(self.fail(DestinationError::BatchSequence {
+                stream,
+                expected,
+                got: seq,
+            }));
+        }
+        *count += 1;
+        if let Some(tree) = self.tree.as_mut() {
+            for &(p, d) in leaves {
+                if !tree.set_leaf(p.0 as usize, d) {
+                    return Err(self.fail(DestinationError::PageOutOfRange(p.0)));
+                }
+            }
+        }
+        if let Phase::Draining(f) = &self.phase {
+            let announced = f.batches[usize::from(stream)];
+            if *count > announced {
+                let applied = *count;
+                return Err(self.fail(DestinationError::BatchCount {
+                    stream,
+                    announced,
+                    applied,
+                }));
+            }
+        }
+        self.try_verify(now)
+    }
+
+    fn try_verify(&mut self, now: Instant) -> Result<(), DestinationError> {
+        let Phase::Draining(f) = &self.phase else {
+            return Ok(());
+        };
+        if f.batches != self.applied {
+            return Ok(());
+        }
+        let Phase::Draining(f) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return Ok(());
+        };
+        let staging = match self.tree.as_mut() {
+            Some(t) => t.root(),
+            None => Digest([0; 32]),
+        };
+        if staging != f.memory_root {
+            self.phase = Phase::Draining(f.clone());
+            return Err(self.fail(DestinationError::RootMismatch {
+                staging,
+                source_root: f.memory_root,
+            }));
+        }
+        self.root = Some(staging);
+        self.actions
+            .push_back(DestinationAction::Send(Message::Ready(Ready {
+                memory_root: staging,
+                device_digest: device_state_digest(&f.device_state),
+            })));
+        self.phase = Phase::AwaitHandover {
+            deadline: now + self.cfg.handover_timeout,
+            device_state: f.device_state,
+        };
+        Ok(())
+    }
+
+    /// The VM runs.
+    pub fn handle_started(&mut self, now: Instant) {
+        if let Phase::Starting = self.phase {
+            let ms = self
+                .handover_at
+                .map(|h| now.saturating_duration_since(h).as_millis())
+                .unwrap_or(0);
+            self.actions
+                .push_back(DestinationAction::Send(Message::Started(Started {
+                    start_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+                })));
+            self.events.push_back(DestinationEvent::Started {
+                memory_root: self.root.unwrap_or(Digest([0; 32])),
+            });
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// The VM could not be started after Handover: tell the source, which
+    /// takes it back.
+    pub fn handle_start_failed(&mut self, detail: &str) {
+        if let Phase::Starting = self.phase {
+            self.actions.push_back(DestinationAction::DiscardStaging);
+            self.actions
+                .push_back(DestinationAction::Send(Message::Abort(Abort {
+                    reason: Reason::Internal(format!("start failed: {detail}")),
+                })));
+            self.events
+                .push_back(DestinationEvent::Failed(format!("start failed: {detail}")));
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// A deadline from [`Destination::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::AwaitHandover { deadline, .. } = self.phase {
+            if now >= deadline {
+                self.actions
+                    .push_back(DestinationAction::Send(Message::Abort(Abort {
+                        reason: Reason::Timeout,
+                    })));
+                self.discard("no Handover from the source in time".into());
+            }
+        }
+    }
+
+    /// The connection or a stream broke. Before Handover the staging copy
+    /// is discarded (the source still runs the VM or keeps it in doubt);
+    /// after it, the VM is ours and starting continues.
+    pub fn handle_link_lost(&mut self, detail: &str) {
+        if self.phase.has_staging() {
+            self.discard(format!("link lost: {detail}"));
+        } else if let Phase::AwaitPropose = self.phase {
+            self.events
+                .push_back(DestinationEvent::Failed(format!("link lost: {detail}")));
+            self.phase = Phase::Done;
+        }
+    }
+
+    fn fail(&mut self, e: DestinationError) -> DestinationError {
+        if matches!(self.phase, Phase::Starting) {
+            // Handover received: the VM is ours, a late bad message changes
+            // nothing.
+            return e;
+        }
+        let reason = match e {
+            DestinationError::RootMismatch { .. } => Reason::RootMismatch,
+            _ => Reason::ProtocolViolation(e.to_string()),
+        };
+        self.actions
+            .push_back(DestinationAction::Send(Message::Abort(Abort { reason })));
+        if self.phase.has_staging() {
+            self.discard(e.to_string());
+        } else {
+            self.events
+                .push_back(DestinationEvent::Failed(e.to_string()));
+            self.phase = Phase::Done;
+        }
+        e
+    }
+
+    fn discard(&mut self, detail: String) {
+        self.tree = None;
+        self.actions.push_back(DestinationAction::DiscardStaging);
+        self.events.push_back(DestinationEvent::Failed(detail));
+        self.phase = Phase::Done;
+    }
+}

@@ -1,0 +1,34 @@
+//! # convoy-protocol
+//!
+//! The sans-IO core of Convoy: everything that crosses the wire and every
+//! decision a migration takes, with no sockets, no async runtime and no
+//! clock. Time comes in as an argument (`now`), bytes come in as slices, and
+//! the state machines answer with actions for a driver to carry out — the
+//! same shape as `quinn-proto`. Everything a hostile peer can send is decoded
+//! here, so everything here is fuzzed (`fuzz/`).
+//!
+//! # Layout
+//! - [`frame`]: length-prefixed framing with a hard maximum frame size.
+//! - [`message`]: the tagged messages (tag 0 invalid), version and
+//!   capability negotiation, typed decode errors.
+//! - [`page`]: memory geometry, page bitmaps, the page-batch codec (zero,
+//!   raw, zstd), stream striping, and the per-stream receiver that enforces
+//!   ordering.
+//! - [`digest`]: BLAKE3 page leaves and the RFC 9162-shaped incremental
+//!   Merkle tree whose root the destination checks before a VM may start.
+//! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
+//! - [`source`] and [`destination`]: the pre-copy migration state machines.
+//! - [`ctl`]: the operator protocol spoken by `convoyctl`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod ctl;
+pub mod destination;
+pub mod digest;
+pub mod frame;
+pub mod message;
+pub mod names;
+pub mod page;
+pub mod source;
+
+pub use message::{DecodeError, Message};

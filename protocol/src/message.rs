@@ -1,0 +1,562 @@
+//! Every message Convoy peers exchange, and its (de)coding.
+//!
+//! A frame's first byte is a tag naming the message; the body is the
+//! message's postcard encoding (for [`Message::PageBatch`], the postcard
+//! header followed by the raw payload). Tag 0 is reserved as invalid so that
+//! a zeroed buffer never parses; unknown tags, malformed bodies and trailing
+//! bytes are typed errors.
+//!
+//! | tag | message | stream |
+//! |-----|---------|--------|
+//! | 1 | [`Propose`] | agent control, source → destination, first |
+//! | 2 | [`Accept`] | agent control, destination → source |
+//! | 3 | [`Reject`] | agent control, destination → source |
+//! | 4 | [`Finish`] | agent control, source → destination |
+//! | 5 | [`Ready`] | agent control, destination → source |
+//! | 6 | `Handover` | agent control, source → destination |
+//! | 7 | [`Started`] | agent control, destination → source |
+//! | 8 | [`Abort`] | agent control, either way |
+//! | 16 | [`DataStreamOpen`] | data stream, first frame |
+//! | 17 | page batch | data stream |
+//! | 32 | [`crate::ctl::CtlRequest`] | operator → agent |
+//! | 33 | [`crate::ctl::CtlResponse`] | agent → operator |
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ctl::{CtlRequest, CtlResponse};
+use crate::digest::Digest;
+use crate::frame::{self, FrameError, LEN_PREFIX};
+use crate::names::{MigrationId, VmName};
+use crate::page::{BatchHeader, MemoryGeometry};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Most data streams one migration may use.
+pub const MAX_DATA_STREAMS: u16 = 16;
+
+/// Largest device-state blob (2 MiB; must fit in one frame).
+pub const MAX_DEVICE_STATE: usize = 2 << 20;
+
+/// An inclusive range of protocol versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// Oldest acceptable.
+    pub min: u16,
+    /// Newest spoken.
+    pub max: u16,
+}
+
+impl VersionRange {
+    /// What this build speaks.
+    pub const OURS: VersionRange = VersionRange {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    /// The highest version both ranges contain.
+    pub fn negotiate(self, other: VersionRange) -> Option<u16> {
+        let hi = self.max.min(other.max);
+        let lo = self.min.max(other.min);
+        (lo <= hi && hi != 0).then_some(hi)
+    }
+
+    /// Whether `v` is in the range.
+    pub fn contains(self, v: u16) -> bool {
+        (self.min..=self.max).contains(&v)
+    }
+}
+
+/// Optional features, as bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    /// zstd-compressed page batches.
+    pub const ZSTD: Capabilities = Capabilities(1);
+    /// Everything this build supports.
+    pub const OURS: Capabilities = Capabilities(1);
+
+    /// Bits set in both.
+    pub fn intersect(self, o: Capabilities) -> Capabilities {
+        Capabilities(self.0 & o.0)
+    }
+
+    /// Whether all bits of `o` are set.
+    pub fn has(self, o: Capabilities) -> bool {
+        self.0 & o.0 == o.0
+    }
+}
+
+/// What the source announces it will send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Guest memory.
+    pub memory: MemoryGeometry,
+    /// Data streams the source will open (1..=[`MAX_DATA_STREAMS`]).
+    pub data_streams: u16,
+}
+
+/// Source → destination: the first message of a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Propose {
+    /// Versions the source speaks.
+    pub versions: VersionRange,
+    /// Features the source offers.
+    pub capabilities: Capabilities,
+    /// Migration id.
+    pub migration: MigrationId,
+    /// The VM.
+    pub vm: VmName,
+    /// What will be sent.
+    pub manifest: Manifest,
+}
+
+/// Destination → source: go ahead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    /// Chosen version.
+    pub version: u16,
+    /// Features both sides support.
+    pub capabilities: Capabilities,
+}
+
+/// Why a destination refused or a peer aborted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// The manifest is out of the destination's limits.
+    Unacceptable(String),
+    /// A VM of that name already lives here or is arriving.
+    VmExists,
+    /// Staging memory could not be reserved.
+    NoCapacity,
+    /// The pages received do not hash to the announced root.
+    RootMismatch,
+    /// The peer broke the protocol.
+    ProtocolViolation(String),
+    /// The operator (or an agent shutting down) cancelled.
+    Cancelled,
+    /// The peer did not answer in time.
+    Timeout,
+    /// A local failure (backend, disk).
+    Internal(String),
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::UnsupportedVersion => f.write_str("no common protocol version"),
+            Reason::Unacceptable(s) => write!(f, "unacceptable manifest: {s}"),
+            Reason::VmExists => f.write_str("VM already present at the destination"),
+            Reason::NoCapacity => f.write_str("destination lacks capacity"),
+            Reason::RootMismatch => f.write_str("memory root mismatch"),
+            Reason::ProtocolViolation(s) => write!(f, "protocol violation: {s}"),
+            Reason::Cancelled => f.write_str("cancelled"),
+            Reason::Timeout => f.write_str("timed out"),
+            Reason::Internal(s) => write!(f, "internal error: {s}"),
+        }
+    }
+}
+
+/// Destination → source: refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Source → destination: every page has been sent; here is the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finish {
+    /// Batches sent on each data stream, in stream order.
+    pub batches: Vec<u64>,
+    /// Copy rounds, the final one included.
+    pub rounds: u32,
+    /// The paused VM's device state.
+    pub device_state: Vec<u8>,
+    /// Merkle root over the memory image as paused.
+    pub memory_root: Digest,
+}
+
+/// Destination → source: "I hold exactly this state."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// Root recomputed over the staging image.
+    pub memory_root: Digest,
+    /// Digest of the device state received.
+    pub device_digest: Digest,
+}
+
+/// Destination → source: the VM runs here now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// Milliseconds from receiving Handover to the VM running.
+    pub start_ms: u32,
+}
+
+/// Either way: the migration is over, unsuccessfully.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Abort {
+    /// Why.
+    pub reason: Reason,
+}
+
+/// First frame of every data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStreamOpen {
+    /// The migration this stream belongs to.
+    pub migration: MigrationId,
+    /// Its index, `0..data_streams`.
+    pub stream: u16,
+}
+
+/// Any Convoy message.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Tag 1.
+    Propose(Propose),
+    /// Tag 2.
+    Accept(Accept),
+    /// Tag 3.
+    Reject(Reject),
+    /// Tag 4.
+    Finish(Finish),
+    /// Tag 5.
+    Ready(Ready),
+    /// Tag 6: the source has handed the VM over; start it.
+    Handover,
+    /// Tag 7.
+    Started(Started),
+    /// Tag 8.
+    Abort(Abort),
+    /// Tag 16.
+    DataStreamOpen(DataStreamOpen),
+    /// Tag 17: a page batch; the payload is carried without a copy.
+    PageBatch(BatchHeader, Bytes),
+    /// Tag 32.
+    CtlRequest(CtlRequest),
+    /// Tag 33.
+    CtlResponse(Box<CtlResponse>),
+}
+
+/// Message tags.
+#[allow(missing_docs)]
+pub mod tag {
+    pub const INVALID: u8 = 0;
+    pub const PROPOSE: u8 = 1;
+    pub const ACCEPT: u8 = 2;
+    pub const REJECT: u8 = 3;
+    pub const FINISH: u8 = 4;
+    pub const READY: u8 = 5;
+    pub const HANDOVER: u8 = 6;
+    pub const STARTED: u8 = 7;
+    pub const ABORT: u8 = 8;
+    pub const DATA_STREAM_OPEN: u8 = 16;
+    pub const PAGE_BATCH: u8 = 17;
+    pub const CTL_REQUEST: u8 = 32;
+    pub const CTL_RESPONSE: u8 = 33;
+}
+
+/// Why bytes did not decode into a message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The frame itself is bad.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Tag 0.
+    #[error("tag 0 is reserved as invalid")]
+    InvalidTag,
+    /// A tag this build does not know.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// The body does not parse as the tagged message.
+    #[error("malformed {message}: {detail}")]
+    Malformed {
+        /// Message kind.
+        message: &'static str,
+        /// What postcard or a validity check said.
+        detail: String,
+    },
+    /// The body parsed but bytes were left over.
+    #[error("{message} followed by {extra} trailing bytes")]
+    Trailing {
+        /// Message kind.
+        message: &'static str,
+        /// Bytes left.
+        extra: usize,
+    },
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoding exceeds [`frame::MAX_FRAME_LEN`].
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// postcard failed.
+    #[error("postcard: {0}")]
+    Postcard(String),
+}
+
+impl Message {
+    /// The message's tag.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Message::Propose(_) => tag::PROPOSE,
+            Message::Accept(_) => tag::ACCEPT,
+            Message::Reject(_) => tag::REJECT,
+            Message::Finish(_) => tag::FINISH,
+            Message::Ready(_) => tag::READY,
+            Message::Handover => tag::HANDOVER,
+            Message::Started(_) => tag::STARTED,
+            Message::Abort(_) => tag::ABORT,
+            Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
+            Message::PageBatch(..) => tag::PAGE_BATCH,
+            Message::CtlRequest(_) => tag::CTL_REQUEST,
+            Message::CtlResponse(_) => tag::CTL_RESPONSE,
+        }
+    }
+
+    /// A short name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        name_of(self.tag())
+    }
+
+    /// The whole frame: length prefix, tag, body.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut out = vec![0u8; LEN_PREFIX];
+        out.push(self.tag());
+        let body = match self {
+            Message::Propose(m) => postcard::to_extend(m, out),
+            Message::Accept(m) => postcard::to_extend(m, out),
+            Message::Reject(m) => postcard::to_extend(m, out),
+            Message::Finish(m) => postcard::to_extend(m, out),
+            Message::Ready(m) => postcard::to_extend(m, out),
+            Message::Handover => Ok(out),
+            Message::Started(m) => postcard::to_extend(m, out),
+            Message::Abort(m) => postcard::to_extend(m, out),
+            Message::DataStreamOpen(m) => postcard::to_extend(m, out),
+            Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
+                o.extend_from_slice(payload);
+                o
+            }),
+            Message::CtlRequest(m) => postcard::to_extend(m, out),
+            Message::CtlResponse(m) => postcard::to_extend(m.as_ref(), out),
+        };
+        let mut out = body.map_err(|e| EncodeError::Postcard(e.to_string()))?;
+        let prefix = frame::prefix_for(out.len() - LEN_PREFIX)?;
+        out[..LEN_PREFIX].copy_from_slice(&prefix);
+        Ok(out)
+    }
+
+    /// Decodes one frame's tag and body (the length prefix already removed).
+    pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
+        let Some((&t, body)) = frame.split_first() else {
+            return Err(DecodeError::Frame(FrameError::Empty));
+        };
+        if frame.len() > frame::MAX_FRAME_LEN {
+            return Err(DecodeError::Frame(FrameError::Oversized {
+                len: frame.len(),
+                max: frame::MAX_FRAME_LEN,
+            }));
+        }
+        Ok(match t {
+            tag::INVALID => return Err(DecodeError::InvalidTag),
+            tag::PROPOSE => Message::Propose(whole(t, body)?),
+            tag::ACCEPT => Message::Accept(whole(t, body)?),
+            tag::REJECT => Message::Reject(whole(t, body)?),
+            tag::FINISH => {
+                let f: Finish = whole(t, body)?;
+                if f.batches.len() > usize::from(MAX_DATA_STREAMS) {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                if f.device_state.len() > MAX_DEVICE_STATE {
+                    return Err(malformed(t, "device state too large"));
+                }
+                Message::Finish(f)
+            }
+            tag::READY => Message::Ready(whole(t, body)?),
+            tag::HANDOVER => {
+                if !body.is_empty() {
+                    return Err(DecodeError::Trailing {
+                        message: name_of(t),
+                        extra: body.len(),
+                    });
+                }
+                Message::Handover
+            }
+            tag::STARTED => Message::Started(whole(t, body)?),
+            tag::ABORT => Message::Abort(whole(t, body)?),
+            tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
+            tag::PAGE_BATCH => {
+                let (h, rest): (BatchHeader, &[u8]) =
+                    postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+                let offset = frame.len() - rest.len();
+                Message::PageBatch(h, frame.slice(offset..))
+            }
+            tag::CTL_REQUEST => Message::CtlRequest(whole(t, body)?),
+            tag::CTL_RESPONSE => Message::CtlResponse(Box::new(whole(t, body)?)),
+            other => return Err(DecodeError::UnknownTag(other)),
+        })
+    }
+}
+
+/// The name of a tag's message.
+pub fn name_of(t: u8) -> &'static str {
+    match t {
+        tag::PROPOSE => "Propose",
+        tag::ACCEPT => "Accept",
+        tag::REJECT => "Reject",
+        tag::FINISH => "Finish",
+        tag::READY => "Ready",
+        tag::HANDOVER => "Handover",
+        tag::STARTED => "Started",
+        tag::ABORT => "Abort",
+        tag::DATA_STREAM_OPEN => "DataStreamOpen",
+        tag::PAGE_BATCH => "PageBatch",
+        tag::CTL_REQUEST => "CtlRequest",
+        tag::CTL_RESPONSE => "CtlResponse",
+        _ => "unknown",
+    }
+}
+
+fn malformed(t: u8, detail: &str) -> DecodeError {
+    DecodeError::Malformed {
+        message: name_of(t),
+        detail: detail.to_owned(),
+    }
+}
+
+fn whole<T: DeserializeOwned>(t: u8, body: &[u8]) -> Result<T, DecodeError> {
+    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing {
+            message: name_of(t),
+            extra: rest.len(),
+        });
+    }
+    Ok(v)
+}
+
+/// Encodes the frame head of a page batch (prefix, tag and header) for a
+/// payload of `payload_len` bytes that the caller sends right after it, so
+/// the payload is never copied.
+pub fn encode_batch_head(header: &BatchHeader, payload_len: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![0u8; LEN_PREFIX];
+    out.push(tag::PAGE_BATCH);
+    let mut out =
+        postcard::to_extend(header, out).map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let prefix = frame::prefix_for(out.len() - LEN_PREFIX + payload_len)?;
+    out[..LEN_PREFIX].copy_from_slice(&prefix);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::{Compression, PageSize, Run};
+
+    fn propose() -> Message {
+        Message::Propose(Propose {
+            versions: VersionRange::OURS,
+            capabilities: Capabilities::OURS,
+            migration: MigrationId([7; 16]),
+            vm: "vm1".parse().unwrap(),
+            manifest: Manifest {
+                memory: MemoryGeometry::new(PageSize::SIZE_4K, 100).unwrap(),
+                data_streams: 2,
+            },
+        })
+    }
+
+    fn strip(frame: Vec<u8>) -> Bytes {
+        Bytes::from(frame).slice(LEN_PREFIX..)
+    }
+
+    #[test]
+    fn round_trips() {
+        let header = BatchHeader {
+            seq: 3,
+            round: 2,
+            runs: vec![Run {
+                gap: 5,
+                len: 1,
+                zero: false,
+            }],
+            compression: Compression::None,
+        };
+        for m in [
+            propose(),
+            Message::Handover,
+            Message::Abort(Abort {
+                reason: Reason::RootMismatch,
+            }),
+            Message::PageBatch(header, Bytes::from(vec![1u8; 4096])),
+        ] {
+            let bytes = m.encode().unwrap();
+            assert_eq!(Message::decode(strip(bytes)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn bad_input_is_typed() {
+        assert_eq!(
+            Message::decode(Bytes::from_static(&[0])),
+            Err(DecodeError::InvalidTag)
+        );
+        assert_eq!(
+            Message::decode(Bytes::from_static(&[200, 1])),
+            Err(DecodeError::UnknownTag(200))
+        );
+        let mut f = propose().encode().unwrap();
+        f.push(0);
+        assert!(matches!(
+            Message::decode(strip(f)),
+            Err(DecodeError::Trailing { extra: 1, .. })
+        ));
+        let f = propose().encode().unwrap();
+        let short = Bytes::from(f[LEN_PREFIX..f.len() - 1].to_vec());
+        assert!(matches!(
+            Message::decode(short),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            Message::decode(Bytes::from_static(&[tag::HANDOVER, 0])),
+            Err(DecodeError::Trailing { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_geometry_does_not_decode() {
+        // A page size of 3 must be refused while parsing, not later.
+        let mut f = propose().encode().unwrap();
+        // Find the page-size varint (4096 = 0x80 0x20) and change it to 3.
+        let pos = f
+            .windows(2)
+            .position(|w| w == [0x80, 0x20])
+            .expect("page size in encoding");
+        f.splice(pos..pos + 2, [3u8]);
+        assert!(matches!(
+            Message::decode(strip(f)),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn negotiation() {
+        let a = VersionRange { min: 1, max: 3 };
+        assert_eq!(a.negotiate(VersionRange { min: 2, max: 5 }), Some(3));
+        assert_eq!(a.negotiate(VersionRange { min: 4, max: 5 }), None);
+    }
+}

@@ -1,0 +1,684 @@
+//! The source side of a pre-copy migration, as a state machine.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Proposed: start / send Propose
+//!     Proposed --> Copying: Accept / start dirty log, send round 1
+//!     Proposed --> Failed: Reject, timeout, link lost
+//!     Copying --> Copying: round sent, dirty log, downtime too high
+//!     Copying --> Pausing: expected downtime ≤ target, or round limit
+//!     Pausing --> FinalCopy: paused / send last dirty pages
+//!     FinalCopy --> AwaitReady: sent / send Finish(root, device state)
+//!     AwaitReady --> Committing: Ready with our roots / record handover
+//!     Committing --> AwaitStarted: recorded / send Handover
+//!     AwaitStarted --> Done: Started / discard the local copy
+//!     AwaitStarted --> InDoubt: link lost, timeout
+//!     Copying --> Failed: Abort, link lost, cancel, bad message
+//!     AwaitReady --> Failed: Abort, wrong roots, timeout
+//! ```
+//!
+//! Every path to `Failed` emits [`SourceAction::RollBack`]: the VM keeps (or
+//! resumes) running here. No path after `Handover` is sent resumes the VM:
+//! without `Started` the outcome is *in doubt* and the paused copy is kept
+//! until someone asks the destination.
+//!
+//! # Driving it
+//! Call [`Source::start`], then feed it what happens (`handle_*`, with the
+//! current time) and after every call drain, in this order,
+//! [`Source::poll_action`] until `None`, [`Source::poll_event`] until `None`,
+//! then arm a timer for [`Source::poll_timeout`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::ctl::{Outcome, Progress};
+use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
+use crate::message::{
+    Abort, Capabilities, Finish, Manifest, Message, Propose, Reason, VersionRange,
+};
+use crate::names::{MigrationId, VmName};
+use crate::page::{EncodingStats, PageBitmap, PageIndex};
+
+/// How the source behaves.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Migration id.
+    pub migration: MigrationId,
+    /// VM.
+    pub vm: VmName,
+    /// What will be sent.
+    pub manifest: Manifest,
+    /// Features offered.
+    pub capabilities: Capabilities,
+    /// Pause when the remaining pages are expected to take less than this.
+    pub max_downtime: Duration,
+    /// Pause after this many pre-copy rounds regardless.
+    pub max_rounds: u32,
+    /// How long to wait for Accept.
+    pub accept_timeout: Duration,
+    /// How long to wait for Ready after Finish (covers draining the streams
+    /// and the destination's verification).
+    pub ready_timeout: Duration,
+    /// How long to wait for Started after Handover before declaring the
+    /// outcome in doubt.
+    pub started_timeout: Duration,
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+#[must_use]
+#[non_exhaustive]
+pub enum SourceAction {
+    /// Send on the control stream.
+    Send(Message),
+    /// Clear and start the VM's dirty log (before round 1 reads a page).
+    StartDirtyLog,
+    /// Read and send `pages` over the data streams, then call
+    /// [`Source::handle_batch_sent`] per batch and
+    /// [`Source::handle_round_sent`] once. With `skip_zero` (the first
+    /// round) zero pages are not sent: the destination's staging memory
+    /// starts zeroed.
+    SendPages {
+        /// Round number.
+        round: u32,
+        /// Pages to send.
+        pages: PageBitmap,
+        /// Leave zero pages out.
+        skip_zero: bool,
+    },
+    /// Fetch-and-clear the dirty log, then call [`Source::handle_dirty_log`].
+    CollectDirtyLog,
+    /// Pause the VM, collect the dirty log and the device state, then call
+    /// [`Source::handle_paused`].
+    PauseVm,
+    /// Durably record that the VM is being handed over, then call
+    /// [`Source::handle_handover_committed`].
+    CommitHandover,
+    /// The migration failed before handover: stop the dirty log and resume
+    /// the VM if it was paused. It runs here, exactly once.
+    RollBack,
+    /// The destination runs the VM: discard and wipe the local copy.
+    DiscardVm,
+}
+
+/// What the driver may report.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SourceEvent {
+    /// Progress.
+    Progress(Progress),
+    /// The end, with figures.
+    Finished(SourceSummary),
+}
+
+/// Figures of a finished migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSummary {
+    /// Outcome.
+    pub outcome: Outcome,
+    /// Whether the destination confirmed our roots.
+    pub verified: bool,
+    /// Whether pre-copy met the downtime target.
+    pub converged: bool,
+    /// Rounds, the final one included.
+    pub rounds: u32,
+    /// Pages sent (repeats count).
+    pub pages_sent: u64,
+    /// By encoding.
+    pub encodings: EncodingStats,
+    /// Data frame bytes.
+    pub payload_bytes: u64,
+    /// Start to finish.
+    pub total: Duration,
+    /// Pause to Started (or to the end, if it never started).
+    pub downtime: Option<Duration>,
+    /// Root handed over.
+    pub memory_root: Option<Digest>,
+}
+
+/// One batch the driver wrote to a data stream.
+#[derive(Debug, Clone)]
+pub struct SentBatch {
+    /// Stream index.
+    pub stream: u16,
+    /// Leaf digests of the pages as read.
+    pub leaves: Vec<(PageIndex, Digest)>,
+    /// By encoding.
+    pub stats: EncodingStats,
+    /// Frame bytes.
+    pub frame_bytes: u64,
+}
+
+/// A message or event the source cannot accept in its phase, or a bad value
+/// from the peer. The machine has already failed safely when this is
+/// returned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// (phase, message) pair with no transition.
+    #[error("unexpected {message} while {phase}")]
+    Unexpected {
+        /// Phase.
+        phase: &'static str,
+        /// What arrived.
+        message: &'static str,
+    },
+    /// The destination accepted a version we did not offer.
+    #[error("destination chose version {0}, outside our range")]
+    Downgrade(u16),
+    /// The destination claims capabilities we did not offer.
+    #[error("destination accepted capabilities we did not offer")]
+    Capabilities,
+    /// The destination's roots are not ours.
+    #[error("destination holds memory root {theirs}, we sent {ours}")]
+    RootMismatch {
+        /// Ours.
+        ours: Digest,
+        /// Theirs.
+        theirs: Digest,
+    },
+    /// The destination's device-state digest is not ours.
+    #[error("destination holds a different device state")]
+    DeviceStateMismatch,
+    /// A batch on a stream that does not exist.
+    #[error("batch reported on stream {0}, beyond the manifest")]
+    NoSuchStream(u16),
+    /// A leaf past the end of memory.
+    #[error("leaf for page {0} past the end of memory")]
+    LeafOutOfRange(u64),
+    /// Device state too large for the protocol.
+    #[error("device state of {0} bytes exceeds the limit")]
+    DeviceStateTooLarge(usize),
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    Proposed {
+        deadline: Instant,
+    },
+    Copying {
+        round: u32,
+        round_start: Instant,
+        sending: bool,
+    },
+    Pausing {
+        round: u32,
+    },
+    FinalCopy {
+        round: u32,
+    },
+    AwaitReady {
+        deadline: Instant,
+    },
+    Committing,
+    AwaitStarted {
+        deadline: Instant,
+    },
+    Done,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Proposed { .. } => "awaiting Accept",
+            Phase::Copying { .. } => "copying",
+            Phase::Pausing { .. } => "pausing",
+            Phase::FinalCopy { .. } => "sending the final round",
+            Phase::AwaitReady { .. } => "awaiting Ready",
+            Phase::Committing => "committing the handover",
+            Phase::AwaitStarted { .. } => "awaiting Started",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// The source state machine. See the module docs.
+#[derive(Debug)]
+pub struct Source {
+    cfg: SourceConfig,
+    phase: Phase,
+    actions: VecDeque<SourceAction>,
+    events: VecDeque<SourceEvent>,
+    tree: MerkleTree,
+    batches: Vec<u64>,
+    pending: Option<PageBitmap>,
+    device_state: Vec<u8>,
+    started_at: Option<Instant>,
+    paused_at: Option<Instant>,
+    converged: bool,
+    verified: bool,
+    handed_over: bool,
+    rounds: u32,
+    pages_sent: u64,
+    encodings: EncodingStats,
+    payload_bytes: u64,
+    round_bytes: u64,
+    round_pages: u64,
+    rate: u64,
+    root: Option<Digest>,
+}
+
+impl Source {
+    /// A source that has not started.
+    pub fn new(cfg: SourceConfig) -> Self {
+        let pages = cfg.manifest.memory.page_count() as usize;
+        let page = cfg.manifest.memory.page_size().bytes();
+        let streams = usize::from(cfg.manifest.data_streams);
+        Source {
+            tree: MerkleTree::filled(pages, zero_leaf(page)),
+            batches: vec![0; streams],
+            cfg,
+            phase: Phase::Idle,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            pending: None,
+            device_state: Vec::new(),
+            started_at: None,
+            paused_at: None,
+            converged: false,
+            verified: false,
+            handed_over: false,
+            rounds: 0,
+            pages_sent: 0,
+            encodings: EncodingStats::default(),
+            payload_bytes: 0,
+            round_bytes: 0,
+            round_pages: 0,
+            rate: 0,
+            root: None,
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Source::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Proposed { deadline }
+            | Phase::AwaitReady { deadline }
+            | Phase::AwaitStarted { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Whether the machine has finished (any outcome).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Whether Handover has been sent (no path back to running here, but
+    /// for the destination's explicit Abort).
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Sends the proposal.
+    pub fn start(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        self.started_at = Some(now);
+        self.actions
+            .push_back(SourceAction::Send(Message::Propose(Propose {
+                versions: VersionRange::OURS,
+                capabilities: self.cfg.capabilities,
+                migration: self.cfg.migration,
+                vm: self.cfg.vm.clone(),
+                manifest: self.cfg.manifest.clone(),
+            })));
+        self.phase = Phase::Proposed {
+            deadline: now + self.cfg.accept_timeout,
+        };
+    }
+
+    /// A message from the destination's control stream.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), SourceError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, msg) {
+            (Phase::Proposed { .. }, Message::Accept(a)) => {
+                if !VersionRange::OURS.contains(a.version) {
+                    return Err(self.fail(now, SourceError::Downgrade(a.version)));
+                }
+                if !self.cfg.capabilities.has(a.capabilities) {
+                    return Err(self.fail(now, SourceError::Capabilities));
+                }
+                self.actions.push_back(SourceAction::StartDirtyLog);
+                let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
+                self.begin_round(now, 1, all, true);
+                Ok(())
+            }
+            (Phase::Proposed { .. }, Message::Reject(r)) => {
+                self.finish_failed(now, format!("destination refused: {}", r.reason));
+                Ok(())
+            }
+            (Phase::AwaitReady { .. }, Message::Ready(r)) => {
+                let ours = self.root.unwrap_or(Digest([0; 32]));
+                if r.memory_root != ours {
+                    return Err(self.fail(
+                        now,
+                        SourceError::RootMismatch {
+                            ours,
+                            theirs: r.memory_root,
+                        },
+                    ));
+                }
+                if r.device_digest != device_state_digest(&self.device_state) {
+                    return Err(self.fail(now, SourceError::DeviceStateMismatch));
+                }
+                self.verified = true;
+                self.actions.push_back(SourceAction::CommitHandover);
+                self.phase = Phase::Committing;
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Started(_)) => {
+                self.actions.push_back(SourceAction::DiscardVm);
+                self.finish(now, Outcome::Completed);
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Abort(a)) => {
+                // The destination says it did not start the VM and has
+                // discarded its copy: the VM is ours again. (A destination
+                // that lies here could run a second copy, but it could do
+                // that with the state it was handed anyway.)
+                self.handed_over = false;
+                self.actions.push_back(SourceAction::RollBack);
+                self.finish(
+                    now,
+                    Outcome::Aborted(format!("destination could not start: {}", a.reason)),
+                );
+                Ok(())
+            }
+            (Phase::Done, _) => {
+                self.phase = Phase::Done;
+                Ok(())
+            }
+            (phase, Message::Abort(a)) => {
+                self.phase = phase;
+                self.finish_failed(now, format!("destination aborted: {}", a.reason));
+                Ok(())
+            }
+            (phase, msg) => {
+                let e = SourceError::Unexpected {
+                    phase: phase.name(),
+                    message: msg.kind(),
+                };
+                self.phase = phase;
+                Err(self.fail(now, e))
+            }
+        }
+    }
+
+    /// The driver wrote one batch of the current round.
+    pub fn handle_batch_sent(&mut self, batch: &SentBatch) -> Result<(), SourceError> {
+        let Some(count) = self.batches.get_mut(usize::from(batch.stream)) else {
+            return Err(SourceError::NoSuchStream(batch.stream));
+        };
+        *count += 1;
+        for &(p, d) in &batch.leaves {
+            if !self.tree.set_leaf(p.0 as usize, d) {
+                return Err(SourceError::LeafOutOfRange(p.0));
+            }
+        }
+        self.pages_sent += batch.stats.pages();
+        self.round_pages += batch.stats.pages();
+        self.encodings.add(&batch.stats);
+        self.payload_bytes += batch.frame_bytes;
+        self.round_bytes += batch.frame_bytes;
+        Ok(())
+    }
+
+    /// The driver finished sending round `round`; `skipped_zero` zero pages
+    /// of the first round were left out.
+    pub fn handle_round_sent(&mut self, now: Instant, round: u32, skipped_zero: u64) {
+        self.encodings.zero += skipped_zero;
+        match self.phase {
+            Phase::Copying {
+                round: r,
+                round_start,
+                sending: true,
+            } if r == round => {
+                let secs = now.saturating_duration_since(round_start).as_secs_f64();
+                if secs > 0.0 {
+                    self.rate = (self.round_bytes as f64 / secs) as u64;
+                }
+                self.phase = Phase::Copying {
+                    round,
+                    round_start,
+                    sending: false,
+                };
+                self.actions.push_back(SourceAction::CollectDirtyLog);
+            }
+            Phase::FinalCopy { round: r } if r == round => {
+                let root = self.tree.root();
+                self.root = Some(root);
+                self.actions
+                    .push_back(SourceAction::Send(Message::Finish(Finish {
+                        batches: self.batches.clone(),
+                        rounds: self.rounds,
+                        device_state: self.device_state.clone(),
+                        memory_root: root,
+                    })));
+                self.phase = Phase::AwaitReady {
+                    deadline: now + self.cfg.ready_timeout,
+                };
+                self.progress("verify", 0);
+            }
+            _ => {}
+        }
+    }
+
+    /// The dirty log collected after a round.
+    pub fn handle_dirty_log(&mut self, now: Instant, dirty: PageBitmap) {
+        let Phase::Copying {
+            round,
+            sending: false,
+            ..
+        } = self.phase
+        else {
+            return;
+        };
+        let remaining = dirty.count();
+        let page = self.cfg.manifest.memory.page_size().bytes() as f64;
+        let per_page = if self.round_pages > 0 {
+            (self.round_bytes as f64 / self.round_pages as f64).max(1.0)
+        } else {
+            page
+        };
+        let expected = if remaining == 0 {
+            Duration::ZERO
+        } else if self.rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(remaining as f64 * per_page / self.rate as f64)
+        };
+        self.progress("precopy", remaining);
+        if expected <= self.cfg.max_downtime {
+            self.converged = true;
+            self.pause(round, dirty);
+        } else if round >= self.cfg.max_rounds {
+            self.pause(round, dirty);
+        } else {
+            self.begin_round(now, round + 1, dirty, false);
+        }
+    }
+
+    /// The VM is paused; `dirty` was collected after pausing.
+    pub fn handle_paused(
+        &mut self,
+        now: Instant,
+        dirty: PageBitmap,
+        device_state: Vec<u8>,
+    ) -> Result<(), SourceError> {
+        let Phase::Pausing { round } = self.phase else {
+            return Err(SourceError::Unexpected {
+                phase: self.phase.name(),
+                message: "VM paused",
+            });
+        };
+        if device_state.len() > crate::message::MAX_DEVICE_STATE {
+            return Err(self.fail(now, SourceError::DeviceStateTooLarge(device_state.len())));
+        }
+        self.paused_at = Some(now);
+        self.device_state = device_state;
+        let mut last = self.pending.take().unwrap_or_else(|| dirty.clone());
+        last.union_with(&dirty);
+        let round = round + 1;
+        self.rounds = round;
+        self.round_bytes = 0;
+        self.round_pages = 0;
+        self.phase = Phase::FinalCopy { round };
+        self.progress("stop-and-copy", last.count());
+        self.actions.push_back(SourceAction::SendPages {
+            round,
+            pages: last,
+            skip_zero: false,
+        });
+        Ok(())
+    }
+
+    /// The handover is durably recorded; tell the destination.
+    pub fn handle_handover_committed(&mut self, now: Instant) {
+        if let Phase::Committing = self.phase {
+            self.handed_over = true;
+            self.actions
+                .push_back(SourceAction::Send(Message::Handover));
+            self.phase = Phase::AwaitStarted {
+                deadline: now + self.cfg.started_timeout,
+            };
+            self.progress("handover", 0);
+        }
+    }
+
+    /// A deadline from [`Source::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Proposed { deadline } if now >= deadline => self.fail_with(
+                now,
+                Reason::Timeout,
+                "no Accept from the destination in time".into(),
+            ),
+            Phase::AwaitReady { deadline } if now >= deadline => self.fail_with(
+                now,
+                Reason::Timeout,
+                "no Ready from the destination in time".into(),
+            ),
+            Phase::AwaitStarted { deadline } if now >= deadline => {
+                self.finish_failed(now, "no Started from the destination in time".into())
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection or a stream broke.
+    pub fn handle_link_lost(&mut self, now: Instant, detail: &str) {
+        if !matches!(self.phase, Phase::Done) {
+            self.finish_failed(now, format!("link lost: {detail}"));
+        }
+    }
+
+    /// The operator (or shutdown) cancels. Refused once handed over.
+    pub fn cancel(&mut self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Done | Phase::AwaitStarted { .. } => false,
+            _ => {
+                self.fail_with(now, Reason::Cancelled, "cancelled".into());
+                true
+            }
+        }
+    }
+
+    fn begin_round(&mut self, now: Instant, round: u32, pages: PageBitmap, skip_zero: bool) {
+        self.rounds = round;
+        self.round_bytes = 0;
+        self.round_pages = 0;
+        self.phase = Phase::Copying {
+            round,
+            round_start: now,
+            sending: true,
+        };
+        self.actions.push_back(SourceAction::SendPages {
+            round,
+            pages,
+            skip_zero,
+        });
+    }
+
+    fn pause(&mut self, round: u32, dirty: PageBitmap) {
+        self.pending = Some(dirty);
+        self.phase = Phase::Pausing { round };
+        self.actions.push_back(SourceAction::PauseVm);
+    }
+
+    fn progress(&mut self, phase: &str, remaining: u64) {
+        self.events.push_back(SourceEvent::Progress(Progress {
+            phase: phase.into(),
+            round: self.rounds,
+            pages_sent: self.pages_sent,
+            remaining_pages: remaining,
+            total_pages: self.cfg.manifest.memory.page_count(),
+            payload_bytes: self.payload_bytes,
+            rate_bytes_per_sec: self.rate,
+        }));
+    }
+
+    /// Fails with a protocol error from the peer: tell it, roll back.
+    fn fail(&mut self, now: Instant, e: SourceError) -> SourceError {
+        let reason = match e {
+            SourceError::RootMismatch { .. } | SourceError::DeviceStateMismatch => {
+                Reason::RootMismatch
+            }
+            SourceError::DeviceStateTooLarge(_) => Reason::Internal(e.to_string()),
+            _ => Reason::ProtocolViolation(e.to_string()),
+        };
+        self.fail_with(now, reason, e.to_string());
+        e
+    }
+
+    fn fail_with(&mut self, now: Instant, reason: Reason, detail: String) {
+        if !self.handed_over {
+            self.actions
+                .push_back(SourceAction::Send(Message::Abort(Abort { reason })));
+        }
+        self.finish_failed(now, detail);
+    }
+
+    /// Ends unsuccessfully: rolls back before handover; after it, never —
+    /// the outcome is in doubt.
+    fn finish_failed(&mut self, now: Instant, detail: String) {
+        if self.handed_over {
+            self.finish(now, Outcome::InDoubt(detail));
+        } else {
+            self.actions.push_back(SourceAction::RollBack);
+            self.finish(now, Outcome::Aborted(detail));
+        }
+    }
+
+    fn finish(&mut self, now: Instant, outcome: Outcome) {
+        self.phase = Phase::Done;
+        let start = self.started_at.unwrap_or(now);
+        self.events.push_back(SourceEvent::Finished(SourceSummary {
+            verified: self.verified && outcome == Outcome::Completed,
+            outcome,
+            converged: self.converged,
+            rounds: self.rounds,
+            pages_sent: self.pages_sent,
+            encodings: self.encodings,
+            payload_bytes: self.payload_bytes,
+            total: now.saturating_duration_since(start),
+            downtime: self.paused_at.map(|p| now.saturating_duration_since(p)),
+            memory_root: self.root,
+        }));
+    }
+}
