@@ -40,7 +40,8 @@ use crate::message::{
     Started, VersionRange, MAX_DATA_STREAMS,
 };
 use crate::names::{MigrationId, VmName};
-use crate::page::PageIndex;
+use crate::page::{BatchError, PageIndex};
+use crate::DecodeError;
 
 /// Limits and timeouts of the destination.
 #[derive(Debug, Clone)]
@@ -133,6 +134,12 @@ pub enum DestinationError {
     /// A leaf past the end of memory.
     #[error("page {0} past the end of memory")]
     PageOutOfRange(u64),
+    /// A batch that did not decode.
+    #[error("bad page batch: {0}")]
+    Batch(#[from] BatchError),
+    /// A frame or message that did not decode.
+    #[error("undecodable message: {0}")]
+    Decode(#[from] DecodeError),
     /// The staging image does not hash to the source's root.
     #[error("memory root mismatch: staging {staging}, source {source_root}")]
     RootMismatch {
@@ -500,6 +507,13 @@ impl Destination {
                 .push_back(DestinationEvent::Failed(format!("start failed: {detail}")));
             self.phase = Phase::Done;
         }
+    }
+
+    /// A data stream carried a batch that did not decode, or a stream
+    /// carried bytes that are not a message: the source is faulty or
+    /// hostile.
+    pub fn handle_bad_input(&mut self, e: DestinationError) -> DestinationError {
+        self.fail(e)
     }
 
     /// A deadline from [`Destination::poll_timeout`] passed.

@@ -1,0 +1,652 @@
+//! The `Pair` harness: source and destination state machines driven against
+//! each other in memory, with a simulated dirtying VM, a simulated link
+//! (bandwidth and latency) and simulated time. Tamper hooks alter data in
+//! flight.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use convoy_protocol::ctl::Outcome;
+use convoy_protocol::destination::{
+    Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
+};
+use convoy_protocol::digest::{leaf_digest, MerkleTree};
+use convoy_protocol::message::{Capabilities, Manifest, Message, Reason};
+use convoy_protocol::names::MigrationId;
+use convoy_protocol::page::{
+    stream_for, BatchBuilder, BatchHeader, Compressor, MemoryGeometry, PageBitmap, PageIndex,
+    PageSize, StreamReceiver,
+};
+use convoy_protocol::source::{
+    SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
+};
+
+const PAGE: usize = 4096;
+
+/// A tiny deterministic PRNG for the workload.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+struct SimVm {
+    pages: Vec<Vec<u8>>,
+    dirty: PageBitmap,
+    logging: bool,
+    paused: bool,
+    discarded: bool,
+    counter: u64,
+    /// Writes per simulated millisecond.
+    rate_per_ms: u64,
+    hot_pages: u64,
+    rng: Rng,
+    carry: Duration,
+}
+
+impl SimVm {
+    fn new(n: usize, rate_per_ms: u64) -> Self {
+        let mut rng = Rng(42);
+        let pages = (0..n)
+            .map(|i| match i % 4 {
+                0 => vec![0u8; PAGE],
+                1 => (0..PAGE).map(|b| (b % 13) as u8).collect(),
+                _ => (0..PAGE / 8).flat_map(|_| rng.next().to_le_bytes()).collect(),
+            })
+            .collect();
+        SimVm {
+            pages,
+            dirty: PageBitmap::empty(n as u64),
+            logging: false,
+            paused: false,
+            discarded: false,
+            counter: 0,
+            rate_per_ms,
+            hot_pages: (n as u64 / 10).max(1),
+            rng,
+            carry: Duration::ZERO,
+        }
+    }
+
+    fn advance(&mut self, dt: Duration) {
+        if self.paused || self.discarded {
+            return;
+        }
+        self.carry += dt;
+        let ms = self.carry.as_millis() as u64;
+        self.carry -= Duration::from_millis(ms);
+        let n = self.pages.len() as u64;
+        for _ in 0..ms {
+            self.counter += 1;
+            for _ in 0..self.rate_per_ms {
+                let r = self.rng.next();
+                let page = if r % 10 < 9 {
+                    (r >> 8) % self.hot_pages
+                } else {
+                    (r >> 8) % n
+                };
+                let off = ((r >> 40) as usize % (PAGE / 8)) * 8;
+                self.pages[page as usize][off..off + 8].copy_from_slice(&self.counter.to_le_bytes());
+                if self.logging {
+                    self.dirty.insert(PageIndex(page));
+                }
+            }
+        }
+    }
+
+    fn take_dirty(&mut self) -> PageBitmap {
+        std::mem::replace(&mut self.dirty, PageBitmap::empty(self.pages.len() as u64))
+    }
+}
+
+type Tamper = Box<dyn FnMut(u32, &mut BatchHeader, &mut Vec<u8>)>;
+
+struct Pair {
+    now: Instant,
+    src: Source,
+    dst: Destination,
+    vm: SimVm,
+    staging: Option<Vec<Vec<u8>>>,
+    started: Option<u64>,
+    paused_image: Option<Vec<Vec<u8>>>,
+    streams: u16,
+    /// Bytes per second on the link.
+    bandwidth: f64,
+    latency: Duration,
+    to_dst: VecDeque<(Instant, Message)>,
+    to_src: VecDeque<(Instant, Message)>,
+    data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
+    receivers: Vec<StreamReceiver>,
+    seqs: Vec<u64>,
+    tamper: Option<Tamper>,
+    /// zstd level of the source's compressor.
+    level: i32,
+    /// Cut the link once the source has sent this many control messages.
+    cut_after_src_msgs: Option<usize>,
+    src_msgs: usize,
+    link_up: bool,
+    src_summary: Option<SourceSummary>,
+    dst_event: Option<DestinationEvent>,
+    src_errors: Vec<SourceError>,
+    dst_errors: Vec<DestinationError>,
+    rolled_back: bool,
+}
+
+impl Pair {
+    fn new(pages: usize, rate_per_ms: u64, bandwidth: f64, max_memory: u64) -> Self {
+        let geometry = MemoryGeometry::new(PageSize::SIZE_4K, pages as u64).unwrap();
+        let streams = 2;
+        let src = Source::new(SourceConfig {
+            migration: MigrationId([1; 16]),
+            vm: "vm".parse().unwrap(),
+            manifest: Manifest {
+                memory: geometry,
+                data_streams: streams,
+            },
+            capabilities: Capabilities::OURS,
+            max_downtime: Duration::from_millis(20),
+            max_rounds: 10,
+            accept_timeout: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(5),
+            started_timeout: Duration::from_secs(5),
+        });
+        let dst = Destination::new(DestinationConfig {
+            max_memory_bytes: max_memory,
+            capabilities: Capabilities::OURS,
+            handover_timeout: Duration::from_secs(5),
+        });
+        Pair {
+            now: Instant::now(),
+            src,
+            dst,
+            vm: SimVm::new(pages, rate_per_ms),
+            staging: None,
+            started: None,
+            paused_image: None,
+            streams,
+            bandwidth,
+            latency: Duration::from_millis(5),
+            to_dst: VecDeque::new(),
+            to_src: VecDeque::new(),
+            data: VecDeque::new(),
+            receivers: (0..streams)
+                .map(|s| StreamReceiver::new(s, streams, geometry))
+                .collect(),
+            seqs: vec![0; usize::from(streams)],
+            tamper: None,
+            level: 1,
+            cut_after_src_msgs: None,
+            src_msgs: 0,
+            link_up: true,
+            src_summary: None,
+            dst_event: None,
+            src_errors: Vec::new(),
+            dst_errors: Vec::new(),
+            rolled_back: false,
+        }
+    }
+
+    fn tick(&mut self, dt: Duration) {
+        self.now += dt;
+        self.vm.advance(dt);
+    }
+
+    fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
+        let mut skipped = 0;
+        let mut comp = Compressor::new(self.level).unwrap();
+        for s in 0..self.streams {
+            let mine: Vec<PageIndex> = pages
+                .iter()
+                .filter(|p| stream_for(*p, self.streams) == s)
+                .collect();
+            for chunk in mine.chunks(16) {
+                let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+                for &p in chunk {
+                    let bytes = &self.vm.pages[p.0 as usize];
+                    if skip_zero && bytes.iter().all(|b| *b == 0) {
+                        skipped += 1;
+                        continue;
+                    }
+                    b.push_with(p, |buf| buf.copy_from_slice(bytes)).unwrap();
+                }
+                if b.pages() == 0 {
+                    continue;
+                }
+                let seq = self.seqs[usize::from(s)];
+                self.seqs[usize::from(s)] += 1;
+                let enc = b.finish(seq, round, &mut comp).unwrap();
+                let frame_bytes = (enc.payload.len() + 32) as u64;
+                self.src
+                    .handle_batch_sent(&SentBatch {
+                        stream: s,
+                        leaves: enc.leaves,
+                        stats: enc.stats,
+                        frame_bytes,
+                    })
+                    .unwrap();
+                let mut header = enc.header;
+                let mut payload = enc.payload;
+                if let Some(t) = self.tamper.as_mut() {
+                    t(round, &mut header, &mut payload);
+                }
+                self.data
+                    .push_back((self.now + self.latency, s, header, Bytes::from(payload)));
+                // Transmitting takes time, during which the VM runs on.
+                self.tick(Duration::from_secs_f64(frame_bytes as f64 / self.bandwidth));
+            }
+        }
+        self.src.handle_round_sent(self.now, round, skipped);
+    }
+
+    fn drain_src(&mut self) {
+        while let Some(a) = self.src.poll_action() {
+            match a {
+                SourceAction::Send(m) => {
+                    self.src_msgs += 1;
+                    if self.link_up {
+                        self.to_dst.push_back((self.now + self.latency, m));
+                    }
+                    if self.cut_after_src_msgs == Some(self.src_msgs) {
+                        self.link_up = false;
+                    }
+                }
+                SourceAction::StartDirtyLog => {
+                    self.vm.logging = true;
+                    self.vm.take_dirty();
+                }
+                SourceAction::SendPages {
+                    round,
+                    pages,
+                    skip_zero,
+                } => self.send_pages(round, pages, skip_zero),
+                SourceAction::CollectDirtyLog => {
+                    let d = self.vm.take_dirty();
+                    self.src.handle_dirty_log(self.now, d);
+                }
+                SourceAction::PauseVm => {
+                    self.vm.paused = true;
+                    self.paused_image = Some(self.vm.pages.clone());
+                    let d = self.vm.take_dirty();
+                    let state = self.vm.counter.to_le_bytes().to_vec();
+                    self.src.handle_paused(self.now, d, state).unwrap();
+                }
+                SourceAction::CommitHandover => self.src.handle_handover_committed(self.now),
+                SourceAction::RollBack => {
+                    self.rolled_back = true;
+                    self.vm.logging = false;
+                    self.vm.paused = false;
+                }
+                SourceAction::DiscardVm => self.vm.discarded = true,
+                other => panic!("unknown action {other:?}"),
+            }
+        }
+        while let Some(e) = self.src.poll_event() {
+            if let SourceEvent::Finished(s) = e {
+                self.src_summary = Some(s);
+            }
+        }
+    }
+
+    fn drain_dst(&mut self) {
+        while let Some(a) = self.dst.poll_action() {
+            match a {
+                DestinationAction::Send(m) => {
+                    if self.link_up {
+                        self.to_src.push_back((self.now + self.latency, m));
+                    }
+                }
+                DestinationAction::PrepareStaging { manifest, .. } => {
+                    let n = manifest.memory.page_count() as usize;
+                    self.staging = Some(vec![vec![0u8; PAGE]; n]);
+                    self.dst.handle_staging_ready();
+                    for s in 0..self.streams {
+                        self.dst.handle_stream_opened(s).unwrap();
+                    }
+                }
+                DestinationAction::StartVm { device_state } => {
+                    let mut c = [0u8; 8];
+                    c.copy_from_slice(&device_state);
+                    self.started = Some(u64::from_le_bytes(c));
+                    self.dst.handle_started(self.now);
+                }
+                DestinationAction::DiscardStaging => self.staging = None,
+                other => panic!("unknown action {other:?}"),
+            }
+        }
+        while let Some(e) = self.dst.poll_event() {
+            self.dst_event = Some(e);
+        }
+    }
+
+    fn deliver(&mut self) -> bool {
+        let mut progressed = false;
+        while let Some((at, _)) = self.to_dst.front() {
+            if *at > self.now {
+                break;
+            }
+            let (_, m) = self.to_dst.pop_front().unwrap();
+            if let Err(e) = self.dst.handle_message(self.now, m) {
+                self.dst_errors.push(e);
+            }
+            progressed = true;
+            self.drain_dst();
+        }
+        while let Some((at, ..)) = self.data.front() {
+            if *at > self.now {
+                break;
+            }
+            let (_, s, header, payload) = self.data.pop_front().unwrap();
+            progressed = true;
+            if !self.link_up || self.staging.is_none() {
+                continue;
+            }
+            match self.receivers[usize::from(s)].receive(&header, &payload) {
+                Ok(batch) => {
+                    let staging = self.staging.as_mut().unwrap();
+                    let mut leaves = Vec::new();
+                    for (idx, bytes) in batch.pages() {
+                        let page = &mut staging[idx.0 as usize];
+                        match bytes {
+                            Some(b) => page.copy_from_slice(b),
+                            None => page.fill(0),
+                        }
+                        leaves.push((idx, leaf_digest(page)));
+                    }
+                    if let Err(e) = self.dst.handle_batch_applied(self.now, s, batch.seq, &leaves) {
+                        self.dst_errors.push(e);
+                    }
+                }
+                Err(e) => {
+                    let e = self.dst.handle_bad_input(e.into());
+                    self.dst_errors.push(e);
+                }
+            }
+            self.drain_dst();
+        }
+        while let Some((at, _)) = self.to_src.front() {
+            if *at > self.now {
+                break;
+            }
+            let (_, m) = self.to_src.pop_front().unwrap();
+            if let Err(e) = self.src.handle_message(self.now, m) {
+                self.src_errors.push(e);
+            }
+            progressed = true;
+            self.drain_src();
+        }
+        progressed
+    }
+
+    /// Runs until both sides are finished (or 10 simulated minutes pass).
+    fn run(&mut self) {
+        self.src.start(self.now);
+        self.drain_src();
+        let end = self.now + Duration::from_secs(600);
+        while self.now < end && !(self.src.is_finished() && self.dst.is_finished()) {
+            if self.deliver() {
+                continue;
+            }
+            if !self.link_up {
+                self.src.handle_link_lost(self.now, "cut");
+                self.drain_src();
+                self.dst.handle_link_lost("cut");
+                self.drain_dst();
+                self.link_up = true; // deliver nothing more, but stop cutting
+                self.to_dst.clear();
+                self.to_src.clear();
+                self.data.clear();
+                continue;
+            }
+            let next = [
+                self.to_dst.front().map(|m| m.0),
+                self.to_src.front().map(|m| m.0),
+                self.data.front().map(|m| m.0),
+                self.src.poll_timeout(),
+                self.dst.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(next) = next else { break };
+            if next > self.now {
+                self.tick(next - self.now);
+            }
+            if self.src.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.src.handle_timeout(self.now);
+                self.drain_src();
+            }
+            if self.dst.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.dst.handle_timeout(self.now);
+                self.drain_dst();
+            }
+        }
+    }
+
+    fn summary(&self) -> &SourceSummary {
+        self.src_summary.as_ref().expect("source finished")
+    }
+}
+
+fn root_of(pages: &[Vec<u8>]) -> convoy_protocol::digest::Digest {
+    let mut t = MerkleTree::filled(pages.len(), leaf_digest(&[0u8; PAGE]));
+    for (i, p) in pages.iter().enumerate() {
+        t.set_leaf(i, leaf_digest(p));
+    }
+    t.root()
+}
+
+#[test]
+fn idle_vm_moves_in_one_round_and_verifies() {
+    let mut p = Pair::new(512, 0, 100e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(s.verified && s.converged);
+    assert_eq!(s.rounds, 2, "bulk round plus an empty final round");
+    // A quarter of the pages are zero and cost nothing in round 1.
+    assert_eq!(s.encodings.zero, 128);
+    assert_eq!(s.pages_sent, 384);
+    assert_eq!(p.staging.as_ref().unwrap(), &p.vm.pages);
+    assert_eq!(s.memory_root, Some(root_of(&p.vm.pages)));
+    assert!(p.vm.discarded);
+    assert!(!p.rolled_back);
+}
+
+#[test]
+fn dirtying_vm_converges_and_destination_holds_the_paused_image() {
+    // 60 writes per simulated ms, 90% into a 10% hot set, 50 MB/s link.
+    let mut p = Pair::new(2048, 60, 50e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.rounds > 2, "a dirtying VM needs several rounds: {s:?}");
+    assert!(s.converged);
+    let paused = p.paused_image.as_ref().unwrap();
+    assert_eq!(p.staging.as_ref().unwrap(), paused);
+    assert_eq!(s.memory_root, Some(root_of(paused)));
+    // The device counter continues: the destination starts at the value the
+    // source paused with.
+    assert_eq!(p.started, Some(p.vm.counter));
+    assert!(p.vm.discarded && !p.rolled_back);
+    assert!(s.downtime.unwrap() < s.total);
+}
+
+#[test]
+fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
+    // 400 writes per ms on a slow link never converges to 20 ms downtime.
+    let mut p = Pair::new(2048, 400, 5e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(!s.converged);
+    assert_eq!(s.rounds, 11, "10 pre-copy rounds and the final one");
+    assert_eq!(p.staging.as_ref().unwrap(), p.paused_image.as_ref().unwrap());
+}
+
+#[test]
+fn a_page_altered_in_flight_aborts_and_the_vm_runs_at_the_source() {
+    // Idle, so the altered page is never re-sent and overwritten.
+    let mut p = Pair::new(512, 0, 50e6, 1 << 30);
+    p.level = 0;
+    let mut done = false;
+    p.tamper = Some(Box::new(move |_round, h, payload| {
+        if !done && h.compression == convoy_protocol::page::Compression::None && !payload.is_empty()
+        {
+            payload[100] ^= 1;
+            done = true;
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(ref m) if m.contains("root")), "{s:?}");
+    assert!(!s.verified);
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none(), "staging discarded");
+    assert!(p.started.is_none());
+    assert!(matches!(
+        p.dst_errors.as_slice(),
+        [DestinationError::RootMismatch { .. }]
+    ));
+}
+
+#[test]
+fn a_duplicated_batch_is_refused_and_nothing_starts() {
+    let mut p = Pair::new(512, 0, 50e6, 1 << 30);
+    let mut n = 0;
+    p.tamper = Some(Box::new(move |_r, h, _| {
+        n += 1;
+        if n == 3 {
+            h.seq -= 1;
+        }
+    }));
+    p.run();
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+    assert!(p.rolled_back && p.started.is_none() && p.staging.is_none());
+    assert!(matches!(
+        p.dst_errors.first(),
+        Some(DestinationError::Batch(_))
+    ));
+}
+
+#[test]
+fn a_destination_that_lacks_capacity_rejects_and_the_vm_stays() {
+    let mut p = Pair::new(512, 5, 50e6, 4096 * 100);
+    p.run();
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(ref m) if m.contains("refused")));
+    assert!(p.rolled_back && !p.vm.paused);
+    assert_eq!(p.summary().pages_sent, 0);
+    assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
+}
+
+#[test]
+fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
+    let mut p = Pair::new(64, 0, 50e6, 1 << 30);
+    p.src.start(p.now);
+    p.drain_src();
+    let err = p.src.handle_message(p.now, Message::Handover).unwrap_err();
+    assert_eq!(
+        err,
+        SourceError::Unexpected {
+            phase: "awaiting Accept",
+            message: "Handover"
+        }
+    );
+    p.drain_src();
+    assert!(p.rolled_back);
+    assert!(p.src.is_finished());
+
+    let mut d = Destination::new(DestinationConfig {
+        max_memory_bytes: 1 << 30,
+        capabilities: Capabilities::OURS,
+        handover_timeout: Duration::from_secs(1),
+    });
+    let err = d.handle_message(Instant::now(), Message::Handover).unwrap_err();
+    assert_eq!(
+        err,
+        DestinationError::Unexpected {
+            phase: "awaiting Propose",
+            message: "Handover"
+        }
+    );
+}
+
+#[test]
+fn link_lost_before_handover_rolls_back() {
+    let mut p = Pair::new(512, 5, 50e6, 1 << 30);
+    // Propose, then the link dies during copying.
+    p.cut_after_src_msgs = Some(1);
+    p.run();
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none() && p.started.is_none());
+}
+
+#[test]
+fn link_lost_after_handover_is_in_doubt_and_never_resumes() {
+    let mut p = Pair::new(512, 5, 50e6, 1 << 30);
+    // Propose, Finish, Handover: cut right after Handover leaves.
+    p.cut_after_src_msgs = Some(3);
+    p.run();
+    assert!(matches!(p.summary().outcome, Outcome::InDoubt(_)), "{:?}", p.summary());
+    assert!(!p.rolled_back, "a handed-over VM must never resume by itself");
+    assert!(p.vm.paused && !p.vm.discarded, "the paused copy is kept");
+    // The destination never got Handover: it discarded, nothing runs twice.
+    assert!(p.started.is_none());
+}
+
+#[test]
+fn no_accept_times_out() {
+    let mut p = Pair::new(64, 0, 50e6, 1 << 30);
+    p.cut_after_src_msgs = Some(0); // never cut; drop destination answers instead
+    p.src.start(p.now);
+    p.drain_src();
+    p.to_dst.clear();
+    let t = p.src.poll_timeout().unwrap();
+    p.tick(t - p.now);
+    p.src.handle_timeout(p.now);
+    p.drain_src();
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(ref m) if m.contains("Accept")));
+    assert!(p.rolled_back);
+}
+
+#[test]
+fn a_wrong_root_in_ready_makes_the_source_abort() {
+    let mut p = Pair::new(64, 0, 50e6, 1 << 30);
+    p.src.start(p.now);
+    p.drain_src();
+    p.to_dst.clear();
+    p.src
+        .handle_message(
+            p.now,
+            Message::Accept(convoy_protocol::message::Accept {
+                version: 1,
+                capabilities: Capabilities::OURS,
+            }),
+        )
+        .unwrap();
+    // The harness sends the pages; drain so the source reaches AwaitReady.
+    p.drain_src();
+    while !matches!(p.src.poll_timeout(), Some(_)) {
+        p.drain_src();
+        if p.src.is_finished() {
+            break;
+        }
+    }
+    let err = p.src.handle_message(
+        p.now,
+        Message::Ready(convoy_protocol::message::Ready {
+            memory_root: convoy_protocol::digest::Digest([9; 32]),
+            device_digest: convoy_protocol::digest::Digest([9; 32]),
+        }),
+    );
+    assert!(matches!(err, Err(SourceError::RootMismatch { .. })), "{err:?}");
+    p.drain_src();
+    assert!(p.rolled_back);
+    let _ = Reason::RootMismatch;
+}
