@@ -1,1 +1,34 @@
-//! placeholder
+//! # convoy-agent
+//!
+//! The Convoy agent: one per hypervisor host. Agents authenticate each
+//! other and their operators with mutual TLS 1.3 (rustls, ring provider)
+//! over QUIC (quinn), and move running VMs between hosts by driving the
+//! sans-IO state machines of `convoy-protocol` against a VM backend.
+//!
+//! # Layout
+//! - [`agent`]: configuration, the VM registry, the accept loop; [`run`].
+//! - [`identity`]: certificates, keys, CA bundles, SPIFFE IDs, rustls
+//!   configurations (including the SPIFFE-ID server verifier).
+//! - [`pki`]: a file-based Ed25519 PKI for a quick start (`convoyctl pki`).
+//! - [`transport`]: the tuned quinn endpoint, connect/authorize, framed I/O.
+//! - [`control`]: the operator API (`convoy-ctl/1`).
+//! - [`client`]: the operator side of that API, used by `convoyctl` and
+//!   the tests.
+//! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests).
+//! - [`units`]: human sizes for command lines.
+//! - [`engine`]: source and destination migration drivers.
+//! - [`backend`]: the VM backend traits and the simulated VM (the only
+//!   `unsafe` code lives in [`backend::memory`]).
+
+pub mod agent;
+pub mod backend;
+pub mod client;
+pub(crate) mod control;
+pub mod engine;
+pub mod identity;
+pub mod lab;
+pub mod pki;
+pub mod transport;
+pub mod units;
+
+pub use agent::{run, Agent, AgentConfig, AgentError};

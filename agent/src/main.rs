@@ -1,1 +1,98 @@
-fn main() {}
+//! `convoy-agent`: parses flags and calls [`convoy_agent::run`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use convoy_agent::identity::{Identity, TrustBundle};
+use convoy_agent::pki::Pki;
+use convoy_agent::AgentConfig;
+use convoy_protocol::names::{AgentName, Role, TrustDomain};
+
+/// The Convoy agent: serves migrations and operators on one UDP port.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// This agent's name (its identity is spiffe://<domain>/agent/<name>).
+    #[arg(long, env = "CONVOY_AGENT_NAME")]
+    name: AgentName,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// A `convoyctl pki` directory: uses agents/<name>.crt|.key and ca.crt.
+    #[arg(long, env = "CONVOY_PKI")]
+    pki: Option<PathBuf>,
+    /// Certificate chain (PEM), instead of --pki.
+    #[arg(long, requires_all = ["key", "ca", "trust_domain"])]
+    cert: Option<PathBuf>,
+    /// Private key (PEM, mode 0600).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA bundle (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Trust domain of the CA bundle.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// A peer agent: NAME=HOST:PORT (repeatable).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(AgentName, SocketAddr)>,
+    /// Guest memory this agent may hold (e.g. 64GiB).
+    #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
+    capacity: u64,
+}
+
+fn parse_peer(s: &str) -> Result<(AgentName, SocketAddr), String> {
+    let (n, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
+    Ok((
+        n.parse().map_err(|e| format!("{e}"))?,
+        a.parse().map_err(|e| format!("{a:?}: {e}"))?,
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let (identity, trust) = match (&args.pki, &args.cert) {
+        (Some(dir), None) => {
+            let pki = Pki::open(dir)?;
+            (pki.identity(Role::Agent, &args.name)?, pki.trust()?)
+        }
+        (None, Some(cert)) => {
+            let (Some(key), Some(ca), Some(td)) = (&args.key, &args.ca, &args.trust_domain) else {
+                bail!("--cert needs --key, --ca and --trust-domain");
+            };
+            let td = TrustDomain::new(td)?;
+            (Identity::load(cert, key)?, TrustBundle::load(ca, td)?)
+        }
+        _ => bail!("give either --pki DIR or --cert/--key/--ca/--trust-domain"),
+    };
+    if identity.id().name() != &args.name {
+        bail!(
+            "the certificate names {}, not agent {}",
+            identity.id(),
+            args.name
+        );
+    }
+    let mut config = AgentConfig::new(args.listen, identity, trust);
+    config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
+    config.capacity_bytes = args.capacity;
+    let agent = convoy_agent::Agent::bind(config).context("starting the agent")?;
+    tracing::info!(id = %agent.id(), addr = %agent.local_addr()?, "agent listening");
+    agent
+        .run(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
+        .await;
+    Ok(())
+}

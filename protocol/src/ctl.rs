@@ -49,6 +49,8 @@ pub enum VmState {
     Paused,
     /// Being copied out to another agent, still running here.
     MigratingOut,
+    /// Arriving: a staging image is being filled here.
+    Incoming,
     /// Handed over but the destination never confirmed the start: kept
     /// paused here until the outcome is known. Never resumed automatically.
     InDoubt,

@@ -386,13 +386,18 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// An empty builder for pages of `page_size`.
     pub fn new(page_size: PageSize) -> Self {
+        BatchBuilder::with_capacity(page_size, page_size.max_batch_pages())
+    }
+
+    /// An empty builder with room for `pages` pages before it reallocates.
+    pub fn with_capacity(page_size: PageSize, pages: usize) -> Self {
         BatchBuilder {
             page: page_size.bytes(),
             max_pages: page_size.max_batch_pages(),
             runs: Vec::new(),
             last_end: 0,
             pages: 0,
-            data: Vec::with_capacity(MAX_BATCH_BYTES),
+            data: Vec::with_capacity(pages.min(page_size.max_batch_pages()) * page_size.bytes()),
             leaves: Vec::new(),
             stats: EncodingStats::default(),
         }
@@ -415,6 +420,26 @@ impl BatchBuilder {
         idx: PageIndex,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), BuildError> {
+        self.push(idx, fill, false).map(|_| ())
+    }
+
+    /// Like [`BatchBuilder::push_with`], but a zero page is left out of the
+    /// batch entirely (for a first round into zeroed staging memory).
+    /// Returns whether the page was added.
+    pub fn push_nonzero_with(
+        &mut self,
+        idx: PageIndex,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, BuildError> {
+        self.push(idx, fill, true)
+    }
+
+    fn push(
+        &mut self,
+        idx: PageIndex,
+        fill: impl FnOnce(&mut [u8]),
+        skip_zero: bool,
+    ) -> Result<bool, BuildError> {
         if self.is_full() {
             return Err(BuildError::Full);
         }
@@ -425,6 +450,10 @@ impl BatchBuilder {
         self.data.resize(start + self.page, 0);
         fill(&mut self.data[start..]);
         let zero = is_zero(&self.data[start..]);
+        if zero && skip_zero {
+            self.data.truncate(start);
+            return Ok(false);
+        }
         let leaf = if zero {
             self.data.truncate(start);
             zero_leaf(self.page)
@@ -448,7 +477,7 @@ impl BatchBuilder {
         }
         self.last_end = idx.0 + 1;
         self.pages += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Finishes the batch as number `seq` of its stream, compressing with

@@ -57,7 +57,9 @@ impl SimVm {
             .map(|i| match i % 4 {
                 0 => vec![0u8; PAGE],
                 1 => (0..PAGE).map(|b| (b % 13) as u8).collect(),
-                _ => (0..PAGE / 8).flat_map(|_| rng.next().to_le_bytes()).collect(),
+                _ => (0..PAGE / 8)
+                    .flat_map(|_| rng.next().to_le_bytes())
+                    .collect(),
             })
             .collect();
         SimVm {
@@ -92,7 +94,8 @@ impl SimVm {
                     (r >> 8) % n
                 };
                 let off = ((r >> 40) as usize % (PAGE / 8)) * 8;
-                self.pages[page as usize][off..off + 8].copy_from_slice(&self.counter.to_le_bytes());
+                self.pages[page as usize][off..off + 8]
+                    .copy_from_slice(&self.counter.to_le_bytes());
                 if self.logging {
                     self.dirty.insert(PageIndex(page));
                 }
@@ -358,7 +361,10 @@ impl Pair {
                         }
                         leaves.push((idx, leaf_digest(page)));
                     }
-                    if let Err(e) = self.dst.handle_batch_applied(self.now, s, batch.seq, &leaves) {
+                    if let Err(e) = self
+                        .dst
+                        .handle_batch_applied(self.now, s, batch.seq, &leaves)
+                    {
                         self.dst_errors.push(e);
                     }
                 }
@@ -486,7 +492,10 @@ fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
     assert_eq!(s.outcome, Outcome::Completed);
     assert!(!s.converged);
     assert_eq!(s.rounds, 11, "10 pre-copy rounds and the final one");
-    assert_eq!(p.staging.as_ref().unwrap(), p.paused_image.as_ref().unwrap());
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
 }
 
 #[test]
@@ -504,7 +513,10 @@ fn a_page_altered_in_flight_aborts_and_the_vm_runs_at_the_source() {
     }));
     p.run();
     let s = p.summary().clone();
-    assert!(matches!(s.outcome, Outcome::Aborted(ref m) if m.contains("root")), "{s:?}");
+    assert!(
+        matches!(s.outcome, Outcome::Aborted(ref m) if m.contains("root")),
+        "{s:?}"
+    );
     assert!(!s.verified);
     assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
     assert!(p.staging.is_none(), "staging discarded");
@@ -566,7 +578,9 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(1),
     });
-    let err = d.handle_message(Instant::now(), Message::Handover).unwrap_err();
+    let err = d
+        .handle_message(Instant::now(), Message::Handover)
+        .unwrap_err();
     assert_eq!(
         err,
         DestinationError::Unexpected {
@@ -593,8 +607,15 @@ fn link_lost_after_handover_is_in_doubt_and_never_resumes() {
     // Propose, Finish, Handover: cut right after Handover leaves.
     p.cut_after_src_msgs = Some(3);
     p.run();
-    assert!(matches!(p.summary().outcome, Outcome::InDoubt(_)), "{:?}", p.summary());
-    assert!(!p.rolled_back, "a handed-over VM must never resume by itself");
+    assert!(
+        matches!(p.summary().outcome, Outcome::InDoubt(_)),
+        "{:?}",
+        p.summary()
+    );
+    assert!(
+        !p.rolled_back,
+        "a handed-over VM must never resume by itself"
+    );
     assert!(p.vm.paused && !p.vm.discarded, "the paused copy is kept");
     // The destination never got Handover: it discarded, nothing runs twice.
     assert!(p.started.is_none());
@@ -645,7 +666,10 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
             device_digest: convoy_protocol::digest::Digest([9; 32]),
         }),
     );
-    assert!(matches!(err, Err(SourceError::RootMismatch { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(SourceError::RootMismatch { .. })),
+        "{err:?}"
+    );
     p.drain_src();
     assert!(p.rolled_back);
     let _ = Reason::RootMismatch;

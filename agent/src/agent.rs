@@ -1,0 +1,358 @@
+//! The agent: its configuration, its VM registry, and the accept loop that
+//! hands each authenticated connection to the operator API
+//! ([`crate::control`]) or to an incoming migration
+//! ([`crate::engine::destination`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use convoy_protocol::ctl::{MigrationReport, VmInfo, VmState};
+use convoy_protocol::names::{AgentName, SpiffeId, VmName};
+use convoy_protocol::page::BatchHeader;
+use quinn::Endpoint;
+use thiserror::Error;
+
+use crate::backend::VmBackend;
+use crate::identity::{self, Identity, TrustBundle};
+use crate::transport::{self, TransportError, Tuning, ALPN_AGENT, ALPN_CTL};
+
+/// Agent failures.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Transport setup.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// TLS setup.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The identity does not name an agent.
+    #[error("{0} is not an agent identity (spiffe://<domain>/agent/<name>)")]
+    NotAnAgent(SpiffeId),
+    /// The identity's trust domain is not the bundle's.
+    #[error("identity {id} is not in the trust bundle's domain {domain}")]
+    WrongDomain {
+        /// Identity.
+        id: SpiffeId,
+        /// Bundle domain.
+        domain: String,
+    },
+}
+
+/// A hook that alters outgoing page batches after the source has hashed
+/// them: for tests that prove tampering is caught.
+pub type TamperHook = Arc<dyn Fn(u32, &mut BatchHeader, &mut Vec<u8>) + Send + Sync>;
+
+/// Options that weaken Convoy's guarantees, for tests only.
+#[derive(Clone, Default)]
+pub struct DangerousOptions {
+    pub(crate) tamper: Option<TamperHook>,
+}
+
+impl std::fmt::Debug for DangerousOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DangerousOptions")
+            .field("tamper", &self.tamper.is_some())
+            .finish()
+    }
+}
+
+impl DangerousOptions {
+    /// Alters every outgoing page batch with `hook(round, header, payload)`
+    /// after its digests were computed, as an attacker on the path would.
+    pub fn tamper_outgoing_batches(&mut self, hook: TamperHook) -> &mut Self {
+        self.tamper = Some(hook);
+        self
+    }
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Our certificate and key.
+    pub identity: Identity,
+    /// The CA bundle peers must chain to.
+    pub trust: TrustBundle,
+    /// Known peers by name.
+    pub peers: HashMap<AgentName, SocketAddr>,
+    /// Guest memory this agent may hold, all VMs and staging images.
+    pub capacity_bytes: u64,
+    /// Transport tuning.
+    pub tuning: Tuning,
+    dangerous: DangerousOptions,
+}
+
+impl AgentConfig {
+    /// A configuration with defaults: no peers, 64 GiB capacity.
+    pub fn new(listen: SocketAddr, identity: Identity, trust: TrustBundle) -> Self {
+        AgentConfig {
+            listen,
+            identity,
+            trust,
+            peers: HashMap::new(),
+            capacity_bytes: 64 << 30,
+            tuning: Tuning::default(),
+            dangerous: DangerousOptions::default(),
+        }
+    }
+
+    /// Options that weaken guarantees (tests only).
+    pub fn dangerous(&mut self) -> &mut DangerousOptions {
+        &mut self.dangerous
+    }
+
+    pub(crate) fn dangerous_tamper(&self) -> Option<TamperHook> {
+        self.dangerous.tamper.clone()
+    }
+}
+
+/// One VM known to this agent.
+#[derive(Debug)]
+pub(crate) struct VmEntry {
+    pub vm: Option<Arc<dyn VmBackend>>,
+    pub state: VmState,
+    pub bytes: u64,
+    pub arrived_from: Option<String>,
+    pub counter_at_start: Option<u64>,
+}
+
+impl VmEntry {
+    fn info(&self, name: &VmName) -> VmInfo {
+        VmInfo {
+            name: name.clone(),
+            backend: self.vm.as_ref().map_or("sim", |v| v.kind()).into(),
+            memory_bytes: self.bytes,
+            state: self.state,
+            counter: self.vm.as_ref().map_or(0, |v| v.counter()),
+            counter_at_start: self.counter_at_start,
+            arrived_from: self.arrived_from.clone(),
+            dirty_pages_per_sec: self.vm.as_ref().map_or(0, |v| v.dirty_rate()),
+        }
+    }
+}
+
+/// Shared agent state.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub config: AgentConfig,
+    pub id: SpiffeId,
+    pub endpoint: Endpoint,
+    pub vms: Mutex<HashMap<VmName, VmEntry>>,
+    pub recent: Mutex<VecDeque<MigrationReport>>,
+    pub active: AtomicU32,
+}
+
+/// Why a VM could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReserveError {
+    Exists,
+    NoCapacity,
+}
+
+impl Inner {
+    pub fn vms(&self) -> MutexGuard<'_, HashMap<VmName, VmEntry>> {
+        // A poisoned lock means a panic elsewhere; the map itself is still
+        // consistent (every update is a single insert/remove/field store).
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn vm_infos(&self) -> Vec<VmInfo> {
+        let vms = self.vms();
+        let mut v: Vec<VmInfo> = vms.iter().map(|(n, e)| e.info(n)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn vm_info(&self, name: &VmName) -> Option<VmInfo> {
+        self.vms().get(name).map(|e| e.info(name))
+    }
+
+    /// Reserves `bytes` of capacity under `name`.
+    pub fn reserve(&self, name: &VmName, bytes: u64, state: VmState) -> Result<(), ReserveError> {
+        let mut vms = self.vms();
+        if vms.contains_key(name) {
+            return Err(ReserveError::Exists);
+        }
+        let used: u64 = vms.values().map(|e| e.bytes).sum();
+        if used.saturating_add(bytes) > self.config.capacity_bytes {
+            return Err(ReserveError::NoCapacity);
+        }
+        vms.insert(
+            name.clone(),
+            VmEntry {
+                vm: None,
+                state,
+                bytes,
+                arrived_from: None,
+                counter_at_start: None,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn set_state(&self, name: &VmName, state: VmState) {
+        if let Some(e) = self.vms().get_mut(name) {
+            e.state = state;
+        }
+    }
+
+    pub fn remove(&self, name: &VmName) -> Option<VmEntry> {
+        self.vms().remove(name)
+    }
+
+    pub fn record(&self, report: MigrationReport) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.push_back(report);
+        while r.len() > 32 {
+            r.pop_front();
+        }
+    }
+
+    pub fn recent(&self) -> Vec<MigrationReport> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A bound agent, ready to run.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl Agent {
+    /// Binds the endpoint. Must be called inside a tokio runtime.
+    pub fn bind(config: AgentConfig) -> Result<Agent, AgentError> {
+        let id = config.identity.id().clone();
+        if id.role() != convoy_protocol::names::Role::Agent {
+            return Err(AgentError::NotAnAgent(id));
+        }
+        if id.domain() != config.trust.domain() {
+            return Err(AgentError::WrongDomain {
+                id,
+                domain: config.trust.domain().to_string(),
+            });
+        }
+        let tls =
+            identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
+        let endpoint = transport::endpoint(config.listen, Some(tls), &config.tuning)?;
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                config,
+                id,
+                endpoint,
+                vms: Mutex::new(HashMap::new()),
+                recent: Mutex::new(VecDeque::new()),
+                active: AtomicU32::new(0),
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// Our identity.
+    pub fn id(&self) -> &SpiffeId {
+        &self.inner.id
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and
+    /// destroys the VMs it holds.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                i = self.inner.endpoint.accept() => i,
+                () = &mut shutdown => None,
+            };
+            let Some(incoming) = incoming else { break };
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_connection(inner, incoming).await {
+                    tracing::info!("connection ended: {e}");
+                }
+            });
+        }
+        self.inner
+            .endpoint
+            .close(0u32.into(), b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
+        let vms: Vec<VmEntry> = self.inner.vms().drain().map(|(_, e)| e).collect();
+        for e in vms {
+            if let Some(vm) = e.vm {
+                vm.destroy();
+            }
+        }
+    }
+}
+
+/// Binds and runs an agent until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    Agent::bind(config)?.run(shutdown).await;
+    Ok(())
+}
+
+/// Close codes.
+pub(crate) mod close {
+    /// The peer is not allowed here.
+    pub const UNAUTHORIZED: u32 = 0x10;
+    /// Normal end.
+    pub const DONE: u32 = 0;
+}
+
+async fn serve_connection(
+    inner: Arc<Inner>,
+    incoming: quinn::Incoming,
+) -> Result<(), TransportError> {
+    let remote = incoming.remote_address();
+    let conn = incoming.await.map_err(|e| {
+        tracing::info!(%remote, "handshake refused: {e}");
+        e
+    })?;
+    let peer = match transport::authorize_peer(&conn, &inner.config.trust) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%remote, "refusing peer: {e}");
+            conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
+            return Err(e);
+        }
+    };
+    tracing::debug!(%remote, peer = %peer.id, "authenticated");
+    if peer.alpn == ALPN_CTL {
+        crate::control::serve(inner, conn, peer).await;
+    } else {
+        crate::engine::destination::serve(inner, conn, peer).await;
+    }
+    Ok(())
+}
+
+/// Counts a running migration for as long as it lives.
+pub(crate) struct ActiveGuard<'a>(&'a AtomicU32);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(c: &'a AtomicU32) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(c)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

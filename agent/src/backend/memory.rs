@@ -1,0 +1,140 @@
+//! Guest memory in an anonymous mapping, shared between the guest's
+//! workload thread and the migration engine.
+//!
+//! This module holds the agent's only `unsafe` code. The guest writes its
+//! memory while the engine reads it (that is what live migration is), so
+//! every access goes through `AtomicU64` words: a concurrent read may see a
+//! page half old and half new — exactly as a real VMM's does — but never
+//! undefined behaviour. The dirty log makes sure a torn read is sent again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+
+/// Word size.
+const W: usize = 8;
+
+/// A zero-filled anonymous mapping accessed as atomic 64-bit words.
+pub struct GuestMemory {
+    map: MmapMut,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuestMemory({} bytes)", self.map.len())
+    }
+}
+
+impl GuestMemory {
+    /// Maps `bytes` (a multiple of 8) of zeroed anonymous memory.
+    pub fn new(bytes: usize) -> std::io::Result<Self> {
+        if bytes == 0 || bytes % W != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "guest memory size must be a non-zero multiple of 8",
+            ));
+        }
+        let map = memmap2::MmapOptions::new().len(bytes).map_anon()?;
+        Ok(GuestMemory { map })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        let ptr = self.map.as_ptr();
+        // SAFETY: the mapping is page-aligned (so 8-aligned), its length is a
+        // multiple of 8 (checked in `new`), it lives as long as `self`, and
+        // after creation it is only ever accessed through this slice of
+        // atomics (never through `MmapMut`'s byte slices), so shared
+        // concurrent access is data-race free. `AtomicU64` has the size and
+        // alignment of `u64`, and any bit pattern is valid.
+        unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), self.map.len() / W) }
+    }
+
+    /// Copies `buf.len()` bytes at byte offset `off` into `buf`. Both must
+    /// be multiples of 8; out-of-range reads fill the rest with zeros.
+    pub fn read(&self, off: usize, buf: &mut [u8]) {
+        let words = self.words();
+        let first = off / W;
+        for (i, chunk) in buf.chunks_exact_mut(W).enumerate() {
+            let v = words
+                .get(first + i)
+                .map_or(0, |w| w.load(Ordering::Relaxed));
+            chunk.copy_from_slice(&v.to_ne_bytes());
+        }
+    }
+
+    /// Copies `data` to byte offset `off` (multiples of 8); out-of-range
+    /// bytes are dropped.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        let words = self.words();
+        let first = off / W;
+        for (i, chunk) in data.chunks_exact(W).enumerate() {
+            if let Some(w) = words.get(first + i) {
+                let mut b = [0u8; W];
+                b.copy_from_slice(chunk);
+                w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Zeroes `len` bytes at `off`.
+    pub fn zero(&self, off: usize, len: usize) {
+        let words = self.words();
+        for w in words.iter().skip(off / W).take(len / W) {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Stores one word at word index `i`.
+    pub fn store_word(&self, i: usize, v: u64) {
+        if let Some(w) = self.words().get(i) {
+            w.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads one word at word index `i`.
+    pub fn load_word(&self, i: usize) -> u64 {
+        self.words().get(i).map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Overwrites every word with zero (used to wipe a copy that has been
+    /// handed over or discarded, before the mapping is returned).
+    pub fn wipe(&self) {
+        for w in self.words() {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_round_trip_and_bounds() {
+        let m = GuestMemory::new(4096 * 2).unwrap();
+        let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        m.write(4096, &data);
+        let mut out = vec![0u8; 4096];
+        m.read(4096, &mut out);
+        assert_eq!(out, data);
+        m.read(0, &mut out);
+        assert!(out.iter().all(|b| *b == 0));
+        // Past the end: zeros, no panic.
+        m.read(8192, &mut out);
+        assert!(out.iter().all(|b| *b == 0));
+        m.wipe();
+        m.read(4096, &mut out);
+        assert!(out.iter().all(|b| *b == 0));
+        assert!(GuestMemory::new(7).is_err());
+    }
+}

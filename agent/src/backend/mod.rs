@@ -1,0 +1,82 @@
+//! VM backends: what a VMM must give Convoy to be migrated.
+//!
+//! [`VmBackend`] is a running (or paused) VM at the source: memory pages,
+//! a dirty log, pause/resume, device state. [`Staging`] is the image a
+//! destination writes into: pages in, digests of what it holds out, and
+//! `start` once the roots are verified and the source has handed over.
+//!
+//! The built-in [`sim`] backend is the embedded default for demos, tests
+//! and benchmarks.
+
+pub mod memory;
+pub mod sim;
+
+use std::sync::Arc;
+
+use convoy_protocol::digest::Digest;
+use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
+use thiserror::Error;
+
+/// Backend failures.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// Memory could not be mapped.
+    #[error("cannot allocate guest memory: {0}")]
+    Alloc(std::io::Error),
+    /// The device state does not parse.
+    #[error("bad device state: {0}")]
+    DeviceState(String),
+    /// The VM is in the wrong state for the request.
+    #[error("VM is {0}")]
+    State(&'static str),
+    /// A bad specification.
+    #[error("invalid VM specification: {0}")]
+    Spec(String),
+}
+
+/// A VM as the migration source sees it.
+pub trait VmBackend: Send + Sync + std::fmt::Debug {
+    /// Backend name (`sim`).
+    fn kind(&self) -> &'static str;
+    /// Memory geometry.
+    fn geometry(&self) -> MemoryGeometry;
+    /// Copies page `page` into `buf` (one page long).
+    fn read_page(&self, page: PageIndex, buf: &mut [u8]);
+    /// Clears the dirty log; from now on every write is recorded.
+    fn start_dirty_log(&self);
+    /// Returns and clears the pages written since the last call.
+    fn collect_dirty_log(&self) -> PageBitmap;
+    /// Stops recording writes.
+    fn stop_dirty_log(&self);
+    /// Pauses the guest; when this returns no write is in flight.
+    fn pause(&self) -> Result<(), BackendError>;
+    /// Resumes the guest.
+    fn resume(&self) -> Result<(), BackendError>;
+    /// The device state (only meaningful while paused).
+    fn device_state(&self) -> Result<Vec<u8>, BackendError>;
+    /// The guest's monotonic device counter.
+    fn counter(&self) -> u64;
+    /// Whether the guest is executing.
+    fn is_running(&self) -> bool;
+    /// Workload dirty rate, pages per second.
+    fn dirty_rate(&self) -> u64;
+    /// Stops the guest for good and wipes its memory.
+    fn destroy(&self);
+}
+
+/// The image a destination builds before the VM may start.
+pub trait Staging: Send + Sync + std::fmt::Debug {
+    /// Writes page `page`; `None` is a zero page.
+    fn write_page(&self, page: PageIndex, data: Option<&[u8]>);
+    /// The leaf digest of what staging holds at `page` now.
+    fn page_leaf(&self, page: PageIndex) -> Digest;
+    /// Starts the VM from this image and `device_state`; returns it with
+    /// the device counter it resumed from.
+    fn start(
+        self: Arc<Self>,
+        device_state: &[u8],
+    ) -> Result<(Arc<dyn VmBackend>, u64), BackendError>;
+    /// Wipes and releases the image.
+    fn discard(&self);
+}

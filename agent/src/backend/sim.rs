@@ -1,0 +1,490 @@
+//! The simulated VM: the embedded default for demos, tests and benchmarks.
+//!
+//! - Guest memory is an anonymous mapping ([`super::memory`]) filled at
+//!   creation with realistic mixed content (zero, compressible text-like,
+//!   random pages), or all random, or all zero.
+//! - A workload thread (the "vCPU") ticks every millisecond: it increments
+//!   a monotonic counter, stores it in the first word of page 0, and writes
+//!   `dirty_pages_per_sec / 1000` 64-byte chunks, 90% of them into a hot
+//!   set of pages.
+//! - An atomic dirty bitmap records every page written (set after the
+//!   write, with release ordering; collected with swap, acquire ordering,
+//!   so a page read after its bit was collected is either current or will
+//!   be sent again).
+//! - The device state is the counter and the workload's parameters, so the
+//!   counter and the workload continue where they stopped after migration.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
+use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
+use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::memory::GuestMemory;
+use super::{BackendError, Staging, VmBackend};
+
+/// Device state of a simulated VM, as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DeviceState {
+    version: u8,
+    counter: u64,
+    dirty_pages_per_sec: u64,
+    hot_set_pct: u8,
+    seed: u64,
+}
+
+struct Shared {
+    mem: GuestMemory,
+    geometry: MemoryGeometry,
+    dirty: Vec<AtomicU64>,
+    counter: AtomicU64,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    /// Held by the workload for each tick; `pause` takes it to wait out a
+    /// tick in progress.
+    tick: Mutex<()>,
+    rate: AtomicU64,
+    hot_set_pct: AtomicU64,
+    seed: AtomicU64,
+}
+
+/// A simulated VM (running, paused, or an incoming staging image).
+pub struct SimVm {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SimVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimVm")
+            .field("bytes", &self.shared.geometry.bytes())
+            .field("counter", &self.counter())
+            .finish()
+    }
+}
+
+impl SimVm {
+    /// Creates, fills and starts a VM.
+    pub fn create(spec: &SimVmSpec) -> Result<Arc<SimVm>, BackendError> {
+        if !(1..=100).contains(&spec.hot_set_pct) {
+            return Err(BackendError::Spec("hot set must be 1..=100 percent".into()));
+        }
+        let vm = SimVm::blank(spec.memory_bytes)?;
+        vm.fill(spec.content, spec.seed);
+        vm.shared
+            .rate
+            .store(spec.dirty_pages_per_sec, Ordering::Relaxed);
+        vm.shared
+            .hot_set_pct
+            .store(u64::from(spec.hot_set_pct), Ordering::Relaxed);
+        vm.shared.seed.store(spec.seed, Ordering::Relaxed);
+        let vm = Arc::new(vm);
+        vm.spawn_workload();
+        Ok(vm)
+    }
+
+    /// A zeroed, stopped image of `bytes` to migrate into.
+    pub fn incoming(geometry: MemoryGeometry) -> Result<Arc<SimVm>, BackendError> {
+        let vm = SimVm::blank(geometry.bytes())?;
+        vm.shared.paused.store(true, Ordering::Relaxed);
+        Ok(Arc::new(vm))
+    }
+
+    fn blank(bytes: u64) -> Result<SimVm, BackendError> {
+        let geometry =
+            MemoryGeometry::from_bytes(bytes).map_err(|e| BackendError::Spec(e.to_string()))?;
+        let len = usize::try_from(bytes).map_err(|_| BackendError::Spec("too large".into()))?;
+        let mem = GuestMemory::new(len).map_err(BackendError::Alloc)?;
+        let words = geometry.page_count().div_ceil(64) as usize;
+        Ok(SimVm {
+            shared: Arc::new(Shared {
+                mem,
+                geometry,
+                dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                counter: AtomicU64::new(0),
+                paused: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                tick: Mutex::new(()),
+                rate: AtomicU64::new(0),
+                hot_set_pct: AtomicU64::new(10),
+                seed: AtomicU64::new(0),
+            }),
+            worker: Mutex::new(None),
+        })
+    }
+
+    fn fill(&self, content: ContentProfile, seed: u64) {
+        let page = self.shared.geometry.page_size().bytes();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let text = text_template(&mut rng);
+        let mut buf = vec![0u8; page];
+        for p in 0..self.shared.geometry.page_count() {
+            let kind = match content {
+                ContentProfile::Zero => 0,
+                ContentProfile::Random => 99,
+                _ => (splitmix(seed ^ p) % 100) as u8,
+            };
+            match kind {
+                0..=24 => continue,
+                25..=64 => {
+                    let off = (splitmix(p) as usize % (text.len() - page)) & !7;
+                    buf.copy_from_slice(&text[off..off + page]);
+                    // Make pages distinct: stamp the page number.
+                    buf[..8].copy_from_slice(&p.to_le_bytes());
+                }
+                _ => rng.fill_bytes(&mut buf),
+            }
+            self.shared.mem.write(p as usize * page, &buf);
+        }
+    }
+
+    fn spawn_workload(&self) {
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("sim-vcpu".into())
+            .spawn(move || workload(&shared));
+        match handle {
+            Ok(h) => {
+                if let Ok(mut w) = self.worker.lock() {
+                    *w = Some(h);
+                }
+            }
+            Err(e) => tracing::error!("cannot start the sim workload thread: {e}"),
+        }
+    }
+
+    fn stop_workload(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let handle = self.worker.lock().ok().and_then(|mut w| w.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for SimVm {
+    fn drop(&mut self) {
+        self.stop_workload();
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// 64 KiB of log-like text: compresses about 3-5x with zstd level 1.
+fn text_template(rng: &mut SmallRng) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "GET",
+        "POST",
+        "/api/v1/items",
+        "200",
+        "404",
+        "user",
+        "session",
+        "cache",
+        "hit",
+        "miss",
+        "INFO",
+        "WARN",
+        "request",
+        "completed",
+        "in",
+        "ms",
+        "bytes",
+        "id",
+        "ok",
+        "error",
+        "connection",
+        "reset",
+        "timeout",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+    ];
+    let mut out = Vec::with_capacity(70_000);
+    while out.len() < 65_536 + 8 {
+        let w = WORDS[(rng.next_u32() as usize) % WORDS.len()];
+        out.extend_from_slice(w.as_bytes());
+        if rng.next_u32() % 5 == 0 {
+            out.extend_from_slice(format!(" {}", rng.next_u32() % 10_000).as_bytes());
+        }
+        out.push(if rng.next_u32() % 12 == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
+    }
+    out.truncate(65_536);
+    out
+}
+
+fn mark_dirty(shared: &Shared, page: u64) {
+    if let Some(w) = shared.dirty.get((page / 64) as usize) {
+        w.fetch_or(1 << (page % 64), Ordering::Release);
+    }
+}
+
+fn workload(shared: &Shared) {
+    let pages = shared.geometry.page_count();
+    let page = shared.geometry.page_size().bytes();
+    let mut rng = SmallRng::seed_from_u64(
+        shared.seed.load(Ordering::Relaxed) ^ shared.counter.load(Ordering::Relaxed),
+    );
+    let mut next = Instant::now();
+    let mut carry = 0.0f64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        next += Duration::from_millis(1);
+        {
+            let _tick = shared.tick.lock();
+            if !shared.paused.load(Ordering::Acquire) {
+                let c = shared.counter.fetch_add(1, Ordering::Relaxed) + 1;
+                shared.mem.store_word(0, c);
+                mark_dirty(shared, 0);
+                carry += shared.rate.load(Ordering::Relaxed) as f64 / 1000.0;
+                let n = carry as u64;
+                carry -= n as f64;
+                let hot = (pages * shared.hot_set_pct.load(Ordering::Relaxed) / 100).max(1);
+                for _ in 0..n {
+                    let r = rng.next_u64();
+                    let p = if r % 10 < 9 {
+                        (r >> 8) % hot
+                    } else {
+                        (r >> 8) % pages
+                    };
+                    // A 64-byte chunk, never the counter word of page 0.
+                    let chunk = 1 + ((r >> 40) as usize % (page / 64 - 1));
+                    let base = (p as usize * page + chunk * 64) / 8;
+                    for k in 0..8 {
+                        shared.mem.store_word(base + k, rng.next_u64());
+                    }
+                    mark_dirty(shared, p);
+                }
+            }
+        }
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_millis(100) {
+            next = now;
+        }
+    }
+}
+
+impl VmBackend for SimVm {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn geometry(&self) -> MemoryGeometry {
+        self.shared.geometry
+    }
+
+    fn read_page(&self, page: PageIndex, buf: &mut [u8]) {
+        let size = self.shared.geometry.page_size().bytes();
+        self.shared.mem.read(page.0 as usize * size, buf);
+    }
+
+    fn start_dirty_log(&self) {
+        for w in &self.shared.dirty {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    fn collect_dirty_log(&self) -> PageBitmap {
+        let words = self
+            .shared
+            .dirty
+            .iter()
+            .map(|w| w.swap(0, Ordering::Acquire))
+            .collect();
+        PageBitmap::from_words(words, self.shared.geometry.page_count())
+    }
+
+    fn stop_dirty_log(&self) {
+        // The sim always records; clearing is enough.
+        self.start_dirty_log();
+    }
+
+    fn pause(&self) -> Result<(), BackendError> {
+        self.shared.paused.store(true, Ordering::Release);
+        // Wait out a tick in progress: after this no write is in flight.
+        drop(self.shared.tick.lock());
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), BackendError> {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            return Err(BackendError::State("destroyed"));
+        }
+        self.shared.paused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn device_state(&self) -> Result<Vec<u8>, BackendError> {
+        let s = DeviceState {
+            version: 1,
+            counter: self.shared.counter.load(Ordering::Relaxed),
+            dirty_pages_per_sec: self.shared.rate.load(Ordering::Relaxed),
+            hot_set_pct: self.shared.hot_set_pct.load(Ordering::Relaxed) as u8,
+            seed: self.shared.seed.load(Ordering::Relaxed),
+        };
+        postcard::to_stdvec(&s).map_err(|e| BackendError::DeviceState(e.to_string()))
+    }
+
+    fn counter(&self) -> u64 {
+        self.shared.counter.load(Ordering::Relaxed)
+    }
+
+    fn is_running(&self) -> bool {
+        !self.shared.paused.load(Ordering::Relaxed) && !self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    fn dirty_rate(&self) -> u64 {
+        self.shared.rate.load(Ordering::Relaxed)
+    }
+
+    fn destroy(&self) {
+        let _ = self.pause();
+        self.stop_workload();
+        self.shared.mem.wipe();
+    }
+}
+
+impl Staging for SimVm {
+    fn write_page(&self, page: PageIndex, data: Option<&[u8]>) {
+        let size = self.shared.geometry.page_size().bytes();
+        let off = page.0 as usize * size;
+        match data {
+            Some(d) => self.shared.mem.write(off, d),
+            None => self.shared.mem.zero(off, size),
+        }
+    }
+
+    fn page_leaf(&self, page: PageIndex) -> Digest {
+        let size = self.shared.geometry.page_size().bytes();
+        let mut buf = vec![0u8; size];
+        self.shared.mem.read(page.0 as usize * size, &mut buf);
+        if convoy_protocol::page::is_zero(&buf) {
+            zero_leaf(size)
+        } else {
+            leaf_digest(&buf)
+        }
+    }
+
+    fn start(
+        self: Arc<Self>,
+        device_state: &[u8],
+    ) -> Result<(Arc<dyn VmBackend>, u64), BackendError> {
+        let (s, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(device_state)
+            .map_err(|e| BackendError::DeviceState(e.to_string()))?;
+        if !rest.is_empty() || s.version != 1 || !(1..=100).contains(&s.hot_set_pct) {
+            return Err(BackendError::DeviceState(
+                "unknown version, bad hot set or trailing bytes".into(),
+            ));
+        }
+        // Memory and device state must agree: page 0 holds the counter.
+        if self.shared.mem.load_word(0) != s.counter {
+            return Err(BackendError::DeviceState(format!(
+                "counter {} does not match memory ({})",
+                s.counter,
+                self.shared.mem.load_word(0)
+            )));
+        }
+        self.shared.counter.store(s.counter, Ordering::Relaxed);
+        self.shared
+            .rate
+            .store(s.dirty_pages_per_sec, Ordering::Relaxed);
+        self.shared
+            .hot_set_pct
+            .store(u64::from(s.hot_set_pct), Ordering::Relaxed);
+        self.shared.seed.store(s.seed, Ordering::Relaxed);
+        self.shared.paused.store(false, Ordering::Release);
+        self.spawn_workload();
+        Ok((self, s.counter))
+    }
+
+    fn discard(&self) {
+        self.destroy();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(bytes: u64, rate: u64, content: ContentProfile) -> SimVmSpec {
+        SimVmSpec {
+            name: "t".parse().unwrap(),
+            memory_bytes: bytes,
+            dirty_pages_per_sec: rate,
+            hot_set_pct: 10,
+            content,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn workload_dirties_and_pause_stops_writes() {
+        let vm = SimVm::create(&spec(4 << 20, 20_000, ContentProfile::Mixed)).unwrap();
+        vm.start_dirty_log();
+        std::thread::sleep(Duration::from_millis(50));
+        let d = vm.collect_dirty_log();
+        assert!(d.count() > 10, "{d:?}");
+        assert!(d.contains(PageIndex(0)));
+        vm.pause().unwrap();
+        let c = vm.counter();
+        let _ = vm.collect_dirty_log();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(vm.counter(), c);
+        assert!(vm.collect_dirty_log().is_empty());
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(vm.counter() > c);
+    }
+
+    #[test]
+    fn mixed_content_has_zero_text_and_random_pages() {
+        let vm = SimVm::create(&spec(4 << 20, 0, ContentProfile::Mixed)).unwrap();
+        vm.pause().unwrap();
+        let mut zero = 0;
+        let mut buf = vec![0u8; 4096];
+        for p in 1..1024 {
+            vm.read_page(PageIndex(p), &mut buf);
+            if convoy_protocol::page::is_zero(&buf) {
+                zero += 1;
+            }
+        }
+        assert!((150..350).contains(&zero), "{zero} zero pages of 1023");
+    }
+
+    #[test]
+    fn staging_starts_from_device_state_and_checks_it() {
+        let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed)).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        src.pause().unwrap();
+        let dst = SimVm::incoming(src.geometry()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        for p in 0..src.geometry().page_count() {
+            src.read_page(PageIndex(p), &mut buf);
+            dst.write_page(PageIndex(p), Some(&buf));
+        }
+        let state = src.device_state().unwrap();
+        assert!(dst.clone().start(b"garbage").is_err());
+        let (started, resumed_from) = dst.start(&state).unwrap();
+        assert_eq!(resumed_from, src.counter());
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(started.counter() > src.counter());
+    }
+}

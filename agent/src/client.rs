@@ -1,0 +1,142 @@
+//! The operator side of `convoy-ctl/1`: what `convoyctl` (and the tests)
+//! use to talk to an agent.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use convoy_protocol::ctl::{
+    AgentStatus, CtlError, CtlRequest, CtlResponse, MigrateRequest, MigrationReport, Progress,
+    SimVmSpec, VmInfo,
+};
+use convoy_protocol::names::SpiffeId;
+use convoy_protocol::Message;
+use quinn::{Connection, Endpoint};
+use thiserror::Error;
+
+use crate::identity::{Identity, TrustBundle};
+use crate::transport::{
+    self, read_message, write_message, TransportError, Tuning, WireError, ALPN_CTL,
+};
+
+/// Client failures.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Could not connect or authenticate.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The stream failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The agent refused or failed the request.
+    #[error("{}", .0.message)]
+    Agent(CtlError),
+    /// The agent answered something else.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+    /// Opening a stream failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+/// A connection to one agent's operator API.
+#[derive(Debug)]
+pub struct CtlClient {
+    endpoint: Endpoint,
+    conn: Connection,
+}
+
+impl CtlClient {
+    /// Connects to the agent at `addr`, which must prove it is `agent`.
+    pub async fn connect(
+        addr: SocketAddr,
+        agent: SpiffeId,
+        identity: &Identity,
+        trust: &TrustBundle,
+    ) -> Result<CtlClient, ClientError> {
+        let bind = SocketAddr::new(
+            if addr.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            },
+            0,
+        );
+        let tuning = Tuning::default();
+        let endpoint = transport::endpoint(bind, None, &tuning)?;
+        let conn =
+            transport::connect(&endpoint, addr, agent, ALPN_CTL, identity, trust, &tuning).await?;
+        Ok(CtlClient { endpoint, conn })
+    }
+
+    async fn open(&self, req: CtlRequest) -> Result<quinn::RecvStream, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_message(&mut send, &Message::CtlRequest(req)).await?;
+        send.finish().map_err(WireError::from)?;
+        Ok(recv)
+    }
+
+    async fn next(recv: &mut quinn::RecvStream) -> Result<CtlResponse, ClientError> {
+        match read_message(recv).await? {
+            Some(Message::CtlResponse(r)) => match *r {
+                CtlResponse::Error(e) => Err(ClientError::Agent(e)),
+                other => Ok(other),
+            },
+            Some(other) => Err(ClientError::Unexpected(other.kind().into())),
+            None => Err(ClientError::Unexpected(
+                "stream ended without an answer".into(),
+            )),
+        }
+    }
+
+    /// Sends one request and returns its single answer.
+    pub async fn request(&self, req: CtlRequest) -> Result<CtlResponse, ClientError> {
+        let mut recv = self.open(req).await?;
+        CtlClient::next(&mut recv).await
+    }
+
+    /// The agent's status.
+    pub async fn status(&self) -> Result<AgentStatus, ClientError> {
+        match self.request(CtlRequest::Status).await? {
+            CtlResponse::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Creates a simulated VM.
+    pub async fn vm_create(&self, spec: SimVmSpec) -> Result<VmInfo, ClientError> {
+        match self.request(CtlRequest::VmCreate(spec)).await? {
+            CtlResponse::VmCreated(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Lists VMs.
+    pub async fn vm_list(&self) -> Result<Vec<VmInfo>, ClientError> {
+        match self.request(CtlRequest::VmList).await? {
+            CtlResponse::VmList(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Runs a migration, calling `on_progress` for every update.
+    pub async fn migrate(
+        &self,
+        req: MigrateRequest,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<MigrationReport, ClientError> {
+        let mut recv = self.open(CtlRequest::Migrate(req)).await?;
+        loop {
+            match CtlClient::next(&mut recv).await? {
+                CtlResponse::Progress(p) => on_progress(&p),
+                CtlResponse::Report(r) => return Ok(r),
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}

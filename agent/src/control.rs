@@ -1,0 +1,179 @@
+//! The operator API (`convoy-ctl/1`): one request per bidirectional stream,
+//! from an authenticated operator.
+
+use std::sync::Arc;
+
+use convoy_protocol::ctl::{
+    AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse, SimVmSpec, VmState,
+};
+use convoy_protocol::Message;
+use quinn::{Connection, RecvStream, SendStream};
+
+use crate::agent::{Inner, ReserveError};
+use crate::backend::sim::SimVm;
+use crate::transport::{read_message, write_message, Peer};
+
+/// Serves requests on `conn` until the operator closes it.
+pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let inner = inner.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(inner, send, recv, &peer).await {
+                tracing::info!(operator = %peer.id, "control request failed: {e}");
+            }
+        });
+    }
+}
+
+fn error(kind: CtlErrorKind, message: impl Into<String>) -> CtlResponse {
+    CtlResponse::Error(CtlError {
+        kind,
+        message: message.into(),
+    })
+}
+
+async fn respond(send: &mut SendStream, r: CtlResponse) -> Result<(), crate::transport::WireError> {
+    write_message(send, &Message::CtlResponse(Box::new(r))).await?;
+    Ok(())
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    peer: &Peer,
+) -> Result<(), crate::transport::WireError> {
+    let req = match read_message(&mut recv).await {
+        Ok(Some(Message::CtlRequest(r))) => r,
+        Ok(Some(other)) => {
+            respond(
+                &mut send,
+                error(
+                    CtlErrorKind::BadRequest,
+                    format!("expected a control request, got {}", other.kind()),
+                ),
+            )
+            .await?;
+            return Ok(());
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            respond(&mut send, error(CtlErrorKind::BadRequest, e.to_string())).await?;
+            return Err(e);
+        }
+    };
+    tracing::info!(operator = %peer.id, ?req, "control request");
+    match req {
+        CtlRequest::Status => {
+            let status = AgentStatus {
+                identity: inner.id.to_string(),
+                listen: inner
+                    .endpoint
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                vms: inner.vm_infos(),
+                active_migrations: inner.active.load(std::sync::atomic::Ordering::Relaxed),
+                recent: inner.recent(),
+            };
+            respond(&mut send, CtlResponse::Status(status)).await?;
+        }
+        CtlRequest::VmList => respond(&mut send, CtlResponse::VmList(inner.vm_infos())).await?,
+        CtlRequest::VmCreate(spec) => {
+            let r = create_vm(&inner, spec).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::Migrate(req) => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let task = tokio::spawn(crate::engine::source::migrate(inner.clone(), req, tx));
+            while let Some(p) = rx.recv().await {
+                // The operator may go away; the migration goes on.
+                let _ = respond(&mut send, CtlResponse::Progress(p)).await;
+            }
+            let r = match task.await {
+                Ok(Ok(report)) => CtlResponse::Report(report),
+                Ok(Err(e)) => error(e.kind(), e.to_string()),
+                Err(e) => error(
+                    CtlErrorKind::Internal,
+                    format!("migration task failed: {e}"),
+                ),
+            };
+            respond(&mut send, r).await?;
+        }
+        other => {
+            respond(
+                &mut send,
+                error(
+                    CtlErrorKind::BadRequest,
+                    format!("unsupported request {other:?}"),
+                ),
+            )
+            .await?
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
+
+/// Largest sim VM one request may create (1 TiB).
+const MAX_SIM_BYTES: u64 = 1 << 40;
+
+async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec) -> CtlResponse {
+    if spec.memory_bytes == 0 || spec.memory_bytes % 4096 != 0 || spec.memory_bytes > MAX_SIM_BYTES
+    {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "memory size {} must be a non-zero multiple of 4096 up to 1 TiB",
+                spec.memory_bytes
+            ),
+        );
+    }
+    if let Err(e) = inner.reserve(&spec.name, spec.memory_bytes, VmState::Paused) {
+        return match e {
+            ReserveError::Exists => error(
+                CtlErrorKind::Exists,
+                format!("a VM named {} already exists here", spec.name),
+            ),
+            ReserveError::NoCapacity => error(
+                CtlErrorKind::NoCapacity,
+                format!(
+                    "{} bytes exceed this agent's free capacity",
+                    spec.memory_bytes
+                ),
+            ),
+        };
+    }
+    let name = spec.name.clone();
+    let made = tokio::task::spawn_blocking(move || SimVm::create(&spec)).await;
+    match made {
+        Ok(Ok(vm)) => {
+            {
+                let mut vms = inner.vms();
+                if let Some(e) = vms.get_mut(&name) {
+                    e.vm = Some(vm);
+                    e.state = VmState::Running;
+                }
+            }
+            match inner.vm_info(&name) {
+                Some(info) => CtlResponse::VmCreated(info),
+                None => error(CtlErrorKind::Internal, "VM vanished"),
+            }
+        }
+        Ok(Err(e)) => {
+            inner.remove(&name);
+            error(CtlErrorKind::BadRequest, e.to_string())
+        }
+        Err(e) => {
+            inner.remove(&name);
+            error(CtlErrorKind::Internal, e.to_string())
+        }
+    }
+}

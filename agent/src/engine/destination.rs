@@ -1,0 +1,358 @@
+//! Drives [`convoy_protocol::destination::Destination`] for one incoming
+//! migration.
+//!
+//! This task owns the state machine and the VM registry entry; a reader
+//! task per stream does the (cancel-unsafe) reads; a decoder *thread* per
+//! data stream checks each batch with [`StreamReceiver`], writes it into the
+//! staging image and hashes the staging pages, then reports the leaves.
+//! Staging is wiped on every path but a verified, handed-over start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::ctl::VmState;
+use convoy_protocol::destination::{
+    Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
+};
+use convoy_protocol::digest::Digest;
+use convoy_protocol::message::{Capabilities, Message, Reason};
+use convoy_protocol::names::{MigrationId, VmName};
+use convoy_protocol::page::{MemoryGeometry, PageIndex, StreamReceiver};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agent::{Inner, ReserveError};
+use crate::backend::sim::SimVm;
+use crate::backend::Staging;
+use crate::transport::{read_message, write_message, Peer, WireError};
+
+enum Event {
+    Control(Result<Option<Message>, WireError>),
+    Opened(u16, RecvStream),
+    OpenFailed(String),
+    Applied {
+        stream: u16,
+        seq: u64,
+        leaves: Vec<(PageIndex, Digest)>,
+    },
+    Bad(DestinationError),
+    StreamEnded,
+}
+
+/// Serves one incoming migration on `conn` from agent `peer`.
+pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
+    let (mut send, mut recv) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(peer = %peer.id, "no control stream: {e}");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let ctl_tx = tx.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if ctl_tx.send(Event::Control(r)).is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut run = Incoming {
+        inner: inner.clone(),
+        conn: conn.clone(),
+        peer,
+        tx,
+        staging: None,
+        name: None,
+        geometry: None,
+        streams: 0,
+        migration: None,
+        tasks: Vec::new(),
+    };
+    let mut sm = Destination::new(DestinationConfig {
+        max_memory_bytes: inner.config.capacity_bytes,
+        capabilities: Capabilities::OURS,
+        handover_timeout: Duration::from_secs(30),
+    });
+    let _active = crate::agent::ActiveGuard::new(&inner.active);
+    loop {
+        while let Some(a) = sm.poll_action() {
+            run.act(&mut sm, &mut send, a).await;
+        }
+        let mut done = false;
+        while let Some(ev) = sm.poll_event() {
+            match ev {
+                DestinationEvent::Started { memory_root } => {
+                    tracing::info!(peer = %run.peer.id, %memory_root, "VM arrived and started");
+                }
+                DestinationEvent::Failed(why) => {
+                    tracing::warn!(peer = %run.peer.id, "incoming migration failed: {why}");
+                }
+                _ => {}
+            }
+            done = true;
+        }
+        if done || sm.is_finished() {
+            break;
+        }
+        let deadline = sm.poll_timeout();
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            () = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                sm.handle_timeout(Instant::now());
+                continue;
+            }
+        };
+        let now = Instant::now();
+        match ev {
+            Some(Event::Control(Ok(Some(msg)))) => {
+                if let Err(e) = sm.handle_message(now, msg) {
+                    tracing::warn!(peer = %run.peer.id, "source misbehaved: {e}");
+                }
+            }
+            Some(Event::Control(Ok(None))) => sm.handle_link_lost("control stream closed"),
+            Some(Event::Control(Err(e))) => {
+                if let WireError::Decode(d) = e {
+                    let _ = sm.handle_bad_input(d.into());
+                } else {
+                    sm.handle_link_lost(&e.to_string());
+                }
+            }
+            Some(Event::Opened(stream, recv)) => match sm.handle_stream_opened(stream) {
+                Ok(()) => run.spawn_decoder(stream, recv),
+                Err(e) => tracing::warn!("bad data stream: {e}"),
+            },
+            Some(Event::OpenFailed(e)) => sm.handle_link_lost(&e),
+            Some(Event::Applied {
+                stream,
+                seq,
+                leaves,
+            }) => {
+                if let Err(e) = sm.handle_batch_applied(now, stream, seq, &leaves) {
+                    tracing::warn!(peer = %run.peer.id, "bad batch: {e}");
+                }
+            }
+            Some(Event::Bad(e)) => {
+                let e = sm.handle_bad_input(e);
+                tracing::warn!(peer = %run.peer.id, "bad data: {e}");
+            }
+            Some(Event::StreamEnded) => {}
+            None => sm.handle_link_lost("engine channel closed"),
+        }
+    }
+    // Let our last message reach the source, then let it close.
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    for t in run.tasks.drain(..) {
+        t.abort();
+    }
+    reader.abort();
+}
+
+struct Incoming {
+    inner: Arc<Inner>,
+    conn: Connection,
+    peer: Peer,
+    tx: mpsc::UnboundedSender<Event>,
+    staging: Option<Arc<SimVm>>,
+    name: Option<VmName>,
+    geometry: Option<MemoryGeometry>,
+    streams: u16,
+    migration: Option<MigrationId>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Incoming {
+    async fn act(&mut self, sm: &mut Destination, send: &mut SendStream, a: DestinationAction) {
+        match a {
+            DestinationAction::Send(m) => {
+                if let Err(e) = write_message(send, &m).await {
+                    sm.handle_link_lost(&e.to_string());
+                }
+            }
+            DestinationAction::PrepareStaging { vm, manifest } => {
+                let bytes = manifest.memory.bytes();
+                match self.inner.reserve(&vm, bytes, VmState::Incoming) {
+                    Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),
+                    Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
+                    Ok(()) => match SimVm::incoming(manifest.memory) {
+                        Ok(staging) => {
+                            self.staging = Some(staging);
+                            self.name = Some(vm);
+                            self.geometry = Some(manifest.memory);
+                            self.streams = manifest.data_streams;
+                            self.migration = sm.migration();
+                            sm.handle_staging_ready();
+                            self.accept_streams();
+                        }
+                        Err(e) => {
+                            self.inner.remove(&vm);
+                            tracing::warn!("cannot reserve staging memory: {e}");
+                            sm.handle_staging_failed(Reason::NoCapacity);
+                        }
+                    },
+                }
+            }
+            DestinationAction::StartVm { device_state } => {
+                let (Some(staging), Some(name)) = (self.staging.take(), self.name.clone()) else {
+                    sm.handle_start_failed("no staging image");
+                    return;
+                };
+                for t in self.tasks.drain(..) {
+                    t.abort();
+                }
+                match staging.clone().start(&device_state) {
+                    Ok((vm, resumed_from)) => {
+                        {
+                            let mut vms = self.inner.vms();
+                            if let Some(e) = vms.get_mut(&name) {
+                                e.counter_at_start = Some(resumed_from);
+                                e.vm = Some(vm);
+                                e.state = VmState::Running;
+                                e.arrived_from = Some(self.peer.id.to_string());
+                            }
+                        }
+                        sm.handle_started(Instant::now());
+                    }
+                    Err(e) => {
+                        self.staging = Some(staging);
+                        sm.handle_start_failed(&e.to_string());
+                    }
+                }
+            }
+            DestinationAction::DiscardStaging => {
+                for t in self.tasks.drain(..) {
+                    t.abort();
+                }
+                if let Some(s) = self.staging.take() {
+                    s.discard();
+                }
+                if let Some(n) = self.name.take() {
+                    self.inner.remove(&n);
+                }
+            }
+            other => tracing::error!("unhandled destination action {other:?}"),
+        }
+    }
+
+    /// Accepts the data streams the manifest announced.
+    fn accept_streams(&mut self) {
+        let conn = self.conn.clone();
+        let tx = self.tx.clone();
+        let n = self.streams;
+        let migration = self.migration;
+        self.tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                let mut recv = match conn.accept_uni().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Event::OpenFailed(e.to_string()));
+                        return;
+                    }
+                };
+                match read_message(&mut recv).await {
+                    Ok(Some(Message::DataStreamOpen(o))) if Some(o.migration) == migration => {
+                        let _ = tx.send(Event::Opened(o.stream, recv));
+                    }
+                    Ok(Some(other)) => {
+                        let _ = tx.send(Event::Bad(DestinationError::Unexpected {
+                            phase: "opening a data stream",
+                            message: other.kind(),
+                        }));
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Event::OpenFailed("data stream closed".into()));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(match e {
+                            WireError::Decode(d) => Event::Bad(d.into()),
+                            other => Event::OpenFailed(other.to_string()),
+                        });
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+
+    fn spawn_decoder(&mut self, stream: u16, mut recv: RecvStream) {
+        let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
+            return;
+        };
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(8);
+        let tx = self.tx.clone();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                match read_message(&mut recv).await {
+                    Ok(Some(m)) => {
+                        if frames_tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Event::StreamEnded);
+                        return;
+                    }
+                    Err(WireError::Decode(d)) => {
+                        let _ = tx.send(Event::Bad(d.into()));
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+        let tx = self.tx.clone();
+        let streams = self.streams;
+        let spawned = std::thread::Builder::new()
+            .name(format!("convoy-dec-{stream}"))
+            .spawn(move || {
+                let mut rx = StreamReceiver::new(stream, streams, geometry);
+                while let Some(m) = frames_rx.blocking_recv() {
+                    let Message::PageBatch(header, payload) = m else {
+                        let _ = tx.send(Event::Bad(DestinationError::Unexpected {
+                            phase: "receiving pages",
+                            message: m.kind(),
+                        }));
+                        return;
+                    };
+                    let batch = match rx.receive(&header, &payload) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Event::Bad(e.into()));
+                            return;
+                        }
+                    };
+                    let mut leaves = Vec::with_capacity(batch.len());
+                    for (idx, bytes) in batch.pages() {
+                        staging.write_page(idx, bytes);
+                        leaves.push((idx, staging.page_leaf(idx)));
+                    }
+                    if tx
+                        .send(Event::Applied {
+                            stream,
+                            seq: batch.seq,
+                            leaves,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self
+                .tx
+                .send(Event::OpenFailed(format!("decoder thread: {e}")));
+        }
+    }
+}

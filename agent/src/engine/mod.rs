@@ -1,0 +1,6 @@
+//! Migration engines: thin drivers that move bytes between QUIC streams,
+//! the VM backend and the sans-IO state machines of `convoy-protocol`.
+//! No migration decision is taken here.
+
+pub mod destination;
+pub mod source;

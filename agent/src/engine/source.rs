@@ -1,0 +1,577 @@
+//! Drives [`convoy_protocol::source::Source`] for one outgoing migration.
+//!
+//! Threads and tasks:
+//! - this task: the state machine, the control stream's writes, the VM's
+//!   dirty log, pause and resume;
+//! - one reader task for the control stream (reads are not cancel-safe, so
+//!   they never sit in a `select!`);
+//! - per data stream, an encoder *thread* (reads guest pages, zero check,
+//!   BLAKE3, zstd: CPU work kept off the async workers) feeding a writer
+//!   task through a bounded channel, which writes frames with zero-copy
+//!   `write_chunks` and reports each batch back here in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use convoy_protocol::ctl::{
+    CtlErrorKind, MigrateRequest, MigrationReport, Outcome, Progress, VmState,
+};
+use convoy_protocol::message::{
+    encode_batch_head, Capabilities, DataStreamOpen, Manifest, Message,
+};
+use convoy_protocol::names::{MigrationId, SpiffeId};
+use convoy_protocol::page::{stream_for, BatchBuilder, Compressor, PageBitmap};
+use convoy_protocol::source::{SentBatch, Source, SourceAction, SourceConfig, SourceEvent};
+use quinn::{Connection, SendStream};
+use rand::RngCore;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::agent::{ActiveGuard, Inner, TamperHook};
+use crate::backend::VmBackend;
+use crate::transport::{self, read_message, write_message, ALPN_AGENT};
+
+/// Why a migration could not even begin (the VM was never touched).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    /// No such VM.
+    #[error("no VM named {0} on this agent")]
+    NoSuchVm(String),
+    /// The VM is not running here (arriving, paused, or already leaving).
+    #[error("VM {0} is {1:?}, not running")]
+    NotRunning(String, VmState),
+    /// No address for the destination.
+    #[error("no address known for agent {0}; pass one (NAME@HOST:PORT)")]
+    UnknownPeer(String),
+    /// Bad options.
+    #[error("invalid options: {0}")]
+    Options(String),
+    /// Migrating to ourselves.
+    #[error("the destination is this agent")]
+    SelfMigration,
+}
+
+impl MigrateError {
+    /// The operator-facing kind.
+    pub fn kind(&self) -> CtlErrorKind {
+        match self {
+            MigrateError::NoSuchVm(_) => CtlErrorKind::NotFound,
+            _ => CtlErrorKind::BadRequest,
+        }
+    }
+}
+
+/// Pages per batch: one stripe (128 KiB at 4 KiB pages).
+const BATCH_PAGES: usize = convoy_protocol::page::STRIPE_PAGES as usize;
+
+enum StreamOut {
+    Batch {
+        head: Bytes,
+        payload: Bytes,
+        info: SentBatch,
+    },
+    RoundDone {
+        round: u32,
+        skipped: u64,
+    },
+}
+
+enum EngineEvent {
+    Sent(SentBatch),
+    RoundDone { round: u32, skipped: u64 },
+    StreamFailed(String),
+}
+
+struct Job {
+    round: u32,
+    pages: Arc<PageBitmap>,
+    skip_zero: bool,
+}
+
+/// Migrates `req.vm` to `req.to`, reporting progress on `progress`.
+pub(crate) async fn migrate(
+    inner: Arc<Inner>,
+    req: MigrateRequest,
+    progress: mpsc::Sender<Progress>,
+) -> Result<MigrationReport, MigrateError> {
+    let opts = &req.options;
+    if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
+        return Err(MigrateError::Options("streams must be 1..=16".into()));
+    }
+    if !(0..=19).contains(&opts.compression_level) {
+        return Err(MigrateError::Options(
+            "compression level must be 0..=19".into(),
+        ));
+    }
+    if opts.max_rounds == 0 {
+        return Err(MigrateError::Options(
+            "max rounds must be at least 1".into(),
+        ));
+    }
+    let dest_id = SpiffeId::agent(inner.id.domain().clone(), req.to.clone());
+    if dest_id == inner.id {
+        return Err(MigrateError::SelfMigration);
+    }
+    let addr = match &req.to_addr {
+        Some(a) => a
+            .parse()
+            .map_err(|_| MigrateError::Options(format!("bad address {a:?}")))?,
+        None => *inner
+            .config
+            .peers
+            .get(&req.to)
+            .ok_or_else(|| MigrateError::UnknownPeer(req.to.to_string()))?,
+    };
+    // Claim the VM: only a running VM may leave, and only once at a time.
+    let vm: Arc<dyn VmBackend> = {
+        let mut vms = inner.vms();
+        let entry = vms
+            .get_mut(&req.vm)
+            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        match (&entry.vm, entry.state) {
+            (Some(vm), VmState::Running) => {
+                entry.state = VmState::MigratingOut;
+                vm.clone()
+            }
+            (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+        }
+    };
+    let _active = ActiveGuard::new(&inner.active);
+    let mut id = [0u8; 16];
+    rand::rng().fill_bytes(&mut id);
+    let migration = MigrationId(id);
+    let started = Instant::now();
+    tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
+
+    let mut run = Run {
+        inner: inner.clone(),
+        vm: vm.clone(),
+        req: req.clone(),
+        migration,
+        progress,
+        counter_at_pause: None,
+        control_bytes: 0,
+    };
+    let report = match transport::connect(
+        &inner.endpoint,
+        addr,
+        dest_id.clone(),
+        ALPN_AGENT,
+        &inner.config.identity,
+        &inner.config.trust,
+        &inner.config.tuning,
+    )
+    .await
+    {
+        Ok(conn) => run.drive(conn, dest_id.clone()).await,
+        Err(e) => {
+            inner.set_state(&req.vm, VmState::Running);
+            run.report_without_link(
+                dest_id.clone(),
+                started,
+                format!("cannot reach {dest_id}: {e}"),
+            )
+        }
+    };
+    tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
+    inner.record(report.clone());
+    Ok(report)
+}
+
+struct Run {
+    inner: Arc<Inner>,
+    vm: Arc<dyn VmBackend>,
+    req: MigrateRequest,
+    migration: MigrationId,
+    progress: mpsc::Sender<Progress>,
+    counter_at_pause: Option<u64>,
+    control_bytes: u64,
+}
+
+impl Run {
+    fn report_without_link(
+        &self,
+        dest: SpiffeId,
+        started: Instant,
+        why: String,
+    ) -> MigrationReport {
+        MigrationReport {
+            migration: self.migration.to_string(),
+            vm: self.req.vm.clone(),
+            source: self.inner.id.to_string(),
+            destination: dest.to_string(),
+            outcome: Outcome::Aborted(why),
+            verified: false,
+            converged: false,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: 0.0,
+            rounds: 0,
+            memory_bytes: self.vm.geometry().bytes(),
+            pages_sent: 0,
+            encodings: Default::default(),
+            payload_bytes: 0,
+            wire_bytes: 0,
+            memory_root: None,
+            counter_at_pause: None,
+        }
+    }
+
+    async fn drive(&mut self, conn: Connection, dest: SpiffeId) -> MigrationReport {
+        let opts = self.req.options.clone();
+        let geometry = self.vm.geometry();
+        let mut sm = Source::new(SourceConfig {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            manifest: Manifest {
+                memory: geometry,
+                data_streams: opts.streams,
+            },
+            capabilities: if opts.compression_level > 0 {
+                Capabilities::OURS
+            } else {
+                Capabilities::default()
+            },
+            max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
+            max_rounds: opts.max_rounds,
+            accept_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(120),
+            started_timeout: Duration::from_secs(30),
+        });
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (ctrl_tx, mut ctrl_rx) = mpsc::channel(16);
+        let mut jobs: Vec<std::sync::mpsc::Sender<Job>> = Vec::new();
+        let compression = opts.compression_level;
+        let mut control: Option<SendStream> = None;
+        let mut link_error: Option<String> = None;
+
+        match conn.open_bi().await {
+            Ok((send, mut recv)) => {
+                control = Some(send);
+                tokio::spawn(async move {
+                    loop {
+                        let r = read_message(&mut recv).await;
+                        let end = !matches!(r, Ok(Some(_)));
+                        if ctrl_tx.send(r).await.is_err() || end {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => link_error = Some(e.to_string()),
+        }
+
+        sm.start(Instant::now());
+        if let Some(e) = link_error.take() {
+            sm.handle_link_lost(Instant::now(), &e);
+        }
+        let mut rounds_pending: Option<(u32, u16, u64)> = None;
+        let summary = loop {
+            // Carry out every action.
+            while let Some(action) = sm.poll_action() {
+                match action {
+                    SourceAction::Send(m) => {
+                        let r = match control.as_mut() {
+                            Some(c) => write_message(c, &m).await.map_err(|e| e.to_string()),
+                            None => Err("no control stream".into()),
+                        };
+                        match r {
+                            Ok(n) => self.control_bytes += n as u64,
+                            Err(e) => sm.handle_link_lost(Instant::now(), &e),
+                        }
+                    }
+                    SourceAction::StartDirtyLog => {
+                        self.vm.start_dirty_log();
+                        // Accepted: open the data streams now.
+                        match open_streams(
+                            &conn,
+                            self.migration,
+                            opts.streams,
+                            &self.vm,
+                            compression,
+                            self.inner.config.dangerous_tamper(),
+                            &events_tx,
+                        )
+                        .await
+                        {
+                            Ok(j) => jobs = j,
+                            Err(e) => sm.handle_link_lost(Instant::now(), &e),
+                        }
+                    }
+                    SourceAction::SendPages {
+                        round,
+                        pages,
+                        skip_zero,
+                    } => {
+                        let pages = Arc::new(pages);
+                        rounds_pending = Some((round, 0, 0));
+                        for j in &jobs {
+                            let _ = j.send(Job {
+                                round,
+                                pages: pages.clone(),
+                                skip_zero,
+                            });
+                        }
+                        if jobs.is_empty() {
+                            sm.handle_link_lost(Instant::now(), "no data streams");
+                        }
+                    }
+                    SourceAction::CollectDirtyLog => {
+                        let d = self.vm.collect_dirty_log();
+                        sm.handle_dirty_log(Instant::now(), d);
+                    }
+                    SourceAction::PauseVm => {
+                        self.inner.set_state(&self.req.vm, VmState::Paused);
+                        let paused = self.vm.pause();
+                        let dirty = self.vm.collect_dirty_log();
+                        self.counter_at_pause = Some(self.vm.counter());
+                        match paused.and_then(|()| self.vm.device_state()) {
+                            Ok(state) => {
+                                if let Err(e) = sm.handle_paused(Instant::now(), dirty, state) {
+                                    tracing::warn!("pause rejected: {e}");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("cannot pause: {e}");
+                                sm.cancel(Instant::now());
+                            }
+                        }
+                    }
+                    SourceAction::CommitHandover => {
+                        // From here the VM must never resume by itself here.
+                        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+                        sm.handle_handover_committed(Instant::now());
+                    }
+                    SourceAction::RollBack => {
+                        self.vm.stop_dirty_log();
+                        if let Err(e) = self.vm.resume() {
+                            tracing::error!("cannot resume after a failed migration: {e}");
+                        }
+                        self.inner.set_state(&self.req.vm, VmState::Running);
+                    }
+                    SourceAction::DiscardVm => {
+                        self.inner.remove(&self.req.vm);
+                        self.vm.destroy();
+                    }
+                    other => tracing::error!("unhandled source action {other:?}"),
+                }
+            }
+            let mut finished = None;
+            while let Some(ev) = sm.poll_event() {
+                match ev {
+                    SourceEvent::Progress(p) => {
+                        let _ = self.progress.try_send(p);
+                    }
+                    SourceEvent::Finished(s) => finished = Some(s),
+                    _ => {}
+                }
+            }
+            if let Some(s) = finished {
+                break s;
+            }
+            let deadline = sm.poll_timeout();
+            tokio::select! {
+                m = ctrl_rx.recv() => match m {
+                    Some(Ok(Some(msg))) => {
+                        if let Err(e) = sm.handle_message(Instant::now(), msg) {
+                            tracing::warn!(migration = %self.migration, "destination misbehaved: {e}");
+                        }
+                    }
+                    Some(Ok(None)) | None => sm.handle_link_lost(Instant::now(), "control stream closed"),
+                    Some(Err(e)) => sm.handle_link_lost(Instant::now(), &e.to_string()),
+                },
+                ev = events.recv() => match ev {
+                    Some(EngineEvent::Sent(b)) => {
+                        if let Err(e) = sm.handle_batch_sent(&b) {
+                            tracing::error!("engine bug: {e}");
+                            sm.cancel(Instant::now());
+                        }
+                    }
+                    Some(EngineEvent::RoundDone { round, skipped }) => {
+                        if let Some((r, done, sk)) = rounds_pending.as_mut() {
+                            if *r == round {
+                                *done += 1;
+                                *sk += skipped;
+                                if *done == opts.streams {
+                                    let total = *sk;
+                                    rounds_pending = None;
+                                    sm.handle_round_sent(Instant::now(), round, total);
+                                }
+                            }
+                        }
+                    }
+                    Some(EngineEvent::StreamFailed(e)) => sm.handle_link_lost(Instant::now(), &e),
+                    None => sm.handle_link_lost(Instant::now(), "data streams ended"),
+                },
+                () = sleep_until(deadline) => sm.handle_timeout(Instant::now()),
+            }
+        };
+        drop(jobs);
+        // Let the last control messages reach the peer, then close.
+        if let Some(mut c) = control {
+            let _ = c.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.stopped()).await;
+        }
+        conn.close(crate::agent::close::DONE.into(), b"done");
+        let stats = conn.stats();
+        if matches!(summary.outcome, Outcome::Aborted(_)) {
+            self.inner.set_state(&self.req.vm, VmState::Running);
+        }
+        MigrationReport {
+            migration: self.migration.to_string(),
+            vm: self.req.vm.clone(),
+            source: self.inner.id.to_string(),
+            destination: dest.to_string(),
+            verified: summary.verified,
+            converged: summary.converged,
+            total_ms: summary.total.as_secs_f64() * 1e3,
+            downtime_ms: summary.downtime.map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            rounds: summary.rounds,
+            memory_bytes: geometry.bytes(),
+            pages_sent: summary.pages_sent,
+            encodings: summary.encodings,
+            payload_bytes: summary.payload_bytes + self.control_bytes,
+            wire_bytes: stats.udp_tx.bytes + stats.udp_rx.bytes,
+            memory_root: summary.memory_root,
+            counter_at_pause: self.counter_at_pause,
+            outcome: summary.outcome,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens the data streams, each with its encoder thread and writer task.
+async fn open_streams(
+    conn: &Connection,
+    migration: MigrationId,
+    streams: u16,
+    vm: &Arc<dyn VmBackend>,
+    level: i32,
+    tamper: Option<TamperHook>,
+    events: &mpsc::UnboundedSender<EngineEvent>,
+) -> Result<Vec<std::sync::mpsc::Sender<Job>>, String> {
+    let mut jobs = Vec::new();
+    for stream in 0..streams {
+        let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+        write_message(
+            &mut send,
+            &Message::DataStreamOpen(DataStreamOpen { migration, stream }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (out_tx, mut out_rx) = mpsc::channel::<StreamOut>(8);
+        let vm = vm.clone();
+        let tamper = tamper.clone();
+        let events_enc = events.clone();
+        std::thread::Builder::new()
+            .name(format!("convoy-enc-{stream}"))
+            .spawn(move || {
+                if let Err(e) = encode_stream(stream, streams, vm, level, tamper, job_rx, out_tx) {
+                    let _ = events_enc.send(EngineEvent::StreamFailed(e));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(out) = out_rx.recv().await {
+                match out {
+                    StreamOut::Batch {
+                        head,
+                        payload,
+                        info,
+                    } => {
+                        let mut chunks = [head, payload];
+                        if let Err(e) = send.write_all_chunks(&mut chunks).await {
+                            let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
+                            return;
+                        }
+                        let _ = events.send(EngineEvent::Sent(info));
+                    }
+                    StreamOut::RoundDone { round, skipped } => {
+                        let _ = events.send(EngineEvent::RoundDone { round, skipped });
+                    }
+                }
+            }
+            let _ = send.finish();
+        });
+        jobs.push(job_tx);
+    }
+    Ok(jobs)
+}
+
+/// The encoder thread of one data stream.
+fn encode_stream(
+    stream: u16,
+    streams: u16,
+    vm: Arc<dyn VmBackend>,
+    level: i32,
+    tamper: Option<TamperHook>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    out: mpsc::Sender<StreamOut>,
+) -> Result<(), String> {
+    let page_size = vm.geometry().page_size();
+    let mut comp = Compressor::new(level).map_err(|e| e.to_string())?;
+    let mut seq = 0u64;
+    let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Compressor| {
+        let enc = b.finish(*seq, round, comp).map_err(|e| e.to_string())?;
+        *seq += 1;
+        let mut header = enc.header;
+        let mut payload = enc.payload;
+        if let Some(t) = &tamper {
+            t(round, &mut header, &mut payload);
+        }
+        let head = encode_batch_head(&header, payload.len()).map_err(|e| e.to_string())?;
+        let info = SentBatch {
+            stream,
+            leaves: enc.leaves,
+            stats: enc.stats,
+            frame_bytes: (head.len() + payload.len()) as u64,
+        };
+        out.blocking_send(StreamOut::Batch {
+            head: Bytes::from(head),
+            payload: Bytes::from(payload),
+            info,
+        })
+        .map_err(|_| "writer gone".to_string())
+    };
+    while let Ok(job) = jobs.recv() {
+        let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
+        let mut skipped = 0u64;
+        for p in job.pages.iter() {
+            if stream_for(p, streams) != stream {
+                continue;
+            }
+            let added = if job.skip_zero {
+                b.push_nonzero_with(p, |buf| vm.read_page(p, buf))
+            } else {
+                b.push_with(p, |buf| vm.read_page(p, buf)).map(|()| true)
+            }
+            .map_err(|e| e.to_string())?;
+            if !added {
+                skipped += 1;
+            }
+            if b.pages() >= BATCH_PAGES {
+                let full =
+                    std::mem::replace(&mut b, BatchBuilder::with_capacity(page_size, BATCH_PAGES));
+                flush(full, &mut seq, job.round, &mut comp)?;
+            }
+        }
+        if b.pages() > 0 {
+            flush(b, &mut seq, job.round, &mut comp)?;
+        }
+        out.blocking_send(StreamOut::RoundDone {
+            round: job.round,
+            skipped,
+        })
+        .map_err(|_| "writer gone".to_string())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,346 @@
+//! Identities and trust: certificate and key files, the CA bundle, SPIFFE
+//! IDs, and the rustls configurations built from them.
+//!
+//! Every connection is mutual TLS 1.3 through rustls with the *ring*
+//! provider. A peer's identity is the SPIFFE ID in its certificate's URI SAN
+//! (`spiffe://<trust-domain>/agent/<name>` or `/operator/<name>`), never a
+//! DNS name, so certificates can come from `convoyctl pki` or from an
+//! existing PKI such as SPIRE.
+//!
+//! - A client (an agent connecting to a peer, or `convoyctl`) names the exact
+//!   SPIFFE ID it expects; [`SpiffeServerVerifier`] checks the chain to the
+//!   CA bundle and then that ID, inside the handshake. A valid certificate
+//!   from the same CA with another ID is refused.
+//! - A server requires a client certificate chaining to the CA bundle
+//!   (rustls' `WebPkiClientVerifier`) and then authorizes the client's
+//!   SPIFFE ID for the ALPN it asked for ([`crate::transport`]).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use convoy_protocol::names::{NameError, SpiffeId, TrustDomain};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use thiserror::Error;
+
+/// Why an identity or trust bundle could not be loaded or used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM item of the kind needed.
+    #[error("{path}: {what}")]
+    Pem {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A private key file that others may read.
+    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
+    KeyPermissions {
+        /// File.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// The certificate carries no (or more than one) SPIFFE ID.
+    #[error("certificate has no usable SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+    /// The SPIFFE ID does not parse.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// This agent's (or operator's) certificate chain and private key.
+pub struct Identity {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key never reaches a log line.
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            id: self.id.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and a PEM private key. The key file
+    /// must not be readable by other users.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        let chain_pem = read(cert)?;
+        check_key_permissions(key)?;
+        let key_pem = read(key)?;
+        Identity::from_pem(&chain_pem, &key_pem, cert, key)
+    }
+
+    /// Builds an identity from PEM text (paths are for error messages).
+    pub fn from_pem(
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Self, IdentityError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| IdentityError::Pem {
+                path: cert_path.into(),
+                what: format!("bad certificate PEM: {e}"),
+            })?;
+        let Some(leaf) = chain.first() else {
+            return Err(IdentityError::Pem {
+                path: cert_path.into(),
+                what: "no certificate found".into(),
+            });
+        };
+        let id = spiffe_id_of(leaf)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| IdentityError::Pem {
+            path: key_path.into(),
+            what: format!("no usable private key: {e}"),
+        })?;
+        Ok(Identity { id, chain, key })
+    }
+
+    /// The SPIFFE ID in the certificate.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+}
+
+/// The CA certificates a peer's chain must end in, and the trust domain
+/// they vouch for.
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    roots: Arc<RootCertStore>,
+    domain: TrustDomain,
+}
+
+impl TrustBundle {
+    /// Loads every certificate in a PEM file as a trust anchor for `domain`.
+    pub fn load(path: &Path, domain: TrustDomain) -> Result<Self, IdentityError> {
+        let pem = read(path)?;
+        TrustBundle::from_pem(&pem, path, domain)
+    }
+
+    /// Builds a bundle from PEM text.
+    pub fn from_pem(pem: &[u8], path: &Path, domain: TrustDomain) -> Result<Self, IdentityError> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| IdentityError::Pem {
+                path: path.into(),
+                what: format!("bad CA PEM: {e}"),
+            })?;
+            roots.add(cert).map_err(|e| IdentityError::Pem {
+                path: path.into(),
+                what: format!("unusable CA certificate: {e}"),
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(IdentityError::Pem {
+                path: path.into(),
+                what: "no CA certificate found".into(),
+            });
+        }
+        Ok(TrustBundle {
+            roots: Arc::new(roots),
+            domain,
+        })
+    }
+
+    /// The trust domain.
+    pub fn domain(&self) -> &TrustDomain {
+        &self.domain
+    }
+}
+
+/// The crypto provider every Convoy TLS configuration uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server configuration: our chain, client certificates required and
+/// chained to `trust`, TLS 1.3 only, the given ALPN protocols.
+pub fn server_config(
+    identity: &Identity,
+    trust: &TrustBundle,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, IdentityError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| IdentityError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// A client configuration that presents `identity` and accepts only a
+/// server whose certificate chains to `trust` and names exactly `expected`.
+pub fn client_config(
+    identity: &Identity,
+    trust: &TrustBundle,
+    expected: SpiffeId,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, IdentityError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: trust.roots.clone(),
+        expected,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.enable_sni = false;
+    Ok(cfg)
+}
+
+/// Verifies a server's chain against the CA bundle, then that its SPIFFE
+/// ID is exactly the one expected. (rustls' default verifier matches DNS
+/// names, which SPIFFE certificates need not carry.)
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        match spiffe_id_of(end_entity) {
+            Ok(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(id) => {
+                tracing::warn!(expected = %self.expected, presented = %id, "peer identity mismatch");
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName,
+                ))
+            }
+            Err(e) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never negotiated: both configs are TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The single SPIFFE ID in a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| IdentityError::NoSpiffeId(format!("unparsable certificate: {e}")))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::NoSpiffeId(format!("bad SAN extension: {e}")))?
+        .ok_or_else(|| IdentityError::NoSpiffeId("no SAN extension".into()))?;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+        _ => None,
+    });
+    let (Some(first), None) = (ids.next(), ids.next()) else {
+        return Err(IdentityError::NoSpiffeId(
+            "exactly one spiffe:// URI SAN is required".into(),
+        ));
+    };
+    Ok(first.parse()?)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    std::fs::read(path).map_err(|source| IdentityError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Refuses a key file that users other than its owner and group may read.
+pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| IdentityError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(IdentityError::KeyPermissions {
+            path: path.into(),
+            mode,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! A small file-based PKI for a quick start (`convoyctl pki`): an Ed25519
+//! CA and Ed25519 certificates carrying SPIFFE IDs, made with rcgen.
+//!
+//! Layout of a PKI directory:
+//!
+//! ```text
+//! trust-domain            the trust domain, one line
+//! ca.crt  ca.key          the CA (ca.key 0600; keep it off agent hosts)
+//! agents/<name>.crt|.key  agent identities: spiffe://<td>/agent/<name>
+//! operators/<name>.crt|.key  operator identities: spiffe://<td>/operator/<name>
+//! ```
+//!
+//! Production deployments can use any PKI that issues SPIFFE X.509 SVIDs
+//! instead; agents only need a chain, a key and the CA bundle.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use convoy_protocol::names::{AgentName, NameError, Role, SpiffeId, TrustDomain};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, PKCS_ED25519,
+};
+use thiserror::Error;
+
+use crate::identity::{Identity, IdentityError, TrustBundle};
+
+/// The trust domain `convoyctl pki init` uses unless told otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "convoy.internal";
+
+/// Why a PKI operation failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// Filesystem.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Refusing to overwrite.
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+    /// Not a PKI directory.
+    #[error("{0} is not a Convoy PKI directory (run `convoyctl pki init` first)")]
+    NotInitialized(PathBuf),
+    /// rcgen.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// Loading what was written.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Writes `data` to a new file with `mode`; refuses to overwrite.
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(path.into())
+            } else {
+                PkiError::Io {
+                    path: path.into(),
+                    source: e,
+                }
+            }
+        })?;
+    f.write_all(data).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// A PKI directory.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+    domain: TrustDomain,
+}
+
+/// Files of one issued identity.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM, 0600).
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// Creates a CA in `dir` (created if missing) for `domain`.
+    pub fn init(dir: &Path, domain: TrustDomain) -> Result<Pki, PkiError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let ca_key_path = dir.join("ca.key");
+        if ca_key_path.exists() {
+            return Err(PkiError::Exists(ca_key_path));
+        }
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let cert = ca_params(&domain)?.self_signed(&key)?;
+        write_new(&ca_key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&dir.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
+        write_new(
+            &dir.join("trust-domain"),
+            format!("{domain}\n").as_bytes(),
+            0o644,
+        )?;
+        for sub in ["agents", "operators"] {
+            fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
+        }
+        Ok(Pki {
+            dir: dir.into(),
+            domain,
+        })
+    }
+
+    /// Opens an existing PKI directory.
+    pub fn open(dir: &Path) -> Result<Pki, PkiError> {
+        let td = dir.join("trust-domain");
+        let text = fs::read_to_string(&td).map_err(|_| PkiError::NotInitialized(dir.into()))?;
+        Ok(Pki {
+            dir: dir.into(),
+            domain: TrustDomain::new(text.trim())?,
+        })
+    }
+
+    /// The trust domain.
+    pub fn domain(&self) -> &TrustDomain {
+        &self.domain
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate file.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Where the files of `role`/`name` live.
+    pub fn paths(&self, role: Role, name: &AgentName) -> Issued {
+        let (sub, id) = match role {
+            Role::Operator => (
+                "operators",
+                SpiffeId::operator(self.domain.clone(), name.clone()),
+            ),
+            _ => ("agents", SpiffeId::agent(self.domain.clone(), name.clone())),
+        };
+        Issued {
+            id,
+            cert: self.dir.join(sub).join(format!("{name}.crt")),
+            key: self.dir.join(sub).join(format!("{name}.key")),
+        }
+    }
+
+    /// Issues a certificate for `role`/`name`, valid for `validity`.
+    /// Agents get both server and client authentication (they accept and
+    /// open connections); operators only client authentication.
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &AgentName,
+        validity: Duration,
+    ) -> Result<Issued, PkiError> {
+        let ca_key_path = self.dir.join("ca.key");
+        crate::identity::check_key_permissions(&ca_key_path)?;
+        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        let issuer = Issuer::new(ca_params(&self.domain)?, ca_key);
+
+        let out = self.paths(role, name);
+        if out.cert.exists() || out.key.exists() {
+            return Err(PkiError::Exists(out.cert));
+        }
+        if let Some(parent) = out.cert.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, out.id.to_string());
+        params.subject_alt_names = vec![SanType::URI(out.id.to_string().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            _ => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::seconds(validity.as_secs() as i64);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer)?;
+        write_new(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&out.cert, cert.pem().as_bytes(), 0o644)?;
+        Ok(out)
+    }
+
+    /// Loads an issued identity.
+    pub fn identity(&self, role: Role, name: &AgentName) -> Result<Identity, PkiError> {
+        let p = self.paths(role, name);
+        Ok(Identity::load(&p.cert, &p.key)?)
+    }
+
+    /// The CA bundle of this PKI.
+    pub fn trust(&self) -> Result<TrustBundle, PkiError> {
+        Ok(TrustBundle::load(&self.ca_cert(), self.domain.clone())?)
+    }
+}
+
+fn ca_params(domain: &TrustDomain) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Convoy CA {domain}"));
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{domain}").try_into()?)];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_and_load_with_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
+        let name: AgentName = "a".parse().unwrap();
+        let issued = pki
+            .issue(Role::Agent, &name, Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(issued.id.to_string(), "spiffe://example.test/agent/a");
+        let id = pki.identity(Role::Agent, &name).unwrap();
+        assert_eq!(id.id(), &issued.id);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&issued.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            pki.issue(Role::Agent, &name, Duration::from_secs(1)),
+            Err(PkiError::Exists(_))
+        ));
+        assert!(Pki::init(dir.path(), TrustDomain::new("x").unwrap()).is_err());
+        // A world-readable key is refused.
+        fs::set_permissions(&issued.key, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            pki.identity(Role::Agent, &name),
+            Err(PkiError::Identity(IdentityError::KeyPermissions { .. }))
+        ));
+    }
+}

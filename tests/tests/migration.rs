@@ -1,0 +1,192 @@
+//! Two agents on loopback in one process: live pre-copy migrations of a
+//! dirtying simulated VM, and a page altered in flight.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_agent::lab::Lab;
+use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::page::Compression;
+use convoy_tests::{eventually, migrate_to, sim_spec};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    // 64 MiB, 20 000 page writes per second, 90% into a 10% hot set.
+    a.vm_create(sim_spec("web", 64 << 20, 20_000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut updates = 0;
+    let report = a
+        .migrate(migrate_to("web", "b", lab.agent("b").unwrap().addr), |_| {
+            updates += 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert!(report.verified, "destination confirmed our root");
+    assert!(report.memory_root.is_some());
+    assert!(report.rounds >= 2, "{report:?}");
+    assert!(updates > 0, "progress was streamed");
+    assert!(report.downtime_ms > 0.0 && report.downtime_ms < report.total_ms);
+    assert!(report.wire_bytes > 0 && report.payload_bytes > 0);
+    // Mixed content: zero pages cost nothing, the rest compresses.
+    assert!(report.encodings.zero > 0 && report.encodings.zstd > 0);
+
+    // Exactly once: gone from a, running on b.
+    assert!(a.vm_list().await.unwrap().is_empty());
+    let vms = b.vm_list().await.unwrap();
+    assert_eq!(vms.len(), 1);
+    let vm = &vms[0];
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(
+        vm.arrived_from.as_deref(),
+        Some("spiffe://convoy.internal/agent/a")
+    );
+    // The counter continues from exactly where the source paused.
+    assert_eq!(vm.counter_at_start, report.counter_at_pause);
+    let c0 = vm.counter;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap()[0].counter > c0
+        })
+        .await,
+        "the workload keeps running at the destination"
+    );
+
+    // And back again: b is a source now, a a destination.
+    let back = b
+        .migrate(migrate_to("web", "a", lab.agent("a").unwrap().addr), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert_eq!(a.vm_list().await.unwrap().len(), 1);
+    assert!(b.vm_list().await.unwrap().is_empty());
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(AtomicBool::new(true));
+    let armed_hook = armed.clone();
+    let lab = Lab::start(dir.path(), &["a", "b"], move |name, cfg| {
+        if name == "a" {
+            let armed = armed_hook.clone();
+            cfg.dangerous()
+                .tamper_outgoing_batches(Arc::new(move |_round, header, payload| {
+                    // Not the batch holding page 0: the counter there is
+                    // rewritten every tick and sent again in the last round.
+                    if header.compression == Compression::None
+                        && header.runs.first().is_some_and(|r| r.gap > 0 && !r.zero)
+                        && payload.len() > 200
+                        && armed.swap(false, Ordering::SeqCst)
+                    {
+                        payload[123] ^= 0x40;
+                    }
+                }));
+        }
+    })
+    .await
+    .unwrap();
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    // Idle and uncompressed so the altered page is sent exactly once, raw.
+    a.vm_create(sim_spec("db", 16 << 20, 0)).await.unwrap();
+    let mut req = migrate_to("db", "b", lab.agent("b").unwrap().addr);
+    req.options.compression_level = 0;
+    let report = a.migrate(req.clone(), |_| {}).await.unwrap();
+    assert!(
+        matches!(&report.outcome, Outcome::Aborted(why) if why.contains("root")),
+        "{report:?}"
+    );
+    assert!(!report.verified);
+    // Still running at the source, nothing at the destination.
+    let vms = a.vm_list().await.unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].state, VmState::Running);
+    let c0 = vms[0].counter;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.vm_list().await.unwrap()[0].counter > c0
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap().is_empty()
+        })
+        .await,
+        "staging discarded at the destination"
+    );
+
+    // Both agents keep serving: the same migration now succeeds.
+    let report = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert_eq!(b.vm_list().await.unwrap().len(), 1);
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    let b_addr = lab.agent("b").unwrap().addr;
+
+    let err = a
+        .migrate(migrate_to("nope", "b", b_addr), |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no VM named nope"), "{err}");
+
+    a.vm_create(sim_spec("x", 4 << 20, 0)).await.unwrap();
+    let err = a.vm_create(sim_spec("x", 4 << 20, 0)).await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let err = a.vm_create(sim_spec("y", 4097, 0)).await.unwrap_err();
+    assert!(err.to_string().contains("multiple of 4096"), "{err}");
+
+    // A VM of the same name already at the destination: refused there,
+    // still running here.
+    b.vm_create(sim_spec("x", 4 << 20, 0)).await.unwrap();
+    let r = a
+        .migrate(migrate_to("x", "b", b_addr), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Aborted(why) if why.contains("already present")),
+        "{r:?}"
+    );
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+
+    // Nobody listening: aborted before anything was touched.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut req = migrate_to("x", "c", dead_addr);
+    req.options.max_rounds = 3;
+    let r = tokio::time::timeout(Duration::from_secs(60), a.migrate(req, |_| {}))
+        .await
+        .expect("bounded by the idle timeout")
+        .unwrap();
+    assert!(matches!(r.outcome, Outcome::Aborted(_)), "{r:?}");
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
