@@ -1,6 +1,6 @@
 //! The agent: its configuration, its VM registry, and the accept loop that
 //! hands each authenticated connection to the operator API
-//! ([`crate::control`]) or to an incoming migration
+//! (`control`) or to an incoming migration
 //! ([`crate::engine::destination`]).
 
 use std::collections::{HashMap, VecDeque};

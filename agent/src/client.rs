@@ -118,6 +118,14 @@ impl CtlClient {
         }
     }
 
+    /// Deletes a VM.
+    pub async fn vm_delete(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
+        match self.request(CtlRequest::VmDelete(name)).await? {
+            CtlResponse::VmDeleted(_) => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Runs a migration, calling `on_progress` for every update.
     pub async fn migrate(
         &self,

@@ -89,6 +89,10 @@ async fn handle(
             let r = create_vm(&inner, spec).await;
             respond(&mut send, r).await?;
         }
+        CtlRequest::VmDelete(name) => {
+            let r = delete_vm(&inner, &name);
+            respond(&mut send, r).await?;
+        }
         CtlRequest::Migrate(req) => {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
             let task = tokio::spawn(crate::engine::source::migrate(inner.clone(), req, tx));
@@ -120,6 +124,26 @@ async fn handle(
     let _ = send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
     Ok(())
+}
+
+fn delete_vm(inner: &Arc<Inner>, name: &convoy_protocol::names::VmName) -> CtlResponse {
+    let entry = {
+        let mut vms = inner.vms();
+        match vms.get(name).map(|e| e.state) {
+            None => return error(CtlErrorKind::NotFound, format!("no VM named {name} here")),
+            Some(VmState::Running) | Some(VmState::Paused) => vms.remove(name),
+            Some(s) => {
+                return error(
+                    CtlErrorKind::BadRequest,
+                    format!("VM {name} is {s:?}; it cannot be deleted now"),
+                )
+            }
+        }
+    };
+    if let Some(vm) = entry.and_then(|e| e.vm) {
+        vm.destroy();
+    }
+    CtlResponse::VmDeleted(name.clone())
 }
 
 /// Largest sim VM one request may create (1 TiB).

@@ -11,7 +11,7 @@
 //!   configurations (including the SPIFFE-ID server verifier).
 //! - [`pki`]: a file-based Ed25519 PKI for a quick start (`convoyctl pki`).
 //! - [`transport`]: the tuned quinn endpoint, connect/authorize, framed I/O.
-//! - [`control`]: the operator API (`convoy-ctl/1`).
+//! - `control`: the operator API (`convoy-ctl/1`).
 //! - [`client`]: the operator side of that API, used by `convoyctl` and
 //!   the tests.
 //! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests).

@@ -240,6 +240,8 @@ pub enum CtlRequest {
     VmList,
     /// Migrate a VM.
     Migrate(MigrateRequest),
+    /// Stop a VM for good and wipe its memory (not while it migrates).
+    VmDelete(VmName),
 }
 
 /// Agent → operator.
@@ -252,6 +254,8 @@ pub enum CtlResponse {
     VmCreated(VmInfo),
     /// Answer to `VmList`.
     VmList(Vec<VmInfo>),
+    /// Answer to `VmDelete`.
+    VmDeleted(VmName),
     /// During `Migrate`.
     Progress(Progress),
     /// End of `Migrate`.

@@ -21,7 +21,7 @@ pub const LEN_PREFIX: usize = 4;
 /// The largest frame (tag + body) any Convoy peer sends or accepts: 4 MiB.
 ///
 /// The largest legitimate frame is a page batch of
-/// [`crate::page::MAX_BATCH_PAGES`] raw 4 KiB pages plus its header, which is
+/// [`crate::page::MAX_BATCH_BYTES`] of raw pages plus its header, which is
 /// well below this.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 

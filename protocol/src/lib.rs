@@ -26,6 +26,8 @@ pub mod ctl;
 pub mod destination;
 pub mod digest;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod message;
 pub mod names;
 pub mod page;

@@ -674,7 +674,7 @@ pub struct DecodedBatch {
     /// Copy round.
     pub round: u32,
     pages: Vec<(PageIndex, bool)>,
-    data: Vec<u8>,
+    data: bytes::Bytes,
     page: usize,
 }
 
@@ -731,11 +731,11 @@ impl StreamReceiver {
         self.next_seq
     }
 
-    /// Checks and decodes one batch.
+    /// Checks and decodes one batch. A raw payload is not copied.
     pub fn receive(
         &mut self,
         header: &BatchHeader,
-        payload: &[u8],
+        payload: &bytes::Bytes,
     ) -> Result<DecodedBatch, BatchError> {
         if header.seq != self.next_seq {
             return Err(BatchError::OutOfOrder {
@@ -799,7 +799,7 @@ impl StreamReceiver {
                         got: payload.len(),
                     });
                 }
-                payload.to_vec()
+                payload.clone()
             }
             Compression::Zstd => {
                 let d = match self.decompressor.as_mut() {
@@ -819,7 +819,7 @@ impl StreamReceiver {
                         got: out.len(),
                     });
                 }
-                out
+                bytes::Bytes::from(out)
             }
         };
         self.next_seq += 1;
@@ -868,7 +868,9 @@ mod tests {
             let pages: Vec<u64> = (0..32).chain(64..70).collect();
             let enc = build(&pages, 0, level);
             let mut rx = StreamReceiver::new(0, 2, geometry(1000));
-            let dec = rx.receive(&enc.header, &enc.payload).unwrap();
+            let dec = rx
+                .receive(&enc.header, &bytes::Bytes::from(enc.payload.clone()))
+                .unwrap();
             let got: Vec<_> = dec.pages().collect();
             assert_eq!(got.len(), pages.len());
             for ((idx, bytes), &p) in got.iter().zip(&pages) {
@@ -889,7 +891,7 @@ mod tests {
         let enc = build(&[0, 1, 2], 1, 0);
         let mut rx = StreamReceiver::new(0, 2, geometry(100));
         assert!(matches!(
-            rx.receive(&enc.header, &enc.payload),
+            rx.receive(&enc.header, &bytes::Bytes::from(enc.payload.clone())),
             Err(BatchError::OutOfOrder {
                 expected: 0,
                 got: 1,
@@ -898,7 +900,7 @@ mod tests {
         ));
         let enc = build(&[32], 0, 0);
         assert!(matches!(
-            rx.receive(&enc.header, &enc.payload),
+            rx.receive(&enc.header, &bytes::Bytes::from(enc.payload.clone())),
             Err(BatchError::WrongStream { page: 32, .. })
         ));
     }
@@ -908,14 +910,14 @@ mod tests {
         let enc = build(&[1, 2], 0, 0);
         let mut rx = StreamReceiver::new(0, 1, geometry(100));
         assert!(matches!(
-            rx.receive(&enc.header, &enc.payload[1..]),
+            rx.receive(&enc.header, &bytes::Bytes::from(enc.payload[1..].to_vec())),
             Err(BatchError::PayloadSize { .. })
         ));
         let enc = build(&[1, 4], 0, 3);
         assert_eq!(enc.header.compression, Compression::Zstd);
         let mut bad = enc.payload.clone();
         bad.truncate(bad.len() - 3);
-        assert!(rx.receive(&enc.header, &bad).is_err());
+        assert!(rx.receive(&enc.header, &bytes::Bytes::from(bad)).is_err());
     }
 
     #[test]
@@ -923,7 +925,7 @@ mod tests {
         let enc = build(&[5], 0, 0);
         let mut rx = StreamReceiver::new(0, 1, geometry(5));
         assert!(matches!(
-            rx.receive(&enc.header, &enc.payload),
+            rx.receive(&enc.header, &bytes::Bytes::from(enc.payload.clone())),
             Err(BatchError::PageOutOfRange { .. })
         ));
     }

@@ -496,9 +496,9 @@ impl Source {
         } else {
             page
         };
-        let expected = if remaining == 0 {
-            Duration::ZERO
-        } else if self.rate == 0 {
+        // No measured rate (simulated time that did not advance) means the
+        // round took no time: the rest will not either.
+        let expected = if remaining == 0 || self.rate == 0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(remaining as f64 * per_page / self.rate as f64)

@@ -3,6 +3,8 @@
 //! (bandwidth and latency) and simulated time. Tamper hooks alter data in
 //! flight.
 
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -651,14 +653,10 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
             }),
         )
         .unwrap();
-    // The harness sends the pages; drain so the source reaches AwaitReady.
+    // The harness sends the pages synchronously: one drain reaches
+    // AwaitReady, whose deadline is armed.
     p.drain_src();
-    while !matches!(p.src.poll_timeout(), Some(_)) {
-        p.drain_src();
-        if p.src.is_finished() {
-            break;
-        }
-    }
+    assert!(p.src.poll_timeout().is_some() && !p.src.is_finished());
     let err = p.src.handle_message(
         p.now,
         Message::Ready(convoy_protocol::message::Ready {

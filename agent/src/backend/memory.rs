@@ -35,6 +35,9 @@ impl GuestMemory {
             ));
         }
         let map = memmap2::MmapOptions::new().len(bytes).map_anon()?;
+        // No MADV_HUGEPAGE: measured on this machine (nested virtualisation)
+        // touching 1 GiB took 3.3 s with transparent huge pages and 0.8 s
+        // without.
         Ok(GuestMemory { map })
     }
 
@@ -106,11 +109,22 @@ impl GuestMemory {
         self.words().get(i).map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
-    /// Overwrites every word with zero (used to wipe a copy that has been
-    /// handed over or discarded, before the mapping is returned).
+    /// Wipes the guest's memory: every page is dropped from this process
+    /// (`MADV_DONTNEED`), so its contents are gone and any later read sees
+    /// zeros. Used on a copy that has been handed over or discarded.
     pub fn wipe(&self) {
-        for w in self.words() {
-            w.store(0, Ordering::Relaxed);
+        // SAFETY: on a private anonymous mapping MADV_DONTNEED frees the
+        // pages and makes later reads return zero-filled pages. The mapping
+        // stays valid, only ever accessed through atomics, and all-zero is a
+        // valid `AtomicU64`, so no reference observes an invalid value.
+        let dropped = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+        if dropped.is_err() {
+            for w in self.words() {
+                w.store(0, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -13,7 +13,6 @@ pub mod sim;
 
 use std::sync::Arc;
 
-use convoy_protocol::digest::Digest;
 use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
 use thiserror::Error;
 
@@ -69,8 +68,8 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
 pub trait Staging: Send + Sync + std::fmt::Debug {
     /// Writes page `page`; `None` is a zero page.
     fn write_page(&self, page: PageIndex, data: Option<&[u8]>);
-    /// The leaf digest of what staging holds at `page` now.
-    fn page_leaf(&self, page: PageIndex) -> Digest;
+    /// Copies what staging holds at `page` into `buf` (one page long).
+    fn read_staged(&self, page: PageIndex, buf: &mut [u8]);
     /// Starts the VM from this image and `device_state`; returns it with
     /// the device counter it resumed from.
     fn start(

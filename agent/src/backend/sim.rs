@@ -20,7 +20,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
-use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
@@ -372,15 +371,8 @@ impl Staging for SimVm {
         }
     }
 
-    fn page_leaf(&self, page: PageIndex) -> Digest {
-        let size = self.shared.geometry.page_size().bytes();
-        let mut buf = vec![0u8; size];
-        self.shared.mem.read(page.0 as usize * size, &mut buf);
-        if convoy_protocol::page::is_zero(&buf) {
-            zero_leaf(size)
-        } else {
-            leaf_digest(&buf)
-        }
+    fn read_staged(&self, page: PageIndex, buf: &mut [u8]) {
+        self.read_page(page, buf);
     }
 
     fn start(

@@ -14,9 +14,10 @@ use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
 };
-use convoy_protocol::digest::Digest;
+use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::message::{Capabilities, Message, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
+use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{MemoryGeometry, PageIndex, StreamReceiver};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
@@ -317,6 +318,7 @@ impl Incoming {
             .name(format!("convoy-dec-{stream}"))
             .spawn(move || {
                 let mut rx = StreamReceiver::new(stream, streams, geometry);
+                let mut scratch = vec![0u8; geometry.page_size().bytes()];
                 while let Some(m) = frames_rx.blocking_recv() {
                     let Message::PageBatch(header, payload) = m else {
                         let _ = tx.send(Event::Bad(DestinationError::Unexpected {
@@ -335,7 +337,9 @@ impl Incoming {
                     let mut leaves = Vec::with_capacity(batch.len());
                     for (idx, bytes) in batch.pages() {
                         staging.write_page(idx, bytes);
-                        leaves.push((idx, staging.page_leaf(idx)));
+                        // Hash what staging holds, not what we meant to write.
+                        staging.read_staged(idx, &mut scratch);
+                        leaves.push((idx, page_leaf(&scratch)));
                     }
                     if tx
                         .send(Event::Applied {
@@ -354,5 +358,14 @@ impl Incoming {
                 .tx
                 .send(Event::OpenFailed(format!("decoder thread: {e}")));
         }
+    }
+}
+
+/// The leaf digest of one page, with the zero-page leaf precomputed.
+fn page_leaf(page: &[u8]) -> Digest {
+    if is_zero(page) {
+        zero_leaf(page.len())
+    } else {
+        leaf_digest(page)
     }
 }

@@ -1,0 +1,84 @@
+//! `convoyctl migrate`: live-migrate a VM, with a progress bar and a
+//! summary table.
+
+use anyhow::{bail, Result};
+use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, Outcome};
+use convoy_protocol::names::VmName;
+
+use crate::conn::{client, parse_agent_ref, Global};
+use crate::render;
+
+/// `migrate` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Migrate {
+    /// The VM to move (running on --agent).
+    pub vm: VmName,
+    /// Destination agent: NAME, or NAME@HOST:PORT when the source agent
+    /// has no peer entry for it.
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// Migration tuning flags (shared with `demo` and `bench`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Tuning {
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub streams: u16,
+    /// Downtime target, milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub max_downtime: u32,
+    /// Most pre-copy rounds before stopping regardless.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rounds: u32,
+    /// zstd level (0 = no compression).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compression: i32,
+}
+
+impl Tuning {
+    /// The wire options.
+    pub fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            streams: self.streams,
+            max_downtime_ms: self.max_downtime,
+            max_rounds: self.max_rounds,
+            compression_level: self.compression,
+        }
+    }
+}
+
+/// Runs `migrate`.
+pub async fn run(g: &Global, m: Migrate) -> Result<()> {
+    let to = parse_agent_ref(&m.to)?;
+    let cl = client(g).await?;
+    let bar = render::Bar::new(g.json);
+    let report = cl
+        .migrate(
+            MigrateRequest {
+                vm: m.vm,
+                to: to.name,
+                to_addr: to.addr.map(|a| a.to_string()),
+                options: m.tuning.options(),
+            },
+            |p| bar.update(p),
+        )
+        .await;
+    bar.finish();
+    cl.close().await;
+    let report = report?;
+    if g.json {
+        render::json(&report)?;
+    } else {
+        print!("{}", render::report(&report));
+    }
+    match report.outcome {
+        Outcome::Completed => Ok(()),
+        Outcome::InDoubt(_) => {
+            bail!("migration outcome in doubt; the VM is kept paused at the source")
+        }
+        _ => bail!("migration aborted; the VM still runs at the source"),
+    }
+}

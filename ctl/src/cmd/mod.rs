@@ -1,0 +1,8 @@
+//! One module per `convoyctl` command.
+
+pub mod bench;
+pub mod demo;
+pub mod migrate;
+pub mod pki;
+pub mod status;
+pub mod vm;

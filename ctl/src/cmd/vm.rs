@@ -1,0 +1,116 @@
+//! `convoyctl vm`: simulated VMs on an agent.
+
+use anyhow::Result;
+use clap::{Subcommand, ValueEnum};
+use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
+use convoy_protocol::names::VmName;
+
+use crate::conn::{client, Global};
+use crate::render;
+
+/// VM commands.
+#[derive(Subcommand, Debug)]
+pub enum Vm {
+    /// Create and start a simulated VM.
+    Create(Create),
+    /// List VMs.
+    List,
+    /// Stop a VM for good and wipe its memory.
+    Delete {
+        /// VM name.
+        name: VmName,
+    },
+}
+
+/// Initial memory content.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum Content {
+    /// 25% zero, 40% text-like, 35% random pages.
+    Mixed,
+    /// Incompressible.
+    Random,
+    /// All zero.
+    Zero,
+}
+
+impl From<Content> for ContentProfile {
+    fn from(c: Content) -> Self {
+        match c {
+            Content::Mixed => ContentProfile::Mixed,
+            Content::Random => ContentProfile::Random,
+            Content::Zero => ContentProfile::Zero,
+        }
+    }
+}
+
+/// `vm create` flags.
+#[derive(clap::Args, Debug)]
+pub struct Create {
+    /// VM name.
+    pub name: VmName,
+    /// Backend (only `sim` for now).
+    #[arg(long, default_value = "sim", value_parser = ["sim"])]
+    pub backend: String,
+    /// Guest memory.
+    #[arg(long, default_value = "512MiB", value_parser = convoy_agent::units::parse_size)]
+    pub memory: u64,
+    /// Pages the workload writes per second (0 = idle).
+    #[arg(long, default_value_t = 0)]
+    pub dirty_rate: u64,
+    /// Percent of memory that takes 90% of the writes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub hot_set: u8,
+    /// Initial content.
+    #[arg(long, value_enum, default_value = "mixed")]
+    pub content: Content,
+    /// Seed for content and workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl Create {
+    /// The wire spec.
+    pub fn spec(&self) -> SimVmSpec {
+        SimVmSpec {
+            name: self.name.clone(),
+            memory_bytes: self.memory,
+            dirty_pages_per_sec: self.dirty_rate,
+            hot_set_pct: self.hot_set,
+            content: self.content.into(),
+            seed: self.seed,
+        }
+    }
+}
+
+/// Runs a VM command.
+pub async fn run(g: &Global, c: Vm) -> Result<()> {
+    let cl = client(g).await?;
+    match c {
+        Vm::Create(c) => {
+            let info = cl.vm_create(c.spec()).await?;
+            if g.json {
+                render::json(&info)?;
+            } else {
+                print!("{}", render::vms(&[info]));
+            }
+        }
+        Vm::List => {
+            let v = cl.vm_list().await?;
+            if g.json {
+                render::json(&v)?;
+            } else {
+                print!("{}", render::vms(&v));
+            }
+        }
+        Vm::Delete { name } => {
+            cl.vm_delete(name.clone()).await?;
+            if g.json {
+                render::json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted {name}");
+            }
+        }
+    }
+    cl.close().await;
+    Ok(())
+}

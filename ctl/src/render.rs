@@ -1,0 +1,181 @@
+//! Output: tables, a live progress bar, and JSON.
+
+use convoy_agent::units::format_bytes;
+use convoy_protocol::ctl::{MigrationReport, Outcome, Progress, VmInfo};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A plain text table with right-aligned numbers.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            if i == 0 {
+                out.push_str(&format!("{c:<w$}"));
+            } else {
+                out.push_str(&format!("  {c:>w$}"));
+            }
+        }
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_string()).collect(), &mut out);
+    line(widths.iter().map(|w| "-".repeat(*w)).collect(), &mut out);
+    for r in rows {
+        line(r.clone(), &mut out);
+    }
+    out
+}
+
+/// The summary of one migration as a two-column table.
+pub fn report(r: &MigrationReport) -> String {
+    let outcome = match &r.outcome {
+        Outcome::Completed => "completed".to_string(),
+        Outcome::Aborted(why) => format!("ABORTED: {why} (VM still runs at the source)"),
+        Outcome::InDoubt(why) => format!("IN DOUBT: {why} (VM kept paused at the source)"),
+        other => format!("{other:?}"),
+    };
+    let mb_s = if r.total_ms > 0.0 {
+        r.memory_bytes as f64 / (r.total_ms / 1e3) / 1e6
+    } else {
+        0.0
+    };
+    let rows = vec![
+        vec!["migration".into(), r.migration.clone()],
+        vec!["vm".into(), r.vm.to_string()],
+        vec![
+            "from → to".into(),
+            format!("{} → {}", r.source, r.destination),
+        ],
+        vec!["outcome".into(), outcome],
+        vec![
+            "verified".into(),
+            if r.verified {
+                format!(
+                    "yes, memory root {}",
+                    r.memory_root
+                        .map(|d| d.to_hex()[..16].to_string())
+                        .unwrap_or_default()
+                )
+            } else {
+                "no".into()
+            },
+        ],
+        vec!["total time".into(), format!("{:.1} ms", r.total_ms)],
+        vec!["downtime".into(), format!("{:.1} ms", r.downtime_ms)],
+        vec![
+            "rounds".into(),
+            format!(
+                "{} ({})",
+                r.rounds,
+                if r.converged {
+                    "converged"
+                } else {
+                    "round limit"
+                }
+            ),
+        ],
+        vec!["guest memory".into(), format_bytes(r.memory_bytes)],
+        vec!["bytes on the wire".into(), format_bytes(r.wire_bytes)],
+        vec!["guest throughput".into(), format!("{mb_s:.0} MB/s")],
+        vec![
+            "pages sent".into(),
+            format!(
+                "{} (raw {}, zstd {}); zero pages {} (no page bytes)",
+                r.pages_sent, r.encodings.raw, r.encodings.zstd, r.encodings.zero
+            ),
+        ],
+    ];
+    kv(&rows)
+}
+
+/// Key-value lines, keys padded.
+pub fn kv(rows: &[Vec<String>]) -> String {
+    let w = rows.iter().map(|r| r[0].chars().count()).max().unwrap_or(0);
+    rows.iter()
+        .map(|r| format!("{:<w$}  {}\n", r[0], r[1..].join(" ")))
+        .collect()
+}
+
+/// A table of VMs.
+pub fn vms(v: &[VmInfo]) -> String {
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.to_string(),
+                vm.backend.clone(),
+                format!("{:?}", vm.state),
+                format_bytes(vm.memory_bytes),
+                vm.counter.to_string(),
+                vm.dirty_pages_per_sec.to_string(),
+                vm.arrived_from.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "name",
+            "backend",
+            "state",
+            "memory",
+            "counter",
+            "dirty/s",
+            "arrived from",
+        ],
+        &rows,
+    )
+}
+
+/// A live progress bar fed by [`Progress`] updates.
+pub struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    /// A bar on stderr (hidden when `quiet`).
+    pub fn new(quiet: bool) -> Bar {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(1)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} pages  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Bar { bar }
+    }
+
+    /// Shows one update.
+    pub fn update(&self, p: &Progress) {
+        self.bar.set_length(p.total_pages.max(1));
+        self.bar.set_position(p.pages_sent.min(p.total_pages));
+        self.bar.set_message(format!(
+            "{} round {} · {} dirty · {:.0} MB/s",
+            p.phase,
+            p.round,
+            p.remaining_pages,
+            p.rate_bytes_per_sec as f64 / 1e6
+        ));
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Prints a value as pretty JSON.
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Bodies of the cargo-fuzz targets in `fuzz/`, kept here so the committed
+//! corpora replay as ordinary tests (`tests/fuzz_corpus.rs`) with exactly
+//! the code the fuzzer runs. Each function must never panic, whatever the
+//! input.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::destination::{Destination, DestinationConfig};
+use crate::frame::split_frame;
+use crate::message::{Capabilities, Message};
+use crate::page::{MemoryGeometry, PageSize, StreamReceiver};
+
+/// Splits frames off arbitrary bytes and decodes each.
+pub fn frame_decode(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some((frame, used))) = split_frame(rest) {
+        let _ = Message::decode(Bytes::copy_from_slice(frame));
+        rest = &rest[used..];
+    }
+}
+
+/// Decodes one frame body; whatever decodes must re-encode and decode to
+/// the same message.
+pub fn message_decode(data: &[u8]) {
+    if let Ok(m) = Message::decode(Bytes::copy_from_slice(data)) {
+        let again = m
+            .encode()
+            .map(|b| Message::decode(Bytes::from(b).slice(crate::frame::LEN_PREFIX..)));
+        match again {
+            Ok(Ok(m2)) => assert_eq!(m, m2, "round trip changed the message"),
+            Ok(Err(e)) => panic!("re-encoded message does not decode: {e}"),
+            // Decoded but too large to re-frame cannot happen: decode bounds
+            // the input to one frame.
+            Err(e) => panic!("decoded message does not encode: {e}"),
+        }
+    }
+}
+
+/// Feeds page batches to a stream receiver of a geometry chosen by the
+/// first bytes.
+pub fn batch_decode(data: &[u8]) {
+    let [pages_hi, pages_lo, streams, stream, rest @ ..] = data else {
+        return;
+    };
+    let pages = u64::from(u16::from_be_bytes([*pages_hi, *pages_lo])).max(1);
+    let streams = u16::from(*streams % 4) + 1;
+    let stream = u16::from(*stream) % streams;
+    let Ok(geometry) = MemoryGeometry::new(PageSize::SIZE_4K, pages) else {
+        return;
+    };
+    let mut rx = StreamReceiver::new(stream, streams, geometry);
+    let mut input = rest;
+    while let Ok(Some((frame, used))) = split_frame(input) {
+        if let Ok(Message::PageBatch(h, payload)) = Message::decode(Bytes::copy_from_slice(frame)) {
+            if let Ok(batch) = rx.receive(&h, &payload) {
+                for (idx, bytes) in batch.pages() {
+                    assert!(idx.0 < pages);
+                    assert!(bytes.is_none_or(|b| b.len() == 4096));
+                }
+            }
+        }
+        input = &input[used..];
+    }
+}
+
+/// Feeds an arbitrary sequence of messages to a destination state machine.
+pub fn destination_sequence(data: &[u8]) {
+    let mut d = Destination::new(DestinationConfig {
+        max_memory_bytes: 1 << 24,
+        capabilities: Capabilities::OURS,
+        handover_timeout: Duration::from_secs(1),
+    });
+    let mut now = Instant::now();
+    let mut input = data;
+    while let Ok(Some((frame, used))) = split_frame(input) {
+        now += Duration::from_millis(10);
+        if let Ok(m) = Message::decode(Bytes::copy_from_slice(frame)) {
+            let _ = d.handle_message(now, m);
+        }
+        while let Some(a) = d.poll_action() {
+            if let crate::destination::DestinationAction::PrepareStaging { .. } = a {
+                d.handle_staging_ready();
+                let _ = d.handle_stream_opened(0);
+            }
+        }
+        while d.poll_event().is_some() {}
+        input = &input[used..];
+    }
+    d.handle_timeout(now + Duration::from_secs(5));
+    while d.poll_action().is_some() {}
+}
