@@ -4,15 +4,20 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::backend::memory::GuestMemory;
 use crate::client::{ClientError, CtlClient};
-use crate::identity::{Identity, TrustBundle};
+use crate::identity::{self, Identity, TrustBundle};
 use crate::pki::{Pki, PkiError};
+use crate::transport::{self, Tuning, ALPN_AGENT};
 use crate::{Agent, AgentConfig, AgentError};
 
 /// Lab failures.
@@ -34,6 +39,19 @@ pub enum LabError {
     /// No such agent in the lab.
     #[error("no agent {0} in the lab")]
     NoAgent(String),
+    /// The raw QUIC baseline failed.
+    #[error("raw QUIC baseline: {0}")]
+    Bench(String),
+}
+
+/// Where the raw QUIC baseline's receiver puts the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// Drops them (pure transport).
+    Discard,
+    /// Copies them into a fresh anonymous mapping, as a destination's
+    /// staging image must.
+    FreshMemory,
 }
 
 /// One running agent of the lab.
@@ -137,6 +155,123 @@ impl Lab {
             .agent(name)
             .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         CtlClient::connect(a.addr, a.id.clone(), &self.operator, &self.trust).await
+    }
+
+    /// Raw QUIC bulk transfer between two endpoints tuned and authenticated
+    /// exactly like this lab's agents "a" and "b": `bytes` over `streams`
+    /// unidirectional streams, timed from the first write to the last byte
+    /// received. The baseline `convoyctl bench` compares migrations with.
+    pub async fn raw_quic_bulk(
+        &self,
+        bytes: u64,
+        streams: u16,
+        sink: Sink,
+    ) -> Result<Duration, LabError> {
+        let (na, nb): (AgentName, AgentName) = ("a".parse()?, "b".parse()?);
+        let ida = self.pki.identity(Role::Agent, &na)?;
+        let idb = self.pki.identity(Role::Agent, &nb)?;
+        let tuning = Tuning::default();
+        let bad = |e: &dyn std::fmt::Display| LabError::Bench(e.to_string());
+        let server_tls =
+            identity::server_config(&ida, &self.trust, &[ALPN_AGENT]).map_err(|e| bad(&e))?;
+        let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = transport::endpoint(any, Some(server_tls), &tuning).map_err(|e| bad(&e))?;
+        let addr = server.local_addr()?;
+        let client = transport::endpoint(any, None, &tuning).map_err(|e| bad(&e))?;
+        let streams = streams.max(1);
+        let per_stream = bytes / u64::from(streams);
+        let total = per_stream * u64::from(streams);
+        let memory = match sink {
+            Sink::Discard => None,
+            Sink::FreshMemory => Some(Arc::new(
+                GuestMemory::new(total.div_ceil(8) as usize * 8).map_err(|e| bad(&e))?,
+            )),
+        };
+        let recv = tokio::spawn(async move {
+            let fail = |e: &dyn std::fmt::Display| LabError::Bench(e.to_string());
+            let conn = server
+                .accept()
+                .await
+                .ok_or_else(|| LabError::Bench("no connection".into()))?
+                .await
+                .map_err(|e| fail(&e))?;
+            let mut tasks = Vec::new();
+            for i in 0..u64::from(streams) {
+                let mut s = conn.accept_uni().await.map_err(|e| fail(&e))?;
+                let memory = memory.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    let mut buf = Vec::new();
+                    while let Some(c) = s.read_chunk(1 << 20, true).await.map_err(|e| fail(&e))? {
+                        n += c.bytes.len() as u64;
+                        if let Some(m) = &memory {
+                            // Staging-like: whole 64 KiB blocks into fresh memory.
+                            buf.extend_from_slice(&c.bytes);
+                            if buf.len() >= 1 << 16 {
+                                let off = i * per_stream + n - buf.len() as u64;
+                                let whole = buf.len() / 8 * 8;
+                                m.write(off as usize, &buf[..whole]);
+                                buf.drain(..whole);
+                            }
+                        }
+                    }
+                    Ok::<u64, LabError>(n)
+                }));
+            }
+            let mut n = 0;
+            for t in tasks {
+                n += t.await.map_err(|e| fail(&e))??;
+            }
+            let done = Instant::now();
+            conn.close(0u32.into(), b"done");
+            Ok::<_, LabError>((n, done))
+        });
+        let conn = transport::connect(
+            &client,
+            addr,
+            ida.id().clone(),
+            ALPN_AGENT,
+            &idb,
+            &self.trust,
+            &tuning,
+        )
+        .await
+        .map_err(|e| bad(&e))?;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        for c in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let chunk = Bytes::from(chunk);
+        let start = Instant::now();
+        let mut senders = Vec::new();
+        for _ in 0..streams {
+            let mut s = conn.open_uni().await.map_err(|e| bad(&e))?;
+            let chunk = chunk.clone();
+            senders.push(tokio::spawn(async move {
+                let mut left = per_stream;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    s.write_chunk(chunk.slice(..n))
+                        .await
+                        .map_err(|e| LabError::Bench(e.to_string()))?;
+                    left -= n as u64;
+                }
+                s.finish().map_err(|e| LabError::Bench(e.to_string()))?;
+                Ok::<(), LabError>(())
+            }));
+        }
+        for s in senders {
+            s.await.map_err(|e| bad(&e))??;
+        }
+        let (n, done) = recv.await.map_err(|e| bad(&e))??;
+        if n != total {
+            return Err(LabError::Bench(format!("received {n} of {total} bytes")));
+        }
+        Ok(done - start)
     }
 
     /// Stops every agent.

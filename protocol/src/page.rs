@@ -23,7 +23,7 @@ use crate::digest::{leaf_digest, zero_leaf, Digest};
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Pages per stripe: consecutive pages in one stripe share a data stream.
-pub const STRIPE_PAGES: u64 = 32;
+pub const STRIPE_PAGES: u64 = 64;
 
 /// Largest number of pages a guest may have (2^32 pages, 16 TiB at 4 KiB).
 pub const MAX_PAGE_COUNT: u64 = 1 << 32;

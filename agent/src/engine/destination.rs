@@ -290,7 +290,7 @@ impl Incoming {
         let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
             return;
         };
-        let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(8);
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(32);
         let tx = self.tx.clone();
         self.tasks.push(tokio::spawn(async move {
             loop {

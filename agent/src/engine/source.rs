@@ -467,7 +467,7 @@ async fn open_streams(
         .await
         .map_err(|e| e.to_string())?;
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-        let (out_tx, mut out_rx) = mpsc::channel::<StreamOut>(8);
+        let (out_tx, mut out_rx) = mpsc::channel::<StreamOut>(32);
         let vm = vm.clone();
         let tamper = tamper.clone();
         let events_enc = events.clone();
