@@ -21,18 +21,23 @@ pub fn frame_decode(data: &[u8]) {
     }
 }
 
-/// Decodes one frame body; whatever decodes must re-encode and decode to
-/// the same message.
+/// Decodes one frame body; whatever decodes must re-encode, decode again,
+/// and re-encode to the same bytes (compared as bytes: a report's `f64`
+/// may be NaN, which is not equal to itself).
 pub fn message_decode(data: &[u8]) {
     if let Ok(m) = Message::decode(Bytes::copy_from_slice(data)) {
-        let again = m
-            .encode()
-            .map(|b| Message::decode(Bytes::from(b).slice(crate::frame::LEN_PREFIX..)));
-        match again {
-            Ok(Ok(m2)) => assert_eq!(m, m2, "round trip changed the message"),
-            Ok(Err(e)) => panic!("re-encoded message does not decode: {e}"),
-            // Decoded but too large to re-frame cannot happen: decode bounds
-            // the input to one frame.
+        let first = match m.encode() {
+            Ok(b) => b,
+            // Decode bounds the input to one frame, so this cannot happen.
+            Err(e) => panic!("decoded message does not encode: {e}"),
+        };
+        let m2 = match Message::decode(Bytes::from(first.clone()).slice(crate::frame::LEN_PREFIX..))
+        {
+            Ok(m2) => m2,
+            Err(e) => panic!("re-encoded message does not decode: {e}"),
+        };
+        match m2.encode() {
+            Ok(second) => assert_eq!(first, second, "round trip changed the encoding"),
             Err(e) => panic!("decoded message does not encode: {e}"),
         }
     }
