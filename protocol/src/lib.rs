@@ -16,6 +16,8 @@
 //!   ordering.
 //! - [`digest`]: BLAKE3 page leaves and the RFC 9162-shaped incremental
 //!   Merkle tree whose root the destination checks before a VM may start.
+//! - [`logtree`]: the append-only audit Merkle log with RFC 9162 inclusion
+//!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
 //! - [`source`] and [`destination`]: the pre-copy migration state machines.
 //! - [`ctl`]: the operator protocol spoken by `convoyctl`.
@@ -28,6 +30,7 @@ pub mod digest;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod logtree;
 pub mod message;
 pub mod names;
 pub mod page;
