@@ -85,6 +85,8 @@ pub struct AgentConfig {
     pub capacity_bytes: u64,
     /// Transport tuning.
     pub tuning: Tuning,
+    /// Clock skew tolerated on ticket validity.
+    pub clock_skew: Duration,
     dangerous: DangerousOptions,
 }
 
@@ -98,6 +100,7 @@ impl AgentConfig {
             peers: HashMap::new(),
             capacity_bytes: 64 << 30,
             tuning: Tuning::default(),
+            clock_skew: crate::authz::DEFAULT_CLOCK_SKEW,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -146,6 +149,7 @@ pub(crate) struct Inner {
     pub vms: Mutex<HashMap<VmName, VmEntry>>,
     pub recent: Mutex<VecDeque<MigrationReport>>,
     pub active: AtomicU32,
+    pub replay: crate::authz::ReplayCache,
 }
 
 /// Why a VM could not be registered.
@@ -160,6 +164,14 @@ impl Inner {
         // A poisoned lock means a panic elsewhere; the map itself is still
         // consistent (every update is a single insert/remove/field store).
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn authority(&self) -> crate::authz::Authority<'_> {
+        crate::authz::Authority {
+            trust: &self.config.trust,
+            replay: &self.replay,
+            skew: self.config.clock_skew,
+        }
     }
 
     pub fn vm_infos(&self) -> Vec<VmInfo> {
@@ -254,6 +266,7 @@ impl Agent {
                 vms: Mutex::new(HashMap::new()),
                 recent: Mutex::new(VecDeque::new()),
                 active: AtomicU32::new(0),
+                replay: crate::authz::ReplayCache::default(),
             }),
         })
     }

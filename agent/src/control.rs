@@ -95,7 +95,12 @@ async fn handle(
         }
         CtlRequest::Migrate(req) => {
             let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-            let task = tokio::spawn(crate::engine::source::migrate(inner.clone(), req, tx));
+            let task = tokio::spawn(crate::engine::source::migrate(
+                inner.clone(),
+                req,
+                peer.id.clone(),
+                tx,
+            ));
             while let Some(p) = rx.recv().await {
                 // The operator may go away; the migration goes on.
                 let _ = respond(&mut send, CtlResponse::Progress(p)).await;

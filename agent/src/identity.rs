@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use convoy_protocol::names::{NameError, SpiffeId, TrustDomain};
+use convoy_protocol::ticket::{TicketSigner, TicketVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
@@ -298,6 +299,59 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+impl TicketVerifier for TrustBundle {
+    fn verify_chain(&self, chain: &[Vec<u8>], now_unix: u64) -> Result<SpiffeId, String> {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return Err("empty certificate chain".into());
+        };
+        let leaf = CertificateDer::from(leaf.as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = rest
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
+        ee.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &self.roots.roots,
+            &intermediates,
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix)),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| format!("{e:?}"))?;
+        spiffe_id_of(&leaf).map_err(|e| e.to_string())
+    }
+
+    fn verify_signature(
+        &self,
+        leaf: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), String> {
+        let leaf = CertificateDer::from(leaf);
+        let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
+        ee.verify_signature(webpki::ring::ED25519, message, signature)
+            .map_err(|e| format!("{e:?}"))
+    }
+}
+
+impl TicketSigner for Identity {
+    fn chain(&self) -> Vec<Vec<u8>> {
+        self.chain.iter().map(|c| c.as_ref().to_vec()).collect()
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let PrivateKeyDer::Pkcs8(k) = &self.key else {
+            return Err("signing keys must be Ed25519 in PKCS#8".into());
+        };
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(k.secret_pkcs8_der())
+                .map_err(|e| format!("not an Ed25519 key: {e}"))?;
+        Ok(pair.sign(message).as_ref().to_vec())
     }
 }
 

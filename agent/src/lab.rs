@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
+use convoy_protocol::ctl::{MigrateOptions, MigrateRequest};
+use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain, VmName};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -147,6 +148,35 @@ impl Lab {
             .iter()
             .find(|a| a.name.as_str() == name)
             .ok_or_else(|| LabError::NoAgent(name.into()))
+    }
+
+    /// A migration request from agent `from` to agent `to` for `vm`,
+    /// with a ticket signed by the lab's operator.
+    pub fn migrate_request(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        options: MigrateOptions,
+    ) -> Result<MigrateRequest, LabError> {
+        let (src, dst) = (self.agent(from)?, self.agent(to)?);
+        let vm: VmName = vm.parse()?;
+        let ticket = crate::authz::issue_ticket(
+            &self.operator,
+            &vm,
+            src.id.clone(),
+            dst.id.clone(),
+            &options,
+            crate::authz::DEFAULT_TICKET_LIFETIME,
+        )
+        .map_err(|e| LabError::Bench(e.to_string()))?;
+        Ok(MigrateRequest {
+            vm,
+            to: dst.name.clone(),
+            to_addr: Some(dst.addr.to_string()),
+            options,
+            ticket,
+        })
     }
 
     /// An operator connection to agent `name`.

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`agent`]: configuration, the VM registry, the accept loop; [`run`].
+//! - [`authz`]: operator-signed tickets: issuing, checking, replay cache.
 //! - [`identity`]: certificates, keys, CA bundles, SPIFFE IDs, rustls
 //!   configurations (including the SPIFFE-ID server verifier).
 //! - [`pki`]: a file-based Ed25519 PKI for a quick start (`convoyctl pki`).
@@ -21,6 +22,7 @@
 //!   `unsafe` code lives in [`backend::memory`]).
 
 pub mod agent;
+pub mod authz;
 pub mod backend;
 pub mod client;
 pub(crate) mod control;

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use convoy_agent::client::CtlClient;
+use convoy_agent::identity::Identity;
 use convoy_agent::pki::Pki;
-use convoy_protocol::names::{AgentName, Role, SpiffeId};
+use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 
 /// Flags shared by all commands.
 #[derive(Args, Debug, Clone)]
@@ -60,8 +61,25 @@ pub fn parse_agent_ref(s: &str) -> Result<AgentRef> {
     })
 }
 
+/// An operator connection to one agent, with what signing tickets needs.
+pub struct Session {
+    /// The connection.
+    pub client: CtlClient,
+    /// The operator's identity (signs tickets).
+    pub operator: Identity,
+    /// The agent's identity.
+    pub agent: SpiffeId,
+    /// The PKI's trust domain.
+    pub domain: TrustDomain,
+}
+
 /// Connects to the agent named by `--agent` with the operator identity.
 pub async fn client(g: &Global) -> Result<CtlClient> {
+    Ok(session(g).await?.client)
+}
+
+/// Like [`client`], keeping the operator identity for signing tickets.
+pub async fn session(g: &Global) -> Result<Session> {
     let Some(agent) = &g.agent else {
         bail!("which agent? pass --agent NAME@HOST:PORT (or set CONVOY_AGENT)");
     };
@@ -76,9 +94,15 @@ pub async fn client(g: &Global) -> Result<CtlClient> {
     })?;
     let trust = pki.trust()?;
     let id = SpiffeId::agent(pki.domain().clone(), agent.name.clone());
-    CtlClient::connect(addr, id.clone(), &identity, &trust)
+    let client = CtlClient::connect(addr, id.clone(), &identity, &trust)
         .await
-        .with_context(|| format!("connecting to {id} at {addr}"))
+        .with_context(|| format!("connecting to {id} at {addr}"))?;
+    Ok(Session {
+        client,
+        operator: identity,
+        agent: id,
+        domain: pki.domain().clone(),
+    })
 }
 
 #[cfg(test)]

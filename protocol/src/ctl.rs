@@ -112,6 +112,9 @@ pub struct MigrateRequest {
     pub to_addr: Option<String>,
     /// Tuning.
     pub options: MigrateOptions,
+    /// The operator's signed authorization; its VM, agents and limits must
+    /// match this request.
+    pub ticket: crate::ticket::SignedTicket,
 }
 
 /// A progress update during a migration.
@@ -224,6 +227,8 @@ pub enum CtlErrorKind {
     NoCapacity,
     /// The migration failed.
     MigrationFailed,
+    /// The ticket does not authorize the request.
+    Unauthorized,
     /// Anything else.
     Internal,
 }

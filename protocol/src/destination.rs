@@ -61,13 +61,18 @@ pub struct DestinationConfig {
 pub enum DestinationAction {
     /// Send on the control stream.
     Send(Message),
-    /// Reserve a zeroed staging image for the VM, then call
+    /// Check the ticket against the connected source, then reserve a
+    /// zeroed staging image for the VM, then call
     /// [`Destination::handle_staging_ready`] (or `_failed`).
     PrepareStaging {
         /// VM.
         vm: VmName,
         /// Its manifest.
         manifest: Manifest,
+        /// The migration id the source proposed.
+        migration: MigrationId,
+        /// The operator's ticket, as proposed.
+        ticket: crate::ticket::SignedTicket,
     },
     /// Start the VM from staging with this device state, then call
     /// [`Destination::handle_started`].
@@ -341,6 +346,8 @@ impl Destination {
         self.actions.push_back(DestinationAction::PrepareStaging {
             vm: p.vm.clone(),
             manifest: p.manifest.clone(),
+            migration: p.migration,
+            ticket: p.ticket.clone(),
         });
         self.proposal = Some(p);
         self.phase = Phase::Preparing;

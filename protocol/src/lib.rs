@@ -20,6 +20,8 @@
 //!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
 //! - [`source`] and [`destination`]: the pre-copy migration state machines.
+//! - [`ticket`]: operator-signed migration tickets and their verification
+//!   (crypto behind a small verifier/signer trait pair).
 //! - [`ctl`]: the operator protocol spoken by `convoyctl`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,5 +37,6 @@ pub mod message;
 pub mod names;
 pub mod page;
 pub mod source;
+pub mod ticket;
 
 pub use message::{DecodeError, Message};

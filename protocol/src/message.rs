@@ -115,6 +115,8 @@ pub struct Propose {
     pub vm: VmName,
     /// What will be sent.
     pub manifest: Manifest,
+    /// The operator's signed ticket for this migration.
+    pub ticket: crate::ticket::SignedTicket,
 }
 
 /// Destination → source: go ahead.
@@ -146,6 +148,8 @@ pub enum Reason {
     Cancelled,
     /// The peer did not answer in time.
     Timeout,
+    /// The ticket or the peer is not authorized for this migration.
+    Unauthorized(String),
     /// A local failure (backend, disk).
     Internal(String),
 }
@@ -161,6 +165,7 @@ impl std::fmt::Display for Reason {
             Reason::ProtocolViolation(s) => write!(f, "protocol violation: {s}"),
             Reason::Cancelled => f.write_str("cancelled"),
             Reason::Timeout => f.write_str("timed out"),
+            Reason::Unauthorized(s) => write!(f, "not authorized: {s}"),
             Reason::Internal(s) => write!(f, "internal error: {s}"),
         }
     }
@@ -476,6 +481,11 @@ mod tests {
             manifest: Manifest {
                 memory: MemoryGeometry::new(PageSize::SIZE_4K, 100).unwrap(),
                 data_streams: 2,
+            },
+            ticket: crate::ticket::SignedTicket {
+                body: vec![1],
+                signature: vec![2; 64],
+                chain: vec![vec![3]],
             },
         })
     }

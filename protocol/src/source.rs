@@ -50,6 +50,8 @@ pub struct SourceConfig {
     pub vm: VmName,
     /// What will be sent.
     pub manifest: Manifest,
+    /// The operator's ticket, forwarded to the destination.
+    pub ticket: crate::ticket::SignedTicket,
     /// Features offered.
     pub capabilities: Capabilities,
     /// Pause when the remaining pages are expected to take less than this.
@@ -337,6 +339,7 @@ impl Source {
                 migration: self.cfg.migration,
                 vm: self.cfg.vm.clone(),
                 manifest: self.cfg.manifest.clone(),
+                ticket: self.cfg.ticket.clone(),
             })));
         self.phase = Phase::Proposed {
             deadline: now + self.cfg.accept_timeout,

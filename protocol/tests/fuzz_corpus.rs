@@ -71,6 +71,11 @@ fn seeds() -> Vec<Message> {
                 memory: geometry,
                 data_streams: 1,
             },
+            ticket: convoy_protocol::ticket::SignedTicket {
+                body: vec![],
+                signature: vec![],
+                chain: vec![],
+            },
         }),
         Message::Accept(Accept {
             version: 1,
@@ -104,6 +109,11 @@ fn seeds() -> Vec<Message> {
             to: "b".parse().unwrap(),
             to_addr: Some("127.0.0.1:1".into()),
             options: MigrateOptions::default(),
+            ticket: convoy_protocol::ticket::SignedTicket {
+                body: vec![],
+                signature: vec![],
+                chain: vec![],
+            },
         })),
     ]
 }

@@ -154,6 +154,11 @@ impl Pair {
                 memory: geometry,
                 data_streams: streams,
             },
+            ticket: convoy_protocol::ticket::SignedTicket {
+                body: vec![],
+                signature: vec![],
+                chain: vec![],
+            },
             capabilities: Capabilities::OURS,
             max_downtime: Duration::from_millis(20),
             max_rounds: 10,

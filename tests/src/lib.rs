@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec};
 
 /// A simulated VM spec with mixed content.
@@ -16,14 +17,11 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
     }
 }
 
-/// A migration request to agent `to` at `addr`.
-pub fn migrate_to(vm: &str, to: &str, addr: std::net::SocketAddr) -> MigrateRequest {
-    MigrateRequest {
-        vm: vm.parse().expect("valid VM name"),
-        to: to.parse().expect("valid agent name"),
-        to_addr: Some(addr.to_string()),
-        options: MigrateOptions::default(),
-    }
+/// A migration request of `vm` from lab agent `from` to `to`, with a ticket
+/// signed by the lab's operator.
+pub fn migrate(lab: &Lab, vm: &str, from: &str, to: &str) -> MigrateRequest {
+    lab.migrate_request(vm, from, to, MigrateOptions::default())
+        .expect("lab agents exist")
 }
 
 /// Polls `f` every 10 ms until it returns true or `timeout` passes.

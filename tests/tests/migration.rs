@@ -10,7 +10,7 @@ use std::time::Duration;
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::page::Compression;
-use convoy_tests::{eventually, migrate_to, sim_spec};
+use convoy_tests::{eventually, migrate, sim_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
@@ -28,9 +28,7 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
 
     let mut updates = 0;
     let report = a
-        .migrate(migrate_to("web", "b", lab.agent("b").unwrap().addr), |_| {
-            updates += 1
-        })
+        .migrate(migrate(&lab, "web", "a", "b"), |_| updates += 1)
         .await
         .unwrap();
     assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
@@ -66,7 +64,7 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
 
     // And back again: b is a source now, a a destination.
     let back = b
-        .migrate(migrate_to("web", "a", lab.agent("a").unwrap().addr), |_| {})
+        .migrate(migrate(&lab, "web", "b", "a"), |_| {})
         .await
         .unwrap();
     assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
@@ -105,9 +103,12 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
     let b = lab.client("b").await.unwrap();
     // Idle and uncompressed so the altered page is sent exactly once, raw.
     a.vm_create(sim_spec("db", 16 << 20, 0)).await.unwrap();
-    let mut req = migrate_to("db", "b", lab.agent("b").unwrap().addr);
-    req.options.compression_level = 0;
-    let report = a.migrate(req.clone(), |_| {}).await.unwrap();
+    let uncompressed = || {
+        let mut req = migrate(&lab, "db", "a", "b");
+        req.options.compression_level = 0;
+        req
+    };
+    let report = a.migrate(uncompressed(), |_| {}).await.unwrap();
     assert!(
         matches!(&report.outcome, Outcome::Aborted(why) if why.contains("root")),
         "{report:?}"
@@ -132,8 +133,8 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
         "staging discarded at the destination"
     );
 
-    // Both agents keep serving: the same migration now succeeds.
-    let report = a.migrate(req, |_| {}).await.unwrap();
+    // Both agents keep serving: the same migration (a new ticket) succeeds.
+    let report = a.migrate(uncompressed(), |_| {}).await.unwrap();
     assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
     assert_eq!(b.vm_list().await.unwrap().len(), 1);
     a.close().await;
@@ -149,10 +150,9 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
         .unwrap();
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
-    let b_addr = lab.agent("b").unwrap().addr;
 
     let err = a
-        .migrate(migrate_to("nope", "b", b_addr), |_| {})
+        .migrate(migrate(&lab, "nope", "a", "b"), |_| {})
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no VM named nope"), "{err}");
@@ -167,7 +167,7 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
     // still running here.
     b.vm_create(sim_spec("x", 4 << 20, 0)).await.unwrap();
     let r = a
-        .migrate(migrate_to("x", "b", b_addr), |_| {})
+        .migrate(migrate(&lab, "x", "a", "b"), |_| {})
         .await
         .unwrap();
     assert!(
@@ -180,8 +180,8 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
-    let mut req = migrate_to("x", "c", dead_addr);
-    req.options.max_rounds = 3;
+    let mut req = migrate(&lab, "x", "a", "b");
+    req.to_addr = Some(dead_addr.to_string());
     let r = tokio::time::timeout(Duration::from_secs(60), a.migrate(req, |_| {}))
         .await
         .expect("bounded by the idle timeout")

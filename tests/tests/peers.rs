@@ -15,7 +15,7 @@ use convoy_agent::transport::{self, Tuning, ALPN_AGENT, ALPN_CTL};
 use convoy_protocol::ctl::{CtlRequest, Outcome, VmState};
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use convoy_protocol::Message;
-use convoy_tests::{migrate_to, sim_spec};
+use convoy_tests::{migrate, sim_spec};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -193,10 +193,9 @@ async fn valid_certificates_with_the_wrong_identity_are_refused() {
     //    stays where it is.
     let ca = lab.client("a").await.unwrap();
     ca.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
-    let report = ca
-        .migrate(migrate_to("vm", "b", c.addr), |_| {})
-        .await
-        .unwrap();
+    let mut req = migrate(&lab, "vm", "a", "b");
+    req.to_addr = Some(c.addr.to_string());
+    let report = ca.migrate(req, |_| {}).await.unwrap();
     assert!(matches!(report.outcome, Outcome::Aborted(_)), "{report:?}");
     assert_eq!(report.pages_sent, 0);
     assert_eq!(ca.vm_list().await.unwrap()[0].state, VmState::Running);

@@ -179,7 +179,25 @@ impl Incoming {
                     sm.handle_link_lost(&e.to_string());
                 }
             }
-            DestinationAction::PrepareStaging { vm, manifest } => {
+            DestinationAction::PrepareStaging {
+                vm,
+                manifest,
+                migration,
+                ticket,
+            } => {
+                // The operator's ticket first: nothing is reserved for a
+                // migration nobody authorized.
+                if let Err(e) = self.inner.authority().at_destination(
+                    &self.peer.id,
+                    &self.inner.id,
+                    &vm,
+                    migration,
+                    &ticket,
+                ) {
+                    tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
+                    sm.handle_staging_failed(Reason::Unauthorized(e.to_string()));
+                    return;
+                }
                 let bytes = manifest.memory.bytes();
                 match self.inner.reserve(&vm, bytes, VmState::Incoming) {
                     Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),

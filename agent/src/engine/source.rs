@@ -24,7 +24,6 @@ use convoy_protocol::names::{MigrationId, SpiffeId};
 use convoy_protocol::page::{stream_for, BatchBuilder, Compressor, PageBitmap};
 use convoy_protocol::source::{SentBatch, Source, SourceAction, SourceConfig, SourceEvent};
 use quinn::{Connection, SendStream};
-use rand::RngCore;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -51,6 +50,9 @@ pub enum MigrateError {
     /// Migrating to ourselves.
     #[error("the destination is this agent")]
     SelfMigration,
+    /// The ticket does not authorize this migration.
+    #[error("refused: {0}")]
+    Unauthorized(#[from] crate::authz::AuthzError),
 }
 
 impl MigrateError {
@@ -58,6 +60,7 @@ impl MigrateError {
     pub fn kind(&self) -> CtlErrorKind {
         match self {
             MigrateError::NoSuchVm(_) => CtlErrorKind::NotFound,
+            MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
             _ => CtlErrorKind::BadRequest,
         }
     }
@@ -94,6 +97,7 @@ struct Job {
 pub(crate) async fn migrate(
     inner: Arc<Inner>,
     req: MigrateRequest,
+    caller: SpiffeId,
     progress: mpsc::Sender<Progress>,
 ) -> Result<MigrationReport, MigrateError> {
     let opts = &req.options;
@@ -114,6 +118,11 @@ pub(crate) async fn migrate(
     if dest_id == inner.id {
         return Err(MigrateError::SelfMigration);
     }
+    // Nothing is touched before the operator's ticket checks out.
+    let ticket = inner
+        .authority()
+        .at_source(&caller, &inner.id, &dest_id, &req)
+        .inspect_err(|e| tracing::warn!(operator = %caller, "migration refused: {e}"))?;
     let addr = match &req.to_addr {
         Some(a) => a
             .parse()
@@ -139,9 +148,7 @@ pub(crate) async fn migrate(
         }
     };
     let _active = ActiveGuard::new(&inner.active);
-    let mut id = [0u8; 16];
-    rand::rng().fill_bytes(&mut id);
-    let migration = MigrationId(id);
+    let migration = ticket.ticket.id;
     let started = Instant::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
 
@@ -228,6 +235,7 @@ impl Run {
                 memory: geometry,
                 data_streams: opts.streams,
             },
+            ticket: self.req.ticket.clone(),
             capabilities: if opts.compression_level > 0 {
                 Capabilities::OURS
             } else {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use convoy_agent::lab::{Lab, Sink};
-use convoy_protocol::ctl::{ContentProfile, MigrateRequest, MigrationReport, Outcome, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, SimVmSpec};
 use serde::Serialize;
 
 use crate::cmd::migrate::Tuning as MigrateTuning;
@@ -106,7 +106,6 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     }
     let a = lab.client("a").await?;
     let bc = lab.client("b").await?;
-    let to = lab.agent("b")?;
     for (i, (name, content, rate)) in scenarios.into_iter().enumerate() {
         if !g.json {
             eprintln!("{name} …");
@@ -124,12 +123,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let r: MigrationReport = a
             .migrate(
-                MigrateRequest {
-                    vm: vm.parse()?,
-                    to: to.name.clone(),
-                    to_addr: Some(to.addr.to_string()),
-                    options: b.tuning.options(),
-                },
+                lab.migrate_request(&vm, "a", "b", b.tuning.options())?,
                 |_| {},
             )
             .await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
-use convoy_protocol::ctl::{MigrateRequest, Outcome, SimVmSpec};
+use convoy_protocol::ctl::{Outcome, SimVmSpec};
 
 use crate::cmd::migrate::Tuning;
 use crate::cmd::vm::Content;
@@ -76,12 +76,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let bar = render::Bar::new(g.json);
     let report = a
         .migrate(
-            MigrateRequest {
-                vm: "demo".parse()?,
-                to: b_info.name.clone(),
-                to_addr: Some(b_info.addr.to_string()),
-                options: d.tuning.options(),
-            },
+            lab.migrate_request("demo", "a", "b", d.tuning.options())?,
             |p| bar.update(p),
         )
         .await;

@@ -1,11 +1,14 @@
 //! `convoyctl migrate`: live-migrate a VM, with a progress bar and a
 //! summary table.
 
-use anyhow::{bail, Result};
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, Outcome};
-use convoy_protocol::names::VmName;
+use std::time::Duration;
 
-use crate::conn::{client, parse_agent_ref, Global};
+use anyhow::{bail, Result};
+use convoy_agent::authz::issue_ticket;
+use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, Outcome};
+use convoy_protocol::names::{SpiffeId, VmName};
+
+use crate::conn::{parse_agent_ref, session, Global};
 use crate::render;
 
 /// `migrate` flags.
@@ -17,6 +20,9 @@ pub struct Migrate {
     /// has no peer entry for it.
     #[arg(long)]
     pub to: String,
+    /// Validity of the signed ticket, seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub ticket_lifetime: u64,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -53,7 +59,18 @@ impl Tuning {
 /// Runs `migrate`.
 pub async fn run(g: &Global, m: Migrate) -> Result<()> {
     let to = parse_agent_ref(&m.to)?;
-    let cl = client(g).await?;
+    let s = session(g).await?;
+    let options = m.tuning.options();
+    // The operator's signed authorization of exactly this migration.
+    let ticket = issue_ticket(
+        &s.operator,
+        &m.vm,
+        s.agent.clone(),
+        SpiffeId::agent(s.domain.clone(), to.name.clone()),
+        &options,
+        Duration::from_secs(m.ticket_lifetime),
+    )?;
+    let cl = s.client;
     let bar = render::Bar::new(g.json);
     let report = cl
         .migrate(
@@ -61,7 +78,8 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
                 vm: m.vm,
                 to: to.name,
                 to_addr: to.addr.map(|a| a.to_string()),
-                options: m.tuning.options(),
+                options,
+                ticket,
             },
             |p| bar.update(p),
         )

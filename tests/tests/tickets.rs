@@ -1,0 +1,273 @@
+//! Operator-signed tickets: every migration needs one, and every way of
+//! bending one is refused before any VM state moves. After each refusal the
+//! VM still runs exactly once, at the source.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::time::Duration;
+
+use convoy_agent::authz::issue_ticket;
+use convoy_agent::client::ClientError;
+use convoy_agent::lab::Lab;
+use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, VmState};
+use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
+use convoy_protocol::names::{AgentName, Role};
+use convoy_protocol::page::MemoryGeometry;
+use convoy_protocol::ticket::{SignedTicket, Ticket};
+use convoy_tests::{migrate, sim_spec};
+
+async fn lab() -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b", "c"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
+    (dir, lab)
+}
+
+/// The request was refused as unauthorized, and nothing moved.
+async fn assert_refused(
+    lab: &Lab,
+    r: Result<convoy_protocol::ctl::MigrationReport, ClientError>,
+    why: &str,
+) {
+    match r {
+        Err(ClientError::Agent(e)) => {
+            assert_eq!(e.kind, CtlErrorKind::Unauthorized, "{e:?}");
+            assert!(
+                e.message.contains(why),
+                "{:?} does not mention {why:?}",
+                e.message
+            );
+        }
+        other => panic!("expected a refusal mentioning {why:?}, got {other:?}"),
+    }
+    let a = lab.client("a").await.unwrap().vm_list().await.unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].state, VmState::Running);
+    assert!(lab
+        .client("b")
+        .await
+        .unwrap()
+        .vm_list()
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Re-signs a modified copy of a request's ticket with `signer`.
+fn resign(
+    t: &SignedTicket,
+    signer: &dyn convoy_protocol::ticket::TicketSigner,
+    f: impl FnOnce(&mut Ticket),
+) -> SignedTicket {
+    let mut ticket: Ticket = postcard::from_bytes(&t.body).unwrap();
+    f(&mut ticket);
+    SignedTicket::sign(&ticket, signer).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
+    let (_dir, lab) = lab().await;
+    let a = lab.client("a").await.unwrap();
+
+    // Forged: the body changed after signing.
+    let mut req = migrate(&lab, "vm", "a", "b");
+    let mut body: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
+    body.limits.max_rounds = 1;
+    req.ticket.body = postcard::to_stdvec(&body).unwrap();
+    req.options.max_rounds = 1;
+    assert_refused(&lab, a.migrate(req, |_| {}).await, "signature").await;
+
+    // Expired, and not yet valid (beyond the 60 s skew).
+    let req = migrate(&lab, "vm", "a", "b");
+    let mut expired = req.clone();
+    expired.ticket = resign(&req.ticket, &lab.operator, |t| {
+        t.issued_at -= 3600;
+        t.expires_at = t.issued_at + 600;
+    });
+    assert_refused(&lab, a.migrate(expired, |_| {}).await, "expired").await;
+    let mut future = req.clone();
+    future.ticket = resign(&req.ticket, &lab.operator, |t| {
+        t.issued_at += 3600;
+        t.expires_at += 3600;
+    });
+    assert_refused(&lab, a.migrate(future, |_| {}).await, "not valid until").await;
+
+    // A ticket for another source, another VM, or other limits.
+    let other_source = migrate(&lab, "vm", "c", "b");
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.ticket = other_source.ticket;
+    assert_refused(&lab, a.migrate(r, |_| {}).await, "source").await;
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.ticket = resign(&r.ticket, &lab.operator, |t| {
+        t.vm = "other".parse().unwrap()
+    });
+    assert_refused(&lab, a.migrate(r, |_| {}).await, "VM").await;
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.options.streams = 4;
+    assert_refused(&lab, a.migrate(r, |_| {}).await, "limits").await;
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.to = "c".parse().unwrap();
+    assert_refused(&lab, a.migrate(r, |_| {}).await, "destination").await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_connected_operator_may_sign_and_only_operators_sign() {
+    let (_dir, lab) = lab().await;
+    let a = lab.client("a").await.unwrap();
+    // Another operator's ticket, presented by ours: refused (the agent
+    // acts for whoever is connected, not for whoever signed).
+    let mallory: AgentName = "mallory".parse().unwrap();
+    lab.pki
+        .issue(Role::Operator, &mallory, Duration::from_secs(600))
+        .unwrap();
+    let m = lab.pki.identity(Role::Operator, &mallory).unwrap();
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.ticket = resign(&r.ticket, &m, |_| {});
+    assert_refused(
+        &lab,
+        a.migrate(r, |_| {}).await,
+        "signed by spiffe://convoy.internal/operator/mallory",
+    )
+    .await;
+    // An agent's signature is not an operator's.
+    let agent_c = lab
+        .pki
+        .identity(Role::Agent, &"c".parse().unwrap())
+        .unwrap();
+    let mut r = migrate(&lab, "vm", "a", "b");
+    r.ticket = resign(&r.ticket, &agent_c, |_| {});
+    assert_refused(&lab, a.migrate(r, |_| {}).await, "signed by").await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_is_used_once() {
+    let (_dir, lab) = lab().await;
+    let a = lab.client("a").await.unwrap();
+    let req = migrate(&lab, "vm", "a", "b");
+    let r = a.migrate(req.clone(), |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    // Bring the VM back, then replay the first ticket.
+    let b = lab.client("b").await.unwrap();
+    let back = b
+        .migrate(migrate(&lab, "vm", "b", "a"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(back.outcome, Outcome::Completed);
+    assert_refused(&lab, a.migrate(req, |_| {}).await, "replay").await;
+    lab.shutdown().await;
+}
+
+/// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
+async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let me = lab
+        .pki
+        .identity(Role::Agent, &from.parse().unwrap())
+        .unwrap();
+    let target = lab.agent(to).unwrap();
+    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
+    let conn = transport::connect(
+        &ep,
+        target.addr,
+        target.id.clone(),
+        ALPN_AGENT,
+        &me,
+        &lab.trust,
+        &Tuning::default(),
+    )
+    .await
+    .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
+    let propose = Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: body.id,
+        vm: body.vm.clone(),
+        manifest: Manifest {
+            memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
+            data_streams: 1,
+        },
+        ticket,
+    });
+    transport::write_message(&mut send, &propose).await.unwrap();
+    transport::read_message(&mut recv).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_checks_the_ticket_against_the_proposing_agent() {
+    let (_dir, lab) = lab().await;
+    let a = lab.agent("a").unwrap();
+    let b = lab.agent("b").unwrap();
+    let opts = MigrateOptions::default();
+    let vm = "vm".parse().unwrap();
+
+    // Confused deputy: c carries a ticket the operator issued for a → b.
+    let t = issue_ticket(
+        &lab.operator,
+        &vm,
+        a.id.clone(),
+        b.id.clone(),
+        &opts,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let answer = propose_as(&lab, "c", "b", t.clone()).await;
+    assert!(
+        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("source"))),
+        "{answer:?}"
+    );
+    // The ticket's destination is b, not c.
+    let answer = propose_as(&lab, "a", "c", t).await;
+    assert!(
+        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("destination"))),
+        "{answer:?}"
+    );
+    // A proposal with a forged ticket.
+    let mut forged = issue_ticket(
+        &lab.operator,
+        &vm,
+        a.id.clone(),
+        b.id.clone(),
+        &opts,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    forged.signature[0] ^= 1;
+    let answer = propose_as(&lab, "a", "b", forged).await;
+    assert!(
+        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("signature"))),
+        "{answer:?}"
+    );
+    // Replayed at the destination: the same valid ticket twice.
+    let ok = issue_ticket(
+        &lab.operator,
+        &vm,
+        a.id.clone(),
+        b.id.clone(),
+        &opts,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let first = propose_as(&lab, "a", "b", ok.clone()).await;
+    assert!(matches!(first, Message::Accept(_)), "{first:?}");
+    let second = propose_as(&lab, "a", "b", ok).await;
+    assert!(
+        matches!(&second, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("replay"))),
+        "{second:?}"
+    );
+    // Nothing was left at b by any of these.
+    let b_client = lab.client("b").await.unwrap();
+    assert!(
+        convoy_tests::eventually(Duration::from_secs(35), || async {
+            b_client.vm_list().await.unwrap().is_empty()
+        })
+        .await
+    );
+    lab.shutdown().await;
+}
