@@ -33,6 +33,14 @@ pub enum AgentError {
     /// The identity does not name an agent.
     #[error("{0} is not an agent identity (spiffe://<domain>/agent/<name>)")]
     NotAnAgent(SpiffeId),
+    /// Durable state could not be opened.
+    #[error("state directory {path}: {detail}")]
+    State {
+        /// Path.
+        path: std::path::PathBuf,
+        /// What failed.
+        detail: String,
+    },
     /// The identity's trust domain is not the bundle's.
     #[error("identity {id} is not in the trust bundle's domain {domain}")]
     WrongDomain {
@@ -87,6 +95,9 @@ pub struct AgentConfig {
     pub tuning: Tuning,
     /// Clock skew tolerated on ticket validity.
     pub clock_skew: Duration,
+    /// Directory for durable state (the ticket replay cache). Without one
+    /// the agent forgets used tickets when it restarts.
+    pub state_dir: Option<std::path::PathBuf>,
     dangerous: DangerousOptions,
 }
 
@@ -101,6 +112,7 @@ impl AgentConfig {
             capacity_bytes: 64 << 30,
             tuning: Tuning::default(),
             clock_skew: crate::authz::DEFAULT_CLOCK_SKEW,
+            state_dir: None,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -255,6 +267,21 @@ impl Agent {
                 domain: config.trust.domain().to_string(),
             });
         }
+        let replay = match &config.state_dir {
+            Some(dir) => {
+                let err = |detail: String| AgentError::State {
+                    path: dir.clone(),
+                    detail,
+                };
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                crate::authz::ReplayCache::open(&dir.join("state.redb"))
+                    .map_err(|e| err(e.to_string()))?
+            }
+            None => {
+                tracing::warn!("no state directory: used tickets are forgotten on restart");
+                crate::authz::ReplayCache::in_memory()
+            }
+        };
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
         let endpoint = transport::endpoint(config.listen, Some(tls), &config.tuning)?;
@@ -266,7 +293,7 @@ impl Agent {
                 vms: Mutex::new(HashMap::new()),
                 recent: Mutex::new(VecDeque::new()),
                 active: AtomicU32::new(0),
-                replay: crate::authz::ReplayCache::default(),
+                replay,
             }),
         })
     }

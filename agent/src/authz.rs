@@ -10,8 +10,7 @@
 //! own authority: it can only carry out what an operator asked of it), the
 //! proposed VM and migration id; its nonce is new here too.
 //!
-//! The replay cache is in memory for now: it does not survive a restart
-//! (the durable cache is part of issue 2/4, still open).
+//! The replay cache is durable (redb) when the agent has a state directory.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -59,6 +58,9 @@ pub enum AuthzError {
     /// The nonce was used before.
     #[error("ticket {0} was already used (replay)")]
     Replayed(MigrationId),
+    /// The replay cache could not record the nonce: refused, fail closed.
+    #[error("replay cache unavailable: {0}")]
+    ReplayCache(String),
 }
 
 /// Seconds since the Unix epoch.
@@ -119,22 +121,85 @@ fn expect<T: PartialEq + ToString>(
     }
 }
 
-/// Nonces seen, until their tickets expire.
-#[derive(Debug, Default)]
+/// Nonces seen, until their tickets expire: in memory, and, when the agent
+/// has a state directory, durably in redb (fsynced before a ticket is
+/// accepted), so a restart does not reopen a window for replays.
 pub struct ReplayCache {
     seen: Mutex<HashMap<[u8; 16], u64>>,
+    db: Option<redb::Database>,
 }
 
+impl std::fmt::Debug for ReplayCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("durable", &self.db.is_some())
+            .finish()
+    }
+}
+
+const NONCES: redb::TableDefinition<'_, &[u8], u64> = redb::TableDefinition::new("ticket_nonces");
+
 impl ReplayCache {
-    /// Records the nonce of `t`; false when it was seen before.
-    pub fn first_use(&self, t: &Ticket, now: u64, skew: u64) -> bool {
+    /// A cache that forgets on restart (tests, and agents without a state
+    /// directory, which log a warning).
+    pub fn in_memory() -> Self {
+        ReplayCache {
+            seen: Mutex::new(HashMap::new()),
+            db: None,
+        }
+    }
+
+    /// Opens (or creates) the durable cache at `path` and loads it.
+    pub fn open(path: &std::path::Path) -> Result<Self, redb::Error> {
+        let db = redb::Database::create(path)?;
+        let mut seen = HashMap::new();
+        let tx = db.begin_write()?;
+        {
+            use redb::ReadableTable;
+            let table = tx.open_table(NONCES)?;
+            for row in table.iter()? {
+                let (k, v) = row?;
+                if let Ok(nonce) = <[u8; 16]>::try_from(k.value()) {
+                    seen.insert(nonce, v.value());
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(ReplayCache {
+            seen: Mutex::new(seen),
+            db: Some(db),
+        })
+    }
+
+    /// Records the nonce of `t`: `Ok(false)` when it was seen before, an
+    /// error when it cannot be recorded durably (the ticket is refused:
+    /// fail closed).
+    pub fn first_use(&self, t: &Ticket, now: u64, skew: u64) -> Result<bool, redb::Error> {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, exp| exp.saturating_add(skew) > now);
+        let live = |exp: u64| exp.saturating_add(skew) > now;
+        seen.retain(|_, exp| live(*exp));
         if seen.contains_key(&t.nonce) {
-            return false;
+            return Ok(false);
+        }
+        if let Some(db) = &self.db {
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(NONCES)?;
+                table.retain(|_, exp| live(exp))?;
+                table.insert(t.nonce.as_slice(), t.expires_at)?;
+            }
+            tx.commit()?;
         }
         seen.insert(t.nonce, t.expires_at);
-        true
+        Ok(true)
+    }
+
+    fn check(&self, t: &Ticket, now: u64, skew: u64) -> Result<(), AuthzError> {
+        match self.first_use(t, now, skew) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuthzError::Replayed(t.id)),
+            Err(e) => Err(AuthzError::ReplayCache(e.to_string())),
+        }
     }
 }
 
@@ -179,9 +244,7 @@ impl Authority<'_> {
                 expected: format!("{want:?}"),
             });
         }
-        if !self.replay.first_use(&v.ticket, now, self.skew.as_secs()) {
-            return Err(AuthzError::Replayed(v.ticket.id));
-        }
+        self.replay.check(&v.ticket, now, self.skew.as_secs())?;
         Ok(v)
     }
 
@@ -201,9 +264,7 @@ impl Authority<'_> {
         expect("destination", &v.ticket.destination, me)?;
         expect("VM", &v.ticket.vm, vm)?;
         expect("migration id", &v.ticket.id, &migration)?;
-        if !self.replay.first_use(&v.ticket, now, self.skew.as_secs()) {
-            return Err(AuthzError::Replayed(v.ticket.id));
-        }
+        self.replay.check(&v.ticket, now, self.skew.as_secs())?;
         Ok(v)
     }
 }

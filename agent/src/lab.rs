@@ -64,6 +64,7 @@ pub struct LabAgent {
     pub id: SpiffeId,
     /// Address.
     pub addr: SocketAddr,
+    config: AgentConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -124,7 +125,26 @@ impl Lab {
         for a in &self.agents {
             cfg.peers.insert(a.name.clone(), a.addr);
         }
+        cfg.state_dir = Some(self.pki.dir().join("state").join(name));
         tweak(name, &mut cfg);
+        let (agent, stop, task) = Lab::launch(cfg.clone())?;
+        let addr = agent.0;
+        cfg.listen = addr;
+        self.agents.push(LabAgent {
+            name: n,
+            id: agent.1,
+            addr,
+            config: cfg,
+            stop: Some(stop),
+            task: Some(task),
+        });
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn launch(
+        cfg: AgentConfig,
+    ) -> Result<((SocketAddr, SpiffeId), oneshot::Sender<()>, JoinHandle<()>), LabError> {
         let agent = Agent::bind(cfg)?;
         let addr = agent.local_addr()?;
         let id = agent.id().clone();
@@ -132,13 +152,27 @@ impl Lab {
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        self.agents.push(LabAgent {
-            name: n,
-            id,
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        });
+        Ok(((addr, id), stop, task))
+    }
+
+    /// Stops agent `name` and starts it again on the same address with the
+    /// same configuration and state directory. Its VMs are lost, as in a
+    /// real crash of the host process.
+    pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.name.as_str() == name)
+            .ok_or_else(|| LabError::NoAgent(name.into()))?;
+        if let Some(s) = a.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = a.task.take() {
+            let _ = t.await;
+        }
+        let (_, stop, task) = Lab::launch(a.config.clone())?;
+        a.stop = Some(stop);
+        a.task = Some(task);
         Ok(())
     }
 

@@ -39,6 +39,9 @@ struct Args {
     /// A peer agent: NAME=HOST:PORT (repeatable).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(AgentName, SocketAddr)>,
+    /// Directory for durable state (ticket replay cache).
+    #[arg(long, env = "CONVOY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
@@ -92,6 +95,7 @@ async fn main() -> Result<()> {
     let mut config = AgentConfig::new(args.listen, identity, trust);
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
+    config.state_dir = args.state_dir;
     let agent = convoy_agent::Agent::bind(config).context("starting the agent")?;
     tracing::info!(id = %agent.id(), addr = %agent.local_addr()?, "agent listening");
     agent

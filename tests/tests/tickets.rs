@@ -271,3 +271,36 @@ async fn the_destination_checks_the_ticket_against_the_proposing_agent() {
     );
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_ticket_stays_used_across_an_agent_restart() {
+    let (_dir, mut lab) = lab().await;
+    let req = migrate(&lab, "vm", "a", "b");
+    let a = lab.client("a").await.unwrap();
+    assert_eq!(
+        a.migrate(req.clone(), |_| {}).await.unwrap().outcome,
+        Outcome::Completed
+    );
+    a.close().await;
+    let b = lab.client("b").await.unwrap();
+    let back = b
+        .migrate(migrate(&lab, "vm", "b", "a"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(back.outcome, Outcome::Completed);
+    b.close().await;
+    // The agent process restarts (its VMs die with it, as in a crash):
+    // the replay cache is on disk.
+    lab.restart("a").await.unwrap();
+    let a = lab.client("a").await.unwrap();
+    assert!(a.vm_list().await.unwrap().is_empty());
+    a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
+    assert_refused(&lab, a.migrate(req, |_| {}).await, "replay").await;
+    // A fresh ticket still works after the restart.
+    let ok = a
+        .migrate(migrate(&lab, "vm", "a", "b"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(ok.outcome, Outcome::Completed);
+    lab.shutdown().await;
+}
