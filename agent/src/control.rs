@@ -30,6 +30,18 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
     }
 }
 
+/// One line for the log: the request without its ticket's bytes.
+fn summary(req: &CtlRequest) -> String {
+    match req {
+        CtlRequest::Status => "status".into(),
+        CtlRequest::VmList => "vm list".into(),
+        CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
+        CtlRequest::VmDelete(n) => format!("vm delete {n}"),
+        CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
+        other => format!("{other:?}"),
+    }
+}
+
 fn error(kind: CtlErrorKind, message: impl Into<String>) -> CtlResponse {
     CtlResponse::Error(CtlError {
         kind,
@@ -67,7 +79,7 @@ async fn handle(
             return Err(e);
         }
     };
-    tracing::info!(operator = %peer.id, ?req, "control request");
+    tracing::info!(operator = %peer.id, request = %summary(&req), "control request");
     match req {
         CtlRequest::Status => {
             let status = AgentStatus {
