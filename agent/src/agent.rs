@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use convoy_protocol::ctl::{MigrationReport, VmInfo, VmState};
-use convoy_protocol::names::{AgentName, SpiffeId, VmName};
+use std::path::PathBuf;
+
+use convoy_protocol::names::{AgentName, SpiffeId, TrustDomain, VmName};
 use convoy_protocol::page::BatchHeader;
 use quinn::Endpoint;
 use thiserror::Error;
@@ -78,6 +80,45 @@ impl DangerousOptions {
     }
 }
 
+/// The files an agent's credentials came from, watched for changes so that
+/// certificates, keys, the CA bundle and the CRL reload without a restart.
+#[derive(Debug, Clone)]
+pub struct CredentialFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// CA bundle.
+    pub ca: PathBuf,
+    /// CRL (may appear later).
+    pub crl: Option<PathBuf>,
+}
+
+impl CredentialFiles {
+    fn stamp(&self) -> Vec<Option<std::time::SystemTime>> {
+        let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut v = vec![m(&self.cert), m(&self.key), m(&self.ca)];
+        v.push(self.crl.as_ref().and_then(m));
+        v
+    }
+
+    fn load(&self, domain: &TrustDomain) -> Result<Creds, identity::IdentityError> {
+        let identity = Identity::load(&self.cert, &self.key)?;
+        let mut trust = TrustBundle::load(&self.ca, domain.clone())?;
+        if let Some(crl) = self.crl.as_ref().filter(|p| p.exists()) {
+            trust = trust.with_crl_file(crl)?;
+        }
+        Ok(Creds { identity, trust })
+    }
+}
+
+/// The credentials in force (replaced as a whole on reload).
+#[derive(Debug, Clone)]
+pub(crate) struct Creds {
+    pub identity: Identity,
+    pub trust: TrustBundle,
+}
+
 /// How an agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -98,6 +139,10 @@ pub struct AgentConfig {
     /// Directory for durable state (the ticket replay cache). Without one
     /// the agent forgets used tickets when it restarts.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where `identity` and `trust` came from: watched and reloaded.
+    pub files: Option<CredentialFiles>,
+    /// How often the credential files are checked for changes.
+    pub reload_interval: Duration,
     dangerous: DangerousOptions,
 }
 
@@ -113,6 +158,8 @@ impl AgentConfig {
             tuning: Tuning::default(),
             clock_skew: crate::authz::DEFAULT_CLOCK_SKEW,
             state_dir: None,
+            files: None,
+            reload_interval: Duration::from_secs(2),
             dangerous: DangerousOptions::default(),
         }
     }
@@ -162,6 +209,7 @@ pub(crate) struct Inner {
     pub recent: Mutex<VecDeque<MigrationReport>>,
     pub active: AtomicU32,
     pub replay: crate::authz::ReplayCache,
+    creds: std::sync::RwLock<Arc<Creds>>,
 }
 
 /// Why a VM could not be registered.
@@ -178,9 +226,14 @@ impl Inner {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The credentials in force now.
+    pub fn creds(&self) -> Arc<Creds> {
+        self.creds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn authority(&self) -> crate::authz::Authority<'_> {
         crate::authz::Authority {
-            trust: &self.config.trust,
+            trust: self.creds().trust.clone(),
             replay: &self.replay,
             skew: self.config.clock_skew,
         }
@@ -285,8 +338,13 @@ impl Agent {
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
         let endpoint = transport::endpoint(config.listen, Some(tls), &config.tuning)?;
+        let creds = Creds {
+            identity: config.identity.clone(),
+            trust: config.trust.clone(),
+        };
         Ok(Agent {
             inner: Arc::new(Inner {
+                creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,
                 endpoint,
@@ -312,6 +370,12 @@ impl Agent {
     /// destroys the VMs it holds.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let reloader = self
+            .inner
+            .config
+            .files
+            .clone()
+            .map(|files| tokio::spawn(reload_loop(self.inner.clone(), files)));
         loop {
             let incoming = tokio::select! {
                 i = self.inner.endpoint.accept() => i,
@@ -324,6 +388,9 @@ impl Agent {
                     tracing::info!("connection ended: {e}");
                 }
             });
+        }
+        if let Some(r) = reloader {
+            r.abort();
         }
         self.inner
             .endpoint
@@ -364,7 +431,7 @@ async fn serve_connection(
         tracing::info!(%remote, "handshake refused: {e}");
         e
     })?;
-    let peer = match transport::authorize_peer(&conn, &inner.config.trust) {
+    let peer = match transport::authorize_peer(&conn, &inner.creds().trust) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%remote, "refusing peer: {e}");
@@ -379,6 +446,48 @@ async fn serve_connection(
         crate::engine::destination::serve(inner, conn, peer).await;
     }
     Ok(())
+}
+
+/// Reloads certificates, key, CA bundle and CRL when their files change.
+/// A bad file keeps the credentials in force and is reported; the agent
+/// never runs with none.
+async fn reload_loop(inner: Arc<Inner>, files: CredentialFiles) {
+    let mut stamp = files.stamp();
+    loop {
+        tokio::time::sleep(inner.config.reload_interval).await;
+        let now = files.stamp();
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        let domain = inner.creds().trust.domain().clone();
+        let creds = match files.load(&domain) {
+            Ok(c) if c.identity.id() == &inner.id => c,
+            Ok(c) => {
+                tracing::error!(
+                    new = %c.identity.id(),
+                    "reloaded certificate names another identity; keeping the old one"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("credential reload failed, keeping the old ones: {e}");
+                continue;
+            }
+        };
+        let server =
+            identity::server_config(&creds.identity, &creds.trust, &[ALPN_AGENT, ALPN_CTL])
+                .map_err(TransportError::from)
+                .and_then(|tls| transport::quic_server_config(tls, &inner.config.tuning));
+        match server {
+            Ok(sc) => {
+                inner.endpoint.set_server_config(Some(sc));
+                *inner.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(creds);
+                tracing::info!("credentials reloaded");
+            }
+            Err(e) => tracing::error!("reloaded credentials unusable, keeping the old ones: {e}"),
+        }
+    }
 }
 
 /// Counts a running migration for as long as it lives.

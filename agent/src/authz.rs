@@ -205,10 +205,10 @@ impl ReplayCache {
 
 /// What an agent checks tickets with: its CA bundle, its replay cache and
 /// the clock skew it tolerates.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Authority<'a> {
-    /// CA bundle.
-    pub trust: &'a TrustBundle,
+    /// CA bundle (with CRLs) in force.
+    pub trust: TrustBundle,
     /// Nonces seen.
     pub replay: &'a ReplayCache,
     /// Tolerated clock skew.
@@ -226,7 +226,7 @@ impl Authority<'_> {
         req: &MigrateRequest,
     ) -> Result<VerifiedTicket, AuthzError> {
         let now = now_unix();
-        let v = req.ticket.verify(self.trust, now, self.skew.as_secs())?;
+        let v = req.ticket.verify(&self.trust, now, self.skew.as_secs())?;
         if &v.signer != caller {
             return Err(AuthzError::SignerNotCaller {
                 signer: v.signer,
@@ -259,7 +259,7 @@ impl Authority<'_> {
         ticket: &SignedTicket,
     ) -> Result<VerifiedTicket, AuthzError> {
         let now = now_unix();
-        let v = ticket.verify(self.trust, now, self.skew.as_secs())?;
+        let v = ticket.verify(&self.trust, now, self.skew.as_secs())?;
         expect("source", &v.ticket.source, proposer)?;
         expect("destination", &v.ticket.destination, me)?;
         expect("VM", &v.ticket.vm, vm)?;

@@ -24,8 +24,10 @@ use convoy_protocol::ticket::{TicketSigner, TicketVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use thiserror::Error;
 
@@ -34,12 +36,12 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum IdentityError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// File.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (shown in the message, not chained, to print once).
+        error: std::io::Error,
     },
     /// A file holds no usable PEM item of the kind needed.
     #[error("{path}: {what}")]
@@ -140,12 +142,24 @@ impl Identity {
     }
 }
 
-/// The CA certificates a peer's chain must end in, and the trust domain
-/// they vouch for.
-#[derive(Debug, Clone)]
+/// The CA certificates a peer's chain must end in, the trust domain they
+/// vouch for, and the certificate revocation lists in force.
+#[derive(Clone)]
 pub struct TrustBundle {
     roots: Arc<RootCertStore>,
     domain: TrustDomain,
+    crls: Arc<Vec<CertificateRevocationListDer<'static>>>,
+    parsed_crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("domain", &self.domain)
+            .field("roots", &self.roots.len())
+            .field("crls", &self.crls.len())
+            .finish()
+    }
 }
 
 impl TrustBundle {
@@ -177,7 +191,93 @@ impl TrustBundle {
         Ok(TrustBundle {
             roots: Arc::new(roots),
             domain,
+            crls: Arc::new(Vec::new()),
+            parsed_crls: Arc::new(Vec::new()),
         })
+    }
+
+    /// Adds the CRLs in a PEM file: certificates they list are refused at
+    /// the handshake and as ticket signers.
+    pub fn with_crl_file(self, path: &Path) -> Result<Self, IdentityError> {
+        let pem = read(path)?;
+        self.with_crl_pem(&pem, path)
+    }
+
+    /// Adds CRLs from PEM text (the path is for error messages).
+    pub fn with_crl_pem(mut self, pem: &[u8], path: &Path) -> Result<Self, IdentityError> {
+        let mut crls: Vec<CertificateRevocationListDer<'static>> = (*self.crls).clone();
+        for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
+            crls.push(crl.map_err(|e| IdentityError::Pem {
+                path: path.into(),
+                what: format!("bad CRL PEM: {e}"),
+            })?);
+        }
+        let mut parsed: Vec<webpki::CertRevocationList<'static>> = Vec::new();
+        for crl in &crls {
+            let owned = webpki::OwnedCertRevocationList::from_der(crl.as_ref()).map_err(|e| {
+                IdentityError::Pem {
+                    path: path.into(),
+                    what: format!("unusable CRL: {e:?}"),
+                }
+            })?;
+            parsed.push(owned.into());
+        }
+        self.crls = Arc::new(crls);
+        self.parsed_crls = Arc::new(parsed);
+        Ok(self)
+    }
+
+    /// Verifies a chain (leaf first) to our CA bundle for `usage` at `now`,
+    /// refusing revoked end-entity certificates.
+    fn verify_chain_for(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), webpki::Error> {
+        let ee = webpki::EndEntityCert::try_from(leaf)?;
+        let refs: Vec<&webpki::CertRevocationList<'_>> = self.parsed_crls.iter().collect();
+        let revocation = if refs.is_empty() {
+            None
+        } else {
+            webpki::RevocationOptionsBuilder::new(&refs).ok().map(|b| {
+                b.with_depth(webpki::RevocationCheckDepth::EndEntity)
+                    // A peer from a CA whose CRL we do not hold is judged by
+                    // its chain alone; an expired CRL still lists revocations.
+                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                    .build()
+            })
+        };
+        ee.verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map(|_| ())
+    }
+
+    /// The verifier of client certificates: chained to our CAs, end-entity
+    /// certificates checked against our CRLs.
+    pub fn client_verifier(
+        &self,
+    ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, IdentityError> {
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        if !self.crls.is_empty() {
+            builder = builder
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
+        builder
+            .build()
+            .map_err(|e| IdentityError::Verifier(e.to_string()))
     }
 
     /// The trust domain.
@@ -199,10 +299,7 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, IdentityError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| IdentityError::Verifier(e.to_string()))?;
+    let verifier = trust.client_verifier()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -221,7 +318,7 @@ pub fn client_config(
 ) -> Result<rustls::ClientConfig, IdentityError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: trust.roots.clone(),
+        trust: trust.clone(),
         expected,
         algs: provider.signature_verification_algorithms,
     });
@@ -240,9 +337,22 @@ pub fn client_config(
 /// names, which SPIFFE certificates need not carry.)
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    trust: TrustBundle,
     expected: SpiffeId,
     algs: WebPkiSupportedAlgorithms,
+}
+
+/// rustls' error for a webpki verdict, keeping the common cases precise.
+fn cert_error(e: webpki::Error) -> rustls::Error {
+    let c = match e {
+        webpki::Error::CertExpired { .. } => CertificateError::Expired,
+        webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        webpki::Error::CertRevoked => CertificateError::Revoked,
+        webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(c)
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -254,14 +364,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        self.trust
+            .verify_chain_for(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+            )
+            .map_err(cert_error)?;
         match spiffe_id_of(end_entity) {
             Ok(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
             Ok(id) => {
@@ -312,17 +422,18 @@ impl TicketVerifier for TrustBundle {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
-        ee.verify_for_usage(
-            provider().signature_verification_algorithms.all,
-            &self.roots.roots,
+        self.verify_chain_for(
+            &leaf,
             &intermediates,
             UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix)),
             webpki::KeyUsage::client_auth(),
-            None,
-            None,
         )
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| match e {
+            webpki::Error::CertRevoked => "certificate revoked".to_string(),
+            webpki::Error::CertExpired { .. } => "certificate expired".to_string(),
+            webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".to_string(),
+            other => format!("{other:?}"),
+        })?;
         spiffe_id_of(&leaf).map_err(|e| e.to_string())
     }
 
@@ -376,18 +487,18 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|source| IdentityError::Read {
+    std::fs::read(path).map_err(|error| IdentityError::Read {
         path: path.into(),
-        source,
+        error,
     })
 }
 
 /// Refuses a key file that users other than its owner and group may read.
 pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|source| IdentityError::Read {
+    let meta = std::fs::metadata(path).map_err(|error| IdentityError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o007 != 0 {

@@ -126,6 +126,14 @@ impl Lab {
             cfg.peers.insert(a.name.clone(), a.addr);
         }
         cfg.state_dir = Some(self.pki.dir().join("state").join(name));
+        let files = self.pki.paths(Role::Agent, &n);
+        cfg.files = Some(crate::agent::CredentialFiles {
+            cert: files.cert,
+            key: files.key,
+            ca: self.pki.ca_cert(),
+            crl: Some(self.pki.crl_path()),
+        });
+        cfg.reload_interval = Duration::from_millis(200);
         tweak(name, &mut cfg);
         let (agent, stop, task) = Lab::launch(cfg.clone())?;
         let addr = agent.0;

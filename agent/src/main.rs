@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use convoy_agent::agent::CredentialFiles;
 use convoy_agent::identity::{Identity, TrustBundle};
 use convoy_agent::pki::Pki;
 use convoy_agent::AgentConfig;
@@ -36,6 +37,9 @@ struct Args {
     /// Trust domain of the CA bundle.
     #[arg(long)]
     trust_domain: Option<String>,
+    /// Certificate revocation list (PEM); with --pki, the PKI's ca.crl.
+    #[arg(long)]
+    crl: Option<PathBuf>,
     /// A peer agent: NAME=HOST:PORT (repeatable).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(AgentName, SocketAddr)>,
@@ -71,17 +75,34 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let (identity, trust) = match (&args.pki, &args.cert) {
+    let (identity, trust, files) = match (&args.pki, &args.cert) {
         (Some(dir), None) => {
             let pki = Pki::open(dir)?;
-            (pki.identity(Role::Agent, &args.name)?, pki.trust()?)
+            let p = pki.paths(Role::Agent, &args.name);
+            let files = CredentialFiles {
+                cert: p.cert,
+                key: p.key,
+                ca: pki.ca_cert(),
+                crl: Some(args.crl.clone().unwrap_or_else(|| pki.crl_path())),
+            };
+            (pki.identity(Role::Agent, &args.name)?, pki.trust()?, files)
         }
         (None, Some(cert)) => {
             let (Some(key), Some(ca), Some(td)) = (&args.key, &args.ca, &args.trust_domain) else {
                 bail!("--cert needs --key, --ca and --trust-domain");
             };
             let td = TrustDomain::new(td)?;
-            (Identity::load(cert, key)?, TrustBundle::load(ca, td)?)
+            let mut trust = TrustBundle::load(ca, td)?;
+            if let Some(crl) = &args.crl {
+                trust = trust.with_crl_file(crl)?;
+            }
+            let files = CredentialFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                crl: args.crl.clone(),
+            };
+            (Identity::load(cert, key)?, trust, files)
         }
         _ => bail!("give either --pki DIR or --cert/--key/--ca/--trust-domain"),
     };
@@ -96,6 +117,7 @@ async fn main() -> Result<()> {
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
     config.state_dir = args.state_dir;
+    config.files = Some(files);
     let agent = convoy_agent::Agent::bind(config).context("starting the agent")?;
     tracing::info!(id = %agent.id(), addr = %agent.local_addr()?, "agent listening");
     agent

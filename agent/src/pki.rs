@@ -26,6 +26,8 @@ use rcgen::{
 };
 use thiserror::Error;
 
+use rustls::pki_types::pem::PemObject;
+
 use crate::identity::{Identity, IdentityError, TrustBundle};
 
 /// The trust domain `convoyctl pki init` uses unless told otherwise.
@@ -36,12 +38,12 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "convoy.internal";
 #[non_exhaustive]
 pub enum PkiError {
     /// Filesystem.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// Path.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (shown in the message, not chained, to print once).
+        error: std::io::Error,
     },
     /// Refusing to overwrite.
     #[error("{0} already exists; refusing to overwrite it")]
@@ -61,9 +63,9 @@ pub enum PkiError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
+    move |error| PkiError::Io {
         path: path.into(),
-        source,
+        error,
     }
 }
 
@@ -80,7 +82,7 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
             } else {
                 PkiError::Io {
                     path: path.into(),
-                    source: e,
+                    error: e,
                 }
             }
         })?;
@@ -182,6 +184,24 @@ impl Pki {
         name: &AgentName,
         validity: Duration,
     ) -> Result<Issued, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_between(
+            role,
+            name,
+            now - time::Duration::minutes(5),
+            now + time::Duration::seconds(validity.as_secs() as i64),
+        )
+    }
+
+    /// Issues a certificate valid from `not_before` to `not_after` (tests
+    /// use a window in the past to make an expired certificate).
+    pub fn issue_between(
+        &self,
+        role: Role,
+        name: &AgentName,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
         let ca_key_path = self.dir.join("ca.key");
         crate::identity::check_key_permissions(&ca_key_path)?;
         let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
@@ -209,14 +229,86 @@ impl Pki {
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
         };
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::seconds(validity.as_secs() as i64);
+        params.not_before = not_before;
+        params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
+        // A random positive serial, so a revocation names exactly this
+        // certificate.
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(serial.to_vec().into());
         let cert = params.signed_by(&key, &issuer)?;
         write_new(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
         write_new(&out.cert, cert.pem().as_bytes(), 0o644)?;
         Ok(out)
+    }
+
+    /// Where the CRL lives (present once something was revoked).
+    pub fn crl_path(&self) -> PathBuf {
+        self.dir.join("ca.crl")
+    }
+
+    /// Revokes the certificate of `role`/`name`: adds its serial to the
+    /// PKI's revocation list and rewrites `ca.crl`, signed by the CA.
+    /// Agents that watch the file refuse it from then on.
+    pub fn revoke(&self, role: Role, name: &AgentName) -> Result<PathBuf, PkiError> {
+        let p = self.paths(role, name);
+        let pem = fs::read(&p.cert).map_err(io(&p.cert))?;
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(&pem).map_err(|e| PkiError::Io {
+                path: p.cert.clone(),
+                error: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::Io {
+                path: p.cert.clone(),
+                error: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+        let serial = hex(cert.raw_serial());
+        let list = self.dir.join("revoked-serials");
+        let mut serials: Vec<String> = fs::read_to_string(&list)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if !serials.contains(&serial) {
+            serials.push(serial);
+        }
+        let ca_key_path = self.dir.join("ca.key");
+        crate::identity::check_key_permissions(&ca_key_path)?;
+        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let issuer = Issuer::new(ca_params(&self.domain)?, KeyPair::from_pem(&ca_key_pem)?);
+        let now = time::OffsetDateTime::now_utc();
+        let revoked = serials
+            .iter()
+            .filter_map(|h| unhex(h))
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: serial.into(),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::Unspecified),
+                invalidity_date: None,
+            })
+            .collect();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: (serials.len() as u64).into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)?;
+        // Write-then-rename: an agent never reads half a CRL.
+        let tmp = self.dir.join("ca.crl.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_new(&tmp, crl.pem()?.as_bytes(), 0o644)?;
+        fs::rename(&tmp, self.crl_path()).map_err(io(&tmp))?;
+        let tmp = self.dir.join("revoked-serials.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_new(&tmp, (serials.join("\n") + "\n").as_bytes(), 0o644)?;
+        fs::rename(&tmp, &list).map_err(io(&tmp))?;
+        Ok(self.crl_path())
     }
 
     /// Loads an issued identity.
@@ -225,10 +317,30 @@ impl Pki {
         Ok(Identity::load(&p.cert, &p.key)?)
     }
 
-    /// The CA bundle of this PKI.
+    /// The CA bundle of this PKI, with its CRL when there is one.
     pub fn trust(&self) -> Result<TrustBundle, PkiError> {
-        Ok(TrustBundle::load(&self.ca_cert(), self.domain.clone())?)
+        let t = TrustBundle::load(&self.ca_cert(), self.domain.clone())?;
+        let crl = self.crl_path();
+        Ok(if crl.exists() {
+            t.with_crl_file(&crl)?
+        } else {
+            t
+        })
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn ca_params(domain: &TrustDomain) -> Result<CertificateParams, PkiError> {
@@ -275,5 +387,57 @@ mod tests {
             pki.identity(Role::Agent, &name),
             Err(PkiError::Identity(IdentityError::KeyPermissions { .. }))
         ));
+    }
+}
+
+#[cfg(test)]
+mod revoke_tests {
+    use super::*;
+
+    #[test]
+    fn revocation_writes_a_crl_the_trust_bundle_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
+        let name: AgentName = "op".parse().unwrap();
+        pki.issue(Role::Operator, &name, Duration::from_secs(3600))
+            .unwrap();
+        assert!(!pki.crl_path().exists());
+        pki.revoke(Role::Operator, &name).unwrap();
+        let trust = pki.trust().unwrap();
+        assert!(format!("{trust:?}").contains("crls: 1"), "{trust:?}");
+        let op = pki.identity(Role::Operator, &name).unwrap();
+        let chain = convoy_protocol::ticket::TicketSigner::chain(&op);
+        let now = crate::authz::now_unix();
+        let verdict = convoy_protocol::ticket::TicketVerifier::verify_chain(&trust, &chain, now);
+        assert_eq!(verdict, Err("certificate revoked".to_string()));
+        // Revoking a second identity keeps the first in the list.
+        let other: AgentName = "op2".parse().unwrap();
+        pki.issue(Role::Operator, &other, Duration::from_secs(3600))
+            .unwrap();
+        pki.revoke(Role::Operator, &other).unwrap();
+        let serials = fs::read_to_string(dir.path().join("revoked-serials")).unwrap();
+        assert_eq!(serials.lines().count(), 2);
+    }
+}
+
+#[cfg(test)]
+mod revoke_handshake_tests {
+    use super::*;
+
+    #[test]
+    fn the_client_verifier_refuses_a_revoked_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
+        let name: AgentName = "op".parse().unwrap();
+        pki.issue(Role::Operator, &name, Duration::from_secs(3600))
+            .unwrap();
+        pki.revoke(Role::Operator, &name).unwrap();
+        let trust = pki.trust().unwrap();
+        let v = trust.client_verifier().unwrap();
+        let op = pki.identity(Role::Operator, &name).unwrap();
+        let chain = convoy_protocol::ticket::TicketSigner::chain(&op);
+        let der = rustls::pki_types::CertificateDer::from(chain[0].clone());
+        let r = v.verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now());
+        assert!(r.is_err(), "{r:?}");
     }
 }

@@ -44,10 +44,10 @@ pub enum TransportError {
     #[error("QUIC crypto configuration: {0}")]
     Crypto(String),
     /// Could not start connecting.
-    #[error("connect: {0}")]
+    #[error(transparent)]
     Connect(#[from] quinn::ConnectError),
     /// The handshake or connection failed.
-    #[error("connection: {0}")]
+    #[error(transparent)]
     Connection(#[from] quinn::ConnectionError),
     /// The peer's identity is unusable or not allowed here.
     #[error("peer refused: {0}")]
@@ -153,13 +153,7 @@ pub fn endpoint(
     }
     sock.bind(&bind.into())?;
     let server_config = match server {
-        Some(tls) => {
-            let crypto = QuicServerConfig::try_from(tls)
-                .map_err(|e| TransportError::Crypto(e.to_string()))?;
-            let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            sc.transport_config(Arc::new(tuning.transport_config()));
-            Some(sc)
-        }
+        Some(tls) => Some(quic_server_config(tls, tuning)?),
         None => None,
     };
     let runtime = quinn::default_runtime()
@@ -170,6 +164,19 @@ pub fn endpoint(
         sock.into(),
         runtime,
     )?)
+}
+
+/// The quinn server configuration for a rustls one (also used to swap in
+/// reloaded certificates and CRLs on a running endpoint).
+pub fn quic_server_config(
+    tls: rustls::ServerConfig,
+    tuning: &Tuning,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    sc.transport_config(Arc::new(tuning.transport_config()));
+    Ok(sc)
 }
 
 /// Connects to `addr`, accepting only a server that proves `expected`.

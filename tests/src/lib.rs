@@ -1,9 +1,16 @@
 //! Shared helpers for the cross-crate integration tests in `tests/tests/`.
 
+#![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
+
 use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
+use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
 use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec};
+use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
+use convoy_protocol::names::Role;
+use convoy_protocol::page::MemoryGeometry;
+use convoy_protocol::ticket::{SignedTicket, Ticket};
 
 /// A simulated VM spec with mixed content.
 pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
@@ -38,4 +45,40 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+/// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
+pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let me = lab
+        .pki
+        .identity(Role::Agent, &from.parse().unwrap())
+        .unwrap();
+    let target = lab.agent(to).unwrap();
+    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
+    let conn = transport::connect(
+        &ep,
+        target.addr,
+        target.id.clone(),
+        ALPN_AGENT,
+        &me,
+        &lab.trust,
+        &Tuning::default(),
+    )
+    .await
+    .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
+    let propose = Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: body.id,
+        vm: body.vm.clone(),
+        manifest: Manifest {
+            memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
+            data_streams: 1,
+        },
+        ticket,
+    });
+    transport::write_message(&mut send, &propose).await.unwrap();
+    transport::read_message(&mut recv).await.unwrap().unwrap()
 }

@@ -9,13 +9,11 @@ use std::time::Duration;
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
-use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
 use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, VmState};
-use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
+use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::names::{AgentName, Role};
-use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::ticket::{SignedTicket, Ticket};
-use convoy_tests::{migrate, sim_spec};
+use convoy_tests::{migrate, propose_as, sim_spec};
 
 async fn lab() -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
@@ -161,42 +159,6 @@ async fn a_ticket_is_used_once() {
     assert_eq!(back.outcome, Outcome::Completed);
     assert_refused(&lab, a.migrate(req, |_| {}).await, "replay").await;
     lab.shutdown().await;
-}
-
-/// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
-async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
-    let me = lab
-        .pki
-        .identity(Role::Agent, &from.parse().unwrap())
-        .unwrap();
-    let target = lab.agent(to).unwrap();
-    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
-    let conn = transport::connect(
-        &ep,
-        target.addr,
-        target.id.clone(),
-        ALPN_AGENT,
-        &me,
-        &lab.trust,
-        &Tuning::default(),
-    )
-    .await
-    .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
-    let propose = Message::Propose(Propose {
-        versions: VersionRange::OURS,
-        capabilities: Capabilities::OURS,
-        migration: body.id,
-        vm: body.vm.clone(),
-        manifest: Manifest {
-            memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
-            data_streams: 1,
-        },
-        ticket,
-    });
-    transport::write_message(&mut send, &propose).await.unwrap();
-    transport::read_message(&mut recv).await.unwrap().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

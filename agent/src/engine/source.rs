@@ -161,13 +161,14 @@ pub(crate) async fn migrate(
         counter_at_pause: None,
         control_bytes: 0,
     };
+    let creds = inner.creds();
     let report = match transport::connect(
         &inner.endpoint,
         addr,
         dest_id.clone(),
         ALPN_AGENT,
-        &inner.config.identity,
-        &inner.config.trust,
+        &creds.identity,
+        &creds.trust,
         &inner.config.tuning,
     )
     .await

@@ -21,6 +21,15 @@ pub enum Pki {
     /// Issue a certificate and key.
     #[command(subcommand)]
     Issue(Issue),
+    /// Revoke an identity: rewrites the CA's CRL (ca.crl), which running
+    /// agents reload within seconds.
+    Revoke {
+        /// `agent` or `operator`.
+        #[arg(value_parser = ["agent", "operator"])]
+        kind: String,
+        /// Its name.
+        name: AgentName,
+    },
 }
 
 /// What to issue.
@@ -60,6 +69,21 @@ pub fn run(g: &Global, c: Pki) -> Result<()> {
                     pki.domain(),
                     pki.dir().display()
                 );
+            }
+        }
+        Pki::Revoke { kind, name } => {
+            let pki = Dir::open(&g.pki)?;
+            let role = if kind == "agent" {
+                Role::Agent
+            } else {
+                Role::Operator
+            };
+            let crl = pki.revoke(role, &name)?;
+            let id = pki.paths(role, &name).id;
+            if g.json {
+                crate::render::json(&serde_json::json!({ "revoked": id.to_string(), "crl": crl }))?;
+            } else {
+                println!("revoked {id}; CRL written to {}", crl.display());
             }
         }
         Pki::Issue(i) => {
