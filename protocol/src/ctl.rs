@@ -185,6 +185,10 @@ pub struct MigrationReport {
     pub memory_root: Option<Digest>,
     /// The device counter when the source paused.
     pub counter_at_pause: Option<u64>,
+    /// Signed receipts, each verified: the destination's Accepted, Ready
+    /// and Started, and the source's own Sent. They verify offline with the
+    /// CA bundle alone.
+    pub receipts: Vec<crate::receipt::SignedReceipt>,
 }
 
 /// An agent's summary.

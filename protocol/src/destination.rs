@@ -41,6 +41,7 @@ use crate::message::{
 };
 use crate::names::{MigrationId, VmName};
 use crate::page::{BatchError, PageIndex};
+use crate::receipt::ReceiptKind;
 use crate::DecodeError;
 
 /// Limits and timeouts of the destination.
@@ -52,6 +53,10 @@ pub struct DestinationConfig {
     pub capabilities: Capabilities,
     /// How long to wait for Handover after Ready.
     pub handover_timeout: Duration,
+    /// The connected source (its `Sent` receipt must be its own).
+    pub peer: crate::names::SpiffeId,
+    /// Signs our receipts and checks the source's.
+    pub notary: crate::receipt::Notary,
 }
 
 /// What the driver must do.
@@ -92,6 +97,8 @@ pub enum DestinationEvent {
     Started {
         /// The root it was verified against.
         memory_root: Digest,
+        /// Our receipts and the source's `Sent`, all verified.
+        receipts: Vec<crate::receipt::SignedReceipt>,
     },
     /// Nothing is left here.
     Failed(String),
@@ -145,6 +152,9 @@ pub enum DestinationError {
     /// A frame or message that did not decode.
     #[error("undecodable message: {0}")]
     Decode(#[from] DecodeError),
+    /// A receipt could not be signed, or the source's is invalid.
+    #[error("receipt: {0}")]
+    Receipt(crate::receipt::ReceiptError),
     /// The staging image does not hash to the source's root.
     #[error("memory root mismatch: staging {staging}, source {source_root}")]
     RootMismatch {
@@ -164,6 +174,7 @@ enum Phase {
     AwaitHandover {
         deadline: Instant,
         device_state: Vec<u8>,
+        device_digest: Digest,
     },
     Starting,
     Done,
@@ -203,6 +214,8 @@ pub struct Destination {
     opened: Vec<bool>,
     root: Option<Digest>,
     handover_at: Option<Instant>,
+    receipts: Vec<crate::receipt::SignedReceipt>,
+    started_receipt: Option<crate::receipt::SignedReceipt>,
 }
 
 impl Destination {
@@ -219,6 +232,8 @@ impl Destination {
             opened: Vec::new(),
             root: None,
             handover_at: None,
+            receipts: Vec::new(),
+            started_receipt: None,
         }
     }
 
@@ -280,7 +295,30 @@ impl Destination {
                 self.phase = Phase::Draining(f);
                 self.try_verify(now)
             }
-            (Phase::AwaitHandover { device_state, .. }, Message::Handover) => {
+            (
+                Phase::AwaitHandover {
+                    device_state,
+                    device_digest,
+                    deadline,
+                },
+                Message::Handover(h),
+            ) => {
+                let state = self.root.map(|r| (r, device_digest));
+                let checked = self
+                    .check(&h.receipt, ReceiptKind::Sent, state)
+                    // Signed before the start, so a started VM always has one.
+                    .and_then(|()| self.sign(now, ReceiptKind::Started, state));
+                match checked {
+                    Ok(started) => self.started_receipt = Some(started),
+                    Err(e) => {
+                        self.phase = Phase::AwaitHandover {
+                            device_state,
+                            device_digest,
+                            deadline,
+                        };
+                        return Err(self.fail(e));
+                    }
+                }
                 self.handover_at = Some(now);
                 self.phase = Phase::Starting;
                 self.actions
@@ -353,8 +391,9 @@ impl Destination {
         self.phase = Phase::Preparing;
     }
 
-    /// Staging is reserved and zeroed: accept.
-    pub fn handle_staging_ready(&mut self) {
+    /// Staging is reserved and zeroed: accept, with a signed `Accepted`
+    /// receipt.
+    pub fn handle_staging_ready(&mut self, now: Instant) {
         let Phase::Preparing = self.phase else {
             return;
         };
@@ -369,10 +408,20 @@ impl Destination {
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
+        let capabilities = self.cfg.capabilities.intersect(p.capabilities);
+        let receipt = match self.sign(now, ReceiptKind::Accepted, None) {
+            Ok(r) => r,
+            Err(e) => {
+                self.handle_staging_failed(Reason::Internal(e.to_string()));
+                self.actions.push_back(DestinationAction::DiscardStaging);
+                return;
+            }
+        };
         self.actions
             .push_back(DestinationAction::Send(Message::Accept(Accept {
                 version,
-                capabilities: self.cfg.capabilities.intersect(p.capabilities),
+                capabilities,
+                receipt,
             })));
         self.phase = Phase::Receiving;
     }
@@ -471,14 +520,24 @@ impl Destination {
             }));
         }
         self.root = Some(staging);
+        let device_digest = device_state_digest(&f.device_state);
+        let receipt = match self.sign(now, ReceiptKind::Ready, Some((staging, device_digest))) {
+            Ok(r) => r,
+            Err(e) => {
+                self.phase = Phase::Draining(f);
+                return Err(self.fail(e));
+            }
+        };
         self.actions
             .push_back(DestinationAction::Send(Message::Ready(Ready {
                 memory_root: staging,
-                device_digest: device_state_digest(&f.device_state),
+                device_digest,
+                receipt,
             })));
         self.phase = Phase::AwaitHandover {
             deadline: now + self.cfg.handover_timeout,
             device_state: f.device_state,
+            device_digest,
         };
         Ok(())
     }
@@ -490,12 +549,18 @@ impl Destination {
                 .handover_at
                 .map(|h| now.saturating_duration_since(h).as_millis())
                 .unwrap_or(0);
+            let Some(receipt) = self.started_receipt.take() else {
+                // Unreachable: Starting is entered only with a receipt.
+                return;
+            };
             self.actions
                 .push_back(DestinationAction::Send(Message::Started(Started {
                     start_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+                    receipt,
                 })));
             self.events.push_back(DestinationEvent::Started {
                 memory_root: self.root.unwrap_or(Digest([0; 32])),
+                receipts: self.receipts.clone(),
             });
             self.phase = Phase::Done;
         }
@@ -547,6 +612,56 @@ impl Destination {
                 .push_back(DestinationEvent::Failed(format!("link lost: {detail}")));
             self.phase = Phase::Done;
         }
+    }
+
+    fn ticket_digest(&self) -> Digest {
+        self.proposal.as_ref().map_or(Digest([0; 32]), |p| {
+            crate::receipt::ticket_digest(&p.ticket)
+        })
+    }
+
+    fn migration_id(&self) -> MigrationId {
+        self.proposal
+            .as_ref()
+            .map_or(MigrationId([0; 16]), |p| p.migration)
+    }
+
+    /// Signs one of our receipts and keeps it.
+    fn sign(
+        &mut self,
+        now: Instant,
+        kind: ReceiptKind,
+        state: crate::receipt::StateDigests,
+    ) -> Result<crate::receipt::SignedReceipt, DestinationError> {
+        let r = self
+            .cfg
+            .notary
+            .sign(now, kind, self.migration_id(), self.ticket_digest(), state)
+            .map_err(DestinationError::Receipt)?;
+        self.receipts.push(r.clone());
+        Ok(r)
+    }
+
+    /// Checks the source's receipt and keeps it.
+    fn check(
+        &mut self,
+        r: &crate::receipt::SignedReceipt,
+        kind: ReceiptKind,
+        state: crate::receipt::StateDigests,
+    ) -> Result<(), DestinationError> {
+        self.cfg
+            .notary
+            .check(
+                r,
+                &self.cfg.peer,
+                kind,
+                self.migration_id(),
+                self.ticket_digest(),
+                state,
+            )
+            .map_err(DestinationError::Receipt)?;
+        self.receipts.push(r.clone());
+        Ok(())
     }
 
     fn fail(&mut self, e: DestinationError) -> DestinationError {

@@ -70,14 +70,62 @@ pub fn batch_decode(data: &[u8]) {
     }
 }
 
+/// An insecure stand-in for the agent's crypto, for fuzzing and tests: a
+/// "certificate chain" is the signer's SPIFFE ID as text, a "signature" is
+/// a keyed BLAKE3 hash under that ID. It lets fuzzers and the Pair harness
+/// reach code past signature checks; nothing else may use it.
+#[derive(Debug, Clone)]
+pub struct InsecureCrypto(pub String);
+
+fn insecure_sig(who: &[u8], message: &[u8]) -> Vec<u8> {
+    let key = blake3::hash(who);
+    let h = blake3::keyed_hash(key.as_bytes(), message);
+    let mut s = h.as_bytes().to_vec();
+    s.extend_from_slice(h.as_bytes());
+    s
+}
+
+impl crate::ticket::TicketSigner for InsecureCrypto {
+    fn chain(&self) -> Vec<Vec<u8>> {
+        vec![self.0.as_bytes().to_vec()]
+    }
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(insecure_sig(self.0.as_bytes(), message))
+    }
+}
+
+impl crate::ticket::TicketVerifier for InsecureCrypto {
+    fn verify_chain(&self, chain: &[Vec<u8>], _now: u64) -> Result<crate::names::SpiffeId, String> {
+        let leaf = chain.first().ok_or("empty chain")?;
+        let s = std::str::from_utf8(leaf).map_err(|e| e.to_string())?;
+        s.parse()
+            .map_err(|e: crate::names::NameError| e.to_string())
+    }
+    fn verify_signature(&self, leaf: &[u8], message: &[u8], sig: &[u8]) -> Result<(), String> {
+        (insecure_sig(leaf, message) == sig)
+            .then_some(())
+            .ok_or_else(|| "bad signature".into())
+    }
+}
+
+impl InsecureCrypto {
+    /// A notary signing as `id`.
+    pub fn notary(id: &str, now: Instant) -> crate::receipt::Notary {
+        let c = std::sync::Arc::new(InsecureCrypto(id.into()));
+        crate::receipt::Notary::new(c.clone(), c, now, 1_700_000_000)
+    }
+}
+
 /// Feeds an arbitrary sequence of messages to a destination state machine.
 pub fn destination_sequence(data: &[u8]) {
+    let mut now = Instant::now();
     let mut d = Destination::new(DestinationConfig {
         max_memory_bytes: 1 << 24,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(1),
+        peer: "spiffe://fuzz/agent/source".parse().expect("valid id"),
+        notary: InsecureCrypto::notary("spiffe://fuzz/agent/destination", now),
     });
-    let mut now = Instant::now();
     let mut input = data;
     while let Ok(Some((frame, used))) = split_frame(input) {
         now += Duration::from_millis(10);
@@ -86,7 +134,7 @@ pub fn destination_sequence(data: &[u8]) {
         }
         while let Some(a) = d.poll_action() {
             if let crate::destination::DestinationAction::PrepareStaging { .. } = a {
-                d.handle_staging_ready();
+                d.handle_staging_ready(now);
                 let _ = d.handle_stream_opened(0);
             }
         }

@@ -22,6 +22,7 @@
 //! - [`source`] and [`destination`]: the pre-copy migration state machines.
 //! - [`ticket`]: operator-signed migration tickets and their verification
 //!   (crypto behind a small verifier/signer trait pair).
+//! - [`receipt`]: signed Accepted/Ready/Sent/Started receipts.
 //! - [`ctl`]: the operator protocol spoken by `convoyctl`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -36,6 +37,7 @@ pub mod logtree;
 pub mod message;
 pub mod names;
 pub mod page;
+pub mod receipt;
 pub mod source;
 pub mod ticket;
 

@@ -30,6 +30,7 @@ use crate::digest::Digest;
 use crate::frame::{self, FrameError, LEN_PREFIX};
 use crate::names::{MigrationId, VmName};
 use crate::page::{BatchHeader, MemoryGeometry};
+use crate::receipt::SignedReceipt;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -126,6 +127,8 @@ pub struct Accept {
     pub version: u16,
     /// Features both sides support.
     pub capabilities: Capabilities,
+    /// The destination's signed `Accepted` receipt.
+    pub receipt: SignedReceipt,
 }
 
 /// Why a destination refused or a peer aborted.
@@ -198,6 +201,15 @@ pub struct Ready {
     pub memory_root: Digest,
     /// Digest of the device state received.
     pub device_digest: Digest,
+    /// The destination's signed `Ready` receipt over those digests.
+    pub receipt: SignedReceipt,
+}
+
+/// Source → destination: the VM is yours; start it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The source's signed `Sent` receipt.
+    pub receipt: SignedReceipt,
 }
 
 /// Destination → source: the VM runs here now.
@@ -205,6 +217,8 @@ pub struct Ready {
 pub struct Started {
     /// Milliseconds from receiving Handover to the VM running.
     pub start_ms: u32,
+    /// The destination's signed `Started` receipt.
+    pub receipt: SignedReceipt,
 }
 
 /// Either way: the migration is over, unsuccessfully.
@@ -238,7 +252,7 @@ pub enum Message {
     /// Tag 5.
     Ready(Ready),
     /// Tag 6: the source has handed the VM over; start it.
-    Handover,
+    Handover(Handover),
     /// Tag 7.
     Started(Started),
     /// Tag 8.
@@ -323,7 +337,7 @@ impl Message {
             Message::Reject(_) => tag::REJECT,
             Message::Finish(_) => tag::FINISH,
             Message::Ready(_) => tag::READY,
-            Message::Handover => tag::HANDOVER,
+            Message::Handover(_) => tag::HANDOVER,
             Message::Started(_) => tag::STARTED,
             Message::Abort(_) => tag::ABORT,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
@@ -348,7 +362,7 @@ impl Message {
             Message::Reject(m) => postcard::to_extend(m, out),
             Message::Finish(m) => postcard::to_extend(m, out),
             Message::Ready(m) => postcard::to_extend(m, out),
-            Message::Handover => Ok(out),
+            Message::Handover(m) => postcard::to_extend(m, out),
             Message::Started(m) => postcard::to_extend(m, out),
             Message::Abort(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
@@ -392,15 +406,7 @@ impl Message {
                 Message::Finish(f)
             }
             tag::READY => Message::Ready(whole(t, body)?),
-            tag::HANDOVER => {
-                if !body.is_empty() {
-                    return Err(DecodeError::Trailing {
-                        message: name_of(t),
-                        extra: body.len(),
-                    });
-                }
-                Message::Handover
-            }
+            tag::HANDOVER => Message::Handover(whole(t, body)?),
             tag::STARTED => Message::Started(whole(t, body)?),
             tag::ABORT => Message::Abort(whole(t, body)?),
             tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
@@ -508,7 +514,13 @@ mod tests {
         };
         for m in [
             propose(),
-            Message::Handover,
+            Message::Handover(Handover {
+                receipt: SignedReceipt {
+                    body: vec![1],
+                    signature: vec![2; 64],
+                    chain: vec![],
+                },
+            }),
             Message::Abort(Abort {
                 reason: Reason::RootMismatch,
             }),
@@ -542,7 +554,7 @@ mod tests {
             Err(DecodeError::Malformed { .. })
         ));
         assert!(matches!(
-            Message::decode(Bytes::from_static(&[tag::HANDOVER, 0])),
+            Message::decode(Bytes::from_static(&[tag::HANDOVER, 0, 0, 0, 0])),
             Err(DecodeError::Trailing { .. })
         ));
     }

@@ -36,10 +36,11 @@ use thiserror::Error;
 use crate::ctl::{Outcome, Progress};
 use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
 use crate::message::{
-    Abort, Capabilities, Finish, Manifest, Message, Propose, Reason, VersionRange,
+    Abort, Capabilities, Finish, Handover, Manifest, Message, Propose, Reason, VersionRange,
 };
 use crate::names::{MigrationId, VmName};
 use crate::page::{EncodingStats, PageBitmap, PageIndex};
+use crate::receipt::ReceiptKind;
 
 /// How the source behaves.
 #[derive(Debug, Clone)]
@@ -52,6 +53,10 @@ pub struct SourceConfig {
     pub manifest: Manifest,
     /// The operator's ticket, forwarded to the destination.
     pub ticket: crate::ticket::SignedTicket,
+    /// The destination this source expects (receipts must be its).
+    pub peer: crate::names::SpiffeId,
+    /// Signs our receipt and checks the destination's.
+    pub notary: crate::receipt::Notary,
     /// Features offered.
     pub capabilities: Capabilities,
     /// Pause when the remaining pages are expected to take less than this.
@@ -138,6 +143,8 @@ pub struct SourceSummary {
     pub downtime: Option<Duration>,
     /// Root handed over.
     pub memory_root: Option<Digest>,
+    /// Receipts verified from the destination, and our own `Sent`.
+    pub receipts: Vec<crate::receipt::SignedReceipt>,
 }
 
 /// One batch the driver wrote to a data stream.
@@ -193,6 +200,9 @@ pub enum SourceError {
     /// Device state too large for the protocol.
     #[error("device state of {0} bytes exceeds the limit")]
     DeviceStateTooLarge(usize),
+    /// A receipt from the destination is missing, invalid or wrong.
+    #[error("destination receipt refused: {0}")]
+    Receipt(crate::receipt::ReceiptError),
 }
 
 #[derive(Debug)]
@@ -262,6 +272,8 @@ pub struct Source {
     round_pages: u64,
     rate: u64,
     root: Option<Digest>,
+    ticket_digest: Digest,
+    receipts: Vec<crate::receipt::SignedReceipt>,
 }
 
 impl Source {
@@ -273,6 +285,7 @@ impl Source {
         Source {
             tree: MerkleTree::filled(pages, zero_leaf(page)),
             batches: vec![0; streams],
+            ticket_digest: crate::receipt::ticket_digest(&cfg.ticket),
             cfg,
             phase: Phase::Idle,
             actions: VecDeque::new(),
@@ -292,6 +305,7 @@ impl Source {
             round_pages: 0,
             rate: 0,
             root: None,
+            receipts: Vec::new(),
         }
     }
 
@@ -357,6 +371,9 @@ impl Source {
                 if !self.cfg.capabilities.has(a.capabilities) {
                     return Err(self.fail(now, SourceError::Capabilities));
                 }
+                if let Err(e) = self.check_receipt(&a.receipt, ReceiptKind::Accepted, None) {
+                    return Err(self.fail(now, e));
+                }
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
                 self.begin_round(now, 1, all, true);
@@ -380,15 +397,29 @@ impl Source {
                 if r.device_digest != device_state_digest(&self.device_state) {
                     return Err(self.fail(now, SourceError::DeviceStateMismatch));
                 }
+                let state = Some((ours, r.device_digest));
+                if let Err(e) = self.check_receipt(&r.receipt, ReceiptKind::Ready, state) {
+                    return Err(self.fail(now, e));
+                }
                 self.verified = true;
                 self.actions.push_back(SourceAction::CommitHandover);
                 self.phase = Phase::Committing;
                 Ok(())
             }
-            (Phase::AwaitStarted { .. }, Message::Started(_)) => {
-                self.actions.push_back(SourceAction::DiscardVm);
-                self.finish(now, Outcome::Completed);
-                Ok(())
+            (Phase::AwaitStarted { .. }, Message::Started(s)) => {
+                // Whatever the receipt, the VM is the destination's now: a
+                // bad receipt leaves the outcome in doubt, never resumed.
+                match self.check_receipt(&s.receipt, ReceiptKind::Started, self.state()) {
+                    Ok(()) => {
+                        self.actions.push_back(SourceAction::DiscardVm);
+                        self.finish(now, Outcome::Completed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.finish(now, Outcome::InDoubt(e.to_string()));
+                        Err(e)
+                    }
+                }
             }
             (Phase::AwaitStarted { .. }, Message::Abort(a)) => {
                 // The destination says it did not start the VM and has
@@ -554,9 +585,25 @@ impl Source {
     /// The handover is durably recorded; tell the destination.
     pub fn handle_handover_committed(&mut self, now: Instant) {
         if let Phase::Committing = self.phase {
+            let sent = self.cfg.notary.sign(
+                now,
+                ReceiptKind::Sent,
+                self.cfg.migration,
+                self.ticket_digest,
+                self.state(),
+            );
+            let receipt = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not handed over yet: the VM resumes here.
+                    self.fail_with(now, Reason::Internal(e.to_string()), e.to_string());
+                    return;
+                }
+            };
+            self.receipts.push(receipt.clone());
             self.handed_over = true;
             self.actions
-                .push_back(SourceAction::Send(Message::Handover));
+                .push_back(SourceAction::Send(Message::Handover(Handover { receipt })));
             self.phase = Phase::AwaitStarted {
                 deadline: now + self.cfg.started_timeout,
             };
@@ -600,6 +647,34 @@ impl Source {
                 true
             }
         }
+    }
+
+    /// Memory root and device digest handed over.
+    fn state(&self) -> crate::receipt::StateDigests {
+        self.root
+            .map(|r| (r, device_state_digest(&self.device_state)))
+    }
+
+    /// Checks one of the destination's receipts and keeps it.
+    fn check_receipt(
+        &mut self,
+        r: &crate::receipt::SignedReceipt,
+        kind: ReceiptKind,
+        state: crate::receipt::StateDigests,
+    ) -> Result<(), SourceError> {
+        self.cfg
+            .notary
+            .check(
+                r,
+                &self.cfg.peer,
+                kind,
+                self.cfg.migration,
+                self.ticket_digest,
+                state,
+            )
+            .map_err(SourceError::Receipt)?;
+        self.receipts.push(r.clone());
+        Ok(())
     }
 
     fn begin_round(&mut self, now: Instant, round: u32, pages: PageBitmap, skip_zero: bool) {
@@ -682,6 +757,7 @@ impl Source {
             total: now.saturating_duration_since(start),
             downtime: self.paused_at.map(|p| now.saturating_duration_since(p)),
             memory_root: self.root,
+            receipts: self.receipts.clone(),
         }));
     }
 }

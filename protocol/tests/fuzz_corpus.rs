@@ -13,6 +13,7 @@ use convoy_protocol::fuzz;
 use convoy_protocol::message::*;
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::{BatchBuilder, Compressor, MemoryGeometry, PageIndex, PageSize};
+use convoy_protocol::receipt::ReceiptKind;
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,6 +55,14 @@ fn replay_destination_sequence() {
     replay("destination_sequence", fuzz::destination_sequence);
 }
 
+/// A receipt the fuzz targets' insecure crypto accepts.
+fn rc(kind: ReceiptKind) -> convoy_protocol::receipt::SignedReceipt {
+    let now = std::time::Instant::now();
+    fuzz::InsecureCrypto::notary("spiffe://fuzz/agent/destination", now)
+        .sign(now, kind, MigrationId([3; 16]), Digest([0; 32]), None)
+        .unwrap()
+}
+
 fn seeds() -> Vec<Message> {
     let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
     let mut b = BatchBuilder::new(PageSize::SIZE_4K);
@@ -80,6 +89,7 @@ fn seeds() -> Vec<Message> {
         Message::Accept(Accept {
             version: 1,
             capabilities: Capabilities::OURS,
+            receipt: rc(ReceiptKind::Accepted),
         }),
         Message::Reject(Reject {
             reason: Reason::NoCapacity,
@@ -93,9 +103,15 @@ fn seeds() -> Vec<Message> {
         Message::Ready(Ready {
             memory_root: Digest([7; 32]),
             device_digest: Digest([8; 32]),
+            receipt: rc(ReceiptKind::Ready),
         }),
-        Message::Handover,
-        Message::Started(Started { start_ms: 3 }),
+        Message::Handover(Handover {
+            receipt: rc(ReceiptKind::Sent),
+        }),
+        Message::Started(Started {
+            start_ms: 3,
+            receipt: rc(ReceiptKind::Started),
+        }),
         Message::Abort(Abort {
             reason: Reason::ProtocolViolation("x".into()),
         }),

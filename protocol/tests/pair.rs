@@ -14,17 +14,57 @@ use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
 };
 use convoy_protocol::digest::{leaf_digest, MerkleTree};
+use convoy_protocol::fuzz::InsecureCrypto;
 use convoy_protocol::message::{Capabilities, Manifest, Message, Reason};
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::{
     stream_for, BatchBuilder, BatchHeader, Compressor, MemoryGeometry, PageBitmap, PageIndex,
     PageSize, StreamReceiver,
 };
+use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
 use convoy_protocol::source::{
     SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
 };
 
 const PAGE: usize = 4096;
+const SRC: &str = "spiffe://pair.test/agent/source";
+const DST: &str = "spiffe://pair.test/agent/destination";
+
+/// A receipt signed by `who` for the Pair's migration.
+fn receipt_by(
+    who: &str,
+    now: Instant,
+    kind: ReceiptKind,
+    state: convoy_protocol::receipt::StateDigests,
+) -> SignedReceipt {
+    InsecureCrypto::notary(who, now)
+        .sign(
+            now,
+            kind,
+            MigrationId([1; 16]),
+            ticket_digest(&dummy_ticket()),
+            state,
+        )
+        .unwrap()
+}
+
+fn dummy_ticket() -> convoy_protocol::ticket::SignedTicket {
+    convoy_protocol::ticket::SignedTicket {
+        body: vec![],
+        signature: vec![],
+        chain: vec![],
+    }
+}
+
+fn handover() -> Message {
+    Message::Handover(convoy_protocol::message::Handover {
+        receipt: convoy_protocol::receipt::SignedReceipt {
+            body: vec![],
+            signature: vec![],
+            chain: vec![],
+        },
+    })
+}
 
 /// A tiny deterministic PRNG for the workload.
 struct Rng(u64);
@@ -111,6 +151,7 @@ impl SimVm {
 }
 
 type Tamper = Box<dyn FnMut(u32, &mut BatchHeader, &mut Vec<u8>)>;
+type ControlTamper = Box<dyn FnMut(&mut Message)>;
 
 struct Pair {
     now: Instant,
@@ -130,6 +171,8 @@ struct Pair {
     receivers: Vec<StreamReceiver>,
     seqs: Vec<u64>,
     tamper: Option<Tamper>,
+    /// Alters a control message the source sends.
+    tamper_control: Option<ControlTamper>,
     /// zstd level of the source's compressor.
     level: i32,
     /// Cut the link once the source has sent this many control messages.
@@ -145,6 +188,7 @@ struct Pair {
 
 impl Pair {
     fn new(pages: usize, rate_per_ms: u64, bandwidth: f64, max_memory: u64) -> Self {
+        let now = Instant::now();
         let geometry = MemoryGeometry::new(PageSize::SIZE_4K, pages as u64).unwrap();
         let streams = 2;
         let src = Source::new(SourceConfig {
@@ -159,6 +203,8 @@ impl Pair {
                 signature: vec![],
                 chain: vec![],
             },
+            peer: DST.parse().unwrap(),
+            notary: InsecureCrypto::notary(SRC, now),
             capabilities: Capabilities::OURS,
             max_downtime: Duration::from_millis(20),
             max_rounds: 10,
@@ -170,9 +216,11 @@ impl Pair {
             max_memory_bytes: max_memory,
             capabilities: Capabilities::OURS,
             handover_timeout: Duration::from_secs(5),
+            peer: SRC.parse().unwrap(),
+            notary: InsecureCrypto::notary(DST, now),
         });
         Pair {
-            now: Instant::now(),
+            now,
             src,
             dst,
             vm: SimVm::new(pages, rate_per_ms),
@@ -190,6 +238,7 @@ impl Pair {
                 .collect(),
             seqs: vec![0; usize::from(streams)],
             tamper: None,
+            tamper_control: None,
             level: 1,
             cut_after_src_msgs: None,
             src_msgs: 0,
@@ -257,7 +306,10 @@ impl Pair {
     fn drain_src(&mut self) {
         while let Some(a) = self.src.poll_action() {
             match a {
-                SourceAction::Send(m) => {
+                SourceAction::Send(mut m) => {
+                    if let Some(t) = self.tamper_control.as_mut() {
+                        t(&mut m);
+                    }
                     self.src_msgs += 1;
                     if self.link_up {
                         self.to_dst.push_back((self.now + self.latency, m));
@@ -314,7 +366,7 @@ impl Pair {
                 DestinationAction::PrepareStaging { manifest, .. } => {
                     let n = manifest.memory.page_count() as usize;
                     self.staging = Some(vec![vec![0u8; PAGE]; n]);
-                    self.dst.handle_staging_ready();
+                    self.dst.handle_staging_ready(self.now);
                     for s in 0..self.streams {
                         self.dst.handle_stream_opened(s).unwrap();
                     }
@@ -568,7 +620,7 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
     let mut p = Pair::new(64, 0, 50e6, 1 << 30);
     p.src.start(p.now);
     p.drain_src();
-    let err = p.src.handle_message(p.now, Message::Handover).unwrap_err();
+    let err = p.src.handle_message(p.now, handover()).unwrap_err();
     assert_eq!(
         err,
         SourceError::Unexpected {
@@ -584,10 +636,10 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
         max_memory_bytes: 1 << 30,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(1),
+        peer: SRC.parse().unwrap(),
+        notary: InsecureCrypto::notary(DST, Instant::now()),
     });
-    let err = d
-        .handle_message(Instant::now(), Message::Handover)
-        .unwrap_err();
+    let err = d.handle_message(Instant::now(), handover()).unwrap_err();
     assert_eq!(
         err,
         DestinationError::Unexpected {
@@ -655,6 +707,7 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
             Message::Accept(convoy_protocol::message::Accept {
                 version: 1,
                 capabilities: Capabilities::OURS,
+                receipt: receipt_by(DST, p.now, ReceiptKind::Accepted, None),
             }),
         )
         .unwrap();
@@ -667,6 +720,15 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
         Message::Ready(convoy_protocol::message::Ready {
             memory_root: convoy_protocol::digest::Digest([9; 32]),
             device_digest: convoy_protocol::digest::Digest([9; 32]),
+            receipt: receipt_by(
+                DST,
+                p.now,
+                ReceiptKind::Ready,
+                Some((
+                    convoy_protocol::digest::Digest([9; 32]),
+                    convoy_protocol::digest::Digest([9; 32]),
+                )),
+            ),
         }),
     );
     assert!(
@@ -676,4 +738,102 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
     p.drain_src();
     assert!(p.rolled_back);
     let _ = Reason::RootMismatch;
+}
+
+#[test]
+fn both_sides_end_with_each_others_verified_receipts() {
+    let mut p = Pair::new(256, 5, 50e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    // Source: Accepted, Ready, our Sent, Started.
+    let verifier = InsecureCrypto("unused".into());
+    let kinds: Vec<_> = s
+        .receipts
+        .iter()
+        .map(|r| r.verify(&verifier).unwrap().receipt.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ReceiptKind::Accepted,
+            ReceiptKind::Ready,
+            ReceiptKind::Sent,
+            ReceiptKind::Started
+        ]
+    );
+    let Some(DestinationEvent::Started {
+        receipts,
+        memory_root,
+    }) = &p.dst_event
+    else {
+        panic!("destination did not start: {:?}", p.dst_event);
+    };
+    assert_eq!(Some(*memory_root), s.memory_root);
+    // Destination: its own Accepted and Ready, the source's Sent, its Started.
+    let signers: Vec<_> = receipts
+        .iter()
+        .map(|r| r.verify(&verifier).unwrap().signer.to_string())
+        .collect();
+    assert_eq!(signers, vec![DST, DST, SRC, DST]);
+}
+
+#[test]
+fn a_receipt_from_the_wrong_agent_aborts_before_handover() {
+    let mut p = Pair::new(64, 0, 50e6, 1 << 30);
+    p.src.start(p.now);
+    p.drain_src();
+    p.to_dst.clear();
+    // Accepted, but signed by an agent that is not the destination.
+    let err = p.src.handle_message(
+        p.now,
+        Message::Accept(convoy_protocol::message::Accept {
+            version: 1,
+            capabilities: Capabilities::OURS,
+            receipt: receipt_by(
+                "spiffe://pair.test/agent/mallory",
+                p.now,
+                ReceiptKind::Accepted,
+                None,
+            ),
+        }),
+    );
+    assert!(matches!(err, Err(SourceError::Receipt(_))), "{err:?}");
+    p.drain_src();
+    assert!(p.rolled_back);
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+}
+
+#[test]
+fn a_forged_sent_receipt_keeps_the_destination_from_starting() {
+    let mut p = Pair::new(128, 0, 50e6, 1 << 30);
+    let now = p.now;
+    // An attacker swaps the source's Sent receipt for one over other state.
+    p.tamper_control = Some(Box::new(move |m| {
+        if let Message::Handover(h) = m {
+            h.receipt = receipt_by(
+                SRC,
+                now,
+                ReceiptKind::Sent,
+                Some((
+                    convoy_protocol::digest::Digest([1; 32]),
+                    convoy_protocol::digest::Digest([2; 32]),
+                )),
+            );
+        }
+    }));
+    p.run();
+    assert!(
+        matches!(p.dst_errors.as_slice(), [DestinationError::Receipt(_)]),
+        "{:?}",
+        p.dst_errors
+    );
+    assert!(p.started.is_none() && p.staging.is_none());
+    // The destination said it did not start: the VM runs at the source.
+    assert!(
+        matches!(p.summary().outcome, Outcome::Aborted(_)),
+        "{:?}",
+        p.summary()
+    );
+    assert!(p.rolled_back && !p.vm.paused);
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::page::Compression;
+use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{eventually, migrate, sim_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,6 +41,32 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
     assert!(report.wire_bytes > 0 && report.payload_bytes > 0);
     // Mixed content: zero pages cost nothing, the rest compresses.
     assert!(report.encodings.zero > 0 && report.encodings.zstd > 0);
+    // Non-repudiation: four receipts that verify offline with the CA
+    // bundle alone, each by the agent that took the step.
+    let by: Vec<(ReceiptKind, String)> = report
+        .receipts
+        .iter()
+        .map(|r| {
+            let v = r.verify(&lab.trust).unwrap();
+            assert_eq!(
+                v.receipt.memory_root,
+                match v.receipt.kind {
+                    ReceiptKind::Accepted => None,
+                    _ => report.memory_root,
+                }
+            );
+            (v.receipt.kind, v.signer.name().to_string())
+        })
+        .collect();
+    assert_eq!(
+        by,
+        vec![
+            (ReceiptKind::Accepted, "b".into()),
+            (ReceiptKind::Ready, "b".into()),
+            (ReceiptKind::Sent, "a".into()),
+            (ReceiptKind::Started, "b".into()),
+        ]
+    );
 
     // Exactly once: gone from a, running on b.
     assert!(a.vm_list().await.unwrap().is_empty());

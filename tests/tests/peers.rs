@@ -174,9 +174,14 @@ async fn valid_certificates_with_the_wrong_identity_are_refused() {
     if let Ok(conn) = conn {
         let r = async {
             let (mut s, mut rcv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            transport::write_message(&mut s, &Message::Handover)
-                .await
-                .map_err(|e| e.to_string())?;
+            transport::write_message(
+                &mut s,
+                &Message::Abort(convoy_protocol::message::Abort {
+                    reason: convoy_protocol::message::Reason::Cancelled,
+                }),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             transport::read_message(&mut rcv)
                 .await
                 .map_err(|e| e.to_string())

@@ -134,9 +134,14 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
                 return true;
             };
             let _ = ticket;
-            if convoy_agent::transport::write_message(&mut s, &Message::Handover)
-                .await
-                .is_err()
+            if convoy_agent::transport::write_message(
+                &mut s,
+                &Message::Abort(convoy_protocol::message::Abort {
+                    reason: convoy_protocol::message::Reason::Cancelled,
+                }),
+            )
+            .await
+            .is_err()
             {
                 return true;
             }

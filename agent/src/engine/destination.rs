@@ -73,10 +73,18 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         migration: None,
         tasks: Vec::new(),
     };
+    let creds = inner.creds();
     let mut sm = Destination::new(DestinationConfig {
         max_memory_bytes: inner.config.capacity_bytes,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(30),
+        peer: run.peer.id.clone(),
+        notary: convoy_protocol::receipt::Notary::new(
+            Arc::new(creds.identity.clone()),
+            Arc::new(creds.trust.clone()),
+            Instant::now(),
+            crate::authz::now_unix(),
+        ),
     });
     let _active = crate::agent::ActiveGuard::new(&inner.active);
     loop {
@@ -86,8 +94,16 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         let mut done = false;
         while let Some(ev) = sm.poll_event() {
             match ev {
-                DestinationEvent::Started { memory_root } => {
-                    tracing::info!(peer = %run.peer.id, %memory_root, "VM arrived and started");
+                DestinationEvent::Started {
+                    memory_root,
+                    receipts,
+                } => {
+                    tracing::info!(
+                        peer = %run.peer.id,
+                        %memory_root,
+                        receipts = receipts.len(),
+                        "VM arrived and started"
+                    );
                 }
                 DestinationEvent::Failed(why) => {
                     tracing::warn!(peer = %run.peer.id, "incoming migration failed: {why}");
@@ -209,7 +225,7 @@ impl Incoming {
                             self.geometry = Some(manifest.memory);
                             self.streams = manifest.data_streams;
                             self.migration = sm.migration();
-                            sm.handle_staging_ready();
+                            sm.handle_staging_ready(Instant::now());
                             self.accept_streams();
                         }
                         Err(e) => {

@@ -223,6 +223,7 @@ impl Run {
             wire_bytes: 0,
             memory_root: None,
             counter_at_pause: None,
+            receipts: Vec::new(),
         }
     }
 
@@ -237,6 +238,16 @@ impl Run {
                 data_streams: opts.streams,
             },
             ticket: self.req.ticket.clone(),
+            peer: dest.clone(),
+            notary: {
+                let creds = self.inner.creds();
+                convoy_protocol::receipt::Notary::new(
+                    Arc::new(creds.identity.clone()),
+                    Arc::new(creds.trust.clone()),
+                    Instant::now(),
+                    crate::authz::now_unix(),
+                )
+            },
             capabilities: if opts.compression_level > 0 {
                 Capabilities::OURS
             } else {
@@ -444,6 +455,7 @@ impl Run {
             wire_bytes: stats.udp_tx.bytes + stats.udp_rx.bytes,
             memory_root: summary.memory_root,
             counter_at_pause: self.counter_at_pause,
+            receipts: summary.receipts,
             outcome: summary.outcome,
         }
     }

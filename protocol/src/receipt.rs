@@ -1,0 +1,262 @@
+//! Signed receipts: non-repudiation of what each side sent and received.
+//!
+//! At each step that matters, the agent that takes it signs a [`Receipt`]
+//! with its own certificate key and hands it to the other side, which
+//! checks it and keeps it:
+//!
+//! | kind | signed by | says |
+//! |------|-----------|------|
+//! | `Accepted` | destination | "I accept this ticket's migration" |
+//! | `Ready` | destination | "I hold exactly this memory root and device state" |
+//! | `Sent` | source | "I handed over exactly this state and will not run it" |
+//! | `Started` | destination | "the VM runs here from this state" |
+//!
+//! Every receipt names the migration and the digest of the operator's
+//! signed ticket, so receipts, ticket and audit records bind together. A
+//! receipt carries the signer's chain and verifies offline with only the CA
+//! bundle, at the time it claims to have been signed.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::digest::Digest;
+use crate::names::{MigrationId, Role, SpiffeId};
+use crate::ticket::{SignedTicket, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN};
+
+/// Signatures over receipts cover this prefix, then the body.
+pub const RECEIPT_CONTEXT: &[u8] = b"convoy migration receipt v1\0";
+
+/// Largest encoded receipt body.
+pub const MAX_RECEIPT_BODY: usize = 1024;
+
+/// What a receipt attests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ReceiptKind {
+    /// The destination accepted the migration.
+    Accepted,
+    /// The destination holds the state, verified.
+    Ready,
+    /// The source handed the state over.
+    Sent,
+    /// The VM runs at the destination.
+    Started,
+}
+
+/// A signed statement about one step of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// What it attests.
+    pub kind: ReceiptKind,
+    /// The migration.
+    pub migration: MigrationId,
+    /// Digest of the operator's signed ticket.
+    pub ticket: Digest,
+    /// Memory root, for Ready, Sent and Started.
+    pub memory_root: Option<Digest>,
+    /// Device-state digest, for Ready, Sent and Started.
+    pub device: Option<Digest>,
+    /// When it was signed, seconds since the Unix epoch.
+    pub at_unix: u64,
+}
+
+/// A receipt, its signature and the signer's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedReceipt {
+    /// Postcard encoding of the [`Receipt`].
+    pub body: Vec<u8>,
+    /// Ed25519 signature over [`RECEIPT_CONTEXT`] ‖ `body`.
+    pub signature: Vec<u8>,
+    /// The signer's certificate chain (DER, leaf first).
+    pub chain: Vec<Vec<u8>>,
+}
+
+/// Why a receipt is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReceiptError {
+    /// Bounds, or a body that does not decode.
+    #[error("malformed receipt: {0}")]
+    Malformed(String),
+    /// The signer's chain does not verify (at the receipt's time).
+    #[error("receipt signer's certificate refused: {0}")]
+    Chain(String),
+    /// The signature does not verify.
+    #[error("receipt signature is invalid")]
+    Signature,
+    /// The signer is not an agent.
+    #[error("receipt signed by {0}, which is not an agent")]
+    NotAnAgent(SpiffeId),
+    /// Signing failed.
+    #[error("cannot sign: {0}")]
+    Sign(String),
+    /// Valid, but not the receipt expected here.
+    #[error("wrong receipt: {0}")]
+    Mismatch(String),
+}
+
+/// A receipt whose chain and signature were checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedReceipt {
+    /// The receipt.
+    pub receipt: Receipt,
+    /// The agent that signed it.
+    pub signer: SpiffeId,
+}
+
+fn message(body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(RECEIPT_CONTEXT.len() + body.len());
+    m.extend_from_slice(RECEIPT_CONTEXT);
+    m.extend_from_slice(body);
+    m
+}
+
+/// The digest receipts use to name a signed ticket.
+pub fn ticket_digest(t: &SignedTicket) -> Digest {
+    let mut h = blake3::Hasher::new_derive_key("convoy 2026-11 signed ticket digest v1");
+    h.update(&(t.body.len() as u64).to_le_bytes());
+    h.update(&t.body);
+    h.update(&t.signature);
+    Digest(*h.finalize().as_bytes())
+}
+
+impl SignedReceipt {
+    /// Signs `receipt`.
+    pub fn sign(receipt: &Receipt, signer: &dyn TicketSigner) -> Result<Self, ReceiptError> {
+        let body =
+            postcard::to_stdvec(receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        let signature = signer.sign(&message(&body)).map_err(ReceiptError::Sign)?;
+        Ok(SignedReceipt {
+            body,
+            signature,
+            chain: signer.chain(),
+        })
+    }
+
+    /// Checks bounds, the chain at the receipt's own time, the signature,
+    /// and that an agent signed it.
+    pub fn verify(&self, verifier: &dyn TicketVerifier) -> Result<VerifiedReceipt, ReceiptError> {
+        if self.body.len() > MAX_RECEIPT_BODY
+            || self.signature.len() != 64
+            || self.chain.is_empty()
+            || self.chain.len() > MAX_CHAIN_LEN
+            || self.chain.iter().any(|c| c.len() > MAX_CERT_LEN)
+        {
+            return Err(ReceiptError::Malformed("sizes out of bounds".into()));
+        }
+        let (receipt, rest): (Receipt, &[u8]) = postcard::take_from_bytes(&self.body)
+            .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(ReceiptError::Malformed("trailing bytes".into()));
+        }
+        let signer = verifier
+            .verify_chain(&self.chain, receipt.at_unix)
+            .map_err(ReceiptError::Chain)?;
+        verifier
+            .verify_signature(&self.chain[0], &message(&self.body), &self.signature)
+            .map_err(|_| ReceiptError::Signature)?;
+        if signer.role() != Role::Agent {
+            return Err(ReceiptError::NotAnAgent(signer));
+        }
+        Ok(VerifiedReceipt { receipt, signer })
+    }
+}
+
+/// The signing and checking of receipts for one agent in one migration: a
+/// signer (this agent's key), a verifier (the CA bundle), and a clock
+/// anchor, since a sans-IO state machine only sees `Instant`s.
+#[derive(Clone)]
+pub struct Notary {
+    signer: std::sync::Arc<dyn TicketSigner + Send + Sync>,
+    verifier: std::sync::Arc<dyn TicketVerifier + Send + Sync>,
+    anchor: (std::time::Instant, u64),
+}
+
+impl std::fmt::Debug for Notary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notary")
+            .field("anchor_unix", &self.anchor.1)
+            .finish()
+    }
+}
+
+/// The digests a receipt attests besides the ticket: memory root and device
+/// state digest.
+pub type StateDigests = Option<(Digest, Digest)>;
+
+impl Notary {
+    /// A notary whose clock reads `now_unix` at `now`.
+    pub fn new(
+        signer: std::sync::Arc<dyn TicketSigner + Send + Sync>,
+        verifier: std::sync::Arc<dyn TicketVerifier + Send + Sync>,
+        now: std::time::Instant,
+        now_unix: u64,
+    ) -> Self {
+        Notary {
+            signer,
+            verifier,
+            anchor: (now, now_unix),
+        }
+    }
+
+    fn unix(&self, now: std::time::Instant) -> u64 {
+        self.anchor.1 + now.saturating_duration_since(self.anchor.0).as_secs()
+    }
+
+    /// Signs a receipt of `kind`.
+    pub fn sign(
+        &self,
+        now: std::time::Instant,
+        kind: ReceiptKind,
+        migration: MigrationId,
+        ticket: Digest,
+        state: StateDigests,
+    ) -> Result<SignedReceipt, ReceiptError> {
+        SignedReceipt::sign(
+            &Receipt {
+                kind,
+                migration,
+                ticket,
+                memory_root: state.map(|s| s.0),
+                device: state.map(|s| s.1),
+                at_unix: self.unix(now),
+            },
+            self.signer.as_ref(),
+        )
+    }
+
+    /// Checks that `r` is a valid receipt of `kind` by `from` about exactly
+    /// this migration, ticket and state.
+    pub fn check(
+        &self,
+        r: &SignedReceipt,
+        from: &SpiffeId,
+        kind: ReceiptKind,
+        migration: MigrationId,
+        ticket: Digest,
+        state: StateDigests,
+    ) -> Result<(), ReceiptError> {
+        let v = r.verify(self.verifier.as_ref())?;
+        let want = Receipt {
+            kind,
+            migration,
+            ticket,
+            memory_root: state.map(|s| s.0),
+            device: state.map(|s| s.1),
+            at_unix: v.receipt.at_unix,
+        };
+        if &v.signer != from {
+            return Err(ReceiptError::Mismatch(format!(
+                "signed by {}, expected {from}",
+                v.signer
+            )));
+        }
+        if v.receipt != want {
+            return Err(ReceiptError::Mismatch(format!(
+                "{:?} receipt does not attest this migration's state",
+                v.receipt.kind
+            )));
+        }
+        Ok(())
+    }
+}
