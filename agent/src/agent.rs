@@ -209,6 +209,7 @@ pub(crate) struct Inner {
     pub recent: Mutex<VecDeque<MigrationReport>>,
     pub active: AtomicU32,
     pub replay: crate::authz::ReplayCache,
+    pub audit: Option<crate::audit::AuditLog>,
     creds: std::sync::RwLock<Arc<Creds>>,
 }
 
@@ -224,6 +225,21 @@ impl Inner {
         // A poisoned lock means a panic elsewhere; the map itself is still
         // consistent (every update is a single insert/remove/field store).
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends to the audit log (a no-op for an agent without a state
+    /// directory). A failed write closes the log: see [`Inner::audit_ok`].
+    pub fn audit(&self, event: convoy_protocol::audit::AuditEvent) {
+        if let Some(log) = &self.audit {
+            if let Err(e) = log.record(event) {
+                tracing::error!("audit: {e}");
+            }
+        }
+    }
+
+    /// False once the audit log failed: no new migration may start.
+    pub fn audit_ok(&self) -> bool {
+        self.audit.as_ref().is_none_or(|l| l.healthy())
     }
 
     /// The credentials in force now.
@@ -320,19 +336,28 @@ impl Agent {
                 domain: config.trust.domain().to_string(),
             });
         }
-        let replay = match &config.state_dir {
+        let (replay, audit) = match &config.state_dir {
             Some(dir) => {
                 let err = |detail: String| AgentError::State {
                     path: dir.clone(),
                     detail,
                 };
                 std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-                crate::authz::ReplayCache::open(&dir.join("state.redb"))
-                    .map_err(|e| err(e.to_string()))?
+                let replay = crate::authz::ReplayCache::open(&dir.join("state.redb"))
+                    .map_err(|e| err(e.to_string()))?;
+                let audit = crate::audit::AuditLog::open(
+                    &dir.join("audit.log"),
+                    &config.identity,
+                    &config.trust,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                (replay, Some(audit))
             }
             None => {
-                tracing::warn!("no state directory: used tickets are forgotten on restart");
-                crate::authz::ReplayCache::in_memory()
+                tracing::warn!(
+                    "no state directory: used tickets are forgotten on restart, and there is no audit log"
+                );
+                (crate::authz::ReplayCache::in_memory(), None)
             }
         };
         let tls =
@@ -352,6 +377,7 @@ impl Agent {
                 recent: Mutex::new(VecDeque::new()),
                 active: AtomicU32::new(0),
                 replay,
+                audit,
             }),
         })
     }

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`agent`]: configuration, the VM registry, the accept loop; [`run`].
+//! - [`audit`]: the signed, fsynced, tamper-evident audit log.
 //! - [`authz`]: operator-signed tickets: issuing, checking, replay cache.
 //! - [`identity`]: certificates, keys, CA bundles, SPIFFE IDs, rustls
 //!   configurations (including the SPIFFE-ID server verifier).
@@ -22,6 +23,7 @@
 //!   `unsafe` code lives in [`backend::memory`]).
 
 pub mod agent;
+pub mod audit;
 pub mod authz;
 pub mod backend;
 pub mod client;

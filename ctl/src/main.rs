@@ -28,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Verify and read agents' audit logs offline.
+    #[command(subcommand)]
+    Audit(cmd::audit::Audit),
     /// Create a CA and issue agent and operator certificates.
     #[command(subcommand)]
     Pki(cmd::pki::Pki),
@@ -77,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Pki(c) => cmd::pki::run(&cli.global, c),
+            Command::Audit(c) => cmd::audit::run(&cli.global, c),
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
             Command::Status => cmd::status::run(&cli.global).await,

@@ -16,6 +16,8 @@
 //!   ordering.
 //! - [`digest`]: BLAKE3 page leaves and the RFC 9162-shaped incremental
 //!   Merkle tree whose root the destination checks before a VM may start.
+//! - [`audit`]: the signed, tamper-evident audit log format and its
+//!   offline verification.
 //! - [`logtree`]: the append-only audit Merkle log with RFC 9162 inclusion
 //!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
@@ -27,6 +29,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod ctl;
 pub mod destination;
 pub mod digest;

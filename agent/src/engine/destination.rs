@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
@@ -104,9 +105,14 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                         receipts = receipts.len(),
                         "VM arrived and started"
                     );
+                    for r in receipts {
+                        inner.audit(AuditEvent::Receipt(r));
+                    }
+                    run.audit_outcome(&sm, "started".into());
                 }
                 DestinationEvent::Failed(why) => {
                     tracing::warn!(peer = %run.peer.id, "incoming migration failed: {why}");
+                    run.audit_outcome(&sm, format!("failed: {why}"));
                 }
                 _ => {}
             }
@@ -188,6 +194,16 @@ struct Incoming {
 }
 
 impl Incoming {
+    fn audit_outcome(&self, sm: &Destination, outcome: String) {
+        if let Some(p) = sm.proposal() {
+            self.inner.audit(AuditEvent::Outcome {
+                migration: p.migration,
+                vm: p.vm.clone(),
+                outcome,
+            });
+        }
+    }
+
     async fn act(&mut self, sm: &mut Destination, send: &mut SendStream, a: DestinationAction) {
         match a {
             DestinationAction::Send(m) => {
@@ -203,16 +219,34 @@ impl Incoming {
             } => {
                 // The operator's ticket first: nothing is reserved for a
                 // migration nobody authorized.
-                if let Err(e) = self.inner.authority().at_destination(
+                if !self.inner.audit_ok() {
+                    sm.handle_staging_failed(Reason::Internal("audit log unavailable".into()));
+                    return;
+                }
+                match self.inner.authority().at_destination(
                     &self.peer.id,
                     &self.inner.id,
                     &vm,
                     migration,
                     &ticket,
                 ) {
-                    tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
-                    sm.handle_staging_failed(Reason::Unauthorized(e.to_string()));
-                    return;
+                    Ok(v) => self.inner.audit(AuditEvent::TicketAccepted {
+                        migration,
+                        vm: vm.clone(),
+                        operator: v.signer,
+                        peer: self.peer.id.clone(),
+                        role: "destination".into(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
+                        self.inner.audit(AuditEvent::Refused {
+                            migration: Some(migration),
+                            peer: self.peer.id.to_string(),
+                            reason: e.to_string(),
+                        });
+                        sm.handle_staging_failed(Reason::Unauthorized(e.to_string()));
+                        return;
+                    }
                 }
                 let bytes = manifest.memory.bytes();
                 match self.inner.reserve(&vm, bytes, VmState::Incoming) {

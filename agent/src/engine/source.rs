@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{
     CtlErrorKind, MigrateRequest, MigrationReport, Outcome, Progress, VmState,
 };
@@ -53,6 +54,9 @@ pub enum MigrateError {
     /// The ticket does not authorize this migration.
     #[error("refused: {0}")]
     Unauthorized(#[from] crate::authz::AuthzError),
+    /// The audit log cannot be written: no migration may start.
+    #[error("the audit log cannot be written; refusing migrations")]
+    AuditUnavailable,
 }
 
 impl MigrateError {
@@ -118,11 +122,32 @@ pub(crate) async fn migrate(
     if dest_id == inner.id {
         return Err(MigrateError::SelfMigration);
     }
+    if !inner.audit_ok() {
+        return Err(MigrateError::AuditUnavailable);
+    }
     // Nothing is touched before the operator's ticket checks out.
-    let ticket = inner
+    let ticket = match inner
         .authority()
         .at_source(&caller, &inner.id, &dest_id, &req)
-        .inspect_err(|e| tracing::warn!(operator = %caller, "migration refused: {e}"))?;
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(operator = %caller, "migration refused: {e}");
+            inner.audit(AuditEvent::Refused {
+                migration: None,
+                peer: caller.to_string(),
+                reason: e.to_string(),
+            });
+            return Err(e.into());
+        }
+    };
+    inner.audit(AuditEvent::TicketAccepted {
+        migration: ticket.ticket.id,
+        vm: req.vm.clone(),
+        operator: ticket.signer.clone(),
+        peer: dest_id.clone(),
+        role: "source".into(),
+    });
     let addr = match &req.to_addr {
         Some(a) => a
             .parse()
@@ -184,6 +209,19 @@ pub(crate) async fn migrate(
         }
     };
     tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
+    for r in &report.receipts {
+        inner.audit(AuditEvent::Receipt(r.clone()));
+    }
+    inner.audit(AuditEvent::Outcome {
+        migration,
+        vm: req.vm.clone(),
+        outcome: match &report.outcome {
+            Outcome::Completed => "completed".into(),
+            Outcome::Aborted(w) => format!("aborted: {w}"),
+            Outcome::InDoubt(w) => format!("in doubt: {w}"),
+            other => format!("{other:?}"),
+        },
+    });
     inner.record(report.clone());
     Ok(report)
 }

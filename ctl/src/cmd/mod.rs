@@ -1,5 +1,6 @@
 //! One module per `convoyctl` command.
 
+pub mod audit;
 pub mod bench;
 pub mod demo;
 pub mod migrate;

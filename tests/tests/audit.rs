@@ -1,0 +1,177 @@
+//! Audit logs: every ticket decision, receipt and outcome is in both agents'
+//! signed logs; the logs verify offline with only the CA bundle, and any
+//! edit, cut or reordering is found and located.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use convoy_agent::lab::Lab;
+use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent};
+use convoy_protocol::ctl::Outcome;
+use convoy_protocol::receipt::{Receipt, ReceiptKind};
+use convoy_protocol::ticket::Ticket;
+use convoy_tests::{migrate, sim_spec};
+
+/// What is left of a lab after shutdown: its CA bundle.
+struct Trusted {
+    trust: convoy_agent::identity::TrustBundle,
+}
+
+fn kinds(events: &[AuditEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e {
+            AuditEvent::AgentStarted { .. } => "started-agent".to_string(),
+            AuditEvent::TicketAccepted { role, .. } => format!("ticket-{role}"),
+            AuditEvent::Refused { .. } => "refused".into(),
+            AuditEvent::Receipt(r) => {
+                let b: Receipt = postcard::from_bytes(&r.body).unwrap();
+                format!("receipt-{:?}", b.kind)
+            }
+            AuditEvent::Outcome { outcome, .. } => format!("outcome-{outcome}"),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_logs_record_the_migration_and_verify_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
+    let req = migrate(&lab, "vm", "a", "b");
+    let r = a.migrate(req.clone(), |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    // A refusal is recorded too: the same ticket again.
+    assert!(a.migrate(req.clone(), |_| {}).await.is_err());
+    let state = lab.pki.dir().join("state");
+    let a_log = std::fs::read(state.join("a/audit.log")).unwrap();
+    let b_log = std::fs::read(state.join("b/audit.log")).unwrap();
+    let trust = lab.trust.clone();
+    lab.shutdown().await;
+    let lab = Trusted { trust };
+
+    let va = verify_log(&a_log, &lab.trust).unwrap();
+    assert_eq!(va.agent.name().as_str(), "a");
+    assert_eq!(va.unanchored, 0);
+    let events: Vec<AuditEvent> = va.records.iter().map(|r| r.event.clone()).collect();
+    assert_eq!(
+        kinds(&events),
+        vec![
+            "started-agent",
+            "ticket-source",
+            "receipt-Accepted",
+            "receipt-Ready",
+            "receipt-Sent",
+            "receipt-Started",
+            "outcome-completed",
+            "refused",
+        ]
+    );
+    // The ticket it accepted is the operator's.
+    let t: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
+    assert!(
+        matches!(&events[1], AuditEvent::TicketAccepted { migration, .. } if *migration == t.id)
+    );
+
+    let vb = verify_log(&b_log, &lab.trust).unwrap();
+    let events: Vec<AuditEvent> = vb.records.iter().map(|r| r.event.clone()).collect();
+    assert_eq!(
+        kinds(&events),
+        vec![
+            "started-agent",
+            "ticket-destination",
+            "receipt-Accepted",
+            "receipt-Ready",
+            "receipt-Sent",
+            "receipt-Started",
+            "outcome-started",
+        ]
+    );
+    // The receipts in both logs are the same signed objects.
+    let receipts = |evs: &[AuditEvent]| -> Vec<Vec<u8>> {
+        evs.iter()
+            .filter_map(|e| match e {
+                AuditEvent::Receipt(r) => Some(r.signature.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let ra = receipts(
+        &va.records
+            .iter()
+            .map(|r| r.event.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(ra, receipts(&events));
+    let _ = ReceiptKind::Sent;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 4 << 20, 0)).await.unwrap();
+    a.migrate(migrate(&lab, "vm", "a", "b"), |_| {})
+        .await
+        .unwrap();
+    let log = std::fs::read(lab.pki.dir().join("state/a/audit.log")).unwrap();
+    let trust = lab.trust.clone();
+    lab.shutdown().await;
+    let lab = Trusted { trust };
+    assert!(verify_log(&log, &lab.trust).is_ok());
+    let at = entry_offsets(&log);
+    assert!(at.len() >= 9, "{} entries", at.len());
+
+    // An edited byte in the third record (entry 5) is found there.
+    let mut edited = log.clone();
+    let (off, len) = at[5];
+    edited[off + len / 2] ^= 0x01;
+    let e = verify_log(&edited, &lab.trust).unwrap_err();
+    assert_eq!(e.entry, 5, "{e}");
+    assert!(e.to_string().contains(&format!("byte {off}")), "{e}");
+
+    // A cut inside an entry.
+    let e = verify_log(&log[..at[6].0 + 3], &lab.trust).unwrap_err();
+    assert!(e.what.contains("truncated"), "{e}");
+
+    // A deleted record (entry 3 and its head).
+    let mut deleted = log[..at[3].0].to_vec();
+    deleted.extend_from_slice(&log[at[5].0..]);
+    assert!(verify_log(&deleted, &lab.trust).is_err());
+
+    // Two records swapped with their heads.
+    let mut swapped = log[..at[3].0].to_vec();
+    swapped.extend_from_slice(&log[at[5].0..at[7].0]);
+    swapped.extend_from_slice(&log[at[3].0..at[5].0]);
+    swapped.extend_from_slice(&log[at[7].0..]);
+    assert!(verify_log(&swapped, &lab.trust).is_err());
+
+    // Whole trailing entries cut: the log stays valid but its last signed
+    // head is smaller than the one the operator saw.
+    let full = verify_log(&log, &lab.trust)
+        .unwrap()
+        .last_head
+        .unwrap()
+        .size;
+    let short = verify_log(&log[..at[5].0], &lab.trust)
+        .unwrap()
+        .last_head
+        .unwrap()
+        .size;
+    assert!(short < full);
+
+    // Another CA's bundle does not accept the log at all.
+    let other = tempfile::tempdir().unwrap();
+    let pki = convoy_agent::pki::Pki::init(
+        other.path(),
+        convoy_protocol::names::TrustDomain::new("convoy.internal").unwrap(),
+    )
+    .unwrap();
+    assert!(verify_log(&log, &pki.trust().unwrap()).is_err());
+}
