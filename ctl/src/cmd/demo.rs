@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
+use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{Outcome, SimVmSpec};
+use convoy_protocol::receipt::SignedReceipt;
 
 use crate::cmd::migrate::Tuning;
 use crate::cmd::vm::Content;
@@ -107,6 +109,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         && matches!((after, at_start), (Some(n), Some(s)) if n > s);
     let completed = report.outcome == Outcome::Completed;
     let verified = completed && report.verified && !on_a && arrived.is_some();
+    let ev = evidence(&lab, &report.migration, &report.receipts);
 
     if g.json {
         render::json(&serde_json::json!({
@@ -130,6 +133,9 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             "streams": d.tuning.streams,
             "source": report.source,
             "destination": report.destination,
+            "ticket_verified": ev.ticket_verified,
+            "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
+            "audit_verified": ev.audit_verified,
         }))?;
     } else {
         print!("{}", render::report(&report));
@@ -145,6 +151,13 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             }
         );
         println!(
+            "trust: operator ticket verified by both agents: {}; receipts verified offline: {} held by a, {} by b; both audit logs verify offline: {}",
+            yes(ev.ticket_verified),
+            ev.receipts_source,
+            ev.receipts_destination,
+            yes(ev.audit_verified)
+        );
+        println!(
             "exactly once: {} on a, {} on b",
             if on_a { "still present" } else { "gone" },
             if arrived.is_some() {
@@ -157,7 +170,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     a.close().await;
     b.close().await;
     lab.shutdown().await;
-    if !verified || !counter_continuous {
+    if !verified || !counter_continuous || !ev.ticket_verified || !ev.audit_verified {
         bail!("the demo migration did not verify");
     }
     Ok(())
@@ -165,4 +178,52 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
 
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+/// What the trust path left behind, checked offline with the CA bundle.
+struct Evidence {
+    ticket_verified: bool,
+    receipts_source: usize,
+    receipts_destination: usize,
+    audit_verified: bool,
+}
+
+fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence {
+    let read = |name: &str| {
+        std::fs::read(lab.pki.dir().join("state").join(name).join("audit.log"))
+            .ok()
+            .and_then(|b| verify_log(&b, &lab.trust).ok())
+    };
+    let (a, b) = (read("a"), read("b"));
+    let accepted = |log: &Option<convoy_protocol::audit::VerifiedLog>, as_role: &str| {
+        log.as_ref().is_some_and(|l| {
+            l.records.iter().any(|r| {
+                matches!(&r.event, AuditEvent::TicketAccepted { migration: m, role, .. }
+                    if m.to_string() == migration && role == as_role)
+            })
+        })
+    };
+    let ours = |r: &SignedReceipt| {
+        r.verify(&lab.trust)
+            .is_ok_and(|v| v.receipt.migration.to_string() == migration)
+    };
+    Evidence {
+        ticket_verified: accepted(&a, "source") && accepted(&b, "destination"),
+        receipts_source: receipts.iter().filter(|r| ours(r)).count(),
+        receipts_destination: b.as_ref().map_or(0, |l| {
+            l.records
+                .iter()
+                .filter(|r| matches!(&r.event, AuditEvent::Receipt(x) if ours(x)))
+                .count()
+        }),
+        audit_verified: a.is_some() && b.is_some(),
+    }
 }

@@ -1,0 +1,50 @@
+//! The README's first command, run as an operator would: `convoyctl demo
+//! --json` must report a verified, continuous, ticketed, receipted and
+//! audited migration — and exit 0.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::process::Command;
+
+#[test]
+fn demo_json_reports_a_verified_migration_and_the_trust_path() {
+    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args([
+            "demo",
+            "--json",
+            "--memory",
+            "64MiB",
+            "--dirty-rate",
+            "5000",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["counter_continuous"], true);
+    assert_eq!(v["ticket_verified"], true);
+    assert_eq!(v["audit_verified"], true);
+    assert_eq!(v["receipts"]["source"], 4);
+    assert_eq!(v["receipts"]["destination"], 4);
+    assert_eq!(v["memory_bytes"], 64 << 20);
+    assert!(v["wire_bytes"].as_u64().unwrap() > 0);
+    assert!(v["total_ms"].as_f64().unwrap() >= v["downtime_ms"].as_f64().unwrap());
+    assert!(v["rounds"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn bad_flags_get_a_clear_error_and_a_failure_status() {
+    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args(["demo", "--memory", "12 parsecs"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown size unit"), "{err}");
+}
