@@ -25,7 +25,7 @@ use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
 use crate::names::{MigrationId, SpiffeId, VmName};
 use crate::receipt::SignedReceipt;
-use crate::ticket::{TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN};
+use crate::ticket::{signed_message, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN};
 
 /// Signatures over records cover this prefix, then the record body.
 pub const RECORD_CONTEXT: &[u8] = b"convoy audit record v1\0";
@@ -123,19 +123,12 @@ pub struct SignedTreeHead {
     pub signature: Vec<u8>,
 }
 
-fn prefixed(context: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(context.len() + body.len());
-    m.extend_from_slice(context);
-    m.extend_from_slice(body);
-    m
-}
-
 fn head_message(size: u64, root: &Digest, at: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(48);
     b.extend_from_slice(&size.to_be_bytes());
     b.extend_from_slice(root.as_bytes());
     b.extend_from_slice(&at.to_be_bytes());
-    prefixed(HEAD_CONTEXT, &b)
+    signed_message(HEAD_CONTEXT, &b)
 }
 
 /// Why a log does not verify, and where.
@@ -174,7 +167,7 @@ pub fn append(
         event,
     })
     .map_err(|e| e.to_string())?;
-    let signature = signer.sign(&prefixed(RECORD_CONTEXT, &body))?;
+    let signature = signer.sign(&signed_message(RECORD_CONTEXT, &body))?;
     tree.push(log_leaf(&body));
     let root = tree.root();
     let head = SignedTreeHead {
@@ -250,7 +243,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
             }
             (LogEntry::Record { body, signature }, Some((_, leaf))) => {
                 verifier
-                    .verify_signature(leaf, &prefixed(RECORD_CONTEXT, &body), &signature)
+                    .verify_signature(leaf, &signed_message(RECORD_CONTEXT, &body), &signature)
                     .map_err(|_| err(entry, offset, "record signature invalid (edited?)".into()))?;
                 let r: AuditRecord = postcard::from_bytes(&body)
                     .map_err(|e| err(entry, offset, format!("undecodable record: {e}")))?;

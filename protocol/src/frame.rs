@@ -44,7 +44,11 @@ pub enum FrameError {
 
 /// Checks a length prefix and returns the number of bytes that follow it.
 pub fn frame_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, FrameError> {
-    let len = u32::from_be_bytes(prefix) as usize;
+    check_len(u32::from_be_bytes(prefix) as usize)
+}
+
+/// A frame length must leave room for a tag and stay within the limit.
+fn check_len(len: usize) -> Result<usize, FrameError> {
     if len == 0 {
         return Err(FrameError::Empty);
     }
@@ -80,17 +84,8 @@ pub fn split_frame(input: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
 /// Never for frames built by this crate; a caller asking for a frame over
 /// [`MAX_FRAME_LEN`] gets [`FrameError::Oversized`].
 pub fn prefix_for(len: usize) -> Result<[u8; LEN_PREFIX], FrameError> {
-    if len == 0 {
-        return Err(FrameError::Empty);
-    }
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::Oversized {
-            len,
-            max: MAX_FRAME_LEN,
-        });
-    }
-    // Lossless: MAX_FRAME_LEN < u32::MAX.
-    Ok((len as u32).to_be_bytes())
+    // Lossless after the check: MAX_FRAME_LEN < u32::MAX.
+    Ok((check_len(len)? as u32).to_be_bytes())
 }
 
 #[cfg(test)]

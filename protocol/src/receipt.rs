@@ -105,10 +105,7 @@ pub struct VerifiedReceipt {
 }
 
 fn message(body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(RECEIPT_CONTEXT.len() + body.len());
-    m.extend_from_slice(RECEIPT_CONTEXT);
-    m.extend_from_slice(body);
-    m
+    crate::ticket::signed_message(RECEIPT_CONTEXT, body)
 }
 
 /// The digest receipts use to name a signed ticket.

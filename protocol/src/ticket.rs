@@ -152,11 +152,17 @@ pub struct VerifiedTicket {
     pub signer: SpiffeId,
 }
 
-fn message(body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(TICKET_CONTEXT.len() + body.len());
-    m.extend_from_slice(TICKET_CONTEXT);
+/// What a Convoy signature covers: a context string naming the kind of
+/// statement, then the statement, so no signature verifies as another kind.
+pub(crate) fn signed_message(context: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(context.len() + body.len());
+    m.extend_from_slice(context);
     m.extend_from_slice(body);
     m
+}
+
+fn message(body: &[u8]) -> Vec<u8> {
+    signed_message(TICKET_CONTEXT, body)
 }
 
 impl SignedTicket {

@@ -166,63 +166,40 @@ async fn the_destination_checks_the_ticket_against_the_proposing_agent() {
     let (_dir, lab) = lab().await;
     let a = lab.agent("a").unwrap();
     let b = lab.agent("b").unwrap();
-    let opts = MigrateOptions::default();
     let vm = "vm".parse().unwrap();
+    // A fresh, valid ticket for a → b.
+    let fresh = || {
+        issue_ticket(
+            &lab.operator,
+            &vm,
+            a.id.clone(),
+            b.id.clone(),
+            &MigrateOptions::default(),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let refused = |answer: &Message, why: &str| {
+        assert!(
+            matches!(answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains(why))),
+            "expected a refusal mentioning {why:?}: {answer:?}"
+        );
+    };
 
     // Confused deputy: c carries a ticket the operator issued for a → b.
-    let t = issue_ticket(
-        &lab.operator,
-        &vm,
-        a.id.clone(),
-        b.id.clone(),
-        &opts,
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let answer = propose_as(&lab, "c", "b", t.clone()).await;
-    assert!(
-        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("source"))),
-        "{answer:?}"
-    );
+    let t = fresh();
+    refused(&propose_as(&lab, "c", "b", t.clone()).await, "source");
     // The ticket's destination is b, not c.
-    let answer = propose_as(&lab, "a", "c", t).await;
-    assert!(
-        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("destination"))),
-        "{answer:?}"
-    );
+    refused(&propose_as(&lab, "a", "c", t).await, "destination");
     // A proposal with a forged ticket.
-    let mut forged = issue_ticket(
-        &lab.operator,
-        &vm,
-        a.id.clone(),
-        b.id.clone(),
-        &opts,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let mut forged = fresh();
     forged.signature[0] ^= 1;
-    let answer = propose_as(&lab, "a", "b", forged).await;
-    assert!(
-        matches!(&answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("signature"))),
-        "{answer:?}"
-    );
+    refused(&propose_as(&lab, "a", "b", forged).await, "signature");
     // Replayed at the destination: the same valid ticket twice.
-    let ok = issue_ticket(
-        &lab.operator,
-        &vm,
-        a.id.clone(),
-        b.id.clone(),
-        &opts,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ok = fresh();
     let first = propose_as(&lab, "a", "b", ok.clone()).await;
     assert!(matches!(first, Message::Accept(_)), "{first:?}");
-    let second = propose_as(&lab, "a", "b", ok).await;
-    assert!(
-        matches!(&second, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains("replay"))),
-        "{second:?}"
-    );
+    refused(&propose_as(&lab, "a", "b", ok).await, "replay");
     // Nothing was left at b by any of these.
     let b_client = lab.client("b").await.unwrap();
     assert!(
