@@ -9,6 +9,7 @@ use std::time::Duration;
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
+use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, VmState};
 use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::names::{AgentName, Role};
@@ -110,6 +111,32 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
     let mut r = migrate(&lab, "vm", "a", "b");
     r.to = "c".parse().unwrap();
     assert_refused(&lab, a.migrate(r, |_| {}).await, "destination").await;
+    // Every refusal is in the source's signed audit log, with its reason.
+    let log = std::fs::read(lab.pki.dir().join("state/a/audit.log")).unwrap();
+    let reasons: Vec<String> = verify_log(&log, &lab.trust)
+        .unwrap()
+        .records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Refused { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons.len(), 7, "{reasons:?}");
+    for why in [
+        "signature",
+        "expired",
+        "not valid until",
+        "source",
+        "VM",
+        "limits",
+        "destination",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(why)),
+            "no refusal for {why}: {reasons:?}"
+        );
+    }
     lab.shutdown().await;
 }
 
