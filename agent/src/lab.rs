@@ -178,7 +178,20 @@ impl Lab {
         if let Some(t) = a.task.take() {
             let _ = t.await;
         }
-        let (_, stop, task) = Lab::launch(a.config.clone())?;
+        // In one process the old agent's last tasks may still hold its
+        // state (a real restart ends the process): wait for it to let go
+        // of the replay database before the new one opens it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (_, stop, task) = loop {
+            match Lab::launch(a.config.clone()) {
+                Err(LabError::Agent(AgentError::State { detail, .. }))
+                    if detail.contains("already open") && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
         a.stop = Some(stop);
         a.task = Some(task);
         Ok(())
