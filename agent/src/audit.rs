@@ -185,3 +185,67 @@ impl AuditLog {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use convoy_protocol::names::{AgentName, Role, TrustDomain};
+
+    use super::*;
+    use crate::pki::Pki;
+
+    fn setup() -> (tempfile::TempDir, Identity, TrustBundle) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), TrustDomain::new("t.test").unwrap()).unwrap();
+        let n: AgentName = "a".parse().unwrap();
+        pki.issue(Role::Agent, &n, Duration::from_secs(3600))
+            .unwrap();
+        let id = pki.identity(Role::Agent, &n).unwrap();
+        let trust = pki.trust().unwrap();
+        (dir, id, trust)
+    }
+
+    #[test]
+    fn reopening_continues_the_same_verified_log() {
+        let (dir, id, trust) = setup();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, &id, &trust).unwrap();
+        log.record(AuditEvent::Refused {
+            migration: None,
+            peer: "x".into(),
+            reason: "test".into(),
+        })
+        .unwrap();
+        drop(log);
+        let _again = AuditLog::open(&path, &id, &trust).unwrap();
+        let v = verify_log(&std::fs::read(&path).unwrap(), &trust).unwrap();
+        assert_eq!(v.records.len(), 3, "started, refused, started");
+        // A log that does not verify is refused at start-up.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 5] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(
+            AuditLog::open(&path, &id, &trust),
+            Err(AuditLogError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_closes_the_log_for_good() {
+        let (dir, id, trust) = setup();
+        let log = AuditLog::open(&dir.path().join("audit.log"), &id, &trust).unwrap();
+        assert!(log.healthy());
+        // Every write to /dev/full fails with ENOSPC, like a full disk.
+        log.state.lock().unwrap().file = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let event = || AuditEvent::Refused {
+            migration: None,
+            peer: "x".into(),
+            reason: "y".into(),
+        };
+        assert!(matches!(log.record(event()), Err(AuditLogError::Io { .. })));
+        assert!(!log.healthy());
+        assert!(matches!(log.record(event()), Err(AuditLogError::Failed)));
+    }
+}

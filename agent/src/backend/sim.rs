@@ -461,6 +461,30 @@ mod tests {
         assert!((150..350).contains(&zero), "{zero} zero pages of 1023");
     }
 
+    fn all_zero(vm: &SimVm) -> bool {
+        let mut buf = vec![0u8; 4096];
+        (0..vm.geometry().page_count()).all(|p| {
+            vm.read_page(PageIndex(p), &mut buf);
+            convoy_protocol::page::is_zero(&buf)
+        })
+    }
+
+    #[test]
+    fn a_handed_over_vm_and_a_discarded_staging_image_are_wiped() {
+        // Source side: after handover the engine destroys the VM.
+        let vm = SimVm::create(&spec(1 << 20, 5000, ContentProfile::Random)).unwrap();
+        assert!(!all_zero(&vm));
+        vm.destroy();
+        assert!(all_zero(&vm), "guest memory readable after destroy");
+        assert!(vm.resume().is_err(), "a destroyed VM never runs again");
+        // Destination side: a staging image discarded on abort.
+        let staging = SimVm::incoming(vm.geometry()).unwrap();
+        staging.write_page(PageIndex(3), Some(&[7u8; 4096]));
+        assert!(!all_zero(&staging));
+        staging.discard();
+        assert!(all_zero(&staging), "staging readable after discard");
+    }
+
     #[test]
     fn staging_starts_from_device_state_and_checks_it() {
         let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed)).unwrap();
