@@ -837,3 +837,23 @@ fn a_forged_sent_receipt_keeps_the_destination_from_starting() {
     );
     assert!(p.rolled_back && !p.vm.paused);
 }
+
+#[test]
+fn a_tampered_device_state_aborts_before_handover() {
+    let mut p = Pair::new(128, 5, 50e6, 1 << 30);
+    // The device state in Finish is altered in flight: the destination's
+    // Ready digests it, the source sees a state it did not send.
+    p.tamper_control = Some(Box::new(|m| {
+        if let Message::Finish(f) = m {
+            f.device_state[0] ^= 1;
+        }
+    }));
+    p.run();
+    assert!(
+        matches!(p.src_errors.as_slice(), [SourceError::DeviceStateMismatch]),
+        "{:?}",
+        p.src_errors
+    );
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+    assert!(p.rolled_back && !p.vm.paused && p.started.is_none() && p.staging.is_none());
+}

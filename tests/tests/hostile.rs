@@ -1,0 +1,162 @@
+//! A hostile (but authenticated) source agent: malformed and out-of-range
+//! bytes on the control stream. The destination refuses each with a typed
+//! error, reserves nothing, and keeps serving.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::time::Duration;
+
+use convoy_agent::authz::issue_ticket;
+use convoy_agent::lab::Lab;
+use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+use convoy_protocol::ctl::{MigrateOptions, Outcome};
+use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
+use convoy_protocol::names::Role;
+use convoy_protocol::page::MemoryGeometry;
+use convoy_tests::{eventually, migrate, sim_spec};
+
+/// Sends `bytes` on a fresh control stream from agent a to agent b and
+/// returns b's first answer, if any.
+async fn send_raw(lab: &Lab, bytes: &[u8], finish: bool) -> Option<Message> {
+    let me = lab
+        .pki
+        .identity(Role::Agent, &"a".parse().unwrap())
+        .unwrap();
+    let b = lab.agent("b").unwrap();
+    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
+    let conn = transport::connect(
+        &ep,
+        b.addr,
+        b.id.clone(),
+        ALPN_AGENT,
+        &me,
+        &lab.trust,
+        &Tuning::default(),
+    )
+    .await
+    .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), transport::read_message(&mut recv)).await;
+    match answer {
+        Ok(Ok(Some(m))) => Some(m),
+        _ => None,
+    }
+}
+
+/// The destination answered with a protocol-violation abort naming `what`.
+fn violation(answer: &Option<Message>, what: &str) -> bool {
+    matches!(answer, Some(Message::Abort(a)) if matches!(&a.reason, Reason::ProtocolViolation(s) if s.contains(what)))
+}
+
+fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Message {
+    let (a, b) = (lab.agent("a").unwrap(), lab.agent("b").unwrap());
+    let vm = "vm".parse().unwrap();
+    let ticket = issue_ticket(
+        &lab.operator,
+        &vm,
+        a.id.clone(),
+        b.id.clone(),
+        &MigrateOptions::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let body: convoy_protocol::ticket::Ticket = postcard::from_bytes(&ticket.body).unwrap();
+    Message::Propose(Propose {
+        versions,
+        capabilities: Capabilities::OURS,
+        migration: body.id,
+        vm,
+        manifest: Manifest {
+            memory: MemoryGeometry::from_bytes(bytes).unwrap(),
+            data_streams: streams,
+        },
+        ticket,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_control_streams_are_refused_and_the_destination_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |name, cfg| {
+        if name == "b" {
+            cfg.capacity_bytes = 64 << 20;
+        }
+    })
+    .await
+    .unwrap();
+
+    // An oversized length prefix: refused before anything is allocated,
+    // with a typed error sent back.
+    let answer = send_raw(&lab, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], false).await;
+    assert!(violation(&answer, "exceeds"), "{answer:?}");
+    // Tag 0 and an unknown tag.
+    let answer = send_raw(&lab, &[0, 0, 0, 1, 0], true).await;
+    assert!(violation(&answer, "tag 0"), "{answer:?}");
+    let answer = send_raw(&lab, &[0, 0, 0, 2, 99, 0], true).await;
+    assert!(violation(&answer, "unknown message tag 99"), "{answer:?}");
+    // A stream that ends inside a frame.
+    let full = propose(&lab, VersionRange::OURS, 2, 8 << 20)
+        .encode()
+        .unwrap();
+    let answer = send_raw(&lab, &full[..full.len() / 2], true).await;
+    assert!(
+        answer.is_none() || violation(&answer, ""),
+        "a truncated proposal must not be accepted: {answer:?}"
+    );
+    // A version downgrade: only versions this build does not speak.
+    let old = VersionRange { min: 0, max: 0 };
+    let answer = send_raw(
+        &lab,
+        &propose(&lab, old, 2, 8 << 20).encode().unwrap(),
+        false,
+    )
+    .await;
+    assert!(
+        matches!(&answer, Some(Message::Reject(r)) if r.reason == Reason::UnsupportedVersion),
+        "{answer:?}"
+    );
+    // Too many data streams, and more memory than b has room for.
+    let answer = send_raw(
+        &lab,
+        &propose(&lab, VersionRange::OURS, 64, 8 << 20)
+            .encode()
+            .unwrap(),
+        false,
+    )
+    .await;
+    assert!(
+        matches!(&answer, Some(Message::Reject(r)) if matches!(r.reason, Reason::Unacceptable(_))),
+        "{answer:?}"
+    );
+    let answer = send_raw(
+        &lab,
+        &propose(&lab, VersionRange::OURS, 2, 1 << 30)
+            .encode()
+            .unwrap(),
+        false,
+    )
+    .await;
+    assert!(matches!(&answer, Some(Message::Reject(_))), "{answer:?}");
+
+    // Nothing was reserved, and b still serves a real migration.
+    let b = lab.client("b").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.vm_list().await.unwrap().is_empty()
+        })
+        .await
+    );
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
+    let r = a
+        .migrate(migrate(&lab, "vm", "a", "b"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    lab.shutdown().await;
+}
