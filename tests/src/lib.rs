@@ -47,8 +47,9 @@ where
     false
 }
 
-/// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
-pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+/// Opens an agent-to-agent connection from lab agent `from` to lab agent
+/// `to`, as `from` would for a migration (the endpoint must outlive it).
+pub async fn connect_as(lab: &Lab, from: &str, to: &str) -> (quinn::Endpoint, quinn::Connection) {
     let me = lab
         .pki
         .identity(Role::Agent, &from.parse().unwrap())
@@ -66,6 +67,12 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
     )
     .await
     .unwrap();
+    (ep, conn)
+}
+
+/// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
+pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let (_ep, conn) = connect_as(lab, from, to).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
     let propose = Message::Propose(Propose {

@@ -8,33 +8,16 @@ use std::time::Duration;
 
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
-use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+use convoy_agent::transport;
 use convoy_protocol::ctl::{MigrateOptions, Outcome};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
-use convoy_protocol::names::Role;
 use convoy_protocol::page::MemoryGeometry;
-use convoy_tests::{eventually, migrate, sim_spec};
+use convoy_tests::{connect_as, eventually, migrate, sim_spec};
 
 /// Sends `bytes` on a fresh control stream from agent a to agent b and
 /// returns b's first answer, if any.
 async fn send_raw(lab: &Lab, bytes: &[u8], finish: bool) -> Option<Message> {
-    let me = lab
-        .pki
-        .identity(Role::Agent, &"a".parse().unwrap())
-        .unwrap();
-    let b = lab.agent("b").unwrap();
-    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
-    let conn = transport::connect(
-        &ep,
-        b.addr,
-        b.id.clone(),
-        ALPN_AGENT,
-        &me,
-        &lab.trust,
-        &Tuning::default(),
-    )
-    .await
-    .unwrap();
+    let (_ep, conn) = connect_as(lab, "a", "b").await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     if finish {
