@@ -102,13 +102,18 @@ impl CredentialFiles {
         v
     }
 
-    fn load(&self, domain: &TrustDomain) -> Result<Creds, identity::IdentityError> {
+    /// Loads the identity and the CA bundle of `domain`, with the CRL when
+    /// its file exists.
+    pub fn load(
+        &self,
+        domain: &TrustDomain,
+    ) -> Result<(Identity, TrustBundle), identity::IdentityError> {
         let identity = Identity::load(&self.cert, &self.key)?;
         let mut trust = TrustBundle::load(&self.ca, domain.clone())?;
         if let Some(crl) = self.crl.as_ref().filter(|p| p.exists()) {
             trust = trust.with_crl_file(crl)?;
         }
-        Ok(Creds { identity, trust })
+        Ok((identity, trust))
     }
 }
 
@@ -488,10 +493,10 @@ async fn reload_loop(inner: Arc<Inner>, files: CredentialFiles) {
         stamp = now;
         let domain = inner.creds().trust.domain().clone();
         let creds = match files.load(&domain) {
-            Ok(c) if c.identity.id() == &inner.id => c,
-            Ok(c) => {
+            Ok((identity, trust)) if identity.id() == &inner.id => Creds { identity, trust },
+            Ok((identity, _)) => {
                 tracing::error!(
-                    new = %c.identity.id(),
+                    new = %identity.id(),
                     "reloaded certificate names another identity; keeping the old one"
                 );
                 continue;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use convoy_protocol::audit::{append, encode_entry, verify_log, AuditEvent, LogEntry};
-use convoy_protocol::logtree::{log_leaf, LogTree};
+use convoy_protocol::logtree::LogTree;
 use convoy_protocol::ticket::TicketSigner;
 use thiserror::Error;
 
@@ -105,13 +105,9 @@ impl AuditLog {
                     owner: v.agent.to_string(),
                 });
             }
-            let mut tree = LogTree::new();
-            for r in &v.records {
-                let body =
-                    postcard::to_stdvec(r).map_err(|e| AuditLogError::Record(e.to_string()))?;
-                tree.push(log_leaf(&body));
-            }
-            (tree, v.records.len() as u64)
+            // The leaves as written, not re-encoded.
+            let seq = v.records.len() as u64;
+            (v.tree, seq)
         } else {
             let header = encode_entry(&LogEntry::Header {
                 chain: signer.chain(),

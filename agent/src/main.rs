@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use convoy_agent::agent::CredentialFiles;
-use convoy_agent::identity::{Identity, TrustBundle};
 use convoy_agent::pki::Pki;
 use convoy_agent::AgentConfig;
 use convoy_protocol::names::{AgentName, Role, TrustDomain};
@@ -75,7 +74,7 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let (identity, trust, files) = match (&args.pki, &args.cert) {
+    let (files, domain) = match (&args.pki, &args.cert) {
         (Some(dir), None) => {
             let pki = Pki::open(dir)?;
             let p = pki.paths(Role::Agent, &args.name);
@@ -85,27 +84,28 @@ async fn main() -> Result<()> {
                 ca: pki.ca_cert(),
                 crl: Some(args.crl.clone().unwrap_or_else(|| pki.crl_path())),
             };
-            (pki.identity(Role::Agent, &args.name)?, pki.trust()?, files)
+            (files, pki.domain().clone())
         }
         (None, Some(cert)) => {
             let (Some(key), Some(ca), Some(td)) = (&args.key, &args.ca, &args.trust_domain) else {
                 bail!("--cert needs --key, --ca and --trust-domain");
             };
-            let td = TrustDomain::new(td)?;
-            let mut trust = TrustBundle::load(ca, td)?;
-            if let Some(crl) = &args.crl {
-                trust = trust.with_crl_file(crl)?;
-            }
             let files = CredentialFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
                 crl: args.crl.clone(),
             };
-            (Identity::load(cert, key)?, trust, files)
+            (files, TrustDomain::new(td)?)
         }
         _ => bail!("give either --pki DIR or --cert/--key/--ca/--trust-domain"),
     };
+    // A CRL named on the command line must be there; the PKI's own ca.crl
+    // appears only once something is revoked.
+    if let Some(crl) = args.crl.as_ref().filter(|p| !p.exists()) {
+        bail!("CRL file {} does not exist", crl.display());
+    }
+    let (identity, trust) = files.load(&domain)?;
     if identity.id().name() != &args.name {
         bail!(
             "the certificate names {}, not agent {}",

@@ -202,11 +202,7 @@ impl Pki {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> Result<Issued, PkiError> {
-        let ca_key_path = self.dir.join("ca.key");
-        crate::identity::check_key_permissions(&ca_key_path)?;
-        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-        let issuer = Issuer::new(ca_params(&self.domain)?, ca_key);
+        let issuer = self.issuer()?;
 
         let out = self.paths(role, name);
         if out.cert.exists() || out.key.exists() {
@@ -244,6 +240,17 @@ impl Pki {
         Ok(out)
     }
 
+    /// The CA as a signer of certificates and CRLs (its key must be 0600).
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
+        let path = self.dir.join("ca.key");
+        crate::identity::check_key_permissions(&path)?;
+        let pem = fs::read_to_string(&path).map_err(io(&path))?;
+        Ok(Issuer::new(
+            ca_params(&self.domain)?,
+            KeyPair::from_pem(&pem)?,
+        ))
+    }
+
     /// Where the CRL lives (present once something was revoked).
     pub fn crl_path(&self) -> PathBuf {
         self.dir.join("ca.crl")
@@ -275,10 +282,7 @@ impl Pki {
         if !serials.contains(&serial) {
             serials.push(serial);
         }
-        let ca_key_path = self.dir.join("ca.key");
-        crate::identity::check_key_permissions(&ca_key_path)?;
-        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-        let issuer = Issuer::new(ca_params(&self.domain)?, KeyPair::from_pem(&ca_key_pem)?);
+        let issuer = self.issuer()?;
         let now = time::OffsetDateTime::now_utc();
         let revoked = serials
             .iter()

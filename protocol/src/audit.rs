@@ -193,6 +193,8 @@ pub struct VerifiedLog {
     pub last_head: Option<SignedTreeHead>,
     /// Records after the last tree head (a crash between the two writes).
     pub unanchored: u64,
+    /// The log tree over every record, to append to.
+    pub tree: LogTree,
 }
 
 /// Verifies a whole log file (see the module docs).
@@ -298,6 +300,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
         unanchored: records.len() as u64 - anchored,
         records,
         last_head,
+        tree,
     })
 }
 

@@ -54,7 +54,7 @@ pub enum ProofError {
 }
 
 /// An append-only list of leaf digests with RFC 9162 proofs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogTree {
     leaves: Vec<Digest>,
 }

@@ -89,3 +89,11 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
     transport::write_message(&mut send, &propose).await.unwrap();
     transport::read_message(&mut recv).await.unwrap().unwrap()
 }
+
+/// Asserts the destination refused a proposal as unauthorized, naming `why`.
+pub fn assert_unauthorized(answer: &Message, why: &str) {
+    assert!(
+        matches!(answer, Message::Reject(r) if matches!(&r.reason, convoy_protocol::message::Reason::Unauthorized(s) if s.contains(why))),
+        "expected a refusal mentioning {why:?}: {answer:?}"
+    );
+}

@@ -11,10 +11,10 @@ use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, VmState};
-use convoy_protocol::message::{Message, Reason};
+use convoy_protocol::message::Message;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_protocol::ticket::{SignedTicket, Ticket};
-use convoy_tests::{migrate, propose_as, sim_spec};
+use convoy_tests::{assert_unauthorized, migrate, propose_as, sim_spec};
 
 async fn lab() -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
@@ -206,27 +206,21 @@ async fn the_destination_checks_the_ticket_against_the_proposing_agent() {
         )
         .unwrap()
     };
-    let refused = |answer: &Message, why: &str| {
-        assert!(
-            matches!(answer, Message::Reject(r) if matches!(&r.reason, Reason::Unauthorized(s) if s.contains(why))),
-            "expected a refusal mentioning {why:?}: {answer:?}"
-        );
-    };
 
     // Confused deputy: c carries a ticket the operator issued for a → b.
     let t = fresh();
-    refused(&propose_as(&lab, "c", "b", t.clone()).await, "source");
+    assert_unauthorized(&propose_as(&lab, "c", "b", t.clone()).await, "source");
     // The ticket's destination is b, not c.
-    refused(&propose_as(&lab, "a", "c", t).await, "destination");
+    assert_unauthorized(&propose_as(&lab, "a", "c", t).await, "destination");
     // A proposal with a forged ticket.
     let mut forged = fresh();
     forged.signature[0] ^= 1;
-    refused(&propose_as(&lab, "a", "b", forged).await, "signature");
+    assert_unauthorized(&propose_as(&lab, "a", "b", forged).await, "signature");
     // Replayed at the destination: the same valid ticket twice.
     let ok = fresh();
     let first = propose_as(&lab, "a", "b", ok.clone()).await;
     assert!(matches!(first, Message::Accept(_)), "{first:?}");
-    refused(&propose_as(&lab, "a", "b", ok).await, "replay");
+    assert_unauthorized(&propose_as(&lab, "a", "b", ok).await, "replay");
     // Nothing was left at b by any of these.
     let b_client = lab.client("b").await.unwrap();
     assert!(

@@ -76,13 +76,7 @@ impl SimVm {
         }
         let vm = SimVm::blank(spec.memory_bytes)?;
         vm.fill(spec.content, spec.seed);
-        vm.shared
-            .rate
-            .store(spec.dirty_pages_per_sec, Ordering::Relaxed);
-        vm.shared
-            .hot_set_pct
-            .store(u64::from(spec.hot_set_pct), Ordering::Relaxed);
-        vm.shared.seed.store(spec.seed, Ordering::Relaxed);
+        vm.set_workload(spec.dirty_pages_per_sec, spec.hot_set_pct, spec.seed);
         let vm = Arc::new(vm);
         vm.spawn_workload();
         Ok(vm)
@@ -141,6 +135,15 @@ impl SimVm {
             }
             self.shared.mem.write(p as usize * page, &buf);
         }
+    }
+
+    /// The workload's parameters (before it is spawned).
+    fn set_workload(&self, dirty_pages_per_sec: u64, hot_set_pct: u8, seed: u64) {
+        let s = &self.shared;
+        s.rate.store(dirty_pages_per_sec, Ordering::Relaxed);
+        s.hot_set_pct
+            .store(u64::from(hot_set_pct), Ordering::Relaxed);
+        s.seed.store(seed, Ordering::Relaxed);
     }
 
     fn spawn_workload(&self) {
@@ -395,13 +398,7 @@ impl Staging for SimVm {
             )));
         }
         self.shared.counter.store(s.counter, Ordering::Relaxed);
-        self.shared
-            .rate
-            .store(s.dirty_pages_per_sec, Ordering::Relaxed);
-        self.shared
-            .hot_set_pct
-            .store(u64::from(s.hot_set_pct), Ordering::Relaxed);
-        self.shared.seed.store(s.seed, Ordering::Relaxed);
+        self.set_workload(s.dirty_pages_per_sec, s.hot_set_pct, s.seed);
         self.shared.paused.store(false, Ordering::Release);
         self.spawn_workload();
         Ok((self, s.counter))
