@@ -43,6 +43,10 @@ pub enum AgentError {
         /// What failed.
         detail: String,
     },
+    /// The policy could not be loaded: the agent does not start without
+    /// the one it was given.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The identity's trust domain is not the bundle's.
     #[error("identity {id} is not in the trust bundle's domain {domain}")]
     WrongDomain {
@@ -95,8 +99,8 @@ pub struct CredentialFiles {
 }
 
 impl CredentialFiles {
-    fn stamp(&self) -> Vec<Option<std::time::SystemTime>> {
-        let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    fn stamp(&self) -> Vec<Option<crate::policy::FileStamp>> {
+        let m = |p: &PathBuf| crate::policy::FileStamp::of(p);
         let mut v = vec![m(&self.cert), m(&self.key), m(&self.ca)];
         v.push(self.crl.as_ref().and_then(m));
         v
@@ -146,8 +150,11 @@ pub struct AgentConfig {
     pub state_dir: Option<std::path::PathBuf>,
     /// Where `identity` and `trust` came from: watched and reloaded.
     pub files: Option<CredentialFiles>,
-    /// How often the credential files are checked for changes.
+    /// How often the credential and policy files are checked for changes.
     pub reload_interval: Duration,
+    /// Access-control policy and inventory. Without one, every action a
+    /// policy governs is denied.
+    pub policy: Option<crate::policy::PolicyFiles>,
     dangerous: DangerousOptions,
 }
 
@@ -165,6 +172,7 @@ impl AgentConfig {
             state_dir: None,
             files: None,
             reload_interval: Duration::from_secs(2),
+            policy: None,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -187,6 +195,9 @@ pub(crate) struct VmEntry {
     pub bytes: u64,
     pub arrived_from: Option<String>,
     pub counter_at_start: Option<u64>,
+    pub attributes: convoy_protocol::vm::VmAttributes,
+    /// Cancels the outgoing migration in progress.
+    pub cancel: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl VmEntry {
@@ -200,6 +211,7 @@ impl VmEntry {
             counter_at_start: self.counter_at_start,
             arrived_from: self.arrived_from.clone(),
             dirty_pages_per_sec: self.vm.as_ref().map_or(0, |v| v.dirty_rate()),
+            attributes: self.attributes.clone(),
         }
     }
 }
@@ -216,6 +228,7 @@ pub(crate) struct Inner {
     pub replay: crate::authz::ReplayCache,
     pub audit: Option<crate::audit::AuditLog>,
     creds: std::sync::RwLock<Arc<Creds>>,
+    policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
 }
 
 /// Why a VM could not be registered.
@@ -245,6 +258,49 @@ impl Inner {
     /// False once the audit log failed: no new migration may start.
     pub fn audit_ok(&self) -> bool {
         self.audit.as_ref().is_none_or(|l| l.healthy())
+    }
+
+    /// Asks the policy in force, and records the decision in the audit log.
+    /// Without a policy, everything is denied.
+    pub fn decide(
+        &self,
+        q: &crate::policy::Query<'_>,
+        migration: Option<convoy_protocol::names::MigrationId>,
+    ) -> crate::policy::Decision {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let d = match policy {
+            Some(p) => p.decide(q),
+            None => crate::policy::Decision::no_policy(),
+        };
+        tracing::info!(
+            action = q.action().name(),
+            principal = %q.principal(),
+            resource = %q.resource(),
+            "policy: {}",
+            d.explain()
+        );
+        self.audit(convoy_protocol::audit::AuditEvent::Decision {
+            migration,
+            action: q.action().name().into(),
+            principal: q.principal(),
+            resource: q.resource(),
+            permitted: d.permitted,
+            explanation: d.explain(),
+        });
+        d
+    }
+
+    fn set_policy(&self, p: crate::policy::PolicySet) {
+        tracing::info!(policies = p.len(), digest = p.digest(), "policy loaded");
+        self.audit(convoy_protocol::audit::AuditEvent::PolicyLoaded {
+            digest: p.digest().into(),
+            policies: u32::try_from(p.len()).unwrap_or(u32::MAX),
+        });
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
     }
 
     /// The credentials in force now.
@@ -289,6 +345,8 @@ impl Inner {
                 bytes,
                 arrived_from: None,
                 counter_at_start: None,
+                attributes: Default::default(),
+                cancel: None,
             },
         );
         Ok(())
@@ -326,6 +384,14 @@ impl Inner {
 #[derive(Debug, Clone)]
 pub struct Agent {
     inner: Arc<Inner>,
+    stamps: Stamps,
+}
+
+/// The watched files as they were when the agent loaded them.
+#[derive(Debug, Clone)]
+struct Stamps {
+    creds: Option<Vec<Option<crate::policy::FileStamp>>>,
+    policy: Option<Vec<(PathBuf, Option<crate::policy::FileStamp>)>>,
 }
 
 impl Agent {
@@ -365,6 +431,24 @@ impl Agent {
                 (crate::authz::ReplayCache::in_memory(), None)
             }
         };
+        // Stamps taken before loading: a file changed in between is
+        // reloaded by the watchers, never missed.
+        let stamps = Stamps {
+            creds: config.files.as_ref().map(CredentialFiles::stamp),
+            policy: config
+                .policy
+                .as_ref()
+                .map(crate::policy::PolicyFiles::stamp),
+        };
+        let policy = match &config.policy {
+            Some(files) => Some(crate::policy::PolicySet::load(files)?),
+            None => {
+                tracing::warn!(
+                    "no policy: every migration, VM creation, abort and audit read is denied"
+                );
+                None
+            }
+        };
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
         let endpoint = transport::endpoint(config.listen, Some(tls), &config.tuning)?;
@@ -372,8 +456,10 @@ impl Agent {
             identity: config.identity.clone(),
             trust: config.trust.clone(),
         };
-        Ok(Agent {
+        let agent = Agent {
+            stamps,
             inner: Arc::new(Inner {
+                policy: std::sync::RwLock::new(None),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,
@@ -384,7 +470,11 @@ impl Agent {
                 replay,
                 audit,
             }),
-        })
+        };
+        if let Some(p) = policy {
+            agent.inner.set_policy(p);
+        }
+        Ok(agent)
     }
 
     /// The bound address.
@@ -406,7 +496,15 @@ impl Agent {
             .config
             .files
             .clone()
-            .map(|files| tokio::spawn(reload_loop(self.inner.clone(), files)));
+            .zip(self.stamps.creds.clone())
+            .map(|(files, s)| tokio::spawn(reload_loop(self.inner.clone(), files, s)));
+        let policy_reloader = self
+            .inner
+            .config
+            .policy
+            .clone()
+            .zip(self.stamps.policy.clone())
+            .map(|(files, s)| tokio::spawn(policy_reload_loop(self.inner.clone(), files, s)));
         loop {
             let incoming = tokio::select! {
                 i = self.inner.endpoint.accept() => i,
@@ -420,7 +518,7 @@ impl Agent {
                 }
             });
         }
-        if let Some(r) = reloader {
+        for r in [reloader, policy_reloader].into_iter().flatten() {
             r.abort();
         }
         self.inner
@@ -479,18 +577,29 @@ async fn serve_connection(
     Ok(())
 }
 
+/// Returns once `now()` differs from `stamp` (checked every `interval`),
+/// with `stamp` updated.
+async fn changed<S: PartialEq>(interval: Duration, stamp: &mut S, now: impl Fn() -> S) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let s = now();
+        if s != *stamp {
+            *stamp = s;
+            return;
+        }
+    }
+}
+
 /// Reloads certificates, key, CA bundle and CRL when their files change.
 /// A bad file keeps the credentials in force and is reported; the agent
 /// never runs with none.
-async fn reload_loop(inner: Arc<Inner>, files: CredentialFiles) {
-    let mut stamp = files.stamp();
+async fn reload_loop(
+    inner: Arc<Inner>,
+    files: CredentialFiles,
+    mut stamp: Vec<Option<crate::policy::FileStamp>>,
+) {
     loop {
-        tokio::time::sleep(inner.config.reload_interval).await;
-        let now = files.stamp();
-        if now == stamp {
-            continue;
-        }
-        stamp = now;
+        changed(inner.config.reload_interval, &mut stamp, || files.stamp()).await;
         let domain = inner.creds().trust.domain().clone();
         let creds = match files.load(&domain) {
             Ok((identity, trust)) if identity.id() == &inner.id => Creds { identity, trust },
@@ -517,6 +626,33 @@ async fn reload_loop(inner: Arc<Inner>, files: CredentialFiles) {
                 tracing::info!("credentials reloaded");
             }
             Err(e) => tracing::error!("reloaded credentials unusable, keeping the old ones: {e}"),
+        }
+    }
+}
+
+/// Reloads the policy and inventory when their files change. A file that
+/// does not parse or validate keeps the policy in force; the refusal is
+/// logged and audited.
+async fn policy_reload_loop(
+    inner: Arc<Inner>,
+    files: crate::policy::PolicyFiles,
+    mut stamp: Vec<(PathBuf, Option<crate::policy::FileStamp>)>,
+) {
+    loop {
+        changed(inner.config.reload_interval, &mut stamp, || files.stamp()).await;
+        let loaded = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || crate::policy::PolicySet::load(&files)).await
+        };
+        match loaded {
+            Ok(Ok(p)) => inner.set_policy(p),
+            Ok(Err(e)) => {
+                tracing::error!("policy reload refused, keeping the policy in force: {e}");
+                inner.audit(convoy_protocol::audit::AuditEvent::PolicyRejected {
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => tracing::error!("policy reload task failed: {e}"),
         }
     }
 }

@@ -126,6 +126,37 @@ impl CtlClient {
         }
     }
 
+    /// Cancels the outgoing migration of `name`; returns once the VM runs
+    /// on this agent again.
+    pub async fn abort(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
+        match self.request(CtlRequest::Abort(name)).await? {
+            CtlResponse::Aborted(_) => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The agent's whole audit log (read in chunks), as it is now.
+    pub async fn audit_log(&self) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let offset = out.len() as u64;
+            match self.request(CtlRequest::AuditRead { offset }).await? {
+                CtlResponse::AuditChunk {
+                    offset: at,
+                    total,
+                    bytes,
+                } if at == offset => {
+                    if bytes.is_empty() || offset + bytes.len() as u64 >= total {
+                        out.extend_from_slice(&bytes);
+                        return Ok(out);
+                    }
+                    out.extend_from_slice(&bytes);
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
     /// Runs a migration, calling `on_progress` for every update.
     pub async fn migrate(
         &self,

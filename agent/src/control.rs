@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use convoy_protocol::ctl::{
-    AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse, SimVmSpec, VmState,
+    AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse, SimVmSpec, VmState, AUDIT_CHUNK,
 };
+use convoy_protocol::names::{SpiffeId, VmName};
 use convoy_protocol::Message;
 use quinn::{Connection, RecvStream, SendStream};
 
 use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
+use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer};
 
 /// Serves requests on `conn` until the operator closes it.
@@ -38,6 +40,8 @@ fn summary(req: &CtlRequest) -> String {
         CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
         CtlRequest::VmDelete(n) => format!("vm delete {n}"),
         CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
+        CtlRequest::Abort(n) => format!("abort {n}"),
+        CtlRequest::AuditRead { offset } => format!("audit read from {offset}"),
         other => format!("{other:?}"),
     }
 }
@@ -98,7 +102,15 @@ async fn handle(
         }
         CtlRequest::VmList => respond(&mut send, CtlResponse::VmList(inner.vm_infos())).await?,
         CtlRequest::VmCreate(spec) => {
-            let r = create_vm(&inner, spec).await;
+            let r = create_vm(&inner, spec, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::Abort(name) => {
+            let r = abort(&inner, &name, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::AuditRead { offset } => {
+            let r = audit_read(&inner, offset, &peer.id).await;
             respond(&mut send, r).await?;
         }
         CtlRequest::VmDelete(name) => {
@@ -166,7 +178,109 @@ fn delete_vm(inner: &Arc<Inner>, name: &convoy_protocol::names::VmName) -> CtlRe
 /// Largest sim VM one request may create (1 TiB).
 const MAX_SIM_BYTES: u64 = 1 << 40;
 
-async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec) -> CtlResponse {
+fn forbidden(d: &crate::policy::Decision) -> CtlResponse {
+    error(CtlErrorKind::Forbidden, format!("policy {}", d.explain()))
+}
+
+/// Cancels the outgoing migration of `name`, and waits until the VM runs
+/// here again (or the cancel came too late: the VM was handed over).
+async fn abort(inner: &Arc<Inner>, name: &VmName, operator: &SpiffeId) -> CtlResponse {
+    let Some((attributes, cancel)) = inner
+        .vms()
+        .get(name)
+        .map(|e| (e.attributes.clone(), e.cancel.clone()))
+    else {
+        return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
+    };
+    let d = inner.decide(
+        &Query::Abort {
+            operator,
+            vm: VmFacts {
+                name,
+                attributes: &attributes,
+            },
+            host: &inner.id,
+        },
+        None,
+    );
+    if !d.permitted {
+        return forbidden(&d);
+    }
+    let Some(cancel) = cancel else {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!("VM {name} is not migrating out of this agent"),
+        );
+    };
+    cancel.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let state = inner.vms().get(name).map(|e| (e.state, e.cancel.is_some()));
+        match state {
+            Some((VmState::Running, false)) => return CtlResponse::Aborted(name.clone()),
+            None => {
+                return error(
+                    CtlErrorKind::BadRequest,
+                    format!("too late: VM {name} was already handed over to its destination"),
+                )
+            }
+            _ if tokio::time::Instant::now() > deadline => {
+                return error(
+                    CtlErrorKind::Internal,
+                    format!("VM {name} did not come back within 30 s; see `convoyctl status`"),
+                )
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A chunk of the audit log, for operators the policy lets read it.
+async fn audit_read(inner: &Arc<Inner>, offset: u64, operator: &SpiffeId) -> CtlResponse {
+    let d = inner.decide(
+        &Query::ReadAudit {
+            operator,
+            host: &inner.id,
+        },
+        None,
+    );
+    if !d.permitted {
+        return forbidden(&d);
+    }
+    let Some(log) = &inner.audit else {
+        return error(
+            CtlErrorKind::NotFound,
+            "this agent keeps no audit log (no state directory)",
+        );
+    };
+    let path = log.path().to_owned();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Vec<u8>)> {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&path)?;
+        let total = f.metadata()?.len();
+        let mut bytes = Vec::new();
+        if offset < total {
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            f.take(AUDIT_CHUNK as u64).read_to_end(&mut bytes)?;
+        }
+        Ok((total, bytes))
+    })
+    .await;
+    match read {
+        Ok(Ok((total, bytes))) => CtlResponse::AuditChunk {
+            offset,
+            total,
+            bytes,
+        },
+        Ok(Err(e)) => error(
+            CtlErrorKind::Internal,
+            format!("reading the audit log: {e}"),
+        ),
+        Err(e) => error(CtlErrorKind::Internal, e.to_string()),
+    }
+}
+
+async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec, operator: &SpiffeId) -> CtlResponse {
     if spec.memory_bytes == 0 || spec.memory_bytes % 4096 != 0 || spec.memory_bytes > MAX_SIM_BYTES
     {
         return error(
@@ -176,6 +290,23 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec) -> CtlResponse {
                 spec.memory_bytes
             ),
         );
+    }
+    if let Err(e) = spec.attributes.validate() {
+        return error(CtlErrorKind::BadRequest, e.to_string());
+    }
+    let d = inner.decide(
+        &Query::CreateVm {
+            operator,
+            vm: VmFacts {
+                name: &spec.name,
+                attributes: &spec.attributes,
+            },
+            host: &inner.id,
+        },
+        None,
+    );
+    if !d.permitted {
+        return forbidden(&d);
     }
     if let Err(e) = inner.reserve(&spec.name, spec.memory_bytes, VmState::Paused) {
         return match e {
@@ -193,6 +324,7 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec) -> CtlResponse {
         };
     }
     let name = spec.name.clone();
+    let attributes = spec.attributes.clone();
     let made = tokio::task::spawn_blocking(move || SimVm::create(&spec)).await;
     match made {
         Ok(Ok(vm)) => {
@@ -201,6 +333,7 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec) -> CtlResponse {
                 if let Some(e) = vms.get_mut(&name) {
                     e.vm = Some(vm);
                     e.state = VmState::Running;
+                    e.attributes = attributes;
                 }
             }
             match inner.vm_info(&name) {

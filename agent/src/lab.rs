@@ -102,10 +102,86 @@ impl Lab {
             trust,
             agents: Vec::new(),
         };
+        lab.write_policy(names)?;
         for n in names {
             lab.add_agent(n, &tweak)?;
         }
         Ok(lab)
+    }
+
+    /// The lab's policy: the example policies of `agent/policy/examples`,
+    /// and an inventory where the lab operator is an admin of tenant
+    /// `default` and agents alternate between zones `lab-a` and `lab-b`,
+    /// all at security level 2.
+    fn write_policy(&self, names: &[&str]) -> Result<(), LabError> {
+        let files = self.policy_files();
+        std::fs::create_dir_all(&files.policies)?;
+        for (name, text) in crate::policy::EXAMPLES {
+            std::fs::write(files.policies.join(name), text)?;
+        }
+        let domain = self.trust.domain().clone();
+        let mut inv = crate::policy::Inventory::default();
+        inv.operators.insert(
+            self.operator.id().clone(),
+            crate::policy::OperatorFacts {
+                tenants: ["default".to_string()].into(),
+                groups: ["admins".to_string()].into(),
+            },
+        );
+        for (i, n) in names.iter().enumerate() {
+            inv.agents.insert(
+                SpiffeId::agent(domain.clone(), n.parse()?),
+                crate::policy::HostFacts {
+                    zone: if i % 2 == 0 { "lab-a" } else { "lab-b" }.into(),
+                    security_level: 2,
+                    groups: Default::default(),
+                },
+            );
+        }
+        self.write_inventory(&inv)
+    }
+
+    /// Where the lab's policy lives (agents reload it when it changes).
+    pub fn policy_files(&self) -> crate::policy::PolicyFiles {
+        crate::policy::files_in(&self.pki.dir().join("policy"))
+    }
+
+    /// Replaces the lab's inventory (agents reload it).
+    pub fn write_inventory(&self, inv: &crate::policy::Inventory) -> Result<(), LabError> {
+        let text = serde_json::to_string_pretty(inv)
+            .map_err(|e| LabError::Io(std::io::Error::other(e)))?;
+        // Atomically, as an operator should: agents never see half a file.
+        let path = self.policy_files().inventory;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, path)?;
+        Ok(())
+    }
+
+    /// The inventory in force.
+    pub fn inventory(&self) -> Result<crate::policy::Inventory, LabError> {
+        let text = std::fs::read_to_string(self.policy_files().inventory)?;
+        crate::policy::Inventory::parse(&text).map_err(|e| LabError::Io(std::io::Error::other(e)))
+    }
+
+    /// Issues another operator identity (for tests of tenants).
+    pub fn add_operator(&self, name: &str) -> Result<Identity, LabError> {
+        let n: AgentName = name.parse()?;
+        self.pki
+            .issue(Role::Operator, &n, Duration::from_secs(365 * 86400))?;
+        Ok(self.pki.identity(Role::Operator, &n)?)
+    }
+
+    /// An operator connection to agent `name` as `operator`.
+    pub async fn client_as(
+        &self,
+        name: &str,
+        operator: &Identity,
+    ) -> Result<CtlClient, ClientError> {
+        let a = self
+            .agent(name)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        CtlClient::connect(a.addr, a.id.clone(), operator, &self.trust).await
     }
 
     fn add_agent(
@@ -134,6 +210,7 @@ impl Lab {
             crl: Some(self.pki.crl_path()),
         });
         cfg.reload_interval = Duration::from_millis(200);
+        cfg.policy = Some(self.policy_files());
         tweak(name, &mut cfg);
         let (agent, stop, task) = Lab::launch(cfg.clone())?;
         let addr = agent.0;
@@ -214,10 +291,22 @@ impl Lab {
         to: &str,
         options: MigrateOptions,
     ) -> Result<MigrateRequest, LabError> {
+        self.migrate_request_by(&self.operator, vm, from, to, options)
+    }
+
+    /// A migration request with a ticket signed by `operator`.
+    pub fn migrate_request_by(
+        &self,
+        operator: &Identity,
+        vm: &str,
+        from: &str,
+        to: &str,
+        options: MigrateOptions,
+    ) -> Result<MigrateRequest, LabError> {
         let (src, dst) = (self.agent(from)?, self.agent(to)?);
         let vm: VmName = vm.parse()?;
         let ticket = crate::authz::issue_ticket(
-            &self.operator,
+            operator,
             &vm,
             src.id.clone(),
             dst.id.clone(),

@@ -32,6 +32,7 @@ pub mod engine;
 pub mod identity;
 pub mod lab;
 pub mod pki;
+pub mod policy;
 pub mod transport;
 pub mod units;
 

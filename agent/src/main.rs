@@ -45,6 +45,15 @@ struct Args {
     /// Directory for durable state (ticket replay cache).
     #[arg(long, env = "CONVOY_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Cedar policy: a .cedar file or a directory of them (reloaded when
+    /// changed). Without --policy the agent denies every migration, VM
+    /// creation, abort and audit read.
+    #[arg(long, requires = "inventory", env = "CONVOY_POLICY")]
+    policy: Option<PathBuf>,
+    /// Inventory for the policy (JSON: operators' tenants and groups,
+    /// hosts' zones and security levels).
+    #[arg(long, requires = "policy", env = "CONVOY_INVENTORY")]
+    inventory: Option<PathBuf>,
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
@@ -118,6 +127,13 @@ async fn main() -> Result<()> {
     config.capacity_bytes = args.capacity;
     config.state_dir = args.state_dir;
     config.files = Some(files);
+    config.policy = match (args.policy, args.inventory) {
+        (Some(policies), Some(inventory)) => Some(convoy_agent::policy::PolicyFiles {
+            policies,
+            inventory,
+        }),
+        _ => None,
+    };
     let agent = convoy_agent::Agent::bind(config).context("starting the agent")?;
     tracing::info!(id = %agent.id(), addr = %agent.local_addr()?, "agent listening");
     agent

@@ -3,8 +3,8 @@
 //! migration logic lives here.
 //!
 //! # Layout
-//! - `cmd/`: one module per command (`pki`, `vm`, `migrate`, `status`,
-//!   `demo`, `bench`).
+//! - `cmd/`: one module per command (`pki`, `policy`, `vm`, `migrate`,
+//!   `abort`, `status`, `audit`, `demo`, `bench`).
 //! - [`conn`]: operator identity and agent addressing shared by commands.
 //! - [`render`]: tables, progress bars and JSON output.
 #![forbid(unsafe_code)]
@@ -39,6 +39,11 @@ enum Command {
     Vm(cmd::vm::Vm),
     /// Live-migrate a VM from the agent (--agent) to another agent.
     Migrate(cmd::migrate::Migrate),
+    /// Cancel a VM's outgoing migration on its source agent (--agent).
+    Abort(cmd::abort::Abort),
+    /// Validate Cedar policies and check requests against them offline.
+    #[command(subcommand)]
+    Policy(cmd::policy::Policy),
     /// Show an agent's identity, VMs and recent migrations.
     Status,
     /// Run a complete live migration on this machine: throw-away PKI, two
@@ -83,6 +88,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Audit(c) => cmd::audit::run(&cli.global, c),
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
+            Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
+            Command::Policy(c) => cmd::policy::run(&cli.global, c),
             Command::Status => cmd::status::run(&cli.global).await,
             Command::Demo(c) => cmd::demo::run(&cli.global, c).await,
             Command::Bench(c) => cmd::bench::run(&cli.global, c).await,

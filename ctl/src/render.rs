@@ -112,6 +112,8 @@ pub fn vms(v: &[VmInfo]) -> String {
             vec![
                 vm.name.to_string(),
                 vm.backend.clone(),
+                vm.attributes.tenant.clone(),
+                vm.attributes.security_level.to_string(),
                 format!("{:?}", vm.state),
                 format_bytes(vm.memory_bytes),
                 vm.counter.to_string(),
@@ -124,6 +126,8 @@ pub fn vms(v: &[VmInfo]) -> String {
         &[
             "name",
             "backend",
+            "tenant",
+            "level",
             "state",
             "memory",
             "counter",

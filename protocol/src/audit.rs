@@ -74,6 +74,33 @@ pub enum AuditEvent {
         /// `completed`, `aborted: …`, `in doubt: …`, `started`, `failed: …`.
         outcome: String,
     },
+    /// A policy decision, permit or deny.
+    Decision {
+        /// Migration, when the request was one.
+        migration: Option<MigrationId>,
+        /// Cedar action.
+        action: String,
+        /// Who asked.
+        principal: String,
+        /// On what.
+        resource: String,
+        /// Permitted?
+        permitted: bool,
+        /// The deciding policies, and any evaluation error.
+        explanation: String,
+    },
+    /// A policy was loaded (at start or reload).
+    PolicyLoaded {
+        /// Digest of the policy and inventory files.
+        digest: String,
+        /// Number of policies.
+        policies: u32,
+    },
+    /// A policy reload was refused; the previous policy stays.
+    PolicyRejected {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One signed entry of the log.

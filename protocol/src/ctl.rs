@@ -37,6 +37,8 @@ pub struct SimVmSpec {
     pub content: ContentProfile,
     /// Seed for content and workload.
     pub seed: u64,
+    /// Tenant, security level and labels, for policies.
+    pub attributes: crate::vm::VmAttributes,
 }
 
 /// A VM's lifecycle state on one agent.
@@ -75,6 +77,8 @@ pub struct VmInfo {
     pub arrived_from: Option<String>,
     /// Workload dirty rate, pages per second.
     pub dirty_pages_per_sec: u64,
+    /// Tenant, security level and labels.
+    pub attributes: crate::vm::VmAttributes,
 }
 
 /// Tuning of one migration.
@@ -235,6 +239,8 @@ pub enum CtlErrorKind {
     Unauthorized,
     /// Anything else.
     Internal,
+    /// A policy denies the request.
+    Forbidden,
 }
 
 /// Operator → agent.
@@ -251,7 +257,17 @@ pub enum CtlRequest {
     Migrate(MigrateRequest),
     /// Stop a VM for good and wipe its memory (not while it migrates).
     VmDelete(VmName),
+    /// Cancel the outgoing migration of a VM (refused once handed over).
+    Abort(VmName),
+    /// Up to [`AUDIT_CHUNK`] bytes of the agent's audit log from `offset`.
+    AuditRead {
+        /// Byte offset.
+        offset: u64,
+    },
 }
+
+/// Most audit log bytes in one [`CtlResponse::AuditChunk`].
+pub const AUDIT_CHUNK: usize = 1 << 20;
 
 /// Agent → operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,4 +287,15 @@ pub enum CtlResponse {
     Report(MigrationReport),
     /// Any request failed.
     Error(CtlError),
+    /// Answer to `Abort`: the migration was cancelled, the VM runs here.
+    Aborted(VmName),
+    /// Answer to `AuditRead`.
+    AuditChunk {
+        /// Offset of `bytes`.
+        offset: u64,
+        /// Length of the whole log now.
+        total: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }

@@ -78,6 +78,9 @@ pub enum DestinationAction {
         migration: MigrationId,
         /// The operator's ticket, as proposed.
         ticket: crate::ticket::SignedTicket,
+        /// The VM's attributes, as proposed (bounds checked), for the
+        /// policy.
+        attributes: crate::vm::VmAttributes,
     },
     /// Start the VM from staging with this device state, then call
     /// [`Destination::handle_started`].
@@ -379,6 +382,9 @@ impl Destination {
                 )),
             );
         }
+        if let Err(e) = p.attributes.validate() {
+            return refuse(self, Reason::Unacceptable(e.to_string()));
+        }
         self.applied = vec![0; usize::from(streams)];
         self.opened = vec![false; usize::from(streams)];
         self.actions.push_back(DestinationAction::PrepareStaging {
@@ -386,6 +392,7 @@ impl Destination {
             manifest: p.manifest.clone(),
             migration: p.migration,
             ticket: p.ticket.clone(),
+            attributes: p.attributes.clone(),
         });
         self.proposal = Some(p);
         self.phase = Phase::Preparing;

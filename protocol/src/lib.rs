@@ -43,5 +43,6 @@ pub mod page;
 pub mod receipt;
 pub mod source;
 pub mod ticket;
+pub mod vm;
 
 pub use message::{DecodeError, Message};

@@ -114,6 +114,8 @@ pub struct Propose {
     pub migration: MigrationId,
     /// The VM.
     pub vm: VmName,
+    /// Its attributes, for the destination's policy (checked there).
+    pub attributes: crate::vm::VmAttributes,
     /// What will be sent.
     pub manifest: Manifest,
     /// The operator's signed ticket for this migration.
@@ -484,6 +486,7 @@ mod tests {
             capabilities: Capabilities::OURS,
             migration: MigrationId([7; 16]),
             vm: "vm1".parse().unwrap(),
+            attributes: crate::vm::VmAttributes::default(),
             manifest: Manifest {
                 memory: MemoryGeometry::new(PageSize::SIZE_4K, 100).unwrap(),
                 data_streams: 2,

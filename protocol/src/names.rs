@@ -110,7 +110,7 @@ impl TrustDomain {
 }
 
 /// The kind of principal a SPIFFE ID names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Role {
     /// A Convoy agent on a host: `/agent/<name>`.
@@ -120,7 +120,7 @@ pub enum Role {
 }
 
 /// A Convoy principal: `spiffe://<trust-domain>/<agent|operator>/<name>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SpiffeId {
     domain: TrustDomain,

@@ -49,6 +49,8 @@ pub struct SourceConfig {
     pub migration: MigrationId,
     /// VM.
     pub vm: VmName,
+    /// Its attributes, for the destination's policy.
+    pub attributes: crate::vm::VmAttributes,
     /// What will be sent.
     pub manifest: Manifest,
     /// The operator's ticket, forwarded to the destination.
@@ -352,6 +354,7 @@ impl Source {
                 capabilities: self.cfg.capabilities,
                 migration: self.cfg.migration,
                 vm: self.cfg.vm.clone(),
+                attributes: self.cfg.attributes.clone(),
                 manifest: self.cfg.manifest.clone(),
                 ticket: self.cfg.ticket.clone(),
             })));

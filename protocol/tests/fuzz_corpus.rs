@@ -76,6 +76,7 @@ fn seeds() -> Vec<Message> {
             capabilities: Capabilities::OURS,
             migration: MigrationId([3; 16]),
             vm: "vm".parse().unwrap(),
+            attributes: Default::default(),
             manifest: Manifest {
                 memory: geometry,
                 data_streams: 1,

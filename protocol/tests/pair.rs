@@ -194,6 +194,7 @@ impl Pair {
         let src = Source::new(SourceConfig {
             migration: MigrationId([1; 16]),
             vm: "vm".parse().unwrap(),
+            attributes: Default::default(),
             manifest: Manifest {
                 memory: geometry,
                 data_streams: streams,

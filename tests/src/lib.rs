@@ -21,6 +21,7 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
         hot_set_pct: 10,
         content: ContentProfile::Mixed,
         seed: 1,
+        attributes: Default::default(),
     }
 }
 
@@ -80,6 +81,7 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
         capabilities: Capabilities::OURS,
         migration: body.id,
         vm: body.vm.clone(),
+        attributes: Default::default(),
         manifest: Manifest {
             memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
             data_streams: 1,

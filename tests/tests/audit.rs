@@ -28,6 +28,10 @@ fn kinds(events: &[AuditEvent]) -> Vec<String> {
                 format!("receipt-{:?}", b.kind)
             }
             AuditEvent::Outcome { outcome, .. } => format!("outcome-{outcome}"),
+            AuditEvent::PolicyLoaded { .. } => "policy-loaded".into(),
+            AuditEvent::Decision {
+                action, permitted, ..
+            } => format!("{action}-{}", if *permitted { "permit" } else { "deny" }),
             other => format!("{other:?}"),
         })
         .collect()
@@ -61,7 +65,10 @@ async fn both_logs_record_the_migration_and_verify_offline() {
         kinds(&events),
         vec![
             "started-agent",
+            "policy-loaded",
+            "CreateVm-permit",
             "ticket-source",
+            "MigrateOut-permit",
             "receipt-Accepted",
             "receipt-Ready",
             "receipt-Sent",
@@ -73,7 +80,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
     // The ticket it accepted is the operator's.
     let t: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
     assert!(
-        matches!(&events[1], AuditEvent::TicketAccepted { migration, .. } if *migration == t.id)
+        matches!(&events[3], AuditEvent::TicketAccepted { migration, .. } if *migration == t.id)
     );
 
     let vb = verify_log(&b_log, &lab.trust).unwrap();
@@ -82,7 +89,9 @@ async fn both_logs_record_the_migration_and_verify_offline() {
         kinds(&events),
         vec![
             "started-agent",
+            "policy-loaded",
             "ticket-destination",
+            "MigrateIn-permit",
             "receipt-Accepted",
             "receipt-Ready",
             "receipt-Sent",

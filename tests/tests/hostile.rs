@@ -54,6 +54,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
         capabilities: Capabilities::OURS,
         migration: body.id,
         vm,
+        attributes: Default::default(),
         manifest: Manifest {
             memory: MemoryGeometry::from_bytes(bytes).unwrap(),
             data_streams: streams,

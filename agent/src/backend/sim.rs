@@ -421,6 +421,7 @@ mod tests {
             hot_set_pct: 10,
             content,
             seed: 7,
+            attributes: Default::default(),
         }
     }
 

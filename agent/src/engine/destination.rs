@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
 use crate::backend::Staging;
+use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer, WireError};
 
 enum Event {
@@ -216,6 +217,7 @@ impl Incoming {
                 manifest,
                 migration,
                 ticket,
+                attributes,
             } => {
                 // The operator's ticket first: nothing is reserved for a
                 // migration nobody authorized.
@@ -230,13 +232,37 @@ impl Incoming {
                     migration,
                     &ticket,
                 ) {
-                    Ok(v) => self.inner.audit(AuditEvent::TicketAccepted {
-                        migration,
-                        vm: vm.clone(),
-                        operator: v.signer,
-                        peer: self.peer.id.clone(),
-                        role: "destination".into(),
-                    }),
+                    Ok(v) => {
+                        self.inner.audit(AuditEvent::TicketAccepted {
+                            migration,
+                            vm: vm.clone(),
+                            operator: v.signer.clone(),
+                            peer: self.peer.id.clone(),
+                            role: "destination".into(),
+                        });
+                        // Then the policy, still before anything is reserved.
+                        let d = self.inner.decide(
+                            &Query::MigrateIn {
+                                operator: &v.signer,
+                                vm: VmFacts {
+                                    name: &vm,
+                                    attributes: &attributes,
+                                },
+                                source: &self.peer.id,
+                                destination: &self.inner.id,
+                                ticket: &v.ticket,
+                            },
+                            Some(migration),
+                        );
+                        if !d.permitted {
+                            tracing::warn!(peer = %self.peer.id, "incoming migration denied by policy: {}", d.explain());
+                            sm.handle_staging_failed(Reason::Unauthorized(format!(
+                                "destination policy {}",
+                                d.explain()
+                            )));
+                            return;
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
                         self.inner.audit(AuditEvent::Refused {
@@ -254,6 +280,9 @@ impl Incoming {
                     Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
                     Ok(()) => match SimVm::incoming(manifest.memory) {
                         Ok(staging) => {
+                            if let Some(e) = self.inner.vms().get_mut(&vm) {
+                                e.attributes = attributes;
+                            }
                             self.staging = Some(staging);
                             self.name = Some(vm);
                             self.geometry = Some(manifest.memory);

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{ActiveGuard, Inner, TamperHook};
 use crate::backend::VmBackend;
+use crate::policy::{Query, VmFacts};
 use crate::transport::{self, read_message, write_message, ALPN_AGENT};
 
 /// Why a migration could not even begin (the VM was never touched).
@@ -57,6 +58,9 @@ pub enum MigrateError {
     /// The audit log cannot be written: no migration may start.
     #[error("the audit log cannot be written; refusing migrations")]
     AuditUnavailable,
+    /// The source's policy denies it.
+    #[error("policy {0}")]
+    Forbidden(String),
 }
 
 impl MigrateError {
@@ -65,6 +69,7 @@ impl MigrateError {
         match self {
             MigrateError::NoSuchVm(_) => CtlErrorKind::NotFound,
             MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
+            MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
             _ => CtlErrorKind::BadRequest,
         }
     }
@@ -148,6 +153,28 @@ pub(crate) async fn migrate(
         peer: dest_id.clone(),
         role: "source".into(),
     });
+    // The policy, before anything is touched.
+    let attributes = inner
+        .vms()
+        .get(&req.vm)
+        .map(|e| e.attributes.clone())
+        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+    let decision = inner.decide(
+        &Query::MigrateOut {
+            operator: &ticket.signer,
+            vm: VmFacts {
+                name: &req.vm,
+                attributes: &attributes,
+            },
+            source: &inner.id,
+            destination: &dest_id,
+            ticket: &ticket.ticket,
+        },
+        Some(ticket.ticket.id),
+    );
+    if !decision.permitted {
+        return Err(MigrateError::Forbidden(decision.explain()));
+    }
     let addr = match &req.to_addr {
         Some(a) => a
             .parse()
@@ -159,6 +186,7 @@ pub(crate) async fn migrate(
             .ok_or_else(|| MigrateError::UnknownPeer(req.to.to_string()))?,
     };
     // Claim the VM: only a running VM may leave, and only once at a time.
+    let cancel = Arc::new(tokio::sync::Notify::new());
     let vm: Arc<dyn VmBackend> = {
         let mut vms = inner.vms();
         let entry = vms
@@ -167,6 +195,7 @@ pub(crate) async fn migrate(
         match (&entry.vm, entry.state) {
             (Some(vm), VmState::Running) => {
                 entry.state = VmState::MigratingOut;
+                entry.cancel = Some(cancel.clone());
                 vm.clone()
             }
             (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
@@ -185,6 +214,8 @@ pub(crate) async fn migrate(
         progress,
         counter_at_pause: None,
         control_bytes: 0,
+        cancel,
+        attributes,
     };
     let creds = inner.creds();
     let report = match transport::connect(
@@ -208,6 +239,9 @@ pub(crate) async fn migrate(
             )
         }
     };
+    if let Some(e) = inner.vms().get_mut(&req.vm) {
+        e.cancel = None;
+    }
     tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
     for r in &report.receipts {
         inner.audit(AuditEvent::Receipt(r.clone()));
@@ -234,6 +268,8 @@ struct Run {
     progress: mpsc::Sender<Progress>,
     counter_at_pause: Option<u64>,
     control_bytes: u64,
+    cancel: Arc<tokio::sync::Notify>,
+    attributes: convoy_protocol::vm::VmAttributes,
 }
 
 impl Run {
@@ -271,6 +307,7 @@ impl Run {
         let mut sm = Source::new(SourceConfig {
             migration: self.migration,
             vm: self.req.vm.clone(),
+            attributes: self.attributes.clone(),
             manifest: Manifest {
                 memory: geometry,
                 data_streams: opts.streams,
@@ -463,6 +500,13 @@ impl Run {
                     None => sm.handle_link_lost(Instant::now(), "data streams ended"),
                 },
                 () = sleep_until(deadline) => sm.handle_timeout(Instant::now()),
+                () = self.cancel.notified() => {
+                    if sm.cancel(Instant::now()) {
+                        tracing::info!(migration = %self.migration, "cancelled by the operator");
+                    } else {
+                        tracing::warn!(migration = %self.migration, "cancel refused: already handed over");
+                    }
+                }
             }
         };
         drop(jobs);

@@ -118,6 +118,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             hot_set_pct: 10,
             content,
             seed: i as u64 + 1,
+            attributes: Default::default(),
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -10,6 +10,7 @@ use convoy_agent::units::format_bytes;
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{Outcome, SimVmSpec};
 use convoy_protocol::receipt::SignedReceipt;
+use convoy_protocol::vm::VmAttributes;
 
 use crate::cmd::migrate::Tuning;
 use crate::cmd::vm::Content;
@@ -64,6 +65,11 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         hot_set_pct: d.hot_set,
         content: d.content.into(),
         seed: 1,
+        attributes: VmAttributes {
+            tenant: "default".into(),
+            security_level: 1,
+            labels: [("app".to_string(), "demo".to_string())].into(),
+        },
     };
     say(format!(
         "VM demo: {} of {:?} memory, workload writing {} pages/s ({}% hot set)",
@@ -134,6 +140,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             "source": report.source,
             "destination": report.destination,
             "ticket_verified": ev.ticket_verified,
+            "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
             "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
             "audit_verified": ev.audit_verified,
         }))?;
@@ -158,6 +165,11 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             yes(ev.audit_verified)
         );
         println!(
+            "policy: MigrateOut permitted at a: {}; MigrateIn permitted at b: {} (decisions read back from the signed audit logs)",
+            yes(ev.permitted_source),
+            yes(ev.permitted_destination)
+        );
+        println!(
             "exactly once: {} on a, {} on b",
             if on_a { "still present" } else { "gone" },
             if arrived.is_some() {
@@ -170,7 +182,13 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     a.close().await;
     b.close().await;
     lab.shutdown().await;
-    if !verified || !counter_continuous || !ev.ticket_verified || !ev.audit_verified {
+    if !verified
+        || !counter_continuous
+        || !ev.ticket_verified
+        || !ev.audit_verified
+        || !ev.permitted_source
+        || !ev.permitted_destination
+    {
         bail!("the demo migration did not verify");
     }
     Ok(())
@@ -191,6 +209,8 @@ fn yes(b: bool) -> &'static str {
 /// What the trust path left behind, checked offline with the CA bundle.
 struct Evidence {
     ticket_verified: bool,
+    permitted_source: bool,
+    permitted_destination: bool,
     receipts_source: usize,
     receipts_destination: usize,
     audit_verified: bool,
@@ -211,12 +231,22 @@ fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence 
             })
         })
     };
+    let permitted = |log: &Option<convoy_protocol::audit::VerifiedLog>, what: &str| {
+        log.as_ref().is_some_and(|l| {
+            l.records.iter().any(|r| {
+                matches!(&r.event, AuditEvent::Decision { migration: Some(m), action, permitted: true, .. }
+                    if m.to_string() == migration && action == what)
+            })
+        })
+    };
     let ours = |r: &SignedReceipt| {
         r.verify(&lab.trust)
             .is_ok_and(|v| v.receipt.migration.to_string() == migration)
     };
     Evidence {
         ticket_verified: accepted(&a, "source") && accepted(&b, "destination"),
+        permitted_source: permitted(&a, "MigrateOut"),
+        permitted_destination: permitted(&b, "MigrateIn"),
         receipts_source: receipts.iter().filter(|r| ours(r)).count(),
         receipts_destination: b.as_ref().map_or(0, |l| {
             l.records

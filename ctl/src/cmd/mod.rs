@@ -1,9 +1,11 @@
 //! One module per `convoyctl` command.
 
+pub mod abort;
 pub mod audit;
 pub mod bench;
 pub mod demo;
 pub mod migrate;
 pub mod pki;
+pub mod policy;
 pub mod status;
 pub mod vm;

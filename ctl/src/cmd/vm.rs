@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
 use convoy_protocol::names::VmName;
+use convoy_protocol::vm::VmAttributes;
 
 use crate::conn::{client, Global};
 use crate::render;
@@ -66,19 +67,41 @@ pub struct Create {
     /// Seed for content and workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The tenant that owns the VM (policies compare it with operators'
+    /// tenants).
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// The VM's security level (0-100; policies compare it with hosts').
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub security_level: u8,
+    /// A label KEY=VALUE (repeatable; policies read them as tags).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    VmAttributes::parse_label(s).map_err(|e| e.to_string())
 }
 
 impl Create {
-    /// The wire spec.
-    pub fn spec(&self) -> SimVmSpec {
-        SimVmSpec {
+    /// The wire spec (attributes checked here too, for a clear error
+    /// before anything is sent).
+    pub fn spec(&self) -> Result<SimVmSpec> {
+        let attributes = VmAttributes {
+            tenant: self.tenant.clone(),
+            security_level: self.security_level,
+            labels: self.labels.iter().cloned().collect(),
+        };
+        attributes.validate()?;
+        Ok(SimVmSpec {
             name: self.name.clone(),
             memory_bytes: self.memory,
             dirty_pages_per_sec: self.dirty_rate,
             hot_set_pct: self.hot_set,
             content: self.content.into(),
             seed: self.seed,
-        }
+            attributes,
+        })
     }
 }
 
@@ -87,7 +110,7 @@ pub async fn run(g: &Global, c: Vm) -> Result<()> {
     let cl = client(g).await?;
     match c {
         Vm::Create(c) => {
-            let info = cl.vm_create(c.spec()).await?;
+            let info = cl.vm_create(c.spec()?).await?;
             if g.json {
                 render::json(&info)?;
             } else {

@@ -1,0 +1,228 @@
+//! `convoyctl policy`: check Cedar policy files against Convoy's schema, and
+//! ask them a question offline, with the deciding policies shown.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+use clap::Subcommand;
+use convoy_agent::authz::now_unix;
+use convoy_agent::policy::{Action, PolicyFiles, PolicySet, Query, VmFacts};
+use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
+use convoy_protocol::ticket::{Ticket, TicketLimits};
+use convoy_protocol::vm::VmAttributes;
+
+use crate::conn::Global;
+use crate::render;
+
+/// Policy commands.
+#[derive(Subcommand, Debug)]
+pub enum Policy {
+    /// Parse and validate policies (a .cedar file or a directory of them)
+    /// against the Convoy schema, and the inventory when given.
+    Validate {
+        /// Policy file or directory.
+        file: PathBuf,
+        /// Inventory (JSON). Without one, an empty inventory is checked.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+    },
+    /// Decide one request offline and explain which policies decided.
+    /// Exits non-zero when the request is denied.
+    Check(Box<Check>),
+    /// Print the schema policies are validated against.
+    Schema,
+}
+
+/// `policy check` flags.
+#[derive(clap::Args, Debug)]
+pub struct Check {
+    /// Policy file or directory.
+    #[arg(long)]
+    policy: PathBuf,
+    /// Inventory (JSON).
+    #[arg(long)]
+    inventory: PathBuf,
+    /// MigrateOut, MigrateIn, CreateVm, Abort or ReadAudit.
+    #[arg(long)]
+    action: Action,
+    /// The operator asking (or whose ticket it is), as a SPIFFE ID.
+    #[arg(long, value_name = "OPERATOR_ID")]
+    by: SpiffeId,
+    /// Source agent (MigrateOut, MigrateIn), as a SPIFFE ID.
+    #[arg(long)]
+    source: Option<SpiffeId>,
+    /// Destination agent (MigrateOut, MigrateIn), as a SPIFFE ID.
+    #[arg(long)]
+    destination: Option<SpiffeId>,
+    /// The agent asked (CreateVm, Abort, ReadAudit), as a SPIFFE ID.
+    #[arg(long)]
+    host: Option<SpiffeId>,
+    /// VM name.
+    #[arg(long, default_value = "vm")]
+    vm: VmName,
+    /// The VM's tenant.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// The VM's security level.
+    #[arg(long, default_value_t = 0)]
+    security_level: u8,
+    /// A VM label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    VmAttributes::parse_label(s).map_err(|e| e.to_string())
+}
+
+/// Runs a policy command.
+pub fn run(g: &Global, c: Policy) -> Result<()> {
+    match c {
+        Policy::Schema => {
+            print!("{}", convoy_agent::policy::SCHEMA);
+            Ok(())
+        }
+        Policy::Validate { file, inventory } => validate(g, file, inventory),
+        Policy::Check(c) => check(g, *c),
+    }
+}
+
+fn validate(g: &Global, file: PathBuf, inventory: Option<PathBuf>) -> Result<()> {
+    let empty;
+    let inventory = match inventory {
+        Some(i) => i,
+        None => {
+            empty = tempfile::NamedTempFile::new()?;
+            std::fs::write(empty.path(), "{}")?;
+            empty.path().to_owned()
+        }
+    };
+    let set = PolicySet::load(&PolicyFiles {
+        policies: file.clone(),
+        inventory,
+    })?;
+    let names: Vec<&str> = set.names().collect();
+    if g.json {
+        return render::json(&serde_json::json!({
+            "valid": true,
+            "policies": names,
+            "digest": set.digest(),
+            "operators": set.inventory().operators.len(),
+            "agents": set.inventory().agents.len(),
+        }));
+    }
+    println!(
+        "valid: {} policies ({}), inventory of {} operators and {} agents",
+        names.len(),
+        names.join(", "),
+        set.inventory().operators.len(),
+        set.inventory().agents.len()
+    );
+    Ok(())
+}
+
+fn need<'a>(v: &'a Option<SpiffeId>, flag: &str, action: Action) -> Result<&'a SpiffeId> {
+    v.as_ref()
+        .ok_or_else(|| anyhow!("--{flag} is required for {}", action.name()))
+}
+
+fn check(g: &Global, c: Check) -> Result<()> {
+    let set = PolicySet::load(&PolicyFiles {
+        policies: c.policy.clone(),
+        inventory: c.inventory.clone(),
+    })?;
+    let attributes = VmAttributes {
+        tenant: c.tenant.clone(),
+        security_level: c.security_level,
+        labels: c.labels.iter().cloned().collect(),
+    };
+    attributes.validate()?;
+    let vm = VmFacts {
+        name: &c.vm,
+        attributes: &attributes,
+    };
+    let now = now_unix();
+    let limits = convoy_protocol::ctl::MigrateOptions::default();
+    let ticket = |source: &SpiffeId, destination: &SpiffeId| Ticket {
+        id: MigrationId([0; 16]),
+        vm: c.vm.clone(),
+        source: source.clone(),
+        destination: destination.clone(),
+        limits: TicketLimits {
+            streams: limits.streams,
+            max_downtime_ms: limits.max_downtime_ms,
+            max_rounds: limits.max_rounds,
+        },
+        issued_at: now,
+        expires_at: now + 300,
+        nonce: [0; 16],
+    };
+    let a = c.action;
+    let decision = match a {
+        Action::MigrateOut | Action::MigrateIn => {
+            let (s, d) = (
+                need(&c.source, "source", a)?,
+                need(&c.destination, "destination", a)?,
+            );
+            let t = ticket(s, d);
+            let q = if a == Action::MigrateOut {
+                Query::MigrateOut {
+                    operator: &c.by,
+                    vm,
+                    source: s,
+                    destination: d,
+                    ticket: &t,
+                }
+            } else {
+                Query::MigrateIn {
+                    operator: &c.by,
+                    vm,
+                    source: s,
+                    destination: d,
+                    ticket: &t,
+                }
+            };
+            set.decide(&q)
+        }
+        Action::CreateVm | Action::Abort => {
+            let host = need(&c.host, "host", a)?;
+            set.decide(&if a == Action::CreateVm {
+                Query::CreateVm {
+                    operator: &c.by,
+                    vm,
+                    host,
+                }
+            } else {
+                Query::Abort {
+                    operator: &c.by,
+                    vm,
+                    host,
+                }
+            })
+        }
+        Action::ReadAudit => set.decide(&Query::ReadAudit {
+            operator: &c.by,
+            host: need(&c.host, "host", a)?,
+        }),
+    };
+    if g.json {
+        render::json(&serde_json::json!({
+            "permitted": decision.permitted,
+            "policies": decision.policies,
+            "reasons": decision.reasons,
+            "errors": decision.errors,
+            "explanation": decision.explain(),
+        }))?;
+    } else {
+        println!("{}", decision.explain());
+        for name in &decision.policies {
+            if let Some(text) = set.text(name) {
+                println!("\n{name}:\n{}", text.trim_end());
+            }
+        }
+    }
+    if !decision.permitted {
+        bail!("{} denied", a.name());
+    }
+    Ok(())
+}

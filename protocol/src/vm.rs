@@ -1,0 +1,134 @@
+//! What access-control policies know of a VM: its tenant, security level and
+//! labels ([`VmAttributes`]). They are set when the VM is created, travel
+//! with it in `Propose`, and are checked again by every agent that reads
+//! them, since they cross the wire.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Most labels on one VM.
+pub const MAX_LABELS: usize = 32;
+/// Longest tenant, label key or label value, in bytes.
+pub const MAX_ATTR_LEN: usize = 64;
+/// Highest security level.
+pub const MAX_SECURITY_LEVEL: u8 = 100;
+
+/// A VM's attributes as policies see them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmAttributes {
+    /// The tenant that owns the VM.
+    pub tenant: String,
+    /// Its security level, 0 (lowest) to [`MAX_SECURITY_LEVEL`]; policies
+    /// compare it with host levels.
+    pub security_level: u8,
+    /// Free-form `key → value` labels (Cedar entity tags).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for VmAttributes {
+    fn default() -> Self {
+        VmAttributes {
+            tenant: "default".into(),
+            security_level: 0,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why attributes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid VM attributes: {0}")]
+pub struct AttributeError(pub String);
+
+fn token(what: &str, v: &str) -> Result<(), AttributeError> {
+    if v.is_empty() || v.len() > MAX_ATTR_LEN {
+        return Err(AttributeError(format!(
+            "{what} {:?} must be 1 to {MAX_ATTR_LEN} bytes",
+            v.chars().take(80).collect::<String>()
+        )));
+    }
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'))
+    {
+        return Err(AttributeError(format!(
+            "{what} {v:?} may hold only ASCII letters, digits and - _ . / :"
+        )));
+    }
+    Ok(())
+}
+
+impl VmAttributes {
+    /// Checks every bound (call on anything received).
+    pub fn validate(&self) -> Result<(), AttributeError> {
+        token("tenant", &self.tenant)?;
+        if self.security_level > MAX_SECURITY_LEVEL {
+            return Err(AttributeError(format!(
+                "security level {} is above {MAX_SECURITY_LEVEL}",
+                self.security_level
+            )));
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(AttributeError(format!(
+                "{} labels, at most {MAX_LABELS}",
+                self.labels.len()
+            )));
+        }
+        for (k, v) in &self.labels {
+            token("label key", k)?;
+            token("label value", v)?;
+        }
+        Ok(())
+    }
+
+    /// Parses `key=value` into a label.
+    pub fn parse_label(s: &str) -> Result<(String, String), AttributeError> {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| AttributeError(format!("label {s:?} is not key=value")))?;
+        token("label key", k)?;
+        token("label value", v)?;
+        Ok((k.to_owned(), v.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_enforced() {
+        let mut a = VmAttributes::default();
+        assert!(a.validate().is_ok());
+        a.tenant = String::new();
+        assert!(a.validate().is_err());
+        a.tenant = "t".repeat(MAX_ATTR_LEN + 1);
+        assert!(a.validate().is_err());
+        a.tenant = "acme corp".into();
+        assert!(a.validate().is_err());
+        a.tenant = "acme".into();
+        a.security_level = MAX_SECURITY_LEVEL + 1;
+        assert!(a.validate().is_err());
+        a.security_level = 3;
+        for i in 0..=MAX_LABELS {
+            a.labels.insert(format!("k{i}"), "v".into());
+        }
+        assert!(a.validate().unwrap_err().0.contains("labels"));
+        a.labels.clear();
+        a.labels.insert("env".into(), "pro\nd".into());
+        assert!(a.validate().is_err());
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(
+            VmAttributes::parse_label("env=prod").unwrap(),
+            ("env".into(), "prod".into())
+        );
+        assert!(VmAttributes::parse_label("env").is_err());
+        assert!(VmAttributes::parse_label("=x").is_err());
+        assert!(VmAttributes::parse_label("a=").is_err());
+    }
+}
