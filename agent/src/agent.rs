@@ -96,6 +96,22 @@ pub struct CredentialFiles {
     pub ca: PathBuf,
     /// CRL (may appear later).
     pub crl: Option<PathBuf>,
+    /// Other trust domains trusted for named identities.
+    pub federation: Vec<FederationFiles>,
+}
+
+/// Another trust domain's CA bundle, trusted for named identities only
+/// (see [`TrustBundle::federate`]).
+#[derive(Debug, Clone)]
+pub struct FederationFiles {
+    /// Its trust domain.
+    pub domain: TrustDomain,
+    /// Its CA bundle (PEM).
+    pub ca: PathBuf,
+    /// Its CRL, when it publishes one.
+    pub crl: Option<PathBuf>,
+    /// The identities of that domain we accept (agents and operators).
+    pub peers: Vec<SpiffeId>,
 }
 
 impl CredentialFiles {
@@ -103,6 +119,10 @@ impl CredentialFiles {
         let m = |p: &PathBuf| crate::policy::FileStamp::of(p);
         let mut v = vec![m(&self.cert), m(&self.key), m(&self.ca)];
         v.push(self.crl.as_ref().and_then(m));
+        for f in &self.federation {
+            v.push(m(&f.ca));
+            v.push(f.crl.as_ref().and_then(m));
+        }
         v
     }
 
@@ -116,6 +136,13 @@ impl CredentialFiles {
         let mut trust = TrustBundle::load(&self.ca, domain.clone())?;
         if let Some(crl) = self.crl.as_ref().filter(|p| p.exists()) {
             trust = trust.with_crl_file(crl)?;
+        }
+        for f in &self.federation {
+            let mut other = TrustBundle::load(&f.ca, f.domain.clone())?;
+            if let Some(crl) = f.crl.as_ref().filter(|p| p.exists()) {
+                other = other.with_crl_file(crl)?;
+            }
+            trust = trust.federate(other, f.peers.iter().cloned())?;
         }
         Ok((identity, trust))
     }

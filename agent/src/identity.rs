@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use convoy_protocol::names::{NameError, SpiffeId, TrustDomain};
+use convoy_protocol::names::{AgentName, NameError, Role, SpiffeId, TrustDomain};
 use convoy_protocol::ticket::{TicketSigner, TicketVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
@@ -71,6 +71,9 @@ pub enum IdentityError {
     /// The client-certificate verifier could not be built.
     #[error("client verifier: {0}")]
     Verifier(String),
+    /// A federation setting is inconsistent.
+    #[error("federation: {0}")]
+    Federation(String),
 }
 
 /// This agent's (or operator's) certificate chain and private key.
@@ -144,12 +147,26 @@ impl Identity {
 
 /// The CA certificates a peer's chain must end in, the trust domain they
 /// vouch for, and the certificate revocation lists in force.
+///
+/// **Federation:** a bundle may also trust other trust domains' CAs, each
+/// for a list of named SPIFFE IDs only ([`TrustBundle::federate`]). Every
+/// chain is checked against the CA of the domain its SPIFFE ID claims: a
+/// federated CA cannot vouch for our domain or for an identity it was not
+/// named for, and our CA cannot vouch for another domain.
 #[derive(Clone)]
 pub struct TrustBundle {
     roots: Arc<RootCertStore>,
     domain: TrustDomain,
     crls: Arc<Vec<CertificateRevocationListDer<'static>>>,
     parsed_crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+    federated: Arc<Vec<Federated>>,
+}
+
+/// Another trust domain, trusted for named identities only.
+#[derive(Clone, Debug)]
+struct Federated {
+    bundle: TrustBundle,
+    peers: std::collections::BTreeSet<SpiffeId>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -158,6 +175,14 @@ impl fmt::Debug for TrustBundle {
             .field("domain", &self.domain)
             .field("roots", &self.roots.len())
             .field("crls", &self.crls.len())
+            .field(
+                "federated",
+                &self
+                    .federated
+                    .iter()
+                    .map(|f| (f.bundle.domain.to_string(), f.peers.len()))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -193,7 +218,114 @@ impl TrustBundle {
             domain,
             crls: Arc::new(Vec::new()),
             parsed_crls: Arc::new(Vec::new()),
+            federated: Arc::new(Vec::new()),
         })
+    }
+
+    /// Also trusts `other` (another trust domain's CA bundle, with its CRLs)
+    /// for the identities in `peers` only, which must all be in `other`'s
+    /// domain. Refused for our own domain, or a domain federated already.
+    pub fn federate(
+        mut self,
+        other: TrustBundle,
+        peers: impl IntoIterator<Item = SpiffeId>,
+    ) -> Result<Self, IdentityError> {
+        let bad = |what: String| IdentityError::Federation(what);
+        if other.domain == self.domain {
+            return Err(bad(format!(
+                "{} is our own trust domain, not a federated one",
+                other.domain
+            )));
+        }
+        if self
+            .federated
+            .iter()
+            .any(|f| f.bundle.domain == other.domain)
+        {
+            return Err(bad(format!("{} is federated twice", other.domain)));
+        }
+        let peers: std::collections::BTreeSet<SpiffeId> = peers.into_iter().collect();
+        if peers.is_empty() {
+            return Err(bad(format!(
+                "federation with {} names no peer identity",
+                other.domain
+            )));
+        }
+        if let Some(p) = peers.iter().find(|p| p.domain() != &other.domain) {
+            return Err(bad(format!("{p} is not in trust domain {}", other.domain)));
+        }
+        let mut f = (*self.federated).clone();
+        f.push(Federated {
+            bundle: TrustBundle {
+                federated: Arc::new(Vec::new()),
+                ..other
+            },
+            peers,
+        });
+        self.federated = Arc::new(f);
+        Ok(self)
+    }
+
+    /// The federated identity called `name` with `role`, if exactly one
+    /// federated domain names one.
+    pub fn federated_peer(&self, role: Role, name: &AgentName) -> Option<SpiffeId> {
+        let mut found = self
+            .federated
+            .iter()
+            .flat_map(|f| f.peers.iter())
+            .filter(|p| p.role() == role && p.name() == name);
+        match (found.next(), found.next()) {
+            (Some(p), None) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    /// The bundle that may vouch for `id`: ours for our domain, a federated
+    /// one for the identities it was named for, none otherwise.
+    fn bundle_for(&self, id: &SpiffeId) -> Result<&TrustBundle, String> {
+        if id.domain() == &self.domain {
+            return Ok(self);
+        }
+        match self
+            .federated
+            .iter()
+            .find(|f| f.bundle.domain == *id.domain())
+        {
+            Some(f) if f.peers.contains(id) => Ok(&f.bundle),
+            Some(f) => Err(format!(
+                "{id} is not among the identities federated from {}",
+                f.bundle.domain
+            )),
+            None => Err(format!(
+                "{id} is in trust domain {}, which is neither ours ({}) nor federated",
+                id.domain(),
+                self.domain
+            )),
+        }
+    }
+
+    /// Verifies a peer's chain (leaf first) against the bundle of the domain
+    /// its SPIFFE ID claims (see the type's docs), for `usage` at `now`.
+    pub fn verify_peer(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, String> {
+        let id = spiffe_id_of(leaf).map_err(|e| e.to_string())?;
+        self.bundle_for(&id)?
+            .verify_chain_for(leaf, intermediates, now, usage)
+            .map_err(|e| match e {
+                webpki::Error::CertRevoked => "certificate revoked".to_string(),
+                webpki::Error::CertExpired { .. } => "certificate expired".to_string(),
+                webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".to_string(),
+                webpki::Error::UnknownIssuer => {
+                    format!("{id}: certificate not issued by the CA of {}", id.domain())
+                }
+                other => format!("{other:?}"),
+            })?;
+        Ok(id)
     }
 
     /// Adds the CRLs in a PEM file: certificates they list are refused at
@@ -264,14 +396,23 @@ impl TrustBundle {
 
     /// The verifier of client certificates: chained to our CAs, end-entity
     /// certificates checked against our CRLs.
+    ///
+    /// With federation, the handshake accepts chains to any trusted CA; the
+    /// binding of each domain to its CA and named identities is then checked
+    /// by [`TrustBundle::verify_peer`] (see `transport::authorize_peer`).
     pub fn client_verifier(
         &self,
     ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, IdentityError> {
-        let mut builder =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
-        if !self.crls.is_empty() {
+        let mut roots = (*self.roots).clone();
+        let mut crls: Vec<CertificateRevocationListDer<'static>> = (*self.crls).clone();
+        for f in self.federated.iter() {
+            roots.roots.extend(f.bundle.roots.roots.iter().cloned());
+            crls.extend(f.bundle.crls.iter().cloned());
+        }
+        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        if !crls.is_empty() {
             builder = builder
-                .with_crls(self.crls.iter().cloned())
+                .with_crls(crls)
                 .only_check_end_entity_revocation()
                 .allow_unknown_revocation_status();
         }
@@ -364,7 +505,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.trust
+        let claimed = spiffe_id_of(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        let bundle = self.trust.bundle_for(&claimed).map_err(|e| {
+            tracing::warn!(presented = %claimed, "untrusted domain or identity: {e}");
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        })?;
+        bundle
             .verify_chain_for(
                 end_entity,
                 intermediates,
@@ -422,19 +572,12 @@ impl TicketVerifier for TrustBundle {
             .iter()
             .map(|c| CertificateDer::from(c.as_slice()))
             .collect();
-        self.verify_chain_for(
+        self.verify_peer(
             &leaf,
             &intermediates,
             UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_unix)),
             webpki::KeyUsage::client_auth(),
         )
-        .map_err(|e| match e {
-            webpki::Error::CertRevoked => "certificate revoked".to_string(),
-            webpki::Error::CertExpired { .. } => "certificate expired".to_string(),
-            webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".to_string(),
-            other => format!("{other:?}"),
-        })?;
-        spiffe_id_of(&leaf).map_err(|e| e.to_string())
     }
 
     fn verify_signature(
@@ -508,4 +651,48 @@ pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Pki;
+
+    fn pki(dir: &Path, domain: &str) -> Pki {
+        Pki::init(dir, TrustDomain::new(domain).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let home = pki(&d.path().join("h"), "home.test").trust().unwrap();
+        let other = pki(&d.path().join("o"), "other.test").trust().unwrap();
+        let id = |s: &str| -> SpiffeId { s.parse().unwrap() };
+        let e = |r: Result<TrustBundle, IdentityError>| r.unwrap_err().to_string();
+        assert!(e(home
+            .clone()
+            .federate(home.clone(), [id("spiffe://home.test/agent/a")]))
+        .contains("our own trust domain"));
+        assert!(e(home.clone().federate(other.clone(), [])).contains("names no peer"));
+        assert!(e(home
+            .clone()
+            .federate(other.clone(), [id("spiffe://third.test/agent/x")]))
+        .contains("is not in trust domain other.test"));
+        let f = home
+            .clone()
+            .federate(other.clone(), [id("spiffe://other.test/agent/x")])
+            .unwrap();
+        assert!(e(f
+            .clone()
+            .federate(other, [id("spiffe://other.test/agent/y")]))
+        .contains("federated twice"));
+        let x: AgentName = "x".parse().unwrap();
+        assert_eq!(
+            f.federated_peer(Role::Agent, &x),
+            Some(id("spiffe://other.test/agent/x"))
+        );
+        assert_eq!(f.federated_peer(Role::Operator, &x), None);
+        assert!(f.bundle_for(&id("spiffe://other.test/agent/y")).is_err());
+        assert!(f.bundle_for(&id("spiffe://third.test/agent/x")).is_err());
+    }
 }

@@ -208,6 +208,7 @@ impl Lab {
             key: files.key,
             ca: self.pki.ca_cert(),
             crl: Some(self.pki.crl_path()),
+            federation: Vec::new(),
         });
         cfg.reload_interval = Duration::from_millis(200);
         cfg.policy = Some(self.policy_files());

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use convoy_agent::agent::CredentialFiles;
+use convoy_agent::agent::{CredentialFiles, FederationFiles};
 use convoy_agent::pki::Pki;
 use convoy_agent::AgentConfig;
-use convoy_protocol::names::{AgentName, Role, TrustDomain};
+use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 
 /// The Convoy agent: serves migrations and operators on one UDP port.
 #[derive(Parser, Debug)]
@@ -54,9 +54,57 @@ struct Args {
     /// hosts' zones and security levels).
     #[arg(long, requires = "policy", env = "CONVOY_INVENTORY")]
     inventory: Option<PathBuf>,
+    /// Trust another trust domain's CA bundle: DOMAIN=CA.pem (repeatable),
+    /// for the identities named with --federated-peer only.
+    #[arg(long = "federate", value_parser = parse_federate)]
+    federate: Vec<(TrustDomain, PathBuf)>,
+    /// An identity of a federated domain to accept, as a SPIFFE ID
+    /// (repeatable; agents and operators).
+    #[arg(long = "federated-peer")]
+    federated_peers: Vec<SpiffeId>,
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
+}
+
+fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf), String> {
+    let (d, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected DOMAIN=CA.pem"))?;
+    Ok((TrustDomain::new(d).map_err(|e| e.to_string())?, p.into()))
+}
+
+/// Each federated domain with the identities named for it.
+fn federation(args: &Args) -> Result<Vec<FederationFiles>> {
+    let mut out = Vec::new();
+    for (domain, ca) in &args.federate {
+        let peers: Vec<SpiffeId> = args
+            .federated_peers
+            .iter()
+            .filter(|p| p.domain() == domain)
+            .cloned()
+            .collect();
+        if peers.is_empty() {
+            bail!("--federate {domain} names no identity: add --federated-peer spiffe://{domain}/agent/NAME");
+        }
+        out.push(FederationFiles {
+            domain: domain.clone(),
+            ca: ca.clone(),
+            crl: None,
+            peers,
+        });
+    }
+    if let Some(p) = args
+        .federated_peers
+        .iter()
+        .find(|p| !args.federate.iter().any(|(d, _)| d == p.domain()))
+    {
+        bail!(
+            "--federated-peer {p}: its trust domain is not federated (add --federate {}=CA.pem)",
+            p.domain()
+        );
+    }
+    Ok(out)
 }
 
 fn parse_peer(s: &str) -> Result<(AgentName, SocketAddr), String> {
@@ -92,6 +140,7 @@ async fn main() -> Result<()> {
                 key: p.key,
                 ca: pki.ca_cert(),
                 crl: Some(args.crl.clone().unwrap_or_else(|| pki.crl_path())),
+                federation: federation(&args)?,
             };
             (files, pki.domain().clone())
         }
@@ -104,6 +153,7 @@ async fn main() -> Result<()> {
                 key: key.clone(),
                 ca: ca.clone(),
                 crl: args.crl.clone(),
+                federation: federation(&args)?,
             };
             (files, TrustDomain::new(td)?)
         }

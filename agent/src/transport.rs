@@ -231,13 +231,17 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
     let leaf = chain
         .first()
         .ok_or_else(|| TransportError::Unauthorized("empty certificate chain".into()))?;
-    let id = identity::spiffe_id_of(leaf)?;
-    if id.domain() != trust.domain() {
-        return Err(TransportError::Unauthorized(format!(
-            "{id} is not in trust domain {}",
-            trust.domain()
-        )));
-    }
+    // The handshake accepted a chain to any trusted CA; the chain must lead
+    // to the CA of the domain the identity claims (and a federated
+    // identity must be one of those named).
+    let id = trust
+        .verify_peer(
+            leaf,
+            &chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .map_err(TransportError::Unauthorized)?;
     let wanted = if alpn == ALPN_AGENT {
         Role::Agent
     } else if alpn == ALPN_CTL {

@@ -123,7 +123,12 @@ pub(crate) async fn migrate(
             "max rounds must be at least 1".into(),
         ));
     }
-    let dest_id = SpiffeId::agent(inner.id.domain().clone(), req.to.clone());
+    // A federated peer of that name, else an agent of our domain.
+    let dest_id = inner
+        .creds()
+        .trust
+        .federated_peer(convoy_protocol::names::Role::Agent, &req.to)
+        .unwrap_or_else(|| SpiffeId::agent(inner.id.domain().clone(), req.to.clone()));
     if dest_id == inner.id {
         return Err(MigrateError::SelfMigration);
     }

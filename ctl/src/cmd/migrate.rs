@@ -17,7 +17,8 @@ pub struct Migrate {
     /// The VM to move (running on --agent).
     pub vm: VmName,
     /// Destination agent: NAME, or NAME@HOST:PORT when the source agent
-    /// has no peer entry for it.
+    /// has no peer entry for it. For an agent of a federated trust domain,
+    /// its SPIFFE ID: spiffe://DOMAIN/agent/NAME[@HOST:PORT].
     #[arg(long)]
     pub to: String,
     /// Validity of the signed ticket, seconds.
@@ -58,7 +59,22 @@ impl Tuning {
 
 /// Runs `migrate`.
 pub async fn run(g: &Global, m: Migrate) -> Result<()> {
-    let to = parse_agent_ref(&m.to)?;
+    // A federated destination is named by its full SPIFFE ID.
+    let (to_domain, to) = match m.to.strip_prefix("spiffe://") {
+        Some(_) => {
+            let (id, addr) = match m.to.rsplit_once('@') {
+                Some((id, addr)) => (id, Some(addr)),
+                None => (m.to.as_str(), None),
+            };
+            let id: SpiffeId = id.parse()?;
+            let r = parse_agent_ref(&match addr {
+                Some(a) => format!("{}@{a}", id.name()),
+                None => id.name().to_string(),
+            })?;
+            (Some(id.domain().clone()), r)
+        }
+        None => (None, parse_agent_ref(&m.to)?),
+    };
     let s = session(g).await?;
     let options = m.tuning.options();
     // The operator's signed authorization of exactly this migration.
@@ -66,7 +82,10 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         &s.operator,
         &m.vm,
         s.agent.clone(),
-        SpiffeId::agent(s.domain.clone(), to.name.clone()),
+        SpiffeId::agent(
+            to_domain.unwrap_or_else(|| s.domain.clone()),
+            to.name.clone(),
+        ),
         &options,
         Duration::from_secs(m.ticket_lifetime),
     )?;
