@@ -256,6 +256,18 @@ pub(crate) struct Inner {
     pub audit: Option<crate::audit::AuditLog>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
+    refusals: Mutex<RefusalWindow>,
+}
+
+/// Refusals recorded per 10 s window (see [`Inner::audit_refusal`]).
+pub const REFUSALS_PER_WINDOW: u32 = 20;
+
+/// The rate limiter of refusal records.
+#[derive(Debug)]
+pub(crate) struct RefusalWindow {
+    start: std::time::Instant,
+    count: u32,
+    suppressed: u64,
 }
 
 /// Why a VM could not be registered.
@@ -280,6 +292,37 @@ impl Inner {
                 tracing::error!("audit: {e}");
             }
         }
+    }
+
+    /// Records a refusal that an unauthenticated or hostile peer can cause
+    /// at will (a refused handshake, garbage on a stream): at most
+    /// [`REFUSALS_PER_WINDOW`] per 10 s, then one record counting those
+    /// left out, so nobody can fill the disk through the audit log.
+    pub fn audit_refusal(&self, peer: String, reason: String) {
+        let suppressed = {
+            let mut w = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if now.duration_since(w.start) > Duration::from_secs(10) {
+                w.start = now;
+                w.count = 0;
+            }
+            w.count += 1;
+            if w.count > REFUSALS_PER_WINDOW {
+                w.suppressed += 1;
+                return;
+            }
+            std::mem::take(&mut w.suppressed)
+        };
+        let reason = if suppressed > 0 {
+            format!("{reason} ({suppressed} similar refusals before this one were not recorded)")
+        } else {
+            reason
+        };
+        self.audit(convoy_protocol::audit::AuditEvent::Refused {
+            migration: None,
+            peer,
+            reason,
+        });
     }
 
     /// False once the audit log failed: no new migration may start.
@@ -487,6 +530,11 @@ impl Agent {
             stamps,
             inner: Arc::new(Inner {
                 policy: std::sync::RwLock::new(None),
+                refusals: Mutex::new(RefusalWindow {
+                    start: std::time::Instant::now(),
+                    count: 0,
+                    suppressed: 0,
+                }),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,
@@ -583,14 +631,19 @@ async fn serve_connection(
     incoming: quinn::Incoming,
 ) -> Result<(), TransportError> {
     let remote = incoming.remote_address();
-    let conn = incoming.await.map_err(|e| {
-        tracing::info!(%remote, "handshake refused: {e}");
-        e
-    })?;
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, "handshake refused: {e}");
+            inner.audit_refusal(remote.to_string(), format!("handshake refused: {e}"));
+            return Err(e.into());
+        }
+    };
     let peer = match transport::authorize_peer(&conn, &inner.creds().trust) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%remote, "refusing peer: {e}");
+            inner.audit_refusal(remote.to_string(), format!("peer refused: {e}"));
             conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
             return Err(e);
         }

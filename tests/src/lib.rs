@@ -99,3 +99,45 @@ pub fn assert_unauthorized(answer: &Message, why: &str) {
         "expected a refusal mentioning {why:?}: {answer:?}"
     );
 }
+
+/// The reasons of every refusal (and failed outcome) in lab agent `agent`'s
+/// audit log, which must verify.
+pub fn refusals_logged(lab: &Lab, agent: &str) -> Vec<String> {
+    use convoy_protocol::audit::{verify_log, AuditEvent};
+    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
+    let bytes = std::fs::read(&path).expect("audit log readable");
+    verify_log(&bytes, &lab.trust)
+        .expect("audit log verifies")
+        .records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Refused { reason, .. } => Some(reason),
+            AuditEvent::Outcome { outcome, .. }
+                if outcome != "completed" && outcome != "started" =>
+            {
+                Some(outcome)
+            }
+            AuditEvent::Decision {
+                permitted: false,
+                explanation,
+                ..
+            } => Some(explanation),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits (up to 5 s) until `agent`'s audit log holds a refusal mentioning
+/// each of `needles`, in any order; panics naming what is missing.
+pub async fn assert_refusals_logged(lab: &Lab, agent: &str, needles: &[&str]) {
+    let found = eventually(Duration::from_secs(5), || async {
+        let got = refusals_logged(lab, agent);
+        needles.iter().all(|n| got.iter().any(|r| r.contains(n)))
+    })
+    .await;
+    assert!(
+        found,
+        "{agent}'s audit log lacks refusals {needles:?}; it has {:#?}",
+        refusals_logged(lab, agent)
+    );
+}

@@ -12,7 +12,7 @@ use convoy_agent::transport;
 use convoy_protocol::ctl::{MigrateOptions, Outcome};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
 use convoy_protocol::page::MemoryGeometry;
-use convoy_tests::{connect_as, eventually, migrate, sim_spec};
+use convoy_tests::{assert_refusals_logged, connect_as, eventually, migrate, sim_spec};
 
 /// Sends `bytes` on a fresh control stream from agent a to agent b and
 /// returns b's first answer, if any.
@@ -126,6 +126,21 @@ async fn hostile_control_streams_are_refused_and_the_destination_keeps_serving()
     )
     .await;
     assert!(matches!(&answer, Some(Message::Reject(_))), "{answer:?}");
+
+    // Every refusal is in b's audit log.
+    assert_refusals_logged(
+        &lab,
+        "b",
+        &[
+            "exceeds",
+            "tag 0",
+            "unknown message tag 99",
+            "no common protocol version",
+            "data streams",
+            "exceeds this agent's limit",
+        ],
+    )
+    .await;
 
     // Nothing was reserved, and b still serves a real migration.
     let b = lab.client("b").await.unwrap();

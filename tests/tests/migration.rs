@@ -11,7 +11,7 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::page::Compression;
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_tests::{eventually, migrate, sim_spec};
+use convoy_tests::{assert_refusals_logged, eventually, migrate, sim_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
@@ -159,6 +159,9 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
         .await,
         "staging discarded at the destination"
     );
+    // Both sides recorded the failure.
+    assert_refusals_logged(&lab, "a", &["aborted"]).await;
+    assert_refusals_logged(&lab, "b", &["failed"]).await;
 
     // Both agents keep serving: the same migration (a new ticket) succeeds.
     let report = a.migrate(uncompressed(), |_| {}).await.unwrap();

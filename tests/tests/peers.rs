@@ -15,7 +15,7 @@ use convoy_agent::transport::{self, Tuning, ALPN_AGENT, ALPN_CTL};
 use convoy_protocol::ctl::{CtlRequest, Outcome, VmState};
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use convoy_protocol::Message;
-use convoy_tests::{migrate, sim_spec};
+use convoy_tests::{assert_refusals_logged, migrate, sim_spec};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -104,6 +104,17 @@ async fn a_client_without_a_certificate_is_refused() {
     let a = lab.agent("a").unwrap().addr;
     let err = request_without_client_cert(a).await.unwrap_err();
     assert!(!err.contains("answered"), "{err}");
+    assert_refusals_logged(&lab, "a", &["handshake refused"]).await;
+    // A flood of them is recorded, but boundedly: nobody fills the disk
+    // through the audit log.
+    for _ in 0..2 * convoy_agent::agent::REFUSALS_PER_WINDOW {
+        assert!(request_without_client_cert(a).await.is_err());
+    }
+    let logged = convoy_tests::refusals_logged(&lab, "a").len();
+    assert!(
+        logged <= convoy_agent::agent::REFUSALS_PER_WINDOW as usize,
+        "{logged} refusals recorded"
+    );
     let ok = lab.client("a").await.unwrap();
     assert!(
         ok.vm_list().await.unwrap().is_empty(),
@@ -141,6 +152,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     );
     let ok = lab.client("a").await.unwrap();
     assert!(ok.vm_list().await.unwrap().is_empty());
+    assert_refusals_logged(&lab, "a", &["handshake refused"]).await;
     lab.shutdown().await;
 }
 
@@ -218,6 +230,19 @@ async fn valid_certificates_with_the_wrong_identity_are_refused() {
     let id: SpiffeId = "spiffe://elsewhere.test/agent/b".parse().unwrap();
     let r = CtlClient::connect(b.addr, id, &lab.operator, &lab.trust).await;
     assert!(r.is_err());
+    // Refusals a makes itself are in its log (cases 1, 2; 4 as the aborted
+    // migration); cases 3 and 5 are refused by the client, which the
+    // agent never hears of.
+    assert_refusals_logged(
+        &lab,
+        "a",
+        &[
+            "peer refused: spiffe://convoy.internal/agent/b may not use convoy-ctl/1",
+            "peer refused: spiffe://convoy.internal/operator/operator may not use convoy/1",
+            "aborted",
+        ],
+    )
+    .await;
     lab.shutdown().await;
 }
 

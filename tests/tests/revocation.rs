@@ -12,7 +12,9 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
 use convoy_protocol::message::Message;
 use convoy_protocol::names::{AgentName, Role};
-use convoy_tests::{assert_unauthorized, eventually, migrate, propose_as, sim_spec};
+use convoy_tests::{
+    assert_refusals_logged, assert_unauthorized, eventually, migrate, propose_as, sim_spec,
+};
 
 async fn lab() -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
@@ -73,6 +75,8 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
         .unwrap();
     let ops2 = lab.pki.identity(Role::Operator, &ops2).unwrap();
     assert!(can_list(&lab, "a", &ops2).await);
+    assert_refusals_logged(&lab, "a", &["handshake refused"]).await;
+    assert_refusals_logged(&lab, "b", &["handshake refused", "certificate revoked"]).await;
     lab.shutdown().await;
 }
 
@@ -153,6 +157,7 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
         }
     });
     assert!(refused.await.unwrap(), "b must refuse the revoked agent c");
+    assert_refusals_logged(&lab, "b", &["handshake refused"]).await;
     // A healthy migration still works.
     let ok = a
         .migrate(migrate(&lab, "vm", "a", "b"), |_| {})
@@ -202,5 +207,7 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
     .unwrap();
     let answer = propose_as(&lab, "a", "b", t).await;
     assert_unauthorized(&answer, "expired");
+    assert_refusals_logged(&lab, "a", &["handshake refused"]).await;
+    assert_refusals_logged(&lab, "b", &["certificate expired"]).await;
     lab.shutdown().await;
 }

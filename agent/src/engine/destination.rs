@@ -196,12 +196,18 @@ struct Incoming {
 
 impl Incoming {
     fn audit_outcome(&self, sm: &Destination, outcome: String) {
-        if let Some(p) = sm.proposal() {
-            self.inner.audit(AuditEvent::Outcome {
+        match sm.proposal() {
+            Some(p) => self.inner.audit(AuditEvent::Outcome {
                 migration: p.migration,
                 vm: p.vm.clone(),
                 outcome,
-            });
+            }),
+            // Garbage, a bad proposal or silence before any valid proposal:
+            // a refusal, rate-limited like the handshake's.
+            None => self.inner.audit_refusal(
+                self.peer.id.to_string(),
+                format!("before any proposal: {outcome}"),
+            ),
         }
     }
 
