@@ -28,6 +28,7 @@ fn kinds(events: &[AuditEvent]) -> Vec<String> {
                 format!("receipt-{:?}", b.kind)
             }
             AuditEvent::Outcome { outcome, .. } => format!("outcome-{outcome}"),
+            AuditEvent::Ticket(_) => "ticket-signed".into(),
             other => format!("{other:?}"),
         })
         .collect()
@@ -62,6 +63,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
         vec![
             "started-agent",
             "ticket-source",
+            "ticket-signed",
             "receipt-Accepted",
             "receipt-Ready",
             "receipt-Sent",
@@ -70,11 +72,12 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "refused",
         ]
     );
-    // The ticket it accepted is the operator's.
+    // The ticket it accepted is the operator's, kept whole.
     let t: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
     assert!(
         matches!(&events[1], AuditEvent::TicketAccepted { migration, .. } if *migration == t.id)
     );
+    assert_eq!(events[2], AuditEvent::Ticket(req.ticket.clone()));
 
     let vb = verify_log(&b_log, &lab.trust).unwrap();
     let events: Vec<AuditEvent> = vb.records.iter().map(|r| r.event.clone()).collect();
@@ -83,6 +86,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
         vec![
             "started-agent",
             "ticket-destination",
+            "ticket-signed",
             "receipt-Accepted",
             "receipt-Ready",
             "receipt-Sent",

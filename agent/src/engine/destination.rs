@@ -230,13 +230,16 @@ impl Incoming {
                     migration,
                     &ticket,
                 ) {
-                    Ok(v) => self.inner.audit(AuditEvent::TicketAccepted {
-                        migration,
-                        vm: vm.clone(),
-                        operator: v.signer,
-                        peer: self.peer.id.clone(),
-                        role: "destination".into(),
-                    }),
+                    Ok(v) => {
+                        self.inner.audit(AuditEvent::TicketAccepted {
+                            migration,
+                            vm: vm.clone(),
+                            operator: v.signer,
+                            peer: self.peer.id.clone(),
+                            role: "destination".into(),
+                        });
+                        self.inner.audit(AuditEvent::Ticket(ticket.clone()));
+                    }
                     Err(e) => {
                         tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
                         self.inner.audit(AuditEvent::Refused {

@@ -148,6 +148,7 @@ pub(crate) async fn migrate(
         peer: dest_id.clone(),
         role: "source".into(),
     });
+    inner.audit(AuditEvent::Ticket(req.ticket.clone()));
     let addr = match &req.to_addr {
         Some(a) => a
             .parse()

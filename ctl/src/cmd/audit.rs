@@ -8,6 +8,7 @@ use clap::Subcommand;
 use convoy_agent::pki::Pki;
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::receipt::SignedReceipt;
+use convoy_protocol::ticket::{SignedTicket, Ticket};
 
 use crate::conn::Global;
 use crate::render;
@@ -96,6 +97,7 @@ fn describe(e: &AuditEvent) -> String {
             migration.map_or_else(|| "a request".into(), |m| format!("migration {m}"))
         ),
         AuditEvent::Receipt(r) => receipt(r),
+        AuditEvent::Ticket(t) => ticket(t),
         AuditEvent::Outcome {
             migration,
             vm,
@@ -109,5 +111,15 @@ fn receipt(r: &SignedReceipt) -> String {
     match postcard::from_bytes::<convoy_protocol::receipt::Receipt>(&r.body) {
         Ok(b) => format!("receipt {:?} for {}", b.kind, b.migration),
         Err(_) => "receipt (undecodable)".into(),
+    }
+}
+
+fn ticket(t: &SignedTicket) -> String {
+    match postcard::from_bytes::<Ticket>(&t.body) {
+        Ok(b) => format!(
+            "ticket {} (signed): {} from {} to {}",
+            b.id, b.vm, b.source, b.destination
+        ),
+        Err(_) => "ticket (undecodable)".into(),
     }
 }
