@@ -3,7 +3,7 @@
 //! migration logic lives here.
 //!
 //! # Layout
-//! - `cmd/`: one module per command (`pki`, `vm`, `migrate`, `status`,
+//! - `cmd/`: one module per command (`audit`, `pki`, `vm`, `migrate`, `status`,
 //!   `demo`, `bench`).
 //! - [`conn`]: operator identity and agent addressing shared by commands.
 //! - [`render`]: tables, progress bars and JSON output.
