@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use convoy_agent::lab::Lab;
+use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{ContentProfile, MigrateOptions, Outcome, SimVmSpec};
 
 fn convoyctl(pki: &Path, args: &[&str]) -> Output {
@@ -51,6 +52,25 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
     let report = a.migrate(req, |_| {}).await.unwrap();
     assert_eq!(report.outcome, Outcome::Completed);
     let pki = lab.pki.dir().to_path_buf();
+    // The destination records its outcome after the source has the Started
+    // receipt: wait for it.
+    let outcome_in_b = || {
+        std::fs::read(pki.join("state/b/audit.log"))
+            .ok()
+            .and_then(|b| verify_log(&b, &lab.trust).ok())
+            .is_some_and(|v| {
+                v.records
+                    .iter()
+                    .any(|r| matches!(r.event, AuditEvent::Outcome { .. }))
+            })
+    };
+    for _ in 0..1000 {
+        if outcome_in_b() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(outcome_in_b(), "the destination never recorded its outcome");
     lab.shutdown().await;
 
     let (log_a, log_b) = (pki.join("state/a/audit.log"), pki.join("state/b/audit.log"));
@@ -111,6 +131,7 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
         assert_eq!(v[side]["receipts"].as_array().unwrap().len(), 4, "{side}");
     }
     assert_eq!(v["source"]["outcomes"][0], "completed");
+    assert_eq!(v["destination"]["outcomes"][0], "started");
 
     // One flipped byte, anywhere past the header, and the bundle is refused.
     let mut bytes = std::fs::read(&bundle).unwrap();
