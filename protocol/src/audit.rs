@@ -25,7 +25,9 @@ use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
 use crate::names::{MigrationId, SpiffeId, VmName};
 use crate::receipt::SignedReceipt;
-use crate::ticket::{signed_message, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN};
+use crate::ticket::{
+    signed_message, SignedTicket, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN,
+};
 
 /// Signatures over records cover this prefix, then the record body.
 pub const RECORD_CONTEXT: &[u8] = b"convoy audit record v1\0";
@@ -74,6 +76,12 @@ pub enum AuditEvent {
         /// `completed`, `aborted: …`, `in doubt: …`, `started`, `failed: …`.
         outcome: String,
     },
+    /// The operator's signed ticket, whole, recorded right after the
+    /// `TicketAccepted` record that accepted it, so that an evidence bundle
+    /// ([`crate::evidence`]) can carry it with an inclusion proof. Appended
+    /// after the first log format: older logs simply lack it, and their
+    /// records still decode (postcard numbers variants in order).
+    Ticket(SignedTicket),
     /// A policy decision, permit or deny.
     Decision {
         /// Migration, when the request was one.
@@ -150,7 +158,7 @@ pub struct SignedTreeHead {
     pub signature: Vec<u8>,
 }
 
-fn head_message(size: u64, root: &Digest, at: u64) -> Vec<u8> {
+pub(crate) fn head_message(size: u64, root: &Digest, at: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(48);
     b.extend_from_slice(&size.to_be_bytes());
     b.extend_from_slice(root.as_bytes());
@@ -209,13 +217,30 @@ pub fn append(
     ])
 }
 
+/// A record as it is in the log: its signed body and the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedRecord {
+    /// Postcard [`AuditRecord`], as signed.
+    pub body: Vec<u8>,
+    /// Ed25519 over [`RECORD_CONTEXT`] ‖ body.
+    pub signature: Vec<u8>,
+}
+
 /// What a valid log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedLog {
     /// The agent whose log it is.
     pub agent: SpiffeId,
+    /// The header's certificate chain (DER, leaf first).
+    pub chain: Vec<Vec<u8>>,
+    /// When the log was created (the header's time, at which the chain
+    /// was verified).
+    pub created_at_unix: u64,
     /// Every record, in order.
     pub records: Vec<AuditRecord>,
+    /// Every record as signed, in the same order as `records` (record `i`
+    /// is leaf `i` of `tree`).
+    pub signed: Vec<SignedRecord>,
     /// The last signed tree head, if any.
     pub last_head: Option<SignedTreeHead>,
     /// Records after the last tree head (a crash between the two writes).
@@ -234,8 +259,10 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
         what,
     };
     let mut agent: Option<(SpiffeId, Vec<u8>)> = None;
+    let mut header = (Vec::new(), 0);
     let mut tree = LogTree::new();
     let mut records = Vec::new();
+    let mut signed = Vec::new();
     let mut last_head = None;
     while offset < bytes.len() {
         let (frame, used) = match split_frame(&bytes[offset..]) {
@@ -259,6 +286,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
                     .verify_chain(&chain, at_unix)
                     .map_err(|e| err(entry, offset, format!("header chain: {e}")))?;
                 agent = Some((id, chain[0].clone()));
+                header = (chain, at_unix);
             }
             (LogEntry::Header { .. }, Some(_)) => {
                 return Err(err(entry, offset, "second header".into()))
@@ -289,6 +317,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
                 }
                 tree.push(log_leaf(&body));
                 records.push(r);
+                signed.push(SignedRecord { body, signature });
             }
             (LogEntry::TreeHead(h), Some((_, leaf))) => {
                 if h.size != tree.len() {
@@ -324,8 +353,11 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
     let anchored = last_head.as_ref().map_or(0, |h| h.size);
     Ok(VerifiedLog {
         agent,
+        chain: header.0,
+        created_at_unix: header.1,
         unanchored: records.len() as u64 - anchored,
         records,
+        signed,
         last_head,
         tree,
     })
@@ -383,6 +415,11 @@ mod tests {
         assert_eq!(v.agent.to_string(), "spiffe://t/agent/a");
         assert_eq!(v.last_head.unwrap().size, 5);
         assert_eq!(v.unanchored, 0);
+        // The signed records as written: leaf i of the tree is record i.
+        assert_eq!(v.created_at_unix, 1000);
+        assert_eq!(v.chain, vec![b"spiffe://t/agent/a".to_vec()]);
+        let leaves: Vec<Digest> = v.signed.iter().map(|r| log_leaf(&r.body)).collect();
+        assert_eq!(leaves, v.tree.leaves());
     }
 
     #[test]

@@ -7,10 +7,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::audit::{encode_entry, verify_log, LogEntry, SignedTreeHead, RECORD_CONTEXT};
 use crate::destination::{Destination, DestinationConfig};
+use crate::evidence::{check_bundle, EvidenceBundle};
 use crate::frame::split_frame;
+use crate::logtree::{log_leaf, LogTree};
 use crate::message::{Capabilities, Message};
+use crate::names::Role;
 use crate::page::{MemoryGeometry, PageSize, StreamReceiver};
+use crate::receipt::{SignedReceipt, RECEIPT_CONTEXT};
+use crate::ticket::{
+    signed_message, SignedTicket, TicketSigner, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT,
+};
 
 /// Splits frames off arbitrary bytes and decodes each.
 pub fn frame_decode(data: &[u8]) {
@@ -143,4 +151,152 @@ pub fn destination_sequence(data: &[u8]) {
     }
     d.handle_timeout(now + Duration::from_secs(5));
     while d.poll_action().is_some() {}
+}
+
+/// The clock of the signature targets: the first 8 bytes (big-endian), or
+/// `None` when there are fewer.
+fn clock(data: &[u8]) -> Option<(u64, &[u8])> {
+    let (now, rest) = data.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*now), rest))
+}
+
+/// `body` signed under `context` by the insecure key of the chain's leaf,
+/// so that a fuzzer reaches the checks behind the signature.
+fn resign(chain: &[Vec<u8>], context: &[u8], body: &[u8]) -> Option<Vec<u8>> {
+    let leaf = std::str::from_utf8(chain.first()?).ok()?;
+    InsecureCrypto(leaf.into())
+        .sign(&signed_message(context, body))
+        .ok()
+}
+
+/// Verifies a signed ticket (after an 8-byte clock) as given, then
+/// re-signed by its own chain's insecure key; what verifies must be an
+/// operator's, valid now within the skew.
+pub fn ticket_verify(data: &[u8]) {
+    let Some((now, rest)) = clock(data) else {
+        return;
+    };
+    let Ok(t) = postcard::from_bytes::<SignedTicket>(rest) else {
+        return;
+    };
+    let v = InsecureCrypto(String::new());
+    let _ = t.verify(&v, now, 60);
+    let Some(signature) = resign(&t.chain, TICKET_CONTEXT, &t.body) else {
+        return;
+    };
+    let t = SignedTicket { signature, ..t };
+    if let Ok(ok) = t.verify(&v, now, 60) {
+        let (from, to) = (ok.ticket.issued_at, ok.ticket.expires_at);
+        assert_eq!(ok.signer.role(), Role::Operator);
+        assert!(from < to && to - from <= MAX_TICKET_LIFETIME_SECS);
+        assert!(from <= now.saturating_add(60) && now < to.saturating_add(60));
+    }
+}
+
+/// Verifies a signed receipt as given, then re-signed by its own chain's
+/// insecure key; what verifies must be an agent's.
+pub fn receipt_verify(data: &[u8]) {
+    let Ok(r) = postcard::from_bytes::<SignedReceipt>(data) else {
+        return;
+    };
+    let v = InsecureCrypto(String::new());
+    let _ = r.verify(&v);
+    let Some(signature) = resign(&r.chain, RECEIPT_CONTEXT, &r.body) else {
+        return;
+    };
+    let r = SignedReceipt { signature, ..r };
+    if let Ok(ok) = r.verify(&v) {
+        assert_eq!(ok.signer.role(), Role::Agent);
+    }
+}
+
+/// Verifies a log as given, then resealed: every record re-signed by the
+/// header's insecure key and every tree head replaced by the right one, so
+/// that a fuzzer reaches record decoding and sequence checks. A resealed
+/// log that verifies has a head over exactly the records before it.
+pub fn audit_log_verify(data: &[u8]) {
+    let v = InsecureCrypto(String::new());
+    let _ = verify_log(data, &v);
+    let mut chain: Option<Vec<Vec<u8>>> = None;
+    let mut tree = LogTree::new();
+    let mut sealed = Vec::new();
+    let mut rest = data;
+    while let Ok(Some((frame, used))) = split_frame(rest) {
+        rest = &rest[used..];
+        let Ok(entry) = postcard::from_bytes::<LogEntry>(frame) else {
+            return;
+        };
+        let entry = match (entry, &chain) {
+            (LogEntry::Header { chain: c, at_unix }, _) => {
+                chain = Some(c.clone());
+                LogEntry::Header { chain: c, at_unix }
+            }
+            (LogEntry::Record { body, .. }, Some(c)) => {
+                let Some(signature) = resign(c, RECORD_CONTEXT, &body) else {
+                    return;
+                };
+                tree.push(log_leaf(&body));
+                LogEntry::Record { body, signature }
+            }
+            (LogEntry::TreeHead(h), Some(c)) => {
+                let (size, root) = (tree.len(), tree.root());
+                let message = crate::audit::head_message(size, &root, h.at_unix);
+                let Some(signature) = resign(c, b"", &message) else {
+                    return;
+                };
+                LogEntry::TreeHead(SignedTreeHead {
+                    size,
+                    root,
+                    at_unix: h.at_unix,
+                    signature,
+                })
+            }
+            (e, None) => e,
+        };
+        match encode_entry(&entry) {
+            Ok(b) => sealed.extend(b),
+            Err(_) => return,
+        }
+    }
+    if let Ok(log) = verify_log(&sealed, &v) {
+        assert_eq!(log.records.len(), log.signed.len());
+        assert_eq!(log.tree.len(), log.records.len() as u64);
+        if let Some(h) = &log.last_head {
+            assert_eq!(log.tree.root_at(h.size).ok(), Some(h.root));
+        }
+    }
+}
+
+/// Checks an evidence bundle as given, then resealed: its ticket, tree
+/// heads and records re-signed by their own chains' insecure keys, so that
+/// a fuzzer reaches the checks behind the signatures (inclusion proofs
+/// still hold it to the logs' hashes). Whatever decodes re-encodes to a
+/// bundle that decodes the same.
+pub fn evidence_check(data: &[u8]) {
+    let v = InsecureCrypto(String::new());
+    let _ = check_bundle(data, &v);
+    let Ok(mut b) = EvidenceBundle::decode(data) else {
+        return;
+    };
+    match b.encode().map(|e| EvidenceBundle::decode(&e)) {
+        Ok(Ok(again)) => assert_eq!(again, b, "round trip changed the bundle"),
+        Ok(Err(e)) => panic!("re-encoded bundle does not decode: {e}"),
+        Err(e) => panic!("decoded bundle does not encode: {e}"),
+    }
+    if let Some(s) = resign(&b.ticket.chain, TICKET_CONTEXT, &b.ticket.body) {
+        b.ticket.signature = s;
+    }
+    for side in &mut b.sides {
+        let h = &side.head;
+        let message = crate::audit::head_message(h.size, &h.root, h.at_unix);
+        if let Some(s) = resign(&side.chain, b"", &message) {
+            side.head.signature = s;
+        }
+        for r in &mut side.records {
+            if let Some(s) = resign(&side.chain, RECORD_CONTEXT, &r.body) {
+                r.signature = s;
+            }
+        }
+    }
+    let _ = b.check(&v);
 }

@@ -18,6 +18,9 @@
 //!   Merkle tree whose root the destination checks before a VM may start.
 //! - [`audit`]: the signed, tamper-evident audit log format and its
 //!   offline verification.
+//! - [`evidence`]: evidence bundles — a migration's ticket, both agents'
+//!   receipts and log records with inclusion proofs — and their offline
+//!   check.
 //! - [`logtree`]: the append-only audit Merkle log with RFC 9162 inclusion
 //!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
@@ -33,6 +36,7 @@ pub mod audit;
 pub mod ctl;
 pub mod destination;
 pub mod digest;
+pub mod evidence;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz;

@@ -14,6 +14,7 @@ use convoy_protocol::message::*;
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::{BatchBuilder, Compressor, MemoryGeometry, PageIndex, PageSize};
 use convoy_protocol::receipt::ReceiptKind;
+use convoy_protocol::ticket::{SignedTicket, Ticket, TicketLimits};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,6 +54,26 @@ fn replay_batch_decode() {
 #[test]
 fn replay_destination_sequence() {
     replay("destination_sequence", fuzz::destination_sequence);
+}
+
+#[test]
+fn replay_ticket_verify() {
+    replay("ticket_verify", fuzz::ticket_verify);
+}
+
+#[test]
+fn replay_receipt_verify() {
+    replay("receipt_verify", fuzz::receipt_verify);
+}
+
+#[test]
+fn replay_audit_log_verify() {
+    replay("audit_log_verify", fuzz::audit_log_verify);
+}
+
+#[test]
+fn replay_evidence_check() {
+    replay("evidence_check", fuzz::evidence_check);
 }
 
 /// A receipt the fuzz targets' insecure crypto accepts.
@@ -195,5 +216,176 @@ fn write_seed_corpus_when_asked() {
             &h[4..],
         )
         .unwrap();
+    }
+}
+
+const SOURCE: &str = "spiffe://fuzz/agent/source";
+const DESTINATION: &str = "spiffe://fuzz/agent/destination";
+const OPERATOR: &str = "spiffe://fuzz/operator/op";
+/// The clock of the seeds (`InsecureCrypto::notary`'s).
+const NOW: u64 = 1_700_000_000;
+
+fn signed_ticket(n: u8, signer: &str) -> SignedTicket {
+    let t = Ticket {
+        id: MigrationId([n; 16]),
+        vm: "vm".parse().unwrap(),
+        source: SOURCE.parse().unwrap(),
+        destination: DESTINATION.parse().unwrap(),
+        limits: TicketLimits {
+            streams: 1,
+            max_downtime_ms: 300,
+            max_rounds: 30,
+        },
+        issued_at: NOW,
+        expires_at: NOW + 300,
+        nonce: [n; 16],
+    };
+    SignedTicket::sign(&t, &fuzz::InsecureCrypto(signer.into())).unwrap()
+}
+
+/// The four receipts of migration `n`, each signed by its side.
+fn receipts(n: u8) -> Vec<convoy_protocol::receipt::SignedReceipt> {
+    let now = std::time::Instant::now();
+    let ticket = convoy_protocol::receipt::ticket_digest(&signed_ticket(n, OPERATOR));
+    let state = Some((Digest([7; 32]), Digest([8; 32])));
+    [
+        (ReceiptKind::Accepted, DESTINATION, None),
+        (ReceiptKind::Ready, DESTINATION, state),
+        (ReceiptKind::Sent, SOURCE, state),
+        (ReceiptKind::Started, DESTINATION, state),
+    ]
+    .into_iter()
+    .map(|(kind, who, state)| {
+        fuzz::InsecureCrypto::notary(who, now)
+            .sign(now, kind, MigrationId([n; 16]), ticket, state)
+            .unwrap()
+    })
+    .collect()
+}
+
+/// The log of `agent` (source or destination) after migrations 1 and 2.
+fn audit_log(agent: &str) -> Vec<u8> {
+    use convoy_protocol::audit::{append, encode_entry, AuditEvent, LogEntry};
+    use convoy_protocol::ticket::TicketSigner;
+    let c = fuzz::InsecureCrypto(agent.into());
+    let mut bytes = encode_entry(&LogEntry::Header {
+        chain: c.chain(),
+        at_unix: NOW,
+    })
+    .unwrap();
+    let (peer, role, outcome) = if agent == SOURCE {
+        (DESTINATION, "source", "completed")
+    } else {
+        (SOURCE, "destination", "started")
+    };
+    let mut events = vec![AuditEvent::AgentStarted {
+        version: "seed".into(),
+    }];
+    for n in [1, 2] {
+        events.push(AuditEvent::TicketAccepted {
+            migration: MigrationId([n; 16]),
+            vm: "vm".parse().unwrap(),
+            operator: OPERATOR.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            role: role.into(),
+        });
+        events.push(AuditEvent::Ticket(signed_ticket(n, OPERATOR)));
+        events.extend(receipts(n).into_iter().map(AuditEvent::Receipt));
+        events.push(AuditEvent::Outcome {
+            migration: MigrationId([n; 16]),
+            vm: "vm".parse().unwrap(),
+            outcome: outcome.into(),
+        });
+    }
+    let mut tree = convoy_protocol::logtree::LogTree::new();
+    for (seq, e) in (0..).zip(events) {
+        for entry in append(&mut tree, seq, NOW + seq, e, &c).unwrap() {
+            bytes.extend(encode_entry(&entry).unwrap());
+        }
+    }
+    bytes
+}
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    std::fs::create_dir_all(corpus(target)).unwrap();
+    std::fs::write(corpus(target).join(name), bytes).unwrap();
+}
+
+/// Valid tickets, receipts, logs and evidence bundles (the insecure crypto
+/// accepts them), and a few near misses of each.
+#[test]
+fn write_trust_seed_corpus_when_asked() {
+    use convoy_protocol::evidence::build_bundle;
+    if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
+        return;
+    }
+    let at = |now: u64, t: &SignedTicket| {
+        let mut v = now.to_be_bytes().to_vec();
+        v.extend(postcard::to_stdvec(t).unwrap());
+        v
+    };
+    let good = signed_ticket(1, OPERATOR);
+    let mut edited = good.clone();
+    edited.body[0] ^= 1;
+    for (name, bytes) in [
+        ("seed-valid", at(NOW + 10, &good)),
+        ("seed-expired", at(NOW + 1000, &good)),
+        ("seed-early", at(NOW - 1000, &good)),
+        ("seed-agent", at(NOW, &signed_ticket(1, SOURCE))),
+        ("seed-edited", at(NOW, &edited)),
+    ] {
+        write("ticket_verify", name, &bytes);
+    }
+    for (i, r) in receipts(1).iter().enumerate() {
+        write(
+            "receipt_verify",
+            &format!("seed-{i}"),
+            &postcard::to_stdvec(r).unwrap(),
+        );
+    }
+    let mut r = receipts(1).remove(1);
+    r.chain = vec![OPERATOR.as_bytes().to_vec()];
+    write(
+        "receipt_verify",
+        "seed-operator",
+        &postcard::to_stdvec(&r).unwrap(),
+    );
+
+    let (src, dst) = (audit_log(SOURCE), audit_log(DESTINATION));
+    let entries = convoy_protocol::audit::entry_offsets(&src);
+    let mut edited = src.clone();
+    let (off, len) = entries[5];
+    edited[off + len / 2] ^= 1;
+    write("audit_log_verify", "seed-source", &src);
+    write("audit_log_verify", "seed-destination", &dst);
+    write("audit_log_verify", "seed-edited", &edited);
+    write("audit_log_verify", "seed-cut", &src[..src.len() - 7]);
+    write("audit_log_verify", "seed-header", &src[..entries[1].0]);
+
+    let v = fuzz::InsecureCrypto(String::new());
+    let logs: Vec<_> = [&src, &dst]
+        .iter()
+        .map(|l| convoy_protocol::audit::verify_log(l, &v).unwrap())
+        .collect();
+    let first = build_bundle(MigrationId([1; 16]), &logs).unwrap();
+    let second = build_bundle(MigrationId([2; 16]), &logs).unwrap();
+    convoy_protocol::evidence::check_bundle(&first.encode().unwrap(), &v).unwrap();
+    let mut swapped = first.clone();
+    swapped.sides[1].records[3] = second.sides[1].records[3].clone();
+    let mut one_side = first.clone();
+    one_side.sides.pop();
+    let mut forged_head = first.clone();
+    forged_head.sides[0].head.root = Digest([1; 32]);
+    let mut wrong_proof = first.clone();
+    wrong_proof.sides[0].records[1].proof.reverse();
+    for (name, b) in [
+        ("seed-first", &first),
+        ("seed-second", &second),
+        ("seed-swapped", &swapped),
+        ("seed-one-side", &one_side),
+        ("seed-forged-head", &forged_head),
+        ("seed-wrong-proof", &wrong_proof),
+    ] {
+        write("evidence_check", name, &b.encode().unwrap());
     }
 }

@@ -1,12 +1,15 @@
 //! Audit logs: every ticket decision, receipt and outcome is in both agents'
 //! signed logs; the logs verify offline with only the CA bundle, and any
-//! edit, cut or reordering is found and located.
+//! edit, cut or reordering is found and located. An evidence bundle built
+//! from both logs proves a migration offline, and a swapped receipt is
+//! found.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 use convoy_agent::lab::Lab;
-use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent};
+use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord};
 use convoy_protocol::ctl::Outcome;
+use convoy_protocol::evidence::{build_bundle, check_bundle, EvidenceError, RecordProblem, Side};
 use convoy_protocol::receipt::{Receipt, ReceiptKind};
 use convoy_protocol::ticket::Ticket;
 use convoy_tests::{migrate, sim_spec};
@@ -14,6 +17,27 @@ use convoy_tests::{migrate, sim_spec};
 /// What is left of a lab after shutdown: its CA bundle.
 struct Trusted {
     trust: convoy_agent::identity::TrustBundle,
+}
+
+/// An agent's log once it holds `outcomes` outcome records: the
+/// destination writes its own after the source has the Started receipt, so
+/// right after a migration returns it may not be there yet.
+async fn settled_log(lab: &Lab, agent: &str, outcomes: usize) -> Vec<u8> {
+    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
+    for _ in 0..1000 {
+        let bytes = std::fs::read(&path).unwrap();
+        let n = verify_log(&bytes, &lab.trust).map_or(0, |v| {
+            v.records
+                .iter()
+                .filter(|r| matches!(r.event, AuditEvent::Outcome { .. }))
+                .count()
+        });
+        if n >= outcomes {
+            return bytes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} never recorded {outcomes} outcomes", path.display());
 }
 
 fn kinds(events: &[AuditEvent]) -> Vec<String> {
@@ -28,6 +52,7 @@ fn kinds(events: &[AuditEvent]) -> Vec<String> {
                 format!("receipt-{:?}", b.kind)
             }
             AuditEvent::Outcome { outcome, .. } => format!("outcome-{outcome}"),
+            AuditEvent::Ticket(_) => "ticket-signed".into(),
             AuditEvent::PolicyLoaded { .. } => "policy-loaded".into(),
             AuditEvent::Decision {
                 action, permitted, ..
@@ -50,9 +75,8 @@ async fn both_logs_record_the_migration_and_verify_offline() {
     assert_eq!(r.outcome, Outcome::Completed);
     // A refusal is recorded too: the same ticket again.
     assert!(a.migrate(req.clone(), |_| {}).await.is_err());
-    let state = lab.pki.dir().join("state");
-    let a_log = std::fs::read(state.join("a/audit.log")).unwrap();
-    let b_log = std::fs::read(state.join("b/audit.log")).unwrap();
+    let a_log = settled_log(&lab, "a", 1).await;
+    let b_log = settled_log(&lab, "b", 1).await;
     let trust = lab.trust.clone();
     lab.shutdown().await;
     let lab = Trusted { trust };
@@ -68,6 +92,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "policy-loaded",
             "CreateVm-permit",
             "ticket-source",
+            "ticket-signed",
             "MigrateOut-permit",
             "receipt-Accepted",
             "receipt-Ready",
@@ -77,11 +102,12 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "refused",
         ]
     );
-    // The ticket it accepted is the operator's.
+    // The ticket it accepted is the operator's, kept whole.
     let t: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
     assert!(
         matches!(&events[3], AuditEvent::TicketAccepted { migration, .. } if *migration == t.id)
     );
+    assert_eq!(events[4], AuditEvent::Ticket(req.ticket.clone()));
 
     let vb = verify_log(&b_log, &lab.trust).unwrap();
     let events: Vec<AuditEvent> = vb.records.iter().map(|r| r.event.clone()).collect();
@@ -91,6 +117,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "started-agent",
             "policy-loaded",
             "ticket-destination",
+            "ticket-signed",
             "MigrateIn-permit",
             "receipt-Accepted",
             "receipt-Ready",
@@ -115,7 +142,6 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             .collect::<Vec<_>>(),
     );
     assert_eq!(ra, receipts(&events));
-    let _ = ReceiptKind::Sent;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,4 +209,96 @@ async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
     )
     .unwrap();
     assert!(verify_log(&log, &pki.trust().unwrap()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evidence_bundle_proves_a_migration_offline_and_a_swapped_receipt_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 4 << 20, 500)).await.unwrap();
+    let there = migrate(&lab, "vm", "a", "b");
+    let r = a.migrate(there.clone(), |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    // And back, once b is done with it: a second migration in the same two
+    // logs.
+    settled_log(&lab, "b", 1).await;
+    let b = lab.client("b").await.unwrap();
+    let back = migrate(&lab, "vm", "b", "a");
+    let r = b.migrate(back.clone(), |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    // Each log: one outcome as source, one as destination.
+    let logs = [
+        settled_log(&lab, "a", 2).await,
+        settled_log(&lab, "b", 2).await,
+    ];
+    let (ca, domain) = (lab.pki.ca_cert(), lab.pki.domain().clone());
+    lab.shutdown().await;
+
+    // Whoever builds the bundle verifies the logs first.
+    let trust = convoy_agent::identity::TrustBundle::load(&ca, domain.clone()).unwrap();
+    let logs: Vec<_> = logs
+        .iter()
+        .map(|l| verify_log(l, &trust).unwrap())
+        .collect();
+    let id = |req: &convoy_protocol::ctl::MigrateRequest| {
+        postcard::from_bytes::<Ticket>(&req.ticket.body).unwrap().id
+    };
+    let first = build_bundle(id(&there), &logs).unwrap();
+    let second = build_bundle(id(&back), &logs).unwrap();
+    let bytes = first.encode().unwrap();
+
+    // A third party with only the CA certificate.
+    let offline = convoy_agent::identity::TrustBundle::load(&ca, domain).unwrap();
+    let s = check_bundle(&bytes, &offline).unwrap();
+    assert_eq!(s.migration, id(&there));
+    assert_eq!(s.ticket.ticket.vm.as_str(), "vm");
+    assert_eq!(s.source.agent.name().as_str(), "a");
+    assert_eq!(s.destination.agent.name().as_str(), "b");
+    assert!(s.started && s.source.accepted && s.destination.accepted);
+    assert_eq!(s.source.receipts.len(), 4);
+    assert_eq!(s.destination.receipts.len(), 4);
+    assert_eq!(s.source.outcomes, ["completed"]);
+    assert!(s.memory_root.is_some());
+    // The way back proves too, with the roles the other way round.
+    let s2 = second.check(&offline).unwrap();
+    assert_eq!(s2.source.agent.name().as_str(), "b");
+
+    // Swap b's Ready receipt record for the one of the way back: signed by
+    // a real agent, proven in b's real log, but another migration's.
+    let ready = |ev: &convoy_protocol::evidence::SideEvidence| {
+        ev.records
+            .iter()
+            .position(|r| {
+                let rec: AuditRecord = postcard::from_bytes(&r.body).unwrap();
+                matches!(&rec.event, AuditEvent::Receipt(x)
+                    if postcard::from_bytes::<Receipt>(&x.body).unwrap().kind == ReceiptKind::Ready)
+            })
+            .unwrap()
+    };
+    let mut swapped = first.clone();
+    let at = ready(&swapped.sides[1]);
+    swapped.sides[1].records[at] = second.sides[0].records[ready(&second.sides[0])].clone();
+    let e = check_bundle(&swapped.encode().unwrap(), &offline).unwrap_err();
+    match &e {
+        EvidenceError::Record {
+            side: Side::Destination,
+            record,
+            problem,
+            ..
+        } if *record == at => assert_eq!(
+            **problem,
+            RecordProblem::ForeignReceipt {
+                kind: ReceiptKind::Ready,
+                migration: id(&back)
+            }
+        ),
+        other => panic!("expected a foreign receipt: {other}"),
+    }
+    assert!(
+        e.to_string().contains("Ready receipt is for migration"),
+        "{e}"
+    );
 }

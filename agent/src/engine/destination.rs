@@ -246,6 +246,7 @@ impl Incoming {
                             peer: self.peer.id.clone(),
                             role: "destination".into(),
                         });
+                        self.inner.audit(AuditEvent::Ticket(ticket.clone()));
                         // Then the policy, still before anything is reserved.
                         let d = self.inner.decide(
                             &Query::MigrateIn {

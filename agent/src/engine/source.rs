@@ -158,6 +158,7 @@ pub(crate) async fn migrate(
         peer: dest_id.clone(),
         role: "source".into(),
     });
+    inner.audit(AuditEvent::Ticket(req.ticket.clone()));
     // The policy, before anything is touched.
     let attributes = inner
         .vms()

@@ -1,13 +1,22 @@
 //! `convoyctl audit`: read and verify an agent's audit log offline, with
-//! only the CA bundle (`--pki`).
+//! only the CA bundle (`--pki`); prove a migration with an evidence bundle
+//! built from both agents' logs, and check such a bundle offline.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use convoy_agent::identity::TrustBundle;
 use convoy_agent::pki::Pki;
-use convoy_protocol::audit::{verify_log, AuditEvent};
+use convoy_protocol::audit::{verify_log, AuditEvent, VerifiedLog};
+use convoy_protocol::evidence::{
+    build_bundle, check_bundle, BundleSummary, SideSummary, MAX_BUNDLE_LEN,
+};
+use convoy_protocol::names::MigrationId;
 use convoy_protocol::receipt::SignedReceipt;
+use convoy_protocol::ticket::{SignedTicket, Ticket};
 
 use crate::conn::Global;
 use crate::render;
@@ -25,19 +34,50 @@ pub enum Audit {
         /// The log file.
         file: PathBuf,
     },
+    /// Write an evidence bundle of one migration: the operator's ticket and
+    /// both agents' records of it, with inclusion proofs in their signed
+    /// logs.
+    Prove {
+        /// The migration, as convoyctl prints it (its id in hex, or a
+        /// unique prefix of it).
+        migration: String,
+        /// An agent's log: give the source's and the destination's.
+        #[arg(long = "log", value_name = "FILE", required = true)]
+        logs: Vec<PathBuf>,
+        /// Where to write the bundle [default: evidence-MIGRATION.cvb].
+        #[arg(short, long, value_name = "OUT")]
+        out: Option<PathBuf>,
+    },
+    /// Verify an evidence bundle offline with only the CA bundle.
+    CheckBundle {
+        /// The bundle file.
+        file: PathBuf,
+    },
 }
 
 /// Runs an audit command.
 pub fn run(g: &Global, c: Audit) -> Result<()> {
     let pki = Pki::open(&g.pki)?;
     let trust = pki.trust()?;
-    let (file, show) = match c {
-        Audit::Verify { file } => (file, false),
-        Audit::Show { file } => (file, true),
-    };
-    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    let log =
-        verify_log(&bytes, &trust).with_context(|| format!("{} is not intact", file.display()))?;
+    match c {
+        Audit::Verify { file } => log(g, &trust, &file, false),
+        Audit::Show { file } => log(g, &trust, &file, true),
+        Audit::Prove {
+            migration,
+            logs,
+            out,
+        } => prove(g, &trust, &migration, &logs, out),
+        Audit::CheckBundle { file } => check(g, &trust, &file),
+    }
+}
+
+fn read_log(trust: &TrustBundle, file: &Path) -> Result<VerifiedLog> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    verify_log(&bytes, trust).with_context(|| format!("{} is not intact", file.display()))
+}
+
+fn log(g: &Global, trust: &TrustBundle, file: &Path, show: bool) -> Result<()> {
+    let log = read_log(trust, file)?;
     let head = log.last_head.as_ref();
     if g.json {
         let records: Vec<serde_json::Value> = log
@@ -75,6 +115,182 @@ pub fn run(g: &Global, c: Audit) -> Result<()> {
     Ok(())
 }
 
+fn prove(
+    g: &Global,
+    trust: &TrustBundle,
+    migration: &str,
+    files: &[PathBuf],
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let logs = files
+        .iter()
+        .map(|f| read_log(trust, f))
+        .collect::<Result<Vec<_>>>()?;
+    let id = resolve(migration, &logs)?;
+    let bundle = build_bundle(id, &logs).with_context(|| format!("cannot prove migration {id}"))?;
+    let bytes = bundle.encode()?;
+    // Never hand out evidence that does not check.
+    let summary = check_bundle(&bytes, trust)
+        .with_context(|| format!("the logs' evidence of migration {id} does not verify"))?;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("evidence-{id}.cvb")));
+    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    if g.json {
+        let mut v = summary_json(&summary);
+        v["file"] = out.display().to_string().into();
+        v["bytes"] = bytes.len().into();
+        return render::json(&v);
+    }
+    println!(
+        "wrote {} ({} bytes): evidence of migration {id}",
+        out.display(),
+        bytes.len()
+    );
+    print_summary(&summary);
+    Ok(())
+}
+
+fn check(g: &Global, trust: &TrustBundle, file: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_BUNDLE_LEN as u64 + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", file.display()))?;
+    let summary = check_bundle(&bytes, trust)
+        .with_context(|| format!("{} is not valid evidence", file.display()))?;
+    if g.json {
+        return render::json(&summary_json(&summary));
+    }
+    print_summary(&summary);
+    Ok(())
+}
+
+/// The full hex of a migration id (convoyctl prints its first half).
+fn hex(m: &MigrationId) -> String {
+    m.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The one migration in `logs` whose id starts with `prefix`.
+fn resolve(prefix: &str, logs: &[VerifiedLog]) -> Result<MigrationId> {
+    let p = prefix.to_ascii_lowercase();
+    if p.is_empty() || p.len() > 32 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{prefix:?} is not a migration id (hex digits, as convoyctl prints it)");
+    }
+    let known: BTreeSet<[u8; 16]> = logs
+        .iter()
+        .flat_map(|l| &l.records)
+        .filter_map(|r| match &r.event {
+            AuditEvent::TicketAccepted { migration, .. }
+            | AuditEvent::Outcome { migration, .. }
+            | AuditEvent::Refused {
+                migration: Some(migration),
+                ..
+            } => Some(migration.0),
+            _ => None,
+        })
+        .collect();
+    let hits: Vec<MigrationId> = known
+        .into_iter()
+        .map(MigrationId)
+        .filter(|m| hex(m).starts_with(&p))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("no migration {prefix} in these logs"),
+        many => bail!(
+            "{prefix} names {} migrations in these logs: give more digits",
+            many.len()
+        ),
+    }
+}
+
+fn side_json(s: &SideSummary) -> serde_json::Value {
+    serde_json::json!({
+        "agent": s.agent.to_string(),
+        "records": s.records,
+        "tree_size": s.head.size,
+        "root": s.head.root.to_hex(),
+        "head_at_unix": s.head.at_unix,
+        "accepted": s.accepted,
+        "receipts": s.receipts.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>(),
+        "outcomes": s.outcomes,
+        "refusals": s.refusals,
+    })
+}
+
+fn summary_json(s: &BundleSummary) -> serde_json::Value {
+    let t = &s.ticket.ticket;
+    serde_json::json!({
+        "verified": true,
+        "migration": s.migration.to_string(),
+        "migration_id": hex(&s.migration),
+        "vm": t.vm.to_string(),
+        "operator": s.ticket.signer.to_string(),
+        "ticket_digest": s.ticket_digest.to_hex(),
+        "issued_at": t.issued_at,
+        "expires_at": t.expires_at,
+        "started": s.started,
+        "memory_root": s.memory_root.map(|d| d.to_hex()),
+        "device_digest": s.device.map(|d| d.to_hex()),
+        "source": side_json(&s.source),
+        "destination": side_json(&s.destination),
+    })
+}
+
+fn print_summary(s: &BundleSummary) {
+    let t = &s.ticket.ticket;
+    println!(
+        "evidence verified: migration {} of {} from {} to {}, {}",
+        s.migration,
+        t.vm,
+        t.source,
+        t.destination,
+        if s.started {
+            "started at the destination"
+        } else {
+            "not started at the destination"
+        }
+    );
+    println!(
+        "  ticket       signed by {}, valid {}..{}, digest {}",
+        s.ticket.signer,
+        t.issued_at,
+        t.expires_at,
+        &s.ticket_digest.to_hex()[..16]
+    );
+    for (name, side) in [("source", &s.source), ("destination", &s.destination)] {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let receipts: Vec<String> = side.receipts.iter().map(|k| format!("{k:?}")).collect();
+        println!(
+            "  {name:<12} {}: {} records in its signed tree head (size {}, root {}, at {}); ticket {}; receipts {}; outcome {}{}",
+            side.agent,
+            side.records,
+            side.head.size,
+            &side.head.root.to_hex()[..16],
+            side.head.at_unix,
+            if side.accepted { "accepted" } else { "not accepted" },
+            list(&receipts),
+            list(&side.outcomes),
+            if side.refusals.is_empty() {
+                String::new()
+            } else {
+                format!("; refused: {}", side.refusals.join("; "))
+            }
+        );
+    }
+    if let (Some(m), Some(d)) = (s.memory_root, s.device) {
+        println!(
+            "  state        memory root {}, device state {}, as the receipts attest",
+            &m.to_hex()[..16],
+            &d.to_hex()[..16]
+        );
+    }
+}
+
 fn describe(e: &AuditEvent) -> String {
     match e {
         AuditEvent::AgentStarted { version } => format!("agent started (version {version})"),
@@ -96,11 +312,29 @@ fn describe(e: &AuditEvent) -> String {
             migration.map_or_else(|| "a request".into(), |m| format!("migration {m}"))
         ),
         AuditEvent::Receipt(r) => receipt(r),
+        AuditEvent::Ticket(t) => ticket(t),
         AuditEvent::Outcome {
             migration,
             vm,
             outcome,
         } => format!("migration {migration} of {vm}: {outcome}"),
+        AuditEvent::Decision {
+            migration,
+            action,
+            principal,
+            resource,
+            permitted: _,
+            explanation,
+        } => format!(
+            "policy: {action} by {principal} on {resource}{}: {explanation}",
+            migration.map_or_else(String::new, |m| format!(" (migration {m})"))
+        ),
+        AuditEvent::PolicyLoaded { digest, policies } => {
+            format!("policy loaded: {policies} policies, digest {digest}")
+        }
+        AuditEvent::PolicyRejected { reason } => {
+            format!("policy reload refused, previous policy kept: {reason}")
+        }
         other => format!("{other:?}"),
     }
 }
@@ -109,5 +343,15 @@ fn receipt(r: &SignedReceipt) -> String {
     match postcard::from_bytes::<convoy_protocol::receipt::Receipt>(&r.body) {
         Ok(b) => format!("receipt {:?} for {}", b.kind, b.migration),
         Err(_) => "receipt (undecodable)".into(),
+    }
+}
+
+fn ticket(t: &SignedTicket) -> String {
+    match postcard::from_bytes::<Ticket>(&t.body) {
+        Ok(b) => format!(
+            "ticket {} (signed): {} from {} to {}",
+            b.id, b.vm, b.source, b.destination
+        ),
+        Err(_) => "ticket (undecodable)".into(),
     }
 }

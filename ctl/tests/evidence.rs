@@ -1,0 +1,187 @@
+//! `convoyctl audit prove` and `audit check-bundle`, run as an operator
+//! would on the logs of a real lab migration: the bundle checks with only
+//! the CA certificate, and a damaged bundle or a bad migration id gets one
+//! clear error line and a failure status.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use convoy_agent::lab::Lab;
+use convoy_protocol::audit::{verify_log, AuditEvent};
+use convoy_protocol::ctl::{ContentProfile, MigrateOptions, Outcome, SimVmSpec};
+
+fn convoyctl(pki: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .arg("--pki")
+        .arg(pki)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn failure(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(SimVmSpec {
+        name: "vm".parse().unwrap(),
+        memory_bytes: 4 << 20,
+        dirty_pages_per_sec: 0,
+        hot_set_pct: 10,
+        content: ContentProfile::Mixed,
+        seed: 1,
+        attributes: Default::default(),
+    })
+    .await
+    .unwrap();
+    let req = lab
+        .migrate_request("vm", "a", "b", MigrateOptions::default())
+        .unwrap();
+    let report = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Completed);
+    let pki = lab.pki.dir().to_path_buf();
+    // The destination records its outcome after the source has the Started
+    // receipt: wait for it.
+    let outcome_in_b = || {
+        std::fs::read(pki.join("state/b/audit.log"))
+            .ok()
+            .and_then(|b| verify_log(&b, &lab.trust).ok())
+            .is_some_and(|v| {
+                v.records
+                    .iter()
+                    .any(|r| matches!(r.event, AuditEvent::Outcome { .. }))
+            })
+    };
+    for _ in 0..1000 {
+        if outcome_in_b() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(outcome_in_b(), "the destination never recorded its outcome");
+    lab.shutdown().await;
+
+    let (log_a, log_b) = (pki.join("state/a/audit.log"), pki.join("state/b/audit.log"));
+    let bundle = dir.path().join("evidence.cvb");
+    let out = convoyctl(
+        &pki,
+        &[
+            "audit",
+            "prove",
+            &report.migration,
+            "--log",
+            log_a.to_str().unwrap(),
+            "--log",
+            log_b.to_str().unwrap(),
+            "-o",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "prove failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("evidence verified"), "{stdout}");
+
+    // A third party holds the bundle and the CA certificate, nothing else.
+    let verifier = dir.path().join("verifier");
+    std::fs::create_dir(&verifier).unwrap();
+    for f in ["ca.crt", "trust-domain"] {
+        std::fs::copy(pki.join(f), verifier.join(f)).unwrap();
+    }
+    let out = convoyctl(
+        &verifier,
+        &["--json", "audit", "check-bundle", bundle.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "check-bundle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["migration"], report.migration.as_str());
+    assert_eq!(v["vm"], "vm");
+    assert_eq!(v["started"], true);
+    assert!(v["operator"]
+        .as_str()
+        .unwrap()
+        .ends_with("/operator/operator"));
+    assert!(v["source"]["agent"].as_str().unwrap().ends_with("/agent/a"));
+    assert!(v["destination"]["agent"]
+        .as_str()
+        .unwrap()
+        .ends_with("/agent/b"));
+    for side in ["source", "destination"] {
+        assert_eq!(v[side]["accepted"], true);
+        assert_eq!(v[side]["receipts"].as_array().unwrap().len(), 4, "{side}");
+    }
+    assert_eq!(v["source"]["outcomes"][0], "completed");
+    assert_eq!(v["destination"]["outcomes"][0], "started");
+
+    // One flipped byte, anywhere past the header, and the bundle is refused.
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let damaged = dir.path().join("damaged.cvb");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let err = failure(&convoyctl(
+        &verifier,
+        &["audit", "check-bundle", damaged.to_str().unwrap()],
+    ));
+    assert!(err.contains("is not valid evidence"), "{err}");
+    let err = failure(&convoyctl(
+        &verifier,
+        &["audit", "check-bundle", log_a.to_str().unwrap()],
+    ));
+    assert!(err.contains("not an evidence bundle"), "{err}");
+
+    // Bad or unknown migration ids.
+    let logs = [
+        "--log",
+        log_a.to_str().unwrap(),
+        "--log",
+        log_b.to_str().unwrap(),
+    ];
+    let prove = |m: &str| {
+        let mut args = vec!["audit", "prove", m];
+        args.extend(logs);
+        convoyctl(&pki, &args)
+    };
+    assert!(failure(&prove("not-hex")).contains("is not a migration id"));
+    let unknown = if report.migration.starts_with('f') {
+        "0"
+    } else {
+        "f"
+    };
+    assert!(failure(&prove(unknown)).contains("no migration"));
+    // The source's log alone cannot prove it.
+    let out = convoyctl(
+        &pki,
+        &[
+            "audit",
+            "prove",
+            &report.migration,
+            "--log",
+            log_a.to_str().unwrap(),
+            "-o",
+            dir.path().join("half.cvb").to_str().unwrap(),
+        ],
+    );
+    assert!(failure(&out).contains("no log of the destination"));
+}
