@@ -30,6 +30,7 @@ fn demo_json_reports_a_verified_migration_and_the_trust_path() {
     assert_eq!(v["counter_continuous"], true);
     assert_eq!(v["ticket_verified"], true);
     assert_eq!(v["audit_verified"], true);
+    assert!(v["evidence_bundle_bytes"].as_u64().unwrap() > 0);
     assert_eq!(v["policy_permitted"]["source"], true);
     assert_eq!(v["policy_permitted"]["destination"], true);
     assert_eq!(v["receipts"]["source"], 4);

@@ -9,6 +9,7 @@ use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{Outcome, SimVmSpec};
+use convoy_protocol::evidence::{build_bundle, check_bundle};
 use convoy_protocol::receipt::SignedReceipt;
 use convoy_protocol::vm::VmAttributes;
 
@@ -143,6 +144,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
             "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
             "audit_verified": ev.audit_verified,
+            "evidence_bundle_bytes": ev.bundle_bytes,
         }))?;
     } else {
         print!("{}", render::report(&report));
@@ -158,11 +160,13 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             }
         );
         println!(
-            "trust: operator ticket verified by both agents: {}; receipts verified offline: {} held by a, {} by b; both audit logs verify offline: {}",
+            "trust: operator ticket verified by both agents: {}; receipts verified offline: {} held by a, {} by b; both audit logs verify offline: {}; evidence bundle ({}) checked offline with only the CA certificate: {}",
             yes(ev.ticket_verified),
             ev.receipts_source,
             ev.receipts_destination,
-            yes(ev.audit_verified)
+            yes(ev.audit_verified),
+            ev.bundle_bytes.map_or_else(|| "-".into(), |n| format_bytes(n as u64)),
+            yes(ev.bundle_bytes.is_some())
         );
         println!(
             "policy: MigrateOut permitted at a: {}; MigrateIn permitted at b: {} (decisions read back from the signed audit logs)",
@@ -214,6 +218,9 @@ struct Evidence {
     receipts_source: usize,
     receipts_destination: usize,
     audit_verified: bool,
+    /// Size of the evidence bundle built from both logs and checked
+    /// offline with only the CA bundle, when that succeeded.
+    bundle_bytes: Option<usize>,
 }
 
 fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence {
@@ -243,7 +250,26 @@ fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence 
         r.verify(&lab.trust)
             .is_ok_and(|v| v.receipt.migration.to_string() == migration)
     };
+    // The evidence bundle a third party would get: built from both logs,
+    // encoded, then checked from its bytes with only the CA bundle.
+    let id = a.as_ref().and_then(|l| {
+        l.records.iter().find_map(|r| match &r.event {
+            AuditEvent::TicketAccepted { migration: m, .. } if m.to_string() == migration => {
+                Some(*m)
+            }
+            _ => None,
+        })
+    });
+    let bundle_bytes = match (id, &a, &b) {
+        (Some(id), Some(a), Some(b)) => build_bundle(id, &[a.clone(), b.clone()])
+            .ok()
+            .and_then(|bundle| bundle.encode().ok())
+            .filter(|bytes| check_bundle(bytes, &lab.trust).is_ok_and(|s| s.started))
+            .map(|bytes| bytes.len()),
+        _ => None,
+    };
     Evidence {
+        bundle_bytes,
         ticket_verified: accepted(&a, "source") && accepted(&b, "destination"),
         permitted_source: permitted(&a, "MigrateOut"),
         permitted_destination: permitted(&b, "MigrateIn"),
@@ -254,6 +280,6 @@ fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence 
                 .filter(|r| matches!(&r.event, AuditEvent::Receipt(x) if ours(x)))
                 .count()
         }),
-        audit_verified: a.is_some() && b.is_some(),
+        audit_verified: a.is_some() && b.is_some() && bundle_bytes.is_some(),
     }
 }
