@@ -259,7 +259,8 @@ pub(crate) struct Inner {
     refusals: Mutex<RefusalWindow>,
 }
 
-/// Refusals recorded per 10 s window (see [`Inner::audit_refusal`]).
+/// Refusals an unauthenticated or hostile peer can cause that are recorded
+/// per 10 s window; past it, one later record counts those left out.
 pub const REFUSALS_PER_WINDOW: u32 = 20;
 
 /// The rate limiter of refusal records.
