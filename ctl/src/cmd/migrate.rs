@@ -18,7 +18,7 @@ pub struct Migrate {
     pub vm: VmName,
     /// Destination agent: NAME, or NAME@HOST:PORT when the source agent
     /// has no peer entry for it. For an agent of a federated trust domain,
-    /// its SPIFFE ID: spiffe://DOMAIN/agent/NAME[@HOST:PORT].
+    /// its SPIFFE ID: `spiffe://DOMAIN/agent/NAME[@HOST:PORT]`.
     #[arg(long)]
     pub to: String,
     /// Validity of the signed ticket, seconds.
