@@ -184,4 +184,52 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
         ],
     );
     assert!(failure(&out).contains("no log of the destination"));
+
+    // Consistency: the log extends its earlier states, and a root held
+    // from before must match.
+    let a_log = log_a.to_str().unwrap();
+    let out = convoyctl(
+        &pki,
+        &["audit", "consistency", a_log, "--from", "3", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert!(!v["proof"].as_array().unwrap().is_empty());
+    let old_root = v["old_root"].as_str().unwrap().to_string();
+    let out = convoyctl(
+        &pki,
+        &[
+            "audit",
+            "consistency",
+            a_log,
+            "--from",
+            "3",
+            "--root",
+            &old_root,
+        ],
+    );
+    assert!(out.status.success());
+    let mut wrong = old_root.into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    let out = convoyctl(
+        &pki,
+        &[
+            "audit",
+            "consistency",
+            a_log,
+            "--from",
+            "3",
+            "--root",
+            &wrong,
+        ],
+    );
+    assert!(failure(&out).contains("rewritten since?"));
+    let out = convoyctl(&pki, &["audit", "consistency", a_log, "--from", "9999"]);
+    assert!(failure(&out).contains("do not fit"));
 }
