@@ -109,6 +109,19 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// A migration changed phase on this agent. Recorded when the
+    /// migration ends, in order, with the time since it started here, so
+    /// that no fsync falls inside the VM's downtime.
+    Phase {
+        /// Migration.
+        migration: MigrationId,
+        /// VM.
+        vm: VmName,
+        /// What happened (`paused for the final copy`, `handed over`, …).
+        phase: String,
+        /// Milliseconds since the migration started on this agent.
+        after_ms: u64,
+    },
 }
 
 /// One signed entry of the log.

@@ -475,6 +475,8 @@ pub struct SideSummary {
     pub refusals: Vec<String>,
     /// Policy decisions the log recorded about the migration.
     pub decisions: Vec<String>,
+    /// Phase changes the log recorded, in order.
+    pub phases: Vec<String>,
 }
 
 /// A verified bundle.
@@ -566,9 +568,9 @@ pub fn check_bundle(
 /// verification.
 fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
     match e {
-        AuditEvent::TicketAccepted { migration, .. } | AuditEvent::Outcome { migration, .. } => {
-            Some(*migration)
-        }
+        AuditEvent::TicketAccepted { migration, .. }
+        | AuditEvent::Outcome { migration, .. }
+        | AuditEvent::Phase { migration, .. } => Some(*migration),
         AuditEvent::Refused { migration, .. } | AuditEvent::Decision { migration, .. } => {
             *migration
         }
@@ -791,6 +793,7 @@ impl<'a> Checker<'a> {
             outcomes: Vec::new(),
             refusals: Vec::new(),
             decisions: Vec::new(),
+            phases: Vec::new(),
         };
         let mut logged = false;
         let mut previous = None;
@@ -851,6 +854,7 @@ impl<'a> Checker<'a> {
                     summary.accepted = true;
                 }
                 AuditEvent::Outcome { outcome, .. } => summary.outcomes.push(outcome),
+                AuditEvent::Phase { phase, .. } => summary.phases.push(phase),
                 AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
                 AuditEvent::Decision {
                     action,
@@ -1043,6 +1047,7 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::Decision { .. } => "policy decision",
         AuditEvent::PolicyLoaded { .. } => "policy load",
         AuditEvent::PolicyRejected { .. } => "policy refusal",
+        AuditEvent::Phase { .. } => "phase change",
     }
 }
 

@@ -53,6 +53,7 @@ fn kinds(events: &[AuditEvent]) -> Vec<String> {
             }
             AuditEvent::Outcome { outcome, .. } => format!("outcome-{outcome}"),
             AuditEvent::Ticket(_) => "ticket-signed".into(),
+            AuditEvent::Phase { phase, .. } => format!("phase: {phase}"),
             AuditEvent::PolicyLoaded { .. } => "policy-loaded".into(),
             AuditEvent::Decision {
                 action, permitted, ..
@@ -94,6 +95,9 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "ticket-source",
             "ticket-signed",
             "MigrateOut-permit",
+            "phase: paused for the final copy",
+            "phase: handed over",
+            "phase: started at the destination: copy here wiped",
             "receipt-Accepted",
             "receipt-Ready",
             "receipt-Sent",
@@ -123,6 +127,8 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "receipt-Ready",
             "receipt-Sent",
             "receipt-Started",
+            "phase: staging reserved (8388608 bytes), accepting",
+            "phase: verified and started here",
             "outcome-started",
         ]
     );

@@ -74,6 +74,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         streams: 0,
         migration: None,
         tasks: Vec::new(),
+        phases: Vec::new(),
+        started: Instant::now(),
     };
     let creds = inner.creds();
     let mut sm = Destination::new(DestinationConfig {
@@ -192,16 +194,34 @@ struct Incoming {
     streams: u16,
     migration: Option<MigrationId>,
     tasks: Vec<JoinHandle<()>>,
+    /// Phase changes, audited with the outcome (never inside downtime).
+    phases: Vec<(String, u64)>,
+    started: Instant,
 }
 
 impl Incoming {
-    fn audit_outcome(&self, sm: &Destination, outcome: String) {
+    fn phase(&mut self, what: String) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.phases.push((what, ms));
+    }
+
+    fn audit_outcome(&mut self, sm: &Destination, outcome: String) {
         match sm.proposal() {
-            Some(p) => self.inner.audit(AuditEvent::Outcome {
-                migration: p.migration,
-                vm: p.vm.clone(),
-                outcome,
-            }),
+            Some(p) => {
+                for (phase, after_ms) in std::mem::take(&mut self.phases) {
+                    self.inner.audit(AuditEvent::Phase {
+                        migration: p.migration,
+                        vm: p.vm.clone(),
+                        phase,
+                        after_ms,
+                    });
+                }
+                self.inner.audit(AuditEvent::Outcome {
+                    migration: p.migration,
+                    vm: p.vm.clone(),
+                    outcome,
+                })
+            }
             // Garbage, a bad proposal or silence before any valid proposal:
             // a refusal, rate-limited like the handshake's.
             None => self.inner.audit_refusal(
@@ -295,6 +315,7 @@ impl Incoming {
                             self.geometry = Some(manifest.memory);
                             self.streams = manifest.data_streams;
                             self.migration = sm.migration();
+                            self.phase(format!("staging reserved ({bytes} bytes), accepting"));
                             sm.handle_staging_ready(Instant::now());
                             self.accept_streams();
                         }
@@ -325,6 +346,7 @@ impl Incoming {
                                 e.arrived_from = Some(self.peer.id.to_string());
                             }
                         }
+                        self.phase("verified and started here".into());
                         sm.handle_started(Instant::now());
                     }
                     Err(e) => {
@@ -334,6 +356,9 @@ impl Incoming {
                 }
             }
             DestinationAction::DiscardStaging => {
+                if self.staging.is_some() {
+                    self.phase("staging discarded and wiped".into());
+                }
                 for t in self.tasks.drain(..) {
                     t.abort();
                 }

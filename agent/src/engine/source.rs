@@ -222,6 +222,8 @@ pub(crate) async fn migrate(
         control_bytes: 0,
         cancel,
         attributes,
+        phases: Vec::new(),
+        started,
     };
     let creds = inner.creds();
     let report = match transport::connect(
@@ -249,6 +251,14 @@ pub(crate) async fn migrate(
         e.cancel = None;
     }
     tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
+    for (phase, after_ms) in std::mem::take(&mut run.phases) {
+        inner.audit(AuditEvent::Phase {
+            migration,
+            vm: req.vm.clone(),
+            phase,
+            after_ms,
+        });
+    }
     for r in &report.receipts {
         inner.audit(AuditEvent::Receipt(r.clone()));
     }
@@ -276,9 +286,17 @@ struct Run {
     control_bytes: u64,
     cancel: Arc<tokio::sync::Notify>,
     attributes: convoy_protocol::vm::VmAttributes,
+    /// Phase changes, audited when the migration ends.
+    phases: Vec<(String, u64)>,
+    started: Instant,
 }
 
 impl Run {
+    fn phase(&mut self, what: &str) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.phases.push((what.to_owned(), ms));
+    }
+
     fn report_without_link(
         &self,
         dest: SpiffeId,
@@ -423,6 +441,7 @@ impl Run {
                         sm.handle_dirty_log(Instant::now(), d);
                     }
                     SourceAction::PauseVm => {
+                        self.phase("paused for the final copy");
                         self.inner.set_state(&self.req.vm, VmState::Paused);
                         let paused = self.vm.pause();
                         let dirty = self.vm.collect_dirty_log();
@@ -441,10 +460,12 @@ impl Run {
                     }
                     SourceAction::CommitHandover => {
                         // From here the VM must never resume by itself here.
+                        self.phase("handed over");
                         self.inner.set_state(&self.req.vm, VmState::InDoubt);
                         sm.handle_handover_committed(Instant::now());
                     }
                     SourceAction::RollBack => {
+                        self.phase("rolled back: the VM runs here again");
                         self.vm.stop_dirty_log();
                         if let Err(e) = self.vm.resume() {
                             tracing::error!("cannot resume after a failed migration: {e}");
@@ -452,6 +473,7 @@ impl Run {
                         self.inner.set_state(&self.req.vm, VmState::Running);
                     }
                     SourceAction::DiscardVm => {
+                        self.phase("started at the destination: copy here wiped");
                         self.inner.remove(&self.req.vm);
                         self.vm.destroy();
                     }

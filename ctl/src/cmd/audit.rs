@@ -422,6 +422,12 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::PolicyLoaded { digest, policies } => {
             format!("policy loaded: {policies} policies, digest {digest}")
         }
+        AuditEvent::Phase {
+            migration,
+            vm,
+            phase,
+            after_ms,
+        } => format!("migration {migration} of {vm}: {phase} (+{after_ms} ms)"),
         AuditEvent::PolicyRejected { reason } => {
             format!("policy reload refused, previous policy kept: {reason}")
         }
