@@ -9,6 +9,7 @@
 //! and benchmarks.
 
 pub mod memory;
+pub mod qemu;
 pub mod sim;
 
 use std::sync::Arc;

@@ -1,0 +1,278 @@
+//! A QMP client: QEMU's JSON-lines control protocol over a unix socket
+//! the agent owns. The greeting is read and capabilities negotiated on
+//! connect; each command carries an id and its answer is matched to it;
+//! asynchronous events that arrive meanwhile are kept in order.
+//!
+//! QEMU is a local process, but its output is still input: lines are
+//! bounded ([`MAX_LINE`]), malformed JSON is a typed error, never a panic.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+/// Longest QMP line accepted (1 MiB).
+pub const MAX_LINE: usize = 1 << 20;
+
+/// QMP failures.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum QmpError {
+    /// The socket failed.
+    #[error("QMP socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// QEMU closed the socket (it exited or crashed).
+    #[error("QMP: QEMU closed the connection")]
+    Closed,
+    /// A line longer than [`MAX_LINE`].
+    #[error("QMP: a line longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// Not QMP.
+    #[error("QMP: malformed message: {0}")]
+    Malformed(String),
+    /// QEMU refused the command.
+    #[error("QMP {command}: {class}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// No answer or event in time.
+    #[error("QMP: {0} timed out")]
+    Timeout(String),
+}
+
+/// A negotiated QMP connection.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    next_id: u64,
+    events: VecDeque<Value>,
+    /// QEMU's version from the greeting (`major.minor.micro`).
+    pub version: String,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and enters command mode.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let (r, w) = UnixStream::connect(path).await?.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+            next_id: 0,
+            events: VecDeque::new(),
+            version: String::new(),
+        };
+        let greeting = qmp.read().await?;
+        let v = greeting
+            .get("QMP")
+            .and_then(|q| q.get("version"))
+            .and_then(|v| v.get("qemu"))
+            .ok_or_else(|| QmpError::Malformed(format!("no QMP greeting: {greeting}")))?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        qmp.version = format!("{}.{}.{}", n("major"), n("minor"), n("micro"));
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// One message (bounded).
+    async fn read(&mut self) -> Result<Value, QmpError> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        if line.len() > MAX_LINE {
+            return Err(QmpError::TooLong);
+        }
+        serde_json::from_slice(&line).map_err(|e| {
+            QmpError::Malformed(format!(
+                "{e}: {}",
+                String::from_utf8_lossy(&line[..line.len().min(200)])
+            ))
+        })
+    }
+
+    /// Runs `command` with `arguments`; returns its `return` value.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.next_id += 1;
+        let id = format!("convoy-{}", self.next_id);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Malformed(e.to_string()))?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes).await?;
+        loop {
+            let m = self.read().await?;
+            if m.get("event").is_some() {
+                self.events.push_back(m);
+                continue;
+            }
+            if m.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                return Err(QmpError::Malformed(format!(
+                    "answer to another command: {m}"
+                )));
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+                return Err(QmpError::Command {
+                    command: command.to_owned(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
+            }
+            return Err(QmpError::Malformed(format!(
+                "neither return nor error: {m}"
+            )));
+        }
+    }
+
+    /// Events received so far, oldest first.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// Waits for the event called `name` (kept events first).
+    pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return Ok(self.events.remove(i).unwrap_or_default());
+        }
+        let wait = async {
+            loop {
+                let m = self.read().await?;
+                if m["event"] == name {
+                    return Ok(m);
+                }
+                if m.get("event").is_some() {
+                    self.events.push_back(m);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| QmpError::Timeout(format!("waiting for {name}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU: sends `script` lines after reading each command.
+    async fn fake(dir: &Path, greeting: &str, answers: Vec<Vec<String>>) -> std::path::PathBuf {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let greeting = greeting.to_owned();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(format!("{greeting}\n").as_bytes())
+                .await
+                .unwrap();
+            for batch in answers {
+                let Ok(Some(_cmd)) = lines.next_line().await else {
+                    return;
+                };
+                for l in batch {
+                    if w.write_all(format!("{l}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        path
+    }
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 19, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
+
+    #[tokio::test]
+    async fn commands_events_and_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(
+            d.path(),
+            GREETING,
+            vec![
+                vec![r#"{"return": {}, "id": "convoy-1"}"#.into()],
+                vec![
+                    r#"{"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}}"#.into(),
+                    r#"{"return": {"status": "running", "running": true}, "id": "convoy-2"}"#.into(),
+                ],
+                vec![r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}, "id": "convoy-3"}"#.into()],
+            ],
+        )
+        .await;
+        let mut q = Qmp::connect(&p).await.unwrap();
+        assert_eq!(q.version, "7.2.19");
+        let r = q.execute("query-status", None).await.unwrap();
+        assert_eq!(r["status"], "running");
+        match q.execute("nope", None).await {
+            Err(QmpError::Command { class, .. }) => assert_eq!(class, "CommandNotFound"),
+            other => panic!("{other:?}"),
+        }
+        let ev = q
+            .wait_event("RESUME", Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(ev["timestamp"]["seconds"], 1);
+        // QEMU gone: a typed error, not a hang.
+        assert!(matches!(
+            q.execute("query-status", None).await,
+            Err(QmpError::Closed) | Err(QmpError::Io(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn hostile_output_is_a_typed_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(d.path(), "not json", vec![]).await;
+        assert!(matches!(
+            Qmp::connect(&p).await,
+            Err(QmpError::Malformed(_))
+        ));
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(d.path(), r#"{"hello": 1}"#, vec![]).await;
+        assert!(matches!(
+            Qmp::connect(&p).await,
+            Err(QmpError::Malformed(_))
+        ));
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(d.path(), &"x".repeat(MAX_LINE + 10), vec![]).await;
+        assert!(matches!(Qmp::connect(&p).await, Err(QmpError::TooLong)));
+        // An answer with another id.
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(
+            d.path(),
+            GREETING,
+            vec![vec![r#"{"return": {}, "id": "other"}"#.into()]],
+        )
+        .await;
+        assert!(matches!(
+            Qmp::connect(&p).await,
+            Err(QmpError::Malformed(_))
+        ));
+    }
+}
