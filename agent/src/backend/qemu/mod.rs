@@ -5,3 +5,4 @@
 
 pub mod process;
 pub mod qmp;
+pub mod tunnel;
