@@ -182,6 +182,9 @@ pub struct AgentConfig {
     /// Access-control policy and inventory. Without one, every action a
     /// policy governs is denied.
     pub policy: Option<crate::policy::PolicyFiles>,
+    /// QEMU binaries and images operators may use; without it the `qemu`
+    /// backend is off.
+    pub qemu: Option<crate::backend::qemu::vm::QemuConfig>,
     dangerous: DangerousOptions,
 }
 
@@ -200,6 +203,7 @@ impl AgentConfig {
             files: None,
             reload_interval: Duration::from_secs(2),
             policy: None,
+            qemu: None,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -225,13 +229,20 @@ pub(crate) struct VmEntry {
     pub attributes: convoy_protocol::vm::VmAttributes,
     /// Cancels the outgoing migration in progress.
     pub cancel: Option<Arc<tokio::sync::Notify>>,
+    /// A QEMU VM (then `vm` is `None`).
+    pub qemu: Option<Arc<crate::backend::qemu::vm::QemuVm>>,
 }
 
 impl VmEntry {
     fn info(&self, name: &VmName) -> VmInfo {
         VmInfo {
             name: name.clone(),
-            backend: self.vm.as_ref().map_or("sim", |v| v.kind()).into(),
+            backend: if self.qemu.is_some() {
+                "qemu"
+            } else {
+                self.vm.as_ref().map_or("sim", |v| v.kind())
+            }
+            .into(),
             memory_bytes: self.bytes,
             state: self.state,
             counter: self.vm.as_ref().map_or(0, |v| v.counter()),
@@ -418,6 +429,7 @@ impl Inner {
                 counter_at_start: None,
                 attributes: Default::default(),
                 cancel: None,
+                qemu: None,
             },
         );
         Ok(())
@@ -605,6 +617,9 @@ impl Agent {
         for e in vms {
             if let Some(vm) = e.vm {
                 vm.destroy();
+            }
+            if let Some(q) = e.qemu {
+                q.stop().await;
             }
         }
     }

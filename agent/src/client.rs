@@ -110,6 +110,17 @@ impl CtlClient {
         }
     }
 
+    /// Launches a QEMU VM.
+    pub async fn vm_create_qemu(
+        &self,
+        spec: convoy_protocol::ctl::QemuVmSpec,
+    ) -> Result<VmInfo, ClientError> {
+        match self.request(CtlRequest::VmCreateQemu(spec)).await? {
+            CtlResponse::VmCreated(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Lists VMs.
     pub async fn vm_list(&self) -> Result<Vec<VmInfo>, ClientError> {
         match self.request(CtlRequest::VmList).await? {

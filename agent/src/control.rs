@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use convoy_protocol::ctl::{
-    AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse, SimVmSpec, VmState, AUDIT_CHUNK,
+    AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse, QemuVmSpec, SimVmSpec, VmState,
+    AUDIT_CHUNK,
 };
 use convoy_protocol::names::{SpiffeId, VmName};
 use convoy_protocol::Message;
 use quinn::{Connection, RecvStream, SendStream};
 
 use crate::agent::{Inner, ReserveError};
+use crate::backend::qemu::vm::QemuVm;
 use crate::backend::sim::SimVm;
 use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer};
@@ -38,6 +40,7 @@ fn summary(req: &CtlRequest) -> String {
         CtlRequest::Status => "status".into(),
         CtlRequest::VmList => "vm list".into(),
         CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
+        CtlRequest::VmCreateQemu(s) => format!("vm create {} (qemu, {} MiB)", s.name, s.memory_mib),
         CtlRequest::VmDelete(n) => format!("vm delete {n}"),
         CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
         CtlRequest::Abort(n) => format!("abort {n}"),
@@ -114,7 +117,11 @@ async fn handle(
             respond(&mut send, r).await?;
         }
         CtlRequest::VmDelete(name) => {
-            let r = delete_vm(&inner, &name);
+            let r = delete_vm(&inner, &name, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmCreateQemu(spec) => {
+            let r = create_qemu_vm(&inner, spec, &peer.id).await;
             respond(&mut send, r).await?;
         }
         CtlRequest::Migrate(req) => {
@@ -155,12 +162,42 @@ async fn handle(
     Ok(())
 }
 
-fn delete_vm(inner: &Arc<Inner>, name: &convoy_protocol::names::VmName) -> CtlResponse {
+async fn delete_vm(
+    inner: &Arc<Inner>,
+    name: &convoy_protocol::names::VmName,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    let Some(attributes) = inner.vms().get(name).map(|e| e.attributes.clone()) else {
+        return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
+    };
+    let d = inner.decide(
+        &Query::DeleteVm {
+            operator,
+            vm: VmFacts {
+                name,
+                attributes: &attributes,
+            },
+            host: &inner.id,
+        },
+        None,
+    );
+    if !d.permitted {
+        return forbidden(&d);
+    }
     let entry = {
         let mut vms = inner.vms();
+        // Never under a migration (its final copy pauses the VM).
+        if vms.get(name).is_some_and(|e| e.cancel.is_some()) {
+            return error(
+                CtlErrorKind::BadRequest,
+                format!("VM {name} is migrating; abort the migration first"),
+            );
+        }
         match vms.get(name).map(|e| e.state) {
             None => return error(CtlErrorKind::NotFound, format!("no VM named {name} here")),
-            Some(VmState::Running) | Some(VmState::Paused) => vms.remove(name),
+            Some(VmState::Running) | Some(VmState::Paused) | Some(VmState::Exited) => {
+                vms.remove(name)
+            }
             Some(s) => {
                 return error(
                     CtlErrorKind::BadRequest,
@@ -169,10 +206,98 @@ fn delete_vm(inner: &Arc<Inner>, name: &convoy_protocol::names::VmName) -> CtlRe
             }
         }
     };
-    if let Some(vm) = entry.and_then(|e| e.vm) {
-        vm.destroy();
+    if let Some(e) = entry {
+        if let Some(vm) = e.vm {
+            vm.destroy();
+        }
+        if let Some(q) = e.qemu {
+            q.stop().await;
+        }
     }
     CtlResponse::VmDeleted(name.clone())
+}
+
+/// Launches a QEMU VM: only binaries and images the agent allows, after the
+/// policy permits it and capacity is reserved.
+async fn create_qemu_vm(inner: &Arc<Inner>, spec: QemuVmSpec, operator: &SpiffeId) -> CtlResponse {
+    let Some(cfg) = inner.config.qemu.clone() else {
+        return error(
+            CtlErrorKind::BadRequest,
+            "this agent has no QEMU backend (start it with --qemu-binary and --image-dir)",
+        );
+    };
+    if let Some(r) = may_create(inner, &spec.name, &spec.attributes, operator) {
+        return r;
+    }
+    let qspec = match cfg.resolve(&spec) {
+        Ok(q) => q,
+        Err(e) => return error(CtlErrorKind::BadRequest, e),
+    };
+    let bytes = spec.memory_mib << 20;
+    if let Some(r) = reserve_error(inner, &spec.name, bytes) {
+        return r;
+    }
+    let dir = cfg.runtime.join(spec.name.as_str());
+    match QemuVm::launch(&qspec, &dir).await {
+        Ok(vm) => {
+            if let Some(e) = inner.vms().get_mut(&spec.name) {
+                e.qemu = Some(vm.clone());
+                e.state = VmState::Running;
+                e.attributes = spec.attributes.clone();
+            }
+            let (watch_inner, name) = (inner.clone(), spec.name.clone());
+            tokio::spawn(vm.watch(std::time::Duration::from_millis(500), move || {
+                tracing::warn!(vm = %name, "QEMU exited");
+                watch_inner.set_state(&name, VmState::Exited);
+            }));
+            match inner.vm_info(&spec.name) {
+                Some(info) => CtlResponse::VmCreated(info),
+                None => error(CtlErrorKind::Internal, "VM vanished"),
+            }
+        }
+        Err(e) => {
+            inner.remove(&spec.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            error(CtlErrorKind::BadRequest, format!("cannot start QEMU: {e}"))
+        }
+    }
+}
+
+/// Checks a new VM's attributes and asks the policy (`CreateVm`); the
+/// error response when either says no.
+fn may_create(
+    inner: &Arc<Inner>,
+    name: &VmName,
+    attributes: &convoy_protocol::vm::VmAttributes,
+    operator: &SpiffeId,
+) -> Option<CtlResponse> {
+    if let Err(e) = attributes.validate() {
+        return Some(error(CtlErrorKind::BadRequest, e.to_string()));
+    }
+    let d = inner.decide(
+        &Query::CreateVm {
+            operator,
+            vm: VmFacts { name, attributes },
+            host: &inner.id,
+        },
+        None,
+    );
+    (!d.permitted).then(|| forbidden(&d))
+}
+
+/// Reserves capacity for a new VM; the error response when it cannot.
+fn reserve_error(inner: &Arc<Inner>, name: &VmName, bytes: u64) -> Option<CtlResponse> {
+    match inner.reserve(name, bytes, VmState::Paused) {
+        Ok(()) => None,
+        Err(ReserveError::Exists) => Some(error(
+            CtlErrorKind::Exists,
+            format!("a VM named {name} already exists here"),
+        )),
+        Err(ReserveError::NoCapacity) => Some(error(
+            CtlErrorKind::NoCapacity,
+            format!("{bytes} bytes exceed this agent's free capacity"),
+        )),
+    }
 }
 
 /// Largest sim VM one request may create (1 TiB).
@@ -217,7 +342,19 @@ async fn abort(inner: &Arc<Inner>, name: &VmName, operator: &SpiffeId) -> CtlRes
     loop {
         let state = inner.vms().get(name).map(|e| (e.state, e.cancel.is_some()));
         match state {
-            Some((VmState::Running, false)) => return CtlResponse::Aborted(name.clone()),
+            Some((VmState::Running, false)) => {
+                // Running again: by this cancel, or did it end otherwise?
+                let ours = inner.recent().iter().rev().find(|r| &r.vm == name).map(|r| {
+                    matches!(&r.outcome, convoy_protocol::ctl::Outcome::Aborted(w) if w.contains("cancelled"))
+                });
+                return match ours {
+                    Some(true) | None => CtlResponse::Aborted(name.clone()),
+                    Some(false) => error(
+                        CtlErrorKind::BadRequest,
+                        format!("VM {name}'s migration ended on its own before the cancel; it runs here"),
+                    ),
+                };
+            }
             None => {
                 return error(
                     CtlErrorKind::BadRequest,
@@ -291,37 +428,11 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec, operator: &SpiffeId) -> 
             ),
         );
     }
-    if let Err(e) = spec.attributes.validate() {
-        return error(CtlErrorKind::BadRequest, e.to_string());
+    if let Some(r) = may_create(inner, &spec.name, &spec.attributes, operator) {
+        return r;
     }
-    let d = inner.decide(
-        &Query::CreateVm {
-            operator,
-            vm: VmFacts {
-                name: &spec.name,
-                attributes: &spec.attributes,
-            },
-            host: &inner.id,
-        },
-        None,
-    );
-    if !d.permitted {
-        return forbidden(&d);
-    }
-    if let Err(e) = inner.reserve(&spec.name, spec.memory_bytes, VmState::Paused) {
-        return match e {
-            ReserveError::Exists => error(
-                CtlErrorKind::Exists,
-                format!("a VM named {} already exists here", spec.name),
-            ),
-            ReserveError::NoCapacity => error(
-                CtlErrorKind::NoCapacity,
-                format!(
-                    "{} bytes exceed this agent's free capacity",
-                    spec.memory_bytes
-                ),
-            ),
-        };
+    if let Some(r) = reserve_error(inner, &spec.name, spec.memory_bytes) {
+        return r;
     }
     let name = spec.name.clone();
     let attributes = spec.attributes.clone();

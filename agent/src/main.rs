@@ -62,6 +62,14 @@ struct Args {
     /// (repeatable; agents and operators).
     #[arg(long = "federated-peer")]
     federated_peers: Vec<SpiffeId>,
+    /// A QEMU binary operators may use (repeatable); enables the qemu
+    /// backend together with --image-dir.
+    #[arg(long = "qemu-binary", requires = "image_dir")]
+    qemu_binaries: Vec<PathBuf>,
+    /// The only directory QEMU kernels, initrds and disk images may come
+    /// from.
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
@@ -175,8 +183,22 @@ async fn main() -> Result<()> {
     let mut config = AgentConfig::new(args.listen, identity, trust);
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
-    config.state_dir = args.state_dir;
+    config.state_dir = args.state_dir.clone();
     config.files = Some(files);
+    if let Some(images) = args.image_dir.clone() {
+        if args.qemu_binaries.is_empty() {
+            bail!("--image-dir needs at least one --qemu-binary");
+        }
+        let runtime = args.state_dir.clone().map_or_else(
+            || std::env::temp_dir().join("convoy-qemu"),
+            |d| d.join("qemu"),
+        );
+        config.qemu = Some(convoy_agent::backend::qemu::vm::QemuConfig {
+            binaries: args.qemu_binaries.clone(),
+            images,
+            runtime,
+        });
+    }
     config.policy = match (args.policy, args.inventory) {
         (Some(policies), Some(inventory)) => Some(convoy_agent::policy::PolicyFiles {
             policies,

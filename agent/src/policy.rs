@@ -259,6 +259,8 @@ pub enum Action {
     MigrateIn,
     /// Creating a VM.
     CreateVm,
+    /// Deleting a VM (and wiping its memory).
+    DeleteVm,
     /// Aborting a migration.
     Abort,
     /// Reading an agent's audit log.
@@ -272,6 +274,7 @@ impl Action {
             Action::MigrateOut => "MigrateOut",
             Action::MigrateIn => "MigrateIn",
             Action::CreateVm => "CreateVm",
+            Action::DeleteVm => "DeleteVm",
             Action::Abort => "Abort",
             Action::ReadAudit => "ReadAudit",
         }
@@ -285,11 +288,12 @@ impl FromStr for Action {
             "MigrateOut" => Action::MigrateOut,
             "MigrateIn" => Action::MigrateIn,
             "CreateVm" => Action::CreateVm,
+            "DeleteVm" => Action::DeleteVm,
             "Abort" => Action::Abort,
             "ReadAudit" => Action::ReadAudit,
             other => {
                 return Err(format!(
-                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, Abort, ReadAudit)"
+                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, Abort, ReadAudit)"
                 ))
             }
         })
@@ -344,6 +348,15 @@ pub enum Query<'a> {
         /// This agent.
         host: &'a SpiffeId,
     },
+    /// Deleting a VM on `host`.
+    DeleteVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
     /// Aborting the migration of a VM on `host`.
     Abort {
         /// Who asks.
@@ -369,6 +382,7 @@ impl Query<'_> {
             Query::MigrateOut { .. } => Action::MigrateOut,
             Query::MigrateIn { .. } => Action::MigrateIn,
             Query::CreateVm { .. } => Action::CreateVm,
+            Query::DeleteVm { .. } => Action::DeleteVm,
             Query::Abort { .. } => Action::Abort,
             Query::ReadAudit { .. } => Action::ReadAudit,
         }
@@ -380,6 +394,7 @@ impl Query<'_> {
             Query::MigrateIn { operator, .. }
             | Query::MigrateOut { operator, .. }
             | Query::CreateVm { operator, .. }
+            | Query::DeleteVm { operator, .. }
             | Query::Abort { operator, .. }
             | Query::ReadAudit { operator, .. } => operator,
         }
@@ -399,6 +414,7 @@ impl Query<'_> {
             Query::MigrateOut { vm, .. }
             | Query::MigrateIn { vm, .. }
             | Query::CreateVm { vm, .. }
+            | Query::DeleteVm { vm, .. }
             | Query::Abort { vm, .. } => format!("vm {}", vm.name),
             Query::ReadAudit { host, .. } => host.to_string(),
         }
@@ -548,7 +564,14 @@ impl PolicySet {
         let mut names = BTreeMap::new();
         let mut hasher = blake3::Hasher::new();
         for (n, (path, text)) in sources.iter().enumerate() {
-            hasher.update(text.as_bytes());
+            // Length-prefixed (name, text): no two file sets share a digest.
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            for part in [name.as_bytes(), text.as_bytes()] {
+                hasher.update(&(part.len() as u64).to_be_bytes());
+                hasher.update(part);
+            }
             let set = cedar_policy::PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
                 path: path.clone(),
                 detail: report(&e),
@@ -585,6 +608,7 @@ impl PolicySet {
                 });
             }
         }
+        hasher.update(&(inventory.len() as u64).to_be_bytes());
         hasher.update(inventory.as_bytes());
         let inv_err = |detail: String| PolicyError::Inventory {
             path: PathBuf::from("inventory"),
@@ -598,7 +622,7 @@ impl PolicySet {
             policies,
             inventory,
             base,
-            digest: hasher.finalize().to_hex()[..16].to_string(),
+            digest: hasher.finalize().to_hex().to_string(),
             count,
             texts,
             names,
@@ -732,7 +756,9 @@ impl PolicySet {
                     context,
                 )
             }
-            Query::CreateVm { operator, vm, host } | Query::Abort { operator, vm, host } => {
+            Query::CreateVm { operator, vm, host }
+            | Query::DeleteVm { operator, vm, host }
+            | Query::Abort { operator, vm, host } => {
                 extra.push(self.vm_entity(&vm)?);
                 (
                     uid("Operator", &operator.to_string()),

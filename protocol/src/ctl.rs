@@ -22,6 +22,44 @@ pub enum ContentProfile {
     Zero,
 }
 
+/// A QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation (`/dev/kvm`).
+    Kvm,
+    /// QEMU's translator (works everywhere).
+    Tcg,
+}
+
+/// A QEMU VM to create. Paths name files on the agent's host: the binary
+/// must be one the agent allows, the kernel, initrd and disks are relative
+/// to its image directory; nothing else of the command line crosses the
+/// wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuVmSpec {
+    /// Its name, unique on the agent.
+    pub name: VmName,
+    /// QEMU binary: a file name or path from the agent's allow-list.
+    pub binary: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Kernel, relative to the agent's image directory.
+    pub kernel: Option<String>,
+    /// Initial ramdisk, relative to the image directory.
+    pub initrd: Option<String>,
+    /// Kernel command line (given to the guest; printable ASCII).
+    pub append: String,
+    /// Disk images, relative to the image directory.
+    pub disks: Vec<String>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Tenant, security level and labels, for policies.
+    pub attributes: crate::vm::VmAttributes,
+}
+
 /// A simulated VM to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimVmSpec {
@@ -56,6 +94,8 @@ pub enum VmState {
     /// Handed over but the destination never confirmed the start: kept
     /// paused here until the outcome is known. Never resumed automatically.
     InDoubt,
+    /// Its process exited (a QEMU that quit or crashed).
+    Exited,
 }
 
 /// One VM as an agent reports it.
@@ -264,6 +304,8 @@ pub enum CtlRequest {
         /// Byte offset.
         offset: u64,
     },
+    /// Launch a QEMU VM.
+    VmCreateQemu(QemuVmSpec),
 }
 
 /// Most audit log bytes in one [`CtlResponse::AuditChunk`].

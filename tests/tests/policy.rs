@@ -368,6 +368,15 @@ async fn an_operator_aborts_a_running_migration_and_the_vm_stays_at_the_source()
     let eve = lab.add_operator("eve").unwrap();
     let as_eve = lab.client_as("a", &eve).await.unwrap();
     assert_forbidden(as_eve.abort("vm".parse().unwrap()).await, "default deny");
+    // Nor delete it; and nobody deletes a VM in the middle of its migration.
+    assert_forbidden(
+        as_eve.vm_delete("vm".parse().unwrap()).await,
+        "default deny",
+    );
+    match ctl.vm_delete("vm".parse().unwrap()).await {
+        Err(ClientError::Agent(e)) => assert!(e.message.contains("is migrating"), "{e:?}"),
+        other => panic!("deleted under a migration: {other:?}"),
+    }
     ctl.abort("vm".parse().unwrap()).await.unwrap();
     let report = mover.await.unwrap().unwrap();
     assert!(
@@ -382,6 +391,7 @@ async fn an_operator_aborts_a_running_migration_and_the_vm_stays_at_the_source()
         other => panic!("{other:?}"),
     }
     let d = decisions(&lab, "a");
+    assert!(d.iter().any(|(a, p, _)| a == "DeleteVm" && !*p));
     assert!(d.iter().any(|(a, p, _)| a == "Abort" && !*p));
     assert!(d.iter().any(|(a, p, _)| a == "Abort" && *p));
     lab.shutdown().await;

@@ -198,6 +198,12 @@ pub(crate) async fn migrate(
         let entry = vms
             .get_mut(&req.vm)
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        if entry.qemu.is_some() {
+            return Err(MigrateError::Options(
+                "QEMU VMs cannot migrate through agents yet (the qemu backend is in progress)"
+                    .into(),
+            ));
+        }
         match (&entry.vm, entry.state) {
             (Some(vm), VmState::Running) => {
                 entry.state = VmState::MigratingOut;

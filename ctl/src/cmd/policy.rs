@@ -42,7 +42,7 @@ pub struct Check {
     /// Inventory (JSON).
     #[arg(long)]
     inventory: PathBuf,
-    /// MigrateOut, MigrateIn, CreateVm, Abort or ReadAudit.
+    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, Abort or ReadAudit.
     #[arg(long)]
     action: Action,
     /// The operator asking (or whose ticket it is), as a SPIFFE ID.
@@ -54,7 +54,7 @@ pub struct Check {
     /// Destination agent (MigrateOut, MigrateIn), as a SPIFFE ID.
     #[arg(long)]
     destination: Option<SpiffeId>,
-    /// The agent asked (CreateVm, Abort, ReadAudit), as a SPIFFE ID.
+    /// The agent asked (CreateVm, DeleteVm, Abort, ReadAudit), as a SPIFFE ID.
     #[arg(long)]
     host: Option<SpiffeId>,
     /// VM name.
@@ -184,20 +184,13 @@ fn check(g: &Global, c: Check) -> Result<()> {
             };
             set.decide(&q)
         }
-        Action::CreateVm | Action::Abort => {
+        Action::CreateVm | Action::DeleteVm | Action::Abort => {
             let host = need(&c.host, "host", a)?;
-            set.decide(&if a == Action::CreateVm {
-                Query::CreateVm {
-                    operator: &c.by,
-                    vm,
-                    host,
-                }
-            } else {
-                Query::Abort {
-                    operator: &c.by,
-                    vm,
-                    host,
-                }
+            let operator = &c.by;
+            set.decide(&match a {
+                Action::CreateVm => Query::CreateVm { operator, vm, host },
+                Action::DeleteVm => Query::DeleteVm { operator, vm, host },
+                _ => Query::Abort { operator, vm, host },
             })
         }
         Action::ReadAudit => set.decide(&Query::ReadAudit {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
-use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
+use convoy_protocol::ctl::{Accel, ContentProfile, QemuVmSpec, SimVmSpec};
 use convoy_protocol::names::VmName;
 use convoy_protocol::vm::VmAttributes;
 
@@ -12,8 +12,8 @@ use crate::render;
 /// VM commands.
 #[derive(Subcommand, Debug)]
 pub enum Vm {
-    /// Create and start a simulated VM.
-    Create(Create),
+    /// Create and start a VM (simulated, or QEMU with --backend qemu).
+    Create(Box<Create>),
     /// List VMs.
     List,
     /// Stop a VM for good and wipe its memory.
@@ -49,9 +49,30 @@ impl From<Content> for ContentProfile {
 pub struct Create {
     /// VM name.
     pub name: VmName,
-    /// Backend (only `sim` for now).
-    #[arg(long, default_value = "sim", value_parser = ["sim"])]
+    /// Backend: `sim` (simulated, the default) or `qemu`.
+    #[arg(long, default_value = "sim", value_parser = ["sim", "qemu"])]
     pub backend: String,
+    /// qemu: the QEMU binary (one the agent allows).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu_binary: String,
+    /// qemu: virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// qemu: kernel, relative to the agent's image directory.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// qemu: initial ramdisk, relative to the image directory.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// qemu: kernel command line.
+    #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
+    pub append: String,
+    /// qemu: a disk image, relative to the image directory (repeatable).
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// qemu: accelerator (tcg works everywhere; kvm needs /dev/kvm).
+    #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    pub accel: String,
     /// Guest memory.
     #[arg(long, default_value = "512MiB", value_parser = convoy_agent::units::parse_size)]
     pub memory: u64,
@@ -84,15 +105,43 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 impl Create {
-    /// The wire spec (attributes checked here too, for a clear error
-    /// before anything is sent).
-    pub fn spec(&self) -> Result<SimVmSpec> {
-        let attributes = VmAttributes {
+    fn attributes(&self) -> Result<VmAttributes> {
+        let a = VmAttributes {
             tenant: self.tenant.clone(),
             security_level: self.security_level,
             labels: self.labels.iter().cloned().collect(),
         };
-        attributes.validate()?;
+        a.validate()?;
+        Ok(a)
+    }
+
+    /// The wire spec of a QEMU VM.
+    pub fn qemu_spec(&self) -> Result<QemuVmSpec> {
+        if self.memory % (1 << 20) != 0 {
+            anyhow::bail!("--memory must be a whole number of MiB for QEMU");
+        }
+        Ok(QemuVmSpec {
+            name: self.name.clone(),
+            binary: self.qemu_binary.clone(),
+            memory_mib: self.memory >> 20,
+            vcpus: self.vcpus,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+            disks: self.disks.clone(),
+            accel: if self.accel == "kvm" {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            },
+            attributes: self.attributes()?,
+        })
+    }
+
+    /// The wire spec (attributes checked here too, for a clear error
+    /// before anything is sent).
+    pub fn spec(&self) -> Result<SimVmSpec> {
+        let attributes = self.attributes()?;
         Ok(SimVmSpec {
             name: self.name.clone(),
             memory_bytes: self.memory,
@@ -110,7 +159,11 @@ pub async fn run(g: &Global, c: Vm) -> Result<()> {
     let cl = client(g).await?;
     match c {
         Vm::Create(c) => {
-            let info = cl.vm_create(c.spec()?).await?;
+            let info = if c.backend == "qemu" {
+                cl.vm_create_qemu(c.qemu_spec()?).await?
+            } else {
+                cl.vm_create(c.spec()?).await?
+            };
             if g.json {
                 render::json(&info)?;
             } else {

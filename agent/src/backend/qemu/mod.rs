@@ -41,3 +41,4 @@
 pub mod process;
 pub mod qmp;
 pub mod tunnel;
+pub mod vm;

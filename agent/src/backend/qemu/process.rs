@@ -190,7 +190,10 @@ impl QemuProcess {
                 });
             }
             if sock.exists() {
-                if let Ok(qmp) = Qmp::connect(&sock).await {
+                // QEMU may accept on the socket and then hang before its
+                // greeting (KVM under nested virtualisation): bounded.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Ok(Ok(qmp)) = tokio::time::timeout(left, Qmp::connect(&sock)).await {
                     return Ok(QemuProcess {
                         child,
                         dir: dir.to_owned(),

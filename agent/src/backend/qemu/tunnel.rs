@@ -28,9 +28,9 @@ pub struct Spliced {
     pub back: Carried,
 }
 
-/// Copies `from` to `to` until `from` ends, hashing, then closes `to`'s
-/// write side.
-pub async fn pump<R, W>(mut from: R, mut to: W) -> std::io::Result<Carried>
+/// Copies `from` to `to` until `from` ends, hashing. The caller closes
+/// `to`: cleanly after success, as a failure otherwise.
+pub async fn pump<R, W>(mut from: R, to: &mut W) -> std::io::Result<Carried>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -47,20 +47,44 @@ where
         to.write_all(&buf[..n]).await?;
         bytes += n as u64;
     }
-    to.shutdown().await?;
     Ok(Carried {
         bytes,
         digest: hasher.finalize().into(),
     })
 }
 
+/// QUIC error code for a stream cut by a failure (never a clean end).
+pub const CUT: u32 = 1;
+
 /// Splices `local` with a QUIC stream pair until both directions end.
+///
+/// A failure in either direction resets the QUIC stream (and stops the
+/// peer's), so the peer never takes a cut stream for a complete one; quinn
+/// would otherwise finish a dropped stream cleanly.
 pub async fn splice(
     local: UnixStream,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
 ) -> std::io::Result<Spliced> {
-    let (lr, lw) = local.into_split();
-    let (out, back) = tokio::try_join!(pump(lr, send), pump(recv, lw))?;
-    Ok(Spliced { out, back })
+    let (lr, mut lw) = local.into_split();
+    let out = async {
+        let c = pump(lr, &mut send).await?;
+        send.finish().map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(c)
+    };
+    let back = async {
+        let c = pump(&mut recv, &mut lw).await?;
+        lw.shutdown().await?;
+        Ok::<_, std::io::Error>(c)
+    };
+    // The first failure ends both directions at once.
+    let r = tokio::try_join!(out, back);
+    match r {
+        Ok((out, back)) => Ok(Spliced { out, back }),
+        Err(e) => {
+            let _ = send.reset(quinn::VarInt::from_u32(CUT));
+            let _ = recv.stop(quinn::VarInt::from_u32(CUT));
+            Err(e)
+        }
+    }
 }
