@@ -659,7 +659,7 @@ async fn serve_connection(
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(%remote, "refusing peer: {e}");
-            inner.audit_refusal(remote.to_string(), format!("peer refused: {e}"));
+            inner.audit_refusal(remote.to_string(), e.to_string());
             conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
             return Err(e);
         }

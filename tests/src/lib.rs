@@ -128,11 +128,15 @@ pub fn refusals_logged(lab: &Lab, agent: &str) -> Vec<String> {
 }
 
 /// Waits (up to 5 s) until `agent`'s audit log holds a refusal mentioning
-/// each of `needles`, in any order; panics naming what is missing.
+/// each of `needles` (case-insensitively), in any order; panics naming what
+/// is missing.
 pub async fn assert_refusals_logged(lab: &Lab, agent: &str, needles: &[&str]) {
     let found = eventually(Duration::from_secs(5), || async {
         let got = refusals_logged(lab, agent);
-        needles.iter().all(|n| got.iter().any(|r| r.contains(n)))
+        needles.iter().all(|n| {
+            got.iter()
+                .any(|r| r.to_lowercase().contains(&n.to_lowercase()))
+        })
     })
     .await;
     assert!(
