@@ -54,10 +54,11 @@ struct Args {
     /// hosts' zones and security levels).
     #[arg(long, requires = "policy", env = "CONVOY_INVENTORY")]
     inventory: Option<PathBuf>,
-    /// Trust another trust domain's CA bundle: DOMAIN=CA.pem (repeatable),
-    /// for the identities named with --federated-peer only.
+    /// Trust another trust domain's CA bundle: DOMAIN=CA.pem[,CRL.pem]
+    /// (repeatable), for the identities named with --federated-peer only;
+    /// its CRL, when given, is reloaded like ours.
     #[arg(long = "federate", value_parser = parse_federate)]
-    federate: Vec<(TrustDomain, PathBuf)>,
+    federate: Vec<(TrustDomain, PathBuf, Option<PathBuf>)>,
     /// An identity of a federated domain to accept, as a SPIFFE ID
     /// (repeatable; agents and operators).
     #[arg(long = "federated-peer")]
@@ -75,17 +76,25 @@ struct Args {
     capacity: u64,
 }
 
-fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf), String> {
-    let (d, p) = s
+fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
+    let (d, files) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected DOMAIN=CA.pem"))?;
-    Ok((TrustDomain::new(d).map_err(|e| e.to_string())?, p.into()))
+        .ok_or_else(|| format!("{s:?}: expected DOMAIN=CA.pem[,CRL.pem]"))?;
+    let (ca, crl) = match files.split_once(',') {
+        Some((ca, crl)) => (ca, Some(PathBuf::from(crl))),
+        None => (files, None),
+    };
+    Ok((
+        TrustDomain::new(d).map_err(|e| e.to_string())?,
+        ca.into(),
+        crl,
+    ))
 }
 
 /// Each federated domain with the identities named for it.
 fn federation(args: &Args) -> Result<Vec<FederationFiles>> {
     let mut out = Vec::new();
-    for (domain, ca) in &args.federate {
+    for (domain, ca, crl) in &args.federate {
         let peers: Vec<SpiffeId> = args
             .federated_peers
             .iter()
@@ -98,14 +107,14 @@ fn federation(args: &Args) -> Result<Vec<FederationFiles>> {
         out.push(FederationFiles {
             domain: domain.clone(),
             ca: ca.clone(),
-            crl: None,
+            crl: crl.clone(),
             peers,
         });
     }
     if let Some(p) = args
         .federated_peers
         .iter()
-        .find(|p| !args.federate.iter().any(|(d, _)| d == p.domain()))
+        .find(|p| !args.federate.iter().any(|(d, _, _)| d == p.domain()))
     {
         bail!(
             "--federated-peer {p}: its trust domain is not federated (add --federate {}=CA.pem)",

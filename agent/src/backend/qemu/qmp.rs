@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 /// Longest QMP line accepted (1 MiB).
 pub const MAX_LINE: usize = 1 << 20;
+/// Events kept until taken; older ones are dropped (and counted) past it.
+pub const MAX_EVENTS: usize = 1024;
 
 /// QMP failures.
 #[derive(Debug, Error)]
@@ -51,12 +53,18 @@ pub enum QmpError {
 }
 
 /// A negotiated QMP connection.
+///
+/// Reads are cancel-safe: bytes already read stay in `pending`, so a
+/// timed-out wait never loses half a line.
 #[derive(Debug)]
 pub struct Qmp {
-    reader: BufReader<OwnedReadHalf>,
+    reader: OwnedReadHalf,
+    pending: Vec<u8>,
     writer: OwnedWriteHalf,
     next_id: u64,
     events: VecDeque<Value>,
+    /// Events dropped because nobody took them.
+    pub events_dropped: u64,
     /// QEMU's version from the greeting (`major.minor.micro`).
     pub version: String,
 }
@@ -66,10 +74,12 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
         let (r, w) = UnixStream::connect(path).await?.into_split();
         let mut qmp = Qmp {
-            reader: BufReader::new(r),
+            reader: r,
+            pending: Vec::new(),
             writer: w,
             next_id: 0,
             events: VecDeque::new(),
+            events_dropped: 0,
             version: String::new(),
         };
         let greeting = qmp.read().await?;
@@ -84,16 +94,22 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// One message (bounded).
+    /// One message (bounded, cancel-safe).
     async fn read(&mut self) -> Result<Value, QmpError> {
-        let mut line = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
-            return Err(QmpError::Closed);
-        }
+        let line = loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                break self.pending.drain(..=end).collect::<Vec<u8>>();
+            }
+            if self.pending.len() > MAX_LINE {
+                return Err(QmpError::TooLong);
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.reader.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            self.pending.extend_from_slice(&chunk[..n]);
+        };
         if line.len() > MAX_LINE {
             return Err(QmpError::TooLong);
         }
@@ -123,10 +139,15 @@ impl Qmp {
         loop {
             let m = self.read().await?;
             if m.get("event").is_some() {
-                self.events.push_back(m);
+                self.keep(m);
                 continue;
             }
             if m.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                // The late answer to a command whose wait was cancelled:
+                // skip it. Anything else is not ours.
+                if stale(&m, self.next_id) {
+                    continue;
+                }
                 return Err(QmpError::Malformed(format!(
                     "answer to another command: {m}"
                 )));
@@ -148,6 +169,14 @@ impl Qmp {
         }
     }
 
+    fn keep(&mut self, event: Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+            self.events_dropped += 1;
+        }
+        self.events.push_back(event);
+    }
+
     /// Events received so far, oldest first.
     pub fn take_events(&mut self) -> Vec<Value> {
         self.events.drain(..).collect()
@@ -165,7 +194,7 @@ impl Qmp {
                     return Ok(m);
                 }
                 if m.get("event").is_some() {
-                    self.events.push_back(m);
+                    self.keep(m);
                 }
             }
         };
@@ -175,10 +204,19 @@ impl Qmp {
     }
 }
 
+/// An answer to one of our earlier commands (`convoy-N`, N below `next`).
+fn stale(m: &Value, next: u64) -> bool {
+    m.get("id")
+        .and_then(Value::as_str)
+        .and_then(|id| id.strip_prefix("convoy-"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n < next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncBufReadExt;
+    use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::net::UnixListener;
 
     /// A fake QEMU: sends `script` lines after reading each command.
@@ -274,5 +312,74 @@ mod tests {
             Qmp::connect(&p).await,
             Err(QmpError::Malformed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_loses_nothing_and_late_answers_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = tokio::spawn({
+            let path = path.clone();
+            async move { Qmp::connect(&path).await.unwrap() }
+        });
+        let (s, _) = listener.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(format!("{GREETING}\n").as_bytes())
+            .await
+            .unwrap();
+        lines.next_line().await.unwrap().unwrap();
+        w.write_all(b"{\"return\": {}, \"id\": \"convoy-1\"}\n")
+            .await
+            .unwrap();
+        let mut q = client.await.unwrap();
+        // Half an event, then a wait that gives up in the middle of it.
+        w.write_all(b"{\"event\": \"STOP\", \"timest")
+            .await
+            .unwrap();
+        assert!(matches!(
+            q.wait_event("STOP", Duration::from_millis(100)).await,
+            Err(QmpError::Timeout(_))
+        ));
+        w.write_all(b"amp\": {}}\n").await.unwrap();
+        let ev = q.wait_event("STOP", Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ev["event"], "STOP");
+        // A late answer to an earlier command is skipped, not fatal.
+        let server = tokio::spawn(async move {
+            lines.next_line().await.unwrap().unwrap();
+            w.write_all(b"{\"return\": {}, \"id\": \"convoy-1\"}\n")
+                .await
+                .unwrap();
+            w.write_all(b"{\"return\": {\"status\": \"running\"}, \"id\": \"convoy-2\"}\n")
+                .await
+                .unwrap();
+            (lines, w)
+        });
+        let r = q.execute("query-status", None).await.unwrap();
+        assert_eq!(r["status"], "running");
+        let _keep = server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_event_queue_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let mut batch = Vec::new();
+        for i in 0..MAX_EVENTS + 10 {
+            batch.push(format!(r#"{{"event": "E{i}", "timestamp": {{}}}}"#));
+        }
+        batch.push(r#"{"return": {}, "id": "convoy-2"}"#.into());
+        let p = fake(
+            d.path(),
+            GREETING,
+            vec![vec![r#"{"return": {}, "id": "convoy-1"}"#.into()], batch],
+        )
+        .await;
+        let mut q = Qmp::connect(&p).await.unwrap();
+        q.execute("query-status", None).await.unwrap();
+        let events = q.take_events();
+        assert_eq!(events.len(), MAX_EVENTS);
+        assert_eq!(q.events_dropped, 10);
+        assert_eq!(events[0]["event"], "E10", "the oldest were dropped");
     }
 }
