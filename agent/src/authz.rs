@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use convoy_protocol::ctl::{MigrateOptions, MigrateRequest};
-use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
+use convoy_protocol::names::{MigrationId, Role, SpiffeId, VmName};
 use convoy_protocol::ticket::{SignedTicket, Ticket, TicketError, TicketLimits, VerifiedTicket};
 use rand::RngCore;
 use thiserror::Error;
@@ -217,12 +217,13 @@ pub struct Authority<'a> {
 
 impl Authority<'_> {
     /// Checks a migration request at the source: `caller` is the connected
-    /// operator, `me` this agent, `destination` the agent asked for.
+    /// operator, `me` this agent. The destination is the ticket's: an agent
+    /// called `req.to`, of our trust domain or a federated one that names
+    /// it, and not us.
     pub fn at_source(
         &self,
         caller: &SpiffeId,
         me: &SpiffeId,
-        destination: &SpiffeId,
         req: &MigrateRequest,
     ) -> Result<VerifiedTicket, AuthzError> {
         let now = now_unix();
@@ -234,7 +235,21 @@ impl Authority<'_> {
             });
         }
         expect("source", &v.ticket.source, me)?;
-        expect("destination", &v.ticket.destination, destination)?;
+        let dest = &v.ticket.destination;
+        if dest.name() != &req.to || dest.role() != Role::Agent || dest == me {
+            return Err(AuthzError::Mismatch {
+                what: "destination",
+                ticket: dest.to_string(),
+                expected: format!("agent {} (not this agent)", req.to),
+            });
+        }
+        if !self.trust.vouches_for(dest) {
+            return Err(AuthzError::Mismatch {
+                what: "destination",
+                ticket: dest.to_string(),
+                expected: "an agent of our trust domain or a federated one naming it".into(),
+            });
+        }
         expect("VM", &v.ticket.vm, &req.vm)?;
         let want = limits_of(&req.options);
         if v.ticket.limits != want {

@@ -304,6 +304,12 @@ impl TrustBundle {
         }
     }
 
+    /// True when a certificate for `id` could be trusted: our domain, or a
+    /// federated identity named for its domain.
+    pub fn vouches_for(&self, id: &SpiffeId) -> bool {
+        self.bundle_for(id).is_ok()
+    }
+
     /// Verifies a peer's chain (leaf first) against the bundle of the domain
     /// its SPIFFE ID claims (see the type's docs), for `usage` at `now`.
     pub fn verify_peer(

@@ -113,7 +113,9 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     let partner = Partner::new(&["x", "y"]);
     let fed = partner.federation(vec![partner.id("x")]);
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a"], |_, cfg| {
+    // Our domain has an agent called x too: names alone are ambiguous, the
+    // ticket's full SPIFFE ID decides.
+    let lab = Lab::start(dir.path(), &["a", "x"], |_, cfg| {
         cfg.trust = federated(&cfg.trust, &fed);
         if let Some(f) = cfg.files.as_mut() {
             f.federation.push(fed.clone());
@@ -167,6 +169,18 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     assert!(r.verified);
     assert_eq!(r.destination, partner.id("x").to_string());
     assert!(a.vm_list().await.unwrap().is_empty());
+    // Our own x, with a ticket that names it, gets the next VM.
+    a.vm_create(sim_spec("vm2", 8 << 20, 1000)).await.unwrap();
+    let local = a
+        .migrate(
+            lab.migrate_request("vm2", "a", "x", MigrateOptions::default())
+                .unwrap(),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(local.outcome, Outcome::Completed, "{:?}", local.outcome);
+    assert_eq!(local.destination, lab.agent("x").unwrap().id.to_string());
     // The operator, federated at x, sees the VM running there.
     let at_x = convoy_agent::client::CtlClient::connect(
         x_addr,

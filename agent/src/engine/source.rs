@@ -123,23 +123,20 @@ pub(crate) async fn migrate(
             "max rounds must be at least 1".into(),
         ));
     }
-    // A federated peer of that name, else an agent of our domain.
-    let dest_id = inner
-        .creds()
-        .trust
-        .federated_peer(convoy_protocol::names::Role::Agent, &req.to)
-        .unwrap_or_else(|| SpiffeId::agent(inner.id.domain().clone(), req.to.clone()));
-    if dest_id == inner.id {
+    if &req.to == inner.id.name()
+        && inner
+            .creds()
+            .trust
+            .federated_peer(convoy_protocol::names::Role::Agent, &req.to)
+            .is_none()
+    {
         return Err(MigrateError::SelfMigration);
     }
     if !inner.audit_ok() {
         return Err(MigrateError::AuditUnavailable);
     }
     // Nothing is touched before the operator's ticket checks out.
-    let ticket = match inner
-        .authority()
-        .at_source(&caller, &inner.id, &dest_id, &req)
-    {
+    let ticket = match inner.authority().at_source(&caller, &inner.id, &req) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(operator = %caller, "migration refused: {e}");
@@ -151,6 +148,9 @@ pub(crate) async fn migrate(
             return Err(e.into());
         }
     };
+    // The destination is the one the operator signed for: its full SPIFFE
+    // ID, in our trust domain or a federated one (checked in `at_source`).
+    let dest_id = ticket.ticket.destination.clone();
     inner.audit(AuditEvent::TicketAccepted {
         migration: ticket.ticket.id,
         vm: req.vm.clone(),
