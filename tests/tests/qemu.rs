@@ -75,6 +75,25 @@ fn counters(log: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Polls the source's `query-migrate` (up to 120 s) until the migration
+/// ends; prints QEMU's own figures; returns the final status.
+async fn migration_end(src: &mut QemuProcess) -> String {
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end {
+        let m = src.qmp.execute("query-migrate", None).await.unwrap();
+        let status = m["status"].as_str().unwrap_or("").to_owned();
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            eprintln!(
+                "QEMU: total {} ms, downtime {} ms, {} bytes",
+                m["total-time"], m["downtime"], m["ram"]["transferred"]
+            );
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    "timed out".into()
+}
+
 async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -128,21 +147,7 @@ async fn native_migration_over_a_unix_socket_keeps_the_counter_going() {
         .execute("migrate", Some(json!({ "uri": uri })))
         .await
         .unwrap();
-    let mut status = String::new();
-    let end = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < end {
-        let m = src.qmp.execute("query-migrate", None).await.unwrap();
-        status = m["status"].as_str().unwrap_or("").to_owned();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            eprintln!(
-                "QEMU: total {} ms, downtime {} ms, {} bytes",
-                m["total-time"], m["downtime"], m["ram"]["transferred"]
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, "completed");
+    assert_eq!(migration_end(&mut src).await, "completed");
     let st = src.qmp.execute("query-status", None).await.unwrap();
     assert_eq!(st["status"], "postmigrate", "the source is paused for good");
     let last = *counters(&src_log).last().unwrap();
@@ -257,21 +262,7 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
         )
         .await
         .unwrap();
-    let mut status = String::new();
-    let end = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < end {
-        let m = src.qmp.execute("query-migrate", None).await.unwrap();
-        status = m["status"].as_str().unwrap_or("").to_owned();
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-            eprintln!(
-                "QEMU: total {} ms, downtime {} ms, {} bytes",
-                m["total-time"], m["downtime"], m["ram"]["transferred"]
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, "completed");
+    assert_eq!(migration_end(&mut src).await, "completed");
     let last = *counters(&src_log).last().unwrap();
     // The source QEMU is done: quitting it closes its end of the stream.
     src.quit().await;
@@ -309,7 +300,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     use convoy_agent::backend::qemu::vm::QemuConfig;
     use convoy_agent::client::ClientError;
     use convoy_agent::lab::Lab;
-    use convoy_protocol::ctl::{Accel as WireAccel, QemuVmSpec, VmState};
+    use convoy_protocol::ctl::{QemuVmSpec, VmState};
 
     let Some(g) = guest() else { return };
     let images = g.0.parent().unwrap().to_owned();
@@ -335,7 +326,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
         initrd: Some("initrd.img".into()),
         append: "console=ttyS0 quiet panic=-1".into(),
         disks: vec![],
-        accel: WireAccel::Tcg,
+        accel: Accel::Tcg,
         attributes: Default::default(),
     };
     let bad = |r: Result<convoy_protocol::ctl::VmInfo, ClientError>, why: &str| match r {

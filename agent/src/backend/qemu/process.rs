@@ -13,16 +13,10 @@ use tokio::process::{Child, Command};
 
 use super::qmp::{Qmp, QmpError};
 
-/// The accelerator. TCG works everywhere; KVM needs `/dev/kvm` (and hung at
-/// boot under nested virtualisation on the machines Convoy is tested on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// Hardware virtualisation.
-    Kvm,
-    /// QEMU's translator.
-    Tcg,
-}
+/// The accelerator (the wire type: TCG works everywhere; KVM needs
+/// `/dev/kvm`, and hung at boot under nested virtualisation on the
+/// machines Convoy is tested on).
+pub use convoy_protocol::ctl::Accel;
 
 /// A VM QEMU can run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

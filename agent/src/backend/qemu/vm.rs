@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_protocol::ctl::{Accel as WireAccel, QemuVmSpec};
+use convoy_protocol::ctl::QemuVmSpec;
 
-use super::process::{Accel, QemuError, QemuProcess, QemuSpec};
+use super::process::{QemuError, QemuProcess, QemuSpec};
 
 /// Longest kernel command line accepted.
 pub const MAX_APPEND: usize = 1024;
@@ -75,10 +75,7 @@ impl QemuConfig {
             initrd: s.initrd.as_deref().map(image).transpose()?,
             append: s.append.clone(),
             disks: s.disks.iter().map(|d| image(d)).collect::<Result<_, _>>()?,
-            accel: match s.accel {
-                WireAccel::Kvm => Accel::Kvm,
-                WireAccel::Tcg => Accel::Tcg,
-            },
+            accel: s.accel,
             extra_args: Vec::new(),
         })
     }
