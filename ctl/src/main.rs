@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Verify and read agents' audit logs offline.
+    /// Fetch, verify, read and prove agents' audit logs.
     #[command(subcommand)]
     Audit(cmd::audit::Audit),
     /// Create a CA and issue agent and operator certificates.
@@ -85,6 +85,9 @@ fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Pki(c) => cmd::pki::run(&cli.global, c),
+            Command::Audit(cmd::audit::Audit::Fetch { out }) => {
+                cmd::audit::fetch(&cli.global, &out).await
+            }
             Command::Audit(c) => cmd::audit::run(&cli.global, c),
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,

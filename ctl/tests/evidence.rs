@@ -233,3 +233,41 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
     let out = convoyctl(&pki, &["audit", "consistency", a_log, "--from", "9999"]);
     assert!(failure(&out).contains("do not fit"));
 }
+
+/// `convoyctl audit fetch`: an admin downloads an agent's log over the
+/// operator API, verified before it is written; another operator is denied
+/// by the policy and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_writes_a_verified_log_for_admins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a"], |_, _| {}).await.unwrap();
+    lab.add_operator("eve").unwrap();
+    let pki = lab.pki.dir().to_path_buf();
+    let agent = format!("a@{}", lab.agent("a").unwrap().addr);
+    let out = dir.path().join("a.log");
+    let run = |op: &str| {
+        let (pki, agent, out, op) = (pki.clone(), agent.clone(), out.clone(), op.to_owned());
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+                .arg("--pki")
+                .arg(&pki)
+                .args(["--agent", &agent, "--operator", &op, "audit", "fetch", "-o"])
+                .arg(&out)
+                .output()
+                .unwrap()
+        })
+    };
+    let denied = run("eve").await.unwrap();
+    assert!(failure(&denied).contains("denied"));
+    assert!(!out.exists(), "nothing written for a denied operator");
+    let ok = run("operator").await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("fetched and verified"));
+    let log = verify_log(&std::fs::read(&out).unwrap(), &lab.trust).unwrap();
+    assert_eq!(log.agent, lab.agent("a").unwrap().id);
+    lab.shutdown().await;
+}

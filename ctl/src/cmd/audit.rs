@@ -53,6 +53,13 @@ pub enum Audit {
         /// The bundle file.
         file: PathBuf,
     },
+    /// Download an agent's audit log (--agent) over the operator API
+    /// (a `ReadAudit` policy decision), verify it, and write it to OUT.
+    Fetch {
+        /// Where to write the log.
+        #[arg(short, long, value_name = "OUT")]
+        out: PathBuf,
+    },
     /// Prove that the log now extends an earlier state of itself: an RFC
     /// 9162 consistency proof from its first FROM records to its first TO
     /// (default: all), verified and printed. Give --root (a root seen
@@ -73,6 +80,34 @@ pub enum Audit {
     },
 }
 
+/// Downloads, verifies and writes an agent's log.
+pub async fn fetch(g: &Global, out: &Path) -> Result<()> {
+    let trust = Pki::open(&g.pki)?.trust()?;
+    let cl = crate::conn::client(g).await?;
+    let bytes = cl.audit_log().await;
+    cl.close().await;
+    let bytes = bytes?;
+    let log = verify_log(&bytes, &trust).context("the fetched log is not intact")?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    if g.json {
+        return render::json(&serde_json::json!({
+            "verified": true,
+            "agent": log.agent.to_string(),
+            "records": log.records.len(),
+            "bytes": bytes.len(),
+            "file": out.display().to_string(),
+        }));
+    }
+    println!(
+        "fetched and verified: {} records by {} ({} bytes) → {}",
+        log.records.len(),
+        log.agent,
+        bytes.len(),
+        out.display()
+    );
+    Ok(())
+}
+
 /// Runs an audit command.
 pub fn run(g: &Global, c: Audit) -> Result<()> {
     let pki = Pki::open(&g.pki)?;
@@ -86,6 +121,7 @@ pub fn run(g: &Global, c: Audit) -> Result<()> {
             out,
         } => prove(g, &trust, &migration, &logs, out),
         Audit::CheckBundle { file } => check(g, &trust, &file),
+        Audit::Fetch { .. } => bail!("audit fetch runs asynchronously (internal error)"),
         Audit::Consistency {
             file,
             from,
