@@ -85,10 +85,7 @@ fn run(cli: Cli) -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Pki(c) => cmd::pki::run(&cli.global, c),
-            Command::Audit(cmd::audit::Audit::Fetch { out }) => {
-                cmd::audit::fetch(&cli.global, &out).await
-            }
-            Command::Audit(c) => cmd::audit::run(&cli.global, c),
+            Command::Audit(c) => cmd::audit::run(&cli.global, c).await,
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,

@@ -81,13 +81,12 @@ pub enum Audit {
 }
 
 /// Downloads, verifies and writes an agent's log.
-pub async fn fetch(g: &Global, out: &Path) -> Result<()> {
-    let trust = Pki::open(&g.pki)?.trust()?;
+async fn fetch(g: &Global, trust: &TrustBundle, out: &Path) -> Result<()> {
     let cl = crate::conn::client(g).await?;
     let bytes = cl.audit_log().await;
     cl.close().await;
     let bytes = bytes?;
-    let log = verify_log(&bytes, &trust).context("the fetched log is not intact")?;
+    let log = verify_log(&bytes, trust).context("the fetched log is not intact")?;
     std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     if g.json {
         return render::json(&serde_json::json!({
@@ -109,7 +108,7 @@ pub async fn fetch(g: &Global, out: &Path) -> Result<()> {
 }
 
 /// Runs an audit command.
-pub fn run(g: &Global, c: Audit) -> Result<()> {
+pub async fn run(g: &Global, c: Audit) -> Result<()> {
     let pki = Pki::open(&g.pki)?;
     let trust = pki.trust()?;
     match c {
@@ -121,7 +120,7 @@ pub fn run(g: &Global, c: Audit) -> Result<()> {
             out,
         } => prove(g, &trust, &migration, &logs, out),
         Audit::CheckBundle { file } => check(g, &trust, &file),
-        Audit::Fetch { .. } => bail!("audit fetch runs asynchronously (internal error)"),
+        Audit::Fetch { out } => fetch(g, &trust, &out).await,
         Audit::Consistency {
             file,
             from,
