@@ -102,6 +102,9 @@ fn limits_of(o: &MigrateOptions) -> TicketLimits {
         streams: o.streams,
         max_downtime_ms: o.max_downtime_ms,
         max_rounds: o.max_rounds,
+        mode: o.mode,
+        copy_storage: o.copy_storage,
+        bandwidth: o.bandwidth,
     }
 }
 

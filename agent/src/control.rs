@@ -238,7 +238,7 @@ async fn create_qemu_vm(inner: &Arc<Inner>, spec: QemuVmSpec, operator: &SpiffeI
         return r;
     }
     let dir = cfg.runtime.join(spec.name.as_str());
-    match QemuVm::launch(&qspec, &dir).await {
+    match QemuVm::launch(spec.clone(), qspec, &dir).await {
         Ok(vm) => {
             if let Some(e) = inner.vms().get_mut(&spec.name) {
                 e.qemu = Some(vm.clone());

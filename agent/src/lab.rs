@@ -3,7 +3,7 @@
 //! and the integration tests all run on it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,53 @@ impl Lab {
             lab.add_agent(n, &tweak)?;
         }
         Ok(lab)
+    }
+
+    /// Like [`Lab::start`], with a QEMU backend on every agent: `qemu` is
+    /// the only binary allowed, each agent has its own image directory
+    /// holding a copy of `guest`'s kernel and initramfs (so disks copied
+    /// by migration never collide) and its own runtime directory.
+    pub async fn start_qemu(
+        dir: &Path,
+        names: &[&str],
+        qemu: &Path,
+        guest: &crate::backend::qemu::guest::TestGuest,
+    ) -> Result<Lab, LabError> {
+        for n in names {
+            let images = Self::qemu_images_in(dir, n);
+            std::fs::create_dir_all(&images)?;
+            std::fs::copy(&guest.kernel, images.join("vmlinuz"))?;
+            std::fs::copy(&guest.initrd, images.join("initrd.img"))?;
+        }
+        let root = dir.to_owned();
+        let qemu = qemu.to_owned();
+        Lab::start(dir, names, move |n, cfg| {
+            cfg.qemu = Some(crate::backend::qemu::vm::QemuConfig {
+                binaries: vec![qemu.clone()],
+                images: Self::qemu_images_in(&root, n),
+                runtime: root.join("qemu").join(format!("runtime-{n}")),
+            });
+        })
+        .await
+    }
+
+    fn qemu_images_in(dir: &Path, agent: &str) -> PathBuf {
+        dir.join("qemu").join(format!("images-{agent}"))
+    }
+
+    /// A lab QEMU agent's image directory.
+    pub fn qemu_images(&self, agent: &str) -> PathBuf {
+        Self::qemu_images_in(self.pki.dir(), agent)
+    }
+
+    /// The serial console log of QEMU VM `vm` on lab agent `agent`.
+    pub fn qemu_serial(&self, agent: &str, vm: &str) -> PathBuf {
+        self.pki
+            .dir()
+            .join("qemu")
+            .join(format!("runtime-{agent}"))
+            .join(vm)
+            .join("serial.log")
     }
 
     /// The lab's policy: the example policies of `agent/policy/examples`,

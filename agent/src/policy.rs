@@ -705,6 +705,8 @@ impl PolicySet {
             "streams": t.limits.streams,
             "max_downtime_ms": t.limits.max_downtime_ms,
             "max_rounds": t.limits.max_rounds,
+            "mode": t.limits.mode.to_string(),
+            "copy_storage": t.limits.copy_storage,
         })
     }
 
@@ -945,6 +947,9 @@ mod tests {
                 streams: 2,
                 max_downtime_ms: 300,
                 max_rounds: 30,
+                mode: Default::default(),
+                copy_storage: false,
+                bandwidth: None,
             },
             issued_at: 1000,
             expires_at: 2000,

@@ -47,7 +47,7 @@ pub fn report(r: &MigrationReport) -> String {
     } else {
         0.0
     };
-    let rows = vec![
+    let mut rows = vec![
         vec!["migration".into(), r.migration.clone()],
         vec!["vm".into(), r.vm.to_string()],
         vec![
@@ -59,7 +59,12 @@ pub fn report(r: &MigrationReport) -> String {
             "verified".into(),
             if r.verified {
                 format!(
-                    "yes, memory root {}",
+                    "yes, {} {}",
+                    if r.qemu.is_some() {
+                        "stream root"
+                    } else {
+                        "memory root"
+                    },
                     r.memory_root
                         .map(|d| d.to_hex()[..16].to_string())
                         .unwrap_or_default()
@@ -85,14 +90,51 @@ pub fn report(r: &MigrationReport) -> String {
         vec!["guest memory".into(), format_bytes(r.memory_bytes)],
         vec!["bytes on the wire".into(), format_bytes(r.wire_bytes)],
         vec!["guest throughput".into(), format!("{mb_s:.0} MB/s")],
-        vec![
+    ];
+    match &r.qemu {
+        None => rows.push(vec![
             "pages sent".into(),
             format!(
                 "{} (raw {}, zstd {}); zero pages {} (no page bytes)",
                 r.pages_sent, r.encodings.raw, r.encodings.zstd, r.encodings.zero
             ),
-        ],
-    ];
+        ]),
+        Some(q) => {
+            let ms = |v: Option<u64>| v.map_or("?".into(), |v| format!("{v} ms"));
+            rows.push(vec![
+                "QEMU's figures".into(),
+                format!(
+                    "{} ({}): total {}, downtime {}, {} transferred",
+                    q.status,
+                    q.mode,
+                    ms(q.total_ms),
+                    ms(q.downtime_ms),
+                    q.transferred_bytes.map_or("?".into(), format_bytes)
+                ),
+            ]);
+            rows.push(vec![
+                "channels carried".into(),
+                format!(
+                    "{} (multifd {}, disks {})",
+                    q.channels.len(),
+                    q.multifd_channels,
+                    q.disks_copied
+                ),
+            ]);
+            for c in &q.channels {
+                rows.push(vec![
+                    format!("  {}", c.kind),
+                    format!(
+                        "{} out (BLAKE3 {}), {} back (BLAKE3 {})",
+                        format_bytes(c.out_bytes),
+                        &c.out.to_hex()[..16],
+                        format_bytes(c.back_bytes),
+                        &c.back.to_hex()[..16]
+                    ),
+                ]);
+            }
+        }
+    }
     kv(&rows)
 }
 

@@ -121,10 +121,48 @@ pub struct VmInfo {
     pub attributes: crate::vm::VmAttributes,
 }
 
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Copy rounds while the VM runs at the source, then a short stop.
+    #[default]
+    Precopy,
+    /// The VM starts at the destination early; the rest follows on demand.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy when they do not converge.
+    Hybrid,
+}
+
+impl std::fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        })
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(MigrationMode::Precopy),
+            "postcopy" => Ok(MigrationMode::Postcopy),
+            "hybrid" => Ok(MigrationMode::Hybrid),
+            other => Err(format!(
+                "unknown mode {other:?} (precopy, postcopy or hybrid)"
+            )),
+        }
+    }
+}
+
 /// Tuning of one migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateOptions {
-    /// Parallel data streams (1..=16).
+    /// Parallel data streams (1..=16). For QEMU VMs, more than one means
+    /// multifd with that many channels (pre-copy only).
     pub streams: u16,
     /// Downtime target in milliseconds.
     pub max_downtime_ms: u32,
@@ -132,6 +170,15 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// zstd level, 0 for none.
     pub compression_level: i32,
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: MigrationMode,
+    /// Copy the VM's disks too (no shared storage).
+    pub copy_storage: bool,
+    /// Bandwidth cap, bytes per second (none when absent).
+    pub bandwidth: Option<u64>,
+    /// Hybrid: switch to post-copy after this many milliseconds of
+    /// pre-copy (when absent: after the first full pass).
+    pub postcopy_after_ms: Option<u32>,
 }
 
 impl Default for MigrateOptions {
@@ -141,6 +188,10 @@ impl Default for MigrateOptions {
             max_downtime_ms: 300,
             max_rounds: 30,
             compression_level: 1,
+            mode: MigrationMode::Precopy,
+            copy_storage: false,
+            bandwidth: None,
+            postcopy_after_ms: None,
         }
     }
 }
@@ -233,6 +284,30 @@ pub struct MigrationReport {
     /// and Started, and the source's own Sent. They verify offline with the
     /// CA bundle alone.
     pub receipts: Vec<crate::receipt::SignedReceipt>,
+    /// For a QEMU VM: QEMU's own figures and what Convoy carried.
+    pub qemu: Option<Box<QemuFigures>>,
+}
+
+/// A QEMU migration as QEMU and Convoy each saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QemuFigures {
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: MigrationMode,
+    /// QEMU's final `query-migrate` status (`completed`, `failed`, ...).
+    pub status: String,
+    /// QEMU's `total-time`, milliseconds.
+    pub total_ms: Option<u64>,
+    /// QEMU's `downtime`, milliseconds (its own stop to its own end; the
+    /// report's `downtime_ms` runs to the destination's `Started`).
+    pub downtime_ms: Option<u64>,
+    /// QEMU's `ram.transferred`, bytes.
+    pub transferred_bytes: Option<u64>,
+    /// Multifd channels (0: none).
+    pub multifd_channels: u16,
+    /// Disks mirrored to the destination.
+    pub disks_copied: u16,
+    /// Every channel Convoy carried, with its digests both ways.
+    pub channels: Vec<crate::stream::ChannelDigests>,
 }
 
 /// An agent's summary.

@@ -365,6 +365,14 @@ impl Destination {
             return refuse(self, Reason::UnsupportedVersion);
         };
         let _ = version;
+        if p.manifest.qemu.is_some() {
+            // A stream migration is driven elsewhere (see `crate::stream`);
+            // its manifest never reaches a page-batch destination.
+            return refuse(
+                self,
+                Reason::Unacceptable("a QEMU stream migration to a page-batch destination".into()),
+            );
+        }
         let streams = p.manifest.data_streams;
         if streams == 0 || streams > MAX_DATA_STREAMS {
             return refuse(

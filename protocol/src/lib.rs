@@ -25,6 +25,8 @@
 //!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
 //! - [`source`] and [`destination`]: the pre-copy migration state machines.
+//! - [`stream`]: migrations whose state is an opaque stream (QEMU's):
+//!   channels, their digests both ways, and the roots receipts bind.
 //! - [`ticket`]: operator-signed migration tickets and their verification
 //!   (crypto behind a small verifier/signer trait pair).
 //! - [`receipt`]: signed Accepted/Ready/Sent/Started receipts.
@@ -46,6 +48,7 @@ pub mod names;
 pub mod page;
 pub mod receipt;
 pub mod source;
+pub mod stream;
 pub mod ticket;
 pub mod vm;
 

@@ -16,8 +16,11 @@
 //! | 6 | `Handover` | agent control, source → destination |
 //! | 7 | [`Started`] | agent control, destination → source |
 //! | 8 | [`Abort`] | agent control, either way |
+//! | 9 | [`crate::stream::StreamsDone`] | agent control, source → destination (stream migrations) |
+//! | 10 | [`crate::stream::Switch`] | agent control, both ways (post-copy stream migrations) |
 //! | 16 | [`DataStreamOpen`] | data stream, first frame |
 //! | 17 | page batch | data stream |
+//! | 18 | [`crate::stream::ChannelOpen`] | a stream migration's channel, first frame |
 //! | 32 | [`crate::ctl::CtlRequest`] | operator → agent |
 //! | 33 | [`crate::ctl::CtlResponse`] | agent → operator |
 
@@ -101,6 +104,9 @@ pub struct Manifest {
     pub memory: MemoryGeometry,
     /// Data streams the source will open (1..=[`MAX_DATA_STREAMS`]).
     pub data_streams: u16,
+    /// For a QEMU VM: its definition and channels; the memory is then
+    /// QEMU's stream, not page batches (see [`crate::stream`]).
+    pub qemu: Option<Box<crate::stream::QemuManifest>>,
 }
 
 /// Source → destination: the first message of a migration.
@@ -259,10 +265,16 @@ pub enum Message {
     Started(Started),
     /// Tag 8.
     Abort(Abort),
+    /// Tag 9.
+    StreamsDone(crate::stream::StreamsDone),
+    /// Tag 10.
+    Switch(crate::stream::Switch),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
     /// Tag 17: a page batch; the payload is carried without a copy.
     PageBatch(BatchHeader, Bytes),
+    /// Tag 18.
+    ChannelOpen(crate::stream::ChannelOpen),
     /// Tag 32.
     CtlRequest(CtlRequest),
     /// Tag 33.
@@ -281,8 +293,11 @@ pub mod tag {
     pub const HANDOVER: u8 = 6;
     pub const STARTED: u8 = 7;
     pub const ABORT: u8 = 8;
+    pub const STREAMS_DONE: u8 = 9;
+    pub const SWITCH: u8 = 10;
     pub const DATA_STREAM_OPEN: u8 = 16;
     pub const PAGE_BATCH: u8 = 17;
+    pub const CHANNEL_OPEN: u8 = 18;
     pub const CTL_REQUEST: u8 = 32;
     pub const CTL_RESPONSE: u8 = 33;
 }
@@ -342,6 +357,9 @@ impl Message {
             Message::Handover(_) => tag::HANDOVER,
             Message::Started(_) => tag::STARTED,
             Message::Abort(_) => tag::ABORT,
+            Message::StreamsDone(_) => tag::STREAMS_DONE,
+            Message::Switch(_) => tag::SWITCH,
+            Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
             Message::CtlRequest(_) => tag::CTL_REQUEST,
@@ -367,6 +385,9 @@ impl Message {
             Message::Handover(m) => postcard::to_extend(m, out),
             Message::Started(m) => postcard::to_extend(m, out),
             Message::Abort(m) => postcard::to_extend(m, out),
+            Message::StreamsDone(m) => postcard::to_extend(m, out),
+            Message::Switch(m) => postcard::to_extend(m, out),
+            Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
                 o.extend_from_slice(payload);
@@ -411,6 +432,15 @@ impl Message {
             tag::HANDOVER => Message::Handover(whole(t, body)?),
             tag::STARTED => Message::Started(whole(t, body)?),
             tag::ABORT => Message::Abort(whole(t, body)?),
+            tag::STREAMS_DONE => {
+                let d: crate::stream::StreamsDone = whole(t, body)?;
+                if d.channels.len() > crate::stream::MAX_CHANNELS {
+                    return Err(malformed(t, "more channels than allowed"));
+                }
+                Message::StreamsDone(d)
+            }
+            tag::SWITCH => Message::Switch(whole(t, body)?),
+            tag::CHANNEL_OPEN => Message::ChannelOpen(whole(t, body)?),
             tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
             tag::PAGE_BATCH => {
                 let (h, rest): (BatchHeader, &[u8]) =
@@ -436,6 +466,9 @@ pub fn name_of(t: u8) -> &'static str {
         tag::HANDOVER => "Handover",
         tag::STARTED => "Started",
         tag::ABORT => "Abort",
+        tag::STREAMS_DONE => "StreamsDone",
+        tag::SWITCH => "Switch",
+        tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
         tag::CTL_REQUEST => "CtlRequest",
@@ -490,6 +523,7 @@ mod tests {
             manifest: Manifest {
                 memory: MemoryGeometry::new(PageSize::SIZE_4K, 100).unwrap(),
                 data_streams: 2,
+                qemu: None,
             },
             ticket: crate::ticket::SignedTicket {
                 body: vec![1],

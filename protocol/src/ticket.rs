@@ -40,6 +40,12 @@ pub struct TicketLimits {
     pub max_downtime_ms: u32,
     /// Round limit.
     pub max_rounds: u32,
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: crate::ctl::MigrationMode,
+    /// Whether disks are copied too.
+    pub copy_storage: bool,
+    /// Bandwidth cap, bytes per second.
+    pub bandwidth: Option<u64>,
 }
 
 /// What the operator authorizes.
@@ -288,6 +294,9 @@ mod tests {
                 streams: 2,
                 max_downtime_ms: 300,
                 max_rounds: 30,
+                mode: crate::ctl::MigrationMode::Precopy,
+                copy_storage: false,
+                bandwidth: None,
             },
             issued_at: now,
             expires_at: now + 300,

@@ -101,6 +101,7 @@ fn seeds() -> Vec<Message> {
             manifest: Manifest {
                 memory: geometry,
                 data_streams: 1,
+                qemu: None,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -235,6 +236,9 @@ fn signed_ticket(n: u8, signer: &str) -> SignedTicket {
             streams: 1,
             max_downtime_ms: 300,
             max_rounds: 30,
+            mode: Default::default(),
+            copy_storage: false,
+            bandwidth: None,
         },
         issued_at: NOW,
         expires_at: NOW + 300,

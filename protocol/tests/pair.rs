@@ -198,6 +198,7 @@ impl Pair {
             manifest: Manifest {
                 memory: geometry,
                 data_streams: streams,
+                qemu: None,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],

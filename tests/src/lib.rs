@@ -85,6 +85,7 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
         manifest: Manifest {
             memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
             data_streams: 1,
+            qemu: None,
         },
         ticket,
     });

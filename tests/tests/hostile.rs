@@ -58,6 +58,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
         manifest: Manifest {
             memory: MemoryGeometry::from_bytes(bytes).unwrap(),
             data_streams: streams,
+            qemu: None,
         },
         ticket,
     })

@@ -293,26 +293,29 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
 }
 
 /// QEMU VMs through the agent's operator API: only allow-listed binaries
-/// and images inside the image directory; listed as `qemu`; refused for
-/// migration (not built yet) with a clear error; deleted with their process.
+/// and images inside the image directory; listed as `qemu`; a destination
+/// without a QEMU backend refuses them at Accept; deleted with their
+/// process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     use convoy_agent::backend::qemu::vm::QemuConfig;
     use convoy_agent::client::ClientError;
     use convoy_agent::lab::Lab;
-    use convoy_protocol::ctl::{QemuVmSpec, VmState};
+    use convoy_protocol::ctl::{Outcome, QemuVmSpec, VmState};
 
     let Some(g) = guest() else { return };
     let images = g.0.parent().unwrap().to_owned();
     let qemu = which("qemu-system-x86_64").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("runtime");
-    let lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |_, cfg| {
-        cfg.qemu = Some(QemuConfig {
-            binaries: vec![qemu.clone()],
-            images: images.clone(),
-            runtime: runtime.clone(),
-        });
+    let lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |name, cfg| {
+        if name == "a" {
+            cfg.qemu = Some(QemuConfig {
+                binaries: vec![qemu.clone()],
+                images: images.clone(),
+                runtime: runtime.clone(),
+            });
+        }
     })
     .await
     .unwrap();
@@ -358,19 +361,18 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
         })
         .map(|e| e.path());
     let pid = pid.expect("the QEMU process runs");
-    // Not through agents yet: a clear refusal, the VM keeps running.
-    match a
+    // The destination has no QEMU backend: refused at Accept, the VM
+    // keeps running here.
+    let r = a
         .migrate(
             lab.migrate_request("guest", "a", "b", Default::default())
                 .unwrap(),
             |_| {},
         )
         .await
-    {
-        Err(ClientError::Agent(e)) => assert!(
-            e.message.contains("cannot migrate through agents yet"),
-            "{e:?}"
-        ),
+        .unwrap();
+    match &r.outcome {
+        Outcome::Aborted(why) => assert!(why.contains("no QEMU backend"), "{why}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
@@ -381,4 +383,492 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     );
     assert!(!runtime.join("guest").exists(), "runtime files removed");
     lab.shutdown().await;
+}
+
+/// Two agents with QEMU backends, each with its own image directory (a
+/// copy of the guest's kernel and initramfs) and runtime directory.
+struct QemuLab {
+    lab: convoy_agent::lab::Lab,
+    root: PathBuf,
+}
+
+impl QemuLab {
+    async fn start(root: &Path, g: &(PathBuf, PathBuf)) -> QemuLab {
+        use convoy_agent::backend::qemu::vm::QemuConfig;
+        let qemu = which("qemu-system-x86_64").unwrap();
+        for n in ["a", "b"] {
+            let images = root.join(format!("images-{n}"));
+            std::fs::create_dir_all(&images).unwrap();
+            std::fs::copy(&g.0, images.join("vmlinuz")).unwrap();
+            std::fs::copy(&g.1, images.join("initrd.img")).unwrap();
+        }
+        let r = root.to_owned();
+        let lab = convoy_agent::lab::Lab::start(&root.join("lab"), &["a", "b"], move |n, cfg| {
+            cfg.qemu = Some(QemuConfig {
+                binaries: vec![qemu.clone()],
+                images: r.join(format!("images-{n}")),
+                runtime: r.join(format!("runtime-{n}")),
+            });
+        })
+        .await
+        .unwrap();
+        QemuLab {
+            lab,
+            root: root.to_owned(),
+        }
+    }
+
+    fn serial(&self, agent: &str, vm: &str) -> PathBuf {
+        self.root
+            .join(format!("runtime-{agent}"))
+            .join(vm)
+            .join("serial.log")
+    }
+
+    fn images(&self, agent: &str) -> PathBuf {
+        self.root.join(format!("images-{agent}"))
+    }
+
+    /// The QEMU processes whose runtime directory is under `agent`'s.
+    fn processes(&self, agent: &str) -> Vec<PathBuf> {
+        let needle = self.root.join(format!("runtime-{agent}/"));
+        let needle = needle.to_str().unwrap().to_owned();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    async fn create(&self, agent: &str, vm: &str, disks: Vec<String>) {
+        let spec = convoy_protocol::ctl::QemuVmSpec {
+            name: vm.parse().unwrap(),
+            binary: "qemu-system-x86_64".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: Some("vmlinuz".into()),
+            initrd: Some("initrd.img".into()),
+            append: "console=ttyS0 quiet panic=-1".into(),
+            disks,
+            accel: Accel::Tcg,
+            attributes: Default::default(),
+        };
+        let c = self.lab.client(agent).await.unwrap();
+        c.vm_create_qemu(spec).await.unwrap();
+        let log = self.serial(agent, vm);
+        assert!(
+            until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
+            "the guest did not come up: {:?}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    async fn migrate(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        options: convoy_protocol::ctl::MigrateOptions,
+    ) -> convoy_protocol::ctl::MigrationReport {
+        let c = self.lab.client(from).await.unwrap();
+        let req = self.lab.migrate_request(vm, from, to, options).unwrap();
+        c.migrate(req, |_| {}).await.unwrap()
+    }
+
+    /// Migrates `vm` and checks it moved ([`QemuLab::assert_moved`]).
+    async fn moves(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &str,
+        options: convoy_protocol::ctl::MigrateOptions,
+    ) -> convoy_protocol::ctl::MigrationReport {
+        let last = *counters(&self.serial(from, vm)).last().unwrap();
+        let r = self.migrate(vm, from, to, options).await;
+        self.assert_moved(&r, vm, from, to, last).await;
+        r
+    }
+
+    /// After a completed migration: the counter carried on at the
+    /// destination without a reboot, the source QEMU is gone, the
+    /// destination lists the VM running, and both audit logs hold the
+    /// receipts (an evidence bundle built from them checks out).
+    async fn assert_moved(
+        &self,
+        r: &convoy_protocol::ctl::MigrationReport,
+        vm: &str,
+        from: &str,
+        to: &str,
+        last_at_source: u64,
+    ) {
+        use convoy_protocol::ctl::{Outcome, VmState};
+        assert_eq!(r.outcome, Outcome::Completed, "{r:#?}");
+        assert!(r.verified);
+        assert_eq!(r.receipts.len(), 4);
+        let q = r.qemu.as_ref().expect("QEMU figures");
+        assert_eq!(q.status, "completed");
+        eprintln!(
+            "{vm} {from}→{to} ({}, multifd {}, disks {}): Convoy total {:.0} ms downtime {:.1} ms; QEMU total {:?} ms downtime {:?} ms, {:?} bytes; {} channels",
+            q.mode,
+            q.multifd_channels,
+            q.disks_copied,
+            r.total_ms,
+            r.downtime_ms,
+            q.total_ms,
+            q.downtime_ms,
+            q.transferred_bytes,
+            q.channels.len()
+        );
+        assert!(
+            until(Duration::from_secs(10), || self.processes(from).is_empty()).await,
+            "the source QEMU still runs"
+        );
+        let dst_log = self.serial(to, vm);
+        assert!(
+            until(Duration::from_secs(30), || counters(&dst_log)
+                .iter()
+                .any(|&c| c > last_at_source))
+            .await,
+            "no counter after {last_at_source} at the destination"
+        );
+        let after: Vec<u64> = counters(&dst_log)
+            .into_iter()
+            .filter(|&c| c > last_at_source.saturating_sub(1000))
+            .collect();
+        let first_new = after.iter().copied().find(|&c| c > last_at_source).unwrap();
+        assert!(
+            first_new <= last_at_source + 30,
+            "the counter jumped from {last_at_source} to {first_new}"
+        );
+        let list = self.lab.client(to).await.unwrap().vm_list().await.unwrap();
+        let here = list.iter().find(|v| v.name.as_str() == vm).unwrap();
+        assert_eq!(
+            (here.backend.as_str(), here.state),
+            ("qemu", VmState::Running)
+        );
+        let gone = self
+            .lab
+            .client(from)
+            .await
+            .unwrap()
+            .vm_list()
+            .await
+            .unwrap();
+        assert!(gone.iter().all(|v| v.name.as_str() != vm), "{gone:?}");
+        let s = evidence(&self.lab, from, to, &r.migration).await;
+        assert!(s.started, "{s:?}");
+    }
+}
+
+/// Waits until both agents' logs hold the migration's outcome, then builds
+/// an evidence bundle from them and checks it offline.
+async fn evidence(
+    lab: &convoy_agent::lab::Lab,
+    from: &str,
+    to: &str,
+    migration: &str,
+) -> convoy_protocol::evidence::BundleSummary {
+    use convoy_protocol::audit::{verify_log, AuditEvent};
+    use convoy_protocol::evidence::{build_bundle, check_bundle};
+    let log = |agent: &str| lab.pki.dir().join("state").join(agent).join("audit.log");
+    let read = |agent: &str| {
+        let bytes = std::fs::read(log(agent)).unwrap();
+        verify_log(&bytes, &lab.trust).unwrap()
+    };
+    let has_outcome = |agent: &str| {
+        read(agent).records.iter().any(|r| {
+            matches!(&r.event, AuditEvent::Outcome { migration: m, .. } if m.to_string() == migration)
+        })
+    };
+    assert!(
+        until(Duration::from_secs(10), || has_outcome(from)
+            && has_outcome(to))
+        .await,
+        "both logs record the outcome"
+    );
+    let (a, b) = (read(from), read(to));
+    let id = a
+        .records
+        .iter()
+        .find_map(|r| match &r.event {
+            AuditEvent::TicketAccepted { migration: m, .. } if m.to_string() == migration => {
+                Some(*m)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let bundle = build_bundle(id, &[a, b]).unwrap().encode().unwrap();
+    check_bundle(&bundle, &lab.trust).unwrap()
+}
+
+fn options(
+    mode: convoy_protocol::ctl::MigrationMode,
+    streams: u16,
+) -> convoy_protocol::ctl::MigrateOptions {
+    convoy_protocol::ctl::MigrateOptions {
+        streams,
+        mode,
+        ..Default::default()
+    }
+}
+
+/// Pre-copy with one channel a → b, then back b → a with multifd over 2
+/// streams: the counter carries on each time, the source QEMU is gone,
+/// both logs hold matching receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
+    use convoy_protocol::ctl::MigrationMode;
+    let Some(g) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    q.create("a", "guest", vec![]).await;
+    let r = q
+        .moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
+        .await;
+    assert_eq!(r.qemu.as_ref().unwrap().channels.len(), 1);
+
+    let r = q
+        .moves("guest", "b", "a", options(MigrationMode::Precopy, 2))
+        .await;
+    let fig = r.qemu.as_ref().unwrap();
+    assert_eq!((fig.multifd_channels, fig.channels.len()), (2, 3));
+    q.lab.shutdown().await;
+}
+
+/// Post-copy a → b (the guest starts at b at the switch and faults the
+/// rest in over the return path), then hybrid b → a (switching after
+/// 300 ms of pre-copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
+    use convoy_protocol::ctl::MigrationMode;
+    let Some(g) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    q.create("a", "guest", vec![]).await;
+    let r = q
+        .moves("guest", "a", "b", options(MigrationMode::Postcopy, 1))
+        .await;
+    let fig = r.qemu.as_ref().unwrap();
+    assert_eq!(fig.mode, MigrationMode::Postcopy);
+    // Post-copy needs the return path: bytes came back on the main channel.
+    assert!(fig.channels[0].back_bytes > 0, "{fig:?}");
+
+    let mut o = options(MigrationMode::Hybrid, 1);
+    o.postcopy_after_ms = Some(300);
+    o.bandwidth = Some(32 << 20);
+    q.moves("guest", "b", "a", o).await;
+    q.lab.shutdown().await;
+}
+
+/// Blocks of the guest's disk pattern (`scripts/build-test-guest`): block
+/// i holds "block i gen g <sha256 of 'block i gen g'>", space-padded to
+/// 4 KiB. Returns the generation of each of the first `n` blocks (None
+/// for a block never written); panics on a block that is neither zero nor
+/// valid.
+fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..n {
+        f.read_exact(&mut buf).unwrap();
+        if buf.iter().all(|&b| b == 0) {
+            out.push(None);
+            continue;
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words.len(), 5, "block {i} is torn: {:?}", &text[..80]);
+        let body = format!("{} {} {} {}", words[0], words[1], words[2], words[3]);
+        assert_eq!(words[1], i.to_string(), "block {i} holds another block");
+        let sum = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+        let hex: String = sum.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(words[4], hex, "block {i}: bad checksum");
+        out.push(Some(words[3].parse().unwrap()));
+    }
+    out
+}
+
+/// `--copy-storage`: the disk is mirrored over NBD through Convoy while
+/// the guest keeps writing to it, then memory follows; the destination's
+/// disk verifies block by block and holds every block the source had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vms_migrate_with_their_disk_while_it_is_written() {
+    use convoy_protocol::ctl::MigrationMode;
+    let Some(g) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    let src_disk = q.images("a").join("disk.img");
+    std::fs::File::create(&src_disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    q.create("a", "guest", vec!["disk.img".into()]).await;
+    // One whole generation on the source disk before the move.
+    assert!(
+        until(Duration::from_secs(120), || disk_blocks(&src_disk, 256)
+            .iter()
+            .all(Option::is_some))
+        .await,
+        "the guest never wrote its disk"
+    );
+    let gen_before = disk_blocks(&src_disk, 256)
+        .iter()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap();
+
+    // Without --copy-storage: refused, nothing touched.
+    let r = q
+        .lab
+        .client("a")
+        .await
+        .unwrap()
+        .migrate(
+            q.lab
+                .migrate_request("guest", "a", "b", options(MigrationMode::Precopy, 1))
+                .unwrap(),
+            |_| {},
+        )
+        .await;
+    match r {
+        Err(convoy_agent::client::ClientError::Agent(e)) => {
+            assert!(e.message.contains("--copy-storage"), "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let mut o = options(MigrationMode::Precopy, 1);
+    o.copy_storage = true;
+    let r = q.moves("guest", "a", "b", o).await;
+    let fig = r.qemu.as_ref().unwrap();
+    assert_eq!(fig.disks_copied, 1);
+    assert!(
+        fig.channels.iter().any(
+            |c| matches!(c.kind, convoy_protocol::stream::ChannelKind::Nbd(0))
+                && c.out_bytes >= 1 << 20
+        ),
+        "{fig:?}"
+    );
+    // The guest goes on writing at the destination; stop it there, then
+    // check its disk block by block.
+    let dst_disk = q.images("b").join("disk.img");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    q.lab
+        .client("b")
+        .await
+        .unwrap()
+        .vm_delete("guest".parse().unwrap())
+        .await
+        .unwrap();
+    let blocks = disk_blocks(&dst_disk, 256);
+    assert!(
+        blocks.iter().all(Option::is_some),
+        "a block never arrived: {blocks:?}"
+    );
+    let gen_after = blocks.iter().flatten().max().copied().unwrap();
+    assert!(
+        gen_after >= gen_before,
+        "older data at the destination: {gen_after} < {gen_before}"
+    );
+    eprintln!("disk generations: {gen_before} before the move, {gen_after} at the end");
+    q.lab.shutdown().await;
+}
+
+/// Kills every QEMU of `victim` once the migration to `to` is under way
+/// (the destination's QEMU appears at Accept; the copy then runs for a
+/// while at the capped bandwidth).
+async fn kill_mid_migration(q: std::sync::Arc<QemuLab>, to: &'static str, victim: &'static str) {
+    assert!(until(Duration::from_secs(30), || !q.processes(to).is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for p in q.processes(victim) {
+        let pid = p.file_name().unwrap().to_str().unwrap().to_owned();
+        std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap();
+    }
+}
+
+impl QemuLab {
+    /// Nothing of `vm` at `agent`: no QEMU, no listing, no runtime files.
+    async fn assert_nothing_at(&self, agent: &str, vm: &str) {
+        assert!(
+            until(Duration::from_secs(10), || self.processes(agent).is_empty()).await,
+            "a QEMU stays at {agent}"
+        );
+        let list = self
+            .lab
+            .client(agent)
+            .await
+            .unwrap()
+            .vm_list()
+            .await
+            .unwrap();
+        assert!(list.is_empty(), "{list:?}");
+        let dir = self.root.join(format!("runtime-{agent}")).join(vm);
+        assert!(
+            until(Duration::from_secs(10), || !dir.exists()).await,
+            "{} stays",
+            dir.display()
+        );
+    }
+}
+
+/// A destination QEMU killed in the middle: the guest runs on at the
+/// source, nothing is left at the destination, and a retry succeeds.
+/// Then a source QEMU killed in the middle: the migration fails cleanly
+/// and nothing is left at the destination either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
+    use convoy_protocol::ctl::{MigrationMode, Outcome, VmState};
+    let Some(g) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q = std::sync::Arc::new(QemuLab::start(dir.path(), g).await);
+    q.create("a", "guest", vec![]).await;
+    let slow = || {
+        let mut o = options(MigrationMode::Precopy, 1);
+        o.bandwidth = Some(8 << 20);
+        o
+    };
+    let killer = tokio::spawn(kill_mid_migration(q.clone(), "b", "b"));
+    let r = q.migrate("guest", "a", "b", slow()).await;
+    killer.await.unwrap();
+    match &r.outcome {
+        Outcome::Aborted(why) => eprintln!("destination killed: {why}"),
+        other => panic!("{other:?}"),
+    }
+    let a_list = q.lab.client("a").await.unwrap().vm_list().await.unwrap();
+    assert_eq!(a_list[0].state, VmState::Running);
+    let last = *counters(&q.serial("a", "guest")).last().unwrap();
+    assert!(
+        until(Duration::from_secs(10), || counters(
+            &q.serial("a", "guest")
+        )
+        .last()
+        .is_some_and(|&c| c > last + 5))
+        .await,
+        "the guest does not run at the source"
+    );
+    q.assert_nothing_at("b", "guest").await;
+    // The retry succeeds.
+    q.moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
+        .await;
+
+    // Now b is the source; kill its QEMU in the middle of the move to a.
+    let killer = tokio::spawn(kill_mid_migration(q.clone(), "a", "b"));
+    let r = q.migrate("guest", "b", "a", slow()).await;
+    killer.await.unwrap();
+    match &r.outcome {
+        Outcome::Aborted(why) => assert!(why.contains("source QEMU"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    q.assert_nothing_at("a", "guest").await;
+    let b_list = q.lab.client("b").await.unwrap().vm_list().await.unwrap();
+    assert_eq!(b_list[0].state, VmState::Exited);
 }

@@ -52,9 +52,29 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
             return;
         }
     };
+    // The first message decides the engine: a QEMU stream migration or
+    // page batches.
+    let first = match tokio::time::timeout(Duration::from_secs(30), read_message(&mut recv)).await {
+        Ok(r) => r,
+        Err(_) => {
+            inner.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
+            return;
+        }
+    };
+    if let Ok(Some(Message::Propose(p))) = &first {
+        if p.manifest.qemu.is_some() {
+            let p = p.clone();
+            return super::qemu_destination::serve(inner, conn, peer, send, recv, p).await;
+        }
+    }
+    let first_ended = !matches!(first, Ok(Some(_)));
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let _ = tx.send(Event::Control(first));
     let ctl_tx = tx.clone();
     let reader = tokio::spawn(async move {
+        if first_ended {
+            return;
+        }
         loop {
             let r = read_message(&mut recv).await;
             let end = !matches!(r, Ok(Some(_)));

@@ -3,4 +3,6 @@
 //! No migration decision is taken here.
 
 pub mod destination;
+pub mod qemu_destination;
+pub mod qemu_source;
 pub mod source;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{
-    CtlErrorKind, MigrateRequest, MigrationReport, Outcome, Progress, VmState,
+    CtlErrorKind, MigrateRequest, MigrationMode, MigrationReport, Outcome, Progress, VmState,
 };
 use convoy_protocol::message::{
     encode_batch_head, Capabilities, DataStreamOpen, Manifest, Message,
@@ -28,6 +28,7 @@ use quinn::{Connection, SendStream};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use super::qemu_source;
 use crate::agent::{ActiveGuard, Inner, TamperHook};
 use crate::backend::VmBackend;
 use crate::policy::{Query, VmFacts};
@@ -193,30 +194,64 @@ pub(crate) async fn migrate(
     };
     // Claim the VM: only a running VM may leave, and only once at a time.
     let cancel = Arc::new(tokio::sync::Notify::new());
-    let vm: Arc<dyn VmBackend> = {
+    let claimed = {
         let mut vms = inner.vms();
         let entry = vms
             .get_mut(&req.vm)
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
-        if entry.qemu.is_some() {
-            return Err(MigrateError::Options(
-                "QEMU VMs cannot migrate through agents yet (the qemu backend is in progress)"
-                    .into(),
-            ));
-        }
-        match (&entry.vm, entry.state) {
-            (Some(vm), VmState::Running) => {
-                entry.state = VmState::MigratingOut;
-                entry.cancel = Some(cancel.clone());
-                vm.clone()
+        let claimed = match (&entry.vm, &entry.qemu, entry.state) {
+            (_, Some(q), VmState::Running) => {
+                Claimed::Qemu(q.clone(), Box::new(qemu_source::plan(q, &req)?))
             }
-            (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
-        }
+            (Some(vm), None, VmState::Running) => {
+                if opts.mode != MigrationMode::Precopy || opts.copy_storage {
+                    return Err(MigrateError::Options(format!(
+                        "{} VMs migrate with pre-copy and no disks for now (post-copy, hybrid and disks for them are not built yet)",
+                        vm.kind()
+                    )));
+                }
+                Claimed::Sim(vm.clone())
+            }
+            (_, _, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+        };
+        entry.state = VmState::MigratingOut;
+        entry.cancel = Some(cancel.clone());
+        claimed
     };
     let _active = ActiveGuard::new(&inner.active);
     let migration = ticket.ticket.id;
     let started = Instant::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
+    let vm = match claimed {
+        Claimed::Sim(vm) => vm,
+        Claimed::Qemu(qvm, plan) => {
+            let conn = transport::connect(
+                &inner.endpoint,
+                addr,
+                dest_id.clone(),
+                ALPN_AGENT,
+                &inner.creds().identity,
+                &inner.creds().trust,
+                &inner.config.tuning,
+            )
+            .await
+            .map_err(|e| e.to_string());
+            let run = qemu_source::Run {
+                inner: inner.clone(),
+                vm: qvm,
+                req: req.clone(),
+                migration,
+                dest: dest_id.clone(),
+                plan: *plan,
+                progress,
+                cancel,
+                attributes,
+                started,
+            };
+            let done = run.drive(conn).await;
+            return Ok(finish(&inner, &req, migration, done.phases, done.report));
+        }
+    };
 
     let mut run = Run {
         inner: inner.clone(),
@@ -253,11 +288,32 @@ pub(crate) async fn migrate(
             )
         }
     };
+    let phases = std::mem::take(&mut run.phases);
+    Ok(finish(&inner, &req, migration, phases, report))
+}
+
+/// The VM a migration claimed.
+enum Claimed {
+    Sim(Arc<dyn VmBackend>),
+    Qemu(
+        Arc<crate::backend::qemu::vm::QemuVm>,
+        Box<qemu_source::Plan>,
+    ),
+}
+
+/// Audits a finished migration (phases, receipts, outcome) and records it.
+fn finish(
+    inner: &Arc<Inner>,
+    req: &MigrateRequest,
+    migration: MigrationId,
+    phases: Vec<(String, u64)>,
+    report: MigrationReport,
+) -> MigrationReport {
     if let Some(e) = inner.vms().get_mut(&req.vm) {
         e.cancel = None;
     }
     tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
-    for (phase, after_ms) in std::mem::take(&mut run.phases) {
+    for (phase, after_ms) in phases {
         inner.audit(AuditEvent::Phase {
             migration,
             vm: req.vm.clone(),
@@ -279,7 +335,7 @@ pub(crate) async fn migrate(
         },
     });
     inner.record(report.clone());
-    Ok(report)
+    report
 }
 
 struct Run {
@@ -328,6 +384,7 @@ impl Run {
             memory_root: None,
             counter_at_pause: None,
             receipts: Vec::new(),
+            qemu: None,
         }
     }
 
@@ -341,6 +398,7 @@ impl Run {
             manifest: Manifest {
                 memory: geometry,
                 data_streams: opts.streams,
+                qemu: None,
             },
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
@@ -572,6 +630,7 @@ impl Run {
             memory_root: summary.memory_root,
             counter_at_pause: self.counter_at_pause,
             receipts: summary.receipts,
+            qemu: None,
             outcome: summary.outcome,
         }
     }

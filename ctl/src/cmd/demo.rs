@@ -21,9 +21,18 @@ use crate::render;
 /// `demo` flags.
 #[derive(clap::Args, Debug)]
 pub struct Demo {
-    /// Guest memory of the demo VM.
-    #[arg(long, default_value = "512MiB", value_parser = convoy_agent::units::parse_size)]
-    pub memory: u64,
+    /// sim (the embedded simulated VM) or qemu (a real Linux guest under
+    /// QEMU, built from installed Debian packages).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "qemu"])]
+    pub backend: String,
+    /// Guest memory of the demo VM (default: 512MiB for sim, 256MiB for
+    /// qemu).
+    #[arg(long, value_parser = convoy_agent::units::parse_size)]
+    pub memory: Option<u64>,
+    /// qemu: MiB of random data the guest holds in memory (so the
+    /// migration carries real bytes, not only zero pages).
+    #[arg(long, default_value_t = 64)]
+    pub fill_mib: u32,
     /// Pages the workload writes per second.
     #[arg(long, default_value_t = 25_000)]
     pub dirty_rate: u64,
@@ -39,6 +48,10 @@ pub struct Demo {
 
 /// Runs the demo.
 pub async fn run(g: &Global, d: Demo) -> Result<()> {
+    if d.backend == "qemu" {
+        return super::demo_qemu::run(g, d).await;
+    }
+    let memory = d.memory.unwrap_or(512 << 20);
     let say = |s: String| {
         if !g.json {
             println!("{s}");
@@ -61,7 +74,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let b = lab.client("b").await?;
     let spec = SimVmSpec {
         name: "demo".parse()?,
-        memory_bytes: d.memory,
+        memory_bytes: memory,
         dirty_pages_per_sec: d.dirty_rate,
         hot_set_pct: d.hot_set,
         content: d.content.into(),
@@ -74,7 +87,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     };
     say(format!(
         "VM demo: {} of {:?} memory, workload writing {} pages/s ({}% hot set)",
-        format_bytes(d.memory),
+        format_bytes(memory),
         d.content,
         d.dirty_rate,
         d.hot_set
@@ -120,6 +133,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
 
     if g.json {
         render::json(&serde_json::json!({
+            "backend": "sim",
             "verified": verified,
             "outcome": report.outcome,
             "counter_continuous": counter_continuous,
@@ -159,50 +173,22 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
                 "NOT continuous"
             }
         );
-        println!(
-            "trust: operator ticket verified by both agents: {}; receipts verified offline: {} held by a, {} by b; both audit logs verify offline: {}; evidence bundle ({}) checked offline with only the CA certificate: {}",
-            yes(ev.ticket_verified),
-            ev.receipts_source,
-            ev.receipts_destination,
-            yes(ev.audit_verified),
-            ev.bundle_bytes.map_or_else(|| "-".into(), |n| format_bytes(n as u64)),
-            yes(ev.bundle_bytes.is_some())
-        );
-        println!(
-            "policy: MigrateOut permitted at a: {}; MigrateIn permitted at b: {} (decisions read back from the signed audit logs)",
-            yes(ev.permitted_source),
-            yes(ev.permitted_destination)
-        );
-        println!(
-            "exactly once: {} on a, {} on b",
-            if on_a { "still present" } else { "gone" },
-            if arrived.is_some() {
-                "running"
-            } else {
-                "absent"
-            }
-        );
+        print!("{}", ev.lines(on_a, arrived.is_some()));
     }
     a.close().await;
     b.close().await;
     lab.shutdown().await;
-    if !verified
-        || !counter_continuous
-        || !ev.ticket_verified
-        || !ev.audit_verified
-        || !ev.permitted_source
-        || !ev.permitted_destination
-    {
+    if !verified || !counter_continuous || !ev.all_good() {
         bail!("the demo migration did not verify");
     }
     Ok(())
 }
 
-fn opt(v: Option<u64>) -> String {
+pub(crate) fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-fn yes(b: bool) -> &'static str {
+pub(crate) fn yes(b: bool) -> &'static str {
     if b {
         "yes"
     } else {
@@ -211,19 +197,48 @@ fn yes(b: bool) -> &'static str {
 }
 
 /// What the trust path left behind, checked offline with the CA bundle.
-struct Evidence {
-    ticket_verified: bool,
-    permitted_source: bool,
-    permitted_destination: bool,
-    receipts_source: usize,
-    receipts_destination: usize,
-    audit_verified: bool,
+pub(crate) struct Evidence {
+    pub ticket_verified: bool,
+    pub permitted_source: bool,
+    pub permitted_destination: bool,
+    pub receipts_source: usize,
+    pub receipts_destination: usize,
+    pub audit_verified: bool,
     /// Size of the evidence bundle built from both logs and checked
     /// offline with only the CA bundle, when that succeeded.
-    bundle_bytes: Option<usize>,
+    pub bundle_bytes: Option<usize>,
 }
 
-fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence {
+impl Evidence {
+    /// Whether every trust check passed.
+    pub fn all_good(&self) -> bool {
+        self.ticket_verified
+            && self.audit_verified
+            && self.permitted_source
+            && self.permitted_destination
+    }
+
+    /// The trust, policy and exactly-once lines of the demo's report.
+    pub fn lines(&self, on_a: bool, on_b: bool) -> String {
+        format!(
+            "trust: operator ticket verified by both agents: {}; receipts verified offline: {} held by a, {} by b; both audit logs verify offline: {}; evidence bundle ({}) checked offline with only the CA certificate: {}\n\
+             policy: MigrateOut permitted at a: {}; MigrateIn permitted at b: {} (decisions read back from the signed audit logs)\n\
+             exactly once: {} on a, {} on b\n",
+            yes(self.ticket_verified),
+            self.receipts_source,
+            self.receipts_destination,
+            yes(self.audit_verified),
+            self.bundle_bytes.map_or_else(|| "-".into(), |n| format_bytes(n as u64)),
+            yes(self.bundle_bytes.is_some()),
+            yes(self.permitted_source),
+            yes(self.permitted_destination),
+            if on_a { "still present" } else { "gone" },
+            if on_b { "running" } else { "absent" },
+        )
+    }
+}
+
+pub(crate) fn evidence(lab: &Lab, migration: &str, receipts: &[SignedReceipt]) -> Evidence {
     let read = |name: &str| {
         std::fs::read(lab.pki.dir().join("state").join(name).join("audit.log"))
             .ok()

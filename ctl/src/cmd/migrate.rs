@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use convoy_agent::authz::issue_ticket;
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, Outcome};
+use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, MigrationMode, Outcome};
 use convoy_protocol::names::{SpiffeId, VmName};
 
 use crate::conn::{parse_agent_ref, session, Global};
@@ -43,6 +43,20 @@ pub struct Tuning {
     /// zstd level (0 = no compression).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compression: i32,
+    /// precopy, postcopy or hybrid (QEMU VMs; sim VMs: precopy).
+    #[arg(long, default_value = "precopy")]
+    pub mode: MigrationMode,
+    /// Copy the VM's disks too (QEMU VMs: mirrored to the destination
+    /// over NBD through Convoy; no shared storage needed).
+    #[arg(long)]
+    pub copy_storage: bool,
+    /// Bandwidth cap, e.g. 100MiB (per second).
+    #[arg(long, value_parser = convoy_agent::units::parse_size)]
+    pub bandwidth: Option<u64>,
+    /// Hybrid: switch to post-copy after this many milliseconds of
+    /// pre-copy (default: after the first full pass).
+    #[arg(long)]
+    pub postcopy_after: Option<u32>,
 }
 
 impl Tuning {
@@ -53,6 +67,10 @@ impl Tuning {
             max_downtime_ms: self.max_downtime,
             max_rounds: self.max_rounds,
             compression_level: self.compression,
+            mode: self.mode,
+            copy_storage: self.copy_storage,
+            bandwidth: self.bandwidth,
+            postcopy_after_ms: self.postcopy_after,
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod abort;
 pub mod audit;
 pub mod bench;
 pub mod demo;
+mod demo_qemu;
 pub mod migrate;
 pub mod pki;
 pub mod policy;

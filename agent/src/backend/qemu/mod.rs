@@ -38,6 +38,7 @@
 //!    before switch-over) → `migrate_cancel`, the destination QEMU killed,
 //!    its images removed, the guest running at the source.
 
+pub mod guest;
 pub mod process;
 pub mod qmp;
 pub mod tunnel;

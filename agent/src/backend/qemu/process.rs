@@ -139,7 +139,7 @@ impl QemuSpec {
             a.extend([
                 "-drive".into(),
                 format!(
-                    "file={},if=none,id=disk{i},format=raw,cache=none,aio=threads",
+                    "file={},if=none,id=disk{i},node-name=convoy-disk{i},format=raw,aio=threads",
                     d.display()
                 ),
                 "-device".into(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use convoy_protocol::ctl::QemuVmSpec;
 
 use super::process::{QemuError, QemuProcess, QemuSpec};
+use super::qmp::QmpError;
 
 /// Longest kernel command line accepted.
 pub const MAX_APPEND: usize = 1024;
@@ -80,23 +81,65 @@ impl QemuConfig {
         })
     }
 
-    /// A file inside the image directory (after resolving `..` and links).
-    fn image(&self, rel: &str) -> Result<PathBuf, String> {
+    /// Where a disk arriving by migration is created: a new file inside
+    /// the image directory (never an existing one, never outside).
+    pub fn new_disk(&self, rel: &str) -> Result<PathBuf, String> {
+        let refuse =
+            |root: &Path| format!("disk {rel:?} cannot be created inside {}", root.display());
+        let (root, rel_path) = self.relative(rel, refuse)?;
+        let refuse = || refuse(&root);
+        let (Some(parent), Some(file)) = (rel_path.parent(), rel_path.file_name()) else {
+            return Err(refuse());
+        };
+        let parent = root.join(parent).canonicalize().map_err(|_| refuse())?;
+        if !parent.starts_with(&root) {
+            return Err(refuse());
+        }
+        let p = parent.join(file);
+        if p.symlink_metadata().is_ok() {
+            return Err(format!(
+                "disk {rel:?} already exists here; refusing to overwrite it"
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The canonical image directory and `rel` as a plain relative path
+    /// (no root, no `..`, no `.`), or `refuse`'s message.
+    fn relative<'r>(
+        &self,
+        rel: &'r str,
+        refuse: impl Fn(&Path) -> String,
+    ) -> Result<(PathBuf, &'r Path), String> {
         let root = self
             .images
             .canonicalize()
             .map_err(|e| format!("image directory {}: {e}", self.images.display()))?;
-        // One answer for every refusal: an operator learns nothing about
-        // files outside the directory.
-        let refuse = || format!("image {rel:?} is not a file inside {}", root.display());
         let rel_path = Path::new(rel);
         if rel_path.is_absolute()
             || rel_path
                 .components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
-            return Err(refuse());
+            return Err(refuse(&root));
         }
+        Ok((root, rel_path))
+    }
+
+    /// Bytes free for unprivileged use in the image directory.
+    pub fn free_bytes(&self) -> Result<u64, String> {
+        let st = rustix::fs::statvfs(&self.images)
+            .map_err(|e| format!("image directory {}: {e}", self.images.display()))?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// A file inside the image directory (after resolving `..` and links).
+    fn image(&self, rel: &str) -> Result<PathBuf, String> {
+        // One answer for every refusal: an operator learns nothing about
+        // files outside the directory.
+        let refuse = |root: &Path| format!("image {rel:?} is not a file inside {}", root.display());
+        let (root, rel_path) = self.relative(rel, refuse)?;
+        let refuse = || refuse(&root);
         // Symbolic links inside may still lead out: checked after resolving.
         let p = root.join(rel_path).canonicalize().map_err(|_| refuse())?;
         if !p.starts_with(&root) || !p.is_file() {
@@ -106,23 +149,87 @@ impl QemuConfig {
     }
 }
 
+/// Longest a QMP command may take before the agent gives up on it.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A QEMU VM the agent launched and owns.
 #[derive(Debug)]
 pub struct QemuVm {
     process: tokio::sync::Mutex<Option<QemuProcess>>,
     exited: AtomicBool,
     dir: PathBuf,
+    /// The operator's definition (paths relative to the image directory):
+    /// what a destination needs to launch the same VM.
+    pub definition: QemuVmSpec,
+    /// The resolved command-line definition.
+    pub spec: QemuSpec,
 }
 
 impl QemuVm {
-    /// Launches `spec` with its runtime files in `dir`.
-    pub async fn launch(spec: &QemuSpec, dir: &Path) -> Result<Arc<QemuVm>, QemuError> {
-        let p = QemuProcess::launch(spec, dir, false).await?;
-        Ok(Arc::new(QemuVm {
+    /// Launches `spec` (resolved from `definition`) with its runtime files
+    /// in `dir`.
+    pub async fn launch(
+        definition: QemuVmSpec,
+        spec: QemuSpec,
+        dir: &Path,
+    ) -> Result<Arc<QemuVm>, QemuError> {
+        let p = QemuProcess::launch(&spec, dir, false).await?;
+        Ok(Self::adopt(p, definition, spec))
+    }
+
+    /// Takes ownership of a running process (a VM that arrived here).
+    pub fn adopt(p: QemuProcess, definition: QemuVmSpec, spec: QemuSpec) -> Arc<QemuVm> {
+        Arc::new(QemuVm {
+            dir: p.dir().to_owned(),
             process: tokio::sync::Mutex::new(Some(p)),
             exited: AtomicBool::new(false),
-            dir: dir.to_owned(),
-        }))
+            definition,
+            spec,
+        })
+    }
+
+    /// The runtime directory (QMP socket, serial log, migration sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs a QMP command, bounded by [`QMP_TIMEOUT`].
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, QemuError> {
+        let mut g = self.process.lock().await;
+        let p = g.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))?;
+        match tokio::time::timeout(QMP_TIMEOUT, p.qmp.execute(command, arguments)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(QemuError::Qmp(QmpError::Timeout(command.to_owned()))),
+        }
+    }
+
+    /// QMP events received so far.
+    pub async fn take_events(&self) -> Vec<serde_json::Value> {
+        match self.process.lock().await.as_mut() {
+            Some(p) => p.qmp.take_events(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Kills QEMU at once and removes its runtime directory.
+    pub async fn kill(&self) {
+        if let Some(p) = self.process.lock().await.take() {
+            p.kill().await;
+        }
+        self.exited.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Whether the process is still alive (checked now).
+    pub async fn alive(&self) -> bool {
+        match self.process.lock().await.as_mut() {
+            Some(p) => p.is_running(),
+            None => false,
+        }
     }
 
     /// False once QEMU has exited (checked by [`QemuVm::watch`]).

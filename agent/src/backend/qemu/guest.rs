@@ -1,0 +1,86 @@
+//! The tiny Linux guest of the demo, the benchmark and the tests, built
+//! from installed Debian packages by `scripts/build-test-guest` (embedded
+//! here, so `convoyctl` can build it from anywhere), and what can be read
+//! from its serial console.
+
+use std::path::{Path, PathBuf};
+
+/// The build script, as committed.
+const BUILD_SCRIPT: &str = include_str!("../../../../scripts/build-test-guest");
+
+/// A built guest: a kernel and an initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestGuest {
+    /// The Debian kernel.
+    pub kernel: PathBuf,
+    /// The busybox initramfs.
+    pub initrd: PathBuf,
+}
+
+/// Builds the guest into `out`. On failure the message says what to do:
+/// which packages to install when some are missing.
+pub fn build(out: &Path) -> Result<TestGuest, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let script = out.join("build-test-guest");
+    std::fs::write(&script, BUILD_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    let st = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(out)
+        .output()
+        .map_err(|e| format!("cannot run bash: {e}"))?;
+    if !st.status.success() {
+        return Err(String::from_utf8_lossy(&st.stderr).trim().to_owned());
+    }
+    Ok(TestGuest {
+        kernel: out.join("vmlinuz"),
+        initrd: out.join("initrd.img"),
+    })
+}
+
+/// `qemu-system-x86_64` on the `PATH`, or what to install.
+pub fn find_qemu() -> Result<PathBuf, String> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|f| f.is_file())
+        })
+        .ok_or_else(|| {
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into()
+        })
+}
+
+/// Every `convoy-counter N` the guest printed on its serial console, in
+/// order (an unreadable or missing log has none).
+pub fn counters(serial_log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(serial_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("convoy-counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Whether the guest booted (again) in this log.
+pub fn booted(serial_log: &Path) -> bool {
+    std::fs::read_to_string(serial_log).is_ok_and(|t| t.contains("convoy-guest up"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_in_order_and_garbage_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(
+            &log,
+            "boot noise\nconvoy-counter 1\nconvoy-counter x\r\nconvoy-counter 2\r\nconvoy-guest up, no disk\n",
+        )
+        .unwrap();
+        assert_eq!(counters(&log), vec![1, 2]);
+        assert!(booted(&log));
+        assert!(counters(&dir.path().join("missing")).is_empty());
+    }
+}

@@ -1,0 +1,708 @@
+//! The destination side of a QEMU migration (see `convoy_protocol::stream`
+//! for the message sequence).
+//!
+//! Before anything is reserved: the operator's ticket, then the policy.
+//! Then capacity (memory and, for copied disks, room in the image
+//! directory), then a QEMU launched from the agent's own allow-lists with
+//! `-incoming defer` and `-S`, so that it holds the guest paused until the
+//! source has handed over. Every failure before the handover kills that
+//! QEMU and removes its files and any disk created for it; the guest then
+//! still runs at the source.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::{MigrationMode, VmState};
+use convoy_protocol::message::{
+    Abort, Accept, Capabilities, Message, Propose, Ready, Reason, Reject, Started, VersionRange,
+};
+use convoy_protocol::names::{MigrationId, VmName};
+use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
+use convoy_protocol::stream::{self, ChannelDigests, ChannelKind, QemuManifest, Switch};
+use quinn::{Connection, SendStream};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::qemu_source::{capabilities, carry, read_control, ChanEvent, Control};
+use crate::agent::{Inner, ReserveError};
+use crate::backend::qemu::process::QemuProcess;
+use crate::backend::qemu::vm::QemuVm;
+use crate::policy::{Query, VmFacts};
+use crate::transport::{read_message, write_message, Peer};
+
+/// How long the whole copy may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long QEMU may take to finish loading after the source's end.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the source may take to hand over after `Ready`.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an incoming QEMU migration stopped.
+struct Fail {
+    reason: Reason,
+    detail: String,
+    /// Whether the source still needs to be told.
+    tell: bool,
+}
+
+impl Fail {
+    fn new(reason: Reason, detail: impl Into<String>) -> Fail {
+        Fail {
+            reason,
+            detail: detail.into(),
+            tell: true,
+        }
+    }
+    fn local(detail: impl Into<String>) -> Fail {
+        let d = detail.into();
+        Fail::new(Reason::Internal(d.clone()), d)
+    }
+    fn link(e: impl std::fmt::Display) -> Fail {
+        Fail {
+            reason: Reason::Internal("link lost".into()),
+            detail: format!("link lost: {e}"),
+            tell: false,
+        }
+    }
+}
+
+struct Incoming {
+    inner: Arc<Inner>,
+    peer: Peer,
+    migration: MigrationId,
+    vm: VmName,
+    manifest: QemuManifest,
+    ticket_digest: convoy_protocol::digest::Digest,
+    notary: Notary,
+    started: Instant,
+    phases: Vec<(String, u64)>,
+    receipts: Vec<SignedReceipt>,
+    /// Reserved in the registry under `vm`.
+    reserved: bool,
+    qemu: Option<Arc<QemuVm>>,
+    /// Disks created here for this migration (removed on failure).
+    created: Vec<PathBuf>,
+    /// Whether the guest may already run here (post-copy switched).
+    switched: bool,
+    /// The `Accept` to send once admitted.
+    accept: Option<Message>,
+}
+
+/// Serves an incoming QEMU migration whose `Propose` was just read.
+pub(crate) async fn serve(
+    inner: Arc<Inner>,
+    conn: Connection,
+    peer: Peer,
+    mut send: SendStream,
+    recv: quinn::RecvStream,
+    p: Propose,
+) {
+    let Some(manifest) = p.manifest.qemu.clone().map(|m| *m) else {
+        return;
+    };
+    let creds = inner.creds();
+    let mut run = Incoming {
+        inner: inner.clone(),
+        peer,
+        migration: p.migration,
+        vm: p.vm.clone(),
+        manifest,
+        ticket_digest: ticket_digest(&p.ticket),
+        notary: Notary::new(
+            Arc::new(creds.identity.clone()),
+            Arc::new(creds.trust.clone()),
+            Instant::now(),
+            crate::authz::now_unix(),
+        ),
+        started: Instant::now(),
+        phases: Vec::new(),
+        receipts: Vec::new(),
+        reserved: false,
+        qemu: None,
+        created: Vec::new(),
+        switched: false,
+        accept: None,
+    };
+    let _active = crate::agent::ActiveGuard::new(&inner.active);
+    let (ctl_tx, mut ctl) = mpsc::channel(8);
+    let reader = tokio::spawn(read_control(recv, ctl_tx));
+    let outcome = match run.admit(&p).await {
+        Err(f) => {
+            // Refused before anything ran: a Reject, not an Abort.
+            let _ = write_message(&mut send, &Message::Reject(Reject { reason: f.reason })).await;
+            run.clean_up().await;
+            format!("refused: {}", f.detail)
+        }
+        Ok(()) => match run.receive(&conn, &mut send, &mut ctl).await {
+            Ok(()) => "started".to_owned(),
+            Err(f) => {
+                if f.tell {
+                    let m = Message::Abort(Abort { reason: f.reason });
+                    let _ = write_message(&mut send, &m).await;
+                }
+                if run.switched {
+                    // Post-copy: the guest runs (or waits) here and nowhere
+                    // else; killing it would lose it.
+                    run.phase("failed after the post-copy switch: the guest is kept here");
+                    run.register(VmState::InDoubt);
+                    format!("in doubt after the post-copy switch: {}", f.detail)
+                } else {
+                    run.clean_up().await;
+                    format!("failed: {}", f.detail)
+                }
+            }
+        },
+    };
+    tracing::info!(peer = %run.peer.id, vm = %run.vm, "incoming QEMU migration: {outcome}");
+    for r in std::mem::take(&mut run.receipts) {
+        inner.audit(AuditEvent::Receipt(r));
+    }
+    for (phase, after_ms) in std::mem::take(&mut run.phases) {
+        inner.audit(AuditEvent::Phase {
+            migration: run.migration,
+            vm: run.vm.clone(),
+            phase,
+            after_ms,
+        });
+    }
+    inner.audit(AuditEvent::Outcome {
+        migration: run.migration,
+        vm: run.vm.clone(),
+        outcome,
+    });
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    reader.abort();
+}
+
+impl Incoming {
+    fn phase(&mut self, what: &str) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.phases.push((what.to_owned(), ms));
+    }
+
+    /// Ticket, policy, capacity, QEMU waiting: then `Accept`.
+    async fn admit(&mut self, p: &Propose) -> Result<(), Fail> {
+        if VersionRange::OURS.negotiate(p.versions).is_none() {
+            return Err(Fail::new(
+                Reason::UnsupportedVersion,
+                "no common protocol version",
+            ));
+        }
+        let m = self.manifest.clone();
+        let unacceptable = |s: String| Fail::new(Reason::Unacceptable(s.clone()), s);
+        m.validate().map_err(unacceptable)?;
+        if m.spec.name != p.vm {
+            return Err(unacceptable("the VM definition names another VM".into()));
+        }
+        if p.manifest.memory.bytes() != m.spec.memory_mib << 20 {
+            return Err(unacceptable(
+                "memory size and VM definition disagree".into(),
+            ));
+        }
+        if !m.spec.disks.is_empty() && m.disks.is_empty() {
+            return Err(unacceptable(
+                "the VM has disks but they are not copied (no shared storage here)".into(),
+            ));
+        }
+        if !self.inner.audit_ok() {
+            return Err(Fail::local("audit log unavailable"));
+        }
+        // The operator's ticket first: nothing is reserved for a migration
+        // nobody authorized.
+        let v = match self.inner.authority().at_destination(
+            &self.peer.id,
+            &self.inner.id,
+            &p.vm,
+            p.migration,
+            &p.ticket,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                self.inner.audit(AuditEvent::Refused {
+                    migration: Some(p.migration),
+                    peer: self.peer.id.to_string(),
+                    reason: e.to_string(),
+                });
+                return Err(Fail::new(
+                    Reason::Unauthorized(e.to_string()),
+                    e.to_string(),
+                ));
+            }
+        };
+        if v.ticket.limits.mode != m.mode || (!m.disks.is_empty() && !v.ticket.limits.copy_storage)
+        {
+            let e = "the manifest's mode or disks differ from the ticket's".to_owned();
+            return Err(Fail::new(Reason::Unauthorized(e.clone()), e));
+        }
+        self.inner.audit(AuditEvent::TicketAccepted {
+            migration: p.migration,
+            vm: p.vm.clone(),
+            operator: v.signer.clone(),
+            peer: self.peer.id.clone(),
+            role: "destination".into(),
+        });
+        self.inner.audit(AuditEvent::Ticket(p.ticket.clone()));
+        let d = self.inner.decide(
+            &Query::MigrateIn {
+                operator: &v.signer,
+                vm: VmFacts {
+                    name: &p.vm,
+                    attributes: &p.attributes,
+                },
+                source: &self.peer.id,
+                destination: &self.inner.id,
+                ticket: &v.ticket,
+            },
+            Some(p.migration),
+        );
+        if !d.permitted {
+            let e = format!("destination policy {}", d.explain());
+            return Err(Fail::new(Reason::Unauthorized(e.clone()), e));
+        }
+        let Some(cfg) = self.inner.config.qemu.clone() else {
+            return Err(unacceptable(
+                "this agent has no QEMU backend (--qemu-binary, --image-dir)".into(),
+            ));
+        };
+        // Disks: sizes and formats were checked; now the room, then files.
+        let mut disk_paths = Vec::new();
+        if !m.disks.is_empty() {
+            let need: u64 = m.disks.iter().map(|d| d.size).sum();
+            let free = cfg.free_bytes().map_err(Fail::local)?;
+            if need > free {
+                return Err(Fail::new(
+                    Reason::NoCapacity,
+                    format!("{need} bytes of disks, {free} free in the image directory"),
+                ));
+            }
+            for rel in &m.spec.disks {
+                disk_paths.push(cfg.new_disk(rel).map_err(unacceptable)?);
+            }
+        }
+        match self
+            .inner
+            .reserve(&p.vm, m.spec.memory_mib << 20, VmState::Incoming)
+        {
+            Ok(()) => self.reserved = true,
+            Err(ReserveError::Exists) => {
+                return Err(Fail::new(Reason::VmExists, "a VM of that name is here"))
+            }
+            Err(ReserveError::NoCapacity) => {
+                return Err(Fail::new(Reason::NoCapacity, "not enough memory capacity"))
+            }
+        }
+        if let Some(e) = self.inner.vms().get_mut(&p.vm) {
+            e.attributes = p.attributes.clone();
+        }
+        for (path, d) in disk_paths.iter().zip(&m.disks) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| Fail::local(format!("cannot create {}: {e}", path.display())))?;
+            self.created.push(path.clone());
+            f.set_len(d.size)
+                .map_err(|e| Fail::local(format!("cannot size {}: {e}", path.display())))?;
+        }
+        let mut spec = cfg.resolve(&m.spec).map_err(unacceptable)?;
+        // Held paused until the handover.
+        spec.extra_args.push("-S".into());
+        let dir = cfg.runtime.join(p.vm.as_str());
+        let process = QemuProcess::launch(&spec, &dir, true)
+            .await
+            .map_err(|e| Fail::local(format!("cannot start QEMU: {e}")))?;
+        let qvm = QemuVm::adopt(process, m.spec.clone(), spec);
+        self.qemu = Some(qvm.clone());
+        let q = |c: &'static str, a: Value| {
+            let qvm = qvm.clone();
+            async move {
+                qvm.execute(c, Some(a))
+                    .await
+                    .map_err(|e| Fail::local(format!("QEMU {c}: {e}")))
+            }
+        };
+        q(
+            "migrate-set-capabilities",
+            json!({ "capabilities": capabilities(&m) }),
+        )
+        .await?;
+        if m.multifd_channels > 0 {
+            q(
+                "migrate-set-parameters",
+                json!({ "multifd-channels": m.multifd_channels }),
+            )
+            .await?;
+        }
+        q(
+            "migrate-incoming",
+            json!({ "uri": format!("unix:{}", dir.join("incoming.sock").display()) }),
+        )
+        .await?;
+        if !m.disks.is_empty() {
+            q(
+                "nbd-server-start",
+                json!({ "addr": { "type": "unix", "data": { "path": dir.join("nbd.sock").display().to_string() } } }),
+            )
+            .await?;
+            for i in 0..m.disks.len() {
+                q(
+                    "block-export-add",
+                    json!({
+                        "type": "nbd",
+                        "id": format!("disk{i}"),
+                        "name": format!("disk{i}"),
+                        "node-name": format!("convoy-disk{i}"),
+                        "writable": true,
+                    }),
+                )
+                .await?;
+            }
+        }
+        let accepted = self
+            .notary
+            .sign(
+                Instant::now(),
+                ReceiptKind::Accepted,
+                self.migration,
+                self.ticket_digest,
+                None,
+            )
+            .map_err(|e| Fail::local(e.to_string()))?;
+        self.receipts.push(accepted.clone());
+        self.accept = Some(Message::Accept(Accept {
+            version: VersionRange::OURS
+                .negotiate(p.versions)
+                .unwrap_or(convoy_protocol::message::PROTOCOL_VERSION),
+            capabilities: Capabilities::default(),
+            receipt: accepted,
+        }));
+        self.phase("accepted: QEMU waits, paused, for the stream");
+        Ok(())
+    }
+
+    /// Carries QEMU's stream until the source's end, checks every byte,
+    /// sends `Ready`, and on the handover starts the guest.
+    async fn receive(
+        &mut self,
+        conn: &Connection,
+        send: &mut SendStream,
+        ctl: &mut mpsc::Receiver<Control>,
+    ) -> Result<(), Fail> {
+        let accept = self.accept.take().ok_or_else(|| Fail::local("no Accept"))?;
+        write_message(send, &accept).await.map_err(Fail::link)?;
+        let qvm = self.qemu.clone().ok_or_else(|| Fail::local("no QEMU"))?;
+        let (chan_tx, mut chans) = mpsc::unbounded_channel();
+        let acceptor = AbortOnDrop(tokio::spawn(accept_channels(
+            conn.clone(),
+            self.migration,
+            self.manifest.clone(),
+            qvm.dir().to_owned(),
+            chan_tx,
+        )));
+        let mut ours: Vec<ChannelDigests> = Vec::new();
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        let done = loop {
+            tokio::select! {
+                c = ctl.recv() => match c {
+                    Some(Ok(Some(Message::StreamsDone(d)))) => break d,
+                    Some(Ok(Some(Message::Switch(s))))
+                        if s.migration == self.migration
+                            && self.manifest.mode != MigrationMode::Precopy
+                            && !self.switched =>
+                    {
+                        // QEMU starts the guest as soon as the device state
+                        // arrives (`cont` while incoming sets autostart).
+                        qvm.execute("cont", None)
+                            .await
+                            .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
+                        self.switched = true;
+                        self.phase("post-copy switch: the guest runs here from now on");
+                        let m = Message::Switch(Switch { migration: self.migration });
+                        write_message(send, &m).await.map_err(Fail::link)?;
+                    }
+                    Some(Ok(Some(Message::Abort(a)))) => {
+                        return Err(Fail {
+                            detail: format!("the source aborted: {}", a.reason),
+                            reason: a.reason,
+                            tell: false,
+                        })
+                    }
+                    Some(Ok(Some(other))) => {
+                        return Err(violation(format!("unexpected {} during the copy", other.kind())))
+                    }
+                    Some(Ok(None)) | None => return Err(Fail::link("control stream closed")),
+                    Some(Err(e)) => return Err(Fail::link(e)),
+                },
+                ev = chans.recv() => channel_event(ev, &mut ours)?,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if !qvm.alive().await {
+                        return Err(Fail::local("the destination QEMU exited"));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Fail::new(Reason::Timeout, "the migration took too long"));
+                    }
+                }
+            }
+        };
+        if done.channels.len() > stream::MAX_CHANNELS {
+            return Err(violation("too many channels".into()));
+        }
+        // Every channel the source carried has ended here too.
+        let drain = tokio::time::Instant::now() + Duration::from_secs(30);
+        while ours.len() < done.channels.len() {
+            match tokio::time::timeout_at(drain, chans.recv()).await {
+                Ok(ev) => channel_event(ev, &mut ours)?,
+                Err(_) => return Err(Fail::local("channels did not end after the source's end")),
+            }
+        }
+        drop(acceptor);
+        stream::compare(&done.channels, &ours)
+            .map_err(|e| Fail::new(Reason::RootMismatch, format!("stream digests differ: {e}")))?;
+        let roots = stream::roots(&ours);
+        // QEMU has the whole state once its incoming migration completed.
+        let end = Instant::now() + LOAD_TIMEOUT;
+        loop {
+            let q = qvm
+                .execute("query-migrate", None)
+                .await
+                .map_err(|e| Fail::local(format!("QEMU query-migrate: {e}")))?;
+            match q["status"].as_str() {
+                Some("completed") => break,
+                Some("failed" | "cancelled") => {
+                    return Err(Fail::local(format!(
+                        "QEMU could not load the stream: {}",
+                        q["error-desc"].as_str().unwrap_or("?")
+                    )))
+                }
+                _ if Instant::now() > end => {
+                    return Err(Fail::local("QEMU did not finish loading in time"))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        if !self.manifest.disks.is_empty() {
+            qvm.execute("nbd-server-stop", None)
+                .await
+                .map_err(|e| Fail::local(format!("QEMU nbd-server-stop: {e}")))?;
+        }
+        let ready = self
+            .notary
+            .sign(
+                Instant::now(),
+                ReceiptKind::Ready,
+                self.migration,
+                self.ticket_digest,
+                Some(roots),
+            )
+            .map_err(|e| Fail::local(e.to_string()))?;
+        self.receipts.push(ready.clone());
+        let m = Message::Ready(Ready {
+            memory_root: roots.0,
+            device_digest: roots.1,
+            receipt: ready,
+        });
+        write_message(send, &m).await.map_err(Fail::link)?;
+        self.phase("QEMU holds every byte sent; waiting for the handover");
+        let h = match tokio::time::timeout(HANDOVER_TIMEOUT, ctl.recv()).await {
+            Err(_) => return Err(Fail::new(Reason::Timeout, "no Handover in time")),
+            Ok(Some(Ok(Some(Message::Handover(h))))) => h,
+            Ok(Some(Ok(Some(Message::Abort(a))))) => {
+                return Err(Fail {
+                    detail: format!("the source aborted: {}", a.reason),
+                    reason: a.reason,
+                    tell: false,
+                })
+            }
+            Ok(Some(Ok(Some(other)))) => {
+                return Err(violation(format!("{} instead of Handover", other.kind())))
+            }
+            Ok(Some(Ok(None)) | None) => return Err(Fail::link("control stream closed")),
+            Ok(Some(Err(e))) => return Err(Fail::link(e)),
+        };
+        let handover_at = Instant::now();
+        self.notary
+            .check(
+                &h.receipt,
+                &self.peer.id,
+                ReceiptKind::Sent,
+                self.migration,
+                self.ticket_digest,
+                Some(roots),
+            )
+            .map_err(|e| violation(format!("Sent receipt: {e}")))?;
+        self.receipts.push(h.receipt);
+        // Signed before the start, so a started guest always has one.
+        let started = self
+            .notary
+            .sign(
+                Instant::now(),
+                ReceiptKind::Started,
+                self.migration,
+                self.ticket_digest,
+                Some(roots),
+            )
+            .map_err(|e| Fail::local(e.to_string()))?;
+        if !self.switched {
+            qvm.execute("cont", None)
+                .await
+                .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = qvm
+                .execute("query-status", None)
+                .await
+                .map_err(|e| Fail::local(format!("QEMU query-status: {e}")))?;
+            if s["status"] == "running" {
+                break;
+            }
+            if Instant::now() > end {
+                return Err(Fail::local(format!(
+                    "the guest is {} after cont",
+                    s["status"]
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.phase("started here");
+        self.register(VmState::Running);
+        self.receipts.push(started.clone());
+        let m = Message::Started(Started {
+            start_ms: u32::try_from(handover_at.elapsed().as_millis()).unwrap_or(u32::MAX),
+            receipt: started,
+        });
+        // The guest runs here whatever happens to this message.
+        let _ = write_message(send, &m).await;
+        Ok(())
+    }
+
+    /// Hands the QEMU process to the registry: the VM lives here now.
+    fn register(&mut self, state: VmState) {
+        let Some(qvm) = self.qemu.take() else { return };
+        self.reserved = false;
+        self.created.clear();
+        if let Some(e) = self.inner.vms().get_mut(&self.vm) {
+            e.qemu = Some(qvm.clone());
+            e.state = state;
+            e.arrived_from = Some(self.peer.id.to_string());
+        }
+        let (inner, name) = (self.inner.clone(), self.vm.clone());
+        tokio::spawn(qvm.watch(Duration::from_millis(500), move || {
+            tracing::warn!(vm = %name, "QEMU exited");
+            inner.set_state(&name, VmState::Exited);
+        }));
+    }
+
+    /// Nothing of the migration stays: QEMU killed, its files and any disk
+    /// created for it removed, the reservation dropped.
+    async fn clean_up(&mut self) {
+        if let Some(q) = self.qemu.take() {
+            q.kill().await;
+            self.phase("QEMU killed, its files removed");
+        }
+        for d in self.created.drain(..) {
+            let _ = std::fs::remove_file(d);
+        }
+        if self.reserved {
+            self.inner.remove(&self.vm);
+            self.reserved = false;
+        }
+    }
+}
+
+fn violation(detail: String) -> Fail {
+    Fail::new(
+        Reason::ProtocolViolation(detail.clone()),
+        format!("the source broke the protocol: {detail}"),
+    )
+}
+
+fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Result<(), Fail> {
+    match ev {
+        Some(ChanEvent::Opened) | None => Ok(()),
+        Some(ChanEvent::Done(kind, Ok(sp))) => {
+            // Here the splice's "out" runs back to the source.
+            let swapped = crate::backend::qemu::tunnel::Spliced {
+                out: sp.back,
+                back: sp.out,
+            };
+            ours.push(super::qemu_source::digests(kind, &swapped));
+            Ok(())
+        }
+        Some(ChanEvent::Done(kind, Err(e))) => Err(Fail::local(format!("{kind}: {e}"))),
+        Some(ChanEvent::Bad(e)) => Err(violation(e)),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts the source's channels in order and connects each to the
+/// matching socket of the waiting QEMU (the main migration channel first:
+/// QEMU takes the first connection as the main channel).
+async fn accept_channels(
+    conn: Connection,
+    migration: MigrationId,
+    manifest: QemuManifest,
+    dir: PathBuf,
+    events: mpsc::UnboundedSender<ChanEvent>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut seen: Vec<ChannelKind> = Vec::new();
+    for _ in 0..manifest.channels() {
+        let Ok((send, mut recv)) = conn.accept_bi().await else {
+            break;
+        };
+        let kind =
+            match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv)).await {
+                Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => o.kind,
+                Ok(Ok(Some(other))) => {
+                    let _ = events.send(ChanEvent::Bad(format!(
+                        "{} opening a channel",
+                        other.kind()
+                    )));
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    let _ = events.send(ChanEvent::Bad(format!("opening a channel: {e}")));
+                    break;
+                }
+                Err(_) => {
+                    let _ = events.send(ChanEvent::Bad("a channel opened without a header".into()));
+                    break;
+                }
+            };
+        let valid = match kind {
+            ChannelKind::Migration(n) => n <= manifest.multifd_channels,
+            ChannelKind::Nbd(n) => usize::from(n) < manifest.disks.len(),
+        };
+        if !valid || seen.contains(&kind) {
+            let _ = events.send(ChanEvent::Bad(format!("unexpected channel: {kind}")));
+            break;
+        }
+        seen.push(kind);
+        let path = match kind {
+            ChannelKind::Migration(_) => dir.join("incoming.sock"),
+            ChannelKind::Nbd(_) => dir.join("nbd.sock"),
+        };
+        let local = match tokio::net::UnixStream::connect(&path).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = events.send(ChanEvent::Done(kind, Err(format!("QEMU's socket: {e}"))));
+                break;
+            }
+        };
+        carry(&mut tasks, &events, kind, local, send, recv);
+    }
+    while tasks.join_next().await.is_some() {}
+}

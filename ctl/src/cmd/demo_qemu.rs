@@ -1,0 +1,229 @@
+//! `convoyctl demo --backend qemu`: the demo with a real Linux guest. The
+//! tiny test guest is built from installed Debian packages (or the demo
+//! says which to install), two agents with QEMU backends start on
+//! loopback, the guest boots under TCG on the first, and moves live to the
+//! second through Convoy, its serial counter continuing there.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use convoy_agent::backend::qemu::guest;
+use convoy_agent::lab::Lab;
+use convoy_agent::units::format_bytes;
+use convoy_protocol::audit::{verify_log, AuditEvent};
+use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
+use convoy_protocol::vm::VmAttributes;
+
+use super::demo::{evidence, opt, Demo};
+use crate::conn::Global;
+use crate::render;
+
+/// Runs the QEMU demo.
+pub async fn run(g: &Global, d: Demo) -> Result<()> {
+    let say = |s: String| {
+        if !g.json {
+            println!("{s}");
+        }
+    };
+    let memory = d.memory.unwrap_or(256 << 20);
+    if memory % (1 << 20) != 0 || memory < (64 << 20) {
+        bail!("--memory must be a whole number of MiB, at least 64MiB, for QEMU");
+    }
+    if u64::from(d.fill_mib) * 2 > memory >> 20 {
+        bail!("--fill-mib must be at most half the guest memory");
+    }
+    let qemu = guest::find_qemu().map_err(|e| anyhow!(e))?;
+    let dir = tempfile::tempdir()?;
+    say("building the test guest from the installed Debian kernel and busybox …".into());
+    let built = guest::build(&dir.path().join("guest"))
+        .map_err(|e| anyhow!("cannot build the test guest: {e}"))?;
+    let lab = Lab::start_qemu(&dir.path().join("lab"), &["a", "b"], &qemu, &built).await?;
+    let (a_info, b_info) = (lab.agent("a")?, lab.agent("b")?);
+    say(format!(
+        "PKI: throw-away Ed25519 CA (trust domain {}) in {}",
+        lab.pki.domain(),
+        dir.path().display()
+    ));
+    say(format!(
+        "agent {} on {} (QUIC, mutual TLS 1.3), QEMU {}",
+        a_info.id,
+        a_info.addr,
+        qemu.display()
+    ));
+    say(format!("agent {} on {}", b_info.id, b_info.addr));
+    let a = lab.client("a").await?;
+    let b = lab.client("b").await?;
+    a.vm_create_qemu(QemuVmSpec {
+        name: "demo".parse()?,
+        binary: "qemu-system-x86_64".into(),
+        memory_mib: memory >> 20,
+        vcpus: 1,
+        kernel: Some("vmlinuz".into()),
+        initrd: Some("initrd.img".into()),
+        append: format!("console=ttyS0 quiet panic=-1 convoy.fill={}", d.fill_mib),
+        disks: Vec::new(),
+        accel: Accel::Tcg,
+        attributes: VmAttributes {
+            tenant: "default".into(),
+            security_level: 1,
+            labels: [("app".to_string(), "demo".to_string())].into(),
+        },
+    })
+    .await?;
+    let a_log = lab.qemu_serial("a", "demo");
+    let b_log = lab.qemu_serial("b", "demo");
+    say(format!(
+        "VM demo: Linux under QEMU (TCG), {} of memory holding {} MiB of random data; booting …",
+        format_bytes(memory),
+        d.fill_mib
+    ));
+    let boot = Instant::now();
+    while guest::counters(&a_log).len() < 10 {
+        if boot.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "the guest did not boot in 120 s; its console: {}",
+                std::fs::read_to_string(&a_log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(format!(
+        "guest up in {:.1} s; its serial counter on a: {}",
+        boot.elapsed().as_secs_f64(),
+        opt(guest::counters(&a_log).last().copied())
+    ));
+    // The source's console goes with its QEMU: follow it until then.
+    let tail_log = a_log.clone();
+    let tail = tokio::spawn(async move {
+        let mut last = None;
+        while tail_log.exists() {
+            if let Some(&c) = guest::counters(&tail_log).last() {
+                last = Some(c);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        last
+    });
+    let options = d.tuning.options();
+    say(format!(
+        "migrating demo: a → b (QEMU {} through Convoy, {} stream(s))",
+        options.mode, options.streams
+    ));
+    let bar = render::Bar::new(g.json);
+    let report = a
+        .migrate(lab.migrate_request("demo", "a", "b", options)?, |p| {
+            bar.update(p)
+        })
+        .await;
+    bar.finish();
+    let report = report?;
+    let at_pause = tokio::time::timeout(Duration::from_secs(10), tail)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    // The counter at the destination: resumed, not restarted.
+    let mut at_start = None;
+    let wait = Instant::now();
+    while wait.elapsed() < Duration::from_secs(10) {
+        at_start = guest::counters(&b_log).first().copied();
+        if at_start.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = guest::counters(&b_log).last().copied();
+    let counter_continuous = matches!((at_pause, at_start, after),
+        (Some(p), Some(s), Some(n)) if s > p && s <= p + 30 && n > s)
+        && !guest::booted(&b_log);
+    let on_a = a
+        .vm_list()
+        .await?
+        .into_iter()
+        .any(|v| v.name.as_str() == "demo");
+    let on_b = b
+        .vm_list()
+        .await?
+        .into_iter()
+        .any(|v| v.name.as_str() == "demo");
+    let completed = report.outcome == Outcome::Completed;
+    let verified = completed && report.verified && !on_a && on_b;
+    // The destination writes its records once the guest runs: wait for them.
+    let b_path = lab.pki.dir().join("state").join("b").join("audit.log");
+    let wait = Instant::now();
+    while wait.elapsed() < Duration::from_secs(10) {
+        let done = std::fs::read(&b_path)
+            .ok()
+            .and_then(|bytes| verify_log(&bytes, &lab.trust).ok())
+            .is_some_and(|l| {
+                l.records.iter().any(|r| {
+                    matches!(&r.event, AuditEvent::Outcome { migration, .. }
+                        if migration.to_string() == report.migration)
+                })
+            });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ev = evidence(&lab, &report.migration, &report.receipts);
+    let q = report.qemu.as_deref();
+    if g.json {
+        render::json(&serde_json::json!({
+            "backend": "qemu",
+            "verified": verified,
+            "outcome": report.outcome,
+            "counter_continuous": counter_continuous,
+            "memory_bytes": report.memory_bytes,
+            "wire_bytes": report.wire_bytes,
+            "payload_bytes": report.payload_bytes,
+            "total_ms": report.total_ms,
+            "downtime_ms": report.downtime_ms,
+            "rounds": report.rounds,
+            "converged": report.converged,
+            "pages_sent": report.pages_sent,
+            "memory_root": report.memory_root.map(|d| d.to_hex()),
+            "counter_at_pause": at_pause,
+            "counter_at_start": at_start,
+            "counter_after": after,
+            "streams": d.tuning.streams,
+            "mode": d.tuning.mode,
+            "source": report.source,
+            "destination": report.destination,
+            "ticket_verified": ev.ticket_verified,
+            "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
+            "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
+            "audit_verified": ev.audit_verified,
+            "evidence_bundle_bytes": ev.bundle_bytes,
+            "qemu": {
+                "downtime_ms": q.and_then(|q| q.downtime_ms),
+                "total_ms": q.and_then(|q| q.total_ms),
+                "transferred_bytes": q.and_then(|q| q.transferred_bytes),
+                "status": q.map(|q| q.status.clone()),
+                "channels": q.map(|q| q.channels.clone()),
+            },
+        }))?;
+    } else {
+        print!("{}", render::report(&report));
+        println!(
+            "serial counter: last printed on a {}, first on b {}, now {} → {}",
+            opt(at_pause),
+            opt(at_start),
+            opt(after),
+            if counter_continuous {
+                "continuous, no reboot"
+            } else {
+                "NOT continuous"
+            }
+        );
+        print!("{}", ev.lines(on_a, on_b));
+    }
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+    if !verified || !counter_continuous || !ev.all_good() {
+        bail!("the demo migration did not verify");
+    }
+    Ok(())
+}

@@ -1,0 +1,347 @@
+//! Migrations whose state is an opaque byte stream: the `qemu` backend,
+//! where QEMU produces and consumes its own migration stream (the main
+//! channel with its return path, multifd channels) and, for disks, NBD
+//! connections. Convoy carries each such *channel* on one QUIC stream pair
+//! and hashes every byte it carries, in each direction.
+//!
+//! The receipts of such a migration bind the channels through two roots
+//! ([`roots`]): `memory_root` is the root over every byte sent from the
+//! source to the destination, `device` the root over every byte the
+//! destination sent back (QEMU's return path, NBD replies). The source and
+//! the destination each compute them over what they carried; the source
+//! announces its digests in [`StreamsDone`], the destination compares them
+//! with its own ([`compare`]) before it signs `Ready`, and the source
+//! compares the `Ready` receipt's roots with its own before it signs
+//! `Sent`. A single byte changed, dropped or added on any channel, either
+//! way, stops the migration with the VM still at the source.
+//!
+//! The message sequence (driven by the agent; QEMU does the copying):
+//!
+//! | step | message | meaning |
+//! |------|---------|---------|
+//! | 1 | `Propose` with a [`QemuManifest`] | the VM's definition, channels, mode |
+//! | 2 | `Accept` / `Reject` | the destination's QEMU waits, paused (`-S`) |
+//! | 3 | [`ChannelOpen`] on each stream | then raw bytes both ways |
+//! | 4 | [`Switch`] both ways (post-copy only) | the source commits: the VM runs at the destination from now on |
+//! | 5 | [`StreamsDone`] | QEMU finished at the source; its digests |
+//! | 6 | `Ready` | the destination's QEMU holds the state; its roots |
+//! | 7 | `Handover` | the source's `Sent` receipt; it will never run the VM again |
+//! | 8 | `Started` | the guest runs at the destination |
+
+use serde::{Deserialize, Serialize};
+
+use crate::ctl::{MigrationMode, QemuVmSpec};
+use crate::digest::Digest;
+use crate::names::MigrationId;
+
+/// Most channels one stream migration may carry (the main channel, 16
+/// multifd channels, 8 disks, with room to spare).
+pub const MAX_CHANNELS: usize = 32;
+
+/// Most disks a QEMU migration may copy.
+pub const MAX_DISKS: usize = 8;
+
+/// What a channel carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelKind {
+    /// A QEMU migration connection, in the order QEMU opened them (0 is
+    /// the main channel with the return path; then multifd channels).
+    Migration(u16),
+    /// The NBD connection that mirrors disk `n`.
+    Nbd(u16),
+}
+
+impl std::fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelKind::Migration(0) => f.write_str("main migration channel"),
+            ChannelKind::Migration(n) => write!(f, "multifd channel {n}"),
+            ChannelKind::Nbd(n) => write!(f, "disk {n} (NBD)"),
+        }
+    }
+}
+
+/// First frame of every stream of a stream migration; raw bytes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelOpen {
+    /// The migration.
+    pub migration: MigrationId,
+    /// What the stream carries.
+    pub kind: ChannelKind,
+}
+
+/// A disk the destination must create and the source mirrors into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskManifest {
+    /// Virtual size, bytes.
+    pub size: u64,
+    /// Image format (`raw` or `qcow2`).
+    pub format: String,
+}
+
+/// What a QEMU migration will carry, for the destination to launch an
+/// identical QEMU (through its own allow-lists) and decide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuManifest {
+    /// The VM's definition, with paths relative to the image directory
+    /// (the destination resolves them in its own).
+    pub spec: QemuVmSpec,
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: MigrationMode,
+    /// Multifd channels (0: none).
+    pub multifd_channels: u16,
+    /// Disks copied (with `--copy-storage`; empty otherwise), in the order
+    /// of `spec.disks`.
+    pub disks: Vec<DiskManifest>,
+}
+
+impl QemuManifest {
+    /// Checks the bounds a decoder cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if usize::from(self.multifd_channels) > usize::from(crate::message::MAX_DATA_STREAMS) {
+            return Err(format!(
+                "{} multifd channels, at most {}",
+                self.multifd_channels,
+                crate::message::MAX_DATA_STREAMS
+            ));
+        }
+        if self.multifd_channels > 0 && self.mode != MigrationMode::Precopy {
+            return Err("multifd channels with post-copy (QEMU cannot combine them)".into());
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(format!("{} disks, at most {MAX_DISKS}", self.disks.len()));
+        }
+        if !self.disks.is_empty() && self.disks.len() != self.spec.disks.len() {
+            return Err("copied disks do not match the VM's disks".into());
+        }
+        for d in &self.disks {
+            if !matches!(d.format.as_str(), "raw" | "qcow2") {
+                return Err(format!("disk format {:?} (raw or qcow2)", d.format));
+            }
+        }
+        Ok(())
+    }
+
+    /// The channels the source will open, at most.
+    pub fn channels(&self) -> usize {
+        1 + usize::from(self.multifd_channels) + self.disks.len()
+    }
+}
+
+/// What one side carried on one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelDigests {
+    /// The channel.
+    pub kind: ChannelKind,
+    /// Bytes from the source to the destination.
+    pub out_bytes: u64,
+    /// BLAKE3 of them, in order.
+    pub out: Digest,
+    /// Bytes from the destination back to the source.
+    pub back_bytes: u64,
+    /// BLAKE3 of them, in order.
+    pub back: Digest,
+}
+
+/// Source → destination: QEMU has finished sending; these are the digests
+/// of everything the source carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamsDone {
+    /// Every channel, in the order [`ChannelKind`] sorts them.
+    pub channels: Vec<ChannelDigests>,
+}
+
+/// Post-copy: the source commits to the switch (it will not run the VM
+/// again); the destination answers with the same message once its QEMU
+/// will start the guest as soon as the device state arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    /// The migration.
+    pub migration: MigrationId,
+}
+
+fn order(k: &ChannelKind) -> (u8, u16) {
+    match k {
+        ChannelKind::Migration(n) => (0, *n),
+        ChannelKind::Nbd(n) => (1, *n),
+    }
+}
+
+/// Sorts channels into their canonical order.
+pub fn canonical(mut channels: Vec<ChannelDigests>) -> Vec<ChannelDigests> {
+    channels.sort_by_key(|c| order(&c.kind));
+    channels
+}
+
+/// The two roots receipts bind: over every byte sent source → destination,
+/// and over every byte sent back, each covering every channel (its kind,
+/// length and digest) in canonical order.
+pub fn roots(channels: &[ChannelDigests]) -> (Digest, Digest) {
+    let mut out = blake3::Hasher::new_derive_key("convoy 2026-11 stream root out v1");
+    let mut back = blake3::Hasher::new_derive_key("convoy 2026-11 stream root back v1");
+    let sorted = canonical(channels.to_vec());
+    for h in [&mut out, &mut back] {
+        h.update(&(sorted.len() as u64).to_le_bytes());
+    }
+    for c in &sorted {
+        let (kind, n) = order(&c.kind);
+        for h in [&mut out, &mut back] {
+            h.update(&[kind]);
+            h.update(&n.to_le_bytes());
+        }
+        out.update(&c.out_bytes.to_le_bytes());
+        out.update(&c.out.0);
+        back.update(&c.back_bytes.to_le_bytes());
+        back.update(&c.back.0);
+    }
+    (
+        Digest(*out.finalize().as_bytes()),
+        Digest(*back.finalize().as_bytes()),
+    )
+}
+
+/// Why two sides' digests differ, naming the first difference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamMismatch(pub String);
+
+/// Compares what the source says it carried with what the destination
+/// carried: the same channels, and on each the same bytes both ways.
+pub fn compare(
+    source: &[ChannelDigests],
+    destination: &[ChannelDigests],
+) -> Result<(), StreamMismatch> {
+    let (s, d) = (canonical(source.to_vec()), canonical(destination.to_vec()));
+    if s.len() > MAX_CHANNELS || d.len() > MAX_CHANNELS {
+        return Err(StreamMismatch(format!("more than {MAX_CHANNELS} channels")));
+    }
+    for c in &s {
+        let Some(o) = d.iter().find(|o| o.kind == c.kind) else {
+            return Err(StreamMismatch(format!("the {} never arrived", c.kind)));
+        };
+        if (c.out_bytes, c.out) != (o.out_bytes, o.out) {
+            return Err(StreamMismatch(format!(
+                "{}: the source sent {} bytes, the destination received {} different ones",
+                c.kind, c.out_bytes, o.out_bytes
+            )));
+        }
+        if (c.back_bytes, c.back) != (o.back_bytes, o.back) {
+            return Err(StreamMismatch(format!(
+                "{}: the destination sent back {} bytes, the source received {} different ones",
+                c.kind, o.back_bytes, c.back_bytes
+            )));
+        }
+    }
+    if let Some(extra) = d.iter().find(|o| !s.iter().any(|c| c.kind == o.kind)) {
+        return Err(StreamMismatch(format!(
+            "the {} arrived but the source never sent it",
+            extra.kind
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(kind: ChannelKind, out: u8, back: u8) -> ChannelDigests {
+        ChannelDigests {
+            kind,
+            out_bytes: u64::from(out) * 10,
+            out: Digest([out; 32]),
+            back_bytes: u64::from(back),
+            back: Digest([back; 32]),
+        }
+    }
+
+    #[test]
+    fn roots_do_not_depend_on_order_but_on_every_byte() {
+        let a = vec![
+            ch(ChannelKind::Migration(0), 1, 2),
+            ch(ChannelKind::Migration(1), 3, 0),
+        ];
+        let b = vec![a[1], a[0]];
+        assert_eq!(roots(&a), roots(&b));
+        let mut c = a.clone();
+        c[1].out_bytes += 1;
+        assert_ne!(roots(&a).0, roots(&c).0);
+        assert_eq!(roots(&a).1, roots(&c).1);
+        let mut d = a.clone();
+        d[0].back.0[5] ^= 1;
+        assert_eq!(roots(&a).0, roots(&d).0);
+        assert_ne!(roots(&a).1, roots(&d).1);
+        // A channel relabelled is a different stream.
+        let mut e = a.clone();
+        e[1].kind = ChannelKind::Nbd(1);
+        assert_ne!(roots(&a), roots(&e));
+        // One channel fewer is a different stream.
+        assert_ne!(roots(&a), roots(&a[..1]));
+    }
+
+    #[test]
+    fn compare_names_the_first_difference() {
+        let s = vec![
+            ch(ChannelKind::Migration(0), 1, 2),
+            ch(ChannelKind::Nbd(0), 3, 4),
+        ];
+        assert_eq!(compare(&s, &[s[1], s[0]]), Ok(()));
+        let mut d = s.clone();
+        d[1].out.0[0] ^= 1;
+        let e = compare(&s, &d).unwrap_err();
+        assert!(
+            e.0.contains("disk 0 (NBD)") && e.0.contains("received"),
+            "{e}"
+        );
+        let mut d = s.clone();
+        d[0].back_bytes += 1;
+        let e = compare(&s, &d).unwrap_err();
+        assert!(
+            e.0.contains("main migration channel") && e.0.contains("sent back"),
+            "{e}"
+        );
+        let e = compare(&s, &s[..1]).unwrap_err();
+        assert!(e.0.contains("never arrived"), "{e}");
+        let e = compare(&s[..1], &s).unwrap_err();
+        assert!(e.0.contains("never sent"), "{e}");
+    }
+
+    #[test]
+    fn manifests_are_bounded() {
+        let spec = QemuVmSpec {
+            name: "vm".parse().unwrap(),
+            binary: "qemu-system-x86_64".into(),
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: Some("vmlinuz".into()),
+            initrd: None,
+            append: String::new(),
+            disks: vec!["d.img".into()],
+            accel: crate::ctl::Accel::Tcg,
+            attributes: Default::default(),
+        };
+        let m = QemuManifest {
+            spec,
+            mode: MigrationMode::Precopy,
+            multifd_channels: 2,
+            disks: vec![DiskManifest {
+                size: 1 << 20,
+                format: "raw".into(),
+            }],
+        };
+        assert_eq!(m.validate(), Ok(()));
+        assert_eq!(m.channels(), 4);
+        let mut bad = m.clone();
+        bad.mode = MigrationMode::Postcopy;
+        assert!(bad.validate().is_err());
+        let mut bad = m.clone();
+        bad.multifd_channels = 17;
+        assert!(bad.validate().is_err());
+        let mut bad = m.clone();
+        bad.disks[0].format = "vmdk".into();
+        assert!(bad.validate().is_err());
+        let mut bad = m;
+        bad.disks.push(bad.disks[0].clone());
+        assert!(bad.validate().is_err());
+    }
+}
