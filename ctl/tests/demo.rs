@@ -51,3 +51,44 @@ fn bad_flags_get_a_clear_error_and_a_failure_status() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown size unit"), "{err}");
 }
+
+/// `convoyctl demo --backend qemu --json`: a real guest moved through
+/// Convoy, its serial counter continuing, with QEMU's own figures. Needs
+/// QEMU and the guest's Debian packages (`scripts/test` installs them):
+/// under `CI=true` their absence fails the test, otherwise it skips.
+#[test]
+fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args([
+            "demo",
+            "--backend",
+            "qemu",
+            "--json",
+            "--memory",
+            "128MiB",
+            "--fill-mib",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success()
+        && (stderr.contains("not installed") || stderr.contains("apt-get install"))
+        && std::env::var("CI").as_deref() != Ok("true")
+    {
+        eprintln!("skipped (QEMU or the guest's packages are missing): {stderr}");
+        return;
+    }
+    assert!(out.status.success(), "demo failed: {stderr}\n{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["backend"], "qemu");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["counter_continuous"], true);
+    assert_eq!(v["audit_verified"], true);
+    assert_eq!(v["receipts"]["source"], 4);
+    assert_eq!(v["receipts"]["destination"], 4);
+    assert!(v["qemu"]["downtime_ms"].as_u64().is_some(), "{v}");
+    assert!(v["qemu"]["total_ms"].as_u64().unwrap() > 0);
+    assert!(v["qemu"]["transferred_bytes"].as_u64().unwrap() > 16 << 20);
+}

@@ -17,9 +17,19 @@ use crate::render;
 /// `bench` flags.
 #[derive(clap::Args, Debug)]
 pub struct Bench {
-    /// Guest memory of each VM.
-    #[arg(long, default_value = "1GiB", value_parser = convoy_agent::units::parse_size)]
-    pub memory: u64,
+    /// sim: migrations of simulated VMs against raw QUIC; qemu: the same
+    /// real guest migrated by QEMU natively and through Convoy.
+    #[arg(long, default_value = "sim", value_parser = ["sim", "qemu"])]
+    pub backend: String,
+    /// Guest memory of each VM (default: 1GiB for sim, 256MiB for qemu).
+    #[arg(long, value_parser = convoy_agent::units::parse_size)]
+    pub memory: Option<u64>,
+    /// qemu: migrations per path (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub runs: u32,
+    /// qemu: MiB of random data the guest holds in memory.
+    #[arg(long, default_value_t = 64)]
+    pub fill_mib: u32,
     /// Busy dirty rates to measure, pages per second.
     #[arg(long, value_delimiter = ',', default_value = "25000,100000")]
     pub rates: Vec<u64>,
@@ -49,10 +59,14 @@ struct Row {
 
 /// Runs the benchmark.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
+    if b.backend == "qemu" {
+        return super::bench_qemu::run(g, b).await;
+    }
+    let memory = b.memory.unwrap_or(1 << 30);
     let dir = tempfile::tempdir()?;
     let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {}).await?;
     let streams = b.tuning.streams;
-    let base_bytes = b.baseline_bytes.unwrap_or(b.memory);
+    let base_bytes = b.baseline_bytes.unwrap_or(memory);
     if !g.json {
         eprintln!("raw QUIC baseline: {base_bytes} bytes on {streams} streams …");
     }
@@ -113,7 +127,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         let vm = format!("bench-{i}");
         a.vm_create(SimVmSpec {
             name: vm.parse()?,
-            memory_bytes: b.memory,
+            memory_bytes: memory,
             dirty_pages_per_sec: rate,
             hot_set_pct: 10,
             content,

@@ -250,7 +250,8 @@ impl QemuVm {
             let mut g = self.process.lock().await;
             let gone = match g.as_mut() {
                 Some(p) => !p.is_running(),
-                None => true,
+                // Stopped or killed by the agent: not an exit to report.
+                None => return,
             };
             if gone {
                 self.exited.store(true, Ordering::Relaxed);
