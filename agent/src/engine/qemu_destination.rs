@@ -25,7 +25,7 @@ use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::qemu_source::{capabilities, carry, read_control, ChanEvent, Control};
+use super::qemu_common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
 use crate::agent::{Inner, ReserveError};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
@@ -39,34 +39,8 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the source may take to hand over after `Ready`.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why an incoming QEMU migration stopped.
-struct Fail {
-    reason: Reason,
-    detail: String,
-    /// Whether the source still needs to be told.
-    tell: bool,
-}
-
-impl Fail {
-    fn new(reason: Reason, detail: impl Into<String>) -> Fail {
-        Fail {
-            reason,
-            detail: detail.into(),
-            tell: true,
-        }
-    }
-    fn local(detail: impl Into<String>) -> Fail {
-        let d = detail.into();
-        Fail::new(Reason::Internal(d.clone()), d)
-    }
-    fn link(e: impl std::fmt::Display) -> Fail {
-        Fail {
-            reason: Reason::Internal("link lost".into()),
-            detail: format!("link lost: {e}"),
-            tell: false,
-        }
-    }
-}
+/// Who is at the other end, in messages.
+const PEER: &str = "source";
 
 struct Incoming {
     inner: Arc<Inner>,
@@ -423,18 +397,10 @@ impl Incoming {
                         let m = Message::Switch(Switch { migration: self.migration });
                         write_message(send, &m).await.map_err(Fail::link)?;
                     }
-                    Some(Ok(Some(Message::Abort(a)))) => {
-                        return Err(Fail {
-                            detail: format!("the source aborted: {}", a.reason),
-                            reason: a.reason,
-                            tell: false,
-                        })
+                    c => {
+                        let m = Fail::from_control(c, PEER)?;
+                        return Err(Fail::violation(PEER, format!("unexpected {} during the copy", m.kind())));
                     }
-                    Some(Ok(Some(other))) => {
-                        return Err(violation(format!("unexpected {} during the copy", other.kind())))
-                    }
-                    Some(Ok(None)) | None => return Err(Fail::link("control stream closed")),
-                    Some(Err(e)) => return Err(Fail::link(e)),
                 },
                 ev = chans.recv() => channel_event(ev, &mut ours)?,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
@@ -448,7 +414,7 @@ impl Incoming {
             }
         };
         if done.channels.len() > stream::MAX_CHANNELS {
-            return Err(violation("too many channels".into()));
+            return Err(Fail::violation(PEER, "too many channels".into()));
         }
         // Every channel the source carried has ended here too.
         let drain = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -508,19 +474,15 @@ impl Incoming {
         self.phase("QEMU holds every byte sent; waiting for the handover");
         let h = match tokio::time::timeout(HANDOVER_TIMEOUT, ctl.recv()).await {
             Err(_) => return Err(Fail::new(Reason::Timeout, "no Handover in time")),
-            Ok(Some(Ok(Some(Message::Handover(h))))) => h,
-            Ok(Some(Ok(Some(Message::Abort(a))))) => {
-                return Err(Fail {
-                    detail: format!("the source aborted: {}", a.reason),
-                    reason: a.reason,
-                    tell: false,
-                })
-            }
-            Ok(Some(Ok(Some(other)))) => {
-                return Err(violation(format!("{} instead of Handover", other.kind())))
-            }
-            Ok(Some(Ok(None)) | None) => return Err(Fail::link("control stream closed")),
-            Ok(Some(Err(e))) => return Err(Fail::link(e)),
+            Ok(c) => match Fail::from_control(c, PEER)? {
+                Message::Handover(h) => h,
+                other => {
+                    return Err(Fail::violation(
+                        PEER,
+                        format!("{} instead of Handover", other.kind()),
+                    ))
+                }
+            },
         };
         let handover_at = Instant::now();
         self.notary
@@ -532,7 +494,7 @@ impl Incoming {
                 self.ticket_digest,
                 Some(roots),
             )
-            .map_err(|e| violation(format!("Sent receipt: {e}")))?;
+            .map_err(|e| Fail::violation(PEER, format!("Sent receipt: {e}")))?;
         self.receipts.push(h.receipt);
         // Signed before the start, so a started guest always has one.
         let started = self
@@ -613,13 +575,6 @@ impl Incoming {
     }
 }
 
-fn violation(detail: String) -> Fail {
-    Fail::new(
-        Reason::ProtocolViolation(detail.clone()),
-        format!("the source broke the protocol: {detail}"),
-    )
-}
-
 fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Result<(), Fail> {
     match ev {
         Some(ChanEvent::Opened) | None => Ok(()),
@@ -629,11 +584,11 @@ fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Resul
                 out: sp.back,
                 back: sp.out,
             };
-            ours.push(super::qemu_source::digests(kind, &swapped));
+            ours.push(digests(kind, &swapped));
             Ok(())
         }
         Some(ChanEvent::Done(kind, Err(e))) => Err(Fail::local(format!("{kind}: {e}"))),
-        Some(ChanEvent::Bad(e)) => Err(violation(e)),
+        Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e)),
     }
 }
 

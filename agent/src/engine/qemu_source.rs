@@ -31,17 +31,20 @@ use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt
 use convoy_protocol::stream::{
     self, ChannelDigests, ChannelKind, ChannelOpen, DiskManifest, QemuManifest, StreamsDone, Switch,
 };
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::qemu_common::{capabilities, digests, ChanEvent, Control};
+use super::qemu_common::{carry, read_control, Fail};
 use super::source::MigrateError;
 use crate::agent::Inner;
-use crate::backend::qemu::tunnel::{splice, Spliced};
 use crate::backend::qemu::vm::QemuVm;
-use crate::transport::{read_message, write_message, WireError};
+use crate::transport::write_message;
 
+/// Who is at the other end, in messages.
+const PEER: &str = "destination";
 /// How often QEMU's progress is polled.
 const POLL: Duration = Duration::from_millis(20);
 /// How long the destination may take to launch its QEMU and accept.
@@ -66,11 +69,12 @@ pub(crate) struct Plan {
 /// Checks the operator's options against the VM; nothing is touched.
 pub(crate) fn plan(vm: &QemuVm, req: &MigrateRequest) -> Result<Plan, MigrateError> {
     let o = &req.options;
-    let multifd_channels = match (o.mode, o.streams) {
-        (MigrationMode::Precopy, n) if n > 1 => n,
-        (MigrationMode::Precopy, _) => 0,
-        // QEMU 7.2 cannot combine post-copy with multifd: one channel.
-        (_, _) => 0,
+    // More than one stream is multifd, for pre-copy only: QEMU 7.2 cannot
+    // combine post-copy with multifd, which then uses one channel.
+    let multifd_channels = if o.mode == MigrationMode::Precopy && o.streams > 1 {
+        o.streams
+    } else {
+        0
     };
     if !vm.definition.disks.is_empty() && !o.copy_storage {
         return Err(MigrateError::Options(format!(
@@ -136,16 +140,6 @@ struct State {
     control_bytes: u64,
     wire_bytes: u64,
     verified: bool,
-}
-
-/// Why the migration stopped.
-struct Fail {
-    /// What the destination is told.
-    reason: Reason,
-    /// What the operator is told.
-    detail: String,
-    /// Whether the destination still needs to be told.
-    tell: bool,
 }
 
 impl Run {
@@ -295,7 +289,7 @@ impl Run {
                         td,
                         None,
                     )
-                    .map_err(|e| Fail::violation(format!("Accepted receipt: {e}")))?;
+                    .map_err(|e| Fail::violation(PEER, format!("Accepted receipt: {e}")))?;
                 st.receipts.push(a.receipt);
             }
             Message::Reject(r) => {
@@ -306,10 +300,10 @@ impl Run {
                 })
             }
             other => {
-                return Err(Fail::violation(format!(
-                    "{} instead of Accept",
-                    other.kind()
-                )))
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Accept", other.kind()),
+                ))
             }
         }
         self.phase(st, "accepted: the destination's QEMU waits");
@@ -356,16 +350,14 @@ impl Run {
                 () = tokio::time::sleep(POLL) => {}
                 () = self.cancel.notified() => {
                     if !st.handed_over {
-                        return Err(Fail { reason: Reason::Cancelled, detail: "cancelled by the operator".into(), tell: true });
+                        return Err(Fail::cancelled());
                     }
                     tracing::warn!(migration = %self.migration, "cancel refused: already switched to post-copy");
                 }
-                c = ctl.recv() => match c {
-                    Some(Ok(Some(Message::Abort(a)))) => return Err(Fail { detail: format!("the destination aborted: {}", a.reason), reason: a.reason, tell: false }),
-                    Some(Ok(Some(other))) => return Err(Fail::violation(format!("unexpected {} during the copy", other.kind()))),
-                    Some(Ok(None)) | None => return Err(Fail::link("control stream closed")),
-                    Some(Err(e)) => return Err(Fail::link(e)),
-                },
+                c = ctl.recv() => {
+                    let m = Fail::from_control(c, PEER)?;
+                    return Err(Fail::violation(PEER, format!("unexpected {} during the copy", m.kind())));
+                }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Opened) => opened += 1,
                     Some(ChanEvent::Done(kind, Ok(sp))) => st.channels.push(digests(kind, &sp)),
@@ -375,7 +367,7 @@ impl Run {
                 },
             }
             if begun.elapsed() > MIGRATION_TIMEOUT {
-                return Err(Fail::local("QEMU's migration took too long".into()));
+                return Err(Fail::local("QEMU's migration took too long"));
             }
             if !self.vm.alive().await {
                 return Err(Fail::source_exited());
@@ -446,7 +438,7 @@ impl Run {
                 }
                 Ok(Some(ChanEvent::Bad(e))) => return Err(Fail::link(e)),
                 Ok(None) => break,
-                Err(_) => return Err(Fail::local("QEMU's channels did not close".into())),
+                Err(_) => return Err(Fail::local("QEMU's channels did not close")),
             }
         }
         st.channels = stream::canonical(std::mem::take(&mut st.channels));
@@ -458,11 +450,10 @@ impl Run {
         match self.next(ctl, READY_TIMEOUT, "Ready").await? {
             Message::Ready(r) => {
                 if r.memory_root != out_root || r.device_digest != back_root {
-                    return Err(Fail {
-                        reason: Reason::RootMismatch,
-                        detail: "the destination holds other bytes than were sent".into(),
-                        tell: true,
-                    });
+                    return Err(Fail::new(
+                        Reason::RootMismatch,
+                        "the destination holds other bytes than were sent",
+                    ));
                 }
                 notary
                     .check(
@@ -473,15 +464,15 @@ impl Run {
                         td,
                         Some((out_root, back_root)),
                     )
-                    .map_err(|e| Fail::violation(format!("Ready receipt: {e}")))?;
+                    .map_err(|e| Fail::violation(PEER, format!("Ready receipt: {e}")))?;
                 st.receipts.push(r.receipt);
                 st.verified = true;
             }
             other => {
-                return Err(Fail::violation(format!(
-                    "{} instead of Ready",
-                    other.kind()
-                )))
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Ready", other.kind()),
+                ))
             }
         }
         self.phase(st, "the destination holds every byte sent");
@@ -503,10 +494,10 @@ impl Run {
         match self.next(ctl, Duration::from_secs(10), "Switch").await? {
             Message::Switch(s) if s.migration == self.migration => {}
             other => {
-                return Err(Fail::violation(format!(
-                    "{} instead of Switch",
-                    other.kind()
-                )))
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Switch", other.kind()),
+                ))
             }
         }
         // From the switch on the guest runs only at the destination.
@@ -705,13 +696,11 @@ impl Run {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
-                () = self.cancel.notified() => return Err(Fail { reason: Reason::Cancelled, detail: "cancelled by the operator".into(), tell: true }),
-                c = ctl.recv() => match c {
-                    Some(Ok(Some(Message::Abort(a)))) => return Err(Fail { detail: format!("the destination aborted: {}", a.reason), reason: a.reason, tell: false }),
-                    Some(Ok(Some(other))) => return Err(Fail::violation(format!("unexpected {} while mirroring", other.kind()))),
-                    Some(Ok(None)) | None => return Err(Fail::link("control stream closed")),
-                    Some(Err(e)) => return Err(Fail::link(e)),
-                },
+                () = self.cancel.notified() => return Err(Fail::cancelled()),
+                c = ctl.recv() => {
+                    let m = Fail::from_control(c, PEER)?;
+                    return Err(Fail::violation(PEER, format!("unexpected {} while mirroring", m.kind())));
+                }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Opened) => opened += 1,
                     Some(ChanEvent::Done(kind, Ok(_))) => return Err(Fail::link(format!("{kind} ended while mirroring"))),
@@ -721,9 +710,7 @@ impl Run {
                 },
             }
             if Instant::now() > end {
-                return Err(Fail::local(
-                    "disk mirrors did not reach sync in time".into(),
-                ));
+                return Err(Fail::local("disk mirrors did not reach sync in time"));
             }
             let jobs = self.qmp("query-block-jobs", Value::Null).await?;
             let jobs = jobs.as_array().cloned().unwrap_or_default();
@@ -764,7 +751,7 @@ impl Run {
                 break;
             }
             if Instant::now() > end {
-                return Err(Fail::local("disk mirrors did not complete".into()));
+                return Err(Fail::local("disk mirrors did not complete"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -803,13 +790,10 @@ impl Run {
     ) -> Result<Message, Fail> {
         tokio::select! {
             c = tokio::time::timeout(timeout, ctl.recv()) => match c {
-                Err(_) => Err(Fail { reason: Reason::Timeout, detail: format!("no {what} from the destination in time"), tell: true }),
-                Ok(Some(Ok(Some(Message::Abort(a))))) => Err(Fail { detail: format!("the destination aborted: {}", a.reason), reason: a.reason, tell: false }),
-                Ok(Some(Ok(Some(m)))) => Ok(m),
-                Ok(Some(Ok(None)) | None) => Err(Fail::link("control stream closed")),
-                Ok(Some(Err(e))) => Err(Fail::link(e)),
+                Err(_) => Err(Fail::new(Reason::Timeout, format!("no {what} from the destination in time"))),
+                Ok(c) => Fail::from_control(c, PEER),
             },
-            () = self.cancel.notified(), if !matches!(what, "Started") => Err(Fail { reason: Reason::Cancelled, detail: "cancelled by the operator".into(), tell: true }),
+            () = self.cancel.notified(), if !matches!(what, "Started") => Err(Fail::cancelled()),
         }
     }
 
@@ -864,14 +848,6 @@ impl Run {
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).
 const UNLIMITED: u64 = 1 << 40;
 
-/// The migration capabilities a manifest needs, on both sides alike.
-pub(crate) fn capabilities(m: &QemuManifest) -> Value {
-    json!([
-        { "capability": "multifd", "state": m.multifd_channels > 0 },
-        { "capability": "postcopy-ram", "state": m.mode != MigrationMode::Precopy },
-    ])
-}
-
 fn mirror_node(i: usize) -> String {
     format!("convoy-mirror-target{i}")
 }
@@ -880,45 +856,10 @@ fn mirror_job(i: usize) -> String {
     format!("convoy-mirror{i}")
 }
 
-pub(crate) fn digests(kind: ChannelKind, sp: &Spliced) -> ChannelDigests {
-    ChannelDigests {
-        kind,
-        out_bytes: sp.out.bytes,
-        out: convoy_protocol::digest::Digest(sp.out.digest),
-        back_bytes: sp.back.bytes,
-        back: convoy_protocol::digest::Digest(sp.back.digest),
-    }
-}
-
 fn listen(path: &std::path::Path) -> Result<tokio::net::UnixListener, Fail> {
     let _ = std::fs::remove_file(path);
     tokio::net::UnixListener::bind(path)
         .map_err(|e| Fail::local(format!("cannot listen on {}: {e}", path.display())))
-}
-
-/// A control message, the end of the stream, or a read error.
-pub(crate) type Control = Result<Option<Message>, WireError>;
-
-/// Reads control messages until the stream ends (reads are not
-/// cancel-safe, so they never sit in a `select!`).
-pub(crate) async fn read_control(mut recv: RecvStream, tx: mpsc::Sender<Control>) {
-    loop {
-        let r = read_message(&mut recv).await;
-        let end = !matches!(r, Ok(Some(_)));
-        if tx.send(r).await.is_err() || end {
-            return;
-        }
-    }
-}
-
-/// What happened to a carried channel.
-pub(crate) enum ChanEvent {
-    /// QEMU opened it (and the stream to the peer is open).
-    Opened,
-    /// It ended, both ways.
-    Done(ChannelKind, Result<Spliced, String>),
-    /// The peer opened something that is not a channel of this migration.
-    Bad(String),
 }
 
 /// Accepts QEMU's connections on `listener`, one per kind in order, and
@@ -957,47 +898,8 @@ async fn accept_channels(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Announces channel `kind` as open and splices it in `tasks`, reporting
-/// its end on `events`.
-pub(crate) fn carry(
-    tasks: &mut JoinSet<()>,
-    events: &mpsc::UnboundedSender<ChanEvent>,
-    kind: ChannelKind,
-    local: tokio::net::UnixStream,
-    send: SendStream,
-    recv: RecvStream,
-) {
-    let _ = events.send(ChanEvent::Opened);
-    let ev = events.clone();
-    tasks.spawn(async move {
-        let r = splice(local, send, recv).await.map_err(|e| e.to_string());
-        let _ = ev.send(ChanEvent::Done(kind, r));
-    });
-}
-
 impl Fail {
-    fn link(e: impl std::fmt::Display) -> Fail {
-        Fail {
-            reason: Reason::Internal("link lost".into()),
-            detail: format!("link lost: {e}"),
-            tell: false,
-        }
-    }
-    fn local(detail: String) -> Fail {
-        Fail {
-            reason: Reason::Internal(detail.clone()),
-            detail,
-            tell: true,
-        }
-    }
-    fn violation(detail: String) -> Fail {
-        Fail {
-            reason: Reason::ProtocolViolation(detail.clone()),
-            detail: format!("the destination broke the protocol: {detail}"),
-            tell: true,
-        }
-    }
     fn source_exited() -> Fail {
-        Fail::local("the source QEMU exited".into())
+        Fail::local("the source QEMU exited")
     }
 }

@@ -222,20 +222,20 @@ pub(crate) async fn migrate(
     let migration = ticket.ticket.id;
     let started = Instant::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
+    let creds = inner.creds();
+    let conn = transport::connect(
+        &inner.endpoint,
+        addr,
+        dest_id.clone(),
+        ALPN_AGENT,
+        &creds.identity,
+        &creds.trust,
+        &inner.config.tuning,
+    )
+    .await;
     let vm = match claimed {
         Claimed::Sim(vm) => vm,
         Claimed::Qemu(qvm, plan) => {
-            let conn = transport::connect(
-                &inner.endpoint,
-                addr,
-                dest_id.clone(),
-                ALPN_AGENT,
-                &inner.creds().identity,
-                &inner.creds().trust,
-                &inner.config.tuning,
-            )
-            .await
-            .map_err(|e| e.to_string());
             let run = qemu_source::Run {
                 inner: inner.clone(),
                 vm: qvm,
@@ -248,7 +248,7 @@ pub(crate) async fn migrate(
                 attributes,
                 started,
             };
-            let done = run.drive(conn).await;
+            let done = run.drive(conn.map_err(|e| e.to_string())).await;
             return Ok(finish(&inner, &req, migration, done.phases, done.report));
         }
     };
@@ -266,18 +266,7 @@ pub(crate) async fn migrate(
         phases: Vec::new(),
         started,
     };
-    let creds = inner.creds();
-    let report = match transport::connect(
-        &inner.endpoint,
-        addr,
-        dest_id.clone(),
-        ALPN_AGENT,
-        &creds.identity,
-        &creds.trust,
-        &inner.config.tuning,
-    )
-    .await
-    {
+    let report = match conn {
         Ok(conn) => run.drive(conn, dest_id.clone()).await,
         Err(e) => {
             inner.set_state(&req.vm, VmState::Running);

@@ -1,0 +1,141 @@
+//! What both sides of a QEMU migration share: why a migration stopped
+//! ([`Fail`]), the control stream's messages as they arrive
+//! ([`read_control`], [`Fail::from_control`]), the channels QEMU's
+//! connections are carried on ([`ChanEvent`], [`carry`], [`digests`]),
+//! and the migration capabilities both QEMUs must agree on.
+
+use convoy_protocol::ctl::MigrationMode;
+use convoy_protocol::message::{Message, Reason};
+use convoy_protocol::stream::{ChannelDigests, ChannelKind, QemuManifest};
+use quinn::{RecvStream, SendStream};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::backend::qemu::tunnel::{splice, Spliced};
+use crate::transport::{read_message, WireError};
+
+/// Why a QEMU migration stopped.
+pub(crate) struct Fail {
+    /// What the peer is told.
+    pub reason: Reason,
+    /// What the operator (and the audit log) is told.
+    pub detail: String,
+    /// Whether the peer still needs to be told.
+    pub tell: bool,
+}
+
+impl Fail {
+    /// A refusal or failure the peer is told of.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Fail {
+        Fail {
+            reason,
+            detail: detail.into(),
+            tell: true,
+        }
+    }
+
+    /// A local failure (QEMU, files, signing).
+    pub fn local(detail: impl Into<String>) -> Fail {
+        let d = detail.into();
+        Fail::new(Reason::Internal(d.clone()), d)
+    }
+
+    /// The link to the peer broke: nobody left to tell.
+    pub fn link(e: impl std::fmt::Display) -> Fail {
+        Fail {
+            reason: Reason::Internal("link lost".into()),
+            detail: format!("link lost: {e}"),
+            tell: false,
+        }
+    }
+
+    /// The `peer` ("source", "destination") broke the protocol.
+    pub fn violation(peer: &str, detail: String) -> Fail {
+        Fail::new(
+            Reason::ProtocolViolation(detail.clone()),
+            format!("the {peer} broke the protocol: {detail}"),
+        )
+    }
+
+    /// The operator cancelled.
+    pub fn cancelled() -> Fail {
+        Fail::new(Reason::Cancelled, "cancelled by the operator")
+    }
+
+    /// The next control message from `peer`, or why there is none: the
+    /// peer aborted, the stream ended or failed.
+    pub fn from_control(c: Option<Control>, peer: &str) -> Result<Message, Fail> {
+        match c {
+            Some(Ok(Some(Message::Abort(a)))) => Err(Fail {
+                detail: format!("the {peer} aborted: {}", a.reason),
+                reason: a.reason,
+                tell: false,
+            }),
+            Some(Ok(Some(m))) => Ok(m),
+            Some(Ok(None)) | None => Err(Fail::link("control stream closed")),
+            Some(Err(e)) => Err(Fail::link(e)),
+        }
+    }
+}
+
+/// The migration capabilities a manifest needs, on both sides alike.
+pub(crate) fn capabilities(m: &QemuManifest) -> Value {
+    json!([
+        { "capability": "multifd", "state": m.multifd_channels > 0 },
+        { "capability": "postcopy-ram", "state": m.mode != MigrationMode::Precopy },
+    ])
+}
+
+/// A control message, the end of the stream, or a read error.
+pub(crate) type Control = Result<Option<Message>, WireError>;
+
+/// Reads control messages until the stream ends (reads are not
+/// cancel-safe, so they never sit in a `select!`).
+pub(crate) async fn read_control(mut recv: RecvStream, tx: mpsc::Sender<Control>) {
+    loop {
+        let r = read_message(&mut recv).await;
+        let end = !matches!(r, Ok(Some(_)));
+        if tx.send(r).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// What happened to a carried channel.
+pub(crate) enum ChanEvent {
+    /// QEMU opened it (and the stream to the peer is open).
+    Opened,
+    /// It ended, both ways.
+    Done(ChannelKind, Result<Spliced, String>),
+    /// The peer opened something that is not a channel of this migration.
+    Bad(String),
+}
+
+/// Announces channel `kind` as open and splices it in `tasks`, reporting
+/// its end on `events`.
+pub(crate) fn carry(
+    tasks: &mut JoinSet<()>,
+    events: &mpsc::UnboundedSender<ChanEvent>,
+    kind: ChannelKind,
+    local: tokio::net::UnixStream,
+    send: SendStream,
+    recv: RecvStream,
+) {
+    let _ = events.send(ChanEvent::Opened);
+    let ev = events.clone();
+    tasks.spawn(async move {
+        let r = splice(local, send, recv).await.map_err(|e| e.to_string());
+        let _ = ev.send(ChanEvent::Done(kind, r));
+    });
+}
+
+pub(crate) fn digests(kind: ChannelKind, sp: &Spliced) -> ChannelDigests {
+    ChannelDigests {
+        kind,
+        out_bytes: sp.out.bytes,
+        out: convoy_protocol::digest::Digest(sp.out.digest),
+        back_bytes: sp.back.bytes,
+        back: convoy_protocol::digest::Digest(sp.back.digest),
+    }
+}
