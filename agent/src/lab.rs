@@ -131,7 +131,7 @@ impl Lab {
             cfg.qemu = Some(crate::backend::qemu::vm::QemuConfig {
                 binaries: vec![qemu.clone()],
                 images: Self::qemu_images_in(&root, n),
-                runtime: root.join("qemu").join(format!("runtime-{n}")),
+                runtime: Self::qemu_runtime_in(&root, n),
             });
         })
         .await
@@ -146,14 +146,18 @@ impl Lab {
         Self::qemu_images_in(self.pki.dir(), agent)
     }
 
+    /// A lab QEMU agent's runtime directory (one directory per VM).
+    pub fn qemu_runtime(&self, agent: &str) -> PathBuf {
+        Self::qemu_runtime_in(self.pki.dir(), agent)
+    }
+
+    fn qemu_runtime_in(dir: &Path, agent: &str) -> PathBuf {
+        dir.join("qemu").join(format!("runtime-{agent}"))
+    }
+
     /// The serial console log of QEMU VM `vm` on lab agent `agent`.
     pub fn qemu_serial(&self, agent: &str, vm: &str) -> PathBuf {
-        self.pki
-            .dir()
-            .join("qemu")
-            .join(format!("runtime-{agent}"))
-            .join(vm)
-            .join("serial.log")
+        self.qemu_runtime(agent).join(vm).join("serial.log")
     }
 
     /// The lab's policy: the example policies of `agent/policy/examples`,

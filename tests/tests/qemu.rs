@@ -12,26 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use convoy_agent::backend::qemu::guest::{self, counters, TestGuest};
 use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
 use serde_json::json;
 
 /// The guest's kernel and initramfs, built once per test binary.
-fn guest() -> Option<&'static (PathBuf, PathBuf)> {
-    static GUEST: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+fn guest() -> Option<&'static TestGuest> {
+    static GUEST: OnceLock<Result<TestGuest, String>> = OnceLock::new();
     let built = GUEST.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = root.join("target/test-guest");
-        let qemu = which("qemu-system-x86_64")
-            .ok_or("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")?;
-        let _ = qemu;
-        let st = std::process::Command::new(root.join("scripts/build-test-guest"))
-            .arg(&out)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !st.status.success() {
-            return Err(String::from_utf8_lossy(&st.stderr).trim().to_string());
-        }
-        Ok((out.join("vmlinuz"), out.join("initrd.img")))
+        guest::find_qemu()?;
+        guest::build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-guest"))
     });
     match built {
         Ok(g) => Some(g),
@@ -43,36 +33,22 @@ fn guest() -> Option<&'static (PathBuf, PathBuf)> {
     }
 }
 
-fn which(cmd: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(cmd))
-            .find(|f| f.is_file())
-    })
+fn qemu() -> PathBuf {
+    guest::find_qemu().unwrap()
 }
 
-fn spec(g: &(PathBuf, PathBuf)) -> QemuSpec {
+fn spec(g: &TestGuest) -> QemuSpec {
     QemuSpec {
-        binary: which("qemu-system-x86_64").unwrap(),
+        binary: qemu(),
         memory_mib: 128,
         vcpus: 1,
-        kernel: Some(g.0.clone()),
-        initrd: Some(g.1.clone()),
+        kernel: Some(g.kernel.clone()),
+        initrd: Some(g.initrd.clone()),
         append: "console=ttyS0 quiet panic=-1".into(),
         disks: vec![],
         accel: Accel::Tcg,
         extra_args: vec![],
     }
-}
-
-/// Every counter value the guest printed, in order.
-fn counters(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("convoy-counter "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
 }
 
 /// Polls the source's `query-migrate` (up to 120 s) until the migration
@@ -304,8 +280,8 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     use convoy_protocol::ctl::{Outcome, QemuVmSpec, VmState};
 
     let Some(g) = guest() else { return };
-    let images = g.0.parent().unwrap().to_owned();
-    let qemu = which("qemu-system-x86_64").unwrap();
+    let images = g.kernel.parent().unwrap().to_owned();
+    let qemu = qemu();
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("runtime");
     let lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |name, cfg| {
@@ -385,54 +361,32 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     lab.shutdown().await;
 }
 
-/// Two agents with QEMU backends, each with its own image directory (a
-/// copy of the guest's kernel and initramfs) and runtime directory.
+/// Two agents with QEMU backends ([`convoy_agent::lab::Lab::start_qemu`]),
+/// each with its own image directory (a copy of the guest's kernel and
+/// initramfs) and runtime directory.
 struct QemuLab {
     lab: convoy_agent::lab::Lab,
-    root: PathBuf,
 }
 
 impl QemuLab {
-    async fn start(root: &Path, g: &(PathBuf, PathBuf)) -> QemuLab {
-        use convoy_agent::backend::qemu::vm::QemuConfig;
-        let qemu = which("qemu-system-x86_64").unwrap();
-        for n in ["a", "b"] {
-            let images = root.join(format!("images-{n}"));
-            std::fs::create_dir_all(&images).unwrap();
-            std::fs::copy(&g.0, images.join("vmlinuz")).unwrap();
-            std::fs::copy(&g.1, images.join("initrd.img")).unwrap();
-        }
-        let r = root.to_owned();
-        let lab = convoy_agent::lab::Lab::start(&root.join("lab"), &["a", "b"], move |n, cfg| {
-            cfg.qemu = Some(QemuConfig {
-                binaries: vec![qemu.clone()],
-                images: r.join(format!("images-{n}")),
-                runtime: r.join(format!("runtime-{n}")),
-            });
-        })
-        .await
-        .unwrap();
-        QemuLab {
-            lab,
-            root: root.to_owned(),
-        }
+    async fn start(root: &Path, g: &TestGuest) -> QemuLab {
+        let lab = convoy_agent::lab::Lab::start_qemu(root, &["a", "b"], &qemu(), g)
+            .await
+            .unwrap();
+        QemuLab { lab }
     }
 
     fn serial(&self, agent: &str, vm: &str) -> PathBuf {
-        self.root
-            .join(format!("runtime-{agent}"))
-            .join(vm)
-            .join("serial.log")
+        self.lab.qemu_serial(agent, vm)
     }
 
     fn images(&self, agent: &str) -> PathBuf {
-        self.root.join(format!("images-{agent}"))
+        self.lab.qemu_images(agent)
     }
 
     /// The QEMU processes whose runtime directory is under `agent`'s.
     fn processes(&self, agent: &str) -> Vec<PathBuf> {
-        let needle = self.root.join(format!("runtime-{agent}/"));
-        let needle = needle.to_str().unwrap().to_owned();
+        let needle = format!("{}/", self.lab.qemu_runtime(agent).display());
         std::fs::read_dir("/proc")
             .unwrap()
             .filter_map(|e| e.ok())
@@ -811,7 +765,7 @@ impl QemuLab {
             .await
             .unwrap();
         assert!(list.is_empty(), "{list:?}");
-        let dir = self.root.join(format!("runtime-{agent}")).join(vm);
+        let dir = self.lab.qemu_runtime(agent).join(vm);
         assert!(
             until(Duration::from_secs(10), || !dir.exists()).await,
             "{} stays",
