@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{Outcome, SimVmSpec};
+use convoy_protocol::ctl::{MigrationReport, Outcome, SimVmSpec};
 use convoy_protocol::evidence::{build_bundle, check_bundle};
 use convoy_protocol::receipt::SignedReceipt;
 use convoy_protocol::vm::VmAttributes;
@@ -132,34 +132,22 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let ev = evidence(&lab, &report.migration, &report.receipts);
 
     if g.json {
-        render::json(&serde_json::json!({
-            "backend": "sim",
-            "verified": verified,
-            "outcome": report.outcome,
-            "counter_continuous": counter_continuous,
-            "memory_bytes": report.memory_bytes,
-            "wire_bytes": report.wire_bytes,
-            "payload_bytes": report.payload_bytes,
-            "total_ms": report.total_ms,
-            "downtime_ms": report.downtime_ms,
-            "rounds": report.rounds,
-            "converged": report.converged,
-            "pages_sent": report.pages_sent,
-            "pages": report.encodings,
-            "memory_root": report.memory_root.map(|d| d.to_hex()),
-            "counter_at_pause": report.counter_at_pause,
-            "counter_at_start": at_start,
-            "counter_after": after,
-            "dirty_pages_per_sec": d.dirty_rate,
-            "streams": d.tuning.streams,
-            "source": report.source,
-            "destination": report.destination,
-            "ticket_verified": ev.ticket_verified,
-            "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
-            "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
-            "audit_verified": ev.audit_verified,
-            "evidence_bundle_bytes": ev.bundle_bytes,
-        }))?;
+        let mut out = report_json(
+            "sim",
+            &report,
+            &ev,
+            Continuity {
+                verified,
+                continuous: counter_continuous,
+                at_pause: report.counter_at_pause,
+                at_start,
+                after,
+            },
+            d.tuning.streams,
+        );
+        out["pages"] = serde_json::json!(report.encodings);
+        out["dirty_pages_per_sec"] = serde_json::json!(d.dirty_rate);
+        render::json(&out)?;
     } else {
         print!("{}", render::report(&report));
         println!(
@@ -182,6 +170,56 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         bail!("the demo migration did not verify");
     }
     Ok(())
+}
+
+/// Whether the guest moved and carried on where it stopped.
+pub(crate) struct Continuity {
+    /// The migration completed, verified, the VM only at the destination.
+    pub verified: bool,
+    /// The counter resumed just after where it paused.
+    pub continuous: bool,
+    /// Counter at the source's pause.
+    pub at_pause: Option<u64>,
+    /// First counter at the destination.
+    pub at_start: Option<u64>,
+    /// Counter a moment later.
+    pub after: Option<u64>,
+}
+
+/// The `--json` fields every demo backend prints.
+pub(crate) fn report_json(
+    backend: &str,
+    report: &MigrationReport,
+    ev: &Evidence,
+    c: Continuity,
+    streams: u16,
+) -> serde_json::Value {
+    serde_json::json!({
+        "backend": backend,
+        "verified": c.verified,
+        "outcome": report.outcome,
+        "counter_continuous": c.continuous,
+        "memory_bytes": report.memory_bytes,
+        "wire_bytes": report.wire_bytes,
+        "payload_bytes": report.payload_bytes,
+        "total_ms": report.total_ms,
+        "downtime_ms": report.downtime_ms,
+        "rounds": report.rounds,
+        "converged": report.converged,
+        "pages_sent": report.pages_sent,
+        "memory_root": report.memory_root.map(|d| d.to_hex()),
+        "counter_at_pause": c.at_pause,
+        "counter_at_start": c.at_start,
+        "counter_after": c.after,
+        "streams": streams,
+        "source": report.source,
+        "destination": report.destination,
+        "ticket_verified": ev.ticket_verified,
+        "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
+        "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
+        "audit_verified": ev.audit_verified,
+        "evidence_bundle_bytes": ev.bundle_bytes,
+    })
 }
 
 pub(crate) fn opt(v: Option<u64>) -> String {

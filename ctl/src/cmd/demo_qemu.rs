@@ -14,7 +14,7 @@ use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
 use convoy_protocol::vm::VmAttributes;
 
-use super::demo::{evidence, opt, Demo};
+use super::demo::{evidence, opt, report_json, Continuity, Demo};
 use crate::conn::Global;
 use crate::render;
 
@@ -170,40 +170,28 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let ev = evidence(&lab, &report.migration, &report.receipts);
     let q = report.qemu.as_deref();
     if g.json {
-        render::json(&serde_json::json!({
-            "backend": "qemu",
-            "verified": verified,
-            "outcome": report.outcome,
-            "counter_continuous": counter_continuous,
-            "memory_bytes": report.memory_bytes,
-            "wire_bytes": report.wire_bytes,
-            "payload_bytes": report.payload_bytes,
-            "total_ms": report.total_ms,
-            "downtime_ms": report.downtime_ms,
-            "rounds": report.rounds,
-            "converged": report.converged,
-            "pages_sent": report.pages_sent,
-            "memory_root": report.memory_root.map(|d| d.to_hex()),
-            "counter_at_pause": at_pause,
-            "counter_at_start": at_start,
-            "counter_after": after,
-            "streams": d.tuning.streams,
-            "mode": d.tuning.mode,
-            "source": report.source,
-            "destination": report.destination,
-            "ticket_verified": ev.ticket_verified,
-            "policy_permitted": { "source": ev.permitted_source, "destination": ev.permitted_destination },
-            "receipts": { "source": ev.receipts_source, "destination": ev.receipts_destination },
-            "audit_verified": ev.audit_verified,
-            "evidence_bundle_bytes": ev.bundle_bytes,
-            "qemu": {
-                "downtime_ms": q.and_then(|q| q.downtime_ms),
-                "total_ms": q.and_then(|q| q.total_ms),
-                "transferred_bytes": q.and_then(|q| q.transferred_bytes),
-                "status": q.map(|q| q.status.clone()),
-                "channels": q.map(|q| q.channels.clone()),
+        let mut out = report_json(
+            "qemu",
+            &report,
+            &ev,
+            Continuity {
+                verified,
+                continuous: counter_continuous,
+                at_pause,
+                at_start,
+                after,
             },
-        }))?;
+            d.tuning.streams,
+        );
+        out["mode"] = serde_json::json!(d.tuning.mode);
+        out["qemu"] = serde_json::json!({
+            "downtime_ms": q.and_then(|q| q.downtime_ms),
+            "total_ms": q.and_then(|q| q.total_ms),
+            "transferred_bytes": q.and_then(|q| q.transferred_bytes),
+            "status": q.map(|q| q.status.clone()),
+            "channels": q.map(|q| q.channels.clone()),
+        });
+        render::json(&out)?;
     } else {
         print!("{}", render::report(&report));
         println!(
