@@ -167,22 +167,10 @@ async fn delete_vm(
     name: &convoy_protocol::names::VmName,
     operator: &SpiffeId,
 ) -> CtlResponse {
-    let Some(attributes) = inner.vms().get(name).map(|e| e.attributes.clone()) else {
-        return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
-    };
-    let d = inner.decide(
-        &Query::DeleteVm {
-            operator,
-            vm: VmFacts {
-                name,
-                attributes: &attributes,
-            },
-            host: &inner.id,
-        },
-        None,
-    );
-    if !d.permitted {
-        return forbidden(&d);
+    if let Some(r) = may_act_on(inner, name, operator, |operator, vm, host| {
+        Query::DeleteVm { operator, vm, host }
+    }) {
+        return r;
     }
     let entry = {
         let mut vms = inner.vms();
@@ -303,6 +291,29 @@ fn reserve_error(inner: &Arc<Inner>, name: &VmName, bytes: u64) -> Option<CtlRes
 /// Largest sim VM one request may create (1 TiB).
 const MAX_SIM_BYTES: u64 = 1 << 40;
 
+/// Asks the policy whether `operator` may act (the action `query` builds)
+/// on VM `name` here; the response to send when the VM is unknown or the
+/// policy says no.
+fn may_act_on(
+    inner: &Arc<Inner>,
+    name: &VmName,
+    operator: &SpiffeId,
+    query: impl for<'a> Fn(&'a SpiffeId, VmFacts<'a>, &'a SpiffeId) -> Query<'a>,
+) -> Option<CtlResponse> {
+    let Some(attributes) = inner.vms().get(name).map(|e| e.attributes.clone()) else {
+        return Some(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {name} here"),
+        ));
+    };
+    let vm = VmFacts {
+        name,
+        attributes: &attributes,
+    };
+    let d = inner.decide(&query(operator, vm, &inner.id), None);
+    (!d.permitted).then(|| forbidden(&d))
+}
+
 fn forbidden(d: &crate::policy::Decision) -> CtlResponse {
     error(CtlErrorKind::Forbidden, format!("policy {}", d.explain()))
 }
@@ -310,28 +321,14 @@ fn forbidden(d: &crate::policy::Decision) -> CtlResponse {
 /// Cancels the outgoing migration of `name`, and waits until the VM runs
 /// here again (or the cancel came too late: the VM was handed over).
 async fn abort(inner: &Arc<Inner>, name: &VmName, operator: &SpiffeId) -> CtlResponse {
-    let Some((attributes, cancel)) = inner
-        .vms()
-        .get(name)
-        .map(|e| (e.attributes.clone(), e.cancel.clone()))
-    else {
-        return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
-    };
-    let d = inner.decide(
-        &Query::Abort {
-            operator,
-            vm: VmFacts {
-                name,
-                attributes: &attributes,
-            },
-            host: &inner.id,
-        },
-        None,
-    );
-    if !d.permitted {
-        return forbidden(&d);
+    if let Some(r) = may_act_on(inner, name, operator, |operator, vm, host| Query::Abort {
+        operator,
+        vm,
+        host,
+    }) {
+        return r;
     }
-    let Some(cancel) = cancel else {
+    let Some(cancel) = inner.vms().get(name).and_then(|e| e.cancel.clone()) else {
         return error(
             CtlErrorKind::BadRequest,
             format!("VM {name} is not migrating out of this agent"),
