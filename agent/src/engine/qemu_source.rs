@@ -45,6 +45,8 @@ use crate::transport::write_message;
 
 /// Who is at the other end, in messages.
 const PEER: &str = "destination";
+/// How long a QEMU whose QMP socket failed may take to be seen exiting.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// How often QEMU's progress is polled.
 const POLL: Duration = Duration::from_millis(20);
 /// How long the destination may take to launch its QEMU and accept.
@@ -219,9 +221,6 @@ impl Run {
                 mut detail,
                 tell,
             }) => {
-                if !self.vm.alive().await && !detail.contains("source QEMU") {
-                    detail = format!("the source QEMU exited ({detail})");
-                }
                 if tell {
                     let m = Message::Abort(Abort { reason });
                     let _ = write_message(&mut send, &m).await;
@@ -231,9 +230,15 @@ impl Run {
                     // between the hosts. Nothing here may resume it.
                     self.inner.set_state(&self.req.vm, VmState::InDoubt);
                     self.phase(st, "failed after the post-copy switch: kept paused");
+                    if !self.vm.alive().await && !detail.contains("source QEMU") {
+                        detail = format!("the source QEMU exited ({detail})");
+                    }
                     Outcome::InDoubt(detail)
                 } else {
-                    self.roll_back(st).await;
+                    let gone = self.roll_back(st).await;
+                    if gone && !detail.contains("source QEMU") {
+                        detail = format!("the source QEMU exited ({detail})");
+                    }
                     Outcome::Aborted(detail)
                 }
             }
@@ -591,14 +596,15 @@ impl Run {
     }
 
     /// Undoes everything before the handover: QEMU's migration cancelled,
-    /// mirrors dropped, the guest running here.
-    async fn roll_back(&self, st: &mut State) {
-        if !self.vm.alive().await {
+    /// mirrors dropped, the guest running here. Returns true when there is
+    /// nothing to resume: the source QEMU is gone.
+    async fn roll_back(&self, st: &mut State) -> bool {
+        let cancelled = self.vm.execute("migrate_cancel", None).await;
+        if cancelled.is_err() && self.vm.exited_within(EXIT_GRACE).await {
             self.inner.set_state(&self.req.vm, VmState::Exited);
             self.phase(st, "the source QEMU is gone");
-            return;
+            return true;
         }
-        let _ = self.vm.execute("migrate_cancel", None).await;
         for i in 0..self.plan.disks.len() {
             let _ = self
                 .vm
@@ -638,6 +644,7 @@ impl Run {
         }
         self.inner.set_state(&self.req.vm, VmState::Running);
         self.phase(st, "rolled back: the guest runs here again");
+        false
     }
 
     /// Migration capabilities and parameters for this plan.
@@ -772,10 +779,10 @@ impl Run {
         match self.vm.execute(command, args).await {
             Ok(v) => Ok(v),
             Err(e) => {
-                if self.vm.alive().await {
-                    Err(Fail::local(format!("QEMU: {e}")))
-                } else {
+                if self.vm.exited_within(EXIT_GRACE).await {
                     Err(Fail::source_exited())
+                } else {
+                    Err(Fail::local(format!("QEMU: {e}")))
                 }
             }
         }

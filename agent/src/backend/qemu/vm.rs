@@ -232,6 +232,22 @@ impl QemuVm {
         }
     }
 
+    /// Whether QEMU has exited, allowing up to `grace` for it: a killed
+    /// QEMU's QMP socket breaks a moment before its exit can be seen, so a
+    /// QMP failure is followed by this check rather than by [`QemuVm::alive`].
+    pub async fn exited_within(&self, grace: Duration) -> bool {
+        let end = std::time::Instant::now() + grace;
+        loop {
+            if !self.alive().await {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// False once QEMU has exited (checked by [`QemuVm::watch`]).
     pub fn is_running(&self) -> bool {
         !self.exited.load(Ordering::Relaxed)
