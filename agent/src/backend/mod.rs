@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod qemu;
 pub mod sim;
+pub mod uffd;
 
 use std::sync::Arc;
 
@@ -61,6 +62,9 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn is_running(&self) -> bool;
     /// Workload dirty rate, pages per second.
     fn dirty_rate(&self) -> u64;
+    /// Throttles the guest's CPU: `percent` of its time is taken away
+    /// (auto-converge); 0 lifts the throttle.
+    fn set_throttle(&self, percent: u8);
     /// Stops the guest for good and wipes its memory.
     fn destroy(&self);
 }
