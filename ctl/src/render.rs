@@ -92,13 +92,30 @@ pub fn report(r: &MigrationReport) -> String {
         vec!["guest throughput".into(), format!("{mb_s:.0} MB/s")],
     ];
     match &r.qemu {
-        None => rows.push(vec![
-            "pages sent".into(),
-            format!(
-                "{} (raw {}, zstd {}); zero pages {} (no page bytes)",
-                r.pages_sent, r.encodings.raw, r.encodings.zstd, r.encodings.zero
-            ),
-        ]),
+        None => {
+            rows.push(vec![
+                "pages sent".into(),
+                format!(
+                    "{} (raw {}, zstd {}); zero pages {} (no page bytes)",
+                    r.pages_sent, r.encodings.raw, r.encodings.zstd, r.encodings.zero
+                ),
+            ]);
+            let c = &r.convergence;
+            rows.push(vec![
+                "convergence".into(),
+                format!(
+                    "dirty rate {} pages/s; {} pages re-sent, {} hot-page sends held back; throttle {}",
+                    c.dirty_rate,
+                    c.resent_pages,
+                    c.held_back,
+                    if c.throttle == 0 {
+                        "none".to_string()
+                    } else {
+                        format!("up to {}%", c.throttle)
+                    }
+                ),
+            ]);
+        }
         Some(q) => {
             let ms = |v: Option<u64>| v.map_or("?".into(), |v| format!("{v} ms"));
             rows.push(vec![

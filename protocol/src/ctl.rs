@@ -179,6 +179,14 @@ pub struct MigrateOptions {
     /// Hybrid: switch to post-copy after this many milliseconds of
     /// pre-copy (when absent: after the first full pass).
     pub postcopy_after_ms: Option<u32>,
+    /// Throttle the guest in steps when pre-copy rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Hold pages dirtied in several rounds back for the final round.
+    pub hold_hot_pages: bool,
+    /// At the round limit, stop and copy even if the downtime target
+    /// cannot be met (otherwise the migration fails and the VM keeps
+    /// running at the source).
+    pub force_stop: bool,
 }
 
 impl Default for MigrateOptions {
@@ -192,6 +200,9 @@ impl Default for MigrateOptions {
             copy_storage: false,
             bandwidth: None,
             postcopy_after_ms: None,
+            auto_converge: true,
+            hold_hot_pages: true,
+            force_stop: false,
         }
     }
 }
@@ -286,6 +297,8 @@ pub struct MigrationReport {
     pub receipts: Vec<crate::receipt::SignedReceipt>,
     /// For a QEMU VM: QEMU's own figures and what Convoy carried.
     pub qemu: Option<Box<QemuFigures>>,
+    /// How pre-copy converged (native engine).
+    pub convergence: crate::source::Convergence,
 }
 
 /// A QEMU migration as QEMU and Convoy each saw it.

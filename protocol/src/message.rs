@@ -163,6 +163,9 @@ pub enum Reason {
     Unauthorized(String),
     /// A local failure (backend, disk).
     Internal(String),
+    /// Pre-copy cannot meet the downtime target (the figures are in the
+    /// text).
+    CannotConverge(String),
 }
 
 impl std::fmt::Display for Reason {
@@ -178,6 +181,7 @@ impl std::fmt::Display for Reason {
             Reason::Timeout => f.write_str("timed out"),
             Reason::Unauthorized(s) => write!(f, "not authorized: {s}"),
             Reason::Internal(s) => write!(f, "internal error: {s}"),
+            Reason::CannotConverge(s) => f.write_str(s),
         }
     }
 }

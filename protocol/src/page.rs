@@ -259,6 +259,13 @@ impl PageBitmap {
         }
     }
 
+    /// Removes every page of `other`.
+    pub fn subtract(&mut self, other: &PageBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
     /// The pages in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = PageIndex> + '_ {
         self.words.iter().enumerate().flat_map(|(w, &word)| {

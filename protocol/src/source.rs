@@ -5,8 +5,9 @@
 //!     [*] --> Proposed: start / send Propose
 //!     Proposed --> Copying: Accept / start dirty log, send round 1
 //!     Proposed --> Failed: Reject, timeout, link lost
-//!     Copying --> Copying: round sent, dirty log, downtime too high
-//!     Copying --> Pausing: expected downtime ≤ target, or round limit
+//!     Copying --> Copying: round sent, dirty log, downtime too high (throttle when stalled)
+//!     Copying --> Pausing: expected downtime ≤ target, or round limit with force_stop
+//!     Copying --> Failed: round limit, target not met / cannot converge
 //!     Pausing --> FinalCopy: paused / send last dirty pages
 //!     FinalCopy --> AwaitReady: sent / send Finish(root, device state)
 //!     AwaitReady --> Committing: Ready with our roots / record handover
@@ -16,6 +17,24 @@
 //!     Copying --> Failed: Abort, link lost, cancel, bad message
 //!     AwaitReady --> Failed: Abort, wrong roots, timeout
 //! ```
+//!
+//! # Convergence
+//! After each round the source estimates the dirty rate (pages dirtied per
+//! second since the last log) and the expected downtime (pages left × bytes
+//! per page ÷ measured send rate). Three controls act on it:
+//! - **Hot-page ordering** (`hold_hot_pages`): a page dirtied in two or more
+//!   rounds' logs is *held back* for the final round instead of being sent
+//!   again each round; a held page that stays clean for a round is released
+//!   and sent. The summary counts the sends it deferred and the pages sent
+//!   more than once.
+//! - **Auto-converge** (`auto_converge`): a round whose dirty log holds at
+//!   least half as many pages as the round sent is *stalled*; after two
+//!   stalled rounds in a row the source asks the driver to throttle the
+//!   guest ([`SourceAction::Throttle`]) in steps of [`THROTTLE_STEPS`].
+//! - **An honest end**: at the round limit, unless `force_stop` is set, a
+//!   migration that cannot meet its downtime target fails with
+//!   [`Reason::CannotConverge`] (naming the dirty rate, the send rate and
+//!   the expected downtime) and the VM keeps running here, unthrottled.
 //!
 //! Every path to `Failed` emits [`SourceAction::RollBack`]: the VM keeps (or
 //! resumes) running here. No path after `Handover` is sent resumes the VM:
@@ -63,8 +82,16 @@ pub struct SourceConfig {
     pub capabilities: Capabilities,
     /// Pause when the remaining pages are expected to take less than this.
     pub max_downtime: Duration,
-    /// Pause after this many pre-copy rounds regardless.
+    /// At most this many pre-copy rounds (see `force_stop`).
     pub max_rounds: u32,
+    /// Throttle the guest in steps when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Hold pages dirtied in several rounds back for the final round.
+    pub hold_hot_pages: bool,
+    /// At the round limit, stop and copy even when the downtime target
+    /// cannot be met (otherwise the migration fails and the VM keeps
+    /// running here).
+    pub force_stop: bool,
     /// How long to wait for Accept.
     pub accept_timeout: Duration,
     /// How long to wait for Ready after Finish (covers draining the streams
@@ -84,6 +111,12 @@ pub enum SourceAction {
     Send(Message),
     /// Clear and start the VM's dirty log (before round 1 reads a page).
     StartDirtyLog,
+    /// Throttle the guest's CPU to `percent` (0 = unthrottled). The driver
+    /// undoes any throttle on [`SourceAction::RollBack`].
+    Throttle {
+        /// Share of the guest's CPU time taken away, 0..=99.
+        percent: u8,
+    },
     /// Read and send `pages` over the data streams, then call
     /// [`Source::handle_batch_sent`] per batch and
     /// [`Source::handle_round_sent`] once. With `skip_zero` (the first
@@ -143,11 +176,32 @@ pub struct SourceSummary {
     pub total: Duration,
     /// Pause to Started (or to the end, if it never started).
     pub downtime: Option<Duration>,
+    /// Convergence figures.
+    pub convergence: Convergence,
     /// Root handed over.
     pub memory_root: Option<Digest>,
     /// Receipts verified from the destination, and our own `Sent`.
     pub receipts: Vec<crate::receipt::SignedReceipt>,
 }
+
+/// How pre-copy converged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Convergence {
+    /// Last estimated dirty rate, pages per second.
+    pub dirty_rate: u64,
+    /// Highest guest throttle applied, percent.
+    pub throttle: u8,
+    /// Page sends of pages already sent before (the re-sent pages).
+    pub resent_pages: u64,
+    /// Sends deferred by holding hot pages back for the final round.
+    pub held_back: u64,
+}
+
+/// The auto-converge throttle steps, percent of guest CPU taken away.
+pub const THROTTLE_STEPS: [u8; 5] = [20, 40, 60, 80, 95];
+
+/// Rounds in whose dirty logs a page must appear to be held back as hot.
+pub const HOT_ROUNDS: u8 = 2;
 
 /// One batch the driver wrote to a data stream.
 #[derive(Debug, Clone)]
@@ -273,6 +327,16 @@ pub struct Source {
     round_bytes: u64,
     round_pages: u64,
     rate: u64,
+    /// When the dirty log was last cleared or collected.
+    last_log_at: Option<Instant>,
+    /// Per page: rounds whose dirty log held it (saturating).
+    dirty_rounds: Vec<u8>,
+    /// Pages dirty and not yet sent in that version, held for the end.
+    held: PageBitmap,
+    /// Pages sent at least once.
+    sent: PageBitmap,
+    stalled: u8,
+    convergence: Convergence,
     root: Option<Digest>,
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
@@ -306,6 +370,12 @@ impl Source {
             round_bytes: 0,
             round_pages: 0,
             rate: 0,
+            last_log_at: None,
+            dirty_rounds: Vec::new(),
+            held: PageBitmap::empty(pages as u64),
+            sent: PageBitmap::empty(pages as u64),
+            stalled: 0,
+            convergence: Convergence::default(),
             root: None,
             receipts: Vec::new(),
         }
@@ -378,6 +448,7 @@ impl Source {
                     return Err(self.fail(now, e));
                 }
                 self.actions.push_back(SourceAction::StartDirtyLog);
+                self.last_log_at = Some(now);
                 let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
                 self.begin_round(now, 1, all, true);
                 Ok(())
@@ -467,6 +538,11 @@ impl Source {
             if !self.tree.set_leaf(p.0 as usize, d) {
                 return Err(SourceError::LeafOutOfRange(p.0));
             }
+            if self.sent.contains(p) {
+                self.convergence.resent_pages += 1;
+            } else {
+                self.sent.insert(p);
+            }
         }
         self.pages_sent += batch.stats.pages();
         self.round_pages += batch.stats.pages();
@@ -487,7 +563,8 @@ impl Source {
                 sending: true,
             } if r == round => {
                 let secs = now.saturating_duration_since(round_start).as_secs_f64();
-                if secs > 0.0 {
+                // An empty round measures nothing: keep the last rate.
+                if secs > 0.0 && self.round_bytes > 0 {
                     self.rate = (self.round_bytes as f64 / secs) as u64;
                 }
                 self.phase = Phase::Copying {
@@ -526,7 +603,18 @@ impl Source {
         else {
             return;
         };
-        let remaining = dirty.count();
+        let dirtied = dirty.count();
+        if let Some(last) = self.last_log_at.replace(now) {
+            let secs = now.saturating_duration_since(last).as_secs_f64();
+            if secs > 0.0 {
+                self.convergence.dirty_rate = (dirtied as f64 / secs) as u64;
+            }
+        }
+        // Everything not yet sent in its current version: this log, and the
+        // pages held back before.
+        let mut left = dirty.clone();
+        left.union_with(&self.held);
+        let remaining = left.count();
         let page = self.cfg.manifest.memory.page_size().bytes() as f64;
         let per_page = if self.round_pages > 0 {
             (self.round_bytes as f64 / self.round_pages as f64).max(1.0)
@@ -543,12 +631,65 @@ impl Source {
         self.progress("precopy", remaining);
         if expected <= self.cfg.max_downtime {
             self.converged = true;
-            self.pause(round, dirty);
-        } else if round >= self.cfg.max_rounds {
-            self.pause(round, dirty);
-        } else {
-            self.begin_round(now, round + 1, dirty, false);
+            self.pause(round, left);
+            return;
         }
+        if round >= self.cfg.max_rounds {
+            if self.cfg.force_stop {
+                self.pause(round, left);
+            } else {
+                let detail = format!(
+                    "cannot converge at this dirty rate and bandwidth: the guest dirties {} pages/s, \
+                     {} bytes/s are sent, and the {} pages left would take {} ms against a target of {} ms \
+                     after {} rounds (throttle {}%); raise --max-downtime, throttle the workload, \
+                     use --mode postcopy or hybrid, or pass --force-stop",
+                    self.convergence.dirty_rate,
+                    self.rate,
+                    remaining,
+                    expected.as_millis(),
+                    self.cfg.max_downtime.as_millis(),
+                    round,
+                    self.convergence.throttle,
+                );
+                self.fail_with(now, Reason::CannotConverge(detail.clone()), detail);
+            }
+            return;
+        }
+        // Auto-converge: the guest dirties at least half as fast as we send.
+        if self.cfg.auto_converge && dirtied.saturating_mul(2) >= self.round_pages {
+            self.stalled += 1;
+        } else {
+            self.stalled = 0;
+        }
+        if self.stalled >= 2 {
+            self.stalled = 0;
+            let current = self.convergence.throttle;
+            if let Some(&next) = THROTTLE_STEPS.iter().find(|&&t| t > current) {
+                self.convergence.throttle = next;
+                self.actions
+                    .push_back(SourceAction::Throttle { percent: next });
+            }
+        }
+        // Hot-page ordering: pages in several rounds' logs wait for the end.
+        let mut send = left;
+        if self.cfg.hold_hot_pages {
+            if self.dirty_rounds.is_empty() {
+                self.dirty_rounds = vec![0; self.cfg.manifest.memory.page_count() as usize];
+            }
+            let mut hot = PageBitmap::empty(dirty.len());
+            for p in dirty.iter() {
+                if let Some(n) = self.dirty_rounds.get_mut(p.0 as usize) {
+                    *n = n.saturating_add(1);
+                    if *n >= HOT_ROUNDS {
+                        hot.insert(p);
+                    }
+                }
+            }
+            send.subtract(&hot);
+            self.convergence.held_back += hot.count();
+            self.held = hot;
+        }
+        self.begin_round(now, round + 1, send, false);
     }
 
     /// The VM is paused; `dirty` was collected after pausing.
@@ -696,8 +837,9 @@ impl Source {
         });
     }
 
-    fn pause(&mut self, round: u32, dirty: PageBitmap) {
-        self.pending = Some(dirty);
+    fn pause(&mut self, round: u32, left: PageBitmap) {
+        self.held = PageBitmap::empty(left.len());
+        self.pending = Some(left);
         self.phase = Phase::Pausing { round };
         self.actions.push_back(SourceAction::PauseVm);
     }
@@ -759,6 +901,7 @@ impl Source {
             payload_bytes: self.payload_bytes,
             total: now.saturating_duration_since(start),
             downtime: self.paused_at.map(|p| now.saturating_duration_since(p)),
+            convergence: self.convergence,
             memory_root: self.root,
             receipts: self.receipts.clone(),
         }));

@@ -87,6 +87,8 @@ struct SimVm {
     counter: u64,
     /// Writes per simulated millisecond.
     rate_per_ms: u64,
+    /// Auto-converge throttle, percent of writes withheld.
+    throttle: u8,
     hot_pages: u64,
     rng: Rng,
     carry: Duration,
@@ -112,6 +114,7 @@ impl SimVm {
             discarded: false,
             counter: 0,
             rate_per_ms,
+            throttle: 0,
             hot_pages: (n as u64 / 10).max(1),
             rng,
             carry: Duration::ZERO,
@@ -128,7 +131,8 @@ impl SimVm {
         let n = self.pages.len() as u64;
         for _ in 0..ms {
             self.counter += 1;
-            for _ in 0..self.rate_per_ms {
+            let writes = self.rate_per_ms * u64::from(100 - self.throttle) / 100;
+            for _ in 0..writes {
                 let r = self.rng.next();
                 let page = if r % 10 < 9 {
                     (r >> 8) % self.hot_pages
@@ -188,10 +192,21 @@ struct Pair {
 
 impl Pair {
     fn new(pages: usize, rate_per_ms: u64, bandwidth: f64, max_memory: u64) -> Self {
+        Pair::with(pages, rate_per_ms, bandwidth, max_memory, |_| {})
+    }
+
+    /// A pair whose source configuration `tweak` adjusts.
+    fn with(
+        pages: usize,
+        rate_per_ms: u64,
+        bandwidth: f64,
+        max_memory: u64,
+        tweak: impl FnOnce(&mut SourceConfig),
+    ) -> Self {
         let now = Instant::now();
         let geometry = MemoryGeometry::new(PageSize::SIZE_4K, pages as u64).unwrap();
         let streams = 2;
-        let src = Source::new(SourceConfig {
+        let mut cfg = SourceConfig {
             migration: MigrationId([1; 16]),
             vm: "vm".parse().unwrap(),
             attributes: Default::default(),
@@ -210,10 +225,15 @@ impl Pair {
             capabilities: Capabilities::OURS,
             max_downtime: Duration::from_millis(20),
             max_rounds: 10,
+            auto_converge: false,
+            hold_hot_pages: false,
+            force_stop: true,
             accept_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(5),
             started_timeout: Duration::from_secs(5),
-        });
+        };
+        tweak(&mut cfg);
+        let src = Source::new(cfg);
         let dst = Destination::new(DestinationConfig {
             max_memory_bytes: max_memory,
             capabilities: Capabilities::OURS,
@@ -341,8 +361,13 @@ impl Pair {
                     self.src.handle_paused(self.now, d, state).unwrap();
                 }
                 SourceAction::CommitHandover => self.src.handle_handover_committed(self.now),
+                SourceAction::Throttle { percent } => {
+                    assert!(percent < 100);
+                    self.vm.throttle = percent;
+                }
                 SourceAction::RollBack => {
                     self.rolled_back = true;
+                    self.vm.throttle = 0;
                     self.vm.logging = false;
                     self.vm.paused = false;
                 }
@@ -556,6 +581,82 @@ fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
     assert_eq!(
         p.staging.as_ref().unwrap(),
         p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
+    // The busy VM of the previous test, without force_stop or throttling.
+    let mut p = Pair::with(2048, 400, 5e6, 1 << 30, |c| c.force_stop = false);
+    p.run();
+    let s = p.summary().clone();
+    let Outcome::Aborted(why) = &s.outcome else {
+        panic!("{s:?}")
+    };
+    assert!(why.contains("cannot converge at this dirty rate"), "{why}");
+    assert!(why.contains("against a target of 20 ms"), "{why}");
+    assert!(s.convergence.dirty_rate > 0);
+    assert_eq!(s.rounds, 10);
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none(), "the destination discarded its staging");
+    assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
+}
+
+#[test]
+fn auto_converge_throttles_a_busy_vm_until_it_converges() {
+    let run = |auto: bool| {
+        let mut p = Pair::with(2048, 400, 20e6, 1 << 30, |c| {
+            c.force_stop = false;
+            c.auto_converge = auto;
+            c.max_downtime = Duration::from_millis(100);
+            c.max_rounds = 30;
+        });
+        p.run();
+        p
+    };
+    // Unthrottled, this workload never meets the target...
+    let p = run(false);
+    let s = p.summary();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert_eq!(s.convergence.throttle, 0);
+    // ...throttled in steps, it does, and the image is exact.
+    let p = run(true);
+    let s = p.summary();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.converged && s.verified);
+    assert!(s.convergence.throttle >= 20, "{:?}", s.convergence);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn hot_pages_are_held_back_and_fewer_pages_are_sent_twice() {
+    let run = |hold: bool| {
+        let mut p = Pair::with(4096, 60, 30e6, 1 << 30, |c| {
+            c.hold_hot_pages = hold;
+            c.max_rounds = 30;
+        });
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert!(s.verified);
+        assert_eq!(
+            p.staging.as_ref().unwrap(),
+            p.paused_image.as_ref().unwrap()
+        );
+        s
+    };
+    let plain = run(false);
+    let held = run(true);
+    assert_eq!(plain.convergence.held_back, 0);
+    assert!(held.convergence.held_back > 0, "{:?}", held.convergence);
+    assert!(
+        held.convergence.resent_pages < plain.convergence.resent_pages,
+        "held {:?} plain {:?}",
+        held.convergence,
+        plain.convergence
     );
 }
 

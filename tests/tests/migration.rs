@@ -7,20 +7,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
 use convoy_protocol::page::Compression;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{assert_refusals_logged, eventually, migrate, sim_spec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
+/// Two agents, `a` and `b`, with a client for each.
+async fn agents_a_and_b() -> (tempfile::TempDir, Lab, CtlClient, CtlClient) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
         .await
         .unwrap();
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
+    (dir, lab, a, b)
+}
+
+async fn close(lab: Lab, a: CtlClient, b: CtlClient) {
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
     // 64 MiB, 20 000 page writes per second, 90% into a 10% hot set.
     a.vm_create(sim_spec("web", 64 << 20, 20_000))
         .await
@@ -97,9 +110,7 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
     assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
     assert_eq!(a.vm_list().await.unwrap().len(), 1);
     assert!(b.vm_list().await.unwrap().is_empty());
-    a.close().await;
-    b.close().await;
-    lab.shutdown().await;
+    close(lab, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,19 +178,12 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
     let report = a.migrate(uncompressed(), |_| {}).await.unwrap();
     assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
     assert_eq!(b.vm_list().await.unwrap().len(), 1);
-    a.close().await;
-    b.close().await;
-    lab.shutdown().await;
+    close(lab, a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
-    let a = lab.client("a").await.unwrap();
-    let b = lab.client("b").await.unwrap();
+    let (_dir, lab, a, b) = agents_a_and_b().await;
 
     let err = a
         .migrate(migrate(&lab, "nope", "a", "b"), |_| {})
@@ -218,7 +222,74 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
         .unwrap();
     assert!(matches!(r.outcome, Outcome::Aborted(_)), "{r:?}");
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
-    a.close().await;
-    b.close().await;
-    lab.shutdown().await;
+    close(lab, a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_cannot_converge_fails_clearly_and_keeps_running() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    // 100 000 page writes per second cannot fit a 1 ms downtime.
+    a.vm_create(sim_spec("busy", 32 << 20, 100_000))
+        .await
+        .unwrap();
+    let opts = MigrateOptions {
+        max_downtime_ms: 1,
+        max_rounds: 3,
+        auto_converge: false,
+        ..MigrateOptions::default()
+    };
+    let req = lab.migrate_request("busy", "a", "b", opts).unwrap();
+    let r = a.migrate(req, |_| {}).await.unwrap();
+    let Outcome::Aborted(why) = &r.outcome else {
+        panic!("{r:?}")
+    };
+    assert!(why.contains("cannot converge"), "{why}");
+    assert!(why.contains("against a target of 1 ms"), "{why}");
+    assert!(r.convergence.dirty_rate > 1_000, "{:?}", r.convergence);
+    assert_eq!(r.rounds, 3);
+    // Still running at the source, unthrottled; nothing at the destination.
+    let c0 = a.vm_list().await.unwrap()[0].counter;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let vm = &a.vm_list().await.unwrap()[0];
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.counter >= c0 + 100, "{} -> {}", c0, vm.counter);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap().is_empty()
+        })
+        .await
+    );
+    assert_refusals_logged(&lab, "a", &["cannot converge"]).await;
+    close(lab, a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_cap_holds_and_auto_converge_gets_a_busy_vm_across() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    let mut spec = sim_spec("capped", 16 << 20, 20_000);
+    spec.content = convoy_protocol::ctl::ContentProfile::Random;
+    spec.hot_set_pct = 1;
+    a.vm_create(spec).await.unwrap();
+    // 16 MiB of random memory at 8 MiB/s: at least ~2 s for the bulk
+    // round alone, and a workload that a 50 ms target only meets throttled.
+    let opts = MigrateOptions {
+        max_downtime_ms: 50,
+        bandwidth: Some(8 << 20),
+        compression_level: 0,
+        ..MigrateOptions::default()
+    };
+    let req = lab.migrate_request("capped", "a", "b", opts).unwrap();
+    let r = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(r.verified && r.converged);
+    let secs = r.total_ms / 1e3;
+    let rate = r.payload_bytes as f64 / secs;
+    assert!(secs > 1.9, "{secs} s for {} bytes", r.payload_bytes);
+    assert!(
+        rate < 9.0 * (1 << 20) as f64,
+        "{rate} B/s over an 8 MiB/s cap"
+    );
+    assert!(r.convergence.throttle > 0, "{:?}", r.convergence);
+    assert_eq!(b.vm_list().await.unwrap().len(), 1);
+    close(lab, a, b).await;
 }

@@ -11,6 +11,10 @@
 //!   write, with release ordering; collected with swap, acquire ordering,
 //!   so a page read after its bit was collected is either current or will
 //!   be sent again).
+//! - Auto-converge throttles the vCPU: at `t`% it skips that share of its
+//!   ticks (no counter step, no writes), as QEMU's CPU throttle sleeps a
+//!   vCPU. The throttle is the source host's, not the guest's: it is not
+//!   in the device state and is lifted on rollback.
 //! - The device state is the counter and the workload's parameters, so the
 //!   counter and the workload continue where they stopped after migration.
 
@@ -49,6 +53,8 @@ struct Shared {
     /// tick in progress.
     tick: Mutex<()>,
     rate: AtomicU64,
+    /// Auto-converge throttle, percent of ticks skipped.
+    throttle: AtomicU64,
     hot_set_pct: AtomicU64,
     seed: AtomicU64,
 }
@@ -105,6 +111,7 @@ impl SimVm {
                 stop: AtomicBool::new(false),
                 tick: Mutex::new(()),
                 rate: AtomicU64::new(0),
+                throttle: AtomicU64::new(0),
                 hot_set_pct: AtomicU64::new(10),
                 seed: AtomicU64::new(0),
             }),
@@ -246,9 +253,16 @@ fn workload(shared: &Shared) {
     );
     let mut next = Instant::now();
     let mut carry = 0.0f64;
+    let mut credit = 0.0f64;
     while !shared.stop.load(Ordering::Relaxed) {
         next += Duration::from_millis(1);
-        {
+        // A throttled vCPU runs only (100 - t)% of its ticks.
+        credit += (100.0 - shared.throttle.load(Ordering::Relaxed).min(99) as f64) / 100.0;
+        let runs = credit >= 1.0;
+        if runs {
+            credit -= 1.0;
+        }
+        if runs {
             let _tick = shared.tick.lock();
             if !shared.paused.load(Ordering::Acquire) {
                 let c = shared.counter.fetch_add(1, Ordering::Relaxed) + 1;
@@ -357,6 +371,12 @@ impl VmBackend for SimVm {
         self.shared.rate.load(Ordering::Relaxed)
     }
 
+    fn set_throttle(&self, percent: u8) {
+        self.shared
+            .throttle
+            .store(u64::from(percent.min(99)), Ordering::Relaxed);
+    }
+
     fn destroy(&self) {
         let _ = self.pause();
         self.stop_workload();
@@ -442,6 +462,24 @@ mod tests {
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert!(vm.counter() > c);
+    }
+
+    #[test]
+    fn a_throttled_vcpu_runs_fewer_ticks() {
+        let vm = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero)).unwrap();
+        let ticks = |vm: &SimVm| {
+            let c = vm.counter();
+            std::thread::sleep(Duration::from_millis(200));
+            vm.counter() - c
+        };
+        let free = ticks(&vm);
+        vm.set_throttle(80);
+        let throttled = ticks(&vm);
+        vm.set_throttle(0);
+        let lifted = ticks(&vm);
+        // 80% throttled runs a fifth of the ticks; allow for a busy host.
+        assert!(throttled * 3 < free, "free {free}, throttled {throttled}");
+        assert!(lifted * 3 > free * 2, "free {free}, lifted {lifted}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! No migration decision is taken here.
 
 pub mod destination;
+mod pacer;
 mod qemu_common;
 pub mod qemu_destination;
 pub mod qemu_source;

@@ -833,6 +833,7 @@ impl Run {
             memory_root: (!st.channels.is_empty()).then_some(out_root),
             counter_at_pause: None,
             receipts: st.receipts,
+            convergence: Default::default(),
             qemu: Some(Box::new(QemuFigures {
                 mode: self.plan.manifest.mode,
                 status: st.qemu_status,

@@ -28,6 +28,7 @@ use quinn::{Connection, SendStream};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use super::pacer::Pacer;
 use super::qemu_source;
 use crate::agent::{ActiveGuard, Inner, TamperHook};
 use crate::backend::VmBackend;
@@ -374,6 +375,7 @@ impl Run {
             counter_at_pause: None,
             receipts: Vec::new(),
             qemu: None,
+            convergence: Default::default(),
         }
     }
 
@@ -407,6 +409,9 @@ impl Run {
             },
             max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
             max_rounds: opts.max_rounds,
+            auto_converge: opts.auto_converge,
+            hold_hot_pages: opts.hold_hot_pages,
+            force_stop: opts.force_stop,
             accept_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
@@ -456,17 +461,14 @@ impl Run {
                     SourceAction::StartDirtyLog => {
                         self.vm.start_dirty_log();
                         // Accepted: open the data streams now.
-                        match open_streams(
-                            &conn,
-                            self.migration,
-                            opts.streams,
-                            &self.vm,
-                            compression,
-                            self.inner.config.dangerous_tamper(),
-                            &events_tx,
-                        )
-                        .await
-                        {
+                        let setup = StreamSetup {
+                            migration: self.migration,
+                            streams: opts.streams,
+                            level: compression,
+                            tamper: self.inner.config.dangerous_tamper(),
+                            pacer: opts.bandwidth.map(|b| Arc::new(Pacer::new(b))),
+                        };
+                        match open_streams(&conn, setup, &self.vm, &events_tx).await {
                             Ok(j) => jobs = j,
                             Err(e) => sm.handle_link_lost(Instant::now(), &e),
                         }
@@ -488,6 +490,10 @@ impl Run {
                         if jobs.is_empty() {
                             sm.handle_link_lost(Instant::now(), "no data streams");
                         }
+                    }
+                    SourceAction::Throttle { percent } => {
+                        self.phase(&format!("auto-converge: guest throttled {percent}%"));
+                        self.vm.set_throttle(percent);
                     }
                     SourceAction::CollectDirtyLog => {
                         let d = self.vm.collect_dirty_log();
@@ -520,6 +526,7 @@ impl Run {
                     SourceAction::RollBack => {
                         self.phase("rolled back: the VM runs here again");
                         self.vm.stop_dirty_log();
+                        self.vm.set_throttle(0);
                         if let Err(e) = self.vm.resume() {
                             tracing::error!("cannot resume after a failed migration: {e}");
                         }
@@ -620,6 +627,7 @@ impl Run {
             counter_at_pause: self.counter_at_pause,
             receipts: summary.receipts,
             qemu: None,
+            convergence: summary.convergence,
             outcome: summary.outcome,
         }
     }
@@ -632,16 +640,31 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How the data streams of one migration are set up.
+struct StreamSetup {
+    migration: MigrationId,
+    streams: u16,
+    /// zstd level, 0 for none.
+    level: i32,
+    tamper: Option<TamperHook>,
+    /// The bandwidth cap, shared by all streams.
+    pacer: Option<Arc<Pacer>>,
+}
+
 /// Opens the data streams, each with its encoder thread and writer task.
 async fn open_streams(
     conn: &Connection,
-    migration: MigrationId,
-    streams: u16,
+    setup: StreamSetup,
     vm: &Arc<dyn VmBackend>,
-    level: i32,
-    tamper: Option<TamperHook>,
     events: &mpsc::UnboundedSender<EngineEvent>,
 ) -> Result<Vec<std::sync::mpsc::Sender<Job>>, String> {
+    let StreamSetup {
+        migration,
+        streams,
+        level,
+        tamper,
+        pacer,
+    } = setup;
     let mut jobs = Vec::new();
     for stream in 0..streams {
         let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
@@ -665,6 +688,7 @@ async fn open_streams(
             })
             .map_err(|e| e.to_string())?;
         let events = events.clone();
+        let pacer = pacer.clone();
         tokio::spawn(async move {
             while let Some(out) = out_rx.recv().await {
                 match out {
@@ -673,6 +697,9 @@ async fn open_streams(
                         payload,
                         info,
                     } => {
+                        if let Some(p) = &pacer {
+                            p.take(info.frame_bytes).await;
+                        }
                         let mut chunks = [head, payload];
                         if let Err(e) = send.write_all_chunks(&mut chunks).await {
                             let _ = events.send(EngineEvent::StreamFailed(e.to_string()));

@@ -37,7 +37,8 @@ pub struct Tuning {
     /// Downtime target, milliseconds.
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u32,
-    /// Most pre-copy rounds before stopping regardless.
+    /// Most pre-copy rounds; past them the migration fails (the VM keeps
+    /// running here) unless --force-stop.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
     /// zstd level (0 = no compression).
@@ -57,6 +58,17 @@ pub struct Tuning {
     /// pre-copy (default: after the first full pass).
     #[arg(long)]
     pub postcopy_after: Option<u32>,
+    /// Do not throttle the guest when pre-copy rounds stop shrinking.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Re-send hot pages every round instead of holding them back for
+    /// the final round.
+    #[arg(long)]
+    pub no_hot_page_ordering: bool,
+    /// At the round limit, stop and copy even if the downtime target
+    /// cannot be met.
+    #[arg(long)]
+    pub force_stop: bool,
 }
 
 impl Tuning {
@@ -71,6 +83,9 @@ impl Tuning {
             copy_storage: self.copy_storage,
             bandwidth: self.bandwidth,
             postcopy_after_ms: self.postcopy_after,
+            auto_converge: !self.no_auto_converge,
+            hold_hot_pages: !self.no_hot_page_ordering,
+            force_stop: self.force_stop,
         }
     }
 }
