@@ -276,6 +276,7 @@ pub struct Source {
     root: Option<Digest>,
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
+    accepted: Option<Capabilities>,
 }
 
 impl Source {
@@ -308,7 +309,15 @@ impl Source {
             rate: 0,
             root: None,
             receipts: Vec::new(),
+            accepted: None,
         }
+    }
+
+    /// The capabilities the destination accepted, once it has: what the
+    /// driver may use (for example [`Capabilities::DELTA`] before pushing
+    /// delta pages).
+    pub fn accepted_capabilities(&self) -> Option<Capabilities> {
+        self.accepted
     }
 
     /// The next thing to do.
@@ -377,6 +386,7 @@ impl Source {
                 if let Err(e) = self.check_receipt(&a.receipt, ReceiptKind::Accepted, None) {
                     return Err(self.fail(now, e));
                 }
+                self.accepted = Some(a.capabilities);
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
                 self.begin_round(now, 1, all, true);
