@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::audit::{encode_entry, verify_log, LogEntry, SignedTreeHead, RECORD_CONTEXT};
+use crate::delta;
 use crate::destination::{Destination, DestinationConfig};
 use crate::evidence::{check_bundle, EvidenceBundle};
 use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
 use crate::message::{Capabilities, Message};
 use crate::names::Role;
-use crate::page::{MemoryGeometry, PageSize, StreamReceiver};
+use crate::page::{MemoryGeometry, PageData, PageSize, StreamReceiver};
 use crate::receipt::{SignedReceipt, RECEIPT_CONTEXT};
 use crate::ticket::{
     signed_message, SignedTicket, TicketSigner, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT,
@@ -52,7 +53,9 @@ pub fn message_decode(data: &[u8]) {
 }
 
 /// Feeds page batches to a stream receiver of a geometry chosen by the
-/// first bytes.
+/// first bytes, and writes every page of what decodes into a scratch page:
+/// a delta that passed decoding must apply, and applying it twice must
+/// restore the page (XOR).
 pub fn batch_decode(data: &[u8]) {
     let [pages_hi, pages_lo, streams, stream, rest @ ..] = data else {
         return;
@@ -64,17 +67,80 @@ pub fn batch_decode(data: &[u8]) {
         return;
     };
     let mut rx = StreamReceiver::new(stream, streams, geometry);
+    let mut scratch: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let mut input = rest;
     while let Ok(Some((frame, used))) = split_frame(input) {
         if let Ok(Message::PageBatch(h, payload)) = Message::decode(Bytes::copy_from_slice(frame)) {
             if let Ok(batch) = rx.receive(&h, &payload) {
-                for (idx, bytes) in batch.pages() {
+                for (idx, page) in batch.pages() {
                     assert!(idx.0 < pages);
-                    assert!(bytes.is_none_or(|b| b.len() == 4096));
+                    match page {
+                        PageData::Full(b) => assert_eq!(b.len(), 4096),
+                        PageData::Delta(d) => {
+                            assert!(d.len() <= 2048);
+                            let before = scratch.clone();
+                            if let Err(e) = delta::apply(&mut scratch, d) {
+                                panic!("a decoded delta does not apply: {e}");
+                            }
+                            if let Err(e) = delta::apply(&mut scratch, d) {
+                                panic!("a delta applied once does not apply again: {e}");
+                            }
+                            assert_eq!(scratch, before, "a delta twice is not the identity");
+                        }
+                        PageData::Zero => {}
+                    }
+                    if let Err(e) = page.write_to(&mut scratch) {
+                        panic!("a decoded page does not write: {e}");
+                    }
                 }
             }
         }
         input = &input[used..];
+    }
+}
+
+/// Applies arbitrary bytes as a delta to a page whose length the first two
+/// bytes choose (big-endian, up to 8 KiB): a refused delta leaves the page
+/// as it was and fails [`delta::check`] too; an accepted one passes it and
+/// undoes itself when applied again. Then the same bytes, read as the XOR
+/// of an old and a new page, must encode to a delta that restores the new
+/// page, and not fit in a byte less.
+pub fn delta_apply(data: &[u8]) {
+    let [hi, lo, rest @ ..] = data else {
+        return;
+    };
+    let len = usize::from(u16::from_be_bytes([*hi, *lo])) % 8193;
+    let old: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+    let mut page = old.clone();
+    match delta::apply(&mut page, rest) {
+        Err(e) => {
+            assert_eq!(page, old, "refused delta changed the page: {e}");
+            assert_eq!(delta::check(rest, len), Err(e));
+        }
+        Ok(()) => {
+            assert_eq!(delta::check(rest, len), Ok(()));
+            if let Err(e) = delta::apply(&mut page, rest) {
+                panic!("an applied delta does not apply again: {e}");
+            }
+            assert_eq!(page, old, "a delta twice is not the identity");
+        }
+    }
+    let new: Vec<u8> = old
+        .iter()
+        .zip(rest.iter().chain(std::iter::repeat(&0)))
+        .map(|(a, b)| a ^ b)
+        .collect();
+    let mut out = vec![0xaa];
+    assert!(delta::encode(&old, &new, &mut out, usize::MAX));
+    let encoded = out.len() - 1;
+    let mut page = old.clone();
+    if let Err(e) = delta::apply(&mut page, &out[1..]) {
+        panic!("an encoded delta does not apply: {e}");
+    }
+    assert_eq!(page, new, "encode then apply does not restore the page");
+    if encoded > 0 {
+        assert!(!delta::encode(&old, &new, &mut out, encoded - 1));
+        assert_eq!(out.len(), encoded + 1, "a refused encode changed out");
     }
 }
 

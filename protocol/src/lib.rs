@@ -12,8 +12,11 @@
 //! - [`message`]: the tagged messages (tag 0 invalid), version and
 //!   capability negotiation, typed decode errors.
 //! - [`page`]: memory geometry, page bitmaps, the page-batch codec (zero,
-//!   raw, zstd), stream striping, and the per-stream receiver that enforces
-//!   ordering.
+//!   whole and delta pages; raw or zstd), stream striping, and the
+//!   per-stream receiver that enforces ordering.
+//! - [`delta`]: XBZRLE-style delta encoding of a page against its previous
+//!   version, its all-or-nothing apply, and the source's bounded cache of
+//!   the versions it sent.
 //! - [`digest`]: BLAKE3 page leaves and the RFC 9162-shaped incremental
 //!   Merkle tree whose root the destination checks before a VM may start.
 //! - [`audit`]: the signed, tamper-evident audit log format and its
@@ -36,6 +39,7 @@
 
 pub mod audit;
 pub mod ctl;
+pub mod delta;
 pub mod destination;
 pub mod digest;
 pub mod evidence;

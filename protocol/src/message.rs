@@ -83,8 +83,11 @@ pub struct Capabilities(pub u64);
 impl Capabilities {
     /// zstd-compressed page batches.
     pub const ZSTD: Capabilities = Capabilities(1);
+    /// Delta-encoded pages in batches ([`crate::page::RunKind::Delta`]).
+    /// A source sends them only when the destination accepted this bit.
+    pub const DELTA: Capabilities = Capabilities(2);
     /// Everything this build supports.
-    pub const OURS: Capabilities = Capabilities(1);
+    pub const OURS: Capabilities = Capabilities(Self::ZSTD.0 | Self::DELTA.0);
 
     /// Bits set in both.
     pub fn intersect(self, o: Capabilities) -> Capabilities {
@@ -515,7 +518,7 @@ pub fn encode_batch_head(header: &BatchHeader, payload_len: usize) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::page::{Compression, PageSize, Run};
+    use crate::page::{Compression, PageSize, Run, RunKind};
 
     fn propose() -> Message {
         Message::Propose(Propose {
@@ -549,7 +552,7 @@ mod tests {
             runs: vec![Run {
                 gap: 5,
                 len: 1,
-                zero: false,
+                kind: RunKind::Data,
             }],
             compression: Compression::None,
         };

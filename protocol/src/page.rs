@@ -1,12 +1,27 @@
 //! Guest-memory geometry, page sets, and the page-batch codec.
 //!
 //! Pages travel in *batches*: a [`BatchHeader`] listing the pages as runs of
-//! consecutive indexes (each run all-zero or all-data), followed by the data
-//! pages' bytes, raw or compressed with zstd as one block. A batch is
-//! compressed whole because zstd over 64 KiB is both faster per byte and
-//! tighter than page by page; a batch that does not shrink goes raw, and a
-//! [`Compressor`] that keeps failing backs off so incompressible memory does
-//! not pay for compression attempts.
+//! consecutive indexes, each run of one [`RunKind`], followed by a payload,
+//! raw or compressed with zstd as one block. A batch is compressed whole
+//! because zstd over 64 KiB is both faster per byte and tighter than page by
+//! page; a batch that does not shrink goes raw, and a [`Compressor`] that
+//! keeps failing backs off so incompressible memory does not pay for
+//! compression attempts.
+//!
+//! The payload holds, in page order:
+//!
+//! | page kind | bytes in the payload |
+//! |---|---|
+//! | [`RunKind::Zero`] | none |
+//! | [`RunKind::Data`] | the page, `page_size` bytes |
+//! | [`RunKind::Delta`] | a `u16` little-endian length `n` (`0..=page_size/2`), then `n` bytes of [`crate::delta`] against the version sent before |
+//!
+//! The decoder bounds the payload before it decompresses it (`page_size` a
+//! data page, `2 + page_size/2` a delta page), checks every delta's
+//! structure, and hands out [`PageData`]; applying a delta to the staged page
+//! is the caller's ([`PageData::write_to`]). A delta only makes sense if the
+//! destination holds the version it was made against, which the stream
+//! ordering below guarantees.
 //!
 //! Pages are striped over the data streams by [`stream_for`]: every version
 //! of a page travels on the same stream, so the per-stream ordering QUIC
@@ -17,6 +32,7 @@ use std::num::NonZeroU32;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::delta::{self, DeltaError, PageCache};
 use crate::digest::{leaf_digest, zero_leaf, Digest};
 
 /// Largest number of raw bytes in one batch (1 MiB).
@@ -48,6 +64,18 @@ impl PageSize {
     /// The most pages of this size in one batch.
     pub fn max_batch_pages(self) -> usize {
         MAX_BATCH_BYTES / self.bytes()
+    }
+
+    /// The longest delta a batch may carry for a page of this size (half a
+    /// page); the decoder refuses longer ones.
+    pub fn max_delta_bytes(self) -> usize {
+        self.bytes() / 2
+    }
+
+    /// The longest delta [`BatchBuilder::push_delta_with`] sends instead of
+    /// the page (a quarter of a page); see there why.
+    pub fn delta_limit(self) -> usize {
+        self.bytes() / 4
     }
 }
 
@@ -303,14 +331,31 @@ pub fn is_zero(page: &[u8]) -> bool {
     }) && tail.iter().all(|b| *b == 0)
 }
 
-/// How the data bytes of a batch are carried.
+/// How the payload of a batch is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Compression {
-    /// Data pages back to back.
+    /// The pages' bytes back to back.
     None,
-    /// Data pages back to back, compressed as one zstd frame.
+    /// The pages' bytes back to back, compressed as one zstd frame.
     Zstd,
+}
+
+/// How the pages of a run are carried.
+///
+/// The order of the variants is the wire encoding: `Data` is 0 and `Zero`
+/// is 1, as `false` and `true` were when a run had a `zero` flag, so a
+/// batch without deltas is encoded as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RunKind {
+    /// Whole pages, `page_size` bytes each in the payload.
+    Data,
+    /// All-zero pages; nothing in the payload.
+    Zero,
+    /// Deltas against the version of each page sent before (see
+    /// [`crate::delta`]), each a `u16` LE length and that many bytes.
+    Delta,
 }
 
 /// A run of consecutive pages in a batch.
@@ -320,8 +365,8 @@ pub struct Run {
     pub gap: u64,
     /// Pages in the run, at least one.
     pub len: u32,
-    /// All pages of the run are zero and carry no bytes.
-    pub zero: bool,
+    /// How the run's pages are carried.
+    pub kind: RunKind,
 }
 
 /// The header of a page batch; the payload follows it in the same frame.
@@ -344,8 +389,11 @@ pub struct EncodingStats {
     pub zero: u64,
     /// Pages sent raw.
     pub raw: u64,
-    /// Pages sent inside a zstd block.
+    /// Whole pages sent inside a zstd block.
     pub zstd: u64,
+    /// Pages sent as a delta against their previous version (raw or inside
+    /// a zstd block).
+    pub delta: u64,
 }
 
 impl EncodingStats {
@@ -354,11 +402,12 @@ impl EncodingStats {
         self.zero += other.zero;
         self.raw += other.raw;
         self.zstd += other.zstd;
+        self.delta += other.delta;
     }
 
     /// All pages.
     pub fn pages(&self) -> u64 {
-        self.zero + self.raw + self.zstd
+        self.zero + self.raw + self.zstd + self.delta
     }
 }
 
@@ -375,6 +424,14 @@ pub enum BuildError {
     /// zstd failed (out of memory).
     #[error("zstd: {0}")]
     Zstd(String),
+    /// The page cache holds pages of another size than the batch.
+    #[error("page cache of {cache}-byte pages for a batch of {batch}-byte pages")]
+    CachePageSize {
+        /// The cache's page size.
+        cache: usize,
+        /// The batch's page size.
+        batch: usize,
+    },
 }
 
 /// Builds one batch from pages read straight into its buffer.
@@ -382,10 +439,13 @@ pub enum BuildError {
 pub struct BatchBuilder {
     page: usize,
     max_pages: usize,
+    delta_limit: usize,
     runs: Vec<Run>,
     last_end: u64,
     pages: usize,
     data: Vec<u8>,
+    /// A delta being encoded, before it replaces the page in `data`.
+    delta: Vec<u8>,
     leaves: Vec<(PageIndex, Digest)>,
     stats: EncodingStats,
 }
@@ -401,10 +461,12 @@ impl BatchBuilder {
         BatchBuilder {
             page: page_size.bytes(),
             max_pages: page_size.max_batch_pages(),
+            delta_limit: page_size.delta_limit(),
             runs: Vec::new(),
             last_end: 0,
             pages: 0,
             data: Vec::with_capacity(pages.min(page_size.max_batch_pages()) * page_size.bytes()),
+            delta: Vec::new(),
             leaves: Vec::new(),
             stats: EncodingStats::default(),
         }
@@ -427,7 +489,7 @@ impl BatchBuilder {
         idx: PageIndex,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), BuildError> {
-        self.push(idx, fill, false).map(|_| ())
+        self.push(idx, fill, false, None).map(|_| ())
     }
 
     /// Like [`BatchBuilder::push_with`], but a zero page is left out of the
@@ -438,7 +500,52 @@ impl BatchBuilder {
         idx: PageIndex,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<bool, BuildError> {
-        self.push(idx, fill, true)
+        self.push(idx, fill, true, None)
+    }
+
+    /// Like [`BatchBuilder::push_with`], but a page whose previous version
+    /// is in `cache` goes as a delta against it when the delta is at most
+    /// [`PageSize::delta_limit`] (a quarter page) long; the page goes whole
+    /// otherwise. Either way `cache` then holds the new version, or, for a
+    /// zero page, nothing: the destination's page is then zero, which a
+    /// zero page already sends for free, and a cache slot is better spent
+    /// on a page with content. The leaf digest is always the full new
+    /// page's.
+    ///
+    /// Why a quarter page: a delta that long means a quarter or more of the
+    /// page changed, and such a page is usually being rewritten wholesale;
+    /// the whole page then costs about as much after the batch's zstd pass
+    /// (for compressible memory) while the encoder gives up early, having
+    /// spent at most a quarter page of work, instead of scanning the whole
+    /// page for a delta that saves little. Incompressible pages still save
+    /// at least three quarters. The decoder accepts up to
+    /// [`PageSize::max_delta_bytes`], so the limit can change without a
+    /// protocol change.
+    ///
+    /// Use one cache for every batch of a stream and for nothing else, and
+    /// only when the destination accepted
+    /// [`crate::message::Capabilities::DELTA`]; the cache must see every
+    /// page the stream sends (use [`BatchBuilder::push_nonzero_delta_with`]
+    /// in the first round), or it holds versions the destination does not.
+    pub fn push_delta_with(
+        &mut self,
+        idx: PageIndex,
+        cache: &mut PageCache,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), BuildError> {
+        self.push(idx, fill, false, Some(cache)).map(|_| ())
+    }
+
+    /// [`BatchBuilder::push_delta_with`] that leaves a zero page out of the
+    /// batch, as [`BatchBuilder::push_nonzero_with`] does. Returns whether
+    /// the page was added.
+    pub fn push_nonzero_delta_with(
+        &mut self,
+        idx: PageIndex,
+        cache: &mut PageCache,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, BuildError> {
+        self.push(idx, fill, true, Some(cache))
     }
 
     fn push(
@@ -446,6 +553,7 @@ impl BatchBuilder {
         idx: PageIndex,
         fill: impl FnOnce(&mut [u8]),
         skip_zero: bool,
+        cache: Option<&mut PageCache>,
     ) -> Result<bool, BuildError> {
         if self.is_full() {
             return Err(BuildError::Full);
@@ -453,33 +561,58 @@ impl BatchBuilder {
         if self.pages > 0 && idx.0 < self.last_end {
             return Err(BuildError::NotAscending(idx.0));
         }
+        if let Some(c) = &cache {
+            if c.page_size() != self.page {
+                return Err(BuildError::CachePageSize {
+                    cache: c.page_size(),
+                    batch: self.page,
+                });
+            }
+        }
         let start = self.data.len();
         self.data.resize(start + self.page, 0);
         fill(&mut self.data[start..]);
-        let zero = is_zero(&self.data[start..]);
-        if zero && skip_zero {
+        let kind = if is_zero(&self.data[start..]) {
             self.data.truncate(start);
-            return Ok(false);
-        }
-        let leaf = if zero {
-            self.data.truncate(start);
-            zero_leaf(self.page)
-        } else {
-            leaf_digest(&self.data[start..])
-        };
-        self.leaves.push((idx, leaf));
-        if zero {
+            if let Some(c) = cache {
+                c.remove(idx);
+            }
+            if skip_zero {
+                return Ok(false);
+            }
+            self.leaves.push((idx, zero_leaf(self.page)));
             self.stats.zero += 1;
-        }
+            RunKind::Zero
+        } else {
+            let new = &self.data[start..];
+            self.leaves.push((idx, leaf_digest(new)));
+            let mut kind = RunKind::Data;
+            if let Some(c) = cache {
+                self.delta.clear();
+                let encoded = c
+                    .get(idx)
+                    .is_some_and(|old| delta::encode(old, new, &mut self.delta, self.delta_limit));
+                c.insert(idx, new);
+                // Within the limit, so within a u16.
+                if let (true, Ok(len)) = (encoded, u16::try_from(self.delta.len())) {
+                    self.data.truncate(start);
+                    self.data.extend_from_slice(&len.to_le_bytes());
+                    self.data.extend_from_slice(&self.delta);
+                    self.stats.delta += 1;
+                    kind = RunKind::Delta;
+                }
+            }
+            kind
+        };
         let base = if self.pages == 0 { 0 } else { self.last_end };
         match self.runs.last_mut() {
-            Some(run) if self.pages > 0 && idx.0 == self.last_end && run.zero == zero => {
+            Some(run) if self.pages > 0 && idx.0 == self.last_end && run.kind == kind => {
                 run.len += 1;
             }
             _ => self.runs.push(Run {
                 gap: idx.0 - base,
                 len: 1,
-                zero,
+                kind,
             }),
         }
         self.last_end = idx.0 + 1;
@@ -495,7 +628,7 @@ impl BatchBuilder {
         round: u32,
         compressor: &mut Compressor,
     ) -> Result<EncodedBatch, BuildError> {
-        let data_pages = (self.pages as u64) - self.stats.zero;
+        let data_pages = (self.pages as u64) - self.stats.zero - self.stats.delta;
         let mut stats = self.stats;
         let (compression, payload) = match compressor.compress(&self.data)? {
             Some(z) => {
@@ -640,13 +773,48 @@ pub enum BatchError {
         /// Stream it belongs on.
         expected: u16,
     },
-    /// The payload does not hold exactly the data pages.
+    /// The payload does not hold exactly the pages: too short or too long
+    /// for a batch of whole pages, or longer than its pages and deltas.
     #[error("payload of {got} bytes, expected {expected}")]
     PayloadSize {
         /// Expected raw bytes.
         expected: usize,
         /// Raw bytes found.
         got: usize,
+    },
+    /// The payload is larger than its pages could take (`page_size` a data
+    /// page, `2 + page_size / 2` a delta page).
+    #[error("payload of {got} bytes, at most {max} possible")]
+    PayloadTooLarge {
+        /// Most raw bytes the runs allow.
+        max: usize,
+        /// Raw bytes found.
+        got: usize,
+    },
+    /// The payload ends inside a page or its delta.
+    #[error("payload ends inside page {page}")]
+    PayloadTruncated {
+        /// The page.
+        page: u64,
+    },
+    /// A delta longer than [`PageSize::max_delta_bytes`].
+    #[error("delta of {len} bytes for page {page}, at most {max} allowed")]
+    DeltaTooLong {
+        /// The page.
+        page: u64,
+        /// Declared length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A delta that does not fit its page.
+    #[error("page {page}: {error}")]
+    BadDelta {
+        /// The page.
+        page: u64,
+        /// What is wrong with it.
+        #[source]
+        error: DeltaError,
     },
     /// zstd refused the payload (corrupt, or larger than declared).
     #[error("zstd payload does not decode: {0}")]
@@ -680,23 +848,64 @@ pub struct DecodedBatch {
     pub seq: u64,
     /// Copy round.
     pub round: u32,
-    pages: Vec<(PageIndex, bool)>,
+    pages: Vec<Decoded>,
     data: bytes::Bytes,
-    page: usize,
+}
+
+/// One page of a decoded batch: its kind and where its bytes are in the
+/// payload (empty for a zero page).
+#[derive(Debug, Clone, Copy)]
+struct Decoded {
+    idx: PageIndex,
+    kind: RunKind,
+    start: usize,
+    len: usize,
+}
+
+/// What a batch carries for one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PageData<'a> {
+    /// The page is all zero.
+    Zero,
+    /// The whole page.
+    Full(&'a [u8]),
+    /// A delta to XOR into the version of the page sent before (checked
+    /// against the page size at decode; apply with [`crate::delta::apply`]).
+    Delta(&'a [u8]),
+}
+
+impl PageData<'_> {
+    /// Turns `page`, the staged version of the page, into the new one:
+    /// zeroes it, overwrites it, or applies the delta. On error `page` is
+    /// unchanged.
+    pub fn write_to(self, page: &mut [u8]) -> Result<(), DeltaError> {
+        match self {
+            PageData::Zero => page.fill(0),
+            PageData::Full(b) if b.len() == page.len() => page.copy_from_slice(b),
+            PageData::Full(b) => {
+                return Err(DeltaError::PageLength {
+                    expected: b.len(),
+                    got: page.len(),
+                })
+            }
+            PageData::Delta(d) => delta::apply(page, d)?,
+        }
+        Ok(())
+    }
 }
 
 impl DecodedBatch {
-    /// Each page with its bytes, or `None` for a zero page.
-    pub fn pages(&self) -> impl Iterator<Item = (PageIndex, Option<&[u8]>)> + '_ {
-        let mut off = 0;
-        self.pages.iter().map(move |&(idx, zero)| {
-            if zero {
-                (idx, None)
-            } else {
-                let s = &self.data[off..off + self.page];
-                off += self.page;
-                (idx, Some(s))
-            }
+    /// Each page with what the batch carries for it.
+    pub fn pages(&self) -> impl Iterator<Item = (PageIndex, PageData<'_>)> + '_ {
+        self.pages.iter().map(move |p| {
+            let bytes = &self.data[p.start..p.start + p.len];
+            let data = match p.kind {
+                RunKind::Zero => PageData::Zero,
+                RunKind::Data => PageData::Full(bytes),
+                RunKind::Delta => PageData::Delta(bytes),
+            };
+            (p.idx, data)
         })
     }
 
@@ -792,20 +1001,32 @@ impl StreamReceiver {
                         expected,
                     });
                 }
-                pages.push((idx, run.zero));
+                pages.push(Decoded {
+                    idx,
+                    kind: run.kind,
+                    start: 0,
+                    len: 0,
+                });
             }
             next = end;
         }
-        let data_pages = pages.iter().filter(|(_, z)| !*z).count();
-        let expected = data_pages * page;
+        let count_of = |kind| pages.iter().filter(|p| p.kind == kind).count();
+        let delta_pages = count_of(RunKind::Delta);
+        let whole = count_of(RunKind::Data) * page;
+        let max_delta = self.geometry.page_size().max_delta_bytes();
+        // At most MAX_BATCH_BYTES: a delta page takes less than a page.
+        let max = whole + delta_pages * (2 + max_delta);
+        let check_size = |got: usize| match delta_pages {
+            0 if got != whole => Err(BatchError::PayloadSize {
+                expected: whole,
+                got,
+            }),
+            _ if got > max => Err(BatchError::PayloadTooLarge { max, got }),
+            _ => Ok(()),
+        };
         let data = match header.compression {
             Compression::None => {
-                if payload.len() != expected {
-                    return Err(BatchError::PayloadSize {
-                        expected,
-                        got: payload.len(),
-                    });
-                }
+                check_size(payload.len())?;
                 payload.clone()
             }
             Compression::Zstd => {
@@ -816,19 +1037,57 @@ impl StreamReceiver {
                             .map_err(|e| BatchError::Zstd(e.to_string()))?,
                     ),
                 };
-                // Bounded: zstd fails rather than write past `expected`.
+                // Bounded: zstd fails rather than write past `max`.
                 let out = d
-                    .decompress(payload, expected)
+                    .decompress(payload, max)
                     .map_err(|e| BatchError::Zstd(e.to_string()))?;
-                if out.len() != expected {
-                    return Err(BatchError::PayloadSize {
-                        expected,
-                        got: out.len(),
-                    });
-                }
+                check_size(out.len())?;
                 bytes::Bytes::from(out)
             }
         };
+        // Place every page's bytes, checking each delta's length and
+        // structure, so that what the caller gets applies cleanly.
+        let mut off = 0;
+        for p in &mut pages {
+            let truncated = BatchError::PayloadTruncated { page: p.idx.0 };
+            match p.kind {
+                RunKind::Zero => p.start = off,
+                RunKind::Data => {
+                    if data.len() - off < page {
+                        return Err(truncated);
+                    }
+                    (p.start, p.len) = (off, page);
+                }
+                RunKind::Delta => {
+                    let Some(&[lo, hi]) = data.get(off..off + 2) else {
+                        return Err(truncated);
+                    };
+                    let len = usize::from(u16::from_le_bytes([lo, hi]));
+                    if len > max_delta {
+                        return Err(BatchError::DeltaTooLong {
+                            page: p.idx.0,
+                            len,
+                            max: max_delta,
+                        });
+                    }
+                    let Some(d) = data.get(off + 2..off + 2 + len) else {
+                        return Err(truncated);
+                    };
+                    delta::check(d, page).map_err(|error| BatchError::BadDelta {
+                        page: p.idx.0,
+                        error,
+                    })?;
+                    (p.start, p.len) = (off + 2, len);
+                }
+            }
+            off = p.start + p.len;
+        }
+        if off != data.len() {
+            return Err(BatchError::PayloadSize {
+                expected: off,
+                got: data.len(),
+            });
+        }
         self.next_seq += 1;
         self.last_round = header.round;
         Ok(DecodedBatch {
@@ -836,7 +1095,6 @@ impl StreamReceiver {
             round: header.round,
             pages,
             data,
-            page,
         })
     }
 }
@@ -885,13 +1143,217 @@ mod tests {
                 assert_eq!(idx.0, p);
                 let expect = page_bytes(p);
                 match bytes {
-                    None => assert!(is_zero(&expect)),
-                    Some(b) => assert_eq!(*b, &expect[..]),
+                    PageData::Zero => assert!(is_zero(&expect)),
+                    PageData::Full(b) => assert_eq!(*b, &expect[..]),
+                    PageData::Delta(_) => panic!("no cache, no delta"),
                 }
             }
             assert_eq!(enc.stats.pages(), pages.len() as u64);
             assert_eq!(enc.leaves.len(), pages.len());
         }
+    }
+
+    /// Pages 0..8 sent twice through one cache. The second time pages 0,
+    /// 3 and 7 are unchanged, page 1 changed in 8 bytes, page 6 in 64
+    /// scattered bytes, page 2 throughout, page 4 became zero and page 5
+    /// (zero before, so not cached) non-zero.
+    fn two_versions(level: i32) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, EncodedBatch, EncodedBatch) {
+        let mut old: Vec<Vec<u8>> = (0..8).map(|i| page_bytes(3 * i + 2)).collect();
+        old[5] = vec![0; 4096];
+        let mut new = old.clone();
+        new[1][100..108].copy_from_slice(b"changed!");
+        new[2] = page_bytes(1000);
+        new[4] = vec![0; 4096];
+        new[5] = page_bytes(5);
+        for i in 0..64 {
+            new[6][i * 61 + 7] ^= 0x5a;
+        }
+        let mut cache = PageCache::new(8 * 4096, PageSize::SIZE_4K);
+        let mut comp = Compressor::new(level).unwrap();
+        let mut send = |pages: &[Vec<u8>], seq| {
+            let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+            for (i, p) in pages.iter().enumerate() {
+                b.push_delta_with(PageIndex(i as u64), &mut cache, |buf| {
+                    buf.copy_from_slice(p)
+                })
+                .unwrap();
+            }
+            b.finish(seq, 1, &mut comp).unwrap()
+        };
+        let first = send(&old, 0);
+        let second = send(&new, 1);
+        assert_eq!(
+            cache.stats(),
+            crate::delta::CacheStats {
+                hits: 6,
+                misses: 7 + 1,
+                evictions: 0
+            }
+        );
+        (old, new, first, second)
+    }
+
+    #[test]
+    fn deltas_round_trip_and_rebuild_the_new_pages() {
+        for level in [0, 3] {
+            let (old, new, first, second) = two_versions(level);
+            assert_eq!(first.stats.delta, 0);
+            let kinds: Vec<_> = second.header.runs.iter().map(|r| (r.len, r.kind)).collect();
+            use RunKind::*;
+            assert_eq!(
+                kinds,
+                [
+                    (2, Delta),
+                    (1, Data),
+                    (1, Delta),
+                    (1, Zero),
+                    (1, Data),
+                    (2, Delta)
+                ]
+            );
+            assert_eq!(second.stats.delta, 5);
+            assert_eq!(second.stats.zero, 1);
+            assert_eq!(second.stats.pages(), 8);
+            let mut rx = StreamReceiver::new(0, 1, geometry(64));
+            let mut staging = vec![vec![0u8; 4096]; 8];
+            for (enc, want) in [(&first, &old), (&second, &new)] {
+                let dec = rx
+                    .receive(&enc.header, &bytes::Bytes::from(enc.payload.clone()))
+                    .unwrap();
+                for ((idx, data), (leaf_idx, leaf)) in dec.pages().zip(&enc.leaves) {
+                    assert_eq!(idx, *leaf_idx);
+                    let page = &mut staging[idx.0 as usize];
+                    data.write_to(page).unwrap();
+                    assert_eq!(leaf_digest(page), *leaf);
+                }
+                assert_eq!(&staging, want);
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_with_a_few_changed_bytes_costs_a_few_bytes() {
+        let (_, _, _, second) = two_versions(0);
+        // Pages 2 and 5 whole. Each delta has a u16 length: pages 0, 3 and
+        // 7 nothing more; page 1 [100, 8, 8 XOR bytes]; page 6 three bytes
+        // a changed byte (zero run, literal run, the byte).
+        assert_eq!(
+            second.payload.len(),
+            2 * 4096 + 3 * 2 + (2 + 10) + (2 + 64 * 3)
+        );
+    }
+
+    fn refused(header: &BatchHeader, payload: Vec<u8>) -> BatchError {
+        let mut rx = StreamReceiver::new(0, 1, geometry(64));
+        rx.receive(header, &bytes::Bytes::from(payload))
+            .unwrap_err()
+    }
+
+    #[test]
+    fn hostile_delta_payloads_are_refused() {
+        let header = BatchHeader {
+            seq: 0,
+            round: 2,
+            runs: vec![Run {
+                gap: 3,
+                len: 2,
+                kind: RunKind::Delta,
+            }],
+            compression: Compression::None,
+        };
+        let good = vec![3, 0, 5, 1, 1, 0, 0];
+        let mut rx = StreamReceiver::new(0, 1, geometry(64));
+        let dec = rx
+            .receive(&header, &bytes::Bytes::from(good.clone()))
+            .unwrap();
+        let got: Vec<_> = dec.pages().collect();
+        assert_eq!(
+            got,
+            vec![
+                (PageIndex(3), PageData::Delta(&[5, 1, 1])),
+                (PageIndex(4), PageData::Delta(&[]))
+            ]
+        );
+        assert_eq!(
+            refused(&header, good[..6].to_vec()),
+            BatchError::PayloadTruncated { page: 4 }
+        );
+        assert_eq!(
+            refused(&header, good[..4].to_vec()),
+            BatchError::PayloadTruncated { page: 3 }
+        );
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(
+            refused(&header, trailing),
+            BatchError::PayloadSize {
+                expected: 7,
+                got: 8
+            }
+        );
+        assert!(matches!(
+            refused(&header, vec![1, 8, 0, 0]),
+            BatchError::DeltaTooLong {
+                page: 3,
+                len: 2049,
+                max: 2048
+            }
+        ));
+        assert!(matches!(
+            refused(&header, vec![3, 0, 5, 0, 1, 0, 0]),
+            BatchError::BadDelta {
+                page: 3,
+                error: DeltaError::EmptyLiteral { .. }
+            }
+        ));
+        // 4096 as a zero run reaches past the page.
+        assert!(matches!(
+            refused(&header, vec![4, 0, 0x80, 0x20, 1, 0, 0, 0]),
+            BatchError::BadDelta {
+                page: 3,
+                error: DeltaError::PastPageEnd { .. }
+            }
+        ));
+        assert!(matches!(
+            refused(&header, vec![0; 2 * 2051]),
+            BatchError::PayloadTooLarge { max: 4100, .. }
+        ));
+        // A zstd payload is bounded by the same maximum.
+        let mut z = Compressor::new(3).unwrap();
+        let big = z.compress(&vec![0; 8192]).unwrap().unwrap();
+        let zheader = BatchHeader {
+            compression: Compression::Zstd,
+            ..header
+        };
+        assert!(matches!(refused(&zheader, big), BatchError::Zstd(_)));
+    }
+
+    #[test]
+    fn a_cache_of_another_page_size_is_refused() {
+        let size = PageSize::try_from(8192).unwrap();
+        let mut cache = PageCache::new(1 << 20, size);
+        let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+        assert_eq!(
+            b.push_delta_with(PageIndex(0), &mut cache, |_| {}),
+            Err(BuildError::CachePageSize {
+                cache: 8192,
+                batch: 4096
+            })
+        );
+        assert_eq!(b.pages(), 0);
+    }
+
+    #[test]
+    fn a_skipped_zero_page_leaves_the_cache() {
+        let mut cache = PageCache::new(1 << 20, PageSize::SIZE_4K);
+        cache.insert(PageIndex(0), &[1; 4096]);
+        let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+        assert_eq!(
+            b.push_nonzero_delta_with(PageIndex(0), &mut cache, |_| {}),
+            Ok(false)
+        );
+        assert!(cache.is_empty());
+        assert_eq!(b.pages(), 0);
     }
 
     #[test]

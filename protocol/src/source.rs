@@ -340,6 +340,7 @@ pub struct Source {
     root: Option<Digest>,
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
+    accepted: Option<Capabilities>,
 }
 
 impl Source {
@@ -378,7 +379,15 @@ impl Source {
             convergence: Convergence::default(),
             root: None,
             receipts: Vec::new(),
+            accepted: None,
         }
+    }
+
+    /// The capabilities the destination accepted, once it has: what the
+    /// driver may use (for example [`Capabilities::DELTA`] before pushing
+    /// delta pages).
+    pub fn accepted_capabilities(&self) -> Option<Capabilities> {
+        self.accepted
     }
 
     /// The next thing to do.
@@ -447,6 +456,7 @@ impl Source {
                 if let Err(e) = self.check_receipt(&a.receipt, ReceiptKind::Accepted, None) {
                     return Err(self.fail(now, e));
                 }
+                self.accepted = Some(a.capabilities);
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
                 let all = PageBitmap::full(self.cfg.manifest.memory.page_count());

@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use convoy_protocol::ctl::{CtlRequest, MigrateOptions, MigrateRequest};
+use convoy_protocol::delta::PageCache;
 use convoy_protocol::digest::Digest;
 use convoy_protocol::fuzz;
 use convoy_protocol::message::*;
 use convoy_protocol::names::MigrationId;
-use convoy_protocol::page::{BatchBuilder, Compressor, MemoryGeometry, PageIndex, PageSize};
+use convoy_protocol::page::{
+    BatchBuilder, Compressor, EncodedBatch, MemoryGeometry, PageIndex, PageSize, RunKind,
+};
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_protocol::ticket::{SignedTicket, Ticket, TicketLimits};
 
@@ -52,6 +55,11 @@ fn replay_batch_decode() {
 }
 
 #[test]
+fn replay_delta_apply() {
+    replay("delta_apply", fuzz::delta_apply);
+}
+
+#[test]
 fn replay_destination_sequence() {
     replay("destination_sequence", fuzz::destination_sequence);
 }
@@ -84,13 +92,35 @@ fn rc(kind: ReceiptKind) -> convoy_protocol::receipt::SignedReceipt {
         .unwrap()
 }
 
-fn seeds() -> Vec<Message> {
-    let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
+/// Two batches of pages 0..3 on one stream: the first whole (zstd), the
+/// second (raw) with deltas against the first for pages 1 and 2.
+fn batches() -> (EncodedBatch, EncodedBatch) {
+    let mut cache = PageCache::new(1 << 20, PageSize::SIZE_4K);
     let mut b = BatchBuilder::new(PageSize::SIZE_4K);
     for p in 0..3u64 {
-        b.push_with(PageIndex(p), |buf| buf.fill(p as u8)).unwrap();
+        b.push_delta_with(PageIndex(p), &mut cache, |buf| buf.fill(p as u8))
+            .unwrap();
     }
-    let enc = b.finish(0, 1, &mut Compressor::new(1).unwrap()).unwrap();
+    let first = b.finish(0, 1, &mut Compressor::new(1).unwrap()).unwrap();
+    let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+    for p in 0..3u64 {
+        b.push_delta_with(PageIndex(p), &mut cache, |buf| {
+            buf.fill(p as u8);
+            if p < 2 {
+                buf[100..104].copy_from_slice(b"new!");
+                buf[4000] = 9;
+            }
+        })
+        .unwrap();
+    }
+    let second = b.finish(1, 2, &mut Compressor::new(0).unwrap()).unwrap();
+    assert!(second.header.runs.iter().any(|r| r.kind == RunKind::Delta));
+    (first, second)
+}
+
+fn seeds() -> Vec<Message> {
+    let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
+    let (enc, delta) = batches();
     vec![
         Message::Propose(Propose {
             versions: VersionRange::OURS,
@@ -154,6 +184,7 @@ fn seeds() -> Vec<Message> {
                 chain: vec![],
             },
         })),
+        Message::PageBatch(delta.header, Bytes::from(delta.payload)),
     ]
 }
 
@@ -196,6 +227,10 @@ fn write_seed_corpus_when_asked() {
     let mut batch = vec![0u8, 64, 0, 0];
     batch.extend_from_slice(&frames[9]);
     std::fs::write(corpus("batch_decode").join("seed-batch"), &batch).unwrap();
+    // A whole batch, then one with deltas against it.
+    batch.extend_from_slice(&frames[11]);
+    std::fs::write(corpus("batch_decode").join("seed-delta-batch"), &batch).unwrap();
+    write_delta_seeds();
     for (i, f) in frames.iter().enumerate() {
         let mut v = vec![0u8, 64, 0, 0];
         v.extend_from_slice(f);
@@ -217,6 +252,48 @@ fn write_seed_corpus_when_asked() {
             &h[4..],
         )
         .unwrap();
+    }
+}
+
+/// Seeds of `delta_apply`: a 2-byte page length, then a delta.
+fn write_delta_seeds() {
+    use convoy_protocol::delta::encode;
+    let old: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    let mut few = old.clone();
+    few[10..14].copy_from_slice(b"new!");
+    few[4095] ^= 1;
+    let mut many = old.clone();
+    for i in 0..64 {
+        many[i * 61 + 7] ^= 0x5a;
+    }
+    let seed = |len: u16, delta: &[u8]| {
+        let mut v = len.to_be_bytes().to_vec();
+        v.extend_from_slice(delta);
+        v
+    };
+    let encoded = |new: &[u8]| {
+        let mut d = Vec::new();
+        assert!(encode(&old, new, &mut d, usize::MAX));
+        seed(4096, &d)
+    };
+    let seeds: [(&str, Vec<u8>); 11] = [
+        ("seed-empty", seed(4096, &[])),
+        ("seed-few", encoded(&few)),
+        ("seed-many", encoded(&many)),
+        ("seed-small-page", seed(16, &[0, 2, 1, 1, 10, 1, 1])),
+        ("seed-whole-small-page", seed(4, &[0, 4, 1, 2, 3, 4])),
+        (
+            "hostile-past-end",
+            seed(16, &[0, 2, 1, 1, 10, 5, 1, 1, 1, 1, 1]),
+        ),
+        ("hostile-truncated-varint", seed(4096, &[0x80])),
+        ("hostile-overflow", seed(4096, &[0xff; 11])),
+        ("hostile-empty-literal", seed(4096, &[1, 0])),
+        ("hostile-empty-zero-run", seed(4096, &[0, 1, 1, 0, 1, 1])),
+        ("hostile-trailing", seed(4, &[0, 4, 1, 1, 1, 1, 0])),
+    ];
+    for (name, bytes) in seeds {
+        write("delta_apply", name, &bytes);
     }
 }
 

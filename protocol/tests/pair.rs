@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use convoy_protocol::ctl::Outcome;
+use convoy_protocol::delta::PageCache;
 use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
 };
@@ -19,7 +20,7 @@ use convoy_protocol::message::{Capabilities, Manifest, Message, Reason};
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::{
     stream_for, BatchBuilder, BatchHeader, Compressor, MemoryGeometry, PageBitmap, PageIndex,
-    PageSize, StreamReceiver,
+    PageSize, RunKind, StreamReceiver,
 };
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
 use convoy_protocol::source::{
@@ -174,6 +175,8 @@ struct Pair {
     data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
     receivers: Vec<StreamReceiver>,
     seqs: Vec<u64>,
+    /// The source's page cache of each stream, for delta pages.
+    caches: Vec<PageCache>,
     tamper: Option<Tamper>,
     /// Alters a control message the source sends.
     tamper_control: Option<ControlTamper>,
@@ -259,6 +262,9 @@ impl Pair {
                 .map(|s| StreamReceiver::new(s, streams, geometry))
                 .collect(),
             seqs: vec![0; usize::from(streams)],
+            caches: (0..streams)
+                .map(|_| PageCache::new(pages * PAGE, PageSize::SIZE_4K))
+                .collect(),
             tamper: None,
             tamper_control: None,
             level: 1,
@@ -281,6 +287,10 @@ impl Pair {
     fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
         let mut skipped = 0;
         let mut comp = Compressor::new(self.level).unwrap();
+        let delta = self
+            .src
+            .accepted_capabilities()
+            .is_some_and(|c| c.has(Capabilities::DELTA));
         for s in 0..self.streams {
             let mine: Vec<PageIndex> = pages
                 .iter()
@@ -290,11 +300,18 @@ impl Pair {
                 let mut b = BatchBuilder::new(PageSize::SIZE_4K);
                 for &p in chunk {
                     let bytes = &self.vm.pages[p.0 as usize];
-                    if skip_zero && bytes.iter().all(|b| *b == 0) {
-                        skipped += 1;
-                        continue;
+                    let fill = |buf: &mut [u8]| buf.copy_from_slice(bytes);
+                    let cache = &mut self.caches[usize::from(s)];
+                    let added = match (delta, skip_zero) {
+                        (true, true) => b.push_nonzero_delta_with(p, cache, fill),
+                        (true, false) => b.push_delta_with(p, cache, fill).map(|()| true),
+                        (false, true) => b.push_nonzero_with(p, fill),
+                        (false, false) => b.push_with(p, fill).map(|()| true),
                     }
-                    b.push_with(p, |buf| buf.copy_from_slice(bytes)).unwrap();
+                    .unwrap();
+                    if !added {
+                        skipped += 1;
+                    }
                 }
                 if b.pages() == 0 {
                     continue;
@@ -439,12 +456,9 @@ impl Pair {
                 Ok(batch) => {
                     let staging = self.staging.as_mut().unwrap();
                     let mut leaves = Vec::new();
-                    for (idx, bytes) in batch.pages() {
+                    for (idx, data) in batch.pages() {
                         let page = &mut staging[idx.0 as usize];
-                        match bytes {
-                            Some(b) => page.copy_from_slice(b),
-                            None => page.fill(0),
-                        }
+                        data.write_to(page).unwrap();
                         leaves.push((idx, leaf_digest(page)));
                     }
                     if let Err(e) = self
@@ -567,12 +581,103 @@ fn dirtying_vm_converges_and_destination_holds_the_paused_image() {
     assert_eq!(p.started, Some(p.vm.counter));
     assert!(p.vm.discarded && !p.rolled_back);
     assert!(s.downtime.unwrap() < s.total);
+    // Hot pages change in a few 8-byte words a round: most go as deltas.
+    assert!(s.encodings.delta > 0, "{:?}", s.encodings);
+}
+
+/// A Pair whose destination does not offer [`Capabilities::DELTA`].
+fn without_delta(p: &mut Pair) {
+    p.dst = Destination::new(DestinationConfig {
+        max_memory_bytes: 1 << 30,
+        capabilities: Capabilities::ZSTD,
+        handover_timeout: Duration::from_secs(5),
+        peer: SRC.parse().unwrap(),
+        notary: InsecureCrypto::notary(DST, p.now),
+    });
+}
+
+#[test]
+fn deltas_go_only_to_a_destination_that_accepted_them_and_save_bytes() {
+    let run = |rate: u64, delta: bool| {
+        let mut p = Pair::new(2048, rate, 50e6, 1 << 30);
+        if !delta {
+            without_delta(&mut p);
+        }
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert_eq!(
+            p.staging.as_ref().unwrap(),
+            p.paused_image.as_ref().unwrap()
+        );
+        s
+    };
+    let (with, without) = (run(60, true), run(60, false));
+    assert_eq!(without.encodings.delta, 0);
+    assert!(with.encodings.delta > 0);
+    // Bytes after the bulk round, which an idle VM's migration is.
+    let bulk = run(0, true).payload_bytes;
+    let (with, without) = (with.payload_bytes - bulk, without.payload_bytes - bulk);
+    assert!(
+        with * 4 < without,
+        "{with} vs {without} bytes after the bulk round"
+    );
+}
+
+/// Flips the last literal byte of every non-empty delta in a raw batch;
+/// returns how many it flipped.
+fn flip_delta_literals(h: &BatchHeader, payload: &mut [u8]) -> usize {
+    let mut off = 0;
+    let mut flipped = 0;
+    for run in &h.runs {
+        for _ in 0..run.len {
+            match run.kind {
+                RunKind::Data => off += PAGE,
+                RunKind::Delta => {
+                    let len = usize::from(u16::from_le_bytes([payload[off], payload[off + 1]]));
+                    off += 2 + len;
+                    if len > 0 {
+                        payload[off - 1] ^= 0x10;
+                        flipped += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    flipped
+}
+
+#[test]
+fn an_altered_delta_is_caught_by_the_root_check() {
+    let mut p = Pair::new(2048, 60, 50e6, 1 << 30);
+    p.level = 0;
+    let flipped = std::rc::Rc::new(std::cell::Cell::new(0));
+    let counter = flipped.clone();
+    p.tamper = Some(Box::new(move |_round, h, payload| {
+        counter.set(counter.get() + flip_delta_literals(h, payload));
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(flipped.get() > 0, "no delta to alter");
+    assert!(
+        matches!(s.outcome, Outcome::Aborted(ref m) if m.contains("root")),
+        "{s:?}"
+    );
+    assert!(p.rolled_back && !p.vm.discarded && p.started.is_none());
+    assert!(matches!(
+        p.dst_errors.as_slice(),
+        [DestinationError::RootMismatch { .. }]
+    ));
 }
 
 #[test]
 fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
-    // 400 writes per ms on a slow link never converges to 20 ms downtime.
+    // 400 writes per ms on a slow link never converges to 20 ms downtime
+    // when pages go whole (with deltas, 8-byte writes are cheap enough to
+    // converge).
     let mut p = Pair::new(2048, 400, 5e6, 1 << 30);
+    without_delta(&mut p);
     p.run();
     let s = p.summary().clone();
     assert_eq!(s.outcome, Outcome::Completed);

@@ -1,0 +1,808 @@
+//! Delta encoding of memory pages against their previous version, in the
+//! shape of QEMU's XBZRLE, and the source's bounded cache of previous
+//! versions.
+//!
+//! A page re-sent in a later round often differs from the version sent
+//! before in a few bytes (a counter, a list link, a timestamp). The source
+//! XORs the two versions and sends only where they differ; the destination
+//! XORs that into the page it holds, which *is* the previous version,
+//! because every version of a page travels in order on one stream
+//! ([`crate::page::stream_for`]). So only the source keeps old versions, in
+//! a [`PageCache`].
+//!
+//! # Format
+//! A delta is a sequence of pairs covering the page from its first byte:
+//!
+//! ```text
+//! delta = pair*
+//! pair  = zero-run:varint  literal-run:varint  literal:byte{literal-run}
+//! ```
+//!
+//! Each pair skips `zero-run` unchanged bytes, then XORs the `literal-run`
+//! bytes that follow into the page. Lengths are unsigned LEB128, minimally
+//! encoded. The unchanged bytes after the last literal are implied, so an
+//! unchanged page is the empty delta. Only the first pair may have an empty
+//! zero run (the page changed from its first byte), and no literal run is
+//! empty: two literals with nothing between them are one literal, and a
+//! pair without a literal would only skip bytes that are implied anyway.
+//!
+//! Unchanged stretches shorter than [`MIN_ZERO_RUN`] bytes between changed
+//! bytes stay inside the literal (as zero XOR bytes): splitting there would
+//! cost two length bytes to save at most two literal bytes. QEMU gets the
+//! same effect by comparing a machine word at a time.
+//!
+//! Applying is all-or-nothing: [`apply`] checks the whole delta against the
+//! page length before it writes a byte, so a hostile delta leaves the page
+//! as it was. Nothing is allocated from a length read off the wire.
+
+use std::hash::{BuildHasher, RandomState};
+
+use thiserror::Error;
+
+use crate::page::{PageIndex, PageSize};
+
+/// Shortest unchanged stretch the encoder splits a literal at; shorter ones
+/// are carried inside the literal as zero XOR bytes.
+pub const MIN_ZERO_RUN: usize = 3;
+
+/// Why a delta does not apply to a page. Every variant is the peer's fault,
+/// except [`DeltaError::PageLength`] (the caller's).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DeltaError {
+    /// The delta ends inside a length.
+    #[error("delta ends inside a length at byte {at}")]
+    TruncatedVarint {
+        /// Offset of the length in the delta.
+        at: usize,
+    },
+    /// A length does not fit in 64 bits, or is not minimally encoded.
+    #[error("length at byte {at} overflows or is not minimally encoded")]
+    BadVarint {
+        /// Offset of the length in the delta.
+        at: usize,
+    },
+    /// A run reaches past the end of the page.
+    #[error("run of {len} bytes at page offset {offset} passes the page end ({page} bytes)")]
+    PastPageEnd {
+        /// Page offset where the run starts.
+        offset: u64,
+        /// Run length.
+        len: u64,
+        /// Page length.
+        page: usize,
+    },
+    /// A literal run of length zero.
+    #[error("empty literal run at byte {at}")]
+    EmptyLiteral {
+        /// Offset of its length in the delta.
+        at: usize,
+    },
+    /// A zero run of length zero after the first pair.
+    #[error("empty zero run at byte {at} (only the first pair may have one)")]
+    EmptyZeroRun {
+        /// Offset of its length in the delta.
+        at: usize,
+    },
+    /// The delta ends inside a literal run.
+    #[error("delta ends inside a literal of {len} bytes at byte {at}")]
+    TruncatedLiteral {
+        /// Offset of the literal in the delta.
+        at: usize,
+        /// Its declared length.
+        len: u64,
+    },
+    /// Bytes after the pair that reaches the end of the page.
+    #[error("{extra} bytes after the end of the page")]
+    TrailingBytes {
+        /// Bytes left over.
+        extra: usize,
+    },
+    /// A full page of the wrong size for the caller's buffer
+    /// ([`crate::page::PageData::write_to`]).
+    #[error("page buffer of {got} bytes for a page of {expected}")]
+    PageLength {
+        /// Bytes in the page data.
+        expected: usize,
+        /// Bytes in the caller's buffer.
+        got: usize,
+    },
+}
+
+/// Appends to `out` the delta that turns `old` into `new`, and returns true;
+/// or returns false, leaving `out` as it was, as soon as the delta would be
+/// longer than `limit` bytes (or when `old` and `new` differ in length).
+/// Two equal pages give the empty delta.
+///
+/// Work is bounded by the limit: a page that changed throughout is given up
+/// after about `limit` changed bytes.
+pub fn encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
+    if old.len() != new.len() {
+        return false;
+    }
+    let start = out.len();
+    let n = new.len();
+    let mut i = 0;
+    loop {
+        let zero = equal_prefix(&old[i..], &new[i..]);
+        let lit = i + zero;
+        if lit == n {
+            return true;
+        }
+        // Extend the literal over changed bytes and over unchanged
+        // stretches shorter than MIN_ZERO_RUN that more changes follow.
+        let mut end = lit;
+        loop {
+            while end < n && old[end] != new[end] {
+                end += 1;
+            }
+            if end - lit > limit {
+                out.truncate(start);
+                return false;
+            }
+            if end == n {
+                break;
+            }
+            let same = equal_prefix(&old[end..], &new[end..]);
+            if same >= MIN_ZERO_RUN || end + same == n {
+                break;
+            }
+            end += same;
+        }
+        let len = end - lit;
+        let need = varint_len(zero as u64) + varint_len(len as u64) + len;
+        if out.len() - start + need > limit {
+            out.truncate(start);
+            return false;
+        }
+        put_varint(out, zero as u64);
+        put_varint(out, len as u64);
+        out.extend(old[lit..end].iter().zip(&new[lit..end]).map(|(a, b)| a ^ b));
+        i = end;
+    }
+}
+
+/// XORs `delta` into `page`. The whole delta is checked first: on error the
+/// page is unchanged.
+pub fn apply(page: &mut [u8], delta: &[u8]) -> Result<(), DeltaError> {
+    check(delta, page.len())?;
+    walk(delta, page.len(), |offset, literal| {
+        if let Some(dst) = page.get_mut(offset..offset + literal.len()) {
+            for (d, x) in dst.iter_mut().zip(literal) {
+                *d ^= x;
+            }
+        }
+    })
+}
+
+/// Checks that `delta` is well formed for a page of `page_len` bytes,
+/// without applying it.
+pub fn check(delta: &[u8], page_len: usize) -> Result<(), DeltaError> {
+    walk(delta, page_len, |_, _| {})
+}
+
+/// Parses `delta` against a page of `page_len` bytes, calling `f` with each
+/// literal and its page offset, in order. Stops at the first error; every
+/// literal passed to `f` lies inside the page.
+fn walk(delta: &[u8], page_len: usize, mut f: impl FnMut(usize, &[u8])) -> Result<(), DeltaError> {
+    let mut pos = 0;
+    let mut offset = 0usize;
+    let mut first = true;
+    while pos < delta.len() {
+        if offset == page_len {
+            return Err(DeltaError::TrailingBytes {
+                extra: delta.len() - pos,
+            });
+        }
+        let zero_at = pos;
+        let zero = read_varint(delta, &mut pos)?;
+        if zero == 0 && !first {
+            return Err(DeltaError::EmptyZeroRun { at: zero_at });
+        }
+        let lit_at = pos;
+        let len = read_varint(delta, &mut pos)?;
+        if len == 0 {
+            return Err(DeltaError::EmptyLiteral { at: lit_at });
+        }
+        let room = (page_len - offset) as u64;
+        if zero >= room || len > room - zero {
+            let start = offset as u64;
+            return Err(if zero >= room {
+                DeltaError::PastPageEnd {
+                    offset: start,
+                    len: zero,
+                    page: page_len,
+                }
+            } else {
+                DeltaError::PastPageEnd {
+                    offset: start + zero,
+                    len,
+                    page: page_len,
+                }
+            });
+        }
+        // Both fit in the page, hence in usize.
+        let (zero, len) = (zero as usize, len as usize);
+        let Some(literal) = delta.get(pos..pos + len) else {
+            return Err(DeltaError::TruncatedLiteral {
+                at: pos,
+                len: len as u64,
+            });
+        };
+        offset += zero;
+        f(offset, literal);
+        offset += len;
+        pos += len;
+        first = false;
+    }
+    Ok(())
+}
+
+/// Bytes at the start of `a` equal to those of `b`, compared a word at a
+/// time.
+fn equal_prefix(a: &[u8], b: &[u8]) -> usize {
+    let mut n = 0;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        if x != y {
+            break;
+        }
+        n += 8;
+    }
+    n + a[n..]
+        .iter()
+        .zip(&b[n..])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a minimally encoded LEB128 `u64` at `*pos`, advancing it.
+fn read_varint(delta: &[u8], pos: &mut usize) -> Result<u64, DeltaError> {
+    let at = *pos;
+    let mut v = 0u64;
+    for i in 0..10 {
+        let Some(&b) = delta.get(at + i) else {
+            return Err(DeltaError::TruncatedVarint { at });
+        };
+        let bits = u64::from(b & 0x7f);
+        // The tenth byte holds bit 63 only.
+        if i == 9 && b > 1 {
+            return Err(DeltaError::BadVarint { at });
+        }
+        v |= bits << (7 * i);
+        if b & 0x80 == 0 {
+            // A last byte of zero after others is a longer spelling.
+            if b == 0 && i > 0 {
+                return Err(DeltaError::BadVarint { at });
+            }
+            *pos = at + i + 1;
+            return Ok(v);
+        }
+    }
+    Err(DeltaError::BadVarint { at })
+}
+
+/// Hits, misses and evictions of a [`PageCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups that found a previous version.
+    pub hits: u64,
+    /// Lookups that found none.
+    pub misses: u64,
+    /// Versions dropped to make room for another page.
+    pub evictions: u64,
+}
+
+/// The source's bounded cache of the last version it sent of each page,
+/// for delta encoding.
+///
+/// Memory is fixed when it is made: one slab of `capacity` pages, and an
+/// open-addressing index (linear probing, at most half full, deletion by
+/// backward shift, so no tombstones) of 4-byte slot numbers; nothing grows
+/// afterwards. When the slab is full a version is evicted by CLOCK: each
+/// slot has a reference bit, set when its page is looked up (a page sent
+/// again) and clear for a page just inserted, and the clock hand evicts the
+/// first slot whose bit is clear, clearing bits as it passes. In pre-copy
+/// most pages are sent once, in the bulk round, and a few hot ones again and
+/// again; CLOCK keeps the hot ones through a sweep of the once-sent, where
+/// FIFO would evict them in insertion order.
+///
+/// The cache must hold exactly what the destination holds: a version goes
+/// in when it is put in a batch, and a page sent as zero is removed (see
+/// [`crate::page::BatchBuilder::push_delta_with`]). One cache per data
+/// stream: a page always travels on the same stream.
+pub struct PageCache {
+    page: usize,
+    slab: Vec<u8>,
+    /// The page in each slot.
+    owner: Vec<Option<PageIndex>>,
+    referenced: Vec<bool>,
+    /// Slot numbers by hash of their page, [`EMPTY`] where none.
+    table: Vec<u32>,
+    hasher: RandomState,
+    free: Vec<u32>,
+    len: usize,
+    hand: usize,
+    stats: CacheStats,
+}
+
+/// An unused entry of [`PageCache`]'s index.
+const EMPTY: u32 = u32::MAX;
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache")
+            .field("page", &self.page)
+            .field("capacity", &self.capacity())
+            .field("len", &self.len)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl PageCache {
+    /// A cache of `capacity_bytes / page_size` pages (at most 2^31), all
+    /// allocated now (zeroed, so the OS commits them as they are first
+    /// written). A capacity under one page gives a cache that holds
+    /// nothing.
+    pub fn new(capacity_bytes: usize, page_size: PageSize) -> Self {
+        let page = page_size.bytes();
+        let slots = (capacity_bytes / page).min(1 << 31);
+        PageCache {
+            page,
+            slab: vec![0; slots * page],
+            owner: vec![None; slots],
+            referenced: vec![false; slots],
+            table: vec![EMPTY; (2 * slots).next_power_of_two()],
+            hasher: RandomState::new(),
+            free: (0..slots as u32).rev().collect(),
+            len: 0,
+            hand: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The size of the pages it holds.
+    pub fn page_size(&self) -> usize {
+        self.page
+    }
+
+    /// Pages it can hold.
+    pub fn capacity(&self) -> usize {
+        self.owner.len()
+    }
+
+    /// Pages it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes it allocated (slab and bookkeeping); fixed at creation.
+    pub fn allocated_bytes(&self) -> usize {
+        self.slab.capacity()
+            + self.owner.capacity() * std::mem::size_of::<Option<PageIndex>>()
+            + self.referenced.capacity()
+            + (self.table.capacity() + self.free.capacity()) * std::mem::size_of::<u32>()
+    }
+
+    /// The cached version of `idx`, counted as a hit or a miss.
+    pub fn get(&mut self, idx: PageIndex) -> Option<&[u8]> {
+        match self.find(idx) {
+            Ok(pos) => {
+                self.stats.hits += 1;
+                let slot = self.table[pos] as usize;
+                self.referenced[slot] = true;
+                Some(&self.slab[slot * self.page..(slot + 1) * self.page])
+            }
+            Err(_) => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores `bytes` as the version of `idx`, replacing an older one or
+    /// evicting another page's when full. A slice that is not one page long
+    /// is not stored, and the older version is dropped.
+    pub fn insert(&mut self, idx: PageIndex, bytes: &[u8]) {
+        if bytes.len() != self.page {
+            self.remove(idx);
+            return;
+        }
+        let slot = match self.find(idx) {
+            Ok(pos) => self.table[pos] as usize,
+            Err(_) => {
+                let Some(slot) = self.free.pop().map(|s| s as usize).or_else(|| self.evict())
+                else {
+                    return;
+                };
+                // Found again: an eviction may have moved entries.
+                if let Err(pos) = self.find(idx) {
+                    self.table[pos] = slot as u32;
+                }
+                self.owner[slot] = Some(idx);
+                self.referenced[slot] = false;
+                self.len += 1;
+                slot
+            }
+        };
+        self.slab[slot * self.page..(slot + 1) * self.page].copy_from_slice(bytes);
+    }
+
+    /// Forgets the version of `idx`, if any.
+    pub fn remove(&mut self, idx: PageIndex) {
+        if let Ok(pos) = self.find(idx) {
+            let slot = self.unlink(pos);
+            self.free.push(slot as u32);
+        }
+    }
+
+    /// Hits, misses and evictions so far.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    fn home(&self, idx: PageIndex) -> usize {
+        self.hasher.hash_one(idx.0) as usize & (self.table.len() - 1)
+    }
+
+    /// The index position of `idx`, or the empty position where it would
+    /// go. Terminates: the index is never more than half full.
+    fn find(&self, idx: PageIndex) -> Result<usize, usize> {
+        let mask = self.table.len() - 1;
+        let mut pos = self.home(idx);
+        loop {
+            let slot = self.table[pos];
+            if slot == EMPTY {
+                return Err(pos);
+            }
+            if self.owner[slot as usize] == Some(idx) {
+                return Ok(pos);
+            }
+            pos = (pos + 1) & mask;
+        }
+    }
+
+    /// Removes the index entry at `pos` and empties its slot, which it
+    /// returns. Later entries of the probe run shift back into the hole.
+    fn unlink(&mut self, pos: usize) -> usize {
+        let mask = self.table.len() - 1;
+        let slot = self.table[pos] as usize;
+        self.owner[slot] = None;
+        self.referenced[slot] = false;
+        self.len -= 1;
+        self.table[pos] = EMPTY;
+        let (mut hole, mut next) = (pos, pos);
+        loop {
+            next = (next + 1) & mask;
+            let s = self.table[next];
+            let Some(page) = self.owner.get(s as usize).copied().flatten() else {
+                break;
+            };
+            // It may fill the hole if the hole lies between its home and
+            // where it sits.
+            let home = self.home(page);
+            if next.wrapping_sub(home) & mask >= next.wrapping_sub(hole) & mask {
+                self.table[hole] = s;
+                self.table[next] = EMPTY;
+                hole = next;
+            }
+        }
+        slot
+    }
+
+    /// Frees a slot by CLOCK; `None` only for a cache of no slots. Called
+    /// when every slot is in use.
+    fn evict(&mut self) -> Option<usize> {
+        let slots = self.owner.len();
+        // Two sweeps at most: the first clears every reference bit.
+        for _ in 0..2 * slots {
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % slots;
+            if self.referenced[slot] {
+                self.referenced[slot] = false;
+                continue;
+            }
+            if let Some(old) = self.owner[slot] {
+                if let Ok(pos) = self.find(old) {
+                    self.unlink(pos);
+                }
+                self.stats.evictions += 1;
+            }
+            return Some(slot);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64 bytes: incompressible.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        (0..n.div_ceil(8) as u64)
+            .flat_map(|i| {
+                let mut z = (i + seed * 1_000_003)
+                    .wrapping_add(1)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)).to_le_bytes()
+            })
+            .take(n)
+            .collect()
+    }
+
+    fn round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        assert!(encode(old, new, &mut d, usize::MAX));
+        let mut page = old.to_vec();
+        apply(&mut page, &d).unwrap();
+        assert_eq!(page, new);
+        d
+    }
+
+    #[test]
+    fn equal_pages_give_the_empty_delta() {
+        let p = noise(4096, 1);
+        assert!(round_trip(&p, &p).is_empty());
+    }
+
+    #[test]
+    fn a_few_changed_bytes_cost_a_few_bytes() {
+        let old = noise(4096, 1);
+        let mut new = old.clone();
+        new[0] ^= 1;
+        new[4095] ^= 0x80;
+        // [0, 1, x] then [4094, 1, y]: 4094 takes two varint bytes.
+        assert_eq!(round_trip(&old, &new), vec![0, 1, 1, 0xfe, 0x1f, 1, 0x80]);
+    }
+
+    #[test]
+    fn short_unchanged_stretches_stay_in_the_literal() {
+        let old = vec![0u8; 64];
+        for gap in 1..6 {
+            let mut new = old.clone();
+            new[10] = 1;
+            new[11 + gap] = 2;
+            let d = round_trip(&old, &new);
+            let pairs = if gap < MIN_ZERO_RUN { 1 } else { 2 };
+            let literal = if gap < MIN_ZERO_RUN { gap + 2 } else { 2 };
+            assert_eq!(d.len(), pairs * 2 + literal, "gap {gap}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn sixty_four_scattered_bytes() {
+        let old = noise(4096, 2);
+        let mut new = old.clone();
+        for i in 0..64 {
+            new[i * 61 + 7] ^= 0x5a;
+        }
+        let d = round_trip(&old, &new);
+        // Three bytes a changed byte: two lengths and the literal.
+        assert_eq!(d.len(), 64 * 3);
+    }
+
+    #[test]
+    fn the_limit_is_respected_and_out_is_kept() {
+        let old = noise(4096, 3);
+        let new = noise(4096, 4);
+        let mut out = vec![9, 9];
+        assert!(!encode(&old, &new, &mut out, 1024));
+        assert_eq!(out, vec![9, 9]);
+        let mut small = old.clone();
+        small[100] ^= 1;
+        assert!(!encode(&old, &small, &mut out, 2));
+        assert!(encode(&old, &small, &mut out, 3));
+        assert_eq!(out, vec![9, 9, 100, 1, 1]);
+        assert!(!encode(&old, &new[..10], &mut out, usize::MAX));
+    }
+
+    #[test]
+    fn whole_page_changes_round_trip() {
+        round_trip(&noise(4096, 5), &noise(4096, 6));
+        round_trip(&[], &[]);
+        round_trip(&[1], &[2]);
+        round_trip(&[1, 2, 3, 4], &[1, 9, 9, 4]);
+    }
+
+    fn refused(page_len: usize, delta: &[u8]) -> DeltaError {
+        let mut page = noise(page_len, 7);
+        let before = page.clone();
+        let e = apply(&mut page, delta).unwrap_err();
+        assert_eq!(page, before, "a refused delta must leave the page alone");
+        assert_eq!(check(delta, page_len), Err(e.clone()));
+        e
+    }
+
+    #[test]
+    fn hostile_deltas_are_typed_errors_and_change_nothing() {
+        // A good first pair, then a pair that runs past the end.
+        assert_eq!(
+            refused(16, &[0, 2, 1, 1, 10, 5, 1, 1, 1, 1, 1]),
+            DeltaError::PastPageEnd {
+                offset: 12,
+                len: 5,
+                page: 16
+            }
+        );
+        assert!(matches!(
+            refused(16, &[16, 1, 1]),
+            DeltaError::PastPageEnd { len: 16, .. }
+        ));
+        assert_eq!(refused(16, &[0x80]), DeltaError::TruncatedVarint { at: 0 });
+        assert_eq!(refused(16, &[0]), DeltaError::TruncatedVarint { at: 1 });
+        assert_eq!(refused(16, &[0xff; 11]), DeltaError::BadVarint { at: 0 });
+        let mut big = vec![0xff; 9];
+        big.push(0x02);
+        assert_eq!(refused(16, &big), DeltaError::BadVarint { at: 0 });
+        assert_eq!(refused(16, &[0x81, 0]), DeltaError::BadVarint { at: 0 });
+        assert_eq!(refused(16, &[1, 0]), DeltaError::EmptyLiteral { at: 1 });
+        assert_eq!(
+            refused(16, &[0, 1, 1, 0, 1, 1]),
+            DeltaError::EmptyZeroRun { at: 3 }
+        );
+        assert_eq!(
+            refused(16, &[1, 4, 1, 1]),
+            DeltaError::TruncatedLiteral { at: 2, len: 4 }
+        );
+        assert_eq!(
+            refused(4, &[0, 4, 1, 1, 1, 1, 0]),
+            DeltaError::TrailingBytes { extra: 1 }
+        );
+        // u64::MAX lengths do not overflow the offset arithmetic.
+        let mut huge = vec![1];
+        huge.extend([0xff; 9]);
+        huge.push(1);
+        assert!(matches!(refused(16, &huge), DeltaError::PastPageEnd { .. }));
+        // Any delta is refused by an empty page, except the empty delta.
+        assert!(apply(&mut [], &[]).is_ok());
+        assert!(matches!(
+            refused(0, &[0, 1, 1]),
+            DeltaError::TrailingBytes { .. }
+        ));
+    }
+
+    #[test]
+    fn varints_round_trip_at_their_edges() {
+        for v in [0, 1, 127, 128, 16383, 16384, u64::MAX / 2, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v));
+            let mut pos = 0;
+            assert_eq!(read_varint(&out, &mut pos), Ok(v));
+            assert_eq!(pos, out.len());
+        }
+    }
+
+    #[test]
+    fn the_cache_never_grows_past_its_capacity() {
+        let mut c = PageCache::new(4 * 4096 + 100, PageSize::SIZE_4K);
+        assert_eq!(c.capacity(), 4);
+        let (slab, bytes) = (c.slab.as_ptr(), c.allocated_bytes());
+        assert!(bytes < 4 * 4096 + 4 * 64, "{bytes}");
+        for i in 0..100u64 {
+            c.insert(PageIndex(i), &noise(4096, i));
+            assert!(c.len() <= 4);
+        }
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.slab.as_ptr(), slab, "the slab never moves");
+        assert_eq!(c.allocated_bytes(), bytes, "nothing grows");
+        assert_eq!(c.stats().evictions, 96);
+        // The last four are there, intact.
+        for i in 96..100u64 {
+            assert_eq!(c.get(PageIndex(i)), Some(&noise(4096, i)[..]));
+        }
+        assert_eq!(c.get(PageIndex(0)), None);
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                hits: 4,
+                misses: 1,
+                evictions: 96
+            }
+        );
+    }
+
+    #[test]
+    fn clock_keeps_pages_that_are_sent_again() {
+        let page = |b: u8| vec![b; 4096];
+        let mut c = PageCache::new(3 * 4096, PageSize::SIZE_4K);
+        for i in 0..3u8 {
+            c.insert(PageIndex(u64::from(i)), &page(i));
+        }
+        // Page 1 is sent again: looked up, then replaced.
+        assert!(c.get(PageIndex(1)).is_some());
+        c.insert(PageIndex(1), &page(11));
+        // Two new pages evict 0 and 2, not the hot page 1.
+        c.insert(PageIndex(3), &page(3));
+        c.insert(PageIndex(4), &page(4));
+        assert_eq!(c.get(PageIndex(1)), Some(&page(11)[..]));
+        assert!(c.get(PageIndex(0)).is_none());
+        assert!(c.get(PageIndex(2)).is_none());
+        assert!(c.get(PageIndex(3)).is_some());
+        assert_eq!(c.stats().evictions, 2);
+    }
+
+    #[test]
+    fn removed_pages_free_their_slot() {
+        let mut c = PageCache::new(2 * 4096, PageSize::SIZE_4K);
+        c.insert(PageIndex(1), &[1; 4096]);
+        c.insert(PageIndex(2), &[2; 4096]);
+        c.remove(PageIndex(1));
+        c.insert(PageIndex(3), &[3; 4096]);
+        assert_eq!(c.stats().evictions, 0);
+        assert_eq!(c.len(), 2);
+        // A slice of the wrong length is not stored and drops the old one.
+        c.insert(PageIndex(2), &[2; 10]);
+        assert!(c.get(PageIndex(2)).is_none());
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn churn_keeps_the_index_consistent() {
+        // Few slots, many colliding probes: every lookup must return the
+        // last version inserted, or nothing, never another page's.
+        let mut c = PageCache::new(37 * 4096, PageSize::SIZE_4K);
+        let bytes = c.allocated_bytes();
+        let mut last = std::collections::HashMap::new();
+        let mut x = 1u64;
+        for step in 0..20_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let idx = PageIndex((x >> 33) % 200);
+            match (x >> 20) % 4 {
+                0 => {
+                    c.remove(idx);
+                    last.remove(&idx);
+                }
+                1 => {
+                    if let Some(p) = c.get(idx) {
+                        assert_eq!(Some(&p[..8]), last.get(&idx).map(|v: &[u8; 8]| &v[..]));
+                    }
+                }
+                _ => {
+                    let mut p = vec![0u8; 4096];
+                    p[..8].copy_from_slice(&step.to_le_bytes());
+                    c.insert(idx, &p);
+                    last.insert(idx, step.to_le_bytes());
+                }
+            }
+            assert!(c.len() <= 37);
+        }
+        let held = (0..200).filter(|&i| c.get(PageIndex(i)).is_some()).count();
+        assert_eq!(held, c.len());
+        assert!(c.stats().evictions > 1000, "{:?}", c.stats());
+        assert_eq!(c.allocated_bytes(), bytes);
+    }
+
+    #[test]
+    fn a_cache_under_one_page_holds_nothing() {
+        let mut c = PageCache::new(100, PageSize::SIZE_4K);
+        c.insert(PageIndex(1), &[1; 4096]);
+        assert!(c.is_empty());
+        assert!(c.get(PageIndex(1)).is_none());
+    }
+}
