@@ -96,8 +96,12 @@ pub fn report(r: &MigrationReport) -> String {
             rows.push(vec![
                 "pages sent".into(),
                 format!(
-                    "{} (raw {}, zstd {}); zero pages {} (no page bytes)",
-                    r.pages_sent, r.encodings.raw, r.encodings.zstd, r.encodings.zero
+                    "{} (raw {}, zstd {}, delta {}); zero pages {} (no page bytes)",
+                    r.pages_sent,
+                    r.encodings.raw,
+                    r.encodings.zstd,
+                    r.encodings.delta,
+                    r.encodings.zero
                 ),
             ]);
             let c = &r.convergence;

@@ -693,6 +693,7 @@ fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
 fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
     // The busy VM of the previous test, without force_stop or throttling.
     let mut p = Pair::with(2048, 400, 5e6, 1 << 30, |c| c.force_stop = false);
+    without_delta(&mut p);
     p.run();
     let s = p.summary().clone();
     let Outcome::Aborted(why) = &s.outcome else {
@@ -716,6 +717,7 @@ fn auto_converge_throttles_a_busy_vm_until_it_converges() {
             c.max_downtime = Duration::from_millis(100);
             c.max_rounds = 30;
         });
+        without_delta(&mut p);
         p.run();
         p
     };
@@ -743,6 +745,9 @@ fn hot_pages_are_held_back_and_fewer_pages_are_sent_twice() {
             c.hold_hot_pages = hold;
             c.max_rounds = 30;
         });
+        // Whole pages, so that every re-send costs what it would without
+        // deltas.
+        without_delta(&mut p);
         p.run();
         let s = p.summary().clone();
         assert_eq!(s.outcome, Outcome::Completed, "{s:?}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
-use convoy_protocol::page::Compression;
+use convoy_protocol::page::{Compression, RunKind};
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{assert_refusals_logged, eventually, migrate, sim_spec};
 
@@ -126,7 +126,10 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
                     // Not the batch holding page 0: the counter there is
                     // rewritten every tick and sent again in the last round.
                     if header.compression == Compression::None
-                        && header.runs.first().is_some_and(|r| r.gap > 0 && !r.zero)
+                        && header
+                            .runs
+                            .first()
+                            .is_some_and(|r| r.gap > 0 && r.kind == RunKind::Data)
                         && payload.len() > 200
                         && armed.swap(false, Ordering::SeqCst)
                     {

@@ -19,7 +19,7 @@ use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::message::{Capabilities, Message, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::is_zero;
-use convoy_protocol::page::{MemoryGeometry, PageIndex, StreamReceiver};
+use convoy_protocol::page::{BatchError, MemoryGeometry, PageData, PageIndex, StreamReceiver};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -484,8 +484,23 @@ impl Incoming {
                         }
                     };
                     let mut leaves = Vec::with_capacity(batch.len());
-                    for (idx, bytes) in batch.pages() {
-                        staging.write_page(idx, bytes);
+                    for (idx, data) in batch.pages() {
+                        match data {
+                            PageData::Zero => staging.write_page(idx, None),
+                            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)),
+                            // A delta applies to the version staged before
+                            // (every version of a page arrives in order on
+                            // this one stream).
+                            delta => {
+                                staging.read_staged(idx, &mut scratch);
+                                if let Err(error) = delta.write_to(&mut scratch) {
+                                    let bad = BatchError::BadDelta { page: idx.0, error };
+                                    let _ = tx.send(Event::Bad(bad.into()));
+                                    return;
+                                }
+                                staging.write_page(idx, Some(&scratch));
+                            }
+                        }
                         // Hash what staging holds, not what we meant to write.
                         staging.read_staged(idx, &mut scratch);
                         leaves.push((idx, page_leaf(&scratch)));

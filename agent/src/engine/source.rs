@@ -18,6 +18,7 @@ use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{
     CtlErrorKind, MigrateRequest, MigrationMode, MigrationReport, Outcome, Progress, VmState,
 };
+use convoy_protocol::delta::PageCache;
 use convoy_protocol::message::{
     encode_batch_head, Capabilities, DataStreamOpen, Manifest, Message,
 };
@@ -405,7 +406,7 @@ impl Run {
             capabilities: if opts.compression_level > 0 {
                 Capabilities::OURS
             } else {
-                Capabilities::default()
+                Capabilities::DELTA
             },
             max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
             max_rounds: opts.max_rounds,
@@ -467,6 +468,9 @@ impl Run {
                             level: compression,
                             tamper: self.inner.config.dangerous_tamper(),
                             pacer: opts.bandwidth.map(|b| Arc::new(Pacer::new(b))),
+                            delta: sm
+                                .accepted_capabilities()
+                                .is_some_and(|c| c.has(Capabilities::DELTA)),
                         };
                         match open_streams(&conn, setup, &self.vm, &events_tx).await {
                             Ok(j) => jobs = j,
@@ -649,7 +653,13 @@ struct StreamSetup {
     tamper: Option<TamperHook>,
     /// The bandwidth cap, shared by all streams.
     pacer: Option<Arc<Pacer>>,
+    /// The destination accepted delta-encoded pages.
+    delta: bool,
 }
+
+/// The most memory one migration's delta caches may hold, all streams
+/// together (a quarter of guest memory when that is less).
+const DELTA_CACHE_BYTES: u64 = 64 << 20;
 
 /// Opens the data streams, each with its encoder thread and writer task.
 async fn open_streams(
@@ -664,7 +674,13 @@ async fn open_streams(
         level,
         tamper,
         pacer,
+        delta,
     } = setup;
+    let cache_bytes = if delta {
+        (vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES) / u64::from(streams.max(1))
+    } else {
+        0
+    };
     let mut jobs = Vec::new();
     for stream in 0..streams {
         let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
@@ -682,7 +698,14 @@ async fn open_streams(
         std::thread::Builder::new()
             .name(format!("convoy-enc-{stream}"))
             .spawn(move || {
-                if let Err(e) = encode_stream(stream, streams, vm, level, tamper, job_rx, out_tx) {
+                let enc = Encoder {
+                    stream,
+                    streams,
+                    level,
+                    tamper,
+                    cache_bytes,
+                };
+                if let Err(e) = encode_stream(enc, vm, job_rx, out_tx) {
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
             })
@@ -719,18 +742,40 @@ async fn open_streams(
     Ok(jobs)
 }
 
-/// The encoder thread of one data stream.
-fn encode_stream(
+/// How one data stream encodes.
+struct Encoder {
     stream: u16,
     streams: u16,
-    vm: Arc<dyn VmBackend>,
     level: i32,
     tamper: Option<TamperHook>,
+    /// Bytes of this stream's delta cache; 0 sends no deltas.
+    cache_bytes: u64,
+}
+
+/// The encoder thread of one data stream.
+fn encode_stream(
+    enc: Encoder,
+    vm: Arc<dyn VmBackend>,
     jobs: std::sync::mpsc::Receiver<Job>,
     out: mpsc::Sender<StreamOut>,
 ) -> Result<(), String> {
+    let Encoder {
+        stream,
+        streams,
+        level,
+        tamper,
+        cache_bytes,
+    } = enc;
     let page_size = vm.geometry().page_size();
     let mut comp = Compressor::new(level).map_err(|e| e.to_string())?;
+    // The last version sent of this stream's pages, for deltas. It lives
+    // for the whole migration: round 1 fills it.
+    let mut cache = (cache_bytes > 0).then(|| {
+        PageCache::new(
+            usize::try_from(cache_bytes).unwrap_or(usize::MAX),
+            page_size,
+        )
+    });
     let mut seq = 0u64;
     let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Compressor| {
         let enc = b.finish(*seq, round, comp).map_err(|e| e.to_string())?;
@@ -761,10 +806,12 @@ fn encode_stream(
             if stream_for(p, streams) != stream {
                 continue;
             }
-            let added = if job.skip_zero {
-                b.push_nonzero_with(p, |buf| vm.read_page(p, buf))
-            } else {
-                b.push_with(p, |buf| vm.read_page(p, buf)).map(|()| true)
+            let read = |buf: &mut [u8]| vm.read_page(p, buf);
+            let added = match (cache.as_mut(), job.skip_zero) {
+                (Some(c), true) => b.push_nonzero_delta_with(p, c, read),
+                (Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
+                (None, true) => b.push_nonzero_with(p, read),
+                (None, false) => b.push_with(p, read).map(|()| true),
             }
             .map_err(|e| e.to_string())?;
             if !added {
