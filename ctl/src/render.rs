@@ -80,7 +80,9 @@ pub fn report(r: &MigrationReport) -> String {
             format!(
                 "{} ({})",
                 r.rounds,
-                if r.converged {
+                if r.postcopy.is_some() {
+                    "then post-copy"
+                } else if r.converged {
                     "converged"
                 } else {
                     "round limit"
@@ -104,6 +106,16 @@ pub fn report(r: &MigrationReport) -> String {
                     r.encodings.zero
                 ),
             ]);
+            if let Some(pc) = &r.postcopy {
+                let f = pc.faults.unwrap_or_default();
+                rows.push(vec![
+                    "post-copy".into(),
+                    format!(
+                        "{} pages owed at the switch; {} faults (median {} µs, p99 {} µs); {} pages served on {} fetches",
+                        pc.owed, f.faults, f.median_us, f.p99_us, pc.served, pc.fetches
+                    ),
+                ]);
+            }
             let c = &r.convergence;
             rows.push(vec![
                 "convergence".into(),

@@ -91,6 +91,9 @@ pub enum VmState {
     MigratingOut,
     /// Arriving: a staging image is being filled here.
     Incoming,
+    /// Arrived by post-copy: runs here on demand paging while its last
+    /// pages arrive; trusted once they verify.
+    PostcopyIn,
     /// Handed over but the destination never confirmed the start: kept
     /// paused here until the outcome is known. Never resumed automatically.
     InDoubt,
@@ -299,6 +302,9 @@ pub struct MigrationReport {
     pub qemu: Option<Box<QemuFigures>>,
     /// How pre-copy converged (native engine).
     pub convergence: crate::source::Convergence,
+    /// After a post-copy switch (native engine): what was owed, served on
+    /// faults, and the destination's fault figures.
+    pub postcopy: Option<Box<crate::source::PostcopySummary>>,
 }
 
 /// A QEMU migration as QEMU and Convoy each saw it.

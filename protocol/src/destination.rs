@@ -13,7 +13,28 @@
 //!     Starting --> Done: started / send Started
 //!     Receiving --> Done: Abort, link lost, bad message / discard staging
 //!     AwaitHandover --> Done: Abort, link lost, timeout / discard staging
+//!     Receiving --> SwitchDraining: PostcopySwitch
+//!     SwitchDraining --> PostcopyStarting: pre-switch batches applied / start on demand paging
+//!     PostcopyStarting --> PostCopy: running / send PostcopyRunning
+//!     PostCopy --> Draining: Finish
 //! ```
+//!
+//! # Post-copy
+//! When the manifest announces post-copy, one more data stream is
+//! accepted: the fault stream (index `data_streams`). On
+//! [`PostcopySwitch`] the destination applies exactly the batches sent
+//! before it, then asks the driver to start the VM on demand paging
+//! ([`DestinationAction::StartPostcopy`]): the owed pages are missing, and
+//! a page the VM touches is asked for with [`Destination::request_pages`].
+//! Every later batch fills only pages still missing, and the leaf of a
+//! page is the digest of the bytes *installed* (the running VM may have
+//! changed the page since); a second copy of a page already present (a
+//! push that crossed a fault) is dropped and gives no leaf. `Finish` then carries the root of the image as
+//! paused at the source, checked as in pre-copy before `Ready`. The VM that
+//! runs here since the switch is the only running copy: a broken link or a
+//! late timeout leaves it *in doubt* ([`DestinationEvent::InDoubt`]), kept;
+//! only a root mismatch discards it, since it ran on memory that is not
+//! the source's.
 //!
 //! Pages are written into a *staging* image, never into a running VM. The
 //! driver decodes batches with [`crate::page::StreamReceiver`] (which
@@ -36,11 +57,12 @@ use thiserror::Error;
 
 use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
 use crate::message::{
-    Abort, Accept, Capabilities, Finish, Manifest, Message, Propose, Ready, Reason, Reject,
-    Started, VersionRange, MAX_DATA_STREAMS,
+    Abort, Accept, Capabilities, FaultFigures, Fetch, Finish, Manifest, Message, PostcopyRunning,
+    PostcopySwitch, Propose, Ready, Reason, Reject, Started, VersionRange, MAX_DATA_STREAMS,
+    MAX_FETCH,
 };
 use crate::names::{MigrationId, VmName};
-use crate::page::{BatchError, PageIndex};
+use crate::page::{BatchError, PageBitmap, PageIndex};
 use crate::receipt::ReceiptKind;
 use crate::DecodeError;
 
@@ -88,8 +110,24 @@ pub enum DestinationAction {
         /// Device state.
         device_state: Vec<u8>,
     },
-    /// Drop and wipe the staging image.
+    /// Drop and wipe the staging image (after a post-copy switch: stop
+    /// the VM that runs from it, too).
     DiscardStaging,
+    /// Post-copy: make the `owed` pages of staging missing, start the VM
+    /// from it on demand paging with this device state, then call
+    /// [`Destination::handle_postcopy_started`] (or
+    /// [`Destination::handle_start_failed`]). From now on a batch fills
+    /// only pages still missing, and reports a leaf only for the pages it
+    /// installed: the digest of the bytes installed.
+    StartPostcopy {
+        /// Device state.
+        device_state: Vec<u8>,
+        /// Pages whose current version is still to come.
+        owed: PageBitmap,
+    },
+    /// Post-copy: the VM that runs since the switch is verified and handed
+    /// over; record it as ours, then call [`Destination::handle_started`].
+    TrustVm,
 }
 
 /// How a destination migration ended.
@@ -105,6 +143,10 @@ pub enum DestinationEvent {
     },
     /// Nothing is left here.
     Failed(String),
+    /// After a post-copy switch, the migration could not finish: the VM
+    /// runs (or waits for pages) here and is kept; the source keeps its
+    /// paused copy. Someone must decide.
+    InDoubt(String),
 }
 
 /// A message or report the destination cannot accept. The machine has
@@ -152,6 +194,9 @@ pub enum DestinationError {
     /// A batch that did not decode.
     #[error("bad page batch: {0}")]
     Batch(#[from] BatchError),
+    /// The post-copy switch does not fit the manifest.
+    #[error("bad post-copy switch: {0}")]
+    BadSwitch(&'static str),
     /// A frame or message that did not decode.
     #[error("undecodable message: {0}")]
     Decode(#[from] DecodeError),
@@ -173,6 +218,11 @@ enum Phase {
     AwaitPropose,
     Preparing,
     Receiving,
+    SwitchDraining(PostcopySwitch),
+    PostcopyStarting {
+        since: Instant,
+    },
+    PostCopy,
     Draining(Finish),
     AwaitHandover {
         deadline: Instant,
@@ -189,6 +239,9 @@ impl Phase {
             Phase::AwaitPropose => "awaiting Propose",
             Phase::Preparing => "preparing staging",
             Phase::Receiving => "receiving pages",
+            Phase::SwitchDraining(_) => "draining before the post-copy switch",
+            Phase::PostcopyStarting { .. } => "starting the VM on demand paging",
+            Phase::PostCopy => "post-copy",
             Phase::Draining(_) => "draining the data streams",
             Phase::AwaitHandover { .. } => "awaiting Handover",
             Phase::Starting => "starting the VM",
@@ -199,7 +252,20 @@ impl Phase {
     fn has_staging(&self) -> bool {
         matches!(
             self,
-            Phase::Preparing | Phase::Receiving | Phase::Draining(_) | Phase::AwaitHandover { .. }
+            Phase::Preparing
+                | Phase::Receiving
+                | Phase::SwitchDraining(_)
+                | Phase::PostcopyStarting { .. }
+                | Phase::PostCopy
+                | Phase::Draining(_)
+                | Phase::AwaitHandover { .. }
+        )
+    }
+
+    fn takes_batches(&self) -> bool {
+        matches!(
+            self,
+            Phase::Receiving | Phase::SwitchDraining(_) | Phase::PostCopy | Phase::Draining(_)
         )
     }
 }
@@ -219,6 +285,9 @@ pub struct Destination {
     handover_at: Option<Instant>,
     receipts: Vec<crate::receipt::SignedReceipt>,
     started_receipt: Option<crate::receipt::SignedReceipt>,
+    /// The VM runs here since a post-copy switch.
+    switched: bool,
+    faults: Option<FaultFigures>,
 }
 
 impl Destination {
@@ -237,7 +306,95 @@ impl Destination {
             handover_at: None,
             receipts: Vec::new(),
             started_receipt: None,
+            switched: false,
+            faults: None,
         }
+    }
+
+    /// Whether the VM runs here since a post-copy switch.
+    pub fn is_switched(&self) -> bool {
+        self.switched
+    }
+
+    /// Post-copy: the VM waits for `pages`; ask the source for them.
+    /// Ignored outside the post-copy phase (they are all on their way).
+    pub fn request_pages(&mut self, pages: &[PageIndex]) {
+        if !matches!(self.phase, Phase::PostCopy) {
+            return;
+        }
+        for chunk in pages.chunks(MAX_FETCH) {
+            self.actions
+                .push_back(DestinationAction::Send(Message::Fetch(Fetch {
+                    pages: chunk.to_vec(),
+                })));
+        }
+    }
+
+    /// Post-copy figures to report in Ready.
+    pub fn set_fault_figures(&mut self, f: FaultFigures) {
+        self.faults = Some(f);
+    }
+
+    /// Post-copy: the VM runs here on demand paging.
+    pub fn handle_postcopy_started(&mut self, now: Instant) {
+        if let Phase::PostcopyStarting { since } = self.phase {
+            let ms = now.saturating_duration_since(since).as_millis();
+            self.actions
+                .push_back(DestinationAction::Send(Message::PostcopyRunning(
+                    PostcopyRunning {
+                        start_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+                    },
+                )));
+            self.phase = Phase::PostCopy;
+        }
+    }
+
+    fn data_streams(&self) -> usize {
+        self.proposal
+            .as_ref()
+            .map_or(0, |p| usize::from(p.manifest.data_streams))
+    }
+
+    /// No stream has more batches applied than `announced` says it sent.
+    fn check_counts(&mut self, announced: &[u64]) -> Result<(), DestinationError> {
+        let over = announced
+            .iter()
+            .zip(&self.applied)
+            .enumerate()
+            .find(|(_, (a, b))| b > a);
+        match over {
+            Some((s, (&announced, &applied))) => Err(self.fail(DestinationError::BatchCount {
+                stream: s as u16,
+                announced,
+                applied,
+            })),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the VM once every batch sent before the switch is applied.
+    fn try_switch(&mut self, now: Instant) -> Result<(), DestinationError> {
+        let Phase::SwitchDraining(m) = &self.phase else {
+            return Ok(());
+        };
+        let streams = self.data_streams();
+        if self.applied.get(..streams) != Some(&m.batches[..]) {
+            return Ok(());
+        }
+        let Phase::SwitchDraining(m) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return Ok(());
+        };
+        let count = self
+            .proposal
+            .as_ref()
+            .map_or(0, |p| p.manifest.memory.page_count());
+        self.switched = true;
+        self.actions.push_back(DestinationAction::StartPostcopy {
+            device_state: m.device_state,
+            owed: PageBitmap::from_words(m.owed, count),
+        });
+        self.phase = Phase::PostcopyStarting { since: now };
+        Ok(())
     }
 
     /// The next thing to do.
@@ -281,20 +438,34 @@ impl Destination {
                 self.propose(p);
                 Ok(())
             }
-            (Phase::Receiving, Message::Finish(f)) => {
+            (Phase::Receiving, Message::PostcopySwitch(m)) => {
+                let Some(p) = &self.proposal else {
+                    return Err(self.fail(DestinationError::BadSwitch("no proposal")));
+                };
+                let count = p.manifest.memory.page_count();
+                if !p.manifest.postcopy {
+                    return Err(self.fail(DestinationError::BadSwitch(
+                        "the manifest did not announce post-copy",
+                    )));
+                }
+                if m.batches.len() != usize::from(p.manifest.data_streams) {
+                    return Err(self.fail(DestinationError::StreamCount(m.batches.len())));
+                }
+                if m.owed.len() as u64 != count.div_ceil(64) {
+                    return Err(self.fail(DestinationError::BadSwitch(
+                        "the owed bitmap does not fit the memory",
+                    )));
+                }
+                self.check_counts(&m.batches)?;
+                self.phase = Phase::SwitchDraining(m);
+                self.try_switch(now)
+            }
+            (Phase::Receiving | Phase::PostCopy, Message::Finish(f)) => {
                 let streams = self.applied.len();
                 if f.batches.len() != streams {
                     return Err(self.fail(DestinationError::StreamCount(f.batches.len())));
                 }
-                for (s, (&announced, &applied)) in f.batches.iter().zip(&self.applied).enumerate() {
-                    if applied > announced {
-                        return Err(self.fail(DestinationError::BatchCount {
-                            stream: s as u16,
-                            announced,
-                            applied,
-                        }));
-                    }
-                }
+                self.check_counts(&f.batches)?;
                 self.phase = Phase::Draining(f);
                 self.try_verify(now)
             }
@@ -311,6 +482,14 @@ impl Destination {
                     .check(&h.receipt, ReceiptKind::Sent, state)
                     // Signed before the start, so a started VM always has one.
                     .and_then(|()| self.sign(now, ReceiptKind::Started, state));
+                if self.switched {
+                    if let Err(e) = checked {
+                        // The VM already runs here; a bad Sent receipt
+                        // leaves the outcome in doubt, the VM kept.
+                        self.in_doubt(format!("the source's Sent receipt: {e}"));
+                        return Err(e);
+                    }
+                }
                 match checked {
                     Ok(started) => self.started_receipt = Some(started),
                     Err(e) => {
@@ -324,8 +503,12 @@ impl Destination {
                 }
                 self.handover_at = Some(now);
                 self.phase = Phase::Starting;
-                self.actions
-                    .push_back(DestinationAction::StartVm { device_state });
+                if self.switched {
+                    self.actions.push_back(DestinationAction::TrustVm);
+                } else {
+                    self.actions
+                        .push_back(DestinationAction::StartVm { device_state });
+                }
                 Ok(())
             }
             (Phase::Done, _) => Ok(()),
@@ -337,7 +520,12 @@ impl Destination {
             }
             (phase, Message::Abort(a)) => {
                 self.phase = phase;
-                self.discard(format!("source aborted: {}", a.reason));
+                let detail = format!("source aborted: {}", a.reason);
+                if self.switched && a.reason != Reason::RootMismatch {
+                    self.in_doubt(detail);
+                } else {
+                    self.discard(detail);
+                }
                 Ok(())
             }
             (phase, msg) => {
@@ -393,8 +581,10 @@ impl Destination {
         if let Err(e) = p.attributes.validate() {
             return refuse(self, Reason::Unacceptable(e.to_string()));
         }
-        self.applied = vec![0; usize::from(streams)];
-        self.opened = vec![false; usize::from(streams)];
+        // After a post-copy switch, one more: the fault stream.
+        let all = usize::from(streams) + usize::from(p.manifest.postcopy);
+        self.applied = vec![0; all];
+        self.opened = vec![false; all];
         self.actions.push_back(DestinationAction::PrepareStaging {
             vm: p.vm.clone(),
             manifest: p.manifest.clone(),
@@ -457,7 +647,7 @@ impl Destination {
     /// A data stream announced itself as `stream`.
     pub fn handle_stream_opened(&mut self, stream: u16) -> Result<(), DestinationError> {
         match self.opened.get_mut(usize::from(stream)) {
-            Some(o) if !*o && matches!(self.phase, Phase::Receiving | Phase::Draining(_)) => {
+            Some(o) if !*o && self.phase.takes_batches() => {
                 *o = true;
                 Ok(())
             }
@@ -474,7 +664,7 @@ impl Destination {
         seq: u64,
         leaves: &[(PageIndex, Digest)],
     ) -> Result<(), DestinationError> {
-        if !matches!(self.phase, Phase::Receiving | Phase::Draining(_)) {
+        if !self.phase.takes_batches() {
             return Err(self.fail(DestinationError::Unexpected {
                 phase: self.phase.name(),
                 message: "PageBatch",
@@ -499,16 +689,17 @@ impl Destination {
                 }
             }
         }
+        if let Phase::SwitchDraining(m) = &self.phase {
+            // Nothing is sent after the switch before we say we run (the
+            // fault stream, not in the switch's list, has sent nothing).
+            let mut announced = m.batches.clone();
+            announced.resize(self.applied.len(), 0);
+            self.check_counts(&announced)?;
+            return self.try_switch(now);
+        }
         if let Phase::Draining(f) = &self.phase {
-            let announced = f.batches[usize::from(stream)];
-            if *count > announced {
-                let applied = *count;
-                return Err(self.fail(DestinationError::BatchCount {
-                    stream,
-                    announced,
-                    applied,
-                }));
-            }
+            let announced = f.batches.clone();
+            self.check_counts(&announced)?;
         }
         self.try_verify(now)
     }
@@ -548,6 +739,7 @@ impl Destination {
                 memory_root: staging,
                 device_digest,
                 receipt,
+                faults: self.faults,
             })));
         self.phase = Phase::AwaitHandover {
             deadline: now + self.cfg.handover_timeout,
@@ -584,6 +776,11 @@ impl Destination {
     /// The VM could not be started after Handover: tell the source, which
     /// takes it back.
     pub fn handle_start_failed(&mut self, detail: &str) {
+        if let Phase::PostcopyStarting { .. } = self.phase {
+            // The VM never ran here: the source may take it back.
+            self.switched = false;
+            self.phase = Phase::Starting;
+        }
         if let Phase::Starting = self.phase {
             self.actions.push_back(DestinationAction::DiscardStaging);
             self.actions
@@ -611,7 +808,12 @@ impl Destination {
                     .push_back(DestinationAction::Send(Message::Abort(Abort {
                         reason: Reason::Timeout,
                     })));
-                self.discard("no Handover from the source in time".into());
+                let detail = "no Handover from the source in time".to_string();
+                if self.switched {
+                    self.in_doubt(detail);
+                } else {
+                    self.discard(detail);
+                }
             }
         }
     }
@@ -620,7 +822,9 @@ impl Destination {
     /// is discarded (the source still runs the VM or keeps it in doubt);
     /// after it, the VM is ours and starting continues.
     pub fn handle_link_lost(&mut self, detail: &str) {
-        if self.phase.has_staging() {
+        if self.switched && self.phase.has_staging() {
+            self.in_doubt(format!("link lost after the post-copy switch: {detail}"));
+        } else if self.phase.has_staging() {
             self.discard(format!("link lost: {detail}"));
         } else if let Phase::AwaitPropose = self.phase {
             self.events
@@ -689,9 +893,12 @@ impl Destination {
             DestinationError::RootMismatch { .. } => Reason::RootMismatch,
             _ => Reason::ProtocolViolation(e.to_string()),
         };
+        let mismatch = reason == Reason::RootMismatch;
         self.actions
             .push_back(DestinationAction::Send(Message::Abort(Abort { reason })));
-        if self.phase.has_staging() {
+        if self.switched && !mismatch && self.phase.has_staging() {
+            self.in_doubt(e.to_string());
+        } else if self.phase.has_staging() {
             self.discard(e.to_string());
         } else {
             self.events
@@ -699,6 +906,13 @@ impl Destination {
             self.phase = Phase::Done;
         }
         e
+    }
+
+    /// After the switch: keep the VM, report the outcome in doubt.
+    fn in_doubt(&mut self, detail: String) {
+        self.tree = None;
+        self.events.push_back(DestinationEvent::InDoubt(detail));
+        self.phase = Phase::Done;
     }
 
     fn discard(&mut self, detail: String) {

@@ -110,6 +110,11 @@ pub struct Manifest {
     /// For a QEMU VM: its definition and channels; the memory is then
     /// QEMU's stream, not page batches (see [`crate::stream`]).
     pub qemu: Option<Box<crate::stream::QemuManifest>>,
+    /// The source may switch to post-copy ([`PostcopySwitch`]): the
+    /// destination must be able to run the VM before every page arrived,
+    /// and accepts one more data stream, the fault stream (index
+    /// `data_streams`), that carries the pages it asks for.
+    pub postcopy: bool,
 }
 
 /// Source → destination: the first message of a migration.
@@ -218,6 +223,53 @@ pub struct Ready {
     pub device_digest: Digest,
     /// The destination's signed `Ready` receipt over those digests.
     pub receipt: SignedReceipt,
+    /// After a post-copy switch: the faults the VM took (informational,
+    /// not signed).
+    pub faults: Option<FaultFigures>,
+}
+
+/// How demand paging went at the destination after a post-copy switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultFigures {
+    /// Pages the VM touched before they had arrived.
+    pub faults: u64,
+    /// Median time from fault to page installed, microseconds.
+    pub median_us: u64,
+    /// 99th percentile of the same, microseconds.
+    pub p99_us: u64,
+}
+
+/// Largest number of pages in one [`Fetch`].
+pub const MAX_FETCH: usize = 16;
+
+/// Source → destination: the VM is paused here and handed over; run it
+/// there from its device state while the pages in `owed` are still on
+/// their way. Sent only after the source durably recorded the switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopySwitch {
+    /// Batches sent on each data stream before the switch: the destination
+    /// applies exactly these before it runs the VM.
+    pub batches: Vec<u64>,
+    /// The paused VM's device state.
+    pub device_state: Vec<u8>,
+    /// Bitmap words (as [`crate::page::PageBitmap::words`]) of the pages
+    /// whose current version the destination does not hold yet.
+    pub owed: Vec<u64>,
+}
+
+/// Destination → source: the VM runs here now, on demand paging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyRunning {
+    /// Switch received to VM running, milliseconds.
+    pub start_ms: u32,
+}
+
+/// Destination → source: the VM is waiting for these pages; send them on
+/// the fault stream first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetch {
+    /// At most [`MAX_FETCH`] pages.
+    pub pages: Vec<crate::page::PageIndex>,
 }
 
 /// Source → destination: the VM is yours; start it.
@@ -276,6 +328,12 @@ pub enum Message {
     StreamsDone(crate::stream::StreamsDone),
     /// Tag 10.
     Switch(crate::stream::Switch),
+    /// Tag 11.
+    PostcopySwitch(PostcopySwitch),
+    /// Tag 12.
+    PostcopyRunning(PostcopyRunning),
+    /// Tag 13.
+    Fetch(Fetch),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
     /// Tag 17: a page batch; the payload is carried without a copy.
@@ -302,6 +360,9 @@ pub mod tag {
     pub const ABORT: u8 = 8;
     pub const STREAMS_DONE: u8 = 9;
     pub const SWITCH: u8 = 10;
+    pub const POSTCOPY_SWITCH: u8 = 11;
+    pub const POSTCOPY_RUNNING: u8 = 12;
+    pub const FETCH: u8 = 13;
     pub const DATA_STREAM_OPEN: u8 = 16;
     pub const PAGE_BATCH: u8 = 17;
     pub const CHANNEL_OPEN: u8 = 18;
@@ -366,6 +427,9 @@ impl Message {
             Message::Abort(_) => tag::ABORT,
             Message::StreamsDone(_) => tag::STREAMS_DONE,
             Message::Switch(_) => tag::SWITCH,
+            Message::PostcopySwitch(_) => tag::POSTCOPY_SWITCH,
+            Message::PostcopyRunning(_) => tag::POSTCOPY_RUNNING,
+            Message::Fetch(_) => tag::FETCH,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
@@ -394,6 +458,9 @@ impl Message {
             Message::Abort(m) => postcard::to_extend(m, out),
             Message::StreamsDone(m) => postcard::to_extend(m, out),
             Message::Switch(m) => postcard::to_extend(m, out),
+            Message::PostcopySwitch(m) => postcard::to_extend(m, out),
+            Message::PostcopyRunning(m) => postcard::to_extend(m, out),
+            Message::Fetch(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
@@ -427,7 +494,9 @@ impl Message {
             tag::REJECT => Message::Reject(whole(t, body)?),
             tag::FINISH => {
                 let f: Finish = whole(t, body)?;
-                if f.batches.len() > usize::from(MAX_DATA_STREAMS) {
+                // The data streams and, after a post-copy switch, the fault
+                // stream.
+                if f.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
                     return Err(malformed(t, "more streams than allowed"));
                 }
                 if f.device_state.len() > MAX_DEVICE_STATE {
@@ -447,6 +516,24 @@ impl Message {
                 Message::StreamsDone(d)
             }
             tag::SWITCH => Message::Switch(whole(t, body)?),
+            tag::POSTCOPY_SWITCH => {
+                let m: PostcopySwitch = whole(t, body)?;
+                if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                if m.device_state.len() > MAX_DEVICE_STATE {
+                    return Err(malformed(t, "device state too large"));
+                }
+                Message::PostcopySwitch(m)
+            }
+            tag::POSTCOPY_RUNNING => Message::PostcopyRunning(whole(t, body)?),
+            tag::FETCH => {
+                let m: Fetch = whole(t, body)?;
+                if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
+                    return Err(malformed(t, "a fetch of 1..=16 pages"));
+                }
+                Message::Fetch(m)
+            }
             tag::CHANNEL_OPEN => Message::ChannelOpen(whole(t, body)?),
             tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
             tag::PAGE_BATCH => {
@@ -475,6 +562,9 @@ pub fn name_of(t: u8) -> &'static str {
         tag::ABORT => "Abort",
         tag::STREAMS_DONE => "StreamsDone",
         tag::SWITCH => "Switch",
+        tag::POSTCOPY_SWITCH => "PostcopySwitch",
+        tag::POSTCOPY_RUNNING => "PostcopyRunning",
+        tag::FETCH => "Fetch",
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
@@ -531,6 +621,7 @@ mod tests {
                 memory: MemoryGeometry::new(PageSize::SIZE_4K, 100).unwrap(),
                 data_streams: 2,
                 qemu: None,
+                postcopy: false,
             },
             ticket: crate::ticket::SignedTicket {
                 body: vec![1],
@@ -601,6 +692,25 @@ mod tests {
             Message::decode(Bytes::from_static(&[tag::HANDOVER, 0, 0, 0, 0])),
             Err(DecodeError::Trailing { .. })
         ));
+        // A fault request for no page, or for more than MAX_FETCH.
+        for n in [0, MAX_FETCH + 1] {
+            let f = Message::Fetch(Fetch {
+                pages: (0..n as u64).map(crate::page::PageIndex).collect(),
+            })
+            .encode()
+            .unwrap();
+            assert!(
+                matches!(
+                    Message::decode(strip(f)),
+                    Err(DecodeError::Malformed { .. })
+                ),
+                "{n} pages"
+            );
+        }
+        let ok = Message::Fetch(Fetch {
+            pages: vec![crate::page::PageIndex(9)],
+        });
+        assert_eq!(Message::decode(strip(ok.encode().unwrap())), Ok(ok));
     }
 
     #[test]

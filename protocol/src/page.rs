@@ -835,6 +835,8 @@ pub enum BatchError {
 pub struct StreamReceiver {
     stream: u16,
     streams: u16,
+    /// Pages must be on their stripe's stream (not on the fault stream).
+    striped: bool,
     geometry: MemoryGeometry,
     next_seq: u64,
     last_round: u32,
@@ -935,10 +937,20 @@ impl StreamReceiver {
         StreamReceiver {
             stream,
             streams,
+            striped: true,
             geometry,
             next_seq: 0,
             last_round: 0,
             decompressor: None,
+        }
+    }
+
+    /// A receiver for the post-copy fault stream `stream`, whose pages may
+    /// be any pages (they are sent in the order the VM asked for them).
+    pub fn unstriped(stream: u16, geometry: MemoryGeometry) -> Self {
+        StreamReceiver {
+            striped: false,
+            ..StreamReceiver::new(stream, 1, geometry)
         }
     }
 
@@ -994,7 +1006,7 @@ impl StreamReceiver {
             for p in start..end {
                 let idx = PageIndex(p);
                 let expected = stream_for(idx, self.streams);
-                if expected != self.stream {
+                if self.striped && expected != self.stream {
                     return Err(BatchError::WrongStream {
                         page: p,
                         stream: self.stream,

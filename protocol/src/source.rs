@@ -14,6 +14,12 @@
 //!     Committing --> AwaitStarted: recorded / send Handover
 //!     AwaitStarted --> Done: Started / discard the local copy
 //!     AwaitStarted --> InDoubt: link lost, timeout
+//!     Copying --> Pausing: hybrid switch point / post-copy after Accept
+//!     Pausing --> Switching: paused / record the switch
+//!     Switching --> AwaitRunning: recorded / send PostcopySwitch
+//!     AwaitRunning --> PostCopy: PostcopyRunning / push the owed pages
+//!     PostCopy --> PostCopy: Fetch / serve on the fault stream
+//!     PostCopy --> AwaitReady: pushed and served / send Finish
 //!     Copying --> Failed: Abort, link lost, cancel, bad message
 //!     AwaitReady --> Failed: Abort, wrong roots, timeout
 //! ```
@@ -36,6 +42,24 @@
 //!   [`Reason::CannotConverge`] (naming the dirty rate, the send rate and
 //!   the expected downtime) and the VM keeps running here, unthrottled.
 //!
+//! # Post-copy and hybrid
+//! With [`Switchover::Immediately`] the source pauses the VM right after
+//! Accept; with [`Switchover::Hybrid`] it first runs pre-copy rounds and
+//! pauses at the switch point (a time limit, else the end of the first
+//! full pass, or a stall or the round limit). Paused, it durably records
+//! the switch ([`SourceAction::CommitSwitch`]) — from then on it never
+//! resumes the VM — and sends [`PostcopySwitch`]: the batches sent so far,
+//! the device state and the *owed* pages, those whose current version the
+//! destination lacks. Once the destination reports the VM running there
+//! ([`Message::PostcopyRunning`], which ends the downtime), the source
+//! pushes every owed page in the background and serves each [`Fetch`] at
+//! once on the fault stream, with the owed pages that follow the faulting
+//! one (pre-paging by locality, [`PREPAGE`]). When all are sent it sends
+//! `Finish` with the root of the image as paused; the destination checks
+//! it and the usual Ready/Sent/Started receipts follow. The source keeps
+//! its paused copy until `Started`: after the switch a broken link or a
+//! bad root is *in doubt*, never a resume here.
+//!
 //! Every path to `Failed` emits [`SourceAction::RollBack`]: the VM keeps (or
 //! resumes) running here. No path after `Handover` is sent resumes the VM:
 //! without `Started` the outcome is *in doubt* and the paused copy is kept
@@ -55,11 +79,33 @@ use thiserror::Error;
 use crate::ctl::{Outcome, Progress};
 use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
 use crate::message::{
-    Abort, Capabilities, Finish, Handover, Manifest, Message, Propose, Reason, VersionRange,
+    Abort, Capabilities, FaultFigures, Fetch, Finish, Handover, Manifest, Message, PostcopySwitch,
+    Propose, Reason, VersionRange,
 };
 use crate::names::{MigrationId, VmName};
 use crate::page::{EncodingStats, PageBitmap, PageIndex};
 use crate::receipt::ReceiptKind;
+
+/// When the source hands the VM over before all its pages are there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Switchover {
+    /// Pre-copy: stop and copy, never post-copy.
+    #[default]
+    Never,
+    /// Post-copy: switch right after Accept, with no pre-copy round.
+    Immediately,
+    /// Hybrid: pre-copy until the downtime target is met, else switch to
+    /// post-copy `after` the first round started (without a limit: after
+    /// the first full pass), or when rounds stall or reach the limit.
+    Hybrid {
+        /// Pre-copy time before switching.
+        after: Option<Duration>,
+    },
+}
+
+/// Pages after a faulting page sent with it when they are still owed.
+pub const PREPAGE: u64 = 15;
 
 /// How the source behaves.
 #[derive(Debug, Clone)]
@@ -84,6 +130,9 @@ pub struct SourceConfig {
     pub max_downtime: Duration,
     /// At most this many pre-copy rounds (see `force_stop`).
     pub max_rounds: u32,
+    /// Pre-copy, post-copy or hybrid. With anything but `Never` the
+    /// manifest announces post-copy and a fault stream.
+    pub switchover: Switchover,
     /// Throttle the guest in steps when rounds stop shrinking.
     pub auto_converge: bool,
     /// Hold pages dirtied in several rounds back for the final round.
@@ -143,6 +192,19 @@ pub enum SourceAction {
     RollBack,
     /// The destination runs the VM: discard and wipe the local copy.
     DiscardVm,
+    /// The VM is paused for a post-copy switch: durably record that it is
+    /// handed over (it must never resume here by itself), then call
+    /// [`Source::handle_switch_committed`].
+    CommitSwitch,
+    /// Post-copy: read `pages` of the paused VM and send them as exactly
+    /// one batch on the fault stream (index `data_streams`), then report
+    /// it with [`Source::handle_batch_sent`].
+    ServePages {
+        /// Round number (the post-copy round).
+        round: u32,
+        /// Ascending, at most one batch's worth.
+        pages: Vec<PageIndex>,
+    },
 }
 
 /// What the driver may report.
@@ -178,6 +240,8 @@ pub struct SourceSummary {
     pub downtime: Option<Duration>,
     /// Convergence figures.
     pub convergence: Convergence,
+    /// After a post-copy switch: what was owed and how it went.
+    pub postcopy: Option<PostcopySummary>,
     /// Root handed over.
     pub memory_root: Option<Digest>,
     /// Receipts verified from the destination, and our own `Sent`.
@@ -195,6 +259,20 @@ pub struct Convergence {
     pub resent_pages: u64,
     /// Sends deferred by holding hot pages back for the final round.
     pub held_back: u64,
+}
+
+/// How a post-copy phase went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PostcopySummary {
+    /// Pages owed at the switch.
+    pub owed: u64,
+    /// Page sends on the fault stream (the asked pages and their pre-paged
+    /// neighbours).
+    pub served: u64,
+    /// Fetch requests received.
+    pub fetches: u64,
+    /// The destination's figures, from its Ready.
+    pub faults: Option<FaultFigures>,
 }
 
 /// The auto-converge throttle steps, percent of guest CPU taken away.
@@ -274,9 +352,19 @@ enum Phase {
     },
     Pausing {
         round: u32,
+        postcopy: bool,
     },
     FinalCopy {
         round: u32,
+    },
+    Switching,
+    AwaitRunning {
+        round: u32,
+        deadline: Instant,
+    },
+    PostCopy {
+        round: u32,
+        pushing: bool,
     },
     AwaitReady {
         deadline: Instant,
@@ -296,6 +384,9 @@ impl Phase {
             Phase::Copying { .. } => "copying",
             Phase::Pausing { .. } => "pausing",
             Phase::FinalCopy { .. } => "sending the final round",
+            Phase::Switching => "recording the post-copy switch",
+            Phase::AwaitRunning { .. } => "awaiting PostcopyRunning",
+            Phase::PostCopy { .. } => "post-copy",
             Phase::AwaitReady { .. } => "awaiting Ready",
             Phase::Committing => "committing the handover",
             Phase::AwaitStarted { .. } => "awaiting Started",
@@ -337,6 +428,18 @@ pub struct Source {
     sent: PageBitmap,
     stalled: u8,
     convergence: Convergence,
+    /// When pre-copy began (for the hybrid time limit).
+    copy_started: Option<Instant>,
+    /// Post-copy: the switch was sent (no resume here, ever).
+    switched: bool,
+    /// When the destination reported the VM running.
+    resumed_at: Option<Instant>,
+    /// Pages owed at the switch, and those sent since.
+    owed: Option<PageBitmap>,
+    pushed: PageBitmap,
+    /// ServePages actions not yet reported sent.
+    serving: u64,
+    postcopy: PostcopySummary,
     root: Option<Digest>,
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
@@ -345,10 +448,12 @@ pub struct Source {
 
 impl Source {
     /// A source that has not started.
-    pub fn new(cfg: SourceConfig) -> Self {
+    pub fn new(mut cfg: SourceConfig) -> Self {
         let pages = cfg.manifest.memory.page_count() as usize;
         let page = cfg.manifest.memory.page_size().bytes();
-        let streams = usize::from(cfg.manifest.data_streams);
+        cfg.manifest.postcopy = cfg.switchover != Switchover::Never;
+        // The fault stream follows the data streams.
+        let streams = usize::from(cfg.manifest.data_streams) + usize::from(cfg.manifest.postcopy);
         Source {
             tree: MerkleTree::filled(pages, zero_leaf(page)),
             batches: vec![0; streams],
@@ -377,6 +482,13 @@ impl Source {
             sent: PageBitmap::empty(pages as u64),
             stalled: 0,
             convergence: Convergence::default(),
+            copy_started: None,
+            switched: false,
+            resumed_at: None,
+            owed: None,
+            pushed: PageBitmap::empty(pages as u64),
+            serving: 0,
+            postcopy: PostcopySummary::default(),
             root: None,
             receipts: Vec::new(),
             accepted: None,
@@ -404,6 +516,7 @@ impl Source {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Proposed { deadline }
+            | Phase::AwaitRunning { deadline, .. }
             | Phase::AwaitReady { deadline }
             | Phase::AwaitStarted { deadline } => Some(deadline),
             _ => None,
@@ -459,8 +572,15 @@ impl Source {
                 self.accepted = Some(a.capabilities);
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
+                self.copy_started = Some(now);
                 let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
-                self.begin_round(now, 1, all, true);
+                if self.cfg.switchover == Switchover::Immediately {
+                    // Every page is owed, zero pages included: the
+                    // destination's memory starts missing, not zeroed.
+                    self.pause(0, all, true);
+                } else {
+                    self.begin_round(now, 1, all, true);
+                }
                 Ok(())
             }
             (Phase::Proposed { .. }, Message::Reject(r)) => {
@@ -486,8 +606,14 @@ impl Source {
                     return Err(self.fail(now, e));
                 }
                 self.verified = true;
-                self.actions.push_back(SourceAction::CommitHandover);
+                self.postcopy.faults = r.faults;
                 self.phase = Phase::Committing;
+                if self.switched {
+                    // Recorded at the switch already.
+                    self.handle_handover_committed(now);
+                } else {
+                    self.actions.push_back(SourceAction::CommitHandover);
+                }
                 Ok(())
             }
             (Phase::AwaitStarted { .. }, Message::Started(s)) => {
@@ -504,6 +630,59 @@ impl Source {
                         Err(e)
                     }
                 }
+            }
+            (Phase::AwaitRunning { .. }, Message::Abort(a)) => {
+                // The destination could not start the VM on the switch and
+                // discarded what it held: nothing ran there, the VM is ours.
+                self.handed_over = false;
+                self.switched = false;
+                self.actions.push_back(SourceAction::RollBack);
+                self.finish(
+                    now,
+                    Outcome::Aborted(format!("destination could not start: {}", a.reason)),
+                );
+                Ok(())
+            }
+            (Phase::AwaitRunning { round, .. }, Message::PostcopyRunning(_)) => {
+                self.resumed_at = Some(now);
+                self.phase = Phase::PostCopy {
+                    round,
+                    pushing: true,
+                };
+                let owed = self
+                    .owed
+                    .clone()
+                    .unwrap_or_else(|| PageBitmap::empty(self.cfg.manifest.memory.page_count()));
+                self.progress("post-copy", owed.count());
+                self.actions.push_back(SourceAction::SendPages {
+                    round,
+                    pages: owed,
+                    skip_zero: false,
+                });
+                Ok(())
+            }
+            (Phase::PostCopy { round, pushing }, Message::Fetch(f)) => {
+                self.phase = Phase::PostCopy { round, pushing };
+                self.serve(now, round, &f)
+            }
+            (
+                phase @ (Phase::AwaitReady { .. } | Phase::Committing | Phase::AwaitStarted { .. }),
+                Message::Fetch(_),
+            ) if self.switched => {
+                // Every page is on its way already.
+                self.phase = phase;
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Abort(a)) if self.switched => {
+                // The VM ran there: never resumed here.
+                self.finish(
+                    now,
+                    Outcome::InDoubt(format!(
+                        "destination aborted after the switch: {}",
+                        a.reason
+                    )),
+                );
+                Ok(())
             }
             (Phase::AwaitStarted { .. }, Message::Abort(a)) => {
                 // The destination says it did not start the VM and has
@@ -539,7 +718,11 @@ impl Source {
     }
 
     /// The driver wrote one batch of the current round.
-    pub fn handle_batch_sent(&mut self, batch: &SentBatch) -> Result<(), SourceError> {
+    pub fn handle_batch_sent(
+        &mut self,
+        now: Instant,
+        batch: &SentBatch,
+    ) -> Result<(), SourceError> {
         let Some(count) = self.batches.get_mut(usize::from(batch.stream)) else {
             return Err(SourceError::NoSuchStream(batch.stream));
         };
@@ -554,11 +737,21 @@ impl Source {
                 self.sent.insert(p);
             }
         }
+        if self.switched {
+            for &(p, _) in &batch.leaves {
+                self.pushed.insert(p);
+            }
+            if batch.stream == self.cfg.manifest.data_streams {
+                self.serving = self.serving.saturating_sub(1);
+                self.postcopy.served += batch.stats.pages();
+            }
+        }
         self.pages_sent += batch.stats.pages();
         self.round_pages += batch.stats.pages();
         self.encodings.add(&batch.stats);
         self.payload_bytes += batch.frame_bytes;
         self.round_bytes += batch.frame_bytes;
+        self.try_finish_postcopy(now);
         Ok(())
     }
 
@@ -584,21 +777,17 @@ impl Source {
                 };
                 self.actions.push_back(SourceAction::CollectDirtyLog);
             }
-            Phase::FinalCopy { round: r } if r == round => {
-                let root = self.tree.root();
-                self.root = Some(root);
-                self.actions
-                    .push_back(SourceAction::Send(Message::Finish(Finish {
-                        batches: self.batches.clone(),
-                        rounds: self.rounds,
-                        device_state: self.device_state.clone(),
-                        memory_root: root,
-                    })));
-                self.phase = Phase::AwaitReady {
-                    deadline: now + self.cfg.ready_timeout,
+            Phase::PostCopy {
+                round: r,
+                pushing: true,
+            } if r == round => {
+                self.phase = Phase::PostCopy {
+                    round,
+                    pushing: false,
                 };
-                self.progress("verify", 0);
+                self.try_finish_postcopy(now);
             }
+            Phase::FinalCopy { round: r } if r == round => self.send_finish(now),
             _ => {}
         }
     }
@@ -641,12 +830,26 @@ impl Source {
         self.progress("precopy", remaining);
         if expected <= self.cfg.max_downtime {
             self.converged = true;
-            self.pause(round, left);
+            self.pause(round, left, false);
             return;
+        }
+        if let Switchover::Hybrid { after } = self.cfg.switchover {
+            let ran = self
+                .copy_started
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            let due = match after {
+                Some(limit) => ran >= limit,
+                None => true,
+            };
+            let stalling = dirtied.saturating_mul(2) >= self.round_pages;
+            if due || round >= self.cfg.max_rounds || stalling {
+                self.pause(round, left, true);
+                return;
+            }
         }
         if round >= self.cfg.max_rounds {
             if self.cfg.force_stop {
-                self.pause(round, left);
+                self.pause(round, left, false);
             } else {
                 let detail = format!(
                     "cannot converge at this dirty rate and bandwidth: the guest dirties {} pages/s, \
@@ -709,7 +912,7 @@ impl Source {
         dirty: PageBitmap,
         device_state: Vec<u8>,
     ) -> Result<(), SourceError> {
-        let Phase::Pausing { round } = self.phase else {
+        let Phase::Pausing { round, postcopy } = self.phase else {
             return Err(SourceError::Unexpected {
                 phase: self.phase.name(),
                 message: "VM paused",
@@ -726,6 +929,14 @@ impl Source {
         self.rounds = round;
         self.round_bytes = 0;
         self.round_pages = 0;
+        if postcopy {
+            self.postcopy.owed = last.count();
+            self.owed = Some(last);
+            self.phase = Phase::Switching;
+            self.progress("switching to post-copy", self.postcopy.owed);
+            self.actions.push_back(SourceAction::CommitSwitch);
+            return Ok(());
+        }
         self.phase = Phase::FinalCopy { round };
         self.progress("stop-and-copy", last.count());
         self.actions.push_back(SourceAction::SendPages {
@@ -734,6 +945,88 @@ impl Source {
             skip_zero: false,
         });
         Ok(())
+    }
+
+    /// The post-copy switch is durably recorded: hand the VM over.
+    pub fn handle_switch_committed(&mut self, now: Instant) {
+        let Phase::Switching = self.phase else {
+            return;
+        };
+        let streams = usize::from(self.cfg.manifest.data_streams);
+        let owed = self
+            .owed
+            .as_ref()
+            .map(|o| o.words().to_vec())
+            .unwrap_or_default();
+        self.handed_over = true;
+        self.switched = true;
+        self.actions
+            .push_back(SourceAction::Send(Message::PostcopySwitch(
+                PostcopySwitch {
+                    batches: self.batches[..streams.min(self.batches.len())].to_vec(),
+                    device_state: self.device_state.clone(),
+                    owed,
+                },
+            )));
+        self.phase = Phase::AwaitRunning {
+            round: self.rounds,
+            deadline: now + self.cfg.accept_timeout,
+        };
+    }
+
+    /// Answers a Fetch: the asked pages, and the owed pages after each
+    /// not yet pushed, as one batch on the fault stream.
+    fn serve(&mut self, now: Instant, round: u32, f: &Fetch) -> Result<(), SourceError> {
+        let count = self.cfg.manifest.memory.page_count();
+        let max = self.cfg.manifest.memory.page_size().max_batch_pages();
+        self.postcopy.fetches += 1;
+        let mut pages = Vec::new();
+        for &p in &f.pages {
+            if p.0 >= count {
+                return Err(self.fail(now, SourceError::LeafOutOfRange(p.0)));
+            }
+            pages.push(p);
+            let owed = self.owed.as_ref();
+            for q in p.0 + 1..=(p.0 + PREPAGE).min(count - 1) {
+                let q = PageIndex(q);
+                if owed.is_some_and(|o| o.contains(q)) && !self.pushed.contains(q) {
+                    pages.push(q);
+                }
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        pages.truncate(max);
+        self.serving += 1;
+        self.actions
+            .push_back(SourceAction::ServePages { round, pages });
+        Ok(())
+    }
+
+    /// Post-copy: once every owed page is pushed and every fault served,
+    /// send Finish with the root of the image as paused.
+    fn try_finish_postcopy(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::PostCopy { pushing: false, .. }) || self.serving > 0 {
+            return;
+        }
+        self.send_finish(now);
+    }
+
+    /// Every page is sent: announce the root of the image as paused.
+    fn send_finish(&mut self, now: Instant) {
+        let root = self.tree.root();
+        self.root = Some(root);
+        self.actions
+            .push_back(SourceAction::Send(Message::Finish(Finish {
+                batches: self.batches.clone(),
+                rounds: self.rounds,
+                device_state: self.device_state.clone(),
+                memory_root: root,
+            })));
+        self.phase = Phase::AwaitReady {
+            deadline: now + self.cfg.ready_timeout,
+        };
+        self.progress("verify", 0);
     }
 
     /// The handover is durably recorded; tell the destination.
@@ -773,6 +1066,10 @@ impl Source {
                 Reason::Timeout,
                 "no Accept from the destination in time".into(),
             ),
+            Phase::AwaitRunning { deadline, .. } if now >= deadline => self.finish_failed(
+                now,
+                "the destination did not report the VM running after the switch".into(),
+            ),
             Phase::AwaitReady { deadline } if now >= deadline => self.fail_with(
                 now,
                 Reason::Timeout,
@@ -796,6 +1093,7 @@ impl Source {
     pub fn cancel(&mut self, now: Instant) -> bool {
         match self.phase {
             Phase::Done | Phase::AwaitStarted { .. } => false,
+            _ if self.handed_over => false,
             _ => {
                 self.fail_with(now, Reason::Cancelled, "cancelled".into());
                 true
@@ -847,10 +1145,10 @@ impl Source {
         });
     }
 
-    fn pause(&mut self, round: u32, left: PageBitmap) {
+    fn pause(&mut self, round: u32, left: PageBitmap, postcopy: bool) {
         self.held = PageBitmap::empty(left.len());
         self.pending = Some(left);
-        self.phase = Phase::Pausing { round };
+        self.phase = Phase::Pausing { round, postcopy };
         self.actions.push_back(SourceAction::PauseVm);
     }
 
@@ -910,8 +1208,11 @@ impl Source {
             encodings: self.encodings,
             payload_bytes: self.payload_bytes,
             total: now.saturating_duration_since(start),
-            downtime: self.paused_at.map(|p| now.saturating_duration_since(p)),
+            downtime: self
+                .paused_at
+                .map(|p| self.resumed_at.unwrap_or(now).saturating_duration_since(p)),
             convergence: self.convergence,
+            postcopy: self.switched.then_some(self.postcopy),
             memory_root: self.root,
             receipts: self.receipts.clone(),
         }));

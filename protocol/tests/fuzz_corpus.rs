@@ -132,6 +132,7 @@ fn seeds() -> Vec<Message> {
                 memory: geometry,
                 data_streams: 1,
                 qemu: None,
+                postcopy: false,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -157,6 +158,11 @@ fn seeds() -> Vec<Message> {
             memory_root: Digest([7; 32]),
             device_digest: Digest([8; 32]),
             receipt: rc(ReceiptKind::Ready),
+            faults: Some(convoy_protocol::message::FaultFigures {
+                faults: 3,
+                median_us: 40,
+                p99_us: 90,
+            }),
         }),
         Message::Handover(Handover {
             receipt: rc(ReceiptKind::Sent),
@@ -185,6 +191,15 @@ fn seeds() -> Vec<Message> {
             },
         })),
         Message::PageBatch(delta.header, Bytes::from(delta.payload)),
+        Message::PostcopySwitch(convoy_protocol::message::PostcopySwitch {
+            batches: vec![2, 1],
+            device_state: vec![1, 2, 3],
+            owed: vec![0b1011, u64::MAX],
+        }),
+        Message::PostcopyRunning(convoy_protocol::message::PostcopyRunning { start_ms: 2 }),
+        Message::Fetch(convoy_protocol::message::Fetch {
+            pages: vec![PageIndex(3), PageIndex(70)],
+        }),
     ]
 }
 

@@ -25,6 +25,7 @@ use convoy_protocol::page::{
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
 use convoy_protocol::source::{
     SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
+    Switchover,
 };
 
 const PAGE: usize = 4096;
@@ -175,6 +176,14 @@ struct Pair {
     data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
     receivers: Vec<StreamReceiver>,
     seqs: Vec<u64>,
+    /// Post-copy: the source switched (no deltas from then on).
+    switched: bool,
+    /// Post-copy: pages the destination does not hold yet.
+    missing: Option<PageBitmap>,
+    /// Post-copy: pages the destination VM touches right after the switch.
+    touch: Vec<u64>,
+    /// Cut the link once the destination reports the VM running.
+    cut_on_running: bool,
     /// The source's page cache of each stream, for delta pages.
     caches: Vec<PageCache>,
     tamper: Option<Tamper>,
@@ -217,6 +226,7 @@ impl Pair {
                 memory: geometry,
                 data_streams: streams,
                 qemu: None,
+                postcopy: false,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -228,6 +238,7 @@ impl Pair {
             capabilities: Capabilities::OURS,
             max_downtime: Duration::from_millis(20),
             max_rounds: 10,
+            switchover: Switchover::Never,
             auto_converge: false,
             hold_hot_pages: false,
             force_stop: true,
@@ -260,8 +271,13 @@ impl Pair {
             data: VecDeque::new(),
             receivers: (0..streams)
                 .map(|s| StreamReceiver::new(s, streams, geometry))
+                .chain([StreamReceiver::unstriped(streams, geometry)])
                 .collect(),
-            seqs: vec![0; usize::from(streams)],
+            seqs: vec![0; usize::from(streams) + 1],
+            switched: false,
+            missing: None,
+            touch: vec![1, 2, 500, 900],
+            cut_on_running: false,
             caches: (0..streams)
                 .map(|_| PageCache::new(pages * PAGE, PageSize::SIZE_4K))
                 .collect(),
@@ -287,10 +303,11 @@ impl Pair {
     fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
         let mut skipped = 0;
         let mut comp = Compressor::new(self.level).unwrap();
-        let delta = self
-            .src
-            .accepted_capabilities()
-            .is_some_and(|c| c.has(Capabilities::DELTA));
+        let delta = !self.switched
+            && self
+                .src
+                .accepted_capabilities()
+                .is_some_and(|c| c.has(Capabilities::DELTA));
         for s in 0..self.streams {
             let mine: Vec<PageIndex> = pages
                 .iter()
@@ -316,30 +333,55 @@ impl Pair {
                 if b.pages() == 0 {
                     continue;
                 }
-                let seq = self.seqs[usize::from(s)];
-                self.seqs[usize::from(s)] += 1;
-                let enc = b.finish(seq, round, &mut comp).unwrap();
-                let frame_bytes = (enc.payload.len() + 32) as u64;
-                self.src
-                    .handle_batch_sent(&SentBatch {
-                        stream: s,
-                        leaves: enc.leaves,
-                        stats: enc.stats,
-                        frame_bytes,
-                    })
-                    .unwrap();
-                let mut header = enc.header;
-                let mut payload = enc.payload;
-                if let Some(t) = self.tamper.as_mut() {
-                    t(round, &mut header, &mut payload);
-                }
-                self.data
-                    .push_back((self.now + self.latency, s, header, Bytes::from(payload)));
+                let frame_bytes = self.transmit(s, round, b, &mut comp);
                 // Transmitting takes time, during which the VM runs on.
                 self.tick(Duration::from_secs_f64(frame_bytes as f64 / self.bandwidth));
+                if self.switched {
+                    // Faults are answered while the push goes on.
+                    self.deliver();
+                }
             }
         }
         self.src.handle_round_sent(self.now, round, skipped);
+    }
+
+    /// One batch on the fault stream.
+    fn serve_pages(&mut self, round: u32, pages: Vec<PageIndex>) {
+        let mut comp = Compressor::new(self.level).unwrap();
+        let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+        for p in pages {
+            let bytes = &self.vm.pages[p.0 as usize];
+            b.push_with(p, |buf| buf.copy_from_slice(bytes)).unwrap();
+        }
+        self.transmit(self.streams, round, b, &mut comp);
+    }
+
+    /// Encodes a batch for stream `s`, reports it sent, puts it on the
+    /// link (through the tamper hook); returns its frame bytes.
+    fn transmit(&mut self, s: u16, round: u32, b: BatchBuilder, comp: &mut Compressor) -> u64 {
+        let seq = self.seqs[usize::from(s)];
+        self.seqs[usize::from(s)] += 1;
+        let enc = b.finish(seq, round, comp).unwrap();
+        let frame_bytes = (enc.payload.len() + 32) as u64;
+        self.src
+            .handle_batch_sent(
+                self.now,
+                &SentBatch {
+                    stream: s,
+                    leaves: enc.leaves,
+                    stats: enc.stats,
+                    frame_bytes,
+                },
+            )
+            .unwrap();
+        let mut header = enc.header;
+        let mut payload = enc.payload;
+        if let Some(t) = self.tamper.as_mut() {
+            t(round, &mut header, &mut payload);
+        }
+        self.data
+            .push_back((self.now + self.latency, s, header, Bytes::from(payload)));
+        frame_bytes
     }
 
     fn drain_src(&mut self) {
@@ -378,6 +420,11 @@ impl Pair {
                     self.src.handle_paused(self.now, d, state).unwrap();
                 }
                 SourceAction::CommitHandover => self.src.handle_handover_committed(self.now),
+                SourceAction::CommitSwitch => {
+                    self.switched = true;
+                    self.src.handle_switch_committed(self.now);
+                }
+                SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
                 SourceAction::Throttle { percent } => {
                     assert!(percent < 100);
                     self.vm.throttle = percent;
@@ -403,8 +450,12 @@ impl Pair {
         while let Some(a) = self.dst.poll_action() {
             match a {
                 DestinationAction::Send(m) => {
+                    let running = matches!(m, Message::PostcopyRunning(_));
                     if self.link_up {
                         self.to_src.push_back((self.now + self.latency, m));
+                    }
+                    if running && self.cut_on_running {
+                        self.link_up = false;
                     }
                 }
                 DestinationAction::PrepareStaging { manifest, .. } => {
@@ -422,6 +473,26 @@ impl Pair {
                     self.dst.handle_started(self.now);
                 }
                 DestinationAction::DiscardStaging => self.staging = None,
+                DestinationAction::StartPostcopy { device_state, owed } => {
+                    // Owed pages are dropped: they read as missing.
+                    let staging = self.staging.as_mut().unwrap();
+                    for p in owed.iter() {
+                        staging[p.0 as usize].fill(0);
+                    }
+                    let mut c = [0u8; 8];
+                    c.copy_from_slice(&device_state);
+                    self.started = Some(u64::from_le_bytes(c));
+                    let asked: Vec<PageIndex> = self
+                        .touch
+                        .iter()
+                        .map(|&p| PageIndex(p))
+                        .filter(|p| owed.contains(*p))
+                        .collect();
+                    self.missing = Some(owed);
+                    self.dst.handle_postcopy_started(self.now);
+                    self.dst.request_pages(&asked);
+                }
+                DestinationAction::TrustVm => self.dst.handle_started(self.now),
                 other => panic!("unknown action {other:?}"),
             }
         }
@@ -456,10 +527,25 @@ impl Pair {
                 Ok(batch) => {
                     let staging = self.staging.as_mut().unwrap();
                     let mut leaves = Vec::new();
+                    let installing = self.dst.is_switched();
                     for (idx, data) in batch.pages() {
                         let page = &mut staging[idx.0 as usize];
-                        data.write_to(page).unwrap();
-                        leaves.push((idx, leaf_digest(page)));
+                        if installing {
+                            // Only missing pages are filled, and only the
+                            // bytes installed give the page its leaf (a
+                            // second copy that arrives later is dropped).
+                            let mut got = vec![0u8; PAGE];
+                            data.write_to(&mut got).unwrap();
+                            let missing = self.missing.as_mut().unwrap();
+                            if missing.contains(idx) {
+                                page.copy_from_slice(&got);
+                                missing.remove(idx);
+                                leaves.push((idx, leaf_digest(&got)));
+                            }
+                        } else {
+                            data.write_to(page).unwrap();
+                            leaves.push((idx, leaf_digest(page)));
+                        }
                     }
                     if let Err(e) = self
                         .dst
@@ -942,6 +1028,7 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
                     convoy_protocol::digest::Digest([9; 32]),
                 )),
             ),
+            faults: None,
         }),
     );
     assert!(
@@ -1069,4 +1156,129 @@ fn a_tampered_device_state_aborts_before_handover() {
     );
     assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
     assert!(p.rolled_back && !p.vm.paused && p.started.is_none() && p.staging.is_none());
+}
+
+fn assert_postcopy_completed(p: &Pair) -> SourceSummary {
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap(),
+        "the destination holds exactly the paused image"
+    );
+    assert_eq!(
+        s.memory_root,
+        Some(root_of(p.paused_image.as_ref().unwrap()))
+    );
+    assert!(
+        p.missing.as_ref().unwrap().is_empty(),
+        "a page never arrived"
+    );
+    assert_eq!(p.started, Some(p.vm.counter));
+    assert!(p.vm.discarded && !p.rolled_back);
+    assert!(matches!(
+        p.dst_event,
+        Some(DestinationEvent::Started { .. })
+    ));
+    s
+}
+
+#[test]
+fn postcopy_runs_the_vm_first_then_fills_and_verifies_every_page() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.switchover = Switchover::Immediately;
+    });
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert_eq!(pc.owed, 2048, "every page is owed, zero pages included");
+    assert!(pc.fetches > 0 && pc.served > 0, "{pc:?}");
+    assert_eq!(s.rounds, 1);
+    // Downtime ends when the VM runs there, long before the last page.
+    assert!(s.downtime.unwrap() * 5 < s.total, "{s:?}");
+}
+
+#[test]
+fn hybrid_switches_after_the_first_pass_and_owes_only_the_dirty_pages() {
+    // The VM that never converges in pre-copy (see above).
+    // One pass is long enough for the cold writes to dirty more than
+    // 20 ms of downtime can carry, not long enough to dirty everything.
+    let mut p = Pair::with(2048, 60, 20e6, 1 << 30, |c| {
+        c.switchover = Switchover::Hybrid { after: None };
+        c.force_stop = false;
+    });
+    without_delta(&mut p);
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert_eq!(s.rounds, 2, "one pre-copy pass, then post-copy");
+    assert!(pc.owed > 0 && pc.owed < 2048, "{pc:?}");
+}
+
+#[test]
+fn hybrid_that_converges_never_switches() {
+    let mut p = Pair::with(512, 0, 100e6, 1 << 30, |c| {
+        c.switchover = Switchover::Hybrid { after: None };
+    });
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(s.converged && s.postcopy.is_none());
+}
+
+#[test]
+fn a_link_lost_after_the_switch_is_in_doubt_and_nothing_is_dropped() {
+    let postcopy = |c: &mut SourceConfig| c.switchover = Switchover::Immediately;
+    // Lost before the destination read the switch: nothing ran there, and
+    // the source keeps its paused copy, in doubt, never resumed by itself.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, postcopy);
+    p.cut_after_src_msgs = Some(2);
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded && p.vm.paused);
+    assert!(p.staging.is_none());
+    assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
+
+    // Lost once the VM runs there: both keep what they hold.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, postcopy);
+    p.cut_on_running = true;
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded && p.vm.paused);
+    assert!(p.staging.is_some(), "the running VM is kept");
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::InDoubt(_))),
+        "{:?}",
+        p.dst_event
+    );
+}
+
+#[test]
+fn a_page_altered_after_the_switch_stops_the_vm_there_and_never_resumes_it_here() {
+    let mut p = Pair::with(512, 0, 50e6, 1 << 30, |c| {
+        c.switchover = Switchover::Immediately;
+    });
+    p.level = 0;
+    // No faults: the pushed copy is the only one.
+    p.touch.clear();
+    let mut done = false;
+    p.tamper = Some(Box::new(move |_round, h, payload| {
+        if !done && h.compression == convoy_protocol::page::Compression::None && payload.len() > 100
+        {
+            payload[77] ^= 1;
+            done = true;
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded);
+    assert!(
+        p.staging.is_none(),
+        "the VM that ran on a bad page is stopped"
+    );
+    assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
 }

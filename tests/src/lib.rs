@@ -86,6 +86,7 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
             memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
             data_streams: 1,
             qemu: None,
+            postcopy: false,
         },
         ticket,
     });

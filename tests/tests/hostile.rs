@@ -59,6 +59,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
             memory: MemoryGeometry::from_bytes(bytes).unwrap(),
             data_streams: streams,
             qemu: None,
+            postcopy: false,
         },
         ticket,
     })

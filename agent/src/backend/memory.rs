@@ -1,7 +1,8 @@
 //! Guest memory in an anonymous mapping, shared between the guest's
 //! workload thread and the migration engine.
 //!
-//! This module holds the agent's only `unsafe` code. The guest writes its
+//! This module and [`super::uffd`] hold the agent's only `unsafe` code.
+//! The guest writes its
 //! memory while the engine reads it (that is what live migration is), so
 //! every access goes through `AtomicU64` words: a concurrent read may see a
 //! page half old and half new — exactly as a real VMM's does — but never
@@ -10,6 +11,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
+
+use super::uffd::{Region, Uffd, UffdError};
 
 /// Word size.
 const W: usize = 8;
@@ -107,6 +110,32 @@ impl GuestMemory {
     /// Loads one word at word index `i`.
     pub fn load_word(&self, i: usize) -> u64 {
         self.words().get(i).map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Registers the whole mapping with `uffd` for demand paging (post-copy
+    /// at a destination): from now on a touch of a missing page blocks the
+    /// toucher until the page is filled through `uffd`. Pages already
+    /// written stay present.
+    pub fn register(&self, uffd: &Uffd, page: usize) -> Result<Region, UffdError> {
+        // SAFETY: the mapping is private and anonymous (`map_anon`), stays
+        // mapped as long as `self`, and is only ever accessed through the
+        // atomics of `words` (never through references to its bytes). The
+        // caller serves faults on `uffd` while pages can be missing (the
+        // sim's fault handler thread), and closes `uffd` (which wakes any
+        // toucher) before it stops serving.
+        unsafe { uffd.register(self.map.as_ptr().cast_mut(), self.map.len(), page) }
+    }
+
+    /// Makes `[off, off + len)` of a region of this mapping missing again.
+    pub fn drop_range(&self, region: &Region, off: usize, len: usize) -> Result<(), UffdError> {
+        if region.base() != self.map.as_ptr() as usize || region.size() != self.map.len() {
+            return Err(UffdError::OutOfRange { offset: off, len });
+        }
+        // SAFETY: `region` is this mapping, registered by `register` above,
+        // whose contract holds; the range is bounds-checked by
+        // `drop_pages`, and no reference to these bytes exists (all access
+        // is atomic), so their contents may change under us.
+        unsafe { region.drop_pages(off, len) }
     }
 
     /// Wipes the guest's memory: every page is dropped from this process

@@ -34,6 +34,9 @@ pub enum BackendError {
     /// A bad specification.
     #[error("invalid VM specification: {0}")]
     Spec(String),
+    /// Demand paging (userfaultfd) failed.
+    #[error("demand paging: {0}")]
+    Paging(String),
 }
 
 /// A VM as the migration source sees it.

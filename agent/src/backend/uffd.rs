@@ -109,6 +109,11 @@ const _: () = {
 /// features, which this module does not enable.
 const EAGAIN_RETRIES: usize = 16;
 
+/// Whether this process may use userfaultfd (tries to open one).
+pub fn available() -> bool {
+    Uffd::new().is_ok()
+}
+
 /// Userfaultfd failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -7,6 +7,7 @@
 //! staging image and hashes the staging pages, then reports the leaves.
 //! Staging is wiped on every path but a verified, handed-over start.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
 };
 use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
-use convoy_protocol::message::{Capabilities, Message, Reason};
+use convoy_protocol::message::{Capabilities, FaultFigures, Message, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{BatchError, MemoryGeometry, PageData, PageIndex, StreamReceiver};
@@ -41,6 +42,8 @@ enum Event {
     },
     Bad(DestinationError),
     StreamEnded,
+    /// Post-copy: the VM waits for these pages.
+    Faults(Vec<PageIndex>),
 }
 
 /// Serves one incoming migration on `conn` from agent `peer`.
@@ -92,6 +95,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         name: None,
         geometry: None,
         streams: 0,
+        postcopy: false,
+        switched: Arc::new(AtomicBool::new(false)),
         migration: None,
         tasks: Vec::new(),
         phases: Vec::new(),
@@ -137,6 +142,16 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                     tracing::warn!(peer = %run.peer.id, "incoming migration failed: {why}");
                     run.audit_outcome(&sm, format!("failed: {why}"));
                 }
+                DestinationEvent::InDoubt(why) => {
+                    // The VM runs (or waits for pages) here since the
+                    // switch: kept, never discarded by itself.
+                    tracing::error!(peer = %run.peer.id, "post-copy migration in doubt: {why}");
+                    if let Some(n) = &run.name {
+                        run.inner.set_state(n, VmState::InDoubt);
+                    }
+                    run.staging = None;
+                    run.audit_outcome(&sm, format!("in doubt: {why}"));
+                }
                 _ => {}
             }
             done = true;
@@ -160,6 +175,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         let now = Instant::now();
         match ev {
             Some(Event::Control(Ok(Some(msg)))) => {
+                if matches!(msg, Message::Finish(_)) {
+                    run.report_faults(&mut sm);
+                }
                 if let Err(e) = sm.handle_message(now, msg) {
                     tracing::warn!(peer = %run.peer.id, "source misbehaved: {e}");
                 }
@@ -191,6 +209,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                 tracing::warn!(peer = %run.peer.id, "bad data: {e}");
             }
             Some(Event::StreamEnded) => {}
+            Some(Event::Faults(pages)) => sm.request_pages(&pages),
             None => sm.handle_link_lost("engine channel closed"),
         }
     }
@@ -212,6 +231,11 @@ struct Incoming {
     name: Option<VmName>,
     geometry: Option<MemoryGeometry>,
     streams: u16,
+    /// The manifest announced post-copy: one more (fault) stream.
+    postcopy: bool,
+    /// Set once the VM runs on demand paging: decoders then install pages
+    /// only where missing.
+    switched: Arc<AtomicBool>,
     migration: Option<MigrationId>,
     tasks: Vec<JoinHandle<()>>,
     /// Phase changes, audited with the outcome (never inside downtime).
@@ -223,6 +247,20 @@ impl Incoming {
     fn phase(&mut self, what: String) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what, ms));
+    }
+
+    /// Hands the post-copy fault figures to the state machine for Ready.
+    fn report_faults(&self, sm: &mut Destination) {
+        if !self.switched.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(f) = self.staging.as_ref().and_then(|s| s.fault_stats()) {
+            sm.set_fault_figures(FaultFigures {
+                faults: f.faults,
+                median_us: f.median_us,
+                p99_us: f.p99_us,
+            });
+        }
     }
 
     fn audit_outcome(&mut self, sm: &Destination, outcome: String) {
@@ -326,6 +364,12 @@ impl Incoming {
                     Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),
                     Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
                     Ok(()) => match SimVm::incoming(manifest.memory) {
+                        Ok(_) if manifest.postcopy && !crate::backend::uffd::available() => {
+                            self.inner.remove(&vm);
+                            sm.handle_staging_failed(Reason::Unacceptable(
+                                "post-copy needs userfaultfd on this host (root, or vm.unprivileged_userfaultfd=1)".into(),
+                            ));
+                        }
                         Ok(staging) => {
                             if let Some(e) = self.inner.vms().get_mut(&vm) {
                                 e.attributes = attributes;
@@ -334,6 +378,7 @@ impl Incoming {
                             self.name = Some(vm);
                             self.geometry = Some(manifest.memory);
                             self.streams = manifest.data_streams;
+                            self.postcopy = manifest.postcopy;
                             self.migration = sm.migration();
                             self.phase(format!("staging reserved ({bytes} bytes), accepting"));
                             sm.handle_staging_ready(Instant::now());
@@ -375,6 +420,70 @@ impl Incoming {
                     }
                 }
             }
+            DestinationAction::StartPostcopy { device_state, owed } => {
+                let (Some(staging), Some(name)) = (self.staging.clone(), self.name.clone()) else {
+                    sm.handle_start_failed("no staging image");
+                    return;
+                };
+                let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
+                let tx = self.tx.clone();
+                self.tasks.push(tokio::spawn(async move {
+                    // Every fault already queued goes in one Fetch.
+                    while let Some(p) = faults_rx.recv().await {
+                        let mut pages = vec![p];
+                        while pages.len() < convoy_protocol::message::MAX_FETCH {
+                            match faults_rx.try_recv() {
+                                Ok(q) => pages.push(q),
+                                Err(_) => break,
+                            }
+                        }
+                        if tx.send(Event::Faults(pages)).is_err() {
+                            return;
+                        }
+                    }
+                }));
+                let owed_pages = owed.count();
+                let started = staging
+                    .begin_postcopy(&owed, faults_tx)
+                    .and_then(|()| staging.clone().start(&device_state));
+                match started {
+                    Ok((vm, resumed_from)) => {
+                        // Decoders install pages only where missing from now.
+                        self.switched.store(true, Ordering::Release);
+                        {
+                            let mut vms = self.inner.vms();
+                            if let Some(e) = vms.get_mut(&name) {
+                                e.counter_at_start = Some(resumed_from);
+                                e.vm = Some(vm);
+                                e.state = VmState::PostcopyIn;
+                                e.arrived_from = Some(self.peer.id.to_string());
+                            }
+                        }
+                        self.phase(format!(
+                            "running here on demand paging, {owed_pages} pages still owed"
+                        ));
+                        sm.handle_postcopy_started(Instant::now());
+                    }
+                    Err(e) => {
+                        staging.end_postcopy();
+                        sm.handle_start_failed(&e.to_string());
+                    }
+                }
+            }
+            DestinationAction::TrustVm => {
+                // Every page is in and the root verified: paging ends.
+                if let Some(s) = self.staging.take() {
+                    s.end_postcopy();
+                }
+                for t in self.tasks.drain(..) {
+                    t.abort();
+                }
+                if let Some(n) = &self.name {
+                    self.inner.set_state(n, VmState::Running);
+                }
+                self.phase("every page verified: the VM is ours".into());
+                sm.handle_started(Instant::now());
+            }
             DestinationAction::DiscardStaging => {
                 if self.staging.is_some() {
                     self.phase("staging discarded and wiped".into());
@@ -397,7 +506,7 @@ impl Incoming {
     fn accept_streams(&mut self) {
         let conn = self.conn.clone();
         let tx = self.tx.clone();
-        let n = self.streams;
+        let n = self.streams + u16::from(self.postcopy);
         let migration = self.migration;
         self.tasks.push(tokio::spawn(async move {
             for _ in 0..n {
@@ -441,6 +550,7 @@ impl Incoming {
         };
         let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(32);
         let tx = self.tx.clone();
+        let switched = self.switched.clone();
         self.tasks.push(tokio::spawn(async move {
             loop {
                 match read_message(&mut recv).await {
@@ -466,7 +576,12 @@ impl Incoming {
         let spawned = std::thread::Builder::new()
             .name(format!("convoy-dec-{stream}"))
             .spawn(move || {
-                let mut rx = StreamReceiver::new(stream, streams, geometry);
+                let mut rx = if stream == streams {
+                    // The post-copy fault stream: pages in the order asked.
+                    StreamReceiver::unstriped(stream, geometry)
+                } else {
+                    StreamReceiver::new(stream, streams, geometry)
+                };
                 let mut scratch = vec![0u8; geometry.page_size().bytes()];
                 while let Some(m) = frames_rx.blocking_recv() {
                     let Message::PageBatch(header, payload) = m else {
@@ -484,26 +599,14 @@ impl Incoming {
                         }
                     };
                     let mut leaves = Vec::with_capacity(batch.len());
-                    for (idx, data) in batch.pages() {
-                        match data {
-                            PageData::Zero => staging.write_page(idx, None),
-                            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)),
-                            // A delta applies to the version staged before
-                            // (every version of a page arrives in order on
-                            // this one stream).
-                            delta => {
-                                staging.read_staged(idx, &mut scratch);
-                                if let Err(error) = delta.write_to(&mut scratch) {
-                                    let bad = BatchError::BadDelta { page: idx.0, error };
-                                    let _ = tx.send(Event::Bad(bad.into()));
-                                    return;
-                                }
-                                staging.write_page(idx, Some(&scratch));
-                            }
-                        }
-                        // Hash what staging holds, not what we meant to write.
-                        staging.read_staged(idx, &mut scratch);
-                        leaves.push((idx, page_leaf(&scratch)));
+                    let applied = if switched.load(Ordering::Acquire) {
+                        install(&staging, &batch, &mut scratch, &mut leaves)
+                    } else {
+                        stage(&staging, &batch, &mut scratch, &mut leaves)
+                    };
+                    if let Err(e) = applied {
+                        let _ = tx.send(*e);
+                        return;
                     }
                     if tx
                         .send(Event::Applied {
@@ -523,6 +626,73 @@ impl Incoming {
                 .send(Event::OpenFailed(format!("decoder thread: {e}")));
         }
     }
+}
+
+/// Before a post-copy switch (and in pre-copy): writes the pages of
+/// `batch` to staging and gives each the leaf of what staging then holds.
+fn stage(
+    staging: &SimVm,
+    batch: &convoy_protocol::page::DecodedBatch,
+    scratch: &mut [u8],
+    leaves: &mut Vec<(PageIndex, Digest)>,
+) -> Result<(), Box<Event>> {
+    for (idx, data) in batch.pages() {
+        match data {
+            PageData::Zero => staging.write_page(idx, None),
+            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)),
+            // A delta applies to the version staged before (every version
+            // of a page arrives in order on this one stream).
+            delta => {
+                staging.read_staged(idx, scratch);
+                if let Err(error) = delta.write_to(scratch) {
+                    let bad = BatchError::BadDelta { page: idx.0, error };
+                    return Err(Box::new(Event::Bad(bad.into())));
+                }
+                staging.write_page(idx, Some(scratch));
+            }
+        }
+        // Hash what staging holds, not what we meant to write.
+        staging.read_staged(idx, scratch);
+        leaves.push((idx, page_leaf(scratch)));
+    }
+    Ok(())
+}
+
+/// Post-copy: installs the pages of `batch` that are still missing, and
+/// gives each installed page the leaf of the bytes installed. A page
+/// already present (a fault and the push crossed) is left alone.
+fn install(
+    staging: &SimVm,
+    batch: &convoy_protocol::page::DecodedBatch,
+    scratch: &mut [u8],
+    leaves: &mut Vec<(PageIndex, Digest)>,
+) -> Result<(), Box<Event>> {
+    for (idx, data) in batch.pages() {
+        let bytes = match data {
+            PageData::Zero => None,
+            PageData::Full(b) => Some(b),
+            // The staged version may have changed since the switch.
+            _ => {
+                return Err(Box::new(Event::Bad(DestinationError::Unexpected {
+                    phase: "post-copy",
+                    message: "a delta page",
+                })))
+            }
+        };
+        // A local failure: not the source's fault, but the VM cannot get
+        // its pages any more.
+        let installed = staging
+            .install_page(idx, bytes)
+            .map_err(|e| Box::new(Event::OpenFailed(format!("installing page {}: {e}", idx.0))))?;
+        if installed {
+            let leaf = match bytes {
+                Some(b) => page_leaf(b),
+                None => zero_leaf(scratch.len()),
+            };
+            leaves.push((idx, leaf));
+        }
+    }
+    Ok(())
 }
 
 /// The leaf digest of one page, with the zero-page leaf precomputed.

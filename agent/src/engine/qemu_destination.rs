@@ -469,6 +469,7 @@ impl Incoming {
             memory_root: roots.0,
             device_digest: roots.1,
             receipt: ready,
+            faults: None,
         });
         write_message(send, &m).await.map_err(Fail::link)?;
         self.phase("QEMU holds every byte sent; waiting for the handover");

@@ -279,6 +279,7 @@ impl Run {
                 memory,
                 data_streams: m.channels() as u16,
                 qemu: Some(Box::new(m.clone())),
+                postcopy: false,
             },
             ticket: self.req.ticket.clone(),
         });
@@ -834,6 +835,7 @@ impl Run {
             counter_at_pause: None,
             receipts: st.receipts,
             convergence: Default::default(),
+            postcopy: None,
             qemu: Some(Box::new(QemuFigures {
                 mode: self.plan.manifest.mode,
                 status: st.qemu_status,

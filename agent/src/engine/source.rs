@@ -23,8 +23,10 @@ use convoy_protocol::message::{
     encode_batch_head, Capabilities, DataStreamOpen, Manifest, Message,
 };
 use convoy_protocol::names::{MigrationId, SpiffeId};
-use convoy_protocol::page::{stream_for, BatchBuilder, Compressor, PageBitmap};
-use convoy_protocol::source::{SentBatch, Source, SourceAction, SourceConfig, SourceEvent};
+use convoy_protocol::page::{stream_for, BatchBuilder, Compressor, PageBitmap, PageIndex};
+use convoy_protocol::source::{
+    SentBatch, Source, SourceAction, SourceConfig, SourceEvent, Switchover,
+};
 use quinn::{Connection, SendStream};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -78,6 +80,10 @@ impl MigrateError {
     }
 }
 
+/// Largest guest, in 4 KiB pages, that may switch to post-copy: 64 GiB,
+/// whose owed-page bitmap fits a frame however dense.
+const MAX_POSTCOPY_PAGES: u64 = 64 << 18;
+
 /// Pages per batch: one stripe (128 KiB at 4 KiB pages).
 const BATCH_PAGES: usize = convoy_protocol::page::STRIPE_PAGES as usize;
 
@@ -103,6 +109,21 @@ struct Job {
     round: u32,
     pages: Arc<PageBitmap>,
     skip_zero: bool,
+    /// Deltas allowed (not after a post-copy switch: the destination's
+    /// copy of a page may have changed since).
+    delta: bool,
+}
+
+/// Pages to serve on the fault stream, as one batch.
+struct FaultJob {
+    round: u32,
+    pages: Vec<PageIndex>,
+}
+
+/// The job queues of the opened streams.
+struct OpenedStreams {
+    data: Vec<std::sync::mpsc::Sender<Job>>,
+    faults: Option<std::sync::mpsc::Sender<FaultJob>>,
 }
 
 /// Migrates `req.vm` to `req.to`, reporting progress on `progress`.
@@ -206,10 +227,18 @@ pub(crate) async fn migrate(
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::plan(q, &req)?))
             }
             (Some(vm), None, VmState::Running) => {
-                if opts.mode != MigrationMode::Precopy || opts.copy_storage {
+                if opts.copy_storage {
                     return Err(MigrateError::Options(format!(
-                        "{} VMs migrate with pre-copy and no disks for now (post-copy, hybrid and disks for them are not built yet)",
+                        "{} VMs have no disks to copy (disk migration for them is not built yet)",
                         vm.kind()
+                    )));
+                }
+                if opts.mode != MigrationMode::Precopy
+                    && vm.geometry().page_count() > MAX_POSTCOPY_PAGES
+                {
+                    return Err(MigrateError::Options(format!(
+                        "post-copy and hybrid move guests of up to {} GiB (the owed-page bitmap travels in one frame)",
+                        MAX_POSTCOPY_PAGES >> 18
                     )));
                 }
                 Claimed::Sim(vm.clone())
@@ -377,6 +406,7 @@ impl Run {
             receipts: Vec::new(),
             qemu: None,
             convergence: Default::default(),
+            postcopy: None,
         }
     }
 
@@ -391,6 +421,7 @@ impl Run {
                 memory: geometry,
                 data_streams: opts.streams,
                 qemu: None,
+                postcopy: false,
             },
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
@@ -410,6 +441,15 @@ impl Run {
             },
             max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
             max_rounds: opts.max_rounds,
+            switchover: match opts.mode {
+                MigrationMode::Postcopy => Switchover::Immediately,
+                MigrationMode::Hybrid => Switchover::Hybrid {
+                    after: opts
+                        .postcopy_after_ms
+                        .map(|ms| Duration::from_millis(u64::from(ms))),
+                },
+                _ => Switchover::Never,
+            },
             auto_converge: opts.auto_converge,
             hold_hot_pages: opts.hold_hot_pages,
             force_stop: opts.force_stop,
@@ -445,6 +485,8 @@ impl Run {
             sm.handle_link_lost(Instant::now(), &e);
         }
         let mut rounds_pending: Option<(u32, u16, u64)> = None;
+        let mut switched = false;
+        let mut fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>> = None;
         let summary = loop {
             // Carry out every action.
             while let Some(action) = sm.poll_action() {
@@ -471,9 +513,13 @@ impl Run {
                             delta: sm
                                 .accepted_capabilities()
                                 .is_some_and(|c| c.has(Capabilities::DELTA)),
+                            postcopy: opts.mode != MigrationMode::Precopy,
                         };
                         match open_streams(&conn, setup, &self.vm, &events_tx).await {
-                            Ok(j) => jobs = j,
+                            Ok(opened) => {
+                                jobs = opened.data;
+                                fault_jobs = opened.faults;
+                            }
                             Err(e) => sm.handle_link_lost(Instant::now(), &e),
                         }
                     }
@@ -489,6 +535,7 @@ impl Run {
                                 round,
                                 pages: pages.clone(),
                                 skip_zero,
+                                delta: !switched,
                             });
                         }
                         if jobs.is_empty() {
@@ -519,6 +566,21 @@ impl Run {
                                 tracing::error!("cannot pause: {e}");
                                 sm.cancel(Instant::now());
                             }
+                        }
+                    }
+                    SourceAction::CommitSwitch => {
+                        // From here the VM never resumes here by itself.
+                        self.phase("paused and handed over for post-copy");
+                        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+                        switched = true;
+                        sm.handle_switch_committed(Instant::now());
+                    }
+                    SourceAction::ServePages { round, pages } => {
+                        let sent = fault_jobs
+                            .as_ref()
+                            .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
+                        if !sent {
+                            sm.handle_link_lost(Instant::now(), "no fault stream");
                         }
                     }
                     SourceAction::CommitHandover => {
@@ -570,7 +632,7 @@ impl Run {
                 },
                 ev = events.recv() => match ev {
                     Some(EngineEvent::Sent(b)) => {
-                        if let Err(e) = sm.handle_batch_sent(&b) {
+                        if let Err(e) = sm.handle_batch_sent(Instant::now(), &b) {
                             tracing::error!("engine bug: {e}");
                             sm.cancel(Instant::now());
                         }
@@ -632,6 +694,7 @@ impl Run {
             receipts: summary.receipts,
             qemu: None,
             convergence: summary.convergence,
+            postcopy: summary.postcopy.map(Box::new),
             outcome: summary.outcome,
         }
     }
@@ -655,19 +718,22 @@ struct StreamSetup {
     pacer: Option<Arc<Pacer>>,
     /// The destination accepted delta-encoded pages.
     delta: bool,
+    /// Open the post-copy fault stream too.
+    postcopy: bool,
 }
 
 /// The most memory one migration's delta caches may hold, all streams
 /// together (a quarter of guest memory when that is less).
 const DELTA_CACHE_BYTES: u64 = 64 << 20;
 
-/// Opens the data streams, each with its encoder thread and writer task.
+/// Opens the data streams, each with its encoder thread and writer task,
+/// and for post-copy the fault stream (index `streams`) after them.
 async fn open_streams(
     conn: &Connection,
     setup: StreamSetup,
     vm: &Arc<dyn VmBackend>,
     events: &mpsc::UnboundedSender<EngineEvent>,
-) -> Result<Vec<std::sync::mpsc::Sender<Job>>, String> {
+) -> Result<OpenedStreams, String> {
     let StreamSetup {
         migration,
         streams,
@@ -675,6 +741,7 @@ async fn open_streams(
         tamper,
         pacer,
         delta,
+        postcopy,
     } = setup;
     let cache_bytes = if delta {
         (vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES) / u64::from(streams.max(1))
@@ -683,15 +750,9 @@ async fn open_streams(
     };
     let mut jobs = Vec::new();
     for stream in 0..streams {
-        let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
-        write_message(
-            &mut send,
-            &Message::DataStreamOpen(DataStreamOpen { migration, stream }),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let send = open_data_stream(conn, migration, stream).await?;
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-        let (out_tx, mut out_rx) = mpsc::channel::<StreamOut>(32);
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
         let vm = vm.clone();
         let tamper = tamper.clone();
         let events_enc = events.clone();
@@ -710,36 +771,118 @@ async fn open_streams(
                 }
             })
             .map_err(|e| e.to_string())?;
-        let events = events.clone();
-        let pacer = pacer.clone();
-        tokio::spawn(async move {
-            while let Some(out) = out_rx.recv().await {
-                match out {
-                    StreamOut::Batch {
-                        head,
-                        payload,
-                        info,
-                    } => {
-                        if let Some(p) = &pacer {
-                            p.take(info.frame_bytes).await;
-                        }
-                        let mut chunks = [head, payload];
-                        if let Err(e) = send.write_all_chunks(&mut chunks).await {
-                            let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
-                            return;
-                        }
-                        let _ = events.send(EngineEvent::Sent(info));
-                    }
-                    StreamOut::RoundDone { round, skipped } => {
-                        let _ = events.send(EngineEvent::RoundDone { round, skipped });
-                    }
-                }
-            }
-            let _ = send.finish();
-        });
+        spawn_writer(send, out_rx, pacer.clone(), events.clone());
         jobs.push(job_tx);
     }
-    Ok(jobs)
+    let mut faults = None;
+    if postcopy {
+        let send = open_data_stream(conn, migration, streams).await?;
+        // Faults go before the background push whenever both wait.
+        let _ = send.set_priority(1);
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<FaultJob>();
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
+        let vm = vm.clone();
+        let events_enc = events.clone();
+        std::thread::Builder::new()
+            .name("convoy-faults".into())
+            .spawn(move || {
+                if let Err(e) = serve_faults(streams, vm, level, job_rx, out_tx) {
+                    let _ = events_enc.send(EngineEvent::StreamFailed(e));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        spawn_writer(send, out_rx, pacer, events.clone());
+        faults = Some(job_tx);
+    }
+    Ok(OpenedStreams { data: jobs, faults })
+}
+
+async fn open_data_stream(
+    conn: &Connection,
+    migration: MigrationId,
+    stream: u16,
+) -> Result<SendStream, String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    write_message(
+        &mut send,
+        &Message::DataStreamOpen(DataStreamOpen { migration, stream }),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(send)
+}
+
+/// The writer task of one stream: paced frames out, each reported sent.
+fn spawn_writer(
+    mut send: SendStream,
+    mut out_rx: mpsc::Receiver<StreamOut>,
+    pacer: Option<Arc<Pacer>>,
+    events: mpsc::UnboundedSender<EngineEvent>,
+) {
+    tokio::spawn(async move {
+        while let Some(out) = out_rx.recv().await {
+            match out {
+                StreamOut::Batch {
+                    head,
+                    payload,
+                    info,
+                } => {
+                    if let Some(p) = &pacer {
+                        p.take(info.frame_bytes).await;
+                    }
+                    let mut chunks = [head, payload];
+                    if let Err(e) = send.write_all_chunks(&mut chunks).await {
+                        let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
+                        return;
+                    }
+                    let _ = events.send(EngineEvent::Sent(info));
+                }
+                StreamOut::RoundDone { round, skipped } => {
+                    let _ = events.send(EngineEvent::RoundDone { round, skipped });
+                }
+            }
+        }
+        let _ = send.finish();
+    });
+}
+
+/// The encoder thread of the post-copy fault stream: each job is one batch
+/// of pages of the paused VM.
+fn serve_faults(
+    stream: u16,
+    vm: Arc<dyn VmBackend>,
+    level: i32,
+    jobs: std::sync::mpsc::Receiver<FaultJob>,
+    out: mpsc::Sender<StreamOut>,
+) -> Result<(), String> {
+    let page_size = vm.geometry().page_size();
+    let mut comp = Compressor::new(level).map_err(|e| e.to_string())?;
+    let mut seq = 0u64;
+    while let Ok(job) = jobs.recv() {
+        let mut b = BatchBuilder::new(page_size);
+        for p in job.pages {
+            b.push_with(p, |buf| vm.read_page(p, buf))
+                .map_err(|e| e.to_string())?;
+        }
+        let enc = b
+            .finish(seq, job.round, &mut comp)
+            .map_err(|e| e.to_string())?;
+        seq += 1;
+        let head = encode_batch_head(&enc.header, enc.payload.len()).map_err(|e| e.to_string())?;
+        let info = SentBatch {
+            stream,
+            leaves: enc.leaves,
+            stats: enc.stats,
+            frame_bytes: (head.len() + enc.payload.len()) as u64,
+        };
+        out.blocking_send(StreamOut::Batch {
+            head: Bytes::from(head),
+            payload: Bytes::from(enc.payload),
+            info,
+        })
+        .map_err(|_| "writer gone".to_string())?;
+    }
+    Ok(())
 }
 
 /// How one data stream encodes.
@@ -807,7 +950,8 @@ fn encode_stream(
                 continue;
             }
             let read = |buf: &mut [u8]| vm.read_page(p, buf);
-            let added = match (cache.as_mut(), job.skip_zero) {
+            let cache = if job.delta { cache.as_mut() } else { None };
+            let added = match (cache, job.skip_zero) {
                 (Some(c), true) => b.push_nonzero_delta_with(p, c, read),
                 (Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
                 (None, true) => b.push_nonzero_with(p, read),

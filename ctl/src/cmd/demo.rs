@@ -94,7 +94,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     ));
     a.vm_create(spec).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    say("migrating demo: a → b (live pre-copy)".into());
+    say(format!("migrating demo: a → b (live {})", d.tuning.mode));
     let bar = render::Bar::new(g.json);
     let report = a
         .migrate(
@@ -147,6 +147,15 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         );
         out["pages"] = serde_json::json!(report.encodings);
         out["dirty_pages_per_sec"] = serde_json::json!(d.dirty_rate);
+        out["mode"] = serde_json::json!(d.tuning.mode.to_string());
+        out["convergence"] = serde_json::json!(report.convergence);
+        if let Some(pc) = &report.postcopy {
+            let f = pc.faults.unwrap_or_default();
+            out["postcopy_owed_pages"] = serde_json::json!(pc.owed);
+            out["faults"] = serde_json::json!(f.faults);
+            out["fault_median_us"] = serde_json::json!(f.median_us);
+            out["fault_p99_us"] = serde_json::json!(f.p99_us);
+        }
         render::json(&out)?;
     } else {
         print!("{}", render::report(&report));

@@ -1,0 +1,133 @@
+//! Post-copy and hybrid migrations of a dirtying simulated VM between two
+//! agents on loopback: the VM runs at the destination on real demand
+//! paging (userfaultfd) before its pages have arrived, every page is then
+//! verified against the source's root, and it runs exactly once.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::time::Duration;
+
+use convoy_agent::lab::Lab;
+use convoy_protocol::ctl::{MigrateOptions, MigrationMode, MigrationReport, Outcome, VmState};
+use convoy_protocol::receipt::ReceiptKind;
+use convoy_tests::{eventually, sim_spec};
+
+/// Userfaultfd needs root here; in CI (root) its absence is a failure.
+fn uffd_or_skip() -> bool {
+    if convoy_agent::backend::uffd::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but userfaultfd is unavailable (post-copy needs root)"
+    );
+    eprintln!("skipping: userfaultfd unavailable (not root)");
+    false
+}
+
+async fn two_agents() -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    (dir, lab)
+}
+
+/// Migrates `vm` from a to b and checks it moved exactly once, verified.
+async fn moves(lab: &Lab, vm: &str, opts: MigrateOptions) -> MigrationReport {
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    let req = lab.migrate_request(vm, "a", "b", opts).unwrap();
+    let r = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(
+        r.verified,
+        "the destination checked every page against our root"
+    );
+    // Four receipts, as for pre-copy.
+    let kinds: Vec<ReceiptKind> = r
+        .receipts
+        .iter()
+        .map(|x| x.verify(&lab.trust).unwrap().receipt.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ReceiptKind::Accepted,
+            ReceiptKind::Ready,
+            ReceiptKind::Sent,
+            ReceiptKind::Started
+        ]
+    );
+    // Exactly once: gone here, running there, from where it paused.
+    assert!(a.vm_list().await.unwrap().is_empty());
+    let there = &b.vm_list().await.unwrap()[0];
+    assert_eq!(there.state, VmState::Running);
+    assert_eq!(there.counter_at_start, r.counter_at_pause);
+    let c0 = there.counter;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap()[0].counter > c0
+        })
+        .await,
+        "the workload runs on at the destination"
+    );
+    a.close().await;
+    b.close().await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_runs_the_vm_at_the_destination_before_its_pages_arrive() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (_dir, lab) = two_agents().await;
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("web", 64 << 20, 20_000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let opts = MigrateOptions {
+        mode: MigrationMode::Postcopy,
+        ..MigrateOptions::default()
+    };
+    let r = moves(&lab, "web", opts).await;
+    let pc = r.postcopy.clone().expect("post-copy figures");
+    assert_eq!(pc.owed, (64 << 20) / 4096, "every page was owed");
+    assert_eq!(r.rounds, 1, "no pre-copy round");
+    // The workload touches page 0 and its hot set at once: real faults,
+    // served from the source and timed at the destination.
+    let f = pc.faults.expect("the destination's fault figures");
+    assert!(f.faults > 0 && pc.fetches > 0 && pc.served > 0, "{pc:?}");
+    assert!(f.p99_us >= f.median_us && f.median_us > 0, "{f:?}");
+    // The downtime ends when the VM runs there, not when the last page
+    // arrives.
+    assert!(r.downtime_ms < r.total_ms, "{r:?}");
+    a.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_switches_to_postcopy_when_precopy_cannot_meet_the_target() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (_dir, lab) = two_agents().await;
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("db", 64 << 20, 100_000))
+        .await
+        .unwrap();
+    // 1 ms of downtime cannot be met by pre-copy at this dirty rate.
+    let opts = MigrateOptions {
+        mode: MigrationMode::Hybrid,
+        max_downtime_ms: 1,
+        ..MigrateOptions::default()
+    };
+    let r = moves(&lab, "db", opts).await;
+    let pc = r.postcopy.expect("hybrid switched to post-copy");
+    assert_eq!(r.rounds, 2, "one full pre-copy pass, then post-copy");
+    assert!(pc.owed > 0 && pc.owed < (64 << 20) / 4096, "{pc:?}");
+    a.close().await;
+    lab.shutdown().await;
+}
