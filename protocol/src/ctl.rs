@@ -190,6 +190,9 @@ pub struct MigrateOptions {
     /// cannot be met (otherwise the migration fails and the VM keeps
     /// running at the source).
     pub force_stop: bool,
+    /// Choose the zstd level (up to `compression_level`, none included)
+    /// from measured compression speed, ratio and link rate.
+    pub adaptive_compression: bool,
 }
 
 impl Default for MigrateOptions {
@@ -206,6 +209,7 @@ impl Default for MigrateOptions {
             auto_converge: true,
             hold_hot_pages: true,
             force_stop: false,
+            adaptive_compression: true,
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - [`delta`]: XBZRLE-style delta encoding of a page against its previous
 //!   version, its all-or-nothing apply, and the source's bounded cache of
 //!   the versions it sent.
+//! - [`adapt`]: adaptive compression, the zstd level of a data stream
+//!   chosen from measured compression speed, ratio and link rate.
 //! - [`digest`]: BLAKE3 page leaves and the RFC 9162-shaped incremental
 //!   Merkle tree whose root the destination checks before a VM may start.
 //! - [`audit`]: the signed, tamper-evident audit log format and its
@@ -27,7 +29,8 @@
 //! - [`logtree`]: the append-only audit Merkle log with RFC 9162 inclusion
 //!   and consistency proofs.
 //! - [`names`]: VM names, agent names, SPIFFE IDs, migration ids.
-//! - [`source`] and [`destination`]: the pre-copy migration state machines.
+//! - [`source`] and [`destination`]: the migration state machines
+//!   (pre-copy with convergence control, post-copy, hybrid).
 //! - [`stream`]: migrations whose state is an opaque stream (QEMU's):
 //!   channels, their digests both ways, and the roots receipts bind.
 //! - [`ticket`]: operator-signed migration tickets and their verification
@@ -37,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod adapt;
 pub mod audit;
 pub mod ctl;
 pub mod delta;

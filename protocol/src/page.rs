@@ -472,6 +472,11 @@ impl BatchBuilder {
         }
     }
 
+    /// Bytes of the payload before compression: what zstd is given.
+    pub fn data_bytes(&self) -> usize {
+        self.data.len()
+    }
+
     /// Pages pushed so far.
     pub fn pages(&self) -> usize {
         self.pages
@@ -672,8 +677,10 @@ pub struct EncodedBatch {
 /// shrink, so that incompressible memory does not pay for compression.
 pub struct Compressor {
     inner: Option<zstd::bulk::Compressor<'static>>,
+    level: i32,
     skip: u32,
     backoff: u32,
+    attempted: bool,
 }
 
 impl std::fmt::Debug for Compressor {
@@ -701,14 +708,28 @@ impl Compressor {
         };
         Ok(Compressor {
             inner,
+            level: if level == 0 { 0 } else { level.clamp(1, 19) },
             skip: 0,
             backoff: 0,
+            attempted: false,
         })
+    }
+
+    /// The zstd level (0: none).
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Whether the last [`Compressor::compress`] ran zstd (rather than
+    /// skipping it), so its time measures compression.
+    pub fn attempted(&self) -> bool {
+        self.attempted
     }
 
     /// Compressed bytes when compressing pays (saves at least 1/32), else
     /// `None`: send raw.
     pub fn compress(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, BuildError> {
+        self.attempted = false;
         let Some(z) = self.inner.as_mut() else {
             return Ok(None);
         };
@@ -719,6 +740,7 @@ impl Compressor {
             self.skip -= 1;
             return Ok(None);
         }
+        self.attempted = true;
         let out = z
             .compress(data)
             .map_err(|e| BuildError::Zstd(e.to_string()))?;

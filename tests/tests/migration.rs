@@ -296,3 +296,21 @@ async fn the_bandwidth_cap_holds_and_auto_converge_gets_a_busy_vm_across() {
     assert_eq!(b.vm_list().await.unwrap().len(), 1);
     close(lab, a, b).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_compression_compresses_on_a_slow_link() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    a.vm_create(sim_spec("slow", 16 << 20, 0)).await.unwrap();
+    // 12 MiB/s: compressing mixed memory moves it faster than sending it
+    // raw, so the chooser must pick zstd for most data pages.
+    let opts = MigrateOptions {
+        bandwidth: Some(12 << 20),
+        ..MigrateOptions::default()
+    };
+    let req = lab.migrate_request("slow", "a", "b", opts).unwrap();
+    let r = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    let e = r.encodings;
+    assert!(e.zstd > 2 * e.raw, "{e:?}");
+    close(lab, a, b).await;
+}

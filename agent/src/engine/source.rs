@@ -10,10 +10,12 @@
 //!   task through a bounded channel, which writes frames with zero-copy
 //!   `write_chunks` and reports each batch back here in order.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use convoy_protocol::adapt::LevelChooser;
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{
     CtlErrorKind, MigrateRequest, MigrationMode, MigrationReport, Outcome, Progress, VmState,
@@ -514,6 +516,7 @@ impl Run {
                                 .accepted_capabilities()
                                 .is_some_and(|c| c.has(Capabilities::DELTA)),
                             postcopy: opts.mode != MigrationMode::Precopy,
+                            adaptive: opts.adaptive_compression,
                         };
                         match open_streams(&conn, setup, &self.vm, &events_tx).await {
                             Ok(opened) => {
@@ -720,6 +723,8 @@ struct StreamSetup {
     delta: bool,
     /// Open the post-copy fault stream too.
     postcopy: bool,
+    /// Adaptive compression (up to `level`).
+    adaptive: bool,
 }
 
 /// The most memory one migration's delta caches may hold, all streams
@@ -742,6 +747,7 @@ async fn open_streams(
         pacer,
         delta,
         postcopy,
+        adaptive,
     } = setup;
     let cache_bytes = if delta {
         (vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES) / u64::from(streams.max(1))
@@ -756,6 +762,8 @@ async fn open_streams(
         let vm = vm.clone();
         let tamper = tamper.clone();
         let events_enc = events.clone();
+        let link = Arc::new(AtomicU64::new(0));
+        let link_enc = link.clone();
         std::thread::Builder::new()
             .name(format!("convoy-enc-{stream}"))
             .spawn(move || {
@@ -765,13 +773,15 @@ async fn open_streams(
                     level,
                     tamper,
                     cache_bytes,
+                    adaptive,
+                    link: link_enc,
                 };
                 if let Err(e) = encode_stream(enc, vm, job_rx, out_tx) {
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
             })
             .map_err(|e| e.to_string())?;
-        spawn_writer(send, out_rx, pacer.clone(), events.clone());
+        spawn_writer(send, out_rx, pacer.clone(), events.clone(), link);
         jobs.push(job_tx);
     }
     let mut faults = None;
@@ -783,15 +793,17 @@ async fn open_streams(
         let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
         let vm = vm.clone();
         let events_enc = events.clone();
+        let link = Arc::new(AtomicU64::new(0));
+        let shrink = Shrink::new(level, adaptive, link.clone())?;
         std::thread::Builder::new()
             .name("convoy-faults".into())
             .spawn(move || {
-                if let Err(e) = serve_faults(streams, vm, level, job_rx, out_tx) {
+                if let Err(e) = serve_faults(streams, vm, shrink, job_rx, out_tx) {
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
             })
             .map_err(|e| e.to_string())?;
-        spawn_writer(send, out_rx, pacer, events.clone());
+        spawn_writer(send, out_rx, pacer, events.clone(), link);
         faults = Some(job_tx);
     }
     Ok(OpenedStreams { data: jobs, faults })
@@ -812,14 +824,18 @@ async fn open_data_stream(
     Ok(send)
 }
 
-/// The writer task of one stream: paced frames out, each reported sent.
+/// The writer task of one stream: paced frames out, each reported sent;
+/// it measures the rate the link takes them at (bytes per second of
+/// waiting to send, into `link`, for adaptive compression).
 fn spawn_writer(
     mut send: SendStream,
     mut out_rx: mpsc::Receiver<StreamOut>,
     pacer: Option<Arc<Pacer>>,
     events: mpsc::UnboundedSender<EngineEvent>,
+    link: Arc<AtomicU64>,
 ) {
     tokio::spawn(async move {
+        let (mut sent, mut waited) = (0.0f64, 0.0f64);
         while let Some(out) = out_rx.recv().await {
             match out {
                 StreamOut::Batch {
@@ -827,6 +843,7 @@ fn spawn_writer(
                     payload,
                     info,
                 } => {
+                    let busy = Instant::now();
                     if let Some(p) = &pacer {
                         p.take(info.frame_bytes).await;
                     }
@@ -834,6 +851,15 @@ fn spawn_writer(
                     if let Err(e) = send.write_all_chunks(&mut chunks).await {
                         let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
                         return;
+                    }
+                    // Bytes over time, both decayed: a frame that went at
+                    // once (into free buffer space) weighs its little time,
+                    // not an enormous rate.
+                    sent = sent * 0.9 + info.frame_bytes as f64;
+                    waited = waited * 0.9 + busy.elapsed().as_secs_f64();
+                    // Nothing until enough time was measured.
+                    if waited >= 0.01 {
+                        link.store((sent / waited).to_bits(), Ordering::Relaxed);
                     }
                     let _ = events.send(EngineEvent::Sent(info));
                 }
@@ -851,12 +877,11 @@ fn spawn_writer(
 fn serve_faults(
     stream: u16,
     vm: Arc<dyn VmBackend>,
-    level: i32,
+    mut comp: Shrink,
     jobs: std::sync::mpsc::Receiver<FaultJob>,
     out: mpsc::Sender<StreamOut>,
 ) -> Result<(), String> {
     let page_size = vm.geometry().page_size();
-    let mut comp = Compressor::new(level).map_err(|e| e.to_string())?;
     let mut seq = 0u64;
     while let Ok(job) = jobs.recv() {
         let mut b = BatchBuilder::new(page_size);
@@ -864,9 +889,7 @@ fn serve_faults(
             b.push_with(p, |buf| vm.read_page(p, buf))
                 .map_err(|e| e.to_string())?;
         }
-        let enc = b
-            .finish(seq, job.round, &mut comp)
-            .map_err(|e| e.to_string())?;
+        let enc = comp.finish(b, seq, job.round)?;
         seq += 1;
         let head = encode_batch_head(&enc.header, enc.payload.len()).map_err(|e| e.to_string())?;
         let info = SentBatch {
@@ -893,6 +916,59 @@ struct Encoder {
     tamper: Option<TamperHook>,
     /// Bytes of this stream's delta cache; 0 sends no deltas.
     cache_bytes: u64,
+    /// Choose the zstd level from measured figures (up to `level`).
+    adaptive: bool,
+    /// The stream's measured link rate, bytes per second (f64 bits).
+    link: Arc<AtomicU64>,
+}
+
+/// Compression of one stream's batches, at a fixed or an adaptive level
+/// ([`convoy_protocol::adapt`]).
+struct Shrink {
+    comp: Compressor,
+    chooser: Option<LevelChooser>,
+    link: Arc<AtomicU64>,
+}
+
+impl Shrink {
+    fn new(level: i32, adaptive: bool, link: Arc<AtomicU64>) -> Result<Shrink, String> {
+        let chooser = (adaptive && level > 0).then(|| LevelChooser::new(level));
+        let first = chooser.as_ref().map_or(level, LevelChooser::level);
+        Ok(Shrink {
+            comp: Compressor::new(first).map_err(|e| e.to_string())?,
+            chooser,
+            link,
+        })
+    }
+
+    /// Encodes `b`, at the level the chooser picks, and times it.
+    fn finish(
+        &mut self,
+        b: BatchBuilder,
+        seq: u64,
+        round: u32,
+    ) -> Result<convoy_protocol::page::EncodedBatch, String> {
+        let Some(chooser) = self.chooser.as_mut() else {
+            return b
+                .finish(seq, round, &mut self.comp)
+                .map_err(|e| e.to_string());
+        };
+        chooser.observe_link(f64::from_bits(self.link.load(Ordering::Relaxed)));
+        let level = chooser.next_batch();
+        if level != self.comp.level() {
+            self.comp = Compressor::new(level).map_err(|e| e.to_string())?;
+        }
+        let input = b.data_bytes();
+        let t = Instant::now();
+        let enc = b
+            .finish(seq, round, &mut self.comp)
+            .map_err(|e| e.to_string())?;
+        if self.comp.attempted() {
+            let output = enc.payload.len().min(input);
+            chooser.observe_compression(level, input, output, t.elapsed());
+        }
+        Ok(enc)
+    }
 }
 
 /// The encoder thread of one data stream.
@@ -908,9 +984,11 @@ fn encode_stream(
         level,
         tamper,
         cache_bytes,
+        adaptive,
+        link,
     } = enc;
     let page_size = vm.geometry().page_size();
-    let mut comp = Compressor::new(level).map_err(|e| e.to_string())?;
+    let mut comp = Shrink::new(level, adaptive, link)?;
     // The last version sent of this stream's pages, for deltas. It lives
     // for the whole migration: round 1 fills it.
     let mut cache = (cache_bytes > 0).then(|| {
@@ -920,8 +998,8 @@ fn encode_stream(
         )
     });
     let mut seq = 0u64;
-    let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Compressor| {
-        let enc = b.finish(*seq, round, comp).map_err(|e| e.to_string())?;
+    let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Shrink| {
+        let enc = comp.finish(b, *seq, round)?;
         *seq += 1;
         let mut header = enc.header;
         let mut payload = enc.payload;

@@ -41,7 +41,8 @@ pub struct Tuning {
     /// running here) unless --force-stop.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
-    /// zstd level (0 = no compression).
+    /// Highest zstd level (0 = no compression); the level used adapts to
+    /// the link and CPU unless --fixed-compression.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compression: i32,
     /// precopy, postcopy or hybrid (QEMU VMs; sim VMs: precopy).
@@ -69,6 +70,10 @@ pub struct Tuning {
     /// cannot be met.
     #[arg(long)]
     pub force_stop: bool,
+    /// Always compress at --compression instead of adapting the level
+    /// (none included) to the measured link and CPU.
+    #[arg(long)]
+    pub fixed_compression: bool,
 }
 
 impl Tuning {
@@ -86,6 +91,7 @@ impl Tuning {
             auto_converge: !self.no_auto_converge,
             hold_hot_pages: !self.no_hot_page_ordering,
             force_stop: self.force_stop,
+            adaptive_compression: !self.fixed_compression,
         }
     }
 }
