@@ -131,3 +131,55 @@ async fn hybrid_switches_to_postcopy_when_precopy_cannot_meet_the_target() {
     a.close().await;
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (_dir, mut lab) = two_agents().await;
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    a.vm_create(sim_spec("web", 64 << 20, 20_000))
+        .await
+        .unwrap();
+    // Capped, so that the push is still going when the source dies.
+    let opts = MigrateOptions {
+        mode: MigrationMode::Postcopy,
+        bandwidth: Some(8 << 20),
+        ..MigrateOptions::default()
+    };
+    let req = lab.migrate_request("web", "a", "b", opts).unwrap();
+    let mover = tokio::spawn(async move { a.migrate(req, |_| {}).await });
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            b.vm_list()
+                .await
+                .unwrap()
+                .first()
+                .is_some_and(|v| v.state == VmState::PostcopyIn)
+        })
+        .await,
+        "the VM runs at the destination on demand paging"
+    );
+    // The source host's process dies in the middle of the push.
+    lab.restart("a").await.unwrap();
+    let _ = mover.await;
+    // The destination keeps the only running copy, in doubt: it is never
+    // discarded by itself (its vCPU waits for pages that do not come).
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            b.vm_list()
+                .await
+                .unwrap()
+                .first()
+                .is_some_and(|v| v.state == VmState::InDoubt)
+        })
+        .await,
+        "{:?}",
+        b.vm_list().await.unwrap()
+    );
+    convoy_tests::assert_refusals_logged(&lab, "b", &["in doubt"]).await;
+    b.close().await;
+    lab.shutdown().await;
+}
