@@ -97,6 +97,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         streams: 0,
         postcopy: false,
         switched: Arc::new(AtomicBool::new(false)),
+        faults: None,
         migration: None,
         tasks: Vec::new(),
         phases: Vec::new(),
@@ -161,6 +162,14 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         }
         let deadline = sm.poll_timeout();
         let ev = tokio::select! {
+            // A vCPU waits on each fault: ask before applying the backlog.
+            biased;
+            Some(pages) = async {
+                match run.faults.as_mut() {
+                    Some(f) => f.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Some(Event::Faults(pages)),
             ev = rx.recv() => ev,
             () = async {
                 match deadline {
@@ -236,6 +245,8 @@ struct Incoming {
     /// Set once the VM runs on demand paging: decoders then install pages
     /// only where missing.
     switched: Arc<AtomicBool>,
+    /// Post-copy: pages the VM waits for, in Fetch-sized groups.
+    faults: Option<mpsc::UnboundedReceiver<Vec<PageIndex>>>,
     migration: Option<MigrationId>,
     tasks: Vec<JoinHandle<()>>,
     /// Phase changes, audited with the outcome (never inside downtime).
@@ -426,7 +437,9 @@ impl Incoming {
                     return;
                 };
                 let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
-                let tx = self.tx.clone();
+                // Faults have their own queue, served before other events.
+                let (tx, batched) = mpsc::unbounded_channel();
+                self.faults = Some(batched);
                 self.tasks.push(tokio::spawn(async move {
                     // Every fault already queued goes in one Fetch.
                     while let Some(p) = faults_rx.recv().await {
@@ -437,7 +450,7 @@ impl Incoming {
                                 Err(_) => break,
                             }
                         }
-                        if tx.send(Event::Faults(pages)).is_err() {
+                        if tx.send(pages).is_err() {
                             return;
                         }
                     }

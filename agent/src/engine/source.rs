@@ -624,6 +624,9 @@ impl Run {
             }
             let deadline = sm.poll_timeout();
             tokio::select! {
+                // The destination's messages first: a Fetch is a vCPU
+                // waiting, the batch reports can wait.
+                biased;
                 m = ctrl_rx.recv() => match m {
                     Some(Ok(Some(msg))) => {
                         if let Err(e) = sm.handle_message(Instant::now(), msg) {
