@@ -273,7 +273,7 @@ pub(crate) struct Inner {
     pub replay: crate::authz::ReplayCache,
     pub audit: Option<crate::audit::AuditLog>,
     /// Images retained for VMs that left (memory only).
-    pub retained: Mutex<crate::retain::RetainedStore>,
+    pub retained: Arc<Mutex<crate::retain::RetainedStore>>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
@@ -571,7 +571,7 @@ impl Agent {
                 active: AtomicU32::new(0),
                 replay,
                 audit,
-                retained: Mutex::new(Default::default()),
+                retained: Arc::new(Mutex::new(Default::default())),
             }),
         };
         if let Some(p) = policy {
@@ -580,10 +580,11 @@ impl Agent {
         Ok(agent)
     }
 
-    /// The images this agent retained for VMs that left it, oldest first
-    /// (ciphertext only; see [`crate::retain`]).
-    pub fn retained_images(&self) -> Vec<Arc<convoy_protocol::reuse::RetainedImage>> {
-        self.inner.retained().images().cloned().collect()
+    /// The images this agent retains for VMs that left it (ciphertext
+    /// only; see [`crate::retain`]), as a handle that does not keep the
+    /// agent alive.
+    pub fn retained_images(&self) -> crate::retain::RetainedImages {
+        crate::retain::RetainedImages(self.inner.retained.clone())
     }
 
     /// The bound address.

@@ -65,7 +65,7 @@ pub struct LabAgent {
     /// Address.
     pub addr: SocketAddr,
     config: AgentConfig,
-    agent: Agent,
+    retained: crate::retain::RetainedImages,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -273,7 +273,7 @@ impl Lab {
             id: agent.1,
             addr,
             config: cfg,
-            agent: agent.2,
+            retained: agent.2,
             stop: Some(stop),
             task: Some(task),
         });
@@ -285,7 +285,7 @@ impl Lab {
         cfg: AgentConfig,
     ) -> Result<
         (
-            (SocketAddr, SpiffeId, Agent),
+            (SocketAddr, SpiffeId, crate::retain::RetainedImages),
             oneshot::Sender<()>,
             JoinHandle<()>,
         ),
@@ -295,7 +295,7 @@ impl Lab {
         let addr = agent.local_addr()?;
         let id = agent.id().clone();
         let (stop, rx) = oneshot::channel();
-        let handle = agent.clone();
+        let handle = agent.retained_images();
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
@@ -331,7 +331,7 @@ impl Lab {
                 other => break other?,
             }
         };
-        a.agent = launched.2;
+        a.retained = launched.2;
         a.stop = Some(stop);
         a.task = Some(task);
         Ok(())
@@ -343,7 +343,7 @@ impl Lab {
         &self,
         name: &str,
     ) -> Result<Vec<Arc<convoy_protocol::reuse::RetainedImage>>, LabError> {
-        Ok(self.agent(name)?.agent.retained_images())
+        Ok(self.agent(name)?.retained.images())
     }
 
     /// The agent called `name`.

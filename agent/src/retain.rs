@@ -53,6 +53,23 @@ pub(crate) struct ArrivalKey {
     pub leaves: Arc<Vec<Digest>>,
 }
 
+/// A handle on an agent's retained images that does not keep the agent
+/// alive (for tests and inspection).
+#[derive(Debug, Clone)]
+pub struct RetainedImages(pub(crate) Arc<std::sync::Mutex<RetainedStore>>);
+
+impl RetainedImages {
+    /// The images held, oldest first (ciphertext only).
+    pub fn images(&self) -> Vec<Arc<RetainedImage>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .images()
+            .cloned()
+            .collect()
+    }
+}
+
 /// The images retained here, oldest first.
 #[derive(Debug, Default)]
 pub(crate) struct RetainedStore {

@@ -526,7 +526,7 @@ impl Destination {
                     }
                 }
                 self.handover_at = Some(now);
-                self.handed_key = h.reuse;
+                self.handed_key = h.reuse.map(|r| *r);
                 self.phase = Phase::Starting;
                 if self.switched {
                     self.actions.push_back(DestinationAction::TrustVm);

@@ -123,7 +123,7 @@ pub struct Manifest {
     /// The VM comes back to a host that may hold its last image: the image
     /// and its key (see [`crate::reuse`]). Sent inside TLS to that host
     /// only; the key is worthless to any other.
-    pub reuse: Option<crate::reuse::ReuseOffer>,
+    pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
 }
 
 /// Source → destination: the first message of a migration.
@@ -289,7 +289,7 @@ pub struct Handover {
     /// The source keeps the VM's image, sealed under this key, which it
     /// forgets: the destination keeps it with the VM, to offer it when the
     /// VM migrates back (see [`crate::reuse`]).
-    pub reuse: Option<crate::reuse::ReuseOffer>,
+    pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
 }
 
 /// Destination → source: the VM runs here now.
@@ -635,10 +635,10 @@ mod tests {
                 data_streams: 2,
                 qemu: None,
                 postcopy: false,
-                reuse: Some(crate::reuse::ReuseOffer {
+                reuse: Some(Box::new(crate::reuse::ReuseOffer {
                     image: crate::reuse::RetainedId([4; 16]),
                     key: crate::reuse::ReuseKey::from_bytes([5; 32]),
-                }),
+                })),
             },
             ticket: crate::ticket::SignedTicket {
                 body: vec![1],

@@ -1073,7 +1073,7 @@ impl Source {
             self.actions
                 .push_back(SourceAction::Send(Message::Handover(Handover {
                     receipt,
-                    reuse: self.retain.take(),
+                    reuse: self.retain.take().map(Box::new),
                 })));
             self.phase = Phase::AwaitStarted {
                 deadline: now + self.cfg.started_timeout,

@@ -214,7 +214,7 @@ fn seeds() -> Vec<Message> {
                 data_streams: 1,
                 qemu: None,
                 postcopy: false,
-                reuse: Some(reuse_offer()),
+                reuse: Some(Box::new(reuse_offer())),
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -224,7 +224,7 @@ fn seeds() -> Vec<Message> {
         }),
         Message::Handover(Handover {
             receipt: rc(ReceiptKind::Sent),
-            reuse: Some(reuse_offer()),
+            reuse: Some(Box::new(reuse_offer())),
         }),
         Message::PageBatch(
             retained_batch().header,

@@ -1396,7 +1396,7 @@ fn trip_back(
     changed: usize,
 ) -> Pair {
     let mut p = Pair::with(PAGES_REUSE, 0, 100e6, 1 << 30, |c| {
-        c.manifest.reuse = offer;
+        c.manifest.reuse = offer.map(Box::new);
     });
     p.vm.pages = first.staging.clone().unwrap();
     // Spread the changes: every tenth-odd page gets a new first word.

@@ -473,7 +473,7 @@ impl Run {
                 data_streams: opts.streams,
                 qemu: None,
                 postcopy: false,
-                reuse: self.back.as_ref().map(|b| b.offer.clone()),
+                reuse: self.back.as_ref().map(|b| Box::new(b.offer.clone())),
             },
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
