@@ -486,10 +486,11 @@ impl Run {
                     crate::authz::now_unix(),
                 )
             },
+            // REUSE is dropped by the state machine without an offer.
             capabilities: if opts.compression_level > 0 {
                 Capabilities::OURS
             } else {
-                Capabilities::DELTA
+                Capabilities(Capabilities::DELTA.0 | Capabilities::REUSE.0)
             },
             max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
             max_rounds: opts.max_rounds,
