@@ -185,6 +185,9 @@ pub struct AgentConfig {
     /// QEMU binaries and images operators may use; without it the `qemu`
     /// backend is off.
     pub qemu: Option<crate::backend::qemu::vm::QemuConfig>,
+    /// Keep an encrypted image of a VM that leaves, when the VM opts in
+    /// (see [`crate::retain`]); `None` (the default) keeps nothing.
+    pub retain_images: Option<crate::retain::RetentionLimits>,
     dangerous: DangerousOptions,
 }
 
@@ -204,6 +207,7 @@ impl AgentConfig {
             reload_interval: Duration::from_secs(2),
             policy: None,
             qemu: None,
+            retain_images: None,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -231,6 +235,9 @@ pub(crate) struct VmEntry {
     pub cancel: Option<Arc<tokio::sync::Notify>>,
     /// A QEMU VM (then `vm` is `None`).
     pub qemu: Option<Arc<crate::backend::qemu::vm::QemuVm>>,
+    /// Arrived from a host that retained its image: the key to offer it
+    /// with when the VM goes back there (memory only).
+    pub reuse: Option<crate::retain::ArrivalKey>,
 }
 
 impl VmEntry {
@@ -265,6 +272,8 @@ pub(crate) struct Inner {
     pub active: AtomicU32,
     pub replay: crate::authz::ReplayCache,
     pub audit: Option<crate::audit::AuditLog>,
+    /// Images retained for VMs that left (memory only).
+    pub retained: Arc<Mutex<crate::retain::RetainedStore>>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
@@ -430,6 +439,7 @@ impl Inner {
                 attributes: Default::default(),
                 cancel: None,
                 qemu: None,
+                reuse: None,
             },
         );
         Ok(())
@@ -439,6 +449,10 @@ impl Inner {
         if let Some(e) = self.vms().get_mut(name) {
             e.state = state;
         }
+    }
+
+    pub fn retained(&self) -> MutexGuard<'_, crate::retain::RetainedStore> {
+        self.retained.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn remove(&self, name: &VmName) -> Option<VmEntry> {
@@ -557,12 +571,20 @@ impl Agent {
                 active: AtomicU32::new(0),
                 replay,
                 audit,
+                retained: Arc::new(Mutex::new(Default::default())),
             }),
         };
         if let Some(p) = policy {
             agent.inner.set_policy(p);
         }
         Ok(agent)
+    }
+
+    /// The images this agent retains for VMs that left it (ciphertext
+    /// only; see [`crate::retain`]), as a handle that does not keep the
+    /// agent alive.
+    pub fn retained_images(&self) -> crate::retain::RetainedImages {
+        crate::retain::RetainedImages(self.inner.retained.clone())
     }
 
     /// The bound address.

@@ -65,6 +65,7 @@ pub struct LabAgent {
     /// Address.
     pub addr: SocketAddr,
     config: AgentConfig,
+    retained: crate::retain::RetainedImages,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -272,6 +273,7 @@ impl Lab {
             id: agent.1,
             addr,
             config: cfg,
+            retained: agent.2,
             stop: Some(stop),
             task: Some(task),
         });
@@ -281,15 +283,23 @@ impl Lab {
     #[allow(clippy::type_complexity)]
     fn launch(
         cfg: AgentConfig,
-    ) -> Result<((SocketAddr, SpiffeId), oneshot::Sender<()>, JoinHandle<()>), LabError> {
+    ) -> Result<
+        (
+            (SocketAddr, SpiffeId, crate::retain::RetainedImages),
+            oneshot::Sender<()>,
+            JoinHandle<()>,
+        ),
+        LabError,
+    > {
         let agent = Agent::bind(cfg)?;
         let addr = agent.local_addr()?;
         let id = agent.id().clone();
         let (stop, rx) = oneshot::channel();
+        let handle = agent.retained_images();
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        Ok(((addr, id), stop, task))
+        Ok(((addr, id, handle), stop, task))
     }
 
     /// Stops agent `name` and starts it again on the same address with the
@@ -311,7 +321,7 @@ impl Lab {
         // state (a real restart ends the process): wait for it to let go
         // of the replay database before the new one opens it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let (_, stop, task) = loop {
+        let (launched, stop, task) = loop {
             match Lab::launch(a.config.clone()) {
                 Err(LabError::Agent(AgentError::State { detail, .. }))
                     if detail.contains("already open") && Instant::now() < deadline =>
@@ -321,9 +331,19 @@ impl Lab {
                 other => break other?,
             }
         };
+        a.retained = launched.2;
         a.stop = Some(stop);
         a.task = Some(task);
         Ok(())
+    }
+
+    /// The images agent `name` retained for VMs that left it (for tests:
+    /// they hold ciphertext only).
+    pub fn retained_images(
+        &self,
+        name: &str,
+    ) -> Result<Vec<Arc<convoy_protocol::reuse::RetainedImage>>, LabError> {
+        Ok(self.agent(name)?.retained.images())
     }
 
     /// The agent called `name`.

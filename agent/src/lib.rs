@@ -19,6 +19,8 @@
 //! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests).
 //! - [`units`]: human sizes for command lines.
 //! - [`engine`]: source and destination migration drivers.
+//! - [`retain`]: memory reuse when a VM comes back — the sealed images kept
+//!   for VMs that left, the keys held for VMs that arrived.
 //! - [`backend`]: the VM backend traits and the simulated VM (the only
 //!   `unsafe` code lives in [`backend::memory`]).
 
@@ -33,6 +35,7 @@ pub mod identity;
 pub mod lab;
 pub mod pki;
 pub mod policy;
+pub mod retain;
 pub mod transport;
 pub mod units;
 

@@ -74,6 +74,15 @@ struct Args {
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
+    /// Keep the last image of at most this many VMs that leave (those
+    /// created with --retain-on-leave), encrypted under a key that travels
+    /// with the VM, so that a VM coming back sends only its changed pages.
+    /// Off (0) by default; memory only.
+    #[arg(long, default_value_t = 0)]
+    retain_images: usize,
+    /// The most memory the retained images may take together (e.g. 8GiB).
+    #[arg(long, default_value = "4GiB", value_parser = convoy_agent::units::parse_size)]
+    retain_bytes: u64,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -192,6 +201,11 @@ async fn main() -> Result<()> {
     let mut config = AgentConfig::new(args.listen, identity, trust);
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
+    config.retain_images =
+        (args.retain_images > 0).then_some(convoy_agent::retain::RetentionLimits {
+            max_images: args.retain_images,
+            max_bytes: args.retain_bytes,
+        });
     config.state_dir = args.state_dir.clone();
     config.files = Some(files);
     if let Some(images) = args.image_dir.clone() {

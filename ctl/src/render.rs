@@ -106,6 +106,15 @@ pub fn report(r: &MigrationReport) -> String {
                     r.encodings.zero
                 ),
             ]);
+            if r.encodings.retained > 0 {
+                rows.push(vec![
+                    "memory reuse".into(),
+                    format!(
+                        "{} pages not sent: the destination held them in the image it retained",
+                        r.encodings.retained
+                    ),
+                ]);
+            }
             if let Some(pc) = &r.postcopy {
                 let f = pc.faults.unwrap_or_default();
                 rows.push(vec![

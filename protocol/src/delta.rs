@@ -50,6 +50,10 @@ pub const MIN_ZERO_RUN: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DeltaError {
+    /// A retained page is opened from the retained image, not written
+    /// from a batch ([`crate::page::PageData::Retained`]).
+    #[error("a retained page must be opened from the retained image")]
+    Retained,
     /// The delta ends inside a length.
     #[error("delta ends inside a length at byte {at}")]
     TruncatedVarint {

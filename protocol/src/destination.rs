@@ -203,6 +203,10 @@ pub enum DestinationError {
     /// A receipt could not be signed, or the source's is invalid.
     #[error("receipt: {0}")]
     Receipt(crate::receipt::ReceiptError),
+    /// A page the source sent as retained that this host cannot open: it
+    /// holds no such image, or the page does not authenticate.
+    #[error("retained page: {0}")]
+    Retained(#[from] crate::reuse::ReuseError),
     /// The staging image does not hash to the source's root.
     #[error("memory root mismatch: staging {staging}, source {source_root}")]
     RootMismatch {
@@ -288,6 +292,8 @@ pub struct Destination {
     /// The VM runs here since a post-copy switch.
     switched: bool,
     faults: Option<FaultFigures>,
+    /// The key the source handed over with the VM (it retains the image).
+    handed_key: Option<crate::reuse::ReuseOffer>,
 }
 
 impl Destination {
@@ -308,7 +314,25 @@ impl Destination {
             started_receipt: None,
             switched: false,
             faults: None,
+            handed_key: None,
         }
+    }
+
+    /// The key of the image the source retained when it handed the VM
+    /// over (from Handover): keep it with the VM, with
+    /// [`Destination::verified_leaves`], to offer when the VM migrates
+    /// back. Taken once.
+    pub fn take_reuse_key(&mut self) -> Option<crate::reuse::ReuseOffer> {
+        self.handed_key.take()
+    }
+
+    /// The leaf digest of every page of the image whose root was verified
+    /// (after Ready): what a VM that migrates back compares its pages with,
+    /// to send unchanged ones as retained.
+    pub fn verified_leaves(&self) -> Option<Vec<Digest>> {
+        self.root?;
+        let tree = self.tree.as_ref()?;
+        (0..tree.len()).map(|i| tree.leaf(i)).collect()
     }
 
     /// Whether the VM runs here since a post-copy switch.
@@ -502,6 +526,7 @@ impl Destination {
                     }
                 }
                 self.handover_at = Some(now);
+                self.handed_key = h.reuse.map(|r| *r);
                 self.phase = Phase::Starting;
                 if self.switched {
                     self.actions.push_back(DestinationAction::TrustVm);
@@ -599,6 +624,17 @@ impl Destination {
     /// Staging is reserved and zeroed: accept, with a signed `Accepted`
     /// receipt.
     pub fn handle_staging_ready(&mut self, now: Instant) {
+        self.handle_staging_ready_reusing(now, false);
+    }
+
+    /// [`Destination::handle_staging_ready`] for a proposal that offers a
+    /// retained image ([`crate::message::Manifest::reuse`]): `held` says
+    /// this host holds that image, for that VM and geometry, and opens its
+    /// pages with the offered key. Only then is
+    /// [`Capabilities::REUSE`] accepted (and the driver must then accept
+    /// retained pages on its receivers,
+    /// [`crate::page::StreamReceiver::accept_retained`]).
+    pub fn handle_staging_ready_reusing(&mut self, now: Instant, held: bool) {
         let Phase::Preparing = self.phase else {
             return;
         };
@@ -613,7 +649,10 @@ impl Destination {
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
-        let capabilities = self.cfg.capabilities.intersect(p.capabilities);
+        let mut capabilities = self.cfg.capabilities.intersect(p.capabilities);
+        if !(held && p.manifest.reuse.is_some()) {
+            capabilities = Capabilities(capabilities.0 & !Capabilities::REUSE.0);
+        }
         let receipt = match self.sign(now, ReceiptKind::Accepted, None) {
             Ok(r) => r,
             Err(e) => {

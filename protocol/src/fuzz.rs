@@ -60,6 +60,9 @@ pub fn batch_decode(data: &[u8]) {
     let [pages_hi, pages_lo, streams, stream, rest @ ..] = data else {
         return;
     };
+    // The high bit of the stream byte: a destination that holds a retained
+    // image, which accepts retained pages.
+    let reusing = *stream & 0x80 != 0;
     let pages = u64::from(u16::from_be_bytes([*pages_hi, *pages_lo])).max(1);
     let streams = u16::from(*streams % 4) + 1;
     let stream = u16::from(*stream) % streams;
@@ -67,6 +70,9 @@ pub fn batch_decode(data: &[u8]) {
         return;
     };
     let mut rx = StreamReceiver::new(stream, streams, geometry);
+    if reusing {
+        rx.accept_retained();
+    }
     let mut scratch: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let mut input = rest;
     while let Ok(Some((frame, used))) = split_frame(input) {
@@ -88,6 +94,11 @@ pub fn batch_decode(data: &[u8]) {
                             assert_eq!(scratch, before, "a delta twice is not the identity");
                         }
                         PageData::Zero => {}
+                        PageData::Retained => {
+                            assert!(reusing, "a retained page was not agreed on");
+                            assert!(page.write_to(&mut scratch).is_err());
+                            continue;
+                        }
                     }
                     if let Err(e) = page.write_to(&mut scratch) {
                         panic!("a decoded page does not write: {e}");

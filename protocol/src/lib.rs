@@ -36,6 +36,8 @@
 //! - [`ticket`]: operator-signed migration tickets and their verification
 //!   (crypto behind a small verifier/signer trait pair).
 //! - [`receipt`]: signed Accepted/Ready/Sent/Started receipts.
+//! - [`reuse`]: memory reuse when a VM comes back — the AES-256-GCM
+//!   retained image, its key that travels with the VM, and the offer.
 //! - [`ctl`]: the operator protocol spoken by `convoyctl`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -55,6 +57,7 @@ pub mod message;
 pub mod names;
 pub mod page;
 pub mod receipt;
+pub mod reuse;
 pub mod source;
 pub mod stream;
 pub mod ticket;

@@ -86,8 +86,13 @@ impl Capabilities {
     /// Delta-encoded pages in batches ([`crate::page::RunKind::Delta`]).
     /// A source sends them only when the destination accepted this bit.
     pub const DELTA: Capabilities = Capabilities(2);
+    /// Memory reuse ([`crate::reuse`]): offered by a source only with a
+    /// [`Manifest::reuse`] offer, accepted by a destination only when it
+    /// holds that retained image; the source then sends unchanged pages as
+    /// [`crate::page::RunKind::Retained`] in its first round.
+    pub const REUSE: Capabilities = Capabilities(4);
     /// Everything this build supports.
-    pub const OURS: Capabilities = Capabilities(Self::ZSTD.0 | Self::DELTA.0);
+    pub const OURS: Capabilities = Capabilities(Self::ZSTD.0 | Self::DELTA.0 | Self::REUSE.0);
 
     /// Bits set in both.
     pub fn intersect(self, o: Capabilities) -> Capabilities {
@@ -115,6 +120,10 @@ pub struct Manifest {
     /// and accepts one more data stream, the fault stream (index
     /// `data_streams`), that carries the pages it asks for.
     pub postcopy: bool,
+    /// The VM comes back to a host that may hold its last image: the image
+    /// and its key (see [`crate::reuse`]). Sent inside TLS to that host
+    /// only; the key is worthless to any other.
+    pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
 }
 
 /// Source → destination: the first message of a migration.
@@ -277,6 +286,10 @@ pub struct Fetch {
 pub struct Handover {
     /// The source's signed `Sent` receipt.
     pub receipt: SignedReceipt,
+    /// The source keeps the VM's image, sealed under this key, which it
+    /// forgets: the destination keeps it with the VM, to offer it when the
+    /// VM migrates back (see [`crate::reuse`]).
+    pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
 }
 
 /// Destination → source: the VM runs here now.
@@ -622,6 +635,10 @@ mod tests {
                 data_streams: 2,
                 qemu: None,
                 postcopy: false,
+                reuse: Some(Box::new(crate::reuse::ReuseOffer {
+                    image: crate::reuse::RetainedId([4; 16]),
+                    key: crate::reuse::ReuseKey::from_bytes([5; 32]),
+                })),
             },
             ticket: crate::ticket::SignedTicket {
                 body: vec![1],
@@ -655,6 +672,7 @@ mod tests {
                     signature: vec![2; 64],
                     chain: vec![],
                 },
+                reuse: None,
             }),
             Message::Abort(Abort {
                 reason: Reason::RootMismatch,
@@ -689,7 +707,7 @@ mod tests {
             Err(DecodeError::Malformed { .. })
         ));
         assert!(matches!(
-            Message::decode(Bytes::from_static(&[tag::HANDOVER, 0, 0, 0, 0])),
+            Message::decode(Bytes::from_static(&[tag::HANDOVER, 0, 0, 0, 0, 0])),
             Err(DecodeError::Trailing { .. })
         ));
         // A fault request for no page, or for more than MAX_FETCH.

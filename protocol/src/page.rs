@@ -15,6 +15,7 @@
 //! | [`RunKind::Zero`] | none |
 //! | [`RunKind::Data`] | the page, `page_size` bytes |
 //! | [`RunKind::Delta`] | a `u16` little-endian length `n` (`0..=page_size/2`), then `n` bytes of [`crate::delta`] against the version sent before |
+//! | [`RunKind::Retained`] | none: the destination opens the page from the image it retained ([`crate::reuse`]); only when it accepted [`crate::message::Capabilities::REUSE`] |
 //!
 //! The decoder bounds the payload before it decompresses it (`page_size` a
 //! data page, `2 + page_size/2` a delta page), checks every delta's
@@ -356,6 +357,9 @@ pub enum RunKind {
     /// Deltas against the version of each page sent before (see
     /// [`crate::delta`]), each a `u16` LE length and that many bytes.
     Delta,
+    /// Pages the destination holds in the image it retained when the VM
+    /// left it ([`crate::reuse`]); nothing in the payload.
+    Retained,
 }
 
 /// A run of consecutive pages in a batch.
@@ -394,6 +398,9 @@ pub struct EncodingStats {
     /// Pages sent as a delta against their previous version (raw or inside
     /// a zstd block).
     pub delta: u64,
+    /// Pages not sent because the destination holds them in the image it
+    /// retained ([`RunKind::Retained`]).
+    pub retained: u64,
 }
 
 impl EncodingStats {
@@ -403,11 +410,12 @@ impl EncodingStats {
         self.raw += other.raw;
         self.zstd += other.zstd;
         self.delta += other.delta;
+        self.retained += other.retained;
     }
 
-    /// All pages.
+    /// All pages, the retained ones included.
     pub fn pages(&self) -> u64 {
-        self.zero + self.raw + self.zstd + self.delta
+        self.zero + self.raw + self.zstd + self.delta + self.retained
     }
 }
 
@@ -553,12 +561,42 @@ impl BatchBuilder {
         self.push(idx, fill, true, Some(cache))
     }
 
+    /// The first round of a migration back to a host that retained the
+    /// VM's image ([`crate::reuse`]; only when the destination accepted
+    /// [`crate::message::Capabilities::REUSE`]): a non-zero page whose leaf
+    /// equals `held` (the leaf of the page in the retained image) goes as a
+    /// [`RunKind::Retained`] page, without bytes; a zero page is left out
+    /// (staging starts zeroed); any other page goes as
+    /// [`BatchBuilder::push_nonzero_with`] (or with `cache`,
+    /// [`BatchBuilder::push_nonzero_delta_with`]) sends it. Returns whether
+    /// the page was added.
+    pub fn push_nonzero_reusing_with(
+        &mut self,
+        idx: PageIndex,
+        held: Option<Digest>,
+        cache: Option<&mut PageCache>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, BuildError> {
+        self.push_inner(idx, fill, true, cache, held)
+    }
+
     fn push(
         &mut self,
         idx: PageIndex,
         fill: impl FnOnce(&mut [u8]),
         skip_zero: bool,
         cache: Option<&mut PageCache>,
+    ) -> Result<bool, BuildError> {
+        self.push_inner(idx, fill, skip_zero, cache, None)
+    }
+
+    fn push_inner(
+        &mut self,
+        idx: PageIndex,
+        fill: impl FnOnce(&mut [u8]),
+        skip_zero: bool,
+        cache: Option<&mut PageCache>,
+        held: Option<Digest>,
     ) -> Result<bool, BuildError> {
         if self.is_full() {
             return Err(BuildError::Full);
@@ -590,9 +628,19 @@ impl BatchBuilder {
             RunKind::Zero
         } else {
             let new = &self.data[start..];
-            self.leaves.push((idx, leaf_digest(new)));
+            let leaf = leaf_digest(new);
+            self.leaves.push((idx, leaf));
             let mut kind = RunKind::Data;
-            if let Some(c) = cache {
+            if held == Some(leaf) {
+                // The destination holds this version: no bytes, and no
+                // cached version to make a later delta against.
+                self.data.truncate(start);
+                if let Some(c) = cache {
+                    c.remove(idx);
+                }
+                self.stats.retained += 1;
+                kind = RunKind::Retained;
+            } else if let Some(c) = cache {
                 self.delta.clear();
                 let encoded = c
                     .get(idx)
@@ -633,7 +681,8 @@ impl BatchBuilder {
         round: u32,
         compressor: &mut Compressor,
     ) -> Result<EncodedBatch, BuildError> {
-        let data_pages = (self.pages as u64) - self.stats.zero - self.stats.delta;
+        let data_pages =
+            (self.pages as u64) - self.stats.zero - self.stats.delta - self.stats.retained;
         let mut stats = self.stats;
         let (compression, payload) = match compressor.compress(&self.data)? {
             Some(z) => {
@@ -841,6 +890,12 @@ pub enum BatchError {
     /// zstd refused the payload (corrupt, or larger than declared).
     #[error("zstd payload does not decode: {0}")]
     Zstd(String),
+    /// A [`RunKind::Retained`] page, but no retained image was agreed on.
+    #[error("page {page} sent as retained, but no retained image was agreed on")]
+    UnexpectedRetained {
+        /// The first page of the run.
+        page: u64,
+    },
     /// The batch's round is older than one already seen on the stream.
     #[error("round {got} after round {last} on stream {stream}")]
     RoundWentBack {
@@ -862,6 +917,9 @@ pub struct StreamReceiver {
     geometry: MemoryGeometry,
     next_seq: u64,
     last_round: u32,
+    /// [`RunKind::Retained`] pages are accepted (the destination accepted
+    /// [`crate::message::Capabilities::REUSE`]).
+    retained: bool,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
 
@@ -897,6 +955,10 @@ pub enum PageData<'a> {
     /// A delta to XOR into the version of the page sent before (checked
     /// against the page size at decode; apply with [`crate::delta::apply`]).
     Delta(&'a [u8]),
+    /// Open the page from the image retained for the VM
+    /// ([`crate::reuse::RetainedImage::open_into`]); [`PageData::write_to`]
+    /// cannot.
+    Retained,
 }
 
 impl PageData<'_> {
@@ -914,6 +976,7 @@ impl PageData<'_> {
                 })
             }
             PageData::Delta(d) => delta::apply(page, d)?,
+            PageData::Retained => return Err(DeltaError::Retained),
         }
         Ok(())
     }
@@ -928,6 +991,7 @@ impl DecodedBatch {
                 RunKind::Zero => PageData::Zero,
                 RunKind::Data => PageData::Full(bytes),
                 RunKind::Delta => PageData::Delta(bytes),
+                RunKind::Retained => PageData::Retained,
             };
             (p.idx, data)
         })
@@ -963,8 +1027,16 @@ impl StreamReceiver {
             geometry,
             next_seq: 0,
             last_round: 0,
+            retained: false,
             decompressor: None,
         }
+    }
+
+    /// Accepts [`RunKind::Retained`] pages from now on (only after
+    /// accepting [`crate::message::Capabilities::REUSE`] for an image this
+    /// host holds); without this they are refused.
+    pub fn accept_retained(&mut self) {
+        self.retained = true;
     }
 
     /// A receiver for the post-copy fault stream `stream`, whose pages may
@@ -1024,6 +1096,9 @@ impl StreamReceiver {
                     page: end - 1,
                     count,
                 });
+            }
+            if run.kind == RunKind::Retained && !self.retained {
+                return Err(BatchError::UnexpectedRetained { page: start });
             }
             for p in start..end {
                 let idx = PageIndex(p);
@@ -1085,7 +1160,7 @@ impl StreamReceiver {
         for p in &mut pages {
             let truncated = BatchError::PayloadTruncated { page: p.idx.0 };
             match p.kind {
-                RunKind::Zero => p.start = off,
+                RunKind::Zero | RunKind::Retained => p.start = off,
                 RunKind::Data => {
                     if data.len() - off < page {
                         return Err(truncated);
@@ -1180,11 +1255,54 @@ mod tests {
                     PageData::Zero => assert!(is_zero(&expect)),
                     PageData::Full(b) => assert_eq!(*b, &expect[..]),
                     PageData::Delta(_) => panic!("no cache, no delta"),
+                    PageData::Retained => panic!("no held leaves, no retained page"),
                 }
             }
             assert_eq!(enc.stats.pages(), pages.len() as u64);
             assert_eq!(enc.leaves.len(), pages.len());
         }
+    }
+
+    #[test]
+    fn retained_pages_carry_no_bytes_and_only_where_agreed() {
+        let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+        // Page 0 held as is, page 1 held in another version, page 2 zero.
+        let held = [
+            Some(leaf_digest(&page_bytes(1))),
+            Some(leaf_digest(&page_bytes(9))),
+            None,
+        ];
+        for p in 0..3u64 {
+            let fill = |buf: &mut [u8]| {
+                if p < 2 {
+                    buf.copy_from_slice(&page_bytes(p + 1))
+                }
+            };
+            let added = b
+                .push_nonzero_reusing_with(PageIndex(p), held[p as usize], None, fill)
+                .unwrap();
+            assert_eq!(added, p < 2);
+        }
+        let enc = b.finish(0, 1, &mut Compressor::new(0).unwrap()).unwrap();
+        assert_eq!((enc.stats.retained, enc.stats.raw), (1, 1));
+        assert_eq!(enc.payload.len(), 4096);
+        assert_eq!(enc.leaves[0], (PageIndex(0), leaf_digest(&page_bytes(1))));
+        let payload = bytes::Bytes::from(enc.payload);
+        let mut rx = StreamReceiver::new(0, 1, geometry(64));
+        assert_eq!(
+            rx.receive(&enc.header, &payload).unwrap_err(),
+            BatchError::UnexpectedRetained { page: 0 }
+        );
+        let mut rx = StreamReceiver::new(0, 1, geometry(64));
+        rx.accept_retained();
+        let dec = rx.receive(&enc.header, &payload).unwrap();
+        let got: Vec<_> = dec.pages().collect();
+        assert_eq!(got[0], (PageIndex(0), PageData::Retained));
+        assert!(matches!(got[1], (PageIndex(1), PageData::Full(_))));
+        assert_eq!(
+            PageData::Retained.write_to(&mut [0u8; 4096]),
+            Err(DeltaError::Retained)
+        );
     }
 
     /// Pages 0..8 sent twice through one cache. The second time pages 0,

@@ -190,7 +190,9 @@ pub enum SourceAction {
     /// The migration failed before handover: stop the dirty log and resume
     /// the VM if it was paused. It runs here, exactly once.
     RollBack,
-    /// The destination runs the VM: discard and wipe the local copy.
+    /// The destination runs the VM: discard and wipe the local copy
+    /// (after sealing it as a retained image, if the driver called
+    /// [`Source::retain_image`]).
     DiscardVm,
     /// The VM is paused for a post-copy switch: durably record that it is
     /// handed over (it must never resume here by itself), then call
@@ -444,6 +446,8 @@ pub struct Source {
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
     accepted: Option<Capabilities>,
+    /// The image this host will retain, and its key, for Handover.
+    retain: Option<crate::reuse::ReuseOffer>,
 }
 
 impl Source {
@@ -452,6 +456,10 @@ impl Source {
         let pages = cfg.manifest.memory.page_count() as usize;
         let page = cfg.manifest.memory.page_size().bytes();
         cfg.manifest.postcopy = cfg.switchover != Switchover::Never;
+        // Reuse is offered only with an image to reuse.
+        if cfg.manifest.reuse.is_none() {
+            cfg.capabilities = Capabilities(cfg.capabilities.0 & !Capabilities::REUSE.0);
+        }
         // The fault stream follows the data streams.
         let streams = usize::from(cfg.manifest.data_streams) + usize::from(cfg.manifest.postcopy);
         Source {
@@ -492,6 +500,17 @@ impl Source {
             root: None,
             receipts: Vec::new(),
             accepted: None,
+            retain: None,
+        }
+    }
+
+    /// The driver will keep the VM's image after `Started`, sealed under
+    /// `offer.key`: the key goes to the destination in Handover (and the
+    /// driver must forget it once the image is sealed). Call before the
+    /// handover is committed; ignored after.
+    pub fn retain_image(&mut self, offer: crate::reuse::ReuseOffer) {
+        if !self.handed_over {
+            self.retain = Some(offer);
         }
     }
 
@@ -746,8 +765,10 @@ impl Source {
                 self.postcopy.served += batch.stats.pages();
             }
         }
-        self.pages_sent += batch.stats.pages();
-        self.round_pages += batch.stats.pages();
+        // Retained pages cost no bytes: they are not sent.
+        let sent = batch.stats.pages() - batch.stats.retained;
+        self.pages_sent += sent;
+        self.round_pages += sent;
         self.encodings.add(&batch.stats);
         self.payload_bytes += batch.frame_bytes;
         self.round_bytes += batch.frame_bytes;
@@ -1050,7 +1071,10 @@ impl Source {
             self.receipts.push(receipt.clone());
             self.handed_over = true;
             self.actions
-                .push_back(SourceAction::Send(Message::Handover(Handover { receipt })));
+                .push_back(SourceAction::Send(Message::Handover(Handover {
+                    receipt,
+                    reuse: self.retain.take().map(Box::new),
+                })));
             self.phase = Phase::AwaitStarted {
                 deadline: now + self.cfg.started_timeout,
             };

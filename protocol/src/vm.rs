@@ -15,6 +15,11 @@ pub const MAX_ATTR_LEN: usize = 64;
 /// Highest security level.
 pub const MAX_SECURITY_LEVEL: u8 = 100;
 
+/// The label that opts a VM in to retention where it leaves
+/// (`convoy.retain-on-leave=true`, see [`crate::reuse`]): a per-VM choice
+/// that travels with the VM and that policies see as a tag.
+pub const RETAIN_LABEL: &str = "convoy.retain-on-leave";
+
 /// A VM's attributes as policies see them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmAttributes {
@@ -61,6 +66,12 @@ fn token(what: &str, v: &str) -> Result<(), AttributeError> {
 }
 
 impl VmAttributes {
+    /// Whether the VM opts in to retention where it leaves
+    /// ([`RETAIN_LABEL`] is `true`).
+    pub fn retain_on_leave(&self) -> bool {
+        self.labels.get(RETAIN_LABEL).is_some_and(|v| v == "true")
+    }
+
     /// Checks every bound (call on anything received).
     pub fn validate(&self) -> Result<(), AttributeError> {
         token("tenant", &self.tenant)?;

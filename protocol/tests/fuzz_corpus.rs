@@ -133,6 +133,7 @@ fn seeds() -> Vec<Message> {
                 data_streams: 1,
                 qemu: None,
                 postcopy: false,
+                reuse: None,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -166,6 +167,7 @@ fn seeds() -> Vec<Message> {
         }),
         Message::Handover(Handover {
             receipt: rc(ReceiptKind::Sent),
+            reuse: None,
         }),
         Message::Started(Started {
             start_ms: 3,
@@ -200,7 +202,66 @@ fn seeds() -> Vec<Message> {
         Message::Fetch(convoy_protocol::message::Fetch {
             pages: vec![PageIndex(3), PageIndex(70)],
         }),
+        // 15..=17: memory reuse — an offer, a key handed over, retained pages.
+        Message::Propose(Propose {
+            versions: VersionRange::OURS,
+            capabilities: Capabilities::OURS,
+            migration: MigrationId([3; 16]),
+            vm: "vm".parse().unwrap(),
+            attributes: Default::default(),
+            manifest: Manifest {
+                memory: geometry,
+                data_streams: 1,
+                qemu: None,
+                postcopy: false,
+                reuse: Some(Box::new(reuse_offer())),
+            },
+            ticket: convoy_protocol::ticket::SignedTicket {
+                body: vec![],
+                signature: vec![],
+                chain: vec![],
+            },
+        }),
+        Message::Handover(Handover {
+            receipt: rc(ReceiptKind::Sent),
+            reuse: Some(Box::new(reuse_offer())),
+        }),
+        Message::PageBatch(
+            retained_batch().header,
+            Bytes::from(retained_batch().payload),
+        ),
     ]
+}
+
+fn reuse_offer() -> convoy_protocol::reuse::ReuseOffer {
+    convoy_protocol::reuse::ReuseOffer {
+        image: convoy_protocol::reuse::RetainedId([6; 16]),
+        key: convoy_protocol::reuse::ReuseKey::from_bytes([9; 32]),
+    }
+}
+
+/// A first-round batch to a host that retained the image: pages 0 and 2
+/// unchanged (retained), page 1 changed, page 3 zero (left out).
+fn retained_batch() -> EncodedBatch {
+    let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+    let held = |p: u64| {
+        let mut page = vec![p as u8 + 1; 4096];
+        if p == 1 {
+            page[0] = 0;
+        }
+        convoy_protocol::digest::leaf_digest(&page)
+    };
+    for p in 0..4u64 {
+        b.push_nonzero_reusing_with(PageIndex(p), Some(held(p)), None, |buf| {
+            if p < 3 {
+                buf.fill(p as u8 + 1);
+            }
+        })
+        .unwrap();
+    }
+    let enc = b.finish(0, 1, &mut Compressor::new(0).unwrap()).unwrap();
+    assert_eq!(enc.stats.retained, 2);
+    enc
 }
 
 #[test]
@@ -246,6 +307,13 @@ fn write_seed_corpus_when_asked() {
     batch.extend_from_slice(&frames[11]);
     std::fs::write(corpus("batch_decode").join("seed-delta-batch"), &batch).unwrap();
     write_delta_seeds();
+    // Retained pages, to a receiver that accepts them (the stream byte's
+    // high bit) and to one that does not.
+    for (name, stream) in [("seed-retained", 0x80u8), ("hostile-retained", 0)] {
+        let mut v = vec![0u8, 64, 0, stream];
+        v.extend_from_slice(&frames[17]);
+        std::fs::write(corpus("batch_decode").join(name), &v).unwrap();
+    }
     for (i, f) in frames.iter().enumerate() {
         let mut v = vec![0u8, 64, 0, 0];
         v.extend_from_slice(f);

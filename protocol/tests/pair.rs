@@ -14,15 +14,16 @@ use convoy_protocol::delta::PageCache;
 use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
 };
-use convoy_protocol::digest::{leaf_digest, MerkleTree};
+use convoy_protocol::digest::{leaf_digest, Digest, MerkleTree};
 use convoy_protocol::fuzz::InsecureCrypto;
 use convoy_protocol::message::{Capabilities, Manifest, Message, Reason};
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::{
-    stream_for, BatchBuilder, BatchHeader, Compressor, MemoryGeometry, PageBitmap, PageIndex,
-    PageSize, RunKind, StreamReceiver,
+    stream_for, BatchBuilder, BatchHeader, Compressor, MemoryGeometry, PageBitmap, PageData,
+    PageIndex, PageSize, RunKind, StreamReceiver,
 };
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
+use convoy_protocol::reuse::{RetainedId, RetainedImage, ReuseError, ReuseKey, ReuseOffer};
 use convoy_protocol::source::{
     SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
     Switchover,
@@ -65,6 +66,7 @@ fn handover() -> Message {
             signature: vec![],
             chain: vec![],
         },
+        reuse: None,
     })
 }
 
@@ -200,6 +202,17 @@ struct Pair {
     src_errors: Vec<SourceError>,
     dst_errors: Vec<DestinationError>,
     rolled_back: bool,
+    /// Source: seal the image under this key at DiscardVm (retention).
+    retain: Option<ReuseOffer>,
+    /// Source: the image it sealed when the VM left.
+    retained_here: Option<RetainedImage>,
+    /// Source: the leaves of the image verified when the VM arrived (what
+    /// the destination retained), compared in round 1 when reusing.
+    arrival_leaves: Option<Vec<Digest>>,
+    /// Destination: the image it retained when the VM left it.
+    held_image: Option<RetainedImage>,
+    /// Destination: the offered key, when it holds the offered image.
+    reuse_key: Option<ReuseKey>,
 }
 
 impl Pair {
@@ -227,6 +240,7 @@ impl Pair {
                 data_streams: streams,
                 qemu: None,
                 postcopy: false,
+                reuse: None,
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -292,6 +306,11 @@ impl Pair {
             src_errors: Vec::new(),
             dst_errors: Vec::new(),
             rolled_back: false,
+            retain: None,
+            retained_here: None,
+            arrival_leaves: None,
+            held_image: None,
+            reuse_key: None,
         }
     }
 
@@ -308,6 +327,11 @@ impl Pair {
                 .src
                 .accepted_capabilities()
                 .is_some_and(|c| c.has(Capabilities::DELTA));
+        let reusing = round == 1
+            && self
+                .src
+                .accepted_capabilities()
+                .is_some_and(|c| c.has(Capabilities::REUSE));
         for s in 0..self.streams {
             let mine: Vec<PageIndex> = pages
                 .iter()
@@ -319,6 +343,17 @@ impl Pair {
                     let bytes = &self.vm.pages[p.0 as usize];
                     let fill = |buf: &mut [u8]| buf.copy_from_slice(bytes);
                     let cache = &mut self.caches[usize::from(s)];
+                    if reusing {
+                        let held = self
+                            .arrival_leaves
+                            .as_ref()
+                            .and_then(|l| l.get(p.0 as usize).copied());
+                        let cache = delta.then_some(cache);
+                        if !b.push_nonzero_reusing_with(p, held, cache, fill).unwrap() {
+                            skipped += 1;
+                        }
+                        continue;
+                    }
                     let added = match (delta, skip_zero) {
                         (true, true) => b.push_nonzero_delta_with(p, cache, fill),
                         (true, false) => b.push_delta_with(p, cache, fill).map(|()| true),
@@ -435,7 +470,24 @@ impl Pair {
                     self.vm.logging = false;
                     self.vm.paused = false;
                 }
-                SourceAction::DiscardVm => self.vm.discarded = true,
+                SourceAction::DiscardVm => {
+                    if let Some(offer) = self.retain.take() {
+                        let image = self.vm.pages.clone();
+                        let geometry =
+                            MemoryGeometry::new(PageSize::SIZE_4K, image.len() as u64).unwrap();
+                        self.retained_here = Some(
+                            RetainedImage::seal(
+                                offer.image,
+                                "vm".parse().unwrap(),
+                                geometry,
+                                &offer.key,
+                                |p, buf| buf.copy_from_slice(&image[p.0 as usize]),
+                            )
+                            .unwrap(),
+                        );
+                    }
+                    self.vm.discarded = true;
+                }
                 other => panic!("unknown action {other:?}"),
             }
         }
@@ -458,10 +510,24 @@ impl Pair {
                         self.link_up = false;
                     }
                 }
-                DestinationAction::PrepareStaging { manifest, .. } => {
+                DestinationAction::PrepareStaging { manifest, vm, .. } => {
                     let n = manifest.memory.page_count() as usize;
                     self.staging = Some(vec![vec![0u8; PAGE]; n]);
-                    self.dst.handle_staging_ready(self.now);
+                    let held = match (&manifest.reuse, &self.held_image) {
+                        (Some(offer), Some(img)) => {
+                            img.id() == offer.image
+                                && *img.vm() == vm
+                                && img.geometry() == manifest.memory
+                        }
+                        _ => false,
+                    };
+                    if held {
+                        self.reuse_key = manifest.reuse.map(|o| o.key);
+                        for r in &mut self.receivers {
+                            r.accept_retained();
+                        }
+                    }
+                    self.dst.handle_staging_ready_reusing(self.now, held);
                     for s in 0..self.streams {
                         self.dst.handle_stream_opened(s).unwrap();
                     }
@@ -528,6 +594,7 @@ impl Pair {
                     let staging = self.staging.as_mut().unwrap();
                     let mut leaves = Vec::new();
                     let installing = self.dst.is_switched();
+                    let mut bad = None;
                     for (idx, data) in batch.pages() {
                         let page = &mut staging[idx.0 as usize];
                         if installing {
@@ -542,12 +609,25 @@ impl Pair {
                                 missing.remove(idx);
                                 leaves.push((idx, leaf_digest(&got)));
                             }
+                        } else if let PageData::Retained = data {
+                            let opened = match (&self.held_image, &self.reuse_key) {
+                                (Some(img), Some(key)) => img.open_into(key, idx, page),
+                                _ => Err(ReuseError::NoSuchPage(idx.0)),
+                            };
+                            if let Err(e) = opened {
+                                bad = Some(e);
+                                break;
+                            }
+                            leaves.push((idx, leaf_digest(page)));
                         } else {
                             data.write_to(page).unwrap();
                             leaves.push((idx, leaf_digest(page)));
                         }
                     }
-                    if let Err(e) = self
+                    if let Some(e) = bad {
+                        let e = self.dst.handle_bad_input(e.into());
+                        self.dst_errors.push(e);
+                    } else if let Err(e) = self
                         .dst
                         .handle_batch_applied(self.now, s, batch.seq, &leaves)
                     {
@@ -1005,7 +1085,8 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
             p.now,
             Message::Accept(convoy_protocol::message::Accept {
                 version: 1,
-                capabilities: Capabilities::OURS,
+                // What a source without a reuse offer offers.
+                capabilities: Capabilities(Capabilities::ZSTD.0 | Capabilities::DELTA.0),
                 receipt: receipt_by(DST, p.now, ReceiptKind::Accepted, None),
             }),
         )
@@ -1089,7 +1170,7 @@ fn a_receipt_from_the_wrong_agent_aborts_before_handover() {
         p.now,
         Message::Accept(convoy_protocol::message::Accept {
             version: 1,
-            capabilities: Capabilities::OURS,
+            capabilities: Capabilities(Capabilities::ZSTD.0 | Capabilities::DELTA.0),
             receipt: receipt_by(
                 "spiffe://pair.test/agent/mallory",
                 p.now,
@@ -1281,4 +1362,179 @@ fn a_page_altered_after_the_switch_stops_the_vm_there_and_never_resumes_it_here(
         "the VM that ran on a bad page is stopped"
     );
     assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
+}
+
+// ---- Memory reuse when a VM comes back ----
+
+const PAGES_REUSE: usize = 2048;
+
+/// The first trip, a→b, with a retaining the image under a fresh key: a
+/// finished Pair (a's image sealed, b's key and arrival leaves taken).
+fn first_trip() -> (Pair, ReuseOffer, Vec<Digest>) {
+    let mut p = Pair::new(PAGES_REUSE, 0, 100e6, 1 << 30);
+    let offer = ReuseOffer {
+        image: RetainedId([5; 16]),
+        key: ReuseKey::from_bytes([0x42; 32]),
+    };
+    p.src.retain_image(offer.clone());
+    p.retain = Some(offer);
+    p.run();
+    assert_eq!(p.summary().outcome, Outcome::Completed);
+    let key = p.dst.take_reuse_key().expect("the key travels in Handover");
+    let leaves = p.dst.verified_leaves().expect("verified leaves");
+    assert_eq!(leaves.len(), PAGES_REUSE);
+    (p, key, leaves)
+}
+
+/// The trip back, b→a: b's VM runs on from the image it received, with
+/// `changed` pages rewritten; a holds `image`; b offers `offer`.
+fn trip_back(
+    first: &Pair,
+    image: RetainedImage,
+    offer: Option<ReuseOffer>,
+    leaves: Vec<Digest>,
+    changed: usize,
+) -> Pair {
+    let mut p = Pair::with(PAGES_REUSE, 0, 100e6, 1 << 30, |c| {
+        c.manifest.reuse = offer.map(Box::new);
+    });
+    p.vm.pages = first.staging.clone().unwrap();
+    // Spread the changes: every tenth-odd page gets a new first word.
+    for i in 0..changed {
+        let page = (i * 13 + 1) % PAGES_REUSE;
+        p.vm.pages[page][..8].copy_from_slice(&(0xdead_0000 + i as u64).to_le_bytes());
+    }
+    p.arrival_leaves = Some(leaves);
+    p.held_image = Some(image);
+    p
+}
+
+#[test]
+fn a_vm_that_comes_back_sends_only_its_changed_pages() {
+    let (mut first, offer, leaves) = first_trip();
+    let image = first.retained_here.take().expect("a sealed the image");
+    // The retained image holds no plaintext page: look for every non-zero
+    // page's first 64 bytes in it.
+    let sealed = image.sealed_bytes();
+    for page in first.paused_image.as_ref().unwrap().iter().step_by(97) {
+        if page.iter().any(|b| *b != 0) {
+            assert!(!sealed.windows(64).any(|w| w == &page[..64]));
+        }
+    }
+    let there = first.summary().clone();
+    // Under 10% of the pages change at b.
+    let changed = PAGES_REUSE / 20;
+    let mut back = trip_back(&first, image, Some(offer), leaves, changed);
+    back.run();
+    let s = back.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified);
+    assert_eq!(back.staging.as_ref().unwrap(), &back.vm.pages);
+    assert_eq!(s.memory_root, Some(root_of(&back.vm.pages)));
+    assert!(s.encodings.retained > 0, "{:?}", s.encodings);
+    // Every non-zero unchanged page was retained; changed ones were sent.
+    let nonzero = back
+        .vm
+        .pages
+        .iter()
+        .filter(|p| p.iter().any(|b| *b != 0))
+        .count() as u64;
+    assert!(s.encodings.retained + changed as u64 >= nonzero - changed as u64);
+    println!(
+        "reuse: first trip {} bytes, trip back {} bytes ({} of {} pages changed, {} retained)",
+        there.payload_bytes, s.payload_bytes, changed, PAGES_REUSE, s.encodings.retained
+    );
+    assert!(
+        s.payload_bytes * 5 < there.payload_bytes,
+        "{} bytes back vs {} there",
+        s.payload_bytes,
+        there.payload_bytes
+    );
+}
+
+#[test]
+fn an_offer_for_an_image_the_destination_does_not_hold_is_a_normal_migration() {
+    let (mut first, offer, leaves) = first_trip();
+    let image = first.retained_here.take().unwrap();
+    let other = ReuseOffer {
+        image: RetainedId([6; 16]),
+        key: offer.key.clone(),
+    };
+    let mut back = trip_back(&first, image, Some(other), leaves, 10);
+    back.run();
+    let s = back.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(!back
+        .src
+        .accepted_capabilities()
+        .unwrap()
+        .has(Capabilities::REUSE));
+    assert_eq!(s.encodings.retained, 0);
+    assert_eq!(back.staging.as_ref().unwrap(), &back.vm.pages);
+}
+
+#[test]
+fn a_retained_page_altered_at_rest_aborts_and_the_vm_stays() {
+    let (mut first, offer, leaves) = first_trip();
+    let mut image = first.retained_here.take().unwrap();
+    // The holding host flips one ciphertext byte of page 2 (unchanged at
+    // the source, so sent as retained).
+    image.sealed_bytes_mut()[2 * (PAGE + 16) + 100] ^= 1;
+    let mut back = trip_back(&first, image, Some(offer), leaves, 10);
+    back.run();
+    let s = back.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert!(back.rolled_back && !back.vm.discarded);
+    assert!(back
+        .dst_errors
+        .iter()
+        .any(|e| matches!(e, DestinationError::Retained(ReuseError::Unauthentic(2)))));
+    assert!(back.started.is_none() && back.staging.is_none());
+}
+
+#[test]
+fn a_wrong_key_opens_nothing_and_the_vm_stays() {
+    let (mut first, _, leaves) = first_trip();
+    let image = first.retained_here.take().unwrap();
+    let forged = ReuseOffer {
+        image: image.id(),
+        key: ReuseKey::from_bytes([0x43; 32]),
+    };
+    let mut back = trip_back(&first, image, Some(forged), leaves, 10);
+    back.run();
+    let s = back.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert!(back.rolled_back && !back.vm.discarded && back.started.is_none());
+}
+
+#[test]
+fn a_stale_leaf_at_the_source_is_caught_by_the_root_check() {
+    // The source believes page 2 unchanged though it changed: the
+    // destination opens the old version, and the root says no.
+    let (mut first, offer, mut leaves) = first_trip();
+    let image = first.retained_here.take().unwrap();
+    let mut back = trip_back(&first, image, Some(offer), leaves.clone(), 0);
+    back.vm.pages[2][0] ^= 0xff;
+    leaves[2] = leaf_digest(&back.vm.pages[2]);
+    back.arrival_leaves = Some(leaves);
+    back.run();
+    let s = back.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert!(back
+        .dst_errors
+        .iter()
+        .any(|e| matches!(e, DestinationError::RootMismatch { .. })));
+    assert!(back.rolled_back && !back.vm.discarded && back.started.is_none());
+}
+
+#[test]
+fn without_an_offer_reuse_is_neither_offered_nor_accepted() {
+    let mut p = Pair::new(256, 0, 100e6, 1 << 30);
+    p.run();
+    assert!(!p
+        .src
+        .accepted_capabilities()
+        .unwrap()
+        .has(Capabilities::REUSE));
+    assert!(p.dst.take_reuse_key().is_none());
 }

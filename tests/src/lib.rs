@@ -87,6 +87,7 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
             data_streams: 1,
             qemu: None,
             postcopy: false,
+            reuse: None,
         },
         ticket,
     });

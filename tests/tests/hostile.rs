@@ -60,6 +60,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
             data_streams: streams,
             qemu: None,
             postcopy: false,
+            reuse: None,
         },
         ticket,
     })

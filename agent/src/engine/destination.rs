@@ -25,6 +25,8 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use convoy_protocol::reuse::{RetainedImage, ReuseKey};
+
 use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
 use crate::backend::Staging;
@@ -99,6 +101,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         switched: Arc::new(AtomicBool::new(false)),
         faults: None,
         migration: None,
+        reuse: None,
         tasks: Vec::new(),
         phases: Vec::new(),
         started: Instant::now(),
@@ -231,6 +234,13 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
     reader.abort();
 }
 
+/// A retained image being reused, shared with the decoder threads.
+#[derive(Clone)]
+struct Reuse {
+    image: Arc<RetainedImage>,
+    key: Arc<ReuseKey>,
+}
+
 struct Incoming {
     inner: Arc<Inner>,
     conn: Connection,
@@ -248,6 +258,9 @@ struct Incoming {
     /// Post-copy: pages the VM waits for, in Fetch-sized groups.
     faults: Option<mpsc::UnboundedReceiver<Vec<PageIndex>>>,
     migration: Option<MigrationId>,
+    /// The source offered an image this host retained for the VM: the
+    /// image and the key to open its pages with.
+    reuse: Option<Reuse>,
     tasks: Vec<JoinHandle<()>>,
     /// Phase changes, audited with the outcome (never inside downtime).
     phases: Vec<(String, u64)>,
@@ -255,6 +268,24 @@ struct Incoming {
 }
 
 impl Incoming {
+    /// The key the source handed over with the VM, if it retained the
+    /// image, with the leaves of the image verified here.
+    fn arrival_key(&self, sm: &mut Destination) -> Option<crate::retain::ArrivalKey> {
+        let offer = sm.take_reuse_key()?;
+        let leaves = sm.verified_leaves()?;
+        Some(crate::retain::ArrivalKey {
+            offer,
+            holder: self.peer.id.clone(),
+            leaves: Arc::new(leaves),
+        })
+    }
+
+    /// The VM runs here again: an image retained for it is obsolete.
+    fn arrived(&mut self, name: &VmName) {
+        self.reuse = None;
+        self.inner.retained().remove(name);
+    }
+
     fn phase(&mut self, what: String) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what, ms));
@@ -391,8 +422,30 @@ impl Incoming {
                             self.streams = manifest.data_streams;
                             self.postcopy = manifest.postcopy;
                             self.migration = sm.migration();
-                            self.phase(format!("staging reserved ({bytes} bytes), accepting"));
-                            sm.handle_staging_ready(Instant::now());
+                            // An offered image held here, for this VM and
+                            // geometry: its pages need not be sent.
+                            self.reuse = manifest.reuse.and_then(|offer| {
+                                let name = self.name.as_ref()?;
+                                let image = self.inner.retained().find(
+                                    name,
+                                    offer.image,
+                                    manifest.memory,
+                                )?;
+                                Some(Reuse {
+                                    image,
+                                    key: Arc::new(offer.key),
+                                })
+                            });
+                            let held = self.reuse.is_some();
+                            self.phase(format!(
+                                "staging reserved ({bytes} bytes){}, accepting",
+                                if held {
+                                    ", reusing the image retained here"
+                                } else {
+                                    ""
+                                }
+                            ));
+                            sm.handle_staging_ready_reusing(Instant::now(), held);
                             self.accept_streams();
                         }
                         Err(e) => {
@@ -420,8 +473,10 @@ impl Incoming {
                                 e.vm = Some(vm);
                                 e.state = VmState::Running;
                                 e.arrived_from = Some(self.peer.id.to_string());
+                                e.reuse = self.arrival_key(sm);
                             }
                         }
+                        self.arrived(&name);
                         self.phase("verified and started here".into());
                         sm.handle_started(Instant::now());
                     }
@@ -491,8 +546,13 @@ impl Incoming {
                 for t in self.tasks.drain(..) {
                     t.abort();
                 }
-                if let Some(n) = &self.name {
-                    self.inner.set_state(n, VmState::Running);
+                if let Some(n) = self.name.clone() {
+                    let key = self.arrival_key(sm);
+                    if let Some(e) = self.inner.vms().get_mut(&n) {
+                        e.state = VmState::Running;
+                        e.reuse = key;
+                    }
+                    self.arrived(&n);
                 }
                 self.phase("every page verified: the VM is ours".into());
                 sm.handle_started(Instant::now());
@@ -564,6 +624,8 @@ impl Incoming {
         let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(32);
         let tx = self.tx.clone();
         let switched = self.switched.clone();
+        // Retained pages come on the data streams, never on the fault one.
+        let reuse = self.reuse.clone().filter(|_| stream < self.streams);
         self.tasks.push(tokio::spawn(async move {
             loop {
                 match read_message(&mut recv).await {
@@ -595,6 +657,9 @@ impl Incoming {
                 } else {
                     StreamReceiver::new(stream, streams, geometry)
                 };
+                if reuse.is_some() {
+                    rx.accept_retained();
+                }
                 let mut scratch = vec![0u8; geometry.page_size().bytes()];
                 while let Some(m) = frames_rx.blocking_recv() {
                     let Message::PageBatch(header, payload) = m else {
@@ -615,7 +680,7 @@ impl Incoming {
                     let applied = if switched.load(Ordering::Acquire) {
                         install(&staging, &batch, &mut scratch, &mut leaves)
                     } else {
-                        stage(&staging, &batch, &mut scratch, &mut leaves)
+                        stage(&staging, reuse.as_ref(), &batch, &mut scratch, &mut leaves)
                     };
                     if let Err(e) = applied {
                         let _ = tx.send(*e);
@@ -645,6 +710,7 @@ impl Incoming {
 /// `batch` to staging and gives each the leaf of what staging then holds.
 fn stage(
     staging: &SimVm,
+    reuse: Option<&Reuse>,
     batch: &convoy_protocol::page::DecodedBatch,
     scratch: &mut [u8],
     leaves: &mut Vec<(PageIndex, Digest)>,
@@ -653,6 +719,19 @@ fn stage(
         match data {
             PageData::Zero => staging.write_page(idx, None),
             PageData::Full(bytes) => staging.write_page(idx, Some(bytes)),
+            // Opened from the image retained here (authenticated, bound to
+            // the image and the page); a page that does not open is the
+            // source's lie or a tampered image: abort.
+            PageData::Retained => {
+                let opened = match reuse {
+                    Some(r) => r.image.open_into(&r.key, idx, scratch),
+                    None => Err(convoy_protocol::reuse::ReuseError::NoSuchPage(idx.0)),
+                };
+                if let Err(e) = opened {
+                    return Err(Box::new(Event::Bad(e.into())));
+                }
+                staging.write_page(idx, Some(scratch));
+            }
             // A delta applies to the version staged before (every version
             // of a page arrives in order on this one stream).
             delta => {
@@ -684,11 +763,12 @@ fn install(
         let bytes = match data {
             PageData::Zero => None,
             PageData::Full(b) => Some(b),
-            // The staged version may have changed since the switch.
+            // A delta's base, and a retained page's slot, may have changed
+            // since the switch: only whole pages come after it.
             _ => {
                 return Err(Box::new(Event::Bad(DestinationError::Unexpected {
                     phase: "post-copy",
-                    message: "a delta page",
+                    message: "a delta or retained page",
                 })))
             }
         };

@@ -280,6 +280,7 @@ impl Run {
                 data_streams: m.channels() as u16,
                 qemu: Some(Box::new(m.clone())),
                 postcopy: false,
+                reuse: None,
             },
             ticket: self.req.ticket.clone(),
         });
@@ -554,7 +555,10 @@ impl Run {
             }
         };
         st.receipts.push(sent.clone());
-        let h = Message::Handover(Handover { receipt: sent });
+        let h = Message::Handover(Handover {
+            receipt: sent,
+            reuse: None,
+        });
         match write_message(send, &h).await {
             Ok(n) => st.control_bytes += n as u64,
             Err(e) => return self.in_doubt(st, format!("link lost at the handover: {e}")),

@@ -114,6 +114,9 @@ struct Job {
     /// Deltas allowed (not after a post-copy switch: the destination's
     /// copy of a page may have changed since).
     delta: bool,
+    /// The first round to a host that retained the image: the leaves of
+    /// that image, page by page.
+    held: Option<Arc<Vec<convoy_protocol::digest::Digest>>>,
 }
 
 /// Pages to serve on the fault stream, as one batch.
@@ -249,8 +252,12 @@ pub(crate) async fn migrate(
         };
         entry.state = VmState::MigratingOut;
         entry.cancel = Some(cancel.clone());
-        claimed
+        // Going back to the host that retained its image: offer the key
+        // to that host only.
+        let back = entry.reuse.clone().filter(|r| r.holder == dest_id);
+        (claimed, back)
     };
+    let (claimed, back) = claimed;
     let _active = ActiveGuard::new(&inner.active);
     let migration = ticket.ticket.id;
     let started = Instant::now();
@@ -286,8 +293,16 @@ pub(crate) async fn migrate(
         }
     };
 
+    // Retention where the VM leaves: the agent allows it and the VM opts in.
+    let retain = match inner.config.retain_images {
+        Some(_) if attributes.retain_on_leave() => crate::retain::fresh_offer(),
+        _ => None,
+    };
+    let back = back.filter(|b| b.leaves.len() as u64 == vm.geometry().page_count());
     let mut run = Run {
         inner: inner.clone(),
+        back,
+        retain,
         vm: vm.clone(),
         req: req.clone(),
         migration,
@@ -373,9 +388,45 @@ struct Run {
     /// Phase changes, audited when the migration ends.
     phases: Vec<(String, u64)>,
     started: Instant,
+    /// The VM goes back to a host that retained its image: the key and the
+    /// leaves of that image.
+    back: Option<crate::retain::ArrivalKey>,
+    /// Keep the image here after Started, sealed under this key (sent in
+    /// Handover, then forgotten).
+    retain: Option<convoy_protocol::reuse::ReuseOffer>,
 }
 
 impl Run {
+    /// Seals the paused image under `offer`'s key (then dropped, zeroized)
+    /// and keeps it within the agent's limits.
+    async fn retain_image(&mut self, offer: convoy_protocol::reuse::ReuseOffer) {
+        let Some(limits) = self.inner.config.retain_images else {
+            return;
+        };
+        let vm = self.vm.clone();
+        let name = self.req.vm.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            let geometry = vm.geometry();
+            convoy_protocol::reuse::RetainedImage::seal(
+                offer.image,
+                name,
+                geometry,
+                &offer.key,
+                |p, buf| vm.read_page(p, buf),
+            )
+        })
+        .await;
+        match sealed {
+            Ok(Ok(image)) => {
+                let bytes = image.bytes();
+                self.inner.retained().insert(image, limits);
+                self.phase(&format!("image retained here, encrypted ({bytes} bytes)"));
+            }
+            Ok(Err(e)) => tracing::warn!("cannot retain the image: {e}"),
+            Err(e) => tracing::warn!("cannot retain the image: {e}"),
+        }
+    }
+
     fn phase(&mut self, what: &str) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what.to_owned(), ms));
@@ -424,6 +475,7 @@ impl Run {
                 data_streams: opts.streams,
                 qemu: None,
                 postcopy: false,
+                reuse: self.back.as_ref().map(|b| Box::new(b.offer.clone())),
             },
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
@@ -436,10 +488,11 @@ impl Run {
                     crate::authz::now_unix(),
                 )
             },
+            // REUSE is dropped by the state machine without an offer.
             capabilities: if opts.compression_level > 0 {
                 Capabilities::OURS
             } else {
-                Capabilities::DELTA
+                Capabilities(Capabilities::DELTA.0 | Capabilities::REUSE.0)
             },
             max_downtime: Duration::from_millis(u64::from(opts.max_downtime_ms)),
             max_rounds: opts.max_rounds,
@@ -459,6 +512,9 @@ impl Run {
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
         });
+        if let Some(offer) = &self.retain {
+            sm.retain_image(offer.clone());
+        }
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let (ctrl_tx, mut ctrl_rx) = mpsc::channel(16);
         let mut jobs: Vec<std::sync::mpsc::Sender<Job>> = Vec::new();
@@ -533,12 +589,25 @@ impl Run {
                     } => {
                         let pages = Arc::new(pages);
                         rounds_pending = Some((round, 0, 0));
+                        // The first round to a host that holds the image:
+                        // unchanged pages go as retained.
+                        let reusing = round == 1
+                            && skip_zero
+                            && sm
+                                .accepted_capabilities()
+                                .is_some_and(|c| c.has(Capabilities::REUSE));
+                        let held = if reusing {
+                            self.back.as_ref().map(|b| b.leaves.clone())
+                        } else {
+                            None
+                        };
                         for j in &jobs {
                             let _ = j.send(Job {
                                 round,
                                 pages: pages.clone(),
                                 skip_zero,
                                 delta: !switched,
+                                held: held.clone(),
                             });
                         }
                         if jobs.is_empty() {
@@ -593,6 +662,8 @@ impl Run {
                         sm.handle_handover_committed(Instant::now());
                     }
                     SourceAction::RollBack => {
+                        // Nothing is retained for a VM that stays.
+                        self.retain = None;
                         self.phase("rolled back: the VM runs here again");
                         self.vm.stop_dirty_log();
                         self.vm.set_throttle(0);
@@ -602,8 +673,11 @@ impl Run {
                         self.inner.set_state(&self.req.vm, VmState::Running);
                     }
                     SourceAction::DiscardVm => {
-                        self.phase("started at the destination: copy here wiped");
                         self.inner.remove(&self.req.vm);
+                        if let Some(offer) = self.retain.take() {
+                            self.retain_image(offer).await;
+                        }
+                        self.phase("started at the destination: copy here wiped");
                         self.vm.destroy();
                     }
                     other => tracing::error!("unhandled source action {other:?}"),
@@ -1032,11 +1106,17 @@ fn encode_stream(
             }
             let read = |buf: &mut [u8]| vm.read_page(p, buf);
             let cache = if job.delta { cache.as_mut() } else { None };
-            let added = match (cache, job.skip_zero) {
-                (Some(c), true) => b.push_nonzero_delta_with(p, c, read),
-                (Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
-                (None, true) => b.push_nonzero_with(p, read),
-                (None, false) => b.push_with(p, read).map(|()| true),
+            let added = match (&job.held, cache, job.skip_zero) {
+                (Some(held), cache, true) => {
+                    let leaf = held.get(p.0 as usize).copied();
+                    b.push_nonzero_reusing_with(p, leaf, cache, read)
+                }
+                (_, cache, skip_zero) => match (cache, skip_zero) {
+                    (Some(c), true) => b.push_nonzero_delta_with(p, c, read),
+                    (Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
+                    (None, true) => b.push_nonzero_with(p, read),
+                    (None, false) => b.push_with(p, read).map(|()| true),
+                },
             }
             .map_err(|e| e.to_string())?;
             if !added {

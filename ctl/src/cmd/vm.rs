@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 use convoy_protocol::ctl::{Accel, ContentProfile, QemuVmSpec, SimVmSpec};
 use convoy_protocol::names::VmName;
-use convoy_protocol::vm::VmAttributes;
+use convoy_protocol::vm::{VmAttributes, RETAIN_LABEL};
 
 use crate::conn::{client, Global};
 use crate::render;
@@ -98,6 +98,12 @@ pub struct Create {
     /// A label KEY=VALUE (repeatable; policies read them as tags).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Let a host this VM leaves keep its last image, encrypted under a
+    /// key that travels with the VM, so that coming back sends only the
+    /// pages that changed (sets the label `convoy.retain-on-leave=true`;
+    /// the host must allow it with `convoy-agent --retain-images`).
+    #[arg(long)]
+    pub retain_on_leave: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -111,6 +117,10 @@ impl Create {
             security_level: self.security_level,
             labels: self.labels.iter().cloned().collect(),
         };
+        let mut a = a;
+        if self.retain_on_leave {
+            a.labels.insert(RETAIN_LABEL.to_owned(), "true".to_owned());
+        }
         a.validate()?;
         Ok(a)
     }
