@@ -5,9 +5,11 @@
 //!   now), so the table fills in as post-copy and hybrid land.
 //! - **ab**: at the highest dirty rate, a baseline with every pre-copy
 //!   technique on against runs with one technique off (hot-page ordering,
-//!   auto-converge), medians of `--runs`, the saving as a ratio. Delta
-//!   pages cannot be turned off from a request (the destination always
-//!   accepts them), so they get no A/B.
+//!   auto-converge), medians of `--runs`, the saving as a ratio. Every arm
+//!   runs with `force_stop`, so that an arm that cannot meet the downtime
+//!   target within the round limit still completes and shows what that
+//!   costs. Delta pages cannot be turned off from a request (the
+//!   destination always accepts them), so they get no A/B.
 //! - **concurrent**: N VMs created on agent `a` and all migrated to `b` at
 //!   once through one client, with per-VM and wall-clock times and this
 //!   process's peak resident memory beyond the guest images. The agents
@@ -289,7 +291,12 @@ struct Output {
     streams: u16,
     compression_level: i32,
     max_downtime_ms: u32,
+    max_rounds: u32,
     runs: u32,
+    /// `/proc/loadavg` when the run started and ended: this machine may
+    /// be shared.
+    load_start: Option<String>,
+    load_end: Option<String>,
     modes: Vec<ModeRow>,
     ab: Option<Ab>,
     concurrent: Vec<Concurrent>,
@@ -381,7 +388,10 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         streams: base.streams,
         compression_level: base.compression_level,
         max_downtime_ms: base.max_downtime_ms,
+        max_rounds: base.max_rounds,
         runs: b.runs,
+        load_start: load_average(),
+        load_end: None,
         modes: Vec::new(),
         ab: None,
         concurrent: Vec::new(),
@@ -427,6 +437,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     a.close().await;
     bc.close().await;
     lab.shutdown().await;
+    out.load_end = load_average();
     if g.json {
         return render::json(&out);
     }
@@ -459,6 +470,7 @@ async fn ab(
                 mode: MigrationMode::Precopy,
                 hold_hot_pages: hold,
                 auto_converge: converge,
+                force_stop: true,
                 ..base.clone()
             };
             let r = ctx.migrate_one(memory, heavy.pages_per_sec, o).await?;
@@ -621,6 +633,17 @@ async fn concurrent(
     })
 }
 
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
 /// A field of `/proc/self/status` given in kB (`VmRSS`, `VmHWM`), in
 /// bytes; `None` where there is no such file or field.
 fn proc_status(field: &str) -> Option<u64> {
@@ -684,11 +707,14 @@ fn ratio_cell(r: Option<f64>) -> String {
 /// The tables as text.
 fn text(o: &Output) -> String {
     let mut s = format!(
-        "{} guest (mixed memory, 10% hot set), {} data streams, zstd level {}, {} ms downtime target\n",
+        "{} guest (mixed memory, 10% hot set), {} data streams, zstd level {}, \
+         {} ms downtime target; load average {} at the start, {} at the end\n",
         format_bytes(o.memory_bytes),
         o.streams,
         o.compression_level,
-        o.max_downtime_ms
+        o.max_downtime_ms,
+        o.load_start.as_deref().unwrap_or("?"),
+        o.load_end.as_deref().unwrap_or("?"),
     );
     let figure_cells = |f: &Option<Figures>| -> Vec<String> {
         match f {
@@ -739,8 +765,9 @@ fn text(o: &Output) -> String {
     }
     if let Some(ab) = &o.ab {
         s.push_str(&format!(
-            "\npre-copy techniques at {} ({} pages/s), medians of {} runs\n",
-            ab.dirty, ab.dirty_pages_per_sec, o.runs
+            "\npre-copy techniques at {} ({} pages/s), medians of {} runs, \
+             all with --force-stop at {} rounds\n",
+            ab.dirty, ab.dirty_pages_per_sec, o.runs, o.max_rounds
         ));
         let rows: Vec<Vec<String>> = ab
             .arms
