@@ -49,7 +49,8 @@ enum Command {
     /// Run a complete live migration on this machine: throw-away PKI, two
     /// agents on loopback, a busy simulated VM.
     Demo(cmd::demo::Demo),
-    /// Measure migrations against raw QUIC throughput and print a table.
+    /// Measure migrations against raw QUIC throughput and print a table;
+    /// with --engine, by mode, dirty rate, technique and concurrency.
     Bench(cmd::bench::Bench),
 }
 

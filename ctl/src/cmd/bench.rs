@@ -1,15 +1,17 @@
 //! `convoyctl bench`: migrations of a simulated VM (idle with incompressible,
 //! mixed and zero memory; busy at several dirty rates) side by side with the
 //! raw QUIC bulk throughput of this machine, measured in the same run with
-//! the same transport tuning and TLS.
+//! the same transport tuning and TLS. With `--engine`, the engine tables
+//! of `bench_engine` instead.
 
 use std::time::Duration;
 
 use anyhow::Result;
 use convoy_agent::lab::{Lab, Sink};
-use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrationMode, MigrationReport, Outcome, SimVmSpec};
 use serde::Serialize;
 
+use super::bench_engine::NamedRate;
 use crate::cmd::migrate::Tuning as MigrateTuning;
 use crate::conn::Global;
 use crate::render;
@@ -24,7 +26,8 @@ pub struct Bench {
     /// Guest memory of each VM (default: 1GiB for sim, 256MiB for qemu).
     #[arg(long, value_parser = convoy_agent::units::parse_size)]
     pub memory: Option<u64>,
-    /// qemu: migrations per path (the median is reported).
+    /// qemu: migrations per path; --engine: migrations per A/B arm (the
+    /// median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub runs: u32,
     /// qemu: MiB of random data the guest holds in memory.
@@ -39,6 +42,45 @@ pub struct Bench {
     /// Bytes for the raw QUIC baseline (default: the VM size).
     #[arg(long, value_parser = convoy_agent::units::parse_size)]
     pub baseline_bytes: Option<u64>,
+    /// sim: instead of the comparison with raw QUIC, the engine tables:
+    /// one migration per mode and dirty rate, A/B runs of the pre-copy
+    /// techniques, and several VMs migrated at once.
+    #[arg(long)]
+    pub engine: bool,
+    /// --engine: migration modes (precopy, postcopy, hybrid); a mode the
+    /// agent refuses is shown as not supported.
+    #[arg(long, value_delimiter = ',', default_value = "precopy")]
+    pub modes: Vec<MigrationMode>,
+    /// --engine: dirty rates as NAME=PAGES_PER_SEC; the A/B runs use the
+    /// highest.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle=0,moderate=25000,heavy=100000"
+    )]
+    pub dirty: Vec<NamedRate>,
+    /// --engine: which tables to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "modes,ab,concurrent",
+        value_parser = ["modes", "ab", "concurrent"]
+    )]
+    pub tables: Vec<String>,
+    /// --engine: how many VMs to migrate at once, one run per count.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4,8",
+        value_parser = clap::value_parser!(u32).range(1..=64)
+    )]
+    pub concurrent: Vec<u32>,
+    /// --engine: guest memory of each VM migrated at once.
+    #[arg(long, default_value = "256MiB", value_parser = convoy_agent::units::parse_size)]
+    pub concurrent_memory: u64,
+    /// --engine: dirty rate of each VM migrated at once, pages per second.
+    #[arg(long, default_value_t = 0)]
+    pub concurrent_rate: u64,
     #[command(flatten)]
     pub tuning: MigrateTuning,
 }
@@ -59,6 +101,9 @@ struct Row {
 
 /// Runs the benchmark.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
+    if b.engine {
+        return super::bench_engine::run(g, b).await;
+    }
     if b.backend == "qemu" {
         return super::bench_qemu::run(g, b).await;
     }

@@ -3,6 +3,7 @@
 pub mod abort;
 pub mod audit;
 pub mod bench;
+mod bench_engine;
 mod bench_qemu;
 pub mod demo;
 mod demo_qemu;
