@@ -545,12 +545,8 @@ impl Destination {
             }
             (phase, Message::Abort(a)) => {
                 self.phase = phase;
-                let detail = format!("source aborted: {}", a.reason);
-                if self.switched && a.reason != Reason::RootMismatch {
-                    self.in_doubt(detail);
-                } else {
-                    self.discard(detail);
-                }
+                let bad_memory = a.reason == Reason::RootMismatch;
+                self.give_up(format!("source aborted: {}", a.reason), bad_memory);
                 Ok(())
             }
             (phase, msg) => {
@@ -847,12 +843,7 @@ impl Destination {
                     .push_back(DestinationAction::Send(Message::Abort(Abort {
                         reason: Reason::Timeout,
                     })));
-                let detail = "no Handover from the source in time".to_string();
-                if self.switched {
-                    self.in_doubt(detail);
-                } else {
-                    self.discard(detail);
-                }
+                self.give_up("no Handover from the source in time".into(), false);
             }
         }
     }
@@ -861,10 +852,13 @@ impl Destination {
     /// is discarded (the source still runs the VM or keeps it in doubt);
     /// after it, the VM is ours and starting continues.
     pub fn handle_link_lost(&mut self, detail: &str) {
-        if self.switched && self.phase.has_staging() {
-            self.in_doubt(format!("link lost after the post-copy switch: {detail}"));
-        } else if self.phase.has_staging() {
-            self.discard(format!("link lost: {detail}"));
+        if self.phase.has_staging() {
+            let detail = if self.switched {
+                format!("link lost after the post-copy switch: {detail}")
+            } else {
+                format!("link lost: {detail}")
+            };
+            self.give_up(detail, false);
         } else if let Phase::AwaitPropose = self.phase {
             self.events
                 .push_back(DestinationEvent::Failed(format!("link lost: {detail}")));
@@ -935,16 +929,26 @@ impl Destination {
         let mismatch = reason == Reason::RootMismatch;
         self.actions
             .push_back(DestinationAction::Send(Message::Abort(Abort { reason })));
-        if self.switched && !mismatch && self.phase.has_staging() {
-            self.in_doubt(e.to_string());
-        } else if self.phase.has_staging() {
-            self.discard(e.to_string());
+        if self.phase.has_staging() {
+            self.give_up(e.to_string(), mismatch);
         } else {
             self.events
                 .push_back(DestinationEvent::Failed(e.to_string()));
             self.phase = Phase::Done;
         }
         e
+    }
+
+    /// Ends without the VM becoming ours. Before a post-copy switch the
+    /// staging copy is discarded. After it the VM runs here and is the only
+    /// running copy, so it is kept, in doubt — unless it ran on memory that
+    /// is not the source's (`bad_memory`: a root mismatch), then it stops.
+    fn give_up(&mut self, detail: String, bad_memory: bool) {
+        if self.switched && !bad_memory {
+            self.in_doubt(detail);
+        } else {
+            self.discard(detail);
+        }
     }
 
     /// After the switch: keep the VM, report the outcome in doubt.
