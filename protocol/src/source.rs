@@ -553,6 +553,12 @@ impl Source {
         self.handed_over
     }
 
+    /// Whether the VM was handed over for post-copy (pages sent from now
+    /// on may meet a changed page at the destination: no deltas).
+    pub fn is_switched(&self) -> bool {
+        self.switched
+    }
+
     /// Sends the proposal.
     pub fn start(&mut self, now: Instant) {
         if !matches!(self.phase, Phase::Idle) {

@@ -29,7 +29,7 @@ use convoy_protocol::reuse::{RetainedImage, ReuseKey};
 
 use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
-use crate::backend::Staging;
+use crate::backend::{Staging, VmBackend};
 use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer, WireError};
 
@@ -280,6 +280,17 @@ impl Incoming {
         })
     }
 
+    /// Records the VM started here from staging (its registry entry was
+    /// reserved at Propose).
+    fn register(&self, name: &VmName, vm: Arc<dyn VmBackend>, resumed_from: u64, state: VmState) {
+        if let Some(e) = self.inner.vms().get_mut(name) {
+            e.counter_at_start = Some(resumed_from);
+            e.vm = Some(vm);
+            e.state = state;
+            e.arrived_from = Some(self.peer.id.to_string());
+        }
+    }
+
     /// The VM runs here again: an image retained for it is obsolete.
     fn arrived(&mut self, name: &VmName) {
         self.reuse = None;
@@ -466,15 +477,10 @@ impl Incoming {
                 }
                 match staging.clone().start(&device_state) {
                     Ok((vm, resumed_from)) => {
-                        {
-                            let mut vms = self.inner.vms();
-                            if let Some(e) = vms.get_mut(&name) {
-                                e.counter_at_start = Some(resumed_from);
-                                e.vm = Some(vm);
-                                e.state = VmState::Running;
-                                e.arrived_from = Some(self.peer.id.to_string());
-                                e.reuse = self.arrival_key(sm);
-                            }
+                        let key = self.arrival_key(sm);
+                        self.register(&name, vm, resumed_from, VmState::Running);
+                        if let Some(e) = self.inner.vms().get_mut(&name) {
+                            e.reuse = key;
                         }
                         self.arrived(&name);
                         self.phase("verified and started here".into());
@@ -518,15 +524,7 @@ impl Incoming {
                     Ok((vm, resumed_from)) => {
                         // Decoders install pages only where missing from now.
                         self.switched.store(true, Ordering::Release);
-                        {
-                            let mut vms = self.inner.vms();
-                            if let Some(e) = vms.get_mut(&name) {
-                                e.counter_at_start = Some(resumed_from);
-                                e.vm = Some(vm);
-                                e.state = VmState::PostcopyIn;
-                                e.arrived_from = Some(self.peer.id.to_string());
-                            }
-                        }
+                        self.register(&name, vm, resumed_from, VmState::PostcopyIn);
                         self.phase(format!(
                             "running here on demand paging, {owed_pages} pages still owed"
                         ));

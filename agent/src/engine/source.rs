@@ -543,7 +543,6 @@ impl Run {
             sm.handle_link_lost(Instant::now(), &e);
         }
         let mut rounds_pending: Option<(u32, u16, u64)> = None;
-        let mut switched = false;
         let mut fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>> = None;
         let summary = loop {
             // Carry out every action.
@@ -606,7 +605,7 @@ impl Run {
                                 round,
                                 pages: pages.clone(),
                                 skip_zero,
-                                delta: !switched,
+                                delta: !sm.is_switched(),
                                 held: held.clone(),
                             });
                         }
@@ -644,7 +643,6 @@ impl Run {
                         // From here the VM never resumes here by itself.
                         self.phase("paused and handed over for post-copy");
                         self.inner.set_state(&self.req.vm, VmState::InDoubt);
-                        switched = true;
                         sm.handle_switch_committed(Instant::now());
                     }
                     SourceAction::ServePages { round, pages } => {
@@ -968,21 +966,38 @@ fn serve_faults(
         }
         let enc = comp.finish(b, seq, job.round)?;
         seq += 1;
-        let head = encode_batch_head(&enc.header, enc.payload.len()).map_err(|e| e.to_string())?;
-        let info = SentBatch {
-            stream,
-            leaves: enc.leaves,
-            stats: enc.stats,
-            frame_bytes: (head.len() + enc.payload.len()) as u64,
-        };
-        out.blocking_send(StreamOut::Batch {
-            head: Bytes::from(head),
-            payload: Bytes::from(enc.payload),
-            info,
-        })
-        .map_err(|_| "writer gone".to_string())?;
+        emit(&out, stream, job.round, enc, None)?;
     }
     Ok(())
+}
+
+/// Frames an encoded batch of `stream` (through the tamper hook, if the
+/// agent was built dangerously with one) and hands it to the writer.
+fn emit(
+    out: &mpsc::Sender<StreamOut>,
+    stream: u16,
+    round: u32,
+    enc: convoy_protocol::page::EncodedBatch,
+    tamper: Option<&TamperHook>,
+) -> Result<(), String> {
+    let mut header = enc.header;
+    let mut payload = enc.payload;
+    if let Some(t) = tamper {
+        t(round, &mut header, &mut payload);
+    }
+    let head = encode_batch_head(&header, payload.len()).map_err(|e| e.to_string())?;
+    let info = SentBatch {
+        stream,
+        leaves: enc.leaves,
+        stats: enc.stats,
+        frame_bytes: (head.len() + payload.len()) as u64,
+    };
+    out.blocking_send(StreamOut::Batch {
+        head: Bytes::from(head),
+        payload: Bytes::from(payload),
+        info,
+    })
+    .map_err(|_| "writer gone".to_string())
 }
 
 /// How one data stream encodes.
@@ -1078,24 +1093,7 @@ fn encode_stream(
     let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Shrink| {
         let enc = comp.finish(b, *seq, round)?;
         *seq += 1;
-        let mut header = enc.header;
-        let mut payload = enc.payload;
-        if let Some(t) = &tamper {
-            t(round, &mut header, &mut payload);
-        }
-        let head = encode_batch_head(&header, payload.len()).map_err(|e| e.to_string())?;
-        let info = SentBatch {
-            stream,
-            leaves: enc.leaves,
-            stats: enc.stats,
-            frame_bytes: (head.len() + payload.len()) as u64,
-        };
-        out.blocking_send(StreamOut::Batch {
-            head: Bytes::from(head),
-            payload: Bytes::from(payload),
-            info,
-        })
-        .map_err(|_| "writer gone".to_string())
+        emit(&out, stream, round, enc, tamper.as_ref())
     };
     while let Ok(job) = jobs.recv() {
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
@@ -1111,12 +1109,10 @@ fn encode_stream(
                     let leaf = held.get(p.0 as usize).copied();
                     b.push_nonzero_reusing_with(p, leaf, cache, read)
                 }
-                (_, cache, skip_zero) => match (cache, skip_zero) {
-                    (Some(c), true) => b.push_nonzero_delta_with(p, c, read),
-                    (Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
-                    (None, true) => b.push_nonzero_with(p, read),
-                    (None, false) => b.push_with(p, read).map(|()| true),
-                },
+                (_, Some(c), true) => b.push_nonzero_delta_with(p, c, read),
+                (_, Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
+                (_, None, true) => b.push_nonzero_with(p, read),
+                (_, None, false) => b.push_with(p, read).map(|()| true),
             }
             .map_err(|e| e.to_string())?;
             if !added {
