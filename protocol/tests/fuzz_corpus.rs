@@ -118,29 +118,37 @@ fn batches() -> (EncodedBatch, EncodedBatch) {
     (first, second)
 }
 
+/// A proposal of a 1-stream migration, with or without a reuse offer.
+fn propose(
+    geometry: MemoryGeometry,
+    reuse: Option<Box<convoy_protocol::reuse::ReuseOffer>>,
+) -> Message {
+    Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: MigrationId([3; 16]),
+        vm: "vm".parse().unwrap(),
+        attributes: Default::default(),
+        manifest: Manifest {
+            memory: geometry,
+            data_streams: 1,
+            qemu: None,
+            postcopy: false,
+            reuse,
+        },
+        ticket: convoy_protocol::ticket::SignedTicket {
+            body: vec![],
+            signature: vec![],
+            chain: vec![],
+        },
+    })
+}
+
 fn seeds() -> Vec<Message> {
     let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
     let (enc, delta) = batches();
     vec![
-        Message::Propose(Propose {
-            versions: VersionRange::OURS,
-            capabilities: Capabilities::OURS,
-            migration: MigrationId([3; 16]),
-            vm: "vm".parse().unwrap(),
-            attributes: Default::default(),
-            manifest: Manifest {
-                memory: geometry,
-                data_streams: 1,
-                qemu: None,
-                postcopy: false,
-                reuse: None,
-            },
-            ticket: convoy_protocol::ticket::SignedTicket {
-                body: vec![],
-                signature: vec![],
-                chain: vec![],
-            },
-        }),
+        propose(geometry, None),
         Message::Accept(Accept {
             version: 1,
             capabilities: Capabilities::OURS,
@@ -203,25 +211,7 @@ fn seeds() -> Vec<Message> {
             pages: vec![PageIndex(3), PageIndex(70)],
         }),
         // 15..=17: memory reuse — an offer, a key handed over, retained pages.
-        Message::Propose(Propose {
-            versions: VersionRange::OURS,
-            capabilities: Capabilities::OURS,
-            migration: MigrationId([3; 16]),
-            vm: "vm".parse().unwrap(),
-            attributes: Default::default(),
-            manifest: Manifest {
-                memory: geometry,
-                data_streams: 1,
-                qemu: None,
-                postcopy: false,
-                reuse: Some(Box::new(reuse_offer())),
-            },
-            ticket: convoy_protocol::ticket::SignedTicket {
-                body: vec![],
-                signature: vec![],
-                chain: vec![],
-            },
-        }),
+        propose(geometry, Some(Box::new(reuse_offer()))),
         Message::Handover(Handover {
             receipt: rc(ReceiptKind::Sent),
             reuse: Some(Box::new(reuse_offer())),

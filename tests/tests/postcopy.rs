@@ -25,11 +25,15 @@ fn uffd_or_skip() -> bool {
     false
 }
 
-async fn two_agents() -> (tempfile::TempDir, Lab) {
+/// Agents a and b, and on a a 64 MiB VM writing `rate` pages per second.
+async fn two_agents_and_vm(vm: &str, rate: u64) -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
         .await
         .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec(vm, 64 << 20, rate)).await.unwrap();
+    a.close().await;
     (dir, lab)
 }
 
@@ -82,11 +86,7 @@ async fn postcopy_runs_the_vm_at_the_destination_before_its_pages_arrive() {
     if !uffd_or_skip() {
         return;
     }
-    let (_dir, lab) = two_agents().await;
-    let a = lab.client("a").await.unwrap();
-    a.vm_create(sim_spec("web", 64 << 20, 20_000))
-        .await
-        .unwrap();
+    let (_dir, lab) = two_agents_and_vm("web", 20_000).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let opts = MigrateOptions {
         mode: MigrationMode::Postcopy,
@@ -104,7 +104,6 @@ async fn postcopy_runs_the_vm_at_the_destination_before_its_pages_arrive() {
     // The downtime ends when the VM runs there, not when the last page
     // arrives.
     assert!(r.downtime_ms < r.total_ms, "{r:?}");
-    a.close().await;
     lab.shutdown().await;
 }
 
@@ -113,11 +112,7 @@ async fn hybrid_switches_to_postcopy_when_precopy_cannot_meet_the_target() {
     if !uffd_or_skip() {
         return;
     }
-    let (_dir, lab) = two_agents().await;
-    let a = lab.client("a").await.unwrap();
-    a.vm_create(sim_spec("db", 64 << 20, 100_000))
-        .await
-        .unwrap();
+    let (_dir, lab) = two_agents_and_vm("db", 100_000).await;
     // 1 ms of downtime cannot be met by pre-copy at this dirty rate.
     let opts = MigrateOptions {
         mode: MigrationMode::Hybrid,
@@ -128,7 +123,6 @@ async fn hybrid_switches_to_postcopy_when_precopy_cannot_meet_the_target() {
     let pc = r.postcopy.expect("hybrid switched to post-copy");
     assert_eq!(r.rounds, 2, "one full pre-copy pass, then post-copy");
     assert!(pc.owed > 0 && pc.owed < (64 << 20) / 4096, "{pc:?}");
-    a.close().await;
     lab.shutdown().await;
 }
 
@@ -137,12 +131,9 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     if !uffd_or_skip() {
         return;
     }
-    let (_dir, mut lab) = two_agents().await;
+    let (_dir, mut lab) = two_agents_and_vm("web", 20_000).await;
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
-    a.vm_create(sim_spec("web", 64 << 20, 20_000))
-        .await
-        .unwrap();
     // Capped, so that the push is still going when the source dies.
     let opts = MigrateOptions {
         mode: MigrationMode::Postcopy,
