@@ -546,8 +546,7 @@ async fn concurrent(
         "{n} VMs of {} migrated at once …",
         format_bytes(memory)
     ));
-    tokio::time::sleep(QUIET).await;
-    let rss_before = proc_status("VmRSS").unwrap_or(0);
+    let rss_before = settled_rss().await;
     let names: Vec<String> = (0..n).map(|_| ctx.name()).collect();
     for (i, vm) in names.iter().enumerate() {
         ctx.create(vm, memory, rate, i as u64 + 1).await?;
@@ -585,19 +584,17 @@ async fn concurrent(
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
     }
-    tokio::time::sleep(QUIET).await;
+    let rss_arrived = settled_rss().await;
     let sampled = sampler.stop();
     let hwm = if hwm_reset {
         proc_status("VmHWM").unwrap_or(0)
     } else {
         0
     };
-    let rss_arrived = proc_status("VmRSS").unwrap_or(0);
     for vm in &names {
         ctx.delete(vm).await?;
     }
-    tokio::time::sleep(QUIET).await;
-    let rss_deleted = proc_status("VmRSS").unwrap_or(0);
+    let rss_deleted = settled_rss().await;
     per_vm.sort_by(|x, y| x.vm.cmp(&y.vm));
     let mut totals: Vec<f64> = per_vm
         .iter()
@@ -642,6 +639,25 @@ fn load_average() -> Option<String> {
             .collect::<Vec<_>>()
             .join(" "),
     )
+}
+
+/// RSS once it has stopped moving: the previous migrations' connections
+/// and buffers are released a while after they end (a destination waits
+/// up to 2 s for the source to close, and mimalloc returns freed pages
+/// late), and a read taken while they go would count their release
+/// against the next images. At least [`QUIET`], at most 5 s.
+async fn settled_rss() -> u64 {
+    tokio::time::sleep(QUIET).await;
+    let mut last = proc_status("VmRSS").unwrap_or(0);
+    for _ in 0..22 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = proc_status("VmRSS").unwrap_or(0);
+        if now.abs_diff(last) < 1 << 20 {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 /// A field of `/proc/self/status` given in kB (`VmRSS`, `VmHWM`), in
