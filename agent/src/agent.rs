@@ -504,13 +504,15 @@ impl Agent {
                 domain: config.trust.domain().to_string(),
             });
         }
-        let (replay, audit) = match &config.state_dir {
+        let (replay, audit, reset_key) = match &config.state_dir {
             Some(dir) => {
                 let err = |detail: String| AgentError::State {
                     path: dir.clone(),
                     detail,
                 };
                 std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                let reset_key = transport::ResetKey::load_or_create(&dir.join("quic-reset.key"))
+                    .map_err(err)?;
                 let replay = crate::authz::ReplayCache::open(&dir.join("state.redb"))
                     .map_err(|e| err(e.to_string()))?;
                 let audit = crate::audit::AuditLog::open(
@@ -519,13 +521,17 @@ impl Agent {
                     &config.trust,
                 )
                 .map_err(|e| err(e.to_string()))?;
-                (replay, Some(audit))
+                (replay, Some(audit), reset_key)
             }
             None => {
                 tracing::warn!(
                     "no state directory: used tickets are forgotten on restart, and there is no audit log"
                 );
-                (crate::authz::ReplayCache::in_memory(), None)
+                (
+                    crate::authz::ReplayCache::in_memory(),
+                    None,
+                    transport::ResetKey::random()?,
+                )
             }
         };
         // Stamps taken before loading: a file changed in between is
@@ -548,7 +554,12 @@ impl Agent {
         };
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
-        let endpoint = transport::endpoint(config.listen, Some(tls), &config.tuning)?;
+        let endpoint = transport::endpoint_with_reset_key(
+            config.listen,
+            Some(tls),
+            &config.tuning,
+            &reset_key,
+        )?;
         let creds = Creds {
             identity: config.identity.clone(),
             trust: config.trust.clone(),

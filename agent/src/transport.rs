@@ -59,10 +59,10 @@ pub enum TransportError {
 #[non_exhaustive]
 pub enum WireError {
     /// Reading failed.
-    #[error("read: {0}")]
+    #[error("read: {}", read_detail(.0))]
     Read(#[from] quinn::ReadError),
     /// Writing failed.
-    #[error("write: {0}")]
+    #[error("write: {}", write_detail(.0))]
     Write(#[from] quinn::WriteError),
     /// The stream ended inside a frame.
     #[error("stream ended inside a frame")]
@@ -76,6 +76,24 @@ pub enum WireError {
     /// The stream is closed.
     #[error("stream closed")]
     Closed(#[from] quinn::ClosedStream),
+}
+
+/// A read error with the reason a lost connection was lost (timed out,
+/// reset, closed by the peer), which operators need to tell a dead host
+/// from a restarted or a refusing one.
+fn read_detail(e: &quinn::ReadError) -> String {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => format!("connection lost: {c}"),
+        other => other.to_string(),
+    }
+}
+
+/// As [`read_detail`], for writes.
+fn write_detail(e: &quinn::WriteError) -> String {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => format!("connection lost: {c}"),
+        other => other.to_string(),
+    }
 }
 
 /// Transport tuning.
@@ -131,12 +149,82 @@ impl Tuning {
     }
 }
 
+/// The key of an endpoint's QUIC stateless resets.
+///
+/// A peer keeps, for each connection ID we issued, a token derived from
+/// this key. When our process restarts and a packet of a connection it no
+/// longer knows arrives, the new endpoint answers with that token, and the
+/// peer ends the connection at once instead of after its 30 s idle
+/// timeout (which a lost `CONNECTION_CLOSE`, or a killed process, would
+/// otherwise leave it to). That only works if the key survives the
+/// restart, so an agent with a state directory keeps it there
+/// ([`ResetKey::load_or_create`]); without one the key is random per run.
+pub struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    /// A fresh random key.
+    pub fn random() -> Result<Self, TransportError> {
+        let mut k = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+            .map_err(|_| TransportError::Crypto("no system randomness".into()))?;
+        Ok(ResetKey(k))
+    }
+
+    /// Reads the key at `path`, or makes one there (mode 0600) if there is
+    /// no file. A file of the wrong size is an error, never replaced.
+    pub fn load_or_create(path: &std::path::Path) -> Result<Self, String> {
+        use std::io::Write;
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    format!(
+                        "{}: {} bytes, a reset key is 32 (delete the file to make a new one)",
+                        path.display(),
+                        bytes.len()
+                    )
+                })?;
+                Ok(ResetKey(k))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = ResetKey::random().map_err(|e| e.to_string())?;
+                let mut f = std::fs::OpenOptions::new();
+                f.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+                let written = f
+                    .open(path)
+                    .and_then(|mut f| f.write_all(&key.0).and_then(|()| f.sync_all()));
+                written.map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(key)
+            }
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
 /// Binds a UDP socket with raised buffers and makes a quinn endpoint that
 /// serves `server` (if any) and can connect out.
 pub fn endpoint(
     bind: SocketAddr,
     server: Option<rustls::ServerConfig>,
     tuning: &Tuning,
+) -> Result<Endpoint, TransportError> {
+    endpoint_with_reset_key(bind, server, tuning, &ResetKey::random()?)
+}
+
+/// [`endpoint`], with the stateless-reset key given (an agent's, kept
+/// across restarts).
+pub fn endpoint_with_reset_key(
+    bind: SocketAddr,
+    server: Option<rustls::ServerConfig>,
+    tuning: &Tuning,
+    reset: &ResetKey,
 ) -> Result<Endpoint, TransportError> {
     let domain = if bind.is_ipv4() {
         socket2::Domain::IPV4
@@ -158,12 +246,20 @@ pub fn endpoint(
     };
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TransportError::Crypto("no async runtime".into()))?;
-    Ok(Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server_config,
-        sock.into(),
-        runtime,
-    )?)
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset.0);
+    // Connection IDs are keyed too (quinn drops a packet whose ID its
+    // generator does not recognise before it would reset): the key is
+    // derived from the reset key, so a restarted agent recognises the IDs
+    // its previous run issued, and answers them with a reset.
+    let tag = ring::hmac::sign(&reset_key, b"convoy quic connection-id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(Endpoint::new(config, server_config, sock.into(), runtime)?)
 }
 
 /// The quinn server configuration for a rustls one (also used to swap in
@@ -284,4 +380,31 @@ pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<usize
     let n = bytes.len();
     send.write_chunk(Bytes::from(bytes)).await?;
     Ok(n)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::ResetKey;
+
+    #[test]
+    fn the_reset_key_survives_a_restart_and_a_bad_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quic-reset.key");
+        let first = ResetKey::load_or_create(&path).unwrap();
+        let again = ResetKey::load_or_create(&path).unwrap();
+        assert_eq!(first.0, again.0, "a restart must reuse the key");
+        assert_ne!(first.0, ResetKey::random().unwrap().0);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&path, b"short").unwrap();
+        let e = ResetKey::load_or_create(&path).unwrap_err();
+        assert!(e.contains("5 bytes"), "{e}");
+        // Left as it was for the operator to look at.
+        assert_eq!(std::fs::read(&path).unwrap(), b"short");
+    }
 }

@@ -158,8 +158,11 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     let _ = mover.await;
     // The destination keeps the only running copy, in doubt: it is never
     // discarded by itself (its vCPU waits for pages that do not come).
+    // (Waited for longer than the 30 s idle timeout, so that the cause
+    // checked below, not this wait, is what fails if the restarted source
+    // went unnoticed.)
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(45), || async {
             b.vm_list()
                 .await
                 .unwrap()
@@ -171,6 +174,17 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
         b.vm_list().await.unwrap()
     );
     convoy_tests::assert_refusals_logged(&lab, "b", &["in doubt"]).await;
+    // Noticed at once, not by the idle timeout: the dying agent closed
+    // the connection, or (its close lost) the restarted one, holding the
+    // same stateless-reset key, reset it at b's next packet.
+    let doubt = convoy_tests::refusals_logged(&lab, "b");
+    assert!(
+        doubt
+            .iter()
+            .filter(|r| r.contains("in doubt"))
+            .all(|r| !r.contains("timed out")),
+        "{doubt:#?}"
+    );
     b.close().await;
     lab.shutdown().await;
 }

@@ -98,9 +98,27 @@ async fn no_private_key_material_in_logs_or_debug_output() {
     let mut keys = Vec::new();
     key_files(dir.path(), &mut keys);
     assert!(keys.len() >= 4, "CA, two agents, operator: {keys:?}");
+    assert!(
+        keys.iter().any(|k| k.ends_with("quic-reset.key")),
+        "the agents' reset keys are checked too: {keys:?}"
+    );
     for k in keys {
-        let pem = std::fs::read_to_string(&k).unwrap();
-        for n in needles(&pem) {
+        let bytes = std::fs::read(&k).unwrap();
+        // PEM private keys, and each agent's binary QUIC stateless-reset
+        // key (state/NAME/quic-reset.key: whoever holds it can end that
+        // agent's connections), sought as hex and as a byte list.
+        let found = match String::from_utf8(bytes.clone()) {
+            Ok(pem) => needles(&pem),
+            Err(_) => {
+                assert_eq!(bytes.len(), 32, "{}", k.display());
+                let list: Vec<String> = bytes.iter().map(u8::to_string).collect();
+                vec![
+                    bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                    list.join(", "),
+                ]
+            }
+        };
+        for n in found {
             assert!(!logs.contains(&n), "{} leaked into the logs", k.display());
             assert!(
                 !debug.contains(&n),
