@@ -188,6 +188,14 @@ pub struct AgentConfig {
     /// Keep an encrypted image of a VM that leaves, when the VM opts in
     /// (see [`crate::retain`]); `None` (the default) keeps nothing.
     pub retain_images: Option<crate::retain::RetentionLimits>,
+    /// Where sim VMs' disk files live (one directory per VM); `None`: the
+    /// state directory's `disks/`, and without a state directory, sim VMs
+    /// cannot have disks.
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// The most disk bytes one incoming VM may bring (all its disks); an
+    /// incoming VM is also refused when its disks do not fit in the free
+    /// space of the disk directory.
+    pub disk_capacity_bytes: u64,
     dangerous: DangerousOptions,
 }
 
@@ -208,8 +216,17 @@ impl AgentConfig {
             policy: None,
             qemu: None,
             retain_images: None,
+            disk_dir: None,
+            disk_capacity_bytes: 1 << 40,
             dangerous: DangerousOptions::default(),
         }
+    }
+
+    /// The directory of sim VMs' disk files, if there is one.
+    pub fn disk_dir(&self) -> Option<std::path::PathBuf> {
+        self.disk_dir
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("disks")))
     }
 
     /// Options that weaken guarantees (tests only).

@@ -137,6 +137,18 @@ impl CtlClient {
         }
     }
 
+    /// Pauses (`pause`) or resumes a VM; returns it as it is now.
+    pub async fn vm_pause(
+        &self,
+        name: convoy_protocol::names::VmName,
+        pause: bool,
+    ) -> Result<VmInfo, ClientError> {
+        match self.request(CtlRequest::VmPause(name, pause)).await? {
+            CtlResponse::VmPaused(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Cancels the outgoing migration of `name`; returns once the VM runs
     /// on this agent again.
     pub async fn abort(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {

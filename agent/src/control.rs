@@ -42,6 +42,8 @@ fn summary(req: &CtlRequest) -> String {
         CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
         CtlRequest::VmCreateQemu(s) => format!("vm create {} (qemu, {} MiB)", s.name, s.memory_mib),
         CtlRequest::VmDelete(n) => format!("vm delete {n}"),
+        CtlRequest::VmPause(n, true) => format!("vm pause {n}"),
+        CtlRequest::VmPause(n, false) => format!("vm resume {n}"),
         CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
         CtlRequest::Abort(n) => format!("abort {n}"),
         CtlRequest::AuditRead { offset } => format!("audit read from {offset}"),
@@ -118,6 +120,10 @@ async fn handle(
         }
         CtlRequest::VmDelete(name) => {
             let r = delete_vm(&inner, &name, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmPause(name, pause) => {
+            let r = pause_vm(&inner, &name, pause, &peer.id).await;
             respond(&mut send, r).await?;
         }
         CtlRequest::VmCreateQemu(spec) => {
@@ -203,6 +209,78 @@ async fn delete_vm(
         }
     }
     CtlResponse::VmDeleted(name.clone())
+}
+
+/// Pauses a running VM (`pause`) or resumes a paused one; never one that
+/// is migrating. A paused VM keeps its memory and disks (their files can
+/// then be read, or checked against a migration's disk roots, while
+/// nothing writes them) and cannot migrate until it is resumed.
+async fn pause_vm(
+    inner: &Arc<Inner>,
+    name: &convoy_protocol::names::VmName,
+    pause: bool,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    if let Some(r) = may_act_on(inner, name, operator, |operator, vm, host| Query::PauseVm {
+        operator,
+        vm,
+        host,
+    }) {
+        return r;
+    }
+    let (from, to) = if pause {
+        (VmState::Running, VmState::Paused)
+    } else {
+        (VmState::Paused, VmState::Running)
+    };
+    // The state changes under the lock, before the guest does, so that a
+    // migration (which claims only running VMs) cannot start in between.
+    let (vm, qemu) = {
+        let mut vms = inner.vms();
+        let Some(e) = vms.get_mut(name) else {
+            return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
+        };
+        if e.cancel.is_some() || e.state != from {
+            return error(
+                CtlErrorKind::BadRequest,
+                format!(
+                    "VM {name} is {:?}{}; only a {from:?} VM can be {}",
+                    e.state,
+                    if e.cancel.is_some() {
+                        " and migrating"
+                    } else {
+                        ""
+                    },
+                    if pause { "paused" } else { "resumed" }
+                ),
+            );
+        }
+        e.state = to;
+        (e.vm.clone(), e.qemu.clone())
+    };
+    let done = match (vm, qemu) {
+        (Some(vm), _) => if pause { vm.pause() } else { vm.resume() }.map_err(|e| e.to_string()),
+        (None, Some(q)) => q
+            .execute(if pause { "stop" } else { "cont" }, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        (None, None) => Err("the VM has no guest".into()),
+    };
+    if let Err(e) = done {
+        inner.set_state(name, from);
+        return error(
+            CtlErrorKind::Internal,
+            format!(
+                "cannot {} VM {name}: {e}",
+                if pause { "pause" } else { "resume" }
+            ),
+        );
+    }
+    match inner.vm_infos().into_iter().find(|v| &v.name == name) {
+        Some(info) => CtlResponse::VmPaused(info),
+        None => error(CtlErrorKind::NotFound, format!("VM {name} is gone")),
+    }
 }
 
 /// Launches a QEMU VM: only binaries and images the agent allows, after the
@@ -433,7 +511,8 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec, operator: &SpiffeId) -> 
     }
     let name = spec.name.clone();
     let attributes = spec.attributes.clone();
-    let made = tokio::task::spawn_blocking(move || SimVm::create(&spec)).await;
+    let disk_dir = inner.config.disk_dir();
+    let made = tokio::task::spawn_blocking(move || SimVm::create(&spec, disk_dir.as_deref())).await;
     match made {
         Ok(Ok(vm)) => {
             {

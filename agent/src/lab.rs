@@ -156,6 +156,17 @@ impl Lab {
         dir.join("qemu").join(format!("runtime-{agent}"))
     }
 
+    /// The directory of sim VM `vm`'s disk files on lab agent `agent`
+    /// (the default disk directory, STATE_DIR/disks).
+    pub fn sim_disks(&self, agent: &str, vm: &str) -> PathBuf {
+        self.pki
+            .dir()
+            .join("state")
+            .join(agent)
+            .join("disks")
+            .join(vm)
+    }
+
     /// The serial console log of QEMU VM `vm` on lab agent `agent`.
     pub fn qemu_serial(&self, agent: &str, vm: &str) -> PathBuf {
         self.qemu_runtime(agent).join(vm).join("serial.log")

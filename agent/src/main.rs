@@ -83,6 +83,14 @@ struct Args {
     /// The most memory the retained images may take together (e.g. 8GiB).
     #[arg(long, default_value = "4GiB", value_parser = convoy_agent::units::parse_size)]
     retain_bytes: u64,
+    /// Where sim VMs' disk files live, one directory per VM (default:
+    /// STATE_DIR/disks).
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// The most disk bytes one incoming VM may bring; VMs whose disks do
+    /// not fit in the disk directory's free space are refused as well.
+    #[arg(long, default_value = "1TiB", value_parser = convoy_agent::units::parse_size)]
+    disk_capacity: u64,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -207,6 +215,8 @@ async fn main() -> Result<()> {
             max_bytes: args.retain_bytes,
         });
     config.state_dir = args.state_dir.clone();
+    config.disk_dir = args.disk_dir.clone();
+    config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
     if let Some(images) = args.image_dir.clone() {
         if args.qemu_binaries.is_empty() {

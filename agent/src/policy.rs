@@ -261,6 +261,8 @@ pub enum Action {
     CreateVm,
     /// Deleting a VM (and wiping its memory).
     DeleteVm,
+    /// Pausing or resuming a VM.
+    PauseVm,
     /// Aborting a migration.
     Abort,
     /// Reading an agent's audit log.
@@ -275,6 +277,7 @@ impl Action {
             Action::MigrateIn => "MigrateIn",
             Action::CreateVm => "CreateVm",
             Action::DeleteVm => "DeleteVm",
+            Action::PauseVm => "PauseVm",
             Action::Abort => "Abort",
             Action::ReadAudit => "ReadAudit",
         }
@@ -289,11 +292,12 @@ impl FromStr for Action {
             "MigrateIn" => Action::MigrateIn,
             "CreateVm" => Action::CreateVm,
             "DeleteVm" => Action::DeleteVm,
+            "PauseVm" => Action::PauseVm,
             "Abort" => Action::Abort,
             "ReadAudit" => Action::ReadAudit,
             other => {
                 return Err(format!(
-                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, Abort, ReadAudit)"
+                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, ReadAudit)"
                 ))
             }
         })
@@ -357,6 +361,15 @@ pub enum Query<'a> {
         /// This agent.
         host: &'a SpiffeId,
     },
+    /// Pausing or resuming a VM on `host`.
+    PauseVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
     /// Aborting the migration of a VM on `host`.
     Abort {
         /// Who asks.
@@ -383,6 +396,7 @@ impl Query<'_> {
             Query::MigrateIn { .. } => Action::MigrateIn,
             Query::CreateVm { .. } => Action::CreateVm,
             Query::DeleteVm { .. } => Action::DeleteVm,
+            Query::PauseVm { .. } => Action::PauseVm,
             Query::Abort { .. } => Action::Abort,
             Query::ReadAudit { .. } => Action::ReadAudit,
         }
@@ -395,6 +409,7 @@ impl Query<'_> {
             | Query::MigrateOut { operator, .. }
             | Query::CreateVm { operator, .. }
             | Query::DeleteVm { operator, .. }
+            | Query::PauseVm { operator, .. }
             | Query::Abort { operator, .. }
             | Query::ReadAudit { operator, .. } => operator,
         }
@@ -415,6 +430,7 @@ impl Query<'_> {
             | Query::MigrateIn { vm, .. }
             | Query::CreateVm { vm, .. }
             | Query::DeleteVm { vm, .. }
+            | Query::PauseVm { vm, .. }
             | Query::Abort { vm, .. } => format!("vm {}", vm.name),
             Query::ReadAudit { host, .. } => host.to_string(),
         }
@@ -760,6 +776,7 @@ impl PolicySet {
             }
             Query::CreateVm { operator, vm, host }
             | Query::DeleteVm { operator, vm, host }
+            | Query::PauseVm { operator, vm, host }
             | Query::Abort { operator, vm, host } => {
                 extra.push(self.vm_entity(&vm)?);
                 (

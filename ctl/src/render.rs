@@ -106,6 +106,25 @@ pub fn report(r: &MigrationReport) -> String {
                     r.encodings.zero
                 ),
             ]);
+            for d in &r.disks {
+                rows.push(vec![
+                    format!("disk {}", d.name),
+                    format!(
+                        "{}, root {} (verified with the memory)",
+                        format_bytes(d.bytes),
+                        &d.root.to_hex()[..16]
+                    ),
+                ]);
+            }
+            if !r.disks.is_empty() {
+                rows.push(vec![
+                    "disk blocks sent".into(),
+                    format!(
+                        "{} of the pages sent (holes and zero blocks skipped)",
+                        r.disk_blocks_sent
+                    ),
+                ]);
+            }
             if r.encodings.retained > 0 {
                 rows.push(vec![
                     "memory reuse".into(),

@@ -44,6 +44,7 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
         content: ContentProfile::Mixed,
         seed: 1,
         attributes: Default::default(),
+        disks: Vec::new(),
     })
     .await
     .unwrap();

@@ -77,6 +77,23 @@ pub struct SimVmSpec {
     pub seed: u64,
     /// Tenant, security level and labels, for policies.
     pub attributes: crate::vm::VmAttributes,
+    /// Its disks (sparse raw files in the agent's disk directory), which
+    /// migrate with it.
+    pub disks: Vec<SimDiskSpec>,
+}
+
+/// A disk of a simulated VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimDiskSpec {
+    /// Its name, unique in the VM.
+    pub name: crate::names::DiskName,
+    /// Size in bytes (a multiple of 4 KiB).
+    pub bytes: u64,
+    /// Blocks the workload writes per second (0 = none).
+    pub writes_per_sec: u64,
+    /// Share of the blocks written at creation, percent; the rest are
+    /// holes.
+    pub used_pct: u8,
 }
 
 /// A VM's lifecycle state on one agent.
@@ -193,6 +210,9 @@ pub struct MigrateOptions {
     /// Choose the zstd level (up to `compression_level`, none included)
     /// from measured compression speed, ratio and link rate.
     pub adaptive_compression: bool,
+    /// The VM arrives paused at the destination (pre-copy only), to be
+    /// resumed with `vm resume`: like `virsh migrate --suspend`.
+    pub start_paused: bool,
 }
 
 impl Default for MigrateOptions {
@@ -210,6 +230,7 @@ impl Default for MigrateOptions {
             hold_hot_pages: true,
             force_stop: false,
             adaptive_compression: true,
+            start_paused: false,
         }
     }
 }
@@ -309,6 +330,23 @@ pub struct MigrationReport {
     /// After a post-copy switch (native engine): what was owed, served on
     /// faults, and the destination's fault figures.
     pub postcopy: Option<Box<crate::source::PostcopySummary>>,
+    /// A sim VM's disks as moved: each one's size and its own root (the
+    /// destination verified them within the root of the whole image).
+    pub disks: Vec<DiskReport>,
+    /// Disk blocks sent, all rounds (included in `pages_sent`).
+    pub disk_blocks_sent: u64,
+}
+
+/// One disk in a migration report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    /// Its name.
+    pub name: crate::names::DiskName,
+    /// Its size, bytes.
+    pub bytes: u64,
+    /// Merkle root over its blocks as paused (see
+    /// [`crate::disk::file_root`]): what the destination's file holds.
+    pub root: Digest,
 }
 
 /// A QEMU migration as QEMU and Convoy each saw it.
@@ -404,6 +442,9 @@ pub enum CtlRequest {
     },
     /// Launch a QEMU VM.
     VmCreateQemu(QemuVmSpec),
+    /// Pause a running VM (`true`) or resume a paused one (`false`); it
+    /// keeps its memory and disks.
+    VmPause(VmName, bool),
 }
 
 /// Most audit log bytes in one [`CtlResponse::AuditChunk`].
@@ -429,6 +470,8 @@ pub enum CtlResponse {
     Error(CtlError),
     /// Answer to `Abort`: the migration was cancelled, the VM runs here.
     Aborted(VmName),
+    /// Answer to `VmPause`: the VM as it is now.
+    VmPaused(VmInfo),
     /// Answer to `AuditRead`.
     AuditChunk {
         /// Offset of `bytes`.

@@ -71,6 +71,8 @@ use crate::DecodeError;
 pub struct DestinationConfig {
     /// Largest guest memory accepted.
     pub max_memory_bytes: u64,
+    /// Most disk bytes (all disks of the VM together) accepted.
+    pub max_disk_bytes: u64,
     /// Features offered.
     pub capabilities: Capabilities,
     /// How long to wait for Handover after Ready.
@@ -154,6 +156,10 @@ pub enum DestinationEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DestinationError {
+    /// Staging failed here, not the source's fault (a disk write failed,
+    /// say): the source is told `Internal` and keeps the VM.
+    #[error("staging failed here: {0}")]
+    Staging(String),
     /// (phase, message) pair with no transition.
     #[error("unexpected {message} while {phase}")]
     Unexpected {
@@ -602,6 +608,33 @@ impl Destination {
         if let Err(e) = p.attributes.validate() {
             return refuse(self, Reason::Unacceptable(e.to_string()));
         }
+        if let Err(e) = p.manifest.leaf_count() {
+            return refuse(self, Reason::Unacceptable(e.to_string()));
+        }
+        let disk_bytes: u64 = p.manifest.disks.iter().map(|d| d.bytes).sum();
+        if disk_bytes > self.cfg.max_disk_bytes {
+            return refuse(
+                self,
+                Reason::Unacceptable(format!(
+                    "{disk_bytes} bytes of disks exceeds this agent's limit of {}",
+                    self.cfg.max_disk_bytes
+                )),
+            );
+        }
+        if p.manifest.start_paused && p.manifest.postcopy {
+            return refuse(
+                self,
+                Reason::Unacceptable("a VM demand-paged in cannot start paused".into()),
+            );
+        }
+        if !p.manifest.disks.is_empty() && (p.manifest.postcopy || p.manifest.reuse.is_some()) {
+            // Owed disk blocks could not be fetched on demand, and a
+            // retained image holds memory only.
+            return refuse(
+                self,
+                Reason::Unacceptable("disks travel by pre-copy only, without reuse".into()),
+            );
+        }
         // After a post-copy switch, one more: the fault stream.
         let all = usize::from(streams) + usize::from(p.manifest.postcopy);
         self.applied = vec![0; all];
@@ -638,10 +671,12 @@ impl Destination {
             return;
         };
         let page = p.manifest.memory.page_size().bytes();
-        self.tree = Some(MerkleTree::filled(
-            p.manifest.memory.page_count() as usize,
-            zero_leaf(page),
-        ));
+        // Memory pages, then disk blocks (checked at Propose).
+        let leaves = p
+            .manifest
+            .leaf_count()
+            .unwrap_or(p.manifest.memory.page_count());
+        self.tree = Some(MerkleTree::filled(leaves as usize, zero_leaf(page)));
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
@@ -924,6 +959,7 @@ impl Destination {
         }
         let reason = match e {
             DestinationError::RootMismatch { .. } => Reason::RootMismatch,
+            DestinationError::Staging(ref why) => Reason::Internal(why.clone()),
             _ => Reason::ProtocolViolation(e.to_string()),
         };
         let mismatch = reason == Reason::RootMismatch;

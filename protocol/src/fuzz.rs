@@ -206,6 +206,7 @@ pub fn destination_sequence(data: &[u8]) {
     let mut now = Instant::now();
     let mut d = Destination::new(DestinationConfig {
         max_memory_bytes: 1 << 24,
+        max_disk_bytes: 1 << 26,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(1),
         peer: "spiffe://fuzz/agent/source".parse().expect("valid id"),

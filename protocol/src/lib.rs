@@ -48,6 +48,7 @@ pub mod ctl;
 pub mod delta;
 pub mod destination;
 pub mod digest;
+pub mod disk;
 pub mod evidence;
 pub mod frame;
 #[doc(hidden)]

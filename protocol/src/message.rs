@@ -124,6 +124,27 @@ pub struct Manifest {
     /// and its key (see [`crate::reuse`]). Sent inside TLS to that host
     /// only; the key is worthless to any other.
     pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
+    /// A sim VM's disks: their blocks are leaves after the memory's pages
+    /// (see [`crate::disk`]). Empty for a VM without disks and for QEMU.
+    pub disks: Vec<crate::disk::DiskGeometry>,
+    /// The destination keeps the VM paused once it has verified and
+    /// started it (pre-copy only: a demand-paged VM must run to fault).
+    pub start_paused: bool,
+}
+
+impl Manifest {
+    /// Memory pages and disk blocks together, once the disks are checked.
+    pub fn leaf_count(&self) -> Result<u64, crate::disk::DiskError> {
+        crate::disk::check(self.memory, &self.disks)
+    }
+
+    /// The geometry of the whole leaf space (memory, then disks): what a
+    /// batch's page indexes range over.
+    pub fn leaf_geometry(&self) -> Result<MemoryGeometry, crate::disk::DiskError> {
+        let n = self.leaf_count()?;
+        MemoryGeometry::new(self.memory.page_size(), n)
+            .map_err(|_| crate::disk::DiskError::TooLarge(n))
+    }
 }
 
 /// Source → destination: the first message of a migration.
@@ -635,10 +656,15 @@ mod tests {
                 data_streams: 2,
                 qemu: None,
                 postcopy: false,
+                start_paused: false,
                 reuse: Some(Box::new(crate::reuse::ReuseOffer {
                     image: crate::reuse::RetainedId([4; 16]),
                     key: crate::reuse::ReuseKey::from_bytes([5; 32]),
                 })),
+                disks: vec![crate::disk::DiskGeometry {
+                    name: "root".parse().unwrap(),
+                    bytes: 8192,
+                }],
             },
             ticket: crate::ticket::SignedTicket {
                 body: vec![1],

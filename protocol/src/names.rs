@@ -94,6 +94,10 @@ name_type!(
     VmName, "VM name", 64, &['.']
 );
 name_type!(
+    /// A VM disk's name: 1–32 of `[A-Za-z0-9_-]` (it names a file).
+    DiskName, "disk name", 32, &[]
+);
+name_type!(
     /// An agent's or operator's short name: 1–64 of `[A-Za-z0-9._-]`.
     AgentName, "name", 64, &['.']
 );

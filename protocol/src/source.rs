@@ -157,7 +157,7 @@ pub struct SourceConfig {
 #[non_exhaustive]
 pub enum SourceAction {
     /// Send on the control stream.
-    Send(Message),
+    Send(Box<Message>),
     /// Clear and start the VM's dirty log (before round 1 reads a page).
     StartDirtyLog,
     /// Throttle the guest's CPU to `percent` (0 = unthrottled). The driver
@@ -216,7 +216,7 @@ pub enum SourceEvent {
     /// Progress.
     Progress(Progress),
     /// The end, with figures.
-    Finished(SourceSummary),
+    Finished(Box<SourceSummary>),
 }
 
 /// Figures of a finished migration.
@@ -232,6 +232,8 @@ pub struct SourceSummary {
     pub rounds: u32,
     /// Pages sent (repeats count).
     pub pages_sent: u64,
+    /// Of those, disk blocks (see [`crate::disk`]).
+    pub disk_blocks_sent: u64,
     /// By encoding.
     pub encodings: EncodingStats,
     /// Data frame bytes.
@@ -448,12 +450,17 @@ pub struct Source {
     accepted: Option<Capabilities>,
     /// The image this host will retain, and its key, for Handover.
     retain: Option<crate::reuse::ReuseOffer>,
+    disk_blocks_sent: u64,
 }
 
 impl Source {
     /// A source that has not started.
     pub fn new(mut cfg: SourceConfig) -> Self {
-        let pages = cfg.manifest.memory.page_count() as usize;
+        // Memory pages, then disk blocks (checked again in `start`).
+        let pages = cfg
+            .manifest
+            .leaf_count()
+            .unwrap_or(cfg.manifest.memory.page_count()) as usize;
         let page = cfg.manifest.memory.page_size().bytes();
         cfg.manifest.postcopy = cfg.switchover != Switchover::Never;
         // Reuse is offered only with an image to reuse.
@@ -501,6 +508,7 @@ impl Source {
             receipts: Vec::new(),
             accepted: None,
             retain: None,
+            disk_blocks_sent: 0,
         }
     }
 
@@ -565,8 +573,23 @@ impl Source {
             return;
         }
         self.started_at = Some(now);
+        if let Err(e) = self.cfg.manifest.leaf_count() {
+            self.finish_failed(now, format!("bad disks: {e}"));
+            return;
+        }
+        if !self.cfg.manifest.disks.is_empty() && self.cfg.manifest.postcopy {
+            // The owed set would hold disk blocks, which the destination
+            // has no way to fetch on demand (storage post-copy is not
+            // built): refused rather than run on stale blocks.
+            self.finish_failed(
+                now,
+                "post-copy and hybrid do not move disks yet: use pre-copy for a VM with disks"
+                    .into(),
+            );
+            return;
+        }
         self.actions
-            .push_back(SourceAction::Send(Message::Propose(Propose {
+            .push_back(SourceAction::Send(Box::new(Message::Propose(Propose {
                 versions: VersionRange::OURS,
                 capabilities: self.cfg.capabilities,
                 migration: self.cfg.migration,
@@ -574,7 +597,7 @@ impl Source {
                 attributes: self.cfg.attributes.clone(),
                 manifest: self.cfg.manifest.clone(),
                 ticket: self.cfg.ticket.clone(),
-            })));
+            }))));
         self.phase = Phase::Proposed {
             deadline: now + self.cfg.accept_timeout,
         };
@@ -598,7 +621,7 @@ impl Source {
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
                 self.copy_started = Some(now);
-                let all = PageBitmap::full(self.cfg.manifest.memory.page_count());
+                let all = PageBitmap::full(self.tree.len() as u64);
                 if self.cfg.switchover == Switchover::Immediately {
                     // Every page is owed, zero pages included: the
                     // destination's memory starts missing, not zeroed.
@@ -677,7 +700,7 @@ impl Source {
                 let owed = self
                     .owed
                     .clone()
-                    .unwrap_or_else(|| PageBitmap::empty(self.cfg.manifest.memory.page_count()));
+                    .unwrap_or_else(|| PageBitmap::empty(self.tree.len() as u64));
                 self.progress("post-copy", owed.count());
                 self.actions.push_back(SourceAction::SendPages {
                     round,
@@ -752,9 +775,13 @@ impl Source {
             return Err(SourceError::NoSuchStream(batch.stream));
         };
         *count += 1;
+        let memory_pages = self.cfg.manifest.memory.page_count();
         for &(p, d) in &batch.leaves {
             if !self.tree.set_leaf(p.0 as usize, d) {
                 return Err(SourceError::LeafOutOfRange(p.0));
+            }
+            if p.0 >= memory_pages {
+                self.disk_blocks_sent += 1;
             }
             if self.sent.contains(p) {
                 self.convergence.resent_pages += 1;
@@ -914,7 +941,7 @@ impl Source {
         let mut send = left;
         if self.cfg.hold_hot_pages {
             if self.dirty_rounds.is_empty() {
-                self.dirty_rounds = vec![0; self.cfg.manifest.memory.page_count() as usize];
+                self.dirty_rounds = vec![0; self.tree.len()];
             }
             let mut hot = PageBitmap::empty(dirty.len());
             for p in dirty.iter() {
@@ -988,13 +1015,13 @@ impl Source {
         self.handed_over = true;
         self.switched = true;
         self.actions
-            .push_back(SourceAction::Send(Message::PostcopySwitch(
+            .push_back(SourceAction::Send(Box::new(Message::PostcopySwitch(
                 PostcopySwitch {
                     batches: self.batches[..streams.min(self.batches.len())].to_vec(),
                     device_state: self.device_state.clone(),
                     owed,
                 },
-            )));
+            ))));
         self.phase = Phase::AwaitRunning {
             round: self.rounds,
             deadline: now + self.cfg.accept_timeout,
@@ -1004,7 +1031,7 @@ impl Source {
     /// Answers a Fetch: the asked pages, and the owed pages after each
     /// not yet pushed, as one batch on the fault stream.
     fn serve(&mut self, now: Instant, round: u32, f: &Fetch) -> Result<(), SourceError> {
-        let count = self.cfg.manifest.memory.page_count();
+        let count = self.tree.len() as u64;
         let max = self.cfg.manifest.memory.page_size().max_batch_pages();
         self.postcopy.fetches += 1;
         let mut pages = Vec::new();
@@ -1039,17 +1066,32 @@ impl Source {
         self.send_finish(now);
     }
 
+    /// Each disk's own root (see [`crate::disk`]) over the leaves as sent,
+    /// in manifest order: the disks as paused once the summary of
+    /// [`SourceEvent::Finished`] says the migration verified.
+    pub fn disk_roots(&self) -> Vec<Digest> {
+        crate::disk::leaf_ranges(self.cfg.manifest.memory, &self.cfg.manifest.disks)
+            .into_iter()
+            .map(|r| {
+                let leaves: Vec<Digest> = (r.start..r.end)
+                    .map(|i| self.tree.leaf(i as usize).unwrap_or(Digest([0; 32])))
+                    .collect();
+                crate::disk::disk_root(&leaves)
+            })
+            .collect()
+    }
+
     /// Every page is sent: announce the root of the image as paused.
     fn send_finish(&mut self, now: Instant) {
         let root = self.tree.root();
         self.root = Some(root);
         self.actions
-            .push_back(SourceAction::Send(Message::Finish(Finish {
+            .push_back(SourceAction::Send(Box::new(Message::Finish(Finish {
                 batches: self.batches.clone(),
                 rounds: self.rounds,
                 device_state: self.device_state.clone(),
                 memory_root: root,
-            })));
+            }))));
         self.phase = Phase::AwaitReady {
             deadline: now + self.cfg.ready_timeout,
         };
@@ -1077,10 +1119,10 @@ impl Source {
             self.receipts.push(receipt.clone());
             self.handed_over = true;
             self.actions
-                .push_back(SourceAction::Send(Message::Handover(Handover {
+                .push_back(SourceAction::Send(Box::new(Message::Handover(Handover {
                     receipt,
                     reuse: self.retain.take().map(Box::new),
-                })));
+                }))));
             self.phase = Phase::AwaitStarted {
                 deadline: now + self.cfg.started_timeout,
             };
@@ -1188,7 +1230,7 @@ impl Source {
             round: self.rounds,
             pages_sent: self.pages_sent,
             remaining_pages: remaining,
-            total_pages: self.cfg.manifest.memory.page_count(),
+            total_pages: self.tree.len() as u64,
             payload_bytes: self.payload_bytes,
             rate_bytes_per_sec: self.rate,
         }));
@@ -1210,7 +1252,9 @@ impl Source {
     fn fail_with(&mut self, now: Instant, reason: Reason, detail: String) {
         if !self.handed_over {
             self.actions
-                .push_back(SourceAction::Send(Message::Abort(Abort { reason })));
+                .push_back(SourceAction::Send(Box::new(Message::Abort(Abort {
+                    reason,
+                }))));
         }
         self.finish_failed(now, detail);
     }
@@ -1229,22 +1273,24 @@ impl Source {
     fn finish(&mut self, now: Instant, outcome: Outcome) {
         self.phase = Phase::Done;
         let start = self.started_at.unwrap_or(now);
-        self.events.push_back(SourceEvent::Finished(SourceSummary {
-            verified: self.verified && outcome == Outcome::Completed,
-            outcome,
-            converged: self.converged,
-            rounds: self.rounds,
-            pages_sent: self.pages_sent,
-            encodings: self.encodings,
-            payload_bytes: self.payload_bytes,
-            total: now.saturating_duration_since(start),
-            downtime: self
-                .paused_at
-                .map(|p| self.resumed_at.unwrap_or(now).saturating_duration_since(p)),
-            convergence: self.convergence,
-            postcopy: self.switched.then_some(self.postcopy),
-            memory_root: self.root,
-            receipts: self.receipts.clone(),
-        }));
+        self.events
+            .push_back(SourceEvent::Finished(Box::new(SourceSummary {
+                verified: self.verified && outcome == Outcome::Completed,
+                outcome,
+                converged: self.converged,
+                rounds: self.rounds,
+                pages_sent: self.pages_sent,
+                disk_blocks_sent: self.disk_blocks_sent,
+                encodings: self.encodings,
+                payload_bytes: self.payload_bytes,
+                total: now.saturating_duration_since(start),
+                downtime: self
+                    .paused_at
+                    .map(|p| self.resumed_at.unwrap_or(now).saturating_duration_since(p)),
+                convergence: self.convergence,
+                postcopy: self.switched.then_some(self.postcopy),
+                memory_root: self.root,
+                receipts: self.receipts.clone(),
+            })));
     }
 }

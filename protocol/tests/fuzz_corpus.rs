@@ -122,6 +122,7 @@ fn batches() -> (EncodedBatch, EncodedBatch) {
 fn propose(
     geometry: MemoryGeometry,
     reuse: Option<Box<convoy_protocol::reuse::ReuseOffer>>,
+    disks: Vec<convoy_protocol::disk::DiskGeometry>,
 ) -> Message {
     Message::Propose(Propose {
         versions: VersionRange::OURS,
@@ -134,7 +135,9 @@ fn propose(
             data_streams: 1,
             qemu: None,
             postcopy: false,
+            start_paused: false,
             reuse,
+            disks,
         },
         ticket: convoy_protocol::ticket::SignedTicket {
             body: vec![],
@@ -148,7 +151,7 @@ fn seeds() -> Vec<Message> {
     let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
     let (enc, delta) = batches();
     vec![
-        propose(geometry, None),
+        propose(geometry, None, Vec::new()),
         Message::Accept(Accept {
             version: 1,
             capabilities: Capabilities::OURS,
@@ -211,7 +214,7 @@ fn seeds() -> Vec<Message> {
             pages: vec![PageIndex(3), PageIndex(70)],
         }),
         // 15..=17: memory reuse — an offer, a key handed over, retained pages.
-        propose(geometry, Some(Box::new(reuse_offer()))),
+        propose(geometry, Some(Box::new(reuse_offer())), Vec::new()),
         Message::Handover(Handover {
             receipt: rc(ReceiptKind::Sent),
             reuse: Some(Box::new(reuse_offer())),
@@ -219,6 +222,15 @@ fn seeds() -> Vec<Message> {
         Message::PageBatch(
             retained_batch().header,
             Bytes::from(retained_batch().payload),
+        ),
+        // 18: a VM with a disk (its blocks follow the memory's pages).
+        propose(
+            geometry,
+            None,
+            vec![convoy_protocol::disk::DiskGeometry {
+                name: "root".parse().unwrap(),
+                bytes: 16 * 4096,
+            }],
         ),
     ]
 }

@@ -240,7 +240,9 @@ impl Pair {
                 data_streams: streams,
                 qemu: None,
                 postcopy: false,
+                start_paused: false,
                 reuse: None,
+                disks: Vec::new(),
             },
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
@@ -264,6 +266,7 @@ impl Pair {
         let src = Source::new(cfg);
         let dst = Destination::new(DestinationConfig {
             max_memory_bytes: max_memory,
+            max_disk_bytes: 1 << 30,
             capabilities: Capabilities::OURS,
             handover_timeout: Duration::from_secs(5),
             peer: SRC.parse().unwrap(),
@@ -428,7 +431,7 @@ impl Pair {
                     }
                     self.src_msgs += 1;
                     if self.link_up {
-                        self.to_dst.push_back((self.now + self.latency, m));
+                        self.to_dst.push_back((self.now + self.latency, *m));
                     }
                     if self.cut_after_src_msgs == Some(self.src_msgs) {
                         self.link_up = false;
@@ -493,7 +496,7 @@ impl Pair {
         }
         while let Some(e) = self.src.poll_event() {
             if let SourceEvent::Finished(s) = e {
-                self.src_summary = Some(s);
+                self.src_summary = Some(*s);
             }
         }
     }
@@ -755,6 +758,7 @@ fn dirtying_vm_converges_and_destination_holds_the_paused_image() {
 fn without_delta(p: &mut Pair) {
     p.dst = Destination::new(DestinationConfig {
         max_memory_bytes: 1 << 30,
+        max_disk_bytes: 1 << 30,
         capabilities: Capabilities::ZSTD,
         handover_timeout: Duration::from_secs(5),
         peer: SRC.parse().unwrap(),
@@ -1013,6 +1017,7 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
 
     let mut d = Destination::new(DestinationConfig {
         max_memory_bytes: 1 << 30,
+        max_disk_bytes: 1 << 30,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(1),
         peer: SRC.parse().unwrap(),

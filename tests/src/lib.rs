@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
@@ -9,8 +11,73 @@ use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
 use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
 use convoy_protocol::names::Role;
-use convoy_protocol::page::MemoryGeometry;
+use convoy_protocol::page::{Compression, MemoryGeometry, RunKind};
 use convoy_protocol::ticket::{SignedTicket, Ticket};
+
+/// A batch hook that flips bit `mask` of byte `at` in the first raw
+/// (uncompressed) batch of data pages whose first run starts at leaf
+/// `from` or later (disk blocks follow the memory's pages), once: `armed`
+/// is cleared when it did.
+pub fn alter_one_raw_batch(
+    armed: Arc<AtomicBool>,
+    from: u64,
+    at: usize,
+    mask: u8,
+) -> convoy_agent::agent::TamperHook {
+    Arc::new(move |_round, header, payload| {
+        if header.compression == Compression::None
+            && header
+                .runs
+                .first()
+                .is_some_and(|r| r.gap >= from && r.kind == RunKind::Data)
+            && payload.len() > at
+            && armed.swap(false, Ordering::SeqCst)
+        {
+            payload[at] ^= mask;
+        }
+    })
+}
+
+/// Two agents, `a` and `b`, with a client for each.
+pub async fn agents_a_and_b() -> (
+    tempfile::TempDir,
+    Lab,
+    convoy_agent::client::CtlClient,
+    convoy_agent::client::CtlClient,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+        .await
+        .unwrap();
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    (dir, lab, a, b)
+}
+
+/// Closes the clients, then the lab.
+pub async fn close(
+    lab: Lab,
+    a: convoy_agent::client::CtlClient,
+    b: convoy_agent::client::CtlClient,
+) {
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+/// Lab agents `a` and `b`, `a` altering its outgoing batches with `hook`.
+pub async fn lab_where_a_alters_batches(
+    dir: &std::path::Path,
+    hook: convoy_agent::agent::TamperHook,
+) -> Lab {
+    Lab::start(dir, &["a", "b"], move |name, cfg| {
+        if name == "a" {
+            cfg.dangerous().tamper_outgoing_batches(hook.clone());
+        }
+    })
+    .await
+    .unwrap()
+}
 
 /// A simulated VM spec with mixed content.
 pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
@@ -22,6 +89,7 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
         content: ContentProfile::Mixed,
         seed: 1,
         attributes: Default::default(),
+        disks: Vec::new(),
     }
 }
 
@@ -73,6 +141,26 @@ pub async fn connect_as(lab: &Lab, from: &str, to: &str) -> (quinn::Endpoint, qu
 
 /// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
 pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let manifest = Manifest {
+        memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
+        data_streams: 1,
+        qemu: None,
+        postcopy: false,
+        start_paused: false,
+        reuse: None,
+        disks: Vec::new(),
+    };
+    propose_manifest_as(lab, from, to, ticket, manifest).await
+}
+
+/// [`propose_as`] with a manifest of the caller's.
+pub async fn propose_manifest_as(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    ticket: SignedTicket,
+    manifest: Manifest,
+) -> Message {
     let (_ep, conn) = connect_as(lab, from, to).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
@@ -82,13 +170,7 @@ pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -
         migration: body.id,
         vm: body.vm.clone(),
         attributes: Default::default(),
-        manifest: Manifest {
-            memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
-            data_streams: 1,
-            qemu: None,
-            postcopy: false,
-            reuse: None,
-        },
+        manifest,
         ticket,
     });
     transport::write_message(&mut send, &propose).await.unwrap();

@@ -60,7 +60,9 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
             data_streams: streams,
             qemu: None,
             postcopy: false,
+            start_paused: false,
             reuse: None,
+            disks: Vec::new(),
         },
         ticket,
     })

@@ -7,29 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_agent::client::CtlClient;
-use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
-use convoy_protocol::page::{Compression, RunKind};
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_tests::{assert_refusals_logged, eventually, migrate, sim_spec};
-
-/// Two agents, `a` and `b`, with a client for each.
-async fn agents_a_and_b() -> (tempfile::TempDir, Lab, CtlClient, CtlClient) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
-    let a = lab.client("a").await.unwrap();
-    let b = lab.client("b").await.unwrap();
-    (dir, lab, a, b)
-}
-
-async fn close(lab: Lab, a: CtlClient, b: CtlClient) {
-    a.close().await;
-    b.close().await;
-    lab.shutdown().await;
-}
+use convoy_tests::{
+    agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, close, eventually,
+    lab_where_a_alters_batches, migrate, sim_spec,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
@@ -117,29 +100,10 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
 async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let armed = Arc::new(AtomicBool::new(true));
-    let armed_hook = armed.clone();
-    let lab = Lab::start(dir.path(), &["a", "b"], move |name, cfg| {
-        if name == "a" {
-            let armed = armed_hook.clone();
-            cfg.dangerous()
-                .tamper_outgoing_batches(Arc::new(move |_round, header, payload| {
-                    // Not the batch holding page 0: the counter there is
-                    // rewritten every tick and sent again in the last round.
-                    if header.compression == Compression::None
-                        && header
-                            .runs
-                            .first()
-                            .is_some_and(|r| r.gap > 0 && r.kind == RunKind::Data)
-                        && payload.len() > 200
-                        && armed.swap(false, Ordering::SeqCst)
-                    {
-                        payload[123] ^= 0x40;
-                    }
-                }));
-        }
-    })
-    .await
-    .unwrap();
+    // Not the batch holding page 0: the counter there is rewritten every
+    // tick and sent again in the last round.
+    let hook = alter_one_raw_batch(armed.clone(), 1, 123, 0x40);
+    let lab = lab_where_a_alters_batches(dir.path(), hook).await;
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     // Idle and uncompressed so the altered page is sent exactly once, raw.
@@ -150,6 +114,7 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
         req
     };
     let report = a.migrate(uncompressed(), |_| {}).await.unwrap();
+    assert!(!armed.load(Ordering::SeqCst), "a page was altered");
     assert!(
         matches!(&report.outcome, Outcome::Aborted(why) if why.contains("root")),
         "{report:?}"

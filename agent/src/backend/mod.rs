@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod qemu;
 pub mod sim;
+mod simdisk;
 pub mod uffd;
 
 use std::sync::Arc;
@@ -37,6 +38,9 @@ pub enum BackendError {
     /// Demand paging (userfaultfd) failed.
     #[error("demand paging: {0}")]
     Paging(String),
+    /// A disk file could not be made, read or written.
+    #[error("disk: {0}")]
+    Disk(String),
 }
 
 /// A VM as the migration source sees it.
@@ -47,9 +51,21 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn geometry(&self) -> MemoryGeometry;
     /// Copies page `page` into `buf` (one page long).
     fn read_page(&self, page: PageIndex, buf: &mut [u8]);
+    /// Its disks, whose blocks are the leaves after the memory's pages
+    /// (see [`convoy_protocol::disk`]).
+    fn disks(&self) -> Vec<convoy_protocol::disk::DiskGeometry> {
+        Vec::new()
+    }
+    /// Copies leaf `leaf` — a memory page, or a disk block after them —
+    /// into `buf` (one page long).
+    fn read_leaf(&self, leaf: PageIndex, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.read_page(leaf, buf);
+        Ok(())
+    }
     /// Clears the dirty log; from now on every write is recorded.
     fn start_dirty_log(&self);
-    /// Returns and clears the pages written since the last call.
+    /// Returns and clears the leaves (pages, and disk blocks) written
+    /// since the last call.
     fn collect_dirty_log(&self) -> PageBitmap;
     /// Stops recording writes.
     fn stop_dirty_log(&self);
@@ -74,15 +90,19 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
 
 /// The image a destination builds before the VM may start.
 pub trait Staging: Send + Sync + std::fmt::Debug {
-    /// Writes page `page`; `None` is a zero page.
-    fn write_page(&self, page: PageIndex, data: Option<&[u8]>);
-    /// Copies what staging holds at `page` into `buf` (one page long).
-    fn read_staged(&self, page: PageIndex, buf: &mut [u8]);
-    /// Starts the VM from this image and `device_state`; returns it with
-    /// the device counter it resumed from.
+    /// Writes leaf `page` (a memory page, or a disk block after them);
+    /// `None` is zeros.
+    fn write_page(&self, page: PageIndex, data: Option<&[u8]>) -> Result<(), BackendError>;
+    /// Copies what staging holds at leaf `page` into `buf` (one page
+    /// long).
+    fn read_staged(&self, page: PageIndex, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Starts the VM from this image and `device_state` (`paused`: ready,
+    /// but the guest does not run until resumed); returns it with the
+    /// device counter it resumed from.
     fn start(
         self: Arc<Self>,
         device_state: &[u8],
+        paused: bool,
     ) -> Result<(Arc<dyn VmBackend>, u64), BackendError>;
     /// Wipes and releases the image.
     fn discard(&self);

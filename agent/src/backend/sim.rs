@@ -38,6 +38,7 @@ use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::memory::GuestMemory;
+use super::simdisk::SimDisk;
 use super::uffd::{Region, Uffd};
 use super::{BackendError, Staging, VmBackend};
 
@@ -49,7 +50,12 @@ struct DeviceState {
     dirty_pages_per_sec: u64,
     hot_set_pct: u8,
     seed: u64,
+    /// Each disk's block writes per second, in manifest order.
+    disk_writes_per_sec: Vec<u64>,
 }
+
+/// The device-state version this build writes and reads.
+const DEVICE_STATE_VERSION: u8 = 2;
 
 struct Shared {
     mem: GuestMemory,
@@ -68,6 +74,12 @@ struct Shared {
     seed: AtomicU64,
     /// Demand paging after a post-copy switch.
     paging: Mutex<Option<Arc<Paging>>>,
+    /// Its disks, and the directory that holds their files (removed with
+    /// the VM).
+    disks: Vec<SimDisk>,
+    disk_dir: Option<std::path::PathBuf>,
+    /// Memory pages and disk blocks.
+    leaves: u64,
 }
 
 /// Demand paging of an incoming image after a post-copy switch.
@@ -113,12 +125,55 @@ impl std::fmt::Debug for SimVm {
 }
 
 impl SimVm {
-    /// Creates, fills and starts a VM.
-    pub fn create(spec: &SimVmSpec) -> Result<Arc<SimVm>, BackendError> {
+    /// Creates, fills and starts a VM. Its disks, if any, are made in
+    /// `disk_dir/NAME/`, which must not exist yet.
+    pub fn create(
+        spec: &SimVmSpec,
+        disk_dir: Option<&std::path::Path>,
+    ) -> Result<Arc<SimVm>, BackendError> {
         if !(1..=100).contains(&spec.hot_set_pct) {
             return Err(BackendError::Spec("hot set must be 1..=100 percent".into()));
         }
-        let vm = SimVm::blank(spec.memory_bytes)?;
+        let geometry = MemoryGeometry::from_bytes(spec.memory_bytes)
+            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        let wanted: Vec<convoy_protocol::disk::DiskGeometry> = spec
+            .disks
+            .iter()
+            .map(|d| convoy_protocol::disk::DiskGeometry {
+                name: d.name.clone(),
+                bytes: d.bytes,
+            })
+            .collect();
+        convoy_protocol::disk::check(geometry, &wanted)
+            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        let (disks, dir) = if spec.disks.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let Some(root) = disk_dir else {
+                return Err(BackendError::Spec(
+                    "this agent has no disk directory (start it with --state-dir or --disk-dir)"
+                        .into(),
+                ));
+            };
+            let dir = make_vm_dir(root, spec.name.as_str())?;
+            let ranges = convoy_protocol::disk::leaf_ranges(geometry, &wanted);
+            let block = geometry.page_size().bytes();
+            let made: Result<Vec<SimDisk>, BackendError> = spec
+                .disks
+                .iter()
+                .zip(ranges)
+                .enumerate()
+                .map(|(i, (d, r))| SimDisk::create(&dir, d, r.start, block, spec.seed ^ i as u64))
+                .collect();
+            match made {
+                Ok(d) => (d, Some(dir)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            }
+        };
+        let vm = SimVm::blank(spec.memory_bytes, disks, dir)?;
         vm.fill(spec.content, spec.seed);
         vm.set_workload(spec.dirty_pages_per_sec, spec.hot_set_pct, spec.seed);
         let vm = Arc::new(vm);
@@ -128,16 +183,69 @@ impl SimVm {
 
     /// A zeroed, stopped image of `bytes` to migrate into.
     pub fn incoming(geometry: MemoryGeometry) -> Result<Arc<SimVm>, BackendError> {
-        let vm = SimVm::blank(geometry.bytes())?;
+        SimVm::incoming_with_disks(geometry, &[], None)
+    }
+
+    /// As [`SimVm::incoming`], with empty (all-hole) `disks` made in
+    /// `disk_dir/NAME/` (`vm`'s directory, which must not exist yet).
+    pub fn incoming_with_disks(
+        geometry: MemoryGeometry,
+        disks: &[convoy_protocol::disk::DiskGeometry],
+        disk_dir: Option<(&std::path::Path, &str)>,
+    ) -> Result<Arc<SimVm>, BackendError> {
+        convoy_protocol::disk::check(geometry, disks)
+            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        let (made, dir) = match (disks.is_empty(), disk_dir) {
+            (true, _) => (Vec::new(), None),
+            (false, None) => {
+                return Err(BackendError::Disk(
+                    "this agent has no disk directory for the VM's disks".into(),
+                ))
+            }
+            (false, Some((root, vm))) => {
+                check_room(root, disks.iter().map(|d| d.bytes).sum())?;
+                let dir = make_vm_dir(root, vm)?;
+                let block = geometry.page_size().bytes();
+                let ranges = convoy_protocol::disk::leaf_ranges(geometry, disks);
+                let made: Result<Vec<SimDisk>, BackendError> = disks
+                    .iter()
+                    .zip(ranges)
+                    .map(|(d, r)| SimDisk::incoming(&dir, d.clone(), r.start, block))
+                    .collect();
+                match made {
+                    Ok(m) => (m, Some(dir)),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let vm = SimVm::blank(geometry.bytes(), made, dir)?;
         vm.shared.paused.store(true, Ordering::Relaxed);
         Ok(Arc::new(vm))
     }
 
-    fn blank(bytes: u64) -> Result<SimVm, BackendError> {
+    fn blank(
+        bytes: u64,
+        disks: Vec<SimDisk>,
+        disk_dir: Option<std::path::PathBuf>,
+    ) -> Result<SimVm, BackendError> {
         let geometry =
             MemoryGeometry::from_bytes(bytes).map_err(|e| BackendError::Spec(e.to_string()))?;
-        let len = usize::try_from(bytes).map_err(|_| BackendError::Spec("too large".into()))?;
-        let mem = GuestMemory::new(len).map_err(BackendError::Alloc)?;
+        let mem = usize::try_from(bytes)
+            .map_err(|_| BackendError::Spec("too large".into()))
+            .and_then(|len| GuestMemory::new(len).map_err(BackendError::Alloc));
+        let mem = match mem {
+            Ok(m) => m,
+            Err(e) => {
+                // Nothing is left behind by a VM that could not be made.
+                if let Some(dir) = &disk_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e);
+            }
+        };
         let words = geometry.page_count().div_ceil(64) as usize;
         Ok(SimVm {
             shared: Arc::new(Shared {
@@ -153,6 +261,9 @@ impl SimVm {
                 hot_set_pct: AtomicU64::new(10),
                 seed: AtomicU64::new(0),
                 paging: Mutex::new(None),
+                leaves: geometry.page_count() + disks.iter().map(SimDisk::blocks).sum::<u64>(),
+                disks,
+                disk_dir,
             }),
             worker: Mutex::new(None),
         })
@@ -337,6 +448,19 @@ impl SimVm {
         drop(closed);
     }
 
+    /// The disk and block of a leaf past the memory's pages.
+    fn disk_block(&self, leaf: PageIndex) -> Option<(&SimDisk, u64)> {
+        self.shared
+            .disks
+            .iter()
+            .find_map(|d| d.block_of(leaf).map(|b| (d, b)))
+    }
+
+    /// The directory of its disk files, if it has disks.
+    pub fn disk_dir(&self) -> Option<&std::path::Path> {
+        self.shared.disk_dir.as_deref()
+    }
+
     fn stop_workload(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let handle = self.worker.lock().ok().and_then(|mut w| w.take());
@@ -449,6 +573,43 @@ fn serve_faults(
     }
 }
 
+/// Makes `root/vm`, the directory of one VM's disk files; it must not
+/// exist (a leftover is for the operator to look at, never reused).
+fn make_vm_dir(root: &std::path::Path, vm: &str) -> Result<std::path::PathBuf, BackendError> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
+    let dir = root.join(vm);
+    std::fs::create_dir(&dir).map_err(|e| {
+        BackendError::Disk(if e.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "{} exists already (disks of another VM of this name?)",
+                dir.display()
+            )
+        } else {
+            format!("cannot create {}: {e}", dir.display())
+        })
+    })?;
+    Ok(dir)
+}
+
+/// Refuses disks that would not fit in the free space under `root`: they
+/// are sparse as they arrive but may fill, and running out of space in
+/// the middle of a migration would fail it late.
+fn check_room(root: &std::path::Path, need: u64) -> Result<(), BackendError> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
+    let st = rustix::fs::statvfs(root)
+        .map_err(|e| BackendError::Disk(format!("cannot stat {}: {e}", root.display())))?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if need > free {
+        return Err(BackendError::Disk(format!(
+            "no room for the disks: they need {need} bytes, {} has {free} free",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
 fn mark_dirty(shared: &Shared, page: u64) {
     if let Some(w) = shared.dirty.get((page / 64) as usize) {
         w.fetch_or(1 << (page % 64), Ordering::Release);
@@ -463,6 +624,7 @@ fn workload(shared: &Shared) {
     );
     let mut next = Instant::now();
     let mut carry = 0.0f64;
+    let mut disk_carry = vec![0.0f64; shared.disks.len()];
     let mut credit = 0.0f64;
     while !shared.stop.load(Ordering::Relaxed) {
         next += Duration::from_millis(1);
@@ -497,6 +659,23 @@ fn workload(shared: &Shared) {
                     }
                     mark_dirty(shared, p);
                 }
+                // Disk writes, with the memory's hot-set skew.
+                for (d, c) in shared.disks.iter().zip(disk_carry.iter_mut()) {
+                    *c += d.rate() as f64 / 1000.0;
+                    let n = *c as u64;
+                    *c -= n as f64;
+                    let hot =
+                        (d.blocks() * shared.hot_set_pct.load(Ordering::Relaxed) / 100).max(1);
+                    for _ in 0..n {
+                        let r = rng.next_u64();
+                        let b = if r % 10 < 9 {
+                            (r >> 8) % hot
+                        } else {
+                            (r >> 8) % d.blocks()
+                        };
+                        d.guest_write(b, &mut rng);
+                    }
+                }
             }
         }
         let now = Instant::now();
@@ -522,9 +701,34 @@ impl VmBackend for SimVm {
         self.shared.mem.read(page.0 as usize * size, buf);
     }
 
+    fn disks(&self) -> Vec<convoy_protocol::disk::DiskGeometry> {
+        self.shared
+            .disks
+            .iter()
+            .map(|d| d.geometry().clone())
+            .collect()
+    }
+
+    fn read_leaf(&self, leaf: PageIndex, buf: &mut [u8]) -> Result<(), BackendError> {
+        if leaf.0 < self.shared.geometry.page_count() {
+            self.read_page(leaf, buf);
+            return Ok(());
+        }
+        match self.disk_block(leaf) {
+            Some((d, b)) => d.read(b, buf),
+            None => Err(BackendError::Disk(format!(
+                "leaf {} is past the last disk",
+                leaf.0
+            ))),
+        }
+    }
+
     fn start_dirty_log(&self) {
         for w in &self.shared.dirty {
             w.store(0, Ordering::Release);
+        }
+        for d in &self.shared.disks {
+            d.clear_written();
         }
     }
 
@@ -535,7 +739,18 @@ impl VmBackend for SimVm {
             .iter()
             .map(|w| w.swap(0, Ordering::Acquire))
             .collect();
-        PageBitmap::from_words(words, self.shared.geometry.page_count())
+        let memory = PageBitmap::from_words(words, self.shared.geometry.page_count());
+        if self.shared.disks.is_empty() {
+            return memory;
+        }
+        let mut log = PageBitmap::empty(self.shared.leaves);
+        for p in memory.iter() {
+            log.insert(p);
+        }
+        for d in &self.shared.disks {
+            d.take_written(&mut log);
+        }
+        log
     }
 
     fn stop_dirty_log(&self) {
@@ -560,11 +775,12 @@ impl VmBackend for SimVm {
 
     fn device_state(&self) -> Result<Vec<u8>, BackendError> {
         let s = DeviceState {
-            version: 1,
+            version: DEVICE_STATE_VERSION,
             counter: self.shared.counter.load(Ordering::Relaxed),
             dirty_pages_per_sec: self.shared.rate.load(Ordering::Relaxed),
             hot_set_pct: self.shared.hot_set_pct.load(Ordering::Relaxed) as u8,
             seed: self.shared.seed.load(Ordering::Relaxed),
+            disk_writes_per_sec: self.shared.disks.iter().map(SimDisk::rate).collect(),
         };
         postcard::to_stdvec(&s).map_err(|e| BackendError::DeviceState(e.to_string()))
     }
@@ -593,33 +809,59 @@ impl VmBackend for SimVm {
         let _ = self.pause();
         self.stop_workload();
         self.shared.mem.wipe();
+        // Its disks go with it (a VM that moved runs on the copies).
+        if let Some(dir) = &self.shared.disk_dir {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
     }
 }
 
 impl Staging for SimVm {
-    fn write_page(&self, page: PageIndex, data: Option<&[u8]>) {
+    fn write_page(&self, page: PageIndex, data: Option<&[u8]>) -> Result<(), BackendError> {
         let size = self.shared.geometry.page_size().bytes();
-        let off = page.0 as usize * size;
-        match data {
-            Some(d) => self.shared.mem.write(off, d),
-            None => self.shared.mem.zero(off, size),
+        if page.0 < self.shared.geometry.page_count() {
+            let off = page.0 as usize * size;
+            match data {
+                Some(d) => self.shared.mem.write(off, d),
+                None => self.shared.mem.zero(off, size),
+            }
+            return Ok(());
+        }
+        match self.disk_block(page) {
+            Some((d, b)) => d.write(b, data),
+            None => Err(BackendError::Disk(format!(
+                "leaf {} is past the last disk",
+                page.0
+            ))),
         }
     }
 
-    fn read_staged(&self, page: PageIndex, buf: &mut [u8]) {
-        self.read_page(page, buf);
+    fn read_staged(&self, page: PageIndex, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.read_leaf(page, buf)
     }
 
     fn start(
         self: Arc<Self>,
         device_state: &[u8],
+        paused: bool,
     ) -> Result<(Arc<dyn VmBackend>, u64), BackendError> {
         let (s, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(device_state)
             .map_err(|e| BackendError::DeviceState(e.to_string()))?;
-        if !rest.is_empty() || s.version != 1 || !(1..=100).contains(&s.hot_set_pct) {
+        if !rest.is_empty()
+            || s.version != DEVICE_STATE_VERSION
+            || !(1..=100).contains(&s.hot_set_pct)
+            || s.disk_writes_per_sec.len() != self.shared.disks.len()
+        {
             return Err(BackendError::DeviceState(
-                "unknown version, bad hot set or trailing bytes".into(),
+                "unknown version, bad hot set, disks that do not match, or trailing bytes".into(),
             ));
+        }
+        // The disks are on stable storage before the VM runs on them (the
+        // source discards its copy once we say Started).
+        for d in &self.shared.disks {
+            d.sync()?;
         }
         // Memory and device state must agree: page 0 holds the counter.
         // (After a post-copy switch page 0 may still be on its way; the
@@ -633,7 +875,10 @@ impl Staging for SimVm {
         }
         self.shared.counter.store(s.counter, Ordering::Relaxed);
         self.set_workload(s.dirty_pages_per_sec, s.hot_set_pct, s.seed);
-        self.shared.paused.store(false, Ordering::Release);
+        for (d, r) in self.shared.disks.iter().zip(&s.disk_writes_per_sec) {
+            d.set_rate(*r);
+        }
+        self.shared.paused.store(paused, Ordering::Release);
         self.spawn_workload();
         Ok((self, s.counter))
     }
@@ -656,12 +901,13 @@ mod tests {
             content,
             seed: 7,
             attributes: Default::default(),
+            disks: Vec::new(),
         }
     }
 
     #[test]
     fn workload_dirties_and_pause_stops_writes() {
-        let vm = SimVm::create(&spec(4 << 20, 20_000, ContentProfile::Mixed)).unwrap();
+        let vm = SimVm::create(&spec(4 << 20, 20_000, ContentProfile::Mixed), None).unwrap();
         vm.start_dirty_log();
         std::thread::sleep(Duration::from_millis(50));
         let d = vm.collect_dirty_log();
@@ -680,7 +926,7 @@ mod tests {
 
     #[test]
     fn a_throttled_vcpu_runs_fewer_ticks() {
-        let vm = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero)).unwrap();
+        let vm = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None).unwrap();
         let ticks = |vm: &SimVm| {
             let c = vm.counter();
             std::thread::sleep(Duration::from_millis(200));
@@ -698,7 +944,7 @@ mod tests {
 
     #[test]
     fn mixed_content_has_zero_text_and_random_pages() {
-        let vm = SimVm::create(&spec(4 << 20, 0, ContentProfile::Mixed)).unwrap();
+        let vm = SimVm::create(&spec(4 << 20, 0, ContentProfile::Mixed), None).unwrap();
         vm.pause().unwrap();
         let mut zero = 0;
         let mut buf = vec![0u8; 4096];
@@ -722,17 +968,72 @@ mod tests {
     #[test]
     fn a_handed_over_vm_and_a_discarded_staging_image_are_wiped() {
         // Source side: after handover the engine destroys the VM.
-        let vm = SimVm::create(&spec(1 << 20, 5000, ContentProfile::Random)).unwrap();
+        let vm = SimVm::create(&spec(1 << 20, 5000, ContentProfile::Random), None).unwrap();
         assert!(!all_zero(&vm));
         vm.destroy();
         assert!(all_zero(&vm), "guest memory readable after destroy");
         assert!(vm.resume().is_err(), "a destroyed VM never runs again");
         // Destination side: a staging image discarded on abort.
         let staging = SimVm::incoming(vm.geometry()).unwrap();
-        staging.write_page(PageIndex(3), Some(&[7u8; 4096]));
+        staging
+            .write_page(PageIndex(3), Some(&[7u8; 4096]))
+            .unwrap();
         assert!(!all_zero(&staging));
         staging.discard();
         assert!(all_zero(&staging), "staging readable after discard");
+    }
+
+    #[test]
+    fn a_vm_with_a_disk_copied_leaf_by_leaf_starts_paused_with_the_same_disk() {
+        let root = tempfile::tempdir().unwrap();
+        let mut s = spec(1 << 20, 2000, ContentProfile::Mixed);
+        s.disks = vec![convoy_protocol::ctl::SimDiskSpec {
+            name: "root".parse().unwrap(),
+            bytes: 64 * 4096,
+            writes_per_sec: 2000,
+            used_pct: 50,
+        }];
+        let src = SimVm::create(&s, Some(&root.path().join("a"))).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        src.pause().unwrap();
+        let disks = src.disks();
+        assert_eq!(disks.len(), 1);
+        let leaves = convoy_protocol::disk::check(src.geometry(), &disks).unwrap();
+        let ranges = convoy_protocol::disk::leaf_ranges(src.geometry(), &disks);
+        let dst =
+            SimVm::incoming_with_disks(src.geometry(), &disks, Some((&root.path().join("b"), "t")))
+                .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut disk_leaves = Vec::new();
+        for l in 0..leaves {
+            src.read_leaf(PageIndex(l), &mut buf).unwrap();
+            dst.write_page(PageIndex(l), Some(&buf)).unwrap();
+            if ranges[0].contains(&l) {
+                disk_leaves.push(convoy_protocol::digest::leaf_digest(&buf));
+            }
+        }
+        let want = convoy_protocol::disk::disk_root(&disk_leaves);
+        let file = root.path().join("b/t/root.img");
+        let got = |f: &std::path::Path| {
+            convoy_protocol::disk::file_root(std::fs::File::open(f).unwrap(), 64 * 4096, 4096)
+                .unwrap()
+        };
+        let (vm, from) = dst
+            .clone()
+            .start(&src.device_state().unwrap(), true)
+            .unwrap();
+        assert_eq!(from, src.counter());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(vm.counter(), from, "a VM started paused does not run");
+        assert_eq!(got(&file), want, "the disk file holds what was copied");
+        assert_eq!(got(&root.path().join("a/t/root.img")), want);
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(vm.counter() > from, "runs once resumed");
+        assert_ne!(got(&file), want, "and its workload writes its disk");
+        vm.destroy();
+        src.destroy();
+        assert!(!file.exists() && !root.path().join("a/t").exists());
     }
 
     /// Whether userfaultfd can be used here; in CI (root) its absence is
@@ -755,7 +1056,7 @@ mod tests {
             return;
         }
         // No writes but the counter's, so the pages stay as sent.
-        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Random)).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Random), None).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         src.pause().unwrap();
         let pages = src.geometry().page_count();
@@ -766,7 +1067,8 @@ mod tests {
         for p in 0..pages {
             src.read_page(PageIndex(p), &mut buf);
             let stale: Vec<u8> = buf.iter().map(|b| !b).collect();
-            dst.write_page(PageIndex(p), Some(if p < 8 { &stale } else { &buf }));
+            dst.write_page(PageIndex(p), Some(if p < 8 { &stale } else { &buf }))
+                .unwrap();
         }
         let mut owed = PageBitmap::empty(pages);
         for p in 0..8 {
@@ -774,7 +1076,10 @@ mod tests {
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         dst.begin_postcopy(&owed, tx).unwrap();
-        let (vm, from) = dst.clone().start(&src.device_state().unwrap()).unwrap();
+        let (vm, from) = dst
+            .clone()
+            .start(&src.device_state().unwrap(), false)
+            .unwrap();
         assert_eq!(from, src.counter());
         // The vCPU writes the counter into page 0 every tick: it faults.
         let asked = rx.blocking_recv().unwrap();
@@ -796,7 +1101,7 @@ mod tests {
         // Page 3 holds the source's bytes, not the stale or the late copy.
         src.read_page(PageIndex(3), &mut buf);
         let mut got = vec![0u8; 4096];
-        dst.read_staged(PageIndex(3), &mut got);
+        dst.read_staged(PageIndex(3), &mut got).unwrap();
         assert!(got == buf, "page 3 is not the source's");
         dst.end_postcopy();
         vm.destroy();
@@ -806,7 +1111,7 @@ mod tests {
     /// serve its faults: its vCPU blocks on its first touch. Returns the
     /// running VM and the incoming image it was started from.
     fn blocked_postcopy_vm() -> (Arc<dyn VmBackend>, Arc<SimVm>) {
-        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero)).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None).unwrap();
         src.pause().unwrap();
         let dst = SimVm::incoming(src.geometry()).unwrap();
         let owed = PageBitmap::full(src.geometry().page_count());
@@ -814,7 +1119,10 @@ mod tests {
         // Asked, never answered.
         std::mem::forget(rx);
         dst.begin_postcopy(&owed, tx).unwrap();
-        let (vm, _) = dst.clone().start(&src.device_state().unwrap()).unwrap();
+        let (vm, _) = dst
+            .clone()
+            .start(&src.device_state().unwrap(), false)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(20));
         (vm, dst)
     }
@@ -852,18 +1160,18 @@ mod tests {
 
     #[test]
     fn staging_starts_from_device_state_and_checks_it() {
-        let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed)).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed), None).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         src.pause().unwrap();
         let dst = SimVm::incoming(src.geometry()).unwrap();
         let mut buf = vec![0u8; 4096];
         for p in 0..src.geometry().page_count() {
             src.read_page(PageIndex(p), &mut buf);
-            dst.write_page(PageIndex(p), Some(&buf));
+            dst.write_page(PageIndex(p), Some(&buf)).unwrap();
         }
         let state = src.device_state().unwrap();
-        assert!(dst.clone().start(b"garbage").is_err());
-        let (started, resumed_from) = dst.start(&state).unwrap();
+        assert!(dst.clone().start(b"garbage", false).is_err());
+        let (started, resumed_from) = dst.start(&state, false).unwrap();
         assert_eq!(resumed_from, src.counter());
         std::thread::sleep(Duration::from_millis(10));
         assert!(started.counter() > src.counter());

@@ -98,6 +98,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         geometry: None,
         streams: 0,
         postcopy: false,
+        start_paused: false,
         switched: Arc::new(AtomicBool::new(false)),
         faults: None,
         migration: None,
@@ -109,6 +110,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
     let creds = inner.creds();
     let mut sm = Destination::new(DestinationConfig {
         max_memory_bytes: inner.config.capacity_bytes,
+        max_disk_bytes: inner.config.disk_capacity_bytes,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(30),
         peer: run.peer.id.clone(),
@@ -252,6 +254,8 @@ struct Incoming {
     streams: u16,
     /// The manifest announced post-copy: one more (fault) stream.
     postcopy: bool,
+    /// The VM stays paused once started (`--start-paused`).
+    start_paused: bool,
     /// Set once the VM runs on demand paging: decoders then install pages
     /// only where missing.
     switched: Arc<AtomicBool>,
@@ -378,6 +382,13 @@ impl Incoming {
                             role: "destination".into(),
                         });
                         self.inner.audit(AuditEvent::Ticket(ticket.clone()));
+                        if !manifest.disks.is_empty() && !v.ticket.limits.copy_storage {
+                            sm.handle_staging_failed(Reason::Unauthorized(
+                                "the VM's disks travel but the ticket does not allow copying storage"
+                                    .into(),
+                            ));
+                            return;
+                        }
                         // Then the policy, still before anything is reserved.
                         let d = self.inner.decide(
                             &Query::MigrateIn {
@@ -416,8 +427,17 @@ impl Incoming {
                 match self.inner.reserve(&vm, bytes, VmState::Incoming) {
                     Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),
                     Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
-                    Ok(()) => match SimVm::incoming(manifest.memory) {
-                        Ok(_) if manifest.postcopy && !crate::backend::uffd::available() => {
+                    Ok(()) => match SimVm::incoming_with_disks(
+                        manifest.memory,
+                        &manifest.disks,
+                        self.inner
+                            .config
+                            .disk_dir()
+                            .as_deref()
+                            .map(|d| (d, vm.as_str())),
+                    ) {
+                        Ok(s) if manifest.postcopy && !crate::backend::uffd::available() => {
+                            s.discard();
                             self.inner.remove(&vm);
                             sm.handle_staging_failed(Reason::Unacceptable(
                                 "post-copy needs userfaultfd on this host (root, or vm.unprivileged_userfaultfd=1)".into(),
@@ -429,9 +449,13 @@ impl Incoming {
                             }
                             self.staging = Some(staging);
                             self.name = Some(vm);
-                            self.geometry = Some(manifest.memory);
+                            // Batches index memory pages, then disk blocks
+                            // (the leaf count was checked at Propose).
+                            self.geometry =
+                                Some(manifest.leaf_geometry().unwrap_or(manifest.memory));
                             self.streams = manifest.data_streams;
                             self.postcopy = manifest.postcopy;
+                            self.start_paused = manifest.start_paused;
                             self.migration = sm.migration();
                             // An offered image held here, for this VM and
                             // geometry: its pages need not be sent.
@@ -459,6 +483,11 @@ impl Incoming {
                             sm.handle_staging_ready_reusing(Instant::now(), held);
                             self.accept_streams();
                         }
+                        Err(e @ crate::backend::BackendError::Disk(_)) => {
+                            self.inner.remove(&vm);
+                            tracing::warn!("cannot make the VM's disks: {e}");
+                            sm.handle_staging_failed(Reason::Unacceptable(e.to_string()));
+                        }
                         Err(e) => {
                             self.inner.remove(&vm);
                             tracing::warn!("cannot reserve staging memory: {e}");
@@ -475,10 +504,15 @@ impl Incoming {
                 for t in self.tasks.drain(..) {
                     t.abort();
                 }
-                match staging.clone().start(&device_state) {
+                match staging.clone().start(&device_state, self.start_paused) {
                     Ok((vm, resumed_from)) => {
                         let key = self.arrival_key(sm);
-                        self.register(&name, vm, resumed_from, VmState::Running);
+                        let state = if self.start_paused {
+                            VmState::Paused
+                        } else {
+                            VmState::Running
+                        };
+                        self.register(&name, vm, resumed_from, state);
                         if let Some(e) = self.inner.vms().get_mut(&name) {
                             e.reuse = key;
                         }
@@ -519,7 +553,7 @@ impl Incoming {
                 let owed_pages = owed.count();
                 let started = staging
                     .begin_postcopy(&owed, faults_tx)
-                    .and_then(|()| staging.clone().start(&device_state));
+                    .and_then(|()| staging.clone().start(&device_state, false));
                 match started {
                     Ok((vm, resumed_from)) => {
                         // Decoders install pages only where missing from now.
@@ -713,10 +747,14 @@ fn stage(
     scratch: &mut [u8],
     leaves: &mut Vec<(PageIndex, Digest)>,
 ) -> Result<(), Box<Event>> {
+    // A failed write or read here (a disk file) is ours, not the source's.
+    let local = |e: crate::backend::BackendError| {
+        Box::new(Event::Bad(DestinationError::Staging(e.to_string())))
+    };
     for (idx, data) in batch.pages() {
         match data {
-            PageData::Zero => staging.write_page(idx, None),
-            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)),
+            PageData::Zero => staging.write_page(idx, None).map_err(local)?,
+            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)).map_err(local)?,
             // Opened from the image retained here (authenticated, bound to
             // the image and the page); a page that does not open is the
             // source's lie or a tampered image: abort.
@@ -728,21 +766,21 @@ fn stage(
                 if let Err(e) = opened {
                     return Err(Box::new(Event::Bad(e.into())));
                 }
-                staging.write_page(idx, Some(scratch));
+                staging.write_page(idx, Some(scratch)).map_err(local)?;
             }
             // A delta applies to the version staged before (every version
             // of a page arrives in order on this one stream).
             delta => {
-                staging.read_staged(idx, scratch);
+                staging.read_staged(idx, scratch).map_err(local)?;
                 if let Err(error) = delta.write_to(scratch) {
                     let bad = BatchError::BadDelta { page: idx.0, error };
                     return Err(Box::new(Event::Bad(bad.into())));
                 }
-                staging.write_page(idx, Some(scratch));
+                staging.write_page(idx, Some(scratch)).map_err(local)?;
             }
         }
         // Hash what staging holds, not what we meant to write.
-        staging.read_staged(idx, scratch);
+        staging.read_staged(idx, scratch).map_err(local)?;
         leaves.push((idx, page_leaf(scratch)));
     }
     Ok(())

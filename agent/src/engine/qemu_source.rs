@@ -78,6 +78,11 @@ pub(crate) fn plan(vm: &QemuVm, req: &MigrateRequest) -> Result<Plan, MigrateErr
     } else {
         0
     };
+    if o.start_paused {
+        return Err(MigrateError::Options(
+            "--start-paused is not supported for QEMU VMs yet".into(),
+        ));
+    }
     if !vm.definition.disks.is_empty() && !o.copy_storage {
         return Err(MigrateError::Options(format!(
             "VM {} has {} disk(s) and Convoy assumes no shared storage: pass --copy-storage",
@@ -280,7 +285,9 @@ impl Run {
                 data_streams: m.channels() as u16,
                 qemu: Some(Box::new(m.clone())),
                 postcopy: false,
+                start_paused: false,
                 reuse: None,
+                disks: Vec::new(),
             },
             ticket: self.req.ticket.clone(),
         });
@@ -840,6 +847,8 @@ impl Run {
             receipts: st.receipts,
             convergence: Default::default(),
             postcopy: None,
+            disks: Vec::new(),
+            disk_blocks_sent: 0,
             qemu: Some(Box::new(QemuFigures {
                 mode: self.plan.manifest.mode,
                 status: st.qemu_status,

@@ -232,11 +232,30 @@ pub(crate) async fn migrate(
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::plan(q, &req)?))
             }
             (Some(vm), None, VmState::Running) => {
-                if opts.copy_storage {
+                let disks = vm.disks().len();
+                if opts.copy_storage && disks == 0 {
                     return Err(MigrateError::Options(format!(
-                        "{} VMs have no disks to copy (disk migration for them is not built yet)",
-                        vm.kind()
+                        "VM {} has no disks to copy",
+                        req.vm
                     )));
+                }
+                if disks > 0 && !opts.copy_storage {
+                    return Err(MigrateError::Options(format!(
+                        "VM {} has {disks} disk(s) and Convoy assumes no shared storage: pass --copy-storage",
+                        req.vm
+                    )));
+                }
+                if opts.start_paused && opts.mode != MigrationMode::Precopy {
+                    return Err(MigrateError::Options(
+                        "--start-paused is for pre-copy (a demand-paged VM must run to fault its pages in)"
+                            .into(),
+                    ));
+                }
+                if disks > 0 && opts.mode != MigrationMode::Precopy {
+                    return Err(MigrateError::Options(
+                        "disks move by pre-copy only (post-copy and hybrid move memory only, for now)"
+                            .into(),
+                    ));
                 }
                 if opts.mode != MigrationMode::Precopy
                     && vm.geometry().page_count() > MAX_POSTCOPY_PAGES
@@ -298,7 +317,9 @@ pub(crate) async fn migrate(
         Some(_) if attributes.retain_on_leave() => crate::retain::fresh_offer(),
         _ => None,
     };
-    let back = back.filter(|b| b.leaves.len() as u64 == vm.geometry().page_count());
+    // A retained image holds memory only: a VM with disks is sent whole.
+    let back = back
+        .filter(|b| b.leaves.len() as u64 == vm.geometry().page_count() && vm.disks().is_empty());
     let mut run = Run {
         inner: inner.clone(),
         back,
@@ -460,6 +481,8 @@ impl Run {
             qemu: None,
             convergence: Default::default(),
             postcopy: None,
+            disks: Vec::new(),
+            disk_blocks_sent: 0,
         }
     }
 
@@ -475,7 +498,9 @@ impl Run {
                 data_streams: opts.streams,
                 qemu: None,
                 postcopy: false,
+                start_paused: opts.start_paused,
                 reuse: self.back.as_ref().map(|b| Box::new(b.offer.clone())),
+                disks: self.vm.disks(),
             },
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
@@ -749,6 +774,17 @@ impl Run {
         }
         conn.close(crate::agent::close::DONE.into(), b"done");
         let stats = conn.stats();
+        let disks = self
+            .vm
+            .disks()
+            .into_iter()
+            .zip(sm.disk_roots())
+            .map(|(d, root)| convoy_protocol::ctl::DiskReport {
+                name: d.name,
+                bytes: d.bytes,
+                root,
+            })
+            .collect();
         if matches!(summary.outcome, Outcome::Aborted(_)) {
             self.inner.set_state(&self.req.vm, VmState::Running);
         }
@@ -773,6 +809,8 @@ impl Run {
             qemu: None,
             convergence: summary.convergence,
             postcopy: summary.postcopy.map(Box::new),
+            disks,
+            disk_blocks_sent: summary.disk_blocks_sent,
             outcome: summary.outcome,
         }
     }
@@ -961,8 +999,12 @@ fn serve_faults(
     while let Ok(job) = jobs.recv() {
         let mut b = BatchBuilder::new(page_size);
         for p in job.pages {
-            b.push_with(p, |buf| vm.read_page(p, buf))
+            let mut failed = None;
+            b.push_with(p, |buf| failed = vm.read_leaf(p, buf).err())
                 .map_err(|e| e.to_string())?;
+            if let Some(e) = failed {
+                return Err(e.to_string());
+            }
         }
         let enc = comp.finish(b, seq, job.round)?;
         seq += 1;
@@ -1102,7 +1144,10 @@ fn encode_stream(
             if stream_for(p, streams) != stream {
                 continue;
             }
-            let read = |buf: &mut [u8]| vm.read_page(p, buf);
+            // A leaf that cannot be read (a disk file) fails the stream,
+            // and so the migration: never sent as zeros.
+            let mut failed = None;
+            let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
             let cache = if job.delta { cache.as_mut() } else { None };
             let added = match (&job.held, cache, job.skip_zero) {
                 (Some(held), cache, true) => {
@@ -1115,6 +1160,9 @@ fn encode_stream(
                 (_, None, false) => b.push_with(p, read).map(|()| true),
             }
             .map_err(|e| e.to_string())?;
+            if let Some(e) = failed {
+                return Err(e.to_string());
+            }
             if !added {
                 skipped += 1;
             }

@@ -81,6 +81,13 @@ pub struct Bench {
     /// --engine: dirty rate of each VM migrated at once, pages per second.
     #[arg(long, default_value_t = 0)]
     pub concurrent_rate: u64,
+    /// --engine: give each VM of the modes table a disk of this size (a
+    /// quarter of it written, the rest holes), moved with its memory.
+    #[arg(long, value_parser = convoy_agent::units::parse_size)]
+    pub disk: Option<u64>,
+    /// --engine: blocks the workload writes to that disk per second.
+    #[arg(long, default_value_t = 2000)]
+    pub disk_writes: u64,
     #[command(flatten)]
     pub tuning: MigrateTuning,
 }
@@ -178,6 +185,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             content,
             seed: i as u64 + 1,
             attributes: Default::default(),
+            disks: Vec::new(),
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;

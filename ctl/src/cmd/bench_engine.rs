@@ -26,7 +26,7 @@ use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::ctl::{
     ContentProfile, CtlErrorKind, MigrateOptions, MigrationMode, MigrationReport, Outcome,
-    SimVmSpec,
+    SimDiskSpec, SimVmSpec,
 };
 use serde::Serialize;
 
@@ -90,6 +90,8 @@ struct Figures {
     throttle_pct: u8,
     /// The engine's last dirty-rate estimate, pages per second.
     measured_dirty_rate: u64,
+    /// Of the pages sent, disk blocks.
+    disk_blocks_sent: u64,
 }
 
 impl Figures {
@@ -105,6 +107,7 @@ impl Figures {
             held_back: r.convergence.held_back,
             throttle_pct: r.convergence.throttle,
             measured_dirty_rate: r.convergence.dirty_rate,
+            disk_blocks_sent: r.disk_blocks_sent,
         }
     }
 
@@ -129,6 +132,7 @@ impl Figures {
             held_back: pick(|s| s.held_back as f64) as u64,
             throttle_pct: pick(|s| f64::from(s.throttle_pct)) as u8,
             measured_dirty_rate: pick(|s| s.measured_dirty_rate as f64) as u64,
+            disk_blocks_sent: pick(|s| s.disk_blocks_sent as f64) as u64,
         })
     }
 }
@@ -288,6 +292,9 @@ struct Concurrent {
 #[derive(Serialize)]
 struct Output {
     memory_bytes: u64,
+    /// The modes table's VMs' disk, and its workload's block writes.
+    disk_bytes: Option<u64>,
+    disk_writes_per_sec: Option<u64>,
     streams: u16,
     compression_level: i32,
     max_downtime_ms: u32,
@@ -309,6 +316,8 @@ struct Ctx<'a> {
     b: &'a CtlClient,
     next: std::cell::Cell<u32>,
     quiet: bool,
+    /// The disk of the modes table's VMs: size, writes per second.
+    disk: Option<(u64, u64)>,
 }
 
 impl Ctx<'_> {
@@ -324,7 +333,23 @@ impl Ctx<'_> {
         format!("engine-{i}")
     }
 
-    async fn create(&self, vm: &str, memory: u64, rate: u64, seed: u64) -> Result<()> {
+    async fn create(
+        &self,
+        vm: &str,
+        memory: u64,
+        rate: u64,
+        seed: u64,
+        disk: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let disks = match disk {
+            Some((bytes, writes_per_sec)) => vec![SimDiskSpec {
+                name: "root".parse()?,
+                bytes,
+                writes_per_sec,
+                used_pct: 25,
+            }],
+            None => Vec::new(),
+        };
         self.a
             .vm_create(SimVmSpec {
                 name: vm.parse()?,
@@ -334,6 +359,7 @@ impl Ctx<'_> {
                 content: ContentProfile::Mixed,
                 seed,
                 attributes: Default::default(),
+                disks,
             })
             .await?;
         Ok(())
@@ -348,9 +374,19 @@ impl Ctx<'_> {
 
     /// Creates a VM on `a` (same content and workload seed every time, so
     /// runs compare), migrates it to `b`, and deletes it.
-    async fn migrate_one(&self, memory: u64, rate: u64, o: MigrateOptions) -> Result<Ran> {
+    /// With `disk`, the VM has the disk of `self.disk` (and its storage
+    /// is copied).
+    async fn migrate_one(
+        &self,
+        memory: u64,
+        rate: u64,
+        mut o: MigrateOptions,
+        disk: bool,
+    ) -> Result<Ran> {
         let vm = self.name();
-        self.create(&vm, memory, rate, 1).await?;
+        let disk = self.disk.filter(|_| disk);
+        o.copy_storage = disk.is_some();
+        self.create(&vm, memory, rate, 1, disk).await?;
         tokio::time::sleep(SETTLE).await;
         let mode = o.mode;
         let r = self
@@ -382,9 +418,12 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         b: &bc,
         next: std::cell::Cell::new(0),
         quiet: g.json,
+        disk: b.disk.map(|d| (d, b.disk_writes)),
     };
     let mut out = Output {
         memory_bytes: memory,
+        disk_bytes: b.disk,
+        disk_writes_per_sec: b.disk.map(|_| b.disk_writes),
         streams: base.streams,
         compression_level: base.compression_level,
         max_downtime_ms: base.max_downtime_ms,
@@ -407,7 +446,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                     mode,
                     ..base.clone()
                 };
-                let ran = ctx.migrate_one(memory, r.pages_per_sec, o).await?;
+                let ran = ctx.migrate_one(memory, r.pages_per_sec, o, true).await?;
                 out.modes.push(ModeRow {
                     mode,
                     dirty: r.name.clone(),
@@ -473,7 +512,9 @@ async fn ab(
                 force_stop: true,
                 ..base.clone()
             };
-            let r = ctx.migrate_one(memory, heavy.pages_per_sec, o).await?;
+            let r = ctx
+                .migrate_one(memory, heavy.pages_per_sec, o, false)
+                .await?;
             if let Some(v) = ran.get_mut(i) {
                 v.push(r);
             }
@@ -549,7 +590,7 @@ async fn concurrent(
     let rss_before = settled_rss().await;
     let names: Vec<String> = (0..n).map(|_| ctx.name()).collect();
     for (i, vm) in names.iter().enumerate() {
-        ctx.create(vm, memory, rate, i as u64 + 1).await?;
+        ctx.create(vm, memory, rate, i as u64 + 1, None).await?;
     }
     tokio::time::sleep(QUIET.max(SETTLE)).await;
     let rss_created = proc_status("VmRSS").unwrap_or(0);
@@ -744,8 +785,9 @@ fn text(o: &Output) -> String {
                 f.delta_pages.to_string(),
                 f.held_back.to_string(),
                 f.throttle_pct.to_string(),
+                f.disk_blocks_sent.to_string(),
             ],
-            None => vec!["-".to_string(); 9],
+            None => vec!["-".to_string(); 10],
         }
     };
     let figure_heads = [
@@ -758,7 +800,14 @@ fn text(o: &Output) -> String {
         "delta",
         "held back",
         "throttle %",
+        "disk blocks",
     ];
+    if let (Some(d), Some(w)) = (o.disk_bytes, o.disk_writes_per_sec) {
+        s.push_str(&format!(
+            "modes table: each VM also has a {} disk (25% written, {w} block writes/s), moved with it\n",
+            format_bytes(d)
+        ));
+    }
     if !o.modes.is_empty() {
         let rows: Vec<Vec<String>> = o
             .modes

@@ -24,6 +24,11 @@ pub struct Migrate {
     /// Validity of the signed ticket, seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub ticket_lifetime: u64,
+    /// Keep the VM paused at the destination once it has arrived and
+    /// verified (sim VMs, pre-copy): resume it with `vm resume`, after
+    /// checking it (its disk files, say) if you wish.
+    #[arg(long)]
+    pub start_paused: bool,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -48,8 +53,10 @@ pub struct Tuning {
     /// precopy, postcopy or hybrid (QEMU VMs; sim VMs: precopy).
     #[arg(long, default_value = "precopy")]
     pub mode: MigrationMode,
-    /// Copy the VM's disks too (QEMU VMs: mirrored to the destination
-    /// over NBD through Convoy; no shared storage needed).
+    /// Copy the VM's disks too; no shared storage needed (sim VMs: their
+    /// blocks travel with the memory, pre-copy only; QEMU VMs: mirrored
+    /// to the destination over NBD through Convoy). Required for a VM
+    /// with disks.
     #[arg(long)]
     pub copy_storage: bool,
     /// Bandwidth cap, e.g. 100MiB (per second).
@@ -92,6 +99,7 @@ impl Tuning {
             hold_hot_pages: !self.no_hot_page_ordering,
             force_stop: self.force_stop,
             adaptive_compression: !self.fixed_compression,
+            start_paused: false,
         }
     }
 }
@@ -115,7 +123,8 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         None => (None, parse_agent_ref(&m.to)?),
     };
     let s = session(g).await?;
-    let options = m.tuning.options();
+    let mut options = m.tuning.options();
+    options.start_paused = m.start_paused;
     // The operator's signed authorization of exactly this migration.
     let ticket = issue_ticket(
         &s.operator,

@@ -42,7 +42,8 @@ pub struct Check {
     /// Inventory (JSON).
     #[arg(long)]
     inventory: PathBuf,
-    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, Abort or ReadAudit.
+    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort or
+    /// ReadAudit.
     #[arg(long)]
     action: Action,
     /// The operator asking (or whose ticket it is), as a SPIFFE ID.
@@ -54,7 +55,8 @@ pub struct Check {
     /// Destination agent (MigrateOut, MigrateIn), as a SPIFFE ID.
     #[arg(long)]
     destination: Option<SpiffeId>,
-    /// The agent asked (CreateVm, DeleteVm, Abort, ReadAudit), as a SPIFFE ID.
+    /// The agent asked (CreateVm, DeleteVm, PauseVm, Abort, ReadAudit), as
+    /// a SPIFFE ID.
     #[arg(long)]
     host: Option<SpiffeId>,
     /// VM name.
@@ -187,12 +189,13 @@ fn check(g: &Global, c: Check) -> Result<()> {
             };
             set.decide(&q)
         }
-        Action::CreateVm | Action::DeleteVm | Action::Abort => {
+        Action::CreateVm | Action::DeleteVm | Action::PauseVm | Action::Abort => {
             let host = need(&c.host, "host", a)?;
             let operator = &c.by;
             set.decide(&match a {
                 Action::CreateVm => Query::CreateVm { operator, vm, host },
                 Action::DeleteVm => Query::DeleteVm { operator, vm, host },
+                Action::PauseVm => Query::PauseVm { operator, vm, host },
                 _ => Query::Abort { operator, vm, host },
             })
         }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
-use convoy_protocol::ctl::{Accel, ContentProfile, QemuVmSpec, SimVmSpec};
+use convoy_protocol::ctl::{Accel, ContentProfile, QemuVmSpec, SimDiskSpec, SimVmSpec};
 use convoy_protocol::names::VmName;
 use convoy_protocol::vm::{VmAttributes, RETAIN_LABEL};
 
@@ -16,8 +16,19 @@ pub enum Vm {
     Create(Box<Create>),
     /// List VMs.
     List,
-    /// Stop a VM for good and wipe its memory.
+    /// Stop a VM for good and wipe its memory (and its disks).
     Delete {
+        /// VM name.
+        name: VmName,
+    },
+    /// Pause a running VM: it keeps its memory and disks, and nothing
+    /// writes them until it is resumed (a paused VM does not migrate).
+    Pause {
+        /// VM name.
+        name: VmName,
+    },
+    /// Resume a paused VM.
+    Resume {
         /// VM name.
         name: VmName,
     },
@@ -67,7 +78,11 @@ pub struct Create {
     /// qemu: kernel command line.
     #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
     pub append: String,
-    /// qemu: a disk image, relative to the image directory (repeatable).
+    /// A disk (repeatable). qemu: an image, relative to the image
+    /// directory. sim: `NAME=SIZE[,writes=N][,used=PCT]`, a sparse raw file
+    /// in the agent's disk directory that migrates with the VM, whose
+    /// workload writes N blocks a second and which starts with PCT% of its
+    /// blocks written (default 10; the rest are holes).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// qemu: accelerator (tcg works everywhere; kvm needs /dev/kvm).
@@ -160,8 +175,66 @@ impl Create {
             content: self.content.into(),
             seed: self.seed,
             attributes,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| parse_sim_disk(d))
+                .collect::<Result<_>>()?,
         })
     }
+}
+
+/// A sim disk: `NAME=SIZE[,writes=N][,used=PCT]`.
+pub fn parse_sim_disk(s: &str) -> Result<SimDiskSpec> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("--disk {s:?}: expected NAME=SIZE[,writes=N][,used=PCT]"))?;
+    let mut parts = rest.split(',');
+    let size = parts.next().unwrap_or_default();
+    let mut disk = SimDiskSpec {
+        name: name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--disk {s:?}: {e}"))?,
+        bytes: convoy_agent::units::parse_size(size)
+            .map_err(|e| anyhow::anyhow!("--disk {s:?}: {e}"))?,
+        writes_per_sec: 0,
+        used_pct: 10,
+    };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("writes", n)) => {
+                disk.writes_per_sec = n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--disk {s:?}: writes={n:?} is not a number"))?;
+            }
+            Some(("used", n)) => {
+                disk.used_pct =
+                    n.parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
+                        anyhow::anyhow!("--disk {s:?}: used={n:?} is not 0..=100")
+                    })?;
+            }
+            _ => anyhow::bail!("--disk {s:?}: unknown option {p:?} (writes=N, used=PCT)"),
+        }
+    }
+    if disk.bytes == 0 || disk.bytes % 4096 != 0 {
+        anyhow::bail!("--disk {s:?}: the size must be a positive multiple of 4 KiB");
+    }
+    Ok(disk)
+}
+
+async fn set_paused(
+    g: &Global,
+    cl: &convoy_agent::client::CtlClient,
+    name: VmName,
+    pause: bool,
+) -> Result<()> {
+    let info = cl.vm_pause(name.clone(), pause).await?;
+    if g.json {
+        render::json(&info)?;
+    } else {
+        println!("{name} is {:?}", info.state);
+    }
+    Ok(())
 }
 
 /// Runs a VM command.
@@ -196,7 +269,41 @@ pub async fn run(g: &Global, c: Vm) -> Result<()> {
                 println!("deleted {name}");
             }
         }
+        Vm::Pause { name } => set_paused(g, &cl, name, true).await?,
+        Vm::Resume { name } => set_paused(g, &cl, name, false).await?,
     }
     cl.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_disk_flags_parse_and_bad_ones_say_why() {
+        let d = parse_sim_disk("root=64MiB,writes=200,used=30").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (d.name.as_str(), d.bytes, d.writes_per_sec, d.used_pct),
+            ("root", 64 << 20, 200, 30)
+        );
+        let d = parse_sim_disk("data=1GiB").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((d.bytes, d.writes_per_sec, d.used_pct), (1 << 30, 0, 10));
+        for (bad, why) in [
+            ("root", "expected NAME=SIZE"),
+            ("../x=1MiB", "--disk"),
+            ("root=lots", "--disk"),
+            ("root=4097", "multiple of 4 KiB"),
+            ("root=0", "multiple of 4 KiB"),
+            ("root=1MiB,writes=-1", "not a number"),
+            ("root=1MiB,used=101", "0..=100"),
+            ("root=1MiB,speed=3", "unknown option"),
+        ] {
+            let e = parse_sim_disk(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(why), "{bad}: {e:?}");
+        }
+    }
 }

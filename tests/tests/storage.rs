@@ -1,0 +1,330 @@
+//! Storage migration without shared disks: a sim VM's disk files move with
+//! its memory while its workload keeps writing them, verified by the
+//! destination's root and, independently, by hashing the destination's
+//! files; bad disk requests are refused and lose nothing.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_agent::authz::issue_ticket;
+use convoy_agent::lab::Lab;
+use convoy_protocol::ctl::{MigrateOptions, MigrationMode, Outcome, SimDiskSpec, VmState};
+use convoy_protocol::digest::Digest;
+use convoy_protocol::disk::{file_root, DiskGeometry};
+use convoy_protocol::message::Manifest;
+use convoy_protocol::page::MemoryGeometry;
+use convoy_protocol::receipt::ReceiptKind;
+use convoy_tests::{
+    agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, assert_unauthorized, close,
+    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec,
+};
+
+const MEMORY: u64 = 32 << 20;
+const ROOT_DISK: u64 = 64 << 20;
+const DATA_DISK: u64 = 16 << 20;
+
+fn disk(name: &str, bytes: u64, writes_per_sec: u64, used_pct: u8) -> SimDiskSpec {
+    SimDiskSpec {
+        name: name.parse().unwrap(),
+        bytes,
+        writes_per_sec,
+        used_pct,
+    }
+}
+
+fn root_of(path: &Path, bytes: u64) -> Digest {
+    file_root(std::fs::File::open(path).unwrap(), bytes, 4096).unwrap()
+}
+
+/// A request that copies storage, with `f` applied to its options.
+fn with_storage(
+    lab: &Lab,
+    vm: &str,
+    f: impl FnOnce(&mut MigrateOptions),
+) -> convoy_protocol::ctl::MigrateRequest {
+    let mut o = MigrateOptions {
+        copy_storage: true,
+        ..MigrateOptions::default()
+    };
+    f(&mut o);
+    lab.migrate_request(vm, "a", "b", o).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_the_guest_keeps_writing_moves_with_the_vm_and_verifies_block_by_block() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    let mut spec = sim_spec("db", MEMORY, 5_000);
+    // The root disk: 30% written, 2 000 block writes a second; the data
+    // disk: all holes, never written.
+    spec.disks = vec![
+        disk("root", ROOT_DISK, 2_000, 30),
+        disk("data", DATA_DISK, 0, 0),
+    ];
+    a.vm_create(spec).await.unwrap();
+    let src = lab.sim_disks("a", "db");
+    let used = std::fs::metadata(src.join("root.img")).unwrap().blocks() * 512;
+    assert!(
+        used < ROOT_DISK / 2,
+        "the source disk is sparse ({used} bytes used)"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Kept paused at b once verified, so its files can be read as they
+    // arrived before the guest writes them again.
+    let report = a
+        .migrate(with_storage(&lab, "db", |o| o.start_paused = true), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert!(
+        report.verified,
+        "the destination confirmed the root over memory and disks"
+    );
+    assert_eq!(report.disks.len(), 2, "{report:?}");
+    // Holes and zero blocks are not sent: about 30% of the root disk,
+    // plus blocks written during the migration, none of the data disk.
+    let blocks = (ROOT_DISK + DATA_DISK) / 4096;
+    assert!(
+        report.disk_blocks_sent > 0 && report.disk_blocks_sent < blocks / 2,
+        "{} of {blocks} blocks sent",
+        report.disk_blocks_sent
+    );
+    assert!(report.wire_bytes < MEMORY + ROOT_DISK / 2, "{report:?}");
+    // Every receipt after Accepted binds the one root.
+    for r in &report.receipts {
+        let v = r.verify(&lab.trust).unwrap();
+        if v.receipt.kind != ReceiptKind::Accepted {
+            assert_eq!(v.receipt.memory_root, report.memory_root);
+        }
+    }
+
+    // The destination's files, hashed here, are what the source's disks
+    // held at the pause; the never-written disk is still all holes.
+    let dst = lab.sim_disks("b", "db");
+    assert_eq!(
+        root_of(&dst.join("root.img"), ROOT_DISK),
+        report.disks[0].root
+    );
+    assert_eq!(
+        root_of(&dst.join("data.img"), DATA_DISK),
+        report.disks[1].root
+    );
+    assert_eq!(std::fs::metadata(dst.join("data.img")).unwrap().blocks(), 0);
+    assert!(!src.exists(), "the source's disks are gone with the VM");
+    assert!(a.vm_list().await.unwrap().is_empty());
+
+    // Paused at b: nothing runs until it is resumed; then the guest
+    // carries on where it stopped, writing its disk.
+    let vm = b.vm_list().await.unwrap().pop().unwrap();
+    assert_eq!(vm.state, VmState::Paused);
+    assert_eq!(Some(vm.counter), report.counter_at_pause);
+    let err = b.vm_pause("db".parse().unwrap(), true).await.unwrap_err();
+    assert!(err.to_string().contains("only a Running VM"), "{err}");
+    let resumed = b.vm_pause("db".parse().unwrap(), false).await.unwrap();
+    assert_eq!(resumed.state, VmState::Running);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap()[0].counter > vm.counter
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            root_of(&dst.join("root.img"), ROOT_DISK) != report.disks[0].root
+        })
+        .await,
+        "the guest writes its disk at b"
+    );
+
+    // And moves back, disks and all, running this time.
+    let back = b
+        .migrate(
+            {
+                let o = MigrateOptions {
+                    copy_storage: true,
+                    ..MigrateOptions::default()
+                };
+                lab.migrate_request("db", "b", "a", o).unwrap()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert!(!dst.exists());
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    // Deleting the VM deletes its disks.
+    a.vm_delete("db".parse().unwrap()).await.unwrap();
+    assert!(!src.exists());
+    close(lab, a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_block_altered_in_flight_aborts_and_the_disk_stays_at_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let armed = Arc::new(AtomicBool::new(true));
+    // A raw batch of disk blocks (leaves past the memory's pages).
+    let hook = alter_one_raw_batch(armed.clone(), MEMORY / 4096, 77, 0x10);
+    let lab = lab_where_a_alters_batches(dir.path(), hook).await;
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    // Idle, so the altered block is sent once.
+    let mut spec = sim_spec("db", MEMORY, 0);
+    spec.disks = vec![disk("root", ROOT_DISK, 0, 20)];
+    a.vm_create(spec).await.unwrap();
+    let src = lab.sim_disks("a", "db");
+    let before = root_of(&src.join("root.img"), ROOT_DISK);
+    let raw = |lab: &Lab| with_storage(lab, "db", |o| o.compression_level = 0);
+    let report = a.migrate(raw(&lab), |_| {}).await.unwrap();
+    assert!(!armed.load(Ordering::SeqCst), "a disk block was altered");
+    assert!(
+        matches!(&report.outcome, Outcome::Aborted(why) if why.contains("root")),
+        "{report:?}"
+    );
+    // The VM and its disk, untouched, at the source; nothing left at b.
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    assert_eq!(root_of(&src.join("root.img"), ROOT_DISK), before);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap().is_empty() && !lab.sim_disks("b", "db").exists()
+        })
+        .await,
+        "staging and its disk files discarded at the destination"
+    );
+    assert_refusals_logged(&lab, "b", &["failed"]).await;
+    // A retry (a new ticket) gets it across.
+    let report = a.migrate(raw(&lab), |_| {}).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert_eq!(
+        root_of(&lab.sim_disks("b", "db").join("root.img"), ROOT_DISK),
+        before
+    );
+    close(lab, a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_disk_requests_are_refused_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // b takes at most 32 MiB of disks per VM.
+    let lab = Lab::start(dir.path(), &["a", "b"], |name, cfg| {
+        if name == "b" {
+            cfg.disk_capacity_bytes = 32 << 20;
+        }
+    })
+    .await
+    .unwrap();
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+
+    // Bad disk sets: nothing created, no directory left.
+    for (disks, why) in [
+        (vec![disk("root", 4097, 0, 0)], "4096-byte blocks"),
+        (
+            vec![disk("root", 1 << 20, 0, 0), disk("root", 1 << 20, 0, 0)],
+            "two disks named root",
+        ),
+        (vec![disk("root", 1 << 20, 0, 101)], "over 100%"),
+    ] {
+        let mut spec = sim_spec("bad", 4 << 20, 0);
+        spec.disks = disks;
+        let err = a.vm_create(spec).await.unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+        assert!(!lab.sim_disks("a", "bad").exists());
+    }
+    assert!(a.vm_list().await.unwrap().is_empty());
+
+    let mut spec = sim_spec("db", 8 << 20, 1_000);
+    spec.disks = vec![disk("root", ROOT_DISK, 500, 10)];
+    a.vm_create(spec).await.unwrap();
+    // A VM of that name exists already (and its disk directory with it).
+    let mut again = sim_spec("db", 8 << 20, 0);
+    again.disks = vec![disk("root", 1 << 20, 0, 0)];
+    let err = a.vm_create(again).await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+
+    // Options that cannot move disks are refused before anything starts.
+    for (o, why) in [
+        (MigrateOptions::default(), "pass --copy-storage"),
+        (
+            MigrateOptions {
+                copy_storage: true,
+                mode: MigrationMode::Postcopy,
+                ..MigrateOptions::default()
+            },
+            "pre-copy only",
+        ),
+        (
+            MigrateOptions {
+                copy_storage: true,
+                mode: MigrationMode::Hybrid,
+                ..MigrateOptions::default()
+            },
+            "pre-copy only",
+        ),
+    ] {
+        let err = a
+            .migrate(lab.migrate_request("db", "a", "b", o).unwrap(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    // The destination has no room for 64 MiB of disks: refused at Accept.
+    let r = a
+        .migrate(with_storage(&lab, "db", |_| {}), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::Aborted(why) if why.contains("exceeds this agent's limit")),
+        "{r:?}"
+    );
+    assert!(b.vm_list().await.unwrap().is_empty());
+    assert!(!lab.sim_disks("b", "db").exists());
+    // The VM runs on at a with its disk, which its workload keeps writing.
+    let vm = a.vm_list().await.unwrap().pop().unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert!(lab.sim_disks("a", "db").join("root.img").exists());
+
+    // A VM without disks has none to copy.
+    a.vm_create(sim_spec("plain", 4 << 20, 0)).await.unwrap();
+    let err = a
+        .migrate(with_storage(&lab, "plain", |_| {}), |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no disks to copy"), "{err}");
+
+    // A source that sends disks on a ticket that does not allow copying
+    // storage is refused by the destination.
+    let (ia, ib) = (lab.agent("a").unwrap(), lab.agent("b").unwrap());
+    let ticket = issue_ticket(
+        &lab.operator,
+        &"sneaky".parse().unwrap(),
+        ia.id.clone(),
+        ib.id.clone(),
+        &MigrateOptions::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let manifest = Manifest {
+        memory: MemoryGeometry::from_bytes(4 << 20).unwrap(),
+        data_streams: 1,
+        qemu: None,
+        postcopy: false,
+        start_paused: false,
+        reuse: None,
+        disks: vec![DiskGeometry {
+            name: "root".parse().unwrap(),
+            bytes: 1 << 20,
+        }],
+    };
+    assert_unauthorized(
+        &propose_manifest_as(&lab, "a", "b", ticket, manifest).await,
+        "does not allow copying storage",
+    );
+    assert!(!lab.sim_disks("b", "sneaky").exists());
+    close(lab, a, b).await;
+}
