@@ -758,6 +758,7 @@ impl Destination {
                     return Err(self.fail(DestinationError::PageOutOfRange(p.0)));
                 }
             }
+            tree.fold_if_due();
         }
         if let Phase::SwitchDraining(m) = &self.phase {
             // Nothing is sent after the switch before we say we run (the

@@ -789,6 +789,7 @@ impl Source {
                 self.sent.insert(p);
             }
         }
+        self.tree.fold_if_due();
         if self.switched {
             for &(p, _) in &batch.leaves {
                 self.pushed.insert(p);

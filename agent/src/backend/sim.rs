@@ -432,6 +432,22 @@ impl SimVm {
         })
     }
 
+    /// Whether the VM has disks.
+    pub fn has_disks(&self) -> bool {
+        !self.shared.disks.is_empty()
+    }
+
+    /// Writes the disks' data written so far to stable storage. An
+    /// incoming VM's disks are flushed while they arrive, so that the
+    /// sync before it starts (inside the downtime) has only the last
+    /// blocks to write, not the whole disk.
+    pub fn flush_disks(&self) -> Result<(), BackendError> {
+        for d in &self.shared.disks {
+            d.flush()?;
+        }
+        Ok(())
+    }
+
     /// Ends demand paging: stops the handler and closes the userfaultfd
     /// (which wakes any blocked toucher; a page still missing then reads
     /// as zeros, so call this once every page is in, or to stop the VM).
@@ -862,6 +878,15 @@ impl Staging for SimVm {
         // source discards its copy once we say Started).
         for d in &self.shared.disks {
             d.sync()?;
+        }
+        // And so are their names: the VM's directory, and its entry in
+        // the disk directory (both made for this migration).
+        if let Some(dir) = &self.shared.disk_dir {
+            for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
+                std::fs::File::open(d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| BackendError::Disk(format!("cannot sync {}: {e}", d.display())))?;
+            }
         }
         // Memory and device state must agree: page 0 holds the counter.
         // (After a post-copy switch page 0 may still be on its way; the

@@ -237,6 +237,13 @@ impl SimDisk {
             .map_err(|e| io_err(&self.path, "cannot sync", &e))
     }
 
+    /// Writes its data (not necessarily its metadata) to stable storage.
+    pub(crate) fn flush(&self) -> Result<(), BackendError> {
+        self.file
+            .sync_data()
+            .map_err(|e| io_err(&self.path, "cannot flush", &e))
+    }
+
     /// Its file.
     #[cfg(test)]
     pub(crate) fn path(&self) -> &Path {

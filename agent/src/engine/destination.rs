@@ -447,6 +447,9 @@ impl Incoming {
                             if let Some(e) = self.inner.vms().get_mut(&vm) {
                                 e.attributes = attributes;
                             }
+                            if staging.has_disks() {
+                                self.tasks.push(flush_disks_while_arriving(staging.clone()));
+                            }
                             self.staging = Some(staging);
                             self.name = Some(vm);
                             // Batches index memory pages, then disk blocks
@@ -831,4 +834,26 @@ fn page_leaf(page: &[u8]) -> Digest {
     } else {
         leaf_digest(page)
     }
+}
+
+/// How often an incoming VM's disks are flushed while they arrive.
+const DISK_FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Flushes an incoming VM's disks every [`DISK_FLUSH_EVERY`] until the
+/// task is aborted (when the VM starts, or staging is discarded): without
+/// it, the sync before the start writes every block that arrived, inside
+/// the downtime (2.8 s for a 4 GiB disk a quarter full, measured).
+fn flush_disks_while_arriving(staging: Arc<SimVm>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(DISK_FLUSH_EVERY).await;
+            let s = staging.clone();
+            match tokio::task::spawn_blocking(move || s.flush_disks()).await {
+                Ok(Ok(())) => {}
+                // The sync before the start reports it, and fails the start.
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(_) => return,
+            }
+        }
+    })
 }
