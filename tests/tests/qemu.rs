@@ -337,6 +337,26 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
         })
         .map(|e| e.path());
     let pid = pid.expect("the QEMU process runs");
+    // Paused (QMP stop), the guest prints nothing and cannot migrate;
+    // resumed (QMP cont), it carries on.
+    let paused = a.vm_pause("guest".parse().unwrap(), true).await.unwrap();
+    assert_eq!(paused.state, VmState::Paused);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still = counters(&log).len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(counters(&log).len(), still, "a paused guest runs");
+    let err = a
+        .migrate(
+            lab.migrate_request("guest", "a", "b", Default::default())
+                .unwrap(),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Paused"), "{err}");
+    let resumed = a.vm_pause("guest".parse().unwrap(), false).await.unwrap();
+    assert_eq!(resumed.state, VmState::Running);
+    assert!(until(Duration::from_secs(30), || counters(&log).len() > still).await);
     // The destination has no QEMU backend: refused at Accept, the VM
     // keeps running here.
     let r = a
