@@ -58,8 +58,8 @@ use thiserror::Error;
 use crate::digest::{device_state_digest, zero_leaf, Digest, MerkleTree};
 use crate::message::{
     Abort, Accept, Capabilities, FaultFigures, Fetch, Finish, Manifest, Message, PostcopyRunning,
-    PostcopySwitch, Propose, Ready, Reason, Reject, Started, VersionRange, MAX_DATA_STREAMS,
-    MAX_FETCH,
+    PostcopySwitch, Propose, Ready, Reason, Reject, RoundApplied, RoundEnd, Started, VersionRange,
+    MAX_DATA_STREAMS, MAX_FETCH,
 };
 use crate::names::{MigrationId, VmName};
 use crate::page::{BatchError, PageBitmap, PageIndex};
@@ -290,6 +290,8 @@ pub struct Destination {
     proposal: Option<Propose>,
     tree: Option<MerkleTree>,
     applied: Vec<u64>,
+    /// A pre-copy round the source ended, to confirm once applied.
+    round_end: Option<RoundEnd>,
     opened: Vec<bool>,
     root: Option<Digest>,
     handover_at: Option<Instant>,
@@ -313,6 +315,7 @@ impl Destination {
             proposal: None,
             tree: None,
             applied: Vec::new(),
+            round_end: None,
             opened: Vec::new(),
             root: None,
             handover_at: None,
@@ -402,6 +405,23 @@ impl Destination {
         }
     }
 
+    /// Confirms the ended round once every batch it announced is applied.
+    fn try_confirm_round(&mut self) {
+        let done = self.round_end.as_ref().is_some_and(|r| {
+            r.batches
+                .iter()
+                .zip(&self.applied)
+                .all(|(sent, applied)| applied >= sent)
+        });
+        // Taken only once done: a tuple would take it at every call.
+        if let Some(r) = done.then(|| self.round_end.take()).flatten() {
+            self.actions
+                .push_back(DestinationAction::Send(Message::RoundApplied(
+                    RoundApplied { round: r.round },
+                )));
+        }
+    }
+
     /// Starts the VM once every batch sent before the switch is applied.
     fn try_switch(&mut self, now: Instant) -> Result<(), DestinationError> {
         let Phase::SwitchDraining(m) = &self.phase else {
@@ -466,6 +486,23 @@ impl Destination {
         match (phase, msg) {
             (Phase::AwaitPropose, Message::Propose(p)) => {
                 self.propose(p);
+                Ok(())
+            }
+            (Phase::Receiving, Message::RoundEnd(r)) => {
+                self.phase = Phase::Receiving;
+                if self.round_end.is_some() {
+                    // The source waits for our answer before another round.
+                    return Err(self.fail(DestinationError::Unexpected {
+                        phase: "applying a round",
+                        message: "RoundEnd",
+                    }));
+                }
+                if r.batches.len() != self.applied.len() {
+                    return Err(self.fail(DestinationError::StreamCount(r.batches.len())));
+                }
+                self.check_counts(&r.batches)?;
+                self.round_end = Some(r);
+                self.try_confirm_round();
                 Ok(())
             }
             (Phase::Receiving, Message::PostcopySwitch(m)) => {
@@ -760,6 +797,7 @@ impl Destination {
             }
             tree.fold_if_due();
         }
+        self.try_confirm_round();
         if let Phase::SwitchDraining(m) = &self.phase {
             // Nothing is sent after the switch before we say we run (the
             // fault stream, not in the switch's list, has sent nothing).

@@ -302,6 +302,27 @@ pub struct Fetch {
     pub pages: Vec<crate::page::PageIndex>,
 }
 
+/// Source → destination: every batch of pre-copy round `round` is sent,
+/// `batches` per data stream so far. The destination answers
+/// [`RoundApplied`] once it has applied as many; only then does the
+/// source measure the round and decide whether to pause, so that the
+/// pause never waits for data still in flight (up to the send window)
+/// and the rate it plans with is the rate the destination applies at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundEnd {
+    /// The round.
+    pub round: u32,
+    /// Batches sent so far on each data stream.
+    pub batches: Vec<u64>,
+}
+
+/// Destination → source: every batch of round `round` is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundApplied {
+    /// The round.
+    pub round: u32,
+}
+
 /// Source → destination: the VM is yours; start it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handover {
@@ -368,6 +389,10 @@ pub enum Message {
     PostcopyRunning(PostcopyRunning),
     /// Tag 13.
     Fetch(Fetch),
+    /// Tag 14.
+    RoundEnd(RoundEnd),
+    /// Tag 15.
+    RoundApplied(RoundApplied),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
     /// Tag 17: a page batch; the payload is carried without a copy.
@@ -397,6 +422,8 @@ pub mod tag {
     pub const POSTCOPY_SWITCH: u8 = 11;
     pub const POSTCOPY_RUNNING: u8 = 12;
     pub const FETCH: u8 = 13;
+    pub const ROUND_END: u8 = 14;
+    pub const ROUND_APPLIED: u8 = 15;
     pub const DATA_STREAM_OPEN: u8 = 16;
     pub const PAGE_BATCH: u8 = 17;
     pub const CHANNEL_OPEN: u8 = 18;
@@ -464,6 +491,8 @@ impl Message {
             Message::PostcopySwitch(_) => tag::POSTCOPY_SWITCH,
             Message::PostcopyRunning(_) => tag::POSTCOPY_RUNNING,
             Message::Fetch(_) => tag::FETCH,
+            Message::RoundEnd(_) => tag::ROUND_END,
+            Message::RoundApplied(_) => tag::ROUND_APPLIED,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
@@ -495,6 +524,8 @@ impl Message {
             Message::PostcopySwitch(m) => postcard::to_extend(m, out),
             Message::PostcopyRunning(m) => postcard::to_extend(m, out),
             Message::Fetch(m) => postcard::to_extend(m, out),
+            Message::RoundEnd(m) => postcard::to_extend(m, out),
+            Message::RoundApplied(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
@@ -561,6 +592,14 @@ impl Message {
                 Message::PostcopySwitch(m)
             }
             tag::POSTCOPY_RUNNING => Message::PostcopyRunning(whole(t, body)?),
+            tag::ROUND_END => {
+                let m: RoundEnd = whole(t, body)?;
+                if m.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                Message::RoundEnd(m)
+            }
+            tag::ROUND_APPLIED => Message::RoundApplied(whole(t, body)?),
             tag::FETCH => {
                 let m: Fetch = whole(t, body)?;
                 if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
@@ -599,6 +638,8 @@ pub fn name_of(t: u8) -> &'static str {
         tag::POSTCOPY_SWITCH => "PostcopySwitch",
         tag::POSTCOPY_RUNNING => "PostcopyRunning",
         tag::FETCH => "Fetch",
+        tag::ROUND_END => "RoundEnd",
+        tag::ROUND_APPLIED => "RoundApplied",
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
@@ -755,6 +796,24 @@ mod tests {
             pages: vec![crate::page::PageIndex(9)],
         });
         assert_eq!(Message::decode(strip(ok.encode().unwrap())), Ok(ok));
+        // A round end over more streams than any migration has.
+        let many = Message::RoundEnd(RoundEnd {
+            round: 1,
+            batches: vec![1; usize::from(MAX_DATA_STREAMS) + 2],
+        });
+        assert!(matches!(
+            Message::decode(strip(many.encode().unwrap())),
+            Err(DecodeError::Malformed { .. })
+        ));
+        for ok in [
+            Message::RoundEnd(RoundEnd {
+                round: 3,
+                batches: vec![4, 5],
+            }),
+            Message::RoundApplied(RoundApplied { round: 3 }),
+        ] {
+            assert_eq!(Message::decode(strip(ok.encode().unwrap())), Ok(ok));
+        }
     }
 
     #[test]

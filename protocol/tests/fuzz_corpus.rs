@@ -210,6 +210,11 @@ fn seeds() -> Vec<Message> {
             owed: vec![0b1011, u64::MAX],
         }),
         Message::PostcopyRunning(convoy_protocol::message::PostcopyRunning { start_ms: 2 }),
+        Message::RoundEnd(convoy_protocol::message::RoundEnd {
+            round: 1,
+            batches: vec![3, 2],
+        }),
+        Message::RoundApplied(convoy_protocol::message::RoundApplied { round: 1 }),
         Message::Fetch(convoy_protocol::message::Fetch {
             pages: vec![PageIndex(3), PageIndex(70)],
         }),

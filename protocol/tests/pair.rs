@@ -172,6 +172,8 @@ struct Pair {
     streams: u16,
     /// Bytes per second on the link.
     bandwidth: f64,
+    /// Extra delay of the data streams behind the control stream.
+    data_lag: Duration,
     latency: Duration,
     to_dst: VecDeque<(Instant, Message)>,
     to_src: VecDeque<(Instant, Message)>,
@@ -283,6 +285,7 @@ impl Pair {
             streams,
             bandwidth,
             latency: Duration::from_millis(5),
+            data_lag: Duration::ZERO,
             to_dst: VecDeque::new(),
             to_src: VecDeque::new(),
             data: VecDeque::new(),
@@ -417,8 +420,12 @@ impl Pair {
         if let Some(t) = self.tamper.as_mut() {
             t(round, &mut header, &mut payload);
         }
-        self.data
-            .push_back((self.now + self.latency, s, header, Bytes::from(payload)));
+        self.data.push_back((
+            self.now + self.latency + self.data_lag,
+            s,
+            header,
+            Bytes::from(payload),
+        ));
         frame_bytes
     }
 
@@ -1047,8 +1054,9 @@ fn link_lost_before_handover_rolls_back() {
 #[test]
 fn link_lost_after_handover_is_in_doubt_and_never_resumes() {
     let mut p = Pair::new(512, 5, 50e6, 1 << 30);
-    // Propose, Finish, Handover: cut right after Handover leaves.
-    p.cut_after_src_msgs = Some(3);
+    // Propose, RoundEnd (round 1), Finish, Handover: cut right after
+    // Handover leaves.
+    p.cut_after_src_msgs = Some(4);
     p.run();
     assert!(
         matches!(p.summary().outcome, Outcome::InDoubt(_)),
@@ -1079,8 +1087,9 @@ fn no_accept_times_out() {
     assert!(p.rolled_back);
 }
 
-#[test]
-fn a_wrong_root_in_ready_makes_the_source_abort() {
+/// A 64-page idle pair whose source the test drives by hand: started and
+/// accepted, with the destination's side played by the test.
+fn accepted_without_a_destination() -> Pair {
     let mut p = Pair::new(64, 0, 50e6, 1 << 30);
     p.src.start(p.now);
     p.drain_src();
@@ -1096,8 +1105,24 @@ fn a_wrong_root_in_ready_makes_the_source_abort() {
             }),
         )
         .unwrap();
-    // The harness sends the pages synchronously: one drain reaches
-    // AwaitReady, whose deadline is armed.
+    p
+}
+
+#[test]
+fn a_wrong_root_in_ready_makes_the_source_abort() {
+    let mut p = accepted_without_a_destination();
+    // The harness sends the pages synchronously: one drain ends round 1,
+    // which the source measures once the destination says it applied it;
+    // the next reaches AwaitReady, whose deadline is armed.
+    p.drain_src();
+    assert!(!p.src.is_finished(), "awaiting RoundApplied");
+    p.to_dst.clear();
+    p.src
+        .handle_message(
+            p.now,
+            Message::RoundApplied(convoy_protocol::message::RoundApplied { round: 1 }),
+        )
+        .unwrap();
     p.drain_src();
     assert!(p.src.poll_timeout().is_some() && !p.src.is_finished());
     let err = p.src.handle_message(
@@ -1242,6 +1267,60 @@ fn a_tampered_device_state_aborts_before_handover() {
     );
     assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
     assert!(p.rolled_back && !p.vm.paused && p.started.is_none() && p.staging.is_none());
+}
+
+#[test]
+fn a_round_end_that_understates_what_was_sent_aborts_before_handover() {
+    let mut p = Pair::new(128, 5, 50e6, 1 << 30);
+    // The destination has applied round 1's batches when a RoundEnd
+    // claiming none arrives: a protocol violation, not a confirmation.
+    p.tamper_control = Some(Box::new(|m| {
+        if let Message::RoundEnd(r) = m {
+            r.batches.iter_mut().for_each(|b| *b = 0);
+        }
+    }));
+    p.run();
+    assert!(
+        matches!(
+            p.dst_errors.as_slice(),
+            [DestinationError::BatchCount { .. }]
+        ),
+        "{:?}",
+        p.dst_errors
+    );
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+    assert!(p.rolled_back && !p.vm.paused && p.started.is_none() && p.staging.is_none());
+}
+
+#[test]
+fn a_round_end_that_overtakes_its_batches_is_confirmed_once_they_are_applied() {
+    // The control stream is faster than the data: each RoundEnd arrives
+    // while its round's batches are still on the way.
+    let mut p = Pair::new(256, 5, 50e6, 1 << 30);
+    p.data_lag = Duration::from_millis(200);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified && s.rounds >= 2);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn a_destination_that_never_confirms_a_round_times_out_and_rolls_back() {
+    let mut p = accepted_without_a_destination();
+    p.drain_src();
+    let deadline = p.src.poll_timeout().expect("a deadline while draining");
+    p.src.handle_timeout(deadline);
+    p.drain_src();
+    assert!(
+        matches!(&p.summary().outcome, Outcome::Aborted(w) if w.contains("did not confirm round 1")),
+        "{:?}",
+        p.summary()
+    );
+    assert!(p.rolled_back && !p.vm.paused);
 }
 
 fn assert_postcopy_completed(p: &Pair) -> SourceSummary {
