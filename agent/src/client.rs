@@ -121,6 +121,22 @@ impl CtlClient {
         }
     }
 
+    /// Adopts the QEMU VM `spec` that already runs on the agent's host,
+    /// listening for QMP on `qmp_socket` (an absolute path there).
+    pub async fn vm_adopt_qemu(
+        &self,
+        spec: convoy_protocol::ctl::QemuVmSpec,
+        qmp_socket: String,
+    ) -> Result<VmInfo, ClientError> {
+        match self
+            .request(CtlRequest::VmAdoptQemu(spec, qmp_socket))
+            .await?
+        {
+            CtlResponse::VmCreated(v) => Ok(v),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Lists VMs.
     pub async fn vm_list(&self) -> Result<Vec<VmInfo>, ClientError> {
         match self.request(CtlRequest::VmList).await? {

@@ -41,6 +41,7 @@ fn summary(req: &CtlRequest) -> String {
         CtlRequest::VmList => "vm list".into(),
         CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
         CtlRequest::VmCreateQemu(s) => format!("vm create {} (qemu, {} MiB)", s.name, s.memory_mib),
+        CtlRequest::VmAdoptQemu(s, sock) => format!("vm adopt {} (qemu at {sock})", s.name),
         CtlRequest::VmDelete(n) => format!("vm delete {n}"),
         CtlRequest::VmPause(n, true) => format!("vm pause {n}"),
         CtlRequest::VmPause(n, false) => format!("vm resume {n}"),
@@ -127,7 +128,11 @@ async fn handle(
             respond(&mut send, r).await?;
         }
         CtlRequest::VmCreateQemu(spec) => {
-            let r = create_qemu_vm(&inner, spec, &peer.id).await;
+            let r = create_qemu_vm(&inner, spec, None, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmAdoptQemu(spec, sock) => {
+            let r = create_qemu_vm(&inner, spec, Some(sock), &peer.id).await;
             respond(&mut send, r).await?;
         }
         CtlRequest::Migrate(req) => {
@@ -285,7 +290,14 @@ async fn pause_vm(
 
 /// Launches a QEMU VM: only binaries and images the agent allows, after the
 /// policy permits it and capacity is reserved.
-async fn create_qemu_vm(inner: &Arc<Inner>, spec: QemuVmSpec, operator: &SpiffeId) -> CtlResponse {
+/// Launches the QEMU VM `spec`, or with `adopt` (its QMP socket) takes
+/// over one already running that matches it.
+async fn create_qemu_vm(
+    inner: &Arc<Inner>,
+    spec: QemuVmSpec,
+    adopt: Option<String>,
+    operator: &SpiffeId,
+) -> CtlResponse {
     let Some(cfg) = inner.config.qemu.clone() else {
         return error(
             CtlErrorKind::BadRequest,
@@ -299,16 +311,37 @@ async fn create_qemu_vm(inner: &Arc<Inner>, spec: QemuVmSpec, operator: &SpiffeI
         Ok(q) => q,
         Err(e) => return error(CtlErrorKind::BadRequest, e),
     };
+    if adopt
+        .as_deref()
+        .is_some_and(|s| !std::path::Path::new(s).is_absolute())
+    {
+        return error(
+            CtlErrorKind::BadRequest,
+            "the QMP socket to adopt must be an absolute path on the agent's host",
+        );
+    }
     let bytes = spec.memory_mib << 20;
     if let Some(r) = reserve_error(inner, &spec.name, bytes) {
         return r;
     }
     let dir = cfg.runtime.join(spec.name.as_str());
-    match QemuVm::launch(spec.clone(), qspec, &dir).await {
-        Ok(vm) => {
+    let started = match &adopt {
+        None => QemuVm::launch(spec.clone(), qspec, &dir)
+            .await
+            .map(|vm| (vm, false)),
+        Some(sock) => {
+            QemuVm::adopt_running(spec.clone(), qspec, std::path::Path::new(sock), &dir).await
+        }
+    };
+    match started {
+        Ok((vm, paused)) => {
             if let Some(e) = inner.vms().get_mut(&spec.name) {
                 e.qemu = Some(vm.clone());
-                e.state = VmState::Running;
+                e.state = if paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
                 e.attributes = spec.attributes.clone();
             }
             let (watch_inner, name) = (inner.clone(), spec.name.clone());
@@ -324,7 +357,12 @@ async fn create_qemu_vm(inner: &Arc<Inner>, spec: QemuVmSpec, operator: &SpiffeI
         Err(e) => {
             inner.remove(&spec.name);
             let _ = std::fs::remove_dir_all(&dir);
-            error(CtlErrorKind::BadRequest, format!("cannot start QEMU: {e}"))
+            let what = if adopt.is_some() {
+                "cannot adopt QEMU"
+            } else {
+                "cannot start QEMU"
+            };
+            error(CtlErrorKind::BadRequest, format!("{what}: {e}"))
         }
     }
 }

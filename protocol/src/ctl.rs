@@ -445,6 +445,10 @@ pub enum CtlRequest {
     /// Pause a running VM (`true`) or resume a paused one (`false`); it
     /// keeps its memory and disks.
     VmPause(VmName, bool),
+    /// Adopt a QEMU already running on the agent's host, by its QMP socket
+    /// (an absolute path there); it must run an allowed binary and the VM
+    /// the definition describes.
+    VmAdoptQemu(QemuVmSpec, String),
 }
 
 /// Most audit log bytes in one [`CtlResponse::AuditChunk`].

@@ -419,20 +419,8 @@ impl QemuLab {
     }
 
     async fn create(&self, agent: &str, vm: &str, disks: Vec<String>) {
-        let spec = convoy_protocol::ctl::QemuVmSpec {
-            name: vm.parse().unwrap(),
-            binary: "qemu-system-x86_64".into(),
-            memory_mib: 128,
-            vcpus: 1,
-            kernel: Some("vmlinuz".into()),
-            initrd: Some("initrd.img".into()),
-            append: "console=ttyS0 quiet panic=-1".into(),
-            disks,
-            accel: Accel::Tcg,
-            attributes: Default::default(),
-        };
         let c = self.lab.client(agent).await.unwrap();
-        c.vm_create_qemu(spec).await.unwrap();
+        c.vm_create_qemu(definition(vm, disks)).await.unwrap();
         let log = self.serial(agent, vm);
         assert!(
             until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
@@ -536,6 +524,125 @@ impl QemuLab {
         let s = evidence(&self.lab, from, to, &r.migration).await;
         assert!(s.started, "{s:?}");
     }
+}
+
+/// The test guest's definition as operators give it (paths relative to
+/// the agent's image directory).
+fn definition(vm: &str, disks: Vec<String>) -> convoy_protocol::ctl::QemuVmSpec {
+    convoy_protocol::ctl::QemuVmSpec {
+        name: vm.parse().unwrap(),
+        binary: "qemu-system-x86_64".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        kernel: Some("vmlinuz".into()),
+        initrd: Some("initrd.img".into()),
+        append: "console=ttyS0 quiet panic=-1".into(),
+        disks,
+        accel: Accel::Tcg,
+        attributes: Default::default(),
+    }
+}
+
+/// A QEMU started outside Convoy (by "someone else": this test) from the
+/// command line Convoy would use for [`definition`] with agent a's images,
+/// its QMP socket and serial log in `dir`. Returns the process and its QMP
+/// socket once the guest counts.
+async fn start_outside(q: &QemuLab, dir: &Path) -> (tokio::process::Child, PathBuf) {
+    let images = q.images("a");
+    let spec = QemuSpec {
+        kernel: Some(images.join("vmlinuz").canonicalize().unwrap()),
+        initrd: Some(images.join("initrd.img").canonicalize().unwrap()),
+        ..spec(guest().unwrap())
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let child = tokio::process::Command::new(&spec.binary)
+        .args(spec.args(dir, false))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = dir.join("serial.log");
+    assert!(
+        until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
+        "the outside guest did not come up"
+    );
+    (child, dir.join("qmp.sock"))
+}
+
+/// A QEMU that Convoy did not start is adopted by its QMP socket — only if
+/// it runs an allowed binary and the VM its definition describes — and
+/// then migrates like any other: the counter carries on at b and the
+/// adopted process is quit. Refused adoptions say why and leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_qemu_is_adopted_by_its_qmp_socket_and_migrates() {
+    use convoy_protocol::ctl::MigrationMode;
+    let Some(g) = guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    let outside = dir.path().join("outside");
+    let (mut child, sock) = start_outside(&q, &outside).await;
+    let c = q.lab.client("a").await.unwrap();
+    let sock_str = sock.display().to_string();
+
+    // Refusals: each says what is wrong and registers nothing.
+    let refused = |r: Result<_, convoy_agent::client::ClientError>| match r {
+        Ok(v) => panic!("adopted: {v:?}"),
+        Err(e) => e.to_string(),
+    };
+    let e = refused(
+        c.vm_adopt_qemu(definition("guest", vec![]), "qmp.sock".into())
+            .await,
+    );
+    assert!(e.contains("absolute path"), "{e}");
+    let missing = dir.path().join("nothing.sock").display().to_string();
+    let e = refused(c.vm_adopt_qemu(definition("guest", vec![]), missing).await);
+    assert!(e.contains("nothing.sock"), "{e}");
+    // A socket whose listener is not QEMU (this test binary): nothing is
+    // said to it.
+    let other = dir.path().join("other.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    let e = refused(
+        c.vm_adopt_qemu(definition("guest", vec![]), other.display().to_string())
+            .await,
+    );
+    assert!(e.contains("not the allowed QEMU binary"), "{e}");
+    let mut bigger = definition("guest", vec![]);
+    bigger.memory_mib = 256;
+    let e = refused(c.vm_adopt_qemu(bigger, sock_str.clone()).await);
+    assert!(
+        e.contains("128 MiB of memory, the definition 256 MiB"),
+        "{e}"
+    );
+    let mut wider = definition("guest", vec![]);
+    wider.vcpus = 2;
+    let e = refused(c.vm_adopt_qemu(wider, sock_str.clone()).await);
+    assert!(e.contains("1 vCPUs, the definition 2"), "{e}");
+    assert!(c.vm_list().await.unwrap().is_empty());
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "a refused QEMU keeps running"
+    );
+
+    let info = c
+        .vm_adopt_qemu(definition("guest", vec![]), sock_str)
+        .await
+        .unwrap();
+    assert_eq!(
+        (info.backend.as_str(), info.state),
+        ("qemu", convoy_protocol::ctl::VmState::Running)
+    );
+    let last = *counters(&outside.join("serial.log")).last().unwrap();
+    let r = q
+        .migrate("guest", "a", "b", options(MigrationMode::Precopy, 1))
+        .await;
+    q.assert_moved(&r, "guest", "a", "b", last).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the adopted QEMU quits after the migration")
+        .unwrap();
+    assert!(status.success(), "quit, not killed: {status}");
+    q.lab.shutdown().await;
 }
 
 /// Waits until both agents' logs hold the migration's outcome, then builds

@@ -702,7 +702,8 @@ impl Run {
                 "blockdev-mirror",
                 json!({
                     "job-id": mirror_job(i),
-                    "device": format!("disk{i}"),
+                    // Its drive, or its node when it was adopted so.
+                    "device": self.vm.block_devices.get(i).cloned().unwrap_or_else(|| format!("disk{i}")),
                     "target": mirror_node(i),
                     "sync": "full",
                     "auto-dismiss": true,

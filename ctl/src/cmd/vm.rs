@@ -85,6 +85,14 @@ pub struct Create {
     /// blocks written (default 10; the rest are holes).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
+    /// qemu: adopt the QEMU already running on the agent's host whose QMP
+    /// socket is PATH (absolute, on that host) instead of launching one.
+    /// It must run an allowed binary and the VM these flags define (memory,
+    /// vCPUs, accelerator, exactly these raw disks); its device model must
+    /// be the one Convoy launches for the definition, or migrations of it
+    /// fail (and it keeps running).
+    #[arg(long, value_name = "PATH")]
+    pub adopt_qmp: Option<String>,
     /// qemu: accelerator (tcg works everywhere; kvm needs /dev/kvm).
     #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
     pub accel: String,
@@ -243,7 +251,12 @@ pub async fn run(g: &Global, c: Vm) -> Result<()> {
     match c {
         Vm::Create(c) => {
             let info = if c.backend == "qemu" {
-                cl.vm_create_qemu(c.qemu_spec()?).await?
+                match &c.adopt_qmp {
+                    Some(sock) => cl.vm_adopt_qemu(c.qemu_spec()?, sock.clone()).await?,
+                    None => cl.vm_create_qemu(c.qemu_spec()?).await?,
+                }
+            } else if c.adopt_qmp.is_some() {
+                anyhow::bail!("--adopt-qmp needs --backend qemu");
             } else {
                 cl.vm_create(c.spec()?).await?
             };

@@ -2,13 +2,25 @@
 //! a command line with a QMP socket and a serial log in a runtime directory
 //! the agent owns; the process is killed when its handle is dropped, so a
 //! failed migration never leaves a stray guest behind.
+//!
+//! A QEMU someone else started can be *adopted* through its QMP socket
+//! ([`QemuProcess::adopt`]): the agent learns the process behind the
+//! socket from the kernel (`SO_PEERCRED`), holds it by a pidfd (never by
+//! a bare pid, which the kernel may hand to another process once it
+//! exits), and checks that it runs an allowed QEMU binary before it says a
+//! word of QMP. An adopted QEMU is not killed when its handle is dropped
+//! (the agent did not start it); it is quit when it migrates away or is
+//! deleted, like a launched one.
 
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use super::qmp::{Qmp, QmpError};
@@ -75,10 +87,75 @@ pub enum QemuError {
 /// A running QEMU, its QMP connection and its files.
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    handle: Handle,
     dir: PathBuf,
     /// The negotiated QMP connection.
     pub qmp: Qmp,
+}
+
+/// How the agent holds a QEMU process.
+#[derive(Debug)]
+enum Handle {
+    /// Launched by the agent (killed when dropped).
+    Child(Child),
+    /// Started by someone else, adopted through its QMP socket.
+    Adopted {
+        /// Its process id (for display and `/proc`).
+        pid: u32,
+        /// The process itself: signals go here, and it polls readable
+        /// once the process has exited.
+        pidfd: OwnedFd,
+    },
+}
+
+impl Handle {
+    fn is_running(&mut self) -> bool {
+        match self {
+            Handle::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Handle::Adopted { pidfd, .. } => {
+                let mut fds = [rustix::event::PollFd::new(
+                    &*pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // Readable (or an error) means it has exited.
+                matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+            }
+        }
+    }
+
+    /// Waits up to `grace` for the process to exit; true once it has.
+    async fn exited_within(&mut self, grace: Duration) -> bool {
+        match self {
+            Handle::Child(c) => tokio::time::timeout(grace, c.wait()).await.is_ok(),
+            Handle::Adopted { .. } => {
+                let end = Instant::now() + grace;
+                while self.is_running() {
+                    if Instant::now() >= end {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                true
+            }
+        }
+    }
+
+    async fn kill(&mut self) {
+        match self {
+            Handle::Child(c) => {
+                let _ = c.kill().await;
+            }
+            Handle::Adopted { pidfd, .. } => {
+                let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
+                // Reaped by its parent, not by us: wait until it is gone.
+                let _ = self.exited_within(Duration::from_secs(5)).await;
+            }
+        }
+    }
 }
 
 impl QemuSpec {
@@ -189,7 +266,7 @@ impl QemuProcess {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if let Ok(Ok(qmp)) = tokio::time::timeout(left, Qmp::connect(&sock)).await {
                     return Ok(QemuProcess {
-                        child,
+                        handle: Handle::Child(child),
                         dir: dir.to_owned(),
                         qmp,
                     });
@@ -201,6 +278,56 @@ impl QemuProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Adopts the QEMU listening on the QMP socket `sock`, if it runs
+    /// `binary` (an allowed one); `dir` becomes its runtime directory (for
+    /// the migration sockets; its serial console stays wherever it was).
+    /// Nothing but the process's identity is checked here: the VM it runs
+    /// is checked against its definition by the caller.
+    pub async fn adopt(sock: &Path, binary: &Path, dir: &Path) -> Result<Self, QemuError> {
+        let bad = |s: String| QemuError::Spec(s);
+        let meta = std::fs::metadata(sock)
+            .map_err(|e| bad(format!("QMP socket {}: {e}", sock.display())))?;
+        if !meta.file_type().is_socket() {
+            return Err(bad(format!("{} is not a socket", sock.display())));
+        }
+        let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
+            .await
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout("QMP socket".into())))?
+            .map_err(|e| bad(format!("cannot connect to {}: {e}", sock.display())))?;
+        // The process that listens on the socket, from the kernel.
+        let pid = stream
+            .peer_cred()?
+            .pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| bad(format!("no process behind {}", sock.display())))?;
+        let raw = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| bad(format!("no process behind {}", sock.display())))?;
+        let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+            .map_err(|e| bad(format!("process {pid} behind {}: {e}", sock.display())))?;
+        // Read once the pidfd holds the process: the pid cannot be another
+        // process's by now.
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| bad(format!("process {pid} behind {}: {e}", sock.display())))?;
+        let allowed = binary.canonicalize().unwrap_or_else(|_| binary.to_owned());
+        if exe != allowed {
+            return Err(bad(format!(
+                "the process behind {} ({pid}) runs {}, not the allowed QEMU binary {}",
+                sock.display(),
+                exe.display(),
+                allowed.display()
+            )));
+        }
+        let qmp = tokio::time::timeout(Duration::from_secs(10), Qmp::handshake(stream))
+            .await
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout("QMP greeting".into())))??;
+        std::fs::create_dir_all(dir)?;
+        Ok(QemuProcess {
+            handle: Handle::Adopted { pid, pidfd },
+            dir: dir.to_owned(),
+            qmp,
+        })
     }
 
     /// The guest's serial console output.
@@ -215,27 +342,32 @@ impl QemuProcess {
 
     /// QEMU's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.handle {
+            Handle::Child(c) => c.id(),
+            Handle::Adopted { pid, .. } => Some(*pid),
+        }
+    }
+
+    /// Whether the agent adopted this QEMU rather than launching it.
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.handle, Handle::Adopted { .. })
     }
 
     /// True while QEMU runs.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.handle.is_running()
     }
 
     /// Asks QEMU to quit, then kills it if it has not within 5 s.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp.execute("quit", None)).await;
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
+        if !self.handle.exited_within(Duration::from_secs(5)).await {
+            self.handle.kill().await;
         }
     }
 
     /// Kills QEMU at once (a crash, for tests; cleanup on failure).
     pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+        self.handle.kill().await;
     }
 }

@@ -72,7 +72,12 @@ pub struct Qmp {
 impl Qmp {
     /// Connects, reads the greeting and enters command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let (r, w) = UnixStream::connect(path).await?.into_split();
+        Self::handshake(UnixStream::connect(path).await?).await
+    }
+
+    /// Reads the greeting on a connected socket and enters command mode.
+    pub async fn handshake(stream: UnixStream) -> Result<Qmp, QmpError> {
+        let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             reader: r,
             pending: Vec::new(),

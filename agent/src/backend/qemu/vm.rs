@@ -149,6 +149,94 @@ impl QemuConfig {
     }
 }
 
+/// Checks over QMP that `p` runs the VM `spec` defines; returns whether
+/// it is paused and the block device of each of `spec.disks`.
+async fn matches_spec(
+    p: &mut QemuProcess,
+    spec: &QemuSpec,
+) -> Result<(bool, Vec<String>), QemuError> {
+    use serde_json::Value;
+    let differs = |what: String| Err(QemuError::Spec(format!("the adopted QEMU {what}")));
+    let status = p.qmp.execute("query-status", None).await?;
+    let paused = match status.get("status").and_then(Value::as_str) {
+        Some("running") => false,
+        Some("paused") => true,
+        other => {
+            return differs(format!(
+                "is {}; only a running or paused VM can be adopted",
+                other.unwrap_or("in an unknown state")
+            ))
+        }
+    };
+    let mem = p.qmp.execute("query-memory-size-summary", None).await?;
+    let base = mem.get("base-memory").and_then(Value::as_u64);
+    if base != Some(spec.memory_mib << 20) {
+        return differs(format!(
+            "has {} MiB of memory, the definition {} MiB",
+            base.map_or("an unknown amount of".into(), |b| (b >> 20).to_string()),
+            spec.memory_mib
+        ));
+    }
+    let cpus = p.qmp.execute("query-cpus-fast", None).await?;
+    let n = cpus.as_array().map_or(0, Vec::len);
+    if n != spec.vcpus as usize {
+        return differs(format!("has {n} vCPUs, the definition {}", spec.vcpus));
+    }
+    let kvm = p.qmp.execute("query-kvm", None).await?;
+    let on_kvm = kvm.get("enabled").and_then(Value::as_bool) == Some(true);
+    if on_kvm != (spec.accel == super::process::Accel::Kvm) {
+        return differs(format!(
+            "runs on {}, the definition on {}",
+            if on_kvm { "kvm" } else { "tcg" },
+            if on_kvm { "tcg" } else { "kvm" }
+        ));
+    }
+    // Every disk with a medium, by the file it reads: exactly the
+    // definition's (one it does not name would not migrate).
+    let blocks = p.qmp.execute("query-block", None).await?;
+    let mut found: Vec<(PathBuf, String)> = Vec::new();
+    for b in blocks.as_array().into_iter().flatten() {
+        let Some(ins) = b.get("inserted") else {
+            continue;
+        };
+        let file = ins.get("file").and_then(Value::as_str).unwrap_or_default();
+        let name = match b.get("device").and_then(Value::as_str) {
+            Some(d) if !d.is_empty() => d,
+            _ => ins
+                .get("node-name")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        };
+        let path = Path::new(file);
+        let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("?");
+        if drv != "raw" {
+            // Destinations open every disk as raw.
+            return differs(format!("opens {file} as {drv}; Convoy migrates raw images"));
+        }
+        found.push((
+            path.canonicalize().unwrap_or_else(|_| path.to_owned()),
+            name.to_owned(),
+        ));
+    }
+    let mut devices = Vec::with_capacity(spec.disks.len());
+    for d in &spec.disks {
+        match found.iter().position(|(f, _)| f == d) {
+            Some(i) => devices.push(found.remove(i).1),
+            None => return differs(format!("has no disk {}", d.display())),
+        }
+    }
+    if let Some((f, _)) = found.first() {
+        return differs(format!(
+            "has a disk the definition does not name ({}); it would not migrate",
+            f.display()
+        ));
+    }
+    if devices.iter().any(String::is_empty) {
+        return differs("has a disk with neither a device nor a node name".into());
+    }
+    Ok((paused, devices))
+}
+
 /// Longest a QMP command may take before the agent gives up on it.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -163,6 +251,11 @@ pub struct QemuVm {
     pub definition: QemuVmSpec,
     /// The resolved command-line definition.
     pub spec: QemuSpec,
+    /// The block device (or node) of each of `spec.disks`, in order: what
+    /// a disk mirror starts from.
+    pub block_devices: Vec<String>,
+    /// Adopted through its QMP socket rather than launched here.
+    pub adopted: bool,
 }
 
 impl QemuVm {
@@ -177,15 +270,50 @@ impl QemuVm {
         Ok(Self::adopt(p, definition, spec))
     }
 
-    /// Takes ownership of a running process (a VM that arrived here).
+    /// Takes ownership of a running process the agent launched (a VM
+    /// created or arrived here).
     pub fn adopt(p: QemuProcess, definition: QemuVmSpec, spec: QemuSpec) -> Arc<QemuVm> {
         Arc::new(QemuVm {
             dir: p.dir().to_owned(),
+            block_devices: (0..spec.disks.len()).map(|i| format!("disk{i}")).collect(),
+            adopted: p.is_adopted(),
             process: tokio::sync::Mutex::new(Some(p)),
             exited: AtomicBool::new(false),
             definition,
             spec,
         })
+    }
+
+    /// Adopts the QEMU listening on `qmp_socket`: it must run `spec`'s
+    /// binary and the VM `spec` defines (memory, vCPUs, accelerator and
+    /// exactly its disks), running or paused. Returns the VM and whether
+    /// it is paused. A QEMU that differs is refused with what differs, and
+    /// left as it was.
+    pub async fn adopt_running(
+        definition: QemuVmSpec,
+        spec: QemuSpec,
+        qmp_socket: &Path,
+        dir: &Path,
+    ) -> Result<(Arc<QemuVm>, bool), QemuError> {
+        let mut p = QemuProcess::adopt(qmp_socket, &spec.binary, dir).await?;
+        let checked = tokio::time::timeout(QMP_TIMEOUT, matches_spec(&mut p, &spec)).await;
+        let (paused, block_devices) = match checked {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(QemuError::Qmp(QmpError::Timeout("checking the VM".into()))),
+        };
+        Ok((
+            Arc::new(QemuVm {
+                dir: dir.to_owned(),
+                block_devices,
+                adopted: true,
+                process: tokio::sync::Mutex::new(Some(p)),
+                exited: AtomicBool::new(false),
+                definition,
+                spec,
+            }),
+            paused,
+        ))
     }
 
     /// The runtime directory (QMP socket, serial log, migration sockets).
