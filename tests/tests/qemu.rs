@@ -277,7 +277,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     use convoy_agent::backend::qemu::vm::QemuConfig;
     use convoy_agent::client::ClientError;
     use convoy_agent::lab::Lab;
-    use convoy_protocol::ctl::{Outcome, QemuVmSpec, VmState};
+    use convoy_protocol::ctl::{Outcome, VmState};
 
     let Some(g) = guest() else { return };
     let images = g.kernel.parent().unwrap().to_owned();
@@ -296,18 +296,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     .await
     .unwrap();
     let a = lab.client("a").await.unwrap();
-    let spec = |name: &str| QemuVmSpec {
-        name: name.parse().unwrap(),
-        binary: "qemu-system-x86_64".into(),
-        memory_mib: 128,
-        vcpus: 1,
-        kernel: Some("vmlinuz".into()),
-        initrd: Some("initrd.img".into()),
-        append: "console=ttyS0 quiet panic=-1".into(),
-        disks: vec![],
-        accel: Accel::Tcg,
-        attributes: Default::default(),
-    };
+    let spec = |name: &str| definition(name, vec![]);
     let bad = |r: Result<convoy_protocol::ctl::VmInfo, ClientError>, why: &str| match r {
         Err(ClientError::Agent(e)) => assert!(e.message.contains(why), "{e:?} lacks {why:?}"),
         other => panic!("expected a refusal mentioning {why:?}: {other:?}"),
