@@ -34,6 +34,8 @@ fn the_engine_bench_reports_consistent_rows() {
             "2",
             "--concurrent-memory",
             "16MiB",
+            "--reuse-dwell",
+            "300",
         ])
         .output()
         .unwrap();
@@ -137,5 +139,24 @@ fn the_engine_bench_reports_consistent_rows() {
     assert_eq!(
         c["overhead_bytes"].as_i64().unwrap(),
         u(&c["peak_rss_bytes"]) as i64 - (u(&c["rss_before_bytes"]) as i64 + images as i64)
+    );
+
+    // Out and back, per dirty rate: the trip back reuses the kept image.
+    let reuse = v["reuse"].as_array().unwrap();
+    assert_eq!(reuse.len(), 2);
+    for r in reuse {
+        assert_eq!(r["outcome"], "completed", "{r}");
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["dwell_ms"], 300, "{r}");
+        assert!(u(&r["retained_pages"]) > 0, "{r}");
+        let (there, back) = (&r["there"], &r["back"]);
+        let want = u(&back["wire_bytes"]) as f64 / u(&there["wire_bytes"]) as f64;
+        assert!((f(&r["wire_ratio"]) - want).abs() < 1e-9, "{r}");
+    }
+    // Idle, nothing changed: the way back costs a small fraction.
+    assert!(f(&reuse[0]["wire_ratio"]) < 0.2, "{}", reuse[0]);
+    assert!(
+        f(&reuse[1]["sent_back_share"]) > f(&reuse[0]["sent_back_share"]),
+        "a busy VM changes more pages than an idle one: {reuse:?}"
     );
 }

@@ -63,8 +63,8 @@ pub struct Bench {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "modes,ab,concurrent",
-        value_parser = ["modes", "ab", "concurrent"]
+        default_value = "modes,ab,concurrent,reuse",
+        value_parser = ["modes", "ab", "concurrent", "reuse"]
     )]
     pub tables: Vec<String>,
     /// --engine: how many VMs to migrate at once, one run per count.
@@ -85,6 +85,10 @@ pub struct Bench {
     /// quarter of it written, the rest holes), moved with its memory.
     #[arg(long, value_parser = convoy_agent::units::parse_size)]
     pub disk: Option<u64>,
+    /// --engine: how long the reuse table's VMs run at b before they come
+    /// back (milliseconds).
+    #[arg(long = "reuse-dwell", default_value_t = 2000)]
+    pub reuse_dwell_ms: u64,
     /// --engine: blocks the workload writes to that disk per second.
     #[arg(long, default_value_t = 2000)]
     pub disk_writes: u64,

@@ -14,6 +14,12 @@
 //!   once through one client, with per-VM and wall-clock times and this
 //!   process's peak resident memory beyond the guest images. The agents
 //!   run in this process, so its RSS is theirs (plus this client's).
+//! - **reuse**: memory reuse when a VM comes back. Per dirty rate, a VM
+//!   that opts in to retention goes a → b, runs there for `--reuse-dwell`,
+//!   and comes back b → a, where its encrypted image waits; the row sets
+//!   the bytes of the trip back against those of the first trip. The
+//!   pages sent back (as a share of the VM's pages) bound how much of the
+//!   memory changed.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use convoy_agent::client::{ClientError, CtlClient};
 use convoy_agent::lab::Lab;
+use convoy_agent::retain::RetentionLimits;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::ctl::{
     ContentProfile, CtlErrorKind, MigrateOptions, MigrationMode, MigrationReport, Outcome,
@@ -307,6 +314,27 @@ struct Output {
     modes: Vec<ModeRow>,
     ab: Option<Ab>,
     concurrent: Vec<Concurrent>,
+    reuse: Vec<ReuseRow>,
+}
+
+/// A VM's trip out and back (the reuse table).
+#[derive(Serialize)]
+struct ReuseRow {
+    dirty: String,
+    dirty_pages_per_sec: u64,
+    /// How long it ran at b before coming back.
+    dwell_ms: u64,
+    outcome: String,
+    completed: bool,
+    verified: bool,
+    there: Option<Figures>,
+    back: Option<Figures>,
+    /// Pages that came back as retained (not sent).
+    retained_pages: u64,
+    /// Pages sent on the way back, over the VM's pages.
+    sent_back_share: Option<f64>,
+    /// Wire bytes back ÷ wire bytes there.
+    wire_ratio: Option<f64>,
 }
 
 /// The lab, its clients and a VM name counter.
@@ -410,7 +438,15 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     let want = |t: &str| b.tables.iter().any(|x| x == t);
     let base = b.tuning.options();
     let dir = tempfile::tempdir()?;
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {}).await?;
+    // Retention only matters for VMs that opt in (the reuse table's).
+    let retain = want("reuse").then_some(RetentionLimits {
+        max_images: 4,
+        max_bytes: memory.saturating_mul(2),
+    });
+    let lab = Lab::start(dir.path(), &["a", "b"], move |_, c| {
+        c.retain_images = retain;
+    })
+    .await?;
     let (a, bc) = (lab.client("a").await?, lab.client("b").await?);
     let ctx = Ctx {
         lab: &lab,
@@ -434,6 +470,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         modes: Vec::new(),
         ab: None,
         concurrent: Vec::new(),
+        reuse: Vec::new(),
     };
     if want("modes") {
         for &mode in &b.modes {
@@ -471,6 +508,21 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             };
             out.concurrent
                 .push(concurrent(&ctx, n, b.concurrent_memory, b.concurrent_rate, o).await?);
+        }
+    }
+    // Last: the images the agents keep would count in the RSS above.
+    if want("reuse") {
+        for r in &b.dirty {
+            out.reuse.push(
+                there_and_back(
+                    &ctx,
+                    memory,
+                    r,
+                    &base,
+                    Duration::from_millis(b.reuse_dwell_ms),
+                )
+                .await?,
+            );
         }
     }
     a.close().await;
@@ -669,6 +721,85 @@ async fn concurrent(
         hwm_reset,
         per_vm,
     })
+}
+
+/// A VM that opts in to retention goes a → b, runs there for `dwell`, and
+/// comes back to a, which kept its image.
+async fn there_and_back(
+    ctx: &Ctx<'_>,
+    memory: u64,
+    rate: &NamedRate,
+    base: &MigrateOptions,
+    dwell: Duration,
+) -> Result<ReuseRow> {
+    ctx.note(&format!(
+        "reuse: {} ({} pages/s), {} ms at b …",
+        rate.name,
+        rate.pages_per_sec,
+        dwell.as_millis()
+    ));
+    let vm = ctx.name();
+    let mut attributes = convoy_protocol::vm::VmAttributes::default();
+    attributes.labels.insert(
+        convoy_protocol::vm::RETAIN_LABEL.to_owned(),
+        "true".to_owned(),
+    );
+    ctx.a
+        .vm_create(SimVmSpec {
+            name: vm.parse()?,
+            memory_bytes: memory,
+            dirty_pages_per_sec: rate.pages_per_sec,
+            hot_set_pct: 10,
+            content: ContentProfile::Mixed,
+            seed: 1,
+            attributes,
+            disks: Vec::new(),
+        })
+        .await?;
+    tokio::time::sleep(SETTLE).await;
+    let o = MigrateOptions {
+        mode: MigrationMode::Precopy,
+        ..base.clone()
+    };
+    let there = ctx
+        .a
+        .migrate(ctx.lab.migrate_request(&vm, "a", "b", o.clone())?, |_| {})
+        .await;
+    let there = Ran::of(there, MigrationMode::Precopy)?;
+    let mut row = ReuseRow {
+        dirty: rate.name.clone(),
+        dirty_pages_per_sec: rate.pages_per_sec,
+        dwell_ms: dwell.as_millis() as u64,
+        outcome: there.outcome.clone(),
+        completed: false,
+        verified: false,
+        there: there.figures,
+        back: None,
+        retained_pages: 0,
+        sent_back_share: None,
+        wire_ratio: None,
+    };
+    if there.completed {
+        tokio::time::sleep(dwell).await;
+        let back = ctx
+            .b
+            .migrate(ctx.lab.migrate_request(&vm, "b", "a", o)?, |_| {})
+            .await;
+        if let Ok(r) = &back {
+            row.retained_pages = r.encodings.retained;
+            row.sent_back_share = Some(r.pages_sent as f64 / r.memory_bytes.max(1) as f64 * 4096.0);
+        }
+        let back = Ran::of(back, MigrationMode::Precopy)?;
+        row.outcome = back.outcome;
+        row.completed = back.completed;
+        row.verified = back.verified;
+        row.back = back.figures;
+        if let (Some(t), Some(b)) = (&row.there, &row.back) {
+            row.wire_ratio = Some(b.wire_bytes as f64 / t.wire_bytes.max(1) as f64);
+        }
+    }
+    ctx.delete(&vm).await?;
+    Ok(row)
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -945,6 +1076,52 @@ fn text(o: &Output) -> String {
                 totals.join(" ")
             ));
         }
+    }
+    if !o.reuse.is_empty() {
+        s.push_str(
+            "\nmemory reuse: out a → b, back b → a where the image was kept \
+             (sent back = pages sent back ÷ the VM's pages)\n",
+        );
+        let rows: Vec<Vec<String>> = o
+            .reuse
+            .iter()
+            .map(|r| {
+                let fig = |f: &Option<Figures>, g: fn(&Figures) -> String| {
+                    f.as_ref().map_or("-".to_string(), g)
+                };
+                vec![
+                    format!("{} ({}/s)", r.dirty, r.dirty_pages_per_sec),
+                    r.dwell_ms.to_string(),
+                    fig(&r.there, |f| mib(f.wire_bytes)),
+                    fig(&r.back, |f| mib(f.wire_bytes)),
+                    r.wire_ratio
+                        .map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+                    r.sent_back_share
+                        .map_or("-".into(), |x| format!("{:.1}%", x * 100.0)),
+                    r.retained_pages.to_string(),
+                    fig(&r.there, |f| format!("{:.0}", f.total_ms)),
+                    fig(&r.back, |f| format!("{:.0}", f.total_ms)),
+                    fig(&r.back, |f| format!("{:.1}", f.downtime_ms)),
+                    outcome_cell(&r.outcome, r.completed, r.verified),
+                ]
+            })
+            .collect();
+        s.push_str(&render::table(
+            &[
+                "dirty pages",
+                "dwell ms",
+                "there MiB",
+                "back MiB",
+                "back/there",
+                "sent back",
+                "retained",
+                "there ms",
+                "back ms",
+                "back downtime ms",
+                "outcome",
+            ],
+            &rows,
+        ));
     }
     s
 }
