@@ -196,6 +196,10 @@ pub struct AgentConfig {
     /// incoming VM is also refused when its disks do not fit in the free
     /// space of the disk directory.
     pub disk_capacity_bytes: u64,
+    /// Base images sim disks may be cloned from, and that incoming disks
+    /// cloned from the same base start from (see
+    /// [`crate::backend::base`]); `None`: the state directory's `bases/`.
+    pub base_dir: Option<std::path::PathBuf>,
     dangerous: DangerousOptions,
 }
 
@@ -218,6 +222,7 @@ impl AgentConfig {
             retain_images: None,
             disk_dir: None,
             disk_capacity_bytes: 1 << 40,
+            base_dir: None,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -227,6 +232,13 @@ impl AgentConfig {
         self.disk_dir
             .clone()
             .or_else(|| self.state_dir.as_ref().map(|d| d.join("disks")))
+    }
+
+    /// The base image directory, if there is one.
+    pub fn base_dir(&self) -> Option<std::path::PathBuf> {
+        self.base_dir
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("bases")))
     }
 
     /// Options that weaken guarantees (tests only).
@@ -291,6 +303,8 @@ pub(crate) struct Inner {
     pub audit: Option<crate::audit::AuditLog>,
     /// Images retained for VMs that left (memory only).
     pub retained: Arc<Mutex<crate::retain::RetainedStore>>,
+    /// The base images of sim disks, when there is a directory for them.
+    pub bases: Option<Arc<crate::backend::base::BaseImages>>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
@@ -577,6 +591,9 @@ impl Agent {
             &config.tuning,
             &reset_key,
         )?;
+        let bases = config
+            .base_dir()
+            .map(|d| Arc::new(crate::backend::base::BaseImages::new(d)));
         let creds = Creds {
             identity: config.identity.clone(),
             trust: config.trust.clone(),
@@ -600,6 +617,7 @@ impl Agent {
                 replay,
                 audit,
                 retained: Arc::new(Mutex::new(Default::default())),
+                bases,
             }),
         };
         if let Some(p) = policy {

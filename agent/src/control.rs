@@ -550,7 +550,11 @@ async fn create_vm(inner: &Arc<Inner>, spec: SimVmSpec, operator: &SpiffeId) -> 
     let name = spec.name.clone();
     let attributes = spec.attributes.clone();
     let disk_dir = inner.config.disk_dir();
-    let made = tokio::task::spawn_blocking(move || SimVm::create(&spec, disk_dir.as_deref())).await;
+    let bases = inner.bases.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        SimVm::create(&spec, disk_dir.as_deref(), bases.as_deref())
+    })
+    .await;
     match made {
         Ok(Ok(vm)) => {
             {

@@ -167,6 +167,14 @@ impl Lab {
             .join(vm)
     }
 
+    /// The base image directory of lab agent `agent` (the default,
+    /// STATE_DIR/bases; created by this call).
+    pub fn base_images(&self, agent: &str) -> std::io::Result<PathBuf> {
+        let d = self.pki.dir().join("state").join(agent).join("bases");
+        std::fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
     /// The serial console log of QEMU VM `vm` on lab agent `agent`.
     pub fn qemu_serial(&self, agent: &str, vm: &str) -> PathBuf {
         self.qemu_runtime(agent).join(vm).join("serial.log")

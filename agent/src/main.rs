@@ -91,6 +91,12 @@ struct Args {
     /// not fit in the disk directory's free space are refused as well.
     #[arg(long, default_value = "1TiB", value_parser = convoy_agent::units::parse_size)]
     disk_capacity: u64,
+    /// Base images sim disks may be cloned from (`vm create --disk
+    /// NAME=SIZE,base=BASE`); an incoming disk cloned from a base held
+    /// here (same name and content) starts from it, and its unchanged
+    /// blocks do not travel (default: STATE_DIR/bases).
+    #[arg(long)]
+    base_dir: Option<PathBuf>,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -216,6 +222,7 @@ async fn main() -> Result<()> {
         });
     config.state_dir = args.state_dir.clone();
     config.disk_dir = args.disk_dir.clone();
+    config.base_dir = args.base_dir.clone();
     config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
     if let Some(images) = args.image_dir.clone() {

@@ -92,8 +92,11 @@ pub struct SimDiskSpec {
     /// Blocks the workload writes per second (0 = none).
     pub writes_per_sec: u64,
     /// Share of the blocks written at creation, percent; the rest are
-    /// holes.
+    /// holes (ignored with a base).
     pub used_pct: u8,
+    /// A base image (in the agent's base image directory, the disk's
+    /// size) the disk starts as a copy of.
+    pub base: Option<crate::names::DiskName>,
 }
 
 /// A VM's lifecycle state on one agent.

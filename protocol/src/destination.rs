@@ -701,6 +701,16 @@ impl Destination {
     /// retained pages on its receivers,
     /// [`crate::page::StreamReceiver::accept_retained`]).
     pub fn handle_staging_ready_reusing(&mut self, now: Instant, held: bool) {
+        self.handle_staging_ready_holding(now, held, Vec::new());
+    }
+
+    /// [`Destination::handle_staging_ready_reusing`], and `bases`: for each
+    /// of the manifest's disks, whether this host holds its base image
+    /// (same name, root and size) and staged the disk as a copy of it
+    /// ([`crate::disk`]); the driver must then accept retained blocks and
+    /// take a retained block's leaf from what it staged. Empty, or all
+    /// false: none held.
+    pub fn handle_staging_ready_holding(&mut self, now: Instant, held: bool, bases: Vec<bool>) {
         let Phase::Preparing = self.phase else {
             return;
         };
@@ -717,6 +727,15 @@ impl Destination {
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
+        // Only for disks that name a base, and nothing when none is held.
+        let mut bases = bases;
+        bases.resize(p.manifest.disks.len(), false);
+        for (b, d) in bases.iter_mut().zip(&p.manifest.disks) {
+            *b &= d.base.is_some();
+        }
+        if !bases.contains(&true) {
+            bases.clear();
+        }
         let mut capabilities = self.cfg.capabilities.intersect(p.capabilities);
         if !(held && p.manifest.reuse.is_some()) {
             capabilities = Capabilities(capabilities.0 & !Capabilities::REUSE.0);
@@ -734,6 +753,7 @@ impl Destination {
                 version,
                 capabilities,
                 receipt,
+                bases,
             })));
         self.phase = Phase::Receiving;
     }

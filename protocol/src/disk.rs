@@ -15,6 +15,18 @@
 //! both without a new receipt format); each disk's own root, over its
 //! leaves only ([`disk_root`]), is reported to the operator and can be
 //! recomputed from the disk file alone ([`file_root`]).
+//!
+//! # Base images
+//! A disk cloned from a *base image* (a file both hosts may hold, such as
+//! an operating system image) names it in its geometry ([`BaseRef`]: the
+//! base's name and the root of its blocks). A destination that holds a
+//! base of that name *and* root says so in `Accept`; it then starts the
+//! disk as a copy of its base, and the source sends each block that still
+//! equals the base's block as a retained block, without bytes (a zero
+//! block is then sent as such when the base's block is not zero). The
+//! destination takes the leaf of what it staged, so a block the source
+//! claims wrongly, or a base that differs, fails the root check: nothing
+//! starts. The base is only a hint for saving bytes, never trusted.
 
 use std::ops::Range;
 
@@ -38,6 +50,19 @@ pub struct DiskGeometry {
     pub name: DiskName,
     /// Size in bytes, a multiple of the memory's page size.
     pub bytes: u64,
+    /// The base image it was cloned from, if any (see the module docs).
+    pub base: Option<BaseRef>,
+}
+
+/// A base image a disk was cloned from: its name in the hosts' base image
+/// directories and the root of its blocks ([`disk_root`] of
+/// [`file_leaves`]), the same size as the disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    /// The base's file name.
+    pub name: DiskName,
+    /// The root of its blocks.
+    pub root: Digest,
 }
 
 /// Why a set of disks is not acceptable.
@@ -119,11 +144,17 @@ pub fn disk_root(leaves: &[Digest]) -> Digest {
 /// The root of a disk image read from `read` (a file), block by block; a
 /// short read is an error. What an operator, or a test, recomputes from a
 /// disk file to check it against a migration's report.
-pub fn file_root(
+pub fn file_root(read: impl std::io::Read, bytes: u64, block: usize) -> std::io::Result<Digest> {
+    Ok(disk_root(&file_leaves(read, bytes, block)?))
+}
+
+/// The leaf of each block of a disk image read from `read`: what
+/// [`file_root`] folds.
+pub fn file_leaves(
     mut read: impl std::io::Read,
     bytes: u64,
     block: usize,
-) -> std::io::Result<Digest> {
+) -> std::io::Result<Vec<Digest>> {
     let n = usize::try_from(bytes / block as u64)
         .map_err(|_| std::io::Error::other("disk too large for this host"))?;
     let mut buf = vec![0u8; block];
@@ -136,7 +167,7 @@ pub fn file_root(
             leaf_digest(&buf)
         });
     }
-    Ok(disk_root(&leaves))
+    Ok(leaves)
 }
 
 #[cfg(test)]
@@ -147,6 +178,7 @@ mod tests {
         DiskGeometry {
             name: name.parse().unwrap_or_else(|e| panic!("{e}")),
             bytes,
+            base: None,
         }
     }
 

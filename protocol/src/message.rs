@@ -175,6 +175,10 @@ pub struct Accept {
     pub capabilities: Capabilities,
     /// The destination's signed `Accepted` receipt.
     pub receipt: SignedReceipt,
+    /// For each of the manifest's disks, whether this host holds its base
+    /// image (same name and root) and starts the disk from it; empty when
+    /// none is held ([`crate::disk`]).
+    pub bases: Vec<bool>,
 }
 
 /// Why a destination refused or a peer aborted.
@@ -705,6 +709,10 @@ mod tests {
                 disks: vec![crate::disk::DiskGeometry {
                     name: "root".parse().unwrap(),
                     bytes: 8192,
+                    base: Some(crate::disk::BaseRef {
+                        name: "debian".parse().unwrap(),
+                        root: crate::digest::Digest([6; 32]),
+                    }),
                 }],
             },
             ticket: crate::ticket::SignedTicket {

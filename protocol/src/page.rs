@@ -580,6 +580,25 @@ impl BatchBuilder {
         self.push_inner(idx, fill, true, cache, held)
     }
 
+    /// The first round of a disk the destination started as a copy of a
+    /// base image ([`crate::disk`]): a block whose leaf equals `base` (the
+    /// leaf of the base's block) goes as a [`RunKind::Retained`] block,
+    /// without bytes; a zero block is left out only where the base's block
+    /// is zero too (elsewhere the destination holds the base's bytes, so
+    /// it must be told); any other block goes as
+    /// [`BatchBuilder::push_nonzero_reusing_with`] sends it. Returns whether
+    /// the block was added.
+    pub fn push_over_base_with(
+        &mut self,
+        idx: PageIndex,
+        base: Digest,
+        cache: Option<&mut PageCache>,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, BuildError> {
+        let skip_zero = base == zero_leaf(self.page);
+        self.push_inner(idx, fill, skip_zero, cache, Some(base))
+    }
+
     fn push(
         &mut self,
         idx: PageIndex,
@@ -1261,6 +1280,50 @@ mod tests {
             assert_eq!(enc.stats.pages(), pages.len() as u64);
             assert_eq!(enc.leaves.len(), pages.len());
         }
+    }
+
+    #[test]
+    fn blocks_over_a_base_send_only_what_differs_and_zeros_where_the_base_is_not() {
+        let zero = zero_leaf(4096);
+        // Block 0 equals the base's; block 1 differs; block 2 is zero over
+        // a non-zero base block (must be sent); block 3 is zero over a
+        // zero base block (nothing to send).
+        let base = [
+            leaf_digest(&page_bytes(1)),
+            leaf_digest(&page_bytes(8)),
+            leaf_digest(&page_bytes(5)),
+            zero,
+        ];
+        let mut b = BatchBuilder::new(PageSize::SIZE_4K);
+        let mut added = Vec::new();
+        for p in 0..4u64 {
+            let fill = |buf: &mut [u8]| {
+                if p < 2 {
+                    buf.copy_from_slice(&page_bytes(p + 1))
+                }
+            };
+            added.push(
+                b.push_over_base_with(PageIndex(p), base[p as usize], None, fill)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(added, [true, true, true, false]);
+        let enc = b.finish(0, 1, &mut Compressor::new(0).unwrap()).unwrap();
+        assert_eq!(
+            (enc.stats.retained, enc.stats.raw, enc.stats.zero),
+            (1, 1, 1)
+        );
+        assert_eq!(enc.payload.len(), 4096);
+        let mut rx = StreamReceiver::new(0, 1, geometry(64));
+        rx.accept_retained();
+        let dec = rx
+            .receive(&enc.header, &bytes::Bytes::from(enc.payload))
+            .unwrap();
+        let got: Vec<_> = dec.pages().map(|(i, d)| (i.0, d)).collect();
+        assert_eq!(got[0], (0, PageData::Retained));
+        assert!(matches!(got[1], (1, PageData::Full(_))));
+        assert_eq!(got[2], (2, PageData::Zero));
+        assert_eq!(got.len(), 3);
     }
 
     #[test]

@@ -466,6 +466,8 @@ pub struct Source {
     ticket_digest: Digest,
     receipts: Vec<crate::receipt::SignedReceipt>,
     accepted: Option<Capabilities>,
+    /// Per disk, whether the destination holds its base (from `Accept`).
+    bases: Vec<bool>,
     /// The image this host will retain, and its key, for Handover.
     retain: Option<crate::reuse::ReuseOffer>,
     disk_blocks_sent: u64,
@@ -525,6 +527,7 @@ impl Source {
             root: None,
             receipts: Vec::new(),
             accepted: None,
+            bases: Vec::new(),
             retain: None,
             disk_blocks_sent: 0,
         }
@@ -545,6 +548,13 @@ impl Source {
     /// delta pages).
     pub fn accepted_capabilities(&self) -> Option<Capabilities> {
         self.accepted
+    }
+
+    /// Per disk of the manifest, whether the destination holds its base
+    /// image (empty: none); the driver may then send, in the first round,
+    /// the blocks equal to the base's as retained ([`crate::disk`]).
+    pub fn accepted_bases(&self) -> &[bool] {
+        &self.bases
     }
 
     /// The next thing to do.
@@ -636,6 +646,18 @@ impl Source {
                 if let Err(e) = self.check_receipt(&a.receipt, ReceiptKind::Accepted, None) {
                     return Err(self.fail(now, e));
                 }
+                // A base held only for a disk that names one.
+                let disks = &self.cfg.manifest.disks;
+                if !a.bases.is_empty()
+                    && (a.bases.len() != disks.len()
+                        || a.bases
+                            .iter()
+                            .zip(disks)
+                            .any(|(h, d)| *h && d.base.is_none()))
+                {
+                    return Err(self.fail(now, SourceError::Capabilities));
+                }
+                self.bases = a.bases;
                 self.accepted = Some(a.capabilities);
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
@@ -814,12 +836,23 @@ impl Source {
         };
         *count += 1;
         let memory_pages = self.cfg.manifest.memory.page_count();
+        // A VM with disks never reuses a retained memory image, so its
+        // retained leaves are disk blocks a base holds: not sent.
+        let mut unsent = if self.cfg.manifest.disks.is_empty() {
+            0
+        } else {
+            batch.stats.retained
+        };
         for &(p, d) in &batch.leaves {
             if !self.tree.set_leaf(p.0 as usize, d) {
                 return Err(SourceError::LeafOutOfRange(p.0));
             }
             if p.0 >= memory_pages {
-                self.disk_blocks_sent += 1;
+                if unsent > 0 {
+                    unsent -= 1;
+                } else {
+                    self.disk_blocks_sent += 1;
+                }
             }
             if self.sent.contains(p) {
                 self.convergence.resent_pages += 1;

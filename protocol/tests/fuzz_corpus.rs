@@ -156,6 +156,7 @@ fn seeds() -> Vec<Message> {
             version: 1,
             capabilities: Capabilities::OURS,
             receipt: rc(ReceiptKind::Accepted),
+            bases: vec![true],
         }),
         Message::Reject(Reject {
             reason: Reason::NoCapacity,
@@ -235,6 +236,7 @@ fn seeds() -> Vec<Message> {
             vec![convoy_protocol::disk::DiskGeometry {
                 name: "root".parse().unwrap(),
                 bytes: 16 * 4096,
+                base: None,
             }],
         ),
     ]

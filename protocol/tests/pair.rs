@@ -1102,6 +1102,7 @@ fn accepted_without_a_destination() -> Pair {
                 // What a source without a reuse offer offers.
                 capabilities: Capabilities(Capabilities::ZSTD.0 | Capabilities::DELTA.0),
                 receipt: receipt_by(DST, p.now, ReceiptKind::Accepted, None),
+                bases: Vec::new(),
             }),
         )
         .unwrap();
@@ -1207,6 +1208,7 @@ fn a_receipt_from_the_wrong_agent_aborts_before_handover() {
                 ReceiptKind::Accepted,
                 None,
             ),
+            bases: Vec::new(),
         }),
     );
     assert!(matches!(err, Err(SourceError::Receipt(_))), "{err:?}");

@@ -8,6 +8,7 @@
 //! The built-in [`sim`] backend is the embedded default for demos, tests
 //! and benchmarks.
 
+pub mod base;
 pub mod memory;
 pub mod qemu;
 pub mod sim;

@@ -126,10 +126,12 @@ impl std::fmt::Debug for SimVm {
 
 impl SimVm {
     /// Creates, fills and starts a VM. Its disks, if any, are made in
-    /// `disk_dir/NAME/`, which must not exist yet.
+    /// `disk_dir/NAME/`, which must not exist yet; a disk with a base is a
+    /// copy of that base from `bases`.
     pub fn create(
         spec: &SimVmSpec,
         disk_dir: Option<&std::path::Path>,
+        bases: Option<&super::base::BaseImages>,
     ) -> Result<Arc<SimVm>, BackendError> {
         if !(1..=100).contains(&spec.hot_set_pct) {
             return Err(BackendError::Spec("hot set must be 1..=100 percent".into()));
@@ -142,10 +144,24 @@ impl SimVm {
             .map(|d| convoy_protocol::disk::DiskGeometry {
                 name: d.name.clone(),
                 bytes: d.bytes,
+                base: None,
             })
             .collect();
         convoy_protocol::disk::check(geometry, &wanted)
             .map_err(|e| BackendError::Spec(e.to_string()))?;
+        let block = geometry.page_size().bytes();
+        // Bases first (indexing may read them whole): nothing made yet.
+        let base_of: Vec<Option<Arc<super::base::BaseIndex>>> = spec
+            .disks
+            .iter()
+            .map(|d| match (&d.base, bases) {
+                (None, _) => Ok(None),
+                (Some(_), None) => Err(BackendError::Spec(
+                    "this agent has no base image directory (start it with --base-dir)".into(),
+                )),
+                (Some(b), Some(bases)) => bases.index(b, block).map(Some),
+            })
+            .collect::<Result<_, _>>()?;
         let (disks, dir) = if spec.disks.is_empty() {
             (Vec::new(), None)
         } else {
@@ -157,13 +173,22 @@ impl SimVm {
             };
             let dir = make_vm_dir(root, spec.name.as_str())?;
             let ranges = convoy_protocol::disk::leaf_ranges(geometry, &wanted);
-            let block = geometry.page_size().bytes();
             let made: Result<Vec<SimDisk>, BackendError> = spec
                 .disks
                 .iter()
                 .zip(ranges)
+                .zip(&base_of)
                 .enumerate()
-                .map(|(i, (d, r))| SimDisk::create(&dir, d, r.start, block, spec.seed ^ i as u64))
+                .map(|(i, ((d, r), base))| {
+                    SimDisk::create(
+                        &dir,
+                        d,
+                        r.start,
+                        block,
+                        spec.seed ^ i as u64,
+                        base.as_deref(),
+                    )
+                })
                 .collect();
             match made {
                 Ok(d) => (d, Some(dir)),
@@ -435,6 +460,19 @@ impl SimVm {
     /// Whether the VM has disks.
     pub fn has_disks(&self) -> bool {
         !self.shared.disks.is_empty()
+    }
+
+    /// Starts incoming disk `disk` as a copy of `base` (before any block
+    /// of it arrives). Blocking.
+    pub fn stage_base(
+        &self,
+        disk: usize,
+        base: &super::base::BaseIndex,
+    ) -> Result<(), BackendError> {
+        match self.shared.disks.get(disk) {
+            Some(d) => d.fill_from(base),
+            None => Err(BackendError::Spec(format!("no disk {disk}"))),
+        }
     }
 
     /// Writes the disks' data written so far to stable storage. An
@@ -932,7 +970,7 @@ mod tests {
 
     #[test]
     fn workload_dirties_and_pause_stops_writes() {
-        let vm = SimVm::create(&spec(4 << 20, 20_000, ContentProfile::Mixed), None).unwrap();
+        let vm = SimVm::create(&spec(4 << 20, 20_000, ContentProfile::Mixed), None, None).unwrap();
         vm.start_dirty_log();
         std::thread::sleep(Duration::from_millis(50));
         let d = vm.collect_dirty_log();
@@ -951,7 +989,7 @@ mod tests {
 
     #[test]
     fn a_throttled_vcpu_runs_fewer_ticks() {
-        let vm = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None).unwrap();
+        let vm = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None, None).unwrap();
         let ticks = |vm: &SimVm| {
             let c = vm.counter();
             std::thread::sleep(Duration::from_millis(200));
@@ -969,7 +1007,7 @@ mod tests {
 
     #[test]
     fn mixed_content_has_zero_text_and_random_pages() {
-        let vm = SimVm::create(&spec(4 << 20, 0, ContentProfile::Mixed), None).unwrap();
+        let vm = SimVm::create(&spec(4 << 20, 0, ContentProfile::Mixed), None, None).unwrap();
         vm.pause().unwrap();
         let mut zero = 0;
         let mut buf = vec![0u8; 4096];
@@ -993,7 +1031,7 @@ mod tests {
     #[test]
     fn a_handed_over_vm_and_a_discarded_staging_image_are_wiped() {
         // Source side: after handover the engine destroys the VM.
-        let vm = SimVm::create(&spec(1 << 20, 5000, ContentProfile::Random), None).unwrap();
+        let vm = SimVm::create(&spec(1 << 20, 5000, ContentProfile::Random), None, None).unwrap();
         assert!(!all_zero(&vm));
         vm.destroy();
         assert!(all_zero(&vm), "guest memory readable after destroy");
@@ -1017,8 +1055,9 @@ mod tests {
             bytes: 64 * 4096,
             writes_per_sec: 2000,
             used_pct: 50,
+            base: None,
         }];
-        let src = SimVm::create(&s, Some(&root.path().join("a"))).unwrap();
+        let src = SimVm::create(&s, Some(&root.path().join("a")), None).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         src.pause().unwrap();
         let disks = src.disks();
@@ -1081,7 +1120,7 @@ mod tests {
             return;
         }
         // No writes but the counter's, so the pages stay as sent.
-        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Random), None).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Random), None, None).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         src.pause().unwrap();
         let pages = src.geometry().page_count();
@@ -1136,7 +1175,7 @@ mod tests {
     /// serve its faults: its vCPU blocks on its first touch. Returns the
     /// running VM and the incoming image it was started from.
     fn blocked_postcopy_vm() -> (Arc<dyn VmBackend>, Arc<SimVm>) {
-        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 0, ContentProfile::Zero), None, None).unwrap();
         src.pause().unwrap();
         let dst = SimVm::incoming(src.geometry()).unwrap();
         let owed = PageBitmap::full(src.geometry().page_count());
@@ -1185,7 +1224,7 @@ mod tests {
 
     #[test]
     fn staging_starts_from_device_state_and_checks_it() {
-        let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed), None).unwrap();
+        let src = SimVm::create(&spec(1 << 20, 1000, ContentProfile::Mixed), None, None).unwrap();
         std::thread::sleep(Duration::from_millis(10));
         src.pause().unwrap();
         let dst = SimVm::incoming(src.geometry()).unwrap();

@@ -22,6 +22,7 @@ use convoy_protocol::page::{PageBitmap, PageIndex};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
+use super::base::{copy_sparse, BaseIndex};
 use super::BackendError;
 
 /// Bytes a guest write covers (one sector).
@@ -56,13 +57,15 @@ fn io_err(path: &Path, what: &str, e: &io::Error) -> BackendError {
 
 impl SimDisk {
     /// Makes the file of a new disk (it must not exist), sparse, with
-    /// `used_pct` of its blocks written from `seed`.
+    /// `used_pct` of its blocks written from `seed`, or as a copy of
+    /// `base` (the index of `spec.base`).
     pub(crate) fn create(
         dir: &Path,
         spec: &SimDiskSpec,
         first: u64,
         block: usize,
         seed: u64,
+        base: Option<&BaseIndex>,
     ) -> Result<SimDisk, BackendError> {
         if spec.used_pct > 100 {
             return Err(BackendError::Spec(format!(
@@ -73,9 +76,14 @@ impl SimDisk {
         let geometry = DiskGeometry {
             name: spec.name.clone(),
             bytes: spec.bytes,
+            base: base.map(|b| b.reference.clone()),
         };
         let disk = SimDisk::open_new(dir, geometry, first, block)?;
         disk.rate.store(spec.writes_per_sec, Ordering::Relaxed);
+        if let Some(b) = base {
+            disk.fill_from(b)?;
+            return Ok(disk);
+        }
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut buf = vec![0u8; block];
         for b in 0..disk.blocks() {
@@ -129,6 +137,18 @@ impl SimDisk {
             block,
             rate: AtomicU64::new(0),
         })
+    }
+
+    /// Copies base `b` (this disk's size) into the disk, holes kept.
+    pub(crate) fn fill_from(&self, b: &BaseIndex) -> Result<(), BackendError> {
+        if b.bytes != self.geometry.bytes {
+            return Err(BackendError::Spec(format!(
+                "disk {}: base {} is {} bytes, the disk {}",
+                self.geometry.name, b.reference.name, b.bytes, self.geometry.bytes
+            )));
+        }
+        let from = File::open(&b.path).map_err(|e| io_err(&b.path, "cannot open", &e))?;
+        copy_sparse(&from, &self.file, b.bytes).map_err(|e| io_err(&b.path, "cannot copy", &e))
     }
 
     /// Its name and size.
@@ -263,13 +283,14 @@ mod tests {
             bytes,
             writes_per_sec: 0,
             used_pct,
+            base: None,
         }
     }
 
     #[test]
     fn a_disk_is_sparse_logs_guest_writes_and_punches_zero_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let d = SimDisk::create(dir.path(), &spec(64 << 20, 0), 10, 4096, 1).unwrap();
+        let d = SimDisk::create(dir.path(), &spec(64 << 20, 0), 10, 4096, 1, None).unwrap();
         // All holes: nothing allocated.
         assert_eq!(std::fs::metadata(d.path()).unwrap().blocks(), 0);
         let mut rng = SmallRng::seed_from_u64(2);
@@ -297,16 +318,16 @@ mod tests {
     #[test]
     fn an_existing_file_is_never_overwritten_and_bad_specs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let d = SimDisk::create(dir.path(), &spec(1 << 20, 50), 0, 4096, 1).unwrap();
+        let d = SimDisk::create(dir.path(), &spec(1 << 20, 50), 0, 4096, 1, None).unwrap();
         let before = std::fs::read(d.path()).unwrap();
         assert!(before.iter().any(|b| *b != 0), "half the blocks are used");
         assert!(matches!(
-            SimDisk::create(dir.path(), &spec(1 << 20, 0), 0, 4096, 1),
+            SimDisk::create(dir.path(), &spec(1 << 20, 0), 0, 4096, 1, None),
             Err(BackendError::Disk(_))
         ));
         assert_eq!(std::fs::read(d.path()).unwrap(), before);
         assert!(matches!(
-            SimDisk::create(dir.path(), &spec(1 << 20, 101), 0, 4096, 1),
+            SimDisk::create(dir.path(), &spec(1 << 20, 101), 0, 4096, 1, None),
             Err(BackendError::Spec(_))
         ));
     }

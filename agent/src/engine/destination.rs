@@ -103,6 +103,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         faults: None,
         migration: None,
         reuse: None,
+        base_ranges: Arc::new(Vec::new()),
         tasks: Vec::new(),
         phases: Vec::new(),
         started: Instant::now(),
@@ -265,6 +266,9 @@ struct Incoming {
     /// The source offered an image this host retained for the VM: the
     /// image and the key to open its pages with.
     reuse: Option<Reuse>,
+    /// The leaves of the disks staged from a base held here: a retained
+    /// block there is the base's.
+    base_ranges: Arc<Vec<std::ops::Range<u64>>>,
     tasks: Vec<JoinHandle<()>>,
     /// Phase changes, audited with the outcome (never inside downtime).
     phases: Vec<(String, u64)>,
@@ -450,7 +454,7 @@ impl Incoming {
                             if staging.has_disks() {
                                 self.tasks.push(flush_disks_while_arriving(staging.clone()));
                             }
-                            self.staging = Some(staging);
+                            self.staging = Some(staging.clone());
                             self.name = Some(vm);
                             // Batches index memory pages, then disk blocks
                             // (the leaf count was checked at Propose).
@@ -462,7 +466,7 @@ impl Incoming {
                             self.migration = sm.migration();
                             // An offered image held here, for this VM and
                             // geometry: its pages need not be sent.
-                            self.reuse = manifest.reuse.and_then(|offer| {
+                            self.reuse = manifest.reuse.clone().and_then(|offer| {
                                 let name = self.name.as_ref()?;
                                 let image = self.inner.retained().find(
                                     name,
@@ -475,15 +479,21 @@ impl Incoming {
                                 })
                             });
                             let held = self.reuse.is_some();
+                            let bases = self.stage_bases(&staging, &manifest).await;
                             self.phase(format!(
-                                "staging reserved ({bytes} bytes){}, accepting",
+                                "staging reserved ({bytes} bytes){}{}, accepting",
                                 if held {
                                     ", reusing the image retained here"
                                 } else {
                                     ""
+                                },
+                                if bases.contains(&true) {
+                                    ", disks started from the base images held here"
+                                } else {
+                                    ""
                                 }
                             ));
-                            sm.handle_staging_ready_reusing(Instant::now(), held);
+                            sm.handle_staging_ready_holding(Instant::now(), held, bases);
                             self.accept_streams();
                         }
                         Err(e @ crate::backend::BackendError::Disk(_)) => {
@@ -652,6 +662,55 @@ impl Incoming {
         }));
     }
 
+    /// Starts each incoming disk whose base this host holds (same name,
+    /// root and size) as a copy of it; returns, per disk, whether it did.
+    /// A base that cannot be copied is not held: its blocks then all come.
+    async fn stage_bases(
+        &mut self,
+        staging: &Arc<SimVm>,
+        manifest: &convoy_protocol::message::Manifest,
+    ) -> Vec<bool> {
+        let Some(bases) = self.inner.bases.clone() else {
+            return Vec::new();
+        };
+        if manifest.disks.iter().all(|d| d.base.is_none()) {
+            return Vec::new();
+        }
+        let (staging, disks) = (staging.clone(), manifest.disks.clone());
+        let block = manifest.memory.page_size().bytes();
+        let ranges = convoy_protocol::disk::leaf_ranges(manifest.memory, &manifest.disks);
+        let staged = tokio::task::spawn_blocking(move || {
+            disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let Some(index) = d.base.as_ref().and_then(|b| bases.find(b, d.bytes, block))
+                    else {
+                        return false;
+                    };
+                    match staging.stage_base(i, &index) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!("cannot start disk {} from its base: {e}", d.name);
+                            false
+                        }
+                    }
+                })
+                .collect::<Vec<bool>>()
+        })
+        .await
+        .unwrap_or_default();
+        self.base_ranges = Arc::new(
+            staged
+                .iter()
+                .zip(ranges)
+                .filter(|(held, _)| **held)
+                .map(|(_, r)| r)
+                .collect(),
+        );
+        staged
+    }
+
     fn spawn_decoder(&mut self, stream: u16, mut recv: RecvStream) {
         let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
             return;
@@ -661,6 +720,8 @@ impl Incoming {
         let switched = self.switched.clone();
         // Retained pages come on the data streams, never on the fault one.
         let reuse = self.reuse.clone().filter(|_| stream < self.streams);
+        let bases = self.base_ranges.clone();
+        let retained = stream < self.streams && (reuse.is_some() || !bases.is_empty());
         self.tasks.push(tokio::spawn(async move {
             loop {
                 match read_message(&mut recv).await {
@@ -692,7 +753,7 @@ impl Incoming {
                 } else {
                     StreamReceiver::new(stream, streams, geometry)
                 };
-                if reuse.is_some() {
+                if retained {
                     rx.accept_retained();
                 }
                 let mut scratch = vec![0u8; geometry.page_size().bytes()];
@@ -715,7 +776,14 @@ impl Incoming {
                     let applied = if switched.load(Ordering::Acquire) {
                         install(&staging, &batch, &mut scratch, &mut leaves)
                     } else {
-                        stage(&staging, reuse.as_ref(), &batch, &mut scratch, &mut leaves)
+                        stage(
+                            &staging,
+                            reuse.as_ref(),
+                            &bases,
+                            &batch,
+                            &mut scratch,
+                            &mut leaves,
+                        )
                     };
                     if let Err(e) = applied {
                         let _ = tx.send(*e);
@@ -746,6 +814,7 @@ impl Incoming {
 fn stage(
     staging: &SimVm,
     reuse: Option<&Reuse>,
+    bases: &[std::ops::Range<u64>],
     batch: &convoy_protocol::page::DecodedBatch,
     scratch: &mut [u8],
     leaves: &mut Vec<(PageIndex, Digest)>,
@@ -761,6 +830,9 @@ fn stage(
             // Opened from the image retained here (authenticated, bound to
             // the image and the page); a page that does not open is the
             // source's lie or a tampered image: abort.
+            // A disk block the staged base holds: it is there already
+            // (its leaf, below, is what staging holds).
+            PageData::Retained if bases.iter().any(|r| r.contains(&idx.0)) => {}
             PageData::Retained => {
                 let opened = match reuse {
                     Some(r) => r.image.open_into(&r.key, idx, scratch),

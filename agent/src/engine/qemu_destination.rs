@@ -352,6 +352,7 @@ impl Incoming {
                 .unwrap_or(convoy_protocol::message::PROTOCOL_VERSION),
             capabilities: Capabilities::default(),
             receipt: accepted,
+            bases: Vec::new(),
         }));
         self.phase("accepted: QEMU waits, paused, for the stream");
         Ok(())

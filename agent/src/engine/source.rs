@@ -114,9 +114,43 @@ struct Job {
     /// Deltas allowed (not after a post-copy switch: the destination's
     /// copy of a page may have changed since).
     delta: bool,
-    /// The first round to a host that retained the image: the leaves of
-    /// that image, page by page.
-    held: Option<Arc<Vec<convoy_protocol::digest::Digest>>>,
+    /// The first round: what the destination holds already.
+    held: Option<Arc<Held>>,
+}
+
+/// What the destination holds before the first round: the image it
+/// retained of the VM (memory), and the bases it started disks from.
+#[derive(Default)]
+struct Held {
+    /// The retained image's leaves, page by page.
+    pages: Option<Arc<Vec<convoy_protocol::digest::Digest>>>,
+    /// Disks started from a base there: their leaves, and the base's.
+    bases: Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)>,
+}
+
+/// What the destination holds of one leaf.
+enum HeldLeaf {
+    /// A page of the retained image (its leaf, if it has the page).
+    Page(Option<convoy_protocol::digest::Digest>),
+    /// A block of a base the disk started from there.
+    Base(convoy_protocol::digest::Digest),
+}
+
+impl Held {
+    fn leaf(&self, p: PageIndex) -> Option<HeldLeaf> {
+        for (r, base) in &self.bases {
+            if r.contains(&p.0) {
+                let i = usize::try_from(p.0 - r.start).ok()?;
+                return base.leaves.get(i).copied().map(HeldLeaf::Base);
+            }
+        }
+        let pages = self.pages.as_ref()?;
+        Some(HeldLeaf::Page(pages.get(p.0 as usize).copied()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pages.is_none() && self.bases.is_empty()
+    }
 }
 
 /// Pages to serve on the fault stream, as one batch.
@@ -448,6 +482,37 @@ impl Run {
         }
     }
 
+    /// The bases of the disks whose base the destination holds (`held`,
+    /// per disk), with their leaves: only where this host's base is still
+    /// the one the manifest named (same root), else that disk goes whole.
+    async fn held_bases(
+        &self,
+        held: &[bool],
+    ) -> Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)> {
+        let Some(bases) = self.inner.bases.clone() else {
+            return Vec::new();
+        };
+        let disks = self.vm.disks();
+        let memory = self.vm.geometry();
+        let ranges = convoy_protocol::disk::leaf_ranges(memory, &disks);
+        let block = memory.page_size().bytes();
+        let wanted: Vec<_> = disks
+            .into_iter()
+            .zip(ranges)
+            .zip(held)
+            .filter(|(_, h)| **h)
+            .filter_map(|((d, r), _)| Some((r, d.base?, d.bytes)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .filter_map(|(r, base, bytes)| Some((r, bases.find(&base, bytes, block)?)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     fn phase(&mut self, what: &str) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what.to_owned(), ms));
@@ -620,11 +685,20 @@ impl Run {
                             && sm
                                 .accepted_capabilities()
                                 .is_some_and(|c| c.has(Capabilities::REUSE));
-                        let held = if reusing {
-                            self.back.as_ref().map(|b| b.leaves.clone())
-                        } else {
-                            None
+                        let mut held = Held {
+                            pages: self
+                                .back
+                                .as_ref()
+                                .filter(|_| reusing)
+                                .map(|b| b.leaves.clone()),
+                            bases: Vec::new(),
                         };
+                        // Disks the destination started from their base:
+                        // blocks still equal to the base's go as retained.
+                        if round == 1 && skip_zero && sm.accepted_bases().contains(&true) {
+                            held.bases = self.held_bases(sm.accepted_bases()).await;
+                        }
+                        let held = (!held.is_empty()).then(|| Arc::new(held));
                         for j in &jobs {
                             let _ = j.send(Job {
                                 round,
@@ -1149,9 +1223,12 @@ fn encode_stream(
             let mut failed = None;
             let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
             let cache = if job.delta { cache.as_mut() } else { None };
-            let added = match (&job.held, cache, job.skip_zero) {
-                (Some(held), cache, true) => {
-                    let leaf = held.get(p.0 as usize).copied();
+            let held = job.held.as_ref().and_then(|h| h.leaf(p));
+            let added = match (held, cache, job.skip_zero) {
+                (Some(HeldLeaf::Base(leaf)), cache, true) => {
+                    b.push_over_base_with(p, leaf, cache, read)
+                }
+                (Some(HeldLeaf::Page(leaf)), cache, true) => {
                     b.push_nonzero_reusing_with(p, leaf, cache, read)
                 }
                 (_, Some(c), true) => b.push_nonzero_delta_with(p, c, read),

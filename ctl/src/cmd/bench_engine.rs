@@ -375,6 +375,7 @@ impl Ctx<'_> {
                 bytes,
                 writes_per_sec,
                 used_pct: 25,
+                base: None,
             }],
             None => Vec::new(),
         };

@@ -98,6 +98,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
                     bytes,
                     writes_per_sec: 500,
                     used_pct: 25,
+                    base: None,
                 })
             })
             .transpose()?

@@ -79,10 +79,13 @@ pub struct Create {
     #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
     pub append: String,
     /// A disk (repeatable). qemu: an image, relative to the image
-    /// directory. sim: `NAME=SIZE[,writes=N][,used=PCT]`, a sparse raw file
-    /// in the agent's disk directory that migrates with the VM, whose
-    /// workload writes N blocks a second and which starts with PCT% of its
-    /// blocks written (default 10; the rest are holes).
+    /// directory. sim: `NAME=SIZE[,writes=N][,used=PCT][,base=BASE]`, a
+    /// sparse raw file in the agent's disk directory that migrates with the
+    /// VM, whose workload writes N blocks a second and which starts with
+    /// PCT% of its blocks written (default 10; the rest are holes), or as a
+    /// copy of base image BASE (of SIZE bytes) from the agent's base image
+    /// directory: a destination holding the same base receives only the
+    /// blocks that differ from it.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// qemu: adopt the QEMU already running on the agent's host whose QMP
@@ -192,11 +195,11 @@ impl Create {
     }
 }
 
-/// A sim disk: `NAME=SIZE[,writes=N][,used=PCT]`.
+/// A sim disk: `NAME=SIZE[,writes=N][,used=PCT][,base=BASE]`.
 pub fn parse_sim_disk(s: &str) -> Result<SimDiskSpec> {
-    let (name, rest) = s
-        .split_once('=')
-        .ok_or_else(|| anyhow::anyhow!("--disk {s:?}: expected NAME=SIZE[,writes=N][,used=PCT]"))?;
+    let (name, rest) = s.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("--disk {s:?}: expected NAME=SIZE[,writes=N][,used=PCT][,base=BASE]")
+    })?;
     let mut parts = rest.split(',');
     let size = parts.next().unwrap_or_default();
     let mut disk = SimDiskSpec {
@@ -207,6 +210,7 @@ pub fn parse_sim_disk(s: &str) -> Result<SimDiskSpec> {
             .map_err(|e| anyhow::anyhow!("--disk {s:?}: {e}"))?,
         writes_per_sec: 0,
         used_pct: 10,
+        base: None,
     };
     for p in parts {
         match p.split_once('=') {
@@ -215,14 +219,25 @@ pub fn parse_sim_disk(s: &str) -> Result<SimDiskSpec> {
                     .parse()
                     .map_err(|_| anyhow::anyhow!("--disk {s:?}: writes={n:?} is not a number"))?;
             }
+            Some(("base", n)) => {
+                disk.base = Some(
+                    n.parse()
+                        .map_err(|e| anyhow::anyhow!("--disk {s:?}: base={n:?}: {e}"))?,
+                );
+            }
             Some(("used", n)) => {
                 disk.used_pct =
                     n.parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
                         anyhow::anyhow!("--disk {s:?}: used={n:?} is not 0..=100")
                     })?;
             }
-            _ => anyhow::bail!("--disk {s:?}: unknown option {p:?} (writes=N, used=PCT)"),
+            _ => {
+                anyhow::bail!("--disk {s:?}: unknown option {p:?} (writes=N, used=PCT, base=NAME)")
+            }
         }
+    }
+    if disk.base.is_some() && rest.split(',').any(|p| p.starts_with("used=")) {
+        anyhow::bail!("--disk {s:?}: a disk cloned from a base has the base's content: no used=");
     }
     if disk.bytes == 0 || disk.bytes % 4096 != 0 {
         anyhow::bail!("--disk {s:?}: the size must be a positive multiple of 4 KiB");
@@ -302,7 +317,12 @@ mod tests {
         );
         let d = parse_sim_disk("data=1GiB").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((d.bytes, d.writes_per_sec, d.used_pct), (1 << 30, 0, 10));
+        assert_eq!(d.base, None);
+        let d = parse_sim_disk("root=4GiB,base=debian-12").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.base.as_ref().map(|b| b.as_str()), Some("debian-12"));
         for (bad, why) in [
+            ("root=1MiB,base=../etc", "base="),
+            ("root=1MiB,base=deb,used=5", "no used="),
             ("root", "expected NAME=SIZE"),
             ("../x=1MiB", "--disk"),
             ("root=lots", "--disk"),
