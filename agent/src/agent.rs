@@ -200,6 +200,9 @@ pub struct AgentConfig {
     /// cloned from the same base start from (see
     /// [`crate::backend::base`]); `None`: the state directory's `bases/`.
     pub base_dir: Option<std::path::PathBuf>,
+    /// What all migrations of this agent may buffer together, bytes (see
+    /// [`crate::budget`]).
+    pub migration_memory: u64,
     dangerous: DangerousOptions,
 }
 
@@ -223,6 +226,7 @@ impl AgentConfig {
             disk_dir: None,
             disk_capacity_bytes: 1 << 40,
             base_dir: None,
+            migration_memory: crate::budget::DEFAULT_MIGRATION_MEMORY,
             dangerous: DangerousOptions::default(),
         }
     }
@@ -305,6 +309,8 @@ pub(crate) struct Inner {
     pub retained: Arc<Mutex<crate::retain::RetainedStore>>,
     /// The base images of sim disks, when there is a directory for them.
     pub bases: Option<Arc<crate::backend::base::BaseImages>>,
+    /// The memory budget the migrations share.
+    pub budget: Arc<crate::budget::MigrationBudget>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
@@ -591,6 +597,10 @@ impl Agent {
             &config.tuning,
             &reset_key,
         )?;
+        let budget = crate::budget::MigrationBudget::new(
+            config.migration_memory,
+            u64::from(config.tuning.connection_window),
+        );
         let bases = config
             .base_dir()
             .map(|d| Arc::new(crate::backend::base::BaseImages::new(d)));
@@ -618,6 +628,7 @@ impl Agent {
                 audit,
                 retained: Arc::new(Mutex::new(Default::default())),
                 bases,
+                budget,
             }),
         };
         if let Some(p) = policy {

@@ -28,6 +28,7 @@ pub mod agent;
 pub mod audit;
 pub mod authz;
 pub mod backend;
+pub mod budget;
 pub mod client;
 pub(crate) mod control;
 pub mod engine;

@@ -97,6 +97,11 @@ struct Args {
     /// blocks do not travel (default: STATE_DIR/bases).
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// What all migrations of this agent may buffer together (QUIC
+    /// windows, delta caches): shared by the migrations in progress, so
+    /// the agent's memory does not grow with how many VMs move at once.
+    #[arg(long, default_value = "256MiB", value_parser = convoy_agent::units::parse_size)]
+    migration_memory: u64,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -223,6 +228,7 @@ async fn main() -> Result<()> {
     config.state_dir = args.state_dir.clone();
     config.disk_dir = args.disk_dir.clone();
     config.base_dir = args.base_dir.clone();
+    config.migration_memory = args.migration_memory;
     config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
     if let Some(images) = args.image_dir.clone() {

@@ -123,6 +123,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         ),
     });
     let _active = crate::agent::ActiveGuard::new(&inner.active);
+    // Its receive window is its share of the agent's budget.
+    let _share = inner.budget.join(&conn, crate::budget::Side::Receive);
     loop {
         while let Some(a) = sm.poll_action() {
             run.act(&mut sm, &mut send, a).await;

@@ -163,6 +163,8 @@ struct FaultJob {
 struct OpenedStreams {
     data: Vec<std::sync::mpsc::Sender<Job>>,
     faults: Option<std::sync::mpsc::Sender<FaultJob>>,
+    /// The delta caches' share of the agent's budget, held while they are.
+    cache: Option<crate::budget::CacheGrant>,
 }
 
 /// Migrates `req.vm` to `req.to`, reporting progress on `progress`.
@@ -552,6 +554,8 @@ impl Run {
     }
 
     async fn drive(&mut self, conn: Connection, dest: SpiffeId) -> MigrationReport {
+        // Its send window is its share of the agent's budget.
+        let _share = self.inner.budget.join(&conn, crate::budget::Side::Send);
         let opts = self.req.options.clone();
         let geometry = self.vm.geometry();
         let mut sm = Source::new(SourceConfig {
@@ -634,6 +638,7 @@ impl Run {
         }
         let mut rounds_pending: Option<(u32, u16, u64)> = None;
         let mut fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>> = None;
+        let mut cache_grant = None;
         let summary = loop {
             // Carry out every action.
             while let Some(action) = sm.poll_action() {
@@ -663,10 +668,13 @@ impl Run {
                             postcopy: opts.mode != MigrationMode::Precopy,
                             adaptive: opts.adaptive_compression,
                         };
-                        match open_streams(&conn, setup, &self.vm, &events_tx).await {
+                        match open_streams(&conn, setup, &self.vm, &events_tx, &self.inner.budget)
+                            .await
+                        {
                             Ok(opened) => {
                                 jobs = opened.data;
                                 fault_jobs = opened.faults;
+                                cache_grant = opened.cache;
                             }
                             Err(e) => sm.handle_link_lost(Instant::now(), &e),
                         }
@@ -841,6 +849,8 @@ impl Run {
             }
         };
         drop(jobs);
+        // The encoders are done with their caches: back to the pool.
+        drop(cache_grant);
         // Let the last control messages reach the peer, then close.
         if let Some(mut c) = control {
             let _ = c.finish();
@@ -925,6 +935,7 @@ async fn open_streams(
     setup: StreamSetup,
     vm: &Arc<dyn VmBackend>,
     events: &mpsc::UnboundedSender<EngineEvent>,
+    budget: &Arc<crate::budget::MigrationBudget>,
 ) -> Result<OpenedStreams, String> {
     let StreamSetup {
         migration,
@@ -936,11 +947,11 @@ async fn open_streams(
         postcopy,
         adaptive,
     } = setup;
-    let cache_bytes = if delta {
-        (vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES) / u64::from(streams.max(1))
-    } else {
-        0
-    };
+    // From the agent's pool: with many migrations at once, the later ones
+    // get smaller caches (or none), not more memory.
+    let cache =
+        delta.then(|| budget.grant_cache((vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES)));
+    let cache_bytes = cache.as_ref().map_or(0, |c| c.bytes) / u64::from(streams.max(1));
     let mut jobs = Vec::new();
     for stream in 0..streams {
         let send = open_data_stream(conn, migration, stream).await?;
@@ -993,7 +1004,11 @@ async fn open_streams(
         spawn_writer(send, out_rx, pacer, events.clone(), link);
         faults = Some(job_tx);
     }
-    Ok(OpenedStreams { data: jobs, faults })
+    Ok(OpenedStreams {
+        data: jobs,
+        faults,
+        cache,
+    })
 }
 
 async fn open_data_stream(

@@ -286,9 +286,11 @@ struct Concurrent {
     peak_rss_bytes: u64,
     /// RSS rise when the VMs were created (the source images as resident).
     source_images_bytes: u64,
-    /// RSS drop when the arrived VMs were deleted (the destination images).
+    /// RSS drop when the arrived VMs were deleted (the destination images,
+    /// and buffers the allocator returned late).
     destination_images_bytes: u64,
-    /// peak − before − source images − destination images.
+    /// peak − before − 2 × source images (the destination's images are as
+    /// resident as the source's).
     overhead_bytes: i64,
     overhead_per_vm_bytes: i64,
     /// Whether VmHWM could be reset for this run (else the sampler only).
@@ -703,7 +705,12 @@ async fn concurrent(
     let peak = sampled.max(hwm).max(rss_created);
     let source = rss_created.saturating_sub(rss_before);
     let destination = rss_arrived.saturating_sub(rss_deleted);
-    let overhead = peak as i64 - (rss_before + source + destination) as i64;
+    // The arrived images are as resident as the source's (the same pages,
+    // zero pages untouched at both ends). The RSS drop when they are
+    // deleted also measures them, but it includes whatever the allocator
+    // hands back late (window buffers of the migrations just ended), which
+    // made the overhead swing by hundreds of MiB between runs.
+    let overhead = peak as i64 - (rss_before + 2 * source) as i64;
     Ok(Concurrent {
         vms: n,
         memory_bytes_each: memory,
@@ -1018,7 +1025,7 @@ fn text(o: &Output) -> String {
     if !o.concurrent.is_empty() {
         s.push_str(
             "\nVMs migrated at once (RSS of this process, which runs both agents; \
-             overhead = peak − before − source images − destination images)\n",
+             overhead = peak − before − 2 × source images)\n",
         );
         let rows: Vec<Vec<String>> = o
             .concurrent
