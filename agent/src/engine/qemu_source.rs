@@ -713,6 +713,8 @@ impl Run {
         }
         self.phase(st, "mirroring disks");
         let end = Instant::now() + MIGRATION_TIMEOUT;
+        let mut last: Option<(Instant, u64)> = None;
+        let mut rate = 0;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
@@ -734,6 +736,32 @@ impl Run {
             }
             let jobs = self.qmp("query-block-jobs", Value::Null).await?;
             let jobs = jobs.as_array().cloned().unwrap_or_default();
+            // Progress as for memory: bytes mirrored of the disks' total,
+            // in 4 KiB units.
+            let ours = || {
+                jobs.iter().filter(|j| {
+                    (0..self.plan.disks.len()).any(|i| j["device"] == mirror_job(i).as_str())
+                })
+            };
+            let done: u64 = ours().filter_map(|j| j["offset"].as_u64()).sum();
+            let len: u64 = ours().filter_map(|j| j["len"].as_u64()).sum();
+            let now = Instant::now();
+            if let Some((at, before)) = last {
+                let secs = now.saturating_duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    rate = (done.saturating_sub(before) as f64 / secs) as u64;
+                }
+            }
+            last = Some((now, done));
+            let _ = self.progress.try_send(Progress {
+                phase: "mirroring disks".into(),
+                round: 0,
+                pages_sent: done / 4096,
+                remaining_pages: len.saturating_sub(done) / 4096,
+                total_pages: len / 4096,
+                payload_bytes: done,
+                rate_bytes_per_sec: rate,
+            });
             let mut ready = 0;
             for i in 0..self.plan.disks.len() {
                 match jobs.iter().find(|j| j["device"] == mirror_job(i).as_str()) {
