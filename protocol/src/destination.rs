@@ -880,6 +880,14 @@ impl Destination {
 
     /// The VM runs.
     pub fn handle_started(&mut self, now: Instant) {
+        self.handle_started_synced(now, Duration::ZERO);
+    }
+
+    /// [`Destination::handle_started`] for a VM that ran `synced` before
+    /// its disks were on stable storage (the driver starts it first and
+    /// says Started only once they are: the source discards its copy on
+    /// Started).
+    pub fn handle_started_synced(&mut self, now: Instant, synced: Duration) {
         if let Phase::Starting = self.phase {
             let ms = self
                 .handover_at
@@ -892,12 +900,26 @@ impl Destination {
             self.actions
                 .push_back(DestinationAction::Send(Message::Started(Started {
                     start_ms: u32::try_from(ms).unwrap_or(u32::MAX),
+                    synced_ms: u32::try_from(synced.as_millis()).unwrap_or(u32::MAX),
                     receipt,
                 })));
             self.events.push_back(DestinationEvent::Started {
                 memory_root: self.root.unwrap_or(Digest([0; 32])),
                 receipts: self.receipts.clone(),
             });
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// The VM runs here but its disks could not be made durable: it is
+    /// not confirmed (no Started, so the source keeps its paused copy) and
+    /// not given back (it ran here, so the source must not resume it): in
+    /// doubt, for an operator.
+    pub fn handle_start_unconfirmed(&mut self, detail: &str) {
+        if let Phase::Starting = self.phase {
+            self.events.push_back(DestinationEvent::InDoubt(format!(
+                "started, but not confirmed: {detail}"
+            )));
             self.phase = Phase::Done;
         }
     }

@@ -343,6 +343,10 @@ pub struct Handover {
 pub struct Started {
     /// Milliseconds from receiving Handover to the VM running.
     pub start_ms: u32,
+    /// Milliseconds from the VM running to its disks being on stable
+    /// storage, which this message waited for (the source keeps its copy
+    /// until then) but the guest did not: not downtime.
+    pub synced_ms: u32,
     /// The destination's signed `Started` receipt.
     pub receipt: SignedReceipt,
 }

@@ -183,6 +183,7 @@ fn seeds() -> Vec<Message> {
         }),
         Message::Started(Started {
             start_ms: 3,
+            synced_ms: 2,
             receipt: rc(ReceiptKind::Started),
         }),
         Message::Abort(Abort {

@@ -193,6 +193,8 @@ struct Pair {
     tamper: Option<Tamper>,
     /// Alters a control message the source sends.
     tamper_control: Option<ControlTamper>,
+    /// Alters the destination's control messages on the way.
+    tamper_back: Option<ControlTamper>,
     /// zstd level of the source's compressor.
     level: i32,
     /// Cut the link once the source has sent this many control messages.
@@ -303,6 +305,7 @@ impl Pair {
                 .collect(),
             tamper: None,
             tamper_control: None,
+            tamper_back: None,
             level: 1,
             cut_after_src_msgs: None,
             src_msgs: 0,
@@ -511,7 +514,10 @@ impl Pair {
     fn drain_dst(&mut self) {
         while let Some(a) = self.dst.poll_action() {
             match a {
-                DestinationAction::Send(m) => {
+                DestinationAction::Send(mut m) => {
+                    if let Some(t) = self.tamper_back.as_mut() {
+                        t(&mut m);
+                    }
                     let running = matches!(m, Message::PostcopyRunning(_));
                     if self.link_up {
                         self.to_src.push_back((self.now + self.latency, m));
@@ -1308,6 +1314,28 @@ fn a_round_end_that_overtakes_its_batches_is_confirmed_once_they_are_applied() {
         p.staging.as_ref().unwrap(),
         p.paused_image.as_ref().unwrap()
     );
+}
+
+#[test]
+fn the_time_a_started_vm_waited_for_its_disks_is_not_downtime_and_cannot_go_below_zero() {
+    let run = |synced_ms: Option<u32>| {
+        let mut p = Pair::new(128, 0, 50e6, 1 << 30);
+        p.tamper_back = Some(Box::new(move |m| {
+            if let (Message::Started(s), Some(ms)) = (m, synced_ms) {
+                s.synced_ms = ms;
+            }
+        }));
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        s.downtime.unwrap()
+    };
+    let plain = run(None);
+    // The harness's link takes 5 ms each way: the pause spans at least
+    // Finish → Ready → Handover → Started.
+    assert!(plain >= Duration::from_millis(15), "{plain:?}");
+    assert_eq!(run(Some(5)), plain - Duration::from_millis(5));
+    assert_eq!(run(Some(u32::MAX)), Duration::ZERO);
 }
 
 #[test]

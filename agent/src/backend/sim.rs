@@ -475,6 +475,25 @@ impl SimVm {
         }
     }
 
+    /// Puts an arrived VM's disks on stable storage, and their names (the
+    /// VM's directory and its entry in the disk directory, both made for
+    /// this migration). The destination does this once the VM runs, and
+    /// says Started (on which the source discards its copy) only after.
+    /// Blocking.
+    pub fn sync_disks(&self) -> Result<(), BackendError> {
+        for d in &self.shared.disks {
+            d.sync()?;
+        }
+        if let Some(dir) = &self.shared.disk_dir {
+            for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
+                std::fs::File::open(d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| BackendError::Disk(format!("cannot sync {}: {e}", d.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the disks' data written so far to stable storage. An
     /// incoming VM's disks are flushed while they arrive, so that the
     /// sync before it starts (inside the downtime) has only the last
@@ -911,20 +930,6 @@ impl Staging for SimVm {
             return Err(BackendError::DeviceState(
                 "unknown version, bad hot set, disks that do not match, or trailing bytes".into(),
             ));
-        }
-        // The disks are on stable storage before the VM runs on them (the
-        // source discards its copy once we say Started).
-        for d in &self.shared.disks {
-            d.sync()?;
-        }
-        // And so are their names: the VM's directory, and its entry in
-        // the disk directory (both made for this migration).
-        if let Some(dir) = &self.shared.disk_dir {
-            for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
-                std::fs::File::open(d)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| BackendError::Disk(format!("cannot sync {}: {e}", d.display())))?;
-            }
         }
         // Memory and device state must agree: page 0 holds the counter.
         // (After a post-copy switch page 0 may still be on its way; the

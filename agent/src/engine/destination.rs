@@ -533,7 +533,21 @@ impl Incoming {
                         }
                         self.arrived(&name);
                         self.phase("verified and started here".into());
-                        sm.handle_started(Instant::now());
+                        // The guest runs; its disks go to stable storage
+                        // before we say Started (the source discards its
+                        // copy then), which the source does not count as
+                        // downtime.
+                        if staging.has_disks() {
+                            let t = Instant::now();
+                            let s = staging.clone();
+                            match tokio::task::spawn_blocking(move || s.sync_disks()).await {
+                                Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
+                                Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
+                                Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
+                            }
+                        } else {
+                            sm.handle_started(Instant::now());
+                        }
                     }
                     Err(e) => {
                         self.staging = Some(staging);

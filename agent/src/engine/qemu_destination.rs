@@ -536,6 +536,8 @@ impl Incoming {
         self.receipts.push(started.clone());
         let m = Message::Started(Started {
             start_ms: u32::try_from(handover_at.elapsed().as_millis()).unwrap_or(u32::MAX),
+            // QEMU's disks were flushed by QEMU before it continued.
+            synced_ms: 0,
             receipt: started,
         });
         // The guest runs here whatever happens to this message.
