@@ -82,11 +82,19 @@ fn the_engine_bench_reports_consistent_rows() {
         u(&modes[1]["figures"]["resent_pages"]) > u(&modes[0]["figures"]["resent_pages"]),
         "a busy guest re-sends more than an idle one: {modes:?}"
     );
-    // Post-copy: refused for sim VMs today (a row that says so), or done.
+    // Pre-copy has no faults; post-copy reports them with their latency.
+    for r in &modes[..2] {
+        assert!(r["figures"]["faults"].is_null(), "{r}");
+    }
+    // Post-copy: refused where the agent cannot do it (a row that says
+    // so), or done.
     for r in &modes[2..] {
         let o = r["outcome"].as_str().unwrap();
         if o == "completed" {
             assert_eq!(r["verified"], true, "{r}");
+            let fig = &r["figures"];
+            u(&fig["faults"]);
+            assert!(u(&fig["fault_median_us"]) <= u(&fig["fault_p99_us"]), "{r}");
         } else {
             assert!(o.starts_with("not supported: "), "{r}");
             assert!(r["figures"].is_null(), "{r}");

@@ -99,6 +99,11 @@ struct Figures {
     measured_dirty_rate: u64,
     /// Of the pages sent, disk blocks.
     disk_blocks_sent: u64,
+    /// Post-copy: pages the VM touched before they had arrived, and the
+    /// fault-to-installed latency (median, 99th percentile), µs.
+    faults: Option<u64>,
+    fault_median_us: Option<u64>,
+    fault_p99_us: Option<u64>,
 }
 
 impl Figures {
@@ -115,6 +120,13 @@ impl Figures {
             throttle_pct: r.convergence.throttle,
             measured_dirty_rate: r.convergence.dirty_rate,
             disk_blocks_sent: r.disk_blocks_sent,
+            faults: r.postcopy.as_ref().and_then(|p| p.faults).map(|f| f.faults),
+            fault_median_us: r
+                .postcopy
+                .as_ref()
+                .and_then(|p| p.faults)
+                .map(|f| f.median_us),
+            fault_p99_us: r.postcopy.as_ref().and_then(|p| p.faults).map(|f| f.p99_us),
         }
     }
 
@@ -128,7 +140,16 @@ impl Figures {
             x.sort_by(f64::total_cmp);
             x.get(x.len() / 2).copied().unwrap_or(0.0)
         };
+        // Over the runs that have the figure.
+        let pick_some = |f: fn(&Figures) -> Option<u64>| {
+            let mut x: Vec<u64> = v.iter().filter_map(f).collect();
+            x.sort_unstable();
+            x.get(x.len() / 2).copied()
+        };
         Some(Figures {
+            faults: pick_some(|s| s.faults),
+            fault_median_us: pick_some(|s| s.fault_median_us),
+            fault_p99_us: pick_some(|s| s.fault_p99_us),
             total_ms: pick(|s| s.total_ms),
             downtime_ms: pick(|s| s.downtime_ms),
             rounds: pick(|s| f64::from(s.rounds)) as u32,
@@ -925,8 +946,13 @@ fn text(o: &Output) -> String {
                 f.held_back.to_string(),
                 f.throttle_pct.to_string(),
                 f.disk_blocks_sent.to_string(),
+                f.faults.map_or("-".into(), |n| n.to_string()),
+                match (f.fault_median_us, f.fault_p99_us) {
+                    (Some(m), Some(p)) => format!("{m}/{p}"),
+                    _ => "-".into(),
+                },
             ],
-            None => vec!["-".to_string(); 10],
+            None => vec!["-".to_string(); 12],
         }
     };
     let figure_heads = [
@@ -940,6 +966,8 @@ fn text(o: &Output) -> String {
         "held back",
         "throttle %",
         "disk blocks",
+        "faults",
+        "fault µs p50/p99",
     ];
     if let (Some(d), Some(w)) = (o.disk_bytes, o.disk_writes_per_sec) {
         s.push_str(&format!(
