@@ -664,12 +664,14 @@ impl Destination {
                 Reason::Unacceptable("a VM demand-paged in cannot start paused".into()),
             );
         }
-        if !p.manifest.disks.is_empty() && (p.manifest.postcopy || p.manifest.reuse.is_some()) {
-            // Owed disk blocks could not be fetched on demand, and a
-            // retained image holds memory only.
+        if !p.manifest.disks.is_empty() && p.manifest.reuse.is_some() {
+            // A retained image holds memory only. (With post-copy, what
+            // is owed at the switch is memory only: the owed set is read
+            // over the memory's pages, disk blocks come before the switch,
+            // and the root at Finish covers them.)
             return refuse(
                 self,
-                Reason::Unacceptable("disks travel by pre-copy only, without reuse".into()),
+                Reason::Unacceptable("disks travel without reuse".into()),
             );
         }
         // After a post-copy switch, one more: the fault stream.

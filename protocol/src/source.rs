@@ -18,6 +18,8 @@
 //!     AwaitStarted --> InDoubt: link lost, timeout
 //!     Copying --> Pausing: hybrid switch point / post-copy after Accept
 //!     Pausing --> Switching: paused / record the switch
+//!     Pausing --> SwitchDisks: paused with disk blocks left / send them
+//!     SwitchDisks --> Switching: sent / record the switch
 //!     Switching --> AwaitRunning: recorded / send PostcopySwitch
 //!     AwaitRunning --> PostCopy: PostcopyRunning / push the owed pages
 //!     PostCopy --> PostCopy: Fetch / serve on the fault stream
@@ -375,6 +377,12 @@ enum Phase {
         round: u32,
         postcopy: bool,
     },
+    /// Paused for a post-copy switch: the disk blocks left go first (the
+    /// destination applies them before the VM runs there); the memory
+    /// pages left are owed.
+    SwitchDisks {
+        round: u32,
+    },
     FinalCopy {
         round: u32,
     },
@@ -406,6 +414,7 @@ impl Phase {
             Phase::Draining { .. } => "awaiting RoundApplied",
             Phase::Pausing { .. } => "pausing",
             Phase::FinalCopy { .. } => "sending the final round",
+            Phase::SwitchDisks { .. } => "sending the disk blocks left before the switch",
             Phase::Switching => "recording the post-copy switch",
             Phase::AwaitRunning { .. } => "awaiting PostcopyRunning",
             Phase::PostCopy { .. } => "post-copy",
@@ -606,13 +615,14 @@ impl Source {
             self.finish_failed(now, format!("bad disks: {e}"));
             return;
         }
-        if !self.cfg.manifest.disks.is_empty() && self.cfg.manifest.postcopy {
-            // The owed set would hold disk blocks, which the destination
-            // has no way to fetch on demand (storage post-copy is not
-            // built): refused rather than run on stale blocks.
+        if !self.cfg.manifest.disks.is_empty() && self.cfg.switchover == Switchover::Immediately {
+            // Disk blocks are not paged on demand (storage post-copy is
+            // not built): at an immediate switch the whole disk would go
+            // inside the downtime. Hybrid sends the blocks left at its
+            // switch, after pre-copy rounds moved the rest.
             self.finish_failed(
                 now,
-                "post-copy and hybrid do not move disks yet: use pre-copy for a VM with disks"
+                "pure post-copy does not move disks: use pre-copy or hybrid for a VM with disks"
                     .into(),
             );
             return;
@@ -924,6 +934,11 @@ impl Source {
                 self.try_finish_postcopy(now);
             }
             Phase::FinalCopy { round: r } if r == round => self.send_finish(now),
+            Phase::SwitchDisks { round: r } if r == round => {
+                self.phase = Phase::Switching;
+                self.progress("switching to post-copy", self.postcopy.owed);
+                self.actions.push_back(SourceAction::CommitSwitch);
+            }
             _ => {}
         }
     }
@@ -1066,8 +1081,34 @@ impl Source {
         self.round_bytes = 0;
         self.round_pages = 0;
         if postcopy {
-            self.postcopy.owed = last.count();
-            self.owed = Some(last);
+            // Memory goes by demand paging; disk blocks are not paged on
+            // demand, so those left go now, inside the downtime, and the
+            // switch lists their batches (the destination applies them
+            // before the VM runs there).
+            // The owed set is over the memory's pages (as the
+            // destination reads it).
+            let memory = self.cfg.manifest.memory.page_count();
+            let mut disks = PageBitmap::empty(last.len());
+            let mut owed = PageBitmap::empty(memory);
+            for p in last.iter() {
+                if p.0 >= memory {
+                    disks.insert(p);
+                } else {
+                    owed.insert(p);
+                }
+            }
+            self.postcopy.owed = owed.count();
+            self.owed = Some(owed);
+            if disks.count() > 0 {
+                self.phase = Phase::SwitchDisks { round };
+                self.progress("sending the disk blocks left", disks.count());
+                self.actions.push_back(SourceAction::SendPages {
+                    round,
+                    pages: disks,
+                    skip_zero: false,
+                });
+                return Ok(());
+            }
             self.phase = Phase::Switching;
             self.progress("switching to post-copy", self.postcopy.owed);
             self.actions.push_back(SourceAction::CommitSwitch);

@@ -257,15 +257,7 @@ async fn bad_disk_requests_are_refused_and_lose_nothing() {
                 mode: MigrationMode::Postcopy,
                 ..MigrateOptions::default()
             },
-            "pre-copy only",
-        ),
-        (
-            MigrateOptions {
-                copy_storage: true,
-                mode: MigrationMode::Hybrid,
-                ..MigrateOptions::default()
-            },
-            "pre-copy only",
+            "not paged on demand",
         ),
     ] {
         let err = a
@@ -441,5 +433,61 @@ async fn a_disk_cloned_from_a_base_the_destination_holds_sends_only_what_changed
         );
     }
     assert!(moved[0].wire_bytes * 2 < moved[1].wire_bytes);
+    close(lab, a, b).await;
+}
+
+/// Hybrid with a disk: pre-copy rounds move memory and disk, the disk
+/// blocks written since go while the VM is paused at the switch (disk
+/// blocks are not paged on demand), and memory is paged on demand at the
+/// destination; the one root covers both. Pure post-copy with disks is
+/// refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_moves_a_written_disk_before_the_switch_and_pages_memory_after() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    let mut spec = sim_spec("db", MEMORY, 5_000);
+    spec.disks = vec![disk("root", ROOT_DISK, 2_000, 30)];
+    a.vm_create(spec).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let e = a
+        .migrate(
+            with_storage(&lab, "db", |o| o.mode = MigrationMode::Postcopy),
+            |_| {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not paged on demand"), "{e}");
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+
+    let r = a
+        .migrate(
+            with_storage(&lab, "db", |o| {
+                o.mode = MigrationMode::Hybrid;
+                // A target pre-copy cannot meet: hybrid switches.
+                o.max_downtime_ms = 1;
+            }),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(r.verified, "the root over memory and disk matched");
+    let pc = r.postcopy.as_ref().expect("switched to post-copy");
+    // Only memory is owed after the switch.
+    assert!(pc.owed <= MEMORY / 4096, "{pc:?}");
+    // The written 30% and the blocks written since, not the holes.
+    let blocks = ROOT_DISK / 4096;
+    assert!(
+        r.disk_blocks_sent > blocks / 5 && r.disk_blocks_sent < blocks / 2,
+        "{} of {blocks}",
+        r.disk_blocks_sent
+    );
+    assert_eq!(r.disks.len(), 1);
+    // It runs at b, writing its disk there.
+    let vm = b.vm_list().await.unwrap().pop().unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert!(!lab.sim_disks("a", "db").exists());
+    assert!(lab.sim_disks("b", "db").join("root.img").exists());
     close(lab, a, b).await;
 }

@@ -601,7 +601,8 @@ impl Incoming {
             }
             DestinationAction::TrustVm => {
                 // Every page is in and the root verified: paging ends.
-                if let Some(s) = self.staging.take() {
+                let staged = self.staging.take();
+                if let Some(s) = &staged {
                     s.end_postcopy();
                 }
                 for t in self.tasks.drain(..) {
@@ -616,7 +617,19 @@ impl Incoming {
                     self.arrived(&n);
                 }
                 self.phase("every page verified: the VM is ours".into());
-                sm.handle_started(Instant::now());
+                // Its disks (complete since the switch) go to stable
+                // storage before we say Started.
+                match staged.filter(|s| s.has_disks()) {
+                    Some(s) => {
+                        let t = Instant::now();
+                        match tokio::task::spawn_blocking(move || s.sync_disks()).await {
+                            Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
+                            Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
+                            Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
+                        }
+                    }
+                    None => sm.handle_started(Instant::now()),
+                }
             }
             DestinationAction::DiscardStaging => {
                 if self.staging.is_some() {

@@ -287,9 +287,11 @@ pub(crate) async fn migrate(
                             .into(),
                     ));
                 }
-                if disks > 0 && opts.mode != MigrationMode::Precopy {
+                if disks > 0 && opts.mode == MigrationMode::Postcopy {
                     return Err(MigrateError::Options(
-                        "disks move by pre-copy only (post-copy and hybrid move memory only, for now)"
+                        "disk blocks are not paged on demand: with disks, use --mode precopy or \
+                         hybrid (pre-copy rounds move the disks, the blocks left go at the switch, \
+                         memory is paged on demand)"
                             .into(),
                     ));
                 }

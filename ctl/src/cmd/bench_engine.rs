@@ -1,8 +1,8 @@
 //! `convoyctl bench --engine`: what the native engine does with simulated
 //! VMs, in three tables from one run on two agents on loopback:
 //! - **modes**: one migration per mode and dirty rate. A mode the agent
-//!   refuses is a row saying so (sim VMs migrate with pre-copy only for
-//!   now), so the table fills in as post-copy and hybrid land.
+//!   refuses is a row saying so (pure post-copy of a VM with disks, for
+//!   one: disk blocks are not paged on demand).
 //! - **ab**: at the highest dirty rate, a baseline with every pre-copy
 //!   technique on against runs with one technique off (hot-page ordering,
 //!   auto-converge), medians of `--runs`, the saving as a ratio. Every arm

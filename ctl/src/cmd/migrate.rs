@@ -50,11 +50,12 @@ pub struct Tuning {
     /// the link and CPU unless --fixed-compression.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compression: i32,
-    /// precopy, postcopy or hybrid (QEMU VMs; sim VMs: precopy).
+    /// precopy, postcopy or hybrid (sim VMs with disks: precopy or hybrid).
     #[arg(long, default_value = "precopy")]
     pub mode: MigrationMode,
     /// Copy the VM's disks too; no shared storage needed (sim VMs: their
-    /// blocks travel with the memory, pre-copy only; QEMU VMs: mirrored
+    /// blocks travel with the memory, by pre-copy, the last ones inside
+    /// the downtime (at hybrid's switch too); QEMU VMs: mirrored
     /// to the destination over NBD through Convoy). Required for a VM
     /// with disks.
     #[arg(long)]
