@@ -707,12 +707,19 @@ impl Destination {
     }
 
     /// [`Destination::handle_staging_ready_reusing`], and `bases`: for each
-    /// of the manifest's disks, whether this host holds its base image
-    /// (same name, root and size) and staged the disk as a copy of it
-    /// ([`crate::disk`]); the driver must then accept retained blocks and
-    /// take a retained block's leaf from what it staged. Empty, or all
-    /// false: none held.
-    pub fn handle_staging_ready_holding(&mut self, now: Instant, held: bool, bases: Vec<bool>) {
+    /// of the manifest's disks, the leaves of the base image it was staged
+    /// as a copy of, when this host holds that base (same name, root and
+    /// size; [`crate::disk`]), else `None`. The tree starts from those
+    /// leaves, so a block the source leaves out must equal the base's or
+    /// the root check fails; the driver must accept retained blocks and
+    /// take a retained block's leaf from what it staged. Leaves of the
+    /// wrong count are not held.
+    pub fn handle_staging_ready_holding(
+        &mut self,
+        now: Instant,
+        held: bool,
+        bases: Vec<Option<Vec<Digest>>>,
+    ) {
         let Phase::Preparing = self.phase else {
             return;
         };
@@ -725,16 +732,31 @@ impl Destination {
             .manifest
             .leaf_count()
             .unwrap_or(p.manifest.memory.page_count());
-        self.tree = Some(MerkleTree::filled(leaves as usize, zero_leaf(page)));
+        let mut tree = MerkleTree::filled(leaves as usize, zero_leaf(page));
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
-        // Only for disks that name a base, and nothing when none is held.
-        let mut bases = bases;
-        bases.resize(p.manifest.disks.len(), false);
-        for (b, d) in bases.iter_mut().zip(&p.manifest.disks) {
-            *b &= d.base.is_some();
-        }
+        // Only for disks that name a base, and nothing when none is held;
+        // a held disk's leaves start as its base's.
+        let ranges = crate::disk::leaf_ranges(p.manifest.memory, &p.manifest.disks);
+        let mut bases: Vec<bool> = p
+            .manifest
+            .disks
+            .iter()
+            .zip(ranges)
+            .zip(bases.into_iter().chain(std::iter::repeat(None)))
+            .map(|((d, r), leaves)| match leaves {
+                Some(l) if d.base.is_some() && l.len() as u64 == r.end - r.start => {
+                    for (i, leaf) in l.into_iter().enumerate() {
+                        tree.set_leaf(r.start as usize + i, leaf);
+                    }
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        tree.fold_if_due();
+        self.tree = Some(tree);
         if !bases.contains(&true) {
             bases.clear();
         }

@@ -345,6 +345,24 @@ fn write_base(path: &Path, seed: u64) {
     }
 }
 
+/// Migrates `vm` a → b with its disk, kept paused at b, and checks it
+/// completed and that b's disk file is the disk as the source paused it.
+async fn moves_paused_as_it_was(
+    lab: &Lab,
+    a: &convoy_agent::client::CtlClient,
+    vm: &str,
+) -> convoy_protocol::ctl::MigrationReport {
+    let r = a
+        .migrate(with_storage(lab, vm, |o| o.start_paused = true), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{vm}: {r:?}");
+    assert!(r.verified, "{vm}");
+    let dst = lab.sim_disks("b", vm).join("root.img");
+    assert_eq!(root_of(&dst, BASE), r.disks[0].root, "{vm}");
+    r
+}
+
 fn cloned(name: &str, base: &str, writes_per_sec: u64) -> SimDiskSpec {
     SimDiskSpec {
         base: Some(base.parse().unwrap()),
@@ -402,15 +420,7 @@ async fn a_disk_cloned_from_a_base_the_destination_holds_sends_only_what_changed
         spec.disks = vec![cloned("root", base, 200)];
         a.vm_create(spec).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = a
-            .migrate(with_storage(&lab, vm, |o| o.start_paused = true), |_| {})
-            .await
-            .unwrap();
-        assert_eq!(r.outcome, Outcome::Completed, "{vm}: {r:?}");
-        assert!(r.verified, "{vm}");
-        // What arrived is what the source held at the pause.
-        let dst = lab.sim_disks("b", vm).join("root.img");
-        assert_eq!(root_of(&dst, BASE), r.disks[0].root, "{vm}");
+        let r = moves_paused_as_it_was(&lab, &a, vm).await;
         println!(
             "{vm} (base {base}): {} disk blocks sent of {data_blocks} in the base, {} wire bytes",
             r.disk_blocks_sent, r.wire_bytes
@@ -489,5 +499,46 @@ async fn hybrid_moves_a_written_disk_before_the_switch_and_pages_memory_after() 
     assert_eq!(vm.state, VmState::Running);
     assert!(!lab.sim_disks("a", "db").exists());
     assert!(lab.sim_disks("b", "db").join("root.img").exists());
+    close(lab, a, b).await;
+}
+
+/// Zeroes block `b` of a disk file, as a guest that wipes a block would.
+fn zero_block(path: &Path, b: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0u8; 4096], b * 4096).unwrap();
+}
+
+/// A block zeroed over a non-zero base block reaches the destination as
+/// zeros, whether the source still holds the base (the zero is sent
+/// explicitly) or no longer does (then the whole disk goes, zero blocks
+/// included): the destination's file is exactly the source's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_zeroed_over_a_base_arrive_as_zeros_even_when_the_source_lost_the_base() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    let (at_a, at_b) = (lab.base_images("a").unwrap(), lab.base_images("b").unwrap());
+    write_base(&at_a.join("debian"), 1);
+    write_base(&at_b.join("debian"), 1);
+    for (vm, lose_base) in [("web", false), ("api", true)] {
+        let mut spec = sim_spec(vm, MEMORY, 0);
+        spec.disks = vec![cloned("root", "debian", 0)];
+        a.vm_create(spec).await.unwrap();
+        // Blocks 0 and 8 hold base data (every fourth block does).
+        let src = lab.sim_disks("a", vm).join("root.img");
+        zero_block(&src, 0);
+        zero_block(&src, 8);
+        if lose_base {
+            std::fs::remove_file(at_a.join("debian")).unwrap();
+        }
+        let r = moves_paused_as_it_was(&lab, &a, vm).await;
+        let dst = lab.sim_disks("b", vm).join("root.img");
+        let bytes = std::fs::read(&dst).unwrap();
+        assert!(bytes[..4096].iter().all(|x| *x == 0), "{vm}: block 0");
+        assert!(
+            bytes[8 * 4096..9 * 4096].iter().all(|x| *x == 0),
+            "{vm}: block 8"
+        );
+        println!("{vm}: {} disk blocks sent", r.disk_blocks_sent);
+    }
     close(lab, a, b).await;
 }

@@ -37,11 +37,38 @@ pub struct BaseIndex {
     stamp: (u64, Option<SystemTime>),
 }
 
+impl BaseIndex {
+    /// Opens the base's file, refusing one that is no longer the file
+    /// indexed (another size or modification time: replaced or written
+    /// since), so that what is copied is what the leaves describe.
+    pub fn open(&self) -> Result<File, BackendError> {
+        let f = File::open(&self.path).map_err(|e| err(&self.path, "cannot open", e))?;
+        self.check(&f)?;
+        Ok(f)
+    }
+
+    /// Fails when `f` (opened by [`BaseIndex::open`]) changed since it was
+    /// indexed: call it again after reading it, to catch a write meanwhile.
+    pub fn check(&self, f: &File) -> Result<(), BackendError> {
+        let meta = f
+            .metadata()
+            .map_err(|e| err(&self.path, "cannot read", e))?;
+        if (meta.len(), meta.modified().ok()) != self.stamp {
+            return Err(err(
+                &self.path,
+                "changed",
+                "it changed since it was indexed",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The agent's base image directory and the indexes of its files.
 #[derive(Debug)]
 pub struct BaseImages {
     dir: PathBuf,
-    indexed: Mutex<HashMap<DiskName, Arc<BaseIndex>>>,
+    indexed: Mutex<HashMap<(DiskName, usize), Arc<BaseIndex>>>,
 }
 
 fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> BackendError {
@@ -68,7 +95,8 @@ impl BaseImages {
             return Err(err(&path, "not a file", "a base image is a raw image file"));
         }
         let stamp = (meta.len(), meta.modified().ok());
-        if let Some(i) = self.lock().get(name).filter(|i| i.stamp == stamp) {
+        let key = (name.clone(), block);
+        if let Some(i) = self.lock().get(&key).filter(|i| i.stamp == stamp) {
             return Ok(i.clone());
         }
         if meta.len() == 0 || meta.len() % block as u64 != 0 {
@@ -95,7 +123,7 @@ impl BaseImages {
             leaves,
             stamp,
         });
-        self.lock().insert(name.clone(), index.clone());
+        self.lock().insert(key, index.clone());
         Ok(index)
     }
 
@@ -107,7 +135,7 @@ impl BaseImages {
             .filter(|i| i.reference.root == r.root && i.bytes == bytes)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DiskName, Arc<BaseIndex>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(DiskName, usize), Arc<BaseIndex>>> {
         // The map stays consistent across a panic (inserts are whole).
         self.indexed.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -496,7 +496,7 @@ impl SimVm {
 
     /// Writes the disks' data written so far to stable storage. An
     /// incoming VM's disks are flushed while they arrive, so that the
-    /// sync before it starts (inside the downtime) has only the last
+    /// sync before Started ([`SimVm::sync_disks`]) has only the last
     /// blocks to write, not the whole disk.
     pub fn flush_disks(&self) -> Result<(), BackendError> {
         for d in &self.shared.disks {

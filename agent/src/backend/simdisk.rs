@@ -147,8 +147,10 @@ impl SimDisk {
                 self.geometry.name, b.reference.name, b.bytes, self.geometry.bytes
             )));
         }
-        let from = File::open(&b.path).map_err(|e| io_err(&b.path, "cannot open", &e))?;
-        copy_sparse(&from, &self.file, b.bytes).map_err(|e| io_err(&b.path, "cannot copy", &e))
+        let from = b.open()?;
+        copy_sparse(&from, &self.file, b.bytes).map_err(|e| io_err(&b.path, "cannot copy", &e))?;
+        // Written while copied: what was copied is not what was indexed.
+        b.check(&from)
     }
 
     /// Its name and size.

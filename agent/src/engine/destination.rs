@@ -489,7 +489,7 @@ impl Incoming {
                                 } else {
                                     ""
                                 },
-                                if bases.contains(&true) {
+                                if bases.iter().any(Option::is_some) {
                                     ", disks started from the base images held here"
                                 } else {
                                     ""
@@ -692,13 +692,14 @@ impl Incoming {
     }
 
     /// Starts each incoming disk whose base this host holds (same name,
-    /// root and size) as a copy of it; returns, per disk, whether it did.
-    /// A base that cannot be copied is not held: its blocks then all come.
+    /// root and size) as a copy of it; returns, per disk, the base's
+    /// leaves when it did (the tree starts from them). A base that cannot
+    /// be copied is not held: its blocks then all come.
     async fn stage_bases(
         &mut self,
         staging: &Arc<SimVm>,
         manifest: &convoy_protocol::message::Manifest,
-    ) -> Vec<bool> {
+    ) -> Vec<Option<Vec<convoy_protocol::digest::Digest>>> {
         let Some(bases) = self.inner.bases.clone() else {
             return Vec::new();
         };
@@ -713,19 +714,19 @@ impl Incoming {
                 .iter()
                 .enumerate()
                 .map(|(i, d)| {
-                    let Some(index) = d.base.as_ref().and_then(|b| bases.find(b, d.bytes, block))
-                    else {
-                        return false;
-                    };
+                    let index = d
+                        .base
+                        .as_ref()
+                        .and_then(|b| bases.find(b, d.bytes, block))?;
                     match staging.stage_base(i, &index) {
-                        Ok(()) => true,
+                        Ok(()) => Some(index.leaves.clone()),
                         Err(e) => {
                             tracing::warn!("cannot start disk {} from its base: {e}", d.name);
-                            false
+                            None
                         }
                     }
                 })
-                .collect::<Vec<bool>>()
+                .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
@@ -733,7 +734,7 @@ impl Incoming {
             staged
                 .iter()
                 .zip(ranges)
-                .filter(|(held, _)| **held)
+                .filter(|(held, _)| held.is_some())
                 .map(|(_, r)| r)
                 .collect(),
         );

@@ -126,6 +126,10 @@ struct Held {
     pages: Option<Arc<Vec<convoy_protocol::digest::Digest>>>,
     /// Disks started from a base there: their leaves, and the base's.
     bases: Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)>,
+    /// Disks started from a base there that this host cannot vouch for
+    /// (its base is gone or changed): every block goes, zero ones too,
+    /// since the destination's blocks are not zero.
+    whole: Vec<std::ops::Range<u64>>,
 }
 
 /// What the destination holds of one leaf.
@@ -134,10 +138,15 @@ enum HeldLeaf {
     Page(Option<convoy_protocol::digest::Digest>),
     /// A block of a base the disk started from there.
     Base(convoy_protocol::digest::Digest),
+    /// A block of a disk started from a base there, not known here.
+    Unknown,
 }
 
 impl Held {
     fn leaf(&self, p: PageIndex) -> Option<HeldLeaf> {
+        if self.whole.iter().any(|r| r.contains(&p.0)) {
+            return Some(HeldLeaf::Unknown);
+        }
         for (r, base) in &self.bases {
             if r.contains(&p.0) {
                 let i = usize::try_from(p.0 - r.start).ok()?;
@@ -149,7 +158,7 @@ impl Held {
     }
 
     fn is_empty(&self) -> bool {
-        self.pages.is_none() && self.bases.is_empty()
+        self.pages.is_none() && self.bases.is_empty() && self.whole.is_empty()
     }
 }
 
@@ -487,17 +496,29 @@ impl Run {
     }
 
     /// The bases of the disks whose base the destination holds (`held`,
-    /// per disk), with their leaves: only where this host's base is still
-    /// the one the manifest named (same root), else that disk goes whole.
+    /// per disk), with their leaves, where this host's base is still the
+    /// one the manifest named (same root); and the leaves of the others,
+    /// which go whole, zero blocks included (the destination's copy of
+    /// the base is not zero there).
+    #[allow(clippy::type_complexity)]
     async fn held_bases(
         &self,
         held: &[bool],
-    ) -> Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)> {
-        let Some(bases) = self.inner.bases.clone() else {
-            return Vec::new();
-        };
+    ) -> (
+        Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)>,
+        Vec<std::ops::Range<u64>>,
+    ) {
         let disks = self.vm.disks();
         let memory = self.vm.geometry();
+        let all: Vec<std::ops::Range<u64>> = convoy_protocol::disk::leaf_ranges(memory, &disks)
+            .into_iter()
+            .zip(held)
+            .filter(|(_, h)| **h)
+            .map(|(r, _)| r)
+            .collect();
+        let Some(bases) = self.inner.bases.clone() else {
+            return (Vec::new(), all);
+        };
         let ranges = convoy_protocol::disk::leaf_ranges(memory, &disks);
         let block = memory.page_size().bytes();
         let wanted: Vec<_> = disks
@@ -507,14 +528,19 @@ impl Run {
             .filter(|(_, h)| **h)
             .filter_map(|((d, r), _)| Some((r, d.base?, d.bytes)))
             .collect();
-        tokio::task::spawn_blocking(move || {
+        let found: Vec<_> = tokio::task::spawn_blocking(move || {
             wanted
                 .into_iter()
                 .filter_map(|(r, base, bytes)| Some((r, bases.find(&base, bytes, block)?)))
                 .collect()
         })
         .await
-        .unwrap_or_default()
+        .unwrap_or_default();
+        let whole = all
+            .into_iter()
+            .filter(|r| !found.iter().any(|(f, _)| f == r))
+            .collect();
+        (found, whole)
     }
 
     fn phase(&mut self, what: &str) {
@@ -702,11 +728,12 @@ impl Run {
                                 .filter(|_| reusing)
                                 .map(|b| b.leaves.clone()),
                             bases: Vec::new(),
+                            whole: Vec::new(),
                         };
                         // Disks the destination started from their base:
                         // blocks still equal to the base's go as retained.
                         if round == 1 && skip_zero && sm.accepted_bases().contains(&true) {
-                            held.bases = self.held_bases(sm.accepted_bases()).await;
+                            (held.bases, held.whole) = self.held_bases(sm.accepted_bases()).await;
                         }
                         let held = (!held.is_empty()).then(|| Arc::new(held));
                         for j in &jobs {
@@ -1248,6 +1275,10 @@ fn encode_stream(
                 (Some(HeldLeaf::Page(leaf)), cache, true) => {
                     b.push_nonzero_reusing_with(p, leaf, cache, read)
                 }
+                (Some(HeldLeaf::Unknown), Some(c), true) => {
+                    b.push_delta_with(p, c, read).map(|()| true)
+                }
+                (Some(HeldLeaf::Unknown), None, true) => b.push_with(p, read).map(|()| true),
                 (_, Some(c), true) => b.push_nonzero_delta_with(p, c, read),
                 (_, Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
                 (_, None, true) => b.push_nonzero_with(p, read),
