@@ -604,6 +604,13 @@ impl Agent {
         let bases = config
             .base_dir()
             .map(|d| Arc::new(crate::backend::base::BaseImages::new(d)));
+        // Index the bases in the background: hashing a large one at the
+        // first migration that names it would delay its Accept.
+        if let Some(b) = bases.clone() {
+            let _ = std::thread::Builder::new()
+                .name("convoy-bases".into())
+                .spawn(move || b.index_all(4096));
+        }
         let creds = Creds {
             identity: config.identity.clone(),
             trust: config.trust.clone(),

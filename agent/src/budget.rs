@@ -1,6 +1,8 @@
 //! The agent-wide memory budget of migrations (`--migration-memory`), so
 //! that what an agent buffers does not grow with the number of VMs it
-//! moves at once.
+//! moves at once (beyond [`MIN_WINDOW`] a connection, once so many
+//! migrate together that their shares would be smaller; QEMU migrations'
+//! tunnels are not in it).
 //!
 //! Each migration's memory beyond the guest images is mostly:
 //! - the QUIC flow-control windows: data handed to QUIC and not yet

@@ -6,11 +6,13 @@
 //!     AwaitPropose --> Preparing: Propose acceptable / reserve staging
 //!     AwaitPropose --> Done: Propose refused / send Reject
 //!     Preparing --> Receiving: staging ready / send Accept
+//!     Receiving --> Receiving: RoundEnd / send RoundApplied once its batches are applied
 //!     Receiving --> Draining: Finish
 //!     Draining --> AwaitHandover: all batches applied, roots match / send Ready
 //!     Draining --> Done: roots differ / send Abort, discard staging
 //!     AwaitHandover --> Starting: Handover / start the VM
-//!     Starting --> Done: started / send Started
+//!     Starting --> Done: started (disks synced) / send Started
+//!     Starting --> Done: started, disks not synced / in doubt, nothing sent
 //!     Receiving --> Done: Abort, link lost, bad message / discard staging
 //!     AwaitHandover --> Done: Abort, link lost, timeout / discard staging
 //!     Receiving --> SwitchDraining: PostcopySwitch

@@ -127,6 +127,24 @@ impl BaseImages {
         Ok(index)
     }
 
+    /// Indexes every base in the directory (with `block`-byte blocks), so
+    /// that the first migration that names one does not wait for it.
+    /// Blocking; errors are left for when a base is used.
+    pub fn index_all(&self, block: usize) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Some(name) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<DiskName>().ok())
+            {
+                let _ = self.index(&name, block);
+            }
+        }
+    }
+
     /// The base `r` names, if this host holds it: same name, same root,
     /// `bytes` long. Blocking.
     pub fn find(&self, r: &BaseRef, bytes: u64, block: usize) -> Option<Arc<BaseIndex>> {
