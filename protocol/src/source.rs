@@ -934,11 +934,7 @@ impl Source {
                 self.try_finish_postcopy(now);
             }
             Phase::FinalCopy { round: r } if r == round => self.send_finish(now),
-            Phase::SwitchDisks { round: r } if r == round => {
-                self.phase = Phase::Switching;
-                self.progress("switching to post-copy", self.postcopy.owed);
-                self.actions.push_back(SourceAction::CommitSwitch);
-            }
+            Phase::SwitchDisks { round: r } if r == round => self.begin_switch(),
             _ => {}
         }
     }
@@ -1109,9 +1105,7 @@ impl Source {
                 });
                 return Ok(());
             }
-            self.phase = Phase::Switching;
-            self.progress("switching to post-copy", self.postcopy.owed);
-            self.actions.push_back(SourceAction::CommitSwitch);
+            self.begin_switch();
             return Ok(());
         }
         self.phase = Phase::FinalCopy { round };
@@ -1122,6 +1116,13 @@ impl Source {
             skip_zero: false,
         });
         Ok(())
+    }
+
+    /// Paused, nothing left to send first: record the post-copy switch.
+    fn begin_switch(&mut self) {
+        self.phase = Phase::Switching;
+        self.progress("switching to post-copy", self.postcopy.owed);
+        self.actions.push_back(SourceAction::CommitSwitch);
     }
 
     /// The post-copy switch is durably recorded: hand the VM over.

@@ -533,21 +533,7 @@ impl Incoming {
                         }
                         self.arrived(&name);
                         self.phase("verified and started here".into());
-                        // The guest runs; its disks go to stable storage
-                        // before we say Started (the source discards its
-                        // copy then), which the source does not count as
-                        // downtime.
-                        if staging.has_disks() {
-                            let t = Instant::now();
-                            let s = staging.clone();
-                            match tokio::task::spawn_blocking(move || s.sync_disks()).await {
-                                Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
-                                Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
-                                Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
-                            }
-                        } else {
-                            sm.handle_started(Instant::now());
-                        }
+                        confirm_started(sm, staging.clone()).await;
                     }
                     Err(e) => {
                         self.staging = Some(staging);
@@ -617,17 +603,9 @@ impl Incoming {
                     self.arrived(&n);
                 }
                 self.phase("every page verified: the VM is ours".into());
-                // Its disks (complete since the switch) go to stable
-                // storage before we say Started.
-                match staged.filter(|s| s.has_disks()) {
-                    Some(s) => {
-                        let t = Instant::now();
-                        match tokio::task::spawn_blocking(move || s.sync_disks()).await {
-                            Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
-                            Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
-                            Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
-                        }
-                    }
+                // Its disks are complete since the switch.
+                match staged {
+                    Some(s) => confirm_started(sm, s).await,
                     None => sm.handle_started(Instant::now()),
                 }
             }
@@ -857,12 +835,12 @@ fn stage(
         match data {
             PageData::Zero => staging.write_page(idx, None).map_err(local)?,
             PageData::Full(bytes) => staging.write_page(idx, Some(bytes)).map_err(local)?,
-            // Opened from the image retained here (authenticated, bound to
-            // the image and the page); a page that does not open is the
-            // source's lie or a tampered image: abort.
             // A disk block the staged base holds: it is there already
             // (its leaf, below, is what staging holds).
             PageData::Retained if bases.iter().any(|r| r.contains(&idx.0)) => {}
+            // Opened from the image retained here (authenticated, bound to
+            // the image and the page); a page that does not open is the
+            // source's lie or a tampered image: abort.
             PageData::Retained => {
                 let opened = match reuse {
                     Some(r) => r.image.open_into(&r.key, idx, scratch),
@@ -938,13 +916,29 @@ fn page_leaf(page: &[u8]) -> Digest {
     }
 }
 
+/// The VM runs here: its disks, if any, go to stable storage before we
+/// say Started (the source discards its copy then), and the time that
+/// took is not downtime. A sync that fails leaves the migration in doubt.
+async fn confirm_started(sm: &mut Destination, staging: Arc<SimVm>) {
+    if !staging.has_disks() {
+        sm.handle_started(Instant::now());
+        return;
+    }
+    let t = Instant::now();
+    match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
+        Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
+        Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
+        Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
+    }
+}
+
 /// How often an incoming VM's disks are flushed while they arrive.
 const DISK_FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Flushes an incoming VM's disks every [`DISK_FLUSH_EVERY`] until the
 /// task is aborted (when the VM starts, or staging is discarded): without
-/// it, the sync before the start writes every block that arrived, inside
-/// the downtime (2.8 s for a 4 GiB disk a quarter full, measured).
+/// it, the sync before Started writes every block that arrived (2.8 s for
+/// a 4 GiB disk a quarter full, measured).
 fn flush_disks_while_arriving(staging: Arc<SimVm>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -952,7 +946,8 @@ fn flush_disks_while_arriving(staging: Arc<SimVm>) -> tokio::task::JoinHandle<()
             let s = staging.clone();
             match tokio::task::spawn_blocking(move || s.flush_disks()).await {
                 Ok(Ok(())) => {}
-                // The sync before the start reports it, and fails the start.
+                // The sync before Started reports it (the migration is
+                // then in doubt).
                 Ok(Err(e)) => tracing::warn!("{e}"),
                 Err(_) => return,
             }

@@ -510,37 +510,34 @@ impl Run {
     ) {
         let disks = self.vm.disks();
         let memory = self.vm.geometry();
-        let all: Vec<std::ops::Range<u64>> = convoy_protocol::disk::leaf_ranges(memory, &disks)
-            .into_iter()
-            .zip(held)
-            .filter(|(_, h)| **h)
-            .map(|(r, _)| r)
-            .collect();
-        let Some(bases) = self.inner.bases.clone() else {
-            return (Vec::new(), all);
-        };
         let ranges = convoy_protocol::disk::leaf_ranges(memory, &disks);
-        let block = memory.page_size().bytes();
         let wanted: Vec<_> = disks
             .into_iter()
             .zip(ranges)
             .zip(held)
             .filter(|(_, h)| **h)
-            .filter_map(|((d, r), _)| Some((r, d.base?, d.bytes)))
+            .map(|((d, r), _)| (r, d.base, d.bytes))
             .collect();
-        let found: Vec<_> = tokio::task::spawn_blocking(move || {
-            wanted
-                .into_iter()
-                .filter_map(|(r, base, bytes)| Some((r, bases.find(&base, bytes, block)?)))
-                .collect()
+        // If the lookup itself fails, every held disk goes whole.
+        let all: Vec<_> = wanted.iter().map(|(r, ..)| r.clone()).collect();
+        let bases = self.inner.bases.clone();
+        let block = memory.page_size().bytes();
+        let split = tokio::task::spawn_blocking(move || {
+            let (mut found, mut whole) = (Vec::new(), Vec::new());
+            for (r, base, bytes) in wanted {
+                let index = bases
+                    .as_ref()
+                    .zip(base)
+                    .and_then(|(bases, base)| bases.find(&base, bytes, block));
+                match index {
+                    Some(i) => found.push((r, i)),
+                    None => whole.push(r),
+                }
+            }
+            (found, whole)
         })
-        .await
-        .unwrap_or_default();
-        let whole = all
-            .into_iter()
-            .filter(|r| !found.iter().any(|(f, _)| f == r))
-            .collect();
-        (found, whole)
+        .await;
+        split.unwrap_or((Vec::new(), all))
     }
 
     fn phase(&mut self, what: &str) {
@@ -1268,17 +1265,15 @@ fn encode_stream(
             let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
             let cache = if job.delta { cache.as_mut() } else { None };
             let held = job.held.as_ref().and_then(|h| h.leaf(p));
-            let added = match (held, cache, job.skip_zero) {
+            // The destination's block is not zero: a zero one must go.
+            let skip_zero = job.skip_zero && !matches!(held, Some(HeldLeaf::Unknown));
+            let added = match (held, cache, skip_zero) {
                 (Some(HeldLeaf::Base(leaf)), cache, true) => {
                     b.push_over_base_with(p, leaf, cache, read)
                 }
                 (Some(HeldLeaf::Page(leaf)), cache, true) => {
                     b.push_nonzero_reusing_with(p, leaf, cache, read)
                 }
-                (Some(HeldLeaf::Unknown), Some(c), true) => {
-                    b.push_delta_with(p, c, read).map(|()| true)
-                }
-                (Some(HeldLeaf::Unknown), None, true) => b.push_with(p, read).map(|()| true),
                 (_, Some(c), true) => b.push_nonzero_delta_with(p, c, read),
                 (_, Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
                 (_, None, true) => b.push_nonzero_with(p, read),
