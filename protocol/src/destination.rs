@@ -19,6 +19,9 @@
 //!     SwitchDraining --> PostcopyStarting: pre-switch batches applied / start on demand paging
 //!     PostcopyStarting --> PostCopy: running / send PostcopyRunning
 //!     PostCopy --> Draining: Finish
+//!     PostCopy --> Recovering: link lost after the switch / keep the VM, await Resume
+//!     Recovering --> PostCopy: Resume from the same source and ticket / send Resumed(missing)
+//!     Recovering --> Done: no Resume within the recovery window / in doubt
 //! ```
 //!
 //! # Post-copy
@@ -37,6 +40,22 @@
 //! late timeout leaves it *in doubt* ([`DestinationEvent::InDoubt`]), kept;
 //! only a root mismatch discards it, since it ran on memory that is not
 //! the source's.
+//!
+//! # Post-copy recovery
+//! With a recovery window ([`DestinationConfig::recovery`]), a link that
+//! breaks after the switch and before `Handover` is not the end: the
+//! machine waits ([`DestinationAction::AwaitResume`]) while the VM keeps
+//! running on the pages it has, a vCPU that touches a missing page waiting
+//! for it. The source dials again and sends [`Message::Resume`]; the
+//! driver hands it over with [`Destination::handle_resume`], which accepts
+//! only the peer the migration came from and the same ticket. The answer,
+//! [`Message::Resumed`], lists the owed pages not installed here; batches
+//! count from zero on the new streams; the pages the VM asked for and still
+//! lacks are asked again. A batch of the broken link that the driver
+//! applies late is reported with [`Destination::handle_stale_batch_applied`]
+//! (its leaves count, its sequence does not). Then post-copy goes on, and
+//! the root check at `Finish` covers every page as before. No Resume within
+//! the window: in doubt, as without recovery.
 //!
 //! Pages are written into a *staging* image, never into a running VM. The
 //! driver decodes batches with [`crate::page::StreamReceiver`] (which
@@ -83,6 +102,9 @@ pub struct DestinationConfig {
     pub peer: crate::names::SpiffeId,
     /// Signs our receipts and checks the source's.
     pub notary: crate::receipt::Notary,
+    /// After a post-copy switch, how long to wait for the source to come
+    /// back on a new connection when the link breaks (zero: no recovery).
+    pub recovery: Duration,
 }
 
 /// What the driver must do.
@@ -132,6 +154,13 @@ pub enum DestinationAction {
     /// Post-copy: the VM that runs since the switch is verified and handed
     /// over; record it as ours, then call [`Destination::handle_started`].
     TrustVm,
+    /// Post-copy recovery: the link broke after the switch. Drop the
+    /// connection and its streams (report batches its decoders still apply
+    /// with [`Destination::handle_stale_batch_applied`]), keep the VM, and
+    /// pass the first message of a new connection that carries a Resume
+    /// for this migration to [`Destination::handle_resume`] until
+    /// [`Destination::poll_timeout`].
+    AwaitResume,
 }
 
 /// How a destination migration ended.
@@ -152,6 +181,11 @@ pub enum DestinationEvent {
     /// paused copy. Someone must decide.
     InDoubt(String),
 }
+
+/// Why a Resume was refused (the migration itself goes on waiting).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("resume refused: {0}")]
+pub struct ResumeRefused(pub &'static str);
 
 /// A message or report the destination cannot accept. The machine has
 /// already failed safely when this is returned.
@@ -235,6 +269,8 @@ enum Phase {
         since: Instant,
     },
     PostCopy,
+    /// Post-copy recovery: waiting for the source to reconnect.
+    Recovering { deadline: Instant },
     Draining(Finish),
     AwaitHandover {
         deadline: Instant,
@@ -254,6 +290,7 @@ impl Phase {
             Phase::SwitchDraining(_) => "draining before the post-copy switch",
             Phase::PostcopyStarting { .. } => "starting the VM on demand paging",
             Phase::PostCopy => "post-copy",
+            Phase::Recovering { .. } => "waiting for the source to reconnect",
             Phase::Draining(_) => "draining the data streams",
             Phase::AwaitHandover { .. } => "awaiting Handover",
             Phase::Starting => "starting the VM",
@@ -269,6 +306,7 @@ impl Phase {
                 | Phase::SwitchDraining(_)
                 | Phase::PostcopyStarting { .. }
                 | Phase::PostCopy
+                | Phase::Recovering { .. }
                 | Phase::Draining(_)
                 | Phase::AwaitHandover { .. }
         )
@@ -304,6 +342,15 @@ pub struct Destination {
     faults: Option<FaultFigures>,
     /// The key the source handed over with the VM (it retains the image).
     handed_key: Option<crate::reuse::ReuseOffer>,
+    /// After the switch: owed pages not installed yet.
+    missing: Option<PageBitmap>,
+    /// After the switch: pages the VM asked for (asked again on resume
+    /// while still missing).
+    asked: std::collections::BTreeSet<u64>,
+    /// Times the migration resumed on a new connection.
+    recoveries: u32,
+    /// How many receipts were kept before Ready was signed.
+    ready_at: Option<usize>,
 }
 
 impl Destination {
@@ -326,7 +373,22 @@ impl Destination {
             switched: false,
             faults: None,
             handed_key: None,
+            missing: None,
+            asked: std::collections::BTreeSet::new(),
+            recoveries: 0,
+            ready_at: None,
         }
+    }
+
+    /// Times the migration resumed on a new connection after its link
+    /// broke.
+    pub fn recoveries(&self) -> u32 {
+        self.recoveries
+    }
+
+    /// Whether the machine waits for the source to reconnect.
+    pub fn is_recovering(&self) -> bool {
+        matches!(self.phase, Phase::Recovering { .. })
     }
 
     /// The key of the image the source retained when it handed the VM
@@ -354,7 +416,17 @@ impl Destination {
     /// Post-copy: the VM waits for `pages`; ask the source for them.
     /// Ignored outside the post-copy phase (they are all on their way).
     pub fn request_pages(&mut self, pages: &[PageIndex]) {
-        if !matches!(self.phase, Phase::PostCopy) {
+        let recovering = matches!(self.phase, Phase::Recovering { .. });
+        if !matches!(self.phase, Phase::PostCopy) && !recovering {
+            return;
+        }
+        for p in pages {
+            if self.missing.as_ref().is_some_and(|m| m.contains(*p)) {
+                self.asked.insert(p.0);
+            }
+        }
+        if recovering {
+            // Asked again once the source is back.
             return;
         }
         for chunk in pages.chunks(MAX_FETCH) {
@@ -441,9 +513,11 @@ impl Destination {
             .as_ref()
             .map_or(0, |p| p.manifest.memory.page_count());
         self.switched = true;
+        let owed = PageBitmap::from_words(m.owed, count);
+        self.missing = Some(owed.clone());
         self.actions.push_back(DestinationAction::StartPostcopy {
             device_state: m.device_state,
-            owed: PageBitmap::from_words(m.owed, count),
+            owed,
         });
         self.phase = Phase::PostcopyStarting { since: now };
         Ok(())
@@ -462,7 +536,9 @@ impl Destination {
     /// When [`Destination::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitHandover { deadline, .. } => Some(deadline),
+            Phase::AwaitHandover { deadline, .. } | Phase::Recovering { deadline, .. } => {
+                Some(deadline)
+            }
             _ => None,
         }
     }
@@ -835,13 +911,8 @@ impl Destination {
             }));
         }
         *count += 1;
-        if let Some(tree) = self.tree.as_mut() {
-            for &(p, d) in leaves {
-                if !tree.set_leaf(p.0 as usize, d) {
-                    return Err(self.fail(DestinationError::PageOutOfRange(p.0)));
-                }
-            }
-            tree.fold_if_due();
+        if let Err(p) = self.set_leaves(leaves) {
+            return Err(self.fail(DestinationError::PageOutOfRange(p)));
         }
         self.try_confirm_round();
         if let Phase::SwitchDraining(m) = &self.phase {
@@ -857,6 +928,97 @@ impl Destination {
             self.check_counts(&announced)?;
         }
         self.try_verify(now)
+    }
+
+    /// Sets the leaves of pages written to staging (after the switch: of
+    /// pages installed, no longer missing); `Err(page)` past the end.
+    fn set_leaves(&mut self, leaves: &[(PageIndex, Digest)]) -> Result<(), u64> {
+        if let Some(tree) = self.tree.as_mut() {
+            for &(p, d) in leaves {
+                if !tree.set_leaf(p.0 as usize, d) {
+                    return Err(p.0);
+                }
+            }
+            tree.fold_if_due();
+        }
+        if let Some(m) = self.missing.as_mut() {
+            for &(p, _) in leaves {
+                if m.contains(p) {
+                    m.remove(p);
+                    self.asked.remove(&p.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Post-copy recovery: a batch of a broken link, applied after the
+    /// link was given up. Its pages are installed, so their leaves count;
+    /// its place in the old stream's sequence no longer matters.
+    pub fn handle_stale_batch_applied(
+        &mut self,
+        leaves: &[(PageIndex, Digest)],
+    ) -> Result<(), DestinationError> {
+        if !self.switched || self.tree.is_none() {
+            return Ok(());
+        }
+        if let Err(p) = self.set_leaves(leaves) {
+            return Err(self.fail(DestinationError::PageOutOfRange(p)));
+        }
+        Ok(())
+    }
+
+    /// Post-copy recovery: the first message of a new connection from
+    /// `peer` asks to resume. Accepted only while recovering, from the
+    /// agent the migration came from, for this migration and ticket; a
+    /// refusal changes nothing here (the migration waits for its own
+    /// source) and the driver answers it with an Abort on that connection
+    /// only.
+    pub fn handle_resume(
+        &mut self,
+        peer: &crate::names::SpiffeId,
+        r: &crate::message::Resume,
+    ) -> Result<(), ResumeRefused> {
+        let Phase::Recovering { .. } = self.phase else {
+            return Err(ResumeRefused("no migration waits to be resumed"));
+        };
+        if *peer != self.cfg.peer {
+            return Err(ResumeRefused("the migration came from another agent"));
+        }
+        if Some(r.migration) != self.migration() || r.ticket != self.ticket_digest() {
+            return Err(ResumeRefused("not the migration or ticket waiting here"));
+        }
+        self.recoveries += 1;
+        // The new streams count from zero; nothing is expected on them yet.
+        self.applied.iter_mut().for_each(|a| *a = 0);
+        self.opened.iter_mut().for_each(|o| *o = false);
+        // A Ready signed before the link broke is void: Finish comes again.
+        if let Some(n) = self.ready_at.take() {
+            self.receipts.truncate(n);
+        }
+        self.root = None;
+        let missing = self
+            .missing
+            .clone()
+            .unwrap_or_else(|| PageBitmap::empty(0));
+        self.actions
+            .push_back(DestinationAction::Send(Message::Resumed(
+                crate::message::Resumed {
+                    missing: missing.words().to_vec(),
+                },
+            )));
+        // (A VM still being started when the link broke reports nothing
+        // more: Resumed tells the source it runs.)
+        self.phase = Phase::PostCopy;
+        // What the VM waits for, first.
+        let asked: Vec<PageIndex> = self.asked.iter().map(|&p| PageIndex(p)).collect();
+        for chunk in asked.chunks(MAX_FETCH) {
+            self.actions
+                .push_back(DestinationAction::Send(Message::Fetch(Fetch {
+                    pages: chunk.to_vec(),
+                })));
+        }
+        Ok(())
     }
 
     fn try_verify(&mut self, now: Instant) -> Result<(), DestinationError> {
@@ -882,6 +1044,7 @@ impl Destination {
         }
         self.root = Some(staging);
         let device_digest = device_state_digest(&f.device_state);
+        self.ready_at = Some(self.receipts.len());
         let receipt = match self.sign(now, ReceiptKind::Ready, Some((staging, device_digest))) {
             Ok(r) => r,
             Err(e) => {
@@ -979,6 +1142,16 @@ impl Destination {
 
     /// A deadline from [`Destination::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Recovering { deadline } = self.phase {
+            if now >= deadline {
+                self.in_doubt(format!(
+                    "the link broke after the post-copy switch and the source did not come back \
+                     within {} s",
+                    self.cfg.recovery.as_secs()
+                ));
+            }
+            return;
+        }
         if let Phase::AwaitHandover { deadline, .. } = self.phase {
             if now >= deadline {
                 self.actions
@@ -993,7 +1166,28 @@ impl Destination {
     /// The connection or a stream broke. Before Handover the staging copy
     /// is discarded (the source still runs the VM or keeps it in doubt);
     /// after it, the VM is ours and starting continues.
-    pub fn handle_link_lost(&mut self, detail: &str) {
+    pub fn handle_link_lost(&mut self, now: Instant, detail: &str) {
+        if self.switched
+            && !self.cfg.recovery.is_zero()
+            && matches!(
+                self.phase,
+                Phase::PostcopyStarting { .. }
+                    | Phase::PostCopy
+                    | Phase::Draining(_)
+                    | Phase::AwaitHandover { .. }
+            )
+        {
+            // The VM keeps what it has; a vCPU on a missing page waits.
+            self.round_end = None;
+            self.phase = Phase::Recovering {
+                deadline: now + self.cfg.recovery,
+            };
+            self.actions.push_back(DestinationAction::AwaitResume);
+            return;
+        }
+        if matches!(self.phase, Phase::Recovering { .. }) {
+            return;
+        }
         if self.phase.has_staging() {
             let detail = if self.switched {
                 format!("link lost after the post-copy switch: {detail}")

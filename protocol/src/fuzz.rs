@@ -211,12 +211,25 @@ pub fn destination_sequence(data: &[u8]) {
         handover_timeout: Duration::from_secs(1),
         peer: "spiffe://fuzz/agent/source".parse().expect("valid id"),
         notary: InsecureCrypto::notary("spiffe://fuzz/agent/destination", now),
+        recovery: Duration::from_secs(1),
     });
+    let source: crate::names::SpiffeId = "spiffe://fuzz/agent/source".parse().expect("valid id");
     let mut input = data;
     while let Ok(Some((frame, used))) = split_frame(input) {
         now += Duration::from_millis(10);
-        if let Ok(m) = Message::decode(Bytes::copy_from_slice(frame)) {
-            let _ = d.handle_message(now, m);
+        match Message::decode(Bytes::copy_from_slice(frame)) {
+            // A Resume arrives first on a new connection, never as a
+            // message on the old one: fed the way a driver does.
+            Ok(Message::Resume(r)) => {
+                let _ = d.handle_resume(&source, &r);
+            }
+            // (A RoundApplied never reaches a destination:) it stands for
+            // a broken link here, so that resuming is reached.
+            Ok(Message::RoundApplied(_)) => d.handle_link_lost(now, "fuzz"),
+            Ok(m) => {
+                let _ = d.handle_message(now, m);
+            }
+            Err(_) => {}
         }
         while let Some(a) = d.poll_action() {
             if let crate::destination::DestinationAction::PrepareStaging { .. } = a {

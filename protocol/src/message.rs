@@ -306,6 +306,31 @@ pub struct Fetch {
     pub pages: Vec<crate::page::PageIndex>,
 }
 
+/// Source → destination, the first message on a *new* connection after
+/// the link of a post-copy migration broke: carry on with `migration`.
+/// The destination accepts it only from the agent that started the
+/// migration (checked on the new connection's mutual TLS) and for the
+/// same ticket; it answers [`Resumed`]. Nothing else can take over a
+/// migration: a different peer or ticket is refused and the migration
+/// keeps waiting for its own source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The migration, as proposed.
+    pub migration: crate::names::MigrationId,
+    /// Digest of the operator's ticket it was proposed with.
+    pub ticket: crate::digest::Digest,
+}
+
+/// Destination → source: the migration resumes on this connection. Both
+/// sides count data-stream batches from zero again on the new streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// Bitmap words (as [`crate::page::PageBitmap::words`]) of the owed
+    /// pages the destination has not installed: the source sends these
+    /// again, whatever it sent before the link broke.
+    pub missing: Vec<u64>,
+}
+
 /// Source → destination: every batch of pre-copy round `round` is sent,
 /// `batches` per data stream so far. The destination answers
 /// [`RoundApplied`] once it has applied as many; only then does the
@@ -401,6 +426,10 @@ pub enum Message {
     RoundEnd(RoundEnd),
     /// Tag 15.
     RoundApplied(RoundApplied),
+    /// See [`Resume`].
+    Resume(Resume),
+    /// See [`Resumed`].
+    Resumed(Resumed),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
     /// Tag 17: a page batch; the payload is carried without a copy.
@@ -435,6 +464,8 @@ pub mod tag {
     pub const DATA_STREAM_OPEN: u8 = 16;
     pub const PAGE_BATCH: u8 = 17;
     pub const CHANNEL_OPEN: u8 = 18;
+    pub const RESUME: u8 = 19;
+    pub const RESUMED: u8 = 20;
     pub const CTL_REQUEST: u8 = 32;
     pub const CTL_RESPONSE: u8 = 33;
 }
@@ -501,6 +532,8 @@ impl Message {
             Message::Fetch(_) => tag::FETCH,
             Message::RoundEnd(_) => tag::ROUND_END,
             Message::RoundApplied(_) => tag::ROUND_APPLIED,
+            Message::Resume(_) => tag::RESUME,
+            Message::Resumed(_) => tag::RESUMED,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
@@ -534,6 +567,8 @@ impl Message {
             Message::Fetch(m) => postcard::to_extend(m, out),
             Message::RoundEnd(m) => postcard::to_extend(m, out),
             Message::RoundApplied(m) => postcard::to_extend(m, out),
+            Message::Resume(m) => postcard::to_extend(m, out),
+            Message::Resumed(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
@@ -608,6 +643,8 @@ impl Message {
                 Message::RoundEnd(m)
             }
             tag::ROUND_APPLIED => Message::RoundApplied(whole(t, body)?),
+            tag::RESUME => Message::Resume(whole(t, body)?),
+            tag::RESUMED => Message::Resumed(whole(t, body)?),
             tag::FETCH => {
                 let m: Fetch = whole(t, body)?;
                 if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
@@ -648,6 +685,8 @@ pub fn name_of(t: u8) -> &'static str {
         tag::FETCH => "Fetch",
         tag::ROUND_END => "RoundEnd",
         tag::ROUND_APPLIED => "RoundApplied",
+        tag::RESUME => "Resume",
+        tag::RESUMED => "Resumed",
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
@@ -823,6 +862,13 @@ mod tests {
                 batches: vec![4, 5],
             }),
             Message::RoundApplied(RoundApplied { round: 3 }),
+            Message::Resume(Resume {
+                migration: crate::names::MigrationId([7; 16]),
+                ticket: crate::digest::Digest([9; 32]),
+            }),
+            Message::Resumed(Resumed {
+                missing: vec![0b1011, 0],
+            }),
         ] {
             assert_eq!(Message::decode(strip(ok.encode().unwrap())), Ok(ok));
         }

@@ -24,6 +24,10 @@
 //!     AwaitRunning --> PostCopy: PostcopyRunning / push the owed pages
 //!     PostCopy --> PostCopy: Fetch / serve on the fault stream
 //!     PostCopy --> AwaitReady: pushed and served / send Finish
+//!     PostCopy --> Reconnecting: link lost after the switch / dial again
+//!     Reconnecting --> AwaitResumed: reconnected / send Resume
+//!     AwaitResumed --> PostCopy: Resumed(missing) / push the missing pages
+//!     Reconnecting --> InDoubt: no new link within the recovery window
 //!     Copying --> Failed: Abort, link lost, cancel, bad message
 //!     AwaitReady --> Failed: Abort, wrong roots, timeout
 //! ```
@@ -70,6 +74,22 @@
 //! it and the usual Ready/Sent/Started receipts follow. The source keeps
 //! its paused copy until `Started`: after the switch a broken link or a
 //! bad root is *in doubt*, never a resume here.
+//!
+//! # Post-copy recovery
+//! With a recovery window ([`SourceConfig::recovery`]), a link that breaks
+//! after the switch and before `Handover` (awaiting `PostcopyRunning`, in
+//! post-copy, or awaiting `Ready`) does not end the migration: the source
+//! asks the driver to dial the destination again
+//! ([`SourceAction::Reconnect`]; a new mutually authenticated connection)
+//! and sends [`Message::Resume`] with the migration id and the ticket's
+//! digest. The destination, whose VM waits for its missing pages
+//! meanwhile, answers [`Message::Resumed`] with the owed pages it has not
+//! installed; the source counts batches from zero on the new streams,
+//! pushes those pages again and serves faults as before, then `Finish`
+//! and the receipts follow as usual. The paused copy is kept all along:
+//! it is discarded only on `Started`, after the destination checked the
+//! root over every page. Without a new link within the window the outcome
+//! is in doubt, as without recovery.
 //!
 //! Every path to `Failed` emits [`SourceAction::RollBack`]: the VM keeps (or
 //! resumes) running here. No path after `Handover` is sent resumes the VM:
@@ -161,6 +181,9 @@ pub struct SourceConfig {
     /// How long to wait for Started after Handover before declaring the
     /// outcome in doubt.
     pub started_timeout: Duration,
+    /// After a post-copy switch, how long a broken link may take to come
+    /// back before the outcome is in doubt (zero: no recovery).
+    pub recovery: Duration,
 }
 
 /// What the driver must do.
@@ -219,6 +242,14 @@ pub enum SourceAction {
         /// Ascending, at most one batch's worth.
         pages: Vec<PageIndex>,
     },
+    /// Post-copy recovery: the link broke after the switch. Drop the
+    /// connection and its streams (report what the old streams had sent
+    /// with [`Source::handle_batch_sent`]: only its leaves count now),
+    /// dial the destination again, open the control stream and the data
+    /// streams on the new connection and call
+    /// [`Source::handle_reconnected`]. Keep trying until
+    /// [`Source::poll_timeout`], then call [`Source::handle_timeout`].
+    Reconnect,
 }
 
 /// What the driver may report.
@@ -289,6 +320,9 @@ pub struct PostcopySummary {
     pub fetches: u64,
     /// The destination's figures, from its Ready.
     pub faults: Option<FaultFigures>,
+    /// Times the link broke and the migration resumed on a new one.
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 /// The auto-converge throttle steps, percent of guest CPU taken away.
@@ -347,6 +381,9 @@ pub enum SourceError {
     /// A leaf past the end of memory.
     #[error("leaf for page {0} past the end of memory")]
     LeafOutOfRange(u64),
+    /// The destination's Resumed does not fit what was owed.
+    #[error("bad Resumed: {0}")]
+    BadResume(&'static str),
     /// Device state too large for the protocol.
     #[error("device state of {0} bytes exceeds the limit")]
     DeviceStateTooLarge(usize),
@@ -395,6 +432,16 @@ enum Phase {
         round: u32,
         pushing: bool,
     },
+    /// Post-copy recovery: dialling the destination again.
+    Reconnecting {
+        round: u32,
+        deadline: Instant,
+    },
+    /// Post-copy recovery: Resume sent on the new connection.
+    AwaitResumed {
+        round: u32,
+        deadline: Instant,
+    },
     AwaitReady {
         deadline: Instant,
     },
@@ -418,6 +465,8 @@ impl Phase {
             Phase::Switching => "recording the post-copy switch",
             Phase::AwaitRunning { .. } => "awaiting PostcopyRunning",
             Phase::PostCopy { .. } => "post-copy",
+            Phase::Reconnecting { .. } => "reconnecting",
+            Phase::AwaitResumed { .. } => "awaiting Resumed",
             Phase::AwaitReady { .. } => "awaiting Ready",
             Phase::Committing => "committing the handover",
             Phase::AwaitStarted { .. } => "awaiting Started",
@@ -583,6 +632,8 @@ impl Source {
             | Phase::AwaitRunning { deadline, .. }
             | Phase::AwaitReady { deadline }
             | Phase::Draining { deadline, .. }
+            | Phase::Reconnecting { deadline, .. }
+            | Phase::AwaitResumed { deadline, .. }
             | Phase::AwaitStarted { deadline } => Some(deadline),
             _ => None,
         }
@@ -787,6 +838,7 @@ impl Source {
                 });
                 Ok(())
             }
+            (Phase::AwaitResumed { round, .. }, Message::Resumed(r)) => self.resume(now, round, r),
             (Phase::PostCopy { round, pushing }, Message::Fetch(f)) => {
                 self.phase = Phase::PostCopy { round, pushing };
                 self.serve(now, round, &f)
@@ -849,6 +901,22 @@ impl Source {
         now: Instant,
         batch: &SentBatch,
     ) -> Result<(), SourceError> {
+        if matches!(
+            self.phase,
+            Phase::Reconnecting { .. } | Phase::AwaitResumed { .. }
+        ) {
+            // A batch of the broken link: its pages were read from the
+            // paused VM, so their leaves stand; whether it arrived, the
+            // destination says in Resumed.
+            for &(p, d) in &batch.leaves {
+                if !self.tree.set_leaf(p.0 as usize, d) {
+                    return Err(SourceError::LeafOutOfRange(p.0));
+                }
+            }
+            self.tree.fold_if_due();
+            self.payload_bytes += batch.frame_bytes;
+            return Ok(());
+        }
         let Some(count) = self.batches.get_mut(usize::from(batch.stream)) else {
             return Err(SourceError::NoSuchStream(batch.stream));
         };
@@ -1181,6 +1249,72 @@ impl Source {
         Ok(())
     }
 
+    /// Post-copy recovery: a new connection to the destination is up, with
+    /// its control and data streams: ask to resume.
+    pub fn handle_reconnected(&mut self, now: Instant) {
+        let Phase::Reconnecting { round, .. } = self.phase else {
+            return;
+        };
+        self.postcopy.recoveries += 1;
+        self.actions
+            .push_back(SourceAction::Send(Box::new(Message::Resume(
+                crate::message::Resume {
+                    migration: self.cfg.migration,
+                    ticket: self.ticket_digest,
+                },
+            ))));
+        self.phase = Phase::AwaitResumed {
+            round,
+            deadline: now + self.cfg.accept_timeout,
+        };
+        self.progress("resuming post-copy", self.postcopy.owed);
+    }
+
+    /// The destination resumes: push again every owed page it lacks.
+    fn resume(
+        &mut self,
+        now: Instant,
+        round: u32,
+        r: crate::message::Resumed,
+    ) -> Result<(), SourceError> {
+        let count = self.cfg.manifest.memory.page_count();
+        let owed = self
+            .owed
+            .clone()
+            .unwrap_or_else(|| PageBitmap::empty(count));
+        if r.missing.len() as u64 != count.div_ceil(64) {
+            return Err(self.fail(now, SourceError::BadResume("the bitmap does not fit the memory")));
+        }
+        let missing = PageBitmap::from_words(r.missing, count);
+        if missing.iter().any(|p| !owed.contains(p)) {
+            return Err(self.fail(now, SourceError::BadResume("a page that was never owed")));
+        }
+        // Batches count from zero on the new streams; what the old ones
+        // carried is in the destination's missing set.
+        for b in &mut self.batches {
+            *b = 0;
+        }
+        self.serving = 0;
+        // Pre-paging sends only what the destination still lacks.
+        self.pushed = PageBitmap::empty(self.tree.len() as u64);
+        for p in owed.iter().filter(|p| !missing.contains(*p)) {
+            self.pushed.insert(p);
+        }
+        // A link lost before PostcopyRunning: the VM runs there now.
+        self.resumed_at.get_or_insert(now);
+        self.progress("post-copy (resumed)", missing.count());
+        self.phase = Phase::PostCopy {
+            round,
+            pushing: true,
+        };
+        self.actions.push_back(SourceAction::SendPages {
+            round,
+            pages: missing,
+            skip_zero: false,
+        });
+        Ok(())
+    }
+
     /// Post-copy: once every owed page is pushed and every fault served,
     /// send Finish with the root of the image as paused.
     fn try_finish_postcopy(&mut self, now: Instant) {
@@ -1281,14 +1415,49 @@ impl Source {
             Phase::AwaitStarted { deadline } if now >= deadline => {
                 self.finish_failed(now, "no Started from the destination in time".into())
             }
+            Phase::Reconnecting { deadline, .. } if now >= deadline => self.finish_failed(
+                now,
+                format!(
+                    "the link broke after the post-copy switch and the destination could not be \
+                     reached again within {} s",
+                    self.cfg.recovery.as_secs()
+                ),
+            ),
+            Phase::AwaitResumed { deadline, .. } if now >= deadline => self.finish_failed(
+                now,
+                "the destination did not answer Resume in time".into(),
+            ),
             _ => {}
         }
     }
 
     /// The connection or a stream broke.
     pub fn handle_link_lost(&mut self, now: Instant, detail: &str) {
-        if !matches!(self.phase, Phase::Done) {
-            self.finish_failed(now, format!("link lost: {detail}"));
+        let round = match self.phase {
+            Phase::Done => return,
+            // Already dialling again: the driver reports its failures by
+            // the timeout.
+            Phase::Reconnecting { .. } => return,
+            Phase::AwaitRunning { round, .. } | Phase::PostCopy { round, .. }
+                if self.switched =>
+            {
+                Some(round)
+            }
+            Phase::AwaitReady { .. } | Phase::AwaitResumed { .. } if self.switched => {
+                Some(self.rounds)
+            }
+            _ => None,
+        };
+        match round {
+            Some(round) if !self.cfg.recovery.is_zero() => {
+                self.phase = Phase::Reconnecting {
+                    round,
+                    deadline: now + self.cfg.recovery,
+                };
+                self.progress(&format!("link lost ({detail}), reconnecting"), self.postcopy.owed);
+                self.actions.push_back(SourceAction::Reconnect);
+            }
+            _ => self.finish_failed(now, format!("link lost: {detail}")),
         }
     }
 

@@ -188,6 +188,18 @@ struct Pair {
     touch: Vec<u64>,
     /// Cut the link once the destination reports the VM running.
     cut_on_running: bool,
+    /// Cut the link once the destination applied this many batches after
+    /// the switch.
+    cut_after_postcopy_batches: Option<usize>,
+    postcopy_batches: usize,
+    /// How long a cut link stays down before the source may dial again.
+    outage: Duration,
+    /// Post-copy recovery: when the source dials again.
+    reconnect_at: Option<Instant>,
+    /// Pages the destination VM touches while the link is down.
+    touch_in_outage: Vec<u64>,
+    /// Alters the first message of a new connection (the Resume).
+    tamper_resume: Option<ControlTamper>,
     /// The source's page cache of each stream, for delta pages.
     caches: Vec<PageCache>,
     tamper: Option<Tamper>,
@@ -206,6 +218,10 @@ struct Pair {
     src_errors: Vec<SourceError>,
     dst_errors: Vec<DestinationError>,
     rolled_back: bool,
+    /// Resumes the destination refused.
+    resume_refusals: Vec<String>,
+    /// The identity a Resume arrives from.
+    resume_peer: &'static str,
     /// Source: seal the image under this key at DiscardVm (retention).
     retain: Option<ReuseOffer>,
     /// Source: the image it sealed when the VM left.
@@ -265,8 +281,11 @@ impl Pair {
             accept_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(5),
             started_timeout: Duration::from_secs(5),
+            recovery: Duration::ZERO,
         };
         tweak(&mut cfg);
+        // Both sides wait for a broken link alike.
+        let recovery = cfg.recovery;
         let src = Source::new(cfg);
         let dst = Destination::new(DestinationConfig {
             max_memory_bytes: max_memory,
@@ -275,6 +294,7 @@ impl Pair {
             handover_timeout: Duration::from_secs(5),
             peer: SRC.parse().unwrap(),
             notary: InsecureCrypto::notary(DST, now),
+            recovery,
         });
         Pair {
             now,
@@ -300,6 +320,12 @@ impl Pair {
             missing: None,
             touch: vec![1, 2, 500, 900],
             cut_on_running: false,
+            cut_after_postcopy_batches: None,
+            postcopy_batches: 0,
+            outage: Duration::from_secs(2),
+            reconnect_at: None,
+            touch_in_outage: Vec::new(),
+            tamper_resume: None,
             caches: (0..streams)
                 .map(|_| PageCache::new(pages * PAGE, PageSize::SIZE_4K))
                 .collect(),
@@ -315,6 +341,8 @@ impl Pair {
             src_errors: Vec::new(),
             dst_errors: Vec::new(),
             rolled_back: false,
+            resume_refusals: Vec::new(),
+            resume_peer: SRC,
             retain: None,
             retained_here: None,
             arrival_leaves: None,
@@ -473,6 +501,10 @@ impl Pair {
                     self.src.handle_switch_committed(self.now);
                 }
                 SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
+                SourceAction::Reconnect => {
+                    // Streams of the new link count from zero.
+                    self.reconnect_at = Some(self.now + self.outage);
+                }
                 SourceAction::Throttle { percent } => {
                     assert!(percent < 100);
                     self.vm.throttle = percent;
@@ -575,6 +607,16 @@ impl Pair {
                     self.dst.request_pages(&asked);
                 }
                 DestinationAction::TrustVm => self.dst.handle_started(self.now),
+                DestinationAction::AwaitResume => {
+                    // The VM runs on, and touches what it touches.
+                    let asked: Vec<PageIndex> = self
+                        .touch_in_outage
+                        .iter()
+                        .map(|&p| PageIndex(p))
+                        .filter(|p| self.missing.as_ref().is_some_and(|m| m.contains(*p)))
+                        .collect();
+                    self.dst.request_pages(&asked);
+                }
                 other => panic!("unknown action {other:?}"),
             }
         }
@@ -589,8 +631,18 @@ impl Pair {
             if *at > self.now {
                 break;
             }
-            let (_, m) = self.to_dst.pop_front().unwrap();
-            if let Err(e) = self.dst.handle_message(self.now, m) {
+            let (_, mut m) = self.to_dst.pop_front().unwrap();
+            if let Message::Resume(_) = m {
+                if let Some(t) = self.tamper_resume.as_mut() {
+                    t(&mut m);
+                }
+            }
+            if let Message::Resume(r) = &m {
+                // The first message of a new connection, from its peer.
+                if let Err(e) = self.dst.handle_resume(&self.resume_peer.parse().unwrap(), r) {
+                    self.resume_refusals.push(e.to_string());
+                }
+            } else if let Err(e) = self.dst.handle_message(self.now, m) {
                 self.dst_errors.push(e);
             }
             progressed = true;
@@ -648,6 +700,11 @@ impl Pair {
                         .handle_batch_applied(self.now, s, batch.seq, &leaves)
                     {
                         self.dst_errors.push(e);
+                    } else if installing {
+                        self.postcopy_batches += 1;
+                        if self.cut_after_postcopy_batches == Some(self.postcopy_batches) {
+                            self.link_up = false;
+                        }
                     }
                 }
                 Err(e) => {
@@ -683,7 +740,7 @@ impl Pair {
             if !self.link_up {
                 self.src.handle_link_lost(self.now, "cut");
                 self.drain_src();
-                self.dst.handle_link_lost("cut");
+                self.dst.handle_link_lost(self.now, "cut");
                 self.drain_dst();
                 self.link_up = true; // deliver nothing more, but stop cutting
                 self.to_dst.clear();
@@ -691,7 +748,23 @@ impl Pair {
                 self.data.clear();
                 continue;
             }
+            if let Some(at) = self.reconnect_at.filter(|at| *at <= self.now) {
+                let _ = at;
+                self.reconnect_at = None;
+                // A new connection: fresh streams.
+                let geometry = MemoryGeometry::new(PageSize::SIZE_4K, self.vm.pages.len() as u64)
+                    .unwrap();
+                self.receivers = (0..self.streams)
+                    .map(|s| StreamReceiver::new(s, self.streams, geometry))
+                    .chain([StreamReceiver::unstriped(self.streams, geometry)])
+                    .collect();
+                self.seqs.iter_mut().for_each(|s| *s = 0);
+                self.src.handle_reconnected(self.now);
+                self.drain_src();
+                continue;
+            }
             let next = [
+                self.reconnect_at,
                 self.to_dst.front().map(|m| m.0),
                 self.to_src.front().map(|m| m.0),
                 self.data.front().map(|m| m.0),
@@ -776,6 +849,7 @@ fn without_delta(p: &mut Pair) {
         handover_timeout: Duration::from_secs(5),
         peer: SRC.parse().unwrap(),
         notary: InsecureCrypto::notary(DST, p.now),
+        recovery: Duration::ZERO,
     });
 }
 
@@ -1035,6 +1109,7 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
         handover_timeout: Duration::from_secs(1),
         peer: SRC.parse().unwrap(),
         notary: InsecureCrypto::notary(DST, Instant::now()),
+        recovery: Duration::ZERO,
     });
     let err = d.handle_message(Instant::now(), handover()).unwrap_err();
     assert_eq!(
@@ -1449,6 +1524,140 @@ fn a_link_lost_after_the_switch_is_in_doubt_and_nothing_is_dropped() {
         "{:?}",
         p.dst_event
     );
+}
+
+/// Post-copy with a 10 s recovery window.
+fn recovering(c: &mut SourceConfig) {
+    c.switchover = Switchover::Immediately;
+    c.recovery = Duration::from_secs(10);
+}
+
+#[test]
+fn a_link_lost_in_postcopy_resumes_on_a_new_link_and_every_page_verifies() {
+    // Cut in the middle of the push: some pages are installed, some are
+    // on the wire and lost, the rest not sent yet; the VM touches missing
+    // pages while the link is down.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.touch_in_outage = vec![1500, 1501, 2000];
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert_eq!(pc.recoveries, 1, "{pc:?}");
+    assert_eq!(p.dst.recoveries(), 1);
+    assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+    assert!(p.src_errors.is_empty() && p.dst_errors.is_empty());
+    // Asked again once resumed: the fault stream served more than the
+    // pages the VM touched before the cut.
+    assert!(pc.fetches >= 2, "{pc:?}");
+    // Receipts as without a cut: one Ready, the one for the root checked
+    // on the new link.
+    let kinds: Vec<ReceiptKind> = s
+        .receipts
+        .iter()
+        .map(|r| r.verify(&InsecureCrypto(String::new())).unwrap().receipt.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ReceiptKind::Accepted,
+            ReceiptKind::Ready,
+            ReceiptKind::Sent,
+            ReceiptKind::Started
+        ]
+    );
+
+    // Cut before the source heard that the VM runs there, and a cut at
+    // every later point: each resumes and verifies.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_on_running = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    assert_eq!(s.postcopy.unwrap().recoveries, 1);
+    for n in [1, 60, 120] {
+        let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+        p.cut_after_postcopy_batches = Some(n);
+        p.run();
+        let s = assert_postcopy_completed(&p);
+        assert_eq!(s.postcopy.unwrap().recoveries, 1, "cut after {n} batches");
+    }
+}
+
+#[test]
+fn a_link_that_stays_down_past_the_recovery_window_is_in_doubt_on_both_sides() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.outage = Duration::from_secs(60);
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(&s.outcome, Outcome::InDoubt(w) if w.contains("within 10 s")), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded && p.vm.paused);
+    assert!(p.staging.is_some(), "the running VM is kept");
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::InDoubt(w)) if w.contains("did not come back")),
+        "{:?}",
+        p.dst_event
+    );
+}
+
+#[test]
+fn only_the_source_with_the_same_ticket_resumes_a_migration() {
+    // A Resume for another ticket is refused; the migration waits on for
+    // its own source, which then resumes it.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    let mut first = true;
+    p.tamper_resume = Some(Box::new(move |m| {
+        if let Message::Resume(r) = m {
+            if first {
+                first = false;
+                // Deliver a forged one first, then the real one.
+                let mut forged = r.clone();
+                forged.ticket = Digest([0xEE; 32]);
+                *m = Message::Resume(forged);
+            }
+        }
+    }));
+    p.run();
+    assert_eq!(p.resume_refusals.len(), 1, "{:?}", p.resume_refusals);
+    // The forged Resume was the source's only one: no answer, so the
+    // source gives up in doubt and the destination waits its window out.
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(matches!(p.dst_event, Some(DestinationEvent::InDoubt(_))));
+
+    // The right ticket from another agent (its own mutual TLS identity):
+    // refused the same way.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.resume_peer = "spiffe://pair.test/agent/intruder";
+    p.run();
+    assert_eq!(p.resume_refusals.len(), 1, "{:?}", p.resume_refusals);
+    assert!(p.resume_refusals[0].contains("another agent"));
+    assert!(matches!(p.dst_event, Some(DestinationEvent::InDoubt(_))));
+    assert!(p.staging.is_some(), "the running VM is kept");
+}
+
+#[test]
+fn a_resumed_that_does_not_fit_the_memory_leaves_the_source_in_doubt() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.tamper_back = Some(Box::new(|m| {
+        if let Message::Resumed(r) = m {
+            r.missing.pop();
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(
+        p.src_errors
+            .iter()
+            .any(|e| matches!(e, SourceError::BadResume(_))),
+        "{:?}",
+        p.src_errors
+    );
+    assert!(!p.rolled_back && !p.vm.discarded, "never resumed here");
 }
 
 #[test]
