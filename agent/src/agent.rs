@@ -203,6 +203,11 @@ pub struct AgentConfig {
     /// What all migrations of this agent may buffer together, bytes (see
     /// [`crate::budget`]).
     pub migration_memory: u64,
+    /// After a post-copy switch, how long a broken link may stay down
+    /// before the migration is in doubt: the source dials the destination
+    /// again for this long, the destination keeps the VM waiting for it
+    /// (zero: no recovery).
+    pub recovery_window: Duration,
     dangerous: DangerousOptions,
 }
 
@@ -227,6 +232,7 @@ impl AgentConfig {
             disk_capacity_bytes: 1 << 40,
             base_dir: None,
             migration_memory: crate::budget::DEFAULT_MIGRATION_MEMORY,
+            recovery_window: Duration::from_secs(60),
             dangerous: DangerousOptions::default(),
         }
     }
@@ -311,9 +317,27 @@ pub(crate) struct Inner {
     pub bases: Option<Arc<crate::backend::base::BaseImages>>,
     /// The memory budget the migrations share.
     pub budget: Arc<crate::budget::MigrationBudget>,
+    /// Post-copy migrations whose link broke, waiting for their source to
+    /// come back: where a new connection's Resume is handed over.
+    pub recoveries: Mutex<
+        HashMap<
+            convoy_protocol::names::MigrationId,
+            tokio::sync::mpsc::UnboundedSender<Reconnection>,
+        >,
+    >,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
+}
+
+/// A new connection whose first message asks to resume a post-copy
+/// migration, handed to the migration that waits for it.
+pub(crate) struct Reconnection {
+    pub conn: quinn::Connection,
+    pub peer: crate::transport::Peer,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub resume: convoy_protocol::message::Resume,
 }
 
 /// Refusals an unauthenticated or hostile peer can cause that are recorded
@@ -636,6 +660,7 @@ impl Agent {
                 retained: Arc::new(Mutex::new(Default::default())),
                 bases,
                 budget,
+                recoveries: Mutex::new(HashMap::new()),
             }),
         };
         if let Some(p) = policy {

@@ -102,6 +102,16 @@ struct Args {
     /// the agent's memory does not grow with how many VMs move at once.
     #[arg(long, default_value = "256MiB", value_parser = convoy_agent::units::parse_size)]
     migration_memory: u64,
+    /// After a post-copy switch, how long a broken link may stay down
+    /// before the migration is in doubt, seconds: the source dials the
+    /// destination again, the destination keeps the VM (a vCPU on a
+    /// missing page waits) for this long. 0: no recovery.
+    #[arg(long, default_value_t = 60)]
+    recovery_window: u64,
+    /// Seconds of silence after which a peer link counts as broken (QUIC
+    /// idle timeout; keep-alives go at a third of it, at most every 5 s).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    link_timeout: u64,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -229,6 +239,10 @@ async fn main() -> Result<()> {
     config.disk_dir = args.disk_dir.clone();
     config.base_dir = args.base_dir.clone();
     config.migration_memory = args.migration_memory;
+    config.recovery_window = std::time::Duration::from_secs(args.recovery_window);
+    config.tuning.idle_timeout = std::time::Duration::from_secs(args.link_timeout);
+    config.tuning.keep_alive =
+        (config.tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5));
     config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
     if let Some(images) = args.image_dir.clone() {

@@ -143,6 +143,15 @@ pub fn report(r: &MigrationReport) -> String {
                         pc.owed, f.faults, f.median_us, f.p99_us, pc.served, pc.fetches
                     ),
                 ]);
+                if pc.recoveries > 0 {
+                    rows.push(vec![
+                        "recovered".into(),
+                        format!(
+                            "the link broke {} time(s) after the switch; resumed on a new connection each time",
+                            pc.recoveries
+                        ),
+                    ]);
+                }
             }
             let c = &r.convergence;
             rows.push(vec![

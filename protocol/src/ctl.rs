@@ -114,6 +114,10 @@ pub enum VmState {
     /// Arrived by post-copy: runs here on demand paging while its last
     /// pages arrive; trusted once they verify.
     PostcopyIn,
+    /// Arrived by post-copy and its link broke: it runs on the pages it
+    /// has (a vCPU that touches a missing one waits) until its source
+    /// reconnects and the missing pages come.
+    Recovering,
     /// Handed over but the destination never confirmed the start: kept
     /// paused here until the outcome is known. Never resumed automatically.
     InDoubt,

@@ -270,7 +270,9 @@ enum Phase {
     },
     PostCopy,
     /// Post-copy recovery: waiting for the source to reconnect.
-    Recovering { deadline: Instant },
+    Recovering {
+        deadline: Instant,
+    },
     Draining(Finish),
     AwaitHandover {
         deadline: Instant,
@@ -997,10 +999,7 @@ impl Destination {
             self.receipts.truncate(n);
         }
         self.root = None;
-        let missing = self
-            .missing
-            .clone()
-            .unwrap_or_else(|| PageBitmap::empty(0));
+        let missing = self.missing.clone().unwrap_or_else(|| PageBitmap::empty(0));
         self.actions
             .push_back(DestinationAction::Send(Message::Resumed(
                 crate::message::Resumed {

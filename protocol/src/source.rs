@@ -1283,7 +1283,10 @@ impl Source {
             .clone()
             .unwrap_or_else(|| PageBitmap::empty(count));
         if r.missing.len() as u64 != count.div_ceil(64) {
-            return Err(self.fail(now, SourceError::BadResume("the bitmap does not fit the memory")));
+            return Err(self.fail(
+                now,
+                SourceError::BadResume("the bitmap does not fit the memory"),
+            ));
         }
         let missing = PageBitmap::from_words(r.missing, count);
         if missing.iter().any(|p| !owed.contains(p)) {
@@ -1423,10 +1426,9 @@ impl Source {
                     self.cfg.recovery.as_secs()
                 ),
             ),
-            Phase::AwaitResumed { deadline, .. } if now >= deadline => self.finish_failed(
-                now,
-                "the destination did not answer Resume in time".into(),
-            ),
+            Phase::AwaitResumed { deadline, .. } if now >= deadline => {
+                self.finish_failed(now, "the destination did not answer Resume in time".into())
+            }
             _ => {}
         }
     }
@@ -1438,9 +1440,7 @@ impl Source {
             // Already dialling again: the driver reports its failures by
             // the timeout.
             Phase::Reconnecting { .. } => return,
-            Phase::AwaitRunning { round, .. } | Phase::PostCopy { round, .. }
-                if self.switched =>
-            {
+            Phase::AwaitRunning { round, .. } | Phase::PostCopy { round, .. } if self.switched => {
                 Some(round)
             }
             Phase::AwaitReady { .. } | Phase::AwaitResumed { .. } if self.switched => {
@@ -1454,7 +1454,10 @@ impl Source {
                     round,
                     deadline: now + self.cfg.recovery,
                 };
-                self.progress(&format!("link lost ({detail}), reconnecting"), self.postcopy.owed);
+                self.progress(
+                    &format!("link lost ({detail}), reconnecting"),
+                    self.postcopy.owed,
+                );
                 self.actions.push_back(SourceAction::Reconnect);
             }
             _ => self.finish_failed(now, format!("link lost: {detail}")),

@@ -240,6 +240,14 @@ fn seeds() -> Vec<Message> {
                 base: None,
             }],
         ),
+        // Post-copy recovery.
+        Message::Resume(convoy_protocol::message::Resume {
+            migration: convoy_protocol::names::MigrationId([1; 16]),
+            ticket: convoy_protocol::digest::Digest([2; 32]),
+        }),
+        Message::Resumed(convoy_protocol::message::Resumed {
+            missing: vec![0b1011, 0],
+        }),
     ]
 }
 

@@ -639,7 +639,10 @@ impl Pair {
             }
             if let Message::Resume(r) = &m {
                 // The first message of a new connection, from its peer.
-                if let Err(e) = self.dst.handle_resume(&self.resume_peer.parse().unwrap(), r) {
+                if let Err(e) = self
+                    .dst
+                    .handle_resume(&self.resume_peer.parse().unwrap(), r)
+                {
                     self.resume_refusals.push(e.to_string());
                 }
             } else if let Err(e) = self.dst.handle_message(self.now, m) {
@@ -752,8 +755,8 @@ impl Pair {
                 let _ = at;
                 self.reconnect_at = None;
                 // A new connection: fresh streams.
-                let geometry = MemoryGeometry::new(PageSize::SIZE_4K, self.vm.pages.len() as u64)
-                    .unwrap();
+                let geometry =
+                    MemoryGeometry::new(PageSize::SIZE_4K, self.vm.pages.len() as u64).unwrap();
                 self.receivers = (0..self.streams)
                     .map(|s| StreamReceiver::new(s, self.streams, geometry))
                     .chain([StreamReceiver::unstriped(self.streams, geometry)])
@@ -1555,7 +1558,12 @@ fn a_link_lost_in_postcopy_resumes_on_a_new_link_and_every_page_verifies() {
     let kinds: Vec<ReceiptKind> = s
         .receipts
         .iter()
-        .map(|r| r.verify(&InsecureCrypto(String::new())).unwrap().receipt.kind)
+        .map(|r| {
+            r.verify(&InsecureCrypto(String::new()))
+                .unwrap()
+                .receipt
+                .kind
+        })
         .collect();
     assert_eq!(
         kinds,
@@ -1590,7 +1598,10 @@ fn a_link_that_stays_down_past_the_recovery_window_is_in_doubt_on_both_sides() {
     p.outage = Duration::from_secs(60);
     p.run();
     let s = p.summary().clone();
-    assert!(matches!(&s.outcome, Outcome::InDoubt(w) if w.contains("within 10 s")), "{s:?}");
+    assert!(
+        matches!(&s.outcome, Outcome::InDoubt(w) if w.contains("within 10 s")),
+        "{s:?}"
+    );
     assert!(!p.rolled_back && !p.vm.discarded && p.vm.paused);
     assert!(p.staging.is_some(), "the running VM is kept");
     assert!(

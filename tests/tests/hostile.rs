@@ -164,3 +164,21 @@ async fn hostile_control_streams_are_refused_and_the_destination_keeps_serving()
     assert_eq!(r.outcome, Outcome::Completed);
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_for_a_migration_nobody_waits_for_is_refused_and_audited() {
+    let (_dir, lab, a, b) = convoy_tests::agents_a_and_b().await;
+    let resume = Message::Resume(convoy_protocol::message::Resume {
+        migration: convoy_protocol::names::MigrationId([7; 16]),
+        ticket: convoy_protocol::digest::Digest([1; 32]),
+    });
+    let answer = send_raw(&lab, &resume.encode().unwrap(), false).await;
+    assert!(
+        matches!(&answer, Some(Message::Abort(x)) if matches!(&x.reason, Reason::Unacceptable(s) if s.contains("waits to be resumed"))),
+        "{answer:?}"
+    );
+    assert_refusals_logged(&lab, "b", &["no post-copy migration waits"]).await;
+    // Nothing was made, and b keeps serving.
+    assert!(b.vm_list().await.unwrap().is_empty());
+    convoy_tests::close(lab, a, b).await;
+}

@@ -27,8 +27,17 @@ fn uffd_or_skip() -> bool {
 
 /// Agents a and b, and on a a 64 MiB VM writing `rate` pages per second.
 async fn two_agents_and_vm(vm: &str, rate: u64) -> (tempfile::TempDir, Lab) {
+    two_agents_and_vm_with(vm, rate, |_| {}).await
+}
+
+/// [`two_agents_and_vm`] with both agents' configuration adjusted.
+async fn two_agents_and_vm_with(
+    vm: &str,
+    rate: u64,
+    tweak: impl Fn(&mut convoy_agent::agent::AgentConfig),
+) -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, c| tweak(c))
         .await
         .unwrap();
     let a = lab.client("a").await.unwrap();
@@ -131,7 +140,12 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     if !uffd_or_skip() {
         return;
     }
-    let (_dir, mut lab) = two_agents_and_vm("web", 20_000).await;
+    // The restarted source forgot the migration and never comes back: the
+    // destination waits its recovery window (3 s here), then is in doubt.
+    let (_dir, mut lab) = two_agents_and_vm_with("web", 20_000, |c| {
+        c.recovery_window = Duration::from_secs(3);
+    })
+    .await;
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     // Capped, so that the push is still going when the source dies.
@@ -143,14 +157,7 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     let req = lab.migrate_request("web", "a", "b", opts).unwrap();
     let mover = tokio::spawn(async move { a.migrate(req, |_| {}).await });
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            b.vm_list()
-                .await
-                .unwrap()
-                .first()
-                .is_some_and(|v| v.state == VmState::PostcopyIn)
-        })
-        .await,
+        reaches(&b, VmState::PostcopyIn, 20).await,
         "the VM runs at the destination on demand paging"
     );
     // The source host's process dies in the middle of the push.
@@ -162,14 +169,7 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     // checked below, not this wait, is what fails if the restarted source
     // went unnoticed.)
     assert!(
-        eventually(Duration::from_secs(45), || async {
-            b.vm_list()
-                .await
-                .unwrap()
-                .first()
-                .is_some_and(|v| v.state == VmState::InDoubt)
-        })
-        .await,
+        reaches(&b, VmState::InDoubt, 45).await,
         "{:?}",
         b.vm_list().await.unwrap()
     );
@@ -185,6 +185,188 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
             .all(|r| !r.contains("timed out")),
         "{doubt:#?}"
     );
+    b.close().await;
+    lab.shutdown().await;
+}
+
+/// Whether the first VM of `agent` reaches `state` within `secs` seconds.
+async fn reaches(agent: &convoy_agent::client::CtlClient, state: VmState, secs: u64) -> bool {
+    eventually(Duration::from_secs(secs), || async {
+        agent
+            .vm_list()
+            .await
+            .unwrap()
+            .first()
+            .is_some_and(|v| v.state == state)
+    })
+    .await
+}
+
+/// Agents whose links count as broken after 2 s of silence and that wait
+/// `window` for a broken post-copy link to come back.
+fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::agent::AgentConfig) {
+    move |c| {
+        c.tuning.idle_timeout = Duration::from_secs(2);
+        c.tuning.keep_alive = Duration::from_millis(500);
+        c.recovery_window = window;
+    }
+}
+
+/// Starts a capped post-copy migration of `vm` from a to b through `link`;
+/// returns once the VM runs at b on demand paging.
+async fn postcopy_through(
+    lab: &Lab,
+    vm: &str,
+    link: &convoy_tests::CuttableLink,
+) -> tokio::task::JoinHandle<MigrationReport> {
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    // Capped, so that the push is still going when the link breaks.
+    let opts = MigrateOptions {
+        mode: MigrationMode::Postcopy,
+        bandwidth: Some(8 << 20),
+        ..MigrateOptions::default()
+    };
+    let mut req = lab.migrate_request(vm, "a", "b", opts).unwrap();
+    req.to_addr = Some(link.addr().to_string());
+    let mover = tokio::spawn(async move {
+        let r = a.migrate(req, |_| {}).await.unwrap();
+        a.close().await;
+        r
+    });
+    assert!(
+        reaches(&b, VmState::PostcopyIn, 20).await,
+        "the VM runs at the destination on demand paging"
+    );
+    b.close().await;
+    mover
+}
+
+/// A capped post-copy migration of a busy VM from a to b through a link
+/// that breaks in the middle of the push, and stays broken (for longer
+/// than the agents' 2 s idle timeout: both connections die); the agents
+/// wait `window` for it.
+async fn cut_mid_postcopy(
+    window: Duration,
+) -> (
+    tempfile::TempDir,
+    Lab,
+    convoy_tests::CuttableLink,
+    tokio::task::JoinHandle<MigrationReport>,
+) {
+    let (dir, lab) = two_agents_and_vm_with("web", 20_000, short_links(window)).await;
+    let link = convoy_tests::CuttableLink::start(lab.agent("b").unwrap().addr)
+        .await
+        .unwrap();
+    let mover = postcopy_through(&lab, "web", &link).await;
+    link.set_up(false);
+    (dir, lab, link, mover)
+}
+
+/// The phases `agent` audited for its migrations.
+fn audited_phases(lab: &Lab, agent: &str) -> Vec<String> {
+    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
+    convoy_protocol::audit::verify_log(&bytes, &lab.trust)
+        .unwrap()
+        .records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            convoy_protocol::audit::AuditEvent::Phase { phase, .. } => Some(phase),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_link_that_breaks_resumes_on_a_new_connection_and_verifies() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (_dir, lab, link, mover) = cut_mid_postcopy(Duration::from_secs(30)).await;
+    let b = lab.client("b").await.unwrap();
+    assert!(
+        reaches(&b, VmState::Recovering, 10).await,
+        "the destination keeps the VM and waits for its source: {:?}",
+        b.vm_list().await.unwrap()
+    );
+    let c0 = b.vm_list().await.unwrap()[0].counter;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    link.set_up(true);
+    let r = mover.await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(r.verified, "every page checked against the source's root");
+    let pc = r.postcopy.clone().expect("post-copy figures");
+    assert_eq!(pc.recoveries, 1, "{pc:?}");
+    // Exactly once: gone at a, running at b from where it paused, and on.
+    let a = lab.client("a").await.unwrap();
+    assert!(a.vm_list().await.unwrap().is_empty());
+    let there = b.vm_list().await.unwrap()[0].clone();
+    assert_eq!(there.state, VmState::Running);
+    assert_eq!(there.counter_at_start, r.counter_at_pause);
+    assert!(there.counter >= c0);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.vm_list().await.unwrap()[0].counter > there.counter
+        })
+        .await,
+        "the workload runs on at the destination"
+    );
+    // Both sides audited the break and the resume.
+    for (agent, needles) in [
+        (
+            "a",
+            [
+                "dialling the destination again",
+                "asking the destination to resume",
+            ],
+        ),
+        (
+            "b",
+            [
+                "waits for the source to reconnect",
+                "resumed on a new connection",
+            ],
+        ),
+    ] {
+        let phases = audited_phases(&lab, agent);
+        for n in needles {
+            assert!(
+                phases.iter().any(|p| p.contains(n)),
+                "{agent}: {n}: {phases:#?}"
+            );
+        }
+    }
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_link_down_past_the_recovery_window_is_in_doubt_and_runs_nowhere_twice() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (_dir, lab, _link, mover) = cut_mid_postcopy(Duration::from_secs(3)).await;
+    let r = mover.await.unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::InDoubt(w) if w.contains("could not be reached again")),
+        "{r:?}"
+    );
+    assert_eq!(r.postcopy.clone().unwrap().recoveries, 0);
+    // The source keeps its paused copy, never resumed by itself; the
+    // destination keeps the VM it runs, in doubt.
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::InDoubt);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.vm_list().await.unwrap()[0].state == VmState::InDoubt
+        })
+        .await,
+        "{:?}",
+        b.vm_list().await.unwrap()
+    );
+    a.close().await;
     b.close().await;
     lab.shutdown().await;
 }

@@ -6,6 +6,15 @@
 //! data stream checks each batch with [`StreamReceiver`], writes it into the
 //! staging image and hashes the staging pages, then reports the leaves.
 //! Staging is wiped on every path but a verified, handed-over start.
+//!
+//! Post-copy recovery: when the link breaks after the switch, the tasks of
+//! that connection are dropped and the migration registers itself in
+//! [`Inner::recoveries`]; a new connection whose first message is a
+//! `Resume` for it is handed over (see [`serve`]) and, once the state
+//! machine accepts it, becomes the migration's link. Events carry the
+//! *epoch* (the number of the link) they came from: a batch that a
+//! decoder of a broken link applied late still counts its leaves, nothing
+//! else of that link does.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +57,84 @@ enum Event {
     Faults(Vec<PageIndex>),
 }
 
+/// The engine's event channel, stamped with the link an event came from.
+#[derive(Clone)]
+struct Tx {
+    epoch: u32,
+    tx: mpsc::UnboundedSender<(u32, Event)>,
+}
+
+impl Tx {
+    /// `Err` when the engine is gone.
+    fn send(&self, ev: Event) -> Result<(), ()> {
+        self.tx.send((self.epoch, ev)).map_err(|_| ())
+    }
+}
+
+/// Hands a connection whose first message is `resume` to the post-copy
+/// migration waiting for it, or refuses it.
+async fn hand_over_resume(
+    inner: Arc<Inner>,
+    conn: Connection,
+    peer: Peer,
+    send: SendStream,
+    recv: RecvStream,
+    resume: convoy_protocol::message::Resume,
+) {
+    let waiting = inner
+        .recoveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&resume.migration)
+        .cloned();
+    let migration = resume.migration;
+    let rc = crate::agent::Reconnection {
+        conn: conn.clone(),
+        peer: peer.clone(),
+        send,
+        recv,
+        resume,
+    };
+    let mut send = match waiting {
+        // The migration's task owns the connection now.
+        Some(w) => match w.send(rc) {
+            Ok(()) => return,
+            // Gone meanwhile: refused below.
+            Err(e) => e.0.send,
+        },
+        None => rc.send,
+    };
+    tracing::warn!(peer = %peer.id, %migration, "Resume for no waiting migration");
+    inner.audit_refusal(
+        peer.id.to_string(),
+        format!("Resume of migration {migration}: no post-copy migration waits for it here"),
+    );
+    let _ = write_message(
+        &mut send,
+        &Message::Abort(convoy_protocol::message::Abort {
+            reason: Reason::Unacceptable(format!(
+                "no post-copy migration {migration} waits to be resumed here"
+            )),
+        }),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+}
+
+/// Reads the control stream into the engine's channel.
+fn spawn_control_reader(mut recv: RecvStream, tx: Tx) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if tx.send(Event::Control(r)).is_err() || end {
+                return;
+            }
+        }
+    })
+}
+
 /// Serves one incoming migration on `conn` from agent `peer`.
 pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
     let (mut send, mut recv) = match conn.accept_bi().await {
@@ -72,27 +159,27 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
             return super::qemu_destination::serve(inner, conn, peer, send, recv, p).await;
         }
     }
+    if let Ok(Some(Message::Resume(r))) = first {
+        return hand_over_resume(inner, conn, peer, send, recv, r).await;
+    }
     let first_ended = !matches!(first, Ok(Some(_)));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let (raw_tx, mut rx) = mpsc::unbounded_channel::<(u32, Event)>();
+    let tx = Tx {
+        epoch: 0,
+        tx: raw_tx,
+    };
     let _ = tx.send(Event::Control(first));
-    let ctl_tx = tx.clone();
-    let reader = tokio::spawn(async move {
-        if first_ended {
-            return;
-        }
-        loop {
-            let r = read_message(&mut recv).await;
-            let end = !matches!(r, Ok(Some(_)));
-            if ctl_tx.send(Event::Control(r)).is_err() || end {
-                return;
-            }
-        }
-    });
+    let mut link_tasks = Vec::new();
+    if !first_ended {
+        link_tasks.push(spawn_control_reader(recv, tx.clone()));
+    }
     let mut run = Incoming {
         inner: inner.clone(),
         conn: conn.clone(),
         peer,
         tx,
+        link_tasks,
+        resume_rx: None,
         staging: None,
         name: None,
         geometry: None,
@@ -121,10 +208,11 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
             Instant::now(),
             crate::authz::now_unix(),
         ),
+        recovery: inner.config.recovery_window,
     });
     let _active = crate::agent::ActiveGuard::new(&inner.active);
     // Its receive window is its share of the agent's budget.
-    let _share = inner.budget.join(&conn, crate::budget::Side::Receive);
+    let mut _share = inner.budget.join(&conn, crate::budget::Side::Receive);
     loop {
         while let Some(a) = sm.poll_action() {
             run.act(&mut sm, &mut send, a).await;
@@ -178,7 +266,31 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                     None => std::future::pending().await,
                 }
             } => Some(Event::Faults(pages)),
-            ev = rx.recv() => ev,
+            Some(rc) = async {
+                match run.resume_rx.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(new_send) = run.reconnect(&mut sm, rc).await {
+                    send = new_send;
+                    _share = inner.budget.join(&run.conn, crate::budget::Side::Receive);
+                }
+                continue;
+            }
+            ev = rx.recv() => match ev {
+                Some((epoch, ev)) if epoch == run.tx.epoch => Some(ev),
+                Some((_, Event::Applied { leaves, .. })) => {
+                    // Applied by a decoder of a broken link: installed.
+                    if let Err(e) = sm.handle_stale_batch_applied(&leaves) {
+                        tracing::warn!(peer = %run.peer.id, "bad batch: {e}");
+                    }
+                    continue;
+                }
+                // Anything else of a broken link is void.
+                Some(_) => continue,
+                None => None,
+            },
             () = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
@@ -199,19 +311,19 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                     tracing::warn!(peer = %run.peer.id, "source misbehaved: {e}");
                 }
             }
-            Some(Event::Control(Ok(None))) => sm.handle_link_lost("control stream closed"),
+            Some(Event::Control(Ok(None))) => sm.handle_link_lost(now, "control stream closed"),
             Some(Event::Control(Err(e))) => {
                 if let WireError::Decode(d) = e {
                     let _ = sm.handle_bad_input(d.into());
                 } else {
-                    sm.handle_link_lost(&e.to_string());
+                    sm.handle_link_lost(now, &e.to_string());
                 }
             }
             Some(Event::Opened(stream, recv)) => match sm.handle_stream_opened(stream) {
                 Ok(()) => run.spawn_decoder(stream, recv),
                 Err(e) => tracing::warn!("bad data stream: {e}"),
             },
-            Some(Event::OpenFailed(e)) => sm.handle_link_lost(&e),
+            Some(Event::OpenFailed(e)) => sm.handle_link_lost(now, &e),
             Some(Event::Applied {
                 stream,
                 seq,
@@ -227,16 +339,22 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
             }
             Some(Event::StreamEnded) => {}
             Some(Event::Faults(pages)) => sm.request_pages(&pages),
-            None => sm.handle_link_lost("engine channel closed"),
+            None => sm.handle_link_lost(now, "engine channel closed"),
         }
+    }
+    if let Some(m) = run.migration.filter(|_| run.resume_rx.is_some()) {
+        inner
+            .recoveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&m);
     }
     // Let our last message reach the source, then let it close.
     let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    for t in run.tasks.drain(..) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), run.conn.closed()).await;
+    for t in run.tasks.drain(..).chain(run.link_tasks.drain(..)) {
         t.abort();
     }
-    reader.abort();
 }
 
 /// A retained image being reused, shared with the decoder threads.
@@ -250,7 +368,13 @@ struct Incoming {
     inner: Arc<Inner>,
     conn: Connection,
     peer: Peer,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: Tx,
+    /// The tasks of the current link (control reader, stream acceptor,
+    /// stream readers): dropped with the link.
+    link_tasks: Vec<JoinHandle<()>>,
+    /// Post-copy recovery: where a new connection that resumes this
+    /// migration arrives, once the link broke.
+    resume_rx: Option<mpsc::UnboundedReceiver<crate::agent::Reconnection>>,
     staging: Option<Arc<SimVm>>,
     name: Option<VmName>,
     geometry: Option<MemoryGeometry>,
@@ -352,13 +476,91 @@ impl Incoming {
         }
     }
 
+    /// Post-copy recovery: the link broke. Its tasks go (decoders finish
+    /// the batch in hand, reported as stale), the VM stays, and the
+    /// migration waits for its source to come back.
+    fn await_resume(&mut self) {
+        for t in self.link_tasks.drain(..) {
+            t.abort();
+        }
+        self.conn.close(
+            crate::agent::close::DONE.into(),
+            b"link lost, awaiting Resume",
+        );
+        self.tx.epoch += 1;
+        if let Some(n) = &self.name {
+            self.inner.set_state(n, VmState::Recovering);
+        }
+        self.phase(
+            "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
+        );
+        tracing::warn!(peer = %self.peer.id, "post-copy link lost, awaiting the source's Resume");
+        if self.resume_rx.is_none() {
+            if let Some(m) = self.migration {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.inner
+                    .recoveries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(m, tx);
+                self.resume_rx = Some(rx);
+            }
+        }
+    }
+
+    /// A new connection asks to resume: on the machine's consent it
+    /// becomes the link (its control stream is returned), else it is
+    /// refused and closed.
+    async fn reconnect(
+        &mut self,
+        sm: &mut Destination,
+        rc: crate::agent::Reconnection,
+    ) -> Option<SendStream> {
+        let crate::agent::Reconnection {
+            conn,
+            peer,
+            mut send,
+            recv,
+            resume,
+        } = rc;
+        if let Err(e) = sm.handle_resume(&peer.id, &resume) {
+            tracing::warn!(peer = %peer.id, "{e}");
+            self.inner.audit_refusal(peer.id.to_string(), e.to_string());
+            let _ = write_message(
+                &mut send,
+                &Message::Abort(convoy_protocol::message::Abort {
+                    reason: Reason::Unauthorized(e.to_string()),
+                }),
+            )
+            .await;
+            let _ = send.finish();
+            conn.close(crate::agent::close::DONE.into(), b"resume refused");
+            return None;
+        }
+        self.conn = conn;
+        self.peer = peer;
+        self.link_tasks
+            .push(spawn_control_reader(recv, self.tx.clone()));
+        self.accept_streams();
+        if let Some(n) = &self.name {
+            self.inner.set_state(n, VmState::PostcopyIn);
+        }
+        self.phase(format!(
+            "link back: resumed on a new connection (recovery {})",
+            sm.recoveries()
+        ));
+        tracing::info!(peer = %self.peer.id, "post-copy migration resumed");
+        Some(send)
+    }
+
     async fn act(&mut self, sm: &mut Destination, send: &mut SendStream, a: DestinationAction) {
         match a {
             DestinationAction::Send(m) => {
                 if let Err(e) = write_message(send, &m).await {
-                    sm.handle_link_lost(&e.to_string());
+                    sm.handle_link_lost(Instant::now(), &e.to_string());
                 }
             }
+            DestinationAction::AwaitResume => self.await_resume(),
             DestinationAction::PrepareStaging {
                 vm,
                 manifest,
@@ -633,7 +835,7 @@ impl Incoming {
         let tx = self.tx.clone();
         let n = self.streams + u16::from(self.postcopy);
         let migration = self.migration;
-        self.tasks.push(tokio::spawn(async move {
+        self.link_tasks.push(tokio::spawn(async move {
             for _ in 0..n {
                 let mut recv = match conn.accept_uni().await {
                     Ok(r) => r,
@@ -730,7 +932,7 @@ impl Incoming {
         let reuse = self.reuse.clone().filter(|_| stream < self.streams);
         let bases = self.base_ranges.clone();
         let retained = stream < self.streams && (reuse.is_some() || !bases.is_empty());
-        self.tasks.push(tokio::spawn(async move {
+        self.link_tasks.push(tokio::spawn(async move {
             loop {
                 match read_message(&mut recv).await {
                     Ok(Some(m)) => {

@@ -381,6 +381,7 @@ pub(crate) async fn migrate(
         attributes,
         phases: Vec::new(),
         started,
+        addr,
     };
     let report = match conn {
         Ok(conn) => run.drive(conn, dest_id.clone()).await,
@@ -462,6 +463,15 @@ struct Run {
     /// Keep the image here after Started, sealed under this key (sent in
     /// Handover, then forgotten).
     retain: Option<convoy_protocol::reuse::ReuseOffer>,
+    /// The destination's address (dialled again for post-copy recovery).
+    addr: std::net::SocketAddr,
+}
+
+/// A new link to the destination: the connection and its control stream.
+struct Link {
+    conn: Connection,
+    send: SendStream,
+    recv: quinn::RecvStream,
 }
 
 impl Run {
@@ -578,9 +588,49 @@ impl Run {
         }
     }
 
+    /// Post-copy recovery: dials the destination again until `deadline`,
+    /// each attempt a new mutually authenticated connection with a
+    /// control stream; `None` when the deadline passed.
+    async fn redial(&self, dest: &SpiffeId, deadline: Option<Instant>) -> Option<Link> {
+        let deadline = deadline?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let creds = self.inner.creds();
+            let attempt = async {
+                let conn = transport::connect(
+                    &self.inner.endpoint,
+                    self.addr,
+                    dest.clone(),
+                    ALPN_AGENT,
+                    &creds.identity,
+                    &creds.trust,
+                    &self.inner.config.tuning,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(Link { conn, send, recv })
+            };
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(link)) => return Some(link),
+                Ok(Err(e)) => tracing::info!(migration = %self.migration, "reconnecting: {e}"),
+                Err(_) => return None,
+            }
+            let pause =
+                Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     async fn drive(&mut self, conn: Connection, dest: SpiffeId) -> MigrationReport {
+        let mut conn = conn;
         // Its send window is its share of the agent's budget.
-        let _share = self.inner.budget.join(&conn, crate::budget::Side::Send);
+        let mut _share = self.inner.budget.join(&conn, crate::budget::Side::Send);
+        // Bytes of links that broke (post-copy recovery).
+        let mut earlier_wire = 0u64;
         let opts = self.req.options.clone();
         let geometry = self.vm.geometry();
         let mut sm = Source::new(SourceConfig {
@@ -630,11 +680,12 @@ impl Run {
             accept_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
+            recovery: self.inner.config.recovery_window,
         });
         if let Some(offer) = &self.retain {
             sm.retain_image(offer.clone());
         }
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (mut events_tx, mut events) = mpsc::unbounded_channel();
         let (ctrl_tx, mut ctrl_rx) = mpsc::channel(16);
         let mut jobs: Vec<std::sync::mpsc::Sender<Job>> = Vec::new();
         let compression = opts.compression_level;
@@ -642,17 +693,9 @@ impl Run {
         let mut link_error: Option<String> = None;
 
         match conn.open_bi().await {
-            Ok((send, mut recv)) => {
+            Ok((send, recv)) => {
                 control = Some(send);
-                tokio::spawn(async move {
-                    loop {
-                        let r = read_message(&mut recv).await;
-                        let end = !matches!(r, Ok(Some(_)));
-                        if ctrl_tx.send(r).await.is_err() || end {
-                            return;
-                        }
-                    }
-                });
+                spawn_control_reader(recv, ctrl_tx);
             }
             Err(e) => link_error = Some(e.to_string()),
         }
@@ -662,6 +705,19 @@ impl Run {
             sm.handle_link_lost(Instant::now(), &e);
         }
         let mut rounds_pending: Option<(u32, u16, u64)> = None;
+        // One bandwidth cap for every link of the migration.
+        let pacer = opts.bandwidth.map(|b| Arc::new(Pacer::new(b)));
+        let (migration, tamper) = (self.migration, self.inner.config.dangerous_tamper());
+        let stream_setup = |delta: bool, postcopy: bool| StreamSetup {
+            migration,
+            streams: opts.streams,
+            level: compression,
+            tamper: tamper.clone(),
+            pacer: pacer.clone(),
+            delta,
+            postcopy,
+            adaptive: opts.adaptive_compression,
+        };
         let mut fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>> = None;
         let mut cache_grant = None;
         let summary = loop {
@@ -681,18 +737,11 @@ impl Run {
                     SourceAction::StartDirtyLog => {
                         self.vm.start_dirty_log();
                         // Accepted: open the data streams now.
-                        let setup = StreamSetup {
-                            migration: self.migration,
-                            streams: opts.streams,
-                            level: compression,
-                            tamper: self.inner.config.dangerous_tamper(),
-                            pacer: opts.bandwidth.map(|b| Arc::new(Pacer::new(b))),
-                            delta: sm
-                                .accepted_capabilities()
+                        let setup = stream_setup(
+                            sm.accepted_capabilities()
                                 .is_some_and(|c| c.has(Capabilities::DELTA)),
-                            postcopy: opts.mode != MigrationMode::Precopy,
-                            adaptive: opts.adaptive_compression,
-                        };
+                            opts.mode != MigrationMode::Precopy,
+                        );
                         match open_streams(&conn, setup, &self.vm, &events_tx, &self.inner.budget)
                             .await
                         {
@@ -784,6 +833,74 @@ impl Run {
                             .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
                         if !sent {
                             sm.handle_link_lost(Instant::now(), "no fault stream");
+                        }
+                    }
+                    SourceAction::Reconnect => {
+                        self.phase(
+                            "link lost after the post-copy switch: dialling the destination again",
+                        );
+                        tracing::warn!(migration = %self.migration, "post-copy link lost, reconnecting");
+                        // The broken link's streams go; what they had sent
+                        // is reported first (its leaves stand).
+                        jobs.clear();
+                        fault_jobs = None;
+                        rounds_pending = None;
+                        let stats = conn.stats();
+                        earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
+                        conn.close(crate::agent::close::DONE.into(), b"link lost");
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        drop(std::mem::replace(&mut events_tx, tx));
+                        let mut old = std::mem::replace(&mut events, rx);
+                        let drained = tokio::time::Instant::now() + Duration::from_secs(5);
+                        while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await
+                        {
+                            if let EngineEvent::Sent(b) = ev {
+                                if let Err(e) = sm.handle_batch_sent(Instant::now(), &b) {
+                                    tracing::error!("engine bug: {e}");
+                                }
+                            }
+                        }
+                        let mut resumed = false;
+                        while let Some(link) = self.redial(&dest, sm.poll_timeout()).await {
+                            // Pages are installed only where missing
+                            // there: whole pages, no deltas.
+                            let setup = stream_setup(false, true);
+                            let opened = open_streams(
+                                &link.conn,
+                                setup,
+                                &self.vm,
+                                &events_tx,
+                                &self.inner.budget,
+                            )
+                            .await;
+                            match opened {
+                                Ok(opened) => {
+                                    conn = link.conn;
+                                    _share =
+                                        self.inner.budget.join(&conn, crate::budget::Side::Send);
+                                    control = Some(link.send);
+                                    let (ctrl_tx, rx) = mpsc::channel(16);
+                                    ctrl_rx = rx;
+                                    spawn_control_reader(link.recv, ctrl_tx);
+                                    jobs = opened.data;
+                                    fault_jobs = opened.faults;
+                                    resumed = true;
+                                    break;
+                                }
+                                // Broken again at once: dial again.
+                                Err(e) => {
+                                    tracing::info!(migration = %self.migration, "new link failed: {e}");
+                                    link.conn
+                                        .close(crate::agent::close::DONE.into(), b"link lost");
+                                }
+                            }
+                        }
+                        if resumed {
+                            self.phase("reconnected: asking the destination to resume");
+                            sm.handle_reconnected(Instant::now());
+                        } else {
+                            // Past the window: in doubt.
+                            sm.handle_timeout(Instant::now());
                         }
                     }
                     SourceAction::CommitHandover => {
@@ -912,7 +1029,7 @@ impl Run {
             pages_sent: summary.pages_sent,
             encodings: summary.encodings,
             payload_bytes: summary.payload_bytes + self.control_bytes,
-            wire_bytes: stats.udp_tx.bytes + stats.udp_rx.bytes,
+            wire_bytes: earlier_wire + stats.udp_tx.bytes + stats.udp_rx.bytes,
             memory_root: summary.memory_root,
             counter_at_pause: self.counter_at_pause,
             receipts: summary.receipts,
@@ -924,6 +1041,22 @@ impl Run {
             outcome: summary.outcome,
         }
     }
+}
+
+/// Reads the destination's control stream into `tx`.
+fn spawn_control_reader(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<Option<Message>, crate::transport::WireError>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
