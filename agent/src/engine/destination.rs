@@ -9,8 +9,8 @@
 //!
 //! Post-copy recovery: when the link breaks after the switch, the tasks of
 //! that connection are dropped and the migration registers itself in
-//! [`Inner::recoveries`]; a new connection whose first message is a
-//! `Resume` for it is handed over (see [`serve`]) and, once the state
+//! `Inner::recoveries`; a new connection whose first message is a
+//! `Resume` for it is handed over (see `serve`) and, once the state
 //! machine accepts it, becomes the migration's link. Events carry the
 //! *epoch* (the number of the link) they came from: a batch that a
 //! decoder of a broken link applied late still counts its leaves, nothing
