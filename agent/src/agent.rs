@@ -317,17 +317,21 @@ pub(crate) struct Inner {
     pub bases: Option<Arc<crate::backend::base::BaseImages>>,
     /// The memory budget the migrations share.
     pub budget: Arc<crate::budget::MigrationBudget>,
-    /// Post-copy migrations whose link broke, waiting for their source to
-    /// come back: where a new connection's Resume is handed over.
-    pub recoveries: Mutex<
-        HashMap<
-            convoy_protocol::names::MigrationId,
-            tokio::sync::mpsc::UnboundedSender<Reconnection>,
-        >,
-    >,
+    /// Post-copy migrations that may be resumed on a new connection (their
+    /// link broke, or may have): where a new connection's Resume goes.
+    pub recoveries: Mutex<HashMap<convoy_protocol::names::MigrationId, Recovery>>,
     creds: std::sync::RwLock<Arc<Creds>>,
     policy: std::sync::RwLock<Option<Arc<crate::policy::PolicySet>>>,
     refusals: Mutex<RefusalWindow>,
+}
+
+/// A post-copy migration that may be resumed on a new connection.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    /// The agent it came from: the only one whose Resume reaches it.
+    pub source: SpiffeId,
+    /// Where its Resume goes.
+    pub tx: tokio::sync::mpsc::UnboundedSender<Reconnection>,
 }
 
 /// A new connection whose first message asks to resume a post-copy

@@ -182,6 +182,11 @@ pub enum DestinationEvent {
     InDoubt(String),
 }
 
+/// Most times one migration resumes on a new link: a fault that breaks
+/// every link (a local one taken for the link's) ends in doubt, not in an
+/// endless loop.
+pub const MAX_RECOVERIES: u32 = 8;
+
 /// Why a Resume was refused (the migration itself goes on waiting).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("resume refused: {0}")]
@@ -970,26 +975,58 @@ impl Destination {
         Ok(())
     }
 
-    /// Post-copy recovery: the first message of a new connection from
-    /// `peer` asks to resume. Accepted only while recovering, from the
-    /// agent the migration came from, for this migration and ticket; a
-    /// refusal changes nothing here (the migration waits for its own
-    /// source) and the driver answers it with an Abort on that connection
-    /// only.
-    pub fn handle_resume(
-        &mut self,
+    /// Whether a link lost now would be recovered from (rather than end
+    /// the migration).
+    fn recoverable(&self) -> bool {
+        self.switched
+            && !self.cfg.recovery.is_zero()
+            && self.recoveries < MAX_RECOVERIES
+            && matches!(
+                self.phase,
+                Phase::PostCopy | Phase::Draining(_) | Phase::AwaitHandover { .. }
+            )
+    }
+
+    /// Post-copy recovery: whether a Resume from `peer` would be accepted:
+    /// from the agent the migration came from, for this migration and
+    /// ticket, while recovering or in a phase a broken link is recovered
+    /// from. (The source may see the break, and come back, before this
+    /// side noticed it: the driver then gives the old link up first, with
+    /// [`Destination::handle_link_lost`], and resumes.)
+    pub fn resume_acceptable(
+        &self,
         peer: &crate::names::SpiffeId,
         r: &crate::message::Resume,
     ) -> Result<(), ResumeRefused> {
-        let Phase::Recovering { .. } = self.phase else {
+        if !matches!(self.phase, Phase::Recovering { .. }) && !self.recoverable() {
             return Err(ResumeRefused("no migration waits to be resumed"));
-        };
+        }
         if *peer != self.cfg.peer {
             return Err(ResumeRefused("the migration came from another agent"));
         }
         if Some(r.migration) != self.migration() || r.ticket != self.ticket_digest() {
             return Err(ResumeRefused("not the migration or ticket waiting here"));
         }
+        Ok(())
+    }
+
+    /// Post-copy recovery: the first message of a new connection from
+    /// `peer` asks to resume. Accepted only while recovering (see
+    /// [`Destination::resume_acceptable`]); a refusal changes nothing here
+    /// (the migration waits for its own source) and the driver answers it
+    /// with an Abort on that connection only. The driver must have
+    /// reported every batch of the broken link its decoders applied
+    /// ([`Destination::handle_stale_batch_applied`]) first: the missing
+    /// set sent back is read now.
+    pub fn handle_resume(
+        &mut self,
+        peer: &crate::names::SpiffeId,
+        r: &crate::message::Resume,
+    ) -> Result<(), ResumeRefused> {
+        self.resume_acceptable(peer, r)?;
+        let Phase::Recovering { .. } = self.phase else {
+            return Err(ResumeRefused("the broken link was not given up first"));
+        };
         self.recoveries += 1;
         // The new streams count from zero; nothing is expected on them yet.
         self.applied.iter_mut().for_each(|a| *a = 0);
@@ -1166,16 +1203,7 @@ impl Destination {
     /// is discarded (the source still runs the VM or keeps it in doubt);
     /// after it, the VM is ours and starting continues.
     pub fn handle_link_lost(&mut self, now: Instant, detail: &str) {
-        if self.switched
-            && !self.cfg.recovery.is_zero()
-            && matches!(
-                self.phase,
-                Phase::PostcopyStarting { .. }
-                    | Phase::PostCopy
-                    | Phase::Draining(_)
-                    | Phase::AwaitHandover { .. }
-            )
-        {
+        if self.recoverable() {
             // The VM keeps what it has; a vCPU on a missing page waits.
             self.round_end = None;
             self.phase = Phase::Recovering {

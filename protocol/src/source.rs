@@ -839,6 +839,14 @@ impl Source {
                 Ok(())
             }
             (Phase::AwaitResumed { round, .. }, Message::Resumed(r)) => self.resume(now, round, r),
+            (phase @ Phase::AwaitResumed { .. }, Message::Abort(a)) => {
+                // Refused on that connection (the destination may not yet
+                // have given the old link up): dial again within the
+                // window; past it, in doubt.
+                self.phase = phase;
+                self.handle_link_lost(now, &format!("resume refused: {}", a.reason));
+                Ok(())
+            }
             (Phase::PostCopy { round, pushing }, Message::Fetch(f)) => {
                 self.phase = Phase::PostCopy { round, pushing };
                 self.serve(now, round, &f)
@@ -912,6 +920,7 @@ impl Source {
                 if !self.tree.set_leaf(p.0 as usize, d) {
                     return Err(SourceError::LeafOutOfRange(p.0));
                 }
+                self.pushed.insert(p);
             }
             self.tree.fold_if_due();
             self.payload_bytes += batch.frame_bytes;
@@ -1263,10 +1272,11 @@ impl Source {
                     ticket: self.ticket_digest,
                 },
             ))));
-        self.phase = Phase::AwaitResumed {
-            round,
-            deadline: now + self.cfg.accept_timeout,
+        let deadline = match self.phase {
+            Phase::Reconnecting { deadline, .. } => deadline.max(now + self.cfg.accept_timeout),
+            _ => now + self.cfg.accept_timeout,
         };
+        self.phase = Phase::AwaitResumed { round, deadline };
         self.progress("resuming post-copy", self.postcopy.owed);
     }
 
@@ -1291,6 +1301,18 @@ impl Source {
         let missing = PageBitmap::from_words(r.missing, count);
         if missing.iter().any(|p| !owed.contains(p)) {
             return Err(self.fail(now, SourceError::BadResume("a page that was never owed")));
+        }
+        // Each owed page the destination says it holds must have been
+        // sent since the switch: else the leaf both sides hold for it is
+        // not the paused page's, and the root check could not tell.
+        if owed
+            .iter()
+            .any(|p| !missing.contains(p) && !self.pushed.contains(p))
+        {
+            return Err(self.fail(
+                now,
+                SourceError::BadResume("the destination holds an owed page never sent"),
+            ));
         }
         // Batches count from zero on the new streams; what the old ones
         // carried is in the destination's missing set.
@@ -1449,11 +1471,16 @@ impl Source {
             _ => None,
         };
         match round {
-            Some(round) if !self.cfg.recovery.is_zero() => {
-                self.phase = Phase::Reconnecting {
-                    round,
-                    deadline: now + self.cfg.recovery,
+            Some(round)
+                if !self.cfg.recovery.is_zero()
+                    && self.postcopy.recoveries < crate::destination::MAX_RECOVERIES =>
+            {
+                // Lost again while resuming: the same window goes on.
+                let deadline = match self.phase {
+                    Phase::AwaitResumed { deadline, .. } => deadline,
+                    _ => now + self.cfg.recovery,
                 };
+                self.phase = Phase::Reconnecting { round, deadline };
                 self.progress(
                     &format!("link lost ({detail}), reconnecting"),
                     self.postcopy.owed,

@@ -222,6 +222,8 @@ struct Pair {
     resume_refusals: Vec<String>,
     /// The identity a Resume arrives from.
     resume_peer: &'static str,
+    /// The destination does not notice a cut before the source is back.
+    dst_notices_late: bool,
     /// Source: seal the image under this key at DiscardVm (retention).
     retain: Option<ReuseOffer>,
     /// Source: the image it sealed when the VM left.
@@ -343,6 +345,7 @@ impl Pair {
             rolled_back: false,
             resume_refusals: Vec::new(),
             resume_peer: SRC,
+            dst_notices_late: false,
             retain: None,
             retained_here: None,
             arrival_leaves: None,
@@ -638,7 +641,14 @@ impl Pair {
                 }
             }
             if let Message::Resume(r) = &m {
-                // The first message of a new connection, from its peer.
+                // The first message of a new connection, from its peer,
+                // perhaps before the destination noticed the old link
+                // broke: the driver then gives it up first.
+                let peer = self.resume_peer.parse().unwrap();
+                if !self.dst.is_recovering() && self.dst.resume_acceptable(&peer, r).is_ok() {
+                    self.dst.handle_link_lost(self.now, "the source came back");
+                    self.drain_dst();
+                }
                 if let Err(e) = self
                     .dst
                     .handle_resume(&self.resume_peer.parse().unwrap(), r)
@@ -743,8 +753,10 @@ impl Pair {
             if !self.link_up {
                 self.src.handle_link_lost(self.now, "cut");
                 self.drain_src();
-                self.dst.handle_link_lost(self.now, "cut");
-                self.drain_dst();
+                if !self.dst_notices_late {
+                    self.dst.handle_link_lost(self.now, "cut");
+                    self.drain_dst();
+                }
                 self.link_up = true; // deliver nothing more, but stop cutting
                 self.to_dst.clear();
                 self.to_src.clear();
@@ -1592,6 +1604,17 @@ fn a_link_lost_in_postcopy_resumes_on_a_new_link_and_every_page_verifies() {
 }
 
 #[test]
+fn a_source_back_before_the_destination_noticed_the_break_resumes() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.dst_notices_late = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    assert_eq!(s.postcopy.unwrap().recoveries, 1);
+    assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+}
+
+#[test]
 fn a_link_that_stays_down_past_the_recovery_window_is_in_doubt_on_both_sides() {
     let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
     p.cut_after_postcopy_batches = Some(20);
@@ -1649,13 +1672,19 @@ fn only_the_source_with_the_same_ticket_resumes_a_migration() {
     assert!(p.staging.is_some(), "the running VM is kept");
 }
 
-#[test]
-fn a_resumed_that_does_not_fit_the_memory_leaves_the_source_in_doubt() {
+/// A post-copy migration cut by `cut`, whose Resumed `tamper` alters:
+/// the source refuses it (saying `why`) and is left in doubt, never
+/// resumed here.
+fn a_bad_resumed_leaves_the_source_in_doubt(
+    cut: impl FnOnce(&mut Pair),
+    tamper: fn(&mut convoy_protocol::message::Resumed),
+    why: &str,
+) {
     let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
-    p.cut_after_postcopy_batches = Some(20);
-    p.tamper_back = Some(Box::new(|m| {
+    cut(&mut p);
+    p.tamper_back = Some(Box::new(move |m| {
         if let Message::Resumed(r) = m {
-            r.missing.pop();
+            tamper(r);
         }
     }));
     p.run();
@@ -1664,11 +1693,30 @@ fn a_resumed_that_does_not_fit_the_memory_leaves_the_source_in_doubt() {
     assert!(
         p.src_errors
             .iter()
-            .any(|e| matches!(e, SourceError::BadResume(_))),
+            .any(|e| matches!(e, SourceError::BadResume(w) if w.contains(why))),
         "{:?}",
         p.src_errors
     );
     assert!(!p.rolled_back && !p.vm.discarded, "never resumed here");
+}
+
+#[test]
+fn a_resumed_that_does_not_fit_or_claims_pages_never_sent_leaves_the_source_in_doubt() {
+    a_bad_resumed_leaves_the_source_in_doubt(
+        |p| p.cut_after_postcopy_batches = Some(20),
+        |r| {
+            r.missing.pop();
+        },
+        "does not fit",
+    );
+    // Cut before the push began; then the destination says it lacks
+    // nothing, while most owed pages were never sent: the roots would
+    // agree on stale leaves, so the source refuses it.
+    a_bad_resumed_leaves_the_source_in_doubt(
+        |p| p.cut_on_running = true,
+        |r| r.missing.iter_mut().for_each(|w| *w = 0),
+        "never sent",
+    );
 }
 
 #[test]

@@ -904,15 +904,16 @@ impl QemuLab {
             until(Duration::from_secs(10), || self.processes(agent).is_empty()).await,
             "a QEMU stays at {agent}"
         );
-        let list = self
-            .lab
-            .client(agent)
-            .await
-            .unwrap()
-            .vm_list()
-            .await
-            .unwrap();
-        assert!(list.is_empty(), "{list:?}");
+        // The destination may still be tidying up when the source reports.
+        let client = self.lab.client(agent).await.unwrap();
+        assert!(
+            convoy_tests::eventually(Duration::from_secs(10), || async {
+                client.vm_list().await.unwrap().is_empty()
+            })
+            .await,
+            "{:?}",
+            client.vm_list().await.unwrap()
+        );
         let dir = self.lab.qemu_runtime(agent).join(vm);
         assert!(
             until(Duration::from_secs(10), || !dir.exists()).await,

@@ -81,12 +81,15 @@ async fn hand_over_resume(
     recv: RecvStream,
     resume: convoy_protocol::message::Resume,
 ) {
+    // Only the agent the migration came from reaches it: anyone else is
+    // refused here, without touching the migration.
     let waiting = inner
         .recoveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&resume.migration)
-        .cloned();
+        .filter(|r| r.source == peer.id)
+        .map(|r| r.tx.clone());
     let migration = resume.migration;
     let rc = crate::agent::Reconnection {
         conn: conn.clone(),
@@ -95,7 +98,7 @@ async fn hand_over_resume(
         recv,
         resume,
     };
-    let mut send = match waiting {
+    let send = match waiting {
         // The migration's task owns the connection now.
         Some(w) => match w.send(rc) {
             Ok(()) => return,
@@ -109,17 +112,34 @@ async fn hand_over_resume(
         peer.id.to_string(),
         format!("Resume of migration {migration}: no post-copy migration waits for it here"),
     );
-    let _ = write_message(
-        &mut send,
-        &Message::Abort(convoy_protocol::message::Abort {
-            reason: Reason::Unacceptable(format!(
-                "no post-copy migration {migration} waits to be resumed here"
-            )),
-        }),
+    refuse(
+        conn,
+        send,
+        Reason::Unacceptable(format!(
+            "no post-copy migration {migration} waits to be resumed here"
+        )),
     )
     .await;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+}
+
+/// Answers a connection with an Abort, then lets it close (bounded: a
+/// peer that reads nothing is dropped after 5 s).
+async fn refuse(conn: Connection, mut send: SendStream, reason: Reason) {
+    let answer = async {
+        let _ = write_message(
+            &mut send,
+            &Message::Abort(convoy_protocol::message::Abort { reason }),
+        )
+        .await;
+        let _ = send.finish();
+        conn.closed().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .is_err()
+    {
+        conn.close(crate::agent::close::DONE.into(), b"refused");
+    }
 }
 
 /// Reads the control stream into the engine's channel.
@@ -179,6 +199,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         peer,
         tx,
         link_tasks,
+        link_threads: Vec::new(),
+        dying_threads: Vec::new(),
         resume_rx: None,
         staging: None,
         name: None,
@@ -272,6 +294,32 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                     None => std::future::pending().await,
                 }
             } => {
+                // The source may be back before we noticed the old link
+                // broke: give that link up first (only for a Resume that
+                // will be accepted).
+                if !sm.is_recovering() && sm.resume_acceptable(&rc.peer.id, &rc.resume).is_ok() {
+                    sm.handle_link_lost(Instant::now(), "the source came back on a new connection");
+                    while let Some(a) = sm.poll_action() {
+                        run.act(&mut sm, &mut send, a).await;
+                    }
+                }
+                if sm.is_recovering() {
+                    // Every page the old link's decoders installed has its
+                    // leaf reported before the missing set is read.
+                    run.join_dying().await;
+                    while let Ok((epoch, ev)) = rx.try_recv() {
+                        match ev {
+                            Event::Applied { leaves, .. } if epoch != run.tx.epoch => {
+                                if let Err(e) = sm.handle_stale_batch_applied(&leaves) {
+                                    tracing::warn!(peer = %run.peer.id, "bad batch: {e}");
+                                }
+                            }
+                            // Nothing of the new link exists yet; the rest
+                            // of the old one is void.
+                            _ => {}
+                        }
+                    }
+                }
                 if let Some(new_send) = run.reconnect(&mut sm, rc).await {
                     send = new_send;
                     _share = inner.budget.join(&run.conn, crate::budget::Side::Receive);
@@ -372,6 +420,11 @@ struct Incoming {
     /// The tasks of the current link (control reader, stream acceptor,
     /// stream readers): dropped with the link.
     link_tasks: Vec<JoinHandle<()>>,
+    /// The decoder threads of the current link.
+    link_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Decoder threads of broken links, joined before a resume (so that
+    /// every page they installed has its leaf reported first).
+    dying_threads: Vec<std::thread::JoinHandle<()>>,
     /// Post-copy recovery: where a new connection that resumes this
     /// migration arrives, once the link broke.
     resume_rx: Option<mpsc::UnboundedReceiver<crate::agent::Reconnection>>,
@@ -483,6 +536,8 @@ impl Incoming {
         for t in self.link_tasks.drain(..) {
             t.abort();
         }
+        // Their readers gone, the decoders end after the batch in hand.
+        self.dying_threads.append(&mut self.link_threads);
         self.conn.close(
             crate::agent::close::DONE.into(),
             b"link lost, awaiting Resume",
@@ -495,16 +550,49 @@ impl Incoming {
             "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
         );
         tracing::warn!(peer = %self.peer.id, "post-copy link lost, awaiting the source's Resume");
-        if self.resume_rx.is_none() {
-            if let Some(m) = self.migration {
-                let (tx, rx) = mpsc::unbounded_channel();
-                self.inner
-                    .recoveries
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(m, tx);
-                self.resume_rx = Some(rx);
+    }
+
+    /// After the switch: a new connection that resumes this migration may
+    /// come (even before this side notices the old link broke); only from
+    /// the agent it came from.
+    fn accept_resumes(&mut self) {
+        if self.resume_rx.is_some() || self.inner.config.recovery_window.is_zero() {
+            return;
+        }
+        if let Some(m) = self.migration {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.inner
+                .recoveries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    m,
+                    crate::agent::Recovery {
+                        source: self.peer.id.clone(),
+                        tx,
+                    },
+                );
+            self.resume_rx = Some(rx);
+        }
+    }
+
+    /// Joins the decoders of broken links (each ends after the batch in
+    /// hand once its reader is gone).
+    async fn join_dying(&mut self) {
+        let dying = std::mem::take(&mut self.dying_threads);
+        if dying.is_empty() {
+            return;
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in dying {
+                let _ = t.join();
             }
+        });
+        if tokio::time::timeout(Duration::from_secs(10), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!(peer = %self.peer.id, "a decoder of the broken link did not end in 10 s");
         }
     }
 
@@ -519,22 +607,15 @@ impl Incoming {
         let crate::agent::Reconnection {
             conn,
             peer,
-            mut send,
+            send,
             recv,
             resume,
         } = rc;
         if let Err(e) = sm.handle_resume(&peer.id, &resume) {
             tracing::warn!(peer = %peer.id, "{e}");
             self.inner.audit_refusal(peer.id.to_string(), e.to_string());
-            let _ = write_message(
-                &mut send,
-                &Message::Abort(convoy_protocol::message::Abort {
-                    reason: Reason::Unauthorized(e.to_string()),
-                }),
-            )
-            .await;
-            let _ = send.finish();
-            conn.close(crate::agent::close::DONE.into(), b"resume refused");
+            // Answered aside: a peer that reads nothing cannot stall us.
+            tokio::spawn(refuse(conn, send, Reason::Unauthorized(e.to_string())));
             return None;
         }
         self.conn = conn;
@@ -775,6 +856,7 @@ impl Incoming {
                     Ok((vm, resumed_from)) => {
                         // Decoders install pages only where missing from now.
                         self.switched.store(true, Ordering::Release);
+                        self.accept_resumes();
                         self.register(&name, vm, resumed_from, VmState::PostcopyIn);
                         self.phase(format!(
                             "running here on demand paging, {owed_pages} pages still owed"
@@ -1011,10 +1093,14 @@ impl Incoming {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            let _ = self
-                .tx
-                .send(Event::OpenFailed(format!("decoder thread: {e}")));
+        match spawned {
+            Ok(handle) => self.link_threads.push(handle),
+            // A local failure, not the link's: never recovered from.
+            Err(e) => {
+                let _ = self.tx.send(Event::Bad(DestinationError::Staging(format!(
+                    "decoder thread: {e}"
+                ))));
+            }
         }
     }
 }
@@ -1095,9 +1181,12 @@ fn install(
         };
         // A local failure: not the source's fault, but the VM cannot get
         // its pages any more.
-        let installed = staging
-            .install_page(idx, bytes)
-            .map_err(|e| Box::new(Event::OpenFailed(format!("installing page {}: {e}", idx.0))))?;
+        let installed = staging.install_page(idx, bytes).map_err(|e| {
+            Box::new(Event::Bad(DestinationError::Staging(format!(
+                "installing page {}: {e}",
+                idx.0
+            ))))
+        })?;
         if installed {
             let leaf = match bytes {
                 Some(b) => page_leaf(b),

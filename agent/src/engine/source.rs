@@ -845,12 +845,12 @@ impl Run {
                         jobs.clear();
                         fault_jobs = None;
                         rounds_pending = None;
-                        let stats = conn.stats();
-                        earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
                         conn.close(crate::agent::close::DONE.into(), b"link lost");
                         let (tx, rx) = mpsc::unbounded_channel();
                         drop(std::mem::replace(&mut events_tx, tx));
                         let mut old = std::mem::replace(&mut events, rx);
+                        // (A Sent report lost to this bound makes the
+                        // destination's Resumed look wrong: in doubt, safely.)
                         let drained = tokio::time::Instant::now() + Duration::from_secs(5);
                         while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await
                         {
@@ -875,6 +875,9 @@ impl Run {
                             .await;
                             match opened {
                                 Ok(opened) => {
+                                    // The broken link's bytes, counted once.
+                                    let stats = conn.stats();
+                                    earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
                                     conn = link.conn;
                                     _share =
                                         self.inner.budget.join(&conn, crate::budget::Side::Send);
