@@ -220,6 +220,12 @@ pub struct MigrateOptions {
     /// The VM arrives paused at the destination (pre-copy only), to be
     /// resumed with `vm resume`: like `virsh migrate --suspend`.
     pub start_paused: bool,
+    /// Post-copy and hybrid with disks (sim VMs): the disk blocks left at
+    /// the switch are fetched on demand after the VM resumes at the
+    /// destination (a guest write to one waits for it), instead of going
+    /// inside the downtime.
+    #[serde(default)]
+    pub storage_postcopy: bool,
 }
 
 impl Default for MigrateOptions {
@@ -238,6 +244,7 @@ impl Default for MigrateOptions {
             force_stop: false,
             adaptive_compression: true,
             start_paused: false,
+            storage_postcopy: false,
         }
     }
 }

@@ -148,7 +148,10 @@ pub enum DestinationAction {
     StartPostcopy {
         /// Device state.
         device_state: Vec<u8>,
-        /// Pages whose current version is still to come.
+        /// Pages whose current version is still to come: over the
+        /// memory's pages, or (storage post-copy) over every leaf, disk
+        /// blocks after the memory's pages; an owed disk block is fetched
+        /// when the guest writes it.
         owed: PageBitmap,
     },
     /// Post-copy: the VM that runs since the switch is verified and handed
@@ -515,10 +518,15 @@ impl Destination {
         let Phase::SwitchDraining(m) = std::mem::replace(&mut self.phase, Phase::Done) else {
             return Ok(());
         };
-        let count = self
-            .proposal
-            .as_ref()
-            .map_or(0, |p| p.manifest.memory.page_count());
+        let count = self.proposal.as_ref().map_or(0, |p| {
+            if m.storage {
+                p.manifest
+                    .leaf_count()
+                    .unwrap_or(p.manifest.memory.page_count())
+            } else {
+                p.manifest.memory.page_count()
+            }
+        });
         self.switched = true;
         let owed = PageBitmap::from_words(m.owed, count);
         self.missing = Some(owed.clone());
@@ -594,7 +602,15 @@ impl Destination {
                 let Some(p) = &self.proposal else {
                     return Err(self.fail(DestinationError::BadSwitch("no proposal")));
                 };
-                let count = p.manifest.memory.page_count();
+                // Storage post-copy owes disk blocks too: the bitmap is
+                // over every leaf.
+                let count = if m.storage {
+                    p.manifest
+                        .leaf_count()
+                        .unwrap_or(p.manifest.memory.page_count())
+                } else {
+                    p.manifest.memory.page_count()
+                };
                 if !p.manifest.postcopy {
                     return Err(self.fail(DestinationError::BadSwitch(
                         "the manifest did not announce post-copy",
@@ -605,7 +621,7 @@ impl Destination {
                 }
                 if m.owed.len() as u64 != count.div_ceil(64) {
                     return Err(self.fail(DestinationError::BadSwitch(
-                        "the owed bitmap does not fit the memory",
+                        "the owed bitmap does not fit the memory (and disks)",
                     )));
                 }
                 self.check_counts(&m.batches)?;
@@ -750,10 +766,7 @@ impl Destination {
             );
         }
         if !p.manifest.disks.is_empty() && p.manifest.reuse.is_some() {
-            // A retained image holds memory only. (With post-copy, what
-            // is owed at the switch is memory only: the owed set is read
-            // over the memory's pages, disk blocks come before the switch,
-            // and the root at Finish covers them.)
+            // A retained image holds memory only.
             return refuse(
                 self,
                 Reason::Unacceptable("disks travel without reuse".into()),

@@ -287,8 +287,12 @@ pub struct PostcopySwitch {
     /// The paused VM's device state.
     pub device_state: Vec<u8>,
     /// Bitmap words (as [`crate::page::PageBitmap::words`]) of the pages
-    /// whose current version the destination does not hold yet.
+    /// whose current version the destination does not hold yet: over the
+    /// memory's pages, or with `storage` over every leaf (the disks' blocks
+    /// after the memory's pages).
     pub owed: Vec<u64>,
+    /// Storage post-copy: disk blocks are owed too, fetched on demand.
+    pub storage: bool,
 }
 
 /// Destination → source: the VM runs here now, on demand paging.

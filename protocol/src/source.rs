@@ -75,6 +75,12 @@
 //! its paused copy until `Started`: after the switch a broken link or a
 //! bad root is *in doubt*, never a resume here.
 //!
+//! With disks, the disk blocks left at the switch go while the VM is
+//! paused (the `SwitchDisks` phase) and only memory is owed — unless
+//! [`SourceConfig::storage_postcopy`]: then every leaf left is owed, disk
+//! blocks too ([`PostcopySwitch::storage`]), pushed and fetched on demand
+//! like memory pages, and the pause carries no disk data.
+//!
 //! # Post-copy recovery
 //! With a recovery window ([`SourceConfig::recovery`]), a link that breaks
 //! after the switch and before `Handover` (awaiting `PostcopyRunning`, in
@@ -184,6 +190,10 @@ pub struct SourceConfig {
     /// After a post-copy switch, how long a broken link may take to come
     /// back before the outcome is in doubt (zero: no recovery).
     pub recovery: Duration,
+    /// Storage post-copy: at the switch, disk blocks left are owed like
+    /// memory pages (fetched on demand, pushed in the background) instead
+    /// of going while the VM is paused.
+    pub storage_postcopy: bool,
 }
 
 /// What the driver must do.
@@ -666,14 +676,18 @@ impl Source {
             self.finish_failed(now, format!("bad disks: {e}"));
             return;
         }
-        if !self.cfg.manifest.disks.is_empty() && self.cfg.switchover == Switchover::Immediately {
-            // Disk blocks are not paged on demand (storage post-copy is
-            // not built): at an immediate switch the whole disk would go
-            // inside the downtime. Hybrid sends the blocks left at its
-            // switch, after pre-copy rounds moved the rest.
+        if !self.cfg.manifest.disks.is_empty()
+            && self.cfg.switchover == Switchover::Immediately
+            && !self.cfg.storage_postcopy
+        {
+            // Without storage post-copy the disk blocks left at the
+            // switch go inside the downtime: at an immediate switch, the
+            // whole disk. Hybrid sends the blocks left at its switch,
+            // after pre-copy rounds moved the rest.
             self.finish_failed(
                 now,
-                "pure post-copy does not move disks: use pre-copy or hybrid for a VM with disks"
+                "pure post-copy moves disks only with storage post-copy (disk blocks fetched on \
+                 demand): use --storage-postcopy, or pre-copy or hybrid"
                     .into(),
             );
             return;
@@ -1153,11 +1167,18 @@ impl Source {
         self.rounds = round;
         self.round_bytes = 0;
         self.round_pages = 0;
+        if postcopy && self.cfg.storage_postcopy {
+            // Storage post-copy: every leaf left is owed, disk blocks too.
+            self.postcopy.owed = last.count();
+            self.owed = Some(last);
+            self.begin_switch();
+            return Ok(());
+        }
         if postcopy {
-            // Memory goes by demand paging; disk blocks are not paged on
-            // demand, so those left go now, inside the downtime, and the
-            // switch lists their batches (the destination applies them
-            // before the VM runs there).
+            // Memory goes by demand paging; without storage post-copy disk
+            // blocks are not, so those left go now, inside the downtime,
+            // and the switch lists their batches (the destination applies
+            // them before the VM runs there).
             // The owed set is over the memory's pages (as the
             // destination reads it).
             let memory = self.cfg.manifest.memory.page_count();
@@ -1221,6 +1242,7 @@ impl Source {
                     batches: self.batches[..streams.min(self.batches.len())].to_vec(),
                     device_state: self.device_state.clone(),
                     owed,
+                    storage: self.cfg.storage_postcopy,
                 },
             ))));
         self.phase = Phase::AwaitRunning {
@@ -1287,15 +1309,16 @@ impl Source {
         round: u32,
         r: crate::message::Resumed,
     ) -> Result<(), SourceError> {
-        let count = self.cfg.manifest.memory.page_count();
+        // Over what was owed: the memory's pages, or every leaf.
         let owed = self
             .owed
             .clone()
-            .unwrap_or_else(|| PageBitmap::empty(count));
+            .unwrap_or_else(|| PageBitmap::empty(self.cfg.manifest.memory.page_count()));
+        let count = owed.len();
         if r.missing.len() as u64 != count.div_ceil(64) {
             return Err(self.fail(
                 now,
-                SourceError::BadResume("the bitmap does not fit the memory"),
+                SourceError::BadResume("the bitmap does not fit what was owed"),
             ));
         }
         let missing = PageBitmap::from_words(r.missing, count);

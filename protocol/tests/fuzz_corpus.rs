@@ -210,6 +210,7 @@ fn seeds() -> Vec<Message> {
             batches: vec![2, 1],
             device_state: vec![1, 2, 3],
             owed: vec![0b1011, u64::MAX],
+            storage: false,
         }),
         Message::PostcopyRunning(convoy_protocol::message::PostcopyRunning { start_ms: 2 }),
         Message::RoundEnd(convoy_protocol::message::RoundEnd {

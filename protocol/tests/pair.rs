@@ -284,6 +284,7 @@ impl Pair {
             ready_timeout: Duration::from_secs(5),
             started_timeout: Duration::from_secs(5),
             recovery: Duration::ZERO,
+            storage_postcopy: false,
         };
         tweak(&mut cfg);
         // Both sides wait for a broken link alike.

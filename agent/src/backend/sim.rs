@@ -22,6 +22,8 @@
 //!   the page arrives ([`SimVm::install_page`]); a missing page that is not
 //!   owed is a zero page never sent, filled with zeros at once. Each fault
 //!   is timed from the handler reading it to the page being installed.
+//!   With storage post-copy the owed set covers disk blocks too: a guest
+//!   write to one waits for it (see `simdisk`), timed the same way.
 //! - The device state is the counter and the workload's parameters, so the
 //!   counter and the workload continue where they stopped after migration.
 
@@ -356,6 +358,7 @@ impl SimVm {
         faults: tokio::sync::mpsc::UnboundedSender<PageIndex>,
     ) -> Result<(), BackendError> {
         let page = self.shared.geometry.page_size().bytes();
+        let pages = self.shared.geometry.page_count();
         let paging_err = |e: super::uffd::UffdError| BackendError::Paging(e.to_string());
         let uffd = Arc::new(Uffd::new().map_err(paging_err)?);
         let region = self.shared.mem.register(&uffd, page).map_err(paging_err)?;
@@ -368,7 +371,9 @@ impl SimVm {
                 (end - start) as usize * page,
             )
         };
-        for p in owed.iter() {
+        // Memory pages first in the bitmap; disk blocks (storage
+        // post-copy) after them.
+        for p in owed.iter().take_while(|p| p.0 < pages) {
             run = match run {
                 Some((s, e)) if e == p.0 => Some((s, e + 1)),
                 Some(r) => {
@@ -380,6 +385,11 @@ impl SimVm {
         }
         if let Some(r) = run {
             drop_run(r).map_err(paging_err)?;
+        }
+        if owed.len() > pages {
+            for d in &self.shared.disks {
+                d.begin_demand(owed, faults.clone());
+            }
         }
         let paging = Arc::new(Paging {
             uffd: Mutex::new(Some(uffd.clone())),
@@ -411,6 +421,16 @@ impl SimVm {
     /// and wakes whoever waits for it. Returns whether it was installed; a
     /// page already present (a fault and a push crossed) is left alone.
     pub fn install_page(&self, page: PageIndex, data: Option<&[u8]>) -> Result<bool, BackendError> {
+        if page.0 >= self.shared.geometry.page_count() {
+            // Storage post-copy: a disk block.
+            return match self.disk_block(page) {
+                Some((d, b)) => d.install(b, data),
+                None => Err(BackendError::Disk(format!(
+                    "leaf {} is past the last disk",
+                    page.0
+                ))),
+            };
+        }
         let Some(paging) = self.paging() else {
             return Err(BackendError::State("not demand paged"));
         };
@@ -443,6 +463,10 @@ impl SimVm {
     pub fn fault_stats(&self) -> Option<FaultStats> {
         let paging = self.paging()?;
         let mut samples = paging.samples.lock().ok()?.clone();
+        // Disk blocks a guest write waited for, too.
+        for d in &self.shared.disks {
+            samples.extend(d.demand_samples());
+        }
         samples.sort_unstable();
         let at = |q: f64| {
             samples
@@ -509,6 +533,10 @@ impl SimVm {
     /// (which wakes any blocked toucher; a page still missing then reads
     /// as zeros, so call this once every page is in, or to stop the VM).
     pub fn end_postcopy(&self) {
+        // A guest write waiting for a disk block holds the tick: free it.
+        for d in &self.shared.disks {
+            d.end_demand();
+        }
         let Some(paging) = self.paging() else {
             return;
         };

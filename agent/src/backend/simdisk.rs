@@ -9,12 +9,22 @@
 //! ones while the VM is paused. At the destination a zero block punches a
 //! hole, so an image stays as sparse as it came, and the files are
 //! fsynced before the VM may start there.
+//!
+//! Storage post-copy (destination): [`SimDisk::begin_demand`] marks the
+//! blocks still owed at the switch missing. A guest write to a missing
+//! block asks for it (once) on the post-copy fault queue and waits until
+//! [`SimDisk::install`] wrote it: a sector write is a read-modify-write of
+//! its block, so the rest of the block must be the source's first. A
+//! block already present is never overwritten by a late copy.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use convoy_protocol::ctl::SimDiskSpec;
 use convoy_protocol::disk::DiskGeometry;
@@ -40,6 +50,41 @@ pub(crate) struct SimDisk {
     rate: AtomicU64,
     /// Blocks written since the log was last collected: one bit a block.
     written: Vec<AtomicU64>,
+    /// Storage post-copy: the blocks still to come.
+    demand: Mutex<Option<Arc<Demand>>>,
+}
+
+/// Storage post-copy: blocks of a disk still to come from the source.
+#[derive(Debug)]
+pub(crate) struct Demand {
+    state: Mutex<DemandState>,
+    arrived: Condvar,
+    faults: tokio::sync::mpsc::UnboundedSender<PageIndex>,
+    stopped: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct DemandState {
+    /// One bit a block.
+    missing: Vec<u64>,
+    /// Blocks a guest write asked for, and since when.
+    asked: HashMap<u64, Instant>,
+    /// Ask-to-installed times, microseconds.
+    samples: Vec<u64>,
+}
+
+impl DemandState {
+    fn is_missing(&self, b: u64) -> bool {
+        self.missing
+            .get((b / 64) as usize)
+            .is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+
+    fn clear(&mut self, b: u64) {
+        if let Some(w) = self.missing.get_mut((b / 64) as usize) {
+            *w &= !(1 << (b % 64));
+        }
+    }
 }
 
 impl std::fmt::Debug for SimDisk {
@@ -136,6 +181,7 @@ impl SimDisk {
             first,
             block,
             rate: AtomicU64::new(0),
+            demand: Mutex::new(None),
         })
     }
 
@@ -214,8 +260,112 @@ impl SimDisk {
         }
     }
 
+    fn demand(&self) -> Option<Arc<Demand>> {
+        self.demand.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// Storage post-copy: the blocks of this disk among `owed` (leaves)
+    /// are missing from now; a guest write to one asks for its leaf on
+    /// `faults` and waits for [`SimDisk::install`].
+    pub(crate) fn begin_demand(
+        &self,
+        owed: &PageBitmap,
+        faults: tokio::sync::mpsc::UnboundedSender<PageIndex>,
+    ) {
+        let mut missing = vec![0u64; self.blocks().div_ceil(64) as usize];
+        for b in 0..self.blocks() {
+            if owed.contains(PageIndex(self.first + b)) {
+                missing[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+        let demand = Demand {
+            state: Mutex::new(DemandState {
+                missing,
+                ..DemandState::default()
+            }),
+            arrived: Condvar::new(),
+            faults,
+            stopped: AtomicBool::new(false),
+        };
+        if let Ok(mut d) = self.demand.lock() {
+            *d = Some(Arc::new(demand));
+        }
+    }
+
+    /// Storage post-copy: writes block `b` (`None`: zeros) if it is still
+    /// missing and wakes the guest write waiting for it. Returns whether
+    /// it was written; a block already present is left alone.
+    pub(crate) fn install(&self, b: u64, data: Option<&[u8]>) -> Result<bool, BackendError> {
+        let Some(d) = self.demand() else {
+            return Err(BackendError::State("disk blocks are not paged on demand"));
+        };
+        let mut st = d
+            .state
+            .lock()
+            .map_err(|_| BackendError::State("demand state poisoned"))?;
+        if !st.is_missing(b) {
+            return Ok(false);
+        }
+        // Under the lock: the guest waits on this block meanwhile.
+        self.write(b, data)?;
+        st.clear(b);
+        if let Some(t) = st.asked.remove(&b) {
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            st.samples.push(us);
+        }
+        d.arrived.notify_all();
+        Ok(true)
+    }
+
+    /// Storage post-copy ends (every block in, or the VM stops): a guest
+    /// write no longer waits. Returns the fault times seen, microseconds.
+    pub(crate) fn end_demand(&self) -> Vec<u64> {
+        let Some(d) = self.demand.lock().ok().and_then(|mut d| d.take()) else {
+            return Vec::new();
+        };
+        d.stopped.store(true, Ordering::Release);
+        d.arrived.notify_all();
+        d.state
+            .lock()
+            .map(|s| s.samples.clone())
+            .unwrap_or_default()
+    }
+
+    /// Storage post-copy fault times so far, microseconds.
+    pub(crate) fn demand_samples(&self) -> Vec<u64> {
+        self.demand()
+            .and_then(|d| d.state.lock().ok().map(|s| s.samples.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Storage post-copy: waits until block `b` is present (asking for it
+    /// once), or demand paging ends.
+    fn wait_present(&self, b: u64) {
+        let Some(d) = self.demand() else {
+            return;
+        };
+        let Ok(mut st) = d.state.lock() else {
+            return;
+        };
+        if !st.is_missing(b) {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = st.asked.entry(b) {
+            e.insert(Instant::now());
+            let _ = d.faults.send(PageIndex(self.first + b));
+        }
+        while st.is_missing(b) && !d.stopped.load(Ordering::Acquire) {
+            st = match d.arrived.wait_timeout(st, Duration::from_millis(100)) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+    }
+
     /// One guest write: a sector of block `b`, marked in the write bitmap.
     pub(crate) fn guest_write(&self, b: u64, rng: &mut SmallRng) {
+        // Storage post-copy: the rest of the block must be there first.
+        self.wait_present(b);
         let mut sector = [0u8; SECTOR];
         rng.fill_bytes(&mut sector);
         let at = (rng.next_u32() as usize % (self.block / SECTOR)) * SECTOR;
@@ -315,6 +465,62 @@ mod tests {
         assert_eq!(d.block_of(PageIndex(9)), None);
         assert_eq!(d.block_of(PageIndex(10)), Some(0));
         assert_eq!(d.block_of(PageIndex(10 + d.blocks())), None);
+    }
+
+    #[test]
+    fn a_guest_write_to_a_block_still_owed_asks_for_it_and_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let d =
+            Arc::new(SimDisk::create(dir.path(), &spec(1 << 20, 0), 10, 4096, 1, None).unwrap());
+        let (tx, mut faults) = tokio::sync::mpsc::unbounded_channel();
+        let mut owed = PageBitmap::empty(10 + d.blocks());
+        owed.insert(PageIndex(13));
+        d.begin_demand(&owed, tx);
+        // A block not owed is written at once.
+        let mut rng = SmallRng::seed_from_u64(3);
+        d.guest_write(2, &mut rng);
+        assert!(faults.try_recv().is_err());
+        // An owed one: asked for (its leaf), and the write waits.
+        let (d2, done) = (d.clone(), Arc::new(AtomicBool::new(false)));
+        let done2 = done.clone();
+        let writer = std::thread::spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(4);
+            d2.guest_write(3, &mut rng);
+            done2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(faults.try_recv().unwrap(), PageIndex(13));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the write waits for the block"
+        );
+        let block = vec![0xAB; 4096];
+        assert!(d.install(3, Some(&block)).unwrap());
+        writer.join().unwrap();
+        // The guest's sector landed on the source's block, not on zeros.
+        let mut buf = vec![0u8; 4096];
+        d.read(3, &mut buf).unwrap();
+        let kept = buf.iter().filter(|b| **b == 0xAB).count();
+        assert!((4096 - 512..4096).contains(&kept), "{kept}");
+        // A late copy never overwrites what the guest wrote since.
+        assert!(!d.install(3, Some(&[0u8; 4096])).unwrap());
+        let mut again = vec![0u8; 4096];
+        d.read(3, &mut again).unwrap();
+        assert_eq!(again, buf);
+        assert_eq!(d.demand_samples().len(), 1, "one fault, timed");
+        // Ending demand frees a write still waiting.
+        let mut owed = PageBitmap::empty(10 + d.blocks());
+        owed.insert(PageIndex(15));
+        d.begin_demand(&owed, tokio::sync::mpsc::unbounded_channel().0);
+        let d3 = d.clone();
+        let writer = std::thread::spawn(move || {
+            let mut rng = SmallRng::seed_from_u64(5);
+            d3.guest_write(5, &mut rng);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        d.end_demand();
+        writer.join().unwrap();
+        assert!(d.install(5, None).is_err(), "no longer paged on demand");
     }
 
     #[test]

@@ -274,6 +274,13 @@ pub(crate) async fn migrate(
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
         let claimed = match (&entry.vm, &entry.qemu, entry.state) {
             (_, Some(q), VmState::Running) => {
+                if opts.storage_postcopy {
+                    return Err(MigrateError::Options(
+                        "--storage-postcopy is for sim VMs: a QEMU VM's disks are mirrored before \
+                         the switch (--copy-storage)"
+                            .into(),
+                    ));
+                }
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::plan(q, &req)?))
             }
             (Some(vm), None, VmState::Running) => {
@@ -296,19 +303,32 @@ pub(crate) async fn migrate(
                             .into(),
                     ));
                 }
-                if disks > 0 && opts.mode == MigrationMode::Postcopy {
+                if opts.storage_postcopy && (disks == 0 || opts.mode == MigrationMode::Precopy) {
                     return Err(MigrateError::Options(
-                        "disk blocks are not paged on demand: with disks, use --mode precopy or \
-                         hybrid (pre-copy rounds move the disks, the blocks left go at the switch, \
-                         memory is paged on demand)"
+                        "--storage-postcopy fetches disk blocks on demand after a post-copy \
+                         switch: it needs disks and --mode postcopy or hybrid"
                             .into(),
                     ));
                 }
-                if opts.mode != MigrationMode::Precopy
-                    && vm.geometry().page_count() > MAX_POSTCOPY_PAGES
-                {
+                if disks > 0 && opts.mode == MigrationMode::Postcopy && !opts.storage_postcopy {
+                    return Err(MigrateError::Options(
+                        "disk blocks are paged on demand only with --storage-postcopy: with disks, \
+                         pass it, or use --mode precopy or hybrid (pre-copy rounds move the disks, \
+                         the blocks left go at the switch, memory is paged on demand)"
+                            .into(),
+                    ));
+                }
+                // The owed bitmap travels in one frame: over the memory's
+                // pages, or with storage post-copy over every leaf.
+                let owed_leaves = if opts.storage_postcopy {
+                    convoy_protocol::disk::check(vm.geometry(), &vm.disks()).unwrap_or(u64::MAX)
+                } else {
+                    vm.geometry().page_count()
+                };
+                if opts.mode != MigrationMode::Precopy && owed_leaves > MAX_POSTCOPY_PAGES {
                     return Err(MigrateError::Options(format!(
-                        "post-copy and hybrid move guests of up to {} GiB (the owed-page bitmap travels in one frame)",
+                        "post-copy and hybrid move guests of up to {} GiB of memory (and disks, \
+                         with --storage-postcopy): the owed-page bitmap travels in one frame",
                         MAX_POSTCOPY_PAGES >> 18
                     )));
                 }
@@ -681,6 +701,7 @@ impl Run {
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
             recovery: self.inner.config.recovery_window,
+            storage_postcopy: opts.storage_postcopy,
         });
         if let Some(offer) = &self.retain {
             sm.retain_image(offer.clone());

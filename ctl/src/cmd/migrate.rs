@@ -50,7 +50,8 @@ pub struct Tuning {
     /// the link and CPU unless --fixed-compression.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compression: i32,
-    /// precopy, postcopy or hybrid (sim VMs with disks: precopy or hybrid).
+    /// precopy, postcopy or hybrid (sim VMs with disks: postcopy needs
+    /// --storage-postcopy).
     #[arg(long, default_value = "precopy")]
     pub mode: MigrationMode,
     /// Copy the VM's disks too; no shared storage needed (sim VMs: their
@@ -82,6 +83,12 @@ pub struct Tuning {
     /// (none included) to the measured link and CPU.
     #[arg(long)]
     pub fixed_compression: bool,
+    /// Sim VMs with disks, --mode postcopy or hybrid: the disk blocks left
+    /// at the switch are fetched on demand after the VM resumes at the
+    /// destination (a guest write to one waits for it) instead of going
+    /// inside the downtime.
+    #[arg(long)]
+    pub storage_postcopy: bool,
 }
 
 impl Tuning {
@@ -101,6 +108,7 @@ impl Tuning {
             force_stop: self.force_stop,
             adaptive_compression: !self.fixed_compression,
             start_paused: false,
+            storage_postcopy: self.storage_postcopy,
         }
     }
 }
