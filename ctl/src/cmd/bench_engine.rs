@@ -438,6 +438,8 @@ impl Ctx<'_> {
         let vm = self.name();
         let disk = self.disk.filter(|_| disk);
         o.copy_storage = disk.is_some();
+        // --storage-postcopy applies where there is a switch and a disk.
+        o.storage_postcopy &= disk.is_some() && o.mode != MigrationMode::Precopy;
         self.create(&vm, memory, rate, 1, disk).await?;
         tokio::time::sleep(SETTLE).await;
         let mode = o.mode;
