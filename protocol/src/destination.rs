@@ -409,13 +409,15 @@ impl Destination {
         self.handed_key.take()
     }
 
-    /// The leaf digest of every page of the image whose root was verified
-    /// (after Ready): what a VM that migrates back compares its pages with,
-    /// to send unchanged ones as retained.
+    /// The leaf digest of every memory page of the image whose root was
+    /// verified (after Ready): what a VM that migrates back compares its
+    /// pages with, to send unchanged ones as retained (a retained image
+    /// holds memory only; disk blocks follow in the tree and are left out).
     pub fn verified_leaves(&self) -> Option<Vec<Digest>> {
         self.root?;
         let tree = self.tree.as_ref()?;
-        (0..tree.len()).map(|i| tree.leaf(i)).collect()
+        let pages = self.proposal.as_ref()?.manifest.memory.page_count() as usize;
+        (0..tree.len().min(pages)).map(|i| tree.leaf(i)).collect()
     }
 
     /// Whether the VM runs here since a post-copy switch.
@@ -763,13 +765,6 @@ impl Destination {
             return refuse(
                 self,
                 Reason::Unacceptable("a VM demand-paged in cannot start paused".into()),
-            );
-        }
-        if !p.manifest.disks.is_empty() && p.manifest.reuse.is_some() {
-            // A retained image holds memory only.
-            return refuse(
-                self,
-                Reason::Unacceptable("disks travel without reuse".into()),
             );
         }
         // After a post-copy switch, one more: the fault stream.

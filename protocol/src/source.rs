@@ -945,13 +945,16 @@ impl Source {
         };
         *count += 1;
         let memory_pages = self.cfg.manifest.memory.page_count();
-        // A VM with disks never reuses a retained memory image, so its
-        // retained leaves are disk blocks a base holds: not sent.
-        let mut unsent = if self.cfg.manifest.disks.is_empty() {
-            0
-        } else {
-            batch.stats.retained
-        };
+        // Retained leaves are not sent: memory pages of a retained image,
+        // or disk blocks a base holds. The stats count them per batch, so
+        // they go to the memory's pages of the batch first (a batch holds
+        // leaves of both only where the disks begin).
+        let memory_in_batch = batch
+            .leaves
+            .iter()
+            .filter(|(p, _)| p.0 < memory_pages)
+            .count() as u64;
+        let mut unsent = batch.stats.retained.saturating_sub(memory_in_batch);
         for &(p, d) in &batch.leaves {
             if !self.tree.set_leaf(p.0 as usize, d) {
                 return Err(SourceError::LeafOutOfRange(p.0));

@@ -101,6 +101,56 @@ async fn a_vm_that_comes_back_sends_only_what_changed() {
     lab.shutdown().await;
 }
 
+/// A VM with a disk comes back: its memory is reused from the image the
+/// host retained (memory only), its disk travels as usual (the blocks
+/// written, not the holes), and the one root over both verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_a_disk_that_comes_back_reuses_its_memory_and_moves_its_disk() {
+    let (_dir, lab) = lab(true).await;
+    let a = lab.client("a").await.unwrap();
+    let b = lab.client("b").await.unwrap();
+    let mut spec = opted_in("db", 200);
+    spec.disks = vec![convoy_protocol::ctl::SimDiskSpec {
+        name: "root".parse().unwrap(),
+        bytes: 16 << 20,
+        writes_per_sec: 200,
+        used_pct: 25,
+        base: None,
+    }];
+    a.vm_create(spec).await.unwrap();
+    let with_disk = |from: &str, to: &str| {
+        let o = convoy_protocol::ctl::MigrateOptions {
+            copy_storage: true,
+            ..Default::default()
+        };
+        lab.migrate_request("db", from, to, o).unwrap()
+    };
+    let there = a.migrate(with_disk("a", "b"), |_| {}).await.unwrap();
+    assert_eq!(there.outcome, Outcome::Completed, "{there:?}");
+    assert_eq!(lab.retained_images("a").unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = b.migrate(with_disk("b", "a"), |_| {}).await.unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert!(back.verified, "memory and disk roots verified");
+    let memory_pages = MEMORY / 4096;
+    assert!(
+        back.encodings.retained > memory_pages / 2,
+        "most memory pages reused: {:?}",
+        back.encodings
+    );
+    // The disk's written blocks travel again (a keeps no disk of a VM that
+    // left), counted apart from the reused memory.
+    assert!(back.disk_blocks_sent > 0 && back.disk_blocks_sent < (16 << 20) / 4096);
+    assert_eq!(back.disks.len(), 1);
+    assert!(back.payload_bytes < there.payload_bytes, "{back:?}");
+    let vms = a.vm_list().await.unwrap();
+    assert_eq!(vms[0].state, VmState::Running);
+    assert_eq!(vms[0].counter_at_start, back.counter_at_pause);
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_is_off_by_default_and_per_vm() {
     // The agent does not allow it: nothing kept, even for a VM that opts in.

@@ -384,9 +384,9 @@ pub(crate) async fn migrate(
         Some(_) if attributes.retain_on_leave() => crate::retain::fresh_offer(),
         _ => None,
     };
-    // A retained image holds memory only: a VM with disks is sent whole.
-    let back = back
-        .filter(|b| b.leaves.len() as u64 == vm.geometry().page_count() && vm.disks().is_empty());
+    // A retained image holds memory only (disks travel by their own
+    // rules: whole, or over a base the destination holds).
+    let back = back.filter(|b| b.leaves.len() as u64 == vm.geometry().page_count());
     let mut run = Run {
         inner: inner.clone(),
         back,
