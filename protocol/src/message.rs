@@ -36,10 +36,17 @@ use crate::page::{BatchHeader, MemoryGeometry};
 use crate::receipt::SignedReceipt;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: destination-paced rounds (`RoundEnd`/`RoundApplied`), base images
+/// (`Accept.bases`, `DiskGeometry.base`), `Started.synced_ms`, post-copy
+/// recovery (`Resume`/`Resumed`) and storage post-copy
+/// (`PostcopySwitch.storage`). Builds of version 1 encode some of these
+/// messages differently: they are refused at `Propose`, by version, rather
+/// than misread.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// Most data streams one migration may use.
 pub const MAX_DATA_STREAMS: u16 = 16;

@@ -153,7 +153,7 @@ fn seeds() -> Vec<Message> {
     vec![
         propose(geometry, None, Vec::new()),
         Message::Accept(Accept {
-            version: 1,
+            version: convoy_protocol::message::PROTOCOL_VERSION,
             capabilities: Capabilities::OURS,
             receipt: rc(ReceiptKind::Accepted),
             bases: vec![true],

@@ -1195,7 +1195,7 @@ fn accepted_without_a_destination() -> Pair {
         .handle_message(
             p.now,
             Message::Accept(convoy_protocol::message::Accept {
-                version: 1,
+                version: convoy_protocol::message::PROTOCOL_VERSION,
                 // What a source without a reuse offer offers.
                 capabilities: Capabilities(Capabilities::ZSTD.0 | Capabilities::DELTA.0),
                 receipt: receipt_by(DST, p.now, ReceiptKind::Accepted, None),
@@ -1297,7 +1297,7 @@ fn a_receipt_from_the_wrong_agent_aborts_before_handover() {
     let err = p.src.handle_message(
         p.now,
         Message::Accept(convoy_protocol::message::Accept {
-            version: 1,
+            version: convoy_protocol::message::PROTOCOL_VERSION,
             capabilities: Capabilities(Capabilities::ZSTD.0 | Capabilities::DELTA.0),
             receipt: receipt_by(
                 "spiffe://pair.test/agent/mallory",
