@@ -16,9 +16,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest};
+use convoy_protocol::ctl::MigrateRequest;
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{MigrationId, Role, SpiffeId, VmName};
-use convoy_protocol::ticket::{SignedTicket, Ticket, TicketError, TicketLimits, VerifiedTicket};
+use convoy_protocol::ticket::{SignedTicket, Ticket, TicketError, VerifiedTicket};
 use rand::RngCore;
 use thiserror::Error;
 
@@ -76,7 +77,7 @@ pub fn issue_ticket(
     vm: &VmName,
     source: SpiffeId,
     destination: SpiffeId,
-    options: &MigrateOptions,
+    plan: &MigrationPlan,
     lifetime: Duration,
 ) -> Result<SignedTicket, TicketError> {
     let mut id = [0u8; 16];
@@ -89,23 +90,12 @@ pub fn issue_ticket(
         vm: vm.clone(),
         source,
         destination,
-        limits: limits_of(options),
+        plan: plan.clone(),
         issued_at: now,
         expires_at: now + lifetime.as_secs().max(1),
         nonce,
     };
     SignedTicket::sign(&ticket, operator)
-}
-
-fn limits_of(o: &MigrateOptions) -> TicketLimits {
-    TicketLimits {
-        streams: o.streams,
-        max_downtime_ms: o.max_downtime_ms,
-        max_rounds: o.max_rounds,
-        mode: o.mode,
-        copy_storage: o.copy_storage,
-        bandwidth: o.bandwidth,
-    }
 }
 
 fn expect<T: PartialEq + ToString>(
@@ -254,14 +244,6 @@ impl Authority<'_> {
             });
         }
         expect("VM", &v.ticket.vm, &req.vm)?;
-        let want = limits_of(&req.options);
-        if v.ticket.limits != want {
-            return Err(AuthzError::Mismatch {
-                what: "limits",
-                ticket: format!("{:?}", v.ticket.limits),
-                expected: format!("{want:?}"),
-            });
-        }
         self.replay.check(&v.ticket, now, self.skew.as_secs())?;
         Ok(v)
     }

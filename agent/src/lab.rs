@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest};
+use convoy_protocol::ctl::MigrateRequest;
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain, VmName};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -380,7 +381,7 @@ impl Lab {
         vm: &str,
         from: &str,
         to: &str,
-        options: MigrateOptions,
+        options: MigrationPlan,
     ) -> Result<MigrateRequest, LabError> {
         self.migrate_request_by(&self.operator, vm, from, to, options)
     }
@@ -392,7 +393,7 @@ impl Lab {
         vm: &str,
         from: &str,
         to: &str,
-        options: MigrateOptions,
+        options: MigrationPlan,
     ) -> Result<MigrateRequest, LabError> {
         let (src, dst) = (self.agent(from)?, self.agent(to)?);
         let vm: VmName = vm.parse()?;
@@ -409,7 +410,6 @@ impl Lab {
             vm,
             to: dst.name.clone(),
             to_addr: Some(dst.addr.to_string()),
-            options,
             ticket,
         })
     }

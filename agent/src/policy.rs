@@ -718,11 +718,14 @@ impl PolicySet {
             "id": t.id.to_string(),
             "issued_at": clamp(t.issued_at),
             "expires_at": clamp(t.expires_at),
-            "streams": t.limits.streams,
-            "max_downtime_ms": t.limits.max_downtime_ms,
-            "max_rounds": t.limits.max_rounds,
-            "mode": t.limits.mode.to_string(),
-            "copy_storage": t.limits.copy_storage,
+            "streams": t.plan.streams,
+            "max_downtime_ms": t.plan.max_downtime_ms,
+            "max_rounds": t.plan.max_rounds,
+            "mode": t.plan.mode.to_string(),
+            "copy_storage": t.plan.copy_storage,
+            "storage_postcopy": t.plan.storage_postcopy,
+            "start_paused": t.plan.start_paused,
+            "force_stop": t.plan.force_stop,
         })
     }
 
@@ -935,7 +938,6 @@ pub fn files_in(dir: &Path) -> PolicyFiles {
 mod tests {
     use super::*;
     use convoy_protocol::names::MigrationId;
-    use convoy_protocol::ticket::TicketLimits;
 
     const INVENTORY: &str = include_str!("../policy/examples/inventory.json");
 
@@ -960,14 +962,7 @@ mod tests {
             vm: "vm".parse().unwrap(),
             source: id("agent/a"),
             destination: id("agent/b"),
-            limits: TicketLimits {
-                streams: 2,
-                max_downtime_ms: 300,
-                max_rounds: 30,
-                mode: Default::default(),
-                copy_storage: false,
-                bandwidth: None,
-            },
+            plan: Default::default(),
             issued_at: 1000,
             expires_at: 2000,
             nonce: [0; 16],

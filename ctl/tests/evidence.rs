@@ -10,7 +10,8 @@ use std::process::{Command, Output};
 
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{ContentProfile, MigrateOptions, Outcome, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, Outcome, SimVmSpec};
+use convoy_protocol::model::MigrationPlan;
 
 fn convoyctl(pki: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_convoyctl"))
@@ -49,7 +50,7 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
     .await
     .unwrap();
     let req = lab
-        .migrate_request("vm", "a", "b", MigrateOptions::default())
+        .migrate_request("vm", "a", "b", MigrationPlan::default())
         .unwrap();
     let report = a.migrate(req, |_| {}).await.unwrap();
     assert_eq!(report.outcome, Outcome::Completed);

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::model::MigrationMode;
 use crate::names::{AgentName, VmName};
 use crate::page::EncodingStats;
 
@@ -148,107 +149,6 @@ pub struct VmInfo {
     pub attributes: crate::vm::VmAttributes,
 }
 
-/// How memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MigrationMode {
-    /// Copy rounds while the VM runs at the source, then a short stop.
-    #[default]
-    Precopy,
-    /// The VM starts at the destination early; the rest follows on demand.
-    Postcopy,
-    /// Pre-copy rounds, then post-copy when they do not converge.
-    Hybrid,
-}
-
-impl std::fmt::Display for MigrationMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MigrationMode::Precopy => "precopy",
-            MigrationMode::Postcopy => "postcopy",
-            MigrationMode::Hybrid => "hybrid",
-        })
-    }
-}
-
-impl std::str::FromStr for MigrationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(MigrationMode::Precopy),
-            "postcopy" => Ok(MigrationMode::Postcopy),
-            "hybrid" => Ok(MigrationMode::Hybrid),
-            other => Err(format!(
-                "unknown mode {other:?} (precopy, postcopy or hybrid)"
-            )),
-        }
-    }
-}
-
-/// Tuning of one migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrateOptions {
-    /// Parallel data streams (1..=16). For QEMU VMs, more than one means
-    /// multifd with that many channels (pre-copy only).
-    pub streams: u16,
-    /// Downtime target in milliseconds.
-    pub max_downtime_ms: u32,
-    /// Most pre-copy rounds before stopping regardless.
-    pub max_rounds: u32,
-    /// zstd level, 0 for none.
-    pub compression_level: i32,
-    /// Pre-copy, post-copy or hybrid.
-    pub mode: MigrationMode,
-    /// Copy the VM's disks too (no shared storage).
-    pub copy_storage: bool,
-    /// Bandwidth cap, bytes per second (none when absent).
-    pub bandwidth: Option<u64>,
-    /// Hybrid: switch to post-copy after this many milliseconds of
-    /// pre-copy (when absent: after the first full pass).
-    pub postcopy_after_ms: Option<u32>,
-    /// Throttle the guest in steps when pre-copy rounds stop shrinking.
-    pub auto_converge: bool,
-    /// Hold pages dirtied in several rounds back for the final round.
-    pub hold_hot_pages: bool,
-    /// At the round limit, stop and copy even if the downtime target
-    /// cannot be met (otherwise the migration fails and the VM keeps
-    /// running at the source).
-    pub force_stop: bool,
-    /// Choose the zstd level (up to `compression_level`, none included)
-    /// from measured compression speed, ratio and link rate.
-    pub adaptive_compression: bool,
-    /// The VM arrives paused at the destination (pre-copy only), to be
-    /// resumed with `vm resume`: like `virsh migrate --suspend`.
-    pub start_paused: bool,
-    /// Post-copy and hybrid with disks (sim VMs): the disk blocks left at
-    /// the switch are fetched on demand after the VM resumes at the
-    /// destination (a guest write to one waits for it), instead of going
-    /// inside the downtime.
-    #[serde(default)]
-    pub storage_postcopy: bool,
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        MigrateOptions {
-            streams: 2,
-            max_downtime_ms: 300,
-            max_rounds: 30,
-            compression_level: 1,
-            mode: MigrationMode::Precopy,
-            copy_storage: false,
-            bandwidth: None,
-            postcopy_after_ms: None,
-            auto_converge: true,
-            hold_hot_pages: true,
-            force_stop: false,
-            adaptive_compression: true,
-            start_paused: false,
-            storage_postcopy: false,
-        }
-    }
-}
-
 /// Migrate a VM to another agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateRequest {
@@ -258,10 +158,9 @@ pub struct MigrateRequest {
     pub to: AgentName,
     /// The destination's address, when the agent has no peer entry for it.
     pub to_addr: Option<String>,
-    /// Tuning.
-    pub options: MigrateOptions,
-    /// The operator's signed authorization; its VM, agents and limits must
-    /// match this request.
+    /// The operator's signed authorization: its VM and agents must match
+    /// this request, and its plan ([`crate::ticket::Ticket::plan`]) is what
+    /// the migration runs.
     pub ticket: crate::ticket::SignedTicket,
 }
 

@@ -618,6 +618,12 @@ impl Destination {
                         "the manifest did not announce post-copy",
                     )));
                 }
+                // Disk blocks may be owed only when the admitted plan says.
+                if m.storage != p.manifest.plan.storage_postcopy {
+                    return Err(self.fail(DestinationError::BadSwitch(
+                        "the switch's storage post-copy differs from the plan",
+                    )));
+                }
                 if m.batches.len() != usize::from(p.manifest.data_streams) {
                     return Err(self.fail(DestinationError::StreamCount(m.batches.len())));
                 }

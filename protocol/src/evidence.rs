@@ -1057,7 +1057,7 @@ mod tests {
     use crate::audit::{append, encode_entry, verify_log, LogEntry};
     use crate::fuzz::InsecureCrypto;
     use crate::logtree::LogTree;
-    use crate::ticket::{TicketLimits, TicketSigner};
+    use crate::ticket::TicketSigner;
 
     const A: &str = "spiffe://t/agent/a";
     const B: &str = "spiffe://t/agent/b";
@@ -1073,13 +1073,9 @@ mod tests {
             vm: "vm".parse().unwrap(),
             source: A.parse().unwrap(),
             destination: B.parse().unwrap(),
-            limits: TicketLimits {
+            plan: crate::model::MigrationPlan {
                 streams: 1,
-                max_downtime_ms: 300,
-                max_rounds: 30,
-                mode: Default::default(),
-                copy_storage: false,
-                bandwidth: None,
+                ..Default::default()
             },
             issued_at: 1000,
             expires_at: 1300,

@@ -39,10 +39,15 @@
 //! - [`reuse`]: memory reuse when a VM comes back — the AES-256-GCM
 //!   retained image, its key that travels with the VM, and the offer.
 //! - [`ctl`]: the operator protocol spoken by `convoyctl`.
+//! - [`model`]: shared vocabulary — the migration mode and the
+//!   [`model::MigrationPlan`] the operator's ticket signs.
+//! - [`admission`]: the destination's one check of a proposal against
+//!   its ticket, for every backend.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod adapt;
+pub mod admission;
 pub mod audit;
 pub mod ctl;
 pub mod delta;
@@ -55,6 +60,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod logtree;
 pub mod message;
+pub mod model;
 pub mod names;
 pub mod page;
 pub mod receipt;

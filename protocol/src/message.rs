@@ -43,13 +43,17 @@ use crate::receipt::SignedReceipt;
 /// (`PostcopySwitch.storage`). Builds of version 1 encode some of these
 /// messages differently: they are refused at `Propose`, by version, rather
 /// than misread.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: the ticket signs the whole [`crate::model::MigrationPlan`] and the
+/// manifest announces it (`Manifest.plan`), checked field by field at the
+/// destination ([`crate::admission`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 
 /// Most data streams one migration may use.
-pub const MAX_DATA_STREAMS: u16 = 16;
+pub const MAX_DATA_STREAMS: u16 = crate::model::MAX_STREAMS;
 
 /// Largest device-state blob (2 MiB; must fit in one frame).
 pub const MAX_DEVICE_STATE: usize = 2 << 20;
@@ -137,6 +141,9 @@ pub struct Manifest {
     /// The destination keeps the VM paused once it has verified and
     /// started it (pre-copy only: a demand-paged VM must run to fault).
     pub start_paused: bool,
+    /// The plan the source runs: the ticket's, which the destination's
+    /// admission ([`crate::admission`]) compares field by field.
+    pub plan: crate::model::MigrationPlan,
 }
 
 impl Manifest {
@@ -756,6 +763,7 @@ mod tests {
                 qemu: None,
                 postcopy: false,
                 start_paused: false,
+                plan: crate::model::MigrationPlan::default(),
                 reuse: Some(Box::new(crate::reuse::ReuseOffer {
                     image: crate::reuse::RetainedId([4; 16]),
                     key: crate::reuse::ReuseKey::from_bytes([5; 32]),

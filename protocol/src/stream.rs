@@ -30,8 +30,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ctl::{MigrationMode, QemuVmSpec};
+use crate::ctl::QemuVmSpec;
 use crate::digest::Digest;
+use crate::model::MigrationMode;
 use crate::names::MigrationId;
 
 /// Most channels one stream migration may carry (the main channel, 16

@@ -1,7 +1,7 @@
 //! Signed migration tickets: the operator's authorization of one migration.
 //!
 //! `convoyctl` builds a [`Ticket`] — which VM, from which agent to which,
-//! limits, validity window, a fresh nonce — and signs it with the operator's
+//! the whole migration plan, validity window, a fresh nonce — and signs it with the operator's
 //! certificate key. The ticket travels with the operator's certificate chain
 //! so every agent (and anyone auditing later) can check it offline with
 //! only the CA bundle. The source checks it against the operator connected
@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::model::MigrationPlan;
 use crate::names::{MigrationId, Role, SpiffeId, VmName};
 
 /// Signatures over tickets cover this prefix and then the ticket body, so a
@@ -31,23 +32,6 @@ pub const MAX_CERT_LEN: usize = 8192;
 /// Longest validity a ticket may claim (one day).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 86_400;
 
-/// Migration tuning the operator authorized.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TicketLimits {
-    /// Data streams.
-    pub streams: u16,
-    /// Downtime target, milliseconds.
-    pub max_downtime_ms: u32,
-    /// Round limit.
-    pub max_rounds: u32,
-    /// Pre-copy, post-copy or hybrid.
-    pub mode: crate::ctl::MigrationMode,
-    /// Whether disks are copied too.
-    pub copy_storage: bool,
-    /// Bandwidth cap, bytes per second.
-    pub bandwidth: Option<u64>,
-}
-
 /// What the operator authorizes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
@@ -59,8 +43,11 @@ pub struct Ticket {
     pub source: SpiffeId,
     /// The agent that receives it.
     pub destination: SpiffeId,
-    /// Tuning limits.
-    pub limits: TicketLimits,
+    /// The whole plan the operator authorized: mode, streams, limits,
+    /// storage, start-paused, force-stop, tuning. The source runs exactly
+    /// this plan and the destination admits nothing else
+    /// ([`crate::admission`]).
+    pub plan: MigrationPlan,
     /// Seconds since the Unix epoch.
     pub issued_at: u64,
     /// Seconds since the Unix epoch; not valid from then on.
@@ -290,14 +277,7 @@ mod tests {
             vm: "vm".parse().unwrap(),
             source: "spiffe://t/agent/a".parse().unwrap(),
             destination: "spiffe://t/agent/b".parse().unwrap(),
-            limits: TicketLimits {
-                streams: 2,
-                max_downtime_ms: 300,
-                max_rounds: 30,
-                mode: crate::ctl::MigrationMode::Precopy,
-                copy_storage: false,
-                bandwidth: None,
-            },
+            plan: MigrationPlan::default(),
             issued_at: now,
             expires_at: now + 300,
             nonce: [9; 16],

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use convoy_protocol::ctl::{CtlRequest, MigrateOptions, MigrateRequest};
+use convoy_protocol::ctl::{CtlRequest, MigrateRequest};
 use convoy_protocol::delta::PageCache;
 use convoy_protocol::digest::Digest;
 use convoy_protocol::fuzz;
@@ -17,7 +17,7 @@ use convoy_protocol::page::{
     BatchBuilder, Compressor, EncodedBatch, MemoryGeometry, PageIndex, PageSize, RunKind,
 };
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_protocol::ticket::{SignedTicket, Ticket, TicketLimits};
+use convoy_protocol::ticket::{SignedTicket, Ticket};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -136,6 +136,10 @@ fn propose(
             qemu: None,
             postcopy: false,
             start_paused: false,
+            plan: convoy_protocol::model::MigrationPlan {
+                streams: 1,
+                ..Default::default()
+            },
             reuse,
             disks,
         },
@@ -198,7 +202,6 @@ fn seeds() -> Vec<Message> {
             vm: "vm".parse().unwrap(),
             to: "b".parse().unwrap(),
             to_addr: Some("127.0.0.1:1".into()),
-            options: MigrateOptions::default(),
             ticket: convoy_protocol::ticket::SignedTicket {
                 body: vec![],
                 signature: vec![],
@@ -411,13 +414,9 @@ fn signed_ticket(n: u8, signer: &str) -> SignedTicket {
         vm: "vm".parse().unwrap(),
         source: SOURCE.parse().unwrap(),
         destination: DESTINATION.parse().unwrap(),
-        limits: TicketLimits {
+        plan: convoy_protocol::model::MigrationPlan {
             streams: 1,
-            max_downtime_ms: 300,
-            max_rounds: 30,
-            mode: Default::default(),
-            copy_storage: false,
-            bandwidth: None,
+            ..Default::default()
         },
         issued_at: NOW,
         expires_at: NOW + 300,

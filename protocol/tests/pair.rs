@@ -263,6 +263,7 @@ impl Pair {
                 qemu: None,
                 postcopy: false,
                 start_paused: false,
+                plan: convoy_protocol::model::MigrationPlan::default(),
                 reuse: None,
                 disks: Vec::new(),
             },

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrateRequest, SimVmSpec};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::Role;
 use convoy_protocol::page::{Compression, MemoryGeometry, RunKind};
 use convoy_protocol::ticket::{SignedTicket, Ticket};
@@ -96,7 +97,7 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
 /// A migration request of `vm` from lab agent `from` to `to`, with a ticket
 /// signed by the lab's operator.
 pub fn migrate(lab: &Lab, vm: &str, from: &str, to: &str) -> MigrateRequest {
-    lab.migrate_request(vm, from, to, MigrateOptions::default())
+    lab.migrate_request(vm, from, to, MigrationPlan::default())
         .expect("lab agents exist")
 }
 
@@ -140,13 +141,17 @@ pub async fn connect_as(lab: &Lab, from: &str, to: &str) -> (quinn::Endpoint, qu
 }
 
 /// Agent `from` proposes a migration to agent `to` directly, with `ticket`.
+/// The manifest follows the ticket's plan, so the destination's admission
+/// has nothing to refuse in it.
 pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
     let manifest = Manifest {
         memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
-        data_streams: 1,
+        data_streams: body.plan.streams,
         qemu: None,
         postcopy: false,
         start_paused: false,
+        plan: body.plan.clone(),
         reuse: None,
         disks: Vec::new(),
     };

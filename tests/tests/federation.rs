@@ -17,7 +17,8 @@ use convoy_agent::pki::Pki;
 use convoy_agent::policy::HostFacts;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
 use convoy_agent::{Agent, AgentConfig};
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, Outcome, VmState};
+use convoy_protocol::ctl::{MigrateRequest, Outcome, VmState};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{Role, SpiffeId, TrustDomain};
 use convoy_tests::sim_spec;
 
@@ -141,14 +142,13 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     // The move between the two CAs.
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
-    let options = MigrateOptions::default();
     let vm = "vm".parse().unwrap();
     let ticket = issue_ticket(
         &lab.operator,
         &vm,
         lab.agent("a").unwrap().id.clone(),
         partner.id("x"),
-        &options,
+        &MigrationPlan::default(),
         Duration::from_secs(60),
     )
     .unwrap();
@@ -158,7 +158,6 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
                 vm,
                 to: "x".parse().unwrap(),
                 to_addr: Some(x_addr.to_string()),
-                options,
                 ticket,
             },
             |_| {},
@@ -173,7 +172,7 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     a.vm_create(sim_spec("vm2", 8 << 20, 1000)).await.unwrap();
     let local = a
         .migrate(
-            lab.migrate_request("vm2", "a", "x", MigrateOptions::default())
+            lab.migrate_request("vm2", "a", "x", MigrationPlan::default())
                 .unwrap(),
             |_| {},
         )

@@ -9,8 +9,9 @@ use std::time::Duration;
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
 use convoy_agent::transport;
-use convoy_protocol::ctl::{MigrateOptions, Outcome};
+use convoy_protocol::ctl::Outcome;
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::page::MemoryGeometry;
 use convoy_tests::{assert_refusals_logged, connect_as, eventually, migrate, sim_spec};
 
@@ -44,7 +45,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
         &vm,
         a.id.clone(),
         b.id.clone(),
-        &MigrateOptions::default(),
+        &MigrationPlan::default(),
         Duration::from_secs(60),
     )
     .unwrap();
@@ -61,6 +62,7 @@ fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Messa
             qemu: None,
             postcopy: false,
             start_paused: false,
+            plan: body.plan.clone(),
             reuse: None,
             disks: Vec::new(),
         },

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
+use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
     agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, close, eventually,
@@ -109,9 +110,11 @@ async fn a_page_altered_in_flight_aborts_and_the_vm_keeps_running_at_the_source(
     // Idle and uncompressed so the altered page is sent exactly once, raw.
     a.vm_create(sim_spec("db", 16 << 20, 0)).await.unwrap();
     let uncompressed = || {
-        let mut req = migrate(&lab, "db", "a", "b");
-        req.options.compression_level = 0;
-        req
+        let plan = MigrationPlan {
+            compression_level: 0,
+            ..MigrationPlan::default()
+        };
+        lab.migrate_request("db", "a", "b", plan).unwrap()
     };
     let report = a.migrate(uncompressed(), |_| {}).await.unwrap();
     assert!(!armed.load(Ordering::SeqCst), "a page was altered");
@@ -200,11 +203,11 @@ async fn a_vm_that_cannot_converge_fails_clearly_and_keeps_running() {
     a.vm_create(sim_spec("busy", 32 << 20, 100_000))
         .await
         .unwrap();
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         max_downtime_ms: 1,
         max_rounds: 3,
         auto_converge: false,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let req = lab.migrate_request("busy", "a", "b", opts).unwrap();
     let r = a.migrate(req, |_| {}).await.unwrap();
@@ -240,11 +243,11 @@ async fn the_bandwidth_cap_holds_and_auto_converge_gets_a_busy_vm_across() {
     a.vm_create(spec).await.unwrap();
     // 16 MiB of random memory at 8 MiB/s: at least ~2 s for the bulk
     // round alone, and a workload that a 50 ms target only meets throttled.
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         max_downtime_ms: 50,
         bandwidth: Some(8 << 20),
         compression_level: 0,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let req = lab.migrate_request("capped", "a", "b", opts).unwrap();
     let r = a.migrate(req, |_| {}).await.unwrap();
@@ -268,9 +271,9 @@ async fn adaptive_compression_compresses_on_a_slow_link() {
     a.vm_create(sim_spec("slow", 16 << 20, 0)).await.unwrap();
     // 12 MiB/s: compressing mixed memory moves it faster than sending it
     // raw, so the chooser must pick zstd for most data pages.
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         bandwidth: Some(12 << 20),
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let req = lab.migrate_request("slow", "a", "b", opts).unwrap();
     let r = a.migrate(req, |_| {}).await.unwrap();

@@ -12,7 +12,8 @@ use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
 use convoy_agent::policy::{HostFacts, OperatorFacts};
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, SimVmSpec, VmState};
+use convoy_protocol::ctl::{CtlErrorKind, Outcome, SimVmSpec, VmState};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::SpiffeId;
 use convoy_tests::{eventually, migrate, sim_spec};
 
@@ -159,13 +160,13 @@ async fn tenants_create_and_move_only_their_own_vms() {
     let root = lab.client("a").await.unwrap();
     root.vm_create(spec("theirs", "globex", 1)).await.unwrap();
     let req = lab
-        .migrate_request_by(&alice, "theirs", "a", "b", MigrateOptions::default())
+        .migrate_request_by(&alice, "theirs", "a", "b", MigrationPlan::default())
         .unwrap();
     assert_forbidden(a.migrate(req, |_| {}).await, "default deny");
     runs_exactly_once(&lab, "theirs", "a", &["a", "b"]).await;
     // Her own VM moves.
     let req = lab
-        .migrate_request_by(&alice, "mine", "a", "b", MigrateOptions::default())
+        .migrate_request_by(&alice, "mine", "a", "b", MigrationPlan::default())
         .unwrap();
     let r = a.migrate(req, |_| {}).await.unwrap();
     assert_eq!(r.outcome, Outcome::Completed);
@@ -350,10 +351,10 @@ async fn an_operator_aborts_a_running_migration_and_the_vm_stays_at_the_source()
     let mut s = sim_spec("vm", 256 << 20, 200_000);
     s.attributes.security_level = 1;
     a.vm_create(s).await.unwrap();
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         max_downtime_ms: 1,
         max_rounds: 1000,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let req = lab.migrate_request("vm", "a", "b", opts).unwrap();
     let mover = tokio::spawn(async move { a.migrate(req, |_| {}).await });

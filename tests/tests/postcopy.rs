@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{MigrateOptions, MigrationMode, MigrationReport, Outcome, VmState};
+use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{eventually, sim_spec};
 
@@ -47,7 +48,7 @@ async fn two_agents_and_vm_with(
 }
 
 /// Migrates `vm` from a to b and checks it moved exactly once, verified.
-async fn moves(lab: &Lab, vm: &str, opts: MigrateOptions) -> MigrationReport {
+async fn moves(lab: &Lab, vm: &str, opts: MigrationPlan) -> MigrationReport {
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     let req = lab.migrate_request(vm, "a", "b", opts).unwrap();
@@ -97,9 +98,9 @@ async fn postcopy_runs_the_vm_at_the_destination_before_its_pages_arrive() {
     }
     let (_dir, lab) = two_agents_and_vm("web", 20_000).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         mode: MigrationMode::Postcopy,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let r = moves(&lab, "web", opts).await;
     let pc = r.postcopy.clone().expect("post-copy figures");
@@ -123,10 +124,10 @@ async fn hybrid_switches_to_postcopy_when_precopy_cannot_meet_the_target() {
     }
     let (_dir, lab) = two_agents_and_vm("db", 100_000).await;
     // 1 ms of downtime cannot be met by pre-copy at this dirty rate.
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         mode: MigrationMode::Hybrid,
         max_downtime_ms: 1,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let r = moves(&lab, "db", opts).await;
     let pc = r.postcopy.expect("hybrid switched to post-copy");
@@ -149,10 +150,10 @@ async fn a_link_lost_after_the_switch_keeps_the_vm_at_the_destination_in_doubt()
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     // Capped, so that the push is still going when the source dies.
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         mode: MigrationMode::Postcopy,
         bandwidth: Some(8 << 20),
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let req = lab.migrate_request("web", "a", "b", opts).unwrap();
     let mover = tokio::spawn(async move { a.migrate(req, |_| {}).await });
@@ -222,10 +223,10 @@ async fn postcopy_through(
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     // Capped, so that the push is still going when the link breaks.
-    let opts = MigrateOptions {
+    let opts = MigrationPlan {
         mode: MigrationMode::Postcopy,
         bandwidth: Some(8 << 20),
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     let mut req = lab.migrate_request(vm, "a", "b", opts).unwrap();
     req.to_addr = Some(link.addr().to_string());

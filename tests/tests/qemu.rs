@@ -428,7 +428,7 @@ impl QemuLab {
         vm: &str,
         from: &str,
         to: &str,
-        options: convoy_protocol::ctl::MigrateOptions,
+        options: convoy_protocol::model::MigrationPlan,
     ) -> convoy_protocol::ctl::MigrationReport {
         let c = self.lab.client(from).await.unwrap();
         let req = self.lab.migrate_request(vm, from, to, options).unwrap();
@@ -444,7 +444,7 @@ impl QemuLab {
         vm: &str,
         from: &str,
         to: &str,
-        options: convoy_protocol::ctl::MigrateOptions,
+        options: convoy_protocol::model::MigrationPlan,
     ) -> convoy_protocol::ctl::MigrationReport {
         let last = *counters(&self.serial(from, vm)).last().unwrap();
         let r = self.migrate(vm, from, to, options).await;
@@ -573,7 +573,7 @@ async fn start_outside(q: &QemuLab, dir: &Path) -> (tokio::process::Child, PathB
 /// adopted process is quit. Refused adoptions say why and leave nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_qemu_is_adopted_by_its_qmp_socket_and_migrates() {
-    use convoy_protocol::ctl::MigrationMode;
+    use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
@@ -684,10 +684,10 @@ async fn evidence(
 }
 
 fn options(
-    mode: convoy_protocol::ctl::MigrationMode,
+    mode: convoy_protocol::model::MigrationMode,
     streams: u16,
-) -> convoy_protocol::ctl::MigrateOptions {
-    convoy_protocol::ctl::MigrateOptions {
+) -> convoy_protocol::model::MigrationPlan {
+    convoy_protocol::model::MigrationPlan {
         streams,
         mode,
         ..Default::default()
@@ -699,7 +699,7 @@ fn options(
 /// both logs hold matching receipts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
-    use convoy_protocol::ctl::MigrationMode;
+    use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
@@ -722,7 +722,7 @@ async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
 /// 300 ms of pre-copy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
-    use convoy_protocol::ctl::MigrationMode;
+    use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
@@ -776,7 +776,7 @@ fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
 /// disk verifies block by block and holds every block the source had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_with_their_disk_while_it_is_written() {
-    use convoy_protocol::ctl::MigrationMode;
+    use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
@@ -929,7 +929,8 @@ impl QemuLab {
 /// and nothing is left at the destination either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
-    use convoy_protocol::ctl::{MigrationMode, Outcome, VmState};
+    use convoy_protocol::ctl::{Outcome, VmState};
+    use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
     let dir = tempfile::tempdir().unwrap();
     let q = std::sync::Arc::new(QemuLab::start(dir.path(), g).await);

@@ -119,7 +119,7 @@ async fn a_vm_with_a_disk_that_comes_back_reuses_its_memory_and_moves_its_disk()
     }];
     a.vm_create(spec).await.unwrap();
     let with_disk = |from: &str, to: &str| {
-        let o = convoy_protocol::ctl::MigrateOptions {
+        let o = convoy_protocol::model::MigrationPlan {
             copy_storage: true,
             ..Default::default()
         };

@@ -9,8 +9,9 @@ use std::time::Duration;
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
+use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::message::Message;
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_tests::{
     assert_refusals_logged, assert_unauthorized, eventually, migrate, propose_as, sim_spec,
@@ -46,7 +47,7 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
         &vm,
         a.0.clone(),
         b.0.clone(),
-        &MigrateOptions::default(),
+        &MigrationPlan::default(),
         Duration::from_secs(120),
     )
     .unwrap();
@@ -91,8 +92,7 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
     // Give the agents' CRL watchers time to reload.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // a refuses c's (valid, but revoked) server certificate.
-    let mut req = migrate(&lab, "vm", "a", "c");
-    req.options.max_rounds = 30;
+    let req = migrate(&lab, "vm", "a", "c");
     let r = a.migrate(req, |_| {}).await.unwrap();
     assert!(matches!(r.outcome, Outcome::Aborted(_)), "{r:?}");
     assert_eq!(r.pages_sent, 0);
@@ -105,7 +105,7 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
         &"vm".parse().unwrap(),
         c.id.clone(),
         b.id.clone(),
-        &MigrateOptions::default(),
+        &MigrationPlan::default(),
         Duration::from_secs(60),
     )
     .unwrap();
@@ -203,7 +203,7 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
         &"vm".parse().unwrap(),
         a.id.clone(),
         b.id.clone(),
-        &MigrateOptions::default(),
+        &MigrationPlan::default(),
         Duration::from_secs(60),
     )
     .unwrap();

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{MigrateOptions, MigrationMode, Outcome, SimDiskSpec, VmState};
+use convoy_protocol::ctl::{Outcome, SimDiskSpec, VmState};
 use convoy_protocol::digest::Digest;
 use convoy_protocol::disk::{file_root, DiskGeometry};
 use convoy_protocol::message::Manifest;
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
@@ -46,11 +47,11 @@ fn root_of(path: &Path, bytes: u64) -> Digest {
 fn with_storage(
     lab: &Lab,
     vm: &str,
-    f: impl FnOnce(&mut MigrateOptions),
+    f: impl FnOnce(&mut MigrationPlan),
 ) -> convoy_protocol::ctl::MigrateRequest {
-    let mut o = MigrateOptions {
+    let mut o = MigrationPlan {
         copy_storage: true,
-        ..MigrateOptions::default()
+        ..MigrationPlan::default()
     };
     f(&mut o);
     lab.migrate_request(vm, "a", "b", o).unwrap()
@@ -146,9 +147,9 @@ async fn a_disk_the_guest_keeps_writing_moves_with_the_vm_and_verifies_block_by_
     let back = b
         .migrate(
             {
-                let o = MigrateOptions {
+                let o = MigrationPlan {
                     copy_storage: true,
-                    ..MigrateOptions::default()
+                    ..MigrationPlan::default()
                 };
                 lab.migrate_request("db", "b", "a", o).unwrap()
             },
@@ -250,20 +251,20 @@ async fn bad_disk_requests_are_refused_and_lose_nothing() {
 
     // Options that cannot move disks are refused before anything starts.
     for (o, why) in [
-        (MigrateOptions::default(), "pass --copy-storage"),
+        (MigrationPlan::default(), "pass --copy-storage"),
         (
-            MigrateOptions {
+            MigrationPlan {
                 copy_storage: true,
                 mode: MigrationMode::Postcopy,
-                ..MigrateOptions::default()
+                ..MigrationPlan::default()
             },
             "paged on demand only with --storage-postcopy",
         ),
         (
-            MigrateOptions {
+            MigrationPlan {
                 copy_storage: true,
                 storage_postcopy: true,
-                ..MigrateOptions::default()
+                ..MigrationPlan::default()
             },
             "needs disks and --mode postcopy or hybrid",
         ),
@@ -306,16 +307,17 @@ async fn bad_disk_requests_are_refused_and_lose_nothing() {
         &"sneaky".parse().unwrap(),
         ia.id.clone(),
         ib.id.clone(),
-        &MigrateOptions::default(),
+        &MigrationPlan::default(),
         Duration::from_secs(60),
     )
     .unwrap();
     let manifest = Manifest {
         memory: MemoryGeometry::from_bytes(4 << 20).unwrap(),
-        data_streams: 1,
+        data_streams: MigrationPlan::default().streams,
         qemu: None,
         postcopy: false,
         start_paused: false,
+        plan: MigrationPlan::default(),
         reuse: None,
         disks: vec![DiskGeometry {
             name: "root".parse().unwrap(),

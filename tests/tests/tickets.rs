@@ -10,8 +10,9 @@ use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{CtlErrorKind, MigrateOptions, Outcome, VmState};
+use convoy_protocol::ctl::{CtlErrorKind, Outcome, VmState};
 use convoy_protocol::message::Message;
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_protocol::ticket::{SignedTicket, Ticket};
 use convoy_tests::{assert_unauthorized, migrate, propose_as, sim_spec};
@@ -75,9 +76,8 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
     // Forged: the body changed after signing.
     let mut req = migrate(&lab, "vm", "a", "b");
     let mut body: Ticket = postcard::from_bytes(&req.ticket.body).unwrap();
-    body.limits.max_rounds = 1;
+    body.plan.max_rounds = 1;
     req.ticket.body = postcard::to_stdvec(&body).unwrap();
-    req.options.max_rounds = 1;
     assert_refused(&lab, a.migrate(req, |_| {}).await, "signature").await;
 
     // Expired, and not yet valid (beyond the 60 s skew).
@@ -95,7 +95,8 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
     });
     assert_refused(&lab, a.migrate(future, |_| {}).await, "not valid until").await;
 
-    // A ticket for another source, another VM, or other limits.
+    // A ticket for another source or another VM. (The plan is the
+    // ticket's own: a request carries no options to disagree with it.)
     let other_source = migrate(&lab, "vm", "c", "b");
     let mut r = migrate(&lab, "vm", "a", "b");
     r.ticket = other_source.ticket;
@@ -105,9 +106,6 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
         t.vm = "other".parse().unwrap()
     });
     assert_refused(&lab, a.migrate(r, |_| {}).await, "VM").await;
-    let mut r = migrate(&lab, "vm", "a", "b");
-    r.options.streams = 4;
-    assert_refused(&lab, a.migrate(r, |_| {}).await, "limits").await;
     let mut r = migrate(&lab, "vm", "a", "b");
     r.to = "c".parse().unwrap();
     assert_refused(&lab, a.migrate(r, |_| {}).await, "destination").await;
@@ -122,14 +120,13 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
             _ => None,
         })
         .collect();
-    assert_eq!(reasons.len(), 7, "{reasons:?}");
+    assert_eq!(reasons.len(), 6, "{reasons:?}");
     for why in [
         "signature",
         "expired",
         "not valid until",
         "source",
         "VM",
-        "limits",
         "destination",
     ] {
         assert!(
@@ -201,7 +198,7 @@ async fn the_destination_checks_the_ticket_against_the_proposing_agent() {
             &vm,
             a.id.clone(),
             b.id.clone(),
-            &MigrateOptions::default(),
+            &MigrationPlan::default(),
             Duration::from_secs(60),
         )
         .unwrap()

@@ -36,14 +36,15 @@ use tokio::task::JoinHandle;
 
 use convoy_protocol::reuse::{RetainedImage, ReuseKey};
 
+use super::admission;
 use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
 use crate::backend::{Staging, VmBackend};
-use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer, WireError};
 
 enum Event {
-    Control(Result<Option<Message>, WireError>),
+    /// A control message (boxed: a `Propose` is far larger than the rest).
+    Control(Result<Option<Box<Message>>, WireError>),
     Opened(u16, RecvStream),
     OpenFailed(String),
     Applied {
@@ -148,7 +149,7 @@ fn spawn_control_reader(mut recv: RecvStream, tx: Tx) -> JoinHandle<()> {
         loop {
             let r = read_message(&mut recv).await;
             let end = !matches!(r, Ok(Some(_)));
-            if tx.send(Event::Control(r)).is_err() || end {
+            if tx.send(Event::Control(r.map(|m| m.map(Box::new)))).is_err() || end {
                 return;
             }
         }
@@ -188,7 +189,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         epoch: 0,
         tx: raw_tx,
     };
-    let _ = tx.send(Event::Control(first));
+    let _ = tx.send(Event::Control(first.map(|m| m.map(Box::new))));
     let mut link_tasks = Vec::new();
     if !first_ended {
         link_tasks.push(spawn_control_reader(recv, tx.clone()));
@@ -352,10 +353,10 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         let now = Instant::now();
         match ev {
             Some(Event::Control(Ok(Some(msg)))) => {
-                if matches!(msg, Message::Finish(_)) {
+                if matches!(*msg, Message::Finish(_)) {
                     run.report_faults(&mut sm);
                 }
-                if let Err(e) = sm.handle_message(now, msg) {
+                if let Err(e) = sm.handle_message(now, *msg) {
                     tracing::warn!(peer = %run.peer.id, "source misbehaved: {e}");
                 }
             }
@@ -649,68 +650,19 @@ impl Incoming {
                 ticket,
                 attributes,
             } => {
-                // The operator's ticket first: nothing is reserved for a
-                // migration nobody authorized.
-                if !self.inner.audit_ok() {
-                    sm.handle_staging_failed(Reason::Internal("audit log unavailable".into()));
-                    return;
-                }
-                match self.inner.authority().at_destination(
-                    &self.peer.id,
-                    &self.inner.id,
-                    &vm,
+                // The operator's ticket, the plan it grants and the
+                // policy: nothing is reserved for a migration nobody
+                // authorized.
+                let proposal = admission::Proposal {
+                    vm: &vm,
                     migration,
-                    &ticket,
-                ) {
-                    Ok(v) => {
-                        self.inner.audit(AuditEvent::TicketAccepted {
-                            migration,
-                            vm: vm.clone(),
-                            operator: v.signer.clone(),
-                            peer: self.peer.id.clone(),
-                            role: "destination".into(),
-                        });
-                        self.inner.audit(AuditEvent::Ticket(ticket.clone()));
-                        if !manifest.disks.is_empty() && !v.ticket.limits.copy_storage {
-                            sm.handle_staging_failed(Reason::Unauthorized(
-                                "the VM's disks travel but the ticket does not allow copying storage"
-                                    .into(),
-                            ));
-                            return;
-                        }
-                        // Then the policy, still before anything is reserved.
-                        let d = self.inner.decide(
-                            &Query::MigrateIn {
-                                operator: &v.signer,
-                                vm: VmFacts {
-                                    name: &vm,
-                                    attributes: &attributes,
-                                },
-                                source: &self.peer.id,
-                                destination: &self.inner.id,
-                                ticket: &v.ticket,
-                            },
-                            Some(migration),
-                        );
-                        if !d.permitted {
-                            tracing::warn!(peer = %self.peer.id, "incoming migration denied by policy: {}", d.explain());
-                            sm.handle_staging_failed(Reason::Unauthorized(format!(
-                                "destination policy {}",
-                                d.explain()
-                            )));
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %self.peer.id, "incoming migration refused: {e}");
-                        self.inner.audit(AuditEvent::Refused {
-                            migration: Some(migration),
-                            peer: self.peer.id.to_string(),
-                            reason: e.to_string(),
-                        });
-                        sm.handle_staging_failed(Reason::Unauthorized(e.to_string()));
-                        return;
-                    }
+                    manifest: &manifest,
+                    ticket: &ticket,
+                    attributes: &attributes,
+                };
+                if let Err(e) = admission::admit(&self.inner, &self.peer.id, proposal) {
+                    sm.handle_staging_failed(e.reason());
+                    return;
                 }
                 let bytes = manifest.memory.bytes();
                 match self.inner.reserve(&vm, bytes, VmState::Incoming) {

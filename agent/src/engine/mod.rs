@@ -2,6 +2,7 @@
 //! the VM backend and the sans-IO state machines of `convoy-protocol`.
 //! No migration decision is taken here.
 
+pub(crate) mod admission;
 pub mod destination;
 mod pacer;
 mod qemu_common;

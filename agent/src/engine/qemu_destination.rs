@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use convoy_protocol::audit::AuditEvent;
-use convoy_protocol::ctl::{MigrationMode, VmState};
+use convoy_protocol::ctl::VmState;
 use convoy_protocol::message::{
     Abort, Accept, Capabilities, Message, Propose, Ready, Reason, Reject, Started, VersionRange,
 };
+use convoy_protocol::model::MigrationMode;
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
 use convoy_protocol::stream::{self, ChannelDigests, ChannelKind, QemuManifest, Switch};
@@ -25,11 +26,11 @@ use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::admission;
 use super::qemu_common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
 use crate::agent::{Inner, ReserveError};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
-use crate::policy::{Query, VmFacts};
 use crate::transport::{read_message, write_message, Peer};
 
 /// How long the whole copy may take.
@@ -181,61 +182,17 @@ impl Incoming {
                 "the VM has disks but they are not copied (no shared storage here)".into(),
             ));
         }
-        if !self.inner.audit_ok() {
-            return Err(Fail::local("audit log unavailable"));
-        }
-        // The operator's ticket first: nothing is reserved for a migration
-        // nobody authorized.
-        let v = match self.inner.authority().at_destination(
-            &self.peer.id,
-            &self.inner.id,
-            &p.vm,
-            p.migration,
-            &p.ticket,
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                self.inner.audit(AuditEvent::Refused {
-                    migration: Some(p.migration),
-                    peer: self.peer.id.to_string(),
-                    reason: e.to_string(),
-                });
-                return Err(Fail::new(
-                    Reason::Unauthorized(e.to_string()),
-                    e.to_string(),
-                ));
-            }
-        };
-        if v.ticket.limits.mode != m.mode || (!m.disks.is_empty() && !v.ticket.limits.copy_storage)
-        {
-            let e = "the manifest's mode or disks differ from the ticket's".to_owned();
-            return Err(Fail::new(Reason::Unauthorized(e.clone()), e));
-        }
-        self.inner.audit(AuditEvent::TicketAccepted {
+        // The operator's ticket, the plan it grants and the policy:
+        // nothing is reserved for a migration nobody authorized.
+        let proposal = admission::Proposal {
+            vm: &p.vm,
             migration: p.migration,
-            vm: p.vm.clone(),
-            operator: v.signer.clone(),
-            peer: self.peer.id.clone(),
-            role: "destination".into(),
-        });
-        self.inner.audit(AuditEvent::Ticket(p.ticket.clone()));
-        let d = self.inner.decide(
-            &Query::MigrateIn {
-                operator: &v.signer,
-                vm: VmFacts {
-                    name: &p.vm,
-                    attributes: &p.attributes,
-                },
-                source: &self.peer.id,
-                destination: &self.inner.id,
-                ticket: &v.ticket,
-            },
-            Some(p.migration),
-        );
-        if !d.permitted {
-            let e = format!("destination policy {}", d.explain());
-            return Err(Fail::new(Reason::Unauthorized(e.clone()), e));
-        }
+            manifest: &p.manifest,
+            ticket: &p.ticket,
+            attributes: &p.attributes,
+        };
+        admission::admit(&self.inner, &self.peer.id, proposal)
+            .map_err(|e| Fail::new(e.reason(), e.to_string()))?;
         let Some(cfg) = self.inner.config.qemu.clone() else {
             return Err(unacceptable(
                 "this agent has no QEMU backend (--qemu-binary, --image-dir)".into(),

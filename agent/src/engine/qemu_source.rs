@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use convoy_protocol::ctl::{
-    MigrateRequest, MigrationMode, MigrationReport, Outcome, Progress, QemuFigures, VmState,
+    MigrateRequest, MigrationReport, Outcome, Progress, QemuFigures, VmState,
 };
 use convoy_protocol::message::{
     Abort, Capabilities, Handover, Manifest, Message, Propose, Reason, VersionRange,
 };
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::names::{MigrationId, SpiffeId};
 use convoy_protocol::page::{MemoryGeometry, PageSize};
 use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
@@ -62,15 +63,18 @@ const STARTED_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a QEMU migration will do, checked before the VM is claimed.
 #[derive(Debug, Clone)]
-pub(crate) struct Plan {
+pub(crate) struct Prepared {
     manifest: QemuManifest,
     /// Disk image paths at the source, when copied.
     disks: Vec<PathBuf>,
 }
 
-/// Checks the operator's options against the VM; nothing is touched.
-pub(crate) fn plan(vm: &QemuVm, req: &MigrateRequest) -> Result<Plan, MigrateError> {
-    let o = &req.options;
+/// Checks the operator's plan against the VM; nothing is touched.
+pub(crate) fn prepare(
+    vm: &QemuVm,
+    req: &MigrateRequest,
+    o: &MigrationPlan,
+) -> Result<Prepared, MigrateError> {
     // More than one stream is multifd, for pre-copy only: QEMU 7.2 cannot
     // combine post-copy with multifd, which then uses one channel.
     let multifd_channels = if o.mode == MigrationMode::Precopy && o.streams > 1 {
@@ -111,7 +115,7 @@ pub(crate) fn plan(vm: &QemuVm, req: &MigrateRequest) -> Result<Plan, MigrateErr
         disks: manifests,
     };
     manifest.validate().map_err(MigrateError::Options)?;
-    Ok(Plan { manifest, disks })
+    Ok(Prepared { manifest, disks })
 }
 
 /// What the source engine hands back for auditing.
@@ -127,7 +131,9 @@ pub(crate) struct Run {
     pub req: MigrateRequest,
     pub migration: MigrationId,
     pub dest: SpiffeId,
-    pub plan: Plan,
+    /// The operator's plan, as the ticket signed it.
+    pub plan: MigrationPlan,
+    pub prepared: Prepared,
     pub progress: mpsc::Sender<Progress>,
     pub cancel: Arc<tokio::sync::Notify>,
     pub attributes: convoy_protocol::vm::VmAttributes,
@@ -268,7 +274,7 @@ impl Run {
         acceptors: &mut JoinSet<()>,
         st: &mut State,
     ) -> Result<(), Fail> {
-        let m = &self.plan.manifest;
+        let m = &self.prepared.manifest;
         let notary = self.notary();
         let td = ticket_digest(&self.req.ticket);
         let pages = m.spec.memory_mib * 256;
@@ -286,6 +292,7 @@ impl Run {
                 qemu: Some(Box::new(m.clone())),
                 postcopy: false,
                 start_paused: false,
+                plan: self.plan.clone(),
                 reuse: None,
                 disks: Vec::new(),
             },
@@ -335,14 +342,14 @@ impl Run {
             chan_tx.clone(),
         ));
         let mut opened = 0usize;
-        if !self.plan.disks.is_empty() {
+        if !self.prepared.disks.is_empty() {
             let nbd_sock = self.vm.dir().join("nbd-out.sock");
             let nbd_listener = listen(&nbd_sock)?;
             acceptors.spawn(accept_channels(
                 nbd_listener,
                 conn.clone(),
                 self.migration,
-                (0..self.plan.disks.len() as u16)
+                (0..self.prepared.disks.len() as u16)
                     .map(ChannelKind::Nbd)
                     .collect(),
                 chan_tx.clone(),
@@ -412,7 +419,7 @@ impl Run {
                     let due = match m.mode {
                         MigrationMode::Precopy => false,
                         MigrationMode::Postcopy => true,
-                        MigrationMode::Hybrid => match self.req.options.postcopy_after_ms {
+                        MigrationMode::Hybrid => match self.plan.postcopy_after_ms {
                             Some(ms) => begun.elapsed() >= Duration::from_millis(u64::from(ms)),
                             // After the first full pass.
                             None => ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2,
@@ -438,7 +445,7 @@ impl Run {
             }
         }
         self.phase(st, "QEMU finished sending");
-        if !self.plan.disks.is_empty() {
+        if !self.prepared.disks.is_empty() {
             self.complete_mirrors().await?;
         }
         // Every channel QEMU opened has ended both ways: the digests are final.
@@ -588,7 +595,7 @@ impl Run {
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        st.downtime_ms = match (self.plan.manifest.mode, st.stop_at_unix_us) {
+        st.downtime_ms = match (self.prepared.manifest.mode, st.stop_at_unix_us) {
             (MigrationMode::Precopy, Some(stop)) => now_us.saturating_sub(stop) as f64 / 1e3,
             // Post-copy: the guest ran at the destination long before
             // Started; QEMU's own figure is the downtime.
@@ -617,7 +624,7 @@ impl Run {
             self.phase(st, "the source QEMU is gone");
             return true;
         }
-        for i in 0..self.plan.disks.len() {
+        for i in 0..self.prepared.disks.len() {
             let _ = self
                 .vm
                 .execute(
@@ -641,7 +648,7 @@ impl Run {
                 _ => break,
             }
         }
-        for i in 0..self.plan.disks.len() {
+        for i in 0..self.prepared.disks.len() {
             let _ = self
                 .vm
                 .execute("blockdev-del", Some(json!({ "node-name": mirror_node(i) })))
@@ -667,8 +674,8 @@ impl Run {
         )
         .await?;
         let mut p = json!({
-            "downtime-limit": self.req.options.max_downtime_ms,
-            "max-bandwidth": self.req.options.bandwidth.unwrap_or(UNLIMITED),
+            "downtime-limit": self.plan.max_downtime_ms,
+            "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
         });
         if m.multifd_channels > 0 {
             p["multifd-channels"] = json!(m.multifd_channels);
@@ -687,7 +694,7 @@ impl Run {
         st: &mut State,
     ) -> Result<usize, Fail> {
         let mut opened = 0;
-        for i in 0..self.plan.disks.len() {
+        for i in 0..self.prepared.disks.len() {
             self.qmp(
                 "blockdev-add",
                 json!({
@@ -740,7 +747,7 @@ impl Run {
             // in 4 KiB units.
             let ours = || {
                 jobs.iter().filter(|j| {
-                    (0..self.plan.disks.len()).any(|i| j["device"] == mirror_job(i).as_str())
+                    (0..self.prepared.disks.len()).any(|i| j["device"] == mirror_job(i).as_str())
                 })
             };
             let done: u64 = ours().filter_map(|j| j["offset"].as_u64()).sum();
@@ -763,7 +770,7 @@ impl Run {
                 rate_bytes_per_sec: rate,
             });
             let mut ready = 0;
-            for i in 0..self.plan.disks.len() {
+            for i in 0..self.prepared.disks.len() {
                 match jobs.iter().find(|j| j["device"] == mirror_job(i).as_str()) {
                     Some(j) if j["ready"] == true => ready += 1,
                     Some(j) if j["status"] == "concluded" || j["status"] == "aborting" => {
@@ -776,7 +783,7 @@ impl Run {
                     None => return Err(Fail::local(format!("the mirror of disk {i} vanished"))),
                 }
             }
-            if ready == self.plan.disks.len() {
+            if ready == self.prepared.disks.len() {
                 break;
             }
         }
@@ -788,7 +795,7 @@ impl Run {
     /// end them without pivoting (the destination owns its copies) and
     /// close the NBD connections.
     async fn complete_mirrors(&self) -> Result<(), Fail> {
-        for i in 0..self.plan.disks.len() {
+        for i in 0..self.prepared.disks.len() {
             self.qmp("block-job-cancel", json!({ "device": mirror_job(i) }))
                 .await?;
         }
@@ -808,7 +815,7 @@ impl Run {
                 return Err(Fail::local(format!("a disk mirror failed: {}", e["data"])));
             }
         }
-        for i in 0..self.plan.disks.len() {
+        for i in 0..self.prepared.disks.len() {
             self.qmp("blockdev-del", json!({ "node-name": mirror_node(i) }))
                 .await?;
         }
@@ -865,7 +872,7 @@ impl Run {
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             downtime_ms: st.downtime_ms,
             rounds: ram["dirty-sync-count"].as_u64().unwrap_or(0) as u32,
-            memory_bytes: self.plan.manifest.spec.memory_mib << 20,
+            memory_bytes: self.prepared.manifest.spec.memory_mib << 20,
             pages_sent: ram["normal"].as_u64().unwrap_or(0)
                 + ram["duplicate"].as_u64().unwrap_or(0),
             encodings: Default::default(),
@@ -879,13 +886,13 @@ impl Run {
             disks: Vec::new(),
             disk_blocks_sent: 0,
             qemu: Some(Box::new(QemuFigures {
-                mode: self.plan.manifest.mode,
+                mode: self.prepared.manifest.mode,
                 status: st.qemu_status,
                 total_ms: q["total-time"].as_u64(),
                 downtime_ms: q["downtime"].as_u64(),
                 transferred_bytes: ram["transferred"].as_u64(),
-                multifd_channels: self.plan.manifest.multifd_channels,
-                disks_copied: self.plan.disks.len() as u16,
+                multifd_channels: self.prepared.manifest.multifd_channels,
+                disks_copied: self.prepared.disks.len() as u16,
                 channels: st.channels,
             })),
             outcome,

@@ -18,12 +18,13 @@ use bytes::Bytes;
 use convoy_protocol::adapt::LevelChooser;
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{
-    CtlErrorKind, MigrateRequest, MigrationMode, MigrationReport, Outcome, Progress, VmState,
+    CtlErrorKind, MigrateRequest, MigrationReport, Outcome, Progress, VmState,
 };
 use convoy_protocol::delta::PageCache;
 use convoy_protocol::message::{
     encode_batch_head, Capabilities, DataStreamOpen, Manifest, Message,
 };
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::names::{MigrationId, SpiffeId};
 use convoy_protocol::page::{stream_for, BatchBuilder, Compressor, PageBitmap, PageIndex};
 use convoy_protocol::source::{
@@ -183,20 +184,6 @@ pub(crate) async fn migrate(
     caller: SpiffeId,
     progress: mpsc::Sender<Progress>,
 ) -> Result<MigrationReport, MigrateError> {
-    let opts = &req.options;
-    if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
-        return Err(MigrateError::Options("streams must be 1..=16".into()));
-    }
-    if !(0..=19).contains(&opts.compression_level) {
-        return Err(MigrateError::Options(
-            "compression level must be 0..=19".into(),
-        ));
-    }
-    if opts.max_rounds == 0 {
-        return Err(MigrateError::Options(
-            "max rounds must be at least 1".into(),
-        ));
-    }
     if &req.to == inner.id.name()
         && inner
             .creds()
@@ -222,6 +209,21 @@ pub(crate) async fn migrate(
             return Err(e.into());
         }
     };
+    // The plan is the ticket's: what the operator signed is what runs.
+    let opts = &ticket.ticket.plan;
+    if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
+        return Err(MigrateError::Options("streams must be 1..=16".into()));
+    }
+    if !(0..=19).contains(&opts.compression_level) {
+        return Err(MigrateError::Options(
+            "compression level must be 0..=19".into(),
+        ));
+    }
+    if opts.max_rounds == 0 {
+        return Err(MigrateError::Options(
+            "max rounds must be at least 1".into(),
+        ));
+    }
     // The destination is the one the operator signed for: its full SPIFFE
     // ID, in our trust domain or a federated one (checked in `at_source`).
     let dest_id = ticket.ticket.destination.clone();
@@ -281,7 +283,7 @@ pub(crate) async fn migrate(
                             .into(),
                     ));
                 }
-                Claimed::Qemu(q.clone(), Box::new(qemu_source::plan(q, &req)?))
+                Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
             }
             (Some(vm), None, VmState::Running) => {
                 let disks = vm.disks().len();
@@ -361,14 +363,15 @@ pub(crate) async fn migrate(
     .await;
     let vm = match claimed {
         Claimed::Sim(vm) => vm,
-        Claimed::Qemu(qvm, plan) => {
+        Claimed::Qemu(qvm, prepared) => {
             let run = qemu_source::Run {
                 inner: inner.clone(),
                 vm: qvm,
                 req: req.clone(),
                 migration,
                 dest: dest_id.clone(),
-                plan: *plan,
+                plan: opts.clone(),
+                prepared: *prepared,
                 progress,
                 cancel,
                 attributes,
@@ -393,6 +396,7 @@ pub(crate) async fn migrate(
         retain,
         vm: vm.clone(),
         req: req.clone(),
+        plan: opts.clone(),
         migration,
         progress,
         counter_at_pause: None,
@@ -423,7 +427,7 @@ enum Claimed {
     Sim(Arc<dyn VmBackend>),
     Qemu(
         Arc<crate::backend::qemu::vm::QemuVm>,
-        Box<qemu_source::Plan>,
+        Box<qemu_source::Prepared>,
     ),
 }
 
@@ -468,6 +472,8 @@ struct Run {
     inner: Arc<Inner>,
     vm: Arc<dyn VmBackend>,
     req: MigrateRequest,
+    /// The operator's plan, as the ticket signed it.
+    plan: MigrationPlan,
     migration: MigrationId,
     progress: mpsc::Sender<Progress>,
     counter_at_pause: Option<u64>,
@@ -651,7 +657,7 @@ impl Run {
         let mut _share = self.inner.budget.join(&conn, crate::budget::Side::Send);
         // Bytes of links that broke (post-copy recovery).
         let mut earlier_wire = 0u64;
-        let opts = self.req.options.clone();
+        let opts = self.plan.clone();
         let geometry = self.vm.geometry();
         let mut sm = Source::new(SourceConfig {
             migration: self.migration,
@@ -663,6 +669,7 @@ impl Run {
                 qemu: None,
                 postcopy: false,
                 start_paused: opts.start_paused,
+                plan: opts.clone(),
                 reuse: self.back.as_ref().map(|b| Box::new(b.offer.clone())),
                 disks: self.vm.disks(),
             },

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use convoy_agent::lab::{Lab, Sink};
-use convoy_protocol::ctl::{ContentProfile, MigrationMode, MigrationReport, Outcome, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, SimVmSpec};
+use convoy_protocol::model::MigrationMode;
 use serde::Serialize;
 
 use super::bench_engine::NamedRate;

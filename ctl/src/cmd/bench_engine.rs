@@ -32,9 +32,9 @@ use convoy_agent::lab::Lab;
 use convoy_agent::retain::RetentionLimits;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::ctl::{
-    ContentProfile, CtlErrorKind, MigrateOptions, MigrationMode, MigrationReport, Outcome,
-    SimDiskSpec, SimVmSpec,
+    ContentProfile, CtlErrorKind, MigrationReport, Outcome, SimDiskSpec, SimVmSpec,
 };
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 
 use super::bench::Bench;
@@ -432,7 +432,7 @@ impl Ctx<'_> {
         &self,
         memory: u64,
         rate: u64,
-        mut o: MigrateOptions,
+        mut o: MigrationPlan,
         disk: bool,
     ) -> Result<Ran> {
         let vm = self.name();
@@ -505,7 +505,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                     "{mode}, {} ({} pages/s) …",
                     r.name, r.pages_per_sec
                 ));
-                let o = MigrateOptions {
+                let o = MigrationPlan {
                     mode,
                     ..base.clone()
                 };
@@ -528,7 +528,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     }
     if want("concurrent") {
         for &n in &b.concurrent {
-            let o = MigrateOptions {
+            let o = MigrationPlan {
                 mode: MigrationMode::Precopy,
                 ..base.clone()
             };
@@ -568,7 +568,7 @@ async fn ab(
     ctx: &Ctx<'_>,
     memory: u64,
     heavy: &NamedRate,
-    base: &MigrateOptions,
+    base: &MigrationPlan,
     runs: u32,
 ) -> Result<Ab> {
     let arms = [
@@ -583,7 +583,7 @@ async fn ab(
                 "A/B at {} ({} pages/s), run {run}/{runs}: {name} …",
                 heavy.name, heavy.pages_per_sec
             ));
-            let o = MigrateOptions {
+            let o = MigrationPlan {
                 mode: MigrationMode::Precopy,
                 hold_hot_pages: hold,
                 auto_converge: converge,
@@ -659,7 +659,7 @@ async fn concurrent(
     n: u32,
     memory: u64,
     rate: u64,
-    o: MigrateOptions,
+    o: MigrationPlan,
 ) -> Result<Concurrent> {
     ctx.note(&format!(
         "{n} VMs of {} migrated at once …",
@@ -760,7 +760,7 @@ async fn there_and_back(
     ctx: &Ctx<'_>,
     memory: u64,
     rate: &NamedRate,
-    base: &MigrateOptions,
+    base: &MigrationPlan,
     dwell: Duration,
 ) -> Result<ReuseRow> {
     ctx.note(&format!(
@@ -788,7 +788,7 @@ async fn there_and_back(
         })
         .await?;
     tokio::time::sleep(SETTLE).await;
-    let o = MigrateOptions {
+    let o = MigrationPlan {
         mode: MigrationMode::Precopy,
         ..base.clone()
     };

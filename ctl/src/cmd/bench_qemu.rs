@@ -16,7 +16,8 @@ use anyhow::{anyhow, bail, Result};
 use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::backend::qemu::process::{QemuProcess, QemuSpec};
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{Accel, MigrateOptions, MigrationMode, Outcome, QemuVmSpec};
+use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -158,7 +159,7 @@ struct Setup<'a> {
     guest: &'a TestGuest,
     append: &'a str,
     memory: u64,
-    o: &'a MigrateOptions,
+    o: &'a MigrationPlan,
     runs: u32,
     dir: &'a Path,
 }

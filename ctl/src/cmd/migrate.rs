@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use convoy_agent::authz::issue_ticket;
-use convoy_protocol::ctl::{MigrateOptions, MigrateRequest, MigrationMode, Outcome};
+use convoy_protocol::ctl::{MigrateRequest, Outcome};
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::names::{SpiffeId, VmName};
 
 use crate::conn::{parse_agent_ref, session, Global};
@@ -93,8 +94,8 @@ pub struct Tuning {
 
 impl Tuning {
     /// The wire options.
-    pub fn options(&self) -> MigrateOptions {
-        MigrateOptions {
+    pub fn options(&self) -> MigrationPlan {
+        MigrationPlan {
             streams: self.streams,
             max_downtime_ms: self.max_downtime,
             max_rounds: self.max_rounds,
@@ -154,7 +155,6 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
                 vm: m.vm,
                 to: to.name,
                 to_addr: to.addr.map(|a| a.to_string()),
-                options,
                 ticket,
             },
             |p| bar.update(p),

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use convoy_agent::authz::now_unix;
 use convoy_agent::policy::{Action, PolicyFiles, PolicySet, Query, VmFacts};
 use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
-use convoy_protocol::ticket::{Ticket, TicketLimits};
+use convoy_protocol::ticket::Ticket;
 use convoy_protocol::vm::VmAttributes;
 
 use crate::conn::Global;
@@ -144,20 +144,12 @@ fn check(g: &Global, c: Check) -> Result<()> {
         attributes: &attributes,
     };
     let now = now_unix();
-    let limits = convoy_protocol::ctl::MigrateOptions::default();
     let ticket = |source: &SpiffeId, destination: &SpiffeId| Ticket {
         id: MigrationId([0; 16]),
         vm: c.vm.clone(),
         source: source.clone(),
         destination: destination.clone(),
-        limits: TicketLimits {
-            streams: limits.streams,
-            max_downtime_ms: limits.max_downtime_ms,
-            max_rounds: limits.max_rounds,
-            mode: limits.mode,
-            copy_storage: limits.copy_storage,
-            bandwidth: limits.bandwidth,
-        },
+        plan: convoy_protocol::model::MigrationPlan::default(),
         issued_at: now,
         expires_at: now + 300,
         nonce: [0; 16],

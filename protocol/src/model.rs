@@ -1,0 +1,150 @@
+//! Shared vocabulary: how memory moves ([`MigrationMode`]) and the plan of
+//! a migration ([`MigrationPlan`]) that the operator's ticket signs and both
+//! agents check. A leaf module: it depends on nothing else in the crate, so
+//! the operator protocol, tickets and wire messages can all use it.
+
+use serde::{Deserialize, Serialize};
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Copy rounds while the VM runs at the source, then a short stop.
+    #[default]
+    Precopy,
+    /// The VM starts at the destination early; the rest follows on demand.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy when they do not converge.
+    Hybrid,
+}
+
+impl std::fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        })
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(MigrationMode::Precopy),
+            "postcopy" => Ok(MigrationMode::Postcopy),
+            "hybrid" => Ok(MigrationMode::Hybrid),
+            other => Err(format!(
+                "unknown mode {other:?} (precopy, postcopy or hybrid)"
+            )),
+        }
+    }
+}
+
+/// The plan of one migration: every choice the operator makes for it.
+///
+/// convoyctl builds it from the flags, the operator's ticket signs all of
+/// it ([`crate::ticket::Ticket::plan`]), the source runs it and announces it
+/// in its manifest ([`crate::message::Manifest::plan`]), and the
+/// destination's admission ([`crate::admission`]) refuses a proposal whose
+/// plan or stream differs from the ticket's in any field. One value keeps
+/// one name from the flag to the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPlan {
+    /// Parallel data streams (1..=16). For QEMU VMs, more than one means
+    /// multifd with that many channels (pre-copy only).
+    pub streams: u16,
+    /// Downtime target in milliseconds.
+    pub max_downtime_ms: u32,
+    /// Most pre-copy rounds before stopping regardless.
+    pub max_rounds: u32,
+    /// zstd level, 0 for none.
+    pub compression_level: i32,
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: MigrationMode,
+    /// Copy the VM's disks too (no shared storage).
+    pub copy_storage: bool,
+    /// Bandwidth cap, bytes per second (none when absent).
+    pub bandwidth: Option<u64>,
+    /// Hybrid: switch to post-copy after this many milliseconds of
+    /// pre-copy (when absent: after the first full pass).
+    pub postcopy_after_ms: Option<u32>,
+    /// Throttle the guest in steps when pre-copy rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Hold pages dirtied in several rounds back for the final round.
+    pub hold_hot_pages: bool,
+    /// At the round limit, stop and copy even if the downtime target
+    /// cannot be met (otherwise the migration fails and the VM keeps
+    /// running at the source).
+    pub force_stop: bool,
+    /// Choose the zstd level (up to `compression_level`, none included)
+    /// from measured compression speed, ratio and link rate.
+    pub adaptive_compression: bool,
+    /// The VM arrives paused at the destination (pre-copy only), to be
+    /// resumed with `vm resume`: like `virsh migrate --suspend`.
+    pub start_paused: bool,
+    /// Post-copy and hybrid with disks (sim VMs): the disk blocks left at
+    /// the switch are fetched on demand after the VM resumes at the
+    /// destination (a guest write to one waits for it), instead of going
+    /// inside the downtime.
+    pub storage_postcopy: bool,
+}
+
+impl Default for MigrationPlan {
+    fn default() -> Self {
+        MigrationPlan {
+            streams: 2,
+            max_downtime_ms: 300,
+            max_rounds: 30,
+            compression_level: 1,
+            mode: MigrationMode::Precopy,
+            copy_storage: false,
+            bandwidth: None,
+            postcopy_after_ms: None,
+            auto_converge: true,
+            hold_hot_pages: true,
+            force_stop: false,
+            adaptive_compression: true,
+            start_paused: false,
+            storage_postcopy: false,
+        }
+    }
+}
+
+/// Most data streams a plan may ask for.
+pub const MAX_STREAMS: u16 = 16;
+
+/// Why a plan cannot run, whatever the VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// Streams out of range.
+    #[error("{0} data streams (1..={MAX_STREAMS})")]
+    Streams(u16),
+    /// A demand-paged VM must run to fault its pages in.
+    #[error("a VM cannot start paused under {0}: start-paused is for pre-copy")]
+    StartPaused(MigrationMode),
+    /// Disk blocks are owed only after a post-copy switch, and only when
+    /// disks travel.
+    #[error("storage post-copy needs --mode postcopy or hybrid and --copy-storage")]
+    StoragePostcopy,
+}
+
+impl MigrationPlan {
+    /// Checks the rules that hold whatever the VM: streams in range, no
+    /// start-paused outside pre-copy, storage post-copy only after a switch
+    /// and with disks copied.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.streams == 0 || self.streams > MAX_STREAMS {
+            return Err(PlanError::Streams(self.streams));
+        }
+        if self.start_paused && self.mode != MigrationMode::Precopy {
+            return Err(PlanError::StartPaused(self.mode));
+        }
+        if self.storage_postcopy && (self.mode == MigrationMode::Precopy || !self.copy_storage) {
+            return Err(PlanError::StoragePostcopy);
+        }
+        Ok(())
+    }
+}
