@@ -21,8 +21,8 @@
 //! - [`engine`]: source and destination migration drivers.
 //! - [`retain`]: memory reuse when a VM comes back — the sealed images kept
 //!   for VMs that left, the keys held for VMs that arrived.
-//! - [`backend`]: the VM backend traits and the simulated VM (the only
-//!   `unsafe` code lives in [`backend::memory`]).
+//! - [`backend`]: the VM backend traits, the simulated VM and QEMU (the
+//!   only `unsafe` code lives in [`backend::memory`] and [`backend::uffd`]).
 
 pub mod agent;
 pub mod audit;

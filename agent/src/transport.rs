@@ -2,7 +2,7 @@
 //! peer identity, authorizing accepted peers by ALPN and SPIFFE ID, and
 //! framed message I/O on streams.
 //!
-//! Tuning, measured on a 2-core loopback (see the README's benchmark):
+//! Tuning, measured on a 2-core loopback (see `docs/benchmarks.md`):
 //! socket buffers raised to 4 MiB (the 208 KiB default drops packets), GSO
 //! left on (quinn-udp's default), path-MTU discovery capped at 6500 bytes
 //! (above that GSO batches exceed 64 KiB and quinn falls back to 1200-byte

@@ -18,9 +18,16 @@
 //! | 8 | [`Abort`] | agent control, either way |
 //! | 9 | [`crate::stream::StreamsDone`] | agent control, source → destination (stream migrations) |
 //! | 10 | [`crate::stream::Switch`] | agent control, both ways (post-copy stream migrations) |
+//! | 11 | [`PostcopySwitch`] | agent control, source → destination |
+//! | 12 | [`PostcopyRunning`] | agent control, destination → source |
+//! | 13 | [`Fetch`] | agent control, destination → source (answered on the fault stream) |
+//! | 14 | [`RoundEnd`] | agent control, source → destination |
+//! | 15 | [`RoundApplied`] | agent control, destination → source |
 //! | 16 | [`DataStreamOpen`] | data stream, first frame |
 //! | 17 | page batch | data stream |
 //! | 18 | [`crate::stream::ChannelOpen`] | a stream migration's channel, first frame |
+//! | 19 | [`Resume`] | agent control of a new connection, source → destination, first |
+//! | 20 | [`Resumed`] | agent control, destination → source |
 //! | 32 | [`crate::ctl::CtlRequest`] | operator → agent |
 //! | 33 | [`crate::ctl::CtlResponse`] | agent → operator |
 

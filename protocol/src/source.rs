@@ -1,4 +1,5 @@
-//! The source side of a pre-copy migration, as a state machine.
+//! The source side of a migration (pre-copy, post-copy or hybrid), as a
+//! state machine.
 //!
 //! ```mermaid
 //! stateDiagram-v2

@@ -1,4 +1,4 @@
-//! `convoyctl vm`: simulated VMs on an agent.
+//! `convoyctl vm`: simulated and QEMU VMs on an agent.
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};

@@ -8,7 +8,8 @@
 //!   id, events kept; bounded lines and typed errors for hostile output);
 //! - [`process`]: a VM definition becomes a QEMU command line with a QMP
 //!   socket and serial log in a directory the agent owns, `-incoming defer`
-//!   on a destination; the process dies with its handle;
+//!   on a destination; the process dies with its handle; or a QEMU someone
+//!   else started is adopted by its QMP socket;
 //! - [`tunnel`]: a unix socket spliced with a QUIC stream pair, both
 //!   directions, counting and BLAKE3-hashing every byte each way — QEMU's
 //!   migration stream and return path go through it with the same digests
@@ -21,8 +22,8 @@
 //!
 //! Migration through agents lives in `engine::qemu_source` and
 //! `engine::qemu_destination` (the message sequence and digests are in
-//! `convoy_protocol::stream`). Not built: adopting a running QEMU by its
-//! QMP socket, post-copy recovery after a broken link.
+//! `convoy_protocol::stream`). Not built: post-copy recovery after a broken
+//! link.
 
 pub mod guest;
 pub mod process;
