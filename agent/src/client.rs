@@ -12,10 +12,10 @@ use convoy_protocol::Message;
 use quinn::{Connection, Endpoint};
 use thiserror::Error;
 
-use crate::identity::{Identity, TrustBundle};
 use crate::transport::{
     self, read_message, write_message, TransportError, Tuning, WireError, ALPN_CTL,
 };
+use crate::trust::identity::{Identity, TrustBundle};
 
 /// Client failures.
 #[derive(Debug, Error)]

@@ -17,9 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::backend::memory::GuestMemory;
 use crate::client::{ClientError, CtlClient};
-use crate::identity::{self, Identity, TrustBundle};
-use crate::pki::{Pki, PkiError};
 use crate::transport::{self, Tuning, ALPN_AGENT};
+use crate::trust::identity::{self, Identity, TrustBundle};
+use crate::trust::pki::{Pki, PkiError};
 use crate::{Agent, AgentConfig, AgentError};
 
 /// Lab failures.
@@ -66,7 +66,7 @@ pub struct LabAgent {
     /// Address.
     pub addr: SocketAddr,
     config: AgentConfig,
-    retained: crate::retain::RetainedImages,
+    retained: crate::host::retain::RetainedImages,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -92,7 +92,10 @@ impl Lab {
         names: &[&str],
         tweak: impl Fn(&str, &mut AgentConfig),
     ) -> Result<Lab, LabError> {
-        let pki = Pki::init(dir, TrustDomain::new(crate::pki::DEFAULT_TRUST_DOMAIN)?)?;
+        let pki = Pki::init(
+            dir,
+            TrustDomain::new(crate::trust::pki::DEFAULT_TRUST_DOMAIN)?,
+        )?;
         let year = Duration::from_secs(365 * 86400);
         let op: AgentName = "operator".parse()?;
         pki.issue(Role::Operator, &op, year)?;
@@ -188,14 +191,14 @@ impl Lab {
     fn write_policy(&self, names: &[&str]) -> Result<(), LabError> {
         let files = self.policy_files();
         std::fs::create_dir_all(&files.policies)?;
-        for (name, text) in crate::policy::EXAMPLES {
+        for (name, text) in crate::trust::policy::EXAMPLES {
             std::fs::write(files.policies.join(name), text)?;
         }
         let domain = self.trust.domain().clone();
-        let mut inv = crate::policy::Inventory::default();
+        let mut inv = crate::trust::policy::Inventory::default();
         inv.operators.insert(
             self.operator.id().clone(),
-            crate::policy::OperatorFacts {
+            crate::trust::policy::OperatorFacts {
                 tenants: ["default".to_string()].into(),
                 groups: ["admins".to_string()].into(),
             },
@@ -203,7 +206,7 @@ impl Lab {
         for (i, n) in names.iter().enumerate() {
             inv.agents.insert(
                 SpiffeId::agent(domain.clone(), n.parse()?),
-                crate::policy::HostFacts {
+                crate::trust::policy::HostFacts {
                     zone: if i % 2 == 0 { "lab-a" } else { "lab-b" }.into(),
                     security_level: 2,
                     groups: Default::default(),
@@ -214,12 +217,12 @@ impl Lab {
     }
 
     /// Where the lab's policy lives (agents reload it when it changes).
-    pub fn policy_files(&self) -> crate::policy::PolicyFiles {
-        crate::policy::files_in(&self.pki.dir().join("policy"))
+    pub fn policy_files(&self) -> crate::trust::policy::PolicyFiles {
+        crate::trust::policy::files_in(&self.pki.dir().join("policy"))
     }
 
     /// Replaces the lab's inventory (agents reload it).
-    pub fn write_inventory(&self, inv: &crate::policy::Inventory) -> Result<(), LabError> {
+    pub fn write_inventory(&self, inv: &crate::trust::policy::Inventory) -> Result<(), LabError> {
         let text = serde_json::to_string_pretty(inv)
             .map_err(|e| LabError::Io(std::io::Error::other(e)))?;
         // Atomically, as an operator should: agents never see half a file.
@@ -231,9 +234,10 @@ impl Lab {
     }
 
     /// The inventory in force.
-    pub fn inventory(&self) -> Result<crate::policy::Inventory, LabError> {
+    pub fn inventory(&self) -> Result<crate::trust::policy::Inventory, LabError> {
         let text = std::fs::read_to_string(self.policy_files().inventory)?;
-        crate::policy::Inventory::parse(&text).map_err(|e| LabError::Io(std::io::Error::other(e)))
+        crate::trust::policy::Inventory::parse(&text)
+            .map_err(|e| LabError::Io(std::io::Error::other(e)))
     }
 
     /// Issues another operator identity (for tests of tenants).
@@ -275,7 +279,7 @@ impl Lab {
         }
         cfg.state_dir = Some(self.pki.dir().join("state").join(name));
         let files = self.pki.paths(Role::Agent, &n);
-        cfg.files = Some(crate::agent::CredentialFiles {
+        cfg.files = Some(crate::config::CredentialFiles {
             cert: files.cert,
             key: files.key,
             ca: self.pki.ca_cert(),
@@ -305,7 +309,7 @@ impl Lab {
         cfg: AgentConfig,
     ) -> Result<
         (
-            (SocketAddr, SpiffeId, crate::retain::RetainedImages),
+            (SocketAddr, SpiffeId, crate::host::retain::RetainedImages),
             oneshot::Sender<()>,
             JoinHandle<()>,
         ),
@@ -397,13 +401,13 @@ impl Lab {
     ) -> Result<MigrateRequest, LabError> {
         let (src, dst) = (self.agent(from)?, self.agent(to)?);
         let vm: VmName = vm.parse()?;
-        let ticket = crate::authz::issue_ticket(
+        let ticket = crate::trust::authz::issue_ticket(
             operator,
             &vm,
             src.id.clone(),
             dst.id.clone(),
             &options,
-            crate::authz::DEFAULT_TICKET_LIFETIME,
+            crate::trust::authz::DEFAULT_TICKET_LIFETIME,
         )
         .map_err(|e| LabError::Bench(e.to_string()))?;
         Ok(MigrateRequest {

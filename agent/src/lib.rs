@@ -24,20 +24,17 @@
 //! - [`backend`]: the VM backend traits, the simulated VM and QEMU (the
 //!   only `unsafe` code lives in [`backend::memory`] and [`backend::uffd`]).
 
-pub mod agent;
-pub mod audit;
-pub mod authz;
 pub mod backend;
-pub mod budget;
 pub mod client;
+pub mod config;
 pub(crate) mod control;
 pub mod engine;
-pub mod identity;
+pub mod host;
 pub mod lab;
-pub mod pki;
-pub mod policy;
-pub mod retain;
+pub mod server;
 pub mod transport;
+pub mod trust;
 pub mod units;
 
-pub use agent::{run, Agent, AgentConfig, AgentError};
+pub use config::{AgentConfig, AgentError};
+pub use server::{run, Agent};

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use convoy_agent::agent::{CredentialFiles, FederationFiles};
-use convoy_agent::pki::Pki;
+use convoy_agent::config::{CredentialFiles, FederationFiles};
+use convoy_agent::trust::pki::Pki;
 use convoy_agent::AgentConfig;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 
@@ -231,7 +231,7 @@ async fn main() -> Result<()> {
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
     config.retain_images =
-        (args.retain_images > 0).then_some(convoy_agent::retain::RetentionLimits {
+        (args.retain_images > 0).then_some(convoy_agent::host::retain::RetentionLimits {
             max_images: args.retain_images,
             max_bytes: args.retain_bytes,
         });
@@ -260,7 +260,7 @@ async fn main() -> Result<()> {
         });
     }
     config.policy = match (args.policy, args.inventory) {
-        (Some(policies), Some(inventory)) => Some(convoy_agent::policy::PolicyFiles {
+        (Some(policies), Some(inventory)) => Some(convoy_agent::trust::policy::PolicyFiles {
             policies,
             inventory,
         }),

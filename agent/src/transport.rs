@@ -23,7 +23,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
 use thiserror::Error;
 
-use crate::identity::{self, Identity, IdentityError, TrustBundle};
+use crate::trust::identity::{self, Identity, IdentityError, TrustBundle};
 
 /// ALPN between agents.
 pub const ALPN_AGENT: &[u8] = b"convoy/1";

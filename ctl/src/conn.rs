@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use convoy_agent::client::CtlClient;
-use convoy_agent::identity::Identity;
-use convoy_agent::pki::Pki;
+use convoy_agent::trust::identity::Identity;
+use convoy_agent::trust::pki::Pki;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 
 /// Flags shared by all commands.

@@ -24,7 +24,7 @@ pub fn alter_one_raw_batch(
     from: u64,
     at: usize,
     mask: u8,
-) -> convoy_agent::agent::TamperHook {
+) -> convoy_agent::config::TamperHook {
     Arc::new(move |_round, header, payload| {
         if header.compression == Compression::None
             && header
@@ -69,7 +69,7 @@ pub async fn close(
 /// Lab agents `a` and `b`, `a` altering its outgoing batches with `hook`.
 pub async fn lab_where_a_alters_batches(
     dir: &std::path::Path,
-    hook: convoy_agent::agent::TamperHook,
+    hook: convoy_agent::config::TamperHook,
 ) -> Lab {
     Lab::start(dir, &["a", "b"], move |name, cfg| {
         if name == "a" {

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{Accel, QemuVmSpec};
 use convoy_protocol::disk::DiskGeometry;
 use convoy_protocol::message::Manifest;

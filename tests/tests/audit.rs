@@ -16,7 +16,7 @@ use convoy_tests::{migrate, sim_spec};
 
 /// What is left of a lab after shutdown: its CA bundle.
 struct Trusted {
-    trust: convoy_agent::identity::TrustBundle,
+    trust: convoy_agent::trust::identity::TrustBundle,
 }
 
 /// An agent's log once it holds `outcomes` outcome records: the
@@ -209,7 +209,7 @@ async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
 
     // Another CA's bundle does not accept the log at all.
     let other = tempfile::tempdir().unwrap();
-    let pki = convoy_agent::pki::Pki::init(
+    let pki = convoy_agent::trust::pki::Pki::init(
         other.path(),
         convoy_protocol::names::TrustDomain::new("convoy.internal").unwrap(),
     )
@@ -244,7 +244,7 @@ async fn an_evidence_bundle_proves_a_migration_offline_and_a_swapped_receipt_is_
     lab.shutdown().await;
 
     // Whoever builds the bundle verifies the logs first.
-    let trust = convoy_agent::identity::TrustBundle::load(&ca, domain.clone()).unwrap();
+    let trust = convoy_agent::trust::identity::TrustBundle::load(&ca, domain.clone()).unwrap();
     let logs: Vec<_> = logs
         .iter()
         .map(|l| verify_log(l, &trust).unwrap())
@@ -257,7 +257,7 @@ async fn an_evidence_bundle_proves_a_migration_offline_and_a_swapped_receipt_is_
     let bytes = first.encode().unwrap();
 
     // A third party with only the CA certificate.
-    let offline = convoy_agent::identity::TrustBundle::load(&ca, domain).unwrap();
+    let offline = convoy_agent::trust::identity::TrustBundle::load(&ca, domain).unwrap();
     let s = check_bundle(&bytes, &offline).unwrap();
     assert_eq!(s.migration, id(&there));
     assert_eq!(s.ticket.ticket.vm.as_str(), "vm");

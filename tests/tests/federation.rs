@@ -9,13 +9,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use convoy_agent::agent::FederationFiles;
-use convoy_agent::authz::issue_ticket;
-use convoy_agent::identity::{Identity, TrustBundle};
+use convoy_agent::config::FederationFiles;
 use convoy_agent::lab::Lab;
-use convoy_agent::pki::Pki;
-use convoy_agent::policy::HostFacts;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+use convoy_agent::trust::authz::issue_ticket;
+use convoy_agent::trust::identity::{Identity, TrustBundle};
+use convoy_agent::trust::pki::Pki;
+use convoy_agent::trust::policy::HostFacts;
 use convoy_agent::{Agent, AgentConfig};
 use convoy_protocol::ctl::{MigrateRequest, Outcome, VmState};
 use convoy_protocol::model::MigrationPlan;
@@ -93,7 +93,7 @@ async fn start_partner_agent(
     cfg.policy = Some(lab.policy_files());
     let files = partner.pki.paths(Role::Agent, &"x".parse().unwrap());
     ours.crl = None;
-    cfg.files = Some(convoy_agent::agent::CredentialFiles {
+    cfg.files = Some(convoy_agent::config::CredentialFiles {
         cert: files.cert,
         key: files.key,
         ca: partner.pki.ca_cert(),

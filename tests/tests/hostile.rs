@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
 use convoy_agent::transport;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
 use convoy_protocol::model::MigrationPlan;

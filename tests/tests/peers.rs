@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_agent::client::CtlClient;
-use convoy_agent::identity::{self, Identity};
 use convoy_agent::lab::Lab;
-use convoy_agent::pki::Pki;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT, ALPN_CTL};
+use convoy_agent::trust::identity::{self, Identity};
+use convoy_agent::trust::pki::Pki;
 use convoy_protocol::ctl::{CtlRequest, Outcome, VmState};
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use convoy_protocol::Message;
@@ -107,12 +107,12 @@ async fn a_client_without_a_certificate_is_refused() {
     assert_refusals_logged(&lab, "a", &["handshake refused"]).await;
     // A flood of them is recorded, but boundedly: nobody fills the disk
     // through the audit log.
-    for _ in 0..2 * convoy_agent::agent::REFUSALS_PER_WINDOW {
+    for _ in 0..2 * convoy_agent::host::REFUSALS_PER_WINDOW {
         assert!(request_without_client_cert(a).await.is_err());
     }
     let logged = convoy_tests::refusals_logged(&lab, "a").len();
     assert!(
-        logged <= convoy_agent::agent::REFUSALS_PER_WINDOW as usize,
+        logged <= convoy_agent::host::REFUSALS_PER_WINDOW as usize,
         "{logged} refusals recorded"
     );
     let ok = lab.client("a").await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
-use convoy_agent::policy::{HostFacts, OperatorFacts};
+use convoy_agent::trust::policy::{HostFacts, OperatorFacts};
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{CtlErrorKind, Outcome, SimVmSpec, VmState};
 use convoy_protocol::model::MigrationPlan;
@@ -275,7 +275,7 @@ async fn a_policy_that_errors_denies_and_a_bad_reload_keeps_the_old_policy() {
     // Repaired: the next load is the one in force.
     std::fs::remove_file(dir.join("broken.cedar")).unwrap();
     std::fs::remove_file(dir.join("overflow.cedar")).unwrap();
-    let mut inv = convoy_agent::policy::Inventory::default();
+    let mut inv = convoy_agent::trust::policy::Inventory::default();
     inv.operators.insert(
         lab.operator.id().clone(),
         OperatorFacts {
@@ -330,7 +330,7 @@ async fn an_invalid_policy_stops_the_agent_from_starting() {
     )
     .unwrap();
     std::fs::write(bad.join("inventory.json"), "{}").unwrap();
-    let files = convoy_agent::policy::files_in(&bad);
+    let files = convoy_agent::trust::policy::files_in(&bad);
     let e = Lab::start(&dir.path().join("lab"), &["a"], |_, cfg| {
         cfg.policy = Some(files.clone())
     })

@@ -35,7 +35,7 @@ async fn two_agents_and_vm(vm: &str, rate: u64) -> (tempfile::TempDir, Lab) {
 async fn two_agents_and_vm_with(
     vm: &str,
     rate: u64,
-    tweak: impl Fn(&mut convoy_agent::agent::AgentConfig),
+    tweak: impl Fn(&mut convoy_agent::config::AgentConfig),
 ) -> (tempfile::TempDir, Lab) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), &["a", "b"], |_, c| tweak(c))
@@ -205,7 +205,7 @@ async fn reaches(agent: &convoy_agent::client::CtlClient, state: VmState, secs: 
 
 /// Agents whose links count as broken after 2 s of silence and that wait
 /// `window` for a broken post-copy link to come back.
-fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::agent::AgentConfig) {
+fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::config::AgentConfig) {
     move |c| {
         c.tuning.idle_timeout = Duration::from_secs(2);
         c.tuning.keep_alive = Duration::from_millis(500);

@@ -152,9 +152,9 @@ async fn native_migration_over_a_unix_socket_keeps_the_counter_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migration_through_an_authenticated_quic_tunnel() {
     use convoy_agent::backend::qemu::tunnel::splice;
-    use convoy_agent::identity::server_config;
-    use convoy_agent::pki::Pki;
     use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+    use convoy_agent::trust::identity::server_config;
+    use convoy_agent::trust::pki::Pki;
     use convoy_protocol::names::{Role, TrustDomain};
 
     let Some(g) = guest() else { return };

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use convoy_agent::host::retain::RetentionLimits;
 use convoy_agent::lab::Lab;
-use convoy_agent::retain::RetentionLimits;
 use convoy_protocol::ctl::{Outcome, SimVmSpec, VmState};
 use convoy_protocol::vm::RETAIN_LABEL;
 use convoy_tests::{migrate, sim_spec};

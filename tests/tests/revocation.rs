@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::message::Message;
 use convoy_protocol::model::MigrationPlan;
@@ -26,7 +26,7 @@ async fn lab() -> (tempfile::TempDir, Lab) {
 }
 
 /// Whether `op` can still list VMs on agent `agent`.
-async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::identity::Identity) -> bool {
+async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::trust::identity::Identity) -> bool {
     let a = lab.agent(agent).unwrap();
     match CtlClient::connect(a.addr, a.id.clone(), op, &lab.trust).await {
         Ok(c) => c.vm_list().await.is_ok(),

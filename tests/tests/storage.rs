@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{Outcome, SimDiskSpec, VmState};
 use convoy_protocol::digest::Digest;
 use convoy_protocol::disk::{file_root, DiskGeometry};

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{CtlErrorKind, Outcome, VmState};
 use convoy_protocol::message::Message;

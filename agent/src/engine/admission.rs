@@ -7,7 +7,7 @@
 //! 1. the audit log must be writable (fail closed: nothing unaudited);
 //! 2. the operator's ticket verifies — chain, signature, validity, nonce —
 //!    and names the proposing agent as source, us as destination, the
-//!    proposed VM and migration id ([`crate::authz::Authority::at_destination`]);
+//!    proposed VM and migration id ([`crate::trust::authz::Authority::at_destination`]);
 //! 3. the proposal is exactly what the ticket grants: the plan the source
 //!    announces equals the ticket's in every field, and the manifest's
 //!    streams, post-copy switch, start-paused flag and disks follow from it
@@ -25,9 +25,9 @@ use convoy_protocol::ticket::{SignedTicket, VerifiedTicket};
 use convoy_protocol::vm::VmAttributes;
 use thiserror::Error;
 
-use crate::agent::Inner;
-use crate::authz::AuthzError;
-use crate::policy::{Query, VmFacts};
+use crate::host::Host;
+use crate::trust::authz::AuthzError;
+use crate::trust::policy::{Query, VmFacts};
 
 /// What a source proposes, as the destination admits it.
 #[derive(Debug, Clone, Copy)]
@@ -76,37 +76,37 @@ impl Refused {
 /// Admits `p` from the agent `peer`, or refuses it (audited). Nothing is
 /// reserved either way.
 pub(crate) fn admit(
-    inner: &Inner,
+    host: &Host,
     peer: &SpiffeId,
     p: Proposal<'_>,
 ) -> Result<VerifiedTicket, Refused> {
-    if !inner.audit_ok() {
+    if !host.audit_ok() {
         return Err(Refused::AuditUnavailable);
     }
     let refused = |e: Refused| {
         tracing::warn!(%peer, "incoming migration refused: {e}");
-        inner.audit(AuditEvent::Refused {
+        host.audit(AuditEvent::Refused {
             migration: Some(p.migration),
             peer: peer.to_string(),
             reason: e.to_string(),
         });
         e
     };
-    let v = inner
+    let v = host
         .authority()
-        .at_destination(peer, &inner.id, p.vm, p.migration, p.ticket)
+        .at_destination(peer, &host.id, p.vm, p.migration, p.ticket)
         .map_err(|e| refused(e.into()))?;
     convoy_protocol::admission::admit(&v.ticket, p.vm, p.migration, p.manifest)
         .map_err(|e| refused(e.into()))?;
-    inner.audit(AuditEvent::TicketAccepted {
+    host.audit(AuditEvent::TicketAccepted {
         migration: p.migration,
         vm: p.vm.clone(),
         operator: v.signer.clone(),
         peer: peer.clone(),
         role: "destination".into(),
     });
-    inner.audit(AuditEvent::Ticket(p.ticket.clone()));
-    let d = inner.decide(
+    host.audit(AuditEvent::Ticket(p.ticket.clone()));
+    let d = host.decide(
         &Query::MigrateIn {
             operator: &v.signer,
             vm: VmFacts {
@@ -114,7 +114,7 @@ pub(crate) fn admit(
                 attributes: p.attributes,
             },
             source: peer,
-            destination: &inner.id,
+            destination: &host.id,
             ticket: &v.ticket,
         },
         Some(p.migration),

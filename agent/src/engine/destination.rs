@@ -9,7 +9,7 @@
 //!
 //! Post-copy recovery: when the link breaks after the switch, the tasks of
 //! that connection are dropped and the migration registers itself in
-//! `Inner::recoveries`; a new connection whose first message is a
+//! `Host::recoveries`; a new connection whose first message is a
 //! `Resume` for it is handed over (see `serve`) and, once the state
 //! machine accepts it, becomes the migration's link. Events carry the
 //! *epoch* (the number of the link) they came from: a batch that a
@@ -37,9 +37,9 @@ use tokio::task::JoinHandle;
 use convoy_protocol::reuse::{RetainedImage, ReuseKey};
 
 use super::admission;
-use crate::agent::{Inner, ReserveError};
 use crate::backend::sim::SimVm;
 use crate::backend::{Staging, VmBackend};
+use crate::host::{Host, ReserveError};
 use crate::transport::{read_message, write_message, Peer, WireError};
 
 enum Event {
@@ -75,7 +75,7 @@ impl Tx {
 /// Hands a connection whose first message is `resume` to the post-copy
 /// migration waiting for it, or refuses it.
 async fn hand_over_resume(
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     conn: Connection,
     peer: Peer,
     send: SendStream,
@@ -84,7 +84,7 @@ async fn hand_over_resume(
 ) {
     // Only the agent the migration came from reaches it: anyone else is
     // refused here, without touching the migration.
-    let waiting = inner
+    let waiting = host
         .recoveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -92,7 +92,7 @@ async fn hand_over_resume(
         .filter(|r| r.source == peer.id)
         .map(|r| r.tx.clone());
     let migration = resume.migration;
-    let rc = crate::agent::Reconnection {
+    let rc = crate::host::Reconnection {
         conn: conn.clone(),
         peer: peer.clone(),
         send,
@@ -109,7 +109,7 @@ async fn hand_over_resume(
         None => rc.send,
     };
     tracing::warn!(peer = %peer.id, %migration, "Resume for no waiting migration");
-    inner.audit_refusal(
+    host.audit_refusal(
         peer.id.to_string(),
         format!("Resume of migration {migration}: no post-copy migration waits for it here"),
     );
@@ -139,7 +139,7 @@ async fn refuse(conn: Connection, mut send: SendStream, reason: Reason) {
         .await
         .is_err()
     {
-        conn.close(crate::agent::close::DONE.into(), b"refused");
+        conn.close(crate::server::close::DONE.into(), b"refused");
     }
 }
 
@@ -157,7 +157,7 @@ fn spawn_control_reader(mut recv: RecvStream, tx: Tx) -> JoinHandle<()> {
 }
 
 /// Serves one incoming migration on `conn` from agent `peer`.
-pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
+pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
     let (mut send, mut recv) = match conn.accept_bi().await {
         Ok(s) => s,
         Err(e) => {
@@ -170,18 +170,18 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
     let first = match tokio::time::timeout(Duration::from_secs(30), read_message(&mut recv)).await {
         Ok(r) => r,
         Err(_) => {
-            inner.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
+            host.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
             return;
         }
     };
     if let Ok(Some(Message::Propose(p))) = &first {
         if p.manifest.qemu.is_some() {
             let p = p.clone();
-            return super::qemu_destination::serve(inner, conn, peer, send, recv, p).await;
+            return super::qemu_destination::serve(host, conn, peer, send, recv, p).await;
         }
     }
     if let Ok(Some(Message::Resume(r))) = first {
-        return hand_over_resume(inner, conn, peer, send, recv, r).await;
+        return hand_over_resume(host, conn, peer, send, recv, r).await;
     }
     let first_ended = !matches!(first, Ok(Some(_)));
     let (raw_tx, mut rx) = mpsc::unbounded_channel::<(u32, Event)>();
@@ -195,7 +195,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         link_tasks.push(spawn_control_reader(recv, tx.clone()));
     }
     let mut run = Incoming {
-        inner: inner.clone(),
+        host: host.clone(),
         conn: conn.clone(),
         peer,
         tx,
@@ -218,10 +218,10 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         phases: Vec::new(),
         started: Instant::now(),
     };
-    let creds = inner.creds();
+    let creds = host.creds();
     let mut sm = Destination::new(DestinationConfig {
-        max_memory_bytes: inner.config.capacity_bytes,
-        max_disk_bytes: inner.config.disk_capacity_bytes,
+        max_memory_bytes: host.config.capacity_bytes,
+        max_disk_bytes: host.config.disk_capacity_bytes,
         capabilities: Capabilities::OURS,
         handover_timeout: Duration::from_secs(30),
         peer: run.peer.id.clone(),
@@ -229,13 +229,13 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
             Instant::now(),
-            crate::authz::now_unix(),
+            crate::trust::authz::now_unix(),
         ),
-        recovery: inner.config.recovery_window,
+        recovery: host.config.recovery_window,
     });
-    let _active = crate::agent::ActiveGuard::new(&inner.active);
+    let _active = crate::host::ActiveGuard::new(&host.active);
     // Its receive window is its share of the agent's budget.
-    let mut _share = inner.budget.join(&conn, crate::budget::Side::Receive);
+    let mut _share = host.budget.join(&conn, crate::host::budget::Side::Receive);
     loop {
         while let Some(a) = sm.poll_action() {
             run.act(&mut sm, &mut send, a).await;
@@ -254,7 +254,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                         "VM arrived and started"
                     );
                     for r in receipts {
-                        inner.audit(AuditEvent::Receipt(r));
+                        host.audit(AuditEvent::Receipt(r));
                     }
                     run.audit_outcome(&sm, "started".into());
                 }
@@ -267,7 +267,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                     // switch: kept, never discarded by itself.
                     tracing::error!(peer = %run.peer.id, "post-copy migration in doubt: {why}");
                     if let Some(n) = &run.name {
-                        run.inner.set_state(n, VmState::InDoubt);
+                        run.host.set_state(n, VmState::InDoubt);
                     }
                     run.staging = None;
                     run.audit_outcome(&sm, format!("in doubt: {why}"));
@@ -323,7 +323,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
                 }
                 if let Some(new_send) = run.reconnect(&mut sm, rc).await {
                     send = new_send;
-                    _share = inner.budget.join(&run.conn, crate::budget::Side::Receive);
+                    _share = host.budget.join(&run.conn, crate::host::budget::Side::Receive);
                 }
                 continue;
             }
@@ -392,8 +392,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, conn: Connection, peer: Peer) {
         }
     }
     if let Some(m) = run.migration.filter(|_| run.resume_rx.is_some()) {
-        inner
-            .recoveries
+        host.recoveries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&m);
@@ -414,7 +413,7 @@ struct Reuse {
 }
 
 struct Incoming {
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     conn: Connection,
     peer: Peer,
     tx: Tx,
@@ -428,7 +427,7 @@ struct Incoming {
     dying_threads: Vec<std::thread::JoinHandle<()>>,
     /// Post-copy recovery: where a new connection that resumes this
     /// migration arrives, once the link broke.
-    resume_rx: Option<mpsc::UnboundedReceiver<crate::agent::Reconnection>>,
+    resume_rx: Option<mpsc::UnboundedReceiver<crate::host::Reconnection>>,
     staging: Option<Arc<SimVm>>,
     name: Option<VmName>,
     geometry: Option<MemoryGeometry>,
@@ -458,10 +457,10 @@ struct Incoming {
 impl Incoming {
     /// The key the source handed over with the VM, if it retained the
     /// image, with the leaves of the image verified here.
-    fn arrival_key(&self, sm: &mut Destination) -> Option<crate::retain::ArrivalKey> {
+    fn arrival_key(&self, sm: &mut Destination) -> Option<crate::host::retain::ArrivalKey> {
         let offer = sm.take_reuse_key()?;
         let leaves = sm.verified_leaves()?;
-        Some(crate::retain::ArrivalKey {
+        Some(crate::host::retain::ArrivalKey {
             offer,
             holder: self.peer.id.clone(),
             leaves: Arc::new(leaves),
@@ -471,7 +470,7 @@ impl Incoming {
     /// Records the VM started here from staging (its registry entry was
     /// reserved at Propose).
     fn register(&self, name: &VmName, vm: Arc<dyn VmBackend>, resumed_from: u64, state: VmState) {
-        if let Some(e) = self.inner.vms().get_mut(name) {
+        if let Some(e) = self.host.vms().get_mut(name) {
             e.counter_at_start = Some(resumed_from);
             e.vm = Some(vm);
             e.state = state;
@@ -482,7 +481,7 @@ impl Incoming {
     /// The VM runs here again: an image retained for it is obsolete.
     fn arrived(&mut self, name: &VmName) {
         self.reuse = None;
-        self.inner.retained().remove(name);
+        self.host.retained().remove(name);
     }
 
     fn phase(&mut self, what: String) {
@@ -508,14 +507,14 @@ impl Incoming {
         match sm.proposal() {
             Some(p) => {
                 for (phase, after_ms) in std::mem::take(&mut self.phases) {
-                    self.inner.audit(AuditEvent::Phase {
+                    self.host.audit(AuditEvent::Phase {
                         migration: p.migration,
                         vm: p.vm.clone(),
                         phase,
                         after_ms,
                     });
                 }
-                self.inner.audit(AuditEvent::Outcome {
+                self.host.audit(AuditEvent::Outcome {
                     migration: p.migration,
                     vm: p.vm.clone(),
                     outcome,
@@ -523,7 +522,7 @@ impl Incoming {
             }
             // Garbage, a bad proposal or silence before any valid proposal:
             // a refusal, rate-limited like the handshake's.
-            None => self.inner.audit_refusal(
+            None => self.host.audit_refusal(
                 self.peer.id.to_string(),
                 format!("before any proposal: {outcome}"),
             ),
@@ -540,12 +539,12 @@ impl Incoming {
         // Their readers gone, the decoders end after the batch in hand.
         self.dying_threads.append(&mut self.link_threads);
         self.conn.close(
-            crate::agent::close::DONE.into(),
+            crate::server::close::DONE.into(),
             b"link lost, awaiting Resume",
         );
         self.tx.epoch += 1;
         if let Some(n) = &self.name {
-            self.inner.set_state(n, VmState::Recovering);
+            self.host.set_state(n, VmState::Recovering);
         }
         self.phase(
             "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
@@ -557,18 +556,18 @@ impl Incoming {
     /// come (even before this side notices the old link broke); only from
     /// the agent it came from.
     fn accept_resumes(&mut self) {
-        if self.resume_rx.is_some() || self.inner.config.recovery_window.is_zero() {
+        if self.resume_rx.is_some() || self.host.config.recovery_window.is_zero() {
             return;
         }
         if let Some(m) = self.migration {
             let (tx, rx) = mpsc::unbounded_channel();
-            self.inner
+            self.host
                 .recoveries
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(
                     m,
-                    crate::agent::Recovery {
+                    crate::host::Recovery {
                         source: self.peer.id.clone(),
                         tx,
                     },
@@ -603,9 +602,9 @@ impl Incoming {
     async fn reconnect(
         &mut self,
         sm: &mut Destination,
-        rc: crate::agent::Reconnection,
+        rc: crate::host::Reconnection,
     ) -> Option<SendStream> {
-        let crate::agent::Reconnection {
+        let crate::host::Reconnection {
             conn,
             peer,
             send,
@@ -614,7 +613,7 @@ impl Incoming {
         } = rc;
         if let Err(e) = sm.handle_resume(&peer.id, &resume) {
             tracing::warn!(peer = %peer.id, "{e}");
-            self.inner.audit_refusal(peer.id.to_string(), e.to_string());
+            self.host.audit_refusal(peer.id.to_string(), e.to_string());
             // Answered aside: a peer that reads nothing cannot stall us.
             tokio::spawn(refuse(conn, send, Reason::Unauthorized(e.to_string())));
             return None;
@@ -625,7 +624,7 @@ impl Incoming {
             .push(spawn_control_reader(recv, self.tx.clone()));
         self.accept_streams();
         if let Some(n) = &self.name {
-            self.inner.set_state(n, VmState::PostcopyIn);
+            self.host.set_state(n, VmState::PostcopyIn);
         }
         self.phase(format!(
             "link back: resumed on a new connection (recovery {})",
@@ -660,18 +659,18 @@ impl Incoming {
                     ticket: &ticket,
                     attributes: &attributes,
                 };
-                if let Err(e) = admission::admit(&self.inner, &self.peer.id, proposal) {
+                if let Err(e) = admission::admit(&self.host, &self.peer.id, proposal) {
                     sm.handle_staging_failed(e.reason());
                     return;
                 }
                 let bytes = manifest.memory.bytes();
-                match self.inner.reserve(&vm, bytes, VmState::Incoming) {
+                match self.host.reserve(&vm, bytes, VmState::Incoming) {
                     Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),
                     Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
                     Ok(()) => match SimVm::incoming_with_disks(
                         manifest.memory,
                         &manifest.disks,
-                        self.inner
+                        self.host
                             .config
                             .disk_dir()
                             .as_deref()
@@ -679,13 +678,13 @@ impl Incoming {
                     ) {
                         Ok(s) if manifest.postcopy && !crate::backend::uffd::available() => {
                             s.discard();
-                            self.inner.remove(&vm);
+                            self.host.remove(&vm);
                             sm.handle_staging_failed(Reason::Unacceptable(
                                 "post-copy needs userfaultfd on this host (root, or vm.unprivileged_userfaultfd=1)".into(),
                             ));
                         }
                         Ok(staging) => {
-                            if let Some(e) = self.inner.vms().get_mut(&vm) {
+                            if let Some(e) = self.host.vms().get_mut(&vm) {
                                 e.attributes = attributes;
                             }
                             if staging.has_disks() {
@@ -705,7 +704,7 @@ impl Incoming {
                             // geometry: its pages need not be sent.
                             self.reuse = manifest.reuse.clone().and_then(|offer| {
                                 let name = self.name.as_ref()?;
-                                let image = self.inner.retained().find(
+                                let image = self.host.retained().find(
                                     name,
                                     offer.image,
                                     manifest.memory,
@@ -734,12 +733,12 @@ impl Incoming {
                             self.accept_streams();
                         }
                         Err(e @ crate::backend::BackendError::Disk(_)) => {
-                            self.inner.remove(&vm);
+                            self.host.remove(&vm);
                             tracing::warn!("cannot make the VM's disks: {e}");
                             sm.handle_staging_failed(Reason::Unacceptable(e.to_string()));
                         }
                         Err(e) => {
-                            self.inner.remove(&vm);
+                            self.host.remove(&vm);
                             tracing::warn!("cannot reserve staging memory: {e}");
                             sm.handle_staging_failed(Reason::NoCapacity);
                         }
@@ -763,7 +762,7 @@ impl Incoming {
                             VmState::Running
                         };
                         self.register(&name, vm, resumed_from, state);
-                        if let Some(e) = self.inner.vms().get_mut(&name) {
+                        if let Some(e) = self.host.vms().get_mut(&name) {
                             e.reuse = key;
                         }
                         self.arrived(&name);
@@ -832,7 +831,7 @@ impl Incoming {
                 }
                 if let Some(n) = self.name.clone() {
                     let key = self.arrival_key(sm);
-                    if let Some(e) = self.inner.vms().get_mut(&n) {
+                    if let Some(e) = self.host.vms().get_mut(&n) {
                         e.state = VmState::Running;
                         e.reuse = key;
                     }
@@ -856,7 +855,7 @@ impl Incoming {
                     s.discard();
                 }
                 if let Some(n) = self.name.take() {
-                    self.inner.remove(&n);
+                    self.host.remove(&n);
                 }
             }
             other => tracing::error!("unhandled destination action {other:?}"),
@@ -914,7 +913,7 @@ impl Incoming {
         staging: &Arc<SimVm>,
         manifest: &convoy_protocol::message::Manifest,
     ) -> Vec<Option<Vec<convoy_protocol::digest::Digest>>> {
-        let Some(bases) = self.inner.bases.clone() else {
+        let Some(bases) = self.host.bases.clone() else {
             return Vec::new();
         };
         if manifest.disks.iter().all(|d| d.base.is_none()) {

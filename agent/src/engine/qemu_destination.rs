@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 
 use super::admission;
 use super::qemu_common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
-use crate::agent::{Inner, ReserveError};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
+use crate::host::{Host, ReserveError};
 use crate::transport::{read_message, write_message, Peer};
 
 /// How long the whole copy may take.
@@ -44,7 +44,7 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const PEER: &str = "source";
 
 struct Incoming {
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     peer: Peer,
     migration: MigrationId,
     vm: VmName,
@@ -67,7 +67,7 @@ struct Incoming {
 
 /// Serves an incoming QEMU migration whose `Propose` was just read.
 pub(crate) async fn serve(
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     conn: Connection,
     peer: Peer,
     mut send: SendStream,
@@ -77,9 +77,9 @@ pub(crate) async fn serve(
     let Some(manifest) = p.manifest.qemu.clone().map(|m| *m) else {
         return;
     };
-    let creds = inner.creds();
+    let creds = host.creds();
     let mut run = Incoming {
-        inner: inner.clone(),
+        host: host.clone(),
         peer,
         migration: p.migration,
         vm: p.vm.clone(),
@@ -89,7 +89,7 @@ pub(crate) async fn serve(
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
             Instant::now(),
-            crate::authz::now_unix(),
+            crate::trust::authz::now_unix(),
         ),
         started: Instant::now(),
         phases: Vec::new(),
@@ -100,7 +100,7 @@ pub(crate) async fn serve(
         switched: false,
         accept: None,
     };
-    let _active = crate::agent::ActiveGuard::new(&inner.active);
+    let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
     let reader = tokio::spawn(read_control(recv, ctl_tx));
     let outcome = match run.admit(&p).await {
@@ -132,17 +132,17 @@ pub(crate) async fn serve(
     };
     tracing::info!(peer = %run.peer.id, vm = %run.vm, "incoming QEMU migration: {outcome}");
     for r in std::mem::take(&mut run.receipts) {
-        inner.audit(AuditEvent::Receipt(r));
+        host.audit(AuditEvent::Receipt(r));
     }
     for (phase, after_ms) in std::mem::take(&mut run.phases) {
-        inner.audit(AuditEvent::Phase {
+        host.audit(AuditEvent::Phase {
             migration: run.migration,
             vm: run.vm.clone(),
             phase,
             after_ms,
         });
     }
-    inner.audit(AuditEvent::Outcome {
+    host.audit(AuditEvent::Outcome {
         migration: run.migration,
         vm: run.vm.clone(),
         outcome,
@@ -191,9 +191,9 @@ impl Incoming {
             ticket: &p.ticket,
             attributes: &p.attributes,
         };
-        admission::admit(&self.inner, &self.peer.id, proposal)
+        admission::admit(&self.host, &self.peer.id, proposal)
             .map_err(|e| Fail::new(e.reason(), e.to_string()))?;
-        let Some(cfg) = self.inner.config.qemu.clone() else {
+        let Some(cfg) = self.host.config.qemu.clone() else {
             return Err(unacceptable(
                 "this agent has no QEMU backend (--qemu-binary, --image-dir)".into(),
             ));
@@ -214,7 +214,7 @@ impl Incoming {
             }
         }
         match self
-            .inner
+            .host
             .reserve(&p.vm, m.spec.memory_mib << 20, VmState::Incoming)
         {
             Ok(()) => self.reserved = true,
@@ -225,7 +225,7 @@ impl Incoming {
                 return Err(Fail::new(Reason::NoCapacity, "not enough memory capacity"))
             }
         }
-        if let Some(e) = self.inner.vms().get_mut(&p.vm) {
+        if let Some(e) = self.host.vms().get_mut(&p.vm) {
             e.attributes = p.attributes.clone();
         }
         for (path, d) in disk_paths.iter().zip(&m.disks) {
@@ -507,15 +507,15 @@ impl Incoming {
         let Some(qvm) = self.qemu.take() else { return };
         self.reserved = false;
         self.created.clear();
-        if let Some(e) = self.inner.vms().get_mut(&self.vm) {
+        if let Some(e) = self.host.vms().get_mut(&self.vm) {
             e.qemu = Some(qvm.clone());
             e.state = state;
             e.arrived_from = Some(self.peer.id.to_string());
         }
-        let (inner, name) = (self.inner.clone(), self.vm.clone());
+        let (host, name) = (self.host.clone(), self.vm.clone());
         tokio::spawn(qvm.watch(Duration::from_millis(500), move || {
             tracing::warn!(vm = %name, "QEMU exited");
-            inner.set_state(&name, VmState::Exited);
+            host.set_state(&name, VmState::Exited);
         }));
     }
 
@@ -530,7 +530,7 @@ impl Incoming {
             let _ = std::fs::remove_file(d);
         }
         if self.reserved {
-            self.inner.remove(&self.vm);
+            self.host.remove(&self.vm);
             self.reserved = false;
         }
     }

@@ -40,8 +40,8 @@ use tokio::task::JoinSet;
 use super::qemu_common::{capabilities, digests, ChanEvent, Control};
 use super::qemu_common::{carry, read_control, Fail};
 use super::source::MigrateError;
-use crate::agent::Inner;
 use crate::backend::qemu::vm::QemuVm;
+use crate::host::Host;
 use crate::transport::write_message;
 
 /// Who is at the other end, in messages.
@@ -126,7 +126,7 @@ pub(crate) struct Finished {
 
 /// One outgoing QEMU migration.
 pub(crate) struct Run {
-    pub inner: Arc<Inner>,
+    pub host: Arc<Host>,
     pub vm: Arc<QemuVm>,
     pub req: MigrateRequest,
     pub migration: MigrationId,
@@ -162,12 +162,12 @@ impl Run {
     }
 
     fn notary(&self) -> Notary {
-        let creds = self.inner.creds();
+        let creds = self.host.creds();
         Notary::new(
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
             Instant::now(),
-            crate::authz::now_unix(),
+            crate::trust::authz::now_unix(),
         )
     }
 
@@ -189,13 +189,13 @@ impl Run {
         let outcome = match conn {
             Ok(conn) => {
                 let o = self.run(&conn, &mut st).await;
-                conn.close(crate::agent::close::DONE.into(), b"done");
+                conn.close(crate::server::close::DONE.into(), b"done");
                 let stats = conn.stats();
                 st.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
                 o
             }
             Err(e) => {
-                self.inner.set_state(&self.req.vm, VmState::Running);
+                self.host.set_state(&self.req.vm, VmState::Running);
                 Outcome::Aborted(format!("cannot reach {}: {e}", self.dest))
             }
         };
@@ -239,7 +239,7 @@ impl Run {
                 if st.handed_over {
                     // Post-copy already switched: the guest's state is split
                     // between the hosts. Nothing here may resume it.
-                    self.inner.set_state(&self.req.vm, VmState::InDoubt);
+                    self.host.set_state(&self.req.vm, VmState::InDoubt);
                     self.phase(st, "failed after the post-copy switch: kept paused");
                     if !self.vm.alive().await && !detail.contains("source QEMU") {
                         detail = format!("the source QEMU exited ({detail})");
@@ -522,7 +522,7 @@ impl Run {
             }
         }
         // From the switch on the guest runs only at the destination.
-        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+        self.host.set_state(&self.req.vm, VmState::InDoubt);
         st.handed_over = true;
         self.phase(
             st,
@@ -543,7 +543,7 @@ impl Run {
         let td = ticket_digest(&self.req.ticket);
         let roots = stream::roots(&st.channels);
         // From here the guest must never run here again.
-        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+        self.host.set_state(&self.req.vm, VmState::InDoubt);
         st.handed_over = true;
         self.phase(st, "handed over");
         let sent = match notary.sign(
@@ -603,14 +603,14 @@ impl Run {
         };
         st.receipts.push(started.receipt);
         self.phase(st, "started at the destination: QEMU here quit");
-        self.inner.remove(&self.req.vm);
+        self.host.remove(&self.req.vm);
         self.vm.stop().await;
         Outcome::Completed
     }
 
     fn in_doubt(&self, st: &mut State, why: String) -> Outcome {
         self.phase(st, "no start confirmed: the guest stays paused here");
-        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+        self.host.set_state(&self.req.vm, VmState::InDoubt);
         Outcome::InDoubt(why)
     }
 
@@ -620,7 +620,7 @@ impl Run {
     async fn roll_back(&self, st: &mut State) -> bool {
         let cancelled = self.vm.execute("migrate_cancel", None).await;
         if cancelled.is_err() && self.vm.exited_within(EXIT_GRACE).await {
-            self.inner.set_state(&self.req.vm, VmState::Exited);
+            self.host.set_state(&self.req.vm, VmState::Exited);
             self.phase(st, "the source QEMU is gone");
             return true;
         }
@@ -661,7 +661,7 @@ impl Run {
                 }
             }
         }
-        self.inner.set_state(&self.req.vm, VmState::Running);
+        self.host.set_state(&self.req.vm, VmState::Running);
         self.phase(st, "rolled back: the guest runs here again");
         false
     }
@@ -865,7 +865,7 @@ impl Run {
         let report = MigrationReport {
             migration: self.migration.to_string(),
             vm: self.req.vm.clone(),
-            source: self.inner.id.to_string(),
+            source: self.host.id.to_string(),
             destination: self.dest.to_string(),
             verified: st.verified,
             converged: st.qemu_status == "completed",

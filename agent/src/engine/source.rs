@@ -36,10 +36,11 @@ use tokio::sync::mpsc;
 
 use super::pacer::Pacer;
 use super::qemu_source;
-use crate::agent::{ActiveGuard, Inner, TamperHook};
 use crate::backend::VmBackend;
-use crate::policy::{Query, VmFacts};
+use crate::config::TamperHook;
+use crate::host::{ActiveGuard, Host};
 use crate::transport::{self, read_message, write_message, ALPN_AGENT};
+use crate::trust::policy::{Query, VmFacts};
 
 /// Why a migration could not even begin (the VM was never touched).
 #[derive(Debug, Error)]
@@ -62,7 +63,7 @@ pub enum MigrateError {
     SelfMigration,
     /// The ticket does not authorize this migration.
     #[error("refused: {0}")]
-    Unauthorized(#[from] crate::authz::AuthzError),
+    Unauthorized(#[from] crate::trust::authz::AuthzError),
     /// The audit log cannot be written: no migration may start.
     #[error("the audit log cannot be written; refusing migrations")]
     AuditUnavailable,
@@ -174,18 +175,18 @@ struct OpenedStreams {
     data: Vec<std::sync::mpsc::Sender<Job>>,
     faults: Option<std::sync::mpsc::Sender<FaultJob>>,
     /// The delta caches' share of the agent's budget, held while they are.
-    cache: Option<crate::budget::CacheGrant>,
+    cache: Option<crate::host::budget::CacheGrant>,
 }
 
 /// Migrates `req.vm` to `req.to`, reporting progress on `progress`.
 pub(crate) async fn migrate(
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     req: MigrateRequest,
     caller: SpiffeId,
     progress: mpsc::Sender<Progress>,
 ) -> Result<MigrationReport, MigrateError> {
-    if &req.to == inner.id.name()
-        && inner
+    if &req.to == host.id.name()
+        && host
             .creds()
             .trust
             .federated_peer(convoy_protocol::names::Role::Agent, &req.to)
@@ -193,15 +194,15 @@ pub(crate) async fn migrate(
     {
         return Err(MigrateError::SelfMigration);
     }
-    if !inner.audit_ok() {
+    if !host.audit_ok() {
         return Err(MigrateError::AuditUnavailable);
     }
     // Nothing is touched before the operator's ticket checks out.
-    let ticket = match inner.authority().at_source(&caller, &inner.id, &req) {
+    let ticket = match host.authority().at_source(&caller, &host.id, &req) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(operator = %caller, "migration refused: {e}");
-            inner.audit(AuditEvent::Refused {
+            host.audit(AuditEvent::Refused {
                 migration: None,
                 peer: caller.to_string(),
                 reason: e.to_string(),
@@ -227,28 +228,28 @@ pub(crate) async fn migrate(
     // The destination is the one the operator signed for: its full SPIFFE
     // ID, in our trust domain or a federated one (checked in `at_source`).
     let dest_id = ticket.ticket.destination.clone();
-    inner.audit(AuditEvent::TicketAccepted {
+    host.audit(AuditEvent::TicketAccepted {
         migration: ticket.ticket.id,
         vm: req.vm.clone(),
         operator: ticket.signer.clone(),
         peer: dest_id.clone(),
         role: "source".into(),
     });
-    inner.audit(AuditEvent::Ticket(req.ticket.clone()));
+    host.audit(AuditEvent::Ticket(req.ticket.clone()));
     // The policy, before anything is touched.
-    let attributes = inner
+    let attributes = host
         .vms()
         .get(&req.vm)
         .map(|e| e.attributes.clone())
         .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
-    let decision = inner.decide(
+    let decision = host.decide(
         &Query::MigrateOut {
             operator: &ticket.signer,
             vm: VmFacts {
                 name: &req.vm,
                 attributes: &attributes,
             },
-            source: &inner.id,
+            source: &host.id,
             destination: &dest_id,
             ticket: &ticket.ticket,
         },
@@ -261,7 +262,7 @@ pub(crate) async fn migrate(
         Some(a) => a
             .parse()
             .map_err(|_| MigrateError::Options(format!("bad address {a:?}")))?,
-        None => *inner
+        None => *host
             .config
             .peers
             .get(&req.to)
@@ -270,7 +271,7 @@ pub(crate) async fn migrate(
     // Claim the VM: only a running VM may leave, and only once at a time.
     let cancel = Arc::new(tokio::sync::Notify::new());
     let claimed = {
-        let mut vms = inner.vms();
+        let mut vms = host.vms();
         let entry = vms
             .get_mut(&req.vm)
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
@@ -346,26 +347,26 @@ pub(crate) async fn migrate(
         (claimed, back)
     };
     let (claimed, back) = claimed;
-    let _active = ActiveGuard::new(&inner.active);
+    let _active = ActiveGuard::new(&host.active);
     let migration = ticket.ticket.id;
     let started = Instant::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
-    let creds = inner.creds();
+    let creds = host.creds();
     let conn = transport::connect(
-        &inner.endpoint,
+        &host.endpoint,
         addr,
         dest_id.clone(),
         ALPN_AGENT,
         &creds.identity,
         &creds.trust,
-        &inner.config.tuning,
+        &host.config.tuning,
     )
     .await;
     let vm = match claimed {
         Claimed::Sim(vm) => vm,
         Claimed::Qemu(qvm, prepared) => {
             let run = qemu_source::Run {
-                inner: inner.clone(),
+                host: host.clone(),
                 vm: qvm,
                 req: req.clone(),
                 migration,
@@ -378,20 +379,20 @@ pub(crate) async fn migrate(
                 started,
             };
             let done = run.drive(conn.map_err(|e| e.to_string())).await;
-            return Ok(finish(&inner, &req, migration, done.phases, done.report));
+            return Ok(finish(&host, &req, migration, done.phases, done.report));
         }
     };
 
     // Retention where the VM leaves: the agent allows it and the VM opts in.
-    let retain = match inner.config.retain_images {
-        Some(_) if attributes.retain_on_leave() => crate::retain::fresh_offer(),
+    let retain = match host.config.retain_images {
+        Some(_) if attributes.retain_on_leave() => crate::host::retain::fresh_offer(),
         _ => None,
     };
     // A retained image holds memory only (disks travel by their own
     // rules: whole, or over a base the destination holds).
     let back = back.filter(|b| b.leaves.len() as u64 == vm.geometry().page_count());
     let mut run = Run {
-        inner: inner.clone(),
+        host: host.clone(),
         back,
         retain,
         vm: vm.clone(),
@@ -410,7 +411,7 @@ pub(crate) async fn migrate(
     let report = match conn {
         Ok(conn) => run.drive(conn, dest_id.clone()).await,
         Err(e) => {
-            inner.set_state(&req.vm, VmState::Running);
+            host.set_state(&req.vm, VmState::Running);
             run.report_without_link(
                 dest_id.clone(),
                 started,
@@ -419,7 +420,7 @@ pub(crate) async fn migrate(
         }
     };
     let phases = std::mem::take(&mut run.phases);
-    Ok(finish(&inner, &req, migration, phases, report))
+    Ok(finish(&host, &req, migration, phases, report))
 }
 
 /// The VM a migration claimed.
@@ -433,18 +434,18 @@ enum Claimed {
 
 /// Audits a finished migration (phases, receipts, outcome) and records it.
 fn finish(
-    inner: &Arc<Inner>,
+    host: &Arc<Host>,
     req: &MigrateRequest,
     migration: MigrationId,
     phases: Vec<(String, u64)>,
     report: MigrationReport,
 ) -> MigrationReport {
-    if let Some(e) = inner.vms().get_mut(&req.vm) {
+    if let Some(e) = host.vms().get_mut(&req.vm) {
         e.cancel = None;
     }
     tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
     for (phase, after_ms) in phases {
-        inner.audit(AuditEvent::Phase {
+        host.audit(AuditEvent::Phase {
             migration,
             vm: req.vm.clone(),
             phase,
@@ -452,9 +453,9 @@ fn finish(
         });
     }
     for r in &report.receipts {
-        inner.audit(AuditEvent::Receipt(r.clone()));
+        host.audit(AuditEvent::Receipt(r.clone()));
     }
-    inner.audit(AuditEvent::Outcome {
+    host.audit(AuditEvent::Outcome {
         migration,
         vm: req.vm.clone(),
         outcome: match &report.outcome {
@@ -464,12 +465,12 @@ fn finish(
             other => format!("{other:?}"),
         },
     });
-    inner.record(report.clone());
+    host.record(report.clone());
     report
 }
 
 struct Run {
-    inner: Arc<Inner>,
+    host: Arc<Host>,
     vm: Arc<dyn VmBackend>,
     req: MigrateRequest,
     /// The operator's plan, as the ticket signed it.
@@ -485,7 +486,7 @@ struct Run {
     started: Instant,
     /// The VM goes back to a host that retained its image: the key and the
     /// leaves of that image.
-    back: Option<crate::retain::ArrivalKey>,
+    back: Option<crate::host::retain::ArrivalKey>,
     /// Keep the image here after Started, sealed under this key (sent in
     /// Handover, then forgotten).
     retain: Option<convoy_protocol::reuse::ReuseOffer>,
@@ -504,7 +505,7 @@ impl Run {
     /// Seals the paused image under `offer`'s key (then dropped, zeroized)
     /// and keeps it within the agent's limits.
     async fn retain_image(&mut self, offer: convoy_protocol::reuse::ReuseOffer) {
-        let Some(limits) = self.inner.config.retain_images else {
+        let Some(limits) = self.host.config.retain_images else {
             return;
         };
         let vm = self.vm.clone();
@@ -523,7 +524,7 @@ impl Run {
         match sealed {
             Ok(Ok(image)) => {
                 let bytes = image.bytes();
-                self.inner.retained().insert(image, limits);
+                self.host.retained().insert(image, limits);
                 self.phase(&format!("image retained here, encrypted ({bytes} bytes)"));
             }
             Ok(Err(e)) => tracing::warn!("cannot retain the image: {e}"),
@@ -556,7 +557,7 @@ impl Run {
             .collect();
         // If the lookup itself fails, every held disk goes whole.
         let all: Vec<_> = wanted.iter().map(|(r, ..)| r.clone()).collect();
-        let bases = self.inner.bases.clone();
+        let bases = self.host.bases.clone();
         let block = memory.page_size().bytes();
         let split = tokio::task::spawn_blocking(move || {
             let (mut found, mut whole) = (Vec::new(), Vec::new());
@@ -590,7 +591,7 @@ impl Run {
         MigrationReport {
             migration: self.migration.to_string(),
             vm: self.req.vm.clone(),
-            source: self.inner.id.to_string(),
+            source: self.host.id.to_string(),
             destination: dest.to_string(),
             outcome: Outcome::Aborted(why),
             verified: false,
@@ -624,16 +625,16 @@ impl Run {
             if left.is_zero() {
                 return None;
             }
-            let creds = self.inner.creds();
+            let creds = self.host.creds();
             let attempt = async {
                 let conn = transport::connect(
-                    &self.inner.endpoint,
+                    &self.host.endpoint,
                     self.addr,
                     dest.clone(),
                     ALPN_AGENT,
                     &creds.identity,
                     &creds.trust,
-                    &self.inner.config.tuning,
+                    &self.host.config.tuning,
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -654,7 +655,10 @@ impl Run {
     async fn drive(&mut self, conn: Connection, dest: SpiffeId) -> MigrationReport {
         let mut conn = conn;
         // Its send window is its share of the agent's budget.
-        let mut _share = self.inner.budget.join(&conn, crate::budget::Side::Send);
+        let mut _share = self
+            .host
+            .budget
+            .join(&conn, crate::host::budget::Side::Send);
         // Bytes of links that broke (post-copy recovery).
         let mut earlier_wire = 0u64;
         let opts = self.plan.clone();
@@ -676,12 +680,12 @@ impl Run {
             ticket: self.req.ticket.clone(),
             peer: dest.clone(),
             notary: {
-                let creds = self.inner.creds();
+                let creds = self.host.creds();
                 convoy_protocol::receipt::Notary::new(
                     Arc::new(creds.identity.clone()),
                     Arc::new(creds.trust.clone()),
                     Instant::now(),
-                    crate::authz::now_unix(),
+                    crate::trust::authz::now_unix(),
                 )
             },
             // REUSE is dropped by the state machine without an offer.
@@ -707,7 +711,7 @@ impl Run {
             accept_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
-            recovery: self.inner.config.recovery_window,
+            recovery: self.host.config.recovery_window,
             storage_postcopy: opts.storage_postcopy,
         });
         if let Some(offer) = &self.retain {
@@ -735,7 +739,7 @@ impl Run {
         let mut rounds_pending: Option<(u32, u16, u64)> = None;
         // One bandwidth cap for every link of the migration.
         let pacer = opts.bandwidth.map(|b| Arc::new(Pacer::new(b)));
-        let (migration, tamper) = (self.migration, self.inner.config.dangerous_tamper());
+        let (migration, tamper) = (self.migration, self.host.config.dangerous_tamper());
         let stream_setup = |delta: bool, postcopy: bool| StreamSetup {
             migration,
             streams: opts.streams,
@@ -770,7 +774,7 @@ impl Run {
                                 .is_some_and(|c| c.has(Capabilities::DELTA)),
                             opts.mode != MigrationMode::Precopy,
                         );
-                        match open_streams(&conn, setup, &self.vm, &events_tx, &self.inner.budget)
+                        match open_streams(&conn, setup, &self.vm, &events_tx, &self.host.budget)
                             .await
                         {
                             Ok(opened) => {
@@ -833,7 +837,7 @@ impl Run {
                     }
                     SourceAction::PauseVm => {
                         self.phase("paused for the final copy");
-                        self.inner.set_state(&self.req.vm, VmState::Paused);
+                        self.host.set_state(&self.req.vm, VmState::Paused);
                         let paused = self.vm.pause();
                         let dirty = self.vm.collect_dirty_log();
                         self.counter_at_pause = Some(self.vm.counter());
@@ -852,7 +856,7 @@ impl Run {
                     SourceAction::CommitSwitch => {
                         // From here the VM never resumes here by itself.
                         self.phase("paused and handed over for post-copy");
-                        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+                        self.host.set_state(&self.req.vm, VmState::InDoubt);
                         sm.handle_switch_committed(Instant::now());
                     }
                     SourceAction::ServePages { round, pages } => {
@@ -873,7 +877,7 @@ impl Run {
                         jobs.clear();
                         fault_jobs = None;
                         rounds_pending = None;
-                        conn.close(crate::agent::close::DONE.into(), b"link lost");
+                        conn.close(crate::server::close::DONE.into(), b"link lost");
                         let (tx, rx) = mpsc::unbounded_channel();
                         drop(std::mem::replace(&mut events_tx, tx));
                         let mut old = std::mem::replace(&mut events, rx);
@@ -898,7 +902,7 @@ impl Run {
                                 setup,
                                 &self.vm,
                                 &events_tx,
-                                &self.inner.budget,
+                                &self.host.budget,
                             )
                             .await;
                             match opened {
@@ -907,8 +911,10 @@ impl Run {
                                     let stats = conn.stats();
                                     earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
                                     conn = link.conn;
-                                    _share =
-                                        self.inner.budget.join(&conn, crate::budget::Side::Send);
+                                    _share = self
+                                        .host
+                                        .budget
+                                        .join(&conn, crate::host::budget::Side::Send);
                                     control = Some(link.send);
                                     let (ctrl_tx, rx) = mpsc::channel(16);
                                     ctrl_rx = rx;
@@ -922,7 +928,7 @@ impl Run {
                                 Err(e) => {
                                     tracing::info!(migration = %self.migration, "new link failed: {e}");
                                     link.conn
-                                        .close(crate::agent::close::DONE.into(), b"link lost");
+                                        .close(crate::server::close::DONE.into(), b"link lost");
                                 }
                             }
                         }
@@ -937,7 +943,7 @@ impl Run {
                     SourceAction::CommitHandover => {
                         // From here the VM must never resume by itself here.
                         self.phase("handed over");
-                        self.inner.set_state(&self.req.vm, VmState::InDoubt);
+                        self.host.set_state(&self.req.vm, VmState::InDoubt);
                         sm.handle_handover_committed(Instant::now());
                     }
                     SourceAction::RollBack => {
@@ -949,10 +955,10 @@ impl Run {
                         if let Err(e) = self.vm.resume() {
                             tracing::error!("cannot resume after a failed migration: {e}");
                         }
-                        self.inner.set_state(&self.req.vm, VmState::Running);
+                        self.host.set_state(&self.req.vm, VmState::Running);
                     }
                     SourceAction::DiscardVm => {
-                        self.inner.remove(&self.req.vm);
+                        self.host.remove(&self.req.vm);
                         if let Some(offer) = self.retain.take() {
                             self.retain_image(offer).await;
                         }
@@ -1030,7 +1036,7 @@ impl Run {
             let _ = c.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), c.stopped()).await;
         }
-        conn.close(crate::agent::close::DONE.into(), b"done");
+        conn.close(crate::server::close::DONE.into(), b"done");
         let stats = conn.stats();
         let disks = self
             .vm
@@ -1044,12 +1050,12 @@ impl Run {
             })
             .collect();
         if matches!(summary.outcome, Outcome::Aborted(_)) {
-            self.inner.set_state(&self.req.vm, VmState::Running);
+            self.host.set_state(&self.req.vm, VmState::Running);
         }
         MigrationReport {
             migration: self.migration.to_string(),
             vm: self.req.vm.clone(),
-            source: self.inner.id.to_string(),
+            source: self.host.id.to_string(),
             destination: dest.to_string(),
             verified: summary.verified,
             converged: summary.converged,
@@ -1125,7 +1131,7 @@ async fn open_streams(
     setup: StreamSetup,
     vm: &Arc<dyn VmBackend>,
     events: &mpsc::UnboundedSender<EngineEvent>,
-    budget: &Arc<crate::budget::MigrationBudget>,
+    budget: &Arc<crate::host::budget::MigrationBudget>,
 ) -> Result<OpenedStreams, String> {
     let StreamSetup {
         migration,

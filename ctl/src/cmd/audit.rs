@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use convoy_agent::identity::TrustBundle;
-use convoy_agent::pki::Pki;
+use convoy_agent::trust::identity::TrustBundle;
+use convoy_agent::trust::pki::Pki;
 use convoy_protocol::audit::{verify_log, AuditEvent, VerifiedLog};
 use convoy_protocol::evidence::{
     build_bundle, check_bundle, BundleSummary, SideSummary, MAX_BUNDLE_LEN,

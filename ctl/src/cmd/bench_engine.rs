@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use convoy_agent::client::{ClientError, CtlClient};
+use convoy_agent::host::retain::RetentionLimits;
 use convoy_agent::lab::Lab;
-use convoy_agent::retain::RetentionLimits;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::ctl::{
     ContentProfile, CtlErrorKind, MigrationReport, Outcome, SimDiskSpec, SimVmSpec,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use convoy_agent::authz::issue_ticket;
+use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{MigrateRequest, Outcome};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::names::{SpiffeId, VmName};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
-use convoy_agent::pki::{Pki as Dir, DEFAULT_TRUST_DOMAIN};
+use convoy_agent::trust::pki::{Pki as Dir, DEFAULT_TRUST_DOMAIN};
 use convoy_protocol::names::{AgentName, Role, TrustDomain};
 
 use crate::conn::Global;

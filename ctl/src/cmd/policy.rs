@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use convoy_agent::authz::now_unix;
-use convoy_agent::policy::{Action, PolicyFiles, PolicySet, Query, VmFacts};
+use convoy_agent::trust::authz::now_unix;
+use convoy_agent::trust::policy::{Action, PolicyFiles, PolicySet, Query, VmFacts};
 use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
 use convoy_protocol::ticket::Ticket;
 use convoy_protocol::vm::VmAttributes;
@@ -81,7 +81,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub fn run(g: &Global, c: Policy) -> Result<()> {
     match c {
         Policy::Schema => {
-            print!("{}", convoy_agent::policy::SCHEMA);
+            print!("{}", convoy_agent::trust::policy::SCHEMA);
             Ok(())
         }
         Policy::Validate { file, inventory } => validate(g, file, inventory),

@@ -20,7 +20,7 @@ use convoy_protocol::logtree::LogTree;
 use convoy_protocol::ticket::TicketSigner;
 use thiserror::Error;
 
-use crate::identity::{Identity, TrustBundle};
+use crate::trust::identity::{Identity, TrustBundle};
 
 /// Audit log failures.
 #[derive(Debug, Error)]
@@ -111,7 +111,7 @@ impl AuditLog {
         } else {
             let header = encode_entry(&LogEntry::Header {
                 chain: signer.chain(),
-                at_unix: crate::authz::now_unix(),
+                at_unix: crate::trust::authz::now_unix(),
             })
             .map_err(AuditLogError::Record)?;
             let mut f = OpenOptions::new()
@@ -158,7 +158,7 @@ impl AuditLog {
         let entries = append(
             &mut tree,
             seq,
-            crate::authz::now_unix(),
+            crate::trust::authz::now_unix(),
             event,
             &self.signer,
         )
@@ -189,7 +189,7 @@ mod tests {
     use convoy_protocol::names::{AgentName, Role, TrustDomain};
 
     use super::*;
-    use crate::pki::Pki;
+    use crate::trust::pki::Pki;
 
     fn setup() -> (tempfile::TempDir, Identity, TrustBundle) {
         let dir = tempfile::tempdir().unwrap();

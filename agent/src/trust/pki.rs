@@ -28,7 +28,7 @@ use thiserror::Error;
 
 use rustls::pki_types::pem::PemObject;
 
-use crate::identity::{Identity, IdentityError, TrustBundle};
+use crate::trust::identity::{Identity, IdentityError, TrustBundle};
 
 /// The trust domain `convoyctl pki init` uses unless told otherwise.
 pub const DEFAULT_TRUST_DOMAIN: &str = "convoy.internal";
@@ -243,7 +243,7 @@ impl Pki {
     /// The CA as a signer of certificates and CRLs (its key must be 0600).
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
         let path = self.dir.join("ca.key");
-        crate::identity::check_key_permissions(&path)?;
+        crate::trust::identity::check_key_permissions(&path)?;
         let pem = fs::read_to_string(&path).map_err(io(&path))?;
         Ok(Issuer::new(
             ca_params(&self.domain)?,
@@ -411,7 +411,7 @@ mod revoke_tests {
         assert!(format!("{trust:?}").contains("crls: 1"), "{trust:?}");
         let op = pki.identity(Role::Operator, &name).unwrap();
         let chain = convoy_protocol::ticket::TicketSigner::chain(&op);
-        let now = crate::authz::now_unix();
+        let now = crate::trust::authz::now_unix();
         let verdict = convoy_protocol::ticket::TicketVerifier::verify_chain(&trust, &chain, now);
         assert_eq!(verdict, Err("certificate revoked".to_string()));
         // Revoking a second identity keeps the first in the list.

@@ -23,7 +23,7 @@ use convoy_protocol::ticket::{SignedTicket, Ticket, TicketError, VerifiedTicket}
 use rand::RngCore;
 use thiserror::Error;
 
-use crate::identity::{Identity, TrustBundle};
+use crate::trust::identity::{Identity, TrustBundle};
 
 /// Clock skew tolerated on ticket validity by default.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);

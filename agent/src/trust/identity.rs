@@ -662,7 +662,7 @@ pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::Pki;
+    use crate::trust::pki::Pki;
 
     fn pki(dir: &Path, domain: &str) -> Pki {
         Pki::init(dir, TrustDomain::new(domain).unwrap()).unwrap()

@@ -25,7 +25,7 @@
 //!   says why.
 //! * A policy file that does not parse or validate is refused whole: at
 //!   start the agent does not start, at reload the old policy stays (see
-//!   [`crate::agent`]).
+//!   [`crate::host`]).
 //!
 //! Operators not in the inventory are still principals, with no tenant and
 //! no group (authenticated, but entitled to nothing the policies grant by
@@ -48,7 +48,7 @@ use serde_json::json;
 use thiserror::Error;
 
 /// The schema policies are validated against.
-pub const SCHEMA: &str = include_str!("../policy/convoy.cedarschema");
+pub const SCHEMA: &str = include_str!("../../policy/convoy.cedarschema");
 
 /// The example policies shipped in `agent/policy/examples/`, as
 /// `(file name, text)`: tenants own their VMs, no security downgrade,
@@ -56,15 +56,15 @@ pub const SCHEMA: &str = include_str!("../policy/convoy.cedarschema");
 pub const EXAMPLES: [(&str, &str); 3] = [
     (
         "tenants.cedar",
-        include_str!("../policy/examples/tenants.cedar"),
+        include_str!("../../policy/examples/tenants.cedar"),
     ),
     (
         "security-levels.cedar",
-        include_str!("../policy/examples/security-levels.cedar"),
+        include_str!("../../policy/examples/security-levels.cedar"),
     ),
     (
         "zones.cedar",
-        include_str!("../policy/examples/zones.cedar"),
+        include_str!("../../policy/examples/zones.cedar"),
     ),
 ];
 
@@ -939,7 +939,7 @@ mod tests {
     use super::*;
     use convoy_protocol::names::MigrationId;
 
-    const INVENTORY: &str = include_str!("../policy/examples/inventory.json");
+    const INVENTORY: &str = include_str!("../../policy/examples/inventory.json");
 
     fn id(s: &str) -> SpiffeId {
         format!("spiffe://convoy.example/{s}").parse().unwrap()

@@ -1,0 +1,248 @@
+//! How an agent runs: its configuration ([`AgentConfig`]), the files its
+//! credentials come from, the options that weaken guarantees (tests only),
+//! and why an agent fails to start ([`AgentError`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_protocol::names::{AgentName, SpiffeId, TrustDomain};
+use convoy_protocol::page::BatchHeader;
+use thiserror::Error;
+
+use crate::transport::{TransportError, Tuning};
+use crate::trust::identity::{self, Identity, TrustBundle};
+
+/// Agent failures.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Transport setup.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// TLS setup.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The identity does not name an agent.
+    #[error("{0} is not an agent identity (spiffe://<domain>/agent/<name>)")]
+    NotAnAgent(SpiffeId),
+    /// Durable state could not be opened.
+    #[error("state directory {path}: {detail}")]
+    State {
+        /// Path.
+        path: std::path::PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// The policy could not be loaded: the agent does not start without
+    /// the one it was given.
+    #[error(transparent)]
+    Policy(#[from] crate::trust::policy::PolicyError),
+    /// The identity's trust domain is not the bundle's.
+    #[error("identity {id} is not in the trust bundle's domain {domain}")]
+    WrongDomain {
+        /// Identity.
+        id: SpiffeId,
+        /// Bundle domain.
+        domain: String,
+    },
+}
+
+/// A hook that alters outgoing page batches after the source has hashed
+/// them: for tests that prove tampering is caught.
+pub type TamperHook = Arc<dyn Fn(u32, &mut BatchHeader, &mut Vec<u8>) + Send + Sync>;
+
+/// Options that weaken Convoy's guarantees, for tests only.
+#[derive(Clone, Default)]
+pub struct DangerousOptions {
+    pub(crate) tamper: Option<TamperHook>,
+}
+
+impl std::fmt::Debug for DangerousOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DangerousOptions")
+            .field("tamper", &self.tamper.is_some())
+            .finish()
+    }
+}
+
+impl DangerousOptions {
+    /// Alters every outgoing page batch with `hook(round, header, payload)`
+    /// after its digests were computed, as an attacker on the path would.
+    pub fn tamper_outgoing_batches(&mut self, hook: TamperHook) -> &mut Self {
+        self.tamper = Some(hook);
+        self
+    }
+}
+
+/// The files an agent's credentials came from, watched for changes so that
+/// certificates, keys, the CA bundle and the CRL reload without a restart.
+#[derive(Debug, Clone)]
+pub struct CredentialFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// CA bundle.
+    pub ca: PathBuf,
+    /// CRL (may appear later).
+    pub crl: Option<PathBuf>,
+    /// Other trust domains trusted for named identities.
+    pub federation: Vec<FederationFiles>,
+}
+
+/// Another trust domain's CA bundle, trusted for named identities only
+/// (see [`TrustBundle::federate`]).
+#[derive(Debug, Clone)]
+pub struct FederationFiles {
+    /// Its trust domain.
+    pub domain: TrustDomain,
+    /// Its CA bundle (PEM).
+    pub ca: PathBuf,
+    /// Its CRL, when it publishes one.
+    pub crl: Option<PathBuf>,
+    /// The identities of that domain we accept (agents and operators).
+    pub peers: Vec<SpiffeId>,
+}
+
+impl CredentialFiles {
+    pub(crate) fn stamp(&self) -> Vec<Option<crate::trust::policy::FileStamp>> {
+        let m = |p: &PathBuf| crate::trust::policy::FileStamp::of(p);
+        let mut v = vec![m(&self.cert), m(&self.key), m(&self.ca)];
+        v.push(self.crl.as_ref().and_then(m));
+        for f in &self.federation {
+            v.push(m(&f.ca));
+            v.push(f.crl.as_ref().and_then(m));
+        }
+        v
+    }
+
+    /// Loads the identity and the CA bundle of `domain`, with the CRL when
+    /// its file exists.
+    pub fn load(
+        &self,
+        domain: &TrustDomain,
+    ) -> Result<(Identity, TrustBundle), identity::IdentityError> {
+        let identity = Identity::load(&self.cert, &self.key)?;
+        let mut trust = TrustBundle::load(&self.ca, domain.clone())?;
+        if let Some(crl) = self.crl.as_ref().filter(|p| p.exists()) {
+            trust = trust.with_crl_file(crl)?;
+        }
+        for f in &self.federation {
+            let mut other = TrustBundle::load(&f.ca, f.domain.clone())?;
+            if let Some(crl) = f.crl.as_ref().filter(|p| p.exists()) {
+                other = other.with_crl_file(crl)?;
+            }
+            trust = trust.federate(other, f.peers.iter().cloned())?;
+        }
+        Ok((identity, trust))
+    }
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Our certificate and key.
+    pub identity: Identity,
+    /// The CA bundle peers must chain to.
+    pub trust: TrustBundle,
+    /// Known peers by name.
+    pub peers: HashMap<AgentName, SocketAddr>,
+    /// Guest memory this agent may hold, all VMs and staging images.
+    pub capacity_bytes: u64,
+    /// Transport tuning.
+    pub tuning: Tuning,
+    /// Clock skew tolerated on ticket validity.
+    pub clock_skew: Duration,
+    /// Directory for durable state (the ticket replay cache). Without one
+    /// the agent forgets used tickets when it restarts.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Where `identity` and `trust` came from: watched and reloaded.
+    pub files: Option<CredentialFiles>,
+    /// How often the credential and policy files are checked for changes.
+    pub reload_interval: Duration,
+    /// Access-control policy and inventory. Without one, every action a
+    /// policy governs is denied.
+    pub policy: Option<crate::trust::policy::PolicyFiles>,
+    /// QEMU binaries and images operators may use; without it the `qemu`
+    /// backend is off.
+    pub qemu: Option<crate::backend::qemu::vm::QemuConfig>,
+    /// Keep an encrypted image of a VM that leaves, when the VM opts in
+    /// (see [`crate::host::retain`]); `None` (the default) keeps nothing.
+    pub retain_images: Option<crate::host::retain::RetentionLimits>,
+    /// Where sim VMs' disk files live (one directory per VM); `None`: the
+    /// state directory's `disks/`, and without a state directory, sim VMs
+    /// cannot have disks.
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// The most disk bytes one incoming VM may bring (all its disks); an
+    /// incoming VM is also refused when its disks do not fit in the free
+    /// space of the disk directory.
+    pub disk_capacity_bytes: u64,
+    /// Base images sim disks may be cloned from, and that incoming disks
+    /// cloned from the same base start from (see
+    /// [`crate::backend::base`]); `None`: the state directory's `bases/`.
+    pub base_dir: Option<std::path::PathBuf>,
+    /// What all migrations of this agent may buffer together, bytes (see
+    /// [`crate::host::budget`]).
+    pub migration_memory: u64,
+    /// After a post-copy switch, how long a broken link may stay down
+    /// before the migration is in doubt: the source dials the destination
+    /// again for this long, the destination keeps the VM waiting for it
+    /// (zero: no recovery).
+    pub recovery_window: Duration,
+    dangerous: DangerousOptions,
+}
+
+impl AgentConfig {
+    /// A configuration with defaults: no peers, 64 GiB capacity.
+    pub fn new(listen: SocketAddr, identity: Identity, trust: TrustBundle) -> Self {
+        AgentConfig {
+            listen,
+            identity,
+            trust,
+            peers: HashMap::new(),
+            capacity_bytes: 64 << 30,
+            tuning: Tuning::default(),
+            clock_skew: crate::trust::authz::DEFAULT_CLOCK_SKEW,
+            state_dir: None,
+            files: None,
+            reload_interval: Duration::from_secs(2),
+            policy: None,
+            qemu: None,
+            retain_images: None,
+            disk_dir: None,
+            disk_capacity_bytes: 1 << 40,
+            base_dir: None,
+            migration_memory: crate::host::budget::DEFAULT_MIGRATION_MEMORY,
+            recovery_window: Duration::from_secs(60),
+            dangerous: DangerousOptions::default(),
+        }
+    }
+
+    /// The directory of sim VMs' disk files, if there is one.
+    pub fn disk_dir(&self) -> Option<std::path::PathBuf> {
+        self.disk_dir
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("disks")))
+    }
+
+    /// The base image directory, if there is one.
+    pub fn base_dir(&self) -> Option<std::path::PathBuf> {
+        self.base_dir
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("bases")))
+    }
+
+    /// Options that weaken guarantees (tests only).
+    pub fn dangerous(&mut self) -> &mut DangerousOptions {
+        &mut self.dangerous
+    }
+
+    pub(crate) fn dangerous_tamper(&self) -> Option<TamperHook> {
+        self.dangerous.tamper.clone()
+    }
+}

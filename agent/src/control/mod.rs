@@ -1,0 +1,188 @@
+//! The operator API (`convoy-ctl/1`): one request per bidirectional stream,
+//! from an authenticated operator. This module reads the request and
+//! dispatches it; each family of requests has its own file: [`vm`],
+//! [`migrate`], [`audit`].
+
+use std::sync::Arc;
+
+use convoy_protocol::ctl::{AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse};
+use convoy_protocol::names::{SpiffeId, VmName};
+use convoy_protocol::Message;
+use quinn::{Connection, RecvStream, SendStream};
+
+use crate::host::Host;
+use crate::transport::{read_message, write_message, Peer};
+use crate::trust::policy::{Query, VmFacts};
+
+mod audit;
+mod migrate;
+mod vm;
+
+use audit::audit_read;
+use migrate::abort;
+use vm::{create_qemu_vm, create_vm, delete_vm, pause_vm};
+
+/// Serves requests on `conn` until the operator closes it.
+pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let host = host.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(host, send, recv, &peer).await {
+                tracing::info!(operator = %peer.id, "control request failed: {e}");
+            }
+        });
+    }
+}
+
+/// One line for the log: the request without its ticket's bytes.
+fn summary(req: &CtlRequest) -> String {
+    match req {
+        CtlRequest::Status => "status".into(),
+        CtlRequest::VmList => "vm list".into(),
+        CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
+        CtlRequest::VmCreateQemu(s) => format!("vm create {} (qemu, {} MiB)", s.name, s.memory_mib),
+        CtlRequest::VmAdoptQemu(s, sock) => format!("vm adopt {} (qemu at {sock})", s.name),
+        CtlRequest::VmDelete(n) => format!("vm delete {n}"),
+        CtlRequest::VmPause(n, true) => format!("vm pause {n}"),
+        CtlRequest::VmPause(n, false) => format!("vm resume {n}"),
+        CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
+        CtlRequest::Abort(n) => format!("abort {n}"),
+        CtlRequest::AuditRead { offset } => format!("audit read from {offset}"),
+        other => format!("{other:?}"),
+    }
+}
+
+pub(super) fn error(kind: CtlErrorKind, message: impl Into<String>) -> CtlResponse {
+    CtlResponse::Error(CtlError {
+        kind,
+        message: message.into(),
+    })
+}
+
+pub(super) async fn respond(
+    send: &mut SendStream,
+    r: CtlResponse,
+) -> Result<(), crate::transport::WireError> {
+    write_message(send, &Message::CtlResponse(Box::new(r))).await?;
+    Ok(())
+}
+
+async fn handle(
+    host: Arc<Host>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    peer: &Peer,
+) -> Result<(), crate::transport::WireError> {
+    let req = match read_message(&mut recv).await {
+        Ok(Some(Message::CtlRequest(r))) => r,
+        Ok(Some(other)) => {
+            respond(
+                &mut send,
+                error(
+                    CtlErrorKind::BadRequest,
+                    format!("expected a control request, got {}", other.kind()),
+                ),
+            )
+            .await?;
+            return Ok(());
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            respond(&mut send, error(CtlErrorKind::BadRequest, e.to_string())).await?;
+            return Err(e);
+        }
+    };
+    tracing::info!(operator = %peer.id, request = %summary(&req), "control request");
+    match req {
+        CtlRequest::Status => {
+            let status = AgentStatus {
+                identity: host.id.to_string(),
+                listen: host
+                    .endpoint
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                vms: host.vm_infos(),
+                active_migrations: host.active.load(std::sync::atomic::Ordering::Relaxed),
+                recent: host.recent(),
+            };
+            respond(&mut send, CtlResponse::Status(status)).await?;
+        }
+        CtlRequest::VmList => respond(&mut send, CtlResponse::VmList(host.vm_infos())).await?,
+        CtlRequest::VmCreate(spec) => {
+            let r = create_vm(&host, spec, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::Abort(name) => {
+            let r = abort(&host, &name, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::AuditRead { offset } => {
+            let r = audit_read(&host, offset, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmDelete(name) => {
+            let r = delete_vm(&host, &name, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmPause(name, pause) => {
+            let r = pause_vm(&host, &name, pause, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmCreateQemu(spec) => {
+            let r = create_qemu_vm(&host, spec, None, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::VmAdoptQemu(spec, sock) => {
+            let r = create_qemu_vm(&host, spec, Some(sock), &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::Migrate(req) => migrate::migrate(&host, req, &peer.id, &mut send).await?,
+        other => {
+            respond(
+                &mut send,
+                error(
+                    CtlErrorKind::BadRequest,
+                    format!("unsupported request {other:?}"),
+                ),
+            )
+            .await?
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
+
+/// Asks the policy whether `operator` may act (the action `query` builds)
+/// on VM `name` here; the response to send when the VM is unknown or the
+/// policy says no.
+pub(super) fn may_act_on(
+    host: &Arc<Host>,
+    name: &VmName,
+    operator: &SpiffeId,
+    query: impl for<'a> Fn(&'a SpiffeId, VmFacts<'a>, &'a SpiffeId) -> Query<'a>,
+) -> Option<CtlResponse> {
+    let Some(attributes) = host.vms().get(name).map(|e| e.attributes.clone()) else {
+        return Some(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {name} here"),
+        ));
+    };
+    let vm = VmFacts {
+        name,
+        attributes: &attributes,
+    };
+    let d = host.decide(&query(operator, vm, &host.id), None);
+    (!d.permitted).then(|| forbidden(&d))
+}
+
+pub(super) fn forbidden(d: &crate::trust::policy::Decision) -> CtlResponse {
+    error(CtlErrorKind::Forbidden, format!("policy {}", d.explain()))
+}

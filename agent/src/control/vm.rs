@@ -1,0 +1,304 @@
+//! VM requests: create (sim and QEMU, launched or adopted), delete,
+//! pause and resume — each a policy decision, audited.
+
+use std::sync::Arc;
+
+use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, QemuVmSpec, SimVmSpec, VmState};
+use convoy_protocol::names::{SpiffeId, VmName};
+
+use super::{error, forbidden, may_act_on};
+
+/// Largest sim VM one request may create (1 TiB).
+const MAX_SIM_BYTES: u64 = 1 << 40;
+use crate::backend::qemu::vm::QemuVm;
+use crate::backend::sim::SimVm;
+use crate::host::{Host, ReserveError};
+use crate::trust::policy::{Query, VmFacts};
+
+pub(super) async fn delete_vm(
+    host: &Arc<Host>,
+    name: &convoy_protocol::names::VmName,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    if let Some(r) = may_act_on(host, name, operator, |operator, vm, host| Query::DeleteVm {
+        operator,
+        vm,
+        host,
+    }) {
+        return r;
+    }
+    let entry = {
+        let mut vms = host.vms();
+        // Never under a migration (its final copy pauses the VM).
+        if vms.get(name).is_some_and(|e| e.cancel.is_some()) {
+            return error(
+                CtlErrorKind::BadRequest,
+                format!("VM {name} is migrating; abort the migration first"),
+            );
+        }
+        match vms.get(name).map(|e| e.state) {
+            None => return error(CtlErrorKind::NotFound, format!("no VM named {name} here")),
+            Some(VmState::Running) | Some(VmState::Paused) | Some(VmState::Exited) => {
+                vms.remove(name)
+            }
+            Some(s) => {
+                return error(
+                    CtlErrorKind::BadRequest,
+                    format!("VM {name} is {s:?}; it cannot be deleted now"),
+                )
+            }
+        }
+    };
+    if let Some(e) = entry {
+        if let Some(vm) = e.vm {
+            vm.destroy();
+        }
+        if let Some(q) = e.qemu {
+            q.stop().await;
+        }
+    }
+    CtlResponse::VmDeleted(name.clone())
+}
+
+/// Pauses a running VM (`pause`) or resumes a paused one; never one that
+/// is migrating. A paused VM keeps its memory and disks (their files can
+/// then be read, or checked against a migration's disk roots, while
+/// nothing writes them) and cannot migrate until it is resumed.
+pub(super) async fn pause_vm(
+    host: &Arc<Host>,
+    name: &convoy_protocol::names::VmName,
+    pause: bool,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    if let Some(r) = may_act_on(host, name, operator, |operator, vm, host| Query::PauseVm {
+        operator,
+        vm,
+        host,
+    }) {
+        return r;
+    }
+    let (from, to) = if pause {
+        (VmState::Running, VmState::Paused)
+    } else {
+        (VmState::Paused, VmState::Running)
+    };
+    // The state changes under the lock, before the guest does, so that a
+    // migration (which claims only running VMs) cannot start in between.
+    let (vm, qemu) = {
+        let mut vms = host.vms();
+        let Some(e) = vms.get_mut(name) else {
+            return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
+        };
+        if e.cancel.is_some() || e.state != from {
+            return error(
+                CtlErrorKind::BadRequest,
+                format!(
+                    "VM {name} is {:?}{}; only a {from:?} VM can be {}",
+                    e.state,
+                    if e.cancel.is_some() {
+                        " and migrating"
+                    } else {
+                        ""
+                    },
+                    if pause { "paused" } else { "resumed" }
+                ),
+            );
+        }
+        e.state = to;
+        (e.vm.clone(), e.qemu.clone())
+    };
+    let done = match (vm, qemu) {
+        (Some(vm), _) => if pause { vm.pause() } else { vm.resume() }.map_err(|e| e.to_string()),
+        (None, Some(q)) => q
+            .execute(if pause { "stop" } else { "cont" }, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        (None, None) => Err("the VM has no guest".into()),
+    };
+    if let Err(e) = done {
+        host.set_state(name, from);
+        return error(
+            CtlErrorKind::Internal,
+            format!(
+                "cannot {} VM {name}: {e}",
+                if pause { "pause" } else { "resume" }
+            ),
+        );
+    }
+    match host.vm_infos().into_iter().find(|v| &v.name == name) {
+        Some(info) => CtlResponse::VmPaused(info),
+        None => error(CtlErrorKind::NotFound, format!("VM {name} is gone")),
+    }
+}
+
+/// Launches a QEMU VM: only binaries and images the agent allows, after the
+/// policy permits it and capacity is reserved.
+/// Launches the QEMU VM `spec`, or with `adopt` (its QMP socket) takes
+/// over one already running that matches it.
+pub(super) async fn create_qemu_vm(
+    host: &Arc<Host>,
+    spec: QemuVmSpec,
+    adopt: Option<String>,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    let Some(cfg) = host.config.qemu.clone() else {
+        return error(
+            CtlErrorKind::BadRequest,
+            "this agent has no QEMU backend (start it with --qemu-binary and --image-dir)",
+        );
+    };
+    if let Some(r) = may_create(host, &spec.name, &spec.attributes, operator) {
+        return r;
+    }
+    let qspec = match cfg.resolve(&spec) {
+        Ok(q) => q,
+        Err(e) => return error(CtlErrorKind::BadRequest, e),
+    };
+    if adopt
+        .as_deref()
+        .is_some_and(|s| !std::path::Path::new(s).is_absolute())
+    {
+        return error(
+            CtlErrorKind::BadRequest,
+            "the QMP socket to adopt must be an absolute path on the agent's host",
+        );
+    }
+    let bytes = spec.memory_mib << 20;
+    if let Some(r) = reserve_error(host, &spec.name, bytes) {
+        return r;
+    }
+    let dir = cfg.runtime.join(spec.name.as_str());
+    let started = match &adopt {
+        None => QemuVm::launch(spec.clone(), qspec, &dir)
+            .await
+            .map(|vm| (vm, false)),
+        Some(sock) => {
+            QemuVm::adopt_running(spec.clone(), qspec, std::path::Path::new(sock), &dir).await
+        }
+    };
+    match started {
+        Ok((vm, paused)) => {
+            if let Some(e) = host.vms().get_mut(&spec.name) {
+                e.qemu = Some(vm.clone());
+                e.state = if paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                e.attributes = spec.attributes.clone();
+            }
+            let (watch_inner, name) = (host.clone(), spec.name.clone());
+            tokio::spawn(vm.watch(std::time::Duration::from_millis(500), move || {
+                tracing::warn!(vm = %name, "QEMU exited");
+                watch_inner.set_state(&name, VmState::Exited);
+            }));
+            match host.vm_info(&spec.name) {
+                Some(info) => CtlResponse::VmCreated(info),
+                None => error(CtlErrorKind::Internal, "VM vanished"),
+            }
+        }
+        Err(e) => {
+            host.remove(&spec.name);
+            let _ = std::fs::remove_dir_all(&dir);
+            let what = if adopt.is_some() {
+                "cannot adopt QEMU"
+            } else {
+                "cannot start QEMU"
+            };
+            error(CtlErrorKind::BadRequest, format!("{what}: {e}"))
+        }
+    }
+}
+
+/// Checks a new VM's attributes and asks the policy (`CreateVm`); the
+/// error response when either says no.
+pub(super) fn may_create(
+    host: &Arc<Host>,
+    name: &VmName,
+    attributes: &convoy_protocol::vm::VmAttributes,
+    operator: &SpiffeId,
+) -> Option<CtlResponse> {
+    if let Err(e) = attributes.validate() {
+        return Some(error(CtlErrorKind::BadRequest, e.to_string()));
+    }
+    let d = host.decide(
+        &Query::CreateVm {
+            operator,
+            vm: VmFacts { name, attributes },
+            host: &host.id,
+        },
+        None,
+    );
+    (!d.permitted).then(|| forbidden(&d))
+}
+
+/// Reserves capacity for a new VM; the error response when it cannot.
+pub(super) fn reserve_error(host: &Arc<Host>, name: &VmName, bytes: u64) -> Option<CtlResponse> {
+    match host.reserve(name, bytes, VmState::Paused) {
+        Ok(()) => None,
+        Err(ReserveError::Exists) => Some(error(
+            CtlErrorKind::Exists,
+            format!("a VM named {name} already exists here"),
+        )),
+        Err(ReserveError::NoCapacity) => Some(error(
+            CtlErrorKind::NoCapacity,
+            format!("{bytes} bytes exceed this agent's free capacity"),
+        )),
+    }
+}
+
+pub(super) async fn create_vm(
+    host: &Arc<Host>,
+    spec: SimVmSpec,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    if spec.memory_bytes == 0 || spec.memory_bytes % 4096 != 0 || spec.memory_bytes > MAX_SIM_BYTES
+    {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "memory size {} must be a non-zero multiple of 4096 up to 1 TiB",
+                spec.memory_bytes
+            ),
+        );
+    }
+    if let Some(r) = may_create(host, &spec.name, &spec.attributes, operator) {
+        return r;
+    }
+    if let Some(r) = reserve_error(host, &spec.name, spec.memory_bytes) {
+        return r;
+    }
+    let name = spec.name.clone();
+    let attributes = spec.attributes.clone();
+    let disk_dir = host.config.disk_dir();
+    let bases = host.bases.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        SimVm::create(&spec, disk_dir.as_deref(), bases.as_deref())
+    })
+    .await;
+    match made {
+        Ok(Ok(vm)) => {
+            {
+                let mut vms = host.vms();
+                if let Some(e) = vms.get_mut(&name) {
+                    e.vm = Some(vm);
+                    e.state = VmState::Running;
+                    e.attributes = attributes;
+                }
+            }
+            match host.vm_info(&name) {
+                Some(info) => CtlResponse::VmCreated(info),
+                None => error(CtlErrorKind::Internal, "VM vanished"),
+            }
+        }
+        Ok(Err(e)) => {
+            host.remove(&name);
+            error(CtlErrorKind::BadRequest, e.to_string())
+        }
+        Err(e) => {
+            host.remove(&name);
+            error(CtlErrorKind::Internal, e.to_string())
+        }
+    }
+}

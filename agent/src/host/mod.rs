@@ -1,0 +1,325 @@
+//! The host's state: one [`Host`] per agent, shared by the server, the
+//! operator API and every migration engine — the VM registry and its
+//! capacity, the credentials and policy in force, the audit log, the replay
+//! cache, the migration budget ([`budget`]) and the images retained for
+//! memory reuse ([`retain`]).
+
+pub mod budget;
+pub mod retain;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use convoy_protocol::ctl::{MigrationReport, VmInfo, VmState};
+use convoy_protocol::names::{SpiffeId, VmName};
+use quinn::Endpoint;
+
+use crate::backend::VmBackend;
+use crate::config::AgentConfig;
+use crate::trust::identity::{Identity, TrustBundle};
+
+/// The credentials in force (replaced as a whole on reload).
+#[derive(Debug, Clone)]
+pub(crate) struct Creds {
+    pub identity: Identity,
+    pub trust: TrustBundle,
+}
+
+/// One VM known to this agent.
+#[derive(Debug)]
+pub(crate) struct VmEntry {
+    pub vm: Option<Arc<dyn VmBackend>>,
+    pub state: VmState,
+    pub bytes: u64,
+    pub arrived_from: Option<String>,
+    pub counter_at_start: Option<u64>,
+    pub attributes: convoy_protocol::vm::VmAttributes,
+    /// Cancels the outgoing migration in progress.
+    pub cancel: Option<Arc<tokio::sync::Notify>>,
+    /// A QEMU VM (then `vm` is `None`).
+    pub qemu: Option<Arc<crate::backend::qemu::vm::QemuVm>>,
+    /// Arrived from a host that retained its image: the key to offer it
+    /// with when the VM goes back there (memory only).
+    pub reuse: Option<crate::host::retain::ArrivalKey>,
+}
+
+impl VmEntry {
+    pub(crate) fn info(&self, name: &VmName) -> VmInfo {
+        VmInfo {
+            name: name.clone(),
+            backend: if self.qemu.is_some() {
+                "qemu"
+            } else {
+                self.vm.as_ref().map_or("sim", |v| v.kind())
+            }
+            .into(),
+            memory_bytes: self.bytes,
+            state: self.state,
+            counter: self.vm.as_ref().map_or(0, |v| v.counter()),
+            counter_at_start: self.counter_at_start,
+            arrived_from: self.arrived_from.clone(),
+            dirty_pages_per_sec: self.vm.as_ref().map_or(0, |v| v.dirty_rate()),
+            attributes: self.attributes.clone(),
+        }
+    }
+}
+
+/// Shared agent state.
+#[derive(Debug)]
+pub(crate) struct Host {
+    pub config: AgentConfig,
+    pub id: SpiffeId,
+    pub endpoint: Endpoint,
+    pub vms: Mutex<HashMap<VmName, VmEntry>>,
+    pub recent: Mutex<VecDeque<MigrationReport>>,
+    pub active: AtomicU32,
+    pub replay: crate::trust::authz::ReplayCache,
+    pub audit: Option<crate::trust::audit::AuditLog>,
+    /// Images retained for VMs that left (memory only).
+    pub retained: Arc<Mutex<crate::host::retain::RetainedStore>>,
+    /// The base images of sim disks, when there is a directory for them.
+    pub bases: Option<Arc<crate::backend::base::BaseImages>>,
+    /// The memory budget the migrations share.
+    pub budget: Arc<crate::host::budget::MigrationBudget>,
+    /// Post-copy migrations that may be resumed on a new connection (their
+    /// link broke, or may have): where a new connection's Resume goes.
+    pub recoveries: Mutex<HashMap<convoy_protocol::names::MigrationId, Recovery>>,
+    pub(crate) creds: std::sync::RwLock<Arc<Creds>>,
+    pub(crate) policy: std::sync::RwLock<Option<Arc<crate::trust::policy::PolicySet>>>,
+    pub(crate) refusals: Mutex<RefusalWindow>,
+}
+
+/// A post-copy migration that may be resumed on a new connection.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    /// The agent it came from: the only one whose Resume reaches it.
+    pub source: SpiffeId,
+    /// Where its Resume goes.
+    pub tx: tokio::sync::mpsc::UnboundedSender<Reconnection>,
+}
+
+/// A new connection whose first message asks to resume a post-copy
+/// migration, handed to the migration that waits for it.
+pub(crate) struct Reconnection {
+    pub conn: quinn::Connection,
+    pub peer: crate::transport::Peer,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub resume: convoy_protocol::message::Resume,
+}
+
+/// Refusals an unauthenticated or hostile peer can cause that are recorded
+/// per 10 s window; past it, one later record counts those left out.
+pub const REFUSALS_PER_WINDOW: u32 = 20;
+
+/// The rate limiter of refusal records.
+#[derive(Debug)]
+pub(crate) struct RefusalWindow {
+    pub(crate) start: std::time::Instant,
+    pub(crate) count: u32,
+    pub(crate) suppressed: u64,
+}
+
+/// Why a VM could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReserveError {
+    Exists,
+    NoCapacity,
+}
+
+impl Host {
+    pub fn vms(&self) -> MutexGuard<'_, HashMap<VmName, VmEntry>> {
+        // A poisoned lock means a panic elsewhere; the map itself is still
+        // consistent (every update is a single insert/remove/field store).
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends to the audit log (a no-op for an agent without a state
+    /// directory). A failed write closes the log: see [`Host::audit_ok`].
+    pub fn audit(&self, event: convoy_protocol::audit::AuditEvent) {
+        if let Some(log) = &self.audit {
+            if let Err(e) = log.record(event) {
+                tracing::error!("audit: {e}");
+            }
+        }
+    }
+
+    /// Records a refusal that an unauthenticated or hostile peer can cause
+    /// at will (a refused handshake, garbage on a stream): at most
+    /// [`REFUSALS_PER_WINDOW`] per 10 s, then one record counting those
+    /// left out, so nobody can fill the disk through the audit log.
+    pub fn audit_refusal(&self, peer: String, reason: String) {
+        let suppressed = {
+            let mut w = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if now.duration_since(w.start) > Duration::from_secs(10) {
+                w.start = now;
+                w.count = 0;
+            }
+            w.count += 1;
+            if w.count > REFUSALS_PER_WINDOW {
+                w.suppressed += 1;
+                return;
+            }
+            std::mem::take(&mut w.suppressed)
+        };
+        let reason = if suppressed > 0 {
+            format!("{reason} ({suppressed} similar refusals before this one were not recorded)")
+        } else {
+            reason
+        };
+        self.audit(convoy_protocol::audit::AuditEvent::Refused {
+            migration: None,
+            peer,
+            reason,
+        });
+    }
+
+    /// False once the audit log failed: no new migration may start.
+    pub fn audit_ok(&self) -> bool {
+        self.audit.as_ref().is_none_or(|l| l.healthy())
+    }
+
+    /// Asks the policy in force, and records the decision in the audit log.
+    /// Without a policy, everything is denied.
+    pub fn decide(
+        &self,
+        q: &crate::trust::policy::Query<'_>,
+        migration: Option<convoy_protocol::names::MigrationId>,
+    ) -> crate::trust::policy::Decision {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let d = match policy {
+            Some(p) => p.decide(q),
+            None => crate::trust::policy::Decision::no_policy(),
+        };
+        tracing::info!(
+            action = q.action().name(),
+            principal = %q.principal(),
+            resource = %q.resource(),
+            "policy: {}",
+            d.explain()
+        );
+        self.audit(convoy_protocol::audit::AuditEvent::Decision {
+            migration,
+            action: q.action().name().into(),
+            principal: q.principal(),
+            resource: q.resource(),
+            permitted: d.permitted,
+            explanation: d.explain(),
+        });
+        d
+    }
+
+    pub(crate) fn set_policy(&self, p: crate::trust::policy::PolicySet) {
+        tracing::info!(policies = p.len(), digest = p.digest(), "policy loaded");
+        self.audit(convoy_protocol::audit::AuditEvent::PolicyLoaded {
+            digest: p.digest().into(),
+            policies: u32::try_from(p.len()).unwrap_or(u32::MAX),
+        });
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(p));
+    }
+
+    /// The credentials in force now.
+    pub fn creds(&self) -> Arc<Creds> {
+        self.creds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn authority(&self) -> crate::trust::authz::Authority<'_> {
+        crate::trust::authz::Authority {
+            trust: self.creds().trust.clone(),
+            replay: &self.replay,
+            skew: self.config.clock_skew,
+        }
+    }
+
+    pub fn vm_infos(&self) -> Vec<VmInfo> {
+        let vms = self.vms();
+        let mut v: Vec<VmInfo> = vms.iter().map(|(n, e)| e.info(n)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn vm_info(&self, name: &VmName) -> Option<VmInfo> {
+        self.vms().get(name).map(|e| e.info(name))
+    }
+
+    /// Reserves `bytes` of capacity under `name`.
+    pub fn reserve(&self, name: &VmName, bytes: u64, state: VmState) -> Result<(), ReserveError> {
+        let mut vms = self.vms();
+        if vms.contains_key(name) {
+            return Err(ReserveError::Exists);
+        }
+        let used: u64 = vms.values().map(|e| e.bytes).sum();
+        if used.saturating_add(bytes) > self.config.capacity_bytes {
+            return Err(ReserveError::NoCapacity);
+        }
+        vms.insert(
+            name.clone(),
+            VmEntry {
+                vm: None,
+                state,
+                bytes,
+                arrived_from: None,
+                counter_at_start: None,
+                attributes: Default::default(),
+                cancel: None,
+                qemu: None,
+                reuse: None,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn set_state(&self, name: &VmName, state: VmState) {
+        if let Some(e) = self.vms().get_mut(name) {
+            e.state = state;
+        }
+    }
+
+    pub fn retained(&self) -> MutexGuard<'_, crate::host::retain::RetainedStore> {
+        self.retained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn remove(&self, name: &VmName) -> Option<VmEntry> {
+        self.vms().remove(name)
+    }
+
+    pub fn record(&self, report: MigrationReport) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.push_back(report);
+        while r.len() > 32 {
+            r.pop_front();
+        }
+    }
+
+    pub fn recent(&self) -> Vec<MigrationReport> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Counts a running migration for as long as it lives.
+pub(crate) struct ActiveGuard<'a>(&'a AtomicU32);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(c: &'a AtomicU32) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(c)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

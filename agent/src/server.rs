@@ -1,0 +1,345 @@
+//! The server: binds an agent ([`Agent`]), accepts connections and hands
+//! each authenticated one to the operator API (`control`) or to an
+//! incoming migration ([`crate::engine::destination`]); reloads
+//! credentials and policy when their files change; [`run`].
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use convoy_protocol::names::SpiffeId;
+
+use crate::config::{AgentConfig, AgentError, CredentialFiles};
+use crate::host::{Creds, Host, RefusalWindow, VmEntry};
+use crate::transport::{self, TransportError, ALPN_AGENT, ALPN_CTL};
+use crate::trust::identity;
+
+/// A bound agent, ready to run.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    host: Arc<Host>,
+    stamps: Stamps,
+}
+
+/// The watched files as they were when the agent loaded them.
+#[derive(Debug, Clone)]
+struct Stamps {
+    creds: Option<Vec<Option<crate::trust::policy::FileStamp>>>,
+    policy: Option<Vec<(PathBuf, Option<crate::trust::policy::FileStamp>)>>,
+}
+
+impl Agent {
+    /// Binds the endpoint. Must be called inside a tokio runtime.
+    pub fn bind(config: AgentConfig) -> Result<Agent, AgentError> {
+        let id = config.identity.id().clone();
+        if id.role() != convoy_protocol::names::Role::Agent {
+            return Err(AgentError::NotAnAgent(id));
+        }
+        if id.domain() != config.trust.domain() {
+            return Err(AgentError::WrongDomain {
+                id,
+                domain: config.trust.domain().to_string(),
+            });
+        }
+        let (replay, audit, reset_key) = match &config.state_dir {
+            Some(dir) => {
+                let err = |detail: String| AgentError::State {
+                    path: dir.clone(),
+                    detail,
+                };
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                let reset_key = transport::ResetKey::load_or_create(&dir.join("quic-reset.key"))
+                    .map_err(err)?;
+                let replay = crate::trust::authz::ReplayCache::open(&dir.join("state.redb"))
+                    .map_err(|e| err(e.to_string()))?;
+                let audit = crate::trust::audit::AuditLog::open(
+                    &dir.join("audit.log"),
+                    &config.identity,
+                    &config.trust,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                (replay, Some(audit), reset_key)
+            }
+            None => {
+                tracing::warn!(
+                    "no state directory: used tickets are forgotten on restart, and there is no audit log"
+                );
+                (
+                    crate::trust::authz::ReplayCache::in_memory(),
+                    None,
+                    transport::ResetKey::random()?,
+                )
+            }
+        };
+        // Stamps taken before loading: a file changed in between is
+        // reloaded by the watchers, never missed.
+        let stamps = Stamps {
+            creds: config.files.as_ref().map(CredentialFiles::stamp),
+            policy: config
+                .policy
+                .as_ref()
+                .map(crate::trust::policy::PolicyFiles::stamp),
+        };
+        let policy = match &config.policy {
+            Some(files) => Some(crate::trust::policy::PolicySet::load(files)?),
+            None => {
+                tracing::warn!(
+                    "no policy: every migration, VM creation, abort and audit read is denied"
+                );
+                None
+            }
+        };
+        let tls =
+            identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
+        let endpoint = transport::endpoint_with_reset_key(
+            config.listen,
+            Some(tls),
+            &config.tuning,
+            &reset_key,
+        )?;
+        let budget = crate::host::budget::MigrationBudget::new(
+            config.migration_memory,
+            u64::from(config.tuning.connection_window),
+        );
+        let bases = config
+            .base_dir()
+            .map(|d| Arc::new(crate::backend::base::BaseImages::new(d)));
+        // Index the bases in the background: hashing a large one at the
+        // first migration that names it would delay its Accept.
+        if let Some(b) = bases.clone() {
+            let _ = std::thread::Builder::new()
+                .name("convoy-bases".into())
+                .spawn(move || b.index_all(4096));
+        }
+        let creds = Creds {
+            identity: config.identity.clone(),
+            trust: config.trust.clone(),
+        };
+        let agent = Agent {
+            stamps,
+            host: Arc::new(Host {
+                policy: std::sync::RwLock::new(None),
+                refusals: Mutex::new(RefusalWindow {
+                    start: std::time::Instant::now(),
+                    count: 0,
+                    suppressed: 0,
+                }),
+                creds: std::sync::RwLock::new(Arc::new(creds)),
+                config,
+                id,
+                endpoint,
+                vms: Mutex::new(HashMap::new()),
+                recent: Mutex::new(VecDeque::new()),
+                active: AtomicU32::new(0),
+                replay,
+                audit,
+                retained: Arc::new(Mutex::new(Default::default())),
+                bases,
+                budget,
+                recoveries: Mutex::new(HashMap::new()),
+            }),
+        };
+        if let Some(p) = policy {
+            agent.host.set_policy(p);
+        }
+        Ok(agent)
+    }
+
+    /// The images this agent retains for VMs that left it (ciphertext
+    /// only; see [`crate::host::retain`]), as a handle that does not keep the
+    /// agent alive.
+    pub fn retained_images(&self) -> crate::host::retain::RetainedImages {
+        crate::host::retain::RetainedImages(self.host.retained.clone())
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.host.endpoint.local_addr()
+    }
+
+    /// Our identity.
+    pub fn id(&self) -> &SpiffeId {
+        &self.host.id
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and
+    /// destroys the VMs it holds.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let reloader = self
+            .host
+            .config
+            .files
+            .clone()
+            .zip(self.stamps.creds.clone())
+            .map(|(files, s)| tokio::spawn(reload_loop(self.host.clone(), files, s)));
+        let policy_reloader = self
+            .host
+            .config
+            .policy
+            .clone()
+            .zip(self.stamps.policy.clone())
+            .map(|(files, s)| tokio::spawn(policy_reload_loop(self.host.clone(), files, s)));
+        loop {
+            let incoming = tokio::select! {
+                i = self.host.endpoint.accept() => i,
+                () = &mut shutdown => None,
+            };
+            let Some(incoming) = incoming else { break };
+            let host = self.host.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_connection(host, incoming).await {
+                    tracing::info!("connection ended: {e}");
+                }
+            });
+        }
+        for r in [reloader, policy_reloader].into_iter().flatten() {
+            r.abort();
+        }
+        self.host
+            .endpoint
+            .close(0u32.into(), b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.host.endpoint.wait_idle()).await;
+        let vms: Vec<VmEntry> = self.host.vms().drain().map(|(_, e)| e).collect();
+        for e in vms {
+            if let Some(vm) = e.vm {
+                vm.destroy();
+            }
+            if let Some(q) = e.qemu {
+                q.stop().await;
+            }
+        }
+    }
+}
+
+/// Binds and runs an agent until `shutdown` completes.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    Agent::bind(config)?.run(shutdown).await;
+    Ok(())
+}
+
+/// Close codes.
+pub(crate) mod close {
+    /// The peer is not allowed here.
+    pub const UNAUTHORIZED: u32 = 0x10;
+    /// Normal end.
+    pub const DONE: u32 = 0;
+}
+
+async fn serve_connection(
+    host: Arc<Host>,
+    incoming: quinn::Incoming,
+) -> Result<(), TransportError> {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, "handshake refused: {e}");
+            host.audit_refusal(remote.to_string(), format!("handshake refused: {e}"));
+            return Err(e.into());
+        }
+    };
+    let peer = match transport::authorize_peer(&conn, &host.creds().trust) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%remote, "refusing peer: {e}");
+            host.audit_refusal(remote.to_string(), e.to_string());
+            conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
+            return Err(e);
+        }
+    };
+    tracing::debug!(%remote, peer = %peer.id, "authenticated");
+    if peer.alpn == ALPN_CTL {
+        crate::control::serve(host, conn, peer).await;
+    } else {
+        crate::engine::destination::serve(host, conn, peer).await;
+    }
+    Ok(())
+}
+
+/// Returns once `now()` differs from `stamp` (checked every `interval`),
+/// with `stamp` updated.
+async fn changed<S: PartialEq>(interval: Duration, stamp: &mut S, now: impl Fn() -> S) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let s = now();
+        if s != *stamp {
+            *stamp = s;
+            return;
+        }
+    }
+}
+
+/// Reloads certificates, key, CA bundle and CRL when their files change.
+/// A bad file keeps the credentials in force and is reported; the agent
+/// never runs with none.
+async fn reload_loop(
+    host: Arc<Host>,
+    files: CredentialFiles,
+    mut stamp: Vec<Option<crate::trust::policy::FileStamp>>,
+) {
+    loop {
+        changed(host.config.reload_interval, &mut stamp, || files.stamp()).await;
+        let domain = host.creds().trust.domain().clone();
+        let creds = match files.load(&domain) {
+            Ok((identity, trust)) if identity.id() == &host.id => Creds { identity, trust },
+            Ok((identity, _)) => {
+                tracing::error!(
+                    new = %identity.id(),
+                    "reloaded certificate names another identity; keeping the old one"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("credential reload failed, keeping the old ones: {e}");
+                continue;
+            }
+        };
+        let server =
+            identity::server_config(&creds.identity, &creds.trust, &[ALPN_AGENT, ALPN_CTL])
+                .map_err(TransportError::from)
+                .and_then(|tls| transport::quic_server_config(tls, &host.config.tuning));
+        match server {
+            Ok(sc) => {
+                host.endpoint.set_server_config(Some(sc));
+                *host.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(creds);
+                tracing::info!("credentials reloaded");
+            }
+            Err(e) => tracing::error!("reloaded credentials unusable, keeping the old ones: {e}"),
+        }
+    }
+}
+
+/// Reloads the policy and inventory when their files change. A file that
+/// does not parse or validate keeps the policy in force; the refusal is
+/// logged and audited.
+async fn policy_reload_loop(
+    host: Arc<Host>,
+    files: crate::trust::policy::PolicyFiles,
+    mut stamp: Vec<(PathBuf, Option<crate::trust::policy::FileStamp>)>,
+) {
+    loop {
+        changed(host.config.reload_interval, &mut stamp, || files.stamp()).await;
+        let loaded = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || crate::trust::policy::PolicySet::load(&files)).await
+        };
+        match loaded {
+            Ok(Ok(p)) => host.set_policy(p),
+            Ok(Err(e)) => {
+                tracing::error!("policy reload refused, keeping the policy in force: {e}");
+                host.audit(convoy_protocol::audit::AuditEvent::PolicyRejected {
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => tracing::error!("policy reload task failed: {e}"),
+        }
+    }
+}
