@@ -1,0 +1,447 @@
+//! Checking a bundle offline (the steps in the module docs of
+//! [`crate::evidence`]): the ticket, each side's chain, tree head and
+//! records, each receipt, and what the records must agree on across sides.
+
+use super::{migration_of, EvidenceBundle, EvidenceError, EvidenceRecord, RecordProblem, Side};
+use crate::audit::{head_message, AuditEvent, AuditRecord, SignedTreeHead, RECORD_CONTEXT};
+use crate::digest::Digest;
+use crate::logtree::{log_leaf, verify_inclusion};
+use crate::names::{MigrationId, SpiffeId};
+use crate::receipt::{ticket_digest, Receipt, ReceiptKind, SignedReceipt};
+use crate::ticket::{
+    signed_message, Ticket, TicketError, TicketVerifier, VerifiedTicket, MAX_CERT_LEN,
+    MAX_CHAIN_LEN,
+};
+
+/// What one side's verified evidence says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SideSummary {
+    /// The agent.
+    pub agent: SpiffeId,
+    /// Records in the bundle.
+    pub records: usize,
+    /// The signed tree head the records are proven in.
+    pub head: SignedTreeHead,
+    /// Whether the log holds the ticket's acceptance.
+    pub accepted: bool,
+    /// The receipt kinds in the log, in log order.
+    pub receipts: Vec<ReceiptKind>,
+    /// The outcomes the log recorded.
+    pub outcomes: Vec<String>,
+    /// Refusals the log recorded about the migration.
+    pub refusals: Vec<String>,
+    /// Policy decisions the log recorded about the migration.
+    pub decisions: Vec<String>,
+    /// Phase changes the log recorded, in order.
+    pub phases: Vec<String>,
+}
+
+/// A verified bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BundleSummary {
+    /// The migration.
+    pub migration: MigrationId,
+    /// The operator's ticket and who signed it.
+    pub ticket: VerifiedTicket,
+    /// The ticket's digest, as receipts name it.
+    pub ticket_digest: Digest,
+    /// The source's side.
+    pub source: SideSummary,
+    /// The destination's side.
+    pub destination: SideSummary,
+    /// Whether the VM started at the destination (a `Started` receipt).
+    pub started: bool,
+    /// The memory root the receipts attest, if any does.
+    pub memory_root: Option<Digest>,
+    /// The device-state digest the receipts attest, if any does.
+    pub device: Option<Digest>,
+}
+
+impl EvidenceBundle {
+    /// Verifies the bundle offline (see the module docs).
+    pub fn check(&self, verifier: &dyn TicketVerifier) -> Result<BundleSummary, EvidenceError> {
+        Checker::new(self, verifier)?.run()
+    }
+}
+
+/// Decodes and verifies a bundle file with only `verifier` (the CA
+/// bundle).
+pub fn check_bundle(
+    bytes: &[u8],
+    verifier: &dyn TicketVerifier,
+) -> Result<BundleSummary, EvidenceError> {
+    EvidenceBundle::decode(bytes)?.check(verifier)
+}
+
+/// A receipt found in a side, checked.
+struct FoundReceipt {
+    receipt: Receipt,
+    signature: Vec<u8>,
+    side: Side,
+    record: usize,
+}
+
+struct Checker<'a> {
+    bundle: &'a EvidenceBundle,
+    verifier: &'a dyn TicketVerifier,
+    verified: VerifiedTicket,
+    digest: Digest,
+}
+
+impl<'a> Checker<'a> {
+    /// Checks the ticket.
+    fn new(
+        bundle: &'a EvidenceBundle,
+        verifier: &'a dyn TicketVerifier,
+    ) -> Result<Self, EvidenceError> {
+        // At its issue time: the ticket was valid when it was used, and has
+        // most likely expired since.
+        let (body, _): (Ticket, _) = postcard::take_from_bytes(&bundle.ticket.body)
+            .map_err(|e| EvidenceError::Ticket(TicketError::Malformed(e.to_string())))?;
+        let verified = bundle
+            .ticket
+            .verify(verifier, body.issued_at, 0)
+            .map_err(EvidenceError::Ticket)?;
+        if verified.ticket.id != bundle.migration {
+            return Err(EvidenceError::TicketMigration {
+                bundle: bundle.migration,
+                ticket: verified.ticket.id,
+            });
+        }
+        Ok(Checker {
+            bundle,
+            verifier,
+            digest: ticket_digest(&bundle.ticket),
+            verified,
+        })
+    }
+
+    fn run(self) -> Result<BundleSummary, EvidenceError> {
+        let mut receipts = Vec::new();
+        let (source, source_logged) = self.side(Side::Source, &mut receipts)?;
+        let (destination, destination_logged) = self.side(Side::Destination, &mut receipts)?;
+        if !source_logged && !destination_logged {
+            return Err(EvidenceError::TicketNotLogged);
+        }
+        let (memory_root, device, started) = self.across(&receipts, [&source, &destination])?;
+        Ok(BundleSummary {
+            migration: self.bundle.migration,
+            ticket_digest: self.digest,
+            ticket: self.verified,
+            source,
+            destination,
+            started,
+            memory_root,
+            device,
+        })
+    }
+
+    /// Checks one side; returns its summary and whether it logged the
+    /// ticket.
+    fn side(
+        &self,
+        side: Side,
+        receipts: &mut Vec<FoundReceipt>,
+    ) -> Result<(SideSummary, bool), EvidenceError> {
+        let position = match side {
+            Side::Source => 0,
+            Side::Destination => 1,
+        };
+        let Some(ev) = self.bundle.sides.get(position) else {
+            return Err(EvidenceError::MissingSide { side });
+        };
+        let chain_err = |why: String| EvidenceError::Chain { side, why };
+        if ev.chain.is_empty()
+            || ev.chain.len() > MAX_CHAIN_LEN
+            || ev.chain.iter().any(|c| c.len() > MAX_CERT_LEN)
+        {
+            return Err(chain_err("chain out of bounds".into()));
+        }
+        let agent = self
+            .verifier
+            .verify_chain(&ev.chain, ev.log_created_at_unix)
+            .map_err(chain_err)?;
+        let expected = side.of(&self.verified.ticket);
+        if &agent != expected {
+            return Err(EvidenceError::WrongAgent {
+                side,
+                expected: expected.clone(),
+                found: agent,
+            });
+        }
+        let leaf = &ev.chain[0];
+        let h = &ev.head;
+        self.verifier
+            .verify_signature(
+                leaf,
+                &head_message(h.size, &h.root, h.at_unix),
+                &h.signature,
+            )
+            .map_err(|_| EvidenceError::TreeHead { side, size: h.size })?;
+        if ev.records.is_empty() {
+            return Err(EvidenceError::NoRecords { side });
+        }
+        let mut summary = SideSummary {
+            agent,
+            records: ev.records.len(),
+            head: h.clone(),
+            accepted: false,
+            receipts: Vec::new(),
+            outcomes: Vec::new(),
+            refusals: Vec::new(),
+            decisions: Vec::new(),
+            phases: Vec::new(),
+        };
+        let mut logged = false;
+        let mut previous = None;
+        for (i, r) in ev.records.iter().enumerate() {
+            let at = |problem| EvidenceError::Record {
+                side,
+                record: i,
+                index: r.index,
+                problem: Box::new(problem),
+            };
+            let record = self.record(leaf, h, r).map_err(at)?;
+            match record.event {
+                AuditEvent::Receipt(sr) => {
+                    let receipt = self.receipt(&sr).map_err(at)?;
+                    summary.receipts.push(receipt.kind);
+                    receipts.push(FoundReceipt {
+                        receipt,
+                        signature: sr.signature,
+                        side,
+                        record: i,
+                    });
+                }
+                AuditEvent::Ticket(t) => {
+                    if ticket_digest(&t) != self.digest {
+                        return Err(at(RecordProblem::OtherTicket));
+                    }
+                    logged = true;
+                }
+                AuditEvent::TicketAccepted {
+                    vm,
+                    operator,
+                    peer,
+                    role,
+                    ..
+                } => {
+                    let t = &self.verified.ticket;
+                    let other = match side {
+                        Side::Source => &t.destination,
+                        Side::Destination => &t.source,
+                    };
+                    let wrong = if role != side.to_string() {
+                        Some(format!("accepted as {role}"))
+                    } else if vm != t.vm {
+                        Some(format!("VM {vm}, the ticket's is {}", t.vm))
+                    } else if operator != self.verified.signer {
+                        Some(format!(
+                            "signed by {operator}, the ticket by {}",
+                            self.verified.signer
+                        ))
+                    } else if &peer != other {
+                        Some(format!("peer {peer}, the ticket's is {other}"))
+                    } else {
+                        None
+                    };
+                    if let Some(w) = wrong {
+                        return Err(at(RecordProblem::Acceptance(w)));
+                    }
+                    summary.accepted = true;
+                }
+                AuditEvent::Outcome { outcome, .. } => summary.outcomes.push(outcome),
+                AuditEvent::Phase { phase, .. } => summary.phases.push(phase),
+                AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
+                AuditEvent::Decision {
+                    action,
+                    permitted,
+                    explanation,
+                    ..
+                } => summary.decisions.push(format!(
+                    "{action} {}: {explanation}",
+                    if permitted { "permitted" } else { "denied" }
+                )),
+                // `record` let nothing else through.
+                AuditEvent::AgentStarted { .. }
+                | AuditEvent::PolicyLoaded { .. }
+                | AuditEvent::PolicyRejected { .. } => {}
+            }
+            if let Some(p) = previous.filter(|&p| r.index <= p) {
+                return Err(at(RecordProblem::Order {
+                    index: r.index,
+                    previous: p,
+                }));
+            }
+            previous = Some(r.index);
+        }
+        Ok((summary, logged))
+    }
+
+    /// Checks one record's signature, inclusion, sequence number and
+    /// subject.
+    fn record(
+        &self,
+        leaf: &[u8],
+        head: &SignedTreeHead,
+        r: &EvidenceRecord,
+    ) -> Result<AuditRecord, RecordProblem> {
+        self.verifier
+            .verify_signature(leaf, &signed_message(RECORD_CONTEXT, &r.body), &r.signature)
+            .map_err(|_| RecordProblem::Signature)?;
+        verify_inclusion(&log_leaf(&r.body), r.index, head.size, &r.proof, &head.root)
+            .map_err(RecordProblem::Inclusion)?;
+        let (record, rest): (AuditRecord, _) = postcard::take_from_bytes(&r.body)
+            .map_err(|e| RecordProblem::Undecodable(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(RecordProblem::Undecodable("trailing bytes".into()));
+        }
+        if record.seq != r.index {
+            return Err(RecordProblem::Seq { seq: record.seq });
+        }
+        match (&record.event, migration_of(&record.event)) {
+            // A receipt of another migration gets its own, precise error.
+            (AuditEvent::Receipt(_), _) => {}
+            (_, Some(m)) if m == self.bundle.migration => {}
+            (e, Some(m)) => {
+                return Err(RecordProblem::Unrelated(format!(
+                    "{} of migration {m}",
+                    event_name(e)
+                )))
+            }
+            (e, None) => return Err(RecordProblem::Unrelated(event_name(e).into())),
+        }
+        Ok(record)
+    }
+
+    /// Checks a receipt found in `side`'s log.
+    fn receipt(&self, sr: &SignedReceipt) -> Result<Receipt, RecordProblem> {
+        let v = sr.verify(self.verifier).map_err(RecordProblem::Receipt)?;
+        let kind = v.receipt.kind;
+        if v.receipt.migration != self.bundle.migration {
+            return Err(RecordProblem::ForeignReceipt {
+                kind,
+                migration: v.receipt.migration,
+            });
+        }
+        if v.receipt.ticket != self.digest {
+            return Err(RecordProblem::ReceiptTicket {
+                kind,
+                named: v.receipt.ticket,
+                expected: self.digest,
+            });
+        }
+        let must = match kind {
+            ReceiptKind::Sent => Side::Source,
+            _ => Side::Destination,
+        };
+        let expected = must.of(&self.verified.ticket);
+        if &v.signer != expected {
+            return Err(RecordProblem::ReceiptSigner {
+                kind,
+                signer: v.signer,
+                must,
+                expected: expected.clone(),
+            });
+        }
+        Ok(v.receipt)
+    }
+
+    /// Checks receipts across both sides: one signed object per kind, the
+    /// receipts a started migration needs, and one attested state.
+    fn across(
+        &self,
+        receipts: &[FoundReceipt],
+        sides: [&SideSummary; 2],
+    ) -> Result<(Option<Digest>, Option<Digest>, bool), EvidenceError> {
+        let kinds = [
+            ReceiptKind::Accepted,
+            ReceiptKind::Ready,
+            ReceiptKind::Sent,
+            ReceiptKind::Started,
+        ];
+        let mut by_kind: [Option<&FoundReceipt>; 4] = [None; 4];
+        for r in receipts {
+            let Some(k) = kinds.iter().position(|k| *k == r.receipt.kind) else {
+                continue;
+            };
+            match by_kind[k] {
+                None => by_kind[k] = Some(r),
+                Some(first) if first.signature == r.signature && first.receipt == r.receipt => {}
+                Some(first) => {
+                    return Err(EvidenceError::ConflictingReceipts {
+                        kind: r.receipt.kind,
+                        first: first.side,
+                        first_record: first.record,
+                        second: r.side,
+                        second_record: r.record,
+                    })
+                }
+            }
+        }
+        let [accepted, ready, sent, started] = by_kind.map(|r| r.map(|r| &r.receipt));
+        let said_started = sides
+            .iter()
+            .flat_map(|s| &s.outcomes)
+            .any(|o| o == "completed" || o == "started");
+        let why = if started.is_some() {
+            Some("started at the destination")
+        } else if said_started {
+            Some("completed according to a log")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            for (kind, r) in [
+                (ReceiptKind::Accepted, accepted),
+                (ReceiptKind::Ready, ready),
+                (ReceiptKind::Sent, sent),
+                (ReceiptKind::Started, started),
+            ] {
+                if r.is_none() {
+                    return Err(EvidenceError::MissingReceipt { kind, why });
+                }
+            }
+        }
+        if let Some(ready) = ready {
+            for other in [sent, started].into_iter().flatten() {
+                for (what, a, b) in [
+                    ("memory root", ready.memory_root, other.memory_root),
+                    ("device state", ready.device, other.device),
+                ] {
+                    if a != b {
+                        return Err(EvidenceError::StateMismatch {
+                            what,
+                            ready: a,
+                            other_kind: other.kind,
+                            other: b,
+                        });
+                    }
+                }
+            }
+        }
+        let attested = ready.or(sent).or(started);
+        Ok((
+            attested.and_then(|r| r.memory_root),
+            attested.and_then(|r| r.device),
+            started.is_some(),
+        ))
+    }
+}
+
+fn event_name(e: &AuditEvent) -> &'static str {
+    match e {
+        AuditEvent::AgentStarted { .. } => "agent start",
+        AuditEvent::TicketAccepted { .. } => "ticket acceptance",
+        AuditEvent::Refused { .. } => "refusal",
+        AuditEvent::Receipt(_) => "receipt",
+        AuditEvent::Outcome { .. } => "outcome",
+        AuditEvent::Ticket(_) => "ticket",
+        AuditEvent::Decision { .. } => "policy decision",
+        AuditEvent::PolicyLoaded { .. } => "policy load",
+        AuditEvent::PolicyRejected { .. } => "policy refusal",
+        AuditEvent::Phase { .. } => "phase change",
+    }
+}

@@ -1,0 +1,225 @@
+//! The destination's control messages: every (phase, message) pair the
+//! source accepts, and a typed refusal ([`SourceError::Unexpected`]) that
+//! names both for the rest.
+
+use std::time::{Duration, Instant};
+
+use crate::ctl::Outcome;
+use crate::digest::{device_state_digest, Digest};
+use crate::message::{Message, VersionRange};
+use crate::page::PageBitmap;
+use crate::receipt::ReceiptKind;
+
+use super::{Phase, Source, SourceAction, SourceError, Switchover};
+
+impl Source {
+    /// A message from the destination's control stream.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), SourceError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, msg) {
+            (Phase::Proposed { .. }, Message::Accept(a)) => {
+                if !VersionRange::OURS.contains(a.version) {
+                    return Err(self.fail(now, SourceError::Downgrade(a.version)));
+                }
+                if !self.cfg.capabilities.has(a.capabilities) {
+                    return Err(self.fail(now, SourceError::Capabilities));
+                }
+                if let Err(e) = self.check_receipt(&a.receipt, ReceiptKind::Accepted, None) {
+                    return Err(self.fail(now, e));
+                }
+                // A base held only for a disk that names one.
+                let disks = &self.cfg.manifest.disks;
+                if !a.bases.is_empty()
+                    && (a.bases.len() != disks.len()
+                        || a.bases
+                            .iter()
+                            .zip(disks)
+                            .any(|(h, d)| *h && d.base.is_none()))
+                {
+                    return Err(self.fail(now, SourceError::Capabilities));
+                }
+                self.bases = a.bases;
+                self.accepted = Some(a.capabilities);
+                self.actions.push_back(SourceAction::StartDirtyLog);
+                self.last_log_at = Some(now);
+                self.copy_started = Some(now);
+                let all = PageBitmap::full(self.tree.len() as u64);
+                if self.cfg.switchover == Switchover::Immediately {
+                    // Every page is owed, zero pages included: the
+                    // destination's memory starts missing, not zeroed.
+                    self.pause(0, all, true);
+                } else {
+                    self.begin_round(now, 1, all, true);
+                }
+                Ok(())
+            }
+            (Phase::Proposed { .. }, Message::Reject(r)) => {
+                self.finish_failed(now, format!("destination refused: {}", r.reason));
+                Ok(())
+            }
+            (
+                Phase::Draining {
+                    round, round_start, ..
+                },
+                Message::RoundApplied(a),
+            ) if a.round == round => {
+                let secs = now.saturating_duration_since(round_start).as_secs_f64();
+                // An empty round measures nothing: keep the last rate.
+                if secs > 0.0 && self.round_bytes > 0 {
+                    self.rate = (self.round_bytes as f64 / secs) as u64;
+                }
+                self.phase = Phase::Copying {
+                    round,
+                    round_start,
+                    sending: false,
+                };
+                self.actions.push_back(SourceAction::CollectDirtyLog);
+                Ok(())
+            }
+            (Phase::AwaitReady { .. }, Message::Ready(r)) => {
+                let ours = self.root.unwrap_or(Digest([0; 32]));
+                if r.memory_root != ours {
+                    return Err(self.fail(
+                        now,
+                        SourceError::RootMismatch {
+                            ours,
+                            theirs: r.memory_root,
+                        },
+                    ));
+                }
+                if r.device_digest != device_state_digest(&self.device_state) {
+                    return Err(self.fail(now, SourceError::DeviceStateMismatch));
+                }
+                let state = Some((ours, r.device_digest));
+                if let Err(e) = self.check_receipt(&r.receipt, ReceiptKind::Ready, state) {
+                    return Err(self.fail(now, e));
+                }
+                self.verified = true;
+                self.postcopy.faults = r.faults;
+                self.phase = Phase::Committing;
+                if self.switched {
+                    // Recorded at the switch already.
+                    self.handle_handover_committed(now);
+                } else {
+                    self.actions.push_back(SourceAction::CommitHandover);
+                }
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Started(s)) => {
+                // The guest ran there while its disks were synced: that is
+                // not downtime (bounded by the pause, a lie cannot make it
+                // negative).
+                if let (false, Some(p)) = (self.switched, self.paused_at) {
+                    let synced = Duration::from_millis(u64::from(s.synced_ms));
+                    self.resumed_at =
+                        Some(p + now.saturating_duration_since(p).saturating_sub(synced));
+                }
+                // Whatever the receipt, the VM is the destination's now: a
+                // bad receipt leaves the outcome in doubt, never resumed.
+                match self.check_receipt(&s.receipt, ReceiptKind::Started, self.state()) {
+                    Ok(()) => {
+                        self.actions.push_back(SourceAction::DiscardVm);
+                        self.finish(now, Outcome::Completed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.finish(now, Outcome::InDoubt(e.to_string()));
+                        Err(e)
+                    }
+                }
+            }
+            (Phase::AwaitRunning { .. }, Message::Abort(a)) => {
+                // The destination could not start the VM on the switch and
+                // discarded what it held: nothing ran there, the VM is ours.
+                self.handed_over = false;
+                self.switched = false;
+                self.actions.push_back(SourceAction::RollBack);
+                self.finish(
+                    now,
+                    Outcome::Aborted(format!("destination could not start: {}", a.reason)),
+                );
+                Ok(())
+            }
+            (Phase::AwaitRunning { round, .. }, Message::PostcopyRunning(_)) => {
+                self.resumed_at = Some(now);
+                self.phase = Phase::PostCopy {
+                    round,
+                    pushing: true,
+                };
+                let owed = self
+                    .owed
+                    .clone()
+                    .unwrap_or_else(|| PageBitmap::empty(self.tree.len() as u64));
+                self.progress("post-copy", owed.count());
+                self.actions.push_back(SourceAction::SendPages {
+                    round,
+                    pages: owed,
+                    skip_zero: false,
+                });
+                Ok(())
+            }
+            (Phase::AwaitResumed { round, .. }, Message::Resumed(r)) => self.resume(now, round, r),
+            (phase @ Phase::AwaitResumed { .. }, Message::Abort(a)) => {
+                // Refused on that connection (the destination may not yet
+                // have given the old link up): dial again within the
+                // window; past it, in doubt.
+                self.phase = phase;
+                self.handle_link_lost(now, &format!("resume refused: {}", a.reason));
+                Ok(())
+            }
+            (Phase::PostCopy { round, pushing }, Message::Fetch(f)) => {
+                self.phase = Phase::PostCopy { round, pushing };
+                self.serve(now, round, &f)
+            }
+            (
+                phase @ (Phase::AwaitReady { .. } | Phase::Committing | Phase::AwaitStarted { .. }),
+                Message::Fetch(_),
+            ) if self.switched => {
+                // Every page is on its way already.
+                self.phase = phase;
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Abort(a)) if self.switched => {
+                // The VM ran there: never resumed here.
+                self.finish(
+                    now,
+                    Outcome::InDoubt(format!(
+                        "destination aborted after the switch: {}",
+                        a.reason
+                    )),
+                );
+                Ok(())
+            }
+            (Phase::AwaitStarted { .. }, Message::Abort(a)) => {
+                // The destination says it did not start the VM and has
+                // discarded its copy: the VM is ours again. (A destination
+                // that lies here could run a second copy, but it could do
+                // that with the state it was handed anyway.)
+                self.handed_over = false;
+                self.actions.push_back(SourceAction::RollBack);
+                self.finish(
+                    now,
+                    Outcome::Aborted(format!("destination could not start: {}", a.reason)),
+                );
+                Ok(())
+            }
+            (Phase::Done, _) => {
+                self.phase = Phase::Done;
+                Ok(())
+            }
+            (phase, Message::Abort(a)) => {
+                self.phase = phase;
+                self.finish_failed(now, format!("destination aborted: {}", a.reason));
+                Ok(())
+            }
+            (phase, msg) => {
+                let e = SourceError::Unexpected {
+                    phase: phase.name(),
+                    message: msg.kind(),
+                };
+                self.phase = phase;
+                Err(self.fail(now, e))
+            }
+        }
+    }
+}

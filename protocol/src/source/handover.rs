@@ -1,0 +1,107 @@
+//! The end of the copy: `Finish` with the root of the image as paused, the
+//! destination's receipts checked and kept, the handover recorded and
+//! sent with our `Sent` receipt.
+
+use std::time::Instant;
+
+use crate::digest::{device_state_digest, Digest};
+use crate::message::{Finish, Handover, Message, Reason};
+use crate::receipt::ReceiptKind;
+
+#[cfg(doc)]
+use super::SourceEvent;
+use super::{Phase, Source, SourceAction, SourceError};
+
+impl Source {
+    /// Each disk's own root (see [`crate::disk`]) over the leaves as sent,
+    /// in manifest order: the disks as paused once the summary of
+    /// [`SourceEvent::Finished`] says the migration verified.
+    pub fn disk_roots(&self) -> Vec<Digest> {
+        crate::disk::leaf_ranges(self.cfg.manifest.memory, &self.cfg.manifest.disks)
+            .into_iter()
+            .map(|r| {
+                let leaves: Vec<Digest> = (r.start..r.end)
+                    .map(|i| self.tree.leaf(i as usize).unwrap_or(Digest([0; 32])))
+                    .collect();
+                crate::disk::disk_root(&leaves)
+            })
+            .collect()
+    }
+
+    /// Every page is sent: announce the root of the image as paused.
+    pub(super) fn send_finish(&mut self, now: Instant) {
+        let root = self.tree.root();
+        self.root = Some(root);
+        self.actions
+            .push_back(SourceAction::Send(Box::new(Message::Finish(Finish {
+                batches: self.batches.clone(),
+                rounds: self.rounds,
+                device_state: self.device_state.clone(),
+                memory_root: root,
+            }))));
+        self.phase = Phase::AwaitReady {
+            deadline: now + self.cfg.ready_timeout,
+        };
+        self.progress("verify", 0);
+    }
+
+    /// The handover is durably recorded; tell the destination.
+    pub fn handle_handover_committed(&mut self, now: Instant) {
+        if let Phase::Committing = self.phase {
+            let sent = self.cfg.notary.sign(
+                now,
+                ReceiptKind::Sent,
+                self.cfg.migration,
+                self.ticket_digest,
+                self.state(),
+            );
+            let receipt = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not handed over yet: the VM resumes here.
+                    self.fail_with(now, Reason::Internal(e.to_string()), e.to_string());
+                    return;
+                }
+            };
+            self.receipts.push(receipt.clone());
+            self.handed_over = true;
+            self.actions
+                .push_back(SourceAction::Send(Box::new(Message::Handover(Handover {
+                    receipt,
+                    reuse: self.retain.take().map(Box::new),
+                }))));
+            self.phase = Phase::AwaitStarted {
+                deadline: now + self.cfg.started_timeout,
+            };
+            self.progress("handover", 0);
+        }
+    }
+
+    /// Memory root and device digest handed over.
+    pub(super) fn state(&self) -> crate::receipt::StateDigests {
+        self.root
+            .map(|r| (r, device_state_digest(&self.device_state)))
+    }
+
+    /// Checks one of the destination's receipts and keeps it.
+    pub(super) fn check_receipt(
+        &mut self,
+        r: &crate::receipt::SignedReceipt,
+        kind: ReceiptKind,
+        state: crate::receipt::StateDigests,
+    ) -> Result<(), SourceError> {
+        self.cfg
+            .notary
+            .check(
+                r,
+                &self.cfg.peer,
+                kind,
+                self.cfg.migration,
+                self.ticket_digest,
+                state,
+            )
+            .map_err(SourceError::Receipt)?;
+        self.receipts.push(r.clone());
+        Ok(())
+    }
+}

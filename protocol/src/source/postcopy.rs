@@ -1,0 +1,171 @@
+//! Post-copy: the switch (recorded, then sent with the owed pages), serving
+//! the destination's faults with pre-paging, pushing the owed pages, and
+//! post-copy recovery on a new link.
+
+use std::time::Instant;
+
+use crate::message::{Fetch, Message, PostcopySwitch};
+use crate::page::{PageBitmap, PageIndex};
+
+use super::{Phase, Source, SourceAction, SourceError};
+
+/// Pages after a faulting page sent with it when they are still owed.
+pub const PREPAGE: u64 = 15;
+
+impl Source {
+    /// Paused, nothing left to send first: record the post-copy switch.
+    pub(super) fn begin_switch(&mut self) {
+        self.phase = Phase::Switching;
+        self.progress("switching to post-copy", self.postcopy.owed);
+        self.actions.push_back(SourceAction::CommitSwitch);
+    }
+
+    /// The post-copy switch is durably recorded: hand the VM over.
+    pub fn handle_switch_committed(&mut self, now: Instant) {
+        let Phase::Switching = self.phase else {
+            return;
+        };
+        let streams = usize::from(self.cfg.manifest.data_streams);
+        let owed = self
+            .owed
+            .as_ref()
+            .map(|o| o.words().to_vec())
+            .unwrap_or_default();
+        self.handed_over = true;
+        self.switched = true;
+        self.actions
+            .push_back(SourceAction::Send(Box::new(Message::PostcopySwitch(
+                PostcopySwitch {
+                    batches: self.batches[..streams.min(self.batches.len())].to_vec(),
+                    device_state: self.device_state.clone(),
+                    owed,
+                    storage: self.cfg.storage_postcopy,
+                },
+            ))));
+        self.phase = Phase::AwaitRunning {
+            round: self.rounds,
+            deadline: now + self.cfg.accept_timeout,
+        };
+    }
+
+    /// Answers a Fetch: the asked pages, and the owed pages after each
+    /// not yet pushed, as one batch on the fault stream.
+    pub(super) fn serve(&mut self, now: Instant, round: u32, f: &Fetch) -> Result<(), SourceError> {
+        let count = self.tree.len() as u64;
+        let max = self.cfg.manifest.memory.page_size().max_batch_pages();
+        self.postcopy.fetches += 1;
+        let mut pages = Vec::new();
+        for &p in &f.pages {
+            if p.0 >= count {
+                return Err(self.fail(now, SourceError::LeafOutOfRange(p.0)));
+            }
+            pages.push(p);
+            let owed = self.owed.as_ref();
+            for q in p.0 + 1..=(p.0 + PREPAGE).min(count - 1) {
+                let q = PageIndex(q);
+                if owed.is_some_and(|o| o.contains(q)) && !self.pushed.contains(q) {
+                    pages.push(q);
+                }
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        pages.truncate(max);
+        self.serving += 1;
+        self.actions
+            .push_back(SourceAction::ServePages { round, pages });
+        Ok(())
+    }
+
+    /// Post-copy recovery: a new connection to the destination is up, with
+    /// its control and data streams: ask to resume.
+    pub fn handle_reconnected(&mut self, now: Instant) {
+        let Phase::Reconnecting { round, .. } = self.phase else {
+            return;
+        };
+        self.postcopy.recoveries += 1;
+        self.actions
+            .push_back(SourceAction::Send(Box::new(Message::Resume(
+                crate::message::Resume {
+                    migration: self.cfg.migration,
+                    ticket: self.ticket_digest,
+                },
+            ))));
+        let deadline = match self.phase {
+            Phase::Reconnecting { deadline, .. } => deadline.max(now + self.cfg.accept_timeout),
+            _ => now + self.cfg.accept_timeout,
+        };
+        self.phase = Phase::AwaitResumed { round, deadline };
+        self.progress("resuming post-copy", self.postcopy.owed);
+    }
+
+    /// The destination resumes: push again every owed page it lacks.
+    pub(super) fn resume(
+        &mut self,
+        now: Instant,
+        round: u32,
+        r: crate::message::Resumed,
+    ) -> Result<(), SourceError> {
+        // Over what was owed: the memory's pages, or every leaf.
+        let owed = self
+            .owed
+            .clone()
+            .unwrap_or_else(|| PageBitmap::empty(self.cfg.manifest.memory.page_count()));
+        let count = owed.len();
+        if r.missing.len() as u64 != count.div_ceil(64) {
+            return Err(self.fail(
+                now,
+                SourceError::BadResume("the bitmap does not fit what was owed"),
+            ));
+        }
+        let missing = PageBitmap::from_words(r.missing, count);
+        if missing.iter().any(|p| !owed.contains(p)) {
+            return Err(self.fail(now, SourceError::BadResume("a page that was never owed")));
+        }
+        // Each owed page the destination says it holds must have been
+        // sent since the switch: else the leaf both sides hold for it is
+        // not the paused page's, and the root check could not tell.
+        if owed
+            .iter()
+            .any(|p| !missing.contains(p) && !self.pushed.contains(p))
+        {
+            return Err(self.fail(
+                now,
+                SourceError::BadResume("the destination holds an owed page never sent"),
+            ));
+        }
+        // Batches count from zero on the new streams; what the old ones
+        // carried is in the destination's missing set.
+        for b in &mut self.batches {
+            *b = 0;
+        }
+        self.serving = 0;
+        // Pre-paging sends only what the destination still lacks.
+        self.pushed = PageBitmap::empty(self.tree.len() as u64);
+        for p in owed.iter().filter(|p| !missing.contains(*p)) {
+            self.pushed.insert(p);
+        }
+        // A link lost before PostcopyRunning: the VM runs there now.
+        self.resumed_at.get_or_insert(now);
+        self.progress("post-copy (resumed)", missing.count());
+        self.phase = Phase::PostCopy {
+            round,
+            pushing: true,
+        };
+        self.actions.push_back(SourceAction::SendPages {
+            round,
+            pages: missing,
+            skip_zero: false,
+        });
+        Ok(())
+    }
+
+    /// Post-copy: once every owed page is pushed and every fault served,
+    /// send Finish with the root of the image as paused.
+    pub(super) fn try_finish_postcopy(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::PostCopy { pushing: false, .. }) || self.serving > 0 {
+            return;
+        }
+        self.send_finish(now);
+    }
+}
