@@ -110,7 +110,10 @@ pub struct DestinationConfig {
 /// What the driver must do.
 #[derive(Debug)]
 #[must_use]
-#[non_exhaustive]
+///
+/// Not `#[non_exhaustive]`: the drivers in this workspace match it
+/// exhaustively, so a new variant breaks their build instead of being
+/// dropped at run time.
 pub enum DestinationAction {
     /// Send on the control stream.
     Send(Message),
@@ -168,7 +171,10 @@ pub enum DestinationAction {
 
 /// How a destination migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
+///
+/// Not `#[non_exhaustive]`: the drivers in this workspace match it
+/// exhaustively, so a new variant breaks their build instead of being
+/// dropped at run time.
 pub enum DestinationEvent {
     /// The VM runs here.
     Started {

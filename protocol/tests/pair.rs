@@ -538,7 +538,6 @@ impl Pair {
                     }
                     self.vm.discarded = true;
                 }
-                other => panic!("unknown action {other:?}"),
             }
         }
         while let Some(e) = self.src.poll_event() {
@@ -622,7 +621,6 @@ impl Pair {
                         .collect();
                     self.dst.request_pages(&asked);
                 }
-                other => panic!("unknown action {other:?}"),
             }
         }
         while let Some(e) = self.dst.poll_event() {

@@ -272,7 +272,6 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
                     run.staging = None;
                     run.audit_outcome(&sm, format!("in doubt: {why}"));
                 }
-                _ => {}
             }
             done = true;
         }
@@ -858,7 +857,6 @@ impl Incoming {
                     self.host.remove(&n);
                 }
             }
-            other => tracing::error!("unhandled destination action {other:?}"),
         }
     }
 

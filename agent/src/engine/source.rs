@@ -965,7 +965,6 @@ impl Run {
                         self.phase("started at the destination: copy here wiped");
                         self.vm.destroy();
                     }
-                    other => tracing::error!("unhandled source action {other:?}"),
                 }
             }
             let mut finished = None;
@@ -975,7 +974,6 @@ impl Run {
                         let _ = self.progress.try_send(p);
                     }
                     SourceEvent::Finished(s) => finished = Some(s),
-                    _ => {}
                 }
             }
             if let Some(s) = finished {

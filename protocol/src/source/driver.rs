@@ -14,7 +14,10 @@ use super::SourceSummary;
 /// What the driver must do.
 #[derive(Debug)]
 #[must_use]
-#[non_exhaustive]
+///
+/// Not `#[non_exhaustive]`: the drivers in this workspace match it
+/// exhaustively, so a new variant breaks their build instead of being
+/// dropped at run time.
 pub enum SourceAction {
     /// Send on the control stream.
     Send(Box<Message>),
@@ -79,7 +82,10 @@ pub enum SourceAction {
 
 /// What the driver may report.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
+///
+/// Not `#[non_exhaustive]`: the drivers in this workspace match it
+/// exhaustively, so a new variant breaks their build instead of being
+/// dropped at run time.
 pub enum SourceEvent {
     /// Progress.
     Progress(Progress),
