@@ -10,6 +10,7 @@ use crate::digest::Digest;
 use crate::model::MigrationMode;
 use crate::names::{AgentName, VmName};
 use crate::page::EncodingStats;
+pub use crate::vm::{Accel, QemuVmSpec};
 
 /// What a simulated VM's memory is filled with at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,44 +22,6 @@ pub enum ContentProfile {
     Random,
     /// Every page zero.
     Zero,
-}
-
-/// A QEMU accelerator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// Hardware virtualisation (`/dev/kvm`).
-    Kvm,
-    /// QEMU's translator (works everywhere).
-    Tcg,
-}
-
-/// A QEMU VM to create. Paths name files on the agent's host: the binary
-/// must be one the agent allows, the kernel, initrd and disks are relative
-/// to its image directory; nothing else of the command line crosses the
-/// wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QemuVmSpec {
-    /// Its name, unique on the agent.
-    pub name: VmName,
-    /// QEMU binary: a file name or path from the agent's allow-list.
-    pub binary: String,
-    /// Guest memory, MiB.
-    pub memory_mib: u64,
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// Kernel, relative to the agent's image directory.
-    pub kernel: Option<String>,
-    /// Initial ramdisk, relative to the image directory.
-    pub initrd: Option<String>,
-    /// Kernel command line (given to the guest; printable ASCII).
-    pub append: String,
-    /// Disk images, relative to the image directory.
-    pub disks: Vec<String>,
-    /// Accelerator.
-    pub accel: Accel,
-    /// Tenant, security level and labels, for policies.
-    pub attributes: crate::vm::VmAttributes,
 }
 
 /// A simulated VM to create.
@@ -239,10 +202,10 @@ pub struct MigrationReport {
     /// For a QEMU VM: QEMU's own figures and what Convoy carried.
     pub qemu: Option<Box<QemuFigures>>,
     /// How pre-copy converged (native engine).
-    pub convergence: crate::source::Convergence,
+    pub convergence: crate::model::Convergence,
     /// After a post-copy switch (native engine): what was owed, served on
     /// faults, and the destination's fault figures.
-    pub postcopy: Option<Box<crate::source::PostcopySummary>>,
+    pub postcopy: Option<Box<crate::model::PostcopySummary>>,
     /// A sim VM's disks as moved: each one's size and its own root (the
     /// destination verified them within the root of the whole image).
     pub disks: Vec<DiskReport>,

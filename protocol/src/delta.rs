@@ -39,7 +39,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use thiserror::Error;
 
-use crate::page::geometry::{PageIndex, PageSize};
+use crate::geometry::{PageIndex, PageSize};
 
 /// Shortest unchanged stretch the encoder splits a literal at; shorter ones
 /// are carried inside the literal as zero XOR bytes.

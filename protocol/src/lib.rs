@@ -11,7 +11,9 @@
 //! - [`frame`]: length-prefixed framing with a hard maximum frame size.
 //! - [`message`]: the tagged messages (tag 0 invalid), version and
 //!   capability negotiation, typed decode errors.
-//! - [`page`]: memory geometry, page bitmaps, the page-batch codec (zero,
+//! - [`geometry`]: page sizes, memory geometry, page indexes and bitmaps,
+//!   striping over streams (a leaf module).
+//! - [`page`]: memory geometry (re-exported), page bitmaps, the page-batch codec (zero,
 //!   whole and delta pages; raw or zstd), stream striping, and the
 //!   per-stream receiver that enforces ordering.
 //! - [`delta`]: XBZRLE-style delta encoding of a page against its previous
@@ -58,6 +60,7 @@ pub mod evidence;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod geometry;
 pub mod logtree;
 pub mod message;
 pub mod model;

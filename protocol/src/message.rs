@@ -42,6 +42,8 @@ use crate::names::{MigrationId, VmName};
 use crate::page::{BatchHeader, MemoryGeometry};
 use crate::receipt::SignedReceipt;
 
+pub use crate::model::FaultFigures;
+
 /// The protocol version this build speaks.
 ///
 /// 2: destination-paced rounds (`RoundEnd`/`RoundApplied`), base images
@@ -281,17 +283,6 @@ pub struct Ready {
     /// After a post-copy switch: the faults the VM took (informational,
     /// not signed).
     pub faults: Option<FaultFigures>,
-}
-
-/// How demand paging went at the destination after a post-copy switch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FaultFigures {
-    /// Pages the VM touched before they had arrived.
-    pub faults: u64,
-    /// Median time from fault to page installed, microseconds.
-    pub median_us: u64,
-    /// 99th percentile of the same, microseconds.
-    pub p99_us: u64,
 }
 
 /// Largest number of pages in one [`Fetch`].

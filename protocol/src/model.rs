@@ -148,3 +148,44 @@ impl MigrationPlan {
         Ok(())
     }
 }
+
+/// How pre-copy converged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Convergence {
+    /// Last estimated dirty rate, pages per second.
+    pub dirty_rate: u64,
+    /// Highest guest throttle applied, percent.
+    pub throttle: u8,
+    /// Page sends of pages already sent before (the re-sent pages).
+    pub resent_pages: u64,
+    /// Sends deferred by holding hot pages back for the final round.
+    pub held_back: u64,
+}
+
+/// How a post-copy phase went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PostcopySummary {
+    /// Pages owed at the switch.
+    pub owed: u64,
+    /// Page sends on the fault stream (the asked pages and their pre-paged
+    /// neighbours).
+    pub served: u64,
+    /// Fetch requests received.
+    pub fetches: u64,
+    /// The destination's figures, from its Ready.
+    pub faults: Option<FaultFigures>,
+    /// Times the link broke and the migration resumed on a new one.
+    #[serde(default)]
+    pub recoveries: u32,
+}
+
+/// How demand paging went at the destination after a post-copy switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultFigures {
+    /// Pages the VM touched before they had arrived.
+    pub faults: u64,
+    /// Median time from fault to page installed, microseconds.
+    pub median_us: u64,
+    /// 99th percentile of the same, microseconds.
+    pub p99_us: u64,
+}

@@ -30,10 +30,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ctl::QemuVmSpec;
 use crate::digest::Digest;
 use crate::model::MigrationMode;
 use crate::names::MigrationId;
+use crate::vm::QemuVmSpec;
 
 /// Most channels one stream migration may carry (the main channel, 16
 /// multifd channels, 8 disks, with room to spare).
@@ -99,11 +99,11 @@ pub struct QemuManifest {
 impl QemuManifest {
     /// Checks the bounds a decoder cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if usize::from(self.multifd_channels) > usize::from(crate::message::MAX_DATA_STREAMS) {
+        if usize::from(self.multifd_channels) > usize::from(crate::model::MAX_STREAMS) {
             return Err(format!(
                 "{} multifd channels, at most {}",
                 self.multifd_channels,
-                crate::message::MAX_DATA_STREAMS
+                crate::model::MAX_STREAMS
             ));
         }
         if self.multifd_channels > 0 && self.mode != MigrationMode::Precopy {

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::names::VmName;
 use thiserror::Error;
 
 /// Most labels on one VM.
@@ -103,6 +105,44 @@ impl VmAttributes {
         token("label value", v)?;
         Ok((k.to_owned(), v.to_owned()))
     }
+}
+
+/// A QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation (`/dev/kvm`).
+    Kvm,
+    /// QEMU's translator (works everywhere).
+    Tcg,
+}
+
+/// A QEMU VM to create. Paths name files on the agent's host: the binary
+/// must be one the agent allows, the kernel, initrd and disks are relative
+/// to its image directory; nothing else of the command line crosses the
+/// wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuVmSpec {
+    /// Its name, unique on the agent.
+    pub name: VmName,
+    /// QEMU binary: a file name or path from the agent's allow-list.
+    pub binary: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Kernel, relative to the agent's image directory.
+    pub kernel: Option<String>,
+    /// Initial ramdisk, relative to the image directory.
+    pub initrd: Option<String>,
+    /// Kernel command line (given to the guest; printable ASCII).
+    pub append: String,
+    /// Disk images, relative to the image directory.
+    pub disks: Vec<String>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Tenant, security level and labels, for policies.
+    pub attributes: VmAttributes,
 }
 
 #[cfg(test)]

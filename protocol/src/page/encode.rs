@@ -6,9 +6,9 @@
 use thiserror::Error;
 
 use super::batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
-use super::geometry::{is_zero, PageIndex, PageSize};
 use crate::delta::{self, PageCache};
 use crate::digest::{leaf_digest, zero_leaf, Digest};
+use crate::geometry::{is_zero, PageIndex, PageSize};
 
 /// Errors of the batch builder: the caller's misuse, not the peer's.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -29,9 +29,10 @@
 //! gives is enough to apply versions in the order they were read.
 //!
 //! # Parts
-//! - `geometry`: page sizes, [`MemoryGeometry`], [`PageIndex`],
-//!   [`PageBitmap`], striping ([`stream_for`]) and the size limits; a leaf
-//!   that [`crate::delta`] builds on too.
+//! - geometry ([`crate::geometry`], re-exported here): page sizes,
+//!   [`MemoryGeometry`], [`PageIndex`], [`PageBitmap`], striping
+//!   ([`stream_for`]) and the size limits; a leaf module that
+//!   [`crate::delta`] builds on too.
 //! - `batch`: the batch format on the wire ([`BatchHeader`], [`Run`],
 //!   [`RunKind`], [`Compression`]) and [`EncodingStats`].
 //! - `encode`: the sender's side, [`BatchBuilder`] and [`Compressor`].
@@ -40,15 +41,14 @@
 
 mod batch;
 mod encode;
-pub(crate) mod geometry;
 mod receive;
 #[cfg(test)]
 mod tests;
 
-pub use batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
-pub use encode::{BatchBuilder, BuildError, Compressor, EncodedBatch};
-pub use geometry::{
+pub use crate::geometry::{
     is_zero, stream_for, GeometryError, MemoryGeometry, PageBitmap, PageIndex, PageSize,
     MAX_BATCH_BYTES, MAX_PAGE_COUNT, STRIPE_PAGES,
 };
+pub use batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
+pub use encode::{BatchBuilder, BuildError, Compressor, EncodedBatch};
 pub use receive::{BatchError, DecodedBatch, PageData, StreamReceiver};

@@ -6,8 +6,8 @@
 use thiserror::Error;
 
 use super::batch::{BatchHeader, Compression, RunKind};
-use super::geometry::{stream_for, MemoryGeometry, PageIndex};
 use crate::delta::{self, DeltaError};
+use crate::geometry::{stream_for, MemoryGeometry, PageIndex};
 
 /// Why a received batch was refused. Every variant is the peer's fault.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

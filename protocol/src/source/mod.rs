@@ -146,10 +146,11 @@ mod postcopy;
 mod precopy;
 mod sent;
 
+pub use crate::model::{Convergence, PostcopySummary};
 pub use config::{SourceConfig, Switchover};
 pub use driver::{SentBatch, SourceAction, SourceEvent};
 pub use error::SourceError;
-pub use outcome::{Convergence, PostcopySummary, SourceSummary};
+pub use outcome::SourceSummary;
 pub use postcopy::PREPAGE;
 pub use precopy::{HOT_ROUNDS, THROTTLE_STEPS};
 

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::ctl::Outcome;
 use crate::digest::Digest;
-use crate::message::{Abort, FaultFigures, Message, Reason};
+use crate::message::{Abort, Message, Reason};
+use crate::model::{Convergence, PostcopySummary};
 use crate::page::EncodingStats;
 
 use super::{Phase, Source, SourceAction, SourceEvent};
@@ -42,36 +43,6 @@ pub struct SourceSummary {
     pub memory_root: Option<Digest>,
     /// Receipts verified from the destination, and our own `Sent`.
     pub receipts: Vec<crate::receipt::SignedReceipt>,
-}
-
-/// How pre-copy converged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Convergence {
-    /// Last estimated dirty rate, pages per second.
-    pub dirty_rate: u64,
-    /// Highest guest throttle applied, percent.
-    pub throttle: u8,
-    /// Page sends of pages already sent before (the re-sent pages).
-    pub resent_pages: u64,
-    /// Sends deferred by holding hot pages back for the final round.
-    pub held_back: u64,
-}
-
-/// How a post-copy phase went.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PostcopySummary {
-    /// Pages owed at the switch.
-    pub owed: u64,
-    /// Page sends on the fault stream (the asked pages and their pre-paged
-    /// neighbours).
-    pub served: u64,
-    /// Fetch requests received.
-    pub fetches: u64,
-    /// The destination's figures, from its Ready.
-    pub faults: Option<FaultFigures>,
-    /// Times the link broke and the migration resumed on a new one.
-    #[serde(default)]
-    pub recoveries: u32,
 }
 
 impl Source {
