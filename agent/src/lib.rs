@@ -6,29 +6,33 @@
 //! sans-IO state machines of `convoy-protocol` against a VM backend.
 //!
 //! # Layout
-//! - [`agent`]: configuration, the VM registry, the accept loop; [`run`].
-//! - [`audit`]: the signed, fsynced, tamper-evident audit log.
-//! - [`authz`]: operator-signed tickets: issuing, checking, replay cache.
-//! - [`identity`]: certificates, keys, CA bundles, SPIFFE IDs, rustls
-//!   configurations (including the SPIFFE-ID server verifier).
-//! - [`pki`]: a file-based Ed25519 PKI for a quick start (`convoyctl pki`).
-//! - [`transport`]: the tuned quinn endpoint, connect/authorize, framed I/O.
-//! - `control`: the operator API (`convoy-ctl/1`).
-//! - [`client`]: the operator side of that API, used by `convoyctl` and
+//! - [`server`]: binds an agent ([`Agent`]), the accept loop, credential and
+//!   policy reloads; [`run`]. [`config`]: how an agent runs
+//!   ([`AgentConfig`]).
+//! - [`host`]: the host's state (`Host`) — the VM registry and its
+//!   capacity, credentials and policy in force, audit log, replay cache,
+//!   the migration budget ([`host::budget`]) and retained images
+//!   ([`host::retain`]).
+//! - `control`: the operator API (`convoy-ctl/1`), one file per family of
+//!   requests; [`client`]: the operator side of it, used by `convoyctl` and
 //!   the tests.
-//! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests).
-//! - [`units`]: human sizes for command lines.
-//! - [`engine`]: source and destination migration drivers.
-//! - [`retain`]: memory reuse when a VM comes back — the sealed images kept
-//!   for VMs that left, the keys held for VMs that arrived.
+//! - [`trust`]: identities and TLS configurations, tickets and the replay
+//!   cache, Cedar policies, the signed audit log, a file-based PKI.
+//! - [`transport`]: the tuned quinn endpoint, connect/authorize, framed I/O,
+//!   close codes.
+//! - `engine`: outgoing and incoming migrations, the one admission check,
+//!   the page engines of sim VMs (`native`) and QEMU's carried stream
+//!   (`qemu`).
 //! - [`backend`]: the VM backend traits, the simulated VM and QEMU (the
 //!   only `unsafe` code lives in [`backend::memory`] and [`backend::uffd`]).
+//! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests);
+//!   [`units`]: human sizes for command lines.
 
 pub mod backend;
 pub mod client;
 pub mod config;
 pub(crate) mod control;
-pub mod engine;
+pub(crate) mod engine;
 pub mod host;
 pub mod lab;
 pub mod server;

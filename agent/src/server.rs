@@ -1,6 +1,6 @@
 //! The server: binds an agent ([`Agent`]), accepts connections and hands
 //! each authenticated one to the operator API (`control`) or to an
-//! incoming migration ([`crate::engine::destination`]); reloads
+//! incoming migration (`engine::incoming`); reloads
 //! credentials and policy when their files change; [`run`].
 
 use std::collections::{HashMap, VecDeque};
@@ -15,7 +15,7 @@ use convoy_protocol::names::SpiffeId;
 
 use crate::config::{AgentConfig, AgentError, CredentialFiles};
 use crate::host::{Creds, Host, RefusalWindow, VmEntry};
-use crate::transport::{self, TransportError, ALPN_AGENT, ALPN_CTL};
+use crate::transport::{self, close, TransportError, ALPN_AGENT, ALPN_CTL};
 use crate::trust::identity;
 
 /// A bound agent, ready to run.
@@ -225,14 +225,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Close codes.
-pub(crate) mod close {
-    /// The peer is not allowed here.
-    pub const UNAUTHORIZED: u32 = 0x10;
-    /// Normal end.
-    pub const DONE: u32 = 0;
-}
-
 async fn serve_connection(
     host: Arc<Host>,
     incoming: quinn::Incoming,
@@ -259,7 +251,7 @@ async fn serve_connection(
     if peer.alpn == ALPN_CTL {
         crate::control::serve(host, conn, peer).await;
     } else {
-        crate::engine::destination::serve(host, conn, peer).await;
+        crate::engine::incoming::serve(host, conn, peer).await;
     }
     Ok(())
 }

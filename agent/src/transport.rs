@@ -408,3 +408,11 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"short");
     }
 }
+
+/// QUIC application close codes.
+pub(crate) mod close {
+    /// The peer is not allowed here.
+    pub const UNAUTHORIZED: u32 = 0x10;
+    /// Normal end.
+    pub const DONE: u32 = 0;
+}

@@ -1,4 +1,4 @@
-//! Migration requests: `migrate` (run by [`crate::engine::source::migrate`],
+//! Migration requests: `migrate` (run by [`crate::engine::outgoing::migrate`],
 //! its progress streamed to the operator) and `abort`.
 
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub(super) async fn migrate(
     send: &mut SendStream,
 ) -> Result<(), WireError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let task = tokio::spawn(crate::engine::source::migrate(
+    let task = tokio::spawn(crate::engine::outgoing::migrate(
         host.clone(),
         req,
         operator.clone(),

@@ -1,11 +1,22 @@
 //! Migration engines: thin drivers that move bytes between QUIC streams,
 //! the VM backend and the sans-IO state machines of `convoy-protocol`.
 //! No migration decision is taken here.
+//!
+//! - [`outgoing`]: a migration the operator asks of this agent — request,
+//!   ticket, plan and policy checked, the VM claimed, the backend's engine
+//!   run, the outcome audited.
+//! - [`incoming`]: a connection from a source agent — the first message
+//!   decides between a page migration, a QEMU stream and a post-copy
+//!   resume.
+//! - [`error`]: why an outgoing migration could not begin.
+//! - [`admission`]: the destination's one check of a proposal (ticket,
+//!   plan, policy) for every backend.
+//! - [`native`]: page migrations of sim VMs, driving the state machines.
+//! - [`qemu`]: QEMU's own migration stream carried through Convoy.
 
 pub(crate) mod admission;
-pub mod destination;
-mod pacer;
-mod qemu_common;
-pub mod qemu_destination;
-pub mod qemu_source;
-pub mod source;
+pub(crate) mod error;
+pub(crate) mod incoming;
+pub(crate) mod native;
+pub(crate) mod outgoing;
+pub(crate) mod qemu;

@@ -1,4 +1,4 @@
-//! The host's state: one [`Host`] per agent, shared by the server, the
+//! The host's state: one `Host` per agent, shared by the server, the
 //! operator API and every migration engine — the VM registry and its
 //! capacity, the credentials and policy in force, the audit log, the replay
 //! cache, the migration budget ([`budget`]) and the images retained for

@@ -20,8 +20,8 @@
 //!   running VM;
 //! - [`guest`]: the tiny test guest of the demo, benchmark and tests.
 //!
-//! Migration through agents lives in `engine::qemu_source` and
-//! `engine::qemu_destination` (the message sequence and digests are in
+//! Migration through agents lives in `engine::qemu::source` and
+//! `engine::qemu::destination` (the message sequence and digests are in
 //! `convoy_protocol::stream`). Not built: post-copy recovery after a broken
 //! link.
 

@@ -26,10 +26,10 @@ use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::admission;
-use super::qemu_common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
+use super::common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
+use crate::engine::admission;
 use crate::host::{Host, ReserveError};
 use crate::transport::{read_message, write_message, Peer};
 

@@ -37,10 +37,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::qemu_common::{capabilities, digests, ChanEvent, Control};
-use super::qemu_common::{carry, read_control, Fail};
-use super::source::MigrateError;
+use super::common::{capabilities, digests, ChanEvent, Control};
+use super::common::{carry, read_control, Fail};
 use crate::backend::qemu::vm::QemuVm;
+use crate::engine::error::MigrateError;
 use crate::host::Host;
 use crate::transport::write_message;
 
@@ -189,7 +189,7 @@ impl Run {
         let outcome = match conn {
             Ok(conn) => {
                 let o = self.run(&conn, &mut st).await;
-                conn.close(crate::server::close::DONE.into(), b"done");
+                conn.close(crate::transport::close::DONE.into(), b"done");
                 let stats = conn.stats();
                 st.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
                 o

@@ -1,0 +1,325 @@
+//! What the destination does for each action of its state machine: one
+//! method per [`DestinationAction`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::ctl::VmState;
+use convoy_protocol::destination::{Destination, DestinationAction};
+use convoy_protocol::message::{Manifest, Reason};
+use convoy_protocol::names::{MigrationId, VmName};
+use convoy_protocol::page::PageBitmap;
+use convoy_protocol::ticket::SignedTicket;
+use convoy_protocol::vm::VmAttributes;
+use quinn::SendStream;
+use tokio::sync::mpsc;
+
+use crate::backend::sim::SimVm;
+use crate::backend::Staging;
+use crate::engine::admission;
+use crate::host::ReserveError;
+use crate::transport::write_message;
+
+use super::{Incoming, Reuse};
+
+impl Incoming {
+    pub(super) async fn act(
+        &mut self,
+        sm: &mut Destination,
+        send: &mut SendStream,
+        a: DestinationAction,
+    ) {
+        match a {
+            DestinationAction::Send(m) => {
+                if let Err(e) = write_message(send, &m).await {
+                    sm.handle_link_lost(Instant::now(), &e.to_string());
+                }
+            }
+            DestinationAction::AwaitResume => self.await_resume(),
+            DestinationAction::PrepareStaging {
+                vm,
+                manifest,
+                migration,
+                ticket,
+                attributes,
+            } => {
+                self.prepare_staging(sm, vm, manifest, migration, ticket, attributes)
+                    .await
+            }
+            DestinationAction::StartVm { device_state } => self.start_vm(sm, device_state).await,
+            DestinationAction::StartPostcopy { device_state, owed } => {
+                self.start_postcopy(sm, device_state, owed)
+            }
+            DestinationAction::TrustVm => self.trust_vm(sm).await,
+            DestinationAction::DiscardStaging => self.discard_staging(),
+        }
+    }
+
+    /// Admission, then capacity and the staging image: accepted, or
+    /// refused with what is missing.
+    async fn prepare_staging(
+        &mut self,
+        sm: &mut Destination,
+        vm: VmName,
+        manifest: Manifest,
+        migration: MigrationId,
+        ticket: SignedTicket,
+        attributes: VmAttributes,
+    ) {
+        // The operator's ticket, the plan it grants and the
+        // policy: nothing is reserved for a migration nobody
+        // authorized.
+        let proposal = admission::Proposal {
+            vm: &vm,
+            migration,
+            manifest: &manifest,
+            ticket: &ticket,
+            attributes: &attributes,
+        };
+        if let Err(e) = admission::admit(&self.host, &self.peer.id, proposal) {
+            sm.handle_staging_failed(e.reason());
+            return;
+        }
+        let bytes = manifest.memory.bytes();
+        match self.host.reserve(&vm, bytes, VmState::Incoming) {
+            Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),
+            Err(ReserveError::NoCapacity) => sm.handle_staging_failed(Reason::NoCapacity),
+            Ok(()) => match SimVm::incoming_with_disks(
+                manifest.memory,
+                &manifest.disks,
+                self.host
+                    .config
+                    .disk_dir()
+                    .as_deref()
+                    .map(|d| (d, vm.as_str())),
+            ) {
+                Ok(s) if manifest.postcopy && !crate::backend::uffd::available() => {
+                    s.discard();
+                    self.host.remove(&vm);
+                    sm.handle_staging_failed(Reason::Unacceptable(
+                        "post-copy needs userfaultfd on this host (root, or vm.unprivileged_userfaultfd=1)".into(),
+                    ));
+                }
+                Ok(staging) => {
+                    if let Some(e) = self.host.vms().get_mut(&vm) {
+                        e.attributes = attributes;
+                    }
+                    if staging.has_disks() {
+                        self.tasks.push(flush_disks_while_arriving(staging.clone()));
+                    }
+                    self.staging = Some(staging.clone());
+                    self.name = Some(vm);
+                    // Batches index memory pages, then disk blocks
+                    // (the leaf count was checked at Propose).
+                    self.geometry = Some(manifest.leaf_geometry().unwrap_or(manifest.memory));
+                    self.streams = manifest.data_streams;
+                    self.postcopy = manifest.postcopy;
+                    self.start_paused = manifest.start_paused;
+                    self.migration = sm.migration();
+                    // An offered image held here, for this VM and
+                    // geometry: its pages need not be sent.
+                    self.reuse = manifest.reuse.clone().and_then(|offer| {
+                        let name = self.name.as_ref()?;
+                        let image =
+                            self.host
+                                .retained()
+                                .find(name, offer.image, manifest.memory)?;
+                        Some(Reuse {
+                            image,
+                            key: Arc::new(offer.key),
+                        })
+                    });
+                    let held = self.reuse.is_some();
+                    let bases = self.stage_bases(&staging, &manifest).await;
+                    self.phase(format!(
+                        "staging reserved ({bytes} bytes){}{}, accepting",
+                        if held {
+                            ", reusing the image retained here"
+                        } else {
+                            ""
+                        },
+                        if bases.iter().any(Option::is_some) {
+                            ", disks started from the base images held here"
+                        } else {
+                            ""
+                        }
+                    ));
+                    sm.handle_staging_ready_holding(Instant::now(), held, bases);
+                    self.accept_streams();
+                }
+                Err(e @ crate::backend::BackendError::Disk(_)) => {
+                    self.host.remove(&vm);
+                    tracing::warn!("cannot make the VM's disks: {e}");
+                    sm.handle_staging_failed(Reason::Unacceptable(e.to_string()));
+                }
+                Err(e) => {
+                    self.host.remove(&vm);
+                    tracing::warn!("cannot reserve staging memory: {e}");
+                    sm.handle_staging_failed(Reason::NoCapacity);
+                }
+            },
+        }
+    }
+
+    /// Verified: the VM starts here (pre-copy, or hybrid before a switch).
+    async fn start_vm(&mut self, sm: &mut Destination, device_state: Vec<u8>) {
+        let (Some(staging), Some(name)) = (self.staging.take(), self.name.clone()) else {
+            sm.handle_start_failed("no staging image");
+            return;
+        };
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        match staging.clone().start(&device_state, self.start_paused) {
+            Ok((vm, resumed_from)) => {
+                let key = self.arrival_key(sm);
+                let state = if self.start_paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                self.register(&name, vm, resumed_from, state);
+                if let Some(e) = self.host.vms().get_mut(&name) {
+                    e.reuse = key;
+                }
+                self.arrived(&name);
+                self.phase("verified and started here".into());
+                confirm_started(sm, staging.clone()).await;
+            }
+            Err(e) => {
+                self.staging = Some(staging);
+                sm.handle_start_failed(&e.to_string());
+            }
+        }
+    }
+
+    /// The switch: the VM runs here on demand paging, its owed pages
+    /// asked for on the fault stream.
+    fn start_postcopy(&mut self, sm: &mut Destination, device_state: Vec<u8>, owed: PageBitmap) {
+        let (Some(staging), Some(name)) = (self.staging.clone(), self.name.clone()) else {
+            sm.handle_start_failed("no staging image");
+            return;
+        };
+        let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
+        // Faults have their own queue, served before other events.
+        let (tx, batched) = mpsc::unbounded_channel();
+        self.faults = Some(batched);
+        self.tasks.push(tokio::spawn(async move {
+            // Every fault already queued goes in one Fetch.
+            while let Some(p) = faults_rx.recv().await {
+                let mut pages = vec![p];
+                while pages.len() < convoy_protocol::message::MAX_FETCH {
+                    match faults_rx.try_recv() {
+                        Ok(q) => pages.push(q),
+                        Err(_) => break,
+                    }
+                }
+                if tx.send(pages).is_err() {
+                    return;
+                }
+            }
+        }));
+        let owed_pages = owed.count();
+        let started = staging
+            .begin_postcopy(&owed, faults_tx)
+            .and_then(|()| staging.clone().start(&device_state, false));
+        match started {
+            Ok((vm, resumed_from)) => {
+                // Decoders install pages only where missing from now.
+                self.switched.store(true, Ordering::Release);
+                self.accept_resumes();
+                self.register(&name, vm, resumed_from, VmState::PostcopyIn);
+                self.phase(format!(
+                    "running here on demand paging, {owed_pages} pages still owed"
+                ));
+                sm.handle_postcopy_started(Instant::now());
+            }
+            Err(e) => {
+                staging.end_postcopy();
+                sm.handle_start_failed(&e.to_string());
+            }
+        }
+    }
+
+    /// Every page is in and the root verified: the VM is ours.
+    async fn trust_vm(&mut self, sm: &mut Destination) {
+        // Every page is in and the root verified: paging ends.
+        let staged = self.staging.take();
+        if let Some(s) = &staged {
+            s.end_postcopy();
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(n) = self.name.clone() {
+            let key = self.arrival_key(sm);
+            if let Some(e) = self.host.vms().get_mut(&n) {
+                e.state = VmState::Running;
+                e.reuse = key;
+            }
+            self.arrived(&n);
+        }
+        self.phase("every page verified: the VM is ours".into());
+        // Its disks are complete since the switch.
+        match staged {
+            Some(s) => confirm_started(sm, s).await,
+            None => sm.handle_started(Instant::now()),
+        }
+    }
+
+    /// Staging goes, wiped, and the reservation with it.
+    fn discard_staging(&mut self) {
+        if self.staging.is_some() {
+            self.phase("staging discarded and wiped".into());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(s) = self.staging.take() {
+            s.discard();
+        }
+        if let Some(n) = self.name.take() {
+            self.host.remove(&n);
+        }
+    }
+}
+
+/// The VM runs here: its disks, if any, go to stable storage before we
+/// say Started (the source discards its copy then), and the time that
+/// took is not downtime. A sync that fails leaves the migration in doubt.
+async fn confirm_started(sm: &mut Destination, staging: Arc<SimVm>) {
+    if !staging.has_disks() {
+        sm.handle_started(Instant::now());
+        return;
+    }
+    let t = Instant::now();
+    match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
+        Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
+        Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
+        Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
+    }
+}
+
+/// How often an incoming VM's disks are flushed while they arrive.
+const DISK_FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Flushes an incoming VM's disks every [`DISK_FLUSH_EVERY`] until the
+/// task is aborted (when the VM starts, or staging is discarded): without
+/// it, the sync before Started writes every block that arrived (2.8 s for
+/// a 4 GiB disk a quarter full, measured).
+fn flush_disks_while_arriving(staging: Arc<SimVm>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(DISK_FLUSH_EVERY).await;
+            let s = staging.clone();
+            match tokio::task::spawn_blocking(move || s.flush_disks()).await {
+                Ok(Ok(())) => {}
+                // The sync before Started reports it (the migration is
+                // then in doubt).
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(_) => return,
+            }
+        }
+    })
+}

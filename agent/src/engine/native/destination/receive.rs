@@ -1,0 +1,317 @@
+//! Receiving pages and blocks: the data streams accepted, a decoder thread
+//! per stream staging what arrives (or installing it after a post-copy
+//! switch, only where still missing), and disks started from base images.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use convoy_protocol::destination::DestinationError;
+use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
+use convoy_protocol::message::Message;
+use convoy_protocol::page::is_zero;
+use convoy_protocol::page::{BatchError, PageData, PageIndex, StreamReceiver};
+use quinn::RecvStream;
+use tokio::sync::mpsc;
+
+use crate::backend::sim::SimVm;
+use crate::backend::Staging;
+use crate::transport::{read_message, WireError};
+
+use super::{Event, Incoming, Reuse};
+
+impl Incoming {
+    /// Accepts the data streams the manifest announced.
+    pub(super) fn accept_streams(&mut self) {
+        let conn = self.conn.clone();
+        let tx = self.tx.clone();
+        let n = self.streams + u16::from(self.postcopy);
+        let migration = self.migration;
+        self.link_tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                let mut recv = match conn.accept_uni().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Event::OpenFailed(e.to_string()));
+                        return;
+                    }
+                };
+                match read_message(&mut recv).await {
+                    Ok(Some(Message::DataStreamOpen(o))) if Some(o.migration) == migration => {
+                        let _ = tx.send(Event::Opened(o.stream, recv));
+                    }
+                    Ok(Some(other)) => {
+                        let _ = tx.send(Event::Bad(DestinationError::Unexpected {
+                            phase: "opening a data stream",
+                            message: other.kind(),
+                        }));
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Event::OpenFailed("data stream closed".into()));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(match e {
+                            WireError::Decode(d) => Event::Bad(d.into()),
+                            other => Event::OpenFailed(other.to_string()),
+                        });
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Starts each incoming disk whose base this host holds (same name,
+    /// root and size) as a copy of it; returns, per disk, the base's
+    /// leaves when it did (the tree starts from them). A base that cannot
+    /// be copied is not held: its blocks then all come.
+    pub(super) async fn stage_bases(
+        &mut self,
+        staging: &Arc<SimVm>,
+        manifest: &convoy_protocol::message::Manifest,
+    ) -> Vec<Option<Vec<convoy_protocol::digest::Digest>>> {
+        let Some(bases) = self.host.bases.clone() else {
+            return Vec::new();
+        };
+        if manifest.disks.iter().all(|d| d.base.is_none()) {
+            return Vec::new();
+        }
+        let (staging, disks) = (staging.clone(), manifest.disks.clone());
+        let block = manifest.memory.page_size().bytes();
+        let ranges = convoy_protocol::disk::leaf_ranges(manifest.memory, &manifest.disks);
+        let staged = tokio::task::spawn_blocking(move || {
+            disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let index = d
+                        .base
+                        .as_ref()
+                        .and_then(|b| bases.find(b, d.bytes, block))?;
+                    match staging.stage_base(i, &index) {
+                        Ok(()) => Some(index.leaves.clone()),
+                        Err(e) => {
+                            tracing::warn!("cannot start disk {} from its base: {e}", d.name);
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        self.base_ranges = Arc::new(
+            staged
+                .iter()
+                .zip(ranges)
+                .filter(|(held, _)| held.is_some())
+                .map(|(_, r)| r)
+                .collect(),
+        );
+        staged
+    }
+
+    pub(super) fn spawn_decoder(&mut self, stream: u16, mut recv: RecvStream) {
+        let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
+            return;
+        };
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(32);
+        let tx = self.tx.clone();
+        let switched = self.switched.clone();
+        // Retained pages come on the data streams, never on the fault one.
+        let reuse = self.reuse.clone().filter(|_| stream < self.streams);
+        let bases = self.base_ranges.clone();
+        let retained = stream < self.streams && (reuse.is_some() || !bases.is_empty());
+        self.link_tasks.push(tokio::spawn(async move {
+            loop {
+                match read_message(&mut recv).await {
+                    Ok(Some(m)) => {
+                        if frames_tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Event::StreamEnded);
+                        return;
+                    }
+                    Err(WireError::Decode(d)) => {
+                        let _ = tx.send(Event::Bad(d.into()));
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+        let tx = self.tx.clone();
+        let streams = self.streams;
+        let spawned = std::thread::Builder::new()
+            .name(format!("convoy-dec-{stream}"))
+            .spawn(move || {
+                let mut rx = if stream == streams {
+                    // The post-copy fault stream: pages in the order asked.
+                    StreamReceiver::unstriped(stream, geometry)
+                } else {
+                    StreamReceiver::new(stream, streams, geometry)
+                };
+                if retained {
+                    rx.accept_retained();
+                }
+                let mut scratch = vec![0u8; geometry.page_size().bytes()];
+                while let Some(m) = frames_rx.blocking_recv() {
+                    let Message::PageBatch(header, payload) = m else {
+                        let _ = tx.send(Event::Bad(DestinationError::Unexpected {
+                            phase: "receiving pages",
+                            message: m.kind(),
+                        }));
+                        return;
+                    };
+                    let batch = match rx.receive(&header, &payload) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Event::Bad(e.into()));
+                            return;
+                        }
+                    };
+                    let mut leaves = Vec::with_capacity(batch.len());
+                    let applied = if switched.load(Ordering::Acquire) {
+                        install(&staging, &batch, &mut scratch, &mut leaves)
+                    } else {
+                        stage(
+                            &staging,
+                            reuse.as_ref(),
+                            &bases,
+                            &batch,
+                            &mut scratch,
+                            &mut leaves,
+                        )
+                    };
+                    if let Err(e) = applied {
+                        let _ = tx.send(*e);
+                        return;
+                    }
+                    if tx
+                        .send(Event::Applied {
+                            stream,
+                            seq: batch.seq,
+                            leaves,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => self.link_threads.push(handle),
+            // A local failure, not the link's: never recovered from.
+            Err(e) => {
+                let _ = self.tx.send(Event::Bad(DestinationError::Staging(format!(
+                    "decoder thread: {e}"
+                ))));
+            }
+        }
+    }
+}
+
+/// Before a post-copy switch (and in pre-copy): writes the pages of
+/// `batch` to staging and gives each the leaf of what staging then holds.
+pub(super) fn stage(
+    staging: &SimVm,
+    reuse: Option<&Reuse>,
+    bases: &[std::ops::Range<u64>],
+    batch: &convoy_protocol::page::DecodedBatch,
+    scratch: &mut [u8],
+    leaves: &mut Vec<(PageIndex, Digest)>,
+) -> Result<(), Box<Event>> {
+    // A failed write or read here (a disk file) is ours, not the source's.
+    let local = |e: crate::backend::BackendError| {
+        Box::new(Event::Bad(DestinationError::Staging(e.to_string())))
+    };
+    for (idx, data) in batch.pages() {
+        match data {
+            PageData::Zero => staging.write_page(idx, None).map_err(local)?,
+            PageData::Full(bytes) => staging.write_page(idx, Some(bytes)).map_err(local)?,
+            // A disk block the staged base holds: it is there already
+            // (its leaf, below, is what staging holds).
+            PageData::Retained if bases.iter().any(|r| r.contains(&idx.0)) => {}
+            // Opened from the image retained here (authenticated, bound to
+            // the image and the page); a page that does not open is the
+            // source's lie or a tampered image: abort.
+            PageData::Retained => {
+                let opened = match reuse {
+                    Some(r) => r.image.open_into(&r.key, idx, scratch),
+                    None => Err(convoy_protocol::reuse::ReuseError::NoSuchPage(idx.0)),
+                };
+                if let Err(e) = opened {
+                    return Err(Box::new(Event::Bad(e.into())));
+                }
+                staging.write_page(idx, Some(scratch)).map_err(local)?;
+            }
+            // A delta applies to the version staged before (every version
+            // of a page arrives in order on this one stream).
+            delta => {
+                staging.read_staged(idx, scratch).map_err(local)?;
+                if let Err(error) = delta.write_to(scratch) {
+                    let bad = BatchError::BadDelta { page: idx.0, error };
+                    return Err(Box::new(Event::Bad(bad.into())));
+                }
+                staging.write_page(idx, Some(scratch)).map_err(local)?;
+            }
+        }
+        // Hash what staging holds, not what we meant to write.
+        staging.read_staged(idx, scratch).map_err(local)?;
+        leaves.push((idx, page_leaf(scratch)));
+    }
+    Ok(())
+}
+
+/// Post-copy: installs the pages of `batch` that are still missing, and
+/// gives each installed page the leaf of the bytes installed. A page
+/// already present (a fault and the push crossed) is left alone.
+pub(super) fn install(
+    staging: &SimVm,
+    batch: &convoy_protocol::page::DecodedBatch,
+    scratch: &mut [u8],
+    leaves: &mut Vec<(PageIndex, Digest)>,
+) -> Result<(), Box<Event>> {
+    for (idx, data) in batch.pages() {
+        let bytes = match data {
+            PageData::Zero => None,
+            PageData::Full(b) => Some(b),
+            // A delta's base, and a retained page's slot, may have changed
+            // since the switch: only whole pages come after it.
+            _ => {
+                return Err(Box::new(Event::Bad(DestinationError::Unexpected {
+                    phase: "post-copy",
+                    message: "a delta or retained page",
+                })))
+            }
+        };
+        // A local failure: not the source's fault, but the VM cannot get
+        // its pages any more.
+        let installed = staging.install_page(idx, bytes).map_err(|e| {
+            Box::new(Event::Bad(DestinationError::Staging(format!(
+                "installing page {}: {e}",
+                idx.0
+            ))))
+        })?;
+        if installed {
+            let leaf = match bytes {
+                Some(b) => page_leaf(b),
+                None => zero_leaf(scratch.len()),
+            };
+            leaves.push((idx, leaf));
+        }
+    }
+    Ok(())
+}
+
+/// The leaf digest of one page, with the zero-page leaf precomputed.
+pub(super) fn page_leaf(page: &[u8]) -> Digest {
+    if is_zero(page) {
+        zero_leaf(page.len())
+    } else {
+        leaf_digest(page)
+    }
+}

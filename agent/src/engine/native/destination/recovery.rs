@@ -1,0 +1,195 @@
+//! Post-copy recovery at the destination: a `Resume` on a new connection
+//! handed to the migration that waits for it (only from its own source,
+//! with the same ticket), and the migration taking the new link over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_protocol::ctl::VmState;
+use convoy_protocol::destination::Destination;
+use convoy_protocol::message::{Message, Reason};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use crate::host::Host;
+use crate::transport::{write_message, Peer};
+
+use super::{spawn_control_reader, Incoming};
+
+/// Hands a connection whose first message is `resume` to the post-copy
+/// migration waiting for it, or refuses it.
+pub(crate) async fn hand_over_resume(
+    host: Arc<Host>,
+    conn: Connection,
+    peer: Peer,
+    send: SendStream,
+    recv: RecvStream,
+    resume: convoy_protocol::message::Resume,
+) {
+    // Only the agent the migration came from reaches it: anyone else is
+    // refused here, without touching the migration.
+    let waiting = host
+        .recoveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&resume.migration)
+        .filter(|r| r.source == peer.id)
+        .map(|r| r.tx.clone());
+    let migration = resume.migration;
+    let rc = crate::host::Reconnection {
+        conn: conn.clone(),
+        peer: peer.clone(),
+        send,
+        recv,
+        resume,
+    };
+    let send = match waiting {
+        // The migration's task owns the connection now.
+        Some(w) => match w.send(rc) {
+            Ok(()) => return,
+            // Gone meanwhile: refused below.
+            Err(e) => e.0.send,
+        },
+        None => rc.send,
+    };
+    tracing::warn!(peer = %peer.id, %migration, "Resume for no waiting migration");
+    host.audit_refusal(
+        peer.id.to_string(),
+        format!("Resume of migration {migration}: no post-copy migration waits for it here"),
+    );
+    refuse(
+        conn,
+        send,
+        Reason::Unacceptable(format!(
+            "no post-copy migration {migration} waits to be resumed here"
+        )),
+    )
+    .await;
+}
+
+/// Answers a connection with an Abort, then lets it close (bounded: a
+/// peer that reads nothing is dropped after 5 s).
+pub(super) async fn refuse(conn: Connection, mut send: SendStream, reason: Reason) {
+    let answer = async {
+        let _ = write_message(
+            &mut send,
+            &Message::Abort(convoy_protocol::message::Abort { reason }),
+        )
+        .await;
+        let _ = send.finish();
+        conn.closed().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .is_err()
+    {
+        conn.close(crate::transport::close::DONE.into(), b"refused");
+    }
+}
+
+impl Incoming {
+    /// Post-copy recovery: the link broke. Its tasks go (decoders finish
+    /// the batch in hand, reported as stale), the VM stays, and the
+    /// migration waits for its source to come back.
+    pub(super) fn await_resume(&mut self) {
+        for t in self.link_tasks.drain(..) {
+            t.abort();
+        }
+        // Their readers gone, the decoders end after the batch in hand.
+        self.dying_threads.append(&mut self.link_threads);
+        self.conn.close(
+            crate::transport::close::DONE.into(),
+            b"link lost, awaiting Resume",
+        );
+        self.tx.epoch += 1;
+        if let Some(n) = &self.name {
+            self.host.set_state(n, VmState::Recovering);
+        }
+        self.phase(
+            "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
+        );
+        tracing::warn!(peer = %self.peer.id, "post-copy link lost, awaiting the source's Resume");
+    }
+
+    /// After the switch: a new connection that resumes this migration may
+    /// come (even before this side notices the old link broke); only from
+    /// the agent it came from.
+    pub(super) fn accept_resumes(&mut self) {
+        if self.resume_rx.is_some() || self.host.config.recovery_window.is_zero() {
+            return;
+        }
+        if let Some(m) = self.migration {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.host
+                .recoveries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    m,
+                    crate::host::Recovery {
+                        source: self.peer.id.clone(),
+                        tx,
+                    },
+                );
+            self.resume_rx = Some(rx);
+        }
+    }
+
+    /// Joins the decoders of broken links (each ends after the batch in
+    /// hand once its reader is gone).
+    pub(super) async fn join_dying(&mut self) {
+        let dying = std::mem::take(&mut self.dying_threads);
+        if dying.is_empty() {
+            return;
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in dying {
+                let _ = t.join();
+            }
+        });
+        if tokio::time::timeout(Duration::from_secs(10), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!(peer = %self.peer.id, "a decoder of the broken link did not end in 10 s");
+        }
+    }
+
+    /// A new connection asks to resume: on the machine's consent it
+    /// becomes the link (its control stream is returned), else it is
+    /// refused and closed.
+    pub(super) async fn reconnect(
+        &mut self,
+        sm: &mut Destination,
+        rc: crate::host::Reconnection,
+    ) -> Option<SendStream> {
+        let crate::host::Reconnection {
+            conn,
+            peer,
+            send,
+            recv,
+            resume,
+        } = rc;
+        if let Err(e) = sm.handle_resume(&peer.id, &resume) {
+            tracing::warn!(peer = %peer.id, "{e}");
+            self.host.audit_refusal(peer.id.to_string(), e.to_string());
+            // Answered aside: a peer that reads nothing cannot stall us.
+            tokio::spawn(refuse(conn, send, Reason::Unauthorized(e.to_string())));
+            return None;
+        }
+        self.conn = conn;
+        self.peer = peer;
+        self.link_tasks
+            .push(spawn_control_reader(recv, self.tx.clone()));
+        self.accept_streams();
+        if let Some(n) = &self.name {
+            self.host.set_state(n, VmState::PostcopyIn);
+        }
+        self.phase(format!(
+            "link back: resumed on a new connection (recovery {})",
+            sm.recoveries()
+        ));
+        tracing::info!(peer = %self.peer.id, "post-copy migration resumed");
+        Some(send)
+    }
+}

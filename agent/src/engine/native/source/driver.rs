@@ -1,0 +1,573 @@
+//! The driver of one outgoing page migration: a short loop around
+//! [`Source`] — carry out its actions, report its events, wait for the next
+//! input — with one method per [`SourceAction`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
+use convoy_protocol::message::{Capabilities, Manifest, Message};
+use convoy_protocol::model::{MigrationMode, MigrationPlan};
+use convoy_protocol::page::PageBitmap;
+use convoy_protocol::page::PageIndex;
+use convoy_protocol::source::{
+    Source, SourceAction, SourceConfig, SourceEvent, SourceSummary, Switchover,
+};
+use quinn::{Connection, SendStream};
+use tokio::sync::mpsc;
+
+use super::jobs::{EngineEvent, FaultJob, Held, Job};
+use super::streams::{open_streams, sleep_until, spawn_control_reader, StreamSetup};
+use super::Run;
+use crate::engine::native::pacer::Pacer;
+use crate::host::budget::{CacheGrant, Share, Side};
+use crate::transport::{write_message, WireError};
+
+/// What one link to the destination carries: the connection, its control
+/// stream, the data and fault streams' job queues, and what they report.
+struct Wire {
+    conn: Connection,
+    /// Its send window is its share of the agent's budget.
+    _share: Share,
+    control: Option<SendStream>,
+    ctrl_rx: mpsc::Receiver<Result<Option<Message>, WireError>>,
+    events_tx: mpsc::UnboundedSender<EngineEvent>,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>>,
+    /// The delta caches' share of the budget, held while the encoders are.
+    cache_grant: Option<CacheGrant>,
+    /// The round being written: (round, streams done, pages skipped).
+    rounds_pending: Option<(u32, u16, u64)>,
+    /// Wire bytes of links that broke (post-copy recovery), counted once.
+    earlier_wire: u64,
+}
+
+/// The state machine, its link, and the run it drives.
+pub(super) struct Driver<'r> {
+    run: &'r mut Run,
+    sm: Source,
+    wire: Wire,
+    dest: convoy_protocol::names::SpiffeId,
+    plan: MigrationPlan,
+    /// One bandwidth cap for every link of the migration.
+    pacer: Option<Arc<Pacer>>,
+}
+
+impl<'r> Driver<'r> {
+    /// The state machine for `run`'s plan over `conn`, with its control
+    /// stream opened (a failure to open it is a lost link).
+    pub(super) async fn start(
+        run: &'r mut Run,
+        conn: Connection,
+        dest: convoy_protocol::names::SpiffeId,
+    ) -> Driver<'r> {
+        let share = run.host.budget.join(&conn, Side::Send);
+        let plan = run.plan.clone();
+        let mut sm = Source::new(run.config(&plan, &dest));
+        if let Some(offer) = &run.retain {
+            sm.retain_image(offer.clone());
+        }
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
+        let (control, link_error) = match conn.open_bi().await {
+            Ok((send, recv)) => {
+                spawn_control_reader(recv, ctrl_tx);
+                (Some(send), None)
+            }
+            Err(e) => (None, Some(e.to_string())),
+        };
+        sm.start(Instant::now());
+        if let Some(e) = link_error {
+            sm.handle_link_lost(Instant::now(), &e);
+        }
+        Driver {
+            run,
+            sm,
+            wire: Wire {
+                conn,
+                _share: share,
+                control,
+                ctrl_rx,
+                events_tx,
+                events,
+                jobs: Vec::new(),
+                fault_jobs: None,
+                cache_grant: None,
+                rounds_pending: None,
+                earlier_wire: 0,
+            },
+            dest,
+            pacer: plan.bandwidth.map(|b| Arc::new(Pacer::new(b))),
+            plan,
+        }
+    }
+
+    /// Runs the migration to its end and reports it.
+    pub(super) async fn run(mut self) -> MigrationReport {
+        let summary = loop {
+            while let Some(action) = self.sm.poll_action() {
+                self.act(action).await;
+            }
+            if let Some(s) = self.events() {
+                break s;
+            }
+            self.wait().await;
+        };
+        self.report(summary).await
+    }
+
+    async fn act(&mut self, action: SourceAction) {
+        match action {
+            SourceAction::Send(m) => self.send(m).await,
+            SourceAction::StartDirtyLog => self.start_dirty_log().await,
+            SourceAction::SendPages {
+                round,
+                pages,
+                skip_zero,
+            } => self.send_pages(round, pages, skip_zero).await,
+            SourceAction::Throttle { percent } => {
+                self.run
+                    .phase(&format!("auto-converge: guest throttled {percent}%"));
+                self.run.vm.set_throttle(percent);
+            }
+            SourceAction::CollectDirtyLog => {
+                let d = self.run.vm.collect_dirty_log();
+                self.sm.handle_dirty_log(Instant::now(), d);
+            }
+            SourceAction::PauseVm => self.pause_vm(),
+            SourceAction::CommitSwitch => {
+                // From here the VM never resumes here by itself.
+                self.run.phase("paused and handed over for post-copy");
+                self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
+                self.sm.handle_switch_committed(Instant::now());
+            }
+            SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
+            SourceAction::Reconnect => self.reconnect().await,
+            SourceAction::CommitHandover => {
+                // From here the VM must never resume by itself here.
+                self.run.phase("handed over");
+                self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
+                self.sm.handle_handover_committed(Instant::now());
+            }
+            SourceAction::RollBack => self.roll_back(),
+            SourceAction::DiscardVm => self.discard_vm().await,
+        }
+    }
+
+    async fn send(&mut self, m: Box<Message>) {
+        let r = match self.wire.control.as_mut() {
+            Some(c) => write_message(c, &m).await.map_err(|e| e.to_string()),
+            None => Err("no control stream".into()),
+        };
+        match r {
+            Ok(n) => self.run.control_bytes += n as u64,
+            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+        }
+    }
+
+    fn stream_setup(&self, delta: bool, postcopy: bool) -> StreamSetup {
+        StreamSetup {
+            migration: self.run.migration,
+            streams: self.plan.streams,
+            level: self.plan.compression_level,
+            tamper: self.run.host.config.dangerous_tamper(),
+            pacer: self.pacer.clone(),
+            delta,
+            postcopy,
+            adaptive: self.plan.adaptive_compression,
+        }
+    }
+
+    /// Accepted: the dirty log starts and the data streams open.
+    async fn start_dirty_log(&mut self) {
+        self.run.vm.start_dirty_log();
+        let setup = self.stream_setup(
+            self.sm
+                .accepted_capabilities()
+                .is_some_and(|c| c.has(Capabilities::DELTA)),
+            self.plan.mode != MigrationMode::Precopy,
+        );
+        let opened = open_streams(
+            &self.wire.conn,
+            setup,
+            &self.run.vm,
+            &self.wire.events_tx,
+            &self.run.host.budget,
+        )
+        .await;
+        match opened {
+            Ok(opened) => {
+                self.wire.jobs = opened.data;
+                self.wire.fault_jobs = opened.faults;
+                self.wire.cache_grant = opened.cache;
+            }
+            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+        }
+    }
+
+    async fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
+        let pages = Arc::new(pages);
+        self.wire.rounds_pending = Some((round, 0, 0));
+        // The first round to a host that holds the image: unchanged pages
+        // go as retained.
+        let reusing = round == 1
+            && skip_zero
+            && self
+                .sm
+                .accepted_capabilities()
+                .is_some_and(|c| c.has(Capabilities::REUSE));
+        let mut held = Held {
+            pages: self
+                .run
+                .back
+                .as_ref()
+                .filter(|_| reusing)
+                .map(|b| b.leaves.clone()),
+            bases: Vec::new(),
+            whole: Vec::new(),
+        };
+        // Disks the destination started from their base: blocks still
+        // equal to the base's go as retained.
+        if round == 1 && skip_zero && self.sm.accepted_bases().contains(&true) {
+            (held.bases, held.whole) = self.run.held_bases(self.sm.accepted_bases()).await;
+        }
+        let held = (!held.is_empty()).then(|| Arc::new(held));
+        for j in &self.wire.jobs {
+            let _ = j.send(Job {
+                round,
+                pages: pages.clone(),
+                skip_zero,
+                delta: !self.sm.is_switched(),
+                held: held.clone(),
+            });
+        }
+        if self.wire.jobs.is_empty() {
+            self.sm.handle_link_lost(Instant::now(), "no data streams");
+        }
+    }
+
+    fn pause_vm(&mut self) {
+        let run = &mut *self.run;
+        run.phase("paused for the final copy");
+        run.host.set_state(&run.req.vm, VmState::Paused);
+        let paused = run.vm.pause();
+        let dirty = run.vm.collect_dirty_log();
+        run.counter_at_pause = Some(run.vm.counter());
+        match paused.and_then(|()| run.vm.device_state()) {
+            Ok(state) => {
+                if let Err(e) = self.sm.handle_paused(Instant::now(), dirty, state) {
+                    tracing::warn!("pause rejected: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot pause: {e}");
+                self.sm.cancel(Instant::now());
+            }
+        }
+    }
+
+    fn serve_pages(&mut self, round: u32, pages: Vec<PageIndex>) {
+        let sent = self
+            .wire
+            .fault_jobs
+            .as_ref()
+            .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
+        if !sent {
+            self.sm.handle_link_lost(Instant::now(), "no fault stream");
+        }
+    }
+
+    /// Post-copy recovery: the broken link's streams go (what they had
+    /// sent is reported first: its leaves stand), then the destination is
+    /// dialled again within the recovery window.
+    async fn reconnect(&mut self) {
+        self.run
+            .phase("link lost after the post-copy switch: dialling the destination again");
+        tracing::warn!(migration = %self.run.migration, "post-copy link lost, reconnecting");
+        self.wire.jobs.clear();
+        self.wire.fault_jobs = None;
+        self.wire.rounds_pending = None;
+        self.wire
+            .conn
+            .close(crate::transport::close::DONE.into(), b"link lost");
+        let (tx, rx) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.wire.events_tx, tx));
+        let mut old = std::mem::replace(&mut self.wire.events, rx);
+        // (A Sent report lost to this bound makes the destination's Resumed
+        // look wrong: in doubt, safely.)
+        let drained = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await {
+            if let EngineEvent::Sent(b) = ev {
+                if let Err(e) = self.sm.handle_batch_sent(Instant::now(), &b) {
+                    tracing::error!("engine bug: {e}");
+                }
+            }
+        }
+        let mut resumed = false;
+        while let Some(link) = self.run.redial(&self.dest, self.sm.poll_timeout()).await {
+            // Pages are installed only where missing there: whole pages,
+            // no deltas.
+            let setup = self.stream_setup(false, true);
+            let opened = open_streams(
+                &link.conn,
+                setup,
+                &self.run.vm,
+                &self.wire.events_tx,
+                &self.run.host.budget,
+            )
+            .await;
+            match opened {
+                Ok(opened) => {
+                    // The broken link's bytes, counted once.
+                    let stats = self.wire.conn.stats();
+                    self.wire.earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
+                    self.wire._share = self.run.host.budget.join(&link.conn, Side::Send);
+                    self.wire.conn = link.conn;
+                    self.wire.control = Some(link.send);
+                    let (ctrl_tx, rx) = mpsc::channel(16);
+                    self.wire.ctrl_rx = rx;
+                    spawn_control_reader(link.recv, ctrl_tx);
+                    self.wire.jobs = opened.data;
+                    self.wire.fault_jobs = opened.faults;
+                    resumed = true;
+                    break;
+                }
+                // Broken again at once: dial again.
+                Err(e) => {
+                    tracing::info!(migration = %self.run.migration, "new link failed: {e}");
+                    link.conn
+                        .close(crate::transport::close::DONE.into(), b"link lost");
+                }
+            }
+        }
+        if resumed {
+            self.run
+                .phase("reconnected: asking the destination to resume");
+            self.sm.handle_reconnected(Instant::now());
+        } else {
+            // Past the window: in doubt.
+            self.sm.handle_timeout(Instant::now());
+        }
+    }
+
+    fn roll_back(&mut self) {
+        let run = &mut *self.run;
+        // Nothing is retained for a VM that stays.
+        run.retain = None;
+        run.phase("rolled back: the VM runs here again");
+        run.vm.stop_dirty_log();
+        run.vm.set_throttle(0);
+        if let Err(e) = run.vm.resume() {
+            tracing::error!("cannot resume after a failed migration: {e}");
+        }
+        run.host.set_state(&run.req.vm, VmState::Running);
+    }
+
+    async fn discard_vm(&mut self) {
+        self.run.host.remove(&self.run.req.vm);
+        if let Some(offer) = self.run.retain.take() {
+            self.run.retain_image(offer).await;
+        }
+        self.run
+            .phase("started at the destination: copy here wiped");
+        self.run.vm.destroy();
+    }
+
+    /// Passes the state machine's events on; its summary once finished.
+    fn events(&mut self) -> Option<Box<SourceSummary>> {
+        let mut finished = None;
+        while let Some(ev) = self.sm.poll_event() {
+            match ev {
+                SourceEvent::Progress(p) => {
+                    let _ = self.run.progress.try_send(p);
+                }
+                SourceEvent::Finished(s) => finished = Some(s),
+            }
+        }
+        finished
+    }
+
+    /// Waits for the next input: a control message, a stream's report, the
+    /// state machine's deadline, or the operator's cancel.
+    async fn wait(&mut self) {
+        let deadline = self.sm.poll_timeout();
+        let migration = self.run.migration;
+        tokio::select! {
+            // The destination's messages first: a Fetch is a vCPU waiting,
+            // the batch reports can wait.
+            biased;
+            m = self.wire.ctrl_rx.recv() => match m {
+                Some(Ok(Some(msg))) => {
+                    if let Err(e) = self.sm.handle_message(Instant::now(), msg) {
+                        tracing::warn!(%migration, "destination misbehaved: {e}");
+                    }
+                }
+                Some(Ok(None)) | None => {
+                    self.sm.handle_link_lost(Instant::now(), "control stream closed");
+                }
+                Some(Err(e)) => self.sm.handle_link_lost(Instant::now(), &e.to_string()),
+            },
+            ev = self.wire.events.recv() => self.stream_event(ev),
+            () = sleep_until(deadline) => self.sm.handle_timeout(Instant::now()),
+            () = self.run.cancel.notified() => {
+                if self.sm.cancel(Instant::now()) {
+                    tracing::info!(%migration, "cancelled by the operator");
+                } else {
+                    tracing::warn!(%migration, "cancel refused: already handed over");
+                }
+            }
+        }
+    }
+
+    fn stream_event(&mut self, ev: Option<EngineEvent>) {
+        match ev {
+            Some(EngineEvent::Sent(b)) => {
+                if let Err(e) = self.sm.handle_batch_sent(Instant::now(), &b) {
+                    tracing::error!("engine bug: {e}");
+                    self.sm.cancel(Instant::now());
+                }
+            }
+            Some(EngineEvent::RoundDone { round, skipped }) => {
+                let streams = self.plan.streams;
+                if let Some((r, done, sk)) = self.wire.rounds_pending.as_mut() {
+                    if *r == round {
+                        *done += 1;
+                        *sk += skipped;
+                        if *done == streams {
+                            let total = *sk;
+                            self.wire.rounds_pending = None;
+                            self.sm.handle_round_sent(Instant::now(), round, total);
+                        }
+                    }
+                }
+            }
+            Some(EngineEvent::StreamFailed(e)) => self.sm.handle_link_lost(Instant::now(), &e),
+            None => self
+                .sm
+                .handle_link_lost(Instant::now(), "data streams ended"),
+        }
+    }
+
+    /// Closes the link and builds the report.
+    async fn report(self, summary: Box<SourceSummary>) -> MigrationReport {
+        let Driver {
+            run,
+            sm,
+            wire,
+            dest,
+            ..
+        } = self;
+        drop(wire.jobs);
+        // The encoders are done with their caches: back to the pool.
+        drop(wire.cache_grant);
+        // Let the last control messages reach the peer, then close.
+        if let Some(mut c) = wire.control {
+            let _ = c.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.stopped()).await;
+        }
+        wire.conn
+            .close(crate::transport::close::DONE.into(), b"done");
+        let stats = wire.conn.stats();
+        let disks = run
+            .vm
+            .disks()
+            .into_iter()
+            .zip(sm.disk_roots())
+            .map(|(d, root)| convoy_protocol::ctl::DiskReport {
+                name: d.name,
+                bytes: d.bytes,
+                root,
+            })
+            .collect();
+        if matches!(summary.outcome, Outcome::Aborted(_)) {
+            run.host.set_state(&run.req.vm, VmState::Running);
+        }
+        MigrationReport {
+            migration: run.migration.to_string(),
+            vm: run.req.vm.clone(),
+            source: run.host.id.to_string(),
+            destination: dest.to_string(),
+            verified: summary.verified,
+            converged: summary.converged,
+            total_ms: summary.total.as_secs_f64() * 1e3,
+            downtime_ms: summary.downtime.map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            rounds: summary.rounds,
+            memory_bytes: run.vm.geometry().bytes(),
+            pages_sent: summary.pages_sent,
+            encodings: summary.encodings,
+            payload_bytes: summary.payload_bytes + run.control_bytes,
+            wire_bytes: wire.earlier_wire + stats.udp_tx.bytes + stats.udp_rx.bytes,
+            memory_root: summary.memory_root,
+            counter_at_pause: run.counter_at_pause,
+            receipts: summary.receipts,
+            qemu: None,
+            convergence: summary.convergence,
+            postcopy: summary.postcopy.map(Box::new),
+            disks,
+            disk_blocks_sent: summary.disk_blocks_sent,
+            outcome: summary.outcome,
+        }
+    }
+}
+
+impl Run {
+    /// The state machine's configuration for `plan`, to `dest`.
+    fn config(
+        &self,
+        plan: &MigrationPlan,
+        dest: &convoy_protocol::names::SpiffeId,
+    ) -> SourceConfig {
+        SourceConfig {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            attributes: self.attributes.clone(),
+            manifest: Manifest {
+                memory: self.vm.geometry(),
+                data_streams: plan.streams,
+                qemu: None,
+                postcopy: false,
+                start_paused: plan.start_paused,
+                plan: plan.clone(),
+                reuse: self.back.as_ref().map(|b| Box::new(b.offer.clone())),
+                disks: self.vm.disks(),
+            },
+            ticket: self.req.ticket.clone(),
+            peer: dest.clone(),
+            notary: {
+                let creds = self.host.creds();
+                convoy_protocol::receipt::Notary::new(
+                    Arc::new(creds.identity.clone()),
+                    Arc::new(creds.trust.clone()),
+                    Instant::now(),
+                    crate::trust::authz::now_unix(),
+                )
+            },
+            // REUSE is dropped by the state machine without an offer.
+            capabilities: if plan.compression_level > 0 {
+                Capabilities::OURS
+            } else {
+                Capabilities(Capabilities::DELTA.0 | Capabilities::REUSE.0)
+            },
+            max_downtime: Duration::from_millis(u64::from(plan.max_downtime_ms)),
+            max_rounds: plan.max_rounds,
+            switchover: match plan.mode {
+                MigrationMode::Postcopy => Switchover::Immediately,
+                MigrationMode::Hybrid => Switchover::Hybrid {
+                    after: plan
+                        .postcopy_after_ms
+                        .map(|ms| Duration::from_millis(u64::from(ms))),
+                },
+                MigrationMode::Precopy => Switchover::Never,
+            },
+            auto_converge: plan.auto_converge,
+            hold_hot_pages: plan.hold_hot_pages,
+            force_stop: plan.force_stop,
+            accept_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(120),
+            started_timeout: Duration::from_secs(30),
+            recovery: self.host.config.recovery_window,
+            storage_postcopy: plan.storage_postcopy,
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Encoding on a data stream's thread: pages read from the guest, zero
+//! check, BLAKE3 leaves, deltas and zstd (fixed or adaptive level), framed
+//! and handed to the writer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use convoy_protocol::adapt::LevelChooser;
+use convoy_protocol::delta::PageCache;
+use convoy_protocol::message::encode_batch_head;
+use convoy_protocol::page::{stream_for, BatchBuilder, Compressor};
+use convoy_protocol::source::SentBatch;
+use tokio::sync::mpsc;
+
+use super::jobs::{FaultJob, HeldLeaf, Job, StreamOut, BATCH_PAGES};
+use crate::backend::VmBackend;
+use crate::config::TamperHook;
+
+/// Frames an encoded batch of `stream` (through the tamper hook, if the
+/// agent was built dangerously with one) and hands it to the writer.
+pub(super) fn emit(
+    out: &mpsc::Sender<StreamOut>,
+    stream: u16,
+    round: u32,
+    enc: convoy_protocol::page::EncodedBatch,
+    tamper: Option<&TamperHook>,
+) -> Result<(), String> {
+    let mut header = enc.header;
+    let mut payload = enc.payload;
+    if let Some(t) = tamper {
+        t(round, &mut header, &mut payload);
+    }
+    let head = encode_batch_head(&header, payload.len()).map_err(|e| e.to_string())?;
+    let info = SentBatch {
+        stream,
+        leaves: enc.leaves,
+        stats: enc.stats,
+        frame_bytes: (head.len() + payload.len()) as u64,
+    };
+    out.blocking_send(StreamOut::Batch {
+        head: Bytes::from(head),
+        payload: Bytes::from(payload),
+        info,
+    })
+    .map_err(|_| "writer gone".to_string())
+}
+
+/// How one data stream encodes.
+pub(super) struct Encoder {
+    pub(super) stream: u16,
+    pub(super) streams: u16,
+    pub(super) level: i32,
+    pub(super) tamper: Option<TamperHook>,
+    /// Bytes of this stream's delta cache; 0 sends no deltas.
+    pub(super) cache_bytes: u64,
+    /// Choose the zstd level from measured figures (up to `level`).
+    pub(super) adaptive: bool,
+    /// The stream's measured link rate, bytes per second (f64 bits).
+    pub(super) link: Arc<AtomicU64>,
+}
+
+/// Compression of one stream's batches, at a fixed or an adaptive level
+/// ([`convoy_protocol::adapt`]).
+pub(super) struct Shrink {
+    pub(super) comp: Compressor,
+    pub(super) chooser: Option<LevelChooser>,
+    pub(super) link: Arc<AtomicU64>,
+}
+
+impl Shrink {
+    pub(super) fn new(level: i32, adaptive: bool, link: Arc<AtomicU64>) -> Result<Shrink, String> {
+        let chooser = (adaptive && level > 0).then(|| LevelChooser::new(level));
+        let first = chooser.as_ref().map_or(level, LevelChooser::level);
+        Ok(Shrink {
+            comp: Compressor::new(first).map_err(|e| e.to_string())?,
+            chooser,
+            link,
+        })
+    }
+
+    /// Encodes `b`, at the level the chooser picks, and times it.
+    pub(super) fn finish(
+        &mut self,
+        b: BatchBuilder,
+        seq: u64,
+        round: u32,
+    ) -> Result<convoy_protocol::page::EncodedBatch, String> {
+        let Some(chooser) = self.chooser.as_mut() else {
+            return b
+                .finish(seq, round, &mut self.comp)
+                .map_err(|e| e.to_string());
+        };
+        chooser.observe_link(f64::from_bits(self.link.load(Ordering::Relaxed)));
+        let level = chooser.next_batch();
+        if level != self.comp.level() {
+            self.comp = Compressor::new(level).map_err(|e| e.to_string())?;
+        }
+        let input = b.data_bytes();
+        let t = Instant::now();
+        let enc = b
+            .finish(seq, round, &mut self.comp)
+            .map_err(|e| e.to_string())?;
+        if self.comp.attempted() {
+            let output = enc.payload.len().min(input);
+            chooser.observe_compression(level, input, output, t.elapsed());
+        }
+        Ok(enc)
+    }
+}
+
+/// The encoder thread of one data stream.
+pub(super) fn encode_stream(
+    enc: Encoder,
+    vm: Arc<dyn VmBackend>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    out: mpsc::Sender<StreamOut>,
+) -> Result<(), String> {
+    let Encoder {
+        stream,
+        streams,
+        level,
+        tamper,
+        cache_bytes,
+        adaptive,
+        link,
+    } = enc;
+    let page_size = vm.geometry().page_size();
+    let mut comp = Shrink::new(level, adaptive, link)?;
+    // The last version sent of this stream's pages, for deltas. It lives
+    // for the whole migration: round 1 fills it.
+    let mut cache = (cache_bytes > 0).then(|| {
+        PageCache::new(
+            usize::try_from(cache_bytes).unwrap_or(usize::MAX),
+            page_size,
+        )
+    });
+    let mut seq = 0u64;
+    let flush = |b: BatchBuilder, seq: &mut u64, round: u32, comp: &mut Shrink| {
+        let enc = comp.finish(b, *seq, round)?;
+        *seq += 1;
+        emit(&out, stream, round, enc, tamper.as_ref())
+    };
+    while let Ok(job) = jobs.recv() {
+        let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
+        let mut skipped = 0u64;
+        for p in job.pages.iter() {
+            if stream_for(p, streams) != stream {
+                continue;
+            }
+            // A leaf that cannot be read (a disk file) fails the stream,
+            // and so the migration: never sent as zeros.
+            let mut failed = None;
+            let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
+            let cache = if job.delta { cache.as_mut() } else { None };
+            let held = job.held.as_ref().and_then(|h| h.leaf(p));
+            // The destination's block is not zero: a zero one must go.
+            let skip_zero = job.skip_zero && !matches!(held, Some(HeldLeaf::Unknown));
+            let added = match (held, cache, skip_zero) {
+                (Some(HeldLeaf::Base(leaf)), cache, true) => {
+                    b.push_over_base_with(p, leaf, cache, read)
+                }
+                (Some(HeldLeaf::Page(leaf)), cache, true) => {
+                    b.push_nonzero_reusing_with(p, leaf, cache, read)
+                }
+                (_, Some(c), true) => b.push_nonzero_delta_with(p, c, read),
+                (_, Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
+                (_, None, true) => b.push_nonzero_with(p, read),
+                (_, None, false) => b.push_with(p, read).map(|()| true),
+            }
+            .map_err(|e| e.to_string())?;
+            if let Some(e) = failed {
+                return Err(e.to_string());
+            }
+            if !added {
+                skipped += 1;
+            }
+            if b.pages() >= BATCH_PAGES {
+                let full =
+                    std::mem::replace(&mut b, BatchBuilder::with_capacity(page_size, BATCH_PAGES));
+                flush(full, &mut seq, job.round, &mut comp)?;
+            }
+        }
+        if b.pages() > 0 {
+            flush(b, &mut seq, job.round, &mut comp)?;
+        }
+        out.blocking_send(StreamOut::RoundDone {
+            round: job.round,
+            skipped,
+        })
+        .map_err(|_| "writer gone".to_string())?;
+    }
+    Ok(())
+}
+
+/// The encoder thread of the post-copy fault stream: each job is one batch
+/// of pages of the paused VM.
+pub(super) fn serve_faults(
+    stream: u16,
+    vm: Arc<dyn VmBackend>,
+    mut comp: Shrink,
+    jobs: std::sync::mpsc::Receiver<FaultJob>,
+    out: mpsc::Sender<StreamOut>,
+) -> Result<(), String> {
+    let page_size = vm.geometry().page_size();
+    let mut seq = 0u64;
+    while let Ok(job) = jobs.recv() {
+        let mut b = BatchBuilder::new(page_size);
+        for p in job.pages {
+            let mut failed = None;
+            b.push_with(p, |buf| failed = vm.read_leaf(p, buf).err())
+                .map_err(|e| e.to_string())?;
+            if let Some(e) = failed {
+                return Err(e.to_string());
+            }
+        }
+        let enc = comp.finish(b, seq, job.round)?;
+        seq += 1;
+        emit(&out, stream, job.round, enc, None)?;
+    }
+    Ok(())
+}

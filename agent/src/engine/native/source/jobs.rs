@@ -1,0 +1,98 @@
+//! What the driver hands the streams (a round's pages, faults to serve, what
+//! the destination already holds) and what the streams report back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use convoy_protocol::page::{PageBitmap, PageIndex};
+use convoy_protocol::source::SentBatch;
+
+/// Pages per batch: one stripe (128 KiB at 4 KiB pages).
+pub(super) const BATCH_PAGES: usize = convoy_protocol::page::STRIPE_PAGES as usize;
+
+pub(super) enum StreamOut {
+    Batch {
+        head: Bytes,
+        payload: Bytes,
+        info: SentBatch,
+    },
+    RoundDone {
+        round: u32,
+        skipped: u64,
+    },
+}
+
+pub(super) enum EngineEvent {
+    Sent(SentBatch),
+    RoundDone { round: u32, skipped: u64 },
+    StreamFailed(String),
+}
+
+pub(super) struct Job {
+    pub(super) round: u32,
+    pub(super) pages: Arc<PageBitmap>,
+    pub(super) skip_zero: bool,
+    /// Deltas allowed (not after a post-copy switch: the destination's
+    /// copy of a page may have changed since).
+    pub(super) delta: bool,
+    /// The first round: what the destination holds already.
+    pub(super) held: Option<Arc<Held>>,
+}
+
+/// What the destination holds before the first round: the image it
+/// retained of the VM (memory), and the bases it started disks from.
+#[derive(Default)]
+pub(super) struct Held {
+    /// The retained image's leaves, page by page.
+    pub(super) pages: Option<Arc<Vec<convoy_protocol::digest::Digest>>>,
+    /// Disks started from a base there: their leaves, and the base's.
+    pub(super) bases: Vec<(std::ops::Range<u64>, Arc<crate::backend::base::BaseIndex>)>,
+    /// Disks started from a base there that this host cannot vouch for
+    /// (its base is gone or changed): every block goes, zero ones too,
+    /// since the destination's blocks are not zero.
+    pub(super) whole: Vec<std::ops::Range<u64>>,
+}
+
+/// What the destination holds of one leaf.
+pub(super) enum HeldLeaf {
+    /// A page of the retained image (its leaf, if it has the page).
+    Page(Option<convoy_protocol::digest::Digest>),
+    /// A block of a base the disk started from there.
+    Base(convoy_protocol::digest::Digest),
+    /// A block of a disk started from a base there, not known here.
+    Unknown,
+}
+
+impl Held {
+    pub(super) fn leaf(&self, p: PageIndex) -> Option<HeldLeaf> {
+        if self.whole.iter().any(|r| r.contains(&p.0)) {
+            return Some(HeldLeaf::Unknown);
+        }
+        for (r, base) in &self.bases {
+            if r.contains(&p.0) {
+                let i = usize::try_from(p.0 - r.start).ok()?;
+                return base.leaves.get(i).copied().map(HeldLeaf::Base);
+            }
+        }
+        let pages = self.pages.as_ref()?;
+        Some(HeldLeaf::Page(pages.get(p.0 as usize).copied()))
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.pages.is_none() && self.bases.is_empty() && self.whole.is_empty()
+    }
+}
+
+/// Pages to serve on the fault stream, as one batch.
+pub(super) struct FaultJob {
+    pub(super) round: u32,
+    pub(super) pages: Vec<PageIndex>,
+}
+
+/// The job queues of the opened streams.
+pub(super) struct OpenedStreams {
+    pub(super) data: Vec<std::sync::mpsc::Sender<Job>>,
+    pub(super) faults: Option<std::sync::mpsc::Sender<FaultJob>>,
+    /// The delta caches' share of the agent's budget, held while they are.
+    pub(super) cache: Option<crate::host::budget::CacheGrant>,
+}

@@ -1,0 +1,210 @@
+//! The streams of one outgoing page migration: the control stream's
+//! reader, and per data stream an encoder thread feeding a writer task,
+//! plus the post-copy fault stream, with the jobs they take and the
+//! events they report.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use convoy_protocol::message::{DataStreamOpen, Message};
+use convoy_protocol::names::MigrationId;
+use quinn::{Connection, SendStream};
+use tokio::sync::mpsc;
+
+use super::encode::{encode_stream, serve_faults, Encoder, Shrink};
+use super::jobs::{EngineEvent, FaultJob, Job, OpenedStreams, StreamOut};
+use crate::backend::VmBackend;
+use crate::config::TamperHook;
+use crate::engine::native::pacer::Pacer;
+use crate::transport::{read_message, write_message};
+
+/// Reads the destination's control stream into `tx`.
+pub(super) fn spawn_control_reader(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<Option<Message>, crate::transport::WireError>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
+}
+
+pub(super) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How the data streams of one migration are set up.
+pub(super) struct StreamSetup {
+    pub(super) migration: MigrationId,
+    pub(super) streams: u16,
+    /// zstd level, 0 for none.
+    pub(super) level: i32,
+    pub(super) tamper: Option<TamperHook>,
+    /// The bandwidth cap, shared by all streams.
+    pub(super) pacer: Option<Arc<Pacer>>,
+    /// The destination accepted delta-encoded pages.
+    pub(super) delta: bool,
+    /// Open the post-copy fault stream too.
+    pub(super) postcopy: bool,
+    /// Adaptive compression (up to `level`).
+    pub(super) adaptive: bool,
+}
+
+/// The most memory one migration's delta caches may hold, all streams
+/// together (a quarter of guest memory when that is less).
+pub(super) const DELTA_CACHE_BYTES: u64 = 64 << 20;
+
+/// Opens the data streams, each with its encoder thread and writer task,
+/// and for post-copy the fault stream (index `streams`) after them.
+pub(super) async fn open_streams(
+    conn: &Connection,
+    setup: StreamSetup,
+    vm: &Arc<dyn VmBackend>,
+    events: &mpsc::UnboundedSender<EngineEvent>,
+    budget: &Arc<crate::host::budget::MigrationBudget>,
+) -> Result<OpenedStreams, String> {
+    let StreamSetup {
+        migration,
+        streams,
+        level,
+        tamper,
+        pacer,
+        delta,
+        postcopy,
+        adaptive,
+    } = setup;
+    // From the agent's pool: with many migrations at once, the later ones
+    // get smaller caches (or none), not more memory.
+    let cache =
+        delta.then(|| budget.grant_cache((vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES)));
+    let cache_bytes = cache.as_ref().map_or(0, |c| c.bytes) / u64::from(streams.max(1));
+    let mut jobs = Vec::new();
+    for stream in 0..streams {
+        let send = open_data_stream(conn, migration, stream).await?;
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
+        let vm = vm.clone();
+        let tamper = tamper.clone();
+        let events_enc = events.clone();
+        let link = Arc::new(AtomicU64::new(0));
+        let link_enc = link.clone();
+        std::thread::Builder::new()
+            .name(format!("convoy-enc-{stream}"))
+            .spawn(move || {
+                let enc = Encoder {
+                    stream,
+                    streams,
+                    level,
+                    tamper,
+                    cache_bytes,
+                    adaptive,
+                    link: link_enc,
+                };
+                if let Err(e) = encode_stream(enc, vm, job_rx, out_tx) {
+                    let _ = events_enc.send(EngineEvent::StreamFailed(e));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        spawn_writer(send, out_rx, pacer.clone(), events.clone(), link);
+        jobs.push(job_tx);
+    }
+    let mut faults = None;
+    if postcopy {
+        let send = open_data_stream(conn, migration, streams).await?;
+        // Faults go before the background push whenever both wait.
+        let _ = send.set_priority(1);
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<FaultJob>();
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
+        let vm = vm.clone();
+        let events_enc = events.clone();
+        let link = Arc::new(AtomicU64::new(0));
+        let shrink = Shrink::new(level, adaptive, link.clone())?;
+        std::thread::Builder::new()
+            .name("convoy-faults".into())
+            .spawn(move || {
+                if let Err(e) = serve_faults(streams, vm, shrink, job_rx, out_tx) {
+                    let _ = events_enc.send(EngineEvent::StreamFailed(e));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        spawn_writer(send, out_rx, pacer, events.clone(), link);
+        faults = Some(job_tx);
+    }
+    Ok(OpenedStreams {
+        data: jobs,
+        faults,
+        cache,
+    })
+}
+
+pub(super) async fn open_data_stream(
+    conn: &Connection,
+    migration: MigrationId,
+    stream: u16,
+) -> Result<SendStream, String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    write_message(
+        &mut send,
+        &Message::DataStreamOpen(DataStreamOpen { migration, stream }),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(send)
+}
+
+/// The writer task of one stream: paced frames out, each reported sent;
+/// it measures the rate the link takes them at (bytes per second of
+/// waiting to send, into `link`, for adaptive compression).
+pub(super) fn spawn_writer(
+    mut send: SendStream,
+    mut out_rx: mpsc::Receiver<StreamOut>,
+    pacer: Option<Arc<Pacer>>,
+    events: mpsc::UnboundedSender<EngineEvent>,
+    link: Arc<AtomicU64>,
+) {
+    tokio::spawn(async move {
+        let (mut sent, mut waited) = (0.0f64, 0.0f64);
+        while let Some(out) = out_rx.recv().await {
+            match out {
+                StreamOut::Batch {
+                    head,
+                    payload,
+                    info,
+                } => {
+                    let busy = Instant::now();
+                    if let Some(p) = &pacer {
+                        p.take(info.frame_bytes).await;
+                    }
+                    let mut chunks = [head, payload];
+                    if let Err(e) = send.write_all_chunks(&mut chunks).await {
+                        let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
+                        return;
+                    }
+                    // Bytes over time, both decayed: a frame that went at
+                    // once (into free buffer space) weighs its little time,
+                    // not an enormous rate.
+                    sent = sent * 0.9 + info.frame_bytes as f64;
+                    waited = waited * 0.9 + busy.elapsed().as_secs_f64();
+                    // Nothing until enough time was measured.
+                    if waited >= 0.01 {
+                        link.store((sent / waited).to_bits(), Ordering::Relaxed);
+                    }
+                    let _ = events.send(EngineEvent::Sent(info));
+                }
+                StreamOut::RoundDone { round, skipped } => {
+                    let _ = events.send(EngineEvent::RoundDone { round, skipped });
+                }
+            }
+        }
+        let _ = send.finish();
+    });
+}

@@ -1,0 +1,316 @@
+//! An outgoing migration, whatever the backend: the operator's request
+//! checked (ticket, plan, policy), the VM claimed, the engine of its backend
+//! run ([`crate::engine::native::source`] for sim VMs,
+//! [`crate::engine::qemu::source`] for QEMU), the outcome audited.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, Progress, VmState};
+use convoy_protocol::model::MigrationMode;
+use convoy_protocol::names::{MigrationId, SpiffeId};
+use tokio::sync::mpsc;
+
+use crate::backend::VmBackend;
+pub(crate) use crate::engine::error::MigrateError;
+use crate::engine::native::source::Run;
+use crate::engine::qemu::source as qemu_source;
+use crate::host::{ActiveGuard, Host};
+use crate::transport::{self, ALPN_AGENT};
+use crate::trust::policy::{Query, VmFacts};
+
+/// Largest guest, in 4 KiB pages, that may switch to post-copy: 64 GiB,
+/// whose owed-page bitmap fits a frame however dense.
+const MAX_POSTCOPY_PAGES: u64 = 64 << 18;
+
+/// Migrates `req.vm` to `req.to`, reporting progress on `progress`.
+pub(crate) async fn migrate(
+    host: Arc<Host>,
+    req: MigrateRequest,
+    caller: SpiffeId,
+    progress: mpsc::Sender<Progress>,
+) -> Result<MigrationReport, MigrateError> {
+    if &req.to == host.id.name()
+        && host
+            .creds()
+            .trust
+            .federated_peer(convoy_protocol::names::Role::Agent, &req.to)
+            .is_none()
+    {
+        return Err(MigrateError::SelfMigration);
+    }
+    if !host.audit_ok() {
+        return Err(MigrateError::AuditUnavailable);
+    }
+    // Nothing is touched before the operator's ticket checks out.
+    let ticket = match host.authority().at_source(&caller, &host.id, &req) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(operator = %caller, "migration refused: {e}");
+            host.audit(AuditEvent::Refused {
+                migration: None,
+                peer: caller.to_string(),
+                reason: e.to_string(),
+            });
+            return Err(e.into());
+        }
+    };
+    // The plan is the ticket's: what the operator signed is what runs.
+    let opts = &ticket.ticket.plan;
+    if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
+        return Err(MigrateError::Options("streams must be 1..=16".into()));
+    }
+    if !(0..=19).contains(&opts.compression_level) {
+        return Err(MigrateError::Options(
+            "compression level must be 0..=19".into(),
+        ));
+    }
+    if opts.max_rounds == 0 {
+        return Err(MigrateError::Options(
+            "max rounds must be at least 1".into(),
+        ));
+    }
+    // The destination is the one the operator signed for: its full SPIFFE
+    // ID, in our trust domain or a federated one (checked in `at_source`).
+    let dest_id = ticket.ticket.destination.clone();
+    host.audit(AuditEvent::TicketAccepted {
+        migration: ticket.ticket.id,
+        vm: req.vm.clone(),
+        operator: ticket.signer.clone(),
+        peer: dest_id.clone(),
+        role: "source".into(),
+    });
+    host.audit(AuditEvent::Ticket(req.ticket.clone()));
+    // The policy, before anything is touched.
+    let attributes = host
+        .vms()
+        .get(&req.vm)
+        .map(|e| e.attributes.clone())
+        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+    let decision = host.decide(
+        &Query::MigrateOut {
+            operator: &ticket.signer,
+            vm: VmFacts {
+                name: &req.vm,
+                attributes: &attributes,
+            },
+            source: &host.id,
+            destination: &dest_id,
+            ticket: &ticket.ticket,
+        },
+        Some(ticket.ticket.id),
+    );
+    if !decision.permitted {
+        return Err(MigrateError::Forbidden(decision.explain()));
+    }
+    let addr = match &req.to_addr {
+        Some(a) => a
+            .parse()
+            .map_err(|_| MigrateError::Options(format!("bad address {a:?}")))?,
+        None => *host
+            .config
+            .peers
+            .get(&req.to)
+            .ok_or_else(|| MigrateError::UnknownPeer(req.to.to_string()))?,
+    };
+    // Claim the VM: only a running VM may leave, and only once at a time.
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let claimed = {
+        let mut vms = host.vms();
+        let entry = vms
+            .get_mut(&req.vm)
+            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        let claimed = match (&entry.vm, &entry.qemu, entry.state) {
+            (_, Some(q), VmState::Running) => {
+                if opts.storage_postcopy {
+                    return Err(MigrateError::Options(
+                        "--storage-postcopy is for sim VMs: a QEMU VM's disks are mirrored before \
+                         the switch (--copy-storage)"
+                            .into(),
+                    ));
+                }
+                Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
+            }
+            (Some(vm), None, VmState::Running) => {
+                let disks = vm.disks().len();
+                if opts.copy_storage && disks == 0 {
+                    return Err(MigrateError::Options(format!(
+                        "VM {} has no disks to copy",
+                        req.vm
+                    )));
+                }
+                if disks > 0 && !opts.copy_storage {
+                    return Err(MigrateError::Options(format!(
+                        "VM {} has {disks} disk(s) and Convoy assumes no shared storage: pass --copy-storage",
+                        req.vm
+                    )));
+                }
+                if opts.start_paused && opts.mode != MigrationMode::Precopy {
+                    return Err(MigrateError::Options(
+                        "--start-paused is for pre-copy (a demand-paged VM must run to fault its pages in)"
+                            .into(),
+                    ));
+                }
+                if opts.storage_postcopy && (disks == 0 || opts.mode == MigrationMode::Precopy) {
+                    return Err(MigrateError::Options(
+                        "--storage-postcopy fetches disk blocks on demand after a post-copy \
+                         switch: it needs disks and --mode postcopy or hybrid"
+                            .into(),
+                    ));
+                }
+                if disks > 0 && opts.mode == MigrationMode::Postcopy && !opts.storage_postcopy {
+                    return Err(MigrateError::Options(
+                        "disk blocks are paged on demand only with --storage-postcopy: with disks, \
+                         pass it, or use --mode precopy or hybrid (pre-copy rounds move the disks, \
+                         the blocks left go at the switch, memory is paged on demand)"
+                            .into(),
+                    ));
+                }
+                // The owed bitmap travels in one frame: over the memory's
+                // pages, or with storage post-copy over every leaf.
+                let owed_leaves = if opts.storage_postcopy {
+                    convoy_protocol::disk::check(vm.geometry(), &vm.disks()).unwrap_or(u64::MAX)
+                } else {
+                    vm.geometry().page_count()
+                };
+                if opts.mode != MigrationMode::Precopy && owed_leaves > MAX_POSTCOPY_PAGES {
+                    return Err(MigrateError::Options(format!(
+                        "post-copy and hybrid move guests of up to {} GiB of memory (and disks, \
+                         with --storage-postcopy): the owed-page bitmap travels in one frame",
+                        MAX_POSTCOPY_PAGES >> 18
+                    )));
+                }
+                Claimed::Sim(vm.clone())
+            }
+            (_, _, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+        };
+        entry.state = VmState::MigratingOut;
+        entry.cancel = Some(cancel.clone());
+        // Going back to the host that retained its image: offer the key
+        // to that host only.
+        let back = entry.reuse.clone().filter(|r| r.holder == dest_id);
+        (claimed, back)
+    };
+    let (claimed, back) = claimed;
+    let _active = ActiveGuard::new(&host.active);
+    let migration = ticket.ticket.id;
+    let started = Instant::now();
+    tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
+    let creds = host.creds();
+    let conn = transport::connect(
+        &host.endpoint,
+        addr,
+        dest_id.clone(),
+        ALPN_AGENT,
+        &creds.identity,
+        &creds.trust,
+        &host.config.tuning,
+    )
+    .await;
+    let vm = match claimed {
+        Claimed::Sim(vm) => vm,
+        Claimed::Qemu(qvm, prepared) => {
+            let run = qemu_source::Run {
+                host: host.clone(),
+                vm: qvm,
+                req: req.clone(),
+                migration,
+                dest: dest_id.clone(),
+                plan: opts.clone(),
+                prepared: *prepared,
+                progress,
+                cancel,
+                attributes,
+                started,
+            };
+            let done = run.drive(conn.map_err(|e| e.to_string())).await;
+            return Ok(finish(&host, &req, migration, done.phases, done.report));
+        }
+    };
+
+    // Retention where the VM leaves: the agent allows it and the VM opts in.
+    let retain = match host.config.retain_images {
+        Some(_) if attributes.retain_on_leave() => crate::host::retain::fresh_offer(),
+        _ => None,
+    };
+    // A retained image holds memory only (disks travel by their own
+    // rules: whole, or over a base the destination holds).
+    let back = back.filter(|b| b.leaves.len() as u64 == vm.geometry().page_count());
+    let mut run = Run {
+        host: host.clone(),
+        back,
+        retain,
+        vm: vm.clone(),
+        req: req.clone(),
+        plan: opts.clone(),
+        migration,
+        progress,
+        counter_at_pause: None,
+        control_bytes: 0,
+        cancel,
+        attributes,
+        phases: Vec::new(),
+        started,
+        addr,
+    };
+    let report = match conn {
+        Ok(conn) => run.drive(conn, dest_id.clone()).await,
+        Err(e) => {
+            host.set_state(&req.vm, VmState::Running);
+            run.report_without_link(
+                dest_id.clone(),
+                started,
+                format!("cannot reach {dest_id}: {e}"),
+            )
+        }
+    };
+    let phases = std::mem::take(&mut run.phases);
+    Ok(finish(&host, &req, migration, phases, report))
+}
+
+/// The VM a migration claimed.
+enum Claimed {
+    Sim(Arc<dyn VmBackend>),
+    Qemu(
+        Arc<crate::backend::qemu::vm::QemuVm>,
+        Box<qemu_source::Prepared>,
+    ),
+}
+
+/// Audits a finished migration (phases, receipts, outcome) and records it.
+fn finish(
+    host: &Arc<Host>,
+    req: &MigrateRequest,
+    migration: MigrationId,
+    phases: Vec<(String, u64)>,
+    report: MigrationReport,
+) -> MigrationReport {
+    if let Some(e) = host.vms().get_mut(&req.vm) {
+        e.cancel = None;
+    }
+    tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
+    for (phase, after_ms) in phases {
+        host.audit(AuditEvent::Phase {
+            migration,
+            vm: req.vm.clone(),
+            phase,
+            after_ms,
+        });
+    }
+    for r in &report.receipts {
+        host.audit(AuditEvent::Receipt(r.clone()));
+    }
+    host.audit(AuditEvent::Outcome {
+        migration,
+        vm: req.vm.clone(),
+        outcome: match &report.outcome {
+            Outcome::Completed => "completed".into(),
+            Outcome::Aborted(w) => format!("aborted: {w}"),
+            Outcome::InDoubt(w) => format!("in doubt: {w}"),
+            other => format!("{other:?}"),
+        },
+    });
+    host.record(report.clone());
+    report
+}
