@@ -12,7 +12,6 @@ pub mod base;
 pub mod memory;
 pub mod qemu;
 pub mod sim;
-mod simdisk;
 pub mod uffd;
 
 use std::sync::Arc;
