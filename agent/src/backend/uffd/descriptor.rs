@@ -58,7 +58,8 @@ impl Uffd {
             Err(Errno::PERM) => {
                 let user_only =
                     flags | UserfaultfdFlags::from_bits_retain(sys::UFFD_USER_MODE_ONLY);
-                // SAFETY: as above.
+                // SAFETY: as the first attempt: a new descriptor has no power
+                // over memory until `register`, whose contract the caller meets.
                 unsafe { rustix::mm::userfaultfd(user_only) }
             }
             other => other,

@@ -50,7 +50,9 @@ impl Guest {
 /// usize: the mapping outlives the thread, joined before drop).
 fn spawn_load(addr: usize) -> thread::JoinHandle<u64> {
     thread::spawn(move || {
-        // SAFETY: see `Guest::word`.
+        // SAFETY: `addr` is an aligned word of a `Guest` mapping that outlives
+        // this thread (joined before the guest drops) and is only ever
+        // accessed through atomics, as in `Guest::word`.
         unsafe { AtomicU64::from_ptr(addr as *mut u64) }.load(Ordering::SeqCst)
     })
 }
@@ -92,7 +94,9 @@ fn write_fault_reports_write() {
     let g = Guest::new(2);
     let addr = g.addr() + PAGE + 8;
     let writer = thread::spawn(move || {
-        // SAFETY: see `Guest::word`.
+        // SAFETY: `addr` is an aligned word of a `Guest` mapping that outlives
+        // this thread (joined before the guest drops) and is only ever
+        // accessed through atomics, as in `Guest::word`.
         unsafe { AtomicU64::from_ptr(addr as *mut u64) }.store(7, Ordering::SeqCst)
     });
     let fault = g.uffd.next_fault(&g.region, WAIT).unwrap().unwrap();
@@ -113,7 +117,9 @@ fn write_fault_reports_write() {
     // An atomic read-modify-write is a write fault too.
     let addr = g.addr();
     let rmw = thread::spawn(move || {
-        // SAFETY: see `Guest::word`.
+        // SAFETY: `addr` is an aligned word of a `Guest` mapping that outlives
+        // this thread (joined before the guest drops) and is only ever
+        // accessed through atomics, as in `Guest::word`.
         unsafe { AtomicU64::from_ptr(addr as *mut u64) }.fetch_add(1, Ordering::SeqCst)
     });
     let fault = g.uffd.next_fault(&g.region, WAIT).unwrap().unwrap();
@@ -209,7 +215,8 @@ fn out_of_range_is_an_error() {
             matches!(g.uffd.wake(r, off, len), Err(UffdError::OutOfRange { .. })),
             "{off} {len}"
         );
-        // SAFETY: out of range, so nothing is touched.
+        // SAFETY: each range is refused by the bounds check before
+        // `madvise`, so no memory is touched.
         let dropped = unsafe { r.drop_pages(off, len) };
         assert!(
             matches!(dropped, Err(UffdError::OutOfRange { .. })),
@@ -221,10 +228,12 @@ fn out_of_range_is_an_error() {
         Err(UffdError::PageLength { .. })
     ));
     let mut m = MmapOptions::new().len(2 * PAGE).map_anon().unwrap();
-    // SAFETY: misaligned, so nothing is registered.
+    // SAFETY: a misaligned base is refused before the ioctl, so nothing is
+    // registered (the pointer stays inside `m`).
     let bad = unsafe { g.uffd.register(m.as_mut_ptr().add(8), PAGE, PAGE) };
     assert!(matches!(bad, Err(UffdError::BadRegion { .. })));
-    // SAFETY: as above (page size not a power of two).
+    // SAFETY: a page size that is not a power of two is refused before the
+    // ioctl, so nothing is registered.
     let bad = unsafe { g.uffd.register(m.as_mut_ptr(), 2 * PAGE, 3000) };
     assert!(matches!(bad, Err(UffdError::BadRegion { .. })));
     // In range: fine.
@@ -357,7 +366,9 @@ fn fault_latency() {
         });
         let mut lat: Vec<Duration> = (0..N)
             .map(|i| {
-                // SAFETY: see `Guest::word`.
+                // SAFETY: `addr` is an aligned word of a `Guest` mapping that outlives
+                // this thread (joined before the guest drops) and is only ever
+                // accessed through atomics, as in `Guest::word`.
                 let w = unsafe { AtomicU64::from_ptr((addr + i * PAGE) as *mut u64) };
                 let t = Instant::now();
                 std::hint::black_box(w.load(Ordering::SeqCst));
