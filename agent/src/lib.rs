@@ -23,10 +23,25 @@
 //! - `engine`: outgoing and incoming migrations, the one admission check,
 //!   the page engines of sim VMs (`native`) and QEMU's carried stream
 //!   (`qemu`).
-//! - [`backend`]: the VM backend traits, the simulated VM and QEMU (the
-//!   only `unsafe` code lives in [`backend::memory`] and [`backend::uffd`]).
+//! - [`backend`]: the VM backend traits, the simulated VM ([`backend::sim`],
+//!   split by concern) and QEMU.
 //! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests);
 //!   [`units`]: human sizes for command lines.
+//!
+//! # Where `unsafe` lives
+//!
+//! The crate is `#![deny(unsafe_code)]`; the lint is allowed only on
+//! these modules, all under [`backend`]:
+//! - [`backend::memory`]: the guest mapping viewed as atomic words,
+//!   registering it with a userfaultfd, dropping its pages (`madvise`).
+//! - [`backend::uffd`]'s `descriptor` (the `userfaultfd` syscall and its
+//!   ioctls) and `region` (`madvise` on a checked range), and its tests.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` argument (the workspace
+//! denies `clippy::undocumented_unsafe_blocks`); [`backend::uffd`]'s module
+//! doc gives the argument for the whole of it.
+
+#![deny(unsafe_code)]
 
 pub mod backend;
 pub mod client;

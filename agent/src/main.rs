@@ -1,5 +1,7 @@
 //! `convoy-agent`: parses flags and calls [`convoy_agent::run`].
 
+#![deny(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -9,10 +9,11 @@
 //! and benchmarks.
 
 pub mod base;
+#[allow(unsafe_code)] // The atomic view of the guest mapping, its registration, madvise.
 pub mod memory;
 pub mod qemu;
 pub mod sim;
-mod simdisk;
+// Its `unsafe` is fenced inside it: `descriptor`, `region`, the tests.
 pub mod uffd;
 
 use std::sync::Arc;

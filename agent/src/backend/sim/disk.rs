@@ -32,8 +32,8 @@ use convoy_protocol::page::{PageBitmap, PageIndex};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use super::base::{copy_sparse, BaseIndex};
-use super::BackendError;
+use crate::backend::base::{copy_sparse, BaseIndex};
+use crate::backend::BackendError;
 
 /// Bytes a guest write covers (one sector).
 const SECTOR: usize = 512;

@@ -1,0 +1,120 @@
+//! A simulated VM's device state, as it travels from source to
+//! destination: the device counter and the workload's parameters (and
+//! each disk's write rate), so that the counter and the workload continue
+//! where they stopped after migration. The throttle is the source host's,
+//! not the guest's: it does not travel.
+
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::disk::SimDisk;
+use super::Shared;
+use crate::backend::BackendError;
+
+/// Device state of a simulated VM, as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct DeviceState {
+    pub(super) version: u8,
+    pub(super) counter: u64,
+    pub(super) dirty_pages_per_sec: u64,
+    pub(super) hot_set_pct: u8,
+    pub(super) seed: u64,
+    /// Each disk's block writes per second, in manifest order.
+    pub(super) disk_writes_per_sec: Vec<u64>,
+}
+
+/// The device-state version this build writes and reads.
+const DEVICE_STATE_VERSION: u8 = 2;
+
+impl DeviceState {
+    /// The state of the VM that `shared` is, as it is now (meaningful
+    /// while paused).
+    pub(super) fn of(shared: &Shared) -> DeviceState {
+        DeviceState {
+            version: DEVICE_STATE_VERSION,
+            counter: shared.counter.load(Ordering::Relaxed),
+            dirty_pages_per_sec: shared.rate.load(Ordering::Relaxed),
+            hot_set_pct: shared.hot_set_pct.load(Ordering::Relaxed) as u8,
+            seed: shared.seed.load(Ordering::Relaxed),
+            disk_writes_per_sec: shared.disks.iter().map(SimDisk::rate).collect(),
+        }
+    }
+
+    /// The bytes that travel.
+    pub(super) fn encode(&self) -> Result<Vec<u8>, BackendError> {
+        postcard::to_stdvec(self).map_err(|e| BackendError::DeviceState(e.to_string()))
+    }
+
+    /// Parses the device state of a VM with `disks` disks. Refuses bytes
+    /// that do not parse, an unknown version, a hot set outside 1..=100%,
+    /// a disk count other than `disks`, and trailing bytes.
+    pub(super) fn decode(bytes: &[u8], disks: usize) -> Result<DeviceState, BackendError> {
+        let (s, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)
+            .map_err(|e| BackendError::DeviceState(e.to_string()))?;
+        if !rest.is_empty()
+            || s.version != DEVICE_STATE_VERSION
+            || !(1..=100).contains(&s.hot_set_pct)
+            || s.disk_writes_per_sec.len() != disks
+        {
+            return Err(BackendError::DeviceState(
+                "unknown version, bad hot set, disks that do not match, or trailing bytes".into(),
+            ));
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> DeviceState {
+        DeviceState {
+            version: DEVICE_STATE_VERSION,
+            counter: 41,
+            dirty_pages_per_sec: 5000,
+            hot_set_pct: 10,
+            seed: 7,
+            disk_writes_per_sec: vec![100, 0],
+        }
+    }
+
+    fn refused(bytes: &[u8], disks: usize) -> bool {
+        matches!(
+            DeviceState::decode(bytes, disks),
+            Err(BackendError::DeviceState(_))
+        )
+    }
+
+    #[test]
+    fn a_device_state_round_trips() {
+        let bytes = state().encode().unwrap();
+        assert_eq!(DeviceState::decode(&bytes, 2).unwrap(), state());
+    }
+
+    #[test]
+    fn a_bad_device_state_is_refused() {
+        let good = state().encode().unwrap();
+        assert!(refused(b"", 2));
+        assert!(refused(&good[..good.len() - 1], 2), "truncated");
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(refused(&trailing, 2), "trailing bytes");
+        assert!(refused(&good, 1), "one disk fewer");
+        assert!(refused(&good, 3), "one disk more");
+        for (version, hot_set_pct) in [
+            (DEVICE_STATE_VERSION + 1, 10),
+            (DEVICE_STATE_VERSION - 1, 10),
+            (DEVICE_STATE_VERSION, 0),
+            (DEVICE_STATE_VERSION, 101),
+        ] {
+            let s = DeviceState {
+                version,
+                hot_set_pct,
+                ..state()
+            };
+            assert!(refused(&s.encode().unwrap(), 2), "{s:?}");
+        }
+    }
+}
