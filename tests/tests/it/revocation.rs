@@ -2,8 +2,6 @@
 //! the handshake and as a ticket signer, and a CRL takes effect on running
 //! agents without a restart.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::authz::issue_ticket;

@@ -3,8 +3,6 @@
 //! destination's root and, independently, by hashing the destination's
 //! files; bad disk requests are refused and lose nothing.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

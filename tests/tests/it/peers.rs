@@ -1,8 +1,6 @@
 //! Mutual authentication: who may talk to an agent, and as what.
 //! Every refusal must leave the VMs exactly as they were.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

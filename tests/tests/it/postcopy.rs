@@ -3,8 +3,6 @@
 //! paging (userfaultfd) before its pages have arrived, every page is then
 //! verified against the source's root, and it runs exactly once.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;

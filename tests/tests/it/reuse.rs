@@ -2,8 +2,6 @@
 //! host the VM left keeps its image encrypted (only when the agent allows
 //! it and the VM opts in), and the trip back sends only the changed pages.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;

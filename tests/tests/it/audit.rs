@@ -4,8 +4,6 @@
 //! from both logs proves a migration offline, and a swapped receipt is
 //! found.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord};
 use convoy_protocol::ctl::Outcome;

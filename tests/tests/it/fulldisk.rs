@@ -4,8 +4,6 @@
 //! Needs root (it mounts a small tmpfs). Without root the test is skipped
 //! with a message, except under `CI=true`, where it fails.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;

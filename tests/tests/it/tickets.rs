@@ -2,8 +2,6 @@
 //! bending one is refused before any VM state moves. After each refusal the
 //! VM still runs exactly once, at the source.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::authz::issue_ticket;

@@ -2,8 +2,6 @@
 //! bytes on the control stream. The destination refuses each with a typed
 //! error, reserves nothing, and keeps serving.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::authz::issue_ticket;

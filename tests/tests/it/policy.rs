@@ -4,8 +4,6 @@
 //! the deciding agent's audit log, and after every refusal the VM runs
 //! exactly once, at the source.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::client::ClientError;

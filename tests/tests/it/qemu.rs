@@ -6,8 +6,6 @@
 //! (`scripts/test` installs them): fails under `CI=true` without them,
 //! skips with a message otherwise.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
