@@ -1,4 +1,5 @@
-//! Shared helpers for the cross-crate integration tests in `tests/tests/`.
+//! Shared helpers for the cross-crate integration tests in `tests/tests/`:
+//! the `it` test binary (one module per topic) and `secrets`.
 
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
@@ -38,6 +39,38 @@ pub fn alter_one_raw_batch(
     })
 }
 
+/// Lab agents `names` in a fresh temporary directory, which lives as long
+/// as the returned guard.
+pub async fn lab(names: &[&str]) -> (tempfile::TempDir, Lab) {
+    lab_with(names, |_, _| {}).await
+}
+
+/// [`lab`] with each agent's configuration adjusted by `tweak` (given the
+/// agent's name).
+pub async fn lab_with(
+    names: &[&str],
+    tweak: impl Fn(&str, &mut convoy_agent::agent::AgentConfig),
+) -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), names, tweak).await.unwrap();
+    (dir, lab)
+}
+
+/// Whether userfaultfd (post-copy) is available. It needs root here; in CI
+/// (`CI=true`, as root) its absence is a failure, elsewhere the caller
+/// skips, with a message.
+pub fn uffd_or_skip() -> bool {
+    if convoy_agent::backend::uffd::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but userfaultfd is unavailable (post-copy needs root)"
+    );
+    eprintln!("skipping: userfaultfd unavailable (not root)");
+    false
+}
+
 /// Two agents, `a` and `b`, with a client for each.
 pub async fn agents_a_and_b() -> (
     tempfile::TempDir,
@@ -45,10 +78,7 @@ pub async fn agents_a_and_b() -> (
     convoy_agent::client::CtlClient,
     convoy_agent::client::CtlClient,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
+    let (dir, lab) = lab(&["a", "b"]).await;
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     (dir, lab, a, b)

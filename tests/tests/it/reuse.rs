@@ -13,8 +13,7 @@ use convoy_tests::{migrate, sim_spec};
 const MEMORY: u64 = 32 << 20;
 
 async fn lab(retain: bool) -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], move |_, c| {
+    convoy_tests::lab_with(&["a", "b"], move |_, c| {
         if retain {
             c.retain_images = Some(RetentionLimits {
                 max_images: 4,
@@ -23,8 +22,6 @@ async fn lab(retain: bool) -> (tempfile::TempDir, Lab) {
         }
     })
     .await
-    .unwrap();
-    (dir, lab)
 }
 
 /// A VM that opts in to retention, dirtying `rate` pages a second.

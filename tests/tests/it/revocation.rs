@@ -11,16 +11,8 @@ use convoy_protocol::ctl::{MigrateOptions, Outcome, VmState};
 use convoy_protocol::message::Message;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_tests::{
-    assert_refusals_logged, assert_unauthorized, eventually, migrate, propose_as, sim_spec,
+    assert_refusals_logged, assert_unauthorized, eventually, lab, migrate, propose_as, sim_spec,
 };
-
-async fn lab() -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b", "c"], |_, _| {})
-        .await
-        .unwrap();
-    (dir, lab)
-}
 
 /// Whether `op` can still list VMs on agent `agent`.
 async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::identity::Identity) -> bool {
@@ -33,7 +25,7 @@ async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::identity::Identity)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let a = (lab.agent("a").unwrap().id.clone(),);
     let b = (lab.agent("b").unwrap().id.clone(),);
     assert!(can_list(&lab, "a", &lab.operator).await);
@@ -82,7 +74,7 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_can_neither_receive_nor_send() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
     lab.pki.revoke(Role::Agent, &"c".parse().unwrap()).unwrap();
@@ -169,7 +161,7 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_not_yet_valid_certificates_are_refused() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let now = time::OffsetDateTime::now_utc();
     let old: AgentName = "old".parse().unwrap();
     lab.pki

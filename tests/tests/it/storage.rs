@@ -19,7 +19,7 @@ use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
     agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, assert_unauthorized, close,
-    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec,
+    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec, uffd_or_skip,
 };
 
 const MEMORY: u64 = 32 << 20;
@@ -516,12 +516,7 @@ async fn hybrid_moves_a_written_disk_before_the_switch_and_pages_memory_after() 
 /// so its pause carries no disk blocks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_postcopy_fetches_disk_blocks_on_demand_after_the_vm_resumes() {
-    if !convoy_agent::backend::uffd::available() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but userfaultfd is unavailable (post-copy needs root)"
-        );
-        eprintln!("skipping: userfaultfd unavailable (not root)");
+    if !uffd_or_skip() {
         return;
     }
     let (_dir, lab, a, b) = agents_a_and_b().await;

@@ -14,11 +14,9 @@ use convoy_protocol::names::{AgentName, Role};
 use convoy_protocol::ticket::{SignedTicket, Ticket};
 use convoy_tests::{assert_unauthorized, migrate, propose_as, sim_spec};
 
+/// Agents a, b and c, with a VM on a.
 async fn lab() -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b", "c"], |_, _| {})
-        .await
-        .unwrap();
+    let (dir, lab) = convoy_tests::lab(&["a", "b", "c"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
     (dir, lab)
