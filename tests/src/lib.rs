@@ -71,6 +71,16 @@ pub fn uffd_or_skip() -> bool {
     false
 }
 
+/// Held by a heavy test (one that boots QEMU guests) for as long as it
+/// runs: every test of the `it` binary shares one process and libtest runs
+/// them in parallel, so heavy tests take turns instead of stacking their
+/// guests on the CPUs and memory together. Light tests run beside them.
+/// A test that panicked while holding it does not poison it for the rest.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Two agents, `a` and `b`, with a client for each.
 pub async fn agents_a_and_b() -> (
     tempfile::TempDir,

@@ -3,8 +3,10 @@
 //! than once per topic. Shared helpers live in `convoy_tests`
 //! (`tests/src/lib.rs`).
 //!
-//! `secrets` stays a test binary of its own (`tests/tests/secrets.rs`): it
-//! installs a process-wide log subscriber.
+//! Topics run in parallel (libtest's default), so anything heavy or
+//! process-wide takes a lock: the QEMU tests hold [`convoy_tests::heavy`]
+//! one at a time. `secrets` stays a test binary of its own
+//! (`tests/tests/secrets.rs`): it installs a process-wide log subscriber.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
