@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrateOptions, MigrateRequest, SimVmSpec, VmState};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
 use convoy_protocol::names::Role;
 use convoy_protocol::page::{Compression, MemoryGeometry, RunKind};
@@ -138,6 +138,32 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
 pub fn migrate(lab: &Lab, vm: &str, from: &str, to: &str) -> MigrateRequest {
     lab.migrate_request(vm, from, to, MigrateOptions::default())
         .expect("lab agents exist")
+}
+
+/// A ticket for `vm` from lab agent `from` to `to`, signed by the lab's
+/// operator, valid for 60 s.
+pub fn ticket(lab: &Lab, vm: &str, from: &str, to: &str) -> SignedTicket {
+    convoy_agent::authz::issue_ticket(
+        &lab.operator,
+        &vm.parse().expect("valid VM name"),
+        lab.agent(from).unwrap().id.clone(),
+        lab.agent(to).unwrap().id.clone(),
+        &MigrateOptions::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+}
+
+/// Asserts that nothing moved: the agent of `here` still runs its one VM,
+/// and the agent of `there` holds none.
+pub async fn assert_nothing_moved(
+    here: &convoy_agent::client::CtlClient,
+    there: &convoy_agent::client::CtlClient,
+) {
+    let vms = here.vm_list().await.unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0].state, VmState::Running);
+    assert!(there.vm_list().await.unwrap().is_empty());
 }
 
 /// Polls `f` every 10 ms until it returns true or `timeout` passes.

@@ -9,10 +9,10 @@ use convoy_agent::client::CtlClient;
 use convoy_agent::identity::{self, Identity};
 use convoy_agent::pki::Pki;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT, ALPN_CTL};
-use convoy_protocol::ctl::{CtlRequest, Outcome, VmState};
+use convoy_protocol::ctl::{CtlRequest, Outcome};
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use convoy_protocol::Message;
-use convoy_tests::{assert_refusals_logged, lab, migrate, sim_spec};
+use convoy_tests::{assert_nothing_moved, assert_refusals_logged, lab, migrate, sim_spec};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -204,15 +204,7 @@ async fn valid_certificates_with_the_wrong_identity_are_refused() {
     let report = ca.migrate(req, |_| {}).await.unwrap();
     assert!(matches!(report.outcome, Outcome::Aborted(_)), "{report:?}");
     assert_eq!(report.pages_sent, 0);
-    assert_eq!(ca.vm_list().await.unwrap()[0].state, VmState::Running);
-    assert!(lab
-        .client("c")
-        .await
-        .unwrap()
-        .vm_list()
-        .await
-        .unwrap()
-        .is_empty());
+    assert_nothing_moved(&ca, &lab.client("c").await.unwrap()).await;
 
     // 5. An identity of another trust domain, even from our CA's files, is
     //    not an agent of ours.

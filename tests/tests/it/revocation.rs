@@ -12,6 +12,7 @@ use convoy_protocol::message::Message;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_tests::{
     assert_refusals_logged, assert_unauthorized, eventually, lab, migrate, propose_as, sim_spec,
+    ticket,
 };
 
 /// Whether `op` can still list VMs on agent `agent`.
@@ -88,17 +89,8 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
     assert_eq!(r.pages_sent, 0);
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
     // b refuses c as a client: c cannot propose anything.
-    let c = lab.agent("c").unwrap();
     let b = lab.agent("b").unwrap();
-    let ticket = issue_ticket(
-        &lab.operator,
-        &"vm".parse().unwrap(),
-        c.id.clone(),
-        b.id.clone(),
-        &MigrateOptions::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ticket = ticket(&lab, "vm", "c", "b");
     let refused = tokio::spawn({
         let b_addr = b.addr;
         let b_id = b.id.clone();

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_agent::authz::issue_ticket;
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrateOptions, MigrationMode, Outcome, SimDiskSpec, VmState};
 use convoy_protocol::digest::Digest;
@@ -19,7 +18,7 @@ use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
     agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, assert_unauthorized, close,
-    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec, uffd_or_skip,
+    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec, ticket, uffd_or_skip,
 };
 
 const MEMORY: u64 = 32 << 20;
@@ -298,16 +297,7 @@ async fn bad_disk_requests_are_refused_and_lose_nothing() {
 
     // A source that sends disks on a ticket that does not allow copying
     // storage is refused by the destination.
-    let (ia, ib) = (lab.agent("a").unwrap(), lab.agent("b").unwrap());
-    let ticket = issue_ticket(
-        &lab.operator,
-        &"sneaky".parse().unwrap(),
-        ia.id.clone(),
-        ib.id.clone(),
-        &MigrateOptions::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ticket = ticket(&lab, "sneaky", "a", "b");
     let manifest = Manifest {
         memory: MemoryGeometry::from_bytes(4 << 20).unwrap(),
         data_streams: 1,
