@@ -4,7 +4,7 @@
 //! (`tests/src/lib.rs`).
 //!
 //! Topics run in parallel (libtest's default), so anything heavy or
-//! process-wide takes a lock: the QEMU tests hold [`convoy_tests::heavy`]
+//! process-wide is bounded: the QEMU tests hold [`convoy_tests::heavy`],
 //! one at a time. `secrets` stays a test binary of its own
 //! (`tests/tests/secrets.rs`): it installs a process-wide log subscriber.
 

@@ -6,9 +6,8 @@
 //! (`scripts/test` installs them): fails under `CI=true` without them,
 //! skips with a message otherwise.
 //!
-//! Each test holds [`convoy_tests::heavy`] while it runs: one QEMU test
-//! at a time (its TCG guests can take a core each), beside at most light
-//! tests of the other topics, never another pair of guests on top of them.
+//! Each test holds [`convoy_tests::heavy`] while it runs: one QEMU test at
+//! a time (its TCG guests can take a core each), beside light tests only.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
