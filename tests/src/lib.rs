@@ -1,4 +1,5 @@
-//! Shared helpers for the cross-crate integration tests in `tests/tests/`.
+//! Shared helpers for the cross-crate integration tests in `tests/tests/`:
+//! the `it` test binary (one module per topic) and `secrets`.
 
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-use convoy_protocol::ctl::{ContentProfile, MigrateRequest, SimVmSpec};
+use convoy_protocol::ctl::{ContentProfile, MigrateRequest, SimVmSpec, VmState};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::Role;
@@ -39,6 +40,59 @@ pub fn alter_one_raw_batch(
     })
 }
 
+/// Lab agents `names` in a fresh temporary directory, which lives as long
+/// as the returned guard.
+pub async fn lab(names: &[&str]) -> (tempfile::TempDir, Lab) {
+    lab_with(names, |_, _| {}).await
+}
+
+/// [`lab`] with each agent's configuration adjusted by `tweak` (given the
+/// agent's name).
+pub async fn lab_with(
+    names: &[&str],
+    tweak: impl Fn(&str, &mut convoy_agent::config::AgentConfig),
+) -> (tempfile::TempDir, Lab) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), names, tweak).await.unwrap();
+    (dir, lab)
+}
+
+/// Whether userfaultfd (post-copy) is available. It needs root here; in CI
+/// (`CI=true`, as root) its absence is a failure, elsewhere the caller
+/// skips, with a message.
+pub fn uffd_or_skip() -> bool {
+    if convoy_agent::backend::uffd::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but userfaultfd is unavailable (post-copy needs root)"
+    );
+    eprintln!("skipping: userfaultfd unavailable (not root)");
+    false
+}
+
+/// How many heavy tests run at once. One: when the QEMU tests were a
+/// binary of their own, nothing else ran beside them; now a QEMU test runs
+/// beside light tests only, never beside another pair of guests, on any
+/// number of cores. (Two at once saved at most half a minute of the
+/// binary's 2.5-3 min on 2 cores, within the noise of other builds.)
+const HEAVY_AT_ONCE: usize = 1;
+
+/// Held by a heavy test (one that boots QEMU guests) for as long as it
+/// runs. Every test of the `it` binary shares one process and libtest runs
+/// as many at once as there are cores, so heavy tests would otherwise run
+/// together and beside every other topic's migrations; at most
+/// `HEAVY_AT_ONCE` run at once, light tests beside them. A test that
+/// panics gives its permit back.
+pub async fn heavy() -> tokio::sync::SemaphorePermit<'static> {
+    static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HEAVY_AT_ONCE);
+    HEAVY
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
+}
+
 /// Two agents, `a` and `b`, with a client for each.
 pub async fn agents_a_and_b() -> (
     tempfile::TempDir,
@@ -46,10 +100,7 @@ pub async fn agents_a_and_b() -> (
     convoy_agent::client::CtlClient,
     convoy_agent::client::CtlClient,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
+    let (dir, lab) = lab(&["a", "b"]).await;
     let a = lab.client("a").await.unwrap();
     let b = lab.client("b").await.unwrap();
     (dir, lab, a, b)
@@ -99,6 +150,32 @@ pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
 pub fn migrate(lab: &Lab, vm: &str, from: &str, to: &str) -> MigrateRequest {
     lab.migrate_request(vm, from, to, MigrationPlan::default())
         .expect("lab agents exist")
+}
+
+/// A ticket for `vm` from lab agent `from` to `to`, signed by the lab's
+/// operator, valid for 60 s.
+pub fn ticket(lab: &Lab, vm: &str, from: &str, to: &str) -> SignedTicket {
+    convoy_agent::trust::authz::issue_ticket(
+        &lab.operator,
+        &vm.parse().expect("valid VM name"),
+        lab.agent(from).unwrap().id.clone(),
+        lab.agent(to).unwrap().id.clone(),
+        &MigrationPlan::default(),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+}
+
+/// Asserts that nothing moved: the agent of `here` still runs its one VM,
+/// and the agent of `there` holds none.
+pub async fn assert_nothing_moved(
+    here: &convoy_agent::client::CtlClient,
+    there: &convoy_agent::client::CtlClient,
+) {
+    let vms = here.vm_list().await.unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0].state, VmState::Running);
+    assert!(there.vm_list().await.unwrap().is_empty());
 }
 
 /// Polls `f` every 10 ms until it returns true or `timeout` passes.

@@ -1,6 +1,11 @@
 //! Secrets never reach the logs: with every log level on, a migration's
 //! whole log output (and the `Debug` of identities and configurations)
 //! holds no private key material of the CA, the agents or the operator.
+//!
+//! A test binary of its own, not a module of `it`: it installs a global
+//! TRACE subscriber (the agents log from every worker thread), which can
+//! be set once per process and would then capture, and slow, every other
+//! test's logs for the rest of the run.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 

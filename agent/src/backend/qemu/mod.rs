@@ -3,7 +3,7 @@
 //! streams.
 //!
 //! Built so far, each tested against a real guest under TCG
-//! (`tests/tests/qemu.rs`):
+//! (`tests/tests/it/qemu.rs`):
 //! - [`qmp`]: the QMP client (greeting, capabilities, commands matched by
 //!   id, events kept; bounded lines and typed errors for hostile output);
 //! - [`process`]: a VM definition becomes a QEMU command line with a QMP

@@ -4,8 +4,6 @@
 //! the deciding agent's audit log, and after every refusal the VM runs
 //! exactly once, at the source.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::client::ClientError;
@@ -15,7 +13,7 @@ use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{CtlErrorKind, Outcome, SimVmSpec, VmState};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::SpiffeId;
-use convoy_tests::{eventually, migrate, sim_spec};
+use convoy_tests::{eventually, lab, migrate, sim_spec};
 
 fn spec(name: &str, tenant: &str, level: u8) -> SimVmSpec {
     let mut s = sim_spec(name, 8 << 20, 1000);
@@ -127,12 +125,6 @@ fn write_atomic(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(tmp, path).unwrap();
-}
-
-async fn lab(names: &[&str]) -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), names, |_, _| {}).await.unwrap();
-    (dir, lab)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,28 +3,13 @@
 //! paging (userfaultfd) before its pages have arrived, every page is then
 //! verified against the source's root, and it runs exactly once.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_tests::{eventually, sim_spec};
-
-/// Userfaultfd needs root here; in CI (root) its absence is a failure.
-fn uffd_or_skip() -> bool {
-    if convoy_agent::backend::uffd::available() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true but userfaultfd is unavailable (post-copy needs root)"
-    );
-    eprintln!("skipping: userfaultfd unavailable (not root)");
-    false
-}
+use convoy_tests::{eventually, lab_with, sim_spec, uffd_or_skip};
 
 /// Agents a and b, and on a a 64 MiB VM writing `rate` pages per second.
 async fn two_agents_and_vm(vm: &str, rate: u64) -> (tempfile::TempDir, Lab) {
@@ -37,10 +22,7 @@ async fn two_agents_and_vm_with(
     rate: u64,
     tweak: impl Fn(&mut convoy_agent::config::AgentConfig),
 ) -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, c| tweak(c))
-        .await
-        .unwrap();
+    let (dir, lab) = lab_with(&["a", "b"], |_, c| tweak(c)).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec(vm, 64 << 20, rate)).await.unwrap();
     a.close().await;

@@ -2,8 +2,6 @@
 //! the handshake and as a ticket signer, and a CRL takes effect on running
 //! agents without a restart.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::client::CtlClient;
@@ -14,16 +12,9 @@ use convoy_protocol::message::Message;
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role};
 use convoy_tests::{
-    assert_refusals_logged, assert_unauthorized, eventually, migrate, propose_as, sim_spec,
+    assert_refusals_logged, assert_unauthorized, eventually, lab, migrate, propose_as, sim_spec,
+    ticket,
 };
-
-async fn lab() -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b", "c"], |_, _| {})
-        .await
-        .unwrap();
-    (dir, lab)
-}
 
 /// Whether `op` can still list VMs on agent `agent`.
 async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::trust::identity::Identity) -> bool {
@@ -36,7 +27,7 @@ async fn can_list(lab: &Lab, agent: &str, op: &convoy_agent::trust::identity::Id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let a = (lab.agent("a").unwrap().id.clone(),);
     let b = (lab.agent("b").unwrap().id.clone(),);
     assert!(can_list(&lab, "a", &lab.operator).await);
@@ -85,7 +76,7 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_can_neither_receive_nor_send() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
     lab.pki.revoke(Role::Agent, &"c".parse().unwrap()).unwrap();
@@ -98,17 +89,8 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
     assert_eq!(r.pages_sent, 0);
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
     // b refuses c as a client: c cannot propose anything.
-    let c = lab.agent("c").unwrap();
     let b = lab.agent("b").unwrap();
-    let ticket = issue_ticket(
-        &lab.operator,
-        &"vm".parse().unwrap(),
-        c.id.clone(),
-        b.id.clone(),
-        &MigrationPlan::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ticket = ticket(&lab, "vm", "c", "b");
     let refused = tokio::spawn({
         let b_addr = b.addr;
         let b_id = b.id.clone();
@@ -171,7 +153,7 @@ async fn a_revoked_agent_can_neither_receive_nor_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_not_yet_valid_certificates_are_refused() {
-    let (_dir, lab) = lab().await;
+    let (_dir, lab) = lab(&["a", "b", "c"]).await;
     let now = time::OffsetDateTime::now_utc();
     let old: AgentName = "old".parse().unwrap();
     lab.pki

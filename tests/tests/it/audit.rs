@@ -4,15 +4,13 @@
 //! from both logs proves a migration offline, and a swapped receipt is
 //! found.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord};
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::evidence::{build_bundle, check_bundle, EvidenceError, RecordProblem, Side};
 use convoy_protocol::receipt::{Receipt, ReceiptKind};
 use convoy_protocol::ticket::Ticket;
-use convoy_tests::{migrate, sim_spec};
+use convoy_tests::{lab, migrate, sim_spec};
 
 /// What is left of a lab after shutdown: its CA bundle.
 struct Trusted {
@@ -65,10 +63,7 @@ fn kinds(events: &[AuditEvent]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_logs_record_the_migration_and_verify_offline() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
+    let (_dir, lab) = lab(&["a", "b"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
     let req = migrate(&lab, "vm", "a", "b");
@@ -152,10 +147,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
+    let (_dir, lab) = lab(&["a", "b"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 4 << 20, 0)).await.unwrap();
     a.migrate(migrate(&lab, "vm", "a", "b"), |_| {})
@@ -219,10 +211,7 @@ async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evidence_bundle_proves_a_migration_offline_and_a_swapped_receipt_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {})
-        .await
-        .unwrap();
+    let (_dir, lab) = lab(&["a", "b"]).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 4 << 20, 500)).await.unwrap();
     let there = migrate(&lab, "vm", "a", "b");

@@ -1,8 +1,6 @@
 //! Two agents on loopback in one process: live pre-copy migrations of a
 //! dirtying simulated VM, and a page altered in flight.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,8 +3,6 @@
 //! does not grant. Each mismatch is refused before anything is reserved, and
 //! the refusal is in the destination's signed audit log.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;

@@ -5,8 +5,9 @@
 //! against. Needs `qemu-system-x86_64` and the guest's Debian packages
 //! (`scripts/test` installs them): fails under `CI=true` without them,
 //! skips with a message otherwise.
-
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+//!
+//! Each test holds [`convoy_tests::heavy`] while it runs: one QEMU test at
+//! a time (its TCG guests can take a core each), beside light tests only.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -84,6 +85,7 @@ async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_guest_boots_and_answers_qmp() {
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let mut vm = QemuProcess::launch(&spec(g), dir.path(), false)
         .await
@@ -103,6 +105,7 @@ async fn the_test_guest_boots_and_answers_qmp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_migration_over_a_unix_socket_keeps_the_counter_going() {
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let mut src = QemuProcess::launch(&spec(g), &dir.path().join("src"), false)
         .await
@@ -158,6 +161,7 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
     use convoy_protocol::names::{Role, TrustDomain};
 
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(
         &dir.path().join("pki"),
@@ -280,6 +284,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     use convoy_protocol::ctl::{Outcome, VmState};
 
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let images = g.kernel.parent().unwrap().to_owned();
     let qemu = qemu();
     let dir = tempfile::tempdir().unwrap();
@@ -575,6 +580,7 @@ async fn start_outside(q: &QemuLab, dir: &Path) -> (tokio::process::Child, PathB
 async fn a_running_qemu_is_adopted_by_its_qmp_socket_and_migrates() {
     use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
     let outside = dir.path().join("outside");
@@ -701,6 +707,7 @@ fn options(
 async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
     use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
     q.create("a", "guest", vec![]).await;
@@ -724,6 +731,7 @@ async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
 async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
     use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
     q.create("a", "guest", vec![]).await;
@@ -778,6 +786,7 @@ fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
 async fn qemu_vms_migrate_with_their_disk_while_it_is_written() {
     use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let q = QemuLab::start(dir.path(), g).await;
     let src_disk = q.images("a").join("disk.img");
@@ -932,6 +941,7 @@ async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
     use convoy_protocol::ctl::{Outcome, VmState};
     use convoy_protocol::model::MigrationMode;
     let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
     let q = std::sync::Arc::new(QemuLab::start(dir.path(), g).await);
     q.create("a", "guest", vec![]).await;

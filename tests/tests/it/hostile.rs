@@ -2,18 +2,14 @@
 //! bytes on the control stream. The destination refuses each with a typed
 //! error, reserves nothing, and keeps serving.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;
 use convoy_agent::transport;
-use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
-use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::page::MemoryGeometry;
-use convoy_tests::{assert_refusals_logged, connect_as, eventually, migrate, sim_spec};
+use convoy_tests::{assert_refusals_logged, connect_as, eventually, migrate, sim_spec, ticket};
 
 /// Sends `bytes` on a fresh control stream from agent a to agent b and
 /// returns b's first answer, if any.
@@ -38,17 +34,8 @@ fn violation(answer: &Option<Message>, what: &str) -> bool {
 }
 
 fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Message {
-    let (a, b) = (lab.agent("a").unwrap(), lab.agent("b").unwrap());
     let vm = "vm".parse().unwrap();
-    let ticket = issue_ticket(
-        &lab.operator,
-        &vm,
-        a.id.clone(),
-        b.id.clone(),
-        &MigrationPlan::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ticket = ticket(lab, "vm", "a", "b");
     let body: convoy_protocol::ticket::Ticket = postcard::from_bytes(&ticket.body).unwrap();
     Message::Propose(Propose {
         versions,

@@ -3,8 +3,6 @@
 //! destination's root and, independently, by hashing the destination's
 //! files; bad disk requests are refused and lose nothing.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_agent::lab::Lab;
-use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{Outcome, SimDiskSpec, VmState};
 use convoy_protocol::digest::Digest;
 use convoy_protocol::disk::{file_root, DiskGeometry};
@@ -22,7 +19,7 @@ use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
     agents_a_and_b, alter_one_raw_batch, assert_refusals_logged, assert_unauthorized, close,
-    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec,
+    eventually, lab_where_a_alters_batches, propose_manifest_as, sim_spec, ticket, uffd_or_skip,
 };
 
 const MEMORY: u64 = 32 << 20;
@@ -301,16 +298,7 @@ async fn bad_disk_requests_are_refused_and_lose_nothing() {
 
     // A source that sends disks on a ticket that does not allow copying
     // storage is refused by the destination.
-    let (ia, ib) = (lab.agent("a").unwrap(), lab.agent("b").unwrap());
-    let ticket = issue_ticket(
-        &lab.operator,
-        &"sneaky".parse().unwrap(),
-        ia.id.clone(),
-        ib.id.clone(),
-        &MigrationPlan::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let ticket = ticket(&lab, "sneaky", "a", "b");
     let manifest = Manifest {
         memory: MemoryGeometry::from_bytes(4 << 20).unwrap(),
         data_streams: MigrationPlan::default().streams,
@@ -520,12 +508,7 @@ async fn hybrid_moves_a_written_disk_before_the_switch_and_pages_memory_after() 
 /// so its pause carries no disk blocks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_postcopy_fetches_disk_blocks_on_demand_after_the_vm_resumes() {
-    if !convoy_agent::backend::uffd::available() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but userfaultfd is unavailable (post-copy needs root)"
-        );
-        eprintln!("skipping: userfaultfd unavailable (not root)");
+    if !uffd_or_skip() {
         return;
     }
     let (_dir, lab, a, b) = agents_a_and_b().await;

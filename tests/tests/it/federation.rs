@@ -4,8 +4,6 @@
 //! the partner CA, and a partner-CA certificate claiming our own domain,
 //! are refused.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::net::SocketAddr;
 use std::time::Duration;
 

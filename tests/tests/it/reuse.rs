@@ -2,8 +2,6 @@
 //! host the VM left keeps its image encrypted (only when the agent allows
 //! it and the VM opts in), and the trip back sends only the changed pages.
 
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
-
 use std::time::Duration;
 
 use convoy_agent::host::retain::RetentionLimits;
@@ -15,8 +13,7 @@ use convoy_tests::{migrate, sim_spec};
 const MEMORY: u64 = 32 << 20;
 
 async fn lab(retain: bool) -> (tempfile::TempDir, Lab) {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::start(dir.path(), &["a", "b"], move |_, c| {
+    convoy_tests::lab_with(&["a", "b"], move |_, c| {
         if retain {
             c.retain_images = Some(RetentionLimits {
                 max_images: 4,
@@ -25,8 +22,6 @@ async fn lab(retain: bool) -> (tempfile::TempDir, Lab) {
         }
     })
     .await
-    .unwrap();
-    (dir, lab)
 }
 
 /// A VM that opts in to retention, dirtying `rate` pages a second.

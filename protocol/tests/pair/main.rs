@@ -1,0 +1,14 @@
+//! The `Pair` tests: source and destination state machines driven against
+//! each other in memory ([`harness::Pair`]), by topic.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+mod harness;
+
+mod hostile;
+mod links;
+mod postcopy;
+mod precopy;
+mod receipts;
+mod recovery;
+mod reuse;

@@ -1,0 +1,213 @@
+//! Pre-copy: rounds over a dirtying VM until it converges (deltas, auto-converge,
+//! hot pages held back), and what the downtime counts.
+
+use std::time::Duration;
+
+use convoy_protocol::ctl::Outcome;
+use convoy_protocol::destination::DestinationEvent;
+use convoy_protocol::message::Message;
+
+use crate::harness::{root_of, without_delta, Pair};
+
+#[test]
+fn idle_vm_moves_in_one_round_and_verifies() {
+    let mut p = Pair::new(512, 0, 100e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(s.verified && s.converged);
+    assert_eq!(s.rounds, 2, "bulk round plus an empty final round");
+    // A quarter of the pages are zero and cost nothing in round 1.
+    assert_eq!(s.encodings.zero, 128);
+    assert_eq!(s.pages_sent, 384);
+    assert_eq!(p.staging.as_ref().unwrap(), &p.vm.pages);
+    assert_eq!(s.memory_root, Some(root_of(&p.vm.pages)));
+    assert!(p.vm.discarded);
+    assert!(!p.rolled_back);
+}
+
+#[test]
+fn dirtying_vm_converges_and_destination_holds_the_paused_image() {
+    // 60 writes per simulated ms, 90% into a 10% hot set, 50 MB/s link.
+    let mut p = Pair::new(2048, 60, 50e6, 1 << 30);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.rounds > 2, "a dirtying VM needs several rounds: {s:?}");
+    assert!(s.converged);
+    let paused = p.paused_image.as_ref().unwrap();
+    assert_eq!(p.staging.as_ref().unwrap(), paused);
+    assert_eq!(s.memory_root, Some(root_of(paused)));
+    // The device counter continues: the destination starts at the value the
+    // source paused with.
+    assert_eq!(p.started, Some(p.vm.counter));
+    assert!(p.vm.discarded && !p.rolled_back);
+    assert!(s.downtime.unwrap() < s.total);
+    // Hot pages change in a few 8-byte words a round: most go as deltas.
+    assert!(s.encodings.delta > 0, "{:?}", s.encodings);
+}
+
+#[test]
+fn deltas_go_only_to_a_destination_that_accepted_them_and_save_bytes() {
+    let run = |rate: u64, delta: bool| {
+        let mut p = Pair::new(2048, rate, 50e6, 1 << 30);
+        if !delta {
+            without_delta(&mut p);
+        }
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert_eq!(
+            p.staging.as_ref().unwrap(),
+            p.paused_image.as_ref().unwrap()
+        );
+        s
+    };
+    let (with, without) = (run(60, true), run(60, false));
+    assert_eq!(without.encodings.delta, 0);
+    assert!(with.encodings.delta > 0);
+    // Bytes after the bulk round, which an idle VM's migration is.
+    let bulk = run(0, true).payload_bytes;
+    let (with, without) = (with.payload_bytes - bulk, without.payload_bytes - bulk);
+    assert!(
+        with * 4 < without,
+        "{with} vs {without} bytes after the bulk round"
+    );
+}
+
+#[test]
+fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
+    // 400 writes per ms on a slow link never converges to 20 ms downtime
+    // when pages go whole (with deltas, 8-byte writes are cheap enough to
+    // converge).
+    let mut p = Pair::new(2048, 400, 5e6, 1 << 30);
+    without_delta(&mut p);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert!(!s.converged);
+    assert_eq!(s.rounds, 11, "10 pre-copy rounds and the final one");
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
+    // The busy VM of the previous test, without force_stop or throttling.
+    let mut p = Pair::with(2048, 400, 5e6, 1 << 30, |c| c.force_stop = false);
+    without_delta(&mut p);
+    p.run();
+    let s = p.summary().clone();
+    let Outcome::Aborted(why) = &s.outcome else {
+        panic!("{s:?}")
+    };
+    assert!(why.contains("cannot converge at this dirty rate"), "{why}");
+    assert!(why.contains("against a target of 20 ms"), "{why}");
+    assert!(s.convergence.dirty_rate > 0);
+    assert_eq!(s.rounds, 10);
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none(), "the destination discarded its staging");
+    assert!(matches!(p.dst_event, Some(DestinationEvent::Failed(_))));
+}
+
+#[test]
+fn auto_converge_throttles_a_busy_vm_until_it_converges() {
+    let run = |auto: bool| {
+        let mut p = Pair::with(2048, 400, 20e6, 1 << 30, |c| {
+            c.force_stop = false;
+            c.auto_converge = auto;
+            c.max_downtime = Duration::from_millis(100);
+            c.max_rounds = 30;
+        });
+        without_delta(&mut p);
+        p.run();
+        p
+    };
+    // Unthrottled, this workload never meets the target...
+    let p = run(false);
+    let s = p.summary();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert_eq!(s.convergence.throttle, 0);
+    // ...throttled in steps, it does, and the image is exact.
+    let p = run(true);
+    let s = p.summary();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.converged && s.verified);
+    assert!(s.convergence.throttle >= 20, "{:?}", s.convergence);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn hot_pages_are_held_back_and_fewer_pages_are_sent_twice() {
+    let run = |hold: bool| {
+        let mut p = Pair::with(4096, 60, 30e6, 1 << 30, |c| {
+            c.hold_hot_pages = hold;
+            c.max_rounds = 30;
+        });
+        // Whole pages, so that every re-send costs what it would without
+        // deltas.
+        without_delta(&mut p);
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert!(s.verified);
+        assert_eq!(
+            p.staging.as_ref().unwrap(),
+            p.paused_image.as_ref().unwrap()
+        );
+        s
+    };
+    let plain = run(false);
+    let held = run(true);
+    assert_eq!(plain.convergence.held_back, 0);
+    assert!(held.convergence.held_back > 0, "{:?}", held.convergence);
+    assert!(
+        held.convergence.resent_pages < plain.convergence.resent_pages,
+        "held {:?} plain {:?}",
+        held.convergence,
+        plain.convergence
+    );
+}
+
+#[test]
+fn a_round_end_that_overtakes_its_batches_is_confirmed_once_they_are_applied() {
+    // The control stream is faster than the data: each RoundEnd arrives
+    // while its round's batches are still on the way.
+    let mut p = Pair::new(256, 5, 50e6, 1 << 30);
+    p.data_lag = Duration::from_millis(200);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified && s.rounds >= 2);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn the_time_a_started_vm_waited_for_its_disks_is_not_downtime_and_cannot_go_below_zero() {
+    let run = |synced_ms: Option<u32>| {
+        let mut p = Pair::new(128, 0, 50e6, 1 << 30);
+        p.tamper_back = Some(Box::new(move |m| {
+            if let (Message::Started(s), Some(ms)) = (m, synced_ms) {
+                s.synced_ms = ms;
+            }
+        }));
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        s.downtime.unwrap()
+    };
+    let plain = run(None);
+    // The harness's link takes 5 ms each way: the pause spans at least
+    // Finish → Ready → Handover → Started.
+    assert!(plain >= Duration::from_millis(15), "{plain:?}");
+    assert_eq!(run(Some(5)), plain - Duration::from_millis(5));
+    assert_eq!(run(Some(u32::MAX)), Duration::ZERO);
+}

@@ -1,0 +1,192 @@
+//! Post-copy recovery: a link lost after the switch resumes on a new link
+//! within the recovery window, only from the same source and ticket.
+
+use std::time::Duration;
+
+use convoy_protocol::ctl::Outcome;
+use convoy_protocol::destination::DestinationEvent;
+use convoy_protocol::digest::Digest;
+use convoy_protocol::fuzz::InsecureCrypto;
+use convoy_protocol::message::Message;
+use convoy_protocol::receipt::ReceiptKind;
+use convoy_protocol::source::{SourceConfig, SourceError, Switchover};
+
+use crate::harness::{assert_postcopy_completed, Pair};
+
+/// Post-copy with a 10 s recovery window.
+fn recovering(c: &mut SourceConfig) {
+    c.switchover = Switchover::Immediately;
+    c.recovery = Duration::from_secs(10);
+}
+
+#[test]
+fn a_link_lost_in_postcopy_resumes_on_a_new_link_and_every_page_verifies() {
+    // Cut in the middle of the push: some pages are installed, some are
+    // on the wire and lost, the rest not sent yet; the VM touches missing
+    // pages while the link is down.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.touch_in_outage = vec![1500, 1501, 2000];
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert_eq!(pc.recoveries, 1, "{pc:?}");
+    assert_eq!(p.dst.recoveries(), 1);
+    assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+    assert!(p.src_errors.is_empty() && p.dst_errors.is_empty());
+    // Asked again once resumed: the fault stream served more than the
+    // pages the VM touched before the cut.
+    assert!(pc.fetches >= 2, "{pc:?}");
+    // Receipts as without a cut: one Ready, the one for the root checked
+    // on the new link.
+    let kinds: Vec<ReceiptKind> = s
+        .receipts
+        .iter()
+        .map(|r| {
+            r.verify(&InsecureCrypto(String::new()))
+                .unwrap()
+                .receipt
+                .kind
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ReceiptKind::Accepted,
+            ReceiptKind::Ready,
+            ReceiptKind::Sent,
+            ReceiptKind::Started
+        ]
+    );
+
+    // Cut before the source heard that the VM runs there, and a cut at
+    // every later point: each resumes and verifies.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_on_running = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    assert_eq!(s.postcopy.unwrap().recoveries, 1);
+    for n in [1, 60, 120] {
+        let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+        p.cut_after_postcopy_batches = Some(n);
+        p.run();
+        let s = assert_postcopy_completed(&p);
+        assert_eq!(s.postcopy.unwrap().recoveries, 1, "cut after {n} batches");
+    }
+}
+
+#[test]
+fn a_source_back_before_the_destination_noticed_the_break_resumes() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.dst_notices_late = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    assert_eq!(s.postcopy.unwrap().recoveries, 1);
+    assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+}
+
+#[test]
+fn a_link_that_stays_down_past_the_recovery_window_is_in_doubt_on_both_sides() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.outage = Duration::from_secs(60);
+    p.run();
+    let s = p.summary().clone();
+    assert!(
+        matches!(&s.outcome, Outcome::InDoubt(w) if w.contains("within 10 s")),
+        "{s:?}"
+    );
+    assert!(!p.rolled_back && !p.vm.discarded && p.vm.paused);
+    assert!(p.staging.is_some(), "the running VM is kept");
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::InDoubt(w)) if w.contains("did not come back")),
+        "{:?}",
+        p.dst_event
+    );
+}
+
+#[test]
+fn only_the_source_with_the_same_ticket_resumes_a_migration() {
+    // A Resume for another ticket is refused; the migration waits on for
+    // its own source, which then resumes it.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    let mut first = true;
+    p.tamper_resume = Some(Box::new(move |m| {
+        if let Message::Resume(r) = m {
+            if first {
+                first = false;
+                // Deliver a forged one first, then the real one.
+                let mut forged = r.clone();
+                forged.ticket = Digest([0xEE; 32]);
+                *m = Message::Resume(forged);
+            }
+        }
+    }));
+    p.run();
+    assert_eq!(p.resume_refusals.len(), 1, "{:?}", p.resume_refusals);
+    // The forged Resume was the source's only one: no answer, so the
+    // source gives up in doubt and the destination waits its window out.
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(matches!(p.dst_event, Some(DestinationEvent::InDoubt(_))));
+
+    // The right ticket from another agent (its own mutual TLS identity):
+    // refused the same way.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.resume_peer = "spiffe://pair.test/agent/intruder";
+    p.run();
+    assert_eq!(p.resume_refusals.len(), 1, "{:?}", p.resume_refusals);
+    assert!(p.resume_refusals[0].contains("another agent"));
+    assert!(matches!(p.dst_event, Some(DestinationEvent::InDoubt(_))));
+    assert!(p.staging.is_some(), "the running VM is kept");
+}
+
+/// A post-copy migration cut by `cut`, whose Resumed `tamper` alters:
+/// the source refuses it (saying `why`) and is left in doubt, never
+/// resumed here.
+fn a_bad_resumed_leaves_the_source_in_doubt(
+    cut: impl FnOnce(&mut Pair),
+    tamper: fn(&mut convoy_protocol::message::Resumed),
+    why: &str,
+) {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    cut(&mut p);
+    p.tamper_back = Some(Box::new(move |m| {
+        if let Message::Resumed(r) = m {
+            tamper(r);
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(
+        p.src_errors
+            .iter()
+            .any(|e| matches!(e, SourceError::BadResume(w) if w.contains(why))),
+        "{:?}",
+        p.src_errors
+    );
+    assert!(!p.rolled_back && !p.vm.discarded, "never resumed here");
+}
+
+#[test]
+fn a_resumed_that_does_not_fit_or_claims_pages_never_sent_leaves_the_source_in_doubt() {
+    a_bad_resumed_leaves_the_source_in_doubt(
+        |p| p.cut_after_postcopy_batches = Some(20),
+        |r| {
+            r.missing.pop();
+        },
+        "does not fit",
+    );
+    // Cut before the push began; then the destination says it lacks
+    // nothing, while most owed pages were never sent: the roots would
+    // agree on stale leaves, so the source refuses it.
+    a_bad_resumed_leaves_the_source_in_doubt(
+        |p| p.cut_on_running = true,
+        |r| r.missing.iter_mut().for_each(|w| *w = 0),
+        "never sent",
+    );
+}

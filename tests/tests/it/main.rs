@@ -1,0 +1,26 @@
+//! Convoy's cross-crate integration tests, as one test binary: each topic
+//! is a module (`audit::…`, `qemu::…`), so the agent is linked once rather
+//! than once per topic. Shared helpers live in `convoy_tests`
+//! (`tests/src/lib.rs`).
+//!
+//! Topics run in parallel (libtest's default), so anything heavy or
+//! process-wide is bounded: the QEMU tests hold [`convoy_tests::heavy`],
+//! one at a time. `secrets` stays a test binary of its own
+//! (`tests/tests/secrets.rs`): it installs a process-wide log subscriber.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+mod admission;
+mod audit;
+mod federation;
+mod fulldisk;
+mod hostile;
+mod migration;
+mod peers;
+mod policy;
+mod postcopy;
+mod qemu;
+mod reuse;
+mod revocation;
+mod storage;
+mod tickets;
