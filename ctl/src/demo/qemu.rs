@@ -14,7 +14,7 @@ use convoy_protocol::audit::{verify_log, AuditEvent};
 use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
 use convoy_protocol::vm::VmAttributes;
 
-use super::demo::{evidence, opt, report_json, Continuity, Demo};
+use super::{evidence, opt, report_json, Continuity, Demo};
 use crate::conn::Global;
 use crate::render;
 

@@ -37,7 +37,7 @@ use convoy_protocol::ctl::{
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 
-use super::bench::Bench;
+use super::Bench;
 use crate::conn::Global;
 use crate::render;
 

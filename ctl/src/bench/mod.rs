@@ -2,7 +2,10 @@
 //! mixed and zero memory; busy at several dirty rates) side by side with the
 //! raw QUIC bulk throughput of this machine, measured in the same run with
 //! the same transport tuning and TLS. With `--engine`, the engine tables
-//! of `bench_engine` instead.
+//! of [`engine`] instead.
+
+mod engine;
+mod qemu;
 
 use std::time::Duration;
 
@@ -12,7 +15,7 @@ use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, SimVmSpec};
 use convoy_protocol::model::MigrationMode;
 use serde::Serialize;
 
-use super::bench_engine::NamedRate;
+use self::engine::NamedRate;
 use crate::cmd::migrate::Tuning as MigrateTuning;
 use crate::conn::Global;
 use crate::render;
@@ -114,10 +117,10 @@ struct Row {
 /// Runs the benchmark.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
     if b.engine {
-        return super::bench_engine::run(g, b).await;
+        return engine::run(g, b).await;
     }
     if b.backend == "qemu" {
-        return super::bench_qemu::run(g, b).await;
+        return qemu::run(g, b).await;
     }
     let memory = b.memory.unwrap_or(1 << 30);
     let dir = tempfile::tempdir()?;

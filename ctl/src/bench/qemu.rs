@@ -21,7 +21,7 @@ use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::bench::Bench;
+use super::Bench;
 use crate::conn::Global;
 use crate::render;
 

@@ -2,6 +2,8 @@
 //! loopback, a busy simulated VM migrated live from one to the other,
 //! verified, with the device counter shown continuing at the destination.
 
+mod qemu;
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -55,7 +57,7 @@ pub struct Demo {
 /// Runs the demo.
 pub async fn run(g: &Global, d: Demo) -> Result<()> {
     if d.backend == "qemu" {
-        return super::demo_qemu::run(g, d).await;
+        return qemu::run(g, d).await;
     }
     let memory = d.memory.unwrap_or(512 << 20);
     let say = |s: String| {
