@@ -21,7 +21,7 @@ use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::Bench;
+use super::{table, Bench};
 use crate::conn::Global;
 use crate::render;
 
@@ -165,11 +165,7 @@ struct Setup<'a> {
 }
 
 fn median(v: &[Sample]) -> Sample {
-    let pick = |f: fn(&Sample) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x.get(x.len() / 2).copied().unwrap_or(0.0)
-    };
+    let pick = |f: fn(&Sample) -> f64| table::median(v.iter().map(f));
     Sample {
         total_ms: pick(|s| s.total_ms),
         downtime_ms: pick(|s| s.downtime_ms),
