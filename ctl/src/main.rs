@@ -38,7 +38,7 @@ enum Command {
     /// Create a CA and issue agent and operator certificates.
     #[command(subcommand)]
     Pki(cmd::pki::Pki),
-    /// Create, list and delete VMs on an agent.
+    /// Create, list, pause, resume and delete VMs on an agent.
     #[command(subcommand)]
     Vm(cmd::vm::Vm),
     /// Live-migrate a VM from the agent (--agent) to another agent.
