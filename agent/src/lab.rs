@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use convoy_protocol::ctl::MigrateRequest;
+use convoy_protocol::ctl::{Accel, MigrateRequest, QemuVmSpec};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain, VmName};
 use tokio::sync::oneshot;
@@ -182,6 +182,30 @@ impl Lab {
     /// The serial console log of QEMU VM `vm` on lab agent `agent`.
     pub fn qemu_serial(&self, agent: &str, vm: &str) -> PathBuf {
         self.qemu_runtime(agent).join(vm).join("serial.log")
+    }
+
+    /// The signed audit log of lab agent `agent` (the default,
+    /// STATE_DIR/audit.log).
+    pub fn audit_log(&self, agent: &str) -> PathBuf {
+        self.pki.dir().join("state").join(agent).join("audit.log")
+    }
+
+    /// A VM of the test guest as the agents of [`Lab::start_qemu`] run it:
+    /// their QEMU binary, the kernel and initramfs in their image
+    /// directories, one vCPU under TCG, no disks, default attributes.
+    pub fn qemu_test_vm(name: VmName, memory_mib: u64, append: String) -> QemuVmSpec {
+        QemuVmSpec {
+            name,
+            binary: "qemu-system-x86_64".into(),
+            memory_mib,
+            vcpus: 1,
+            kernel: Some("vmlinuz".into()),
+            initrd: Some("initrd.img".into()),
+            append,
+            disks: Vec::new(),
+            accel: Accel::Tcg,
+            attributes: Default::default(),
+        }
     }
 
     /// The lab's policy: the example policies of `agent/policy/examples`,

@@ -3,14 +3,18 @@
 //! migration logic lives here.
 //!
 //! # Layout
-//! - `cmd/`: one module per command (`pki`, `policy`, `vm`, `migrate`,
-//!   `abort`, `status`, `audit`, `demo`, `bench`).
+//! - `cmd/`: one module per operator command (`pki`, `policy`, `vm`,
+//!   `migrate`, `abort`, `status`, `audit`).
+//! - [`demo`](mod@demo): `convoyctl demo`, a whole migration on this machine.
+//! - [`bench`](mod@bench): `convoyctl bench`, one module per experiment.
 //! - [`conn`]: operator identity and agent addressing shared by commands.
 //! - [`render`]: tables, progress bars and JSON output.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod cmd;
 mod conn;
+mod demo;
 mod render;
 
 use anyhow::Result;
@@ -34,7 +38,7 @@ enum Command {
     /// Create a CA and issue agent and operator certificates.
     #[command(subcommand)]
     Pki(cmd::pki::Pki),
-    /// Create, list and delete VMs on an agent.
+    /// Create, list, pause, resume and delete VMs on an agent.
     #[command(subcommand)]
     Vm(cmd::vm::Vm),
     /// Live-migrate a VM from the agent (--agent) to another agent.
@@ -48,10 +52,10 @@ enum Command {
     Status,
     /// Run a complete live migration on this machine: throw-away PKI, two
     /// agents on loopback, a busy simulated VM.
-    Demo(cmd::demo::Demo),
+    Demo(demo::Demo),
     /// Measure migrations against raw QUIC throughput and print a table;
     /// with --engine, by mode, dirty rate, technique and concurrency.
-    Bench(cmd::bench::Bench),
+    Bench(bench::Bench),
 }
 
 /// mimalloc: the engines hand 128 KiB page batches between threads; glibc's
@@ -92,8 +96,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
             Command::Policy(c) => cmd::policy::run(&cli.global, c),
             Command::Status => cmd::status::run(&cli.global).await,
-            Command::Demo(c) => cmd::demo::run(&cli.global, c).await,
-            Command::Bench(c) => cmd::bench::run(&cli.global, c).await,
+            Command::Demo(c) => demo::run(&cli.global, c).await,
+            Command::Bench(c) => bench::run(&cli.global, c).await,
         }
     })
 }

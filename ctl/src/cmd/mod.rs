@@ -1,12 +1,8 @@
-//! One module per `convoyctl` command.
+//! One module per `convoyctl` operator command (`demo` and `bench` are
+//! folders of their own: `crate::demo`, `crate::bench`).
 
 pub mod abort;
 pub mod audit;
-pub mod bench;
-mod bench_engine;
-mod bench_qemu;
-pub mod demo;
-mod demo_qemu;
 pub mod migrate;
 pub mod pki;
 pub mod policy;

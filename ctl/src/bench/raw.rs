@@ -1,101 +1,19 @@
-//! `convoyctl bench`: migrations of a simulated VM (idle with incompressible,
-//! mixed and zero memory; busy at several dirty rates) side by side with the
-//! raw QUIC bulk throughput of this machine, measured in the same run with
-//! the same transport tuning and TLS. With `--engine`, the engine tables
-//! of `bench_engine` instead.
+//! The default `convoyctl bench`: migrations of a simulated VM (idle with
+//! incompressible, mixed and zero memory; busy at several dirty rates) side
+//! by side with the raw QUIC bulk throughput of this machine, measured in
+//! the same run with the same transport tuning and TLS.
 
 use std::time::Duration;
 
 use anyhow::Result;
 use convoy_agent::lab::{Lab, Sink};
 use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, SimVmSpec};
-use convoy_protocol::model::MigrationMode;
 use serde::Serialize;
 
-use super::bench_engine::NamedRate;
-use crate::cmd::migrate::Tuning as MigrateTuning;
+use super::table::mib;
+use super::Bench;
 use crate::conn::Global;
 use crate::render;
-
-/// `bench` flags.
-#[derive(clap::Args, Debug)]
-pub struct Bench {
-    /// sim: migrations of simulated VMs against raw QUIC; qemu: the same
-    /// real guest migrated by QEMU natively and through Convoy.
-    #[arg(long, default_value = "sim", value_parser = ["sim", "qemu"])]
-    pub backend: String,
-    /// Guest memory of each VM (default: 1GiB for sim, 256MiB for qemu).
-    #[arg(long, value_parser = convoy_agent::units::parse_size)]
-    pub memory: Option<u64>,
-    /// qemu: migrations per path; --engine: migrations per A/B arm (the
-    /// median is reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
-    pub runs: u32,
-    /// qemu: MiB of random data the guest holds in memory.
-    #[arg(long, default_value_t = 64)]
-    pub fill_mib: u32,
-    /// Busy dirty rates to measure, pages per second.
-    #[arg(long, value_delimiter = ',', default_value = "25000,100000")]
-    pub rates: Vec<u64>,
-    /// Scenarios to run besides the baseline: random, mixed, zero, busy.
-    #[arg(long, value_delimiter = ',', default_value = "random,mixed,zero,busy")]
-    pub scenarios: Vec<String>,
-    /// Bytes for the raw QUIC baseline (default: the VM size).
-    #[arg(long, value_parser = convoy_agent::units::parse_size)]
-    pub baseline_bytes: Option<u64>,
-    /// sim: instead of the comparison with raw QUIC, the engine tables:
-    /// one migration per mode and dirty rate, A/B runs of the pre-copy
-    /// techniques, and several VMs migrated at once.
-    #[arg(long)]
-    pub engine: bool,
-    /// --engine: migration modes (precopy, postcopy, hybrid); a mode the
-    /// agent refuses is shown as not supported.
-    #[arg(long, value_delimiter = ',', default_value = "precopy")]
-    pub modes: Vec<MigrationMode>,
-    /// --engine: dirty rates as NAME=PAGES_PER_SEC; the A/B runs use the
-    /// highest.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "idle=0,moderate=25000,heavy=100000"
-    )]
-    pub dirty: Vec<NamedRate>,
-    /// --engine: which tables to run.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "modes,ab,concurrent,reuse",
-        value_parser = ["modes", "ab", "concurrent", "reuse"]
-    )]
-    pub tables: Vec<String>,
-    /// --engine: how many VMs to migrate at once, one run per count.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "4,8",
-        value_parser = clap::value_parser!(u32).range(1..=64)
-    )]
-    pub concurrent: Vec<u32>,
-    /// --engine: guest memory of each VM migrated at once.
-    #[arg(long, default_value = "256MiB", value_parser = convoy_agent::units::parse_size)]
-    pub concurrent_memory: u64,
-    /// --engine: dirty rate of each VM migrated at once, pages per second.
-    #[arg(long, default_value_t = 0)]
-    pub concurrent_rate: u64,
-    /// --engine: give each VM of the modes table a disk of this size (a
-    /// quarter of it written, the rest holes), moved with its memory.
-    #[arg(long, value_parser = convoy_agent::units::parse_size)]
-    pub disk: Option<u64>,
-    /// --engine: how long the reuse table's VMs run at b before they come
-    /// back (milliseconds).
-    #[arg(long = "reuse-dwell", default_value_t = 2000)]
-    pub reuse_dwell_ms: u64,
-    /// --engine: blocks the workload writes to that disk per second.
-    #[arg(long, default_value_t = 2000)]
-    pub disk_writes: u64,
-    #[command(flatten)]
-    pub tuning: MigrateTuning,
-}
 
 #[derive(Serialize)]
 struct Row {
@@ -111,14 +29,8 @@ struct Row {
     verified: bool,
 }
 
-/// Runs the benchmark.
+/// Runs the comparison with raw QUIC.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
-    if b.engine {
-        return super::bench_engine::run(g, b).await;
-    }
-    if b.backend == "qemu" {
-        return super::bench_qemu::run(g, b).await;
-    }
     let memory = b.memory.unwrap_or(1 << 30);
     let dir = tempfile::tempdir()?;
     let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {}).await?;
@@ -232,8 +144,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 format!("{:.0}", r.total_ms),
                 format!("{:.1}", r.downtime_ms),
                 r.rounds.to_string(),
-                format!("{:.0}", r.guest_bytes as f64 / 1048576.0),
-                format!("{:.0}", r.wire_bytes as f64 / 1048576.0),
+                mib(r.guest_bytes),
+                mib(r.wire_bytes),
                 format!("{:.0}", r.guest_mb_s),
                 format!("{:.0}", r.wire_mb_s),
                 format!("{:.0}%", r.vs_raw_quic * 100.0),

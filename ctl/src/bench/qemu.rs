@@ -16,12 +16,12 @@ use anyhow::{anyhow, bail, Result};
 use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::backend::qemu::process::{QemuProcess, QemuSpec};
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
+use convoy_protocol::ctl::{Accel, Outcome};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::bench::Bench;
+use super::{table, Bench};
 use crate::conn::Global;
 use crate::render;
 
@@ -165,11 +165,7 @@ struct Setup<'a> {
 }
 
 fn median(v: &[Sample]) -> Sample {
-    let pick = |f: fn(&Sample) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x.get(x.len() / 2).copied().unwrap_or(0.0)
-    };
+    let pick = |f: fn(&Sample) -> f64| table::median(v.iter().map(f));
     Sample {
         total_ms: pick(|s| s.total_ms),
         downtime_ms: pick(|s| s.downtime_ms),
@@ -292,18 +288,11 @@ async fn through_convoy(b: &Setup<'_>) -> Result<Vec<Sample>> {
     } = *b;
     let lab = Lab::start_qemu(&dir.join("lab"), &["a", "b"], b.qemu, b.guest).await?;
     let a = lab.client("a").await?;
-    a.vm_create_qemu(QemuVmSpec {
-        name: "bench".parse()?,
-        binary: "qemu-system-x86_64".into(),
-        memory_mib: memory >> 20,
-        vcpus: 1,
-        kernel: Some("vmlinuz".into()),
-        initrd: Some("initrd.img".into()),
-        append: append.to_owned(),
-        disks: Vec::new(),
-        accel: Accel::Tcg,
-        attributes: Default::default(),
-    })
+    a.vm_create_qemu(Lab::qemu_test_vm(
+        "bench".parse()?,
+        memory >> 20,
+        append.to_owned(),
+    ))
     .await?;
     a.close().await;
     booted(&lab.qemu_serial("a", "bench")).await?;

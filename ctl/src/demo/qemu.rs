@@ -11,10 +11,10 @@ use convoy_agent::backend::qemu::guest;
 use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{Accel, Outcome, QemuVmSpec};
-use convoy_protocol::vm::VmAttributes;
+use convoy_protocol::ctl::{Outcome, QemuVmSpec};
 
-use super::demo::{evidence, opt, report_json, Continuity, Demo};
+use super::evidence::evidence;
+use super::{attributes, finish, lab_lines, listed, migrate, opt, report_json, Continuity, Demo};
 use crate::conn::Global;
 use crate::render;
 
@@ -38,36 +38,18 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let built = guest::build(&dir.path().join("guest"))
         .map_err(|e| anyhow!("cannot build the test guest: {e}"))?;
     let lab = Lab::start_qemu(&dir.path().join("lab"), &["a", "b"], &qemu, &built).await?;
-    let (a_info, b_info) = (lab.agent("a")?, lab.agent("b")?);
-    say(format!(
-        "PKI: throw-away Ed25519 CA (trust domain {}) in {}",
-        lab.pki.domain(),
-        dir.path().display()
-    ));
-    say(format!(
-        "agent {} on {} (QUIC, mutual TLS 1.3), QEMU {}",
-        a_info.id,
-        a_info.addr,
-        qemu.display()
-    ));
-    say(format!("agent {} on {}", b_info.id, b_info.addr));
+    for line in lab_lines(&lab, dir.path(), &format!(", QEMU {}", qemu.display()))? {
+        say(line);
+    }
     let a = lab.client("a").await?;
     let b = lab.client("b").await?;
     a.vm_create_qemu(QemuVmSpec {
-        name: "demo".parse()?,
-        binary: "qemu-system-x86_64".into(),
-        memory_mib: memory >> 20,
-        vcpus: 1,
-        kernel: Some("vmlinuz".into()),
-        initrd: Some("initrd.img".into()),
-        append: format!("console=ttyS0 quiet panic=-1 convoy.fill={}", d.fill_mib),
-        disks: Vec::new(),
-        accel: Accel::Tcg,
-        attributes: VmAttributes {
-            tenant: "default".into(),
-            security_level: 1,
-            labels: [("app".to_string(), "demo".to_string())].into(),
-        },
+        attributes: attributes(),
+        ..Lab::qemu_test_vm(
+            "demo".parse()?,
+            memory >> 20,
+            format!("console=ttyS0 quiet panic=-1 convoy.fill={}", d.fill_mib),
+        )
     })
     .await?;
     let a_log = lab.qemu_serial("a", "demo");
@@ -109,14 +91,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         "migrating demo: a → b (QEMU {} through Convoy, {} stream(s))",
         options.mode, options.streams
     ));
-    let bar = render::Bar::new(g.json);
-    let report = a
-        .migrate(lab.migrate_request("demo", "a", "b", options)?, |p| {
-            bar.update(p)
-        })
-        .await;
-    bar.finish();
-    let report = report?;
+    let report = migrate(g, &lab, &a, options).await?;
     let at_pause = tokio::time::timeout(Duration::from_secs(10), tail)
         .await
         .ok()
@@ -137,20 +112,12 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let counter_continuous = matches!((at_pause, at_start, after),
         (Some(p), Some(s), Some(n)) if s > p && s <= p + 30 && n > s)
         && !guest::booted(&b_log);
-    let on_a = a
-        .vm_list()
-        .await?
-        .into_iter()
-        .any(|v| v.name.as_str() == "demo");
-    let on_b = b
-        .vm_list()
-        .await?
-        .into_iter()
-        .any(|v| v.name.as_str() == "demo");
+    let on_a = listed(&a).await?.is_some();
+    let on_b = listed(&b).await?.is_some();
     let completed = report.outcome == Outcome::Completed;
     let verified = completed && report.verified && !on_a && on_b;
     // The destination writes its records once the guest runs: wait for them.
-    let b_path = lab.pki.dir().join("state").join("b").join("audit.log");
+    let b_path = lab.audit_log("b");
     let wait = Instant::now();
     while wait.elapsed() < Duration::from_secs(10) {
         let done = std::fs::read(&b_path)
@@ -207,11 +174,5 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         );
         print!("{}", ev.lines(on_a, on_b));
     }
-    a.close().await;
-    b.close().await;
-    lab.shutdown().await;
-    if !verified || !counter_continuous || !ev.all_good() {
-        bail!("the demo migration did not verify");
-    }
-    Ok(())
+    finish(lab, a, b, verified, counter_continuous, &ev).await
 }
