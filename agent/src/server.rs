@@ -205,13 +205,8 @@ impl Agent {
             .close(0u32.into(), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.host.endpoint.wait_idle()).await;
         let vms: Vec<VmEntry> = self.host.vms().drain().map(|(_, e)| e).collect();
-        for e in vms {
-            if let Some(vm) = e.vm {
-                vm.destroy();
-            }
-            if let Some(q) = e.qemu {
-                q.stop().await;
-            }
+        for h in vms.into_iter().filter_map(|e| e.handle) {
+            h.destroy().await;
         }
     }
 }

@@ -12,7 +12,7 @@ use super::{error, forbidden, may_act_on};
 const MAX_SIM_BYTES: u64 = 1 << 40;
 use crate::backend::qemu::vm::QemuVm;
 use crate::backend::sim::SimVm;
-use crate::host::{Host, ReserveError};
+use crate::host::{Host, ReserveError, VmHandle};
 use crate::trust::policy::{Query, VmFacts};
 
 pub(super) async fn delete_vm(
@@ -49,13 +49,8 @@ pub(super) async fn delete_vm(
             }
         }
     };
-    if let Some(e) = entry {
-        if let Some(vm) = e.vm {
-            vm.destroy();
-        }
-        if let Some(q) = e.qemu {
-            q.stop().await;
-        }
+    if let Some(h) = entry.and_then(|e| e.handle) {
+        h.destroy().await;
     }
     CtlResponse::VmDeleted(name.clone())
 }
@@ -84,7 +79,7 @@ pub(super) async fn pause_vm(
     };
     // The state changes under the lock, before the guest does, so that a
     // migration (which claims only running VMs) cannot start in between.
-    let (vm, qemu) = {
+    let handle = {
         let mut vms = host.vms();
         let Some(e) = vms.get_mut(name) else {
             return error(CtlErrorKind::NotFound, format!("no VM named {name} here"));
@@ -105,16 +100,18 @@ pub(super) async fn pause_vm(
             );
         }
         e.state = to;
-        (e.vm.clone(), e.qemu.clone())
+        e.handle.clone()
     };
-    let done = match (vm, qemu) {
-        (Some(vm), _) => if pause { vm.pause() } else { vm.resume() }.map_err(|e| e.to_string()),
-        (None, Some(q)) => q
+    let done = match handle {
+        Some(VmHandle::Sim(vm)) => {
+            if pause { vm.pause() } else { vm.resume() }.map_err(|e| e.to_string())
+        }
+        Some(VmHandle::Qemu(q)) => q
             .execute(if pause { "stop" } else { "cont" }, None)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        (None, None) => Err("the VM has no guest".into()),
+        None => Err("the VM has no guest".into()),
     };
     if let Err(e) = done {
         host.set_state(name, from);
@@ -180,7 +177,7 @@ pub(super) async fn create_qemu_vm(
     match started {
         Ok((vm, paused)) => {
             if let Some(e) = host.vms().get_mut(&spec.name) {
-                e.qemu = Some(vm.clone());
+                e.handle = Some(VmHandle::Qemu(vm.clone()));
                 e.state = if paused {
                     VmState::Paused
                 } else {
@@ -282,7 +279,7 @@ pub(super) async fn create_vm(
             {
                 let mut vms = host.vms();
                 if let Some(e) = vms.get_mut(&name) {
-                    e.vm = Some(vm);
+                    e.handle = Some(VmHandle::Sim(vm));
                     e.state = VmState::Running;
                     e.attributes = attributes;
                 }

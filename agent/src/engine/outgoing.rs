@@ -16,7 +16,7 @@ use crate::backend::VmBackend;
 pub(crate) use crate::engine::error::MigrateError;
 use crate::engine::native::source::Run;
 use crate::engine::qemu::source as qemu_source;
-use crate::host::{ActiveGuard, Host};
+use crate::host::{ActiveGuard, Host, VmHandle};
 use crate::transport::{self, ALPN_AGENT};
 use crate::trust::policy::{Query, VmFacts};
 
@@ -121,8 +121,8 @@ pub(crate) async fn migrate(
         let entry = vms
             .get_mut(&req.vm)
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
-        let claimed = match (&entry.vm, &entry.qemu, entry.state) {
-            (_, Some(q), VmState::Running) => {
+        let claimed = match (&entry.handle, entry.state) {
+            (Some(VmHandle::Qemu(q)), VmState::Running) => {
                 if opts.storage_postcopy {
                     return Err(MigrateError::Options(
                         "--storage-postcopy is for sim VMs: a QEMU VM's disks are mirrored before \
@@ -132,7 +132,7 @@ pub(crate) async fn migrate(
                 }
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
             }
-            (Some(vm), None, VmState::Running) => {
+            (Some(VmHandle::Sim(vm)), VmState::Running) => {
                 let disks = vm.disks().len();
                 if opts.copy_storage && disks == 0 {
                     return Err(MigrateError::Options(format!(
@@ -183,7 +183,7 @@ pub(crate) async fn migrate(
                 }
                 Claimed::Sim(vm.clone())
             }
-            (_, _, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+            (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
         };
         entry.state = VmState::MigratingOut;
         entry.cancel = Some(cancel.clone());

@@ -27,10 +27,31 @@ pub(crate) struct Creds {
     pub trust: TrustBundle,
 }
 
+/// The VM behind a registry entry, by backend.
+#[derive(Debug, Clone)]
+pub(crate) enum VmHandle {
+    /// A simulated VM, migrated by the page engine.
+    Sim(Arc<dyn VmBackend>),
+    /// A QEMU VM, migrated as QEMU's own stream.
+    Qemu(Arc<crate::backend::qemu::vm::QemuVm>),
+}
+
+impl VmHandle {
+    /// Stops the VM for good: a sim VM's memory is wiped, a QEMU is quit.
+    pub(crate) async fn destroy(self) {
+        match self {
+            VmHandle::Sim(vm) => vm.destroy(),
+            VmHandle::Qemu(q) => q.stop().await,
+        }
+    }
+}
+
 /// One VM known to this agent.
 #[derive(Debug)]
 pub(crate) struct VmEntry {
-    pub vm: Option<Arc<dyn VmBackend>>,
+    /// The VM; `None` while its place is reserved (an incoming migration,
+    /// a VM being created).
+    pub handle: Option<VmHandle>,
     pub state: VmState,
     pub bytes: u64,
     pub arrived_from: Option<String>,
@@ -38,8 +59,6 @@ pub(crate) struct VmEntry {
     pub attributes: convoy_protocol::vm::VmAttributes,
     /// Cancels the outgoing migration in progress.
     pub cancel: Option<Arc<tokio::sync::Notify>>,
-    /// A QEMU VM (then `vm` is `None`).
-    pub qemu: Option<Arc<crate::backend::qemu::vm::QemuVm>>,
     /// Arrived from a host that retained its image: the key to offer it
     /// with when the VM goes back there (memory only).
     pub reuse: Option<crate::host::retain::ArrivalKey>,
@@ -49,19 +68,27 @@ impl VmEntry {
     pub(crate) fn info(&self, name: &VmName) -> VmInfo {
         VmInfo {
             name: name.clone(),
-            backend: if self.qemu.is_some() {
-                "qemu"
-            } else {
-                self.vm.as_ref().map_or("sim", |v| v.kind())
+            backend: match &self.handle {
+                Some(VmHandle::Qemu(_)) => "qemu",
+                Some(VmHandle::Sim(v)) => v.kind(),
+                None => "sim",
             }
             .into(),
             memory_bytes: self.bytes,
             state: self.state,
-            counter: self.vm.as_ref().map_or(0, |v| v.counter()),
+            counter: self.sim().map_or(0, |v| v.counter()),
             counter_at_start: self.counter_at_start,
             arrived_from: self.arrived_from.clone(),
-            dirty_pages_per_sec: self.vm.as_ref().map_or(0, |v| v.dirty_rate()),
+            dirty_pages_per_sec: self.sim().map_or(0, |v| v.dirty_rate()),
             attributes: self.attributes.clone(),
+        }
+    }
+
+    /// The sim VM, if this is one.
+    pub(crate) fn sim(&self) -> Option<&Arc<dyn VmBackend>> {
+        match &self.handle {
+            Some(VmHandle::Sim(v)) => Some(v),
+            _ => None,
         }
     }
 }
@@ -262,14 +289,13 @@ impl Host {
         vms.insert(
             name.clone(),
             VmEntry {
-                vm: None,
+                handle: None,
                 state,
                 bytes,
                 arrived_from: None,
                 counter_at_start: None,
                 attributes: Default::default(),
                 cancel: None,
-                qemu: None,
                 reuse: None,
             },
         );

@@ -508,7 +508,7 @@ impl Incoming {
         self.reserved = false;
         self.created.clear();
         if let Some(e) = self.host.vms().get_mut(&self.vm) {
-            e.qemu = Some(qvm.clone());
+            e.handle = Some(crate::host::VmHandle::Qemu(qvm.clone()));
             e.state = state;
             e.arrived_from = Some(self.peer.id.to_string());
         }

@@ -387,7 +387,7 @@ impl Incoming {
     fn register(&self, name: &VmName, vm: Arc<dyn VmBackend>, resumed_from: u64, state: VmState) {
         if let Some(e) = self.host.vms().get_mut(name) {
             e.counter_at_start = Some(resumed_from);
-            e.vm = Some(vm);
+            e.handle = Some(crate::host::VmHandle::Sim(vm));
             e.state = state;
             e.arrived_from = Some(self.peer.id.to_string());
         }
