@@ -1,0 +1,303 @@
+//! The message sequence at the source (see `convoy_protocol::stream`):
+//! `Propose`, `Accept`, QEMU's stream carried, `StreamsDone`, `Ready`, the
+//! handover and `Started`; for post-copy, the `Switch` in between.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::message::{
+    Abort, Capabilities, Handover, Manifest, Message, Propose, Reason, VersionRange,
+};
+use convoy_protocol::model::MigrationMode;
+use convoy_protocol::page::{MemoryGeometry, PageSize};
+use convoy_protocol::receipt::{ticket_digest, ReceiptKind};
+use convoy_protocol::stream::{self, ChannelKind, StreamsDone, Switch};
+use quinn::{Connection, SendStream};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::channels::{accept_channels, listen};
+use super::{Run, State, ACCEPT_TIMEOUT, DRAIN_TIMEOUT, PEER, READY_TIMEOUT, STARTED_TIMEOUT};
+use crate::engine::qemu::common::{digests, ChanEvent, Control, Fail};
+use crate::transport::write_message;
+
+impl Run {
+    /// Everything up to the source's commitment: accepted, QEMU's stream
+    /// carried, and the destination's `Ready` agreeing with what was sent.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn before_handover(
+        &self,
+        conn: &Connection,
+        send: &mut SendStream,
+        ctl: &mut mpsc::Receiver<Control>,
+        chan_tx: &mpsc::UnboundedSender<ChanEvent>,
+        chans: &mut mpsc::UnboundedReceiver<ChanEvent>,
+        acceptors: &mut JoinSet<()>,
+        st: &mut State,
+    ) -> Result<(), Fail> {
+        let m = &self.prepared.manifest;
+        let notary = self.notary();
+        let td = ticket_digest(&self.req.ticket);
+        let pages = m.spec.memory_mib * 256;
+        let memory = MemoryGeometry::new(PageSize::SIZE_4K, pages)
+            .map_err(|e| Fail::local(format!("memory geometry: {e}")))?;
+        let propose = Message::Propose(Propose {
+            versions: VersionRange::OURS,
+            capabilities: Capabilities::default(),
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            attributes: self.attributes.clone(),
+            manifest: Manifest {
+                memory,
+                data_streams: m.channels() as u16,
+                qemu: Some(Box::new(m.clone())),
+                postcopy: false,
+                start_paused: false,
+                plan: self.plan.clone(),
+                reuse: None,
+                disks: Vec::new(),
+            },
+            ticket: self.req.ticket.clone(),
+        });
+        st.control_bytes += write_message(send, &propose).await.map_err(Fail::link)? as u64;
+        match self.next(ctl, ACCEPT_TIMEOUT, "Accept").await? {
+            Message::Accept(a) => {
+                notary
+                    .check(
+                        &a.receipt,
+                        &self.dest,
+                        ReceiptKind::Accepted,
+                        self.migration,
+                        td,
+                        None,
+                    )
+                    .map_err(|e| Fail::violation(PEER, format!("Accepted receipt: {e}")))?;
+                st.receipts.push(a.receipt);
+            }
+            Message::Reject(r) => {
+                return Err(Fail {
+                    detail: format!("refused by the destination: {}", r.reason),
+                    reason: r.reason,
+                    tell: false,
+                })
+            }
+            other => {
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Accept", other.kind()),
+                ))
+            }
+        }
+        self.phase(st, "accepted: the destination's QEMU waits");
+
+        // QEMU connects to sockets we own; each connection becomes a stream.
+        let out_sock = self.vm.dir().join("migrate-out.sock");
+        let migration_listener = listen(&out_sock)?;
+        acceptors.spawn(accept_channels(
+            migration_listener,
+            conn.clone(),
+            self.migration,
+            (0..=m.multifd_channels)
+                .map(ChannelKind::Migration)
+                .collect(),
+            chan_tx.clone(),
+        ));
+        let mut opened = 0usize;
+        if !self.prepared.disks.is_empty() {
+            let nbd_sock = self.vm.dir().join("nbd-out.sock");
+            let nbd_listener = listen(&nbd_sock)?;
+            acceptors.spawn(accept_channels(
+                nbd_listener,
+                conn.clone(),
+                self.migration,
+                (0..self.prepared.disks.len() as u16)
+                    .map(ChannelKind::Nbd)
+                    .collect(),
+                chan_tx.clone(),
+            ));
+            opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
+        }
+        self.configure(m).await?;
+        self.qmp(
+            "migrate",
+            json!({ "uri": format!("unix:{}", out_sock.display()) }),
+        )
+        .await?;
+        self.phase(st, "QEMU migrating");
+        let info = self.watch(send, ctl, chans, st, &mut opened, pages).await?;
+        st.qemu_status = "completed".into();
+        st.qemu_info = info;
+        for e in self.vm.take_events().await {
+            if e["event"] == "STOP" {
+                let t = &e["timestamp"];
+                st.stop_at_unix_us = Some(
+                    t["seconds"].as_u64().unwrap_or(0) * 1_000_000
+                        + t["microseconds"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        self.phase(st, "QEMU finished sending");
+        if !self.prepared.disks.is_empty() {
+            self.complete_mirrors().await?;
+        }
+        // Every channel QEMU opened has ended both ways: the digests are final.
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while st.channels.len() < opened {
+            match tokio::time::timeout_at(deadline, chans.recv()).await {
+                Ok(Some(ChanEvent::Opened)) => opened += 1,
+                Ok(Some(ChanEvent::Done(kind, Ok(sp)))) => st.channels.push(digests(kind, &sp)),
+                Ok(Some(ChanEvent::Done(kind, Err(e)))) => {
+                    return Err(Fail::link(format!("{kind}: {e}")))
+                }
+                Ok(Some(ChanEvent::Bad(e))) => return Err(Fail::link(e)),
+                Ok(None) => break,
+                Err(_) => return Err(Fail::local("QEMU's channels did not close")),
+            }
+        }
+        st.channels = stream::canonical(std::mem::take(&mut st.channels));
+        let (out_root, back_root) = stream::roots(&st.channels);
+        let done = Message::StreamsDone(StreamsDone {
+            channels: st.channels.clone(),
+        });
+        st.control_bytes += write_message(send, &done).await.map_err(Fail::link)? as u64;
+        match self.next(ctl, READY_TIMEOUT, "Ready").await? {
+            Message::Ready(r) => {
+                if r.memory_root != out_root || r.device_digest != back_root {
+                    return Err(Fail::new(
+                        Reason::RootMismatch,
+                        "the destination holds other bytes than were sent",
+                    ));
+                }
+                notary
+                    .check(
+                        &r.receipt,
+                        &self.dest,
+                        ReceiptKind::Ready,
+                        self.migration,
+                        td,
+                        Some((out_root, back_root)),
+                    )
+                    .map_err(|e| Fail::violation(PEER, format!("Ready receipt: {e}")))?;
+                st.receipts.push(r.receipt);
+                st.verified = true;
+            }
+            other => {
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Ready", other.kind()),
+                ))
+            }
+        }
+        self.phase(st, "the destination holds every byte sent");
+        Ok(())
+    }
+
+    /// Post-copy: commit, have the destination start the guest as soon as
+    /// it can, then let QEMU switch.
+    pub(super) async fn switch(
+        &self,
+        send: &mut SendStream,
+        ctl: &mut mpsc::Receiver<Control>,
+        st: &mut State,
+    ) -> Result<(), Fail> {
+        let m = Message::Switch(Switch {
+            migration: self.migration,
+        });
+        st.control_bytes += write_message(send, &m).await.map_err(Fail::link)? as u64;
+        match self.next(ctl, Duration::from_secs(10), "Switch").await? {
+            Message::Switch(s) if s.migration == self.migration => {}
+            other => {
+                return Err(Fail::violation(
+                    PEER,
+                    format!("{} instead of Switch", other.kind()),
+                ))
+            }
+        }
+        // From the switch on the guest runs only at the destination.
+        self.host.set_state(&self.req.vm, VmState::InDoubt);
+        st.handed_over = true;
+        self.phase(
+            st,
+            "switched to post-copy: the guest runs at the destination",
+        );
+        self.qmp("migrate-start-postcopy", Value::Null).await?;
+        Ok(())
+    }
+
+    /// Commits (precopy) and waits for `Started`.
+    pub(super) async fn handover(
+        &self,
+        send: &mut SendStream,
+        ctl: &mut mpsc::Receiver<Control>,
+        st: &mut State,
+    ) -> Outcome {
+        let notary = self.notary();
+        let td = ticket_digest(&self.req.ticket);
+        let roots = stream::roots(&st.channels);
+        // From here the guest must never run here again.
+        self.host.set_state(&self.req.vm, VmState::InDoubt);
+        st.handed_over = true;
+        self.phase(st, "handed over");
+        let sent = match notary.sign(
+            Instant::now(),
+            ReceiptKind::Sent,
+            self.migration,
+            td,
+            Some(roots),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not sent yet: the guest may still resume here.
+                st.handed_over = false;
+                let _ = write_message(
+                    send,
+                    &Message::Abort(Abort {
+                        reason: Reason::Internal(e.to_string()),
+                    }),
+                )
+                .await;
+                self.roll_back(st).await;
+                return Outcome::Aborted(format!("cannot sign the Sent receipt: {e}"));
+            }
+        };
+        st.receipts.push(sent.clone());
+        let h = Message::Handover(Handover {
+            receipt: sent,
+            reuse: None,
+        });
+        match write_message(send, &h).await {
+            Ok(n) => st.control_bytes += n as u64,
+            Err(e) => return self.in_doubt(st, format!("link lost at the handover: {e}")),
+        }
+        let started = match self.next(ctl, STARTED_TIMEOUT, "Started").await {
+            Ok(Message::Started(s)) => s,
+            Ok(other) => return self.in_doubt(st, format!("{} instead of Started", other.kind())),
+            Err(f) => return self.in_doubt(st, f.detail),
+        };
+        if let Err(e) = notary.check(
+            &started.receipt,
+            &self.dest,
+            ReceiptKind::Started,
+            self.migration,
+            td,
+            Some(roots),
+        ) {
+            return self.in_doubt(st, format!("Started receipt: {e}"));
+        }
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        st.downtime_ms = match (self.prepared.manifest.mode, st.stop_at_unix_us) {
+            (MigrationMode::Precopy, Some(stop)) => now_us.saturating_sub(stop) as f64 / 1e3,
+            // Post-copy: the guest ran at the destination long before
+            // Started; QEMU's own figure is the downtime.
+            _ => st.qemu_info["downtime"].as_f64().unwrap_or(0.0),
+        };
+        st.receipts.push(started.receipt);
+        self.phase(st, "started at the destination: QEMU here quit");
+        self.host.remove(&self.req.vm);
+        self.vm.stop().await;
+        Outcome::Completed
+    }
+}

@@ -1,0 +1,194 @@
+//! The actions policies govern, and the questions asked about them.
+
+use std::str::FromStr;
+
+use convoy_protocol::names::{SpiffeId, VmName};
+use convoy_protocol::ticket::Ticket;
+use convoy_protocol::vm::VmAttributes;
+
+/// The actions policies govern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Source side of a migration.
+    MigrateOut,
+    /// Destination side of a migration.
+    MigrateIn,
+    /// Creating a VM.
+    CreateVm,
+    /// Deleting a VM (and wiping its memory).
+    DeleteVm,
+    /// Pausing or resuming a VM.
+    PauseVm,
+    /// Aborting a migration.
+    Abort,
+    /// Reading an agent's audit log.
+    ReadAudit,
+}
+
+impl Action {
+    /// The Cedar action name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::MigrateOut => "MigrateOut",
+            Action::MigrateIn => "MigrateIn",
+            Action::CreateVm => "CreateVm",
+            Action::DeleteVm => "DeleteVm",
+            Action::PauseVm => "PauseVm",
+            Action::Abort => "Abort",
+            Action::ReadAudit => "ReadAudit",
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "MigrateOut" => Action::MigrateOut,
+            "MigrateIn" => Action::MigrateIn,
+            "CreateVm" => Action::CreateVm,
+            "DeleteVm" => Action::DeleteVm,
+            "PauseVm" => Action::PauseVm,
+            "Abort" => Action::Abort,
+            "ReadAudit" => Action::ReadAudit,
+            other => {
+                return Err(format!(
+                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, ReadAudit)"
+                ))
+            }
+        })
+    }
+}
+
+/// A VM as a policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct VmFacts<'a> {
+    /// Name.
+    pub name: &'a VmName,
+    /// Tenant, level, labels.
+    pub attributes: &'a VmAttributes,
+}
+
+/// One question for the policy.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Query<'a> {
+    /// At the source.
+    MigrateOut {
+        /// The operator who signed the ticket (and asked).
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        source: &'a SpiffeId,
+        /// Where the VM would go.
+        destination: &'a SpiffeId,
+        /// The verified ticket.
+        ticket: &'a Ticket,
+    },
+    /// At the destination.
+    MigrateIn {
+        /// The operator who signed the ticket.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// The proposing agent.
+        source: &'a SpiffeId,
+        /// This agent.
+        destination: &'a SpiffeId,
+        /// The verified ticket.
+        ticket: &'a Ticket,
+    },
+    /// Creating a VM on `host`.
+    CreateVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM to create.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
+    /// Deleting a VM on `host`.
+    DeleteVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
+    /// Pausing or resuming a VM on `host`.
+    PauseVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
+    /// Aborting the migration of a VM on `host`.
+    Abort {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
+    /// Reading `host`'s audit log.
+    ReadAudit {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// This agent.
+        host: &'a SpiffeId,
+    },
+}
+
+impl Query<'_> {
+    /// The action asked about.
+    pub fn action(&self) -> Action {
+        match self {
+            Query::MigrateOut { .. } => Action::MigrateOut,
+            Query::MigrateIn { .. } => Action::MigrateIn,
+            Query::CreateVm { .. } => Action::CreateVm,
+            Query::DeleteVm { .. } => Action::DeleteVm,
+            Query::PauseVm { .. } => Action::PauseVm,
+            Query::Abort { .. } => Action::Abort,
+            Query::ReadAudit { .. } => Action::ReadAudit,
+        }
+    }
+
+    /// The operator behind the request (asking, or whose ticket it is).
+    pub fn operator(&self) -> &SpiffeId {
+        match self {
+            Query::MigrateIn { operator, .. }
+            | Query::MigrateOut { operator, .. }
+            | Query::CreateVm { operator, .. }
+            | Query::DeleteVm { operator, .. }
+            | Query::PauseVm { operator, .. }
+            | Query::Abort { operator, .. }
+            | Query::ReadAudit { operator, .. } => operator,
+        }
+    }
+
+    /// The principal, as text.
+    pub fn principal(&self) -> String {
+        match self {
+            Query::MigrateIn { source, .. } => source.to_string(),
+            _ => self.operator().to_string(),
+        }
+    }
+
+    /// The resource, as text.
+    pub fn resource(&self) -> String {
+        match self {
+            Query::MigrateOut { vm, .. }
+            | Query::MigrateIn { vm, .. }
+            | Query::CreateVm { vm, .. }
+            | Query::DeleteVm { vm, .. }
+            | Query::PauseVm { vm, .. }
+            | Query::Abort { vm, .. } => format!("vm {}", vm.name),
+            Query::ReadAudit { host, .. } => host.to_string(),
+        }
+    }
+}
