@@ -43,6 +43,11 @@ fn check(kind: &'static str, v: &str, max: usize, extra: &[char]) -> Result<(), 
             "only ASCII letters, digits, '-', '_' (and '.' where allowed)",
         ));
     }
+    // Names become path components (a VM's runtime, disk and staging
+    // directories): never `.`, `..` or a hidden file.
+    if v.starts_with('.') {
+        return Err(bad("must not start with '.'"));
+    }
     Ok(())
 }
 
@@ -90,7 +95,8 @@ macro_rules! name_type {
 }
 
 name_type!(
-    /// A VM's name: 1–64 of `[A-Za-z0-9._-]`.
+    /// A VM's name: 1–64 of `[A-Za-z0-9._-]`, not starting with `.` (so it
+    /// is always one safe path component: never `.` or `..`).
     VmName, "VM name", 64, &['.']
 );
 name_type!(
@@ -269,6 +275,13 @@ mod tests {
         assert!("vm-1.prod".parse::<VmName>().is_ok());
         assert!("".parse::<VmName>().is_err());
         assert!("a/b".parse::<VmName>().is_err());
+        // One safe path component: never `.`, `..` or hidden, from a
+        // command line or off the wire.
+        for bad in [".", "..", ".hidden"] {
+            assert!(bad.parse::<VmName>().is_err(), "{bad}");
+            let wire = postcard::to_stdvec(bad).unwrap();
+            assert!(postcard::from_bytes::<VmName>(&wire).is_err(), "{bad}");
+        }
         assert!("x".repeat(65).parse::<VmName>().is_err());
     }
 }
