@@ -1,0 +1,26 @@
+//! What the caller allows a destination: limits, timeouts, the source it
+//! expects and the notary that signs ([`DestinationConfig`]).
+
+use std::time::Duration;
+
+use crate::message::Capabilities;
+
+/// Limits and timeouts of the destination.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// Largest guest memory accepted.
+    pub max_memory_bytes: u64,
+    /// Most disk bytes (all disks of the VM together) accepted.
+    pub max_disk_bytes: u64,
+    /// Features offered.
+    pub capabilities: Capabilities,
+    /// How long to wait for Handover after Ready.
+    pub handover_timeout: Duration,
+    /// The connected source (its `Sent` receipt must be its own).
+    pub peer: crate::names::SpiffeId,
+    /// Signs our receipts and checks the source's.
+    pub notary: crate::receipt::Notary,
+    /// After a post-copy switch, how long to wait for the source to come
+    /// back on a new connection when the link breaks (zero: no recovery).
+    pub recovery: Duration,
+}

@@ -1,0 +1,102 @@
+//! Unit tests of the destination state machine (the `Pair` harness in
+//! `protocol/tests/pair` drives it against a source).
+
+use std::time::Duration;
+
+use super::*;
+use crate::fuzz::InsecureCrypto;
+use crate::message::{Capabilities, Manifest, VersionRange};
+use crate::model::{MigrationMode, MigrationPlan};
+use crate::page::MemoryGeometry;
+
+/// A hybrid migration of 16 pages and one 16-block disk, admitted and
+/// receiving.
+fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
+    let mut d = Destination::new(DestinationConfig {
+        max_memory_bytes: 1 << 30,
+        max_disk_bytes: 1 << 30,
+        capabilities: Capabilities::OURS,
+        handover_timeout: Duration::from_secs(1),
+        peer: "spiffe://t/agent/a".parse().unwrap(),
+        notary: InsecureCrypto::notary("spiffe://t/agent/b", now),
+        recovery: Duration::ZERO,
+    });
+    let propose = Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: MigrationId([1; 16]),
+        vm: "vm".parse().unwrap(),
+        attributes: Default::default(),
+        manifest: Manifest {
+            memory: MemoryGeometry::from_bytes(16 * 4096).unwrap(),
+            data_streams: plan.streams,
+            qemu: None,
+            postcopy: true,
+            reuse: None,
+            disks: vec![crate::disk::DiskGeometry {
+                name: "d".parse().unwrap(),
+                bytes: 16 * 4096,
+                base: None,
+            }],
+            start_paused: false,
+            plan: plan.clone(),
+        },
+        ticket: crate::ticket::SignedTicket {
+            body: Vec::new(),
+            signature: Vec::new(),
+            chain: Vec::new(),
+        },
+    });
+    d.handle_message(now, propose).unwrap();
+    while let Some(a) = d.poll_action() {
+        if let DestinationAction::PrepareStaging { .. } = a {
+            d.handle_staging_ready(now);
+        }
+    }
+    d
+}
+
+fn switch(streams: u16, storage: bool) -> Message {
+    // 16 pages, or 32 leaves with the disk: one bitmap word either way.
+    Message::PostcopySwitch(PostcopySwitch {
+        batches: vec![0; usize::from(streams)],
+        device_state: Vec::new(),
+        owed: vec![0],
+        storage,
+    })
+}
+
+#[test]
+fn a_switch_must_carry_the_admitted_plan_s_storage_flag() {
+    let now = Instant::now();
+    let plan = MigrationPlan {
+        mode: MigrationMode::Hybrid,
+        copy_storage: true,
+        ..MigrationPlan::default()
+    };
+    // Storage post-copy the plan did not grant.
+    let mut d = receiving(&plan, now);
+    let err = d
+        .handle_message(now, switch(plan.streams, true))
+        .unwrap_err();
+    assert!(
+        matches!(err, DestinationError::BadSwitch(m) if m.contains("storage")),
+        "{err}"
+    );
+    // And the plan's storage post-copy withheld from the switch.
+    let plan = MigrationPlan {
+        storage_postcopy: true,
+        ..plan
+    };
+    let mut d = receiving(&plan, now);
+    let err = d
+        .handle_message(now, switch(plan.streams, false))
+        .unwrap_err();
+    assert!(
+        matches!(err, DestinationError::BadSwitch(m) if m.contains("storage")),
+        "{err}"
+    );
+    // The switch the plan grants is taken.
+    let mut d = receiving(&plan, now);
+    d.handle_message(now, switch(plan.streams, true)).unwrap();
+}

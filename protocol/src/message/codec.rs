@@ -1,0 +1,272 @@
+//! The frame of a message: tag and postcard body, encoded
+//! ([`Message::encode`], [`encode_batch_head`]) and decoded with its
+//! bounds checked ([`Message::decode`]) into a typed [`DecodeError`].
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::frame::{self, FrameError, LEN_PREFIX};
+use crate::page::BatchHeader;
+
+use super::{
+    tag, Fetch, Finish, Message, PostcopySwitch, RoundEnd, MAX_DATA_STREAMS, MAX_DEVICE_STATE,
+    MAX_FETCH,
+};
+
+/// Why bytes did not decode into a message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The frame itself is bad.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Tag 0.
+    #[error("tag 0 is reserved as invalid")]
+    InvalidTag,
+    /// A tag this build does not know.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// The body does not parse as the tagged message.
+    #[error("malformed {message}: {detail}")]
+    Malformed {
+        /// Message kind.
+        message: &'static str,
+        /// What postcard or a validity check said.
+        detail: String,
+    },
+    /// The body parsed but bytes were left over.
+    #[error("{message} followed by {extra} trailing bytes")]
+    Trailing {
+        /// Message kind.
+        message: &'static str,
+        /// Bytes left.
+        extra: usize,
+    },
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The encoding exceeds [`frame::MAX_FRAME_LEN`].
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// postcard failed.
+    #[error("postcard: {0}")]
+    Postcard(String),
+}
+
+impl Message {
+    /// The message's tag.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Message::Propose(_) => tag::PROPOSE,
+            Message::Accept(_) => tag::ACCEPT,
+            Message::Reject(_) => tag::REJECT,
+            Message::Finish(_) => tag::FINISH,
+            Message::Ready(_) => tag::READY,
+            Message::Handover(_) => tag::HANDOVER,
+            Message::Started(_) => tag::STARTED,
+            Message::Abort(_) => tag::ABORT,
+            Message::StreamsDone(_) => tag::STREAMS_DONE,
+            Message::Switch(_) => tag::SWITCH,
+            Message::PostcopySwitch(_) => tag::POSTCOPY_SWITCH,
+            Message::PostcopyRunning(_) => tag::POSTCOPY_RUNNING,
+            Message::Fetch(_) => tag::FETCH,
+            Message::RoundEnd(_) => tag::ROUND_END,
+            Message::RoundApplied(_) => tag::ROUND_APPLIED,
+            Message::Resume(_) => tag::RESUME,
+            Message::Resumed(_) => tag::RESUMED,
+            Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
+            Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
+            Message::PageBatch(..) => tag::PAGE_BATCH,
+            Message::CtlRequest(_) => tag::CTL_REQUEST,
+            Message::CtlResponse(_) => tag::CTL_RESPONSE,
+        }
+    }
+
+    /// A short name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        name_of(self.tag())
+    }
+
+    /// The whole frame: length prefix, tag, body.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut out = vec![0u8; LEN_PREFIX];
+        out.push(self.tag());
+        let body = match self {
+            Message::Propose(m) => postcard::to_extend(m, out),
+            Message::Accept(m) => postcard::to_extend(m, out),
+            Message::Reject(m) => postcard::to_extend(m, out),
+            Message::Finish(m) => postcard::to_extend(m, out),
+            Message::Ready(m) => postcard::to_extend(m, out),
+            Message::Handover(m) => postcard::to_extend(m, out),
+            Message::Started(m) => postcard::to_extend(m, out),
+            Message::Abort(m) => postcard::to_extend(m, out),
+            Message::StreamsDone(m) => postcard::to_extend(m, out),
+            Message::Switch(m) => postcard::to_extend(m, out),
+            Message::PostcopySwitch(m) => postcard::to_extend(m, out),
+            Message::PostcopyRunning(m) => postcard::to_extend(m, out),
+            Message::Fetch(m) => postcard::to_extend(m, out),
+            Message::RoundEnd(m) => postcard::to_extend(m, out),
+            Message::RoundApplied(m) => postcard::to_extend(m, out),
+            Message::Resume(m) => postcard::to_extend(m, out),
+            Message::Resumed(m) => postcard::to_extend(m, out),
+            Message::ChannelOpen(m) => postcard::to_extend(m, out),
+            Message::DataStreamOpen(m) => postcard::to_extend(m, out),
+            Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
+                o.extend_from_slice(payload);
+                o
+            }),
+            Message::CtlRequest(m) => postcard::to_extend(m, out),
+            Message::CtlResponse(m) => postcard::to_extend(m.as_ref(), out),
+        };
+        let mut out = body.map_err(|e| EncodeError::Postcard(e.to_string()))?;
+        let prefix = frame::prefix_for(out.len() - LEN_PREFIX)?;
+        out[..LEN_PREFIX].copy_from_slice(&prefix);
+        Ok(out)
+    }
+
+    /// Decodes one frame's tag and body (the length prefix already removed).
+    pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
+        let Some((&t, body)) = frame.split_first() else {
+            return Err(DecodeError::Frame(FrameError::Empty));
+        };
+        if frame.len() > frame::MAX_FRAME_LEN {
+            return Err(DecodeError::Frame(FrameError::Oversized {
+                len: frame.len(),
+                max: frame::MAX_FRAME_LEN,
+            }));
+        }
+        Ok(match t {
+            tag::INVALID => return Err(DecodeError::InvalidTag),
+            tag::PROPOSE => Message::Propose(whole(t, body)?),
+            tag::ACCEPT => Message::Accept(whole(t, body)?),
+            tag::REJECT => Message::Reject(whole(t, body)?),
+            tag::FINISH => {
+                let f: Finish = whole(t, body)?;
+                // The data streams and, after a post-copy switch, the fault
+                // stream.
+                if f.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                if f.device_state.len() > MAX_DEVICE_STATE {
+                    return Err(malformed(t, "device state too large"));
+                }
+                Message::Finish(f)
+            }
+            tag::READY => Message::Ready(whole(t, body)?),
+            tag::HANDOVER => Message::Handover(whole(t, body)?),
+            tag::STARTED => Message::Started(whole(t, body)?),
+            tag::ABORT => Message::Abort(whole(t, body)?),
+            tag::STREAMS_DONE => {
+                let d: crate::stream::StreamsDone = whole(t, body)?;
+                if d.channels.len() > crate::stream::MAX_CHANNELS {
+                    return Err(malformed(t, "more channels than allowed"));
+                }
+                Message::StreamsDone(d)
+            }
+            tag::SWITCH => Message::Switch(whole(t, body)?),
+            tag::POSTCOPY_SWITCH => {
+                let m: PostcopySwitch = whole(t, body)?;
+                if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                if m.device_state.len() > MAX_DEVICE_STATE {
+                    return Err(malformed(t, "device state too large"));
+                }
+                Message::PostcopySwitch(m)
+            }
+            tag::POSTCOPY_RUNNING => Message::PostcopyRunning(whole(t, body)?),
+            tag::ROUND_END => {
+                let m: RoundEnd = whole(t, body)?;
+                if m.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
+                    return Err(malformed(t, "more streams than allowed"));
+                }
+                Message::RoundEnd(m)
+            }
+            tag::ROUND_APPLIED => Message::RoundApplied(whole(t, body)?),
+            tag::RESUME => Message::Resume(whole(t, body)?),
+            tag::RESUMED => Message::Resumed(whole(t, body)?),
+            tag::FETCH => {
+                let m: Fetch = whole(t, body)?;
+                if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
+                    return Err(malformed(t, "a fetch of 1..=16 pages"));
+                }
+                Message::Fetch(m)
+            }
+            tag::CHANNEL_OPEN => Message::ChannelOpen(whole(t, body)?),
+            tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
+            tag::PAGE_BATCH => {
+                let (h, rest): (BatchHeader, &[u8]) =
+                    postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+                let offset = frame.len() - rest.len();
+                Message::PageBatch(h, frame.slice(offset..))
+            }
+            tag::CTL_REQUEST => Message::CtlRequest(whole(t, body)?),
+            tag::CTL_RESPONSE => Message::CtlResponse(Box::new(whole(t, body)?)),
+            other => return Err(DecodeError::UnknownTag(other)),
+        })
+    }
+}
+
+/// The name of a tag's message.
+pub fn name_of(t: u8) -> &'static str {
+    match t {
+        tag::PROPOSE => "Propose",
+        tag::ACCEPT => "Accept",
+        tag::REJECT => "Reject",
+        tag::FINISH => "Finish",
+        tag::READY => "Ready",
+        tag::HANDOVER => "Handover",
+        tag::STARTED => "Started",
+        tag::ABORT => "Abort",
+        tag::STREAMS_DONE => "StreamsDone",
+        tag::SWITCH => "Switch",
+        tag::POSTCOPY_SWITCH => "PostcopySwitch",
+        tag::POSTCOPY_RUNNING => "PostcopyRunning",
+        tag::FETCH => "Fetch",
+        tag::ROUND_END => "RoundEnd",
+        tag::ROUND_APPLIED => "RoundApplied",
+        tag::RESUME => "Resume",
+        tag::RESUMED => "Resumed",
+        tag::CHANNEL_OPEN => "ChannelOpen",
+        tag::DATA_STREAM_OPEN => "DataStreamOpen",
+        tag::PAGE_BATCH => "PageBatch",
+        tag::CTL_REQUEST => "CtlRequest",
+        tag::CTL_RESPONSE => "CtlResponse",
+        _ => "unknown",
+    }
+}
+
+fn malformed(t: u8, detail: &str) -> DecodeError {
+    DecodeError::Malformed {
+        message: name_of(t),
+        detail: detail.to_owned(),
+    }
+}
+
+fn whole<T: DeserializeOwned>(t: u8, body: &[u8]) -> Result<T, DecodeError> {
+    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing {
+            message: name_of(t),
+            extra: rest.len(),
+        });
+    }
+    Ok(v)
+}
+
+/// Encodes the frame head of a page batch (prefix, tag and header) for a
+/// payload of `payload_len` bytes that the caller sends right after it, so
+/// the payload is never copied.
+pub fn encode_batch_head(header: &BatchHeader, payload_len: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![0u8; LEN_PREFIX];
+    out.push(tag::PAGE_BATCH);
+    let mut out =
+        postcard::to_extend(header, out).map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let prefix = frame::prefix_for(out.len() - LEN_PREFIX + payload_len)?;
+    out[..LEN_PREFIX].copy_from_slice(&prefix);
+    Ok(out)
+}

@@ -1,0 +1,48 @@
+//! The end of a migration that succeeds: the destination holds the state
+//! ([`Ready`]), the source hands the VM over ([`Handover`]), the VM runs
+//! at the destination ([`Started`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::receipt::SignedReceipt;
+
+use super::FaultFigures;
+
+/// Destination → source: "I hold exactly this state."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// Root recomputed over the staging image.
+    pub memory_root: Digest,
+    /// Digest of the device state received.
+    pub device_digest: Digest,
+    /// The destination's signed `Ready` receipt over those digests.
+    pub receipt: SignedReceipt,
+    /// After a post-copy switch: the faults the VM took (informational,
+    /// not signed).
+    pub faults: Option<FaultFigures>,
+}
+
+/// Source → destination: the VM is yours; start it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The source's signed `Sent` receipt.
+    pub receipt: SignedReceipt,
+    /// The source keeps the VM's image, sealed under this key, which it
+    /// forgets: the destination keeps it with the VM, to offer it when the
+    /// VM migrates back (see [`crate::reuse`]).
+    pub reuse: Option<Box<crate::reuse::ReuseOffer>>,
+}
+
+/// Destination → source: the VM runs here now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// Milliseconds from receiving Handover to the VM running.
+    pub start_ms: u32,
+    /// Milliseconds from the VM running to its disks being on stable
+    /// storage, which this message waited for (the source keeps its copy
+    /// until then) but the guest did not: not downtime.
+    pub synced_ms: u32,
+    /// The destination's signed `Started` receipt.
+    pub receipt: SignedReceipt,
+}

@@ -1,0 +1,119 @@
+//! Every message Convoy peers exchange, and its (de)coding.
+//!
+//! A frame's first byte is a tag naming the message; the body is the
+//! message's postcard encoding (for [`Message::PageBatch`], the postcard
+//! header followed by the raw payload). Tag 0 is reserved as invalid so that
+//! a zeroed buffer never parses; unknown tags, malformed bodies and trailing
+//! bytes are typed errors.
+//!
+//! | tag | message | stream |
+//! |-----|---------|--------|
+//! | 1 | [`Propose`] | agent control, source → destination, first |
+//! | 2 | [`Accept`] | agent control, destination → source |
+//! | 3 | [`Reject`] | agent control, destination → source |
+//! | 4 | [`Finish`] | agent control, source → destination |
+//! | 5 | [`Ready`] | agent control, destination → source |
+//! | 6 | `Handover` | agent control, source → destination |
+//! | 7 | [`Started`] | agent control, destination → source |
+//! | 8 | [`Abort`] | agent control, either way |
+//! | 9 | [`crate::stream::StreamsDone`] | agent control, source → destination (stream migrations) |
+//! | 10 | [`crate::stream::Switch`] | agent control, both ways (post-copy stream migrations) |
+//! | 11 | [`PostcopySwitch`] | agent control, source → destination |
+//! | 12 | [`PostcopyRunning`] | agent control, destination → source |
+//! | 13 | [`Fetch`] | agent control, destination → source (answered on the fault stream) |
+//! | 14 | [`RoundEnd`] | agent control, source → destination |
+//! | 15 | [`RoundApplied`] | agent control, destination → source |
+//! | 16 | [`DataStreamOpen`] | data stream, first frame |
+//! | 17 | page batch | data stream |
+//! | 18 | [`crate::stream::ChannelOpen`] | a stream migration's channel, first frame |
+//! | 19 | [`Resume`] | agent control of a new connection, source → destination, first |
+//! | 20 | [`Resumed`] | agent control, destination → source |
+//! | 32 | [`crate::ctl::CtlRequest`] | operator → agent |
+//! | 33 | [`crate::ctl::CtlResponse`] | agent → operator |
+//!
+//! # Parts
+//! - `propose`: versions, capabilities, the [`Manifest`], [`Propose`] and
+//!   its answers, and the [`Reason`] of a refusal or an [`Abort`].
+//! - `copy`: data streams, rounds, and [`Finish`].
+//! - `postcopy`: the switch, faults, and recovery on a new connection.
+//! - `handover`: [`Ready`], [`Handover`] and [`Started`].
+//! - [`tag`]: the tag of each message.
+//! - `codec`: encoding and bounded decoding, [`DecodeError`].
+//!
+//! The operator's messages ([`CtlRequest`], [`CtlResponse`]) live in
+//! [`crate::ctl`].
+
+use bytes::Bytes;
+
+use crate::ctl::{CtlRequest, CtlResponse};
+use crate::page::BatchHeader;
+
+mod codec;
+mod copy;
+mod handover;
+mod postcopy;
+mod propose;
+pub mod tag;
+
+#[cfg(test)]
+mod tests;
+
+pub use crate::model::FaultFigures;
+pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError};
+pub use copy::{DataStreamOpen, Finish, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
+pub use handover::{Handover, Ready, Started};
+pub use postcopy::{Fetch, PostcopyRunning, PostcopySwitch, Resume, Resumed, MAX_FETCH};
+pub use propose::{
+    Abort, Accept, Capabilities, Manifest, Propose, Reason, Reject, VersionRange, MAX_DATA_STREAMS,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+
+/// Any Convoy message.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Tag 1.
+    Propose(Propose),
+    /// Tag 2.
+    Accept(Accept),
+    /// Tag 3.
+    Reject(Reject),
+    /// Tag 4.
+    Finish(Finish),
+    /// Tag 5.
+    Ready(Ready),
+    /// Tag 6: the source has handed the VM over; start it.
+    Handover(Handover),
+    /// Tag 7.
+    Started(Started),
+    /// Tag 8.
+    Abort(Abort),
+    /// Tag 9.
+    StreamsDone(crate::stream::StreamsDone),
+    /// Tag 10.
+    Switch(crate::stream::Switch),
+    /// Tag 11.
+    PostcopySwitch(PostcopySwitch),
+    /// Tag 12.
+    PostcopyRunning(PostcopyRunning),
+    /// Tag 13.
+    Fetch(Fetch),
+    /// Tag 14.
+    RoundEnd(RoundEnd),
+    /// Tag 15.
+    RoundApplied(RoundApplied),
+    /// See [`Resume`].
+    Resume(Resume),
+    /// See [`Resumed`].
+    Resumed(Resumed),
+    /// Tag 16.
+    DataStreamOpen(DataStreamOpen),
+    /// Tag 17: a page batch; the payload is carried without a copy.
+    PageBatch(BatchHeader, Bytes),
+    /// Tag 18.
+    ChannelOpen(crate::stream::ChannelOpen),
+    /// Tag 32.
+    CtlRequest(CtlRequest),
+    /// Tag 33.
+    CtlResponse(Box<CtlResponse>),
+}
