@@ -2,6 +2,7 @@
 //! shared by the engines of every backend.
 
 use convoy_protocol::ctl::{CtlErrorKind, VmState};
+use convoy_protocol::names::VmName;
 use thiserror::Error;
 
 /// Why a migration could not even begin (the VM was never touched).
@@ -17,9 +18,9 @@ pub enum MigrateError {
     /// No address for the destination.
     #[error("no address known for agent {0}; pass one (NAME@HOST:PORT)")]
     UnknownPeer(String),
-    /// Bad options.
+    /// The plan cannot run for this VM, or the request is malformed.
     #[error("invalid options: {0}")]
-    Options(String),
+    Options(#[from] OptionsError),
     /// Migrating to ourselves.
     #[error("the destination is this agent")]
     SelfMigration,
@@ -44,4 +45,77 @@ impl MigrateError {
             _ => CtlErrorKind::BadRequest,
         }
     }
+}
+
+/// Why the operator's plan cannot run for this VM (nothing was touched).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OptionsError {
+    /// Streams out of range.
+    #[error("streams must be 1..=16")]
+    Streams,
+    /// zstd level out of range.
+    #[error("compression level must be 0..=19")]
+    CompressionLevel,
+    /// No round at all.
+    #[error("max rounds must be at least 1")]
+    MaxRounds,
+    /// The destination's address does not parse.
+    #[error("bad address {0:?}")]
+    Address(String),
+    /// Copy-storage asked for a VM without disks.
+    #[error("VM {0} has no disks to copy")]
+    NoDisks(VmName),
+    /// Disks, but no copy-storage (no shared storage is assumed).
+    #[error(
+        "VM {vm} has {disks} disk(s) and Convoy assumes no shared storage: pass --copy-storage"
+    )]
+    DisksNeedCopyStorage {
+        /// The VM.
+        vm: VmName,
+        /// How many disks it has.
+        disks: usize,
+    },
+    /// Start-paused outside pre-copy.
+    #[error("--start-paused is for pre-copy (a demand-paged VM must run to fault its pages in)")]
+    StartPausedNeedsPrecopy,
+    /// Storage post-copy without disks or without a switch.
+    #[error(
+        "--storage-postcopy fetches disk blocks on demand after a post-copy switch: it needs disks \
+         and --mode postcopy or hybrid"
+    )]
+    StoragePostcopyNeedsDisksAndSwitch,
+    /// Pure post-copy with disks but without storage post-copy.
+    #[error(
+        "disk blocks are paged on demand only with --storage-postcopy: with disks, pass it, or use \
+         --mode precopy or hybrid (pre-copy rounds move the disks, the blocks left go at the \
+         switch, memory is paged on demand)"
+    )]
+    PostcopyDisksNeedStoragePostcopy,
+    /// The owed bitmap would not fit one frame.
+    #[error(
+        "post-copy and hybrid move guests of up to {0} GiB of memory (and disks, with \
+         --storage-postcopy): the owed-page bitmap travels in one frame"
+    )]
+    TooLargeForPostcopy(u64),
+    /// Storage post-copy asked for a QEMU VM.
+    #[error(
+        "--storage-postcopy is for sim VMs: a QEMU VM's disks are mirrored before the switch \
+         (--copy-storage)"
+    )]
+    StoragePostcopyQemu,
+    /// Start-paused asked for a QEMU VM.
+    #[error("--start-paused is not supported for QEMU VMs yet")]
+    StartPausedQemu,
+    /// A QEMU disk image cannot be read.
+    #[error("disk {path}: {error}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The QEMU manifest is out of bounds.
+    #[error("{0}")]
+    QemuManifest(String),
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::VmBackend;
 pub(crate) use crate::engine::error::MigrateError;
+use crate::engine::error::OptionsError;
 use crate::engine::native::source::Run;
 use crate::engine::qemu::source as qemu_source;
 use crate::host::{ActiveGuard, Host, VmHandle};
@@ -59,17 +60,13 @@ pub(crate) async fn migrate(
     // The plan is the ticket's: what the operator signed is what runs.
     let opts = &ticket.ticket.plan;
     if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
-        return Err(MigrateError::Options("streams must be 1..=16".into()));
+        return Err(OptionsError::Streams.into());
     }
     if !(0..=19).contains(&opts.compression_level) {
-        return Err(MigrateError::Options(
-            "compression level must be 0..=19".into(),
-        ));
+        return Err(OptionsError::CompressionLevel.into());
     }
     if opts.max_rounds == 0 {
-        return Err(MigrateError::Options(
-            "max rounds must be at least 1".into(),
-        ));
+        return Err(OptionsError::MaxRounds.into());
     }
     // The destination is the one the operator signed for: its full SPIFFE
     // ID, in our trust domain or a federated one (checked in `at_source`).
@@ -105,9 +102,7 @@ pub(crate) async fn migrate(
         return Err(MigrateError::Forbidden(decision.explain()));
     }
     let addr = match &req.to_addr {
-        Some(a) => a
-            .parse()
-            .map_err(|_| MigrateError::Options(format!("bad address {a:?}")))?,
+        Some(a) => a.parse().map_err(|_| OptionsError::Address(a.clone()))?,
         None => *host
             .config
             .peers
@@ -124,48 +119,30 @@ pub(crate) async fn migrate(
         let claimed = match (&entry.handle, entry.state) {
             (Some(VmHandle::Qemu(q)), VmState::Running) => {
                 if opts.storage_postcopy {
-                    return Err(MigrateError::Options(
-                        "--storage-postcopy is for sim VMs: a QEMU VM's disks are mirrored before \
-                         the switch (--copy-storage)"
-                            .into(),
-                    ));
+                    return Err(OptionsError::StoragePostcopyQemu.into());
                 }
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
             }
             (Some(VmHandle::Sim(vm)), VmState::Running) => {
                 let disks = vm.disks().len();
                 if opts.copy_storage && disks == 0 {
-                    return Err(MigrateError::Options(format!(
-                        "VM {} has no disks to copy",
-                        req.vm
-                    )));
+                    return Err(OptionsError::NoDisks(req.vm.clone()).into());
                 }
                 if disks > 0 && !opts.copy_storage {
-                    return Err(MigrateError::Options(format!(
-                        "VM {} has {disks} disk(s) and Convoy assumes no shared storage: pass --copy-storage",
-                        req.vm
-                    )));
+                    return Err(OptionsError::DisksNeedCopyStorage {
+                        vm: req.vm.clone(),
+                        disks,
+                    }
+                    .into());
                 }
                 if opts.start_paused && opts.mode != MigrationMode::Precopy {
-                    return Err(MigrateError::Options(
-                        "--start-paused is for pre-copy (a demand-paged VM must run to fault its pages in)"
-                            .into(),
-                    ));
+                    return Err(OptionsError::StartPausedNeedsPrecopy.into());
                 }
                 if opts.storage_postcopy && (disks == 0 || opts.mode == MigrationMode::Precopy) {
-                    return Err(MigrateError::Options(
-                        "--storage-postcopy fetches disk blocks on demand after a post-copy \
-                         switch: it needs disks and --mode postcopy or hybrid"
-                            .into(),
-                    ));
+                    return Err(OptionsError::StoragePostcopyNeedsDisksAndSwitch.into());
                 }
                 if disks > 0 && opts.mode == MigrationMode::Postcopy && !opts.storage_postcopy {
-                    return Err(MigrateError::Options(
-                        "disk blocks are paged on demand only with --storage-postcopy: with disks, \
-                         pass it, or use --mode precopy or hybrid (pre-copy rounds move the disks, \
-                         the blocks left go at the switch, memory is paged on demand)"
-                            .into(),
-                    ));
+                    return Err(OptionsError::PostcopyDisksNeedStoragePostcopy.into());
                 }
                 // The owed bitmap travels in one frame: over the memory's
                 // pages, or with storage post-copy over every leaf.
@@ -175,11 +152,7 @@ pub(crate) async fn migrate(
                     vm.geometry().page_count()
                 };
                 if opts.mode != MigrationMode::Precopy && owed_leaves > MAX_POSTCOPY_PAGES {
-                    return Err(MigrateError::Options(format!(
-                        "post-copy and hybrid move guests of up to {} GiB of memory (and disks, \
-                         with --storage-postcopy): the owed-page bitmap travels in one frame",
-                        MAX_POSTCOPY_PAGES >> 18
-                    )));
+                    return Err(OptionsError::TooLargeForPostcopy(MAX_POSTCOPY_PAGES >> 18).into());
                 }
                 Claimed::Sim(vm.clone())
             }

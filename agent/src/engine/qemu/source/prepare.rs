@@ -8,7 +8,7 @@ use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::stream::{DiskManifest, QemuManifest};
 
 use crate::backend::qemu::vm::QemuVm;
-use crate::engine::error::MigrateError;
+use crate::engine::error::{MigrateError, OptionsError};
 
 /// What a QEMU migration will do, checked before the VM is claimed.
 #[derive(Debug, Clone)]
@@ -32,23 +32,24 @@ pub(crate) fn prepare(
         0
     };
     if o.start_paused {
-        return Err(MigrateError::Options(
-            "--start-paused is not supported for QEMU VMs yet".into(),
-        ));
+        return Err(OptionsError::StartPausedQemu.into());
     }
     if !vm.definition.disks.is_empty() && !o.copy_storage {
-        return Err(MigrateError::Options(format!(
-            "VM {} has {} disk(s) and Convoy assumes no shared storage: pass --copy-storage",
-            req.vm,
-            vm.definition.disks.len()
-        )));
+        return Err(OptionsError::DisksNeedCopyStorage {
+            vm: req.vm.clone(),
+            disks: vm.definition.disks.len(),
+        }
+        .into());
     }
     let mut disks = Vec::new();
     let mut manifests = Vec::new();
     if o.copy_storage {
         for d in &vm.spec.disks {
             let size = std::fs::metadata(d)
-                .map_err(|e| MigrateError::Options(format!("disk {}: {e}", d.display())))?
+                .map_err(|error| OptionsError::Disk {
+                    path: d.clone(),
+                    error,
+                })?
                 .len();
             disks.push(d.clone());
             manifests.push(DiskManifest {
@@ -63,6 +64,6 @@ pub(crate) fn prepare(
         multifd_channels,
         disks: manifests,
     };
-    manifest.validate().map_err(MigrateError::Options)?;
+    manifest.validate().map_err(OptionsError::QemuManifest)?;
     Ok(Prepared { manifest, disks })
 }
