@@ -158,6 +158,13 @@ impl Handle {
     }
 }
 
+/// `p` as the value of a QEMU option: a comma is QEMU's option separator,
+/// so each is doubled (QEMU's own escape); nothing in a file name can then
+/// add an option (`victim.img,file.locking=off` names one file).
+fn option_value(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 impl QemuSpec {
     /// Checks what can be checked before starting anything.
     pub fn validate(&self) -> Result<(), QemuError> {
@@ -217,7 +224,7 @@ impl QemuSpec {
                 "-drive".into(),
                 format!(
                     "file={},if=none,id=disk{i},node-name=convoy-disk{i},format=raw,aio=threads",
-                    d.display()
+                    option_value(d)
                 ),
                 "-device".into(),
                 format!("virtio-blk-pci,drive=disk{i},id=vdisk{i}"),
@@ -369,5 +376,35 @@ impl QemuProcess {
     /// Kills QEMU at once (a crash, for tests; cleanup on failure).
     pub async fn kill(mut self) {
         self.handle.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_path_cannot_add_options_to_the_drive() {
+        let spec = QemuSpec {
+            binary: "qemu-system-x86_64".into(),
+            memory_mib: 16,
+            vcpus: 1,
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            disks: vec!["/img/victim.img,file.locking=off".into()],
+            accel: Accel::Tcg,
+            extra_args: Vec::new(),
+        };
+        let args = spec.args(Path::new("/run/vm"), true);
+        let drive = args
+            .iter()
+            .skip_while(|a| *a != "-drive")
+            .nth(1)
+            .expect("a -drive");
+        assert!(
+            drive.starts_with("file=/img/victim.img,,file.locking=off,if=none,"),
+            "{drive}"
+        );
     }
 }

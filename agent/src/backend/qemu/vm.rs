@@ -116,6 +116,11 @@ impl QemuConfig {
             .canonicalize()
             .map_err(|e| format!("image directory {}: {e}", self.images.display()))?;
         let rel_path = Path::new(rel);
+        // A comma is QEMU option syntax: no image or disk name carries one
+        // (the command line escapes it too), nor control characters.
+        if rel.contains(',') || rel.chars().any(char::is_control) {
+            return Err(refuse(&root));
+        }
         if rel_path.is_absolute()
             || rel_path
                 .components()
@@ -423,5 +428,33 @@ impl QemuVm {
         }
         self.exited.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_and_disk_names_with_qemu_syntax_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("victim.img"), b"x").unwrap();
+        std::fs::write(dir.path().join("a,b.img"), b"x").unwrap();
+        let cfg = QemuConfig {
+            binaries: Vec::new(),
+            images: dir.path().into(),
+            runtime: dir.path().join("run"),
+        };
+        assert!(cfg.image("victim.img").is_ok());
+        for bad in [
+            "a,b.img",
+            "victim.img,file.locking=off",
+            "x\n.img",
+            "../victim.img",
+        ] {
+            assert!(cfg.image(bad).is_err(), "{bad}");
+            assert!(cfg.new_disk(bad).is_err(), "{bad}");
+        }
+        assert!(cfg.new_disk("new.img").is_ok());
     }
 }
