@@ -40,6 +40,23 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
 }
 
 /// One line for the log: the request without its ticket's bytes.
+/// Whether `req` is an action a policy decides (and the audit log records).
+/// Migrations check the log themselves, before the ticket is spent.
+fn governed(req: &CtlRequest) -> bool {
+    match req {
+        CtlRequest::Status | CtlRequest::VmList | CtlRequest::Migrate(_) => false,
+        CtlRequest::VmCreate(_)
+        | CtlRequest::VmCreateQemu(_)
+        | CtlRequest::VmAdoptQemu(..)
+        | CtlRequest::VmDelete(_)
+        | CtlRequest::VmPause(..)
+        | CtlRequest::Abort(_)
+        | CtlRequest::AuditRead { .. } => true,
+        // A request this build does not know is refused as such below.
+        _ => false,
+    }
+}
+
 fn summary(req: &CtlRequest) -> String {
     match req {
         CtlRequest::Status => "status".into(),
@@ -98,6 +115,20 @@ async fn handle(
         }
     };
     tracing::info!(operator = %peer.id, request = %summary(&req), "control request");
+    // Fail closed: an action a policy governs is refused, not done
+    // unaudited, once the audit log cannot be written.
+    if governed(&req) && !host.audit_ok() {
+        let r = error(
+            CtlErrorKind::Internal,
+            format!(
+                "the audit log cannot be written; refusing {}",
+                summary(&req)
+            ),
+        );
+        respond(&mut send, r).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     match req {
         CtlRequest::Status => {
             let status = AgentStatus {

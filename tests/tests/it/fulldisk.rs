@@ -1,5 +1,6 @@
 //! An agent whose audit log (and state) sits on a full disk refuses new
-//! migrations — fail closed — and the VM keeps running where it is.
+//! migrations and every other governed action — fail closed — and the VM
+//! keeps running where it is.
 //!
 //! Needs root (it mounts a small tmpfs). Without root the test is skipped
 //! with a message, except under `CI=true`, where it fails.
@@ -95,6 +96,29 @@ async fn a_full_disk_under_the_audit_log_refuses_migrations_and_the_vm_stays() {
             assert!(e.message.contains("audit log cannot be written"), "{e:?}")
         }
         other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Every other governed action is refused too, not done unaudited, and
+    // the VM keeps running.
+    use convoy_protocol::names::VmName;
+    let vm: VmName = "vm".parse().unwrap();
+    let refusals = [
+        (
+            "create",
+            a.vm_create(sim_spec("other", 8 << 20, 0)).await.err(),
+        ),
+        ("pause", a.vm_pause(vm.clone(), true).await.err()),
+        ("delete", a.vm_delete(vm.clone()).await.err()),
+        ("abort", a.abort(vm.clone()).await.err()),
+        ("audit read", a.audit_log().await.err()),
+    ];
+    for (what, r) in refusals {
+        match r {
+            Some(ClientError::Agent(e)) => assert!(
+                e.message.contains("audit log cannot be written"),
+                "{what}: {e:?}"
+            ),
+            other => panic!("{what} on a closed audit log: {other:?}"),
+        }
     }
     assert_nothing_moved(&a, &lab.client("b").await.unwrap()).await;
     lab.shutdown().await;
