@@ -38,6 +38,8 @@ impl GuestMemory {
             ));
         }
         let map = memmap2::MmapOptions::new().len(bytes).map_anon()?;
+        // Guest memory never lands in a core dump of the agent.
+        map.advise(memmap2::Advice::DontDump)?;
         // No MADV_HUGEPAGE: measured on this machine (nested virtualisation)
         // touching 1 GiB took 3.3 s with transparent huge pages and 0.8 s
         // without.
@@ -161,6 +163,19 @@ impl GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps() {
+        let m = GuestMemory::new(4096 * 4).unwrap();
+        let start = format!("{:x}-", m.map.as_ptr() as usize);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let flags = smaps
+            .split('\n')
+            .skip_while(|l| !l.starts_with(&start))
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("the mapping is in smaps");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
 
     #[test]
     fn read_write_round_trip_and_bounds() {
