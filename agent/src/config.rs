@@ -119,6 +119,16 @@ impl CredentialFiles {
         v
     }
 
+    /// The CRL files (ours and the federated domains') that exist now.
+    pub(crate) fn crls_present(&self) -> Vec<PathBuf> {
+        self.crl
+            .iter()
+            .chain(self.federation.iter().filter_map(|f| f.crl.as_ref()))
+            .filter(|p| p.exists())
+            .cloned()
+            .collect()
+    }
+
     /// Loads the identity and the CA bundle of `domain`, with the CRL when
     /// its file exists.
     pub fn load(

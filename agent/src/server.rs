@@ -272,8 +272,28 @@ async fn reload_loop(
     files: CredentialFiles,
     mut stamp: Vec<Option<crate::trust::policy::FileStamp>>,
 ) {
+    // CRL files loaded once must stay: a CRL that disappears would
+    // otherwise un-revoke everyone it listed.
+    let mut crls_seen = files.crls_present();
     loop {
         changed(host.config.reload_interval, &mut stamp, || files.stamp()).await;
+        let gone: Vec<_> = crls_seen.iter().filter(|p| !p.exists()).collect();
+        if !gone.is_empty() {
+            let reason = format!(
+                "CRL file {} disappeared; the last good CRL and credentials stay in force",
+                gone.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            tracing::error!("credential reload refused: {reason}");
+            host.audit(convoy_protocol::audit::AuditEvent::Refused {
+                migration: None,
+                peer: "credential reload".into(),
+                reason,
+            });
+            continue;
+        }
         let domain = host.creds().trust.domain().clone();
         let creds = match files.load(&domain) {
             Ok((identity, trust)) if identity.id() == &host.id => Creds { identity, trust },
@@ -297,6 +317,7 @@ async fn reload_loop(
             Ok(sc) => {
                 host.endpoint.set_server_config(Some(sc));
                 *host.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(creds);
+                crls_seen = files.crls_present();
                 tracing::info!("credentials reloaded");
             }
             Err(e) => tracing::error!("reloaded credentials unusable, keeping the old ones: {e}"),

@@ -71,6 +71,14 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
     // reload of the endpoint — right after it: either way, for revocation.
     assert_refusals_logged(&lab, "a", &["revoked"]).await;
     assert_refusals_logged(&lab, "b", &["revoked"]).await;
+    // A CRL that disappears un-revokes nobody: the agents keep the last
+    // good one, and say so.
+    std::fs::remove_file(lab.pki.crl_path()).unwrap();
+    assert_refusals_logged(&lab, "a", &["CRL file", "disappeared"]).await;
+    assert!(
+        !can_list(&lab, "a", &lab.operator).await,
+        "a missing CRL un-revoked the operator"
+    );
     lab.shutdown().await;
 }
 
