@@ -52,7 +52,7 @@ pub enum IdentityError {
         what: String,
     },
     /// A private key file that others may read.
-    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
+    #[error("{path} is open to its group or other users (mode {mode:o}); run: chmod 600 {path}")]
     KeyPermissions {
         /// File.
         path: PathBuf,
@@ -104,7 +104,7 @@ impl Clone for Identity {
 
 impl Identity {
     /// Loads a PEM certificate chain and a PEM private key. The key file
-    /// must not be readable by other users.
+    /// must be open to its owner only.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
         let chain_pem = read(cert)?;
         check_key_permissions(key)?;
@@ -642,7 +642,8 @@ fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
     })
 }
 
-/// Refuses a key file that users other than its owner and group may read.
+/// Refuses a key file that anyone but its owner may read, write or run
+/// (its group included, as ssh does).
 pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|error| IdentityError::Read {
@@ -650,7 +651,7 @@ pub fn check_key_permissions(path: &Path) -> Result<(), IdentityError> {
         error,
     })?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
+    if mode & 0o077 != 0 {
         return Err(IdentityError::KeyPermissions {
             path: path.into(),
             mode,

@@ -385,12 +385,19 @@ mod tests {
             Err(PkiError::Exists(_))
         ));
         assert!(Pki::init(dir.path(), TrustDomain::new("x").unwrap()).is_err());
-        // A world-readable key is refused.
-        fs::set_permissions(&issued.key, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(
-            pki.identity(Role::Agent, &name),
-            Err(PkiError::Identity(IdentityError::KeyPermissions { .. }))
-        ));
+        // A key open to its group or to others is refused.
+        for open in [0o644, 0o640, 0o604, 0o620] {
+            fs::set_permissions(&issued.key, fs::Permissions::from_mode(open)).unwrap();
+            assert!(
+                matches!(
+                    pki.identity(Role::Agent, &name),
+                    Err(PkiError::Identity(IdentityError::KeyPermissions { .. }))
+                ),
+                "{open:o}"
+            );
+        }
+        fs::set_permissions(&issued.key, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(pki.identity(Role::Agent, &name).is_ok());
     }
 }
 
