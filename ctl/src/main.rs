@@ -11,6 +11,27 @@
 //! - [`render`]: tables, progress bars and JSON output.
 #![forbid(unsafe_code)]
 
+// Every `print!`/`println!` of this crate goes through these (they shadow
+// std's by textual scope, so they must come before the modules): a reader
+// that closes the pipe early (`convoyctl … | head`) ends the command
+// quietly instead of panicking in std's macros.
+macro_rules! print {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod bench;
 mod cmd;
 mod conn;
@@ -63,6 +84,16 @@ enum Command {
 /// a fifth of all CPU time in `clear_page`), mimalloc keeps them.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Standard output failed: a closed pipe ends the command (successfully:
+/// the reader had what it wanted); anything else is reported.
+fn stdout_failed(e: std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
