@@ -16,7 +16,7 @@ use convoy_protocol::source::{
 use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
-use super::jobs::{EngineEvent, FaultJob, Held, Job};
+use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
 use super::streams::{open_streams, sleep_until, spawn_control_reader, StreamSetup};
 use super::Run;
 use crate::engine::native::pacer::Pacer;
@@ -166,8 +166,15 @@ impl<'r> Driver<'r> {
         }
     }
 
-    fn stream_setup(&self, delta: bool, postcopy: bool) -> StreamSetup {
-        StreamSetup {
+    /// Opens the data streams (and, for `postcopy`, the fault stream) on
+    /// `conn`, sending deltas when `delta`.
+    async fn open_streams(
+        &self,
+        conn: &Connection,
+        delta: bool,
+        postcopy: bool,
+    ) -> Result<OpenedStreams, String> {
+        let setup = StreamSetup {
             migration: self.run.migration,
             streams: self.plan.streams,
             level: self.plan.compression_level,
@@ -176,26 +183,26 @@ impl<'r> Driver<'r> {
             delta,
             postcopy,
             adaptive: self.plan.adaptive_compression,
-        }
-    }
-
-    /// Accepted: the dirty log starts and the data streams open.
-    async fn start_dirty_log(&mut self) {
-        self.run.vm.start_dirty_log();
-        let setup = self.stream_setup(
-            self.sm
-                .accepted_capabilities()
-                .is_some_and(|c| c.has(Capabilities::DELTA)),
-            self.plan.mode != MigrationMode::Precopy,
-        );
-        let opened = open_streams(
-            &self.wire.conn,
+        };
+        open_streams(
+            conn,
             setup,
             &self.run.vm,
             &self.wire.events_tx,
             &self.run.host.budget,
         )
-        .await;
+        .await
+    }
+
+    /// Accepted: the dirty log starts and the data streams open.
+    async fn start_dirty_log(&mut self) {
+        self.run.vm.start_dirty_log();
+        let delta = self
+            .sm
+            .accepted_capabilities()
+            .is_some_and(|c| c.has(Capabilities::DELTA));
+        let postcopy = self.plan.mode != MigrationMode::Precopy;
+        let opened = self.open_streams(&self.wire.conn, delta, postcopy).await;
         match opened {
             Ok(opened) => {
                 self.wire.jobs = opened.data;
@@ -308,15 +315,7 @@ impl<'r> Driver<'r> {
         while let Some(link) = self.run.redial(&self.dest, self.sm.poll_timeout()).await {
             // Pages are installed only where missing there: whole pages,
             // no deltas.
-            let setup = self.stream_setup(false, true);
-            let opened = open_streams(
-                &link.conn,
-                setup,
-                &self.run.vm,
-                &self.wire.events_tx,
-                &self.run.host.budget,
-            )
-            .await;
+            let opened = self.open_streams(&link.conn, false, true).await;
             match opened {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
