@@ -123,11 +123,7 @@ impl Agent {
             stamps,
             host: Arc::new(Host {
                 policy: std::sync::RwLock::new(None),
-                refusals: Mutex::new(RefusalWindow {
-                    start: std::time::Instant::now(),
-                    count: 0,
-                    suppressed: 0,
-                }),
+                refusals: Mutex::new(RefusalWindow::new(std::time::Instant::now())),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,

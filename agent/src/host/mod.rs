@@ -141,12 +141,42 @@ pub(crate) struct Reconnection {
 /// per 10 s window; past it, one later record counts those left out.
 pub const REFUSALS_PER_WINDOW: u32 = 20;
 
-/// The rate limiter of refusal records.
+/// The rate limiter of refusal records. Time is passed in, so its rules
+/// are tested without a clock.
 #[derive(Debug)]
 pub(crate) struct RefusalWindow {
-    pub(crate) start: std::time::Instant,
-    pub(crate) count: u32,
-    pub(crate) suppressed: u64,
+    start: std::time::Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+/// How long one window of refusal records lasts.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+impl RefusalWindow {
+    /// A window that starts at `now`.
+    pub(crate) fn new(now: std::time::Instant) -> Self {
+        RefusalWindow {
+            start: now,
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// One more refusal at `now`: `None` when it is left out, or
+    /// `Some(n)` to record it with the `n` refusals left out before it.
+    pub(crate) fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        if now.duration_since(self.start) > REFUSAL_WINDOW {
+            self.start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        if self.count > REFUSALS_PER_WINDOW {
+            self.suppressed += 1;
+            return None;
+        }
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 /// Why a VM could not be registered.
@@ -178,19 +208,13 @@ impl Host {
     /// [`REFUSALS_PER_WINDOW`] per 10 s, then one record counting those
     /// left out, so nobody can fill the disk through the audit log.
     pub fn audit_refusal(&self, peer: String, reason: String) {
-        let suppressed = {
-            let mut w = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            let now = std::time::Instant::now();
-            if now.duration_since(w.start) > Duration::from_secs(10) {
-                w.start = now;
-                w.count = 0;
-            }
-            w.count += 1;
-            if w.count > REFUSALS_PER_WINDOW {
-                w.suppressed += 1;
-                return;
-            }
-            std::mem::take(&mut w.suppressed)
+        let admitted = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(std::time::Instant::now());
+        let Some(suppressed) = admitted else {
+            return;
         };
         let reason = if suppressed > 0 {
             format!("{reason} ({suppressed} similar refusals before this one were not recorded)")
@@ -347,5 +371,27 @@ impl<'a> ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_past_the_window_s_limit_are_counted_in_the_next_record() {
+        let t0 = std::time::Instant::now();
+        let mut w = RefusalWindow::new(t0);
+        for _ in 0..REFUSALS_PER_WINDOW {
+            assert_eq!(w.admit(t0), Some(0));
+        }
+        // Past the limit within the window: left out, and counted.
+        for i in 1..=5 {
+            assert_eq!(w.admit(t0 + Duration::from_secs(i)), None);
+        }
+        // The next window records again, first with the five left out.
+        let t1 = t0 + REFUSAL_WINDOW + Duration::from_millis(1);
+        assert_eq!(w.admit(t1), Some(5));
+        assert_eq!(w.admit(t1), Some(0));
     }
 }
