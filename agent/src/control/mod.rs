@@ -98,18 +98,20 @@ async fn handle(
     let req = match read_message(&mut recv).await {
         Ok(Some(Message::CtlRequest(r))) => r,
         Ok(Some(other)) => {
-            respond(
-                &mut send,
-                error(
-                    CtlErrorKind::BadRequest,
-                    format!("expected a control request, got {}", other.kind()),
-                ),
-            )
-            .await?;
+            let why = format!("expected a control request, got {}", other.kind());
+            host.audit_refusal(
+                peer.id.to_string(),
+                format!("malformed operator request: {why}"),
+            );
+            respond(&mut send, error(CtlErrorKind::BadRequest, why)).await?;
             return Ok(());
         }
         Ok(None) => return Ok(()),
         Err(e) => {
+            host.audit_refusal(
+                peer.id.to_string(),
+                format!("malformed operator request: {e}"),
+            );
             respond(&mut send, error(CtlErrorKind::BadRequest, e.to_string())).await?;
             return Err(e);
         }

@@ -171,3 +171,71 @@ async fn a_resume_for_a_migration_nobody_waits_for_is_refused_and_audited() {
     assert!(b.vm_list().await.unwrap().is_empty());
     convoy_tests::close(lab, a, b).await;
 }
+
+/// An operator's stream that carries no control request — another message,
+/// or bytes that do not decode — is answered with an error saying so, not a
+/// silent close, and the refusal is in the agent's audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_operator_requests_get_an_error_and_are_audited() {
+    use convoy_protocol::ctl::{CtlErrorKind, CtlResponse};
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a"], |_, _| {}).await.unwrap();
+    let a = lab.agent("a").unwrap();
+    let ep = transport::endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        &transport::Tuning::default(),
+    )
+    .unwrap();
+    let conn = transport::connect(
+        &ep,
+        a.addr,
+        a.id.clone(),
+        transport::ALPN_CTL,
+        &lab.operator,
+        &lab.trust,
+        &transport::Tuning::default(),
+    )
+    .await
+    .unwrap();
+    // A peer message where a control request belongs.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    transport::write_message(
+        &mut send,
+        &Message::RoundApplied(convoy_protocol::message::RoundApplied { round: 1 }),
+    )
+    .await
+    .unwrap();
+    let answer = transport::read_message(&mut recv).await.unwrap();
+    assert!(
+        matches!(&answer, Some(Message::CtlResponse(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest && e.message.contains("expected a control request"))),
+        "{answer:?}"
+    );
+    // Bytes that are no message at all: a frame of garbage.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let answer = transport::read_message(&mut recv).await.unwrap();
+    assert!(
+        matches!(&answer, Some(Message::CtlResponse(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest)),
+        "{answer:?}"
+    );
+    assert_refusals_logged(
+        &lab,
+        "a",
+        &["malformed operator request: expected a control request"],
+    )
+    .await;
+    let reasons = convoy_tests::refusals_logged(&lab, "a");
+    assert!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("malformed operator request"))
+            .count()
+            >= 2,
+        "{reasons:#?}"
+    );
+    lab.shutdown().await;
+}
