@@ -234,6 +234,42 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
     assert!(failure(&out).contains("rewritten since?"));
     let out = convoyctl(&pki, &["audit", "consistency", a_log, "--from", "9999"]);
     assert!(failure(&out).contains("do not fit"));
+
+    // Whose log it is can be pinned: b's log renamed as a's is refused.
+    let (a_id, b_id) = (
+        "spiffe://convoy.internal/agent/a".to_string(),
+        "spiffe://convoy.internal/agent/b".to_string(),
+    );
+    let out = convoyctl(&pki, &["audit", "verify", a_log, "--owner", &a_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let renamed = dir.path().join("a-really.log");
+    std::fs::copy(&log_b, &renamed).unwrap();
+    let renamed = renamed.to_str().unwrap();
+    let out = convoyctl(&pki, &["audit", "verify", renamed, "--owner", &a_id]);
+    assert!(
+        failure(&out).contains(&format!("is the log of {b_id}, not of {a_id}")),
+        "{}",
+        failure(&out)
+    );
+    let out = convoyctl(&pki, &["audit", "show", renamed, "--owner", &a_id]);
+    assert!(failure(&out).contains("is the log of"));
+    let out = convoyctl(
+        &pki,
+        &[
+            "audit",
+            "consistency",
+            renamed,
+            "--from",
+            "3",
+            "--owner",
+            &a_id,
+        ],
+    );
+    assert!(failure(&out).contains("is the log of"));
 }
 
 /// `convoyctl audit fetch`: an admin downloads an agent's log over the

@@ -14,7 +14,7 @@ use convoy_protocol::audit::{verify_log, AuditEvent, VerifiedLog};
 use convoy_protocol::evidence::{
     build_bundle, check_bundle, BundleSummary, SideSummary, MAX_BUNDLE_LEN,
 };
-use convoy_protocol::names::MigrationId;
+use convoy_protocol::names::{MigrationId, SpiffeId};
 use convoy_protocol::receipt::SignedReceipt;
 use convoy_protocol::ticket::{SignedTicket, Ticket};
 
@@ -28,11 +28,21 @@ pub enum Audit {
     Verify {
         /// The log file (an agent's STATE_DIR/audit.log).
         file: PathBuf,
+        /// Whose log the file must be (its owner's SPIFFE ID): a log renamed
+        /// from another agent, or re-signed under another agent's key, is
+        /// refused. (`--agent` names the agent to talk to.)
+        #[arg(long, value_name = "SPIFFE_ID")]
+        owner: Option<SpiffeId>,
     },
     /// Verify, then print every record.
     Show {
         /// The log file.
         file: PathBuf,
+        /// Whose log the file must be (its owner's SPIFFE ID): a log renamed
+        /// from another agent, or re-signed under another agent's key, is
+        /// refused. (`--agent` names the agent to talk to.)
+        #[arg(long, value_name = "SPIFFE_ID")]
+        owner: Option<SpiffeId>,
     },
     /// Write an evidence bundle of one migration: the operator's ticket and
     /// both agents' records of it, with inclusion proofs in their signed
@@ -77,6 +87,11 @@ pub enum Audit {
         /// The root of the earlier size as held elsewhere (hex).
         #[arg(long)]
         root: Option<String>,
+        /// Whose log the file must be (its owner's SPIFFE ID): a log renamed
+        /// from another agent, or re-signed under another agent's key, is
+        /// refused. (`--agent` names the agent to talk to.)
+        #[arg(long, value_name = "SPIFFE_ID")]
+        owner: Option<SpiffeId>,
     },
 }
 
@@ -112,8 +127,8 @@ pub async fn run(g: &Global, c: Audit) -> Result<()> {
     let pki = Pki::open(&g.pki)?;
     let trust = pki.trust()?;
     match c {
-        Audit::Verify { file } => log(g, &trust, &file, false),
-        Audit::Show { file } => log(g, &trust, &file, true),
+        Audit::Verify { file, owner } => log(g, &trust, &file, owner.as_ref(), false),
+        Audit::Show { file, owner } => log(g, &trust, &file, owner.as_ref(), true),
         Audit::Prove {
             migration,
             logs,
@@ -126,7 +141,8 @@ pub async fn run(g: &Global, c: Audit) -> Result<()> {
             from,
             to,
             root,
-        } => consistency(g, &trust, &file, from, to, root.as_deref()),
+            owner,
+        } => consistency(g, &trust, &file, owner.as_ref(), from, to, root.as_deref()),
     }
 }
 
@@ -134,12 +150,13 @@ fn consistency(
     g: &Global,
     trust: &TrustBundle,
     file: &Path,
+    owner: Option<&SpiffeId>,
     from: u64,
     to: Option<u64>,
     held: Option<&str>,
 ) -> Result<()> {
     use convoy_protocol::logtree::verify_consistency;
-    let log = read_log(trust, file)?;
+    let log = read_log(trust, file, owner)?;
     let to = to.unwrap_or(log.tree.len());
     if from > to || to > log.tree.len() {
         bail!(
@@ -196,13 +213,31 @@ fn parse_digest(h: &str) -> Result<convoy_protocol::digest::Digest> {
     Ok(convoy_protocol::digest::Digest(out))
 }
 
-fn read_log(trust: &TrustBundle, file: &Path) -> Result<VerifiedLog> {
+/// Reads and verifies a log; with `owner`, it must be that agent's.
+fn read_log(trust: &TrustBundle, file: &Path, owner: Option<&SpiffeId>) -> Result<VerifiedLog> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    verify_log(&bytes, trust).with_context(|| format!("{} is not intact", file.display()))
+    let log =
+        verify_log(&bytes, trust).with_context(|| format!("{} is not intact", file.display()))?;
+    if let Some(owner) = owner {
+        if &log.agent != owner {
+            bail!(
+                "{} is the log of {}, not of {owner}",
+                file.display(),
+                log.agent
+            );
+        }
+    }
+    Ok(log)
 }
 
-fn log(g: &Global, trust: &TrustBundle, file: &Path, show: bool) -> Result<()> {
-    let log = read_log(trust, file)?;
+fn log(
+    g: &Global,
+    trust: &TrustBundle,
+    file: &Path,
+    owner: Option<&SpiffeId>,
+    show: bool,
+) -> Result<()> {
+    let log = read_log(trust, file, owner)?;
     let head = log.last_head.as_ref();
     if g.json {
         let records: Vec<serde_json::Value> = log
@@ -249,7 +284,7 @@ fn prove(
 ) -> Result<()> {
     let logs = files
         .iter()
-        .map(|f| read_log(trust, f))
+        .map(|f| read_log(trust, f, None))
         .collect::<Result<Vec<_>>>()?;
     let id = resolve(migration, &logs)?;
     let bundle = build_bundle(id, &logs).with_context(|| format!("cannot prove migration {id}"))?;
