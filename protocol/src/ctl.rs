@@ -24,6 +24,15 @@ pub enum ContentProfile {
     Zero,
 }
 
+/// The fastest a sim VM's workload may dirty memory: 10 million pages a
+/// second (40 GB/s of 4 KiB pages), far past any real guest. Held at VM
+/// creation and on the device state a peer sends, so no rate can spin a
+/// workload thread.
+pub const MAX_DIRTY_PAGES_PER_SEC: u64 = 10_000_000;
+
+/// The fastest a sim disk's workload may write: a million blocks a second.
+pub const MAX_DISK_WRITES_PER_SEC: u64 = 1_000_000;
+
 /// A simulated VM to create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimVmSpec {

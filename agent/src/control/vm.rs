@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, QemuVmSpec, SimVmSpec, VmState};
+use convoy_protocol::ctl::{
+    CtlErrorKind, CtlResponse, QemuVmSpec, SimVmSpec, VmState, MAX_DIRTY_PAGES_PER_SEC,
+    MAX_DISK_WRITES_PER_SEC,
+};
 use convoy_protocol::names::{SpiffeId, VmName};
 
 use super::{error, forbidden, may_act_on};
@@ -257,6 +260,20 @@ pub(super) async fn create_vm(
             format!(
                 "memory size {} must be a non-zero multiple of 4096 up to 1 TiB",
                 spec.memory_bytes
+            ),
+        );
+    }
+    if spec.dirty_pages_per_sec > MAX_DIRTY_PAGES_PER_SEC
+        || spec
+            .disks
+            .iter()
+            .any(|d| d.writes_per_sec > MAX_DISK_WRITES_PER_SEC)
+    {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "dirty rate up to {MAX_DIRTY_PAGES_PER_SEC} pages/s and disk writes up to \
+                 {MAX_DISK_WRITES_PER_SEC} blocks/s"
             ),
         );
     }

@@ -165,6 +165,12 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
     assert!(err.to_string().contains("already exists"), "{err}");
     let err = a.vm_create(sim_spec("y", 4097, 0)).await.unwrap_err();
     assert!(err.to_string().contains("multiple of 4096"), "{err}");
+    // A dirty rate that would spin the workload thread.
+    let err = a
+        .vm_create(sim_spec("y", 4 << 20, u64::MAX))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("dirty rate up to"), "{err}");
 
     // A VM of the same name already at the destination: refused there,
     // still running here.

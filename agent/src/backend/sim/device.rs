@@ -48,7 +48,8 @@ impl DeviceState {
 
     /// Parses the device state of a VM with `disks` disks. Refuses bytes
     /// that do not parse, an unknown version, a hot set outside 1..=100%,
-    /// a disk count other than `disks`, and trailing bytes.
+    /// a disk count other than `disks`, rates past the limits, and trailing
+    /// bytes.
     pub(super) fn decode(bytes: &[u8], disks: usize) -> Result<DeviceState, BackendError> {
         let (s, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)
             .map_err(|e| BackendError::DeviceState(e.to_string()))?;
@@ -59,6 +60,16 @@ impl DeviceState {
         {
             return Err(BackendError::DeviceState(
                 "unknown version, bad hot set, disks that do not match, or trailing bytes".into(),
+            ));
+        }
+        // A peer's rate must not spin the workload thread.
+        if s.dirty_pages_per_sec > convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC
+            || s.disk_writes_per_sec
+                .iter()
+                .any(|&r| r > convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC)
+        {
+            return Err(BackendError::DeviceState(
+                "a dirty or disk write rate past the limit".into(),
             ));
         }
         Ok(s)
@@ -116,5 +127,21 @@ mod tests {
             };
             assert!(refused(&s.encode().unwrap(), 2), "{s:?}");
         }
+        // Rates a workload thread would spin on.
+        let s = DeviceState {
+            dirty_pages_per_sec: u64::MAX,
+            ..state()
+        };
+        assert!(refused(&s.encode().unwrap(), 2), "dirty rate");
+        let s = DeviceState {
+            disk_writes_per_sec: vec![0, u64::MAX],
+            ..state()
+        };
+        assert!(refused(&s.encode().unwrap(), 2), "disk write rate");
+        let s = DeviceState {
+            dirty_pages_per_sec: convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC,
+            ..state()
+        };
+        assert!(!refused(&s.encode().unwrap(), 2), "the limit itself");
     }
 }
