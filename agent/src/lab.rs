@@ -477,7 +477,8 @@ impl Lab {
         let memory = match sink {
             Sink::Discard => None,
             Sink::FreshMemory => Some(Arc::new(
-                GuestMemory::new(total.div_ceil(8) as usize * 8).map_err(|e| bad(&e))?,
+                GuestMemory::new(convoy_protocol::page::saturating_usize(total.div_ceil(8)) * 8)
+                    .map_err(|e| bad(&e))?,
             )),
         };
         let recv = tokio::spawn(async move {
@@ -503,7 +504,10 @@ impl Lab {
                             if buf.len() >= 1 << 16 {
                                 let off = i * per_stream + n - buf.len() as u64;
                                 let whole = buf.len() / 8 * 8;
-                                m.write(off as usize, &buf[..whole]);
+                                m.write(
+                                    convoy_protocol::page::saturating_usize(off),
+                                    &buf[..whole],
+                                );
                                 buf.drain(..whole);
                             }
                         }
@@ -547,7 +551,7 @@ impl Lab {
             senders.push(tokio::spawn(async move {
                 let mut left = per_stream;
                 while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
+                    let n = usize::try_from(left).map_or(chunk.len(), |l| l.min(chunk.len()));
                     s.write_chunk(chunk.slice(..n))
                         .await
                         .map_err(|e| LabError::Bench(e.to_string()))?;

@@ -23,7 +23,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
         return Err(format!("{s:?} is out of range"));
     }
-    Ok(v as u64)
+    // CAST: finite, not negative and at most 2^64 (checked just above);
+    // `as` saturates 2^64 itself to u64::MAX.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let bytes = v as u64;
+    Ok(bytes)
 }
 
 /// Formats bytes with a binary unit, e.g. `512.0 MiB`.

@@ -162,6 +162,8 @@ impl LevelChooser {
 
 #[cfg(test)]
 mod tests {
+    // Test code: test figures: small positive ratios of small inputs.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     use super::*;
 
     /// Runs `n` batches against a synthetic link and compressor.

@@ -225,7 +225,9 @@ fn walk(delta: &[u8], page_len: usize, mut f: impl FnMut(usize, &[u8])) -> Resul
                 }
             });
         }
-        // Both fit in the page, hence in usize.
+        // CAST: both were just checked to fit in the page, whose length is a
+        // usize.
+        #[allow(clippy::cast_possible_truncation)]
         let (zero, len) = (zero as usize, len as usize);
         let Some(literal) = delta.get(pos..pos + len) else {
             return Err(DeltaError::TruncatedLiteral {
@@ -270,10 +272,10 @@ fn varint_len(mut v: u64) -> usize {
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
+        out.push((v.to_le_bytes()[0] & 0x7f) | 0x80);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.push(v.to_le_bytes()[0]);
 }
 
 /// Reads a minimally encoded LEB128 `u64` at `*pos`, advancing it.
@@ -365,6 +367,8 @@ impl PageCache {
     /// allocated now (zeroed, so the OS commits them as they are first
     /// written). A capacity under one page gives a cache that holds
     /// nothing.
+    // CAST: slot numbers are below `slots`, at most 2^31 < u32::MAX.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn new(capacity_bytes: usize, page_size: PageSize) -> Self {
         let page = page_size.bytes();
         let slots = (capacity_bytes / page).min(1 << 31);
@@ -429,6 +433,8 @@ impl PageCache {
     /// Stores `bytes` as the version of `idx`, replacing an older one or
     /// evicting another page's when full. A slice that is not one page long
     /// is not stored, and the older version is dropped.
+    // CAST: a slot is below the slot count, at most 2^31 (see `new`).
+    #[allow(clippy::cast_possible_truncation)]
     pub fn insert(&mut self, idx: PageIndex, bytes: &[u8]) {
         if bytes.len() != self.page {
             self.remove(idx);
@@ -455,6 +461,8 @@ impl PageCache {
     }
 
     /// Forgets the version of `idx`, if any.
+    // CAST: a slot is below the slot count, at most 2^31 (see `new`).
+    #[allow(clippy::cast_possible_truncation)]
     pub fn remove(&mut self, idx: PageIndex) {
         if let Ok(pos) = self.find(idx) {
             let slot = self.unlink(pos);
@@ -467,6 +475,9 @@ impl PageCache {
         self.stats
     }
 
+    // CAST: hash bits, masked to the table size; dropping high bits of a
+    // hash loses nothing.
+    #[allow(clippy::cast_possible_truncation)]
     fn home(&self, idx: PageIndex) -> usize {
         self.hasher.hash_one(idx.0) as usize & (self.table.len() - 1)
     }

@@ -266,6 +266,8 @@ pub fn reference_root(leaves: &[Digest]) -> Digest {
 
 #[cfg(test)]
 mod tests {
+    // Test code: test vectors: small indexes made into bytes.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     use super::*;
 
     fn leaves(n: usize, salt: u8) -> Vec<Digest> {

@@ -83,13 +83,16 @@ pub fn split_frame(input: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
 /// # Panics
 /// Never for frames built by this crate; a caller asking for a frame over
 /// [`MAX_FRAME_LEN`] gets [`FrameError::Oversized`].
+#[allow(clippy::cast_possible_truncation)]
 pub fn prefix_for(len: usize) -> Result<[u8; LEN_PREFIX], FrameError> {
-    // Lossless after the check: MAX_FRAME_LEN < u32::MAX.
+    // CAST: lossless after the check, MAX_FRAME_LEN (4 MiB) < u32::MAX.
     Ok((check_len(len)? as u32).to_be_bytes())
 }
 
 #[cfg(test)]
 mod tests {
+    // Test code: test lengths are small constants.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     use super::*;
 
     #[test]

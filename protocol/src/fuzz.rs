@@ -121,6 +121,8 @@ pub fn delta_apply(data: &[u8]) {
         return;
     };
     let len = usize::from(u16::from_be_bytes([*hi, *lo])) % 8193;
+    // CAST: a remainder of division by 256.
+    #[allow(clippy::cast_possible_truncation)]
     let old: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
     let mut page = old.clone();
     match delta::apply(&mut page, rest) {

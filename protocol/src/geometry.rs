@@ -16,6 +16,14 @@ pub const STRIPE_PAGES: u64 = 64;
 /// Largest number of pages a guest may have (2^32 pages, 16 TiB at 4 KiB).
 pub const MAX_PAGE_COUNT: u64 = 1 << 32;
 
+/// `v` as a `usize`, saturating where it does not fit (32-bit targets):
+/// as a length it then fails to allocate and as an index it is out of
+/// range, never a smaller value that aliases a real page. Lossless on
+/// 64-bit targets.
+pub fn saturating_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
 /// A page size: a power of two from 4 KiB to 64 KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "u32", into = "u32")]
@@ -162,7 +170,9 @@ impl MemoryGeometry {
 }
 
 /// Which data stream carries `page` when there are `streams` of them.
+#[allow(clippy::cast_possible_truncation)]
 pub fn stream_for(page: PageIndex, streams: u16) -> u16 {
+    // CAST: a remainder of division by a `u16`, so below 2^16.
     ((page.0 / STRIPE_PAGES) % u64::from(streams.max(1))) as u16
 }
 
@@ -183,7 +193,7 @@ impl PageBitmap {
     /// No pages of `len`.
     pub fn empty(len: u64) -> Self {
         PageBitmap {
-            words: vec![0; len.div_ceil(64) as usize],
+            words: vec![0; saturating_usize(len.div_ceil(64))],
             len,
         }
     }
@@ -191,7 +201,7 @@ impl PageBitmap {
     /// Every page of `len`.
     pub fn full(len: u64) -> Self {
         let mut b = PageBitmap {
-            words: vec![u64::MAX; len.div_ceil(64) as usize],
+            words: vec![u64::MAX; saturating_usize(len.div_ceil(64))],
             len,
         };
         b.trim();
@@ -201,7 +211,7 @@ impl PageBitmap {
     /// A bitmap from raw words (as a dirty log delivers them); bits past
     /// `len` are cleared.
     pub fn from_words(mut words: Vec<u64>, len: u64) -> Self {
-        words.resize(len.div_ceil(64) as usize, 0);
+        words.resize(saturating_usize(len.div_ceil(64)), 0);
         let mut b = PageBitmap { words, len };
         b.trim();
         b

@@ -173,7 +173,7 @@ impl LogTree {
             return Err(ProofError::OutOfRange { index, size });
         }
         let mut out = Vec::new();
-        path(index as usize, d, &mut out);
+        path(crate::page::saturating_usize(index), d, &mut out);
         Ok(out)
     }
 
@@ -189,7 +189,7 @@ impl LogTree {
         }
         let mut out = Vec::new();
         if old > 0 && old < new {
-            subproof(old as usize, d, true, &mut out);
+            subproof(crate::page::saturating_usize(old), d, true, &mut out);
         }
         Ok(out)
     }
@@ -310,6 +310,8 @@ pub fn verify_consistency(
 
 #[cfg(test)]
 mod tests {
+    // Test code: test indexes are small.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     use super::*;
 
     fn log(n: u64) -> LogTree {

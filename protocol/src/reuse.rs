@@ -271,6 +271,8 @@ impl RetainedImage {
 
 #[cfg(test)]
 mod tests {
+    // Test code: test pages are few; their bytes wrap on purpose.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::page::PageSize;

@@ -3,6 +3,7 @@
 //! `CONVOY_WRITE_SEEDS=1 cargo test -p convoy-protocol --test fuzz_corpus`.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Tests: seed sizes and indexes are small.
 
 use std::path::{Path, PathBuf};
 

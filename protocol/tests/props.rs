@@ -1,6 +1,7 @@
 //! Property tests for the codecs and the Merkle tree.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Tests: generated sizes and indexes are small.
 
 use bytes::Bytes;
 use convoy_protocol::delta::{self, PageCache};

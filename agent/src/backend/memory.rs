@@ -162,6 +162,8 @@ impl GuestMemory {
 
 #[cfg(test)]
 mod tests {
+    // Test code: byte patterns from small indexes.
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     use super::*;
 
     #[test]

@@ -10,6 +10,10 @@
 //!   and through Convoy.
 //! - [`table`] and [`rss`]: cells, medians and memory readings they share.
 
+// Benchmark figures: f64 means, rates and percentages of measured runs,
+// rounded into integers for display.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod engine;
 mod qemu;
 mod raw;

@@ -132,7 +132,7 @@ impl Destination {
             .manifest
             .leaf_count()
             .unwrap_or(p.manifest.memory.page_count());
-        let mut tree = MerkleTree::filled(leaves as usize, zero_leaf(page));
+        let mut tree = MerkleTree::filled(crate::page::saturating_usize(leaves), zero_leaf(page));
         let version = VersionRange::OURS
             .negotiate(p.versions)
             .unwrap_or(crate::message::PROTOCOL_VERSION);
@@ -148,7 +148,10 @@ impl Destination {
             .map(|((d, r), leaves)| match leaves {
                 Some(l) if d.base.is_some() && l.len() as u64 == r.end - r.start => {
                     for (i, leaf) in l.into_iter().enumerate() {
-                        tree.set_leaf(r.start as usize + i, leaf);
+                        tree.set_leaf(
+                            crate::page::saturating_usize(r.start).saturating_add(i),
+                            leaf,
+                        );
                     }
                     true
                 }

@@ -27,7 +27,8 @@ impl Destination {
     pub fn verified_leaves(&self) -> Option<Vec<Digest>> {
         self.root?;
         let tree = self.tree.as_ref()?;
-        let pages = self.proposal.as_ref()?.manifest.memory.page_count() as usize;
+        let pages =
+            crate::page::saturating_usize(self.proposal.as_ref()?.manifest.memory.page_count());
         (0..tree.len().min(pages)).map(|i| tree.leaf(i)).collect()
     }
 

@@ -20,7 +20,7 @@ impl Destination {
             .find(|(_, (a, b))| b > a);
         match over {
             Some((s, (&announced, &applied))) => Err(self.fail(DestinationError::BatchCount {
-                stream: s as u16,
+                stream: u16::try_from(s).unwrap_or(u16::MAX),
                 announced,
                 applied,
             })),
@@ -107,7 +107,7 @@ impl Destination {
     pub(super) fn set_leaves(&mut self, leaves: &[(PageIndex, Digest)]) -> Result<(), u64> {
         if let Some(tree) = self.tree.as_mut() {
             for &(p, d) in leaves {
-                if !tree.set_leaf(p.0 as usize, d) {
+                if !tree.set_leaf(crate::page::saturating_usize(p.0), d) {
                     return Err(p.0);
                 }
             }

@@ -46,8 +46,8 @@ mod receive;
 mod tests;
 
 pub use crate::geometry::{
-    is_zero, stream_for, GeometryError, MemoryGeometry, PageBitmap, PageIndex, PageSize,
-    MAX_BATCH_BYTES, MAX_PAGE_COUNT, STRIPE_PAGES,
+    is_zero, saturating_usize, stream_for, GeometryError, MemoryGeometry, PageBitmap, PageIndex,
+    PageSize, MAX_BATCH_BYTES, MAX_PAGE_COUNT, STRIPE_PAGES,
 };
 pub use batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
 pub use encode::{BatchBuilder, BuildError, Compressor, EncodedBatch};

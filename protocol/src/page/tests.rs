@@ -1,6 +1,9 @@
 //! Round trips of the batch codec: what [`super::BatchBuilder`] encodes,
 //! [`super::StreamReceiver`] decodes, and what it refuses.
 
+// Tests: small page counts, indexes and byte patterns.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use super::*;
 use crate::delta::{DeltaError, PageCache};
 use crate::digest::{leaf_digest, zero_leaf};

@@ -66,7 +66,11 @@ impl Source {
                 let secs = now.saturating_duration_since(round_start).as_secs_f64();
                 // An empty round measures nothing: keep the last rate.
                 if secs > 0.0 && self.round_bytes > 0 {
-                    self.rate = (self.round_bytes as f64 / secs) as u64;
+                    // CAST: bytes over a positive time are finite and not
+                    // negative; `as` saturates at u64::MAX.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let rate = (self.round_bytes as f64 / secs) as u64;
+                    self.rate = rate;
                 }
                 self.phase = Phase::Copying {
                     round,

@@ -21,7 +21,11 @@ impl Source {
             .into_iter()
             .map(|r| {
                 let leaves: Vec<Digest> = (r.start..r.end)
-                    .map(|i| self.tree.leaf(i as usize).unwrap_or(Digest([0; 32])))
+                    .map(|i| {
+                        self.tree
+                            .leaf(crate::page::saturating_usize(i))
+                            .unwrap_or(Digest([0; 32]))
+                    })
                     .collect();
                 crate::disk::disk_root(&leaves)
             })

@@ -297,10 +297,11 @@ impl Source {
     /// A source that has not started.
     pub fn new(mut cfg: SourceConfig) -> Self {
         // Memory pages, then disk blocks (checked again in `start`).
-        let pages = cfg
-            .manifest
-            .leaf_count()
-            .unwrap_or(cfg.manifest.memory.page_count()) as usize;
+        let pages = crate::page::saturating_usize(
+            cfg.manifest
+                .leaf_count()
+                .unwrap_or(cfg.manifest.memory.page_count()),
+        );
         let page = cfg.manifest.memory.page_size().bytes();
         cfg.manifest.postcopy = cfg.switchover != Switchover::Never;
         // Reuse is offered only with an image to reuse.

@@ -31,7 +31,11 @@ impl Source {
         if let Some(last) = self.last_log_at.replace(now) {
             let secs = now.saturating_duration_since(last).as_secs_f64();
             if secs > 0.0 {
-                self.convergence.dirty_rate = (dirtied as f64 / secs) as u64;
+                // CAST: a count over a positive time is finite and not
+                // negative; `as` saturates at u64::MAX.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let rate = (dirtied as f64 / secs) as u64;
+                self.convergence.dirty_rate = rate;
             }
         }
         // Everything not yet sent in its current version: this log, and the
@@ -116,7 +120,10 @@ impl Source {
             }
             let mut hot = PageBitmap::empty(dirty.len());
             for p in dirty.iter() {
-                if let Some(n) = self.dirty_rounds.get_mut(p.0 as usize) {
+                if let Some(n) = self
+                    .dirty_rounds
+                    .get_mut(crate::page::saturating_usize(p.0))
+                {
                     *n = n.saturating_add(1);
                     if *n >= HOT_ROUNDS {
                         hot.insert(p);

@@ -22,7 +22,7 @@ impl Source {
             // paused VM, so their leaves stand; whether it arrived, the
             // destination says in Resumed.
             for &(p, d) in &batch.leaves {
-                if !self.tree.set_leaf(p.0 as usize, d) {
+                if !self.tree.set_leaf(crate::page::saturating_usize(p.0), d) {
                     return Err(SourceError::LeafOutOfRange(p.0));
                 }
                 self.pushed.insert(p);
@@ -47,7 +47,7 @@ impl Source {
             .count() as u64;
         let mut unsent = batch.stats.retained.saturating_sub(memory_in_batch);
         for &(p, d) in &batch.leaves {
-            if !self.tree.set_leaf(p.0 as usize, d) {
+            if !self.tree.set_leaf(crate::page::saturating_usize(p.0), d) {
                 return Err(SourceError::LeafOutOfRange(p.0));
             }
             if p.0 >= memory_pages {

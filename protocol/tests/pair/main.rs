@@ -2,6 +2,7 @@
 //! each other in memory ([`harness::Pair`]), by topic.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Tests: small sizes, indexes and simulated rates.
 
 mod harness;
 

@@ -9,6 +9,7 @@
 //! (`tests/tests/secrets.rs`): it installs a process-wide log subscriber.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Tests: small sizes, counts and timings.
 
 mod admission;
 mod audit;

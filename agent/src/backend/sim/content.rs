@@ -27,14 +27,18 @@ impl SimVm {
             match kind {
                 0..=24 => continue,
                 25..=64 => {
-                    let off = (splitmix(p) as usize % (text.len() - page)) & !7;
+                    let off = convoy_protocol::page::saturating_usize(
+                        splitmix(p) % (text.len() - page) as u64,
+                    ) & !7;
                     buf.copy_from_slice(&text[off..off + page]);
                     // Make pages distinct: stamp the page number.
                     buf[..8].copy_from_slice(&p.to_le_bytes());
                 }
                 _ => rng.fill_bytes(&mut buf),
             }
-            self.shared.mem.write(p as usize * page, &buf);
+            self.shared
+                .mem
+                .write(convoy_protocol::page::saturating_usize(p) * page, &buf);
         }
     }
 }

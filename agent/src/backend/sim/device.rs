@@ -35,7 +35,9 @@ impl DeviceState {
             version: DEVICE_STATE_VERSION,
             counter: shared.counter.load(Ordering::Relaxed),
             dirty_pages_per_sec: shared.rate.load(Ordering::Relaxed),
-            hot_set_pct: shared.hot_set_pct.load(Ordering::Relaxed) as u8,
+            // Stored only from a `u8` (`set_workload`).
+            hot_set_pct: u8::try_from(shared.hot_set_pct.load(Ordering::Relaxed))
+                .unwrap_or(u8::MAX),
             seed: shared.seed.load(Ordering::Relaxed),
             disk_writes_per_sec: shared.disks.iter().map(SimDisk::rate).collect(),
         }

@@ -136,7 +136,7 @@ impl SimDisk {
                 // Half-compressible content: random, then a run of its
                 // block number.
                 rng.fill_bytes(&mut buf[..block / 2]);
-                buf[block / 2..].fill(b as u8);
+                buf[block / 2..].fill(b.to_le_bytes()[0]);
                 disk.file
                     .write_all_at(&buf, b * block as u64)
                     .map_err(|e| io_err(&disk.path, "cannot write", &e))?;
@@ -272,7 +272,8 @@ impl SimDisk {
         owed: &PageBitmap,
         faults: tokio::sync::mpsc::UnboundedSender<PageIndex>,
     ) {
-        let mut missing = vec![0u64; self.blocks().div_ceil(64) as usize];
+        let mut missing =
+            vec![0u64; convoy_protocol::page::saturating_usize(self.blocks().div_ceil(64))];
         for b in 0..self.blocks() {
             if owed.contains(PageIndex(self.first + b)) {
                 missing[(b / 64) as usize] |= 1 << (b % 64);

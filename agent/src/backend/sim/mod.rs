@@ -204,7 +204,7 @@ impl SimVm {
                 return Err(e);
             }
         };
-        let words = geometry.page_count().div_ceil(64) as usize;
+        let words = convoy_protocol::page::saturating_usize(geometry.page_count().div_ceil(64));
         Ok(SimVm {
             shared: Arc::new(Shared {
                 mem,

@@ -76,8 +76,8 @@ impl SimVm {
         let drop_run = |(start, end): (u64, u64)| {
             self.shared.mem.drop_range(
                 &region,
-                start as usize * page,
-                (end - start) as usize * page,
+                convoy_protocol::page::saturating_usize(start) * page,
+                convoy_protocol::page::saturating_usize(end - start) * page,
             )
         };
         // Memory pages first in the bitmap; disk blocks (storage
@@ -142,7 +142,7 @@ impl SimVm {
         let Some(uffd) = uffd else {
             return Err(BackendError::State("demand paging has ended"));
         };
-        let off = page.0 as usize * paging.page;
+        let off = convoy_protocol::page::saturating_usize(page.0) * paging.page;
         let installed = match data {
             Some(d) => uffd.copy(&paging.region, off, d),
             None => uffd.zero(&paging.region, off),
@@ -172,6 +172,8 @@ impl SimVm {
             samples.extend(d.demand_samples());
         }
         samples.sort_unstable();
+        // CAST: `q` is a quantile in 0..=1, so the index is in 0..len.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let at = |q: f64| {
             samples
                 .get(((samples.len() as f64 - 1.0) * q).round() as usize)

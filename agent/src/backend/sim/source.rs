@@ -23,7 +23,9 @@ impl VmBackend for SimVm {
 
     fn read_page(&self, page: PageIndex, buf: &mut [u8]) {
         let size = self.shared.geometry.page_size().bytes();
-        self.shared.mem.read(page.0 as usize * size, buf);
+        self.shared
+            .mem
+            .read(convoy_protocol::page::saturating_usize(page.0) * size, buf);
     }
 
     fn disks(&self) -> Vec<convoy_protocol::disk::DiskGeometry> {

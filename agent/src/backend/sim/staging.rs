@@ -121,7 +121,7 @@ impl Staging for SimVm {
     fn write_page(&self, page: PageIndex, data: Option<&[u8]>) -> Result<(), BackendError> {
         let size = self.shared.geometry.page_size().bytes();
         if page.0 < self.shared.geometry.page_count() {
-            let off = page.0 as usize * size;
+            let off = convoy_protocol::page::saturating_usize(page.0) * size;
             match data {
                 Some(d) => self.shared.mem.write(off, d),
                 None => self.shared.mem.zero(off, size),

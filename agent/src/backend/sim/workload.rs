@@ -87,6 +87,9 @@ fn workload(shared: &Shared) {
                 shared.mem.store_word(0, c);
                 mark_dirty(shared, 0);
                 carry += shared.rate.load(Ordering::Relaxed) as f64 / 1000.0;
+                // CAST: `carry` is a sum of non-negative rates less its
+                // whole part, so finite and not negative.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let n = carry as u64;
                 carry -= n as f64;
                 let hot = (pages * shared.hot_set_pct.load(Ordering::Relaxed) / 100).max(1);
@@ -99,7 +102,7 @@ fn workload(shared: &Shared) {
                     };
                     // A 64-byte chunk, never the counter word of page 0.
                     let chunk = 1 + ((r >> 40) as usize % (page / 64 - 1));
-                    let base = (p as usize * page + chunk * 64) / 8;
+                    let base = (convoy_protocol::page::saturating_usize(p) * page + chunk * 64) / 8;
                     for k in 0..8 {
                         shared.mem.store_word(base + k, rng.next_u64());
                     }
@@ -108,6 +111,8 @@ fn workload(shared: &Shared) {
                 // Disk writes, with the memory's hot-set skew.
                 for (d, c) in shared.disks.iter().zip(disk_carry.iter_mut()) {
                     *c += d.rate() as f64 / 1000.0;
+                    // CAST: as `carry` above, finite and not negative.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                     let n = *c as u64;
                     *c -= n as f64;
                     let hot =

@@ -7,24 +7,35 @@
 use linux_raw_sys::general as sys;
 use rustix::ioctl::{opcode, Opcode};
 
+/// `v` as the one byte an ioctl type or number field holds; a kernel
+/// constant that does not fit fails the build (these are all `const`).
+const fn ioctl_byte(v: u32) -> u8 {
+    assert!(v <= 0xff, "ioctl field does not fit in a byte");
+    v.to_le_bytes()[0]
+}
+
 /// `UFFDIO_API`: `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
 pub(super) const UFFDIO_API: Opcode =
-    opcode::read_write::<sys::uffdio_api>(sys::UFFDIO as u8, sys::_UFFDIO_API as u8);
+    opcode::read_write::<sys::uffdio_api>(ioctl_byte(sys::UFFDIO), ioctl_byte(sys::_UFFDIO_API));
 /// `UFFDIO_REGISTER`: `_IOWR(0xAA, 0x00, struct uffdio_register)`.
-pub(super) const UFFDIO_REGISTER: Opcode =
-    opcode::read_write::<sys::uffdio_register>(sys::UFFDIO as u8, sys::_UFFDIO_REGISTER as u8);
+pub(super) const UFFDIO_REGISTER: Opcode = opcode::read_write::<sys::uffdio_register>(
+    ioctl_byte(sys::UFFDIO),
+    ioctl_byte(sys::_UFFDIO_REGISTER),
+);
 /// `UFFDIO_UNREGISTER`: `_IOR(0xAA, 0x01, struct uffdio_range)`.
 pub(super) const UFFDIO_UNREGISTER: Opcode =
-    opcode::read::<sys::uffdio_range>(sys::UFFDIO as u8, sys::_UFFDIO_UNREGISTER as u8);
+    opcode::read::<sys::uffdio_range>(ioctl_byte(sys::UFFDIO), ioctl_byte(sys::_UFFDIO_UNREGISTER));
 /// `UFFDIO_WAKE`: `_IOR(0xAA, 0x02, struct uffdio_range)`.
 pub(super) const UFFDIO_WAKE: Opcode =
-    opcode::read::<sys::uffdio_range>(sys::UFFDIO as u8, sys::_UFFDIO_WAKE as u8);
+    opcode::read::<sys::uffdio_range>(ioctl_byte(sys::UFFDIO), ioctl_byte(sys::_UFFDIO_WAKE));
 /// `UFFDIO_COPY`: `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
 pub(super) const UFFDIO_COPY: Opcode =
-    opcode::read_write::<sys::uffdio_copy>(sys::UFFDIO as u8, sys::_UFFDIO_COPY as u8);
+    opcode::read_write::<sys::uffdio_copy>(ioctl_byte(sys::UFFDIO), ioctl_byte(sys::_UFFDIO_COPY));
 /// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
-pub(super) const UFFDIO_ZEROPAGE: Opcode =
-    opcode::read_write::<sys::uffdio_zeropage>(sys::UFFDIO as u8, sys::_UFFDIO_ZEROPAGE as u8);
+pub(super) const UFFDIO_ZEROPAGE: Opcode = opcode::read_write::<sys::uffdio_zeropage>(
+    ioctl_byte(sys::UFFDIO),
+    ioctl_byte(sys::_UFFDIO_ZEROPAGE),
+);
 
 /// Size of one `struct uffd_msg`; `read(2)` on the descriptor returns whole messages.
 pub(super) const MSG_LEN: usize = 32;

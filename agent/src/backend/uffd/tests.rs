@@ -3,6 +3,7 @@
 //! descriptor, and ending registration wakes every blocked reader.
 
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // Tests: small page counts and offsets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;

@@ -8,6 +8,8 @@ use convoy_protocol::page::{PageBitmap, PageIndex};
 use convoy_protocol::source::SentBatch;
 
 /// Pages per batch: one stripe (128 KiB at 4 KiB pages).
+// CAST: STRIPE_PAGES is 64.
+#[allow(clippy::cast_possible_truncation)]
 pub(super) const BATCH_PAGES: usize = convoy_protocol::page::STRIPE_PAGES as usize;
 
 pub(super) enum StreamOut {
@@ -75,7 +77,11 @@ impl Held {
             }
         }
         let pages = self.pages.as_ref()?;
-        Some(HeldLeaf::Page(pages.get(p.0 as usize).copied()))
+        Some(HeldLeaf::Page(
+            pages
+                .get(convoy_protocol::page::saturating_usize(p.0))
+                .copied(),
+        ))
     }
 
     pub(super) fn is_empty(&self) -> bool {

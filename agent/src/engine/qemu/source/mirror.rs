@@ -84,7 +84,11 @@ impl Run {
             if let Some((at, before)) = last {
                 let secs = now.saturating_duration_since(at).as_secs_f64();
                 if secs > 0.0 {
-                    rate = (done.saturating_sub(before) as f64 / secs) as u64;
+                    // CAST: bytes over a positive time are finite and not
+                    // negative; `as` saturates at u64::MAX.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let r = (done.saturating_sub(before) as f64 / secs) as u64;
+                    rate = r;
                 }
             }
             last = Some((now, done));

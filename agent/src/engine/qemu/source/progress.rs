@@ -80,14 +80,19 @@ impl Run {
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();
             let ram = &q["ram"];
+            // CAST: `as` saturates, which is the reading wanted: a negative
+            // or NaN rate from QEMU is 0, an absurd one u64::MAX.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let rate_bytes_per_sec = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
             let _ = self.progress.try_send(Progress {
                 phase: format!("qemu {status}"),
-                round: ram["dirty-sync-count"].as_u64().unwrap_or(0) as u32,
+                round: u32::try_from(ram["dirty-sync-count"].as_u64().unwrap_or(0))
+                    .unwrap_or(u32::MAX),
                 pages_sent: ram["transferred"].as_u64().unwrap_or(0) / 4096,
                 remaining_pages: ram["remaining"].as_u64().unwrap_or(0) / 4096,
                 total_pages,
                 payload_bytes: ram["transferred"].as_u64().unwrap_or(0),
-                rate_bytes_per_sec: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
+                rate_bytes_per_sec,
             });
             match status.as_str() {
                 "completed" => break q,

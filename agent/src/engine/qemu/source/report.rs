@@ -26,7 +26,8 @@ impl Run {
             converged: st.qemu_status == "completed",
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
             downtime_ms: st.downtime_ms,
-            rounds: ram["dirty-sync-count"].as_u64().unwrap_or(0) as u32,
+            rounds: u32::try_from(ram["dirty-sync-count"].as_u64().unwrap_or(0))
+                .unwrap_or(u32::MAX),
             memory_bytes: self.prepared.manifest.spec.memory_mib << 20,
             pages_sent: ram["normal"].as_u64().unwrap_or(0)
                 + ram["duplicate"].as_u64().unwrap_or(0),
@@ -47,7 +48,7 @@ impl Run {
                 downtime_ms: q["downtime"].as_u64(),
                 transferred_bytes: ram["transferred"].as_u64(),
                 multifd_channels: self.prepared.manifest.multifd_channels,
-                disks_copied: self.prepared.disks.len() as u16,
+                disks_copied: u16::try_from(self.prepared.disks.len()).unwrap_or(u16::MAX),
                 channels: st.channels,
             })),
             outcome,

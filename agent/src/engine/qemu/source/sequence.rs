@@ -50,7 +50,8 @@ impl Run {
             attributes: self.attributes.clone(),
             manifest: Manifest {
                 memory,
-                data_streams: m.channels() as u16,
+                data_streams: u16::try_from(m.channels())
+                    .map_err(|_| Fail::local("more channels than a manifest can name"))?,
                 qemu: Some(Box::new(m.clone())),
                 postcopy: false,
                 start_paused: false,
@@ -111,8 +112,9 @@ impl Run {
                 nbd_listener,
                 conn.clone(),
                 self.migration,
-                (0..self.prepared.disks.len() as u16)
-                    .map(ChannelKind::Nbd)
+                (0..)
+                    .zip(&self.prepared.disks)
+                    .map(|(i, _)| ChannelKind::Nbd(i))
                     .collect(),
                 chan_tx.clone(),
             ));
@@ -287,7 +289,7 @@ impl Run {
         }
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         st.downtime_ms = match (self.prepared.manifest.mode, st.stop_at_unix_us) {
             (MigrationMode::Precopy, Some(stop)) => now_us.saturating_sub(stop) as f64 / 1e3,
             // Post-copy: the guest ran at the destination long before
