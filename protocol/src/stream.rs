@@ -120,7 +120,17 @@ impl QemuManifest {
                 return Err(format!("disk format {:?} (raw or qcow2)", d.format));
             }
         }
+        if self.disk_bytes().is_none() {
+            return Err("the disks' sizes overflow when added".into());
+        }
         Ok(())
+    }
+
+    /// The copied disks' bytes together; `None` if the sum overflows.
+    pub fn disk_bytes(&self) -> Option<u64> {
+        self.disks
+            .iter()
+            .try_fold(0u64, |n, d| n.checked_add(d.size))
     }
 
     /// The channels the source will open, at most.
@@ -340,6 +350,16 @@ mod tests {
         assert!(bad.validate().is_err());
         let mut bad = m.clone();
         bad.disks[0].format = "vmdk".into();
+        assert!(bad.validate().is_err());
+        // Sizes a peer sends cannot overflow when added up.
+        let mut bad = m.clone();
+        bad.spec.disks.push("e.img".into());
+        bad.disks[0].size = u64::MAX;
+        bad.disks.push(DiskManifest {
+            size: 1,
+            format: "raw".into(),
+        });
+        assert_eq!(bad.disk_bytes(), None);
         assert!(bad.validate().is_err());
         let mut bad = m;
         bad.disks.push(bad.disks[0].clone());

@@ -201,7 +201,14 @@ impl Incoming {
         // Disks: sizes and formats were checked; now the room, then files.
         let mut disk_paths = Vec::new();
         if !m.disks.is_empty() {
-            let need: u64 = m.disks.iter().map(|d| d.size).sum();
+            // (The sum was checked not to overflow by `validate`.)
+            let need = m.disk_bytes().unwrap_or(u64::MAX);
+            let limit = self.host.config.disk_capacity_bytes;
+            if need > limit {
+                return Err(unacceptable(format!(
+                    "{need} bytes of disks exceeds this agent's limit of {limit}"
+                )));
+            }
             let free = cfg.free_bytes().map_err(Fail::local)?;
             if need > free {
                 return Err(Fail::new(
