@@ -120,24 +120,40 @@ pub const MAX_STREAMS: u16 = 16;
 #[non_exhaustive]
 pub enum PlanError {
     /// Streams out of range.
-    #[error("{0} data streams (1..={MAX_STREAMS})")]
+    #[error("streams must be 1..={MAX_STREAMS} (not {0})")]
     Streams(u16),
+    /// zstd level out of range.
+    #[error("compression level must be 0..=19 (not {0})")]
+    CompressionLevel(i32),
+    /// Not a single round.
+    #[error("max rounds must be at least 1")]
+    MaxRounds,
     /// A demand-paged VM must run to fault its pages in.
-    #[error("a VM cannot start paused under {0}: start-paused is for pre-copy")]
+    #[error("--start-paused is for pre-copy, not {0} (a demand-paged VM must run to fault its pages in)")]
     StartPaused(MigrationMode),
     /// Disk blocks are owed only after a post-copy switch, and only when
     /// disks travel.
-    #[error("storage post-copy needs --mode postcopy or hybrid and --copy-storage")]
+    #[error(
+        "--storage-postcopy fetches disk blocks on demand after a post-copy switch: it needs \
+         disks and --mode postcopy or hybrid (and --copy-storage)"
+    )]
     StoragePostcopy,
 }
 
 impl MigrationPlan {
-    /// Checks the rules that hold whatever the VM: streams in range, no
-    /// start-paused outside pre-copy, storage post-copy only after a switch
-    /// and with disks copied.
+    /// Checks the rules that hold whatever the VM: streams, compression
+    /// level and rounds in range, no start-paused outside pre-copy, storage
+    /// post-copy only after a switch and with disks copied. The source
+    /// checks them before it touches the VM, the destination at admission.
     pub fn validate(&self) -> Result<(), PlanError> {
         if self.streams == 0 || self.streams > MAX_STREAMS {
             return Err(PlanError::Streams(self.streams));
+        }
+        if !(0..=19).contains(&self.compression_level) {
+            return Err(PlanError::CompressionLevel(self.compression_level));
+        }
+        if self.max_rounds == 0 {
+            return Err(PlanError::MaxRounds);
         }
         if self.start_paused && self.mode != MigrationMode::Precopy {
             return Err(PlanError::StartPaused(self.mode));

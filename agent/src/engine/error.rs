@@ -51,15 +51,10 @@ impl MigrateError {
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum OptionsError {
-    /// Streams out of range.
-    #[error("streams must be 1..=16")]
-    Streams,
-    /// zstd level out of range.
-    #[error("compression level must be 0..=19")]
-    CompressionLevel,
-    /// No round at all.
-    #[error("max rounds must be at least 1")]
-    MaxRounds,
+    /// A rule that holds whatever the VM (streams, compression level,
+    /// rounds, start-paused, storage post-copy).
+    #[error(transparent)]
+    Plan(convoy_protocol::model::PlanError),
     /// The destination's address does not parse.
     #[error("bad address {0:?}")]
     Address(String),
@@ -76,15 +71,6 @@ pub enum OptionsError {
         /// How many disks it has.
         disks: usize,
     },
-    /// Start-paused outside pre-copy.
-    #[error("--start-paused is for pre-copy (a demand-paged VM must run to fault its pages in)")]
-    StartPausedNeedsPrecopy,
-    /// Storage post-copy without disks or without a switch.
-    #[error(
-        "--storage-postcopy fetches disk blocks on demand after a post-copy switch: it needs disks \
-         and --mode postcopy or hybrid"
-    )]
-    StoragePostcopyNeedsDisksAndSwitch,
     /// Pure post-copy with disks but without storage post-copy.
     #[error(
         "disk blocks are paged on demand only with --storage-postcopy: with disks, pass it, or use \

@@ -59,15 +59,7 @@ pub(crate) async fn migrate(
     };
     // The plan is the ticket's: what the operator signed is what runs.
     let opts = &ticket.ticket.plan;
-    if opts.streams == 0 || opts.streams > convoy_protocol::message::MAX_DATA_STREAMS {
-        return Err(OptionsError::Streams.into());
-    }
-    if !(0..=19).contains(&opts.compression_level) {
-        return Err(OptionsError::CompressionLevel.into());
-    }
-    if opts.max_rounds == 0 {
-        return Err(OptionsError::MaxRounds.into());
-    }
+    opts.validate().map_err(OptionsError::Plan)?;
     // The destination is the one the operator signed for: its full SPIFFE
     // ID, in our trust domain or a federated one (checked in `at_source`).
     let dest_id = ticket.ticket.destination.clone();
@@ -134,12 +126,6 @@ pub(crate) async fn migrate(
                         disks,
                     }
                     .into());
-                }
-                if opts.start_paused && opts.mode != MigrationMode::Precopy {
-                    return Err(OptionsError::StartPausedNeedsPrecopy.into());
-                }
-                if opts.storage_postcopy && (disks == 0 || opts.mode == MigrationMode::Precopy) {
-                    return Err(OptionsError::StoragePostcopyNeedsDisksAndSwitch.into());
                 }
                 if disks > 0 && opts.mode == MigrationMode::Postcopy && !opts.storage_postcopy {
                     return Err(OptionsError::PostcopyDisksNeedStoragePostcopy.into());
