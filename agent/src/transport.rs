@@ -20,7 +20,7 @@ use convoy_protocol::message::{EncodeError, Message};
 use convoy_protocol::names::{Role, SpiffeId};
 use convoy_protocol::DecodeError;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{Connection, Endpoint, SendStream, TransportConfig, VarInt};
 use thiserror::Error;
 
 use crate::trust::identity::{self, Identity, IdentityError, TrustBundle};
@@ -76,6 +76,23 @@ pub enum WireError {
     /// The stream is closed.
     #[error("stream closed")]
     Closed(#[from] quinn::ClosedStream),
+    /// Reading a stream that is not QUIC failed.
+    #[error("read: {0}")]
+    Io(std::io::Error),
+}
+
+impl WireError {
+    /// A read error from a stream's `AsyncRead`: QUIC's own error when
+    /// the stream is QUIC's (quinn wraps it in the `io::Error`).
+    fn from_io(e: std::io::Error) -> Self {
+        match e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<quinn::ReadError>())
+        {
+            Some(read) => WireError::Read(read.clone()),
+            None => WireError::Io(e),
+        }
+    }
 }
 
 /// A read error with the reason a lost connection was lost (timed out,
@@ -355,23 +372,44 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
 }
 
 /// Reads one message; `Ok(None)` at a clean end of stream.
-pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, WireError> {
+///
+/// Generic over the stream so that engine parts can be tested over
+/// [`tokio::io::duplex`] with paused time ([`crate::engine::clock`]); on a
+/// QUIC stream the QUIC read error comes back as [`WireError::Read`].
+pub async fn read_message<R>(recv: &mut R) -> Result<Option<Message>, WireError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
     let mut prefix = [0u8; LEN_PREFIX];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    match fill(recv, &mut prefix).await? {
+        0 => return Ok(None),
+        LEN_PREFIX => {}
+        _ => return Err(WireError::Truncated),
     }
     // Checked against the hard limit before anything is allocated.
     let len = frame_len(prefix).map_err(DecodeError::from)?;
     let mut buf = vec![0u8; len];
-    match recv.read_exact(&mut buf).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    if fill(recv, &mut buf).await? != len {
+        return Err(WireError::Truncated);
     }
     Ok(Some(Message::decode(Bytes::from(buf))?))
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+async fn fill<R>(recv: &mut R, buf: &mut [u8]) -> Result<usize, WireError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match recv.read(&mut buf[n..]).await {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(WireError::from_io(e)),
+        }
+    }
+    Ok(n)
 }
 
 /// Writes one message; returns the bytes written.

@@ -14,10 +14,21 @@ use quinn::Connection;
 
 use crate::engine::{native, qemu};
 use crate::host::Host;
-use crate::transport::{read_message, Peer};
+use crate::transport::{read_message, Peer, WireError};
 
 /// How long a source may take to send its first message.
 const FIRST_MESSAGE: Duration = Duration::from_secs(30);
+
+/// The source's first message, or `None` when it sends none within
+/// [`FIRST_MESSAGE`] (on the engines' clock).
+async fn first_message<R>(recv: &mut R) -> Option<Result<Option<Message>, WireError>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    tokio::time::timeout(FIRST_MESSAGE, read_message(recv))
+        .await
+        .ok()
+}
 
 /// Serves one incoming migration on `conn` from agent `peer`.
 pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
@@ -28,12 +39,9 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
             return;
         }
     };
-    let first = match tokio::time::timeout(FIRST_MESSAGE, read_message(&mut recv)).await {
-        Ok(r) => r,
-        Err(_) => {
-            host.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
-            return;
-        }
+    let Some(first) = first_message(&mut recv).await else {
+        host.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
+        return;
     };
     match first {
         Ok(Some(Message::Propose(p))) if p.manifest.qemu.is_some() => {
@@ -43,5 +51,57 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
             native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
         }
         first => native::destination::serve(host, conn, peer, send, recv, first).await,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use std::time::Duration;
+
+    use convoy_protocol::message::{Abort, Message, Reason};
+    use tokio::io::AsyncWriteExt;
+
+    use super::{first_message, FIRST_MESSAGE};
+    use crate::engine::clock;
+
+    // Paused time: the 30-second wait costs nothing, and the boundary is
+    // exact rather than a race with the scheduler.
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_source_is_given_up_after_exactly_the_first_message_limit() {
+        let (_source, mut destination) = tokio::io::duplex(1024);
+        let t0 = clock::now();
+        assert!(first_message(&mut destination).await.is_none());
+        assert_eq!(clock::since(t0), FIRST_MESSAGE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_timely_first_message_is_read() {
+        let (mut source, mut destination) = tokio::io::duplex(1024);
+        let abort = Message::Abort(Abort {
+            reason: Reason::Cancelled,
+        });
+        let bytes = abort.encode().unwrap();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(FIRST_MESSAGE - Duration::from_millis(1)).await;
+            source.write_all(&bytes).await.unwrap();
+            source
+        });
+        let got = first_message(&mut destination).await;
+        assert!(matches!(got, Some(Ok(Some(Message::Abort(_))))), "{got:?}");
+        drop(sender.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_stops_inside_a_frame_is_a_truncated_frame_not_a_wait() {
+        let (mut source, mut destination) = tokio::io::duplex(1024);
+        source.write_all(&[0, 0, 0, 9, 1, 2]).await.unwrap();
+        drop(source);
+        let got = first_message(&mut destination).await;
+        assert!(
+            matches!(got, Some(Err(crate::transport::WireError::Truncated))),
+            "{got:?}"
+        );
     }
 }

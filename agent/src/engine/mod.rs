@@ -15,6 +15,7 @@
 //! - [`qemu`]: QEMU's own migration stream carried through Convoy.
 
 pub(crate) mod admission;
+pub(crate) mod clock;
 pub(crate) mod error;
 pub(crate) mod incoming;
 pub(crate) mod native;

@@ -3,8 +3,8 @@
 //! run ([`crate::engine::native::source`] for sim VMs,
 //! [`crate::engine::qemu::source`] for QEMU), the outcome audited.
 
+use crate::engine::clock;
 use std::sync::Arc;
-use std::time::Instant;
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, Progress, VmState};
@@ -154,7 +154,7 @@ pub(crate) async fn migrate(
     let (claimed, back) = claimed;
     let _active = ActiveGuard::new(&host.active);
     let migration = ticket.ticket.id;
-    let started = Instant::now();
+    let started = clock::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
     let creds = host.creds();
     let conn = transport::connect(

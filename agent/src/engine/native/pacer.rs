@@ -7,6 +7,7 @@
 //! window longer than the burst the streams together send at most `rate`
 //! bytes per second (plus one burst).
 
+use crate::engine::clock;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -45,9 +46,9 @@ impl Pacer {
 
     /// Waits until `bytes` may be sent.
     pub(crate) async fn take(&self, bytes: u64) {
-        let at = self.reserve(Instant::now(), bytes);
-        if at > Instant::now() {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        let at = self.reserve(clock::now(), bytes);
+        if at > clock::now() {
+            clock::sleep_until(at).await;
         }
     }
 }
@@ -59,7 +60,7 @@ mod tests {
     #[test]
     fn reservations_follow_the_rate() {
         let p = Pacer::new(1_000_000);
-        let t0 = Instant::now();
+        let t0 = clock::now();
         // 100 frames of 100 kB at 1 MB/s: the last one waits ~9.9 s minus
         // the burst, whoever sends them.
         let mut last = t0;
@@ -76,7 +77,7 @@ mod tests {
     #[test]
     fn an_idle_pacer_does_not_bank_more_than_a_burst() {
         let p = Pacer::new(1_000_000);
-        let t0 = Instant::now();
+        let t0 = clock::now();
         let _ = p.reserve(t0, 1_000);
         // Ten idle seconds later, a 1 MB frame still costs ~1 s to the next.
         let later = t0 + Duration::from_secs(10);
@@ -84,5 +85,30 @@ mod tests {
         let next = p.reserve(later, 1);
         let gap = next.duration_since(later);
         assert!(gap >= Duration::from_millis(940), "{gap:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_sharing_a_pacer_wait_on_the_engines_clock() {
+        let p = std::sync::Arc::new(Pacer::new(1_000_000));
+        let t0 = clock::now();
+        // Two streams, 10 frames of 100 kB each at 1 MB/s: 2 s of link,
+        // less the burst the first frame may take at once.
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    p.take(100_000).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("stream task");
+        }
+        let took = clock::since(t0);
+        assert!(
+            took >= Duration::from_millis(1_880) && took <= Duration::from_millis(1_900),
+            "{took:?}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! QEMU and removes its files and any disk created for it; the guest then
 //! still runs at the source.
 
+use crate::engine::clock;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,10 +89,10 @@ pub(crate) async fn serve(
         notary: Notary::new(
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
-            Instant::now(),
+            clock::now(),
             crate::trust::authz::now_unix(),
         ),
-        started: Instant::now(),
+        started: clock::now(),
         phases: Vec::new(),
         receipts: Vec::new(),
         reserved: false,
@@ -154,7 +155,7 @@ pub(crate) async fn serve(
 
 impl Incoming {
     fn phase(&mut self, what: &str) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what.to_owned(), ms));
     }
 
@@ -302,7 +303,7 @@ impl Incoming {
         let accepted = self
             .notary
             .sign(
-                Instant::now(),
+                clock::now(),
                 ReceiptKind::Accepted,
                 self.migration,
                 self.ticket_digest,
@@ -342,7 +343,7 @@ impl Incoming {
             chan_tx,
         )));
         let mut ours: Vec<ChannelDigests> = Vec::new();
-        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        let deadline = clock::now() + MIGRATION_TIMEOUT;
         let done = loop {
             tokio::select! {
                 c = ctl.recv() => match c {
@@ -372,7 +373,7 @@ impl Incoming {
                     if !qvm.alive().await {
                         return Err(Fail::local("the destination QEMU exited"));
                     }
-                    if Instant::now() > deadline {
+                    if clock::now() > deadline {
                         return Err(Fail::new(Reason::Timeout, "the migration took too long"));
                     }
                 }
@@ -394,7 +395,7 @@ impl Incoming {
             .map_err(|e| Fail::new(Reason::RootMismatch, format!("stream digests differ: {e}")))?;
         let roots = stream::roots(&ours);
         // QEMU has the whole state once its incoming migration completed.
-        let end = Instant::now() + LOAD_TIMEOUT;
+        let end = clock::now() + LOAD_TIMEOUT;
         loop {
             let q = qvm
                 .execute("query-migrate", None)
@@ -408,7 +409,7 @@ impl Incoming {
                         q["error-desc"].as_str().unwrap_or("?")
                     )))
                 }
-                _ if Instant::now() > end => {
+                _ if clock::now() > end => {
                     return Err(Fail::local("QEMU did not finish loading in time"))
                 }
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -422,7 +423,7 @@ impl Incoming {
         let ready = self
             .notary
             .sign(
-                Instant::now(),
+                clock::now(),
                 ReceiptKind::Ready,
                 self.migration,
                 self.ticket_digest,
@@ -450,7 +451,7 @@ impl Incoming {
                 }
             },
         };
-        let handover_at = Instant::now();
+        let handover_at = clock::now();
         self.notary
             .check(
                 &h.receipt,
@@ -466,7 +467,7 @@ impl Incoming {
         let started = self
             .notary
             .sign(
-                Instant::now(),
+                clock::now(),
                 ReceiptKind::Started,
                 self.migration,
                 self.ticket_digest,
@@ -478,7 +479,7 @@ impl Incoming {
                 .await
                 .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
         }
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = clock::now() + Duration::from_secs(10);
         loop {
             let s = qvm
                 .execute("query-status", None)
@@ -487,7 +488,7 @@ impl Incoming {
             if s["status"] == "running" {
                 break;
             }
-            if Instant::now() > end {
+            if clock::now() > end {
                 return Err(Fail::local(format!(
                     "the guest is {} after cont",
                     s["status"]
@@ -499,7 +500,7 @@ impl Incoming {
         self.register(VmState::Running);
         self.receipts.push(started.clone());
         let m = Message::Started(Started {
-            start_ms: u32::try_from(handover_at.elapsed().as_millis()).unwrap_or(u32::MAX),
+            start_ms: u32::try_from(clock::since(handover_at).as_millis()).unwrap_or(u32::MAX),
             // QEMU's disks were flushed by QEMU before it continued.
             synced_ms: 0,
             receipt: started,

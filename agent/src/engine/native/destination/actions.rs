@@ -1,9 +1,10 @@
 //! What the destination does for each action of its state machine: one
 //! method per [`DestinationAction`].
 
+use crate::engine::clock;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{Destination, DestinationAction};
@@ -33,7 +34,7 @@ impl Incoming {
         match a {
             DestinationAction::Send(m) => {
                 if let Err(e) = write_message(send, &m).await {
-                    sm.handle_link_lost(Instant::now(), &e.to_string());
+                    sm.handle_link_lost(clock::now(), &e.to_string());
                 }
             }
             DestinationAction::AwaitResume => self.await_resume(),
@@ -145,7 +146,7 @@ impl Incoming {
                             ""
                         }
                     ));
-                    sm.handle_staging_ready_holding(Instant::now(), held, bases);
+                    sm.handle_staging_ready_holding(clock::now(), held, bases);
                     self.accept_streams();
                 }
                 Err(e @ crate::backend::BackendError::Disk(_)) => {
@@ -233,7 +234,7 @@ impl Incoming {
                 self.phase(format!(
                     "running here on demand paging, {owed_pages} pages still owed"
                 ));
-                sm.handle_postcopy_started(Instant::now());
+                sm.handle_postcopy_started(clock::now());
             }
             Err(e) => {
                 staging.end_postcopy();
@@ -264,7 +265,7 @@ impl Incoming {
         // Its disks are complete since the switch.
         match staged {
             Some(s) => confirm_started(sm, s).await,
-            None => sm.handle_started(Instant::now()),
+            None => sm.handle_started(clock::now()),
         }
     }
 
@@ -290,12 +291,12 @@ impl Incoming {
 /// took is not downtime. A sync that fails leaves the migration in doubt.
 async fn confirm_started(sm: &mut Destination, staging: Arc<SimVm>) {
     if !staging.has_disks() {
-        sm.handle_started(Instant::now());
+        sm.handle_started(clock::now());
         return;
     }
-    let t = Instant::now();
+    let t = std::time::Instant::now(); // measured work, not a deadline
     match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
-        Ok(Ok(())) => sm.handle_started_synced(Instant::now(), t.elapsed()),
+        Ok(Ok(())) => sm.handle_started_synced(clock::now(), t.elapsed()),
         Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
         Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
     }

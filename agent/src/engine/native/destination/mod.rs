@@ -22,6 +22,7 @@ mod recovery;
 
 pub(crate) use recovery::hand_over_resume;
 
+use crate::engine::clock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,7 +133,7 @@ pub(crate) async fn serve(
         base_ranges: Arc::new(Vec::new()),
         tasks: Vec::new(),
         phases: Vec::new(),
-        started: Instant::now(),
+        started: clock::now(),
     };
     let creds = host.creds();
     let mut sm = Destination::new(DestinationConfig {
@@ -144,7 +145,7 @@ pub(crate) async fn serve(
         notary: convoy_protocol::receipt::Notary::new(
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
-            Instant::now(),
+            clock::now(),
             crate::trust::authz::now_unix(),
         ),
         recovery: host.config.recovery_window,
@@ -214,7 +215,7 @@ pub(crate) async fn serve(
                 // broke: give that link up first (only for a Resume that
                 // will be accepted).
                 if !sm.is_recovering() && sm.resume_acceptable(&rc.peer.id, &rc.resume).is_ok() {
-                    sm.handle_link_lost(Instant::now(), "the source came back on a new connection");
+                    sm.handle_link_lost(clock::now(), "the source came back on a new connection");
                     while let Some(a) = sm.poll_action() {
                         run.act(&mut sm, &mut send, a).await;
                     }
@@ -255,17 +256,12 @@ pub(crate) async fn serve(
                 Some(_) => continue,
                 None => None,
             },
-            () = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                sm.handle_timeout(Instant::now());
+            () = clock::until(deadline) => {
+                sm.handle_timeout(clock::now());
                 continue;
             }
         };
-        let now = Instant::now();
+        let now = clock::now();
         match ev {
             Some(Event::Control(Ok(Some(msg)))) => {
                 if matches!(*msg, Message::Finish(_)) {
@@ -400,7 +396,7 @@ impl Incoming {
     }
 
     fn phase(&mut self, what: String) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what, ms));
     }
 

@@ -2,8 +2,9 @@
 //! [`Source`] — carry out its actions, report its events, wait for the next
 //! input — with one method per [`SourceAction`].
 
+use crate::engine::clock;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::message::{Capabilities, Manifest, Message};
@@ -17,7 +18,7 @@ use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
 use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
-use super::streams::{open_streams, sleep_until, spawn_control_reader, StreamSetup};
+use super::streams::{open_streams, spawn_control_reader, StreamSetup};
 use super::Run;
 use crate::engine::native::pacer::Pacer;
 use crate::host::budget::{CacheGrant, Share, Side};
@@ -77,9 +78,9 @@ impl<'r> Driver<'r> {
             }
             Err(e) => (None, Some(e.to_string())),
         };
-        sm.start(Instant::now());
+        sm.start(clock::now());
         if let Some(e) = link_error {
-            sm.handle_link_lost(Instant::now(), &e);
+            sm.handle_link_lost(clock::now(), &e);
         }
         Driver {
             run,
@@ -133,14 +134,14 @@ impl<'r> Driver<'r> {
             }
             SourceAction::CollectDirtyLog => {
                 let d = self.run.vm.collect_dirty_log();
-                self.sm.handle_dirty_log(Instant::now(), d);
+                self.sm.handle_dirty_log(clock::now(), d);
             }
             SourceAction::PauseVm => self.pause_vm(),
             SourceAction::CommitSwitch => {
                 // From here the VM never resumes here by itself.
                 self.run.phase("paused and handed over for post-copy");
                 self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
-                self.sm.handle_switch_committed(Instant::now());
+                self.sm.handle_switch_committed(clock::now());
             }
             SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
             SourceAction::Reconnect => self.reconnect().await,
@@ -148,7 +149,7 @@ impl<'r> Driver<'r> {
                 // From here the VM must never resume by itself here.
                 self.run.phase("handed over");
                 self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
-                self.sm.handle_handover_committed(Instant::now());
+                self.sm.handle_handover_committed(clock::now());
             }
             SourceAction::RollBack => self.roll_back(),
             SourceAction::DiscardVm => self.discard_vm().await,
@@ -162,7 +163,7 @@ impl<'r> Driver<'r> {
         };
         match r {
             Ok(n) => self.run.control_bytes += n as u64,
-            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+            Err(e) => self.sm.handle_link_lost(clock::now(), &e),
         }
     }
 
@@ -209,7 +210,7 @@ impl<'r> Driver<'r> {
                 self.wire.fault_jobs = opened.faults;
                 self.wire.cache_grant = opened.cache;
             }
-            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+            Err(e) => self.sm.handle_link_lost(clock::now(), &e),
         }
     }
 
@@ -250,7 +251,7 @@ impl<'r> Driver<'r> {
             });
         }
         if self.wire.jobs.is_empty() {
-            self.sm.handle_link_lost(Instant::now(), "no data streams");
+            self.sm.handle_link_lost(clock::now(), "no data streams");
         }
     }
 
@@ -263,13 +264,13 @@ impl<'r> Driver<'r> {
         run.counter_at_pause = Some(run.vm.counter());
         match paused.and_then(|()| run.vm.device_state()) {
             Ok(state) => {
-                if let Err(e) = self.sm.handle_paused(Instant::now(), dirty, state) {
+                if let Err(e) = self.sm.handle_paused(clock::now(), dirty, state) {
                     tracing::warn!("pause rejected: {e}");
                 }
             }
             Err(e) => {
                 tracing::error!("cannot pause: {e}");
-                self.sm.cancel(Instant::now());
+                self.sm.cancel(clock::now());
             }
         }
     }
@@ -281,7 +282,7 @@ impl<'r> Driver<'r> {
             .as_ref()
             .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
         if !sent {
-            self.sm.handle_link_lost(Instant::now(), "no fault stream");
+            self.sm.handle_link_lost(clock::now(), "no fault stream");
         }
     }
 
@@ -306,7 +307,7 @@ impl<'r> Driver<'r> {
         let drained = tokio::time::Instant::now() + Duration::from_secs(5);
         while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await {
             if let EngineEvent::Sent(b) = ev {
-                if let Err(e) = self.sm.handle_batch_sent(Instant::now(), &b) {
+                if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
                     tracing::error!("engine bug: {e}");
                 }
             }
@@ -343,10 +344,10 @@ impl<'r> Driver<'r> {
         if resumed {
             self.run
                 .phase("reconnected: asking the destination to resume");
-            self.sm.handle_reconnected(Instant::now());
+            self.sm.handle_reconnected(clock::now());
         } else {
             // Past the window: in doubt.
-            self.sm.handle_timeout(Instant::now());
+            self.sm.handle_timeout(clock::now());
         }
     }
 
@@ -398,19 +399,19 @@ impl<'r> Driver<'r> {
             biased;
             m = self.wire.ctrl_rx.recv() => match m {
                 Some(Ok(Some(msg))) => {
-                    if let Err(e) = self.sm.handle_message(Instant::now(), msg) {
+                    if let Err(e) = self.sm.handle_message(clock::now(), msg) {
                         tracing::warn!(%migration, "destination misbehaved: {e}");
                     }
                 }
                 Some(Ok(None)) | None => {
-                    self.sm.handle_link_lost(Instant::now(), "control stream closed");
+                    self.sm.handle_link_lost(clock::now(), "control stream closed");
                 }
-                Some(Err(e)) => self.sm.handle_link_lost(Instant::now(), &e.to_string()),
+                Some(Err(e)) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
             },
             ev = self.wire.events.recv() => self.stream_event(ev),
-            () = sleep_until(deadline) => self.sm.handle_timeout(Instant::now()),
+            () = clock::until(deadline) => self.sm.handle_timeout(clock::now()),
             () = self.run.cancel.notified() => {
-                if self.sm.cancel(Instant::now()) {
+                if self.sm.cancel(clock::now()) {
                     tracing::info!(%migration, "cancelled by the operator");
                 } else {
                     tracing::warn!(%migration, "cancel refused: already handed over");
@@ -422,9 +423,9 @@ impl<'r> Driver<'r> {
     fn stream_event(&mut self, ev: Option<EngineEvent>) {
         match ev {
             Some(EngineEvent::Sent(b)) => {
-                if let Err(e) = self.sm.handle_batch_sent(Instant::now(), &b) {
+                if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
                     tracing::error!("engine bug: {e}");
-                    self.sm.cancel(Instant::now());
+                    self.sm.cancel(clock::now());
                 }
             }
             Some(EngineEvent::RoundDone { round, skipped }) => {
@@ -436,15 +437,13 @@ impl<'r> Driver<'r> {
                         if *done == streams {
                             let total = *sk;
                             self.wire.rounds_pending = None;
-                            self.sm.handle_round_sent(Instant::now(), round, total);
+                            self.sm.handle_round_sent(clock::now(), round, total);
                         }
                     }
                 }
             }
-            Some(EngineEvent::StreamFailed(e)) => self.sm.handle_link_lost(Instant::now(), &e),
-            None => self
-                .sm
-                .handle_link_lost(Instant::now(), "data streams ended"),
+            Some(EngineEvent::StreamFailed(e)) => self.sm.handle_link_lost(clock::now(), &e),
+            None => self.sm.handle_link_lost(clock::now(), "data streams ended"),
         }
     }
 
@@ -538,7 +537,7 @@ impl Run {
                 convoy_protocol::receipt::Notary::new(
                     Arc::new(creds.identity.clone()),
                     Arc::new(creds.trust.clone()),
-                    Instant::now(),
+                    clock::now(),
                     crate::trust::authz::now_unix(),
                 )
             },

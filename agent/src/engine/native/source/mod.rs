@@ -18,6 +18,7 @@ mod encode;
 mod jobs;
 mod streams;
 
+use crate::engine::clock;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,7 +141,7 @@ impl Run {
     }
 
     fn phase(&mut self, what: &str) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what.to_owned(), ms));
     }
 
@@ -158,7 +159,7 @@ impl Run {
             outcome: Outcome::Aborted(why),
             verified: false,
             converged: false,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            total_ms: clock::since(started).as_secs_f64() * 1e3,
             downtime_ms: 0.0,
             rounds: 0,
             memory_bytes: self.vm.geometry().bytes(),
@@ -183,7 +184,7 @@ impl Run {
     async fn redial(&self, dest: &SpiffeId, deadline: Option<Instant>) -> Option<Link> {
         let deadline = deadline?;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(clock::now());
             if left.is_zero() {
                 return None;
             }
@@ -209,7 +210,7 @@ impl Run {
                 Err(_) => return None,
             }
             let pause =
-                Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now()));
+                Duration::from_millis(500).min(deadline.saturating_duration_since(clock::now()));
             tokio::time::sleep(pause).await;
         }
     }

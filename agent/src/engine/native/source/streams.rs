@@ -35,13 +35,6 @@ pub(super) fn spawn_control_reader(
     });
 }
 
-pub(super) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// How the data streams of one migration are set up.
 pub(super) struct StreamSetup {
     pub(super) migration: MigrationId,

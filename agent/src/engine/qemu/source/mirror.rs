@@ -2,6 +2,7 @@
 //! destination's NBD exports, brought in sync before memory moves and
 //! ended after it.
 
+use crate::engine::clock;
 use std::time::{Duration, Instant};
 
 use convoy_protocol::ctl::Progress;
@@ -47,7 +48,7 @@ impl Run {
             .await?;
         }
         self.phase(st, "mirroring disks");
-        let end = Instant::now() + MIGRATION_TIMEOUT;
+        let end = clock::now() + MIGRATION_TIMEOUT;
         let mut last: Option<(Instant, u64)> = None;
         let mut rate = 0;
         loop {
@@ -66,7 +67,7 @@ impl Run {
                     None => {}
                 },
             }
-            if Instant::now() > end {
+            if clock::now() > end {
                 return Err(Fail::local("disk mirrors did not reach sync in time"));
             }
             let jobs = self.qmp("query-block-jobs", Value::Null).await?;
@@ -80,7 +81,7 @@ impl Run {
             };
             let done: u64 = ours().filter_map(|j| j["offset"].as_u64()).sum();
             let len: u64 = ours().filter_map(|j| j["len"].as_u64()).sum();
-            let now = Instant::now();
+            let now = clock::now();
             if let Some((at, before)) = last {
                 let secs = now.saturating_duration_since(at).as_secs_f64();
                 if secs > 0.0 {
@@ -131,13 +132,13 @@ impl Run {
             self.qmp("block-job-cancel", json!({ "device": mirror_job(i) }))
                 .await?;
         }
-        let end = Instant::now() + Duration::from_secs(30);
+        let end = clock::now() + Duration::from_secs(30);
         loop {
             let jobs = self.qmp("query-block-jobs", Value::Null).await?;
             if jobs.as_array().is_none_or(|j| j.is_empty()) {
                 break;
             }
-            if Instant::now() > end {
+            if clock::now() > end {
                 return Err(Fail::local("disk mirrors did not complete"));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -36,6 +36,7 @@ mod sequence;
 
 pub(crate) use prepare::{prepare, Prepared};
 
+use crate::engine::clock;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,7 +113,7 @@ struct State {
 
 impl Run {
     fn phase(&self, st: &mut State, what: &str) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
         st.phases.push((what.to_owned(), ms));
     }
 
@@ -121,7 +122,7 @@ impl Run {
         Notary::new(
             Arc::new(creds.identity.clone()),
             Arc::new(creds.trust.clone()),
-            Instant::now(),
+            clock::now(),
             crate::trust::authz::now_unix(),
         )
     }
@@ -242,8 +243,8 @@ impl Run {
                 .await;
         }
         // The cancel is asynchronous: wait for QEMU to leave its migration.
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
+        let end = clock::now() + Duration::from_secs(10);
+        while clock::now() < end {
             match self.vm.execute("query-migrate", None).await {
                 Ok(q)
                     if matches!(

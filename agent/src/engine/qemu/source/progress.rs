@@ -1,7 +1,8 @@
 //! QEMU's own migration: its capabilities and parameters for the plan, and
 //! its progress polled until it completes.
 
-use std::time::{Duration, Instant};
+use crate::engine::clock;
+use std::time::Duration;
 
 use convoy_protocol::ctl::Progress;
 use convoy_protocol::model::MigrationMode;
@@ -48,7 +49,7 @@ impl Run {
         total_pages: u64,
     ) -> Result<Value, Fail> {
         let m = &self.prepared.manifest;
-        let begun = Instant::now();
+        let begun = clock::now();
         let mut switched = false;
         let info = loop {
             tokio::select! {
@@ -71,7 +72,7 @@ impl Run {
                     None => {}
                 },
             }
-            if begun.elapsed() > MIGRATION_TIMEOUT {
+            if clock::since(begun) > MIGRATION_TIMEOUT {
                 return Err(Fail::local("QEMU's migration took too long"));
             }
             if !self.vm.alive().await {
@@ -109,7 +110,7 @@ impl Run {
                         MigrationMode::Precopy => false,
                         MigrationMode::Postcopy => true,
                         MigrationMode::Hybrid => match self.plan.postcopy_after_ms {
-                            Some(ms) => begun.elapsed() >= Duration::from_millis(u64::from(ms)),
+                            Some(ms) => clock::since(begun) >= Duration::from_millis(u64::from(ms)),
                             // After the first full pass.
                             None => ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2,
                         },

@@ -1,6 +1,7 @@
 //! The report of one outgoing QEMU migration, from what the run gathered
 //! and QEMU's own figures.
 
+use crate::engine::clock;
 use convoy_protocol::ctl::{MigrationReport, Outcome, QemuFigures};
 use convoy_protocol::stream;
 
@@ -24,7 +25,7 @@ impl Run {
             destination: self.dest.to_string(),
             verified: st.verified,
             converged: st.qemu_status == "completed",
-            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            total_ms: clock::since(self.started).as_secs_f64() * 1e3,
             downtime_ms: st.downtime_ms,
             rounds: u32::try_from(ram["dirty-sync-count"].as_u64().unwrap_or(0))
                 .unwrap_or(u32::MAX),

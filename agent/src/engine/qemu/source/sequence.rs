@@ -2,7 +2,8 @@
 //! `Propose`, `Accept`, QEMU's stream carried, `StreamsDone`, `Ready`, the
 //! handover and `Started`; for post-copy, the `Switch` in between.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use crate::engine::clock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::message::{
@@ -242,7 +243,7 @@ impl Run {
         st.handed_over = true;
         self.phase(st, "handed over");
         let sent = match notary.sign(
-            Instant::now(),
+            clock::now(),
             ReceiptKind::Sent,
             self.migration,
             td,
