@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::message::{Capabilities, Manifest};
+use crate::model::{MigrationMode, MigrationPlan};
 use crate::names::{MigrationId, VmName};
 
 /// When the source hands the VM over before all its pages are there.
@@ -33,7 +34,11 @@ pub struct SourceConfig {
     pub vm: VmName,
     /// Its attributes, for the destination's policy.
     pub attributes: crate::vm::VmAttributes,
-    /// What will be sent.
+    /// What will be sent, with the operator's whole plan
+    /// (`manifest.plan`: downtime target, rounds, mode, convergence,
+    /// storage post-copy). The machine reads the plan from here and
+    /// nowhere else, so each value has one name from convoyctl's flag to
+    /// the state machine.
     pub manifest: Manifest,
     /// The operator's ticket, forwarded to the destination.
     pub ticket: crate::ticket::SignedTicket,
@@ -43,21 +48,6 @@ pub struct SourceConfig {
     pub notary: crate::receipt::Notary,
     /// Features offered.
     pub capabilities: Capabilities,
-    /// Pause when the remaining pages are expected to take less than this.
-    pub max_downtime: Duration,
-    /// At most this many pre-copy rounds (see `force_stop`).
-    pub max_rounds: u32,
-    /// Pre-copy, post-copy or hybrid. With anything but `Never` the
-    /// manifest announces post-copy and a fault stream.
-    pub switchover: Switchover,
-    /// Throttle the guest in steps when rounds stop shrinking.
-    pub auto_converge: bool,
-    /// Hold pages dirtied in several rounds back for the final round.
-    pub hold_hot_pages: bool,
-    /// At the round limit, stop and copy even when the downtime target
-    /// cannot be met (otherwise the migration fails and the VM keeps
-    /// running here).
-    pub force_stop: bool,
     /// How long to wait for Accept.
     pub accept_timeout: Duration,
     /// How long to wait for Ready after Finish (covers draining the streams
@@ -70,8 +60,32 @@ pub struct SourceConfig {
     /// After a post-copy switch, how long a broken link may take to come
     /// back before the outcome is in doubt (zero: no recovery).
     pub recovery: Duration,
-    /// Storage post-copy: at the switch, disk blocks left are owed like
-    /// memory pages (fetched on demand, pushed in the background) instead
-    /// of going while the VM is paused.
-    pub storage_postcopy: bool,
+}
+
+impl SourceConfig {
+    /// The operator's plan this source runs.
+    pub fn plan(&self) -> &MigrationPlan {
+        &self.manifest.plan
+    }
+
+    /// Pause when the remaining pages are expected to take less than this.
+    pub fn max_downtime(&self) -> Duration {
+        Duration::from_millis(u64::from(self.plan().max_downtime_ms))
+    }
+
+    /// When the VM is handed over before all its pages are there: with
+    /// anything but `Never` the manifest announces post-copy and a fault
+    /// stream.
+    pub fn switchover(&self) -> Switchover {
+        let plan = self.plan();
+        match plan.mode {
+            MigrationMode::Precopy => Switchover::Never,
+            MigrationMode::Postcopy => Switchover::Immediately,
+            MigrationMode::Hybrid => Switchover::Hybrid {
+                after: plan
+                    .postcopy_after_ms
+                    .map(|ms| Duration::from_millis(u64::from(ms))),
+            },
+        }
+    }
 }

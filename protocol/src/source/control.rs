@@ -44,7 +44,7 @@ impl Source {
                 self.last_log_at = Some(now);
                 self.copy_started = Some(now);
                 let all = PageBitmap::full(self.tree.len() as u64);
-                if self.cfg.switchover == Switchover::Immediately {
+                if self.cfg.switchover() == Switchover::Immediately {
                     // Every page is owed, zero pages included: the
                     // destination's memory starts missing, not zeroed.
                     self.pause(0, all, true);

@@ -303,7 +303,7 @@ impl Source {
                 .unwrap_or(cfg.manifest.memory.page_count()),
         );
         let page = cfg.manifest.memory.page_size().bytes();
-        cfg.manifest.postcopy = cfg.switchover != Switchover::Never;
+        cfg.manifest.postcopy = cfg.switchover() != Switchover::Never;
         // Reuse is offered only with an image to reuse.
         if cfg.manifest.reuse.is_none() {
             cfg.capabilities = Capabilities(cfg.capabilities.0 & !Capabilities::REUSE.0);
@@ -430,8 +430,8 @@ impl Source {
             return;
         }
         if !self.cfg.manifest.disks.is_empty()
-            && self.cfg.switchover == Switchover::Immediately
-            && !self.cfg.storage_postcopy
+            && self.cfg.switchover() == Switchover::Immediately
+            && !self.cfg.plan().storage_postcopy
         {
             // Without storage post-copy the disk blocks left at the
             // switch go inside the downtime: at an immediate switch, the

@@ -39,7 +39,7 @@ impl Source {
                     batches: self.batches[..streams.min(self.batches.len())].to_vec(),
                     device_state: self.device_state.clone(),
                     owed,
-                    storage: self.cfg.storage_postcopy,
+                    storage: self.cfg.plan().storage_postcopy,
                 },
             ))));
         self.phase = Phase::AwaitRunning {

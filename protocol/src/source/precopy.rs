@@ -57,12 +57,12 @@ impl Source {
             Duration::from_secs_f64(remaining as f64 * per_page / self.rate as f64)
         };
         self.progress("precopy", remaining);
-        if expected <= self.cfg.max_downtime {
+        if expected <= self.cfg.max_downtime() {
             self.converged = true;
             self.pause(round, left, false);
             return;
         }
-        if let Switchover::Hybrid { after } = self.cfg.switchover {
+        if let Switchover::Hybrid { after } = self.cfg.switchover() {
             let ran = self
                 .copy_started
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -71,13 +71,13 @@ impl Source {
                 None => true,
             };
             let stalling = dirtied.saturating_mul(2) >= self.round_pages;
-            if due || round >= self.cfg.max_rounds || stalling {
+            if due || round >= self.cfg.plan().max_rounds || stalling {
                 self.pause(round, left, true);
                 return;
             }
         }
-        if round >= self.cfg.max_rounds {
-            if self.cfg.force_stop {
+        if round >= self.cfg.plan().max_rounds {
+            if self.cfg.plan().force_stop {
                 self.pause(round, left, false);
             } else {
                 let detail = format!(
@@ -89,7 +89,7 @@ impl Source {
                     self.rate,
                     remaining,
                     expected.as_millis(),
-                    self.cfg.max_downtime.as_millis(),
+                    self.cfg.plan().max_downtime_ms,
                     round,
                     self.convergence.throttle,
                 );
@@ -98,7 +98,7 @@ impl Source {
             return;
         }
         // Auto-converge: the guest dirties at least half as fast as we send.
-        if self.cfg.auto_converge && dirtied.saturating_mul(2) >= self.round_pages {
+        if self.cfg.plan().auto_converge && dirtied.saturating_mul(2) >= self.round_pages {
             self.stalled += 1;
         } else {
             self.stalled = 0;
@@ -114,7 +114,7 @@ impl Source {
         }
         // Hot-page ordering: pages in several rounds' logs wait for the end.
         let mut send = left;
-        if self.cfg.hold_hot_pages {
+        if self.cfg.plan().hold_hot_pages {
             if self.dirty_rounds.is_empty() {
                 self.dirty_rounds = vec![0; self.tree.len()];
             }
@@ -161,7 +161,7 @@ impl Source {
         self.rounds = round;
         self.round_bytes = 0;
         self.round_pages = 0;
-        if postcopy && self.cfg.storage_postcopy {
+        if postcopy && self.cfg.plan().storage_postcopy {
             // Storage post-copy: every leaf left is owed, disk blocks too.
             self.postcopy.owed = last.count();
             self.owed = Some(last);

@@ -25,7 +25,6 @@ use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
 use convoy_protocol::reuse::{RetainedImage, ReuseError, ReuseKey, ReuseOffer};
 use convoy_protocol::source::{
     SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
-    Switchover,
 };
 
 pub const PAGE: usize = 4096;
@@ -262,7 +261,12 @@ impl Pair {
                 qemu: None,
                 postcopy: false,
                 start_paused: false,
-                plan: convoy_protocol::model::MigrationPlan::default(),
+                plan: convoy_protocol::model::MigrationPlan {
+                    max_downtime_ms: 20,
+                    max_rounds: 10,
+                    force_stop: true,
+                    ..Default::default()
+                },
                 reuse: None,
                 disks: Vec::new(),
             },
@@ -274,17 +278,10 @@ impl Pair {
             peer: DST.parse().unwrap(),
             notary: InsecureCrypto::notary(SRC, now),
             capabilities: Capabilities::OURS,
-            max_downtime: Duration::from_millis(20),
-            max_rounds: 10,
-            switchover: Switchover::Never,
-            auto_converge: false,
-            hold_hot_pages: false,
-            force_stop: true,
             accept_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(5),
             started_timeout: Duration::from_secs(5),
             recovery: Duration::ZERO,
-            storage_postcopy: false,
         };
         tweak(&mut cfg);
         // Both sides wait for a broken link alike.

@@ -3,14 +3,15 @@
 
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::destination::DestinationEvent;
-use convoy_protocol::source::{SourceConfig, Switchover};
+use convoy_protocol::model::MigrationMode;
+use convoy_protocol::source::SourceConfig;
 
 use crate::harness::{assert_postcopy_completed, without_delta, Pair};
 
 #[test]
 fn postcopy_runs_the_vm_first_then_fills_and_verifies_every_page() {
     let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
-        c.switchover = Switchover::Immediately;
+        c.manifest.plan.mode = MigrationMode::Postcopy;
     });
     p.run();
     let s = assert_postcopy_completed(&p);
@@ -28,8 +29,8 @@ fn hybrid_switches_after_the_first_pass_and_owes_only_the_dirty_pages() {
     // One pass is long enough for the cold writes to dirty more than
     // 20 ms of downtime can carry, not long enough to dirty everything.
     let mut p = Pair::with(2048, 60, 20e6, 1 << 30, |c| {
-        c.switchover = Switchover::Hybrid { after: None };
-        c.force_stop = false;
+        c.manifest.plan.mode = MigrationMode::Hybrid;
+        c.manifest.plan.force_stop = false;
     });
     without_delta(&mut p);
     p.run();
@@ -42,7 +43,7 @@ fn hybrid_switches_after_the_first_pass_and_owes_only_the_dirty_pages() {
 #[test]
 fn hybrid_that_converges_never_switches() {
     let mut p = Pair::with(512, 0, 100e6, 1 << 30, |c| {
-        c.switchover = Switchover::Hybrid { after: None };
+        c.manifest.plan.mode = MigrationMode::Hybrid;
     });
     p.run();
     let s = p.summary().clone();
@@ -52,7 +53,7 @@ fn hybrid_that_converges_never_switches() {
 
 #[test]
 fn a_link_lost_after_the_switch_is_in_doubt_and_nothing_is_dropped() {
-    let postcopy = |c: &mut SourceConfig| c.switchover = Switchover::Immediately;
+    let postcopy = |c: &mut SourceConfig| c.manifest.plan.mode = MigrationMode::Postcopy;
     // Lost before the destination read the switch: nothing ran there, and
     // the source keeps its paused copy, in doubt, never resumed by itself.
     let mut p = Pair::with(2048, 60, 50e6, 1 << 30, postcopy);
@@ -82,7 +83,7 @@ fn a_link_lost_after_the_switch_is_in_doubt_and_nothing_is_dropped() {
 #[test]
 fn a_page_altered_after_the_switch_stops_the_vm_there_and_never_resumes_it_here() {
     let mut p = Pair::with(512, 0, 50e6, 1 << 30, |c| {
-        c.switchover = Switchover::Immediately;
+        c.manifest.plan.mode = MigrationMode::Postcopy;
     });
     p.level = 0;
     // No faults: the pushed copy is the only one.

@@ -96,7 +96,9 @@ fn too_fast_a_dirty_rate_hits_the_round_limit_but_still_completes() {
 #[test]
 fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
     // The busy VM of the previous test, without force_stop or throttling.
-    let mut p = Pair::with(2048, 400, 5e6, 1 << 30, |c| c.force_stop = false);
+    let mut p = Pair::with(2048, 400, 5e6, 1 << 30, |c| {
+        c.manifest.plan.force_stop = false
+    });
     without_delta(&mut p);
     p.run();
     let s = p.summary().clone();
@@ -116,10 +118,10 @@ fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
 fn auto_converge_throttles_a_busy_vm_until_it_converges() {
     let run = |auto: bool| {
         let mut p = Pair::with(2048, 400, 20e6, 1 << 30, |c| {
-            c.force_stop = false;
-            c.auto_converge = auto;
-            c.max_downtime = Duration::from_millis(100);
-            c.max_rounds = 30;
+            c.manifest.plan.force_stop = false;
+            c.manifest.plan.auto_converge = auto;
+            c.manifest.plan.max_downtime_ms = 100;
+            c.manifest.plan.max_rounds = 30;
         });
         without_delta(&mut p);
         p.run();
@@ -146,8 +148,8 @@ fn auto_converge_throttles_a_busy_vm_until_it_converges() {
 fn hot_pages_are_held_back_and_fewer_pages_are_sent_twice() {
     let run = |hold: bool| {
         let mut p = Pair::with(4096, 60, 30e6, 1 << 30, |c| {
-            c.hold_hot_pages = hold;
-            c.max_rounds = 30;
+            c.manifest.plan.hold_hot_pages = hold;
+            c.manifest.plan.max_rounds = 30;
         });
         // Whole pages, so that every re-send costs what it would without
         // deltas.

@@ -8,14 +8,15 @@ use convoy_protocol::destination::DestinationEvent;
 use convoy_protocol::digest::Digest;
 use convoy_protocol::fuzz::InsecureCrypto;
 use convoy_protocol::message::Message;
+use convoy_protocol::model::MigrationMode;
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_protocol::source::{SourceConfig, SourceError, Switchover};
+use convoy_protocol::source::{SourceConfig, SourceError};
 
 use crate::harness::{assert_postcopy_completed, Pair};
 
 /// Post-copy with a 10 s recovery window.
 fn recovering(c: &mut SourceConfig) {
-    c.switchover = Switchover::Immediately;
+    c.manifest.plan.mode = MigrationMode::Postcopy;
     c.recovery = Duration::from_secs(10);
 }
 

@@ -11,9 +11,7 @@ use convoy_protocol::message::{Capabilities, Manifest, Message};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::PageBitmap;
 use convoy_protocol::page::PageIndex;
-use convoy_protocol::source::{
-    Source, SourceAction, SourceConfig, SourceEvent, SourceSummary, Switchover,
-};
+use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
 use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
@@ -547,25 +545,10 @@ impl Run {
             } else {
                 Capabilities(Capabilities::DELTA.0 | Capabilities::REUSE.0)
             },
-            max_downtime: Duration::from_millis(u64::from(plan.max_downtime_ms)),
-            max_rounds: plan.max_rounds,
-            switchover: match plan.mode {
-                MigrationMode::Postcopy => Switchover::Immediately,
-                MigrationMode::Hybrid => Switchover::Hybrid {
-                    after: plan
-                        .postcopy_after_ms
-                        .map(|ms| Duration::from_millis(u64::from(ms))),
-                },
-                MigrationMode::Precopy => Switchover::Never,
-            },
-            auto_converge: plan.auto_converge,
-            hold_hot_pages: plan.hold_hot_pages,
-            force_stop: plan.force_stop,
             accept_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
             recovery: self.host.config.recovery_window,
-            storage_postcopy: plan.storage_postcopy,
         }
     }
 }
