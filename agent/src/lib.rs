@@ -50,6 +50,7 @@ pub(crate) mod control;
 pub(crate) mod engine;
 pub mod host;
 pub mod lab;
+pub mod private;
 pub mod server;
 pub mod transport;
 pub mod trust;

@@ -251,10 +251,13 @@ async fn main() -> Result<()> {
         if args.qemu_binaries.is_empty() {
             bail!("--image-dir needs at least one --qemu-binary");
         }
-        let runtime = args.state_dir.clone().map_or_else(
-            || std::env::temp_dir().join("convoy-qemu"),
-            |d| d.join("qemu"),
-        );
+        // Without a state directory: a new private directory, never a
+        // predictable shared path another local user could have made.
+        let runtime = match args.state_dir.clone() {
+            Some(d) => d.join("qemu"),
+            None => convoy_agent::private::unique_temp_dir("convoy-qemu")
+                .context("making a private QEMU runtime directory")?,
+        };
         config.qemu = Some(convoy_agent::backend::qemu::vm::QemuConfig {
             binaries: args.qemu_binaries.clone(),
             images,

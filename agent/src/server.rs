@@ -51,7 +51,7 @@ impl Agent {
                     path: dir.clone(),
                     detail,
                 };
-                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                crate::private::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
                 let reset_key = transport::ResetKey::load_or_create(&dir.join("quic-reset.key"))
                     .map_err(err)?;
                 let replay = crate::trust::authz::ReplayCache::open(&dir.join("state.redb"))

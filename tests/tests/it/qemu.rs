@@ -322,6 +322,14 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     assert_eq!(info.state, VmState::Running);
     let log = runtime.join("guest/serial.log");
     assert!(until(Duration::from_secs(90), || counters(&log).len() >= 3).await);
+    // The runtime directory (QMP socket, migration sockets) and the
+    // guest's serial log and stderr are the agent's alone.
+    {
+        use convoy_agent::private::mode_of;
+        assert_eq!(mode_of(&runtime.join("guest")).unwrap(), 0o700);
+        assert_eq!(mode_of(&log).unwrap(), 0o600);
+        assert_eq!(mode_of(&runtime.join("guest/qemu.stderr")).unwrap(), 0o600);
+    }
     let pid = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())

@@ -36,6 +36,16 @@ fn disk(name: &str, bytes: u64, writes_per_sec: u64, used_pct: u8) -> SimDiskSpe
     }
 }
 
+/// `dir` is `0700` and every file in it `0600`.
+fn assert_private(dir: &Path) {
+    use convoy_agent::private::mode_of;
+    assert_eq!(mode_of(dir).unwrap(), 0o700, "{}", dir.display());
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode_of(&p).unwrap(), 0o600, "{}", p.display());
+    }
+}
+
 fn root_of(path: &Path, bytes: u64) -> Digest {
     file_root(std::fs::File::open(path).unwrap(), bytes, 4096).unwrap()
 }
@@ -66,6 +76,9 @@ async fn a_disk_the_guest_keeps_writing_moves_with_the_vm_and_verifies_block_by_
     ];
     a.vm_create(spec).await.unwrap();
     let src = lab.sim_disks("a", "db");
+    // Private at rest whatever the test's umask: the VM's directory and
+    // its disks are the agent's alone.
+    assert_private(&src);
     let used = std::fs::metadata(src.join("root.img")).unwrap().blocks() * 512;
     assert!(
         used < ROOT_DISK / 2,
@@ -114,6 +127,8 @@ async fn a_disk_the_guest_keeps_writing_moves_with_the_vm_and_verifies_block_by_
         report.disks[1].root
     );
     assert_eq!(std::fs::metadata(dst.join("data.img")).unwrap().blocks(), 0);
+    // What arrived is as private as what left.
+    assert_private(&dst);
     assert!(!src.exists(), "the source's disks are gone with the VM");
     assert!(a.vm_list().await.unwrap().is_empty());
 

@@ -243,10 +243,13 @@ impl QemuProcess {
     /// be private to the agent), waits for its QMP socket and negotiates.
     pub async fn launch(spec: &QemuSpec, dir: &Path, incoming: bool) -> Result<Self, QemuError> {
         spec.validate()?;
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)?;
         let sock = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&sock);
-        let stderr = std::fs::File::create(dir.join("qemu.stderr"))?;
+        let stderr = crate::private::create_truncate(&dir.join("qemu.stderr"))?;
+        // QEMU opens the serial log with the umask's mode; made here first,
+        // it keeps ours.
+        drop(crate::private::create_truncate(&dir.join("serial.log"))?);
         let mut child = Command::new(&spec.binary)
             .args(spec.args(dir, incoming))
             .stdin(Stdio::null())
@@ -329,7 +332,7 @@ impl QemuProcess {
         let qmp = tokio::time::timeout(Duration::from_secs(10), Qmp::handshake(stream))
             .await
             .map_err(|_| QemuError::Qmp(QmpError::Timeout("QMP greeting".into())))??;
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_dir_all(dir)?;
         Ok(QemuProcess {
             handle: Handle::Adopted { pid, pidfd },
             dir: dir.to_owned(),

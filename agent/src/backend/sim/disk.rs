@@ -162,12 +162,8 @@ impl SimDisk {
         block: usize,
     ) -> Result<SimDisk, BackendError> {
         let path = dir.join(format!("{}.img", geometry.name));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, "cannot create", &e))?;
+        let file =
+            crate::private::create_new(&path).map_err(|e| io_err(&path, "cannot create", &e))?;
         file.set_len(geometry.bytes)
             .map_err(|e| io_err(&path, "cannot size", &e))?;
         let blocks = geometry.bytes / block as u64;

@@ -261,10 +261,10 @@ impl Drop for SimVm {
 /// Makes `root/vm`, the directory of one VM's disk files; it must not
 /// exist (a leftover is for the operator to look at, never reused).
 fn make_vm_dir(root: &std::path::Path, vm: &str) -> Result<std::path::PathBuf, BackendError> {
-    std::fs::create_dir_all(root)
+    crate::private::create_dir_all(root)
         .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
     let dir = root.join(vm);
-    std::fs::create_dir(&dir).map_err(|e| {
+    crate::private::create_dir(&dir).map_err(|e| {
         BackendError::Disk(if e.kind() == std::io::ErrorKind::AlreadyExists {
             format!(
                 "{} exists already (disks of another VM of this name?)",

@@ -103,7 +103,7 @@ impl SimVm {
 /// are sparse as they arrive but may fill, and running out of space in
 /// the middle of a migration would fail it late.
 fn check_room(root: &std::path::Path, need: u64) -> Result<(), BackendError> {
-    std::fs::create_dir_all(root)
+    crate::private::create_dir_all(root)
         .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
     let st = rustix::fs::statvfs(root)
         .map_err(|e| BackendError::Disk(format!("cannot stat {}: {e}", root.display())))?;

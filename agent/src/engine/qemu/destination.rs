@@ -237,10 +237,7 @@ impl Incoming {
             e.attributes = p.attributes.clone();
         }
         for (path, d) in disk_paths.iter().zip(&m.disks) {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
+            let f = crate::private::create_new(path)
                 .map_err(|e| Fail::local(format!("cannot create {}: {e}", path.display())))?;
             self.created.push(path.clone());
             f.set_len(d.size)

@@ -1,0 +1,165 @@
+//! Files and directories private to the agent, whatever the umask.
+//!
+//! Guest disks, staging directories, QEMU runtime directories (its QMP
+//! and migration sockets, serial log and stderr), the state directory and
+//! its keys and logs hold a tenant's data or the agent's secrets. They are
+//! created through these functions: directories `0700`, files `0600`, the
+//! mode set exactly with `fchmod`/`chmod` after creation (a umask can only
+//! remove bits, so a strange umask would otherwise leave files the agent
+//! itself cannot use). Directories that exist already are left as they
+//! are: they are the operator's (`--disk-dir /srv/disks`), not ours.
+
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Mode of every directory the agent creates.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file the agent creates.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` and any missing parent, each `0700`; an existing
+/// directory is left alone.
+pub fn create_dir_all(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_all(parent)?;
+    }
+    match create_dir(path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
+/// Creates the directory `path` (`0700`); fails if it exists.
+pub fn create_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().mode(DIR_MODE).create(path)?;
+    std::fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
+}
+
+/// Creates the new file `path` (`0600`) for reading and writing; fails if
+/// anything is there, a symlink included.
+pub fn create_new(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
+/// Creates or truncates the file `path` for writing, `0600` either way.
+/// Only for files inside a directory the agent made private.
+pub fn create_truncate(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
+/// A new private directory `prefix-<random>` under the system's temporary
+/// directory: never a predictable shared path another user could have
+/// made first.
+pub fn unique_temp_dir(prefix: &str) -> io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let rng = ring::rand::SystemRandom::new();
+    for _ in 0..8 {
+        let mut r = [0u8; 8];
+        ring::rand::SecureRandom::fill(&rng, &mut r)
+            .map_err(|_| io::Error::other("no randomness for a temporary directory name"))?;
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = base.join(format!("{prefix}-{name}"));
+        match create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free temporary directory name",
+    ))
+}
+
+/// The permission bits of `path` (for tests and checks).
+pub fn mode_of(path: &Path) -> io::Result<u32> {
+    Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::*;
+
+    /// Runs `f` under `mask`, then restores the umask. The umask is the
+    /// process's: other tests of this binary creating files meanwhile
+    /// get it too, which only ever removes bits from them.
+    fn with_umask(mask: u32, f: impl FnOnce()) {
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+        f();
+        rustix::process::umask(old);
+    }
+
+    #[test]
+    fn modes_are_exact_under_a_lax_and_a_strict_umask() {
+        for mask in [0o000, 0o077, 0o277] {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("a/b/c");
+            let file = dir.join("disk.img");
+            let other = dir.join("serial.log");
+            with_umask(mask, || {
+                create_dir_all(&dir).unwrap();
+                create_new(&file).unwrap();
+                create_truncate(&other).unwrap();
+            });
+            for d in ["a", "a/b", "a/b/c"] {
+                assert_eq!(
+                    mode_of(&root.path().join(d)).unwrap(),
+                    0o700,
+                    "{d} {mask:o}"
+                );
+            }
+            assert_eq!(mode_of(&file).unwrap(), 0o600, "{mask:o}");
+            assert_eq!(mode_of(&other).unwrap(), 0o600, "{mask:o}");
+        }
+    }
+
+    #[test]
+    fn an_existing_directory_is_the_operators_and_keeps_its_mode() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), Permissions::from_mode(0o755)).unwrap();
+        create_dir_all(root.path()).unwrap();
+        assert_eq!(mode_of(root.path()).unwrap(), 0o755);
+    }
+
+    #[test]
+    fn a_new_file_never_follows_or_replaces_what_is_there() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("victim");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = root.path().join("disk.img");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_new(&link).is_err());
+        assert!(create_new(&target).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn temporary_directories_are_private_and_distinct() {
+        let a = unique_temp_dir("convoy-test").unwrap();
+        let b = unique_temp_dir("convoy-test").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(mode_of(&a).unwrap(), 0o700);
+        std::fs::remove_dir(&a).unwrap();
+        std::fs::remove_dir(&b).unwrap();
+    }
+}
