@@ -69,6 +69,43 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
+/// The DER of a PKCS#8 v1 (RFC 5208) Ed25519 private key up to its
+/// 32-byte seed: version 0, algorithm id-Ed25519, the seed as an OCTET
+/// STRING inside the privateKey OCTET STRING (RFC 8410 §7).
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A new Ed25519 key, encoded as PKCS#8 **v1**: the form OpenSSL 3
+/// (`openssl pkey`) and Python's `cryptography` read. ring (and so rcgen)
+/// generates v2 (RFC 5958, the public key attached), which they refuse;
+/// the agent reads both.
+fn new_key() -> Result<KeyPair, PkiError> {
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let v2 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| rcgen::Error::RingUnspecified)?;
+    // ring's v2 document: the same 16-byte header as v1 but version 1,
+    // then the seed, then the public key.
+    let seed = v2
+        .as_ref()
+        .get(16..48)
+        .ok_or(rcgen::Error::CouldNotParseKeyPair)?;
+    let mut v1 = ED25519_PKCS8_V1_PREFIX.to_vec();
+    v1.extend_from_slice(seed);
+    // The same key either way, or nothing is written.
+    let from_v1 = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&v1)
+        .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+    let from_v2 =
+        Ed25519KeyPair::from_pkcs8(v2.as_ref()).map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+    if from_v1.public_key().as_ref() != from_v2.public_key().as_ref() {
+        return Err(rcgen::Error::CouldNotParseKeyPair.into());
+    }
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+        &rustls::pki_types::PrivatePkcs8KeyDer::from(v1),
+        &PKCS_ED25519,
+    )?)
+}
+
 /// Writes `data` to a new file with `mode`; refuses to overwrite.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut f = fs::OpenOptions::new()
@@ -116,7 +153,7 @@ impl Pki {
         if ca_key_path.exists() {
             return Err(PkiError::Exists(ca_key_path));
         }
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let key = new_key()?;
         let cert = ca_params(&domain)?.self_signed(&key)?;
         write_new(&ca_key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_new(&dir.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
@@ -211,7 +248,7 @@ impl Pki {
         if let Some(parent) = out.cert.parent() {
             fs::create_dir_all(parent).map_err(io(parent))?;
         }
-        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let key = new_key()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
@@ -404,6 +441,89 @@ mod tests {
 #[cfg(test)]
 mod revoke_tests {
     use super::*;
+
+    /// Runs `cmd` on a key; a missing tool fails the test under `CI=true`
+    /// and skips it elsewhere.
+    fn external(cmd: &mut std::process::Command) -> Option<std::process::Output> {
+        match cmd.output() {
+            Ok(out) => Some(out),
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("skipped: {cmd:?}: {e}");
+                None
+            }
+            Err(e) => panic!("{cmd:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn keys_are_pkcs8_v1_that_openssl_and_python_read_and_the_agent_reads_v2_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
+        let name: AgentName = "a".parse().unwrap();
+        let issued = pki
+            .issue(Role::Agent, &name, Duration::from_secs(3600))
+            .unwrap();
+        for key in [dir.path().join("ca.key"), issued.key.clone()] {
+            let pem = fs::read_to_string(&key).unwrap();
+            let der =
+                rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let der = der.secret_pkcs8_der();
+            assert_eq!(der.len(), 48, "v1: header and seed, no public key");
+            assert_eq!(der[..16], ED25519_PKCS8_V1_PREFIX);
+        }
+        // OpenSSL 3 reads the key and finds the certificate's public key.
+        if let Some(out) = external(
+            std::process::Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&issued.key),
+        ) {
+            assert!(out.status.success(), "{out:?}");
+            let cert = external(
+                std::process::Command::new("openssl")
+                    .args(["x509", "-pubkey", "-noout", "-in"])
+                    .arg(&issued.cert),
+            )
+            .unwrap();
+            assert_eq!(out.stdout, cert.stdout);
+        }
+        // So does Python's cryptography.
+        if let Some(out) = external(std::process::Command::new("python3").args([
+            "-c",
+            "import sys\nfrom cryptography.hazmat.primitives.serialization import load_pem_private_key\nload_pem_private_key(open(sys.argv[1], 'rb').read(), None)",
+            issued.key.to_str().unwrap(),
+        ])) {
+            assert!(out.status.success(), "{out:?}");
+        }
+        // The v2 form of the same key (what earlier versions wrote) still
+        // loads: header with version 1, seed, then the public key.
+        let pem = fs::read_to_string(&issued.key).unwrap();
+        let v1 = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let seed = &v1.secret_pkcs8_der()[16..];
+        let public = {
+            use ring::signature::KeyPair as _;
+            ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+                .unwrap()
+                .public_key()
+                .as_ref()
+                .to_vec()
+        };
+        let mut v2 = vec![0x30, 0x53, 0x02, 0x01, 0x01];
+        v2.extend_from_slice(&ED25519_PKCS8_V1_PREFIX[5..]);
+        v2.extend_from_slice(seed);
+        v2.extend_from_slice(&[0xa1, 0x23, 0x03, 0x21, 0x00]);
+        v2.extend_from_slice(&public);
+        assert!(ring::signature::Ed25519KeyPair::from_pkcs8(&v2).is_ok());
+        let v2_pem = KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls::pki_types::PrivatePkcs8KeyDer::from(v2),
+            &PKCS_ED25519,
+        )
+        .unwrap()
+        .serialize_pem();
+        fs::remove_file(&issued.key).unwrap();
+        write_new(&issued.key, v2_pem.as_bytes(), 0o600).unwrap();
+        let id = pki.identity(Role::Agent, &name).unwrap();
+        assert_eq!(id.id(), &issued.id);
+    }
 
     #[test]
     fn revocation_writes_a_crl_the_trust_bundle_loads() {
