@@ -405,12 +405,7 @@ mod tests {
 
     #[test]
     fn issue_and_load_with_private_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
-        let name: AgentName = "a".parse().unwrap();
-        let issued = pki
-            .issue(Role::Agent, &name, Duration::from_secs(3600))
-            .unwrap();
+        let (dir, pki, name, issued) = agent_a();
         assert_eq!(issued.id.to_string(), "spiffe://example.test/agent/a");
         let id = pki.identity(Role::Agent, &name).unwrap();
         assert_eq!(id.id(), &issued.id);
@@ -436,11 +431,17 @@ mod tests {
         fs::set_permissions(&issued.key, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(pki.identity(Role::Agent, &name).is_ok());
     }
-}
 
-#[cfg(test)]
-mod revoke_tests {
-    use super::*;
+    /// A new PKI in a temporary directory and agent `a` issued by it.
+    fn agent_a() -> (tempfile::TempDir, Pki, AgentName, Issued) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
+        let name: AgentName = "a".parse().unwrap();
+        let issued = pki
+            .issue(Role::Agent, &name, Duration::from_secs(3600))
+            .unwrap();
+        (dir, pki, name, issued)
+    }
 
     /// Runs `cmd` on a key; a missing tool fails the test under `CI=true`
     /// and skips it elsewhere.
@@ -457,12 +458,7 @@ mod revoke_tests {
 
     #[test]
     fn keys_are_pkcs8_v1_that_openssl_and_python_read_and_the_agent_reads_v2_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
-        let name: AgentName = "a".parse().unwrap();
-        let issued = pki
-            .issue(Role::Agent, &name, Duration::from_secs(3600))
-            .unwrap();
+        let (dir, pki, name, issued) = agent_a();
         for key in [dir.path().join("ca.key"), issued.key.clone()] {
             let pem = fs::read_to_string(&key).unwrap();
             let der =
@@ -524,6 +520,11 @@ mod revoke_tests {
         let id = pki.identity(Role::Agent, &name).unwrap();
         assert_eq!(id.id(), &issued.id);
     }
+}
+
+#[cfg(test)]
+mod revoke_tests {
+    use super::*;
 
     #[test]
     fn revocation_writes_a_crl_the_trust_bundle_loads() {
