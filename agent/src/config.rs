@@ -204,6 +204,9 @@ pub struct AgentConfig {
     /// again for this long, the destination keeps the VM waiting for it
     /// (zero: no recovery).
     pub recovery_window: Duration,
+    /// Handshakes, connections and connection deadlines
+    /// ([`crate::host::limits`]).
+    pub limits: crate::host::limits::ConnectionLimits,
     dangerous: DangerousOptions,
 }
 
@@ -229,6 +232,7 @@ impl AgentConfig {
             base_dir: None,
             migration_memory: crate::host::budget::DEFAULT_MIGRATION_MEMORY,
             recovery_window: Duration::from_secs(60),
+            limits: crate::host::limits::ConnectionLimits::default(),
             dangerous: DangerousOptions::default(),
         }
     }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use convoy_protocol::names::SpiffeId;
 
 use crate::config::{AgentConfig, AgentError, CredentialFiles};
+use crate::host::limits::{Gate, HandshakeSlot};
 use crate::host::{Creds, Host, RefusalWindow, VmEntry};
 use crate::transport::{self, close, TransportError, ALPN_AGENT, ALPN_CTL};
 use crate::trust::identity;
@@ -124,6 +125,7 @@ impl Agent {
             host: Arc::new(Host {
                 policy: std::sync::RwLock::new(None),
                 refusals: Mutex::new(RefusalWindow::new(std::time::Instant::now())),
+                connections: crate::host::limits::Connections::new(config.limits.clone()),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,
@@ -186,9 +188,27 @@ impl Agent {
                 () = &mut shutdown => None,
             };
             let Some(incoming) = incoming else { break };
+            let validated = incoming.remote_address_validated();
+            let remote = incoming.remote_address();
+            let slot = match self.host.connections.gate(validated) {
+                Gate::Accept(slot) => slot,
+                Gate::Retry => {
+                    // Answered by the client with its address proven.
+                    if incoming.retry().is_err() {
+                        tracing::debug!(%remote, "no Retry possible; dropped");
+                    }
+                    continue;
+                }
+                Gate::Refuse => {
+                    self.host
+                        .audit_refusal(remote.to_string(), "too many handshakes in flight".into());
+                    incoming.refuse();
+                    continue;
+                }
+            };
             let host = self.host.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_connection(host, incoming).await {
+                if let Err(e) = serve_connection(host, incoming, slot).await {
                     tracing::info!("connection ended: {e}");
                 }
             });
@@ -219,23 +239,33 @@ pub async fn run(
 async fn serve_connection(
     host: Arc<Host>,
     incoming: quinn::Incoming,
+    handshake: HandshakeSlot,
 ) -> Result<(), TransportError> {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
-            tracing::info!(%remote, "handshake refused: {e}");
+            // Logged (to stderr) and audited at the refusal rate limit:
+            // anyone can cause this.
             host.audit_refusal(remote.to_string(), format!("handshake refused: {e}"));
             return Err(e.into());
         }
     };
+    drop(handshake);
     let peer = match transport::authorize_peer(&conn, &host.creds().trust) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(%remote, "refusing peer: {e}");
             host.audit_refusal(remote.to_string(), e.to_string());
             conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
             return Err(e);
+        }
+    };
+    let _slot = match host.connections.admit(&peer.id) {
+        Ok(slot) => slot,
+        Err(busy) => {
+            host.audit_refusal(peer.id.to_string(), format!("connection refused: {busy}"));
+            conn.close(close::BUSY.into(), busy.to_string().as_bytes());
+            return Ok(());
         }
     };
     tracing::debug!(%remote, peer = %peer.id, "authenticated");

@@ -451,6 +451,10 @@ mod tests {
 pub(crate) mod close {
     /// The peer is not allowed here.
     pub const UNAUTHORIZED: u32 = 0x10;
+    /// Too many connections (in total, or from this identity).
+    pub const BUSY: u32 = 0x11;
+    /// The peer sent nothing within the deadline.
+    pub const TIMED_OUT: u32 = 0x12;
     /// Normal end.
     pub const DONE: u32 = 0;
 }

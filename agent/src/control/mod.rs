@@ -3,6 +3,7 @@
 //! dispatches it; each family of requests has its own file: [`vm`],
 //! [`migrate`], [`audit`].
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use convoy_protocol::ctl::{AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse};
@@ -11,7 +12,7 @@ use convoy_protocol::Message;
 use quinn::{Connection, RecvStream, SendStream};
 
 use crate::host::Host;
-use crate::transport::{read_message, write_message, Peer};
+use crate::transport::{close, read_message, write_message, Peer};
 use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
@@ -22,20 +23,50 @@ use audit::audit_read;
 use migrate::abort;
 use vm::{create_qemu_vm, create_vm, delete_vm, pause_vm};
 
-/// Serves requests on `conn` until the operator closes it.
+/// Serves requests on `conn` until the operator closes it, or leaves it
+/// with no request in flight for `ConnectionLimits::idle` (QUIC
+/// keep-alives would otherwise hold it open for good).
 pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
+    let idle = host.connections.limits().idle;
+    let in_flight = Arc::new(AtomicU32::new(0));
     loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => return,
+        let (send, recv) = match tokio::time::timeout(idle, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) => return,
+            // A migration's progress is still streaming: not idle.
+            Err(_) if in_flight.load(Ordering::Acquire) > 0 => continue,
+            Err(_) => {
+                let why = format!("no request for {} s", idle.as_secs());
+                host.audit_refusal(peer.id.to_string(), format!("connection closed: {why}"));
+                conn.close(close::TIMED_OUT.into(), why.as_bytes());
+                return;
+            }
         };
         let host = host.clone();
         let peer = peer.clone();
+        let busy = InFlight::new(&in_flight);
         tokio::spawn(async move {
             if let Err(e) = handle(host, send, recv, &peer).await {
                 tracing::info!(operator = %peer.id, "control request failed: {e}");
             }
+            drop(busy);
         });
+    }
+}
+
+/// One request being served on a connection.
+struct InFlight(Arc<AtomicU32>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicU32>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -95,7 +126,20 @@ async fn handle(
     mut recv: RecvStream,
     peer: &Peer,
 ) -> Result<(), crate::transport::WireError> {
-    let req = match read_message(&mut recv).await {
+    let limit = host.connections.limits().first_message;
+    let Ok(read) = tokio::time::timeout(limit, read_message(&mut recv)).await else {
+        let why = format!(
+            "no request within {} s of opening the stream",
+            limit.as_secs()
+        );
+        host.audit_refusal(
+            peer.id.to_string(),
+            format!("malformed operator request: {why}"),
+        );
+        respond(&mut send, error(CtlErrorKind::BadRequest, why)).await?;
+        return Ok(());
+    };
+    let req = match read {
         Ok(Some(Message::CtlRequest(r))) => r,
         Ok(Some(other)) => {
             let why = format!("expected a control request, got {}", other.kind());

@@ -12,36 +12,47 @@ use std::time::Duration;
 use convoy_protocol::message::Message;
 use quinn::Connection;
 
-use crate::engine::{native, qemu};
+use crate::engine::{clock, native, qemu};
 use crate::host::Host;
-use crate::transport::{read_message, Peer, WireError};
-
-/// How long a source may take to send its first message.
-const FIRST_MESSAGE: Duration = Duration::from_secs(30);
+use crate::transport::{close, read_message, Peer, WireError};
 
 /// The source's first message, or `None` when it sends none within
-/// [`FIRST_MESSAGE`] (on the engines' clock).
-async fn first_message<R>(recv: &mut R) -> Option<Result<Option<Message>, WireError>>
+/// `limit` (on the engines' clock).
+async fn first_message<R>(
+    recv: &mut R,
+    limit: Duration,
+) -> Option<Result<Option<Message>, WireError>>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
-    tokio::time::timeout(FIRST_MESSAGE, read_message(recv))
-        .await
-        .ok()
+    tokio::time::timeout(limit, read_message(recv)).await.ok()
+}
+
+/// Closes a connection that sent nothing in time, with a reason, audited.
+fn timed_out(host: &Host, conn: &Connection, peer: &Peer, limit: Duration) {
+    let why = format!("no proposal within {} s", limit.as_secs());
+    host.audit_refusal(peer.id.to_string(), why.clone());
+    conn.close(close::TIMED_OUT.into(), why.as_bytes());
 }
 
 /// Serves one incoming migration on `conn` from agent `peer`.
 pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
-    let (send, mut recv) = match conn.accept_bi().await {
-        Ok(s) => s,
-        Err(e) => {
+    // One deadline for the stream and its first message
+    // (`ConnectionLimits::first_message`): a connection that opens
+    // nothing must not hold its slot.
+    let limit = host.connections.limits().first_message;
+    let deadline = clock::now() + limit;
+    let (send, mut recv) = match tokio::time::timeout(limit, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
             tracing::info!(peer = %peer.id, "no control stream: {e}");
             return;
         }
+        Err(_) => return timed_out(&host, &conn, &peer, limit),
     };
-    let Some(first) = first_message(&mut recv).await else {
-        host.audit_refusal(peer.id.to_string(), "no proposal in 30 s".into());
-        return;
+    let left = deadline.saturating_duration_since(clock::now());
+    let Some(first) = first_message(&mut recv, left).await else {
+        return timed_out(&host, &conn, &peer, limit);
     };
     match first {
         Ok(Some(Message::Propose(p))) if p.manifest.qemu.is_some() => {
@@ -62,17 +73,27 @@ mod tests {
     use convoy_protocol::message::{Abort, Message, Reason};
     use tokio::io::AsyncWriteExt;
 
-    use super::{first_message, FIRST_MESSAGE};
+    use super::first_message;
+    use crate::host::limits::ConnectionLimits;
+
+    const FIRST_MESSAGE: Duration = Duration::from_secs(30);
     use crate::engine::clock;
 
     // Paused time: the 30-second wait costs nothing, and the boundary is
     // exact rather than a race with the scheduler.
 
+    #[test]
+    fn the_default_limit_is_thirty_seconds() {
+        assert_eq!(ConnectionLimits::default().first_message, FIRST_MESSAGE);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_source_is_given_up_after_exactly_the_first_message_limit() {
         let (_source, mut destination) = tokio::io::duplex(1024);
         let t0 = clock::now();
-        assert!(first_message(&mut destination).await.is_none());
+        assert!(first_message(&mut destination, FIRST_MESSAGE)
+            .await
+            .is_none());
         assert_eq!(clock::since(t0), FIRST_MESSAGE);
     }
 
@@ -88,7 +109,7 @@ mod tests {
             source.write_all(&bytes).await.unwrap();
             source
         });
-        let got = first_message(&mut destination).await;
+        let got = first_message(&mut destination, FIRST_MESSAGE).await;
         assert!(matches!(got, Some(Ok(Some(Message::Abort(_))))), "{got:?}");
         drop(sender.await.unwrap());
     }
@@ -98,7 +119,7 @@ mod tests {
         let (mut source, mut destination) = tokio::io::duplex(1024);
         source.write_all(&[0, 0, 0, 9, 1, 2]).await.unwrap();
         drop(source);
-        let got = first_message(&mut destination).await;
+        let got = first_message(&mut destination, FIRST_MESSAGE).await;
         assert!(
             matches!(got, Some(Err(crate::transport::WireError::Truncated))),
             "{got:?}"

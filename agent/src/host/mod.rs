@@ -5,6 +5,7 @@
 //! memory reuse ([`retain`]).
 
 pub mod budget;
+pub mod limits;
 pub mod retain;
 
 use std::collections::{HashMap, VecDeque};
@@ -116,6 +117,8 @@ pub(crate) struct Host {
     pub(crate) creds: std::sync::RwLock<Arc<Creds>>,
     pub(crate) policy: std::sync::RwLock<Option<Arc<crate::trust::policy::PolicySet>>>,
     pub(crate) refusals: Mutex<RefusalWindow>,
+    /// Handshakes and connections held open by peers ([`limits`]).
+    pub(crate) connections: limits::Connections,
 }
 
 /// A post-copy migration that may be resumed on a new connection.
@@ -216,6 +219,8 @@ impl Host {
         let Some(suppressed) = admitted else {
             return;
         };
+        // The process log gets the same lines at the same rate.
+        tracing::warn!(%peer, "refused: {reason}");
         let reason = if suppressed > 0 {
             format!("{reason} ({suppressed} similar refusals before this one were not recorded)")
         } else {

@@ -1,0 +1,122 @@
+//! What a peer may hold open: connections per identity, connections that
+//! never ask anything, operator connections left idle, and handshakes from
+//! addresses QUIC has not validated. Each refusal reaches the peer as a
+//! close code with a reason and the agent's audit log.
+
+use std::time::Duration;
+
+use convoy_agent::config::AgentConfig;
+use convoy_agent::host::limits::ConnectionLimits;
+use convoy_agent::lab::Lab;
+use convoy_protocol::model::MigrationPlan;
+use convoy_tests::{assert_refusals_logged, connect_as, migrate, sim_spec};
+
+/// The reason an agent gave when it closed `conn`, once it has.
+async fn closed_because(conn: &quinn::Connection) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            format!("{}: {}", c.error_code, String::from_utf8_lossy(&c.reason))
+        }
+        Ok(other) => format!("closed otherwise: {other}"),
+        Err(_) => "still open".into(),
+    }
+}
+
+/// Agents a and b with `tweak`ed connection limits.
+async fn lab_limited(dir: &tempfile::TempDir, tweak: impl Fn(&mut ConnectionLimits)) -> Lab {
+    Lab::start(dir.path(), &["a", "b"], |_, cfg: &mut AgentConfig| {
+        tweak(&mut cfg.limits)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_hold_more_than_its_share_of_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab_limited(&dir, |l| l.per_peer = 2).await;
+    let first = lab.client("a").await.unwrap();
+    let second = lab.client("a").await.unwrap();
+    first.status().await.unwrap();
+    second.status().await.unwrap();
+    // The third from the same operator is closed with a reason.
+    let third = lab.client("a").await.unwrap();
+    let e = third.status().await.unwrap_err().to_string();
+    assert!(e.contains("too many connections from this identity"), "{e}");
+    // Another identity (agent b, as a migration peer) still gets in.
+    let (_ep, conn) = connect_as(&lab, "b", "a").await;
+    assert!(conn.close_reason().is_none());
+    drop(conn);
+    // A freed slot is usable again.
+    first.close().await;
+    let again = convoy_tests::eventually(Duration::from_secs(5), || async {
+        match lab.client("a").await {
+            Ok(c) => c.status().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(again, "the closed connection's slot came back");
+    assert_refusals_logged(&lab, "a", &["connection refused: too many connections"]).await;
+    drop((second, third));
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connection_that_asks_nothing_is_closed_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab_limited(&dir, |l| l.first_message = Duration::from_secs(1)).await;
+    // No stream at all.
+    let (_ep, conn) = connect_as(&lab, "a", "b").await;
+    let why = closed_because(&conn).await;
+    assert!(why.contains("no proposal within 1 s"), "{why}");
+    // A stream, but no message on it.
+    let (_ep2, conn2) = connect_as(&lab, "a", "b").await;
+    let (mut send, _recv) = conn2.open_bi().await.unwrap();
+    send.write_all(&[0, 0]).await.unwrap();
+    let why = closed_because(&conn2).await;
+    assert!(why.contains("no proposal within 1 s"), "{why}");
+    assert_refusals_logged(&lab, "b", &["no proposal within 1 s"]).await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_operator_connection_is_closed_but_not_while_a_migration_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab_limited(&dir, |l| l.idle = Duration::from_secs(1)).await;
+    let a = lab.client("a").await.unwrap();
+    // 64 MiB (about 29 MB on the wire, compressed) at 8 MB/s: a
+    // migration of several idle limits, on one request stream.
+    a.vm_create(sim_spec("vm", 64 << 20, 0)).await.unwrap();
+    let plan = MigrationPlan {
+        bandwidth: Some(8_000_000),
+        ..MigrationPlan::default()
+    };
+    let req = lab.migrate_request("vm", "a", "b", plan).unwrap();
+    let report = a.migrate(req, |_| {}).await.unwrap();
+    assert_eq!(report.outcome, convoy_protocol::ctl::Outcome::Completed);
+    assert!(report.total_ms > 2_000.0, "{} ms", report.total_ms);
+    // Nothing asked now: closed after the idle limit, with the reason.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let e = a.status().await.unwrap_err().to_string();
+    assert!(e.contains("no request for 1 s"), "{e}");
+    assert_refusals_logged(&lab, "a", &["connection closed: no request for 1 s"]).await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every handshake counts as load: each unvalidated client is sent a
+    // Retry, which quinn's client answers.
+    let lab = lab_limited(&dir, |l| l.retry_above = 0).await;
+    let a = lab.client("a").await.unwrap();
+    a.status().await.unwrap();
+    a.vm_create(sim_spec("vm", 8 << 20, 100)).await.unwrap();
+    let report = a
+        .migrate(migrate(&lab, "vm", "a", "b"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, convoy_protocol::ctl::Outcome::Completed);
+    lab.shutdown().await;
+}
