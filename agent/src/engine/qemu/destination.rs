@@ -168,7 +168,7 @@ impl Incoming {
         }
         let m = self.manifest.clone();
         let unacceptable = |s: String| Fail::new(Reason::Unacceptable(s.clone()), s);
-        m.validate().map_err(unacceptable)?;
+        m.validate().map_err(|e| unacceptable(e.to_string()))?;
         if m.spec.name != p.vm {
             return Err(unacceptable("the VM definition names another VM".into()));
         }
