@@ -209,7 +209,7 @@ impl Incoming {
                     "{need} bytes of disks exceeds this agent's limit of {limit}"
                 )));
             }
-            let free = cfg.free_bytes().map_err(Fail::local)?;
+            let free = cfg.free_bytes().map_err(|e| Fail::local(e.to_string()))?;
             if need > free {
                 return Err(Fail::new(
                     Reason::NoCapacity,
@@ -217,7 +217,7 @@ impl Incoming {
                 ));
             }
             for rel in &m.spec.disks {
-                disk_paths.push(cfg.new_disk(rel).map_err(unacceptable)?);
+                disk_paths.push(cfg.new_disk(rel).map_err(|e| unacceptable(e.to_string()))?);
             }
         }
         match self
@@ -245,7 +245,9 @@ impl Incoming {
             f.set_len(d.size)
                 .map_err(|e| Fail::local(format!("cannot size {}: {e}", path.display())))?;
         }
-        let mut spec = cfg.resolve(&m.spec).map_err(unacceptable)?;
+        let mut spec = cfg
+            .resolve(&m.spec)
+            .map_err(|e| unacceptable(e.to_string()))?;
         // Held paused until the handover.
         spec.extra_args.push("-S".into());
         let dir = cfg.runtime.join(p.vm.as_str());
