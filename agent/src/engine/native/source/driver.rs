@@ -17,7 +17,7 @@ use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
 use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
-use super::streams::{open_streams, sleep_until, spawn_control_reader, StreamSetup};
+use super::streams::{open_streams, sleep_until, spawn_control_reader, OpenError, StreamSetup};
 use super::Run;
 use crate::engine::native::pacer::Pacer;
 use crate::host::budget::{CacheGrant, Share, Side};
@@ -156,13 +156,14 @@ impl<'r> Driver<'r> {
     }
 
     async fn send(&mut self, m: Box<Message>) {
-        let r = match self.wire.control.as_mut() {
-            Some(c) => write_message(c, &m).await.map_err(|e| e.to_string()),
-            None => Err("no control stream".into()),
+        let Some(c) = self.wire.control.as_mut() else {
+            return self
+                .sm
+                .handle_link_lost(Instant::now(), "no control stream");
         };
-        match r {
+        match write_message(c, &m).await {
             Ok(n) => self.run.control_bytes += n as u64,
-            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+            Err(e) => self.sm.handle_link_lost(Instant::now(), &e.to_string()),
         }
     }
 
@@ -173,7 +174,7 @@ impl<'r> Driver<'r> {
         conn: &Connection,
         delta: bool,
         postcopy: bool,
-    ) -> Result<OpenedStreams, String> {
+    ) -> Result<OpenedStreams, OpenError> {
         let setup = StreamSetup {
             migration: self.run.migration,
             streams: self.plan.streams,
@@ -209,7 +210,7 @@ impl<'r> Driver<'r> {
                 self.wire.fault_jobs = opened.faults;
                 self.wire.cache_grant = opened.cache;
             }
-            Err(e) => self.sm.handle_link_lost(Instant::now(), &e),
+            Err(e) => self.sm.handle_link_lost(Instant::now(), &e.to_string()),
         }
     }
 
@@ -441,7 +442,9 @@ impl<'r> Driver<'r> {
                     }
                 }
             }
-            Some(EngineEvent::StreamFailed(e)) => self.sm.handle_link_lost(Instant::now(), &e),
+            Some(EngineEvent::StreamFailed(e)) => {
+                self.sm.handle_link_lost(Instant::now(), &e.to_string())
+            }
             None => self
                 .sm
                 .handle_link_lost(Instant::now(), "data streams ended"),
