@@ -26,7 +26,9 @@ use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
+use super::common::{
+    capabilities, carry, digests, read_control, BadChannel, ChanEvent, ChannelError, Control, Fail,
+};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::admission;
@@ -558,7 +560,7 @@ fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Resul
             Ok(())
         }
         Some(ChanEvent::Done(kind, Err(e))) => Err(Fail::local(format!("{kind}: {e}"))),
-        Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e)),
+        Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e.to_string())),
     }
 }
 
@@ -591,19 +593,16 @@ async fn accept_channels(
             match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv)).await {
                 Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => o.kind,
                 Ok(Ok(Some(other))) => {
-                    let _ = events.send(ChanEvent::Bad(format!(
-                        "{} opening a channel",
-                        other.kind()
-                    )));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::NotAHeader(other.kind())));
                     break;
                 }
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => {
-                    let _ = events.send(ChanEvent::Bad(format!("opening a channel: {e}")));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::Read(e)));
                     break;
                 }
                 Err(_) => {
-                    let _ = events.send(ChanEvent::Bad("a channel opened without a header".into()));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::NoHeader));
                     break;
                 }
             };
@@ -612,7 +611,7 @@ async fn accept_channels(
             ChannelKind::Nbd(n) => usize::from(n) < manifest.disks.len(),
         };
         if !valid || seen.contains(&kind) {
-            let _ = events.send(ChanEvent::Bad(format!("unexpected channel: {kind}")));
+            let _ = events.send(ChanEvent::Bad(BadChannel::Unexpected(kind)));
             break;
         }
         seen.push(kind);
@@ -623,7 +622,7 @@ async fn accept_channels(
         let local = match tokio::net::UnixStream::connect(&path).await {
             Ok(l) => l,
             Err(e) => {
-                let _ = events.send(ChanEvent::Done(kind, Err(format!("QEMU's socket: {e}"))));
+                let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::QemuSocket(e))));
                 break;
             }
         };
