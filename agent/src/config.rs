@@ -29,12 +29,13 @@ pub enum AgentError {
     #[error("{0} is not an agent identity (spiffe://<domain>/agent/<name>)")]
     NotAnAgent(SpiffeId),
     /// Durable state could not be opened.
-    #[error("state directory {path}: {detail}")]
+    #[error("state directory {}: {source}", .path.display())]
     State {
         /// Path.
         path: std::path::PathBuf,
         /// What failed.
-        detail: String,
+        #[source]
+        source: StateError,
     },
     /// The policy could not be loaded: the agent does not start without
     /// the one it was given.
@@ -46,8 +47,26 @@ pub enum AgentError {
         /// Identity.
         id: SpiffeId,
         /// Bundle domain.
-        domain: String,
+        domain: TrustDomain,
     },
+}
+
+/// What in the state directory could not be opened.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The directory could not be made.
+    #[error("{0}")]
+    Create(#[source] std::io::Error),
+    /// The QUIC stateless-reset key.
+    #[error(transparent)]
+    ResetKey(#[from] crate::transport::ResetKeyError),
+    /// The used-ticket database.
+    #[error("{0}")]
+    ReplayCache(#[source] redb::Error),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::trust::audit::AuditLogError),
 }
 
 /// A hook that alters outgoing page batches after the source has hashed

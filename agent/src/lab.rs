@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::backend::memory::GuestMemory;
 use crate::client::{ClientError, CtlClient};
+use crate::config::StateError;
 use crate::transport::{self, Tuning, ALPN_AGENT};
 use crate::trust::identity::{self, Identity, TrustBundle};
 use crate::trust::pki::{Pki, PkiError};
@@ -371,9 +372,10 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         let (launched, stop, task) = loop {
             match Lab::launch(a.config.clone()) {
-                Err(LabError::Agent(AgentError::State { detail, .. }))
-                    if detail.contains("already open") && Instant::now() < deadline =>
-                {
+                Err(LabError::Agent(AgentError::State {
+                    source: StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen),
+                    ..
+                })) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => break other?,

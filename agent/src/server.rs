@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use convoy_protocol::names::SpiffeId;
 
-use crate::config::{AgentConfig, AgentError, CredentialFiles};
+use crate::config::{AgentConfig, AgentError, CredentialFiles, StateError};
 use crate::host::limits::{Gate, HandshakeSlot};
 use crate::host::{Creds, Host, RefusalWindow, VmEntry};
 use crate::transport::{self, close, TransportError, ALPN_AGENT, ALPN_CTL};
@@ -43,26 +43,26 @@ impl Agent {
         if id.domain() != config.trust.domain() {
             return Err(AgentError::WrongDomain {
                 id,
-                domain: config.trust.domain().to_string(),
+                domain: config.trust.domain().clone(),
             });
         }
         let (replay, audit, reset_key) = match &config.state_dir {
             Some(dir) => {
-                let err = |detail: String| AgentError::State {
+                let err = |source: StateError| AgentError::State {
                     path: dir.clone(),
-                    detail,
+                    source,
                 };
-                crate::private::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                crate::private::create_dir_all(dir).map_err(|e| err(StateError::Create(e)))?;
                 let reset_key = transport::ResetKey::load_or_create(&dir.join("quic-reset.key"))
-                    .map_err(err)?;
+                    .map_err(|e| err(e.into()))?;
                 let replay = crate::trust::authz::ReplayCache::open(&dir.join("state.redb"))
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(|e| err(StateError::ReplayCache(e)))?;
                 let audit = crate::trust::audit::AuditLog::open(
                     &dir.join("audit.log"),
                     &config.identity,
                     &config.trust,
                 )
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
                 (replay, Some(audit), reset_key)
             }
             None => {
@@ -72,7 +72,7 @@ impl Agent {
                 (
                     crate::trust::authz::ReplayCache::in_memory(),
                     None,
-                    transport::ResetKey::random()?,
+                    transport::ResetKey::random().map_err(TransportError::from)?,
                 )
             }
         };

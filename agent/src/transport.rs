@@ -40,9 +40,15 @@ pub enum TransportError {
     /// TLS configuration.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The system has no randomness for a key.
+    #[error(transparent)]
+    NoRandomness(#[from] NoRandomness),
+    /// No tokio runtime to run the endpoint on.
+    #[error("QUIC crypto configuration: no async runtime")]
+    NoRuntime,
     /// quinn refused the TLS configuration.
     #[error("QUIC crypto configuration: {0}")]
-    Crypto(String),
+    Crypto(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     /// Could not start connecting.
     #[error(transparent)]
     Connect(#[from] quinn::ConnectError),
@@ -51,7 +57,72 @@ pub enum TransportError {
     Connection(#[from] quinn::ConnectionError),
     /// The peer's identity is unusable or not allowed here.
     #[error("peer refused: {0}")]
-    Unauthorized(String),
+    Unauthorized(#[from] PeerRefused),
+}
+
+/// The system has no randomness for a key.
+#[derive(Debug, Error)]
+#[error("QUIC crypto configuration: no system randomness")]
+pub struct NoRandomness;
+
+/// Why an accepted peer is refused ([`authorize_peer`]).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PeerRefused {
+    /// The handshake negotiated no ALPN.
+    #[error("no ALPN negotiated")]
+    NoAlpn,
+    /// The peer presented no certificate.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// The peer's certificate chain is empty.
+    #[error("empty certificate chain")]
+    EmptyChain,
+    /// The chain does not lead to the CA of the domain it claims (the
+    /// trust bundle's account of why).
+    #[error("{0}")]
+    Chain(String),
+    /// An ALPN that is neither an agent's nor an operator's.
+    #[error("unknown ALPN")]
+    UnknownAlpn,
+    /// The identity's role does not speak that ALPN.
+    #[error("{id} may not use {}", String::from_utf8_lossy(.alpn))]
+    WrongRole {
+        /// The peer.
+        id: SpiffeId,
+        /// The ALPN it negotiated.
+        alpn: Vec<u8>,
+    },
+}
+
+/// Why the stateless-reset key could not be read or made
+/// ([`ResetKey::load_or_create`]).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ResetKeyError {
+    /// The file holds something other than a key.
+    #[error(
+        "{}: {len} bytes, a reset key is 32 (delete the file to make a new one)",
+        .path.display()
+    )]
+    WrongSize {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Its size.
+        len: usize,
+    },
+    /// No randomness for a new key.
+    #[error(transparent)]
+    Random(#[from] NoRandomness),
+    /// The file could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Errors of framed stream I/O.
@@ -180,30 +251,35 @@ pub struct ResetKey([u8; 32]);
 
 impl ResetKey {
     /// A fresh random key.
-    pub fn random() -> Result<Self, TransportError> {
+    pub fn random() -> Result<Self, NoRandomness> {
         let mut k = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
-            .map_err(|_| TransportError::Crypto("no system randomness".into()))?;
+            .map_err(|_| NoRandomness)?;
         Ok(ResetKey(k))
     }
 
     /// Reads the key at `path`, or makes one there (mode 0600) if there is
     /// no file. A file of the wrong size is an error, never replaced.
-    pub fn load_or_create(path: &std::path::Path) -> Result<Self, String> {
+    pub fn load_or_create(path: &std::path::Path) -> Result<Self, ResetKeyError> {
         use std::io::Write;
+        let io = |source| ResetKeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
         match std::fs::read(path) {
             Ok(bytes) => {
-                let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    format!(
-                        "{}: {} bytes, a reset key is 32 (delete the file to make a new one)",
-                        path.display(),
-                        bytes.len()
-                    )
-                })?;
+                let k: [u8; 32] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| ResetKeyError::WrongSize {
+                            path: path.to_owned(),
+                            len: bytes.len(),
+                        })?;
                 Ok(ResetKey(k))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = ResetKey::random().map_err(|e| e.to_string())?;
+                let key = ResetKey::random()?;
                 let mut f = std::fs::OpenOptions::new();
                 f.write(true).create_new(true);
                 #[cfg(unix)]
@@ -211,10 +287,10 @@ impl ResetKey {
                 let written = f
                     .open(path)
                     .and_then(|mut f| f.write_all(&key.0).and_then(|()| f.sync_all()));
-                written.map_err(|e| format!("{}: {e}", path.display()))?;
+                written.map_err(io)?;
                 Ok(key)
             }
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(io(e)),
         }
     }
 }
@@ -261,8 +337,7 @@ pub fn endpoint_with_reset_key(
         Some(tls) => Some(quic_server_config(tls, tuning)?),
         None => None,
     };
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| TransportError::Crypto("no async runtime".into()))?;
+    let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset.0);
     // Connection IDs are keyed too (quinn drops a packet whose ID its
     // generator does not recognise before it would reset): the key is
@@ -285,8 +360,7 @@ pub fn quic_server_config(
     tls: rustls::ServerConfig,
     tuning: &Tuning,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let crypto =
-        QuicServerConfig::try_from(tls).map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let crypto = QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(tuning.transport_config()));
     Ok(sc)
@@ -303,8 +377,7 @@ pub async fn connect(
     tuning: &Tuning,
 ) -> Result<Connection, TransportError> {
     let tls = identity::client_config(identity, trust, expected, alpn)?;
-    let crypto =
-        QuicClientConfig::try_from(tls).map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let crypto = QuicClientConfig::try_from(tls)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(Arc::new(tuning.transport_config()));
     // The server name is unused (no SNI, identity is the SPIFFE ID) but
@@ -333,17 +406,15 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
         .handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol)
-        .ok_or_else(|| TransportError::Unauthorized("no ALPN negotiated".into()))?;
+        .ok_or(PeerRefused::NoAlpn)?;
     let chain = conn
         .peer_identity()
         .and_then(|p| {
             p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         })
-        .ok_or_else(|| TransportError::Unauthorized("no client certificate".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| TransportError::Unauthorized("empty certificate chain".into()))?;
+        .ok_or(PeerRefused::NoCertificate)?;
+    let leaf = chain.first().ok_or(PeerRefused::EmptyChain)?;
     // The handshake accepted a chain to any trusted CA; the chain must lead
     // to the CA of the domain the identity claims (and a federated
     // identity must be one of those named).
@@ -354,19 +425,16 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
             rustls::pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
         )
-        .map_err(TransportError::Unauthorized)?;
+        .map_err(PeerRefused::Chain)?;
     let wanted = if alpn == ALPN_AGENT {
         Role::Agent
     } else if alpn == ALPN_CTL {
         Role::Operator
     } else {
-        return Err(TransportError::Unauthorized("unknown ALPN".into()));
+        return Err(PeerRefused::UnknownAlpn.into());
     };
     if id.role() != wanted {
-        return Err(TransportError::Unauthorized(format!(
-            "{id} may not use {}",
-            String::from_utf8_lossy(&alpn)
-        )));
+        return Err(PeerRefused::WrongRole { id, alpn }.into());
     }
     Ok(Peer { id, alpn })
 }
@@ -441,7 +509,11 @@ mod tests {
         }
         std::fs::write(&path, b"short").unwrap();
         let e = ResetKey::load_or_create(&path).unwrap_err();
-        assert!(e.contains("5 bytes"), "{e}");
+        assert!(
+            matches!(e, super::ResetKeyError::WrongSize { len: 5, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("5 bytes"), "{e}");
         // Left as it was for the operator to look at.
         assert_eq!(std::fs::read(&path).unwrap(), b"short");
     }

@@ -28,16 +28,20 @@ impl std::fmt::Display for MigrationMode {
     }
 }
 
+/// A migration mode name that is none of precopy, postcopy or hybrid
+/// (the text as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?} (precopy, postcopy or hybrid)")]
+pub struct UnknownMode(pub String);
+
 impl std::str::FromStr for MigrationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
         match s {
             "precopy" => Ok(MigrationMode::Precopy),
             "postcopy" => Ok(MigrationMode::Postcopy),
             "hybrid" => Ok(MigrationMode::Hybrid),
-            other => Err(format!(
-                "unknown mode {other:?} (precopy, postcopy or hybrid)"
-            )),
+            other => Err(UnknownMode(other.to_owned())),
         }
     }
 }

@@ -96,32 +96,52 @@ pub struct QemuManifest {
     pub disks: Vec<DiskManifest>,
 }
 
+/// Why a [`QemuManifest`] is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// More multifd channels than a plan may have streams.
+    #[error("{0} multifd channels, at most {max}", max = crate::model::MAX_STREAMS)]
+    MultifdChannels(u16),
+    /// Multifd asked with post-copy or hybrid.
+    #[error("multifd channels with post-copy (QEMU cannot combine them)")]
+    MultifdWithPostcopy,
+    /// More disks than [`MAX_DISKS`].
+    #[error("{0} disks, at most {MAX_DISKS}")]
+    TooManyDisks(usize),
+    /// The copied disks are not the VM's disks.
+    #[error("copied disks do not match the VM's disks")]
+    DisksMismatch,
+    /// A disk image format other than raw or qcow2 (the peer's text).
+    #[error("disk format {0:?} (raw or qcow2)")]
+    DiskFormat(String),
+    /// The disks' sizes do not add up in 64 bits.
+    #[error("the disks' sizes overflow when added")]
+    DiskBytesOverflow,
+}
+
 impl QemuManifest {
     /// Checks the bounds a decoder cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ManifestError> {
         if usize::from(self.multifd_channels) > usize::from(crate::model::MAX_STREAMS) {
-            return Err(format!(
-                "{} multifd channels, at most {}",
-                self.multifd_channels,
-                crate::model::MAX_STREAMS
-            ));
+            return Err(ManifestError::MultifdChannels(self.multifd_channels));
         }
         if self.multifd_channels > 0 && self.mode != MigrationMode::Precopy {
-            return Err("multifd channels with post-copy (QEMU cannot combine them)".into());
+            return Err(ManifestError::MultifdWithPostcopy);
         }
         if self.disks.len() > MAX_DISKS {
-            return Err(format!("{} disks, at most {MAX_DISKS}", self.disks.len()));
+            return Err(ManifestError::TooManyDisks(self.disks.len()));
         }
         if !self.disks.is_empty() && self.disks.len() != self.spec.disks.len() {
-            return Err("copied disks do not match the VM's disks".into());
+            return Err(ManifestError::DisksMismatch);
         }
         for d in &self.disks {
             if !matches!(d.format.as_str(), "raw" | "qcow2") {
-                return Err(format!("disk format {:?} (raw or qcow2)", d.format));
+                return Err(ManifestError::DiskFormat(d.format.clone()));
             }
         }
         if self.disk_bytes().is_none() {
-            return Err("the disks' sizes overflow when added".into());
+            return Err(ManifestError::DiskBytesOverflow);
         }
         Ok(())
     }
@@ -344,13 +364,16 @@ mod tests {
         assert_eq!(m.channels(), 4);
         let mut bad = m.clone();
         bad.mode = MigrationMode::Postcopy;
-        assert!(bad.validate().is_err());
+        assert_eq!(bad.validate(), Err(ManifestError::MultifdWithPostcopy));
         let mut bad = m.clone();
         bad.multifd_channels = 17;
-        assert!(bad.validate().is_err());
+        assert_eq!(bad.validate(), Err(ManifestError::MultifdChannels(17)));
         let mut bad = m.clone();
         bad.disks[0].format = "vmdk".into();
-        assert!(bad.validate().is_err());
+        assert_eq!(
+            bad.validate().map_err(|e| e.to_string()),
+            Err("disk format \"vmdk\" (raw or qcow2)".to_string())
+        );
         // Sizes a peer sends cannot overflow when added up.
         let mut bad = m.clone();
         bad.spec.disks.push("e.img".into());
@@ -360,9 +383,9 @@ mod tests {
             format: "raw".into(),
         });
         assert_eq!(bad.disk_bytes(), None);
-        assert!(bad.validate().is_err());
+        assert_eq!(bad.validate(), Err(ManifestError::DiskBytesOverflow));
         let mut bad = m;
         bad.disks.push(bad.disks[0].clone());
-        assert!(bad.validate().is_err());
+        assert_eq!(bad.validate(), Err(ManifestError::DisksMismatch));
     }
 }

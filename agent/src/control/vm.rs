@@ -153,7 +153,7 @@ pub(super) async fn create_qemu_vm(
     }
     let qspec = match cfg.resolve(&spec) {
         Ok(q) => q,
-        Err(e) => return error(CtlErrorKind::BadRequest, e),
+        Err(e) => return error(CtlErrorKind::BadRequest, e.to_string()),
     };
     if adopt
         .as_deref()

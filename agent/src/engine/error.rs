@@ -102,6 +102,6 @@ pub enum OptionsError {
         error: std::io::Error,
     },
     /// The QEMU manifest is out of bounds.
-    #[error("{0}")]
-    QemuManifest(String),
+    #[error(transparent)]
+    QemuManifest(convoy_protocol::stream::ManifestError),
 }

@@ -183,7 +183,7 @@ pub(crate) async fn migrate(
                 attributes,
                 started,
             };
-            let done = run.drive(conn.map_err(|e| e.to_string())).await;
+            let done = run.drive(conn).await;
             return Ok(finish(&host, &req, migration, done.phases, done.report));
         }
     };

@@ -21,8 +21,9 @@ use serde_json::json;
 fn guest() -> Option<&'static TestGuest> {
     static GUEST: OnceLock<Result<TestGuest, String>> = OnceLock::new();
     let built = GUEST.get_or_init(|| {
-        guest::find_qemu()?;
+        guest::find_qemu().map_err(|e| e.to_string())?;
         guest::build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-guest"))
+            .map_err(|e| e.to_string())
     });
     match built {
         Ok(g) => Some(g),

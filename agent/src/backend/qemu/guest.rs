@@ -17,19 +17,52 @@ pub struct TestGuest {
     pub initrd: PathBuf,
 }
 
+/// Why the guest could not be built ([`build`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The output directory or the script in it could not be written.
+    #[error("{}: {source}", .path.display())]
+    Write {
+        /// What was written.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bash could not be started.
+    #[error("cannot run bash: {0}")]
+    Bash(#[source] std::io::Error),
+    /// The script failed; its error output says what to do (which packages
+    /// to install when some are missing).
+    #[error("{0}")]
+    Script(String),
+}
+
+/// `qemu-system-x86_64` is not on the `PATH`.
+#[derive(Debug, thiserror::Error)]
+#[error("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")]
+pub struct QemuNotInstalled;
+
 /// Builds the guest into `out`. On failure the message says what to do:
 /// which packages to install when some are missing.
-pub fn build(out: &Path) -> Result<TestGuest, String> {
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+pub fn build(out: &Path) -> Result<TestGuest, BuildError> {
+    let write = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BuildError::Write { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(write(out))?;
     let script = out.join("build-test-guest");
-    std::fs::write(&script, BUILD_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    std::fs::write(&script, BUILD_SCRIPT).map_err(write(&script))?;
     let st = std::process::Command::new("bash")
         .arg(&script)
         .arg(out)
         .output()
-        .map_err(|e| format!("cannot run bash: {e}"))?;
+        .map_err(BuildError::Bash)?;
     if !st.status.success() {
-        return Err(String::from_utf8_lossy(&st.stderr).trim().to_owned());
+        return Err(BuildError::Script(
+            String::from_utf8_lossy(&st.stderr).trim().to_owned(),
+        ));
     }
     Ok(TestGuest {
         kernel: out.join("vmlinuz"),
@@ -38,16 +71,14 @@ pub fn build(out: &Path) -> Result<TestGuest, String> {
 }
 
 /// `qemu-system-x86_64` on the `PATH`, or what to install.
-pub fn find_qemu() -> Result<PathBuf, String> {
+pub fn find_qemu() -> Result<PathBuf, QemuNotInstalled> {
     std::env::var_os("PATH")
         .and_then(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("qemu-system-x86_64"))
                 .find(|f| f.is_file())
         })
-        .ok_or_else(|| {
-            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into()
-        })
+        .ok_or(QemuNotInstalled)
 }
 
 /// Every `convoy-counter N` the guest printed on its serial console, in

@@ -23,7 +23,7 @@ use thiserror::Error;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::qmp::{Qmp, QmpError};
+use super::qmp::{Qmp, QmpError, Waited};
 
 /// The accelerator (the wire type: TCG works everywhere; KVM needs
 /// `/dev/kvm`, and hung at boot under nested virtualisation on the
@@ -59,7 +59,10 @@ pub struct QemuSpec {
 pub enum QemuError {
     /// The spec is unusable.
     #[error("VM definition: {0}")]
-    Spec(String),
+    Spec(#[from] SpecError),
+    /// The QEMU to adopt is not one the agent may take over.
+    #[error("VM definition: {0}")]
+    Adopt(#[from] AdoptError),
     /// QEMU could not be started.
     #[error("cannot start {binary}: {source}")]
     Spawn {
@@ -72,7 +75,7 @@ pub enum QemuError {
     #[error("QEMU exited at start ({status}): {stderr}")]
     Exited {
         /// Exit status.
-        status: String,
+        status: std::process::ExitStatus,
         /// Its last error output.
         stderr: String,
     },
@@ -82,6 +85,144 @@ pub enum QemuError {
     /// File system.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why a definition cannot start ([`QemuSpec::validate`]).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// Memory out of range.
+    #[error("memory {0} MiB out of range")]
+    Memory(u64),
+    /// vCPUs out of range.
+    #[error("{0} vCPUs out of range")]
+    Vcpus(u32),
+    /// A kernel, initrd or disk that is not a file.
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    /// Nothing to boot from.
+    #[error("neither a kernel nor a disk to boot")]
+    NothingToBoot,
+}
+
+/// Why the QEMU behind a QMP socket cannot be adopted
+/// ([`QemuProcess::adopt`], and the VM check of
+/// [`super::vm::QemuVm::adopt_running`]).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AdoptError {
+    /// The socket cannot be looked at.
+    #[error("QMP socket {}: {source}", .socket.display())]
+    Socket {
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a socket.
+    #[error("{} is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// Nobody accepts on it.
+    #[error("cannot connect to {}: {source}", .socket.display())]
+    Connect {
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel names no process behind it.
+    #[error("no process behind {}", .0.display())]
+    NoProcess(PathBuf),
+    /// The process behind it cannot be held or read.
+    #[error("process {pid} behind {}: {source}", .socket.display())]
+    Process {
+        /// Its process id.
+        pid: u32,
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It runs another binary than the allowed one.
+    #[error(
+        "the process behind {} ({pid}) runs {}, not the allowed QEMU binary {}",
+        .socket.display(), .exe.display(), .allowed.display()
+    )]
+    WrongBinary {
+        /// The socket.
+        socket: PathBuf,
+        /// Its process id.
+        pid: u32,
+        /// What it runs.
+        exe: PathBuf,
+        /// The allowed binary.
+        allowed: PathBuf,
+    },
+    /// It runs another VM than the definition.
+    #[error("the adopted QEMU {0}")]
+    Differs(#[from] Mismatch),
+}
+
+/// How an adopted QEMU differs from its definition (QEMU's own words for
+/// its status and block drivers).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Mismatch {
+    /// Neither running nor paused.
+    #[error(
+        "is {}; only a running or paused VM can be adopted",
+        .0.as_deref().unwrap_or("in an unknown state")
+    )]
+    Status(Option<String>),
+    /// Another memory size.
+    #[error(
+        "has {} MiB of memory, the definition {want} MiB",
+        .found.map_or("an unknown amount of".into(), |b| (b >> 20).to_string())
+    )]
+    Memory {
+        /// Bytes, as QEMU reports them.
+        found: Option<u64>,
+        /// MiB, as defined.
+        want: u64,
+    },
+    /// Another number of vCPUs.
+    #[error("has {found} vCPUs, the definition {want}")]
+    Vcpus {
+        /// As QEMU reports them.
+        found: usize,
+        /// As defined.
+        want: u32,
+    },
+    /// Another accelerator.
+    #[error(
+        "runs on {}, the definition on {}",
+        if *.kvm { "kvm" } else { "tcg" },
+        if *.kvm { "tcg" } else { "kvm" }
+    )]
+    Accel {
+        /// QEMU runs on KVM.
+        kvm: bool,
+    },
+    /// A disk opened with another driver than raw.
+    #[error("opens {file} as {driver}; Convoy migrates raw images")]
+    NotRaw {
+        /// The file, as QEMU names it.
+        file: String,
+        /// QEMU's block driver.
+        driver: String,
+    },
+    /// A disk of the definition is not attached.
+    #[error("has no disk {}", .0.display())]
+    MissingDisk(PathBuf),
+    /// A disk the definition does not name.
+    #[error("has a disk the definition does not name ({}); it would not migrate", .0.display())]
+    ExtraDisk(PathBuf),
+    /// A disk with neither a device nor a node name.
+    #[error("has a disk with neither a device nor a node name")]
+    UnnamedDisk,
 }
 
 /// A running QEMU, its QMP connection and its files.
@@ -168,20 +309,19 @@ fn option_value(p: &Path) -> String {
 impl QemuSpec {
     /// Checks what can be checked before starting anything.
     pub fn validate(&self) -> Result<(), QemuError> {
-        let bad = |s: String| Err(QemuError::Spec(s));
         if self.memory_mib == 0 || self.memory_mib > 1 << 20 {
-            return bad(format!("memory {} MiB out of range", self.memory_mib));
+            return Err(SpecError::Memory(self.memory_mib).into());
         }
         if self.vcpus == 0 || self.vcpus > 256 {
-            return bad(format!("{} vCPUs out of range", self.vcpus));
+            return Err(SpecError::Vcpus(self.vcpus).into());
         }
         for p in self.kernel.iter().chain(&self.initrd).chain(&self.disks) {
             if !p.is_file() {
-                return bad(format!("{} does not exist", p.display()));
+                return Err(SpecError::Missing(p.clone()).into());
             }
         }
         if self.kernel.is_none() && self.disks.is_empty() {
-            return bad("neither a kernel nor a disk to boot".into());
+            return Err(SpecError::NothingToBoot.into());
         }
         Ok(())
     }
@@ -266,7 +406,7 @@ impl QemuProcess {
             if let Some(status) = child.try_wait()? {
                 let stderr = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
                 return Err(QemuError::Exited {
-                    status: status.to_string(),
+                    status,
                     stderr: stderr.lines().last().unwrap_or("").to_owned(),
                 });
             }
@@ -284,7 +424,7 @@ impl QemuProcess {
             }
             if Instant::now() > deadline {
                 let _ = child.kill().await;
-                return Err(QemuError::Qmp(QmpError::Timeout("QMP socket".into())));
+                return Err(QemuError::Qmp(QmpError::Timeout(Waited::Socket)));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -296,42 +436,52 @@ impl QemuProcess {
     /// Nothing but the process's identity is checked here: the VM it runs
     /// is checked against its definition by the caller.
     pub async fn adopt(sock: &Path, binary: &Path, dir: &Path) -> Result<Self, QemuError> {
-        let bad = |s: String| QemuError::Spec(s);
-        let meta = std::fs::metadata(sock)
-            .map_err(|e| bad(format!("QMP socket {}: {e}", sock.display())))?;
+        let socket = || sock.to_owned();
+        let meta = std::fs::metadata(sock).map_err(|source| AdoptError::Socket {
+            socket: socket(),
+            source,
+        })?;
         if !meta.file_type().is_socket() {
-            return Err(bad(format!("{} is not a socket", sock.display())));
+            return Err(AdoptError::NotASocket(socket()).into());
         }
         let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
             .await
-            .map_err(|_| QemuError::Qmp(QmpError::Timeout("QMP socket".into())))?
-            .map_err(|e| bad(format!("cannot connect to {}: {e}", sock.display())))?;
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout(Waited::Socket)))?
+            .map_err(|source| AdoptError::Connect {
+                socket: socket(),
+                source,
+            })?;
         // The process that listens on the socket, from the kernel.
         let pid = stream
             .peer_cred()?
             .pid()
             .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| bad(format!("no process behind {}", sock.display())))?;
+            .ok_or_else(|| AdoptError::NoProcess(socket()))?;
         let raw = rustix::process::Pid::from_raw(pid as i32)
-            .ok_or_else(|| bad(format!("no process behind {}", sock.display())))?;
+            .ok_or_else(|| AdoptError::NoProcess(socket()))?;
+        let process = |source| AdoptError::Process {
+            pid,
+            socket: socket(),
+            source,
+        };
         let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-            .map_err(|e| bad(format!("process {pid} behind {}: {e}", sock.display())))?;
+            .map_err(|e| process(e.into()))?;
         // Read once the pidfd holds the process: the pid cannot be another
         // process's by now.
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map_err(|e| bad(format!("process {pid} behind {}: {e}", sock.display())))?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(process)?;
         let allowed = binary.canonicalize().unwrap_or_else(|_| binary.to_owned());
         if exe != allowed {
-            return Err(bad(format!(
-                "the process behind {} ({pid}) runs {}, not the allowed QEMU binary {}",
-                sock.display(),
-                exe.display(),
-                allowed.display()
-            )));
+            return Err(AdoptError::WrongBinary {
+                socket: socket(),
+                pid,
+                exe,
+                allowed,
+            }
+            .into());
         }
         let qmp = tokio::time::timeout(Duration::from_secs(10), Qmp::handshake(stream))
             .await
-            .map_err(|_| QemuError::Qmp(QmpError::Timeout("QMP greeting".into())))??;
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout(Waited::Greeting)))??;
         crate::private::create_dir_all(dir)?;
         Ok(QemuProcess {
             handle: Handle::Adopted { pid, pidfd },

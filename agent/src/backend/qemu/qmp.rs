@@ -36,7 +36,7 @@ pub enum QmpError {
     TooLong,
     /// Not QMP.
     #[error("QMP: malformed message: {0}")]
-    Malformed(String),
+    Malformed(#[from] Malformed),
     /// QEMU refused the command.
     #[error("QMP {command}: {class}: {desc}")]
     Command {
@@ -49,7 +49,56 @@ pub enum QmpError {
     },
     /// No answer or event in time.
     #[error("QMP: {0} timed out")]
-    Timeout(String),
+    Timeout(Waited),
+}
+
+/// How a QMP message is not what QMP says (QEMU's text kept as it came,
+/// for the operator).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// Not JSON.
+    #[error("{source}: {line}")]
+    Json {
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+        /// The line's first 200 bytes.
+        line: String,
+    },
+    /// The first message is not a greeting.
+    #[error("no QMP greeting: {0}")]
+    NoGreeting(Value),
+    /// A command we could not encode.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// An answer to a command we did not send.
+    #[error("answer to another command: {0}")]
+    OtherAnswer(Value),
+    /// An answer with neither a return nor an error.
+    #[error("neither return nor error: {0}")]
+    NoResult(Value),
+}
+
+/// What was waited for when a QMP wait timed out.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Waited {
+    /// QEMU's QMP socket to appear and accept.
+    #[error("QMP socket")]
+    Socket,
+    /// QEMU's greeting.
+    #[error("QMP greeting")]
+    Greeting,
+    /// The answers that check an adopted VM.
+    #[error("checking the VM")]
+    CheckingVm,
+    /// The answer to a command (its QMP name).
+    #[error("{0}")]
+    Command(String),
+    /// An event (its QMP name).
+    #[error("waiting for {0}")]
+    Event(String),
 }
 
 /// A negotiated QMP connection.
@@ -92,7 +141,7 @@ impl Qmp {
             .get("QMP")
             .and_then(|q| q.get("version"))
             .and_then(|v| v.get("qemu"))
-            .ok_or_else(|| QmpError::Malformed(format!("no QMP greeting: {greeting}")))?;
+            .ok_or_else(|| Malformed::NoGreeting(greeting.clone()))?;
         let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
         qmp.version = format!("{}.{}.{}", n("major"), n("minor"), n("micro"));
         qmp.execute("qmp_capabilities", None).await?;
@@ -118,11 +167,12 @@ impl Qmp {
         if line.len() > MAX_LINE {
             return Err(QmpError::TooLong);
         }
-        serde_json::from_slice(&line).map_err(|e| {
-            QmpError::Malformed(format!(
-                "{e}: {}",
-                String::from_utf8_lossy(&line[..line.len().min(200)])
-            ))
+        serde_json::from_slice(&line).map_err(|source| {
+            Malformed::Json {
+                source,
+                line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
+            }
+            .into()
         })
     }
 
@@ -138,7 +188,7 @@ impl Qmp {
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
-        let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Malformed(e.to_string()))?;
+        let mut bytes = serde_json::to_vec(&msg).map_err(Malformed::Encode)?;
         bytes.push(b'\n');
         self.writer.write_all(&bytes).await?;
         loop {
@@ -153,9 +203,7 @@ impl Qmp {
                 if stale(&m, self.next_id) {
                     continue;
                 }
-                return Err(QmpError::Malformed(format!(
-                    "answer to another command: {m}"
-                )));
+                return Err(Malformed::OtherAnswer(m).into());
             }
             if let Some(r) = m.get("return") {
                 return Ok(r.clone());
@@ -168,9 +216,7 @@ impl Qmp {
                     desc: s("desc"),
                 });
             }
-            return Err(QmpError::Malformed(format!(
-                "neither return nor error: {m}"
-            )));
+            return Err(Malformed::NoResult(m).into());
         }
     }
 
@@ -205,7 +251,7 @@ impl Qmp {
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| QmpError::Timeout(format!("waiting for {name}")))?
+            .map_err(|_| QmpError::Timeout(Waited::Event(name.to_owned())))?
     }
 }
 

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_protocol::ctl::QemuVmSpec;
+use thiserror::Error;
 
-use super::process::{QemuError, QemuProcess, QemuSpec};
-use super::qmp::QmpError;
+use super::process::{AdoptError, Mismatch, QemuError, QemuProcess, QemuSpec};
+use super::qmp::{QmpError, Waited};
 
 /// Longest kernel command line accepted.
 pub const MAX_APPEND: usize = 1024;
@@ -30,10 +31,79 @@ pub struct QemuConfig {
     pub runtime: PathBuf,
 }
 
+/// Why an operator's QEMU definition is not allowed
+/// ([`QemuConfig::resolve`]).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// A binary the agent does not allow.
+    #[error(
+        "QEMU binary {name:?} is not one this agent allows ({})",
+        .allowed.iter().map(|b| b.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Binary {
+        /// The binary as the operator named it.
+        name: String,
+        /// The binaries the agent allows.
+        allowed: Vec<PathBuf>,
+    },
+    /// Memory out of range.
+    #[error("memory {0} MiB out of 16..=1048576")]
+    Memory(u64),
+    /// vCPUs out of range.
+    #[error("{0} vCPUs out of 1..=64")]
+    Vcpus(u32),
+    /// A kernel command line too long or not printable ASCII.
+    #[error("kernel command line must be printable ASCII of at most {MAX_APPEND} bytes")]
+    Append,
+    /// Too many disks.
+    #[error("{0} disks, at most {MAX_DISKS}")]
+    Disks(usize),
+    /// A kernel, initrd or disk that is not a file in the image directory.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+/// Why a name does not lead to a file in the image directory, or cannot
+/// become a new one there.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// The image directory itself cannot be used.
+    #[error("image directory {}: {source}", .dir.display())]
+    Directory {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a file inside the directory (one answer for every refusal: an
+    /// operator learns nothing about files outside it).
+    #[error("image {name:?} is not a file inside {}", .root.display())]
+    NotInside {
+        /// The name as given.
+        name: String,
+        /// The image directory.
+        root: PathBuf,
+    },
+    /// A disk arriving by migration that cannot be created there.
+    #[error("disk {name:?} cannot be created inside {}", .root.display())]
+    CannotCreate {
+        /// The name as given.
+        name: String,
+        /// The image directory.
+        root: PathBuf,
+    },
+    /// A disk arriving by migration whose file exists.
+    #[error("disk {0:?} already exists here; refusing to overwrite it")]
+    Exists(String),
+}
+
 impl QemuConfig {
     /// Turns an operator's request into a QEMU definition, or says exactly
     /// what is not allowed. No free-form argument reaches the command line.
-    pub fn resolve(&self, s: &QemuVmSpec) -> Result<QemuSpec, String> {
+    pub fn resolve(&self, s: &QemuVmSpec) -> Result<QemuSpec, ResolveError> {
         let binary = self
             .binaries
             .iter()
@@ -42,30 +112,21 @@ impl QemuConfig {
                     || b.file_name().is_some_and(|f| f == s.binary.as_str())
             })
             .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "QEMU binary {:?} is not one this agent allows ({})",
-                    s.binary,
-                    self.binaries
-                        .iter()
-                        .map(|b| b.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+            .ok_or_else(|| ResolveError::Binary {
+                name: s.binary.clone(),
+                allowed: self.binaries.clone(),
             })?;
         if !(16..=1 << 20).contains(&s.memory_mib) {
-            return Err(format!("memory {} MiB out of 16..=1048576", s.memory_mib));
+            return Err(ResolveError::Memory(s.memory_mib));
         }
         if !(1..=64).contains(&s.vcpus) {
-            return Err(format!("{} vCPUs out of 1..=64", s.vcpus));
+            return Err(ResolveError::Vcpus(s.vcpus));
         }
         if s.append.len() > MAX_APPEND || !s.append.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return Err(format!(
-                "kernel command line must be printable ASCII of at most {MAX_APPEND} bytes"
-            ));
+            return Err(ResolveError::Append);
         }
         if s.disks.len() > MAX_DISKS {
-            return Err(format!("{} disks, at most {MAX_DISKS}", s.disks.len()));
+            return Err(ResolveError::Disks(s.disks.len()));
         }
         let image = |rel: &str| self.image(rel);
         Ok(QemuSpec {
@@ -83,9 +144,11 @@ impl QemuConfig {
 
     /// Where a disk arriving by migration is created: a new file inside
     /// the image directory (never an existing one, never outside).
-    pub fn new_disk(&self, rel: &str) -> Result<PathBuf, String> {
-        let refuse =
-            |root: &Path| format!("disk {rel:?} cannot be created inside {}", root.display());
+    pub fn new_disk(&self, rel: &str) -> Result<PathBuf, ImageError> {
+        let refuse = |root: &Path| ImageError::CannotCreate {
+            name: rel.to_owned(),
+            root: root.to_owned(),
+        };
         let (root, rel_path) = self.relative(rel, refuse)?;
         let refuse = || refuse(&root);
         let (Some(parent), Some(file)) = (rel_path.parent(), rel_path.file_name()) else {
@@ -97,9 +160,7 @@ impl QemuConfig {
         }
         let p = parent.join(file);
         if p.symlink_metadata().is_ok() {
-            return Err(format!(
-                "disk {rel:?} already exists here; refusing to overwrite it"
-            ));
+            return Err(ImageError::Exists(rel.to_owned()));
         }
         Ok(p)
     }
@@ -109,12 +170,9 @@ impl QemuConfig {
     fn relative<'r>(
         &self,
         rel: &'r str,
-        refuse: impl Fn(&Path) -> String,
-    ) -> Result<(PathBuf, &'r Path), String> {
-        let root = self
-            .images
-            .canonicalize()
-            .map_err(|e| format!("image directory {}: {e}", self.images.display()))?;
+        refuse: impl Fn(&Path) -> ImageError,
+    ) -> Result<(PathBuf, &'r Path), ImageError> {
+        let root = self.images.canonicalize().map_err(|e| self.directory(e))?;
         let rel_path = Path::new(rel);
         // A comma is QEMU option syntax: no image or disk name carries one
         // (the command line escapes it too), nor control characters.
@@ -132,17 +190,26 @@ impl QemuConfig {
     }
 
     /// Bytes free for unprivileged use in the image directory.
-    pub fn free_bytes(&self) -> Result<u64, String> {
-        let st = rustix::fs::statvfs(&self.images)
-            .map_err(|e| format!("image directory {}: {e}", self.images.display()))?;
+    pub fn free_bytes(&self) -> Result<u64, ImageError> {
+        let st = rustix::fs::statvfs(&self.images).map_err(|e| self.directory(e.into()))?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
+    fn directory(&self, source: std::io::Error) -> ImageError {
+        ImageError::Directory {
+            dir: self.images.clone(),
+            source,
+        }
+    }
+
     /// A file inside the image directory (after resolving `..` and links).
-    fn image(&self, rel: &str) -> Result<PathBuf, String> {
+    fn image(&self, rel: &str) -> Result<PathBuf, ImageError> {
         // One answer for every refusal: an operator learns nothing about
         // files outside the directory.
-        let refuse = |root: &Path| format!("image {rel:?} is not a file inside {}", root.display());
+        let refuse = |root: &Path| ImageError::NotInside {
+            name: rel.to_owned(),
+            root: root.to_owned(),
+        };
         let (root, rel_path) = self.relative(rel, refuse)?;
         let refuse = || refuse(&root);
         // Symbolic links inside may still lead out: checked after resolving.
@@ -161,40 +228,33 @@ async fn matches_spec(
     spec: &QemuSpec,
 ) -> Result<(bool, Vec<String>), QemuError> {
     use serde_json::Value;
-    let differs = |what: String| Err(QemuError::Spec(format!("the adopted QEMU {what}")));
+    let differs = |m: Mismatch| Err(QemuError::Adopt(AdoptError::Differs(m)));
     let status = p.qmp.execute("query-status", None).await?;
     let paused = match status.get("status").and_then(Value::as_str) {
         Some("running") => false,
         Some("paused") => true,
-        other => {
-            return differs(format!(
-                "is {}; only a running or paused VM can be adopted",
-                other.unwrap_or("in an unknown state")
-            ))
-        }
+        other => return differs(Mismatch::Status(other.map(str::to_owned))),
     };
     let mem = p.qmp.execute("query-memory-size-summary", None).await?;
     let base = mem.get("base-memory").and_then(Value::as_u64);
     if base != Some(spec.memory_mib << 20) {
-        return differs(format!(
-            "has {} MiB of memory, the definition {} MiB",
-            base.map_or("an unknown amount of".into(), |b| (b >> 20).to_string()),
-            spec.memory_mib
-        ));
+        return differs(Mismatch::Memory {
+            found: base,
+            want: spec.memory_mib,
+        });
     }
     let cpus = p.qmp.execute("query-cpus-fast", None).await?;
     let n = cpus.as_array().map_or(0, Vec::len);
     if n != spec.vcpus as usize {
-        return differs(format!("has {n} vCPUs, the definition {}", spec.vcpus));
+        return differs(Mismatch::Vcpus {
+            found: n,
+            want: spec.vcpus,
+        });
     }
     let kvm = p.qmp.execute("query-kvm", None).await?;
     let on_kvm = kvm.get("enabled").and_then(Value::as_bool) == Some(true);
     if on_kvm != (spec.accel == super::process::Accel::Kvm) {
-        return differs(format!(
-            "runs on {}, the definition on {}",
-            if on_kvm { "kvm" } else { "tcg" },
-            if on_kvm { "tcg" } else { "kvm" }
-        ));
+        return differs(Mismatch::Accel { kvm: on_kvm });
     }
     // Every disk with a medium, by the file it reads: exactly the
     // definition's (one it does not name would not migrate).
@@ -216,7 +276,10 @@ async fn matches_spec(
         let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("?");
         if drv != "raw" {
             // Destinations open every disk as raw.
-            return differs(format!("opens {file} as {drv}; Convoy migrates raw images"));
+            return differs(Mismatch::NotRaw {
+                file: file.to_owned(),
+                driver: drv.to_owned(),
+            });
         }
         found.push((
             path.canonicalize().unwrap_or_else(|_| path.to_owned()),
@@ -227,17 +290,14 @@ async fn matches_spec(
     for d in &spec.disks {
         match found.iter().position(|(f, _)| f == d) {
             Some(i) => devices.push(found.remove(i).1),
-            None => return differs(format!("has no disk {}", d.display())),
+            None => return differs(Mismatch::MissingDisk(d.clone())),
         }
     }
     if let Some((f, _)) = found.first() {
-        return differs(format!(
-            "has a disk the definition does not name ({}); it would not migrate",
-            f.display()
-        ));
+        return differs(Mismatch::ExtraDisk(f.clone()));
     }
     if devices.iter().any(String::is_empty) {
-        return differs("has a disk with neither a device nor a node name".into());
+        return differs(Mismatch::UnnamedDisk);
     }
     Ok((paused, devices))
 }
@@ -305,7 +365,7 @@ impl QemuVm {
         let (paused, block_devices) = match checked {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(QemuError::Qmp(QmpError::Timeout("checking the VM".into()))),
+            Err(_) => return Err(QemuError::Qmp(QmpError::Timeout(Waited::CheckingVm))),
         };
         Ok((
             Arc::new(QemuVm {
@@ -336,7 +396,9 @@ impl QemuVm {
         let p = g.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))?;
         match tokio::time::timeout(QMP_TIMEOUT, p.qmp.execute(command, arguments)).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(QemuError::Qmp(QmpError::Timeout(command.to_owned()))),
+            Err(_) => Err(QemuError::Qmp(QmpError::Timeout(Waited::Command(
+                command.to_owned(),
+            )))),
         }
     }
 

@@ -107,9 +107,46 @@ pub(crate) enum ChanEvent {
     /// QEMU opened it (and the stream to the peer is open).
     Opened,
     /// It ended, both ways.
-    Done(ChannelKind, Result<Spliced, String>),
+    Done(ChannelKind, Result<Spliced, ChannelError>),
     /// The peer opened something that is not a channel of this migration.
-    Bad(String),
+    Bad(BadChannel),
+}
+
+/// Why a channel could not be carried.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChannelError {
+    /// QEMU's connection could not be accepted.
+    #[error("{0}")]
+    Accept(#[source] std::io::Error),
+    /// No stream to the peer.
+    #[error(transparent)]
+    Open(#[from] quinn::ConnectionError),
+    /// The channel's header could not be sent.
+    #[error(transparent)]
+    Announce(#[from] WireError),
+    /// QEMU's socket would not take the connection.
+    #[error("QEMU's socket: {0}")]
+    QemuSocket(#[source] std::io::Error),
+    /// The splice broke, either way.
+    #[error("{0}")]
+    Splice(#[source] std::io::Error),
+}
+
+/// Something the peer opened that is not a channel of this migration.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadChannel {
+    /// Another message where a channel header belongs.
+    #[error("{0} opening a channel")]
+    NotAHeader(&'static str),
+    /// The header could not be read.
+    #[error("opening a channel: {0}")]
+    Read(#[source] WireError),
+    /// No header in time.
+    #[error("a channel opened without a header")]
+    NoHeader,
+    /// A channel the manifest does not announce, or one seen before.
+    #[error("unexpected channel: {0}")]
+    Unexpected(ChannelKind),
 }
 
 /// Announces channel `kind` as open and splices it in `tasks`, reporting
@@ -125,7 +162,9 @@ pub(crate) fn carry(
     let _ = events.send(ChanEvent::Opened);
     let ev = events.clone();
     tasks.spawn(async move {
-        let r = splice(local, send, recv).await.map_err(|e| e.to_string());
+        let r = splice(local, send, recv)
+            .await
+            .map_err(ChannelError::Splice);
         let _ = ev.send(ChanEvent::Done(kind, r));
     });
 }

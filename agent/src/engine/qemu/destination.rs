@@ -27,7 +27,9 @@ use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::common::{capabilities, carry, digests, read_control, ChanEvent, Control, Fail};
+use super::common::{
+    capabilities, carry, digests, read_control, BadChannel, ChanEvent, ChannelError, Control, Fail,
+};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::admission;
@@ -169,7 +171,7 @@ impl Incoming {
         }
         let m = self.manifest.clone();
         let unacceptable = |s: String| Fail::new(Reason::Unacceptable(s.clone()), s);
-        m.validate().map_err(unacceptable)?;
+        m.validate().map_err(|e| unacceptable(e.to_string()))?;
         if m.spec.name != p.vm {
             return Err(unacceptable("the VM definition names another VM".into()));
         }
@@ -210,7 +212,7 @@ impl Incoming {
                     "{need} bytes of disks exceeds this agent's limit of {limit}"
                 )));
             }
-            let free = cfg.free_bytes().map_err(Fail::local)?;
+            let free = cfg.free_bytes().map_err(|e| Fail::local(e.to_string()))?;
             if need > free {
                 return Err(Fail::new(
                     Reason::NoCapacity,
@@ -218,7 +220,7 @@ impl Incoming {
                 ));
             }
             for rel in &m.spec.disks {
-                disk_paths.push(cfg.new_disk(rel).map_err(unacceptable)?);
+                disk_paths.push(cfg.new_disk(rel).map_err(|e| unacceptable(e.to_string()))?);
             }
         }
         match self
@@ -243,7 +245,9 @@ impl Incoming {
             f.set_len(d.size)
                 .map_err(|e| Fail::local(format!("cannot size {}: {e}", path.display())))?;
         }
-        let mut spec = cfg.resolve(&m.spec).map_err(unacceptable)?;
+        let mut spec = cfg
+            .resolve(&m.spec)
+            .map_err(|e| unacceptable(e.to_string()))?;
         // Held paused until the handover.
         spec.extra_args.push("-S".into());
         let dir = cfg.runtime.join(p.vm.as_str());
@@ -554,7 +558,7 @@ fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Resul
             Ok(())
         }
         Some(ChanEvent::Done(kind, Err(e))) => Err(Fail::local(format!("{kind}: {e}"))),
-        Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e)),
+        Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e.to_string())),
     }
 }
 
@@ -587,19 +591,16 @@ async fn accept_channels(
             match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv)).await {
                 Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => o.kind,
                 Ok(Ok(Some(other))) => {
-                    let _ = events.send(ChanEvent::Bad(format!(
-                        "{} opening a channel",
-                        other.kind()
-                    )));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::NotAHeader(other.kind())));
                     break;
                 }
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => {
-                    let _ = events.send(ChanEvent::Bad(format!("opening a channel: {e}")));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::Read(e)));
                     break;
                 }
                 Err(_) => {
-                    let _ = events.send(ChanEvent::Bad("a channel opened without a header".into()));
+                    let _ = events.send(ChanEvent::Bad(BadChannel::NoHeader));
                     break;
                 }
             };
@@ -608,7 +609,7 @@ async fn accept_channels(
             ChannelKind::Nbd(n) => usize::from(n) < manifest.disks.len(),
         };
         if !valid || seen.contains(&kind) {
-            let _ = events.send(ChanEvent::Bad(format!("unexpected channel: {kind}")));
+            let _ = events.send(ChanEvent::Bad(BadChannel::Unexpected(kind)));
             break;
         }
         seen.push(kind);
@@ -619,7 +620,7 @@ async fn accept_channels(
         let local = match tokio::net::UnixStream::connect(&path).await {
             Ok(l) => l,
             Err(e) => {
-                let _ = events.send(ChanEvent::Done(kind, Err(format!("QEMU's socket: {e}"))));
+                let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::QemuSocket(e))));
                 break;
             }
         };

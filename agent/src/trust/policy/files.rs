@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::PolicyError;
 
 /// Largest policy or inventory file read (1 MiB).
-const MAX_FILE: u64 = 1 << 20;
+pub(super) const MAX_FILE: u64 = 1 << 20;
 
 /// Which files a policy comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,9 +59,9 @@ impl FileStamp {
 }
 
 pub(super) fn policy_paths(p: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let io = |e: std::io::Error| PolicyError::Io {
+    let io = |source| PolicyError::Io {
         path: p.to_owned(),
-        detail: e.to_string(),
+        source,
     };
     if p.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(p)
@@ -77,18 +77,18 @@ pub(super) fn policy_paths(p: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 }
 
 pub(super) fn read_bounded(path: &Path) -> Result<String, PolicyError> {
-    let err = |detail: String| PolicyError::Io {
+    let io = |source| PolicyError::Io {
         path: path.to_owned(),
-        detail,
+        source,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(io)?;
     if meta.len() > MAX_FILE {
-        return Err(err(format!(
-            "{} bytes, larger than the {MAX_FILE}-byte limit",
-            meta.len()
-        )));
+        return Err(PolicyError::TooLarge {
+            path: path.to_owned(),
+            len: meta.len(),
+        });
     }
-    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+    std::fs::read_to_string(path).map_err(io)
 }
 
 /// Paths as a lab or a test writes them: `dir/policies/` and

@@ -3,10 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use cedar_policy::entities_errors::EntitiesError;
 use cedar_policy::{Entities, Entity, Schema};
 use convoy_protocol::names::{Role, SpiffeId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use thiserror::Error;
 
 use super::{report, uid};
 
@@ -47,18 +49,75 @@ pub struct Inventory {
     pub agents: BTreeMap<SpiffeId, HostFacts>,
 }
 
+/// Why an inventory is refused.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum InventoryError {
+    /// Not JSON of the inventory's shape.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// An identity under `operators` that is not an operator's.
+    #[error("{0} is listed under operators")]
+    NotAnOperator(SpiffeId),
+    /// An identity under `agents` that is not an agent's.
+    #[error("{0} is listed under agents")]
+    NotAnAgent(SpiffeId),
+    /// Facts that do not make an entity of the schema.
+    #[error(transparent)]
+    Entity(#[from] EntityError),
+    /// The entities together do not fit the schema (duplicates, types).
+    #[error("{}", report(&**.0))]
+    Entities(#[source] Box<EntitiesError>),
+}
+
+/// Facts that do not make a Cedar entity of the schema.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EntityError {
+    /// An operator.
+    #[error("operator {id}: {}", report(&**.source))]
+    Operator {
+        /// The operator.
+        id: SpiffeId,
+        /// Cedar's account.
+        #[source]
+        source: Box<EntitiesError>,
+    },
+    /// A host.
+    #[error("agent {id}: {}", report(&**.source))]
+    Agent {
+        /// The host.
+        id: SpiffeId,
+        /// Cedar's account.
+        #[source]
+        source: Box<EntitiesError>,
+    },
+    /// A group named in the inventory.
+    #[error("group {name}: {}", report(&**.source))]
+    Group {
+        /// The group, as the inventory names it.
+        name: String,
+        /// Cedar's account.
+        #[source]
+        source: Box<EntitiesError>,
+    },
+    /// A VM (its attributes as the request gave them).
+    #[error("{}", report(&**.0))]
+    Vm(#[source] Box<EntitiesError>),
+}
+
 impl Inventory {
     /// Parses and checks an inventory: roles match their section.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let inv: Inventory = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, InventoryError> {
+        let inv: Inventory = serde_json::from_str(text)?;
         for id in inv.operators.keys() {
             if id.role() != Role::Operator {
-                return Err(format!("{id} is listed under operators"));
+                return Err(InventoryError::NotAnOperator(id.clone()));
             }
         }
         for id in inv.agents.keys() {
             if id.role() != Role::Agent {
-                return Err(format!("{id} is listed under agents"));
+                return Err(InventoryError::NotAnAgent(id.clone()));
             }
         }
         Ok(inv)
@@ -69,7 +128,7 @@ pub(super) fn operator_entity(
     id: &SpiffeId,
     f: &OperatorFacts,
     schema: &Schema,
-) -> Result<Entity, String> {
+) -> Result<Entity, EntityError> {
     let v = json!({
         "uid": uid("Operator", &id.to_string()),
         "attrs": {
@@ -79,10 +138,16 @@ pub(super) fn operator_entity(
         },
         "parents": f.groups.iter().map(|g| uid("Group", g)).collect::<Vec<_>>(),
     });
-    Entity::from_json_value(v, Some(schema)).map_err(|e| format!("operator {id}: {}", report(&e)))
+    Entity::from_json_value(v, Some(schema)).map_err(|e| EntityError::Operator {
+        id: id.clone(),
+        source: Box::new(e),
+    })
 }
 
-pub(super) fn base_entities(inv: &Inventory, schema: &Schema) -> Result<Vec<Entity>, String> {
+pub(super) fn base_entities(
+    inv: &Inventory,
+    schema: &Schema,
+) -> Result<Vec<Entity>, InventoryError> {
     let mut out = Vec::new();
     let mut groups = BTreeSet::new();
     for (id, f) in &inv.operators {
@@ -101,8 +166,10 @@ pub(super) fn base_entities(inv: &Inventory, schema: &Schema) -> Result<Vec<Enti
             "parents": h.groups.iter().map(|g| uid("Group", g)).collect::<Vec<_>>(),
         });
         out.push(
-            Entity::from_json_value(v, Some(schema))
-                .map_err(|e| format!("agent {id}: {}", report(&e)))?,
+            Entity::from_json_value(v, Some(schema)).map_err(|e| EntityError::Agent {
+                id: id.clone(),
+                source: Box::new(e),
+            })?,
         );
         groups.extend(h.groups.iter().cloned());
     }
@@ -112,10 +179,14 @@ pub(super) fn base_entities(inv: &Inventory, schema: &Schema) -> Result<Vec<Enti
                 json!({ "uid": uid("Group", &g), "attrs": {}, "parents": [] }),
                 Some(schema),
             )
-            .map_err(|e| format!("group {g}: {}", report(&e)))?,
+            .map_err(|e| EntityError::Group {
+                name: g.clone(),
+                source: Box::new(e),
+            })?,
         );
     }
     // Duplicates and type errors surface here rather than at a request.
-    Entities::from_entities(out.iter().cloned(), Some(schema)).map_err(|e| report(&e))?;
+    Entities::from_entities(out.iter().cloned(), Some(schema))
+        .map_err(|e| InventoryError::Entities(Box::new(e)))?;
     Ok(out)
 }

@@ -52,8 +52,9 @@ mod tests;
 
 pub use decision::Decision;
 pub use files::{files_in, FileStamp, PolicyFiles};
-pub use inventory::{HostFacts, Inventory, OperatorFacts};
-pub use query::{Action, Query, VmFacts};
+pub use inventory::{EntityError, HostFacts, Inventory, InventoryError, OperatorFacts};
+pub use query::{Action, Query, UnknownAction, VmFacts};
+pub use request::RequestError;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -92,40 +93,84 @@ pub const EXAMPLES: [(&str, &str); 3] = [
 #[non_exhaustive]
 pub enum PolicyError {
     /// A file could not be read.
-    #[error("{path}: {detail}")]
+    #[error("{}: {source}", .path.display())]
     Io {
         /// Path.
         path: PathBuf,
         /// What failed.
-        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file larger than policies or inventories may be.
+    #[error("{}: {len} bytes, larger than the {max}-byte limit", .path.display(), max = files::MAX_FILE)]
+    TooLarge {
+        /// Path.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// A policy directory without a policy.
+    #[error("{}: no .cedar file there", .path.display())]
+    NoPolicyFile {
+        /// The directory.
+        path: PathBuf,
     },
     /// Cedar syntax.
-    #[error("{path}: policy does not parse: {detail}")]
+    #[error("{}: policy does not parse: {}", .path.display(), report(&**.source))]
     Parse {
         /// Path.
         path: PathBuf,
         /// Cedar's diagnostics.
-        detail: String,
+        #[source]
+        source: Box<cedar_policy::ParseErrors>,
+    },
+    /// A policy Cedar would not add to the set.
+    #[error("{}: policy does not parse: {}", .path.display(), report(&**.source))]
+    Add {
+        /// Path.
+        path: PathBuf,
+        /// Cedar's diagnostics.
+        #[source]
+        source: Box<cedar_policy::PolicySetError>,
+    },
+    /// Two policies share an `@id`.
+    #[error("{}: policy does not parse: two policies are named @id(\"{name}\")", .path.display())]
+    DuplicateName {
+        /// Path.
+        path: PathBuf,
+        /// The `@id` (the policy file's text).
+        name: String,
+    },
+    /// A template, which Convoy does not link.
+    #[error("{}: policy does not parse: templates are not supported", .path.display())]
+    Template {
+        /// Path.
+        path: PathBuf,
     },
     /// A policy does not fit the schema.
-    #[error("{path}: policy does not validate against the Convoy schema: {detail}")]
+    #[error(
+        "{}: policy does not validate against the Convoy schema: {}",
+        .path.display(),
+        reports(.errors)
+    )]
     Invalid {
         /// Path.
         path: PathBuf,
         /// Cedar's diagnostics.
-        detail: String,
+        errors: Vec<cedar_policy::ValidationError>,
     },
     /// The inventory is malformed.
-    #[error("{path}: bad inventory: {detail}")]
+    #[error("{}: bad inventory: {source}", .path.display())]
     Inventory {
         /// Path.
         path: PathBuf,
         /// What is wrong.
-        detail: String,
+        #[source]
+        source: InventoryError,
     },
     /// The built-in schema is broken (a bug).
-    #[error("built-in schema: {0}")]
-    Schema(String),
+    #[error("built-in schema: {0:?}")]
+    Schema(#[source] Box<cedar_policy::CedarSchemaError>),
 }
 
 /// Loaded, validated policies with their inventory.
@@ -151,12 +196,18 @@ fn uid(ty: &str, id: &str) -> serde_json::Value {
 fn schema() -> Result<Schema, PolicyError> {
     Schema::from_cedarschema_str(SCHEMA)
         .map(|(s, _warnings)| s)
-        .map_err(|e| PolicyError::Schema(format!("{e:?}")))
+        .map_err(|e| PolicyError::Schema(Box::new(e)))
 }
 
 /// Cedar's diagnostics as one line per problem.
 fn report(e: &dyn miette_like::Diagnose) -> String {
     e.describe()
+}
+
+/// Several of Cedar's diagnostics on one line.
+fn reports(errors: &[cedar_policy::ValidationError]) -> String {
+    let each: Vec<String> = errors.iter().map(|e| report(e)).collect();
+    each.join("; ")
 }
 
 mod miette_like {
@@ -192,16 +243,15 @@ impl PolicySet {
             sources.push((p.clone(), read_bounded(&p)?));
         }
         if sources.is_empty() {
-            return Err(PolicyError::Io {
+            return Err(PolicyError::NoPolicyFile {
                 path: files.policies.clone(),
-                detail: "no .cedar file there".into(),
             });
         }
         let inventory = read_bounded(&files.inventory)?;
         Self::from_sources(&sources, &inventory).map_err(|e| match e {
-            PolicyError::Inventory { detail, .. } => PolicyError::Inventory {
+            PolicyError::Inventory { source, .. } => PolicyError::Inventory {
                 path: files.inventory.clone(),
-                detail,
+                source,
             },
             other => other,
         })
@@ -229,7 +279,7 @@ impl PolicySet {
             }
             let set = cedar_policy::PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
                 path: path.clone(),
-                detail: report(&e),
+                source: Box::new(e),
             })?;
             for p in set.policies() {
                 let id = PolicyId::new(format!("{n}:{}", p.id()));
@@ -238,36 +288,32 @@ impl PolicySet {
                     .map_or_else(|| format!("{}:{}", path.display(), p.id()), str::to_owned);
                 names.insert(id.to_string(), name.clone());
                 if texts.insert(name.clone(), p.to_string()).is_some() {
-                    return Err(PolicyError::Parse {
+                    return Err(PolicyError::DuplicateName {
                         path: path.clone(),
-                        detail: format!("two policies are named @id(\"{name}\")"),
+                        name,
                     });
                 }
-                policies.add(p.new_id(id)).map_err(|e| PolicyError::Parse {
+                policies.add(p.new_id(id)).map_err(|e| PolicyError::Add {
                     path: path.clone(),
-                    detail: report(&e),
+                    source: Box::new(e),
                 })?;
             }
             if set.templates().next().is_some() {
-                return Err(PolicyError::Parse {
-                    path: path.clone(),
-                    detail: "templates are not supported".into(),
-                });
+                return Err(PolicyError::Template { path: path.clone() });
             }
             let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
             if !result.validation_passed() {
-                let detail: Vec<String> = result.validation_errors().map(|e| report(e)).collect();
                 return Err(PolicyError::Invalid {
                     path: path.clone(),
-                    detail: detail.join("; "),
+                    errors: result.validation_errors().cloned().collect(),
                 });
             }
         }
         hasher.update(&(inventory.len() as u64).to_be_bytes());
         hasher.update(inventory.as_bytes());
-        let inv_err = |detail: String| PolicyError::Inventory {
+        let inv_err = |source: InventoryError| PolicyError::Inventory {
             path: PathBuf::from("inventory"),
-            detail,
+            source,
         };
         let inventory = Inventory::parse(inventory).map_err(inv_err)?;
         let base = base_entities(&inventory, &schema).map_err(inv_err)?;
@@ -318,7 +364,7 @@ impl PolicySet {
     pub fn decide(&self, q: &Query<'_>) -> Decision {
         match self.request(q) {
             Ok((request, entities)) => self.evaluate(&request, &entities),
-            Err(e) => Decision::deny_because(e),
+            Err(e) => Decision::deny_because(e.to_string()),
         }
     }
 }

@@ -40,9 +40,16 @@ impl Action {
     }
 }
 
+/// An action name policies do not govern (the text as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, ReadAudit)"
+)]
+pub struct UnknownAction(pub String);
+
 impl FromStr for Action {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAction;
+    fn from_str(s: &str) -> Result<Self, UnknownAction> {
         Ok(match s {
             "MigrateOut" => Action::MigrateOut,
             "MigrateIn" => Action::MigrateIn,
@@ -51,11 +58,7 @@ impl FromStr for Action {
             "PauseVm" => Action::PauseVm,
             "Abort" => Action::Abort,
             "ReadAudit" => Action::ReadAudit,
-            other => {
-                return Err(format!(
-                    "unknown action {other:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, ReadAudit)"
-                ))
-            }
+            other => return Err(UnknownAction(other.to_owned())),
         })
     }
 }

@@ -1,22 +1,58 @@
 //! A [`Query`] as a Cedar request: principal, action, resource, context
 //! and the entities it needs.
 
-use cedar_policy::{Context, Entities, Entity, EntityUid, Request};
+use cedar_policy::entities_errors::EntitiesError;
+use cedar_policy::entities_json_errors::JsonDeserializationError;
+use cedar_policy::{
+    Context, ContextJsonError, Entities, Entity, EntityUid, Request, RequestValidationError,
+};
 use convoy_protocol::names::{Role, SpiffeId};
 use convoy_protocol::ticket::Ticket;
+use convoy_protocol::vm::AttributeError;
 use serde_json::json;
+use thiserror::Error;
 
-use super::inventory::{operator_entity, OperatorFacts};
+use super::inventory::{operator_entity, EntityError, OperatorFacts};
 use super::query::{Query, VmFacts};
 use super::{report, uid, PolicySet};
 
+/// Why a question could not be put to the policy (a deny that says why).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// Hosts must be in the inventory: policies rely on their facts.
+    #[error("host {0} is not in the policy inventory")]
+    UnknownHost(SpiffeId),
+    /// The operator behind the request is not an operator.
+    #[error("{0} is not an operator")]
+    NotAnOperator(SpiffeId),
+    /// The VM's attributes are out of bounds.
+    #[error(transparent)]
+    Attributes(#[from] AttributeError),
+    /// An entity does not fit the schema.
+    #[error(transparent)]
+    Entity(#[from] EntityError),
+    /// An entity reference does not parse.
+    #[error("{}", report(&**.0))]
+    Uid(#[source] Box<JsonDeserializationError>),
+    /// The context does not fit the action's.
+    #[error("{}", report(&**.0))]
+    Context(#[source] Box<ContextJsonError>),
+    /// The request does not fit the schema.
+    #[error("{}", report(&**.0))]
+    Request(#[source] Box<RequestValidationError>),
+    /// The entities together do not fit the schema.
+    #[error("{}", report(&**.0))]
+    Entities(#[source] Box<EntitiesError>),
+}
+
 impl PolicySet {
-    fn host(&self, id: &SpiffeId) -> Result<serde_json::Value, String> {
+    fn host(&self, id: &SpiffeId) -> Result<serde_json::Value, RequestError> {
         let h = self
             .inventory
             .agents
             .get(id)
-            .ok_or_else(|| format!("host {id} is not in the policy inventory"))?;
+            .ok_or_else(|| RequestError::UnknownHost(id.clone()))?;
         Ok(json!({
             "id": id.to_string(),
             "name": id.name().as_str(),
@@ -32,7 +68,7 @@ impl PolicySet {
         source: &SpiffeId,
         destination: &SpiffeId,
         ticket: &Ticket,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, RequestError> {
         Ok(json!({
             "source": self.host(source)?,
             "destination": self.host(destination)?,
@@ -57,8 +93,8 @@ impl PolicySet {
         })
     }
 
-    fn vm_entity(&self, vm: &VmFacts<'_>) -> Result<Entity, String> {
-        vm.attributes.validate().map_err(|e| e.to_string())?;
+    fn vm_entity(&self, vm: &VmFacts<'_>) -> Result<Entity, RequestError> {
+        vm.attributes.validate()?;
         let v = json!({
             "uid": uid("Vm", vm.name.as_str()),
             "attrs": {
@@ -69,10 +105,11 @@ impl PolicySet {
             "parents": [],
             "tags": vm.attributes.labels,
         });
-        Entity::from_json_value(v, Some(&self.schema)).map_err(|e| report(&e))
+        Ok(Entity::from_json_value(v, Some(&self.schema))
+            .map_err(|e| EntityError::Vm(Box::new(e)))?)
     }
 
-    pub(super) fn request(&self, q: &Query<'_>) -> Result<(Request, Entities), String> {
+    pub(super) fn request(&self, q: &Query<'_>) -> Result<(Request, Entities), RequestError> {
         let mut extra = Vec::new();
         let (principal, resource, context) = match *q {
             Query::MigrateOut {
@@ -125,7 +162,7 @@ impl PolicySet {
         // Operators unknown to the inventory are principals with nothing.
         let op = q.operator();
         if op.role() != Role::Operator {
-            return Err(format!("{op} is not an operator"));
+            return Err(RequestError::NotAnOperator(op.clone()));
         }
         if !self.inventory.operators.contains_key(op) {
             extra.push(operator_entity(
@@ -136,18 +173,18 @@ impl PolicySet {
         }
         if let Query::MigrateIn { source, .. } = q {
             if !self.inventory.agents.contains_key(source) {
-                return Err(format!("host {source} is not in the policy inventory"));
+                return Err(RequestError::UnknownHost((*source).clone()));
             }
         }
-        let uid_of = |v: serde_json::Value| -> Result<EntityUid, String> {
-            EntityUid::from_json(v).map_err(|e| report(&e))
+        let uid_of = |v: serde_json::Value| -> Result<EntityUid, RequestError> {
+            EntityUid::from_json(v).map_err(|e| RequestError::Uid(Box::new(e)))
         };
         let action: EntityUid = uid_of(json!({
             "type": "Convoy::Action",
             "id": q.action().name(),
         }))?;
         let context = Context::from_json_value(context, Some((&self.schema, &action)))
-            .map_err(|e| report(&e))?;
+            .map_err(|e| RequestError::Context(Box::new(e)))?;
         let request = Request::new(
             uid_of(principal)?,
             action,
@@ -155,10 +192,10 @@ impl PolicySet {
             context,
             Some(&self.schema),
         )
-        .map_err(|e| report(&e))?;
+        .map_err(|e| RequestError::Request(Box::new(e)))?;
         let entities =
             Entities::from_entities(self.base.iter().cloned().chain(extra), Some(&self.schema))
-                .map_err(|e| report(&e))?;
+                .map_err(|e| RequestError::Entities(Box::new(e)))?;
         Ok((request, entities))
     }
 }

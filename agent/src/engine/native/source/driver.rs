@@ -16,7 +16,7 @@ use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
 use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
-use super::streams::{open_streams, spawn_control_reader, StreamSetup};
+use super::streams::{open_streams, spawn_control_reader, OpenError, StreamSetup};
 use super::Run;
 use crate::engine::native::pacer::Pacer;
 use crate::host::budget::{CacheGrant, Share, Side};
@@ -155,13 +155,12 @@ impl<'r> Driver<'r> {
     }
 
     async fn send(&mut self, m: Box<Message>) {
-        let r = match self.wire.control.as_mut() {
-            Some(c) => write_message(c, &m).await.map_err(|e| e.to_string()),
-            None => Err("no control stream".into()),
+        let Some(c) = self.wire.control.as_mut() else {
+            return self.sm.handle_link_lost(clock::now(), "no control stream");
         };
-        match r {
+        match write_message(c, &m).await {
             Ok(n) => self.run.control_bytes += n as u64,
-            Err(e) => self.sm.handle_link_lost(clock::now(), &e),
+            Err(e) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
         }
     }
 
@@ -172,7 +171,7 @@ impl<'r> Driver<'r> {
         conn: &Connection,
         delta: bool,
         postcopy: bool,
-    ) -> Result<OpenedStreams, String> {
+    ) -> Result<OpenedStreams, OpenError> {
         let setup = StreamSetup {
             migration: self.run.migration,
             streams: self.plan.streams,
@@ -208,7 +207,7 @@ impl<'r> Driver<'r> {
                 self.wire.fault_jobs = opened.faults;
                 self.wire.cache_grant = opened.cache;
             }
-            Err(e) => self.sm.handle_link_lost(clock::now(), &e),
+            Err(e) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
         }
     }
 
@@ -440,7 +439,9 @@ impl<'r> Driver<'r> {
                     }
                 }
             }
-            Some(EngineEvent::StreamFailed(e)) => self.sm.handle_link_lost(clock::now(), &e),
+            Some(EngineEvent::StreamFailed(e)) => {
+                self.sm.handle_link_lost(clock::now(), &e.to_string())
+            }
             None => self.sm.handle_link_lost(clock::now(), "data streams ended"),
         }
     }

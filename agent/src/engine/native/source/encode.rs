@@ -10,11 +10,11 @@ use bytes::Bytes;
 use convoy_protocol::adapt::LevelChooser;
 use convoy_protocol::delta::PageCache;
 use convoy_protocol::message::encode_batch_head;
-use convoy_protocol::page::{stream_for, BatchBuilder, Compressor};
+use convoy_protocol::page::{stream_for, BatchBuilder, BuildError, Compressor};
 use convoy_protocol::source::SentBatch;
 use tokio::sync::mpsc;
 
-use super::jobs::{FaultJob, HeldLeaf, Job, StreamOut, BATCH_PAGES};
+use super::jobs::{FaultJob, HeldLeaf, Job, StreamError, StreamOut, BATCH_PAGES};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 
@@ -26,13 +26,13 @@ pub(super) fn emit(
     round: u32,
     enc: convoy_protocol::page::EncodedBatch,
     tamper: Option<&TamperHook>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let mut header = enc.header;
     let mut payload = enc.payload;
     if let Some(t) = tamper {
         t(round, &mut header, &mut payload);
     }
-    let head = encode_batch_head(&header, payload.len()).map_err(|e| e.to_string())?;
+    let head = encode_batch_head(&header, payload.len())?;
     let info = SentBatch {
         stream,
         leaves: enc.leaves,
@@ -44,7 +44,7 @@ pub(super) fn emit(
         payload: Bytes::from(payload),
         info,
     })
-    .map_err(|_| "writer gone".to_string())
+    .map_err(|_| StreamError::WriterGone)
 }
 
 /// How one data stream encodes.
@@ -70,11 +70,15 @@ pub(super) struct Shrink {
 }
 
 impl Shrink {
-    pub(super) fn new(level: i32, adaptive: bool, link: Arc<AtomicU64>) -> Result<Shrink, String> {
+    pub(super) fn new(
+        level: i32,
+        adaptive: bool,
+        link: Arc<AtomicU64>,
+    ) -> Result<Shrink, BuildError> {
         let chooser = (adaptive && level > 0).then(|| LevelChooser::new(level));
         let first = chooser.as_ref().map_or(level, LevelChooser::level);
         Ok(Shrink {
-            comp: Compressor::new(first).map_err(|e| e.to_string())?,
+            comp: Compressor::new(first)?,
             chooser,
             link,
         })
@@ -86,22 +90,18 @@ impl Shrink {
         b: BatchBuilder,
         seq: u64,
         round: u32,
-    ) -> Result<convoy_protocol::page::EncodedBatch, String> {
+    ) -> Result<convoy_protocol::page::EncodedBatch, BuildError> {
         let Some(chooser) = self.chooser.as_mut() else {
-            return b
-                .finish(seq, round, &mut self.comp)
-                .map_err(|e| e.to_string());
+            return b.finish(seq, round, &mut self.comp);
         };
         chooser.observe_link(f64::from_bits(self.link.load(Ordering::Relaxed)));
         let level = chooser.next_batch();
         if level != self.comp.level() {
-            self.comp = Compressor::new(level).map_err(|e| e.to_string())?;
+            self.comp = Compressor::new(level)?;
         }
         let input = b.data_bytes();
         let t = Instant::now();
-        let enc = b
-            .finish(seq, round, &mut self.comp)
-            .map_err(|e| e.to_string())?;
+        let enc = b.finish(seq, round, &mut self.comp)?;
         if self.comp.attempted() {
             let output = enc.payload.len().min(input);
             chooser.observe_compression(level, input, output, t.elapsed());
@@ -116,7 +116,7 @@ pub(super) fn encode_stream(
     vm: Arc<dyn VmBackend>,
     jobs: std::sync::mpsc::Receiver<Job>,
     out: mpsc::Sender<StreamOut>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let Encoder {
         stream,
         streams,
@@ -168,10 +168,9 @@ pub(super) fn encode_stream(
                 (_, Some(c), false) => b.push_delta_with(p, c, read).map(|()| true),
                 (_, None, true) => b.push_nonzero_with(p, read),
                 (_, None, false) => b.push_with(p, read).map(|()| true),
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             if let Some(e) = failed {
-                return Err(e.to_string());
+                return Err(e.into());
             }
             if !added {
                 skipped += 1;
@@ -189,7 +188,7 @@ pub(super) fn encode_stream(
             round: job.round,
             skipped,
         })
-        .map_err(|_| "writer gone".to_string())?;
+        .map_err(|_| StreamError::WriterGone)?;
     }
     Ok(())
 }
@@ -202,17 +201,16 @@ pub(super) fn serve_faults(
     mut comp: Shrink,
     jobs: std::sync::mpsc::Receiver<FaultJob>,
     out: mpsc::Sender<StreamOut>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let page_size = vm.geometry().page_size();
     let mut seq = 0u64;
     while let Ok(job) = jobs.recv() {
         let mut b = BatchBuilder::new(page_size);
         for p in job.pages {
             let mut failed = None;
-            b.push_with(p, |buf| failed = vm.read_leaf(p, buf).err())
-                .map_err(|e| e.to_string())?;
+            b.push_with(p, |buf| failed = vm.read_leaf(p, buf).err())?;
             if let Some(e) = failed {
-                return Err(e.to_string());
+                return Err(e.into());
             }
         }
         let enc = comp.finish(b, seq, job.round)?;

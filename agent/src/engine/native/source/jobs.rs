@@ -24,10 +24,30 @@ pub(super) enum StreamOut {
     },
 }
 
+/// Why a data stream stopped: its encoder thread or its writer task.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StreamError {
+    /// A batch could not be built or compressed.
+    #[error(transparent)]
+    Build(#[from] convoy_protocol::page::BuildError),
+    /// A batch's frame head could not be encoded.
+    #[error(transparent)]
+    Head(#[from] convoy_protocol::message::EncodeError),
+    /// A page or block could not be read (never sent as zeros).
+    #[error(transparent)]
+    Read(#[from] crate::backend::BackendError),
+    /// The writer task ended (the stream broke).
+    #[error("writer gone")]
+    WriterGone,
+    /// The stream could not take a frame.
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+}
+
 pub(super) enum EngineEvent {
     Sent(SentBatch),
     RoundDone { round: u32, skipped: u64 },
-    StreamFailed(String),
+    StreamFailed(StreamError),
 }
 
 pub(super) struct Job {

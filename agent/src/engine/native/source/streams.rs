@@ -9,15 +9,34 @@ use std::time::Instant;
 
 use convoy_protocol::message::{DataStreamOpen, Message};
 use convoy_protocol::names::MigrationId;
+use convoy_protocol::page::BuildError;
 use quinn::{Connection, SendStream};
+use thiserror::Error;
 use tokio::sync::mpsc;
 
 use super::encode::{encode_stream, serve_faults, Encoder, Shrink};
-use super::jobs::{EngineEvent, FaultJob, Job, OpenedStreams, StreamOut};
+use super::jobs::{EngineEvent, FaultJob, Job, OpenedStreams, StreamError, StreamOut};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 use crate::engine::native::pacer::Pacer;
-use crate::transport::{read_message, write_message};
+use crate::transport::{read_message, write_message, WireError};
+
+/// Why the data streams could not be opened.
+#[derive(Debug, Error)]
+pub(super) enum OpenError {
+    /// The connection would not open a stream.
+    #[error(transparent)]
+    Open(#[from] quinn::ConnectionError),
+    /// The stream's first message could not be sent.
+    #[error(transparent)]
+    Announce(#[from] WireError),
+    /// The compressor could not be made.
+    #[error(transparent)]
+    Compressor(#[from] BuildError),
+    /// No thread for an encoder.
+    #[error("{0}")]
+    Thread(#[source] std::io::Error),
+}
 
 /// Reads the destination's control stream into `tx`.
 pub(super) fn spawn_control_reader(
@@ -64,7 +83,7 @@ pub(super) async fn open_streams(
     vm: &Arc<dyn VmBackend>,
     events: &mpsc::UnboundedSender<EngineEvent>,
     budget: &Arc<crate::host::budget::MigrationBudget>,
-) -> Result<OpenedStreams, String> {
+) -> Result<OpenedStreams, OpenError> {
     let StreamSetup {
         migration,
         streams,
@@ -106,7 +125,7 @@ pub(super) async fn open_streams(
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(OpenError::Thread)?;
         spawn_writer(send, out_rx, pacer.clone(), events.clone(), link);
         jobs.push(job_tx);
     }
@@ -128,7 +147,7 @@ pub(super) async fn open_streams(
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(OpenError::Thread)?;
         spawn_writer(send, out_rx, pacer, events.clone(), link);
         faults = Some(job_tx);
     }
@@ -143,14 +162,13 @@ pub(super) async fn open_data_stream(
     conn: &Connection,
     migration: MigrationId,
     stream: u16,
-) -> Result<SendStream, String> {
-    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+) -> Result<SendStream, OpenError> {
+    let mut send = conn.open_uni().await?;
     write_message(
         &mut send,
         &Message::DataStreamOpen(DataStreamOpen { migration, stream }),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     Ok(send)
 }
 
@@ -179,7 +197,7 @@ pub(super) fn spawn_writer(
                     }
                     let mut chunks = [head, payload];
                     if let Err(e) = send.write_all_chunks(&mut chunks).await {
-                        let _ = events.send(EngineEvent::StreamFailed(e.to_string()));
+                        let _ = events.send(EngineEvent::StreamFailed(StreamError::Write(e)));
                         return;
                     }
                     // Bytes over time, both decayed: a frame that went at

@@ -8,7 +8,7 @@ use quinn::Connection;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::qemu::common::{carry, ChanEvent, Fail};
+use crate::engine::qemu::common::{carry, ChanEvent, ChannelError, Fail};
 use crate::transport::write_message;
 
 pub(super) fn listen(path: &std::path::Path) -> Result<tokio::net::UnixListener, Fail> {
@@ -31,20 +31,20 @@ pub(super) async fn accept_channels(
         let local = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                let _ = events.send(ChanEvent::Done(kind, Err(e.to_string())));
+                let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::Accept(e))));
                 break;
             }
         };
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
-                let _ = events.send(ChanEvent::Done(kind, Err(e.to_string())));
+                let _ = events.send(ChanEvent::Done(kind, Err(e.into())));
                 break;
             }
         };
         let open = Message::ChannelOpen(ChannelOpen { migration, kind });
         if let Err(e) = write_message(&mut send, &open).await {
-            let _ = events.send(ChanEvent::Done(kind, Err(e.to_string())));
+            let _ = events.send(ChanEvent::Done(kind, Err(e.into())));
             break;
         }
         carry(&mut tasks, &events, kind, local, send, recv);

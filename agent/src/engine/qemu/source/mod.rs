@@ -54,7 +54,7 @@ use tokio::task::JoinSet;
 use super::common::{read_control, Control, Fail};
 use crate::backend::qemu::vm::QemuVm;
 use crate::host::Host;
-use crate::transport::write_message;
+use crate::transport::{write_message, TransportError};
 use mirror::{mirror_job, mirror_node};
 
 /// Who is at the other end, in messages.
@@ -128,7 +128,7 @@ impl Run {
     }
 
     /// Runs the migration over `conn`, or reports why there is none.
-    pub async fn drive(self, conn: Result<Connection, String>) -> Finished {
+    pub async fn drive(self, conn: Result<Connection, TransportError>) -> Finished {
         let mut st = State {
             phases: Vec::new(),
             receipts: Vec::new(),
