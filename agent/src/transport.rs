@@ -337,7 +337,7 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
             rustls::pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
         )
-        .map_err(TransportError::Unauthorized)?;
+        .map_err(|e| TransportError::Unauthorized(e.to_string()))?;
     let wanted = if alpn == ALPN_AGENT {
         Role::Agent
     } else if alpn == ALPN_CTL {

@@ -35,8 +35,10 @@
 //!   (pre-copy with convergence control, post-copy, hybrid).
 //! - [`stream`]: migrations whose state is an opaque stream (QEMU's):
 //!   channels, their digests both ways, and the roots receipts bind.
-//! - [`ticket`]: operator-signed migration tickets and their verification
-//!   (crypto behind a small verifier/signer trait pair).
+//! - [`signed`]: the envelope every signed statement travels in
+//!   ([`signed::Signed`]), each kind's signing context, and the crypto
+//!   behind a small signer/verifier trait pair (a leaf module).
+//! - [`ticket`]: operator-signed migration tickets and their verification.
 //! - [`receipt`]: signed Accepted/Ready/Sent/Started receipts.
 //! - [`reuse`]: memory reuse when a VM comes back — the AES-256-GCM
 //!   retained image, its key that travels with the VM, and the offer.
@@ -68,6 +70,7 @@ pub mod names;
 pub mod page;
 pub mod receipt;
 pub mod reuse;
+pub mod signed;
 pub mod source;
 pub mod stream;
 pub mod ticket;

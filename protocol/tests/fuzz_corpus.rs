@@ -144,11 +144,7 @@ fn propose(
             reuse,
             disks,
         },
-        ticket: convoy_protocol::ticket::SignedTicket {
-            body: vec![],
-            signature: vec![],
-            chain: vec![],
-        },
+        ticket: convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![]),
     })
 }
 
@@ -203,11 +199,7 @@ fn seeds() -> Vec<Message> {
             vm: "vm".parse().unwrap(),
             to: "b".parse().unwrap(),
             to_addr: Some("127.0.0.1:1".into()),
-            ticket: convoy_protocol::ticket::SignedTicket {
-                body: vec![],
-                signature: vec![],
-                chain: vec![],
-            },
+            ticket: convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![]),
         })),
         Message::PageBatch(delta.header, Bytes::from(delta.payload)),
         Message::PostcopySwitch(convoy_protocol::message::PostcopySwitch {
@@ -449,7 +441,7 @@ fn receipts(n: u8) -> Vec<convoy_protocol::receipt::SignedReceipt> {
 /// The log of `agent` (source or destination) after migrations 1 and 2.
 fn audit_log(agent: &str) -> Vec<u8> {
     use convoy_protocol::audit::{append, encode_entry, AuditEvent, LogEntry};
-    use convoy_protocol::ticket::TicketSigner;
+    use convoy_protocol::signed::Signer;
     let c = fuzz::InsecureCrypto(agent.into());
     let mut bytes = encode_entry(&LogEntry::Header {
         chain: c.chain(),
