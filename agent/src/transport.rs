@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use convoy_protocol::ctl::CtlMessage;
 use convoy_protocol::frame::{frame_len, LEN_PREFIX};
 use convoy_protocol::message::{EncodeError, Message};
 use convoy_protocol::names::{Role, SpiffeId};
@@ -354,8 +355,9 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
     Ok(Peer { id, alpn })
 }
 
-/// Reads one message; `Ok(None)` at a clean end of stream.
-pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, WireError> {
+/// Reads one frame (tag and body, without the length prefix); `Ok(None)`
+/// at a clean end of stream.
+async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, WireError> {
     let mut prefix = [0u8; LEN_PREFIX];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -371,15 +373,40 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, Wire
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    Ok(Some(Message::decode(Bytes::from(buf))?))
+    Ok(Some(buf))
 }
 
-/// Writes one message; returns the bytes written.
-pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<usize, WireError> {
-    let bytes = msg.encode()?;
+/// Reads one migration message; `Ok(None)` at a clean end of stream.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, WireError> {
+    match read_frame(recv).await? {
+        Some(buf) => Ok(Some(Message::decode(Bytes::from(buf))?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one operator protocol frame; `Ok(None)` at a clean end of stream.
+pub async fn read_ctl(recv: &mut RecvStream) -> Result<Option<CtlMessage>, WireError> {
+    match read_frame(recv).await? {
+        Some(buf) => Ok(Some(CtlMessage::decode(&buf)?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes one encoded frame; returns the bytes written.
+async fn write_frame(send: &mut SendStream, bytes: Vec<u8>) -> Result<usize, WireError> {
     let n = bytes.len();
     send.write_chunk(Bytes::from(bytes)).await?;
     Ok(n)
+}
+
+/// Writes one migration message; returns the bytes written.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<usize, WireError> {
+    write_frame(send, msg.encode()?).await
+}
+
+/// Writes one operator protocol frame; returns the bytes written.
+pub async fn write_ctl(send: &mut SendStream, msg: &CtlMessage) -> Result<usize, WireError> {
+    write_frame(send, msg.encode()?).await
 }
 
 #[cfg(test)]

@@ -10,12 +10,13 @@ use bytes::Bytes;
 use crate::audit::{
     encode_entry, verify_log, LogEntry, SignedTreeHead, HEAD_CONTEXT, RECORD_CONTEXT,
 };
+use crate::ctl::CtlMessage;
 use crate::delta;
 use crate::destination::{Destination, DestinationConfig};
 use crate::evidence::{check_bundle, EvidenceBundle};
 use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
-use crate::message::{Capabilities, Message};
+use crate::message::{Capabilities, DecodeError, EncodeError, Message};
 use crate::names::Role;
 use crate::page::{MemoryGeometry, PageData, PageSize, StreamReceiver};
 use crate::receipt::{SignedReceipt, RECEIPT_CONTEXT};
@@ -24,34 +25,49 @@ use crate::signed::{
 };
 use crate::ticket::{SignedTicket, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT};
 
-/// Splits frames off arbitrary bytes and decodes each.
+/// Splits frames off arbitrary bytes and decodes each, as a migration
+/// message and as an operator protocol frame.
 pub fn frame_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((frame, used))) = split_frame(rest) {
         let _ = Message::decode(Bytes::copy_from_slice(frame));
+        let _ = CtlMessage::decode(frame);
         rest = &rest[used..];
     }
 }
 
-/// Decodes one frame body; whatever decodes must re-encode, decode again,
-/// and re-encode to the same bytes (compared as bytes: a report's `f64`
-/// may be NaN, which is not equal to itself).
+/// Decodes one frame body, as a migration message and as an operator
+/// protocol frame; whatever decodes must re-encode, decode again, and
+/// re-encode to the same bytes (compared as bytes: a report's `f64` may be
+/// NaN, which is not equal to itself).
 pub fn message_decode(data: &[u8]) {
-    if let Ok(m) = Message::decode(Bytes::copy_from_slice(data)) {
-        let first = match m.encode() {
-            Ok(b) => b,
-            // Decode bounds the input to one frame, so this cannot happen.
-            Err(e) => panic!("decoded message does not encode: {e}"),
-        };
-        let m2 = match Message::decode(Bytes::from(first.clone()).slice(crate::frame::LEN_PREFIX..))
-        {
-            Ok(m2) => m2,
-            Err(e) => panic!("re-encoded message does not decode: {e}"),
-        };
-        match m2.encode() {
-            Ok(second) => assert_eq!(first, second, "round trip changed the encoding"),
-            Err(e) => panic!("decoded message does not encode: {e}"),
-        }
+    let migration = |b: &[u8]| Message::decode(Bytes::copy_from_slice(b));
+    if let Ok(m) = migration(data) {
+        round_trip(&m, Message::encode, migration);
+    }
+    if let Ok(m) = CtlMessage::decode(data) {
+        round_trip(&m, CtlMessage::encode, CtlMessage::decode);
+    }
+}
+
+/// Encodes `m`, decodes the frame's body and encodes again: the same bytes.
+fn round_trip<M>(
+    m: &M,
+    encode: impl Fn(&M) -> Result<Vec<u8>, EncodeError>,
+    decode: impl Fn(&[u8]) -> Result<M, DecodeError>,
+) {
+    let first = match encode(m) {
+        Ok(b) => b,
+        // Decode bounds the input to one frame, so this cannot happen.
+        Err(e) => panic!("decoded message does not encode: {e}"),
+    };
+    let m2 = match decode(&first[crate::frame::LEN_PREFIX..]) {
+        Ok(m2) => m2,
+        Err(e) => panic!("re-encoded message does not decode: {e}"),
+    };
+    match encode(&m2) {
+        Ok(second) => assert_eq!(first, second, "round trip changed the encoding"),
+        Err(e) => panic!("decoded message does not encode: {e}"),
     }
 }
 
