@@ -4,17 +4,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use convoy_protocol::ctl::{
-    AgentStatus, CtlError, CtlRequest, CtlResponse, MigrateRequest, MigrationReport, Progress,
-    SimVmSpec, VmInfo,
+    AgentStatus, CtlError, CtlMessage, CtlRequest, CtlResponse, MigrateRequest, MigrationReport,
+    Progress, SimVmSpec, VmInfo,
 };
 use convoy_protocol::names::SpiffeId;
-use convoy_protocol::Message;
 use quinn::{Connection, Endpoint};
 use thiserror::Error;
 
-use crate::transport::{
-    self, read_message, write_message, TransportError, Tuning, WireError, ALPN_CTL,
-};
+use crate::transport::{self, read_ctl, write_ctl, TransportError, Tuning, WireError, ALPN_CTL};
 use crate::trust::identity::{Identity, TrustBundle};
 
 /// Client failures.
@@ -70,14 +67,14 @@ impl CtlClient {
 
     async fn open(&self, req: CtlRequest) -> Result<quinn::RecvStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        write_message(&mut send, &Message::CtlRequest(req)).await?;
+        write_ctl(&mut send, &CtlMessage::Request(req)).await?;
         send.finish().map_err(WireError::from)?;
         Ok(recv)
     }
 
     async fn next(recv: &mut quinn::RecvStream) -> Result<CtlResponse, ClientError> {
-        match read_message(recv).await? {
-            Some(Message::CtlResponse(r)) => match *r {
+        match read_ctl(recv).await? {
+            Some(CtlMessage::Response(r)) => match *r {
                 CtlResponse::Error(e) => Err(ClientError::Agent(e)),
                 other => Ok(other),
             },

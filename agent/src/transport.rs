@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use convoy_protocol::ctl::CtlMessage;
 use convoy_protocol::frame::{frame_len, LEN_PREFIX};
 use convoy_protocol::message::{EncodeError, Message};
 use convoy_protocol::names::{Role, SpiffeId};
@@ -81,7 +82,7 @@ pub enum PeerRefused {
     /// The chain does not lead to the CA of the domain it claims (the
     /// trust bundle's account of why).
     #[error("{0}")]
-    Chain(String),
+    Chain(convoy_protocol::signed::ChainError),
     /// An ALPN that is neither an agent's nor an operator's.
     #[error("unknown ALPN")]
     UnknownAlpn,
@@ -439,12 +440,13 @@ pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, Tr
     Ok(Peer { id, alpn })
 }
 
-/// Reads one message; `Ok(None)` at a clean end of stream.
+/// Reads one frame (tag and body, without the length prefix); `Ok(None)`
+/// at a clean end of stream.
 ///
 /// Generic over the stream so that engine parts can be tested over
 /// [`tokio::io::duplex`] with paused time ([`crate::engine::clock`]); on a
 /// QUIC stream the QUIC read error comes back as [`WireError::Read`].
-pub async fn read_message<R>(recv: &mut R) -> Result<Option<Message>, WireError>
+async fn read_frame<R>(recv: &mut R) -> Result<Option<Vec<u8>>, WireError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -460,7 +462,7 @@ where
     if fill(recv, &mut buf).await? != len {
         return Err(WireError::Truncated);
     }
-    Ok(Some(Message::decode(Bytes::from(buf))?))
+    Ok(Some(buf))
 }
 
 /// Reads until `buf` is full or the stream ends; returns how much was read.
@@ -480,12 +482,43 @@ where
     Ok(n)
 }
 
-/// Writes one message; returns the bytes written.
-pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<usize, WireError> {
-    let bytes = msg.encode()?;
+/// Reads one migration message; `Ok(None)` at a clean end of stream.
+pub async fn read_message<R>(recv: &mut R) -> Result<Option<Message>, WireError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match read_frame(recv).await? {
+        Some(buf) => Ok(Some(Message::decode(Bytes::from(buf))?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one operator protocol frame; `Ok(None)` at a clean end of stream.
+pub async fn read_ctl<R>(recv: &mut R) -> Result<Option<CtlMessage>, WireError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match read_frame(recv).await? {
+        Some(buf) => Ok(Some(CtlMessage::decode(&buf)?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes one encoded frame; returns the bytes written.
+async fn write_frame(send: &mut SendStream, bytes: Vec<u8>) -> Result<usize, WireError> {
     let n = bytes.len();
     send.write_chunk(Bytes::from(bytes)).await?;
     Ok(n)
+}
+
+/// Writes one migration message; returns the bytes written.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<usize, WireError> {
+    write_frame(send, msg.encode()?).await
+}
+
+/// Writes one operator protocol frame; returns the bytes written.
+pub async fn write_ctl(send: &mut SendStream, msg: &CtlMessage) -> Result<usize, WireError> {
+    write_frame(send, msg.encode()?).await
 }
 
 #[cfg(test)]

@@ -16,6 +16,13 @@
 //! shorter valid log — no append-only log can detect that alone — so the
 //! verifier returns the last signed tree head, to compare with one held
 //! elsewhere (an evidence bundle, another agent, the operator).
+//!
+//! Records and tree heads are signed statements like tickets and receipts,
+//! each kind under its own context ([`RECORD_CONTEXT`], [`HEAD_CONTEXT`]),
+//! but not in the [`crate::signed::Signed`] envelope: the log names its
+//! signer once, in the header, and a tree head signs a fixed layout, not a
+//! postcard body. They share the envelope's context, signing and checking
+//! ([`crate::signed::sign_body`], [`crate::signed::verify_in_context`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -25,9 +32,11 @@ use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
 use crate::names::{MigrationId, SpiffeId, VmName};
 use crate::receipt::SignedReceipt;
-use crate::ticket::{
-    signed_message, SignedTicket, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN,
+use crate::signed::{
+    chain_in_bounds, sign_body, sign_in_context, verify_in_context, ChainVerifier, SignError,
+    Signable, SignatureError, Signer,
 };
+use crate::ticket::SignedTicket;
 
 /// Signatures over records cover this prefix, then the record body.
 pub const RECORD_CONTEXT: &[u8] = b"convoy audit record v1\0";
@@ -135,6 +144,22 @@ pub struct AuditRecord {
     pub event: AuditEvent,
 }
 
+impl Signable for AuditRecord {
+    const CONTEXT: &'static [u8] = RECORD_CONTEXT;
+    /// Records are not sent in an envelope; a log's frames bound them.
+    const MAX_BODY: usize = crate::frame::MAX_FRAME_LEN;
+}
+
+/// Checks a record's `signature` over its `body` by the log's `leaf`.
+pub(crate) fn verify_record(
+    verifier: &dyn ChainVerifier,
+    leaf: &[u8],
+    body: &[u8],
+    signature: &[u8],
+) -> Result<(), SignatureError> {
+    verify_in_context(verifier, leaf, RECORD_CONTEXT, body, signature)
+}
+
 /// A frame of the log file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -171,12 +196,43 @@ pub struct SignedTreeHead {
     pub signature: Vec<u8>,
 }
 
-pub(crate) fn head_message(size: u64, root: &Digest, at: u64) -> Vec<u8> {
+/// What a tree head's signature covers after [`HEAD_CONTEXT`]:
+/// size ‖ root ‖ time, big-endian.
+pub(crate) fn head_body(size: u64, root: &Digest, at: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(48);
     b.extend_from_slice(&size.to_be_bytes());
     b.extend_from_slice(root.as_bytes());
     b.extend_from_slice(&at.to_be_bytes());
-    signed_message(HEAD_CONTEXT, &b)
+    b
+}
+
+impl SignedTreeHead {
+    /// Signs (size, root, time).
+    pub fn sign(
+        size: u64,
+        root: Digest,
+        at_unix: u64,
+        signer: &dyn Signer,
+    ) -> Result<Self, SignError> {
+        let signature = sign_in_context(signer, HEAD_CONTEXT, &head_body(size, &root, at_unix))?;
+        Ok(SignedTreeHead {
+            size,
+            root,
+            at_unix,
+            signature,
+        })
+    }
+
+    /// Checks the signature by the log's `leaf`.
+    pub fn verify(&self, verifier: &dyn ChainVerifier, leaf: &[u8]) -> Result<(), SignatureError> {
+        verify_in_context(
+            verifier,
+            leaf,
+            HEAD_CONTEXT,
+            &head_body(self.size, &self.root, self.at_unix),
+            &self.signature,
+        )
+    }
 }
 
 /// Why a log does not verify, and where.
@@ -207,23 +263,16 @@ pub fn append(
     seq: u64,
     at_unix: u64,
     event: AuditEvent,
-    signer: &dyn TicketSigner,
-) -> Result<[LogEntry; 2], String> {
-    let body = postcard::to_stdvec(&AuditRecord {
+    signer: &dyn Signer,
+) -> Result<[LogEntry; 2], SignError> {
+    let record = AuditRecord {
         seq,
         at_unix,
         event,
-    })
-    .map_err(|e| e.to_string())?;
-    let signature = signer.sign(&signed_message(RECORD_CONTEXT, &body))?;
-    tree.push(log_leaf(&body));
-    let root = tree.root();
-    let head = SignedTreeHead {
-        size: tree.len(),
-        root,
-        at_unix,
-        signature: signer.sign(&head_message(tree.len(), &root, at_unix))?,
     };
+    let (body, signature) = sign_body(&record, signer)?;
+    tree.push(log_leaf(&body));
+    let head = SignedTreeHead::sign(tree.len(), tree.root(), at_unix, signer)?;
     Ok([
         LogEntry::Record { body, signature },
         LogEntry::TreeHead(head),
@@ -263,7 +312,7 @@ pub struct VerifiedLog {
 }
 
 /// Verifies a whole log file (see the module docs).
-pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<VerifiedLog, AuditError> {
+pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<VerifiedLog, AuditError> {
     let mut offset = 0;
     let mut entry = 0;
     let err = |entry, offset, what: String| AuditError {
@@ -289,10 +338,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
         };
         match (e, &agent) {
             (LogEntry::Header { chain, at_unix }, None) => {
-                if chain.is_empty()
-                    || chain.len() > MAX_CHAIN_LEN
-                    || chain.iter().any(|c| c.len() > MAX_CERT_LEN)
-                {
+                if !chain_in_bounds(&chain) {
                     return Err(err(entry, offset, "bad certificate chain".into()));
                 }
                 let id = verifier
@@ -312,8 +358,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
                 ))
             }
             (LogEntry::Record { body, signature }, Some((_, leaf))) => {
-                verifier
-                    .verify_signature(leaf, &signed_message(RECORD_CONTEXT, &body), &signature)
+                verify_record(verifier, leaf, &body, &signature)
                     .map_err(|_| err(entry, offset, "record signature invalid (edited?)".into()))?;
                 let r: AuditRecord = postcard::from_bytes(&body)
                     .map_err(|e| err(entry, offset, format!("undecodable record: {e}")))?;
@@ -347,12 +392,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn TicketVerifier) -> Result<Verifie
                         "tree head root does not match the records".into(),
                     ));
                 }
-                verifier
-                    .verify_signature(
-                        leaf,
-                        &head_message(h.size, &h.root, h.at_unix),
-                        &h.signature,
-                    )
+                h.verify(verifier, leaf)
                     .map_err(|_| err(entry, offset, "tree head signature invalid".into()))?;
                 last_head = Some(h);
             }

@@ -7,48 +7,67 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::audit::{encode_entry, verify_log, LogEntry, SignedTreeHead, RECORD_CONTEXT};
+use crate::audit::{
+    encode_entry, verify_log, LogEntry, SignedTreeHead, HEAD_CONTEXT, RECORD_CONTEXT,
+};
+use crate::ctl::CtlMessage;
 use crate::delta;
 use crate::destination::{Destination, DestinationConfig};
 use crate::evidence::{check_bundle, EvidenceBundle};
 use crate::frame::split_frame;
 use crate::logtree::{log_leaf, LogTree};
-use crate::message::{Capabilities, Message};
+use crate::message::{Capabilities, DecodeError, EncodeError, Message};
 use crate::names::Role;
 use crate::page::{MemoryGeometry, PageData, PageSize, StreamReceiver};
 use crate::receipt::{SignedReceipt, RECEIPT_CONTEXT};
-use crate::ticket::{
-    signed_message, SignedTicket, TicketSigner, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT,
+use crate::signed::{
+    sign_in_context, ChainError, ChainVerifier, SignError, SignatureError, Signer,
 };
+use crate::ticket::{SignedTicket, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT};
 
-/// Splits frames off arbitrary bytes and decodes each.
+/// Splits frames off arbitrary bytes and decodes each, as a migration
+/// message and as an operator protocol frame.
 pub fn frame_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((frame, used))) = split_frame(rest) {
         let _ = Message::decode(Bytes::copy_from_slice(frame));
+        let _ = CtlMessage::decode(frame);
         rest = &rest[used..];
     }
 }
 
-/// Decodes one frame body; whatever decodes must re-encode, decode again,
-/// and re-encode to the same bytes (compared as bytes: a report's `f64`
-/// may be NaN, which is not equal to itself).
+/// Decodes one frame body, as a migration message and as an operator
+/// protocol frame; whatever decodes must re-encode, decode again, and
+/// re-encode to the same bytes (compared as bytes: a report's `f64` may be
+/// NaN, which is not equal to itself).
 pub fn message_decode(data: &[u8]) {
-    if let Ok(m) = Message::decode(Bytes::copy_from_slice(data)) {
-        let first = match m.encode() {
-            Ok(b) => b,
-            // Decode bounds the input to one frame, so this cannot happen.
-            Err(e) => panic!("decoded message does not encode: {e}"),
-        };
-        let m2 = match Message::decode(Bytes::from(first.clone()).slice(crate::frame::LEN_PREFIX..))
-        {
-            Ok(m2) => m2,
-            Err(e) => panic!("re-encoded message does not decode: {e}"),
-        };
-        match m2.encode() {
-            Ok(second) => assert_eq!(first, second, "round trip changed the encoding"),
-            Err(e) => panic!("decoded message does not encode: {e}"),
-        }
+    let migration = |b: &[u8]| Message::decode(Bytes::copy_from_slice(b));
+    if let Ok(m) = migration(data) {
+        round_trip(&m, Message::encode, migration);
+    }
+    if let Ok(m) = CtlMessage::decode(data) {
+        round_trip(&m, CtlMessage::encode, CtlMessage::decode);
+    }
+}
+
+/// Encodes `m`, decodes the frame's body and encodes again: the same bytes.
+fn round_trip<M>(
+    m: &M,
+    encode: impl Fn(&M) -> Result<Vec<u8>, EncodeError>,
+    decode: impl Fn(&[u8]) -> Result<M, DecodeError>,
+) {
+    let first = match encode(m) {
+        Ok(b) => b,
+        // Decode bounds the input to one frame, so this cannot happen.
+        Err(e) => panic!("decoded message does not encode: {e}"),
+    };
+    let m2 = match decode(&first[crate::frame::LEN_PREFIX..]) {
+        Ok(m2) => m2,
+        Err(e) => panic!("re-encoded message does not decode: {e}"),
+    };
+    match encode(&m2) {
+        Ok(second) => assert_eq!(first, second, "round trip changed the encoding"),
+        Err(e) => panic!("decoded message does not encode: {e}"),
     }
 }
 
@@ -172,26 +191,35 @@ fn insecure_sig(who: &[u8], message: &[u8]) -> Vec<u8> {
     s
 }
 
-impl crate::ticket::TicketSigner for InsecureCrypto {
+impl Signer for InsecureCrypto {
     fn chain(&self) -> Vec<Vec<u8>> {
         vec![self.0.as_bytes().to_vec()]
     }
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         Ok(insecure_sig(self.0.as_bytes(), message))
     }
 }
 
-impl crate::ticket::TicketVerifier for InsecureCrypto {
-    fn verify_chain(&self, chain: &[Vec<u8>], _now: u64) -> Result<crate::names::SpiffeId, String> {
-        let leaf = chain.first().ok_or("empty chain")?;
-        let s = std::str::from_utf8(leaf).map_err(|e| e.to_string())?;
+impl ChainVerifier for InsecureCrypto {
+    fn verify_chain(
+        &self,
+        chain: &[Vec<u8>],
+        _now: u64,
+    ) -> Result<crate::names::SpiffeId, ChainError> {
+        let leaf = chain.first().ok_or(ChainError::Empty)?;
+        let s = std::str::from_utf8(leaf).map_err(|e| ChainError::Certificate(e.to_string()))?;
         s.parse()
-            .map_err(|e: crate::names::NameError| e.to_string())
+            .map_err(|e: crate::names::NameError| ChainError::Certificate(e.to_string()))
     }
-    fn verify_signature(&self, leaf: &[u8], message: &[u8], sig: &[u8]) -> Result<(), String> {
+    fn verify_signature(
+        &self,
+        leaf: &[u8],
+        message: &[u8],
+        sig: &[u8],
+    ) -> Result<(), SignatureError> {
         (insecure_sig(leaf, message) == sig)
             .then_some(())
-            .ok_or_else(|| "bad signature".into())
+            .ok_or(SignatureError::Invalid)
     }
 }
 
@@ -257,9 +285,7 @@ fn clock(data: &[u8]) -> Option<(u64, &[u8])> {
 /// so that a fuzzer reaches the checks behind the signature.
 fn resign(chain: &[Vec<u8>], context: &[u8], body: &[u8]) -> Option<Vec<u8>> {
     let leaf = std::str::from_utf8(chain.first()?).ok()?;
-    InsecureCrypto(leaf.into())
-        .sign(&signed_message(context, body))
-        .ok()
+    sign_in_context(&InsecureCrypto(leaf.into()), context, body).ok()
 }
 
 /// Verifies a signed ticket (after an 8-byte clock) as given, then
@@ -277,7 +303,7 @@ pub fn ticket_verify(data: &[u8]) {
     let Some(signature) = resign(&t.chain, TICKET_CONTEXT, &t.body) else {
         return;
     };
-    let t = SignedTicket { signature, ..t };
+    let t = SignedTicket::from_parts(t.body, signature, t.chain);
     if let Ok(ok) = t.verify(&v, now, 60) {
         let (from, to) = (ok.ticket.issued_at, ok.ticket.expires_at);
         assert_eq!(ok.signer.role(), Role::Operator);
@@ -297,7 +323,7 @@ pub fn receipt_verify(data: &[u8]) {
     let Some(signature) = resign(&r.chain, RECEIPT_CONTEXT, &r.body) else {
         return;
     };
-    let r = SignedReceipt { signature, ..r };
+    let r = SignedReceipt::from_parts(r.body, signature, r.chain);
     if let Ok(ok) = r.verify(&v) {
         assert_eq!(ok.signer.role(), Role::Agent);
     }
@@ -333,8 +359,8 @@ pub fn audit_log_verify(data: &[u8]) {
             }
             (LogEntry::TreeHead(h), Some(c)) => {
                 let (size, root) = (tree.len(), tree.root());
-                let message = crate::audit::head_message(size, &root, h.at_unix);
-                let Some(signature) = resign(c, b"", &message) else {
+                let body = crate::audit::head_body(size, &root, h.at_unix);
+                let Some(signature) = resign(c, HEAD_CONTEXT, &body) else {
                     return;
                 };
                 LogEntry::TreeHead(SignedTreeHead {
@@ -381,8 +407,8 @@ pub fn evidence_check(data: &[u8]) {
     }
     for side in &mut b.sides {
         let h = &side.head;
-        let message = crate::audit::head_message(h.size, &h.root, h.at_unix);
-        if let Some(s) = resign(&side.chain, b"", &message) {
+        let body = crate::audit::head_body(h.size, &h.root, h.at_unix);
+        if let Some(s) = resign(&side.chain, HEAD_CONTEXT, &body) {
             side.head.signature = s;
         }
         for r in &mut side.records {

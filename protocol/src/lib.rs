@@ -9,8 +9,8 @@
 //!
 //! # Layout
 //! - [`frame`]: length-prefixed framing with a hard maximum frame size.
-//! - [`message`]: the tagged messages (tag 0 invalid), version and
-//!   capability negotiation, typed decode errors.
+//! - [`message`]: the tagged messages of a migration between agents (tag 0
+//!   invalid), version and capability negotiation, typed decode errors.
 //! - [`geometry`]: page sizes, memory geometry, page indexes and bitmaps,
 //!   striping over streams (a leaf module).
 //! - [`page`]: memory geometry (re-exported), page bitmaps, the page-batch codec (zero,
@@ -35,12 +35,15 @@
 //!   (pre-copy with convergence control, post-copy, hybrid).
 //! - [`stream`]: migrations whose state is an opaque stream (QEMU's):
 //!   channels, their digests both ways, and the roots receipts bind.
-//! - [`ticket`]: operator-signed migration tickets and their verification
-//!   (crypto behind a small verifier/signer trait pair).
+//! - [`signed`]: the envelope every signed statement travels in
+//!   ([`signed::Signed`]), each kind's signing context, and the crypto
+//!   behind a small signer/verifier trait pair (a leaf module).
+//! - [`ticket`]: operator-signed migration tickets and their verification.
 //! - [`receipt`]: signed Accepted/Ready/Sent/Started receipts.
 //! - [`reuse`]: memory reuse when a VM comes back — the AES-256-GCM
 //!   retained image, its key that travels with the VM, and the offer.
-//! - [`ctl`]: the operator protocol spoken by `convoyctl`.
+//! - [`ctl`]: the operator protocol spoken by `convoyctl`, a frame type of
+//!   its own ([`ctl::CtlMessage`]) in the same framing.
 //! - [`model`]: shared vocabulary — the migration mode and the
 //!   [`model::MigrationPlan`] the operator's ticket signs.
 //! - [`admission`]: the destination's one check of a proposal against
@@ -68,6 +71,7 @@ pub mod names;
 pub mod page;
 pub mod receipt;
 pub mod reuse;
+pub mod signed;
 pub mod source;
 pub mod stream;
 pub mod ticket;

@@ -14,14 +14,18 @@
 //! Every receipt names the migration and the digest of the operator's
 //! signed ticket, so receipts, ticket and audit records bind together. A
 //! receipt carries the signer's chain and verifies offline with only the CA
-//! bundle, at the time it claims to have been signed.
+//! bundle, at the time it claims to have been signed. It travels in the
+//! generic envelope [`crate::signed::Signed`] ([`SignedReceipt`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::digest::Digest;
 use crate::names::{MigrationId, Role, SpiffeId};
-use crate::ticket::{SignedTicket, TicketSigner, TicketVerifier, MAX_CERT_LEN, MAX_CHAIN_LEN};
+use crate::signed::{
+    ChainError, ChainVerifier, EnvelopeError, SignError, Signable, Signed, Signer,
+};
+use crate::ticket::SignedTicket;
 
 /// Signatures over receipts cover this prefix, then the body.
 pub const RECEIPT_CONTEXT: &[u8] = b"convoy migration receipt v1\0";
@@ -60,16 +64,14 @@ pub struct Receipt {
     pub at_unix: u64,
 }
 
-/// A receipt, its signature and the signer's chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedReceipt {
-    /// Postcard encoding of the [`Receipt`].
-    pub body: Vec<u8>,
-    /// Ed25519 signature over [`RECEIPT_CONTEXT`] ‖ `body`.
-    pub signature: Vec<u8>,
-    /// The signer's certificate chain (DER, leaf first).
-    pub chain: Vec<Vec<u8>>,
+impl Signable for Receipt {
+    const CONTEXT: &'static [u8] = RECEIPT_CONTEXT;
+    const MAX_BODY: usize = MAX_RECEIPT_BODY;
 }
+
+/// A receipt, its signature (over [`RECEIPT_CONTEXT`] ‖ body) and the
+/// signer's chain (DER, leaf first).
+pub type SignedReceipt = Signed<Receipt>;
 
 /// Why a receipt is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -80,7 +82,7 @@ pub enum ReceiptError {
     Malformed(String),
     /// The signer's chain does not verify (at the receipt's time).
     #[error("receipt signer's certificate refused: {0}")]
-    Chain(String),
+    Chain(ChainError),
     /// The signature does not verify.
     #[error("receipt signature is invalid")]
     Signature,
@@ -89,10 +91,20 @@ pub enum ReceiptError {
     NotAnAgent(SpiffeId),
     /// Signing failed.
     #[error("cannot sign: {0}")]
-    Sign(String),
+    Sign(#[from] SignError),
     /// Valid, but not the receipt expected here.
     #[error("wrong receipt: {0}")]
     Mismatch(String),
+}
+
+impl From<EnvelopeError> for ReceiptError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Chain(e) => ReceiptError::Chain(e),
+            EnvelopeError::Signature(_) => ReceiptError::Signature,
+            other => ReceiptError::Malformed(other.to_string()),
+        }
+    }
 }
 
 /// A receipt whose chain and signature were checked.
@@ -104,10 +116,6 @@ pub struct VerifiedReceipt {
     pub signer: SpiffeId,
 }
 
-fn message(body: &[u8]) -> Vec<u8> {
-    crate::ticket::signed_message(RECEIPT_CONTEXT, body)
-}
-
 /// The digest receipts use to name a signed ticket.
 pub fn ticket_digest(t: &SignedTicket) -> Digest {
     let mut h = blake3::Hasher::new_derive_key("convoy 2026-11 signed ticket digest v1");
@@ -117,41 +125,11 @@ pub fn ticket_digest(t: &SignedTicket) -> Digest {
     Digest(*h.finalize().as_bytes())
 }
 
-impl SignedReceipt {
-    /// Signs `receipt`.
-    pub fn sign(receipt: &Receipt, signer: &dyn TicketSigner) -> Result<Self, ReceiptError> {
-        let body =
-            postcard::to_stdvec(receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        let signature = signer.sign(&message(&body)).map_err(ReceiptError::Sign)?;
-        Ok(SignedReceipt {
-            body,
-            signature,
-            chain: signer.chain(),
-        })
-    }
-
+impl Signed<Receipt> {
     /// Checks bounds, the chain at the receipt's own time, the signature,
     /// and that an agent signed it.
-    pub fn verify(&self, verifier: &dyn TicketVerifier) -> Result<VerifiedReceipt, ReceiptError> {
-        if self.body.len() > MAX_RECEIPT_BODY
-            || self.signature.len() != 64
-            || self.chain.is_empty()
-            || self.chain.len() > MAX_CHAIN_LEN
-            || self.chain.iter().any(|c| c.len() > MAX_CERT_LEN)
-        {
-            return Err(ReceiptError::Malformed("sizes out of bounds".into()));
-        }
-        let (receipt, rest): (Receipt, &[u8]) = postcard::take_from_bytes(&self.body)
-            .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(ReceiptError::Malformed("trailing bytes".into()));
-        }
-        let signer = verifier
-            .verify_chain(&self.chain, receipt.at_unix)
-            .map_err(ReceiptError::Chain)?;
-        verifier
-            .verify_signature(&self.chain[0], &message(&self.body), &self.signature)
-            .map_err(|_| ReceiptError::Signature)?;
+    pub fn verify(&self, verifier: &dyn ChainVerifier) -> Result<VerifiedReceipt, ReceiptError> {
+        let (receipt, signer) = self.open_at_claimed(verifier, |r| r.at_unix)?;
         if signer.role() != Role::Agent {
             return Err(ReceiptError::NotAnAgent(signer));
         }
@@ -164,8 +142,8 @@ impl SignedReceipt {
 /// anchor, since a sans-IO state machine only sees `Instant`s.
 #[derive(Clone)]
 pub struct Notary {
-    signer: std::sync::Arc<dyn TicketSigner + Send + Sync>,
-    verifier: std::sync::Arc<dyn TicketVerifier + Send + Sync>,
+    signer: std::sync::Arc<dyn Signer + Send + Sync>,
+    verifier: std::sync::Arc<dyn ChainVerifier + Send + Sync>,
     anchor: (std::time::Instant, u64),
 }
 
@@ -184,8 +162,8 @@ pub type StateDigests = Option<(Digest, Digest)>;
 impl Notary {
     /// A notary whose clock reads `now_unix` at `now`.
     pub fn new(
-        signer: std::sync::Arc<dyn TicketSigner + Send + Sync>,
-        verifier: std::sync::Arc<dyn TicketVerifier + Send + Sync>,
+        signer: std::sync::Arc<dyn Signer + Send + Sync>,
+        verifier: std::sync::Arc<dyn ChainVerifier + Send + Sync>,
         now: std::time::Instant,
         now_unix: u64,
     ) -> Self {
@@ -209,7 +187,7 @@ impl Notary {
         ticket: Digest,
         state: StateDigests,
     ) -> Result<SignedReceipt, ReceiptError> {
-        SignedReceipt::sign(
+        Ok(SignedReceipt::sign(
             &Receipt {
                 kind,
                 migration,
@@ -219,7 +197,7 @@ impl Notary {
                 at_unix: self.unix(now),
             },
             self.signer.as_ref(),
-        )
+        )?)
     }
 
     /// Checks that `r` is a valid receipt of `kind` by `from` about exactly

@@ -9,15 +9,16 @@
 //! proposing the migration is the ticket's source, so no agent can launder
 //! its own authority into a migration no operator asked for.
 //!
-//! Cryptography sits behind [`TicketVerifier`] and [`TicketSigner`]: the
-//! agent implements them with rustls-webpki and ring; tests and fuzzing can
-//! swap in their own.
+//! The ticket travels in the generic envelope [`crate::signed::Signed`]
+//! ([`SignedTicket`]); cryptography sits behind its [`crate::signed::Signer`] and
+//! [`crate::signed::ChainVerifier`] traits.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::model::MigrationPlan;
 use crate::names::{MigrationId, Role, SpiffeId, VmName};
+use crate::signed::{ChainError, ChainVerifier, EnvelopeError, SignError, Signable, Signed};
 
 /// Signatures over tickets cover this prefix and then the ticket body, so a
 /// ticket signature can never be replayed as another kind of signature.
@@ -25,10 +26,6 @@ pub const TICKET_CONTEXT: &[u8] = b"convoy migration ticket v1\0";
 
 /// Largest encoded ticket body.
 pub const MAX_TICKET_BODY: usize = 4096;
-/// Most certificates in a signer's chain.
-pub const MAX_CHAIN_LEN: usize = 4;
-/// Largest certificate in a chain.
-pub const MAX_CERT_LEN: usize = 8192;
 /// Longest validity a ticket may claim (one day).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 86_400;
 
@@ -56,36 +53,14 @@ pub struct Ticket {
     pub nonce: [u8; 16],
 }
 
-/// A ticket, its signature and the signer's certificate chain (DER, leaf
-/// first).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedTicket {
-    /// The postcard encoding of the [`Ticket`] that was signed.
-    pub body: Vec<u8>,
-    /// Ed25519 signature over [`TICKET_CONTEXT`] ‖ `body`.
-    pub signature: Vec<u8>,
-    /// Signer's certificate chain.
-    pub chain: Vec<Vec<u8>>,
+impl Signable for Ticket {
+    const CONTEXT: &'static [u8] = TICKET_CONTEXT;
+    const MAX_BODY: usize = MAX_TICKET_BODY;
 }
 
-/// Cryptographic checks a ticket needs, provided by the agent.
-pub trait TicketVerifier {
-    /// Verifies `chain` (leaf first) up to a trusted CA at `now_unix`,
-    /// checking expiry and revocation, and returns the leaf's SPIFFE ID.
-    fn verify_chain(&self, chain: &[Vec<u8>], now_unix: u64) -> Result<SpiffeId, String>;
-    /// Verifies `signature` over `message` with the public key of the
-    /// certificate `leaf`.
-    fn verify_signature(&self, leaf: &[u8], message: &[u8], signature: &[u8])
-        -> Result<(), String>;
-}
-
-/// Signs tickets with an operator's key.
-pub trait TicketSigner {
-    /// The certificate chain (DER, leaf first).
-    fn chain(&self) -> Vec<Vec<u8>>;
-    /// An Ed25519 signature over `message`.
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String>;
-}
+/// A ticket, its signature (over [`TICKET_CONTEXT`] ‖ body) and the
+/// signer's certificate chain (DER, leaf first).
+pub type SignedTicket = Signed<Ticket>;
 
 /// Why a ticket is refused. Each variant names the check that failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -96,7 +71,7 @@ pub enum TicketError {
     Malformed(String),
     /// The signer's chain does not verify to the CA bundle.
     #[error("ticket signer's certificate refused: {0}")]
-    Chain(String),
+    Chain(ChainError),
     /// The signature does not verify.
     #[error("ticket signature is invalid")]
     Signature,
@@ -133,7 +108,17 @@ pub enum TicketError {
     },
     /// Signing failed.
     #[error("cannot sign: {0}")]
-    Sign(String),
+    Sign(#[from] SignError),
+}
+
+impl From<EnvelopeError> for TicketError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Chain(e) => TicketError::Chain(e),
+            EnvelopeError::Signature(_) => TicketError::Signature,
+            other => TicketError::Malformed(other.to_string()),
+        }
+    }
 }
 
 /// A ticket whose signature, chain and validity window were checked.
@@ -145,61 +130,18 @@ pub struct VerifiedTicket {
     pub signer: SpiffeId,
 }
 
-/// What a Convoy signature covers: a context string naming the kind of
-/// statement, then the statement, so no signature verifies as another kind.
-pub(crate) fn signed_message(context: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(context.len() + body.len());
-    m.extend_from_slice(context);
-    m.extend_from_slice(body);
-    m
-}
-
-fn message(body: &[u8]) -> Vec<u8> {
-    signed_message(TICKET_CONTEXT, body)
-}
-
-impl SignedTicket {
-    /// Signs `ticket`.
-    pub fn sign(ticket: &Ticket, signer: &dyn TicketSigner) -> Result<SignedTicket, TicketError> {
-        let body =
-            postcard::to_stdvec(ticket).map_err(|e| TicketError::Malformed(e.to_string()))?;
-        let signature = signer.sign(&message(&body)).map_err(TicketError::Sign)?;
-        Ok(SignedTicket {
-            body,
-            signature,
-            chain: signer.chain(),
-        })
-    }
-
+impl Signed<Ticket> {
     /// Checks sizes, the chain, the signature, the signer's role and the
     /// validity window at `now_unix` with `skew` seconds of tolerance.
     pub fn verify(
         &self,
-        verifier: &dyn TicketVerifier,
+        verifier: &dyn ChainVerifier,
         now_unix: u64,
         skew: u64,
     ) -> Result<VerifiedTicket, TicketError> {
-        if self.body.len() > MAX_TICKET_BODY
-            || self.signature.len() != 64
-            || self.chain.is_empty()
-            || self.chain.len() > MAX_CHAIN_LEN
-            || self.chain.iter().any(|c| c.len() > MAX_CERT_LEN)
-        {
-            return Err(TicketError::Malformed("sizes out of bounds".into()));
-        }
-        let signer = verifier
-            .verify_chain(&self.chain, now_unix)
-            .map_err(TicketError::Chain)?;
-        verifier
-            .verify_signature(&self.chain[0], &message(&self.body), &self.signature)
-            .map_err(|_| TicketError::Signature)?;
+        let (ticket, signer) = self.open(verifier, now_unix)?;
         if signer.role() != Role::Operator {
             return Err(TicketError::NotAnOperator(signer));
-        }
-        let (ticket, rest): (Ticket, &[u8]) = postcard::take_from_bytes(&self.body)
-            .map_err(|e| TicketError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(TicketError::Malformed("trailing bytes".into()));
         }
         if ticket.expires_at <= ticket.issued_at
             || ticket.expires_at - ticket.issued_at > MAX_TICKET_LIFETIME_SECS
@@ -230,44 +172,33 @@ impl SignedTicket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::InsecureCrypto;
+    use crate::signed::SignatureError;
 
-    /// A toy scheme: the "chain" names the signer, the "signature" is a
-    /// keyed BLAKE3 of the message under the signer's name.
-    struct Toy(&'static str);
-
-    fn toy_sig(who: &[u8], message: &[u8]) -> Vec<u8> {
-        let mut key = [0u8; 32];
-        key[..who.len().min(32)].copy_from_slice(&who[..who.len().min(32)]);
-        let h = blake3::keyed_hash(&key, message);
-        let mut s = h.as_bytes().to_vec();
-        s.extend_from_slice(h.as_bytes());
-        s
+    /// The insecure crypto of the fuzz targets, as a signer named `who`.
+    fn toy(who: &str) -> InsecureCrypto {
+        InsecureCrypto(who.into())
     }
 
-    impl TicketSigner for Toy {
-        fn chain(&self) -> Vec<Vec<u8>> {
-            vec![self.0.as_bytes().to_vec()]
-        }
-        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
-            Ok(toy_sig(self.0.as_bytes(), message))
-        }
-    }
-
+    /// The insecure crypto, except that it trusts no CA of the trust
+    /// domain `untrusted`.
     struct ToyVerifier;
 
-    impl TicketVerifier for ToyVerifier {
-        fn verify_chain(&self, chain: &[Vec<u8>], _now: u64) -> Result<SpiffeId, String> {
-            let s = std::str::from_utf8(&chain[0]).map_err(|e| e.to_string())?;
-            if s.contains("untrusted") {
-                return Err("unknown CA".into());
+    impl ChainVerifier for ToyVerifier {
+        fn verify_chain(&self, chain: &[Vec<u8>], now: u64) -> Result<SpiffeId, ChainError> {
+            let id = toy("").verify_chain(chain, now)?;
+            if id.domain().to_string() == "untrusted" {
+                return Err(ChainError::UnknownIssuer { id });
             }
-            s.parse()
-                .map_err(|e: crate::names::NameError| e.to_string())
+            Ok(id)
         }
-        fn verify_signature(&self, leaf: &[u8], message: &[u8], sig: &[u8]) -> Result<(), String> {
-            (toy_sig(leaf, message) == sig)
-                .then_some(())
-                .ok_or("bad".into())
+        fn verify_signature(
+            &self,
+            leaf: &[u8],
+            message: &[u8],
+            sig: &[u8],
+        ) -> Result<(), SignatureError> {
+            toy("").verify_signature(leaf, message, sig)
         }
     }
 
@@ -288,7 +219,7 @@ mod tests {
 
     #[test]
     fn signed_ticket_verifies_and_names_its_signer() {
-        let t = SignedTicket::sign(&ticket(1000), &Toy(OP)).unwrap();
+        let t = SignedTicket::sign(&ticket(1000), &toy(OP)).unwrap();
         let v = t.verify(&ToyVerifier, 1010, 60).unwrap();
         assert_eq!(v.ticket, ticket(1000));
         assert_eq!(v.signer.to_string(), OP);
@@ -296,7 +227,7 @@ mod tests {
 
     #[test]
     fn each_check_fails_with_its_own_error() {
-        let good = SignedTicket::sign(&ticket(1000), &Toy(OP)).unwrap();
+        let good = SignedTicket::sign(&ticket(1000), &toy(OP)).unwrap();
         let mut forged = good.clone();
         forged.body = postcard::to_stdvec(&Ticket {
             vm: "other".parse().unwrap(),
@@ -316,13 +247,13 @@ mod tests {
             good.verify(&ToyVerifier, 900, 60),
             Err(TicketError::NotYetValid { .. })
         ));
-        let agent = SignedTicket::sign(&ticket(1000), &Toy("spiffe://t/agent/a")).unwrap();
+        let agent = SignedTicket::sign(&ticket(1000), &toy("spiffe://t/agent/a")).unwrap();
         assert!(matches!(
             agent.verify(&ToyVerifier, 1000, 60),
             Err(TicketError::NotAnOperator(_))
         ));
         let untrusted =
-            SignedTicket::sign(&ticket(1000), &Toy("spiffe://untrusted/operator/x")).unwrap();
+            SignedTicket::sign(&ticket(1000), &toy("spiffe://untrusted/operator/x")).unwrap();
         assert!(matches!(
             untrusted.verify(&ToyVerifier, 1000, 60),
             Err(TicketError::Chain(_))
@@ -332,7 +263,7 @@ mod tests {
                 expires_at: 1000 + MAX_TICKET_LIFETIME_SECS + 1,
                 ..ticket(1000)
             },
-            &Toy(OP),
+            &toy(OP),
         )
         .unwrap();
         assert!(matches!(
@@ -340,7 +271,7 @@ mod tests {
             Err(TicketError::Lifetime { .. })
         ));
         let mut huge = good.clone();
-        huge.chain = vec![vec![0; 10]; MAX_CHAIN_LEN + 1];
+        huge.chain = vec![vec![0; 10]; crate::signed::MAX_CHAIN_LEN + 1];
         assert!(matches!(
             huge.verify(&ToyVerifier, 1000, 60),
             Err(TicketError::Malformed(_))

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use convoy_protocol::ctl::{CtlRequest, MigrateRequest};
+use convoy_protocol::ctl::{CtlMessage, CtlRequest, MigrateRequest};
 use convoy_protocol::delta::PageCache;
 use convoy_protocol::digest::Digest;
 use convoy_protocol::fuzz;
@@ -144,14 +144,23 @@ fn propose(
             reuse,
             disks,
         },
-        ticket: convoy_protocol::ticket::SignedTicket {
-            body: vec![],
-            signature: vec![],
-            chain: vec![],
-        },
+        ticket: convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![]),
     })
 }
 
+/// An operator's request: seed 10, among the migration messages' seeds
+/// (the frame decoders are fed both kinds).
+fn ctl_seed() -> CtlMessage {
+    CtlMessage::Request(CtlRequest::Migrate(MigrateRequest {
+        vm: "vm".parse().unwrap(),
+        to: "b".parse().unwrap(),
+        to_addr: Some("127.0.0.1:1".into()),
+        ticket: convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![]),
+    }))
+}
+
+/// The migration messages' seeds; seed 10, inserted among them, is
+/// [`ctl_seed`] (the numbers in comments are seed numbers).
 fn seeds() -> Vec<Message> {
     let geometry = MemoryGeometry::new(PageSize::SIZE_4K, 64).unwrap();
     let (enc, delta) = batches();
@@ -199,16 +208,6 @@ fn seeds() -> Vec<Message> {
             stream: 0,
         }),
         Message::PageBatch(enc.header, Bytes::from(enc.payload)),
-        Message::CtlRequest(CtlRequest::Migrate(MigrateRequest {
-            vm: "vm".parse().unwrap(),
-            to: "b".parse().unwrap(),
-            to_addr: Some("127.0.0.1:1".into()),
-            ticket: convoy_protocol::ticket::SignedTicket {
-                body: vec![],
-                signature: vec![],
-                chain: vec![],
-            },
-        })),
         Message::PageBatch(delta.header, Bytes::from(delta.payload)),
         Message::PostcopySwitch(convoy_protocol::message::PostcopySwitch {
             batches: vec![2, 1],
@@ -292,7 +291,8 @@ fn write_seed_corpus_when_asked() {
     if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
         return;
     }
-    let frames: Vec<Vec<u8>> = seeds().iter().map(|m| m.encode().unwrap()).collect();
+    let mut frames: Vec<Vec<u8>> = seeds().iter().map(|m| m.encode().unwrap()).collect();
+    frames.insert(10, ctl_seed().encode().unwrap());
     for t in [
         "frame_decode",
         "message_decode",
@@ -449,7 +449,7 @@ fn receipts(n: u8) -> Vec<convoy_protocol::receipt::SignedReceipt> {
 /// The log of `agent` (source or destination) after migrations 1 and 2.
 fn audit_log(agent: &str) -> Vec<u8> {
     use convoy_protocol::audit::{append, encode_entry, AuditEvent, LogEntry};
-    use convoy_protocol::ticket::TicketSigner;
+    use convoy_protocol::signed::Signer;
     let c = fuzz::InsecureCrypto(agent.into());
     let mut bytes = encode_entry(&LogEntry::Header {
         chain: c.chain(),

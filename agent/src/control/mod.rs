@@ -6,13 +6,16 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use convoy_protocol::ctl::{AgentStatus, CtlError, CtlErrorKind, CtlRequest, CtlResponse};
+use convoy_protocol::ctl::{
+    AgentStatus, CtlError, CtlErrorKind, CtlMessage, CtlRequest, CtlResponse,
+};
+use convoy_protocol::message::name_of;
 use convoy_protocol::names::{SpiffeId, VmName};
-use convoy_protocol::Message;
+use convoy_protocol::DecodeError;
 use quinn::{Connection, RecvStream, SendStream};
 
 use crate::host::Host;
-use crate::transport::{close, read_message, write_message, Peer};
+use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};
 use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
@@ -112,12 +115,25 @@ pub(super) fn error(kind: CtlErrorKind, message: impl Into<String>) -> CtlRespon
     })
 }
 
-pub(super) async fn respond(
-    send: &mut SendStream,
-    r: CtlResponse,
-) -> Result<(), crate::transport::WireError> {
-    write_message(send, &Message::CtlResponse(Box::new(r))).await?;
+pub(super) async fn respond(send: &mut SendStream, r: CtlResponse) -> Result<(), WireError> {
+    write_ctl(send, &CtlMessage::Response(Box::new(r))).await?;
     Ok(())
+}
+
+/// Refuses (and audits) a stream that opened with a frame of `kind`
+/// instead of a request.
+async fn not_a_request(
+    host: &Host,
+    send: &mut SendStream,
+    peer: &Peer,
+    kind: &str,
+) -> Result<(), WireError> {
+    let why = format!("expected a control request, got {kind}");
+    host.audit_refusal(
+        peer.id.to_string(),
+        format!("malformed operator request: {why}"),
+    );
+    respond(send, error(CtlErrorKind::BadRequest, why)).await
 }
 
 async fn handle(
@@ -125,9 +141,11 @@ async fn handle(
     mut send: SendStream,
     mut recv: RecvStream,
     peer: &Peer,
-) -> Result<(), crate::transport::WireError> {
+) -> Result<(), WireError> {
+    // Only operator frames decode here; a migration message's tag is
+    // unknown to this decoder, and is named as what it is.
     let limit = host.connections.limits().first_message;
-    let Ok(read) = tokio::time::timeout(limit, read_message(&mut recv)).await else {
+    let Ok(read) = tokio::time::timeout(limit, read_ctl(&mut recv)).await else {
         let why = format!(
             "no request within {} s of opening the stream",
             limit.as_secs()
@@ -140,15 +158,10 @@ async fn handle(
         return Ok(());
     };
     let req = match read {
-        Ok(Some(Message::CtlRequest(r))) => r,
-        Ok(Some(other)) => {
-            let why = format!("expected a control request, got {}", other.kind());
-            host.audit_refusal(
-                peer.id.to_string(),
-                format!("malformed operator request: {why}"),
-            );
-            respond(&mut send, error(CtlErrorKind::BadRequest, why)).await?;
-            return Ok(());
+        Ok(Some(CtlMessage::Request(r))) => r,
+        Ok(Some(other)) => return not_a_request(&host, &mut send, peer, other.kind()).await,
+        Err(WireError::Decode(DecodeError::UnknownTag(t))) if name_of(t) != "unknown" => {
+            return not_a_request(&host, &mut send, peer, name_of(t)).await
         }
         Ok(None) => return Ok(()),
         Err(e) => {

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use convoy_protocol::audit::{append, encode_entry, verify_log, AuditEvent, LogEntry};
 use convoy_protocol::logtree::LogTree;
-use convoy_protocol::ticket::TicketSigner;
+use convoy_protocol::signed::Signer;
 use thiserror::Error;
 
 use crate::trust::identity::{Identity, TrustBundle};
@@ -162,7 +162,7 @@ impl AuditLog {
             event,
             &self.signer,
         )
-        .map_err(AuditLogError::Record)?;
+        .map_err(|e| AuditLogError::Record(e.to_string()))?;
         let mut bytes = Vec::new();
         for e in &entries {
             bytes.extend(encode_entry(e).map_err(AuditLogError::Record)?);

@@ -95,7 +95,7 @@ pub fn issue_ticket(
         expires_at: now + lifetime.as_secs().max(1),
         nonce,
     };
-    SignedTicket::sign(&ticket, operator)
+    Ok(SignedTicket::sign(&ticket, operator)?)
 }
 
 fn expect<T: PartialEq + ToString>(

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use convoy_protocol::names::{AgentName, NameError, Role, SpiffeId, TrustDomain};
-use convoy_protocol::ticket::{TicketSigner, TicketVerifier};
+use convoy_protocol::signed::{ChainError, ChainVerifier, SignError, SignatureError, Signer};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
@@ -282,7 +282,7 @@ impl TrustBundle {
 
     /// The bundle that may vouch for `id`: ours for our domain, a federated
     /// one for the identities it was named for, none otherwise.
-    fn bundle_for(&self, id: &SpiffeId) -> Result<&TrustBundle, String> {
+    fn bundle_for(&self, id: &SpiffeId) -> Result<&TrustBundle, ChainError> {
         if id.domain() == &self.domain {
             return Ok(self);
         }
@@ -292,15 +292,11 @@ impl TrustBundle {
             .find(|f| f.bundle.domain == *id.domain())
         {
             Some(f) if f.peers.contains(id) => Ok(&f.bundle),
-            Some(f) => Err(format!(
-                "{id} is not among the identities federated from {}",
-                f.bundle.domain
-            )),
-            None => Err(format!(
-                "{id} is in trust domain {}, which is neither ours ({}) nor federated",
-                id.domain(),
-                self.domain
-            )),
+            Some(_) => Err(ChainError::NotFederated { id: id.clone() }),
+            None => Err(ChainError::ForeignDomain {
+                id: id.clone(),
+                ours: self.domain.clone(),
+            }),
         }
     }
 
@@ -318,18 +314,16 @@ impl TrustBundle {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
-    ) -> Result<SpiffeId, String> {
-        let id = spiffe_id_of(leaf).map_err(|e| e.to_string())?;
+    ) -> Result<SpiffeId, ChainError> {
+        let id = spiffe_id_of(leaf).map_err(|e| ChainError::Certificate(e.to_string()))?;
         self.bundle_for(&id)?
             .verify_chain_for(leaf, intermediates, now, usage)
             .map_err(|e| match e {
-                webpki::Error::CertRevoked => "certificate revoked".to_string(),
-                webpki::Error::CertExpired { .. } => "certificate expired".to_string(),
-                webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".to_string(),
-                webpki::Error::UnknownIssuer => {
-                    format!("{id}: certificate not issued by the CA of {}", id.domain())
-                }
-                other => format!("{other:?}"),
+                webpki::Error::CertRevoked => ChainError::Revoked,
+                webpki::Error::CertExpired { .. } => ChainError::Expired,
+                webpki::Error::CertNotValidYet { .. } => ChainError::NotValidYet,
+                webpki::Error::UnknownIssuer => ChainError::UnknownIssuer { id: id.clone() },
+                other => ChainError::Invalid(format!("{other:?}")),
             })?;
         Ok(id)
     }
@@ -568,10 +562,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-impl TicketVerifier for TrustBundle {
-    fn verify_chain(&self, chain: &[Vec<u8>], now_unix: u64) -> Result<SpiffeId, String> {
+impl ChainVerifier for TrustBundle {
+    fn verify_chain(&self, chain: &[Vec<u8>], now_unix: u64) -> Result<SpiffeId, ChainError> {
         let Some((leaf, rest)) = chain.split_first() else {
-            return Err("empty certificate chain".into());
+            return Err(ChainError::Empty);
         };
         let leaf = CertificateDer::from(leaf.as_slice());
         let intermediates: Vec<CertificateDer<'_>> = rest
@@ -591,26 +585,27 @@ impl TicketVerifier for TrustBundle {
         leaf: &[u8],
         message: &[u8],
         signature: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), SignatureError> {
         let leaf = CertificateDer::from(leaf);
-        let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| e.to_string())?;
+        let ee = webpki::EndEntityCert::try_from(&leaf)
+            .map_err(|e| SignatureError::Certificate(e.to_string()))?;
         ee.verify_signature(webpki::ring::ED25519, message, signature)
-            .map_err(|e| format!("{e:?}"))
+            .map_err(|_| SignatureError::Invalid)
     }
 }
 
-impl TicketSigner for Identity {
+impl Signer for Identity {
     fn chain(&self) -> Vec<Vec<u8>> {
         self.chain.iter().map(|c| c.as_ref().to_vec()).collect()
     }
 
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         let PrivateKeyDer::Pkcs8(k) = &self.key else {
-            return Err("signing keys must be Ed25519 in PKCS#8".into());
+            return Err(SignError::NotPkcs8);
         };
         let pair =
             ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(k.secret_pkcs8_der())
-                .map_err(|e| format!("not an Ed25519 key: {e}"))?;
+                .map_err(|e| SignError::NotEd25519(e.to_string()))?;
         Ok(pair.sign(message).as_ref().to_vec())
     }
 }

@@ -538,10 +538,10 @@ mod revoke_tests {
         let trust = pki.trust().unwrap();
         assert!(format!("{trust:?}").contains("crls: 1"), "{trust:?}");
         let op = pki.identity(Role::Operator, &name).unwrap();
-        let chain = convoy_protocol::ticket::TicketSigner::chain(&op);
+        let chain = convoy_protocol::signed::Signer::chain(&op);
         let now = crate::trust::authz::now_unix();
-        let verdict = convoy_protocol::ticket::TicketVerifier::verify_chain(&trust, &chain, now);
-        assert_eq!(verdict, Err("certificate revoked".to_string()));
+        let verdict = convoy_protocol::signed::ChainVerifier::verify_chain(&trust, &chain, now);
+        assert_eq!(verdict, Err(convoy_protocol::signed::ChainError::Revoked));
         // Revoking a second identity keeps the first in the list.
         let other: AgentName = "op2".parse().unwrap();
         pki.issue(Role::Operator, &other, Duration::from_secs(3600))
@@ -567,7 +567,7 @@ mod revoke_handshake_tests {
         let trust = pki.trust().unwrap();
         let v = trust.client_verifier().unwrap();
         let op = pki.identity(Role::Operator, &name).unwrap();
-        let chain = convoy_protocol::ticket::TicketSigner::chain(&op);
+        let chain = convoy_protocol::signed::Signer::chain(&op);
         let der = rustls::pki_types::CertificateDer::from(chain[0].clone());
         let r = v.verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now());
         assert!(r.is_err(), "{r:?}");

@@ -41,11 +41,7 @@ fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
             start_paused: false,
             plan: plan.clone(),
         },
-        ticket: crate::ticket::SignedTicket {
-            body: Vec::new(),
-            signature: Vec::new(),
-            chain: Vec::new(),
-        },
+        ticket: crate::ticket::SignedTicket::from_parts(Vec::new(), Vec::new(), Vec::new()),
     });
     d.handle_message(now, propose).unwrap();
     while let Some(a) = d.poll_action() {

@@ -3,15 +3,13 @@
 //! records, each receipt, and what the records must agree on across sides.
 
 use super::{migration_of, EvidenceBundle, EvidenceError, EvidenceRecord, RecordProblem, Side};
-use crate::audit::{head_message, AuditEvent, AuditRecord, SignedTreeHead, RECORD_CONTEXT};
+use crate::audit::{verify_record, AuditEvent, AuditRecord, SignedTreeHead};
 use crate::digest::Digest;
 use crate::logtree::{log_leaf, verify_inclusion};
 use crate::names::{MigrationId, SpiffeId};
 use crate::receipt::{ticket_digest, Receipt, ReceiptKind, SignedReceipt};
-use crate::ticket::{
-    signed_message, Ticket, TicketError, TicketVerifier, VerifiedTicket, MAX_CERT_LEN,
-    MAX_CHAIN_LEN,
-};
+use crate::signed::{chain_in_bounds, ChainError, ChainVerifier};
+use crate::ticket::{Ticket, TicketError, VerifiedTicket};
 
 /// What one side's verified evidence says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +59,7 @@ pub struct BundleSummary {
 
 impl EvidenceBundle {
     /// Verifies the bundle offline (see the module docs).
-    pub fn check(&self, verifier: &dyn TicketVerifier) -> Result<BundleSummary, EvidenceError> {
+    pub fn check(&self, verifier: &dyn ChainVerifier) -> Result<BundleSummary, EvidenceError> {
         Checker::new(self, verifier)?.run()
     }
 }
@@ -70,7 +68,7 @@ impl EvidenceBundle {
 /// bundle).
 pub fn check_bundle(
     bytes: &[u8],
-    verifier: &dyn TicketVerifier,
+    verifier: &dyn ChainVerifier,
 ) -> Result<BundleSummary, EvidenceError> {
     EvidenceBundle::decode(bytes)?.check(verifier)
 }
@@ -85,7 +83,7 @@ struct FoundReceipt {
 
 struct Checker<'a> {
     bundle: &'a EvidenceBundle,
-    verifier: &'a dyn TicketVerifier,
+    verifier: &'a dyn ChainVerifier,
     verified: VerifiedTicket,
     digest: Digest,
 }
@@ -94,7 +92,7 @@ impl<'a> Checker<'a> {
     /// Checks the ticket.
     fn new(
         bundle: &'a EvidenceBundle,
-        verifier: &'a dyn TicketVerifier,
+        verifier: &'a dyn ChainVerifier,
     ) -> Result<Self, EvidenceError> {
         // At its issue time: the ticket was valid when it was used, and has
         // most likely expired since.
@@ -152,12 +150,9 @@ impl<'a> Checker<'a> {
         let Some(ev) = self.bundle.sides.get(position) else {
             return Err(EvidenceError::MissingSide { side });
         };
-        let chain_err = |why: String| EvidenceError::Chain { side, why };
-        if ev.chain.is_empty()
-            || ev.chain.len() > MAX_CHAIN_LEN
-            || ev.chain.iter().any(|c| c.len() > MAX_CERT_LEN)
-        {
-            return Err(chain_err("chain out of bounds".into()));
+        let chain_err = |why: ChainError| EvidenceError::Chain { side, why };
+        if !chain_in_bounds(&ev.chain) {
+            return Err(chain_err(ChainError::OutOfBounds));
         }
         let agent = self
             .verifier
@@ -173,12 +168,7 @@ impl<'a> Checker<'a> {
         }
         let leaf = &ev.chain[0];
         let h = &ev.head;
-        self.verifier
-            .verify_signature(
-                leaf,
-                &head_message(h.size, &h.root, h.at_unix),
-                &h.signature,
-            )
+        h.verify(self.verifier, leaf)
             .map_err(|_| EvidenceError::TreeHead { side, size: h.size })?;
         if ev.records.is_empty() {
             return Err(EvidenceError::NoRecords { side });
@@ -288,8 +278,7 @@ impl<'a> Checker<'a> {
         head: &SignedTreeHead,
         r: &EvidenceRecord,
     ) -> Result<AuditRecord, RecordProblem> {
-        self.verifier
-            .verify_signature(leaf, &signed_message(RECORD_CONTEXT, &r.body), &r.signature)
+        verify_record(self.verifier, leaf, &r.body, &r.signature)
             .map_err(|_| RecordProblem::Signature)?;
         verify_inclusion(&log_leaf(&r.body), r.index, head.size, &r.proof, &head.root)
             .map_err(RecordProblem::Inclusion)?;

@@ -9,6 +9,7 @@ use crate::digest::Digest;
 use crate::logtree::ProofError;
 use crate::names::{MigrationId, SpiffeId};
 use crate::receipt::{ReceiptError, ReceiptKind};
+use crate::signed::ChainError;
 use crate::ticket::TicketError;
 
 /// What is wrong with one record of a side.
@@ -134,7 +135,7 @@ pub enum EvidenceError {
         /// Which side.
         side: Side,
         /// Why.
-        why: String,
+        why: ChainError,
     },
     /// A side's log belongs to another agent than the ticket names.
     #[error("{side} log is {found}'s, but the ticket's {side} is {expected}")]

@@ -16,7 +16,8 @@ use super::{
 use crate::audit::SignedTreeHead;
 use crate::digest::Digest;
 use crate::names::MigrationId;
-use crate::ticket::{SignedTicket, MAX_CHAIN_LEN};
+use crate::signed::MAX_CHAIN_LEN;
+use crate::ticket::SignedTicket;
 
 /// Length of an Ed25519 signature.
 const SIGNATURE_LEN: usize = 64;

@@ -7,7 +7,8 @@ use crate::digest::Digest;
 use crate::fuzz::InsecureCrypto;
 use crate::logtree::{LogTree, ProofError};
 use crate::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
-use crate::ticket::{SignedTicket, TicketError, TicketSigner};
+use crate::signed::Signer;
+use crate::ticket::{SignedTicket, TicketError};
 
 const A: &str = "spiffe://t/agent/a";
 const B: &str = "spiffe://t/agent/b";

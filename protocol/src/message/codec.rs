@@ -1,9 +1,12 @@
 //! The frame of a message: tag and postcard body, encoded
 //! ([`Message::encode`], [`encode_batch_head`]) and decoded with its
-//! bounds checked ([`Message::decode`]) into a typed [`DecodeError`].
+//! bounds checked ([`Message::decode`]) into a typed [`DecodeError`]. The
+//! operator protocol's frames ([`crate::ctl::CtlMessage`]) are framed the
+//! same way, with the helpers at the bottom of this file.
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use thiserror::Error;
 
 use crate::frame::{self, FrameError, LEN_PREFIX};
@@ -81,8 +84,6 @@ impl Message {
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
-            Message::CtlRequest(_) => tag::CTL_REQUEST,
-            Message::CtlResponse(_) => tag::CTL_RESPONSE,
         }
     }
 
@@ -93,8 +94,7 @@ impl Message {
 
     /// The whole frame: length prefix, tag, body.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        let mut out = vec![0u8; LEN_PREFIX];
-        out.push(self.tag());
+        let out = frame_head(self.tag());
         let body = match self {
             Message::Propose(m) => postcard::to_extend(m, out),
             Message::Accept(m) => postcard::to_extend(m, out),
@@ -119,26 +119,13 @@ impl Message {
                 o.extend_from_slice(payload);
                 o
             }),
-            Message::CtlRequest(m) => postcard::to_extend(m, out),
-            Message::CtlResponse(m) => postcard::to_extend(m.as_ref(), out),
         };
-        let mut out = body.map_err(|e| EncodeError::Postcard(e.to_string()))?;
-        let prefix = frame::prefix_for(out.len() - LEN_PREFIX)?;
-        out[..LEN_PREFIX].copy_from_slice(&prefix);
-        Ok(out)
+        finish_frame(body)
     }
 
     /// Decodes one frame's tag and body (the length prefix already removed).
     pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
-        let Some((&t, body)) = frame.split_first() else {
-            return Err(DecodeError::Frame(FrameError::Empty));
-        };
-        if frame.len() > frame::MAX_FRAME_LEN {
-            return Err(DecodeError::Frame(FrameError::Oversized {
-                len: frame.len(),
-                max: frame::MAX_FRAME_LEN,
-            }));
-        }
+        let (t, body) = split_tag(&frame)?;
         Ok(match t {
             tag::INVALID => return Err(DecodeError::InvalidTag),
             tag::PROPOSE => Message::Propose(whole(t, body)?),
@@ -204,8 +191,6 @@ impl Message {
                 let offset = frame.len() - rest.len();
                 Message::PageBatch(h, frame.slice(offset..))
             }
-            tag::CTL_REQUEST => Message::CtlRequest(whole(t, body)?),
-            tag::CTL_RESPONSE => Message::CtlResponse(Box::new(whole(t, body)?)),
             other => return Err(DecodeError::UnknownTag(other)),
         })
     }
@@ -234,8 +219,6 @@ pub fn name_of(t: u8) -> &'static str {
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
-        tag::CTL_REQUEST => "CtlRequest",
-        tag::CTL_RESPONSE => "CtlResponse",
         _ => "unknown",
     }
 }
@@ -248,24 +231,72 @@ fn malformed(t: u8, detail: &str) -> DecodeError {
 }
 
 fn whole<T: DeserializeOwned>(t: u8, body: &[u8]) -> Result<T, DecodeError> {
-    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+    decode_whole(name_of(t), body)
+}
+
+/// Decodes `body` as a whole `T` named `message` in errors.
+pub(crate) fn decode_whole<T: DeserializeOwned>(
+    message: &'static str,
+    body: &[u8],
+) -> Result<T, DecodeError> {
+    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed {
+        message,
+        detail: e.to_string(),
+    })?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing {
-            message: name_of(t),
+            message,
             extra: rest.len(),
         });
     }
     Ok(v)
 }
 
+/// A frame's tag and body (the length prefix already removed), its size
+/// checked.
+pub(crate) fn split_tag(frame: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+    let Some((&t, body)) = frame.split_first() else {
+        return Err(DecodeError::Frame(FrameError::Empty));
+    };
+    if frame.len() > frame::MAX_FRAME_LEN {
+        return Err(DecodeError::Frame(FrameError::Oversized {
+            len: frame.len(),
+            max: frame::MAX_FRAME_LEN,
+        }));
+    }
+    Ok((t, body))
+}
+
+/// The start of a frame: room for the length prefix, then the tag.
+fn frame_head(t: u8) -> Vec<u8> {
+    let mut out = vec![0u8; LEN_PREFIX];
+    out.push(t);
+    out
+}
+
+/// Fills in the length prefix of a frame that [`frame_head`] started.
+fn finish_frame(out: postcard::Result<Vec<u8>>) -> Result<Vec<u8>, EncodeError> {
+    let mut out = out.map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let prefix = frame::prefix_for(out.len() - LEN_PREFIX)?;
+    out[..LEN_PREFIX].copy_from_slice(&prefix);
+    Ok(out)
+}
+
+/// The whole frame of `value` under tag `t`: length prefix, tag, postcard
+/// body.
+pub(crate) fn encode_tagged<T: Serialize + ?Sized>(
+    t: u8,
+    value: &T,
+) -> Result<Vec<u8>, EncodeError> {
+    finish_frame(postcard::to_extend(value, frame_head(t)))
+}
+
 /// Encodes the frame head of a page batch (prefix, tag and header) for a
 /// payload of `payload_len` bytes that the caller sends right after it, so
 /// the payload is never copied.
 pub fn encode_batch_head(header: &BatchHeader, payload_len: usize) -> Result<Vec<u8>, EncodeError> {
-    let mut out = vec![0u8; LEN_PREFIX];
-    out.push(tag::PAGE_BATCH);
-    let mut out =
-        postcard::to_extend(header, out).map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let mut out = postcard::to_extend(header, frame_head(tag::PAGE_BATCH))
+        .map_err(|e| EncodeError::Postcard(e.to_string()))?;
     let prefix = frame::prefix_for(out.len() - LEN_PREFIX + payload_len)?;
     out[..LEN_PREFIX].copy_from_slice(&prefix);
     Ok(out)

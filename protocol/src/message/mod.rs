@@ -1,4 +1,5 @@
-//! Every message Convoy peers exchange, and its (de)coding.
+//! Every message Convoy agents exchange in a migration, and its
+//! (de)coding.
 //!
 //! A frame's first byte is a tag naming the message; the body is the
 //! message's postcard encoding (for [`Message::PageBatch`], the postcard
@@ -28,8 +29,12 @@
 //! | 18 | [`crate::stream::ChannelOpen`] | a stream migration's channel, first frame |
 //! | 19 | [`Resume`] | agent control of a new connection, source → destination, first |
 //! | 20 | [`Resumed`] | agent control, destination → source |
-//! | 32 | [`crate::ctl::CtlRequest`] | operator → agent |
-//! | 33 | [`crate::ctl::CtlResponse`] | agent → operator |
+//!
+//! Tags 32 and 33 belong to the operator protocol, a message type of its
+//! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
+//! on `convoy-ctl/1` connections; [`Message::decode`] refuses them as
+//! unknown, so an agent's peer cannot speak the operator's messages, and
+//! no tag here may take them.
 //!
 //! # Parts
 //! - `propose`: versions, capabilities, the [`Manifest`], [`Propose`] and
@@ -38,14 +43,11 @@
 //! - `postcopy`: the switch, faults, and recovery on a new connection.
 //! - `handover`: [`Ready`], [`Handover`] and [`Started`].
 //! - [`tag`]: the tag of each message.
-//! - `codec`: encoding and bounded decoding, [`DecodeError`].
-//!
-//! The operator's messages ([`CtlRequest`], [`CtlResponse`]) live in
-//! [`crate::ctl`].
+//! - `codec`: encoding and bounded decoding, [`DecodeError`] (the
+//!   framing the operator protocol shares).
 
 use bytes::Bytes;
 
-use crate::ctl::{CtlRequest, CtlResponse};
 use crate::page::BatchHeader;
 
 mod codec;
@@ -59,6 +61,7 @@ pub mod tag;
 mod tests;
 
 pub use crate::model::FaultFigures;
+pub(crate) use codec::{decode_whole, encode_tagged, split_tag};
 pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError};
 pub use copy::{DataStreamOpen, Finish, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
 pub use handover::{Handover, Ready, Started};
@@ -68,7 +71,7 @@ pub use propose::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
-/// Any Convoy message.
+/// Any message of a migration between agents.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Message {
@@ -112,8 +115,4 @@ pub enum Message {
     PageBatch(BatchHeader, Bytes),
     /// Tag 18.
     ChannelOpen(crate::stream::ChannelOpen),
-    /// Tag 32.
-    CtlRequest(CtlRequest),
-    /// Tag 33.
-    CtlResponse(Box<CtlResponse>),
 }

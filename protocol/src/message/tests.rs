@@ -36,11 +36,7 @@ fn propose() -> Message {
                 }),
             }],
         },
-        ticket: crate::ticket::SignedTicket {
-            body: vec![1],
-            signature: vec![2; 64],
-            chain: vec![vec![3]],
-        },
+        ticket: crate::ticket::SignedTicket::from_parts(vec![1], vec![2; 64], vec![vec![3]]),
     })
 }
 
@@ -63,11 +59,7 @@ fn round_trips() {
     for m in [
         propose(),
         Message::Handover(Handover {
-            receipt: SignedReceipt {
-                body: vec![1],
-                signature: vec![2; 64],
-                chain: vec![],
-            },
+            receipt: SignedReceipt::from_parts(vec![1], vec![2; 64], vec![]),
             reuse: None,
         }),
         Message::Abort(Abort {

@@ -50,20 +50,12 @@ pub fn receipt_by(
 }
 
 pub fn dummy_ticket() -> convoy_protocol::ticket::SignedTicket {
-    convoy_protocol::ticket::SignedTicket {
-        body: vec![],
-        signature: vec![],
-        chain: vec![],
-    }
+    convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![])
 }
 
 pub fn handover() -> Message {
     Message::Handover(convoy_protocol::message::Handover {
-        receipt: convoy_protocol::receipt::SignedReceipt {
-            body: vec![],
-            signature: vec![],
-            chain: vec![],
-        },
+        receipt: convoy_protocol::receipt::SignedReceipt::from_parts(vec![], vec![], vec![]),
         reuse: None,
     })
 }
@@ -270,11 +262,7 @@ impl Pair {
                 reuse: None,
                 disks: Vec::new(),
             },
-            ticket: convoy_protocol::ticket::SignedTicket {
-                body: vec![],
-                signature: vec![],
-                chain: vec![],
-            },
+            ticket: convoy_protocol::ticket::SignedTicket::from_parts(vec![], vec![], vec![]),
             peer: DST.parse().unwrap(),
             notary: InsecureCrypto::notary(SRC, now),
             capabilities: Capabilities::OURS,

@@ -77,6 +77,12 @@ async fn hostile_control_streams_are_refused_and_the_destination_keeps_serving()
     assert!(violation(&answer, "tag 0"), "{answer:?}");
     let answer = send_raw(&lab, &[0, 0, 0, 2, 99, 0], true).await;
     assert!(violation(&answer, "unknown message tag 99"), "{answer:?}");
+    // An operator's request where a migration message belongs: the
+    // operator protocol's tags are unknown to a migration peer.
+    let status =
+        convoy_protocol::ctl::CtlMessage::Request(convoy_protocol::ctl::CtlRequest::Status);
+    let answer = send_raw(&lab, &status.encode().unwrap(), true).await;
+    assert!(violation(&answer, "unknown message tag 32"), "{answer:?}");
     // A stream that ends inside a frame.
     let full = propose(&lab, VersionRange::OURS, 2, 8 << 20)
         .encode()
@@ -129,6 +135,7 @@ async fn hostile_control_streams_are_refused_and_the_destination_keeps_serving()
             "exceeds",
             "tag 0",
             "unknown message tag 99",
+            "unknown message tag 32",
             "no common protocol version",
             "data streams",
             "exceeds this agent's limit",
@@ -177,7 +184,7 @@ async fn a_resume_for_a_migration_nobody_waits_for_is_refused_and_audited() {
 /// silent close, and the refusal is in the agent's audit log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_operator_requests_get_an_error_and_are_audited() {
-    use convoy_protocol::ctl::{CtlErrorKind, CtlResponse};
+    use convoy_protocol::ctl::{CtlErrorKind, CtlMessage, CtlResponse};
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab::start(dir.path(), &["a"], |_, _| {}).await.unwrap();
     let a = lab.agent("a").unwrap();
@@ -206,9 +213,9 @@ async fn malformed_operator_requests_get_an_error_and_are_audited() {
     )
     .await
     .unwrap();
-    let answer = transport::read_message(&mut recv).await.unwrap();
+    let answer = transport::read_ctl(&mut recv).await.unwrap();
     assert!(
-        matches!(&answer, Some(Message::CtlResponse(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest && e.message.contains("expected a control request"))),
+        matches!(&answer, Some(CtlMessage::Response(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest && e.message.contains("expected a control request"))),
         "{answer:?}"
     );
     // Bytes that are no message at all: a frame of garbage.
@@ -217,9 +224,9 @@ async fn malformed_operator_requests_get_an_error_and_are_audited() {
         .await
         .unwrap();
     send.finish().unwrap();
-    let answer = transport::read_message(&mut recv).await.unwrap();
+    let answer = transport::read_ctl(&mut recv).await.unwrap();
     assert!(
-        matches!(&answer, Some(Message::CtlResponse(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest)),
+        matches!(&answer, Some(CtlMessage::Response(r)) if matches!(&**r, CtlResponse::Error(e) if e.kind == CtlErrorKind::BadRequest)),
         "{answer:?}"
     );
     assert_refusals_logged(

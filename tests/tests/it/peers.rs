@@ -9,7 +9,7 @@ use convoy_agent::client::CtlClient;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT, ALPN_CTL};
 use convoy_agent::trust::identity::{self, Identity};
 use convoy_agent::trust::pki::Pki;
-use convoy_protocol::ctl::{CtlRequest, Outcome};
+use convoy_protocol::ctl::{CtlMessage, CtlRequest, Outcome};
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 use convoy_protocol::Message;
 use convoy_tests::{assert_nothing_moved, assert_refusals_logged, lab, migrate, sim_spec};
@@ -74,13 +74,13 @@ async fn request_without_client_cert(addr: SocketAddr) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    transport::write_message(
+    transport::write_ctl(
         &mut send,
-        &Message::CtlRequest(CtlRequest::VmCreate(sim_spec("evil", 4 << 20, 0))),
+        &CtlMessage::Request(CtlRequest::VmCreate(sim_spec("evil", 4 << 20, 0))),
     )
     .await
     .map_err(|e| e.to_string())?;
-    match transport::read_message(&mut recv).await {
+    match transport::read_ctl(&mut recv).await {
         Ok(Some(m)) => Err(format!("agent answered an unauthenticated client: {m:?}")),
         Ok(None) => Err("stream ended".into()),
         Err(e) => Err(e.to_string()),

@@ -50,7 +50,7 @@ async fn assert_refused(
 /// Re-signs a modified copy of a request's ticket with `signer`.
 fn resign(
     t: &SignedTicket,
-    signer: &dyn convoy_protocol::ticket::TicketSigner,
+    signer: &dyn convoy_protocol::signed::Signer,
     f: impl FnOnce(&mut Ticket),
 ) -> SignedTicket {
     let mut ticket: Ticket = postcard::from_bytes(&t.body).unwrap();

@@ -2,7 +2,9 @@
 //! and what the agent answers. One request per bidirectional stream; the
 //! answer is one response, except `Migrate`, answered by any number of
 //! [`CtlResponse::Progress`] frames and then one [`CtlResponse::Report`]
-//! or [`CtlResponse::Error`].
+//! or [`CtlResponse::Error`]. Each travels as a [`CtlMessage`], a frame
+//! type of its own ([`frame`]: the migration messages' framing, tags 32
+//! and 33).
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +13,9 @@ use crate::model::MigrationMode;
 use crate::names::{AgentName, VmName};
 use crate::page::EncodingStats;
 pub use crate::vm::{Accel, QemuVmSpec};
+pub use frame::CtlMessage;
+
+pub mod frame;
 
 /// What a simulated VM's memory is filled with at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,133 @@
+//! The operator protocol's frames: [`CtlMessage`], framed as migration
+//! messages are ([`crate::message`]: length prefix, tag, postcard body)
+//! under tags of its own, which no migration message takes. An agent's
+//! operator server decodes only these, and its migration peers' decoder
+//! refuses them.
+
+use crate::message::{decode_whole, encode_tagged, split_tag, DecodeError, EncodeError};
+
+use super::{CtlRequest, CtlResponse};
+
+/// Operator protocol tags: the first byte of a frame.
+pub mod tag {
+    /// [`super::CtlMessage::Request`].
+    pub const REQUEST: u8 = 32;
+    /// [`super::CtlMessage::Response`].
+    pub const RESPONSE: u8 = 33;
+}
+
+/// A frame of the operator protocol.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // One request per stream, moved once; a response, far larger, is boxed.
+pub enum CtlMessage {
+    /// Operator → agent, tag 32.
+    Request(CtlRequest),
+    /// Agent → operator, tag 33.
+    Response(Box<CtlResponse>),
+}
+
+impl CtlMessage {
+    /// The frame's tag.
+    pub fn tag(&self) -> u8 {
+        match self {
+            CtlMessage::Request(_) => tag::REQUEST,
+            CtlMessage::Response(_) => tag::RESPONSE,
+        }
+    }
+
+    /// A short name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CtlMessage::Request(_) => "CtlRequest",
+            CtlMessage::Response(_) => "CtlResponse",
+        }
+    }
+
+    /// The whole frame: length prefix, tag, body.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        match self {
+            CtlMessage::Request(r) => encode_tagged(self.tag(), r),
+            CtlMessage::Response(r) => encode_tagged(self.tag(), r.as_ref()),
+        }
+    }
+
+    /// Decodes one frame's tag and body (the length prefix already
+    /// removed); any other tag, a migration message's included, is
+    /// [`DecodeError::UnknownTag`].
+    pub fn decode(frame: &[u8]) -> Result<CtlMessage, DecodeError> {
+        let (t, body) = split_tag(frame)?;
+        Ok(match t {
+            crate::message::tag::INVALID => return Err(DecodeError::InvalidTag),
+            tag::REQUEST => CtlMessage::Request(decode_whole("CtlRequest", body)?),
+            tag::RESPONSE => CtlMessage::Response(Box::new(decode_whole("CtlResponse", body)?)),
+            other => return Err(DecodeError::UnknownTag(other)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::frame::LEN_PREFIX;
+    use crate::message::{Message, RoundApplied};
+
+    fn request() -> CtlRequest {
+        CtlRequest::AuditRead { offset: 300 }
+    }
+
+    /// The frame as `Message::CtlRequest` encoded it before the operator
+    /// protocol had a type of its own: prefix, tag 32, postcard body.
+    #[test]
+    fn frames_are_as_they_were() {
+        let body = postcard::to_stdvec(&request()).unwrap();
+        let mut want = u32::try_from(body.len() + 1)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        want.push(32);
+        want.extend_from_slice(&body);
+        let frame = CtlMessage::Request(request()).encode().unwrap();
+        assert_eq!(frame, want);
+        assert_eq!(
+            CtlMessage::decode(&frame[LEN_PREFIX..]).unwrap(),
+            CtlMessage::Request(request())
+        );
+        let response = CtlMessage::Response(Box::new(CtlResponse::VmList(Vec::new())));
+        let frame = response.encode().unwrap();
+        assert_eq!(frame[LEN_PREFIX], 33);
+        assert_eq!(CtlMessage::decode(&frame[LEN_PREFIX..]).unwrap(), response);
+    }
+
+    #[test]
+    fn each_decoder_refuses_the_others_frames() {
+        let ctl = CtlMessage::Request(request()).encode().unwrap();
+        assert_eq!(
+            Message::decode(Bytes::from(ctl).slice(LEN_PREFIX..)),
+            Err(DecodeError::UnknownTag(32))
+        );
+        let migration = Message::RoundApplied(RoundApplied { round: 1 })
+            .encode()
+            .unwrap();
+        assert_eq!(
+            CtlMessage::decode(&migration[LEN_PREFIX..]),
+            Err(DecodeError::UnknownTag(15))
+        );
+        assert_eq!(CtlMessage::decode(&[0]), Err(DecodeError::InvalidTag));
+        assert!(matches!(
+            CtlMessage::decode(&[32, 0xff]),
+            Err(DecodeError::Malformed {
+                message: "CtlRequest",
+                ..
+            })
+        ));
+        assert!(matches!(
+            CtlMessage::decode(&[33, 2, 0, 7]),
+            Err(DecodeError::Trailing {
+                message: "CtlResponse",
+                extra: 1
+            })
+        ));
+    }
+}
