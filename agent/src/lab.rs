@@ -68,6 +68,7 @@ pub struct LabAgent {
     pub addr: SocketAddr,
     config: AgentConfig,
     retained: crate::host::retain::RetainedImages,
+    subjects: crate::host::VmSubjects,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -323,6 +324,7 @@ impl Lab {
             addr,
             config: cfg,
             retained: agent.2,
+            subjects: agent.3,
             stop: Some(stop),
             task: Some(task),
         });
@@ -334,7 +336,12 @@ impl Lab {
         cfg: AgentConfig,
     ) -> Result<
         (
-            (SocketAddr, SpiffeId, crate::host::retain::RetainedImages),
+            (
+                SocketAddr,
+                SpiffeId,
+                crate::host::retain::RetainedImages,
+                crate::host::VmSubjects,
+            ),
             oneshot::Sender<()>,
             JoinHandle<()>,
         ),
@@ -345,10 +352,11 @@ impl Lab {
         let id = agent.id().clone();
         let (stop, rx) = oneshot::channel();
         let handle = agent.retained_images();
+        let subjects = agent.vm_subjects();
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        Ok(((addr, id, handle), stop, task))
+        Ok(((addr, id, handle, subjects), stop, task))
     }
 
     /// Stops agent `name` and starts it again on the same address with the
@@ -382,6 +390,7 @@ impl Lab {
             }
         };
         a.retained = launched.2;
+        a.subjects = launched.3;
         a.stop = Some(stop);
         a.task = Some(task);
         Ok(())
@@ -427,9 +436,16 @@ impl Lab {
     ) -> Result<MigrateRequest, LabError> {
         let (src, dst) = (self.agent(from)?, self.agent(to)?);
         let vm: VmName = vm.parse()?;
+        // As convoyctl does: the VM as its agent reports it (a VM it does
+        // not hold gets a subject that matches nothing).
+        let subject = src
+            .subjects
+            .subject(&vm)
+            .unwrap_or_else(|| Lab::no_subject(0));
         let ticket = crate::trust::authz::issue_ticket(
             operator,
             &vm,
+            subject,
             src.id.clone(),
             dst.id.clone(),
             &options,
@@ -442,6 +458,12 @@ impl Lab {
             to_addr: Some(dst.addr.to_string()),
             ticket,
         })
+    }
+
+    /// The subject of a VM of `memory_bytes`, no disks and default
+    /// attributes: what a hand-made proposal describes.
+    pub fn no_subject(memory_bytes: u64) -> convoy_protocol::vm::VmSubject {
+        convoy_protocol::vm::VmSubject::plain(memory_bytes)
     }
 
     /// An operator connection to agent `name`.

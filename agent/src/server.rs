@@ -126,6 +126,7 @@ impl Agent {
                 policy: std::sync::RwLock::new(None),
                 refusals: Mutex::new(RefusalWindow::new(std::time::Instant::now())),
                 connections: crate::host::limits::Connections::new(config.limits.clone()),
+                incarnations: std::sync::atomic::AtomicU64::new(0),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,
@@ -152,6 +153,12 @@ impl Agent {
     /// agent alive.
     pub fn retained_images(&self) -> crate::host::retain::RetainedImages {
         crate::host::retain::RetainedImages(self.host.retained.clone())
+    }
+
+    /// The VM registry as ticket subjects, as a handle that does not keep
+    /// the agent alive.
+    pub fn vm_subjects(&self) -> crate::host::VmSubjects {
+        crate::host::VmSubjects(Arc::downgrade(&self.host))
     }
 
     /// The bound address.

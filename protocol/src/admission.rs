@@ -26,6 +26,7 @@ use crate::message::Manifest;
 use crate::model::{MigrationMode, MigrationPlan, PlanError};
 use crate::names::{MigrationId, VmName};
 use crate::ticket::Ticket;
+use crate::vm::{DiskSubject, VmAttributes, VmSubject};
 
 /// Why a proposal is not what its ticket grants. Each variant names the
 /// field that differs.
@@ -106,15 +107,71 @@ pub enum AdmissionError {
     /// Something the plan grants that a QEMU stream cannot do.
     #[error("a QEMU migration cannot {0}")]
     NotForQemu(&'static str),
+    /// The VM the manifest describes (memory size, disks) is not the one
+    /// the ticket was issued for.
+    #[error("the proposal describes {proposed}; the ticket was issued for {ticket}")]
+    Subject {
+        /// What the ticket binds.
+        ticket: Box<VmSubject>,
+        /// What the proposal describes.
+        proposed: Box<VmSubject>,
+    },
+    /// The attributes the source claims are not those the ticket binds
+    /// (a tenant or security level relabelled on the way).
+    #[error("the VM's attributes differ from those the ticket binds (digest {proposed}, ticket {ticket})")]
+    Attributes {
+        /// The ticket's attribute digest (hex).
+        ticket: String,
+        /// The proposal's attribute digest (hex).
+        proposed: String,
+    },
 }
 
-/// Checks a proposal — its VM, migration id and manifest — against the
-/// ticket that authorizes it. The ticket must already be verified.
+/// What a manifest says the VM is, as a [`VmSubject`] with the claimed
+/// `attributes`: a sim VM's memory geometry and disks, or a QEMU VM's
+/// memory and copied disks.
+pub fn proposed_subject(manifest: &Manifest, attributes: &VmAttributes) -> VmSubject {
+    let (memory_bytes, disks) = match &manifest.qemu {
+        None => (
+            manifest.memory.bytes(),
+            manifest
+                .disks
+                .iter()
+                .map(|d| DiskSubject {
+                    name: d.name.to_string(),
+                    bytes: d.bytes,
+                })
+                .collect(),
+        ),
+        Some(q) => (
+            q.spec.memory_mib.saturating_mul(1 << 20),
+            q.spec
+                .disks
+                .iter()
+                .zip(&q.disks)
+                .map(|(name, d)| DiskSubject {
+                    name: name.clone(),
+                    bytes: d.size,
+                })
+                .collect(),
+        ),
+    };
+    VmSubject {
+        memory_bytes,
+        disks,
+        attributes: attributes.digest(),
+    }
+}
+
+/// Checks a proposal — its VM, migration id, manifest and the attributes
+/// the source claims — against the ticket that authorizes it. The ticket
+/// must already be verified.
 pub fn admit(
     ticket: &Ticket,
     vm: &VmName,
     migration: MigrationId,
     manifest: &Manifest,
+    attributes: &VmAttributes,
 ) -> Result<(), AdmissionError> {
     if &ticket.vm != vm {
         return Err(AdmissionError::Vm {
@@ -188,6 +245,21 @@ pub fn admit(
         return Err(AdmissionError::StartPaused {
             plan: plan.start_paused,
             manifest: manifest.start_paused,
+        });
+    }
+    // Last: the plan is what was granted; now, is this the VM it was
+    // granted for?
+    let proposed = proposed_subject(manifest, attributes);
+    if proposed.attributes != ticket.subject.attributes {
+        return Err(AdmissionError::Attributes {
+            ticket: ticket.subject.attributes.to_hex(),
+            proposed: proposed.attributes.to_hex(),
+        });
+    }
+    if proposed != ticket.subject {
+        return Err(AdmissionError::Subject {
+            ticket: Box::new(ticket.subject.clone()),
+            proposed: Box::new(proposed),
         });
     }
     Ok(())
@@ -279,6 +351,11 @@ mod tests {
             vm: "vm".parse().unwrap(),
             source: "spiffe://t/agent/a".parse().unwrap(),
             destination: "spiffe://t/agent/b".parse().unwrap(),
+            subject: VmSubject {
+                memory_bytes: 16 * 4096,
+                disks: Vec::new(),
+                attributes: VmAttributes::default().digest(),
+            },
             plan,
             issued_at: 1,
             expires_at: 2,
@@ -299,8 +376,57 @@ mod tests {
         }
     }
 
+    /// Admits `m` under `t` issued for the VM `m` describes: the plan
+    /// rules alone (the subject has its own test).
     fn check(t: &Ticket, m: &Manifest) -> Result<(), AdmissionError> {
-        admit(t, &t.vm, t.id, m)
+        let attributes = VmAttributes::default();
+        let mut t = t.clone();
+        t.subject = proposed_subject(m, &attributes);
+        admit(&t, &t.vm, t.id, m, &attributes)
+    }
+
+    #[test]
+    fn another_vm_under_the_same_name_or_relabelled_attributes_are_refused() {
+        let plan = MigrationPlan {
+            copy_storage: true,
+            ..MigrationPlan::default()
+        };
+        let t = ticket(plan.clone());
+        let attrs = VmAttributes::default();
+        let m = manifest(&plan);
+        assert_eq!(admit(&t, &t.vm, t.id, &m, &attrs), Ok(()));
+        // Bigger memory than the ticket's VM.
+        let mut bigger = manifest(&plan);
+        bigger.memory = MemoryGeometry::new(PageSize::SIZE_4K, 32).unwrap();
+        assert!(matches!(
+            admit(&t, &t.vm, t.id, &bigger, &attrs),
+            Err(AdmissionError::Subject { .. })
+        ));
+        // A disk the ticket's VM did not have.
+        let mut disk = manifest(&plan);
+        disk.disks = vec![crate::disk::DiskGeometry {
+            name: "d".parse().unwrap(),
+            bytes: 1 << 20,
+            base: None,
+        }];
+        let e = admit(&t, &t.vm, t.id, &disk, &attrs).unwrap_err();
+        assert!(e.to_string().contains("d (1048576 bytes)"), "{e}");
+        // Another tenant, or a higher security level, claimed on the way.
+        for relabel in [
+            VmAttributes {
+                tenant: "other".into(),
+                ..VmAttributes::default()
+            },
+            VmAttributes {
+                security_level: 3,
+                ..VmAttributes::default()
+            },
+        ] {
+            assert!(matches!(
+                admit(&t, &t.vm, t.id, &m, &relabel),
+                Err(AdmissionError::Attributes { .. })
+            ));
+        }
     }
 
     #[test]
@@ -413,11 +539,11 @@ mod tests {
         let t = ticket(plan.clone());
         let m = manifest(&plan);
         assert!(matches!(
-            admit(&t, &"other".parse().unwrap(), t.id, &m),
+            admit(&t, &"other".parse().unwrap(), t.id, &m, &Default::default()),
             Err(AdmissionError::Vm { .. })
         ));
         assert_eq!(
-            admit(&t, &t.vm, MigrationId([7; 16]), &m),
+            admit(&t, &t.vm, MigrationId([7; 16]), &m, &Default::default()),
             Err(AdmissionError::MigrationId)
         );
     }

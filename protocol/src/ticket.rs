@@ -36,6 +36,11 @@ pub struct Ticket {
     pub id: MigrationId,
     /// The VM.
     pub vm: VmName,
+    /// What the VM is: memory size, disks and a digest of its attributes,
+    /// as the source reported them when the operator signed. The source
+    /// refuses the ticket for a VM that differs (another incarnation under
+    /// the same name), the destination a proposal that differs.
+    pub subject: crate::vm::VmSubject,
     /// The agent that sends the VM.
     pub source: SpiffeId,
     /// The agent that receives it.
@@ -206,6 +211,7 @@ mod tests {
         Ticket {
             id: MigrationId([1; 16]),
             vm: "vm".parse().unwrap(),
+            subject: crate::vm::VmSubject::plain(1 << 20),
             source: "spiffe://t/agent/a".parse().unwrap(),
             destination: "spiffe://t/agent/b".parse().unwrap(),
             plan: MigrationPlan::default(),

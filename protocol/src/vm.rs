@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
 use crate::names::VmName;
 use thiserror::Error;
 
@@ -181,5 +182,102 @@ mod tests {
         assert!(VmAttributes::parse_label("env").is_err());
         assert!(VmAttributes::parse_label("=x").is_err());
         assert!(VmAttributes::parse_label("a=").is_err());
+    }
+}
+
+/// What a ticket binds about the VM it moves, besides its name: its size,
+/// its disks and the attributes the source will claim for it. The
+/// destination refuses a proposal whose manifest or attributes differ
+/// ([`crate::admission`]), and the source refuses a ticket issued for
+/// another incarnation of the VM (the same name, re-created).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VmSubject {
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+    /// Its disks, in order: names (a sim disk's name, a QEMU disk's path
+    /// relative to the image directory) and sizes in bytes.
+    pub disks: Vec<DiskSubject>,
+    /// [`VmAttributes::digest`] of the attributes the source claims.
+    pub attributes: Digest,
+}
+
+impl VmSubject {
+    /// A VM of `memory_bytes` with no disks and default attributes.
+    pub fn plain(memory_bytes: u64) -> Self {
+        VmSubject {
+            memory_bytes,
+            disks: Vec::new(),
+            attributes: VmAttributes::default().digest(),
+        }
+    }
+}
+
+/// One disk of a [`VmSubject`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DiskSubject {
+    /// Name (sim) or path relative to the image directory (QEMU).
+    pub name: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Domain separation for [`VmAttributes::digest`].
+const ATTRIBUTES_CONTEXT: &str = "convoy vm attributes v1";
+
+impl VmAttributes {
+    /// A digest of the tenant, security level and every label, for a
+    /// ticket to bind ([`VmSubject::attributes`]). Each string is
+    /// length-prefixed, so no two attribute sets share a digest by
+    /// moving bytes between fields.
+    pub fn digest(&self) -> Digest {
+        let mut h = blake3::Hasher::new_derive_key(ATTRIBUTES_CONTEXT);
+        let mut put = |s: &str| {
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        put(&self.tenant);
+        put(&self.security_level.to_string());
+        put(&self.labels.len().to_string());
+        for (k, v) in &self.labels {
+            put(k);
+            put(v);
+        }
+        Digest(*h.finalize().as_bytes())
+    }
+}
+
+impl std::fmt::Display for VmSubject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes of memory, disks [", self.memory_bytes)?;
+        for (i, d) in self.disks.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{} ({} bytes)", d.name, d.bytes)?;
+        }
+        write!(f, "], attributes {}", self.attributes.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod subject_tests {
+    use super::*;
+
+    #[test]
+    fn the_attribute_digest_changes_with_every_field_and_not_by_shifting_bytes() {
+        let base = VmAttributes::default();
+        let mut tenant = base.clone();
+        tenant.tenant = "other".into();
+        let mut level = base.clone();
+        level.security_level = 3;
+        let mut label = base.clone();
+        label.labels.insert("a".into(), "bc".into());
+        let mut shifted = base.clone();
+        shifted.labels.insert("ab".into(), "c".into());
+        let all = [&base, &tenant, &level, &label, &shifted].map(VmAttributes::digest);
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(base.digest(), VmAttributes::default().digest());
     }
 }

@@ -413,6 +413,7 @@ fn signed_ticket(n: u8, signer: &str) -> SignedTicket {
     let t = Ticket {
         id: MigrationId([n; 16]),
         vm: "vm".parse().unwrap(),
+        subject: convoy_protocol::vm::VmSubject::plain(1 << 20),
         source: SOURCE.parse().unwrap(),
         destination: DESTINATION.parse().unwrap(),
         plan: convoy_protocol::model::MigrationPlan {

@@ -158,6 +158,8 @@ pub fn ticket(lab: &Lab, vm: &str, from: &str, to: &str) -> SignedTicket {
     convoy_agent::trust::authz::issue_ticket(
         &lab.operator,
         &vm.parse().expect("valid VM name"),
+        // The VM `propose_as` describes.
+        convoy_protocol::vm::VmSubject::plain(8 << 20),
         lab.agent(from).unwrap().id.clone(),
         lab.agent(to).unwrap().id.clone(),
         &MigrationPlan::default(),
@@ -243,6 +245,18 @@ pub async fn propose_manifest_as(
     ticket: SignedTicket,
     manifest: Manifest,
 ) -> Message {
+    propose_claiming(lab, from, to, ticket, manifest, Default::default()).await
+}
+
+/// [`propose_manifest_as`], claiming `attributes` for the VM.
+pub async fn propose_claiming(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    ticket: SignedTicket,
+    manifest: Manifest,
+    attributes: convoy_protocol::vm::VmAttributes,
+) -> Message {
     let (_ep, conn) = connect_as(lab, from, to).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
@@ -251,7 +265,7 @@ pub async fn propose_manifest_as(
         capabilities: Capabilities::OURS,
         migration: body.id,
         vm: body.vm.clone(),
-        attributes: Default::default(),
+        attributes,
         manifest,
         ticket,
     });

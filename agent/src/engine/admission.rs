@@ -96,7 +96,7 @@ pub(crate) fn admit(
         .authority()
         .at_destination(peer, &host.id, p.vm, p.migration, p.ticket)
         .map_err(|e| refused(e.into()))?;
-    convoy_protocol::admission::admit(&v.ticket, p.vm, p.migration, p.manifest)
+    convoy_protocol::admission::admit(&v.ticket, p.vm, p.migration, p.manifest, p.attributes)
         .map_err(|e| refused(e.into()))?;
     host.audit(AuditEvent::TicketAccepted {
         migration: p.migration,

@@ -33,6 +33,22 @@ pub enum MigrateError {
     /// The source's policy denies it.
     #[error("policy {0}")]
     Forbidden(String),
+    /// The ticket was issued for another VM under this name (another
+    /// size, other disks, other attributes): a stale ticket, or a VM
+    /// re-created since.
+    #[error("the ticket was issued for {ticket}; VM {vm} here is {here}")]
+    WrongSubject {
+        /// The VM's name.
+        vm: VmName,
+        /// What the ticket binds.
+        ticket: Box<convoy_protocol::vm::VmSubject>,
+        /// What the VM here is.
+        here: Box<convoy_protocol::vm::VmSubject>,
+    },
+    /// The VM was deleted and another created under its name while the
+    /// migration was being authorized: the decision was for the other one.
+    #[error("VM {0} was replaced while the migration was being authorized; nothing moved")]
+    Replaced(VmName),
 }
 
 impl MigrateError {
@@ -42,6 +58,7 @@ impl MigrateError {
             MigrateError::NoSuchVm(_) => CtlErrorKind::NotFound,
             MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
             MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
+            MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
             _ => CtlErrorKind::BadRequest,
         }
     }

@@ -71,12 +71,27 @@ pub(crate) async fn migrate(
         role: "source".into(),
     });
     host.audit(AuditEvent::Ticket(req.ticket.clone()));
-    // The policy, before anything is touched.
-    let attributes = host
+    // The VM the ticket was issued for, and the policy, before anything
+    // is touched. Which incarnation of the VM they were decided on is
+    // checked again when it is claimed.
+    let (attributes, incarnation, subject) = host
         .vms()
         .get(&req.vm)
-        .map(|e| e.attributes.clone())
+        .map(|e| (e.attributes.clone(), e.incarnation, e.subject()))
         .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+    if let Some(here) = subject.filter(|s| *s != ticket.ticket.subject) {
+        let e = MigrateError::WrongSubject {
+            vm: req.vm.clone(),
+            ticket: Box::new(ticket.ticket.subject.clone()),
+            here: Box::new(here),
+        };
+        host.audit(AuditEvent::Refused {
+            migration: Some(ticket.ticket.id),
+            peer: caller.to_string(),
+            reason: e.to_string(),
+        });
+        return Err(e);
+    }
     let decision = host.decide(
         &Query::MigrateOut {
             operator: &ticket.signer,
@@ -108,6 +123,9 @@ pub(crate) async fn migrate(
         let entry = vms
             .get_mut(&req.vm)
             .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        if entry.incarnation != incarnation {
+            return Err(MigrateError::Replaced(req.vm.clone()));
+        }
         let claimed = match (&entry.handle, entry.state) {
             (Some(VmHandle::Qemu(q)), VmState::Running) => {
                 if opts.storage_postcopy {

@@ -58,6 +58,10 @@ pub(crate) struct VmEntry {
     pub arrived_from: Option<String>,
     pub counter_at_start: Option<u64>,
     pub attributes: convoy_protocol::vm::VmAttributes,
+    /// Distinct for every VM this agent registers: a VM deleted and
+    /// re-created under the same name is another incarnation, so a
+    /// decision taken on one never applies to the other.
+    pub incarnation: u64,
     /// Cancels the outgoing migration in progress.
     pub cancel: Option<Arc<tokio::sync::Notify>>,
     /// Arrived from a host that retained its image: the key to offer it
@@ -82,7 +86,41 @@ impl VmEntry {
             arrived_from: self.arrived_from.clone(),
             dirty_pages_per_sec: self.sim().map_or(0, |v| v.dirty_rate()),
             attributes: self.attributes.clone(),
+            subject: self.subject(),
         }
+    }
+
+    /// What a ticket to move this VM binds: `None` while its place is
+    /// reserved, or when a QEMU disk's size cannot be read.
+    pub(crate) fn subject(&self) -> Option<convoy_protocol::vm::VmSubject> {
+        use convoy_protocol::vm::{DiskSubject, VmSubject};
+        let (memory_bytes, disks) = match self.handle.as_ref()? {
+            VmHandle::Sim(v) => (
+                v.geometry().bytes(),
+                v.disks()
+                    .iter()
+                    .map(|d| DiskSubject {
+                        name: d.name.to_string(),
+                        bytes: d.bytes,
+                    })
+                    .collect(),
+            ),
+            VmHandle::Qemu(q) => {
+                let mut disks = Vec::new();
+                for (name, path) in q.definition.disks.iter().zip(&q.spec.disks) {
+                    disks.push(DiskSubject {
+                        name: name.clone(),
+                        bytes: std::fs::metadata(path).ok()?.len(),
+                    });
+                }
+                (q.definition.memory_mib.saturating_mul(1 << 20), disks)
+            }
+        };
+        Some(VmSubject {
+            memory_bytes,
+            disks,
+            attributes: self.attributes.digest(),
+        })
     }
 
     /// The sim VM, if this is one.
@@ -91,6 +129,19 @@ impl VmEntry {
             Some(VmHandle::Sim(v)) => Some(v),
             _ => None,
         }
+    }
+}
+
+/// A handle on an agent's VM registry that does not keep the agent alive:
+/// what a ticket for one of its VMs must bind (for the in-process lab,
+/// which signs tickets without asking over the network).
+#[derive(Debug, Clone)]
+pub struct VmSubjects(pub(crate) std::sync::Weak<Host>);
+
+impl VmSubjects {
+    /// The subject of `vm`, if the agent runs and holds it.
+    pub fn subject(&self, vm: &VmName) -> Option<convoy_protocol::vm::VmSubject> {
+        self.0.upgrade()?.vms().get(vm)?.subject()
     }
 }
 
@@ -119,6 +170,8 @@ pub(crate) struct Host {
     pub(crate) refusals: Mutex<RefusalWindow>,
     /// Handshakes and connections held open by peers ([`limits`]).
     pub(crate) connections: limits::Connections,
+    /// The next [`VmEntry::incarnation`].
+    pub(crate) incarnations: std::sync::atomic::AtomicU64,
 }
 
 /// A post-copy migration that may be resumed on a new connection.
@@ -324,6 +377,7 @@ impl Host {
                 arrived_from: None,
                 counter_at_start: None,
                 attributes: Default::default(),
+                incarnation: self.incarnations.fetch_add(1, Ordering::Relaxed),
                 cancel: None,
                 reuse: None,
             },

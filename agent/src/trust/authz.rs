@@ -75,6 +75,7 @@ pub fn now_unix() -> u64 {
 pub fn issue_ticket(
     operator: &Identity,
     vm: &VmName,
+    subject: convoy_protocol::vm::VmSubject,
     source: SpiffeId,
     destination: SpiffeId,
     plan: &MigrationPlan,
@@ -88,6 +89,7 @@ pub fn issue_ticket(
     let ticket = Ticket {
         id: MigrationId(id),
         vm: vm.clone(),
+        subject,
         source,
         destination,
         plan: plan.clone(),

@@ -135,10 +135,28 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
     let s = session(g).await?;
     let mut options = m.tuning.options();
     options.start_paused = m.start_paused;
+    // The ticket binds the VM as the source reports it now: its size,
+    // disks and attributes. The source refuses the ticket for another
+    // incarnation of the VM, the destination a proposal that differs.
+    let subject = s
+        .client
+        .vm_list()
+        .await?
+        .into_iter()
+        .find(|v| v.name == m.vm)
+        .ok_or_else(|| anyhow::anyhow!("no VM named {} on {}", m.vm, s.agent))?
+        .subject
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "VM {} is not ready to move (being created or arriving)",
+                m.vm
+            )
+        })?;
     // The operator's signed authorization of exactly this migration.
     let ticket = issue_ticket(
         &s.operator,
         &m.vm,
+        subject,
         s.agent.clone(),
         SpiffeId::agent(
             to_domain.unwrap_or_else(|| s.domain.clone()),

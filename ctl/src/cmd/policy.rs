@@ -147,6 +147,12 @@ fn check(g: &Global, c: Check) -> Result<()> {
     let ticket = |source: &SpiffeId, destination: &SpiffeId| Ticket {
         id: MigrationId([0; 16]),
         vm: c.vm.clone(),
+        // A policy sees the VM's attributes, not the ticket's subject.
+        subject: convoy_protocol::vm::VmSubject {
+            memory_bytes: 0,
+            disks: Vec::new(),
+            attributes: attributes.digest(),
+        },
         source: source.clone(),
         destination: destination.clone(),
         plan: convoy_protocol::model::MigrationPlan::default(),

@@ -124,6 +124,9 @@ pub struct VmInfo {
     pub dirty_pages_per_sec: u64,
     /// Tenant, security level and labels.
     pub attributes: crate::vm::VmAttributes,
+    /// What a ticket to move it must bind (memory, disks, attribute
+    /// digest); `None` while it is being created or arriving.
+    pub subject: Option<crate::vm::VmSubject>,
 }
 
 /// Migrate a VM to another agent.

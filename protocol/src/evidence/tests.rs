@@ -22,6 +22,7 @@ fn ticket_as(n: u8, signer: &str) -> SignedTicket {
     let t = Ticket {
         id: mid(n),
         vm: "vm".parse().unwrap(),
+        subject: crate::vm::VmSubject::plain(1 << 20),
         source: A.parse().unwrap(),
         destination: B.parse().unwrap(),
         plan: crate::model::MigrationPlan {

@@ -14,7 +14,11 @@ use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::MemoryGeometry;
 use convoy_protocol::stream::{DiskManifest, QemuManifest};
 use convoy_protocol::ticket::SignedTicket;
-use convoy_tests::{assert_refusals_logged, assert_unauthorized, propose_manifest_as};
+use convoy_protocol::vm::VmAttributes;
+use convoy_protocol::vm::VmSubject;
+use convoy_tests::{
+    assert_refusals_logged, assert_unauthorized, propose_claiming, propose_manifest_as,
+};
 
 /// A change to one field of a plan.
 type Change = fn(&mut MigrationPlan);
@@ -24,6 +28,8 @@ fn ticket(lab: &Lab, plan: &MigrationPlan) -> SignedTicket {
     issue_ticket(
         &lab.operator,
         &"vm".parse().unwrap(),
+        // The VM `sim` describes.
+        VmSubject::plain(4 << 20),
         a.id.clone(),
         b.id.clone(),
         plan,
@@ -167,5 +173,36 @@ async fn every_mismatch_between_proposal_and_ticket_is_refused_for_sim_and_qemu(
         "does not allow copying storage",
     )
     .await;
+
+    // The VM itself: the ticket binds a 4 MiB VM without disks and with
+    // default attributes. Another size, sim or QEMU (16 MiB), is refused.
+    let mut m = sim(&precopy);
+    m.memory = MemoryGeometry::from_bytes(64 << 20).unwrap();
+    refused(&lab, &precopy, m, "ticket was issued for 4194304 bytes").await;
+    refused(
+        &lab,
+        &precopy,
+        qemu(&precopy, 2, 0),
+        "describes 16777216 bytes of memory",
+    )
+    .await;
+    // A tenant or security level relabelled on the way.
+    for attributes in [
+        VmAttributes {
+            tenant: "other".into(),
+            ..VmAttributes::default()
+        },
+        VmAttributes {
+            security_level: 3,
+            ..VmAttributes::default()
+        },
+    ] {
+        let t = ticket(&lab, &precopy);
+        let answer = propose_claiming(&lab, "a", "b", t, sim(&precopy), attributes).await;
+        assert_unauthorized(&answer, "attributes differ from those the ticket binds");
+    }
+    let b = lab.client("b").await.unwrap();
+    assert!(b.vm_list().await.unwrap().is_empty());
+    assert_refusals_logged(&lab, "b", &["attributes differ"]).await;
     lab.shutdown().await;
 }

@@ -144,6 +144,7 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     let ticket = issue_ticket(
         &lab.operator,
         &vm,
+        convoy_protocol::vm::VmSubject::plain(8 << 20),
         lab.agent("a").unwrap().id.clone(),
         partner.id("x"),
         &MigrationPlan::default(),

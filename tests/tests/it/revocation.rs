@@ -36,6 +36,7 @@ async fn a_revoked_operator_is_refused_without_restarting_the_agents() {
     let ticket = issue_ticket(
         &lab.operator,
         &vm,
+        convoy_protocol::vm::VmSubject::plain(8 << 20),
         a.0.clone(),
         b.0.clone(),
         &MigrationPlan::default(),
@@ -191,6 +192,7 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
     let t = issue_ticket(
         &old,
         &"vm".parse().unwrap(),
+        convoy_protocol::vm::VmSubject::plain(8 << 20),
         a.id.clone(),
         b.id.clone(),
         &MigrationPlan::default(),

@@ -158,6 +158,29 @@ async fn only_the_connected_operator_may_sign_and_only_operators_sign() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_for_another_incarnation_of_the_vm_is_refused_at_the_source() {
+    let (_dir, lab) = lab().await;
+    let a = lab.client("a").await.unwrap();
+    // Signed for the 8 MiB VM a runs now.
+    let req = migrate(&lab, "vm", "a", "b");
+    // The VM is deleted and another created under its name: bigger, and
+    // of another tenant.
+    a.vm_delete("vm".parse().unwrap()).await.unwrap();
+    let mut spec = sim_spec("vm", 16 << 20, 1000);
+    spec.attributes.tenant = "other".into();
+    a.vm_create(spec).await.unwrap();
+    assert_refused(
+        &lab,
+        a.migrate(req, |_| {}).await,
+        "the ticket was issued for",
+    )
+    .await;
+    convoy_tests::assert_refusals_logged(&lab, "a", &["the ticket was issued for 8388608 bytes"])
+        .await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_is_used_once() {
     let (_dir, lab) = lab().await;
     let a = lab.client("a").await.unwrap();

@@ -31,6 +31,7 @@ fn ticket() -> Ticket {
     Ticket {
         id: MigrationId([1; 16]),
         vm: "vm".parse().unwrap(),
+        subject: convoy_protocol::vm::VmSubject::plain(1 << 20),
         source: id("agent/a"),
         destination: id("agent/b"),
         plan: Default::default(),
