@@ -22,9 +22,9 @@
 //!   an operator connection with no request in flight is closed after
 //!   [`ConnectionLimits::idle`].
 //!
-//! Every refusal is audited (rate-limited, [`super::Host::audit_refusal`]),
+//! Every refusal is audited (rate-limited, `Host::audit_refusal`),
 //! and the peer sees a close code with a reason
-//! ([`crate::transport::close`]), not a silent end.
+//! (`transport::close`), not a silent end.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
