@@ -28,6 +28,9 @@ pub enum AgentError {
     /// The identity does not name an agent.
     #[error("{0} is not an agent identity (spiffe://<domain>/agent/<name>)")]
     NotAnAgent(SpiffeId),
+    /// No state directory: the agent would act unaudited.
+    #[error("a state directory is required (--state-dir): without it there is no audit log and used tickets are forgotten at restart")]
+    NoStateDir,
     /// Durable state could not be opened.
     #[error("state directory {}: {source}", .path.display())]
     State {

@@ -44,9 +44,11 @@ struct Args {
     /// A peer agent: NAME=HOST:PORT (repeatable).
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(AgentName, SocketAddr)>,
-    /// Directory for durable state (ticket replay cache).
+    /// Directory for durable state: the audit log, the ticket replay
+    /// cache, the QUIC reset key, disks. Required: an agent without one
+    /// would act unaudited.
     #[arg(long, env = "CONVOY_STATE_DIR")]
-    state_dir: Option<PathBuf>,
+    state_dir: PathBuf,
     /// Cedar policy: a .cedar file or a directory of them (reloaded when
     /// changed). Without --policy the agent denies every migration, VM
     /// creation, abort and audit read.
@@ -237,7 +239,7 @@ async fn main() -> Result<()> {
             max_images: args.retain_images,
             max_bytes: args.retain_bytes,
         });
-    config.state_dir = args.state_dir.clone();
+    config.state_dir = Some(args.state_dir.clone());
     config.disk_dir = args.disk_dir.clone();
     config.base_dir = args.base_dir.clone();
     config.migration_memory = args.migration_memory;
@@ -251,13 +253,9 @@ async fn main() -> Result<()> {
         if args.qemu_binaries.is_empty() {
             bail!("--image-dir needs at least one --qemu-binary");
         }
-        // Without a state directory: a new private directory, never a
-        // predictable shared path another local user could have made.
-        let runtime = match args.state_dir.clone() {
-            Some(d) => d.join("qemu"),
-            None => convoy_agent::private::unique_temp_dir("convoy-qemu")
-                .context("making a private QEMU runtime directory")?,
-        };
+        // Inside the (private) state directory, never a predictable
+        // shared path another local user could have made first.
+        let runtime = args.state_dir.join("qemu");
         config.qemu = Some(convoy_agent::backend::qemu::vm::QemuConfig {
             binaries: args.qemu_binaries.clone(),
             images,

@@ -12,7 +12,7 @@
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Mode of every directory the agent creates.
 pub const DIR_MODE: u32 = 0o700;
@@ -64,30 +64,6 @@ pub fn create_truncate(path: &Path) -> io::Result<File> {
         .open(path)?;
     f.set_permissions(Permissions::from_mode(FILE_MODE))?;
     Ok(f)
-}
-
-/// A new private directory `prefix-<random>` under the system's temporary
-/// directory: never a predictable shared path another user could have
-/// made first.
-pub fn unique_temp_dir(prefix: &str) -> io::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    let rng = ring::rand::SystemRandom::new();
-    for _ in 0..8 {
-        let mut r = [0u8; 8];
-        ring::rand::SecureRandom::fill(&rng, &mut r)
-            .map_err(|_| io::Error::other("no randomness for a temporary directory name"))?;
-        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = base.join(format!("{prefix}-{name}"));
-        match create_dir(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        "no free temporary directory name",
-    ))
 }
 
 /// The permission bits of `path` (for tests and checks).
@@ -151,15 +127,5 @@ mod tests {
         assert!(create_new(&link).is_err());
         assert!(create_new(&target).is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
-    }
-
-    #[test]
-    fn temporary_directories_are_private_and_distinct() {
-        let a = unique_temp_dir("convoy-test").unwrap();
-        let b = unique_temp_dir("convoy-test").unwrap();
-        assert_ne!(a, b);
-        assert_eq!(mode_of(&a).unwrap(), 0o700);
-        std::fs::remove_dir(&a).unwrap();
-        std::fs::remove_dir(&b).unwrap();
     }
 }

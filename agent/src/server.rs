@@ -65,16 +65,10 @@ impl Agent {
                 .map_err(|e| err(e.into()))?;
                 (replay, Some(audit), reset_key)
             }
-            None => {
-                tracing::warn!(
-                    "no state directory: used tickets are forgotten on restart, and there is no audit log"
-                );
-                (
-                    crate::trust::authz::ReplayCache::in_memory(),
-                    None,
-                    transport::ResetKey::random().map_err(TransportError::from)?,
-                )
-            }
+            // Fail closed: without an audit log and a durable replay
+            // cache the agent would act unaudited and accept a used
+            // ticket again after a restart.
+            None => return Err(AgentError::NoStateDir),
         };
         // Stamps taken before loading: a file changed in between is
         // reloaded by the watchers, never missed.

@@ -123,3 +123,17 @@ async fn a_full_disk_under_the_audit_log_refuses_migrations_and_the_vm_stays() {
     assert_nothing_moved(&a, &lab.client("b").await.unwrap()).await;
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_state_directory_does_not_start() {
+    // It would have no audit log and would forget used tickets at restart:
+    // it refuses to run rather than act unaudited.
+    let dir = tempfile::tempdir().unwrap();
+    let e = Lab::start(dir.path(), &["a"], |_, cfg| cfg.state_dir = None)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("a state directory is required"),
+        "{e}"
+    );
+}
