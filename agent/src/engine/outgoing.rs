@@ -76,7 +76,7 @@ pub(crate) async fn migrate(
         .vms()
         .get(&req.vm)
         .map(|e| e.attributes.clone())
-        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.clone()))?;
     let decision = host.decide(
         &Query::MigrateOut {
             operator: &ticket.signer,
@@ -91,15 +91,18 @@ pub(crate) async fn migrate(
         Some(ticket.ticket.id),
     );
     if !decision.permitted {
-        return Err(MigrateError::Forbidden(decision.explain()));
+        return Err(MigrateError::Forbidden(decision));
     }
     let addr = match &req.to_addr {
-        Some(a) => a.parse().map_err(|_| OptionsError::Address(a.clone()))?,
+        Some(a) => a.parse().map_err(|error| OptionsError::Address {
+            input: a.clone(),
+            error,
+        })?,
         None => *host
             .config
             .peers
             .get(&req.to)
-            .ok_or_else(|| MigrateError::UnknownPeer(req.to.to_string()))?,
+            .ok_or_else(|| MigrateError::UnknownPeer(req.to.clone()))?,
     };
     // Claim the VM: only a running VM may leave, and only once at a time.
     let cancel = Arc::new(tokio::sync::Notify::new());
@@ -107,7 +110,7 @@ pub(crate) async fn migrate(
         let mut vms = host.vms();
         let entry = vms
             .get_mut(&req.vm)
-            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.clone()))?;
         let claimed = match (&entry.handle, entry.state) {
             (Some(VmHandle::Qemu(q)), VmState::Running) => {
                 if opts.storage_postcopy {
@@ -142,7 +145,7 @@ pub(crate) async fn migrate(
                 }
                 Claimed::Sim(vm.clone())
             }
-            (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+            (_, s) => return Err(MigrateError::NotRunning(req.vm.clone(), s)),
         };
         entry.state = VmState::MigratingOut;
         entry.cancel = Some(cancel.clone());
