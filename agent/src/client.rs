@@ -28,8 +28,14 @@ pub enum ClientError {
     #[error("{}", .0.message)]
     Agent(CtlError),
     /// The agent answered something else.
+    #[error("unexpected answer: {0:?}")]
+    Unexpected(Box<CtlResponse>),
+    /// The agent sent another kind of message than an answer.
     #[error("unexpected answer: {0}")]
-    Unexpected(String),
+    NotAnAnswer(&'static str),
+    /// The stream ended first.
+    #[error("unexpected answer: stream ended without an answer")]
+    NoAnswer,
     /// Opening a stream failed.
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
@@ -78,10 +84,8 @@ impl CtlClient {
                 CtlResponse::Error(e) => Err(ClientError::Agent(e)),
                 other => Ok(other),
             },
-            Some(other) => Err(ClientError::Unexpected(other.kind().into())),
-            None => Err(ClientError::Unexpected(
-                "stream ended without an answer".into(),
-            )),
+            Some(other) => Err(ClientError::NotAnAnswer(other.kind())),
+            None => Err(ClientError::NoAnswer),
         }
     }
 
@@ -95,7 +99,7 @@ impl CtlClient {
     pub async fn status(&self) -> Result<AgentStatus, ClientError> {
         match self.request(CtlRequest::Status).await? {
             CtlResponse::Status(s) => Ok(s),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -103,7 +107,7 @@ impl CtlClient {
     pub async fn vm_create(&self, spec: SimVmSpec) -> Result<VmInfo, ClientError> {
         match self.request(CtlRequest::VmCreate(spec)).await? {
             CtlResponse::VmCreated(v) => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -114,7 +118,7 @@ impl CtlClient {
     ) -> Result<VmInfo, ClientError> {
         match self.request(CtlRequest::VmCreateQemu(spec)).await? {
             CtlResponse::VmCreated(v) => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -130,7 +134,7 @@ impl CtlClient {
             .await?
         {
             CtlResponse::VmCreated(v) => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -138,7 +142,7 @@ impl CtlClient {
     pub async fn vm_list(&self) -> Result<Vec<VmInfo>, ClientError> {
         match self.request(CtlRequest::VmList).await? {
             CtlResponse::VmList(v) => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -146,7 +150,7 @@ impl CtlClient {
     pub async fn vm_delete(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
         match self.request(CtlRequest::VmDelete(name)).await? {
             CtlResponse::VmDeleted(_) => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -158,7 +162,7 @@ impl CtlClient {
     ) -> Result<VmInfo, ClientError> {
         match self.request(CtlRequest::VmPause(name, pause)).await? {
             CtlResponse::VmPaused(v) => Ok(v),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -167,7 +171,7 @@ impl CtlClient {
     pub async fn abort(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
         match self.request(CtlRequest::Abort(name)).await? {
             CtlResponse::Aborted(_) => Ok(()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 
@@ -188,7 +192,7 @@ impl CtlClient {
                     }
                     out.extend_from_slice(&bytes);
                 }
-                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                other => return Err(ClientError::Unexpected(Box::new(other))),
             }
         }
     }
@@ -204,7 +208,7 @@ impl CtlClient {
             match CtlClient::next(&mut recv).await? {
                 CtlResponse::Progress(p) => on_progress(&p),
                 CtlResponse::Report(r) => return Ok(r),
-                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                other => return Err(ClientError::Unexpected(Box::new(other))),
             }
         }
     }

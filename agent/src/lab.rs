@@ -41,10 +41,57 @@ pub enum LabError {
     Io(#[from] std::io::Error),
     /// No such agent in the lab.
     #[error("no agent {0} in the lab")]
-    NoAgent(String),
+    NoAgent(AgentName),
+    /// A ticket could not be signed.
+    #[error(transparent)]
+    Ticket(#[from] convoy_protocol::ticket::TicketError),
+    /// An operator connection failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// The raw QUIC baseline failed.
     #[error("raw QUIC baseline: {0}")]
-    Bench(String),
+    Bench(#[from] BenchError),
+}
+
+/// Why the raw QUIC baseline failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// The receiver's TLS configuration.
+    #[error("{0}")]
+    Tls(#[from] identity::IdentityError),
+    /// An endpoint or the connection could not be made.
+    #[error("{0}")]
+    Transport(#[from] transport::TransportError),
+    /// The receiver's memory could not be mapped.
+    #[error("{0}")]
+    Memory(#[source] std::io::Error),
+    /// The receiver's endpoint closed before a connection came.
+    #[error("no connection")]
+    NoConnection,
+    /// The connection failed.
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream could not be read.
+    #[error("{0}")]
+    Read(#[from] quinn::ReadError),
+    /// A stream could not be written.
+    #[error("{0}")]
+    Write(#[from] quinn::WriteError),
+    /// A stream could not be finished.
+    #[error("{0}")]
+    Finish(#[from] quinn::ClosedStream),
+    /// A sender or receiver task failed.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// Fewer bytes arrived than were sent.
+    #[error("received {received} of {total} bytes")]
+    Short {
+        /// Bytes received.
+        received: u64,
+        /// Bytes sent.
+        total: u64,
+    },
 }
 
 /// Where the raw QUIC baseline's receiver puts the bytes.
@@ -275,15 +322,9 @@ impl Lab {
     }
 
     /// An operator connection to agent `name` as `operator`.
-    pub async fn client_as(
-        &self,
-        name: &str,
-        operator: &Identity,
-    ) -> Result<CtlClient, ClientError> {
-        let a = self
-            .agent(name)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        CtlClient::connect(a.addr, a.id.clone(), operator, &self.trust).await
+    pub async fn client_as(&self, name: &str, operator: &Identity) -> Result<CtlClient, LabError> {
+        let a = self.agent(name)?;
+        Ok(CtlClient::connect(a.addr, a.id.clone(), operator, &self.trust).await?)
     }
 
     fn add_agent(
@@ -363,11 +404,12 @@ impl Lab {
     /// same configuration and state directory. Its VMs are lost, as in a
     /// real crash of the host process.
     pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
+        let name: AgentName = name.parse()?;
         let a = self
             .agents
             .iter_mut()
-            .find(|a| a.name.as_str() == name)
-            .ok_or_else(|| LabError::NoAgent(name.into()))?;
+            .find(|a| a.name == name)
+            .ok_or(LabError::NoAgent(name))?;
         if let Some(s) = a.stop.take() {
             let _ = s.send(());
         }
@@ -407,10 +449,11 @@ impl Lab {
 
     /// The agent called `name`.
     pub fn agent(&self, name: &str) -> Result<&LabAgent, LabError> {
+        let name: AgentName = name.parse()?;
         self.agents
             .iter()
-            .find(|a| a.name.as_str() == name)
-            .ok_or_else(|| LabError::NoAgent(name.into()))
+            .find(|a| a.name == name)
+            .ok_or(LabError::NoAgent(name))
     }
 
     /// A migration request from agent `from` to agent `to` for `vm`,
@@ -450,8 +493,7 @@ impl Lab {
             dst.id.clone(),
             &options,
             crate::trust::authz::DEFAULT_TICKET_LIFETIME,
-        )
-        .map_err(|e| LabError::Bench(e.to_string()))?;
+        )?;
         Ok(MigrateRequest {
             vm,
             to: dst.name.clone(),
@@ -467,11 +509,8 @@ impl Lab {
     }
 
     /// An operator connection to agent `name`.
-    pub async fn client(&self, name: &str) -> Result<CtlClient, ClientError> {
-        let a = self
-            .agent(name)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        CtlClient::connect(a.addr, a.id.clone(), &self.operator, &self.trust).await
+    pub async fn client(&self, name: &str) -> Result<CtlClient, LabError> {
+        self.client_as(name, &self.operator).await
     }
 
     /// Raw QUIC bulk transfer between two endpoints tuned and authenticated
@@ -488,13 +527,13 @@ impl Lab {
         let ida = self.pki.identity(Role::Agent, &na)?;
         let idb = self.pki.identity(Role::Agent, &nb)?;
         let tuning = Tuning::default();
-        let bad = |e: &dyn std::fmt::Display| LabError::Bench(e.to_string());
         let server_tls =
-            identity::server_config(&ida, &self.trust, &[ALPN_AGENT]).map_err(|e| bad(&e))?;
+            identity::server_config(&ida, &self.trust, &[ALPN_AGENT]).map_err(BenchError::from)?;
         let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let server = transport::endpoint(any, Some(server_tls), &tuning).map_err(|e| bad(&e))?;
+        let server =
+            transport::endpoint(any, Some(server_tls), &tuning).map_err(BenchError::from)?;
         let addr = server.local_addr()?;
-        let client = transport::endpoint(any, None, &tuning).map_err(|e| bad(&e))?;
+        let client = transport::endpoint(any, None, &tuning).map_err(BenchError::from)?;
         let streams = streams.max(1);
         let per_stream = bytes / u64::from(streams);
         let total = per_stream * u64::from(streams);
@@ -502,25 +541,23 @@ impl Lab {
             Sink::Discard => None,
             Sink::FreshMemory => Some(Arc::new(
                 GuestMemory::new(convoy_protocol::page::saturating_usize(total.div_ceil(8)) * 8)
-                    .map_err(|e| bad(&e))?,
+                    .map_err(BenchError::Memory)?,
             )),
         };
         let recv = tokio::spawn(async move {
-            let fail = |e: &dyn std::fmt::Display| LabError::Bench(e.to_string());
             let conn = server
                 .accept()
                 .await
-                .ok_or_else(|| LabError::Bench("no connection".into()))?
-                .await
-                .map_err(|e| fail(&e))?;
+                .ok_or(BenchError::NoConnection)?
+                .await?;
             let mut tasks = Vec::new();
             for i in 0..u64::from(streams) {
-                let mut s = conn.accept_uni().await.map_err(|e| fail(&e))?;
+                let mut s = conn.accept_uni().await?;
                 let memory = memory.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut n = 0u64;
                     let mut buf = Vec::new();
-                    while let Some(c) = s.read_chunk(1 << 20, true).await.map_err(|e| fail(&e))? {
+                    while let Some(c) = s.read_chunk(1 << 20, true).await? {
                         n += c.bytes.len() as u64;
                         if let Some(m) = &memory {
                             // Staging-like: whole 64 KiB blocks into fresh memory.
@@ -536,16 +573,16 @@ impl Lab {
                             }
                         }
                     }
-                    Ok::<u64, LabError>(n)
+                    Ok::<u64, BenchError>(n)
                 }));
             }
             let mut n = 0;
             for t in tasks {
-                n += t.await.map_err(|e| fail(&e))??;
+                n += t.await??;
             }
             let done = Instant::now();
             conn.close(0u32.into(), b"done");
-            Ok::<_, LabError>((n, done))
+            Ok::<_, BenchError>((n, done))
         });
         let conn = transport::connect(
             &client,
@@ -557,7 +594,7 @@ impl Lab {
             &tuning,
         )
         .await
-        .map_err(|e| bad(&e))?;
+        .map_err(BenchError::from)?;
         let mut chunk = vec![0u8; 1 << 20];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for c in chunk.chunks_mut(8) {
@@ -570,27 +607,25 @@ impl Lab {
         let start = Instant::now();
         let mut senders = Vec::new();
         for _ in 0..streams {
-            let mut s = conn.open_uni().await.map_err(|e| bad(&e))?;
+            let mut s = conn.open_uni().await.map_err(BenchError::from)?;
             let chunk = chunk.clone();
             senders.push(tokio::spawn(async move {
                 let mut left = per_stream;
                 while left > 0 {
                     let n = usize::try_from(left).map_or(chunk.len(), |l| l.min(chunk.len()));
-                    s.write_chunk(chunk.slice(..n))
-                        .await
-                        .map_err(|e| LabError::Bench(e.to_string()))?;
+                    s.write_chunk(chunk.slice(..n)).await?;
                     left -= n as u64;
                 }
-                s.finish().map_err(|e| LabError::Bench(e.to_string()))?;
-                Ok::<(), LabError>(())
+                s.finish()?;
+                Ok::<(), BenchError>(())
             }));
         }
         for s in senders {
-            s.await.map_err(|e| bad(&e))??;
+            s.await.map_err(BenchError::from)??;
         }
-        let (n, done) = recv.await.map_err(|e| bad(&e))??;
+        let (n, done) = recv.await.map_err(BenchError::from)??;
         if n != total {
-            return Err(LabError::Bench(format!("received {n} of {total} bytes")));
+            return Err(BenchError::Short { received: n, total }.into());
         }
         Ok(done - start)
     }

@@ -247,10 +247,22 @@ pub struct AuditError {
     pub what: String,
 }
 
+/// Why an entry cannot be encoded.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EntryEncodeError {
+    /// Postcard failed.
+    #[error("{0}")]
+    Postcard(#[from] postcard::Error),
+    /// Too long for a frame.
+    #[error("{0}")]
+    Frame(#[from] crate::frame::FrameError),
+}
+
 /// Encodes one entry as a frame.
-pub fn encode_entry(e: &LogEntry) -> Result<Vec<u8>, String> {
-    let body = postcard::to_stdvec(e).map_err(|e| e.to_string())?;
-    let prefix = crate::frame::prefix_for(body.len()).map_err(|e| e.to_string())?;
+pub fn encode_entry(e: &LogEntry) -> Result<Vec<u8>, EntryEncodeError> {
+    let body = postcard::to_stdvec(e)?;
+    let prefix = crate::frame::prefix_for(body.len())?;
     let mut out = prefix.to_vec();
     out.extend_from_slice(&body);
     Ok(out)

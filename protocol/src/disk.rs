@@ -74,12 +74,12 @@ pub enum DiskError {
     TooMany(usize),
     /// Two disks of one name.
     #[error("two disks named {0}")]
-    Duplicate(String),
+    Duplicate(DiskName),
     /// Empty, too large, or not whole blocks.
     #[error("disk {name}: {bytes} bytes is not a whole number of {block}-byte blocks in 1..={MAX_DISK_BYTES}")]
     Size {
         /// The disk.
-        name: String,
+        name: DiskName,
         /// Its size.
         bytes: u64,
         /// The block size.
@@ -100,11 +100,11 @@ pub fn check(memory: MemoryGeometry, disks: &[DiskGeometry]) -> Result<u64, Disk
     let mut total = memory.page_count();
     for (i, d) in disks.iter().enumerate() {
         if disks[..i].iter().any(|o| o.name == d.name) {
-            return Err(DiskError::Duplicate(d.name.to_string()));
+            return Err(DiskError::Duplicate(d.name.clone()));
         }
         if d.bytes == 0 || d.bytes > MAX_DISK_BYTES || d.bytes % block as u64 != 0 {
             return Err(DiskError::Size {
-                name: d.name.to_string(),
+                name: d.name.clone(),
                 bytes: d.bytes,
                 block,
             });

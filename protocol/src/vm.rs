@@ -45,25 +45,55 @@ impl Default for VmAttributes {
     }
 }
 
-/// Why attributes were refused.
+/// Why attributes were refused. The values quoted are the operator's
+/// (or the source's), echoed back.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("invalid VM attributes: {0}")]
-pub struct AttributeError(pub String);
+#[non_exhaustive]
+pub enum AttributeError {
+    /// A tenant, label key or value that is empty or too long.
+    #[error("invalid VM attributes: {what} {value:?} must be 1 to {MAX_ATTR_LEN} bytes")]
+    Length {
+        /// Which token.
+        what: &'static str,
+        /// Its first 80 characters.
+        value: String,
+    },
+    /// A token with a character outside the allowed set.
+    #[error(
+        "invalid VM attributes: {what} {value:?} may hold only ASCII letters, digits and - _ . / :"
+    )]
+    Characters {
+        /// Which token.
+        what: &'static str,
+        /// The token.
+        value: String,
+    },
+    /// A security level past [`MAX_SECURITY_LEVEL`].
+    #[error("invalid VM attributes: security level {0} is above {MAX_SECURITY_LEVEL}")]
+    SecurityLevel(u8),
+    /// More than [`MAX_LABELS`] labels.
+    #[error("invalid VM attributes: {0} labels, at most {MAX_LABELS}")]
+    Labels(usize),
+    /// A label that is not `key=value`.
+    #[error("invalid VM attributes: label {0:?} is not key=value")]
+    NotKeyValue(String),
+}
 
-fn token(what: &str, v: &str) -> Result<(), AttributeError> {
+fn token(what: &'static str, v: &str) -> Result<(), AttributeError> {
     if v.is_empty() || v.len() > MAX_ATTR_LEN {
-        return Err(AttributeError(format!(
-            "{what} {:?} must be 1 to {MAX_ATTR_LEN} bytes",
-            v.chars().take(80).collect::<String>()
-        )));
+        return Err(AttributeError::Length {
+            what,
+            value: v.chars().take(80).collect(),
+        });
     }
     if !v
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'))
     {
-        return Err(AttributeError(format!(
-            "{what} {v:?} may hold only ASCII letters, digits and - _ . / :"
-        )));
+        return Err(AttributeError::Characters {
+            what,
+            value: v.to_owned(),
+        });
     }
     Ok(())
 }
@@ -79,16 +109,10 @@ impl VmAttributes {
     pub fn validate(&self) -> Result<(), AttributeError> {
         token("tenant", &self.tenant)?;
         if self.security_level > MAX_SECURITY_LEVEL {
-            return Err(AttributeError(format!(
-                "security level {} is above {MAX_SECURITY_LEVEL}",
-                self.security_level
-            )));
+            return Err(AttributeError::SecurityLevel(self.security_level));
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(AttributeError(format!(
-                "{} labels, at most {MAX_LABELS}",
-                self.labels.len()
-            )));
+            return Err(AttributeError::Labels(self.labels.len()));
         }
         for (k, v) in &self.labels {
             token("label key", k)?;
@@ -101,7 +125,7 @@ impl VmAttributes {
     pub fn parse_label(s: &str) -> Result<(String, String), AttributeError> {
         let (k, v) = s
             .split_once('=')
-            .ok_or_else(|| AttributeError(format!("label {s:?} is not key=value")))?;
+            .ok_or_else(|| AttributeError::NotKeyValue(s.to_owned()))?;
         token("label key", k)?;
         token("label value", v)?;
         Ok((k.to_owned(), v.to_owned()))
@@ -167,7 +191,7 @@ mod tests {
         for i in 0..=MAX_LABELS {
             a.labels.insert(format!("k{i}"), "v".into());
         }
-        assert!(a.validate().unwrap_err().0.contains("labels"));
+        assert!(matches!(a.validate(), Err(AttributeError::Labels(33))));
         a.labels.clear();
         a.labels.insert("env".into(), "pro\nd".into());
         assert!(a.validate().is_err());

@@ -20,7 +20,7 @@ use convoy_protocol::digest::Digest;
 use convoy_protocol::disk::{disk_root, file_leaves, BaseRef};
 use convoy_protocol::names::DiskName;
 
-use super::BackendError;
+use super::{BackendError, BaseImageError, DiskFileError};
 
 /// A base image, indexed.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ impl BaseIndex {
     /// indexed (another size or modification time: replaced or written
     /// since), so that what is copied is what the leaves describe.
     pub fn open(&self) -> Result<File, BackendError> {
-        let f = File::open(&self.path).map_err(|e| err(&self.path, "cannot open", e))?;
+        let f = File::open(&self.path).map_err(|e| err(&self.path, io("cannot open", e)))?;
         self.check(&f)?;
         Ok(f)
     }
@@ -52,13 +52,9 @@ impl BaseIndex {
     pub fn check(&self, f: &File) -> Result<(), BackendError> {
         let meta = f
             .metadata()
-            .map_err(|e| err(&self.path, "cannot read", e))?;
+            .map_err(|e| err(&self.path, io("cannot read", e)))?;
         if (meta.len(), meta.modified().ok()) != self.stamp {
-            return Err(err(
-                &self.path,
-                "changed",
-                "it changed since it was indexed",
-            ));
+            return Err(err(&self.path, BaseImageError::Changed));
         }
         Ok(())
     }
@@ -71,8 +67,16 @@ pub struct BaseImages {
     indexed: Mutex<HashMap<(DiskName, usize), Arc<BaseIndex>>>,
 }
 
-fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Disk(format!("base image {}: {what}: {e}", path.display()))
+fn err(path: &Path, error: BaseImageError) -> BackendError {
+    DiskFileError::Base {
+        path: path.to_owned(),
+        error,
+    }
+    .into()
+}
+
+fn io(action: &'static str, error: std::io::Error) -> BaseImageError {
+    BaseImageError::Io { action, error }
 }
 
 impl BaseImages {
@@ -90,9 +94,9 @@ impl BaseImages {
     pub fn index(&self, name: &DiskName, block: usize) -> Result<Arc<BaseIndex>, BackendError> {
         // A disk name has no path separator and no dot: inside the directory.
         let path = self.dir.join(name.as_str());
-        let meta = std::fs::metadata(&path).map_err(|e| err(&path, "cannot read", e))?;
+        let meta = std::fs::metadata(&path).map_err(|e| err(&path, io("cannot read", e)))?;
         if !meta.is_file() {
-            return Err(err(&path, "not a file", "a base image is a raw image file"));
+            return Err(err(&path, BaseImageError::NotAFile));
         }
         let stamp = (meta.len(), meta.modified().ok());
         let key = (name.clone(), block);
@@ -102,17 +106,16 @@ impl BaseImages {
         if meta.len() == 0 || meta.len() % block as u64 != 0 {
             return Err(err(
                 &path,
-                "bad size",
-                format!(
-                    "{} bytes is not a whole number of {block}-byte blocks",
-                    meta.len()
-                ),
+                BaseImageError::BadSize {
+                    bytes: meta.len(),
+                    block,
+                },
             ));
         }
-        let file = File::open(&path).map_err(|e| err(&path, "cannot open", e))?;
+        let file = File::open(&path).map_err(|e| err(&path, io("cannot open", e)))?;
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
         let leaves =
-            file_leaves(reader, meta.len(), block).map_err(|e| err(&path, "cannot read", e))?;
+            file_leaves(reader, meta.len(), block).map_err(|e| err(&path, io("cannot read", e)))?;
         let index = Arc::new(BaseIndex {
             path,
             bytes: meta.len(),

@@ -9,6 +9,7 @@
 //! and benchmarks.
 
 pub mod base;
+mod error;
 #[allow(unsafe_code)] // The atomic view of the guest mapping, its registration, madvise.
 pub mod memory;
 pub mod qemu;
@@ -19,31 +20,10 @@ pub mod uffd;
 use std::sync::Arc;
 
 use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
-use thiserror::Error;
 
-/// Backend failures.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum BackendError {
-    /// Memory could not be mapped.
-    #[error("cannot allocate guest memory: {0}")]
-    Alloc(std::io::Error),
-    /// The device state does not parse.
-    #[error("bad device state: {0}")]
-    DeviceState(String),
-    /// The VM is in the wrong state for the request.
-    #[error("VM is {0}")]
-    State(&'static str),
-    /// A bad specification.
-    #[error("invalid VM specification: {0}")]
-    Spec(String),
-    /// Demand paging (userfaultfd) failed.
-    #[error("demand paging: {0}")]
-    Paging(String),
-    /// A disk file could not be made, read or written.
-    #[error("disk: {0}")]
-    Disk(String),
-}
+pub use error::{
+    BackendError, BaseImageError, DeviceStateError, DiskFileError, PagingError, SpecError,
+};
 
 /// A VM as the migration source sees it.
 pub trait VmBackend: Send + Sync + std::fmt::Debug {

@@ -57,8 +57,8 @@ pub(crate) enum Refused {
     #[error(transparent)]
     Plan(#[from] AdmissionError),
     /// The destination's policy forbids it.
-    #[error("destination policy {0}")]
-    Policy(String),
+    #[error("destination policy {}", .0.explain())]
+    Policy(crate::trust::policy::Decision),
 }
 
 impl Refused {
@@ -122,7 +122,7 @@ pub(crate) fn admit(
     if !d.permitted {
         // The decision itself is audited by `decide`.
         tracing::warn!(%peer, "incoming migration denied by policy: {}", d.explain());
-        return Err(Refused::Policy(d.explain()));
+        return Err(Refused::Policy(d));
     }
     Ok(v)
 }

@@ -2,7 +2,7 @@
 //! shared by the engines of every backend.
 
 use convoy_protocol::ctl::{CtlErrorKind, VmState};
-use convoy_protocol::names::VmName;
+use convoy_protocol::names::{AgentName, VmName};
 use thiserror::Error;
 
 /// Why a migration could not even begin (the VM was never touched).
@@ -11,13 +11,13 @@ use thiserror::Error;
 pub enum MigrateError {
     /// No such VM.
     #[error("no VM named {0} on this agent")]
-    NoSuchVm(String),
+    NoSuchVm(VmName),
     /// The VM is not running here (arriving, paused, or already leaving).
     #[error("VM {0} is {1:?}, not running")]
-    NotRunning(String, VmState),
+    NotRunning(VmName, VmState),
     /// No address for the destination.
     #[error("no address known for agent {0}; pass one (NAME@HOST:PORT)")]
-    UnknownPeer(String),
+    UnknownPeer(AgentName),
     /// The plan cannot run for this VM, or the request is malformed.
     #[error("invalid options: {0}")]
     Options(#[from] OptionsError),
@@ -31,8 +31,8 @@ pub enum MigrateError {
     #[error("the audit log cannot be written; refusing migrations")]
     AuditUnavailable,
     /// The source's policy denies it.
-    #[error("policy {0}")]
-    Forbidden(String),
+    #[error("policy {}", .0.explain())]
+    Forbidden(crate::trust::policy::Decision),
     /// The ticket was issued for another VM under this name (another
     /// size, other disks, other attributes): a stale ticket, or a VM
     /// re-created since.
@@ -73,8 +73,14 @@ pub enum OptionsError {
     #[error(transparent)]
     Plan(convoy_protocol::model::PlanError),
     /// The destination's address does not parse.
-    #[error("bad address {0:?}")]
-    Address(String),
+    #[error("bad address {input:?}")]
+    Address {
+        /// The address as the operator gave it.
+        input: String,
+        /// Why it does not parse.
+        #[source]
+        error: std::net::AddrParseError,
+    },
     /// Copy-storage asked for a VM without disks.
     #[error("VM {0} has no disks to copy")]
     NoDisks(VmName),

@@ -78,7 +78,7 @@ pub(crate) async fn migrate(
         .vms()
         .get(&req.vm)
         .map(|e| (e.attributes.clone(), e.incarnation, e.subject()))
-        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+        .ok_or_else(|| MigrateError::NoSuchVm(req.vm.clone()))?;
     if let Some(here) = subject.filter(|s| *s != ticket.ticket.subject) {
         let e = MigrateError::WrongSubject {
             vm: req.vm.clone(),
@@ -106,15 +106,18 @@ pub(crate) async fn migrate(
         Some(ticket.ticket.id),
     );
     if !decision.permitted {
-        return Err(MigrateError::Forbidden(decision.explain()));
+        return Err(MigrateError::Forbidden(decision));
     }
     let addr = match &req.to_addr {
-        Some(a) => a.parse().map_err(|_| OptionsError::Address(a.clone()))?,
+        Some(a) => a.parse().map_err(|error| OptionsError::Address {
+            input: a.clone(),
+            error,
+        })?,
         None => *host
             .config
             .peers
             .get(&req.to)
-            .ok_or_else(|| MigrateError::UnknownPeer(req.to.to_string()))?,
+            .ok_or_else(|| MigrateError::UnknownPeer(req.to.clone()))?,
     };
     // Claim the VM: only a running VM may leave, and only once at a time.
     let cancel = Arc::new(tokio::sync::Notify::new());
@@ -122,7 +125,7 @@ pub(crate) async fn migrate(
         let mut vms = host.vms();
         let entry = vms
             .get_mut(&req.vm)
-            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.to_string()))?;
+            .ok_or_else(|| MigrateError::NoSuchVm(req.vm.clone()))?;
         if entry.incarnation != incarnation {
             return Err(MigrateError::Replaced(req.vm.clone()));
         }
@@ -160,7 +163,7 @@ pub(crate) async fn migrate(
                 }
                 Claimed::Sim(vm.clone())
             }
-            (_, s) => return Err(MigrateError::NotRunning(req.vm.to_string(), s)),
+            (_, s) => return Err(MigrateError::NotRunning(req.vm.clone(), s)),
         };
         entry.state = VmState::MigratingOut;
         entry.cancel = Some(cancel.clone());

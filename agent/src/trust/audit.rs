@@ -15,9 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use convoy_protocol::audit::{append, encode_entry, verify_log, AuditEvent, LogEntry};
+use convoy_protocol::audit::{
+    append, encode_entry, verify_log, AuditEvent, EntryEncodeError, LogEntry,
+};
 use convoy_protocol::logtree::LogTree;
-use convoy_protocol::signed::Signer;
+use convoy_protocol::names::SpiffeId;
+use convoy_protocol::signed::{SignError, Signer};
 use thiserror::Error;
 
 use crate::trust::identity::{Identity, TrustBundle};
@@ -48,11 +51,14 @@ pub enum AuditLogError {
         /// Path.
         path: PathBuf,
         /// The log's agent.
-        owner: String,
+        owner: SpiffeId,
     },
-    /// Signing or encoding failed.
+    /// A record or tree head could not be signed.
     #[error("audit record: {0}")]
-    Record(String),
+    Sign(#[source] SignError),
+    /// An entry could not be encoded.
+    #[error("audit record: {0}")]
+    Encode(#[source] EntryEncodeError),
     /// An earlier write failed: the log is closed for good.
     #[error("the audit log failed earlier and is closed")]
     Failed,
@@ -102,7 +108,7 @@ impl AuditLog {
             if &v.agent != signer.id() {
                 return Err(AuditLogError::Owner {
                     path: path.into(),
-                    owner: v.agent.to_string(),
+                    owner: v.agent,
                 });
             }
             // The leaves as written, not re-encoded.
@@ -113,7 +119,7 @@ impl AuditLog {
                 chain: signer.chain(),
                 at_unix: crate::trust::authz::now_unix(),
             })
-            .map_err(AuditLogError::Record)?;
+            .map_err(AuditLogError::Encode)?;
             let mut f = OpenOptions::new()
                 .create_new(true)
                 .write(true)
@@ -162,10 +168,10 @@ impl AuditLog {
             event,
             &self.signer,
         )
-        .map_err(|e| AuditLogError::Record(e.to_string()))?;
+        .map_err(AuditLogError::Sign)?;
         let mut bytes = Vec::new();
         for e in &entries {
-            bytes.extend(encode_entry(e).map_err(AuditLogError::Record)?);
+            bytes.extend(encode_entry(e).map_err(AuditLogError::Encode)?);
         }
         let written = st.file.write_all(&bytes).and_then(|()| st.file.sync_data());
         if let Err(error) = written {

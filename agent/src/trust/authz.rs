@@ -61,7 +61,7 @@ pub enum AuthzError {
     Replayed(MigrationId),
     /// The replay cache could not record the nonce: refused, fail closed.
     #[error("replay cache unavailable: {0}")]
-    ReplayCache(String),
+    ReplayCache(#[source] redb::Error),
 }
 
 /// Seconds since the Unix epoch.
@@ -193,7 +193,7 @@ impl ReplayCache {
         match self.first_use(t, now, skew) {
             Ok(true) => Ok(()),
             Ok(false) => Err(AuthzError::Replayed(t.id)),
-            Err(e) => Err(AuthzError::ReplayCache(e.to_string())),
+            Err(e) => Err(AuthzError::ReplayCache(e)),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! staging copy discarded, or after a post-copy switch the VM kept in
 //! doubt.
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 use crate::digest::Digest;
@@ -20,7 +22,7 @@ pub enum DestinationError {
     /// Staging failed here, not the source's fault (a disk write failed,
     /// say): the source is told `Internal` and keeps the VM.
     #[error("staging failed here: {0}")]
-    Staging(String),
+    Staging(#[source] LocalFailure),
     /// (phase, message) pair with no transition.
     #[error("unexpected {message} while {phase}")]
     Unexpected {
@@ -84,6 +86,39 @@ pub enum DestinationError {
     },
 }
 
+/// A failure of the destination's own host while it stages (a disk write,
+/// a thread that would not start), as its driver's typed error. Two are
+/// equal only when they are the same failure.
+#[derive(Debug, Clone)]
+pub struct LocalFailure(Arc<dyn std::error::Error + Send + Sync>);
+
+impl LocalFailure {
+    /// Wraps the driver's error.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> LocalFailure {
+        LocalFailure(Arc::new(error))
+    }
+}
+
+impl std::fmt::Display for LocalFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for LocalFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for LocalFailure {
+    fn eq(&self, other: &LocalFailure) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LocalFailure {}
+
 impl Destination {
     /// A data stream carried a batch that did not decode, or a stream
     /// carried bytes that are not a message: the source is faulty or
@@ -100,7 +135,7 @@ impl Destination {
         }
         let reason = match e {
             DestinationError::RootMismatch { .. } => Reason::RootMismatch,
-            DestinationError::Staging(ref why) => Reason::Internal(why.clone()),
+            DestinationError::Staging(ref why) => Reason::Internal(why.to_string()),
             _ => Reason::ProtocolViolation(e.to_string()),
         };
         let mismatch = reason == Reason::RootMismatch;

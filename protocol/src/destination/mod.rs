@@ -112,7 +112,7 @@ mod tests;
 
 pub use config::DestinationConfig;
 pub use driver::{DestinationAction, DestinationEvent};
-pub use error::DestinationError;
+pub use error::{DestinationError, LocalFailure};
 pub use recovery::{ResumeRefused, MAX_RECOVERIES};
 
 #[derive(Debug)]

@@ -3,8 +3,8 @@
 //! proofs to that log's last signed tree head.
 
 use super::{
-    migration_of, BuildError, EvidenceBundle, EvidenceRecord, Side, SideEvidence, MAX_RECORD_BODY,
-    MAX_SIDE_RECORDS,
+    migration_of, BuildError, EvidenceBundle, EvidenceRecord, Oversize, Side, SideEvidence,
+    MAX_RECORD_BODY, MAX_SIDE_RECORDS,
 };
 use crate::audit::{AuditEvent, VerifiedLog};
 use crate::names::MigrationId;
@@ -74,7 +74,7 @@ fn side_evidence(
         if signed.body.len() > MAX_RECORD_BODY {
             return Err(BuildError::TooLarge {
                 side,
-                what: format!("a record of {} bytes", signed.body.len()),
+                what: Oversize::Record(signed.body.len()),
             });
         }
         let proof = log
@@ -91,7 +91,7 @@ fn side_evidence(
     if records.len() > MAX_SIDE_RECORDS {
         return Err(BuildError::TooLarge {
             side,
-            what: format!("{} records", records.len()),
+            what: Oversize::Records(records.len()),
         });
     }
     Ok(SideEvidence {

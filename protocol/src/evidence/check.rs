@@ -2,7 +2,10 @@
 //! [`crate::evidence`]): the ticket, each side's chain, tree head and
 //! records, each receipt, and what the records must agree on across sides.
 
-use super::{migration_of, EvidenceBundle, EvidenceError, EvidenceRecord, RecordProblem, Side};
+use super::{
+    migration_of, AcceptanceMismatch, EvidenceBundle, EvidenceError, EvidenceRecord, RecordProblem,
+    Side, Undecodable,
+};
 use crate::audit::{verify_record, AuditEvent, AuditRecord, SignedTreeHead};
 use crate::digest::Digest;
 use crate::logtree::{log_leaf, verify_inclusion};
@@ -224,16 +227,22 @@ impl<'a> Checker<'a> {
                         Side::Destination => &t.source,
                     };
                     let wrong = if role != side.to_string() {
-                        Some(format!("accepted as {role}"))
+                        Some(AcceptanceMismatch::Role(role))
                     } else if vm != t.vm {
-                        Some(format!("VM {vm}, the ticket's is {}", t.vm))
+                        Some(AcceptanceMismatch::Vm {
+                            logged: vm,
+                            ticket: t.vm.clone(),
+                        })
                     } else if operator != self.verified.signer {
-                        Some(format!(
-                            "signed by {operator}, the ticket by {}",
-                            self.verified.signer
-                        ))
+                        Some(AcceptanceMismatch::Operator {
+                            logged: operator,
+                            ticket: self.verified.signer.clone(),
+                        })
                     } else if &peer != other {
-                        Some(format!("peer {peer}, the ticket's is {other}"))
+                        Some(AcceptanceMismatch::Peer {
+                            logged: peer,
+                            ticket: other.clone(),
+                        })
                     } else {
                         None
                     };
@@ -282,10 +291,10 @@ impl<'a> Checker<'a> {
             .map_err(|_| RecordProblem::Signature)?;
         verify_inclusion(&log_leaf(&r.body), r.index, head.size, &r.proof, &head.root)
             .map_err(RecordProblem::Inclusion)?;
-        let (record, rest): (AuditRecord, _) = postcard::take_from_bytes(&r.body)
-            .map_err(|e| RecordProblem::Undecodable(e.to_string()))?;
+        let (record, rest): (AuditRecord, _) =
+            postcard::take_from_bytes(&r.body).map_err(|e| RecordProblem::Undecodable(e.into()))?;
         if !rest.is_empty() {
-            return Err(RecordProblem::Undecodable("trailing bytes".into()));
+            return Err(RecordProblem::Undecodable(Undecodable::TrailingBytes));
         }
         if record.seq != r.index {
             return Err(RecordProblem::Seq { seq: record.seq });
@@ -295,12 +304,17 @@ impl<'a> Checker<'a> {
             (AuditEvent::Receipt(_), _) => {}
             (_, Some(m)) if m == self.bundle.migration => {}
             (e, Some(m)) => {
-                return Err(RecordProblem::Unrelated(format!(
-                    "{} of migration {m}",
-                    event_name(e)
-                )))
+                return Err(RecordProblem::Unrelated {
+                    event: event_name(e),
+                    migration: Some(m),
+                })
             }
-            (e, None) => return Err(RecordProblem::Unrelated(event_name(e).into())),
+            (e, None) => {
+                return Err(RecordProblem::Unrelated {
+                    event: event_name(e),
+                    migration: None,
+                })
+            }
         }
         Ok(record)
     }

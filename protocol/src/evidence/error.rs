@@ -7,7 +7,7 @@ use thiserror::Error;
 use super::{Side, BUNDLE_VERSION};
 use crate::digest::Digest;
 use crate::logtree::ProofError;
-use crate::names::{MigrationId, SpiffeId};
+use crate::names::{MigrationId, SpiffeId, VmName};
 use crate::receipt::{ReceiptError, ReceiptKind};
 use crate::signed::ChainError;
 use crate::ticket::TicketError;
@@ -24,7 +24,7 @@ pub enum RecordProblem {
     Inclusion(ProofError),
     /// The body is not an audit record.
     #[error("undecodable record: {0}")]
-    Undecodable(String),
+    Undecodable(#[source] Undecodable),
     /// The record's sequence number is not its leaf index.
     #[error("the record says it is log entry {seq}")]
     Seq {
@@ -32,8 +32,16 @@ pub enum RecordProblem {
         seq: u64,
     },
     /// The record is not about this migration.
-    #[error("record does not concern this migration ({0})")]
-    Unrelated(String),
+    #[error(
+        "record does not concern this migration ({event}{})",
+        of_migration(migration)
+    )]
+    Unrelated {
+        /// What the record is.
+        event: &'static str,
+        /// The migration it concerns, if any.
+        migration: Option<MigrationId>,
+    },
     /// The receipt in the record does not verify.
     #[error("receipt does not verify: {0}")]
     Receipt(ReceiptError),
@@ -72,7 +80,7 @@ pub enum RecordProblem {
     OtherTicket,
     /// The ticket acceptance disagrees with the ticket.
     #[error("ticket acceptance disagrees with the ticket: {0}")]
-    Acceptance(String),
+    Acceptance(#[source] AcceptanceMismatch),
     /// Records must come by strictly increasing leaf index.
     #[error("leaf index {index} does not follow the previous record's {previous}")]
     Order {
@@ -111,7 +119,10 @@ pub enum EvidenceError {
     },
     /// Does not decode.
     #[error("malformed evidence bundle: {0}")]
-    Malformed(String),
+    Malformed(#[source] Undecodable),
+    /// Too short to hold a format version.
+    #[error("malformed evidence bundle: no version")]
+    NoVersion,
     /// The operator's ticket does not verify.
     #[error("ticket: {0}")]
     Ticket(TicketError),
@@ -216,7 +227,7 @@ pub enum EvidenceError {
     },
     /// Encoding failed.
     #[error("cannot encode the bundle: {0}")]
-    Encode(String),
+    Encode(#[source] postcard::Error),
 }
 
 /// Why a bundle cannot be built from the logs given.
@@ -249,11 +260,73 @@ pub enum BuildError {
         /// Which side.
         side: Side,
         /// What is too large.
-        what: String,
+        what: Oversize,
     },
     /// The bundle does not encode.
     #[error(transparent)]
     Encode(#[from] EvidenceError),
+}
+
+/// Why bytes (a record, a bundle) do not decode.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Undecodable {
+    /// Postcard refused them.
+    #[error("{0}")]
+    Postcard(#[from] postcard::Error),
+    /// Bytes after the value.
+    #[error("trailing bytes")]
+    TrailingBytes,
+}
+
+/// How a side's ticket acceptance disagrees with the ticket (the values
+/// are the log's).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AcceptanceMismatch {
+    /// Accepted in another role than the side's.
+    #[error("accepted as {0}")]
+    Role(String),
+    /// For another VM.
+    #[error("VM {logged}, the ticket's is {ticket}")]
+    Vm {
+        /// The acceptance's.
+        logged: VmName,
+        /// The ticket's.
+        ticket: VmName,
+    },
+    /// Signed by another operator.
+    #[error("signed by {logged}, the ticket by {ticket}")]
+    Operator {
+        /// The acceptance's.
+        logged: SpiffeId,
+        /// The ticket's signer.
+        ticket: SpiffeId,
+    },
+    /// With another peer.
+    #[error("peer {logged}, the ticket's is {ticket}")]
+    Peer {
+        /// The acceptance's.
+        logged: SpiffeId,
+        /// The ticket's.
+        ticket: SpiffeId,
+    },
+}
+
+/// What is too large for a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Oversize {
+    /// A record of this many bytes.
+    #[error("a record of {0} bytes")]
+    Record(usize),
+    /// This many records.
+    #[error("{0} records")]
+    Records(usize),
+}
+
+fn of_migration(m: &Option<MigrationId>) -> String {
+    m.map_or_else(String::new, |m| format!(" of migration {m}"))
 }
 
 fn show(d: &Option<Digest>) -> String {

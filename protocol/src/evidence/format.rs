@@ -10,8 +10,8 @@ use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{
-    EvidenceError, BUNDLE_MAGIC, BUNDLE_VERSION, MAX_BUNDLE_LEN, MAX_PROOF_LEN, MAX_RECORD_BODY,
-    MAX_SIDE_RECORDS,
+    EvidenceError, Undecodable, BUNDLE_MAGIC, BUNDLE_VERSION, MAX_BUNDLE_LEN, MAX_PROOF_LEN,
+    MAX_RECORD_BODY, MAX_SIDE_RECORDS,
 };
 use crate::audit::SignedTreeHead;
 use crate::digest::Digest;
@@ -132,7 +132,7 @@ impl EvidenceBundle {
     pub fn encode(&self) -> Result<Vec<u8>, EvidenceError> {
         let mut out = BUNDLE_MAGIC.to_vec();
         out.extend_from_slice(&BUNDLE_VERSION.to_be_bytes());
-        postcard::to_io(self, &mut out).map_err(|e| EvidenceError::Encode(e.to_string()))?;
+        postcard::to_io(self, &mut out).map_err(EvidenceError::Encode)?;
         if out.len() > MAX_BUNDLE_LEN {
             return Err(EvidenceError::TooLarge {
                 len: out.len(),
@@ -158,7 +158,7 @@ impl EvidenceBundle {
             return Err(EvidenceError::Magic);
         }
         let Some((version, body)) = rest.split_first_chunk::<2>() else {
-            return Err(EvidenceError::Malformed("no version".into()));
+            return Err(EvidenceError::NoVersion);
         };
         let version = u16::from_be_bytes(*version);
         if version != BUNDLE_VERSION {
@@ -169,9 +169,9 @@ impl EvidenceBundle {
         let limit = LIMIT_HIT.with(|c| c.take());
         match (decoded, limit) {
             (Ok((b, [])), _) => Ok(b),
-            (Ok(_), _) => Err(EvidenceError::Malformed("trailing bytes".into())),
+            (Ok(_), _) => Err(EvidenceError::Malformed(Undecodable::TrailingBytes)),
             (Err(_), Some((what, max))) => Err(EvidenceError::Limit { what, max }),
-            (Err(e), None) => Err(EvidenceError::Malformed(e.to_string())),
+            (Err(e), None) => Err(EvidenceError::Malformed(e.into())),
         }
     }
 }

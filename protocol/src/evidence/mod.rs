@@ -65,7 +65,9 @@ mod tests;
 
 pub use build::build_bundle;
 pub use check::{check_bundle, BundleSummary, SideSummary};
-pub use error::{BuildError, EvidenceError, RecordProblem};
+pub use error::{
+    AcceptanceMismatch, BuildError, EvidenceError, Oversize, RecordProblem, Undecodable,
+};
 pub use format::{EvidenceBundle, EvidenceRecord, SideEvidence};
 
 /// The first bytes of a bundle file.

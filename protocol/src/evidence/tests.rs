@@ -442,6 +442,6 @@ fn bounds_magic_version_and_trailing_bytes_are_checked_before_decoding() {
     );
     assert!(matches!(
         problem(check(&extra), Side::Source, 0),
-        RecordProblem::Unrelated(_)
+        RecordProblem::Unrelated { .. }
     ));
 }

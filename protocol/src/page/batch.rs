@@ -90,3 +90,16 @@ impl EncodingStats {
         self.zero + self.raw + self.zstd + self.delta + self.retained
     }
 }
+
+/// A zstd failure. zstd names its error and gives nothing more, so its
+/// words are kept as they came (the errors holding this are `Clone` and
+/// `Eq`, which `std::io::Error` is not).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ZstdError(String);
+
+impl From<std::io::Error> for ZstdError {
+    fn from(e: std::io::Error) -> ZstdError {
+        ZstdError(e.to_string())
+    }
+}

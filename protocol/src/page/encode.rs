@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use super::batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
+use super::batch::{BatchHeader, Compression, EncodingStats, Run, RunKind, ZstdError};
 use crate::delta::{self, PageCache};
 use crate::digest::{leaf_digest, zero_leaf, Digest};
 use crate::geometry::{is_zero, PageIndex, PageSize};
@@ -22,7 +22,7 @@ pub enum BuildError {
     Full,
     /// zstd failed (out of memory).
     #[error("zstd: {0}")]
-    Zstd(String),
+    Zstd(#[from] ZstdError),
     /// The page cache holds pages of another size than the batch.
     #[error("page cache of {cache}-byte pages for a batch of {batch}-byte pages")]
     CachePageSize {
@@ -360,10 +360,7 @@ impl Compressor {
         let inner = if level == 0 {
             None
         } else {
-            Some(
-                zstd::bulk::Compressor::new(level.clamp(1, 19))
-                    .map_err(|e| BuildError::Zstd(e.to_string()))?,
-            )
+            Some(zstd::bulk::Compressor::new(level.clamp(1, 19)).map_err(ZstdError::from)?)
         };
         Ok(Compressor {
             inner,
@@ -400,9 +397,7 @@ impl Compressor {
             return Ok(None);
         }
         self.attempted = true;
-        let out = z
-            .compress(data)
-            .map_err(|e| BuildError::Zstd(e.to_string()))?;
+        let out = z.compress(data).map_err(ZstdError::from)?;
         if out.len() + data.len() / 32 < data.len() {
             self.backoff = 0;
             Ok(Some(out))

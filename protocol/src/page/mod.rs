@@ -49,6 +49,6 @@ pub use crate::geometry::{
     is_zero, saturating_usize, stream_for, GeometryError, MemoryGeometry, PageBitmap, PageIndex,
     PageSize, MAX_BATCH_BYTES, MAX_PAGE_COUNT, STRIPE_PAGES,
 };
-pub use batch::{BatchHeader, Compression, EncodingStats, Run, RunKind};
+pub use batch::{BatchHeader, Compression, EncodingStats, Run, RunKind, ZstdError};
 pub use encode::{BatchBuilder, BuildError, Compressor, EncodedBatch};
 pub use receive::{BatchError, DecodedBatch, PageData, StreamReceiver};

@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-use super::batch::{BatchHeader, Compression, RunKind};
+use super::batch::{BatchHeader, Compression, RunKind, ZstdError};
 use crate::delta::{self, DeltaError};
 use crate::geometry::{stream_for, MemoryGeometry, PageIndex};
 
@@ -94,7 +94,7 @@ pub enum BatchError {
     },
     /// zstd refused the payload (corrupt, or larger than declared).
     #[error("zstd payload does not decode: {0}")]
-    Zstd(String),
+    Zstd(#[from] ZstdError),
     /// A [`RunKind::Retained`] page, but no retained image was agreed on.
     #[error("page {page} sent as retained, but no retained image was agreed on")]
     UnexpectedRetained {
@@ -346,15 +346,12 @@ impl StreamReceiver {
             Compression::Zstd => {
                 let d = match self.decompressor.as_mut() {
                     Some(d) => d,
-                    None => self.decompressor.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| BatchError::Zstd(e.to_string()))?,
-                    ),
+                    None => self
+                        .decompressor
+                        .insert(zstd::bulk::Decompressor::new().map_err(ZstdError::from)?),
                 };
                 // Bounded: zstd fails rather than write past `max`.
-                let out = d
-                    .decompress(payload, max)
-                    .map_err(|e| BatchError::Zstd(e.to_string()))?;
+                let out = d.decompress(payload, max).map_err(ZstdError::from)?;
                 check_size(out.len())?;
                 bytes::Bytes::from(out)
             }

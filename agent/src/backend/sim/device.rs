@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::disk::SimDisk;
 use super::Shared;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, DeviceStateError};
 
 /// Device state of a simulated VM, as it travels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ impl DeviceState {
 
     /// The bytes that travel.
     pub(super) fn encode(&self) -> Result<Vec<u8>, BackendError> {
-        postcard::to_stdvec(self).map_err(|e| BackendError::DeviceState(e.to_string()))
+        Ok(postcard::to_stdvec(self).map_err(DeviceStateError::Encode)?)
     }
 
     /// Parses the device state of a VM with `disks` disks. Refuses bytes
@@ -53,16 +53,14 @@ impl DeviceState {
     /// a disk count other than `disks`, rates past the limits, and trailing
     /// bytes.
     pub(super) fn decode(bytes: &[u8], disks: usize) -> Result<DeviceState, BackendError> {
-        let (s, rest): (DeviceState, &[u8]) = postcard::take_from_bytes(bytes)
-            .map_err(|e| BackendError::DeviceState(e.to_string()))?;
+        let (s, rest): (DeviceState, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(DeviceStateError::Decode)?;
         if !rest.is_empty()
             || s.version != DEVICE_STATE_VERSION
             || !(1..=100).contains(&s.hot_set_pct)
             || s.disk_writes_per_sec.len() != disks
         {
-            return Err(BackendError::DeviceState(
-                "unknown version, bad hot set, disks that do not match, or trailing bytes".into(),
-            ));
+            return Err(DeviceStateError::Mismatch.into());
         }
         // A peer's rate must not spin the workload thread.
         if s.dirty_pages_per_sec > convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC
@@ -70,9 +68,7 @@ impl DeviceState {
                 .iter()
                 .any(|&r| r > convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC)
         {
-            return Err(BackendError::DeviceState(
-                "a dirty or disk write rate past the limit".into(),
-            ));
+            return Err(DeviceStateError::RateTooHigh.into());
         }
         Ok(s)
     }

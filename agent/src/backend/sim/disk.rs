@@ -33,7 +33,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::backend::base::{copy_sparse, BaseIndex};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, DiskFileError, SpecError};
 
 /// Bytes a guest write covers (one sector).
 const SECTOR: usize = 512;
@@ -96,8 +96,8 @@ impl std::fmt::Debug for SimDisk {
     }
 }
 
-fn io_err(path: &Path, what: &str, e: &io::Error) -> BackendError {
-    BackendError::Disk(format!("{what} {}: {e}", path.display()))
+fn io_err(path: &Path, action: &'static str, e: io::Error) -> BackendError {
+    DiskFileError::io(action, path, e).into()
 }
 
 impl SimDisk {
@@ -113,10 +113,11 @@ impl SimDisk {
         base: Option<&BaseIndex>,
     ) -> Result<SimDisk, BackendError> {
         if spec.used_pct > 100 {
-            return Err(BackendError::Spec(format!(
-                "disk {}: used share {}% is over 100%",
-                spec.name, spec.used_pct
-            )));
+            return Err(SpecError::UsedShare {
+                disk: spec.name.clone(),
+                pct: spec.used_pct,
+            }
+            .into());
         }
         let geometry = DiskGeometry {
             name: spec.name.clone(),
@@ -139,7 +140,7 @@ impl SimDisk {
                 buf[block / 2..].fill(b.to_le_bytes()[0]);
                 disk.file
                     .write_all_at(&buf, b * block as u64)
-                    .map_err(|e| io_err(&disk.path, "cannot write", &e))?;
+                    .map_err(|e| io_err(&disk.path, "cannot write", e))?;
             }
         }
         Ok(disk)
@@ -163,9 +164,9 @@ impl SimDisk {
     ) -> Result<SimDisk, BackendError> {
         let path = dir.join(format!("{}.img", geometry.name));
         let file =
-            crate::private::create_new(&path).map_err(|e| io_err(&path, "cannot create", &e))?;
+            crate::private::create_new(&path).map_err(|e| io_err(&path, "cannot create", e))?;
         file.set_len(geometry.bytes)
-            .map_err(|e| io_err(&path, "cannot size", &e))?;
+            .map_err(|e| io_err(&path, "cannot size", e))?;
         let blocks = geometry.bytes / block as u64;
         Ok(SimDisk {
             written: (0..blocks.div_ceil(64))
@@ -184,13 +185,16 @@ impl SimDisk {
     /// Copies base `b` (this disk's size) into the disk, holes kept.
     pub(crate) fn fill_from(&self, b: &BaseIndex) -> Result<(), BackendError> {
         if b.bytes != self.geometry.bytes {
-            return Err(BackendError::Spec(format!(
-                "disk {}: base {} is {} bytes, the disk {}",
-                self.geometry.name, b.reference.name, b.bytes, self.geometry.bytes
-            )));
+            return Err(SpecError::BaseSize {
+                disk: self.geometry.name.clone(),
+                base: b.reference.name.clone(),
+                base_bytes: b.bytes,
+                disk_bytes: self.geometry.bytes,
+            }
+            .into());
         }
         let from = b.open()?;
-        copy_sparse(&from, &self.file, b.bytes).map_err(|e| io_err(&b.path, "cannot copy", &e))?;
+        copy_sparse(&from, &self.file, b.bytes).map_err(|e| io_err(&b.path, "cannot copy", e))?;
         // Written while copied: what was copied is not what was indexed.
         b.check(&from)
     }
@@ -226,7 +230,7 @@ impl SimDisk {
     pub(crate) fn read(&self, b: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.file
             .read_exact_at(buf, b * self.block as u64)
-            .map_err(|e| io_err(&self.path, "cannot read", &e))
+            .map_err(|e| io_err(&self.path, "cannot read", e))
     }
 
     /// Writes block `b`: `None` makes it zeros, as a hole.
@@ -236,7 +240,7 @@ impl SimDisk {
             Some(d) => self
                 .file
                 .write_all_at(d, off)
-                .map_err(|e| io_err(&self.path, "cannot write", &e)),
+                .map_err(|e| io_err(&self.path, "cannot write", e)),
             None => {
                 let punched = rustix::fs::fallocate(
                     &self.file,
@@ -250,7 +254,7 @@ impl SimDisk {
                     Err(_) => self
                         .file
                         .write_all_at(&vec![0u8; self.block], off)
-                        .map_err(|e| io_err(&self.path, "cannot write", &e)),
+                        .map_err(|e| io_err(&self.path, "cannot write", e)),
                 }
             }
         }
@@ -403,14 +407,14 @@ impl SimDisk {
     pub(crate) fn sync(&self) -> Result<(), BackendError> {
         self.file
             .sync_all()
-            .map_err(|e| io_err(&self.path, "cannot sync", &e))
+            .map_err(|e| io_err(&self.path, "cannot sync", e))
     }
 
     /// Writes its data (not necessarily its metadata) to stable storage.
     pub(crate) fn flush(&self) -> Result<(), BackendError> {
         self.file
             .sync_data()
-            .map_err(|e| io_err(&self.path, "cannot flush", &e))
+            .map_err(|e| io_err(&self.path, "cannot flush", e))
     }
 
     /// Its file.

@@ -64,7 +64,7 @@ use self::disk::SimDisk;
 pub use self::paging::FaultStats;
 use self::paging::Paging;
 use super::memory::GuestMemory;
-use super::{BackendError, VmBackend};
+use super::{BackendError, DiskFileError, SpecError, VmBackend};
 
 /// The state the VM, its vCPU thread and its fault handler share.
 struct Shared {
@@ -117,10 +117,9 @@ impl SimVm {
         bases: Option<&super::base::BaseImages>,
     ) -> Result<Arc<SimVm>, BackendError> {
         if !(1..=100).contains(&spec.hot_set_pct) {
-            return Err(BackendError::Spec("hot set must be 1..=100 percent".into()));
+            return Err(SpecError::HotSet.into());
         }
-        let geometry = MemoryGeometry::from_bytes(spec.memory_bytes)
-            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        let geometry = MemoryGeometry::from_bytes(spec.memory_bytes).map_err(SpecError::from)?;
         let wanted: Vec<convoy_protocol::disk::DiskGeometry> = spec
             .disks
             .iter()
@@ -130,8 +129,7 @@ impl SimVm {
                 base: None,
             })
             .collect();
-        convoy_protocol::disk::check(geometry, &wanted)
-            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        convoy_protocol::disk::check(geometry, &wanted).map_err(SpecError::from)?;
         let block = geometry.page_size().bytes();
         // Bases first (indexing may read them whole): nothing made yet.
         let base_of: Vec<Option<Arc<super::base::BaseIndex>>> = spec
@@ -139,9 +137,7 @@ impl SimVm {
             .iter()
             .map(|d| match (&d.base, bases) {
                 (None, _) => Ok(None),
-                (Some(_), None) => Err(BackendError::Spec(
-                    "this agent has no base image directory (start it with --base-dir)".into(),
-                )),
+                (Some(_), None) => Err(SpecError::NoBaseDir.into()),
                 (Some(b), Some(bases)) => bases.index(b, block).map(Some),
             })
             .collect::<Result<_, _>>()?;
@@ -149,10 +145,7 @@ impl SimVm {
             (Vec::new(), None)
         } else {
             let Some(root) = disk_dir else {
-                return Err(BackendError::Spec(
-                    "this agent has no disk directory (start it with --state-dir or --disk-dir)"
-                        .into(),
-                ));
+                return Err(SpecError::NoDiskDir.into());
             };
             let ranges = convoy_protocol::disk::leaf_ranges(geometry, &wanted);
             make_disks(root, spec.name.as_str(), |dir| {
@@ -189,10 +182,9 @@ impl SimVm {
         disks: Vec<SimDisk>,
         disk_dir: Option<std::path::PathBuf>,
     ) -> Result<SimVm, BackendError> {
-        let geometry =
-            MemoryGeometry::from_bytes(bytes).map_err(|e| BackendError::Spec(e.to_string()))?;
+        let geometry = MemoryGeometry::from_bytes(bytes).map_err(SpecError::from)?;
         let mem = usize::try_from(bytes)
-            .map_err(|_| BackendError::Spec("too large".into()))
+            .map_err(|_| BackendError::from(SpecError::TooLarge))
             .and_then(|len| GuestMemory::new(len).map_err(BackendError::Alloc));
         let mem = match mem {
             Ok(m) => m,
@@ -238,7 +230,7 @@ impl SimVm {
             .disks
             .iter()
             .find_map(|d| d.block_of(leaf).map(|b| (d, b)))
-            .ok_or_else(|| BackendError::Disk(format!("leaf {} is past the last disk", leaf.0)))
+            .ok_or_else(|| DiskFileError::PastLastDisk(leaf.0).into())
     }
 
     /// The directory of its disk files, if it has disks.
@@ -262,17 +254,14 @@ impl Drop for SimVm {
 /// exist (a leftover is for the operator to look at, never reused).
 fn make_vm_dir(root: &std::path::Path, vm: &str) -> Result<std::path::PathBuf, BackendError> {
     crate::private::create_dir_all(root)
-        .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
+        .map_err(|e| DiskFileError::io("cannot create", root, e))?;
     let dir = root.join(vm);
     crate::private::create_dir(&dir).map_err(|e| {
-        BackendError::Disk(if e.kind() == std::io::ErrorKind::AlreadyExists {
-            format!(
-                "{} exists already (disks of another VM of this name?)",
-                dir.display()
-            )
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            DiskFileError::VmDirExists(dir.clone())
         } else {
-            format!("cannot create {}: {e}", dir.display())
-        })
+            DiskFileError::io("cannot create", &dir, e)
+        }
     })?;
     Ok(dir)
 }

@@ -22,7 +22,7 @@ use convoy_protocol::page::{PageBitmap, PageIndex};
 
 use super::SimVm;
 use crate::backend::uffd::{Region, Uffd, UffdError};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, PagingError};
 
 /// Demand paging of an incoming image after a post-copy switch.
 pub(super) struct Paging {
@@ -68,7 +68,7 @@ impl SimVm {
     ) -> Result<(), BackendError> {
         let page = self.shared.geometry.page_size().bytes();
         let pages = self.shared.geometry.page_count();
-        let paging_err = |e: UffdError| BackendError::Paging(e.to_string());
+        let paging_err = |e: UffdError| BackendError::from(PagingError::from(e));
         let uffd = Arc::new(Uffd::new().map_err(paging_err)?);
         let region = self.shared.mem.register(&uffd, page).map_err(paging_err)?;
         // Drop the owed pages staged before the switch, run by run.
@@ -115,7 +115,7 @@ impl SimVm {
             std::thread::Builder::new()
                 .name("convoy-faults".into())
                 .spawn(move || serve_faults(&paging, &uffd, &faults))
-                .map_err(|e| BackendError::Paging(e.to_string()))?
+                .map_err(PagingError::Thread)?
         };
         if let Ok(mut h) = paging.handler.lock() {
             *h = Some(handler);
@@ -147,7 +147,7 @@ impl SimVm {
             Some(d) => uffd.copy(&paging.region, off, d),
             None => uffd.zero(&paging.region, off),
         }
-        .map_err(|e| BackendError::Paging(e.to_string()))?;
+        .map_err(PagingError::from)?;
         if installed {
             let since = paging
                 .waiting

@@ -13,7 +13,9 @@ use convoy_protocol::page::{MemoryGeometry, PageIndex};
 use super::device::DeviceState;
 use super::disk::SimDisk;
 use super::{make_disks, SimVm};
-use crate::backend::{BackendError, Staging, VmBackend};
+use crate::backend::{
+    BackendError, DeviceStateError, DiskFileError, SpecError, Staging, VmBackend,
+};
 
 impl SimVm {
     /// A zeroed, stopped image of `bytes` to migrate into.
@@ -28,15 +30,10 @@ impl SimVm {
         disks: &[convoy_protocol::disk::DiskGeometry],
         disk_dir: Option<(&std::path::Path, &str)>,
     ) -> Result<Arc<SimVm>, BackendError> {
-        convoy_protocol::disk::check(geometry, disks)
-            .map_err(|e| BackendError::Spec(e.to_string()))?;
+        convoy_protocol::disk::check(geometry, disks).map_err(SpecError::from)?;
         let (made, dir) = match (disks.is_empty(), disk_dir) {
             (true, _) => (Vec::new(), None),
-            (false, None) => {
-                return Err(BackendError::Disk(
-                    "this agent has no disk directory for the VM's disks".into(),
-                ))
-            }
+            (false, None) => return Err(DiskFileError::NoDiskDir.into()),
             (false, Some((root, vm))) => {
                 check_room(root, disks.iter().map(|d| d.bytes).sum())?;
                 let block = geometry.page_size().bytes();
@@ -64,7 +61,7 @@ impl SimVm {
     ) -> Result<(), BackendError> {
         match self.shared.disks.get(disk) {
             Some(d) => d.fill_from(base),
-            None => Err(BackendError::Spec(format!("no disk {disk}"))),
+            None => Err(SpecError::NoDisk(disk).into()),
         }
     }
 
@@ -81,7 +78,7 @@ impl SimVm {
             for d in [Some(dir.as_path()), dir.parent()].into_iter().flatten() {
                 std::fs::File::open(d)
                     .and_then(|f| f.sync_all())
-                    .map_err(|e| BackendError::Disk(format!("cannot sync {}: {e}", d.display())))?;
+                    .map_err(|e| DiskFileError::io("cannot sync", d, e))?;
             }
         }
         Ok(())
@@ -104,15 +101,17 @@ impl SimVm {
 /// the middle of a migration would fail it late.
 fn check_room(root: &std::path::Path, need: u64) -> Result<(), BackendError> {
     crate::private::create_dir_all(root)
-        .map_err(|e| BackendError::Disk(format!("cannot create {}: {e}", root.display())))?;
-    let st = rustix::fs::statvfs(root)
-        .map_err(|e| BackendError::Disk(format!("cannot stat {}: {e}", root.display())))?;
+        .map_err(|e| DiskFileError::io("cannot create", root, e))?;
+    let st =
+        rustix::fs::statvfs(root).map_err(|e| DiskFileError::io("cannot stat", root, e.into()))?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     if need > free {
-        return Err(BackendError::Disk(format!(
-            "no room for the disks: they need {need} bytes, {} has {free} free",
-            root.display()
-        )));
+        return Err(DiskFileError::NoRoom {
+            need,
+            root: root.to_owned(),
+            free,
+        }
+        .into());
     }
     Ok(())
 }
@@ -146,11 +145,11 @@ impl Staging for SimVm {
         // (After a post-copy switch page 0 may still be on its way; the
         // root check at the end covers it.)
         if self.paging().is_none() && self.shared.mem.load_word(0) != s.counter {
-            return Err(BackendError::DeviceState(format!(
-                "counter {} does not match memory ({})",
-                s.counter,
-                self.shared.mem.load_word(0)
-            )));
+            return Err(DeviceStateError::Counter {
+                counter: s.counter,
+                memory: self.shared.mem.load_word(0),
+            }
+            .into());
         }
         self.shared.counter.store(s.counter, Ordering::Relaxed);
         self.set_workload(s.dirty_pages_per_sec, s.hot_set_pct, s.seed);

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use convoy_protocol::destination::DestinationError;
+use convoy_protocol::destination::{DestinationError, LocalFailure};
 use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::message::Message;
 use convoy_protocol::page::is_zero;
@@ -14,10 +14,36 @@ use quinn::RecvStream;
 use tokio::sync::mpsc;
 
 use crate::backend::sim::SimVm;
-use crate::backend::Staging;
+use crate::backend::{BackendError, Staging};
 use crate::transport::{read_message, WireError};
 
 use super::{Event, Incoming, Reuse};
+
+/// A failure of this host while staging: the source is not at fault.
+#[derive(Debug, thiserror::Error)]
+enum StagingFault {
+    /// A decoder thread would not start.
+    #[error("decoder thread: {0}")]
+    DecoderThread(#[source] std::io::Error),
+    /// A page or block could not be staged or read back.
+    #[error("{0}")]
+    Stage(#[source] BackendError),
+    /// A page could not be installed after the switch.
+    #[error("installing page {page}: {error}")]
+    Install {
+        /// The page.
+        page: u64,
+        /// Why.
+        #[source]
+        error: BackendError,
+    },
+}
+
+impl From<StagingFault> for Box<Event> {
+    fn from(f: StagingFault) -> Box<Event> {
+        Box::new(Event::Bad(DestinationError::Staging(LocalFailure::new(f))))
+    }
+}
 
 impl Incoming {
     /// Accepts the data streams the manifest announced.
@@ -206,9 +232,9 @@ impl Incoming {
             Ok(handle) => self.link_threads.push(handle),
             // A local failure, not the link's: never recovered from.
             Err(e) => {
-                let _ = self.tx.send(Event::Bad(DestinationError::Staging(format!(
-                    "decoder thread: {e}"
-                ))));
+                let _ = self
+                    .tx
+                    .send(*Box::<Event>::from(StagingFault::DecoderThread(e)));
             }
         }
     }
@@ -225,9 +251,7 @@ pub(super) fn stage(
     leaves: &mut Vec<(PageIndex, Digest)>,
 ) -> Result<(), Box<Event>> {
     // A failed write or read here (a disk file) is ours, not the source's.
-    let local = |e: crate::backend::BackendError| {
-        Box::new(Event::Bad(DestinationError::Staging(e.to_string())))
-    };
+    let local = |e: BackendError| Box::<Event>::from(StagingFault::Stage(e));
     for (idx, data) in batch.pages() {
         match data {
             PageData::Zero => staging.write_page(idx, None).map_err(local)?,
@@ -290,12 +314,9 @@ pub(super) fn install(
         };
         // A local failure: not the source's fault, but the VM cannot get
         // its pages any more.
-        let installed = staging.install_page(idx, bytes).map_err(|e| {
-            Box::new(Event::Bad(DestinationError::Staging(format!(
-                "installing page {}: {e}",
-                idx.0
-            ))))
-        })?;
+        let installed = staging
+            .install_page(idx, bytes)
+            .map_err(|error| StagingFault::Install { page: idx.0, error })?;
         if installed {
             let leaf = match bytes {
                 Some(b) => page_leaf(b),
