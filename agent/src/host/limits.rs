@@ -6,13 +6,13 @@
 //! process lives, so the transport's idle timeout alone never frees one;
 //! these limits do, in the application:
 //!
-//! - **Handshakes** ([`Connections::gate`]): past
+//! - **Handshakes** (`Connections::gate`): past
 //!   [`ConnectionLimits::retry_above`] handshakes in flight, a client whose
 //!   address QUIC has not validated is sent a Retry first (it must prove it
 //!   receives at its address before the agent spends a TLS handshake on
 //!   it); past [`ConnectionLimits::handshakes`], new handshakes are
 //!   refused.
-//! - **Connections** ([`Connections::admit`]): at most
+//! - **Connections** (`Connections::admit`): at most
 //!   [`ConnectionLimits::connections`] authenticated connections, and
 //!   [`ConnectionLimits::per_peer`] per identity, so one operator or agent
 //!   cannot hold every slot (and the streams and frame buffers each one
@@ -22,9 +22,9 @@
 //!   an operator connection with no request in flight is closed after
 //!   [`ConnectionLimits::idle`].
 //!
-//! Every refusal is audited (rate-limited, [`super::Host::audit_refusal`]),
+//! Every refusal is audited (rate-limited, `Host::audit_refusal`),
 //! and the peer sees a close code with a reason
-//! ([`crate::transport::close`]), not a silent end.
+//! (`transport::close`), not a silent end.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
