@@ -563,18 +563,7 @@ mod tests {
     }
 
     fn qemu(plan: &MigrationPlan, multifd_channels: u16, disks: usize) -> Manifest {
-        let spec = crate::ctl::QemuVmSpec {
-            name: "vm".parse().unwrap(),
-            binary: "qemu-system-x86_64".into(),
-            memory_mib: 16,
-            vcpus: 1,
-            kernel: Some("vmlinuz".into()),
-            initrd: None,
-            append: String::new(),
-            disks: (0..disks).map(|i| format!("d{i}.img")).collect(),
-            accel: crate::ctl::Accel::Tcg,
-            attributes: Default::default(),
-        };
+        let spec = crate::fuzz::qemu_spec(disks);
         let mut m = manifest(plan);
         m.postcopy = false;
         m.qemu = Some(Box::new(crate::stream::QemuManifest {

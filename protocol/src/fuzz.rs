@@ -25,6 +25,12 @@ use crate::signed::{
 };
 use crate::ticket::{SignedTicket, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT};
 
+mod source_run;
+
+pub use source_run::{
+    fuzz_leaf, op, source_ticket, SourceRun, DESTINATION_ID, SOURCE_ID, SOURCE_MIGRATION,
+};
+
 /// Splits frames off arbitrary bytes and decodes each, as a migration
 /// message and as an operator protocol frame.
 pub fn frame_decode(data: &[u8]) {
@@ -272,6 +278,166 @@ pub fn destination_sequence(data: &[u8]) {
     }
     d.handle_timeout(now + Duration::from_secs(5));
     while d.poll_action().is_some() {}
+}
+
+/// Runs `f` on every input of the committed corpus of `target` (under
+/// `fuzz/corpus/`, beside the crate whose manifest directory is
+/// `manifest_dir`), as the replay tests do; panics if the corpus is
+/// missing or holds fewer than 5 inputs.
+pub fn replay_corpus(manifest_dir: &str, target: &str, f: fn(&[u8])) {
+    let dir = std::path::Path::new(manifest_dir)
+        .join("../fuzz/corpus")
+        .join(target);
+    let entries =
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {} missing: {e}", dir.display()));
+    let mut n = 0;
+    for e in entries {
+        let path = e.unwrap_or_else(|e| panic!("corpus {target}: {e}")).path();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        f(&data);
+        n += 1;
+    }
+    assert!(n >= 5, "corpus {target} has only {n} inputs");
+}
+
+/// Feeds a source state machine a hostile destination's messages, with
+/// time, a broken link, a cancel and its driver's reports interleaved as
+/// the input says (see [`SourceRun`]): it must not panic nor loop, must
+/// finish once every deadline passed, and must hand the VM over or
+/// complete only after a valid Accept, Ready and Started (receipts and
+/// digests checked independently); a VM handed over is never resumed here
+/// but on the destination's Abort before it ran there.
+pub fn source_sequence(data: &[u8]) {
+    let Some((mut run, mut input)) = SourceRun::new(data) else {
+        return;
+    };
+    while run.step(&mut input) {}
+    run.finish();
+}
+
+/// The ticket `qemu_manifest_admission` admits against, by `choice`
+/// (modulo 4): pre-copy on 2 streams, post-copy, hybrid, and pre-copy on 4
+/// streams copying storage; VM `vm`, migration `[3; 16]`.
+pub fn admission_ticket(choice: u8) -> crate::ticket::Ticket {
+    use crate::model::{MigrationMode, MigrationPlan};
+    let plan = match choice % 4 {
+        0 => MigrationPlan::default(),
+        1 => MigrationPlan {
+            mode: MigrationMode::Postcopy,
+            ..MigrationPlan::default()
+        },
+        2 => MigrationPlan {
+            mode: MigrationMode::Hybrid,
+            ..MigrationPlan::default()
+        },
+        _ => MigrationPlan {
+            streams: 4,
+            copy_storage: true,
+            ..MigrationPlan::default()
+        },
+    };
+    // A 16 MiB VM; with storage, two 1 MiB disks.
+    let disks = if choice % 4 == 3 { 2 } else { 0 };
+    let subject = crate::vm::VmSubject {
+        memory_bytes: 16 << 20,
+        disks: (0..disks)
+            .map(|i| crate::vm::DiskSubject {
+                name: format!("d{i}.img"),
+                bytes: 1 << 20,
+            })
+            .collect(),
+        attributes: crate::vm::VmAttributes::default().digest(),
+    };
+    crate::ticket::Ticket {
+        id: crate::names::MigrationId([3; 16]),
+        vm: "vm".parse().expect("valid name"),
+        subject,
+        source: "spiffe://fuzz/agent/source".parse().expect("valid id"),
+        destination: "spiffe://fuzz/agent/destination".parse().expect("valid id"),
+        plan,
+        issued_at: 1_700_000_000,
+        expires_at: 1_700_000_300,
+        nonce: [3; 16],
+    }
+}
+
+/// A 16 MiB QEMU VM named `vm` with `disks` disks `d0.img`, `d1.img`…: the
+/// definition the admission tests, seeds and fuzz tickets share.
+pub fn qemu_spec(disks: usize) -> crate::ctl::QemuVmSpec {
+    crate::ctl::QemuVmSpec {
+        name: "vm".parse().expect("valid name"),
+        binary: "qemu-system-x86_64".into(),
+        memory_mib: 16,
+        vcpus: 1,
+        kernel: Some("vmlinuz".into()),
+        initrd: None,
+        append: String::new(),
+        disks: (0..disks).map(|i| format!("d{i}.img")).collect(),
+        accel: crate::ctl::Accel::Tcg,
+        attributes: Default::default(),
+    }
+}
+
+/// Decodes a `Propose` (the bytes after the first, which picks the ticket
+/// of [`admission_ticket`]) and runs its QEMU manifest through
+/// [`crate::stream::QemuManifest::validate`] and the proposal through
+/// [`crate::admission::admit`]: a manifest that validates is within every
+/// bound (channels, disks, formats, sizes); a proposal admitted is exactly
+/// the ticket's VM, migration and plan, and its QEMU stream what the plan
+/// grants.
+pub fn qemu_manifest_admission(data: &[u8]) {
+    use crate::model::MigrationMode;
+    let [choice, body @ ..] = data else {
+        return;
+    };
+    let ticket = admission_ticket(*choice);
+    let Ok(Message::Propose(p)) = Message::decode(Bytes::copy_from_slice(body)) else {
+        return;
+    };
+    let m = &p.manifest;
+    let valid = m.qemu.as_deref().map(|q| (q, q.validate()));
+    if let Some((q, Ok(()))) = valid {
+        let streams = usize::from(crate::model::MAX_STREAMS);
+        assert!(usize::from(q.multifd_channels) <= streams);
+        assert!(q.multifd_channels == 0 || q.mode == MigrationMode::Precopy);
+        assert!(q.disks.len() <= crate::stream::MAX_DISKS);
+        assert!(q.disks.is_empty() || q.disks.len() == q.spec.disks.len());
+        assert!(q
+            .disks
+            .iter()
+            .all(|d| d.format == "raw" || d.format == "qcow2"));
+        assert!(q.disk_bytes().is_some());
+        assert!(q.channels() <= 1 + streams + crate::stream::MAX_DISKS);
+    }
+    let admitted = crate::admission::admit(&ticket, &p.vm, p.migration, m, &p.attributes);
+    if admitted.is_err() {
+        return;
+    }
+    // The VM the ticket was issued for, with the attributes it binds.
+    assert_eq!(
+        crate::admission::proposed_subject(m, &p.attributes),
+        ticket.subject
+    );
+    let plan = &ticket.plan;
+    assert_eq!(p.vm, ticket.vm);
+    assert_eq!(p.migration, ticket.id);
+    assert_eq!(&m.plan, plan);
+    assert!(plan.validate().is_ok());
+    assert_eq!(m.start_paused, plan.start_paused);
+    match m.qemu.as_deref() {
+        Some(q) => {
+            assert_eq!(q.mode, plan.mode);
+            let multifd = plan.mode == MigrationMode::Precopy && plan.streams > 1;
+            assert_eq!(q.multifd_channels, if multifd { plan.streams } else { 0 });
+            assert!(q.disks.is_empty() || plan.copy_storage);
+            assert!(!m.postcopy && !plan.start_paused && !plan.storage_postcopy);
+        }
+        None => {
+            assert_eq!(m.data_streams, plan.streams);
+            assert_eq!(m.postcopy, plan.mode != MigrationMode::Precopy);
+            assert!(m.disks.is_empty() || plan.copy_storage);
+        }
+    }
 }
 
 /// The clock of the signature targets: the first 8 bytes (big-endian), or

@@ -27,17 +27,7 @@ fn corpus(target: &str) -> PathBuf {
 }
 
 fn replay(target: &str, f: fn(&[u8])) {
-    let dir = corpus(target);
-    let entries =
-        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {} missing: {e}", dir.display()));
-    let mut n = 0;
-    for e in entries {
-        let path = e.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        f(&data);
-        n += 1;
-    }
-    assert!(n >= 5, "corpus {target} has only {n} inputs");
+    fuzz::replay_corpus(env!("CARGO_MANIFEST_DIR"), target, f);
 }
 
 #[test]
@@ -572,4 +562,401 @@ fn write_trust_seed_corpus_when_asked() {
     ] {
         write("evidence_check", name, &b.encode().unwrap());
     }
+}
+
+#[test]
+fn replay_source_sequence() {
+    replay("source_sequence", fuzz::source_sequence);
+}
+
+/// How the scripted destination of a `source_sequence` seed misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Script {
+    /// Answers every message as it should.
+    Honest,
+    /// Cuts the link once the VM runs there, then resumes on the new one.
+    CutAfterRunning,
+    /// Ready names another memory root.
+    WrongRoot,
+    /// Started carries the Ready receipt.
+    WrongReceipt,
+    /// Aborts instead of Started.
+    AbortAfterHandover,
+    /// Asks for pages in post-copy, then goes on honestly.
+    Faults,
+}
+
+/// A receipt of the `source_sequence` destination.
+fn source_receipt(
+    kind: ReceiptKind,
+    state: convoy_protocol::receipt::StateDigests,
+) -> convoy_protocol::receipt::SignedReceipt {
+    let now = std::time::Instant::now();
+    let ticket = convoy_protocol::receipt::ticket_digest(&fuzz::source_ticket());
+    fuzz::InsecureCrypto::notary(fuzz::DESTINATION_ID, now)
+        .sign(now, kind, fuzz::SOURCE_MIGRATION, ticket, state)
+        .unwrap()
+}
+
+fn source_accept() -> Message {
+    Message::Accept(Accept {
+        version: VersionRange::OURS.max,
+        capabilities: Capabilities::ZSTD,
+        receipt: source_receipt(ReceiptKind::Accepted, None),
+        bases: Vec::new(),
+    })
+}
+
+/// A frame of `m`, as a `source_sequence` operation.
+fn message_op(m: &Message) -> Vec<u8> {
+    let mut v = vec![fuzz::op::MESSAGE];
+    v.extend(m.encode().unwrap());
+    v
+}
+
+/// A `source_sequence` input: the configuration, then a destination
+/// answering what the source sends as `script` says, with the driver doing
+/// its jobs (dirty logs collected with `dirty`) and time passing between.
+fn source_convo(config: [u8; 2], dirty: u8, script: Script) -> Vec<u8> {
+    use convoy_protocol::fuzz::op;
+    let receipt = source_receipt;
+    let (mut run, _) = fuzz::SourceRun::new(&config).unwrap();
+    let mut input = config.to_vec();
+    let mut state = None;
+    let mut owed = Vec::new();
+    let mut cut = script == Script::CutAfterRunning;
+    let mut sent = run.take_sent();
+    for _ in 0..200 {
+        if run.outcome().is_some() {
+            break;
+        }
+        let mut ops: Vec<Vec<u8>> = vec![vec![op::WAIT, 1], vec![op::DRIVER_ALL, dirty]];
+        for m in sent.drain(..) {
+            let answer = match m {
+                Message::Propose(_) => source_accept(),
+                Message::RoundEnd(r) => Message::RoundApplied(RoundApplied { round: r.round }),
+                Message::PostcopySwitch(s) => {
+                    owed = s.owed.clone();
+                    Message::PostcopyRunning(PostcopyRunning { start_ms: 1 })
+                }
+                Message::Resume(_) => Message::Resumed(Resumed {
+                    missing: std::mem::take(&mut owed),
+                }),
+                Message::Finish(f) => {
+                    let digests = (
+                        f.memory_root,
+                        convoy_protocol::digest::device_state_digest(&f.device_state),
+                    );
+                    state = Some(digests);
+                    let mut memory_root = f.memory_root;
+                    if script == Script::WrongRoot {
+                        memory_root.0[0] ^= 1;
+                    }
+                    Message::Ready(Ready {
+                        memory_root,
+                        device_digest: digests.1,
+                        receipt: receipt(ReceiptKind::Ready, state),
+                        faults: None,
+                    })
+                }
+                Message::Handover(_) => match script {
+                    Script::AbortAfterHandover => Message::Abort(Abort {
+                        reason: Reason::ProtocolViolation("seed".into()),
+                    }),
+                    _ => Message::Started(Started {
+                        start_ms: 1,
+                        synced_ms: 0,
+                        receipt: receipt(
+                            if script == Script::WrongReceipt {
+                                ReceiptKind::Ready
+                            } else {
+                                ReceiptKind::Started
+                            },
+                            state,
+                        ),
+                    }),
+                },
+                _ => continue,
+            };
+            let running = matches!(answer, Message::PostcopyRunning(_));
+            ops.push(message_op(&answer));
+            if running && script == Script::Faults {
+                ops.push(message_op(&Message::Fetch(Fetch {
+                    pages: vec![PageIndex(0), PageIndex(3)],
+                })));
+                ops.push(vec![op::DRIVER_PART, 0]);
+            }
+            if running && cut {
+                cut = false;
+                ops.push(vec![op::LINK_LOST]);
+            }
+        }
+        for o in ops {
+            input.extend(&o);
+            let mut rest = o.as_slice();
+            assert!(run.step(&mut rest));
+            sent.extend(run.take_sent());
+        }
+    }
+    // What the seed reaches: an honest destination, a completion.
+    let outcome = run.outcome().cloned();
+    eprintln!("{config:?} {dirty:#x}: {outcome:?}");
+    let completes = matches!(
+        script,
+        Script::Honest | Script::CutAfterRunning | Script::Faults
+    );
+    assert_eq!(
+        outcome == Some(convoy_protocol::ctl::Outcome::Completed),
+        completes,
+        "{outcome:?}"
+    );
+    input
+}
+
+/// Seeds of `source_sequence`: whole migrations in each mode, and a
+/// destination that lies.
+#[test]
+fn write_source_seed_corpus_when_asked() {
+    use convoy_protocol::fuzz::op;
+    if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
+        return;
+    }
+    // 16 pages on 2 streams; force-stop.
+    let shape = 15 | 1 << 6;
+    let precopy = 0b1000;
+    let seeds = [
+        (
+            "seed-precopy",
+            source_convo([precopy, shape], 0, Script::Honest),
+        ),
+        (
+            "seed-precopy-dirty",
+            source_convo([precopy | 0b11_0000, shape], 0x64, Script::Honest),
+        ),
+        ("seed-postcopy", source_convo([1, shape], 0, Script::Honest)),
+        (
+            "seed-hybrid",
+            source_convo([2, shape], 0x64, Script::Honest),
+        ),
+        (
+            "seed-hybrid-after",
+            source_convo([3, shape], 0x64, Script::Honest),
+        ),
+        (
+            "seed-precopy-disk",
+            source_convo([precopy | 1 << 6, shape], 0, Script::Honest),
+        ),
+        (
+            "seed-storage-postcopy",
+            source_convo([1 | 1 << 6 | 1 << 7, shape], 0, Script::Honest),
+        ),
+        (
+            "seed-recovery",
+            source_convo([1 | 1 << 2, shape], 0, Script::CutAfterRunning),
+        ),
+        ("seed-faults", source_convo([1, shape], 0, Script::Faults)),
+        (
+            "hostile-wrong-root",
+            source_convo([precopy, shape], 0, Script::WrongRoot),
+        ),
+        (
+            "hostile-wrong-receipt",
+            source_convo([precopy, shape], 0, Script::WrongReceipt),
+        ),
+        (
+            "hostile-abort-after-handover",
+            source_convo([precopy, shape], 0, Script::AbortAfterHandover),
+        ),
+        (
+            "hostile-postcopy-abort-after-handover",
+            source_convo([1, shape], 0, Script::AbortAfterHandover),
+        ),
+    ];
+    for (name, bytes) in &seeds {
+        write("source_sequence", name, bytes);
+    }
+    // Hand-made: a Started before anything, a cancel after Accept, a
+    // Fetch of a page past the end, and time running out.
+    let started = message_op(&Message::Started(Started {
+        start_ms: 0,
+        synced_ms: 0,
+        receipt: rc(ReceiptKind::Started),
+    }));
+    let mut early = vec![precopy, shape];
+    early.extend(&started);
+    write("source_sequence", "hostile-early-started", &early);
+    let honest = &seeds[0].1;
+    // The configuration, the first wait and driver ops, and the Accept.
+    let accept_end = 2 + 2 + 2 + message_op(&source_accept()).len();
+    let mut cancel = honest[..accept_end].to_vec();
+    cancel.extend([op::DRIVER_PART, 0, op::CANCEL]);
+    write("source_sequence", "hostile-cancel", &cancel);
+    let mut far = seeds[2].1[..accept_end].to_vec();
+    far.extend([op::DRIVER_ALL, 0]);
+    far.extend(message_op(&Message::Fetch(Fetch {
+        pages: vec![PageIndex(1 << 40)],
+    })));
+    write("source_sequence", "hostile-fetch-past-end", &far);
+    let mut late = honest[..accept_end].to_vec();
+    late.extend([op::WAIT, 255, op::TIMEOUT, op::LINK_LOST]);
+    write("source_sequence", "hostile-late", &late);
+}
+
+#[test]
+fn replay_qemu_manifest_admission() {
+    replay("qemu_manifest_admission", fuzz::qemu_manifest_admission);
+}
+
+/// A proposal of a QEMU VM under ticket `choice`'s plan, with `disks`
+/// copied disks, which `tweak` may then change.
+fn qemu_propose(choice: u8, disks: usize, tweak: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+    use convoy_protocol::model::MigrationMode;
+    use convoy_protocol::stream::{DiskManifest, QemuManifest};
+    let plan = fuzz::admission_ticket(choice).plan;
+    let multifd = if plan.mode == MigrationMode::Precopy && plan.streams > 1 {
+        plan.streams
+    } else {
+        0
+    };
+    let spec = fuzz::qemu_spec(disks);
+    let mut manifest = Manifest {
+        memory: MemoryGeometry::new(PageSize::SIZE_4K, 4096).unwrap(),
+        data_streams: plan.streams,
+        qemu: Some(Box::new(QemuManifest {
+            spec,
+            mode: plan.mode,
+            multifd_channels: multifd,
+            disks: (0..disks)
+                .map(|i| DiskManifest {
+                    size: 1 << 20,
+                    format: if i % 2 == 0 { "raw" } else { "qcow2" }.into(),
+                })
+                .collect(),
+        })),
+        postcopy: false,
+        start_paused: false,
+        plan,
+        reuse: None,
+        disks: Vec::new(),
+    };
+    tweak(&mut manifest);
+    let m = Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: MigrationId([3; 16]),
+        vm: "vm".parse().unwrap(),
+        attributes: Default::default(),
+        manifest,
+        ticket: SignedTicket::from_parts(vec![], vec![], vec![]),
+    });
+    let mut v = vec![choice];
+    v.extend(&m.encode().unwrap()[4..]);
+    v
+}
+
+/// Seeds of `qemu_manifest_admission`: a QEMU proposal admitted under each
+/// ticket, and manifests off the plan or out of bounds.
+#[test]
+fn write_qemu_seed_corpus_when_asked() {
+    use convoy_protocol::model::MigrationMode;
+    use convoy_protocol::stream::DiskManifest;
+    if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
+        return;
+    }
+    fn qemu(m: &mut Manifest) -> &mut convoy_protocol::stream::QemuManifest {
+        m.qemu.as_deref_mut().unwrap()
+    }
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("seed-precopy", qemu_propose(0, 0, |_| {})),
+        ("seed-postcopy", qemu_propose(1, 0, |_| {})),
+        ("seed-hybrid", qemu_propose(2, 0, |_| {})),
+        ("seed-storage", qemu_propose(3, 2, |_| {})),
+        ("hostile-other-disks", qemu_propose(3, 8, |_| {})),
+        (
+            "hostile-bigger-vm",
+            qemu_propose(0, 0, |m| qemu(m).spec.memory_mib = 64),
+        ),
+        (
+            "seed-sim-manifest",
+            qemu_propose(0, 0, |m| {
+                m.qemu = None;
+            }),
+        ),
+        ("hostile-disks-not-granted", qemu_propose(0, 1, |_| {})),
+        (
+            "hostile-mode",
+            qemu_propose(0, 0, |m| qemu(m).mode = MigrationMode::Postcopy),
+        ),
+        (
+            "hostile-multifd-postcopy",
+            qemu_propose(1, 0, |m| qemu(m).multifd_channels = 2),
+        ),
+        (
+            "hostile-multifd-17",
+            qemu_propose(0, 0, |m| qemu(m).multifd_channels = 17),
+        ),
+        (
+            "hostile-disk-format",
+            qemu_propose(3, 1, |m| qemu(m).disks[0].format = "vmdk".into()),
+        ),
+        (
+            "hostile-disk-overflow",
+            qemu_propose(3, 2, |m| {
+                for d in &mut qemu(m).disks {
+                    d.size = u64::MAX / 2 + 1;
+                }
+            }),
+        ),
+        ("hostile-too-many-disks", qemu_propose(3, 9, |_| {})),
+        (
+            "hostile-disks-mismatch",
+            qemu_propose(3, 2, |m| {
+                qemu(m).disks.push(DiskManifest {
+                    size: 1,
+                    format: "raw".into(),
+                })
+            }),
+        ),
+        (
+            "hostile-postcopy-announced",
+            qemu_propose(1, 0, |m| m.postcopy = true),
+        ),
+        (
+            "hostile-plan-differs",
+            qemu_propose(0, 0, |m| m.plan.max_rounds += 1),
+        ),
+        (
+            "hostile-start-paused",
+            qemu_propose(0, 0, |m| {
+                m.plan.start_paused = true;
+                m.start_paused = true;
+            }),
+        ),
+    ];
+    for (name, bytes) in &seeds {
+        // The seeds are admitted, the hostile ones refused.
+        let Ok(Message::Propose(p)) = Message::decode(Bytes::copy_from_slice(&bytes[1..])) else {
+            panic!("{name} does not decode");
+        };
+        let t = fuzz::admission_ticket(bytes[0]);
+        let valid = p
+            .manifest
+            .qemu
+            .as_ref()
+            .is_none_or(|q| q.validate().is_ok());
+        let admitted =
+            convoy_protocol::admission::admit(&t, &p.vm, p.migration, &p.manifest, &p.attributes);
+        assert_eq!(
+            valid && admitted.is_ok(),
+            name.starts_with("seed"),
+            "{name}: {admitted:?}"
+        );
+        write("qemu_manifest_admission", name, bytes);
+    }
+    let whole = &seeds[3].1;
+    write(
+        "qemu_manifest_admission",
+        "hostile-truncated",
+        &whole[..whole.len() / 2],
+    );
 }

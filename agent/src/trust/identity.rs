@@ -630,6 +630,23 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError
     Ok(first.parse()?)
 }
 
+/// The body of the `spiffe_from_x509` fuzz target: a peer's leaf
+/// certificate, as DER, through [`spiffe_id_of`]. It must not panic; an ID
+/// it finds is a valid SPIFFE ID written as is in the certificate, and its
+/// text parses back to the same ID.
+pub fn fuzz_spiffe_id(der: &[u8]) {
+    let Ok(id) = spiffe_id_of(&CertificateDer::from(der)) else {
+        return;
+    };
+    let text = id.to_string();
+    assert!(text.starts_with("spiffe://"), "{text}");
+    assert!(
+        der.windows(text.len()).any(|w| w == text.as_bytes()),
+        "{text} is not in the certificate"
+    );
+    assert_eq!(text.parse::<SpiffeId>().ok(), Some(id));
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
     std::fs::read(path).map_err(|error| IdentityError::Read {
         path: path.into(),

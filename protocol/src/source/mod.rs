@@ -78,7 +78,8 @@
 //!
 //! With disks, the disk blocks left at the switch go while the VM is
 //! paused (the `SwitchDisks` phase) and only memory is owed — unless
-//! the plan's `storage_postcopy`: then every leaf left is owed, disk
+//! the plan's [`storage_postcopy`](crate::model::MigrationPlan::storage_postcopy):
+//! then every leaf left is owed, disk
 //! blocks too ([`PostcopySwitch::storage`]), pushed and fetched on demand
 //! like memory pages, and the pause carries no disk data.
 //!

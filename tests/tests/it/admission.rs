@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use convoy_agent::lab::Lab;
 use convoy_agent::trust::authz::issue_ticket;
-use convoy_protocol::ctl::{Accel, QemuVmSpec};
 use convoy_protocol::disk::DiskGeometry;
 use convoy_protocol::message::Manifest;
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
@@ -55,18 +54,7 @@ fn sim(plan: &MigrationPlan) -> Manifest {
 /// A QEMU manifest that follows `plan`, with `multifd` channels and `disks`
 /// mirrored disks.
 fn qemu(plan: &MigrationPlan, multifd: u16, disks: usize) -> Manifest {
-    let spec = QemuVmSpec {
-        name: "vm".parse().unwrap(),
-        binary: "qemu-system-x86_64".into(),
-        memory_mib: 16,
-        vcpus: 1,
-        kernel: Some("vmlinuz".into()),
-        initrd: None,
-        append: String::new(),
-        disks: (0..disks).map(|i| format!("d{i}.img")).collect(),
-        accel: Accel::Tcg,
-        attributes: Default::default(),
-    };
+    let spec = convoy_protocol::fuzz::qemu_spec(disks);
     let q = QemuManifest {
         spec,
         mode: plan.mode,

@@ -74,6 +74,35 @@ impl DeviceState {
     }
 }
 
+/// The body of the `sim_device_state` fuzz target: a peer's device state
+/// (after one byte, the number of disks modulo 4) through the decoder a
+/// staging sim VM starts from. It must not panic nor allocate past the
+/// input; a state it accepts is within every bound the workload relies on
+/// (version, hot set, disks, dirty and disk write rates), and encodes to
+/// bytes that decode to the same state.
+pub fn fuzz_device_state(data: &[u8]) {
+    let [disks, bytes @ ..] = data else {
+        return;
+    };
+    let disks = usize::from(disks % 4);
+    let Ok(s) = DeviceState::decode(bytes, disks) else {
+        return;
+    };
+    assert_eq!(s.version, DEVICE_STATE_VERSION);
+    assert!((1..=100).contains(&s.hot_set_pct));
+    assert_eq!(s.disk_writes_per_sec.len(), disks);
+    assert!(s.dirty_pages_per_sec <= convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC);
+    assert!(s
+        .disk_writes_per_sec
+        .iter()
+        .all(|&r| r <= convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC));
+    match s.encode().map(|e| DeviceState::decode(&e, disks)) {
+        Ok(Ok(again)) => assert_eq!(again, s, "round trip changed the state"),
+        Ok(Err(e)) => panic!("a re-encoded state does not decode: {e}"),
+        Err(e) => panic!("a decoded state does not encode: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +170,86 @@ mod tests {
             ..state()
         };
         assert!(!refused(&s.encode().unwrap(), 2), "the limit itself");
+    }
+
+    /// Seeds of the `sim_device_state` fuzz target (replayed by
+    /// `tests/fuzz_corpus.rs`): valid states for 0 to 3 disks, and near
+    /// misses. Written with `CONVOY_WRITE_SEEDS=1`.
+    #[test]
+    fn write_seed_corpus_when_asked() {
+        if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
+            return;
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/sim_device_state");
+        std::fs::create_dir_all(&dir).unwrap();
+        let seed = |disks: u8, s: &DeviceState| {
+            let mut v = vec![disks];
+            v.extend(s.encode().unwrap());
+            v
+        };
+        let with = |rates: Vec<u64>| DeviceState {
+            disk_writes_per_sec: rates,
+            ..state()
+        };
+        let at_limits = DeviceState {
+            dirty_pages_per_sec: convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC,
+            hot_set_pct: 100,
+            counter: u64::MAX,
+            seed: u64::MAX,
+            disk_writes_per_sec: vec![convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC; 3],
+            ..state()
+        };
+        let good = seed(2, &state());
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let mut huge_vec = vec![2, DEVICE_STATE_VERSION, 41, 0, 10, 7];
+        huge_vec.extend([0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let seeds: Vec<(&str, Vec<u8>)> = vec![
+            ("seed-two-disks", good.clone()),
+            ("seed-no-disk", seed(0, &with(Vec::new()))),
+            ("seed-one-disk", seed(1, &with(vec![0]))),
+            ("seed-at-limits", seed(3, &at_limits)),
+            (
+                "seed-idle",
+                seed(
+                    0,
+                    &DeviceState {
+                        dirty_pages_per_sec: 0,
+                        hot_set_pct: 1,
+                        ..with(Vec::new())
+                    },
+                ),
+            ),
+            ("hostile-truncated", good[..good.len() - 1].to_vec()),
+            ("hostile-trailing", trailing),
+            ("hostile-disks-differ", seed(3, &state())),
+            (
+                "hostile-dirty-rate",
+                seed(
+                    2,
+                    &DeviceState {
+                        dirty_pages_per_sec: u64::MAX,
+                        ..state()
+                    },
+                ),
+            ),
+            ("hostile-disk-rate", seed(1, &with(vec![u64::MAX]))),
+            (
+                "hostile-hot-set",
+                seed(
+                    2,
+                    &DeviceState {
+                        hot_set_pct: 0,
+                        ..state()
+                    },
+                ),
+            ),
+            ("hostile-huge-vec", huge_vec),
+            ("hostile-empty", vec![0]),
+        ];
+        for (name, bytes) in seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
     }
 }

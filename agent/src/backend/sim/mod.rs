@@ -53,6 +53,8 @@ mod source;
 mod staging;
 mod workload;
 
+pub use device::fuzz_device_state;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
