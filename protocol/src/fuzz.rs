@@ -248,6 +248,7 @@ pub fn destination_sequence(data: &[u8]) {
         peer: "spiffe://fuzz/agent/source".parse().expect("valid id"),
         notary: InsecureCrypto::notary("spiffe://fuzz/agent/destination", now),
         recovery: Duration::from_secs(1),
+        silence: Duration::from_secs(5),
     });
     let source: crate::names::SpiffeId = "spiffe://fuzz/agent/source".parse().expect("valid id");
     let mut input = data;

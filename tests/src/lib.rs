@@ -223,18 +223,43 @@ pub async fn connect_as(lab: &Lab, from: &str, to: &str) -> (quinn::Endpoint, qu
 /// The manifest follows the ticket's plan, so the destination's admission
 /// has nothing to refuse in it.
 pub async fn propose_as(lab: &Lab, from: &str, to: &str, ticket: SignedTicket) -> Message {
+    let manifest = manifest_for(&ticket, 8 << 20);
+    propose_manifest_as(lab, from, to, ticket, manifest).await
+}
+
+/// A pre-copy sim manifest of `bytes` of memory under `ticket`'s plan
+/// (its stream count), no disks.
+pub fn manifest_for(ticket: &SignedTicket, bytes: u64) -> Manifest {
     let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
-    let manifest = Manifest {
-        memory: MemoryGeometry::from_bytes(8 << 20).unwrap(),
+    Manifest {
+        memory: MemoryGeometry::from_bytes(bytes).unwrap(),
         data_streams: body.plan.streams,
         qemu: None,
         postcopy: false,
         start_paused: false,
-        plan: body.plan.clone(),
+        plan: body.plan,
         reuse: None,
         disks: Vec::new(),
-    };
-    propose_manifest_as(lab, from, to, ticket, manifest).await
+    }
+}
+
+/// The `Propose` of `ticket`'s migration with `manifest`, claiming
+/// `attributes` for the VM.
+pub fn proposal(
+    ticket: SignedTicket,
+    manifest: Manifest,
+    attributes: convoy_protocol::vm::VmAttributes,
+) -> Message {
+    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
+    Message::Propose(Propose {
+        versions: VersionRange::OURS,
+        capabilities: Capabilities::OURS,
+        migration: body.id,
+        vm: body.vm,
+        attributes,
+        manifest,
+        ticket,
+    })
 }
 
 /// [`propose_as`] with a manifest of the caller's.
@@ -259,16 +284,7 @@ pub async fn propose_claiming(
 ) -> Message {
     let (_ep, conn) = connect_as(lab, from, to).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let body: Ticket = postcard::from_bytes(&ticket.body).unwrap();
-    let propose = Message::Propose(Propose {
-        versions: VersionRange::OURS,
-        capabilities: Capabilities::OURS,
-        migration: body.id,
-        vm: body.vm.clone(),
-        attributes,
-        manifest,
-        ticket,
-    });
+    let propose = proposal(ticket, manifest, attributes);
     transport::write_message(&mut send, &propose).await.unwrap();
     transport::read_message(&mut recv).await.unwrap().unwrap()
 }

@@ -20,7 +20,9 @@
 //! - **Deadlines**: an authenticated connection must open its first stream
 //!   and send its first message within [`ConnectionLimits::first_message`];
 //!   an operator connection with no request in flight is closed after
-//!   [`ConnectionLimits::idle`].
+//!   [`ConnectionLimits::idle`]; a source that goes silent while the
+//!   destination holds staging for it (before the VM runs there) loses its
+//!   migration after [`ConnectionLimits::silence`].
 //!
 //! Every refusal is audited (rate-limited, `Host::audit_refusal`),
 //! and the peer sees a close code with a reason
@@ -49,6 +51,10 @@ pub struct ConnectionLimits {
     pub first_message: Duration,
     /// Time an operator connection may stay with no request in flight.
     pub idle: Duration,
+    /// Time a source may send nothing (no message, no page batch) while
+    /// the destination holds staging for it and the VM does not run there
+    /// yet; past it the migration is given up and staging discarded.
+    pub silence: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -60,6 +66,7 @@ impl Default for ConnectionLimits {
             per_peer: 16,
             first_message: Duration::from_secs(30),
             idle: Duration::from_secs(300),
+            silence: Duration::from_secs(60),
         }
     }
 }

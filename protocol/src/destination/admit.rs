@@ -92,6 +92,8 @@ impl Destination {
     /// Staging is reserved and zeroed: accept, with a signed `Accepted`
     /// receipt.
     pub fn handle_staging_ready(&mut self, now: Instant) {
+        // Accept goes out now: the source's silence counts from here.
+        self.heard(now);
         self.handle_staging_ready_reusing(now, false);
     }
 
@@ -103,6 +105,8 @@ impl Destination {
     /// retained pages on its receivers,
     /// [`crate::page::StreamReceiver::accept_retained`]).
     pub fn handle_staging_ready_reusing(&mut self, now: Instant, held: bool) {
+        // Accept goes out now: the source's silence counts from here.
+        self.heard(now);
         self.handle_staging_ready_holding(now, held, Vec::new());
     }
 
@@ -120,6 +124,7 @@ impl Destination {
         held: bool,
         bases: Vec<Option<Vec<Digest>>>,
     ) {
+        self.heard(now);
         let Phase::Preparing = self.phase else {
             return;
         };

@@ -23,4 +23,10 @@ pub struct DestinationConfig {
     /// After a post-copy switch, how long to wait for the source to come
     /// back on a new connection when the link breaks (zero: no recovery).
     pub recovery: Duration,
+    /// Before the VM runs here, how long the source may send nothing — no
+    /// message, no page batch — before the migration is given up and the
+    /// staging copy discarded (zero: no limit). A silent source must not
+    /// hold staging memory and disk forever over a connection its
+    /// keep-alives hold open.
+    pub silence: Duration,
 }

@@ -12,6 +12,7 @@ use super::{Destination, DestinationAction, DestinationError, Phase};
 impl Destination {
     /// A message from the source's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), DestinationError> {
+        self.heard(now);
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         match (phase, msg) {
             (Phase::AwaitPropose, Message::Propose(p)) => {

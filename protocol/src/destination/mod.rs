@@ -209,6 +209,8 @@ pub struct Destination {
     recoveries: u32,
     /// How many receipts were kept before Ready was signed.
     ready_at: Option<usize>,
+    /// When the source was last heard from (a message or a batch).
+    heard: Option<Instant>,
 }
 
 impl Destination {
@@ -235,6 +237,7 @@ impl Destination {
             asked: std::collections::BTreeSet::new(),
             recoveries: 0,
             ready_at: None,
+            heard: None,
         }
     }
 
@@ -254,8 +257,26 @@ impl Destination {
             Phase::AwaitHandover { deadline, .. } | Phase::Recovering { deadline, .. } => {
                 Some(deadline)
             }
-            _ => None,
+            _ => self.silence_deadline(),
         }
+    }
+
+    /// While the source owes us something and the VM does not run here:
+    /// when its silence becomes too long.
+    fn silence_deadline(&self) -> Option<Instant> {
+        let waiting = matches!(
+            self.phase,
+            Phase::Receiving | Phase::SwitchDraining(_) | Phase::Draining(_)
+        );
+        if !waiting || self.switched || self.cfg.silence.is_zero() {
+            return None;
+        }
+        Some(self.heard? + self.cfg.silence)
+    }
+
+    /// The source was heard from at `now`.
+    pub(super) fn heard(&mut self, now: Instant) {
+        self.heard = Some(self.heard.map_or(now, |h| h.max(now)));
     }
 
     /// Whether the machine has finished.
@@ -281,6 +302,21 @@ impl Destination {
 
     /// A deadline from [`Destination::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.silence_deadline().is_some_and(|d| now >= d) {
+            self.actions
+                .push_back(DestinationAction::Send(Message::Abort(Abort {
+                    reason: Reason::Timeout,
+                })));
+            self.give_up(
+                format!(
+                    "the source sent nothing for {} s while {}",
+                    self.cfg.silence.as_secs(),
+                    self.phase.name()
+                ),
+                false,
+            );
+            return;
+        }
         if let Phase::Recovering { deadline } = self.phase {
             if now >= deadline {
                 self.in_doubt(format!(

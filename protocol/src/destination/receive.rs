@@ -65,6 +65,7 @@ impl Destination {
         seq: u64,
         leaves: &[(PageIndex, Digest)],
     ) -> Result<(), DestinationError> {
+        self.heard(now);
         if !self.phase.takes_batches() {
             return Err(self.fail(DestinationError::Unexpected {
                 phase: self.phase.name(),

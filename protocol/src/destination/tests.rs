@@ -20,6 +20,7 @@ fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
         peer: "spiffe://t/agent/a".parse().unwrap(),
         notary: InsecureCrypto::notary("spiffe://t/agent/b", now),
         recovery: Duration::ZERO,
+        silence: Duration::from_secs(60),
     });
     let propose = Message::Propose(Propose {
         versions: VersionRange::OURS,
@@ -95,4 +96,49 @@ fn a_switch_must_carry_the_admitted_plan_s_storage_flag() {
     // The switch the plan grants is taken.
     let mut d = receiving(&plan, now);
     d.handle_message(now, switch(plan.streams, true)).unwrap();
+}
+
+#[test]
+fn a_source_silent_after_accept_loses_its_staging_after_the_silence_limit() {
+    let t0 = Instant::now();
+    let plan = MigrationPlan {
+        mode: MigrationMode::Hybrid,
+        copy_storage: true,
+        ..MigrationPlan::default()
+    };
+    let mut d = receiving(&plan, t0);
+    let limit = Duration::from_secs(60);
+    assert_eq!(d.poll_timeout(), Some(t0 + limit));
+    // Anything from the source moves the deadline.
+    let later = t0 + Duration::from_secs(50);
+    for s in 0..plan.streams {
+        d.handle_stream_opened(s).unwrap();
+    }
+    d.handle_batch_applied(later, 0, 0, &[]).unwrap();
+    assert_eq!(d.poll_timeout(), Some(later + limit));
+    // Early: nothing happens.
+    d.handle_timeout(later + limit - Duration::from_secs(1));
+    assert!(!d.is_finished());
+    // Then the source is given up: told why, staging discarded.
+    d.handle_timeout(later + limit);
+    let actions: Vec<_> = std::iter::from_fn(|| d.poll_action()).collect();
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            DestinationAction::Send(Message::Abort(Abort {
+                reason: Reason::Timeout
+            }))
+        )),
+        "{actions:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, DestinationAction::DiscardStaging)),
+        "{actions:?}"
+    );
+    let failed = std::iter::from_fn(|| d.poll_event())
+        .any(|e| matches!(e, DestinationEvent::Failed(m) if m.contains("sent nothing for 60 s")));
+    assert!(failed);
+    assert!(d.is_finished());
 }

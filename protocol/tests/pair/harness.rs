@@ -283,6 +283,7 @@ impl Pair {
             peer: SRC.parse().unwrap(),
             notary: InsecureCrypto::notary(DST, now),
             recovery,
+            silence: Duration::from_secs(60),
         });
         Pair {
             now,
@@ -811,6 +812,7 @@ pub fn without_delta(p: &mut Pair) {
         peer: SRC.parse().unwrap(),
         notary: InsecureCrypto::notary(DST, p.now),
         recovery: Duration::ZERO,
+        silence: Duration::from_secs(60),
     });
 }
 

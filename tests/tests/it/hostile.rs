@@ -7,9 +7,11 @@ use std::time::Duration;
 use convoy_agent::lab::Lab;
 use convoy_agent::transport;
 use convoy_protocol::ctl::Outcome;
-use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, Reason, VersionRange};
-use convoy_protocol::page::MemoryGeometry;
-use convoy_tests::{assert_refusals_logged, connect_as, eventually, migrate, sim_spec, ticket};
+use convoy_protocol::message::{Message, Reason, VersionRange};
+use convoy_tests::{
+    assert_refusals_logged, connect_as, eventually, manifest_for, migrate, proposal, sim_spec,
+    ticket,
+};
 
 /// Sends `bytes` on a fresh control stream from agent a to agent b and
 /// returns b's first answer, if any.
@@ -34,27 +36,16 @@ fn violation(answer: &Option<Message>, what: &str) -> bool {
 }
 
 fn propose(lab: &Lab, versions: VersionRange, streams: u16, bytes: u64) -> Message {
-    let vm = "vm".parse().unwrap();
     let ticket = ticket(lab, "vm", "a", "b");
-    let body: convoy_protocol::ticket::Ticket = postcard::from_bytes(&ticket.body).unwrap();
-    Message::Propose(Propose {
-        versions,
-        capabilities: Capabilities::OURS,
-        migration: body.id,
-        vm,
-        attributes: Default::default(),
-        manifest: Manifest {
-            memory: MemoryGeometry::from_bytes(bytes).unwrap(),
-            data_streams: streams,
-            qemu: None,
-            postcopy: false,
-            start_paused: false,
-            plan: body.plan.clone(),
-            reuse: None,
-            disks: Vec::new(),
-        },
-        ticket,
-    })
+    let mut manifest = manifest_for(&ticket, bytes);
+    manifest.data_streams = streams;
+    match proposal(ticket, manifest, Default::default()) {
+        Message::Propose(mut p) => {
+            p.versions = versions;
+            Message::Propose(p)
+        }
+        other => other,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

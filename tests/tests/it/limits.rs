@@ -120,3 +120,38 @@ async fn under_handshake_load_clients_prove_their_address_with_a_retry_and_still
     assert_eq!(report.outcome, convoy_protocol::ctl::Outcome::Completed);
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_silent_after_accept_loses_its_staging() {
+    use convoy_agent::transport;
+    use convoy_protocol::message::{Message, Reason};
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab_limited(&dir, |l| l.silence = Duration::from_secs(1)).await;
+    let ticket = convoy_tests::ticket(&lab, "vm", "a", "b");
+    let (_ep, conn) = connect_as(&lab, "a", "b").await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let manifest = convoy_tests::manifest_for(&ticket, 8 << 20);
+    let propose = convoy_tests::proposal(ticket, manifest, Default::default());
+    transport::write_message(&mut send, &propose).await.unwrap();
+    let accept = transport::read_message(&mut recv).await.unwrap().unwrap();
+    assert!(matches!(accept, Message::Accept(_)), "{accept:?}");
+    let b = lab.client("b").await.unwrap();
+    assert_eq!(b.vm_list().await.unwrap().len(), 1, "staging reserved");
+    // Then nothing, on a connection kept open: b gives up, says why, and
+    // frees the staging.
+    let next = tokio::time::timeout(Duration::from_secs(10), transport::read_message(&mut recv))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&next, Some(Message::Abort(a)) if a.reason == Reason::Timeout),
+        "{next:?}"
+    );
+    let freed = convoy_tests::eventually(Duration::from_secs(5), || async {
+        b.vm_list().await.unwrap().is_empty()
+    })
+    .await;
+    assert!(freed, "staging released");
+    assert_refusals_logged(&lab, "b", &["the source sent nothing for 1 s"]).await;
+    lab.shutdown().await;
+}

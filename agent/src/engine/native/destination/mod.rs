@@ -149,6 +149,7 @@ pub(crate) async fn serve(
             crate::trust::authz::now_unix(),
         ),
         recovery: host.config.recovery_window,
+        silence: host.connections.limits().silence,
     });
     let _active = crate::host::ActiveGuard::new(&host.active);
     // Its receive window is its share of the agent's budget.
