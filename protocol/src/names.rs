@@ -51,6 +51,34 @@ fn check(kind: &'static str, v: &str, max: usize, extra: &[char]) -> Result<(), 
     Ok(())
 }
 
+/// Why the last name decoded on this thread was refused, for a decoder
+/// to report: postcard replaces a type's own deserialization error with a
+/// generic "Serde Deserialization Error", and an operator must see that
+/// the VM name `..` is invalid, not that.
+pub(crate) mod refusal {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static LAST: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Records why a value was refused.
+    pub(crate) fn note(why: String) {
+        LAST.with(|l| *l.borrow_mut() = Some(why));
+    }
+
+    /// Takes the reason recorded since the last call, if any.
+    pub(crate) fn take() -> Option<String> {
+        LAST.with(|l| l.borrow_mut().take())
+    }
+}
+
+/// Notes `e` for the decoder ([`refusal`]) and returns it.
+fn refused(e: NameError) -> NameError {
+    refusal::note(e.to_string());
+    e
+}
+
 macro_rules! name_type {
     ($(#[$m:meta])* $name:ident, $kind:literal, $max:literal, $extra:expr) => {
         $(#[$m])*
@@ -68,7 +96,7 @@ macro_rules! name_type {
         impl TryFrom<String> for $name {
             type Error = NameError;
             fn try_from(v: String) -> Result<Self, NameError> {
-                check($kind, &v, $max, $extra)?;
+                check($kind, &v, $max, $extra).map_err(refused)?;
                 Ok($name(v))
             }
         }
@@ -219,7 +247,7 @@ impl FromStr for SpiffeId {
 impl TryFrom<String> for SpiffeId {
     type Error = NameError;
     fn try_from(v: String) -> Result<Self, NameError> {
-        v.parse()
+        v.parse().map_err(refused)
     }
 }
 

@@ -58,11 +58,37 @@ impl CtlMessage {
         let (t, body) = split_tag(frame)?;
         Ok(match t {
             crate::message::tag::INVALID => return Err(DecodeError::InvalidTag),
-            tag::REQUEST => CtlMessage::Request(decode_whole("CtlRequest", body)?),
+            tag::REQUEST => {
+                // A request of a newer convoyctl is named as such, not as
+                // malformed bytes.
+                if let Some(variant) = leading_varint(body).filter(|v| *v >= REQUEST_VARIANTS) {
+                    return Err(DecodeError::UnknownVariant {
+                        message: "CtlRequest",
+                        variant,
+                    });
+                }
+                CtlMessage::Request(decode_whole("CtlRequest", body)?)
+            }
             tag::RESPONSE => CtlMessage::Response(Box::new(decode_whole("CtlResponse", body)?)),
             other => return Err(DecodeError::UnknownTag(other)),
         })
     }
+}
+
+/// How many variants [`CtlRequest`] has (its last one's index plus one;
+/// `request_variants_are_counted` keeps this in step).
+const REQUEST_VARIANTS: u32 = 10;
+
+/// The postcard varint (an enum's variant index) `body` starts with.
+fn leading_varint(body: &[u8]) -> Option<u32> {
+    let mut v: u32 = 0;
+    for (i, b) in body.iter().take(5).enumerate() {
+        v |= u32::from(b & 0x7f).checked_shl(7 * u32::try_from(i).ok()?)?;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -129,5 +155,83 @@ mod tests {
                 extra: 1
             })
         ));
+    }
+
+    /// Every request, by its index on the wire: a variant added breaks
+    /// this match until it is counted.
+    fn index(r: &CtlRequest) -> u32 {
+        match r {
+            CtlRequest::Status => 0,
+            CtlRequest::VmCreate(_) => 1,
+            CtlRequest::VmList => 2,
+            CtlRequest::Migrate(_) => 3,
+            CtlRequest::VmDelete(_) => 4,
+            CtlRequest::Abort(_) => 5,
+            CtlRequest::AuditRead { .. } => 6,
+            CtlRequest::VmCreateQemu(_) => 7,
+            CtlRequest::VmPause(..) => 8,
+            CtlRequest::VmAdoptQemu(..) => 9,
+        }
+    }
+
+    #[test]
+    fn request_variants_are_counted() {
+        let vm: crate::names::VmName = "vm".parse().unwrap();
+        for r in [
+            CtlRequest::Status,
+            CtlRequest::VmList,
+            CtlRequest::VmDelete(vm.clone()),
+            CtlRequest::Abort(vm.clone()),
+            CtlRequest::AuditRead { offset: 1 },
+            CtlRequest::VmPause(vm, true),
+        ] {
+            let body = postcard::to_stdvec(&r).unwrap();
+            assert_eq!(leading_varint(&body), Some(index(&r)), "{r:?}");
+        }
+        assert_eq!(
+            index(&CtlRequest::VmAdoptQemu(
+                crate::fuzz::qemu_spec(0),
+                String::new()
+            )) + 1,
+            REQUEST_VARIANTS
+        );
+    }
+
+    /// A request frame: tag and `body`.
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag::REQUEST];
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn a_newer_request_and_an_invalid_name_are_named_readably() {
+        // Variant 10 and a far larger one, as a newer convoyctl sends.
+        for body in [vec![10u8], vec![0x80, 0x01, 0]] {
+            let e = CtlMessage::decode(&frame(&body)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::UnknownVariant {
+                        message: "CtlRequest",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("newer"), "{e}");
+        }
+        // `vm delete ..`: the name's own rule, not postcard's "Serde
+        // Deserialization Error".
+        let e = CtlMessage::decode(&frame(&[4, 2, b'.', b'.'])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "malformed CtlRequest: invalid VM name \"..\": must not start with '.'"
+        );
+        // A valid frame after a refused one carries no stale reason.
+        let ok = CtlMessage::encode(&CtlMessage::Request(CtlRequest::VmList)).unwrap();
+        assert!(CtlMessage::decode(&ok[LEN_PREFIX..]).is_ok());
+        let e = CtlMessage::decode(&frame(&[4, 1])).unwrap_err();
+        assert!(!e.to_string().contains("must not start"), "{e}");
     }
 }

@@ -38,6 +38,15 @@ pub enum DecodeError {
         /// What postcard or a validity check said.
         detail: String,
     },
+    /// An enum variant this build does not know (a newer peer's request
+    /// or message).
+    #[error("unknown {message} variant {variant}: the peer is newer than this agent")]
+    UnknownVariant {
+        /// Message kind.
+        message: &'static str,
+        /// The variant's index on the wire.
+        variant: u32,
+    },
     /// The body parsed but bytes were left over.
     #[error("{message} followed by {extra} trailing bytes")]
     Trailing {
@@ -239,9 +248,12 @@ pub(crate) fn decode_whole<T: DeserializeOwned>(
     message: &'static str,
     body: &[u8],
 ) -> Result<T, DecodeError> {
+    // A name or identity refused inside says why (postcard's own error
+    // would only say "Serde Deserialization Error").
+    let _ = crate::names::refusal::take();
     let (v, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed {
         message,
-        detail: e.to_string(),
+        detail: crate::names::refusal::take().unwrap_or_else(|| e.to_string()),
     })?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing {
