@@ -96,8 +96,11 @@ impl Run {
         // QEMU connects to sockets we own; each connection becomes a stream.
         let out_sock = self.vm.dir().join("migrate-out.sock");
         let migration_listener = listen(&out_sock)?;
+        // Only the VM's own QEMU may connect (SO_PEERCRED).
+        let qemu_pid = self.vm.pid().await;
         acceptors.spawn(accept_channels(
             migration_listener,
+            qemu_pid,
             conn.clone(),
             self.migration,
             (0..=m.multifd_channels)
@@ -111,6 +114,7 @@ impl Run {
             let nbd_listener = listen(&nbd_sock)?;
             acceptors.spawn(accept_channels(
                 nbd_listener,
+                qemu_pid,
                 conn.clone(),
                 self.migration,
                 (0..)
