@@ -374,7 +374,9 @@ impl TrustBundle {
             None
         } else {
             webpki::RevocationOptionsBuilder::new(&refs).ok().map(|b| {
-                b.with_depth(webpki::RevocationCheckDepth::EndEntity)
+                // Every certificate of the chain, intermediates included:
+                // a revoked intermediate CA revokes all it issued.
+                b.with_depth(webpki::RevocationCheckDepth::Chain)
                     // A peer from a CA whose CRL we do not hold is judged by
                     // its chain alone; an expired CRL still lists revocations.
                     .with_status_policy(webpki::UnknownStatusPolicy::Allow)
@@ -394,8 +396,9 @@ impl TrustBundle {
         .map(|_| ())
     }
 
-    /// The verifier of client certificates: chained to our CAs, end-entity
-    /// certificates checked against our CRLs.
+    /// The verifier of client certificates: chained to our CAs, every
+    /// certificate of the chain (intermediates too) checked against our
+    /// CRLs.
     ///
     /// With federation, the handshake accepts chains to any trusted CA; the
     /// binding of each domain to its CA and named identities is then checked
@@ -411,10 +414,7 @@ impl TrustBundle {
         }
         let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
         if !crls.is_empty() {
-            builder = builder
-                .with_crls(crls)
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status();
+            builder = builder.with_crls(crls).allow_unknown_revocation_status();
         }
         builder
             .build()

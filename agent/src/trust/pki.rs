@@ -527,6 +527,65 @@ mod revoke_tests {
     use super::*;
 
     #[test]
+    fn a_revoked_intermediate_ca_revokes_what_it_issued() {
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let dir = tempfile::tempdir().unwrap();
+        let domain = TrustDomain::new("example.test").unwrap();
+        let pki = Pki::init(dir.path(), domain.clone()).unwrap();
+        let root = pki.issuer().unwrap();
+        // An intermediate CA under the root, and an agent under it.
+        let inter_key = new_key().unwrap();
+        let mut inter = ca_params(&domain).unwrap();
+        inter.serial_number = Some(vec![0x42; 8].into());
+        let inter_cert = inter.signed_by(&inter_key, &root).unwrap();
+        let inter_issuer = Issuer::new(inter, inter_key);
+        let id = SpiffeId::agent(domain.clone(), "a".parse().unwrap());
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_cert = leaf.signed_by(&new_key().unwrap(), &inter_issuer).unwrap();
+        let leaf_der = CertificateDer::from(leaf_cert.der().to_vec());
+        let chain = [CertificateDer::from(inter_cert.der().to_vec())];
+        let usage = webpki::KeyUsage::client_auth();
+        let trust = pki.trust().unwrap();
+        assert_eq!(
+            trust
+                .verify_peer(&leaf_der, &chain, UnixTime::now(), usage)
+                .unwrap(),
+            id,
+            "valid before the revocation"
+        );
+        // The root revokes the intermediate (not the leaf).
+        let now = time::OffsetDateTime::now_utc();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: vec![0x42; 8].into(),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::CaCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&root)
+        .unwrap();
+        let trust = trust
+            .with_crl_pem(crl.pem().unwrap().as_bytes(), Path::new("ca.crl"))
+            .unwrap();
+        let e = trust
+            .verify_peer(&leaf_der, &chain, UnixTime::now(), usage)
+            .unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("revoked"), "{e}");
+    }
+
+    #[test]
     fn revocation_writes_a_crl_the_trust_bundle_loads() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(dir.path(), TrustDomain::new("example.test").unwrap()).unwrap();
