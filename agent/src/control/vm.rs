@@ -39,6 +39,14 @@ pub(super) async fn delete_vm(
                 format!("VM {name} is migrating; abort the migration first"),
             );
         }
+        // A place reserved for a VM being created (or arriving) is not a
+        // VM yet: deleting it would let the launch finish unregistered.
+        if vms.get(name).is_some_and(|e| e.handle.is_none()) {
+            return error(
+                CtlErrorKind::BadRequest,
+                format!("VM {name} is being created; it cannot be deleted yet"),
+            );
+        }
         match vms.get(name).map(|e| e.state) {
             None => return error(CtlErrorKind::NotFound, format!("no VM named {name} here")),
             Some(VmState::Running) | Some(VmState::Paused) | Some(VmState::Exited) => {
@@ -179,14 +187,27 @@ pub(super) async fn create_qemu_vm(
     };
     match started {
         Ok((vm, paused)) => {
-            if let Some(e) = host.vms().get_mut(&spec.name) {
-                e.handle = Some(VmHandle::Qemu(vm.clone()));
-                e.state = if paused {
-                    VmState::Paused
-                } else {
-                    VmState::Running
-                };
-                e.attributes = spec.attributes.clone();
+            let registered = match host.vms().get_mut(&spec.name) {
+                Some(e) if e.handle.is_none() => {
+                    e.handle = Some(VmHandle::Qemu(vm.clone()));
+                    e.state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    e.attributes = spec.attributes.clone();
+                    true
+                }
+                _ => false,
+            };
+            if !registered {
+                // Its place is gone (the agent is shutting down): no QEMU
+                // runs unregistered.
+                VmHandle::Qemu(vm).destroy().await;
+                return error(
+                    CtlErrorKind::Internal,
+                    format!("VM {} lost its place while it started; stopped", spec.name),
+                );
             }
             let (watch_inner, name) = (host.clone(), spec.name.clone());
             tokio::spawn(vm.watch(std::time::Duration::from_millis(500), move || {
@@ -293,13 +314,21 @@ pub(super) async fn create_vm(
     .await;
     match made {
         Ok(Ok(vm)) => {
-            {
-                let mut vms = host.vms();
-                if let Some(e) = vms.get_mut(&name) {
+            let unregistered = match host.vms().get_mut(&name) {
+                Some(e) if e.handle.is_none() => {
                     e.handle = Some(VmHandle::Sim(vm));
                     e.state = VmState::Running;
                     e.attributes = attributes;
+                    None
                 }
+                _ => Some(vm),
+            };
+            if let Some(vm) = unregistered {
+                VmHandle::Sim(vm).destroy().await;
+                return error(
+                    CtlErrorKind::Internal,
+                    format!("VM {name} lost its place while it started; stopped"),
+                );
             }
             match host.vm_info(&name) {
                 Some(info) => CtlResponse::VmCreated(info),

@@ -318,7 +318,41 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
     bad(a.vm_create_qemu(s).await, "printable ASCII");
     assert!(a.vm_list().await.unwrap().is_empty(), "nothing left behind");
 
-    let info = a.vm_create_qemu(spec("guest")).await.unwrap();
+    // A delete while QEMU starts finds a place, not a VM: refused, so the
+    // launch cannot end with a QEMU nobody registered.
+    let creating = tokio::spawn({
+        let a2 = lab.client("a").await.unwrap();
+        let s = spec("guest");
+        async move { a2.vm_create_qemu(s).await }
+    });
+    let mut refused_while_starting = 0;
+    let mut deleted_once_registered = false;
+    while !creating.is_finished() {
+        match a.vm_delete("guest".parse().unwrap()).await {
+            Err(ClientError::Agent(e)) if e.message.contains("is being created") => {
+                refused_while_starting += 1;
+            }
+            Err(ClientError::Agent(e))
+                if e.kind == convoy_protocol::ctl::CtlErrorKind::NotFound => {}
+            // Registered (the answer to the create still on its way): a
+            // VM now, which a delete may remove.
+            Ok(()) => {
+                deleted_once_registered = true;
+                break;
+            }
+            other => panic!("a delete during the launch: {other:?}"),
+        }
+    }
+    let first = creating.await.unwrap();
+    assert!(
+        refused_while_starting > 0,
+        "QEMU started before any delete reached the agent"
+    );
+    let info = if deleted_once_registered {
+        a.vm_create_qemu(spec("guest")).await.unwrap()
+    } else {
+        first.unwrap()
+    };
     assert_eq!(info.backend, "qemu");
     assert_eq!(info.state, VmState::Running);
     let log = runtime.join("guest/serial.log");
