@@ -226,6 +226,10 @@ pub struct AgentConfig {
     /// again for this long, the destination keeps the VM waiting for it
     /// (zero: no recovery).
     pub recovery_window: Duration,
+    /// Most bytes one incoming migration's bookkeeping may take (its
+    /// Merkle tree, 64 bytes per page or disk block): 2 GiB by default,
+    /// 32 Mi leaves, 128 GiB of 4 KiB pages and blocks.
+    pub max_bookkeeping_bytes: u64,
     /// Handshakes, connections and connection deadlines
     /// ([`crate::host::limits`]).
     pub limits: crate::host::limits::ConnectionLimits,
@@ -255,6 +259,7 @@ impl AgentConfig {
             migration_memory: crate::host::budget::DEFAULT_MIGRATION_MEMORY,
             recovery_window: Duration::from_secs(60),
             limits: crate::host::limits::ConnectionLimits::default(),
+            max_bookkeeping_bytes: 2 << 30,
             dangerous: DangerousOptions::default(),
         }
     }

@@ -249,6 +249,7 @@ pub fn destination_sequence(data: &[u8]) {
         notary: InsecureCrypto::notary("spiffe://fuzz/agent/destination", now),
         recovery: Duration::from_secs(1),
         silence: Duration::from_secs(5),
+        max_bookkeeping_bytes: 1 << 30,
     });
     let source: crate::names::SpiffeId = "spiffe://fuzz/agent/source".parse().expect("valid id");
     let mut input = data;

@@ -55,8 +55,20 @@ impl Destination {
         if let Err(e) = p.attributes.validate() {
             return refuse(self, Reason::Unacceptable(e.to_string()));
         }
-        if let Err(e) = p.manifest.leaf_count() {
-            return refuse(self, Reason::Unacceptable(e.to_string()));
+        let leaves = match p.manifest.leaf_count() {
+            Ok(n) => n,
+            Err(e) => return refuse(self, Reason::Unacceptable(e.to_string())),
+        };
+        let bookkeeping = leaves.saturating_mul(super::BOOKKEEPING_PER_LEAF);
+        if bookkeeping > self.cfg.max_bookkeeping_bytes {
+            return refuse(
+                self,
+                Reason::Unacceptable(format!(
+                    "{leaves} pages and disk blocks need {bookkeeping} bytes of bookkeeping, \
+                     past this agent's limit of {}",
+                    self.cfg.max_bookkeeping_bytes
+                )),
+            );
         }
         let disk_bytes: u64 = p.manifest.disks.iter().map(|d| d.bytes).sum();
         if disk_bytes > self.cfg.max_disk_bytes {

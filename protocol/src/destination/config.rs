@@ -29,4 +29,14 @@ pub struct DestinationConfig {
     /// hold staging memory and disk forever over a connection its
     /// keep-alives hold open.
     pub silence: Duration,
+    /// Most bytes the migration's bookkeeping may take here (the Merkle
+    /// tree over every page and disk block: [`BOOKKEEPING_PER_LEAF`] a
+    /// leaf); a proposal that needs more is refused before anything is
+    /// allocated.
+    pub max_bookkeeping_bytes: u64,
 }
+
+/// What the destination holds per leaf (page or disk block) while a
+/// migration is in flight: the leaf's digest and its share of the tree's
+/// inner nodes, 32 bytes each.
+pub const BOOKKEEPING_PER_LEAF: u64 = 64;

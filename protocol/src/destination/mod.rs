@@ -110,7 +110,7 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
-pub use config::DestinationConfig;
+pub use config::{DestinationConfig, BOOKKEEPING_PER_LEAF};
 pub use driver::{DestinationAction, DestinationEvent};
 pub use error::{DestinationError, LocalFailure};
 pub use recovery::{ResumeRefused, MAX_RECOVERIES};

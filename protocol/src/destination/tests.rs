@@ -9,10 +9,9 @@ use crate::message::{Capabilities, Manifest, VersionRange};
 use crate::model::{MigrationMode, MigrationPlan};
 use crate::page::MemoryGeometry;
 
-/// A hybrid migration of 16 pages and one 16-block disk, admitted and
-/// receiving.
-fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
-    let mut d = Destination::new(DestinationConfig {
+/// A destination allowing `bookkeeping` bytes of bookkeeping.
+fn destination(now: Instant, bookkeeping: u64) -> Destination {
+    Destination::new(DestinationConfig {
         max_memory_bytes: 1 << 30,
         max_disk_bytes: 1 << 30,
         capabilities: Capabilities::OURS,
@@ -21,8 +20,13 @@ fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
         notary: InsecureCrypto::notary("spiffe://t/agent/b", now),
         recovery: Duration::ZERO,
         silence: Duration::from_secs(60),
-    });
-    let propose = Message::Propose(Propose {
+        max_bookkeeping_bytes: bookkeeping,
+    })
+}
+
+/// The proposal of a hybrid migration of 16 pages and one 16-block disk.
+fn proposal(plan: &MigrationPlan) -> Message {
+    Message::Propose(Propose {
         versions: VersionRange::OURS,
         capabilities: Capabilities::OURS,
         migration: MigrationId([1; 16]),
@@ -43,14 +47,50 @@ fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
             plan: plan.clone(),
         },
         ticket: crate::ticket::SignedTicket::from_parts(Vec::new(), Vec::new(), Vec::new()),
-    });
-    d.handle_message(now, propose).unwrap();
+    })
+}
+
+/// A hybrid migration of 16 pages and one 16-block disk, admitted and
+/// receiving.
+fn receiving(plan: &MigrationPlan, now: Instant) -> Destination {
+    let mut d = destination(now, 1 << 30);
+    d.handle_message(now, proposal(plan)).unwrap();
     while let Some(a) = d.poll_action() {
         if let DestinationAction::PrepareStaging { .. } = a {
             d.handle_staging_ready(now);
         }
     }
     d
+}
+
+#[test]
+fn a_proposal_whose_bookkeeping_would_not_fit_is_refused_before_anything_is_reserved() {
+    let now = Instant::now();
+    // 16 pages and 16 disk blocks: 32 leaves, 2 048 bytes of bookkeeping.
+    let mut d = destination(now, 2047);
+    d.handle_message(now, proposal(&MigrationPlan::default()))
+        .unwrap();
+    let actions: Vec<_> = std::iter::from_fn(|| d.poll_action()).collect();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, DestinationAction::PrepareStaging { .. })),
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            DestinationAction::Send(Message::Reject(r))
+                if r.reason.to_string().contains("2048 bytes of bookkeeping")
+        )),
+        "{actions:?}"
+    );
+    // With exactly that much allowed, it goes on to staging.
+    let mut d = destination(now, 2048);
+    d.handle_message(now, proposal(&MigrationPlan::default()))
+        .unwrap();
+    assert!(std::iter::from_fn(|| d.poll_action())
+        .any(|a| matches!(a, DestinationAction::PrepareStaging { .. })));
 }
 
 fn switch(streams: u16, storage: bool) -> Message {

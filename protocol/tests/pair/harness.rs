@@ -284,6 +284,7 @@ impl Pair {
             notary: InsecureCrypto::notary(DST, now),
             recovery,
             silence: Duration::from_secs(60),
+            max_bookkeeping_bytes: 1 << 30,
         });
         Pair {
             now,
@@ -813,6 +814,7 @@ pub fn without_delta(p: &mut Pair) {
         notary: InsecureCrypto::notary(DST, p.now),
         recovery: Duration::ZERO,
         silence: Duration::from_secs(60),
+        max_bookkeeping_bytes: 1 << 30,
     });
 }
 

@@ -147,6 +147,7 @@ fn an_illegal_message_is_a_typed_error_naming_phase_and_message() {
         notary: InsecureCrypto::notary(DST, Instant::now()),
         recovery: Duration::ZERO,
         silence: Duration::from_secs(60),
+        max_bookkeeping_bytes: 1 << 30,
     });
     let err = d.handle_message(Instant::now(), handover()).unwrap_err();
     assert_eq!(

@@ -150,6 +150,7 @@ pub(crate) async fn serve(
         ),
         recovery: host.config.recovery_window,
         silence: host.connections.limits().silence,
+        max_bookkeeping_bytes: host.config.max_bookkeeping_bytes,
     });
     let _active = crate::host::ActiveGuard::new(&host.active);
     // Its receive window is its share of the agent's budget.

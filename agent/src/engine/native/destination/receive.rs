@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use convoy_protocol::destination::{DestinationError, LocalFailure};
 use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
+use convoy_protocol::frame::MAX_FRAME_LEN;
 use convoy_protocol::message::Message;
 use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{BatchError, PageData, PageIndex, StreamReceiver};
@@ -142,7 +143,11 @@ impl Incoming {
         let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
             return;
         };
-        let (frames_tx, mut frames_rx) = mpsc::channel::<Message>(32);
+        // Bounded in bytes, not frames: a source sending only 4 MiB frames
+        // holds at most QUEUE_BYTES here per stream, not 32 × 4 MiB.
+        let (frames_tx, mut frames_rx) =
+            mpsc::channel::<(Message, tokio::sync::OwnedSemaphorePermit)>(QUEUE_FRAMES);
+        let queued = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES as usize));
         let tx = self.tx.clone();
         let switched = self.switched.clone();
         // Retained pages come on the data streams, never on the fault one.
@@ -153,7 +158,11 @@ impl Incoming {
             loop {
                 match read_message(&mut recv).await {
                     Ok(Some(m)) => {
-                        if frames_tx.send(m).await.is_err() {
+                        let Ok(permit) = queued.clone().acquire_many_owned(queued_bytes(&m)).await
+                        else {
+                            return;
+                        };
+                        if frames_tx.send((m, permit)).await.is_err() {
                             return;
                         }
                     }
@@ -184,7 +193,8 @@ impl Incoming {
                     rx.accept_retained();
                 }
                 let mut scratch = vec![0u8; geometry.page_size().bytes()];
-                while let Some(m) = frames_rx.blocking_recv() {
+                // The permit is released once the frame is applied.
+                while let Some((m, _permit)) = frames_rx.blocking_recv() {
                     let Message::PageBatch(header, payload) = m else {
                         let _ = tx.send(Event::Bad(DestinationError::Unexpected {
                             phase: "receiving pages",
@@ -237,6 +247,25 @@ impl Incoming {
                     .send(*Box::<Event>::from(StagingFault::DecoderThread(e)));
             }
         }
+    }
+}
+
+/// Bytes of decoded frames a data stream may hold before it is applied:
+/// two of the largest frames a peer may send (the QUIC receive window, in
+/// the agent's budget, holds what is not read yet).
+#[allow(clippy::cast_possible_truncation)] // CAST: MAX_FRAME_LEN is 4 MiB.
+pub(super) const QUEUE_BYTES: u32 = 2 * MAX_FRAME_LEN as u32;
+/// Frames a data stream may hold, whatever their size.
+const QUEUE_FRAMES: usize = 32;
+
+/// What a queued frame counts against [`QUEUE_BYTES`]: its payload, at
+/// least one byte.
+fn queued_bytes(m: &Message) -> u32 {
+    match m {
+        Message::PageBatch(_, payload) => u32::try_from(payload.len())
+            .unwrap_or(QUEUE_BYTES)
+            .clamp(1, QUEUE_BYTES),
+        _ => 1,
     }
 }
 
