@@ -116,6 +116,25 @@ struct Args {
     /// idle timeout; keep-alives go at a third of it, at most every 5 s).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
     link_timeout: u64,
+    /// Authenticated connections held at once, from all peers.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Authenticated connections held at once by one identity (operator
+    /// or agent).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_peer: u32,
+    /// Seconds an operator connection may stay open with no request in
+    /// flight.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    operator_idle_timeout: u64,
+    /// Seconds a source may send nothing while this agent holds staging
+    /// for it (before the VM runs here); then the migration is given up.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    source_silence_timeout: u64,
+    /// Most bookkeeping one incoming migration may need (64 bytes per page
+    /// or disk block); bigger proposals are refused.
+    #[arg(long, default_value = "2GiB", value_parser = convoy_agent::units::parse_size)]
+    max_bookkeeping: u64,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -243,6 +262,11 @@ async fn main() -> Result<()> {
     config.disk_dir = args.disk_dir.clone();
     config.base_dir = args.base_dir.clone();
     config.migration_memory = args.migration_memory;
+    config.limits.connections = args.max_connections;
+    config.limits.per_peer = args.max_connections_per_peer;
+    config.limits.idle = std::time::Duration::from_secs(args.operator_idle_timeout);
+    config.limits.silence = std::time::Duration::from_secs(args.source_silence_timeout);
+    config.max_bookkeeping_bytes = args.max_bookkeeping;
     config.recovery_window = std::time::Duration::from_secs(args.recovery_window);
     config.tuning.idle_timeout = std::time::Duration::from_secs(args.link_timeout);
     config.tuning.keep_alive =
