@@ -28,13 +28,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::digest::Digest;
-use crate::frame::split_frame;
+use crate::frame::{split_frame, FrameError};
 use crate::logtree::{log_leaf, LogTree};
 use crate::names::{MigrationId, SpiffeId, VmName};
 use crate::receipt::SignedReceipt;
 use crate::signed::{
-    chain_in_bounds, sign_body, sign_in_context, verify_in_context, ChainVerifier, SignError,
-    Signable, SignatureError, Signer,
+    chain_in_bounds, sign_body, sign_in_context, verify_in_context, ChainError, ChainVerifier,
+    SignError, Signable, SignatureError, Signer,
 };
 use crate::ticket::SignedTicket;
 
@@ -244,7 +244,66 @@ pub struct AuditError {
     /// Byte offset of the entry in the file.
     pub offset: usize,
     /// What is wrong.
-    pub what: String,
+    pub what: LogFault,
+}
+
+/// What is wrong with an entry of an audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum LogFault {
+    /// The file ends inside an entry.
+    #[error("truncated inside an entry")]
+    Truncated,
+    /// The entry's frame is bad.
+    #[error(transparent)]
+    Frame(FrameError),
+    /// The entry does not decode.
+    #[error("undecodable entry: {0}")]
+    Entry(#[source] postcard::Error),
+    /// The header's certificate chain is out of bounds.
+    #[error("bad certificate chain")]
+    ChainOutOfBounds,
+    /// The header's certificate chain is refused (boxed: a chain error
+    /// is large and rare).
+    #[error("header chain: {0}")]
+    HeaderChain(#[source] Box<ChainError>),
+    /// A header after the first entry.
+    #[error("second header")]
+    SecondHeader,
+    /// The first entry is no header.
+    #[error("log does not start with a header")]
+    NoHeader,
+    /// A record's signature does not verify.
+    #[error("record signature invalid (edited?)")]
+    RecordSignature(#[source] SignatureError),
+    /// A record's body does not decode.
+    #[error("undecodable record: {0}")]
+    Record(#[source] postcard::Error),
+    /// A record out of sequence.
+    #[error("record {seq} where {expected} was expected (deleted, inserted or reordered)")]
+    Sequence {
+        /// The record's number.
+        seq: u64,
+        /// The number expected.
+        expected: u64,
+    },
+    /// A tree head over another number of records than precede it.
+    #[error("tree head of size {size} after {records} records")]
+    HeadSize {
+        /// The head's size.
+        size: u64,
+        /// Records before it.
+        records: u64,
+    },
+    /// A tree head whose root is not the records'.
+    #[error("tree head root does not match the records")]
+    HeadRoot,
+    /// A tree head's signature does not verify.
+    #[error("tree head signature invalid")]
+    HeadSignature(#[source] SignatureError),
+    /// No entry at all.
+    #[error("empty log")]
+    Empty,
 }
 
 /// Why an entry cannot be encoded.
@@ -327,7 +386,7 @@ pub struct VerifiedLog {
 pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<VerifiedLog, AuditError> {
     let mut offset = 0;
     let mut entry = 0;
-    let err = |entry, offset, what: String| AuditError {
+    let err = |entry, offset, what: LogFault| AuditError {
         entry,
         offset,
         what,
@@ -341,48 +400,41 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<Verified
     while offset < bytes.len() {
         let (frame, used) = match split_frame(&bytes[offset..]) {
             Ok(Some(f)) => f,
-            Ok(None) => return Err(err(entry, offset, "truncated inside an entry".into())),
-            Err(e) => return Err(err(entry, offset, e.to_string())),
+            Ok(None) => return Err(err(entry, offset, LogFault::Truncated)),
+            Err(e) => return Err(err(entry, offset, LogFault::Frame(e))),
         };
         let e: LogEntry = match postcard::from_bytes(frame) {
             Ok(e) => e,
-            Err(e) => return Err(err(entry, offset, format!("undecodable entry: {e}"))),
+            Err(e) => return Err(err(entry, offset, LogFault::Entry(e))),
         };
         match (e, &agent) {
             (LogEntry::Header { chain, at_unix }, None) => {
                 if !chain_in_bounds(&chain) {
-                    return Err(err(entry, offset, "bad certificate chain".into()));
+                    return Err(err(entry, offset, LogFault::ChainOutOfBounds));
                 }
                 let id = verifier
                     .verify_chain(&chain, at_unix)
-                    .map_err(|e| err(entry, offset, format!("header chain: {e}")))?;
+                    .map_err(|e| err(entry, offset, LogFault::HeaderChain(Box::new(e))))?;
                 agent = Some((id, chain[0].clone()));
                 header = (chain, at_unix);
             }
             (LogEntry::Header { .. }, Some(_)) => {
-                return Err(err(entry, offset, "second header".into()))
+                return Err(err(entry, offset, LogFault::SecondHeader))
             }
-            (_, None) => {
-                return Err(err(
-                    entry,
-                    offset,
-                    "log does not start with a header".into(),
-                ))
-            }
+            (_, None) => return Err(err(entry, offset, LogFault::NoHeader)),
             (LogEntry::Record { body, signature }, Some((_, leaf))) => {
                 verify_record(verifier, leaf, &body, &signature)
-                    .map_err(|_| err(entry, offset, "record signature invalid (edited?)".into()))?;
+                    .map_err(|e| err(entry, offset, LogFault::RecordSignature(e)))?;
                 let r: AuditRecord = postcard::from_bytes(&body)
-                    .map_err(|e| err(entry, offset, format!("undecodable record: {e}")))?;
+                    .map_err(|e| err(entry, offset, LogFault::Record(e)))?;
                 if r.seq != records.len() as u64 {
                     return Err(err(
                         entry,
                         offset,
-                        format!(
-                            "record {} where {} was expected (deleted, inserted or reordered)",
-                            r.seq,
-                            records.len()
-                        ),
+                        LogFault::Sequence {
+                            seq: r.seq,
+                            expected: records.len() as u64,
+                        },
                     ));
                 }
                 tree.push(log_leaf(&body));
@@ -394,18 +446,17 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<Verified
                     return Err(err(
                         entry,
                         offset,
-                        format!("tree head of size {} after {} records", h.size, tree.len()),
+                        LogFault::HeadSize {
+                            size: h.size,
+                            records: tree.len(),
+                        },
                     ));
                 }
                 if h.root != tree.root() {
-                    return Err(err(
-                        entry,
-                        offset,
-                        "tree head root does not match the records".into(),
-                    ));
+                    return Err(err(entry, offset, LogFault::HeadRoot));
                 }
                 h.verify(verifier, leaf)
-                    .map_err(|_| err(entry, offset, "tree head signature invalid".into()))?;
+                    .map_err(|e| err(entry, offset, LogFault::HeadSignature(e)))?;
                 last_head = Some(h);
             }
         }
@@ -413,7 +464,7 @@ pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<Verified
         entry += 1;
     }
     let Some((agent, _)) = agent else {
-        return Err(err(0, 0, "empty log".into()));
+        return Err(err(0, 0, LogFault::Empty));
     };
     let anchored = last_head.as_ref().map_or(0, |h| h.size);
     Ok(VerifiedLog {
@@ -501,7 +552,7 @@ mod tests {
         let mut deleted = good[..at[3].0].to_vec();
         deleted.extend_from_slice(&good[at[5].0..]);
         let e = verify(&deleted).unwrap_err();
-        assert!(e.what.contains("expected"), "{e}");
+        assert!(matches!(e.what, LogFault::Sequence { .. }), "{e}");
         // Swap records 1 and 2 (with their heads).
         let mut swapped = good[..at[3].0].to_vec();
         swapped.extend_from_slice(&good[at[5].0..at[7].0]);
@@ -511,7 +562,7 @@ mod tests {
         // Cut inside the last entry.
         let cut = &good[..good.len() - 3];
         let e = verify(cut).unwrap_err();
-        assert!(e.what.contains("truncated"), "{e}");
+        assert_eq!(e.what, LogFault::Truncated, "{e}");
         // Whole trailing entries removed: valid, but shorter — visible by
         // comparing the last head with one held elsewhere.
         let shorter = verify(&good[..at[5].0]).unwrap();
@@ -523,6 +574,6 @@ mod tests {
         let good = log(1);
         let at = entry_offsets(&good);
         let e = verify(&good[at[1].0..]).unwrap_err();
-        assert!(e.what.contains("header"), "{e}");
+        assert_eq!(e.what, LogFault::NoHeader, "{e}");
     }
 }

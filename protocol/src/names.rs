@@ -59,23 +59,23 @@ pub(crate) mod refusal {
     use std::cell::RefCell;
 
     thread_local! {
-        static LAST: RefCell<Option<String>> = const { RefCell::new(None) };
+        static LAST: RefCell<Option<super::NameError>> = const { RefCell::new(None) };
     }
 
     /// Records why a value was refused.
-    pub(crate) fn note(why: String) {
+    pub(crate) fn note(why: super::NameError) {
         LAST.with(|l| *l.borrow_mut() = Some(why));
     }
 
     /// Takes the reason recorded since the last call, if any.
-    pub(crate) fn take() -> Option<String> {
+    pub(crate) fn take() -> Option<super::NameError> {
         LAST.with(|l| l.borrow_mut().take())
     }
 }
 
 /// Notes `e` for the decoder ([`refusal`]) and returns it.
 fn refused(e: NameError) -> NameError {
-    refusal::note(e.to_string());
+    refusal::note(e.clone());
     e
 }
 

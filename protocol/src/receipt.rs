@@ -23,7 +23,8 @@ use thiserror::Error;
 use crate::digest::Digest;
 use crate::names::{MigrationId, Role, SpiffeId};
 use crate::signed::{
-    ChainError, ChainVerifier, EnvelopeError, SignError, Signable, Signed, Signer,
+    ChainError, ChainVerifier, EnvelopeError, MalformedEnvelope, SignError, Signable, Signed,
+    Signer,
 };
 use crate::ticket::SignedTicket;
 
@@ -79,7 +80,7 @@ pub type SignedReceipt = Signed<Receipt>;
 pub enum ReceiptError {
     /// Bounds, or a body that does not decode.
     #[error("malformed receipt: {0}")]
-    Malformed(String),
+    Malformed(#[source] MalformedEnvelope),
     /// The signer's chain does not verify (at the receipt's time).
     #[error("receipt signer's certificate refused: {0}")]
     Chain(ChainError),
@@ -94,15 +95,32 @@ pub enum ReceiptError {
     Sign(#[from] SignError),
     /// Valid, but not the receipt expected here.
     #[error("wrong receipt: {0}")]
-    Mismatch(String),
+    Mismatch(#[source] ReceiptMismatch),
+}
+
+/// How a valid receipt differs from the one expected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ReceiptMismatch {
+    /// Signed by another agent than the one expected.
+    #[error("signed by {signer}, expected {expected}")]
+    Signer {
+        /// Who signed it.
+        signer: SpiffeId,
+        /// Who should have.
+        expected: SpiffeId,
+    },
+    /// Of another kind, or about another migration, ticket or state.
+    #[error("{0:?} receipt does not attest this migration's state")]
+    State(ReceiptKind),
 }
 
 impl From<EnvelopeError> for ReceiptError {
     fn from(e: EnvelopeError) -> Self {
         match e {
+            EnvelopeError::Malformed(e) => ReceiptError::Malformed(e),
             EnvelopeError::Chain(e) => ReceiptError::Chain(e),
             EnvelopeError::Signature(_) => ReceiptError::Signature,
-            other => ReceiptError::Malformed(other.to_string()),
         }
     }
 }
@@ -221,15 +239,14 @@ impl Notary {
             at_unix: v.receipt.at_unix,
         };
         if &v.signer != from {
-            return Err(ReceiptError::Mismatch(format!(
-                "signed by {}, expected {from}",
-                v.signer
-            )));
+            return Err(ReceiptError::Mismatch(ReceiptMismatch::Signer {
+                signer: v.signer,
+                expected: from.clone(),
+            }));
         }
         if v.receipt != want {
-            return Err(ReceiptError::Mismatch(format!(
-                "{:?} receipt does not attest this migration's state",
-                v.receipt.kind
+            return Err(ReceiptError::Mismatch(ReceiptMismatch::State(
+                v.receipt.kind,
             )));
         }
         Ok(())

@@ -123,7 +123,7 @@ pub enum SignError {
     NotEd25519(String),
     /// The statement does not encode.
     #[error("cannot encode: {0}")]
-    Encode(String),
+    Encode(#[source] postcard::Error),
 }
 
 /// Signs statements with one identity's key.
@@ -183,7 +183,7 @@ pub fn sign_body<T: Signable>(
     value: &T,
     signer: &dyn Signer,
 ) -> Result<(Vec<u8>, Vec<u8>), SignError> {
-    let body = postcard::to_stdvec(value).map_err(|e| SignError::Encode(e.to_string()))?;
+    let body = postcard::to_stdvec(value).map_err(SignError::Encode)?;
     let signature = sign_in_context(signer, T::CONTEXT, &body)?;
     Ok((body, signature))
 }
@@ -201,21 +201,42 @@ pub fn chain_in_bounds(chain: &[Vec<u8>]) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum EnvelopeError {
-    /// Body, signature or chain out of bounds.
-    #[error("sizes out of bounds")]
-    OutOfBounds,
-    /// The body does not decode as the kind (postcard's words).
-    #[error("{0}")]
-    Body(String),
-    /// The body decodes with bytes left over.
-    #[error("trailing bytes")]
-    Trailing,
+    /// Out of bounds, or a body that does not decode.
+    #[error(transparent)]
+    Malformed(#[from] MalformedEnvelope),
     /// The signer's chain is refused.
     #[error(transparent)]
     Chain(ChainError),
     /// The signature does not verify.
     #[error(transparent)]
     Signature(SignatureError),
+}
+
+/// What is wrong with the parts of an envelope, before any cryptography.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum MalformedEnvelope {
+    /// The body is larger than its kind allows.
+    #[error("body of {len} bytes, more than {max}")]
+    BodyTooLarge {
+        /// The body's length.
+        len: usize,
+        /// The kind's [`Signable::MAX_BODY`].
+        max: usize,
+    },
+    /// The signature is not [`SIGNATURE_LEN`] bytes.
+    #[error("signature of {0} bytes, not {SIGNATURE_LEN}")]
+    SignatureLength(usize),
+    /// The chain is empty, longer than [`MAX_CHAIN_LEN`] or holds a
+    /// certificate larger than [`MAX_CERT_LEN`].
+    #[error("certificate chain out of bounds")]
+    ChainOutOfBounds,
+    /// The body does not decode as the kind.
+    #[error("{0}")]
+    Body(#[source] postcard::Error),
+    /// The body decodes with bytes left over.
+    #[error("trailing bytes")]
+    Trailing,
 }
 
 /// A statement of kind `T`: its postcard body, the signature over `T`'s
@@ -309,11 +330,18 @@ impl<T: Signable> Signed<T> {
     }
 
     fn check_bounds(&self) -> Result<(), EnvelopeError> {
-        if self.body.len() > T::MAX_BODY
-            || self.signature.len() != SIGNATURE_LEN
-            || !chain_in_bounds(&self.chain)
-        {
-            return Err(EnvelopeError::OutOfBounds);
+        if self.body.len() > T::MAX_BODY {
+            return Err(MalformedEnvelope::BodyTooLarge {
+                len: self.body.len(),
+                max: T::MAX_BODY,
+            }
+            .into());
+        }
+        if self.signature.len() != SIGNATURE_LEN {
+            return Err(MalformedEnvelope::SignatureLength(self.signature.len()).into());
+        }
+        if !chain_in_bounds(&self.chain) {
+            return Err(MalformedEnvelope::ChainOutOfBounds.into());
         }
         Ok(())
     }
@@ -339,10 +367,10 @@ impl<T: Signable> Signed<T> {
     }
 
     fn decode(&self) -> Result<T, EnvelopeError> {
-        let (value, rest): (T, &[u8]) = postcard::take_from_bytes(&self.body)
-            .map_err(|e| EnvelopeError::Body(e.to_string()))?;
+        let (value, rest): (T, &[u8]) =
+            postcard::take_from_bytes(&self.body).map_err(MalformedEnvelope::Body)?;
         if !rest.is_empty() {
-            return Err(EnvelopeError::Trailing);
+            return Err(MalformedEnvelope::Trailing.into());
         }
         Ok(value)
     }

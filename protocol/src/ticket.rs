@@ -18,7 +18,9 @@ use thiserror::Error;
 
 use crate::model::MigrationPlan;
 use crate::names::{MigrationId, Role, SpiffeId, VmName};
-use crate::signed::{ChainError, ChainVerifier, EnvelopeError, SignError, Signable, Signed};
+use crate::signed::{
+    ChainError, ChainVerifier, EnvelopeError, MalformedEnvelope, SignError, Signable, Signed,
+};
 
 /// Signatures over tickets cover this prefix and then the ticket body, so a
 /// ticket signature can never be replayed as another kind of signature.
@@ -73,7 +75,7 @@ pub type SignedTicket = Signed<Ticket>;
 pub enum TicketError {
     /// Sizes out of bounds, or a body that does not decode.
     #[error("malformed ticket: {0}")]
-    Malformed(String),
+    Malformed(#[source] MalformedEnvelope),
     /// The signer's chain does not verify to the CA bundle.
     #[error("ticket signer's certificate refused: {0}")]
     Chain(ChainError),
@@ -119,9 +121,9 @@ pub enum TicketError {
 impl From<EnvelopeError> for TicketError {
     fn from(e: EnvelopeError) -> Self {
         match e {
+            EnvelopeError::Malformed(e) => TicketError::Malformed(e),
             EnvelopeError::Chain(e) => TicketError::Chain(e),
             EnvelopeError::Signature(_) => TicketError::Signature,
-            other => TicketError::Malformed(other.to_string()),
         }
     }
 }
@@ -280,7 +282,7 @@ mod tests {
         huge.chain = vec![vec![0; 10]; crate::signed::MAX_CHAIN_LEN + 1];
         assert!(matches!(
             huge.verify(&ToyVerifier, 1000, 60),
-            Err(TicketError::Malformed(_))
+            Err(TicketError::Malformed(MalformedEnvelope::ChainOutOfBounds))
         ));
     }
 }

@@ -61,7 +61,7 @@ pub enum IdentityError {
     },
     /// The certificate carries no (or more than one) SPIFFE ID.
     #[error("certificate has no usable SPIFFE ID: {0}")]
-    NoSpiffeId(String),
+    NoSpiffeId(#[source] NoSpiffeId),
     /// The SPIFFE ID does not parse.
     #[error(transparent)]
     Name(#[from] NameError),
@@ -70,10 +70,51 @@ pub enum IdentityError {
     Tls(#[from] rustls::Error),
     /// The client-certificate verifier could not be built.
     #[error("client verifier: {0}")]
-    Verifier(String),
+    Verifier(#[source] rustls::server::VerifierBuilderError),
     /// A federation setting is inconsistent.
     #[error("federation: {0}")]
-    Federation(String),
+    Federation(#[source] FederationError),
+}
+
+/// Why a certificate yields no single SPIFFE ID.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum NoSpiffeId {
+    /// The certificate does not parse.
+    #[error("unparsable certificate: {0}")]
+    Unparsable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The subject alternative name extension does not parse.
+    #[error("bad SAN extension: {0}")]
+    BadSan(#[source] x509_parser::error::X509Error),
+    /// No subject alternative name extension.
+    #[error("no SAN extension")]
+    NoSan,
+    /// No, or more than one, `spiffe://` URI among the SANs.
+    #[error("exactly one spiffe:// URI SAN is required")]
+    NotExactlyOne,
+}
+
+/// Why a federation cannot be set up.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FederationError {
+    /// The other bundle is of our own trust domain.
+    #[error("{0} is our own trust domain, not a federated one")]
+    OwnDomain(TrustDomain),
+    /// The domain is federated already.
+    #[error("{0} is federated twice")]
+    Twice(TrustDomain),
+    /// No peer identity is trusted from the domain.
+    #[error("federation with {0} names no peer identity")]
+    NoPeers(TrustDomain),
+    /// A peer identity of another domain than the bundle's.
+    #[error("{peer} is not in trust domain {domain}")]
+    ForeignPeer {
+        /// The identity.
+        peer: SpiffeId,
+        /// The federated bundle's domain.
+        domain: TrustDomain,
+    },
 }
 
 /// This agent's (or operator's) certificate chain and private key.
@@ -230,29 +271,26 @@ impl TrustBundle {
         other: TrustBundle,
         peers: impl IntoIterator<Item = SpiffeId>,
     ) -> Result<Self, IdentityError> {
-        let bad = |what: String| IdentityError::Federation(what);
+        let bad = IdentityError::Federation;
         if other.domain == self.domain {
-            return Err(bad(format!(
-                "{} is our own trust domain, not a federated one",
-                other.domain
-            )));
+            return Err(bad(FederationError::OwnDomain(other.domain)));
         }
         if self
             .federated
             .iter()
             .any(|f| f.bundle.domain == other.domain)
         {
-            return Err(bad(format!("{} is federated twice", other.domain)));
+            return Err(bad(FederationError::Twice(other.domain)));
         }
         let peers: std::collections::BTreeSet<SpiffeId> = peers.into_iter().collect();
         if peers.is_empty() {
-            return Err(bad(format!(
-                "federation with {} names no peer identity",
-                other.domain
-            )));
+            return Err(bad(FederationError::NoPeers(other.domain)));
         }
         if let Some(p) = peers.iter().find(|p| p.domain() != &other.domain) {
-            return Err(bad(format!("{p} is not in trust domain {}", other.domain)));
+            return Err(bad(FederationError::ForeignPeer {
+                peer: p.clone(),
+                domain: other.domain,
+            }));
         }
         let mut f = (*self.federated).clone();
         f.push(Federated {
@@ -416,9 +454,7 @@ impl TrustBundle {
         if !crls.is_empty() {
             builder = builder.with_crls(crls).allow_unknown_revocation_status();
         }
-        builder
-            .build()
-            .map_err(|e| IdentityError::Verifier(e.to_string()))
+        builder.build().map_err(IdentityError::Verifier)
     }
 
     /// The trust domain.
@@ -613,19 +649,17 @@ impl Signer for Identity {
 /// The single SPIFFE ID in a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| IdentityError::NoSpiffeId(format!("unparsable certificate: {e}")))?;
+        .map_err(|e| IdentityError::NoSpiffeId(NoSpiffeId::Unparsable(e)))?;
     let san = parsed
         .subject_alternative_name()
-        .map_err(|e| IdentityError::NoSpiffeId(format!("bad SAN extension: {e}")))?
-        .ok_or_else(|| IdentityError::NoSpiffeId("no SAN extension".into()))?;
+        .map_err(|e| IdentityError::NoSpiffeId(NoSpiffeId::BadSan(e)))?
+        .ok_or(IdentityError::NoSpiffeId(NoSpiffeId::NoSan))?;
     let mut ids = san.value.general_names.iter().filter_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
         _ => None,
     });
     let (Some(first), None) = (ids.next(), ids.next()) else {
-        return Err(IdentityError::NoSpiffeId(
-            "exactly one spiffe:// URI SAN is required".into(),
-        ));
+        return Err(IdentityError::NoSpiffeId(NoSpiffeId::NotExactlyOne));
     };
     Ok(first.parse()?)
 }

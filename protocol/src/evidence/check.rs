@@ -11,7 +11,7 @@ use crate::digest::Digest;
 use crate::logtree::{log_leaf, verify_inclusion};
 use crate::names::{MigrationId, SpiffeId};
 use crate::receipt::{ticket_digest, Receipt, ReceiptKind, SignedReceipt};
-use crate::signed::{chain_in_bounds, ChainError, ChainVerifier};
+use crate::signed::{chain_in_bounds, ChainError, ChainVerifier, MalformedEnvelope};
 use crate::ticket::{Ticket, TicketError, VerifiedTicket};
 
 /// What one side's verified evidence says.
@@ -99,8 +99,10 @@ impl<'a> Checker<'a> {
     ) -> Result<Self, EvidenceError> {
         // At its issue time: the ticket was valid when it was used, and has
         // most likely expired since.
-        let (body, _): (Ticket, _) = postcard::take_from_bytes(&bundle.ticket.body)
-            .map_err(|e| EvidenceError::Ticket(TicketError::Malformed(e.to_string())))?;
+        let (body, _): (Ticket, _) =
+            postcard::take_from_bytes(&bundle.ticket.body).map_err(|e| {
+                EvidenceError::Ticket(TicketError::Malformed(MalformedEnvelope::Body(e)))
+            })?;
         let verified = bundle
             .ticket
             .verify(verifier, body.issued_at, 0)

@@ -284,7 +284,9 @@ pub enum Undecodable {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum AcceptanceMismatch {
-    /// Accepted in another role than the side's.
+    /// Accepted in another role than the side's. The role as the audit
+    /// log wrote it: text from the log under check, which need not name
+    /// any role this build knows.
     #[error("accepted as {0}")]
     Role(String),
     /// For another VM.

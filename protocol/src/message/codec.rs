@@ -10,6 +10,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::frame::{self, FrameError, LEN_PREFIX};
+use crate::names::NameError;
 use crate::page::BatchHeader;
 
 use super::{
@@ -31,12 +32,13 @@ pub enum DecodeError {
     #[error("unknown message tag {0}")]
     UnknownTag(u8),
     /// The body does not parse as the tagged message.
-    #[error("malformed {message}: {detail}")]
+    #[error("malformed {message}: {cause}")]
     Malformed {
         /// Message kind.
         message: &'static str,
-        /// What postcard or a validity check said.
-        detail: String,
+        /// What postcard, a name's own rule or a validity check refused.
+        #[source]
+        cause: MalformedCause,
     },
     /// An enum variant this build does not know (a newer peer's request
     /// or message).
@@ -57,6 +59,31 @@ pub enum DecodeError {
     },
 }
 
+/// What was wrong with a body that did not parse as its message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum MalformedCause {
+    /// postcard could not parse it.
+    #[error(transparent)]
+    Postcard(postcard::Error),
+    /// A name inside broke its own rule (postcard alone would only say
+    /// "Serde Deserialization Error").
+    #[error(transparent)]
+    Refused(NameError),
+    /// The data streams (and fault stream) number more than allowed.
+    #[error("more streams than allowed")]
+    TooManyStreams,
+    /// The device state is larger than allowed.
+    #[error("device state too large")]
+    DeviceStateTooLarge,
+    /// The channels number more than allowed.
+    #[error("more channels than allowed")]
+    TooManyChannels,
+    /// A fetch of no pages or of more than allowed.
+    #[error("a fetch of 1..={MAX_FETCH} pages")]
+    FetchSize,
+}
+
 /// Why a message could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -66,7 +93,7 @@ pub enum EncodeError {
     Frame(#[from] FrameError),
     /// postcard failed.
     #[error("postcard: {0}")]
-    Postcard(String),
+    Postcard(#[source] postcard::Error),
 }
 
 impl Message {
@@ -145,10 +172,10 @@ impl Message {
                 // The data streams and, after a post-copy switch, the fault
                 // stream.
                 if f.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
-                    return Err(malformed(t, "more streams than allowed"));
+                    return Err(malformed(t, MalformedCause::TooManyStreams));
                 }
                 if f.device_state.len() > MAX_DEVICE_STATE {
-                    return Err(malformed(t, "device state too large"));
+                    return Err(malformed(t, MalformedCause::DeviceStateTooLarge));
                 }
                 Message::Finish(f)
             }
@@ -159,7 +186,7 @@ impl Message {
             tag::STREAMS_DONE => {
                 let d: crate::stream::StreamsDone = whole(t, body)?;
                 if d.channels.len() > crate::stream::MAX_CHANNELS {
-                    return Err(malformed(t, "more channels than allowed"));
+                    return Err(malformed(t, MalformedCause::TooManyChannels));
                 }
                 Message::StreamsDone(d)
             }
@@ -167,10 +194,10 @@ impl Message {
             tag::POSTCOPY_SWITCH => {
                 let m: PostcopySwitch = whole(t, body)?;
                 if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
-                    return Err(malformed(t, "more streams than allowed"));
+                    return Err(malformed(t, MalformedCause::TooManyStreams));
                 }
                 if m.device_state.len() > MAX_DEVICE_STATE {
-                    return Err(malformed(t, "device state too large"));
+                    return Err(malformed(t, MalformedCause::DeviceStateTooLarge));
                 }
                 Message::PostcopySwitch(m)
             }
@@ -178,7 +205,7 @@ impl Message {
             tag::ROUND_END => {
                 let m: RoundEnd = whole(t, body)?;
                 if m.batches.len() > usize::from(MAX_DATA_STREAMS) + 1 {
-                    return Err(malformed(t, "more streams than allowed"));
+                    return Err(malformed(t, MalformedCause::TooManyStreams));
                 }
                 Message::RoundEnd(m)
             }
@@ -188,15 +215,15 @@ impl Message {
             tag::FETCH => {
                 let m: Fetch = whole(t, body)?;
                 if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
-                    return Err(malformed(t, "a fetch of 1..=16 pages"));
+                    return Err(malformed(t, MalformedCause::FetchSize));
                 }
                 Message::Fetch(m)
             }
             tag::CHANNEL_OPEN => Message::ChannelOpen(whole(t, body)?),
             tag::DATA_STREAM_OPEN => Message::DataStreamOpen(whole(t, body)?),
             tag::PAGE_BATCH => {
-                let (h, rest): (BatchHeader, &[u8]) =
-                    postcard::take_from_bytes(body).map_err(|e| malformed(t, &e.to_string()))?;
+                let (h, rest): (BatchHeader, &[u8]) = postcard::take_from_bytes(body)
+                    .map_err(|e| malformed(t, MalformedCause::Postcard(e)))?;
                 let offset = frame.len() - rest.len();
                 Message::PageBatch(h, frame.slice(offset..))
             }
@@ -232,10 +259,10 @@ pub fn name_of(t: u8) -> &'static str {
     }
 }
 
-fn malformed(t: u8, detail: &str) -> DecodeError {
+fn malformed(t: u8, cause: MalformedCause) -> DecodeError {
     DecodeError::Malformed {
         message: name_of(t),
-        detail: detail.to_owned(),
+        cause,
     }
 }
 
@@ -253,7 +280,8 @@ pub(crate) fn decode_whole<T: DeserializeOwned>(
     let _ = crate::names::refusal::take();
     let (v, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed {
         message,
-        detail: crate::names::refusal::take().unwrap_or_else(|| e.to_string()),
+        cause: crate::names::refusal::take()
+            .map_or(MalformedCause::Postcard(e), MalformedCause::Refused),
     })?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing {
@@ -288,7 +316,7 @@ fn frame_head(t: u8) -> Vec<u8> {
 
 /// Fills in the length prefix of a frame that [`frame_head`] started.
 fn finish_frame(out: postcard::Result<Vec<u8>>) -> Result<Vec<u8>, EncodeError> {
-    let mut out = out.map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let mut out = out.map_err(EncodeError::Postcard)?;
     let prefix = frame::prefix_for(out.len() - LEN_PREFIX)?;
     out[..LEN_PREFIX].copy_from_slice(&prefix);
     Ok(out)
@@ -307,8 +335,8 @@ pub(crate) fn encode_tagged<T: Serialize + ?Sized>(
 /// payload of `payload_len` bytes that the caller sends right after it, so
 /// the payload is never copied.
 pub fn encode_batch_head(header: &BatchHeader, payload_len: usize) -> Result<Vec<u8>, EncodeError> {
-    let mut out = postcard::to_extend(header, frame_head(tag::PAGE_BATCH))
-        .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let mut out =
+        postcard::to_extend(header, frame_head(tag::PAGE_BATCH)).map_err(EncodeError::Postcard)?;
     let prefix = frame::prefix_for(out.len() - LEN_PREFIX + payload_len)?;
     out[..LEN_PREFIX].copy_from_slice(&prefix);
     Ok(out)

@@ -62,7 +62,7 @@ mod tests;
 
 pub use crate::model::FaultFigures;
 pub(crate) use codec::{decode_whole, encode_tagged, split_tag};
-pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError};
+pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError, MalformedCause};
 pub use copy::{DataStreamOpen, Finish, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
 pub use handover::{Handover, Ready, Started};
 pub use postcopy::{Fetch, PostcopyRunning, PostcopySwitch, Resume, Resumed, MAX_FETCH};

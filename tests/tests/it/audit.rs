@@ -5,7 +5,7 @@
 //! found.
 
 use convoy_agent::lab::Lab;
-use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord};
+use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord, LogFault};
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::evidence::{build_bundle, check_bundle, EvidenceError, RecordProblem, Side};
 use convoy_protocol::receipt::{Receipt, ReceiptKind};
@@ -171,7 +171,7 @@ async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
 
     // A cut inside an entry.
     let e = verify_log(&log[..at[6].0 + 3], &lab.trust).unwrap_err();
-    assert!(e.what.contains("truncated"), "{e}");
+    assert_eq!(e.what, LogFault::Truncated, "{e}");
 
     // A deleted record (entry 3 and its head).
     let mut deleted = log[..at[3].0].to_vec();

@@ -51,7 +51,7 @@ enum Event {
     /// A control message (boxed: a `Propose` is far larger than the rest).
     Control(Result<Option<Box<Message>>, WireError>),
     Opened(u16, RecvStream),
-    OpenFailed(String),
+    OpenFailed(OpenFailed),
     Applied {
         stream: u16,
         seq: u64,
@@ -61,6 +61,21 @@ enum Event {
     StreamEnded,
     /// Post-copy: the VM waits for these pages.
     Faults(Vec<PageIndex>),
+}
+
+/// Why the data streams of a link could not all be opened: the link is
+/// lost.
+#[derive(Debug, thiserror::Error)]
+enum OpenFailed {
+    /// No further stream was accepted.
+    #[error("{0}")]
+    Accept(#[source] quinn::ConnectionError),
+    /// A stream ended before its opening message.
+    #[error("data stream closed")]
+    Closed,
+    /// A stream's opening message could not be read.
+    #[error("{0}")]
+    Read(#[source] WireError),
 }
 
 /// The engine's event channel, stamped with the link an event came from.
@@ -285,7 +300,7 @@ pub(crate) async fn serve(
                 Ok(()) => run.spawn_decoder(stream, recv),
                 Err(e) => tracing::warn!("bad data stream: {e}"),
             },
-            Some(Event::OpenFailed(e)) => sm.handle_link_lost(now, &e),
+            Some(Event::OpenFailed(e)) => sm.handle_link_lost(now, &e.to_string()),
             Some(Event::Applied {
                 stream,
                 seq,

@@ -18,7 +18,7 @@ use crate::backend::sim::SimVm;
 use crate::backend::{BackendError, Staging};
 use crate::transport::{read_message, WireError};
 
-use super::{Event, Incoming, Reuse};
+use super::{Event, Incoming, OpenFailed, Reuse};
 
 /// A failure of this host while staging: the source is not at fault.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,7 @@ impl Incoming {
                 let mut recv = match conn.accept_uni().await {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx.send(Event::OpenFailed(e.to_string()));
+                        let _ = tx.send(Event::OpenFailed(OpenFailed::Accept(e)));
                         return;
                     }
                 };
@@ -74,13 +74,13 @@ impl Incoming {
                         return;
                     }
                     Ok(None) => {
-                        let _ = tx.send(Event::OpenFailed("data stream closed".into()));
+                        let _ = tx.send(Event::OpenFailed(OpenFailed::Closed));
                         return;
                     }
                     Err(e) => {
                         let _ = tx.send(match e {
                             WireError::Decode(d) => Event::Bad(d.into()),
-                            other => Event::OpenFailed(other.to_string()),
+                            other => Event::OpenFailed(OpenFailed::Read(other)),
                         });
                         return;
                     }
