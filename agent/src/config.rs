@@ -226,9 +226,9 @@ pub struct AgentConfig {
     /// again for this long, the destination keeps the VM waiting for it
     /// (zero: no recovery).
     pub recovery_window: Duration,
-    /// Most bytes one incoming migration's bookkeeping may take (its
-    /// Merkle tree, 64 bytes per page or disk block): 2 GiB by default,
-    /// 32 Mi leaves, 128 GiB of 4 KiB pages and blocks.
+    /// Most bytes the incoming migrations' bookkeeping may take together
+    /// (their Merkle trees, 64 bytes per page or disk block): 2 GiB by
+    /// default, 32 Mi leaves, 128 GiB of 4 KiB pages and blocks.
     pub max_bookkeeping_bytes: u64,
     /// Handshakes, connections and connection deadlines
     /// ([`crate::host::limits`]).

@@ -121,6 +121,9 @@ impl Agent {
                 refusals: Mutex::new(RefusalWindow::new(std::time::Instant::now())),
                 connections: crate::host::limits::Connections::new(config.limits.clone()),
                 incarnations: std::sync::atomic::AtomicU64::new(0),
+                bookkeeping: crate::host::bookkeeping::Bookkeeping::new(
+                    config.max_bookkeeping_bytes,
+                ),
                 creds: std::sync::RwLock::new(Arc::new(creds)),
                 config,
                 id,

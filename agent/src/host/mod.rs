@@ -4,6 +4,7 @@
 //! cache, the migration budget ([`budget`]) and the images retained for
 //! memory reuse ([`retain`]).
 
+pub mod bookkeeping;
 pub mod budget;
 pub mod limits;
 pub mod retain;
@@ -170,6 +171,8 @@ pub(crate) struct Host {
     pub(crate) refusals: Mutex<RefusalWindow>,
     /// Handshakes and connections held open by peers ([`limits`]).
     pub(crate) connections: limits::Connections,
+    /// The bookkeeping the incoming migrations hold together.
+    pub(crate) bookkeeping: bookkeeping::Bookkeeping,
     /// The next [`VmEntry::incarnation`].
     pub(crate) incarnations: std::sync::atomic::AtomicU64,
 }

@@ -155,3 +155,60 @@ async fn a_source_silent_after_accept_loses_its_staging() {
     assert_refusals_logged(&lab, "b", &["the source sent nothing for 1 s"]).await;
     lab.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_arriving_together_stay_under_the_bookkeeping_limit() {
+    use convoy_agent::transport;
+    use convoy_protocol::message::Message;
+    // 8 MiB of 4 KiB pages: 2 048 leaves, 128 KiB of bookkeeping each;
+    // the agent allows 200 KiB for all of them.
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, cfg| {
+        cfg.max_bookkeeping_bytes = 200 << 10;
+    })
+    .await
+    .unwrap();
+    let propose = |vm: &str| {
+        let ticket = convoy_tests::ticket(&lab, vm, "a", "b");
+        let manifest = convoy_tests::manifest_for(&ticket, 8 << 20);
+        convoy_tests::proposal(ticket, manifest, Default::default())
+    };
+    // The first is accepted and holds its staging (its connection stays).
+    let (_ep, conn) = connect_as(&lab, "a", "b").await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    transport::write_message(&mut send, &propose("one"))
+        .await
+        .unwrap();
+    let first = transport::read_message(&mut recv).await.unwrap().unwrap();
+    assert!(matches!(first, Message::Accept(_)), "{first:?}");
+    // The second alone would fit; with the first it does not.
+    let (_ep2, conn2) = connect_as(&lab, "a", "b").await;
+    let (mut send2, mut recv2) = conn2.open_bi().await.unwrap();
+    transport::write_message(&mut send2, &propose("two"))
+        .await
+        .unwrap();
+    let second = transport::read_message(&mut recv2).await.unwrap().unwrap();
+    assert!(
+        matches!(&second, Message::Reject(r) if r.reason.to_string().contains("bookkeeping")),
+        "{second:?}"
+    );
+    assert_refusals_logged(&lab, "b", &["the migrations arriving here hold 131072"]).await;
+    // Once the first ends, its bookkeeping comes back.
+    drop((send, recv));
+    conn.close(0u32.into(), b"done");
+    let b = lab.client("b").await.unwrap();
+    let freed = convoy_tests::eventually(Duration::from_secs(5), || async {
+        b.vm_list().await.unwrap().is_empty()
+    })
+    .await;
+    assert!(freed);
+    let third = convoy_tests::propose_as(
+        &lab,
+        "a",
+        "b",
+        convoy_tests::ticket(&lab, "three", "a", "b"),
+    )
+    .await;
+    assert!(matches!(third, Message::Accept(_)), "{third:?}");
+    lab.shutdown().await;
+}

@@ -82,6 +82,26 @@ impl Incoming {
             sm.handle_staging_failed(e.reason());
             return;
         }
+        // The migrations arriving together stay under the bookkeeping
+        // limit (the state machine held this one to it alone).
+        let need = manifest
+            .leaf_count()
+            .unwrap_or(u64::MAX)
+            .saturating_mul(convoy_protocol::destination::BOOKKEEPING_PER_LEAF);
+        match self.host.bookkeeping.take(need) {
+            Ok(grant) => self.bookkeeping = Some(grant),
+            Err(held) => {
+                let why = format!(
+                    "this migration needs {need} bytes of bookkeeping; the migrations arriving \
+                     here hold {held} of {}",
+                    self.host.bookkeeping.limit()
+                );
+                self.host
+                    .audit_refusal(self.peer.id.to_string(), why.clone());
+                sm.handle_staging_failed(Reason::Unacceptable(why));
+                return;
+            }
+        }
         let bytes = manifest.memory.bytes();
         match self.host.reserve(&vm, bytes, VmState::Incoming) {
             Err(ReserveError::Exists) => sm.handle_staging_failed(Reason::VmExists),

@@ -147,6 +147,7 @@ pub(crate) async fn serve(
         reuse: None,
         base_ranges: Arc::new(Vec::new()),
         tasks: Vec::new(),
+        bookkeeping: None,
         phases: Vec::new(),
         started: clock::now(),
     };
@@ -377,6 +378,9 @@ struct Incoming {
     /// block there is the base's.
     base_ranges: Arc<Vec<std::ops::Range<u64>>>,
     tasks: Vec<JoinHandle<()>>,
+    /// This migration's share of the agent's bookkeeping limit, held
+    /// until it ends.
+    bookkeeping: Option<crate::host::bookkeeping::BookkeepingGrant>,
     /// Phase changes, audited with the outcome (never inside downtime).
     phases: Vec<(String, u64)>,
     started: Instant,
