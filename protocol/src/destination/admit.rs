@@ -13,78 +13,68 @@ use crate::receipt::ReceiptKind;
 use super::{Destination, DestinationAction, DestinationEvent, Phase};
 
 impl Destination {
+    /// Answers the proposal with a `Reject` and ends.
+    fn refuse(&mut self, reason: Reason) {
+        self.actions
+            .push_back(DestinationAction::Send(Message::Reject(Reject {
+                reason: reason.clone(),
+            })));
+        self.events
+            .push_back(DestinationEvent::Failed(format!("refused: {reason}")));
+        self.phase = Phase::Done;
+    }
+
     pub(super) fn propose(&mut self, p: Propose) {
-        let refuse = |me: &mut Self, reason: Reason| {
-            me.actions
-                .push_back(DestinationAction::Send(Message::Reject(Reject {
-                    reason: reason.clone(),
-                })));
-            me.events
-                .push_back(DestinationEvent::Failed(format!("refused: {reason}")));
-            me.phase = Phase::Done;
-        };
         let Some(version) = VersionRange::OURS.negotiate(p.versions) else {
-            return refuse(self, Reason::UnsupportedVersion);
+            return self.refuse(Reason::UnsupportedVersion);
         };
         let _ = version;
         if p.manifest.qemu.is_some() {
             // A stream migration is driven elsewhere (see `crate::stream`);
             // its manifest never reaches a page-batch destination.
-            return refuse(
-                self,
-                Reason::Unacceptable("a QEMU stream migration to a page-batch destination".into()),
-            );
+            return self.refuse(Reason::Unacceptable(
+                "a QEMU stream migration to a page-batch destination".into(),
+            ));
         }
         let streams = p.manifest.data_streams;
         if streams == 0 || streams > MAX_DATA_STREAMS {
-            return refuse(
-                self,
-                Reason::Unacceptable(format!("{streams} data streams (1..={MAX_DATA_STREAMS})")),
-            );
+            return self.refuse(Reason::Unacceptable(format!(
+                "{streams} data streams (1..={MAX_DATA_STREAMS})"
+            )));
         }
         if p.manifest.memory.bytes() > self.cfg.max_memory_bytes {
-            return refuse(
-                self,
-                Reason::Unacceptable(format!(
-                    "{} bytes of memory exceeds this agent's limit of {}",
-                    p.manifest.memory.bytes(),
-                    self.cfg.max_memory_bytes
-                )),
-            );
+            return self.refuse(Reason::Unacceptable(format!(
+                "{} bytes of memory exceeds this agent's limit of {}",
+                p.manifest.memory.bytes(),
+                self.cfg.max_memory_bytes
+            )));
         }
         if let Err(e) = p.attributes.validate() {
-            return refuse(self, Reason::Unacceptable(e.to_string()));
+            return self.refuse(Reason::Unacceptable(e.to_string()));
         }
         let leaves = match p.manifest.leaf_count() {
             Ok(n) => n,
-            Err(e) => return refuse(self, Reason::Unacceptable(e.to_string())),
+            Err(e) => return self.refuse(Reason::Unacceptable(e.to_string())),
         };
         let bookkeeping = leaves.saturating_mul(super::BOOKKEEPING_PER_LEAF);
         if bookkeeping > self.cfg.max_bookkeeping_bytes {
-            return refuse(
-                self,
-                Reason::Unacceptable(format!(
-                    "{leaves} pages and disk blocks need {bookkeeping} bytes of bookkeeping, \
+            return self.refuse(Reason::Unacceptable(format!(
+                "{leaves} pages and disk blocks need {bookkeeping} bytes of bookkeeping, \
                      past this agent's limit of {}",
-                    self.cfg.max_bookkeeping_bytes
-                )),
-            );
+                self.cfg.max_bookkeeping_bytes
+            )));
         }
         let disk_bytes: u64 = p.manifest.disks.iter().map(|d| d.bytes).sum();
         if disk_bytes > self.cfg.max_disk_bytes {
-            return refuse(
-                self,
-                Reason::Unacceptable(format!(
-                    "{disk_bytes} bytes of disks exceeds this agent's limit of {}",
-                    self.cfg.max_disk_bytes
-                )),
-            );
+            return self.refuse(Reason::Unacceptable(format!(
+                "{disk_bytes} bytes of disks exceeds this agent's limit of {}",
+                self.cfg.max_disk_bytes
+            )));
         }
         if p.manifest.start_paused && p.manifest.postcopy {
-            return refuse(
-                self,
-                Reason::Unacceptable("a VM demand-paged in cannot start paused".into()),
-            );
+            return self.refuse(Reason::Unacceptable(
+                "a VM demand-paged in cannot start paused".into(),
+            ));
         }
         // After a post-copy switch, one more: the fault stream.
         let all = usize::from(streams) + usize::from(p.manifest.postcopy);
@@ -205,13 +195,7 @@ impl Destination {
     /// Staging could not be reserved.
     pub fn handle_staging_failed(&mut self, reason: Reason) {
         if let Phase::Preparing = self.phase {
-            self.actions
-                .push_back(DestinationAction::Send(Message::Reject(Reject {
-                    reason: reason.clone(),
-                })));
-            self.events
-                .push_back(DestinationEvent::Failed(format!("refused: {reason}")));
-            self.phase = Phase::Done;
+            self.refuse(reason);
         }
     }
 }
