@@ -226,7 +226,8 @@ pub struct AgentConfig {
     /// again for this long, the destination keeps the VM waiting for it
     /// (zero: no recovery).
     pub recovery_window: Duration,
-    /// Most bytes the incoming migrations' bookkeeping may take together
+    /// Most bytes the bookkeeping of the migrations in progress (arriving,
+    /// and sim VMs leaving) may take together
     /// (their Merkle trees, 64 bytes per page or disk block): 2 GiB by
     /// default, 32 Mi leaves, 128 GiB of 4 KiB pages and blocks.
     pub max_bookkeeping_bytes: u64,

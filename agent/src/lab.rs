@@ -544,12 +544,14 @@ impl Lab {
                     .map_err(BenchError::Memory)?,
             )),
         };
+        let credit = tuning.clone();
         let recv = tokio::spawn(async move {
             let conn = server
                 .accept()
                 .await
                 .ok_or(BenchError::NoConnection)?
                 .await?;
+            transport::grant_migration_credit(&conn, &credit);
             let mut tasks = Vec::new();
             for i in 0..u64::from(streams) {
                 let mut s = conn.accept_uni().await?;

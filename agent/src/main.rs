@@ -131,8 +131,9 @@ struct Args {
     /// for it (before the VM runs here); then the migration is given up.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     source_silence_timeout: u64,
-    /// Most bookkeeping the incoming migrations may hold together (64
-    /// bytes per page or disk block); a proposal past it is refused.
+    /// Most bookkeeping the migrations in progress may hold together,
+    /// arriving and leaving (64 bytes per page or disk block); a proposal
+    /// or a migrate request past it is refused.
     #[arg(long, default_value = "2GiB", value_parser = convoy_agent::units::parse_size)]
     max_bookkeeping: u64,
 }

@@ -12,7 +12,22 @@
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
+
+/// `dir/name`, where `name` must be one file name: not empty, not `.` or
+/// `..`, no `/`, no NUL. Every path the agent builds from a name an
+/// operator or a peer chose goes through here, so it stays inside `dir`
+/// even if a name type's own checks were ever loosened.
+pub fn join_one(dir: &Path, name: &str) -> io::Result<PathBuf> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(Component::Normal(n)), None) if n == name && !name.contains('\0') => Ok(dir.join(n)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a single file name"),
+        )),
+    }
+}
 
 /// Mode of every directory the agent creates.
 pub const DIR_MODE: u32 = 0o700;
@@ -75,6 +90,19 @@ pub fn mode_of(path: &Path) -> io::Result<u32> {
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_file_name_joins() {
+        let dir = Path::new("/state/qemu");
+        assert_eq!(join_one(dir, "vm-1").unwrap(), dir.join("vm-1"));
+        assert_eq!(join_one(dir, "a.img").unwrap(), dir.join("a.img"));
+        for bad in [
+            "", ".", "..", "a/b", "/etc", "a/", "./a", "../a", "a/..", "a\0b",
+        ] {
+            let e = join_one(dir, bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+    }
 
     /// Runs `f` under `mask`, then restores the umask. The umask is the
     /// process's: other tests of this binary creating files meanwhile

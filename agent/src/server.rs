@@ -240,13 +240,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Requests one operator connection may have in flight at once.
-const OPERATOR_STREAMS: u32 = 8;
-/// Bytes an operator connection may have buffered and unread here: a few
-/// of the largest requests (a migrate request carries a ticket and its
-/// chain; a QEMU definition, a few KiB).
-const OPERATOR_WINDOW: u32 = 1 << 20;
-
 async fn serve_connection(
     host: Arc<Host>,
     incoming: quinn::Incoming,
@@ -281,14 +274,11 @@ async fn serve_connection(
     };
     tracing::debug!(%remote, peer = %peer.id, "authenticated");
     if peer.alpn == ALPN_CTL {
-        // Operator requests are small: past the credit granted at the
-        // handshake (the endpoint's, shared with migrations), an operator
-        // connection gets a few streams and a small receive window, not a
-        // migration's (64 streams, up to 64 MiB buffered).
-        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(OPERATOR_STREAMS));
-        conn.set_receive_window(quinn::VarInt::from_u32(OPERATOR_WINDOW));
+        // Operator requests are small: an operator connection keeps the
+        // handshake's credit (a few streams, a small receive window).
         crate::control::serve(host, conn, peer).await;
     } else {
+        transport::grant_migration_credit(&conn, &host.config.tuning);
         crate::engine::incoming::serve(host, conn, peer).await;
     }
     Ok(())

@@ -228,8 +228,8 @@ impl Tuning {
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
         t.receive_window(VarInt::from_u32(self.connection_window));
         t.send_window(u64::from(self.connection_window));
-        t.max_concurrent_uni_streams(VarInt::from_u32(64));
-        t.max_concurrent_bidi_streams(VarInt::from_u32(64));
+        t.max_concurrent_uni_streams(VarInt::from_u32(MIGRATION_STREAMS));
+        t.max_concurrent_bidi_streams(VarInt::from_u32(MIGRATION_STREAMS));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
@@ -355,17 +355,53 @@ pub fn endpoint_with_reset_key(
     Ok(Endpoint::new(config, server_config, sock.into(), runtime)?)
 }
 
+/// Bidirectional streams a connection may open before it is authorized
+/// (its credit at the handshake): enough for operator requests and a
+/// migration's control stream.
+pub const HANDSHAKE_STREAMS: u32 = 8;
+/// Bytes a connection may have buffered here, unread, before it is
+/// authorized: a few of the largest requests (a migrate request carries a
+/// ticket and its chain; a proposal, its manifest).
+pub const HANDSHAKE_WINDOW: u32 = 1 << 20;
+
 /// The quinn server configuration for a rustls one (also used to swap in
 /// reloaded certificates and CRLs on a running endpoint).
+///
+/// The credit a client gets at the handshake is small
+/// ([`HANDSHAKE_STREAMS`] bidirectional streams, no unidirectional one,
+/// [`HANDSHAKE_WINDOW`] bytes): QUIC's transport parameters are one set
+/// per endpoint, sent before anyone knows whether the client is an
+/// operator or an agent, and credit once granted cannot be taken back. A
+/// connection authorized for migrations gets the migration credit
+/// afterwards ([`grant_migration_credit`]).
 pub fn quic_server_config(
     tls: rustls::ServerConfig,
     tuning: &Tuning,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let crypto = QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    sc.transport_config(Arc::new(tuning.transport_config()));
+    let mut t = tuning.transport_config();
+    t.receive_window(VarInt::from_u32(
+        HANDSHAKE_WINDOW.min(tuning.connection_window),
+    ));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(HANDSHAKE_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    sc.transport_config(Arc::new(t));
     Ok(sc)
 }
+
+/// Raises an accepted connection's credit from the handshake's to a
+/// migration's (the streams and the window of `tuning`); the migration
+/// budget then sets its window share ([`crate::host::budget`]). Call only
+/// once the peer is authorized to migrate.
+pub fn grant_migration_credit(conn: &Connection, tuning: &Tuning) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MIGRATION_STREAMS));
+    conn.set_max_concurrent_uni_streams(VarInt::from_u32(MIGRATION_STREAMS));
+    conn.set_receive_window(VarInt::from_u32(tuning.connection_window));
+}
+
+/// Streams of each kind a migration connection may have open at once.
+const MIGRATION_STREAMS: u32 = 64;
 
 /// Connects to `addr`, accepting only a server that proves `expected`.
 pub async fn connect(

@@ -93,7 +93,8 @@ impl BaseImages {
     /// whole file).
     pub fn index(&self, name: &DiskName, block: usize) -> Result<Arc<BaseIndex>, BackendError> {
         // A disk name has no path separator and no dot: inside the directory.
-        let path = self.dir.join(name.as_str());
+        let path = crate::private::join_one(&self.dir, name.as_str())
+            .map_err(|e| err(&self.dir, io("cannot name", e)))?;
         let meta = std::fs::metadata(&path).map_err(|e| err(&path, io("cannot read", e)))?;
         if !meta.is_file() {
             return Err(err(&path, BaseImageError::NotAFile));

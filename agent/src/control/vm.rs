@@ -172,11 +172,14 @@ pub(super) async fn create_qemu_vm(
             "the QMP socket to adopt must be an absolute path on the agent's host",
         );
     }
+    let dir = match crate::private::join_one(&cfg.runtime, spec.name.as_str()) {
+        Ok(d) => d,
+        Err(e) => return error(CtlErrorKind::BadRequest, e.to_string()),
+    };
     let bytes = spec.memory_mib << 20;
     if let Some(r) = reserve_error(host, &spec.name, bytes) {
         return r;
     }
-    let dir = cfg.runtime.join(spec.name.as_str());
     let started = match &adopt {
         None => QemuVm::launch(spec.clone(), qspec, &dir)
             .await

@@ -49,6 +49,20 @@ pub enum MigrateError {
     /// migration was being authorized: the decision was for the other one.
     #[error("VM {0} was replaced while the migration was being authorized; nothing moved")]
     Replaced(VmName),
+    /// The migration's bookkeeping (its Merkle tree) would take the
+    /// migrations in progress here past `--max-bookkeeping`.
+    #[error(
+        "this migration needs {need} bytes of bookkeeping; the migrations in progress here \
+         hold {held} of the {limit} allowed (--max-bookkeeping)"
+    )]
+    Bookkeeping {
+        /// Bytes this migration needs.
+        need: u64,
+        /// Bytes the migrations in progress hold.
+        held: u64,
+        /// The agent's limit.
+        limit: u64,
+    },
 }
 
 impl MigrateError {
@@ -59,6 +73,7 @@ impl MigrateError {
             MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
             MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
             MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
+            MigrateError::Bookkeeping { .. } => CtlErrorKind::NoCapacity,
             _ => CtlErrorKind::BadRequest,
         }
     }

@@ -161,7 +161,22 @@ pub(crate) async fn migrate(
                 if opts.mode != MigrationMode::Precopy && owed_leaves > MAX_POSTCOPY_PAGES {
                     return Err(OptionsError::TooLargeForPostcopy(MAX_POSTCOPY_PAGES >> 18).into());
                 }
-                Claimed::Sim(vm.clone())
+                // The source's Merkle tree over every page and disk block
+                // shares the agent's bookkeeping limit with the incoming
+                // migrations' trees.
+                let leaves =
+                    convoy_protocol::disk::check(vm.geometry(), &vm.disks()).unwrap_or(u64::MAX);
+                let need =
+                    leaves.saturating_mul(convoy_protocol::destination::BOOKKEEPING_PER_LEAF);
+                let grant =
+                    host.bookkeeping
+                        .take(need)
+                        .map_err(|held| MigrateError::Bookkeeping {
+                            need,
+                            held,
+                            limit: host.bookkeeping.limit(),
+                        })?;
+                Claimed::Sim(vm.clone(), grant)
             }
             (_, s) => return Err(MigrateError::NotRunning(req.vm.clone(), s)),
         };
@@ -188,8 +203,8 @@ pub(crate) async fn migrate(
         &host.config.tuning,
     )
     .await;
-    let vm = match claimed {
-        Claimed::Sim(vm) => vm,
+    let (vm, _bookkeeping) = match claimed {
+        Claimed::Sim(vm, grant) => (vm, grant),
         Claimed::Qemu(qvm, prepared) => {
             let run = qemu_source::Run {
                 host: host.clone(),
@@ -251,7 +266,11 @@ pub(crate) async fn migrate(
 
 /// The VM a migration claimed.
 enum Claimed {
-    Sim(Arc<dyn VmBackend>),
+    /// A sim VM, with its tree's share of the bookkeeping limit.
+    Sim(
+        Arc<dyn VmBackend>,
+        crate::host::bookkeeping::BookkeepingGrant,
+    ),
     Qemu(
         Arc<crate::backend::qemu::vm::QemuVm>,
         Box<qemu_source::Prepared>,

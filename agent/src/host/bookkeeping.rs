@@ -1,9 +1,11 @@
-//! The bookkeeping every incoming migration holds at once
-//! (`--max-bookkeeping`): its Merkle tree, 64 bytes per page or disk block
-//! ([`convoy_protocol::destination::BOOKKEEPING_PER_LEAF`]). The state
-//! machine refuses one proposal bigger than the limit; this refuses the
-//! one that would take the migrations in progress together past it, before
-//! anything is reserved for it.
+//! The bookkeeping the migrations in progress hold at once
+//! (`--max-bookkeeping`): each one's Merkle tree, 64 bytes per page or disk
+//! block ([`convoy_protocol::destination::BOOKKEEPING_PER_LEAF`]), at the
+//! destination and at the source of a sim VM (a QEMU source keeps no tree:
+//! QEMU's stream carries the memory). The state machine refuses one
+//! proposal bigger than the limit; this refuses the proposal, or the
+//! migrate request, that would take the migrations in progress together
+//! past it, before anything is reserved for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

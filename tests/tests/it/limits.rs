@@ -192,7 +192,7 @@ async fn migrations_arriving_together_stay_under_the_bookkeeping_limit() {
         matches!(&second, Message::Reject(r) if r.reason.to_string().contains("bookkeeping")),
         "{second:?}"
     );
-    assert_refusals_logged(&lab, "b", &["the migrations arriving here hold 131072"]).await;
+    assert_refusals_logged(&lab, "b", &["the migrations in progress here hold 131072"]).await;
     // Once the first ends, its bookkeeping comes back.
     drop((send, recv));
     conn.close(0u32.into(), b"done");
@@ -210,5 +210,101 @@ async fn migrations_arriving_together_stay_under_the_bookkeeping_limit() {
     )
     .await;
     assert!(matches!(third, Message::Accept(_)), "{third:?}");
+    lab.shutdown().await;
+}
+
+/// A sim VM's migration keeps a Merkle tree at the source as well: it
+/// counts against the same limit, and a migrate request past it is refused
+/// before the VM is claimed (the VM keeps running, nothing is audited as a
+/// migration). A VM that fits leaves, and gives the bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_leaving_counts_its_tree_against_the_bookkeeping_limit() {
+    use convoy_protocol::ctl::{CtlErrorKind, Outcome, VmState};
+    // 8 MiB of 4 KiB pages: 128 KiB of bookkeeping; 32 MiB: 512 KiB.
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b"], |name, cfg| {
+        if name == "a" {
+            cfg.max_bookkeeping_bytes = 200 << 10;
+        }
+    })
+    .await
+    .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("big", 32 << 20, 0)).await.unwrap();
+    a.vm_create(sim_spec("small", 8 << 20, 0)).await.unwrap();
+    match a.migrate(migrate(&lab, "big", "a", "b"), |_| {}).await {
+        Err(convoy_agent::client::ClientError::Agent(e)) => {
+            assert_eq!(e.kind, CtlErrorKind::NoCapacity, "{e:?}");
+            assert!(e.message.contains("524288 bytes of bookkeeping"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let list = a.vm_list().await.unwrap();
+    assert!(
+        list.iter()
+            .any(|v| v.name.as_str() == "big" && v.state == VmState::Running),
+        "{list:?}"
+    );
+    for _ in 0..2 {
+        // Twice: the first gave its bytes back.
+        let r = a
+            .migrate(migrate(&lab, "small", "a", "b"), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+        let back = migrate(&lab, "small", "b", "a");
+        let b = lab.client("b").await.unwrap();
+        let r = b.migrate(back, |_| {}).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    }
+    lab.shutdown().await;
+}
+
+/// The credit a client gets at the handshake is an operator's, whoever it
+/// turns out to be: a few bidirectional streams and no unidirectional one
+/// (QUIC cannot take credit back once granted, and the endpoint grants it
+/// before it knows who is calling). An agent authorized to migrate gets a
+/// migration's credit afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_grants_an_operators_credit_and_only_agents_get_more() {
+    use convoy_agent::transport::{self, HANDSHAKE_STREAMS};
+    let dir = tempfile::tempdir().unwrap();
+    let lab = lab_limited(&dir, |_| {}).await;
+    let a = lab.agent("a").unwrap();
+    let tuning = transport::Tuning::default();
+    let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &tuning).unwrap();
+    let conn = transport::connect(
+        &ep,
+        a.addr,
+        a.id.clone(),
+        transport::ALPN_CTL,
+        &lab.operator,
+        &lab.trust,
+        &tuning,
+    )
+    .await
+    .unwrap();
+    let opens = |conn: quinn::Connection, n: u32| async move {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => break,
+            }
+        }
+        held.len()
+    };
+    // Opened at once, before the agent has looked at who we are.
+    assert_eq!(opens(conn.clone(), 64).await, HANDSHAKE_STREAMS as usize);
+    let uni = tokio::time::timeout(Duration::from_millis(500), conn.open_uni()).await;
+    assert!(
+        uni.is_err(),
+        "an operator may not open unidirectional streams"
+    );
+    // An agent, once authorized, may open a migration's streams.
+    let (_ep, agent) = connect_as(&lab, "b", "a").await;
+    assert_eq!(opens(agent.clone(), 64).await, 64);
+    let uni = tokio::time::timeout(Duration::from_secs(5), agent.open_uni()).await;
+    assert!(matches!(uni, Ok(Ok(_))), "an agent opens its data streams");
     lab.shutdown().await;
 }

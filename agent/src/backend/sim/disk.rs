@@ -162,7 +162,8 @@ impl SimDisk {
         first: u64,
         block: usize,
     ) -> Result<SimDisk, BackendError> {
-        let path = dir.join(format!("{}.img", geometry.name));
+        let path = crate::private::join_one(dir, &format!("{}.img", geometry.name))
+            .map_err(|e| io_err(dir, "cannot name a disk in", e))?;
         let file =
             crate::private::create_new(&path).map_err(|e| io_err(&path, "cannot create", e))?;
         file.set_len(geometry.bytes)

@@ -257,7 +257,8 @@ impl Drop for SimVm {
 fn make_vm_dir(root: &std::path::Path, vm: &str) -> Result<std::path::PathBuf, BackendError> {
     crate::private::create_dir_all(root)
         .map_err(|e| DiskFileError::io("cannot create", root, e))?;
-    let dir = root.join(vm);
+    let dir = crate::private::join_one(root, vm)
+        .map_err(|e| DiskFileError::io("cannot name", root, e))?;
     crate::private::create_dir(&dir).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             DiskFileError::VmDirExists(dir.clone())

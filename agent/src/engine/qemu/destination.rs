@@ -250,7 +250,8 @@ impl Incoming {
             .map_err(|e| unacceptable(e.to_string()))?;
         // Held paused until the handover.
         spec.extra_args.push("-S".into());
-        let dir = cfg.runtime.join(p.vm.as_str());
+        let dir = crate::private::join_one(&cfg.runtime, p.vm.as_str())
+            .map_err(|e| unacceptable(e.to_string()))?;
         let process = QemuProcess::launch(&spec, &dir, true)
             .await
             .map_err(|e| Fail::local(format!("cannot start QEMU: {e}")))?;

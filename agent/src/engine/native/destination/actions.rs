@@ -82,8 +82,9 @@ impl Incoming {
             sm.handle_staging_failed(e.reason());
             return;
         }
-        // The migrations arriving together stay under the bookkeeping
-        // limit (the state machine held this one to it alone).
+        // The migrations in progress together (arriving, and sim VMs
+        // leaving) stay under the bookkeeping limit (the state machine
+        // held this one to it alone).
         let need = manifest
             .leaf_count()
             .unwrap_or(u64::MAX)
@@ -92,8 +93,8 @@ impl Incoming {
             Ok(grant) => self.bookkeeping = Some(grant),
             Err(held) => {
                 let why = format!(
-                    "this migration needs {need} bytes of bookkeeping; the migrations arriving \
-                     here hold {held} of {}",
+                    "this migration needs {need} bytes of bookkeeping; the migrations in \
+                     progress here hold {held} of {}",
                     self.host.bookkeeping.limit()
                 );
                 self.host
