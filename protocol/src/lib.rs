@@ -64,6 +64,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod geometry;
+pub mod indoubt;
 pub mod logtree;
 pub mod message;
 pub mod model;
