@@ -117,6 +117,8 @@ impl Message {
             Message::RoundApplied(_) => tag::ROUND_APPLIED,
             Message::Resume(_) => tag::RESUME,
             Message::Resumed(_) => tag::RESUMED,
+            Message::Inquire(_) => tag::INQUIRE,
+            Message::Statement(_) => tag::STATEMENT,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
@@ -149,6 +151,8 @@ impl Message {
             Message::RoundApplied(m) => postcard::to_extend(m, out),
             Message::Resume(m) => postcard::to_extend(m, out),
             Message::Resumed(m) => postcard::to_extend(m, out),
+            Message::Inquire(m) => postcard::to_extend(m, out),
+            Message::Statement(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
@@ -212,6 +216,8 @@ impl Message {
             tag::ROUND_APPLIED => Message::RoundApplied(whole(t, body)?),
             tag::RESUME => Message::Resume(whole(t, body)?),
             tag::RESUMED => Message::Resumed(whole(t, body)?),
+            tag::INQUIRE => Message::Inquire(whole(t, body)?),
+            tag::STATEMENT => Message::Statement(whole(t, body)?),
             tag::FETCH => {
                 let m: Fetch = whole(t, body)?;
                 if m.pages.is_empty() || m.pages.len() > MAX_FETCH {
@@ -252,6 +258,8 @@ pub fn name_of(t: u8) -> &'static str {
         tag::ROUND_APPLIED => "RoundApplied",
         tag::RESUME => "Resume",
         tag::RESUMED => "Resumed",
+        tag::INQUIRE => "Inquire",
+        tag::STATEMENT => "Statement",
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",

@@ -115,4 +115,9 @@ pub enum Message {
     PageBatch(BatchHeader, Bytes),
     /// Tag 18.
     ChannelOpen(crate::stream::ChannelOpen),
+    /// Tag 21: the first message of a connection that asks about a
+    /// migration in doubt ([`crate::indoubt`]).
+    Inquire(crate::indoubt::Inquiry),
+    /// Tag 22: the signed answer to [`Message::Inquire`].
+    Statement(crate::indoubt::SignedStatement),
 }

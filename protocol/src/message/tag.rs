@@ -23,5 +23,7 @@ pub const PAGE_BATCH: u8 = 17;
 pub const CHANNEL_OPEN: u8 = 18;
 pub const RESUME: u8 = 19;
 pub const RESUMED: u8 = 20;
+pub const INQUIRE: u8 = 21;
+pub const STATEMENT: u8 = 22;
 // 32 and 33: the operator protocol's request and response
 // (`crate::ctl::frame::tag`), never a migration message's.

@@ -139,6 +139,16 @@ fn bad_input_is_typed() {
         Message::Resumed(Resumed {
             missing: vec![0b1011, 0],
         }),
+        Message::Inquire(crate::indoubt::Inquiry {
+            migration: crate::names::MigrationId([7; 16]),
+            ticket: crate::digest::Digest([9; 32]),
+            epoch: 2,
+        }),
+        Message::Statement(crate::signed::Signed::from_parts(
+            vec![1, 2, 3],
+            vec![4; 64],
+            vec![vec![5; 10]],
+        )),
     ] {
         assert_eq!(Message::decode(strip(ok.encode().unwrap())), Ok(ok));
     }
