@@ -8,8 +8,11 @@
 //! no coordinator must be enough, so the rules are these (the reasoning is
 //! in SECURITY.md, "Exactly once"):
 //!
-//! 1. **A destination that journalled the handover runs the VM**, and
-//!    answers [`Verdict::RunsHere`]. The source then discards its copy.
+//! 1. **A destination that journalled the handover runs the VM**. With
+//!    the whole verified state it answers [`Verdict::RunsHere`] and the
+//!    source discards its copy; in post-copy, with pages still owed, it
+//!    answers [`Verdict::NeedsPages`] and the source keeps its copy, paused,
+//!    for post-copy recovery (discarding it would lose the VM).
 //! 2. **A source resumes its paused copy only on the destination's signed
 //!    [`Verdict::Fenced`]**: the destination holds no copy it will ever run
 //!    for that migration and epoch, and journalled that promise *before*
@@ -64,9 +67,13 @@ pub struct Inquiry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Verdict {
-    /// The VM runs here, or was handed over to run here and will: the
-    /// asker must never resume its copy.
+    /// The VM runs here, or was handed over to run here and will, with
+    /// its whole verified state: the asker must never resume its copy and
+    /// may discard it.
     RunsHere,
+    /// The VM runs here in post-copy and still needs pages the asker owes:
+    /// the asker must neither resume nor discard its copy.
+    NeedsPages,
     /// No copy here will ever run for this migration and epoch, and the
     /// promise is journalled: the asker may resume its own.
     Fenced,
@@ -125,9 +132,8 @@ pub enum DestinationStanding {
     HandedOver {
         /// The epoch.
         epoch: u64,
-        /// Whether this host still holds the VM (a QEMU guest found again;
-        /// a sim VM lives in the agent and dies with it).
-        holds_copy: bool,
+        /// What this host holds of the VM.
+        held: Held,
     },
     /// A promise never to run `epoch` is journalled.
     Fenced {
@@ -136,6 +142,18 @@ pub enum DestinationStanding {
     },
     /// Nothing journalled for this migration.
     Unknown,
+}
+
+/// What a destination that journalled the handover holds of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The whole state, verified (the memory root checked at `Ready`, or
+    /// at `Finish` after post-copy).
+    Complete,
+    /// A post-copy VM still waiting for pages the source owes.
+    Incomplete,
+    /// Nothing: the copy died (a sim VM lives in its agent's process).
+    Gone,
 }
 
 /// What a restarted source does with one journalled migration.
@@ -162,7 +180,8 @@ pub fn source_at_start(standing: SourceStanding) -> SourceStep {
 /// What a restarted destination does with one journalled migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestinationStep {
-    /// Ownership is here and the VM is here: run it.
+    /// Ownership is here and the VM is here: run it (in post-copy, it
+    /// waits on its missing pages until the source reconnects).
     RunHere,
     /// Journal a fence for `epoch`, then discard whatever is staged: the
     /// source still holds the VM (or may, and asks).
@@ -182,10 +201,11 @@ pub fn destination_at_start(standing: DestinationStanding) -> DestinationStep {
     match standing {
         DestinationStanding::Staging { epoch } => DestinationStep::FenceAndDiscard { epoch },
         DestinationStanding::HandedOver {
-            holds_copy: true, ..
+            held: Held::Complete | Held::Incomplete,
+            ..
         } => DestinationStep::RunHere,
         DestinationStanding::HandedOver {
-            holds_copy: false, ..
+            held: Held::Gone, ..
         } => DestinationStep::AwaitSource,
         DestinationStanding::Fenced { .. } | DestinationStanding::Unknown => {
             DestinationStep::Nothing
@@ -204,16 +224,23 @@ pub fn destination_answer(standing: DestinationStanding, inquiry: &Inquiry) -> A
         },
         DestinationStanding::HandedOver {
             epoch,
-            holds_copy: true,
+            held: Held::Complete,
         } if epoch == inquiry.epoch => Answer {
             verdict: Verdict::RunsHere,
+            fence_first: None,
+        },
+        DestinationStanding::HandedOver {
+            epoch,
+            held: Held::Incomplete,
+        } if epoch == inquiry.epoch => Answer {
+            verdict: Verdict::NeedsPages,
             fence_first: None,
         },
         // Handed over at this epoch but the copy is gone: it can never
         // run here, so the promise costs nothing and frees the source.
         DestinationStanding::HandedOver {
             epoch,
-            holds_copy: false,
+            held: Held::Gone,
         } if epoch == inquiry.epoch => Answer {
             verdict: Verdict::Fenced,
             fence_first: Some(epoch),
@@ -273,6 +300,10 @@ pub enum Undecided {
     /// The answer is about another migration, ticket or epoch.
     #[error("the answer is about another migration, ticket or epoch")]
     NotThisQuestion,
+    /// The destination runs the VM in post-copy and still needs pages from
+    /// here: keep the copy and let post-copy recovery finish.
+    #[error("the destination runs the VM and still needs pages from here (post-copy)")]
+    DestinationNeedsPages,
     /// The destination has no record of the migration.
     #[error(
         "the destination has no record of this migration (it may have finished and forgotten it)"
@@ -305,6 +336,7 @@ pub fn source_decides(
     }
     match statement.verdict {
         Verdict::RunsHere => SourceDecision::DiscardHere,
+        Verdict::NeedsPages => SourceDecision::StayPaused(Undecided::DestinationNeedsPages),
         Verdict::Fenced => SourceDecision::ResumeHere,
         Verdict::Unknown => SourceDecision::StayPaused(Undecided::UnknownThere),
     }
@@ -347,8 +379,8 @@ mod tests {
         for epoch in [2, 3, 4] {
             v.push(DestinationStanding::Staging { epoch });
             v.push(DestinationStanding::Fenced { epoch });
-            for holds_copy in [false, true] {
-                v.push(DestinationStanding::HandedOver { epoch, holds_copy });
+            for held in [Held::Complete, Held::Incomplete, Held::Gone] {
+                v.push(DestinationStanding::HandedOver { epoch, held });
             }
         }
         v
@@ -372,7 +404,7 @@ mod tests {
                 after,
                 DestinationStanding::HandedOver {
                     epoch: 3,
-                    holds_copy: true
+                    held: Held::Complete
                 }
             );
             let never_runs_there = matches!(after, DestinationStanding::Fenced { epoch: 3 });
@@ -389,7 +421,7 @@ mod tests {
                     !matches!(
                         standing,
                         DestinationStanding::HandedOver {
-                            holds_copy: true,
+                            held: Held::Complete | Held::Incomplete,
                             ..
                         }
                     ),
@@ -420,14 +452,14 @@ mod tests {
         assert_eq!(
             destination_at_start(DestinationStanding::HandedOver {
                 epoch: 3,
-                holds_copy: true
+                held: Held::Incomplete
             }),
             DestinationStep::RunHere
         );
         assert_eq!(
             destination_at_start(DestinationStanding::HandedOver {
                 epoch: 3,
-                holds_copy: false
+                held: Held::Gone
             }),
             DestinationStep::AwaitSource
         );
