@@ -251,7 +251,6 @@ fn log(
             "records": if show { serde_json::Value::Array(records) } else { log.records.len().into() },
             "tree_size": head.map(|h| h.size),
             "root": head.map(|h| h.root.to_hex()),
-            "unanchored": log.unanchored,
         }));
     }
     if show {
@@ -261,16 +260,11 @@ fn log(
         }
     }
     println!(
-        "verified: {} records by {}, signed tree head size {} root {}{}",
+        "verified: {} records by {}, signed tree head size {} root {}",
         log.records.len(),
         log.agent,
         head.map_or(0, |h| h.size),
         head.map_or_else(|| "-".into(), |h| h.root.to_hex()[..16].to_string()),
-        if log.unanchored > 0 {
-            format!(" ({} records after the last head)", log.unanchored)
-        } else {
-            String::new()
-        }
     );
     Ok(())
 }
@@ -501,6 +495,15 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::PolicyRejected { reason } => {
             format!("policy reload refused, previous policy kept: {reason}")
         }
+        AuditEvent::TornTailCut {
+            offset,
+            bytes,
+            digest,
+        } => format!(
+            "torn last append cut off at start: {bytes} bytes from byte {offset} (BLAKE3 {digest}), \
+             kept next to the log as .torn-{offset}-{}",
+            &digest.to_hex()[..16]
+        ),
         other => format!("{other:?}"),
     }
 }
