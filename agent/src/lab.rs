@@ -404,18 +404,49 @@ impl Lab {
     /// same configuration and state directory. Its VMs are lost, as in a
     /// real crash of the host process.
     pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
-        let name: AgentName = name.parse()?;
-        let a = self
-            .agents
-            .iter_mut()
-            .find(|a| a.name == name)
-            .ok_or(LabError::NoAgent(name))?;
+        self.stop_agent(name).await?;
+        self.start_agent(name).await
+    }
+
+    /// Stops agent `name` (its VMs are lost), to start it again with
+    /// [`Lab::start_agent`] after a test has done something to its state.
+    /// Returns once the agent's last tasks have let go of its state (in one
+    /// process they may outlive it a little; a real stop ends the process),
+    /// so that nothing writes there any more.
+    pub async fn stop_agent(&mut self, name: &str) -> Result<(), LabError> {
+        let a = self.agent_mut(name)?;
         if let Some(s) = a.stop.take() {
             let _ = s.send(());
         }
         if let Some(t) = a.task.take() {
             let _ = t.await;
         }
+        let Some(db) = a.config.state_dir.as_ref().map(|d| d.join("state.redb")) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(
+            crate::trust::authz::ReplayCache::open(&db),
+            Err(redb::Error::DatabaseAlreadyOpen)
+        ) && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    fn agent_mut(&mut self, name: &str) -> Result<&mut LabAgent, LabError> {
+        let name: AgentName = name.parse()?;
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or(LabError::NoAgent(name))
+    }
+
+    /// Starts agent `name`, stopped by [`Lab::stop_agent`], on the same
+    /// address with the same configuration and state directory.
+    pub async fn start_agent(&mut self, name: &str) -> Result<(), LabError> {
+        let a = self.agent_mut(name)?;
         // In one process the old agent's last tasks may still hold its
         // state (a real restart ends the process): wait for it to let go
         // of the replay database before the new one opens it.

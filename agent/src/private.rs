@@ -81,6 +81,42 @@ pub fn create_truncate(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
+/// Writes the new file `path` (`0600`) whole or not at all, durably: the
+/// bytes go to `path.tmp` (a leftover of an earlier crash is replaced),
+/// are fsynced, renamed to `path`, and the directory is fsynced. Fails if
+/// `path` exists.
+pub fn create_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    if path.symlink_metadata().is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", path.display()),
+        ));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = create_new(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir_of(path)
+}
+
+/// Fsyncs the directory holding `path`, so that a file created, renamed or
+/// truncated there stays so after a crash.
+pub fn sync_dir_of(path: &Path) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 /// The permission bits of `path` (for tests and checks).
 pub fn mode_of(path: &Path) -> io::Result<u32> {
     Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)

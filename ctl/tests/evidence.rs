@@ -309,3 +309,63 @@ async fn fetch_writes_a_verified_log_for_admins_only() {
     assert_eq!(log.agent, lab.agent("a").unwrap().id);
     lab.shutdown().await;
 }
+
+/// `convoyctl audit verify` on a log whose last append was torn by a crash:
+/// one error line that says so and where, what verifies before it on
+/// stdout, a failure status; `--json` says `verified: false` with the torn
+/// tail; `show` fails the same way after listing the records.
+#[test]
+fn verify_reports_a_torn_tail_with_what_verifies_before_it_and_fails() {
+    use convoy_agent::trust::audit::AuditLog;
+    use convoy_agent::trust::pki::Pki;
+    use convoy_protocol::audit::entry_offsets;
+    use convoy_protocol::names::{AgentName, Role, TrustDomain};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(dir.path(), TrustDomain::new("convoy.internal").unwrap()).unwrap();
+    let name: AgentName = "a".parse().unwrap();
+    pki.issue(Role::Agent, &name, std::time::Duration::from_secs(3600))
+        .unwrap();
+    let id = pki.identity(Role::Agent, &name).unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, &id, &pki.trust().unwrap()).unwrap();
+    log.record(AuditEvent::PolicyRejected {
+        reason: "test".into(),
+    })
+    .unwrap();
+    drop(log);
+    let whole = std::fs::read(&path).unwrap();
+    let at = entry_offsets(&whole);
+    let start = at[3].0;
+    std::fs::write(&path, &whole[..start + 9]).unwrap();
+    let file = path.to_str().unwrap();
+
+    let out = convoyctl(dir.path(), &["audit", "verify", file]);
+    let err = failure(&out);
+    assert!(
+        err.contains(&format!(
+            "ends in a torn append: 9 bytes from byte {start} (entry 3)"
+        )),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "verified up to a torn tail: 1 records by spiffe://convoy.internal/agent/a"
+        ),
+        "{stdout}"
+    );
+    let out = convoyctl(dir.path(), &["--json", "audit", "verify", file]);
+    failure(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], false);
+    assert_eq!(v["records"], 1);
+    assert_eq!(v["torn_tail"]["offset"], start);
+    assert_eq!(v["torn_tail"]["bytes"], 9);
+    let out = convoyctl(dir.path(), &["audit", "show", file]);
+    assert!(failure(&out).contains("torn append"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("agent started"));
+    // Commands that need a whole log say why they refuse it.
+    let out = convoyctl(dir.path(), &["audit", "consistency", file, "--from", "1"]);
+    assert!(failure(&out).contains("torn last append"));
+}

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::audit::{
-    encode_entry, verify_log, LogEntry, SignedTreeHead, HEAD_CONTEXT, RECORD_CONTEXT,
+    encode_entry, entry_offsets, recover_log, verify_log, LogEntry, SignedTreeHead, VerifiedLog,
+    HEAD_CONTEXT, RECORD_CONTEXT,
 };
 use crate::ctl::CtlMessage;
 use crate::delta;
@@ -501,9 +502,15 @@ pub fn receipt_verify(data: &[u8]) {
 /// header's insecure key and every tree head replaced by the right one, so
 /// that a fuzzer reaches record decoding and sequence checks. A resealed
 /// log that verifies has a head over exactly the records before it.
+///
+/// Torn tails: what [`recover_log`] cuts is the end of the input, after a
+/// log that verifies alone; a resealed log that verifies, followed by the
+/// input's last bytes (no whole frame), is never cut into; and every cut
+/// inside its last append is torn back to exactly the head before it.
 pub fn audit_log_verify(data: &[u8]) {
     let v = InsecureCrypto(String::new());
     let _ = verify_log(data, &v);
+    torn_tail_holds_together(data, &v);
     let mut chain: Option<Vec<Vec<u8>>> = None;
     let mut tree = LogTree::new();
     let mut sealed = Vec::new();
@@ -551,6 +558,72 @@ pub fn audit_log_verify(data: &[u8]) {
         if let Some(h) = &log.last_head {
             assert_eq!(log.tree.root_at(h.size).ok(), Some(h.root));
         }
+        let mut torn = sealed.clone();
+        torn.extend_from_slice(rest);
+        if let Ok(r) = recover_log(&torn, &v) {
+            assert_eq!(r.log, log, "a cut removed verified history");
+            if let Some(t) = r.torn {
+                assert_eq!(t.offset, sealed.len(), "a cut reached into what verified");
+            }
+        }
+        cuts_in_the_last_append_are_torn(&sealed, &log, data.len(), &v);
+    }
+}
+
+/// A torn tail is the end of the input, and what comes before it verifies
+/// alone as the log returned.
+fn torn_tail_holds_together(data: &[u8], v: &InsecureCrypto) {
+    let Ok(r) = recover_log(data, v) else {
+        return;
+    };
+    let Some(t) = r.torn else {
+        return;
+    };
+    assert!(t.len > 0);
+    assert_eq!(t.offset + t.len, data.len());
+    match verify_log(&data[..t.offset], v) {
+        Ok(before) => assert_eq!(before, r.log),
+        Err(e) => panic!("the log before a torn tail does not verify: {e}"),
+    }
+}
+
+/// In a log whose last append is one record then its head, after a head
+/// or the header, a cut anywhere inside that append (at `pick`, modulo)
+/// is torn back to exactly where the append began.
+fn cuts_in_the_last_append_are_torn(
+    sealed: &[u8],
+    log: &VerifiedLog,
+    pick: usize,
+    v: &InsecureCrypto,
+) {
+    let kind = |off: usize| {
+        let (frame, _) = split_frame(&sealed[off..]).ok()??;
+        postcard::from_bytes::<LogEntry>(frame).ok()
+    };
+    let at = entry_offsets(sealed);
+    let [.., (before, _), (record, _), (head, head_len)] = at.as_slice() else {
+        return;
+    };
+    let shape = (kind(*before), kind(*record), kind(*head));
+    if !matches!(
+        shape,
+        (
+            Some(LogEntry::Header { .. } | LogEntry::TreeHead(_)),
+            Some(LogEntry::Record { .. }),
+            Some(LogEntry::TreeHead(_))
+        )
+    ) {
+        return;
+    }
+    let end = head + head_len;
+    let cut = record + 1 + pick % (end - record - 1);
+    match recover_log(&sealed[..cut], v) {
+        Ok(r) => {
+            let t = r.torn.expect("a cut inside the last append is torn");
+            assert_eq!(t.offset, *record);
+            assert_eq!(r.log.records.len() + 1, log.records.len());
+        }
+        Err(e) => panic!("a cut at {cut} inside the last append is refused: {e}"),
     }
 }
 

@@ -534,6 +534,15 @@ fn write_trust_seed_corpus_when_asked() {
     write("audit_log_verify", "seed-destination", &dst);
     write("audit_log_verify", "seed-edited", &edited);
     write("audit_log_verify", "seed-cut", &src[..src.len() - 7]);
+    // Torn appends: a record without its head, and a record cut short.
+    let (last_record, _) = entries[entries.len() - 2];
+    let (last_head, _) = entries[entries.len() - 1];
+    write("audit_log_verify", "seed-torn-record", &src[..last_head]);
+    write(
+        "audit_log_verify",
+        "seed-torn-prefix",
+        &src[..last_record + 20],
+    );
     write("audit_log_verify", "seed-header", &src[..entries[1].0]);
 
     let v = fuzz::InsecureCrypto(String::new());

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use convoy_agent::trust::identity::TrustBundle;
 use convoy_agent::trust::pki::Pki;
-use convoy_protocol::audit::{verify_log, AuditEvent, VerifiedLog};
+use convoy_protocol::audit::{recover_log, verify_log, AuditEvent, TornTail, VerifiedLog};
 use convoy_protocol::evidence::{
     build_bundle, check_bundle, BundleSummary, SideSummary, MAX_BUNDLE_LEN,
 };
@@ -25,6 +25,9 @@ use crate::render;
 #[derive(Subcommand, Debug)]
 pub enum Audit {
     /// Verify a whole log: chain, every signature, sequence, tree heads.
+    /// A log that ends in a torn append (a crash in the middle of a write;
+    /// the agent cuts it at its next start) is reported as such, with what
+    /// verifies before it, and fails.
     Verify {
         /// The log file (an agent's STATE_DIR/audit.log).
         file: PathBuf,
@@ -100,8 +103,18 @@ async fn fetch(g: &Global, trust: &TrustBundle, out: &Path) -> Result<()> {
     let cl = crate::conn::client(g).await?;
     let bytes = cl.audit_log().await;
     cl.close().await;
-    let bytes = bytes?;
-    let log = verify_log(&bytes, trust).context("the fetched log is not intact")?;
+    let mut bytes = bytes?;
+    let r = recover_log(&bytes, trust).context("the fetched log is not intact")?;
+    // A torn tail in a live agent's log is an append in progress as the
+    // log was read: what is written is the log up to its last tree head.
+    if let Some(t) = r.torn {
+        bytes.truncate(t.offset);
+        eprintln!(
+            "note: the last {} bytes were an append in progress and are left out",
+            t.len
+        );
+    }
+    let log = r.log;
     std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     if g.json {
         return render::json(&serde_json::json!({
@@ -218,18 +231,25 @@ fn read_log(trust: &TrustBundle, file: &Path, owner: Option<&SpiffeId>) -> Resul
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let log =
         verify_log(&bytes, trust).with_context(|| format!("{} is not intact", file.display()))?;
-    if let Some(owner) = owner {
-        if &log.agent != owner {
-            bail!(
-                "{} is the log of {}, not of {owner}",
-                file.display(),
-                log.agent
-            );
-        }
-    }
+    owned_by(file, &log, owner)?;
     Ok(log)
 }
 
+/// With `owner`, the log must be that agent's.
+fn owned_by(file: &Path, log: &VerifiedLog, owner: Option<&SpiffeId>) -> Result<()> {
+    match owner {
+        Some(owner) if &log.agent != owner => bail!(
+            "{} is the log of {}, not of {owner}",
+            file.display(),
+            log.agent
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `audit verify` and `audit show`. A torn tail fails (status 1) after
+/// what verifies before it is printed: the log is not whole until the
+/// agent has cut it and recorded the cut.
 fn log(
     g: &Global,
     trust: &TrustBundle,
@@ -237,7 +257,11 @@ fn log(
     owner: Option<&SpiffeId>,
     show: bool,
 ) -> Result<()> {
-    let log = read_log(trust, file, owner)?;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let recovered =
+        recover_log(&bytes, trust).with_context(|| format!("{} is not intact", file.display()))?;
+    let (log, torn_tail) = (recovered.log, recovered.torn);
+    owned_by(file, &log, owner)?;
     let head = log.last_head.as_ref();
     if g.json {
         let records: Vec<serde_json::Value> = log
@@ -245,34 +269,63 @@ fn log(
             .iter()
             .map(|r| serde_json::json!({ "seq": r.seq, "at_unix": r.at_unix, "event": describe(&r.event) }))
             .collect();
-        return render::json(&serde_json::json!({
-            "verified": true,
+        render::json(&serde_json::json!({
+            "verified": torn_tail.is_none(),
             "agent": log.agent.to_string(),
             "records": if show { serde_json::Value::Array(records) } else { log.records.len().into() },
             "tree_size": head.map(|h| h.size),
             "root": head.map(|h| h.root.to_hex()),
-            "unanchored": log.unanchored,
-        }));
-    }
-    if show {
-        println!("{:>5}  {:>10}  event", "seq", "time");
-        for r in &log.records {
-            println!("{:>5}  {:>10}  {}", r.seq, r.at_unix, describe(&r.event));
+            "torn_tail": torn_tail.map(|t| serde_json::json!({
+                "offset": t.offset,
+                "entry": t.entry,
+                "bytes": t.len,
+                "whole_record": t.whole_record,
+            })),
+        }))?;
+    } else {
+        if show {
+            println!("{:>5}  {:>10}  event", "seq", "time");
+            for r in &log.records {
+                println!("{:>5}  {:>10}  {}", r.seq, r.at_unix, describe(&r.event));
+            }
         }
+        println!(
+            "{}: {} records by {}, signed tree head size {} root {}",
+            if torn_tail.is_some() {
+                "verified up to a torn tail"
+            } else {
+                "verified"
+            },
+            log.records.len(),
+            log.agent,
+            head.map_or(0, |h| h.size),
+            head.map_or_else(|| "-".into(), |h| h.root.to_hex()[..16].to_string()),
+        );
     }
-    println!(
-        "verified: {} records by {}, signed tree head size {} root {}{}",
-        log.records.len(),
-        log.agent,
-        head.map_or(0, |h| h.size),
-        head.map_or_else(|| "-".into(), |h| h.root.to_hex()[..16].to_string()),
-        if log.unanchored > 0 {
-            format!(" ({} records after the last head)", log.unanchored)
+    match torn_tail {
+        Some(t) => Err(torn(file, &t)),
+        None => Ok(()),
+    }
+}
+
+/// What an operator reads about a torn tail.
+fn torn(file: &Path, t: &TornTail) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} ends in a torn append: {} bytes from byte {} (entry {}) after the last signed tree head{}, \
+         left by a crash in the middle of a write; everything before verifies. The agent cuts them \
+         off at its next start, keeps them in {}.torn-{}-… and records the cut",
+        file.display(),
+        t.len,
+        t.offset,
+        t.entry,
+        if t.whole_record {
+            " (a whole record without its head)"
         } else {
-            String::new()
-        }
-    );
-    Ok(())
+            ""
+        },
+        file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        t.offset
+    )
 }
 
 fn prove(
@@ -501,6 +554,15 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::PolicyRejected { reason } => {
             format!("policy reload refused, previous policy kept: {reason}")
         }
+        AuditEvent::TornTailCut {
+            offset,
+            bytes,
+            digest,
+        } => format!(
+            "torn last append cut off at start: {bytes} bytes from byte {offset} (BLAKE3 {digest}), \
+             kept next to the log as .torn-{offset}-{}",
+            &digest.to_hex()[..16]
+        ),
         other => format!("{other:?}"),
     }
 }

@@ -5,7 +5,9 @@
 //! found.
 
 use convoy_agent::lab::Lab;
-use convoy_protocol::audit::{entry_offsets, verify_log, AuditEvent, AuditRecord, LogFault};
+use convoy_protocol::audit::{
+    entry_offsets, torn_digest, verify_log, AuditEvent, AuditRecord, LogFault,
+};
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::evidence::{build_bundle, check_bundle, EvidenceError, RecordProblem, Side};
 use convoy_protocol::receipt::{Receipt, ReceiptKind};
@@ -79,7 +81,6 @@ async fn both_logs_record_the_migration_and_verify_offline() {
 
     let va = verify_log(&a_log, &lab.trust).unwrap();
     assert_eq!(va.agent.name().as_str(), "a");
-    assert_eq!(va.unanchored, 0);
     let events: Vec<AuditEvent> = va.records.iter().map(|r| r.event.clone()).collect();
     assert_eq!(
         kinds(&events),
@@ -169,9 +170,17 @@ async fn edits_cuts_and_reorderings_of_a_log_are_detected() {
     assert_eq!(e.entry, 5, "{e}");
     assert!(e.to_string().contains(&format!("byte {off}")), "{e}");
 
-    // A cut inside an entry.
+    // A cut inside an entry (record 2's head): a torn append, located where
+    // it begins (the agent would cut it at start and record the cut).
     let e = verify_log(&log[..at[6].0 + 3], &lab.trust).unwrap_err();
-    assert_eq!(e.what, LogFault::Truncated, "{e}");
+    assert_eq!(
+        e.what,
+        LogFault::TornTail {
+            len: at[6].0 + 3 - at[5].0
+        },
+        "{e}"
+    );
+    assert_eq!((e.entry, e.offset), (5, at[5].0));
 
     // A deleted record (entry 3 and its head).
     let mut deleted = log[..at[3].0].to_vec();
@@ -296,4 +305,75 @@ async fn an_evidence_bundle_proves_a_migration_offline_and_a_swapped_receipt_is_
         e.to_string().contains("Ready receipt is for migration"),
         "{e}"
     );
+}
+
+/// A kill in the middle of an append, as a stopped agent's log cut inside
+/// its last append shows it: the agent starts again, cuts the torn bytes
+/// off (kept next to the log), records the cut and serves; its log
+/// verifies and keeps every record under a signed head. Damage before the
+/// last head instead stops the start with the entry and byte named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_audit_tail_is_cut_at_restart_and_other_damage_stops_the_start() {
+    let (_dir, mut lab) = lab(&["a"]).await;
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("vm", 4 << 20, 0)).await.unwrap();
+    a.close().await;
+    lab.stop_agent("a").await.unwrap();
+    let path = lab.audit_log("a");
+    let whole = std::fs::read(&path).unwrap();
+    let before = verify_log(&whole, &lab.trust).unwrap();
+    let at = entry_offsets(&whole);
+    // The last append: its record whole, its head cut in the middle.
+    let (record, _) = at[at.len() - 2];
+    let (head, head_len) = at[at.len() - 1];
+    let cut = head + head_len / 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut as u64)
+        .unwrap();
+    let e = verify_log(&std::fs::read(&path).unwrap(), &lab.trust).unwrap_err();
+    assert!(matches!(e.what, LogFault::TornTail { .. }), "{e}");
+
+    lab.start_agent("a").await.unwrap();
+    let a = lab.client("a").await.unwrap();
+    let served = a.audit_log().await.unwrap();
+    a.close().await;
+    lab.stop_agent("a").await.unwrap();
+    let after = verify_log(&std::fs::read(&path).unwrap(), &lab.trust).unwrap();
+    assert!(verify_log(&served, &lab.trust).is_ok());
+    let n = before.records.len();
+    assert_eq!(after.records[..n - 1], before.records[..n - 1]);
+    let digest = torn_digest(&whole[record..cut]);
+    assert_eq!(
+        after.records[n - 1].event,
+        AuditEvent::TornTailCut {
+            offset: record as u64,
+            bytes: (cut - record) as u64,
+            digest,
+        }
+    );
+    assert!(matches!(
+        after.records[n].event,
+        AuditEvent::AgentStarted { .. }
+    ));
+    let kept = path.with_file_name(format!(
+        "audit.log.torn-{record}-{}",
+        &digest.to_hex()[..16]
+    ));
+    assert_eq!(std::fs::read(&kept).unwrap(), whole[record..cut]);
+
+    // An edited byte in record 1 (entry 3), before the last head.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (off, len) = entry_offsets(&bytes)[3];
+    bytes[off + len / 2] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = lab.start_agent("a").await.unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("entry 3 (byte {off})")),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing cut");
+    lab.shutdown().await;
 }

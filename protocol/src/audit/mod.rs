@@ -17,6 +17,25 @@
 //! verifier returns the last signed tree head, to compare with one held
 //! elsewhere (an evidence bundle, another agent, the operator).
 //!
+//! # A torn tail
+//!
+//! An append is one write of a record and its tree head, then one fsync;
+//! the step it records goes on only after the fsync. A crash (a kill, a
+//! power cut) between the two can leave any prefix of those bytes after
+//! the last tree head: a *torn tail*. [`recover_log`] tells it apart from
+//! any other damage ([`tail`] says exactly what it accepts) and returns
+//! where to cut the file back to the last tree head; [`verify_log`]
+//! refuses it ([`LogFault::TornTail`]): a torn log is not a verified log
+//! until the agent has cut it and recorded the cut
+//! ([`AuditEvent::TornTailCut`]). Nothing a tree head has signed is ever
+//! cut: the cut starts at the end of the last verifying head, and bytes
+//! after it that hide a verifying head of a later size are corruption.
+//!
+//! ```text
+//! header | record 0 | head 1 | record 1 | head 2 | rec…      <- torn tail
+//!                                               ^ cut here (TornTail::offset)
+//! ```
+//!
 //! Records and tree heads are signed statements like tickets and receipts,
 //! each kind under its own context ([`RECORD_CONTEXT`], [`HEAD_CONTEXT`]),
 //! but not in the [`crate::signed::Signed`] envelope: the log names its
@@ -26,6 +45,8 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+pub mod tail;
 
 use crate::digest::Digest;
 use crate::frame::{split_frame, FrameError};
@@ -131,6 +152,25 @@ pub enum AuditEvent {
         /// Milliseconds since the migration started on this agent.
         after_ms: u64,
     },
+    /// At start, the agent cut a torn last append off its log (a crash in
+    /// the middle of a write; see the module docs) and kept the bytes in a
+    /// file next to the log. Appended after the other variants: older logs
+    /// lack it, and their records still decode.
+    TornTailCut {
+        /// The log's length after the cut: where the torn bytes began.
+        offset: u64,
+        /// How many bytes were cut.
+        bytes: u64,
+        /// [`torn_digest`] (plain BLAKE3, as `b3sum` prints it) of the cut
+        /// bytes.
+        digest: Digest,
+    },
+}
+
+/// The digest recorded for cut bytes ([`AuditEvent::TornTailCut`]): plain
+/// BLAKE3, so that `b3sum` of the kept copy shows the same value.
+pub fn torn_digest(bytes: &[u8]) -> Digest {
+    Digest(*blake3::hash(bytes).as_bytes())
 }
 
 /// One signed entry of the log.
@@ -304,6 +344,36 @@ pub enum LogFault {
     /// No entry at all.
     #[error("empty log")]
     Empty,
+    /// A torn last append: bytes after the last tree head that a crash in
+    /// the middle of a write leaves ([`recover_log`] says where to cut).
+    #[error(
+        "torn last append: {len} bytes after the last tree head, left by a crash in the middle \
+         of a write (the agent cuts them at its next start and records the cut)"
+    )]
+    TornTail {
+        /// Bytes from the end of the last tree head to the end of the file.
+        len: usize,
+    },
+    /// A second entry after a record whose tree head is missing: one
+    /// append writes one record, then its head, so this is no torn tail.
+    #[error("another entry after a record whose tree head is missing (not a torn append)")]
+    UnanchoredRecord,
+    /// The file ends inside an entry that cannot be the rest of an append.
+    #[error("the file ends inside an entry that is not the next append: {0}")]
+    Partial(#[source] tail::PartialFault),
+    /// The bytes after the last verifying tree head hold a tree head,
+    /// signed by the log's key, of a later size: verified history, hidden
+    /// by damage before it, that a cut would drop.
+    #[error(
+        "a signed tree head of size {size} at byte {at} lies after the damage: \
+         history after it would be lost, so this is no torn tail"
+    )]
+    HiddenHead {
+        /// Its byte offset in the file.
+        at: usize,
+        /// Its size.
+        size: u64,
+    },
 }
 
 /// Why an entry cannot be encoded.
@@ -369,114 +439,252 @@ pub struct VerifiedLog {
     /// When the log was created (the header's time, at which the chain
     /// was verified).
     pub created_at_unix: u64,
-    /// Every record, in order.
+    /// Every record, in order (each under a tree head).
     pub records: Vec<AuditRecord>,
     /// Every record as signed, in the same order as `records` (record `i`
     /// is leaf `i` of `tree`).
     pub signed: Vec<SignedRecord>,
     /// The last signed tree head, if any.
     pub last_head: Option<SignedTreeHead>,
-    /// Records after the last tree head (a crash between the two writes).
-    pub unanchored: u64,
     /// The log tree over every record, to append to.
     pub tree: LogTree,
 }
 
-/// Verifies a whole log file (see the module docs).
-pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<VerifiedLog, AuditError> {
-    let mut offset = 0;
-    let mut entry = 0;
-    let err = |entry, offset, what: LogFault| AuditError {
-        entry,
-        offset,
-        what,
-    };
-    let mut agent: Option<(SpiffeId, Vec<u8>)> = None;
-    let mut header = (Vec::new(), 0);
-    let mut tree = LogTree::new();
-    let mut records = Vec::new();
-    let mut signed = Vec::new();
-    let mut last_head = None;
-    while offset < bytes.len() {
-        let (frame, used) = match split_frame(&bytes[offset..]) {
-            Ok(Some(f)) => f,
-            Ok(None) => return Err(err(entry, offset, LogFault::Truncated)),
-            Err(e) => return Err(err(entry, offset, LogFault::Frame(e))),
+/// A log as read back after a crash ([`recover_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredLog {
+    /// Everything up to the end of the last tree head (or of the header),
+    /// verified.
+    pub log: VerifiedLog,
+    /// The torn last append after it, to cut off.
+    pub torn: Option<TornTail>,
+}
+
+/// Bytes after the last tree head that a crash in the middle of one append
+/// leaves ([`tail`] says what qualifies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornTail {
+    /// Where the torn append begins: the end of the last tree head, or of
+    /// the header. The file is cut back to this length.
+    pub offset: usize,
+    /// Index of the entry the append began.
+    pub entry: usize,
+    /// Bytes from `offset` to the end of the file.
+    pub len: usize,
+    /// Whether the append's record is whole (and verifies), only its tree
+    /// head missing or cut short.
+    pub whole_record: bool,
+}
+
+/// Where an entry starts: its index and byte offset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) entry: usize,
+    pub(crate) offset: usize,
+}
+
+impl Position {
+    pub(crate) fn fault(self, what: LogFault) -> AuditError {
+        AuditError {
+            entry: self.entry,
+            offset: self.offset,
+            what,
+        }
+    }
+}
+
+/// The state of a log read entry by entry.
+#[derive(Default)]
+struct Walk {
+    /// The owner and its leaf certificate, once the header verified.
+    agent: Option<(SpiffeId, Vec<u8>)>,
+    header: (Vec<Vec<u8>>, u64),
+    tree: LogTree,
+    records: Vec<AuditRecord>,
+    signed: Vec<SignedRecord>,
+    last_head: Option<SignedTreeHead>,
+    /// Where the entry after the last tree head (or the header) starts.
+    anchor: Position,
+}
+
+impl Walk {
+    /// Verifies entries until the end or the first that fails: a frame
+    /// cut short gives [`LogFault::Truncated`].
+    fn run(bytes: &[u8], verifier: &dyn ChainVerifier) -> (Walk, Result<(), AuditError>) {
+        let mut w = Walk::default();
+        let mut at = Position {
+            entry: 0,
+            offset: 0,
         };
-        let e: LogEntry = match postcard::from_bytes(frame) {
-            Ok(e) => e,
-            Err(e) => return Err(err(entry, offset, LogFault::Entry(e))),
-        };
-        match (e, &agent) {
-            (LogEntry::Header { chain, at_unix }, None) => {
-                if !chain_in_bounds(&chain) {
-                    return Err(err(entry, offset, LogFault::ChainOutOfBounds));
-                }
-                let id = verifier
-                    .verify_chain(&chain, at_unix)
-                    .map_err(|e| err(entry, offset, LogFault::HeaderChain(Box::new(e))))?;
-                agent = Some((id, chain[0].clone()));
-                header = (chain, at_unix);
+        while at.offset < bytes.len() {
+            let (frame, used) = match split_frame(&bytes[at.offset..]) {
+                Ok(Some(f)) => f,
+                Ok(None) => return (w, Err(at.fault(LogFault::Truncated))),
+                Err(e) => return (w, Err(at.fault(LogFault::Frame(e)))),
+            };
+            let step = postcard::from_bytes(frame)
+                .map_err(LogFault::Entry)
+                .and_then(|e| w.entry(e, verifier));
+            if let Err(what) = step {
+                return (w, Err(at.fault(what)));
             }
-            (LogEntry::Header { .. }, Some(_)) => {
-                return Err(err(entry, offset, LogFault::SecondHeader))
-            }
-            (_, None) => return Err(err(entry, offset, LogFault::NoHeader)),
-            (LogEntry::Record { body, signature }, Some((_, leaf))) => {
-                verify_record(verifier, leaf, &body, &signature)
-                    .map_err(|e| err(entry, offset, LogFault::RecordSignature(e)))?;
-                let r: AuditRecord = postcard::from_bytes(&body)
-                    .map_err(|e| err(entry, offset, LogFault::Record(e)))?;
-                if r.seq != records.len() as u64 {
-                    return Err(err(
-                        entry,
-                        offset,
-                        LogFault::Sequence {
-                            seq: r.seq,
-                            expected: records.len() as u64,
-                        },
-                    ));
-                }
-                tree.push(log_leaf(&body));
-                records.push(r);
-                signed.push(SignedRecord { body, signature });
-            }
-            (LogEntry::TreeHead(h), Some((_, leaf))) => {
-                if h.size != tree.len() {
-                    return Err(err(
-                        entry,
-                        offset,
-                        LogFault::HeadSize {
-                            size: h.size,
-                            records: tree.len(),
-                        },
-                    ));
-                }
-                if h.root != tree.root() {
-                    return Err(err(entry, offset, LogFault::HeadRoot));
-                }
-                h.verify(verifier, leaf)
-                    .map_err(|e| err(entry, offset, LogFault::HeadSignature(e)))?;
-                last_head = Some(h);
+            at.offset += used;
+            at.entry += 1;
+            if w.agent.is_some() && w.records.len() as u64 == w.anchored() {
+                w.anchor = at;
             }
         }
-        offset += used;
-        entry += 1;
+        (w, Ok(()))
     }
-    let Some((agent, _)) = agent else {
-        return Err(err(0, 0, LogFault::Empty));
+
+    /// Records under the last tree head.
+    fn anchored(&self) -> u64 {
+        self.last_head.as_ref().map_or(0, |h| h.size)
+    }
+
+    fn entry(&mut self, e: LogEntry, verifier: &dyn ChainVerifier) -> Result<(), LogFault> {
+        let Some((_, leaf)) = &self.agent else {
+            return match e {
+                LogEntry::Header { chain, at_unix } => self.header(chain, at_unix, verifier),
+                _ => Err(LogFault::NoHeader),
+            };
+        };
+        match e {
+            LogEntry::Header { .. } => return Err(LogFault::SecondHeader),
+            LogEntry::Record { body, signature } => {
+                let r = check_record(verifier, leaf, &body, &signature, self.tree.len())?;
+                self.tree.push(log_leaf(&body));
+                self.records.push(r);
+                self.signed.push(SignedRecord { body, signature });
+            }
+            LogEntry::TreeHead(h) => {
+                if h.size != self.tree.len() {
+                    return Err(LogFault::HeadSize {
+                        size: h.size,
+                        records: self.tree.len(),
+                    });
+                }
+                if h.root != self.tree.root() {
+                    return Err(LogFault::HeadRoot);
+                }
+                h.verify(verifier, leaf).map_err(LogFault::HeadSignature)?;
+                self.last_head = Some(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn header(
+        &mut self,
+        chain: Vec<Vec<u8>>,
+        at_unix: u64,
+        verifier: &dyn ChainVerifier,
+    ) -> Result<(), LogFault> {
+        if !chain_in_bounds(&chain) {
+            return Err(LogFault::ChainOutOfBounds);
+        }
+        let id = verifier
+            .verify_chain(&chain, at_unix)
+            .map_err(|e| LogFault::HeaderChain(Box::new(e)))?;
+        self.agent = Some((id, chain[0].clone()));
+        self.header = (chain, at_unix);
+        Ok(())
+    }
+
+    /// The log up to its last tree head: a record after it (its head torn
+    /// off) is dropped.
+    fn into_log(mut self, agent: SpiffeId) -> VerifiedLog {
+        let n = crate::page::saturating_usize(self.anchored());
+        if self.records.len() > n {
+            self.records.truncate(n);
+            self.signed.truncate(n);
+            self.tree = LogTree::from_leaves(self.tree.leaves()[..n].to_vec());
+        }
+        VerifiedLog {
+            agent,
+            chain: self.header.0,
+            created_at_unix: self.header.1,
+            records: self.records,
+            signed: self.signed,
+            last_head: self.last_head,
+            tree: self.tree,
+        }
+    }
+}
+
+/// Checks a record's signature by `leaf` and that it is record `seq`.
+pub(crate) fn check_record(
+    verifier: &dyn ChainVerifier,
+    leaf: &[u8],
+    body: &[u8],
+    signature: &[u8],
+    seq: u64,
+) -> Result<AuditRecord, LogFault> {
+    verify_record(verifier, leaf, body, signature).map_err(LogFault::RecordSignature)?;
+    let r: AuditRecord = postcard::from_bytes(body).map_err(LogFault::Record)?;
+    if r.seq != seq {
+        return Err(LogFault::Sequence {
+            seq: r.seq,
+            expected: seq,
+        });
+    }
+    Ok(r)
+}
+
+/// Reads a log that may end in a torn append (see the module docs): the
+/// log up to its last tree head, verified, and the torn bytes after it, if
+/// any. Any other damage is an error naming the entry and byte.
+pub fn recover_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<RecoveredLog, AuditError> {
+    let (walk, end) = Walk::run(bytes, verifier);
+    let Some((agent, leaf)) = walk.agent.clone() else {
+        // No header to cut back to. The agent writes a new log's header
+        // before the file gets its name, so no crash leaves a torn one.
+        return Err(end.err().unwrap_or(AuditError {
+            entry: 0,
+            offset: 0,
+            what: LogFault::Empty,
+        }));
     };
-    let anchored = last_head.as_ref().map_or(0, |h| h.size);
-    Ok(VerifiedLog {
-        agent,
-        chain: header.0,
-        created_at_unix: header.1,
-        unanchored: records.len() as u64 - anchored,
-        records,
-        signed,
-        last_head,
-        tree,
+    match end {
+        // A whole entry that does not verify is never a torn write.
+        Err(e) if e.what != LogFault::Truncated => return Err(e),
+        _ if walk.anchor.offset == bytes.len() => {
+            return Ok(RecoveredLog {
+                log: walk.into_log(agent),
+                torn: None,
+            })
+        }
+        _ => {}
+    }
+    let tail = tail::Tail {
+        bytes: &bytes[walk.anchor.offset..],
+        at: walk.anchor,
+        seq: walk.anchored(),
+        tree: LogTree::from_leaves(
+            walk.tree.leaves()[..crate::page::saturating_usize(walk.anchored())].to_vec(),
+        ),
+        leaf: &leaf,
+    };
+    let torn = tail.check(verifier)?;
+    Ok(RecoveredLog {
+        log: walk.into_log(agent),
+        torn: Some(torn),
     })
+}
+
+/// Verifies a whole log file (see the module docs). A torn tail is an
+/// error here ([`LogFault::TornTail`], at the entry and byte where it
+/// begins); [`recover_log`] accepts it.
+pub fn verify_log(bytes: &[u8], verifier: &dyn ChainVerifier) -> Result<VerifiedLog, AuditError> {
+    let r = recover_log(bytes, verifier)?;
+    match r.torn {
+        None => Ok(r.log),
+        Some(t) => Err(AuditError {
+            entry: t.entry,
+            offset: t.offset,
+            what: LogFault::TornTail { len: t.len },
+        }),
+    }
 }
 
 /// Byte offsets of each entry of a log (for tests and tools that cut or
@@ -495,85 +703,4 @@ pub fn entry_offsets(bytes: &[u8]) -> Vec<(usize, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fuzz::InsecureCrypto;
-
-    fn log(n: u64) -> Vec<u8> {
-        let c = InsecureCrypto("spiffe://t/agent/a".into());
-        let mut bytes = encode_entry(&LogEntry::Header {
-            chain: c.chain(),
-            at_unix: 1000,
-        })
-        .unwrap();
-        let mut tree = LogTree::new();
-        for i in 0..n {
-            let event = AuditEvent::Refused {
-                migration: None,
-                peer: format!("peer {i}"),
-                reason: "test".into(),
-            };
-            for e in append(&mut tree, i, 1000 + i, event, &c).unwrap() {
-                bytes.extend(encode_entry(&e).unwrap());
-            }
-        }
-        bytes
-    }
-
-    fn verify(b: &[u8]) -> Result<VerifiedLog, AuditError> {
-        verify_log(b, &InsecureCrypto("unused".into()))
-    }
-
-    #[test]
-    fn a_written_log_verifies() {
-        let v = verify(&log(5)).unwrap();
-        assert_eq!(v.records.len(), 5);
-        assert_eq!(v.agent.to_string(), "spiffe://t/agent/a");
-        assert_eq!(v.last_head.unwrap().size, 5);
-        assert_eq!(v.unanchored, 0);
-        // The signed records as written: leaf i of the tree is record i.
-        assert_eq!(v.created_at_unix, 1000);
-        assert_eq!(v.chain, vec![b"spiffe://t/agent/a".to_vec()]);
-        let leaves: Vec<Digest> = v.signed.iter().map(|r| log_leaf(&r.body)).collect();
-        assert_eq!(leaves, v.tree.leaves());
-    }
-
-    #[test]
-    fn edits_deletions_reorderings_and_cuts_are_found_and_located() {
-        let good = log(4);
-        let at = entry_offsets(&good);
-        // Edit a byte inside record 2 (entry 5: header, r0, h0, r1, h1, r2).
-        let mut edited = good.clone();
-        let (off, len) = at[5];
-        edited[off + len - 70] ^= 1;
-        let e = verify(&edited).unwrap_err();
-        assert_eq!(e.entry, 5, "{e}");
-        // Delete record 1 and its head.
-        let mut deleted = good[..at[3].0].to_vec();
-        deleted.extend_from_slice(&good[at[5].0..]);
-        let e = verify(&deleted).unwrap_err();
-        assert!(matches!(e.what, LogFault::Sequence { .. }), "{e}");
-        // Swap records 1 and 2 (with their heads).
-        let mut swapped = good[..at[3].0].to_vec();
-        swapped.extend_from_slice(&good[at[5].0..at[7].0]);
-        swapped.extend_from_slice(&good[at[3].0..at[5].0]);
-        swapped.extend_from_slice(&good[at[7].0..]);
-        assert!(verify(&swapped).is_err());
-        // Cut inside the last entry.
-        let cut = &good[..good.len() - 3];
-        let e = verify(cut).unwrap_err();
-        assert_eq!(e.what, LogFault::Truncated, "{e}");
-        // Whole trailing entries removed: valid, but shorter — visible by
-        // comparing the last head with one held elsewhere.
-        let shorter = verify(&good[..at[5].0]).unwrap();
-        assert_eq!(shorter.last_head.unwrap().size, 2);
-    }
-
-    #[test]
-    fn a_log_must_start_with_a_header() {
-        let good = log(1);
-        let at = entry_offsets(&good);
-        let e = verify(&good[at[1].0..]).unwrap_err();
-        assert_eq!(e.what, LogFault::NoHeader, "{e}");
-    }
-}
+mod tests;
