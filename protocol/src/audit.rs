@@ -131,6 +131,21 @@ pub enum AuditEvent {
         /// Milliseconds since the migration started on this agent.
         after_ms: u64,
     },
+    /// At start-up, the agent's journal held this migration unfinished
+    /// (in progress when the agent stopped, or in doubt): it is kept for
+    /// whoever resolves it. Appended after the first log format.
+    Unfinished {
+        /// Migration.
+        migration: MigrationId,
+        /// VM.
+        vm: VmName,
+        /// `source` or `destination`.
+        role: String,
+        /// The last decision recorded (`claimed`, `committed`, …).
+        phase: String,
+        /// The ownership epoch recorded (see `crate::journal`).
+        epoch: u64,
+    },
 }
 
 /// One signed entry of the log.

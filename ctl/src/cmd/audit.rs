@@ -501,6 +501,15 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::PolicyRejected { reason } => {
             format!("policy reload refused, previous policy kept: {reason}")
         }
+        AuditEvent::Unfinished {
+            migration,
+            vm,
+            role,
+            phase,
+            epoch,
+        } => format!(
+            "migration {migration} of {vm} found unfinished at start: {role}, {phase}, epoch {epoch}"
+        ),
         other => format!("{other:?}"),
     }
 }

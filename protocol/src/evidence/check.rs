@@ -255,6 +255,9 @@ impl<'a> Checker<'a> {
                 }
                 AuditEvent::Outcome { outcome, .. } => summary.outcomes.push(outcome),
                 AuditEvent::Phase { phase, .. } => summary.phases.push(phase),
+                AuditEvent::Unfinished { phase, epoch, .. } => summary.phases.push(format!(
+                    "found unfinished at the agent's start: {phase} (epoch {epoch})"
+                )),
                 AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
                 AuditEvent::Decision {
                     action,
@@ -448,5 +451,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::PolicyLoaded { .. } => "policy load",
         AuditEvent::PolicyRejected { .. } => "policy refusal",
         AuditEvent::Phase { .. } => "phase change",
+        AuditEvent::Unfinished { .. } => "unfinished migration",
     }
 }
