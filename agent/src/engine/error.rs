@@ -49,6 +49,9 @@ pub enum MigrateError {
     /// migration was being authorized: the decision was for the other one.
     #[error("VM {0} was replaced while the migration was being authorized; nothing moved")]
     Replaced(VmName),
+    /// The claim could not be recorded in the journal: the VM stays.
+    #[error("the migration could not be recorded in the journal; the VM stays here: {0}")]
+    Journal(#[source] crate::host::journal::JournalError),
 }
 
 impl MigrateError {
@@ -59,6 +62,7 @@ impl MigrateError {
             MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
             MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
             MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
+            MigrateError::Journal(_) => CtlErrorKind::Internal,
             _ => CtlErrorKind::BadRequest,
         }
     }
