@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::transport::{TransportError, Tuning};
 use crate::trust::identity::{self, Identity, TrustBundle};
+use convoy_protocol::journal::JournalPoint;
 
 /// Agent failures.
 #[derive(Debug, Error)]
@@ -70,22 +71,35 @@ pub enum StateError {
     /// The audit log.
     #[error(transparent)]
     Audit(#[from] crate::trust::audit::AuditLogError),
+    /// The migration journal.
+    #[error(transparent)]
+    Journal(#[from] crate::host::journal::JournalError),
 }
 
 /// A hook that alters outgoing page batches after the source has hashed
 /// them: for tests that prove tampering is caught.
 pub type TamperHook = Arc<dyn Fn(u32, &mut BatchHeader, &mut Vec<u8>) + Send + Sync>;
 
+/// A hook that sees every journal record this agent commits, in order:
+/// for tests of what is recorded when.
+pub type JournalHook = Arc<dyn Fn(&convoy_protocol::journal::JournalRecord) + Send + Sync>;
+
 /// Options that weaken Convoy's guarantees, for tests only.
 #[derive(Clone, Default)]
 pub struct DangerousOptions {
     pub(crate) tamper: Option<TamperHook>,
+    pub(crate) pause_at: Option<JournalPoint>,
+    pub(crate) fail_journal_at: Option<JournalPoint>,
+    pub(crate) journal_hook: Option<JournalHook>,
 }
 
 impl std::fmt::Debug for DangerousOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DangerousOptions")
             .field("tamper", &self.tamper.is_some())
+            .field("pause_at", &self.pause_at)
+            .field("fail_journal_at", &self.fail_journal_at)
+            .field("journal_hook", &self.journal_hook.is_some())
             .finish()
     }
 }
@@ -95,6 +109,27 @@ impl DangerousOptions {
     /// after its digests were computed, as an attacker on the path would.
     pub fn tamper_outgoing_batches(&mut self, hook: TamperHook) -> &mut Self {
         self.tamper = Some(hook);
+        self
+    }
+
+    /// Stops the migration that reaches `point` for ever, right after its
+    /// journal record is committed (logging `paused at POINT` to the log
+    /// and to stderr), so that a test can kill the agent there.
+    pub fn pause_at(&mut self, point: JournalPoint) -> &mut Self {
+        self.pause_at = Some(point);
+        self
+    }
+
+    /// Makes the journal's file fail from the write of `point`'s record
+    /// on, as a dead disk would: nothing from there is recorded.
+    pub fn fail_journal_at(&mut self, point: JournalPoint) -> &mut Self {
+        self.fail_journal_at = Some(point);
+        self
+    }
+
+    /// Calls `hook` with every journal record committed.
+    pub fn watch_journal(&mut self, hook: JournalHook) -> &mut Self {
+        self.journal_hook = Some(hook);
         self
     }
 }
@@ -286,5 +321,9 @@ impl AgentConfig {
 
     pub(crate) fn dangerous_tamper(&self) -> Option<TamperHook> {
         self.dangerous.tamper.clone()
+    }
+
+    pub(crate) fn dangerous_options(&self) -> &DangerousOptions {
+        &self.dangerous
     }
 }

@@ -116,6 +116,7 @@ pub struct LabAgent {
     config: AgentConfig,
     retained: crate::host::retain::RetainedImages,
     subjects: crate::host::VmSubjects,
+    journal: std::sync::Weak<crate::host::journal::Journal>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -366,6 +367,7 @@ impl Lab {
             config: cfg,
             retained: agent.2,
             subjects: agent.3,
+            journal: agent.4,
             stop: Some(stop),
             task: Some(task),
         });
@@ -382,6 +384,7 @@ impl Lab {
                 SpiffeId,
                 crate::host::retain::RetainedImages,
                 crate::host::VmSubjects,
+                std::sync::Weak<crate::host::journal::Journal>,
             ),
             oneshot::Sender<()>,
             JoinHandle<()>,
@@ -394,10 +397,11 @@ impl Lab {
         let (stop, rx) = oneshot::channel();
         let handle = agent.retained_images();
         let subjects = agent.vm_subjects();
+        let journal = agent.journal();
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        Ok(((addr, id, handle, subjects), stop, task))
+        Ok(((addr, id, handle, subjects, journal), stop, task))
     }
 
     /// Stops agent `name` and starts it again on the same address with the
@@ -454,7 +458,11 @@ impl Lab {
         let (launched, stop, task) = loop {
             match Lab::launch(a.config.clone()) {
                 Err(LabError::Agent(AgentError::State {
-                    source: StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen),
+                    source:
+                        StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen)
+                        | StateError::Journal(crate::host::journal::JournalError::Storage(
+                            redb::Error::DatabaseAlreadyOpen,
+                        )),
                     ..
                 })) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -464,9 +472,24 @@ impl Lab {
         };
         a.retained = launched.2;
         a.subjects = launched.3;
+        a.journal = launched.4;
         a.stop = Some(stop);
         a.task = Some(task);
         Ok(())
+    }
+
+    /// The migration journal of agent `name`, every record it keeps
+    /// (empty once the agent stopped).
+    pub fn journal(
+        &self,
+        name: &str,
+    ) -> Result<Vec<convoy_protocol::journal::JournalRecord>, LabError> {
+        match self.agent(name)?.journal.upgrade() {
+            Some(j) => j
+                .records()
+                .map_err(|e| LabError::Io(std::io::Error::other(e))),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The images agent `name` retained for VMs that left it (for tests:

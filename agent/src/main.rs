@@ -136,6 +136,13 @@ struct Args {
     /// or a migrate request past it is refused.
     #[arg(long, default_value = "2GiB", value_parser = convoy_agent::units::parse_size)]
     max_bookkeeping: u64,
+    /// DANGEROUS, tests only: stop every migration that reaches POINT
+    /// for ever, right after its journal record is committed (`paused at
+    /// POINT` on stderr), so a test can kill the agent there. POINT:
+    /// source-claimed, source-committed, destination-handover,
+    /// destination-started, source-started.
+    #[arg(long, hide = true, value_name = "POINT")]
+    dangerous_pause_at: Option<convoy_agent::host::journal::JournalPoint>,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {
@@ -274,6 +281,10 @@ async fn main() -> Result<()> {
         (config.tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5));
     config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
+    if let Some(point) = args.dangerous_pause_at {
+        tracing::warn!("DANGEROUS: migrations pause for ever at {point} (tests only)");
+        config.dangerous().pause_at(point);
+    }
     if let Some(images) = args.image_dir.clone() {
         if args.qemu_binaries.is_empty() {
             bail!("--image-dir needs at least one --qemu-binary");

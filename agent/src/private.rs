@@ -117,6 +117,21 @@ pub fn sync_dir_of(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Opens the file `path` for reading and writing, creating it if absent,
+/// and leaves it `0600` either way (a database the agent keeps across
+/// restarts). Only for files inside a directory the agent made private.
+pub fn open_or_create(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
+}
+
 /// The permission bits of `path` (for tests and checks).
 pub fn mode_of(path: &Path) -> io::Result<u32> {
     Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)

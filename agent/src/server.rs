@@ -46,7 +46,7 @@ impl Agent {
                 domain: config.trust.domain().clone(),
             });
         }
-        let (replay, audit, reset_key) = match &config.state_dir {
+        let (replay, audit, reset_key, journal) = match &config.state_dir {
             Some(dir) => {
                 let err = |source: StateError| AgentError::State {
                     path: dir.clone(),
@@ -63,7 +63,14 @@ impl Agent {
                     &config.trust,
                 )
                 .map_err(|e| err(e.into()))?;
-                (replay, Some(audit), reset_key)
+                let journal = crate::host::journal::Journal::open_with(
+                    &dir.join("journal.redb"),
+                    crate::host::journal::KEEP_SETTLED,
+                    config.dangerous_options().fail_journal_at,
+                )
+                .map_err(|e| err(e.into()))?;
+                report_unfinished(&journal, &audit);
+                (replay, Some(audit), reset_key, Arc::new(journal))
             }
             // Fail closed: without an audit log and a durable replay
             // cache the agent would act unaudited and accept a used
@@ -137,6 +144,7 @@ impl Agent {
                 bases,
                 budget,
                 recoveries: Mutex::new(HashMap::new()),
+                journal,
             }),
         };
         if let Some(p) = policy {
@@ -166,6 +174,11 @@ impl Agent {
     /// Our identity.
     pub fn id(&self) -> &SpiffeId {
         &self.host.id
+    }
+
+    /// The migration journal, as a handle that does not keep it open.
+    pub fn journal(&self) -> std::sync::Weak<crate::host::journal::Journal> {
+        Arc::downgrade(&self.host.journal)
     }
 
     /// Serves until `shutdown` completes, then closes every connection and
@@ -227,6 +240,48 @@ impl Agent {
         let vms: Vec<VmEntry> = self.host.vms().drain().map(|(_, e)| e).collect();
         for h in vms.into_iter().filter_map(|e| e.handle) {
             h.destroy().await;
+        }
+    }
+}
+
+/// Logs and audits the migrations the journal holds unfinished: they were
+/// in progress when the agent stopped, or are in doubt. They stay in the
+/// journal until someone resolves them.
+fn report_unfinished(
+    journal: &crate::host::journal::Journal,
+    audit: &crate::trust::audit::AuditLog,
+) {
+    let unfinished = match journal.unfinished() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("journal: cannot list the unfinished migrations: {e}");
+            return;
+        }
+    };
+    if unfinished.is_empty() {
+        return;
+    }
+    tracing::warn!(count = unfinished.len(), "unfinished migrations found");
+    for r in unfinished {
+        tracing::warn!(
+            migration = %r.migration,
+            vm = %r.vm,
+            role = %r.role,
+            peer = %r.peer,
+            phase = %r.phase,
+            epoch = %r.epoch,
+            held_here = r.held_here(),
+            "unfinished migration found"
+        );
+        let event = convoy_protocol::audit::AuditEvent::Unfinished {
+            migration: r.migration,
+            vm: r.vm.clone(),
+            role: r.role.name().into(),
+            phase: r.phase.name().into(),
+            epoch: r.epoch.0,
+        };
+        if let Err(e) = audit.record(event) {
+            tracing::error!("audit: {e}");
         }
     }
 }

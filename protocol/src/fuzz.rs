@@ -29,7 +29,8 @@ use crate::ticket::{SignedTicket, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT};
 mod source_run;
 
 pub use source_run::{
-    fuzz_leaf, op, source_ticket, SourceRun, DESTINATION_ID, SOURCE_ID, SOURCE_MIGRATION,
+    fuzz_leaf, op, source_ticket, SourceRun, COMMIT_FAILS, DESTINATION_ID, SOURCE_ID,
+    SOURCE_MIGRATION,
 };
 
 /// Splits frames off arbitrary bytes and decodes each, as a migration

@@ -48,6 +48,8 @@
 //!   [`model::MigrationPlan`] the operator's ticket signs.
 //! - [`admission`]: the destination's one check of a proposal against
 //!   its ticket, for every backend.
+//! - [`journal`]: the record an agent keeps durably about a migration in
+//!   progress, which decision may follow which, and the ownership epoch.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -65,6 +67,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod geometry;
 pub mod indoubt;
+pub mod journal;
 pub mod logtree;
 pub mod message;
 pub mod model;

@@ -593,6 +593,9 @@ enum Script {
     AbortAfterHandover,
     /// Asks for pages in post-copy, then goes on honestly.
     Faults,
+    /// Honest, but the source's driver cannot record the commit (its
+    /// journal fails): the source must roll back, never hand over.
+    CommitFails,
 }
 
 /// A receipt of the `source_sequence` destination.
@@ -688,7 +691,11 @@ fn source_convo(config: [u8; 2], dirty: u8, script: Script) -> Vec<u8> {
                 _ => continue,
             };
             let running = matches!(answer, Message::PostcopyRunning(_));
+            let ready = matches!(answer, Message::Ready(_));
             ops.push(message_op(&answer));
+            if ready && script == Script::CommitFails {
+                ops.push(vec![op::DRIVER_JOB, fuzz::COMMIT_FAILS]);
+            }
             if running && script == Script::Faults {
                 ops.push(message_op(&Message::Fetch(Fetch {
                     pages: vec![PageIndex(0), PageIndex(3)],
@@ -719,7 +726,21 @@ fn source_convo(config: [u8; 2], dirty: u8, script: Script) -> Vec<u8> {
         completes,
         "{outcome:?}"
     );
+    if script == Script::CommitFails {
+        assert!(
+            matches!(&outcome, Some(convoy_protocol::ctl::Outcome::Aborted(w)) if w.contains("could not be recorded")),
+            "{outcome:?}"
+        );
+    }
     input
+}
+
+/// A source whose driver cannot record the handover rolls back and sends
+/// `Abort`, never `Handover` (the run checks the second part itself).
+#[test]
+fn a_handover_that_cannot_be_recorded_is_not_made() {
+    let shape = 15 | 1 << 6;
+    source_convo([0b1000, shape], 0, Script::CommitFails);
 }
 
 /// Seeds of `source_sequence`: whole migrations in each mode, and a
@@ -779,6 +800,10 @@ fn write_source_seed_corpus_when_asked() {
         (
             "hostile-postcopy-abort-after-handover",
             source_convo([1, shape], 0, Script::AbortAfterHandover),
+        ),
+        (
+            "journal-fails-at-commit",
+            source_convo([precopy, shape], 0, Script::CommitFails),
         ),
     ];
     for (name, bytes) in &seeds {

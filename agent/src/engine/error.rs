@@ -63,6 +63,9 @@ pub enum MigrateError {
         /// The agent's limit.
         limit: u64,
     },
+    /// The claim could not be recorded in the journal: the VM stays.
+    #[error("the migration could not be recorded in the journal; the VM stays here: {0}")]
+    Journal(#[source] crate::host::journal::JournalError),
 }
 
 impl MigrateError {
@@ -74,6 +77,7 @@ impl MigrateError {
             MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
             MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
             MigrateError::Bookkeeping { .. } => CtlErrorKind::NoCapacity,
+            MigrateError::Journal(_) => CtlErrorKind::Internal,
             _ => CtlErrorKind::BadRequest,
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, Progress, VmState};
+use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::names::{MigrationId, SpiffeId};
 use tokio::sync::mpsc;
@@ -17,6 +18,7 @@ pub(crate) use crate::engine::error::MigrateError;
 use crate::engine::error::OptionsError;
 use crate::engine::native::source::Run;
 use crate::engine::qemu::source as qemu_source;
+use crate::host::journal::JournalChange;
 use crate::host::{ActiveGuard, Host, VmHandle};
 use crate::transport::{self, ALPN_AGENT};
 use crate::trust::policy::{Query, VmFacts};
@@ -188,8 +190,32 @@ pub(crate) async fn migrate(
         (claimed, back)
     };
     let (claimed, back) = claimed;
-    let _active = ActiveGuard::new(&host.active);
     let migration = ticket.ticket.id;
+    // The claim is on disk before the destination hears of it.
+    let claim = JournalRecord::claimed(
+        migration,
+        convoy_protocol::receipt::ticket_digest(&req.ticket),
+        dest_id.clone(),
+        req.vm.clone(),
+        Some(incarnation),
+        crate::trust::authz::now_unix(),
+    );
+    if let Err(e) = host.journal(JournalChange::Begin(claim)).await {
+        if let Some(entry) = host.vms().get_mut(&req.vm) {
+            if entry.incarnation == incarnation {
+                entry.state = VmState::Running;
+                entry.cancel = None;
+            }
+        }
+        let e = MigrateError::Journal(e);
+        host.audit(AuditEvent::Refused {
+            migration: Some(migration),
+            peer: caller.to_string(),
+            reason: e.to_string(),
+        });
+        return Err(e);
+    }
+    let _active = ActiveGuard::new(&host.active);
     let started = clock::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
     let creds = host.creds();
@@ -220,7 +246,7 @@ pub(crate) async fn migrate(
                 started,
             };
             let done = run.drive(conn).await;
-            return Ok(finish(&host, &req, migration, done.phases, done.report));
+            return Ok(finish(&host, &req, migration, done.phases, done.report).await);
         }
     };
 
@@ -261,7 +287,7 @@ pub(crate) async fn migrate(
         }
     };
     let phases = std::mem::take(&mut run.phases);
-    Ok(finish(&host, &req, migration, phases, report))
+    Ok(finish(&host, &req, migration, phases, report).await)
 }
 
 /// The VM a migration claimed.
@@ -277,8 +303,10 @@ enum Claimed {
     ),
 }
 
-/// Audits a finished migration (phases, receipts, outcome) and records it.
-fn finish(
+/// Audits a finished migration (phases, receipts, outcome), then records
+/// its outcome in the journal (the journal may forget a settled migration
+/// only once the audit log has it).
+async fn finish(
     host: &Arc<Host>,
     req: &MigrateRequest,
     migration: MigrationId,
@@ -310,6 +338,19 @@ fn finish(
             other => format!("{other:?}"),
         },
     });
+    let step = match &report.outcome {
+        Outcome::Completed => JournalStep::Complete,
+        Outcome::Aborted(_) => JournalStep::Abort,
+        _ => JournalStep::Doubt,
+    };
+    let ended = JournalChange::Advance {
+        migration,
+        role: JournalRole::Source,
+        step,
+    };
+    // A failure here leaves the record unfinished: kept, and reported at
+    // the next start (the engine already logged it).
+    let _ = host.journal(ended).await;
     host.record(report.clone());
     report
 }

@@ -1,11 +1,12 @@
 //! The host's state: one `Host` per agent, shared by the server, the
 //! operator API and every migration engine — the VM registry and its
 //! capacity, the credentials and policy in force, the audit log, the replay
-//! cache, the migration budget ([`budget`]) and the images retained for
-//! memory reuse ([`retain`]).
+//! cache, the migration budget ([`budget`]), the images retained for
+//! memory reuse ([`retain`]) and the migration journal ([`journal`]).
 
 pub mod bookkeeping;
 pub mod budget;
+pub mod journal;
 pub mod limits;
 pub mod retain;
 
@@ -175,6 +176,9 @@ pub(crate) struct Host {
     pub(crate) bookkeeping: bookkeeping::Bookkeeping,
     /// The next [`VmEntry::incarnation`].
     pub(crate) incarnations: std::sync::atomic::AtomicU64,
+    /// What this agent decided about the migrations in progress, on disk
+    /// ([`journal`]); written through [`Host::journal`].
+    pub journal: Arc<journal::Journal>,
 }
 
 /// A post-copy migration that may be resumed on a new connection.
@@ -287,6 +291,42 @@ impl Host {
             peer,
             reason,
         });
+    }
+
+    /// Commits `change` to the journal (an fsync, off the async workers)
+    /// and returns the record as it now stands. On error nothing was
+    /// recorded and the decision must not be acted on. When the agent was
+    /// told to pause at the point the record marks, this never returns.
+    pub async fn journal(
+        &self,
+        change: journal::JournalChange,
+    ) -> Result<convoy_protocol::journal::JournalRecord, journal::JournalError> {
+        let j = self.journal.clone();
+        let before = change.clone();
+        let r = tokio::task::spawn_blocking(move || j.apply_and_tell(change))
+            .await
+            .map_err(|e| journal::JournalError::Task(e.to_string()))
+            .and_then(|r| r);
+        let r = match r {
+            Ok((r, true)) => r,
+            Ok((r, false)) => return Ok(r),
+            Err(e) => {
+                tracing::error!(change = ?before, "journal: {e}");
+                return Err(e);
+            }
+        };
+        let dangerous = self.config.dangerous_options();
+        if let Some(hook) = &dangerous.journal_hook {
+            hook(&r);
+        }
+        let point = journal::JournalPoint::of(&r);
+        if point.is_some() && point == dangerous.pause_at {
+            let point = point.map_or("", journal::JournalPoint::name);
+            tracing::info!(migration = %r.migration, "paused at {point}");
+            eprintln!("paused at {point}");
+            std::future::pending::<()>().await;
+        }
+        Ok(r)
     }
 
     /// False once the audit log failed: no new migration may start.

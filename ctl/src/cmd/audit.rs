@@ -563,6 +563,15 @@ fn describe(e: &AuditEvent) -> String {
              kept next to the log as .torn-{offset}-{}",
             &digest.to_hex()[..16]
         ),
+        AuditEvent::Unfinished {
+            migration,
+            vm,
+            role,
+            phase,
+            epoch,
+        } => format!(
+            "migration {migration} of {vm} found unfinished at start: {role}, {phase}, epoch {epoch}"
+        ),
         other => format!("{other:?}"),
     }
 }

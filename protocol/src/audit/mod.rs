@@ -165,6 +165,21 @@ pub enum AuditEvent {
         /// bytes.
         digest: Digest,
     },
+    /// At start-up, the agent's journal held this migration unfinished
+    /// (in progress when the agent stopped, or in doubt): it is kept for
+    /// whoever resolves it. Appended after the first log format.
+    Unfinished {
+        /// Migration.
+        migration: MigrationId,
+        /// VM.
+        vm: VmName,
+        /// `source` or `destination`.
+        role: String,
+        /// The last decision recorded (`claimed`, `committed`, …).
+        phase: String,
+        /// The ownership epoch recorded (see `crate::journal`).
+        epoch: u64,
+    },
 }
 
 /// The digest recorded for cut bytes ([`AuditEvent::TornTailCut`]): plain

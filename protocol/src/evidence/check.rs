@@ -255,6 +255,9 @@ impl<'a> Checker<'a> {
                 }
                 AuditEvent::Outcome { outcome, .. } => summary.outcomes.push(outcome),
                 AuditEvent::Phase { phase, .. } => summary.phases.push(phase),
+                AuditEvent::Unfinished { phase, epoch, .. } => summary.phases.push(format!(
+                    "found unfinished at the agent's start: {phase} (epoch {epoch})"
+                )),
                 AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
                 AuditEvent::Decision {
                     action,
@@ -450,5 +453,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::PolicyRejected { .. } => "policy refusal",
         AuditEvent::Phase { .. } => "phase change",
         AuditEvent::TornTailCut { .. } => "torn tail cut",
+        AuditEvent::Unfinished { .. } => "unfinished migration",
     }
 }

@@ -120,7 +120,8 @@ fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
     match e {
         AuditEvent::TicketAccepted { migration, .. }
         | AuditEvent::Outcome { migration, .. }
-        | AuditEvent::Phase { migration, .. } => Some(*migration),
+        | AuditEvent::Phase { migration, .. }
+        | AuditEvent::Unfinished { migration, .. } => Some(*migration),
         AuditEvent::Refused { migration, .. } | AuditEvent::Decision { migration, .. } => {
             *migration
         }

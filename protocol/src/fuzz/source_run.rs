@@ -47,7 +47,8 @@ pub mod op {
     /// sending pages.
     pub const DRIVER_PART: u8 = 3;
     /// The driver does the job in hand (operand: which pages are dirty
-    /// when it collects a dirty log or pauses, and the device state).
+    /// when it collects a dirty log or pauses, and the device state; for
+    /// a commit, [`super::COMMIT_FAILS`] makes it fail).
     pub const DRIVER_JOB: u8 = 4;
     /// The driver does every job, those they lead to included (operand as
     /// for [`DRIVER_JOB`]).
@@ -57,6 +58,10 @@ pub mod op {
     /// The operator cancels.
     pub const CANCEL: u8 = 7;
 }
+
+/// The operand with which the driver cannot record a commit (its
+/// journal fails).
+pub const COMMIT_FAILS: u8 = 0xff;
 
 /// Actions drained after one operation before the machine is deemed to
 /// loop.
@@ -431,6 +436,10 @@ impl SourceRun {
                 if self.src.handle_paused(self.now, d, state.clone()).is_ok() {
                     self.device_state = Some(state);
                 }
+            }
+            // The driver's journal fails: nothing may be handed over.
+            Job::CommitHandover | Job::CommitSwitch if arg == COMMIT_FAILS => {
+                self.src.handle_commit_failed(self.now, "the disk is gone")
             }
             Job::CommitHandover => self.src.handle_handover_committed(self.now),
             Job::CommitSwitch => {

@@ -48,7 +48,8 @@ pub enum SourceAction {
     /// [`Source::handle_paused`].
     PauseVm,
     /// Durably record that the VM is being handed over, then call
-    /// [`Source::handle_handover_committed`].
+    /// [`Source::handle_handover_committed`]; if it cannot be recorded,
+    /// call [`Source::handle_commit_failed`] instead (the VM resumes here).
     CommitHandover,
     /// The migration failed before handover: stop the dirty log and resume
     /// the VM if it was paused. It runs here, exactly once.
@@ -59,7 +60,8 @@ pub enum SourceAction {
     DiscardVm,
     /// The VM is paused for a post-copy switch: durably record that it is
     /// handed over (it must never resume here by itself), then call
-    /// [`Source::handle_switch_committed`].
+    /// [`Source::handle_switch_committed`]; if it cannot be recorded, call
+    /// [`Source::handle_commit_failed`] instead (the VM resumes here).
     CommitSwitch,
     /// Post-copy: read `pages` of the paused VM and send them as exactly
     /// one batch on the fault stream (index `data_streams`), then report

@@ -81,6 +81,18 @@ impl Source {
         }
     }
 
+    /// The handover ([`SourceAction::CommitHandover`]) or the post-copy
+    /// switch ([`SourceAction::CommitSwitch`]) could not be recorded
+    /// durably: it is not made. Nothing was handed over yet, so the
+    /// migration fails and the VM resumes here; the destination is told
+    /// (`Abort`) and discards what it holds. Ignored in any other phase.
+    pub fn handle_commit_failed(&mut self, now: Instant, detail: &str) {
+        if matches!(self.phase, Phase::Committing | Phase::Switching) && !self.handed_over {
+            let why = format!("the handover could not be recorded: {detail}");
+            self.fail_with(now, Reason::Internal(why.clone()), why);
+        }
+    }
+
     /// Memory root and device digest handed over.
     pub(super) fn state(&self) -> crate::receipt::StateDigests {
         self.root

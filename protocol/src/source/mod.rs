@@ -15,6 +15,7 @@
 //!     FinalCopy --> AwaitReady: sent / send Finish(root, device state)
 //!     AwaitReady --> Committing: Ready with our roots / record handover
 //!     Committing --> AwaitStarted: recorded / send Handover
+//!     Committing --> Failed: cannot record / send Abort, roll back
 //!     AwaitStarted --> Done: Started / discard the local copy
 //!     AwaitStarted --> InDoubt: link lost, timeout
 //!     Copying --> Pausing: hybrid switch point / post-copy after Accept
@@ -22,6 +23,7 @@
 //!     Pausing --> SwitchDisks: paused with disk blocks left / send them
 //!     SwitchDisks --> Switching: sent / record the switch
 //!     Switching --> AwaitRunning: recorded / send PostcopySwitch
+//!     Switching --> Failed: cannot record / send Abort, roll back
 //!     AwaitRunning --> PostCopy: PostcopyRunning / push the owed pages
 //!     PostCopy --> PostCopy: Fetch / serve on the fault stream
 //!     PostCopy --> AwaitReady: pushed and served / send Finish

@@ -124,6 +124,7 @@ async fn both_logs_record_the_migration_and_verify_offline() {
             "receipt-Sent",
             "receipt-Started",
             "phase: staging reserved (8388608 bytes), accepting",
+            "phase: handover recorded",
             "phase: verified and started here",
             "outcome-started",
         ]

@@ -569,6 +569,21 @@ impl QemuLab {
         assert!(gone.iter().all(|v| v.name.as_str() != vm), "{gone:?}");
         let s = evidence(&self.lab, from, to, &r.migration).await;
         assert!(s.started, "{s:?}");
+        // Both journals settled it: completed, handed over once.
+        use convoy_protocol::journal::{Epoch, JournalOutcome, JournalPhase};
+        let completed = |agent: &str| {
+            self.lab.journal(agent).unwrap().iter().any(|j| {
+                j.migration.to_string() == r.migration
+                    && j.phase == JournalPhase::Ended(JournalOutcome::Completed)
+                    && j.epoch == Epoch(1)
+            })
+        };
+        assert!(completed(from), "{:?}", self.lab.journal(from));
+        assert!(
+            until(Duration::from_secs(10), || completed(to)).await,
+            "{:?}",
+            self.lab.journal(to)
+        );
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
+use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::message::{
     Abort, Accept, Capabilities, Message, Propose, Ready, Reason, Reject, Started, VersionRange,
 };
@@ -33,6 +34,7 @@ use super::common::{
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::admission;
+use crate::host::journal::JournalChange;
 use crate::host::{Host, ReserveError};
 use crate::transport::{read_message, write_message, Peer};
 
@@ -66,6 +68,11 @@ struct Incoming {
     switched: bool,
     /// The `Accept` to send once admitted.
     accept: Option<Message>,
+    /// The journal holds our record of the handover.
+    journalled: bool,
+    /// The guest runs here but its start could not be recorded: no
+    /// `Started` was sent (in doubt).
+    unconfirmed: Option<String>,
 }
 
 /// Serves an incoming QEMU migration whose `Propose` was just read.
@@ -102,19 +109,24 @@ pub(crate) async fn serve(
         created: Vec::new(),
         switched: false,
         accept: None,
+        journalled: false,
+        unconfirmed: None,
     };
     let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
     let reader = tokio::spawn(read_control(recv, ctl_tx));
-    let outcome = match run.admit(&p).await {
+    let (outcome, step) = match run.admit(&p).await {
         Err(f) => {
             // Refused before anything ran: a Reject, not an Abort.
             let _ = write_message(&mut send, &Message::Reject(Reject { reason: f.reason })).await;
             run.clean_up().await;
-            format!("refused: {}", f.detail)
+            (format!("refused: {}", f.detail), JournalStep::Abort)
         }
         Ok(()) => match run.receive(&conn, &mut send, &mut ctl).await {
-            Ok(()) => "started".to_owned(),
+            Ok(()) => match run.unconfirmed.take() {
+                Some(why) => (format!("in doubt: {why}"), JournalStep::Doubt),
+                None => ("started".to_owned(), JournalStep::Complete),
+            },
             Err(f) => {
                 if f.tell {
                     let m = Message::Abort(Abort { reason: f.reason });
@@ -125,10 +137,13 @@ pub(crate) async fn serve(
                     // else; killing it would lose it.
                     run.phase("failed after the post-copy switch: the guest is kept here");
                     run.register(VmState::InDoubt);
-                    format!("in doubt after the post-copy switch: {}", f.detail)
+                    (
+                        format!("in doubt after the post-copy switch: {}", f.detail),
+                        JournalStep::Doubt,
+                    )
                 } else {
                     run.clean_up().await;
-                    format!("failed: {}", f.detail)
+                    (format!("failed: {}", f.detail), JournalStep::Abort)
                 }
             }
         },
@@ -150,6 +165,16 @@ pub(crate) async fn serve(
         vm: run.vm.clone(),
         outcome,
     });
+    // After the audit log has it; a failure leaves the record unfinished,
+    // reported at the next start.
+    if run.journalled {
+        let change = JournalChange::Advance {
+            migration: run.migration,
+            role: JournalRole::Destination,
+            step,
+        };
+        let _ = host.journal(change).await;
+    }
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     reader.abort();
@@ -355,6 +380,10 @@ impl Incoming {
                             && self.manifest.mode != MigrationMode::Precopy
                             && !self.switched =>
                     {
+                        // Recorded before the guest may run here.
+                        self.record_handover()
+                            .await
+                            .map_err(|e| Fail::local(format!("the switch could not be recorded: {e}")))?;
                         // QEMU starts the guest as soon as the device state
                         // arrives (`cont` while incoming sets autostart).
                         qvm.execute("cont", None)
@@ -477,6 +506,10 @@ impl Incoming {
             )
             .map_err(|e| Fail::local(e.to_string()))?;
         if !self.switched {
+            // Ours once recorded; unrecorded, it never runs here.
+            self.record_handover()
+                .await
+                .map_err(|e| Fail::local(format!("the handover could not be recorded: {e}")))?;
             qvm.execute("cont", None)
                 .await
                 .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
@@ -499,6 +532,22 @@ impl Incoming {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.phase("started here");
+        // Recorded before Started tells the source to wipe its copy.
+        let recorded = self
+            .host
+            .journal(JournalChange::Advance {
+                migration: self.migration,
+                role: JournalRole::Destination,
+                step: JournalStep::Start,
+            })
+            .await;
+        if let Err(e) = recorded {
+            // It runs here, unconfirmed: the source keeps its paused copy.
+            self.phase("started here, but that could not be recorded: no Started sent");
+            self.register(VmState::InDoubt);
+            self.unconfirmed = Some(format!("started, but that could not be recorded: {e}"));
+            return Ok(());
+        }
         self.register(VmState::Running);
         self.receipts.push(started.clone());
         let m = Message::Started(Started {
@@ -509,6 +558,24 @@ impl Incoming {
         });
         // The guest runs here whatever happens to this message.
         let _ = write_message(send, &m).await;
+        Ok(())
+    }
+
+    /// Records in the journal that the guest is handed over to us, before
+    /// it may run here.
+    async fn record_handover(&mut self) -> Result<(), crate::host::journal::JournalError> {
+        let incarnation = self.host.vms().get(&self.vm).map(|e| e.incarnation);
+        let record = JournalRecord::handed_over(
+            self.migration,
+            self.ticket_digest,
+            self.peer.id.clone(),
+            self.vm.clone(),
+            incarnation,
+            crate::trust::authz::now_unix(),
+        );
+        self.host.journal(JournalChange::Begin(record)).await?;
+        self.journalled = true;
+        self.phase("handover recorded");
         Ok(())
     }
 

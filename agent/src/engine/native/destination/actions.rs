@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{Destination, DestinationAction};
+use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::message::{Manifest, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::PageBitmap;
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use crate::backend::sim::SimVm;
 use crate::backend::Staging;
 use crate::engine::admission;
+use crate::host::journal::{JournalChange, JournalError};
 use crate::host::ReserveError;
 use crate::transport::write_message;
 
@@ -50,7 +52,7 @@ impl Incoming {
             }
             DestinationAction::StartVm { device_state } => self.start_vm(sm, device_state).await,
             DestinationAction::StartPostcopy { device_state, owed } => {
-                self.start_postcopy(sm, device_state, owed)
+                self.start_postcopy(sm, device_state, owed).await
             }
             DestinationAction::TrustVm => self.trust_vm(sm).await,
             DestinationAction::DiscardStaging => self.discard_staging(),
@@ -193,6 +195,12 @@ impl Incoming {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        // Ours once recorded; unrecorded, it never runs here.
+        if let Err(e) = self.record_handover(sm).await {
+            self.staging = Some(staging);
+            sm.handle_start_failed(&format!("the handover could not be recorded: {e}"));
+            return;
+        }
         match staging.clone().start(&device_state, self.start_paused) {
             Ok((vm, resumed_from)) => {
                 let key = self.arrival_key(sm);
@@ -207,7 +215,7 @@ impl Incoming {
                 }
                 self.arrived(&name);
                 self.phase("verified and started here".into());
-                confirm_started(sm, staging.clone()).await;
+                self.confirm_started(sm, staging.clone()).await;
             }
             Err(e) => {
                 self.staging = Some(staging);
@@ -218,11 +226,21 @@ impl Incoming {
 
     /// The switch: the VM runs here on demand paging, its owed pages
     /// asked for on the fault stream.
-    fn start_postcopy(&mut self, sm: &mut Destination, device_state: Vec<u8>, owed: PageBitmap) {
+    async fn start_postcopy(
+        &mut self,
+        sm: &mut Destination,
+        device_state: Vec<u8>,
+        owed: PageBitmap,
+    ) {
         let (Some(staging), Some(name)) = (self.staging.clone(), self.name.clone()) else {
             sm.handle_start_failed("no staging image");
             return;
         };
+        // The VM runs here from the switch: recorded first, or not at all.
+        if let Err(e) = self.record_handover(sm).await {
+            sm.handle_start_failed(&format!("the switch could not be recorded: {e}"));
+            return;
+        }
         let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
         // Faults have their own queue, served before other events.
         let (tx, batched) = mpsc::unbounded_channel();
@@ -285,7 +303,71 @@ impl Incoming {
         self.phase("every page verified: the VM is ours".into());
         // Its disks are complete since the switch.
         match staged {
-            Some(s) => confirm_started(sm, s).await,
+            Some(s) => self.confirm_started(sm, s).await,
+            None => match self.record_started().await {
+                Ok(()) => sm.handle_started(clock::now()),
+                Err(e) => sm.handle_start_unconfirmed(&e),
+            },
+        }
+    }
+
+    /// Records in the journal that the VM is handed over to us, before it
+    /// runs here.
+    async fn record_handover(&mut self, sm: &Destination) -> Result<(), JournalError> {
+        let Some(p) = sm.proposal() else {
+            return Err(JournalError::Task("no proposal".into()));
+        };
+        let incarnation = self.host.vms().get(&p.vm).map(|e| e.incarnation);
+        let record = JournalRecord::handed_over(
+            p.migration,
+            convoy_protocol::receipt::ticket_digest(&p.ticket),
+            self.peer.id.clone(),
+            p.vm.clone(),
+            incarnation,
+            crate::trust::authz::now_unix(),
+        );
+        self.host.journal(JournalChange::Begin(record)).await?;
+        self.journalled = true;
+        self.phase("handover recorded".into());
+        Ok(())
+    }
+
+    /// Records in the journal that the VM runs here, before `Started`
+    /// tells the source to wipe its copy.
+    async fn record_started(&mut self) -> Result<(), String> {
+        let Some(migration) = self.migration else {
+            return Err("no migration".into());
+        };
+        let change = JournalChange::Advance {
+            migration,
+            role: JournalRole::Destination,
+            step: JournalStep::Start,
+        };
+        match self.host.journal(change).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("the start could not be recorded: {e}")),
+        }
+    }
+
+    /// The VM runs here: its disks, if any, go to stable storage, and the
+    /// start is recorded, before we say Started (the source discards its
+    /// copy then); the time the disks took is not downtime. A sync or a
+    /// record that fails leaves the migration in doubt.
+    async fn confirm_started(&mut self, sm: &mut Destination, staging: Arc<SimVm>) {
+        let mut synced = None;
+        if staging.has_disks() {
+            let t = std::time::Instant::now(); // measured work, not a deadline
+            match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
+                Ok(Ok(())) => synced = Some(t.elapsed()),
+                Ok(Err(e)) => return sm.handle_start_unconfirmed(&e.to_string()),
+                Err(e) => return sm.handle_start_unconfirmed(&e.to_string()),
+            }
+        }
+        if let Err(e) = self.record_started().await {
+            return sm.handle_start_unconfirmed(&e);
+        }
+        match synced {
+            Some(synced) => sm.handle_started_synced(clock::now(), synced),
             None => sm.handle_started(clock::now()),
         }
     }
@@ -304,22 +386,6 @@ impl Incoming {
         if let Some(n) = self.name.take() {
             self.host.remove(&n);
         }
-    }
-}
-
-/// The VM runs here: its disks, if any, go to stable storage before we
-/// say Started (the source discards its copy then), and the time that
-/// took is not downtime. A sync that fails leaves the migration in doubt.
-async fn confirm_started(sm: &mut Destination, staging: Arc<SimVm>) {
-    if !staging.has_disks() {
-        sm.handle_started(clock::now());
-        return;
-    }
-    let t = std::time::Instant::now(); // measured work, not a deadline
-    match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
-        Ok(Ok(())) => sm.handle_started_synced(clock::now(), t.elapsed()),
-        Ok(Err(e)) => sm.handle_start_unconfirmed(&e.to_string()),
-        Err(e) => sm.handle_start_unconfirmed(&e.to_string()),
     }
 }
 

@@ -33,6 +33,7 @@ use convoy_protocol::destination::{
     Destination, DestinationConfig, DestinationError, DestinationEvent,
 };
 use convoy_protocol::digest::Digest;
+use convoy_protocol::journal::{JournalRole, JournalStep};
 use convoy_protocol::message::{Capabilities, FaultFigures, Message};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::{MemoryGeometry, PageIndex};
@@ -150,6 +151,7 @@ pub(crate) async fn serve(
         bookkeeping: None,
         phases: Vec::new(),
         started: clock::now(),
+        journalled: false,
     };
     let creds = host.creds();
     let mut sm = Destination::new(DestinationConfig {
@@ -177,6 +179,11 @@ pub(crate) async fn serve(
         }
         let mut done = false;
         while let Some(ev) = sm.poll_event() {
+            let step = match &ev {
+                DestinationEvent::Started { .. } => JournalStep::Complete,
+                DestinationEvent::Failed(_) => JournalStep::Abort,
+                DestinationEvent::InDoubt(_) => JournalStep::Doubt,
+            };
             match ev {
                 DestinationEvent::Started {
                     memory_root,
@@ -207,6 +214,16 @@ pub(crate) async fn serve(
                     run.staging = None;
                     run.audit_outcome(&sm, format!("in doubt: {why}"));
                 }
+            }
+            // After the audit log has it; a failure leaves the record
+            // unfinished, reported at the next start.
+            if let Some(migration) = run.migration.filter(|_| run.journalled) {
+                let change = crate::host::journal::JournalChange::Advance {
+                    migration,
+                    role: JournalRole::Destination,
+                    step,
+                };
+                let _ = host.journal(change).await;
             }
             done = true;
         }
@@ -384,6 +401,9 @@ struct Incoming {
     /// Phase changes, audited with the outcome (never inside downtime).
     phases: Vec<(String, u64)>,
     started: Instant,
+    /// The journal holds our record of the handover: the outcome goes
+    /// there too.
+    journalled: bool,
 }
 
 impl Incoming {

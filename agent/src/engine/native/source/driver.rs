@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
+use convoy_protocol::journal::JournalStep;
 use convoy_protocol::message::{Capabilities, Manifest, Message};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::PageBitmap;
@@ -51,6 +52,11 @@ pub(super) struct Driver<'r> {
     plan: MigrationPlan,
     /// One bandwidth cap for every link of the migration.
     pacer: Option<Arc<Pacer>>,
+    /// The journal holds our commit: a rollback is a give-back.
+    committed: bool,
+    /// A decision the journal could not record (the VM was then kept
+    /// paused here): the outcome is in doubt whatever the machine says.
+    unrecorded: Option<String>,
 }
 
 impl<'r> Driver<'r> {
@@ -99,6 +105,8 @@ impl<'r> Driver<'r> {
             dest,
             pacer: plan.bandwidth.map(|b| Arc::new(Pacer::new(b))),
             plan,
+            committed: false,
+            unrecorded: None,
         }
     }
 
@@ -136,20 +144,18 @@ impl<'r> Driver<'r> {
             }
             SourceAction::PauseVm => self.pause_vm(),
             SourceAction::CommitSwitch => {
-                // From here the VM never resumes here by itself.
-                self.run.phase("paused and handed over for post-copy");
-                self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
-                self.sm.handle_switch_committed(clock::now());
+                if self.commit("paused and handed over for post-copy").await {
+                    self.sm.handle_switch_committed(clock::now());
+                }
             }
             SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
             SourceAction::Reconnect => self.reconnect().await,
             SourceAction::CommitHandover => {
-                // From here the VM must never resume by itself here.
-                self.run.phase("handed over");
-                self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
-                self.sm.handle_handover_committed(clock::now());
+                if self.commit("handed over").await {
+                    self.sm.handle_handover_committed(clock::now());
+                }
             }
-            SourceAction::RollBack => self.roll_back(),
+            SourceAction::RollBack => self.roll_back().await,
             SourceAction::DiscardVm => self.discard_vm().await,
         }
     }
@@ -348,7 +354,39 @@ impl<'r> Driver<'r> {
         }
     }
 
-    fn roll_back(&mut self) {
+    /// Records the handover (or the switch) in the journal before it is
+    /// made: from there the VM never resumes here by itself. When it
+    /// cannot be recorded, the state machine is told so (it rolls back)
+    /// and `false` is returned.
+    async fn commit(&mut self, what: &str) -> bool {
+        match self.run.journal(JournalStep::Commit).await {
+            Ok(_) => {
+                self.committed = true;
+                self.run.phase(what);
+                self.run.host.set_state(&self.run.req.vm, VmState::InDoubt);
+                true
+            }
+            Err(e) => {
+                self.run
+                    .phase(&format!("the handover could not be recorded: {e}"));
+                self.sm.handle_commit_failed(clock::now(), &e.to_string());
+                false
+            }
+        }
+    }
+
+    async fn roll_back(&mut self) {
+        // The VM was handed over and the destination gave it back: that
+        // is recorded before it resumes here (else it stays paused).
+        if self.committed {
+            if let Err(e) = self.run.journal(JournalStep::Abort).await {
+                self.run.phase(&format!(
+                    "given back, but that could not be recorded ({e}): kept paused"
+                ));
+                self.unrecorded = Some(e.to_string());
+                return;
+            }
+        }
         let run = &mut *self.run;
         // Nothing is retained for a VM that stays.
         run.retain = None;
@@ -362,6 +400,15 @@ impl<'r> Driver<'r> {
     }
 
     async fn discard_vm(&mut self) {
+        // Started is on disk before the copy here goes; if it cannot be,
+        // the paused copy is kept (in doubt), never wiped unrecorded.
+        if let Err(e) = self.run.journal(JournalStep::Start).await {
+            self.run.phase(&format!(
+                "started at the destination, but that could not be recorded ({e}): copy kept paused"
+            ));
+            self.unrecorded = Some(e.to_string());
+            return;
+        }
         self.run.host.remove(&self.run.req.vm);
         if let Some(offer) = self.run.retain.take() {
             self.run.retain_image(offer).await;
@@ -453,8 +500,17 @@ impl<'r> Driver<'r> {
             sm,
             wire,
             dest,
+            unrecorded,
             ..
         } = self;
+        let mut summary = summary;
+        if let Some(e) = unrecorded {
+            // Kept paused here: neither completed nor given back.
+            run.host.set_state(&run.req.vm, VmState::InDoubt);
+            summary.outcome = Outcome::InDoubt(format!(
+                "the journal could not record the outcome ({e}); the paused copy is kept here"
+            ));
+        }
         drop(wire.jobs);
         // The encoders are done with their caches: back to the pool.
         drop(wire.cache_grant);

@@ -140,6 +140,20 @@ impl Run {
         split.unwrap_or((Vec::new(), all))
     }
 
+    /// Records `step` of this migration in the journal (see
+    /// [`Host::journal`]).
+    async fn journal(
+        &self,
+        step: convoy_protocol::journal::JournalStep,
+    ) -> Result<convoy_protocol::journal::JournalRecord, crate::host::journal::JournalError> {
+        let change = crate::host::journal::JournalChange::Advance {
+            migration: self.migration,
+            role: convoy_protocol::journal::JournalRole::Source,
+            step,
+        };
+        self.host.journal(change).await
+    }
+
     fn phase(&mut self, what: &str) {
         let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
         self.phases.push((what.to_owned(), ms));

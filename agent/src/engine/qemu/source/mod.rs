@@ -106,6 +106,11 @@ struct State {
     stop_at_unix_us: Option<u64>,
     downtime_ms: f64,
     handed_over: bool,
+    /// The journal holds our commit: a rollback is a give-back.
+    committed: bool,
+    /// A give-back the journal could not record (the guest was then kept
+    /// paused): in doubt, whatever else happened.
+    unrecorded: Option<String>,
     control_bytes: u64,
     wire_bytes: u64,
     verified: bool,
@@ -138,6 +143,8 @@ impl Run {
             stop_at_unix_us: None,
             downtime_ms: 0.0,
             handed_over: false,
+            committed: false,
+            unrecorded: None,
             control_bytes: 0,
             wire_bytes: 0,
             verified: false,
@@ -223,10 +230,40 @@ impl Run {
         Outcome::InDoubt(why)
     }
 
+    /// Records `step` of this migration in the journal (see
+    /// [`Host::journal`]).
+    async fn journal(
+        &self,
+        step: convoy_protocol::journal::JournalStep,
+    ) -> Result<convoy_protocol::journal::JournalRecord, crate::host::journal::JournalError> {
+        let change = crate::host::journal::JournalChange::Advance {
+            migration: self.migration,
+            role: convoy_protocol::journal::JournalRole::Source,
+            step,
+        };
+        self.host.journal(change).await
+    }
+
     /// Undoes everything before the handover: QEMU's migration cancelled,
     /// mirrors dropped, the guest running here. Returns true when there is
-    /// nothing to resume: the source QEMU is gone.
+    /// nothing to resume: the source QEMU is gone. After a commit, the
+    /// give-back is journalled first; if it cannot be, the guest stays
+    /// paused (in doubt).
     async fn roll_back(&self, st: &mut State) -> bool {
+        if st.committed {
+            let back = self
+                .journal(convoy_protocol::journal::JournalStep::Abort)
+                .await;
+            if let Err(e) = back {
+                self.host.set_state(&self.req.vm, VmState::InDoubt);
+                self.phase(
+                    st,
+                    "given back, but that could not be recorded: kept paused",
+                );
+                st.unrecorded = Some(e.to_string());
+                return false;
+            }
+        }
         let cancelled = self.vm.execute("migrate_cancel", None).await;
         if cancelled.is_err() && self.vm.exited_within(EXIT_GRACE).await {
             self.host.set_state(&self.req.vm, VmState::Exited);

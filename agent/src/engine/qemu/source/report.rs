@@ -9,6 +9,12 @@ use super::{Finished, Run, State};
 
 impl Run {
     pub(super) fn finish(self, st: State, outcome: Outcome) -> Finished {
+        let outcome = match &st.unrecorded {
+            Some(e) => Outcome::InDoubt(format!(
+                "the journal could not record the give-back ({e}); the guest is kept paused here"
+            )),
+            None => outcome,
+        };
         let q = &st.qemu_info;
         let ram = &q["ram"];
         let (out_root, _) = stream::roots(&st.channels);

@@ -6,6 +6,7 @@ use crate::engine::clock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::journal::JournalStep;
 use convoy_protocol::message::{
     Abort, Capabilities, Handover, Manifest, Message, Propose, Reason, VersionRange,
 };
@@ -208,6 +209,11 @@ impl Run {
         ctl: &mut mpsc::Receiver<Control>,
         st: &mut State,
     ) -> Result<(), Fail> {
+        // Recorded before the destination may start the guest.
+        self.journal(JournalStep::Commit)
+            .await
+            .map_err(|e| Fail::local(format!("the switch could not be recorded: {e}")))?;
+        st.committed = true;
         let m = Message::Switch(Switch {
             migration: self.migration,
         });
@@ -242,6 +248,20 @@ impl Run {
         let notary = self.notary();
         let td = ticket_digest(&self.req.ticket);
         let roots = stream::roots(&st.channels);
+        // Recorded before anything is handed over (post-copy: at the
+        // switch already).
+        if !st.committed {
+            if let Err(e) = self.journal(JournalStep::Commit).await {
+                let why = format!("the handover could not be recorded: {e}");
+                let abort = Message::Abort(Abort {
+                    reason: Reason::Internal(why.clone()),
+                });
+                let _ = write_message(send, &abort).await;
+                self.roll_back(st).await;
+                return Outcome::Aborted(why);
+            }
+            st.committed = true;
+        }
         // From here the guest must never run here again.
         self.host.set_state(&self.req.vm, VmState::InDoubt);
         st.handed_over = true;
@@ -302,6 +322,13 @@ impl Run {
             _ => st.qemu_info["downtime"].as_f64().unwrap_or(0.0),
         };
         st.receipts.push(started.receipt);
+        // Recorded before the copy here goes; else it is kept paused.
+        if let Err(e) = self.journal(JournalStep::Start).await {
+            return self.in_doubt(
+                st,
+                format!("started at the destination, but that could not be recorded: {e}"),
+            );
+        }
         self.phase(st, "started at the destination: QEMU here quit");
         self.host.remove(&self.req.vm);
         self.vm.stop().await;
