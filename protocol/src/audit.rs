@@ -131,6 +131,15 @@ pub enum AuditEvent {
         /// Milliseconds since the migration started on this agent.
         after_ms: u64,
     },
+    /// At start, what the agent found of a VM its registry held (or of
+    /// one it left behind in its runtime directory) and what it did:
+    /// re-attached, lost, discarded, cleaned up.
+    VmAtStart {
+        /// The VM.
+        vm: VmName,
+        /// What was found and done.
+        outcome: String,
+    },
 }
 
 /// One signed entry of the log.

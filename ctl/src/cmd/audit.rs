@@ -501,6 +501,7 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::PolicyRejected { reason } => {
             format!("policy reload refused, previous policy kept: {reason}")
         }
+        AuditEvent::VmAtStart { vm, outcome } => format!("at start, VM {vm}: {outcome}"),
         other => format!("{other:?}"),
     }
 }

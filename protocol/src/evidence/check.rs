@@ -268,7 +268,8 @@ impl<'a> Checker<'a> {
                 // `record` let nothing else through.
                 AuditEvent::AgentStarted { .. }
                 | AuditEvent::PolicyLoaded { .. }
-                | AuditEvent::PolicyRejected { .. } => {}
+                | AuditEvent::PolicyRejected { .. }
+                | AuditEvent::VmAtStart { .. } => {}
             }
             if let Some(p) = previous.filter(|&p| r.index <= p) {
                 return Err(at(RecordProblem::Order {
@@ -448,5 +449,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::PolicyLoaded { .. } => "policy load",
         AuditEvent::PolicyRejected { .. } => "policy refusal",
         AuditEvent::Phase { .. } => "phase change",
+        AuditEvent::VmAtStart { .. } => "VM found at start",
     }
 }

@@ -130,6 +130,7 @@ fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
         AuditEvent::Ticket(t) => postcard::from_bytes::<Ticket>(&t.body).ok().map(|t| t.id),
         AuditEvent::AgentStarted { .. }
         | AuditEvent::PolicyLoaded { .. }
-        | AuditEvent::PolicyRejected { .. } => None,
+        | AuditEvent::PolicyRejected { .. }
+        | AuditEvent::VmAtStart { .. } => None,
     }
 }
