@@ -74,6 +74,24 @@ pub enum StateError {
     /// The migration journal.
     #[error(transparent)]
     Journal(#[from] crate::host::journal::JournalError),
+    /// The VM registry.
+    #[error(transparent)]
+    VmRegistry(#[from] crate::host::vmdb::VmDbError),
+}
+
+/// What becomes of an agent's VMs when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnExit {
+    /// They keep running, recorded in the state directory's registry; the
+    /// agent finds them again when it starts (`convoy-agent`, SIGTERM and
+    /// SIGINT included). Destroying a VM is an operator's `vm delete`.
+    #[default]
+    LeaveVmsRunning,
+    /// The agent destroys them as it stops, and a QEMU it launched dies
+    /// with its handle even once recorded: for the in-process lab, whose
+    /// VMs must not outlive the demo or test that made them.
+    DestroyVms,
 }
 
 /// A hook that alters outgoing page batches after the source has hashed
@@ -269,6 +287,9 @@ pub struct AgentConfig {
     /// Handshakes, connections and connection deadlines
     /// ([`crate::host::limits`]).
     pub limits: crate::host::limits::ConnectionLimits,
+    /// What becomes of the VMs when the agent stops: by default they keep
+    /// running, and the agent finds them again when it starts.
+    pub on_exit: OnExit,
     dangerous: DangerousOptions,
 }
 
@@ -296,6 +317,7 @@ impl AgentConfig {
             recovery_window: Duration::from_secs(60),
             limits: crate::host::limits::ConnectionLimits::default(),
             max_bookkeeping_bytes: 2 << 30,
+            on_exit: OnExit::default(),
             dangerous: DangerousOptions::default(),
         }
     }

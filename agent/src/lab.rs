@@ -356,6 +356,9 @@ impl Lab {
         });
         cfg.reload_interval = Duration::from_millis(200);
         cfg.policy = Some(self.policy_files());
+        // The lab's VMs live no longer than the demo or test that made
+        // them (a real agent leaves its VMs running when it stops).
+        cfg.on_exit = crate::config::OnExit::DestroyVms;
         tweak(name, &mut cfg);
         let (agent, stop, task) = Lab::launch(cfg.clone())?;
         let addr = agent.0;
@@ -405,8 +408,9 @@ impl Lab {
     }
 
     /// Stops agent `name` and starts it again on the same address with the
-    /// same configuration and state directory. Its VMs are lost, as in a
-    /// real crash of the host process.
+    /// same configuration and state directory. Its VMs are destroyed as it
+    /// stops (the lab's agents run with [`crate::config::OnExit::DestroyVms`]),
+    /// as in a crash of the whole host; the restarted agent finds none.
     pub async fn restart(&mut self, name: &str) -> Result<(), LabError> {
         self.stop_agent(name).await?;
         self.start_agent(name).await
@@ -461,6 +465,9 @@ impl Lab {
                     source:
                         StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen)
                         | StateError::Journal(crate::host::journal::JournalError::Storage(
+                            redb::Error::DatabaseAlreadyOpen,
+                        ))
+                        | StateError::VmRegistry(crate::host::vmdb::VmDbError::Open(
                             redb::Error::DatabaseAlreadyOpen,
                         )),
                     ..

@@ -56,5 +56,5 @@ pub mod transport;
 pub mod trust;
 pub mod units;
 
-pub use config::{AgentConfig, AgentError};
+pub use config::{AgentConfig, AgentError, OnExit};
 pub use server::{run, Agent};

@@ -305,13 +305,36 @@ async fn main() -> Result<()> {
         }),
         _ => None,
     };
+    let stop = stop_signals()?;
     let agent = convoy_agent::Agent::bind(config).context("starting the agent")?;
     tracing::info!(id = %agent.id(), addr = %agent.local_addr()?, "agent listening");
-    agent
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
-        })
-        .await;
+    agent.run(stop).await;
     Ok(())
+}
+
+/// Completes at the first SIGTERM or SIGINT: the agent then stops serving
+/// and leaves its VMs running (destroying one is an operator's `vm
+/// delete`). A second signal while it winds down ends the process at
+/// once; its QEMU guests still keep running. Installed before the agent
+/// binds, so that no signal acts as the default (killing the process
+/// mid-write) from then on.
+fn stop_signals() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{which}: stopping; VMs keep running");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    })
 }

@@ -1,7 +1,9 @@
-//! The server: binds an agent ([`Agent`]), accepts connections and hands
-//! each authenticated one to the operator API (`control`) or to an
-//! incoming migration (`engine::incoming`); reloads
-//! credentials and policy when their files change; [`run`].
+//! The server: binds an agent ([`Agent`]), finds again the VMs its
+//! registry holds (`host::reattach`), accepts connections and hands each
+//! authenticated one to the operator API (`control`) or to an incoming
+//! migration (`engine::incoming`); reloads credentials and policy when
+//! their files change; stops serving and leaves its VMs running
+//! ([`Agent::run`]); [`run`].
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use convoy_protocol::names::SpiffeId;
 
-use crate::config::{AgentConfig, AgentError, CredentialFiles, StateError};
+use crate::config::{AgentConfig, AgentError, CredentialFiles, OnExit, StateError};
 use crate::host::limits::{Gate, HandshakeSlot};
 use crate::host::{Creds, Host, RefusalWindow, VmEntry};
 use crate::transport::{self, close, TransportError, ALPN_AGENT, ALPN_CTL};
@@ -24,6 +26,9 @@ use crate::trust::identity;
 pub struct Agent {
     host: Arc<Host>,
     stamps: Stamps,
+    /// What the VM registry held at start, re-attached when the agent
+    /// runs.
+    restore: Arc<Mutex<Option<crate::host::vmdb::Loaded>>>,
 }
 
 /// The watched files as they were when the agent loaded them.
@@ -46,7 +51,7 @@ impl Agent {
                 domain: config.trust.domain().clone(),
             });
         }
-        let (replay, audit, reset_key, journal) = match &config.state_dir {
+        let (replay, audit, reset_key, journal, (vmdb, loaded)) = match &config.state_dir {
             Some(dir) => {
                 let err = |source: StateError| AgentError::State {
                     path: dir.clone(),
@@ -70,7 +75,9 @@ impl Agent {
                 )
                 .map_err(|e| err(e.into()))?;
                 report_unfinished(&journal, &audit);
-                (replay, Some(audit), reset_key, Arc::new(journal))
+                let vmdb = crate::host::vmdb::VmDb::open(&dir.join("vms.redb"))
+                    .map_err(|e| err(e.into()))?;
+                (replay, Some(audit), reset_key, Arc::new(journal), vmdb)
             }
             // Fail closed: without an audit log and a durable replay
             // cache the agent would act unaudited and accept a used
@@ -121,13 +128,15 @@ impl Agent {
             identity: config.identity.clone(),
             trust: config.trust.clone(),
         };
+        let next_incarnation = loaded.next_incarnation;
         let agent = Agent {
             stamps,
+            restore: Arc::new(Mutex::new(Some(loaded))),
             host: Arc::new(Host {
                 policy: std::sync::RwLock::new(None),
                 refusals: Mutex::new(RefusalWindow::new(std::time::Instant::now())),
                 connections: crate::host::limits::Connections::new(config.limits.clone()),
-                incarnations: std::sync::atomic::AtomicU64::new(0),
+                incarnations: std::sync::atomic::AtomicU64::new(next_incarnation),
                 bookkeeping: crate::host::bookkeeping::Bookkeeping::new(
                     config.max_bookkeeping_bytes,
                 ),
@@ -136,6 +145,7 @@ impl Agent {
                 id,
                 endpoint,
                 vms: Mutex::new(HashMap::new()),
+                vmdb: Some(vmdb),
                 recent: Mutex::new(VecDeque::new()),
                 active: AtomicU32::new(0),
                 replay,
@@ -181,9 +191,18 @@ impl Agent {
         Arc::downgrade(&self.host.journal)
     }
 
-    /// Serves until `shutdown` completes, then closes every connection and
-    /// destroys the VMs it holds.
+    /// Finds again the VMs its registry holds, serves until `shutdown`
+    /// completes, then stops: see [`OnExit`] for what becomes of the VMs
+    /// (by default they keep running, `Agent::leave_vms`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let loaded = self
+            .restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(loaded) = loaded {
+            crate::host::reattach::restore(&self.host, loaded).await;
+        }
         tokio::pin!(shutdown);
         let reloader = self
             .host
@@ -233,14 +252,75 @@ impl Agent {
         for r in [reloader, policy_reloader].into_iter().flatten() {
             r.abort();
         }
-        self.host
-            .endpoint
-            .close(0u32.into(), b"agent shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.host.endpoint.wait_idle()).await;
-        let vms: Vec<VmEntry> = self.host.vms().drain().map(|(_, e)| e).collect();
-        for h in vms.into_iter().filter_map(|e| e.handle) {
-            h.destroy().await;
+        match self.host.config.on_exit {
+            OnExit::DestroyVms => {
+                self.host
+                    .endpoint
+                    .close(0u32.into(), b"agent shutting down");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.host.endpoint.wait_idle())
+                        .await;
+                let vms: Vec<VmEntry> = self.host.vms().drain().map(|(_, e)| e).collect();
+                for h in vms.into_iter().filter_map(|e| e.handle) {
+                    h.destroy().await;
+                }
+            }
+            OnExit::LeaveVmsRunning => self.leave_vms().await,
         }
+    }
+
+    /// Stops serving and lets go of the VMs, leaving them running:
+    /// outgoing migrations are cancelled (one that has not handed its VM
+    /// over rolls back, and the VM runs here again; one past its handover
+    /// ends as it would have), incoming ones end as their connections
+    /// close (a staging that has not committed is discarded, its QEMU
+    /// killed). QEMU guests keep running, recorded in the registry, and
+    /// the next start finds them again; a sim VM ends with the process
+    /// (its memory is the agent's) and is listed as lost at the next
+    /// start. Bounded: a migration that does not end within seconds is
+    /// left to the next start to settle.
+    async fn leave_vms(&self) {
+        let cancels: Vec<_> = self
+            .host
+            .vms()
+            .values()
+            .filter_map(|e| e.cancel.clone())
+            .collect();
+        if !cancels.is_empty() {
+            tracing::info!(migrations = cancels.len(), "cancelling outgoing migrations");
+        }
+        for c in &cancels {
+            c.notify_one();
+        }
+        let host = &self.host;
+        until(Duration::from_secs(10), || {
+            host.vms().values().all(|e| e.cancel.is_none())
+        })
+        .await;
+        host.endpoint.close(0u32.into(), b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), host.endpoint.wait_idle()).await;
+        until(Duration::from_secs(5), || {
+            host.active.load(std::sync::atomic::Ordering::Relaxed) == 0
+        })
+        .await;
+        for v in host.vm_infos() {
+            if v.backend == "sim" && v.state != convoy_protocol::ctl::VmState::Lost {
+                tracing::warn!(
+                    vm = %v.name,
+                    "a sim VM's memory is the agent's: it ends with the agent (listed as lost at the next start)"
+                );
+            } else {
+                tracing::info!(vm = %v.name, backend = %v.backend, state = ?v.state, "left as it is");
+            }
+        }
+    }
+}
+
+/// Waits until `done()` holds, or `limit` has passed.
+async fn until(limit: Duration, done: impl Fn() -> bool) {
+    let end = tokio::time::Instant::now() + limit;
+    while !done() && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

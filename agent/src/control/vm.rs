@@ -49,9 +49,10 @@ pub(super) async fn delete_vm(
         }
         match vms.get(name).map(|e| e.state) {
             None => return error(CtlErrorKind::NotFound, format!("no VM named {name} here")),
-            Some(VmState::Running) | Some(VmState::Paused) | Some(VmState::Exited) => {
-                vms.remove(name)
-            }
+            Some(VmState::Running)
+            | Some(VmState::Paused)
+            | Some(VmState::Exited)
+            | Some(VmState::Lost) => vms.remove(name),
             Some(s) => {
                 return error(
                     CtlErrorKind::BadRequest,
@@ -122,7 +123,7 @@ pub(super) async fn pause_vm(
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        None => Err("the VM has no guest".into()),
+        Some(VmHandle::Lost(_)) | None => Err("the VM has no guest".into()),
     };
     if let Err(e) = done {
         host.set_state(name, from);
@@ -190,27 +191,14 @@ pub(super) async fn create_qemu_vm(
     };
     match started {
         Ok((vm, paused)) => {
-            let registered = match host.vms().get_mut(&spec.name) {
-                Some(e) if e.handle.is_none() => {
-                    e.handle = Some(VmHandle::Qemu(vm.clone()));
-                    e.state = if paused {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    };
-                    e.attributes = spec.attributes.clone();
-                    true
-                }
-                _ => false,
+            let state = if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
             };
-            if !registered {
-                // Its place is gone (the agent is shutting down): no QEMU
-                // runs unregistered.
-                VmHandle::Qemu(vm).destroy().await;
-                return error(
-                    CtlErrorKind::Internal,
-                    format!("VM {} lost its place while it started; stopped", spec.name),
-                );
+            let handle = VmHandle::Qemu(vm.clone());
+            if let Err(r) = register(host, &spec.name, handle, state, &spec.attributes).await {
+                return r;
             }
             let (watch_inner, name) = (host.clone(), spec.name.clone());
             tokio::spawn(vm.watch(std::time::Duration::from_millis(500), move || {
@@ -233,6 +221,42 @@ pub(super) async fn create_qemu_vm(
             error(CtlErrorKind::BadRequest, format!("{what}: {e}"))
         }
     }
+}
+
+/// Puts a VM just started in the place reserved for it, and records it
+/// in the registry file before it is reported created. If its place is
+/// gone (the agent is stopping) or it cannot be recorded, the VM is
+/// destroyed (no guest runs that a restarted agent would not find) and
+/// the error response returned.
+async fn register(
+    host: &Arc<Host>,
+    name: &VmName,
+    handle: VmHandle,
+    state: VmState,
+    attributes: &convoy_protocol::vm::VmAttributes,
+) -> Result<(), CtlResponse> {
+    let recorded = {
+        let mut vms = host.vms();
+        match vms.get_mut(name) {
+            Some(e) if e.handle.is_none() => {
+                e.handle = Some(handle.clone());
+                e.state = state;
+                e.attributes = attributes.clone();
+                Some(vms.commit())
+            }
+            _ => None,
+        }
+    };
+    let why = match recorded {
+        Some(Ok(())) => return Ok(()),
+        Some(Err(e)) => {
+            host.remove(name);
+            format!("VM {name} could not be recorded ({e}); stopped")
+        }
+        None => format!("VM {name} lost its place while it started; stopped"),
+    };
+    handle.destroy().await;
+    Err(error(CtlErrorKind::Internal, why))
 }
 
 /// Checks a new VM's attributes and asks the policy (`CreateVm`); the
@@ -317,21 +341,9 @@ pub(super) async fn create_vm(
     .await;
     match made {
         Ok(Ok(vm)) => {
-            let unregistered = match host.vms().get_mut(&name) {
-                Some(e) if e.handle.is_none() => {
-                    e.handle = Some(VmHandle::Sim(vm));
-                    e.state = VmState::Running;
-                    e.attributes = attributes;
-                    None
-                }
-                _ => Some(vm),
-            };
-            if let Some(vm) = unregistered {
-                VmHandle::Sim(vm).destroy().await;
-                return error(
-                    CtlErrorKind::Internal,
-                    format!("VM {name} lost its place while it started; stopped"),
-                );
+            let handle = VmHandle::Sim(vm);
+            if let Err(r) = register(host, &name, handle, VmState::Running, &attributes).await {
+                return r;
             }
             match host.vm_info(&name) {
                 Some(info) => CtlResponse::VmCreated(info),

@@ -1,16 +1,21 @@
 //! The host's state: one `Host` per agent, shared by the server, the
 //! operator API and every migration engine — the VM registry and its
-//! capacity, the credentials and policy in force, the audit log, the replay
-//! cache, the migration budget ([`budget`]), the images retained for
-//! memory reuse ([`retain`]) and the migration journal ([`journal`]).
+//! capacity (kept on disk by [`vmdb`], found again at start by
+//! `reattach`), the credentials and policy in force, the audit log, the
+//! replay cache, the migration budget ([`budget`]), the images retained
+//! for memory reuse ([`retain`]) and the migration journal ([`journal`]).
 
 pub mod bookkeeping;
 pub mod budget;
 pub mod journal;
 pub mod limits;
+pub(crate) mod reattach;
 pub mod retain;
+pub mod vmdb;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,16 +42,38 @@ pub(crate) enum VmHandle {
     Sim(Arc<dyn VmBackend>),
     /// A QEMU VM, migrated as QEMU's own stream.
     Qemu(Arc<crate::backend::qemu::vm::QemuVm>),
+    /// A VM the registry holds that the agent cannot drive.
+    Lost(Arc<LostVm>),
 }
 
 impl VmHandle {
-    /// Stops the VM for good: a sim VM's memory is wiped, a QEMU is quit.
+    /// Stops the VM for good: a sim VM's memory is wiped, a QEMU is quit,
+    /// what is left of a lost VM removed.
     pub(crate) async fn destroy(self) {
         match self {
             VmHandle::Sim(vm) => vm.destroy(),
             VmHandle::Qemu(q) => q.stop().await,
+            VmHandle::Lost(l) => l.clean_up().await,
         }
     }
+}
+
+/// A VM the agent's registry holds but that the agent cannot drive,
+/// listed as [`VmState::Lost`] until an operator deletes it (which
+/// removes what is left of it): a sim VM whose memory and workload lived
+/// in an agent process that ended, or a QEMU found again at start that
+/// could not be verified (see `reattach`).
+#[derive(Debug)]
+pub(crate) struct LostVm {
+    /// `sim` or `qemu`.
+    pub backend: String,
+    /// Why, for the operator (logged and audited at start).
+    pub reason: String,
+    /// A QEMU's record: tried again at the next start; killed, if it still
+    /// runs as recorded, when the VM is deleted.
+    pub qemu: Option<crate::backend::qemu::vm::QemuVmRecord>,
+    /// A sim VM's disk directory, removed when the VM is deleted.
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// One VM known to this agent.
@@ -78,6 +105,7 @@ impl VmEntry {
             backend: match &self.handle {
                 Some(VmHandle::Qemu(_)) => "qemu",
                 Some(VmHandle::Sim(v)) => v.kind(),
+                Some(VmHandle::Lost(l)) => &l.backend,
                 None => "sim",
             }
             .into(),
@@ -117,6 +145,7 @@ impl VmEntry {
                 }
                 (q.definition.memory_mib.saturating_mul(1 << 20), disks)
             }
+            VmHandle::Lost(_) => return None,
         };
         Some(VmSubject {
             memory_bytes,
@@ -153,7 +182,11 @@ pub(crate) struct Host {
     pub config: AgentConfig,
     pub id: SpiffeId,
     pub endpoint: Endpoint,
+    /// The VM registry; reach it through [`Host::vms`], which writes every
+    /// change to `vmdb`.
     pub vms: Mutex<HashMap<VmName, VmEntry>>,
+    /// The VM registry on disk.
+    pub(crate) vmdb: Option<vmdb::VmDb>,
     pub recent: Mutex<VecDeque<MigrationReport>>,
     pub active: AtomicU32,
     pub replay: crate::trust::authz::ReplayCache,
@@ -249,11 +282,81 @@ pub(crate) enum ReserveError {
     NoCapacity,
 }
 
+/// The VM registry, locked. A change made through it is written to the
+/// registry file when the guard is released (still under the lock), or by
+/// [`VmsGuard::commit`], which says whether it could be.
+pub(crate) struct VmsGuard<'a> {
+    host: &'a Host,
+    map: MutexGuard<'a, HashMap<VmName, VmEntry>>,
+    /// Borrowed mutably: to be compared with the file.
+    touched: bool,
+}
+
+impl Deref for VmsGuard<'_> {
+    type Target = HashMap<VmName, VmEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl DerefMut for VmsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.touched = true;
+        &mut self.map
+    }
+}
+
+impl VmsGuard<'_> {
+    /// Writes the changes now; an error when they could not be made
+    /// durable (the change stays in memory: undo it if it must not stand).
+    pub(crate) fn commit(mut self) -> Result<(), vmdb::VmDbError> {
+        self.touched = false;
+        self.host.persist(&self.map)
+    }
+}
+
+impl Drop for VmsGuard<'_> {
+    fn drop(&mut self) {
+        if self.touched {
+            if let Err(e) = self.host.persist(&self.map) {
+                tracing::error!("the VM registry could not be written: {e}");
+            }
+        }
+    }
+}
+
 impl Host {
-    pub fn vms(&self) -> MutexGuard<'_, HashMap<VmName, VmEntry>> {
+    pub fn vms(&self) -> VmsGuard<'_> {
         // A poisoned lock means a panic elsewhere; the map itself is still
         // consistent (every update is a single insert/remove/field store).
-        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+        VmsGuard {
+            host: self,
+            map: self.vms.lock().unwrap_or_else(|p| p.into_inner()),
+            touched: false,
+        }
+    }
+
+    /// Writes `vms` to the registry file (what changed since the last
+    /// write). Once a QEMU VM is on disk, it outlives the agent (unless
+    /// the agent destroys its VMs when it stops).
+    fn persist(&self, vms: &HashMap<VmName, VmEntry>) -> Result<(), vmdb::VmDbError> {
+        let Some(db) = &self.vmdb else {
+            return Ok(());
+        };
+        let disk_root = self.config.disk_dir();
+        let records = vms
+            .iter()
+            .map(|(n, e)| (n.clone(), vmdb::VmRecord::of(n, e, disk_root.as_deref())))
+            .collect();
+        let durable = db.sync(records, self.incarnations.load(Ordering::Relaxed))?;
+        if durable && self.config.on_exit == crate::config::OnExit::LeaveVmsRunning {
+            for e in vms.values() {
+                if let Some(VmHandle::Qemu(q)) = &e.handle {
+                    q.outlive_agent();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends to the audit log (a no-op for an agent without a state
@@ -407,7 +510,12 @@ impl Host {
         if vms.contains_key(name) {
             return Err(ReserveError::Exists);
         }
-        let used: u64 = vms.values().map(|e| e.bytes).sum();
+        // A lost VM holds no memory here.
+        let used: u64 = vms
+            .values()
+            .filter(|e| !matches!(e.handle, Some(VmHandle::Lost(_))))
+            .map(|e| e.bytes)
+            .sum();
         if used.saturating_add(bytes) > self.config.capacity_bytes {
             return Err(ReserveError::NoCapacity);
         }

@@ -572,6 +572,7 @@ fn describe(e: &AuditEvent) -> String {
         } => format!(
             "migration {migration} of {vm} found unfinished at start: {role}, {phase}, epoch {epoch}"
         ),
+        AuditEvent::VmAtStart { vm, outcome } => format!("at start, VM {vm}: {outcome}"),
         other => format!("{other:?}"),
     }
 }

@@ -180,6 +180,15 @@ pub enum AuditEvent {
         /// The ownership epoch recorded (see `crate::journal`).
         epoch: u64,
     },
+    /// At start, what the agent found of a VM its registry held (or of
+    /// one it left behind in its runtime directory) and what it did:
+    /// re-attached, lost, discarded, cleaned up.
+    VmAtStart {
+        /// The VM.
+        vm: VmName,
+        /// What was found and done.
+        outcome: String,
+    },
 }
 
 /// The digest recorded for cut bytes ([`AuditEvent::TornTailCut`]): plain

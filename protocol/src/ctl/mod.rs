@@ -101,6 +101,11 @@ pub enum VmState {
     InDoubt,
     /// Its process exited (a QEMU that quit or crashed).
     Exited,
+    /// Held by the agent's registry but not driven: a sim VM whose memory
+    /// lived in an agent process that ended, or a QEMU found again after a
+    /// restart that could not be verified. Listed until deleted; deleting
+    /// it removes what is left of it.
+    Lost,
 }
 
 /// One VM as an agent reports it.

@@ -272,7 +272,8 @@ impl<'a> Checker<'a> {
                 AuditEvent::AgentStarted { .. }
                 | AuditEvent::PolicyLoaded { .. }
                 | AuditEvent::PolicyRejected { .. }
-                | AuditEvent::TornTailCut { .. } => {}
+                | AuditEvent::TornTailCut { .. }
+                | AuditEvent::VmAtStart { .. } => {}
             }
             if let Some(p) = previous.filter(|&p| r.index <= p) {
                 return Err(at(RecordProblem::Order {
@@ -454,5 +455,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::Phase { .. } => "phase change",
         AuditEvent::TornTailCut { .. } => "torn tail cut",
         AuditEvent::Unfinished { .. } => "unfinished migration",
+        AuditEvent::VmAtStart { .. } => "VM found at start",
     }
 }

@@ -132,6 +132,7 @@ fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
         AuditEvent::AgentStarted { .. }
         | AuditEvent::PolicyLoaded { .. }
         | AuditEvent::PolicyRejected { .. }
-        | AuditEvent::TornTailCut { .. } => None,
+        | AuditEvent::TornTailCut { .. }
+        | AuditEvent::VmAtStart { .. } => None,
     }
 }

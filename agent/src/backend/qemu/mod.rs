@@ -8,8 +8,12 @@
 //!   id, events kept; bounded lines and typed errors for hostile output);
 //! - [`process`]: a VM definition becomes a QEMU command line with a QMP
 //!   socket and serial log in a directory the agent owns, `-incoming defer`
-//!   on a destination; the process dies with its handle; or a QEMU someone
-//!   else started is adopted by its QMP socket;
+//!   on a destination, in a process group of its own; the process dies
+//!   with its handle until the agent's registry records it, then outlives
+//!   the agent; a QEMU someone else started is adopted by its QMP socket,
+//!   and a restarted agent finds its QEMUs again ([`identity`]: pid and
+//!   start time, executable, command line); [`residue`] holds the ones a
+//!   restarted agent must end instead;
 //! - [`tunnel`]: a unix socket spliced with a QUIC stream pair, both
 //!   directions, counting and BLAKE3-hashing every byte each way — QEMU's
 //!   migration stream and return path go through it with the same digests
@@ -25,8 +29,11 @@
 //! `convoy_protocol::stream`). Not built: post-copy recovery after a broken
 //! link.
 
+mod error;
 pub mod guest;
+pub mod identity;
 pub mod process;
 pub mod qmp;
+pub mod residue;
 pub mod tunnel;
 pub mod vm;

@@ -1,7 +1,13 @@
 //! Launching and owning a QEMU process: a VM definition ([`QemuSpec`]) becomes
 //! a command line with a QMP socket and a serial log in a runtime directory
-//! the agent owns; the process is killed when its handle is dropped, so a
-//! failed migration never leaves a stray guest behind.
+//! the agent owns. A launched QEMU is killed when its handle is dropped, so
+//! a failed migration never leaves a stray guest behind — until the VM is
+//! recorded in the agent's durable registry ([`QemuProcess::outlive_agent`]):
+//! from then on it outlives the agent, which finds it again when it starts
+//! ([`QemuProcess::reattach`]). It runs in a process group of its own, so
+//! a Ctrl-C meant for the agent in the operator's terminal does not reach
+//! it, and nothing ties its life to the agent's (no parent-death signal,
+//! no pipe to the agent).
 //!
 //! A QEMU someone else started can be *adopted* through its QMP socket
 //! ([`QemuProcess::adopt`]): the agent learns the process behind the
@@ -19,10 +25,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use super::identity::ProcessIdentity;
 use super::qmp::{Qmp, QmpError, Waited};
 
 /// The accelerator (the wire type: TCG works everywhere; KVM needs
@@ -53,185 +59,29 @@ pub struct QemuSpec {
     pub extra_args: Vec<String>,
 }
 
-/// Launch failures.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum QemuError {
-    /// The spec is unusable.
-    #[error("VM definition: {0}")]
-    Spec(#[from] SpecError),
-    /// The QEMU to adopt is not one the agent may take over.
-    #[error("VM definition: {0}")]
-    Adopt(#[from] AdoptError),
-    /// QEMU could not be started.
-    #[error("cannot start {binary}: {source}")]
-    Spawn {
-        /// Binary.
-        binary: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// QEMU exited before its QMP socket came up.
-    #[error("QEMU exited at start ({status}): {stderr}")]
-    Exited {
-        /// Exit status.
-        status: std::process::ExitStatus,
-        /// Its last error output.
-        stderr: String,
-    },
-    /// QMP.
-    #[error(transparent)]
-    Qmp(#[from] QmpError),
-    /// File system.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Why a definition cannot start ([`QemuSpec::validate`]).
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum SpecError {
-    /// Memory out of range.
-    #[error("memory {0} MiB out of range")]
-    Memory(u64),
-    /// vCPUs out of range.
-    #[error("{0} vCPUs out of range")]
-    Vcpus(u32),
-    /// A kernel, initrd or disk that is not a file.
-    #[error("{} does not exist", .0.display())]
-    Missing(PathBuf),
-    /// Nothing to boot from.
-    #[error("neither a kernel nor a disk to boot")]
-    NothingToBoot,
-}
-
-/// Why the QEMU behind a QMP socket cannot be adopted
-/// ([`QemuProcess::adopt`], and the VM check of
-/// [`super::vm::QemuVm::adopt_running`]).
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum AdoptError {
-    /// The socket cannot be looked at.
-    #[error("QMP socket {}: {source}", .socket.display())]
-    Socket {
-        /// The socket.
-        socket: PathBuf,
-        /// What failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not a socket.
-    #[error("{} is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    /// Nobody accepts on it.
-    #[error("cannot connect to {}: {source}", .socket.display())]
-    Connect {
-        /// The socket.
-        socket: PathBuf,
-        /// What failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The kernel names no process behind it.
-    #[error("no process behind {}", .0.display())]
-    NoProcess(PathBuf),
-    /// The process behind it cannot be held or read.
-    #[error("process {pid} behind {}: {source}", .socket.display())]
-    Process {
-        /// Its process id.
-        pid: u32,
-        /// The socket.
-        socket: PathBuf,
-        /// What failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// It runs another binary than the allowed one.
-    #[error(
-        "the process behind {} ({pid}) runs {}, not the allowed QEMU binary {}",
-        .socket.display(), .exe.display(), .allowed.display()
-    )]
-    WrongBinary {
-        /// The socket.
-        socket: PathBuf,
-        /// Its process id.
-        pid: u32,
-        /// What it runs.
-        exe: PathBuf,
-        /// The allowed binary.
-        allowed: PathBuf,
-    },
-    /// It runs another VM than the definition.
-    #[error("the adopted QEMU {0}")]
-    Differs(#[from] Mismatch),
-}
-
-/// How an adopted QEMU differs from its definition (QEMU's own words for
-/// its status and block drivers).
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum Mismatch {
-    /// Neither running nor paused.
-    #[error(
-        "is {}; only a running or paused VM can be adopted",
-        .0.as_deref().unwrap_or("in an unknown state")
-    )]
-    Status(Option<String>),
-    /// Another memory size.
-    #[error(
-        "has {} MiB of memory, the definition {want} MiB",
-        .found.map_or("an unknown amount of".into(), |b| (b >> 20).to_string())
-    )]
-    Memory {
-        /// Bytes, as QEMU reports them.
-        found: Option<u64>,
-        /// MiB, as defined.
-        want: u64,
-    },
-    /// Another number of vCPUs.
-    #[error("has {found} vCPUs, the definition {want}")]
-    Vcpus {
-        /// As QEMU reports them.
-        found: usize,
-        /// As defined.
-        want: u32,
-    },
-    /// Another accelerator.
-    #[error(
-        "runs on {}, the definition on {}",
-        if *.kvm { "kvm" } else { "tcg" },
-        if *.kvm { "tcg" } else { "kvm" }
-    )]
-    Accel {
-        /// QEMU runs on KVM.
-        kvm: bool,
-    },
-    /// A disk opened with another driver than raw.
-    #[error("opens {file} as {driver}; Convoy migrates raw images")]
-    NotRaw {
-        /// The file, as QEMU names it.
-        file: String,
-        /// QEMU's block driver.
-        driver: String,
-    },
-    /// A disk of the definition is not attached.
-    #[error("has no disk {}", .0.display())]
-    MissingDisk(PathBuf),
-    /// A disk the definition does not name.
-    #[error("has a disk the definition does not name ({}); it would not migrate", .0.display())]
-    ExtraDisk(PathBuf),
-    /// A disk with neither a device nor a node name.
-    #[error("has a disk with neither a device nor a node name")]
-    UnnamedDisk,
-}
+pub use super::error::{AdoptError, Gone, Mismatch, QemuError, ReattachError, SpecError};
 
 /// A running QEMU, its QMP connection and its files.
 #[derive(Debug)]
 pub struct QemuProcess {
     handle: Handle,
     dir: PathBuf,
+    qmp_socket: PathBuf,
+    identity: ProcessIdentity,
+    /// Left running when dropped (adopted, or recorded durably).
+    outlive: bool,
     /// The negotiated QMP connection.
     pub qmp: Qmp,
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        // A QEMU the agent launched and no registry records would be an
+        // orphan nobody finds again: it goes with its handle.
+        if let (false, Handle::Child(c)) = (self.outlive, &mut self.handle) {
+            let _ = c.start_kill();
+        }
+    }
 }
 
 /// How the agent holds a QEMU process.
@@ -295,6 +145,21 @@ impl Handle {
                 // Reaped by its parent, not by us: wait until it is gone.
                 let _ = self.exited_within(Duration::from_secs(5)).await;
             }
+        }
+    }
+}
+
+/// The file in a runtime directory that holds the command line QEMU was
+/// launched with (NUL-separated, as `/proc/PID/cmdline`).
+pub const LAUNCHED: &str = "cmdline";
+
+/// A QEMU being launched: killed if dropped before it is handed over.
+struct Starting(Option<Child>);
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.start_kill();
         }
     }
 }
@@ -390,19 +255,40 @@ impl QemuProcess {
         // QEMU opens the serial log with the umask's mode; made here first,
         // it keeps ours.
         drop(crate::private::create_truncate(&dir.join("serial.log"))?);
-        let mut child = Command::new(&spec.binary)
-            .args(spec.args(dir, incoming))
+        let args = spec.args(dir, incoming);
+        // What was launched, kept beside its files: a restarted agent that
+        // finds the directory without a VM that holds it knows what to
+        // remove (a destination's disks) even if QEMU has exited.
+        {
+            use std::io::Write;
+            let mut f = crate::private::create_truncate(&dir.join(LAUNCHED))?;
+            for a in std::iter::once(spec.binary.display().to_string()).chain(args.iter().cloned())
+            {
+                f.write_all(a.as_bytes())?;
+                f.write_all(&[0])?;
+            }
+        }
+        let child = Command::new(&spec.binary)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
-            .kill_on_drop(true)
+            // Its own process group: a Ctrl-C in the agent's terminal is
+            // not for it. Killed on drop by `QemuProcess` (and `Starting`),
+            // not by tokio, so that a recorded VM can outlive the agent.
+            .process_group(0)
             .spawn()
             .map_err(|source| QemuError::Spawn {
                 binary: spec.binary.clone(),
                 source,
             })?;
+        // Killed if this future is dropped or fails before the end.
+        let mut starting = Starting(Some(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            let Some(child) = starting.0.as_mut() else {
+                return Err(QemuError::Qmp(QmpError::Closed));
+            };
             if let Some(status) = child.try_wait()? {
                 let stderr = std::fs::read_to_string(dir.join("qemu.stderr")).unwrap_or_default();
                 return Err(QemuError::Exited {
@@ -415,9 +301,20 @@ impl QemuProcess {
                 // greeting (KVM under nested virtualisation): bounded.
                 let left = deadline.saturating_duration_since(Instant::now());
                 if let Ok(Ok(qmp)) = tokio::time::timeout(left, Qmp::connect(&sock)).await {
+                    // Read once QEMU serves QMP: it has exec'd by then, and
+                    // it is our child, so the pid is not reused before the
+                    // read.
+                    let pid = child.id().ok_or(QemuError::Qmp(QmpError::Closed))?;
+                    let identity = ProcessIdentity::read(pid)?;
+                    let Some(child) = starting.0.take() else {
+                        return Err(QemuError::Qmp(QmpError::Closed));
+                    };
                     return Ok(QemuProcess {
                         handle: Handle::Child(child),
                         dir: dir.to_owned(),
+                        qmp_socket: sock,
+                        identity,
+                        outlive: false,
                         qmp,
                     });
                 }
@@ -468,13 +365,13 @@ impl QemuProcess {
             .map_err(|e| process(e.into()))?;
         // Read once the pidfd holds the process: the pid cannot be another
         // process's by now.
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(process)?;
+        let identity = ProcessIdentity::read(pid).map_err(process)?;
         let allowed = binary.canonicalize().unwrap_or_else(|_| binary.to_owned());
-        if exe != allowed {
+        if identity.exe != allowed {
             return Err(AdoptError::WrongBinary {
                 socket: socket(),
                 pid,
-                exe,
+                exe: identity.exe,
                 allowed,
             }
             .into());
@@ -486,8 +383,98 @@ impl QemuProcess {
         Ok(QemuProcess {
             handle: Handle::Adopted { pid, pidfd },
             dir: dir.to_owned(),
+            qmp_socket: sock.to_owned(),
+            identity,
+            outlive: true,
             qmp,
         })
+    }
+
+    /// Finds again the QEMU `recorded` names, after the agent restarted:
+    /// the process with that pid *and* start time (in this boot), running
+    /// the same executable and command line, serving QMP on `sock` (the
+    /// kernel says who accepts there). Held by a pidfd, never killed when
+    /// dropped. What VM it runs is checked by the caller.
+    pub async fn reattach(
+        recorded: &ProcessIdentity,
+        sock: &Path,
+        dir: &Path,
+    ) -> Result<Self, ReattachError> {
+        let pid = recorded.pid;
+        let gone = |why| ReattachError::Gone { pid, why };
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(gone(Gone::Exited))?;
+        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return Err(gone(Gone::Exited)),
+            Err(e) => return Err(QemuError::Io(e.into()).into()),
+        };
+        let mut handle = Handle::Adopted { pid, pidfd };
+        // Exited but not yet reaped (by whoever inherited it): gone too.
+        if !handle.is_running() {
+            return Err(gone(Gone::Exited));
+        }
+        let now = match ProcessIdentity::read(pid) {
+            Ok(id) => id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone(Gone::Exited)),
+            Err(e) => return Err(QemuError::Io(e).into()),
+        };
+        match recorded.check(&now) {
+            Ok(()) => {}
+            Err(why) if why.is_gone() => return Err(gone(Gone::Replaced(why))),
+            Err(why) => return Err(ReattachError::Changed { pid, why }),
+        }
+        let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
+            .await
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout(Waited::Socket)))?
+            .map_err(|source| {
+                QemuError::from(AdoptError::Connect {
+                    socket: sock.to_owned(),
+                    source,
+                })
+            })?;
+        let found = stream
+            .peer_cred()
+            .map_err(QemuError::Io)?
+            .pid()
+            .and_then(|p| u32::try_from(p).ok());
+        if found != Some(pid) {
+            return Err(ReattachError::Socket {
+                socket: sock.to_owned(),
+                pid,
+                found,
+            });
+        }
+        let qmp = tokio::time::timeout(Duration::from_secs(10), Qmp::handshake(stream))
+            .await
+            .map_err(|_| QemuError::Qmp(QmpError::Timeout(Waited::Greeting)))?
+            .map_err(QemuError::Qmp)?;
+        Ok(QemuProcess {
+            handle,
+            dir: dir.to_owned(),
+            qmp_socket: sock.to_owned(),
+            identity: now,
+            outlive: true,
+            qmp,
+        })
+    }
+
+    /// The process as the kernel names it (pid, start time, command line).
+    pub fn identity(&self) -> &ProcessIdentity {
+        &self.identity
+    }
+
+    /// Its QMP socket.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// From now on the process is left running when its handle is dropped
+    /// (the agent's registry records it, so a restarted agent finds it).
+    pub fn outlive_agent(&mut self) {
+        self.outlive = true;
     }
 
     /// The guest's serial console output.

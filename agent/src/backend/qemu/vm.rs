@@ -1,7 +1,9 @@
 //! QEMU VMs that operators create through the agent: what the agent allows
 //! ([`QemuConfig`]), how an operator's [`QemuVmSpec`] becomes a command
 //! line without letting the operator run anything else ([`QemuConfig::resolve`]),
-//! and the running VM ([`QemuVm`]).
+//! and the running VM ([`QemuVm`]): what the agent records of it to find it
+//! again after a restart ([`QemuVmRecord`]) and how it does
+//! ([`QemuVm::reattach`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_protocol::ctl::QemuVmSpec;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::process::{AdoptError, Mismatch, QemuError, QemuProcess, QemuSpec};
+use super::identity::ProcessIdentity;
+use super::process::{AdoptError, Mismatch, QemuError, QemuProcess, QemuSpec, ReattachError};
 use super::qmp::{QmpError, Waited};
 
 /// Longest kernel command line accepted.
@@ -221,20 +225,38 @@ impl QemuConfig {
     }
 }
 
-/// Checks over QMP that `p` runs the VM `spec` defines; returns whether
-/// it is paused and the block device of each of `spec.disks`.
+/// Checks over QMP that `p` runs the VM `spec` defines, running or
+/// paused; returns whether it is paused and the block device of each of
+/// `spec.disks`.
 async fn matches_spec(
     p: &mut QemuProcess,
     spec: &QemuSpec,
 ) -> Result<(bool, Vec<String>), QemuError> {
+    let (status, devices) = inspect(p, spec).await?;
+    match status.as_deref() {
+        Some("running") => Ok((false, devices)),
+        Some("paused") => Ok((true, devices)),
+        _ => Err(QemuError::Adopt(AdoptError::Differs(Mismatch::Status(
+            status,
+        )))),
+    }
+}
+
+/// Checks over QMP that `p` runs the VM `spec` defines (memory, vCPUs,
+/// accelerator, exactly its disks, raw); returns its run status in QEMU's
+/// words (`running`, `paused`, `postmigrate`, …) and the block device of
+/// each of `spec.disks`.
+async fn inspect(
+    p: &mut QemuProcess,
+    spec: &QemuSpec,
+) -> Result<(Option<String>, Vec<String>), QemuError> {
     use serde_json::Value;
     let differs = |m: Mismatch| Err(QemuError::Adopt(AdoptError::Differs(m)));
     let status = p.qmp.execute("query-status", None).await?;
-    let paused = match status.get("status").and_then(Value::as_str) {
-        Some("running") => false,
-        Some("paused") => true,
-        other => return differs(Mismatch::Status(other.map(str::to_owned))),
-    };
+    let status = status
+        .get("status")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let mem = p.qmp.execute("query-memory-size-summary", None).await?;
     let base = mem.get("base-memory").and_then(Value::as_u64);
     if base != Some(spec.memory_mib << 20) {
@@ -299,18 +321,43 @@ async fn matches_spec(
     if devices.iter().any(String::is_empty) {
         return differs(Mismatch::UnnamedDisk);
     }
-    Ok((paused, devices))
+    Ok((status, devices))
 }
 
 /// Longest a QMP command may take before the agent gives up on it.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A QEMU VM the agent launched and owns.
+/// What the agent records of a QEMU VM to find it again after a restart:
+/// its definitions, its files, and the process as the kernel names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuVmRecord {
+    /// The operator's definition.
+    pub definition: QemuVmSpec,
+    /// The resolved command-line definition.
+    pub spec: QemuSpec,
+    /// Its runtime directory.
+    pub dir: PathBuf,
+    /// Its QMP socket (in `dir`, unless it was adopted).
+    pub qmp_socket: PathBuf,
+    /// The block device of each disk.
+    pub block_devices: Vec<String>,
+    /// Adopted through its QMP socket rather than launched by the agent.
+    pub adopted: bool,
+    /// The process.
+    pub process: ProcessIdentity,
+}
+
+/// A QEMU VM the agent launched (or adopted) and owns.
 #[derive(Debug)]
 pub struct QemuVm {
     process: tokio::sync::Mutex<Option<QemuProcess>>,
     exited: AtomicBool,
+    /// Left running when the agent lets go of it (see
+    /// [`QemuVm::outlive_agent`]).
+    outlive: AtomicBool,
     dir: PathBuf,
+    qmp_socket: PathBuf,
+    identity: ProcessIdentity,
     /// The operator's definition (paths relative to the image directory):
     /// what a destination needs to launch the same VM.
     pub definition: QemuVmSpec,
@@ -338,15 +385,28 @@ impl QemuVm {
     /// Takes ownership of a running process the agent launched (a VM
     /// created or arrived here).
     pub fn adopt(p: QemuProcess, definition: QemuVmSpec, spec: QemuSpec) -> Arc<QemuVm> {
-        Arc::new(QemuVm {
+        let block_devices = (0..spec.disks.len()).map(|i| format!("disk{i}")).collect();
+        Arc::new(Self::holding(p, definition, spec, block_devices))
+    }
+
+    fn holding(
+        p: QemuProcess,
+        definition: QemuVmSpec,
+        spec: QemuSpec,
+        block_devices: Vec<String>,
+    ) -> QemuVm {
+        QemuVm {
             dir: p.dir().to_owned(),
-            block_devices: (0..spec.disks.len()).map(|i| format!("disk{i}")).collect(),
+            qmp_socket: p.qmp_socket().to_owned(),
+            identity: p.identity().clone(),
             adopted: p.is_adopted(),
+            block_devices,
             process: tokio::sync::Mutex::new(Some(p)),
             exited: AtomicBool::new(false),
+            outlive: AtomicBool::new(false),
             definition,
             spec,
-        })
+        }
     }
 
     /// Adopts the QEMU listening on `qmp_socket`: it must run `spec`'s
@@ -368,17 +428,60 @@ impl QemuVm {
             Err(_) => return Err(QemuError::Qmp(QmpError::Timeout(Waited::CheckingVm))),
         };
         Ok((
-            Arc::new(QemuVm {
-                dir: dir.to_owned(),
-                block_devices,
-                adopted: true,
-                process: tokio::sync::Mutex::new(Some(p)),
-                exited: AtomicBool::new(false),
-                definition,
-                spec,
-            }),
+            Arc::new(Self::holding(p, definition, spec, block_devices)),
             paused,
         ))
+    }
+
+    /// Finds the VM `record` describes again, after the agent restarted:
+    /// the same process ([`QemuProcess::reattach`]: pid, start time,
+    /// executable, command line, the QMP socket served by it), running the
+    /// same VM (memory, vCPUs, accelerator, exactly its disks). Returns it
+    /// with its run status in QEMU's words (`running`, `paused`,
+    /// `postmigrate`, …): what the VM's state is then is the caller's
+    /// decision. Left running when dropped.
+    pub async fn reattach(record: &QemuVmRecord) -> Result<(Arc<QemuVm>, String), ReattachError> {
+        let mut p = QemuProcess::reattach(&record.process, &record.qmp_socket, &record.dir).await?;
+        let (status, block_devices) =
+            match tokio::time::timeout(QMP_TIMEOUT, inspect(&mut p, &record.spec)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(QemuError::Qmp(QmpError::Timeout(Waited::CheckingVm)).into()),
+            };
+        let mut vm = Self::holding(
+            p,
+            record.definition.clone(),
+            record.spec.clone(),
+            block_devices,
+        );
+        vm.adopted = record.adopted;
+        vm.outlive = AtomicBool::new(true);
+        Ok((Arc::new(vm), status.unwrap_or_default()))
+    }
+
+    /// What the agent records to find this VM again after a restart.
+    pub fn record(&self) -> QemuVmRecord {
+        QemuVmRecord {
+            definition: self.definition.clone(),
+            spec: self.spec.clone(),
+            dir: self.dir.clone(),
+            qmp_socket: self.qmp_socket.clone(),
+            block_devices: self.block_devices.clone(),
+            adopted: self.adopted,
+            process: self.identity.clone(),
+        }
+    }
+
+    /// From now on QEMU is left running when the agent lets go of this
+    /// VM without stopping it (the agent exits): called once the VM is
+    /// recorded durably, so a restarted agent finds it again. Until then a
+    /// launched QEMU dies with its handle.
+    pub fn outlive_agent(&self) {
+        self.outlive.store(true, Ordering::Relaxed);
+    }
+
+    /// The QEMU process as the kernel names it.
+    pub fn identity(&self) -> &ProcessIdentity {
+        &self.identity
     }
 
     /// The runtime directory (QMP socket, serial log, migration sockets).
@@ -490,6 +593,16 @@ impl QemuVm {
         }
         self.exited.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if *self.outlive.get_mut() {
+            if let Some(p) = self.process.get_mut() {
+                p.outlive_agent();
+            }
+        }
     }
 }
 
