@@ -7,7 +7,8 @@
 //! listed as lost rather than forgotten. A destination killed in the middle
 //! of a migration finds the staging QEMU it had launched at its next start,
 //! kills it and removes its files and the disk created for it, while the
-//! source still runs the VM.
+//! source still runs the VM; a source stopped in the middle of one cancels
+//! it, keeps the guest running, and finds it again when it starts.
 //!
 //! A test binary of the agent crate rather than a module of `tests/it`:
 //! only here does Cargo build the agent binary for the test and name it
@@ -30,20 +31,32 @@ use convoy_protocol::ctl::{ContentProfile, QemuVmSpec, SimVmSpec, VmInfo, VmStat
 use convoy_protocol::names::{AgentName, Role, SpiffeId};
 use rustix::process::Signal;
 
-/// The guest's kernel and initramfs (built once, shared with `tests/it`).
+/// The guest's kernel and initramfs, built once per test binary (in the
+/// directory `tests/it` builds it in too).
 fn guest() -> Option<TestGuest> {
-    let built = guest::find_qemu().map_err(|e| e.to_string()).and_then(|_| {
+    static GUEST: std::sync::OnceLock<Result<TestGuest, String>> = std::sync::OnceLock::new();
+    let built = GUEST.get_or_init(|| {
+        guest::find_qemu().map_err(|e| e.to_string())?;
         guest::build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-guest"))
             .map_err(|e| e.to_string())
     });
     match built {
-        Ok(g) => Some(g),
+        Ok(g) => Some(g.clone()),
         Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
             eprintln!("skipped (QEMU test guest unavailable): {e}");
             None
         }
         Err(e) => panic!("CI=true and the QEMU tests cannot run: {e}"),
     }
+}
+
+/// One test at a time: each runs TCG guests that can take a core each.
+async fn heavy() -> tokio::sync::SemaphorePermit<'static> {
+    static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    HEAVY
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
 }
 
 async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -305,10 +318,10 @@ fn find<'a>(vms: &'a [VmInfo], name: &str) -> &'a VmInfo {
         .unwrap_or_else(|| panic!("no VM {name} in {vms:?}"))
 }
 
-/// Whether the guest's counter goes on (a new one within 30 s).
+/// Whether the guest's counter goes on (a new one within 60 s).
 async fn counting(serial: &Path) -> bool {
     let n = counters(serial).len();
-    until(Duration::from_secs(30), || counters(serial).len() > n).await
+    until(Duration::from_secs(60), || counters(serial).len() > n).await
 }
 
 /// Whether the agent's audit log holds `text` (record strings are stored
@@ -321,6 +334,7 @@ async fn audited(c: &CtlClient, text: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     let Some(g) = guest() else { return };
+    let _heavy = heavy().await;
     let s = Setup::new(&["a"], g).await;
     let mut a = s.agent("a");
     a.start().await;
@@ -329,8 +343,10 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     c.vm_create(sim("sim")).await.unwrap();
     let serial = a.serial("guest");
     assert!(
-        until(Duration::from_secs(90), || counters(&serial).len() >= 3).await,
-        "the guest did not come up"
+        until(Duration::from_secs(180), || counters(&serial).len() >= 3).await,
+        "the guest did not come up: {:?}\n{}",
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        a.output()
     );
     let pids = qemu_pids(&a.runtime());
     assert_eq!(pids.len(), 1, "{pids:?}");
@@ -413,9 +429,9 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
-    use convoy_protocol::model::{MigrationMode, MigrationPlan};
+async fn a_migration_cut_by_an_agent_s_death_or_stop_leaves_one_guest_and_no_staging() {
     let Some(g) = guest() else { return };
+    let _heavy = heavy().await;
     let s = Setup::new(&["a", "b"], g).await;
     let (mut a, mut b) = (s.agent("a"), s.agent("b"));
     a.start().await;
@@ -430,61 +446,20 @@ async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
         .unwrap();
     let serial = a.serial("guest");
     assert!(
-        until(Duration::from_secs(90), || counters(&serial).len() >= 3).await,
-        "the guest did not come up"
+        until(Duration::from_secs(180), || counters(&serial).len() >= 3).await,
+        "the guest did not come up: {:?}\n{}",
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        a.output()
     );
     let source = qemu_pids(&a.runtime());
+    ca.close().await;
 
-    // A migration slow enough to be caught in the middle.
-    let plan = MigrationPlan {
-        mode: MigrationMode::Precopy,
-        copy_storage: true,
-        bandwidth: Some(1 << 20),
-        ..Default::default()
-    };
-    let vm = "guest".parse().unwrap();
-    let subject = find(&ca.vm_list().await.unwrap(), "guest")
-        .subject
-        .clone()
-        .unwrap();
-    let ticket = convoy_agent::trust::authz::issue_ticket(
-        &s.lab.operator,
-        &vm,
-        subject,
-        a.id.clone(),
-        b.id.clone(),
-        &plan,
-        Duration::from_secs(300),
-    )
-    .unwrap();
-    let req = convoy_protocol::ctl::MigrateRequest {
-        vm,
-        to: "b".parse().unwrap(),
-        to_addr: Some(b.addr.to_string()),
-        ticket,
-    };
-    let mover = tokio::spawn(async move { ca.migrate(req, |_| {}).await });
-    let cb = s.client(&b).await;
-    let mut staged = Vec::new();
-    let mut arriving = false;
-    let end = Instant::now() + Duration::from_secs(60);
-    while (!arriving || staged.is_empty()) && Instant::now() < end {
-        arriving = cb
-            .vm_list()
-            .await
-            .unwrap()
-            .iter()
-            .any(|v| v.name.as_str() == "guest" && v.state == VmState::Incoming);
-        staged = qemu_pids(&b.runtime());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(arriving && staged.len() == 1, "no staging caught at b");
+    let (mover, staged) = migrate_until_staged(&s, &a, &b, "guest").await;
     let created = b.images.join("disk.img");
     assert!(created.exists());
 
     // The destination dies mid-copy. Its staging QEMU outlives it, or
     // exits when its incoming stream breaks; its files stay either way.
-    drop(cb);
     let _ = b.stop(Signal::KILL, false).await;
     // The migration never committed: the source runs the VM on.
     let _ = tokio::time::timeout(Duration::from_secs(90), mover)
@@ -530,7 +505,7 @@ async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
     ghost.outlive_agent();
     let ghost_pid = i32::try_from(ghost.pid().unwrap()).unwrap();
     drop(ghost);
-    let staged_alive = alive(staged[0]);
+    let staged_alive = alive(staged);
 
     // Restarted, the destination kills the staging QEMUs and removes their
     // files and the disks created for them; it lists nothing.
@@ -538,7 +513,7 @@ async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
     let cb = s.client(&b).await;
     assert!(cb.vm_list().await.unwrap().is_empty());
     assert!(
-        until(Duration::from_secs(10), || !alive(staged[0])
+        until(Duration::from_secs(10), || !alive(staged)
             && !alive(ghost_pid))
         .await,
         "a staging QEMU still runs"
@@ -546,7 +521,7 @@ async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
     for gone in [
         b.runtime().join("guest"),
         b.runtime().join("ghost"),
-        created,
+        created.clone(),
         ghost_disk,
     ] {
         assert!(!gone.exists(), "{} is left", gone.display());
@@ -554,11 +529,104 @@ async fn a_destination_killed_mid_migration_discards_its_staging_at_restart() {
     assert!(audited(&cb, "discarded the staging of an incoming migration").await);
     assert!(audited(&cb, &format!("QEMU pid {ghost_pid} killed")).await);
     if staged_alive {
-        assert!(audited(&cb, &format!("QEMU pid {} killed", staged[0])).await);
+        assert!(audited(&cb, &format!("QEMU pid {staged} killed")).await);
     }
     cb.close().await;
+    ca.close().await;
+
+    // The source is stopped (SIGTERM) in the middle of another copy: it
+    // cancels the migration, which had not handed the VM over, and leaves
+    // the guest running; the destination discards its staging; the
+    // restarted source finds the guest again, running.
+    let (mover, staged) = migrate_until_staged(&s, &a, &b, "guest").await;
+    let status = a.stop(Signal::TERM, false).await;
+    assert!(status.success(), "{status}:\n{}", a.output());
+    let _ = tokio::time::timeout(Duration::from_secs(60), mover).await;
+    assert_eq!(qemu_pids(&a.runtime()), source, "the source QEMU");
+    assert!(counting(&serial).await, "the source guest stopped");
+    assert!(
+        until(Duration::from_secs(30), || !alive(staged)
+            && !b.runtime().join("guest").exists()
+            && !created.exists())
+        .await,
+        "the destination kept its staging"
+    );
+    let cb = s.client(&b).await;
+    assert!(cb.vm_list().await.unwrap().is_empty());
+    cb.close().await;
+    a.start().await;
+    let ca = s.client(&a).await;
+    assert_eq!(
+        find(&ca.vm_list().await.unwrap(), "guest").state,
+        VmState::Running
+    );
+    assert!(audited(&ca, "QEMU re-attached").await);
     ca.vm_delete("guest".parse().unwrap()).await.unwrap();
     ca.close().await;
     assert!(a.stop(Signal::TERM, false).await.success());
     assert!(b.stop(Signal::TERM, false).await.success());
+}
+
+/// Starts a migration of `vm` from `a` to `b` slow enough to be caught in
+/// the middle (its disk copied, capped at 1 MiB/s) and waits until `b`
+/// lists it arriving with a staging QEMU: returns the migration's task
+/// and that QEMU's pid.
+async fn migrate_until_staged(
+    s: &Setup,
+    a: &AgentProcess,
+    b: &AgentProcess,
+    vm: &str,
+) -> (
+    tokio::task::JoinHandle<
+        Result<convoy_protocol::ctl::MigrationReport, convoy_agent::client::ClientError>,
+    >,
+    i32,
+) {
+    use convoy_protocol::model::{MigrationMode, MigrationPlan};
+    let plan = MigrationPlan {
+        mode: MigrationMode::Precopy,
+        copy_storage: true,
+        bandwidth: Some(1 << 20),
+        ..Default::default()
+    };
+    let ca = s.client(a).await;
+    let name: convoy_protocol::names::VmName = vm.parse().unwrap();
+    let subject = find(&ca.vm_list().await.unwrap(), vm)
+        .subject
+        .clone()
+        .unwrap();
+    let ticket = convoy_agent::trust::authz::issue_ticket(
+        &s.lab.operator,
+        &name,
+        subject,
+        a.id.clone(),
+        b.id.clone(),
+        &plan,
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let req = convoy_protocol::ctl::MigrateRequest {
+        vm: name,
+        to: "b".parse().unwrap(),
+        to_addr: Some(b.addr.to_string()),
+        ticket,
+    };
+    let mover = tokio::spawn(async move { ca.migrate(req, |_| {}).await });
+    let cb = s.client(b).await;
+    let mut staged = Vec::new();
+    let mut arriving = false;
+    let end = Instant::now() + Duration::from_secs(60);
+    while (!arriving || staged.is_empty()) && Instant::now() < end {
+        arriving = cb
+            .vm_list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.name.as_str() == vm && v.state == VmState::Incoming);
+        staged = qemu_pids(&b.runtime());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(arriving && staged.len() == 1, "no staging caught at b");
+    cb.close().await;
+    (mover, staged[0])
 }
