@@ -396,6 +396,21 @@ impl Host {
         });
     }
 
+    /// Records `step` of the outgoing migration `migration` (see
+    /// [`Host::journal`]).
+    pub async fn journal_source(
+        &self,
+        migration: convoy_protocol::names::MigrationId,
+        step: convoy_protocol::journal::JournalStep,
+    ) -> Result<convoy_protocol::journal::JournalRecord, journal::JournalError> {
+        self.journal(journal::JournalChange::Advance {
+            migration,
+            role: convoy_protocol::journal::JournalRole::Source,
+            step,
+        })
+        .await
+    }
+
     /// Commits `change` to the journal (an fsync, off the async workers)
     /// and returns the record as it now stands. On error nothing was
     /// recorded and the decision must not be acted on. When the agent was

@@ -231,17 +231,12 @@ impl Run {
     }
 
     /// Records `step` of this migration in the journal (see
-    /// [`Host::journal`]).
+    /// [`Host::journal_source`]).
     async fn journal(
         &self,
         step: convoy_protocol::journal::JournalStep,
     ) -> Result<convoy_protocol::journal::JournalRecord, crate::host::journal::JournalError> {
-        let change = crate::host::journal::JournalChange::Advance {
-            migration: self.migration,
-            role: convoy_protocol::journal::JournalRole::Source,
-            step,
-        };
-        self.host.journal(change).await
+        self.host.journal_source(self.migration, step).await
     }
 
     /// Undoes everything before the handover: QEMU's migration cancelled,
