@@ -51,18 +51,8 @@ pub enum MigrateError {
     Replaced(VmName),
     /// The migration's bookkeeping (its Merkle tree) would take the
     /// migrations in progress here past `--max-bookkeeping`.
-    #[error(
-        "this migration needs {need} bytes of bookkeeping; the migrations in progress here \
-         hold {held} of the {limit} allowed (--max-bookkeeping)"
-    )]
-    Bookkeeping {
-        /// Bytes this migration needs.
-        need: u64,
-        /// Bytes the migrations in progress hold.
-        held: u64,
-        /// The agent's limit.
-        limit: u64,
-    },
+    #[error(transparent)]
+    Bookkeeping(#[from] crate::host::bookkeeping::BookkeepingRefused),
     /// The claim could not be recorded in the journal: the VM stays.
     #[error("the migration could not be recorded in the journal; the VM stays here: {0}")]
     Journal(#[source] crate::host::journal::JournalError),
@@ -76,7 +66,7 @@ impl MigrateError {
             MigrateError::Unauthorized(_) => CtlErrorKind::Unauthorized,
             MigrateError::Forbidden(_) => CtlErrorKind::Forbidden,
             MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
-            MigrateError::Bookkeeping { .. } => CtlErrorKind::NoCapacity,
+            MigrateError::Bookkeeping(_) => CtlErrorKind::NoCapacity,
             MigrateError::Journal(_) => CtlErrorKind::Internal,
             _ => CtlErrorKind::BadRequest,
         }

@@ -168,16 +168,7 @@ pub(crate) async fn migrate(
                 // migrations' trees.
                 let leaves =
                     convoy_protocol::disk::check(vm.geometry(), &vm.disks()).unwrap_or(u64::MAX);
-                let need =
-                    leaves.saturating_mul(convoy_protocol::destination::BOOKKEEPING_PER_LEAF);
-                let grant =
-                    host.bookkeeping
-                        .take(need)
-                        .map_err(|held| MigrateError::Bookkeeping {
-                            need,
-                            held,
-                            limit: host.bookkeeping.limit(),
-                        })?;
+                let grant = host.bookkeeping.take_leaves(leaves)?;
                 Claimed::Sim(vm.clone(), grant)
             }
             (_, s) => return Err(MigrateError::NotRunning(req.vm.clone(), s)),

@@ -39,10 +39,33 @@ impl Bookkeeping {
             })
     }
 
-    /// The limit.
-    pub(crate) fn limit(&self) -> u64 {
-        self.limit
+    /// Takes the bookkeeping of a migration over `leaves` pages and disk
+    /// blocks ([`convoy_protocol::destination::BOOKKEEPING_PER_LEAF`] each),
+    /// or says why not.
+    pub(crate) fn take_leaves(&self, leaves: u64) -> Result<BookkeepingGrant, BookkeepingRefused> {
+        let need = leaves.saturating_mul(convoy_protocol::destination::BOOKKEEPING_PER_LEAF);
+        self.take(need).map_err(|held| BookkeepingRefused {
+            need,
+            held,
+            limit: self.limit,
+        })
     }
+}
+
+/// A migration whose bookkeeping would take the migrations in progress
+/// past the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this migration needs {need} bytes of bookkeeping; the migrations in progress here hold \
+     {held} of the {limit} allowed (--max-bookkeeping)"
+)]
+pub struct BookkeepingRefused {
+    /// Bytes this migration needs.
+    pub need: u64,
+    /// Bytes the migrations in progress hold.
+    pub held: u64,
+    /// The agent's limit.
+    pub limit: u64,
 }
 
 /// Bookkeeping one migration holds; dropping it gives the bytes back.

@@ -87,18 +87,11 @@ impl Incoming {
         // The migrations in progress together (arriving, and sim VMs
         // leaving) stay under the bookkeeping limit (the state machine
         // held this one to it alone).
-        let need = manifest
-            .leaf_count()
-            .unwrap_or(u64::MAX)
-            .saturating_mul(convoy_protocol::destination::BOOKKEEPING_PER_LEAF);
-        match self.host.bookkeeping.take(need) {
+        let leaves = manifest.leaf_count().unwrap_or(u64::MAX);
+        match self.host.bookkeeping.take_leaves(leaves) {
             Ok(grant) => self.bookkeeping = Some(grant),
-            Err(held) => {
-                let why = format!(
-                    "this migration needs {need} bytes of bookkeeping; the migrations in \
-                     progress here hold {held} of {}",
-                    self.host.bookkeeping.limit()
-                );
+            Err(refused) => {
+                let why = refused.to_string();
                 self.host
                     .audit_refusal(self.peer.id.to_string(), why.clone());
                 sm.handle_staging_failed(Reason::Unacceptable(why));
