@@ -11,8 +11,8 @@
 //!   ([`AgentConfig`]).
 //! - [`host`]: the host's state (`Host`) — the VM registry and its
 //!   capacity, credentials and policy in force, audit log, replay cache,
-//!   the migration budget ([`host::budget`]) and retained images
-//!   ([`host::retain`]).
+//!   the migration budget ([`host::budget`]), retained images
+//!   ([`host::retain`]) and the migration journal ([`host::journal`]).
 //! - `control`: the operator API (`convoy-ctl/1`), one file per family of
 //!   requests; [`client`]: the operator side of it, used by `convoyctl` and
 //!   the tests.

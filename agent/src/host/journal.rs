@@ -78,9 +78,6 @@ pub enum JournalError {
         /// Role.
         role: JournalRole,
     },
-    /// The blocking task that wrote it failed.
-    #[error("journal task: {0}")]
-    Task(String),
 }
 
 fn storage(e: impl Into<redb::Error>) -> JournalError {

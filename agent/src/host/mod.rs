@@ -411,20 +411,23 @@ impl Host {
         .await
     }
 
-    /// Commits `change` to the journal (an fsync, off the async workers)
-    /// and returns the record as it now stands. On error nothing was
+    /// Commits `change` to the journal (an fsync, blocking this worker in
+    /// place: measured, less pre-copy downtime than a hop to a blocking
+    /// thread) and
+    /// returns the record as it now stands. On error nothing was
     /// recorded and the decision must not be acted on. When the agent was
     /// told to pause at the point the record marks, this never returns.
     pub async fn journal(
         &self,
         change: journal::JournalChange,
     ) -> Result<convoy_protocol::journal::JournalRecord, journal::JournalError> {
-        let j = self.journal.clone();
         let before = change.clone();
-        let r = tokio::task::spawn_blocking(move || j.apply_and_tell(change))
-            .await
-            .map_err(|e| journal::JournalError::Task(e.to_string()))
-            .and_then(|r| r);
+        let r = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.journal.apply_and_tell(change))
+            }
+            _ => self.journal.apply_and_tell(change),
+        };
         let r = match r {
             Ok((r, true)) => r,
             Ok((r, false)) => return Ok(r),

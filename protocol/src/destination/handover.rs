@@ -84,9 +84,9 @@ impl Destination {
     }
 
     /// [`Destination::handle_started`] for a VM that ran `synced` before
-    /// its disks were on stable storage (the driver starts it first and
-    /// says Started only once they are: the source discards its copy on
-    /// Started).
+    /// its disks were on stable storage and its start recorded (the driver
+    /// starts it first and says Started only once both are: the source
+    /// discards its copy on Started).
     pub fn handle_started_synced(&mut self, now: Instant, synced: Duration) {
         if let Phase::Starting = self.phase {
             let ms = self

@@ -39,9 +39,10 @@ pub struct Handover {
 pub struct Started {
     /// Milliseconds from receiving Handover to the VM running.
     pub start_ms: u32,
-    /// Milliseconds from the VM running to its disks being on stable
-    /// storage, which this message waited for (the source keeps its copy
-    /// until then) but the guest did not: not downtime.
+    /// Milliseconds from the VM running to this message: its disks put on
+    /// stable storage and its start recorded in the destination's journal,
+    /// which this message waited for (the source keeps its copy until
+    /// then) but the guest did not: not downtime.
     pub synced_ms: u32,
     /// The destination's signed `Started` receipt.
     pub receipt: SignedReceipt,

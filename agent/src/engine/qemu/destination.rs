@@ -532,7 +532,9 @@ impl Incoming {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.phase("started here");
-        // Recorded before Started tells the source to wipe its copy.
+        // Recorded before Started tells the source to wipe its copy (the
+        // guest runs meanwhile: not downtime).
+        let running = clock::now();
         let recorded = self
             .host
             .journal(JournalChange::Advance {
@@ -552,8 +554,9 @@ impl Incoming {
         self.receipts.push(started.clone());
         let m = Message::Started(Started {
             start_ms: u32::try_from(clock::since(handover_at).as_millis()).unwrap_or(u32::MAX),
-            // QEMU's disks were flushed by QEMU before it continued.
-            synced_ms: 0,
+            // QEMU's disks were flushed by QEMU before it continued; the
+            // guest ran while its start was recorded.
+            synced_ms: u32::try_from(clock::since(running).as_millis()).unwrap_or(u32::MAX),
             receipt: started,
         });
         // The guest runs here whatever happens to this message.

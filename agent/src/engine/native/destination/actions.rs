@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::backend::sim::SimVm;
 use crate::backend::Staging;
 use crate::engine::admission;
-use crate::host::journal::{JournalChange, JournalError};
+use crate::host::journal::JournalChange;
 use crate::host::ReserveError;
 use crate::transport::write_message;
 
@@ -191,7 +191,7 @@ impl Incoming {
         // Ours once recorded; unrecorded, it never runs here.
         if let Err(e) = self.record_handover(sm).await {
             self.staging = Some(staging);
-            sm.handle_start_failed(&format!("the handover could not be recorded: {e}"));
+            sm.handle_start_failed(&e);
             return;
         }
         match staging.clone().start(&device_state, self.start_paused) {
@@ -231,7 +231,7 @@ impl Incoming {
         };
         // The VM runs here from the switch: recorded first, or not at all.
         if let Err(e) = self.record_handover(sm).await {
-            sm.handle_start_failed(&format!("the switch could not be recorded: {e}"));
+            sm.handle_start_failed(&e);
             return;
         }
         let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
@@ -305,10 +305,10 @@ impl Incoming {
     }
 
     /// Records in the journal that the VM is handed over to us, before it
-    /// runs here.
-    async fn record_handover(&mut self, sm: &Destination) -> Result<(), JournalError> {
+    /// runs here (or says why it could not be).
+    async fn record_handover(&mut self, sm: &Destination) -> Result<(), String> {
         let Some(p) = sm.proposal() else {
-            return Err(JournalError::Task("no proposal".into()));
+            return Err("the handover could not be recorded: no proposal".into());
         };
         let incarnation = self.host.vms().get(&p.vm).map(|e| e.incarnation);
         let record = JournalRecord::handed_over(
@@ -319,7 +319,10 @@ impl Incoming {
             incarnation,
             crate::trust::authz::now_unix(),
         );
-        self.host.journal(JournalChange::Begin(record)).await?;
+        self.host
+            .journal(JournalChange::Begin(record))
+            .await
+            .map_err(|e| format!("the handover could not be recorded: {e}"))?;
         self.journalled = true;
         self.phase("handover recorded".into());
         Ok(())
@@ -344,14 +347,13 @@ impl Incoming {
 
     /// The VM runs here: its disks, if any, go to stable storage, and the
     /// start is recorded, before we say Started (the source discards its
-    /// copy then); the time the disks took is not downtime. A sync or a
-    /// record that fails leaves the migration in doubt.
+    /// copy then); the guest runs meanwhile, so that time is not downtime.
+    /// A sync or a record that fails leaves the migration in doubt.
     async fn confirm_started(&mut self, sm: &mut Destination, staging: Arc<SimVm>) {
-        let mut synced = None;
+        let t = std::time::Instant::now(); // measured work, not a deadline
         if staging.has_disks() {
-            let t = std::time::Instant::now(); // measured work, not a deadline
             match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
-                Ok(Ok(())) => synced = Some(t.elapsed()),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return sm.handle_start_unconfirmed(&e.to_string()),
                 Err(e) => return sm.handle_start_unconfirmed(&e.to_string()),
             }
@@ -359,10 +361,7 @@ impl Incoming {
         if let Err(e) = self.record_started().await {
             return sm.handle_start_unconfirmed(&e);
         }
-        match synced {
-            Some(synced) => sm.handle_started_synced(clock::now(), synced),
-            None => sm.handle_started(clock::now()),
-        }
+        sm.handle_started_synced(clock::now(), t.elapsed());
     }
 
     /// Staging goes, wiped, and the reservation with it.

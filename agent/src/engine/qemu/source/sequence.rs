@@ -315,8 +315,14 @@ impl Run {
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        // The guest ran at the destination while its start was recorded
+        // there: not downtime.
+        let ran_us = u64::from(started.synced_ms) * 1000;
         st.downtime_ms = match (self.prepared.manifest.mode, st.stop_at_unix_us) {
-            (MigrationMode::Precopy, Some(stop)) => now_us.saturating_sub(stop) as f64 / 1e3,
+            (MigrationMode::Precopy, Some(stop)) => {
+                let down = now_us.saturating_sub(stop);
+                down.saturating_sub(ran_us) as f64 / 1e3
+            }
             // Post-copy: the guest ran at the destination long before
             // Started; QEMU's own figure is the downtime.
             _ => st.qemu_info["downtime"].as_f64().unwrap_or(0.0),
