@@ -10,7 +10,8 @@
 //!   policy reloads; [`run`]. [`config`]: how an agent runs
 //!   ([`AgentConfig`]).
 //! - [`host`]: the host's state (`Host`) — the VM registry and its
-//!   capacity, credentials and policy in force, audit log, replay cache,
+//!   capacity (kept on disk and found again at start, so VMs outlive the
+//!   agent), credentials and policy in force, audit log, replay cache,
 //!   the migration budget ([`host::budget`]), retained images
 //!   ([`host::retain`]) and the migration journal ([`host::journal`]).
 //! - `control`: the operator API (`convoy-ctl/1`), one file per family of

@@ -158,12 +158,23 @@ pub(crate) async fn restore(host: &Arc<Host>, loaded: Loaded) {
             Plan::Discard => discard(host, &rec),
         }
     }
+    // Each QEMU watched once its entry is in (an exit marks the entry).
+    let watched: Vec<(VmName, Arc<QemuVm>)> = entries
+        .iter()
+        .filter_map(|(n, e)| match &e.handle {
+            Some(VmHandle::Qemu(q)) => Some((n.clone(), q.clone())),
+            _ => None,
+        })
+        .collect();
     // One write: the entries found, the records discarded gone.
     host.vms().extend(entries);
+    for (name, vm) in watched {
+        watch(host, &name, &vm);
+    }
     sweep(host).await;
 }
 
-/// Logs and audits what became of `vm`.
+/// Logs (as a warning) and audits what became of `vm`.
 fn report(host: &Host, vm: &VmName, outcome: String) {
     tracing::warn!(%vm, "at start: {outcome}");
     host.audit(AuditEvent::VmAtStart {
@@ -172,7 +183,16 @@ fn report(host: &Host, vm: &VmName, outcome: String) {
     });
 }
 
-/// A registry entry for `rec`, running `handle` (or lost, when `None`).
+/// Logs and audits a VM found again as it was.
+fn report_found(host: &Host, vm: &VmName, outcome: String) {
+    tracing::info!(%vm, "at start: {outcome}");
+    host.audit(AuditEvent::VmAtStart {
+        vm: vm.clone(),
+        outcome,
+    });
+}
+
+/// A registry entry for `rec`, in `state`, held by `handle`.
 fn entry(rec: VmRecord, state: VmState, handle: VmHandle) -> VmEntry {
     VmEntry {
         handle: Some(handle),
@@ -223,8 +243,12 @@ async fn reattach(host: &Arc<Host>, rec: VmRecord, q: QemuVmRecord) -> Option<Vm
                 // agent that ended: make sure it is over.
                 let _ = vm.execute("migrate_cancel", None).await;
             }
-            watch(host, &name, &vm);
-            report(
+            let found = if state == VmState::InDoubt {
+                report
+            } else {
+                report_found
+            };
+            found(
                 host,
                 &name,
                 format!(

@@ -10,11 +10,12 @@
 //! written back when the lock is released, in the same critical section,
 //! so the file never lags behind what another task may have seen; a VM
 //! creation writes before it is reported (`VmsGuard::commit`). Each write
-//! is one redb transaction, fsynced — except a change of state alone while
-//! the VM migrates out (its pause for the final copy falls inside the
-//! downtime): committed without an fsync, made durable by the next write
-//! (the migration's end always writes). A restarted agent reads QEMU's own
-//! run status for such a VM anyway (`host::reattach`).
+//! is one redb transaction, fsynced — except a change of state alone, other
+//! than into doubt (a migration's pause for its final copy falls inside the
+//! downtime; an operator's pause needs no fsync either): committed without
+//! one, made durable by the next write. A restarted agent takes a QEMU's
+//! state from QEMU's own run status, the migration claim and a recorded
+//! doubt (`host::reattach`), all of which are always fsynced.
 //!
 //! Records are JSON, so that a field added later has a default and an
 //! older file still reads; one that does not read is reported at start,
@@ -291,12 +292,16 @@ impl VmDb {
 }
 
 /// Whether the change from `old` to `new` must reach the disk before the
-/// agent goes on. Only a change of state alone while the VM migrates out
-/// (and not into doubt) may wait for the next write: it happens inside the
-/// migration's downtime, and what it says is re-read from QEMU at restart.
+/// agent goes on. A change of state alone may wait for the next write
+/// unless it is into doubt: a restarted agent takes a QEMU's state from
+/// QEMU's own run status and what the record says of migrations and
+/// doubt (a sim VM is lost whatever its state), and the changes of state
+/// alone include a migration's pause for its final copy, inside the
+/// downtime. A VM's existence, what runs it, its claim by a migration and
+/// a doubt are always fsynced.
 fn needs_fsync(old: Option<&VmRecord>, new: &VmRecord) -> bool {
     match old {
-        Some(o) if o.migrating && new.migrating && new.state != VmState::InDoubt => {
+        Some(o) if new.state != VmState::InDoubt => {
             let mut same = o.clone();
             same.state = new.state;
             same != *new
@@ -369,18 +374,21 @@ mod tests {
     }
 
     #[test]
-    fn only_a_migration_s_own_state_changes_skip_the_fsync() {
+    fn only_changes_of_state_outside_doubt_skip_the_fsync() {
+        let running = record("a", 0, VmState::Running);
         let mut claimed = record("a", 0, VmState::MigratingOut);
         claimed.migrating = true;
         // Claimed: written through (a restart must know it was migrating).
-        assert!(needs_fsync(
-            Some(&record("a", 0, VmState::Running)),
-            &claimed
-        ));
+        assert!(needs_fsync(Some(&running), &claimed));
         // Paused for the final copy: inside the downtime, no fsync.
         let mut paused = claimed.clone();
         paused.state = VmState::Paused;
         assert!(!needs_fsync(Some(&claimed), &paused));
+        // An operator's pause: QEMU's status says it again at restart.
+        assert!(!needs_fsync(
+            Some(&running),
+            &record("a", 0, VmState::Paused)
+        ));
         // Into doubt, or anything besides the state: written through.
         let mut doubt = claimed.clone();
         doubt.state = VmState::InDoubt;
@@ -389,10 +397,8 @@ mod tests {
         other.bytes += 1;
         assert!(needs_fsync(Some(&paused), &other));
         // The migration ends (rolled back): written through.
-        assert!(needs_fsync(
-            Some(&paused),
-            &record("a", 0, VmState::Running)
-        ));
-        assert!(needs_fsync(None, &record("a", 0, VmState::Running)));
+        assert!(needs_fsync(Some(&paused), &running));
+        // A new VM: written through.
+        assert!(needs_fsync(None, &running));
     }
 }
