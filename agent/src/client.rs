@@ -175,6 +175,25 @@ impl CtlClient {
         }
     }
 
+    /// Resolves the migrations the agent holds unfinished (of `vm`, or
+    /// all): one report per migration (`convoyctl recover`).
+    pub async fn recover(
+        &self,
+        vm: Option<convoy_protocol::names::VmName>,
+        force_resume_here: bool,
+    ) -> Result<Vec<convoy_protocol::ctl::RecoveryReport>, ClientError> {
+        match self
+            .request(CtlRequest::Recover {
+                vm,
+                force_resume_here,
+            })
+            .await?
+        {
+            CtlResponse::Recovered(r) => Ok(r),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// The agent's whole audit log (read in chunks), as it is now.
     pub async fn audit_log(&self) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();

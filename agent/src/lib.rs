@@ -58,4 +58,6 @@ pub mod trust;
 pub mod units;
 
 pub use config::{AgentConfig, AgentError, OnExit};
+/// Where a test may stop a migration (`--dangerous-pause-at`).
+pub use engine::pause;
 pub use server::{run, Agent};

@@ -137,12 +137,14 @@ struct Args {
     #[arg(long, default_value = "2GiB", value_parser = convoy_agent::units::parse_size)]
     max_bookkeeping: u64,
     /// DANGEROUS, tests only: stop every migration that reaches POINT
-    /// for ever, right after its journal record is committed (`paused at
-    /// POINT` on stderr), so a test can kill the agent there. POINT:
-    /// source-claimed, source-committed, destination-handover,
-    /// destination-started, source-started.
+    /// for ever (`paused at POINT` on stderr), so a test can kill the
+    /// agent or cut its link there. POINT: a journal record just committed
+    /// (source-claimed, destination-staged, source-committed,
+    /// destination-handover, destination-started, source-started) or an
+    /// engine step (source-round-2, source-stop-copy, destination-ready,
+    /// source-postcopy-push, destination-recovering).
     #[arg(long, hide = true, value_name = "POINT")]
-    dangerous_pause_at: Option<convoy_agent::host::journal::JournalPoint>,
+    dangerous_pause_at: Option<convoy_agent::pause::PausePoint>,
 }
 
 fn parse_federate(s: &str) -> Result<(TrustDomain, PathBuf, Option<PathBuf>), String> {

@@ -155,6 +155,7 @@ impl Agent {
                 budget,
                 recoveries: Mutex::new(HashMap::new()),
                 journal,
+                resolving: tokio::sync::Mutex::new(()),
             }),
         };
         if let Some(p) = policy {
@@ -203,6 +204,8 @@ impl Agent {
         if let Some(loaded) = loaded {
             crate::host::reattach::restore(&self.host, loaded).await;
         }
+        // With the VMs found again: the migrations left unfinished.
+        crate::host::indoubt::at_start(&self.host).await;
         tokio::pin!(shutdown);
         let reloader = self
             .host

@@ -66,6 +66,10 @@ enum Command {
     Migrate(cmd::migrate::Migrate),
     /// Cancel a VM's outgoing migration on its source agent (--agent).
     Abort(cmd::abort::Abort),
+    /// Resolve the migrations an agent (--agent) holds unfinished after a
+    /// crash, a restart or a lost link: resume, discard or keep paused,
+    /// by the destination's signed answer; says what it decided and why.
+    Recover(cmd::recover::Recover),
     /// Validate Cedar policies and check requests against them offline.
     #[command(subcommand)]
     Policy(cmd::policy::Policy),
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
+            Command::Recover(c) => cmd::recover::run(&cli.global, c).await,
             Command::Policy(c) => cmd::policy::run(&cli.global, c),
             Command::Status => cmd::status::run(&cli.global).await,
             Command::Demo(c) => demo::run(&cli.global, c).await,

@@ -43,6 +43,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::journal::{Epoch, JournalOutcome, JournalPhase, JournalRecord, JournalRole};
 use crate::names::{MigrationId, SpiffeId};
 use crate::signed::{Signable, Signed};
 
@@ -154,6 +155,62 @@ pub enum Held {
     Incomplete,
     /// Nothing: the copy died (a sim VM lives in its agent's process).
     Gone,
+}
+
+impl SourceStanding {
+    /// Where a source's journal record puts the migration. A record of
+    /// the other role is not a source's: `None`.
+    pub fn of(r: &JournalRecord) -> Option<SourceStanding> {
+        if r.role != JournalRole::Source {
+            return None;
+        }
+        Some(match r.phase {
+            JournalPhase::Claimed => SourceStanding::Claimed,
+            JournalPhase::Committed | JournalPhase::Ended(JournalOutcome::InDoubt) => {
+                SourceStanding::Committed { epoch: r.epoch.0 }
+            }
+            // `Started` at the source is the destination's confirmation:
+            // only the wipe of the copy here is left.
+            _ => SourceStanding::Finished,
+        })
+    }
+}
+
+impl DestinationStanding {
+    /// Where a destination's journal record (`None`: no record) puts the
+    /// migration, given what this host holds of the VM (asked only when
+    /// the record says the VM was handed over and not yet completed: a
+    /// completed one was confirmed to the source, and whatever became of
+    /// the VM since, it is not the source's again). A fence is a record that
+    /// ended failed or rolled back: the journal refuses to move it on
+    /// ([`crate::journal`]), so the epoch it was about never runs here.
+    pub fn of(r: Option<&JournalRecord>, held: impl FnOnce() -> Held) -> DestinationStanding {
+        let Some(r) = r.filter(|r| r.role == JournalRole::Destination) else {
+            return DestinationStanding::Unknown;
+        };
+        let handoff = Epoch::CLAIMED.next().0;
+        match r.phase {
+            JournalPhase::Staged => DestinationStanding::Staging { epoch: handoff },
+            JournalPhase::HandedOver
+            | JournalPhase::Started
+            | JournalPhase::Ended(JournalOutcome::InDoubt) => DestinationStanding::HandedOver {
+                epoch: handoff,
+                held: held(),
+            },
+            // Completed: `Started` was sent and ownership passed for good.
+            // Whatever became of the VM since (deleted, moved on), the
+            // source must not resume its copy.
+            JournalPhase::Ended(JournalOutcome::Completed) => DestinationStanding::HandedOver {
+                epoch: handoff,
+                held: Held::Complete,
+            },
+            JournalPhase::Ended(JournalOutcome::Failed | JournalOutcome::RolledBack) => {
+                DestinationStanding::Fenced { epoch: handoff }
+            }
+            // Not a destination's phase (a decoded record never has it).
+            JournalPhase::Claimed | JournalPhase::Committed => DestinationStanding::Unknown,
+        }
+    }
 }
 
 /// What a restarted source does with one journalled migration.
@@ -463,6 +520,108 @@ mod tests {
             }),
             DestinationStep::AwaitSource
         );
+    }
+
+    /// Every record a destination's journal can hold, reached by every
+    /// sequence of up to four decisions from the staging record.
+    fn destination_records() -> Vec<JournalRecord> {
+        use crate::journal::JournalStep as S;
+        let first = JournalRecord::staged(
+            MigrationId([7; 16]),
+            Digest([9; 32]),
+            "spiffe://example.org/agent/a".parse().unwrap(),
+            "web".parse().unwrap(),
+            None,
+            1,
+        );
+        let mut seen = vec![first.clone()];
+        let mut frontier = vec![first];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for r in &frontier {
+                for step in [S::Commit, S::Start, S::Abort, S::Complete, S::Doubt] {
+                    if let Ok(Some(n)) = r.advance(step, 2) {
+                        if !seen.iter().any(|x| x.phase == n.phase) {
+                            seen.push(n.clone());
+                            next.push(n);
+                        }
+                    }
+                }
+            }
+            frontier = next;
+        }
+        seen
+    }
+
+    #[test]
+    fn a_destination_fences_only_what_its_journal_can_keep_from_running() {
+        use crate::journal::JournalStep as S;
+        let q = Inquiry {
+            migration: MigrationId([7; 16]),
+            ticket: Digest([9; 32]),
+            epoch: 1,
+        };
+        let records = destination_records();
+        assert!(records.len() >= 6, "{records:?}");
+        for r in &records {
+            for held in [Held::Complete, Held::Incomplete, Held::Gone] {
+                let standing = DestinationStanding::of(Some(r), || held);
+                let a = destination_answer(standing, &q);
+                if a.verdict == Verdict::Fenced {
+                    // The fence is journalled as an abort (or already is
+                    // one): afterwards nothing lets the copy run.
+                    let fenced = match a.fence_first {
+                        Some(_) => r.advance(S::Abort, 3).unwrap().unwrap_or_else(|| r.clone()),
+                        None => r.clone(),
+                    };
+                    assert!(!fenced.held_here(), "{r:?} fenced yet held");
+                    for late in [S::Commit, S::Start] {
+                        assert!(fenced.advance(late, 4).is_err(), "{late:?} after {r:?}");
+                    }
+                    assert_eq!(
+                        DestinationStanding::of(Some(&fenced), || held),
+                        DestinationStanding::Fenced { epoch: 1 }
+                    );
+                }
+                if a.verdict == Verdict::RunsHere {
+                    let completed = r.phase == JournalPhase::Ended(JournalOutcome::Completed);
+                    assert!(
+                        r.held_here() && (held == Held::Complete || completed),
+                        "{r:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            DestinationStanding::of(None, || Held::Complete),
+            DestinationStanding::Unknown
+        );
+        let src = JournalRecord::claimed(
+            MigrationId([7; 16]),
+            Digest([9; 32]),
+            dest(),
+            "web".parse().unwrap(),
+            None,
+            1,
+        );
+        assert_eq!(
+            DestinationStanding::of(Some(&src), || Held::Complete),
+            DestinationStanding::Unknown,
+            "a source's record says nothing about a destination"
+        );
+        assert_eq!(SourceStanding::of(&src), Some(SourceStanding::Claimed));
+        let committed = src.advance(S::Commit, 2).unwrap().unwrap();
+        assert_eq!(
+            SourceStanding::of(&committed),
+            Some(SourceStanding::Committed { epoch: 1 })
+        );
+        let doubt = committed.advance(S::Doubt, 3).unwrap().unwrap();
+        assert_eq!(
+            SourceStanding::of(&doubt),
+            Some(SourceStanding::Committed { epoch: 1 })
+        );
+        let back = doubt.advance(S::Abort, 4).unwrap().unwrap();
+        assert_eq!(SourceStanding::of(&back), Some(SourceStanding::Finished));
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //!     [*] --> Claimed: source claims the VM (epoch 0)
 //!     Claimed --> Committed: Commit: handover or post-copy switch decided (epoch 1)
 //!     Claimed --> Failed: Abort: ended before any handoff (epoch 0)
-//!     [*] --> HandedOver: destination receives Handover or PostcopySwitch (epoch 1)
+//!     [*] --> Staged: destination accepts the proposal (epoch 0)
+//!     Staged --> HandedOver: Commit: Handover or PostcopySwitch received (epoch 1)
+//!     Staged --> Failed: Abort: staging discarded, or fenced (epoch 0)
 //!     Committed --> Started: Start: the destination confirmed Started
 //!     HandedOver --> Started: Start: the VM runs here
 //!     Committed --> RolledBack: Abort: the destination gave the VM back (epoch 2)
 //!     HandedOver --> RolledBack: Abort: the VM could not start here, given back (epoch 2)
+//!     Started --> RolledBack: Abort: (destination) the copy died here; fenced so the source resumes (epoch 2)
 //!     Committed --> InDoubt: Doubt
 //!     HandedOver --> InDoubt: Doubt
 //!     Started --> Completed: Complete
@@ -31,6 +34,14 @@
 //! epoch must never resume the VM by itself; a destination whose record
 //! has none, or an even epoch, never ran it.
 //!
+//! # Fences
+//! A destination's record that ended failed (from `Staged`) or rolled back
+//! is a *fence*: no later `Handover`, `PostcopySwitch` or `Resume` can move
+//! it on ([`JournalRecord::advance`] refuses), so a copy here never runs
+//! for that migration. A destination journals its staging at `Accept`, so
+//! that every migration a source can commit has a record here to fence
+//! ([`crate::indoubt`]).
+//!
 //! # Settled and unfinished
 //! A record is *settled* once its outcome is completed, failed or rolled
 //! back: nothing about it remains to decide, and the agent may compact it.
@@ -39,8 +50,9 @@
 //!
 //! # Points
 //! The records that mark a step other agents or the VM act on are named
-//! ([`JournalPoint`]: `source-claimed`, `source-committed`,
-//! `destination-handover`, `destination-started`, `source-started`), for
+//! ([`JournalPoint`]: `source-claimed`, `destination-staged`,
+//! `source-committed`, `destination-handover`, `destination-started`,
+//! `source-started`), for
 //! tests that stop or fail an agent right there.
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +144,9 @@ pub enum JournalPhase {
     /// Source: the VM is claimed for the migration; it may still resume
     /// here.
     Claimed,
+    /// Destination: the proposal is accepted and a copy is being staged;
+    /// it never runs without a handover.
+    Staged,
     /// Source: the handover (or the post-copy switch) is decided; from
     /// now on the VM never resumes here by itself.
     Committed,
@@ -150,6 +165,7 @@ impl JournalPhase {
     pub fn name(self) -> &'static str {
         match self {
             JournalPhase::Claimed => "claimed",
+            JournalPhase::Staged => "staged",
             JournalPhase::Committed => "committed",
             JournalPhase::HandedOver => "handed over",
             JournalPhase::Started => "started",
@@ -167,6 +183,7 @@ impl JournalPhase {
         use JournalRole as R;
         Some(match (role, self) {
             (R::Source, P::Claimed | P::Ended(JournalOutcome::Failed)) => Epoch(0),
+            (R::Destination, P::Staged | P::Ended(JournalOutcome::Failed)) => Epoch(0),
             (R::Source, P::Committed) | (R::Destination, P::HandedOver) => Epoch(1),
             (_, P::Started | P::Ended(JournalOutcome::Completed | JournalOutcome::InDoubt)) => {
                 Epoch(1)
@@ -247,6 +264,8 @@ pub enum RecordDecodeError {
 pub enum JournalPoint {
     /// The source claimed the VM (before it dials the destination).
     SourceClaimed,
+    /// The destination accepted the proposal (before `Accept` is sent).
+    DestinationStaged,
     /// The source committed the handover or the post-copy switch (before
     /// `Handover` or `PostcopySwitch` is sent).
     SourceCommitted,
@@ -261,8 +280,9 @@ pub enum JournalPoint {
 
 impl JournalPoint {
     /// Every point.
-    pub const ALL: [JournalPoint; 5] = [
+    pub const ALL: [JournalPoint; 6] = [
         JournalPoint::SourceClaimed,
+        JournalPoint::DestinationStaged,
         JournalPoint::SourceCommitted,
         JournalPoint::DestinationHandover,
         JournalPoint::DestinationStarted,
@@ -273,6 +293,7 @@ impl JournalPoint {
     pub fn name(self) -> &'static str {
         match self {
             JournalPoint::SourceClaimed => "source-claimed",
+            JournalPoint::DestinationStaged => "destination-staged",
             JournalPoint::SourceCommitted => "source-committed",
             JournalPoint::DestinationHandover => "destination-handover",
             JournalPoint::DestinationStarted => "destination-started",
@@ -284,6 +305,7 @@ impl JournalPoint {
     pub fn of(r: &JournalRecord) -> Option<JournalPoint> {
         Some(match (r.role, r.phase) {
             (JournalRole::Source, JournalPhase::Claimed) => JournalPoint::SourceClaimed,
+            (JournalRole::Destination, JournalPhase::Staged) => JournalPoint::DestinationStaged,
             (JournalRole::Source, JournalPhase::Committed) => JournalPoint::SourceCommitted,
             (JournalRole::Source, JournalPhase::Started) => JournalPoint::SourceStarted,
             (JournalRole::Destination, JournalPhase::HandedOver) => {
@@ -303,7 +325,7 @@ impl std::fmt::Display for JournalPoint {
 
 /// Not a point's name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("unknown point {0:?}: one of source-claimed, source-committed, destination-handover, destination-started, source-started")]
+#[error("unknown point {0:?}: one of source-claimed, destination-staged, source-committed, destination-handover, destination-started, source-started")]
 pub struct UnknownPoint(pub String);
 
 impl std::str::FromStr for JournalPoint {
@@ -339,6 +361,10 @@ pub struct JournalRecord {
     pub epoch: Epoch,
     /// When this phase was recorded, seconds since the Unix epoch.
     pub at_unix: u64,
+    /// Source: the address it dialled the destination at (`HOST:PORT`),
+    /// so that a restarted source can ask it about a migration in doubt
+    /// even when the address was given for this migration only.
+    pub peer_addr: Option<String>,
 }
 
 impl JournalRecord {
@@ -361,6 +387,31 @@ impl JournalRecord {
             phase: JournalPhase::Claimed,
             epoch: Epoch::CLAIMED,
             at_unix,
+            peer_addr: None,
+        }
+    }
+
+    /// The destination's first record: the proposal accepted, a copy
+    /// staged that may run only after a handover.
+    pub fn staged(
+        migration: MigrationId,
+        ticket: Digest,
+        peer: SpiffeId,
+        vm: VmName,
+        incarnation: Option<u64>,
+        at_unix: u64,
+    ) -> JournalRecord {
+        JournalRecord {
+            migration,
+            ticket,
+            role: JournalRole::Destination,
+            peer,
+            vm,
+            incarnation,
+            phase: JournalPhase::Staged,
+            epoch: Epoch::CLAIMED,
+            at_unix,
+            peer_addr: None,
         }
     }
 
@@ -383,6 +434,7 @@ impl JournalRecord {
             phase: JournalPhase::HandedOver,
             epoch: Epoch::CLAIMED.next(),
             at_unix,
+            peer_addr: None,
         }
     }
 
@@ -406,7 +458,13 @@ impl JournalRecord {
         };
         let next = match (self.role, self.phase, step) {
             (R::Source, P::Claimed, S::Commit) => P::Committed,
-            (R::Source, P::Claimed, S::Abort) => P::Ended(O::Failed),
+            (R::Source, P::Claimed, S::Abort) | (R::Destination, P::Staged, S::Abort) => {
+                P::Ended(O::Failed)
+            }
+            (R::Destination, P::Staged, S::Commit) => P::HandedOver,
+            // A destination whose started copy died fences it: the
+            // source may then resume its own.
+            (R::Destination, P::Started, S::Abort) => P::Ended(O::RolledBack),
             (R::Source, P::Committed, S::Start) | (R::Destination, P::HandedOver, S::Start) => {
                 P::Started
             }
@@ -536,6 +594,54 @@ mod tests {
         let dst = run(JournalRole::Destination, &[Start, Complete]);
         assert_eq!((dst.phase, dst.epoch), (src.phase, src.epoch));
         assert!(dst.held_here());
+    }
+
+    #[test]
+    fn a_staged_destination_is_fenced_by_an_abort_and_nothing_moves_a_fence_on() {
+        let peer: SpiffeId = "spiffe://convoy.internal/agent/a".parse().unwrap();
+        let staged = JournalRecord::staged(
+            MigrationId([7; 16]),
+            Digest([1; 32]),
+            peer,
+            "web".parse().unwrap(),
+            None,
+            10,
+        );
+        assert!(!staged.held_here() && !staged.is_settled());
+        assert_eq!(
+            JournalPoint::of(&staged),
+            Some(JournalPoint::DestinationStaged)
+        );
+        let handed = staged.advance(Commit, 11).unwrap().unwrap();
+        assert_eq!(
+            (handed.phase, handed.epoch),
+            (JournalPhase::HandedOver, Epoch(1))
+        );
+        assert!(handed.held_here());
+        let fenced = staged.advance(Abort, 11).unwrap().unwrap();
+        assert_eq!(
+            (fenced.phase, fenced.epoch),
+            (JournalPhase::Ended(JournalOutcome::Failed), Epoch(0))
+        );
+        assert!(fenced.is_settled() && !fenced.held_here());
+        for late in [Commit, Start, Complete, Doubt] {
+            assert!(fenced.advance(late, 12).is_err(), "{late:?} after a fence");
+        }
+        assert_eq!(fenced.advance(Abort, 12).unwrap(), None, "fencing twice");
+        // A started copy that died here is fenced too, at the give-back's
+        // epoch.
+        let started = handed.advance(Start, 12).unwrap().unwrap();
+        let back = started.advance(Abort, 13).unwrap().unwrap();
+        assert_eq!(
+            (back.phase, back.epoch),
+            (JournalPhase::Ended(JournalOutcome::RolledBack), Epoch(2))
+        );
+        assert!(back.advance(Start, 14).is_err() && back.advance(Complete, 14).is_err());
+        // Decoding checks the new phase's epoch like the others.
+        assert_eq!(JournalRecord::decode(&staged.encode()).unwrap(), staged);
+        let mut bad = staged.clone();
+        bad.epoch = Epoch(1);
+        assert!(JournalRecord::decode(&bad.encode()).is_err());
     }
 
     #[test]
@@ -679,15 +785,21 @@ mod tests {
         /// Whatever decisions are tried, in any order: the epoch never
         /// falls and rises by at most one per step, exactly when the VM
         /// changes hands; every record written decodes to itself; a
-        /// record that completed was started first; and once settled it
+        /// record that completed was started first; a source that saw
+        /// `Started` never takes the VM back; and once settled a record
         /// never changes.
         #[test]
         fn any_sequence_of_decisions_keeps_the_rules(
             dest in any::<bool>(),
             steps in proptest::collection::vec(step(), 0..12),
         ) {
-            let role = if dest { JournalRole::Destination } else { JournalRole::Source };
-            let mut r = record(role);
+            // A destination's journal begins at staging.
+            let mut r = if dest {
+                let s = record(JournalRole::Destination);
+                JournalRecord::staged(s.migration, s.ticket, s.peer, s.vm, None, 10)
+            } else {
+                record(JournalRole::Source)
+            };
             let mut started = false;
             for (t, s) in (11..).zip(steps) {
                 match r.advance(s, t) {
@@ -701,7 +813,7 @@ mod tests {
                         if n.phase == JournalPhase::Ended(JournalOutcome::Completed) {
                             prop_assert!(started || r.phase == JournalPhase::Ended(JournalOutcome::InDoubt));
                         }
-                        if started {
+                        if started && r.role == JournalRole::Source {
                             prop_assert!(n.phase != JournalPhase::Ended(JournalOutcome::RolledBack)
                                 || r.phase == JournalPhase::Ended(JournalOutcome::InDoubt));
                         }

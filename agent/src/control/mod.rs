@@ -20,6 +20,7 @@ use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
 mod migrate;
+mod recover;
 mod vm;
 
 use audit::audit_read;
@@ -85,6 +86,7 @@ fn governed(req: &CtlRequest) -> bool {
         | CtlRequest::VmDelete(_)
         | CtlRequest::VmPause(..)
         | CtlRequest::Abort(_)
+        | CtlRequest::Recover { .. }
         | CtlRequest::AuditRead { .. } => true,
         // A request this build does not know is refused as such below.
         _ => false,
@@ -104,6 +106,18 @@ fn summary(req: &CtlRequest) -> String {
         CtlRequest::Migrate(m) => format!("migrate {} to {}", m.vm, m.to),
         CtlRequest::Abort(n) => format!("abort {n}"),
         CtlRequest::AuditRead { offset } => format!("audit read from {offset}"),
+        CtlRequest::Recover {
+            vm,
+            force_resume_here,
+        } => format!(
+            "recover {}{}",
+            vm.as_ref().map_or("--all".into(), ToString::to_string),
+            if *force_resume_here {
+                " --force-resume-here"
+            } else {
+                ""
+            }
+        ),
         other => format!("{other:?}"),
     }
 }
@@ -234,6 +248,13 @@ async fn handle(
             respond(&mut send, r).await?;
         }
         CtlRequest::Migrate(req) => migrate::migrate(&host, req, &peer.id, &mut send).await?,
+        CtlRequest::Recover {
+            vm,
+            force_resume_here,
+        } => {
+            let r = recover::recover(&host, vm, force_resume_here, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
         other => {
             respond(
                 &mut send,

@@ -2,7 +2,8 @@
 //! decides the engine — a `Propose` of a QEMU stream
 //! ([`crate::engine::qemu::destination`]), a `Resume` of a post-copy
 //! migration waiting here ([`crate::engine::native::destination`]'s
-//! recovery), or anything else, the page engine
+//! recovery), an `Inquire` about a migration the source holds in doubt
+//! ([`crate::host::indoubt::answer`]), or anything else, the page engine
 //! ([`crate::engine::native::destination::serve`], which refuses what is
 //! not a `Propose`).
 
@@ -60,6 +61,9 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
         }
         Ok(Some(Message::Resume(r))) => {
             native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
+        }
+        Ok(Some(Message::Inquire(i))) => {
+            crate::host::indoubt::answer(host, conn, peer, send, i).await;
         }
         first => native::destination::serve(host, conn, peer, send, recv, first).await,
     }

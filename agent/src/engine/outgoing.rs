@@ -183,14 +183,18 @@ pub(crate) async fn migrate(
     let (claimed, back) = claimed;
     let migration = ticket.ticket.id;
     // The claim is on disk before the destination hears of it.
-    let claim = JournalRecord::claimed(
-        migration,
-        convoy_protocol::receipt::ticket_digest(&req.ticket),
-        dest_id.clone(),
-        req.vm.clone(),
-        Some(incarnation),
-        crate::trust::authz::now_unix(),
-    );
+    let claim = JournalRecord {
+        // A restarted source asks the destination there.
+        peer_addr: Some(addr.to_string()),
+        ..JournalRecord::claimed(
+            migration,
+            convoy_protocol::receipt::ticket_digest(&req.ticket),
+            dest_id.clone(),
+            req.vm.clone(),
+            Some(incarnation),
+            crate::trust::authz::now_unix(),
+        )
+    };
     if let Err(e) = host.journal(JournalChange::Begin(claim)).await {
         if let Some(entry) = host.vms().get_mut(&req.vm) {
             if entry.incarnation == incarnation {
@@ -342,6 +346,10 @@ async fn finish(
     // A failure here leaves the record unfinished: kept, and reported at
     // the next start (the engine already logged it).
     let _ = host.journal(ended).await;
+    // In doubt: ask the destination, now and again, until it is decided.
+    if matches!(report.outcome, Outcome::InDoubt(_)) {
+        crate::host::indoubt::watch(host.clone(), migration, std::time::Duration::from_secs(1));
+    }
     host.record(report.clone());
     report
 }

@@ -7,6 +7,7 @@
 
 pub mod bookkeeping;
 pub mod budget;
+pub(crate) mod indoubt;
 pub mod journal;
 pub mod limits;
 pub(crate) mod reattach;
@@ -212,6 +213,11 @@ pub(crate) struct Host {
     /// What this agent decided about the migrations in progress, on disk
     /// ([`journal`]); written through [`Host::journal`].
     pub journal: Arc<journal::Journal>,
+    /// One resolution of a migration in doubt at a time ([`indoubt`]):
+    /// the operator's `recover`, the retries after a lost link and the
+    /// answers to the other side never decide the same migration twice at
+    /// once.
+    pub(crate) resolving: tokio::sync::Mutex<()>,
 }
 
 /// A post-copy migration that may be resumed on a new connection.
@@ -416,7 +422,8 @@ impl Host {
     /// thread) and
     /// returns the record as it now stands. On error nothing was
     /// recorded and the decision must not be acted on. When the agent was
-    /// told to pause at the point the record marks, this never returns.
+    /// told to pause at the point the record marks, this returns only once
+    /// a test releases it ([`crate::engine::pause::hold`]).
     pub async fn journal(
         &self,
         change: journal::JournalChange,
@@ -440,12 +447,9 @@ impl Host {
         if let Some(hook) = &dangerous.journal_hook {
             hook(&r);
         }
-        let point = journal::JournalPoint::of(&r);
-        if point.is_some() && point == dangerous.pause_at {
-            let point = point.map_or("", journal::JournalPoint::name);
-            tracing::info!(migration = %r.migration, "paused at {point}");
-            eprintln!("paused at {point}");
-            std::future::pending::<()>().await;
+        let point = journal::JournalPoint::of(&r).map(crate::engine::pause::PausePoint::from);
+        if let Some(point) = point.filter(|p| Some(*p) == dangerous.pause_at) {
+            crate::engine::pause::hold(self, point).await;
         }
         Ok(r)
     }

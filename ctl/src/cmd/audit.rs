@@ -573,6 +573,26 @@ fn describe(e: &AuditEvent) -> String {
             "migration {migration} of {vm} found unfinished at start: {role}, {phase}, epoch {epoch}"
         ),
         AuditEvent::VmAtStart { vm, outcome } => format!("at start, VM {vm}: {outcome}"),
+        AuditEvent::Resolution {
+            migration,
+            vm,
+            role,
+            decision,
+            reason,
+            operator,
+            statement,
+        } => format!(
+            "migration {migration} of {vm} resolved ({role}){}: {decision} — {reason}{}",
+            operator
+                .as_ref()
+                .map(|o| format!(" at the request of {o}"))
+                .unwrap_or_default(),
+            if statement.is_some() {
+                ", on the destination's signed statement"
+            } else {
+                ""
+            }
+        ),
         other => format!("{other:?}"),
     }
 }

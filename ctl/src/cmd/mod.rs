@@ -6,5 +6,6 @@ pub mod audit;
 pub mod migrate;
 pub mod pki;
 pub mod policy;
+pub mod recover;
 pub mod status;
 pub mod vm;

@@ -42,8 +42,8 @@ pub struct Check {
     /// Inventory (JSON).
     #[arg(long)]
     inventory: PathBuf,
-    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort or
-    /// ReadAudit.
+    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover
+    /// or ReadAudit.
     #[arg(long)]
     action: Action,
     /// The operator asking (or whose ticket it is), as a SPIFFE ID.
@@ -55,8 +55,8 @@ pub struct Check {
     /// Destination agent (MigrateOut, MigrateIn), as a SPIFFE ID.
     #[arg(long)]
     destination: Option<SpiffeId>,
-    /// The agent asked (CreateVm, DeleteVm, PauseVm, Abort, ReadAudit), as
-    /// a SPIFFE ID.
+    /// The agent asked (CreateVm, DeleteVm, PauseVm, Abort, Recover,
+    /// ReadAudit), as a SPIFFE ID.
     #[arg(long)]
     host: Option<SpiffeId>,
     /// VM name.
@@ -71,6 +71,10 @@ pub struct Check {
     /// A VM label KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Recover: the operator forces a resume here
+    /// (`--force-resume-here`).
+    #[arg(long)]
+    force: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -197,6 +201,12 @@ fn check(g: &Global, c: Check) -> Result<()> {
                 _ => Query::Abort { operator, vm, host },
             })
         }
+        Action::Recover => set.decide(&Query::Recover {
+            operator: &c.by,
+            vm,
+            host: need(&c.host, "host", a)?,
+            force: c.force,
+        }),
         Action::ReadAudit => set.decide(&Query::ReadAudit {
             operator: &c.by,
             host: need(&c.host, "host", a)?,

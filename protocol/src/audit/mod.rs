@@ -189,6 +189,28 @@ pub enum AuditEvent {
         /// What was found and done.
         outcome: String,
     },
+    /// A migration left unfinished was resolved, or looked at and left
+    /// undecided (`crate::indoubt`): at start, after a lost link, by
+    /// `convoyctl recover`, or by an inquiry from the other side. The
+    /// statement the decision rests on is kept, so that anyone can check
+    /// offline that a resume followed the destination's signed fence.
+    Resolution {
+        /// Migration.
+        migration: MigrationId,
+        /// VM.
+        vm: VmName,
+        /// `source` or `destination`.
+        role: String,
+        /// What was decided (`resumed here`, `stays paused`, …).
+        decision: String,
+        /// Why.
+        reason: String,
+        /// The operator who asked (`convoyctl recover`), if one did.
+        operator: Option<String>,
+        /// The destination's signed statement, when one was received
+        /// (source) or given (destination).
+        statement: Option<crate::indoubt::SignedStatement>,
+    },
 }
 
 /// The digest recorded for cut bytes ([`AuditEvent::TornTailCut`]): plain

@@ -77,7 +77,7 @@ impl CtlMessage {
 
 /// How many variants [`CtlRequest`] has (its last one's index plus one;
 /// `request_variants_are_counted` keeps this in step).
-const REQUEST_VARIANTS: u32 = 10;
+const REQUEST_VARIANTS: u32 = 11;
 
 /// The postcard varint (an enum's variant index) `body` starts with.
 fn leading_varint(body: &[u8]) -> Option<u32> {
@@ -171,6 +171,7 @@ mod tests {
             CtlRequest::VmCreateQemu(_) => 7,
             CtlRequest::VmPause(..) => 8,
             CtlRequest::VmAdoptQemu(..) => 9,
+            CtlRequest::Recover { .. } => 10,
         }
     }
 
@@ -188,13 +189,13 @@ mod tests {
             let body = postcard::to_stdvec(&r).unwrap();
             assert_eq!(leading_varint(&body), Some(index(&r)), "{r:?}");
         }
-        assert_eq!(
-            index(&CtlRequest::VmAdoptQemu(
-                crate::fuzz::qemu_spec(0),
-                String::new()
-            )) + 1,
-            REQUEST_VARIANTS
-        );
+        let last = CtlRequest::Recover {
+            vm: None,
+            force_resume_here: true,
+        };
+        let body = postcard::to_stdvec(&last).unwrap();
+        assert_eq!(leading_varint(&body), Some(index(&last)));
+        assert_eq!(index(&last) + 1, REQUEST_VARIANTS);
     }
 
     /// A request frame: tag and `body`.
@@ -206,8 +207,10 @@ mod tests {
 
     #[test]
     fn a_newer_request_and_an_invalid_name_are_named_readably() {
-        // Variant 10 and a far larger one, as a newer convoyctl sends.
-        for body in [vec![10u8], vec![0x80, 0x01, 0]] {
+        // The variant after the last and a far larger one, as a newer
+        // convoyctl sends.
+        let next = u8::try_from(REQUEST_VARIANTS).unwrap();
+        for body in [vec![next], vec![0x80, 0x01, 0]] {
             let e = CtlMessage::decode(&frame(&body)).unwrap_err();
             assert!(
                 matches!(

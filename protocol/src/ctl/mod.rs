@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::model::MigrationMode;
-use crate::names::{AgentName, VmName};
+use crate::names::{AgentName, MigrationId, VmName};
 use crate::page::EncodingStats;
 pub use crate::vm::{Accel, QemuVmSpec};
 pub use frame::CtlMessage;
@@ -347,6 +347,72 @@ pub enum CtlRequest {
     /// (an absolute path there); it must run an allowed binary and the VM
     /// the definition describes.
     VmAdoptQemu(QemuVmSpec, String),
+    /// Resolve the migrations this agent holds unfinished (of one VM, or
+    /// all): asks the other side where the rules need it, acts on the
+    /// answer, and reports each decision. With `force_resume_here`, a
+    /// source resumes its copy without the destination's word (for an
+    /// operator who knows the other host is gone for good; audited).
+    Recover {
+        /// Only this VM's migrations; `None`: every one.
+        vm: Option<VmName>,
+        /// Resume the source's paused copy without a fence.
+        force_resume_here: bool,
+    },
+}
+
+/// What `Recover` decided about one migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RecoveryDecision {
+    /// Source: the VM resumed here (it never left, the destination
+    /// fenced the handoff, or the operator forced it).
+    ResumedHere,
+    /// Source: the VM runs at the destination; the copy here is gone.
+    DiscardedHere,
+    /// Nothing can be decided now: the VM stays paused here and the
+    /// reason says why.
+    StaysPaused,
+    /// Destination: the VM was handed over and runs here.
+    RunsHere,
+    /// Destination: the staging here is fenced and discarded; it never
+    /// runs here.
+    Fenced,
+    /// Destination: handed over, but the copy here is gone; the source
+    /// will be told so (a fence) when it asks.
+    AwaitsSource,
+}
+
+impl RecoveryDecision {
+    /// A short phrase for the operator.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RecoveryDecision::ResumedHere => "resumed here",
+            RecoveryDecision::DiscardedHere => "discarded here (runs at the destination)",
+            RecoveryDecision::StaysPaused => "stays paused",
+            RecoveryDecision::RunsHere => "runs here",
+            RecoveryDecision::Fenced => "fenced (never runs here)",
+            RecoveryDecision::AwaitsSource => "awaits the source",
+        }
+    }
+}
+
+/// One migration `Recover` looked at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    /// The migration.
+    pub migration: MigrationId,
+    /// The VM.
+    pub vm: VmName,
+    /// `source` or `destination`.
+    pub role: String,
+    /// The other agent.
+    pub peer: String,
+    /// Where the journal had it before.
+    pub phase: String,
+    /// What was decided.
+    pub decision: RecoveryDecision,
+    /// Why, for the operator.
+    pub reason: String,
 }
 
 /// Most audit log bytes in one [`CtlResponse::AuditChunk`].
@@ -383,4 +449,6 @@ pub enum CtlResponse {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// Answer to `Recover`: one report per migration looked at.
+    Recovered(Vec<RecoveryReport>),
 }

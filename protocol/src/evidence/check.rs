@@ -258,6 +258,15 @@ impl<'a> Checker<'a> {
                 AuditEvent::Unfinished { phase, epoch, .. } => summary.phases.push(format!(
                     "found unfinished at the agent's start: {phase} (epoch {epoch})"
                 )),
+                AuditEvent::Resolution {
+                    decision,
+                    reason,
+                    operator,
+                    ..
+                } => summary.outcomes.push(format!(
+                    "resolved{}: {decision} ({reason})",
+                    operator.map(|o| format!(" by {o}")).unwrap_or_default()
+                )),
                 AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
                 AuditEvent::Decision {
                     action,
@@ -456,5 +465,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::TornTailCut { .. } => "torn tail cut",
         AuditEvent::Unfinished { .. } => "unfinished migration",
         AuditEvent::VmAtStart { .. } => "VM found at start",
+        AuditEvent::Resolution { .. } => "resolution of a migration in doubt",
     }
 }

@@ -121,7 +121,8 @@ fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
         AuditEvent::TicketAccepted { migration, .. }
         | AuditEvent::Outcome { migration, .. }
         | AuditEvent::Phase { migration, .. }
-        | AuditEvent::Unfinished { migration, .. } => Some(*migration),
+        | AuditEvent::Unfinished { migration, .. }
+        | AuditEvent::Resolution { migration, .. } => Some(*migration),
         AuditEvent::Refused { migration, .. } | AuditEvent::Decision { migration, .. } => {
             *migration
         }

@@ -16,6 +16,7 @@ mod audit;
 mod federation;
 mod fulldisk;
 mod hostile;
+mod indoubt;
 mod journal;
 mod limits;
 mod migration;

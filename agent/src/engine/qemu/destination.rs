@@ -338,6 +338,11 @@ impl Incoming {
             )
             .map_err(|e| Fail::local(e.to_string()))?;
         self.receipts.push(accepted.clone());
+        // The staging is on disk before the source hears of it: every
+        // migration the source can commit has a record here to fence.
+        self.record_staged()
+            .await
+            .map_err(|e| Fail::local(format!("the staging could not be recorded: {e}")))?;
         self.accept = Some(Message::Accept(Accept {
             version: VersionRange::OURS
                 .negotiate(p.versions)
@@ -564,11 +569,11 @@ impl Incoming {
         Ok(())
     }
 
-    /// Records in the journal that the guest is handed over to us, before
-    /// it may run here.
-    async fn record_handover(&mut self) -> Result<(), crate::host::journal::JournalError> {
+    /// Records in the journal that a copy is staged here, before `Accept`
+    /// leaves.
+    async fn record_staged(&mut self) -> Result<(), crate::host::journal::JournalError> {
         let incarnation = self.host.vms().get(&self.vm).map(|e| e.incarnation);
-        let record = JournalRecord::handed_over(
+        let record = JournalRecord::staged(
             self.migration,
             self.ticket_digest,
             self.peer.id.clone(),
@@ -578,6 +583,20 @@ impl Incoming {
         );
         self.host.journal(JournalChange::Begin(record)).await?;
         self.journalled = true;
+        Ok(())
+    }
+
+    /// Records in the journal that the guest is handed over to us, before
+    /// it may run here. Refused once the staging was fenced (an answer to
+    /// the source's inquiry promised it would never run).
+    async fn record_handover(&mut self) -> Result<(), crate::host::journal::JournalError> {
+        self.host
+            .journal(JournalChange::Advance {
+                migration: self.migration,
+                role: JournalRole::Destination,
+                step: JournalStep::Commit,
+            })
+            .await?;
         self.phase("handover recorded");
         Ok(())
     }

@@ -21,6 +21,9 @@ pub enum Action {
     PauseVm,
     /// Aborting a migration.
     Abort,
+    /// Resolving a migration left in doubt (`convoyctl recover`); the
+    /// context says whether the operator forces a resume here.
+    Recover,
     /// Reading an agent's audit log.
     ReadAudit,
 }
@@ -35,6 +38,7 @@ impl Action {
             Action::DeleteVm => "DeleteVm",
             Action::PauseVm => "PauseVm",
             Action::Abort => "Abort",
+            Action::Recover => "Recover",
             Action::ReadAudit => "ReadAudit",
         }
     }
@@ -43,7 +47,7 @@ impl Action {
 /// An action name policies do not govern (the text as given).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, ReadAudit)"
+    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover, ReadAudit)"
 )]
 pub struct UnknownAction(pub String);
 
@@ -57,6 +61,7 @@ impl FromStr for Action {
             "DeleteVm" => Action::DeleteVm,
             "PauseVm" => Action::PauseVm,
             "Abort" => Action::Abort,
+            "Recover" => Action::Recover,
             "ReadAudit" => Action::ReadAudit,
             other => return Err(UnknownAction(other.to_owned())),
         })
@@ -138,6 +143,18 @@ pub enum Query<'a> {
         /// This agent.
         host: &'a SpiffeId,
     },
+    /// Resolving a migration of a VM on `host` left in doubt; `force`:
+    /// resuming the VM here without the other side's word.
+    Recover {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+        /// `--force-resume-here`.
+        force: bool,
+    },
     /// Reading `host`'s audit log.
     ReadAudit {
         /// Who asks.
@@ -157,6 +174,7 @@ impl Query<'_> {
             Query::DeleteVm { .. } => Action::DeleteVm,
             Query::PauseVm { .. } => Action::PauseVm,
             Query::Abort { .. } => Action::Abort,
+            Query::Recover { .. } => Action::Recover,
             Query::ReadAudit { .. } => Action::ReadAudit,
         }
     }
@@ -170,6 +188,7 @@ impl Query<'_> {
             | Query::DeleteVm { operator, .. }
             | Query::PauseVm { operator, .. }
             | Query::Abort { operator, .. }
+            | Query::Recover { operator, .. }
             | Query::ReadAudit { operator, .. } => operator,
         }
     }
@@ -190,7 +209,8 @@ impl Query<'_> {
             | Query::CreateVm { vm, .. }
             | Query::DeleteVm { vm, .. }
             | Query::PauseVm { vm, .. }
-            | Query::Abort { vm, .. } => format!("vm {}", vm.name),
+            | Query::Abort { vm, .. }
+            | Query::Recover { vm, .. } => format!("vm {}", vm.name),
             Query::ReadAudit { host, .. } => host.to_string(),
         }
     }

@@ -153,6 +153,19 @@ impl PolicySet {
                     json!({ "host": self.host(host)? }),
                 )
             }
+            Query::Recover {
+                operator,
+                vm,
+                host,
+                force,
+            } => {
+                extra.push(self.vm_entity(&vm)?);
+                (
+                    uid("Operator", &operator.to_string()),
+                    uid("Vm", vm.name.as_str()),
+                    json!({ "host": self.host(host)?, "force": force }),
+                )
+            }
             Query::ReadAudit { operator, host } => (
                 uid("Operator", &operator.to_string()),
                 uid("Agent", &host.to_string()),

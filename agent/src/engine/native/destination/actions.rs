@@ -2,6 +2,7 @@
 //! method per [`DestinationAction`].
 
 use crate::engine::clock;
+use crate::engine::pause::EnginePoint;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{Destination, DestinationAction};
 use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
-use convoy_protocol::message::{Manifest, Reason};
+use convoy_protocol::message::{Manifest, Message, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::PageBitmap;
 use convoy_protocol::ticket::SignedTicket;
@@ -35,6 +36,9 @@ impl Incoming {
     ) {
         match a {
             DestinationAction::Send(m) => {
+                if matches!(m, Message::Ready(_)) {
+                    crate::engine::pause::at(&self.host, EnginePoint::DestinationReady).await;
+                }
                 if let Err(e) = write_message(send, &m).await {
                     sm.handle_link_lost(clock::now(), &e.to_string());
                 }
@@ -148,6 +152,18 @@ impl Incoming {
                         })
                     });
                     let held = self.reuse.is_some();
+                    // The staging is on disk before the source hears of
+                    // it: every migration the source can commit has a
+                    // record here to fence.
+                    if let Err(e) = self.record_staged(sm).await {
+                        self.staging = None;
+                        staging.discard();
+                        if let Some(n) = self.name.take() {
+                            self.host.remove(&n);
+                        }
+                        sm.handle_staging_failed(Reason::Unacceptable(e));
+                        return;
+                    }
                     let bases = self.stage_bases(&staging, &manifest).await;
                     self.phase(format!(
                         "staging reserved ({bytes} bytes){}{}, accepting",
@@ -304,14 +320,14 @@ impl Incoming {
         }
     }
 
-    /// Records in the journal that the VM is handed over to us, before it
-    /// runs here (or says why it could not be).
-    async fn record_handover(&mut self, sm: &Destination) -> Result<(), String> {
+    /// Records in the journal that a copy is staged here, before `Accept`
+    /// leaves (or says why it could not be).
+    async fn record_staged(&mut self, sm: &Destination) -> Result<(), String> {
         let Some(p) = sm.proposal() else {
-            return Err("the handover could not be recorded: no proposal".into());
+            return Err("the staging could not be recorded: no proposal".into());
         };
         let incarnation = self.host.vms().get(&p.vm).map(|e| e.incarnation);
-        let record = JournalRecord::handed_over(
+        let record = JournalRecord::staged(
             p.migration,
             convoy_protocol::receipt::ticket_digest(&p.ticket),
             self.peer.id.clone(),
@@ -322,8 +338,27 @@ impl Incoming {
         self.host
             .journal(JournalChange::Begin(record))
             .await
-            .map_err(|e| format!("the handover could not be recorded: {e}"))?;
+            .map_err(|e| format!("the staging could not be recorded: {e}"))?;
         self.journalled = true;
+        Ok(())
+    }
+
+    /// Records in the journal that the VM is handed over to us, before it
+    /// runs here (or says why it could not be). Refused once the staging
+    /// was fenced (an answer to the source's inquiry promised it would
+    /// never run here).
+    async fn record_handover(&mut self, _sm: &Destination) -> Result<(), String> {
+        let Some(migration) = self.migration.filter(|_| self.journalled) else {
+            return Err("the handover could not be recorded: no staging record".into());
+        };
+        self.host
+            .journal(JournalChange::Advance {
+                migration,
+                role: JournalRole::Destination,
+                step: JournalStep::Commit,
+            })
+            .await
+            .map_err(|e| format!("the handover could not be recorded: {e}"))?;
         self.phase("handover recorded".into());
         Ok(())
     }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::journal::JournalStep;
+
+use crate::engine::pause::EnginePoint;
 use convoy_protocol::message::{Capabilities, Manifest, Message};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::PageBitmap;
@@ -142,7 +144,10 @@ impl<'r> Driver<'r> {
                 let d = self.run.vm.collect_dirty_log();
                 self.sm.handle_dirty_log(clock::now(), d);
             }
-            SourceAction::PauseVm => self.pause_vm(),
+            SourceAction::PauseVm => {
+                self.pause_vm();
+                crate::engine::pause::at(&self.run.host, EnginePoint::SourceStopCopy).await;
+            }
             SourceAction::CommitSwitch => {
                 if self.commit("paused and handed over for post-copy").await {
                     self.sm.handle_switch_committed(clock::now());
@@ -218,6 +223,16 @@ impl<'r> Driver<'r> {
     }
 
     async fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
+        let point = if self.sm.is_switched() {
+            EnginePoint::SourcePostcopyPush
+        } else if round == 2 {
+            EnginePoint::SourceRound2
+        } else {
+            EnginePoint::SourceStopCopy
+        };
+        if point != EnginePoint::SourceStopCopy {
+            crate::engine::pause::at(&self.run.host, point).await;
+        }
         let pages = Arc::new(pages);
         self.wire.rounds_pending = Some((round, 0, 0));
         // The first round to a host that holds the image: unchanged pages

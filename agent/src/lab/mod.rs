@@ -23,6 +23,8 @@ use crate::trust::identity::{self, Identity, TrustBundle};
 use crate::trust::pki::{Pki, PkiError};
 use crate::{Agent, AgentConfig, AgentError};
 
+pub mod link;
+
 /// Lab failures.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -497,6 +499,17 @@ impl Lab {
                 .map_err(|e| LabError::Io(std::io::Error::other(e))),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Releases the migration agent `name` holds at its
+    /// `pause_at` point ([`crate::pause`]).
+    pub fn release(&self, name: &str) -> Result<(), LabError> {
+        let a = self.agent(name)?;
+        let dir = a.config.state_dir.as_ref().ok_or_else(|| {
+            LabError::Io(std::io::Error::other("the agent has no state directory"))
+        })?;
+        std::fs::write(dir.join(crate::pause::RELEASE_FILE), b"")?;
+        Ok(())
     }
 
     /// The images agent `name` retained for VMs that left it (for tests:

@@ -1,0 +1,223 @@
+//! Agents run as child processes of a test: the real `convoy-agent`
+//! binary (Cargo builds it for this crate's tests and names it in
+//! `CARGO_BIN_EXE_convoy-agent`, so a stale binary is never run), each in
+//! a process group of its own with its own state directory, killed and
+//! restarted at will.
+
+#![allow(dead_code)] // Each test binary uses a part.
+
+use std::io::{Read, Seek};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use convoy_agent::client::CtlClient;
+use convoy_agent::lab::Lab;
+use convoy_protocol::names::{AgentName, Role, SpiffeId};
+use rustix::process::Signal;
+
+/// Polls `f` every 100 ms until it holds or `timeout` passed.
+pub async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+/// A PKI and a policy for agents run as processes.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub lab: Lab,
+}
+
+impl Setup {
+    /// The lab's PKI and policy (no in-process agent), with agents
+    /// `names` issued and in the inventory.
+    pub async fn new(names: &[&str]) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::start(dir.path(), &[], |_, _| {}).await.unwrap();
+        let mut inv = lab.inventory().unwrap();
+        for n in names {
+            let name: AgentName = n.parse().unwrap();
+            lab.pki
+                .issue(Role::Agent, &name, Duration::from_secs(86400))
+                .unwrap();
+            inv.agents.insert(
+                SpiffeId::agent(lab.trust.domain().clone(), name),
+                convoy_agent::trust::policy::HostFacts {
+                    zone: "lab-a".into(),
+                    security_level: 2,
+                    groups: Default::default(),
+                },
+            );
+        }
+        lab.write_inventory(&inv).unwrap();
+        Setup { dir, lab }
+    }
+
+    /// Agent `name` (not started): its own state directory, a free UDP
+    /// port, and `extra` arguments.
+    pub fn agent(&self, name: &str, extra: &[String]) -> AgentProcess {
+        let root = self.dir.path();
+        let state = root.join("state").join(name);
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let policy = self.lab.policy_files();
+        let mut args = [
+            "--name",
+            name,
+            "--listen",
+            &addr.to_string(),
+            "--pki",
+            &self.lab.pki.dir().display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--policy",
+            &policy.policies.display().to_string(),
+            "--inventory",
+            &policy.inventory.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(extra);
+        AgentProcess {
+            id: SpiffeId::agent(self.lab.trust.domain().clone(), name.parse().unwrap()),
+            log: root.join(format!("agent-{name}.log")),
+            args,
+            addr,
+            state,
+            child: None,
+        }
+    }
+
+    /// An operator's client of `a`, once it answers.
+    pub async fn client(&self, a: &AgentProcess) -> CtlClient {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            match CtlClient::connect(a.addr, a.id.clone(), &self.lab.operator, &self.lab.trust)
+                .await
+            {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < end => {
+                    eprintln!("agent not answering yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("agent never answered: {e}\n{}", a.output()),
+            }
+        }
+    }
+}
+
+/// `convoy-agent`, run as a child process in a process group of its own.
+pub struct AgentProcess {
+    pub id: SpiffeId,
+    pub args: Vec<String>,
+    pub addr: SocketAddr,
+    pub state: PathBuf,
+    /// Its output, every run appended.
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Starts it and waits until it listens.
+    pub async fn start(&mut self) {
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let from = out.seek(std::io::SeekFrom::End(0)).unwrap();
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(env!("CARGO_BIN_EXE_convoy-agent"))
+                .args(&self.args)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        self.child = Some(child);
+        assert!(
+            self.wait_for_from(from, "agent listening", Duration::from_secs(60))
+                .await,
+            "the agent did not start:\n{}",
+            self.output()
+        );
+    }
+
+    /// The log's length now (a mark to wait for later lines from).
+    pub fn mark(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// Waits until `needle` appears in its output after byte `from`.
+    pub async fn wait_for_from(&self, from: u64, needle: &str, timeout: Duration) -> bool {
+        let log = self.log.clone();
+        until(timeout, || {
+            let Ok(mut f) = std::fs::File::open(&log) else {
+                return false;
+            };
+            if f.seek(std::io::SeekFrom::Start(from)).is_err() {
+                return false;
+            }
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            s.contains(needle)
+        })
+        .await
+    }
+
+    /// Releases a migration held at a `--dangerous-pause-at` point.
+    pub fn release(&self) {
+        std::fs::write(self.state.join(convoy_agent::pause::RELEASE_FILE), b"").unwrap();
+    }
+
+    /// Sends `sig` to it (to its whole process group with `group`, as a
+    /// terminal's Ctrl-C does) and waits for it to exit.
+    pub async fn stop(&mut self, sig: Signal, group: bool) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent runs");
+        let pid = rustix::process::Pid::from_child(&child);
+        if group {
+            rustix::process::kill_process_group(pid, sig).unwrap();
+        } else {
+            rustix::process::kill_process(pid, sig).unwrap();
+        }
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "the agent did not stop:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything it wrote, every run.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
