@@ -3,8 +3,10 @@
 //! SIGTERM, and by SIGINT sent to its whole process group (as a Ctrl-C in
 //! its terminal would), and started again on the same state directory:
 //! its QEMU guest keeps running throughout, is listed again, can be paused,
-//! resumed and deleted; its sim VM, whose memory lived in the agent, is
-//! listed as lost rather than forgotten. A destination killed in the middle
+//! resumed and deleted; so are its two sim VMs (one with a disk), whose
+//! memory and vCPU live in helper processes of their own: their counters
+//! advance through every restart, and deleting them ends their helpers.
+//! A destination killed in the middle
 //! of a migration finds the staging QEMU it had launched at its next start,
 //! kills it and removes its files and the disk created for it, while the
 //! source still runs the VM; a source stopped in the middle of one cancels
@@ -312,6 +314,62 @@ fn sim(vm: &str) -> SimVmSpec {
     }
 }
 
+/// `vm` with a disk that its workload writes.
+fn sim_with_disk(vm: &str) -> SimVmSpec {
+    let mut s = sim(vm);
+    s.disks = vec![convoy_protocol::ctl::SimDiskSpec {
+        name: "root".parse().unwrap(),
+        bytes: 4 << 20,
+        writes_per_sec: 200,
+        used_pct: 20,
+        base: None,
+    }];
+    s
+}
+
+/// Live vCPU helper processes of sim VM `vm` (their memfd, standard
+/// input, is named after it).
+fn helper_pids(vm: &str) -> Vec<i32> {
+    let memfd = format!("/memfd:convoy-sim:{vm} (deleted)");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__sim-vcpu".as_slice()))
+                && std::fs::read_link(format!("/proc/{pid}/fd/0"))
+                    .is_ok_and(|l| l.to_str() == Some(memfd.as_str()))
+                && alive(*pid)
+        })
+        .collect()
+}
+
+/// Processes a failed test must not leave behind.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in self.0.iter().filter(|p| alive(**p)) {
+            if let Some(p) = rustix::process::Pid::from_raw(*pid) {
+                let _ = rustix::process::kill_process(p, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// The counter of sim VM `vm`.
+async fn counter(c: &CtlClient, vm: &str) -> u64 {
+    find(&c.vm_list().await.unwrap(), vm).counter
+}
+
+/// Whether sim VM `vm` runs: its counter passes `past`, then advances.
+async fn sim_counting(c: &CtlClient, vm: &str, past: u64) -> bool {
+    let now = counter(c, vm).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    now > past && counter(c, vm).await > now
+}
+
 fn find<'a>(vms: &'a [VmInfo], name: &str) -> &'a VmInfo {
     vms.iter()
         .find(|v| v.name.as_str() == name)
@@ -341,6 +399,10 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     let c = s.client(&a).await;
     c.vm_create_qemu(definition("guest", vec![])).await.unwrap();
     c.vm_create(sim("sim")).await.unwrap();
+    c.vm_create(sim_with_disk("simdisk")).await.unwrap();
+    let helpers = [helper_pids("sim"), helper_pids("simdisk")];
+    assert!(helpers.iter().all(|h| h.len() == 1), "{helpers:?}");
+    let _helpers = KillOnDrop(helpers.concat());
     let serial = a.serial("guest");
     assert!(
         until(Duration::from_secs(180), || counters(&serial).len() >= 3).await,
@@ -351,6 +413,7 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     let pids = qemu_pids(&a.runtime());
     assert_eq!(pids.len(), 1, "{pids:?}");
     let qemu = pids[0];
+    let before = [counter(&c, "sim").await, counter(&c, "simdisk").await];
     c.close().await;
 
     // Killed outright: no handler runs, the guest runs on.
@@ -358,17 +421,36 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert!(!status.success());
     assert!(alive(qemu), "QEMU died with its agent");
     assert!(counting(&serial).await, "the guest stopped with its agent");
+    for h in &helpers {
+        assert!(alive(h[0]), "a sim VM's helper died with its agent");
+    }
 
-    // Started again on the same state directory: the guest is found
-    // again, running, and obeys; the sim VM is listed as lost.
+    // Started again on the same state directory: all three are found
+    // again, running, and obey.
     a.start().await;
     let c = s.client(&a).await;
     let vms = c.vm_list().await.unwrap();
     let q = find(&vms, "guest");
     assert_eq!((q.backend.as_str(), q.state), ("qemu", VmState::Running));
-    let lost = find(&vms, "sim");
-    assert_eq!((lost.backend.as_str(), lost.state), ("sim", VmState::Lost));
+    for (vm, past) in [("sim", before[0]), ("simdisk", before[1])] {
+        let v = find(&vms, vm);
+        assert_eq!((v.backend.as_str(), v.state), ("sim", VmState::Running));
+        assert!(sim_counting(&c, vm, past).await, "{vm} does not run on");
+    }
+    assert_eq!(
+        [helper_pids("sim"), helper_pids("simdisk")],
+        helpers,
+        "the same helpers"
+    );
     assert_eq!(qemu_pids(&a.runtime()), vec![qemu], "the same QEMU");
+    // A re-attached sim VM obeys too.
+    let paused = c.vm_pause("simdisk".parse().unwrap(), true).await.unwrap();
+    assert_eq!(paused.state, VmState::Paused);
+    let held = counter(&c, "simdisk").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counter(&c, "simdisk").await, held, "a paused sim VM runs");
+    c.vm_pause("simdisk".parse().unwrap(), false).await.unwrap();
+    assert!(sim_counting(&c, "simdisk", held).await);
     let paused = c.vm_pause("guest".parse().unwrap(), true).await.unwrap();
     assert_eq!(paused.state, VmState::Paused);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -379,7 +461,8 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert_eq!(resumed.state, VmState::Running);
     assert!(counting(&serial).await, "the resumed guest does not run");
     assert!(audited(&c, "QEMU re-attached").await);
-    assert!(audited(&c, "lost: a sim VM").await);
+    assert!(audited(&c, "sim VM re-attached").await);
+    let before = counter(&c, "sim").await;
     c.close().await;
 
     // Ctrl-C in the agent's terminal (SIGINT to its process group): the
@@ -389,12 +472,18 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert!(status.success(), "{status}:\n{}", a.output());
     assert!(alive(qemu), "QEMU died with a Ctrl-C meant for its agent");
     assert!(counting(&serial).await);
+    assert!(
+        alive(helpers[0][0]),
+        "a helper died with a Ctrl-C meant for its agent"
+    );
     // Found again: no longer the agent's child, the same checks hold.
     a.start().await;
     let c = s.client(&a).await;
     let vms = c.vm_list().await.unwrap();
     assert_eq!(find(&vms, "guest").state, VmState::Running);
-    assert_eq!(find(&vms, "sim").state, VmState::Lost);
+    assert_eq!(find(&vms, "sim").state, VmState::Running);
+    assert!(sim_counting(&c, "sim", before).await);
+    let before = counter(&c, "sim").await;
     c.close().await;
 
     // SIGTERM: the same.
@@ -407,14 +496,26 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
         find(&c.vm_list().await.unwrap(), "guest").state,
         VmState::Running
     );
+    assert!(sim_counting(&c, "sim", before).await);
 
-    // Destroying a VM is the operator's act: the lost one goes, the
-    // QEMU one is quit and its files removed.
+    // Destroying a VM is the operator's act: a sim VM's helper ends and
+    // its disk goes, the QEMU one is quit and its files removed.
     c.vm_delete("sim".parse().unwrap()).await.unwrap();
+    c.vm_delete("simdisk".parse().unwrap()).await.unwrap();
     c.vm_delete("guest".parse().unwrap()).await.unwrap();
     assert!(
         until(Duration::from_secs(10), || !alive(qemu)).await,
         "QEMU outlived its deletion"
+    );
+    assert!(
+        until(Duration::from_secs(10), || helper_pids("sim").is_empty()
+            && helper_pids("simdisk").is_empty())
+        .await,
+        "a sim VM's helper outlived its deletion"
+    );
+    assert!(
+        !a.state.join("disks").join("simdisk").exists(),
+        "disk files left"
     );
     assert!(!a.runtime().join("guest").exists(), "runtime files left");
     assert!(c.vm_list().await.unwrap().is_empty());
