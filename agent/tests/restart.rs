@@ -345,13 +345,13 @@ fn helper_pids(vm: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Processes a failed test must not leave behind.
-struct KillOnDrop(Vec<i32>);
+/// The helpers of these sim VMs, which a failed test must not leave.
+struct HelpersKilledOnDrop(&'static [&'static str]);
 
-impl Drop for KillOnDrop {
+impl Drop for HelpersKilledOnDrop {
     fn drop(&mut self) {
-        for pid in self.0.iter().filter(|p| alive(**p)) {
-            if let Some(p) = rustix::process::Pid::from_raw(*pid) {
+        for pid in self.0.iter().flat_map(|vm| helper_pids(vm)) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(p, Signal::KILL);
             }
         }
@@ -402,7 +402,7 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     c.vm_create(sim_with_disk("simdisk")).await.unwrap();
     let helpers = [helper_pids("sim"), helper_pids("simdisk")];
     assert!(helpers.iter().all(|h| h.len() == 1), "{helpers:?}");
-    let _helpers = KillOnDrop(helpers.concat());
+    let _helpers = HelpersKilledOnDrop(&["sim", "simdisk"]);
     let serial = a.serial("guest");
     assert!(
         until(Duration::from_secs(180), || counters(&serial).len() >= 3).await,
@@ -730,4 +730,106 @@ async fn migrate_until_staged(
     assert!(arriving && staged.len() == 1, "no staging caught at b");
     cb.close().await;
     (mover, staged[0])
+}
+
+/// Migrates sim VM `vm` from `a` to `b` in `mode` and waits for the
+/// report.
+async fn migrate_sim(
+    s: &Setup,
+    a: &AgentProcess,
+    b: &AgentProcess,
+    vm: &str,
+    mode: convoy_protocol::model::MigrationMode,
+) -> convoy_protocol::ctl::MigrationReport {
+    let plan = convoy_protocol::model::MigrationPlan {
+        mode,
+        // The pre-copy VM has a disk, the post-copy one none.
+        copy_storage: mode == convoy_protocol::model::MigrationMode::Precopy,
+        ..Default::default()
+    };
+    let ca = s.client(a).await;
+    let name: convoy_protocol::names::VmName = vm.parse().unwrap();
+    let subject = find(&ca.vm_list().await.unwrap(), vm)
+        .subject
+        .clone()
+        .unwrap();
+    let ticket = convoy_agent::trust::authz::issue_ticket(
+        &s.lab.operator,
+        &name,
+        subject,
+        a.id.clone(),
+        b.id.clone(),
+        &plan,
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let req = convoy_protocol::ctl::MigrateRequest {
+        vm: name,
+        to: "b".parse().unwrap(),
+        to_addr: Some(b.addr.to_string()),
+        ticket,
+    };
+    let report = ca.migrate(req, |_| {}).await.unwrap();
+    ca.close().await;
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sim_vm_migrated_to_an_agent_then_killed_is_found_running_there() {
+    use convoy_protocol::model::MigrationMode;
+    let Some(g) = guest() else { return };
+    let _heavy = heavy().await;
+    let s = Setup::new(&["a", "b"], g).await;
+    let (mut a, mut b) = (s.agent("a"), s.agent("b"));
+    a.start().await;
+    b.start().await;
+    let ca = s.client(&a).await;
+    ca.vm_create(sim_with_disk("mpre")).await.unwrap();
+    ca.vm_create(sim("mpost")).await.unwrap();
+    let _helpers = HelpersKilledOnDrop(&["mpre", "mpost"]);
+    ca.close().await;
+    for (vm, mode) in [
+        ("mpre", MigrationMode::Precopy),
+        ("mpost", MigrationMode::Postcopy),
+    ] {
+        let report = migrate_sim(&s, &a, &b, vm, mode).await;
+        assert_eq!(
+            report.outcome,
+            convoy_protocol::ctl::Outcome::Completed,
+            "{vm}: {report:?}"
+        );
+        // The source's copy went, and its helper with it; one runs at b.
+        assert!(
+            until(Duration::from_secs(10), || helper_pids(vm).len() == 1).await,
+            "{vm}: {:?}",
+            helper_pids(vm)
+        );
+    }
+    let cb = s.client(&b).await;
+    let before = [counter(&cb, "mpre").await, counter(&cb, "mpost").await];
+    let at_b = [helper_pids("mpre"), helper_pids("mpost")];
+    cb.close().await;
+
+    // The destination is killed: its arrivals run on in their helpers and
+    // are found again, counters continuous.
+    assert!(!b.stop(Signal::KILL, false).await.success());
+    b.start().await;
+    let cb = s.client(&b).await;
+    let vms = cb.vm_list().await.unwrap();
+    for (vm, past) in [("mpre", before[0]), ("mpost", before[1])] {
+        assert_eq!(find(&vms, vm).state, VmState::Running, "{vm}");
+        assert!(sim_counting(&cb, vm, past).await, "{vm} does not run on");
+    }
+    assert_eq!([helper_pids("mpre"), helper_pids("mpost")], at_b);
+    for vm in ["mpre", "mpost"] {
+        cb.vm_delete(vm.parse().unwrap()).await.unwrap();
+    }
+    assert!(
+        until(Duration::from_secs(10), || helper_pids("mpre").is_empty()
+            && helper_pids("mpost").is_empty())
+        .await
+    );
+    cb.close().await;
+    assert!(b.stop(Signal::TERM, false).await.success());
+    assert!(a.stop(Signal::TERM, false).await.success());
 }

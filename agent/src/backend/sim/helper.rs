@@ -135,7 +135,7 @@ impl SimVm {
         let SimVcpuHost::Process(exe) = host else {
             return Ok(());
         };
-        if self.has_helper() || self.paging().is_some() {
+        if self.has_helper() || self.paging().is_some_and(|p| p.is_active()) {
             return Ok(());
         }
         let ctl = &self.shared.ctl;
