@@ -33,6 +33,9 @@ use convoy_protocol::ctl::{ContentProfile, QemuVmSpec, SimVmSpec, VmInfo, VmStat
 use convoy_protocol::names::{AgentName, Role, SpiffeId};
 use rustix::process::Signal;
 
+mod restart_sim;
+use restart_sim::*;
+
 /// The guest's kernel and initramfs, built once per test binary (in the
 /// directory `tests/it` builds it in too).
 fn guest() -> Option<TestGuest> {
@@ -312,62 +315,6 @@ fn sim(vm: &str) -> SimVmSpec {
         attributes: Default::default(),
         disks: Vec::new(),
     }
-}
-
-/// `vm` with a disk that its workload writes.
-fn sim_with_disk(vm: &str) -> SimVmSpec {
-    let mut s = sim(vm);
-    s.disks = vec![convoy_protocol::ctl::SimDiskSpec {
-        name: "root".parse().unwrap(),
-        bytes: 4 << 20,
-        writes_per_sec: 200,
-        used_pct: 20,
-        base: None,
-    }];
-    s
-}
-
-/// Live vCPU helper processes of sim VM `vm` (their memfd, standard
-/// input, is named after it).
-fn helper_pids(vm: &str) -> Vec<i32> {
-    let memfd = format!("/memfd:convoy-sim:{vm} (deleted)");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__sim-vcpu".as_slice()))
-                && std::fs::read_link(format!("/proc/{pid}/fd/0"))
-                    .is_ok_and(|l| l.to_str() == Some(memfd.as_str()))
-                && alive(*pid)
-        })
-        .collect()
-}
-
-/// The helpers of these sim VMs, which a failed test must not leave.
-struct HelpersKilledOnDrop(&'static [&'static str]);
-
-impl Drop for HelpersKilledOnDrop {
-    fn drop(&mut self) {
-        for pid in self.0.iter().flat_map(|vm| helper_pids(vm)) {
-            if let Some(p) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(p, Signal::KILL);
-            }
-        }
-    }
-}
-
-/// The counter of sim VM `vm`.
-async fn counter(c: &CtlClient, vm: &str) -> u64 {
-    find(&c.vm_list().await.unwrap(), vm).counter
-}
-
-/// Whether sim VM `vm` runs: its counter passes `past`, then advances.
-async fn sim_counting(c: &CtlClient, vm: &str, past: u64) -> bool {
-    let now = counter(c, vm).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    now > past && counter(c, vm).await > now
 }
 
 fn find<'a>(vms: &'a [VmInfo], name: &str) -> &'a VmInfo {
@@ -730,48 +677,6 @@ async fn migrate_until_staged(
     assert!(arriving && staged.len() == 1, "no staging caught at b");
     cb.close().await;
     (mover, staged[0])
-}
-
-/// Migrates sim VM `vm` from `a` to `b` in `mode` and waits for the
-/// report.
-async fn migrate_sim(
-    s: &Setup,
-    a: &AgentProcess,
-    b: &AgentProcess,
-    vm: &str,
-    mode: convoy_protocol::model::MigrationMode,
-) -> convoy_protocol::ctl::MigrationReport {
-    let plan = convoy_protocol::model::MigrationPlan {
-        mode,
-        // The pre-copy VM has a disk, the post-copy one none.
-        copy_storage: mode == convoy_protocol::model::MigrationMode::Precopy,
-        ..Default::default()
-    };
-    let ca = s.client(a).await;
-    let name: convoy_protocol::names::VmName = vm.parse().unwrap();
-    let subject = find(&ca.vm_list().await.unwrap(), vm)
-        .subject
-        .clone()
-        .unwrap();
-    let ticket = convoy_agent::trust::authz::issue_ticket(
-        &s.lab.operator,
-        &name,
-        subject,
-        a.id.clone(),
-        b.id.clone(),
-        &plan,
-        Duration::from_secs(300),
-    )
-    .unwrap();
-    let req = convoy_protocol::ctl::MigrateRequest {
-        vm: name,
-        to: "b".parse().unwrap(),
-        to_addr: Some(b.addr.to_string()),
-        ticket,
-    };
-    let report = ca.migrate(req, |_| {}).await.unwrap();
-    ca.close().await;
-    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
