@@ -291,6 +291,11 @@ pub struct AgentConfig {
     /// What becomes of the VMs when the agent stops: by default they keep
     /// running, and the agent finds them again when it starts.
     pub on_exit: OnExit,
+    /// Where sim VMs' vCPUs run: a thread of the agent (the default; the
+    /// VM ends with the agent process) or a helper process per VM, which
+    /// outlives the agent and is found again when it starts (the
+    /// `convoy-agent` binary uses this).
+    pub sim_vcpu: crate::backend::sim::SimVcpuHost,
     dangerous: DangerousOptions,
 }
 
@@ -319,6 +324,7 @@ impl AgentConfig {
             limits: crate::host::limits::ConnectionLimits::default(),
             max_bookkeeping_bytes: 2 << 30,
             on_exit: OnExit::default(),
+            sim_vcpu: crate::backend::sim::SimVcpuHost::default(),
             dangerous: DangerousOptions::default(),
         }
     }

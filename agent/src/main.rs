@@ -211,8 +211,25 @@ fn parse_peer(s: &str) -> Result<(AgentName, SocketAddr), String> {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // A sim VM's vCPU helper (see `convoy_agent::backend::sim`): not an
+    // agent, and no flags of one.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == convoy_agent::backend::sim::HELPER_ARG)
+    {
+        return convoy_agent::backend::sim::run_helper(argv.get(2..).unwrap_or_default())
+            .context("sim vCPU helper");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -283,6 +300,11 @@ async fn main() -> Result<()> {
         (config.tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5));
     config.disk_capacity_bytes = args.disk_capacity;
     config.files = Some(files);
+    // Sim VMs' vCPUs run in helper processes (this binary again), so that
+    // they outlive this process and are found again when it restarts.
+    config.sim_vcpu = convoy_agent::backend::sim::SimVcpuHost::Process(
+        std::env::current_exe().context("finding this executable for sim VM helpers")?,
+    );
     if let Some(point) = args.dangerous_pause_at {
         tracing::warn!("DANGEROUS: migrations pause for ever at {point} (tests only)");
         config.dangerous().pause_at(point);

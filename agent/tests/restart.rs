@@ -3,8 +3,10 @@
 //! SIGTERM, and by SIGINT sent to its whole process group (as a Ctrl-C in
 //! its terminal would), and started again on the same state directory:
 //! its QEMU guest keeps running throughout, is listed again, can be paused,
-//! resumed and deleted; its sim VM, whose memory lived in the agent, is
-//! listed as lost rather than forgotten. A destination killed in the middle
+//! resumed and deleted; so are its two sim VMs (one with a disk), whose
+//! memory and vCPU live in helper processes of their own: their counters
+//! advance through every restart, and deleting them ends their helpers.
+//! A destination killed in the middle
 //! of a migration finds the staging QEMU it had launched at its next start,
 //! kills it and removes its files and the disk created for it, while the
 //! source still runs the VM; a source stopped in the middle of one cancels
@@ -30,6 +32,9 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{ContentProfile, QemuVmSpec, SimVmSpec, VmInfo, VmState};
 use convoy_protocol::names::{AgentName, Role, SpiffeId};
 use rustix::process::Signal;
+
+mod restart_sim;
+use restart_sim::*;
 
 /// The guest's kernel and initramfs, built once per test binary (in the
 /// directory `tests/it` builds it in too).
@@ -341,6 +346,10 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     let c = s.client(&a).await;
     c.vm_create_qemu(definition("guest", vec![])).await.unwrap();
     c.vm_create(sim("sim")).await.unwrap();
+    c.vm_create(sim_with_disk("simdisk")).await.unwrap();
+    let helpers = [helper_pids("sim"), helper_pids("simdisk")];
+    assert!(helpers.iter().all(|h| h.len() == 1), "{helpers:?}");
+    let _helpers = HelpersKilledOnDrop(&["sim", "simdisk"]);
     let serial = a.serial("guest");
     assert!(
         until(Duration::from_secs(180), || counters(&serial).len() >= 3).await,
@@ -351,6 +360,7 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     let pids = qemu_pids(&a.runtime());
     assert_eq!(pids.len(), 1, "{pids:?}");
     let qemu = pids[0];
+    let before = [counter(&c, "sim").await, counter(&c, "simdisk").await];
     c.close().await;
 
     // Killed outright: no handler runs, the guest runs on.
@@ -358,17 +368,36 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert!(!status.success());
     assert!(alive(qemu), "QEMU died with its agent");
     assert!(counting(&serial).await, "the guest stopped with its agent");
+    for h in &helpers {
+        assert!(alive(h[0]), "a sim VM's helper died with its agent");
+    }
 
-    // Started again on the same state directory: the guest is found
-    // again, running, and obeys; the sim VM is listed as lost.
+    // Started again on the same state directory: all three are found
+    // again, running, and obey.
     a.start().await;
     let c = s.client(&a).await;
     let vms = c.vm_list().await.unwrap();
     let q = find(&vms, "guest");
     assert_eq!((q.backend.as_str(), q.state), ("qemu", VmState::Running));
-    let lost = find(&vms, "sim");
-    assert_eq!((lost.backend.as_str(), lost.state), ("sim", VmState::Lost));
+    for (vm, past) in [("sim", before[0]), ("simdisk", before[1])] {
+        let v = find(&vms, vm);
+        assert_eq!((v.backend.as_str(), v.state), ("sim", VmState::Running));
+        assert!(sim_counting(&c, vm, past).await, "{vm} does not run on");
+    }
+    assert_eq!(
+        [helper_pids("sim"), helper_pids("simdisk")],
+        helpers,
+        "the same helpers"
+    );
     assert_eq!(qemu_pids(&a.runtime()), vec![qemu], "the same QEMU");
+    // A re-attached sim VM obeys too.
+    let paused = c.vm_pause("simdisk".parse().unwrap(), true).await.unwrap();
+    assert_eq!(paused.state, VmState::Paused);
+    let held = counter(&c, "simdisk").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counter(&c, "simdisk").await, held, "a paused sim VM runs");
+    c.vm_pause("simdisk".parse().unwrap(), false).await.unwrap();
+    assert!(sim_counting(&c, "simdisk", held).await);
     let paused = c.vm_pause("guest".parse().unwrap(), true).await.unwrap();
     assert_eq!(paused.state, VmState::Paused);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -379,7 +408,8 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert_eq!(resumed.state, VmState::Running);
     assert!(counting(&serial).await, "the resumed guest does not run");
     assert!(audited(&c, "QEMU re-attached").await);
-    assert!(audited(&c, "lost: a sim VM").await);
+    assert!(audited(&c, "sim VM re-attached").await);
+    let before = counter(&c, "sim").await;
     c.close().await;
 
     // Ctrl-C in the agent's terminal (SIGINT to its process group): the
@@ -389,12 +419,18 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
     assert!(status.success(), "{status}:\n{}", a.output());
     assert!(alive(qemu), "QEMU died with a Ctrl-C meant for its agent");
     assert!(counting(&serial).await);
+    assert!(
+        alive(helpers[0][0]),
+        "a helper died with a Ctrl-C meant for its agent"
+    );
     // Found again: no longer the agent's child, the same checks hold.
     a.start().await;
     let c = s.client(&a).await;
     let vms = c.vm_list().await.unwrap();
     assert_eq!(find(&vms, "guest").state, VmState::Running);
-    assert_eq!(find(&vms, "sim").state, VmState::Lost);
+    assert_eq!(find(&vms, "sim").state, VmState::Running);
+    assert!(sim_counting(&c, "sim", before).await);
+    let before = counter(&c, "sim").await;
     c.close().await;
 
     // SIGTERM: the same.
@@ -407,14 +443,26 @@ async fn vms_outlive_an_agent_killed_or_stopped_and_are_found_again() {
         find(&c.vm_list().await.unwrap(), "guest").state,
         VmState::Running
     );
+    assert!(sim_counting(&c, "sim", before).await);
 
-    // Destroying a VM is the operator's act: the lost one goes, the
-    // QEMU one is quit and its files removed.
+    // Destroying a VM is the operator's act: a sim VM's helper ends and
+    // its disk goes, the QEMU one is quit and its files removed.
     c.vm_delete("sim".parse().unwrap()).await.unwrap();
+    c.vm_delete("simdisk".parse().unwrap()).await.unwrap();
     c.vm_delete("guest".parse().unwrap()).await.unwrap();
     assert!(
         until(Duration::from_secs(10), || !alive(qemu)).await,
         "QEMU outlived its deletion"
+    );
+    assert!(
+        until(Duration::from_secs(10), || helper_pids("sim").is_empty()
+            && helper_pids("simdisk").is_empty())
+        .await,
+        "a sim VM's helper outlived its deletion"
+    );
+    assert!(
+        !a.state.join("disks").join("simdisk").exists(),
+        "disk files left"
     );
     assert!(!a.runtime().join("guest").exists(), "runtime files left");
     assert!(c.vm_list().await.unwrap().is_empty());
@@ -629,4 +677,64 @@ async fn migrate_until_staged(
     assert!(arriving && staged.len() == 1, "no staging caught at b");
     cb.close().await;
     (mover, staged[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sim_vm_migrated_to_an_agent_then_killed_is_found_running_there() {
+    use convoy_protocol::model::MigrationMode;
+    let Some(g) = guest() else { return };
+    let _heavy = heavy().await;
+    let s = Setup::new(&["a", "b"], g).await;
+    let (mut a, mut b) = (s.agent("a"), s.agent("b"));
+    a.start().await;
+    b.start().await;
+    let ca = s.client(&a).await;
+    ca.vm_create(sim_with_disk("mpre")).await.unwrap();
+    ca.vm_create(sim("mpost")).await.unwrap();
+    let _helpers = HelpersKilledOnDrop(&["mpre", "mpost"]);
+    ca.close().await;
+    for (vm, mode) in [
+        ("mpre", MigrationMode::Precopy),
+        ("mpost", MigrationMode::Postcopy),
+    ] {
+        let report = migrate_sim(&s, &a, &b, vm, mode).await;
+        assert_eq!(
+            report.outcome,
+            convoy_protocol::ctl::Outcome::Completed,
+            "{vm}: {report:?}"
+        );
+        // The source's copy went, and its helper with it; one runs at b.
+        assert!(
+            until(Duration::from_secs(10), || helper_pids(vm).len() == 1).await,
+            "{vm}: {:?}",
+            helper_pids(vm)
+        );
+    }
+    let cb = s.client(&b).await;
+    let before = [counter(&cb, "mpre").await, counter(&cb, "mpost").await];
+    let at_b = [helper_pids("mpre"), helper_pids("mpost")];
+    cb.close().await;
+
+    // The destination is killed: its arrivals run on in their helpers and
+    // are found again, counters continuous.
+    assert!(!b.stop(Signal::KILL, false).await.success());
+    b.start().await;
+    let cb = s.client(&b).await;
+    let vms = cb.vm_list().await.unwrap();
+    for (vm, past) in [("mpre", before[0]), ("mpost", before[1])] {
+        assert_eq!(find(&vms, vm).state, VmState::Running, "{vm}");
+        assert!(sim_counting(&cb, vm, past).await, "{vm} does not run on");
+    }
+    assert_eq!([helper_pids("mpre"), helper_pids("mpost")], at_b);
+    for vm in ["mpre", "mpost"] {
+        cb.vm_delete(vm.parse().unwrap()).await.unwrap();
+    }
+    assert!(
+        until(Duration::from_secs(10), || helper_pids("mpre").is_empty()
+            && helper_pids("mpost").is_empty())
+        .await
+    );
+    cb.close().await;
+    assert!(b.stop(Signal::TERM, false).await.success());
+    assert!(a.stop(Signal::TERM, false).await.success());
 }

@@ -31,6 +31,40 @@ pub enum BackendError {
     /// A disk file could not be made, read or written.
     #[error("disk: {0}")]
     Disk(#[from] DiskFileError),
+    /// A sim VM's vCPU helper process or its memfd.
+    #[error("vCPU: {0}")]
+    Vcpu(#[from] VcpuError),
+}
+
+/// Why a sim VM's vCPU could not move to, or be found again in, its
+/// helper process.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum VcpuError {
+    /// The memfd could not be mapped or opened.
+    #[error("its memfd: {0}")]
+    Map(#[source] std::io::Error),
+    /// The memfd's control header is not what this build wrote.
+    #[error("its memfd's header: bad {0}")]
+    Header(&'static str),
+    /// The helper process could not be started.
+    #[error("cannot start the helper process: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The helper did not map the memory in time, or exited.
+    #[error("the helper process (pid {0}) did not become ready")]
+    NotReady(u32),
+    /// The recorded helper is gone (exited, or its pid is another
+    /// process's now).
+    #[error("its helper process is gone: {0}")]
+    Gone(String),
+    /// The recorded helper runs but is not the VM that was recorded.
+    #[error("its helper process (pid {pid}) differs: {why}")]
+    Differs {
+        /// Its pid.
+        pid: u32,
+        /// How.
+        why: String,
+    },
 }
 
 /// Why a device state cannot be encoded or is refused.

@@ -1,5 +1,8 @@
-//! Guest memory in an anonymous mapping, shared between the guest's
-//! workload thread and the migration engine.
+//! Guest memory in a shared mapping of a memfd, shared between the
+//! guest's vCPU (a thread of the agent, or a helper process that maps the
+//! same memfd: see `sim::helper`) and the migration engine. The memfd,
+//! not the agent's address space, holds the memory, so it outlives an
+//! agent that ends while a helper process holds it.
 //!
 //! This module and [`super::uffd`] hold the agent's only `unsafe` code.
 //! The guest writes its
@@ -8,7 +11,9 @@
 //! page half old and half new — exactly as a real VMM's does — but never
 //! undefined behaviour. The dirty log makes sure a torn read is sent again.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memmap2::MmapMut;
 
@@ -17,9 +22,13 @@ use super::uffd::{Region, Uffd, UffdError};
 /// Word size.
 const W: usize = 8;
 
-/// A zero-filled anonymous mapping accessed as atomic 64-bit words.
+/// A shared mapping of (part of) a memfd, accessed as atomic 64-bit
+/// words.
 pub struct GuestMemory {
     map: MmapMut,
+    /// The memfd, and where in it the mapping starts.
+    file: Arc<File>,
+    offset: u64,
 }
 
 impl std::fmt::Debug for GuestMemory {
@@ -29,21 +38,57 @@ impl std::fmt::Debug for GuestMemory {
 }
 
 impl GuestMemory {
-    /// Maps `bytes` (a multiple of 8) of zeroed anonymous memory.
+    /// Maps `bytes` (a multiple of 8) of zeroed memory, in a memfd of
+    /// its own.
     pub fn new(bytes: usize) -> std::io::Result<Self> {
+        let file = Arc::new(memfd("convoy-guest", bytes as u64)?);
+        GuestMemory::map(&file, 0, bytes)
+    }
+
+    /// Maps `bytes` (a non-zero multiple of 8) of `file` (a memfd, see
+    /// [`memfd`]) from byte `offset` (a multiple of the page size), shared:
+    /// what this mapping writes, every other mapping of the file sees.
+    pub fn map(file: &Arc<File>, offset: u64, bytes: usize) -> std::io::Result<Self> {
         if bytes == 0 || bytes % W != 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "guest memory size must be a non-zero multiple of 8",
             ));
         }
-        let map = memmap2::MmapOptions::new().len(bytes).map_anon()?;
+        let end = offset.checked_add(bytes as u64);
+        if end.is_none_or(|end| end > file.metadata().map_or(0, |m| m.len())) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the mapping would reach past the end of its memfd",
+            ));
+        }
+        // SAFETY: the file is a memfd of at least `offset + bytes` bytes
+        // (checked above; memfds made here are never shrunk: `memfd` seals
+        // them against it), so no access through the mapping can fault
+        // with SIGBUS. Another process (a sim VM's vCPU helper) may write
+        // it concurrently: all access goes through `AtomicU64` words
+        // (`words`), never through the `MmapMut`'s byte slices.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(bytes)
+                .map_mut(&**file)?
+        };
         // Guest memory never lands in a core dump of the agent.
         map.advise(memmap2::Advice::DontDump)?;
         // No MADV_HUGEPAGE: measured on this machine (nested virtualisation)
         // touching 1 GiB took 3.3 s with transparent huge pages and 0.8 s
         // without.
-        Ok(GuestMemory { map })
+        Ok(GuestMemory {
+            map,
+            file: file.clone(),
+            offset,
+        })
+    }
+
+    /// The memfd this maps.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Size in bytes.
@@ -56,7 +101,8 @@ impl GuestMemory {
         false
     }
 
-    fn words(&self) -> &[AtomicU64] {
+    /// The mapping as atomic words.
+    pub fn words(&self) -> &[AtomicU64] {
         let ptr = self.map.as_ptr();
         // SAFETY: the mapping is page-aligned (so 8-aligned), its length is a
         // multiple of 8 (checked in `new`), it lives as long as `self`, and
@@ -119,7 +165,7 @@ impl GuestMemory {
     /// toucher until the page is filled through `uffd`. Pages already
     /// written stay present.
     pub fn register(&self, uffd: &Uffd, page: usize) -> Result<Region, UffdError> {
-        // SAFETY: the mapping is private and anonymous (`map_anon`), stays
+        // SAFETY: the mapping is a shared mapping of a memfd (`map`), stays
         // mapped as long as `self`, and is only ever accessed through the
         // atomics of `words` (never through references to its bytes). The
         // caller serves faults on `uffd` while pages can be missing (the
@@ -140,24 +186,34 @@ impl GuestMemory {
         unsafe { region.drop_pages(off, len) }
     }
 
-    /// Wipes the guest's memory: every page is dropped from this process
-    /// (`MADV_DONTNEED`), so its contents are gone and any later read sees
-    /// zeros. Used on a copy that has been handed over or discarded.
+    /// Wipes the guest's memory: its pages are punched out of the memfd
+    /// (`FALLOC_FL_PUNCH_HOLE`), so their contents are gone for every
+    /// process that maps it and any later read sees zeros. Used on a copy
+    /// that has been handed over or discarded.
     pub fn wipe(&self) {
-        // SAFETY: on a private anonymous mapping MADV_DONTNEED frees the
-        // pages and makes later reads return zero-filled pages. The mapping
-        // stays valid, only ever accessed through atomics, and all-zero is a
-        // valid `AtomicU64`, so no reference observes an invalid value.
-        let dropped = unsafe {
-            self.map
-                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-        };
-        if dropped.is_err() {
+        let punched = rustix::fs::fallocate(
+            &*self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.offset,
+            self.map.len() as u64,
+        );
+        if punched.is_err() {
             for w in self.words() {
                 w.store(0, Ordering::Relaxed);
             }
         }
     }
+}
+
+/// A memfd of `bytes` zeroes named `name` (seen in `/proc/PID/fd` as
+/// `/memfd:NAME`), sealed so that it can neither shrink (a mapping of it
+/// would fault) nor grow.
+pub fn memfd(name: &str, bytes: u64) -> std::io::Result<File> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, bytes)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(File::from(fd))
 }
 
 #[cfg(test)]
@@ -177,6 +233,18 @@ mod tests {
             .find_map(|l| l.strip_prefix("VmFlags:"))
             .expect("the mapping is in smaps");
         assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
+
+    #[test]
+    fn two_mappings_of_one_memfd_see_each_other_and_a_wipe() {
+        let file = Arc::new(memfd("t", 4096 * 3).unwrap());
+        let a = GuestMemory::map(&file, 4096, 8192).unwrap();
+        let b = GuestMemory::map(&file, 4096, 8192).unwrap();
+        a.store_word(5, 42);
+        assert_eq!(b.load_word(5), 42);
+        b.wipe();
+        assert_eq!(a.load_word(5), 0);
+        assert!(GuestMemory::map(&file, 8192, 8192).is_err(), "past the end");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use convoy_protocol::page::{MemoryGeometry, PageBitmap, PageIndex};
 
 pub use error::{
     BackendError, BaseImageError, DeviceStateError, DiskFileError, PagingError, SpecError,
+    VcpuError,
 };
 
 /// A VM as the migration source sees it.
@@ -68,6 +69,11 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn set_throttle(&self, percent: u8);
     /// Stops the guest for good and wipes its memory.
     fn destroy(&self);
+    /// A sim VM whose vCPU runs in a helper process: what a restarted
+    /// agent needs to find it again (`None`: it dies with the agent).
+    fn vcpu_record(&self) -> Option<sim::VcpuRecord> {
+        None
+    }
 }
 
 /// The image a destination builds before the VM may start.

@@ -335,8 +335,9 @@ pub(super) async fn create_vm(
     let attributes = spec.attributes.clone();
     let disk_dir = host.config.disk_dir();
     let bases = host.bases.clone();
+    let vcpu = host.config.sim_vcpu.clone();
     let made = tokio::task::spawn_blocking(move || {
-        SimVm::create(&spec, disk_dir.as_deref(), bases.as_deref())
+        SimVm::create_on(&spec, disk_dir.as_deref(), bases.as_deref(), &vcpu)
     })
     .await;
     match made {

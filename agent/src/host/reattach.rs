@@ -16,8 +16,15 @@
 //!   differs), or an agent now started without a QEMU backend: listed as
 //!   lost ([`super::LostVm`]), tried again at the next start; deleting it
 //!   kills the process if it still runs as recorded.
-//! - **A sim VM**: its memory and workload lived in the agent process that
-//!   ended, so it is listed as lost, its disks kept until it is deleted.
+//! - **A sim VM** whose vCPU ran in a helper process is found again
+//!   ([`SimVm::reattach`]): the recorded process (pid, start time, boot,
+//!   command line), its memfd reopened and checked against the record.
+//!   Its state is its own pause flag read as QEMU's run status is. A
+//!   helper that is gone is reported and the record removed with its
+//!   disks (its memory went with it); one that differs is listed as lost.
+//!   A sim VM whose vCPU ran on an agent thread (an agent that could not
+//!   start its helper) died with that agent: listed as lost, its disks
+//!   kept until it is deleted.
 //! - **A place still reserved**: a VM being created that was never
 //!   reported created, or the staging of an incoming migration that never
 //!   committed. Discarded: its record goes, a sim staging's disk directory
@@ -56,12 +63,16 @@ use crate::backend::qemu::identity::{drive_files, is_incoming, split_cmdline};
 use crate::backend::qemu::process::LAUNCHED;
 use crate::backend::qemu::residue::Residue;
 use crate::backend::qemu::vm::{QemuConfig, QemuVm, QemuVmRecord};
+use crate::backend::sim::{SimVm, VcpuRecord};
+use crate::backend::{BackendError, VcpuError, VmBackend};
 
 /// What to do with a record at start, decided before anything is touched.
 #[derive(Debug, Clone, PartialEq)]
 enum Plan {
     /// Find the QEMU again and adopt it.
     Reattach(Box<QemuVmRecord>),
+    /// Find the sim VM's vCPU helper again and map its memory.
+    ReattachSim(Box<VcpuRecord>),
     /// List the VM as lost, for this reason.
     Lost(String),
     /// Drop the record: a place that never held a VM that ran here.
@@ -73,7 +84,8 @@ enum Plan {
 fn plan(rec: &VmRecord, qemu: Option<&QemuConfig>) -> Plan {
     let q = match &rec.guest {
         Guest::Reserved => return Plan::Discard,
-        Guest::Sim { .. } => {
+        Guest::Sim { vcpu: Some(v), .. } => return Plan::ReattachSim(Box::new(v.clone())),
+        Guest::Sim { vcpu: None, .. } => {
             return Plan::Lost(
                 "a sim VM: its memory and workload lived in the agent process that ended".into(),
             )
@@ -150,6 +162,11 @@ pub(crate) async fn restore(host: &Arc<Host>, loaded: Loaded) {
                     entries.push((name, e));
                 }
             }
+            Plan::ReattachSim(v) => {
+                if let Some(e) = reattach_sim(host, rec, *v) {
+                    entries.push((name, e));
+                }
+            }
             Plan::Lost(reason) => {
                 let entry = lost(rec, reason.clone(), None);
                 report(host, &name, format!("lost: {reason}"));
@@ -211,7 +228,7 @@ fn entry(rec: VmRecord, state: VmState, handle: VmHandle) -> VmEntry {
 /// the record holds none).
 fn lost(rec: VmRecord, reason: String, qemu: Option<QemuVmRecord>) -> VmEntry {
     let (backend, recorded, disk_dir) = match &rec.guest {
-        Guest::Sim { disk_dir } => ("sim".to_owned(), None, disk_dir.clone()),
+        Guest::Sim { disk_dir, .. } => ("sim".to_owned(), None, disk_dir.clone()),
         Guest::Qemu(q) => ("qemu".to_owned(), Some(q.clone()), None),
         Guest::Lost {
             backend,
@@ -273,6 +290,53 @@ async fn reattach(host: &Arc<Host>, rec: VmRecord, q: QemuVmRecord) -> Option<Vm
             let reason = format!("QEMU (pid {pid}) could not be re-attached: {e}");
             report(host, &name, format!("lost: {reason}"));
             Some(lost(rec, reason, Some(q)))
+        }
+    }
+}
+
+/// Finds the sim VM `v` records again; the entry for it, or `None` when
+/// its helper is gone (its record and disks removed).
+fn reattach_sim(host: &Host, rec: VmRecord, v: VcpuRecord) -> Option<VmEntry> {
+    let name = rec.name.clone();
+    let disk_dir = match &rec.guest {
+        Guest::Sim { disk_dir, .. } => disk_dir.clone(),
+        _ => None,
+    };
+    let pid = v.process.pid;
+    match SimVm::reattach(&v, disk_dir.clone()) {
+        Ok(vm) => {
+            let status = if vm.is_running() { "running" } else { "paused" };
+            let state = reattached_state(rec.state, rec.migrating, status);
+            let found = if state == VmState::InDoubt {
+                report
+            } else {
+                report_found
+            };
+            found(
+                host,
+                &name,
+                format!(
+                    "sim VM re-attached (vCPU helper pid {pid}, counter {}): {state:?}",
+                    vm.counter()
+                ),
+            );
+            Some(entry(rec, state, VmHandle::Sim(vm)))
+        }
+        Err(BackendError::Vcpu(VcpuError::Gone(why))) => {
+            if let Some(d) = &disk_dir {
+                remove_dir(d);
+            }
+            report(
+                host,
+                &name,
+                format!("removed: its vCPU helper is gone ({why}), and its memory with it"),
+            );
+            None
+        }
+        Err(e) => {
+            let reason = format!("sim VM (helper pid {pid}) could not be re-attached: {e}");
+            report(host, &name, format!("lost: {reason}"));
+            Some(lost(rec, reason, None))
         }
     }
 }
@@ -531,14 +595,29 @@ mod tests {
             ),
             Plan::Lost(_)
         ));
-        // A sim VM died with the agent: lost, not forgotten.
+        // A sim VM whose vCPU ran in the agent died with it: lost, not
+        // forgotten.
+        let sim = |vcpu| Guest::Sim {
+            disk_dir: None,
+            vcpu,
+        };
         assert!(matches!(
-            plan(
-                &record(VmState::Running, Guest::Sim { disk_dir: None }),
-                Some(&cfg)
-            ),
+            plan(&record(VmState::Running, sim(None)), Some(&cfg)),
             Plan::Lost(_)
         ));
+        // One whose vCPU ran in a helper is looked for, with or without a
+        // QEMU backend.
+        let v = VcpuRecord {
+            process: qemu_record("/usr/bin/convoy-agent").process,
+            bytes: 1 << 20,
+            disks: Vec::new(),
+        };
+        for q in [Some(&cfg), None] {
+            assert_eq!(
+                plan(&record(VmState::Paused, sim(Some(v.clone()))), q),
+                Plan::ReattachSim(Box::new(v.clone()))
+            );
+        }
     }
 
     #[test]

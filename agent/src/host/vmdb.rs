@@ -61,10 +61,14 @@ pub(crate) enum Guest {
     /// created), or the staging of an incoming migration that has not
     /// committed (state `Incoming`).
     Reserved,
-    /// A sim VM: its memory and workload live in the agent process.
+    /// A sim VM.
     Sim {
         /// The directory of its disk files, if it has disks.
         disk_dir: Option<PathBuf>,
+        /// Its vCPU's helper process, memory and disks; `None`: its memory
+        /// and workload live in the agent process.
+        #[serde(default)]
+        vcpu: Option<crate::backend::sim::VcpuRecord>,
     },
     /// A QEMU VM.
     Qemu(QemuVmRecord),
@@ -91,6 +95,7 @@ impl VmRecord {
                 disk_dir: (!v.disks().is_empty())
                     .then(|| disk_root.map(|d| d.join(name.as_str())))
                     .flatten(),
+                vcpu: v.vcpu_record(),
             },
             Some(VmHandle::Qemu(q)) => Guest::Qemu(q.record()),
             Some(VmHandle::Lost(l)) => Guest::Lost {
@@ -325,7 +330,10 @@ mod tests {
             arrived_from: None,
             counter_at_start: None,
             attributes: VmAttributes::default(),
-            guest: Guest::Sim { disk_dir: None },
+            guest: Guest::Sim {
+                disk_dir: None,
+                vcpu: None,
+            },
         }
     }
 

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::disk::SimDisk;
 use super::Shared;
 use crate::backend::{BackendError, DeviceStateError};
 
@@ -31,15 +30,15 @@ impl DeviceState {
     /// The state of the VM that `shared` is, as it is now (meaningful
     /// while paused).
     pub(super) fn of(shared: &Shared) -> DeviceState {
+        let ctl = &shared.ctl;
         DeviceState {
             version: DEVICE_STATE_VERSION,
-            counter: shared.counter.load(Ordering::Relaxed),
-            dirty_pages_per_sec: shared.rate.load(Ordering::Relaxed),
+            counter: ctl.counter().load(Ordering::Relaxed),
+            dirty_pages_per_sec: ctl.rate().load(Ordering::Relaxed),
             // Stored only from a `u8` (`set_workload`).
-            hot_set_pct: u8::try_from(shared.hot_set_pct.load(Ordering::Relaxed))
-                .unwrap_or(u8::MAX),
-            seed: shared.seed.load(Ordering::Relaxed),
-            disk_writes_per_sec: shared.disks.iter().map(SimDisk::rate).collect(),
+            hot_set_pct: u8::try_from(ctl.hot_set_pct().load(Ordering::Relaxed)).unwrap_or(u8::MAX),
+            seed: ctl.seed().load(Ordering::Relaxed),
+            disk_writes_per_sec: (0..shared.disks.len()).map(|i| ctl.disk_rate(i)).collect(),
         }
     }
 

@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,10 +46,9 @@ pub(crate) struct SimDisk {
     /// Its first leaf (the memory's page count, plus the disks before it).
     first: u64,
     block: usize,
-    /// Blocks the workload writes per second.
-    rate: AtomicU64,
-    /// Blocks written since the log was last collected: one bit a block.
-    written: Vec<AtomicU64>,
+    /// Blocks the workload writes per second, as made (the VM's control
+    /// words hold the rate in force, see `control`).
+    made_rate: u64,
     /// Storage post-copy: the blocks still to come.
     demand: Mutex<Option<Arc<Demand>>>,
 }
@@ -124,8 +123,8 @@ impl SimDisk {
             bytes: spec.bytes,
             base: base.map(|b| b.reference.clone()),
         };
-        let disk = SimDisk::open_new(dir, geometry, first, block)?;
-        disk.rate.store(spec.writes_per_sec, Ordering::Relaxed);
+        let mut disk = SimDisk::open_new(dir, geometry, first, block)?;
+        disk.made_rate = spec.writes_per_sec;
         if let Some(b) = base {
             disk.fill_from(b)?;
             return Ok(disk);
@@ -168,19 +167,61 @@ impl SimDisk {
             crate::private::create_new(&path).map_err(|e| io_err(&path, "cannot create", e))?;
         file.set_len(geometry.bytes)
             .map_err(|e| io_err(&path, "cannot size", e))?;
-        let blocks = geometry.bytes / block as u64;
-        Ok(SimDisk {
-            written: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+        Ok(SimDisk::of_file(geometry, path, file, first, block))
+    }
+
+    fn of_file(
+        geometry: DiskGeometry,
+        path: PathBuf,
+        file: File,
+        first: u64,
+        block: usize,
+    ) -> SimDisk {
+        SimDisk {
             geometry,
             path,
             file,
             first,
             block,
-            rate: AtomicU64::new(0),
+            made_rate: 0,
             demand: Mutex::new(None),
-        })
+        }
+    }
+
+    /// The disk of a running VM found again (by its vCPU helper, or by an
+    /// agent re-attaching it): `path` must be a regular file of
+    /// `geometry`'s size.
+    pub(crate) fn open_existing(
+        path: &Path,
+        geometry: DiskGeometry,
+        first: u64,
+        block: usize,
+    ) -> Result<SimDisk, BackendError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err(path, "cannot open", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| io_err(path, "cannot stat", e))?;
+        if !meta.is_file() || meta.len() != geometry.bytes {
+            return Err(io_err(
+                path,
+                "cannot use",
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a disk file of the recorded size",
+                ),
+            ));
+        }
+        Ok(SimDisk::of_file(
+            geometry,
+            path.to_owned(),
+            file,
+            first,
+            block,
+        ))
     }
 
     /// Copies base `b` (this disk's size) into the disk, holes kept.
@@ -216,14 +257,19 @@ impl SimDisk {
         (b < self.blocks()).then_some(b)
     }
 
-    /// Blocks written per second by the workload.
-    pub(crate) fn rate(&self) -> u64 {
-        self.rate.load(Ordering::Relaxed)
+    /// Its first leaf.
+    pub(crate) fn first_leaf(&self) -> u64 {
+        self.first
     }
 
-    /// Sets the workload's write rate (from device state).
-    pub(crate) fn set_rate(&self, rate: u64) {
-        self.rate.store(rate, Ordering::Relaxed);
+    /// Blocks written per second by the workload, as made.
+    pub(crate) fn made_rate(&self) -> u64 {
+        self.made_rate
+    }
+
+    /// Its file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Reads block `b` into `buf` (one block long); a short file is an
@@ -364,8 +410,9 @@ impl SimDisk {
         }
     }
 
-    /// One guest write: a sector of block `b`, marked in the write bitmap.
-    pub(crate) fn guest_write(&self, b: u64, rng: &mut SmallRng) {
+    /// One guest write: a sector of block `b`. True if written (the
+    /// caller marks it in the VM's written-blocks bitmap).
+    pub(crate) fn guest_write(&self, b: u64, rng: &mut SmallRng) -> bool {
         // Storage post-copy: the rest of the block must be there first.
         self.wait_present(b);
         let mut sector = [0u8; SECTOR];
@@ -377,31 +424,9 @@ impl SimDisk {
         {
             // Not marked: the block keeps its old, consistent contents.
             tracing::warn!(disk = %self.geometry.name, "guest write failed: {e}");
-            return;
+            return false;
         }
-        if let Some(w) = self.written.get((b / 64) as usize) {
-            w.fetch_or(1 << (b % 64), Ordering::Release);
-        }
-    }
-
-    /// Moves the blocks written since the last call into `log` (a bitmap
-    /// over the whole leaf space), as leaves.
-    pub(crate) fn take_written(&self, log: &mut PageBitmap) {
-        for (i, w) in self.written.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::Acquire);
-            while bits != 0 {
-                let b = i as u64 * 64 + u64::from(bits.trailing_zeros());
-                log.insert(PageIndex(self.first + b));
-                bits &= bits - 1;
-            }
-        }
-    }
-
-    /// Forgets the blocks written so far.
-    pub(crate) fn clear_written(&self) {
-        for w in &self.written {
-            w.store(0, Ordering::Release);
-        }
+        true
     }
 
     /// Flushes the file to stable storage.
@@ -416,12 +441,6 @@ impl SimDisk {
         self.file
             .sync_data()
             .map_err(|e| io_err(&self.path, "cannot flush", e))
-    }
-
-    /// Its file.
-    #[cfg(test)]
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -448,16 +467,8 @@ mod tests {
         // All holes: nothing allocated.
         assert_eq!(std::fs::metadata(d.path()).unwrap().blocks(), 0);
         let mut rng = SmallRng::seed_from_u64(2);
-        d.guest_write(5, &mut rng);
-        d.guest_write(5, &mut rng);
-        d.guest_write(700, &mut rng);
-        let mut log = PageBitmap::empty(10 + d.blocks());
-        d.take_written(&mut log);
-        let got: Vec<u64> = log.iter().map(|p| p.0).collect();
-        assert_eq!(got, vec![15, 710], "leaves after the 10 memory pages");
-        let mut again = PageBitmap::empty(10 + d.blocks());
-        d.take_written(&mut again);
-        assert!(again.is_empty(), "taking clears");
+        assert!(d.guest_write(5, &mut rng));
+        assert!(d.guest_write(700, &mut rng));
         let mut buf = vec![0u8; 4096];
         d.read(5, &mut buf).unwrap();
         assert!(buf.iter().any(|b| *b != 0));

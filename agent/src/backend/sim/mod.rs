@@ -1,9 +1,11 @@
 //! The simulated VM: the embedded default for demos, tests and benchmarks.
 //!
-//! - Guest memory is an anonymous mapping ([`super::memory`]) filled at
-//!   creation with realistic mixed content (zero, compressible text-like,
-//!   random pages), or all random, or all zero.
-//! - A workload thread (the "vCPU") ticks every millisecond: it increments
+//! - Guest memory is a memfd ([`super::memory`]) filled at creation with
+//!   realistic mixed content (zero, compressible text-like, random pages),
+//!   or all random, or all zero. The counter, flags, workload parameters
+//!   and dirty bitmaps are atomic words at the start of the same memfd
+//!   (`control`).
+//! - A workload (the "vCPU") ticks every millisecond: it increments
 //!   a monotonic counter, stores it in the first word of page 0, and writes
 //!   `dirty_pages_per_sec / 1000` 64-byte chunks, 90% of them into a hot
 //!   set of pages.
@@ -26,6 +28,9 @@
 //!   write to one waits for it, timed the same way.
 //! - The device state is the counter and the workload's parameters, so the
 //!   counter and the workload continue where they stopped after migration.
+//! - The vCPU runs on a thread of the agent, or in a helper process that
+//!   maps the memfd (`helper`, [`SimVcpuHost`]): such a VM outlives its
+//!   agent, and a restarted agent maps it again ([`SimVm::reattach`]).
 //!
 //! # Layout
 //!
@@ -33,7 +38,11 @@
 //! the state every part shares, creation, and teardown on drop.
 //!
 //! - `content`: what memory is filled with at creation.
-//! - `workload`: the vCPU thread — counter, hot set, rates, throttle.
+//! - `control`: the control words in the memfd, the cross-process pause.
+//! - `workload`: the vCPU loop — counter, hot set, rates, throttle — and
+//!   its thread.
+//! - `helper`: the vCPU's helper process — spawning it, moving the vCPU
+//!   there, stopping it, finding it again after a restart.
 //! - `source`: [`VmBackend`] — leaves, dirty log, pause, destroy.
 //! - `device`: the device state that travels, its encoding and checks.
 //! - `staging`: incoming images and [`Staging`] — leaves in, disks staged
@@ -46,44 +55,40 @@
 //! [`Staging`]: super::Staging
 
 mod content;
+mod control;
 mod device;
 mod disk;
+mod helper;
 mod paging;
 mod source;
 mod staging;
 mod workload;
 
 pub use device::fuzz_device_state;
+pub use helper::{run_helper, SimVcpuHost, VcpuRecord, HELPER_ARG};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use convoy_protocol::ctl::SimVmSpec;
 use convoy_protocol::page::{MemoryGeometry, PageIndex};
 
+use self::control::Control;
 use self::disk::SimDisk;
 pub use self::paging::FaultStats;
 use self::paging::Paging;
 use super::memory::GuestMemory;
 use super::{BackendError, DiskFileError, SpecError, VmBackend};
 
-/// The state the VM, its vCPU thread and its fault handler share.
+/// The state the VM, its vCPU and its fault handler share.
 struct Shared {
     mem: GuestMemory,
+    /// The words shared with the vCPU wherever it runs (`control`).
+    ctl: Control,
     geometry: MemoryGeometry,
-    dirty: Vec<AtomicU64>,
-    counter: AtomicU64,
-    paused: AtomicBool,
-    stop: AtomicBool,
-    /// Held by the workload for each tick; `pause` takes it to wait out a
-    /// tick in progress.
-    tick: Mutex<()>,
-    rate: AtomicU64,
-    /// Auto-converge throttle, percent of ticks skipped.
-    throttle: AtomicU64,
-    hot_set_pct: AtomicU64,
-    seed: AtomicU64,
+    /// Ends this process's vCPU thread (never a helper: see `Drop`).
+    local_stop: AtomicBool,
     /// Demand paging after a post-copy switch.
     paging: Mutex<Option<Arc<Paging>>>,
     /// Its disks, and the directory that holds their files (removed with
@@ -98,6 +103,8 @@ struct Shared {
 pub struct SimVm {
     shared: Arc<Shared>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// The helper process running the vCPU, once it moved there.
+    helper: Mutex<Option<helper::Helper>>,
 }
 
 impl std::fmt::Debug for SimVm {
@@ -169,26 +176,46 @@ impl SimVm {
                     .collect()
             })?
         };
-        let vm = SimVm::blank(spec.memory_bytes, disks, dir)?;
+        let vm = SimVm::blank(spec.name.as_str(), spec.memory_bytes, disks, dir)?;
         vm.fill(spec.content, spec.seed);
         vm.set_workload(spec.dirty_pages_per_sec, spec.hot_set_pct, spec.seed);
+        for (i, d) in vm.shared.disks.iter().enumerate() {
+            vm.shared.ctl.set_disk_rate(i, d.made_rate());
+        }
         let vm = Arc::new(vm);
         vm.spawn_workload();
         Ok(vm)
     }
 
-    /// A VM of `bytes` of zeroed memory with `disks`, its workload not
-    /// started; if memory cannot be mapped, `disk_dir` is removed.
+    /// As [`SimVm::create`], its vCPU then moved to where `vcpu` says.
+    pub fn create_on(
+        spec: &SimVmSpec,
+        disk_dir: Option<&std::path::Path>,
+        bases: Option<&super::base::BaseImages>,
+        vcpu: &SimVcpuHost,
+    ) -> Result<Arc<SimVm>, BackendError> {
+        let vm = SimVm::create(spec, disk_dir, bases)?;
+        if let Err(e) = vm.move_vcpu(vcpu) {
+            vm.destroy();
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// A VM `name` of `bytes` of zeroed memory with `disks`, its workload
+    /// not started; if memory cannot be mapped, `disk_dir` is removed.
     fn blank(
+        name: &str,
         bytes: u64,
         disks: Vec<SimDisk>,
         disk_dir: Option<std::path::PathBuf>,
     ) -> Result<SimVm, BackendError> {
         let geometry = MemoryGeometry::from_bytes(bytes).map_err(SpecError::from)?;
+        let extents: Vec<(u64, u64)> = disks.iter().map(|d| (d.first_leaf(), d.blocks())).collect();
         let mem = usize::try_from(bytes)
             .map_err(|_| BackendError::from(SpecError::TooLarge))
-            .and_then(|len| GuestMemory::new(len).map_err(BackendError::Alloc));
-        let mem = match mem {
+            .and_then(|_| Control::create(name, geometry, &extents));
+        let (ctl, mem) = match mem {
             Ok(m) => m,
             Err(e) => {
                 // Nothing is left behind by a VM that could not be made.
@@ -198,27 +225,30 @@ impl SimVm {
                 return Err(e);
             }
         };
-        let words = convoy_protocol::page::saturating_usize(geometry.page_count().div_ceil(64));
-        Ok(SimVm {
+        Ok(SimVm::of_parts(mem, ctl, geometry, disks, disk_dir))
+    }
+
+    fn of_parts(
+        mem: GuestMemory,
+        ctl: Control,
+        geometry: MemoryGeometry,
+        disks: Vec<SimDisk>,
+        disk_dir: Option<std::path::PathBuf>,
+    ) -> SimVm {
+        SimVm {
             shared: Arc::new(Shared {
                 mem,
+                ctl,
                 geometry,
-                dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
-                counter: AtomicU64::new(0),
-                paused: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
-                tick: Mutex::new(()),
-                rate: AtomicU64::new(0),
-                throttle: AtomicU64::new(0),
-                hot_set_pct: AtomicU64::new(10),
-                seed: AtomicU64::new(0),
+                local_stop: AtomicBool::new(false),
                 paging: Mutex::new(None),
                 leaves: geometry.page_count() + disks.iter().map(SimDisk::blocks).sum::<u64>(),
                 disks,
                 disk_dir,
             }),
             worker: Mutex::new(None),
-        })
+            helper: Mutex::new(None),
+        }
     }
 
     /// Whether the VM has disks.
@@ -243,10 +273,16 @@ impl SimVm {
 
 impl Drop for SimVm {
     fn drop(&mut self) {
+        // A vCPU in a helper process outlives this handle (and the agent):
+        // only `destroy` ends it.
+        if self.has_helper() {
+            return;
+        }
         // A vCPU blocked on a page that will never come (the source is
         // gone) is woken by ending demand paging; without that, joining it
         // would wait forever.
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.ctl.stop();
+        self.shared.local_stop.store(true, Ordering::Relaxed);
         self.end_postcopy();
         self.stop_workload();
     }

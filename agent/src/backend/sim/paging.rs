@@ -40,6 +40,13 @@ pub(super) struct Paging {
     handler: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl Paging {
+    /// Whether pages may still be missing (the userfaultfd is open).
+    pub(super) fn is_active(&self) -> bool {
+        self.uffd.lock().is_ok_and(|u| u.is_some())
+    }
+}
+
 /// Demand-paging figures of a post-copy destination.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FaultStats {

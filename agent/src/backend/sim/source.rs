@@ -46,18 +46,14 @@ impl VmBackend for SimVm {
     }
 
     fn start_dirty_log(&self) {
-        for w in &self.shared.dirty {
-            w.store(0, Ordering::Release);
-        }
-        for d in &self.shared.disks {
-            d.clear_written();
-        }
+        self.shared.ctl.clear_logs();
     }
 
     fn collect_dirty_log(&self) -> PageBitmap {
         let words = self
             .shared
-            .dirty
+            .ctl
+            .dirty_words()
             .iter()
             .map(|w| w.swap(0, Ordering::Acquire))
             .collect();
@@ -69,8 +65,8 @@ impl VmBackend for SimVm {
         for p in memory.iter() {
             log.insert(p);
         }
-        for d in &self.shared.disks {
-            d.take_written(&mut log);
+        for i in 0..self.shared.disks.len() {
+            self.shared.ctl.take_written(i, &mut log);
         }
         log
     }
@@ -81,17 +77,19 @@ impl VmBackend for SimVm {
     }
 
     fn pause(&self) -> Result<(), BackendError> {
-        self.shared.paused.store(true, Ordering::Release);
-        // Wait out a tick in progress: after this no write is in flight.
-        drop(self.shared.tick.lock());
+        // Wait out a tick in progress: after this no write is in flight
+        // (a helper that died mid-tick is not waited for).
+        if !self.shared.ctl.pause(|| self.vcpu_alive()) {
+            tracing::warn!("a sim VM's vCPU helper is gone");
+        }
         Ok(())
     }
 
     fn resume(&self) -> Result<(), BackendError> {
-        if self.shared.stop.load(Ordering::Relaxed) {
+        if self.shared.ctl.is_stopped() {
             return Err(BackendError::State("destroyed"));
         }
-        self.shared.paused.store(false, Ordering::Release);
+        self.shared.ctl.resume();
         Ok(())
     }
 
@@ -100,20 +98,21 @@ impl VmBackend for SimVm {
     }
 
     fn counter(&self) -> u64 {
-        self.shared.counter.load(Ordering::Relaxed)
+        self.shared.ctl.counter().load(Ordering::Relaxed)
     }
 
     fn is_running(&self) -> bool {
-        !self.shared.paused.load(Ordering::Relaxed) && !self.shared.stop.load(Ordering::Relaxed)
+        !self.shared.ctl.is_paused() && !self.shared.ctl.is_stopped()
     }
 
     fn dirty_rate(&self) -> u64 {
-        self.shared.rate.load(Ordering::Relaxed)
+        self.shared.ctl.rate().load(Ordering::Relaxed)
     }
 
     fn set_throttle(&self, percent: u8) {
         self.shared
-            .throttle
+            .ctl
+            .throttle()
             .store(u64::from(percent.min(99)), Ordering::Relaxed);
     }
 
@@ -121,7 +120,9 @@ impl VmBackend for SimVm {
         // A vCPU blocked on a missing page holds the tick: wake it first.
         self.end_postcopy();
         let _ = self.pause();
+        self.shared.ctl.stop();
         self.stop_workload();
+        self.stop_helper();
         self.shared.mem.wipe();
         // Its disks go with it (a VM that moved runs on the copies).
         if let Some(dir) = &self.shared.disk_dir {
@@ -129,6 +130,10 @@ impl VmBackend for SimVm {
                 tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
+    }
+
+    fn vcpu_record(&self) -> Option<super::VcpuRecord> {
+        self.record()
     }
 }
 

@@ -47,8 +47,9 @@ impl SimVm {
                 })?
             }
         };
-        let vm = SimVm::blank(geometry.bytes(), made, dir)?;
-        vm.shared.paused.store(true, Ordering::Relaxed);
+        let name = disk_dir.map_or("incoming", |(_, vm)| vm);
+        let vm = SimVm::blank(name, geometry.bytes(), made, dir)?;
+        vm.shared.ctl.set_paused(true);
         Ok(Arc::new(vm))
     }
 
@@ -151,12 +152,15 @@ impl Staging for SimVm {
             }
             .into());
         }
-        self.shared.counter.store(s.counter, Ordering::Relaxed);
+        self.shared
+            .ctl
+            .counter()
+            .store(s.counter, Ordering::Relaxed);
         self.set_workload(s.dirty_pages_per_sec, s.hot_set_pct, s.seed);
-        for (d, r) in self.shared.disks.iter().zip(&s.disk_writes_per_sec) {
-            d.set_rate(*r);
+        for (i, r) in s.disk_writes_per_sec.iter().enumerate() {
+            self.shared.ctl.set_disk_rate(i, *r);
         }
-        self.shared.paused.store(paused, Ordering::Release);
+        self.shared.ctl.set_paused(paused);
         self.spawn_workload();
         Ok((self, s.counter))
     }

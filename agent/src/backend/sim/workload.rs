@@ -1,13 +1,16 @@
-//! The simulated guest's vCPU: a thread that ticks every millisecond,
+//! The simulated guest's vCPU: a loop that ticks every millisecond,
 //! steps the device counter (kept in the first word of page 0) and
 //! dirties memory at the VM's rate, 90% of it in a hot set; its disks'
-//! block writes come from the same ticks with the same skew.
+//! block writes come from the same ticks with the same skew. The same
+//! loop ([`run`]) runs on a thread of the agent or in a helper process
+//! (`helper`): it reads and writes only the VM's memfd and disk files.
 //!
 //! Writes and the dirty bitmap: a page's bit is set after the write, with
 //! release ordering, and collected by swap with acquire ordering (see
 //! `source`), so a page read after its bit was collected is either current
-//! or will be sent again. `pause` takes the tick lock, so once it returns
-//! no write is in flight. Auto-converge skips `throttle`% of the ticks.
+//! or will be sent again. Each tick is bracketed by `control`'s
+//! cross-process pause protocol, so once `pause` returns no write is in
+//! flight. Auto-converge skips `throttle`% of the ticks.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,11 +23,11 @@ use super::{Shared, SimVm};
 impl SimVm {
     /// The workload's parameters (before it is spawned).
     pub(super) fn set_workload(&self, dirty_pages_per_sec: u64, hot_set_pct: u8, seed: u64) {
-        let s = &self.shared;
-        s.rate.store(dirty_pages_per_sec, Ordering::Relaxed);
-        s.hot_set_pct
+        let s = &self.shared.ctl;
+        s.rate().store(dirty_pages_per_sec, Ordering::Relaxed);
+        s.hot_set_pct()
             .store(u64::from(hot_set_pct), Ordering::Relaxed);
-        s.seed.store(seed, Ordering::Relaxed);
+        s.seed().store(seed, Ordering::Relaxed);
     }
 
     /// Starts the vCPU thread (at creation, or when a staging image
@@ -33,7 +36,7 @@ impl SimVm {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("sim-vcpu".into())
-            .spawn(move || workload(&shared));
+            .spawn(move || run(&shared, super::control::THREAD));
         match handle {
             Ok(h) => {
                 if let Ok(mut w) = self.worker.lock() {
@@ -44,9 +47,10 @@ impl SimVm {
         }
     }
 
-    /// Stops the vCPU thread and waits for it.
+    /// Stops the vCPU thread and waits for it (a helper process is
+    /// stopped by `stop_helper`).
     pub(super) fn stop_workload(&self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.local_stop.store(true, Ordering::Relaxed);
         let handle = self.worker.lock().ok().and_then(|mut w| w.take());
         if let Some(h) = handle {
             let _ = h.join();
@@ -54,45 +58,42 @@ impl SimVm {
     }
 }
 
-/// Sets `page`'s bit in the dirty log, after its write (release).
-fn mark_dirty(shared: &Shared, page: u64) {
-    if let Some(w) = shared.dirty.get((page / 64) as usize) {
-        w.fetch_or(1 << (page % 64), Ordering::Release);
-    }
-}
-
-/// The vCPU thread: one tick a millisecond until the VM stops.
-fn workload(shared: &Shared) {
+/// The vCPU, host `me` ([`super::control::THREAD`] or a helper's pid):
+/// one tick a millisecond while `owner` names it, until the VM stops.
+pub(super) fn run(shared: &Shared, me: u64) {
+    let ctl = &shared.ctl;
     let pages = shared.geometry.page_count();
     let page = shared.geometry.page_size().bytes();
     let mut rng = SmallRng::seed_from_u64(
-        shared.seed.load(Ordering::Relaxed) ^ shared.counter.load(Ordering::Relaxed),
+        ctl.seed().load(Ordering::Relaxed) ^ ctl.counter().load(Ordering::Relaxed),
     );
     let mut next = Instant::now();
     let mut carry = 0.0f64;
     let mut disk_carry = vec![0.0f64; shared.disks.len()];
     let mut credit = 0.0f64;
-    while !shared.stop.load(Ordering::Relaxed) {
+    while !ctl.is_stopped()
+        && !shared.local_stop.load(Ordering::Relaxed)
+        && ctl.owner().load(Ordering::SeqCst) == me
+    {
         next += Duration::from_millis(1);
         // A throttled vCPU runs only (100 - t)% of its ticks.
-        credit += (100.0 - shared.throttle.load(Ordering::Relaxed).min(99) as f64) / 100.0;
+        credit += (100.0 - ctl.throttle().load(Ordering::Relaxed).min(99) as f64) / 100.0;
         let runs = credit >= 1.0;
         if runs {
             credit -= 1.0;
         }
-        if runs {
-            let _tick = shared.tick.lock();
-            if !shared.paused.load(Ordering::Acquire) {
-                let c = shared.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if runs && ctl.begin_tick() {
+            {
+                let c = ctl.counter().fetch_add(1, Ordering::Relaxed) + 1;
                 shared.mem.store_word(0, c);
-                mark_dirty(shared, 0);
-                carry += shared.rate.load(Ordering::Relaxed) as f64 / 1000.0;
+                ctl.mark_dirty(0);
+                carry += ctl.rate().load(Ordering::Relaxed) as f64 / 1000.0;
                 // CAST: `carry` is a sum of non-negative rates less its
                 // whole part, so finite and not negative.
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let n = carry as u64;
                 carry -= n as f64;
-                let hot = (pages * shared.hot_set_pct.load(Ordering::Relaxed) / 100).max(1);
+                let hot = (pages * ctl.hot_set_pct().load(Ordering::Relaxed) / 100).max(1);
                 for _ in 0..n {
                     let r = rng.next_u64();
                     let p = if r % 10 < 9 {
@@ -106,17 +107,16 @@ fn workload(shared: &Shared) {
                     for k in 0..8 {
                         shared.mem.store_word(base + k, rng.next_u64());
                     }
-                    mark_dirty(shared, p);
+                    ctl.mark_dirty(p);
                 }
                 // Disk writes, with the memory's hot-set skew.
-                for (d, c) in shared.disks.iter().zip(disk_carry.iter_mut()) {
-                    *c += d.rate() as f64 / 1000.0;
+                for (i, (d, c)) in shared.disks.iter().zip(disk_carry.iter_mut()).enumerate() {
+                    *c += ctl.disk_rate(i) as f64 / 1000.0;
                     // CAST: as `carry` above, finite and not negative.
                     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                     let n = *c as u64;
                     *c -= n as f64;
-                    let hot =
-                        (d.blocks() * shared.hot_set_pct.load(Ordering::Relaxed) / 100).max(1);
+                    let hot = (d.blocks() * ctl.hot_set_pct().load(Ordering::Relaxed) / 100).max(1);
                     for _ in 0..n {
                         let r = rng.next_u64();
                         let b = if r % 10 < 9 {
@@ -124,10 +124,13 @@ fn workload(shared: &Shared) {
                         } else {
                             (r >> 8) % d.blocks()
                         };
-                        d.guest_write(b, &mut rng);
+                        if d.guest_write(b, &mut rng) {
+                            ctl.mark_written(i, b);
+                        }
                     }
                 }
             }
+            ctl.end_tick();
         }
         let now = Instant::now();
         if next > now {

@@ -100,8 +100,8 @@ impl Uffd {
     ///
     /// Until [`unregister`](Self::unregister) or drop of this `Uffd`:
     ///
-    /// * the range lies in a private anonymous mapping that the caller owns
-    ///   and keeps mapped;
+    /// * the range lies in a private anonymous mapping, or a shared mapping
+    ///   of a memfd (shmem), that the caller owns and keeps mapped;
     /// * the range is accessed only through raw pointers or atomics, never
     ///   through `&`/`&mut` references, since missing pages are filled (and
     ///   [`Region::drop_pages`] empties them) behind the compiler's back, and

@@ -60,16 +60,26 @@ impl Region {
     /// # Safety
     ///
     /// The contract of [`Uffd::register`] still holds (the mapping is alive,
-    /// private and anonymous), and no Rust reference to these bytes is live:
+    /// private anonymous or a shared memfd), and no Rust reference to these bytes is live:
     /// their contents change under the caller.
     pub unsafe fn drop_pages(&self, offset: usize, len: usize) -> Result<(), UffdError> {
         self.check(offset, len)?;
         let start = (self.base + offset) as *mut std::ffi::c_void;
         // SAFETY: the range is inside the region (checked above), which the
-        // caller guarantees is a live private anonymous mapping with no Rust
-        // references into it; MADV_DONTNEED on such memory only discards pages,
-        // which become missing and fault on the next touch.
-        unsafe { rustix::mm::madvise(start, len, Advice::LinuxDontNeed) }
-            .map_err(|e| UffdError::Io(e.into()))
+        // caller guarantees is a live private anonymous or shared memfd
+        // mapping with no Rust references into it; MADV_REMOVE on shared
+        // memory frees the pages from the file (MADV_DONTNEED would only
+        // unmap them, and they would not fault), which become missing and
+        // fault on the next touch.
+        match unsafe { rustix::mm::madvise(start, len, Advice::LinuxRemove) } {
+            // Not shared: private anonymous memory.
+            // SAFETY: as above; MADV_DONTNEED on private anonymous memory
+            // only discards pages, which become missing.
+            Err(rustix::io::Errno::INVAL) => unsafe {
+                rustix::mm::madvise(start, len, Advice::LinuxDontNeed)
+            },
+            other => other,
+        }
+        .map_err(|e| UffdError::Io(e.into()))
     }
 }

@@ -386,6 +386,7 @@ impl Incoming {
     /// A sync or a record that fails leaves the migration in doubt.
     async fn confirm_started(&mut self, sm: &mut Destination, staging: Arc<SimVm>) {
         let t = std::time::Instant::now(); // measured work, not a deadline
+        self.move_vcpu(&staging).await;
         if staging.has_disks() {
             match tokio::task::spawn_blocking(move || staging.sync_disks()).await {
                 Ok(Ok(())) => {}
@@ -397,6 +398,25 @@ impl Incoming {
             return sm.handle_start_unconfirmed(&e);
         }
         sm.handle_started_synced(clock::now(), t.elapsed());
+    }
+
+    /// The VM runs here with every page in: its vCPU moves to where this
+    /// agent runs sim vCPUs (a helper process that outlives the agent),
+    /// and the registry records it there, before `Started` lets the source
+    /// discard its copy. A move that fails leaves the vCPU on the agent's
+    /// thread: the VM runs, and is lost if the agent ends.
+    async fn move_vcpu(&mut self, staging: &Arc<SimVm>) {
+        let (vm, host) = (staging.clone(), self.host.config.sim_vcpu.clone());
+        match tokio::task::spawn_blocking(move || vm.move_vcpu(&host)).await {
+            Ok(Ok(())) => {
+                if let Some(n) = &self.name {
+                    // Written again, now with its helper.
+                    let _ = self.host.vms().get_mut(n);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("the VM stays on the agent's thread: {e}"),
+            Err(e) => tracing::warn!("the VM stays on the agent's thread: {e}"),
+        }
     }
 
     /// Staging goes, wiped, and the reservation with it.
