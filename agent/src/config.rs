@@ -106,7 +106,7 @@ pub type JournalHook = Arc<dyn Fn(&convoy_protocol::journal::JournalRecord) + Se
 #[derive(Clone, Default)]
 pub struct DangerousOptions {
     pub(crate) tamper: Option<TamperHook>,
-    pub(crate) pause_at: Option<crate::engine::pause::PausePoint>,
+    pub(crate) pause_at: Option<crate::host::pause::PausePoint>,
     pub(crate) fail_journal_at: Option<JournalPoint>,
     pub(crate) journal_hook: Option<JournalHook>,
 }
@@ -134,7 +134,7 @@ impl DangerousOptions {
     /// its journal record is committed, or at the engine step — logging
     /// `paused at POINT` to the log and to stderr, so that a test can kill
     /// the agent or cut its link there.
-    pub fn pause_at(&mut self, point: impl Into<crate::engine::pause::PausePoint>) -> &mut Self {
+    pub fn pause_at(&mut self, point: impl Into<crate::host::pause::PausePoint>) -> &mut Self {
         self.pause_at = Some(point.into());
         self
     }

@@ -59,5 +59,5 @@ pub mod units;
 
 pub use config::{AgentConfig, AgentError, OnExit};
 /// Where a test may stop a migration (`--dangerous-pause-at`).
-pub use engine::pause;
+pub use host::pause;
 pub use server::{run, Agent};

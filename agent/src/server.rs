@@ -156,6 +156,7 @@ impl Agent {
                 recoveries: Mutex::new(HashMap::new()),
                 journal,
                 resolving: tokio::sync::Mutex::new(()),
+                watchers: Mutex::new(tokio::task::JoinSet::new()),
             }),
         };
         if let Some(p) = policy {
@@ -255,6 +256,12 @@ impl Agent {
         for r in [reloader, policy_reloader].into_iter().flatten() {
             r.abort();
         }
+        // The inquiries about migrations in doubt end with the agent (the
+        // next start asks again).
+        let mut watchers =
+            std::mem::take(&mut *self.host.watchers.lock().unwrap_or_else(|p| p.into_inner()));
+        watchers.abort_all();
+        while watchers.join_next().await.is_some() {}
         match self.host.config.on_exit {
             OnExit::DestroyVms => {
                 self.host

@@ -40,6 +40,11 @@ enum Fault {
     KillSource,
     KillDestination,
     CutLink,
+    /// Cut the link, let the destination start waiting for its source
+    /// (post-copy recovery), then kill the source.
+    RecoveringKillSource,
+    /// The same, killing the destination.
+    RecoveringKillDestination,
 }
 
 /// Where the VM must be once everything is resolved.
@@ -76,7 +81,7 @@ fn vm_name() -> VmName {
     "vm".parse().unwrap()
 }
 
-fn find<'a>(vms: &'a [VmInfo]) -> Option<&'a VmInfo> {
+fn find(vms: &[VmInfo]) -> Option<&VmInfo> {
     vms.iter().find(|v| v.name == vm_name())
 }
 
@@ -119,23 +124,34 @@ async fn whereabouts(
 async fn run(case: Case) {
     let _heavy = heavy().await;
     let s = Setup::new(&["a", "b"]).await;
-    let extra = |_| {
+    let recovering = matches!(
+        case.fault,
+        Fault::RecoveringKillSource | Fault::RecoveringKillDestination
+    );
+    let extra = |point: &str| {
         [
             "--link-timeout",
             &LINK_TIMEOUT.to_string(),
             "--recovery-window",
-            "4",
+            if recovering { "30" } else { "4" },
             "--source-silence-timeout",
             "5",
             // Last: dropped when the agent is started again.
             "--dangerous-pause-at",
-            case.point,
+            point,
         ]
         .map(String::from)
         .to_vec()
     };
-    let mut a = s.agent("a", &extra(()));
-    let mut b = s.agent("b", &extra(()));
+    // The destination of a recovery case announces that it waits for its
+    // source.
+    let b_point = if recovering {
+        "destination-recovering"
+    } else {
+        case.point
+    };
+    let mut a = s.agent("a", &extra(case.point));
+    let mut b = s.agent("b", &extra(b_point));
     a.start().await;
     b.start().await;
     let link = CuttableLink::start(b.addr).await.unwrap();
@@ -217,6 +233,30 @@ async fn run(case: Case) {
             }
             b.args.truncate(b.args.len() - 2);
             b.start().await;
+        }
+        Fault::RecoveringKillSource | Fault::RecoveringKillDestination => {
+            link.set_up(false);
+            let mark = b.mark();
+            a.release();
+            assert!(
+                b.wait_for_from(
+                    mark,
+                    "paused at destination-recovering",
+                    Duration::from_secs(30)
+                )
+                .await,
+                "b never waited for its source\n{}",
+                b.output()
+            );
+            let victim = if case.fault == Fault::RecoveringKillSource {
+                &mut a
+            } else {
+                &mut b
+            };
+            victim.stop(Signal::KILL, true).await;
+            victim.args.truncate(victim.args.len() - 2);
+            victim.start().await;
+            link.set_up(true);
         }
         Fault::CutLink => {
             link.set_up(false);
@@ -543,6 +583,31 @@ case!(
     CutLink,
     Destination
 );
+// The source recorded the destination's Started; its copy not wiped.
+case!(
+    source_started_kill_source,
+    "source-started",
+    false,
+    false,
+    KillSource,
+    Destination
+);
+case!(
+    source_started_kill_destination,
+    "source-started",
+    false,
+    false,
+    KillDestination,
+    Destination
+);
+case!(
+    source_started_cut,
+    "source-started",
+    false,
+    false,
+    CutLink,
+    Destination
+);
 // Post-copy: switched, the source's push not begun.
 case!(
     postcopy_push_kill_source,
@@ -567,4 +632,22 @@ case!(
     true,
     CutLink,
     PausedOnBoth
+);
+// Post-copy recovery: the link cut mid-push, the destination waits for its
+// source's Resume.
+case!(
+    recovering_kill_source,
+    "source-postcopy-push",
+    false,
+    true,
+    RecoveringKillSource,
+    PausedOnBoth
+);
+case!(
+    recovering_kill_destination,
+    "source-postcopy-push",
+    false,
+    true,
+    RecoveringKillDestination,
+    Source
 );

@@ -399,8 +399,8 @@ pub fn source_decides(
     }
 }
 
-#[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::fuzz::InsecureCrypto;

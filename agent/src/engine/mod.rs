@@ -13,7 +13,6 @@
 //!   plan, policy) for every backend.
 //! - [`native`]: page migrations of sim VMs, driving the state machines.
 //! - [`qemu`]: QEMU's own migration stream carried through Convoy.
-//! - [`pause`]: named points where a test stops a migration for ever.
 
 pub(crate) mod admission;
 pub(crate) mod clock;
@@ -21,5 +20,4 @@ pub(crate) mod error;
 pub(crate) mod incoming;
 pub(crate) mod native;
 pub(crate) mod outgoing;
-pub mod pause;
 pub(crate) mod qemu;

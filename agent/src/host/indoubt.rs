@@ -74,10 +74,11 @@ fn held(host: &Host, r: &JournalRecord) -> Option<Held> {
     };
     match (&e.handle, e.state) {
         (None, _) => None,
-        // A sim VM lost at start: its memory lived in an agent process
-        // that ended, so no copy of it can run here.
-        (Some(VmHandle::Lost(l)), _) if l.backend == "sim" && l.qemu.is_none() => Some(Held::Gone),
-        // A QEMU that runs but cannot be verified may be running it.
+        // A sim VM whose memory lived in an agent process that ended: no
+        // copy of it can run here.
+        (Some(VmHandle::Lost(l)), _) if l.memory_gone => Some(Held::Gone),
+        // A QEMU, or a sim VM's helper, that runs but cannot be verified
+        // may be running it.
         (Some(VmHandle::Lost(_)), _) => None,
         (Some(_), VmState::Exited) => Some(Held::Gone),
         // Arriving by post-copy, waiting for its source, or in doubt after
@@ -212,8 +213,24 @@ async fn decide_answer(
         // The promise is on disk before it leaves; a failure here means no
         // answer at all.
         fence(host, &r).await?;
+        drop_dead_copy(host, &r.vm).await;
     }
     Ok((a.verdict, Some(r.vm)))
+}
+
+/// After a fence: a VM listed here only as a lost sim VM whose memory
+/// died with an agent is the source's now; what is left of it (its
+/// registry entry, its disks) goes.
+async fn drop_dead_copy(host: &Host, vm: &VmName) {
+    let dead = matches!(
+        host.vms().get(vm).and_then(|e| e.handle.clone()),
+        Some(VmHandle::Lost(l)) if l.memory_gone
+    );
+    if dead {
+        if let Some(h) = host.remove(vm).and_then(|e| e.handle) {
+            h.destroy().await;
+        }
+    }
 }
 
 /// Journals the destination's fence for `r` (an abort: the journal then
@@ -258,12 +275,15 @@ async fn resolve_destination(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDe
                     .into(),
             ),
             Some(Held::Gone) => match fence(host, r).await {
-                Ok(()) => (
+                Ok(()) => {
+                    drop_dead_copy(host, &r.vm).await;
+                    (
                     RecoveryDecision::Fenced,
                     "handed over, but no copy is left here: fenced, so the source may resume its \
                      own"
                     .into(),
-                ),
+                    )
+                }
                 Err(e) => (RecoveryDecision::AwaitsSource, e),
             },
             Some(Held::Incomplete) => (
@@ -425,10 +445,18 @@ async fn resolve_source(
                 SourceDecision::ResumeHere => {
                     resume_here(host, r, "the destination fenced the handoff (signed)").await
                 }
-                SourceDecision::DiscardHere => discard_here(host, r).await,
+                SourceDecision::DiscardHere => {
+                    discard_here(host, r, "the destination runs it (signed)").await
+                }
                 SourceDecision::StayPaused(u) => stay_paused(host, r, &u),
             };
             (d, why, statement)
+        }
+        // The destination's `Started` is recorded here: only the wipe of
+        // the copy was left.
+        Some(SourceStanding::Finished) if r.phase == JournalPhase::Started => {
+            let (d, why) = discard_here(host, r, "the destination confirmed it started").await;
+            (d, why, None)
         }
         Some(SourceStanding::Finished) | None => (
             RecoveryDecision::StaysPaused,
@@ -499,9 +527,13 @@ async fn resume_here(host: &Arc<Host>, r: &JournalRecord, why: &str) -> (Recover
     }
 }
 
-/// The VM runs at the destination: the journal first, then the copy here
-/// goes.
-async fn discard_here(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDecision, String) {
+/// The VM runs at the destination (`why`): the journal first, then the
+/// copy here goes.
+async fn discard_here(
+    host: &Arc<Host>,
+    r: &JournalRecord,
+    why: &str,
+) -> (RecoveryDecision, String) {
     for step in settle_steps(r, JournalStep::Complete) {
         if let Err(e) = host
             .journal(JournalChange::Advance {
@@ -522,7 +554,7 @@ async fn discard_here(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDecision,
     }
     (
         RecoveryDecision::DiscardedHere,
-        "the destination runs it (signed): the paused copy here is discarded".into(),
+        format!("{why}: the paused copy here is discarded"),
     )
 }
 
@@ -664,12 +696,18 @@ pub(crate) async fn at_start(host: &Arc<Host>) {
 /// is decided or someone else settled it. An undecided answer is audited
 /// when its reason changes, not at every try.
 pub(crate) fn watch(host: Arc<Host>, migration: MigrationId, first: Duration) {
-    tokio::spawn(async move {
+    // Holds the agent only while it asks: the task ends with the agent
+    // (`Agent::run` aborts it), and must not keep its state open.
+    let weak = Arc::downgrade(&host);
+    let task = async move {
         let mut pause = first;
         let mut last = String::new();
         loop {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).clamp(RETRY_FIRST, RETRY_MAX);
+            let Some(host) = weak.upgrade() else {
+                return;
+            };
             let _one = host.resolving.lock().await;
             let r = match host.journal.record(migration, JournalRole::Source) {
                 Ok(Some(r)) if !r.is_settled() => r,
@@ -688,5 +726,9 @@ pub(crate) fn watch(host: Arc<Host>, migration: MigrationId, first: Duration) {
                 return;
             }
         }
-    });
+    };
+    host.watchers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .spawn(task);
 }

@@ -10,6 +10,7 @@ pub mod budget;
 pub(crate) mod indoubt;
 pub mod journal;
 pub mod limits;
+pub mod pause;
 pub(crate) mod reattach;
 pub mod retain;
 pub mod vmdb;
@@ -75,6 +76,10 @@ pub(crate) struct LostVm {
     pub qemu: Option<crate::backend::qemu::vm::QemuVmRecord>,
     /// A sim VM's disk directory, removed when the VM is deleted.
     pub disk_dir: Option<PathBuf>,
+    /// Known to run nowhere: a sim VM whose vCPU and memory lived in the
+    /// agent process that ended (not one whose helper differs: that one
+    /// may still run). A destination may fence such a VM's handoff.
+    pub memory_gone: bool,
 }
 
 /// One VM known to this agent.
@@ -218,6 +223,9 @@ pub(crate) struct Host {
     /// answers to the other side never decide the same migration twice at
     /// once.
     pub(crate) resolving: tokio::sync::Mutex<()>,
+    /// The tasks asking about migrations in doubt ([`indoubt::watch`]),
+    /// ended when the agent stops.
+    pub(crate) watchers: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// A post-copy migration that may be resumed on a new connection.
@@ -423,7 +431,7 @@ impl Host {
     /// returns the record as it now stands. On error nothing was
     /// recorded and the decision must not be acted on. When the agent was
     /// told to pause at the point the record marks, this returns only once
-    /// a test releases it ([`crate::engine::pause::hold`]).
+    /// a test releases it ([`crate::host::pause::hold`]).
     pub async fn journal(
         &self,
         change: journal::JournalChange,
@@ -447,9 +455,9 @@ impl Host {
         if let Some(hook) = &dangerous.journal_hook {
             hook(&r);
         }
-        let point = journal::JournalPoint::of(&r).map(crate::engine::pause::PausePoint::from);
+        let point = journal::JournalPoint::of(&r).map(crate::host::pause::PausePoint::from);
         if let Some(point) = point.filter(|p| Some(*p) == dangerous.pause_at) {
-            crate::engine::pause::hold(self, point).await;
+            crate::host::pause::hold(self, point).await;
         }
         Ok(r)
     }

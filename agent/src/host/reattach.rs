@@ -238,11 +238,15 @@ fn lost(rec: VmRecord, reason: String, qemu: Option<QemuVmRecord>) -> VmEntry {
         } => (backend.clone(), qemu.clone(), disk_dir.clone()),
         Guest::Reserved => ("reserved".to_owned(), None, None),
     };
+    // A sim VM whose vCPU ran on an agent thread (never moved to a
+    // helper, or mid post-copy) ended with that agent.
+    let memory_gone = matches!(rec.guest, Guest::Sim { vcpu: None, .. });
     let l = LostVm {
         backend,
         reason,
         qemu: recorded.or(qemu),
         disk_dir,
+        memory_gone,
     };
     entry(rec, VmState::Lost, VmHandle::Lost(Arc::new(l)))
 }

@@ -49,9 +49,17 @@ impl CuttableLink {
                 let (b, f, u) = (back.clone(), front2.clone(), up2.clone());
                 let reply = tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
-                    while let Ok(n) = b.recv(&mut buf).await {
-                        if u.load(Ordering::SeqCst) {
-                            let _ = f.send_to(&buf[..n], client).await;
+                    loop {
+                        match b.recv(&mut buf).await {
+                            Ok(n) => {
+                                if u.load(Ordering::SeqCst) {
+                                    let _ = f.send_to(&buf[..n], client).await;
+                                }
+                            }
+                            // The target's port closed for a while (an
+                            // agent restarting there): keep relaying.
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                            Err(_) => break,
                         }
                     }
                 });

@@ -93,6 +93,7 @@ async fn journalled_in_order(plan: MigrationPlan) {
     assert_eq!(
         committed(&seen, "b"),
         [
+            (JournalPhase::Staged, Epoch(0)),
             (JournalPhase::HandedOver, Epoch(1)),
             (JournalPhase::Started, Epoch(1)),
             (COMPLETED, Epoch(1)),
@@ -101,6 +102,7 @@ async fn journalled_in_order(plan: MigrationPlan) {
     // Each decision was on disk before the other side could act on it.
     let order = [
         ("a", JournalPhase::Claimed),
+        ("b", JournalPhase::Staged),
         ("a", JournalPhase::Committed),
         ("b", JournalPhase::HandedOver),
         ("b", JournalPhase::Started),
@@ -191,8 +193,21 @@ async fn a_commit_that_cannot_be_recorded_sends_no_handover_and_the_vm_stays() {
         .map(|r| r.verify(&lab.trust).unwrap().receipt.kind)
         .collect();
     assert!(!kinds.contains(&ReceiptKind::Sent), "{kinds:?}");
-    assert!(committed(&seen, "b").is_empty());
-    assert!(lab.journal("b").unwrap().is_empty());
+    // b staged a copy, and fenced it when no handover came (as its side
+    // of the migration ends, just after a's).
+    let fenced = [
+        (JournalPhase::Staged, Epoch(0)),
+        (JournalPhase::Ended(JournalOutcome::Failed), Epoch(0)),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            committed(&seen, "b") == fenced
+        })
+        .await,
+        "{:?}",
+        committed(&seen, "b")
+    );
+    assert!(lab.journal("b").unwrap().iter().all(|r| r.is_settled()));
     assert!(runs_on(&lab, "a").await, "the VM runs on at the source");
     let b = lab.client("b").await.unwrap();
     assert!(
@@ -265,7 +280,9 @@ async fn a_destination_that_cannot_record_the_handover_never_runs_the_vm() {
         matches!(&report.outcome, Outcome::Aborted(w) if w.contains("could not be recorded")),
         "{report:?}"
     );
-    assert!(committed(&seen, "b").is_empty());
+    // b staged a copy; its journal failed from the handover on, so
+    // nothing after the staging is recorded, and the VM never ran there.
+    assert_eq!(committed(&seen, "b"), [(JournalPhase::Staged, Epoch(0))]);
     // Handed over, then given back: the give-back is a handoff too, and
     // is on disk before the VM resumes here.
     assert_eq!(
@@ -320,8 +337,8 @@ async fn paused_after_the_commit_the_source_has_sent_no_handover() {
     let (_dir, lab, seen, stuck) =
         paused_at(JournalPoint::SourceCommitted, "a", JournalPhase::Committed).await;
     // Committed and stopped there: the VM is paused at the source, the
-    // destination holds staging only and recorded nothing.
-    assert!(committed(&seen, "b").is_empty());
+    // destination holds staging only and recorded only that.
+    assert_eq!(committed(&seen, "b"), [(JournalPhase::Staged, Epoch(0))]);
     let a = lab.client("a").await.unwrap();
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Paused);
     let b = lab.client("b").await.unwrap();

@@ -2,7 +2,7 @@
 //! method per [`DestinationAction`].
 
 use crate::engine::clock;
-use crate::engine::pause::EnginePoint;
+use crate::host::pause::EnginePoint;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,7 @@ impl Incoming {
         match a {
             DestinationAction::Send(m) => {
                 if matches!(m, Message::Ready(_)) {
-                    crate::engine::pause::at(&self.host, EnginePoint::DestinationReady).await;
+                    crate::host::pause::at(&self.host, EnginePoint::DestinationReady).await;
                 }
                 if let Err(e) = write_message(send, &m).await {
                     sm.handle_link_lost(clock::now(), &e.to_string());

@@ -109,9 +109,9 @@ impl Incoming {
             "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
         );
         tracing::warn!(peer = %self.peer.id, "post-copy link lost, awaiting the source's Resume");
-        crate::engine::pause::note(
+        crate::host::pause::note(
             &self.host,
-            crate::engine::pause::EnginePoint::DestinationRecovering,
+            crate::host::pause::EnginePoint::DestinationRecovering,
         );
     }
 

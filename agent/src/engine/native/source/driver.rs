@@ -9,7 +9,7 @@ use std::time::Duration;
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::journal::JournalStep;
 
-use crate::engine::pause::EnginePoint;
+use crate::host::pause::EnginePoint;
 use convoy_protocol::message::{Capabilities, Manifest, Message};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::PageBitmap;
@@ -146,7 +146,7 @@ impl<'r> Driver<'r> {
             }
             SourceAction::PauseVm => {
                 self.pause_vm();
-                crate::engine::pause::at(&self.run.host, EnginePoint::SourceStopCopy).await;
+                crate::host::pause::at(&self.run.host, EnginePoint::SourceStopCopy).await;
             }
             SourceAction::CommitSwitch => {
                 if self.commit("paused and handed over for post-copy").await {
@@ -231,7 +231,7 @@ impl<'r> Driver<'r> {
             EnginePoint::SourceStopCopy
         };
         if point != EnginePoint::SourceStopCopy {
-            crate::engine::pause::at(&self.run.host, point).await;
+            crate::host::pause::at(&self.run.host, point).await;
         }
         let pages = Arc::new(pages);
         self.wire.rounds_pending = Some((round, 0, 0));

@@ -117,7 +117,7 @@ impl FromStr for PausePoint {
 }
 
 /// The file whose appearance in the state directory releases a paused
-/// migration ([`hold`]); removed as it does.
+/// migration (see the module docs); removed as it does.
 pub const RELEASE_FILE: &str = "dangerous-release";
 
 /// Stops the caller when the agent was told to pause at `point`; returns
