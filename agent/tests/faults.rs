@@ -19,6 +19,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
+mod faults_qemu;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -71,10 +72,11 @@ struct Case {
     expect: Expect,
 }
 
-/// One test at a time: each runs two agents and a busy VM.
-async fn heavy() -> tokio::sync::SemaphorePermit<'static> {
-    static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    HEAVY.acquire().await.unwrap()
+/// Two sim cases at a time (they mostly wait for timeouts), a QEMU case
+/// alone (a TCG guest takes a core): each takes `weight` of 2 permits.
+async fn heavy(weight: u32) -> tokio::sync::SemaphorePermit<'static> {
+    static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    HEAVY.acquire_many(weight).await.unwrap()
 }
 
 fn vm_name() -> VmName {
@@ -122,7 +124,7 @@ async fn whereabouts(
 }
 
 async fn run(case: Case) {
-    let _heavy = heavy().await;
+    let _heavy = heavy(1).await;
     let s = Setup::new(&["a", "b"]).await;
     let recovering = matches!(
         case.fault,
@@ -650,4 +652,43 @@ case!(
     true,
     RecoveringKillDestination,
     Source
+);
+
+// QEMU (pre-copy): before the commit (the destination staged), after the
+// commit, after the destination's start; the source killed, then the
+// destination.
+macro_rules! qemu_case {
+    ($name:ident, $point:literal, $kill_source:literal, $expect:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            faults_qemu::run($point, $kill_source, Expect::$expect).await;
+        }
+    };
+}
+
+qemu_case!(qemu_staged_kill_source, "destination-staged", true, Source);
+qemu_case!(
+    qemu_staged_kill_destination,
+    "destination-staged",
+    false,
+    Source
+);
+qemu_case!(qemu_committed_kill_source, "source-committed", true, Source);
+qemu_case!(
+    qemu_committed_kill_destination,
+    "source-committed",
+    false,
+    Source
+);
+qemu_case!(
+    qemu_started_kill_source,
+    "destination-started",
+    true,
+    Destination
+);
+qemu_case!(
+    qemu_started_kill_destination,
+    "destination-started",
+    false,
+    Destination
 );

@@ -34,25 +34,12 @@ use convoy_protocol::names::{AgentName, Role, SpiffeId};
 use rustix::process::Signal;
 
 mod restart_sim;
+mod support;
 use restart_sim::*;
 
-/// The guest's kernel and initramfs, built once per test binary (in the
-/// directory `tests/it` builds it in too).
+/// The guest's kernel and initramfs (see [`support::test_guest`]).
 fn guest() -> Option<TestGuest> {
-    static GUEST: std::sync::OnceLock<Result<TestGuest, String>> = std::sync::OnceLock::new();
-    let built = GUEST.get_or_init(|| {
-        guest::find_qemu().map_err(|e| e.to_string())?;
-        guest::build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-guest"))
-            .map_err(|e| e.to_string())
-    });
-    match built {
-        Ok(g) => Some(g.clone()),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipped (QEMU test guest unavailable): {e}");
-            None
-        }
-        Err(e) => panic!("CI=true and the QEMU tests cannot run: {e}"),
-    }
+    support::test_guest()
 }
 
 /// One test at a time: each runs TCG guests that can take a core each.

@@ -42,12 +42,15 @@
 //! Whether an incoming migration committed is decided here by the
 //! registry alone ([`plan`]): a destination VM is recorded as the agent's
 //! once it started it (`Guest::Qemu`, written before `Started` is sent);
-//! until then its place is `Reserved` and the staging is discarded. The
-//! migration journal (`STATE_DIR/journal.redb`) will record, durably and
-//! earlier, that the source handed the VM over; [`plan`] is where its phase
-//! is to be consulted: a reserved destination place whose journal says the
-//! handover came is to be re-attached (in doubt), not discarded, and one
-//! whose journal says the migration was abandoned is discarded as now.
+//! until then its place is `Reserved` and the staging is discarded — even
+//! when the journal says the handover came (an agent killed between its
+//! record of the handover and its start). That is safe because the
+//! journal is consulted next ([`super::indoubt::at_start`]): a handed-over
+//! migration with no copy here is *fenced*, so the source, which keeps its
+//! whole paused copy until `Started`, resumes it; the VM runs once. (A
+//! QEMU post-copy guest continued here in that window loses the run it had
+//! since the switch, and its source may refuse to continue after a
+//! post-copy switch: then both stay paused, reported.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

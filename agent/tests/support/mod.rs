@@ -8,10 +8,11 @@
 
 use std::io::{Read, Seek};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
 use convoy_protocol::names::{AgentName, Role, SpiffeId};
@@ -27,6 +28,27 @@ pub async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     f()
+}
+
+/// The QEMU test guest's kernel and initramfs, built once per test binary
+/// (in the directory `tests/it` builds it in too); `None` (skip, with a
+/// message) when QEMU or the guest is missing, except under `CI=true`,
+/// where that fails the test.
+pub fn test_guest() -> Option<TestGuest> {
+    static GUEST: std::sync::OnceLock<Result<TestGuest, String>> = std::sync::OnceLock::new();
+    let built = GUEST.get_or_init(|| {
+        guest::find_qemu().map_err(|e| e.to_string())?;
+        guest::build(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-guest"))
+            .map_err(|e| e.to_string())
+    });
+    match built {
+        Ok(g) => Some(g.clone()),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipped (QEMU test guest unavailable): {e}");
+            None
+        }
+        Err(e) => panic!("CI=true and the QEMU tests cannot run: {e}"),
+    }
 }
 
 /// A PKI and a policy for agents run as processes.

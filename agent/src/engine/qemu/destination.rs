@@ -537,6 +537,11 @@ impl Incoming {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.phase("started here");
+        // In the VM registry first, then in the journal: an agent killed
+        // between the two finds its guest again at start and runs it (the
+        // journal holds the handover); the other way round it would take
+        // the running guest for residue.
+        self.register(VmState::Running);
         // Recorded before Started tells the source to wipe its copy (the
         // guest runs meanwhile: not downtime).
         let running = clock::now();
@@ -551,11 +556,10 @@ impl Incoming {
         if let Err(e) = recorded {
             // It runs here, unconfirmed: the source keeps its paused copy.
             self.phase("started here, but that could not be recorded: no Started sent");
-            self.register(VmState::InDoubt);
+            self.host.set_state(&self.vm, VmState::InDoubt);
             self.unconfirmed = Some(format!("started, but that could not be recorded: {e}"));
             return Ok(());
         }
-        self.register(VmState::Running);
         self.receipts.push(started.clone());
         let m = Message::Started(Started {
             start_ms: u32::try_from(clock::since(handover_at).as_millis()).unwrap_or(u32::MAX),
