@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use convoy_agent::lab::Lab;
 use convoy_protocol::audit::{verify_log, AuditEvent};
-use convoy_protocol::ctl::{ContentProfile, Outcome, SimVmSpec};
+use convoy_protocol::ctl::Outcome;
 use convoy_protocol::model::MigrationPlan;
 
 fn convoyctl(pki: &Path, args: &[&str]) -> Output {
@@ -37,18 +37,9 @@ async fn prove_writes_a_bundle_that_checks_with_only_the_ca_certificate() {
         .await
         .unwrap();
     let a = lab.client("a").await.unwrap();
-    a.vm_create(SimVmSpec {
-        name: "vm".parse().unwrap(),
-        memory_bytes: 4 << 20,
-        dirty_pages_per_sec: 0,
-        hot_set_pct: 10,
-        content: ContentProfile::Mixed,
-        seed: 1,
-        attributes: Default::default(),
-        disks: Vec::new(),
-    })
-    .await
-    .unwrap();
+    a.vm_create(Lab::sim_test_vm("vm".parse().unwrap(), 4 << 20, 0))
+        .await
+        .unwrap();
     let req = lab
         .migrate_request("vm", "a", "b", MigrationPlan::default())
         .unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use convoy_agent::lab::Lab;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-use convoy_protocol::ctl::{ContentProfile, MigrateRequest, SimVmSpec, VmState};
+use convoy_protocol::ctl::{MigrateRequest, SimVmSpec, VmState};
 use convoy_protocol::message::{Capabilities, Manifest, Message, Propose, VersionRange};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::Role;
@@ -133,16 +133,11 @@ pub async fn lab_where_a_alters_batches(
 
 /// A simulated VM spec with mixed content.
 pub fn sim_spec(name: &str, bytes: u64, dirty_pages_per_sec: u64) -> SimVmSpec {
-    SimVmSpec {
-        name: name.parse().expect("valid VM name"),
-        memory_bytes: bytes,
+    Lab::sim_test_vm(
+        name.parse().expect("valid VM name"),
+        bytes,
         dirty_pages_per_sec,
-        hot_set_pct: 10,
-        content: ContentProfile::Mixed,
-        seed: 1,
-        attributes: Default::default(),
-        disks: Vec::new(),
-    }
+    )
 }
 
 /// A migration request of `vm` from lab agent `from` to `to`, with a ticket

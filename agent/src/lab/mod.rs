@@ -242,9 +242,26 @@ impl Lab {
         self.pki.dir().join("state").join(agent).join("audit.log")
     }
 
-    /// A VM of the test guest as the agents of [`Lab::start_qemu`] run it:
-    /// their QEMU binary, the kernel and initramfs in their image
-    /// directories, one vCPU under TCG, no disks, default attributes.
+    /// A sim VM of mixed content, without disks.
+    pub fn sim_test_vm(
+        name: VmName,
+        memory_bytes: u64,
+        dirty_pages_per_sec: u64,
+    ) -> convoy_protocol::ctl::SimVmSpec {
+        convoy_protocol::ctl::SimVmSpec {
+            name,
+            memory_bytes,
+            dirty_pages_per_sec,
+            hot_set_pct: 10,
+            content: convoy_protocol::ctl::ContentProfile::Mixed,
+            seed: 1,
+            attributes: Default::default(),
+            disks: Vec::new(),
+        }
+    }
+
+    /// A QEMU VM of the test guest (kernel `vmlinuz`, initramfs
+    /// `initrd.img` in the image directory), TCG, one vCPU.
     pub fn qemu_test_vm(name: VmName, memory_mib: u64, append: String) -> QemuVmSpec {
         QemuVmSpec {
             name,

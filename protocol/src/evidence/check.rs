@@ -262,11 +262,21 @@ impl<'a> Checker<'a> {
                     decision,
                     reason,
                     operator,
+                    statement,
                     ..
-                } => summary.outcomes.push(format!(
-                    "resolved{}: {decision} ({reason})",
-                    operator.map(|o| format!(" by {o}")).unwrap_or_default()
-                )),
+                } => {
+                    let on = match statement {
+                        Some(st) => {
+                            let verdict = self.statement(&st).map_err(at)?;
+                            format!(", on the destination's signed {verdict:?}")
+                        }
+                        None => String::new(),
+                    };
+                    summary.outcomes.push(format!(
+                        "resolved{}: {decision} ({reason}){on}",
+                        operator.map(|o| format!(" by {o}")).unwrap_or_default()
+                    ));
+                }
                 AuditEvent::Refused { reason, .. } => summary.refusals.push(reason),
                 AuditEvent::Decision {
                     action,
@@ -336,6 +346,30 @@ impl<'a> Checker<'a> {
     }
 
     /// Checks a receipt found in `side`'s log.
+    /// Checks an in-doubt statement a resolution rests on: signed (its
+    /// chain valid when it says it was made) by the ticket's destination,
+    /// about this migration and ticket. Its verdict.
+    fn statement(
+        &self,
+        st: &crate::indoubt::SignedStatement,
+    ) -> Result<crate::indoubt::Verdict, RecordProblem> {
+        let (s, signer) = st
+            .open_at_claimed(self.verifier, |s| s.at_unix)
+            .map_err(|e| RecordProblem::Statement(e.to_string()))?;
+        let destination = &self.verified.ticket.destination;
+        if &signer != destination {
+            return Err(RecordProblem::Statement(format!(
+                "signed by {signer}, not the destination {destination}"
+            )));
+        }
+        if s.migration != self.bundle.migration || s.ticket != self.digest {
+            return Err(RecordProblem::Statement(
+                "about another migration or ticket".into(),
+            ));
+        }
+        Ok(s.verdict)
+    }
+
     fn receipt(&self, sr: &SignedReceipt) -> Result<Receipt, RecordProblem> {
         let v = sr.verify(self.verifier).map_err(RecordProblem::Receipt)?;
         let kind = v.receipt.kind;

@@ -45,6 +45,10 @@ pub enum RecordProblem {
     /// The receipt in the record does not verify.
     #[error("receipt does not verify: {0}")]
     Receipt(ReceiptError),
+    /// A resolution's in-doubt statement does not verify, is about
+    /// another migration or ticket, or is not the ticket destination's.
+    #[error("in-doubt statement does not hold: {0}")]
+    Statement(String),
     /// A valid receipt, of another migration (a swapped receipt).
     #[error("{kind:?} receipt is for migration {migration}, not this one")]
     ForeignReceipt {

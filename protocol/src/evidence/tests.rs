@@ -445,3 +445,60 @@ fn bounds_magic_version_and_trailing_bytes_are_checked_before_decoding() {
         RecordProblem::Unrelated { .. }
     ));
 }
+
+/// A source's resolution of migration `n` resting on `statement`.
+fn resolution(n: u8, statement: crate::indoubt::SignedStatement) -> AuditEvent {
+    AuditEvent::Resolution {
+        migration: mid(n),
+        vm: "vm".parse().unwrap(),
+        role: "source".into(),
+        decision: "resumed here".into(),
+        reason: "the destination fenced the handoff (signed)".into(),
+        operator: None,
+        statement: Some(statement),
+    }
+}
+
+fn statement(n: u8, signer: &str, ticket_of: u8) -> crate::indoubt::SignedStatement {
+    let s = crate::indoubt::Statement {
+        migration: mid(n),
+        ticket: ticket_digest(&ticket(ticket_of)),
+        epoch: 1,
+        verdict: crate::indoubt::Verdict::Fenced,
+        at_unix: 1020,
+    };
+    crate::signed::Signed::sign(&s, &InsecureCrypto(signer.into())).unwrap()
+}
+
+#[test]
+fn a_resolution_checks_the_destinations_statement_it_rests_on() {
+    let with = |st| {
+        let mut source = events(Side::Source, 1, &honest(1));
+        source.push(resolution(1, st));
+        vec![
+            log(A, source),
+            log(B, events(Side::Destination, 1, &honest(1))),
+        ]
+    };
+    // The destination's fence, about this migration: accepted and told.
+    let b = build_bundle(mid(1), &with(statement(1, B, 1))).unwrap();
+    let s = check(&b).unwrap();
+    assert!(
+        s.source
+            .outcomes
+            .iter()
+            .any(|o| o.contains("signed Fenced")),
+        "{:?}",
+        s.source.outcomes
+    );
+    // Signed by the source itself, or about another ticket: refused, at
+    // the record.
+    for forged in [statement(1, A, 1), statement(1, B, 2)] {
+        let b = build_bundle(mid(1), &with(forged)).unwrap();
+        let last = b.sides[0].records.len() - 1;
+        assert!(matches!(
+            problem(check(&b), Side::Source, last),
+            RecordProblem::Statement(_)
+        ));
+    }
+}
