@@ -23,6 +23,7 @@ use crate::trust::identity::{self, Identity, TrustBundle};
 use crate::trust::pki::{Pki, PkiError};
 use crate::{Agent, AgentConfig, AgentError};
 
+pub mod impair;
 pub mod link;
 
 /// Lab failures.
