@@ -26,7 +26,8 @@
 //!   (`qemu`).
 //! - [`backend`]: the VM backend traits, the simulated VM ([`backend::sim`],
 //!   split by concern) and QEMU.
-//! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests);
+//! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests)
+//!   and the UDP impairment relay between them ([`lab::impair`]);
 //!   [`units`]: human sizes for command lines.
 //!
 //! # Where `unsafe` lives
