@@ -212,6 +212,16 @@ fn report_found(host: &Host, vm: &VmName, outcome: String) {
     });
 }
 
+/// Logs and audits a VM re-attached in `state`: a warning when in doubt,
+/// information when found as it was.
+fn report_reattached(host: &Host, vm: &VmName, state: VmState, outcome: String) {
+    if state == VmState::InDoubt {
+        report(host, vm, outcome);
+    } else {
+        report_found(host, vm, outcome);
+    }
+}
+
 /// A registry entry for `rec`, in `state`, held by `handle`.
 fn entry(rec: VmRecord, state: VmState, handle: VmHandle) -> VmEntry {
     VmEntry {
@@ -267,14 +277,10 @@ async fn reattach(host: &Arc<Host>, rec: VmRecord, q: QemuVmRecord) -> Option<Vm
                 // agent that ended: make sure it is over.
                 let _ = vm.execute("migrate_cancel", None).await;
             }
-            let found = if state == VmState::InDoubt {
-                report
-            } else {
-                report_found
-            };
-            found(
+            report_reattached(
                 host,
                 &name,
+                state,
                 format!(
                     "QEMU re-attached (pid {pid}, QEMU says {status:?}): {state:?}{}",
                     if rec.migrating {
@@ -314,14 +320,10 @@ fn reattach_sim(host: &Host, rec: VmRecord, v: VcpuRecord) -> Option<VmEntry> {
         Ok(vm) => {
             let status = if vm.is_running() { "running" } else { "paused" };
             let state = reattached_state(rec.state, rec.migrating, status);
-            let found = if state == VmState::InDoubt {
-                report
-            } else {
-                report_found
-            };
-            found(
+            report_reattached(
                 host,
                 &name,
+                state,
                 format!(
                     "sim VM re-attached (vCPU helper pid {pid}, counter {}): {state:?}",
                     vm.counter()
