@@ -468,10 +468,18 @@ async fn resolve_source(
 
 /// The VM stays paused here; why.
 fn stay_paused(host: &Host, r: &JournalRecord, why: &Undecided) -> (RecoveryDecision, String) {
-    if host.vms().get(&r.vm).is_some() {
-        host.set_state(&r.vm, VmState::InDoubt);
-    }
+    mark_in_doubt(host, &r.vm);
     (RecoveryDecision::StaysPaused, why.to_string())
+}
+
+/// Lists the source's copy of `vm` in doubt — a VM it holds, not one
+/// listed lost (that stays as it is).
+fn mark_in_doubt(host: &Host, vm: &VmName) {
+    if let Some(e) = host.vms().get_mut(vm) {
+        if matches!(e.handle, Some(VmHandle::Sim(_) | VmHandle::Qemu(_))) {
+            e.state = VmState::InDoubt;
+        }
+    }
 }
 
 /// Gives the VM back to this host: the journal first (the give-back, or
@@ -681,7 +689,7 @@ pub(crate) async fn at_start(host: &Arc<Host>) {
         // The source's doubts need the other side: asked in the
         // background, so that serving does not wait for it.
         if SourceStanding::of(&r).is_some_and(|s| matches!(s, SourceStanding::Committed { .. })) {
-            host.set_state(&r.vm, VmState::InDoubt);
+            mark_in_doubt(host, &r.vm);
             watch(host.clone(), r.migration, Duration::ZERO);
             continue;
         }
