@@ -52,11 +52,22 @@ pub(crate) async fn counter(c: &CtlClient, vm: &str) -> u64 {
     find(&c.vm_list().await.unwrap(), vm).counter
 }
 
-/// Whether sim VM `vm` runs: its counter passes `past`, then advances.
+/// Whether sim VM `vm` runs: its counter passes `past` within 10 s, then
+/// advances again. A resumed vCPU's next tick is a millisecond away, which
+/// is longer than a control request on loopback takes: the first reading
+/// right after a resume may still be `past`.
 pub(crate) async fn sim_counting(c: &CtlClient, vm: &str, past: u64) -> bool {
-    let now = counter(c, vm).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut now = counter(c, vm).await;
+    while now <= past {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = counter(c, vm).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    now > past && counter(c, vm).await > now
+    counter(c, vm).await > now
 }
 
 /// Migrates sim VM `vm` from `a` to `b` in `mode` and waits for the
