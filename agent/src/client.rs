@@ -3,16 +3,19 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::transport::Connection;
 use convoy_protocol::ctl::{
     AgentStatus, CtlError, CtlMessage, CtlRequest, CtlResponse, MigrateRequest, MigrationReport,
     Progress, SimVmSpec, VmInfo,
 };
 use convoy_protocol::names::SpiffeId;
-use quinn::{Connection, Endpoint};
 use thiserror::Error;
 
-use crate::transport::{self, read_ctl, write_ctl, TransportError, Tuning, WireError, ALPN_CTL};
+use crate::transport::{
+    self, read_ctl, write_ctl, Choice, Dialer, Kind, TransportError, Tuning, WireError, ALPN_CTL,
+};
 use crate::trust::identity::{Identity, TrustBundle};
+use quinn::Endpoint;
 
 /// Client failures.
 #[derive(Debug, Error)]
@@ -49,12 +52,24 @@ pub struct CtlClient {
 }
 
 impl CtlClient {
-    /// Connects to the agent at `addr`, which must prove it is `agent`.
+    /// Connects to the agent at `addr`, which must prove it is `agent`,
+    /// over QUIC raced with TCP.
     pub async fn connect(
         addr: SocketAddr,
         agent: SpiffeId,
         identity: &Identity,
         trust: &TrustBundle,
+    ) -> Result<CtlClient, ClientError> {
+        CtlClient::connect_with(addr, agent, identity, trust, Choice::Auto).await
+    }
+
+    /// [`CtlClient::connect`] over the transport `choice` says.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        agent: SpiffeId,
+        identity: &Identity,
+        trust: &TrustBundle,
+        choice: Choice,
     ) -> Result<CtlClient, ClientError> {
         let bind = SocketAddr::new(
             if addr.is_ipv4() {
@@ -66,19 +81,26 @@ impl CtlClient {
         );
         let tuning = Tuning::default();
         let endpoint = transport::endpoint(bind, None, &tuning)?;
-        let conn =
-            transport::connect(&endpoint, addr, agent, ALPN_CTL, identity, trust, &tuning).await?;
+        let dialer = Dialer::new(endpoint.clone(), choice, tuning);
+        let conn = dialer
+            .connect(addr, agent, ALPN_CTL, identity, trust)
+            .await?;
         Ok(CtlClient { endpoint, conn })
     }
 
-    async fn open(&self, req: CtlRequest) -> Result<quinn::RecvStream, ClientError> {
+    /// The transport that carries the connection.
+    pub fn transport(&self) -> Kind {
+        self.conn.kind()
+    }
+
+    async fn open(&self, req: CtlRequest) -> Result<crate::transport::RecvStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
         write_ctl(&mut send, &CtlMessage::Request(req)).await?;
         send.finish().map_err(WireError::from)?;
         Ok(recv)
     }
 
-    async fn next(recv: &mut quinn::RecvStream) -> Result<CtlResponse, ClientError> {
+    async fn next(recv: &mut crate::transport::RecvStream) -> Result<CtlResponse, ClientError> {
         match read_ctl(recv).await? {
             Some(CtlMessage::Response(r)) => match *r {
                 CtlResponse::Error(e) => Err(ClientError::Agent(e)),

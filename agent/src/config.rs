@@ -230,8 +230,12 @@ impl CredentialFiles {
 /// How an agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// UDP address to listen on.
+    /// Address to listen on: QUIC on its UDP port, TLS over TCP on the
+    /// same TCP port.
     pub listen: SocketAddr,
+    /// How this agent dials its peers: QUIC, TCP, or both raced (the
+    /// default).
+    pub transport: crate::transport::Choice,
     /// Our certificate and key.
     pub identity: Identity,
     /// The CA bundle peers must chain to.
@@ -304,6 +308,7 @@ impl AgentConfig {
     pub fn new(listen: SocketAddr, identity: Identity, trust: TrustBundle) -> Self {
         AgentConfig {
             listen,
+            transport: crate::transport::Choice::default(),
             identity,
             trust,
             peers: HashMap::new(),

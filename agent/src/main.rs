@@ -13,16 +13,23 @@ use convoy_agent::trust::pki::Pki;
 use convoy_agent::AgentConfig;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
 
-/// The Convoy agent: serves migrations and operators on one UDP port.
+/// The Convoy agent: serves migrations and operators on one port, QUIC
+/// over UDP and TLS over TCP.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
     /// This agent's name (its identity is spiffe://DOMAIN/agent/NAME).
     #[arg(long, env = "CONVOY_AGENT_NAME")]
     name: AgentName,
-    /// UDP address to listen on.
+    /// Address to listen on (its UDP port for QUIC, the same TCP port for
+    /// TLS over TCP).
     #[arg(long, default_value = "127.0.0.1:7100")]
     listen: SocketAddr,
+    /// How to dial peers: quic, tcp, or auto (QUIC raced with TCP after a
+    /// short head start; the first to complete its handshake carries the
+    /// connection).
+    #[arg(long, default_value = "auto")]
+    transport: convoy_agent::transport::Choice,
     /// A `convoyctl pki` directory: uses agents/NAME.crt, NAME.key and ca.crt.
     #[arg(long, env = "CONVOY_PKI")]
     pki: Option<PathBuf>,
@@ -289,6 +296,7 @@ async fn agent_main() -> Result<()> {
     config.disk_dir = args.disk_dir.clone();
     config.base_dir = args.base_dir.clone();
     config.migration_memory = args.migration_memory;
+    config.transport = args.transport;
     config.limits.connections = args.max_connections;
     config.limits.per_peer = args.max_connections_per_peer;
     config.limits.idle = std::time::Duration::from_secs(args.operator_idle_timeout);

@@ -25,6 +25,8 @@ use crate::trust::identity;
 #[derive(Debug, Clone)]
 pub struct Agent {
     host: Arc<Host>,
+    /// The TCP listener, taken by [`Agent::run`].
+    tcp: Arc<Mutex<Option<tokio::net::TcpListener>>>,
     stamps: Stamps,
     /// What the VM registry held at start, re-attached when the agent
     /// runs.
@@ -104,12 +106,16 @@ impl Agent {
         };
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
-        let endpoint = transport::endpoint_with_reset_key(
-            config.listen,
-            Some(tls),
-            &config.tuning,
-            &reset_key,
-        )?;
+        let tcp_tls = Arc::new(identity::server_config(
+            &config.identity,
+            &config.trust,
+            &[ALPN_AGENT, ALPN_CTL],
+        )?);
+        let (endpoint, tcp) = bind_both(&config, tls, &reset_key)?;
+        let (tcp_shutdown, _) = tokio::sync::watch::channel(false);
+        let dialer =
+            transport::Dialer::new(endpoint.clone(), config.transport, config.tuning.clone())
+                .with_shutdown(tcp_shutdown.subscribe());
         let budget = crate::host::budget::MigrationBudget::new(
             config.migration_memory,
             u64::from(config.tuning.connection_window),
@@ -130,6 +136,7 @@ impl Agent {
         };
         let next_incarnation = loaded.next_incarnation;
         let agent = Agent {
+            tcp: Arc::new(Mutex::new(Some(tcp))),
             stamps,
             restore: Arc::new(Mutex::new(Some(loaded))),
             host: Arc::new(Host {
@@ -144,6 +151,9 @@ impl Agent {
                 config,
                 id,
                 endpoint,
+                dialer,
+                tcp_tls: std::sync::RwLock::new(tcp_tls),
+                tcp_shutdown,
                 vms: Mutex::new(HashMap::new()),
                 vmdb: Some(vmdb),
                 recent: Mutex::new(VecDeque::new()),
@@ -222,12 +232,45 @@ impl Agent {
             .clone()
             .zip(self.stamps.policy.clone())
             .map(|(files, s)| tokio::spawn(policy_reload_loop(self.host.clone(), files, s)));
+        let tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner()).take();
         loop {
-            let incoming = tokio::select! {
-                i = self.host.endpoint.accept() => i,
-                () = &mut shutdown => None,
+            let accepted = tokio::select! {
+                i = self.host.endpoint.accept() => match i {
+                    Some(i) => Accepted::Quic(Box::new(i)),
+                    None => break,
+                },
+                t = accept_tcp(tcp.as_ref()) => match t {
+                    Ok((stream, remote)) => Accepted::Tcp(stream, remote),
+                    Err(e) => {
+                        // Out of descriptors, mostly: the next accept may
+                        // succeed.
+                        tracing::warn!("TCP accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
             };
-            let Some(incoming) = incoming else { break };
+            let incoming = match accepted {
+                Accepted::Quic(i) => *i,
+                Accepted::Tcp(stream, remote) => {
+                    // A TCP peer's address is proven by its handshake.
+                    let Gate::Accept(slot) = self.host.connections.gate(true) else {
+                        self.host.audit_refusal(
+                            remote.to_string(),
+                            "too many handshakes in flight".into(),
+                        );
+                        continue;
+                    };
+                    let host = self.host.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_tcp(host, stream, remote, slot).await {
+                            tracing::info!("connection ended: {e}");
+                        }
+                    });
+                    continue;
+                }
+            };
             let validated = incoming.remote_address_validated();
             let remote = incoming.remote_address();
             let slot = match self.host.connections.gate(validated) {
@@ -253,6 +296,7 @@ impl Agent {
                 }
             });
         }
+        drop(tcp);
         for r in [reloader, policy_reloader].into_iter().flatten() {
             r.abort();
         }
@@ -264,6 +308,7 @@ impl Agent {
         while watchers.join_next().await.is_some() {}
         match self.host.config.on_exit {
             OnExit::DestroyVms => {
+                self.host.tcp_shutdown.send_replace(true);
                 self.host
                     .endpoint
                     .close(0u32.into(), b"agent shutting down");
@@ -307,6 +352,7 @@ impl Agent {
             host.vms().values().all(|e| e.cancel.is_none())
         })
         .await;
+        host.tcp_shutdown.send_replace(true);
         host.endpoint.close(0u32.into(), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), host.endpoint.wait_idle()).await;
         until(Duration::from_secs(5), || {
@@ -401,6 +447,7 @@ async fn serve_connection(
         }
     };
     drop(handshake);
+    let conn = transport::Connection::Quic(conn);
     let peer = match transport::authorize_peer(&conn, &host.creds().trust) {
         Ok(p) => p,
         Err(e) => {
@@ -409,15 +456,76 @@ async fn serve_connection(
             return Err(e);
         }
     };
+    serve_authorized(host, conn, peer).await;
+    Ok(())
+}
+
+/// A connection accepted over TCP: its TLS handshake, then as over QUIC.
+/// The peer is authorized before its session starts, so an unauthorized
+/// one never gets a stream's credit.
+async fn serve_tcp(
+    host: Arc<Host>,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    handshake: HandshakeSlot,
+) -> Result<(), TransportError> {
+    let tuning = &host.config.tuning;
+    transport::tcp::tune_socket(&stream, tuning.idle_timeout);
+    let tls = host
+        .tcp_tls
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let hs = match transport::tcp::Handshaken::accept(stream, remote, tls, tuning.connect_timeout)
+        .await
+    {
+        Ok(hs) => hs,
+        Err(e) => {
+            host.audit_refusal(remote.to_string(), format!("handshake refused: {e}"));
+            return Err(TransportError::Tcp(e));
+        }
+    };
+    drop(handshake);
+    match transport::authorize(hs.alpn(), hs.peer_chain(), &host.creds().trust) {
+        Ok(peer) => {
+            let credit = transport::dial::credit(&peer.alpn, tuning);
+            let session = hs.session(credit, tuning.into(), Some(host.tcp_shutdown.subscribe()));
+            serve_authorized(host, transport::Connection::Tcp(session), peer).await;
+            Ok(())
+        }
+        Err(e) => {
+            host.audit_refusal(remote.to_string(), e.to_string());
+            // A session of a few streams, to say why: the peer's first
+            // requests and the one carrying the reason (a peer that spends
+            // them all first gets the close without it).
+            let conn = transport::Connection::Tcp(hs.session(
+                transport::tcp::Credit {
+                    streams: 4,
+                    window: 0,
+                },
+                tuning.into(),
+                None,
+            ));
+            conn.close(close::UNAUTHORIZED.into(), e.to_string().as_bytes());
+            let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Serves an authorized connection: admitted under the connection limits,
+/// then to the operator API or the migration engine by its ALPN.
+async fn serve_authorized(host: Arc<Host>, conn: transport::Connection, peer: transport::Peer) {
+    let remote = conn.remote_address();
     let _slot = match host.connections.admit(&peer.id) {
         Ok(slot) => slot,
         Err(busy) => {
             host.audit_refusal(peer.id.to_string(), format!("connection refused: {busy}"));
             conn.close(close::BUSY.into(), busy.to_string().as_bytes());
-            return Ok(());
+            return;
         }
     };
-    tracing::debug!(%remote, peer = %peer.id, "authenticated");
+    tracing::debug!(%remote, peer = %peer.id, transport = %conn.kind(), "authenticated");
     if peer.alpn == ALPN_CTL {
         // Operator requests are small: an operator connection keeps the
         // handshake's credit (a few streams, a small receive window).
@@ -426,7 +534,55 @@ async fn serve_connection(
         transport::grant_migration_credit(&conn, &host.config.tuning);
         crate::engine::incoming::serve(host, conn, peer).await;
     }
-    Ok(())
+}
+
+/// Accepts on the TCP listener; never completes without one.
+async fn accept_tcp(
+    tcp: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An accepted connection, before its handshake.
+enum Accepted {
+    Quic(Box<quinn::Incoming>),
+    Tcp(tokio::net::TcpStream, SocketAddr),
+}
+
+/// Binds the QUIC endpoint and the TCP listener on the same port. With
+/// port 0 the kernel picks the UDP port, and a TCP port that is taken
+/// means another pick.
+fn bind_both(
+    config: &AgentConfig,
+    tls: rustls::ServerConfig,
+    reset_key: &transport::ResetKey,
+) -> Result<(quinn::Endpoint, tokio::net::TcpListener), AgentError> {
+    let tries = if config.listen.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let endpoint = transport::endpoint_with_reset_key(
+            config.listen,
+            Some(tls.clone()),
+            &config.tuning,
+            reset_key,
+        )?;
+        let addr = endpoint.local_addr().map_err(TransportError::from)?;
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(TransportError::from)?;
+        socket.set_reuseaddr(true).map_err(TransportError::from)?;
+        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return Ok((endpoint, l)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(TransportError::Tcp(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into())).into())
 }
 
 /// Returns once `now()` differs from `stamp` (checked every `interval`),
@@ -490,10 +646,16 @@ async fn reload_loop(
         let server =
             identity::server_config(&creds.identity, &creds.trust, &[ALPN_AGENT, ALPN_CTL])
                 .map_err(TransportError::from)
-                .and_then(|tls| transport::quic_server_config(tls, &host.config.tuning));
+                .and_then(|tls| {
+                    Ok((
+                        transport::quic_server_config(tls.clone(), &host.config.tuning)?,
+                        tls,
+                    ))
+                });
         match server {
-            Ok(sc) => {
+            Ok((sc, tls)) => {
                 host.endpoint.set_server_config(Some(sc));
+                *host.tcp_tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tls);
                 *host.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(creds);
                 crls_seen = files.crls_present();
                 tracing::info!("credentials reloaded");

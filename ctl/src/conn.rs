@@ -31,6 +31,10 @@ pub struct Global {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How to reach the agent: quic, tcp, or auto (QUIC raced with TLS
+    /// over TCP, which starts after a short head start).
+    #[arg(long, global = true, env = "CONVOY_TRANSPORT", default_value = "auto")]
+    pub transport: convoy_agent::transport::Choice,
 }
 
 /// An agent reference: its name and, if given, its address.
@@ -94,7 +98,7 @@ pub async fn session(g: &Global) -> Result<Session> {
     })?;
     let trust = pki.trust()?;
     let id = SpiffeId::agent(pki.domain().clone(), agent.name.clone());
-    let client = CtlClient::connect(addr, id.clone(), &identity, &trust)
+    let client = CtlClient::connect_with(addr, id.clone(), &identity, &trust, g.transport)
         .await
         .with_context(|| format!("connecting to {id} at {addr}"))?;
     Ok(Session {

@@ -90,6 +90,15 @@ pub fn report(r: &MigrationReport) -> String {
             ),
         ],
         vec!["guest memory".into(), format_bytes(r.memory_bytes)],
+        vec![
+            "transport".into(),
+            match r.transport.as_deref() {
+                Some("quic") => "QUIC".into(),
+                Some("tcp") => "TLS over TCP".into(),
+                Some(other) => other.into(),
+                None => "none (the destination was not reached)".into(),
+            },
+        ],
         vec!["bytes on the wire".into(), format_bytes(r.wire_bytes)],
         vec!["guest throughput".into(), format!("{mb_s:.0} MB/s")],
     ];

@@ -193,24 +193,21 @@ where
 
 /// Opens an agent-to-agent connection from lab agent `from` to lab agent
 /// `to`, as `from` would for a migration (the endpoint must outlive it).
-pub async fn connect_as(lab: &Lab, from: &str, to: &str) -> (quinn::Endpoint, quinn::Connection) {
+pub async fn connect_as(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+) -> (quinn::Endpoint, transport::Connection) {
     let me = lab
         .pki
         .identity(Role::Agent, &from.parse().unwrap())
         .unwrap();
     let target = lab.agent(to).unwrap();
     let ep = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &Tuning::default()).unwrap();
-    let conn = transport::connect(
-        &ep,
-        target.addr,
-        target.id.clone(),
-        ALPN_AGENT,
-        &me,
-        &lab.trust,
-        &Tuning::default(),
-    )
-    .await
-    .unwrap();
+    let conn = transport::Dialer::new(ep.clone(), lab.transport, Tuning::default())
+        .connect(target.addr, target.id.clone(), ALPN_AGENT, &me, &lab.trust)
+        .await
+        .unwrap();
     (ep, conn)
 }
 

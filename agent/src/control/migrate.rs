@@ -6,7 +6,7 @@ use std::sync::Arc;
 use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, VmState};
 use convoy_protocol::names::{SpiffeId, VmName};
 
-use quinn::SendStream;
+use crate::transport::SendStream;
 
 use super::{error, may_act_on, respond};
 use crate::host::Host;

@@ -6,13 +6,13 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::transport::{Connection, RecvStream, SendStream};
 use convoy_protocol::ctl::{
     AgentStatus, CtlError, CtlErrorKind, CtlMessage, CtlRequest, CtlResponse,
 };
 use convoy_protocol::message::name_of;
 use convoy_protocol::names::{SpiffeId, VmName};
 use convoy_protocol::DecodeError;
-use quinn::{Connection, RecvStream, SendStream};
 
 use crate::host::Host;
 use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};

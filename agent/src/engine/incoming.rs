@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::transport::Connection;
 use convoy_protocol::message::Message;
-use quinn::Connection;
 
 use crate::engine::{clock, native, qemu};
 use crate::host::Host;

@@ -20,7 +20,7 @@ use crate::engine::native::source::Run;
 use crate::engine::qemu::source as qemu_source;
 use crate::host::journal::JournalChange;
 use crate::host::{ActiveGuard, Host, VmHandle};
-use crate::transport::{self, ALPN_AGENT};
+use crate::transport::ALPN_AGENT;
 use crate::trust::policy::{Query, VmFacts};
 
 /// Largest guest, in 4 KiB pages, that may switch to post-copy: 64 GiB,
@@ -214,16 +214,16 @@ pub(crate) async fn migrate(
     let started = clock::now();
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
     let creds = host.creds();
-    let conn = transport::connect(
-        &host.endpoint,
-        addr,
-        dest_id.clone(),
-        ALPN_AGENT,
-        &creds.identity,
-        &creds.trust,
-        &host.config.tuning,
-    )
-    .await;
+    let conn = host
+        .dialer
+        .connect(
+            addr,
+            dest_id.clone(),
+            ALPN_AGENT,
+            &creds.identity,
+            &creds.trust,
+        )
+        .await;
     let (vm, _bookkeeping) = match claimed {
         Claimed::Sim(vm, grant) => (vm, grant),
         Claimed::Qemu(qvm, prepared) => {
@@ -311,7 +311,12 @@ async fn finish(
     if let Some(e) = host.vms().get_mut(&req.vm) {
         e.cancel = None;
     }
-    tracing::info!(%migration, outcome = ?report.outcome, "migration finished");
+    tracing::info!(
+        %migration,
+        outcome = ?report.outcome,
+        transport = report.transport.as_deref().unwrap_or("none"),
+        "migration finished"
+    );
     for (phase, after_ms) in phases {
         host.audit(AuditEvent::Phase {
             migration,

@@ -22,7 +22,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use quinn::{Connection, VarInt};
+use crate::transport::Connection;
+use quinn::VarInt;
 
 /// The default budget, bytes.
 pub const DEFAULT_MIGRATION_MEMORY: u64 = 256 << 20;

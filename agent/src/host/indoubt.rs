@@ -118,9 +118,9 @@ fn in_progress(host: &Host, r: &JournalRecord) -> bool {
 /// from, with its ticket, is answered; anyone else is refused and audited.
 pub(crate) async fn answer(
     host: Arc<Host>,
-    conn: quinn::Connection,
+    conn: crate::transport::Connection,
     peer: Peer,
-    mut send: quinn::SendStream,
+    mut send: crate::transport::SendStream,
     inquiry: Inquiry,
 ) {
     // No lock: the journal applies the fence atomically, and refuses it
@@ -361,17 +361,17 @@ async fn ask(
     let addr = destination_addr(host, r)?;
     let creds = host.creds();
     let asked = async {
-        let conn = transport::connect(
-            &host.endpoint,
-            addr,
-            r.peer.clone(),
-            ALPN_AGENT,
-            &creds.identity,
-            &creds.trust,
-            &host.config.tuning,
-        )
-        .await
-        .map_err(|e| format!("cannot reach {} at {addr}: {e}", r.peer))?;
+        let conn = host
+            .dialer
+            .connect(
+                addr,
+                r.peer.clone(),
+                ALPN_AGENT,
+                &creds.identity,
+                &creds.trust,
+            )
+            .await
+            .map_err(|e| format!("cannot reach {} at {addr}: {e}", r.peer))?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await

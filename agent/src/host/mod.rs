@@ -187,7 +187,16 @@ impl VmSubjects {
 pub(crate) struct Host {
     pub config: AgentConfig,
     pub id: SpiffeId,
+    /// The QUIC endpoint (UDP): serves, and dials.
     pub endpoint: Endpoint,
+    /// Dials peers over QUIC, TCP or both raced, per
+    /// [`AgentConfig::transport`].
+    pub dialer: crate::transport::Dialer,
+    /// The TLS configuration of the TCP listener (swapped when the
+    /// credentials are reloaded).
+    pub(crate) tcp_tls: std::sync::RwLock<Arc<rustls::ServerConfig>>,
+    /// Set when the agent stops: its TCP sessions close.
+    pub(crate) tcp_shutdown: tokio::sync::watch::Sender<bool>,
     /// The VM registry; reach it through [`Host::vms`], which writes every
     /// change to `vmdb`.
     pub vms: Mutex<HashMap<VmName, VmEntry>>,
@@ -240,10 +249,10 @@ pub(crate) struct Recovery {
 /// A new connection whose first message asks to resume a post-copy
 /// migration, handed to the migration that waits for it.
 pub(crate) struct Reconnection {
-    pub conn: quinn::Connection,
+    pub conn: crate::transport::Connection,
     pub peer: crate::transport::Peer,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub send: crate::transport::SendStream,
+    pub recv: crate::transport::RecvStream,
     pub resume: convoy_protocol::message::Resume,
 }
 

@@ -1,4 +1,11 @@
-//! A UDP relay on loopback whose link a test can cut and restore.
+//! A relay on loopback, UDP and TCP on one port, whose link a test can
+//! cut and restore.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::impair::{Relay, RelayConfig};
 
@@ -8,17 +15,38 @@ use super::impair::{Relay, RelayConfig};
 /// datagram either way is dropped, as on a broken WAN link. A clean
 /// [`Relay`] whose only impairment is the cut; the target's port closing
 /// for a while (an agent restarting behind the link) does not end it.
+///
+/// TCP connections to the same port are relayed to the target's TCP port
+/// (an agent listens on both): while cut, nothing is forwarded either way
+/// and a new connection waits, its sockets held open, as over a link gone
+/// dark (TCP's own keep-alives would be answered by the relay; the
+/// session's keep-alives are not).
 #[derive(Debug)]
 pub struct CuttableLink {
     relay: Relay,
+    cut: Arc<watch::Sender<bool>>,
+    tcp: tokio::task::JoinHandle<()>,
 }
 
 impl CuttableLink {
     /// Relays datagrams sent to [`CuttableLink::addr`] to `target`, and the
-    /// answers back, each client through its own socket.
-    pub async fn start(target: std::net::SocketAddr) -> std::io::Result<CuttableLink> {
-        let relay = Relay::start(RelayConfig::new(target)).await?;
-        Ok(CuttableLink { relay })
+    /// answers back, each client through its own socket; and TCP
+    /// connections to the same port to `target`'s.
+    pub async fn start(target: SocketAddr) -> std::io::Result<CuttableLink> {
+        let mut last = None;
+        for _ in 0..20 {
+            let relay = Relay::start(RelayConfig::new(target)).await?;
+            match tokio::net::TcpListener::bind(relay.addr()).await {
+                Ok(listener) => {
+                    let cut = Arc::new(watch::channel(false).0);
+                    let tcp = tokio::spawn(relay_tcp(listener, target, cut.clone()));
+                    return Ok(CuttableLink { relay, cut, tcp });
+                }
+                // The UDP port's TCP twin is taken: another port.
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
     }
 
     /// Where to send instead of the target.
@@ -29,10 +57,72 @@ impl CuttableLink {
     /// Cuts (`false`) or restores (`true`) the link.
     pub fn set_up(&self, up: bool) {
         self.relay.set_cut(!up);
+        self.cut.send_replace(!up);
     }
 
     /// The relay underneath, for its counters.
     pub fn relay(&self) -> &Relay {
         &self.relay
     }
+}
+
+impl Drop for CuttableLink {
+    fn drop(&mut self) {
+        self.tcp.abort();
+    }
+}
+
+/// Accepts TCP connections and relays each to `target` while the link is
+/// up.
+async fn relay_tcp(
+    listener: tokio::net::TcpListener,
+    target: SocketAddr,
+    cut: Arc<watch::Sender<bool>>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (from, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let cut = cut.clone();
+        conns.spawn(async move {
+            let mut up = cut.subscribe();
+            if up.wait_for(|c| !*c).await.is_err() {
+                return;
+            }
+            let Ok(to) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let (fr, fw) = from.into_split();
+            let (tr, tw) = to.into_split();
+            tokio::join!(
+                forward(fr, tw, cut.subscribe()),
+                forward(tr, fw, cut.subscribe())
+            );
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+/// Copies `r` to `w`, holding the bytes while the link is cut.
+async fn forward(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.wait_for(|c| !*c).await.is_err() {
+            return;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
 }

@@ -30,6 +30,9 @@ pub mod link;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LabError {
+    /// `CONVOY_LAB_TRANSPORT` names no transport.
+    #[error("CONVOY_LAB_TRANSPORT: {0}")]
+    Transport(String),
     /// PKI.
     #[error(transparent)]
     Pki(#[from] PkiError),
@@ -133,7 +136,19 @@ pub struct Lab {
     pub operator: Identity,
     /// The CA bundle.
     pub trust: TrustBundle,
+    /// How the agents dial each other and the operator dials them: from
+    /// `CONVOY_LAB_TRANSPORT` (`quic`, `tcp` or `auto`, the default), so
+    /// that every lab test runs over either transport.
+    pub transport: crate::transport::Choice,
     agents: Vec<LabAgent>,
+}
+
+/// The transport `CONVOY_LAB_TRANSPORT` names (`auto` when unset).
+pub fn lab_transport() -> Result<crate::transport::Choice, LabError> {
+    match std::env::var("CONVOY_LAB_TRANSPORT") {
+        Ok(v) => v.parse().map_err(LabError::Transport),
+        Err(_) => Ok(crate::transport::Choice::Auto),
+    }
 }
 
 impl Lab {
@@ -158,6 +173,7 @@ impl Lab {
             pki,
             operator,
             trust,
+            transport: lab_transport()?,
             agents: Vec::new(),
         };
         lab.write_policy(names)?;
@@ -345,7 +361,10 @@ impl Lab {
     /// An operator connection to agent `name` as `operator`.
     pub async fn client_as(&self, name: &str, operator: &Identity) -> Result<CtlClient, LabError> {
         let a = self.agent(name)?;
-        Ok(CtlClient::connect(a.addr, a.id.clone(), operator, &self.trust).await?)
+        Ok(
+            CtlClient::connect_with(a.addr, a.id.clone(), operator, &self.trust, self.transport)
+                .await?,
+        )
     }
 
     fn add_agent(
@@ -379,6 +398,7 @@ impl Lab {
         // The lab's VMs live no longer than the demo or test that made
         // them (a real agent leaves its VMs running when it stops).
         cfg.on_exit = crate::config::OnExit::DestroyVms;
+        cfg.transport = self.transport;
         tweak(name, &mut cfg);
         let (agent, stop, task) = Lab::launch(cfg.clone())?;
         let addr = agent.0;
@@ -643,6 +663,7 @@ impl Lab {
                 .await
                 .ok_or(BenchError::NoConnection)?
                 .await?;
+            let conn = transport::Connection::Quic(conn);
             transport::grant_migration_credit(&conn, &credit);
             let mut tasks = Vec::new();
             for i in 0..u64::from(streams) {
@@ -651,11 +672,11 @@ impl Lab {
                 tasks.push(tokio::spawn(async move {
                     let mut n = 0u64;
                     let mut buf = Vec::new();
-                    while let Some(c) = s.read_chunk(1 << 20, true).await? {
-                        n += c.bytes.len() as u64;
+                    while let Some(c) = s.read_chunk(1 << 20).await? {
+                        n += c.len() as u64;
                         if let Some(m) = &memory {
                             // Staging-like: whole 64 KiB blocks into fresh memory.
-                            buf.extend_from_slice(&c.bytes);
+                            buf.extend_from_slice(&c);
                             if buf.len() >= 1 << 16 {
                                 let off = i * per_stream + n - buf.len() as u64;
                                 let whole = buf.len() / 8 * 8;
@@ -678,17 +699,10 @@ impl Lab {
             conn.close(0u32.into(), b"done");
             Ok::<_, BenchError>((n, done))
         });
-        let conn = transport::connect(
-            &client,
-            addr,
-            ida.id().clone(),
-            ALPN_AGENT,
-            &idb,
-            &self.trust,
-            &tuning,
-        )
-        .await
-        .map_err(BenchError::from)?;
+        let conn = transport::Dialer::new(client.clone(), transport::Choice::Quic, tuning.clone())
+            .connect(addr, ida.id().clone(), ALPN_AGENT, &idb, &self.trust)
+            .await
+            .map_err(BenchError::from)?;
         let mut chunk = vec![0u8; 1 << 20];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for c in chunk.chunks_mut(8) {

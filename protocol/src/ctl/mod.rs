@@ -211,7 +211,8 @@ pub struct MigrationReport {
     pub encodings: EncodingStats,
     /// Frame bytes on the control and data streams.
     pub payload_bytes: u64,
-    /// UDP payload bytes the source's connection sent and received.
+    /// Bytes the source's connection sent and received on the wire (UDP
+    /// payloads, or TLS records over TCP).
     pub wire_bytes: u64,
     /// Merkle root of the memory image handed over.
     pub memory_root: Option<Digest>,
@@ -233,6 +234,9 @@ pub struct MigrationReport {
     pub disks: Vec<DiskReport>,
     /// Disk blocks sent, all rounds (included in `pages_sent`).
     pub disk_blocks_sent: u64,
+    /// The transport of the migration's connection, `"quic"` or `"tcp"`
+    /// (`None`: the destination was never reached).
+    pub transport: Option<String>,
 }
 
 /// One disk in a migration report.

@@ -12,7 +12,7 @@ use convoy_protocol::model::MigrationPlan;
 use convoy_tests::{assert_refusals_logged, connect_as, migrate, sim_spec};
 
 /// The reason an agent gave when it closed `conn`, once it has.
-async fn closed_because(conn: &quinn::Connection) -> String {
+async fn closed_because(conn: &convoy_agent::transport::Connection) -> String {
     match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
         Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
             format!("{}: {}", c.error_code, String::from_utf8_lossy(&c.reason))
@@ -284,7 +284,7 @@ async fn the_handshake_grants_an_operators_credit_and_only_agents_get_more() {
     )
     .await
     .unwrap();
-    let opens = |conn: quinn::Connection, n: u32| async move {
+    let opens = |conn: convoy_agent::transport::Connection, n: u32| async move {
         let mut held = Vec::new();
         for _ in 0..n {
             match tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await {

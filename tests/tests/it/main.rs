@@ -28,3 +28,4 @@ mod reuse;
 mod revocation;
 mod storage;
 mod tickets;
+mod transport;

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 /// A verifier that trusts any server: the attacker's side of these tests
 /// does not care who the agent is, only whether the agent lets it in.
 #[derive(Debug)]
-struct TrustAnything;
+pub(crate) struct TrustAnything;
 
 impl ServerCertVerifier for TrustAnything {
     fn verify_server_cert(
@@ -73,7 +73,11 @@ async fn request_without_client_cert(addr: SocketAddr) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = (
+        transport::SendStream::Quic(send),
+        transport::RecvStream::Quic(recv),
+    );
     transport::write_ctl(
         &mut send,
         &CtlMessage::Request(CtlRequest::VmCreate(sim_spec("evil", 4 << 20, 0))),

@@ -208,7 +208,7 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
         .unwrap();
     assert!(until(Duration::from_secs(10), || dst_sock.exists()).await);
     let b_side = tokio::spawn(async move {
-        let conn = server.accept().await.unwrap().await.unwrap();
+        let conn = transport::Connection::Quic(server.accept().await.unwrap().await.unwrap());
         transport::grant_migration_credit(&conn, &transport::Tuning::default());
         let (send, recv) = conn.accept_bi().await.unwrap();
         let local = tokio::net::UnixStream::connect(&dst_sock).await.unwrap();

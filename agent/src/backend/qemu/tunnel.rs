@@ -63,8 +63,8 @@ pub const CUT: u32 = 1;
 /// would otherwise finish a dropped stream cleanly.
 pub async fn splice(
     local: UnixStream,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: crate::transport::SendStream,
+    mut recv: crate::transport::RecvStream,
 ) -> std::io::Result<Spliced> {
     let (lr, mut lw) = local.into_split();
     let out = async {

@@ -4,10 +4,10 @@
 //! connections are carried on ([`ChanEvent`], [`carry`], [`digests`]),
 //! and the migration capabilities both QEMUs must agree on.
 
+use crate::transport::{RecvStream, SendStream};
 use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::stream::{ChannelDigests, ChannelKind, QemuManifest};
-use quinn::{RecvStream, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::{Connection, SendStream};
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
@@ -24,7 +25,6 @@ use convoy_protocol::model::MigrationMode;
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
 use convoy_protocol::stream::{self, ChannelDigests, ChannelKind, QemuManifest, Switch};
-use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -81,7 +81,7 @@ pub(crate) async fn serve(
     conn: Connection,
     peer: Peer,
     mut send: SendStream,
-    recv: quinn::RecvStream,
+    recv: crate::transport::RecvStream,
     p: Propose,
 ) {
     let Some(manifest) = p.manifest.qemu.clone().map(|m| *m) else {

@@ -87,6 +87,8 @@ struct Output {
     disk_bytes: Option<u64>,
     disk_writes_per_sec: Option<u64>,
     streams: u16,
+    /// What the agents dialed with (`--transport`).
+    transport: String,
     compression_level: i32,
     max_downtime_ms: u32,
     max_rounds: u32,
@@ -210,10 +212,15 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         max_images: 4,
         max_bytes: memory.saturating_mul(2),
     });
-    let lab = Lab::start(dir.path(), &["a", "b"], move |_, c| {
+    // `--transport` chooses what carries the migrations (auto: QUIC on
+    // loopback).
+    let transport = g.transport;
+    let mut lab = Lab::start(dir.path(), &["a", "b"], move |_, c| {
         c.retain_images = retain;
+        c.transport = transport;
     })
     .await?;
+    lab.transport = transport;
     let (a, bc) = (lab.client("a").await?, lab.client("b").await?);
     let ctx = Ctx {
         lab: &lab,
@@ -228,6 +235,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         disk_bytes: b.disk,
         disk_writes_per_sec: b.disk.map(|_| b.disk_writes),
         streams: base.streams,
+        transport: g.transport.to_string(),
         compression_level: base.compression_level,
         max_downtime_ms: base.max_downtime_ms,
         max_rounds: base.max_rounds,
@@ -296,10 +304,11 @@ fn load_average() -> Option<String> {
 /// The tables as text.
 fn text(o: &Output) -> String {
     let mut s = format!(
-        "{} guest (mixed memory, 10% hot set), {} data streams, zstd level {}, \
+        "{} guest (mixed memory, 10% hot set), {} data streams, --transport {}, zstd level {}, \
          {} ms downtime target; load average {} at the start, {} at the end\n",
         format_bytes(o.memory_bytes),
         o.streams,
+        o.transport,
         o.compression_level,
         o.max_downtime_ms,
         o.load_start.as_deref().unwrap_or("?"),

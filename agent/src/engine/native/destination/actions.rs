@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::transport::SendStream;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{Destination, DestinationAction};
 use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
@@ -15,7 +16,6 @@ use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::PageBitmap;
 use convoy_protocol::ticket::SignedTicket;
 use convoy_protocol::vm::VmAttributes;
-use quinn::SendStream;
 use tokio::sync::mpsc;
 
 use crate::backend::sim::SimVm;

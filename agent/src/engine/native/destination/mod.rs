@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::{Connection, RecvStream, SendStream};
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::{
@@ -37,7 +38,6 @@ use convoy_protocol::journal::{JournalRole, JournalStep};
 use convoy_protocol::message::{Capabilities, FaultFigures, Message};
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::page::{MemoryGeometry, PageIndex};
-use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

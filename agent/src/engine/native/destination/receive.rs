@@ -5,13 +5,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::transport::RecvStream;
 use convoy_protocol::destination::{DestinationError, LocalFailure};
 use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::frame::MAX_FRAME_LEN;
 use convoy_protocol::message::Message;
 use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{BatchError, PageData, PageIndex, StreamReceiver};
-use quinn::RecvStream;
 use tokio::sync::mpsc;
 
 use crate::backend::sim::SimVm;

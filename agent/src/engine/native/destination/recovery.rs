@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::transport::{Connection, RecvStream, SendStream};
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::Destination;
 use convoy_protocol::message::{Message, Reason};
-use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 
 use crate::host::Host;

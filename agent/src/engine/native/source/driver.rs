@@ -10,12 +10,12 @@ use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::journal::JournalStep;
 
 use crate::host::pause::EnginePoint;
+use crate::transport::{Connection, SendStream};
 use convoy_protocol::message::{Capabilities, Manifest, Message};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::page::PageBitmap;
 use convoy_protocol::page::PageIndex;
 use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
-use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
 use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
@@ -339,7 +339,7 @@ impl<'r> Driver<'r> {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
                     let stats = self.wire.conn.stats();
-                    self.wire.earlier_wire += stats.udp_tx.bytes + stats.udp_rx.bytes;
+                    self.wire.earlier_wire += stats.wire_bytes();
                     self.wire._share = self.run.host.budget.join(&link.conn, Side::Send);
                     self.wire.conn = link.conn;
                     self.wire.control = Some(link.send);
@@ -565,7 +565,7 @@ impl<'r> Driver<'r> {
             pages_sent: summary.pages_sent,
             encodings: summary.encodings,
             payload_bytes: summary.payload_bytes + run.control_bytes,
-            wire_bytes: wire.earlier_wire + stats.udp_tx.bytes + stats.udp_rx.bytes,
+            wire_bytes: wire.earlier_wire + stats.wire_bytes(),
             memory_root: summary.memory_root,
             counter_at_pause: run.counter_at_pause,
             receipts: summary.receipts,
@@ -574,6 +574,7 @@ impl<'r> Driver<'r> {
             postcopy: summary.postcopy.map(Box::new),
             disks,
             disk_blocks_sent: summary.disk_blocks_sent,
+            transport: Some(wire.conn.kind().to_string()),
             outcome: summary.outcome,
         }
     }

@@ -22,15 +22,15 @@ use crate::engine::clock;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::{Connection, SendStream};
 use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, Progress};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{MigrationId, SpiffeId};
-use quinn::{Connection, SendStream};
 use tokio::sync::mpsc;
 
 use crate::backend::VmBackend;
 use crate::host::Host;
-use crate::transport::{self, ALPN_AGENT};
+use crate::transport::ALPN_AGENT;
 
 pub(crate) struct Run {
     pub(crate) host: Arc<Host>,
@@ -61,7 +61,7 @@ pub(crate) struct Run {
 struct Link {
     conn: Connection,
     send: SendStream,
-    recv: quinn::RecvStream,
+    recv: crate::transport::RecvStream,
 }
 
 impl Run {
@@ -184,6 +184,7 @@ impl Run {
             postcopy: None,
             disks: Vec::new(),
             disk_blocks_sent: 0,
+            transport: None,
         }
     }
 
@@ -199,17 +200,18 @@ impl Run {
             }
             let creds = self.host.creds();
             let attempt = async {
-                let conn = transport::connect(
-                    &self.host.endpoint,
-                    self.addr,
-                    dest.clone(),
-                    ALPN_AGENT,
-                    &creds.identity,
-                    &creds.trust,
-                    &self.host.config.tuning,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let conn = self
+                    .host
+                    .dialer
+                    .connect(
+                        self.addr,
+                        dest.clone(),
+                        ALPN_AGENT,
+                        &creds.identity,
+                        &creds.trust,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(Link { conn, send, recv })
             };

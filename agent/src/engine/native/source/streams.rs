@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::transport::{Connection, SendStream};
 use convoy_protocol::message::{DataStreamOpen, Message};
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::page::BuildError;
-use quinn::{Connection, SendStream};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -40,7 +40,7 @@ pub(super) enum OpenError {
 
 /// Reads the destination's control stream into `tx`.
 pub(super) fn spawn_control_reader(
-    mut recv: quinn::RecvStream,
+    mut recv: crate::transport::RecvStream,
     tx: mpsc::Sender<Result<Option<Message>, crate::transport::WireError>>,
 ) {
     tokio::spawn(async move {

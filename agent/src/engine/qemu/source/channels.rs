@@ -1,10 +1,10 @@
 //! QEMU's channels: it connects to sockets the agent owns, and each
 //! connection is carried on a new stream to the destination.
 
+use crate::transport::Connection;
 use convoy_protocol::message::Message;
 use convoy_protocol::names::MigrationId;
 use convoy_protocol::stream::{ChannelKind, ChannelOpen};
-use quinn::Connection;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 

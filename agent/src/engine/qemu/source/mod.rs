@@ -40,13 +40,13 @@ use crate::engine::clock;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::Connection;
 use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, Progress, VmState};
 use convoy_protocol::message::{Abort, Message, Reason};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{MigrationId, SpiffeId};
 use convoy_protocol::receipt::{Notary, SignedReceipt};
 use convoy_protocol::stream::ChannelDigests;
-use quinn::Connection;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -113,6 +113,8 @@ struct State {
     unrecorded: Option<String>,
     control_bytes: u64,
     wire_bytes: u64,
+    /// The transport of the connection, once there is one.
+    transport: Option<String>,
     verified: bool,
 }
 
@@ -147,14 +149,16 @@ impl Run {
             unrecorded: None,
             control_bytes: 0,
             wire_bytes: 0,
+            transport: None,
             verified: false,
         };
         let outcome = match conn {
             Ok(conn) => {
+                st.transport = Some(conn.kind().to_string());
                 let o = self.run(&conn, &mut st).await;
                 conn.close(crate::transport::close::DONE.into(), b"done");
                 let stats = conn.stats();
-                st.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
+                st.wire_bytes = stats.wire_bytes();
                 o
             }
             Err(e) => {

@@ -4,10 +4,10 @@
 use crate::engine::clock;
 use std::time::Duration;
 
+use crate::transport::SendStream;
 use convoy_protocol::ctl::Progress;
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::stream::QemuManifest;
-use quinn::SendStream;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 

@@ -5,6 +5,7 @@
 use crate::engine::clock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::transport::{Connection, SendStream};
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::journal::JournalStep;
 use convoy_protocol::message::{
@@ -14,7 +15,6 @@ use convoy_protocol::model::MigrationMode;
 use convoy_protocol::page::{MemoryGeometry, PageSize};
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind};
 use convoy_protocol::stream::{self, ChannelKind, StreamsDone, Switch};
-use quinn::{Connection, SendStream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;

@@ -1,6 +1,7 @@
-//! QUIC transport: the tuned quinn endpoint, connecting with an expected
-//! peer identity, authorizing accepted peers by ALPN and SPIFFE ID, and
-//! framed message I/O on streams.
+//! Transports: QUIC (the tuned quinn endpoint) and TLS 1.3 over TCP
+//! ([`tcp`]), one connection type over both ([`Connection`]), dialing by
+//! either or both raced ([`dial`]), authorizing accepted peers by ALPN and
+//! SPIFFE ID, and framed message I/O on streams.
 //!
 //! Tuning, measured on a 2-core loopback (see `docs/benchmarks.md`):
 //! socket buffers raised to 4 MiB (the 208 KiB default drops packets), GSO
@@ -20,11 +21,18 @@ use convoy_protocol::frame::{frame_len, LEN_PREFIX};
 use convoy_protocol::message::{EncodeError, Message};
 use convoy_protocol::names::{Role, SpiffeId};
 use convoy_protocol::DecodeError;
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, SendStream, TransportConfig, VarInt};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Endpoint, TransportConfig, VarInt};
 use thiserror::Error;
 
-use crate::trust::identity::{self, Identity, IdentityError, TrustBundle};
+use crate::trust::identity::{IdentityError, TrustBundle};
+
+mod conn;
+pub mod dial;
+pub mod tcp;
+
+pub use conn::{Connection, Kind, RecvStream, SendStream, Stats};
+pub use dial::{Choice, Dialer};
 
 /// ALPN between agents.
 pub const ALPN_AGENT: &[u8] = b"convoy/1";
@@ -59,6 +67,17 @@ pub enum TransportError {
     /// The peer's identity is unusable or not allowed here.
     #[error("peer refused: {0}")]
     Unauthorized(#[from] PeerRefused),
+    /// The TCP connection or its TLS handshake failed.
+    #[error("TCP: {0}")]
+    Tcp(std::io::Error),
+    /// Both transports failed (a raced dial).
+    #[error("QUIC: {quic}; TCP: {tcp}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<TransportError>,
+        /// Why TCP failed.
+        tcp: Box<TransportError>,
+    },
 }
 
 /// The system has no randomness for a key.
@@ -395,35 +414,30 @@ pub fn quic_server_config(
 /// budget then sets its window share ([`crate::host::budget`]). Call only
 /// once the peer is authorized to migrate.
 pub fn grant_migration_credit(conn: &Connection, tuning: &Tuning) {
-    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MIGRATION_STREAMS));
-    conn.set_max_concurrent_uni_streams(VarInt::from_u32(MIGRATION_STREAMS));
+    conn.set_max_concurrent_streams(
+        VarInt::from_u32(MIGRATION_STREAMS),
+        VarInt::from_u32(MIGRATION_STREAMS),
+    );
     conn.set_receive_window(VarInt::from_u32(tuning.connection_window));
 }
 
 /// Streams of each kind a migration connection may have open at once.
-const MIGRATION_STREAMS: u32 = 64;
+pub(crate) const MIGRATION_STREAMS: u32 = 64;
 
-/// Connects to `addr`, accepting only a server that proves `expected`.
+/// Connects to `addr` over QUIC alone, accepting only a server that
+/// proves `expected` (agents and `convoyctl` dial through a [`Dialer`]).
 pub async fn connect(
     endpoint: &Endpoint,
     addr: SocketAddr,
     expected: SpiffeId,
     alpn: &[u8],
-    identity: &Identity,
+    identity: &crate::trust::identity::Identity,
     trust: &TrustBundle,
     tuning: &Tuning,
 ) -> Result<Connection, TransportError> {
-    let tls = identity::client_config(identity, trust, expected, alpn)?;
-    let crypto = QuicClientConfig::try_from(tls)?;
-    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(tuning.transport_config()));
-    // The server name is unused (no SNI, identity is the SPIFFE ID) but
-    // quinn requires a syntactically valid one.
-    let connecting = endpoint.connect_with(cc, addr, "convoy")?;
-    match tokio::time::timeout(tuning.connect_timeout, connecting).await {
-        Ok(conn) => Ok(conn?),
-        Err(_) => Err(TransportError::Connection(quinn::ConnectionError::TimedOut)),
-    }
+    Dialer::new(endpoint.clone(), Choice::Quic, tuning.clone())
+        .connect(addr, expected, alpn, identity, trust)
+        .await
 }
 
 /// Who is on the other end of an accepted connection, and what for.
@@ -439,18 +453,18 @@ pub struct Peer {
 /// peer may use that ALPN: agents (`/agent/…`) speak `convoy/1`, operators
 /// (`/operator/…`) speak `convoy-ctl/1`, both from our trust domain.
 pub fn authorize_peer(conn: &Connection, trust: &TrustBundle) -> Result<Peer, TransportError> {
-    let alpn = conn
-        .handshake_data()
-        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|h| h.protocol)
-        .ok_or(PeerRefused::NoAlpn)?;
-    let chain = conn
-        .peer_identity()
-        .and_then(|p| {
-            p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .ok_or(PeerRefused::NoCertificate)?;
+    authorize(conn.alpn(), conn.peer_chain(), trust)
+}
+
+/// [`authorize_peer`] on what a handshake gave: the negotiated ALPN and
+/// the peer's certificate chain.
+pub fn authorize(
+    alpn: Option<Vec<u8>>,
+    chain: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    trust: &TrustBundle,
+) -> Result<Peer, TransportError> {
+    let alpn = alpn.ok_or(PeerRefused::NoAlpn)?;
+    let chain = chain.ok_or(PeerRefused::NoCertificate)?;
     let leaf = chain.first().ok_or(PeerRefused::EmptyChain)?;
     // The handshake accepted a chain to any trusted CA; the chain must lead
     // to the CA of the domain the identity claims (and a federated

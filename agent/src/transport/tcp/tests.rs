@@ -1,0 +1,427 @@
+//! TLS/TCP sessions over loopback with real certificates: stream kinds,
+//! clean ends and cuts, close reasons, bulk data both ways, and the raced
+//! dial with UDP black-holed.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain};
+use quinn::{ConnectionError, ReadError, VarInt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::transport::dial::{Choice, Dialer};
+use crate::transport::{Connection, Kind, Tuning, ALPN_AGENT};
+use crate::trust::identity::{self, Identity, TrustBundle};
+use crate::trust::pki::Pki;
+
+struct Pair2 {
+    _dir: tempfile::TempDir,
+    a: Identity,
+    b: Identity,
+    trust: TrustBundle,
+}
+
+fn pki() -> Pair2 {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), TrustDomain::new("t.test").unwrap()).unwrap();
+    let name = |n: &str| n.parse::<AgentName>().unwrap();
+    for n in ["a", "b"] {
+        pki.issue(Role::Agent, &name(n), Duration::from_secs(3600))
+            .unwrap();
+    }
+    Pair2 {
+        a: pki.identity(Role::Agent, &name("a")).unwrap(),
+        b: pki.identity(Role::Agent, &name("b")).unwrap(),
+        trust: pki.trust().unwrap(),
+        _dir: dir,
+    }
+}
+
+fn timing() -> Timing {
+    Timing {
+        idle: Duration::from_secs(30),
+        keep_alive: Duration::from_secs(5),
+    }
+}
+
+fn credit() -> Credit {
+    Credit {
+        streams: 16,
+        window: 16 << 20,
+    }
+}
+
+/// A listener for `b`, and a connected pair of sessions (a dials b).
+async fn sessions(p: &Pair2) -> (Connection, Connection) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (a, b) = sessions_via(p, l, addr, timing()).await;
+    let Connection::Tcp(s) = &a else {
+        unreachable!("a TCP session")
+    };
+    assert_eq!(s.alpn(), Some(ALPN_AGENT));
+    (a, b)
+}
+
+/// Sessions of `a` and `b` with `timing`: b accepts on `l`, a dials
+/// `dial` (l's address, or a relay in front of it).
+async fn sessions_via(
+    p: &Pair2,
+    l: tokio::net::TcpListener,
+    dial: SocketAddr,
+    timing: Timing,
+) -> (Connection, Connection) {
+    let server = Arc::new(identity::server_config(&p.b, &p.trust, &[ALPN_AGENT]).unwrap());
+    let accept = tokio::spawn(async move {
+        let (s, remote) = l.accept().await.unwrap();
+        let hs = Handshaken::accept(s, remote, server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        hs.session(credit(), timing, None)
+    });
+    let client = identity::client_config(&p.a, &p.trust, p.b.id().clone(), ALPN_AGENT).unwrap();
+    let a = Handshaken::connect(dial, Arc::new(client), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .session(credit(), timing, None);
+    let b = accept.await.unwrap();
+    (Connection::Tcp(a), Connection::Tcp(b))
+}
+
+#[tokio::test]
+async fn streams_of_each_kind_end_cleanly_and_a_reset_is_never_a_clean_end() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    // The server sees the client's verified chain.
+    let chain = b.peer_chain().unwrap();
+    let peer = crate::transport::authorize(b.alpn(), Some(chain), &p.trust).unwrap();
+    assert_eq!(&peer.id, p.a.id());
+
+    // A unidirectional stream goes to accept_uni, not accept_bi.
+    let mut u = a.open_uni().await.unwrap();
+    u.write_all(b"one way").await.unwrap();
+    u.finish().unwrap();
+    let mut r = b.accept_uni().await.unwrap();
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"one way");
+
+    // A bidirectional one: both ways, each ended by finish.
+    let (mut s, mut r) = a.open_bi().await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.finish().unwrap();
+    let (mut bs, mut br) = b.accept_bi().await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = br.read(&mut buf).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    assert_eq!(br.read(&mut buf).await.unwrap(), None, "the clean end");
+    bs.write_all(b"pong").await.unwrap();
+    bs.finish().unwrap();
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"pong");
+
+    // A reset stream fails its reader; it does not end.
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    s.write_all(b"partial").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.reset(VarInt::from_u32(1)).unwrap();
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    let mut got = Vec::new();
+    let e = br.read_to_end(&mut got).await.unwrap_err();
+    assert_eq!(got, b"partial");
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<ReadError>());
+    assert!(matches!(inner, Some(ReadError::Reset(_))), "{e:?}");
+
+    // A stream dropped without finish is finished (as quinn does).
+    let (s, _r) = a.open_bi().await.unwrap();
+    drop(s);
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    assert_eq!(br.read(&mut buf).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_close_reaches_the_peer_with_its_code_and_reason() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    a.close(VarInt::from_u32(0x11), b"too many connections");
+    match b.closed().await {
+        ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, VarInt::from_u32(0x11));
+            assert_eq!(&c.reason[..], b"too many connections");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = b.accept_bi().await.unwrap_err();
+    assert!(e.to_string().contains("too many connections"), "{e}");
+    // The stream cut by the close fails; it does not end cleanly.
+    let mut buf = [0u8; 8];
+    assert_eq!(br.read(&mut buf).await.unwrap(), Some(1));
+    assert!(matches!(
+        br.read(&mut buf).await,
+        Err(ReadError::ConnectionLost(_))
+    ));
+    assert!(matches!(
+        a.close_reason(),
+        Some(ConnectionError::LocallyClosed)
+    ));
+    assert!(a.open_bi().await.is_err());
+}
+
+#[tokio::test]
+async fn a_connection_cut_below_the_session_ends_it_as_reset_and_fails_its_streams() {
+    let p = pki();
+    // b's listener, and a relay in front of it that the test cuts (a
+    // killed host or a dropped link: no close, no TLS alert).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = l.local_addr().unwrap();
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let cut = tokio::spawn(async move {
+        let (mut from, _) = relay.accept().await.unwrap();
+        let mut to = tokio::net::TcpStream::connect(b_addr).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+    });
+    let (a, b) = sessions_via(&p, l, relay_addr, timing()).await;
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    s.write_all(b"before").await.unwrap();
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    let mut buf = [0u8; 6];
+    br.read_exact(&mut buf).await.unwrap();
+    cut.abort();
+    assert!(matches!(b.closed().await, ConnectionError::Reset));
+    assert!(matches!(a.closed().await, ConnectionError::Reset));
+    let e = br.read(&mut buf).await.unwrap_err();
+    assert!(
+        matches!(e, ReadError::ConnectionLost(ConnectionError::Reset)),
+        "{e:?}"
+    );
+    assert!(s.write_all(b"after").await.is_err());
+}
+
+#[tokio::test]
+async fn a_session_whose_handles_are_all_dropped_closes() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    drop(a);
+    // As quinn: a dropped connection is closed (code 0, no reason).
+    match b.closed().await {
+        ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, VarInt::from_u32(0)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_data_both_ways_arrives_whole_through_partial_writes() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let data: Vec<u8> = (0..(24u32 << 20))
+        .map(|i| i.wrapping_mul(2654435761).to_le_bytes()[1])
+        .collect();
+    let digest = blake3::hash(&data);
+    let (mut s, mut r) = a.open_bi().await.unwrap();
+    let send = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            // Odd-sized writes through AsyncWrite, as tokio::io::copy does.
+            for piece in data.chunks(1_000_003) {
+                AsyncWriteExt::write_all(&mut s, piece).await.unwrap();
+            }
+            s.finish().unwrap();
+            s.stopped().await.unwrap();
+        })
+    };
+    let (mut bs, mut br) = b.accept_bi().await.unwrap();
+    let echo = tokio::spawn(async move {
+        let mut buf = vec![0u8; 77_777];
+        let mut n = 0usize;
+        let mut h = blake3::Hasher::new();
+        while let Some(k) = br.read(&mut buf).await.unwrap() {
+            h.update(&buf[..k]);
+            bs.write_all(&buf[..k]).await.unwrap();
+            n += k;
+        }
+        bs.finish().unwrap();
+        (n, h.finalize())
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    send.await.unwrap();
+    let (n, seen) = echo.await.unwrap();
+    assert_eq!((n, seen), (data.len(), digest));
+    assert_eq!(blake3::hash(&back), digest);
+    let st = a.stats();
+    assert!(st.sent > 24 << 20 && st.received > 24 << 20, "{st:?}");
+}
+
+/// An agent's two listeners on one port: UDP that answers nothing (a
+/// firewall dropping it) and TCP that serves.
+async fn udp_blackholed_peer(p: &Pair2) -> (SocketAddr, std::net::UdpSocket) {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = Arc::new(identity::server_config(&p.b, &p.trust, &[ALPN_AGENT]).unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (s, remote) = l.accept().await.unwrap();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let hs = Handshaken::accept(s, remote, server, Duration::from_secs(5)).await?;
+                let conn = Connection::Tcp(hs.session(credit(), timing(), None));
+                let (mut s, mut r) = conn.accept_bi().await.map_err(std::io::Error::other)?;
+                let mut buf = [0u8; 4];
+                r.read_exact(&mut buf).await?;
+                s.write_all(&buf).await.map_err(std::io::Error::other)?;
+                s.finish().map_err(std::io::Error::other)?;
+                conn.closed().await;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (addr, udp)
+}
+
+#[tokio::test]
+async fn a_raced_dial_falls_back_to_tcp_when_udp_is_dropped_and_remembers_it() {
+    let p = pki();
+    let (addr, _udp) = udp_blackholed_peer(&p).await;
+    let tuning = Tuning {
+        connect_timeout: Duration::from_secs(3),
+        ..Tuning::default()
+    };
+    let ep = crate::transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &tuning).unwrap();
+    let expected: SpiffeId = p.b.id().clone();
+    let auto = Dialer::new(ep.clone(), Choice::Auto, tuning.clone());
+    let t = std::time::Instant::now();
+    let conn = auto
+        .connect(addr, expected.clone(), ALPN_AGENT, &p.a, &p.trust)
+        .await
+        .unwrap();
+    assert_eq!(conn.kind(), Kind::Tcp);
+    // Won after QUIC's head start, well before QUIC's own timeout.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(auto.remembered(addr), Some(Kind::Tcp));
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    s.write_all(b"echo").await.unwrap();
+    let mut buf = [0u8; 4];
+    r.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"echo");
+    conn.close(VarInt::from_u32(0), b"done");
+    // TCP goes first now: no head start to wait out.
+    let conn = auto
+        .connect(addr, expected.clone(), ALPN_AGENT, &p.a, &p.trust)
+        .await
+        .unwrap();
+    assert_eq!(conn.kind(), Kind::Tcp);
+    conn.close(VarInt::from_u32(0), b"done");
+
+    // QUIC alone cannot get through; it says so after its timeout.
+    let quic = Dialer::new(ep, Choice::Quic, tuning);
+    let e = quic
+        .connect(addr, expected, ALPN_AGENT, &p.a, &p.trust)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+}
+
+#[tokio::test]
+async fn a_raced_dial_to_nothing_reports_both_failures() {
+    let p = pki();
+    // A port with nothing on it, either protocol.
+    let addr = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap()
+    };
+    let tuning = Tuning {
+        connect_timeout: Duration::from_secs(1),
+        ..Tuning::default()
+    };
+    let ep = crate::transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &tuning).unwrap();
+    let e = Dialer::new(ep, Choice::Auto, tuning)
+        .connect(addr, p.b.id().clone(), ALPN_AGENT, &p.a, &p.trust)
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("QUIC:") && text.contains("TCP:"), "{text}");
+    assert!(text.to_lowercase().contains("refused"), "{text}");
+}
+
+#[test]
+fn the_transport_choice_parses_and_refuses_others() {
+    assert_eq!("quic".parse::<Choice>().unwrap(), Choice::Quic);
+    assert_eq!("tcp".parse::<Choice>().unwrap(), Choice::Tcp);
+    assert_eq!("auto".parse::<Choice>().unwrap(), Choice::Auto);
+    let e = "udp".parse::<Choice>().unwrap_err();
+    assert!(e.contains("quic, tcp or auto"), "{e}");
+}
+
+/// A TCP relay to `to` that, once `cut` is set, forwards nothing more but
+/// keeps both connections open: a link gone dark under a proxy (TCP's own
+/// keep-alives would be answered by the relay).
+async fn dark_relay(to: SocketAddr, cut: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (from, _) = l.accept().await.unwrap();
+        let to = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (fr, fw) = from.into_split();
+        let (tr, tw) = to.into_split();
+        for (mut r, mut w) in [
+            (
+                Box::new(fr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                Box::new(tw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+            ),
+            (Box::new(tr), Box::new(fw)),
+        ] {
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        // Hold the sockets, forward nothing.
+                        std::future::pending::<()>().await;
+                    }
+                    if w.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn keep_alives_hold_a_quiet_session_and_a_dark_link_times_out() {
+    let p = pki();
+    let fast = Timing {
+        idle: Duration::from_millis(900),
+        keep_alive: Duration::from_millis(150),
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = l.local_addr().unwrap();
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = dark_relay(b_addr, cut.clone()).await;
+    let (a, b) = sessions_via(&p, l, relay, fast).await;
+    // Silent for three idle timeouts: the keep-alives hold it.
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    assert!(a.close_reason().is_none() && b.close_reason().is_none());
+    // The link goes dark: both ends time out, close to the idle timeout.
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let (ea, eb) = tokio::join!(a.closed(), b.closed());
+    assert!(matches!(ea, ConnectionError::TimedOut), "{ea:?}");
+    assert!(matches!(eb, ConnectionError::TimedOut), "{eb:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
