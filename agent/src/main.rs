@@ -30,6 +30,9 @@ struct Args {
     /// connection).
     #[arg(long, default_value = "auto")]
     transport: convoy_agent::transport::Choice,
+    /// QUIC congestion controller: cubic (quinn's default), newreno or bbr.
+    #[arg(long, default_value = "cubic")]
+    congestion: convoy_agent::transport::Congestion,
     /// A `convoyctl pki` directory: uses agents/NAME.crt, NAME.key and ca.crt.
     #[arg(long, env = "CONVOY_PKI")]
     pki: Option<PathBuf>,
@@ -297,6 +300,7 @@ async fn agent_main() -> Result<()> {
     config.base_dir = args.base_dir.clone();
     config.migration_memory = args.migration_memory;
     config.transport = args.transport;
+    config.tuning.congestion = args.congestion;
     config.limits.connections = args.max_connections;
     config.limits.per_peer = args.max_connections_per_peer;
     config.limits.idle = std::time::Duration::from_secs(args.operator_idle_timeout);

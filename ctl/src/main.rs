@@ -80,7 +80,7 @@ enum Command {
     Demo(demo::Demo),
     /// Measure migrations against raw QUIC throughput and print a table;
     /// with --engine, by mode, dirty rate, technique and concurrency.
-    Bench(bench::Bench),
+    Bench(Box<bench::Bench>),
 }
 
 /// mimalloc: the engines hand 128 KiB page batches between threads; glibc's
@@ -133,7 +133,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Policy(c) => cmd::policy::run(&cli.global, c),
             Command::Status => cmd::status::run(&cli.global).await,
             Command::Demo(c) => demo::run(&cli.global, c).await,
-            Command::Bench(c) => bench::run(&cli.global, c).await,
+            Command::Bench(c) => bench::run(&cli.global, *c).await,
         }
     })
 }

@@ -50,6 +50,21 @@ fn bad_flags_get_a_clear_error_and_a_failure_status() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown size unit"), "{err}");
+    // A transport that does not exist, by flag or by environment.
+    for (args, env) in [
+        (vec!["--transport", "udp", "status"], None),
+        (vec!["status"], Some("sctp")),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_convoyctl"));
+        cmd.args(&args);
+        if let Some(v) = env {
+            cmd.env("CONVOY_TRANSPORT", v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("expected quic, tcp or auto"), "{err}");
+    }
 }
 
 /// `convoyctl demo --backend qemu --json`: a real guest moved through

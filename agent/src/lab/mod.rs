@@ -635,16 +635,41 @@ impl Lab {
         streams: u16,
         sink: Sink,
     ) -> Result<Duration, LabError> {
+        self.raw_quic_bulk_with(bytes, streams, sink, &Tuning::default(), None)
+            .await
+    }
+
+    /// [`Lab::raw_quic_bulk`] with `tuning`, and through the impairment
+    /// relay with `via` (towards the receiver, and back) when given.
+    pub async fn raw_quic_bulk_with(
+        &self,
+        bytes: u64,
+        streams: u16,
+        sink: Sink,
+        tuning: &Tuning,
+        via: Option<(impair::Impairment, impair::Impairment)>,
+    ) -> Result<Duration, LabError> {
         let (na, nb): (AgentName, AgentName) = ("a".parse()?, "b".parse()?);
         let ida = self.pki.identity(Role::Agent, &na)?;
         let idb = self.pki.identity(Role::Agent, &nb)?;
-        let tuning = Tuning::default();
+        let tuning = tuning.clone();
         let server_tls =
             identity::server_config(&ida, &self.trust, &[ALPN_AGENT]).map_err(BenchError::from)?;
         let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
         let server =
             transport::endpoint(any, Some(server_tls), &tuning).map_err(BenchError::from)?;
-        let addr = server.local_addr()?;
+        let mut addr = server.local_addr()?;
+        let _relay = match via {
+            Some((to_target, to_client)) => {
+                let mut config = impair::RelayConfig::new(addr);
+                config.to_target = to_target;
+                config.to_client = to_client;
+                let relay = impair::Relay::start(config).await?;
+                addr = relay.addr();
+                Some(relay)
+            }
+            None => None,
+        };
         let client = transport::endpoint(any, None, &tuning).map_err(BenchError::from)?;
         let streams = streams.max(1);
         let per_stream = bytes / u64::from(streams);

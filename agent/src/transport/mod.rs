@@ -221,6 +221,45 @@ pub struct Tuning {
     pub connection_window: u32,
     /// How long a connection attempt (handshake included) may take.
     pub connect_timeout: Duration,
+    /// QUIC's congestion controller.
+    pub congestion: Congestion,
+}
+
+/// QUIC congestion controllers quinn offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: loss-based.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002's): loss-based, halves at each loss.
+    NewReno,
+    /// BBR (quinn's experimental v1): model-based, paced, does not take
+    /// random loss for congestion.
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" => Ok(Congestion::NewReno),
+            "bbr" => Ok(Congestion::Bbr),
+            other => Err(format!(
+                "unknown congestion controller {other:?}: expected cubic, newreno or bbr"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+            Congestion::Bbr => "bbr",
+        })
+    }
 }
 
 impl Default for Tuning {
@@ -233,6 +272,7 @@ impl Default for Tuning {
             stream_window: 16 << 20,
             connection_window: 64 << 20,
             connect_timeout: Duration::from_secs(10),
+            congestion: Congestion::default(),
         }
     }
 }
@@ -252,6 +292,13 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
+        let factory: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+            match self.congestion {
+                Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+                Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+                Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            };
+        t.congestion_controller_factory(factory);
 
         t
     }
@@ -574,7 +621,22 @@ pub async fn write_ctl(send: &mut SendStream, msg: &CtlMessage) -> Result<usize,
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
-    use super::ResetKey;
+    use super::{Congestion, ResetKey};
+
+    #[test]
+    fn congestion_controllers_parse_and_others_are_refused() {
+        for c in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
+            assert_eq!(c.to_string().parse::<Congestion>().unwrap(), c);
+            // Each makes a transport configuration (quinn takes the factory).
+            let _ = super::Tuning {
+                congestion: c,
+                ..super::Tuning::default()
+            }
+            .transport_config();
+        }
+        let e = "vegas".parse::<Congestion>().unwrap_err();
+        assert!(e.contains("cubic, newreno or bbr"), "{e}");
+    }
 
     #[test]
     fn the_reset_key_survives_a_restart_and_a_bad_file_is_refused() {

@@ -8,6 +8,8 @@
 //!   VMs, a module per table.
 //! - [`qemu`] (`--backend qemu`): one real guest migrated by QEMU natively
 //!   and through Convoy.
+//! - [`wan`] (`--wan`): raw QUIC through the lab's impairment relay, by
+//!   RTT, loss and congestion controller.
 //! - [`table`] and [`rss`]: cells, medians and memory readings they share.
 
 // Benchmark figures: f64 means, rates and percentages of measured runs,
@@ -19,6 +21,7 @@ mod qemu;
 mod raw;
 mod rss;
 mod table;
+mod wan;
 
 use anyhow::Result;
 use convoy_protocol::model::MigrationMode;
@@ -103,12 +106,36 @@ pub struct Bench {
     /// --engine: blocks the workload writes to that disk per second.
     #[arg(long, default_value_t = 2000)]
     pub disk_writes: u64,
+    /// Instead: raw QUIC bulk transfers (of --memory bytes, 64MiB by
+    /// default) through the lab's impairment relay, one per --rtt, --loss
+    /// and --congestion: how much of a --link-mbit link each controller
+    /// uses.
+    #[arg(long)]
+    pub wan: bool,
+    /// --wan: round-trip times, milliseconds.
+    #[arg(long, value_delimiter = ',', default_value = "2,50,100,150")]
+    pub rtt: Vec<u64>,
+    /// --wan: random loss, percent (both ways).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
+    pub loss: Vec<f64>,
+    /// --wan: the link's rate, Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    pub link_mbit: u64,
+    /// --wan: congestion controllers (cubic, newreno, bbr).
+    #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
+    pub congestion: Vec<convoy_agent::transport::Congestion>,
+    /// --wan: seconds a transfer may take before its cell says so.
+    #[arg(long, default_value_t = 120)]
+    pub cell_timeout: u64,
     #[command(flatten)]
     pub tuning: MigrateTuning,
 }
 
 /// Runs the benchmark the flags choose.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
+    if b.wan {
+        return wan::run(g, b).await;
+    }
     if b.engine {
         return engine::run(g, b).await;
     }
