@@ -106,11 +106,8 @@ impl Agent {
         };
         let tls =
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
-        let tcp_tls = Arc::new(identity::server_config(
-            &config.identity,
-            &config.trust,
-            &[ALPN_AGENT, ALPN_CTL],
-        )?);
+        // The TCP listener's TLS is the QUIC endpoint's configuration.
+        let tcp_tls = Arc::new(tls.clone());
         let (endpoint, tcp) = bind_both(&config, tls, &reset_key)?;
         let (tcp_shutdown, _) = tokio::sync::watch::channel(false);
         let dialer =

@@ -77,12 +77,6 @@ pub enum Connection {
     Tcp(tcp::Session),
 }
 
-impl From<quinn::Connection> for Connection {
-    fn from(c: quinn::Connection) -> Self {
-        Connection::Quic(c)
-    }
-}
-
 impl Connection {
     /// Which transport.
     pub fn kind(&self) -> Kind {
