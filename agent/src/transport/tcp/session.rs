@@ -186,7 +186,7 @@ async fn drive(
     // A local close: its reason, then the stream carrying it, then its
     // sending task.
     let mut closing: Option<(VarInt, Vec<u8>)> = None;
-    let mut close_sent: Option<oneshot::Receiver<()>> = None;
+    let mut close_opened = false;
     let mut close_deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut tick = tokio::time::interval(
@@ -265,10 +265,9 @@ async fn drive(
             if close_deadline.is_none() {
                 close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_WITHIN)));
             }
-            if close_sent.is_none() {
+            if !close_opened {
                 if let Poll::Ready(r) = conn.poll_new_outbound(cx) {
-                    let (tx, rx) = oneshot::channel();
-                    close_sent = Some(rx);
+                    close_opened = true;
                     if let Ok(mut s) = r {
                         let mut msg = vec![TAG_CLOSE];
                         msg.extend_from_slice(&code.into_inner().to_be_bytes());
@@ -279,18 +278,19 @@ async fn drive(
                         tokio::spawn(async move {
                             let _ = s.write_all(&msg).await;
                             let _ = s.close().await;
-                            let _ = tx.send(());
                         });
                     }
                 }
             }
-            let sent = close_sent
-                .as_mut()
-                .is_some_and(|rx| Pin::new(rx).poll(cx).is_ready());
+            // The close waits for the peer to hang up: closing the socket
+            // first, with the peer's last frames unread, would make the
+            // kernel answer with a reset, and a reset discards what the
+            // peer has not read yet, the reason included. Past the
+            // deadline, the session closes anyway.
             let late = close_deadline
                 .as_mut()
                 .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-            if sent || late {
+            if late {
                 return conn.poll_close(cx).map(|r| r.map_err(|e| e.to_string()));
             }
         } else {
@@ -308,16 +308,16 @@ async fn drive(
         }
         loop {
             match conn.poll_next_inbound(cx) {
+                // While closing, a stream is read only for the peer's own
+                // close (both ends closing at once each wait for the
+                // other's).
                 Poll::Ready(Some(Ok(s))) => {
-                    if closing.is_none() {
-                        tokio::spawn(sort(
-                            s,
-                            session.clone(),
-                            events_tx.clone(),
-                            bi.clone(),
-                            uni.clone(),
-                        ));
-                    }
+                    tokio::spawn(sort(
+                        s,
+                        session.clone(),
+                        events_tx.clone(),
+                        closing.is_none().then(|| (bi.clone(), uni.clone())),
+                    ));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -345,13 +345,13 @@ fn lost(e: &yamux::ConnectionError) -> ConnectionError {
 }
 
 /// Reads an accepted stream's kind and queues it (or takes the peer's
-/// close).
+/// close); without queues (a closing session), only the peer's close is
+/// taken.
 async fn sort(
     mut s: yamux::Stream,
     session: Arc<Inner>,
     events: mpsc::UnboundedSender<Event>,
-    bi: mpsc::Sender<yamux::Stream>,
-    uni: mpsc::Sender<yamux::Stream>,
+    queues: Option<(mpsc::Sender<yamux::Stream>, mpsc::Sender<yamux::Stream>)>,
 ) {
     let mut tag = [0u8; 1];
     match tokio::time::timeout(TAG_WITHIN, s.read_exact(&mut tag)).await {
@@ -360,10 +360,14 @@ async fn sort(
     }
     match tag[0] {
         TAG_BI => {
-            let _ = bi.send(s).await;
+            if let Some((bi, _)) = queues {
+                let _ = bi.send(s).await;
+            }
         }
         TAG_UNI => {
-            let _ = uni.send(s).await;
+            if let Some((_, uni)) = queues {
+                let _ = uni.send(s).await;
+            }
         }
         // A keep-alive: its bytes were the point.
         TAG_KEEPALIVE => {}

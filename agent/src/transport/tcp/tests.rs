@@ -175,6 +175,33 @@ async fn a_close_reaches_the_peer_with_its_code_and_reason() {
     assert!(a.open_bi().await.is_err());
 }
 
+/// A peer still sending when the session is closed on it gets the reason:
+/// the closing end waits for it to hang up before closing its socket (a
+/// socket closed with bytes unread sends a reset, which would discard the
+/// close before the peer reads it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_reaches_a_peer_that_is_still_sending() {
+    let p = pki();
+    for round in 0..10 {
+        let (a, b) = sessions(&p).await;
+        let (mut s, _r) = b.open_bi().await.unwrap();
+        let sender = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 << 10];
+            while s.write_all(&chunk).await.is_ok() {}
+        });
+        let _unread = a.accept_bi().await.unwrap();
+        a.close(VarInt::from_u32(0x12), b"refused: not an operator");
+        drop(a);
+        match b.closed().await {
+            ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(&c.reason[..], b"refused: not an operator", "round {round}");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        sender.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_connection_cut_below_the_session_ends_it_as_reset_and_fails_its_streams() {
     let p = pki();
