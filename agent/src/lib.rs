@@ -33,11 +33,13 @@
 //! # Where `unsafe` lives
 //!
 //! The crate is `#![deny(unsafe_code)]`; the lint is allowed only on
-//! these modules, all under [`backend`]:
+//! these modules, under [`backend`] and one in the lab:
 //! - [`backend::memory`]: the guest mapping viewed as atomic words,
 //!   registering it with a userfaultfd, dropping its pages (`madvise`).
 //! - [`backend::uffd`]'s `descriptor` (the `userfaultfd` syscall and its
 //!   ioctls) and `region` (`madvise` on a checked range), and its tests.
+//! - [`lab::impair::tun`]: the one `TUNSETIFF` ioctl that makes the WAN
+//!   lab's TUN device.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` argument (the workspace
 //! denies `clippy::undocumented_unsafe_blocks`); [`backend::uffd`]'s module

@@ -147,6 +147,28 @@ pub fn migrate(lab: &Lab, vm: &str, from: &str, to: &str) -> MigrateRequest {
         .expect("lab agents exist")
 }
 
+/// Migrates `vm` from lab agent `from` to `to` by `client` (connected to
+/// `from`) with the default plan; the migration must complete, verified.
+pub async fn migrated(
+    client: &convoy_agent::client::CtlClient,
+    lab: &Lab,
+    vm: &str,
+    from: &str,
+    to: &str,
+) -> convoy_protocol::ctl::MigrationReport {
+    let report = client
+        .migrate(migrate(lab, vm, from, to), |_| {})
+        .await
+        .expect("the migration runs");
+    assert_eq!(
+        report.outcome,
+        convoy_protocol::ctl::Outcome::Completed,
+        "{report:?}"
+    );
+    assert!(report.verified, "{report:?}");
+    report
+}
+
 /// A ticket for `vm` from lab agent `from` to `to`, signed by the lab's
 /// operator, valid for 60 s.
 pub fn ticket(lab: &Lab, vm: &str, from: &str, to: &str) -> SignedTicket {

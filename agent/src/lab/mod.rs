@@ -21,10 +21,12 @@ use crate::config::StateError;
 use crate::transport::{self, Tuning, ALPN_AGENT};
 use crate::trust::identity::{self, Identity, TrustBundle};
 use crate::trust::pki::{Pki, PkiError};
-use crate::{Agent, AgentConfig, AgentError};
+use crate::{AgentConfig, AgentError};
 
 pub mod impair;
+mod launch;
 pub mod link;
+pub mod wan;
 
 /// Lab failures.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,9 @@ pub enum LabError {
     /// The raw QUIC baseline failed.
     #[error("raw QUIC baseline: {0}")]
     Bench(#[from] BenchError),
+    /// The WAN lab's namespaces could not be made.
+    #[error("WAN lab: {0}")]
+    Wan(#[from] wan::WanError),
 }
 
 /// Why the raw QUIC baseline failed.
@@ -123,6 +128,8 @@ pub struct LabAgent {
     retained: crate::host::retain::RetainedImages,
     subjects: crate::host::VmSubjects,
     journal: std::sync::Weak<crate::host::journal::Journal>,
+    /// Its network namespace, in a WAN lab.
+    netns: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -141,6 +148,8 @@ pub struct Lab {
     /// that every lab test runs over either transport.
     pub transport: crate::transport::Choice,
     agents: Vec<LabAgent>,
+    /// The namespaces of a WAN lab (deleted with the lab).
+    wan: Option<wan::Wan>,
 }
 
 /// The transport `CONVOY_LAB_TRANSPORT` names (`auto` when unset).
@@ -160,6 +169,33 @@ impl Lab {
         names: &[&str],
         tweak: impl Fn(&str, &mut AgentConfig),
     ) -> Result<Lab, LabError> {
+        Lab::start_in(dir, names, tweak, None)
+    }
+
+    /// Like [`Lab::start`] with agents `a` and `b` on the two sites of a
+    /// [`wan::Wan`] made with `config` (network namespaces joined through
+    /// the impairment relay; needs root). The operator reaches them over
+    /// the WAN's management link, which is not impaired.
+    pub async fn start_wan(
+        dir: &Path,
+        config: &wan::WanConfig,
+        tweak: impl Fn(&str, &mut AgentConfig),
+    ) -> Result<Lab, LabError> {
+        let wan = wan::Wan::start(config)?;
+        Lab::start_in(dir, &["a", "b"], tweak, Some(wan))
+    }
+
+    /// The WAN of a lab made by [`Lab::start_wan`].
+    pub fn wan(&self) -> Option<&wan::Wan> {
+        self.wan.as_ref()
+    }
+
+    fn start_in(
+        dir: &Path,
+        names: &[&str],
+        tweak: impl Fn(&str, &mut AgentConfig),
+        wan: Option<wan::Wan>,
+    ) -> Result<Lab, LabError> {
         let pki = Pki::init(
             dir,
             TrustDomain::new(crate::trust::pki::DEFAULT_TRUST_DOMAIN)?,
@@ -175,6 +211,7 @@ impl Lab {
             trust,
             transport: lab_transport()?,
             agents: Vec::new(),
+            wan,
         };
         lab.write_policy(names)?;
         for n in names {
@@ -376,11 +413,15 @@ impl Lab {
         self.pki
             .issue(Role::Agent, &n, Duration::from_secs(365 * 86400))?;
         let identity = self.pki.identity(Role::Agent, &n)?;
-        let mut cfg = AgentConfig::new(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            identity,
-            self.trust.clone(),
-        );
+        let site = self.wan.as_ref().and_then(|w| match name {
+            "a" => Some(w.a.clone()),
+            "b" => Some(w.b.clone()),
+            _ => None,
+        });
+        let ip = site
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |s| s.addr);
+        let mut cfg = AgentConfig::new(SocketAddr::from((ip, 0)), identity, self.trust.clone());
         for a in &self.agents {
             cfg.peers.insert(a.name.clone(), a.addr);
         }
@@ -400,51 +441,23 @@ impl Lab {
         cfg.on_exit = crate::config::OnExit::DestroyVms;
         cfg.transport = self.transport;
         tweak(name, &mut cfg);
-        let (agent, stop, task) = Lab::launch(cfg.clone())?;
-        let addr = agent.0;
-        cfg.listen = addr;
+        let netns = site.map(|s| s.netns);
+        let launched = launch::launch(cfg.clone(), netns.as_deref())?;
+        let f = launched.facts;
+        cfg.listen = f.addr;
         self.agents.push(LabAgent {
             name: n,
-            id: agent.1,
-            addr,
+            id: f.id,
+            addr: f.addr,
             config: cfg,
-            retained: agent.2,
-            subjects: agent.3,
-            journal: agent.4,
-            stop: Some(stop),
-            task: Some(task),
+            retained: f.retained,
+            subjects: f.subjects,
+            journal: f.journal,
+            netns,
+            stop: Some(launched.stop),
+            task: Some(launched.task),
         });
         Ok(())
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn launch(
-        cfg: AgentConfig,
-    ) -> Result<
-        (
-            (
-                SocketAddr,
-                SpiffeId,
-                crate::host::retain::RetainedImages,
-                crate::host::VmSubjects,
-                std::sync::Weak<crate::host::journal::Journal>,
-            ),
-            oneshot::Sender<()>,
-            JoinHandle<()>,
-        ),
-        LabError,
-    > {
-        let agent = Agent::bind(cfg)?;
-        let addr = agent.local_addr()?;
-        let id = agent.id().clone();
-        let (stop, rx) = oneshot::channel();
-        let handle = agent.retained_images();
-        let subjects = agent.vm_subjects();
-        let journal = agent.journal();
-        let task = tokio::spawn(agent.run(async move {
-            let _ = rx.await;
-        }));
-        Ok(((addr, id, handle, subjects, journal), stop, task))
     }
 
     /// Stops agent `name` and starts it again on the same address with the
@@ -499,8 +512,8 @@ impl Lab {
         // state (a real restart ends the process): wait for it to let go
         // of the replay database before the new one opens it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        let (launched, stop, task) = loop {
-            match Lab::launch(a.config.clone()) {
+        let launched = loop {
+            match launch::launch(a.config.clone(), a.netns.as_deref()) {
                 Err(LabError::Agent(AgentError::State {
                     source:
                         StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen)
@@ -517,11 +530,11 @@ impl Lab {
                 other => break other?,
             }
         };
-        a.retained = launched.2;
-        a.subjects = launched.3;
-        a.journal = launched.4;
-        a.stop = Some(stop);
-        a.task = Some(task);
+        a.retained = launched.facts.retained;
+        a.subjects = launched.facts.subjects;
+        a.journal = launched.facts.journal;
+        a.stop = Some(launched.stop);
+        a.task = Some(launched.task);
         Ok(())
     }
 

@@ -29,3 +29,4 @@ mod revocation;
 mod storage;
 mod tickets;
 mod transport;
+mod wan;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use convoy_agent::transport::{Choice, Kind};
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
-use convoy_tests::{eventually, lab_with, migrate, sim_spec, uffd_or_skip};
+use convoy_tests::{eventually, lab_with, migrate, migrated, sim_spec, uffd_or_skip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_and_operators_work_over_tls_over_tcp_alone() {
@@ -167,12 +167,7 @@ async fn with_udp_dropped_by_a_firewall_the_migration_goes_over_tcp_and_says_so(
     assert_eq!((a.transport(), b.transport()), (Kind::Quic, Kind::Tcp));
     a.vm_create(sim_spec("web", 16 << 20, 2_000)).await.unwrap();
     let t = std::time::Instant::now();
-    let report = a
-        .migrate(migrate(&lab, "web", "a", "b"), |_| {})
-        .await
-        .unwrap();
-    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
-    assert!(report.verified, "{report:?}");
+    let report = migrated(&a, &lab, "web", "a", "b").await;
     assert_eq!(report.transport.as_deref(), Some("tcp"));
     // QUIC's handshake would have waited out its 10 s timeout.
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());

@@ -1,4 +1,5 @@
-//! A userspace impairment relay for UDP (the kernel here has no netem):
+//! A userspace impairment relay for UDP datagrams and IP packets (the
+//! kernel here has no netem):
 //! one-way delay, jitter, reordering, random and bursty loss, duplication,
 //! a rate limit with a tail-drop queue, and cuts, per direction, changeable
 //! while it runs, with counters, and deterministic under a seed. The tests,
@@ -8,6 +9,9 @@
 //! - [`model`]: the decisions without sockets or a clock — one [`Line`] per
 //!   direction, fed `(now, length)`, holding datagrams in a heap until due.
 //! - [`relay`]: the [`Relay`] on sockets, one release task per direction.
+//! - [`tun`]: the [`PacketRelay`] on a TUN device, the same lines for
+//!   whole IP packets (TCP included), used by the WAN lab of namespaces
+//!   ([`super::wan`]).
 //!
 //! # What it models, and what not
 //! It models one bottleneck per direction: loss and duplication are drawn
@@ -25,9 +29,12 @@
 
 pub mod model;
 pub mod relay;
+#[allow(unsafe_code)] // TUNSETIFF, and nothing else.
+pub mod tun;
 
 pub use model::{
     Counters, DropReason, GilbertElliott, Impairment, Jitter, Line, Loss, Probability, RateLimit,
     Reorder, Verdict,
 };
 pub use relay::{Direction, Relay, RelayConfig};
+pub use tun::{PacketRelay, Tun};

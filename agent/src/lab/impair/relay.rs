@@ -74,31 +74,70 @@ impl RelayConfig {
 /// Where a held datagram goes: the client it came from or goes to.
 type Held = (SocketAddr, Bytes);
 
-struct Way {
-    line: Mutex<Line<Held>>,
+/// One direction: its [`Line`] and the wake-up of the task releasing it
+/// (shared with the packet relay).
+pub(super) struct Way<P> {
+    line: Mutex<Line<P>>,
     wake: Notify,
 }
 
-impl Way {
-    fn line(&self) -> MutexGuard<'_, Line<Held>> {
+impl<P: Clone> Way<P> {
+    /// A direction with `impairment`, its randomness from `seed`.
+    pub(super) fn new(impairment: Impairment, seed: u64, max_held_bytes: usize) -> Way<P> {
+        Way {
+            line: Mutex::new(Line::new(impairment, seed, max_held_bytes)),
+            wake: Notify::new(),
+        }
+    }
+
+    pub(super) fn line(&self) -> MutexGuard<'_, Line<P>> {
         // The lock is never held across a panic point that leaves the line
         // inconsistent, so a poisoned one is still usable.
         self.line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Holds a datagram and wakes the release task if it is due first.
-    fn push(&self, client: SocketAddr, data: Bytes) {
+    /// Holds a datagram of `len` bytes and wakes the release task if it is
+    /// due first.
+    pub(super) fn push(&self, len: usize, payload: P) {
         let mut line = self.line();
         let before = line.next_release();
-        let _ = line.push(Instant::now().into_std(), data.len(), (client, data));
+        let _ = line.push(Instant::now().into_std(), len, payload);
         if line.next_release() != before {
             self.wake.notify_one();
         }
     }
+
+    /// Moves what is due into `due`; with nothing due, first waits for the
+    /// next release or a datagram due sooner (and may then return none).
+    pub(super) async fn due(&self, due: &mut Vec<P>) {
+        let next = self.pop_due(due);
+        if !due.is_empty() {
+            return;
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(Instant::from_std(at)) => {}
+                    () = self.wake.notified() => {}
+                }
+            }
+            None => self.wake.notified().await,
+        }
+        let _ = self.pop_due(due);
+    }
+
+    fn pop_due(&self, due: &mut Vec<P>) -> Option<std::time::Instant> {
+        let mut line = self.line();
+        let now = Instant::now().into_std();
+        while let Some(held) = line.pop_due(now) {
+            due.push(held);
+        }
+        line.next_release()
+    }
 }
 
 struct Shared {
-    ways: [Way; 2],
+    ways: [Way<Held>; 2],
     target: SocketAddr,
     front: UdpSocket,
     backs: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
@@ -108,7 +147,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn way(&self, d: Direction) -> &Way {
+    fn way(&self, d: Direction) -> &Way<Held> {
         &self.ways[d.index()]
     }
 
@@ -147,14 +186,8 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> std::io::Result<Relay> {
         let front = UdpSocket::bind(config.listen).await?;
         let addr = front.local_addr()?;
-        let way = |impairment, salt: u64| Way {
-            line: Mutex::new(Line::new(
-                impairment,
-                config.seed ^ salt,
-                config.max_held_bytes,
-            )),
-            wake: Notify::new(),
-        };
+        let way =
+            |impairment, salt: u64| Way::new(impairment, config.seed ^ salt, config.max_held_bytes);
         let shared = Arc::new(Shared {
             ways: [
                 way(config.to_target, 0),
@@ -237,7 +270,9 @@ async fn receive_front(shared: Arc<Shared>) {
         if !known && back(&shared, client).await.is_err() {
             continue;
         }
-        shared.way(Direction::ToTarget).push(client, data);
+        shared
+            .way(Direction::ToTarget)
+            .push(data.len(), (client, data));
     }
 }
 
@@ -265,7 +300,9 @@ async fn receive_back(shared: Arc<Shared>, socket: Arc<UdpSocket>, client: Socke
         match socket.recv(&mut buf).await {
             Ok(n) => {
                 if let Some(data) = buf.get(..n).map(Bytes::copy_from_slice) {
-                    shared.way(Direction::ToClient).push(client, data);
+                    shared
+                        .way(Direction::ToClient)
+                        .push(data.len(), (client, data));
                 }
             }
             // The target's port closed for a while (an agent restarting
@@ -282,14 +319,7 @@ async fn release(shared: Arc<Shared>, d: Direction) {
     let way = shared.way(d);
     let mut due = Vec::new();
     loop {
-        let next = {
-            let mut line = way.line();
-            let now = Instant::now().into_std();
-            while let Some(held) = line.pop_due(now) {
-                due.push(held);
-            }
-            line.next_release()
-        };
+        way.due(&mut due).await;
         for (client, data) in due.drain(..) {
             // Send errors (a closed port, a full buffer) are the datagram's
             // loss on the wire, as on a real link.
@@ -303,15 +333,6 @@ async fn release(shared: Arc<Shared>, d: Direction) {
                 }
                 Direction::ToClient => shared.front.send_to(&data, client).await,
             };
-        }
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(Instant::from_std(at)) => {}
-                    () = way.wake.notified() => {}
-                }
-            }
-            None => way.wake.notified().await,
         }
     }
 }

@@ -1,0 +1,351 @@
+//! A WAN between network namespaces: two sites, `a` and `b`, each a
+//! namespace of its own, joined through a third, the router, by veth pairs;
+//! the packets between the sites go through the router's TUN device and
+//! the [`PacketRelay`] (delay, jitter, loss, duplication, cuts), then
+//! through `tbf` on the router's egress (the link's rate). A fourth veth
+//! joins the router to the namespace of the process that made the WAN,
+//! the management network an operator reaches both agents by, which the
+//! relay does not impair.
+//!
+//! ```text
+//!  ns a            ns router                              ns b
+//!  .1 ──veth── .2 ─┐ rule: from a or b → TUN → relay ┌─ .6 ──veth── .5
+//!                  └─────────── .10 ─────────────────┘
+//!                                │ veth (management)
+//!                        this process's namespace: .9
+//! ```
+//!
+//! Each WAN takes a /28 of 198.18.0.0/16 (benchmarking addresses,
+//! RFC 2544) and names its namespaces and devices `cv<k>…`, `k` the first
+//! free of 4096 from a start drawn from the process id, so WANs of
+//! several tests and processes coexist. Dropping the [`Wan`] deletes its
+//! namespaces, and with them every device and route it made. It needs
+//! root, `ip` and `tc` (iproute2); [`Wan::drop_udp`] needs `nft`.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::impair::{Direction, Impairment, PacketRelay, Tun};
+
+/// Why a WAN could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WanError {
+    /// A command failed (its arguments and what it printed).
+    #[error("`{command}` failed: {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its standard error, or why it could not run.
+        output: String,
+    },
+    /// Every name of the 4096 is taken.
+    #[error("no free WAN lab slot (4096 in use)")]
+    Full,
+    /// A namespace could not be entered, or the TUN device made.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One site of the WAN.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Its network namespace (under `/run/netns`).
+    pub netns: String,
+    /// Its address.
+    pub addr: Ipv4Addr,
+}
+
+/// The WAN's link: impairments each way and the rate.
+#[derive(Debug, Clone, Default)]
+pub struct WanConfig {
+    /// From a to b.
+    pub to_b: Impairment,
+    /// From b to a.
+    pub to_a: Impairment,
+    /// The link's rate each way, bits per second (`tbf`), if limited.
+    pub rate_bits: Option<u64>,
+    /// Seed of the relay's randomness.
+    pub seed: u64,
+}
+
+/// A WAN of namespaces (see the module's documentation).
+#[derive(Debug)]
+pub struct Wan {
+    /// Site a.
+    pub a: Site,
+    /// Site b.
+    pub b: Site,
+    router: String,
+    relay: Option<PacketRelay>,
+    made: Vec<String>,
+}
+
+/// Runs `ip`, `tc` or `nft` with `args`.
+fn run(program: &str, args: &[&str]) -> Result<String, WanError> {
+    let failed = |output: String| WanError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        output,
+    };
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// `netns` (a thread's sockets and devices are made in its namespace).
+pub fn in_netns<T: Send>(
+    netns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&ns)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("a thread in a namespace panicked")))
+    })
+}
+
+/// Moves the calling thread into the network namespace open as `ns`.
+pub(super) fn enter(ns: &std::fs::File) -> std::io::Result<()> {
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(())
+}
+
+impl Wan {
+    /// Makes the namespaces, links and routes, and starts the relay (on
+    /// the calling runtime).
+    pub fn start(config: &WanConfig) -> Result<Wan, WanError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let start = std::process::id().wrapping_mul(97) + NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut wan = None;
+        for i in 0..4096 {
+            let k = start.wrapping_add(i) % 4096;
+            let router = format!("cv{k}r");
+            match run("ip", &["netns", "add", &router]) {
+                Ok(_) => {
+                    wan = Some((k, router));
+                    break;
+                }
+                Err(WanError::Command { output, .. }) if output.contains("exists") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let (k, router) = wan.ok_or(WanError::Full)?;
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k * 16;
+        let ip = |i: u32| Ipv4Addr::from(base + i);
+        let t = format!("cv{k}");
+        let mut wan = Wan {
+            a: Site {
+                netns: format!("{t}a"),
+                addr: ip(1),
+            },
+            b: Site {
+                netns: format!("{t}b"),
+                addr: ip(5),
+            },
+            router: router.clone(),
+            relay: None,
+            made: vec![router.clone()],
+        };
+        // On failure from here, the drop deletes what was made.
+        wan.build(&t, ip, config)?;
+        Ok(wan)
+    }
+
+    fn build(
+        &mut self,
+        t: &str,
+        ip: impl Fn(u32) -> Ipv4Addr,
+        config: &WanConfig,
+    ) -> Result<(), WanError> {
+        let r = self.router.clone();
+        let ipn = |ns: &str, args: &[&str]| {
+            let mut all = vec!["-n", ns];
+            all.extend_from_slice(args);
+            run("ip", &all).map(|_| ())
+        };
+        let cidr = |i: u32, len: u8| format!("{}/{len}", ip(i));
+        for (site, near, far, gateway) in [(&self.a, 1, 2, 2), (&self.b, 5, 6, 6)] {
+            run("ip", &["netns", "add", &site.netns])?;
+            self.made.push(site.netns.clone());
+            let (dev, peer) = (
+                site.netns.clone(),
+                format!("{t}r{}", &site.netns[t.len()..]),
+            );
+            run(
+                "ip",
+                &["link", "add", &dev, "type", "veth", "peer", "name", &peer],
+            )?;
+            run("ip", &["link", "set", &dev, "netns", &site.netns])?;
+            run("ip", &["link", "set", &peer, "netns", &r])?;
+            ipn(&site.netns, &["addr", "add", &cidr(near, 30), "dev", &dev])?;
+            ipn(&site.netns, &["link", "set", "lo", "up"])?;
+            ipn(&site.netns, &["link", "set", &dev, "up"])?;
+            let gw = ip(gateway).to_string();
+            ipn(&site.netns, &["route", "add", "default", "via", &gw])?;
+            ipn(&r, &["addr", "add", &cidr(far, 30), "dev", &peer])?;
+            ipn(&r, &["link", "set", &peer, "up"])?;
+            if let Some(rate) = config.rate_bits {
+                // The router's egress towards the site: the link's rate,
+                // and a queue of a few milliseconds (a router's buffer).
+                let rate = format!("{rate}bit");
+                let burst = (config.rate_bits.unwrap_or(0) / 8 / 250)
+                    .max(16 << 10)
+                    .to_string();
+                run(
+                    "tc",
+                    &[
+                        "-n", &r, "qdisc", "add", "dev", &peer, "root", "tbf", "rate", &rate,
+                        "burst", &burst, "latency", "50ms",
+                    ],
+                )?;
+            }
+        }
+        // Management: this namespace's end, and a route to both sites.
+        let (m, rm) = (format!("{t}m"), format!("{t}rm"));
+        run(
+            "ip",
+            &["link", "add", &m, "type", "veth", "peer", "name", &rm],
+        )?;
+        run("ip", &["link", "set", &rm, "netns", &r])?;
+        run("ip", &["addr", "add", &cidr(9, 30), "dev", &m])?;
+        run("ip", &["link", "set", &m, "up"])?;
+        ipn(&r, &["addr", "add", &cidr(10, 30), "dev", &rm])?;
+        ipn(&r, &["link", "set", &rm, "up"])?;
+        ipn(&r, &["link", "set", "lo", "up"])?;
+        let via = ip(10).to_string();
+        for site in [cidr(0, 30), cidr(4, 30)] {
+            run("ip", &["route", "add", &site, "via", &via])?;
+        }
+        // The router forwards (its own sysctls: this namespace's are not
+        // touched) and takes packets back from the TUN device whatever
+        // their source.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &r,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        let name = format!("{t}t");
+        let tun = in_netns(&r, || Tun::create(&name))?;
+        ipn(&r, &["link", "set", &name, "up"])?;
+        // Site to site goes into the TUN device (table 100); site to
+        // management falls through to the main table.
+        for (from, to) in [
+            (format!("{t}ra"), cidr(4, 30)),
+            (format!("{t}rb"), cidr(0, 30)),
+        ] {
+            ipn(&r, &["route", "add", &to, "dev", &name, "table", "100"])?;
+            ipn(&r, &["rule", "add", "iif", &from, "lookup", "100"])?;
+        }
+        self.relay = Some(PacketRelay::start(
+            tun,
+            (ip(4), 30),
+            config.to_b,
+            config.to_a,
+            config.seed,
+            64 << 20,
+        )?);
+        Ok(())
+    }
+
+    /// The relay between the sites ([`Direction::ToTarget`] is a → b).
+    pub fn relay(&self) -> &PacketRelay {
+        // Set by `start` before it returns the WAN.
+        self.relay
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a started WAN has its relay"))
+    }
+
+    /// Changes the impairments from a to b and from b to a.
+    pub fn set(&self, to_b: Impairment, to_a: Impairment) {
+        self.relay().set(Direction::ToTarget, to_b);
+        self.relay().set(Direction::ToClient, to_a);
+    }
+
+    /// Drops every UDP packet between the sites (nftables in the router:
+    /// a firewall that lets only TCP through). Returns the packets dropped
+    /// so far on each later call of [`Wan::udp_dropped`].
+    pub fn drop_udp(&self) -> Result<(), WanError> {
+        let rules = "table inet convoy_wan {\n chain forward {\n  type filter hook forward priority 0;\n  meta l4proto udp counter drop\n }\n}\n";
+        let command = format!("ip netns exec {} nft -f -", self.router);
+        let failed = |output: String| WanError::Command {
+            command: command.clone(),
+            output,
+        };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.router, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(e.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, rules.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// UDP packets dropped by [`Wan::drop_udp`]'s rule so far.
+    pub fn udp_dropped(&self) -> Result<u64, WanError> {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.router,
+                "nft",
+                "list",
+                "chain",
+                "inet",
+                "convoy_wan",
+                "forward",
+            ],
+        )?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        self.relay = None;
+        for ns in self.made.iter().rev() {
+            if let Err(e) = run("ip", &["netns", "del", ns]) {
+                tracing::warn!("WAN lab: {e}");
+            }
+        }
+    }
+}
