@@ -108,7 +108,7 @@ impl Agent {
             identity::server_config(&config.identity, &config.trust, &[ALPN_AGENT, ALPN_CTL])?;
         // The TCP listener's TLS is the QUIC endpoint's configuration.
         let tcp_tls = Arc::new(tls.clone());
-        let (endpoint, tcp) = bind_both(&config, tls, &reset_key)?;
+        let (endpoint, tcp) = transport::bind_both(config.listen, tls, &config.tuning, &reset_key)?;
         let (tcp_shutdown, _) = tokio::sync::watch::channel(false);
         let dialer =
             transport::Dialer::new(endpoint.clone(), config.transport, config.tuning.clone())
@@ -547,39 +547,6 @@ async fn accept_tcp(
 enum Accepted {
     Quic(Box<quinn::Incoming>),
     Tcp(tokio::net::TcpStream, SocketAddr),
-}
-
-/// Binds the QUIC endpoint and the TCP listener on the same port. With
-/// port 0 the kernel picks the UDP port, and a TCP port that is taken
-/// means another pick.
-fn bind_both(
-    config: &AgentConfig,
-    tls: rustls::ServerConfig,
-    reset_key: &transport::ResetKey,
-) -> Result<(quinn::Endpoint, tokio::net::TcpListener), AgentError> {
-    let tries = if config.listen.port() == 0 { 20 } else { 1 };
-    let mut last = None;
-    for _ in 0..tries {
-        let endpoint = transport::endpoint_with_reset_key(
-            config.listen,
-            Some(tls.clone()),
-            &config.tuning,
-            reset_key,
-        )?;
-        let addr = endpoint.local_addr().map_err(TransportError::from)?;
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(TransportError::from)?;
-        socket.set_reuseaddr(true).map_err(TransportError::from)?;
-        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
-            Ok(l) => return Ok((endpoint, l)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(TransportError::Tcp(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into())).into())
 }
 
 /// Returns once `now()` differs from `stamp` (checked every `interval`),

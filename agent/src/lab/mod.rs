@@ -7,26 +7,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use convoy_protocol::ctl::{Accel, MigrateRequest, QemuVmSpec};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{AgentName, Role, SpiffeId, TrustDomain, VmName};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::backend::memory::GuestMemory;
 use crate::client::{ClientError, CtlClient};
 use crate::config::StateError;
-use crate::transport::{self, Tuning, ALPN_AGENT};
-use crate::trust::identity::{self, Identity, TrustBundle};
+use crate::trust::identity::{Identity, TrustBundle};
 use crate::trust::pki::{Pki, PkiError};
 use crate::{AgentConfig, AgentError};
 
+mod bulk;
 pub mod impair;
 mod launch;
 pub mod link;
 pub mod wan;
+
+pub use bulk::{BenchError, BulkPath, Sink};
 
 /// Lab failures.
 #[derive(Debug, thiserror::Error)]
@@ -56,63 +55,12 @@ pub enum LabError {
     /// An operator connection failed.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// The raw QUIC baseline failed.
-    #[error("raw QUIC baseline: {0}")]
+    /// The raw baseline failed.
+    #[error("raw baseline: {0}")]
     Bench(#[from] BenchError),
     /// The WAN lab's namespaces could not be made.
     #[error("WAN lab: {0}")]
     Wan(#[from] wan::WanError),
-}
-
-/// Why the raw QUIC baseline failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BenchError {
-    /// The receiver's TLS configuration.
-    #[error("{0}")]
-    Tls(#[from] identity::IdentityError),
-    /// An endpoint or the connection could not be made.
-    #[error("{0}")]
-    Transport(#[from] transport::TransportError),
-    /// The receiver's memory could not be mapped.
-    #[error("{0}")]
-    Memory(#[source] std::io::Error),
-    /// The receiver's endpoint closed before a connection came.
-    #[error("no connection")]
-    NoConnection,
-    /// The connection failed.
-    #[error("{0}")]
-    Connection(#[from] quinn::ConnectionError),
-    /// A stream could not be read.
-    #[error("{0}")]
-    Read(#[from] quinn::ReadError),
-    /// A stream could not be written.
-    #[error("{0}")]
-    Write(#[from] quinn::WriteError),
-    /// A stream could not be finished.
-    #[error("{0}")]
-    Finish(#[from] quinn::ClosedStream),
-    /// A sender or receiver task failed.
-    #[error("{0}")]
-    Task(#[from] tokio::task::JoinError),
-    /// Fewer bytes arrived than were sent.
-    #[error("received {received} of {total} bytes")]
-    Short {
-        /// Bytes received.
-        received: u64,
-        /// Bytes sent.
-        total: u64,
-    },
-}
-
-/// Where the raw QUIC baseline's receiver puts the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sink {
-    /// Drops them (pure transport).
-    Discard,
-    /// Copies them into a fresh anonymous mapping, as a destination's
-    /// staging image must.
-    FreshMemory,
 }
 
 /// One running agent of the lab.
@@ -636,144 +584,6 @@ impl Lab {
     /// An operator connection to agent `name`.
     pub async fn client(&self, name: &str) -> Result<CtlClient, LabError> {
         self.client_as(name, &self.operator).await
-    }
-
-    /// Raw QUIC bulk transfer between two endpoints tuned and authenticated
-    /// exactly like this lab's agents "a" and "b": `bytes` over `streams`
-    /// unidirectional streams, timed from the first write to the last byte
-    /// received. The baseline `convoyctl bench` compares migrations with.
-    pub async fn raw_quic_bulk(
-        &self,
-        bytes: u64,
-        streams: u16,
-        sink: Sink,
-    ) -> Result<Duration, LabError> {
-        self.raw_quic_bulk_with(bytes, streams, sink, &Tuning::default(), None)
-            .await
-    }
-
-    /// [`Lab::raw_quic_bulk`] with `tuning`, and through the impairment
-    /// relay with `via` (towards the receiver, and back) when given.
-    pub async fn raw_quic_bulk_with(
-        &self,
-        bytes: u64,
-        streams: u16,
-        sink: Sink,
-        tuning: &Tuning,
-        via: Option<(impair::Impairment, impair::Impairment)>,
-    ) -> Result<Duration, LabError> {
-        let (na, nb): (AgentName, AgentName) = ("a".parse()?, "b".parse()?);
-        let ida = self.pki.identity(Role::Agent, &na)?;
-        let idb = self.pki.identity(Role::Agent, &nb)?;
-        let tuning = tuning.clone();
-        let server_tls =
-            identity::server_config(&ida, &self.trust, &[ALPN_AGENT]).map_err(BenchError::from)?;
-        let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let server =
-            transport::endpoint(any, Some(server_tls), &tuning).map_err(BenchError::from)?;
-        let mut addr = server.local_addr()?;
-        let _relay = match via {
-            Some((to_target, to_client)) => {
-                let mut config = impair::RelayConfig::new(addr);
-                config.to_target = to_target;
-                config.to_client = to_client;
-                let relay = impair::Relay::start(config).await?;
-                addr = relay.addr();
-                Some(relay)
-            }
-            None => None,
-        };
-        let client = transport::endpoint(any, None, &tuning).map_err(BenchError::from)?;
-        let streams = streams.max(1);
-        let per_stream = bytes / u64::from(streams);
-        let total = per_stream * u64::from(streams);
-        let memory = match sink {
-            Sink::Discard => None,
-            Sink::FreshMemory => Some(Arc::new(
-                GuestMemory::new(convoy_protocol::page::saturating_usize(total.div_ceil(8)) * 8)
-                    .map_err(BenchError::Memory)?,
-            )),
-        };
-        let credit = tuning.clone();
-        let recv = tokio::spawn(async move {
-            let conn = server
-                .accept()
-                .await
-                .ok_or(BenchError::NoConnection)?
-                .await?;
-            let conn = transport::Connection::Quic(conn);
-            transport::grant_migration_credit(&conn, &credit);
-            let mut tasks = Vec::new();
-            for i in 0..u64::from(streams) {
-                let mut s = conn.accept_uni().await?;
-                let memory = memory.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut n = 0u64;
-                    let mut buf = Vec::new();
-                    while let Some(c) = s.read_chunk(1 << 20).await? {
-                        n += c.len() as u64;
-                        if let Some(m) = &memory {
-                            // Staging-like: whole 64 KiB blocks into fresh memory.
-                            buf.extend_from_slice(&c);
-                            if buf.len() >= 1 << 16 {
-                                let off = i * per_stream + n - buf.len() as u64;
-                                let whole = buf.len() / 8 * 8;
-                                m.write(
-                                    convoy_protocol::page::saturating_usize(off),
-                                    &buf[..whole],
-                                );
-                                buf.drain(..whole);
-                            }
-                        }
-                    }
-                    Ok::<u64, BenchError>(n)
-                }));
-            }
-            let mut n = 0;
-            for t in tasks {
-                n += t.await??;
-            }
-            let done = Instant::now();
-            conn.close(0u32.into(), b"done");
-            Ok::<_, BenchError>((n, done))
-        });
-        let conn = transport::Dialer::new(client.clone(), transport::Choice::Quic, tuning.clone())
-            .connect(addr, ida.id().clone(), ALPN_AGENT, &idb, &self.trust)
-            .await
-            .map_err(BenchError::from)?;
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        for c in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-        }
-        let chunk = Bytes::from(chunk);
-        let start = Instant::now();
-        let mut senders = Vec::new();
-        for _ in 0..streams {
-            let mut s = conn.open_uni().await.map_err(BenchError::from)?;
-            let chunk = chunk.clone();
-            senders.push(tokio::spawn(async move {
-                let mut left = per_stream;
-                while left > 0 {
-                    let n = usize::try_from(left).map_or(chunk.len(), |l| l.min(chunk.len()));
-                    s.write_chunk(chunk.slice(..n)).await?;
-                    left -= n as u64;
-                }
-                s.finish()?;
-                Ok::<(), BenchError>(())
-            }));
-        }
-        for s in senders {
-            s.await.map_err(BenchError::from)??;
-        }
-        let (n, done) = recv.await.map_err(BenchError::from)??;
-        if n != total {
-            return Err(BenchError::Short { received: n, total }.into());
-        }
-        Ok(done - start)
     }
 
     /// Stops every agent.

@@ -78,9 +78,20 @@ pub struct Wan {
     pub a: Site,
     /// Site b.
     pub b: Site,
+    /// The prefix of its names.
+    tag: String,
     router: String,
     relay: Option<PacketRelay>,
     made: Vec<String>,
+}
+
+/// What the link's `tbf` did towards one site so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkCounters {
+    /// Bytes put on the link (IP packets).
+    pub bytes: u64,
+    /// Packets dropped: its queue was full.
+    pub dropped: u64,
 }
 
 /// Runs `ip`, `tc` or `nft` with `args`.
@@ -159,6 +170,7 @@ impl Wan {
                 netns: format!("{t}b"),
                 addr: ip(5),
             },
+            tag: t.clone(),
             router: router.clone(),
             relay: None,
             made: vec![router.clone()],
@@ -284,6 +296,32 @@ impl Wan {
     pub fn set(&self, to_b: Impairment, to_a: Impairment) {
         self.relay().set(Direction::ToTarget, to_b);
         self.relay().set(Direction::ToClient, to_a);
+    }
+
+    /// The counters of the link's `tbf` towards site b (`true`) or a
+    /// (zero without `rate_bits`: no `tbf` then).
+    pub fn link_counters(&self, towards_b: bool) -> Result<LinkCounters, WanError> {
+        let dev = format!("{}r{}", self.tag, if towards_b { "b" } else { "a" });
+        let out = run(
+            "tc",
+            &["-n", &self.router, "-s", "qdisc", "show", "dev", &dev],
+        )?;
+        let tbf = out
+            .split("qdisc ")
+            .find(|q| q.starts_with("tbf"))
+            .unwrap_or_default();
+        let after = |word: &str| {
+            let mut words = tbf.split_whitespace();
+            words
+                .position(|w| w.trim_start_matches('(') == word)
+                .and_then(|_| words.next())
+                .and_then(|n| n.trim_end_matches(',').parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(LinkCounters {
+            bytes: after("Sent"),
+            dropped: after("dropped"),
+        })
     }
 
     /// Drops every UDP packet between the sites (nftables in the router:

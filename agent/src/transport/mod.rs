@@ -378,6 +378,36 @@ pub fn endpoint(
     endpoint_with_reset_key(bind, server, tuning, &ResetKey::random()?)
 }
 
+/// Binds a QUIC endpoint and a TCP listener on the same port of `listen`'s
+/// address. With port 0 the kernel picks the UDP port, and a TCP port that
+/// is taken means another pick.
+pub fn bind_both(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    tuning: &Tuning,
+    reset_key: &ResetKey,
+) -> Result<(Endpoint, tokio::net::TcpListener), TransportError> {
+    let tries = if listen.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let endpoint = endpoint_with_reset_key(listen, Some(tls.clone()), tuning, reset_key)?;
+        let addr = endpoint.local_addr()?;
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return Ok((endpoint, l)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(TransportError::Tcp(
+        last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()),
+    ))
+}
+
 /// [`endpoint`], with the stateless-reset key given (an agent's, kept
 /// across restarts).
 pub fn endpoint_with_reset_key(

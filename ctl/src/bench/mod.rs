@@ -22,6 +22,7 @@ mod raw;
 mod rss;
 mod table;
 mod wan;
+mod wan_lab;
 
 use anyhow::Result;
 use convoy_protocol::model::MigrationMode;
@@ -106,12 +107,24 @@ pub struct Bench {
     /// --engine: blocks the workload writes to that disk per second.
     #[arg(long, default_value_t = 2000)]
     pub disk_writes: u64,
-    /// Instead: raw QUIC bulk transfers (of --memory bytes, 64MiB by
-    /// default) through the lab's impairment relay, one per --rtt, --loss
-    /// and --congestion: how much of a --link-mbit link each controller
-    /// uses.
+    /// Instead: migrations of an idle VM of random memory (--memory,
+    /// 128MiB by default) across the WAN lab of network namespaces, one
+    /// per --rtt, --loss and --transports, each beside a raw bulk transfer
+    /// over the same transport through the same WAN: how much of a
+    /// --link-mbit link they use (needs root). With --controllers, raw
+    /// QUIC bulk transfers (64MiB by default) through the UDP relay
+    /// instead, one per --rtt, --loss and --congestion.
     #[arg(long)]
     pub wan: bool,
+    /// --wan: the raw QUIC table by congestion controller.
+    #[arg(long, requires = "wan")]
+    pub controllers: bool,
+    /// --wan: transports of the migrations (quic, tcp, auto).
+    #[arg(long, value_delimiter = ',', default_value = "quic,tcp,auto")]
+    pub transports: Vec<convoy_agent::transport::Choice>,
+    /// --wan: the agents' QUIC congestion controller for the migrations.
+    #[arg(long, default_value = "cubic")]
+    pub wan_congestion: convoy_agent::transport::Congestion,
     /// --wan: round-trip times, milliseconds.
     #[arg(long, value_delimiter = ',', default_value = "2,50,100,150")]
     pub rtt: Vec<u64>,
@@ -121,7 +134,7 @@ pub struct Bench {
     /// --wan: the link's rate, Mbit/s.
     #[arg(long, default_value_t = 100)]
     pub link_mbit: u64,
-    /// --wan: congestion controllers (cubic, newreno, bbr).
+    /// --wan --controllers: congestion controllers (cubic, newreno, bbr).
     #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
     pub congestion: Vec<convoy_agent::transport::Congestion>,
     /// --wan: seconds a transfer may take before its cell says so.
@@ -133,8 +146,11 @@ pub struct Bench {
 
 /// Runs the benchmark the flags choose.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
-    if b.wan {
+    if b.wan && b.controllers {
         return wan::run(g, b).await;
+    }
+    if b.wan {
+        return wan_lab::run(g, b).await;
     }
     if b.engine {
         return engine::run(g, b).await;

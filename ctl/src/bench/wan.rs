@@ -29,17 +29,22 @@ struct Row {
     link_used: Option<f64>,
 }
 
-/// One direction of the link: half the RTT, the loss, the rate (a queue of
-/// one bandwidth-delay product, at least 64 KiB).
-fn line(rtt_ms: u64, loss_pct: f64, bytes_per_sec: NonZeroU64) -> Result<Impairment> {
-    let loss = if loss_pct > 0.0 {
+/// `--loss` as random loss (none at 0).
+pub(super) fn random_loss(loss_pct: f64) -> Result<Loss> {
+    if loss_pct > 0.0 {
         let Some(p) = Probability::new(loss_pct / 100.0) else {
             bail!("--loss {loss_pct}: a percentage from 0 to 100");
         };
-        Loss::Bernoulli(p)
+        Ok(Loss::Bernoulli(p))
     } else {
-        Loss::None
-    };
+        Ok(Loss::None)
+    }
+}
+
+/// One direction of the link: half the RTT, the loss, the rate (a queue of
+/// one bandwidth-delay product, at least 64 KiB).
+fn line(rtt_ms: u64, loss_pct: f64, bytes_per_sec: NonZeroU64) -> Result<Impairment> {
+    let loss = random_loss(loss_pct)?;
     let bdp = bytes_per_sec.get().saturating_mul(rtt_ms) / 1000;
     Ok(Impairment {
         delay: Duration::from_millis(rtt_ms / 2),

@@ -87,6 +87,9 @@ async fn a_migration_crosses_a_long_lossy_link_between_namespaces() {
         to_b.dropped_loss > 0 && to_a.in_datagrams > 0,
         "{to_b:?} {to_a:?}"
     );
+    // The link's tbf carried them towards b.
+    let link = wan.link_counters(true).unwrap();
+    assert!(link.bytes >= to_b.delivered_bytes / 2, "{link:?} {to_b:?}");
     // A round trip costs at least the link's 50 ms.
     assert!(report.total_ms >= 50.0, "{report:?}");
     assert_eq!(b.vm_list().await.unwrap().len(), 1);

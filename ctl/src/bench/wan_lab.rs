@@ -1,0 +1,224 @@
+//! `convoyctl bench --wan`: migrations across the lab's WAN of network
+//! namespaces (a `--link-mbit` link by `tbf`, half of each `--rtt` each
+//! way and random `--loss` both ways by the TUN relay), one per RTT, loss
+//! and `--transports`; beside each, in the same run through the same
+//! WAN, a raw bulk transfer of as many bytes over the transport the
+//! migration used, so the ratio is Convoy's and not the lab's. Needs root.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use convoy_agent::lab::impair::Impairment;
+use convoy_agent::lab::wan::WanConfig;
+use convoy_agent::lab::{BulkPath, Lab, Sink};
+use convoy_agent::transport::{Choice, Kind, Tuning};
+use convoy_protocol::ctl::{ContentProfile, Outcome};
+use serde::Serialize;
+
+use super::Bench;
+use crate::conn::Global;
+use crate::render;
+
+#[derive(Serialize)]
+struct Row {
+    rtt_ms: u64,
+    loss_pct: f64,
+    transport: String,
+    /// The transport the migration used (`auto` races).
+    used: Option<String>,
+    memory_bytes: u64,
+    outcome: String,
+    seconds: Option<f64>,
+    downtime_ms: Option<f64>,
+    wire_bytes: Option<u64>,
+    /// Bytes the link carried towards b (its `tbf`'s count) per second,
+    /// over the link's rate.
+    link_used: Option<f64>,
+    /// Packets the link's queue dropped towards b during the migration.
+    link_drops: Option<u64>,
+    /// The raw transfer's rate over the same transport, Mbit/s.
+    raw_mbit_s: Option<f64>,
+}
+
+/// One direction: half the RTT and the loss (the rate is `tbf`'s).
+fn line(rtt_ms: u64, loss_pct: f64) -> Result<Impairment> {
+    Ok(Impairment {
+        delay: Duration::from_millis(rtt_ms / 2),
+        loss: super::wan::random_loss(loss_pct)?,
+        ..Impairment::default()
+    })
+}
+
+/// Runs the grid of `--rtt` × `--loss` × `--transports`.
+pub async fn run(g: &Global, b: Bench) -> Result<()> {
+    let bytes = b.memory.unwrap_or(128 << 20);
+    if b.link_mbit == 0 {
+        bail!("--link-mbit must be more than 0");
+    }
+    let link_bits = b.link_mbit.saturating_mul(1_000_000);
+    let limit = Duration::from_secs(b.cell_timeout);
+    let congestion = b.wan_congestion;
+    let mut rows = Vec::new();
+    for &choice in &b.transports {
+        let dir = tempfile::tempdir()?;
+        let config = WanConfig {
+            rate_bits: Some(link_bits),
+            ..WanConfig::default()
+        };
+        let mut lab = Lab::start_wan(dir.path(), &config, |_, cfg| {
+            cfg.transport = choice;
+            cfg.tuning.congestion = congestion;
+        })
+        .await
+        .context("the WAN lab (network namespaces; needs root and iproute2)")?;
+        lab.transport = choice;
+        let a = lab.client("a").await?;
+        let bclient = lab.client("b").await?;
+        for &rtt_ms in &b.rtt {
+            for &loss_pct in &b.loss {
+                let l = line(rtt_ms, loss_pct)?;
+                let wan = lab.wan().context("a WAN lab")?;
+                wan.set(l, l);
+                if !g.json {
+                    eprintln!("{rtt_ms} ms, {loss_pct}% loss, {choice} …");
+                }
+                let name = format!("wan-{rtt_ms}-{}", rows.len());
+                let mut spec = Lab::sim_test_vm(name.parse()?, bytes, 0);
+                spec.content = ContentProfile::Random;
+                a.vm_create(spec).await?;
+                let req = lab.migrate_request(&name, "a", "b", b.tuning.options())?;
+                let before = wan.link_counters(true)?;
+                let report = tokio::time::timeout(limit, a.migrate(req, |_| {})).await;
+                let mut row = Row {
+                    rtt_ms,
+                    loss_pct,
+                    transport: choice.to_string(),
+                    used: None,
+                    memory_bytes: bytes,
+                    outcome: format!("> {} s", b.cell_timeout),
+                    seconds: None,
+                    downtime_ms: None,
+                    wire_bytes: None,
+                    link_used: None,
+                    link_drops: None,
+                    raw_mbit_s: None,
+                };
+                let mut kind = match choice {
+                    Choice::Tcp => Kind::Tcp,
+                    Choice::Quic | Choice::Auto => Kind::Quic,
+                };
+                match report {
+                    Ok(Ok(r)) => {
+                        let secs = r.total_ms / 1000.0;
+                        row.outcome = match r.outcome {
+                            Outcome::Completed if r.verified => "verified".into(),
+                            other => format!("{other:?}"),
+                        };
+                        row.seconds = Some(secs);
+                        row.downtime_ms = Some(r.downtime_ms);
+                        row.wire_bytes = Some(r.wire_bytes);
+                        let after = wan.link_counters(true)?;
+                        let carried = after.bytes.saturating_sub(before.bytes);
+                        row.link_used =
+                            Some(carried as f64 * 8.0 / secs.max(1e-9) / link_bits as f64);
+                        row.link_drops = Some(after.dropped.saturating_sub(before.dropped));
+                        if r.transport.as_deref() == Some("tcp") {
+                            kind = Kind::Tcp;
+                        }
+                        row.used = r.transport;
+                        let _ = bclient.vm_delete(name.parse()?).await;
+                    }
+                    Ok(Err(e)) => row.outcome = format!("failed: {e}"),
+                    // Timed out: the migration is aborted when the
+                    // operator's connection goes, below.
+                    Err(_) => {}
+                }
+                let tuning = Tuning {
+                    congestion,
+                    ..Tuning::default()
+                };
+                let raw = lab.raw_bulk(
+                    bytes,
+                    b.tuning.streams,
+                    Sink::Discard,
+                    &tuning,
+                    kind,
+                    BulkPath::Wan,
+                );
+                if let Ok(Ok(d)) = tokio::time::timeout(limit, raw).await {
+                    row.raw_mbit_s = Some(bytes as f64 * 8.0 / d.as_secs_f64() / 1e6);
+                }
+                let _ = a.vm_delete(name.parse()?).await;
+                rows.push(row);
+            }
+        }
+        a.close().await;
+        bclient.close().await;
+        lab.shutdown().await;
+    }
+    if g.json {
+        return render::json(&rows);
+    }
+    println!(
+        "migrations of an idle {} MiB VM of random memory across the WAN lab (network \
+         namespaces; tbf {} Mbit/s each way, half the RTT each way and random loss both ways \
+         by the TUN relay; QUIC controller {congestion}); raw: {} MiB of bulk over the same \
+         transport through the same WAN. link used: what the link's tbf put on the wire towards \
+         b per second over its rate; queue drops: packets tbf dropped; of raw: memory moved per \
+         second over the raw rate",
+        super::table::mib(bytes),
+        b.link_mbit,
+        super::table::mib(bytes),
+    );
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let used = r.used.as_deref().unwrap_or("-");
+            let util = r
+                .link_used
+                .map_or("-".into(), |u| format!("{:.0}%", u * 100.0));
+            // Memory moved per second against the raw transfer's rate.
+            let migration_mbit = r
+                .seconds
+                .map(|s| r.memory_bytes as f64 * 8.0 / s.max(1e-9) / 1e6);
+            let ratio = migration_mbit
+                .zip(r.raw_mbit_s)
+                .map_or("-".into(), |(m, raw)| format!("{:.0}%", m / raw * 100.0));
+            vec![
+                r.rtt_ms.to_string(),
+                format!("{}", r.loss_pct),
+                format!("{} ({used})", r.transport),
+                r.outcome.clone(),
+                r.seconds.map_or("-".into(), |s| format!("{s:.1} s")),
+                r.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
+                r.wire_bytes.map_or("-".into(), |w| {
+                    format!("{:.1}", w as f64 / f64::from(1 << 20))
+                }),
+                util,
+                r.link_drops.map_or("-".into(), |d| d.to_string()),
+                r.raw_mbit_s.map_or("-".into(), |m| format!("{m:.1}")),
+                ratio,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render::table(
+            &[
+                "RTT ms",
+                "loss %",
+                "transport (used)",
+                "outcome",
+                "total",
+                "downtime",
+                "wire MiB",
+                "link used",
+                "queue drops",
+                "raw Mbit/s",
+                "of raw",
+            ],
+            &table
+        )
+    );
+    Ok(())
+}
