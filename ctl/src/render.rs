@@ -262,12 +262,20 @@ pub fn vms(v: &[VmInfo]) -> String {
 /// A live progress bar fed by [`Progress`] updates.
 pub struct Bar {
     bar: ProgressBar,
+    /// With `--json`: progress as JSON lines on stderr instead, at most
+    /// one per [`JSON_EVERY`] besides each change of phase (the last line
+    /// printed: when, and its phase).
+    json: Option<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
+/// The least time between two JSON progress lines of one phase.
+const JSON_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Bar {
-    /// A bar on stderr (hidden when `quiet`).
-    pub fn new(quiet: bool) -> Bar {
-        let bar = if quiet {
+    /// A bar on stderr; with `json`, JSON lines on stderr instead
+    /// (`{"progress": {...}}`), stdout being the report's.
+    pub fn new(json: bool) -> Bar {
+        let bar = if json {
             ProgressBar::hidden()
         } else {
             ProgressBar::new(1)
@@ -277,11 +285,29 @@ impl Bar {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        Bar { bar }
+        Bar {
+            bar,
+            json: json.then(Default::default),
+        }
     }
 
     /// Shows one update.
     pub fn update(&self, p: &Progress) {
+        if let Some(last) = &self.json {
+            let mut last = last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last
+                .as_ref()
+                .is_none_or(|(at, phase)| *phase != p.phase || at.elapsed() >= JSON_EVERY);
+            if due {
+                if let Ok(line) = serde_json::to_string(&serde_json::json!({ "progress": p })) {
+                    eprintln!("{line}");
+                }
+                *last = Some((std::time::Instant::now(), p.phase.clone()));
+            }
+            return;
+        }
         self.bar.set_length(p.total_pages.max(1));
         self.bar.set_position(p.pages_sent.min(p.total_pages));
         self.bar.set_message(format!(

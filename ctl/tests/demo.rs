@@ -27,6 +27,17 @@ fn demo_json_reports_a_verified_migration_and_the_trust_path() {
     );
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["verified"], true);
+    // Progress went to stderr as JSON lines, the last round's pages sent
+    // among them.
+    let progress: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("progress").cloned())
+        .collect();
+    assert!(!progress.is_empty());
+    assert!(progress
+        .iter()
+        .any(|p| p["pages_sent"].as_u64().unwrap_or(0) > 0));
     assert_eq!(v["counter_continuous"], true);
     assert_eq!(v["ticket_verified"], true);
     assert_eq!(v["audit_verified"], true);
@@ -64,6 +75,16 @@ fn bad_flags_get_a_clear_error_and_a_failure_status() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("expected quic, tcp or auto"), "{err}");
+    }
+    // A deadline of nothing, or of more than a day.
+    for d in ["0", "86401", "soon"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+            .args(["demo", "--deadline", d])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--deadline"), "{err}");
     }
 }
 

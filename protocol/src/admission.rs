@@ -299,6 +299,7 @@ fn same_plan(ticket: &MigrationPlan, proposed: &MigrationPlan) -> Result<(), Adm
         adaptive_compression,
         start_paused,
         storage_postcopy,
+        deadline_ms,
     } = ticket;
     field("mode", mode, &proposed.mode)?;
     field("streams", streams, &proposed.streams)?;
@@ -334,6 +335,7 @@ fn same_plan(ticket: &MigrationPlan, proposed: &MigrationPlan) -> Result<(), Adm
     )?;
     field("auto_converge", auto_converge, &proposed.auto_converge)?;
     field("hold_hot_pages", hold_hot_pages, &proposed.hold_hot_pages)?;
+    field("deadline_ms", deadline_ms, &proposed.deadline_ms)?;
     Ok(())
 }
 
@@ -464,6 +466,7 @@ mod tests {
             ("adaptive_compression", |p| p.adaptive_compression = false),
             ("auto_converge", |p| p.auto_converge = false),
             ("hold_hot_pages", |p| p.hold_hot_pages = false),
+            ("deadline_ms", |p| p.deadline_ms = Some(60_000)),
         ];
         for (name, change) in cases {
             let mut m = manifest(&granted);

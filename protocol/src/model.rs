@@ -93,6 +93,11 @@ pub struct MigrationPlan {
     /// destination (a guest write to one waits for it), instead of going
     /// inside the downtime.
     pub storage_postcopy: bool,
+    /// The migration must reach its handover (or post-copy switch)
+    /// within this many milliseconds of its start, or it is cancelled and
+    /// the VM runs on at the source. After the handover the VM is the
+    /// destination's and the deadline no longer applies.
+    pub deadline_ms: Option<u32>,
 }
 
 impl Default for MigrationPlan {
@@ -112,6 +117,7 @@ impl Default for MigrationPlan {
             adaptive_compression: true,
             start_paused: false,
             storage_postcopy: false,
+            deadline_ms: None,
         }
     }
 }
@@ -142,6 +148,9 @@ pub enum PlanError {
          disks and --mode postcopy or hybrid (and --copy-storage)"
     )]
     StoragePostcopy,
+    /// A deadline of nothing.
+    #[error("the deadline must be more than 0")]
+    Deadline,
 }
 
 impl MigrationPlan {
@@ -164,6 +173,9 @@ impl MigrationPlan {
         }
         if self.storage_postcopy && (self.mode == MigrationMode::Precopy || !self.copy_storage) {
             return Err(PlanError::StoragePostcopy);
+        }
+        if self.deadline_ms == Some(0) {
+            return Err(PlanError::Deadline);
         }
         Ok(())
     }

@@ -212,6 +212,9 @@ pub(crate) async fn migrate(
     }
     let _active = ActiveGuard::new(&host.active);
     let started = clock::now();
+    let deadline = opts
+        .deadline_ms
+        .map(|ms| Deadline::arm(std::time::Duration::from_millis(ms.into()), cancel.clone()));
     tracing::info!(%migration, vm = %req.vm, to = %dest_id, "migration starting");
     let creds = host.creds();
     let conn = host
@@ -241,7 +244,8 @@ pub(crate) async fn migrate(
                 started,
             };
             let done = run.drive(conn).await;
-            return Ok(finish(&host, &req, migration, done.phases, done.report).await);
+            let report = Deadline::explain(deadline, done.report);
+            return Ok(finish(&host, &req, migration, done.phases, report).await);
         }
     };
 
@@ -282,7 +286,57 @@ pub(crate) async fn migrate(
         }
     };
     let phases = std::mem::take(&mut run.phases);
+    let report = Deadline::explain(deadline, report);
     Ok(finish(&host, &req, migration, phases, report).await)
+}
+
+/// The plan's deadline: when it passes, a task cancels the migration as an
+/// operator's abort does (which the engines refuse once the VM is handed
+/// over), and the report then says why.
+struct Deadline {
+    after: std::time::Duration,
+    passed: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Deadline {
+    fn arm(after: std::time::Duration, cancel: Arc<tokio::sync::Notify>) -> Deadline {
+        let passed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = passed.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            // A permit if the engine is not waiting at this instant.
+            cancel.notify_one();
+        });
+        Deadline {
+            after,
+            passed,
+            task,
+        }
+    }
+
+    /// `report`, its outcome naming the deadline when the deadline
+    /// aborted the migration.
+    fn explain(deadline: Option<Deadline>, mut report: MigrationReport) -> MigrationReport {
+        let Some(d) = deadline else { return report };
+        if d.passed.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Outcome::Aborted(why) = &report.outcome {
+                report.outcome = Outcome::Aborted(format!(
+                    "the migration's deadline of {:.1} s passed before the handover ({why}); the \
+                     VM runs at the source",
+                    d.after.as_secs_f64()
+                ));
+            }
+        }
+        report
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The VM a migration claimed.

@@ -90,6 +90,11 @@ pub struct Tuning {
     /// inside the downtime.
     #[arg(long)]
     pub storage_postcopy: bool,
+    /// Seconds the migration has to reach its handover (or post-copy
+    /// switch); past them it is cancelled and the VM runs on at the
+    /// source. Signed into the ticket.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub deadline: Option<u32>,
 }
 
 impl Tuning {
@@ -110,6 +115,7 @@ impl Tuning {
             adaptive_compression: !self.fixed_compression,
             start_paused: false,
             storage_postcopy: self.storage_postcopy,
+            deadline_ms: self.deadline.map(|s| s.saturating_mul(1000)),
         }
     }
 }

@@ -286,3 +286,37 @@ async fn adaptive_compression_compresses_on_a_slow_link() {
     assert!(e.zstd > 2 * e.raw, "{e:?}");
     close(lab, a, b).await;
 }
+
+/// A migration that cannot reach its handover within the plan's deadline
+/// (a 4 MiB/s cap makes the copy of 64 MiB of random memory take 16 s;
+/// the deadline is 2 s) is cancelled when it passes: the VM runs on at the
+/// source, nothing is left at the destination, the report says why, and
+/// the VM still moves afterwards without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_past_its_deadline_is_cancelled_and_the_vm_runs_on_at_the_source() {
+    let (_dir, lab, a, b) = agents_a_and_b().await;
+    let mut spec = sim_spec("web", 64 << 20, 1_000);
+    spec.content = convoy_protocol::ctl::ContentProfile::Random;
+    a.vm_create(spec).await.unwrap();
+    let plan = MigrationPlan {
+        bandwidth: Some(4 << 20),
+        deadline_ms: Some(2_000),
+        ..MigrationPlan::default()
+    };
+    let req = lab.migrate_request("web", "a", "b", plan).unwrap();
+    let report = a.migrate(req, |_| {}).await.unwrap();
+    match &report.outcome {
+        Outcome::Aborted(why) => assert!(why.contains("deadline of 2.0 s"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Cancelled at the deadline, not at the end of the copy.
+    assert!(report.total_ms < 10_000.0, "{report:?}");
+    convoy_tests::assert_nothing_moved(&a, &b).await;
+    // A plan without a deadline is signed anew; the VM moves.
+    let report = a
+        .migrate(migrate(&lab, "web", "a", "b"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    close(lab, a, b).await;
+}

@@ -1045,3 +1045,123 @@ async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
     let b_list = q.lab.client("b").await.unwrap().vm_list().await.unwrap();
     assert_eq!(b_list[0].state, VmState::Exited);
 }
+
+/// A guest rewriting 16 MiB over and over, migrated over a link capped at
+/// 8 MiB/s. Without auto-converge and with 4 rounds, pre-copy gives up
+/// honestly: QEMU's figures in the message and in the report, QEMU's
+/// migration cancelled, the guest running on at the source. With
+/// auto-converge (the default), QEMU throttles the guest until the copy
+/// converges, and the report shows the throttle. A deadline shorter than
+/// the copy cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_guest_dirtying_faster_than_the_link_is_throttled_or_fails_honestly() {
+    use convoy_protocol::ctl::Outcome;
+    use convoy_protocol::model::MigrationPlan;
+    let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    let c = q.lab.client("a").await.unwrap();
+    let mut def = definition("busy", vec![]);
+    def.append = "console=ttyS0 quiet panic=-1 convoy.dirty=16".into();
+    c.vm_create_qemu(def).await.unwrap();
+    let log = q.serial("a", "busy");
+    assert!(
+        until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
+        "the guest did not come up"
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("convoy-guest dirtying 16 MiB"));
+
+    let capped = MigrationPlan {
+        streams: 1,
+        bandwidth: Some(8 << 20),
+        ..MigrationPlan::default()
+    };
+    let r = q
+        .migrate(
+            "busy",
+            "a",
+            "b",
+            MigrationPlan {
+                auto_converge: false,
+                max_rounds: 4,
+                ..capped.clone()
+            },
+        )
+        .await;
+    match &r.outcome {
+        Outcome::Aborted(why) => {
+            assert!(why.contains("did not converge in 4 rounds"), "{why}");
+        }
+        other => panic!("{other:?} {r:?}"),
+    }
+    // What was done, not zeros.
+    assert!(r.rounds > 4, "{r:?}");
+    assert!(r.pages_sent > 0 && r.convergence.dirty_rate > 0, "{r:?}");
+    assert_eq!(r.convergence.throttle, 0, "{r:?}");
+    assert_eq!(r.qemu.as_ref().unwrap().status, "cancelled", "{r:?}");
+    // The guest runs on at a; nothing at b.
+    let last = *counters(&log).last().unwrap();
+    assert!(
+        until(Duration::from_secs(10), || counters(&log).last()
+            > Some(&last))
+        .await
+    );
+    assert!(q
+        .lab
+        .client("b")
+        .await
+        .unwrap()
+        .vm_list()
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Rounds enough, but a deadline of 5 s: cancelled when it passes.
+    let r = q
+        .migrate(
+            "busy",
+            "a",
+            "b",
+            MigrationPlan {
+                auto_converge: false,
+                deadline_ms: Some(5_000),
+                ..capped.clone()
+            },
+        )
+        .await;
+    match &r.outcome {
+        Outcome::Aborted(why) => assert!(why.contains("deadline of 5.0 s"), "{why}"),
+        other => panic!("{other:?} {r:?}"),
+    }
+    let last = *counters(&log).last().unwrap();
+    assert!(
+        until(Duration::from_secs(10), || counters(&log).last()
+            > Some(&last))
+        .await
+    );
+
+    // The guest counts on at a while the copy runs (throttled): the
+    // counter to carry on from is the last one a printed, watched until
+    // a's QEMU and its log are gone.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watch = {
+        let (seen, log) = (seen.clone(), log.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(&c) = counters(&log).last() {
+                    seen.fetch_max(c, std::sync::atomic::Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let r = q.migrate("busy", "a", "b", capped).await;
+    watch.abort();
+    let last = seen.load(std::sync::atomic::Ordering::SeqCst);
+    q.assert_moved(&r, "busy", "a", "b", last).await;
+    assert!(r.convergence.throttle > 0, "{r:?}");
+    q.lab.shutdown().await;
+}

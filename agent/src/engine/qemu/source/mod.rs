@@ -103,6 +103,10 @@ struct State {
     channels: Vec<ChannelDigests>,
     qemu_status: String,
     qemu_info: Value,
+    /// The highest throttle QEMU applied, percent.
+    throttle: u8,
+    /// QEMU's last dirty rate, pages per second.
+    dirty_rate: u64,
     stop_at_unix_us: Option<u64>,
     downtime_ms: f64,
     handed_over: bool,
@@ -142,6 +146,8 @@ impl Run {
             channels: Vec::new(),
             qemu_status: "not started".into(),
             qemu_info: Value::Null,
+            throttle: 0,
+            dirty_rate: 0,
             stop_at_unix_us: None,
             downtime_ms: 0.0,
             handed_over: false,
@@ -290,7 +296,13 @@ impl Run {
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                _ => break,
+                Ok(q) => {
+                    if let Some(s) = q["status"].as_str() {
+                        s.clone_into(&mut st.qemu_status);
+                    }
+                    break;
+                }
+                Err(_) => break,
             }
         }
         for i in 0..self.prepared.disks.len() {

@@ -16,18 +16,49 @@ use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fai
 
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).
 const UNLIMITED: u64 = 1 << 40;
+/// The downtime limit that makes QEMU stop and copy whatever is left
+/// (`--force-stop` past the rounds): QEMU's largest, 2000 s.
+const FORCED_DOWNTIME_MS: u64 = 2_000_000;
+
+/// Why pre-copy gave up, with QEMU's figures: the rounds, the dirty rate,
+/// the send rate, the throttle and the downtime it expected.
+fn no_convergence(q: &Value, max_rounds: u32, target_ms: u32) -> String {
+    let ram = &q["ram"];
+    format!(
+        "pre-copy did not converge in {max_rounds} rounds: the guest dirties {} pages/s, the \
+         link takes {:.1} Mbit/s, the guest is throttled {}%, and the expected downtime is {} ms \
+         against a target of {target_ms} ms; the VM runs on at the source (--force-stop stops \
+         anyway, auto-converge throttles the guest)",
+        ram["dirty-pages-rate"].as_u64().unwrap_or(0),
+        ram["mbps"].as_f64().unwrap_or(0.0),
+        q["cpu-throttle-percentage"].as_u64().unwrap_or(0),
+        q["expected-downtime"].as_u64().unwrap_or(0),
+    )
+}
 
 impl Run {
-    /// Migration capabilities and parameters for this plan.
+    /// Migration capabilities and parameters for this plan: those both
+    /// QEMUs share, and the source's own auto-converge (QEMU throttles the
+    /// guest's vCPUs, 20% then 20% more each round up to 99%, while the
+    /// guest dirties memory faster than half the link takes it), as sim
+    /// VMs do.
     pub(super) async fn configure(&self, m: &QemuManifest) -> Result<(), Fail> {
-        self.qmp(
-            "migrate-set-capabilities",
-            json!({ "capabilities": capabilities(m) }),
-        )
-        .await?;
+        let mut caps = capabilities(m);
+        if let Some(list) = caps.as_array_mut() {
+            list.push(json!({
+                "capability": "auto-converge",
+                "state": self.plan.auto_converge && m.mode != MigrationMode::Postcopy,
+            }));
+        }
+        self.qmp("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .await?;
+        // The throttle's steps as the sim VMs': 20%, then 20% more a
+        // round (QEMU's default step, 10%, takes twice the rounds).
         let mut p = json!({
             "downtime-limit": self.plan.max_downtime_ms,
             "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
+            "cpu-throttle-initial": 20,
+            "cpu-throttle-increment": 20,
         });
         if m.multifd_channels > 0 {
             p["multifd-channels"] = json!(m.multifd_channels);
@@ -51,6 +82,7 @@ impl Run {
         let m = &self.prepared.manifest;
         let begun = clock::now();
         let mut switched = false;
+        let mut forced = false;
         let info = loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
@@ -80,7 +112,16 @@ impl Run {
             }
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();
+            // What a failed or cancelled migration reports: the last
+            // figures, not none.
+            st.qemu_info = q.clone();
+            st.qemu_status.clone_from(&status);
             let ram = &q["ram"];
+            let throttle = q["cpu-throttle-percentage"].as_u64().unwrap_or(0);
+            st.throttle = st.throttle.max(u8::try_from(throttle).unwrap_or(u8::MAX));
+            if let Some(rate) = ram["dirty-pages-rate"].as_u64().filter(|r| *r > 0) {
+                st.dirty_rate = rate;
+            }
             // CAST: `as` saturates, which is the reading wanted: a negative
             // or NaN rate from QEMU is 0, an absurd one u64::MAX.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -104,6 +145,36 @@ impl Run {
                         "QEMU's migration {}: {why}",
                         st.qemu_status
                     )));
+                }
+                // Pre-copy past its rounds (QEMU's dirty syncs: the first
+                // pass is the first). Past them: stop and copy with
+                // --force-stop (QEMU stops once the downtime limit admits
+                // what is left, so the limit is lifted), or give up here.
+                "active"
+                    if !switched
+                        && m.mode == MigrationMode::Precopy
+                        && ram["dirty-sync-count"].as_u64().unwrap_or(0)
+                            > u64::from(self.plan.max_rounds) =>
+                {
+                    if self.plan.force_stop {
+                        if !forced {
+                            forced = true;
+                            self.qmp(
+                                "migrate-set-parameters",
+                                json!({ "downtime-limit": FORCED_DOWNTIME_MS }),
+                            )
+                            .await?;
+                        }
+                    } else {
+                        return Err(Fail::new(
+                            convoy_protocol::message::Reason::CannotConverge(no_convergence(
+                                &q,
+                                self.plan.max_rounds,
+                                self.plan.max_downtime_ms,
+                            )),
+                            no_convergence(&q, self.plan.max_rounds, self.plan.max_downtime_ms),
+                        ));
+                    }
                 }
                 "active" if !switched => {
                     let due = match m.mode {

@@ -44,7 +44,13 @@ impl Run {
             memory_root: (!st.channels.is_empty()).then_some(out_root),
             counter_at_pause: None,
             receipts: st.receipts,
-            convergence: Default::default(),
+            // QEMU's: its last dirty rate, its highest throttle.
+            convergence: convoy_protocol::model::Convergence {
+                dirty_rate: st.dirty_rate,
+                throttle: st.throttle,
+                resent_pages: 0,
+                held_back: 0,
+            },
             postcopy: None,
             disks: Vec::new(),
             disk_blocks_sent: 0,
