@@ -1161,7 +1161,22 @@ async fn a_qemu_guest_dirtying_faster_than_the_link_is_throttled_or_fails_honest
     let r = q.migrate("busy", "a", "b", capped).await;
     watch.abort();
     let last = seen.load(std::sync::atomic::Ordering::SeqCst);
-    q.assert_moved(&r, "busy", "a", "b", last).await;
-    assert!(r.convergence.throttle > 0, "{r:?}");
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(r.verified && r.convergence.throttle > 0, "{r:?}");
+    assert!(
+        until(Duration::from_secs(10), || q.processes("a").is_empty()).await,
+        "the source QEMU still runs"
+    );
+    // The guest counts on at b. Unthrottled there, its copy loop competes
+    // with the counter for one TCG vCPU on a loaded machine (a CI run saw
+    // no counter within 30 s once): the wait is long, the check the same.
+    let dst_log = q.serial("b", "busy");
+    assert!(
+        until(Duration::from_secs(120), || counters(&dst_log)
+            .iter()
+            .any(|&c| c > last))
+        .await,
+        "no counter after {last} at b"
+    );
     q.lab.shutdown().await;
 }
