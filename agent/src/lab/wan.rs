@@ -213,13 +213,12 @@ impl Wan {
             ipn(&site.netns, &["route", "add", "default", "via", &gw])?;
             ipn(&r, &["addr", "add", &cidr(far, 30), "dev", &peer])?;
             ipn(&r, &["link", "set", &peer, "up"])?;
-            if let Some(rate) = config.rate_bits {
+            if let Some(bits) = config.rate_bits {
                 // The router's egress towards the site: the link's rate,
-                // and a queue of a few milliseconds (a router's buffer).
-                let rate = format!("{rate}bit");
-                let burst = (config.rate_bits.unwrap_or(0) / 8 / 250)
-                    .max(16 << 10)
-                    .to_string();
+                // a burst of 4 ms of it (16 KiB at least) and a queue of
+                // 50 ms (a router's buffer).
+                let rate = format!("{bits}bit");
+                let burst = (bits / 8 / 250).max(16 << 10).to_string();
                 run(
                     "tc",
                     &[
