@@ -29,7 +29,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn index(self) -> usize {
+    /// Its slot in a pair of [`Way`]s.
+    pub(super) fn index(self) -> usize {
         match self {
             Direction::ToTarget => 0,
             Direction::ToClient => 1,
@@ -83,11 +84,25 @@ pub(super) struct Way<P> {
 
 impl<P: Clone> Way<P> {
     /// A direction with `impairment`, its randomness from `seed`.
-    pub(super) fn new(impairment: Impairment, seed: u64, max_held_bytes: usize) -> Way<P> {
+    fn new(impairment: Impairment, seed: u64, max_held_bytes: usize) -> Way<P> {
         Way {
             line: Mutex::new(Line::new(impairment, seed, max_held_bytes)),
             wake: Notify::new(),
         }
+    }
+
+    /// Both directions, indexed by [`Direction::index`], their randomness
+    /// from `seed` (each its own stream).
+    pub(super) fn pair(
+        to_target: Impairment,
+        to_client: Impairment,
+        seed: u64,
+        max_held_bytes: usize,
+    ) -> [Way<P>; 2] {
+        [
+            Way::new(to_target, seed, max_held_bytes),
+            Way::new(to_client, seed ^ 0x9e37_79b9_7f4a_7c15, max_held_bytes),
+        ]
     }
 
     pub(super) fn line(&self) -> MutexGuard<'_, Line<P>> {
@@ -186,13 +201,13 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> std::io::Result<Relay> {
         let front = UdpSocket::bind(config.listen).await?;
         let addr = front.local_addr()?;
-        let way =
-            |impairment, salt: u64| Way::new(impairment, config.seed ^ salt, config.max_held_bytes);
         let shared = Arc::new(Shared {
-            ways: [
-                way(config.to_target, 0),
-                way(config.to_client, 0x9e37_79b9_7f4a_7c15),
-            ],
+            ways: Way::pair(
+                config.to_target,
+                config.to_client,
+                config.seed,
+                config.max_held_bytes,
+            ),
             target: config.target,
             front,
             backs: Mutex::new(HashMap::new()),

@@ -114,10 +114,7 @@ impl PacketRelay {
         // SAFETY: an `OwnedFd` stays open, and is the same descriptor,
         // for as long as the `AsyncFd` owns it.
         let fd = Arc::new(unsafe { AsyncFd::register(tun.fd) }.map_err(io::Error::from)?);
-        let ways = Arc::new([
-            Way::new(to_target, seed, max_held_bytes),
-            Way::new(to_client, seed ^ 0x9e37_79b9_7f4a_7c15, max_held_bytes),
-        ]);
+        let ways = Arc::new(Way::pair(to_target, to_client, seed, max_held_bytes));
         let mask = u32::MAX
             .checked_shl(32 - u32::from(target.1.min(32)))
             .unwrap_or(0);
@@ -130,7 +127,7 @@ impl PacketRelay {
     }
 
     fn way(&self, d: Direction) -> &Way<Bytes> {
-        &self.ways[index(d)]
+        &self.ways[d.index()]
     }
 
     /// The impairments of one direction.
@@ -170,13 +167,6 @@ impl Drop for PacketRelay {
     }
 }
 
-fn index(d: Direction) -> usize {
-    match d {
-        Direction::ToTarget => 0,
-        Direction::ToClient => 1,
-    }
-}
-
 /// Reads packets and holds each in its direction's line.
 async fn read(fd: Arc<AsyncFd<OwnedFd>>, ways: Arc<[Way<Bytes>; 2]>, net: u32, mask: u32) {
     let mut buf = vec![0u8; MAX_PACKET];
@@ -204,13 +194,13 @@ async fn read(fd: Arc<AsyncFd<OwnedFd>>, ways: Arc<[Way<Bytes>; 2]>, net: u32, m
         } else {
             Direction::ToClient
         };
-        ways[index(d)].push(n, Bytes::copy_from_slice(packet));
+        ways[d.index()].push(n, Bytes::copy_from_slice(packet));
     }
 }
 
 /// Writes one direction's packets back into the device when due.
 async fn release(fd: Arc<AsyncFd<OwnedFd>>, ways: Arc<[Way<Bytes>; 2]>, d: Direction) {
-    let way = &ways[index(d)];
+    let way = &ways[d.index()];
     let mut due = Vec::new();
     loop {
         way.due(&mut due).await;

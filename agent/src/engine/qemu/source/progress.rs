@@ -166,13 +166,11 @@ impl Run {
                             .await?;
                         }
                     } else {
+                        let why =
+                            no_convergence(&q, self.plan.max_rounds, self.plan.max_downtime_ms);
                         return Err(Fail::new(
-                            convoy_protocol::message::Reason::CannotConverge(no_convergence(
-                                &q,
-                                self.plan.max_rounds,
-                                self.plan.max_downtime_ms,
-                            )),
-                            no_convergence(&q, self.plan.max_rounds, self.plan.max_downtime_ms),
+                            convoy_protocol::message::Reason::CannotConverge(why.clone()),
+                            why,
                         ));
                     }
                 }
