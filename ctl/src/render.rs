@@ -163,6 +163,16 @@ pub fn report(r: &MigrationReport) -> String {
                 }
             }
             let c = &r.convergence;
+            if c.recoveries > 0 {
+                rows.push(vec![
+                    "recovered".into(),
+                    format!(
+                        "the link broke {} time(s) in pre-copy; resumed on a new connection each time, \
+                         {} pages sent again (those the destination did not hold)",
+                        c.recoveries, c.recovery_resent
+                    ),
+                ]);
+            }
             rows.push(vec![
                 "convergence".into(),
                 format!(

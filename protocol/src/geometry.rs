@@ -269,6 +269,13 @@ impl PageBitmap {
         }
     }
 
+    /// Keeps only the pages also in `other`.
+    pub fn intersect_with(&mut self, other: &PageBitmap) {
+        for (i, a) in self.words.iter_mut().enumerate() {
+            *a &= other.words.get(i).copied().unwrap_or(0);
+        }
+    }
+
     /// Removes every page of `other`.
     pub fn subtract(&mut self, other: &PageBitmap) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {

@@ -192,6 +192,13 @@ pub struct Convergence {
     pub resent_pages: u64,
     /// Sends deferred by holding hot pages back for the final round.
     pub held_back: u64,
+    /// Times a pre-copy link broke and the migration resumed on a new one.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Pages sent again after those breaks: the pages of the round the
+    /// destination did not hold (or the source was not sure it sent).
+    #[serde(default)]
+    pub recovery_resent: u64,
 }
 
 /// How a post-copy phase went.

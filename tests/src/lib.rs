@@ -57,6 +57,45 @@ pub async fn lab_with(
     (dir, lab)
 }
 
+/// Agents whose links count as broken after 2 s of silence and that wait
+/// `window` for a broken link to come back (post-copy, or a pre-copy
+/// round).
+pub fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::config::AgentConfig) {
+    move |c| {
+        c.tuning.idle_timeout = Duration::from_secs(2);
+        c.tuning.keep_alive = Duration::from_millis(500);
+        c.recovery_window = window;
+    }
+}
+
+/// The phases `agent` audited for its migrations.
+pub fn audited_phases(lab: &Lab, agent: &str) -> Vec<String> {
+    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
+    convoy_protocol::audit::verify_log(&bytes, &lab.trust)
+        .unwrap()
+        .records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            convoy_protocol::audit::AuditEvent::Phase { phase, .. } => Some(phase),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Asserts that each lab agent audited a phase containing each of its
+/// needles.
+pub fn assert_phases_audited(lab: &Lab, expected: &[(&str, &[&str])]) {
+    for (agent, needles) in expected {
+        let phases = audited_phases(lab, agent);
+        for n in *needles {
+            assert!(
+                phases.iter().any(|p| p.contains(n)),
+                "{agent}: {n}: {phases:#?}"
+            );
+        }
+    }
+}
+
 /// Whether userfaultfd (post-copy) is available. It needs root here; in CI
 /// (`CI=true`, as root) its absence is a failure, elsewhere the caller
 /// skips, with a message.
@@ -296,11 +335,17 @@ pub async fn propose_claiming(
     manifest: Manifest,
     attributes: convoy_protocol::vm::VmAttributes,
 ) -> Message {
-    let (_ep, conn) = connect_as(lab, from, to).await;
+    let (ep, conn) = connect_as(lab, from, to).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let propose = proposal(ticket, manifest, attributes);
     transport::write_message(&mut send, &propose).await.unwrap();
-    transport::read_message(&mut recv).await.unwrap().unwrap()
+    let answer = transport::read_message(&mut recv).await.unwrap().unwrap();
+    // Gone on purpose, and said so: an accepted migration's staging is
+    // discarded at once (a source that merely goes silent is waited for
+    // within the recovery window, as over a broken link).
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    answer
 }
 
 /// Asserts the destination refused a proposal as unauthorized, naming `why`.

@@ -702,6 +702,10 @@ pub(crate) mod close {
     pub const BUSY: u32 = 0x11;
     /// The peer sent nothing within the deadline.
     pub const TIMED_OUT: u32 = 0x12;
+    /// This side gave the link up as broken and dials again (a
+    /// migration's recovery): the peer waits for it rather than ending
+    /// the migration.
+    pub const LINK_LOST: u32 = 0x13;
     /// Normal end.
     pub const DONE: u32 = 0;
 }

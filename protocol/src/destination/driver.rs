@@ -62,9 +62,10 @@ pub enum DestinationAction {
     /// Post-copy: the VM that runs since the switch is verified and handed
     /// over; record it as ours, then call [`Destination::handle_started`].
     TrustVm,
-    /// Post-copy recovery: the link broke after the switch. Drop the
-    /// connection and its streams (report batches its decoders still apply
-    /// with [`Destination::handle_stale_batch_applied`]), keep the VM, and
+    /// Recovery: the link broke after the switch, or in a pre-copy round.
+    /// Drop the connection and its streams (report batches its decoders
+    /// still apply with [`Destination::handle_stale_batch_applied`]), keep
+    /// the VM (or the staging copy), and
     /// pass the first message of a new connection that carries a Resume
     /// for this migration to [`Destination::handle_resume`] until
     /// [`Destination::poll_timeout`].

@@ -22,6 +22,9 @@
 //!     PostCopy --> Recovering: link lost after the switch / keep the VM, await Resume
 //!     Recovering --> PostCopy: Resume from the same source and ticket / send Resumed(missing)
 //!     Recovering --> Done: no Resume within the recovery window / in doubt
+//!     Receiving --> Recovering: link lost in pre-copy / keep staging, await Resume
+//!     Recovering --> Receiving: Resume / send PrecopyResumed(confirmed, held)
+//!     Recovering --> Done: pre-copy, no Resume within the window / discard staging
 //! ```
 //!
 //! # Post-copy
@@ -56,6 +59,17 @@
 //! (its leaves count, its sequence does not). Then post-copy goes on, and
 //! the root check at `Finish` covers every page as before. No Resume within
 //! the window: in doubt, as without recovery.
+//!
+//! # Pre-copy recovery
+//! With a recovery window, a link that breaks while pages are received
+//! before `Finish` or a switch keeps the staging copy and waits for a
+//! `Resume` the same way (the VM still runs at the source). The answer,
+//! [`Message::PrecopyResumed`], names the last round confirmed with
+//! `RoundApplied` and the pages installed since: the source sends again
+//! only the rest of its round. Batches of the broken link applied late
+//! count (their pages are installed); the root check at `Finish` covers
+//! every page as always. No `Resume` within the window: the staging copy
+//! is discarded, as when a link breaks without a window.
 //!
 //! Pages are written into a *staging* image, never into a running VM. The
 //! driver decodes batches with [`crate::page::StreamReceiver`] (which
@@ -207,6 +221,10 @@ pub struct Destination {
     asked: std::collections::BTreeSet<u64>,
     /// Times the migration resumed on a new connection.
     recoveries: u32,
+    /// Pre-copy: the last round confirmed with RoundApplied, and the
+    /// pages installed since (what a resumed round need not send again).
+    confirmed: u32,
+    fresh: Option<PageBitmap>,
     /// How many receipts were kept before Ready was signed.
     ready_at: Option<usize>,
     /// When the source was last heard from (a message or a batch).
@@ -236,6 +254,8 @@ impl Destination {
             missing: None,
             asked: std::collections::BTreeSet::new(),
             recoveries: 0,
+            confirmed: 0,
+            fresh: None,
             ready_at: None,
             heard: None,
         }
@@ -318,12 +338,22 @@ impl Destination {
             return;
         }
         if let Phase::Recovering { deadline } = self.phase {
-            if now >= deadline {
+            if now >= deadline && self.switched {
                 self.in_doubt(format!(
                     "the link broke after the post-copy switch and the source did not come back \
                      within {} s",
                     self.cfg.recovery.as_secs()
                 ));
+            } else if now >= deadline {
+                // Pre-copy: the VM runs at the source; the copy goes.
+                self.give_up(
+                    format!(
+                        "the link broke during pre-copy and the source did not come back within \
+                         {} s",
+                        self.cfg.recovery.as_secs()
+                    ),
+                    false,
+                );
             }
             return;
         }
@@ -342,7 +372,19 @@ impl Destination {
     /// is discarded (the source still runs the VM or keeps it in doubt);
     /// after it, the VM is ours and starting continues.
     pub fn handle_link_lost(&mut self, now: Instant, detail: &str) {
-        if self.recoverable() {
+        self.link_lost(now, detail, true);
+    }
+
+    /// The source ended the connection on purpose (it closed it, or
+    /// finished its control stream): not a broken link. Before a switch
+    /// nothing will come back on a new one, so a pre-copy migration is
+    /// not waited for; after it, as [`Destination::handle_link_lost`].
+    pub fn handle_link_closed(&mut self, now: Instant, detail: &str) {
+        self.link_lost(now, detail, self.switched);
+    }
+
+    fn link_lost(&mut self, now: Instant, detail: &str, recover: bool) {
+        if recover && self.recoverable() {
             // The VM keeps what it has; a vCPU on a missing page waits.
             self.round_end = None;
             self.phase = Phase::Recovering {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::digest::Digest;
 use crate::message::{Message, RoundApplied};
-use crate::page::PageIndex;
+use crate::page::{PageBitmap, PageIndex};
 
 use super::{Destination, DestinationAction, DestinationError, Phase};
 
@@ -38,6 +38,11 @@ impl Destination {
         });
         // Taken only once done: a tuple would take it at every call.
         if let Some(r) = done.then(|| self.round_end.take()).flatten() {
+            // What a resumed round would not need again starts afresh.
+            self.confirmed = r.round;
+            if let Some(f) = self.fresh.as_mut() {
+                *f = PageBitmap::empty(f.len());
+            }
             self.actions
                 .push_back(DestinationAction::Send(Message::RoundApplied(
                     RoundApplied { round: r.round },
@@ -113,6 +118,14 @@ impl Destination {
                 }
             }
             tree.fold_if_due();
+            if !self.switched {
+                let fresh = self
+                    .fresh
+                    .get_or_insert_with(|| PageBitmap::empty(tree.len() as u64));
+                for &(p, _) in leaves {
+                    fresh.insert(p);
+                }
+            }
         }
         if let Some(m) = self.missing.as_mut() {
             for &(p, _) in leaves {

@@ -1,6 +1,7 @@
-//! Post-copy recovery: when a broken link is waited out rather than ending
-//! the migration, which `Resume` is accepted ([`ResumeRefused`] for the
-//! rest), and how post-copy goes on over the new link.
+//! Recovery: when a broken link is waited out rather than ending the
+//! migration (after a post-copy switch, or in pre-copy before `Finish`),
+//! which `Resume` is accepted ([`ResumeRefused`] for the rest), and how
+//! the migration goes on over the new link.
 
 use thiserror::Error;
 
@@ -32,14 +33,15 @@ impl Destination {
         matches!(self.phase, Phase::Recovering { .. })
     }
 
-    /// Post-copy recovery: a batch of a broken link, applied after the
-    /// link was given up. Its pages are installed, so their leaves count;
-    /// its place in the old stream's sequence no longer matters.
+    /// Recovery: a batch of a broken link, applied after the link was
+    /// given up. Its pages are installed, so their leaves count (and
+    /// before a switch they are held for the resumed round); its place in
+    /// the old stream's sequence no longer matters.
     pub fn handle_stale_batch_applied(
         &mut self,
         leaves: &[(PageIndex, Digest)],
     ) -> Result<(), DestinationError> {
-        if !self.switched || self.tree.is_none() {
+        if !self.phase.has_staging() || self.tree.is_none() {
             return Ok(());
         }
         if let Err(p) = self.set_leaves(leaves) {
@@ -51,13 +53,16 @@ impl Destination {
     /// Whether a link lost now would be recovered from (rather than end
     /// the migration).
     pub(super) fn recoverable(&self) -> bool {
-        self.switched
-            && !self.cfg.recovery.is_zero()
-            && self.recoveries < MAX_RECOVERIES
-            && matches!(
+        let phase = if self.switched {
+            matches!(
                 self.phase,
                 Phase::PostCopy | Phase::Draining(_) | Phase::AwaitHandover { .. }
             )
+        } else {
+            // Pre-copy rounds (the source has not paused the VM yet).
+            matches!(self.phase, Phase::Receiving)
+        };
+        phase && !self.cfg.recovery.is_zero() && self.recoveries < MAX_RECOVERIES
     }
 
     /// Post-copy recovery: whether a Resume from `peer` would be accepted:
@@ -83,8 +88,8 @@ impl Destination {
         Ok(())
     }
 
-    /// Post-copy recovery: the first message of a new connection from
-    /// `peer` asks to resume. Accepted only while recovering (see
+    /// Recovery: the first message of a new connection from `peer` asks to
+    /// resume. Accepted only while recovering (see
     /// [`Destination::resume_acceptable`]); a refusal changes nothing here
     /// (the migration waits for its own source) and the driver answers it
     /// with an Abort on that connection only. The driver must have
@@ -104,6 +109,23 @@ impl Destination {
         // The new streams count from zero; nothing is expected on them yet.
         self.applied.iter_mut().for_each(|a| *a = 0);
         self.opened.iter_mut().for_each(|o| *o = false);
+        if !self.switched {
+            // Pre-copy: the round goes on; the source sends the rest.
+            let count = self.tree.as_ref().map_or(0, |t| t.len() as u64);
+            let held = self
+                .fresh
+                .clone()
+                .unwrap_or_else(|| PageBitmap::empty(count));
+            self.actions
+                .push_back(DestinationAction::Send(Message::PrecopyResumed(
+                    crate::message::PrecopyResumed {
+                        confirmed: self.confirmed,
+                        held: held.words().to_vec(),
+                    },
+                )));
+            self.phase = Phase::Receiving;
+            return Ok(());
+        }
         // A Ready signed before the link broke is void: Finish comes again.
         if let Some(n) = self.ready_at.take() {
             self.receipts.truncate(n);

@@ -549,7 +549,11 @@ impl SourceRun {
             }
             SourceAction::CommitSwitch => self.jobs.push_back(Job::CommitSwitch),
             SourceAction::Reconnect => {
-                assert!(self.switched, "reconnecting before the switch");
+                // Before the switch only while pre-copy rounds go on.
+                assert!(
+                    self.switched || !self.handed_over,
+                    "reconnecting after a pre-copy handover"
+                );
                 self.jobs.push_back(Job::Reconnect);
             }
             SourceAction::RollBack => {

@@ -29,6 +29,9 @@
 //! | 18 | [`crate::stream::ChannelOpen`] | a stream migration's channel, first frame |
 //! | 19 | [`Resume`] | agent control of a new connection, source → destination, first |
 //! | 20 | [`Resumed`] | agent control, destination → source |
+//! | 21 | [`crate::indoubt::Inquiry`] | an in-doubt inquiry's first frame |
+//! | 22 | a signed statement | the answer to an inquiry |
+//! | 23 | [`PrecopyResumed`] | agent control, destination → source |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
 //! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
@@ -65,7 +68,9 @@ pub(crate) use codec::{decode_whole, encode_tagged, split_tag};
 pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError, MalformedCause};
 pub use copy::{DataStreamOpen, Finish, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
 pub use handover::{Handover, Ready, Started};
-pub use postcopy::{Fetch, PostcopyRunning, PostcopySwitch, Resume, Resumed, MAX_FETCH};
+pub use postcopy::{
+    Fetch, PostcopyRunning, PostcopySwitch, PrecopyResumed, Resume, Resumed, MAX_FETCH,
+};
 pub use propose::{
     Abort, Accept, Capabilities, Manifest, Propose, Reason, Reject, VersionRange, MAX_DATA_STREAMS,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -109,6 +114,8 @@ pub enum Message {
     Resume(Resume),
     /// See [`Resumed`].
     Resumed(Resumed),
+    /// See [`PrecopyResumed`].
+    PrecopyResumed(PrecopyResumed),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
     /// Tag 17: a page batch; the payload is carried without a copy.

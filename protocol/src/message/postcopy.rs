@@ -42,10 +42,12 @@ pub struct Fetch {
 }
 
 /// Source → destination, the first message on a *new* connection after
-/// the link of a post-copy migration broke: carry on with `migration`.
+/// the link of a migration broke (after a post-copy switch, or in a
+/// pre-copy round): carry on with `migration`.
 /// The destination accepts it only from the agent that started the
 /// migration (checked on the new connection's mutual TLS) and for the
-/// same ticket; it answers [`Resumed`]. Nothing else can take over a
+/// same ticket; it answers [`Resumed`] after the switch and
+/// [`PrecopyResumed`] before it. Nothing else can take over a
 /// migration: a different peer or ticket is refused and the migration
 /// keeps waiting for its own source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,4 +66,18 @@ pub struct Resumed {
     /// pages the destination has not installed: the source sends these
     /// again, whatever it sent before the link broke.
     pub missing: Vec<u64>,
+}
+
+/// Destination → source: a pre-copy migration resumes on this connection.
+/// Both sides count data-stream batches from zero again on the new
+/// streams. The source sends again only the pages of its current round
+/// that are not both reported sent by its driver and in `held`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrecopyResumed {
+    /// The last round this side confirmed with [`super::RoundApplied`]
+    /// (0: none yet).
+    pub confirmed: u32,
+    /// Bitmap words (as [`crate::page::PageBitmap::words`]) over every
+    /// leaf: the pages installed here since that confirmation.
+    pub held: Vec<u64>,
 }

@@ -25,5 +25,6 @@ pub const RESUME: u8 = 19;
 pub const RESUMED: u8 = 20;
 pub const INQUIRE: u8 = 21;
 pub const STATEMENT: u8 = 22;
+pub const PRECOPY_RESUMED: u8 = 23;
 // 32 and 33: the operator protocol's request and response
 // (`crate::ctl::frame::tag`), never a migration message's.

@@ -139,6 +139,10 @@ fn bad_input_is_typed() {
         Message::Resumed(Resumed {
             missing: vec![0b1011, 0],
         }),
+        Message::PrecopyResumed(PrecopyResumed {
+            confirmed: 2,
+            held: vec![0b1011, 0],
+        }),
         Message::Inquire(crate::indoubt::Inquiry {
             migration: crate::names::MigrationId([7; 16]),
             ticket: crate::digest::Digest([9; 32]),

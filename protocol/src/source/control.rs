@@ -13,6 +13,19 @@ use crate::receipt::ReceiptKind;
 use super::{Phase, Source, SourceAction, SourceError, Switchover};
 
 impl Source {
+    /// A pre-copy round was applied at the destination: the rate it went
+    /// at (an empty round measures nothing: the last rate stays).
+    pub(super) fn measure_round(&mut self, now: Instant, round_start: Instant) {
+        let secs = now.saturating_duration_since(round_start).as_secs_f64();
+        if secs > 0.0 && self.round_bytes > 0 {
+            // CAST: bytes over a positive time are finite and not
+            // negative; `as` saturates at u64::MAX.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let rate = (self.round_bytes as f64 / secs) as u64;
+            self.rate = rate;
+        }
+    }
+
     /// A message from the destination's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), SourceError> {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
@@ -63,15 +76,7 @@ impl Source {
                 },
                 Message::RoundApplied(a),
             ) if a.round == round => {
-                let secs = now.saturating_duration_since(round_start).as_secs_f64();
-                // An empty round measures nothing: keep the last rate.
-                if secs > 0.0 && self.round_bytes > 0 {
-                    // CAST: bytes over a positive time are finite and not
-                    // negative; `as` saturates at u64::MAX.
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                    let rate = (self.round_bytes as f64 / secs) as u64;
-                    self.rate = rate;
-                }
+                self.measure_round(now, round_start);
                 self.phase = Phase::Copying {
                     round,
                     round_start,
@@ -162,7 +167,23 @@ impl Source {
                 });
                 Ok(())
             }
-            (Phase::AwaitResumed { round, .. }, Message::Resumed(r)) => self.resume(now, round, r),
+            (Phase::AwaitResumed { round, .. }, Message::Resumed(r)) if self.switched => {
+                self.resume(now, round, r)
+            }
+            (Phase::AwaitResumed { round, .. }, Message::PrecopyResumed(r)) if !self.switched => {
+                self.resume_precopy(now, round, r)
+            }
+            (Phase::AwaitResumed { .. }, Message::Abort(a)) if !self.switched => {
+                // Pre-copy: a destination that waits for us registered
+                // the migration when it accepted it, and gives a broken
+                // link up before it answers a Resume it can take; a
+                // refusal is final. The VM runs on here.
+                self.finish_failed(
+                    now,
+                    format!("the destination refused to resume: {}", a.reason),
+                );
+                Ok(())
+            }
             (phase @ Phase::AwaitResumed { .. }, Message::Abort(a)) => {
                 // Refused on that connection (the destination may not yet
                 // have given the old link up): dial again within the

@@ -72,7 +72,9 @@ pub enum SourceAction {
         /// Ascending, at most one batch's worth.
         pages: Vec<PageIndex>,
     },
-    /// Post-copy recovery: the link broke after the switch. Drop the
+    /// Recovery: the link broke after the switch, or in a pre-copy round
+    /// (the VM still running here, its dirty log on: a dirty log collected
+    /// meanwhile is kept). Drop the
     /// connection and its streams (report what the old streams had sent
     /// with [`Source::handle_batch_sent`]: only its leaves count now),
     /// dial the destination again, open the control stream and the data

@@ -31,7 +31,11 @@
 //!     Reconnecting --> AwaitResumed: reconnected / send Resume
 //!     AwaitResumed --> PostCopy: Resumed(missing) / push the missing pages
 //!     Reconnecting --> InDoubt: no new link within the recovery window
-//!     Copying --> Failed: Abort, link lost, cancel, bad message
+//!     Copying --> Reconnecting: link lost before the pause / dial again
+//!     Draining --> Reconnecting: link lost before the pause / dial again
+//!     AwaitResumed --> Copying: PrecopyResumed(confirmed, held) / send what it lacks
+//!     Reconnecting --> Failed: pre-copy, no new link within the window / roll back
+//!     Copying --> Failed: Abort, link lost (no window), cancel, bad message
 //!     AwaitReady --> Failed: Abort, wrong roots, timeout
 //! ```
 //!
@@ -101,6 +105,27 @@
 //! root over every page. Without a new link within the window the outcome
 //! is in doubt, as without recovery.
 //!
+//! # Pre-copy recovery
+//! With a recovery window, a link that breaks in a pre-copy round (while
+//! sending it, or awaiting its `RoundApplied`) does not end the migration
+//! either: the VM keeps running here, its dirty log on, and the source
+//! dials again and sends [`Message::Resume`] as above. The destination,
+//! which kept its staging copy, answers [`Message::PrecopyResumed`]: the
+//! last round it confirmed and the pages it installed since. If it
+//! confirmed the current round, the round is over (its `RoundApplied` was
+//! lost) and the next dirty log follows. Otherwise the source sends again,
+//! on fresh streams (fresh delta caches), the pages of the current round
+//! that are not both reported sent by its driver and held there, with
+//! any dirty log collected while the link was down; nothing the
+//! destination already installed in the round goes twice. Every page
+//! either side is unsure of is sent again, so the leaves of both sides
+//! stay those of the same bytes; the root check at `Finish` still covers
+//! every page. A link lost once the VM is paused for the final round
+//! rolls back as before (the downtime must not wait for a new link), and
+//! without a new link within the window the migration fails and the VM
+//! runs on here. [`Convergence::recoveries`] counts the resumptions and
+//! [`Convergence::recovery_resent`] the pages they sent again.
+//!
 //! Every path to `Failed` emits [`SourceAction::RollBack`]: the VM keeps (or
 //! resumes) running here. No path after `Handover` is sent resumes the VM:
 //! without `Started` the outcome is *in doubt* and the paused copy is kept
@@ -125,6 +150,7 @@
 //!   pause that ends pre-copy.
 //! - `postcopy`: the switch, serving faults, pushing owed pages, and
 //!   post-copy recovery.
+//! - `resume`: pre-copy recovery, the round carried on over a new link.
 //! - `handover`: `Finish`, the destination's receipts, and the handover.
 //! - `outcome`: how a migration ends and its [`SourceSummary`].
 //! - `error`: [`SourceError`] and the `Abort` it sends.
@@ -147,6 +173,7 @@ mod handover;
 mod outcome;
 mod postcopy;
 mod precopy;
+mod resume;
 mod sent;
 
 pub use crate::model::{Convergence, PostcopySummary};
@@ -197,12 +224,13 @@ enum Phase {
         round: u32,
         pushing: bool,
     },
-    /// Post-copy recovery: dialling the destination again.
+    /// Recovery (post-copy, or pre-copy before the pause): dialling the
+    /// destination again.
     Reconnecting {
         round: u32,
         deadline: Instant,
     },
-    /// Post-copy recovery: Resume sent on the new connection.
+    /// Recovery: Resume sent on the new connection.
     AwaitResumed {
         round: u32,
         deadline: Instant,
@@ -271,6 +299,16 @@ pub struct Source {
     held: PageBitmap,
     /// Pages sent at least once.
     sent: PageBitmap,
+    /// The current pre-copy round: the pages it was asked to send, whether
+    /// zero pages were left out, when it began, and the pages the driver
+    /// reported sent in it (on any link).
+    round_set: PageBitmap,
+    round_skip_zero: bool,
+    round_began: Option<Instant>,
+    round_sent: PageBitmap,
+    /// Pre-copy recovery: dirty logs collected while the link was down,
+    /// sent once it is back.
+    carried: Option<PageBitmap>,
     stalled: u8,
     convergence: Convergence,
     /// When pre-copy began (for the hybrid time limit).
@@ -339,6 +377,11 @@ impl Source {
             dirty_rounds: Vec::new(),
             held: PageBitmap::empty(pages as u64),
             sent: PageBitmap::empty(pages as u64),
+            round_set: PageBitmap::empty(pages as u64),
+            round_skip_zero: false,
+            round_began: None,
+            round_sent: PageBitmap::empty(pages as u64),
+            carried: None,
             stalled: 0,
             convergence: Convergence::default(),
             copy_started: None,
@@ -490,14 +533,21 @@ impl Source {
             Phase::AwaitStarted { deadline } if now >= deadline => {
                 self.finish_failed(now, "no Started from the destination in time".into())
             }
-            Phase::Reconnecting { deadline, .. } if now >= deadline => self.finish_failed(
-                now,
-                format!(
-                    "the link broke after the post-copy switch and the destination could not be \
-                     reached again within {} s",
-                    self.cfg.recovery.as_secs()
-                ),
-            ),
+            Phase::Reconnecting { deadline, .. } if now >= deadline => {
+                let when = if self.switched {
+                    "after the post-copy switch"
+                } else {
+                    "during pre-copy"
+                };
+                self.finish_failed(
+                    now,
+                    format!(
+                        "the link broke {when} and the destination could not be reached again \
+                         within {} s",
+                        self.cfg.recovery.as_secs()
+                    ),
+                )
+            }
             Phase::AwaitResumed { deadline, .. } if now >= deadline => {
                 self.finish_failed(now, "the destination did not answer Resume in time".into())
             }
@@ -518,12 +568,26 @@ impl Source {
             Phase::AwaitReady { .. } | Phase::AwaitResumed { .. } if self.switched => {
                 Some(self.rounds)
             }
+            // Pre-copy, the VM still running here: the round goes on over
+            // a new link.
+            Phase::Copying { round, .. }
+            | Phase::Draining { round, .. }
+            | Phase::AwaitResumed { round, .. }
+                if !self.switched =>
+            {
+                Some(round)
+            }
             _ => None,
+        };
+        let recoveries = if self.switched {
+            self.postcopy.recoveries
+        } else {
+            self.convergence.recoveries
         };
         match round {
             Some(round)
                 if !self.cfg.recovery.is_zero()
-                    && self.postcopy.recoveries < crate::destination::MAX_RECOVERIES =>
+                    && recoveries < crate::destination::MAX_RECOVERIES =>
             {
                 // Lost again while resuming: the same window goes on.
                 let deadline = match self.phase {
@@ -531,10 +595,12 @@ impl Source {
                     _ => now + self.cfg.recovery,
                 };
                 self.phase = Phase::Reconnecting { round, deadline };
-                self.progress(
-                    &format!("link lost ({detail}), reconnecting"),
-                    self.postcopy.owed,
-                );
+                let left = if self.switched {
+                    self.postcopy.owed
+                } else {
+                    self.round_set.count()
+                };
+                self.progress(&format!("link lost ({detail}), reconnecting"), left);
                 self.actions.push_back(SourceAction::Reconnect);
             }
             _ => self.finish_failed(now, format!("link lost: {detail}")),

@@ -77,13 +77,18 @@ impl Source {
         Ok(())
     }
 
-    /// Post-copy recovery: a new connection to the destination is up, with
-    /// its control and data streams: ask to resume.
+    /// Recovery (post-copy, or pre-copy before the pause): a new
+    /// connection to the destination is up, with its control and data
+    /// streams: ask to resume.
     pub fn handle_reconnected(&mut self, now: Instant) {
         let Phase::Reconnecting { round, .. } = self.phase else {
             return;
         };
-        self.postcopy.recoveries += 1;
+        if self.switched {
+            self.postcopy.recoveries += 1;
+        } else {
+            self.convergence.recoveries += 1;
+        }
         self.actions
             .push_back(SourceAction::Send(Box::new(Message::Resume(
                 crate::message::Resume {
@@ -96,7 +101,11 @@ impl Source {
             _ => now + self.cfg.accept_timeout,
         };
         self.phase = Phase::AwaitResumed { round, deadline };
-        self.progress("resuming post-copy", self.postcopy.owed);
+        if self.switched {
+            self.progress("resuming post-copy", self.postcopy.owed);
+        } else {
+            self.progress("resuming pre-copy", self.round_set.count());
+        }
     }
 
     /// The destination resumes: push again every owed page it lacks.

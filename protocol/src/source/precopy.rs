@@ -18,7 +18,21 @@ pub const HOT_ROUNDS: u8 = 2;
 
 impl Source {
     /// The dirty log collected after a round.
-    pub fn handle_dirty_log(&mut self, now: Instant, dirty: PageBitmap) {
+    pub fn handle_dirty_log(&mut self, now: Instant, mut dirty: PageBitmap) {
+        if !self.switched
+            && matches!(
+                self.phase,
+                Phase::Reconnecting { .. } | Phase::AwaitResumed { .. }
+            )
+        {
+            // Collected and cleared while the link is down: kept for when
+            // it is back (a page dropped here would never be sent again).
+            match self.carried.as_mut() {
+                Some(c) => c.union_with(&dirty),
+                None => self.carried = Some(dirty),
+            }
+            return;
+        }
         let Phase::Copying {
             round,
             sending: false,
@@ -27,6 +41,9 @@ impl Source {
         else {
             return;
         };
+        if let Some(c) = self.carried.take() {
+            dirty.union_with(&c);
+        }
         let dirtied = dirty.count();
         if let Some(last) = self.last_log_at.replace(now) {
             let secs = now.saturating_duration_since(last).as_secs_f64();
@@ -220,6 +237,10 @@ impl Source {
         self.rounds = round;
         self.round_bytes = 0;
         self.round_pages = 0;
+        self.round_set = pages.clone();
+        self.round_skip_zero = skip_zero;
+        self.round_began = Some(now);
+        self.round_sent = PageBitmap::empty(pages.len());
         self.phase = Phase::Copying {
             round,
             round_start: now,

@@ -14,13 +14,17 @@ impl Source {
         now: Instant,
         batch: &SentBatch,
     ) -> Result<(), SourceError> {
-        if matches!(
-            self.phase,
-            Phase::Reconnecting { .. } | Phase::AwaitResumed { .. }
-        ) {
+        if self.switched
+            && matches!(
+                self.phase,
+                Phase::Reconnecting { .. } | Phase::AwaitResumed { .. }
+            )
+        {
             // A batch of the broken link: its pages were read from the
             // paused VM, so their leaves stand; whether it arrived, the
-            // destination says in Resumed.
+            // destination says in Resumed. (Before the switch such a
+            // batch counts like any other of its round: whether it
+            // arrived, the destination says in PrecopyResumed.)
             for &(p, d) in &batch.leaves {
                 if !self.tree.set_leaf(crate::page::saturating_usize(p.0), d) {
                     return Err(SourceError::LeafOutOfRange(p.0));
@@ -61,6 +65,9 @@ impl Source {
                 self.convergence.resent_pages += 1;
             } else {
                 self.sent.insert(p);
+            }
+            if !self.switched && p.0 < self.round_sent.len() {
+                self.round_sent.insert(p);
             }
         }
         self.tree.fold_if_due();

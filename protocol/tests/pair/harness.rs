@@ -182,6 +182,17 @@ pub struct Pair {
     /// the switch.
     pub cut_after_postcopy_batches: Option<usize>,
     pub postcopy_batches: usize,
+    /// Cut the link once the destination applied this many batches before
+    /// any switch (pre-copy), and the pages it had installed then.
+    pub cut_after_precopy_batches: Option<usize>,
+    /// After that cut, the next ones (batch counts, the first last).
+    pub later_precopy_cuts: Vec<usize>,
+    pub precopy_batches: usize,
+    pub installed_at_cut: Option<u64>,
+    pub precopy_pages_installed: u64,
+    /// Cut the link as the destination sends RoundApplied for this round
+    /// (the message is lost).
+    pub cut_on_round_applied: Option<u32>,
     /// How long a cut link stays down before the source may dial again.
     pub outage: Duration,
     /// Post-copy recovery: when the source dials again.
@@ -312,6 +323,12 @@ impl Pair {
             cut_on_running: false,
             cut_after_postcopy_batches: None,
             postcopy_batches: 0,
+            cut_after_precopy_batches: None,
+            later_precopy_cuts: Vec::new(),
+            precopy_batches: 0,
+            installed_at_cut: None,
+            precopy_pages_installed: 0,
+            cut_on_round_applied: None,
             outage: Duration::from_secs(2),
             reconnect_at: None,
             touch_in_outage: Vec::new(),
@@ -541,6 +558,11 @@ impl Pair {
                         t(&mut m);
                     }
                     let running = matches!(m, Message::PostcopyRunning(_));
+                    if let Message::RoundApplied(a) = &m {
+                        if self.cut_on_round_applied == Some(a.round) {
+                            self.link_up = false;
+                        }
+                    }
                     if self.link_up {
                         self.to_src.push_back((self.now + self.latency, m));
                     }
@@ -704,6 +726,14 @@ impl Pair {
                         if self.cut_after_postcopy_batches == Some(self.postcopy_batches) {
                             self.link_up = false;
                         }
+                    } else {
+                        self.precopy_batches += 1;
+                        self.precopy_pages_installed += leaves.len() as u64;
+                        if self.cut_after_precopy_batches == Some(self.precopy_batches) {
+                            self.installed_at_cut = Some(self.precopy_pages_installed);
+                            self.link_up = false;
+                            self.cut_after_precopy_batches = self.later_precopy_cuts.pop();
+                        }
                     }
                 }
                 Err(e) => {
@@ -760,6 +790,11 @@ impl Pair {
                     .chain([StreamReceiver::unstriped(self.streams, geometry)])
                     .collect();
                 self.seqs.iter_mut().for_each(|s| *s = 0);
+                // New encoders: empty delta caches.
+                let pages = self.vm.pages.len();
+                self.caches = (0..self.streams)
+                    .map(|_| PageCache::new(pages * PAGE, PageSize::SIZE_4K))
+                    .collect();
                 self.src.handle_reconnected(self.now);
                 self.drain_src();
                 continue;

@@ -10,6 +10,7 @@ mod hostile;
 mod links;
 mod postcopy;
 mod precopy;
+mod precopy_recovery;
 mod receipts;
 mod recovery;
 mod reuse;

@@ -164,7 +164,7 @@ async fn a_resume_for_a_migration_nobody_waits_for_is_refused_and_audited() {
         matches!(&answer, Some(Message::Abort(x)) if matches!(&x.reason, Reason::Unacceptable(s) if s.contains("waits to be resumed"))),
         "{answer:?}"
     );
-    assert_refusals_logged(&lab, "b", &["no post-copy migration waits"]).await;
+    assert_refusals_logged(&lab, "b", &["no migration waits"]).await;
     // Nothing was made, and b keeps serving.
     assert!(b.vm_list().await.unwrap().is_empty());
     convoy_tests::close(lab, a, b).await;

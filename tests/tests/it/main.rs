@@ -24,6 +24,7 @@ mod peers;
 mod policy;
 mod postcopy;
 mod qemu;
+mod resume;
 mod reuse;
 mod revocation;
 mod storage;

@@ -9,7 +9,9 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{MigrationReport, Outcome, VmState};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use convoy_protocol::receipt::ReceiptKind;
-use convoy_tests::{eventually, lab_with, sim_spec, uffd_or_skip};
+use convoy_tests::{
+    assert_phases_audited, eventually, lab_with, short_links, sim_spec, uffd_or_skip,
+};
 
 /// Agents a and b, and on a a 64 MiB VM writing `rate` pages per second.
 async fn two_agents_and_vm(vm: &str, rate: u64) -> (tempfile::TempDir, Lab) {
@@ -185,16 +187,6 @@ async fn reaches(agent: &convoy_agent::client::CtlClient, state: VmState, secs: 
     .await
 }
 
-/// Agents whose links count as broken after 2 s of silence and that wait
-/// `window` for a broken post-copy link to come back.
-fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::config::AgentConfig) {
-    move |c| {
-        c.tuning.idle_timeout = Duration::from_secs(2);
-        c.tuning.keep_alive = Duration::from_millis(500);
-        c.recovery_window = window;
-    }
-}
-
 /// Starts a capped post-copy migration of `vm` from a to b through `link`;
 /// returns once the VM runs at b on demand paging.
 async fn postcopy_through(
@@ -246,20 +238,6 @@ async fn cut_mid_postcopy(
     (dir, lab, link, mover)
 }
 
-/// The phases `agent` audited for its migrations.
-fn audited_phases(lab: &Lab, agent: &str) -> Vec<String> {
-    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
-    convoy_protocol::audit::verify_log(&bytes, &lab.trust)
-        .unwrap()
-        .records
-        .into_iter()
-        .filter_map(|r| match r.event {
-            convoy_protocol::audit::AuditEvent::Phase { phase, .. } => Some(phase),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postcopy_link_that_breaks_resumes_on_a_new_connection_and_verifies() {
     if !uffd_or_skip() {
@@ -295,30 +273,25 @@ async fn a_postcopy_link_that_breaks_resumes_on_a_new_connection_and_verifies() 
         "the workload runs on at the destination"
     );
     // Both sides audited the break and the resume.
-    for (agent, needles) in [
-        (
-            "a",
-            [
-                "dialling the destination again",
-                "asking the destination to resume",
-            ],
-        ),
-        (
-            "b",
-            [
-                "waits for the source to reconnect",
-                "resumed on a new connection",
-            ],
-        ),
-    ] {
-        let phases = audited_phases(&lab, agent);
-        for n in needles {
-            assert!(
-                phases.iter().any(|p| p.contains(n)),
-                "{agent}: {n}: {phases:#?}"
-            );
-        }
-    }
+    assert_phases_audited(
+        &lab,
+        &[
+            (
+                "a",
+                &[
+                    "dialling the destination again",
+                    "asking the destination to resume",
+                ],
+            ),
+            (
+                "b",
+                &[
+                    "waits for the source to reconnect",
+                    "resumed on a new connection",
+                ],
+            ),
+        ],
+    );
     a.close().await;
     b.close().await;
     lab.shutdown().await;

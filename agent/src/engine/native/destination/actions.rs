@@ -40,7 +40,7 @@ impl Incoming {
                     crate::host::pause::at(&self.host, EnginePoint::DestinationReady).await;
                 }
                 if let Err(e) = write_message(send, &m).await {
-                    sm.handle_link_lost(clock::now(), &e.to_string());
+                    self.link_lost(sm, clock::now(), &e.to_string());
                 }
             }
             DestinationAction::AwaitResume => self.await_resume(),
@@ -180,6 +180,9 @@ impl Incoming {
                     ));
                     sm.handle_staging_ready_holding(clock::now(), held, bases);
                     self.accept_streams();
+                    // A pre-copy round whose link breaks resumes on a new
+                    // connection: one may come from now on.
+                    self.accept_resumes();
                 }
                 Err(e @ crate::backend::BackendError::Disk(_)) => {
                     self.host.remove(&vm);

@@ -306,19 +306,19 @@ pub(crate) async fn serve(
                     tracing::warn!(peer = %run.peer.id, "source misbehaved: {e}");
                 }
             }
-            Some(Event::Control(Ok(None))) => sm.handle_link_lost(now, "control stream closed"),
+            Some(Event::Control(Ok(None))) => sm.handle_link_closed(now, "control stream closed"),
             Some(Event::Control(Err(e))) => {
                 if let WireError::Decode(d) = e {
                     let _ = sm.handle_bad_input(d.into());
                 } else {
-                    sm.handle_link_lost(now, &e.to_string());
+                    run.link_lost(&mut sm, now, &e.to_string());
                 }
             }
             Some(Event::Opened(stream, recv)) => match sm.handle_stream_opened(stream) {
                 Ok(()) => run.spawn_decoder(stream, recv),
                 Err(e) => tracing::warn!("bad data stream: {e}"),
             },
-            Some(Event::OpenFailed(e)) => sm.handle_link_lost(now, &e.to_string()),
+            Some(Event::OpenFailed(e)) => run.link_lost(&mut sm, now, &e.to_string()),
             Some(Event::Applied {
                 stream,
                 seq,
@@ -407,6 +407,21 @@ struct Incoming {
 }
 
 impl Incoming {
+    /// The link failed: broken (waited for, within the recovery window),
+    /// or closed by the source on purpose (not waited for before a
+    /// switch). A source that gives a link up to dial again closes it
+    /// with [`crate::transport::close::LINK_LOST`].
+    fn link_lost(&self, sm: &mut Destination, now: Instant, detail: &str) {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code != crate::transport::close::LINK_LOST.into() =>
+            {
+                sm.handle_link_closed(now, detail)
+            }
+            _ => sm.handle_link_lost(now, detail),
+        }
+    }
+
     /// The key the source handed over with the VM, if it retained the
     /// image, with the leaves of the image verified here.
     fn arrival_key(&self, sm: &mut Destination) -> Option<crate::host::retain::ArrivalKey> {

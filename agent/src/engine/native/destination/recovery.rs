@@ -1,7 +1,9 @@
-//! Post-copy recovery at the destination: a `Resume` on a new connection
-//! handed to the migration that waits for it (only from its own source,
-//! with the same ticket), and the migration taking the new link over.
+//! Recovery at the destination (after a post-copy switch, or in a pre-copy
+//! round): a `Resume` on a new connection handed to the migration that
+//! waits for it (only from its own source, with the same ticket), and the
+//! migration taking the new link over.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,14 +57,12 @@ pub(crate) async fn hand_over_resume(
     tracing::warn!(peer = %peer.id, %migration, "Resume for no waiting migration");
     host.audit_refusal(
         peer.id.to_string(),
-        format!("Resume of migration {migration}: no post-copy migration waits for it here"),
+        format!("Resume of migration {migration}: no migration waits for it here"),
     );
     refuse(
         conn,
         send,
-        Reason::Unacceptable(format!(
-            "no post-copy migration {migration} waits to be resumed here"
-        )),
+        Reason::Unacceptable(format!("no migration {migration} waits to be resumed here")),
     )
     .await;
 }
@@ -88,9 +88,9 @@ pub(super) async fn refuse(conn: Connection, mut send: SendStream, reason: Reaso
 }
 
 impl Incoming {
-    /// Post-copy recovery: the link broke. Its tasks go (decoders finish
-    /// the batch in hand, reported as stale), the VM stays, and the
-    /// migration waits for its source to come back.
+    /// Recovery: the link broke. Its tasks go (decoders finish the batch
+    /// in hand, reported as stale), the VM (or the pre-copy staging copy)
+    /// stays, and the migration waits for its source to come back.
     pub(super) fn await_resume(&mut self) {
         for t in self.link_tasks.drain(..) {
             t.abort();
@@ -102,22 +102,27 @@ impl Incoming {
             b"link lost, awaiting Resume",
         );
         self.tx.epoch += 1;
-        if let Some(n) = &self.name {
+        let switched = self.switched.load(Ordering::Acquire);
+        if let Some(n) = self.name.as_ref().filter(|_| switched) {
             self.host.set_state(n, VmState::Recovering);
         }
-        self.phase(
-            "link lost after the post-copy switch: the VM waits for the source to reconnect".into(),
-        );
-        tracing::warn!(peer = %self.peer.id, "post-copy link lost, awaiting the source's Resume");
+        self.phase(if switched {
+            "link lost after the post-copy switch: the VM waits for the source to reconnect".into()
+        } else {
+            "link lost in a pre-copy round: the staging copy waits for the source to reconnect"
+                .into()
+        });
+        tracing::warn!(peer = %self.peer.id, switched, "link lost, awaiting the source's Resume");
         crate::host::pause::note(
             &self.host,
             crate::host::pause::EnginePoint::DestinationRecovering,
         );
     }
 
-    /// After the switch: a new connection that resumes this migration may
-    /// come (even before this side notices the old link broke); only from
-    /// the agent it came from.
+    /// Once pages are received (pre-copy) or after the switch: a new
+    /// connection that resumes this migration may come (even before this
+    /// side notices the old link broke); only from the agent it came
+    /// from.
     pub(super) fn accept_resumes(&mut self) {
         if self.resume_rx.is_some() || self.host.config.recovery_window.is_zero() {
             return;
@@ -186,7 +191,11 @@ impl Incoming {
         self.link_tasks
             .push(spawn_control_reader(recv, self.tx.clone()));
         self.accept_streams();
-        if let Some(n) = &self.name {
+        if let Some(n) = self
+            .name
+            .as_ref()
+            .filter(|_| self.switched.load(Ordering::Acquire))
+        {
             self.host.set_state(n, VmState::PostcopyIn);
         }
         self.phase(format!(

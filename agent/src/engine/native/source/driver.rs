@@ -41,7 +41,7 @@ struct Wire {
     cache_grant: Option<CacheGrant>,
     /// The round being written: (round, streams done, pages skipped).
     rounds_pending: Option<(u32, u16, u64)>,
-    /// Wire bytes of links that broke (post-copy recovery), counted once.
+    /// Wire bytes of links that broke (recovery), counted once.
     earlier_wire: u64,
 }
 
@@ -304,19 +304,26 @@ impl<'r> Driver<'r> {
         }
     }
 
-    /// Post-copy recovery: the broken link's streams go (what they had
-    /// sent is reported first: its leaves stand), then the destination is
-    /// dialled again within the recovery window.
+    /// Recovery (post-copy, or a pre-copy round): the broken link's
+    /// streams go (what they had sent is reported first: its leaves
+    /// stand), then the destination is dialled again within the recovery
+    /// window.
     async fn reconnect(&mut self) {
+        let switched = self.sm.is_switched();
+        let when = if switched {
+            "after the post-copy switch"
+        } else {
+            "in a pre-copy round, the VM running here"
+        };
         self.run
-            .phase("link lost after the post-copy switch: dialling the destination again");
-        tracing::warn!(migration = %self.run.migration, "post-copy link lost, reconnecting");
+            .phase(&format!("link lost {when}: dialling the destination again"));
+        tracing::warn!(migration = %self.run.migration, switched, "link lost, reconnecting");
         self.wire.jobs.clear();
         self.wire.fault_jobs = None;
         self.wire.rounds_pending = None;
         self.wire
             .conn
-            .close(crate::transport::close::DONE.into(), b"link lost");
+            .close(crate::transport::close::LINK_LOST.into(), b"link lost");
         let (tx, rx) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.wire.events_tx, tx));
         let mut old = std::mem::replace(&mut self.wire.events, rx);
@@ -330,11 +337,20 @@ impl<'r> Driver<'r> {
                 }
             }
         }
+        // The broken link's caches go first: the new ones take their share.
+        self.wire.cache_grant = None;
         let mut resumed = false;
+        // After the switch pages are installed only where missing there:
+        // whole pages, no deltas. Before it, deltas are against what the
+        // new streams sent (their caches start empty).
+        let delta = !switched
+            && self
+                .sm
+                .accepted_capabilities()
+                .is_some_and(|c| c.has(Capabilities::DELTA));
+        let postcopy = self.plan.mode != MigrationMode::Precopy;
         while let Some(link) = self.run.redial(&self.dest, self.sm.poll_timeout()).await {
-            // Pages are installed only where missing there: whole pages,
-            // no deltas.
-            let opened = self.open_streams(&link.conn, false, true).await;
+            let opened = self.open_streams(&link.conn, delta, postcopy).await;
             match opened {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
@@ -348,6 +364,7 @@ impl<'r> Driver<'r> {
                     spawn_control_reader(link.recv, ctrl_tx);
                     self.wire.jobs = opened.data;
                     self.wire.fault_jobs = opened.faults;
+                    self.wire.cache_grant = opened.cache;
                     resumed = true;
                     break;
                 }
@@ -355,7 +372,7 @@ impl<'r> Driver<'r> {
                 Err(e) => {
                     tracing::info!(migration = %self.run.migration, "new link failed: {e}");
                     link.conn
-                        .close(crate::transport::close::DONE.into(), b"link lost");
+                        .close(crate::transport::close::LINK_LOST.into(), b"link lost");
                 }
             }
         }

@@ -48,8 +48,7 @@ impl Run {
             convergence: convoy_protocol::model::Convergence {
                 dirty_rate: st.dirty_rate,
                 throttle: st.throttle,
-                resent_pages: 0,
-                held_back: 0,
+                ..Default::default()
             },
             postcopy: None,
             disks: Vec::new(),

@@ -1,0 +1,217 @@
+//! Pre-copy recovery: a link lost in a pre-copy round resumes on a new
+//! link within the recovery window, sending again only what the
+//! destination lacks; a link lost once the VM is paused, a lying answer
+//! or a window that passes roll back, the VM running on at the source.
+
+use std::time::Duration;
+
+use convoy_protocol::ctl::Outcome;
+use convoy_protocol::destination::DestinationEvent;
+use convoy_protocol::message::Message;
+use convoy_protocol::source::{SourceConfig, SourceError, SourceSummary};
+
+use crate::harness::{root_of, Pair};
+
+/// Pre-copy with a 10 s recovery window.
+fn recovering(c: &mut SourceConfig) {
+    c.recovery = Duration::from_secs(10);
+}
+
+fn assert_precopy_completed(p: &Pair) -> SourceSummary {
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified);
+    let image = p.paused_image.as_ref().unwrap();
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        image,
+        "the destination holds exactly the paused image"
+    );
+    assert_eq!(s.memory_root, Some(root_of(image)));
+    assert_eq!(p.started, Some(p.vm.counter));
+    assert!(p.vm.discarded && !p.rolled_back);
+    assert!(matches!(
+        p.dst_event,
+        Some(DestinationEvent::Started { .. })
+    ));
+    assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+    assert!(p.src_errors.is_empty(), "{:?}", p.src_errors);
+    assert!(p.dst_errors.is_empty(), "{:?}", p.dst_errors);
+    s
+}
+
+#[test]
+fn a_link_lost_in_round_one_resumes_and_sends_only_what_the_destination_lacks() {
+    // An idle VM, so that the only pages sent again are the round's: cut
+    // after 40 of round 1's 128 batches were applied there (the rest of
+    // the round was on the wire, lost).
+    let mut p = Pair::with(2048, 0, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(40);
+    p.run();
+    let s = assert_precopy_completed(&p);
+    assert_eq!(s.convergence.recoveries, 1, "{:?}", s.convergence);
+    assert_eq!(p.dst.recoveries(), 1);
+    let installed = p.installed_at_cut.unwrap();
+    assert!(installed > 0);
+    assert_eq!(
+        s.convergence.recovery_resent,
+        2048 - installed,
+        "every page installed before the cut goes once, the rest again"
+    );
+}
+
+#[test]
+fn a_busy_vm_cut_at_any_point_of_its_rounds_resumes_and_verifies() {
+    for n in [1, 60, 127, 128, 150] {
+        let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+        p.cut_after_precopy_batches = Some(n);
+        p.run();
+        let s = assert_precopy_completed(&p);
+        assert_eq!(s.convergence.recoveries, 1, "cut after {n} batches");
+    }
+    // The same with the destination noticing the break only when the
+    // source is back on a new connection.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(60);
+    p.dst_notices_late = true;
+    p.run();
+    assert_precopy_completed(&p);
+}
+
+#[test]
+fn a_link_that_flaps_again_and_again_still_converges_or_fails_honestly() {
+    // Cut five times, each soon after the last resume: each resumes.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(20);
+    p.later_precopy_cuts = vec![140, 110, 80, 50];
+    p.run();
+    let s = assert_precopy_completed(&p);
+    assert_eq!(s.convergence.recoveries, 5, "{:?}", s.convergence);
+    // More breaks than a migration resumes from (8): it ends, rolled back,
+    // the VM running here, the destination's copy gone.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(5);
+    p.later_precopy_cuts = (1..=10).rev().map(|k| 5 + 5 * k).collect();
+    p.run();
+    let s = p.summary().clone();
+    assert!(
+        matches!(&s.outcome, Outcome::Aborted(w) if w.contains("link lost")),
+        "{s:?}"
+    );
+    assert_eq!(s.convergence.recoveries, 8);
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none() && p.started.is_none());
+}
+
+#[test]
+fn a_lost_round_applied_ends_the_round_on_the_new_link_with_nothing_sent_again() {
+    let mut p = Pair::with(2048, 0, 50e6, 1 << 30, recovering);
+    p.cut_on_round_applied = Some(1);
+    p.run();
+    let s = assert_precopy_completed(&p);
+    assert_eq!(s.convergence.recoveries, 1);
+    assert_eq!(s.convergence.recovery_resent, 0, "{:?}", s.convergence);
+    // And a busy VM, whose dirty log goes on over the new link.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_on_round_applied = Some(2);
+    p.run();
+    assert_precopy_completed(&p);
+}
+
+#[test]
+fn a_link_down_past_the_window_rolls_back_and_the_destination_discards() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(40);
+    p.outage = Duration::from_secs(60);
+    p.run();
+    let s = p.summary().clone();
+    assert!(
+        matches!(&s.outcome, Outcome::Aborted(w) if w.contains("during pre-copy") && w.contains("within 10 s")),
+        "{s:?}"
+    );
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none() && p.started.is_none());
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::Failed(w)) if w.contains("did not come back")),
+        "{:?}",
+        p.dst_event
+    );
+}
+
+#[test]
+fn without_a_window_or_once_paused_a_lost_link_rolls_back() {
+    // No recovery window: as before.
+    let mut p = Pair::new(2048, 60, 50e6, 1 << 30);
+    p.cut_after_precopy_batches = Some(40);
+    p.run();
+    assert!(matches!(p.summary().outcome, Outcome::Aborted(_)));
+    assert!(p.rolled_back && p.staging.is_none() && p.started.is_none());
+    assert_eq!(p.summary().convergence.recoveries, 0);
+    // Paused for the final round (Propose, RoundEnd ×n, Finish): the
+    // downtime does not wait for a new link.
+    let mut p = Pair::with(512, 5, 50e6, 1 << 30, recovering);
+    p.cut_after_src_msgs = Some(3);
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert_eq!(s.convergence.recoveries, 0);
+}
+
+/// A pre-copy migration cut after 40 batches whose PrecopyResumed `tamper`
+/// alters: the source refuses it (saying `why`) and rolls back.
+fn a_bad_precopy_resumed_rolls_back(
+    tamper: fn(&mut convoy_protocol::message::PrecopyResumed),
+    why: &str,
+) {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(40);
+    p.tamper_back = Some(Box::new(move |m| {
+        if let Message::PrecopyResumed(r) = m {
+            tamper(r);
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::Aborted(_)), "{s:?}");
+    assert!(
+        p.src_errors
+            .iter()
+            .any(|e| matches!(e, SourceError::BadResume(w) if w.contains(why))),
+        "{why}: {:?} {s:?}",
+        p.src_errors
+    );
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none() && p.started.is_none());
+}
+
+#[test]
+fn a_precopy_resumed_that_does_not_fit_or_claims_too_much_rolls_back() {
+    a_bad_precopy_resumed_rolls_back(
+        |r| {
+            r.held.pop();
+        },
+        "does not fit",
+    );
+    a_bad_precopy_resumed_rolls_back(|r| r.confirmed = 7, "not in");
+    a_bad_precopy_resumed_rolls_back(|r| r.confirmed = 1, "after the round it confirmed");
+    // A destination that claims to hold every page of round 1 lies in a
+    // way the source cannot see at once: the pages it lacks are not sent
+    // again, and the root check before the handover finds it; the VM runs
+    // on here.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_precopy_batches = Some(40);
+    p.tamper_back = Some(Box::new(|m| {
+        if let Message::PrecopyResumed(r) = m {
+            r.held.iter_mut().for_each(|w| *w = u64::MAX);
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(
+        matches!(&s.outcome, Outcome::Aborted(w) if w.contains("root mismatch")),
+        "{s:?}"
+    );
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.started.is_none());
+}
