@@ -261,7 +261,7 @@ pub fn destination_sequence(data: &[u8]) {
             // A Resume arrives first on a new connection, never as a
             // message on the old one: fed the way a driver does.
             Ok(Message::Resume(r)) => {
-                let _ = d.handle_resume(&source, &r);
+                let _ = d.handle_resume(now, &source, &r);
             }
             // (A RoundApplied never reaches a destination:) it stands for
             // a broken link here, so that resuming is reached.

@@ -195,8 +195,10 @@ pub struct Convergence {
     /// Times a pre-copy link broke and the migration resumed on a new one.
     #[serde(default)]
     pub recoveries: u32,
-    /// Pages sent again after those breaks: the pages of the round the
-    /// destination did not hold (or the source was not sure it sent).
+    /// Pages asked again after those breaks: the pages of the round the
+    /// destination did not hold (or the source was not sure it sent),
+    /// with the dirty logs of the outages (zero pages of a first round
+    /// among them go as nothing again).
     #[serde(default)]
     pub recovery_resent: u64,
 }

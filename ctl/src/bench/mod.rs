@@ -131,6 +131,11 @@ pub struct Bench {
     /// --wan: random loss, percent (both ways).
     #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
     pub loss: Vec<f64>,
+    /// --wan: what the VM's memory holds: random (incompressible) or
+    /// mixed (a quarter zero pages, 40% text-like, the rest random), to
+    /// see which encodings adaptive compression picks for the link.
+    #[arg(long, default_value = "random", value_parser = ["random", "mixed"])]
+    pub wan_content: String,
     /// --wan: the link's rate, Mbit/s.
     #[arg(long, default_value_t = 100)]
     pub link_mbit: u64,

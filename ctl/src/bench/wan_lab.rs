@@ -13,6 +13,7 @@ use convoy_agent::lab::wan::WanConfig;
 use convoy_agent::lab::{BulkPath, Lab, Sink};
 use convoy_agent::transport::{Choice, Kind, Tuning};
 use convoy_protocol::ctl::{ContentProfile, Outcome};
+use convoy_protocol::page::EncodingStats;
 use serde::Serialize;
 
 use super::Bench;
@@ -38,6 +39,26 @@ struct Row {
     link_drops: Option<u64>,
     /// The raw transfer's rate over the same transport, Mbit/s.
     raw_mbit_s: Option<f64>,
+    /// How the pages went (adaptive compression's choice).
+    encodings: Option<EncodingStats>,
+}
+
+/// The pages by encoding, in shares of all those sent: what adaptive
+/// compression chose for the link.
+fn encoding_cell(e: &EncodingStats) -> String {
+    let all = (e.zero + e.raw + e.zstd + e.delta + e.retained).max(1) as f64;
+    let pct = |n: u64| n as f64 * 100.0 / all;
+    format!(
+        "zero {:.0}% · zstd {:.0}% · raw {:.0}%{}",
+        pct(e.zero),
+        pct(e.zstd),
+        pct(e.raw),
+        if e.delta > 0 {
+            format!(" · delta {:.0}%", pct(e.delta))
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// One direction: half the RTT and the loss (the rate is `tbf`'s).
@@ -58,6 +79,10 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     let link_bits = b.link_mbit.saturating_mul(1_000_000);
     let limit = Duration::from_secs(b.cell_timeout);
     let congestion = b.wan_congestion;
+    let (content, content_name) = match b.wan_content.as_str() {
+        "mixed" => (ContentProfile::Mixed, "mixed"),
+        _ => (ContentProfile::Random, "random"),
+    };
     let mut rows = Vec::new();
     for &choice in &b.transports {
         let dir = tempfile::tempdir()?;
@@ -84,7 +109,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 }
                 let name = format!("wan-{rtt_ms}-{}", rows.len());
                 let mut spec = Lab::sim_test_vm(name.parse()?, bytes, 0);
-                spec.content = ContentProfile::Random;
+                spec.content = content;
                 a.vm_create(spec).await?;
                 let req = lab.migrate_request(&name, "a", "b", b.tuning.options())?;
                 let before = wan.link_counters(true)?;
@@ -102,6 +127,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                     link_used: None,
                     link_drops: None,
                     raw_mbit_s: None,
+                    encodings: None,
                 };
                 let mut kind = match choice {
                     Choice::Tcp => Kind::Tcp,
@@ -117,6 +143,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                         row.seconds = Some(secs);
                         row.downtime_ms = Some(r.downtime_ms);
                         row.wire_bytes = Some(r.wire_bytes);
+                        row.encodings = Some(r.encodings);
                         let after = wan.link_counters(true)?;
                         let carried = after.bytes.saturating_sub(before.bytes);
                         row.link_used =
@@ -160,12 +187,13 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         return render::json(&rows);
     }
     println!(
-        "migrations of an idle {} MiB VM of random memory across the WAN lab (network \
+        "migrations of an idle {} MiB VM of {content_name} memory across the WAN lab (network \
          namespaces; tbf {} Mbit/s each way, half the RTT each way and random loss both ways \
          by the TUN relay; QUIC controller {congestion}); raw: {} MiB of bulk over the same \
          transport through the same WAN. link used: what the link's tbf put on the wire towards \
          b per second over its rate; queue drops: packets tbf dropped; of raw: memory moved per \
-         second over the raw rate",
+         second over the raw rate (above 100% when compression pays); pages: how the pages \
+         went, as adaptive compression chose",
         super::table::mib(bytes),
         b.link_mbit,
         super::table::mib(bytes),
@@ -198,6 +226,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 r.link_drops.map_or("-".into(), |d| d.to_string()),
                 r.raw_mbit_s.map_or("-".into(), |m| format!("{m:.1}")),
                 ratio,
+                r.encodings.as_ref().map_or("-".into(), encoding_cell),
             ]
         })
         .collect();
@@ -216,6 +245,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 "queue drops",
                 "raw Mbit/s",
                 "of raw",
+                "pages",
             ],
             &table
         )

@@ -98,6 +98,7 @@ impl Destination {
     /// set sent back is read now.
     pub fn handle_resume(
         &mut self,
+        now: std::time::Instant,
         peer: &crate::names::SpiffeId,
         r: &crate::message::Resume,
     ) -> Result<(), ResumeRefused> {
@@ -106,6 +107,9 @@ impl Destination {
             return Err(ResumeRefused("the broken link was not given up first"));
         };
         self.recoveries += 1;
+        // The source is back: its silence counts from now, not from
+        // before the break.
+        self.heard = Some(now);
         // The new streams count from zero; nothing is expected on them yet.
         self.applied.iter_mut().for_each(|a| *a = 0);
         self.opened.iter_mut().for_each(|o| *o = false);

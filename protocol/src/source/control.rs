@@ -173,6 +173,33 @@ impl Source {
             (Phase::AwaitResumed { round, .. }, Message::PrecopyResumed(r)) if !self.switched => {
                 self.resume_precopy(now, round, r)
             }
+            (Phase::AwaitResumed { .. }, Message::PrecopyResumed(_))
+                if self.switched && self.resumed_at.is_none() =>
+            {
+                // The link broke before the destination took the switch:
+                // it is still in pre-copy, and a destination that took it
+                // would answer Resumed. Nothing ran there (as when it
+                // cannot start the VM): it discards its copy, and the VM
+                // is ours again.
+                self.handed_over = false;
+                self.switched = false;
+                self.actions
+                    .push_back(SourceAction::Send(Box::new(Message::Abort(
+                        crate::message::Abort {
+                            reason: crate::message::Reason::Cancelled,
+                        },
+                    ))));
+                self.actions.push_back(SourceAction::RollBack);
+                self.finish(
+                    now,
+                    Outcome::Aborted(
+                        "the link broke before the destination took the post-copy switch; it \
+                         never ran the VM"
+                            .into(),
+                    ),
+                );
+                Ok(())
+            }
             (Phase::AwaitResumed { .. }, Message::Abort(a)) if !self.switched => {
                 // Pre-copy: a destination that waits for us registered
                 // the migration when it accepted it, and gives a broken

@@ -306,6 +306,9 @@ pub struct Source {
     round_skip_zero: bool,
     round_began: Option<Instant>,
     round_sent: PageBitmap,
+    /// The current round's RoundEnd was sent (only then may the
+    /// destination have confirmed it).
+    round_ended: bool,
     /// Pre-copy recovery: dirty logs collected while the link was down,
     /// sent once it is back.
     carried: Option<PageBitmap>,
@@ -381,6 +384,7 @@ impl Source {
             round_skip_zero: false,
             round_began: None,
             round_sent: PageBitmap::empty(pages as u64),
+            round_ended: false,
             carried: None,
             stalled: 0,
             convergence: Convergence::default(),
@@ -605,6 +609,21 @@ impl Source {
             }
             _ => self.finish_failed(now, format!("link lost: {detail}")),
         }
+    }
+
+    /// Something failed here, not the link (a page that cannot be read, a
+    /// batch that cannot be built): a new link would not help. Before the
+    /// handover the migration fails and the VM runs on here; after it,
+    /// the outcome is in doubt.
+    pub fn handle_local_failure(&mut self, now: Instant, detail: &str) {
+        if matches!(self.phase, Phase::Done) {
+            return;
+        }
+        self.fail_with(
+            now,
+            Reason::Internal(detail.into()),
+            format!("failed at the source: {detail}"),
+        );
     }
 
     /// The operator (or shutdown) cancels. Refused once handed over.

@@ -241,6 +241,7 @@ impl Source {
         self.round_skip_zero = skip_zero;
         self.round_began = Some(now);
         self.round_sent = PageBitmap::empty(pages.len());
+        self.round_ended = false;
         self.phase = Phase::Copying {
             round,
             round_start: now,

@@ -32,7 +32,16 @@ impl Source {
         let began = self.round_began.unwrap_or(now);
         if r.confirmed == round {
             // The round was applied there and its RoundApplied lost: the
-            // round is over, and nothing came after it.
+            // round is over, and nothing came after it. Only a round we
+            // ended can have been confirmed: else the pages it had yet to
+            // send would never go, and both roots would agree on what the
+            // destination holds.
+            if !self.round_ended {
+                return Err(self.fail(
+                    now,
+                    SourceError::BadResume("the destination confirms a round never ended"),
+                ));
+            }
             if held.count() > 0 {
                 return Err(self.fail(
                     now,
@@ -70,7 +79,12 @@ impl Source {
         again.subtract(&done);
         if let Some(c) = self.carried.take() {
             again.union_with(&c);
+            // Part of the round now: held after another break, not a
+            // page the round never sent.
+            self.round_set.union_with(&c);
         }
+        // Its RoundEnd goes again, with the new streams' counts.
+        self.round_ended = false;
         self.convergence.recovery_resent += again.count();
         self.progress("pre-copy (resumed)", again.count());
         self.phase = Phase::Copying {

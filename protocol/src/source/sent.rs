@@ -109,6 +109,7 @@ impl Source {
                     round_start,
                     deadline: now + self.cfg.ready_timeout,
                 };
+                self.round_ended = true;
                 self.actions
                     .push_back(SourceAction::Send(Box::new(Message::RoundEnd(RoundEnd {
                         round,

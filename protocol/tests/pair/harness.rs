@@ -657,9 +657,9 @@ impl Pair {
                     self.dst.handle_link_lost(self.now, "the source came back");
                     self.drain_dst();
                 }
-                if let Err(e) = self
-                    .dst
-                    .handle_resume(&self.resume_peer.parse().unwrap(), r)
+                if let Err(e) =
+                    self.dst
+                        .handle_resume(self.now, &self.resume_peer.parse().unwrap(), r)
                 {
                     self.resume_refusals.push(e.to_string());
                 }
@@ -856,7 +856,13 @@ pub fn without_delta(p: &mut Pair) {
 /// A 64-page idle pair whose source the test drives by hand: started and
 /// accepted, with the destination's side played by the test.
 pub fn accepted_without_a_destination() -> Pair {
-    let mut p = Pair::new(64, 0, 50e6, 1 << 30);
+    accepted_by_hand(|_| {})
+}
+
+/// [`accepted_without_a_destination`], its source configuration adjusted
+/// by `tweak`.
+pub fn accepted_by_hand(tweak: impl FnOnce(&mut SourceConfig)) -> Pair {
+    let mut p = Pair::with(64, 0, 50e6, 1 << 30, tweak);
     p.src.start(p.now);
     p.drain_src();
     p.to_dst.clear();

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::destination::DestinationEvent;
-use convoy_protocol::message::Message;
+use convoy_protocol::message::{Message, PrecopyResumed};
+use convoy_protocol::model::MigrationMode;
+use convoy_protocol::page::PageBitmap;
+use convoy_protocol::source::SourceAction;
 use convoy_protocol::source::{SourceConfig, SourceError, SourceSummary};
 
-use crate::harness::{root_of, Pair};
+use crate::harness::{accepted_by_hand, root_of, Pair};
 
 /// Pre-copy with a 10 s recovery window.
 fn recovering(c: &mut SourceConfig) {
@@ -214,4 +217,105 @@ fn a_precopy_resumed_that_does_not_fit_or_claims_too_much_rolls_back() {
     );
     assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
     assert!(p.started.is_none());
+}
+
+#[test]
+fn a_destination_confirming_a_round_the_source_never_ended_is_refused() {
+    // Accepted: round 1 is being sent (its RoundEnd not yet) when the
+    // link breaks. A destination that says it confirmed round 1 would let
+    // the pages still to send never go, both roots agreeing on what it
+    // holds: refused, and the VM runs on here.
+    let mut p = accepted_by_hand(recovering);
+    let now = p.now;
+    p.src.handle_link_lost(now, "cut");
+    let mut reconnect = false;
+    while let Some(a) = p.src.poll_action() {
+        reconnect |= matches!(a, SourceAction::Reconnect);
+    }
+    assert!(
+        reconnect,
+        "a link lost while sending round 1 is dialled again"
+    );
+    p.src.handle_reconnected(now);
+    while p.src.poll_action().is_some() {}
+    let lie = Message::PrecopyResumed(PrecopyResumed {
+        confirmed: 1,
+        held: PageBitmap::empty(64).words().to_vec(),
+    });
+    let e = p.src.handle_message(now, lie).unwrap_err();
+    assert!(
+        matches!(&e, SourceError::BadResume(w) if w.contains("never ended")),
+        "{e}"
+    );
+    let mut rolled_back = false;
+    while let Some(a) = p.src.poll_action() {
+        rolled_back |= matches!(a, SourceAction::RollBack);
+    }
+    assert!(rolled_back);
+}
+
+#[test]
+fn a_switch_lost_with_the_link_is_given_back_since_nothing_ran_there() {
+    // Post-copy: Propose, then PostcopySwitch, lost with the link. The
+    // destination, still in pre-copy, answers the Resume with
+    // PrecopyResumed: it never ran the VM, which runs on here.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.manifest.plan.mode = MigrationMode::Postcopy;
+        recovering(c);
+    });
+    p.cut_after_src_msgs = Some(2);
+    p.run();
+    let s = p.summary().clone();
+    assert!(
+        matches!(&s.outcome, Outcome::Aborted(w) if w.contains("never ran the VM")),
+        "{s:?}"
+    );
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    assert!(p.staging.is_none() && p.started.is_none());
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::Failed(_))),
+        "{:?}",
+        p.dst_event
+    );
+}
+
+#[test]
+fn a_source_back_after_a_long_outage_is_not_taken_for_a_silent_one() {
+    // The destination ends migrations whose source says nothing for 60 s;
+    // a 70 s outage within a 120 s window resumes, and goes on.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.recovery = Duration::from_secs(120);
+    });
+    p.cut_after_precopy_batches = Some(40);
+    p.outage = Duration::from_secs(70);
+    p.run();
+    let s = assert_precopy_completed(&p);
+    assert_eq!(s.convergence.recoveries, 1);
+}
+
+#[test]
+fn a_failure_at_the_source_is_not_taken_for_the_link_and_is_not_retried() {
+    // A page that cannot be read, with a recovery window: no new link
+    // would help, so the migration fails at once, says why to the
+    // destination, and the VM runs on here.
+    let mut p = accepted_by_hand(recovering);
+    let now = p.now;
+    p.src.handle_local_failure(now, "page 7 could not be read");
+    let (mut abort, mut rolled_back, mut reconnect) = (false, false, false);
+    while let Some(a) = p.src.poll_action() {
+        match a {
+            SourceAction::Send(m) => abort |= matches!(*m, Message::Abort(_)),
+            SourceAction::RollBack => rolled_back = true,
+            SourceAction::Reconnect => reconnect = true,
+            _ => {}
+        }
+    }
+    assert!(abort && rolled_back && !reconnect);
+    p.drain_src();
+    let s = p.summary();
+    assert!(
+        matches!(&s.outcome, Outcome::Aborted(w) if w.contains("page 7 could not be read")),
+        "{s:?}"
+    );
+    assert_eq!(s.convergence.recoveries, 0);
 }

@@ -536,12 +536,22 @@ impl QemuLab {
             "the source QEMU still runs"
         );
         let dst_log = self.serial(to, vm);
+        // A TCG guest beside the suite's other tests on two cores may be
+        // slow to print: a minute, and the log's end if it never does.
         assert!(
-            until(Duration::from_secs(30), || counters(&dst_log)
+            until(Duration::from_secs(60), || counters(&dst_log)
                 .iter()
                 .any(|&c| c > last_at_source))
             .await,
-            "no counter after {last_at_source} at the destination"
+            "no counter after {last_at_source} at the destination; its serial log ends with {:?}",
+            std::fs::read_to_string(&dst_log).map(|s| s
+                .chars()
+                .rev()
+                .take(400)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>())
         );
         let after: Vec<u64> = counters(&dst_log)
             .into_iter()

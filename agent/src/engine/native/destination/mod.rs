@@ -258,7 +258,7 @@ pub(crate) async fn serve(
                 if sm.is_recovering() {
                     // Every page the old link's decoders installed has its
                     // leaf reported before the missing set is read.
-                    run.join_dying().await;
+                    let joined = run.join_dying().await;
                     while let Ok((epoch, ev)) = rx.try_recv() {
                         match ev {
                             Event::Applied { leaves, .. } if epoch != run.tx.epoch => {
@@ -270,6 +270,20 @@ pub(crate) async fn serve(
                             // of the old one is void.
                             _ => {}
                         }
+                    }
+                    if !joined && !run.switched.load(Ordering::Acquire) {
+                        // Staging could still change under the new link's
+                        // pages (and their leaves): not resumed; the
+                        // window ends the migration, the VM runs on at the
+                        // source.
+                        let why = "a decoder of the broken link is still writing staging";
+                        run.host.audit_refusal(rc.peer.id.to_string(), format!("Resume: {why}"));
+                        tokio::spawn(recovery::refuse(
+                            rc.conn,
+                            rc.send,
+                            convoy_protocol::message::Reason::Unacceptable(why.into()),
+                        ));
+                        continue;
                     }
                 }
                 if let Some(new_send) = run.reconnect(&mut sm, rc).await {

@@ -145,11 +145,12 @@ impl Incoming {
     }
 
     /// Joins the decoders of broken links (each ends after the batch in
-    /// hand once its reader is gone).
-    pub(super) async fn join_dying(&mut self) {
+    /// hand once its reader is gone); false if one is still running after
+    /// 10 s.
+    pub(super) async fn join_dying(&mut self) -> bool {
         let dying = std::mem::take(&mut self.dying_threads);
         if dying.is_empty() {
-            return;
+            return true;
         }
         let joined = tokio::task::spawn_blocking(move || {
             for t in dying {
@@ -161,7 +162,9 @@ impl Incoming {
             .is_err()
         {
             tracing::warn!(peer = %self.peer.id, "a decoder of the broken link did not end in 10 s");
+            return false;
         }
+        true
     }
 
     /// A new connection asks to resume: on the machine's consent it
@@ -179,7 +182,7 @@ impl Incoming {
             recv,
             resume,
         } = rc;
-        if let Err(e) = sm.handle_resume(&peer.id, &resume) {
+        if let Err(e) = sm.handle_resume(crate::engine::clock::now(), &peer.id, &resume) {
             tracing::warn!(peer = %peer.id, "{e}");
             self.host.audit_refusal(peer.id.to_string(), e.to_string());
             // Answered aside: a peer that reads nothing cannot stall us.

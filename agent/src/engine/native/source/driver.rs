@@ -18,7 +18,7 @@ use convoy_protocol::page::PageIndex;
 use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
 use tokio::sync::mpsc;
 
-use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams};
+use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams, StreamError};
 use super::streams::{open_streams, spawn_control_reader, OpenError, StreamSetup};
 use super::Run;
 use crate::engine::native::pacer::Pacer;
@@ -349,7 +349,23 @@ impl<'r> Driver<'r> {
                 .accepted_capabilities()
                 .is_some_and(|c| c.has(Capabilities::DELTA));
         let postcopy = self.plan.mode != MigrationMode::Precopy;
-        while let Some(link) = self.run.redial(&self.dest, self.sm.poll_timeout()).await {
+        let mut cancelled = false;
+        loop {
+            let deadline = self.sm.poll_timeout();
+            // Before the switch the operator may cancel meanwhile (after
+            // it a cancel is refused anyway).
+            let next = if switched {
+                self.run.redial(&self.dest, deadline).await
+            } else {
+                tokio::select! {
+                    l = self.run.redial(&self.dest, deadline) => l,
+                    () = self.run.cancel.notified() => {
+                        cancelled = true;
+                        None
+                    }
+                }
+            };
+            let Some(link) = next else { break };
             let opened = self.open_streams(&link.conn, delta, postcopy).await;
             match opened {
                 Ok(opened) => {
@@ -376,7 +392,10 @@ impl<'r> Driver<'r> {
                 }
             }
         }
-        if resumed {
+        if cancelled {
+            tracing::info!(migration = %self.run.migration, "cancelled while dialling again");
+            self.sm.cancel(clock::now());
+        } else if resumed {
             self.run
                 .phase("reconnected: asking the destination to resume");
             self.sm.handle_reconnected(clock::now());
@@ -518,8 +537,12 @@ impl<'r> Driver<'r> {
                     }
                 }
             }
+            Some(EngineEvent::StreamFailed(
+                e @ (StreamError::WriterGone | StreamError::Write(_)),
+            )) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
+            // Not the link's: a new one would not help.
             Some(EngineEvent::StreamFailed(e)) => {
-                self.sm.handle_link_lost(clock::now(), &e.to_string())
+                self.sm.handle_local_failure(clock::now(), &e.to_string())
             }
             None => self.sm.handle_link_lost(clock::now(), "data streams ended"),
         }
