@@ -187,6 +187,18 @@ pub fn report(r: &MigrationReport) -> String {
                     }
                 ),
             ]);
+            if c.expected_downtime_ms > 0 || c.round_trip_us > 0 {
+                rows.push(vec![
+                    "downtime expected".into(),
+                    format!(
+                        "{} ms at pre-copy's last decision, of which the handover's two round trips {:.1} ms \
+                         (shortest control round trip {:.1} ms)",
+                        c.expected_downtime_ms,
+                        2.0 * c.round_trip_us as f64 / 1000.0,
+                        c.round_trip_us as f64 / 1000.0
+                    ),
+                ]);
+            }
         }
         Some(q) => {
             let ms = |v: Option<u64>| v.map_or("?".into(), |v| format!("{v} ms"));

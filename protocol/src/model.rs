@@ -201,6 +201,18 @@ pub struct Convergence {
     /// among them go as nothing again).
     #[serde(default)]
     pub recovery_resent: u64,
+    /// The shortest control round trip the source measured (`Propose` to
+    /// `Accept`, a round's `RoundEnd` to its `RoundApplied`),
+    /// microseconds: an upper bound on the path's RTT, queueing and the
+    /// destination's work included (0: none measured).
+    #[serde(default)]
+    pub round_trip_us: u64,
+    /// The downtime pre-copy expected when it paused the VM (or at its
+    /// last decision), milliseconds: the pages left over the measured
+    /// rate, plus the handover's two round trips (`Finish`/`Ready`,
+    /// `Handover`/`Started`).
+    #[serde(default)]
+    pub expected_downtime_ms: u64,
 }
 
 /// How a post-copy phase went.

@@ -5,12 +5,15 @@
 //! completes its handshake — mutual authentication included — first; the
 //! other attempt is dropped. The winner is remembered per peer address
 //! and goes first next time, so a peer behind a UDP-dropping firewall
-//! costs the head start once, not at every dial.
+//! costs the head start once, not at every dial. A TCP win is remembered
+//! for [`REMEMBER_TCP`] only: past it QUIC goes first again, so a path
+//! whose UDP came back is noticed (RFC 8305 §4 caches for ten minutes
+//! too); with TCP first, QUIC would only win if TCP failed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use convoy_protocol::names::SpiffeId;
 use quinn::crypto::rustls::QuicClientConfig;
@@ -23,6 +26,9 @@ use crate::trust::identity::{self, Identity, TrustBundle};
 
 /// How long QUIC leads before TCP starts too.
 pub const HEAD_START: Duration = Duration::from_millis(250);
+
+/// How long a peer that TCP won for dials TCP first.
+pub const REMEMBER_TCP: Duration = Duration::from_secs(600);
 
 /// Which transport to dial with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,7 +89,7 @@ pub struct Dialer {
     endpoint: Endpoint,
     choice: Choice,
     tuning: Tuning,
-    won: Arc<Mutex<HashMap<SocketAddr, Kind>>>,
+    won: Arc<Mutex<HashMap<SocketAddr, (Kind, Instant)>>>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -111,13 +117,26 @@ impl Dialer {
         self.choice
     }
 
-    /// The transport that last won for `addr`.
+    /// The transport that last won for `addr` (a TCP win for
+    /// [`REMEMBER_TCP`]).
     pub fn remembered(&self, addr: SocketAddr) -> Option<Kind> {
+        self.remembered_at(addr, Instant::now())
+    }
+
+    fn remembered_at(&self, addr: SocketAddr, now: Instant) -> Option<Kind> {
+        let won = self.won.lock().unwrap_or_else(|p| p.into_inner());
+        match won.get(&addr) {
+            Some(&(Kind::Tcp, at)) if now.saturating_duration_since(at) >= REMEMBER_TCP => None,
+            Some(&(kind, _)) => Some(kind),
+            None => None,
+        }
+    }
+
+    fn remember(&self, addr: SocketAddr, kind: Kind, at: Instant) {
         self.won
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&addr)
-            .copied()
+            .insert(addr, (kind, at));
     }
 
     /// Connects to `addr`, accepting only a peer that proves `expected`.
@@ -184,10 +203,7 @@ impl Dialer {
             }
         };
         tracing::debug!(peer = %addr, transport = %conn.kind(), "connected");
-        self.won
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, conn.kind());
+        self.remember(addr, conn.kind(), Instant::now());
         Ok(conn)
     }
 
@@ -235,5 +251,34 @@ impl Dialer {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tcp_win_is_remembered_for_a_while_and_a_quic_win_for_good() {
+        let endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let d = Dialer::new(endpoint, Choice::Auto, Tuning::default());
+        let (p, q): (SocketAddr, SocketAddr) = (
+            "198.18.0.1:7000".parse().unwrap(),
+            "198.18.0.2:7000".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        assert_eq!(d.remembered_at(p, t0), None);
+        d.remember(p, Kind::Tcp, t0);
+        d.remember(q, Kind::Quic, t0);
+        assert_eq!(d.remembered_at(p, t0 + REMEMBER_TCP / 2), Some(Kind::Tcp));
+        // Past it, QUIC goes first again (None: the default order).
+        assert_eq!(d.remembered_at(p, t0 + REMEMBER_TCP), None);
+        assert_eq!(d.remembered_at(q, t0 + REMEMBER_TCP * 10), Some(Kind::Quic));
+        // A new TCP win starts the time again.
+        d.remember(p, Kind::Tcp, t0 + REMEMBER_TCP);
+        assert_eq!(
+            d.remembered_at(p, t0 + REMEMBER_TCP + Duration::from_secs(1)),
+            Some(Kind::Tcp)
+        );
     }
 }

@@ -15,8 +15,17 @@ use super::{Phase, Source, SourceAction, SourceError, Switchover};
 impl Source {
     /// A pre-copy round was applied at the destination: the rate it went
     /// at (an empty round measures nothing: the last rate stays).
+    ///
+    /// The round's time holds one round trip (the last page's way there,
+    /// `RoundApplied`'s way back) that is not the link's rate: on a long
+    /// path it would make a small round look slow, and the handover's
+    /// round trips, counted apart, would be counted twice. It is taken
+    /// out, leaving at least a quarter of the time (the round trip is an
+    /// upper bound).
     pub(super) fn measure_round(&mut self, now: Instant, round_start: Instant) {
-        let secs = now.saturating_duration_since(round_start).as_secs_f64();
+        let took = now.saturating_duration_since(round_start);
+        let rt = self.round_trip.unwrap_or(Duration::ZERO);
+        let secs = took.saturating_sub(rt).max(took / 4).as_secs_f64();
         if secs > 0.0 && self.round_bytes > 0 {
             // CAST: bytes over a positive time are finite and not
             // negative; `as` saturates at u64::MAX.
@@ -24,6 +33,23 @@ impl Source {
             let rate = (self.round_bytes as f64 / secs) as u64;
             self.rate = rate;
         }
+    }
+
+    /// A control exchange took `took`, from our message to the answer:
+    /// the shortest so far bounds the path's round trip from above (it
+    /// holds the destination's work and any queue on the path, as the
+    /// handover's own exchanges will).
+    pub(super) fn note_round_trip(&mut self, took: Duration) {
+        let rt = self.round_trip.map_or(took, |r| r.min(took));
+        self.round_trip = Some(rt);
+        self.convergence.round_trip_us = u64::try_from(rt.as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// The handover's share of the downtime: `Finish` to `Ready` and
+    /// `Handover` to `Started`, two round trips (none measured: none
+    /// counted, as in simulated time that does not advance).
+    pub(super) fn handover_estimate(&self) -> Duration {
+        self.round_trip.unwrap_or(Duration::ZERO).saturating_mul(2)
     }
 
     /// A message from the destination's control stream.
@@ -53,6 +79,9 @@ impl Source {
                 }
                 self.bases = a.bases;
                 self.accepted = Some(a.capabilities);
+                if let Some(t) = self.started_at {
+                    self.note_round_trip(now.saturating_duration_since(t));
+                }
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
                 self.copy_started = Some(now);
@@ -76,6 +105,9 @@ impl Source {
                 },
                 Message::RoundApplied(a),
             ) if a.round == round => {
+                if let Some(t) = self.round_end_at.take() {
+                    self.note_round_trip(now.saturating_duration_since(t));
+                }
                 self.measure_round(now, round_start);
                 self.phase = Phase::Copying {
                     round,

@@ -48,8 +48,14 @@
 //! the rate was overstated and the pause began with that much data still
 //! in flight, all of it downtime (150–400 ms measured with a 4 GiB disk).
 //! Then the source estimates the dirty rate (pages dirtied per
-//! second since the last log) and the expected downtime (pages left × bytes
-//! per page ÷ measured send rate). Three controls act on it:
+//! second since the last log) and the expected downtime: pages left × bytes
+//! per page ÷ measured send rate, plus the handover's two round trips
+//! (`Finish`/`Ready`, `Handover`/`Started`), each the shortest control
+//! exchange measured (`Propose` to `Accept`, `RoundEnd` to `RoundApplied`).
+//! The send rate leaves that round trip out of each round's time. On a
+//! long path the round trips are most of the pause, and without them the
+//! pause overran its target by them (300 ms at 150 ms RTT). Three controls
+//! act on the estimate:
 //! - **Hot-page ordering** (`hold_hot_pages`): a page dirtied in two or more
 //!   rounds' logs is *held back* for the final round instead of being sent
 //!   again each round; a held page that stays clean for a round is released
@@ -156,7 +162,7 @@
 //! - `error`: [`SourceError`] and the `Abort` it sends.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::ctl::Progress;
 use crate::digest::{zero_leaf, Digest, MerkleTree};
@@ -309,6 +315,11 @@ pub struct Source {
     /// The current round's RoundEnd was sent (only then may the
     /// destination have confirmed it).
     round_ended: bool,
+    /// When the current round's RoundEnd went (on this link): its
+    /// RoundApplied measures a round trip.
+    round_end_at: Option<Instant>,
+    /// The shortest control round trip measured so far.
+    round_trip: Option<Duration>,
     /// Pre-copy recovery: dirty logs collected while the link was down,
     /// sent once it is back.
     carried: Option<PageBitmap>,
@@ -385,6 +396,8 @@ impl Source {
             round_began: None,
             round_sent: PageBitmap::empty(pages as u64),
             round_ended: false,
+            round_end_at: None,
+            round_trip: None,
             carried: None,
             stalled: 0,
             convergence: Convergence::default(),

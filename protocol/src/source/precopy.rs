@@ -68,11 +68,18 @@ impl Source {
         };
         // No measured rate (simulated time that did not advance) means the
         // round took no time: the rest will not either.
-        let expected = if remaining == 0 || self.rate == 0 {
+        let data = if remaining == 0 || self.rate == 0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(remaining as f64 * per_page / self.rate as f64)
         };
+        // The pause lasts until `Started` is back: the pages left, then
+        // the handover's two round trips (on a 150 ms path, 300 ms that
+        // no rate makes shorter).
+        let handover = self.handover_estimate();
+        let expected = data.saturating_add(handover);
+        self.convergence.expected_downtime_ms =
+            u64::try_from(expected.as_millis()).unwrap_or(u64::MAX);
         self.progress("precopy", remaining);
         if expected <= self.cfg.max_downtime() {
             self.converged = true;
@@ -100,6 +107,7 @@ impl Source {
                 let detail = format!(
                     "cannot converge at this dirty rate and bandwidth: the guest dirties {} pages/s, \
                      {} bytes/s are sent, and the {} pages left would take {} ms against a target of {} ms \
+                     ({} ms of pages and {} ms for the handover's two round trips) \
                      after {} rounds (throttle {}%); raise --max-downtime, throttle the workload, \
                      use --mode postcopy or hybrid, or pass --force-stop",
                     self.convergence.dirty_rate,
@@ -107,6 +115,8 @@ impl Source {
                     remaining,
                     expected.as_millis(),
                     self.cfg.plan().max_downtime_ms,
+                    data.as_millis(),
+                    handover.as_millis(),
                     round,
                     self.convergence.throttle,
                 );

@@ -110,6 +110,7 @@ impl Source {
                     deadline: now + self.cfg.ready_timeout,
                 };
                 self.round_ended = true;
+                self.round_end_at = Some(now);
                 self.actions
                     .push_back(SourceAction::Send(Box::new(Message::RoundEnd(RoundEnd {
                         round,

@@ -265,7 +265,9 @@ impl Pair {
                 postcopy: false,
                 start_paused: false,
                 plan: convoy_protocol::model::MigrationPlan {
-                    max_downtime_ms: 20,
+                    // 20 ms of pages, and the handover's two round
+                    // trips over the 5 ms (each way) control link.
+                    max_downtime_ms: 40,
                     max_rounds: 10,
                     force_stop: true,
                     ..Default::default()

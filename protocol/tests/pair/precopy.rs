@@ -106,7 +106,11 @@ fn a_vm_that_cannot_converge_fails_honestly_and_keeps_running() {
         panic!("{s:?}")
     };
     assert!(why.contains("cannot converge at this dirty rate"), "{why}");
-    assert!(why.contains("against a target of 20 ms"), "{why}");
+    assert!(why.contains("against a target of 40 ms"), "{why}");
+    assert!(
+        why.contains("20 ms for the handover's two round trips"),
+        "{why}"
+    );
     assert!(s.convergence.dirty_rate > 0);
     assert_eq!(s.rounds, 10);
     assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
@@ -212,4 +216,72 @@ fn the_time_a_started_vm_waited_for_its_disks_is_not_downtime_and_cannot_go_belo
     assert!(plain >= Duration::from_millis(15), "{plain:?}");
     assert_eq!(run(Some(5)), plain - Duration::from_millis(5));
     assert_eq!(run(Some(u32::MAX)), Duration::ZERO);
+}
+
+/// A dirtying VM over a path of `one_way` each way, with a downtime
+/// target of `target_ms`.
+fn over_a_long_path(one_way: Duration, target_ms: u32, force_stop: bool) -> Pair {
+    let mut p = Pair::with(2048, 20, 12.5e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = target_ms;
+        c.manifest.plan.force_stop = force_stop;
+        c.manifest.plan.max_rounds = 30;
+    });
+    p.latency = one_way;
+    // Whole pages each round, as the first round's rate assumes.
+    without_delta(&mut p);
+    p.run();
+    p
+}
+
+#[test]
+fn the_handovers_round_trips_count_in_the_expected_downtime() {
+    // 100 Mbit/s, 100 ms RTT, 20 pages dirtied per ms. Counting only the
+    // pages, pre-copy would pause with up to 300 ms of them left and the
+    // handover's 200 ms after: 500 ms.
+    let p = over_a_long_path(Duration::from_millis(50), 300, false);
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.converged && s.verified);
+    let c = s.convergence;
+    // Propose to Accept is the shortest exchange here: one round trip.
+    assert_eq!(c.round_trip_us, 100_000, "{c:?}");
+    assert!(
+        (200..=300).contains(&c.expected_downtime_ms),
+        "the estimate holds both round trips: {c:?}"
+    );
+    let downtime = s.downtime.unwrap();
+    assert!(
+        downtime <= Duration::from_millis(300),
+        "downtime {downtime:?} over the 300 ms target ({c:?})"
+    );
+    assert!(downtime >= Duration::from_millis(200), "{downtime:?}");
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}
+
+#[test]
+fn a_path_whose_round_trips_alone_exceed_the_target_fails_honestly() {
+    // 150 ms each way: the handover alone takes 600 ms, over 300 ms
+    // whatever is left to send. No pause: the VM runs on here.
+    let p = over_a_long_path(Duration::from_millis(150), 300, false);
+    let s = p.summary().clone();
+    let Outcome::Aborted(why) = &s.outcome else {
+        panic!("{s:?}")
+    };
+    assert!(
+        why.contains("600 ms for the handover's two round trips"),
+        "{why}"
+    );
+    assert!(s.downtime.is_none(), "never paused: {s:?}");
+    assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    // With --force-stop it pauses after the last round, as asked, and the
+    // report shows what it expected.
+    let p = over_a_long_path(Duration::from_millis(150), 300, true);
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(!s.converged);
+    assert!(s.convergence.expected_downtime_ms >= 600, "{s:?}");
+    assert!(s.downtime.unwrap() >= Duration::from_millis(600));
 }
