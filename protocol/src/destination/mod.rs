@@ -219,8 +219,10 @@ pub struct Destination {
     /// After the switch: pages the VM asked for (asked again on resume
     /// while still missing).
     asked: std::collections::BTreeSet<u64>,
-    /// Times the migration resumed on a new connection.
-    recoveries: u32,
+    /// Times the migration resumed on a new connection: before the
+    /// switch, and after it (each phase up to [`MAX_RECOVERIES`], as the
+    /// source counts them).
+    recoveries: [u32; 2],
     /// Pre-copy: the last round confirmed with RoundApplied, and the
     /// pages installed since (what a resumed round need not send again).
     confirmed: u32,
@@ -253,7 +255,7 @@ impl Destination {
             handed_key: None,
             missing: None,
             asked: std::collections::BTreeSet::new(),
-            recoveries: 0,
+            recoveries: [0; 2],
             confirmed: 0,
             fresh: None,
             ready_at: None,

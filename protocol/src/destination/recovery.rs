@@ -23,9 +23,15 @@ pub struct ResumeRefused(pub &'static str);
 
 impl Destination {
     /// Times the migration resumed on a new connection after its link
-    /// broke.
+    /// broke, both phases together.
     pub fn recoveries(&self) -> u32 {
-        self.recoveries
+        self.recoveries[0].saturating_add(self.recoveries[1])
+    }
+
+    /// The recoveries of the phase the migration is in (pre-copy, or
+    /// after the switch), each bounded by [`MAX_RECOVERIES`] apart.
+    fn phase_recoveries(&mut self) -> &mut u32 {
+        &mut self.recoveries[usize::from(self.switched)]
     }
 
     /// Whether the machine waits for the source to reconnect.
@@ -62,7 +68,9 @@ impl Destination {
             // Pre-copy rounds (the source has not paused the VM yet).
             matches!(self.phase, Phase::Receiving)
         };
-        phase && !self.cfg.recovery.is_zero() && self.recoveries < MAX_RECOVERIES
+        phase
+            && !self.cfg.recovery.is_zero()
+            && self.recoveries[usize::from(self.switched)] < MAX_RECOVERIES
     }
 
     /// Post-copy recovery: whether a Resume from `peer` would be accepted:
@@ -106,7 +114,7 @@ impl Destination {
         let Phase::Recovering { .. } = self.phase else {
             return Err(ResumeRefused("the broken link was not given up first"));
         };
-        self.recoveries += 1;
+        *self.phase_recoveries() += 1;
         // The source is back: its silence counts from now, not from
         // before the break.
         self.heard = Some(now);

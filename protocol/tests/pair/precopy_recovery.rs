@@ -319,3 +319,30 @@ fn a_failure_at_the_source_is_not_taken_for_the_link_and_is_not_retried() {
     );
     assert_eq!(s.convergence.recoveries, 0);
 }
+
+#[test]
+fn each_phase_resumes_as_often_on_both_sides() {
+    // Hybrid: eight breaks in pre-copy (the most a phase resumes from),
+    // then one after the switch. The destination counts each phase's
+    // breaks apart, as the source does, so it takes the post-copy Resume
+    // the source makes (counted together, it refused it: the VM was left
+    // in doubt).
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.manifest.plan.mode = MigrationMode::Hybrid;
+        recovering(c);
+    });
+    p.cut_after_precopy_batches = Some(5);
+    p.later_precopy_cuts = (1..=7).rev().map(|k| 5 + 5 * k).collect();
+    p.cut_after_postcopy_batches = Some(3);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified);
+    assert_eq!(s.convergence.recoveries, 8, "{:?}", s.convergence);
+    assert_eq!(s.postcopy.map(|pc| pc.recoveries), Some(1), "{s:?}");
+    assert_eq!(p.dst.recoveries(), 9);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+}

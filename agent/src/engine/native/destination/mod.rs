@@ -277,12 +277,14 @@ pub(crate) async fn serve(
                         // window ends the migration, the VM runs on at the
                         // source.
                         let why = "a decoder of the broken link is still writing staging";
-                        run.host.audit_refusal(rc.peer.id.to_string(), format!("Resume: {why}"));
-                        tokio::spawn(recovery::refuse(
+                        recovery::refuse_resume(
+                            &run.host,
+                            &rc.peer,
                             rc.conn,
                             rc.send,
+                            format!("Resume: {why}"),
                             convoy_protocol::message::Reason::Unacceptable(why.into()),
-                        ));
+                        );
                         continue;
                     }
                 }

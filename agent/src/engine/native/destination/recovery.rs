@@ -54,17 +54,29 @@ pub(crate) async fn hand_over_resume(
         },
         None => rc.send,
     };
-    tracing::warn!(peer = %peer.id, %migration, "Resume for no waiting migration");
-    host.audit_refusal(
-        peer.id.to_string(),
-        format!("Resume of migration {migration}: no migration waits for it here"),
-    );
-    refuse(
+    refuse_resume(
+        &host,
+        &peer,
         conn,
         send,
+        format!("Resume of migration {migration}: no migration waits for it here"),
         Reason::Unacceptable(format!("no migration {migration} waits to be resumed here")),
-    )
-    .await;
+    );
+}
+
+/// Refuses a `Resume` from `peer`: audited (`audit`), then answered aside
+/// with `reason` ([`refuse`]), so a peer that reads nothing stalls nothing.
+pub(super) fn refuse_resume(
+    host: &Host,
+    peer: &Peer,
+    conn: Connection,
+    send: SendStream,
+    audit: String,
+    reason: Reason,
+) {
+    tracing::warn!(peer = %peer.id, "Resume refused: {audit}");
+    host.audit_refusal(peer.id.to_string(), audit);
+    tokio::spawn(refuse(conn, send, reason));
 }
 
 /// Answers a connection with an Abort, then lets it close (bounded: a
@@ -183,10 +195,14 @@ impl Incoming {
             resume,
         } = rc;
         if let Err(e) = sm.handle_resume(crate::engine::clock::now(), &peer.id, &resume) {
-            tracing::warn!(peer = %peer.id, "{e}");
-            self.host.audit_refusal(peer.id.to_string(), e.to_string());
-            // Answered aside: a peer that reads nothing cannot stall us.
-            tokio::spawn(refuse(conn, send, Reason::Unauthorized(e.to_string())));
+            refuse_resume(
+                &self.host,
+                &peer,
+                conn,
+                send,
+                e.to_string(),
+                Reason::Unauthorized(e.to_string()),
+            );
             return None;
         }
         self.conn = conn;
