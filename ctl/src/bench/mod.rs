@@ -131,6 +131,10 @@ pub struct Bench {
     /// --wan: random loss, percent (both ways).
     #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
     pub loss: Vec<f64>,
+    /// --wan: mean length of a loss burst, packets (1: each packet lost
+    /// alone; more: a Gilbert model with the same long-run loss).
+    #[arg(long, default_value_t = 1.0)]
+    pub loss_burst: f64,
     /// --wan: what the VM's memory holds: random (incompressible) or
     /// mixed (a quarter zero pages, 40% text-like, the rest random), to
     /// see which encodings adaptive compression picks for the link.

@@ -7,8 +7,8 @@
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
-use convoy_agent::lab::impair::{Impairment, Loss, Probability, RateLimit};
+use anyhow::{bail, Context, Result};
+use convoy_agent::lab::impair::{GilbertElliott, Impairment, Loss, Probability, RateLimit};
 use convoy_agent::lab::{Lab, Sink};
 use convoy_agent::transport::Tuning;
 use serde::Serialize;
@@ -29,22 +29,48 @@ struct Row {
     link_used: Option<f64>,
 }
 
-/// `--loss` as random loss (none at 0).
-pub(super) fn random_loss(loss_pct: f64) -> Result<Loss> {
-    if loss_pct > 0.0 {
-        let Some(p) = Probability::new(loss_pct / 100.0) else {
-            bail!("--loss {loss_pct}: a percentage from 0 to 100");
-        };
-        Ok(Loss::Bernoulli(p))
+/// `--loss` as random loss (none at 0): each packet alone, or, with a
+/// `--loss-burst` of more than 1, in bursts of that many packets on
+/// average with the same long-run loss (a Gilbert model: every packet is
+/// lost in the bad state, none in the good; the bad state lasts `burst`
+/// packets on average and holds `loss` of the time).
+pub(super) fn loss_model(loss_pct: f64, burst: f64) -> Result<Loss> {
+    if !(burst >= 1.0 && burst.is_finite()) {
+        bail!("--loss-burst {burst}: a mean burst length of at least 1 packet");
+    }
+    if loss_pct <= 0.0 {
+        return Ok(Loss::None);
+    }
+    let Some(p) = Probability::new(loss_pct / 100.0).filter(|p| p.value() < 1.0) else {
+        bail!("--loss {loss_pct}: a percentage from 0 to under 100");
+    };
+    if burst <= 1.0 {
+        return Ok(Loss::Bernoulli(p));
+    }
+    let bad_to_good = 1.0 / burst;
+    let good_to_bad = p.value() * bad_to_good / (1.0 - p.value());
+    let prob = |v: f64| Probability::new(v).context("a Gilbert model's probability");
+    Ok(Loss::GilbertElliott(GilbertElliott {
+        good_to_bad: prob(good_to_bad)?,
+        bad_to_good: prob(bad_to_good)?,
+        loss_good: Probability::ZERO,
+        loss_bad: Probability::ONE,
+    }))
+}
+
+/// How `--loss` is spread, for a table's title.
+pub(super) fn loss_words(burst: f64) -> String {
+    if burst > 1.0 {
+        format!("random loss in bursts of {burst} packets on average")
     } else {
-        Ok(Loss::None)
+        "random loss".into()
     }
 }
 
 /// One direction of the link: half the RTT, the loss, the rate (a queue of
 /// one bandwidth-delay product, at least 64 KiB).
-fn line(rtt_ms: u64, loss_pct: f64, bytes_per_sec: NonZeroU64) -> Result<Impairment> {
-    let loss = random_loss(loss_pct)?;
+fn line(rtt_ms: u64, loss_pct: f64, burst: f64, bytes_per_sec: NonZeroU64) -> Result<Impairment> {
+    let loss = loss_model(loss_pct, burst)?;
     let bdp = bytes_per_sec.get().saturating_mul(rtt_ms) / 1000;
     Ok(Impairment {
         delay: Duration::from_millis(rtt_ms / 2),
@@ -71,7 +97,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         for &loss_pct in &b.loss {
             // The return path carries acknowledgements: delayed, lossy, not
             // rate-limited.
-            let forward = line(rtt_ms, loss_pct, rate)?;
+            let forward = line(rtt_ms, loss_pct, b.loss_burst, rate)?;
             let back = Impairment {
                 rate: None,
                 ..forward
@@ -116,10 +142,11 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     }
     println!(
         "raw QUIC bulk, {} MiB on {} streams, through the lab's relay: a {} Mbit/s link \
-         (token bucket, one BDP of queue), half the RTT each way, random loss both ways",
+         (token bucket, one BDP of queue), half the RTT each way, {} both ways",
         super::table::mib(bytes),
         b.tuning.streams,
-        b.link_mbit
+        b.link_mbit,
+        loss_words(b.loss_burst)
     );
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -151,4 +178,27 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         )
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_length_keeps_the_long_run_loss() {
+        assert!(matches!(loss_model(0.0, 8.0), Ok(Loss::None)));
+        assert!(
+            matches!(loss_model(1.0, 1.0), Ok(Loss::Bernoulli(p)) if (p.value() - 0.01).abs() < 1e-12)
+        );
+        let Ok(Loss::GilbertElliott(ge)) = loss_model(1.0, 8.0) else {
+            panic!("a burst length of 8 is a Gilbert model");
+        };
+        assert!((ge.mean_loss() - 0.01).abs() < 1e-9, "{ge:?}");
+        assert!((ge.bad_to_good.value() - 0.125).abs() < 1e-12);
+        // Bad flags are refused, not taken for something else.
+        assert!(loss_model(1.0, 0.5).is_err());
+        assert!(loss_model(1.0, f64::NAN).is_err());
+        assert!(loss_model(100.0, 4.0).is_err());
+        assert!(loss_model(120.0, 1.0).is_err());
+    }
 }

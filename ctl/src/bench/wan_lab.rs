@@ -62,10 +62,10 @@ fn encoding_cell(e: &EncodingStats) -> String {
 }
 
 /// One direction: half the RTT and the loss (the rate is `tbf`'s).
-fn line(rtt_ms: u64, loss_pct: f64) -> Result<Impairment> {
+fn line(rtt_ms: u64, loss_pct: f64, burst: f64) -> Result<Impairment> {
     Ok(Impairment {
         delay: Duration::from_millis(rtt_ms / 2),
-        loss: super::wan::random_loss(loss_pct)?,
+        loss: super::wan::loss_model(loss_pct, burst)?,
         ..Impairment::default()
     })
 }
@@ -101,7 +101,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         let bclient = lab.client("b").await?;
         for &rtt_ms in &b.rtt {
             for &loss_pct in &b.loss {
-                let l = line(rtt_ms, loss_pct)?;
+                let l = line(rtt_ms, loss_pct, b.loss_burst)?;
                 let wan = lab.wan().context("a WAN lab")?;
                 wan.set(l, l);
                 if !g.json {
@@ -188,14 +188,17 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     }
     println!(
         "migrations of an idle {} MiB VM of {content_name} memory across the WAN lab (network \
-         namespaces; tbf {} Mbit/s each way, half the RTT each way and random loss both ways \
-         by the TUN relay; QUIC controller {congestion}); raw: {} MiB of bulk over the same \
+         namespaces; tbf {} Mbit/s each way, half the RTT each way and {} both ways \
+         by the TUN relay; QUIC controller {congestion}; downtime target {} ms); raw: {} MiB of \
+         bulk over the same \
          transport through the same WAN. link used: what the link's tbf put on the wire towards \
          b per second over its rate; queue drops: packets tbf dropped; of raw: memory moved per \
          second over the raw rate (above 100% when compression pays); pages: how the pages \
          went, as adaptive compression chose",
         super::table::mib(bytes),
         b.link_mbit,
+        super::wan::loss_words(b.loss_burst),
+        b.tuning.max_downtime,
         super::table::mib(bytes),
     );
     let table: Vec<Vec<String>> = rows
