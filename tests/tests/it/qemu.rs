@@ -1104,15 +1104,12 @@ async fn a_qemu_guest_dirtying_faster_than_the_link_is_throttled_or_fails_honest
     match &r.outcome {
         Outcome::Aborted(why) => {
             assert!(why.contains("did not converge in 4 rounds"), "{why}");
-            // QEMU's limit is the target less the handover's round trips.
-            assert!(why.contains("less the handover's two round trips"), "{why}");
         }
         other => panic!("{other:?} {r:?}"),
     }
     // What was done, not zeros.
     assert!(r.rounds > 4, "{r:?}");
     assert!(r.pages_sent > 0 && r.convergence.dirty_rate > 0, "{r:?}");
-    assert!(r.convergence.round_trip_us > 0, "{r:?}");
     assert_eq!(r.convergence.throttle, 0, "{r:?}");
     assert_eq!(r.qemu.as_ref().unwrap().status, "cancelled", "{r:?}");
     // The guest runs on at a; nothing at b.

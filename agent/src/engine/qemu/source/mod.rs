@@ -120,9 +120,6 @@ struct State {
     /// The transport of the connection, once there is one.
     transport: Option<String>,
     verified: bool,
-    /// `Propose` to `Accept`: the handover's exchanges each take about
-    /// as long (an upper bound on the path's round trip).
-    round_trip: Option<std::time::Duration>,
 }
 
 impl Run {
@@ -160,7 +157,6 @@ impl Run {
             wire_bytes: 0,
             transport: None,
             verified: false,
-            round_trip: None,
         };
         let outcome = match conn {
             Ok(conn) => {

@@ -20,35 +20,15 @@ const UNLIMITED: u64 = 1 << 40;
 /// (`--force-stop` past the rounds): QEMU's largest, 2000 s.
 const FORCED_DOWNTIME_MS: u64 = 2_000_000;
 
-/// The least downtime limit given to QEMU, milliseconds: where the
-/// handover's round trips take the whole target, QEMU still gets a limit
-/// it can meet only with (almost) nothing left to copy.
-const MIN_QEMU_DOWNTIME_MS: u64 = 1;
-
-/// QEMU's `downtime-limit` for a target of `target_ms`: QEMU's own
-/// estimate covers its stop-and-copy alone, and Convoy's pause goes on
-/// until `Started` is back — `StreamsDone`/`Ready` and
-/// `Handover`/`Started`, two round trips of the path, which are taken
-/// out of the target (each `round_trip`, `Propose` to `Accept`).
-pub(super) fn qemu_downtime_limit(target_ms: u32, round_trip: Option<Duration>) -> u64 {
-    let handover = round_trip.map_or(0, |r| {
-        u64::try_from(r.saturating_mul(2).as_millis()).unwrap_or(u64::MAX)
-    });
-    u64::from(target_ms)
-        .saturating_sub(handover)
-        .max(MIN_QEMU_DOWNTIME_MS)
-}
-
 /// Why pre-copy gave up, with QEMU's figures: the rounds, the dirty rate,
 /// the send rate, the throttle and the downtime it expected.
-fn no_convergence(q: &Value, max_rounds: u32, target_ms: u32, limit_ms: u64) -> String {
+fn no_convergence(q: &Value, max_rounds: u32, target_ms: u32) -> String {
     let ram = &q["ram"];
     format!(
         "pre-copy did not converge in {max_rounds} rounds: the guest dirties {} pages/s, the \
-         link takes {:.1} Mbit/s, the guest is throttled {}%, and QEMU expects a stop of {} ms \
-         against {limit_ms} ms (the target of {target_ms} ms less the handover's two round \
-         trips); the VM runs on at the source (--force-stop stops anyway, auto-converge \
-         throttles the guest)",
+         link takes {:.1} Mbit/s, the guest is throttled {}%, and the expected downtime is {} ms \
+         against a target of {target_ms} ms; the VM runs on at the source (--force-stop stops \
+         anyway, auto-converge throttles the guest)",
         ram["dirty-pages-rate"].as_u64().unwrap_or(0),
         ram["mbps"].as_f64().unwrap_or(0.0),
         q["cpu-throttle-percentage"].as_u64().unwrap_or(0),
@@ -62,11 +42,7 @@ impl Run {
     /// guest's vCPUs, 20% then 20% more each round up to 99%, while the
     /// guest dirties memory faster than half the link takes it), as sim
     /// VMs do.
-    pub(super) async fn configure(
-        &self,
-        m: &QemuManifest,
-        round_trip: Option<Duration>,
-    ) -> Result<(), Fail> {
+    pub(super) async fn configure(&self, m: &QemuManifest) -> Result<(), Fail> {
         let mut caps = capabilities(m);
         if let Some(list) = caps.as_array_mut() {
             list.push(json!({
@@ -79,7 +55,7 @@ impl Run {
         // The throttle's steps as the sim VMs': 20%, then 20% more a
         // round (QEMU's default step, 10%, takes twice the rounds).
         let mut p = json!({
-            "downtime-limit": qemu_downtime_limit(self.plan.max_downtime_ms, round_trip),
+            "downtime-limit": self.plan.max_downtime_ms,
             "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
             "cpu-throttle-initial": 20,
             "cpu-throttle-increment": 20,
@@ -190,12 +166,8 @@ impl Run {
                             .await?;
                         }
                     } else {
-                        let why = no_convergence(
-                            &q,
-                            self.plan.max_rounds,
-                            self.plan.max_downtime_ms,
-                            qemu_downtime_limit(self.plan.max_downtime_ms, st.round_trip),
-                        );
+                        let why =
+                            no_convergence(&q, self.plan.max_rounds, self.plan.max_downtime_ms);
                         return Err(Fail::new(
                             convoy_protocol::message::Reason::CannotConverge(why.clone()),
                             why,
@@ -221,31 +193,5 @@ impl Run {
             }
         };
         Ok(info)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_gets_the_target_less_the_handovers_round_trips() {
-        // No round trip measured: the target as it is.
-        assert_eq!(qemu_downtime_limit(300, None), 300);
-        // 50 ms RTT: 100 ms of the 300 go to the handover.
-        assert_eq!(
-            qemu_downtime_limit(300, Some(Duration::from_millis(50))),
-            200
-        );
-        // Round trips past the target leave QEMU the least limit, not 0
-        // (QEMU's 0 is a valid limit: it would stop at nothing left).
-        assert_eq!(
-            qemu_downtime_limit(300, Some(Duration::from_millis(150))),
-            MIN_QEMU_DOWNTIME_MS
-        );
-        assert_eq!(
-            qemu_downtime_limit(300, Some(Duration::from_secs(u64::MAX / 4))),
-            MIN_QEMU_DOWNTIME_MS
-        );
     }
 }

@@ -48,15 +48,6 @@ impl Run {
             convergence: convoy_protocol::model::Convergence {
                 dirty_rate: st.dirty_rate,
                 throttle: st.throttle,
-                round_trip_us: st
-                    .round_trip
-                    .map_or(0, |r| u64::try_from(r.as_micros()).unwrap_or(u64::MAX)),
-                // QEMU's stop as it expected it, and the handover's two
-                // round trips.
-                expected_downtime_ms: q["expected-downtime"].as_u64().map_or(0, |e| {
-                    let rt = st.round_trip.unwrap_or_default().saturating_mul(2);
-                    e.saturating_add(u64::try_from(rt.as_millis()).unwrap_or(u64::MAX))
-                }),
                 ..Default::default()
             },
             postcopy: None,

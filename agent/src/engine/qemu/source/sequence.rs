@@ -63,11 +63,9 @@ impl Run {
             },
             ticket: self.req.ticket.clone(),
         });
-        let proposed = clock::now();
         st.control_bytes += write_message(send, &propose).await.map_err(Fail::link)? as u64;
         match self.next(ctl, ACCEPT_TIMEOUT, "Accept").await? {
             Message::Accept(a) => {
-                st.round_trip = Some(clock::since(proposed));
                 notary
                     .check(
                         &a.receipt,
@@ -128,7 +126,7 @@ impl Run {
             ));
             opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
         }
-        self.configure(m, st.round_trip).await?;
+        self.configure(m).await?;
         self.qmp(
             "migrate",
             json!({ "uri": format!("unix:{}", out_sock.display()) }),
