@@ -124,8 +124,12 @@ impl Source {
             }
             return;
         }
-        // Auto-converge: the guest dirties at least half as fast as we send.
-        if self.cfg.plan().auto_converge && dirtied.saturating_mul(2) >= self.round_pages {
+        // Auto-converge: the guest dirties at least half as fast as we send
+        // — unless the handover's round trips alone take the target: then
+        // no throttle can help, and it would only slow the guest.
+        let futile = handover >= self.cfg.max_downtime();
+        if self.cfg.plan().auto_converge && !futile && dirtied.saturating_mul(2) >= self.round_pages
+        {
             self.stalled += 1;
         } else {
             self.stalled = 0;

@@ -276,6 +276,8 @@ fn a_path_whose_round_trips_alone_exceed_the_target_fails_honestly() {
     );
     assert!(s.downtime.is_none(), "never paused: {s:?}");
     assert!(p.rolled_back && !p.vm.paused && !p.vm.discarded);
+    // No throttle could have helped: the guest was never slowed.
+    assert_eq!(s.convergence.throttle, 0, "{:?}", s.convergence);
     // With --force-stop it pauses after the last round, as asked, and the
     // report shows what it expected.
     let p = over_a_long_path(Duration::from_millis(150), 300, true);
