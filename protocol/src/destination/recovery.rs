@@ -28,10 +28,10 @@ impl Destination {
         self.recoveries[0].saturating_add(self.recoveries[1])
     }
 
-    /// The recoveries of the phase the migration is in (pre-copy, or
-    /// after the switch), each bounded by [`MAX_RECOVERIES`] apart.
-    fn phase_recoveries(&mut self) -> &mut u32 {
-        &mut self.recoveries[usize::from(self.switched)]
+    /// Which count of `recoveries` the migration's phase uses: pre-copy,
+    /// or after the switch (each bounded by [`MAX_RECOVERIES`] apart).
+    fn phase_index(&self) -> usize {
+        usize::from(self.switched)
     }
 
     /// Whether the machine waits for the source to reconnect.
@@ -70,7 +70,7 @@ impl Destination {
         };
         phase
             && !self.cfg.recovery.is_zero()
-            && self.recoveries[usize::from(self.switched)] < MAX_RECOVERIES
+            && self.recoveries[self.phase_index()] < MAX_RECOVERIES
     }
 
     /// Post-copy recovery: whether a Resume from `peer` would be accepted:
@@ -114,7 +114,8 @@ impl Destination {
         let Phase::Recovering { .. } = self.phase else {
             return Err(ResumeRefused("the broken link was not given up first"));
         };
-        *self.phase_recoveries() += 1;
+        let phase = self.phase_index();
+        self.recoveries[phase] += 1;
         // The source is back: its silence counts from now, not from
         // before the break.
         self.heard = Some(now);
