@@ -213,7 +213,11 @@ async fn drive(
             let w = session.sent.load(Ordering::Relaxed);
             if w != said {
                 (said, said_at) = (w, now);
-            } else if now - said_at >= timing.keep_alive {
+            }
+            // A ping when this side was quiet, and also when the peer was:
+            // a side that only sends (progress to a waiting operator) must
+            // still make the peer answer within its idle timeout.
+            if now - said_at >= timing.keep_alive || now - heard_at >= timing.keep_alive {
                 ping_due = true;
             }
         }

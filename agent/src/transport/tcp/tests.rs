@@ -75,6 +75,18 @@ async fn sessions_via(
     dial: SocketAddr,
     timing: Timing,
 ) -> (Connection, Connection) {
+    sessions_timed(p, l, dial, timing, timing).await
+}
+
+/// Like [`sessions_via`], a with `ta` and b with `tb`.
+async fn sessions_timed(
+    p: &Pair2,
+    l: tokio::net::TcpListener,
+    dial: SocketAddr,
+    ta: Timing,
+    tb: Timing,
+) -> (Connection, Connection) {
+    let timing = tb;
     let server = Arc::new(identity::server_config(&p.b, &p.trust, &[ALPN_AGENT]).unwrap());
     let accept = tokio::spawn(async move {
         let (s, remote) = l.accept().await.unwrap();
@@ -87,7 +99,7 @@ async fn sessions_via(
     let a = Handshaken::connect(dial, Arc::new(client), Duration::from_secs(30))
         .await
         .unwrap()
-        .session(credit(), timing, None);
+        .session(credit(), ta, None);
     let b = accept.await.unwrap();
     (Connection::Tcp(a), Connection::Tcp(b))
 }
@@ -451,4 +463,41 @@ async fn keep_alives_hold_a_quiet_session_and_a_dark_link_times_out() {
     assert!(matches!(ea, ConnectionError::TimedOut), "{ea:?}");
     assert!(matches!(eb, ConnectionError::TimedOut), "{eb:?}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+/// b has a short idle timeout and only sends (progress to a waiting
+/// operator); a, with the default timing, only reads and says nothing.
+/// b's keep-alives make a answer, so b does not take a's silence for a
+/// dead link (it did: the session closed after b's idle timeout).
+#[tokio::test]
+async fn a_side_that_only_sends_keeps_a_quiet_peer_answering() {
+    let p = pki();
+    let short = Timing {
+        idle: Duration::from_millis(900),
+        keep_alive: Duration::from_millis(150),
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (a, b) = sessions_timed(&p, l, addr, timing(), short).await;
+    let (mut bs, _br) = b.open_bi().await.unwrap();
+    bs.write_all(b"x").await.unwrap();
+    let (_as, mut ar) = a.accept_bi().await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        let mut n = 0usize;
+        while let Ok(Some(k)) = ar.read(&mut buf).await {
+            n += k;
+        }
+        n
+    });
+    // Three of b's idle timeouts, b writing every 20 ms, a silent.
+    let end = std::time::Instant::now() + Duration::from_millis(2700);
+    while std::time::Instant::now() < end {
+        bs.write_all(b"progress").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(b.close_reason().is_none(), "{:?}", b.close_reason());
+    assert!(a.close_reason().is_none(), "{:?}", a.close_reason());
+    bs.finish().unwrap();
+    assert!(reader.await.unwrap() > 100);
 }
