@@ -50,6 +50,9 @@ pub enum ChannelKind {
     Migration(u16),
     /// The NBD connection that mirrors disk `n`.
     Nbd(u16),
+    /// Post-copy recovery: the main migration channel of the `n`-th new
+    /// link (from 1), after the one before it broke ([`LinkCut`]).
+    Resumed(u16),
 }
 
 impl std::fmt::Display for ChannelKind {
@@ -58,6 +61,7 @@ impl std::fmt::Display for ChannelKind {
             ChannelKind::Migration(0) => f.write_str("main migration channel"),
             ChannelKind::Migration(n) => write!(f, "multifd channel {n}"),
             ChannelKind::Nbd(n) => write!(f, "disk {n} (NBD)"),
+            ChannelKind::Resumed(n) => write!(f, "migration channel of recovery {n}"),
         }
     }
 }
@@ -191,10 +195,45 @@ pub struct Switch {
     pub migration: MigrationId,
 }
 
+/// Post-copy recovery of a stream migration, both ways on the new link's
+/// control stream (the destination first, once its QEMU listens for the
+/// recovery; the source answers): what this side carried of each channel
+/// of the link that broke. Bytes in flight at the cut are lost, so each
+/// side checks that what the other *received* from it is a prefix of what
+/// it sent (same length or shorter, same digest over that length). The
+/// broken link's channels then count, in the roots, as they were received
+/// ([`agreed`]): out as the destination received it, back as the source
+/// did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkCut {
+    /// The migration.
+    pub migration: MigrationId,
+    /// The new link's number (from 1): its channel is
+    /// [`ChannelKind::Resumed`] of it.
+    pub link: u16,
+    /// The broken link's channels, as this side carried them.
+    pub channels: Vec<ChannelDigests>,
+}
+
+/// One channel of a broken link as both sides count it once each checked
+/// the other's prefix: the source's digests (`source`) for what came back,
+/// the destination's (`destination`) for what went out. `None` when they
+/// name different channels.
+pub fn agreed(source: &ChannelDigests, destination: &ChannelDigests) -> Option<ChannelDigests> {
+    (source.kind == destination.kind).then_some(ChannelDigests {
+        kind: source.kind,
+        out_bytes: destination.out_bytes,
+        out: destination.out,
+        back_bytes: source.back_bytes,
+        back: source.back,
+    })
+}
+
 fn order(k: &ChannelKind) -> (u8, u16) {
     match k {
         ChannelKind::Migration(n) => (0, *n),
         ChannelKind::Nbd(n) => (1, *n),
+        ChannelKind::Resumed(n) => (2, *n),
     }
 }
 
@@ -335,6 +374,23 @@ mod tests {
         assert!(e.0.contains("never arrived"), "{e}");
         let e = compare(&s[..1], &s).unwrap_err();
         assert!(e.0.contains("never sent"), "{e}");
+    }
+
+    #[test]
+    fn a_broken_channel_counts_as_received_each_way() {
+        let src = ch(ChannelKind::Migration(0), 9, 2);
+        let dst = ch(ChannelKind::Migration(0), 7, 4);
+        let a = agreed(&src, &dst).unwrap();
+        assert_eq!((a.out_bytes, a.out), (dst.out_bytes, dst.out));
+        assert_eq!((a.back_bytes, a.back), (src.back_bytes, src.back));
+        assert_eq!(agreed(&src, &ch(ChannelKind::Resumed(1), 7, 4)), None);
+        // A recovery's channel sorts after the others and is its own stream.
+        let r = ch(ChannelKind::Resumed(1), 1, 2);
+        let sorted = canonical(vec![r, a]);
+        assert_eq!(sorted[1].kind, ChannelKind::Resumed(1));
+        let mut relabelled = r;
+        relabelled.kind = ChannelKind::Migration(1);
+        assert_ne!(roots(&[a, r]), roots(&[a, relabelled]));
     }
 
     #[test]

@@ -236,6 +236,7 @@ pub(crate) async fn migrate(
                 req: req.clone(),
                 migration,
                 dest: dest_id.clone(),
+                addr,
                 plan: opts.clone(),
                 prepared: *prepared,
                 progress,

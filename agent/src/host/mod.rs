@@ -524,6 +524,40 @@ impl Host {
         self.creds.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// A new mutually authenticated connection to agent `peer` at `addr`
+    /// (with the credentials in force now), as a migration dials one.
+    pub(crate) async fn dial_agent(
+        &self,
+        addr: std::net::SocketAddr,
+        peer: &SpiffeId,
+    ) -> Result<crate::transport::Connection, crate::transport::TransportError> {
+        let creds = self.creds();
+        self.dialer
+            .connect(
+                addr,
+                peer.clone(),
+                crate::transport::ALPN_AGENT,
+                &creds.identity,
+                &creds.trust,
+            )
+            .await
+    }
+
+    /// Registers `migration` as one a new connection from `source` may
+    /// resume (its `Resume` arrives on the returned receiver).
+    pub(crate) fn await_resumes(
+        &self,
+        migration: convoy_protocol::names::MigrationId,
+        source: SpiffeId,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Reconnection> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.recoveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(migration, Recovery { source, tx });
+        rx
+    }
+
     pub fn authority(&self) -> crate::trust::authz::Authority<'_> {
         crate::trust::authz::Authority {
             trust: self.creds().trust.clone(),

@@ -178,6 +178,18 @@ impl Lab {
         qemu: &Path,
         guest: &crate::backend::qemu::guest::TestGuest,
     ) -> Result<Lab, LabError> {
+        Self::start_qemu_with(dir, names, qemu, guest, |_, _| {}).await
+    }
+
+    /// Like [`Lab::start_qemu`], with `tweak` applied to each agent's
+    /// configuration after the QEMU backend is set.
+    pub async fn start_qemu_with(
+        dir: &Path,
+        names: &[&str],
+        qemu: &Path,
+        guest: &crate::backend::qemu::guest::TestGuest,
+        tweak: impl Fn(&str, &mut AgentConfig),
+    ) -> Result<Lab, LabError> {
         for n in names {
             let images = Self::qemu_images_in(dir, n);
             std::fs::create_dir_all(&images)?;
@@ -192,6 +204,7 @@ impl Lab {
                 images: Self::qemu_images_in(&root, n),
                 runtime: Self::qemu_runtime_in(&root, n),
             });
+            tweak(n, cfg);
         })
         .await
     }

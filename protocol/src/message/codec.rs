@@ -121,6 +121,7 @@ impl Message {
             Message::Inquire(_) => tag::INQUIRE,
             Message::Statement(_) => tag::STATEMENT,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
+            Message::LinkCut(_) => tag::LINK_CUT,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
         }
@@ -156,6 +157,7 @@ impl Message {
             Message::Inquire(m) => postcard::to_extend(m, out),
             Message::Statement(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
+            Message::LinkCut(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
                 o.extend_from_slice(payload);
@@ -195,6 +197,13 @@ impl Message {
                     return Err(malformed(t, MalformedCause::TooManyChannels));
                 }
                 Message::StreamsDone(d)
+            }
+            tag::LINK_CUT => {
+                let c: crate::stream::LinkCut = whole(t, body)?;
+                if c.channels.len() > crate::stream::MAX_CHANNELS {
+                    return Err(malformed(t, MalformedCause::TooManyChannels));
+                }
+                Message::LinkCut(c)
             }
             tag::SWITCH => Message::Switch(whole(t, body)?),
             tag::POSTCOPY_SWITCH => {
@@ -265,6 +274,7 @@ pub fn name_of(t: u8) -> &'static str {
         tag::INQUIRE => "Inquire",
         tag::STATEMENT => "Statement",
         tag::CHANNEL_OPEN => "ChannelOpen",
+        tag::LINK_CUT => "LinkCut",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
         _ => "unknown",

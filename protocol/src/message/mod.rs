@@ -32,6 +32,7 @@
 //! | 21 | [`crate::indoubt::Inquiry`] | an in-doubt inquiry's first frame |
 //! | 22 | a signed statement | the answer to an inquiry |
 //! | 23 | [`PrecopyResumed`] | agent control, destination → source |
+//! | 24 | [`crate::stream::LinkCut`] | agent control of a new connection, both ways (stream migrations) |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
 //! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
@@ -127,4 +128,6 @@ pub enum Message {
     Inquire(crate::indoubt::Inquiry),
     /// Tag 22: the signed answer to [`Message::Inquire`].
     Statement(crate::indoubt::SignedStatement),
+    /// Tag 24.
+    LinkCut(crate::stream::LinkCut),
 }

@@ -26,5 +26,6 @@ pub const RESUMED: u8 = 20;
 pub const INQUIRE: u8 = 21;
 pub const STATEMENT: u8 = 22;
 pub const PRECOPY_RESUMED: u8 = 23;
+pub const LINK_CUT: u8 = 24;
 // 32 and 33: the operator protocol's request and response
 // (`crate::ctl::frame::tag`), never a migration message's.

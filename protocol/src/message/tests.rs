@@ -126,7 +126,29 @@ fn bad_input_is_typed() {
         Message::decode(strip(many.encode().unwrap())),
         Err(DecodeError::Malformed { .. })
     ));
+    // A link cut naming more channels than a migration may carry.
+    let cut = |n: usize| {
+        let c = crate::stream::ChannelDigests {
+            kind: crate::stream::ChannelKind::Resumed(1),
+            out_bytes: 5,
+            out: crate::digest::Digest([1; 32]),
+            back_bytes: 6,
+            back: crate::digest::Digest([2; 32]),
+        };
+        Message::LinkCut(crate::stream::LinkCut {
+            migration: crate::names::MigrationId([7; 16]),
+            link: 2,
+            channels: vec![c; n],
+        })
+    };
+    assert!(matches!(
+        Message::decode(strip(
+            cut(crate::stream::MAX_CHANNELS + 1).encode().unwrap()
+        )),
+        Err(DecodeError::Malformed { .. })
+    ));
     for ok in [
+        cut(1),
         Message::RoundEnd(RoundEnd {
             round: 3,
             batches: vec![4, 5],

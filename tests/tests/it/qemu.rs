@@ -212,7 +212,7 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
         transport::grant_migration_credit(&conn, &transport::Tuning::default());
         let (send, recv) = conn.accept_bi().await.unwrap();
         let local = tokio::net::UnixStream::connect(&dst_sock).await.unwrap();
-        let r = splice(local, send, recv).await.unwrap();
+        let r = splice(local, send, recv, 0).await.unwrap();
         conn.closed().await;
         r
     });
@@ -235,7 +235,7 @@ async fn qemu_migration_through_an_authenticated_quic_tunnel() {
     let (send, recv) = conn.open_bi().await.unwrap();
     let a_side = tokio::spawn(async move {
         let (local, _) = listener.accept().await.unwrap();
-        splice(local, send, recv).await.unwrap()
+        splice(local, send, recv, 0).await.unwrap()
     });
     src.qmp
         .execute(
@@ -430,7 +430,15 @@ struct QemuLab {
 
 impl QemuLab {
     async fn start(root: &Path, g: &TestGuest) -> QemuLab {
-        let lab = convoy_agent::lab::Lab::start_qemu(root, &["a", "b"], &qemu(), g)
+        Self::start_with(root, g, |_, _| {}).await
+    }
+
+    async fn start_with(
+        root: &Path,
+        g: &TestGuest,
+        tweak: impl Fn(&str, &mut convoy_agent::config::AgentConfig),
+    ) -> QemuLab {
+        let lab = convoy_agent::lab::Lab::start_qemu_with(root, &["a", "b"], &qemu(), g, tweak)
             .await
             .unwrap();
         QemuLab {
@@ -817,6 +825,117 @@ async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
     o.bandwidth = Some(32 << 20);
     q.moves("guest", "b", "a", o).await;
     q.lab.shutdown().await;
+}
+
+/// Post-copy through a link the test cuts twice after the switch, each
+/// time for longer than the agents' link timeout: the guest runs on at b
+/// (faulting on what it lacks), the source dials b again, both QEMUs
+/// recover (`migrate-recover`, `migrate` with `resume`) over a new
+/// connection, the second time from the first recovery's channel, and
+/// the migration completes verified, the counter continuous, with each
+/// broken channel counted as each side received it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_postcopy_recovers_after_its_link_is_cut() {
+    use convoy_protocol::model::MigrationMode;
+    use convoy_protocol::stream::ChannelKind;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let q = std::sync::Arc::new(
+        QemuLab::start_with(dir.path(), g, |_, c| {
+            convoy_tests::short_links(Duration::from_secs(60))(c)
+        })
+        .await,
+    );
+    q.create("a", "guest", vec![]).await;
+    let last = *counters(&q.serial("a", "guest")).last().unwrap();
+    let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
+        .await
+        .unwrap();
+    // Slow enough that post-copy's push of the rest takes half a minute
+    // (the cap holds after the switch: `max-postcopy-bandwidth`).
+    let mut o = options(MigrationMode::Postcopy, 1);
+    o.bandwidth = Some(2 << 20);
+    let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
+    req.to_addr = Some(link.addr().to_string());
+    let mover = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let c = q.lab.client("a").await.unwrap();
+            c.migrate(req, |p| q.progress.lock().unwrap().push(p.clone()))
+                .await
+                .unwrap()
+        })
+    };
+    // QEMU's migration is post-copy-active after progress entry `from`.
+    let active_after = |from: usize| {
+        let q = q.clone();
+        move || {
+            q.progress.lock().unwrap()[from..]
+                .iter()
+                .any(|p| p.phase == "qemu postcopy-active")
+        }
+    };
+    for cut in 1..=2 {
+        assert!(
+            until(Duration::from_secs(60), active_after(0)).await,
+            "never switched: {:?}",
+            q.progress.lock().unwrap().last()
+        );
+        link.set_up(false);
+        // Past the link timeout (2 s) on both sides.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let seen = q.progress.lock().unwrap().len();
+        link.set_up(true);
+        if cut == 1 {
+            // Recovered and migrating again before the second cut.
+            assert!(
+                until(Duration::from_secs(60), active_after(seen)).await,
+                "never recovered: {:?}",
+                q.progress.lock().unwrap().last()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let r = tokio::time::timeout(Duration::from_secs(300), mover)
+        .await
+        .expect("the migration never ended")
+        .unwrap();
+    for agent in ["a", "b"] {
+        eprintln!(
+            "{agent}: {:#?}",
+            convoy_tests::audited_phases(&q.lab, agent)
+        );
+        eprintln!(
+            "{agent}: {:#?}",
+            convoy_tests::refusals_logged(&q.lab, agent)
+        );
+    }
+    q.assert_moved(&r, "guest", "a", "b", last).await;
+    let fig = r.qemu.as_ref().unwrap();
+    let kinds: Vec<_> = fig.channels.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ChannelKind::Migration(0),
+            ChannelKind::Resumed(1),
+            ChannelKind::Resumed(2)
+        ]
+    );
+    for agent in ["a", "b"] {
+        let phases = convoy_tests::audited_phases(&q.lab, agent);
+        for n in 1..=2 {
+            let want = format!("QEMU resumes post-copy on a new connection (recovery {n})");
+            assert!(
+                phases.iter().any(|p| p.contains(&want)),
+                "{agent}: {phases:?}"
+            );
+        }
+    }
 }
 
 /// Blocks of the guest's disk pattern (`scripts/build-test-guest`): block

@@ -116,6 +116,10 @@ pub struct Qmp {
     pub events_dropped: u64,
     /// QEMU's version from the greeting (`major.minor.micro`).
     pub version: String,
+    /// Out-of-band execution is on (QEMU offered it): commands that allow
+    /// it run at once, even while the main loop is blocked (a post-copy
+    /// destination waiting on a page that cannot come).
+    pub oob: bool,
 }
 
 impl Qmp {
@@ -135,6 +139,7 @@ impl Qmp {
             events: VecDeque::new(),
             events_dropped: 0,
             version: String::new(),
+            oob: false,
         };
         let greeting = qmp.read().await?;
         let v = greeting
@@ -144,7 +149,12 @@ impl Qmp {
             .ok_or_else(|| Malformed::NoGreeting(greeting.clone()))?;
         let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
         qmp.version = format!("{}.{}.{}", n("major"), n("minor"), n("micro"));
-        qmp.execute("qmp_capabilities", None).await?;
+        let offered = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "oob"));
+        let enable = offered.then(|| json!({ "enable": ["oob"] }));
+        qmp.execute("qmp_capabilities", enable).await?;
+        qmp.oob = offered;
         Ok(qmp)
     }
 
@@ -182,9 +192,29 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.run("execute", command, arguments).await
+    }
+
+    /// Runs `command` out of band when QEMU offered it (`exec-oob`: only
+    /// for commands that allow it), in band otherwise.
+    pub async fn execute_oob(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let how = if self.oob { "exec-oob" } else { "execute" };
+        self.run(how, command, arguments).await
+    }
+
+    async fn run(
+        &mut self,
+        how: &str,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         self.next_id += 1;
         let id = format!("convoy-{}", self.next_id);
-        let mut msg = json!({ "execute": command, "id": id });
+        let mut msg = json!({ how: command, "id": id });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
@@ -272,6 +302,16 @@ mod tests {
 
     /// A fake QEMU: sends `script` lines after reading each command.
     async fn fake(dir: &Path, greeting: &str, answers: Vec<Vec<String>>) -> std::path::PathBuf {
+        fake_recording(dir, greeting, answers, Default::default()).await
+    }
+
+    /// Like [`fake`], keeping every command read in `seen`.
+    async fn fake_recording(
+        dir: &Path,
+        greeting: &str,
+        answers: Vec<Vec<String>>,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> std::path::PathBuf {
         let path = dir.join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let greeting = greeting.to_owned();
@@ -283,9 +323,10 @@ mod tests {
                 .await
                 .unwrap();
             for batch in answers {
-                let Ok(Some(_cmd)) = lines.next_line().await else {
+                let Ok(Some(cmd)) = lines.next_line().await else {
                     return;
                 };
+                seen.lock().unwrap().push(cmd);
                 for l in batch {
                     if w.write_all(format!("{l}\n").as_bytes()).await.is_err() {
                         return;
@@ -332,6 +373,54 @@ mod tests {
             q.execute("query-status", None).await,
             Err(QmpError::Closed) | Err(QmpError::Io(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn out_of_band_execution_is_enabled_when_offered_and_used_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let greeting = GREETING.replace(r#""capabilities": []"#, r#""capabilities": ["oob"]"#);
+        let p = fake_recording(
+            d.path(),
+            &greeting,
+            vec![
+                vec![r#"{"return": {}, "id": "convoy-1"}"#.into()],
+                vec![r#"{"return": {}, "id": "convoy-2"}"#.into()],
+            ],
+            seen.clone(),
+        )
+        .await;
+        let mut q = Qmp::connect(&p).await.unwrap();
+        assert!(q.oob);
+        q.execute_oob("migrate-recover", Some(json!({ "uri": "unix:/x" })))
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let first: Value = serde_json::from_str(&seen[0]).unwrap();
+        assert_eq!(first["arguments"]["enable"], json!(["oob"]));
+        let second: Value = serde_json::from_str(&seen[1]).unwrap();
+        assert_eq!(second["exec-oob"], "migrate-recover");
+        // Not offered: neither enabled nor used.
+        let d = tempfile::tempdir().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let p = fake_recording(
+            d.path(),
+            GREETING,
+            vec![
+                vec![r#"{"return": {}, "id": "convoy-1"}"#.into()],
+                vec![r#"{"return": {}, "id": "convoy-2"}"#.into()],
+            ],
+            seen.clone(),
+        )
+        .await;
+        let mut q = Qmp::connect(&p).await.unwrap();
+        assert!(!q.oob);
+        q.execute_oob("migrate-recover", None).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let first: Value = serde_json::from_str(&seen[0]).unwrap();
+        assert!(first.get("arguments").is_none(), "{first}");
+        let second: Value = serde_json::from_str(&seen[1]).unwrap();
+        assert_eq!(second["execute"], "migrate-recover");
     }
 
     #[tokio::test]

@@ -28,35 +28,151 @@ pub struct Spliced {
     pub back: Carried,
 }
 
-/// Copies `from` to `to` until `from` ends, hashing. The caller closes
-/// `to`: cleanly after success, as a failure otherwise.
-pub async fn pump<R, W>(mut from: R, to: &mut W) -> std::io::Result<Carried>
+/// The last bytes sent one way, kept so that after a cut the digest of
+/// any prefix the peer may have received can be computed: a hasher that
+/// lags `limit` bytes behind, and the bytes since. Bytes in flight are
+/// bounded by the transport's windows, so a prefix the peer holds ends
+/// within the tail when `limit` covers them.
+#[derive(Debug, Clone)]
+pub struct Tail {
+    behind: blake3::Hasher,
+    behind_bytes: u64,
+    chunks: std::collections::VecDeque<Vec<u8>>,
+    held: usize,
+    limit: usize,
+}
+
+impl Tail {
+    /// A tail that keeps at least the last `limit` bytes.
+    pub fn new(limit: usize) -> Tail {
+        Tail {
+            behind: blake3::Hasher::new(),
+            behind_bytes: 0,
+            chunks: std::collections::VecDeque::new(),
+            held: 0,
+            limit,
+        }
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        self.chunks.push_back(b.to_vec());
+        self.held += b.len();
+        while let Some(front) = self.chunks.front() {
+            if self.held - front.len() < self.limit {
+                break;
+            }
+            self.behind.update(front);
+            self.behind_bytes += front.len() as u64;
+            self.held -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Keeps `b` as if it were sent (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn push_for_test(&mut self, b: &[u8]) {
+        self.push(b);
+    }
+
+    /// Every byte taken to send, including any whose write failed.
+    pub fn total(&self) -> u64 {
+        self.behind_bytes + self.held as u64
+    }
+
+    /// The digest of the first `n` bytes sent; `None` when `n` is past
+    /// what was sent or before what the tail still holds.
+    pub fn prefix(&self, n: u64) -> Option<[u8; 32]> {
+        if n < self.behind_bytes || n > self.total() {
+            return None;
+        }
+        let mut h = self.behind.clone();
+        let mut left = n - self.behind_bytes;
+        for c in &self.chunks {
+            if left == 0 {
+                break;
+            }
+            let take = usize::try_from(left).map_or(c.len(), |l| l.min(c.len()));
+            h.update(&c[..take]);
+            left -= take as u64;
+        }
+        Some(h.finalize().into())
+    }
+}
+
+/// What one direction carried so far: it survives the pump's future, so
+/// a direction stopped by the other's failure still says what it carried.
+struct Count {
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl Count {
+    fn new() -> Count {
+        Count {
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    fn carried(&self) -> Carried {
+        Carried {
+            bytes: self.bytes,
+            digest: self.hasher.finalize().into(),
+        }
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, counting in `count` what was
+/// written in full; with a `tail`, every byte read is kept there first.
+async fn pump<R, W>(
+    mut from: R,
+    to: &mut W,
+    count: &mut Count,
+    mut tail: Option<&mut Tail>,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
-    let mut hasher = blake3::Hasher::new();
-    let mut bytes = 0u64;
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        hasher.update(&buf[..n]);
+        if let Some(t) = tail.as_deref_mut() {
+            t.push(&buf[..n]);
+        }
         to.write_all(&buf[..n]).await?;
-        bytes += n as u64;
+        count.hasher.update(&buf[..n]);
+        count.bytes += n as u64;
     }
-    Ok(Carried {
-        bytes,
-        digest: hasher.finalize().into(),
-    })
 }
 
 /// QUIC error code for a stream cut by a failure (never a clean end).
 pub const CUT: u32 = 1;
 
-/// Splices `local` with a QUIC stream pair until both directions end.
+/// A splice that broke: why, what each way carried until then, and the
+/// tail of what went out (when one was kept).
+#[derive(Debug)]
+pub struct Cut {
+    /// The first failure.
+    pub error: std::io::Error,
+    /// What was carried in full each way before it.
+    pub partial: Spliced,
+    /// The last bytes taken to send out ([`splice`]'s `keep`).
+    pub tail: Option<Tail>,
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Splices `local` with a QUIC stream pair until both directions end;
+/// with `keep` > 0, the last `keep` bytes sent out are kept ([`Tail`]) so
+/// that a broken splice can be checked against what the peer received.
 ///
 /// A failure in either direction resets the QUIC stream (and stops the
 /// peer's), so the peer never takes a cut stream for a complete one; quinn
@@ -65,26 +181,65 @@ pub async fn splice(
     local: UnixStream,
     mut send: crate::transport::SendStream,
     mut recv: crate::transport::RecvStream,
-) -> std::io::Result<Spliced> {
+    keep: usize,
+) -> Result<Spliced, Box<Cut>> {
     let (lr, mut lw) = local.into_split();
-    let out = async {
-        let c = pump(lr, &mut send).await?;
-        send.finish().map_err(std::io::Error::other)?;
-        Ok::<_, std::io::Error>(c)
+    let mut tail = (keep > 0).then(|| Tail::new(keep));
+    let (mut out, mut back) = (Count::new(), Count::new());
+    let r = {
+        let out = async {
+            pump(lr, &mut send, &mut out, tail.as_mut()).await?;
+            send.finish().map_err(std::io::Error::other)
+        };
+        let back = async {
+            pump(&mut recv, &mut lw, &mut back, None).await?;
+            lw.shutdown().await
+        };
+        // The first failure ends both directions at once.
+        tokio::try_join!(out, back)
     };
-    let back = async {
-        let c = pump(&mut recv, &mut lw).await?;
-        lw.shutdown().await?;
-        Ok::<_, std::io::Error>(c)
-    };
-    // The first failure ends both directions at once.
-    let r = tokio::try_join!(out, back);
     match r {
-        Ok((out, back)) => Ok(Spliced { out, back }),
+        Ok(((), ())) => Ok(Spliced {
+            out: out.carried(),
+            back: back.carried(),
+        }),
         Err(e) => {
             let _ = send.reset(quinn::VarInt::from_u32(CUT));
             let _ = recv.stop(quinn::VarInt::from_u32(CUT));
-            Err(e)
+            Err(Box::new(Cut {
+                error: e,
+                partial: Spliced {
+                    out: out.carried(),
+                    back: back.carried(),
+                },
+                tail,
+            }))
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::Tail;
+
+    #[test]
+    fn a_tail_gives_the_digest_of_any_prefix_it_still_holds() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut t = Tail::new(3000);
+        for c in data.chunks(700) {
+            t.push(c);
+        }
+        assert_eq!(t.total(), 10_000);
+        for n in [7_000u64, 7_001, 8_400, 9_999, 10_000] {
+            let n_us = usize::try_from(n).unwrap();
+            let want: [u8; 32] = blake3::hash(&data[..n_us]).into();
+            assert_eq!(t.prefix(n), Some(want), "prefix of {n}");
+        }
+        // Before what it holds, or past what was sent: no answer.
+        assert_eq!(t.prefix(10_001), None);
+        assert_eq!(t.prefix(100), None);
+        // It holds at least `limit` bytes, and not much more.
+        assert!(t.held >= 3000 && t.held < 3000 + 700, "{}", t.held);
     }
 }

@@ -495,9 +495,36 @@ impl QemuVm {
         command: &str,
         arguments: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, QemuError> {
+        self.run(false, command, arguments).await
+    }
+
+    /// Like [`QemuVm::execute`], out of band when QEMU offers it (see
+    /// [`super::qmp::Qmp::execute_oob`]).
+    pub async fn execute_oob(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, QemuError> {
+        self.run(true, command, arguments).await
+    }
+
+    async fn run(
+        &self,
+        oob: bool,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, QemuError> {
         let mut g = self.process.lock().await;
         let p = g.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))?;
-        match tokio::time::timeout(QMP_TIMEOUT, p.qmp.execute(command, arguments)).await {
+        let qmp = &mut p.qmp;
+        let call = async {
+            if oob {
+                qmp.execute_oob(command, arguments).await
+            } else {
+                qmp.execute(command, arguments).await
+            }
+        };
+        match tokio::time::timeout(QMP_TIMEOUT, call).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(QemuError::Qmp(QmpError::Timeout(Waited::Command(
                 command.to_owned(),

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::backend::qemu::tunnel::{splice, Spliced};
+use crate::backend::qemu::tunnel::{splice, Cut, Spliced};
 use crate::transport::{read_message, WireError};
 
 /// Why a QEMU migration stopped.
@@ -127,9 +127,9 @@ pub(crate) enum ChannelError {
     /// QEMU's socket would not take the connection.
     #[error("QEMU's socket: {0}")]
     QemuSocket(#[source] std::io::Error),
-    /// The splice broke, either way.
+    /// The splice broke, either way: what it carried until then.
     #[error("{0}")]
-    Splice(#[source] std::io::Error),
+    Splice(Box<Cut>),
 }
 
 /// Something the peer opened that is not a channel of this migration.
@@ -149,20 +149,38 @@ pub(crate) enum BadChannel {
     Unexpected(ChannelKind),
 }
 
-/// Announces channel `kind` as open and splices it in `tasks`, reporting
-/// its end on `events`.
+/// How many of the last bytes sent on a channel that post-copy may
+/// recover are kept ([`crate::backend::qemu::tunnel::Tail`]): more than
+/// the transport can hold in flight (a stream's receive window, 16 MiB,
+/// and the connection's send buffer).
+pub(crate) const RECOVERY_TAIL: usize = 64 << 20;
+
+/// The bytes of the tail kept for channel `kind` of a migration in
+/// `mode`: only the migration channels of post-copy and hybrid migrations
+/// may be recovered after a cut.
+pub(crate) fn tail_for(kind: ChannelKind, mode: MigrationMode) -> usize {
+    match kind {
+        ChannelKind::Migration(0) | ChannelKind::Resumed(_) if mode != MigrationMode::Precopy => {
+            RECOVERY_TAIL
+        }
+        _ => 0,
+    }
+}
+
+/// Announces channel `kind` as open and splices it in `tasks` (keeping
+/// the last `keep` bytes sent out), reporting its end on `events`.
 pub(crate) fn carry(
     tasks: &mut JoinSet<()>,
     events: &mpsc::UnboundedSender<ChanEvent>,
     kind: ChannelKind,
     local: tokio::net::UnixStream,
-    send: SendStream,
-    recv: RecvStream,
+    (send, recv): (SendStream, RecvStream),
+    keep: usize,
 ) {
     let _ = events.send(ChanEvent::Opened);
     let ev = events.clone();
     tasks.spawn(async move {
-        let r = splice(local, send, recv)
+        let r = splice(local, send, recv, keep)
             .await
             .map_err(ChannelError::Splice);
         let _ = ev.send(ChanEvent::Done(kind, r));

@@ -8,6 +8,11 @@
 //! source has handed over. Every failure before the handover kills that
 //! QEMU and removes its files and any disk created for it; the guest then
 //! still runs at the source.
+//!
+//! After a post-copy switch a broken link is waited out for the recovery
+//! window (`recover.rs`).
+
+mod recover;
 
 use crate::engine::clock;
 use std::path::PathBuf;
@@ -29,7 +34,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::common::{
-    capabilities, carry, digests, read_control, BadChannel, ChanEvent, ChannelError, Control, Fail,
+    capabilities, carry, digests, read_control, tail_for, BadChannel, ChanEvent, ChannelError,
+    Control, Fail,
 };
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
@@ -73,6 +79,13 @@ struct Incoming {
     /// The guest runs here but its start could not be recorded: no
     /// `Started` was sent (in doubt).
     unconfirmed: Option<String>,
+    /// After the post-copy switch: where a new connection's `Resume` of
+    /// this migration arrives ([`recover`]).
+    resume_rx: Option<mpsc::UnboundedReceiver<crate::host::Reconnection>>,
+    /// The migration's link now (a recovery replaces it).
+    link: Option<Connection>,
+    /// Post-copy recoveries made.
+    recoveries: u16,
 }
 
 /// Serves an incoming QEMU migration whose `Propose` was just read.
@@ -111,6 +124,9 @@ pub(crate) async fn serve(
         accept: None,
         journalled: false,
         unconfirmed: None,
+        resume_rx: None,
+        link: None,
+        recoveries: 0,
     };
     let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
@@ -175,8 +191,10 @@ pub(crate) async fn serve(
         };
         let _ = host.journal(change).await;
     }
+    run.stop_waiting_for_resume();
     let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    let last = run.link.take().unwrap_or(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(2), last.closed()).await;
     reader.abort();
 }
 
@@ -365,15 +383,16 @@ impl Incoming {
     ) -> Result<(), Fail> {
         let accept = self.accept.take().ok_or_else(|| Fail::local("no Accept"))?;
         write_message(send, &accept).await.map_err(Fail::link)?;
+        self.link = Some(conn.clone());
         let qvm = self.qemu.clone().ok_or_else(|| Fail::local("no QEMU"))?;
         let (chan_tx, mut chans) = mpsc::unbounded_channel();
-        let acceptor = AbortOnDrop(tokio::spawn(accept_channels(
+        let mut acceptors = vec![AbortOnDrop(tokio::spawn(accept_channels(
             conn.clone(),
             self.migration,
             self.manifest.clone(),
             qvm.dir().to_owned(),
-            chan_tx,
-        )));
+            chan_tx.clone(),
+        )))];
         let mut ours: Vec<ChannelDigests> = Vec::new();
         let deadline = clock::now() + MIGRATION_TIMEOUT;
         let done = loop {
@@ -395,16 +414,36 @@ impl Incoming {
                             .await
                             .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
                         self.switched = true;
+                        self.wait_for_resume();
                         self.phase("post-copy switch: the guest runs here from now on");
                         let m = Message::Switch(Switch { migration: self.migration });
                         write_message(send, &m).await.map_err(Fail::link)?;
+                    }
+                    c if recover::is_loss(&c) && self.recoverable() => {
+                        let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
+                        self.recover(link, &mut ours, &mut acceptors, None, None).await?;
                     }
                     c => {
                         let m = Fail::from_control(c, PEER)?;
                         return Err(Fail::violation(PEER, format!("unexpected {} during the copy", m.kind())));
                     }
                 },
-                ev = chans.recv() => channel_event(ev, &mut ours)?,
+                Some(rc) = recover::next_resume(&mut self.resume_rx) => {
+                    // The source is back before this side saw the link go.
+                    let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
+                    self.recover(link, &mut ours, &mut acceptors, None, Some(rc)).await?;
+                }
+                ev = chans.recv() => match ev {
+                    Some(ChanEvent::Done(kind, Err(e)))
+                        if kind == recover::live_channel(self.recoveries) && self.recoverable() =>
+                    {
+                        let broken = super::recovery::Broken::from_event(kind, e)
+                            .map_err(|e| Fail::local(format!("{kind}: {e}")))?;
+                        let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
+                        self.recover(link, &mut ours, &mut acceptors, Some(broken), None).await?;
+                    }
+                    ev => channel_event(ev, &mut ours)?,
+                },
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
                     if !qvm.alive().await {
                         return Err(Fail::local("the destination QEMU exited"));
@@ -426,7 +465,8 @@ impl Incoming {
                 Err(_) => return Err(Fail::local("channels did not end after the source's end")),
             }
         }
-        drop(acceptor);
+        drop(acceptors);
+        self.stop_waiting_for_resume();
         stream::compare(&done.channels, &ours)
             .map_err(|e| Fail::new(Reason::RootMismatch, format!("stream digests differ: {e}")))?;
         let roots = stream::roots(&ours);
@@ -681,26 +721,13 @@ async fn accept_channels(
         let Ok((send, mut recv)) = conn.accept_bi().await else {
             break;
         };
-        let kind =
-            match tokio::time::timeout(Duration::from_secs(10), read_message(&mut recv)).await {
-                Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => o.kind,
-                Ok(Ok(Some(other))) => {
-                    let _ = events.send(ChanEvent::Bad(BadChannel::NotAHeader(other.kind())));
-                    break;
-                }
-                Ok(Ok(None)) => break,
-                Ok(Err(e)) => {
-                    let _ = events.send(ChanEvent::Bad(BadChannel::Read(e)));
-                    break;
-                }
-                Err(_) => {
-                    let _ = events.send(ChanEvent::Bad(BadChannel::NoHeader));
-                    break;
-                }
-            };
+        let Some(kind) = channel_header(&mut recv, migration, &events).await else {
+            break;
+        };
         let valid = match kind {
             ChannelKind::Migration(n) => n <= manifest.multifd_channels,
             ChannelKind::Nbd(n) => usize::from(n) < manifest.disks.len(),
+            ChannelKind::Resumed(_) => false,
         };
         if !valid || seen.contains(&kind) {
             let _ = events.send(ChanEvent::Bad(BadChannel::Unexpected(kind)));
@@ -708,17 +735,62 @@ async fn accept_channels(
         }
         seen.push(kind);
         let path = match kind {
-            ChannelKind::Migration(_) => dir.join("incoming.sock"),
             ChannelKind::Nbd(_) => dir.join("nbd.sock"),
+            _ => dir.join("incoming.sock"),
         };
-        let local = match tokio::net::UnixStream::connect(&path).await {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::QemuSocket(e))));
-                break;
-            }
-        };
-        carry(&mut tasks, &events, kind, local, send, recv);
+        if !to_qemu(
+            &mut tasks,
+            &events,
+            kind,
+            &path,
+            (send, recv),
+            manifest.mode,
+        )
+        .await
+        {
+            break;
+        }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Connects channel `kind` to QEMU's socket at `path` and carries it in
+/// `tasks`; false (with the reason on `events`) when QEMU would not take
+/// the connection.
+async fn to_qemu(
+    tasks: &mut tokio::task::JoinSet<()>,
+    events: &mpsc::UnboundedSender<ChanEvent>,
+    kind: ChannelKind,
+    path: &std::path::Path,
+    streams: (SendStream, crate::transport::RecvStream),
+    mode: MigrationMode,
+) -> bool {
+    match tokio::net::UnixStream::connect(path).await {
+        Ok(local) => {
+            carry(tasks, events, kind, local, streams, tail_for(kind, mode));
+            true
+        }
+        Err(e) => {
+            let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::QemuSocket(e))));
+            false
+        }
+    }
+}
+
+/// A channel's header on a stream the source opened: its kind, or `None`
+/// (with the reason sent on `events`, unless the stream simply ended).
+async fn channel_header(
+    recv: &mut crate::transport::RecvStream,
+    migration: MigrationId,
+    events: &mpsc::UnboundedSender<ChanEvent>,
+) -> Option<ChannelKind> {
+    let bad = match tokio::time::timeout(Duration::from_secs(10), read_message(recv)).await {
+        Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => return Some(o.kind),
+        Ok(Ok(Some(other))) => BadChannel::NotAHeader(other.kind()),
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => BadChannel::Read(e),
+        Err(_) => BadChannel::NoHeader,
+    };
+    let _ = events.send(ChanEvent::Bad(bad));
+    None
 }

@@ -4,4 +4,5 @@
 
 pub(crate) mod common;
 pub(crate) mod destination;
+pub(crate) mod recovery;
 pub(crate) mod source;

@@ -20,7 +20,7 @@ mod actions;
 mod receive;
 mod recovery;
 
-pub(crate) use recovery::hand_over_resume;
+pub(crate) use recovery::{hand_over_resume, refuse_resume};
 
 use crate::engine::clock;
 use std::sync::atomic::{AtomicBool, Ordering};

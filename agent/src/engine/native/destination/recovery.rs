@@ -11,7 +11,6 @@ use crate::transport::{Connection, RecvStream, SendStream};
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::destination::Destination;
 use convoy_protocol::message::{Message, Reason};
-use tokio::sync::mpsc;
 
 use crate::host::Host;
 use crate::transport::{write_message, Peer};
@@ -66,7 +65,7 @@ pub(crate) async fn hand_over_resume(
 
 /// Refuses a `Resume` from `peer`: audited (`audit`), then answered aside
 /// with `reason` ([`refuse`]), so a peer that reads nothing stalls nothing.
-pub(super) fn refuse_resume(
+pub(crate) fn refuse_resume(
     host: &Host,
     peer: &Peer,
     conn: Connection,
@@ -140,18 +139,7 @@ impl Incoming {
             return;
         }
         if let Some(m) = self.migration {
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.host
-                .recoveries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    m,
-                    crate::host::Recovery {
-                        source: self.peer.id.clone(),
-                        tx,
-                    },
-                );
+            let rx = self.host.await_resumes(m, self.peer.id.clone());
             self.resume_rx = Some(rx);
         }
     }

@@ -30,7 +30,6 @@ use tokio::sync::mpsc;
 
 use crate::backend::VmBackend;
 use crate::host::Host;
-use crate::transport::ALPN_AGENT;
 
 pub(crate) struct Run {
     pub(crate) host: Arc<Host>,
@@ -198,18 +197,10 @@ impl Run {
             if left.is_zero() {
                 return None;
             }
-            let creds = self.host.creds();
             let attempt = async {
                 let conn = self
                     .host
-                    .dialer
-                    .connect(
-                        self.addr,
-                        dest.clone(),
-                        ALPN_AGENT,
-                        &creds.identity,
-                        &creds.trust,
-                    )
+                    .dial_agent(self.addr, dest)
                     .await
                     .map_err(|e| e.to_string())?;
                 let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;

@@ -8,8 +8,9 @@ use convoy_protocol::stream::{ChannelKind, ChannelOpen};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::qemu::common::{carry, ChanEvent, ChannelError, Fail};
+use crate::engine::qemu::common::{carry, tail_for, ChanEvent, ChannelError, Fail};
 use crate::transport::write_message;
+use convoy_protocol::model::MigrationMode;
 
 pub(super) fn listen(path: &std::path::Path) -> Result<tokio::net::UnixListener, Fail> {
     let _ = std::fs::remove_file(path);
@@ -35,7 +36,8 @@ pub(super) fn is_vms_qemu(s: &tokio::net::UnixStream, qemu: Option<u32>) -> bool
 }
 
 /// Accepts QEMU's connections on `listener`, one per kind in order, and
-/// carries each on a new stream to the peer. A connection from any other
+/// carries each on a new stream to the peer (keeping the tail a migration
+/// in `mode` may need to recover it). A connection from any other
 /// process than `qemu` is dropped and logged, and the channel still waits
 /// for QEMU's.
 pub(super) async fn accept_channels(
@@ -45,6 +47,7 @@ pub(super) async fn accept_channels(
     migration: MigrationId,
     kinds: Vec<ChannelKind>,
     events: mpsc::UnboundedSender<ChanEvent>,
+    mode: MigrationMode,
 ) {
     let mut tasks = JoinSet::new();
     for kind in kinds {
@@ -77,7 +80,14 @@ pub(super) async fn accept_channels(
             let _ = events.send(ChanEvent::Done(kind, Err(e.into())));
             break;
         }
-        carry(&mut tasks, &events, kind, local, send, recv);
+        carry(
+            &mut tasks,
+            &events,
+            kind,
+            local,
+            (send, recv),
+            tail_for(kind, mode),
+        );
     }
     // The splices live as long as this task: aborting it cuts them all.
     while tasks.join_next().await.is_some() {}

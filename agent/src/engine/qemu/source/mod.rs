@@ -25,12 +25,14 @@
 //! * `channels.rs`: QEMU's sockets, each connection carried on a stream.
 //! * `progress.rs`: QEMU's migration parameters, and its progress polled.
 //! * `mirror.rs`: the disk mirrors into the destination's NBD exports.
+//! * `recover.rs`: post-copy recovery after the link broke.
 //! * `report.rs`: the report handed back for auditing.
 
 mod channels;
 mod mirror;
 mod prepare;
 mod progress;
+mod recover;
 mod report;
 mod sequence;
 
@@ -87,6 +89,9 @@ pub(crate) struct Run {
     pub req: MigrateRequest,
     pub migration: MigrationId,
     pub dest: SpiffeId,
+    /// Where the destination was dialled (and is dialled again to
+    /// recover).
+    pub addr: std::net::SocketAddr,
     /// The operator's plan, as the ticket signed it.
     pub plan: MigrationPlan,
     pub prepared: Prepared,
@@ -120,6 +125,12 @@ struct State {
     /// The transport of the connection, once there is one.
     transport: Option<String>,
     verified: bool,
+    /// The migration's link now (a recovery replaces it).
+    link: Option<Connection>,
+    /// Post-copy recoveries made.
+    recoveries: u16,
+    /// Bytes on the wire of the links that broke.
+    earlier_wire: u64,
 }
 
 impl Run {
@@ -157,14 +168,19 @@ impl Run {
             wire_bytes: 0,
             transport: None,
             verified: false,
+            link: None,
+            recoveries: 0,
+            earlier_wire: 0,
         };
         let outcome = match conn {
             Ok(conn) => {
                 st.transport = Some(conn.kind().to_string());
+                st.link = Some(conn.clone());
                 let o = self.run(&conn, &mut st).await;
-                conn.close(crate::transport::close::DONE.into(), b"done");
-                let stats = conn.stats();
-                st.wire_bytes = stats.wire_bytes();
+                if let Some(link) = st.link.take() {
+                    link.close(crate::transport::close::DONE.into(), b"done");
+                    st.wire_bytes = st.earlier_wire + link.stats().wire_bytes();
+                }
                 o
             }
             Err(e) => {

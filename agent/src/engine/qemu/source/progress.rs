@@ -11,8 +11,11 @@ use convoy_protocol::stream::QemuManifest;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::recover::is_loss;
 use super::{Run, State, MIGRATION_TIMEOUT, PEER, POLL};
 use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fail};
+use crate::engine::qemu::recovery::Broken;
+use tokio::task::JoinSet;
 
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).
 const UNLIMITED: u64 = 1 << 40;
@@ -54,9 +57,12 @@ impl Run {
             .await?;
         // The throttle's steps as the sim VMs': 20%, then 20% more a
         // round (QEMU's default step, 10%, takes twice the rounds).
+        // The operator's cap holds after a post-copy switch too (QEMU
+        // takes `max-postcopy-bandwidth` then; 0 is no cap).
         let mut p = json!({
             "downtime-limit": self.plan.max_downtime_ms,
             "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
+            "max-postcopy-bandwidth": self.plan.bandwidth.unwrap_or(0),
             "cpu-throttle-initial": 20,
             "cpu-throttle-increment": 20,
         });
@@ -70,11 +76,16 @@ impl Run {
     /// Polls QEMU's migration until it completes, reporting progress and
     /// switching to post-copy when the plan says so; returns QEMU's last
     /// `query-migrate`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn watch(
         &self,
         send: &mut SendStream,
         ctl: &mut mpsc::Receiver<Control>,
-        chans: &mut mpsc::UnboundedReceiver<ChanEvent>,
+        (chan_tx, chans): (
+            &mpsc::UnboundedSender<ChanEvent>,
+            &mut mpsc::UnboundedReceiver<ChanEvent>,
+        ),
+        acceptors: &mut JoinSet<()>,
         st: &mut State,
         opened: &mut usize,
         total_pages: u64,
@@ -93,12 +104,25 @@ impl Run {
                     tracing::warn!(migration = %self.migration, "cancel refused: already switched to post-copy");
                 }
                 c = ctl.recv() => {
+                    if is_loss(&c) && self.recoverable(st) {
+                        self.recover(send, ctl, chans, chan_tx, acceptors, st, opened, None).await?;
+                        continue;
+                    }
                     let m = Fail::from_control(c, PEER)?;
                     return Err(Fail::violation(PEER, format!("unexpected {} during the copy", m.kind())));
                 }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Opened) => *opened += 1,
                     Some(ChanEvent::Done(kind, Ok(sp))) => st.channels.push(digests(kind, &sp)),
+                    Some(ChanEvent::Done(kind, Err(e)))
+                        if kind == Self::live_channel(st) && self.recoverable(st) =>
+                    {
+                        let broken = Broken::from_event(kind, e)
+                            .map_err(|e| Fail::link(format!("{kind}: {e}")))?;
+                        self.recover(send, ctl, chans, chan_tx, acceptors, st, opened, Some(broken))
+                            .await?;
+                        continue;
+                    }
                     Some(ChanEvent::Done(kind, Err(e))) => return Err(Fail::link(format!("{kind}: {e}"))),
                     Some(ChanEvent::Bad(e)) => return Err(Fail::link(e)),
                     None => {}

@@ -108,6 +108,7 @@ impl Run {
                 .map(ChannelKind::Migration)
                 .collect(),
             chan_tx.clone(),
+            m.mode,
         ));
         let mut opened = 0usize;
         if !self.prepared.disks.is_empty() {
@@ -123,6 +124,7 @@ impl Run {
                     .map(|(i, _)| ChannelKind::Nbd(i))
                     .collect(),
                 chan_tx.clone(),
+                m.mode,
             ));
             opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
         }
@@ -133,7 +135,17 @@ impl Run {
         )
         .await?;
         self.phase(st, "QEMU migrating");
-        let info = self.watch(send, ctl, chans, st, &mut opened, pages).await?;
+        let info = self
+            .watch(
+                send,
+                ctl,
+                (chan_tx, chans),
+                acceptors,
+                st,
+                &mut opened,
+                pages,
+            )
+            .await?;
         st.qemu_status = "completed".into();
         st.qemu_info = info;
         for e in self.vm.take_events().await {
