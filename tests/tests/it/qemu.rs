@@ -1305,7 +1305,13 @@ async fn a_qemu_guest_dirtying_faster_than_the_link_is_throttled_or_fails_honest
             .iter()
             .any(|&c| c > last))
         .await,
-        "no counter after {last} at b"
+        "no counter after {last} at b; b's console ends: {:?}",
+        std::fs::read_to_string(&dst_log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
     );
     q.lab.shutdown().await;
 }

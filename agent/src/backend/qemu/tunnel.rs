@@ -123,7 +123,7 @@ impl Count {
 }
 
 /// Copies `from` to `to` until `from` ends, counting in `count` what was
-/// written in full; with a `tail`, every byte read is kept there first.
+/// written; with a `tail`, every byte read is kept there first.
 async fn pump<R, W>(
     mut from: R,
     to: &mut W,
@@ -143,9 +143,19 @@ where
         if let Some(t) = tail.as_deref_mut() {
             t.push(&buf[..n]);
         }
-        to.write_all(&buf[..n]).await?;
-        count.hasher.update(&buf[..n]);
-        count.bytes += n as u64;
+        // Counted as each part is written, so a write cut part way (the
+        // other direction failed, and this future is dropped) still counts
+        // what reached `to`.
+        let mut off = 0;
+        while off < n {
+            let k = to.write(&buf[off..n]).await?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            count.hasher.update(&buf[off..off + k]);
+            count.bytes += k as u64;
+            off += k;
+        }
     }
 }
 

@@ -419,7 +419,7 @@ impl Incoming {
                         let m = Message::Switch(Switch { migration: self.migration });
                         write_message(send, &m).await.map_err(Fail::link)?;
                     }
-                    c if recover::is_loss(&c) && self.recoverable() => {
+                    c if super::recovery::is_loss(&c) && self.recoverable() => {
                         let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
                         self.recover(link, &mut ours, &mut acceptors, None, None).await?;
                     }
@@ -430,8 +430,10 @@ impl Incoming {
                 },
                 Some(rc) = recover::next_resume(&mut self.resume_rx) => {
                     // The source is back before this side saw the link go.
-                    let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
-                    self.recover(link, &mut ours, &mut acceptors, None, Some(rc)).await?;
+                    if let Some(rc) = self.resume_first(rc) {
+                        let link = (&mut *send, &mut *ctl, &mut chans, &chan_tx);
+                        self.recover(link, &mut ours, &mut acceptors, None, Some(rc)).await?;
+                    }
                 }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Done(kind, Err(e)))

@@ -150,6 +150,23 @@ pub(crate) async fn until_status(qvm: &QemuVm, status: &str) -> Result<Value, Fa
     }
 }
 
+/// Whether a control-stream event is the link's loss (not a message,
+/// not bytes that do not decode: those are the peer's).
+pub(crate) fn is_loss(c: &Option<super::common::Control>) -> bool {
+    use crate::transport::WireError;
+    matches!(
+        c,
+        None | Some(
+            Ok(None)
+                | Err(WireError::Read(_)
+                    | WireError::Write(_)
+                    | WireError::Io(_)
+                    | WireError::Truncated
+                    | WireError::Closed(_))
+        )
+    )
+}
+
 /// Checks the peer's [`LinkCut`] for the new link `link` against the one
 /// channel that broke here.
 pub(crate) fn their_view(

@@ -20,10 +20,10 @@ use crate::engine::clock;
 use crate::engine::native::destination::refuse_resume;
 use crate::engine::qemu::common::{digests, read_control, ChanEvent, Control, Fail};
 use crate::engine::qemu::recovery::{
-    broken_channel, their_view, Broken, MAX_RECOVERIES, PAUSE_TIMEOUT,
+    broken_channel, is_loss, their_view, Broken, MAX_RECOVERIES, PAUSE_TIMEOUT,
 };
 use crate::host::Reconnection;
-use crate::transport::{close, write_message, SendStream};
+use crate::transport::{close, write_message, Connection, SendStream};
 
 /// How long the source may take to state what it received.
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,11 +36,6 @@ pub(super) type Link<'a> = (
     &'a mut mpsc::UnboundedReceiver<ChanEvent>,
     &'a mpsc::UnboundedSender<ChanEvent>,
 );
-
-/// Whether a control-stream event is the link's loss.
-pub(super) fn is_loss(c: &Option<Control>) -> bool {
-    matches!(c, None | Some(Ok(None) | Err(_)))
-}
 
 /// The channel QEMU's migration runs on after `recoveries` recoveries.
 pub(super) fn live_channel(recoveries: u16) -> ChannelKind {
@@ -76,7 +71,7 @@ impl Incoming {
     /// From the switch on, a `Resume` of this migration from its source
     /// reaches it.
     pub(super) fn wait_for_resume(&mut self) {
-        if self.manifest.mode == MigrationMode::Precopy || self.resume_rx.is_some() {
+        if !self.recoverable() || self.resume_rx.is_some() {
             return;
         }
         let rx = self
@@ -98,8 +93,10 @@ impl Incoming {
 
     /// Recovers the migration after its link broke (`first`: the broken
     /// channel, when that is how the loss showed; `rc`: the source's new
-    /// connection, when it came first). On success the link is the new
-    /// one and QEMU receives again.
+    /// connection, already [`Incoming::checked`], when it came first). On
+    /// success the link is the new one and QEMU receives again. A new link
+    /// that fails before both link cuts are exchanged is given up and the
+    /// next `Resume` awaited, within the window.
     pub(super) async fn recover(
         &mut self,
         (send, ctl, chans, chan_tx): Link<'_>,
@@ -109,6 +106,11 @@ impl Incoming {
         rc: Option<Reconnection>,
     ) -> Result<(), Fail> {
         let channel = live_channel(self.recoveries);
+        let link = self
+            .recoveries
+            .checked_add(1)
+            .filter(|n| *n <= MAX_RECOVERIES)
+            .ok_or_else(|| Fail::local("too many recoveries"))?;
         self.phase(
             "link lost after the post-copy switch: the guest runs on, waiting for the source",
         );
@@ -123,25 +125,6 @@ impl Incoming {
             Some(b) => b,
             None => broken_channel(chans, channel, ours, &mut opened).await?,
         };
-        let rc = match rc {
-            Some(rc) => self.checked(rc),
-            None => None,
-        };
-        let rc = match rc {
-            Some(rc) => rc,
-            None => self.await_source().await?,
-        };
-        self.recoveries += 1;
-        let link = self.recoveries;
-        let sock = qvm.dir().join(format!("recover-{link}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        listen_for_recovery(&qvm, &sock).await?;
-        let Reconnection {
-            conn,
-            send: mut new_send,
-            recv,
-            ..
-        } = rc;
         // Ours in the source's terms: out is what arrived here.
         let mine = digests(
             channel,
@@ -150,32 +133,28 @@ impl Incoming {
                 back: broken.carried.out,
             },
         );
-        let cut = Message::LinkCut(LinkCut {
-            migration: self.migration,
-            link,
-            channels: vec![mine],
-        });
-        write_message(&mut new_send, &cut)
-            .await
-            .map_err(Fail::link)?;
-        let (tx, mut new_ctl) = mpsc::channel(8);
-        tokio::spawn(read_control(recv, tx));
-        let theirs = match tokio::time::timeout(CUT_TIMEOUT, new_ctl.recv()).await {
-            Err(_) => {
-                return Err(Fail::new(
-                    Reason::Timeout,
-                    "no LinkCut from the source in time",
-                ))
+        let sock = qvm.dir().join(format!("recover-{link}.sock"));
+        let deadline = clock::now() + self.host.config.recovery_window;
+        let mut next = rc;
+        let mut listening = false;
+        let (conn, new_send, new_ctl, theirs) = loop {
+            let rc = match next.take() {
+                Some(rc) => rc,
+                None => self.await_source(deadline).await?,
+            };
+            if !listening {
+                let _ = std::fs::remove_file(&sock);
+                listen_for_recovery(&qvm, &sock).await?;
+                listening = true;
             }
-            Ok(c) => match Fail::from_control(c, PEER)? {
-                Message::LinkCut(c) => c,
-                other => {
-                    return Err(Fail::violation(
-                        PEER,
-                        format!("{} instead of LinkCut", other.kind()),
-                    ))
+            match self.exchange_cuts(rc, link, mine).await {
+                Ok(done) => break done,
+                // The new link failed in turn: wait for the next one.
+                Err(Exchange::LinkLost(e)) => {
+                    tracing::info!(migration = %self.migration, "the new link failed: {e}");
                 }
-            },
+                Err(Exchange::Failed(f)) => return Err(f),
+            }
         };
         let theirs = their_view(&theirs, self.migration, link, channel)
             .map_err(|e| Fail::violation(PEER, e))?;
@@ -185,6 +164,7 @@ impl Incoming {
         let agreed = stream::agreed(&theirs, &mine)
             .ok_or_else(|| Fail::local("the link cuts name different channels"))?;
         ours.push(agreed);
+        self.recoveries = link;
         acceptors.push(AbortOnDrop(tokio::spawn(accept_resumed(
             conn.clone(),
             self.migration,
@@ -198,10 +178,85 @@ impl Incoming {
         }
         *send = new_send;
         *ctl = new_ctl;
+        // `Resume`s queued meanwhile are the source's earlier attempts: a
+        // later one would tear this link down.
+        while let Some(stale) = self.resume_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            refuse_resume(
+                &self.host,
+                &stale.peer,
+                stale.conn,
+                stale.send,
+                format!("a stale Resume of migration {}", self.migration),
+                Reason::Unacceptable("resumed already".into()),
+            );
+        }
         self.phase(&format!(
             "link back: QEMU resumes post-copy on a new connection (recovery {link})"
         ));
         Ok(())
+    }
+
+    /// On the new link: our [`LinkCut`], then the source's.
+    async fn exchange_cuts(
+        &self,
+        rc: Reconnection,
+        link: u16,
+        mine: ChannelDigests,
+    ) -> Result<(Connection, SendStream, mpsc::Receiver<Control>, LinkCut), Exchange> {
+        let Reconnection {
+            conn,
+            send: mut new_send,
+            recv,
+            ..
+        } = rc;
+        let cut = Message::LinkCut(LinkCut {
+            migration: self.migration,
+            link,
+            channels: vec![mine],
+        });
+        if let Err(e) = write_message(&mut new_send, &cut).await {
+            conn.close(close::LINK_LOST.into(), b"link lost");
+            return Err(Exchange::LinkLost(e.to_string()));
+        }
+        let (tx, mut new_ctl) = mpsc::channel(8);
+        tokio::spawn(read_control(recv, tx));
+        let c = match tokio::time::timeout(CUT_TIMEOUT, new_ctl.recv()).await {
+            Ok(c) if !is_loss(&c) => c,
+            // Lost, or silent: this link is given up.
+            _ => {
+                conn.close(close::LINK_LOST.into(), b"link lost");
+                return Err(Exchange::LinkLost("no LinkCut from the source".into()));
+            }
+        };
+        match Fail::from_control(c, PEER).map_err(Exchange::Failed)? {
+            Message::LinkCut(theirs) => Ok((conn, new_send, new_ctl, theirs)),
+            other => Err(Exchange::Failed(Fail::violation(
+                PEER,
+                format!("{} instead of LinkCut", other.kind()),
+            ))),
+        }
+    }
+
+    /// A `Resume` that came before this side saw its link break: taken
+    /// (and the working link then given up) only when it is for the right
+    /// ticket and a recovery may be made; otherwise refused, audited, and
+    /// the link kept.
+    pub(super) fn resume_first(&self, rc: Reconnection) -> Option<Reconnection> {
+        if self.recoverable() {
+            return self.checked(rc);
+        }
+        refuse_resume(
+            &self.host,
+            &rc.peer,
+            rc.conn,
+            rc.send,
+            format!(
+                "Resume of migration {}: no recovery may be made",
+                self.migration
+            ),
+            Reason::Unacceptable("no recovery may be made".into()),
+        );
+        None
     }
 
     /// A reconnection for the right ticket, or `None` (refused, audited).
@@ -220,10 +275,9 @@ impl Incoming {
         None
     }
 
-    /// Waits for the source's `Resume` within the recovery window.
-    async fn await_source(&mut self) -> Result<Reconnection, Fail> {
-        let window = self.host.config.recovery_window;
-        let deadline = clock::now() + window;
+    /// Waits for the source's `Resume` until `deadline` (the recovery
+    /// window from the break).
+    async fn await_source(&mut self, deadline: std::time::Instant) -> Result<Reconnection, Fail> {
         loop {
             let left = deadline.saturating_duration_since(clock::now());
             match tokio::time::timeout(left, next_resume(&mut self.resume_rx)).await {
@@ -236,12 +290,20 @@ impl Incoming {
                 Err(_) => {
                     return Err(Fail::link(format!(
                         "the source did not come back within the recovery window ({} s)",
-                        window.as_secs()
+                        self.host.config.recovery_window.as_secs()
                     )))
                 }
             }
         }
     }
+}
+
+/// Why the link cuts could not be exchanged on a new link.
+enum Exchange {
+    /// The new link failed: another may come.
+    LinkLost(String),
+    /// The source refused or broke the protocol.
+    Failed(Fail),
 }
 
 /// Has QEMU listen on `sock` for the recovery (`migrate-recover`) once its

@@ -11,10 +11,9 @@ use convoy_protocol::stream::QemuManifest;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::recover::is_loss;
 use super::{Run, State, MIGRATION_TIMEOUT, PEER, POLL};
 use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fail};
-use crate::engine::qemu::recovery::Broken;
+use crate::engine::qemu::recovery::{is_loss, Broken};
 use tokio::task::JoinSet;
 
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).

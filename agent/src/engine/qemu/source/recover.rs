@@ -19,12 +19,14 @@ use super::channels::{accept_channels, listen};
 use super::{Run, State, PEER};
 use crate::engine::qemu::common::{digests, read_control, ChanEvent, Control, Fail};
 use crate::engine::qemu::recovery::{
-    broken_channel, their_view, until_status, Broken, MAX_RECOVERIES,
+    broken_channel, is_loss, their_view, until_status, Broken, MAX_RECOVERIES,
 };
 use crate::transport::{close, write_message};
 
-/// How long the destination may take to answer a `Resume`.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination may take to answer a `Resume`: more than it
+/// may take to see its channel end, have its QEMU listen (each bounded by
+/// `PAUSE_TIMEOUT`, a QMP command by 15 s) and answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The link a recovery brings: its connection, control stream both ways.
 struct NewLink {
@@ -33,12 +35,6 @@ struct NewLink {
     ctl: mpsc::Receiver<Control>,
     /// The destination's account of the broken link.
     cut: LinkCut,
-}
-
-/// Whether a control-stream event is the link's loss (not a message, not
-/// the peer's abort).
-pub(super) fn is_loss(c: &Option<Control>) -> bool {
-    matches!(c, None | Some(Ok(None) | Err(_)))
 }
 
 impl Run {
