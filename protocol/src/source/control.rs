@@ -12,6 +12,13 @@ use crate::receipt::ReceiptKind;
 
 use super::{Phase, Source, SourceAction, SourceError, Switchover};
 
+/// Control round trips measured before the shortest is trusted to say
+/// that the handover alone misses the downtime target (`Propose`→`Accept`
+/// and two rounds' `RoundEnd`→`RoundApplied`: each is an upper bound on
+/// the path's RTT, so a first one slowed by queues or the destination's
+/// work is not taken for the path).
+pub const TRUSTED_ROUND_TRIPS: u32 = 3;
+
 impl Source {
     /// A pre-copy round was applied at the destination: the rate it went
     /// at (an empty round measures nothing: the last rate stays).
@@ -42,7 +49,17 @@ impl Source {
     pub(super) fn note_round_trip(&mut self, took: Duration) {
         let rt = self.round_trip.map_or(took, |r| r.min(took));
         self.round_trip = Some(rt);
+        self.round_trips = self.round_trips.saturating_add(1);
         self.convergence.round_trip_us = u64::try_from(rt.as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// Whether the handover's two round trips alone take the downtime
+    /// target, as the shortest of at least [`TRUSTED_ROUND_TRIPS`]
+    /// exchanges measured them: then no round, and no throttle, can bring
+    /// the pause under the target.
+    pub(super) fn handover_alone_misses(&self) -> bool {
+        self.round_trips >= TRUSTED_ROUND_TRIPS
+            && self.handover_estimate() >= self.cfg.max_downtime()
     }
 
     /// The handover's share of the downtime: `Finish` to `Ready` and

@@ -184,6 +184,7 @@ mod sent;
 
 pub use crate::model::{Convergence, PostcopySummary};
 pub use config::{SourceConfig, Switchover};
+pub use control::TRUSTED_ROUND_TRIPS;
 pub use driver::{SentBatch, SourceAction, SourceEvent};
 pub use error::SourceError;
 pub use outcome::SourceSummary;
@@ -320,6 +321,8 @@ pub struct Source {
     round_end_at: Option<Instant>,
     /// The shortest control round trip measured so far.
     round_trip: Option<Duration>,
+    /// Control round trips measured (the shortest is `round_trip`).
+    round_trips: u32,
     /// Pre-copy recovery: dirty logs collected while the link was down,
     /// sent once it is back.
     carried: Option<PageBitmap>,
@@ -398,6 +401,7 @@ impl Source {
             round_ended: false,
             round_end_at: None,
             round_trip: None,
+            round_trips: 0,
             carried: None,
             stalled: 0,
             convergence: Convergence::default(),

@@ -95,12 +95,15 @@ impl Source {
                 None => true,
             };
             let stalling = dirtied.saturating_mul(2) >= self.round_pages;
-            if due || round >= self.cfg.plan().max_rounds || stalling {
+            let hopeless = self.handover_alone_misses();
+            if due || round >= self.cfg.plan().max_rounds || stalling || hopeless {
                 self.pause(round, left, true);
                 return;
             }
         }
-        if round >= self.cfg.plan().max_rounds {
+        // Past the rounds, or (measured often enough) the handover's round
+        // trips alone miss the target: more rounds cannot help either.
+        if round >= self.cfg.plan().max_rounds || self.handover_alone_misses() {
             if self.cfg.plan().force_stop {
                 self.pause(round, left, false);
             } else {

@@ -221,7 +221,9 @@ async fn a_vm_that_cannot_converge_fails_clearly_and_keeps_running() {
     assert!(why.contains("cannot converge"), "{why}");
     assert!(why.contains("against a target of 1 ms"), "{why}");
     assert!(r.convergence.dirty_rate > 1_000, "{:?}", r.convergence);
-    assert_eq!(r.rounds, 3);
+    // All three rounds, or fewer once the handover's round trips alone
+    // were measured (three times) to take the 1 ms.
+    assert!((2..=3).contains(&r.rounds), "{} rounds", r.rounds);
     // Still running at the source, unthrottled; nothing at the destination.
     let c0 = a.vm_list().await.unwrap()[0].counter;
     tokio::time::sleep(Duration::from_millis(200)).await;

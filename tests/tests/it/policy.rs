@@ -343,9 +343,12 @@ async fn an_operator_aborts_a_running_migration_and_the_vm_stays_at_the_source()
     let mut s = sim_spec("vm", 256 << 20, 200_000);
     s.attributes.security_level = 1;
     a.vm_create(s).await.unwrap();
+    // A first round of 8 s at most (a 1 ms target alone could end the
+    // migration before the abort: the round trips on loopback take it).
     let opts = MigrationPlan {
         max_downtime_ms: 1,
         max_rounds: 1000,
+        bandwidth: Some(32 << 20),
         ..MigrationPlan::default()
     };
     let req = lab.migrate_request("vm", "a", "b", opts).unwrap();
