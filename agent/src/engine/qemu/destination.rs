@@ -437,7 +437,7 @@ impl Incoming {
                 }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Done(kind, Err(e)))
-                        if kind == recover::live_channel(self.recoveries) && self.recoverable() =>
+                        if kind == super::recovery::live_channel(self.recoveries) && self.recoverable() =>
                     {
                         let broken = super::recovery::Broken::from_event(kind, e)
                             .map_err(|e| Fail::local(format!("{kind}: {e}")))?;

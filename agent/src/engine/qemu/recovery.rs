@@ -45,8 +45,8 @@ pub(crate) struct Broken {
 }
 
 impl Broken {
-    /// From a splice that ended in a cut with its tail kept; `None` for any
-    /// other end.
+    /// From a splice that ended in a cut with its tail kept; any other end
+    /// is handed back.
     pub fn from_event(kind: ChannelKind, e: ChannelError) -> Result<Broken, ChannelError> {
         match e {
             ChannelError::Splice(cut) => {
@@ -82,6 +82,14 @@ impl Broken {
                 self.tail.total(),
             )),
         }
+    }
+}
+
+/// The channel QEMU's migration runs on after `recoveries` recoveries.
+pub(crate) fn live_channel(recoveries: u16) -> ChannelKind {
+    match recoveries {
+        0 => ChannelKind::Migration(0),
+        n => ChannelKind::Resumed(n),
     }
 }
 

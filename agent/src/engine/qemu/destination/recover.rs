@@ -20,7 +20,7 @@ use crate::engine::clock;
 use crate::engine::native::destination::refuse_resume;
 use crate::engine::qemu::common::{digests, read_control, ChanEvent, Control, Fail};
 use crate::engine::qemu::recovery::{
-    broken_channel, is_loss, their_view, Broken, MAX_RECOVERIES, PAUSE_TIMEOUT,
+    broken_channel, is_loss, live_channel, their_view, Broken, MAX_RECOVERIES, PAUSE_TIMEOUT,
 };
 use crate::host::Reconnection;
 use crate::transport::{close, write_message, Connection, SendStream};
@@ -36,14 +36,6 @@ pub(super) type Link<'a> = (
     &'a mut mpsc::UnboundedReceiver<ChanEvent>,
     &'a mpsc::UnboundedSender<ChanEvent>,
 );
-
-/// The channel QEMU's migration runs on after `recoveries` recoveries.
-pub(super) fn live_channel(recoveries: u16) -> ChannelKind {
-    match recoveries {
-        0 => ChannelKind::Migration(0),
-        n => ChannelKind::Resumed(n),
-    }
-}
 
 /// The next `Resume` for this migration; pending for ever when none can
 /// come.
@@ -173,9 +165,7 @@ impl Incoming {
             self.manifest.mode,
             chan_tx.clone(),
         ))));
-        if let Some(old) = self.link.replace(conn) {
-            drop(old);
-        }
+        self.link = Some(conn);
         *send = new_send;
         *ctl = new_ctl;
         // `Resume`s queued meanwhile are the source's earlier attempts: a

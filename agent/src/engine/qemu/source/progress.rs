@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{Run, State, MIGRATION_TIMEOUT, PEER, POLL};
 use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fail};
-use crate::engine::qemu::recovery::{is_loss, Broken};
+use crate::engine::qemu::recovery::{is_loss, live_channel, Broken};
 use tokio::task::JoinSet;
 
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).
@@ -114,7 +114,7 @@ impl Run {
                     Some(ChanEvent::Opened) => *opened += 1,
                     Some(ChanEvent::Done(kind, Ok(sp))) => st.channels.push(digests(kind, &sp)),
                     Some(ChanEvent::Done(kind, Err(e)))
-                        if kind == Self::live_channel(st) && self.recoverable(st) =>
+                        if kind == live_channel(st.recoveries) && self.recoverable(st) =>
                     {
                         let broken = Broken::from_event(kind, e)
                             .map_err(|e| Fail::link(format!("{kind}: {e}")))?;

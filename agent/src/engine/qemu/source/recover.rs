@@ -19,7 +19,7 @@ use super::channels::{accept_channels, listen};
 use super::{Run, State, PEER};
 use crate::engine::qemu::common::{digests, read_control, ChanEvent, Control, Fail};
 use crate::engine::qemu::recovery::{
-    broken_channel, is_loss, their_view, until_status, Broken, MAX_RECOVERIES,
+    broken_channel, is_loss, live_channel, their_view, until_status, Broken, MAX_RECOVERIES,
 };
 use crate::transport::{close, write_message};
 
@@ -38,14 +38,6 @@ struct NewLink {
 }
 
 impl Run {
-    /// The channel QEMU's migration runs on now.
-    pub(super) fn live_channel(st: &State) -> ChannelKind {
-        match st.recoveries {
-            0 => ChannelKind::Migration(0),
-            n => ChannelKind::Resumed(n),
-        }
-    }
-
     /// Whether a broken link may be recovered: after the post-copy switch,
     /// with no disk mirrors (their jobs end with the link), within
     /// [`MAX_RECOVERIES`].
@@ -72,7 +64,7 @@ impl Run {
         opened: &mut usize,
         first: Option<Broken>,
     ) -> Result<(), Fail> {
-        let channel = Self::live_channel(st);
+        let channel = live_channel(st.recoveries);
         self.phase(
             st,
             "link lost after the post-copy switch: dialling the destination again",
@@ -88,27 +80,38 @@ impl Run {
         until_status(&self.vm, "postcopy-paused").await?;
         st.recoveries += 1;
         let link = st.recoveries;
-        let new = self.reach(link, channel).await?;
-        let NewLink {
-            conn,
-            send: mut new_send,
-            ctl: new_ctl,
-            cut,
-        } = new;
-        let theirs = their_view(&cut, self.migration, link, channel)
-            .map_err(|e| Fail::violation(PEER, e))?;
-        broken
-            .check_prefix(theirs.out_bytes, theirs.out.0)
-            .map_err(|e| Fail::violation(PEER, e))?;
         let ours: ChannelDigests = digests(channel, &broken.carried);
-        let mine = Message::LinkCut(LinkCut {
-            migration: self.migration,
-            link,
-            channels: vec![ours],
-        });
-        st.control_bytes += write_message(&mut new_send, &mine)
-            .await
-            .map_err(Fail::link)? as u64;
+        let deadline = clock::now() + self.host.config.recovery_window;
+        // A new link that fails before our LinkCut is out is given up,
+        // and another dialled, as the destination awaits another Resume.
+        let (conn, new_send, new_ctl, theirs) = loop {
+            let NewLink {
+                conn,
+                mut send,
+                ctl,
+                cut,
+            } = self.reach(link, channel, deadline).await?;
+            let theirs = their_view(&cut, self.migration, link, channel)
+                .map_err(|e| Fail::violation(PEER, e))?;
+            broken
+                .check_prefix(theirs.out_bytes, theirs.out.0)
+                .map_err(|e| Fail::violation(PEER, e))?;
+            let mine = Message::LinkCut(LinkCut {
+                migration: self.migration,
+                link,
+                channels: vec![ours],
+            });
+            match write_message(&mut send, &mine).await {
+                Ok(n) => {
+                    st.control_bytes += n as u64;
+                    break (conn, send, ctl, theirs);
+                }
+                Err(e) => {
+                    tracing::info!(migration = %self.migration, "the new link failed: {e}");
+                    conn.close(close::LINK_LOST.into(), b"link lost");
+                }
+            }
+        };
         let agreed = stream::agreed(&ours, &theirs)
             .ok_or_else(|| Fail::local("the link cuts name different channels"))?;
         st.channels.push(agreed);
@@ -142,11 +145,16 @@ impl Run {
         Ok(())
     }
 
-    /// Dials the destination until the recovery window closes, asks it to
+    /// Dials the destination until `deadline` (the recovery window from
+    /// the break), asks it to
     /// resume, and returns the new link with the destination's account of
     /// the broken one.
-    async fn reach(&self, link: u16, channel: ChannelKind) -> Result<NewLink, Fail> {
-        let deadline = clock::now() + self.host.config.recovery_window;
+    async fn reach(
+        &self,
+        link: u16,
+        channel: ChannelKind,
+        deadline: std::time::Instant,
+    ) -> Result<NewLink, Fail> {
         let td = ticket_digest(&self.req.ticket);
         loop {
             let left = deadline.saturating_duration_since(clock::now());
