@@ -130,12 +130,16 @@ async fn run(case: Case) {
         case.fault,
         Fault::RecoveringKillSource | Fault::RecoveringKillDestination
     );
+    // A post-copy destination waits for its killed source to come back
+    // (long enough for the restart): the source then takes the migration
+    // up again from its paused copy.
+    let waiting = recovering || (case.postcopy && case.fault == Fault::KillSource);
     let extra = |point: &str| {
         [
             "--link-timeout",
             &LINK_TIMEOUT.to_string(),
             "--recovery-window",
-            if recovering { "30" } else { "4" },
+            if waiting { "30" } else { "4" },
             "--source-silence-timeout",
             "5",
             // Last: dropped when the agent is started again.
@@ -392,6 +396,15 @@ async fn run(case: Case) {
                 !said(&la, &["resumed here"]),
                 "a's log says it resumed\n{story}"
             );
+            // A killed post-copy source, restarted, finished the push.
+            if case.postcopy
+                && matches!(case.fault, Fault::KillSource | Fault::RecoveringKillSource)
+            {
+                assert!(
+                    said(&la, &["post-copy taken up"]),
+                    "a's log does not say it took post-copy up again\n{story}"
+                );
+            }
         }
         Expect::PausedOnBoth => {
             assert!(said(&la, &["stays paused", "in doubt"]), "{story}");
@@ -615,14 +628,17 @@ case!(
     CutLink,
     Destination
 );
-// Post-copy: switched, the source's push not begun.
+// Post-copy: switched, the source's push not begun. A killed source,
+// restarted, takes the migration up again from its paused copy (the
+// destination waits for it); a link cut past both recovery windows
+// leaves it paused on both (the destination no longer waits).
 case!(
     postcopy_push_kill_source,
     "source-postcopy-push",
     false,
     true,
     KillSource,
-    PausedOnBoth
+    Destination
 );
 case!(
     postcopy_push_kill_destination,
@@ -648,7 +664,7 @@ case!(
     false,
     true,
     RecoveringKillSource,
-    PausedOnBoth
+    Destination
 );
 case!(
     recovering_kill_destination,

@@ -81,6 +81,10 @@ pub enum Verdict {
     /// No record of this migration (never seen, or finished and
     /// compacted): the asker decides nothing from it.
     Unknown,
+    /// As [`Verdict::NeedsPages`], and this side waits for the asker's
+    /// `Resume` (post-copy recovery): the asker may take the migration up
+    /// again from its paused copy and push what is missing.
+    AwaitsResume,
 }
 
 /// A signed answer to an [`Inquiry`].
@@ -153,6 +157,9 @@ pub enum Held {
     Complete,
     /// A post-copy VM still waiting for pages the source owes.
     Incomplete,
+    /// As [`Held::Incomplete`], and the migration here waits for (or will
+    /// take) the source's `Resume`.
+    Waiting,
     /// Nothing: the copy died (a sim VM lives in its agent's process).
     Gone,
 }
@@ -258,7 +265,7 @@ pub fn destination_at_start(standing: DestinationStanding) -> DestinationStep {
     match standing {
         DestinationStanding::Staging { epoch } => DestinationStep::FenceAndDiscard { epoch },
         DestinationStanding::HandedOver {
-            held: Held::Complete | Held::Incomplete,
+            held: Held::Complete | Held::Incomplete | Held::Waiting,
             ..
         } => DestinationStep::RunHere,
         DestinationStanding::HandedOver {
@@ -291,6 +298,13 @@ pub fn destination_answer(standing: DestinationStanding, inquiry: &Inquiry) -> A
             held: Held::Incomplete,
         } if epoch == inquiry.epoch => Answer {
             verdict: Verdict::NeedsPages,
+            fence_first: None,
+        },
+        DestinationStanding::HandedOver {
+            epoch,
+            held: Held::Waiting,
+        } if epoch == inquiry.epoch => Answer {
+            verdict: Verdict::AwaitsResume,
             fence_first: None,
         },
         // Handed over at this epoch but the copy is gone: it can never
@@ -335,6 +349,10 @@ pub enum SourceDecision {
     DiscardHere,
     /// The destination fenced the epoch: resume the VM here.
     ResumeHere,
+    /// The destination runs the VM in post-copy and waits for the pages
+    /// it lacks: take the migration up again from the paused copy here
+    /// (keeping it until `Started`).
+    ResumePostcopy,
     /// Keep the VM paused here and report why.
     StayPaused(Undecided),
 }
@@ -396,6 +414,7 @@ pub fn source_decides(
         Verdict::NeedsPages => SourceDecision::StayPaused(Undecided::DestinationNeedsPages),
         Verdict::Fenced => SourceDecision::ResumeHere,
         Verdict::Unknown => SourceDecision::StayPaused(Undecided::UnknownThere),
+        Verdict::AwaitsResume => SourceDecision::ResumePostcopy,
     }
 }
 
@@ -436,7 +455,7 @@ mod tests {
         for epoch in [2, 3, 4] {
             v.push(DestinationStanding::Staging { epoch });
             v.push(DestinationStanding::Fenced { epoch });
-            for held in [Held::Complete, Held::Incomplete, Held::Gone] {
+            for held in [Held::Complete, Held::Incomplete, Held::Waiting, Held::Gone] {
                 v.push(DestinationStanding::HandedOver { epoch, held });
             }
         }
@@ -465,9 +484,20 @@ mod tests {
                 }
             );
             let never_runs_there = matches!(after, DestinationStanding::Fenced { epoch: 3 });
+            let waits_for_pages = matches!(
+                after,
+                DestinationStanding::HandedOver {
+                    epoch: 3,
+                    held: Held::Waiting
+                }
+            );
             match decision {
                 SourceDecision::ResumeHere => assert!(never_runs_there, "{standing:?}"),
                 SourceDecision::DiscardHere => assert!(runs_there, "{standing:?}"),
+                // Post-copy taken up again: only for a destination that
+                // runs the VM and waits for its pages (the copy here is
+                // kept, paused, until Started).
+                SourceDecision::ResumePostcopy => assert!(waits_for_pages, "{standing:?}"),
                 SourceDecision::StayPaused(_) => {
                     assert!(!never_runs_there && !runs_there, "{standing:?}")
                 }
@@ -478,7 +508,7 @@ mod tests {
                     !matches!(
                         standing,
                         DestinationStanding::HandedOver {
-                            held: Held::Complete | Held::Incomplete,
+                            held: Held::Complete | Held::Incomplete | Held::Waiting,
                             ..
                         }
                     ),
@@ -564,7 +594,7 @@ mod tests {
         let records = destination_records();
         assert!(records.len() >= 6, "{records:?}");
         for r in &records {
-            for held in [Held::Complete, Held::Incomplete, Held::Gone] {
+            for held in [Held::Complete, Held::Incomplete, Held::Waiting, Held::Gone] {
                 let standing = DestinationStanding::of(Some(r), || held);
                 let a = destination_answer(standing, &q);
                 if a.verdict == Verdict::Fenced {

@@ -195,7 +195,8 @@ pub(crate) async fn migrate(
             crate::trust::authz::now_unix(),
         )
     };
-    if let Err(e) = host.journal(JournalChange::Begin(claim)).await {
+    let claim = JournalChange::Claim(claim, Box::new(req.ticket.clone()));
+    if let Err(e) = host.journal(claim).await {
         if let Some(entry) = host.vms().get_mut(&req.vm) {
             if entry.incarnation == incarnation {
                 entry.state = VmState::Running;
@@ -351,6 +352,26 @@ enum Claimed {
         Arc<crate::backend::qemu::vm::QemuVm>,
         Box<qemu_source::Prepared>,
     ),
+}
+
+/// Takes the source's post-copy migration `r` up again from the paused
+/// copy here (see [`crate::engine::native::source::restart`]), in the
+/// background, its end audited and journalled like any migration's:
+/// what was done, or why it cannot be (the copy stays paused).
+pub(crate) async fn take_up(
+    host: &Arc<Host>,
+    r: &JournalRecord,
+    addr: std::net::SocketAddr,
+) -> Result<String, String> {
+    let prepared = crate::engine::native::source::restart::prepare(host, r, addr).await?;
+    let what = prepared.what.clone();
+    let host = host.clone();
+    tokio::spawn(async move {
+        let (mut run, report) = prepared.drive().await;
+        let phases = std::mem::take(&mut run.phases);
+        finish(&host, &run.req, run.migration, phases, report).await;
+    });
+    Ok(what)
 }
 
 /// Audits a finished migration (phases, receipts, outcome), then records

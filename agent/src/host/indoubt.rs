@@ -81,6 +81,14 @@ fn held(host: &Host, r: &JournalRecord) -> Option<Held> {
         // may be running it.
         (Some(VmHandle::Lost(_)), _) => None,
         (Some(_), VmState::Exited) => Some(Held::Gone),
+        // Running by post-copy, or waiting for its source after a broken
+        // link: pages are missing, and a Resume is taken (when recovery is
+        // on here).
+        (Some(_), VmState::PostcopyIn | VmState::Recovering)
+            if !host.config.recovery_window.is_zero() =>
+        {
+            Some(Held::Waiting)
+        }
         // Arriving by post-copy, waiting for its source, or in doubt after
         // the switch: pages may be missing. (A pre-copy start that could
         // not be confirmed is in doubt too, though whole: taken as
@@ -250,6 +258,7 @@ fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::RunsHere => "told the source: runs here",
         Verdict::NeedsPages => "told the source: runs here, needs its pages",
+        Verdict::AwaitsResume => "told the source: runs here, waits for its pages (resume)",
         Verdict::Fenced => "told the source: fenced, never runs here",
         _ => "told the source: no record",
     }
@@ -286,7 +295,7 @@ async fn resolve_destination(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDe
                 }
                 Err(e) => (RecoveryDecision::AwaitsSource, e),
             },
-            Some(Held::Incomplete) => (
+            Some(Held::Incomplete | Held::Waiting) => (
                 RecoveryDecision::RunsHere,
                 "handed over by post-copy: runs here on the pages it has and waits for the source's \
                  reconnection for the rest"
@@ -448,6 +457,7 @@ async fn resolve_source(
                 SourceDecision::DiscardHere => {
                     discard_here(host, r, "the destination runs it (signed)").await
                 }
+                SourceDecision::ResumePostcopy => take_up(host, r).await,
                 SourceDecision::StayPaused(u) => stay_paused(host, r, &u),
             };
             (d, why, statement)
@@ -463,6 +473,25 @@ async fn resolve_source(
             format!("nothing to decide: the record is {}", r.phase),
             None,
         ),
+    }
+}
+
+/// The destination waits for the pages it lacks (signed): the migration
+/// is taken up again from the paused copy here, or stays paused.
+async fn take_up(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDecision, String) {
+    let taken = match destination_addr(host, r) {
+        Ok(addr) => crate::engine::outgoing::take_up(host, r, addr).await,
+        Err(e) => Err(e),
+    };
+    match taken {
+        Ok(why) => (RecoveryDecision::PostcopyTakenUp, why),
+        Err(why) => {
+            mark_in_doubt(host, &r.vm);
+            (
+                RecoveryDecision::StaysPaused,
+                format!("the destination waits for its pages, but post-copy cannot be taken up again here: {why}"),
+            )
+        }
     }
 }
 

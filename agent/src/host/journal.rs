@@ -34,6 +34,7 @@ use convoy_protocol::journal::{
     JournalRecord, JournalRole, JournalStep, RecordDecodeError, TransitionError,
 };
 use convoy_protocol::names::MigrationId;
+use convoy_protocol::ticket::SignedTicket;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use thiserror::Error;
 
@@ -44,6 +45,10 @@ pub const KEEP_SETTLED: usize = 256;
 const RECORDS: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("migrations");
 /// Settled records in the order they settled → their key in [`RECORDS`].
 const SETTLED: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("settled");
+/// A source's unfinished migrations (16-byte id) → the operator's signed
+/// ticket (postcard), kept so that a restarted source can take a
+/// post-copy migration up again; removed when the record settles.
+const TICKETS: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("tickets");
 
 /// Why the journal could not be read or written.
 #[derive(Debug, Error)]
@@ -70,6 +75,9 @@ pub enum JournalError {
         /// Role.
         role: JournalRole,
     },
+    /// A kept ticket that does not encode or decode.
+    #[error("journal ticket: {0}")]
+    Ticket(#[from] TicketError),
     /// A first record for a migration that has one.
     #[error("the journal already has a {role} record of migration {migration}")]
     Exists {
@@ -78,6 +86,17 @@ pub enum JournalError {
         /// Role.
         role: JournalRole,
     },
+}
+
+/// Why a kept ticket could not be stored or read back.
+#[derive(Debug, Error)]
+pub enum TicketError {
+    /// It does not encode (postcard).
+    #[error("cannot encode: {0}")]
+    Encode(#[source] postcard::Error),
+    /// The stored bytes do not decode.
+    #[error("stored bytes do not decode: {0}")]
+    Decode(#[source] postcard::Error),
 }
 
 fn storage(e: impl Into<redb::Error>) -> JournalError {
@@ -90,6 +109,9 @@ pub enum JournalChange {
     /// A migration's first record: a source's claim, a destination's
     /// handover.
     Begin(JournalRecord),
+    /// A source's claim, with the operator's ticket kept beside it until
+    /// the migration settles.
+    Claim(JournalRecord, Box<SignedTicket>),
     /// A decision about a migration recorded before.
     Advance {
         /// Migration.
@@ -167,6 +189,7 @@ impl Journal {
         let tx = journal.db.begin_write().map_err(storage)?;
         tx.open_table(RECORDS).map_err(storage)?;
         tx.open_table(SETTLED).map_err(storage)?;
+        tx.open_table(TICKETS).map_err(storage)?;
         tx.commit().map_err(storage)?;
         Ok(journal)
     }
@@ -186,7 +209,12 @@ impl Journal {
         let now = crate::trust::authz::now_unix();
         match change {
             JournalChange::Begin(r) => {
-                self.write(key(r.migration, r.role), None, &r)?;
+                self.write(key(r.migration, r.role), None, &r, None)?;
+                Ok((r, true))
+            }
+            JournalChange::Claim(r, ticket) => {
+                let bytes = postcard::to_stdvec(&*ticket).map_err(TicketError::Encode)?;
+                self.write(key(r.migration, r.role), None, &r, Some(&bytes))?;
                 Ok((r, true))
             }
             JournalChange::Advance {
@@ -200,7 +228,7 @@ impl Journal {
                     .ok_or(JournalError::Missing { migration, role })?;
                 match old.advance(step, now)? {
                     Some(new) => {
-                        self.write(k, Some(&old), &new)?;
+                        self.write(k, Some(&old), &new, None)?;
                         Ok((new, true))
                     }
                     None => Ok((old, false)),
@@ -216,6 +244,21 @@ impl Journal {
         role: JournalRole,
     ) -> Result<Option<JournalRecord>, JournalError> {
         self.get(&key(migration, role))
+    }
+
+    /// The operator's ticket of the source's unfinished migration
+    /// `migration`, if its claim kept one.
+    pub fn ticket(&self, migration: MigrationId) -> Result<Option<SignedTicket>, JournalError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(TICKETS).map_err(storage)?;
+        let v = table.get(migration.0.as_slice()).map_err(storage)?;
+        match v {
+            Some(v) => {
+                let t = postcard::from_bytes(v.value()).map_err(TicketError::Decode)?;
+                Ok(Some(t))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Every record kept, unfinished and settled.
@@ -249,12 +292,14 @@ impl Journal {
     }
 
     /// Writes `new` under `k` in one durable transaction, if the record
-    /// there is still `old`; a settled record joins the compaction queue.
+    /// there is still `old`, with a source's `ticket`; a settled record
+    /// joins the compaction queue and its ticket goes.
     fn write(
         &self,
         k: [u8; 17],
         old: Option<&JournalRecord>,
         new: &JournalRecord,
+        ticket: Option<&[u8]>,
     ) -> Result<(), JournalError> {
         if let Some(f) = &self.fault {
             if JournalPoint::of(new) == Some(f.at) {
@@ -281,6 +326,19 @@ impl Journal {
             records
                 .insert(k.as_slice(), new.encode().as_slice())
                 .map_err(storage)?;
+            if new.role == JournalRole::Source {
+                let mut tickets = tx.open_table(TICKETS).map_err(storage)?;
+                if let Some(t) = ticket {
+                    tickets
+                        .insert(new.migration.0.as_slice(), t)
+                        .map_err(storage)?;
+                }
+                if new.is_settled() {
+                    tickets
+                        .remove(new.migration.0.as_slice())
+                        .map_err(storage)?;
+                }
+            }
             if new.is_settled() {
                 let mut settled = tx.open_table(SETTLED).map_err(storage)?;
                 let next = match settled.last().map_err(storage)? {
@@ -437,6 +495,29 @@ mod tests {
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].phase, JournalPhase::Committed);
         assert_eq!(u[0].incarnation, Some(1));
+    }
+
+    #[test]
+    fn a_claims_ticket_is_kept_until_the_migration_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        let ticket = SignedTicket::from_parts(vec![1, 2, 3], vec![4; 64], vec![vec![5; 9]]);
+        {
+            let j = Journal::open(&path).unwrap();
+            j.apply(JournalChange::Claim(claim(1), Box::new(ticket.clone())))
+                .unwrap();
+            j.apply(JournalChange::Begin(claim(2))).unwrap();
+            advance(&j, 1, JournalStep::Commit).unwrap();
+            advance(&j, 1, JournalStep::Doubt).unwrap();
+        }
+        // Kept across a restart while unfinished (in doubt here).
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.ticket(MigrationId([1; 16])).unwrap(), Some(ticket));
+        assert_eq!(j.ticket(MigrationId([2; 16])).unwrap(), None);
+        // Gone once settled.
+        advance(&j, 1, JournalStep::Start).unwrap();
+        advance(&j, 1, JournalStep::Complete).unwrap();
+        assert_eq!(j.ticket(MigrationId([1; 16])).unwrap(), None);
     }
 
     #[test]

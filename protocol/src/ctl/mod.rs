@@ -384,6 +384,10 @@ pub enum RecoveryDecision {
     /// Destination: handed over, but the copy here is gone; the source
     /// will be told so (a fence) when it asks.
     AwaitsSource,
+    /// Source: the destination runs the VM in post-copy and waits for its
+    /// pages; the migration was taken up again from the paused copy here
+    /// (kept until `Started`).
+    PostcopyTakenUp,
 }
 
 impl RecoveryDecision {
@@ -396,6 +400,7 @@ impl RecoveryDecision {
             RecoveryDecision::RunsHere => "runs here",
             RecoveryDecision::Fenced => "fenced (never runs here)",
             RecoveryDecision::AwaitsSource => "awaits the source",
+            RecoveryDecision::PostcopyTakenUp => "post-copy taken up again from here",
         }
     }
 }

@@ -22,6 +22,7 @@
 //!     HandedOver --> InDoubt: Doubt
 //!     Started --> Completed: Complete
 //!     InDoubt --> Completed: Complete (resolution)
+//!     InDoubt --> Started: Start (source: post-copy taken up again, Started heard)
 //!     InDoubt --> RolledBack: Abort (resolution, epoch 2)
 //! ```
 //!
@@ -462,6 +463,9 @@ impl JournalRecord {
                 P::Ended(O::InDoubt)
             }
             (_, P::Started, S::Complete) => P::Ended(O::Completed),
+            // A source in doubt that took post-copy up again (restarted,
+            // or after its window) and heard `Started`.
+            (R::Source, P::Ended(O::InDoubt), S::Start) => P::Started,
             // Resolution of a migration in doubt (a later step decides
             // which, by asking the other side).
             (_, P::Ended(O::InDoubt), S::Complete) => P::Ended(O::Completed),

@@ -145,6 +145,15 @@ fn in_doubt_stays_unfinished_until_resolved() {
     assert!(done.is_settled() && done.epoch == Epoch(1));
     let back = doubt.advance(Abort, 21).unwrap().unwrap();
     assert!(back.is_settled() && back.epoch == Epoch(2));
+    // A source that took post-copy up again hears Started: the VM stays
+    // the destination's, and only Complete follows.
+    let started = doubt.advance(Start, 22).unwrap().unwrap();
+    assert_eq!(started.phase, JournalPhase::Started);
+    assert_eq!(started.epoch, Epoch(1));
+    assert!(started.advance(Abort, 23).is_err());
+    // A destination in doubt never starts by that path.
+    let theirs = run(JournalRole::Destination, &[Doubt]);
+    assert!(theirs.advance(Start, 22).is_err());
 }
 
 #[test]

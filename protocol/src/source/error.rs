@@ -50,6 +50,10 @@ pub enum SourceError {
     /// The destination's Resumed does not fit what was owed.
     #[error("bad Resumed: {0}")]
     BadResume(&'static str),
+    /// A restarted source cannot take the migration up
+    /// ([`super::Source::restarted_after_switch`]).
+    #[error("cannot restart after the switch: {0}")]
+    BadRestart(&'static str),
     /// Device state too large for the protocol.
     #[error("device state of {0} bytes exceeds the limit")]
     DeviceStateTooLarge(usize),

@@ -157,6 +157,8 @@
 //! - `postcopy`: the switch, serving faults, pushing owed pages, and
 //!   post-copy recovery.
 //! - `resume`: pre-copy recovery, the round carried on over a new link.
+//! - `restart`: a source restarted after the post-copy switch, from the
+//!   paused image.
 //! - `handover`: `Finish`, the destination's receipts, and the handover.
 //! - `outcome`: how a migration ends and its [`SourceSummary`].
 //! - `error`: [`SourceError`] and the `Abort` it sends.
@@ -179,6 +181,7 @@ mod handover;
 mod outcome;
 mod postcopy;
 mod precopy;
+mod restart;
 mod resume;
 mod sent;
 
@@ -349,6 +352,9 @@ pub struct Source {
     /// The image this host will retain, and its key, for Handover.
     retain: Option<crate::reuse::ReuseOffer>,
     disk_blocks_sent: u64,
+    /// Restarted after the switch ([`Source::restarted_after_switch`]):
+    /// what was pushed before is unknown here.
+    restarted: bool,
 }
 
 impl Source {
@@ -418,6 +424,7 @@ impl Source {
             bases: Vec::new(),
             retain: None,
             disk_blocks_sent: 0,
+            restarted: false,
         }
     }
 

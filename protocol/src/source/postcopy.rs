@@ -133,10 +133,13 @@ impl Source {
         }
         // Each owed page the destination says it holds must have been
         // sent since the switch: else the leaf both sides hold for it is
-        // not the paused page's, and the root check could not tell.
-        if owed
-            .iter()
-            .any(|p| !missing.contains(p) && !self.pushed.contains(p))
+        // not the paused page's, and the root check could not tell. (A
+        // restarted source does not know what was sent; its leaves are
+        // the paused image's, so the root check tells.)
+        if !self.restarted
+            && owed
+                .iter()
+                .any(|p| !missing.contains(p) && !self.pushed.contains(p))
         {
             return Err(self.fail(
                 now,

@@ -236,6 +236,13 @@ pub struct Pair {
     pub held_image: Option<RetainedImage>,
     /// Destination: the offered key, when it holds the offered image.
     pub reuse_key: Option<ReuseKey>,
+    /// The source's configuration (for a restart).
+    pub src_cfg: SourceConfig,
+    /// The device state the source paused with.
+    pub paused_state: Option<Vec<u8>>,
+    /// At a cut after the switch, the source process dies: a new one is
+    /// made from the paused image ([`Source::restarted_after_switch`]).
+    pub restart_source_at_cut: bool,
 }
 
 impl Pair {
@@ -287,6 +294,7 @@ impl Pair {
         tweak(&mut cfg);
         // Both sides wait for a broken link alike.
         let recovery = cfg.recovery;
+        let src_cfg = cfg.clone();
         let src = Source::new(cfg);
         let dst = Destination::new(DestinationConfig {
             max_memory_bytes: max_memory,
@@ -358,6 +366,9 @@ impl Pair {
             arrival_leaves: None,
             held_image: None,
             reuse_key: None,
+            src_cfg,
+            paused_state: None,
+            restart_source_at_cut: false,
         }
     }
 
@@ -503,6 +514,7 @@ impl Pair {
                     self.paused_image = Some(self.vm.pages.clone());
                     let d = self.vm.take_dirty();
                     let state = self.vm.counter.to_le_bytes().to_vec();
+                    self.paused_state = Some(state.clone());
                     self.src.handle_paused(self.now, d, state).unwrap();
                 }
                 SourceAction::CommitHandover => self.src.handle_handover_committed(self.now),
@@ -769,7 +781,23 @@ impl Pair {
                 continue;
             }
             if !self.link_up {
-                self.src.handle_link_lost(self.now, "cut");
+                if self.restart_source_at_cut && self.switched {
+                    // The source dies with its link; a new one takes up
+                    // the migration from the paused image.
+                    self.restart_source_at_cut = false;
+                    let image = self.paused_image.as_ref().unwrap();
+                    let leaves: Vec<Digest> = image.iter().map(|p| leaf_digest(p)).collect();
+                    let state = self.paused_state.clone().unwrap();
+                    self.src = Source::restarted_after_switch(
+                        self.src_cfg.clone(),
+                        &leaves,
+                        state,
+                        self.now,
+                    )
+                    .unwrap();
+                } else {
+                    self.src.handle_link_lost(self.now, "cut");
+                }
                 self.drain_src();
                 if !self.dst_notices_late {
                     self.dst.handle_link_lost(self.now, "cut");

@@ -14,6 +14,19 @@ use convoy_protocol::source::{SourceConfig, SourceError};
 
 use crate::harness::{assert_postcopy_completed, Pair};
 
+/// The kinds of a source's receipts, in order.
+fn receipt_kinds(s: &convoy_protocol::source::SourceSummary) -> Vec<ReceiptKind> {
+    s.receipts
+        .iter()
+        .map(|r| {
+            r.verify(&InsecureCrypto(String::new()))
+                .unwrap()
+                .receipt
+                .kind
+        })
+        .collect()
+}
+
 /// Post-copy with a 10 s recovery window.
 fn recovering(c: &mut SourceConfig) {
     c.manifest.plan.mode = MigrationMode::Postcopy;
@@ -40,18 +53,8 @@ fn a_link_lost_in_postcopy_resumes_on_a_new_link_and_every_page_verifies() {
     assert!(pc.fetches >= 2, "{pc:?}");
     // Receipts as without a cut: one Ready, the one for the root checked
     // on the new link.
-    let kinds: Vec<ReceiptKind> = s
-        .receipts
-        .iter()
-        .map(|r| {
-            r.verify(&InsecureCrypto(String::new()))
-                .unwrap()
-                .receipt
-                .kind
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        receipt_kinds(&s),
         [
             ReceiptKind::Accepted,
             ReceiptKind::Ready,
@@ -190,4 +193,106 @@ fn a_resumed_that_does_not_fit_or_claims_pages_never_sent_leaves_the_source_in_d
         |r| r.missing.iter_mut().for_each(|w| *w = 0),
         "never sent",
     );
+}
+
+#[test]
+fn a_source_restarted_after_the_switch_pushes_what_the_destination_lacks_and_verifies() {
+    // The source process dies mid-push (its link with it); a new one,
+    // from the paused image, dials again and finishes the migration.
+    for (cut, mode) in [
+        (20, MigrationMode::Postcopy),
+        (1, MigrationMode::Postcopy),
+        (5, MigrationMode::Hybrid),
+    ] {
+        let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+            recovering(c);
+            c.manifest.plan.mode = mode;
+        });
+        p.cut_after_postcopy_batches = Some(cut);
+        p.touch_in_outage = vec![1500, 1501, 2000];
+        p.restart_source_at_cut = true;
+        p.run();
+        let s = assert_postcopy_completed(&p);
+        assert_eq!(s.postcopy.unwrap().recoveries, 1, "{mode:?}, cut {cut}");
+        assert_eq!(p.dst.recoveries(), 1);
+        assert!(p.resume_refusals.is_empty(), "{:?}", p.resume_refusals);
+        assert!(p.src_errors.is_empty() && p.dst_errors.is_empty());
+        // The new source's receipts: the root checked on the new link,
+        // then the handover (its Accepted receipt died with the first).
+        assert_eq!(
+            receipt_kinds(&s),
+            [ReceiptKind::Ready, ReceiptKind::Sent, ReceiptKind::Started]
+        );
+    }
+}
+
+#[test]
+fn a_restarted_source_takes_the_destinations_word_and_the_root_check_catches_a_lie() {
+    // Cut before the push began; the destination then says it lacks
+    // nothing. The first source refuses that (the pages were never sent);
+    // a restarted one cannot know, so the root over the paused image
+    // must catch it: never verified, never resumed here, never wiped.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_on_running = true;
+    p.restart_source_at_cut = true;
+    p.tamper_back = Some(Box::new(|m| {
+        if let Message::Resumed(r) = m {
+            r.missing.iter_mut().for_each(|w| *w = 0);
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(!s.verified);
+    assert!(
+        p.dst_errors.iter().any(|e| matches!(
+            e,
+            convoy_protocol::destination::DestinationError::RootMismatch { .. }
+        )),
+        "{:?}",
+        p.dst_errors
+    );
+    assert!(
+        !p.rolled_back && !p.vm.discarded,
+        "never resumed or wiped here"
+    );
+}
+
+#[test]
+fn a_source_cannot_restart_without_post_copy_a_window_or_the_right_image() {
+    let leaves = vec![Digest([0; 32]); 2048];
+    let p = Pair::with(2048, 0, 50e6, 1 << 30, recovering);
+    assert!(convoy_protocol::source::Source::restarted_after_switch(
+        p.src_cfg.clone(),
+        &leaves,
+        vec![],
+        p.now
+    )
+    .is_ok());
+    let bad = [
+        ("post-copy", {
+            let mut c = p.src_cfg.clone();
+            c.manifest.plan.mode = MigrationMode::Precopy;
+            c
+        }),
+        ("window", {
+            let mut c = p.src_cfg.clone();
+            c.recovery = Duration::ZERO;
+            c
+        }),
+    ];
+    for (why, cfg) in bad {
+        let e =
+            convoy_protocol::source::Source::restarted_after_switch(cfg, &leaves, vec![], p.now)
+                .unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    let e = convoy_protocol::source::Source::restarted_after_switch(
+        p.src_cfg.clone(),
+        &leaves[1..],
+        vec![],
+        p.now,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
 }

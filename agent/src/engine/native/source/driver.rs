@@ -28,9 +28,11 @@ use crate::transport::{write_message, WireError};
 /// What one link to the destination carries: the connection, its control
 /// stream, the data and fault streams' job queues, and what they report.
 struct Wire {
-    conn: Connection,
+    /// `None` only for a source restarted after the switch, until its
+    /// first new link is up.
+    conn: Option<Connection>,
     /// Its send window is its share of the agent's budget.
-    _share: Share,
+    _share: Option<Share>,
     control: Option<SendStream>,
     ctrl_rx: mpsc::Receiver<Result<Option<Message>, WireError>>,
     events_tx: mpsc::UnboundedSender<EngineEvent>,
@@ -43,6 +45,32 @@ struct Wire {
     rounds_pending: Option<(u32, u16, u64)>,
     /// Wire bytes of links that broke (recovery), counted once.
     earlier_wire: u64,
+}
+
+impl Wire {
+    /// A link's wire: its connection and budget share (if up), its control
+    /// stream and what reads it; no streams open yet.
+    fn new(
+        conn: Option<(Connection, Share)>,
+        control: Option<SendStream>,
+        ctrl_rx: mpsc::Receiver<Result<Option<Message>, WireError>>,
+    ) -> Wire {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (conn, share) = conn.unzip();
+        Wire {
+            conn,
+            _share: share,
+            control,
+            ctrl_rx,
+            events_tx,
+            events,
+            jobs: Vec::new(),
+            fault_jobs: None,
+            cache_grant: None,
+            rounds_pending: None,
+            earlier_wire: 0,
+        }
+    }
 }
 
 /// The state machine, its link, and the run it drives.
@@ -75,7 +103,6 @@ impl<'r> Driver<'r> {
         if let Some(offer) = &run.retain {
             sm.retain_image(offer.clone());
         }
-        let (events_tx, events) = mpsc::unbounded_channel();
         let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
         let (control, link_error) = match conn.open_bi().await {
             Ok((send, recv)) => {
@@ -88,26 +115,39 @@ impl<'r> Driver<'r> {
         if let Some(e) = link_error {
             sm.handle_link_lost(clock::now(), &e);
         }
+        let wire = Wire::new(Some((conn, share)), control, ctrl_rx);
+        Driver::with(run, sm, wire, dest, false)
+    }
+
+    /// A driver for `sm`, a source restarted after its post-copy switch
+    /// (it asks to dial the destination first; the switch is in the
+    /// journal already).
+    pub(super) fn restarted(
+        run: &'r mut Run,
+        sm: Source,
+        dest: convoy_protocol::names::SpiffeId,
+    ) -> Driver<'r> {
+        // No control stream until the first new link.
+        let (_, ctrl_rx) = mpsc::channel(1);
+        Driver::with(run, sm, Wire::new(None, None, ctrl_rx), dest, true)
+    }
+
+    fn with(
+        run: &'r mut Run,
+        sm: Source,
+        wire: Wire,
+        dest: convoy_protocol::names::SpiffeId,
+        committed: bool,
+    ) -> Driver<'r> {
+        let plan = run.plan.clone();
         Driver {
             run,
             sm,
-            wire: Wire {
-                conn,
-                _share: share,
-                control,
-                ctrl_rx,
-                events_tx,
-                events,
-                jobs: Vec::new(),
-                fault_jobs: None,
-                cache_grant: None,
-                rounds_pending: None,
-                earlier_wire: 0,
-            },
+            wire,
             dest,
             pacer: plan.bandwidth.map(|b| Arc::new(Pacer::new(b))),
             plan,
-            committed: false,
+            committed,
             unrecorded: None,
         }
     }
@@ -211,7 +251,10 @@ impl<'r> Driver<'r> {
             .accepted_capabilities()
             .is_some_and(|c| c.has(Capabilities::DELTA));
         let postcopy = self.plan.mode != MigrationMode::Precopy;
-        let opened = self.open_streams(&self.wire.conn, delta, postcopy).await;
+        let Some(conn) = self.wire.conn.clone() else {
+            return self.sm.handle_link_lost(clock::now(), "no connection");
+        };
+        let opened = self.open_streams(&conn, delta, postcopy).await;
         match opened {
             Ok(opened) => {
                 self.wire.jobs = opened.data;
@@ -321,9 +364,9 @@ impl<'r> Driver<'r> {
         self.wire.jobs.clear();
         self.wire.fault_jobs = None;
         self.wire.rounds_pending = None;
-        self.wire
-            .conn
-            .close(crate::transport::close::LINK_LOST.into(), b"link lost");
+        if let Some(c) = &self.wire.conn {
+            c.close(crate::transport::close::LINK_LOST.into(), b"link lost");
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.wire.events_tx, tx));
         let mut old = std::mem::replace(&mut self.wire.events, rx);
@@ -370,10 +413,11 @@ impl<'r> Driver<'r> {
             match opened {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
-                    let stats = self.wire.conn.stats();
-                    self.wire.earlier_wire += stats.wire_bytes();
-                    self.wire._share = self.run.host.budget.join(&link.conn, Side::Send);
-                    self.wire.conn = link.conn;
+                    if let Some(c) = &self.wire.conn {
+                        self.wire.earlier_wire += c.stats().wire_bytes();
+                    }
+                    self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
+                    self.wire.conn = Some(link.conn);
                     self.wire.control = Some(link.send);
                     let (ctrl_tx, rx) = mpsc::channel(16);
                     self.wire.ctrl_rx = rx;
@@ -574,9 +618,10 @@ impl<'r> Driver<'r> {
             let _ = c.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), c.stopped()).await;
         }
-        wire.conn
-            .close(crate::transport::close::DONE.into(), b"done");
-        let stats = wire.conn.stats();
+        if let Some(c) = &wire.conn {
+            c.close(crate::transport::close::DONE.into(), b"done");
+        }
+        let link_bytes = wire.conn.as_ref().map_or(0, |c| c.stats().wire_bytes());
         let disks = run
             .vm
             .disks()
@@ -605,7 +650,7 @@ impl<'r> Driver<'r> {
             pages_sent: summary.pages_sent,
             encodings: summary.encodings,
             payload_bytes: summary.payload_bytes + run.control_bytes,
-            wire_bytes: wire.earlier_wire + stats.wire_bytes(),
+            wire_bytes: wire.earlier_wire + link_bytes,
             memory_root: summary.memory_root,
             counter_at_pause: run.counter_at_pause,
             receipts: summary.receipts,
@@ -614,7 +659,7 @@ impl<'r> Driver<'r> {
             postcopy: summary.postcopy.map(Box::new),
             disks,
             disk_blocks_sent: summary.disk_blocks_sent,
-            transport: Some(wire.conn.kind().to_string()),
+            transport: wire.conn.as_ref().map(|c| c.kind().to_string()),
             outcome: summary.outcome,
         }
     }
@@ -622,7 +667,7 @@ impl<'r> Driver<'r> {
 
 impl Run {
     /// The state machine's configuration for `plan`, to `dest`.
-    fn config(
+    pub(super) fn config(
         &self,
         plan: &MigrationPlan,
         dest: &convoy_protocol::names::SpiffeId,

@@ -1,7 +1,8 @@
 //! Drives [`convoy_protocol::source::Source`] for one outgoing page
 //! migration (a sim VM): [`Run`] holds the migration, [`driver`] the loop
 //! and one method per action, [`streams`] the data and fault streams,
-//! [`encode`] what each stream's thread does.
+//! [`encode`] what each stream's thread does, [`restart`] a post-copy
+//! migration taken up again after its source agent restarted.
 //!
 //! Threads and tasks:
 //! - this task: the state machine, the control stream's writes, the VM's
@@ -16,6 +17,7 @@
 mod driver;
 mod encode;
 mod jobs;
+pub(crate) mod restart;
 mod streams;
 
 use crate::engine::clock;
