@@ -195,6 +195,29 @@ pub struct Switch {
     pub migration: MigrationId,
 }
 
+/// A control round trip timed by the source after `Accept`: the source
+/// sends it, the destination sends the same message back at once. The
+/// handover's two round trips fall inside a pre-copy migration's downtime,
+/// so the source takes them off the downtime target it gives QEMU
+/// ([`qemu_downtime_limit`]). (`Propose`→`Accept` cannot serve: the
+/// destination launches its QEMU in between.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Which probe (the answer names the same).
+    pub seq: u32,
+}
+
+/// The `downtime-limit` for QEMU, in milliseconds, when the plan's target
+/// is `target_ms` and a control round trip takes `rtt`: the target less
+/// the handover's two round trips (`StreamsDone`→`Ready`,
+/// `Handover`→`Started`), or `None` when they alone take it all (QEMU
+/// would have no time left to stop and copy).
+pub fn qemu_downtime_limit(target_ms: u32, rtt: std::time::Duration) -> Option<u64> {
+    let handover_ms = rtt.saturating_mul(2).as_micros().div_ceil(1000);
+    let left = u128::from(target_ms).checked_sub(handover_ms)?;
+    (left > 0).then(|| u64::try_from(left).unwrap_or(u64::MAX))
+}
+
 /// Post-copy recovery of a stream migration, both ways on the new link's
 /// control stream (the destination first, once its QEMU listens for the
 /// recovery; the source answers): what this side carried of each channel
@@ -314,6 +337,24 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_gets_the_target_less_the_handovers_two_round_trips() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(qemu_downtime_limit(300, ms(0)), Some(300));
+        assert_eq!(qemu_downtime_limit(300, ms(100)), Some(100));
+        // A part of a millisecond counts as a whole one.
+        assert_eq!(
+            qemu_downtime_limit(300, Duration::from_micros(100_100)),
+            Some(99)
+        );
+        // The round trips alone take it all, or more.
+        assert_eq!(qemu_downtime_limit(300, ms(150)), None);
+        assert_eq!(qemu_downtime_limit(300, ms(151)), None);
+        assert_eq!(qemu_downtime_limit(0, ms(0)), None);
+        assert_eq!(qemu_downtime_limit(u32::MAX, Duration::MAX), None);
+    }
 
     fn ch(kind: ChannelKind, out: u8, back: u8) -> ChannelDigests {
         ChannelDigests {

@@ -122,6 +122,7 @@ impl Message {
             Message::Statement(_) => tag::STATEMENT,
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::LinkCut(_) => tag::LINK_CUT,
+            Message::Probe(_) => tag::PROBE,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
         }
@@ -158,6 +159,7 @@ impl Message {
             Message::Statement(m) => postcard::to_extend(m, out),
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::LinkCut(m) => postcard::to_extend(m, out),
+            Message::Probe(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
                 o.extend_from_slice(payload);
@@ -206,6 +208,7 @@ impl Message {
                 Message::LinkCut(c)
             }
             tag::SWITCH => Message::Switch(whole(t, body)?),
+            tag::PROBE => Message::Probe(whole(t, body)?),
             tag::POSTCOPY_SWITCH => {
                 let m: PostcopySwitch = whole(t, body)?;
                 if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
@@ -275,6 +278,7 @@ pub fn name_of(t: u8) -> &'static str {
         tag::STATEMENT => "Statement",
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::LINK_CUT => "LinkCut",
+        tag::PROBE => "Probe",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
         _ => "unknown",

@@ -33,6 +33,7 @@
 //! | 22 | a signed statement | the answer to an inquiry |
 //! | 23 | [`PrecopyResumed`] | agent control, destination → source |
 //! | 24 | [`crate::stream::LinkCut`] | agent control of a new connection, both ways (stream migrations) |
+//! | 25 | [`crate::stream::Probe`] | agent control, source → destination and back (stream migrations) |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
 //! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
@@ -130,4 +131,6 @@ pub enum Message {
     Statement(crate::indoubt::SignedStatement),
     /// Tag 24.
     LinkCut(crate::stream::LinkCut),
+    /// A control round trip timed (stream migrations), both ways.
+    Probe(crate::stream::Probe),
 }

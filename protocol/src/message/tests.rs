@@ -149,6 +149,7 @@ fn bad_input_is_typed() {
     ));
     for ok in [
         cut(1),
+        Message::Probe(crate::stream::Probe { seq: 7 }),
         Message::RoundEnd(RoundEnd {
             round: 3,
             batches: vec![4, 5],

@@ -938,6 +938,95 @@ async fn qemu_postcopy_recovers_after_its_link_is_cut() {
     }
 }
 
+/// QEMU's downtime limit leaves room for the handover's two round trips:
+/// over a link of 120 ms round trip, a 200 ms target cannot be met (the
+/// round trips alone take 240 ms), so pre-copy ends at once, before QEMU
+/// sends anything, and the guest runs on at a; a 1 s target gives QEMU
+/// the target less the two round trips timed after `Accept`, and the
+/// guest moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_downtime_limit_leaves_room_for_the_handovers_round_trips() {
+    use convoy_protocol::ctl::Outcome;
+    use convoy_protocol::model::MigrationMode;
+    let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    q.create("a", "guest", vec![]).await;
+    let last = *counters(&q.serial("a", "guest")).last().unwrap();
+    let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
+        .await
+        .unwrap();
+    link.set_delay(Duration::from_millis(60));
+    let c = q.lab.client("a").await.unwrap();
+    let migrate = |target_ms: u32| {
+        let mut o = options(MigrationMode::Precopy, 1);
+        o.max_downtime_ms = target_ms;
+        let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
+        req.to_addr = Some(link.addr().to_string());
+        req
+    };
+
+    let r = c.migrate(migrate(200), |_| {}).await.unwrap();
+    match &r.outcome {
+        Outcome::Aborted(why) => assert!(
+            why.contains("the handover's two round trips alone") && why.contains("200 ms"),
+            "{why}"
+        ),
+        other => panic!("{other:?} {r:?}"),
+    }
+    // Nothing was sent: QEMU never started migrating.
+    assert_eq!(r.pages_sent, 0, "{r:?}");
+    assert!(
+        until(Duration::from_secs(10), || counters(
+            &q.serial("a", "guest")
+        )
+        .last()
+            > Some(&last))
+        .await,
+        "the guest does not run on at a"
+    );
+    assert!(q
+        .lab
+        .client("b")
+        .await
+        .unwrap()
+        .vm_list()
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The last count at a is the one before the pause (over this slow
+    // link the copy takes seconds of counting): watched while it runs,
+    // since a's console goes with its QEMU.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let (seen, log) = (seen.clone(), q.serial("a", "guest"));
+        tokio::spawn(async move {
+            loop {
+                if let Some(&n) = counters(&log).last() {
+                    seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let r = c.migrate(migrate(1000), |_| {}).await.unwrap();
+    watcher.abort();
+    let last = seen.load(std::sync::atomic::Ordering::Relaxed);
+    q.assert_moved(&r, "guest", "a", "b", last).await;
+    let phases = convoy_tests::audited_phases(&q.lab, "a");
+    let limit: u64 = phases
+        .iter()
+        .find_map(|p| {
+            let rest = p.split("QEMU's downtime limit ").nth(1)?;
+            rest.split(" ms").next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no downtime limit among {phases:?}"));
+    // 1000 ms less two round trips of at least 120 ms each.
+    assert!((500..=760).contains(&limit), "{limit} ms: {phases:?}");
+}
+
 /// Blocks of the guest's disk pattern (`scripts/build-test-guest`): block
 /// i holds "block i gen g <sha256 of 'block i gen g'>", space-padded to
 /// 4 KiB. Returns the generation of each of the first `n` blocks (None

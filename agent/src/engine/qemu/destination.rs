@@ -12,6 +12,7 @@
 //! After a post-copy switch a broken link is waited out for the recovery
 //! window (`recover.rs`).
 
+mod channels;
 mod recover;
 
 use crate::engine::clock;
@@ -29,20 +30,18 @@ use convoy_protocol::message::{
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
-use convoy_protocol::stream::{self, ChannelDigests, ChannelKind, QemuManifest, Switch};
+use convoy_protocol::stream::{self, ChannelDigests, QemuManifest, Switch};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::common::{
-    capabilities, carry, digests, read_control, tail_for, BadChannel, ChanEvent, ChannelError,
-    Control, Fail,
-};
+use super::common::{capabilities, digests, read_control, ChanEvent, Control, Fail};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::admission;
 use crate::host::journal::JournalChange;
 use crate::host::{Host, ReserveError};
-use crate::transport::{read_message, write_message, Peer};
+use crate::transport::{write_message, Peer};
+use channels::{accept_channels, AbortOnDrop};
 
 /// How long the whole copy may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -399,6 +398,10 @@ impl Incoming {
             tokio::select! {
                 c = ctl.recv() => match c {
                     Some(Ok(Some(Message::StreamsDone(d)))) => break d,
+                    // The source times the handover's round trip.
+                    Some(Ok(Some(Message::Probe(p)))) => {
+                        write_message(send, &Message::Probe(p)).await.map_err(Fail::link)?;
+                    }
                     Some(Ok(Some(Message::Switch(s))))
                         if s.migration == self.migration
                             && self.manifest.mode != MigrationMode::Precopy
@@ -696,103 +699,4 @@ fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Resul
         Some(ChanEvent::Done(kind, Err(e))) => Err(Fail::local(format!("{kind}: {e}"))),
         Some(ChanEvent::Bad(e)) => Err(Fail::violation(PEER, e.to_string())),
     }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Accepts the source's channels in order and connects each to the
-/// matching socket of the waiting QEMU (the main migration channel first:
-/// QEMU takes the first connection as the main channel).
-async fn accept_channels(
-    conn: Connection,
-    migration: MigrationId,
-    manifest: QemuManifest,
-    dir: PathBuf,
-    events: mpsc::UnboundedSender<ChanEvent>,
-) {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut seen: Vec<ChannelKind> = Vec::new();
-    for _ in 0..manifest.channels() {
-        let Ok((send, mut recv)) = conn.accept_bi().await else {
-            break;
-        };
-        let Some(kind) = channel_header(&mut recv, migration, &events).await else {
-            break;
-        };
-        let valid = match kind {
-            ChannelKind::Migration(n) => n <= manifest.multifd_channels,
-            ChannelKind::Nbd(n) => usize::from(n) < manifest.disks.len(),
-            ChannelKind::Resumed(_) => false,
-        };
-        if !valid || seen.contains(&kind) {
-            let _ = events.send(ChanEvent::Bad(BadChannel::Unexpected(kind)));
-            break;
-        }
-        seen.push(kind);
-        let path = match kind {
-            ChannelKind::Nbd(_) => dir.join("nbd.sock"),
-            _ => dir.join("incoming.sock"),
-        };
-        if !to_qemu(
-            &mut tasks,
-            &events,
-            kind,
-            &path,
-            (send, recv),
-            manifest.mode,
-        )
-        .await
-        {
-            break;
-        }
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-/// Connects channel `kind` to QEMU's socket at `path` and carries it in
-/// `tasks`; false (with the reason on `events`) when QEMU would not take
-/// the connection.
-async fn to_qemu(
-    tasks: &mut tokio::task::JoinSet<()>,
-    events: &mpsc::UnboundedSender<ChanEvent>,
-    kind: ChannelKind,
-    path: &std::path::Path,
-    streams: (SendStream, crate::transport::RecvStream),
-    mode: MigrationMode,
-) -> bool {
-    match tokio::net::UnixStream::connect(path).await {
-        Ok(local) => {
-            carry(tasks, events, kind, local, streams, tail_for(kind, mode));
-            true
-        }
-        Err(e) => {
-            let _ = events.send(ChanEvent::Done(kind, Err(ChannelError::QemuSocket(e))));
-            false
-        }
-    }
-}
-
-/// A channel's header on a stream the source opened: its kind, or `None`
-/// (with the reason sent on `events`, unless the stream simply ended).
-async fn channel_header(
-    recv: &mut crate::transport::RecvStream,
-    migration: MigrationId,
-    events: &mpsc::UnboundedSender<ChanEvent>,
-) -> Option<ChannelKind> {
-    let bad = match tokio::time::timeout(Duration::from_secs(10), read_message(recv)).await {
-        Ok(Ok(Some(Message::ChannelOpen(o)))) if o.migration == migration => return Some(o.kind),
-        Ok(Ok(Some(other))) => BadChannel::NotAHeader(other.kind()),
-        Ok(Ok(None)) => return None,
-        Ok(Err(e)) => BadChannel::Read(e),
-        Err(_) => BadChannel::NoHeader,
-    };
-    let _ = events.send(ChanEvent::Bad(bad));
-    None
 }

@@ -13,7 +13,8 @@ use convoy_protocol::stream::{self, ChannelDigests, ChannelKind, LinkCut};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{channel_header, to_qemu, AbortOnDrop, Incoming, PEER};
+use super::channels::{channel_header, to_qemu, AbortOnDrop};
+use super::{Incoming, PEER};
 use crate::backend::qemu::tunnel::Spliced;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::clock;

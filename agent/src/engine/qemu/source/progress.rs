@@ -4,10 +4,12 @@
 use crate::engine::clock;
 use std::time::Duration;
 
-use crate::transport::SendStream;
+use crate::transport::{write_message, SendStream};
 use convoy_protocol::ctl::Progress;
+use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::stream::QemuManifest;
+use convoy_protocol::stream::{qemu_downtime_limit, Probe};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -16,6 +18,10 @@ use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fai
 use crate::engine::qemu::recovery::{is_loss, live_channel, Broken};
 use tokio::task::JoinSet;
 
+/// Control round trips timed before QEMU starts (the shortest counts).
+const PROBES: u32 = 3;
+/// How long one may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// QEMU's `max-bandwidth` when the operator set no cap (1 TiB/s).
 const UNLIMITED: u64 = 1 << 40;
 /// The downtime limit that makes QEMU stop and copy whatever is left
@@ -44,7 +50,7 @@ impl Run {
     /// guest's vCPUs, 20% then 20% more each round up to 99%, while the
     /// guest dirties memory faster than half the link takes it), as sim
     /// VMs do.
-    pub(super) async fn configure(&self, m: &QemuManifest) -> Result<(), Fail> {
+    pub(super) async fn configure(&self, m: &QemuManifest, limit_ms: u64) -> Result<(), Fail> {
         let mut caps = capabilities(m);
         if let Some(list) = caps.as_array_mut() {
             list.push(json!({
@@ -59,7 +65,7 @@ impl Run {
         // The operator's cap holds after a post-copy switch too (QEMU
         // takes `max-postcopy-bandwidth` then; 0 is no cap).
         let mut p = json!({
-            "downtime-limit": self.plan.max_downtime_ms,
+            "downtime-limit": limit_ms,
             "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
             "max-postcopy-bandwidth": self.plan.bandwidth.unwrap_or(0),
             "cpu-throttle-initial": 20,
@@ -70,6 +76,68 @@ impl Run {
         }
         self.qmp("migrate-set-parameters", p).await?;
         Ok(())
+    }
+
+    /// QEMU's `downtime-limit`: the plan's target less the handover's two
+    /// round trips, each the shortest of [`PROBES`] control round trips
+    /// timed now ([`convoy_protocol::stream::qemu_downtime_limit`]). When
+    /// the round trips alone take the target, a pre-copy migration ends
+    /// here, before QEMU sends anything (the VM runs on), unless
+    /// `--force-stop` (or a post-copy switch) is asked for: then QEMU gets
+    /// 1 ms and the round limit (or the switch) ends pre-copy.
+    pub(super) async fn downtime_limit(
+        &self,
+        send: &mut SendStream,
+        ctl: &mut mpsc::Receiver<Control>,
+        st: &mut State,
+    ) -> Result<u64, Fail> {
+        let mut rtt = Duration::MAX;
+        for seq in 0..PROBES {
+            let sent = clock::now();
+            let probe = Message::Probe(Probe { seq });
+            st.control_bytes += write_message(send, &probe).await.map_err(Fail::link)? as u64;
+            match self.next(ctl, PROBE_TIMEOUT, "Probe").await? {
+                Message::Probe(p) if p.seq == seq => rtt = rtt.min(clock::since(sent)),
+                other => {
+                    return Err(Fail::violation(
+                        PEER,
+                        format!("{} instead of Probe {seq}", other.kind()),
+                    ))
+                }
+            }
+        }
+        let target = self.plan.max_downtime_ms;
+        let rtt_ms = rtt.as_secs_f64() * 1e3;
+        match qemu_downtime_limit(target, rtt) {
+            Some(limit) => {
+                self.phase(
+                    st,
+                    &format!(
+                        "control round trip {rtt_ms:.1} ms: QEMU's downtime limit {limit} ms \
+                         (the {target} ms target less the handover's two round trips)"
+                    ),
+                );
+                Ok(limit)
+            }
+            None if self.plan.mode == MigrationMode::Precopy && !self.plan.force_stop => {
+                let why = format!(
+                    "the handover's two round trips alone ({rtt_ms:.1} ms each) take the \
+                     {target} ms downtime target; the VM runs on at the source (a larger \
+                     --max-downtime, --force-stop or post-copy would move it)"
+                );
+                Err(Fail::new(Reason::CannotConverge(why.clone()), why))
+            }
+            None => {
+                self.phase(
+                    st,
+                    &format!(
+                        "control round trip {rtt_ms:.1} ms: the handover alone takes the {target} \
+                         ms target; QEMU's downtime limit 1 ms"
+                    ),
+                );
+                Ok(1)
+            }
+        }
     }
 
     /// Polls QEMU's migration until it completes, reporting progress and

@@ -93,6 +93,7 @@ impl Run {
             }
         }
         self.phase(st, "accepted: the destination's QEMU waits");
+        let limit = self.downtime_limit(send, ctl, st).await?;
 
         // QEMU connects to sockets we own; each connection becomes a stream.
         let out_sock = self.vm.dir().join("migrate-out.sock");
@@ -128,7 +129,7 @@ impl Run {
             ));
             opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
         }
-        self.configure(m).await?;
+        self.configure(m, limit).await?;
         self.qmp(
             "migrate",
             json!({ "uri": format!("unix:{}", out_sock.display()) }),
