@@ -66,6 +66,14 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// process, or it is listed but cannot be verified): the answer is then
 /// `Unknown`, and the source asks again later.
 fn held(host: &Host, r: &JournalRecord) -> Option<Held> {
+    // A migration running here that takes a Resume from its source.
+    let waits = !host.config.recovery_window.is_zero()
+        && host
+            .recoveries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&r.migration)
+            .is_some_and(|w| w.source == r.peer);
     let vms = host.vms();
     let Some(e) = vms.get(&r.vm) else {
         // Never registered (the agent died between the handover and the
@@ -82,13 +90,9 @@ fn held(host: &Host, r: &JournalRecord) -> Option<Held> {
         (Some(VmHandle::Lost(_)), _) => None,
         (Some(_), VmState::Exited) => Some(Held::Gone),
         // Running by post-copy, or waiting for its source after a broken
-        // link: pages are missing, and a Resume is taken (when recovery is
-        // on here).
-        (Some(_), VmState::PostcopyIn | VmState::Recovering)
-            if !host.config.recovery_window.is_zero() =>
-        {
-            Some(Held::Waiting)
-        }
+        // link: pages are missing, and this migration takes its source's
+        // Resume.
+        (Some(_), VmState::PostcopyIn | VmState::Recovering) if waits => Some(Held::Waiting),
         // Arriving by post-copy, waiting for its source, or in doubt after
         // the switch: pages may be missing. (A pre-copy start that could
         // not be confirmed is in doubt too, though whole: taken as

@@ -3,11 +3,11 @@
 //! a handover — resolved by the same rules the agents apply by themselves
 //! (SECURITY.md, "Exactly once"), with what was decided for each and why.
 //!
-//! Exits 1 when a migration stays undecided (its VM stays paused), so that
+//! Exits 1 when a migration stays undecided (its VM stays paused, or a
+//! post-copy migration taken up again is still being finished), so that
 //! scripts notice.
 
 use anyhow::{bail, Result};
-use convoy_protocol::ctl::RecoveryDecision;
 use convoy_protocol::names::VmName;
 
 use crate::conn::{client, Global};
@@ -36,10 +36,7 @@ pub async fn run(g: &Global, r: Recover) -> Result<()> {
     let reports = cl.recover(r.vm.clone(), r.force_resume_here).await;
     cl.close().await;
     let reports = reports?;
-    let undecided = reports
-        .iter()
-        .filter(|r| r.decision == RecoveryDecision::StaysPaused)
-        .count();
+    let undecided = reports.iter().filter(|r| r.decision.undecided()).count();
     if g.json {
         render::json(&serde_json::json!({
             "migrations": reports.iter().map(|r| serde_json::json!({
@@ -49,7 +46,7 @@ pub async fn run(g: &Global, r: Recover) -> Result<()> {
                 "peer": r.peer,
                 "phase": r.phase,
                 "decision": r.decision.describe(),
-                "undecided": r.decision == RecoveryDecision::StaysPaused,
+                "undecided": r.decision.undecided(),
                 "reason": r.reason,
             })).collect::<Vec<_>>(),
         }))?;
@@ -70,7 +67,10 @@ pub async fn run(g: &Global, r: Recover) -> Result<()> {
         }
     }
     if undecided > 0 {
-        bail!("{undecided} migration(s) undecided: their VMs stay paused (see the reasons above)");
+        bail!(
+            "{undecided} migration(s) undecided: their VMs stay paused, or are still being \
+             finished (see the reasons above)"
+        );
     }
     Ok(())
 }

@@ -391,6 +391,16 @@ pub enum RecoveryDecision {
 }
 
 impl RecoveryDecision {
+    /// Whether the migration is still undecided after this: the VM stays
+    /// paused here, for good or while a post-copy migration taken up again
+    /// is still being finished.
+    pub fn undecided(self) -> bool {
+        matches!(
+            self,
+            RecoveryDecision::StaysPaused | RecoveryDecision::PostcopyTakenUp
+        )
+    }
+
     /// A short phrase for the operator.
     pub fn describe(self) -> &'static str {
         match self {

@@ -76,6 +76,10 @@ pub enum DestinationError {
     /// holds no such image, or the page does not authenticate.
     #[error("retained page: {0}")]
     Retained(#[from] crate::reuse::ReuseError),
+    /// After a post-copy switch, `Finish` names another device state than
+    /// the one the VM started from here.
+    #[error("Finish names another device state than the post-copy switch's")]
+    SwitchStateMismatch,
     /// The staging image does not hash to the source's root.
     #[error("memory root mismatch: staging {staging}, source {source_root}")]
     RootMismatch {

@@ -53,8 +53,13 @@ impl Destination {
                 source_root: f.memory_root,
             }));
         }
-        self.root = Some(staging);
         let device_digest = device_state_digest(&f.device_state);
+        if self.switch_state.is_some_and(|d| d != device_digest) {
+            // The receipts would vouch for a state the VM never ran from.
+            self.phase = Phase::Draining(f);
+            return Err(self.fail(DestinationError::SwitchStateMismatch));
+        }
+        self.root = Some(staging);
         self.ready_at = Some(self.receipts.len());
         let receipt = match self.sign(now, ReceiptKind::Ready, Some((staging, device_digest))) {
             Ok(r) => r,

@@ -211,6 +211,9 @@ pub struct Destination {
     started_receipt: Option<crate::receipt::SignedReceipt>,
     /// The VM runs here since a post-copy switch.
     switched: bool,
+    /// After a post-copy switch: the digest of the device state the VM
+    /// started from here (`Finish` must name the same).
+    switch_state: Option<Digest>,
     faults: Option<FaultFigures>,
     /// The key the source handed over with the VM (it retains the image).
     handed_key: Option<crate::reuse::ReuseOffer>,
@@ -251,6 +254,7 @@ impl Destination {
             receipts: Vec::new(),
             started_receipt: None,
             switched: false,
+            switch_state: None,
             faults: None,
             handed_key: None,
             missing: None,

@@ -80,6 +80,7 @@ impl Destination {
             }
         });
         self.switched = true;
+        self.switch_state = Some(crate::digest::device_state_digest(&m.device_state));
         let owed = PageBitmap::from_words(m.owed, count);
         self.missing = Some(owed.clone());
         self.actions.push_back(DestinationAction::StartPostcopy {

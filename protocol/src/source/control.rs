@@ -222,8 +222,10 @@ impl Source {
             (Phase::AwaitResumed { round, .. }, Message::PrecopyResumed(r)) if !self.switched => {
                 self.resume_precopy(now, round, r)
             }
+            // (Never for a source restarted after the switch: it resumes
+            // only a destination that signed that it runs the VM.)
             (Phase::AwaitResumed { .. }, Message::PrecopyResumed(_))
-                if self.switched && self.resumed_at.is_none() =>
+                if self.switched && self.resumed_at.is_none() && !self.restarted =>
             {
                 // The link broke before the destination took the switch:
                 // it is still in pre-copy, and a destination that took it

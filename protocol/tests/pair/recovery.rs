@@ -296,3 +296,53 @@ fn a_source_cannot_restart_without_post_copy_a_window_or_the_right_image() {
     .unwrap_err();
     assert!(e.to_string().contains("do not fit"), "{e}");
 }
+
+#[test]
+fn a_restarted_source_never_rolls_back_whatever_the_destination_answers() {
+    // A destination that says it is still in pre-copy (PrecopyResumed)
+    // after it signed that it runs the VM: the first source would take
+    // the VM back (the switch was lost); a restarted one must not.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.cut_after_postcopy_batches = Some(20);
+    p.restart_source_at_cut = true;
+    p.tamper_back = Some(Box::new(|m| {
+        if let Message::Resumed(_) = m {
+            *m = Message::PrecopyResumed(convoy_protocol::message::PrecopyResumed {
+                confirmed: 0,
+                held: vec![0; 32],
+            });
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded, "never resumed or wiped here");
+}
+
+#[test]
+fn after_the_switch_finish_must_name_the_device_state_the_vm_started_from() {
+    // Receipts must not vouch for a device state the VM never ran from.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, recovering);
+    p.tamper_control = Some(Box::new(|m| {
+        if let Message::Finish(f) = m {
+            f.device_state.push(1);
+        }
+    }));
+    p.run();
+    assert!(
+        p.dst_errors.iter().any(|e| matches!(
+            e,
+            convoy_protocol::destination::DestinationError::SwitchStateMismatch
+        )),
+        "{:?}",
+        p.dst_errors
+    );
+    let s = p.summary().clone();
+    assert!(!s.verified && !matches!(s.outcome, Outcome::Completed), "{s:?}");
+    assert!(!p.rolled_back && !p.vm.discarded);
+    assert!(
+        matches!(&p.dst_event, Some(DestinationEvent::InDoubt(_))),
+        "the VM running there is kept, in doubt: {:?}",
+        p.dst_event
+    );
+}

@@ -153,7 +153,12 @@ pub(crate) async fn prepare(
         _grant: grant,
         what: format!(
             "the destination waits for its pages: post-copy taken up again from the paused \
-             copy here ({leaves} pages and blocks owed)"
+             copy here ({owed} owed)",
+            owed = if t.plan.storage_postcopy {
+                format!("{leaves} pages and disk blocks")
+            } else {
+                format!("{} pages", vm.geometry().page_count())
+            }
         ),
     })
 }
