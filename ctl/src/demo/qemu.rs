@@ -107,8 +107,17 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = guest::counters(&b_log).last().copied();
+    // Counting on there: a guest starved of CPU (TCG on a loaded host)
+    // may take a while to print its next count.
+    let mut after = None;
+    let wait = Instant::now();
+    while wait.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = guest::counters(&b_log).last().copied();
+        if after > at_start {
+            break;
+        }
+    }
     let counter_continuous = matches!((at_pause, at_start, after),
         (Some(p), Some(s), Some(n)) if s > p && s <= p + 30 && n > s)
         && !guest::booted(&b_log);

@@ -316,7 +316,10 @@ fn a_restarted_source_never_rolls_back_whatever_the_destination_answers() {
     p.run();
     let s = p.summary().clone();
     assert!(matches!(s.outcome, Outcome::InDoubt(_)), "{s:?}");
-    assert!(!p.rolled_back && !p.vm.discarded, "never resumed or wiped here");
+    assert!(
+        !p.rolled_back && !p.vm.discarded,
+        "never resumed or wiped here"
+    );
 }
 
 #[test]
@@ -338,7 +341,10 @@ fn after_the_switch_finish_must_name_the_device_state_the_vm_started_from() {
         p.dst_errors
     );
     let s = p.summary().clone();
-    assert!(!s.verified && !matches!(s.outcome, Outcome::Completed), "{s:?}");
+    assert!(
+        !s.verified && !matches!(s.outcome, Outcome::Completed),
+        "{s:?}"
+    );
     assert!(!p.rolled_back && !p.vm.discarded);
     assert!(
         matches!(&p.dst_event, Some(DestinationEvent::InDoubt(_))),
