@@ -242,3 +242,12 @@ pub struct FaultFigures {
     /// 99th percentile of the same, microseconds.
     pub p99_us: u64,
 }
+
+/// The handover's share of a pre-copy migration's downtime when one
+/// control round trip takes `round_trip`: two of them (`Finish`→`Ready`,
+/// `Handover`→`Started`). The page engine's estimate and QEMU's
+/// `downtime-limit` ([`crate::stream::qemu_downtime_limit`]) both count
+/// it so.
+pub fn handover_time(round_trip: std::time::Duration) -> std::time::Duration {
+    round_trip.saturating_mul(2)
+}

@@ -213,7 +213,7 @@ pub struct Probe {
 /// `Handover`→`Started`), or `None` when they alone take it all (QEMU
 /// would have no time left to stop and copy).
 pub fn qemu_downtime_limit(target_ms: u32, rtt: std::time::Duration) -> Option<u64> {
-    let handover_ms = rtt.saturating_mul(2).as_micros().div_ceil(1000);
+    let handover_ms = crate::model::handover_time(rtt).as_micros().div_ceil(1000);
     let left = u128::from(target_ms).checked_sub(handover_ms)?;
     (left > 0).then(|| u64::try_from(left).unwrap_or(u64::MAX))
 }

@@ -66,14 +66,14 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// process, or it is listed but cannot be verified): the answer is then
 /// `Unknown`, and the source asks again later.
 fn held(host: &Host, r: &JournalRecord) -> Option<Held> {
-    // A migration running here that takes a Resume from its source.
-    let waits = !host.config.recovery_window.is_zero()
-        && host
-            .recoveries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&r.migration)
-            .is_some_and(|w| w.source == r.peer);
+    // A migration running here that takes a Resume from its source (only
+    // one with a recovery window registers).
+    let waits = host
+        .recoveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&r.migration)
+        .is_some_and(|w| w.source == r.peer);
     let vms = host.vms();
     let Some(e) = vms.get(&r.vm) else {
         // Never registered (the agent died between the handover and the
@@ -483,11 +483,11 @@ async fn resolve_source(
 /// The destination waits for the pages it lacks (signed): the migration
 /// is taken up again from the paused copy here, or stays paused.
 async fn take_up(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDecision, String) {
-    let taken = match destination_addr(host, r) {
-        Ok(addr) => crate::engine::outgoing::take_up(host, r, addr).await,
-        Err(e) => Err(e),
+    let taken = async {
+        let addr = destination_addr(host, r)?;
+        crate::engine::outgoing::take_up(host, r, addr).await
     };
-    match taken {
+    match taken.await {
         Ok(why) => (RecoveryDecision::PostcopyTakenUp, why),
         Err(why) => {
             mark_in_doubt(host, &r.vm);

@@ -66,7 +66,7 @@ impl Source {
     /// `Handover` to `Started`, two round trips (none measured: none
     /// counted, as in simulated time that does not advance).
     pub(super) fn handover_estimate(&self) -> Duration {
-        self.round_trip.unwrap_or(Duration::ZERO).saturating_mul(2)
+        crate::model::handover_time(self.round_trip.unwrap_or(Duration::ZERO))
     }
 
     /// A message from the destination's control stream.
