@@ -161,6 +161,7 @@ impl Agent {
                 bases,
                 budget,
                 recoveries: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::new()),
                 journal,
                 resolving: tokio::sync::Mutex::new(()),
                 watchers: Mutex::new(tokio::task::JoinSet::new()),

@@ -300,6 +300,7 @@ fn same_plan(ticket: &MigrationPlan, proposed: &MigrationPlan) -> Result<(), Adm
         start_paused,
         storage_postcopy,
         deadline_ms,
+        connections,
     } = ticket;
     field("mode", mode, &proposed.mode)?;
     field("streams", streams, &proposed.streams)?;
@@ -336,6 +337,7 @@ fn same_plan(ticket: &MigrationPlan, proposed: &MigrationPlan) -> Result<(), Adm
     field("auto_converge", auto_converge, &proposed.auto_converge)?;
     field("hold_hot_pages", hold_hot_pages, &proposed.hold_hot_pages)?;
     field("deadline_ms", deadline_ms, &proposed.deadline_ms)?;
+    field("connections", connections, &proposed.connections)?;
     Ok(())
 }
 
@@ -467,6 +469,7 @@ mod tests {
             ("auto_converge", |p| p.auto_converge = false),
             ("hold_hot_pages", |p| p.hold_hot_pages = false),
             ("deadline_ms", |p| p.deadline_ms = Some(60_000)),
+            ("connections", |p| p.connections = 2),
         ];
         for (name, change) in cases {
             let mut m = manifest(&granted);

@@ -98,6 +98,12 @@ pub struct MigrationPlan {
     /// the VM runs on at the source. After the handover the VM is the
     /// destination's and the deadline no longer applies.
     pub deadline_ms: Option<u32>,
+    /// Connections the data streams are spread over (1..=8, at most
+    /// `streams`): each has its own congestion controller, so on a long
+    /// lossy link several take a larger share of it than one. The control
+    /// stream and the post-copy fault stream stay on the first. Page VMs
+    /// only; a QEMU migration uses one.
+    pub connections: u16,
 }
 
 impl Default for MigrationPlan {
@@ -118,12 +124,16 @@ impl Default for MigrationPlan {
             start_paused: false,
             storage_postcopy: false,
             deadline_ms: None,
+            connections: 1,
         }
     }
 }
 
 /// Most data streams a plan may ask for.
 pub const MAX_STREAMS: u16 = 16;
+
+/// Most connections a plan may spread its data streams over.
+pub const MAX_CONNECTIONS: u16 = 8;
 
 /// Why a plan cannot run, whatever the VM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +161,14 @@ pub enum PlanError {
     /// A deadline of nothing.
     #[error("the deadline must be more than 0")]
     Deadline,
+    /// Connections out of range, or more than the streams.
+    #[error("connections must be 1..={MAX_CONNECTIONS} and at most the streams ({streams}), not {connections}")]
+    Connections {
+        /// Asked for.
+        connections: u16,
+        /// The plan's streams.
+        streams: u16,
+    },
 }
 
 impl MigrationPlan {
@@ -176,6 +194,15 @@ impl MigrationPlan {
         }
         if self.deadline_ms == Some(0) {
             return Err(PlanError::Deadline);
+        }
+        if self.connections == 0
+            || self.connections > MAX_CONNECTIONS
+            || self.connections > self.streams
+        {
+            return Err(PlanError::Connections {
+                connections: self.connections,
+                streams: self.streams,
+            });
         }
         Ok(())
     }

@@ -122,6 +122,12 @@ pub enum OptionsError {
          (--copy-storage)"
     )]
     StoragePostcopyQemu,
+    /// Several connections asked for a QEMU VM.
+    #[error(
+        "--connections is for sim VMs: a QEMU migration's stream (or its multifd channels) goes \
+         over one connection"
+    )]
+    ConnectionsQemu,
     /// Start-paused asked for a QEMU VM.
     #[error("--start-paused is not supported for QEMU VMs yet")]
     StartPausedQemu,

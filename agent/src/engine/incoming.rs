@@ -3,7 +3,8 @@
 //! ([`crate::engine::qemu::destination`]), a `Resume` of a post-copy
 //! migration waiting here ([`crate::engine::native::destination`]'s
 //! recovery), an `Inquire` about a migration the source holds in doubt
-//! ([`crate::host::indoubt::answer`]), or anything else, the page engine
+//! ([`crate::host::indoubt::answer`]), a `Lane` of a page migration
+//! running here (`native::destination`'s lanes), or anything else, the page engine
 //! ([`crate::engine::native::destination::serve`], which refuses what is
 //! not a `Propose`).
 
@@ -62,6 +63,7 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
         Ok(Some(Message::Resume(r))) => {
             native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
         }
+        Ok(Some(Message::Lane(l))) => native::destination::join_lane(host, conn, peer, send, l),
         Ok(Some(Message::Inquire(i))) => {
             crate::host::indoubt::answer(host, conn, peer, send, i).await;
         }

@@ -136,6 +136,9 @@ pub(crate) async fn migrate(
                 if opts.storage_postcopy {
                     return Err(OptionsError::StoragePostcopyQemu.into());
                 }
+                if opts.connections > 1 {
+                    return Err(OptionsError::ConnectionsQemu.into());
+                }
                 Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
             }
             (Some(VmHandle::Sim(vm)), VmState::Running) => {

@@ -215,6 +215,11 @@ pub(crate) struct Host {
     /// Post-copy migrations that may be resumed on a new connection (their
     /// link broke, or may have): where a new connection's Resume goes.
     pub recoveries: Mutex<HashMap<convoy_protocol::names::MigrationId, Recovery>>,
+    /// Page migrations arriving here whose plans spread their streams
+    /// over several connections: where a new connection's `Lane` goes.
+    pub(crate) lanes: Mutex<
+        HashMap<convoy_protocol::names::MigrationId, crate::engine::native::destination::LaneWaiter>,
+    >,
     pub(crate) creds: std::sync::RwLock<Arc<Creds>>,
     pub(crate) policy: std::sync::RwLock<Option<Arc<crate::trust::policy::PolicySet>>>,
     pub(crate) refusals: Mutex<RefusalWindow>,
@@ -534,6 +539,26 @@ impl Host {
         let creds = self.creds();
         self.dialer
             .connect(
+                addr,
+                peer.clone(),
+                crate::transport::ALPN_AGENT,
+                &creds.identity,
+                &creds.trust,
+            )
+            .await
+    }
+
+    /// Dials agent `peer` at `addr` over `kind` only.
+    pub(crate) async fn dial_agent_over(
+        &self,
+        addr: std::net::SocketAddr,
+        peer: &SpiffeId,
+        kind: crate::transport::Kind,
+    ) -> Result<crate::transport::Connection, crate::transport::TransportError> {
+        let creds = self.creds();
+        self.dialer
+            .connect_over(
+                kind,
                 addr,
                 peer.clone(),
                 crate::transport::ALPN_AGENT,

@@ -207,6 +207,20 @@ impl Dialer {
         Ok(conn)
     }
 
+    /// Connects to `addr` over `kind` only (a page migration's lanes go
+    /// over the transport its first connection won with).
+    pub async fn connect_over(
+        &self,
+        kind: Kind,
+        addr: SocketAddr,
+        expected: SpiffeId,
+        alpn: &[u8],
+        identity: &Identity,
+        trust: &TrustBundle,
+    ) -> Result<Connection, TransportError> {
+        self.dial(kind, addr, expected, alpn, identity, trust).await
+    }
+
     async fn dial(
         &self,
         kind: Kind,

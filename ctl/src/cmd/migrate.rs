@@ -40,6 +40,12 @@ pub struct Tuning {
     /// Parallel data streams.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub streams: u16,
+    /// Connections to spread the data streams over (at most --streams):
+    /// each has its own congestion control, so on a long lossy link
+    /// several get more of it than one. Sim VMs only. Signed into the
+    /// ticket.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub connections: u16,
     /// Downtime target, milliseconds.
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u32,
@@ -116,6 +122,7 @@ impl Tuning {
             start_paused: false,
             storage_postcopy: self.storage_postcopy,
             deadline_ms: self.deadline.map(|s| s.saturating_mul(1000)),
+            connections: self.connections,
         }
     }
 }

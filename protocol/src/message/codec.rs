@@ -123,6 +123,7 @@ impl Message {
             Message::ChannelOpen(_) => tag::CHANNEL_OPEN,
             Message::LinkCut(_) => tag::LINK_CUT,
             Message::Probe(_) => tag::PROBE,
+            Message::Lane(_) => tag::LANE,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
         }
@@ -160,6 +161,7 @@ impl Message {
             Message::ChannelOpen(m) => postcard::to_extend(m, out),
             Message::LinkCut(m) => postcard::to_extend(m, out),
             Message::Probe(m) => postcard::to_extend(m, out),
+            Message::Lane(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
                 o.extend_from_slice(payload);
@@ -209,6 +211,7 @@ impl Message {
             }
             tag::SWITCH => Message::Switch(whole(t, body)?),
             tag::PROBE => Message::Probe(whole(t, body)?),
+            tag::LANE => Message::Lane(whole(t, body)?),
             tag::POSTCOPY_SWITCH => {
                 let m: PostcopySwitch = whole(t, body)?;
                 if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
@@ -279,6 +282,7 @@ pub fn name_of(t: u8) -> &'static str {
         tag::CHANNEL_OPEN => "ChannelOpen",
         tag::LINK_CUT => "LinkCut",
         tag::PROBE => "Probe",
+        tag::LANE => "Lane",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
         _ => "unknown",

@@ -19,6 +19,20 @@ pub struct DataStreamOpen {
     pub stream: u16,
 }
 
+/// The first message of a page migration's extra connection, a *lane*
+/// (the plan's `connections` beyond the first), on its first
+/// bidirectional stream: its data streams carry some of the migration's.
+/// The destination answers with the same message when the lane joined,
+/// or an [`super::Abort`] when it did not (then the source puts those
+/// streams on its first connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lane {
+    /// The migration the lane belongs to (from the same source agent).
+    pub migration: MigrationId,
+    /// Its number, `1..connections` (the first connection is 0).
+    pub lane: u16,
+}
+
 /// Source → destination: every batch of pre-copy round `round` is sent,
 /// `batches` per data stream so far. The destination answers
 /// [`RoundApplied`] once it has applied as many; only then does the

@@ -34,6 +34,7 @@
 //! | 23 | [`PrecopyResumed`] | agent control, destination → source |
 //! | 24 | [`crate::stream::LinkCut`] | agent control of a new connection, both ways (stream migrations) |
 //! | 25 | [`crate::stream::Probe`] | agent control, source → destination and back (stream migrations) |
+//! | 26 | [`Lane`] | an extra connection's first frame, source → destination, and the answer |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
 //! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
@@ -68,7 +69,7 @@ mod tests;
 pub use crate::model::FaultFigures;
 pub(crate) use codec::{decode_whole, encode_tagged, split_tag};
 pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError, MalformedCause};
-pub use copy::{DataStreamOpen, Finish, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
+pub use copy::{DataStreamOpen, Finish, Lane, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
 pub use handover::{Handover, Ready, Started};
 pub use postcopy::{
     Fetch, PostcopyRunning, PostcopySwitch, PrecopyResumed, Resume, Resumed, MAX_FETCH,
@@ -120,6 +121,8 @@ pub enum Message {
     PrecopyResumed(PrecopyResumed),
     /// Tag 16.
     DataStreamOpen(DataStreamOpen),
+    /// Tag 26.
+    Lane(Lane),
     /// Tag 17: a page batch; the payload is carried without a copy.
     PageBatch(BatchHeader, Bytes),
     /// Tag 18.

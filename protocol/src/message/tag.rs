@@ -28,5 +28,6 @@ pub const STATEMENT: u8 = 22;
 pub const PRECOPY_RESUMED: u8 = 23;
 pub const LINK_CUT: u8 = 24;
 pub const PROBE: u8 = 25;
+pub const LANE: u8 = 26;
 // 32 and 33: the operator protocol's request and response
 // (`crate::ctl::frame::tag`), never a migration message's.

@@ -150,6 +150,10 @@ fn bad_input_is_typed() {
     for ok in [
         cut(1),
         Message::Probe(crate::stream::Probe { seq: 7 }),
+        Message::Lane(Lane {
+            migration: crate::names::MigrationId([7; 16]),
+            lane: 3,
+        }),
         Message::RoundEnd(RoundEnd {
             round: 3,
             batches: vec![4, 5],

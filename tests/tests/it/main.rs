@@ -18,6 +18,7 @@ mod fulldisk;
 mod hostile;
 mod indoubt;
 mod journal;
+mod lanes;
 mod limits;
 mod migration;
 mod peers;

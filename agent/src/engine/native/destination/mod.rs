@@ -17,13 +17,15 @@
 //! else of that link does.
 
 mod actions;
+mod lanes;
 mod receive;
 mod recovery;
 
+pub(crate) use lanes::{join_lane, LaneJoin, LaneWaiter};
 pub(crate) use recovery::{hand_over_resume, refuse_resume};
 
 use crate::engine::clock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,6 +138,10 @@ pub(crate) async fn serve(
         link_threads: Vec::new(),
         dying_threads: Vec::new(),
         resume_rx: None,
+        lanes_rx: None,
+        lanes: Vec::new(),
+        connections: 1,
+        unopened: Arc::new(AtomicU16::new(0)),
         staging: None,
         name: None,
         geometry: None,
@@ -294,6 +300,15 @@ pub(crate) async fn serve(
                 }
                 continue;
             }
+            Some(join) = async {
+                match run.lanes_rx.as_mut() {
+                    Some(l) => l.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                run.add_lane(&sm, join);
+                continue;
+            }
             ev = rx.recv() => match ev {
                 Some((epoch, ev)) if epoch == run.tx.epoch => Some(ev),
                 Some((_, Event::Applied { leaves, .. })) => {
@@ -362,6 +377,7 @@ pub(crate) async fn serve(
     // Let our last message reach the source, then let it close.
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), run.conn.closed()).await;
+    run.stop_lanes();
     for t in run.tasks.drain(..).chain(run.link_tasks.drain(..)) {
         t.abort();
     }
@@ -390,6 +406,16 @@ struct Incoming {
     /// Post-copy recovery: where a new connection that resumes this
     /// migration arrives, once the link broke.
     resume_rx: Option<mpsc::UnboundedReceiver<crate::host::Reconnection>>,
+    /// Where the plan's extra connections arrive ([`lanes`]), from the
+    /// acceptance on, when it has any.
+    lanes_rx: Option<mpsc::UnboundedReceiver<LaneJoin>>,
+    /// The lanes of the current link.
+    lanes: Vec<lanes::Joined>,
+    /// The plan's connections, lanes included.
+    connections: u16,
+    /// Data streams of the current link not accepted yet, on any of its
+    /// connections.
+    unopened: Arc<AtomicU16>,
     staging: Option<Arc<SimVm>>,
     name: Option<VmName>,
     geometry: Option<MemoryGeometry>,

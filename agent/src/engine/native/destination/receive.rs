@@ -2,7 +2,7 @@
 //! per stream staging what arrives (or installing it after a post-copy
 //! switch, only where still missing), and disks started from base images.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use crate::transport::RecvStream;
@@ -47,14 +47,22 @@ impl From<StagingFault> for Box<Event> {
 }
 
 impl Incoming {
-    /// Accepts the data streams the manifest announced.
+    /// Accepts the data streams the manifest announced, on the link's
+    /// first connection and on its lanes ([`super::lanes`]) together.
     pub(super) fn accept_streams(&mut self) {
-        let conn = self.conn.clone();
-        let tx = self.tx.clone();
         let n = self.streams + u16::from(self.postcopy);
+        self.unopened = Arc::new(AtomicU16::new(n));
+        self.spawn_acceptor(self.conn.clone());
+    }
+
+    /// Accepts data streams on `conn` until the link has all it
+    /// announced: each stream's first message must name this migration.
+    pub(super) fn spawn_acceptor(&mut self, conn: crate::transport::Connection) {
+        let tx = self.tx.clone();
         let migration = self.migration;
+        let unopened = self.unopened.clone();
         self.link_tasks.push(tokio::spawn(async move {
-            for _ in 0..n {
+            while unopened.load(Ordering::Acquire) > 0 {
                 let mut recv = match conn.accept_uni().await {
                     Ok(r) => r,
                     Err(e) => {
@@ -62,6 +70,14 @@ impl Incoming {
                         return;
                     }
                 };
+                // One more than announced (over several connections) is
+                // not read.
+                let counted = unopened
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok();
+                if !counted {
+                    return;
+                }
                 match read_message(&mut recv).await {
                     Ok(Some(Message::DataStreamOpen(o))) if Some(o.migration) == migration => {
                         let _ = tx.send(Event::Opened(o.stream, recv));

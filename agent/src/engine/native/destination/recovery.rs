@@ -112,6 +112,7 @@ impl Incoming {
             crate::transport::close::DONE.into(),
             b"link lost, awaiting Resume",
         );
+        self.close_lanes(b"link lost, awaiting Resume");
         self.tx.epoch += 1;
         let switched = self.switched.load(Ordering::Acquire);
         if let Some(n) = self.name.as_ref().filter(|_| switched) {

@@ -45,6 +45,9 @@ struct Wire {
     rounds_pending: Option<(u32, u16, u64)>,
     /// Wire bytes of links that broke (recovery), counted once.
     earlier_wire: u64,
+    /// The link's lanes ([`super::lanes`]): its extra connections, each
+    /// with its budget share.
+    lanes: Vec<(Connection, Share)>,
 }
 
 impl Wire {
@@ -69,6 +72,7 @@ impl Wire {
             cache_grant: None,
             rounds_pending: None,
             earlier_wire: 0,
+            lanes: Vec::new(),
         }
     }
 }
@@ -216,10 +220,11 @@ impl<'r> Driver<'r> {
     }
 
     /// Opens the data streams (and, for `postcopy`, the fault stream) on
-    /// `conn`, sending deltas when `delta`.
+    /// `conns` (a link's first connection, then its lanes), sending
+    /// deltas when `delta`.
     async fn open_streams(
         &self,
-        conn: &Connection,
+        conns: &[Connection],
         delta: bool,
         postcopy: bool,
     ) -> Result<OpenedStreams, OpenError> {
@@ -234,7 +239,7 @@ impl<'r> Driver<'r> {
             adaptive: self.plan.adaptive_compression,
         };
         open_streams(
-            conn,
+            conns,
             setup,
             &self.run.vm,
             &self.wire.events_tx,
@@ -254,7 +259,19 @@ impl<'r> Driver<'r> {
         let Some(conn) = self.wire.conn.clone() else {
             return self.sm.handle_link_lost(clock::now(), "no connection");
         };
-        let opened = self.open_streams(&conn, delta, postcopy).await;
+        let mut conns = vec![conn.clone()];
+        if self.plan.connections > 1 {
+            let lanes = self
+                .run
+                .dial_lanes(&self.dest, conn.kind(), self.plan.connections)
+                .await;
+            for lane in lanes {
+                let share = self.run.host.budget.join(&lane, Side::Send);
+                conns.push(lane.clone());
+                self.wire.lanes.push((lane, share));
+            }
+        }
+        let opened = self.open_streams(&conns, delta, postcopy).await;
         match opened {
             Ok(opened) => {
                 self.wire.jobs = opened.data;
@@ -367,6 +384,12 @@ impl<'r> Driver<'r> {
         if let Some(c) = &self.wire.conn {
             c.close(crate::transport::close::LINK_LOST.into(), b"link lost");
         }
+        // The new link goes on one connection: lanes joined to the old one
+        // close with it, their bytes counted once.
+        for (lane, _) in self.wire.lanes.drain(..) {
+            lane.close(crate::transport::close::LINK_LOST.into(), b"link lost");
+            self.wire.earlier_wire += lane.stats().wire_bytes();
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.wire.events_tx, tx));
         let mut old = std::mem::replace(&mut self.wire.events, rx);
@@ -409,7 +432,9 @@ impl<'r> Driver<'r> {
                 }
             };
             let Some(link) = next else { break };
-            let opened = self.open_streams(&link.conn, delta, postcopy).await;
+            let opened = self
+                .open_streams(std::slice::from_ref(&link.conn), delta, postcopy)
+                .await;
             match opened {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
@@ -621,7 +646,18 @@ impl<'r> Driver<'r> {
         if let Some(c) = &wire.conn {
             c.close(crate::transport::close::DONE.into(), b"done");
         }
-        let link_bytes = wire.conn.as_ref().map_or(0, |c| c.stats().wire_bytes());
+        let first_bytes = wire.conn.as_ref().map_or(0, |c| c.stats().wire_bytes());
+        let mut lane_bytes = 0;
+        for (lane, _) in &wire.lanes {
+            lane.close(crate::transport::close::DONE.into(), b"done");
+            lane_bytes += lane.stats().wire_bytes();
+        }
+        let link_bytes = first_bytes + lane_bytes;
+        if !wire.lanes.is_empty() {
+            run.phase(&format!(
+                "lanes carried {lane_bytes} of the last link's {link_bytes} wire bytes"
+            ));
+        }
         let disks = run
             .vm
             .disks()

@@ -1,7 +1,8 @@
 //! Drives [`convoy_protocol::source::Source`] for one outgoing page
 //! migration (a sim VM): [`Run`] holds the migration, [`driver`] the loop
 //! and one method per action, [`streams`] the data and fault streams,
-//! [`encode`] what each stream's thread does, [`restart`] a post-copy
+//! [`encode`] what each stream's thread does, [`lanes`] the plan's extra
+//! connections, [`restart`] a post-copy
 //! migration taken up again after its source agent restarted.
 //!
 //! Threads and tasks:
@@ -17,6 +18,7 @@
 mod driver;
 mod encode;
 mod jobs;
+mod lanes;
 pub(crate) mod restart;
 mod streams;
 

@@ -77,8 +77,10 @@ pub(super) const DELTA_CACHE_BYTES: u64 = 64 << 20;
 
 /// Opens the data streams, each with its encoder thread and writer task,
 /// and for post-copy the fault stream (index `streams`) after them.
+/// Data stream `i` goes on `conns[i % conns.len()]`, the fault stream on
+/// the first (`conns` is the link's first connection, then its lanes).
 pub(super) async fn open_streams(
-    conn: &Connection,
+    conns: &[Connection],
     setup: StreamSetup,
     vm: &Arc<dyn VmBackend>,
     events: &mpsc::UnboundedSender<EngineEvent>,
@@ -100,7 +102,11 @@ pub(super) async fn open_streams(
         delta.then(|| budget.grant_cache((vm.geometry().bytes() / 4).min(DELTA_CACHE_BYTES)));
     let cache_bytes = cache.as_ref().map_or(0, |c| c.bytes) / u64::from(streams.max(1));
     let mut jobs = Vec::new();
+    let Some(first) = conns.first() else {
+        return Err(OpenError::Open(quinn::ConnectionError::LocallyClosed));
+    };
     for stream in 0..streams {
+        let conn = &conns[usize::from(stream) % conns.len()];
         let send = open_data_stream(conn, migration, stream).await?;
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
@@ -131,7 +137,7 @@ pub(super) async fn open_streams(
     }
     let mut faults = None;
     if postcopy {
-        let send = open_data_stream(conn, migration, streams).await?;
+        let send = open_data_stream(first, migration, streams).await?;
         // Faults go before the background push whenever both wait.
         let _ = send.set_priority(1);
         let (job_tx, job_rx) = std::sync::mpsc::channel::<FaultJob>();

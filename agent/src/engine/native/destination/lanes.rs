@@ -1,0 +1,179 @@
+//! Lanes: a page migration's extra connections (the plan's
+//! `connections` beyond the first). Each carries some of the data
+//! streams under its own congestion controller; the control stream and
+//! the post-copy fault stream stay on the first connection.
+//!
+//! A lane is a new mutually authenticated connection whose first message
+//! is a [`Lane`]. It reaches the migration it names only from the agent
+//! the migration came from, only while that migration's link is up (not
+//! while it waits for a `Resume`), and only as many as the signed plan
+//! allows, each number once. Anything else is refused with an `Abort`
+//! and audited; the migration is not touched. The streams a lane opens
+//! are checked like those of the first connection (their index, once
+//! each, the migration they name).
+
+use std::sync::Arc;
+
+use convoy_protocol::destination::Destination;
+use convoy_protocol::message::{Lane, Message, Reason};
+use convoy_protocol::names::SpiffeId;
+use tokio::sync::mpsc;
+
+use super::{recovery, Incoming};
+use crate::host::budget::Side;
+use crate::host::Host;
+use crate::transport::{write_message, Connection, Peer, SendStream};
+
+/// A migration that takes lanes: where they go.
+#[derive(Debug)]
+pub(crate) struct LaneWaiter {
+    /// The agent it came from: the only one whose lanes reach it.
+    pub(crate) source: SpiffeId,
+    pub(crate) tx: mpsc::UnboundedSender<LaneJoin>,
+}
+
+/// A connection that asks to be a lane of a migration.
+#[derive(Debug)]
+pub(crate) struct LaneJoin {
+    conn: Connection,
+    peer: Peer,
+    send: SendStream,
+    lane: Lane,
+}
+
+/// Hands a connection whose first message is `lane` to the migration it
+/// names, or refuses it.
+pub(crate) fn join_lane(host: Arc<Host>, conn: Connection, peer: Peer, send: SendStream, lane: Lane) {
+    let waiting = host
+        .lanes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&lane.migration)
+        .filter(|w| w.source == peer.id)
+        .map(|w| w.tx.clone());
+    let migration = lane.migration;
+    let join = LaneJoin {
+        conn: conn.clone(),
+        peer: peer.clone(),
+        send,
+        lane,
+    };
+    let send = match waiting {
+        Some(w) => match w.send(join) {
+            Ok(()) => return,
+            Err(e) => e.0.send,
+        },
+        None => join.send,
+    };
+    refuse(
+        &host,
+        &peer,
+        conn,
+        send,
+        format!("no migration {migration} from this agent takes lanes here"),
+    );
+}
+
+/// Refuses a lane: audited, then answered aside with an `Abort`.
+fn refuse(host: &Host, peer: &Peer, conn: Connection, send: SendStream, why: String) {
+    tracing::warn!(peer = %peer.id, "lane refused: {why}");
+    host.audit_refusal(peer.id.to_string(), format!("lane refused: {why}"));
+    tokio::spawn(recovery::refuse(conn, send, Reason::Unacceptable(why)));
+}
+
+impl Incoming {
+    /// From the acceptance on: the plan's extra connections may join.
+    pub(super) fn accept_lanes(&mut self, connections: u16) {
+        if connections <= 1 || self.lanes_rx.is_some() {
+            return;
+        }
+        let Some(migration) = self.migration else {
+            return;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.host
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                migration,
+                LaneWaiter {
+                    source: self.peer.id.clone(),
+                    tx,
+                },
+            );
+        self.lanes_rx = Some(rx);
+        self.connections = connections;
+    }
+
+    /// A connection asks to be a lane: joined (answered with its `Lane`,
+    /// its streams accepted into the current link) or refused.
+    pub(super) fn add_lane(&mut self, sm: &Destination, join: LaneJoin) {
+        let LaneJoin {
+            conn,
+            peer,
+            mut send,
+            lane,
+        } = join;
+        let why = if sm.is_recovering() || sm.is_finished() {
+            Some("the migration's link is not up".to_string())
+        } else if lane.lane == 0 || lane.lane >= self.connections {
+            Some(format!(
+                "lane {} of a plan with {} connections",
+                lane.lane, self.connections
+            ))
+        } else if self.lanes.iter().any(|l| l.number == lane.lane) {
+            Some(format!("lane {} joined already", lane.lane))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return refuse(&self.host, &peer, conn, send, why);
+        }
+        let share = self.host.budget.join(&conn, Side::Receive);
+        self.spawn_acceptor(conn.clone());
+        self.phase(format!("lane {} joined ({})", lane.lane, conn.kind()));
+        tracing::info!(peer = %peer.id, lane = lane.lane, "lane joined");
+        self.lanes.push(Joined {
+            number: lane.lane,
+            conn,
+            _share: share,
+        });
+        // The answer goes aside: a source that reads nothing stalls
+        // nothing here.
+        tokio::spawn(async move {
+            let answered = write_message(&mut send, &Message::Lane(lane)).await;
+            if answered.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+
+    /// The lanes of a link that ended (broken, or the migration is over)
+    /// close with it.
+    pub(super) fn close_lanes(&mut self, why: &'static [u8]) {
+        for l in self.lanes.drain(..) {
+            l.conn.close(crate::transport::close::DONE.into(), why);
+        }
+    }
+
+    /// No lane may join any more: the migration ends.
+    pub(super) fn stop_lanes(&mut self) {
+        if let Some(m) = self.migration.filter(|_| self.lanes_rx.is_some()) {
+            self.host
+                .lanes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&m);
+        }
+        self.close_lanes(b"done");
+    }
+}
+
+/// A lane that joined the current link.
+pub(super) struct Joined {
+    number: u16,
+    conn: Connection,
+    /// Its receive window is a share of the agent's budget.
+    _share: crate::host::budget::Share,
+}
