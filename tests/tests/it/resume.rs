@@ -19,10 +19,11 @@ const PAGES: u64 = 8192;
 
 /// Agents a and b waiting `window` for a broken link, a busy 32 MiB VM of
 /// incompressible memory on a, and a migration to b through a cuttable
-/// link capped at 8 MiB/s (a first round of about 4 s), cut 1.5 s into
-/// that round.
+/// link capped at 8 MiB/s (a first round of about 4 s) over `connections`
+/// connections, cut 1.5 s into that round.
 async fn cut_mid_round(
     window: Duration,
+    connections: u16,
 ) -> (
     tempfile::TempDir,
     Lab,
@@ -39,6 +40,7 @@ async fn cut_mid_round(
         .unwrap();
     let plan = MigrationPlan {
         bandwidth: Some(8 << 20),
+        connections,
         ..MigrationPlan::default()
     };
     let mut req = lab.migrate_request("web", "a", "b", plan).unwrap();
@@ -65,7 +67,7 @@ async fn cut_mid_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_precopy_link_cut_mid_round_resumes_and_sends_only_what_did_not_arrive() {
-    let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(30)).await;
+    let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(30), 1).await;
     // Longer than the 2 s link timeout: both connections die.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let a = lab.client("a").await.unwrap();
@@ -122,7 +124,7 @@ async fn a_precopy_link_cut_mid_round_resumes_and_sends_only_what_did_not_arrive
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_precopy_link_down_past_the_window_fails_and_the_vm_runs_on_at_the_source() {
-    let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(3)).await;
+    let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(3), 1).await;
     let r = tokio::time::timeout(Duration::from_secs(60), mover)
         .await
         .expect("the migration ends")
@@ -153,6 +155,41 @@ async fn a_precopy_link_down_past_the_window_fails_and_the_vm_runs_on_at_the_sou
         b.vm_list().await.unwrap()
     );
     link.set_up(true);
+    a.close().await;
+    b.close().await;
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_with_lanes_resumes_on_one_connection_and_completes() {
+    let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(30), 2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.set_up(true);
+    let r = tokio::time::timeout(Duration::from_secs(120), mover)
+        .await
+        .expect("the migration ends")
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(r.verified, "every page checked against the source's root");
+    assert_eq!(r.convergence.recoveries, 1, "{:?}", r.convergence);
+    let a = lab.client("a").await.unwrap();
+    assert!(a.vm_list().await.unwrap().is_empty());
+    let b = lab.client("b").await.unwrap();
+    assert_eq!(b.vm_list().await.unwrap()[0].state, VmState::Running);
+    assert_phases_audited(
+        &lab,
+        &[
+            ("a", &["data streams over 2 ", "asking the destination to resume"]),
+            (
+                "b",
+                &[
+                    "lane 1 joined",
+                    "link lost in a pre-copy round",
+                    "resumed on a new connection",
+                ],
+            ),
+        ],
+    );
     a.close().await;
     b.close().await;
     lab.shutdown().await;
