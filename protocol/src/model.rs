@@ -278,3 +278,33 @@ pub struct FaultFigures {
 pub fn handover_time(round_trip: std::time::Duration) -> std::time::Duration {
     round_trip.saturating_mul(2)
 }
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    #[test]
+    fn connections_must_be_one_to_eight_and_at_most_the_streams() {
+        let plan = |streams, connections| MigrationPlan {
+            streams,
+            connections,
+            ..MigrationPlan::default()
+        };
+        assert_eq!(MigrationPlan::default().connections, 1);
+        assert_eq!(plan(2, 1).validate(), Ok(()));
+        assert_eq!(plan(8, 8).validate(), Ok(()));
+        for (streams, connections) in [(2, 0), (2, 3), (16, 9)] {
+            let e = plan(streams, connections).validate();
+            assert_eq!(
+                e,
+                Err(PlanError::Connections {
+                    connections,
+                    streams
+                }),
+                "{streams} streams, {connections} connections"
+            );
+        }
+        let why = plan(2, 3).validate().unwrap_err().to_string();
+        assert!(why.contains("at most the streams (2), not 3"), "{why}");
+    }
+}

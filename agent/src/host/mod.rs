@@ -217,9 +217,7 @@ pub(crate) struct Host {
     pub recoveries: Mutex<HashMap<convoy_protocol::names::MigrationId, Recovery>>,
     /// Page migrations arriving here whose plans spread their streams
     /// over several connections: where a new connection's `Lane` goes.
-    pub(crate) lanes: Mutex<
-        HashMap<convoy_protocol::names::MigrationId, crate::engine::native::destination::LaneWaiter>,
-    >,
+    pub(crate) lanes: Mutex<HashMap<convoy_protocol::names::MigrationId, LaneWaiter>>,
     pub(crate) creds: std::sync::RwLock<Arc<Creds>>,
     pub(crate) policy: std::sync::RwLock<Option<Arc<crate::trust::policy::PolicySet>>>,
     pub(crate) refusals: Mutex<RefusalWindow>,
@@ -240,6 +238,25 @@ pub(crate) struct Host {
     /// The tasks asking about migrations in doubt ([`indoubt::watch`]),
     /// ended when the agent stops.
     pub(crate) watchers: Mutex<tokio::task::JoinSet<()>>,
+}
+
+/// A page migration arriving here that takes lanes (extra connections of
+/// its plan): where they go.
+#[derive(Debug)]
+pub(crate) struct LaneWaiter {
+    /// The agent it came from: the only one whose lanes reach it.
+    pub source: SpiffeId,
+    pub tx: tokio::sync::mpsc::UnboundedSender<LaneJoin>,
+}
+
+/// A connection whose first message asks to be a lane of a migration,
+/// handed to that migration.
+#[derive(Debug)]
+pub(crate) struct LaneJoin {
+    pub conn: crate::transport::Connection,
+    pub peer: crate::transport::Peer,
+    pub send: crate::transport::SendStream,
+    pub lane: convoy_protocol::message::Lane,
 }
 
 /// A post-copy migration that may be resumed on a new connection.

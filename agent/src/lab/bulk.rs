@@ -90,6 +90,9 @@ pub enum BulkPath {
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     streams: u16,
+    /// Connections the streams are spread over (stream `i` on the
+    /// `i % connections`th), as a migration spreads its over lanes.
+    connections: u16,
     per_stream: u64,
     sink: Sink,
 }
@@ -154,6 +157,23 @@ impl Lab {
         kind: Kind,
         path: BulkPath,
     ) -> Result<Duration, LabError> {
+        self.raw_bulk_over(bytes, streams, 1, sink, tuning, kind, path)
+            .await
+    }
+
+    /// [`Lab::raw_bulk`] with its streams spread over `connections`
+    /// connections.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn raw_bulk_over(
+        &self,
+        bytes: u64,
+        streams: u16,
+        connections: u16,
+        sink: Sink,
+        tuning: &Tuning,
+        kind: Kind,
+        path: BulkPath,
+    ) -> Result<Duration, LabError> {
         let (na, nb): (AgentName, AgentName) = ("a".parse()?, "b".parse()?);
         let ida = self.pki.identity(Role::Agent, &na)?;
         let idb = self.pki.identity(Role::Agent, &nb)?;
@@ -162,6 +182,7 @@ impl Lab {
         let streams = streams.max(1);
         let shape = Shape {
             streams,
+            connections: connections.clamp(1, streams),
             per_stream: bytes / u64::from(streams),
             sink,
         };
@@ -286,54 +307,103 @@ async fn receive(
             .local_addr()
             .map_err(transport::TransportError::from)?,
     );
-    let conn = tokio::select! {
+    let mut conns = Vec::new();
+    for _ in 0..shape.connections {
+        conns.push(accept_one(&endpoint, &listener, &tcp_tls, &tuning).await?);
+    }
+    // Streams arrive on any of the connections: numbered as they come.
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut acceptors = Vec::new();
+    for conn in &conns {
+        let (conn, next, tx, memory) = (conn.clone(), next.clone(), tx.clone(), memory.clone());
+        acceptors.push(tokio::spawn(async move {
+            loop {
+                let s = match conn.accept_uni().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(BenchError::from(e)));
+                        return;
+                    }
+                };
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= u64::from(shape.streams) {
+                    return;
+                }
+                tokio::spawn(read_stream(s, i, shape, memory.clone(), tx.clone()));
+            }
+        }));
+    }
+    drop(tx);
+    let mut n = 0;
+    for _ in 0..shape.streams {
+        n += rx.recv().await.ok_or(BenchError::Lost)??;
+    }
+    for a in acceptors {
+        a.abort();
+    }
+    let done = Instant::now();
+    for conn in &conns {
+        conn.close(0u32.into(), b"done");
+    }
+    // The sender hears the close before this side's sockets go.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok((n, done))
+}
+
+/// Accepts one connection over QUIC or TCP, whichever comes.
+async fn accept_one(
+    endpoint: &quinn::Endpoint,
+    listener: &tokio::net::TcpListener,
+    tcp_tls: &Arc<rustls::ServerConfig>,
+    tuning: &Tuning,
+) -> Result<transport::Connection, BenchError> {
+    Ok(tokio::select! {
         incoming = endpoint.accept() => {
             let conn = incoming.ok_or(BenchError::NoConnection)?.await?;
             let conn = transport::Connection::Quic(conn);
-            transport::grant_migration_credit(&conn, &tuning);
+            transport::grant_migration_credit(&conn, tuning);
             conn
         }
         tcp = listener.accept() => {
             let (stream, remote) = tcp.map_err(BenchError::Accept)?;
-            let hs = transport::tcp::Handshaken::accept(stream, remote, tcp_tls, tuning.connect_timeout)
+            let hs = transport::tcp::Handshaken::accept(stream, remote, tcp_tls.clone(), tuning.connect_timeout)
                 .await
                 .map_err(BenchError::Accept)?;
-            let credit = transport::dial::credit(ALPN_AGENT, &tuning);
-            transport::Connection::Tcp(hs.session(credit, (&tuning).into(), None))
+            let credit = transport::dial::credit(ALPN_AGENT, tuning);
+            transport::Connection::Tcp(hs.session(credit, tuning.into(), None))
         }
-    };
-    let mut tasks = Vec::new();
-    for i in 0..u64::from(shape.streams) {
-        let mut s = conn.accept_uni().await?;
-        let memory = memory.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut buf = Vec::new();
-            while let Some(c) = s.read_chunk(1 << 20).await? {
-                n += c.len() as u64;
-                if let Some(m) = &memory {
-                    // Staging-like: whole 64 KiB blocks into fresh memory.
-                    buf.extend_from_slice(&c);
-                    if buf.len() >= 1 << 16 {
-                        let off = i * shape.per_stream + n - buf.len() as u64;
-                        let whole = buf.len() / 8 * 8;
-                        m.write(convoy_protocol::page::saturating_usize(off), &buf[..whole]);
-                        buf.drain(..whole);
-                    }
+    })
+}
+
+/// Reads stream `i` to its end (into `memory` at its place when given)
+/// and sends the byte count on `tx`.
+async fn read_stream(
+    mut s: transport::RecvStream,
+    i: u64,
+    shape: Shape,
+    memory: Option<Arc<GuestMemory>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<u64, BenchError>>,
+) {
+    let read = async {
+        let mut n = 0u64;
+        let mut buf = Vec::new();
+        while let Some(c) = s.read_chunk(1 << 20).await? {
+            n += c.len() as u64;
+            if let Some(m) = &memory {
+                // Staging-like: whole 64 KiB blocks into fresh memory.
+                buf.extend_from_slice(&c);
+                if buf.len() >= 1 << 16 {
+                    let off = i * shape.per_stream + n - buf.len() as u64;
+                    let whole = buf.len() / 8 * 8;
+                    m.write(convoy_protocol::page::saturating_usize(off), &buf[..whole]);
+                    buf.drain(..whole);
                 }
             }
-            Ok::<u64, BenchError>(n)
-        }));
-    }
-    let mut n = 0;
-    for t in tasks {
-        n += t.await??;
-    }
-    let done = Instant::now();
-    conn.close(0u32.into(), b"done");
-    // The sender hears the close before this side's sockets go.
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok((n, done))
+        }
+        Ok::<u64, BenchError>(n)
+    };
+    let _ = tx.send(read.await);
 }
 
 /// The sending side.
@@ -355,9 +425,20 @@ impl Sender {
             Kind::Quic => transport::Choice::Quic,
             Kind::Tcp => transport::Choice::Tcp,
         };
-        let conn = transport::Dialer::new(client, choice, self.tuning.clone())
-            .connect(addr, self.peer, ALPN_AGENT, &self.identity, &self.trust)
-            .await?;
+        let dialer = transport::Dialer::new(client, choice, self.tuning.clone());
+        let mut conns = Vec::new();
+        for _ in 0..self.shape.connections {
+            let conn = dialer
+                .connect(
+                    addr,
+                    self.peer.clone(),
+                    ALPN_AGENT,
+                    &self.identity,
+                    &self.trust,
+                )
+                .await?;
+            conns.push(conn);
+        }
         let mut chunk = vec![0u8; 1 << 20];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for c in chunk.chunks_mut(8) {
@@ -369,8 +450,8 @@ impl Sender {
         let chunk = Bytes::from(chunk);
         let start = Instant::now();
         let mut senders = Vec::new();
-        for _ in 0..self.shape.streams {
-            let mut s = conn.open_uni().await?;
+        for i in 0..usize::from(self.shape.streams) {
+            let mut s = conns[i % conns.len()].open_uni().await?;
             let chunk = chunk.clone();
             let per_stream = self.shape.per_stream;
             senders.push(tokio::spawn(async move {
@@ -388,7 +469,9 @@ impl Sender {
             s.await??;
         }
         // Until the receiver has read everything and closed.
-        let _ = conn.closed().await;
+        for conn in &conns {
+            let _ = conn.closed().await;
+        }
         Ok(start)
     }
 }

@@ -164,9 +164,10 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                     congestion,
                     ..Tuning::default()
                 };
-                let raw = lab.raw_bulk(
+                let raw = lab.raw_bulk_over(
                     bytes,
                     b.tuning.streams,
+                    b.tuning.connections,
                     Sink::Discard,
                     &tuning,
                     kind,
@@ -189,9 +190,9 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     println!(
         "migrations of an idle {} MiB VM of {content_name} memory across the WAN lab (network \
          namespaces; tbf {} Mbit/s each way, half the RTT each way and {} both ways \
-         by the TUN relay; QUIC controller {congestion}; downtime target {} ms); raw: {} MiB of \
-         bulk over the same \
-         transport through the same WAN. link used: what the link's tbf put on the wire towards \
+         by the TUN relay; QUIC controller {congestion}; downtime target {} ms; {} streams over \
+         {} connection(s)); raw: {} MiB of bulk over the same transport, streams and \
+         connections through the same WAN. link used: what the link's tbf put on the wire towards \
          b per second over its rate; queue drops: packets tbf dropped; of raw: memory moved per \
          second over the raw rate (above 100% when compression pays); pages: how the pages \
          went, as adaptive compression chose",
@@ -199,6 +200,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         b.link_mbit,
         super::wan::loss_words(b.loss_burst),
         b.tuning.max_downtime,
+        b.tuning.streams,
+        b.tuning.connections,
         super::table::mib(bytes),
     );
     let table: Vec<Vec<String>> = rows

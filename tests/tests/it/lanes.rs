@@ -225,7 +225,11 @@ async fn lanes_that_are_not_the_migrations_own_are_refused_and_audited() {
     assert_refusals_logged(
         &lab,
         "b",
-        &["takes lanes here", "joined already", "plan with 2 connections"],
+        &[
+            "takes lanes here",
+            "joined already",
+            "plan with 2 connections",
+        ],
     )
     .await;
     // The migration went on regardless.

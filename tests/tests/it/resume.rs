@@ -179,7 +179,10 @@ async fn a_link_cut_with_lanes_resumes_on_one_connection_and_completes() {
     assert_phases_audited(
         &lab,
         &[
-            ("a", &["data streams over 2 ", "asking the destination to resume"]),
+            (
+                "a",
+                &["data streams over 2 ", "asking the destination to resume"],
+            ),
             (
                 "b",
                 &[

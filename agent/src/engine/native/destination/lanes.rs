@@ -16,34 +16,22 @@ use std::sync::Arc;
 
 use convoy_protocol::destination::Destination;
 use convoy_protocol::message::{Lane, Message, Reason};
-use convoy_protocol::names::SpiffeId;
 use tokio::sync::mpsc;
 
 use super::{recovery, Incoming};
 use crate::host::budget::Side;
-use crate::host::Host;
+use crate::host::{Host, LaneJoin, LaneWaiter};
 use crate::transport::{write_message, Connection, Peer, SendStream};
 
-/// A migration that takes lanes: where they go.
-#[derive(Debug)]
-pub(crate) struct LaneWaiter {
-    /// The agent it came from: the only one whose lanes reach it.
-    pub(crate) source: SpiffeId,
-    pub(crate) tx: mpsc::UnboundedSender<LaneJoin>,
-}
-
-/// A connection that asks to be a lane of a migration.
-#[derive(Debug)]
-pub(crate) struct LaneJoin {
+/// Hands a connection whose first message is `lane` to the migration it
+/// names, or refuses it.
+pub(crate) fn join_lane(
+    host: Arc<Host>,
     conn: Connection,
     peer: Peer,
     send: SendStream,
     lane: Lane,
-}
-
-/// Hands a connection whose first message is `lane` to the migration it
-/// names, or refuses it.
-pub(crate) fn join_lane(host: Arc<Host>, conn: Connection, peer: Peer, send: SendStream, lane: Lane) {
+) {
     let waiting = host
         .lanes
         .lock()

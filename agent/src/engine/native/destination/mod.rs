@@ -21,7 +21,8 @@ mod lanes;
 mod receive;
 mod recovery;
 
-pub(crate) use lanes::{join_lane, LaneJoin, LaneWaiter};
+use crate::host::LaneJoin;
+pub(crate) use lanes::join_lane;
 pub(crate) use recovery::{hand_over_resume, refuse_resume};
 
 use crate::engine::clock;
