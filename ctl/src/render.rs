@@ -92,11 +92,20 @@ pub fn report(r: &MigrationReport) -> String {
         vec!["guest memory".into(), format_bytes(r.memory_bytes)],
         vec![
             "transport".into(),
-            match r.transport.as_deref() {
-                Some("quic") => "QUIC".into(),
-                Some("tcp") => "TLS over TCP".into(),
-                Some(other) => other.into(),
-                None => "none (the destination was not reached)".into(),
+            match (r.transport.as_deref(), r.lanes) {
+                (None, _) => "none (the destination was not reached)".into(),
+                (Some(t), lanes) => {
+                    let name = match t {
+                        "quic" => "QUIC",
+                        "tcp" => "TLS over TCP",
+                        other => other,
+                    };
+                    if lanes > 0 {
+                        format!("{name}, {} connections", u32::from(lanes) + 1)
+                    } else {
+                        name.into()
+                    }
+                }
             },
         ],
         vec!["bytes on the wire".into(), format_bytes(r.wire_bytes)],

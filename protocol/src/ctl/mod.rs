@@ -237,6 +237,11 @@ pub struct MigrationReport {
     /// The transport of the migration's connection, `"quic"` or `"tcp"`
     /// (`None`: the destination was never reached).
     pub transport: Option<String>,
+    /// Connections the data streams of the last link went over beyond the
+    /// first (its lanes: `--connections` less those left out; 0 after a
+    /// link break, and for QEMU VMs).
+    #[serde(default)]
+    pub lanes: u16,
 }
 
 /// One disk in a migration report.

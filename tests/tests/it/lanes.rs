@@ -82,6 +82,7 @@ async fn a_migration_over_three_connections_verifies_and_the_lanes_carry_their_s
     };
     let r = migrate(&lab, plan).await;
     arrived_once(&lab, &r).await;
+    assert_eq!(r.lanes, 2, "the report names the lanes");
     assert_phases_audited(
         &lab,
         &[
@@ -140,6 +141,7 @@ async fn a_lane_the_destination_will_not_take_is_left_out_and_the_migration_comp
     };
     let r = migrate(&lab, plan).await;
     arrived_once(&lab, &r).await;
+    assert_eq!(r.lanes, 0, "one connection carried it");
     assert_phases_audited(
         &lab,
         &[(

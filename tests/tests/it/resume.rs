@@ -172,6 +172,7 @@ async fn a_link_cut_with_lanes_resumes_on_one_connection_and_completes() {
     assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
     assert!(r.verified, "every page checked against the source's root");
     assert_eq!(r.convergence.recoveries, 1, "{:?}", r.convergence);
+    assert_eq!(r.lanes, 0, "the resumed link is one connection");
     let a = lab.client("a").await.unwrap();
     assert!(a.vm_list().await.unwrap().is_empty());
     let b = lab.client("b").await.unwrap();

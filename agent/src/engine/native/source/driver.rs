@@ -695,6 +695,7 @@ impl<'r> Driver<'r> {
             postcopy: summary.postcopy.map(Box::new),
             disks,
             disk_blocks_sent: summary.disk_blocks_sent,
+            lanes: u16::try_from(wire.lanes.len()).unwrap_or(u16::MAX),
             transport: wire.conn.as_ref().map(|c| c.kind().to_string()),
             outcome: summary.outcome,
         }

@@ -187,6 +187,7 @@ impl Run {
             postcopy: None,
             disks: Vec::new(),
             disk_blocks_sent: 0,
+            lanes: 0,
             transport: None,
         }
     }

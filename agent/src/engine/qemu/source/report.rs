@@ -53,6 +53,7 @@ impl Run {
             postcopy: None,
             disks: Vec::new(),
             disk_blocks_sent: 0,
+            lanes: 0,
             transport: st.transport.clone(),
             qemu: Some(Box::new(QemuFigures {
                 mode: self.prepared.manifest.mode,
