@@ -242,6 +242,11 @@ fn seeds() -> Vec<Message> {
         Message::Resumed(convoy_protocol::message::Resumed {
             missing: vec![0b1011, 0],
         }),
+        // An extra connection of a migration (a lane).
+        Message::Lane(convoy_protocol::message::Lane {
+            migration: convoy_protocol::names::MigrationId([1; 16]),
+            lane: 1,
+        }),
     ]
 }
 
