@@ -63,7 +63,9 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
         Ok(Some(Message::Resume(r))) => {
             native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
         }
-        Ok(Some(Message::Lane(l))) => native::destination::join_lane(host, conn, peer, send, l),
+        Ok(Some(Message::Lane(l))) => {
+            native::destination::join_lane(host, conn, peer, send, l).await
+        }
         Ok(Some(Message::Inquire(i))) => {
             crate::host::indoubt::answer(host, conn, peer, send, i).await;
         }

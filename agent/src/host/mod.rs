@@ -246,7 +246,8 @@ pub(crate) struct Host {
 pub(crate) struct LaneWaiter {
     /// The agent it came from: the only one whose lanes reach it.
     pub source: SpiffeId,
-    pub tx: tokio::sync::mpsc::UnboundedSender<LaneJoin>,
+    /// Bounded by the plan's lanes: a source cannot queue more.
+    pub tx: tokio::sync::mpsc::Sender<LaneJoin>,
 }
 
 /// A connection whose first message asks to be a lane of a migration,

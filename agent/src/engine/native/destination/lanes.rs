@@ -24,8 +24,10 @@ use crate::host::{Host, LaneJoin, LaneWaiter};
 use crate::transport::{write_message, Connection, Peer, SendStream};
 
 /// Hands a connection whose first message is `lane` to the migration it
-/// names, or refuses it.
-pub(crate) fn join_lane(
+/// names, or refuses it. Returns when the lane has ended (or the refusal
+/// was delivered), so the connection holds its slot under the agent's
+/// connection limits as long as it is open.
+pub(crate) async fn join_lane(
     host: Arc<Host>,
     conn: Connection,
     peer: Peer,
@@ -46,27 +48,34 @@ pub(crate) fn join_lane(
         send,
         lane,
     };
-    let send = match waiting {
-        Some(w) => match w.send(join) {
-            Ok(()) => return,
-            Err(e) => e.0.send,
+    let (send, why) = match waiting {
+        Some(w) => match w.try_send(join) {
+            Ok(()) => {
+                conn.closed().await;
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(j)) => (
+                j.send,
+                format!("migration {migration} has lanes waiting already"),
+            ),
+            Err(mpsc::error::TrySendError::Closed(j)) => (
+                j.send,
+                format!("no migration {migration} from this agent takes lanes here"),
+            ),
         },
-        None => join.send,
+        None => (
+            join.send,
+            format!("no migration {migration} from this agent takes lanes here"),
+        ),
     };
-    refuse(
-        &host,
-        &peer,
-        conn,
-        send,
-        format!("no migration {migration} from this agent takes lanes here"),
-    );
+    refuse_now(&host, &peer, conn, send, why).await;
 }
 
-/// Refuses a lane: audited, then answered aside with an `Abort`.
-fn refuse(host: &Host, peer: &Peer, conn: Connection, send: SendStream, why: String) {
-    tracing::warn!(peer = %peer.id, "lane refused: {why}");
+/// Refuses a lane: audited (rate-limited), then answered with an `Abort`
+/// (bounded: a peer that reads nothing is dropped after 5 s).
+async fn refuse_now(host: &Host, peer: &Peer, conn: Connection, send: SendStream, why: String) {
     host.audit_refusal(peer.id.to_string(), format!("lane refused: {why}"));
-    tokio::spawn(recovery::refuse(conn, send, Reason::Unacceptable(why)));
+    recovery::refuse(conn, send, Reason::Unacceptable(why)).await;
 }
 
 impl Incoming {
@@ -78,7 +87,7 @@ impl Incoming {
         let Some(migration) = self.migration else {
             return;
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(usize::from(connections - 1));
         self.host
             .lanes
             .lock()
@@ -105,6 +114,8 @@ impl Incoming {
         } = join;
         let why = if sm.is_recovering() || sm.is_finished() {
             Some("the migration's link is not up".to_string())
+        } else if self.tx.epoch > 0 {
+            Some("the migration resumed on one connection".to_string())
         } else if lane.lane == 0 || lane.lane >= self.connections {
             Some(format!(
                 "lane {} of a plan with {} connections",
@@ -116,10 +127,12 @@ impl Incoming {
             None
         };
         if let Some(why) = why {
-            return refuse(&self.host, &peer, conn, send, why);
+            let host = self.host.clone();
+            tokio::spawn(async move { refuse_now(&host, &peer, conn, send, why).await });
+            return;
         }
         let share = self.host.budget.join(&conn, Side::Receive);
-        self.spawn_acceptor(conn.clone());
+        self.spawn_acceptor(conn.clone(), Some(lane.lane));
         self.phase(format!("lane {} joined ({})", lane.lane, conn.kind()));
         tracing::info!(peer = %peer.id, lane = lane.lane, "lane joined");
         self.lanes.push(Joined {
@@ -130,9 +143,12 @@ impl Incoming {
         // The answer goes aside: a source that reads nothing stalls
         // nothing here.
         tokio::spawn(async move {
-            let answered = write_message(&mut send, &Message::Lane(lane)).await;
-            if answered.is_ok() {
-                let _ = send.finish();
+            let number = lane.lane;
+            match write_message(&mut send, &Message::Lane(lane)).await {
+                Ok(_) => {
+                    let _ = send.finish();
+                }
+                Err(e) => tracing::info!(lane = number, "lane's answer not sent: {e}"),
             }
         });
     }

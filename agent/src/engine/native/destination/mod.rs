@@ -80,6 +80,15 @@ enum OpenFailed {
     /// A stream's opening message could not be read.
     #[error("{0}")]
     Read(#[source] WireError),
+    /// A lane that carries data streams ended.
+    #[error("lane {lane} lost: {error}")]
+    Lane {
+        /// Its number.
+        lane: u16,
+        /// How it ended.
+        #[source]
+        error: quinn::ConnectionError,
+    },
 }
 
 /// The engine's event channel, stamped with the link an event came from.
@@ -143,6 +152,7 @@ pub(crate) async fn serve(
         lanes: Vec::new(),
         connections: 1,
         unopened: Arc::new(AtomicU16::new(0)),
+        all_opened: Arc::new(tokio::sync::Notify::new()),
         staging: None,
         name: None,
         geometry: None,
@@ -409,7 +419,7 @@ struct Incoming {
     resume_rx: Option<mpsc::UnboundedReceiver<crate::host::Reconnection>>,
     /// Where the plan's extra connections arrive ([`lanes`]), from the
     /// acceptance on, when it has any.
-    lanes_rx: Option<mpsc::UnboundedReceiver<LaneJoin>>,
+    lanes_rx: Option<mpsc::Receiver<LaneJoin>>,
     /// The lanes of the current link.
     lanes: Vec<lanes::Joined>,
     /// The plan's connections, lanes included.
@@ -417,6 +427,8 @@ struct Incoming {
     /// Data streams of the current link not accepted yet, on any of its
     /// connections.
     unopened: Arc<AtomicU16>,
+    /// Told when `unopened` reaches 0: the link's acceptors stop.
+    all_opened: Arc<tokio::sync::Notify>,
     staging: Option<Arc<SimVm>>,
     name: Option<VmName>,
     geometry: Option<MemoryGeometry>,

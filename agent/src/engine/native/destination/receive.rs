@@ -52,32 +52,59 @@ impl Incoming {
     pub(super) fn accept_streams(&mut self) {
         let n = self.streams + u16::from(self.postcopy);
         self.unopened = Arc::new(AtomicU16::new(n));
-        self.spawn_acceptor(self.conn.clone());
+        self.all_opened = Arc::new(tokio::sync::Notify::new());
+        self.spawn_acceptor(self.conn.clone(), None);
     }
 
-    /// Accepts data streams on `conn` until the link has all it
-    /// announced: each stream's first message must name this migration.
-    pub(super) fn spawn_acceptor(&mut self, conn: crate::transport::Connection) {
+    /// Accepts data streams on `conn` (the link's first connection, or
+    /// lane `lane`) until the link has all it announced: each stream's
+    /// first message must name this migration. The first connection's
+    /// end is the link's; a lane's is once it carries a stream (a lane
+    /// the source gave up before using it ends alone).
+    pub(super) fn spawn_acceptor(&mut self, conn: crate::transport::Connection, lane: Option<u16>) {
         let tx = self.tx.clone();
         let migration = self.migration;
-        let unopened = self.unopened.clone();
+        let (unopened, all_opened) = (self.unopened.clone(), self.all_opened.clone());
         self.link_tasks.push(tokio::spawn(async move {
-            while unopened.load(Ordering::Acquire) > 0 {
-                let mut recv = match conn.accept_uni().await {
+            let mut carried = 0u16;
+            loop {
+                // Armed before the count is read: the last stream, opened
+                // on another connection meanwhile, is not missed.
+                let opened = all_opened.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if unopened.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                let accepted = tokio::select! {
+                    r = conn.accept_uni() => r,
+                    () = &mut opened => break,
+                };
+                let mut recv = match accepted {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx.send(Event::OpenFailed(OpenFailed::Accept(e)));
+                        match lane.filter(|_| carried == 0) {
+                            Some(n) => tracing::info!(lane = n, "lane closed unused: {e}"),
+                            None => {
+                                let _ = tx.send(Event::OpenFailed(match lane {
+                                    Some(lane) => OpenFailed::Lane { lane, error: e },
+                                    None => OpenFailed::Accept(e),
+                                }));
+                            }
+                        }
                         return;
                     }
                 };
                 // One more than announced (over several connections) is
                 // not read.
-                let counted = unopened
+                match unopened
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                    .is_ok();
-                if !counted {
-                    return;
+                {
+                    Ok(1) => all_opened.notify_waiters(),
+                    Ok(_) => {}
+                    Err(_) => break,
                 }
+                carried += 1;
                 match read_message(&mut recv).await {
                     Ok(Some(Message::DataStreamOpen(o))) if Some(o.migration) == migration => {
                         let _ = tx.send(Event::Opened(o.stream, recv));
@@ -101,6 +128,13 @@ impl Incoming {
                         return;
                     }
                 }
+            }
+            // Every stream of the link is open. A lane that carries some
+            // is part of the link from here: its loss is the link's (the
+            // first connection's is seen by its control stream).
+            if let Some(lane) = lane.filter(|_| carried > 0) {
+                let error = conn.closed().await;
+                let _ = tx.send(Event::OpenFailed(OpenFailed::Lane { lane, error }));
             }
         }));
     }

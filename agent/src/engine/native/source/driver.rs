@@ -265,9 +265,19 @@ impl<'r> Driver<'r> {
                 .run
                 .dial_lanes(&self.dest, conn.kind(), self.plan.connections)
                 .await;
-            for lane in lanes {
+            for (number, lane) in lanes {
                 let share = self.run.host.budget.join(&lane, Side::Send);
                 conns.push(lane.clone());
+                // A lane's end is the link's: a stream whose last bytes
+                // were written before it broke fails no write here.
+                let (watched, events) = (lane.clone(), self.wire.events_tx.clone());
+                tokio::spawn(async move {
+                    let error = watched.closed().await;
+                    let _ = events.send(EngineEvent::StreamFailed(StreamError::Lane {
+                        lane: number,
+                        error,
+                    }));
+                });
                 self.wire.lanes.push((lane, share));
             }
         }
@@ -607,7 +617,7 @@ impl<'r> Driver<'r> {
                 }
             }
             Some(EngineEvent::StreamFailed(
-                e @ (StreamError::WriterGone | StreamError::Write(_)),
+                e @ (StreamError::WriterGone | StreamError::Write(_) | StreamError::Lane { .. }),
             )) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
             // Not the link's: a new one would not help.
             Some(EngineEvent::StreamFailed(e)) => {

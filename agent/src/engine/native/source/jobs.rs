@@ -42,6 +42,15 @@ pub(super) enum StreamError {
     /// The stream could not take a frame.
     #[error(transparent)]
     Write(#[from] quinn::WriteError),
+    /// A lane (an extra connection of the link) ended.
+    #[error("lane {lane} lost: {error}")]
+    Lane {
+        /// Its number.
+        lane: u16,
+        /// How it ended.
+        #[source]
+        error: quinn::ConnectionError,
+    },
 }
 
 pub(super) enum EngineEvent {

@@ -23,13 +23,13 @@ const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl Run {
     /// Dials lanes `1..connections` to `dest` over `kind`, together;
-    /// returns those the destination took, in order.
+    /// returns those the destination took, with their numbers.
     pub(super) async fn dial_lanes(
         &mut self,
         dest: &SpiffeId,
         kind: Kind,
         connections: u16,
-    ) -> Vec<Connection> {
+    ) -> Vec<(u16, Connection)> {
         let attempts = (1..connections).map(|lane| {
             let host = self.host.clone();
             let (addr, migration) = (self.addr, self.migration);
@@ -56,7 +56,7 @@ impl Run {
         let mut joined = Vec::new();
         for (lane, r) in join_all(attempts).await {
             match r {
-                Ok(conn) => joined.push(conn),
+                Ok(conn) => joined.push((lane, conn)),
                 Err(e) => {
                     tracing::warn!(migration = %self.migration, lane, "lane left out: {e}");
                     self.phase(&format!(
