@@ -56,6 +56,7 @@ pub mod host;
 pub mod lab;
 pub mod private;
 pub mod server;
+pub mod snapshot;
 pub mod transport;
 pub mod trust;
 pub mod units;

@@ -26,8 +26,10 @@ use crate::signed::{
 };
 use crate::ticket::{SignedTicket, MAX_TICKET_LIFETIME_SECS, TICKET_CONTEXT};
 
+mod snapshot;
 mod source_run;
 
+pub use snapshot::{snapshot_open, snapshot_seeds};
 pub use source_run::{
     fuzz_leaf, op, source_ticket, SourceRun, COMMIT_FAILS, DESTINATION_ID, SOURCE_ID,
     SOURCE_MIGRATION,

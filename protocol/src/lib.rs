@@ -76,6 +76,7 @@ pub mod page;
 pub mod receipt;
 pub mod reuse;
 pub mod signed;
+pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod ticket;

@@ -75,6 +75,27 @@ fn replay_evidence_check() {
     replay("evidence_check", fuzz::evidence_check);
 }
 
+#[test]
+fn replay_snapshot_open() {
+    replay("snapshot_open", fuzz::snapshot_open);
+}
+
+#[test]
+fn snapshot_seeds_pass_their_target_and_are_written_when_asked() {
+    let seeds = fuzz::snapshot_seeds();
+    assert_eq!(seeds.len(), 6);
+    for s in &seeds {
+        fuzz::snapshot_open(s);
+    }
+    if std::env::var_os("CONVOY_WRITE_SEEDS").is_none() {
+        return;
+    }
+    std::fs::create_dir_all(corpus("snapshot_open")).unwrap();
+    for (i, s) in seeds.iter().enumerate() {
+        std::fs::write(corpus("snapshot_open").join(format!("seed-{i:02}")), s).unwrap();
+    }
+}
+
 /// A receipt the fuzz targets' insecure crypto accepts.
 fn rc(kind: ReceiptKind) -> convoy_protocol::receipt::SignedReceipt {
     let now = std::time::Instant::now();

@@ -115,14 +115,14 @@ pub enum PeerRefused {
     },
 }
 
-/// Why the stateless-reset key could not be read or made
-/// ([`ResetKey::load_or_create`]).
+/// Why a key file (the stateless-reset key, the sealing key) could not be
+/// read or made ([`key_file`]).
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ResetKeyError {
     /// The file holds something other than a key.
     #[error(
-        "{}: {len} bytes, a reset key is 32 (delete the file to make a new one)",
+        "{}: {len} bytes where a key of 32 was expected (the file is left as it is)",
         .path.display()
     )]
     WrongSize {
@@ -328,37 +328,40 @@ impl ResetKey {
     /// Reads the key at `path`, or makes one there (mode 0600) if there is
     /// no file. A file of the wrong size is an error, never replaced.
     pub fn load_or_create(path: &std::path::Path) -> Result<Self, ResetKeyError> {
-        use std::io::Write;
-        let io = |source| ResetKeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let k: [u8; 32] =
-                    bytes
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| ResetKeyError::WrongSize {
-                            path: path.to_owned(),
-                            len: bytes.len(),
-                        })?;
-                Ok(ResetKey(k))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = ResetKey::random()?;
-                let mut f = std::fs::OpenOptions::new();
-                f.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
-                let written = f
-                    .open(path)
-                    .and_then(|mut f| f.write_all(&key.0).and_then(|()| f.sync_all()));
-                written.map_err(io)?;
-                Ok(key)
-            }
-            Err(e) => Err(io(e)),
+        key_file(path).map(ResetKey)
+    }
+}
+
+/// Reads the 32-byte secret at `path`, or draws one and writes it there
+/// (mode 0600, synced) if there is no file. A file of the wrong size is an
+/// error, never replaced: it may be a key someone still needs.
+pub fn key_file(path: &std::path::Path) -> Result<[u8; 32], ResetKeyError> {
+    use std::io::Write;
+    let io = |source| ResetKeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| ResetKeyError::WrongSize {
+                path: path.to_owned(),
+                len: bytes.len(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = ResetKey::random()?.0;
+            let mut f = std::fs::OpenOptions::new();
+            f.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+            let written = f
+                .open(path)
+                .and_then(|mut f| f.write_all(&key).and_then(|()| f.sync_all()));
+            written.map_err(io)?;
+            Ok(key)
         }
+        Err(e) => Err(io(e)),
     }
 }
 

@@ -94,8 +94,11 @@ async fn a_migration_crosses_a_long_lossy_link_between_namespaces() {
     assert!(report.total_ms >= 50.0, "{report:?}");
     // Pre-copy measured it, and counted the handover's two round trips in
     // the downtime it expected; the pause stayed within the default
-    // 300 ms target and the margin (the fixed part of the pause, with
-    // room for a loaded CI machine).
+    // 300 ms target and the margin (docs/operations.md): the fixed part of
+    // the pause, with room for a loaded CI machine (100 ms), and — on this
+    // lossy link — one retransmission timeout for a packet lost in the
+    // pause (TCP's is at least 200 ms plus the round trip: seen once in CI,
+    // 520 ms with 217 expected).
     let c = &report.convergence;
     assert!(c.round_trip_us >= 50_000, "{c:?}");
     assert!(
@@ -103,7 +106,11 @@ async fn a_migration_crosses_a_long_lossy_link_between_namespaces() {
         "{c:?}"
     );
     assert!(report.converged, "{report:?}");
-    assert!(report.downtime_ms <= 300.0 + 100.0, "{report:?}");
+    let retransmission = 200.0 + 2.0 * c.round_trip_us as f64 / 1000.0;
+    assert!(
+        report.downtime_ms <= 300.0 + 100.0 + retransmission,
+        "{report:?}"
+    );
     assert_eq!(b.vm_list().await.unwrap().len(), 1);
     assert!(a.vm_list().await.unwrap().is_empty());
     a.close().await;

@@ -323,11 +323,11 @@ fn make_disks(
 }
 
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use convoy_protocol::ctl::{ContentProfile, SimVmSpec};
 
     /// A sim VM of `bytes` dirtying `rate` pages a second, no disks.
-    pub(super) fn spec(bytes: u64, rate: u64, content: ContentProfile) -> SimVmSpec {
+    pub(crate) fn spec(bytes: u64, rate: u64, content: ContentProfile) -> SimVmSpec {
         SimVmSpec {
             name: "t".parse().unwrap(),
             memory_bytes: bytes,

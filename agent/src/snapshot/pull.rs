@@ -1,0 +1,205 @@
+//! A snapshot out of the bucket into a VM: nothing starts before every
+//! chunk, the root and the device state are checked.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::digest::Digest;
+use convoy_protocol::names::SpiffeId;
+use convoy_protocol::page::{is_zero, PageIndex};
+use convoy_protocol::signed::ChainVerifier;
+use convoy_protocol::snapshot::manifest::open_state;
+use convoy_protocol::snapshot::{
+    check_fresh, chunk_object, Opener, Restore, SnapshotId, SnapshotManifest,
+};
+use futures_util::StreamExt;
+
+use super::sealing::SealingKeys;
+use super::{
+    blocking, manifest_objects, newest_for, read_manifest, Found, SnapshotError, SnapshotStore,
+};
+use crate::backend::sim::SimVm;
+use crate::backend::{Staging, VmBackend};
+
+/// Chunks fetched and opened at once.
+const PARALLEL: usize = 8;
+
+/// What to pull.
+pub struct PullRequest<'a> {
+    /// This agent.
+    pub me: SpiffeId,
+    /// Its sealing keys.
+    pub keys: &'a SealingKeys,
+    /// The trust bundle the manifest's signer must chain to.
+    pub verifier: &'a dyn ChainVerifier,
+    /// This snapshot, or the newest wrapped for this agent.
+    pub snapshot: Option<SnapshotId>,
+    /// The newest generation (and its manifest's digest) this agent has
+    /// seen of the lineage: an older one is a rollback.
+    pub seen: Option<(u64, Digest)>,
+    /// The most memory and disk bytes this agent takes.
+    pub capacity: u64,
+    /// Where a VM's disks are made (`DIR/VM/`).
+    pub disk_dir: Option<&'a std::path::Path>,
+    /// Keep the VM paused once started.
+    pub paused: bool,
+}
+
+impl std::fmt::Debug for PullRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullRequest")
+            .field("me", &self.me)
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pulled VM.
+#[derive(Debug)]
+pub struct Pulled {
+    /// Its manifest.
+    pub manifest: SnapshotManifest,
+    /// The manifest's digest (the agent records it against rollback).
+    pub digest: Digest,
+    /// The VM, started (or paused).
+    pub vm: Arc<dyn VmBackend>,
+    /// The device counter it resumed from.
+    pub counter: u64,
+    /// Chunks fetched, and their bytes.
+    pub fetched: (u64, u64),
+    /// Fetching and checking the chunks.
+    pub chunks_took: Duration,
+    /// The whole pull.
+    pub took: Duration,
+}
+
+/// Finds the snapshot `req` names (or the newest for this agent), checks
+/// it and starts it.
+pub async fn pull(store: &SnapshotStore, req: PullRequest<'_>) -> Result<Pulled, SnapshotError> {
+    let started = Instant::now();
+    let found = match req.snapshot {
+        Some(id) => find(store, req.verifier, &id).await?,
+        None => newest_for(store, req.verifier, &req.me, None)
+            .await?
+            .ok_or_else(|| SnapshotError::NotFound {
+                url: store.url().to_owned(),
+                what: format!("no snapshot for {}", req.me),
+            })?,
+    };
+    let Found {
+        object,
+        manifest: m,
+        layout,
+        digest,
+        ..
+    } = found;
+    check_fresh(m.generation, &digest, req.seen).map_err(|source| SnapshotError::Stale {
+        object: object.clone(),
+        source,
+    })?;
+    let bytes = layout.leaves.saturating_mul(layout.page as u64);
+    if bytes > req.capacity {
+        return Err(SnapshotError::TooLarge {
+            bytes,
+            capacity: req.capacity,
+        });
+    }
+    let key = req.keys.unwrap(&req.me, &m.snapshot, &m.recipients)?;
+    let state = open_state(&key, &m)?;
+    let staging = {
+        let (memory, disks, name) = (m.memory, m.disks.clone(), m.vm.to_string());
+        let dir = req.disk_dir.map(std::path::Path::to_path_buf);
+        blocking(move || {
+            SimVm::incoming_with_disks(memory, &disks, dir.as_deref().map(|d| (d, name.as_str())))
+        })
+        .await??
+    };
+    let t = Instant::now();
+    let fetched = match fetch_chunks(store, &m, layout, &key, &staging).await {
+        Ok(f) => f,
+        Err(e) => {
+            staging.discard();
+            return Err(e);
+        }
+    };
+    let chunks_took = t.elapsed();
+    let paused = req.paused;
+    let started_vm = blocking(move || {
+        staging
+            .clone()
+            .start(&state, paused)
+            .inspect_err(|_| staging.discard())
+    })
+    .await??;
+    Ok(Pulled {
+        manifest: m,
+        digest,
+        vm: started_vm.0,
+        counter: started_vm.1,
+        fetched,
+        chunks_took,
+        took: started.elapsed(),
+    })
+}
+
+/// The manifest of snapshot `id`.
+async fn find(
+    store: &SnapshotStore,
+    verifier: &dyn ChainVerifier,
+    id: &SnapshotId,
+) -> Result<Found, SnapshotError> {
+    let suffix = format!("-{id}");
+    for object in manifest_objects(store).await? {
+        if object.ends_with(&suffix) {
+            return read_manifest(store, &object, verifier).await;
+        }
+    }
+    Err(SnapshotError::NotFound {
+        url: store.url().to_owned(),
+        what: format!("no snapshot {id}"),
+    })
+}
+
+/// Fetches, checks and stages every stored chunk, then checks the root.
+async fn fetch_chunks(
+    store: &SnapshotStore,
+    m: &SnapshotManifest,
+    layout: convoy_protocol::snapshot::ChunkLayout,
+    key: &convoy_protocol::snapshot::DataKey,
+    staging: &Arc<SimVm>,
+) -> Result<(u64, u64), SnapshotError> {
+    let opener = Arc::new(Opener::new(m, layout, key));
+    let mut restore = Restore::new(m, layout);
+    let max = layout.max_sealed() as u64;
+    let stored: Vec<_> = opener.stored().collect();
+    let mut results = futures_util::stream::iter(stored)
+        .map(|(i, name, _)| {
+            let (store, opener, staging) = (store.clone(), opener.clone(), staging.clone());
+            async move {
+                let bytes = store.get(&chunk_object(&name), max).await?;
+                let n = bytes.len() as u64;
+                let c = blocking(move || -> Result<_, SnapshotError> {
+                    let c = opener.open(i, &bytes)?;
+                    let start = opener.layout().range(i).start;
+                    for (leaf, data) in (start..).zip(c.raw.chunks_exact(opener.layout().page)) {
+                        if !is_zero(data) {
+                            staging.write_page(PageIndex(leaf), Some(data))?;
+                        }
+                    }
+                    Ok(c)
+                })
+                .await??;
+                Ok::<_, SnapshotError>((c, n))
+            }
+        })
+        .buffer_unordered(PARALLEL);
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    while let Some(r) = results.next().await {
+        let (c, n) = r?;
+        restore.record(&c);
+        chunks += 1;
+        bytes += n;
+    }
+    restore.finish()?;
+    Ok((chunks, bytes))
+}

@@ -1,0 +1,264 @@
+//! Where snapshots live: a URL (`file://DIR`, `s3://BUCKET/PREFIX`) opened
+//! as an [`object_store`] store, and the few operations a snapshot needs,
+//! each bounded and each error naming the object.
+//!
+//! Credentials for `s3://` come from the standard AWS environment
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+//! `AWS_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible service,
+//! `AWS_ALLOW_HTTP` for a plain-HTTP one in a lab), or the instance
+//! metadata service where there is one, never from a command line; no URL
+//! may carry them, and none reaches a log (a URL is shown without its
+//! query, which is refused anyway).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+/// Why a snapshot URL could not be opened or an object read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL is not one Convoy takes.
+    #[error("snapshot URL {url:?}: {why}")]
+    Url {
+        /// The URL (as given).
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The local directory could not be made.
+    #[error("{path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store refused to open (configuration, credentials).
+    #[error("{url}: {source}")]
+    Open {
+        /// The URL.
+        url: String,
+        /// The library's words.
+        #[source]
+        source: object_store::Error,
+    },
+    /// An object operation failed.
+    #[error("{url}/{object}: {source}")]
+    Object {
+        /// The URL.
+        url: String,
+        /// The object, under the prefix.
+        object: String,
+        /// The library's words.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// An object is larger than it may be.
+    #[error("{url}/{object}: {size} bytes, more than the {max} it may have")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The object.
+        object: String,
+        /// Its size.
+        size: u64,
+        /// The most it may have.
+        max: u64,
+    },
+}
+
+/// `url` as it may be shown: nothing after a `?` or `#`, nothing before
+/// an `@` (where credentials would be).
+fn redacted(url: &str) -> String {
+    let cut = url.find(['?', '#']).map_or(url, |i| &url[..i]);
+    match (cut.find("://"), cut.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &cut[..s], &cut[at + 1..]),
+        _ => cut.to_owned(),
+    }
+}
+
+/// A snapshot location: a store and the prefix under it.
+#[derive(Clone)]
+pub struct SnapshotStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Option<ObjectPath>,
+    url: String,
+}
+
+impl std::fmt::Debug for SnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl SnapshotStore {
+    /// Opens `url`: `file:///abs/dir` (made, private, if missing) or
+    /// `s3://bucket[/prefix]`.
+    pub fn open(url: &str) -> Result<SnapshotStore, StoreError> {
+        let bad = |why| StoreError::Url {
+            url: redacted(url),
+            why,
+        };
+        if url.contains('?') || url.contains('#') || url.contains('@') {
+            return Err(bad("no query, fragment or credentials in a snapshot URL"));
+        }
+        if let Some(dir) = url.strip_prefix("file://") {
+            if !dir.starts_with('/') {
+                return Err(bad("file:// takes an absolute directory"));
+            }
+            let path = std::path::Path::new(dir);
+            crate::private::create_dir_all(path).map_err(|source| StoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let store =
+                object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|source| {
+                    StoreError::Open {
+                        url: url.to_owned(),
+                        source,
+                    }
+                })?;
+            return Ok(SnapshotStore {
+                store: Arc::new(store),
+                prefix: None,
+                url: url.trim_end_matches('/').to_owned(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("s3:// needs a bucket"));
+            }
+            let prefix = prefix.trim_matches('/');
+            let prefix = if prefix.is_empty() {
+                None
+            } else {
+                Some(
+                    ObjectPath::parse(prefix)
+                        .map_err(|_| bad("the prefix is not a valid object path"))?,
+                )
+            };
+            // reqwest is built without a crypto provider of its own: it
+            // takes the process default, which must be ring (ours).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|source| StoreError::Open {
+                    url: url.to_owned(),
+                    source,
+                })?;
+            return Ok(SnapshotStore {
+                store: Arc::new(store),
+                prefix,
+                url: url.trim_end_matches('/').to_owned(),
+            });
+        }
+        Err(bad("Convoy takes file:///DIR and s3://BUCKET/PREFIX"))
+    }
+
+    /// The URL, as shown to operators.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The object's path in the store. Object names are made here
+    /// (`manifests/…`, `chunks/<hex>`), never taken from a listing.
+    fn path(&self, object: &str) -> ObjectPath {
+        match &self.prefix {
+            Some(p) => ObjectPath::from(format!("{p}/{object}")),
+            None => ObjectPath::from(object),
+        }
+    }
+
+    fn err(&self, object: &str, source: object_store::Error) -> StoreError {
+        StoreError::Object {
+            url: self.url.clone(),
+            object: object.to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Writes `object` unless it exists: `true` if this call made it.
+    pub async fn put_new(&self, object: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(object), PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err(object, e)),
+        }
+    }
+
+    /// Reads `object`, refusing one of more than `max` bytes before
+    /// reading it.
+    pub async fn get(&self, object: &str, max: u64) -> Result<Bytes, StoreError> {
+        let r = self
+            .store
+            .get(&self.path(object))
+            .await
+            .map_err(|e| self.err(object, e))?;
+        if r.meta.size > max {
+            return Err(StoreError::TooLarge {
+                url: self.url.clone(),
+                object: object.to_owned(),
+                size: r.meta.size,
+                max,
+            });
+        }
+        let b = r.bytes().await.map_err(|e| self.err(object, e))?;
+        // A store that sent more than it announced.
+        if b.len() as u64 > max {
+            return Err(StoreError::TooLarge {
+                url: self.url.clone(),
+                object: object.to_owned(),
+                size: b.len() as u64,
+                max,
+            });
+        }
+        Ok(b)
+    }
+
+    /// The names (under the prefix) of the objects under `dir/`.
+    pub async fn list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let base = self.path(dir);
+        let mut out = Vec::new();
+        let mut s = self.store.list(Some(&base));
+        while let Some(m) = s.next().await {
+            let m = m.map_err(|e| self.err(dir, e))?;
+            let full = m.location.as_ref();
+            let rel = match &self.prefix {
+                Some(p) => full
+                    .strip_prefix(p.as_ref())
+                    .map(|r| r.trim_start_matches('/')),
+                None => Some(full),
+            };
+            if let Some(r) = rel {
+                out.push(r.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes `object` (gone already is fine).
+    pub async fn delete(&self, object: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(object)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(object, e)),
+        }
+    }
+}

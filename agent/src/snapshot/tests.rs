@@ -1,0 +1,235 @@
+//! Push and pull through a `file://` bucket, and a bucket that lies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_protocol::ctl::ContentProfile;
+use convoy_protocol::fuzz::InsecureCrypto;
+use convoy_protocol::names::SpiffeId;
+use convoy_protocol::page::PageIndex;
+
+use super::pull::{pull, PullRequest};
+use super::push::{push, PushReport, PushRequest};
+use super::sealing::{open_statement, SealingKeys};
+use super::{SnapshotError, SnapshotStore};
+use crate::backend::sim::SimVm;
+use crate::backend::VmBackend;
+
+const A: &str = "spiffe://lab/agent/a";
+const B: &str = "spiffe://lab/agent/b";
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    store: SnapshotStore,
+    url: String,
+    a: Arc<SealingKeys>,
+    b: SealingKeys,
+    vm: Arc<dyn VmBackend>,
+}
+
+fn lab() -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    let store = SnapshotStore::open(&url).unwrap();
+    let spec = crate::backend::sim::testing::spec(4 << 20, 500, ContentProfile::Mixed);
+    let vm: Arc<dyn VmBackend> = SimVm::create(&spec, None, None).unwrap();
+    Lab {
+        _dir: dir,
+        store,
+        url,
+        a: Arc::new(SealingKeys::ephemeral().unwrap()),
+        b: SealingKeys::ephemeral().unwrap(),
+        vm,
+    }
+}
+
+impl Lab {
+    async fn push(&self) -> PushReport {
+        self.try_push().await.unwrap()
+    }
+
+    async fn try_push(&self) -> Result<PushReport, SnapshotError> {
+        let v = InsecureCrypto(String::new());
+        let st = self
+            .b
+            .statement(&InsecureCrypto(B.into()), id(B), 1)
+            .unwrap();
+        let st = open_statement(&st, &v, &id(B)).unwrap();
+        self.vm.pause().unwrap();
+        let r = push(
+            &self.store,
+            &v,
+            PushRequest {
+                name: "vm-1".parse().unwrap(),
+                attributes: Default::default(),
+                vm: self.vm.clone(),
+                me: id(A),
+                signer: Arc::new(InsecureCrypto(A.into())),
+                keys: self.a.clone(),
+                recipients: vec![st],
+                level: 3,
+                now_unix: 1_700_000_000,
+                ticket: None,
+            },
+        )
+        .await;
+        self.vm.resume().unwrap();
+        r
+    }
+
+    async fn pull(
+        &self,
+        snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
+        seen: Option<(u64, convoy_protocol::digest::Digest)>,
+    ) -> Result<super::pull::Pulled, SnapshotError> {
+        let v = InsecureCrypto(String::new());
+        pull(
+            &self.store,
+            PullRequest {
+                me: id(B),
+                keys: &self.b,
+                verifier: &v,
+                snapshot,
+                seen,
+                capacity: 1 << 30,
+                disk_dir: None,
+                paused: true,
+            },
+        )
+        .await
+    }
+}
+
+fn same_memory(a: &dyn VmBackend, b: &dyn VmBackend) -> bool {
+    let page = a.geometry().page_size().bytes();
+    let (mut x, mut y) = (vec![0u8; page], vec![0u8; page]);
+    (0..a.geometry().page_count()).all(|p| {
+        a.read_page(PageIndex(p), &mut x);
+        b.read_page(PageIndex(p), &mut y);
+        x == y
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_vm_is_pulled_by_its_recipient_as_it_was() {
+    let lab = lab();
+    std::thread::sleep(Duration::from_millis(50));
+    lab.vm.pause().unwrap();
+    let r = lab.push().await;
+    lab.vm.pause().unwrap();
+    assert_eq!((r.generation, r.chunks), (1, 4));
+    assert_eq!(r.uploaded, r.stored);
+    let p = lab.pull(None, None).await.unwrap();
+    assert!(same_memory(&*lab.vm, &*p.vm));
+    assert_eq!(p.counter, lab.vm.counter());
+    assert_eq!(p.manifest.snapshot, r.snapshot);
+    assert!(!p.vm.is_running());
+    p.vm.destroy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_push_uploads_only_what_changed_and_a_pull_takes_the_newest() {
+    let lab = lab();
+    let first = lab.push().await;
+    // The guest dirties 500 pages a second in a 10% hot set.
+    std::thread::sleep(Duration::from_millis(30));
+    lab.vm.pause().unwrap();
+    let second = lab.push().await;
+    assert_eq!(second.generation, 2);
+    assert!(second.uploaded < second.stored, "{second:?}");
+    let p = lab.pull(None, None).await.unwrap();
+    assert_eq!(p.manifest.snapshot, second.snapshot);
+    assert_eq!(p.manifest.previous, Some(first.digest));
+    p.vm.destroy();
+    // The older one, by name, from a host that saw the newer: a rollback.
+    let e = lab
+        .pull(Some(first.snapshot), Some((2, second.digest)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("rollback"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_loses_alters_or_renames_objects_is_refused_naming_them() {
+    let lab = lab();
+    let r = lab.push().await;
+    let root = lab.url.strip_prefix("file://").unwrap().to_owned();
+    let chunks: Vec<_> = std::fs::read_dir(format!("{root}/chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+
+    // One chunk altered.
+    let mut bytes = std::fs::read(&chunks[0]).unwrap();
+    let orig = bytes.clone();
+    bytes[40] ^= 1;
+    std::fs::write(&chunks[0], &bytes).unwrap();
+    let e = lab.pull(None, None).await.unwrap_err().to_string();
+    assert!(e.contains("does not authenticate"), "{e}");
+    std::fs::write(&chunks[0], &orig).unwrap();
+
+    // One chunk gone.
+    std::fs::remove_file(&chunks[0]).unwrap();
+    let e = lab.pull(None, None).await.unwrap_err().to_string();
+    let name = chunks[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(e.contains(&name), "{e}");
+    std::fs::write(&chunks[0], &orig).unwrap();
+
+    // The manifest under another generation's name.
+    let m = format!("{root}/{}", r.object);
+    let renamed = format!(
+        "{root}/{}",
+        convoy_protocol::snapshot::manifest_object(7, &r.snapshot)
+    );
+    std::fs::rename(&m, &renamed).unwrap();
+    let e = lab.pull(None, None).await.unwrap_err().to_string();
+    assert!(e.contains("holds generation 1"), "{e}");
+    std::fs::rename(&renamed, &m).unwrap();
+
+    // All back: it pulls.
+    lab.pull(None, None).await.unwrap().vm.destroy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_not_named_finds_nothing_it_can_open() {
+    let lab = lab();
+    lab.push().await;
+    let c = SealingKeys::ephemeral().unwrap();
+    let v = InsecureCrypto(String::new());
+    let e = pull(
+        &lab.store,
+        PullRequest {
+            me: id("spiffe://lab/agent/c"),
+            keys: &c,
+            verifier: &v,
+            snapshot: None,
+            seen: None,
+            capacity: 1 << 30,
+            disk_dir: None,
+            paused: true,
+        },
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no snapshot for spiffe://lab/agent/c"), "{e}");
+}
+
+#[test]
+fn urls_convoy_does_not_take_are_refused() {
+    for bad in [
+        "file://relative/dir",
+        "s3://",
+        "http://example.com/x",
+        "s3://bucket/prefix?X-Amz-Credential=secret",
+        "s3://key:secret@bucket/p",
+    ] {
+        let e = SnapshotStore::open(bad).unwrap_err().to_string();
+        assert!(e.contains("snapshot URL"), "{bad}: {e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+}
