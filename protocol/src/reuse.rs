@@ -74,19 +74,13 @@ impl ReuseKey {
         let mut k = blake3::derive_key(AEAD_CONTEXT, &self.0);
         let key = aead::UnboundKey::new(&aead::AES_256_GCM, &k)
             .map(aead::LessSafeKey::new)
-            .unwrap_or_else(|_| unreachable_key());
+            .unwrap_or_else(|_| crate::snapshot::key::unreachable_key());
         k.zeroize();
         key
     }
 }
 
 /// AES-256 takes any 32-byte key; `ring` refuses only a wrong length.
-fn unreachable_key() -> aead::LessSafeKey {
-    // A 32-byte array is always a valid AES-256 key.
-    #[allow(clippy::unwrap_used)]
-    aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &[0; 32]).unwrap())
-}
-
 impl fmt::Debug for ReuseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ReuseKey(<secret>)")
