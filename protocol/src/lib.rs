@@ -55,6 +55,7 @@
 
 pub mod adapt;
 pub mod admission;
+mod aead_key;
 pub mod audit;
 pub mod ctl;
 pub mod delta;

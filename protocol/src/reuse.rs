@@ -71,16 +71,10 @@ impl ReuseKey {
     }
 
     fn aead_key(&self) -> aead::LessSafeKey {
-        let mut k = blake3::derive_key(AEAD_CONTEXT, &self.0);
-        let key = aead::UnboundKey::new(&aead::AES_256_GCM, &k)
-            .map(aead::LessSafeKey::new)
-            .unwrap_or_else(|_| crate::snapshot::key::unreachable_key());
-        k.zeroize();
-        key
+        crate::aead_key::derived(AEAD_CONTEXT, &self.0)
     }
 }
 
-/// AES-256 takes any 32-byte key; `ring` refuses only a wrong length.
 impl fmt::Debug for ReuseKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ReuseKey(<secret>)")

@@ -151,15 +151,10 @@ impl Drop for ChunkKeys {
 impl ChunkKeys {
     /// The chunk keys of `key`.
     pub fn new(key: &DataKey) -> ChunkKeys {
-        let mut seal = key.derive(SEAL_CONTEXT);
-        let sealing = aead::UnboundKey::new(&aead::AES_256_GCM, &seal)
-            .map(aead::LessSafeKey::new)
-            .unwrap_or_else(|_| super::key::unreachable_key());
-        seal.zeroize();
         ChunkKeys {
             name: key.derive(NAME_CONTEXT),
             nonce: key.derive(NONCE_CONTEXT),
-            seal: sealing,
+            seal: crate::aead_key::derived(SEAL_CONTEXT, key.as_bytes()),
         }
     }
 

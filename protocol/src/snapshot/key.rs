@@ -13,7 +13,6 @@
 
 use std::fmt;
 
-use ring::aead;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -56,12 +55,6 @@ impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("DataKey(<secret>)")
     }
-}
-
-pub(crate) fn unreachable_key() -> aead::LessSafeKey {
-    // A 32-byte array is always a valid AES-256 key.
-    #[allow(clippy::unwrap_used)]
-    aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &[0; 32]).unwrap())
 }
 
 /// An agent's public sealing key, signed by the agent's identity.

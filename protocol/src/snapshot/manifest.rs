@@ -3,7 +3,6 @@
 use ring::aead;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use zeroize::Zeroize;
 
 use super::chunk::{ChunkLayout, ChunkName, MAX_CHUNK_LEAVES, MIN_CHUNK_LEAVES, TAG_LEN};
 use super::key::{DataKey, WrappedKey, WRAPPED_LEN};
@@ -283,12 +282,7 @@ pub fn check_fresh(
 }
 
 fn device_key(key: &DataKey) -> aead::LessSafeKey {
-    let mut k = key.derive(DEVICE_CONTEXT);
-    let key = aead::UnboundKey::new(&aead::AES_256_GCM, &k)
-        .map(aead::LessSafeKey::new)
-        .unwrap_or_else(|_| super::key::unreachable_key());
-    k.zeroize();
-    key
+    crate::aead_key::derived(DEVICE_CONTEXT, key.as_bytes())
 }
 
 /// Seals `state` for the snapshot `snapshot` (its nonce is derived from
