@@ -216,6 +216,17 @@ impl CtlClient {
         }
     }
 
+    /// A snapshot request ([`convoy_protocol::ctl::snapshot`]).
+    pub async fn snapshot(
+        &self,
+        req: convoy_protocol::ctl::snapshot::SnapshotRequest,
+    ) -> Result<convoy_protocol::ctl::snapshot::SnapshotResponse, ClientError> {
+        match self.request(CtlRequest::Snapshot(req)).await? {
+            CtlResponse::Snapshot(r) => Ok(*r),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// The agent's whole audit log (read in chunks), as it is now.
     pub async fn audit_log(&self) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();

@@ -77,6 +77,12 @@ pub enum StateError {
     /// The VM registry.
     #[error(transparent)]
     VmRegistry(#[from] crate::host::vmdb::VmDbError),
+    /// The snapshot sealing key.
+    #[error(transparent)]
+    Sealing(#[from] Box<crate::snapshot::SealingError>),
+    /// The record of snapshot lineages seen.
+    #[error("snapshots.redb: {0}")]
+    SnapshotsSeen(#[source] redb::Error),
 }
 
 /// What becomes of an agent's VMs when it stops.

@@ -53,7 +53,8 @@ impl Agent {
                 domain: config.trust.domain().clone(),
             });
         }
-        let (replay, audit, reset_key, journal, (vmdb, loaded)) = match &config.state_dir {
+        let (replay, audit, reset_key, journal, (vmdb, loaded), snapshots) = match &config.state_dir
+        {
             Some(dir) => {
                 let err = |source: StateError| AgentError::State {
                     path: dir.clone(),
@@ -79,7 +80,22 @@ impl Agent {
                 report_unfinished(&journal, &audit);
                 let vmdb = crate::host::vmdb::VmDb::open(&dir.join("vms.redb"))
                     .map_err(|e| err(e.into()))?;
-                (replay, Some(audit), reset_key, Arc::new(journal), vmdb)
+                let sealing = crate::snapshot::SealingKeys::load_or_create(dir)
+                    .map_err(|e| err(Box::new(e).into()))?;
+                let seen = crate::snapshot::seen::SeenLineages::open(&dir.join("snapshots.redb"))
+                    .map_err(|e| err(StateError::SnapshotsSeen(e)))?;
+                let snapshots = crate::host::Snapshots {
+                    sealing: Arc::new(sealing),
+                    seen,
+                };
+                (
+                    replay,
+                    Some(audit),
+                    reset_key,
+                    Arc::new(journal),
+                    vmdb,
+                    snapshots,
+                )
             }
             // Fail closed: without an audit log and a durable replay
             // cache the agent would act unaudited and accept a used
@@ -165,6 +181,7 @@ impl Agent {
                 journal,
                 resolving: tokio::sync::Mutex::new(()),
                 watchers: Mutex::new(tokio::task::JoinSet::new()),
+                snapshots,
             }),
         };
         if let Some(p) = policy {

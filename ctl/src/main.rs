@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - `cmd/`: one module per operator command (`pki`, `policy`, `vm`,
-//!   `migrate`, `abort`, `status`, `audit`).
+//!   `migrate`, `abort`, `status`, `audit`, `snapshot`).
 //! - [`demo`](mod@demo): `convoyctl demo`, a whole migration on this machine.
 //! - [`bench`](mod@bench): `convoyctl bench`, one module per experiment.
 //! - [`conn`]: operator identity and agent addressing shared by commands.
@@ -70,6 +70,10 @@ enum Command {
     /// crash, a restart or a lost link: resume, discard or keep paused,
     /// by the destination's signed answer; says what it decided and why.
     Recover(cmd::recover::Recover),
+    /// VMs as encrypted, signed snapshots in object storage: enroll,
+    /// push, pull, list, verify, delete.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::Snapshot),
     /// Validate Cedar policies and check requests against them offline.
     #[command(subcommand)]
     Policy(cmd::policy::Policy),
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
             Command::Recover(c) => cmd::recover::run(&cli.global, c).await,
             Command::Policy(c) => cmd::policy::run(&cli.global, c),
+            Command::Snapshot(c) => cmd::snapshot::run(&cli.global, c).await,
             Command::Status => cmd::status::run(&cli.global).await,
             Command::Demo(c) => demo::run(&cli.global, c).await,
             Command::Bench(c) => bench::run(&cli.global, *c).await,

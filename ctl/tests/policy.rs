@@ -50,7 +50,7 @@ fn the_examples_validate() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("valid: 8 policies"), "{stdout}");
+    assert!(stdout.contains("valid: 9 policies"), "{stdout}");
     assert!(stdout.contains("tenant-owns-vm"), "{stdout}");
 }
 
@@ -100,6 +100,53 @@ fn check_explains_permits_and_forbids() {
     assert_eq!(v["policies"][0], "no-downgrade");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MigrateOut denied"), "{err}");
+}
+
+#[test]
+fn snapshot_actions_are_checked_offline() {
+    // A tenant's own VM may be pushed, not once it is pinned.
+    let push = |extra: &[&str]| {
+        let mut args = vec![
+            "--action",
+            "PushSnapshot",
+            "--by",
+            ALICE,
+            "--host",
+            A,
+            "--tenant",
+            "acme",
+            "--url",
+            "s3://vms/eu",
+            "--recipient",
+            B,
+        ];
+        args.extend_from_slice(extra);
+        check(&args)
+    };
+    let out = push(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("tenant-owns-vm"), "{stdout}");
+    let out = push(&["--label", "pinned=true"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pinned-vms-stay"), "{stdout}");
+    // Managing snapshots is for admins; PullSnapshot needs the pusher.
+    let out = check(&[
+        "--action",
+        "ManageSnapshots",
+        "--by",
+        ALICE,
+        "--host",
+        A,
+        "--operation",
+        "delete",
+    ]);
+    assert!(!out.status.success());
+    let out = check(&["--action", "PullSnapshot", "--by", ALICE, "--host", A]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--source is required"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::trust::policy::{Query, VmFacts};
 mod audit;
 mod migrate;
 mod recover;
+mod snapshot;
 mod vm;
 
 use audit::audit_read;
@@ -87,7 +88,8 @@ fn governed(req: &CtlRequest) -> bool {
         | CtlRequest::VmPause(..)
         | CtlRequest::Abort(_)
         | CtlRequest::Recover { .. }
-        | CtlRequest::AuditRead { .. } => true,
+        | CtlRequest::AuditRead { .. }
+        | CtlRequest::Snapshot(_) => true,
         // A request this build does not know is refused as such below.
         _ => false,
     }
@@ -118,6 +120,7 @@ fn summary(req: &CtlRequest) -> String {
                 ""
             }
         ),
+        CtlRequest::Snapshot(s) => format!("snapshot {} {}", s.operation(), s.url()),
         other => format!("{other:?}"),
     }
 }
@@ -253,6 +256,10 @@ async fn handle(
             force_resume_here,
         } => {
             let r = recover::recover(&host, vm, force_resume_here, &peer.id).await;
+            respond(&mut send, r).await?;
+        }
+        CtlRequest::Snapshot(s) => {
+            let r = snapshot::snapshot(&host, s, &peer.id).await;
             respond(&mut send, r).await?;
         }
         other => {

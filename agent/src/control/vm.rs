@@ -228,7 +228,7 @@ pub(super) async fn create_qemu_vm(
 /// gone (the agent is stopping) or it cannot be recorded, the VM is
 /// destroyed (no guest runs that a restarted agent would not find) and
 /// the error response returned.
-async fn register(
+pub(super) async fn register(
     host: &Arc<Host>,
     name: &VmName,
     handle: VmHandle,

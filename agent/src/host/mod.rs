@@ -238,6 +238,19 @@ pub(crate) struct Host {
     /// The tasks asking about migrations in doubt ([`indoubt::watch`]),
     /// ended when the agent stops.
     pub(crate) watchers: Mutex<tokio::task::JoinSet<()>>,
+    /// This agent's snapshot keys and records.
+    pub(crate) snapshots: Snapshots,
+}
+
+/// What an agent keeps for snapshots in object storage
+/// ([`crate::snapshot`]), in its state directory.
+#[derive(Debug)]
+pub(crate) struct Snapshots {
+    /// Its sealing key (`sealing.key`).
+    pub sealing: Arc<crate::snapshot::SealingKeys>,
+    /// The newest generation of each lineage it pushed or restored
+    /// (`snapshots.redb`).
+    pub seen: crate::snapshot::seen::SeenLineages,
 }
 
 /// A page migration arriving here that takes lanes (extra connections of

@@ -8,12 +8,18 @@
 //! - [`push`]: a paused VM into the bucket (a new lineage, or the next
 //!   generation of one this agent can open: unchanged chunks are not
 //!   uploaded again).
+//! - [`enroll`]: agents' sealing keys published under the URL, for
+//!   pushers to name them as recipients.
+//! - [`seen`]: the newest generation of each lineage this agent saw
+//!   (rollback and fork refused).
 //! - [`pull`]: the newest (or a named) snapshot out of the bucket into a
 //!   staging image, every chunk and the root checked before it starts.
 
+pub mod enroll;
 pub mod pull;
 pub mod push;
 pub mod sealing;
+pub mod seen;
 pub mod store;
 
 use convoy_protocol::digest::Digest;
@@ -39,8 +45,8 @@ pub enum SnapshotError {
     /// The bucket.
     #[error(transparent)]
     Store(Box<StoreError>),
-    /// A manifest object does not decode.
-    #[error("{object}: not a signed manifest: {source}")]
+    /// A manifest or statement object does not decode.
+    #[error("{object}: does not decode: {source}")]
     Decode {
         /// The object.
         object: String,
@@ -190,7 +196,7 @@ pub async fn manifest_objects(store: &SnapshotStore) -> Result<Vec<String>, Snap
 pub async fn read_manifest(
     store: &SnapshotStore,
     object: &str,
-    verifier: &dyn ChainVerifier,
+    verifier: &(dyn ChainVerifier + Sync),
 ) -> Result<Found, SnapshotError> {
     let bytes = store.get(object, MAX_MANIFEST_OBJECT).await?;
     let signed: SignedManifest =
@@ -226,7 +232,7 @@ pub async fn read_manifest(
 /// a broken one silently).
 pub async fn newest_for(
     store: &SnapshotStore,
-    verifier: &dyn ChainVerifier,
+    verifier: &(dyn ChainVerifier + Sync),
     me: &SpiffeId,
     vm: Option<&convoy_protocol::names::VmName>,
 ) -> Result<Option<Found>, SnapshotError> {
@@ -240,6 +246,38 @@ pub async fn newest_for(
         }
     }
     Ok(None)
+}
+
+/// `m` (manifest object `object`, digest `digest`) as `snapshot list`
+/// shows it.
+pub fn summary(
+    object: &str,
+    m: &SnapshotManifest,
+    layout: ChunkLayout,
+    digest: Digest,
+) -> convoy_protocol::ctl::snapshot::SnapshotSummary {
+    let stored = m
+        .chunks
+        .iter()
+        .filter(|c| matches!(c, convoy_protocol::snapshot::ChunkRef::Stored { .. }))
+        .count() as u64;
+    convoy_protocol::ctl::snapshot::SnapshotSummary {
+        object: object.to_owned(),
+        snapshot: m.snapshot,
+        lineage: m.lineage,
+        generation: m.generation,
+        vm: m.vm.clone(),
+        source: m.source.to_string(),
+        created_at: m.created_at,
+        recipients: m
+            .recipients
+            .iter()
+            .map(|r| r.recipient.to_string())
+            .collect(),
+        vm_bytes: layout.leaves.saturating_mul(layout.page as u64),
+        chunks: (layout.chunks(), stored),
+        digest,
+    }
 }
 
 /// Runs `f` on a blocking thread.

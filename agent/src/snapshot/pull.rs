@@ -31,7 +31,7 @@ pub struct PullRequest<'a> {
     /// Its sealing keys.
     pub keys: &'a SealingKeys,
     /// The trust bundle the manifest's signer must chain to.
-    pub verifier: &'a dyn ChainVerifier,
+    pub verifier: &'a (dyn ChainVerifier + Sync),
     /// This snapshot, or the newest wrapped for this agent.
     pub snapshot: Option<SnapshotId>,
     /// The newest generation (and its manifest's digest) this agent has
@@ -76,16 +76,55 @@ pub struct Pulled {
 /// Finds the snapshot `req` names (or the newest for this agent), checks
 /// it and starts it.
 pub async fn pull(store: &SnapshotStore, req: PullRequest<'_>) -> Result<Pulled, SnapshotError> {
-    let started = Instant::now();
-    let found = match req.snapshot {
-        Some(id) => find(store, req.verifier, &id).await?,
-        None => newest_for(store, req.verifier, &req.me, None)
-            .await?
-            .ok_or_else(|| SnapshotError::NotFound {
-                url: store.url().to_owned(),
-                what: format!("no snapshot for {}", req.me),
+    let found = choose(store, req.verifier, &req.me, req.snapshot, None).await?;
+    restore(store, found, req).await
+}
+
+/// The manifest of snapshot `snapshot`, or of the newest snapshot (of
+/// `vm`, if given) wrapped for `me`, read and checked on its own.
+pub async fn choose(
+    store: &SnapshotStore,
+    verifier: &(dyn ChainVerifier + Sync),
+    me: &SpiffeId,
+    snapshot: Option<SnapshotId>,
+    vm: Option<&convoy_protocol::names::VmName>,
+) -> Result<Found, SnapshotError> {
+    let found =
+        match snapshot {
+            Some(id) => find(store, verifier, &id).await?,
+            None => newest_for(store, verifier, me, vm).await?.ok_or_else(|| {
+                SnapshotError::NotFound {
+                    url: store.url().to_owned(),
+                    what: match vm {
+                        Some(v) => format!("no snapshot of {v} for {me}"),
+                        None => format!("no snapshot for {me}"),
+                    },
+                }
             })?,
-    };
+        };
+    if vm.is_some_and(|v| *v != found.manifest.vm) {
+        return Err(SnapshotError::NotFound {
+            url: store.url().to_owned(),
+            what: format!(
+                "snapshot {} is of VM {}, not {}",
+                found.manifest.snapshot,
+                found.manifest.vm,
+                vm.map(ToString::to_string).unwrap_or_default()
+            ),
+        });
+    }
+    Ok(found)
+}
+
+/// Restores `found` (from [`choose`]): freshness, capacity, the data key,
+/// every chunk into a staging image, the root, the device state; then
+/// starts it.
+pub async fn restore(
+    store: &SnapshotStore,
+    found: Found,
+    req: PullRequest<'_>,
+) -> Result<Pulled, SnapshotError> {
+    let started = Instant::now();
     let Found {
         object,
         manifest: m,
@@ -115,8 +154,8 @@ pub async fn pull(store: &SnapshotStore, req: PullRequest<'_>) -> Result<Pulled,
         .await??
     };
     let t = Instant::now();
-    let fetched = match fetch_chunks(store, &m, layout, &key, &staging).await {
-        Ok(f) => f,
+    let fetched = match fetch_chunks(store, &m, layout, &key, Some(&staging)).await {
+        Ok((f, _)) => f,
         Err(e) => {
             staging.discard();
             return Err(e);
@@ -142,10 +181,25 @@ pub async fn pull(store: &SnapshotStore, req: PullRequest<'_>) -> Result<Pulled,
     })
 }
 
+/// Fetches and opens every stored chunk of `found` and recomputes the
+/// root and the device state, without staging anything: what a pull
+/// would check. Returns the chunks and bytes fetched and the root.
+pub async fn verify(
+    store: &SnapshotStore,
+    found: &Found,
+    me: &SpiffeId,
+    keys: &SealingKeys,
+) -> Result<((u64, u64), Digest), SnapshotError> {
+    let m = &found.manifest;
+    let key = keys.unwrap(me, &m.snapshot, &m.recipients)?;
+    open_state(&key, m)?;
+    fetch_chunks(store, m, found.layout, &key, None).await
+}
+
 /// The manifest of snapshot `id`.
 async fn find(
     store: &SnapshotStore,
-    verifier: &dyn ChainVerifier,
+    verifier: &(dyn ChainVerifier + Sync),
     id: &SnapshotId,
 ) -> Result<Found, SnapshotError> {
     let suffix = format!("-{id}");
@@ -160,26 +214,30 @@ async fn find(
     })
 }
 
-/// Fetches, checks and stages every stored chunk, then checks the root.
+/// Fetches and checks (and stages, given `staging`) every stored chunk,
+/// then checks the root, which it returns.
 async fn fetch_chunks(
     store: &SnapshotStore,
     m: &SnapshotManifest,
     layout: convoy_protocol::snapshot::ChunkLayout,
     key: &convoy_protocol::snapshot::DataKey,
-    staging: &Arc<SimVm>,
-) -> Result<(u64, u64), SnapshotError> {
+    staging: Option<&Arc<SimVm>>,
+) -> Result<((u64, u64), Digest), SnapshotError> {
     let opener = Arc::new(Opener::new(m, layout, key));
     let mut restore = Restore::new(m, layout);
     let max = layout.max_sealed() as u64;
     let stored: Vec<_> = opener.stored().collect();
     let mut results = futures_util::stream::iter(stored)
         .map(|(i, name, _)| {
-            let (store, opener, staging) = (store.clone(), opener.clone(), staging.clone());
+            let (store, opener, staging) = (store.clone(), opener.clone(), staging.cloned());
             async move {
                 let bytes = store.get(&chunk_object(&name), max).await?;
                 let n = bytes.len() as u64;
                 let c = blocking(move || -> Result<_, SnapshotError> {
                     let c = opener.open(i, &bytes)?;
+                    let Some(staging) = staging else {
+                        return Ok(c);
+                    };
                     let start = opener.layout().range(i).start;
                     for (leaf, data) in (start..).zip(c.raw.chunks_exact(opener.layout().page)) {
                         if !is_zero(data) {
@@ -200,6 +258,6 @@ async fn fetch_chunks(
         chunks += 1;
         bytes += n;
     }
-    restore.finish()?;
-    Ok((chunks, bytes))
+    let root = restore.finish()?;
+    Ok(((chunks, bytes), root))
 }

@@ -85,6 +85,10 @@ pub struct PushReport {
     pub chunks_took: Duration,
     /// The whole push.
     pub took: Duration,
+    /// The manifest made.
+    pub manifest: Box<SnapshotManifest>,
+    /// Its layout.
+    pub layout: ChunkLayout,
 }
 
 /// Pushes `req.vm` to `store`: the next generation of the newest snapshot
@@ -92,7 +96,7 @@ pub struct PushReport {
 /// so unchanged chunks are not uploaded again), or a new lineage.
 pub async fn push(
     store: &SnapshotStore,
-    verifier: &dyn ChainVerifier,
+    verifier: &(dyn ChainVerifier + Sync),
     req: PushRequest,
 ) -> Result<PushReport, SnapshotError> {
     let started = Instant::now();
@@ -181,6 +185,7 @@ pub async fn push(
         source,
     })?;
     let object = manifest_object(generation, &snapshot);
+    let manifest = Box::new(manifest);
     if !store.put_new(&object, Bytes::from(bytes)).await? {
         return Err(SnapshotError::Raced { object, generation });
     }
@@ -196,6 +201,8 @@ pub async fn push(
         vm_bytes: leaves.saturating_mul(page as u64),
         chunks_took,
         took: started.elapsed(),
+        manifest,
+        layout,
     })
 }
 

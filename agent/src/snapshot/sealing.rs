@@ -146,7 +146,7 @@ impl SealingKeys {
     /// The statement of this key, signed by `identity` (this agent's).
     pub fn statement(
         &self,
-        identity: &dyn Signer,
+        identity: &(dyn Signer + Sync),
         agent: SpiffeId,
         now_unix: u64,
     ) -> Result<SignedSealingKey, SealingError> {
@@ -203,7 +203,7 @@ impl SealingKeys {
 /// the one expected.
 pub fn open_statement(
     signed: &SignedSealingKey,
-    verifier: &dyn ChainVerifier,
+    verifier: &(dyn ChainVerifier + Sync),
     expected: &SpiffeId,
 ) -> Result<SealingKeyStatement, SealingError> {
     let (st, signer) = signed

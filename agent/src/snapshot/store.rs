@@ -72,6 +72,14 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the object asked for is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::Object { source, .. }
+            if matches!(**source, object_store::Error::NotFound { .. }))
+    }
+}
+
 /// `url` as it may be shown: nothing after a `?` or `#`, nothing before
 /// an `@` (where credentials would be).
 fn redacted(url: &str) -> String {
@@ -201,6 +209,15 @@ impl SnapshotStore {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(self.err(object, e)),
         }
+    }
+
+    /// Writes `object`, replacing it if it exists.
+    pub async fn put(&self, object: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.path(object), PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(object, e))
     }
 
     /// Reads `object`, refusing one of more than `max` bytes before

@@ -593,6 +593,18 @@ fn describe(e: &AuditEvent) -> String {
                 ""
             }
         ),
+        AuditEvent::Snapshot {
+            operation,
+            operator,
+            url,
+            vm,
+            object,
+            digest,
+        } => format!(
+            "snapshot {operation}{} at {url}: {object} ({}) at the request of {operator}",
+            vm.as_ref().map(|v| format!(" of {v}")).unwrap_or_default(),
+            &digest.to_hex()[..16]
+        ),
         other => format!("{other:?}"),
     }
 }

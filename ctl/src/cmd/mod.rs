@@ -7,5 +7,6 @@ pub mod migrate;
 pub mod pki;
 pub mod policy;
 pub mod recover;
+pub mod snapshot;
 pub mod status;
 pub mod vm;

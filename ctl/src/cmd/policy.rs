@@ -42,21 +42,22 @@ pub struct Check {
     /// Inventory (JSON).
     #[arg(long)]
     inventory: PathBuf,
-    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover
-    /// or ReadAudit.
+    /// MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover,
+    /// ReadAudit, PushSnapshot, PullSnapshot or ManageSnapshots.
     #[arg(long)]
     action: Action,
     /// The operator asking (or whose ticket it is), as a SPIFFE ID.
     #[arg(long, value_name = "OPERATOR_ID")]
     by: SpiffeId,
-    /// Source agent (MigrateOut, MigrateIn), as a SPIFFE ID.
+    /// Source agent (MigrateOut, MigrateIn; PullSnapshot: the pusher), as
+    /// a SPIFFE ID.
     #[arg(long)]
     source: Option<SpiffeId>,
     /// Destination agent (MigrateOut, MigrateIn), as a SPIFFE ID.
     #[arg(long)]
     destination: Option<SpiffeId>,
     /// The agent asked (CreateVm, DeleteVm, PauseVm, Abort, Recover,
-    /// ReadAudit), as a SPIFFE ID.
+    /// ReadAudit, and the snapshot actions), as a SPIFFE ID.
     #[arg(long)]
     host: Option<SpiffeId>,
     /// VM name.
@@ -75,6 +76,15 @@ pub struct Check {
     /// (`--force-resume-here`).
     #[arg(long)]
     force: bool,
+    /// PushSnapshot, PullSnapshot, ManageSnapshots: the snapshot URL.
+    #[arg(long, default_value = "file:///snapshots")]
+    url: String,
+    /// PushSnapshot: a recipient agent, as a SPIFFE ID (repeatable).
+    #[arg(long = "recipient")]
+    recipients: Vec<SpiffeId>,
+    /// ManageSnapshots: enroll, list, verify or delete.
+    #[arg(long, default_value = "list")]
+    operation: String,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -210,6 +220,26 @@ fn check(g: &Global, c: Check) -> Result<()> {
         Action::ReadAudit => set.decide(&Query::ReadAudit {
             operator: &c.by,
             host: need(&c.host, "host", a)?,
+        }),
+        Action::PushSnapshot => set.decide(&Query::PushSnapshot {
+            operator: &c.by,
+            vm,
+            host: need(&c.host, "host", a)?,
+            url: &c.url,
+            recipients: &c.recipients,
+        }),
+        Action::PullSnapshot => set.decide(&Query::PullSnapshot {
+            operator: &c.by,
+            vm,
+            host: need(&c.host, "host", a)?,
+            url: &c.url,
+            source: need(&c.source, "source", a)?,
+        }),
+        Action::ManageSnapshots => set.decide(&Query::ManageSnapshots {
+            operator: &c.by,
+            host: need(&c.host, "host", a)?,
+            url: &c.url,
+            operation: &c.operation,
         }),
     };
     if g.json {

@@ -211,6 +211,23 @@ pub enum AuditEvent {
         /// (source) or given (destination).
         statement: Option<crate::indoubt::SignedStatement>,
     },
+    /// A snapshot was pushed, pulled (restored here), deleted, or this
+    /// agent's sealing key enrolled, at the operator's request. Appended
+    /// after the first log format.
+    Snapshot {
+        /// `push`, `pull`, `delete`, `enroll`.
+        operation: String,
+        /// The operator who asked.
+        operator: String,
+        /// The URL (never with credentials: URLs carrying any are refused).
+        url: String,
+        /// The VM, when there is one.
+        vm: Option<VmName>,
+        /// The manifest object (or, for `enroll`, the statement's object).
+        object: String,
+        /// The manifest's digest (or the sealing key's id).
+        digest: Digest,
+    },
 }
 
 /// The digest recorded for cut bytes ([`AuditEvent::TornTailCut`]): plain

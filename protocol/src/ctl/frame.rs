@@ -77,7 +77,7 @@ impl CtlMessage {
 
 /// How many variants [`CtlRequest`] has (its last one's index plus one;
 /// `request_variants_are_counted` keeps this in step).
-const REQUEST_VARIANTS: u32 = 11;
+const REQUEST_VARIANTS: u32 = 12;
 
 /// The postcard varint (an enum's variant index) `body` starts with.
 fn leading_varint(body: &[u8]) -> Option<u32> {
@@ -172,6 +172,7 @@ mod tests {
             CtlRequest::VmPause(..) => 8,
             CtlRequest::VmAdoptQemu(..) => 9,
             CtlRequest::Recover { .. } => 10,
+            CtlRequest::Snapshot(_) => 11,
         }
     }
 
@@ -185,14 +186,17 @@ mod tests {
             CtlRequest::Abort(vm.clone()),
             CtlRequest::AuditRead { offset: 1 },
             CtlRequest::VmPause(vm, true),
+            CtlRequest::Recover {
+                vm: None,
+                force_resume_here: true,
+            },
         ] {
             let body = postcard::to_stdvec(&r).unwrap();
             assert_eq!(leading_varint(&body), Some(index(&r)), "{r:?}");
         }
-        let last = CtlRequest::Recover {
-            vm: None,
-            force_resume_here: true,
-        };
+        let last = CtlRequest::Snapshot(super::super::snapshot::SnapshotRequest::List {
+            url: "file:///x".into(),
+        });
         let body = postcard::to_stdvec(&last).unwrap();
         assert_eq!(leading_varint(&body), Some(index(&last)));
         assert_eq!(index(&last) + 1, REQUEST_VARIANTS);

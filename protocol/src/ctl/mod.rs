@@ -16,6 +16,7 @@ pub use crate::vm::{Accel, QemuVmSpec};
 pub use frame::CtlMessage;
 
 pub mod frame;
+pub mod snapshot;
 
 /// What a simulated VM's memory is filled with at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +368,9 @@ pub enum CtlRequest {
         /// Resume the source's paused copy without a fence.
         force_resume_here: bool,
     },
+    /// A snapshot in object storage: enroll, push, pull, list, verify,
+    /// delete ([`snapshot`]).
+    Snapshot(snapshot::SnapshotRequest),
 }
 
 /// What `Recover` decided about one migration.
@@ -475,4 +479,6 @@ pub enum CtlResponse {
     },
     /// Answer to `Recover`: one report per migration looked at.
     Recovered(Vec<RecoveryReport>),
+    /// Answer to `Snapshot`.
+    Snapshot(Box<snapshot::SnapshotResponse>),
 }

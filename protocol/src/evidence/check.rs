@@ -292,7 +292,8 @@ impl<'a> Checker<'a> {
                 | AuditEvent::PolicyLoaded { .. }
                 | AuditEvent::PolicyRejected { .. }
                 | AuditEvent::TornTailCut { .. }
-                | AuditEvent::VmAtStart { .. } => {}
+                | AuditEvent::VmAtStart { .. }
+                | AuditEvent::Snapshot { .. } => {}
             }
             if let Some(p) = previous.filter(|&p| r.index <= p) {
                 return Err(at(RecordProblem::Order {
@@ -500,5 +501,6 @@ fn event_name(e: &AuditEvent) -> &'static str {
         AuditEvent::Unfinished { .. } => "unfinished migration",
         AuditEvent::VmAtStart { .. } => "VM found at start",
         AuditEvent::Resolution { .. } => "resolution of a migration in doubt",
+        AuditEvent::Snapshot { .. } => "snapshot operation",
     }
 }

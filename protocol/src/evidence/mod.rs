@@ -134,6 +134,7 @@ fn migration_of(e: &AuditEvent) -> Option<MigrationId> {
         | AuditEvent::PolicyLoaded { .. }
         | AuditEvent::PolicyRejected { .. }
         | AuditEvent::TornTailCut { .. }
-        | AuditEvent::VmAtStart { .. } => None,
+        | AuditEvent::VmAtStart { .. }
+        | AuditEvent::Snapshot { .. } => None,
     }
 }

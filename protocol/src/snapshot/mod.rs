@@ -75,7 +75,33 @@ macro_rules! id16 {
                 f.write_str(&self.to_hex())
             }
         }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            /// 32 lower-case hex digits, as `Display` writes them.
+            fn from_str(s: &str) -> Result<Self, String> {
+                parse_id16(s).map($name).ok_or_else(|| {
+                    format!("{s:?} is not 32 lower-case hex digits")
+                })
+            }
+        }
     };
+}
+
+/// 16 bytes from 32 lower-case hex digits (one id, one spelling).
+fn parse_id16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 id16!(
@@ -97,16 +123,11 @@ pub fn manifest_object(generation: u64, snapshot: &SnapshotId) -> String {
 pub fn parse_manifest_object(name: &str) -> Option<(u64, SnapshotId)> {
     let rest = name.strip_prefix("manifests/g")?;
     let (g, id) = rest.split_once('-')?;
-    if g.len() != 20 || id.len() != 32 || !g.bytes().all(|b| b.is_ascii_digit()) {
+    if g.len() != 20 || !g.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let generation = g.parse().ok()?;
-    let mut bytes = [0u8; 16];
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    // Lower-case only: one snapshot, one name.
-    (id.bytes().all(|c| !c.is_ascii_uppercase())).then_some((generation, SnapshotId(bytes)))
+    Some((generation, SnapshotId(parse_id16(id)?)))
 }
 
 /// The object name of a chunk, under the snapshot URL's prefix.

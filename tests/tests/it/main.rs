@@ -28,6 +28,7 @@ mod qemu;
 mod resume;
 mod reuse;
 mod revocation;
+mod snapshot;
 mod storage;
 mod tickets;
 mod transport;

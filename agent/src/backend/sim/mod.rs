@@ -178,6 +178,10 @@ impl SimVm {
         };
         let vm = SimVm::blank(spec.name.as_str(), spec.memory_bytes, disks, dir)?;
         vm.fill(spec.content, spec.seed);
+        // Page 0 holds the counter from the start (0 until the first
+        // tick): memory and device state agree even for a VM paused, or
+        // copied, before its vCPU first ran.
+        vm.shared.mem.store_word(0, 0);
         vm.set_workload(spec.dirty_pages_per_sec, spec.hot_set_pct, spec.seed);
         for (i, d) in vm.shared.disks.iter().enumerate() {
             vm.shared.ctl.set_disk_rate(i, d.made_rate());

@@ -26,6 +26,12 @@ pub enum Action {
     Recover,
     /// Reading an agent's audit log.
     ReadAudit,
+    /// Pushing a VM to object storage.
+    PushSnapshot,
+    /// Restoring a VM from object storage.
+    PullSnapshot,
+    /// Enrolling, listing, verifying, deleting snapshots.
+    ManageSnapshots,
 }
 
 impl Action {
@@ -40,6 +46,9 @@ impl Action {
             Action::Abort => "Abort",
             Action::Recover => "Recover",
             Action::ReadAudit => "ReadAudit",
+            Action::PushSnapshot => "PushSnapshot",
+            Action::PullSnapshot => "PullSnapshot",
+            Action::ManageSnapshots => "ManageSnapshots",
         }
     }
 }
@@ -47,7 +56,7 @@ impl Action {
 /// An action name policies do not govern (the text as given).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover, ReadAudit)"
+    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover, ReadAudit, PushSnapshot, PullSnapshot, ManageSnapshots)"
 )]
 pub struct UnknownAction(pub String);
 
@@ -63,6 +72,9 @@ impl FromStr for Action {
             "Abort" => Action::Abort,
             "Recover" => Action::Recover,
             "ReadAudit" => Action::ReadAudit,
+            "PushSnapshot" => Action::PushSnapshot,
+            "PullSnapshot" => Action::PullSnapshot,
+            "ManageSnapshots" => Action::ManageSnapshots,
             other => return Err(UnknownAction(other.to_owned())),
         })
     }
@@ -162,6 +174,43 @@ pub enum Query<'a> {
         /// This agent.
         host: &'a SpiffeId,
     },
+    /// Pushing a VM of `host` to `url`, sealed for `recipients`.
+    PushSnapshot {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+        /// Where.
+        url: &'a str,
+        /// The agents that may open it.
+        recipients: &'a [SpiffeId],
+    },
+    /// Restoring on `host` a VM that `source` pushed to `url`.
+    PullSnapshot {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM, as the verified manifest describes it.
+        vm: VmFacts<'a>,
+        /// This agent.
+        host: &'a SpiffeId,
+        /// Where.
+        url: &'a str,
+        /// The agent that pushed it (its signature checked).
+        source: &'a SpiffeId,
+    },
+    /// Enrolling, listing, verifying or deleting snapshots at `url`.
+    ManageSnapshots {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// This agent.
+        host: &'a SpiffeId,
+        /// Where.
+        url: &'a str,
+        /// `enroll`, `list`, `verify`, `delete`.
+        operation: &'a str,
+    },
 }
 
 impl Query<'_> {
@@ -176,6 +225,9 @@ impl Query<'_> {
             Query::Abort { .. } => Action::Abort,
             Query::Recover { .. } => Action::Recover,
             Query::ReadAudit { .. } => Action::ReadAudit,
+            Query::PushSnapshot { .. } => Action::PushSnapshot,
+            Query::PullSnapshot { .. } => Action::PullSnapshot,
+            Query::ManageSnapshots { .. } => Action::ManageSnapshots,
         }
     }
 
@@ -189,7 +241,10 @@ impl Query<'_> {
             | Query::PauseVm { operator, .. }
             | Query::Abort { operator, .. }
             | Query::Recover { operator, .. }
-            | Query::ReadAudit { operator, .. } => operator,
+            | Query::ReadAudit { operator, .. }
+            | Query::PushSnapshot { operator, .. }
+            | Query::PullSnapshot { operator, .. }
+            | Query::ManageSnapshots { operator, .. } => operator,
         }
     }
 
@@ -210,8 +265,13 @@ impl Query<'_> {
             | Query::DeleteVm { vm, .. }
             | Query::PauseVm { vm, .. }
             | Query::Abort { vm, .. }
-            | Query::Recover { vm, .. } => format!("vm {}", vm.name),
+            | Query::Recover { vm, .. }
+            | Query::PushSnapshot { vm, .. }
+            | Query::PullSnapshot { vm, .. } => format!("vm {}", vm.name),
             Query::ReadAudit { host, .. } => host.to_string(),
+            Query::ManageSnapshots {
+                host, operation, ..
+            } => format!("{host} (snapshot {operation})"),
         }
     }
 }

@@ -171,6 +171,45 @@ impl PolicySet {
                 uid("Agent", &host.to_string()),
                 json!({ "host": self.host(host)? }),
             ),
+            Query::PushSnapshot {
+                operator,
+                vm,
+                host,
+                url,
+                recipients,
+            } => {
+                extra.push(self.vm_entity(&vm)?);
+                let recipients: Vec<String> = recipients.iter().map(ToString::to_string).collect();
+                (
+                    uid("Operator", &operator.to_string()),
+                    uid("Vm", vm.name.as_str()),
+                    json!({ "host": self.host(host)?, "url": url, "recipients": recipients }),
+                )
+            }
+            Query::PullSnapshot {
+                operator,
+                vm,
+                host,
+                url,
+                source,
+            } => {
+                extra.push(self.vm_entity(&vm)?);
+                (
+                    uid("Operator", &operator.to_string()),
+                    uid("Vm", vm.name.as_str()),
+                    json!({ "host": self.host(host)?, "url": url, "source": source.to_string() }),
+                )
+            }
+            Query::ManageSnapshots {
+                operator,
+                host,
+                url,
+                operation,
+            } => (
+                uid("Operator", &operator.to_string()),
+                uid("Agent", &host.to_string()),
+                json!({ "host": self.host(host)?, "url": url, "operation": operation }),
+            ),
         };
         // Operators unknown to the inventory are principals with nothing.
         let op = q.operator();

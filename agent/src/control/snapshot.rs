@@ -1,0 +1,578 @@
+//! Snapshot requests (`convoyctl snapshot …`): each asks the policy
+//! (`PushSnapshot`, `PullSnapshot`, `ManageSnapshots`), and what changes a
+//! bucket or starts a VM is audited. The formats and checks are in
+//! [`crate::snapshot`]; this file takes the VM out of, or puts it into,
+//! the registry around them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::snapshot::{
+    DeleteReport, PullReport, PullRequest, PushReport, PushRequest, SnapshotListing,
+    SnapshotRequest, SnapshotResponse, VerifyReport, MAX_RECIPIENTS, MAX_URL,
+};
+use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
+use convoy_protocol::names::{Role, SpiffeId, VmName};
+use convoy_protocol::snapshot::{ChunkRef, SignedManifest};
+
+use super::{error, forbidden};
+use crate::host::{Host, VmHandle};
+use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
+use crate::trust::authz::now_unix;
+use crate::trust::policy::{Query, VmFacts};
+
+/// The largest manifest object read when deleting (the format's bound).
+const MAX_MANIFEST_OBJECT: u64 =
+    convoy_protocol::snapshot::manifest::MAX_MANIFEST_BODY as u64 + (64 << 10);
+
+pub(super) async fn snapshot(
+    host: &Arc<Host>,
+    req: SnapshotRequest,
+    operator: &SpiffeId,
+) -> CtlResponse {
+    if req.url().len() > MAX_URL {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!("a snapshot URL has at most {MAX_URL} bytes"),
+        );
+    }
+    let store = match SnapshotStore::open(req.url()) {
+        Ok(s) => s,
+        Err(e) => return error(CtlErrorKind::BadRequest, e.to_string()),
+    };
+    let answer = match req {
+        SnapshotRequest::Push(p) => push(host, &store, p, operator).await,
+        SnapshotRequest::Pull(p) => pull(host, &store, p, operator).await,
+        other => {
+            let operation = other.operation();
+            let d = host.decide(
+                &Query::ManageSnapshots {
+                    operator,
+                    host: &host.id,
+                    url: store.url(),
+                    operation,
+                },
+                None,
+            );
+            if !d.permitted {
+                return forbidden(&d);
+            }
+            match other {
+                SnapshotRequest::Enroll { .. } => enroll(host, &store, operator).await,
+                SnapshotRequest::List { .. } => list(host, &store).await,
+                SnapshotRequest::Verify { snapshot, .. } => verify(host, &store, snapshot).await,
+                SnapshotRequest::Delete { snapshot, .. } => {
+                    delete(host, &store, snapshot, operator).await
+                }
+                _ => Err(error(
+                    CtlErrorKind::BadRequest,
+                    format!("unsupported snapshot request {operation}"),
+                )),
+            }
+        }
+    };
+    match answer {
+        Ok(r) => CtlResponse::Snapshot(Box::new(r)),
+        Err(r) => r,
+    }
+}
+
+/// A snapshot failure as the operator sees it.
+fn failed(what: &str, e: &SnapshotError) -> CtlResponse {
+    let kind = match e {
+        SnapshotError::NotFound { .. } => CtlErrorKind::NotFound,
+        SnapshotError::TooLarge { .. } => CtlErrorKind::NoCapacity,
+        SnapshotError::Sealing(s)
+            if matches!(**s, crate::snapshot::SealingError::NotARecipient { .. }) =>
+        {
+            CtlErrorKind::Unauthorized
+        }
+        _ => CtlErrorKind::Internal,
+    };
+    error(kind, format!("{what}: {e}"))
+}
+
+async fn enroll(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let creds = host.creds();
+    let (object, key_id) = snap::enroll::enroll(
+        store,
+        &host.snapshots.sealing,
+        &creds.identity,
+        &host.id,
+        now_unix(),
+    )
+    .await
+    .map_err(|e| failed("snapshot enroll", &e))?;
+    host.audit(AuditEvent::Snapshot {
+        operation: "enroll".into(),
+        operator: operator.to_string(),
+        url: store.url().to_owned(),
+        vm: None,
+        object: object.clone(),
+        digest: key_id,
+    });
+    Ok(SnapshotResponse::Enrolled { object, key_id })
+}
+
+/// The SPIFFE ID of the recipient agent called `name`: a federated peer
+/// of that name, or this agent's own trust domain's.
+fn recipient_id(host: &Host, name: &convoy_protocol::names::AgentName) -> SpiffeId {
+    host.creds()
+        .trust
+        .federated_peer(Role::Agent, name)
+        .unwrap_or_else(|| SpiffeId::agent(host.id.domain().clone(), name.clone()))
+}
+
+async fn push(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    p: PushRequest,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    if p.recipients.len() > MAX_RECIPIENTS {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!("at most {MAX_RECIPIENTS} recipients"),
+        ));
+    }
+    let ids: Vec<SpiffeId> = p.recipients.iter().map(|n| recipient_id(host, n)).collect();
+    let name = p.vm;
+    let Some(attributes) = host.vms().get(&name).map(|e| e.attributes.clone()) else {
+        return Err(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {name} here"),
+        ));
+    };
+    let d = host.decide(
+        &Query::PushSnapshot {
+            operator,
+            vm: VmFacts {
+                name: &name,
+                attributes: &attributes,
+            },
+            host: &host.id,
+            url: store.url(),
+            recipients: &ids,
+        },
+        None,
+    );
+    if !d.permitted {
+        return Err(forbidden(&d));
+    }
+    let creds = host.creds();
+    let mut statements = Vec::with_capacity(ids.len());
+    for id in &ids {
+        statements.push(
+            snap::enroll::recipient(store, &creds.trust, id)
+                .await
+                .map_err(|e| failed("snapshot push", &e))?,
+        );
+    }
+    // Taken as for a migration: paused here, so that nothing else (a
+    // migration, a delete) acts on it until the copy is done; an abort
+    // cancels the push.
+    let Claimed {
+        vm,
+        was_running,
+        cancel,
+    } = claim(host, &name)?;
+    let paused_at = Instant::now();
+    if was_running {
+        if let Err(e) = vm.pause() {
+            release(host, &name, VmState::Running);
+            return Err(error(
+                CtlErrorKind::Internal,
+                format!("cannot pause VM {name}: {e}"),
+            ));
+        }
+    }
+    let req = snap::push::PushRequest {
+        name: name.clone(),
+        attributes,
+        vm: vm.clone(),
+        me: host.id.clone(),
+        signer: Arc::new(creds.identity.clone()),
+        keys: host.snapshots.sealing.clone(),
+        recipients: statements,
+        level: 3,
+        now_unix: now_unix(),
+        ticket: None,
+    };
+    let pushed = tokio::select! {
+        r = snap::push::push(store, &creds.trust, req) => Some(r),
+        () = cancel.notified() => None,
+    };
+    let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    let resumed = if was_running { vm.resume() } else { Ok(()) };
+    let state = if was_running && resumed.is_ok() {
+        VmState::Running
+    } else {
+        VmState::Paused
+    };
+    release(host, &name, state);
+    if let Err(e) = resumed {
+        tracing::error!(vm = %name, "cannot resume after a snapshot push: {e}");
+    }
+    let r = match pushed {
+        None => {
+            return Err(error(
+                CtlErrorKind::MigrationFailed,
+                format!("snapshot push of {name} aborted; the VM runs here"),
+            ))
+        }
+        Some(Err(e)) => return Err(failed(&format!("snapshot push of {name}"), &e)),
+        Some(Ok(r)) => r,
+    };
+    if let Err(e) = host
+        .snapshots
+        .seen
+        .record(&r.manifest.lineage, r.generation, &r.digest)
+    {
+        tracing::warn!("the snapshot record cannot be written: {e}");
+    }
+    host.audit(AuditEvent::Snapshot {
+        operation: "push".into(),
+        operator: operator.to_string(),
+        url: store.url().to_owned(),
+        vm: Some(name),
+        object: r.object.clone(),
+        digest: r.digest,
+    });
+    Ok(SnapshotResponse::Pushed(Box::new(PushReport {
+        summary: snap::summary(&r.object, &r.manifest, r.layout, r.digest),
+        uploaded: r.uploaded,
+        uploaded_bytes: r.uploaded_bytes,
+        paused_ms: if was_running { paused_ms } else { 0.0 },
+        chunks_ms: r.chunks_took.as_secs_f64() * 1e3,
+        total_ms: r.took.as_secs_f64() * 1e3,
+    })))
+}
+
+/// Takes sim VM `name` for a push: it must be running or paused and not
+/// migrating; it is marked paused and given a cancel handle (so a
+/// migration, a delete or a pause cannot act on it meanwhile).
+/// A VM taken for a push: the guest, whether it ran, the cancel handle.
+struct Claimed {
+    vm: Arc<dyn crate::backend::VmBackend>,
+    was_running: bool,
+    cancel: Arc<tokio::sync::Notify>,
+}
+
+#[allow(clippy::result_large_err)]
+fn claim(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlResponse> {
+    let mut vms = host.vms();
+    let Some(e) = vms.get_mut(name) else {
+        return Err(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {name} here"),
+        ));
+    };
+    let vm = match &e.handle {
+        Some(VmHandle::Sim(vm)) => vm.clone(),
+        Some(VmHandle::Qemu(_)) => {
+            return Err(error(
+                CtlErrorKind::BadRequest,
+                "snapshots of QEMU VMs are not built yet; sim VMs only",
+            ))
+        }
+        _ => {
+            return Err(error(
+                CtlErrorKind::BadRequest,
+                format!("VM {name} has no guest here"),
+            ))
+        }
+    };
+    if e.cancel.is_some() || !matches!(e.state, VmState::Running | VmState::Paused) {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "VM {name} is {:?}{}; only a running or paused VM can be pushed",
+                e.state,
+                if e.cancel.is_some() {
+                    " and migrating"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let was_running = e.state == VmState::Running;
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    e.state = VmState::Paused;
+    e.cancel = Some(cancel.clone());
+    Ok(Claimed {
+        vm,
+        was_running,
+        cancel,
+    })
+}
+
+fn release(host: &Arc<Host>, name: &VmName, state: VmState) {
+    let mut vms = host.vms();
+    if let Some(e) = vms.get_mut(name) {
+        e.cancel = None;
+        e.state = state;
+    }
+}
+
+async fn pull(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    p: PullRequest,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let creds = host.creds();
+    let found = snap::pull::choose(store, &creds.trust, &host.id, p.snapshot, p.vm.as_ref())
+        .await
+        .map_err(|e| failed("snapshot pull", &e))?;
+    let m = &found.manifest;
+    let name = m.vm.clone();
+    if let Err(e) = m.attributes.validate() {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!("{}: the VM's attributes: {e}", found.object),
+        ));
+    }
+    let d = host.decide(
+        &Query::PullSnapshot {
+            operator,
+            vm: VmFacts {
+                name: &name,
+                attributes: &m.attributes,
+            },
+            host: &host.id,
+            url: store.url(),
+            source: &m.source,
+        },
+        None,
+    );
+    if !d.permitted {
+        return Err(forbidden(&d));
+    }
+    let seen = host
+        .snapshots
+        .seen
+        .get(&m.lineage)
+        .map_err(|e| error(CtlErrorKind::Internal, format!("the snapshot record: {e}")))?;
+    if let Some(r) = super::vm::reserve_error(host, &name, m.memory.bytes()) {
+        return Err(r);
+    }
+    let (object, lineage, layout, attributes) = (
+        found.object.clone(),
+        m.lineage,
+        found.layout,
+        m.attributes.clone(),
+    );
+    let disk_dir = host.config.disk_dir();
+    let pulled = snap::pull::restore(
+        store,
+        found,
+        snap::pull::PullRequest {
+            me: host.id.clone(),
+            keys: &host.snapshots.sealing,
+            verifier: &creds.trust,
+            snapshot: p.snapshot,
+            seen,
+            // Memory is reserved above; disks are sparse files.
+            capacity: u64::MAX,
+            disk_dir: disk_dir.as_deref(),
+            paused: p.paused,
+        },
+    )
+    .await;
+    let pulled = match pulled {
+        Ok(v) => v,
+        Err(e) => {
+            host.remove(&name);
+            return Err(failed(&format!("snapshot pull of {name}"), &e));
+        }
+    };
+    // Recorded before the VM is: a later pull of an older generation is
+    // refused even if the agent stops right after this one.
+    if let Err(e) = host
+        .snapshots
+        .seen
+        .record(&lineage, pulled.manifest.generation, &pulled.digest)
+    {
+        host.remove(&name);
+        pulled.vm.destroy();
+        return Err(error(
+            CtlErrorKind::Internal,
+            format!("the snapshot record cannot be written ({e}); VM {name} not started"),
+        ));
+    }
+    let state = if p.paused {
+        VmState::Paused
+    } else {
+        VmState::Running
+    };
+    super::vm::register(
+        host,
+        &name,
+        VmHandle::Sim(pulled.vm.clone()),
+        state,
+        &attributes,
+    )
+    .await?;
+    host.audit(AuditEvent::Snapshot {
+        operation: "pull".into(),
+        operator: operator.to_string(),
+        url: store.url().to_owned(),
+        vm: Some(name.clone()),
+        object: object.clone(),
+        digest: pulled.digest,
+    });
+    let vm = host
+        .vm_info(&name)
+        .ok_or_else(|| error(CtlErrorKind::Internal, "VM vanished"))?;
+    Ok(SnapshotResponse::Pulled(Box::new(PullReport {
+        summary: snap::summary(&object, &pulled.manifest, layout, pulled.digest),
+        vm,
+        fetched: pulled.fetched,
+        chunks_ms: pulled.chunks_took.as_secs_f64() * 1e3,
+        total_ms: pulled.took.as_secs_f64() * 1e3,
+    })))
+}
+
+async fn list(host: &Arc<Host>, store: &SnapshotStore) -> Result<SnapshotResponse, CtlResponse> {
+    let creds = host.creds();
+    let objects = snap::manifest_objects(store)
+        .await
+        .map_err(|e| failed("snapshot list", &e))?;
+    let mut listing = SnapshotListing {
+        snapshots: Vec::new(),
+        refused: Vec::new(),
+    };
+    for object in objects {
+        match snap::read_manifest(store, &object, &creds.trust).await {
+            Ok(f) => {
+                listing
+                    .snapshots
+                    .push(snap::summary(&object, &f.manifest, f.layout, f.digest))
+            }
+            Err(e) => listing
+                .refused
+                .push(convoy_protocol::ctl::snapshot::RefusedObject {
+                    object,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+    Ok(SnapshotResponse::Listed(listing))
+}
+
+async fn verify(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let t = Instant::now();
+    let creds = host.creds();
+    let found = snap::pull::choose(store, &creds.trust, &host.id, snapshot, None)
+        .await
+        .map_err(|e| failed("snapshot verify", &e))?;
+    let (fetched, root) = snap::pull::verify(store, &found, &host.id, &host.snapshots.sealing)
+        .await
+        .map_err(|e| failed("snapshot verify", &e))?;
+    Ok(SnapshotResponse::Verified(Box::new(VerifyReport {
+        summary: snap::summary(&found.object, &found.manifest, found.layout, found.digest),
+        fetched,
+        root,
+        total_ms: t.elapsed().as_secs_f64() * 1e3,
+    })))
+}
+
+/// Deletes snapshot `id`'s manifest, then each chunk it names that no
+/// other manifest under the URL names. A manifest that does not decode
+/// keeps every chunk (what it names cannot be known). Not safe beside a
+/// push of the same lineage, which may count on a chunk being deleted.
+async fn delete(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    id: convoy_protocol::snapshot::SnapshotId,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let objects = snap::manifest_objects(store)
+        .await
+        .map_err(|e| failed("snapshot delete", &e))?;
+    let suffix = format!("-{id}");
+    let Some(target) = objects.iter().find(|o| o.ends_with(&suffix)).cloned() else {
+        return Err(error(
+            CtlErrorKind::NotFound,
+            format!("{}: no snapshot {id}", store.url()),
+        ));
+    };
+    type Named = (
+        std::collections::BTreeSet<String>,
+        convoy_protocol::digest::Digest,
+    );
+    let chunks_of = |bytes: &[u8]| -> Option<Named> {
+        let signed: SignedManifest = postcard::from_bytes(bytes).ok()?;
+        let m: convoy_protocol::snapshot::SnapshotManifest =
+            postcard::from_bytes(&signed.body).ok()?;
+        let names: std::collections::BTreeSet<String> = m
+            .chunks
+            .iter()
+            .filter_map(|c| match c {
+                ChunkRef::Stored { name, .. } => {
+                    Some(convoy_protocol::snapshot::chunk_object(name))
+                }
+                ChunkRef::Zero => None,
+            })
+            .collect();
+        Some((names, convoy_protocol::snapshot::manifest_digest(&signed)))
+    };
+    let read = |o: String| async move {
+        store
+            .get(&o, MAX_MANIFEST_OBJECT)
+            .await
+            .map_err(|e| failed("snapshot delete", &SnapshotError::from(e)))
+    };
+    let mine = chunks_of(&read(target.clone()).await?);
+    let mut others: HashSet<String> = HashSet::new();
+    let mut unknown = false;
+    for o in objects.iter().filter(|o| **o != target) {
+        match chunks_of(&read(o.clone()).await?) {
+            Some((names, _)) => others.extend(names),
+            None => unknown = true,
+        }
+    }
+    store
+        .delete(&target)
+        .await
+        .map_err(|e| failed("snapshot delete", &SnapshotError::from(e)))?;
+    let (mut deleted, mut kept) = (0u64, 0u64);
+    let digest = mine
+        .as_ref()
+        .map_or(convoy_protocol::digest::Digest([0; 32]), |(_, d)| *d);
+    for c in mine.map(|(names, _)| names).unwrap_or_default() {
+        if unknown || others.contains(&c) {
+            kept += 1;
+            continue;
+        }
+        store
+            .delete(&c)
+            .await
+            .map_err(|e| failed("snapshot delete", &SnapshotError::from(e)))?;
+        deleted += 1;
+    }
+    host.audit(AuditEvent::Snapshot {
+        operation: "delete".into(),
+        operator: operator.to_string(),
+        url: store.url().to_owned(),
+        vm: None,
+        object: target.clone(),
+        digest,
+    });
+    Ok(SnapshotResponse::Deleted(DeleteReport {
+        object: target,
+        chunks_deleted: deleted,
+        chunks_kept: kept,
+    }))
+}

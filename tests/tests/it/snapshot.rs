@@ -1,0 +1,241 @@
+//! Snapshots in object storage between lab agents that never connect to
+//! each other for it: `b` enrolls its sealing key in a `file://` bucket,
+//! `a` pushes a VM sealed for `b`, `b` restores it after checking every
+//! chunk and the root — through the operator API, with policy and audit.
+
+use convoy_agent::client::{ClientError, CtlClient};
+use convoy_agent::lab::Lab;
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::snapshot::{PullRequest, PushRequest, SnapshotRequest, SnapshotResponse};
+use convoy_protocol::ctl::{CtlErrorKind, VmState};
+use convoy_protocol::snapshot::SnapshotId;
+use convoy_tests::sim_spec;
+
+const MEMORY: u64 = 16 << 20;
+
+async fn push(
+    c: &CtlClient,
+    vm: &str,
+    url: &str,
+    to: &[&str],
+) -> Result<SnapshotResponse, ClientError> {
+    c.snapshot(SnapshotRequest::Push(PushRequest {
+        vm: vm.parse().unwrap(),
+        url: url.into(),
+        recipients: to.iter().map(|n| n.parse().unwrap()).collect(),
+    }))
+    .await
+}
+
+async fn pull(
+    c: &CtlClient,
+    url: &str,
+    snapshot: Option<SnapshotId>,
+) -> Result<SnapshotResponse, ClientError> {
+    c.snapshot(SnapshotRequest::Pull(PullRequest {
+        url: url.into(),
+        snapshot,
+        vm: None,
+        paused: false,
+    }))
+    .await
+}
+
+fn kind(e: &ClientError) -> Option<CtlErrorKind> {
+    match e {
+        ClientError::Agent(e) => Some(e.kind),
+        _ => None,
+    }
+}
+
+fn snapshot_events(lab: &Lab, agent: &str) -> Vec<String> {
+    let bytes = std::fs::read(lab.audit_log(agent)).unwrap();
+    convoy_protocol::audit::verify_log(&bytes, &lab.trust)
+        .unwrap()
+        .records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Snapshot {
+                operation, object, ..
+            } => Some(format!("{operation} {object}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_through_a_bucket_sealed_for_the_agent_named() {
+    let (_dir, lab) = convoy_tests::lab(&["a", "b", "c"]).await;
+    let bucket = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/snapshots", bucket.path().display());
+    let (a, b, c) = (
+        lab.client("a").await.unwrap(),
+        lab.client("b").await.unwrap(),
+        lab.client("c").await.unwrap(),
+    );
+    // Not enrolled yet: the push names what is missing.
+    a.vm_create(sim_spec("web", MEMORY, 0)).await.unwrap();
+    let e = push(&a, "web", &url, &["b"]).await.unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::NotFound), "{e}");
+    assert!(e.to_string().contains("snapshot enroll"), "{e}");
+
+    for cl in [&b, &c] {
+        match cl
+            .snapshot(SnapshotRequest::Enroll { url: url.clone() })
+            .await
+            .unwrap()
+        {
+            SnapshotResponse::Enrolled { object, .. } => assert!(object.starts_with("keys/")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let first = match push(&a, "web", &url, &["b"]).await.unwrap() {
+        SnapshotResponse::Pushed(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.summary.generation, 1);
+    assert!(first.uploaded > 0 && first.uploaded == first.summary.chunks.1);
+    assert_eq!(first.summary.recipients.len(), 2, "{:?}", first.summary);
+    // The VM runs on at a after the push.
+    let at_a = a.vm_list().await.unwrap();
+    assert_eq!(at_a[0].state, VmState::Running);
+
+    // An idle VM pushed again: the next generation, and only the chunk
+    // holding page 0 (where the vCPU keeps its counter) uploaded again.
+    let second = match push(&a, "web", &url, &["b"]).await.unwrap() {
+        SnapshotResponse::Pushed(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(second.summary.generation, 2);
+    assert_eq!(second.summary.lineage, first.summary.lineage);
+    assert_eq!(second.uploaded, 1, "{second:?}");
+
+    // c is enrolled but not a recipient: it can list, not open.
+    match c
+        .snapshot(SnapshotRequest::List { url: url.clone() })
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Listed(l) => {
+            assert_eq!(l.snapshots.len(), 2);
+            assert!(l.refused.is_empty());
+            assert_eq!(l.snapshots[0].generation, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = c
+        .snapshot(SnapshotRequest::Verify {
+            url: url.clone(),
+            snapshot: Some(second.summary.snapshot),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::Unauthorized), "{e}");
+
+    // b verifies, then restores the newest.
+    match b
+        .snapshot(SnapshotRequest::Verify {
+            url: url.clone(),
+            snapshot: None,
+        })
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Verified(v) => {
+            assert_eq!(v.summary.snapshot, second.summary.snapshot);
+            assert_eq!(v.fetched.0, second.summary.chunks.1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let pulled = match pull(&b, &url, None).await.unwrap() {
+        SnapshotResponse::Pulled(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(pulled.summary.snapshot, second.summary.snapshot);
+    assert_eq!(pulled.vm.state, VmState::Running);
+    assert_eq!(pulled.vm.memory_bytes, MEMORY);
+    // The same name cannot be restored twice on one agent.
+    let e = pull(&b, &url, None).await.unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::Exists), "{e}");
+
+    // The bucket rolls back: generation 2's manifest vanishes, so that
+    // generation 1 looks like the newest. b saw 2 and refuses it.
+    b.vm_delete("web".parse().unwrap()).await.unwrap();
+    std::fs::remove_file(bucket.path().join("snapshots").join(&second.summary.object)).unwrap();
+    let e = pull(&b, &url, None).await.unwrap_err();
+    assert!(e.to_string().contains("older"), "{e}");
+    assert!(
+        b.vm_list().await.unwrap().is_empty(),
+        "nothing restored after a refused pull"
+    );
+
+    // Deleting generation 1 removes its chunks (no other manifest names
+    // them now); the one chunk only generation 2 uploaded stays, an
+    // orphan of the manifest the bucket lost (delete removes only what
+    // the deleted manifest names).
+    match a
+        .snapshot(SnapshotRequest::Delete {
+            url: url.clone(),
+            snapshot: first.summary.snapshot,
+        })
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Deleted(d) => {
+            assert_eq!(d.chunks_deleted, first.summary.chunks.1);
+            assert_eq!(d.chunks_kept, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    let left = std::fs::read_dir(bucket.path().join("snapshots").join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left as u64, second.uploaded);
+
+    let a_events = snapshot_events(&lab, "a");
+    assert!(
+        a_events.iter().filter(|e| e.starts_with("push ")).count() == 2,
+        "{a_events:?}"
+    );
+    assert!(
+        a_events.iter().any(|e| e.starts_with("delete ")),
+        "{a_events:?}"
+    );
+    let b_events = snapshot_events(&lab, "b");
+    assert!(
+        b_events.iter().any(|e| e.starts_with("enroll keys/")),
+        "{b_events:?}"
+    );
+    assert!(
+        b_events.iter().any(|e| e.starts_with("pull manifests/")),
+        "{b_events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_vm_is_not_pushed_and_a_bad_url_is_refused() {
+    let (_dir, lab) = convoy_tests::lab(&["a"]).await;
+    let bucket = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/snapshots", bucket.path().display());
+    let a = lab.client("a").await.unwrap();
+    let mut spec = sim_spec("db", MEMORY, 0);
+    spec.attributes
+        .labels
+        .insert("pinned".into(), "true".into());
+    a.vm_create(spec).await.unwrap();
+    let e = push(&a, "db", &url, &[]).await.unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::Forbidden), "{e}");
+    assert!(e.to_string().contains("pinned"), "{e}");
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    assert!(!bucket.path().join("snapshots").join("manifests").exists());
+
+    for bad in [
+        "s3://bucket/p?x-amz-security-token=secret",
+        "file://relative/dir",
+        "http://example.com/x",
+    ] {
+        let e = push(&a, "db", bad, &[]).await.unwrap_err();
+        assert_eq!(kind(&e), Some(CtlErrorKind::BadRequest), "{bad}: {e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+}
