@@ -290,4 +290,6 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[cfg(test)]
+mod s3_tests;
+#[cfg(test)]
 mod tests;

@@ -9,13 +9,61 @@
 //! metadata service where there is one, never from a command line; no URL
 //! may carry them, and none reaches a log (a URL is shown without its
 //! query, which is refused anyway).
+//!
+//! In-process callers (tests against a lab S3 server) give the same
+//! settings as [`S3Options`] to [`SnapshotStore::open_with`] instead: the
+//! process environment is shared by every thread and is left alone.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+
+/// The smallest part of a multipart upload S3 takes (every part but the
+/// last): [`SnapshotStore::put_large`] uses no smaller one.
+pub const MIN_PART_SIZE: usize = 5 << 20;
+
+/// Parts of one multipart upload in flight at once.
+const PART_CONCURRENCY: usize = 4;
+
+/// How to reach an `s3://` store, given in-process rather than read from
+/// the environment: settings in `object_store`'s terms (endpoint, region,
+/// keys, `allow_http`…) and, if given, its retry policy. What is not set
+/// here is not read from the environment either.
+#[derive(Clone, Default)]
+pub struct S3Options {
+    /// `AmazonS3Builder` settings.
+    pub config: Vec<(AmazonS3ConfigKey, String)>,
+    /// Retries and backoff (`object_store`'s default when `None`).
+    pub retry: Option<RetryConfig>,
+}
+
+impl std::fmt::Debug for S3Options {
+    // The keys only: the values hold the secret key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field(
+                "config",
+                &self.config.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// Where an `s3://` store's settings come from.
+enum S3Source<'a> {
+    /// The standard AWS environment ([`AmazonS3Builder::from_env`]).
+    Env,
+    /// Given in-process.
+    Given(&'a S3Options),
+}
 
 /// Why a snapshot URL could not be opened or an object read or written.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +138,31 @@ fn redacted(url: &str) -> String {
     }
 }
 
+/// The builder of an `s3://` store. Copy-if-not-exists is done as AWS S3
+/// offers it (a one-part multipart copy completed under `If-None-Match`)
+/// unless the settings name another way (`AWS_COPY_IF_NOT_EXISTS`).
+fn s3_builder(source: S3Source<'_>) -> AmazonS3Builder {
+    let mut b = match source {
+        S3Source::Env => AmazonS3Builder::from_env(),
+        S3Source::Given(o) => {
+            let mut b = AmazonS3Builder::new();
+            for (k, v) in &o.config {
+                b = b.with_config(*k, v);
+            }
+            if let Some(r) = &o.retry {
+                b = b.with_retry(r.clone());
+            }
+            b
+        }
+    };
+    if b.get_config_value(&AmazonS3ConfigKey::CopyIfNotExists)
+        .is_none()
+    {
+        b = b.with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
+    }
+    b
+}
+
 /// A snapshot location: a store and the prefix under it.
 #[derive(Clone)]
 pub struct SnapshotStore {
@@ -108,8 +181,19 @@ impl std::fmt::Debug for SnapshotStore {
 
 impl SnapshotStore {
     /// Opens `url`: `file:///abs/dir` (made, private, if missing) or
-    /// `s3://bucket[/prefix]`.
+    /// `s3://bucket[/prefix]`, configured from the environment.
     pub fn open(url: &str) -> Result<SnapshotStore, StoreError> {
+        Self::open_from(url, S3Source::Env)
+    }
+
+    /// Opens `url` as [`SnapshotStore::open`] does (the same checks), an
+    /// `s3://` one with `options` instead of the environment (a `file://`
+    /// one takes none).
+    pub fn open_with(url: &str, options: &S3Options) -> Result<SnapshotStore, StoreError> {
+        Self::open_from(url, S3Source::Given(options))
+    }
+
+    fn open_from(url: &str, source: S3Source<'_>) -> Result<SnapshotStore, StoreError> {
         let bad = |why| StoreError::Url {
             url: redacted(url),
             why,
@@ -156,7 +240,7 @@ impl SnapshotStore {
             // reqwest is built without a crypto provider of its own: it
             // takes the process default, which must be ring (ours).
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let store = object_store::aws::AmazonS3Builder::from_env()
+            let store = s3_builder(source)
                 .with_bucket_name(bucket)
                 .build()
                 .map_err(|source| StoreError::Open {
@@ -247,6 +331,94 @@ impl SnapshotStore {
             });
         }
         Ok(b)
+    }
+
+    /// Reads bytes `range` of `object`, refusing a range of more than `max`
+    /// bytes before asking for it. A range past the object's end is the
+    /// store's error.
+    pub async fn get_range(
+        &self,
+        object: &str,
+        range: Range<u64>,
+        max: u64,
+    ) -> Result<Bytes, StoreError> {
+        let len = range.end.saturating_sub(range.start);
+        let too_large = |size| StoreError::TooLarge {
+            url: self.url.clone(),
+            object: object.to_owned(),
+            size,
+            max,
+        };
+        if len > max {
+            return Err(too_large(len));
+        }
+        let b = self
+            .store
+            .get_range(&self.path(object), range)
+            .await
+            .map_err(|e| self.err(object, e))?;
+        if b.len() as u64 > len {
+            return Err(too_large(b.len() as u64));
+        }
+        Ok(b)
+    }
+
+    /// Copies `from` to `to` inside the store (the server copies; no byte
+    /// passes through this host) unless `to` exists: `true` if this call
+    /// made it.
+    pub async fn copy_new(&self, from: &str, to: &str) -> Result<bool, StoreError> {
+        match self
+            .store
+            .copy_if_not_exists(&self.path(from), &self.path(to))
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err(&format!("{from} -> {to}"), e)),
+        }
+    }
+
+    /// Writes `object` (replacing it), in parts of `part_size` bytes (at
+    /// least [`MIN_PART_SIZE`]) when it is larger than one part, a few
+    /// parts in flight at once. Returns how many parts it took (1: one
+    /// plain write). A failed multipart upload is aborted, best effort.
+    pub async fn put_large(
+        &self,
+        object: &str,
+        bytes: Bytes,
+        part_size: usize,
+    ) -> Result<usize, StoreError> {
+        let part = part_size.max(MIN_PART_SIZE);
+        let path = self.path(object);
+        if bytes.len() <= part {
+            self.store
+                .put(&path, PutPayload::from_bytes(bytes))
+                .await
+                .map_err(|e| self.err(object, e))?;
+            return Ok(1);
+        }
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.err(object, e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, part);
+        let mut parts = 0;
+        let mut at = 0;
+        while at < bytes.len() {
+            if let Err(e) = w.wait_for_capacity(PART_CONCURRENCY).await {
+                let _ = w.abort().await;
+                return Err(self.err(object, e));
+            }
+            let end = bytes.len().min(at + part);
+            w.put(bytes.slice(at..end));
+            parts += 1;
+            at = end;
+        }
+        // `finish` aborts the upload itself when a part or the completion
+        // fails.
+        w.finish().await.map_err(|e| self.err(object, e))?;
+        Ok(parts)
     }
 
     /// The names (under the prefix) of the objects under `dir/`.
