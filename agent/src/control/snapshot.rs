@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::snapshot::{
-    DeleteReport, PullReport, PullRequest, PushReport, PushRequest, SnapshotListing,
+    CopyReport, DeleteReport, PullReport, PullRequest, PushReport, PushRequest, SnapshotListing,
     SnapshotRequest, SnapshotResponse, VerifyReport, MAX_RECIPIENTS, MAX_URL,
 };
 use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
@@ -43,6 +43,9 @@ pub(super) async fn snapshot(
         Err(e) => return error(CtlErrorKind::BadRequest, e.to_string()),
     };
     let answer = match req {
+        SnapshotRequest::Copy { to, snapshot, .. } => {
+            copy(host, &store, &to, snapshot, operator).await
+        }
         SnapshotRequest::Push(p) => push(host, &store, p, operator).await,
         SnapshotRequest::Pull(p) => pull(host, &store, p, operator).await,
         other => {
@@ -77,6 +80,66 @@ pub(super) async fn snapshot(
         Ok(r) => CtlResponse::Snapshot(Box::new(r)),
         Err(r) => r,
     }
+}
+
+/// Copies snapshots from `from` to the URL `to`: the policy is asked for
+/// both (`ManageSnapshots`, `copy-from` and `copy-to`); each manifest
+/// written is audited.
+async fn copy(
+    host: &Arc<Host>,
+    from: &SnapshotStore,
+    to: &str,
+    snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    if to.len() > MAX_URL {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!("a snapshot URL has at most {MAX_URL} bytes"),
+        ));
+    }
+    let to = SnapshotStore::open(to).map_err(|e| error(CtlErrorKind::BadRequest, e.to_string()))?;
+    for (url, operation) in [(from.url(), "copy-from"), (to.url(), "copy-to")] {
+        let d = host.decide(
+            &Query::ManageSnapshots {
+                operator,
+                host: &host.id,
+                url,
+                operation,
+            },
+            None,
+        );
+        if !d.permitted {
+            return Err(forbidden(&d));
+        }
+    }
+    let creds = host.creds();
+    let r = snap::copy::copy(from, &to, &creds.trust, snapshot)
+        .await
+        .map_err(|e| failed("snapshot copy", &e))?;
+    for f in &r.manifests {
+        host.audit(AuditEvent::Snapshot {
+            operation: "copy".into(),
+            operator: operator.to_string(),
+            url: to.url().to_owned(),
+            vm: Some(f.manifest.vm.clone()),
+            object: f.object.clone(),
+            digest: f.digest,
+        });
+    }
+    Ok(SnapshotResponse::Copied(Box::new(CopyReport {
+        copied: r
+            .manifests
+            .iter()
+            .map(|f| snap::summary(&f.object, &f.manifest, f.layout, f.digest))
+            .collect(),
+        manifests_present: r.manifests_present,
+        chunks_copied: r.chunks_copied,
+        chunks_present: r.chunks_present,
+        bytes_streamed: r.bytes_streamed,
+        server_side: r.server_side,
+        total_ms: r.took.as_secs_f64() * 1e3,
+    })))
 }
 
 /// A snapshot failure as the operator sees it.

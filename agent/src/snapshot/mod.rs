@@ -8,6 +8,8 @@
 //! - [`push`]: a paused VM into the bucket (a new lineage, or the next
 //!   generation of one this agent can open: unchanged chunks are not
 //!   uploaded again).
+//! - [`copy`]: snapshots from one URL to another, unopened (server-side
+//!   within one S3 bucket), the manifest last; run again, it resumes.
 //! - [`enroll`]: agents' sealing keys published under the URL, for
 //!   pushers to name them as recipients.
 //! - [`seen`]: the newest generation of each lineage this agent saw
@@ -15,6 +17,7 @@
 //! - [`pull`]: the newest (or a named) snapshot out of the bucket into a
 //!   staging image, every chunk and the root checked before it starts.
 
+pub mod copy;
 pub mod enroll;
 pub mod pull;
 pub mod push;
@@ -133,6 +136,18 @@ pub enum SnapshotError {
         object: String,
         /// Its generation.
         generation: u64,
+    },
+    /// A chunk is not the length its signed manifest gives.
+    #[error("{object}: {got} bytes, manifest {manifest} gives {expected}")]
+    ChunkLength {
+        /// The chunk object.
+        object: String,
+        /// Its length.
+        got: u64,
+        /// The manifest's.
+        expected: u32,
+        /// The manifest object.
+        manifest: String,
     },
     /// A worker task ended without its result.
     #[error("a worker task failed: {0}")]

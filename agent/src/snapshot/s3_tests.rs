@@ -9,6 +9,8 @@ use bytes::Bytes;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{BackoffConfig, ObjectStoreExt, PutPayload, RetryConfig};
 
+use convoy_protocol::snapshot::{chunk_object, ChunkRef};
+
 use super::store::{S3Options, MIN_PART_SIZE};
 use super::tests::{lab_on, same_memory, Lab};
 use super::{SnapshotStore, StoreError};
@@ -319,4 +321,94 @@ async fn a_conditional_create_whose_answer_is_lost_reads_as_exists() {
     assert!(!made.unwrap(), "the retry should have met the first write");
     assert_eq!(front.failed(), 1);
     assert_eq!(store.get("o", 10).await.unwrap(), &b"mine"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_copy_from_a_directory_to_s3_then_within_the_bucket_and_resume() {
+    let Some(s3) =
+        moto("s3_tests::snapshots_copy_from_a_directory_to_s3_then_within_the_bucket_and_resume")
+            .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let local = SnapshotStore::open(&format!("file://{}/bucket", dir.path().display())).unwrap();
+    let lab = lab_on(local, Some(dir));
+    lab.push().await;
+    std::thread::sleep(Duration::from_millis(30));
+    let second = lab.push().await;
+    lab.vm.pause().unwrap();
+    let v = convoy_protocol::fuzz::InsecureCrypto(String::new());
+
+    // Directory → bucket: streamed through this host, both generations.
+    let site_b = open(s3.config(), "site-b");
+    let r = super::copy::copy(&lab.store, &site_b, &v, None)
+        .await
+        .unwrap();
+    assert!(!r.server_side);
+    assert_eq!(r.manifests.len(), 2);
+    assert_eq!(r.manifests[0].manifest.generation, 1, "oldest first");
+    assert!(r.chunks_copied > 0 && r.bytes_streamed > 0, "{r:?}");
+    let stored = site_b.list("chunks").await.unwrap().len() as u64;
+    assert_eq!(r.chunks_copied, stored);
+
+    // Cut short: the newest manifest and a chunk are gone at the
+    // destination. Run again, only they are copied.
+    site_b.delete(&second.object).await.unwrap();
+    let one = r.manifests[1]
+        .manifest
+        .chunks
+        .iter()
+        .find_map(|c| match c {
+            ChunkRef::Stored { name, .. } => Some(chunk_object(name)),
+            ChunkRef::Zero => None,
+        })
+        .unwrap();
+    site_b.delete(&one).await.unwrap();
+    let again = super::copy::copy(&lab.store, &site_b, &v, None)
+        .await
+        .unwrap();
+    assert_eq!(again.manifests.len(), 1);
+    assert_eq!(again.manifests_present, 1);
+    assert_eq!(again.chunks_copied, 1, "{again:?}");
+
+    // Within the bucket: the server copies, nothing passes through here.
+    let site_c = open(s3.config(), "site-c");
+    let r = super::copy::copy(&site_b, &site_c, &v, Some(second.snapshot))
+        .await
+        .unwrap();
+    assert!(r.server_side);
+    assert_eq!(r.bytes_streamed, 0);
+    assert_eq!(r.manifests.len(), 1);
+    // The recipient opens the copy, and it is the VM.
+    let p = lab.pull_at(&site_c, None, None).await.unwrap();
+    assert_eq!(p.manifest.snapshot, second.snapshot);
+    assert!(same_memory(&*lab.vm, &*p.vm));
+    p.vm.destroy();
+
+    // Streamed, a chunk of another length than its manifest gives is
+    // not copied, and the error names it (a server-side copy moves bytes
+    // it never sees: the puller's checks are what catch those).
+    let site_d = open(s3.config(), "site-d");
+    let victim = lab.store.list("chunks").await.unwrap()[0].clone();
+    lab.store
+        .put(&victim, Bytes::from_static(b"short"))
+        .await
+        .unwrap();
+    let e = super::copy::copy(&lab.store, &site_d, &v, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&victim) && e.contains("5 bytes"), "{e}");
+    // No manifest is there whose chunks are not all there.
+    let there = site_d.list("chunks").await.unwrap();
+    for m in site_d.list("manifests").await.unwrap() {
+        let f = super::read_manifest(&site_d, &m, &v).await.unwrap();
+        for c in &f.manifest.chunks {
+            if let ChunkRef::Stored { name, .. } = c {
+                let o = chunk_object(name);
+                assert!(o != victim && there.contains(&o), "{m} names {o}");
+            }
+        }
+    }
 }

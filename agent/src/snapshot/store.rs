@@ -65,6 +65,21 @@ enum S3Source<'a> {
     Given(&'a S3Options),
 }
 
+impl S3Source<'_> {
+    /// Where the settings came from, to tell two services apart: the
+    /// environment, or the endpoint given (never a key).
+    fn describe(&self) -> String {
+        match self {
+            S3Source::Env => "from the environment".into(),
+            S3Source::Given(o) => o
+                .config
+                .iter()
+                .find(|(k, _)| *k == AmazonS3ConfigKey::Endpoint)
+                .map_or_else(|| "given".into(), |(_, v)| format!("at {v}")),
+        }
+    }
+}
+
 /// Why a snapshot URL could not be opened or an object read or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -169,6 +184,9 @@ pub struct SnapshotStore {
     store: Arc<dyn ObjectStore>,
     prefix: Option<ObjectPath>,
     url: String,
+    /// `s3://BUCKET` with where its settings came from, for an S3 store:
+    /// two stores with the same can copy server-side.
+    bucket: Option<String>,
 }
 
 impl std::fmt::Debug for SnapshotStore {
@@ -221,6 +239,7 @@ impl SnapshotStore {
                 store: Arc::new(store),
                 prefix: None,
                 url: url.trim_end_matches('/').to_owned(),
+                bucket: None,
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -240,6 +259,7 @@ impl SnapshotStore {
             // reqwest is built without a crypto provider of its own: it
             // takes the process default, which must be ring (ours).
             let _ = rustls::crypto::ring::default_provider().install_default();
+            let service = format!("s3://{bucket} {}", source.describe());
             let store = s3_builder(source)
                 .with_bucket_name(bucket)
                 .build()
@@ -251,6 +271,7 @@ impl SnapshotStore {
                 store: Arc::new(store),
                 prefix,
                 url: url.trim_end_matches('/').to_owned(),
+                bucket: Some(service),
             });
         }
         Err(bad("Convoy takes file:///DIR and s3://BUCKET/PREFIX"))
@@ -361,6 +382,36 @@ impl SnapshotStore {
             return Err(too_large(b.len() as u64));
         }
         Ok(b)
+    }
+
+    /// Copies `object` of `src` to the same name here unless it exists
+    /// here: by the server when both are prefixes of one S3 bucket reached
+    /// the same way (no byte passes through this host), otherwise read
+    /// (at most `max` bytes) and written. `true` if this call made it.
+    pub async fn copy_in(
+        &self,
+        src: &SnapshotStore,
+        object: &str,
+        max: u64,
+    ) -> Result<bool, StoreError> {
+        if self.bucket.is_some() && self.bucket == src.bucket {
+            return match self
+                .store
+                .copy_if_not_exists(&src.path(object), &self.path(object))
+                .await
+            {
+                Ok(()) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(self.err(object, e)),
+            };
+        }
+        let bytes = src.get(object, max).await?;
+        self.put_new(object, bytes).await
+    }
+
+    /// Whether copies from `src` to here are made by the server.
+    pub fn copies_server_side_from(&self, src: &SnapshotStore) -> bool {
+        self.bucket.is_some() && self.bucket == src.bucket
     }
 
     /// Copies `from` to `to` inside the store (the server copies; no byte

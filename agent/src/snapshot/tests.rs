@@ -46,13 +46,6 @@ pub(super) fn lab_on(store: SnapshotStore, dir: Option<tempfile::TempDir>) -> La
     let url = store.url().to_owned();
     let spec = crate::backend::sim::testing::spec(4 << 20, 500, ContentProfile::Mixed);
     let vm: Arc<dyn VmBackend> = SimVm::create(&spec, None, None).unwrap();
-    // A sim guest keeps its counter in page 0 from its first tick on; one
-    // paused before that restores as a mismatch (seen in this file's
-    // tests when they ran fast), so the guest ticks once first.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while vm.counter() == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
     Lab {
         _dir: dir,
         store,
@@ -102,9 +95,19 @@ impl Lab {
         snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
         seen: Option<(u64, convoy_protocol::digest::Digest)>,
     ) -> Result<super::pull::Pulled, SnapshotError> {
+        self.pull_at(&self.store, snapshot, seen).await
+    }
+
+    /// As [`Lab::pull`], from `store`.
+    pub(super) async fn pull_at(
+        &self,
+        store: &SnapshotStore,
+        snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
+        seen: Option<(u64, convoy_protocol::digest::Digest)>,
+    ) -> Result<super::pull::Pulled, SnapshotError> {
         let v = InsecureCrypto(String::new());
         pull(
-            &self.store,
+            store,
             PullRequest {
                 me: id(B),
                 keys: &self.b,

@@ -66,6 +66,19 @@ pub enum Snapshot {
         #[arg(long)]
         snapshot: Option<SnapshotId>,
     },
+    /// Copy snapshots from URL to TO without opening them (the agent need
+    /// not be a recipient): signatures checked, missing chunks copied (by
+    /// the server within one S3 bucket), each manifest last. Run it again
+    /// after a cut: it takes up where it stopped.
+    Copy {
+        /// From: `file:///DIR` or `s3://BUCKET/PREFIX`.
+        url: String,
+        /// To.
+        to: String,
+        /// Only this snapshot; default: every one.
+        #[arg(long)]
+        snapshot: Option<SnapshotId>,
+    },
     /// Delete a snapshot: its manifest, and the chunks no other manifest
     /// under URL names.
     Delete {
@@ -103,6 +116,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
         Snapshot::List { url } => SnapshotRequest::List { url },
         Snapshot::Verify { url, snapshot } => SnapshotRequest::Verify { url, snapshot },
         Snapshot::Delete { url, snapshot } => SnapshotRequest::Delete { url, snapshot },
+        Snapshot::Copy { url, to, snapshot } => SnapshotRequest::Copy { url, to, snapshot },
     };
     let cl = client(g).await?;
     let r = cl.snapshot(req).await;
@@ -196,6 +210,21 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
                 d.object, d.chunks_deleted, d.chunks_kept
             );
         }
+        SnapshotResponse::Copied(c) => {
+            for s in &c.copied {
+                describe(s);
+            }
+            println!(
+                "copied {} snapshot(s) ({} already there), {} chunks ({} already there), {} through the agent{}, in {:.0} ms",
+                c.copied.len(),
+                c.manifests_present,
+                c.chunks_copied,
+                c.chunks_present,
+                mib(c.bytes_streamed),
+                if c.server_side { " (the server copied)" } else { "" },
+                c.total_ms
+            );
+        }
         other => bail!("unexpected answer {other:?}"),
     }
     Ok(())
@@ -242,6 +271,15 @@ fn json(r: &SnapshotResponse) -> serde_json::Value {
             "deleted": d.object,
             "chunks_deleted": d.chunks_deleted,
             "chunks_kept": d.chunks_kept,
+        }),
+        SnapshotResponse::Copied(c) => json!({
+            "copied": c.copied.iter().map(summary_json).collect::<Vec<_>>(),
+            "manifests_present": c.manifests_present,
+            "chunks_copied": c.chunks_copied,
+            "chunks_present": c.chunks_present,
+            "bytes_streamed": c.bytes_streamed,
+            "server_side": c.server_side,
+            "total_ms": c.total_ms,
         }),
         other => json!({ "unexpected": format!("{other:?}") }),
     }

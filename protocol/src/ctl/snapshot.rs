@@ -145,6 +145,26 @@ pub struct DeleteReport {
     pub chunks_kept: u64,
 }
 
+/// What `snapshot copy` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CopyReport {
+    /// The snapshots copied (their manifests written by this copy), oldest
+    /// first.
+    pub copied: Vec<SnapshotSummary>,
+    /// Manifests the destination held already.
+    pub manifests_present: u64,
+    /// Chunks copied.
+    pub chunks_copied: u64,
+    /// Chunks the destination held already.
+    pub chunks_present: u64,
+    /// Bytes that passed through the agent (0 when the server copied).
+    pub bytes_streamed: u64,
+    /// Whether the server copied (both URLs in one S3 bucket).
+    pub server_side: bool,
+    /// Milliseconds.
+    pub total_ms: f64,
+}
+
 /// Snapshot requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -180,6 +200,19 @@ pub enum SnapshotRequest {
         /// Which.
         snapshot: SnapshotId,
     },
+    /// Copy snapshots from one URL to another without opening them (the
+    /// agent need not be a recipient): each manifest's signature checked,
+    /// its missing chunks copied (by the server within one S3 bucket),
+    /// the manifest last. Run again after a cut, it takes up where it
+    /// stopped.
+    Copy {
+        /// From.
+        url: String,
+        /// To.
+        to: String,
+        /// This snapshot; `None`: every one.
+        snapshot: Option<SnapshotId>,
+    },
 }
 
 impl SnapshotRequest {
@@ -189,7 +222,8 @@ impl SnapshotRequest {
             SnapshotRequest::Enroll { url }
             | SnapshotRequest::List { url }
             | SnapshotRequest::Verify { url, .. }
-            | SnapshotRequest::Delete { url, .. } => url,
+            | SnapshotRequest::Delete { url, .. }
+            | SnapshotRequest::Copy { url, .. } => url,
             SnapshotRequest::Push(p) => &p.url,
             SnapshotRequest::Pull(p) => &p.url,
         }
@@ -205,6 +239,7 @@ impl SnapshotRequest {
             SnapshotRequest::List { .. } => "list",
             SnapshotRequest::Verify { .. } => "verify",
             SnapshotRequest::Delete { .. } => "delete",
+            SnapshotRequest::Copy { .. } => "copy",
         }
     }
 }
@@ -230,4 +265,6 @@ pub enum SnapshotResponse {
     Verified(Box<VerifyReport>),
     /// `Delete`.
     Deleted(DeleteReport),
+    /// `Copy`.
+    Copied(Box<CopyReport>),
 }

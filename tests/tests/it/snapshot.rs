@@ -132,6 +132,37 @@ async fn a_vm_moves_through_a_bucket_sealed_for_the_agent_named() {
         .unwrap_err();
     assert_eq!(kind(&e), Some(CtlErrorKind::Unauthorized), "{e}");
 
+    // c copies the bucket elsewhere without being able to open it; b
+    // verifies the copy.
+    let url2 = format!("file://{}/copy", bucket.path().display());
+    match c
+        .snapshot(SnapshotRequest::Copy {
+            url: url.clone(),
+            to: url2.clone(),
+            snapshot: None,
+        })
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Copied(r) => {
+            assert_eq!(r.copied.len(), 2);
+            assert_eq!(r.chunks_copied, first.summary.chunks.1 + 1);
+            assert!(!r.server_side);
+        }
+        other => panic!("{other:?}"),
+    }
+    match b
+        .snapshot(SnapshotRequest::Verify {
+            url: url2.clone(),
+            snapshot: None,
+        })
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Verified(v) => assert_eq!(v.summary.snapshot, second.summary.snapshot),
+        other => panic!("{other:?}"),
+    }
+
     // b verifies, then restores the newest.
     match b
         .snapshot(SnapshotRequest::Verify {
@@ -200,6 +231,12 @@ async fn a_vm_moves_through_a_bucket_sealed_for_the_agent_named() {
     assert!(
         a_events.iter().any(|e| e.starts_with("delete ")),
         "{a_events:?}"
+    );
+    let c_events = snapshot_events(&lab, "c");
+    assert_eq!(
+        c_events.iter().filter(|e| e.starts_with("copy ")).count(),
+        2,
+        "{c_events:?}"
     );
     let b_events = snapshot_events(&lab, "b");
     assert!(
