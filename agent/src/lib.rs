@@ -55,6 +55,7 @@ pub(crate) mod engine;
 pub mod host;
 pub mod lab;
 pub mod private;
+pub mod s3lab;
 pub mod server;
 pub mod snapshot;
 pub mod transport;

@@ -23,7 +23,6 @@ mod bulk;
 pub mod impair;
 mod launch;
 pub mod link;
-pub mod s3;
 pub mod wan;
 
 pub use bulk::{BenchError, BulkPath, Sink};

@@ -1,7 +1,7 @@
 //! The snapshot store against a real S3 API: moto's server
-//! ([`crate::lab::s3`]), each test on its own server and bucket. Without
+//! ([`crate::s3lab`]), each test on its own server and bucket. Without
 //! `CONVOY_MOTO_SERVER` these tests fail under `CI=true` and are skipped
-//! elsewhere ([`crate::lab::s3::moto_server`]).
+//! elsewhere ([`crate::s3lab::moto_server`]).
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use convoy_protocol::snapshot::{chunk_object, ChunkRef};
 use super::store::{S3Options, MIN_PART_SIZE};
 use super::tests::{lab_on, same_memory, Lab};
 use super::{SnapshotStore, StoreError};
-use crate::lab::s3::{Fault, FlakyFront, FlakyPlan, S3Server};
+use crate::s3lab::{Fault, FlakyFront, FlakyPlan, S3Server};
 
 const BUCKET: &str = "convoy-snapshots";
 const PREFIX: &str = "site-a/vms";

@@ -3,6 +3,10 @@
 //! `CONVOY_MOTO_SERVER`), run as a child process, and a flaky front that
 //! fails a share of the connections made to it.
 //!
+//! A module of its own rather than part of [`crate::lab`]: the snapshot
+//! store's tests use it, and `lab` depends on the host, which depends on
+//! `snapshot` (a module cycle otherwise).
+//!
 //! Whether a test runs at all is decided in one place, [`moto_server`]:
 //! without `CONVOY_MOTO_SERVER` a test fails under `CI=true` and is skipped
 //! elsewhere, with a line saying so.
