@@ -19,9 +19,11 @@ use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};
 use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
+mod hold;
 mod migrate;
 mod recover;
 mod snapshot;
+mod via;
 mod vm;
 
 use audit::audit_read;

@@ -14,9 +14,10 @@ use convoy_protocol::ctl::snapshot::{
     SnapshotRequest, SnapshotResponse, VerifyReport, MAX_RECIPIENTS, MAX_URL,
 };
 use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
-use convoy_protocol::names::{Role, SpiffeId, VmName};
+use convoy_protocol::names::{Role, SpiffeId};
 use convoy_protocol::snapshot::{ChunkRef, SignedManifest};
 
+use super::hold::{claim_vm, failed, release, Claimed};
 use super::{error, forbidden};
 use crate::host::{Host, VmHandle};
 use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
@@ -47,6 +48,9 @@ pub(super) async fn snapshot(
             copy(host, &store, &to, snapshot, operator).await
         }
         SnapshotRequest::Push(p) => push(host, &store, p, operator).await,
+        SnapshotRequest::MigrateVia {
+            migrate, wait_secs, ..
+        } => super::via::migrate_via(host, &store, migrate, wait_secs, operator).await,
         SnapshotRequest::Pull(p) => pull(host, &store, p, operator).await,
         other => {
             let operation = other.operation();
@@ -142,21 +146,6 @@ async fn copy(
     })))
 }
 
-/// A snapshot failure as the operator sees it.
-fn failed(what: &str, e: &SnapshotError) -> CtlResponse {
-    let kind = match e {
-        SnapshotError::NotFound { .. } => CtlErrorKind::NotFound,
-        SnapshotError::TooLarge { .. } => CtlErrorKind::NoCapacity,
-        SnapshotError::Sealing(s)
-            if matches!(**s, crate::snapshot::SealingError::NotARecipient { .. }) =>
-        {
-            CtlErrorKind::Unauthorized
-        }
-        _ => CtlErrorKind::Internal,
-    };
-    error(kind, format!("{what}: {e}"))
-}
-
 async fn enroll(
     host: &Arc<Host>,
     store: &SnapshotStore,
@@ -244,7 +233,7 @@ async fn push(
         vm,
         was_running,
         cancel,
-    } = claim(host, &name)?;
+    } = claim_vm(host, &name)?;
     let paused_at = Instant::now();
     if was_running {
         if let Err(e) = vm.pause() {
@@ -317,73 +306,6 @@ async fn push(
     })))
 }
 
-/// Takes sim VM `name` for a push: it must be running or paused and not
-/// migrating; it is marked paused and given a cancel handle (so a
-/// migration, a delete or a pause cannot act on it meanwhile).
-/// A VM taken for a push: the guest, whether it ran, the cancel handle.
-struct Claimed {
-    vm: Arc<dyn crate::backend::VmBackend>,
-    was_running: bool,
-    cancel: Arc<tokio::sync::Notify>,
-}
-
-#[allow(clippy::result_large_err)]
-fn claim(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlResponse> {
-    let mut vms = host.vms();
-    let Some(e) = vms.get_mut(name) else {
-        return Err(error(
-            CtlErrorKind::NotFound,
-            format!("no VM named {name} here"),
-        ));
-    };
-    let vm = match &e.handle {
-        Some(VmHandle::Sim(vm)) => vm.clone(),
-        Some(VmHandle::Qemu(_)) => {
-            return Err(error(
-                CtlErrorKind::BadRequest,
-                "snapshots of QEMU VMs are not built yet; sim VMs only",
-            ))
-        }
-        _ => {
-            return Err(error(
-                CtlErrorKind::BadRequest,
-                format!("VM {name} has no guest here"),
-            ))
-        }
-    };
-    if e.cancel.is_some() || !matches!(e.state, VmState::Running | VmState::Paused) {
-        return Err(error(
-            CtlErrorKind::BadRequest,
-            format!(
-                "VM {name} is {:?}{}; only a running or paused VM can be pushed",
-                e.state,
-                if e.cancel.is_some() {
-                    " and migrating"
-                } else {
-                    ""
-                }
-            ),
-        ));
-    }
-    let was_running = e.state == VmState::Running;
-    let cancel = Arc::new(tokio::sync::Notify::new());
-    e.state = VmState::Paused;
-    e.cancel = Some(cancel.clone());
-    Ok(Claimed {
-        vm,
-        was_running,
-        cancel,
-    })
-}
-
-fn release(host: &Arc<Host>, name: &VmName, state: VmState) {
-    let mut vms = host.vms();
-    if let Some(e) = vms.get_mut(name) {
-        e.cancel = None;
-        e.state = state;
-    }
-}
-
 async fn pull(
     host: &Arc<Host>,
     store: &SnapshotStore,
@@ -402,19 +324,41 @@ async fn pull(
             format!("{}: the VM's attributes: {e}", found.object),
         ));
     }
-    let d = host.decide(
-        &Query::PullSnapshot {
-            operator,
-            vm: VmFacts {
-                name: &name,
-                attributes: &m.attributes,
+    // A manifest with a ticket is a store-and-forward migration to this
+    // agent: the ticket must name it and the manifest's signer, and the
+    // policy decides it as a migration in.
+    let ticket = match &m.ticket {
+        None => None,
+        Some(t) => Some(super::via::accept(host, m, t)?),
+    };
+    let d = match &ticket {
+        Some(v) => host.decide(
+            &Query::MigrateIn {
+                operator: &v.signer,
+                vm: VmFacts {
+                    name: &name,
+                    attributes: &m.attributes,
+                },
+                source: &m.source,
+                destination: &host.id,
+                ticket: &v.ticket,
             },
-            host: &host.id,
-            url: store.url(),
-            source: &m.source,
-        },
-        None,
-    );
+            Some(v.ticket.id),
+        ),
+        None => host.decide(
+            &Query::PullSnapshot {
+                operator,
+                vm: VmFacts {
+                    name: &name,
+                    attributes: &m.attributes,
+                },
+                host: &host.id,
+                url: store.url(),
+                source: &m.source,
+            },
+            None,
+        ),
+    };
     if !d.permitted {
         return Err(forbidden(&d));
     }
@@ -426,11 +370,13 @@ async fn pull(
     if let Some(r) = super::vm::reserve_error(host, &name, m.memory.bytes()) {
         return Err(r);
     }
-    let (object, lineage, layout, attributes) = (
+    let (object, lineage, layout, attributes, source, snapshot) = (
         found.object.clone(),
         m.lineage,
         found.layout,
         m.attributes.clone(),
+        m.source.clone(),
+        m.snapshot,
     );
     let disk_dir = host.config.disk_dir();
     let pulled = snap::pull::restore(
@@ -445,7 +391,8 @@ async fn pull(
             // Memory is reserved above; disks are sparse files.
             capacity: u64::MAX,
             disk_dir: disk_dir.as_deref(),
-            paused: p.paused,
+            // A handover starts the VM only once its claim is written.
+            paused: p.paused || ticket.is_some(),
         },
     )
     .await;
@@ -469,6 +416,22 @@ async fn pull(
             CtlErrorKind::Internal,
             format!("the snapshot record cannot be written ({e}); VM {name} not started"),
         ));
+    }
+    if let Some(v) = &ticket {
+        let h = convoy_protocol::snapshot::claim::Handover {
+            migration: v.ticket.id,
+            snapshot,
+            manifest: pulled.digest,
+            source: &source,
+            destination: &host.id,
+        };
+        if let Err(why) =
+            super::via::claim_started(host, store, &h, &name, &*pulled.vm, p.paused).await
+        {
+            host.remove(&name);
+            pulled.vm.destroy();
+            return Err(why);
+        }
     }
     let state = if p.paused {
         VmState::Paused

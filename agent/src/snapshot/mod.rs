@@ -10,6 +10,8 @@
 //!   uploaded again).
 //! - [`copy`]: snapshots from one URL to another, unopened (server-side
 //!   within one S3 bucket), the manifest last; run again, it resumes.
+//! - [`handover`]: the create-only claim that ends a store-and-forward
+//!   migration (exactly one side wins).
 //! - [`enroll`]: agents' sealing keys published under the URL, for
 //!   pushers to name them as recipients.
 //! - [`seen`]: the newest generation of each lineage this agent saw
@@ -19,6 +21,7 @@
 
 pub mod copy;
 pub mod enroll;
+pub mod handover;
 pub mod pull;
 pub mod push;
 pub mod sealing;
@@ -136,6 +139,14 @@ pub enum SnapshotError {
         object: String,
         /// Its generation.
         generation: u64,
+    },
+    /// A handover claim that does not check out.
+    #[error("{object}: {why}")]
+    Claim {
+        /// The claim object.
+        object: String,
+        /// Why.
+        why: String,
     },
     /// A chunk is not the length its signed manifest gives.
     #[error("{object}: {got} bytes, manifest {manifest} gives {expected}")]

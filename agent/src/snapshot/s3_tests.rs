@@ -412,3 +412,16 @@ async fn snapshots_copy_from_a_directory_to_s3_then_within_the_bucket_and_resume
         }
     }
 }
+
+/// The handover's claim on S3: claimants racing on one object, exactly
+/// one create succeeds (moto honours `If-None-Match: *`), every other
+/// reads the winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_claims_racing_on_s3_have_one_winner() {
+    let Some((_s3, store)) =
+        moto_store("s3_tests::handover_claims_racing_on_s3_have_one_winner").await
+    else {
+        return;
+    };
+    super::handover::tests::race(&store, 5, 6).await;
+}

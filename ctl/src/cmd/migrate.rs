@@ -30,6 +30,17 @@ pub struct Migrate {
     /// checking it (its disk files, say) if you wish.
     #[arg(long)]
     pub start_paused: bool,
+    /// Store-and-forward through object storage (`file:///DIR`,
+    /// `s3://BUCKET/PREFIX`): the agents never connect. The source pushes
+    /// the VM sealed for --to with this ticket, keeps it paused and waits
+    /// for the destination's `snapshot pull URL`; one create-only claim
+    /// object decides where it runs.
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
+    /// With --via: seconds the source waits for the destination to claim
+    /// the VM before it claims it back (at most the ticket's lifetime).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub via_wait: u32,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -179,18 +190,17 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         Duration::from_secs(m.ticket_lifetime),
     )?;
     let cl = s.client;
+    let req = MigrateRequest {
+        vm: m.vm,
+        to: to.name,
+        to_addr: to.addr.map(|a| a.to_string()),
+        ticket,
+    };
+    if let Some(url) = m.via {
+        return via(g, cl, req, url, m.via_wait).await;
+    }
     let bar = render::Bar::new(g.json);
-    let report = cl
-        .migrate(
-            MigrateRequest {
-                vm: m.vm,
-                to: to.name,
-                to_addr: to.addr.map(|a| a.to_string()),
-                ticket,
-            },
-            |p| bar.update(p),
-        )
-        .await;
+    let report = cl.migrate(req, |p| bar.update(p)).await;
     bar.finish();
     cl.close().await;
     let report = report?;
@@ -204,6 +214,73 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         Outcome::InDoubt(_) => {
             bail!("migration outcome in doubt; the VM is kept paused at the source")
         }
+        _ => bail!("migration aborted; the VM still runs at the source"),
+    }
+}
+
+/// `migrate --via URL`: the source's side of a store-and-forward
+/// migration; it answers once the handover is decided.
+async fn via(
+    g: &Global,
+    cl: convoy_agent::client::CtlClient,
+    migrate: MigrateRequest,
+    url: String,
+    wait_secs: u32,
+) -> Result<()> {
+    use convoy_protocol::ctl::snapshot::{SnapshotRequest, SnapshotResponse};
+    if !g.json {
+        eprintln!(
+            "pushing {} to {url}; waiting up to {wait_secs} s for {} to pull it",
+            migrate.vm, migrate.to
+        );
+    }
+    let r = cl
+        .snapshot(SnapshotRequest::MigrateVia {
+            migrate,
+            url,
+            wait_secs,
+        })
+        .await;
+    cl.close().await;
+    let h = match r? {
+        SnapshotResponse::Handed(h) => h,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    let outcome = match &h.outcome {
+        Outcome::Completed => {
+            "completed: the destination claimed the VM; it is gone here".to_string()
+        }
+        Outcome::Aborted(why) => format!("aborted: {why}"),
+        Outcome::InDoubt(why) => format!("in doubt: {why}"),
+        other => format!("{other:?}"),
+    };
+    if g.json {
+        render::json(&serde_json::json!({
+            "migration": h.migration.to_string(),
+            "snapshot": h.summary.snapshot.to_string(),
+            "manifest": h.summary.object,
+            "digest": h.summary.digest.to_hex(),
+            "uploaded_chunks": h.uploaded.0,
+            "uploaded_bytes": h.uploaded.1,
+            "push_ms": h.push_ms,
+            "waited_ms": h.waited_ms,
+            "outcome": outcome,
+        }))?;
+    } else {
+        println!(
+            "migration {} of {}: snapshot {} ({} chunks, {} bytes uploaded in {:.0} ms), waited {:.0} ms; {outcome}",
+            h.migration,
+            h.summary.vm,
+            h.summary.snapshot,
+            h.uploaded.0,
+            h.uploaded.1,
+            h.push_ms,
+            h.waited_ms
+        );
+    }
+    match h.outcome {
+        Outcome::Completed => Ok(()),
+        Outcome::InDoubt(_) => bail!("handover in doubt; the VM is kept paused at the source"),
         _ => bail!("migration aborted; the VM still runs at the source"),
     }
 }

@@ -165,6 +165,26 @@ pub struct CopyReport {
     pub total_ms: f64,
 }
 
+/// How a store-and-forward migration ended, from the source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoverReport {
+    /// The migration (the ticket's id).
+    pub migration: crate::names::MigrationId,
+    /// The snapshot pushed.
+    pub summary: SnapshotSummary,
+    /// Stored chunks uploaded, and their bytes.
+    pub uploaded: (u64, u64),
+    /// `Completed`: the destination's claim won, the VM runs there and is
+    /// gone here. `Aborted`: this agent's claim won, the VM runs here.
+    /// `InDoubt`: no claim could be written or read; the VM stays paused
+    /// here.
+    pub outcome: super::Outcome,
+    /// Pushing, milliseconds.
+    pub push_ms: f64,
+    /// Waiting for the claim, milliseconds.
+    pub waited_ms: f64,
+}
+
 /// Snapshot requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -213,6 +233,20 @@ pub enum SnapshotRequest {
         /// This snapshot; `None`: every one.
         snapshot: Option<SnapshotId>,
     },
+    /// Store-and-forward migration: push the VM (kept paused) sealed for
+    /// the ticket's destination with the ticket in the manifest, then wait
+    /// up to `wait_secs` for the destination's claim; without one, claim
+    /// the VM back and resume it. One create-only claim object decides
+    /// ([`crate::snapshot::claim`]).
+    MigrateVia {
+        /// The VM, destination and ticket, as for a live migration.
+        migrate: super::MigrateRequest,
+        /// Where.
+        url: String,
+        /// How long to wait for the destination (bounded by the ticket's
+        /// expiry).
+        wait_secs: u32,
+    },
 }
 
 impl SnapshotRequest {
@@ -223,7 +257,8 @@ impl SnapshotRequest {
             | SnapshotRequest::List { url }
             | SnapshotRequest::Verify { url, .. }
             | SnapshotRequest::Delete { url, .. }
-            | SnapshotRequest::Copy { url, .. } => url,
+            | SnapshotRequest::Copy { url, .. }
+            | SnapshotRequest::MigrateVia { url, .. } => url,
             SnapshotRequest::Push(p) => &p.url,
             SnapshotRequest::Pull(p) => &p.url,
         }
@@ -240,6 +275,7 @@ impl SnapshotRequest {
             SnapshotRequest::Verify { .. } => "verify",
             SnapshotRequest::Delete { .. } => "delete",
             SnapshotRequest::Copy { .. } => "copy",
+            SnapshotRequest::MigrateVia { .. } => "migrate-via",
         }
     }
 }
@@ -267,4 +303,6 @@ pub enum SnapshotResponse {
     Deleted(DeleteReport),
     /// `Copy`.
     Copied(Box<CopyReport>),
+    /// `MigrateVia`.
+    Handed(Box<HandoverReport>),
 }

@@ -29,11 +29,13 @@
 //! ```text
 //! manifests/g<generation, 20 digits>-<snapshot id, hex>   signed manifest
 //! chunks/<chunk name, hex>                               sealed chunk
+//! claims/<snapshot id, hex>                               handover claim (store-and-forward)
 //! ```
 //! Chunks are shared by the lineage's generations: a second push uploads
 //! only the chunks whose names are not there yet.
 
 pub mod chunk;
+pub mod claim;
 pub mod key;
 pub mod manifest;
 pub mod restore;

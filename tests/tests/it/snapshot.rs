@@ -276,3 +276,127 @@ async fn a_pinned_vm_is_not_pushed_and_a_bad_url_is_refused() {
         assert!(!e.to_string().contains("secret"), "{e}");
     }
 }
+
+async fn migrate_via(
+    lab: &Lab,
+    c: &CtlClient,
+    vm: &str,
+    url: &str,
+    wait_secs: u32,
+) -> Result<convoy_protocol::ctl::snapshot::HandoverReport, ClientError> {
+    match c
+        .snapshot(SnapshotRequest::MigrateVia {
+            migrate: convoy_tests::migrate(lab, vm, "a", "b"),
+            url: url.into(),
+            wait_secs,
+        })
+        .await?
+    {
+        SnapshotResponse::Handed(h) => Ok(*h),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn pull_of(url: &str, vm: &str) -> SnapshotRequest {
+    SnapshotRequest::Pull(PullRequest {
+        url: url.into(),
+        snapshot: None,
+        vm: Some(vm.parse().unwrap()),
+        paused: false,
+    })
+}
+
+/// Store-and-forward: the agents never connect; one create-only claim
+/// decides. Claimed by the destination, the VM runs there and is gone at
+/// the source; unclaimed in time, the source claims it back and a late
+/// destination is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_handed_over_through_a_bucket_runs_exactly_once() {
+    let (_dir, lab) = convoy_tests::lab(&["a", "b"]).await;
+    let bucket = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/snapshots", bucket.path().display());
+    let (a, b) = (
+        lab.client("a").await.unwrap(),
+        lab.client("b").await.unwrap(),
+    );
+    b.snapshot(SnapshotRequest::Enroll { url: url.clone() })
+        .await
+        .unwrap();
+    a.vm_create(sim_spec("web", MEMORY, 200)).await.unwrap();
+    a.vm_create(sim_spec("db", MEMORY, 0)).await.unwrap();
+
+    // Claimed: b pulls while a waits.
+    let source = {
+        let (lab_a, url) = (lab.client("a").await.unwrap(), url.clone());
+        let req = convoy_tests::migrate(&lab, "web", "a", "b");
+        tokio::spawn(async move {
+            lab_a
+                .snapshot(SnapshotRequest::MigrateVia {
+                    migrate: req,
+                    url,
+                    wait_secs: 60,
+                })
+                .await
+        })
+    };
+    let mut pulled = None;
+    for _ in 0..200 {
+        match b.snapshot(pull_of(&url, "web")).await {
+            Ok(SnapshotResponse::Pulled(p)) => {
+                pulled = Some(p);
+                break;
+            }
+            Ok(other) => panic!("{other:?}"),
+            // Not pushed yet.
+            Err(e) if kind(&e) == Some(CtlErrorKind::NotFound) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let pulled = pulled.expect("b restored web");
+    assert_eq!(pulled.vm.state, VmState::Running);
+    let handed = match source.await.unwrap().unwrap() {
+        SnapshotResponse::Handed(h) => h,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        handed.outcome,
+        convoy_protocol::ctl::Outcome::Completed,
+        "{handed:?}"
+    );
+    let at_a: Vec<_> = a
+        .vm_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name.to_string())
+        .collect();
+    assert_eq!(at_a, ["db"], "web is gone at a");
+    // The ticket is spent at b: the same snapshot is not restored twice.
+    b.vm_delete("web".parse().unwrap()).await.unwrap();
+    let e = b.snapshot(pull_of(&url, "web")).await.unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::Unauthorized), "{e}");
+
+    // Unclaimed: a waits 1 s, claims db back and resumes it; b, late, is
+    // refused and runs nothing.
+    let h = migrate_via(&lab, &a, "db", &url, 1).await.unwrap();
+    assert!(
+        matches!(h.outcome, convoy_protocol::ctl::Outcome::Aborted(_)),
+        "{h:?}"
+    );
+    let db = a.vm_list().await.unwrap();
+    assert_eq!(db.len(), 1);
+    assert_eq!(db[0].state, VmState::Running);
+    let e = b.snapshot(pull_of(&url, "db")).await.unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::MigrationFailed), "{e}");
+    assert!(e.to_string().contains("claimed VM db first"), "{e}");
+    assert!(b.vm_list().await.unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(bucket.path().join("snapshots").join("claims"))
+            .unwrap()
+            .count(),
+        2,
+        "one claim per handover"
+    );
+}

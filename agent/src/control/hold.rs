@@ -1,0 +1,94 @@
+//! A sim VM held for a push or a store-and-forward migration (paused
+//! here, nothing else may act on it, an abort cancels), and how snapshot
+//! failures reach the operator.
+
+use std::sync::Arc;
+
+use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
+use convoy_protocol::names::VmName;
+
+use super::error;
+use crate::host::{Host, VmHandle};
+use crate::snapshot::SnapshotError;
+
+/// A snapshot failure as the operator sees it.
+pub(super) fn failed(what: &str, e: &SnapshotError) -> CtlResponse {
+    let kind = match e {
+        SnapshotError::NotFound { .. } => CtlErrorKind::NotFound,
+        SnapshotError::TooLarge { .. } => CtlErrorKind::NoCapacity,
+        SnapshotError::Sealing(s)
+            if matches!(**s, crate::snapshot::SealingError::NotARecipient { .. }) =>
+        {
+            CtlErrorKind::Unauthorized
+        }
+        _ => CtlErrorKind::Internal,
+    };
+    error(kind, format!("{what}: {e}"))
+}
+
+/// A VM taken for a push: the guest, whether it ran, the cancel handle.
+pub(super) struct Claimed {
+    pub vm: Arc<dyn crate::backend::VmBackend>,
+    pub was_running: bool,
+    pub cancel: Arc<tokio::sync::Notify>,
+}
+
+/// Takes sim VM `name` for a push: it must be running or paused and not
+/// migrating; it is marked paused and given a cancel handle (so a
+/// migration, a delete or a pause cannot act on it meanwhile).
+#[allow(clippy::result_large_err)]
+pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlResponse> {
+    let mut vms = host.vms();
+    let Some(e) = vms.get_mut(name) else {
+        return Err(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {name} here"),
+        ));
+    };
+    let vm = match &e.handle {
+        Some(VmHandle::Sim(vm)) => vm.clone(),
+        Some(VmHandle::Qemu(_)) => {
+            return Err(error(
+                CtlErrorKind::BadRequest,
+                "snapshots of QEMU VMs are not built yet; sim VMs only",
+            ))
+        }
+        _ => {
+            return Err(error(
+                CtlErrorKind::BadRequest,
+                format!("VM {name} has no guest here"),
+            ))
+        }
+    };
+    if e.cancel.is_some() || !matches!(e.state, VmState::Running | VmState::Paused) {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "VM {name} is {:?}{}; only a running or paused VM can be pushed",
+                e.state,
+                if e.cancel.is_some() {
+                    " and migrating"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let was_running = e.state == VmState::Running;
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    e.state = VmState::Paused;
+    e.cancel = Some(cancel.clone());
+    Ok(Claimed {
+        vm,
+        was_running,
+        cancel,
+    })
+}
+
+pub(super) fn release(host: &Arc<Host>, name: &VmName, state: VmState) {
+    let mut vms = host.vms();
+    if let Some(e) = vms.get_mut(name) {
+        e.cancel = None;
+        e.state = state;
+    }
+}

@@ -1,0 +1,338 @@
+//! Store-and-forward migration (`convoyctl migrate VM --to B --via URL`):
+//! the two agents never connect. The source checks the ticket and the
+//! policy as for a live migration, pushes the VM sealed for the
+//! destination with the ticket in the signed manifest, keeps it paused,
+//! and waits for the handover claim ([`convoy_protocol::snapshot::claim`]).
+//! The destination's `snapshot pull` checks the ticket (it must name this
+//! agent and the manifest's signer), asks `MigrateIn`, restores the VM
+//! paused, and claims it: only a written claim starts it. If no claim
+//! comes in time (or the operator aborts), the source claims the VM back;
+//! only a written claim resumes it. Exactly one claim is ever written.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::snapshot::{HandoverReport, SnapshotResponse};
+use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, Outcome, VmState};
+use convoy_protocol::names::SpiffeId;
+use convoy_protocol::snapshot::claim::{Handover, Verdict};
+
+use super::hold::{claim_vm, failed, release, Claimed};
+use super::{error, forbidden};
+use crate::host::Host;
+use crate::snapshot::{self as snap, SnapshotStore};
+use crate::trust::authz::now_unix;
+use crate::trust::policy::{Query, VmFacts};
+
+/// How often the source looks for the destination's claim.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The source's side.
+pub(super) async fn migrate_via(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    req: MigrateRequest,
+    wait_secs: u32,
+    operator: &SpiffeId,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let ticket = host
+        .authority()
+        .at_source(operator, &host.id, &req)
+        .map_err(|e| {
+            host.audit(AuditEvent::Refused {
+                migration: None,
+                peer: operator.to_string(),
+                reason: e.to_string(),
+            });
+            error(CtlErrorKind::Unauthorized, e.to_string())
+        })?;
+    let migration = ticket.ticket.id;
+    let dest = ticket.ticket.destination.clone();
+    let Some(attributes) = host.vms().get(&req.vm).map(|e| e.attributes.clone()) else {
+        return Err(error(
+            CtlErrorKind::NotFound,
+            format!("no VM named {} here", req.vm),
+        ));
+    };
+    let d = host.decide(
+        &Query::MigrateOut {
+            operator: &ticket.signer,
+            vm: VmFacts {
+                name: &req.vm,
+                attributes: &attributes,
+            },
+            source: &host.id,
+            destination: &dest,
+            ticket: &ticket.ticket,
+        },
+        Some(migration),
+    );
+    if !d.permitted {
+        return Err(forbidden(&d));
+    }
+    host.audit(AuditEvent::TicketAccepted {
+        migration,
+        vm: req.vm.clone(),
+        operator: ticket.signer.clone(),
+        peer: dest.clone(),
+        role: "source".into(),
+    });
+    host.audit(AuditEvent::Ticket(req.ticket.clone()));
+    let creds = host.creds();
+    let recipient = snap::enroll::recipient(store, &creds.trust, &dest)
+        .await
+        .map_err(|e| failed("migrate --via", &e))?;
+    let Claimed {
+        vm,
+        was_running,
+        cancel,
+    } = claim_vm(host, &req.vm)?;
+    let give_back = |why: String| {
+        if was_running {
+            let _ = vm.resume();
+        }
+        release(
+            host,
+            &req.vm,
+            if was_running {
+                VmState::Running
+            } else {
+                VmState::Paused
+            },
+        );
+        why
+    };
+    if was_running {
+        if let Err(e) = vm.pause() {
+            let why = give_back(format!("cannot pause VM {}: {e}", req.vm));
+            return Err(error(CtlErrorKind::Internal, why));
+        }
+    }
+    let pushed = snap::push::push(
+        store,
+        &creds.trust,
+        snap::push::PushRequest {
+            name: req.vm.clone(),
+            attributes,
+            vm: vm.clone(),
+            me: host.id.clone(),
+            signer: Arc::new(creds.identity.clone()),
+            keys: host.snapshots.sealing.clone(),
+            recipients: vec![recipient],
+            level: 3,
+            now_unix: now_unix(),
+            ticket: Some(req.ticket.clone()),
+        },
+    )
+    .await;
+    let pushed = match pushed {
+        Ok(p) => p,
+        Err(e) => {
+            give_back(String::new());
+            return Err(failed(&format!("migrate --via of {}", req.vm), &e));
+        }
+    };
+    host.audit(AuditEvent::Snapshot {
+        operation: "push".into(),
+        operator: operator.to_string(),
+        url: store.url().to_owned(),
+        vm: Some(req.vm.clone()),
+        object: pushed.object.clone(),
+        digest: pushed.digest,
+    });
+    let h = Handover {
+        migration,
+        snapshot: pushed.snapshot,
+        manifest: pushed.digest,
+        source: &host.id,
+        destination: &dest,
+    };
+    // Wait no longer than the destination may accept the ticket.
+    let left = ticket
+        .ticket
+        .expires_at
+        .saturating_add(host.config.clock_skew.as_secs())
+        .saturating_sub(now_unix());
+    let wait = Duration::from_secs(u64::from(wait_secs).min(left));
+    let waited = Instant::now();
+    let mut claim = None;
+    while claim.is_none() && waited.elapsed() < wait {
+        tokio::select! {
+            () = tokio::time::sleep(POLL.min(wait.saturating_sub(waited.elapsed()))) => {}
+            () = cancel.notified() => break,
+        }
+        match snap::handover::read(store, &creds.trust, &h).await {
+            Ok(c) => claim = c,
+            Err(e) => tracing::warn!(%migration, "handover claim: {e}"),
+        }
+    }
+    let claim = match claim {
+        Some(c) => Ok(Some(c)),
+        None => {
+            snap::handover::claim(
+                store,
+                &creds.trust,
+                &creds.identity,
+                &host.id,
+                &h,
+                Verdict::Aborted,
+                now_unix(),
+            )
+            .await
+        }
+    };
+    let outcome = match claim {
+        // Ours was written: the VM comes back here.
+        Ok(None) => {
+            give_back(String::new());
+            Outcome::Aborted(format!(
+                "{dest} did not claim the VM within {} s; it runs here",
+                wait.as_secs()
+            ))
+        }
+        Ok(Some(c)) if c.verdict == Verdict::Started => {
+            if let Some(e) = host.remove(&req.vm) {
+                if let Some(h) = e.handle {
+                    h.destroy().await;
+                }
+            }
+            Outcome::Completed
+        }
+        Ok(Some(_)) => {
+            // An `Aborted` claim can only be ours (checked when read): an
+            // earlier try wrote it and its answer was lost.
+            give_back(String::new());
+            Outcome::Aborted("the VM was claimed back; it runs here".into())
+        }
+        Err(e) => {
+            // Neither claim can be known: the VM stays paused here.
+            host.set_state(&req.vm, VmState::InDoubt);
+            let mut vms = host.vms();
+            if let Some(entry) = vms.get_mut(&req.vm) {
+                entry.cancel = None;
+            }
+            Outcome::InDoubt(format!(
+                "the handover claim cannot be settled ({e}); the VM stays paused here"
+            ))
+        }
+    };
+    host.audit(AuditEvent::Outcome {
+        migration,
+        vm: req.vm.clone(),
+        outcome: match &outcome {
+            Outcome::Completed => "completed".into(),
+            Outcome::Aborted(why) => format!("aborted: {why}"),
+            Outcome::InDoubt(why) => format!("in doubt: {why}"),
+            other => format!("{other:?}"),
+        },
+    });
+    Ok(SnapshotResponse::Handed(Box::new(HandoverReport {
+        migration,
+        summary: snap::summary(
+            &pushed.object,
+            &pushed.manifest,
+            pushed.layout,
+            pushed.digest,
+        ),
+        uploaded: (pushed.uploaded, pushed.uploaded_bytes),
+        outcome,
+        push_ms: pushed.took.as_secs_f64() * 1e3,
+        waited_ms: waited.elapsed().as_secs_f64() * 1e3,
+    })))
+}
+
+/// The destination's check of a manifest's ticket: it must name this
+/// agent as destination, the manifest's signer as source and its VM (and
+/// not have been used here before).
+#[allow(clippy::result_large_err)]
+pub(super) fn accept(
+    host: &Arc<Host>,
+    m: &convoy_protocol::snapshot::SnapshotManifest,
+    t: &convoy_protocol::ticket::SignedTicket,
+) -> Result<convoy_protocol::ticket::VerifiedTicket, CtlResponse> {
+    let refuse = |why: String| {
+        host.audit(AuditEvent::Refused {
+            migration: None,
+            peer: m.source.to_string(),
+            reason: format!("store-and-forward ticket of snapshot {}: {why}", m.snapshot),
+        });
+        error(CtlErrorKind::Unauthorized, why)
+    };
+    let id = postcard::from_bytes::<convoy_protocol::ticket::Ticket>(&t.body)
+        .map_err(|e| refuse(format!("the ticket does not decode: {e}")))?
+        .id;
+    let v = host
+        .authority()
+        .at_destination(&m.source, &host.id, &m.vm, id, t)
+        .map_err(|e| refuse(e.to_string()))?;
+    host.audit(AuditEvent::TicketAccepted {
+        migration: v.ticket.id,
+        vm: m.vm.clone(),
+        operator: v.signer.clone(),
+        peer: m.source.clone(),
+        role: "destination".into(),
+    });
+    Ok(v)
+}
+
+/// The destination's claim, once the VM is restored (paused): written, the
+/// VM runs here (resumed unless it is to stay paused); lost, it never
+/// runs here.
+pub(super) async fn claim_started(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    h: &Handover<'_>,
+    name: &convoy_protocol::names::VmName,
+    vm: &dyn crate::backend::VmBackend,
+    paused: bool,
+) -> Result<(), CtlResponse> {
+    let creds = host.creds();
+    let won = snap::handover::claim(
+        store,
+        &creds.trust,
+        &creds.identity,
+        &host.id,
+        h,
+        Verdict::Started,
+        now_unix(),
+    )
+    .await;
+    // Our own claim, written by an earlier try whose answer was lost, is
+    // ours: the object store created it once.
+    let won = match won {
+        Ok(Some(c)) if c.verdict == Verdict::Started && c.by == host.id => Ok(None),
+        other => other,
+    };
+    let outcome = match &won {
+        Ok(None) => "started".to_string(),
+        Ok(Some(c)) => format!("aborted: {:?} claimed first by {}", c.verdict, c.by),
+        Err(e) => format!("failed: {e}"),
+    };
+    host.audit(AuditEvent::Outcome {
+        migration: h.migration,
+        vm: name.clone(),
+        outcome,
+    });
+    match won {
+        Ok(None) => {
+            if !paused {
+                vm.resume().map_err(|e| {
+                    error(
+                        CtlErrorKind::Internal,
+                        format!("VM {name} was handed over but does not resume: {e}"),
+                    )
+                })?;
+            }
+            Ok(())
+        }
+        Ok(Some(c)) => Err(error(
+            CtlErrorKind::MigrationFailed,
+            format!(
+                "{} claimed VM {name} first ({:?}): it runs there, not here",
+                c.by, c.verdict
+            ),
+        )),
+        Err(e) => Err(failed(&format!("the handover claim of {name}"), &e)),
+    }
+}
