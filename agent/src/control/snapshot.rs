@@ -234,8 +234,9 @@ async fn push(
         was_running,
         cancel,
     } = claim_vm(host, &name)?;
+    let live = p.live && was_running;
     let paused_at = Instant::now();
-    if was_running {
+    if was_running && !live {
         if let Err(e) = vm.pause() {
             release(host, &name, VmState::Running);
             return Err(error(
@@ -255,13 +256,20 @@ async fn push(
         level: 3,
         now_unix: now_unix(),
         ticket: None,
+        live,
     };
     let pushed = tokio::select! {
         r = snap::push::push(store, &creds.trust, req) => Some(r),
         () = cancel.notified() => None,
     };
     let paused_ms = paused_at.elapsed().as_secs_f64() * 1e3;
-    let resumed = if was_running { vm.resume() } else { Ok(()) };
+    // A live push paused the guest itself at its end (or not at all, if
+    // it failed before).
+    let resumed = if was_running && !vm.is_running() {
+        vm.resume()
+    } else {
+        Ok(())
+    };
     let state = if was_running && resumed.is_ok() {
         VmState::Running
     } else {
@@ -300,7 +308,12 @@ async fn push(
         summary: snap::summary(&r.object, &r.manifest, r.layout, r.digest),
         uploaded: r.uploaded,
         uploaded_bytes: r.uploaded_bytes,
-        paused_ms: if was_running { paused_ms } else { 0.0 },
+        paused_ms: match r.paused {
+            Some((d, _)) => d.as_secs_f64() * 1e3,
+            None if was_running => paused_ms,
+            None => 0.0,
+        },
+        rounds: r.rounds,
         chunks_ms: r.chunks_took.as_secs_f64() * 1e3,
         total_ms: r.took.as_secs_f64() * 1e3,
     })))

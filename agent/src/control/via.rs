@@ -123,6 +123,7 @@ pub(super) async fn migrate_via(
             level: 3,
             now_unix: now_unix(),
             ticket: Some(req.ticket.clone()),
+            live: false,
         },
     )
     .await;

@@ -12,6 +12,7 @@ use convoy_protocol::signed::{ChainVerifier, Signed, Signer};
 use convoy_protocol::snapshot::key::SealingKeyStatement;
 use convoy_protocol::snapshot::manifest::{seal_state, FORMAT};
 use convoy_protocol::snapshot::seal::Sealed;
+use convoy_protocol::snapshot::ChunkRef;
 use convoy_protocol::snapshot::{
     chunk_object, manifest_object, Capture, ChunkLayout, DataKey, LineageId, Sealer, SnapshotId,
     SnapshotManifest,
@@ -49,6 +50,10 @@ pub struct PushRequest {
     pub now_unix: u64,
     /// The operator's ticket, for a store-and-forward migration.
     pub ticket: Option<convoy_protocol::ticket::SignedTicket>,
+    /// Live: `vm` is running; rounds of chunks go up while it runs (the
+    /// ones it rewrites again), then the push pauses it and seals only
+    /// the chunks written since. Not live: `vm` is paused already.
+    pub live: bool,
 }
 
 impl std::fmt::Debug for PushRequest {
@@ -85,6 +90,11 @@ pub struct PushReport {
     pub chunks_took: Duration,
     /// The whole push.
     pub took: Duration,
+    /// Live: copy rounds while the VM ran (0 when not live).
+    pub rounds: u32,
+    /// Live: how long the VM was paused by the push (its downtime), and
+    /// the chunks sealed again in that time.
+    pub paused: Option<(Duration, u64)>,
     /// The manifest made.
     pub manifest: Box<SnapshotManifest>,
     /// Its layout.
@@ -129,8 +139,88 @@ pub async fn push(
     let snapshot = SnapshotId(random16()?);
 
     let t = Instant::now();
-    let (chunks, root, uploaded, uploaded_bytes) =
-        push_chunks(store, &req.vm, &key, layout, req.level).await?;
+    let sealer = Arc::new(Sealer::new(&key, layout, req.level));
+    // What the bucket says it holds: a chunk it lies about is missing at
+    // pull time, and the pull says which.
+    let mut existing: HashSet<String> = store.list("chunks").await?.into_iter().collect();
+    let mut sealed: Vec<Option<Kept>> = vec![None; usize_of(layout.chunks())];
+    let mut up = (0u64, 0u64);
+    let mut rounds = 0u32;
+    let mut paused = None;
+    if req.live {
+        req.vm.start_dirty_log();
+    }
+    let all: Vec<u64> = (0..layout.chunks()).collect();
+    let first = seal_chunks(
+        store,
+        &req.vm,
+        &sealer,
+        layout,
+        all,
+        &mut existing,
+        &mut sealed,
+    )
+    .await;
+    let first = first.inspect_err(|_| stop_log(&req))?;
+    add(&mut up, first);
+    if req.live {
+        rounds = 1;
+        // Rounds while the guest runs, until what it rewrites is small
+        // (or stops shrinking, or the rounds run out).
+        let mut last = u64::MAX;
+        loop {
+            let dirty = dirty_chunks(&*req.vm, layout);
+            let n = dirty.len() as u64;
+            if n <= LIVE_DONE_CHUNKS || n >= last || rounds >= LIVE_MAX_ROUNDS {
+                // Sealed again while paused, below.
+                let paused_at = Instant::now();
+                req.vm.pause().inspect_err(|_| stop_log(&req))?;
+                let mut last_dirty = dirty;
+                last_dirty.extend(dirty_chunks(&*req.vm, layout));
+                last_dirty.sort_unstable();
+                last_dirty.dedup();
+                stop_log(&req);
+                let k = last_dirty.len() as u64;
+                let r = seal_chunks(
+                    store,
+                    &req.vm,
+                    &sealer,
+                    layout,
+                    last_dirty,
+                    &mut existing,
+                    &mut sealed,
+                )
+                .await?;
+                add(&mut up, r);
+                paused = Some((paused_at, k));
+                break;
+            }
+            last = n;
+            rounds += 1;
+            let r = seal_chunks(
+                store,
+                &req.vm,
+                &sealer,
+                layout,
+                dirty,
+                &mut existing,
+                &mut sealed,
+            )
+            .await
+            .inspect_err(|_| stop_log(&req))?;
+            add(&mut up, r);
+        }
+    }
+    let (uploaded, uploaded_bytes) = up;
+    let mut capture = Capture::new(layout);
+    for (i, k) in (0..).zip(&sealed) {
+        if let Some((chunk, leaves)) = k {
+            capture.record_ref(i, *chunk, leaves);
+        }
+    }
+    let (chunks, root) = capture
+        .finish()
+        .map_err(|i| SnapshotError::Task(format!("chunk {i} was never sealed")))?;
     let chunks_took = t.elapsed();
 
     let state = req.vm.device_state()?;
@@ -201,58 +291,114 @@ pub async fn push(
         vm_bytes: leaves.saturating_mul(page as u64),
         chunks_took,
         took: started.elapsed(),
+        rounds,
+        paused: paused.map(|(at, k)| (at.elapsed(), k)),
         manifest,
         layout,
     })
 }
 
-/// Reads, seals and uploads every chunk ([`PARALLEL`] at a time); the
-/// chunk list, the root, and what was uploaded (chunks, bytes).
-async fn push_chunks(
+/// Rounds of a live push at most, the first included.
+const LIVE_MAX_ROUNDS: u32 = 8;
+/// A live push pauses the VM once this few chunks (or fewer) were
+/// written in the last round.
+const LIVE_DONE_CHUNKS: u64 = 4;
+
+/// What is kept of a sealed chunk once it is uploaded: its entry in the
+/// chunk list and its leaves' digests (not its bytes).
+type Kept = (ChunkRef, Vec<Digest>);
+
+fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+fn add(total: &mut (u64, u64), r: (u64, u64)) {
+    total.0 += r.0;
+    total.1 += r.1;
+}
+
+fn stop_log(req: &PushRequest) {
+    if req.live {
+        req.vm.stop_dirty_log();
+    }
+}
+
+/// The chunks holding a leaf written since the last call, in order.
+fn dirty_chunks(vm: &dyn VmBackend, layout: ChunkLayout) -> Vec<u64> {
+    let per = u64::from(layout.chunk_leaves);
+    let mut out: Vec<u64> = vm.collect_dirty_log().iter().map(|p| p.0 / per).collect();
+    out.dedup();
+    out
+}
+
+/// Reads, seals and uploads chunks `indices` ([`PARALLEL`] at a time) into
+/// `sealed`; what was uploaded (chunks, bytes).
+async fn seal_chunks(
     store: &SnapshotStore,
     vm: &Arc<dyn VmBackend>,
-    key: &DataKey,
+    sealer: &Arc<Sealer>,
     layout: ChunkLayout,
-    level: i32,
-) -> Result<(Vec<convoy_protocol::snapshot::ChunkRef>, Digest, u64, u64), SnapshotError> {
-    // What the bucket says it holds: a chunk it lies about is missing at
-    // pull time, and the pull says which.
-    let existing: Arc<HashSet<String>> =
-        Arc::new(store.list("chunks").await?.into_iter().collect());
-    let sealer = Arc::new(Sealer::new(key, layout, level));
-    let mut capture = Capture::new(layout);
-    let (mut uploaded, mut uploaded_bytes) = (0u64, 0u64);
-    let mut results = futures_util::stream::iter(0..layout.chunks())
+    indices: Vec<u64>,
+    existing: &mut HashSet<String>,
+    sealed: &mut [Option<Kept>],
+) -> Result<(u64, u64), SnapshotError> {
+    let there = Arc::new(std::mem::take(existing));
+    let mut results = futures_util::stream::iter(indices)
         .map(|i| {
-            let (vm, sealer, existing, store) =
-                (vm.clone(), sealer.clone(), existing.clone(), store.clone());
+            let (vm, sealer, there, store) =
+                (vm.clone(), sealer.clone(), there.clone(), store.clone());
             async move {
-                let sealed = blocking(move || read_and_seal(&*vm, &sealer, layout, i)).await??;
-                let mut sent = 0u64;
-                if let Some(c) = &sealed.chunk {
+                let s = blocking(move || read_and_seal(&*vm, &sealer, layout, i)).await??;
+                let mut sent = None;
+                if let Some(c) = &s.chunk {
                     let object = chunk_object(&c.name);
-                    if !existing.contains(&object)
-                        && store.put_new(&object, Bytes::from(c.bytes.clone())).await?
-                    {
-                        sent = c.bytes.len() as u64;
+                    if !there.contains(&object) {
+                        let made = store.put_new(&object, Bytes::from(c.bytes.clone())).await?;
+                        sent = Some((object, if made { c.bytes.len() as u64 } else { 0 }));
                     }
                 }
-                Ok::<_, SnapshotError>((sealed, sent))
+                Ok::<_, SnapshotError>((s, sent))
             }
         })
         .buffer_unordered(PARALLEL);
+    let (mut uploaded, mut bytes) = (0u64, 0u64);
+    let mut added = Vec::new();
+    let mut failed = None;
     while let Some(r) = results.next().await {
-        let (sealed, sent) = r?;
-        if sent > 0 {
-            uploaded += 1;
-            uploaded_bytes += sent;
+        match r {
+            Ok((s, sent)) => {
+                if let Some((object, n)) = sent {
+                    if n > 0 {
+                        uploaded += 1;
+                        bytes += n;
+                    }
+                    added.push(object);
+                }
+                let i = usize_of(s.index);
+                if let Some(slot) = sealed.get_mut(i) {
+                    let chunk = match &s.chunk {
+                        Some(c) => ChunkRef::Stored {
+                            name: c.name,
+                            len: u32::try_from(c.bytes.len()).unwrap_or(u32::MAX),
+                        },
+                        None => ChunkRef::Zero,
+                    };
+                    *slot = Some((chunk, s.leaves));
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
-        capture.record(&sealed);
     }
-    let (chunks, root) = capture
-        .finish()
-        .map_err(|i| SnapshotError::Task(format!("chunk {i} was never sealed")))?;
-    Ok((chunks, root, uploaded, uploaded_bytes))
+    drop(results);
+    *existing = Arc::try_unwrap(there).unwrap_or_else(|a| (*a).clone());
+    existing.extend(added);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((uploaded, bytes)),
+    }
 }
 
 fn read_and_seal(

@@ -35,6 +35,11 @@ pub enum Snapshot {
         /// always can). It must have enrolled under URL.
         #[arg(long = "for", value_name = "AGENT")]
         recipients: Vec<AgentName>,
+        /// Copy while the VM runs, in rounds, and pause it only for what
+        /// it wrote last (a running VM; otherwise it is paused for the
+        /// whole copy).
+        #[arg(long)]
+        live: bool,
     },
     /// Restore a snapshot on the agent: every chunk, the root and the
     /// device state are checked before the VM starts.
@@ -97,10 +102,12 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
             vm,
             url,
             recipients,
+            live,
         } => SnapshotRequest::Push(PushRequest {
             vm,
             url,
             recipients,
+            live,
         }),
         Snapshot::Pull {
             url,
@@ -135,10 +142,15 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
         SnapshotResponse::Pushed(p) => {
             describe(&p.summary);
             println!(
-                "uploaded {} of {} stored chunks ({}), VM paused {:.0} ms, chunks {:.0} ms, total {:.0} ms",
+                "uploaded {} of {} stored chunks ({}){}, VM paused {:.0} ms, chunks {:.0} ms, total {:.0} ms",
                 p.uploaded,
                 p.summary.chunks.1,
                 mib(p.uploaded_bytes),
+                if p.rounds > 0 {
+                    format!(" in {} rounds while it ran", p.rounds)
+                } else {
+                    String::new()
+                },
                 p.paused_ms,
                 p.chunks_ms,
                 p.total_ms
@@ -242,6 +254,7 @@ fn json(r: &SnapshotResponse) -> serde_json::Value {
             "uploaded_chunks": p.uploaded,
             "uploaded_bytes": p.uploaded_bytes,
             "paused_ms": p.paused_ms,
+            "rounds": p.rounds,
             "chunks_ms": p.chunks_ms,
             "total_ms": p.total_ms,
         }),

@@ -27,6 +27,9 @@ pub struct PushRequest {
     /// The agents that may open it besides the pusher (each must have
     /// published its sealing key under the URL: `snapshot enroll`).
     pub recipients: Vec<AgentName>,
+    /// Copy while the VM runs (pre-copy rounds into the bucket), then
+    /// pause it only for the chunks it wrote last. A running VM only.
+    pub live: bool,
 }
 
 /// Pull a snapshot out of a bucket and start it on the agent asked.
@@ -99,6 +102,8 @@ pub struct PushReport {
     pub uploaded_bytes: u64,
     /// How long the VM was paused, milliseconds (0: it was paused before).
     pub paused_ms: f64,
+    /// Live: copy rounds while it ran (0: a cold push).
+    pub rounds: u32,
     /// Reading, sealing and uploading the chunks, milliseconds.
     pub chunks_ms: f64,
     /// The whole push, milliseconds.

@@ -88,19 +88,27 @@ impl Capture {
     /// Records a sealed chunk (again: the later one wins, as when a live
     /// push sends a dirtied chunk anew).
     pub fn record(&mut self, s: &Sealed) {
-        let start = saturating_usize(self.layout.range(s.index).start);
-        for (i, d) in s.leaves.iter().enumerate() {
+        let chunk = match &s.chunk {
+            Some(c) => ChunkRef::Stored {
+                name: c.name,
+                len: u32::try_from(c.bytes.len()).unwrap_or(u32::MAX),
+            },
+            None => ChunkRef::Zero,
+        };
+        self.record_ref(s.index, chunk, &s.leaves);
+    }
+
+    /// Records chunk `index` as `chunk` with its leaves' digests (what
+    /// [`Capture::record`] keeps of a sealed chunk, for a caller that let
+    /// go of its bytes).
+    pub fn record_ref(&mut self, index: u64, chunk: ChunkRef, leaves: &[Digest]) {
+        let start = saturating_usize(self.layout.range(index).start);
+        for (i, d) in leaves.iter().enumerate() {
             self.tree.set_leaf(start.saturating_add(i), *d);
         }
         self.tree.fold_if_due();
-        if let Some(slot) = self.chunks.get_mut(saturating_usize(s.index)) {
-            *slot = Some(match &s.chunk {
-                Some(c) => ChunkRef::Stored {
-                    name: c.name,
-                    len: u32::try_from(c.bytes.len()).unwrap_or(u32::MAX),
-                },
-                None => ChunkRef::Zero,
-            });
+        if let Some(slot) = self.chunks.get_mut(saturating_usize(index)) {
+            *slot = Some(chunk);
         }
     }
 

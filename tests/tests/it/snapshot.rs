@@ -23,6 +23,7 @@ async fn push(
         vm: vm.parse().unwrap(),
         url: url.into(),
         recipients: to.iter().map(|n| n.parse().unwrap()).collect(),
+        live: false,
     }))
     .await
 }
@@ -277,6 +278,37 @@ async fn a_pinned_vm_is_not_pushed_and_a_bad_url_is_refused() {
     }
 }
 
+/// Agents `a` and `b` and a `file://` bucket where `b` has enrolled.
+struct Two {
+    _dir: tempfile::TempDir,
+    lab: Lab,
+    bucket: tempfile::TempDir,
+    url: String,
+    a: CtlClient,
+    b: CtlClient,
+}
+
+async fn two() -> Two {
+    let (_dir, lab) = convoy_tests::lab(&["a", "b"]).await;
+    let bucket = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/snapshots", bucket.path().display());
+    let (a, b) = (
+        lab.client("a").await.unwrap(),
+        lab.client("b").await.unwrap(),
+    );
+    b.snapshot(SnapshotRequest::Enroll { url: url.clone() })
+        .await
+        .unwrap();
+    Two {
+        _dir,
+        lab,
+        bucket,
+        url,
+        a,
+        b,
+    }
+}
+
 async fn migrate_via(
     lab: &Lab,
     c: &CtlClient,
@@ -312,16 +344,14 @@ fn pull_of(url: &str, vm: &str) -> SnapshotRequest {
 /// destination is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_handed_over_through_a_bucket_runs_exactly_once() {
-    let (_dir, lab) = convoy_tests::lab(&["a", "b"]).await;
-    let bucket = tempfile::tempdir().unwrap();
-    let url = format!("file://{}/snapshots", bucket.path().display());
-    let (a, b) = (
-        lab.client("a").await.unwrap(),
-        lab.client("b").await.unwrap(),
-    );
-    b.snapshot(SnapshotRequest::Enroll { url: url.clone() })
-        .await
-        .unwrap();
+    let Two {
+        _dir,
+        lab,
+        bucket,
+        url,
+        a,
+        b,
+    } = two().await;
     a.vm_create(sim_spec("web", MEMORY, 200)).await.unwrap();
     a.vm_create(sim_spec("db", MEMORY, 0)).await.unwrap();
 
@@ -399,4 +429,36 @@ async fn a_vm_handed_over_through_a_bucket_runs_exactly_once() {
         2,
         "one claim per handover"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_push_copies_a_busy_vm_while_it_runs() {
+    let t = two().await;
+    let (a, b, url) = (&t.a, &t.b, &t.url);
+    // A live push of a busy VM: rounds while it runs, a short pause, and
+    // it runs on; b restores what it was at the pause.
+    a.vm_create(sim_spec("busy", MEMORY, 2000)).await.unwrap();
+    let live = match a
+        .snapshot(SnapshotRequest::Push(PushRequest {
+            vm: "busy".parse().unwrap(),
+            url: url.clone(),
+            recipients: vec!["b".parse().unwrap()],
+            live: true,
+        }))
+        .await
+        .unwrap()
+    {
+        SnapshotResponse::Pushed(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(live.rounds >= 1, "{live:?}");
+    assert!(live.paused_ms < live.total_ms, "{live:?}");
+    let busy = a.vm_list().await.unwrap();
+    assert!(busy
+        .iter()
+        .any(|v| v.name.as_str() == "busy" && v.state == VmState::Running));
+    match b.snapshot(pull_of(url, "busy")).await.unwrap() {
+        SnapshotResponse::Pulled(p) => assert_eq!(p.vm.state, VmState::Running),
+        other => panic!("{other:?}"),
+    }
 }
