@@ -3,9 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
-use std::process::Command;
-
 use serde_json::Value;
+
+mod common;
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
@@ -17,35 +17,23 @@ fn f(v: &Value) -> f64 {
 
 #[test]
 fn the_engine_bench_reports_consistent_rows() {
-    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
-        .args([
-            "bench",
-            "--engine",
-            "--json",
-            "--memory",
-            "16MiB",
-            "--modes",
-            "precopy,postcopy",
-            "--dirty",
-            "idle=0,busy=20000",
-            "--runs",
-            "1",
-            "--concurrent",
-            "2",
-            "--concurrent-memory",
-            "16MiB",
-            "--reuse-dwell",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let v = common::bench_json(&[
+        "--engine",
+        "--memory",
+        "16MiB",
+        "--modes",
+        "precopy,postcopy",
+        "--dirty",
+        "idle=0,busy=20000",
+        "--runs",
+        "1",
+        "--concurrent",
+        "2",
+        "--concurrent-memory",
+        "16MiB",
+        "--reuse-dwell",
+        "300",
+    ]);
     assert_eq!(v["memory_bytes"], 16 << 20);
 
     // Modes × dirty rates: one row each, in order.

@@ -253,7 +253,7 @@ async fn push(
         signer: Arc::new(creds.identity.clone()),
         keys: host.snapshots.sealing.clone(),
         recipients: statements,
-        level: 3,
+        level: snap::push::DEFAULT_LEVEL,
         now_unix: now_unix(),
         ticket: None,
         live,

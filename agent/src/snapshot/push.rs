@@ -23,8 +23,12 @@ use super::sealing::{wrap, SealingKeys};
 use super::{blocking, newest_for, SnapshotError, SnapshotStore};
 use crate::backend::VmBackend;
 
-/// Chunks sealed or moved at once.
-const PARALLEL: usize = 8;
+/// Chunks sealed or moved at once (pulls and copies move as many).
+pub const PARALLEL: usize = 8;
+
+/// The zstd level an agent pushes at (`convoyctl bench --snapshot`
+/// measures at the same).
+pub const DEFAULT_LEVEL: i32 = 3;
 
 /// What to push.
 pub struct PushRequest {

@@ -10,6 +10,9 @@
 //!   and through Convoy.
 //! - [`wan`] (`--wan`): raw QUIC through the lab's impairment relay, by
 //!   RTT, loss and congestion controller.
+//! - [`snapshot`] (`--snapshot`): snapshots pushed, pulled and copied
+//!   through object stores beside plain transfers of the same bytes, as
+//!   [`snapshot_rows`]; [`snapshot_plot`] draws them (`--plot`).
 //! - [`table`] and [`rss`]: cells, medians and memory readings they share.
 
 // Benchmark figures: f64 means, rates and percentages of measured runs,
@@ -20,6 +23,9 @@ mod engine;
 mod qemu;
 mod raw;
 mod rss;
+mod snapshot;
+mod snapshot_plot;
+mod snapshot_rows;
 mod table;
 mod wan;
 mod wan_lab;
@@ -149,12 +155,32 @@ pub struct Bench {
     /// --wan: seconds a transfer may take before its cell says so.
     #[arg(long, default_value_t = 120)]
     pub cell_timeout: u64,
+    /// Instead: snapshots of a simulated VM (--memory, 256MiB by
+    /// default; mixed and random memory) pushed, pulled and copied through
+    /// a file:// directory and, with --snapshot-url or CONVOY_MOTO_SERVER
+    /// (moto's S3 server, started here), an S3 bucket, each beside a plain
+    /// put, get or copy of the same bytes through the same store; the
+    /// median of --runs.
+    #[arg(long)]
+    pub snapshot: bool,
+    /// --snapshot: the cloud store to measure (s3://BUCKET/PREFIX, its
+    /// settings from the standard AWS environment) instead of moto; the
+    /// bench writes under a prefix of its own there and deletes it.
+    #[arg(long, requires = "snapshot")]
+    pub snapshot_url: Option<String>,
+    /// --snapshot: draw Convoy against the plain transfers as a bar chart
+    /// (FILE.svg or FILE.png).
+    #[arg(long, requires = "snapshot")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tuning: MigrateTuning,
 }
 
 /// Runs the benchmark the flags choose.
 pub async fn run(g: &Global, b: Bench) -> Result<()> {
+    if b.snapshot {
+        return snapshot::run(g, b).await;
+    }
     if b.wan && b.controllers {
         return wan::run(g, b).await;
     }
