@@ -120,7 +120,7 @@ pub(super) async fn migrate_via(
             signer: Arc::new(creds.identity.clone()),
             keys: host.snapshots.sealing.clone(),
             recipients: vec![recipient],
-            level: 3,
+            level: snap::push::DEFAULT_LEVEL,
             now_unix: now_unix(),
             ticket: Some(req.ticket.clone()),
             live: false,

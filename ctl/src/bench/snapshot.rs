@@ -366,6 +366,8 @@ fn push_request(ctx: &Ctx<'_>) -> PushRequest {
         level: DEFAULT_LEVEL,
         now_unix: convoy_agent::trust::authz::now_unix(),
         ticket: None,
+        // Cold: the bench's VM is paused around each push.
+        live: false,
     }
 }
 
