@@ -52,6 +52,35 @@ fn demo_json_reports_a_verified_migration_and_the_trust_path() {
     assert!(v["rounds"].as_u64().unwrap() >= 2);
 }
 
+/// The store-and-forward path on the embedded default: through a
+/// directory, the agents never connecting.
+#[test]
+fn demo_via_a_bucket_hands_the_vm_over_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args(["demo", "--json", "--memory", "32MiB", "--via", &url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo --via failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["outcome"], "Completed");
+    assert_eq!(v["counter_continuous"], true, "{v}");
+    // One manifest and one claim in the bucket.
+    let count = |d: &str| {
+        std::fs::read_dir(dir.path().join("bucket").join(d))
+            .unwrap()
+            .count()
+    };
+    assert_eq!((count("manifests"), count("claims")), (1, 1));
+}
+
 #[test]
 fn bad_flags_get_a_clear_error_and_a_failure_status() {
     let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))

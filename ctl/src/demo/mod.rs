@@ -5,19 +5,22 @@
 //! - [`sim`]: the embedded default, a busy simulated VM.
 //! - [`qemu`] (`--backend qemu`): a real Linux guest under QEMU.
 //! - [`evidence`]: what the trust path left behind, checked offline.
+//! - [`via`] (`--via URL`): the store-and-forward path through a bucket,
+//!   the agents never connecting.
 //!
 //! Both print the `--json` fields of [`report_json`].
 
 mod evidence;
 mod qemu;
 mod sim;
+mod via;
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
 use convoy_agent::client::CtlClient;
 use convoy_agent::lab::Lab;
-use convoy_protocol::ctl::{MigrationReport, VmInfo};
+use convoy_protocol::ctl::{MigrationReport, SimDiskSpec, SimVmSpec, VmInfo};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::vm::VmAttributes;
 
@@ -56,6 +59,11 @@ pub struct Demo {
     /// memory and verified block by block at the destination.
     #[arg(long, value_parser = convoy_agent::units::parse_size)]
     pub disk: Option<u64>,
+    /// sim: move the VM through object storage instead (`file:///DIR` or
+    /// `s3://BUCKET/PREFIX`): a pushes it there sealed for b and waits, b
+    /// restores and claims it; the agents never connect.
+    #[arg(long, value_name = "URL")]
+    pub via: Option<String>,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -63,7 +71,16 @@ pub struct Demo {
 /// Runs the demo on the backend the flags choose.
 pub async fn run(g: &Global, d: Demo) -> Result<()> {
     if d.backend == "qemu" {
+        if d.via.is_some() {
+            bail!("--via takes the sim backend (QEMU VMs are not pushed to object storage yet)");
+        }
         return qemu::run(g, d).await;
+    }
+    if let Some(url) = d.via.clone() {
+        if d.disk.is_some() {
+            bail!("--via takes a VM without --disk in the demo");
+        }
+        return via::run(g, d, url).await;
     }
     sim::run(g, d).await
 }
@@ -147,6 +164,36 @@ fn lab_lines(lab: &Lab, dir: &Path, a_extra: &str) -> Result<[String; 3]> {
         ),
         format!("agent {} on {}", b.id, b.addr),
     ])
+}
+
+/// The demo's sim VM as the flags describe it, with `disks`.
+fn sim_spec(d: &Demo, memory: u64, disks: Vec<SimDiskSpec>) -> Result<SimVmSpec> {
+    Ok(SimVmSpec {
+        name: "demo".parse()?,
+        memory_bytes: memory,
+        dirty_pages_per_sec: d.dirty_rate,
+        hot_set_pct: d.hot_set,
+        content: d.content.into(),
+        seed: 1,
+        attributes: attributes(),
+        disks,
+    })
+}
+
+/// A throw-away lab of sim agents a and b in a temporary directory,
+/// introduced on standard output (not with `--json`), and a client of
+/// each.
+async fn sim_lab(g: &Global) -> Result<(tempfile::TempDir, Lab, CtlClient, CtlClient)> {
+    let dir = tempfile::tempdir()?;
+    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {}).await?;
+    if !g.json {
+        for line in lab_lines(&lab, dir.path(), "")? {
+            println!("{line}");
+        }
+    }
+    let a = lab.client("a").await?;
+    let b = lab.client("b").await?;
+    Ok((dir, lab, a, b))
 }
 
 /// Migrates the demo VM from a to b with a progress bar (none with

@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
-use convoy_protocol::ctl::{Outcome, SimDiskSpec, SimVmSpec};
+use convoy_protocol::ctl::{Outcome, SimDiskSpec};
 use convoy_protocol::names::DiskName;
 
 use super::evidence::evidence;
-use super::{attributes, finish, lab_lines, listed, migrate, opt, report_json, Continuity, Demo};
+use super::{finish, listed, migrate, opt, report_json, Continuity, Demo};
 use crate::conn::Global;
 use crate::render;
 
@@ -23,36 +22,22 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
             println!("{s}");
         }
     };
-    let dir = tempfile::tempdir()?;
-    let lab = Lab::start(dir.path(), &["a", "b"], |_, _| {}).await?;
-    for line in lab_lines(&lab, dir.path(), "")? {
-        say(line);
-    }
-    let a = lab.client("a").await?;
-    let b = lab.client("b").await?;
-    let spec = SimVmSpec {
-        name: "demo".parse()?,
-        memory_bytes: memory,
-        dirty_pages_per_sec: d.dirty_rate,
-        hot_set_pct: d.hot_set,
-        content: d.content.into(),
-        seed: 1,
-        attributes: attributes(),
-        disks: d
-            .disk
-            .map(|bytes| -> Result<SimDiskSpec> {
-                Ok(SimDiskSpec {
-                    name: "root".parse::<DiskName>()?,
-                    bytes,
-                    writes_per_sec: 500,
-                    used_pct: 25,
-                    base: None,
-                })
+    let (_dir, lab, a, b) = super::sim_lab(g).await?;
+    let disks = d
+        .disk
+        .map(|bytes| -> Result<SimDiskSpec> {
+            Ok(SimDiskSpec {
+                name: "root".parse::<DiskName>()?,
+                bytes,
+                writes_per_sec: 500,
+                used_pct: 25,
+                base: None,
             })
-            .transpose()?
-            .into_iter()
-            .collect(),
-    };
+        })
+        .transpose()?
+        .into_iter()
+        .collect();
+    let spec = super::sim_spec(&d, memory, disks)?;
     say(format!(
         "VM demo: {} of {:?} memory, workload writing {} pages/s ({}% hot set)",
         format_bytes(memory),
