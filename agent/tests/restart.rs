@@ -95,7 +95,7 @@ impl Setup {
     }
 
     /// Agent `name` (not started): its own state, image and runtime
-    /// directories, a free UDP port, the guest's kernel and initramfs in
+    /// directories, a free port, the guest's kernel and initramfs in
     /// its image directory.
     fn agent(&self, name: &str) -> AgentProcess {
         let root = self.dir.path();
@@ -104,10 +104,7 @@ impl Setup {
         std::fs::copy(&self.guest.kernel, images.join("vmlinuz")).unwrap();
         std::fs::copy(&self.guest.initrd, images.join("initrd.img")).unwrap();
         let state = root.join("state").join(name);
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = support::listen_addr();
         let policy = self.lab.policy_files();
         let args = [
             "--name",

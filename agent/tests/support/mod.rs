@@ -18,6 +18,32 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::names::{AgentName, Role, SpiffeId};
 use rustix::process::Signal;
 
+/// A loopback address for an agent that is killed and restarted on it:
+/// a port below Linux's ephemeral range (32768–60999 by default), free
+/// for both UDP and TCP when picked. A port the kernel hands out
+/// (`127.0.0.1:0`) is in that range, and while the agent is down any
+/// outgoing TCP connection of the machine may take it as its source port
+/// (seen in CI: "TCP: Address already in use" at the restart).
+pub fn listen_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Ports 20000–32767, from a start that differs per process (test
+    // binaries run one after another, but their agents may linger).
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = 12_768u16;
+    let seed = u16::try_from(std::process::id() % u32::from(span)).unwrap_or(0);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n) % span);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let udp = std::net::UdpSocket::bind(addr);
+        let tcp = std::net::TcpListener::bind(addr);
+        if udp.is_ok() && tcp.is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in 20000–32767 for both UDP and TCP");
+}
+
 /// Polls `f` every 100 ms until it holds or `timeout` passed.
 pub async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -82,15 +108,12 @@ impl Setup {
         Setup { dir, lab }
     }
 
-    /// Agent `name` (not started): its own state directory, a free UDP
-    /// port, and `extra` arguments.
+    /// Agent `name` (not started): its own state directory, a free port
+    /// ([`listen_addr`]), and `extra` arguments.
     pub fn agent(&self, name: &str, extra: &[String]) -> AgentProcess {
         let root = self.dir.path();
         let state = root.join("state").join(name);
-        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = listen_addr();
         let policy = self.lab.policy_files();
         let mut args = [
             "--name",
