@@ -24,24 +24,27 @@ use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
 use crate::trust::authz::now_unix;
 use crate::trust::policy::{Query, VmFacts};
 
-/// The largest manifest object read when deleting (the format's bound).
-const MAX_MANIFEST_OBJECT: u64 =
-    convoy_protocol::snapshot::manifest::MAX_MANIFEST_BODY as u64 + (64 << 10);
+/// Opens a snapshot URL from a request: bounded, checked, or the
+/// operator's error.
+#[allow(clippy::result_large_err)]
+fn open_url(url: &str) -> Result<SnapshotStore, CtlResponse> {
+    if url.len() > MAX_URL {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!("a snapshot URL has at most {MAX_URL} bytes"),
+        ));
+    }
+    SnapshotStore::open(url).map_err(|e| error(CtlErrorKind::BadRequest, e.to_string()))
+}
 
 pub(super) async fn snapshot(
     host: &Arc<Host>,
     req: SnapshotRequest,
     operator: &SpiffeId,
 ) -> CtlResponse {
-    if req.url().len() > MAX_URL {
-        return error(
-            CtlErrorKind::BadRequest,
-            format!("a snapshot URL has at most {MAX_URL} bytes"),
-        );
-    }
-    let store = match SnapshotStore::open(req.url()) {
+    let store = match open_url(req.url()) {
         Ok(s) => s,
-        Err(e) => return error(CtlErrorKind::BadRequest, e.to_string()),
+        Err(r) => return r,
     };
     let answer = match req {
         SnapshotRequest::Copy { to, snapshot, .. } => {
@@ -96,13 +99,7 @@ async fn copy(
     snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
     operator: &SpiffeId,
 ) -> Result<SnapshotResponse, CtlResponse> {
-    if to.len() > MAX_URL {
-        return Err(error(
-            CtlErrorKind::BadRequest,
-            format!("a snapshot URL has at most {MAX_URL} bytes"),
-        ));
-    }
-    let to = SnapshotStore::open(to).map_err(|e| error(CtlErrorKind::BadRequest, e.to_string()))?;
+    let to = open_url(to)?;
     for (url, operation) in [(from.url(), "copy-from"), (to.url(), "copy-to")] {
         let d = host.decide(
             &Query::ManageSnapshots {
@@ -540,8 +537,11 @@ async fn delete(
     let objects = snap::manifest_objects(store)
         .await
         .map_err(|e| failed("snapshot delete", &e))?;
-    let suffix = format!("-{id}");
-    let Some(target) = objects.iter().find(|o| o.ends_with(&suffix)).cloned() else {
+    let Some(target) = objects
+        .iter()
+        .find(|o| snap::holds_snapshot(o, &id))
+        .cloned()
+    else {
         return Err(error(
             CtlErrorKind::NotFound,
             format!("{}: no snapshot {id}", store.url()),
@@ -569,7 +569,7 @@ async fn delete(
     };
     let read = |o: String| async move {
         store
-            .get(&o, MAX_MANIFEST_OBJECT)
+            .get(&o, snap::MAX_MANIFEST_OBJECT)
             .await
             .map_err(|e| failed("snapshot delete", &SnapshotError::from(e)))
     };

@@ -52,8 +52,7 @@ pub async fn copy(
     let started = Instant::now();
     let mut objects = manifest_objects(from).await?;
     if let Some(id) = snapshot {
-        let suffix = format!("-{id}");
-        objects.retain(|o| o.ends_with(&suffix));
+        objects.retain(|o| super::holds_snapshot(o, &id));
         if objects.is_empty() {
             return Err(SnapshotError::NotFound {
                 url: from.url().to_owned(),

@@ -41,7 +41,7 @@ pub use sealing::{SealingError, SealingKeys};
 pub use store::{SnapshotStore, StoreError};
 
 /// The largest manifest object read (the format's bound, and its envelope).
-const MAX_MANIFEST_OBJECT: u64 =
+pub(crate) const MAX_MANIFEST_OBJECT: u64 =
     convoy_protocol::snapshot::manifest::MAX_MANIFEST_BODY as u64 + (64 << 10);
 
 /// Why a push or a pull failed. Each names what and where.
@@ -215,6 +215,12 @@ pub async fn manifest_objects(store: &SnapshotStore) -> Result<Vec<String>, Snap
         .collect();
     names.sort_by(|a, b| b.cmp(a));
     Ok(names.into_iter().map(|(_, n)| n).collect())
+}
+
+/// Whether manifest object `object` (as [`manifest_objects`] lists them)
+/// holds snapshot `id`.
+pub fn holds_snapshot(object: &str, id: &SnapshotId) -> bool {
+    parse_manifest_object(object).is_some_and(|(_, s)| s == *id)
 }
 
 /// Reads manifest `object` and checks it: decodes, signature chain,

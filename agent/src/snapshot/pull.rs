@@ -202,9 +202,8 @@ async fn find(
     verifier: &(dyn ChainVerifier + Sync),
     id: &SnapshotId,
 ) -> Result<Found, SnapshotError> {
-    let suffix = format!("-{id}");
     for object in manifest_objects(store).await? {
-        if object.ends_with(&suffix) {
+        if super::holds_snapshot(&object, id) {
             return read_manifest(store, &object, verifier).await;
         }
     }
