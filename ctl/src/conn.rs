@@ -77,6 +77,17 @@ pub struct Session {
     pub domain: TrustDomain,
 }
 
+/// The PKI and the operator identity (`--pki`, `--operator`): what signs
+/// tickets and approvals, with no agent needed.
+pub fn operator(g: &Global) -> Result<(Pki, Identity)> {
+    let pki = Pki::open(&g.pki)?;
+    let op: AgentName = g.operator.parse()?;
+    let identity = pki.identity(Role::Operator, &op).with_context(|| {
+        format!("operator {op} (issue it with `convoyctl pki issue operator {op}`)")
+    })?;
+    Ok((pki, identity))
+}
+
 /// Connects to the agent named by `--agent` with the operator identity.
 pub async fn client(g: &Global) -> Result<CtlClient> {
     Ok(session(g).await?.client)
@@ -91,11 +102,7 @@ pub async fn session(g: &Global) -> Result<Session> {
     let Some(addr) = agent.addr else {
         bail!("--agent needs an address: NAME@HOST:PORT");
     };
-    let pki = Pki::open(&g.pki)?;
-    let op: AgentName = g.operator.parse()?;
-    let identity = pki.identity(Role::Operator, &op).with_context(|| {
-        format!("operator {op} (issue it with `convoyctl pki issue operator {op}`)")
-    })?;
+    let (pki, identity) = operator(g)?;
     let trust = pki.trust()?;
     let id = SpiffeId::agent(pki.domain().clone(), agent.name.clone());
     let client = CtlClient::connect_with(addr, id.clone(), &identity, &trust, g.transport)

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - `cmd/`: one module per operator command (`pki`, `policy`, `vm`,
-//!   `migrate`, `abort`, `status`, `audit`, `snapshot`).
+//!   `migrate`, `ticket`, `abort`, `status`, `audit`, `snapshot`).
 //! - [`demo`](mod@demo): `convoyctl demo`, a whole migration on this machine.
 //! - [`bench`](mod@bench): `convoyctl bench`, one module per experiment.
 //! - [`conn`]: operator identity and agent addressing shared by commands.
@@ -64,6 +64,10 @@ enum Command {
     Vm(cmd::vm::Vm),
     /// Live-migrate a VM from the agent (--agent) to another agent.
     Migrate(cmd::migrate::Migrate),
+    /// Tickets several parties approve before a migration may run:
+    /// request, approve, show (submit with `migrate --ticket FILE`).
+    #[command(subcommand)]
+    Ticket(cmd::ticket::TicketCmd),
     /// Cancel a VM's outgoing migration on its source agent (--agent).
     Abort(cmd::abort::Abort),
     /// Resolve the migrations an agent (--agent) holds unfinished after a
@@ -132,6 +136,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Audit(c) => cmd::audit::run(&cli.global, c).await,
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
+            Command::Ticket(c) => cmd::ticket::run(&cli.global, c).await,
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
             Command::Recover(c) => cmd::recover::run(&cli.global, c).await,
             Command::Policy(c) => cmd::policy::run(&cli.global, c),

@@ -50,8 +50,58 @@ fn the_examples_validate() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("valid: 9 policies"), "{stdout}");
+    assert!(stdout.contains("valid: 10 policies"), "{stdout}");
     assert!(stdout.contains("tenant-owns-vm"), "{stdout}");
+}
+
+#[test]
+fn a_move_between_providers_is_checked_with_its_approvals() {
+    let x = "spiffe://partner.example/agent/x";
+    let base = [
+        "--action",
+        "MigrateOut",
+        "--by",
+        ALICE,
+        "--source",
+        A,
+        "--destination",
+        x,
+        "--tenant",
+        "acme",
+        "--security-level",
+        "2",
+    ];
+    let out = check(&base);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("providers-approve-moves-between-them"),
+        "{stdout}"
+    );
+    let mut approved = base.to_vec();
+    approved.extend([
+        "--approval",
+        "spiffe://convoy.example/operator/alice=tenant",
+        "--approval",
+        "spiffe://convoy.example/operator/root=donor",
+        "--approval",
+        "spiffe://partner.example/operator/rex=recipient",
+    ]);
+    let out = check(&approved);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // An agent does not approve; an unknown role is named.
+    let mut bad = base.to_vec();
+    bad.extend(["--approval", "spiffe://convoy.example/agent/a=donor"]);
+    let out = check(&bad);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only operators approve"));
+    let mut bad = base.to_vec();
+    bad.extend([
+        "--approval",
+        "spiffe://convoy.example/operator/root=auditor",
+    ]);
+    let out = check(&bad);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown approval role"));
 }
 
 #[test]

@@ -364,6 +364,8 @@ mod tests {
             issued_at: 1,
             expires_at: 2,
             nonce: [2; 16],
+            approvers: Vec::new(),
+            approvals: Vec::new(),
         }
     }
 

@@ -231,6 +231,10 @@ impl ChainVerifier for InsecureCrypto {
             .then_some(())
             .ok_or(SignatureError::Invalid)
     }
+    /// The "key" is the signer's name.
+    fn public_key(&self, leaf: &[u8]) -> Result<Vec<u8>, SignatureError> {
+        Ok(leaf.to_vec())
+    }
 }
 
 impl InsecureCrypto {
@@ -364,6 +368,8 @@ pub fn admission_ticket(choice: u8) -> crate::ticket::Ticket {
         issued_at: 1_700_000_000,
         expires_at: 1_700_000_300,
         nonce: [3; 16],
+        approvers: Vec::new(),
+        approvals: Vec::new(),
     }
 }
 
@@ -460,9 +466,21 @@ fn resign(chain: &[Vec<u8>], context: &[u8], body: &[u8]) -> Option<Vec<u8>> {
     sign_in_context(&InsecureCrypto(leaf.into()), context, body).ok()
 }
 
-/// Verifies a signed ticket (after an 8-byte clock) as given, then
-/// re-signed by its own chain's insecure key; what verifies must be an
-/// operator's, valid now within the skew.
+/// Re-signs each approval inside a ticket body by its own chain's insecure
+/// key, so the fuzzer reaches the approval checks past their signatures.
+fn resign_approvals(body: &[u8]) -> Option<Vec<u8>> {
+    let mut t: crate::ticket::Ticket = postcard::from_bytes(body).ok()?;
+    for a in &mut t.approvals {
+        a.signature = resign(&a.chain, crate::ticket::approval::APPROVAL_CONTEXT, &a.body)?;
+    }
+    postcard::to_stdvec(&t).ok()
+}
+
+/// Verifies a signed ticket (after an 8-byte clock) as given, then with
+/// its approvals and itself re-signed by their own chains' insecure keys;
+/// what verifies must be an operator's, valid now within the skew, and
+/// approved by as many distinct operators and keys as it carries
+/// approvals.
 pub fn ticket_verify(data: &[u8]) {
     let Some((now, rest)) = clock(data) else {
         return;
@@ -472,15 +490,23 @@ pub fn ticket_verify(data: &[u8]) {
     };
     let v = InsecureCrypto(String::new());
     let _ = t.verify(&v, now, 60);
-    let Some(signature) = resign(&t.chain, TICKET_CONTEXT, &t.body) else {
+    let body = resign_approvals(&t.body).unwrap_or(t.body);
+    let Some(signature) = resign(&t.chain, TICKET_CONTEXT, &body) else {
         return;
     };
-    let t = SignedTicket::from_parts(t.body, signature, t.chain);
+    let t = SignedTicket::from_parts(body, signature, t.chain);
     if let Ok(ok) = t.verify(&v, now, 60) {
         let (from, to) = (ok.ticket.issued_at, ok.ticket.expires_at);
         assert_eq!(ok.signer.role(), Role::Operator);
         assert!(from < to && to - from <= MAX_TICKET_LIFETIME_SECS);
         assert!(from <= now.saturating_add(60) && now < to.saturating_add(60));
+        let a = &ok.approvals;
+        assert_eq!(a.count(), ok.ticket.approvals.len());
+        assert_eq!(a.principals().len(), a.count(), "one approval per operator");
+        let keys: std::collections::BTreeSet<[u8; 32]> = a.0.iter().map(|x| x.key.0).collect();
+        assert_eq!(keys.len(), a.count(), "one approval per key");
+        assert!(a.count() >= ok.ticket.approvers.len(), "every approver met");
+        assert!(a.0.iter().all(|x| x.principal.role() == Role::Operator));
     }
 }
 

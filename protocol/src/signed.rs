@@ -147,6 +147,10 @@ pub trait ChainVerifier {
         message: &[u8],
         signature: &[u8],
     ) -> Result<(), SignatureError>;
+    /// The public key of the certificate `leaf` (its SubjectPublicKeyInfo):
+    /// what tells two signers apart when approvals are counted, whatever
+    /// names their certificates carry.
+    fn public_key(&self, leaf: &[u8]) -> Result<Vec<u8>, SignatureError>;
 }
 
 /// What a Convoy signature covers: a context string naming the kind of

@@ -439,6 +439,8 @@ fn signed_ticket(n: u8, signer: &str) -> SignedTicket {
         issued_at: NOW,
         expires_at: NOW + 300,
         nonce: [n; 16],
+        approvers: Vec::new(),
+        approvals: Vec::new(),
     };
     SignedTicket::sign(&t, &fuzz::InsecureCrypto(signer.into())).unwrap()
 }
@@ -525,6 +527,27 @@ fn write_trust_seed_corpus_when_asked() {
         v
     };
     let good = signed_ticket(1, OPERATOR);
+    // Approved by the donor and a named operator (the source's domain is
+    // `fuzz`), one of them twice.
+    let approved = {
+        use convoy_protocol::ticket::approval::{approval_for, ApprovalRole};
+        let mut t: Ticket = postcard::from_bytes(&good.body).unwrap();
+        t.approvers = vec![
+            "donor".parse().unwrap(),
+            "spiffe://fuzz/operator/named".parse().unwrap(),
+        ];
+        let donor = fuzz::InsecureCrypto("spiffe://fuzz/operator/dora".into());
+        let named = fuzz::InsecureCrypto("spiffe://fuzz/operator/named".into());
+        t.approvals = vec![
+            approval_for(&t, Some(ApprovalRole::Donor), NOW, &donor).unwrap(),
+            approval_for(&t, None, NOW, &named).unwrap(),
+        ];
+        let once = SignedTicket::sign(&t, &fuzz::InsecureCrypto(OPERATOR.into())).unwrap();
+        let again = t.approvals[0].clone();
+        t.approvals.push(again);
+        let twice = SignedTicket::sign(&t, &fuzz::InsecureCrypto(OPERATOR.into())).unwrap();
+        (once, twice)
+    };
     let mut edited = good.clone();
     edited.body[0] ^= 1;
     for (name, bytes) in [
@@ -533,6 +556,8 @@ fn write_trust_seed_corpus_when_asked() {
         ("seed-early", at(NOW - 1000, &good)),
         ("seed-agent", at(NOW, &signed_ticket(1, SOURCE))),
         ("seed-edited", at(NOW, &edited)),
+        ("seed-approved", at(NOW + 10, &approved.0)),
+        ("seed-approved-twice", at(NOW + 10, &approved.1)),
     ] {
         write("ticket_verify", name, &bytes);
     }

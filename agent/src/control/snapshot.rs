@@ -351,7 +351,7 @@ async fn pull(
                 },
                 source: &m.source,
                 destination: &host.id,
-                ticket: &v.ticket,
+                ticket: v,
             },
             Some(v.ticket.id),
         ),

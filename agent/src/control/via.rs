@@ -64,7 +64,7 @@ pub(super) async fn migrate_via(
             },
             source: &host.id,
             destination: &dest,
-            ticket: &ticket.ticket,
+            ticket: &ticket,
         },
         Some(migration),
     );

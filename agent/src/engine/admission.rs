@@ -115,7 +115,7 @@ pub(crate) fn admit(
             },
             source: peer,
             destination: &host.id,
-            ticket: &v.ticket,
+            ticket: &v,
         },
         Some(p.migration),
     );

@@ -103,7 +103,7 @@ pub(crate) async fn migrate(
             },
             source: &host.id,
             destination: &dest_id,
-            ticket: &ticket.ticket,
+            ticket: &ticket,
         },
         Some(ticket.ticket.id),
     );

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use convoy_protocol::ctl::MigrateRequest;
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::{MigrationId, Role, SpiffeId, VmName};
+use convoy_protocol::ticket::approval::{approval_for, ApprovalRole, Approver, SignedApproval};
 use convoy_protocol::ticket::{SignedTicket, Ticket, TicketError, VerifiedTicket};
 use rand::RngCore;
 use thiserror::Error;
@@ -81,12 +82,28 @@ pub fn issue_ticket(
     plan: &MigrationPlan,
     lifetime: Duration,
 ) -> Result<SignedTicket, TicketError> {
+    let ticket = new_ticket(vm, subject, source, destination, plan, lifetime, Vec::new());
+    Ok(SignedTicket::sign(&ticket, operator)?)
+}
+
+/// A ticket, not yet signed, with a fresh migration id and nonce, valid
+/// from now for `lifetime`, that `approvers` must approve
+/// ([`approve_ticket`]) before it is signed and submitted.
+pub fn new_ticket(
+    vm: &VmName,
+    subject: convoy_protocol::vm::VmSubject,
+    source: SpiffeId,
+    destination: SpiffeId,
+    plan: &MigrationPlan,
+    lifetime: Duration,
+    approvers: Vec<Approver>,
+) -> Ticket {
     let mut id = [0u8; 16];
     let mut nonce = [0u8; 16];
     rand::rng().fill_bytes(&mut id);
     rand::rng().fill_bytes(&mut nonce);
     let now = now_unix();
-    let ticket = Ticket {
+    Ticket {
         id: MigrationId(id),
         vm: vm.clone(),
         subject,
@@ -96,8 +113,19 @@ pub fn issue_ticket(
         issued_at: now,
         expires_at: now + lifetime.as_secs().max(1),
         nonce,
-    };
-    Ok(SignedTicket::sign(&ticket, operator)?)
+        approvers,
+        approvals: Vec::new(),
+    }
+}
+
+/// `operator`'s signed approval of `ticket` (of its request digest), in
+/// `role` if given.
+pub fn approve_ticket(
+    operator: &Identity,
+    ticket: &Ticket,
+    role: Option<ApprovalRole>,
+) -> Result<SignedApproval, TicketError> {
+    Ok(approval_for(ticket, role, now_unix(), operator)?)
 }
 
 fn expect<T: PartialEq + ToString>(

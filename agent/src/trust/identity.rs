@@ -628,6 +628,12 @@ impl ChainVerifier for TrustBundle {
         ee.verify_signature(webpki::ring::ED25519, message, signature)
             .map_err(|_| SignatureError::Invalid)
     }
+
+    fn public_key(&self, leaf: &[u8]) -> Result<Vec<u8>, SignatureError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| SignatureError::Certificate(e.to_string()))?;
+        Ok(parsed.public_key().raw.to_vec())
+    }
 }
 
 impl Signer for Identity {

@@ -438,6 +438,12 @@ fn summary_json(s: &BundleSummary) -> serde_json::Value {
         "vm": t.vm.to_string(),
         "operator": s.ticket.signer.to_string(),
         "ticket_digest": s.ticket_digest.to_hex(),
+        "approvals": s.ticket.approvals.0.iter().map(|a| serde_json::json!({
+            "operator": a.principal.to_string(),
+            "role": a.role.map(|r| r.to_string()),
+            "key": a.key.to_hex(),
+            "approved_at": a.approved_at,
+        })).collect::<Vec<_>>(),
         "issued_at": t.issued_at,
         "expires_at": t.expires_at,
         "started": s.started,
@@ -469,6 +475,23 @@ fn print_summary(s: &BundleSummary) {
         t.expires_at,
         &s.ticket_digest.to_hex()[..16]
     );
+    if !s.ticket.approvals.is_empty() {
+        let who: Vec<String> = s
+            .ticket
+            .approvals
+            .0
+            .iter()
+            .map(|a| match a.role {
+                Some(r) => format!("{} ({r})", a.principal),
+                None => a.principal.to_string(),
+            })
+            .collect();
+        println!(
+            "  approvals    {} distinct keys: {}",
+            s.ticket.approvals.count(),
+            who.join(", ")
+        );
+    }
     for (name, side) in [("source", &s.source), ("destination", &s.destination)] {
         let list = |v: &[String]| {
             if v.is_empty() {
@@ -619,8 +642,16 @@ fn receipt(r: &SignedReceipt) -> String {
 fn ticket(t: &SignedTicket) -> String {
     match postcard::from_bytes::<Ticket>(&t.body) {
         Ok(b) => format!(
-            "ticket {} (signed): {} from {} to {}",
-            b.id, b.vm, b.source, b.destination
+            "ticket {} (signed): {} from {} to {}{}",
+            b.id,
+            b.vm,
+            b.source,
+            b.destination,
+            if b.approvals.is_empty() {
+                String::new()
+            } else {
+                format!(", {} approvals", b.approvals.len())
+            }
         ),
         Err(_) => "ticket (undecodable)".into(),
     }

@@ -3,25 +3,35 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
 use convoy_agent::trust::authz::issue_ticket;
 use convoy_protocol::ctl::{MigrateRequest, Outcome};
 use convoy_protocol::model::{MigrationMode, MigrationPlan};
-use convoy_protocol::names::{SpiffeId, VmName};
+use convoy_protocol::names::{SpiffeId, TrustDomain, VmName};
+use convoy_protocol::ticket::SignedTicket;
+use convoy_protocol::vm::VmSubject;
 
-use crate::conn::{parse_agent_ref, session, Global};
+use crate::conn::{parse_agent_ref, session, AgentRef, Global, Session};
 use crate::render;
 
 /// `migrate` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Migrate {
     /// The VM to move (running on --agent).
-    pub vm: VmName,
+    #[arg(required_unless_present = "ticket")]
+    pub vm: Option<VmName>,
     /// Destination agent: NAME, or NAME@HOST:PORT when the source agent
     /// has no peer entry for it. For an agent of a federated trust domain,
     /// its SPIFFE ID: `spiffe://DOMAIN/agent/NAME[@HOST:PORT]`.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "ticket")]
+    pub to: Option<String>,
+    /// Submit a ticket requested with `ticket request` and approved by its
+    /// parties (`ticket approve`): the VM, destination and plan are the
+    /// ticket's; this operator signs it with the approvals inside.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["vm", "Tuning", "start_paused", "ticket_lifetime"])]
+    pub ticket: Option<PathBuf>,
     /// Validity of the signed ticket, seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub ticket_lifetime: u64,
@@ -138,64 +148,73 @@ impl Tuning {
     }
 }
 
-/// Runs `migrate`.
-pub async fn run(g: &Global, m: Migrate) -> Result<()> {
+/// The destination `--to` names: its SPIFFE ID (in `domain` unless given
+/// as a full `spiffe://` ID) and how to reach it (name, address).
+pub fn destination(to: &str, domain: &TrustDomain) -> Result<(SpiffeId, AgentRef)> {
     // A federated destination is named by its full SPIFFE ID.
-    let (to_domain, to) = match m.to.strip_prefix("spiffe://") {
+    let (to_domain, to) = match to.strip_prefix("spiffe://") {
         Some(_) => {
-            let (id, addr) = match m.to.rsplit_once('@') {
+            let (id, addr) = match to.rsplit_once('@') {
                 Some((id, addr)) => (id, Some(addr)),
-                None => (m.to.as_str(), None),
+                None => (to, None),
             };
             let id: SpiffeId = id.parse()?;
             let r = parse_agent_ref(&match addr {
                 Some(a) => format!("{}@{a}", id.name()),
                 None => id.name().to_string(),
             })?;
-            (Some(id.domain().clone()), r)
+            (id.domain().clone(), r)
         }
-        None => (None, parse_agent_ref(&m.to)?),
+        None => (domain.clone(), parse_agent_ref(to)?),
     };
-    let s = session(g).await?;
-    let mut options = m.tuning.options();
-    options.start_paused = m.start_paused;
-    // The ticket binds the VM as the source reports it now: its size,
-    // disks and attributes. The source refuses the ticket for another
-    // incarnation of the VM, the destination a proposal that differs.
-    let subject = s
-        .client
+    Ok((SpiffeId::agent(to_domain, to.name.clone()), to))
+}
+
+/// The VM as the source (the session's agent) reports it now: its size,
+/// disks and attributes. The source refuses a ticket for another
+/// incarnation of the VM, the destination a proposal that differs.
+pub async fn subject(s: &Session, vm: &VmName) -> Result<VmSubject> {
+    s.client
         .vm_list()
         .await?
         .into_iter()
-        .find(|v| v.name == m.vm)
-        .ok_or_else(|| anyhow::anyhow!("no VM named {} on {}", m.vm, s.agent))?
+        .find(|v| &v.name == vm)
+        .ok_or_else(|| anyhow!("no VM named {vm} on {}", s.agent))?
         .subject
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "VM {} is not ready to move (being created or arriving)",
-                m.vm
-            )
-        })?;
-    // The operator's signed authorization of exactly this migration.
-    let ticket = issue_ticket(
-        &s.operator,
-        &m.vm,
-        subject,
-        s.agent.clone(),
-        SpiffeId::agent(
-            to_domain.unwrap_or_else(|| s.domain.clone()),
-            to.name.clone(),
-        ),
-        &options,
-        Duration::from_secs(m.ticket_lifetime),
-    )?;
-    let cl = s.client;
-    let req = MigrateRequest {
-        vm: m.vm,
-        to: to.name,
-        to_addr: to.addr.map(|a| a.to_string()),
-        ticket,
+        .ok_or_else(|| anyhow!("VM {vm} is not ready to move (being created or arriving)"))
+}
+
+/// Runs `migrate`.
+pub async fn run(g: &Global, m: Migrate) -> Result<()> {
+    let s = session(g).await?;
+    let req = match &m.ticket {
+        Some(file) => submit(&s, file, m.to.as_deref())?,
+        None => {
+            let (Some(vm), Some(to)) = (&m.vm, &m.to) else {
+                bail!("which VM, to which agent? pass VM --to AGENT, or --ticket FILE");
+            };
+            let (dest, to) = destination(to, &s.domain)?;
+            let mut options = m.tuning.options();
+            options.start_paused = m.start_paused;
+            // The operator's signed authorization of exactly this migration.
+            let ticket = issue_ticket(
+                &s.operator,
+                vm,
+                subject(&s, vm).await?,
+                s.agent.clone(),
+                dest,
+                &options,
+                Duration::from_secs(m.ticket_lifetime),
+            )?;
+            MigrateRequest {
+                vm: vm.clone(),
+                to: to.name,
+                to_addr: to.addr.map(|a| a.to_string()),
+                ticket,
+            }
+        }
     };
+    let cl = s.client;
     if let Some(url) = m.via {
         return via(g, cl, req, url, m.via_wait).await;
     }
@@ -283,4 +302,39 @@ async fn via(
         Outcome::InDoubt(_) => bail!("handover in doubt; the VM is kept paused at the source"),
         _ => bail!("migration aborted; the VM still runs at the source"),
     }
+}
+
+/// `migrate --ticket FILE`: the requested ticket, its approvals inside,
+/// signed by this operator and addressed as it says (`--to`, if given,
+/// must name its destination and may add an address).
+fn submit(s: &Session, file: &Path, to: Option<&str>) -> Result<MigrateRequest> {
+    let t = super::ticket::read(file)?;
+    if t.source != s.agent {
+        bail!(
+            "the ticket moves {} from {}, not from {} (--agent)",
+            t.vm,
+            t.source,
+            s.agent
+        );
+    }
+    let addr = match to {
+        None => None,
+        Some(to) => {
+            let (dest, r) = destination(to, &s.domain)?;
+            if dest != t.destination {
+                bail!(
+                    "--to {to} is not the ticket's destination {}",
+                    t.destination
+                );
+            }
+            r.addr
+        }
+    };
+    let ticket = SignedTicket::sign(&t, &s.operator)?;
+    Ok(MigrateRequest {
+        vm: t.vm.clone(),
+        to: t.destination.name().clone(),
+        to_addr: addr.map(|a| a.to_string()),
+        ticket,
+    })
 }

@@ -9,4 +9,5 @@ pub mod policy;
 pub mod recover;
 pub mod snapshot;
 pub mod status;
+pub mod ticket;
 pub mod vm;

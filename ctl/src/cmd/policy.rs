@@ -8,7 +8,8 @@ use clap::Subcommand;
 use convoy_agent::trust::authz::now_unix;
 use convoy_agent::trust::policy::{Action, PolicyFiles, PolicySet, Query, VmFacts};
 use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
-use convoy_protocol::ticket::Ticket;
+use convoy_protocol::ticket::approval::{ApprovalRole, Approvals, VerifiedApproval};
+use convoy_protocol::ticket::{Ticket, VerifiedTicket};
 use convoy_protocol::vm::VmAttributes;
 
 use crate::conn::Global;
@@ -85,6 +86,28 @@ pub struct Check {
     /// ManageSnapshots: enroll, list, verify or delete.
     #[arg(long, default_value = "list")]
     operation: String,
+    /// MigrateOut, MigrateIn: an approval of the ticket by this operator,
+    /// as OPERATOR_ID or OPERATOR_ID=ROLE (tenant, donor, recipient),
+    /// taken as verified, each by its own key (repeatable).
+    #[arg(long = "approval", value_name = "OPERATOR_ID[=ROLE]", value_parser = parse_approval)]
+    approvals: Vec<(SpiffeId, Option<ApprovalRole>)>,
+}
+
+fn parse_approval(s: &str) -> Result<(SpiffeId, Option<ApprovalRole>), String> {
+    let (id, role) = match s.split_once('=') {
+        Some((id, role)) => (
+            id,
+            Some(role.parse::<ApprovalRole>().map_err(|e| e.to_string())?),
+        ),
+        None => (s, None),
+    };
+    let id: SpiffeId = id
+        .parse()
+        .map_err(|e: convoy_protocol::names::NameError| e.to_string())?;
+    if id.role() != convoy_protocol::names::Role::Operator {
+        return Err(format!("{id} is not an operator: only operators approve"));
+    }
+    Ok((id, role))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -173,7 +196,14 @@ fn check(g: &Global, c: Check) -> Result<()> {
         issued_at: now,
         expires_at: now + 300,
         nonce: [0; 16],
+        approvers: Vec::new(),
+        approvals: Vec::new(),
     };
+    for (i, (who, _)) in c.approvals.iter().enumerate() {
+        if c.approvals[..i].iter().any(|(w, _)| w == who) {
+            bail!("--approval {who} given twice: each operator approves once");
+        }
+    }
     let a = c.action;
     let decision = match a {
         Action::MigrateOut | Action::MigrateIn => {
@@ -181,7 +211,22 @@ fn check(g: &Global, c: Check) -> Result<()> {
                 need(&c.source, "source", a)?,
                 need(&c.destination, "destination", a)?,
             );
-            let t = ticket(s, d);
+            let t = VerifiedTicket {
+                ticket: ticket(s, d),
+                signer: c.by.clone(),
+                approvals: Approvals(
+                    c.approvals
+                        .iter()
+                        .zip(0u8..)
+                        .map(|((principal, role), i)| VerifiedApproval {
+                            principal: principal.clone(),
+                            role: *role,
+                            key: convoy_protocol::digest::Digest([i; 32]),
+                            approved_at: now,
+                        })
+                        .collect(),
+                ),
+            };
             let q = if a == Action::MigrateOut {
                 Query::MigrateOut {
                     operator: &c.by,

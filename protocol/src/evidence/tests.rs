@@ -32,6 +32,8 @@ fn ticket_as(n: u8, signer: &str) -> SignedTicket {
         issued_at: 1000,
         expires_at: 1300,
         nonce: [n; 16],
+        approvers: Vec::new(),
+        approvals: Vec::new(),
     };
     SignedTicket::sign(&t, &InsecureCrypto(signer.into())).unwrap()
 }

@@ -2,7 +2,10 @@
 //! peer identities only — the basis for moves between providers that share
 //! no CA. A named partner agent receives a migration; an unnamed identity of
 //! the partner CA, and a partner-CA certificate claiming our own domain,
-//! are refused.
+//! are refused. A move between the two providers needs the tenant's, the
+//! donor's and the recipient's approval (the example policy
+//! `providers.cedar`): refused without, refused with an approval by a
+//! partner operator not federated, done with all three.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,14 +13,16 @@ use std::time::Duration;
 use convoy_agent::config::FederationFiles;
 use convoy_agent::lab::Lab;
 use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-use convoy_agent::trust::authz::issue_ticket;
+use convoy_agent::trust::authz::{approve_ticket, new_ticket};
 use convoy_agent::trust::identity::{Identity, TrustBundle};
 use convoy_agent::trust::pki::Pki;
 use convoy_agent::trust::policy::HostFacts;
 use convoy_agent::{Agent, AgentConfig};
 use convoy_protocol::ctl::{MigrateRequest, Outcome, VmState};
 use convoy_protocol::model::MigrationPlan;
-use convoy_protocol::names::{Role, SpiffeId, TrustDomain};
+use convoy_protocol::names::{Role, SpiffeId, TrustDomain, VmName};
+use convoy_protocol::ticket::approval::{ApprovalRole, Approver};
+use convoy_protocol::ticket::SignedTicket;
 use convoy_tests::sim_spec;
 
 const PARTNER: &str = "partner.test";
@@ -35,11 +40,25 @@ impl Partner {
             pki.issue(Role::Agent, &n.parse().unwrap(), Duration::from_secs(3600))
                 .unwrap();
         }
+        for n in ["rex", "mal"] {
+            pki.issue(
+                Role::Operator,
+                &n.parse().unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        }
         Partner { pki, _dir: dir }
     }
 
     fn id(&self, name: &str) -> SpiffeId {
         SpiffeId::agent(self.pki.domain().clone(), name.parse().unwrap())
+    }
+
+    fn operator(&self, name: &str) -> Identity {
+        self.pki
+            .identity(Role::Operator, &name.parse().unwrap())
+            .unwrap()
     }
 
     fn identity(&self, name: &str) -> Identity {
@@ -83,6 +102,7 @@ async fn start_partner_agent(
         peers: vec![
             lab.agent("a").unwrap().id.clone(),
             lab.operator.id().clone(),
+            SpiffeId::operator(lab.trust.domain().clone(), "dora".parse().unwrap()),
         ],
     };
     let trust = federated(&partner.pki.trust().unwrap(), &ours);
@@ -110,7 +130,10 @@ async fn start_partner_agent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in() {
     let partner = Partner::new(&["x", "y"]);
-    let fed = partner.federation(vec![partner.id("x")]);
+    // Our agents trust the partner's agent x and its operator rex (who
+    // approves as the recipient), not its operator mal.
+    let rex = partner.operator("rex");
+    let fed = partner.federation(vec![partner.id("x"), rex.id().clone()]);
     let dir = tempfile::tempdir().unwrap();
     // Our domain has an agent called x too: names alone are ambiguous, the
     // ticket's full SPIFFE ID decides.
@@ -137,30 +160,63 @@ async fn a_named_partner_agent_receives_a_vm_and_nobody_else_of_its_ca_gets_in()
     let state = tempfile::tempdir().unwrap();
     let (x_addr, stop) = start_partner_agent(&partner, &lab, state.path()).await;
 
-    // The move between the two CAs.
+    // The move between the two CAs: refused without the three approvals.
     let a = lab.client("a").await.unwrap();
     a.vm_create(sim_spec("vm", 8 << 20, 1000)).await.unwrap();
-    let vm = "vm".parse().unwrap();
-    let ticket = issue_ticket(
-        &lab.operator,
-        &vm,
-        convoy_protocol::vm::VmSubject::plain(8 << 20),
-        lab.agent("a").unwrap().id.clone(),
-        partner.id("x"),
-        &MigrationPlan::default(),
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let vm: VmName = "vm".parse().unwrap();
+    let dora = lab.add_operator("dora").unwrap();
+    let request = |ticket| MigrateRequest {
+        vm: vm.clone(),
+        to: "x".parse().unwrap(),
+        to_addr: Some(x_addr.to_string()),
+        ticket,
+    };
+    // A ticket by our operator; with a recipient, one that the tenant, the
+    // donor and that recipient approved.
+    let ticket = |recipient: Option<&Identity>| {
+        let approvers = match recipient {
+            Some(_) => ["tenant", "donor", "recipient"]
+                .iter()
+                .map(|r| r.parse::<Approver>().unwrap())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut t = new_ticket(
+            &vm,
+            convoy_protocol::vm::VmSubject::plain(8 << 20),
+            lab.agent("a").unwrap().id.clone(),
+            partner.id("x"),
+            &MigrationPlan::default(),
+            Duration::from_secs(60),
+            approvers,
+        );
+        if let Some(recipient) = recipient {
+            t.approvals = vec![
+                approve_ticket(&lab.operator, &t, Some(ApprovalRole::Tenant)).unwrap(),
+                approve_ticket(&dora, &t, Some(ApprovalRole::Donor)).unwrap(),
+                approve_ticket(recipient, &t, Some(ApprovalRole::Recipient)).unwrap(),
+            ];
+        }
+        SignedTicket::sign(&t, &lab.operator).unwrap()
+    };
+    let e = a.migrate(request(ticket(None)), |_| {}).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("providers-approve-moves-between-them"),
+        "{e}"
+    );
+    // The recipient's approval by a partner operator we do not federate.
+    let e = a
+        .migrate(request(ticket(Some(&partner.operator("mal")))), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("approval 2")
+            && e.to_string().contains("not among the identities federated"),
+        "{e}"
+    );
     let r = a
-        .migrate(
-            MigrateRequest {
-                vm,
-                to: "x".parse().unwrap(),
-                to_addr: Some(x_addr.to_string()),
-                ticket,
-            },
-            |_| {},
-        )
+        .migrate(request(ticket(Some(&rex))), |_| {})
         .await
         .unwrap();
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.outcome);

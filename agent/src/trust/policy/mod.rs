@@ -72,8 +72,9 @@ pub const SCHEMA: &str = include_str!("../../../policy/convoy.cedarschema");
 
 /// The example policies shipped in `agent/policy/examples/`, as
 /// `(file name, text)`: tenants own their VMs, no security downgrade,
-/// migrate-in only from named zones, pinned VMs stay.
-pub const EXAMPLES: [(&str, &str); 3] = [
+/// migrate-in only from named zones, pinned VMs stay, moves between
+/// providers need three approvals.
+pub const EXAMPLES: [(&str, &str); 4] = [
     (
         "tenants.cedar",
         include_str!("../../../policy/examples/tenants.cedar"),
@@ -85,6 +86,10 @@ pub const EXAMPLES: [(&str, &str); 3] = [
     (
         "zones.cedar",
         include_str!("../../../policy/examples/zones.cedar"),
+    ),
+    (
+        "providers.cedar",
+        include_str!("../../../policy/examples/providers.cedar"),
     ),
 ];
 

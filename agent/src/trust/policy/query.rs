@@ -3,7 +3,7 @@
 use std::str::FromStr;
 
 use convoy_protocol::names::{SpiffeId, VmName};
-use convoy_protocol::ticket::Ticket;
+use convoy_protocol::ticket::VerifiedTicket;
 use convoy_protocol::vm::VmAttributes;
 
 /// The actions policies govern.
@@ -103,8 +103,8 @@ pub enum Query<'a> {
         source: &'a SpiffeId,
         /// Where the VM would go.
         destination: &'a SpiffeId,
-        /// The verified ticket.
-        ticket: &'a Ticket,
+        /// The verified ticket, with its approvals.
+        ticket: &'a VerifiedTicket,
     },
     /// At the destination.
     MigrateIn {
@@ -116,8 +116,8 @@ pub enum Query<'a> {
         source: &'a SpiffeId,
         /// This agent.
         destination: &'a SpiffeId,
-        /// The verified ticket.
-        ticket: &'a Ticket,
+        /// The verified ticket, with its approvals.
+        ticket: &'a VerifiedTicket,
     },
     /// Creating a VM on `host`.
     CreateVm {

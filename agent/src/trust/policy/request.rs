@@ -7,7 +7,8 @@ use cedar_policy::{
     Context, ContextJsonError, Entities, Entity, EntityUid, Request, RequestValidationError,
 };
 use convoy_protocol::names::{Role, SpiffeId};
-use convoy_protocol::ticket::Ticket;
+use convoy_protocol::ticket::approval::ApprovalRole;
+use convoy_protocol::ticket::{Ticket, VerifiedTicket};
 use convoy_protocol::vm::AttributeError;
 use serde_json::json;
 use thiserror::Error;
@@ -26,6 +27,17 @@ pub enum RequestError {
     /// The operator behind the request is not an operator.
     #[error("{0} is not an operator")]
     NotAnOperator(SpiffeId),
+    /// An approval in the tenant role by an operator the inventory does
+    /// not list for the VM's tenant.
+    #[error(
+        "{principal} approved as tenant, but the inventory does not list it for tenant {tenant:?}"
+    )]
+    NotTheTenant {
+        /// The approver.
+        principal: SpiffeId,
+        /// The VM's tenant.
+        tenant: String,
+    },
     /// The VM's attributes are out of bounds.
     #[error(transparent)]
     Attributes(#[from] AttributeError),
@@ -62,17 +74,51 @@ impl PolicySet {
         }))
     }
 
-    /// The context of both migration actions.
+    /// The context of both migration actions. An approval in the tenant
+    /// role counts only from an operator the inventory lists for the VM's
+    /// tenant (the protocol checks donors' and recipients' trust domains).
     fn move_context(
         &self,
         source: &SpiffeId,
         destination: &SpiffeId,
-        ticket: &Ticket,
+        ticket: &VerifiedTicket,
+        vm: &VmFacts<'_>,
     ) -> Result<serde_json::Value, RequestError> {
+        let tenant = &vm.attributes.tenant;
+        for a in &ticket.approvals.0 {
+            if a.role == Some(ApprovalRole::Tenant)
+                && !self
+                    .inventory
+                    .operators
+                    .get(&a.principal)
+                    .is_some_and(|o| o.tenants.contains(tenant))
+            {
+                return Err(RequestError::NotTheTenant {
+                    principal: a.principal.clone(),
+                    tenant: tenant.clone(),
+                });
+            }
+        }
+        let mut t = Self::ticket(&ticket.ticket);
+        let approvers: Vec<String> = ticket
+            .approvals
+            .principals()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let roles: Vec<&str> = ticket
+            .approvals
+            .roles()
+            .into_iter()
+            .map(ApprovalRole::as_str)
+            .collect();
+        t["approvers"] = json!(approvers);
+        t["approval_roles"] = json!(roles);
+        t["approvals"] = json!(ticket.approvals.count());
         Ok(json!({
             "source": self.host(source)?,
             "destination": self.host(destination)?,
-            "ticket": Self::ticket(ticket),
+            "ticket": t,
         }))
     }
 
@@ -123,7 +169,7 @@ impl PolicySet {
                 (
                     uid("Operator", &operator.to_string()),
                     uid("Vm", vm.name.as_str()),
-                    self.move_context(source, destination, ticket)?,
+                    self.move_context(source, destination, ticket, &vm)?,
                 )
             }
             Query::MigrateIn {
@@ -134,7 +180,7 @@ impl PolicySet {
                 ticket,
             } => {
                 extra.push(self.vm_entity(&vm)?);
-                let mut context = self.move_context(source, destination, ticket)?;
+                let mut context = self.move_context(source, destination, ticket, &vm)?;
                 context["operator"] = json!({ "__entity": uid("Operator", &operator.to_string()) });
                 (
                     uid("Agent", &source.to_string()),

@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use convoy_protocol::digest::Digest;
 use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
-use convoy_protocol::ticket::Ticket;
+use convoy_protocol::ticket::approval::{ApprovalRole, Approvals, VerifiedApproval};
+use convoy_protocol::ticket::{Ticket, VerifiedTicket};
 use convoy_protocol::vm::VmAttributes;
 
 use super::*;
@@ -38,6 +40,8 @@ fn ticket() -> Ticket {
         issued_at: 1000,
         expires_at: 2000,
         nonce: [0; 16],
+        approvers: Vec::new(),
+        approvals: Vec::new(),
     }
 }
 
@@ -49,9 +53,39 @@ fn attrs(tenant: &str, level: u8) -> VmAttributes {
     }
 }
 
+/// The ticket signed by `op`, approved by `approvals` (who, role).
+fn verified(op: &str, approvals: &[(&str, Option<ApprovalRole>)]) -> VerifiedTicket {
+    VerifiedTicket {
+        ticket: ticket(),
+        signer: id(op),
+        approvals: Approvals(
+            approvals
+                .iter()
+                .enumerate()
+                .map(|(i, (who, role))| VerifiedApproval {
+                    principal: who.parse().unwrap(),
+                    role: *role,
+                    key: Digest([u8::try_from(i).unwrap(); 32]),
+                    approved_at: 1000,
+                })
+                .collect(),
+        ),
+    }
+}
+
 fn out(p: &PolicySet, op: &str, a: &VmAttributes, to: &str) -> Decision {
+    out_approved(p, op, a, to, &[])
+}
+
+fn out_approved(
+    p: &PolicySet,
+    op: &str,
+    a: &VmAttributes,
+    to: &str,
+    approvals: &[(&str, Option<ApprovalRole>)],
+) -> Decision {
     let vm: VmName = "vm".parse().unwrap();
-    let t = ticket();
+    let t = verified(op, approvals);
     p.decide(&Query::MigrateOut {
         operator: &id(op),
         vm: VmFacts {
@@ -59,14 +93,14 @@ fn out(p: &PolicySet, op: &str, a: &VmAttributes, to: &str) -> Decision {
             attributes: a,
         },
         source: &id("agent/a"),
-        destination: &id(to),
+        destination: &to.parse().unwrap_or_else(|_| id(to)),
         ticket: &t,
     })
 }
 
 fn into(p: &PolicySet, op: &str, a: &VmAttributes, from: &str, to: &str) -> Decision {
     let vm: VmName = "vm".parse().unwrap();
-    let t = ticket();
+    let t = verified(op, &[]);
     p.decide(&Query::MigrateIn {
         operator: &id(op),
         vm: VmFacts {
@@ -94,6 +128,50 @@ fn tenants_move_only_their_own_vms() {
     // An operator the inventory does not know holds no tenant.
     let d = out(&p, "operator/mallory", &attrs("acme", 1), "agent/b");
     assert!(!d.permitted);
+}
+
+#[test]
+fn moves_between_providers_need_the_tenant_donor_and_recipient() {
+    let p = set(&[]);
+    let x = "spiffe://partner.example/agent/x";
+    let alice = "spiffe://convoy.example/operator/alice";
+    let dora = "spiffe://convoy.example/operator/root";
+    let rex = "spiffe://partner.example/operator/rex";
+    let acme = attrs("acme", 1);
+    // Within one provider no approval is needed.
+    assert!(out(&p, "operator/alice", &acme, "agent/b").permitted);
+    // To another provider: refused, naming the policy, until all three
+    // roles approved.
+    let d = out(&p, "operator/alice", &acme, x);
+    assert!(!d.permitted);
+    assert_eq!(d.policies, ["providers-approve-moves-between-them"]);
+    let two = [
+        (alice, Some(ApprovalRole::Tenant)),
+        (dora, Some(ApprovalRole::Donor)),
+    ];
+    assert!(!out_approved(&p, "operator/alice", &acme, x, &two).permitted);
+    let three = [two[0], two[1], (rex, Some(ApprovalRole::Recipient))];
+    let d = out_approved(&p, "operator/alice", &acme, x, &three);
+    assert!(d.permitted, "{}", d.explain());
+    // A tenant approval by an operator the inventory does not list for the
+    // VM's tenant is an error, not a role.
+    let d = out_approved(&p, "operator/alice", &attrs("globex", 1), x, &three);
+    assert!(!d.permitted);
+    assert!(
+        d.explain()
+            .contains("does not list it for tenant \"globex\""),
+        "{}",
+        d.explain()
+    );
+    // Policies see who approved and how many keys did.
+    let p = set(&[
+        r#"forbid (principal, action == Convoy::Action::"MigrateOut", resource)
+        unless { context.ticket.approvals >= 2 &&
+                 context.ticket.approvers.contains("spiffe://partner.example/operator/rex") };"#,
+    ]);
+    assert!(!out_approved(&p, "operator/alice", &acme, "agent/b", &two).permitted);
+    let d = out_approved(&p, "operator/alice", &acme, "agent/b", &three);
+    assert!(d.permitted, "{}", d.explain());
 }
 
 #[test]

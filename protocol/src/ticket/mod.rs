@@ -12,6 +12,12 @@
 //! The ticket travels in the generic envelope [`crate::signed::Signed`]
 //! ([`SignedTicket`]); cryptography sits behind its [`crate::signed::Signer`] and
 //! [`crate::signed::ChainVerifier`] traits.
+//!
+//! A ticket may also require the approval of several parties
+//! ([`approval`]): they sign the ticket without its approvals, the
+//! submitter signs it with them, and [`Signed::verify`] checks every one.
+
+pub mod approval;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -26,8 +32,9 @@ use crate::signed::{
 /// ticket signature can never be replayed as another kind of signature.
 pub const TICKET_CONTEXT: &[u8] = b"convoy migration ticket v1\0";
 
-/// Largest encoded ticket body.
-pub const MAX_TICKET_BODY: usize = 4096;
+/// Largest encoded ticket body (room for [`approval::MAX_APPROVALS`]
+/// approvals with their certificate chains).
+pub const MAX_TICKET_BODY: usize = 64 << 10;
 /// Longest validity a ticket may claim (one day).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 86_400;
 
@@ -58,6 +65,12 @@ pub struct Ticket {
     pub expires_at: u64,
     /// Random; an agent accepts a nonce once.
     pub nonce: [u8; 16],
+    /// Who must approve before either agent acts (none: the signer's
+    /// word is enough).
+    pub approvers: Vec<approval::Approver>,
+    /// Their signed approvals of this ticket without its approvals
+    /// ([`approval::request_digest`]).
+    pub approvals: Vec<approval::SignedApproval>,
 }
 
 impl Signable for Ticket {
@@ -113,9 +126,18 @@ pub enum TicketError {
         /// Expiry.
         expires_at: u64,
     },
+    /// An approval is refused, or one the ticket requires is missing.
+    #[error(transparent)]
+    Approval(Box<approval::ApprovalError>),
     /// Signing failed.
     #[error("cannot sign: {0}")]
     Sign(#[from] SignError),
+}
+
+impl From<approval::ApprovalError> for TicketError {
+    fn from(e: approval::ApprovalError) -> Self {
+        TicketError::Approval(Box::new(e))
+    }
 }
 
 impl From<EnvelopeError> for TicketError {
@@ -135,11 +157,15 @@ pub struct VerifiedTicket {
     pub ticket: Ticket,
     /// The operator who signed it.
     pub signer: SpiffeId,
+    /// The parties who approved it, each verified.
+    pub approvals: approval::Approvals,
 }
 
 impl Signed<Ticket> {
-    /// Checks sizes, the chain, the signature, the signer's role and the
-    /// validity window at `now_unix` with `skew` seconds of tolerance.
+    /// Checks sizes, the chain, the signature, the signer's role, the
+    /// validity window at `now_unix` with `skew` seconds of tolerance, and
+    /// every approval (chains at `now_unix` too) against the approvers the
+    /// ticket requires.
     pub fn verify(
         &self,
         verifier: &dyn ChainVerifier,
@@ -172,10 +198,17 @@ impl Signed<Ticket> {
                 skew,
             });
         }
-        Ok(VerifiedTicket { ticket, signer })
+        let approvals = approval::check(&ticket, verifier, now_unix)?;
+        Ok(VerifiedTicket {
+            ticket,
+            signer,
+            approvals,
+        })
     }
 }
 
+#[cfg(test)]
+mod approval_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +240,9 @@ mod tests {
         ) -> Result<(), SignatureError> {
             toy("").verify_signature(leaf, message, sig)
         }
+        fn public_key(&self, leaf: &[u8]) -> Result<Vec<u8>, SignatureError> {
+            toy("").public_key(leaf)
+        }
     }
 
     fn ticket(now: u64) -> Ticket {
@@ -220,6 +256,8 @@ mod tests {
             issued_at: now,
             expires_at: now + 300,
             nonce: [9; 16],
+            approvers: Vec::new(),
+            approvals: Vec::new(),
         }
     }
 
