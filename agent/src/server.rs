@@ -232,6 +232,8 @@ impl Agent {
         }
         // With the VMs found again: the migrations left unfinished.
         crate::host::indoubt::at_start(&self.host).await;
+        // And the store-and-forward handovers left unsettled.
+        crate::control::handback::at_start(&self.host);
         tokio::pin!(shutdown);
         let reloader = self
             .host

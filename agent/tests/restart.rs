@@ -622,27 +622,7 @@ async fn migrate_until_staged(
         ..Default::default()
     };
     let ca = s.client(a).await;
-    let name: convoy_protocol::names::VmName = vm.parse().unwrap();
-    let subject = find(&ca.vm_list().await.unwrap(), vm)
-        .subject
-        .clone()
-        .unwrap();
-    let ticket = convoy_agent::trust::authz::issue_ticket(
-        &s.lab.operator,
-        &name,
-        subject,
-        a.id.clone(),
-        b.id.clone(),
-        &plan,
-        Duration::from_secs(300),
-    )
-    .unwrap();
-    let req = convoy_protocol::ctl::MigrateRequest {
-        vm: name,
-        to: "b".parse().unwrap(),
-        to_addr: Some(b.addr.to_string()),
-        ticket,
-    };
+    let req = migrate_request(&ca, s, a, b, vm, &plan).await;
     let mover = tokio::spawn(async move { ca.migrate(req, |_| {}).await });
     let cb = s.client(b).await;
     let mut staged = Vec::new();

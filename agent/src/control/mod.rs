@@ -19,6 +19,7 @@ use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};
 use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
+pub(crate) mod handback;
 mod hold;
 mod migrate;
 mod recover;

@@ -253,6 +253,7 @@ async fn push(
         level: snap::push::DEFAULT_LEVEL,
         now_unix: now_unix(),
         ticket: None,
+        snapshot: None,
         live,
     };
     let pushed = tokio::select! {

@@ -18,9 +18,11 @@ use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, Outcome, V
 use convoy_protocol::names::SpiffeId;
 use convoy_protocol::snapshot::claim::{Handover, Verdict};
 
+use super::handback;
 use super::hold::{claim_vm, failed, release, Claimed};
 use super::{error, forbidden};
 use crate::host::Host;
+use crate::snapshot::pending::PendingHandover;
 use crate::snapshot::{self as snap, SnapshotStore};
 use crate::trust::authz::now_unix;
 use crate::trust::policy::{Query, VmFacts};
@@ -103,9 +105,39 @@ pub(super) async fn migrate_via(
         );
         why
     };
+    // Recorded before anything can reach the bucket: a source killed from
+    // here on finds the handover at its next start and settles it by the
+    // claim, never resuming a VM the destination may run.
+    let mut pending = match snap::push::new_snapshot_id() {
+        Ok(snapshot) => PendingHandover {
+            migration,
+            vm: req.vm.clone(),
+            url: store.url().to_owned(),
+            snapshot,
+            manifest: None,
+            destination: dest.clone(),
+            was_running,
+        },
+        Err(e) => {
+            give_back(String::new());
+            return Err(failed("migrate --via", &e));
+        }
+    };
+    if let Err(e) = host.snapshots.seen.hold_handover(&pending) {
+        let why = give_back(format!(
+            "cannot record the handover durably ({e}); nothing was pushed"
+        ));
+        return Err(error(CtlErrorKind::Internal, why));
+    }
+    let unhold = |why: String| {
+        if let Err(e) = host.snapshots.seen.settle_handover(&migration) {
+            tracing::error!(%migration, "cannot forget a handover never pushed: {e}");
+        }
+        give_back(why)
+    };
     if was_running {
         if let Err(e) = vm.pause() {
-            let why = give_back(format!("cannot pause VM {}: {e}", req.vm));
+            let why = unhold(format!("cannot pause VM {}: {e}", req.vm));
             return Err(error(CtlErrorKind::Internal, why));
         }
     }
@@ -123,6 +155,7 @@ pub(super) async fn migrate_via(
             level: snap::push::DEFAULT_LEVEL,
             now_unix: now_unix(),
             ticket: Some(req.ticket.clone()),
+            snapshot: Some(pending.snapshot),
             live: false,
         },
     )
@@ -130,10 +163,28 @@ pub(super) async fn migrate_via(
     let pushed = match pushed {
         Ok(p) => p,
         Err(e) => {
-            give_back(String::new());
+            // The manifest may be up though the push failed (its answer
+            // lost): the VM comes back only by our claim.
+            let claim = handback::claim_back(host, store, &pending).await;
+            let outcome = handback::conclude(
+                host,
+                &pending,
+                claim,
+                format!("the push failed ({e}); the VM runs here"),
+            )
+            .await;
+            if let Outcome::InDoubt(_) = &outcome {
+                handback::audit(host, &pending, &outcome);
+            }
             return Err(failed(&format!("migrate --via of {}", req.vm), &e));
         }
     };
+    pending.manifest = Some(pushed.digest);
+    if let Err(e) = host.snapshots.seen.hold_handover(&pending) {
+        // The earlier record (without the digest) still holds the VM at a
+        // restart; the digest is found again in the bucket then.
+        tracing::warn!(%migration, "cannot record the manifest of a handover: {e}");
+    }
     host.audit(AuditEvent::Snapshot {
         operation: "push".into(),
         operator: operator.to_string(),
@@ -170,64 +221,21 @@ pub(super) async fn migrate_via(
     }
     let claim = match claim {
         Some(c) => Ok(Some(c)),
-        None => {
-            snap::handover::claim(
-                store,
-                &creds.trust,
-                &creds.identity,
-                &host.id,
-                &h,
-                Verdict::Aborted,
-                now_unix(),
-            )
-            .await
-        }
+        None => handback::claim_back(host, store, &pending).await,
     };
-    let outcome = match claim {
-        // Ours was written: the VM comes back here.
-        Ok(None) => {
-            give_back(String::new());
-            Outcome::Aborted(format!(
-                "{dest} did not claim the VM within {} s; it runs here",
-                wait.as_secs()
-            ))
-        }
-        Ok(Some(c)) if c.verdict == Verdict::Started => {
-            if let Some(e) = host.remove(&req.vm) {
-                if let Some(h) = e.handle {
-                    h.destroy().await;
-                }
-            }
-            Outcome::Completed
-        }
-        Ok(Some(_)) => {
-            // An `Aborted` claim can only be ours (checked when read): an
-            // earlier try wrote it and its answer was lost.
-            give_back(String::new());
-            Outcome::Aborted("the VM was claimed back; it runs here".into())
-        }
-        Err(e) => {
-            // Neither claim can be known: the VM stays paused here.
-            host.set_state(&req.vm, VmState::InDoubt);
-            let mut vms = host.vms();
-            if let Some(entry) = vms.get_mut(&req.vm) {
-                entry.cancel = None;
-            }
-            Outcome::InDoubt(format!(
-                "the handover claim cannot be settled ({e}); the VM stays paused here"
-            ))
-        }
-    };
-    host.audit(AuditEvent::Outcome {
-        migration,
-        vm: req.vm.clone(),
-        outcome: match &outcome {
-            Outcome::Completed => "completed".into(),
-            Outcome::Aborted(why) => format!("aborted: {why}"),
-            Outcome::InDoubt(why) => format!("in doubt: {why}"),
-            other => format!("{other:?}"),
-        },
-    });
+    let outcome = handback::conclude(
+        host,
+        &pending,
+        claim,
+        format!(
+            "{dest} did not claim the VM within {} s; it runs here",
+            wait.as_secs()
+        ),
+    )
+    .await;
+    if let Outcome::InDoubt(_) = &outcome {
+        handback::audit(host, &pending, &outcome);
+    }
     Ok(SnapshotResponse::Handed(Box::new(HandoverReport {
         migration,
         summary: snap::summary(

@@ -22,6 +22,7 @@
 pub mod copy;
 pub mod enroll;
 pub mod handover;
+pub mod pending;
 pub mod pull;
 pub mod push;
 pub mod sealing;

@@ -54,6 +54,9 @@ pub struct PushRequest {
     pub now_unix: u64,
     /// The operator's ticket, for a store-and-forward migration.
     pub ticket: Option<convoy_protocol::ticket::SignedTicket>,
+    /// The snapshot's id, chosen before the push (a store-and-forward
+    /// source records it first); a new random one when `None`.
+    pub snapshot: Option<SnapshotId>,
     /// Live: `vm` is running; rounds of chunks go up while it runs (the
     /// ones it rewrites again), then the push pauses it and seals only
     /// the chunks written since. Not live: `vm` is paused already.
@@ -140,7 +143,10 @@ pub async fn push(
         .map_err(|e| SnapshotError::Geometry(e.to_string()))?;
     let page = memory.page_size().bytes();
     let layout = ChunkLayout::for_leaves(leaves, page).ok_or(SnapshotError::Layout(leaves))?;
-    let snapshot = SnapshotId(random16()?);
+    let snapshot = match req.snapshot {
+        Some(s) => s,
+        None => new_snapshot_id()?,
+    };
 
     let t = Instant::now();
     let sealer = Arc::new(Sealer::new(&key, layout, req.level));
@@ -428,6 +434,11 @@ fn random32() -> Result<[u8; 32], SnapshotError> {
         SnapshotError::from(super::SealingError::from(crate::transport::NoRandomness))
     })?;
     Ok(b)
+}
+
+/// A new random snapshot id.
+pub fn new_snapshot_id() -> Result<SnapshotId, SnapshotError> {
+    Ok(SnapshotId(random16()?))
 }
 
 fn random16() -> Result<[u8; 16], SnapshotError> {

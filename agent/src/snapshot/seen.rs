@@ -17,7 +17,7 @@ const SEEN: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new
 
 /// The record.
 pub struct SeenLineages {
-    db: redb::Database,
+    pub(super) db: redb::Database,
 }
 
 impl std::fmt::Debug for SeenLineages {

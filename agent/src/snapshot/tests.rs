@@ -91,6 +91,7 @@ impl Lab {
                 level: 3,
                 now_unix: 1_700_000_000,
                 ticket: None,
+                snapshot: None,
                 live,
             },
         )

@@ -3,6 +3,8 @@
 
 use super::*;
 
+mod via;
+
 /// `vm` with a disk that its workload writes.
 pub(crate) fn sim_with_disk(vm: &str) -> SimVmSpec {
     let mut s = sim(vm);
@@ -86,6 +88,22 @@ pub(crate) async fn migrate_sim(
         ..Default::default()
     };
     let ca = s.client(a).await;
+    let req = migrate_request(&ca, s, a, b, vm, &plan).await;
+    let report = ca.migrate(req, |_| {}).await.unwrap();
+    ca.close().await;
+    report
+}
+
+/// A request to move `vm` from `a` (connected as `ca`) to `b` under
+/// `plan`, on a ticket of the lab's operator for the VM as `a` reports it.
+pub(crate) async fn migrate_request(
+    ca: &CtlClient,
+    s: &Setup,
+    a: &AgentProcess,
+    b: &AgentProcess,
+    vm: &str,
+    plan: &convoy_protocol::model::MigrationPlan,
+) -> convoy_protocol::ctl::MigrateRequest {
     let name: convoy_protocol::names::VmName = vm.parse().unwrap();
     let subject = find(&ca.vm_list().await.unwrap(), vm)
         .subject
@@ -97,17 +115,14 @@ pub(crate) async fn migrate_sim(
         subject,
         a.id.clone(),
         b.id.clone(),
-        &plan,
-        Duration::from_secs(300),
+        plan,
+        Duration::from_secs(900),
     )
     .unwrap();
-    let req = convoy_protocol::ctl::MigrateRequest {
+    convoy_protocol::ctl::MigrateRequest {
         vm: name,
         to: "b".parse().unwrap(),
         to_addr: Some(b.addr.to_string()),
         ticket,
-    };
-    let report = ca.migrate(req, |_| {}).await.unwrap();
-    ca.close().await;
-    report
+    }
 }

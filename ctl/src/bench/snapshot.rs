@@ -367,6 +367,7 @@ fn push_request(ctx: &Ctx<'_>) -> PushRequest {
         now_unix: convoy_agent::trust::authz::now_unix(),
         ticket: None,
         // Cold: the bench's VM is paused around each push.
+        snapshot: None,
         live: false,
     }
 }

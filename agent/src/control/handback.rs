@@ -1,0 +1,219 @@
+//! The source's end of a store-and-forward handover once the push is up:
+//! claiming the VM back, applying whichever claim won, and — after a
+//! restart — settling the handovers a killed or stopped source left
+//! unsettled ([`crate::snapshot::pending`]): their VMs are held in doubt
+//! until one claim decides where they run.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use convoy_protocol::audit::AuditEvent;
+use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::digest::Digest;
+use convoy_protocol::signed::ChainVerifier;
+use convoy_protocol::snapshot::claim::{Claim, Handover, Verdict};
+use convoy_protocol::snapshot::SnapshotId;
+
+use super::hold::release;
+use crate::host::{Host, VmHandle};
+use crate::snapshot::pending::PendingHandover;
+use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
+use crate::trust::authz::now_unix;
+
+/// The longest pause between two tries of a handover the store cannot
+/// settle.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Claims `p`'s VM back unless the destination's claim is there first:
+/// `Ok(None)` when ours was written, `Ok(Some(c))` with the claim that
+/// was there (checked).
+pub(super) async fn claim_back(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    p: &PendingHandover,
+) -> Result<Option<Claim>, SnapshotError> {
+    let creds = host.creds();
+    let manifest = match p.manifest {
+        Some(d) => d,
+        None => manifest_of(store, &creds.trust, &p.snapshot).await?,
+    };
+    let h = Handover {
+        migration: p.migration,
+        snapshot: p.snapshot,
+        manifest,
+        source: &host.id,
+        destination: &p.destination,
+    };
+    snap::handover::claim(
+        store,
+        &creds.trust,
+        &creds.identity,
+        &host.id,
+        &h,
+        Verdict::Aborted,
+        now_unix(),
+    )
+    .await
+}
+
+/// The digest of snapshot `id`'s manifest when the bucket holds it (a push
+/// cut after its manifest went up), else zeros: no destination can claim a
+/// snapshot it cannot read, and a claim under zeros keeps a manifest that
+/// lands late from ever being claimed.
+async fn manifest_of(
+    store: &SnapshotStore,
+    verifier: &(dyn ChainVerifier + Sync),
+    id: &SnapshotId,
+) -> Result<Digest, SnapshotError> {
+    for object in snap::manifest_objects(store).await? {
+        if snap::holds_snapshot(&object, id) {
+            return Ok(snap::read_manifest(store, &object, verifier).await?.digest);
+        }
+    }
+    Ok(Digest([0; 32]))
+}
+
+/// Records `outcome` of handover `p` in the audit log.
+pub(super) fn audit(host: &Host, p: &PendingHandover, outcome: &Outcome) {
+    host.audit(AuditEvent::Outcome {
+        migration: p.migration,
+        vm: p.vm.clone(),
+        outcome: match outcome {
+            Outcome::Completed => "completed".into(),
+            Outcome::Aborted(why) => format!("aborted: {why}"),
+            Outcome::InDoubt(why) => format!("in doubt: {why}"),
+            other => format!("{other:?}"),
+        },
+    });
+}
+
+/// Applies the claim that decided `p` (audited when decided): the destination's
+/// `Started` removes the VM here; ours (or our earlier `Aborted`) gives it
+/// back, resumed if it ran before (`back`: why, for the outcome); an
+/// error holds it in doubt, paused, and keeps the record for another try.
+pub(super) async fn conclude(
+    host: &Arc<Host>,
+    p: &PendingHandover,
+    claim: Result<Option<Claim>, SnapshotError>,
+    back: String,
+) -> Outcome {
+    let outcome = match claim {
+        Ok(Some(c)) if c.verdict == Verdict::Started => {
+            if let Some(e) = host.remove(&p.vm) {
+                if let Some(h) = e.handle {
+                    h.destroy().await;
+                }
+            }
+            Outcome::Completed
+        }
+        Ok(_) => {
+            give_back(host, p);
+            Outcome::Aborted(back)
+        }
+        Err(e) => {
+            hold_in_doubt(host, p);
+            Outcome::InDoubt(format!(
+                "the handover claim cannot be settled ({e}); the VM stays paused here"
+            ))
+        }
+    };
+    if !matches!(outcome, Outcome::InDoubt(_)) {
+        audit(host, p, &outcome);
+        // Failing here only means the next start claims again and reads
+        // the same winner.
+        if let Err(e) = host.snapshots.seen.settle_handover(&p.migration) {
+            tracing::error!(migration = %p.migration, "cannot forget a settled handover: {e}");
+        }
+    }
+    outcome
+}
+
+/// The VM back here: resumed if it ran before the handover.
+fn give_back(host: &Arc<Host>, p: &PendingHandover) {
+    let handle = host.vms().get(&p.vm).and_then(|e| e.handle.clone());
+    let resumed = p.was_running
+        && match handle {
+            Some(VmHandle::Sim(vm)) => match vm.resume() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(vm = %p.vm, "claimed back but does not resume: {e}");
+                    false
+                }
+            },
+            _ => false,
+        };
+    release(
+        host,
+        &p.vm,
+        if resumed {
+            VmState::Running
+        } else {
+            VmState::Paused
+        },
+    );
+}
+
+/// Held: in doubt, so that nothing (resume, push, migration) acts on it
+/// until a claim decides.
+fn hold_in_doubt(host: &Host, p: &PendingHandover) {
+    let mut vms = host.vms();
+    if let Some(e) = vms.get_mut(&p.vm) {
+        e.state = VmState::InDoubt;
+        e.cancel = None;
+    }
+}
+
+/// At start: each handover a previous run left unsettled holds its VM in
+/// doubt and is settled in the background — the VM claimed back unless
+/// the destination's claim is there first — tried again, with growing
+/// pauses, while the store cannot say.
+pub(crate) fn at_start(host: &Arc<Host>) {
+    let pending = match host.snapshots.seen.pending_handovers() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("the unsettled handovers cannot be read: {e}");
+            return;
+        }
+    };
+    for p in pending {
+        tracing::warn!(migration = %p.migration, vm = %p.vm, url = %p.url,
+            "store-and-forward handover left unsettled by the last run: settling it");
+        hold_in_doubt(host, &p);
+        let weak = Arc::downgrade(host);
+        host.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spawn(settle(weak, p));
+    }
+}
+
+async fn settle(weak: Weak<Host>, p: PendingHandover) {
+    let mut pause = Duration::ZERO;
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).clamp(Duration::from_secs(1), RETRY_MAX);
+        let Some(host) = weak.upgrade() else {
+            return;
+        };
+        let claim = match SnapshotStore::open(&p.url) {
+            Ok(store) => claim_back(&host, &store, &p).await,
+            Err(e) => Err(e.into()),
+        };
+        let outcome = conclude(
+            &host,
+            &p,
+            claim,
+            "the source restarted before the destination claimed the VM; it claimed it back".into(),
+        )
+        .await;
+        let Outcome::InDoubt(why) = &outcome else {
+            return;
+        };
+        // Audited when the reason changes, not at every try.
+        if *why != last {
+            audit(&host, &p, &outcome);
+            last.clone_from(why);
+        }
+    }
+}
