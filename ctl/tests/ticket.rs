@@ -145,26 +145,54 @@ async fn three_parties_approve_a_ticket_before_the_vm_moves() {
         "still needs the approval of a tenant, a donor, a recipient",
     );
 
+    // Each party checks what it approves (`ticket show`) and signs that
+    // digest; a wrong digest (a file changed since) is refused.
+    let shown = ok(&ctl.run("rex", &["--json", "ticket", "show", f]).await);
+    let digest = serde_json::from_str::<serde_json::Value>(&shown).unwrap()["request_digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let approve = |role: Option<&'static str>, digest: String| {
+        let mut args = vec![
+            "ticket".to_string(),
+            "approve".into(),
+            f.into(),
+            "--digest".into(),
+            digest,
+        ];
+        if let Some(r) = role {
+            args.extend(["--role".into(), r.into()]);
+        }
+        args
+    };
+    let run = |op: &'static str, args: Vec<String>| {
+        let ctl = &ctl;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ctl.run(op, &args).await
+        }
+    };
+    let o = run("operator", approve(Some("tenant"), "00".repeat(32))).await;
+    refused(&o, "not the digest you approve");
     // The parties approve; what could not count is refused up front.
-    ok(&ctl
-        .run("operator", &["ticket", "approve", f, "--role", "tenant"])
-        .await);
-    let o = ctl
-        .run("operator", &["ticket", "approve", f, "--role", "donor"])
-        .await;
+    ok(&run("operator", approve(Some("tenant"), digest.clone())).await);
+    let o = run("operator", approve(Some("donor"), digest.clone())).await;
     refused(&o, "already approved");
-    let o = ctl.run("eve", &["ticket", "approve", f]).await;
+    let o = run("eve", approve(None, digest.clone())).await;
     refused(&o, "meets none of the ticket's approvers");
-    ok(&ctl
-        .run("dora", &["ticket", "approve", f, "--role", "donor"])
-        .await);
+    ok(&run("dora", approve(Some("donor"), digest.clone())).await);
     let o = ctl
         .run("operator", &["migrate", "--ticket", f, "--to", &b])
         .await;
     refused(&o, "still needs the approval of a recipient");
-    ok(&ctl
-        .run("rex", &["ticket", "approve", f, "--role", "recipient"])
-        .await);
+    // Each rewrite left nothing beside the ticket.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    ok(&run("rex", approve(Some("recipient"), digest.clone())).await);
     let shown = ok(&ctl.run("eve", &["--json", "ticket", "show", f]).await);
     let json: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(json["approvals"].as_array().unwrap().len(), 3, "{json}");

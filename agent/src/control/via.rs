@@ -51,12 +51,29 @@ pub(super) async fn migrate_via(
         })?;
     let migration = ticket.ticket.id;
     let dest = ticket.ticket.destination.clone();
-    let Some(attributes) = host.vms().get(&req.vm).map(|e| e.attributes.clone()) else {
+    let Some((attributes, subject)) = host
+        .vms()
+        .get(&req.vm)
+        .map(|e| (e.attributes.clone(), e.subject()))
+    else {
         return Err(error(
             CtlErrorKind::NotFound,
             format!("no VM named {} here", req.vm),
         ));
     };
+    // As for a live migration: the ticket is for the VM as it is now.
+    if let Some(here) = subject.filter(|s| *s != ticket.ticket.subject) {
+        let why = format!(
+            "ticket for VM {} as {}, but it is {here} here (another incarnation?)",
+            req.vm, ticket.ticket.subject
+        );
+        host.audit(AuditEvent::Refused {
+            migration: Some(migration),
+            peer: operator.to_string(),
+            reason: why.clone(),
+        });
+        return Err(error(CtlErrorKind::Unauthorized, why));
+    }
     let d = host.decide(
         &Query::MigrateOut {
             operator: &ticket.signer,
@@ -275,6 +292,15 @@ pub(super) fn accept(
         .authority()
         .at_destination(&m.source, &host.id, &m.vm, id, t)
         .map_err(|e| refuse(e.to_string()))?;
+    // The ticket binds the VM as its source reported it: a snapshot of
+    // another incarnation, or relabelled, is not what was authorized.
+    let subject = m.subject();
+    if subject != v.ticket.subject {
+        return Err(refuse(format!(
+            "the snapshot holds {subject}, the ticket was issued for {}",
+            v.ticket.subject
+        )));
+    }
     host.audit(AuditEvent::TicketAccepted {
         migration: v.ticket.id,
         vm: m.vm.clone(),

@@ -8,6 +8,8 @@
 //! approve in any order, and each rewrite of the file is atomic.
 
 use std::io::Write as _;
+
+use convoy_protocol::signed::{ChainVerifier, Signer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,6 +42,11 @@ pub enum TicketCmd {
         /// destination's). None: as the named operator.
         #[arg(long)]
         role: Option<ApprovalRole>,
+        /// The ticket's request digest, as `ticket show` prints it (and
+        /// `ticket request` did): what you checked is what you sign; a
+        /// file changed since is refused.
+        #[arg(long, value_name = "HEX")]
+        digest: String,
     },
     /// Show what a ticket file authorizes, who must approve it, and who
     /// did (signatures are checked by the agents, offline).
@@ -79,7 +86,7 @@ pub struct Request {
 pub async fn run(g: &Global, c: TicketCmd) -> Result<()> {
     match c {
         TicketCmd::Request(r) => request(g, r).await,
-        TicketCmd::Approve { file, role } => approve(g, &file, role),
+        TicketCmd::Approve { file, role, digest } => approve(g, &file, role, &digest),
         TicketCmd::Show { file } => {
             let t = read(&file)?;
             if g.json {
@@ -99,6 +106,11 @@ async fn request(g: &Global, r: Request) -> Result<()> {
             r.approvers.len(),
             convoy_protocol::ticket::approval::MAX_APPROVERS
         );
+    }
+    for (i, a) in r.approvers.iter().enumerate() {
+        if matches!(a, Approver::Operator(_)) && r.approvers[..i].contains(a) {
+            bail!("--approver {a} given twice: one operator approves once");
+        }
     }
     let s = session(g).await?;
     let (dest, _) = destination(&r.to, &s.domain)?;
@@ -124,28 +136,45 @@ async fn request(g: &Global, r: Request) -> Result<()> {
     Ok(())
 }
 
-fn approve(g: &Global, file: &Path, role: Option<ApprovalRole>) -> Result<()> {
-    let mut t = read(file)?;
-    let (_, me) = operator(g)?;
+fn approve(g: &Global, file: &Path, role: Option<ApprovalRole>, digest: &str) -> Result<()> {
+    let (pki, me) = operator(g)?;
     let who = me.id().clone();
+    // Read, approved and written back under a lock: parties approving at
+    // once each add theirs.
+    let mut locked = lock(file)?;
+    let mut t = decode(file, &mut locked)?;
+    // What you saw is what you sign: the digest `ticket show` printed.
+    let request = request_digest(&t)?.to_hex();
+    if !digest.eq_ignore_ascii_case(&request) {
+        bail!(
+            "{} is ticket {} (digest {request}), not the digest you approve ({digest}): \
+             run `convoyctl ticket show {}` and check what it moves",
+            file.display(),
+            t.id,
+            file.display()
+        );
+    }
     if t.expires_at <= now_unix() {
         bail!("the ticket expired at {}: request a new one", t.expires_at);
     }
     // What the agents will refuse, refused here first: a second approval
-    // by this operator or key, a role not held, an approver not named.
-    let leaf = convoy_protocol::signed::Signer::chain(&me)
-        .into_iter()
-        .next();
+    // by this operator or by this key, a role not held, an approver the
+    // ticket does not name.
+    let trust = pki.trust()?;
+    let key_of = |leaf: &[u8]| ChainVerifier::public_key(&trust, leaf).ok();
+    let mine = Signer::chain(&me).first().and_then(|l| key_of(l));
     let named = who.to_string();
-    if t.approvals.iter().any(|a| a.chain.first() == leaf.as_ref())
-        || approvals(&t).iter().any(|(w, _)| *w == named)
-    {
-        bail!("{who} already approved this ticket");
+    for (a, (by, _)) in t.approvals.iter().zip(approvals(&t)) {
+        let key = a.chain.first().and_then(|l| key_of(l));
+        if by == named || (key.is_some() && key == mine) {
+            bail!("{who} (or its key) already approved this ticket, as {by}");
+        }
     }
     admissible(&t, &who, role).map_err(|e| anyhow!("{e}"))?;
     let approval = approve_ticket(&me, &t, role)?;
     t.approvals.push(approval);
     write(file, &t, false)?;
+    drop(locked);
     let as_role = role.map(|r| format!(" as {r}")).unwrap_or_default();
     if g.json {
         crate::render::json(&describe(&t)?)?;
@@ -158,8 +187,29 @@ fn approve(g: &Global, file: &Path, role: Option<ApprovalRole>) -> Result<()> {
 
 /// Reads a ticket file, bounded and checked.
 pub fn read(file: &Path) -> Result<Ticket> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+    decode(file, &mut f)
+}
+
+/// `file`, opened and locked (exclusively, until dropped): the lock is on
+/// the file the path names when it is taken (a rename by another approver
+/// in between is noticed and the lock taken again).
+fn lock(file: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .with_context(|| format!("locking {}", file.display()))?;
+        let (held, named) = (f.metadata()?, std::fs::metadata(file)?);
+        if (held.dev(), held.ino()) == (named.dev(), named.ino()) {
+            return Ok(f);
+        }
+    }
+}
+
+/// Decodes the ticket `f` (the file `file`) holds, bounded and checked.
+fn decode(file: &Path, f: &mut std::fs::File) -> Result<Ticket> {
     use std::io::Read as _;
-    let f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
     let mut bytes = Vec::new();
     let max = MAGIC.len() + MAX_TICKET_BODY;
     f.take(u64::try_from(max + 1).unwrap_or(u64::MAX))
@@ -186,7 +236,10 @@ pub fn read(file: &Path) -> Result<Ticket> {
     Ok(t)
 }
 
-/// Writes a ticket file atomically (a new one only when `create`).
+/// Writes a ticket file whole or not at all: a new one only when `create`
+/// (never over anything there), else replacing it. The bytes go to a
+/// fresh temporary file beside it (removed if anything fails), are
+/// fsynced, renamed into place, and the directory is fsynced.
 fn write(file: &Path, t: &Ticket, create: bool) -> Result<()> {
     let body = postcard::to_stdvec(t)?;
     if body.len() > MAX_TICKET_BODY {
@@ -195,19 +248,26 @@ fn write(file: &Path, t: &Ticket, create: bool) -> Result<()> {
             body.len()
         );
     }
-    if create && file.exists() {
-        bail!("{} exists: not overwritten", file.display());
-    }
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(MAGIC)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing beside {}", file.display()))?;
+    tmp.write_all(MAGIC)?;
+    tmp.write_all(&body)?;
+    tmp.as_file().sync_all()?;
+    let placed = if create {
+        tmp.persist_noclobber(file).map(drop)
+    } else {
+        tmp.persist(file).map(drop)
+    };
+    placed.map_err(|e| match e.error.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow!("{} exists: not overwritten", file.display()),
+        _ => anyhow!("writing {}: {}", file.display(), e.error),
+    })?;
+    convoy_agent::private::sync_dir_of(file)
+        .with_context(|| format!("writing {}", file.display()))?;
     Ok(())
 }
 

@@ -97,15 +97,20 @@ impl<'a> Checker<'a> {
         bundle: &'a EvidenceBundle,
         verifier: &'a dyn ChainVerifier,
     ) -> Result<Self, EvidenceError> {
-        // At its issue time: the ticket was valid when it was used, and has
-        // most likely expired since.
+        // When it was used: the time an agent logged it (the record is
+        // checked below, with the rest of its log; a forged time fails
+        // there), else its issue time. Not now: it has most likely
+        // expired since. Its approvals are checked at their own times.
         let (body, _): (Ticket, _) =
             postcard::take_from_bytes(&bundle.ticket.body).map_err(|e| {
                 EvidenceError::Ticket(TicketError::Malformed(MalformedEnvelope::Body(e)))
             })?;
+        let used = logged_at(bundle)
+            .unwrap_or(body.issued_at)
+            .clamp(body.issued_at, body.expires_at.max(body.issued_at));
         let verified = bundle
             .ticket
-            .verify(verifier, body.issued_at, 0)
+            .verify(verifier, used, 0)
             .map_err(EvidenceError::Ticket)?;
         if verified.ticket.id != bundle.migration {
             return Err(EvidenceError::TicketMigration {
@@ -483,6 +488,22 @@ impl<'a> Checker<'a> {
             started.is_some(),
         ))
     }
+}
+
+/// The earliest time an agent's log of the bundle says it recorded the
+/// bundle's ticket (unverified here: the records are checked with their
+/// logs, and a bundle with a forged one is refused).
+fn logged_at(bundle: &EvidenceBundle) -> Option<u64> {
+    bundle
+        .sides
+        .iter()
+        .flat_map(|s| &s.records)
+        .filter_map(|r| postcard::from_bytes::<AuditRecord>(&r.body).ok())
+        .filter_map(|r| match r.event {
+            AuditEvent::Ticket(t) if t == bundle.ticket => Some(r.at_unix),
+            _ => None,
+        })
+        .min()
 }
 
 fn event_name(e: &AuditEvent) -> &'static str {

@@ -135,6 +135,23 @@ pub enum ManifestError {
 }
 
 impl SnapshotManifest {
+    /// What the snapshot says the VM is — memory, disks (names and
+    /// sizes), attributes — as a ticket binds it.
+    pub fn subject(&self) -> crate::vm::VmSubject {
+        crate::vm::VmSubject {
+            memory_bytes: self.memory.bytes(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| crate::vm::DiskSubject {
+                    name: d.name.to_string(),
+                    bytes: d.bytes,
+                })
+                .collect(),
+            attributes: self.attributes.digest(),
+        }
+    }
+
     /// The leaves and their chunking, once the geometry is checked.
     pub fn layout(&self) -> Result<ChunkLayout, ManifestError> {
         let leaves = crate::disk::check(self.memory, &self.disks)

@@ -381,14 +381,16 @@ fn admissible_at(
     Ok(())
 }
 
-/// Verifies every approval of `ticket` with chains checked at `at`
-/// (revocation included), then that its requirements are met by distinct
-/// approvals: the approvals, or the first thing wrong.
-pub fn check(
-    ticket: &Ticket,
-    verifier: &dyn ChainVerifier,
-    at: u64,
-) -> Result<Approvals, ApprovalError> {
+/// Verifies every approval of `ticket`, then that its requirements are
+/// met by distinct approvals: the approvals, or the first thing wrong.
+///
+/// Each approver's chain is checked (revocation included) at the time the
+/// approval claims, brought into the ticket's validity window: an approval
+/// stays good when its certificate expires after it was given (short-lived
+/// certificates renew), and checks the same offline, later, in evidence;
+/// a key whose certificate was never valid within the window cannot
+/// approve by backdating, and a revoked one never can.
+pub fn check(ticket: &Ticket, verifier: &dyn ChainVerifier) -> Result<Approvals, ApprovalError> {
     for (what, len, max) in [
         ("approvers", ticket.approvers.len(), MAX_APPROVERS),
         ("approvals", ticket.approvals.len(), MAX_APPROVALS),
@@ -403,8 +405,12 @@ pub fn check(
     let expected = request_digest(ticket).map_err(|e| ApprovalError::Encode(e.to_string()))?;
     let mut out: Vec<VerifiedApproval> = Vec::with_capacity(ticket.approvals.len());
     for (index, signed) in ticket.approvals.iter().enumerate() {
+        let window = |a: &Approval| {
+            a.approved_at
+                .clamp(ticket.issued_at, ticket.expires_at.max(ticket.issued_at))
+        };
         let (approval, principal) = signed
-            .open(verifier, at)
+            .open_at_claimed(verifier, window)
             .map_err(|error| ApprovalError::Envelope { index, error })?;
         if principal.role() != Role::Operator {
             return Err(ApprovalError::NotAnOperator { index, principal });

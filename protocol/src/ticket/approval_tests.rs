@@ -38,7 +38,8 @@ impl Signer for Party {
     }
 }
 
-/// Trusts every domain but `untrusted`; the key `revoked` is revoked.
+/// Trusts every domain but `untrusted`; the key `revoked` is revoked, a
+/// key `until-T` has a certificate that expires at T.
 struct Keys;
 
 fn split(leaf: &[u8]) -> (&str, &str) {
@@ -47,11 +48,16 @@ fn split(leaf: &[u8]) -> (&str, &str) {
 }
 
 impl ChainVerifier for Keys {
-    fn verify_chain(&self, chain: &[Vec<u8>], _now: u64) -> Result<SpiffeId, ChainError> {
+    fn verify_chain(&self, chain: &[Vec<u8>], now: u64) -> Result<SpiffeId, ChainError> {
         let (id, key) = split(chain.first().ok_or(ChainError::Empty)?);
         let id: SpiffeId = id.parse().unwrap();
         if key == "revoked" {
             return Err(ChainError::Revoked);
+        }
+        if let Some(until) = key.strip_prefix("until-") {
+            if now >= until.parse::<u64>().unwrap() {
+                return Err(ChainError::Expired);
+            }
         }
         if id.domain().to_string() == "untrusted" {
             return Err(ChainError::UnknownIssuer { id });
@@ -139,7 +145,7 @@ fn three_parties_approve_and_the_ticket_verifies_with_their_roles() {
     assert_eq!(who, [DONOR, TENANT, RECIPIENT]);
     // A ticket with no approvers and no approvals needs none.
     let plain = request(&[]);
-    assert!(check(&plain, &Keys, NOW).unwrap().is_empty());
+    assert!(check(&plain, &Keys).unwrap().is_empty());
 }
 
 #[test]
@@ -147,7 +153,7 @@ fn a_missing_party_is_named() {
     let mut t = three();
     t.approvals.remove(0);
     assert_eq!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Missing {
             missing: vec![Approver::Role(ApprovalRole::Tenant)]
         })
@@ -167,7 +173,7 @@ fn distinct_keys_are_counted_not_entries_names_or_certificates() {
     let again = t.approvals[1].clone();
     t.approvals.push(again);
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Duplicate {
             index: 3,
             first: 1,
@@ -183,7 +189,7 @@ fn distinct_keys_are_counted_not_entries_names_or_certificates() {
         approve(&t, &party(RECIPIENT, "kr"), Some("recipient")),
     ];
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Duplicate {
             index: 1,
             first: 0,
@@ -198,7 +204,7 @@ fn distinct_keys_are_counted_not_entries_names_or_certificates() {
         approve(&t, &party(DONOR, "k2"), Some("donor")),
     ];
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Duplicate {
             index: 1,
             why: "same operator",
@@ -212,7 +218,7 @@ fn distinct_keys_are_counted_not_entries_names_or_certificates() {
         approve(&t, &party(DONOR, "k1"), Some("donor")),
         approve(&t, &party(other, "k2"), Some("donor")),
     ];
-    assert_eq!(check(&t, &Keys, NOW).unwrap().count(), 2);
+    assert_eq!(check(&t, &Keys).unwrap().count(), 2);
 }
 
 #[test]
@@ -221,7 +227,7 @@ fn each_requirement_needs_its_own_approval() {
     let mut t = request(&["donor", DONOR]);
     t.approvals = vec![approve(&t, &party(DONOR, "kd"), Some("donor"))];
     assert_eq!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Missing {
             missing: vec![Approver::Operator(DONOR.parse().unwrap())]
         })
@@ -236,7 +242,7 @@ fn each_requirement_needs_its_own_approval() {
             approve(&t, &party(otto, "ko"), Some("donor")),
         ];
         t.approvals = order.iter().map(|&i| all[i].clone()).collect();
-        assert_eq!(check(&t, &Keys, NOW).unwrap().count(), 2);
+        assert_eq!(check(&t, &Keys).unwrap().count(), 2);
     }
 }
 
@@ -250,7 +256,7 @@ fn an_approval_of_another_ticket_or_of_this_one_altered_is_refused() {
     };
     t.approvals[2] = approve(&other, &party(RECIPIENT, "kr"), Some("recipient"));
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::OtherTicket { index: 2, .. })
     ));
     // Any field changed after approval (a requirement dropped, the plan,
@@ -258,13 +264,13 @@ fn an_approval_of_another_ticket_or_of_this_one_altered_is_refused() {
     let mut t = three();
     t.approvers.pop();
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::OtherTicket { index: 0, .. })
     ));
     let mut t = three();
     t.plan.force_stop = !t.plan.force_stop;
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::OtherTicket { index: 0, .. })
     ));
 }
@@ -274,7 +280,7 @@ fn revoked_untrusted_forged_and_agent_approvals_are_refused() {
     let mut t = three();
     t.approvals[1] = approve(&t, &party(DONOR, "revoked"), Some("donor"));
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Envelope {
             index: 1,
             error: EnvelopeError::Chain(ChainError::Revoked)
@@ -287,7 +293,7 @@ fn revoked_untrusted_forged_and_agent_approvals_are_refused() {
         None,
     )];
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Envelope {
             error: EnvelopeError::Chain(ChainError::UnknownIssuer { .. }),
             ..
@@ -296,7 +302,7 @@ fn revoked_untrusted_forged_and_agent_approvals_are_refused() {
     let mut t = three();
     t.approvals[0].signature[0] ^= 1;
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::Envelope {
             index: 0,
             error: EnvelopeError::Signature(_)
@@ -309,7 +315,7 @@ fn revoked_untrusted_forged_and_agent_approvals_are_refused() {
         Some("donor"),
     )];
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::NotAnOperator { .. })
     ));
 }
@@ -320,13 +326,13 @@ fn unnamed_approvers_and_roles_not_held_are_refused() {
     let mallory = "spiffe://donor.example/operator/mallory";
     let mut t = three();
     t.approvals.push(approve(&t, &party(mallory, "km"), None));
-    let e = check(&t, &Keys, NOW).unwrap_err();
+    let e = check(&t, &Keys).unwrap_err();
     assert!(matches!(e, ApprovalError::Unnamed { index: 3, .. }), "{e}");
     assert!(e.to_string().contains("mallory"), "{e}");
     // The recipient's operator cannot approve as the donor.
     let mut t = request(&["donor"]);
     t.approvals = vec![approve(&t, &party(RECIPIENT, "kr"), Some("donor"))];
-    let e = check(&t, &Keys, NOW).unwrap_err();
+    let e = check(&t, &Keys).unwrap_err();
     assert!(
         matches!(
             e,
@@ -341,10 +347,51 @@ fn unnamed_approvers_and_roles_not_held_are_refused() {
 }
 
 #[test]
+fn an_approval_is_checked_when_it_was_given_within_the_ticket_s_window() {
+    // The recipient's short-lived certificate expired after it approved:
+    // the ticket still verifies at submission, and offline later.
+    let mut t = request(&["donor", "recipient"]);
+    let short = party(RECIPIENT, &format!("until-{}", NOW + 100));
+    t.approvals = vec![
+        approve(&t, &party(DONOR, "kd"), Some("donor")),
+        approve(&t, &short, Some("recipient")),
+    ];
+    let signed = SignedTicket::sign(&t, &party(DONOR, "kd")).unwrap();
+    assert_eq!(
+        signed
+            .verify(&Keys, NOW + 1000, 60)
+            .unwrap()
+            .approvals
+            .count(),
+        2
+    );
+    // A certificate that expired before the ticket was requested cannot
+    // approve by backdating: its time is brought into the window.
+    let old = party(RECIPIENT, &format!("until-{}", NOW - 1));
+    let backdated = SignedApproval::sign(
+        &Approval {
+            request: request_digest(&t).unwrap(),
+            role: Some("recipient".parse().unwrap()),
+            approved_at: NOW - 3600,
+        },
+        &old,
+    )
+    .unwrap();
+    t.approvals[1] = backdated;
+    assert!(matches!(
+        check(&t, &Keys),
+        Err(ApprovalError::Envelope {
+            index: 1,
+            error: EnvelopeError::Chain(ChainError::Expired)
+        })
+    ));
+}
+
+#[test]
 fn bounds_and_names_parse() {
     let mut t = request(&["donor"; 9]);
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::TooMany {
             what: "approvers",
             ..
@@ -354,7 +401,7 @@ fn bounds_and_names_parse() {
     let a = approve(&t, &party(DONOR, "kd"), Some("donor"));
     t.approvals = vec![a; 9];
     assert!(matches!(
-        check(&t, &Keys, NOW),
+        check(&t, &Keys),
         Err(ApprovalError::TooMany {
             what: "approvals",
             ..

@@ -33,8 +33,10 @@ use crate::signed::{
 pub const TICKET_CONTEXT: &[u8] = b"convoy migration ticket v1\0";
 
 /// Largest encoded ticket body (room for [`approval::MAX_APPROVALS`]
-/// approvals with their certificate chains).
-pub const MAX_TICKET_BODY: usize = 64 << 10;
+/// approvals with their certificate chains, a few KiB each; small enough
+/// that the signed ticket, its own chain included, fits an audit record in
+/// an evidence bundle, [`crate::evidence::MAX_RECORD_BODY`]).
+pub const MAX_TICKET_BODY: usize = 24 << 10;
 /// Longest validity a ticket may claim (one day).
 pub const MAX_TICKET_LIFETIME_SECS: u64 = 86_400;
 
@@ -164,8 +166,8 @@ pub struct VerifiedTicket {
 impl Signed<Ticket> {
     /// Checks sizes, the chain, the signature, the signer's role, the
     /// validity window at `now_unix` with `skew` seconds of tolerance, and
-    /// every approval (chains at `now_unix` too) against the approvers the
-    /// ticket requires.
+    /// every approval against the approvers the ticket requires
+    /// ([`approval::check`]).
     pub fn verify(
         &self,
         verifier: &dyn ChainVerifier,
@@ -198,7 +200,7 @@ impl Signed<Ticket> {
                 skew,
             });
         }
-        let approvals = approval::check(&ticket, verifier, now_unix)?;
+        let approvals = approval::check(&ticket, verifier)?;
         Ok(VerifiedTicket {
             ticket,
             signer,

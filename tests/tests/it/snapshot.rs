@@ -462,3 +462,35 @@ async fn a_live_push_copies_a_busy_vm_while_it_runs() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A store-and-forward ticket binds the VM as its source reported it: for
+/// another incarnation of the VM (re-created bigger) the source refuses
+/// before anything is paused or pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_via_ticket_for_another_incarnation_is_refused_before_the_push() {
+    let Two {
+        _dir,
+        lab,
+        bucket,
+        url,
+        a,
+        b: _,
+    } = two().await;
+    a.vm_create(sim_spec("web", MEMORY, 200)).await.unwrap();
+    let stale = convoy_tests::migrate(&lab, "web", "a", "b");
+    a.vm_delete("web".parse().unwrap()).await.unwrap();
+    a.vm_create(sim_spec("web", 2 * MEMORY, 200)).await.unwrap();
+    let e = a
+        .snapshot(SnapshotRequest::MigrateVia {
+            migrate: stale,
+            url,
+            wait_secs: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&e), Some(CtlErrorKind::Unauthorized), "{e}");
+    assert!(e.to_string().contains("another incarnation"), "{e}");
+    assert!(!bucket.path().join("snapshots").join("manifests").exists());
+    let vms = a.vm_list().await.unwrap();
+    assert_eq!(vms[0].state, VmState::Running);
+}

@@ -77,7 +77,11 @@ pub(crate) async fn prepare(
         .ok_or("the journal kept no ticket for it")?;
     let creds = host.creds();
     let (t, _) = ticket
-        .open_at_claimed(&creds.trust, |t| t.issued_at)
+        // Within its window, now: the submitter's certificate may be
+        // younger than the ticket's request.
+        .open_at_claimed(&creds.trust, |t| {
+            crate::trust::authz::now_unix().clamp(t.issued_at, t.expires_at.max(t.issued_at))
+        })
         .map_err(|e| format!("the ticket the journal kept does not verify: {e}"))?;
     if t.id != r.migration
         || t.destination != r.peer
