@@ -242,39 +242,64 @@ impl SnapshotStore {
                 bucket: None,
             });
         }
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(bad("s3:// needs a bucket"));
-            }
-            let prefix = prefix.trim_matches('/');
-            let prefix = if prefix.is_empty() {
-                None
-            } else {
-                Some(
-                    ObjectPath::parse(prefix)
-                        .map_err(|_| bad("the prefix is not a valid object path"))?,
-                )
-            };
-            // reqwest is built without a crypto provider of its own: it
-            // takes the process default, which must be ring (ours).
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let service = format!("s3://{bucket} {}", source.describe());
-            let store = s3_builder(source)
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|source| StoreError::Open {
-                    url: url.to_owned(),
-                    source,
-                })?;
-            return Ok(SnapshotStore {
-                store: Arc::new(store),
-                prefix,
-                url: url.trim_end_matches('/').to_owned(),
-                bucket: Some(service),
-            });
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(bad("Convoy takes file:///DIR, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX and az://CONTAINER/PREFIX"));
+        };
+        if !matches!(scheme, "s3" | "gs" | "az") {
+            return Err(bad("Convoy takes file:///DIR, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX and az://CONTAINER/PREFIX"));
         }
-        Err(bad("Convoy takes file:///DIR and s3://BUCKET/PREFIX"))
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("the URL needs a bucket (a container for az://)"));
+        }
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() {
+            None
+        } else {
+            Some(
+                ObjectPath::parse(prefix)
+                    .map_err(|_| bad("the prefix is not a valid object path"))?,
+            )
+        };
+        // reqwest is built without a crypto provider of its own: it takes
+        // the process default, which must be ring (ours).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let opened = |source| StoreError::Open {
+            url: url.to_owned(),
+            source,
+        };
+        // Credentials from each service's standard environment (and
+        // instance metadata where there is some), never from the URL.
+        let service = match scheme {
+            "s3" => format!("s3://{bucket} {}", source.describe()),
+            other => format!("{other}://{bucket}"),
+        };
+        let store: Arc<dyn ObjectStore> = match scheme {
+            "s3" => Arc::new(
+                s3_builder(source)
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(opened)?,
+            ),
+            _ => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .build()
+                    .map_err(opened)?,
+            ),
+        };
+        Ok(SnapshotStore {
+            store,
+            prefix,
+            url: url.trim_end_matches('/').to_owned(),
+            bucket: Some(service),
+        })
     }
 
     /// The URL, as shown to operators.

@@ -255,7 +255,11 @@ fn urls_convoy_does_not_take_are_refused() {
     for bad in [
         "file://relative/dir",
         "s3://",
+        "gs://",
+        "az:///prefix",
+        "gs://bucket/a//b",
         "http://example.com/x",
+        "no-scheme",
         "s3://bucket/prefix?X-Amz-Credential=secret",
         "s3://key:secret@bucket/p",
     ] {
@@ -268,6 +272,31 @@ fn urls_convoy_does_not_take_are_refused() {
             .unwrap_err()
             .to_string();
         assert_eq!(e, e2);
+    }
+}
+
+/// Google Cloud Storage and Azure Blob Storage open through the same
+/// library, with credentials from their standard environments; two
+/// prefixes of one bucket copy server-side, two services never do. (No
+/// service of either kind runs here: what is tested is how URLs open.)
+#[test]
+fn gs_and_az_urls_open_as_their_services() {
+    let gs = SnapshotStore::open("gs://convoy-bucket/snaps/").unwrap();
+    assert_eq!(gs.url(), "gs://convoy-bucket/snaps");
+    let other = SnapshotStore::open("gs://convoy-bucket/other").unwrap();
+    assert!(gs.copies_server_side_from(&other));
+    let s3 = SnapshotStore::open("s3://convoy-bucket/snaps");
+    if let Ok(s3) = s3 {
+        assert!(!gs.copies_server_side_from(&s3));
+    }
+    // Azure needs its account (AZURE_STORAGE_ACCOUNT_NAME): without one
+    // the error says so and names the URL.
+    if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+        let e = SnapshotStore::open("az://container/snaps")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("az://container/snaps"), "{e}");
+        assert!(e.to_lowercase().contains("account"), "{e}");
     }
 }
 

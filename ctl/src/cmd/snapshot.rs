@@ -1,5 +1,5 @@
 //! `convoyctl snapshot`: VMs as encrypted, signed snapshots in object
-//! storage (`file:///DIR`, `s3://BUCKET/PREFIX`). Every command runs on
+//! storage (`file:///DIR`, `s3://`, `gs://`, `az://`). Every command runs on
 //! the agent named by `--agent`, which reads and writes the bucket with
 //! its own credentials (the standard AWS environment of the agent's
 //! process for `s3://`); nothing secret passes through convoyctl.
@@ -20,7 +20,7 @@ pub enum Snapshot {
     /// Publish the agent's signed sealing key under URL, so that pushers
     /// can seal snapshots for it (`push --for AGENT`).
     Enroll {
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
     },
     /// Push a VM of the agent to URL: sealed chunks (unchanged ones of an
@@ -29,7 +29,7 @@ pub enum Snapshot {
     Push {
         /// The VM.
         vm: VmName,
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
         /// An agent that may open the snapshot (repeatable; the pusher
         /// always can). It must have enrolled under URL.
@@ -44,7 +44,7 @@ pub enum Snapshot {
     /// Restore a snapshot on the agent: every chunk, the root and the
     /// device state are checked before the VM starts.
     Pull {
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
         /// This snapshot (32 hex digits); default: the newest the agent
         /// can open.
@@ -60,12 +60,12 @@ pub enum Snapshot {
     /// List the snapshots under URL (each manifest's signature checked)
     /// and the manifest objects refused.
     List {
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
     },
     /// Fetch and check every chunk of a snapshot without starting it.
     Verify {
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
         /// This snapshot; default: the newest the agent can open.
         #[arg(long)]
@@ -76,7 +76,7 @@ pub enum Snapshot {
     /// the server within one S3 bucket), each manifest last. Run it again
     /// after a cut: it takes up where it stopped.
     Copy {
-        /// From: `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// From: `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
         /// To.
         to: String,
@@ -87,7 +87,7 @@ pub enum Snapshot {
     /// Delete a snapshot: its manifest, and the chunks no other manifest
     /// under URL names.
     Delete {
-        /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+        /// `file:///DIR`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX`.
         url: String,
         /// The snapshot (32 hex digits).
         snapshot: SnapshotId,
