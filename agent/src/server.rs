@@ -84,6 +84,10 @@ impl Agent {
                     .map_err(|e| err(Box::new(e).into()))?;
                 let seen = crate::snapshot::seen::SeenLineages::open(&dir.join("snapshots.redb"))
                     .map_err(|e| err(StateError::SnapshotsSeen(e)))?;
+                // Fail closed: an unsettled handover that cannot be read
+                // would leave a VM the destination may run resumable here.
+                seen.pending_handovers()
+                    .map_err(|e| err(StateError::SnapshotsSeen(e)))?;
                 let snapshots = crate::host::Snapshots {
                     sealing: Arc::new(sealing),
                     seen,

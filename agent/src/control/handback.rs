@@ -10,6 +10,7 @@ use std::time::Duration;
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::digest::Digest;
+use convoy_protocol::names::SpiffeId;
 use convoy_protocol::signed::ChainVerifier;
 use convoy_protocol::snapshot::claim::{Claim, Handover, Verdict};
 use convoy_protocol::snapshot::SnapshotId;
@@ -33,18 +34,18 @@ pub(super) async fn claim_back(
     p: &PendingHandover,
 ) -> Result<Option<Claim>, SnapshotError> {
     let creds = host.creds();
-    let manifest = match p.manifest {
-        Some(d) => d,
-        None => manifest_of(store, &creds.trust, &p.snapshot).await?,
+    let known = match p.manifest {
+        Some(d) => Some(d),
+        None => manifest_of(store, &creds.trust, &host.id, &p.snapshot).await?,
     };
     let h = Handover {
         migration: p.migration,
         snapshot: p.snapshot,
-        manifest,
+        manifest: known.unwrap_or(Digest([0; 32])),
         source: &host.id,
         destination: &p.destination,
     };
-    snap::handover::claim(
+    let claimed = snap::handover::claim(
         store,
         &creds.trust,
         &creds.identity,
@@ -53,24 +54,49 @@ pub(super) async fn claim_back(
         Verdict::Aborted,
         now_unix(),
     )
-    .await
+    .await;
+    match claimed {
+        // Ours lost to a claim on a manifest we no longer know (gone from
+        // the bucket since): the winner, bound by everything else.
+        Err(SnapshotError::Claim { object, .. }) if known.is_none() => {
+            snap::handover::read_any_manifest(store, &creds.trust, &h)
+                .await?
+                .map(Some)
+                .ok_or_else(|| SnapshotError::Claim {
+                    object,
+                    why: "the claim that was there first is gone".into(),
+                })
+        }
+        other => other,
+    }
 }
 
-/// The digest of snapshot `id`'s manifest when the bucket holds it (a push
-/// cut after its manifest went up), else zeros: no destination can claim a
-/// snapshot it cannot read, and a claim under zeros keeps a manifest that
-/// lands late from ever being claimed.
+/// The digest of snapshot `id`'s manifest when the bucket holds it, signed
+/// by `me` (a push cut after its manifest went up), else `None`: no
+/// destination can claim a snapshot it cannot read, and our claim under
+/// zeros then keeps a manifest that lands late from ever being claimed.
 async fn manifest_of(
     store: &SnapshotStore,
     verifier: &(dyn ChainVerifier + Sync),
+    me: &SpiffeId,
     id: &SnapshotId,
-) -> Result<Digest, SnapshotError> {
+) -> Result<Option<Digest>, SnapshotError> {
     for object in snap::manifest_objects(store).await? {
         if snap::holds_snapshot(&object, id) {
-            return Ok(snap::read_manifest(store, &object, verifier).await?.digest);
+            let f = snap::read_manifest(store, &object, verifier).await?;
+            if f.manifest.source == *me {
+                return Ok(Some(f.digest));
+            }
         }
     }
-    Ok(Digest([0; 32]))
+    Ok(None)
+}
+
+/// Whether `p`'s VM is here: the same incarnation, with its guest.
+fn held_here(host: &Host, p: &PendingHandover) -> bool {
+    host.vms().get(&p.vm).is_some_and(|e| {
+        e.incarnation == p.incarnation && matches!(e.handle, Some(VmHandle::Sim(_)))
+    })
 }
 
 /// Records `outcome` of handover `p` in the audit log.
@@ -97,21 +123,29 @@ pub(super) async fn conclude(
     claim: Result<Option<Claim>, SnapshotError>,
     back: String,
 ) -> Outcome {
+    // Only this VM, never another one re-created under its name.
+    let ours = held_here(host, p);
     let outcome = match claim {
         Ok(Some(c)) if c.verdict == Verdict::Started => {
-            if let Some(e) = host.remove(&p.vm) {
-                if let Some(h) = e.handle {
-                    h.destroy().await;
+            if ours {
+                if let Some(e) = host.remove(&p.vm) {
+                    if let Some(h) = e.handle {
+                        h.destroy().await;
+                    }
                 }
             }
             Outcome::Completed
         }
         Ok(_) => {
-            give_back(host, p);
+            if ours {
+                give_back(host, p);
+            }
             Outcome::Aborted(back)
         }
         Err(e) => {
-            hold_in_doubt(host, p);
+            if ours {
+                hold_in_doubt(host, p);
+            }
             Outcome::InDoubt(format!(
                 "the handover claim cannot be settled ({e}); the VM stays paused here"
             ))
@@ -176,20 +210,41 @@ pub(crate) fn at_start(host: &Arc<Host>) {
         }
     };
     for p in pending {
+        if !held_here(host, &p) {
+            // Its guest is gone (with the host, or deleted): there is
+            // nothing here to claim back, and the snapshot in the bucket
+            // is its one copy — the destination's to claim.
+            let outcome = Outcome::Aborted(format!(
+                "VM {} (incarnation {}) is no longer here; the handover is left to {}",
+                p.vm, p.incarnation, p.destination
+            ));
+            tracing::warn!(migration = %p.migration, "{outcome:?}");
+            audit(host, &p, &outcome);
+            if let Err(e) = host.snapshots.seen.settle_handover(&p.migration) {
+                tracing::error!(migration = %p.migration, "cannot forget a handover: {e}");
+            }
+            continue;
+        }
         tracing::warn!(migration = %p.migration, vm = %p.vm, url = %p.url,
             "store-and-forward handover left unsettled by the last run: settling it");
         hold_in_doubt(host, &p);
-        let weak = Arc::downgrade(host);
-        host.watchers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .spawn(settle(weak, p));
+        spawn_settle(host, p, Duration::ZERO);
     }
 }
 
-async fn settle(weak: Weak<Host>, p: PendingHandover) {
-    let mut pause = Duration::ZERO;
-    let mut last = String::new();
+/// Settles `p` in the background, after `first`, tried again with growing
+/// pauses while the store cannot say (the VM held in doubt meanwhile).
+pub(super) fn spawn_settle(host: &Arc<Host>, p: PendingHandover, first: Duration) {
+    let weak = Arc::downgrade(host);
+    host.watchers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .spawn(settle(weak, p, first));
+}
+
+async fn settle(weak: Weak<Host>, p: PendingHandover, first: Duration) {
+    let mut pause = first;
+    let mut audited = false;
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).clamp(Duration::from_secs(1), RETRY_MAX);
@@ -204,16 +259,18 @@ async fn settle(weak: Weak<Host>, p: PendingHandover) {
             &host,
             &p,
             claim,
-            "the source restarted before the destination claimed the VM; it claimed it back".into(),
+            "the source settled the handover without the destination's claim; the VM runs here"
+                .into(),
         )
         .await;
-        let Outcome::InDoubt(why) = &outcome else {
+        if !matches!(outcome, Outcome::InDoubt(_)) {
             return;
-        };
-        // Audited when the reason changes, not at every try.
-        if *why != last {
+        }
+        // Audited once, and again when decided (errors differ at every
+        // try: retry counts, request ids).
+        if !audited {
             audit(&host, &p, &outcome);
-            last.clone_from(why);
+            audited = true;
         }
     }
 }

@@ -31,6 +31,8 @@ pub(super) struct Claimed {
     pub vm: Arc<dyn crate::backend::VmBackend>,
     pub was_running: bool,
     pub cancel: Arc<tokio::sync::Notify>,
+    /// Which VM of that name it is.
+    pub incarnation: u64,
 }
 
 /// Takes sim VM `name` for a push: it must be running or paused and not
@@ -82,6 +84,7 @@ pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlRe
         vm,
         was_running,
         cancel,
+        incarnation: e.incarnation,
     })
 }
 

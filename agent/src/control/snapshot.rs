@@ -230,6 +230,7 @@ async fn push(
         vm,
         was_running,
         cancel,
+        ..
     } = claim_vm(host, &name)?;
     let live = p.live && was_running;
     let paused_at = Instant::now();

@@ -106,6 +106,7 @@ pub(super) async fn migrate_via(
         vm,
         was_running,
         cancel,
+        incarnation,
     } = claim_vm(host, &req.vm)?;
     let give_back = |why: String| {
         if was_running {
@@ -129,6 +130,7 @@ pub(super) async fn migrate_via(
         Ok(snapshot) => PendingHandover {
             migration,
             vm: req.vm.clone(),
+            incarnation,
             url: store.url().to_owned(),
             snapshot,
             manifest: None,
@@ -190,8 +192,13 @@ pub(super) async fn migrate_via(
                 format!("the push failed ({e}); the VM runs here"),
             )
             .await;
-            if let Outcome::InDoubt(_) = &outcome {
+            if let Outcome::InDoubt(why) = &outcome {
                 handback::audit(host, &pending, &outcome);
+                handback::spawn_settle(host, pending.clone(), Duration::from_secs(1));
+                return Err(error(
+                    CtlErrorKind::MigrationFailed,
+                    format!("migrate --via of {}: {e}; and {why}", req.vm),
+                ));
             }
             return Err(failed(&format!("migrate --via of {}", req.vm), &e));
         }
@@ -226,10 +233,20 @@ pub(super) async fn migrate_via(
     let wait = Duration::from_secs(u64::from(wait_secs).min(left));
     let waited = Instant::now();
     let mut claim = None;
+    let mut stopping = host.tcp_shutdown.subscribe();
     while claim.is_none() && waited.elapsed() < wait {
         tokio::select! {
             () = tokio::time::sleep(POLL.min(wait.saturating_sub(waited.elapsed()))) => {}
             () = cancel.notified() => break,
+            // The agent stops without letting go of its VMs' helpers
+            // first: the VM stays held and the record settles the
+            // handover at the next start.
+            _ = stopping.changed() => {
+                return Err(error(
+                    CtlErrorKind::Internal,
+                    format!("the agent is stopping: migration {migration} is settled when it starts again"),
+                ));
+            }
         }
         match snap::handover::read(store, &creds.trust, &h).await {
             Ok(c) => claim = c,
@@ -252,6 +269,8 @@ pub(super) async fn migrate_via(
     .await;
     if let Outcome::InDoubt(_) = &outcome {
         handback::audit(host, &pending, &outcome);
+        // Settled in the background from here on, as after a restart.
+        handback::spawn_settle(host, pending.clone(), Duration::from_secs(1));
     }
     Ok(SnapshotResponse::Handed(Box::new(HandoverReport {
         migration,

@@ -61,18 +61,47 @@ pub async fn read(
     verifier: &(dyn ChainVerifier + Sync),
     h: &Handover<'_>,
 ) -> Result<Option<Claim>, SnapshotError> {
+    read_checked(store, verifier, h, false).await
+}
+
+/// The handover's claim as [`read`] checks it, except that the manifest it
+/// names is taken as it is: for a source that lost its manifest's digest
+/// (killed between the push and recording it, and the manifest gone from
+/// the bucket since). The snapshot id is random and the manifest was ours,
+/// so migration, snapshot, signer and side still bind the claim.
+pub async fn read_any_manifest(
+    store: &SnapshotStore,
+    verifier: &(dyn ChainVerifier + Sync),
+    h: &Handover<'_>,
+) -> Result<Option<Claim>, SnapshotError> {
+    read_checked(store, verifier, h, true).await
+}
+
+async fn read_checked(
+    store: &SnapshotStore,
+    verifier: &(dyn ChainVerifier + Sync),
+    h: &Handover<'_>,
+    any_manifest: bool,
+) -> Result<Option<Claim>, SnapshotError> {
     let object = claim_object(&h.snapshot);
     let bytes = match store.get(&object, MAX_CLAIM).await {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let signed: SignedClaim =
-        postcard::from_bytes(&bytes).map_err(|source| SnapshotError::Decode {
-            object: object.clone(),
-            source,
-        })?;
-    open_claim(&signed, verifier, h)
+    let decode = |source| SnapshotError::Decode {
+        object: object.clone(),
+        source,
+    };
+    let signed: SignedClaim = postcard::from_bytes(&bytes).map_err(decode)?;
+    let mut h = *h;
+    if any_manifest {
+        // Its manifest, unchecked, only to check the rest against.
+        h.manifest = postcard::from_bytes::<Claim>(&signed.body)
+            .map_err(decode)?
+            .manifest;
+    }
+    open_claim(&signed, verifier, &h)
         .map(Some)
         .map_err(|e| SnapshotError::Claim {
             object,
@@ -147,5 +176,45 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::open(&format!("file://{}/b", dir.path().display())).unwrap();
         race(&store, 20, 8).await;
+    }
+    /// A claim read by a source that lost its manifest's digest: bound by
+    /// migration, snapshot, signer and side, whatever manifest it names.
+    #[tokio::test]
+    async fn a_claim_is_read_without_the_manifest_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(&format!("file://{}", dir.path().display())).unwrap();
+        let (a, b): (SpiffeId, SpiffeId) = (
+            "spiffe://lab/agent/a".parse().unwrap(),
+            "spiffe://lab/agent/b".parse().unwrap(),
+        );
+        let crypto = InsecureCrypto(b.to_string());
+        let h = Handover {
+            migration: MigrationId([1; 16]),
+            snapshot: SnapshotId([2; 16]),
+            manifest: Digest([3; 32]),
+            source: &a,
+            destination: &b,
+        };
+        assert!(claim(&store, &crypto, &crypto, &b, &h, Verdict::Started, 1)
+            .await
+            .unwrap()
+            .is_none());
+        let unknown = Handover {
+            manifest: Digest([0; 32]),
+            ..h
+        };
+        assert!(read(&store, &crypto, &unknown).await.is_err());
+        let c = read_any_manifest(&store, &crypto, &unknown)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.verdict, c.manifest), (Verdict::Started, Digest([3; 32])));
+        // Another migration's claim under that snapshot still does not
+        // pass.
+        let other = Handover {
+            migration: MigrationId([9; 16]),
+            ..unknown
+        };
+        assert!(read_any_manifest(&store, &crypto, &other).await.is_err());
     }
 }

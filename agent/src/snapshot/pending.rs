@@ -25,6 +25,9 @@ pub struct PendingHandover {
     pub migration: MigrationId,
     /// The VM, held here.
     pub vm: VmName,
+    /// Its incarnation here: a VM re-created under the same name is not
+    /// this one, and nothing is done to it.
+    pub incarnation: u64,
     /// The snapshot URL.
     pub url: String,
     /// The snapshot pushed (chosen before the push).
@@ -103,6 +106,7 @@ mod tests {
         let mut p = PendingHandover {
             migration: MigrationId([1; 16]),
             vm: "web".parse().unwrap(),
+            incarnation: 7,
             url: "file:///b".into(),
             snapshot: SnapshotId([2; 16]),
             manifest: None,

@@ -107,7 +107,7 @@ async fn a_via_source_killed_while_it_waits_settles_by_the_claim_at_its_restart(
     assert!(
         audited(
             &ca,
-            "the source restarted before the destination claimed the VM"
+            "the source settled the handover without the destination's claim"
         )
         .await
     );

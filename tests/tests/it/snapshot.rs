@@ -494,3 +494,54 @@ async fn a_via_ticket_for_another_incarnation_is_refused_before_the_push() {
     let vms = a.vm_list().await.unwrap();
     assert_eq!(vms[0].state, VmState::Running);
 }
+
+/// A store-and-forward source whose host stops with the VM (the lab's
+/// agents destroy their VMs as they stop, as in a crash of the whole
+/// host) has nothing to claim back at its restart: it leaves the handover
+/// to the destination, whose pull restores the one copy there is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_via_source_restarted_without_its_vm_leaves_the_snapshot_to_the_destination() {
+    let Two {
+        _dir,
+        mut lab,
+        bucket,
+        url,
+        a,
+        b,
+    } = two().await;
+    a.vm_create(sim_spec("web", MEMORY, 200)).await.unwrap();
+    let req = convoy_tests::migrate(&lab, "web", "a", "b");
+    let (source, u) = (lab.client("a").await.unwrap(), url.clone());
+    let waiting = tokio::spawn(async move {
+        source
+            .snapshot(SnapshotRequest::MigrateVia {
+                migrate: req,
+                url: u,
+                wait_secs: 600,
+            })
+            .await
+    });
+    let manifests = bucket.path().join("snapshots").join("manifests");
+    for _ in 0..200 {
+        if std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    a.close().await;
+    lab.restart("a").await.unwrap();
+    assert!(
+        waiting.await.unwrap().is_err(),
+        "the waiting call ends with its agent"
+    );
+    let a = lab.client("a").await.unwrap();
+    assert!(a.vm_list().await.unwrap().is_empty());
+    let log = a.audit_log().await.unwrap();
+    let said = "is no longer here; the handover is left to";
+    assert!(log.windows(said.len()).any(|w| w == said.as_bytes()));
+    // No claim of a's: b's pull restores and starts the VM.
+    match b.snapshot(pull_of(&url, "web")).await.unwrap() {
+        SnapshotResponse::Pulled(p) => assert_eq!(p.vm.state, VmState::Running),
+        other => panic!("{other:?}"),
+    }
+}
