@@ -104,12 +104,7 @@ pub(super) fn audit(host: &Host, p: &PendingHandover, outcome: &Outcome) {
     host.audit(AuditEvent::Outcome {
         migration: p.migration,
         vm: p.vm.clone(),
-        outcome: match outcome {
-            Outcome::Completed => "completed".into(),
-            Outcome::Aborted(why) => format!("aborted: {why}"),
-            Outcome::InDoubt(why) => format!("in doubt: {why}"),
-            other => format!("{other:?}"),
-        },
+        outcome: outcome.to_string(),
     });
 }
 
@@ -163,7 +158,7 @@ pub(super) async fn conclude(
 }
 
 /// The VM back here: resumed if it ran before the handover.
-fn give_back(host: &Arc<Host>, p: &PendingHandover) {
+pub(super) fn give_back(host: &Arc<Host>, p: &PendingHandover) {
     let handle = host.vms().get(&p.vm).and_then(|e| e.handle.clone());
     let resumed = p.was_running
         && match handle {

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::snapshot::{HandoverReport, SnapshotResponse};
-use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, Outcome, VmState};
+use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, Outcome};
 use convoy_protocol::names::SpiffeId;
 use convoy_protocol::snapshot::claim::{Handover, Verdict};
 
 use super::handback;
-use super::hold::{claim_vm, failed, release, Claimed};
+use super::hold::{claim_vm, failed, Claimed};
 use super::{error, forbidden};
 use crate::host::Host;
 use crate::snapshot::pending::PendingHandover;
@@ -102,62 +102,44 @@ pub(super) async fn migrate_via(
     let recipient = snap::enroll::recipient(store, &creds.trust, &dest)
         .await
         .map_err(|e| failed("migrate --via", &e))?;
+    // The snapshot's id is chosen first: the record below names it.
+    let snapshot = snap::push::new_snapshot_id().map_err(|e| failed("migrate --via", &e))?;
     let Claimed {
         vm,
         was_running,
         cancel,
         incarnation,
     } = claim_vm(host, &req.vm)?;
-    let give_back = |why: String| {
-        if was_running {
-            let _ = vm.resume();
-        }
-        release(
-            host,
-            &req.vm,
-            if was_running {
-                VmState::Running
-            } else {
-                VmState::Paused
-            },
-        );
-        why
-    };
     // Recorded before anything can reach the bucket: a source killed from
     // here on finds the handover at its next start and settles it by the
     // claim, never resuming a VM the destination may run.
-    let mut pending = match snap::push::new_snapshot_id() {
-        Ok(snapshot) => PendingHandover {
-            migration,
-            vm: req.vm.clone(),
-            incarnation,
-            url: store.url().to_owned(),
-            snapshot,
-            manifest: None,
-            destination: dest.clone(),
-            was_running,
-        },
-        Err(e) => {
-            give_back(String::new());
-            return Err(failed("migrate --via", &e));
-        }
+    let mut pending = PendingHandover {
+        migration,
+        vm: req.vm.clone(),
+        incarnation,
+        url: store.url().to_owned(),
+        snapshot,
+        manifest: None,
+        destination: dest.clone(),
+        was_running,
     };
     if let Err(e) = host.snapshots.seen.hold_handover(&pending) {
-        let why = give_back(format!(
-            "cannot record the handover durably ({e}); nothing was pushed"
+        handback::give_back(host, &pending);
+        return Err(error(
+            CtlErrorKind::Internal,
+            format!("cannot record the handover durably ({e}); nothing was pushed"),
         ));
-        return Err(error(CtlErrorKind::Internal, why));
     }
-    let unhold = |why: String| {
-        if let Err(e) = host.snapshots.seen.settle_handover(&migration) {
-            tracing::error!(%migration, "cannot forget a handover never pushed: {e}");
-        }
-        give_back(why)
-    };
     if was_running {
         if let Err(e) = vm.pause() {
-            let why = unhold(format!("cannot pause VM {}: {e}", req.vm));
-            return Err(error(CtlErrorKind::Internal, why));
+            if let Err(e) = host.snapshots.seen.settle_handover(&migration) {
+                tracing::error!(%migration, "cannot forget a handover never pushed: {e}");
+            }
+            handback::give_back(host, &pending);
+            return Err(error(
+                CtlErrorKind::Internal,
+                format!("cannot pause VM {}: {e}", req.vm),
+            ));
         }
     }
     let pushed = snap::push::push(

@@ -410,12 +410,7 @@ async fn finish(
     host.audit(AuditEvent::Outcome {
         migration,
         vm: req.vm.clone(),
-        outcome: match &report.outcome {
-            Outcome::Completed => "completed".into(),
-            Outcome::Aborted(w) => format!("aborted: {w}"),
-            Outcome::InDoubt(w) => format!("in doubt: {w}"),
-            other => format!("{other:?}"),
-        },
+        outcome: report.outcome.to_string(),
     });
     let step = match &report.outcome {
         Outcome::Completed => JournalStep::Complete,

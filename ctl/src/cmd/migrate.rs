@@ -269,9 +269,7 @@ async fn via(
         Outcome::Completed => {
             "completed: the destination claimed the VM; it is gone here".to_string()
         }
-        Outcome::Aborted(why) => format!("aborted: {why}"),
-        Outcome::InDoubt(why) => format!("in doubt: {why}"),
-        other => format!("{other:?}"),
+        other => other.to_string(),
     };
     if g.json {
         render::json(&serde_json::json!({

@@ -181,6 +181,18 @@ pub enum Outcome {
     InDoubt(String),
 }
 
+/// As audit records and reports say it: `completed`, `aborted: WHY`,
+/// `in doubt: WHY`.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Completed => f.write_str("completed"),
+            Outcome::Aborted(why) => write!(f, "aborted: {why}"),
+            Outcome::InDoubt(why) => write!(f, "in doubt: {why}"),
+        }
+    }
+}
+
 /// The summary of one migration, from the source's point of view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {

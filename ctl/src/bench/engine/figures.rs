@@ -108,12 +108,7 @@ impl Ran {
             Ok(r) => {
                 let completed = r.outcome == Outcome::Completed;
                 Ok(Ran {
-                    outcome: match &r.outcome {
-                        Outcome::Completed => "completed".into(),
-                        Outcome::Aborted(w) => format!("aborted: {w}"),
-                        Outcome::InDoubt(w) => format!("in doubt: {w}"),
-                        other => format!("{other:?}"),
-                    },
+                    outcome: r.outcome.to_string(),
                     completed,
                     verified: completed && r.verified,
                     figures: Some(Figures::of(&r)),
