@@ -83,7 +83,7 @@ fn replay_snapshot_open() {
 #[test]
 fn snapshot_seeds_pass_their_target_and_are_written_when_asked() {
     let seeds = fuzz::snapshot_seeds();
-    assert_eq!(seeds.len(), 6);
+    assert_eq!(seeds.len(), 7);
     for s in &seeds {
         fuzz::snapshot_open(s);
     }

@@ -1,4 +1,4 @@
-//! A sim VM held for a push or a store-and-forward migration (paused
+//! A VM held for a push or a store-and-forward migration (paused
 //! here, nothing else may act on it, an abort cancels), and how snapshot
 //! failures reach the operator.
 
@@ -40,6 +40,61 @@ pub(super) struct Claimed {
 /// migration, a delete or a pause cannot act on it meanwhile).
 #[allow(clippy::result_large_err)]
 pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlResponse> {
+    let (handle, was_running, cancel, incarnation) = claim(host, name, false)?;
+    match handle {
+        VmHandle::Sim(vm) => Ok(Claimed {
+            vm,
+            was_running,
+            cancel,
+            incarnation,
+        }),
+        _ => {
+            release(host, name, VmState::Paused);
+            Err(error(CtlErrorKind::Internal, "not a sim VM"))
+        }
+    }
+}
+
+/// A QEMU VM taken for a push.
+pub(super) struct ClaimedQemu {
+    pub vm: Arc<crate::backend::qemu::vm::QemuVm>,
+    pub was_running: bool,
+    pub cancel: Arc<tokio::sync::Notify>,
+}
+
+/// Takes QEMU VM `name` for a push, as [`claim_vm`] takes a sim VM.
+#[allow(clippy::result_large_err)]
+pub(super) fn claim_qemu(host: &Arc<Host>, name: &VmName) -> Result<ClaimedQemu, CtlResponse> {
+    let (handle, was_running, cancel, _) = claim(host, name, true)?;
+    match handle {
+        VmHandle::Qemu(vm) => Ok(ClaimedQemu {
+            vm,
+            was_running,
+            cancel,
+        }),
+        _ => {
+            release(
+                host,
+                name,
+                if was_running {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                },
+            );
+            Err(error(CtlErrorKind::Internal, "not a QEMU VM"))
+        }
+    }
+}
+
+/// Takes VM `name` (a sim VM; a QEMU VM too if `qemu`): its handle,
+/// whether it ran, its cancel handle and incarnation.
+#[allow(clippy::result_large_err)]
+fn claim(
+    host: &Arc<Host>,
+    name: &VmName,
+    qemu: bool,
+) -> Result<(VmHandle, bool, Arc<tokio::sync::Notify>, u64), CtlResponse> {
     let mut vms = host.vms();
     let Some(e) = vms.get_mut(name) else {
         return Err(error(
@@ -47,12 +102,14 @@ pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlRe
             format!("no VM named {name} here"),
         ));
     };
-    let vm = match &e.handle {
-        Some(VmHandle::Sim(vm)) => vm.clone(),
+    let handle = match &e.handle {
+        Some(h @ VmHandle::Sim(_)) => h.clone(),
+        Some(h @ VmHandle::Qemu(_)) if qemu => h.clone(),
         Some(VmHandle::Qemu(_)) => {
             return Err(error(
                 CtlErrorKind::BadRequest,
-                "snapshots of QEMU VMs are not built yet; sim VMs only",
+                "store-and-forward (--via) of QEMU VMs is not built; \
+                 `snapshot push` and `snapshot pull` move them",
             ))
         }
         _ => {
@@ -80,12 +137,7 @@ pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlRe
     let cancel = Arc::new(tokio::sync::Notify::new());
     e.state = VmState::Paused;
     e.cancel = Some(cancel.clone());
-    Ok(Claimed {
-        vm,
-        was_running,
-        cancel,
-        incarnation: e.incarnation,
-    })
+    Ok((handle, was_running, cancel, e.incarnation))
 }
 
 pub(super) fn release(host: &Arc<Host>, name: &VmName, state: VmState) {

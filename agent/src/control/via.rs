@@ -158,6 +158,7 @@ pub(super) async fn migrate_via(
             ticket: Some(req.ticket.clone()),
             snapshot: Some(pending.snapshot),
             live: false,
+            backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
         },
     )
     .await;

@@ -16,6 +16,8 @@
 //!   pushers to name them as recipients.
 //! - [`seen`]: the newest generation of each lineage this agent saw
 //!   (rollback and fork refused).
+//! - [`qemu`]: a QEMU VM saved as QEMU's stream and its raw disks, and
+//!   restored into a QEMU launched only once every chunk checked.
 //! - [`pull`]: the newest (or a named) snapshot out of the bucket into a
 //!   staging image, every chunk and the root checked before it starts.
 
@@ -25,6 +27,7 @@ pub mod handover;
 pub mod pending;
 pub mod pull;
 pub mod push;
+pub mod qemu;
 pub mod sealing;
 pub mod seen;
 pub mod store;
@@ -164,6 +167,19 @@ pub enum SnapshotError {
     /// A worker task ended without its result.
     #[error("a worker task failed: {0}")]
     Task(String),
+    /// A QEMU VM could not be saved or restored (what QEMU or its files
+    /// said).
+    #[error("QEMU: {0}")]
+    Qemu(String),
+    /// A QEMU snapshot's state disagrees with its manifest.
+    #[error("{object}: {source}")]
+    QemuImage {
+        /// The manifest object.
+        object: String,
+        /// Why.
+        #[source]
+        source: Box<convoy_protocol::snapshot::qemu::QemuImageError>,
+    },
 }
 
 impl From<StoreError> for SnapshotError {
@@ -300,6 +316,7 @@ pub fn summary(
         lineage: m.lineage,
         generation: m.generation,
         vm: m.vm.clone(),
+        backend: m.backend,
         source: m.source.to_string(),
         created_at: m.created_at,
         recipients: m

@@ -143,6 +143,12 @@ pub async fn restore(
             capacity: req.capacity,
         });
     }
+    if m.backend != convoy_protocol::snapshot::SnapshotBackend::Sim {
+        return Err(SnapshotError::Qemu(format!(
+            "{object} holds a {} VM, not a sim VM",
+            m.backend
+        )));
+    }
     let key = req.keys.unwrap(&req.me, &m.snapshot, &m.recipients)?;
     let state = open_state(&key, &m)?;
     let staging = {
@@ -154,7 +160,8 @@ pub async fn restore(
         .await??
     };
     let t = Instant::now();
-    let fetched = match fetch_chunks(store, &m, layout, &key, Some(&staging)).await {
+    let sink: Arc<dyn Sink> = Arc::new(SimSink(staging.clone()));
+    let fetched = match fetch_chunks(store, &m, layout, &key, Some(sink)).await {
         Ok((f, _)) => f,
         Err(e) => {
             staging.discard();
@@ -192,7 +199,15 @@ pub async fn verify(
 ) -> Result<((u64, u64), Digest), SnapshotError> {
     let m = &found.manifest;
     let key = keys.unwrap(me, &m.snapshot, &m.recipients)?;
-    open_state(&key, m)?;
+    let state = open_state(&key, m)?;
+    if m.backend == convoy_protocol::snapshot::SnapshotBackend::Qemu {
+        convoy_protocol::snapshot::QemuImage::decode(&state, m).map_err(|source| {
+            SnapshotError::QemuImage {
+                object: found.object.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    }
     fetch_chunks(store, m, found.layout, &key, None).await
 }
 
@@ -213,14 +228,29 @@ async fn find(
     })
 }
 
-/// Fetches and checks (and stages, given `staging`) every stored chunk,
-/// then checks the root, which it returns.
-async fn fetch_chunks(
+/// Where a restore writes the leaves it opened.
+pub(super) trait Sink: Send + Sync {
+    /// Writes leaf `leaf` (never all zero: those are left as they are).
+    fn write_leaf(&self, leaf: u64, data: &[u8]) -> Result<(), SnapshotError>;
+}
+
+/// A sim VM's staging image.
+struct SimSink(Arc<SimVm>);
+
+impl Sink for SimSink {
+    fn write_leaf(&self, leaf: u64, data: &[u8]) -> Result<(), SnapshotError> {
+        Ok(self.0.write_page(PageIndex(leaf), Some(data))?)
+    }
+}
+
+/// Fetches and checks (and writes to `staging`, given) every stored
+/// chunk, then checks the root, which it returns.
+pub(super) async fn fetch_chunks(
     store: &SnapshotStore,
     m: &SnapshotManifest,
     layout: convoy_protocol::snapshot::ChunkLayout,
     key: &convoy_protocol::snapshot::DataKey,
-    staging: Option<&Arc<SimVm>>,
+    staging: Option<Arc<dyn Sink>>,
 ) -> Result<((u64, u64), Digest), SnapshotError> {
     let opener = Arc::new(Opener::new(m, layout, key));
     let mut restore = Restore::new(m, layout);
@@ -228,7 +258,7 @@ async fn fetch_chunks(
     let stored: Vec<_> = opener.stored().collect();
     let mut results = futures_util::stream::iter(stored)
         .map(|(i, name, _)| {
-            let (store, opener, staging) = (store.clone(), opener.clone(), staging.cloned());
+            let (store, opener, staging) = (store.clone(), opener.clone(), staging.clone());
             async move {
                 let bytes = store.get(&chunk_object(&name), max).await?;
                 let n = bytes.len() as u64;
@@ -240,7 +270,7 @@ async fn fetch_chunks(
                     let start = opener.layout().range(i).start;
                     for (leaf, data) in (start..).zip(c.raw.chunks_exact(opener.layout().page)) {
                         if !is_zero(data) {
-                            staging.write_page(PageIndex(leaf), Some(data))?;
+                            staging.write_leaf(leaf, data)?;
                         }
                     }
                     Ok(c)

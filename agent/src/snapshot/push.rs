@@ -61,6 +61,9 @@ pub struct PushRequest {
     /// ones it rewrites again), then the push pauses it and seals only
     /// the chunks written since. Not live: `vm` is paused already.
     pub live: bool,
+    /// What `vm` is: a sim VM, or a saved QEMU VM
+    /// ([`super::qemu::CapturedQemu`]).
+    pub backend: convoy_protocol::snapshot::SnapshotBackend,
 }
 
 impl std::fmt::Debug for PushRequest {
@@ -262,6 +265,7 @@ pub async fn push(
         created_at: req.now_unix,
         vm: req.name.clone(),
         attributes: req.attributes.clone(),
+        backend: req.backend,
         memory,
         disks,
         chunk_leaves: layout.chunk_leaves,

@@ -93,6 +93,7 @@ impl Lab {
                 ticket: None,
                 snapshot: None,
                 live,
+                backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
             },
         )
         .await;

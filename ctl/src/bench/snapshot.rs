@@ -369,6 +369,7 @@ fn push_request(ctx: &Ctx<'_>) -> PushRequest {
         // Cold: the bench's VM is paused around each push.
         snapshot: None,
         live: false,
+        backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
     }
 }
 

@@ -305,6 +305,7 @@ fn summary_json(s: &SnapshotSummary) -> serde_json::Value {
         "lineage": s.lineage.to_string(),
         "generation": s.generation,
         "vm": s.vm,
+        "backend": s.backend.to_string(),
         "source": s.source,
         "created_at": s.created_at,
         "recipients": s.recipients,
@@ -317,8 +318,9 @@ fn summary_json(s: &SnapshotSummary) -> serde_json::Value {
 
 fn describe(s: &SnapshotSummary) {
     println!(
-        "snapshot {} of {} (generation {}, {}, pushed by {}) as {}",
+        "snapshot {} of {} {} (generation {}, {}, pushed by {}) as {}",
         s.snapshot,
+        s.backend,
         s.vm,
         s.generation,
         mib(s.vm_bytes),

@@ -59,6 +59,8 @@ pub struct SnapshotSummary {
     pub generation: u64,
     /// The VM.
     pub vm: VmName,
+    /// What kind of VM.
+    pub backend: crate::snapshot::SnapshotBackend,
     /// The agent that pushed it (its signature verified).
     pub source: String,
     /// Seconds since the Unix epoch, by the pusher's clock.

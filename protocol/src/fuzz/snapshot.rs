@@ -8,8 +8,8 @@ use crate::snapshot::chunk::{decode_plain, seal_chunk};
 use crate::snapshot::key::{WrappedKey, WRAPPED_LEN};
 use crate::snapshot::manifest::{seal_state, MANIFEST_CONTEXT};
 use crate::snapshot::{
-    open_manifest, Capture, ChunkKeys, ChunkLayout, DataKey, LineageId, Opener, Restore, Sealer,
-    SignedManifest, SnapshotId, SnapshotManifest,
+    open_manifest, Capture, ChunkKeys, ChunkLayout, DataKey, LineageId, Opener, QemuImage, Restore,
+    Sealer, SignedManifest, SnapshotId, SnapshotManifest,
 };
 
 /// Leaves a fuzzed manifest may have before the target stops short of
@@ -50,6 +50,14 @@ fn manifest(data: &[u8]) {
         return;
     }
     let key = DataKey::from_bytes([1; 32]);
+    // A QEMU snapshot's state, once it opens, is checked against the
+    // manifest before anything uses it.
+    if let Ok(state) = crate::snapshot::manifest::open_state(&key, &man) {
+        if let Ok(q) = QemuImage::decode(&state, &man) {
+            assert!(q.stream_bytes <= man.memory.bytes());
+            assert_eq!(q.definition.disks.len(), man.disks.len());
+        }
+    }
     let opener = Opener::new(&man, layout, &key);
     let mut restore = Restore::new(&man, layout);
     let stored: Vec<_> = opener.stored().collect();
@@ -147,6 +155,7 @@ pub fn snapshot_seeds() -> Vec<Vec<u8>> {
         created_at: 1_700_000_000,
         vm,
         attributes: crate::vm::VmAttributes::default(),
+        backend: crate::snapshot::SnapshotBackend::Sim,
         memory,
         disks: Vec::new(),
         chunk_leaves: layout.chunk_leaves,
@@ -163,11 +172,33 @@ pub fn snapshot_seeds() -> Vec<Vec<u8>> {
         ticket: None,
     };
     let mut seeds = Vec::new();
-    if let Ok(s) = SignedManifest::sign(&m, &InsecureCrypto(source.into())) {
-        if let Ok(mut b) = postcard::to_stdvec(&s) {
-            b.insert(0, 0);
-            seeds.push(b);
+    let sign = |m: &SnapshotManifest, seeds: &mut Vec<Vec<u8>>| {
+        if let Ok(s) = SignedManifest::sign(m, &InsecureCrypto(source.into())) {
+            if let Ok(mut b) = postcard::to_stdvec(&s) {
+                b.insert(0, 0);
+                seeds.push(b);
+            }
         }
+    };
+    sign(&m, &mut seeds);
+    // The same leaves as a QEMU VM's stream, its state sealed under the
+    // key the target opens with.
+    let qemu = QemuImage {
+        definition: crate::vm::QemuVmSpec {
+            name: m.vm.clone(),
+            attributes: m.attributes.clone(),
+            ..super::qemu_spec(0)
+        },
+        stream_bytes: 300 * 4096 - 10,
+    };
+    if let Ok(state) = qemu.encode() {
+        let q = SnapshotManifest {
+            backend: crate::snapshot::SnapshotBackend::Qemu,
+            device_digest: crate::digest::device_state_digest(&state),
+            device_state: seal_state(&key, &snapshot, &state),
+            ..m.clone()
+        };
+        sign(&q, &mut seeds);
     }
     // Plaintexts: 64-byte pages, 3 leaves (one zero), raw and zstd.
     let mut body = vec![9u8; 128];

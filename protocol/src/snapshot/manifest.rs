@@ -14,7 +14,7 @@ use crate::page::MemoryGeometry;
 use crate::signed::{ChainVerifier, EnvelopeError, Signable, Signed};
 
 /// The manifest format this code writes and reads.
-pub const FORMAT: u16 = 1;
+pub const FORMAT: u16 = 2;
 /// The context of a manifest's signature.
 pub const MANIFEST_CONTEXT: &[u8] = b"convoy 2026-12 snapshot manifest v1\0";
 /// The largest manifest body (a million chunks, and room besides).
@@ -70,6 +70,9 @@ pub struct SnapshotManifest {
     pub vm: VmName,
     /// Its attributes, for the puller's policy.
     pub attributes: crate::vm::VmAttributes,
+    /// What kind of VM it is (a QEMU VM's "memory" is QEMU's stream:
+    /// [`super::qemu`]).
+    pub backend: super::qemu::SnapshotBackend,
     /// Guest memory.
     pub memory: MemoryGeometry,
     /// Disks: their blocks are leaves after the memory's pages.

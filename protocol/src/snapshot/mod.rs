@@ -38,6 +38,7 @@ pub mod chunk;
 pub mod claim;
 pub mod key;
 pub mod manifest;
+pub mod qemu;
 pub mod restore;
 pub mod seal;
 
@@ -50,6 +51,7 @@ pub use key::{DataKey, SealingKeyStatement, SignedSealingKey, WrappedKey};
 pub use manifest::{
     check_fresh, manifest_digest, open_manifest, ChunkRef, SignedManifest, SnapshotManifest,
 };
+pub use qemu::{QemuImage, SnapshotBackend};
 pub use restore::{Opener, Restore, RestoreError};
 pub use seal::{Capture, Sealer};
 

@@ -74,6 +74,7 @@ fn make(raw: &[u8], generation: u64, key: DataKey, seed: u8) -> Made {
         created_at: 1_700_000_000,
         vm: "vm-1".parse().unwrap(),
         attributes: crate::vm::VmAttributes::default(),
+        backend: qemu::SnapshotBackend::Sim,
         memory,
         disks: Vec::new(),
         chunk_leaves: layout.chunk_leaves,
@@ -98,6 +99,14 @@ fn make(raw: &[u8], generation: u64, key: DataKey, seed: u8) -> Made {
 }
 
 use crate::signed::Signed;
+
+/// A valid manifest, opened (for other modules' tests).
+pub(super) fn manifest_for_tests() -> SnapshotManifest {
+    let made = make(&image(8, 1), 1, DataKey::from_bytes([1; 32]), 1);
+    open_manifest(&made.signed, &InsecureCrypto(String::new()))
+        .unwrap()
+        .0
+}
 
 /// Opens and restores `made`, fetching chunks from `objects`.
 fn restore(made: &Made, objects: &BTreeMap<ChunkName, Vec<u8>>) -> Result<Vec<u8>, String> {
@@ -267,9 +276,12 @@ fn an_altered_or_misattributed_manifest_is_refused() {
         assert!(e.contains(want), "{want}: {e}");
     }
     let mut format = m.clone();
-    format.format = 2;
+    format.format = FORMAT + 1;
     let s = Signed::sign(&format, &InsecureCrypto(SOURCE.into())).unwrap();
-    assert_eq!(open_manifest(&s, &v).unwrap_err(), ManifestError::Format(2));
+    assert_eq!(
+        open_manifest(&s, &v).unwrap_err(),
+        ManifestError::Format(FORMAT + 1)
+    );
 }
 
 #[test]

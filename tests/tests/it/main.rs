@@ -25,6 +25,7 @@ mod peers;
 mod policy;
 mod postcopy;
 mod qemu;
+mod qemu_snapshot;
 mod resume;
 mod reuse;
 mod revocation;

@@ -18,7 +18,7 @@ use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
 use serde_json::json;
 
 /// The guest's kernel and initramfs, built once per test binary.
-fn guest() -> Option<&'static TestGuest> {
+pub(crate) fn guest() -> Option<&'static TestGuest> {
     static GUEST: OnceLock<Result<TestGuest, String>> = OnceLock::new();
     let built = GUEST.get_or_init(|| {
         guest::find_qemu().map_err(|e| e.to_string())?;
@@ -72,7 +72,7 @@ async fn migration_end(src: &mut QemuProcess) -> String {
     "timed out".into()
 }
 
-async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if f() {
@@ -422,14 +422,14 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
 /// Two agents with QEMU backends ([`convoy_agent::lab::Lab::start_qemu`]),
 /// each with its own image directory (a copy of the guest's kernel and
 /// initramfs) and runtime directory.
-struct QemuLab {
-    lab: convoy_agent::lab::Lab,
+pub(crate) struct QemuLab {
+    pub(crate) lab: convoy_agent::lab::Lab,
     /// Every progress report of the last migration, in order.
     progress: std::sync::Mutex<Vec<convoy_protocol::ctl::Progress>>,
 }
 
 impl QemuLab {
-    async fn start(root: &Path, g: &TestGuest) -> QemuLab {
+    pub(crate) async fn start(root: &Path, g: &TestGuest) -> QemuLab {
         Self::start_with(root, g, |_, _| {}).await
     }
 
@@ -447,16 +447,37 @@ impl QemuLab {
         }
     }
 
-    fn serial(&self, agent: &str, vm: &str) -> PathBuf {
+    /// A lab whose agent a runs the guest "guest" with a 4 MiB disk
+    /// (`disk.img`) it keeps writing, once one whole generation is on it:
+    /// the lab and the disk's path at a.
+    pub(crate) async fn with_written_disk(root: &Path, g: &TestGuest) -> (QemuLab, PathBuf) {
+        let q = QemuLab::start(root, g).await;
+        let disk = q.images("a").join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        q.create("a", "guest", vec!["disk.img".into()]).await;
+        assert!(
+            until(Duration::from_secs(120), || disk_blocks(&disk, 256)
+                .iter()
+                .all(Option::is_some))
+            .await,
+            "the guest never wrote its disk"
+        );
+        (q, disk)
+    }
+
+    pub(crate) fn serial(&self, agent: &str, vm: &str) -> PathBuf {
         self.lab.qemu_serial(agent, vm)
     }
 
-    fn images(&self, agent: &str) -> PathBuf {
+    pub(crate) fn images(&self, agent: &str) -> PathBuf {
         self.lab.qemu_images(agent)
     }
 
     /// The QEMU processes whose runtime directory is under `agent`'s.
-    fn processes(&self, agent: &str) -> Vec<PathBuf> {
+    pub(crate) fn processes(&self, agent: &str) -> Vec<PathBuf> {
         let needle = format!("{}/", self.lab.qemu_runtime(agent).display());
         std::fs::read_dir("/proc")
             .unwrap()
@@ -469,7 +490,7 @@ impl QemuLab {
             .collect()
     }
 
-    async fn create(&self, agent: &str, vm: &str, disks: Vec<String>) {
+    pub(crate) async fn create(&self, agent: &str, vm: &str, disks: Vec<String>) {
         let c = self.lab.client(agent).await.unwrap();
         c.vm_create_qemu(definition(vm, disks)).await.unwrap();
         let log = self.serial(agent, vm);
@@ -1034,7 +1055,7 @@ async fn qemu_downtime_limit_leaves_room_for_the_handovers_round_trips() {
 /// 4 KiB. Returns the generation of each of the first `n` blocks (None
 /// for a block never written); panics on a block that is neither zero nor
 /// valid.
-fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
+pub(crate) fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).unwrap();
     let mut out = Vec::new();
@@ -1067,21 +1088,7 @@ async fn qemu_vms_migrate_with_their_disk_while_it_is_written() {
     let Some(g) = guest() else { return };
     let _heavy = convoy_tests::heavy().await;
     let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    let src_disk = q.images("a").join("disk.img");
-    std::fs::File::create(&src_disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    q.create("a", "guest", vec!["disk.img".into()]).await;
-    // One whole generation on the source disk before the move.
-    assert!(
-        until(Duration::from_secs(120), || disk_blocks(&src_disk, 256)
-            .iter()
-            .all(Option::is_some))
-        .await,
-        "the guest never wrote its disk"
-    );
+    let (q, src_disk) = QemuLab::with_written_disk(dir.path(), g).await;
     let gen_before = disk_blocks(&src_disk, 256)
         .iter()
         .flatten()

@@ -17,6 +17,8 @@ use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
 use convoy_protocol::names::{Role, SpiffeId};
 use convoy_protocol::snapshot::{ChunkRef, SignedManifest};
 
+mod qemu;
+
 use super::hold::{claim_vm, failed, release, Claimed};
 use super::{error, forbidden};
 use crate::host::{Host, VmHandle};
@@ -223,6 +225,12 @@ async fn push(
                 .map_err(|e| failed("snapshot push", &e))?,
         );
     }
+    if matches!(
+        host.vms().get(&name).and_then(|e| e.handle.clone()),
+        Some(VmHandle::Qemu(_))
+    ) {
+        return qemu::push(host, store, name, attributes, statements, operator).await;
+    }
     // Taken as for a migration: paused here, so that nothing else (a
     // migration, a delete) acts on it until the copy is done; an abort
     // cancels the push.
@@ -256,8 +264,9 @@ async fn push(
         ticket: None,
         snapshot: None,
         live,
+        backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
     };
-    let pushed = tokio::select! {
+    let done = tokio::select! {
         r = snap::push::push(store, &creds.trust, req) => Some(r),
         () = cancel.notified() => None,
     };
@@ -278,7 +287,7 @@ async fn push(
     if let Err(e) = resumed {
         tracing::error!(vm = %name, "cannot resume after a snapshot push: {e}");
     }
-    let r = match pushed {
+    let r = match done {
         None => {
             return Err(error(
                 CtlErrorKind::MigrationFailed,
@@ -288,6 +297,24 @@ async fn push(
         Some(Err(e)) => return Err(failed(&format!("snapshot push of {name}"), &e)),
         Some(Ok(r)) => r,
     };
+    let paused_ms = match r.paused {
+        Some((d, _)) => d.as_secs_f64() * 1e3,
+        None if was_running => paused_ms,
+        None => 0.0,
+    };
+    Ok(pushed(host, store, operator, name, &r, paused_ms))
+}
+
+/// A push done: its generation recorded as the newest this agent saw of
+/// the lineage, audited, reported.
+fn pushed(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    operator: &SpiffeId,
+    name: convoy_protocol::names::VmName,
+    r: &snap::push::PushReport,
+    paused_ms: f64,
+) -> SnapshotResponse {
     if let Err(e) = host
         .snapshots
         .seen
@@ -303,19 +330,15 @@ async fn push(
         object: r.object.clone(),
         digest: r.digest,
     });
-    Ok(SnapshotResponse::Pushed(Box::new(PushReport {
+    SnapshotResponse::Pushed(Box::new(PushReport {
         summary: snap::summary(&r.object, &r.manifest, r.layout, r.digest),
         uploaded: r.uploaded,
         uploaded_bytes: r.uploaded_bytes,
-        paused_ms: match r.paused {
-            Some((d, _)) => d.as_secs_f64() * 1e3,
-            None if was_running => paused_ms,
-            None => 0.0,
-        },
+        paused_ms,
         rounds: r.rounds,
         chunks_ms: r.chunks_took.as_secs_f64() * 1e3,
         total_ms: r.took.as_secs_f64() * 1e3,
-    })))
+    }))
 }
 
 async fn pull(
@@ -334,6 +357,16 @@ async fn pull(
         return Err(error(
             CtlErrorKind::BadRequest,
             format!("{}: the VM's attributes: {e}", found.object),
+        ));
+    }
+    let qemu = m.backend == convoy_protocol::snapshot::SnapshotBackend::Qemu;
+    if qemu && m.ticket.is_some() {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!(
+                "{}: a store-and-forward migration of a QEMU VM (not built here)",
+                found.object
+            ),
         ));
     }
     // A manifest with a ticket is a store-and-forward migration to this
@@ -379,6 +412,9 @@ async fn pull(
         .seen
         .get(&m.lineage)
         .map_err(|e| error(CtlErrorKind::Internal, format!("the snapshot record: {e}")))?;
+    if qemu {
+        return qemu::pull(host, store, found, seen, p.paused, operator).await;
+    }
     if let Some(r) = super::vm::reserve_error(host, &name, m.memory.bytes()) {
         return Err(r);
     }
@@ -458,23 +494,59 @@ async fn pull(
         &attributes,
     )
     .await?;
+    pull_done(
+        host,
+        store,
+        operator,
+        &PullDone {
+            object: &object,
+            manifest: &pulled.manifest,
+            layout,
+            digest: pulled.digest,
+            fetched: pulled.fetched,
+            chunks_took: pulled.chunks_took,
+            took: pulled.took,
+        },
+    )
+}
+
+/// What a pull did.
+struct PullDone<'a> {
+    object: &'a str,
+    manifest: &'a convoy_protocol::snapshot::SnapshotManifest,
+    layout: convoy_protocol::snapshot::ChunkLayout,
+    digest: convoy_protocol::digest::Digest,
+    fetched: (u64, u64),
+    chunks_took: std::time::Duration,
+    took: std::time::Duration,
+}
+
+/// A pull done, the VM registered: audited, reported.
+#[allow(clippy::result_large_err)]
+fn pull_done(
+    host: &Arc<Host>,
+    store: &SnapshotStore,
+    operator: &SpiffeId,
+    d: &PullDone<'_>,
+) -> Result<SnapshotResponse, CtlResponse> {
+    let name = &d.manifest.vm;
     host.audit(AuditEvent::Snapshot {
         operation: "pull".into(),
         operator: operator.to_string(),
         url: store.url().to_owned(),
         vm: Some(name.clone()),
-        object: object.clone(),
-        digest: pulled.digest,
+        object: d.object.to_owned(),
+        digest: d.digest,
     });
     let vm = host
-        .vm_info(&name)
+        .vm_info(name)
         .ok_or_else(|| error(CtlErrorKind::Internal, "VM vanished"))?;
     Ok(SnapshotResponse::Pulled(Box::new(PullReport {
-        summary: snap::summary(&object, &pulled.manifest, layout, pulled.digest),
+        summary: snap::summary(d.object, d.manifest, d.layout, d.digest),
         vm,
-        fetched: pulled.fetched,
-        chunks_ms: pulled.chunks_took.as_secs_f64() * 1e3,
-        total_ms: pulled.took.as_secs_f64() * 1e3,
+        fetched: d.fetched,
+        chunks_ms: d.chunks_took.as_secs_f64() * 1e3,
+        total_ms: d.took.as_secs_f64() * 1e3,
     })))
 }
 
