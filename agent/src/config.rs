@@ -306,6 +306,9 @@ pub struct AgentConfig {
     /// outlives the agent and is found again when it starts (the
     /// `convoy-agent` binary uses this).
     pub sim_vcpu: crate::backend::sim::SimVcpuHost,
+    /// The S3 profiles snapshot buckets are reached with (none: the
+    /// standard AWS environment for every bucket).
+    pub snapshot_profiles: crate::snapshot::profile::StoreProfiles,
     dangerous: DangerousOptions,
 }
 
@@ -336,6 +339,7 @@ impl AgentConfig {
             max_bookkeeping_bytes: 2 << 30,
             on_exit: OnExit::default(),
             sim_vcpu: crate::backend::sim::SimVcpuHost::default(),
+            snapshot_profiles: Default::default(),
             dangerous: DangerousOptions::default(),
         }
     }

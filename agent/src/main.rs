@@ -105,6 +105,14 @@ struct Args {
     /// not fit in the disk directory's free space are refused as well.
     #[arg(long, default_value = "1TiB", value_parser = convoy_agent::units::parse_size)]
     disk_capacity: u64,
+    /// Reach snapshot bucket BUCKET with profile PROFILE of the AWS shared
+    /// files (`~/.aws/credentials` and `~/.aws/config`, or
+    /// `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE`): its keys,
+    /// region and `endpoint_url`. Repeatable: `s3://BUCKET=PROFILE`. Other
+    /// buckets use `AWS_PROFILE` if set (and no keys are in the
+    /// environment), else the AWS environment.
+    #[arg(long = "snapshot-profile", value_name = "s3://BUCKET=PROFILE")]
+    snapshot_profiles: Vec<String>,
     /// Base images sim disks may be cloned from (`vm create --disk
     /// NAME=SIZE,base=BASE`); an incoming disk cloned from a base held
     /// here (same name and content) starts from it, and its unchanged
@@ -311,6 +319,8 @@ async fn agent_main() -> Result<()> {
     config.tuning.keep_alive =
         (config.tuning.idle_timeout / 3).min(std::time::Duration::from_secs(5));
     config.disk_capacity_bytes = args.disk_capacity;
+    config.snapshot_profiles =
+        convoy_agent::snapshot::profile::StoreProfiles::from_env(&args.snapshot_profiles)?;
     config.files = Some(files);
     // Sim VMs' vCPUs run in helper processes (this binary again), so that
     // they outlive this process and are found again when it restarts.

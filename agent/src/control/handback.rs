@@ -246,7 +246,7 @@ async fn settle(weak: Weak<Host>, p: PendingHandover, first: Duration) {
         let Some(host) = weak.upgrade() else {
             return;
         };
-        let claim = match SnapshotStore::open(&p.url) {
+        let claim = match host.config.snapshot_profiles.open(&p.url) {
             Ok(store) => claim_back(&host, &store, &p).await,
             Err(e) => Err(e.into()),
         };

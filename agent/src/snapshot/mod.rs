@@ -5,6 +5,8 @@
 //! - [`sealing`]: this agent's sealing key, its signed statement, and the
 //!   HPKE wrapping of a data key for named recipients.
 //! - [`store`]: snapshot URLs (`file://`, `s3://`) over `object_store`.
+//! - [`profile`]: which S3 service and keys an `s3://` bucket is reached
+//!   with (AWS shared-file profiles, chosen per bucket).
 //! - [`push`]: a paused VM into the bucket (a new lineage, or the next
 //!   generation of one this agent can open: unchanged chunks are not
 //!   uploaded again).
@@ -25,6 +27,7 @@ pub mod copy;
 pub mod enroll;
 pub mod handover;
 pub mod pending;
+pub mod profile;
 pub mod pull;
 pub mod push;
 pub mod qemu;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
+
 use object_store::path::Path as ObjectPath;
 use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
@@ -63,6 +64,8 @@ enum S3Source<'a> {
     Env,
     /// Given in-process.
     Given(&'a S3Options),
+    /// A profile of the AWS shared files ([`super::profile`]).
+    Profile(&'a str, S3Options),
 }
 
 impl S3Source<'_> {
@@ -71,6 +74,7 @@ impl S3Source<'_> {
     fn describe(&self) -> String {
         match self {
             S3Source::Env => "from the environment".into(),
+            S3Source::Profile(name, _) => format!("with profile {name}"),
             S3Source::Given(o) => o
                 .config
                 .iter()
@@ -121,6 +125,14 @@ pub enum StoreError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// The profile chosen for the URL's bucket cannot be used.
+    #[error("{url}: {why}")]
+    Profile {
+        /// The URL.
+        url: String,
+        /// Why.
+        why: String,
+    },
     /// An object is larger than it may be.
     #[error("{url}/{object}: {size} bytes, more than the {max} it may have")]
     TooLarge {
@@ -145,7 +157,7 @@ impl StoreError {
 
 /// `url` as it may be shown: nothing after a `?` or `#`, nothing before
 /// an `@` (where credentials would be).
-fn redacted(url: &str) -> String {
+pub(super) fn redacted(url: &str) -> String {
     let cut = url.find(['?', '#']).map_or(url, |i| &url[..i]);
     match (cut.find("://"), cut.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://…@{}", &cut[..s], &cut[at + 1..]),
@@ -156,10 +168,15 @@ fn redacted(url: &str) -> String {
 /// The builder of an `s3://` store. Copy-if-not-exists is done as AWS S3
 /// offers it (a one-part multipart copy completed under `If-None-Match`)
 /// unless the settings name another way (`AWS_COPY_IF_NOT_EXISTS`).
-fn s3_builder(source: S3Source<'_>) -> AmazonS3Builder {
-    let mut b = match source {
-        S3Source::Env => AmazonS3Builder::from_env(),
-        S3Source::Given(o) => {
+fn s3_builder(source: &S3Source<'_>) -> AmazonS3Builder {
+    let given = match source {
+        S3Source::Env => None,
+        S3Source::Given(o) => Some(*o),
+        S3Source::Profile(_, o) => Some(o),
+    };
+    let mut b = match given {
+        None => AmazonS3Builder::from_env(),
+        Some(o) => {
             let mut b = AmazonS3Builder::new();
             for (k, v) in &o.config {
                 b = b.with_config(*k, v);
@@ -209,6 +226,17 @@ impl SnapshotStore {
     /// one takes none).
     pub fn open_with(url: &str, options: &S3Options) -> Result<SnapshotStore, StoreError> {
         Self::open_from(url, S3Source::Given(options))
+    }
+
+    /// Opens `url` as [`SnapshotStore::open`] does, an `s3://` one with
+    /// `options`, the settings of profile `name` of the AWS shared files
+    /// (see [`super::profile::StoreProfiles::open`]).
+    pub fn open_with_profile(
+        url: &str,
+        name: &str,
+        options: S3Options,
+    ) -> Result<SnapshotStore, StoreError> {
+        Self::open_from(url, S3Source::Profile(name, options))
     }
 
     fn open_from(url: &str, source: S3Source<'_>) -> Result<SnapshotStore, StoreError> {
@@ -276,7 +304,7 @@ impl SnapshotStore {
         };
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => Arc::new(
-                s3_builder(source)
+                s3_builder(&source)
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(opened)?,

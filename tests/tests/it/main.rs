@@ -30,6 +30,7 @@ mod resume;
 mod reuse;
 mod revocation;
 mod snapshot;
+mod snapshot_clouds;
 mod storage;
 mod tickets;
 mod transport;

@@ -29,14 +29,17 @@ use crate::trust::policy::{Query, VmFacts};
 /// Opens a snapshot URL from a request: bounded, checked, or the
 /// operator's error.
 #[allow(clippy::result_large_err)]
-fn open_url(url: &str) -> Result<SnapshotStore, CtlResponse> {
+fn open_url(host: &Host, url: &str) -> Result<SnapshotStore, CtlResponse> {
     if url.len() > MAX_URL {
         return Err(error(
             CtlErrorKind::BadRequest,
             format!("a snapshot URL has at most {MAX_URL} bytes"),
         ));
     }
-    SnapshotStore::open(url).map_err(|e| error(CtlErrorKind::BadRequest, e.to_string()))
+    host.config
+        .snapshot_profiles
+        .open(url)
+        .map_err(|e| error(CtlErrorKind::BadRequest, e.to_string()))
 }
 
 pub(super) async fn snapshot(
@@ -44,7 +47,7 @@ pub(super) async fn snapshot(
     req: SnapshotRequest,
     operator: &SpiffeId,
 ) -> CtlResponse {
-    let store = match open_url(req.url()) {
+    let store = match open_url(host, req.url()) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -101,7 +104,7 @@ async fn copy(
     snapshot: Option<convoy_protocol::snapshot::SnapshotId>,
     operator: &SpiffeId,
 ) -> Result<SnapshotResponse, CtlResponse> {
-    let to = open_url(to)?;
+    let to = open_url(host, to)?;
     for (url, operation) in [(from.url(), "copy-from"), (to.url(), "copy-to")] {
         let d = host.decide(
             &Query::ManageSnapshots {
