@@ -15,7 +15,7 @@ use convoy_protocol::signed::ChainVerifier;
 use convoy_protocol::snapshot::claim::{Claim, Handover, Verdict};
 use convoy_protocol::snapshot::SnapshotId;
 
-use super::hold::release;
+use super::hold::{release, Guest};
 use crate::host::{Host, VmHandle};
 use crate::snapshot::pending::PendingHandover;
 use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
@@ -95,7 +95,8 @@ async fn manifest_of(
 /// Whether `p`'s VM is here: the same incarnation, with its guest.
 fn held_here(host: &Host, p: &PendingHandover) -> bool {
     host.vms().get(&p.vm).is_some_and(|e| {
-        e.incarnation == p.incarnation && matches!(e.handle, Some(VmHandle::Sim(_)))
+        e.incarnation == p.incarnation
+            && matches!(e.handle, Some(VmHandle::Sim(_) | VmHandle::Qemu(_)))
     })
 }
 
@@ -133,7 +134,7 @@ pub(super) async fn conclude(
         }
         Ok(_) => {
             if ours {
-                give_back(host, p);
+                give_back(host, p).await;
             }
             Outcome::Aborted(back)
         }
@@ -157,20 +158,20 @@ pub(super) async fn conclude(
     outcome
 }
 
-/// The VM back here: resumed if it ran before the handover.
-pub(super) fn give_back(host: &Arc<Host>, p: &PendingHandover) {
-    let handle = host.vms().get(&p.vm).and_then(|e| e.handle.clone());
-    let resumed = p.was_running
-        && match handle {
-            Some(VmHandle::Sim(vm)) => match vm.resume() {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(vm = %p.vm, "claimed back but does not resume: {e}");
-                    false
-                }
-            },
-            _ => false,
-        };
+/// The VM back here: resumed if it ran before the handover (a QEMU VM
+/// stopped by its save runs again).
+pub(super) async fn give_back(host: &Arc<Host>, p: &PendingHandover) {
+    let guest = Guest::of(host.vms().get(&p.vm).and_then(|e| e.handle.as_ref()));
+    let resumed = match guest {
+        Some(g) if p.was_running => match g.resume().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(vm = %p.vm, "claimed back but does not resume: {e}");
+                false
+            }
+        },
+        _ => false,
+    };
     release(
         host,
         &p.vm,

@@ -26,75 +26,61 @@ pub(super) fn failed(what: &str, e: &SnapshotError) -> CtlResponse {
     error(kind, format!("{what}: {e}"))
 }
 
+/// The guest of a VM taken for a push.
+#[derive(Clone)]
+pub(super) enum Guest {
+    /// A sim VM.
+    Sim(Arc<dyn crate::backend::VmBackend>),
+    /// A QEMU VM.
+    Qemu(Arc<crate::backend::qemu::vm::QemuVm>),
+}
+
+impl Guest {
+    /// Runs the guest again (a QEMU stopped by a save: `cont`, unless it
+    /// runs).
+    pub async fn resume(&self) -> Result<(), String> {
+        match self {
+            Guest::Sim(vm) => vm.resume().map_err(|e| e.to_string()),
+            Guest::Qemu(q) => {
+                let running = q
+                    .execute("query-status", None)
+                    .await
+                    .is_ok_and(|s| s["running"].as_bool() == Some(true));
+                if running {
+                    return Ok(());
+                }
+                q.execute("cont", None)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The guest of a registry entry's handle, if it has one.
+    pub fn of(handle: Option<&VmHandle>) -> Option<Guest> {
+        match handle {
+            Some(VmHandle::Sim(vm)) => Some(Guest::Sim(vm.clone())),
+            Some(VmHandle::Qemu(q)) => Some(Guest::Qemu(q.clone())),
+            _ => None,
+        }
+    }
+}
+
 /// A VM taken for a push: the guest, whether it ran, the cancel handle.
 pub(super) struct Claimed {
-    pub vm: Arc<dyn crate::backend::VmBackend>,
+    pub vm: Guest,
     pub was_running: bool,
     pub cancel: Arc<tokio::sync::Notify>,
     /// Which VM of that name it is.
     pub incarnation: u64,
 }
 
-/// Takes sim VM `name` for a push: it must be running or paused and not
-/// migrating; it is marked paused and given a cancel handle (so a
+/// Takes VM `name` (sim or QEMU) for a push: it must be running or paused
+/// and not migrating; it is marked paused and given a cancel handle (so a
 /// migration, a delete or a pause cannot act on it meanwhile).
 #[allow(clippy::result_large_err)]
 pub(super) fn claim_vm(host: &Arc<Host>, name: &VmName) -> Result<Claimed, CtlResponse> {
-    let (handle, was_running, cancel, incarnation) = claim(host, name, false)?;
-    match handle {
-        VmHandle::Sim(vm) => Ok(Claimed {
-            vm,
-            was_running,
-            cancel,
-            incarnation,
-        }),
-        _ => {
-            release(host, name, VmState::Paused);
-            Err(error(CtlErrorKind::Internal, "not a sim VM"))
-        }
-    }
-}
-
-/// A QEMU VM taken for a push.
-pub(super) struct ClaimedQemu {
-    pub vm: Arc<crate::backend::qemu::vm::QemuVm>,
-    pub was_running: bool,
-    pub cancel: Arc<tokio::sync::Notify>,
-}
-
-/// Takes QEMU VM `name` for a push, as [`claim_vm`] takes a sim VM.
-#[allow(clippy::result_large_err)]
-pub(super) fn claim_qemu(host: &Arc<Host>, name: &VmName) -> Result<ClaimedQemu, CtlResponse> {
-    let (handle, was_running, cancel, _) = claim(host, name, true)?;
-    match handle {
-        VmHandle::Qemu(vm) => Ok(ClaimedQemu {
-            vm,
-            was_running,
-            cancel,
-        }),
-        _ => {
-            release(
-                host,
-                name,
-                if was_running {
-                    VmState::Running
-                } else {
-                    VmState::Paused
-                },
-            );
-            Err(error(CtlErrorKind::Internal, "not a QEMU VM"))
-        }
-    }
-}
-
-/// Takes VM `name` (a sim VM; a QEMU VM too if `qemu`): its handle,
-/// whether it ran, its cancel handle and incarnation.
-#[allow(clippy::result_large_err)]
-fn claim(
-    host: &Arc<Host>,
-    name: &VmName,
-    qemu: bool,
-) -> Result<(VmHandle, bool, Arc<tokio::sync::Notify>, u64), CtlResponse> {
     let mut vms = host.vms();
     let Some(e) = vms.get_mut(name) else {
         return Err(error(
@@ -102,22 +88,11 @@ fn claim(
             format!("no VM named {name} here"),
         ));
     };
-    let handle = match &e.handle {
-        Some(h @ VmHandle::Sim(_)) => h.clone(),
-        Some(h @ VmHandle::Qemu(_)) if qemu => h.clone(),
-        Some(VmHandle::Qemu(_)) => {
-            return Err(error(
-                CtlErrorKind::BadRequest,
-                "store-and-forward (--via) of QEMU VMs is not built; \
-                 `snapshot push` and `snapshot pull` move them",
-            ))
-        }
-        _ => {
-            return Err(error(
-                CtlErrorKind::BadRequest,
-                format!("VM {name} has no guest here"),
-            ))
-        }
+    let Some(vm) = Guest::of(e.handle.as_ref()) else {
+        return Err(error(
+            CtlErrorKind::BadRequest,
+            format!("VM {name} has no guest here"),
+        ));
     };
     if e.cancel.is_some() || !matches!(e.state, VmState::Running | VmState::Paused) {
         return Err(error(
@@ -137,7 +112,12 @@ fn claim(
     let cancel = Arc::new(tokio::sync::Notify::new());
     e.state = VmState::Paused;
     e.cancel = Some(cancel.clone());
-    Ok((handle, was_running, cancel, e.incarnation))
+    Ok(Claimed {
+        vm,
+        was_running,
+        cancel,
+        incarnation: e.incarnation,
+    })
 }
 
 pub(super) fn release(host: &Arc<Host>, name: &VmName, state: VmState) {

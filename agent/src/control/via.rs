@@ -17,9 +17,10 @@ use convoy_protocol::ctl::snapshot::{HandoverReport, SnapshotResponse};
 use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, MigrateRequest, Outcome};
 use convoy_protocol::names::SpiffeId;
 use convoy_protocol::snapshot::claim::{Handover, Verdict};
+use convoy_protocol::snapshot::SnapshotBackend;
 
 use super::handback;
-use super::hold::{claim_vm, failed, Claimed};
+use super::hold::{claim_vm, failed, Claimed, Guest};
 use super::{error, forbidden};
 use crate::host::Host;
 use crate::snapshot::pending::PendingHandover;
@@ -124,31 +125,43 @@ pub(super) async fn migrate_via(
         was_running,
     };
     if let Err(e) = host.snapshots.seen.hold_handover(&pending) {
-        handback::give_back(host, &pending);
+        handback::give_back(host, &pending).await;
         return Err(error(
             CtlErrorKind::Internal,
             format!("cannot record the handover durably ({e}); nothing was pushed"),
         ));
     }
-    if was_running {
-        if let Err(e) = vm.pause() {
+    // The VM as it is pushed: a sim VM paused; a QEMU VM saved by QEMU
+    // (which stops the guest at the end of its save).
+    let image = match &vm {
+        Guest::Sim(v) => if was_running { v.pause() } else { Ok(()) }
+            .map(|()| (v.clone(), SnapshotBackend::Sim))
+            .map_err(|e| format!("cannot pause VM {}: {e}", req.vm)),
+        Guest::Qemu(q) => snap::qemu::capture(q, &attributes)
+            .await
+            .map(|c| {
+                let c: Arc<dyn crate::backend::VmBackend> = Arc::new(c);
+                (c, SnapshotBackend::Qemu)
+            })
+            .map_err(|e| format!("cannot save VM {}: {e}", req.vm)),
+    };
+    let (image, backend) = match image {
+        Ok(v) => v,
+        Err(why) => {
             if let Err(e) = host.snapshots.seen.settle_handover(&migration) {
                 tracing::error!(%migration, "cannot forget a handover never pushed: {e}");
             }
-            handback::give_back(host, &pending);
-            return Err(error(
-                CtlErrorKind::Internal,
-                format!("cannot pause VM {}: {e}", req.vm),
-            ));
+            handback::give_back(host, &pending).await;
+            return Err(error(CtlErrorKind::Internal, why));
         }
-    }
+    };
     let pushed = snap::push::push(
         store,
         &creds.trust,
         snap::push::PushRequest {
             name: req.vm.clone(),
             attributes,
-            vm: vm.clone(),
+            vm: image,
             me: host.id.clone(),
             signer: Arc::new(creds.identity.clone()),
             keys: host.snapshots.sealing.clone(),
@@ -158,7 +171,7 @@ pub(super) async fn migrate_via(
             ticket: Some(req.ticket.clone()),
             snapshot: Some(pending.snapshot),
             live: false,
-            backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
+            backend,
         },
     )
     .await;
@@ -271,13 +284,14 @@ pub(super) async fn migrate_via(
 }
 
 /// The destination's check of a manifest's ticket: it must name this
-/// agent as destination, the manifest's signer as source and its VM (and
-/// not have been used here before).
+/// agent as destination, the manifest's signer as source and its VM as
+/// `subject` (what the snapshot holds; not used here before).
 #[allow(clippy::result_large_err)]
 pub(super) fn accept(
     host: &Arc<Host>,
     m: &convoy_protocol::snapshot::SnapshotManifest,
     t: &convoy_protocol::ticket::SignedTicket,
+    subject: &convoy_protocol::vm::VmSubject,
 ) -> Result<convoy_protocol::ticket::VerifiedTicket, CtlResponse> {
     let refuse = |why: String| {
         host.audit(AuditEvent::Refused {
@@ -296,8 +310,7 @@ pub(super) fn accept(
         .map_err(|e| refuse(e.to_string()))?;
     // The ticket binds the VM as its source reported it: a snapshot of
     // another incarnation, or relabelled, is not what was authorized.
-    let subject = m.subject();
-    if subject != v.ticket.subject {
+    if *subject != v.ticket.subject {
         return Err(refuse(format!(
             "the snapshot holds {subject}, the ticket was issued for {}",
             v.ticket.subject
@@ -321,7 +334,7 @@ pub(super) async fn claim_started(
     store: &SnapshotStore,
     h: &Handover<'_>,
     name: &convoy_protocol::names::VmName,
-    vm: &dyn crate::backend::VmBackend,
+    vm: &Guest,
     paused: bool,
 ) -> Result<(), CtlResponse> {
     let creds = host.creds();
@@ -354,7 +367,7 @@ pub(super) async fn claim_started(
     match won {
         Ok(None) => {
             if !paused {
-                vm.resume().map_err(|e| {
+                vm.resume().await.map_err(|e| {
                     error(
                         CtlErrorKind::Internal,
                         format!("VM {name} was handed over but does not resume: {e}"),

@@ -365,6 +365,25 @@ pub fn open(
             source,
         }
     })?;
+    let (image, key) = unseal(&found, me, keys)?;
+    Ok(Opened { found, image, key })
+}
+
+/// The state of QEMU snapshot `found`, opened with the data key wrapped
+/// for `me` and checked against its manifest.
+pub fn image_of(
+    found: &Found,
+    me: &convoy_protocol::names::SpiffeId,
+    keys: &SealingKeys,
+) -> Result<QemuImage, SnapshotError> {
+    unseal(found, me, keys).map(|(image, _)| image)
+}
+
+fn unseal(
+    found: &Found,
+    me: &convoy_protocol::names::SpiffeId,
+    keys: &SealingKeys,
+) -> Result<(QemuImage, DataKey), SnapshotError> {
     let m = &found.manifest;
     let key = keys.unwrap(me, &m.snapshot, &m.recipients)?;
     let state = open_state(&key, m)?;
@@ -372,7 +391,7 @@ pub fn open(
         object: found.object.clone(),
         source: Box::new(source),
     })?;
-    Ok(Opened { found, image, key })
+    Ok((image, key))
 }
 
 /// A restored QEMU VM.

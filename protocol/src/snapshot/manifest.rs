@@ -138,8 +138,10 @@ pub enum ManifestError {
 }
 
 impl SnapshotManifest {
-    /// What the snapshot says the VM is — memory, disks (names and
-    /// sizes), attributes — as a ticket binds it.
+    /// What the snapshot says a sim VM is — memory, disks (names and
+    /// sizes), attributes — as a ticket binds it (a QEMU VM's is
+    /// [`super::QemuImage::subject`]: its memory and disk names are in the
+    /// sealed state).
     pub fn subject(&self) -> crate::vm::VmSubject {
         crate::vm::VmSubject {
             memory_bytes: self.memory.bytes(),

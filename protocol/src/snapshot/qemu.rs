@@ -72,6 +72,26 @@ pub fn disk_name(i: usize) -> Option<DiskName> {
 }
 
 impl QemuImage {
+    /// The VM as a ticket names it (as its source agent reports a QEMU
+    /// VM): the guest's memory, each disk by its name in the definition
+    /// with the size it has in `m`, the attributes.
+    pub fn subject(&self, m: &SnapshotManifest) -> crate::vm::VmSubject {
+        crate::vm::VmSubject {
+            memory_bytes: self.definition.memory_mib.saturating_mul(1 << 20),
+            disks: self
+                .definition
+                .disks
+                .iter()
+                .zip(&m.disks)
+                .map(|(name, d)| crate::vm::DiskSubject {
+                    name: name.clone(),
+                    bytes: d.bytes,
+                })
+                .collect(),
+            attributes: m.attributes.digest(),
+        }
+    }
+
     /// The sealed device state's bytes.
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
         postcard::to_stdvec(self)

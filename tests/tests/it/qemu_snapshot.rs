@@ -35,12 +35,8 @@ async fn pull(c: &CtlClient, url: &str) -> Result<SnapshotResponse, ClientError>
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (q, src_disk) = QemuLab::with_written_disk(dir.path(), g).await;
+/// A `file://` bucket where b enrolled, its URL, and clients of a and b.
+async fn bucket_for_b(q: &QemuLab) -> (tempfile::TempDir, String, CtlClient, CtlClient) {
     let bucket = tempfile::tempdir().unwrap();
     let url = format!("file://{}/snapshots", bucket.path().display());
     let (a, b) = (
@@ -50,6 +46,16 @@ async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
     b.snapshot(SnapshotRequest::Enroll { url: url.clone() })
         .await
         .unwrap();
+    (bucket, url, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
+    let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (q, src_disk) = QemuLab::with_written_disk(dir.path(), g).await;
+    let (bucket, url, a, b) = bucket_for_b(&q).await;
 
     let gen_before = disk_blocks(&src_disk, 256)
         .into_iter()
@@ -150,6 +156,110 @@ async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
     assert!(
         until(Duration::from_secs(10), || q.processes("b").is_empty()).await,
         "a QEMU runs at b"
+    );
+    q.lab.shutdown().await;
+}
+
+async fn via(
+    q: &QemuLab,
+    url: &str,
+    wait_secs: u32,
+) -> Result<convoy_protocol::ctl::snapshot::HandoverReport, ClientError> {
+    let req = q
+        .lab
+        .migrate_request("guest", "a", "b", Default::default())
+        .unwrap();
+    match q
+        .lab
+        .client("a")
+        .await
+        .unwrap()
+        .snapshot(SnapshotRequest::MigrateVia {
+            migrate: req,
+            url: url.into(),
+            wait_secs,
+        })
+        .await?
+    {
+        SnapshotResponse::Handed(h) => Ok(*h),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Store-and-forward of a QEMU VM: a saves it into the bucket and waits
+/// for the one claim. Unclaimed in time, a claims it back and the guest
+/// runs on there; b, late, restores it but loses the claim and keeps
+/// nothing. Claimed by b, the guest runs on at b from where it was saved
+/// and a's QEMU is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vm_is_handed_over_through_a_bucket_exactly_once() {
+    use convoy_protocol::ctl::Outcome;
+    let Some(g) = guest() else { return };
+    let _heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    q.create("a", "guest", vec![]).await;
+    let (_bucket, url, a, b) = bucket_for_b(&q).await;
+
+    // Unclaimed: back at a, running.
+    let h = via(&q, &url, 1).await.unwrap();
+    assert!(matches!(h.outcome, Outcome::Aborted(_)), "{h:?}");
+    assert_eq!(h.summary.backend, SnapshotBackend::Qemu);
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    let log_a = q.serial("a", "guest");
+    let now = *counters(&log_a).last().unwrap();
+    assert!(
+        until(Duration::from_secs(60), || counters(&log_a)
+            .iter()
+            .any(|&c| c > now))
+        .await,
+        "the guest claimed back does not run at a"
+    );
+    let e = pull(&b, &url).await.unwrap_err();
+    assert!(e.to_string().contains("claimed VM guest first"), "{e}");
+    assert!(b.vm_list().await.unwrap().is_empty());
+    assert!(
+        until(Duration::from_secs(10), || q.processes("b").is_empty()).await,
+        "a QEMU runs at b"
+    );
+
+    // Claimed: b pulls while a waits.
+    let before = *counters(&log_a).last().unwrap();
+    let source = {
+        let url = url.clone();
+        let q = &q;
+        async move { via(q, &url, 120).await }
+    };
+    let dest = async {
+        for _ in 0..600 {
+            match pull(&b, &url).await {
+                Ok(SnapshotResponse::Pulled(p)) => return p,
+                Ok(other) => panic!("{other:?}"),
+                // Not pushed yet, or only the first (spent) one is there.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        panic!("b never restored the guest");
+    };
+    let (h, p) = tokio::join!(source, dest);
+    let h = h.unwrap();
+    assert_eq!(h.outcome, Outcome::Completed, "{h:?}");
+    assert_eq!(p.summary.generation, 2);
+    assert_eq!(p.vm.state, VmState::Running);
+    let log_b = q.serial("b", "guest");
+    assert!(
+        until(Duration::from_secs(60), || !counters(&log_b).is_empty()).await,
+        "no counter at b"
+    );
+    let first = counters(&log_b)[0];
+    assert!(
+        first > before,
+        "b's guest counts from {first}, before {before}"
+    );
+    assert!(a.vm_list().await.unwrap().is_empty());
+    assert!(
+        until(Duration::from_secs(10), || q.processes("a").is_empty()).await,
+        "a's QEMU still runs"
     );
     q.lab.shutdown().await;
 }

@@ -19,7 +19,7 @@ use convoy_protocol::snapshot::{ChunkRef, SignedManifest};
 
 mod qemu;
 
-use super::hold::{claim_vm, failed, release, Claimed};
+use super::hold::{claim_vm, failed, release, Claimed, Guest};
 use super::{error, forbidden};
 use crate::host::{Host, VmHandle};
 use crate::snapshot::{self as snap, SnapshotError, SnapshotStore};
@@ -228,21 +228,25 @@ async fn push(
                 .map_err(|e| failed("snapshot push", &e))?,
         );
     }
-    if matches!(
-        host.vms().get(&name).and_then(|e| e.handle.clone()),
-        Some(VmHandle::Qemu(_))
-    ) {
-        return qemu::push(host, store, name, attributes, statements, operator).await;
-    }
     // Taken as for a migration: paused here, so that nothing else (a
     // migration, a delete) acts on it until the copy is done; an abort
     // cancels the push.
+    let claimed = claim_vm(host, &name)?;
+    let vm = match &claimed.vm {
+        Guest::Sim(vm) => vm.clone(),
+        Guest::Qemu(q) => {
+            let q = q.clone();
+            return qemu::push(
+                host, store, name, attributes, statements, operator, claimed, q,
+            )
+            .await;
+        }
+    };
     let Claimed {
-        vm,
         was_running,
         cancel,
         ..
-    } = claim_vm(host, &name)?;
+    } = claimed;
     let live = p.live && was_running;
     let paused_at = Instant::now();
     if was_running && !live {
@@ -363,21 +367,21 @@ async fn pull(
         ));
     }
     let qemu = m.backend == convoy_protocol::snapshot::SnapshotBackend::Qemu;
-    if qemu && m.ticket.is_some() {
-        return Err(error(
-            CtlErrorKind::BadRequest,
-            format!(
-                "{}: a store-and-forward migration of a QEMU VM (not built here)",
-                found.object
-            ),
-        ));
-    }
     // A manifest with a ticket is a store-and-forward migration to this
     // agent: the ticket must name it and the manifest's signer, and the
     // policy decides it as a migration in.
     let ticket = match &m.ticket {
         None => None,
-        Some(t) => Some(super::via::accept(host, m, t)?),
+        Some(t) => {
+            // What the snapshot holds, as the source reported the VM: a
+            // QEMU VM's memory and disks are in its sealed state.
+            let subject = if qemu {
+                qemu::subject(host, &found)?
+            } else {
+                m.subject()
+            };
+            Some(super::via::accept(host, m, t, &subject)?)
+        }
     };
     let d = match &ticket {
         Some(v) => host.decide(
@@ -416,7 +420,16 @@ async fn pull(
         .get(&m.lineage)
         .map_err(|e| error(CtlErrorKind::Internal, format!("the snapshot record: {e}")))?;
     if qemu {
-        return qemu::pull(host, store, found, seen, p.paused, operator).await;
+        return qemu::pull(
+            host,
+            store,
+            found,
+            seen,
+            p.paused,
+            ticket.as_ref(),
+            operator,
+        )
+        .await;
     }
     if let Some(r) = super::vm::reserve_error(host, &name, m.memory.bytes()) {
         return Err(r);
@@ -476,8 +489,15 @@ async fn pull(
             source: &source,
             destination: &host.id,
         };
-        if let Err(why) =
-            super::via::claim_started(host, store, &h, &name, &*pulled.vm, p.paused).await
+        if let Err(why) = super::via::claim_started(
+            host,
+            store,
+            &h,
+            &name,
+            &Guest::Sim(pulled.vm.clone()),
+            p.paused,
+        )
+        .await
         {
             host.remove(&name);
             pulled.vm.destroy();

@@ -10,7 +10,7 @@ use convoy_protocol::ctl::{CtlErrorKind, CtlResponse, VmState};
 use convoy_protocol::names::{SpiffeId, VmName};
 use convoy_protocol::snapshot::{SealingKeyStatement, SnapshotBackend};
 
-use super::super::hold::{claim_qemu, failed, release, ClaimedQemu};
+use super::super::hold::{failed, release, Claimed, Guest};
 use super::super::{error, vm};
 use super::{pull_done, pushed, PullDone};
 use crate::host::{Host, VmHandle};
@@ -22,6 +22,7 @@ use convoy_protocol::ctl::snapshot::SnapshotResponse;
 /// checked): QEMU saves it while it runs, the stream and disks are sealed
 /// and uploaded, then the guest runs on (as soon as QEMU's save is done
 /// for a VM without disks; once its disks are read otherwise).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn push(
     host: &Arc<Host>,
     store: &SnapshotStore,
@@ -29,12 +30,15 @@ pub(super) async fn push(
     attributes: convoy_protocol::vm::VmAttributes,
     recipients: Vec<SealingKeyStatement>,
     operator: &SpiffeId,
+    claimed: Claimed,
+    qvm: Arc<crate::backend::qemu::vm::QemuVm>,
 ) -> Result<SnapshotResponse, CtlResponse> {
-    let ClaimedQemu {
-        vm: qvm,
+    let Claimed {
+        vm: guest,
         was_running,
         cancel,
-    } = claim_qemu(host, &name)?;
+        ..
+    } = claimed;
     let creds = host.creds();
     let (mut stopped_at, mut resumed_at) = (None, None);
     let work = async {
@@ -48,7 +52,7 @@ pub(super) async fn push(
         );
         if was_running && qvm.spec.disks.is_empty() {
             // Nothing of the guest is read after the save.
-            resume(&qvm, &name).await;
+            resume(&guest, &name).await;
             resumed_at = Some(Instant::now());
         }
         let req = snap::push::PushRequest {
@@ -85,7 +89,7 @@ pub(super) async fn push(
         _ => 0.0,
     };
     if was_running {
-        resume(&qvm, &name).await;
+        resume(&guest, &name).await;
     }
     release(
         host,
@@ -112,29 +116,38 @@ pub(super) async fn push(
     Ok(pushed(host, store, operator, name, &r, paused_ms))
 }
 
-/// `cont`s a guest QEMU stopped at the end of a save; a failure is logged
+/// Runs a guest QEMU stopped at the end of a save; a failure is logged
 /// (the VM is then listed running but does not run: the operator sees
 /// it in the log and can resume it).
-async fn resume(qvm: &crate::backend::qemu::vm::QemuVm, name: &VmName) {
-    let running = qvm
-        .execute("query-status", None)
-        .await
-        .is_ok_and(|s| s["running"].as_bool() == Some(true));
-    if !running {
-        if let Err(e) = qvm.execute("cont", None).await {
-            tracing::error!(vm = %name, "cannot resume after a snapshot push: {e}");
-        }
+async fn resume(guest: &super::super::hold::Guest, name: &VmName) {
+    if let Err(e) = guest.resume().await {
+        tracing::error!(vm = %name, "cannot resume after a snapshot push: {e}");
     }
+}
+
+/// The VM QEMU snapshot `found` holds, as a ticket names it (its sealed
+/// state opened and checked).
+#[allow(clippy::result_large_err)]
+pub(super) fn subject(
+    host: &Arc<Host>,
+    found: &snap::Found,
+) -> Result<convoy_protocol::vm::VmSubject, CtlResponse> {
+    let image = snap::qemu::image_of(found, &host.id, &host.snapshots.sealing)
+        .map_err(|e| failed("snapshot pull", &e))?;
+    Ok(image.subject(&found.manifest))
 }
 
 /// Restores the QEMU snapshot `found` (the policy permitted it; `seen` is
 /// the newest generation this agent saw of its lineage).
+/// With `ticket`, a store-and-forward migration: restored paused, started
+/// only once the destination's claim is written (as for a sim VM).
 pub(super) async fn pull(
     host: &Arc<Host>,
     store: &SnapshotStore,
     found: snap::Found,
     seen: Option<(u64, convoy_protocol::digest::Digest)>,
     paused: bool,
+    ticket: Option<&convoy_protocol::ticket::VerifiedTicket>,
     operator: &SpiffeId,
 ) -> Result<SnapshotResponse, CtlResponse> {
     let started = Instant::now();
@@ -177,6 +190,17 @@ pub(super) async fn pull(
         }
     };
     let qvm = restored.vm.clone();
+    let discard = |why: CtlResponse| {
+        let (host, qvm) = (host.clone(), qvm.clone());
+        async move {
+            host.remove(&qvm.definition.name);
+            qvm.kill().await;
+            for d in &qvm.spec.disks {
+                let _ = std::fs::remove_file(d);
+            }
+            Err(why)
+        }
+    };
     // Recorded before the VM is: a later pull of an older generation is
     // refused even if the agent stops right after this one.
     if let Err(e) = host
@@ -184,15 +208,26 @@ pub(super) async fn pull(
         .seen
         .record(&manifest.lineage, manifest.generation, &digest)
     {
-        host.remove(&name);
-        qvm.kill().await;
-        for d in &qvm.spec.disks {
-            let _ = std::fs::remove_file(d);
-        }
-        return Err(error(
+        return discard(error(
             CtlErrorKind::Internal,
             format!("the snapshot record cannot be written ({e}); VM {name} not started"),
-        ));
+        ))
+        .await;
+    }
+    if let Some(v) = ticket {
+        let h = convoy_protocol::snapshot::claim::Handover {
+            migration: v.ticket.id,
+            snapshot: manifest.snapshot,
+            manifest: digest,
+            source: &manifest.source,
+            destination: &host.id,
+        };
+        let guest = Guest::Qemu(qvm.clone());
+        if let Err(why) =
+            super::super::via::claim_started(host, store, &h, &name, &guest, paused).await
+        {
+            return discard(why).await;
+        }
     }
     let state = if paused {
         VmState::Paused
