@@ -90,7 +90,7 @@ impl Agent {
                     .map_err(|e| err(StateError::SnapshotsSeen(e)))?;
                 let snapshots = crate::host::Snapshots {
                     sealing: Arc::new(sealing),
-                    seen,
+                    seen: Arc::new(seen),
                 };
                 (
                     replay,

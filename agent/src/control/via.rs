@@ -172,6 +172,7 @@ pub(super) async fn migrate_via(
             snapshot: Some(pending.snapshot),
             live: false,
             backend,
+            journal: Some(host.snapshots.seen.clone()),
         },
     )
     .await;

@@ -250,7 +250,7 @@ pub(crate) struct Snapshots {
     pub sealing: Arc<crate::snapshot::SealingKeys>,
     /// The newest generation of each lineage it pushed or restored
     /// (`snapshots.redb`).
-    pub seen: crate::snapshot::seen::SeenLineages,
+    pub seen: Arc<crate::snapshot::seen::SeenLineages>,
 }
 
 /// A page migration arriving here that takes lanes (extra connections of

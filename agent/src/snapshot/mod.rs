@@ -33,6 +33,7 @@ pub mod push;
 pub mod qemu;
 pub mod sealing;
 pub mod seen;
+pub mod started;
 pub mod store;
 
 use convoy_protocol::digest::Digest;
@@ -174,6 +175,9 @@ pub enum SnapshotError {
     /// said).
     #[error("QEMU: {0}")]
     Qemu(String),
+    /// The agent's snapshot record (`snapshots.redb`) failed.
+    #[error("the snapshot record: {0}")]
+    Journal(String),
     /// A QEMU snapshot's state disagrees with its manifest.
     #[error("{object}: {source}")]
     QemuImage {

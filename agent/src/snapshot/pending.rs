@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::seen::SeenLineages;
 
 /// migration id → postcard [`PendingHandover`].
-const PENDING: redb::TableDefinition<'_, &[u8], &[u8]> =
-    redb::TableDefinition::new("handovers_pending");
+const PENDING: super::seen::Table = redb::TableDefinition::new("handovers_pending");
 
 /// One unsettled handover.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,24 +49,12 @@ impl SeenLineages {
     pub fn hold_handover(&self, p: &PendingHandover) -> Result<(), redb::Error> {
         let v = postcard::to_stdvec(p)
             .map_err(|e| corrupted(format!("handover {}: {e}", p.migration)))?;
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(PENDING)?;
-            table.insert(p.migration.0.as_slice(), v.as_slice())?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.put(PENDING, p.migration.0.as_slice(), &v)
     }
 
     /// Forgets handover `m`: a claim decided it.
     pub fn settle_handover(&self, m: &MigrationId) -> Result<(), redb::Error> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(PENDING)?;
-            table.remove(m.0.as_slice())?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.remove(PENDING, m.0.as_slice())
     }
 
     /// The unsettled handovers. A row that does not decode is an error:

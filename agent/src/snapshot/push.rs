@@ -64,6 +64,10 @@ pub struct PushRequest {
     /// What `vm` is: a sim VM, or a saved QEMU VM
     /// ([`super::qemu::CapturedQemu`]).
     pub backend: convoy_protocol::snapshot::SnapshotBackend,
+    /// Where a first push records its lineage and key before uploading
+    /// ([`super::started`]), so that, cut short and run again, it resumes;
+    /// `None`: a first push cut short starts over.
+    pub journal: Option<Arc<super::seen::SeenLineages>>,
 }
 
 impl std::fmt::Debug for PushRequest {
@@ -133,12 +137,7 @@ pub async fn push(
                 Some(f.digest),
             )
         }
-        None => (
-            LineageId(random16()?),
-            DataKey::from_bytes(random32()?),
-            1,
-            None,
-        ),
+        None => first_lineage(store, &req)?,
     };
     let memory = req.vm.geometry();
     let disks = req.vm.disks();
@@ -293,6 +292,13 @@ pub async fn push(
     if !store.put_new(&object, Bytes::from(bytes)).await? {
         return Err(SnapshotError::Raced { object, generation });
     }
+    if let (1, Some(j)) = (generation, &req.journal) {
+        // Left behind, the record only makes the next first push of this
+        // VM here take the same lineage again.
+        if let Err(e) = j.finish_push(store.url(), &req.name) {
+            tracing::warn!(vm = %req.name, "the record of a first push stays: {e}");
+        }
+    }
     Ok(PushReport {
         snapshot,
         generation,
@@ -310,6 +316,48 @@ pub async fn push(
         manifest,
         layout,
     })
+}
+
+/// The lineage and key of a VM's first push to `store`: those of a first
+/// push cut short (recorded in `req.journal`), else new ones, recorded
+/// there before anything is uploaded. Generation 1, no previous manifest.
+fn first_lineage(
+    store: &SnapshotStore,
+    req: &PushRequest,
+) -> Result<(LineageId, DataKey, u64, Option<Digest>), SnapshotError> {
+    let journal_err = |e: redb::Error| SnapshotError::Journal(e.to_string());
+    let Some(j) = &req.journal else {
+        return Ok((
+            LineageId(random16()?),
+            DataKey::from_bytes(random32()?),
+            1,
+            None,
+        ));
+    };
+    if let Some(s) = j
+        .started_push(store.url(), &req.name)
+        .map_err(journal_err)?
+    {
+        let key = req
+            .keys
+            .unwrap(&req.me, &s.wrapped_for, std::slice::from_ref(&s.key))?;
+        return Ok((s.lineage, key, 1, None));
+    }
+    let (lineage, key) = (LineageId(random16()?), DataKey::from_bytes(random32()?));
+    let wrapped_for = new_snapshot_id()?;
+    let me = SealingKeyStatement {
+        agent: req.me.clone(),
+        public: req.keys.public(),
+        issued_at: req.now_unix,
+    };
+    let started = super::started::StartedPush {
+        lineage,
+        wrapped_for,
+        key: wrap(&key, &me, &wrapped_for)?,
+    };
+    j.start_push(store.url(), &req.name, &started)
+        .map_err(journal_err)?;
+    Ok((lineage, key, 1, None))
 }
 
 /// Rounds of a live push at most, the first included.

@@ -13,7 +13,7 @@ use convoy_protocol::snapshot::LineageId;
 use redb::ReadableDatabase;
 
 /// lineage → generation (8 bytes, big-endian) ‖ manifest digest (32).
-const SEEN: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("lineages");
+const SEEN: Table = redb::TableDefinition::new("lineages");
 
 /// The record.
 pub struct SeenLineages {
@@ -75,15 +75,28 @@ impl SeenLineages {
         let mut v = Vec::with_capacity(40);
         v.extend_from_slice(&generation.to_be_bytes());
         v.extend_from_slice(&digest.0);
+        self.put(SEEN, lineage.0.as_slice(), &v)
+    }
+
+    /// Writes row `k` of `table` as `v`, durably.
+    pub(super) fn put(&self, table: Table, k: &[u8], v: &[u8]) -> Result<(), redb::Error> {
         let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(SEEN)?;
-            table.insert(lineage.0.as_slice(), v.as_slice())?;
-        }
+        tx.open_table(table)?.insert(k, v)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes row `k` of `table`, durably.
+    pub(super) fn remove(&self, table: Table, k: &[u8]) -> Result<(), redb::Error> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(table)?.remove(k)?;
         tx.commit()?;
         Ok(())
     }
 }
+
+/// A table of `snapshots.redb`: byte keys, byte values.
+pub(super) type Table = redb::TableDefinition<'static, &'static [u8], &'static [u8]>;
 
 #[cfg(test)]
 mod tests {

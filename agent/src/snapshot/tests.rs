@@ -32,6 +32,8 @@ pub(super) struct Lab {
     a: Arc<SealingKeys>,
     b: SealingKeys,
     pub(super) vm: Arc<dyn VmBackend>,
+    /// Where a first push records its lineage (`None`: nowhere).
+    journal: Option<Arc<super::seen::SeenLineages>>,
 }
 
 fn lab() -> Lab {
@@ -43,8 +45,13 @@ fn lab() -> Lab {
 
 /// The lab over `store` (and the directory it lives in, if any).
 pub(super) fn lab_on(store: SnapshotStore, dir: Option<tempfile::TempDir>) -> Lab {
+    lab_sized(store, dir, 4 << 20)
+}
+
+/// The lab over `store` with a VM of `bytes` bytes.
+fn lab_sized(store: SnapshotStore, dir: Option<tempfile::TempDir>, bytes: u64) -> Lab {
     let url = store.url().to_owned();
-    let spec = crate::backend::sim::testing::spec(4 << 20, 500, ContentProfile::Mixed);
+    let spec = crate::backend::sim::testing::spec(bytes, 500, ContentProfile::Mixed);
     let vm: Arc<dyn VmBackend> = SimVm::create(&spec, None, None).unwrap();
     Lab {
         _dir: dir,
@@ -53,6 +60,7 @@ pub(super) fn lab_on(store: SnapshotStore, dir: Option<tempfile::TempDir>) -> La
         a: Arc::new(SealingKeys::ephemeral().unwrap()),
         b: SealingKeys::ephemeral().unwrap(),
         vm,
+        journal: None,
     }
 }
 
@@ -94,6 +102,7 @@ impl Lab {
                 snapshot: None,
                 live,
                 backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
+                journal: self.journal.clone(),
             },
         )
         .await;
@@ -183,6 +192,55 @@ async fn a_second_push_uploads_only_what_changed_and_a_pull_takes_the_newest() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("rollback"), "{e}");
+}
+
+/// A first push cut short (its future dropped once some chunks are up)
+/// and run again: with the agent's record it takes the same lineage and
+/// key, so what is up is not uploaded again; without, it starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_push_cut_short_resumes_with_the_chunks_already_up() {
+    for journalled in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/bucket", dir.path().display());
+        let chunks = dir.path().join("bucket/chunks");
+        let db = dir.path().join("snapshots.redb");
+        let mut lab = lab_sized(SnapshotStore::open(&url).unwrap(), None, 48 << 20);
+        if journalled {
+            lab.journal = Some(Arc::new(super::seen::SeenLineages::open(&db).unwrap()));
+        }
+        let count = || std::fs::read_dir(&chunks).map_or(0, |d| d.count() as u64);
+        tokio::select! {
+            r = lab.try_push() => panic!("the push was not cut: {r:?}"),
+            () = async {
+                while count() < 8 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            } => {}
+        }
+        // (Paused by the push it was cut from.)
+        let _ = lab.vm.resume();
+        let up = count();
+        assert!(!dir.path().join("bucket/manifests").exists());
+        let r = lab.push().await;
+        assert_eq!(r.generation, 1);
+        eprintln!(
+            "journalled {journalled}: {up} chunks up at the cut, then {} of {} uploaded",
+            r.uploaded, r.stored
+        );
+        if journalled {
+            // The vCPU's counter page may have moved on: its chunk again.
+            assert!(r.uploaded + up <= r.stored + 1, "{up} up, {r:?}");
+            let j = lab.journal.as_ref().unwrap();
+            assert_eq!(
+                j.started_push(&url, &"vm-1".parse().unwrap()).unwrap(),
+                None
+            );
+        } else {
+            assert_eq!(r.uploaded, r.stored, "{up} up, {r:?}");
+        }
+        let p = lab.pull(None, None).await.unwrap();
+        p.vm.destroy();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

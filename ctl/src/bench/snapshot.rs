@@ -370,6 +370,7 @@ fn push_request(ctx: &Ctx<'_>) -> PushRequest {
         snapshot: None,
         live: false,
         backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
+        journal: None,
     }
 }
 

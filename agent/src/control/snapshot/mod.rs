@@ -272,6 +272,7 @@ async fn push(
         snapshot: None,
         live,
         backend: convoy_protocol::snapshot::SnapshotBackend::Sim,
+        journal: Some(host.snapshots.seen.clone()),
     };
     let done = tokio::select! {
         r = snap::push::push(store, &creds.trust, req) => Some(r),

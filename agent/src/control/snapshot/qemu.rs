@@ -69,6 +69,7 @@ pub(super) async fn push(
             snapshot: None,
             live: false,
             backend: SnapshotBackend::Qemu,
+            journal: Some(host.snapshots.seen.clone()),
         };
         snap::push::push(store, &creds.trust, req)
             .await
