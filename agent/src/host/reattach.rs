@@ -136,6 +136,11 @@ pub(crate) fn reattached_state(recorded: VmState, migrating: bool, status: &str)
         (_, "running") => VmState::Running,
         // Paused, and no migration had it: an operator's pause.
         (_, "paused") if !migrating => VmState::Paused,
+        // Paused by its operator, then saved by a snapshot push (QEMU's
+        // save leaves it `postmigrate`), no migration had it: still the
+        // operator's pause. (A store-and-forward handover of it is held in
+        // doubt by its own record at start, `control::handback`.)
+        (VmState::Paused, "postmigrate") if !migrating => VmState::Paused,
         // Stopped by a migration (its final copy, `postmigrate` once
         // QEMU's stream ended, a post-copy source) or by QEMU itself: the
         // handover may have happened.
@@ -641,6 +646,10 @@ mod tests {
         // Paused for a final copy, or QEMU's stream sent: in doubt.
         assert_eq!(reattached_state(Paused, true, "paused"), InDoubt);
         assert_eq!(reattached_state(MigratingOut, true, "postmigrate"), InDoubt);
+        assert_eq!(reattached_state(Paused, true, "postmigrate"), InDoubt);
+        assert_eq!(reattached_state(Running, false, "postmigrate"), InDoubt);
+        // A paused VM saved by a snapshot push.
+        assert_eq!(reattached_state(Paused, false, "postmigrate"), Paused);
         assert_eq!(
             reattached_state(MigratingOut, true, "finish-migrate"),
             InDoubt

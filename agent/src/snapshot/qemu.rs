@@ -10,8 +10,9 @@
 //! seals ([`super::push`]), exactly like a paused sim VM. The caller
 //! resumes the guest (`cont`) afterwards if it ran. The stream file is
 //! removed when the capture is dropped. The stream is staged on the
-//! agent's disk (at most the guest's memory): its length, and so the
-//! chunk layout, is known only at its end.
+//! agent's disk (at most twice the guest's memory and 64 MiB: pre-copy
+//! sends again what the guest rewrites; past that the save fails): its
+//! length, and so the chunk layout, is known only at its end.
 //!
 //! **Restoring** ([`open`], then [`restore`]): the data key is unwrapped
 //! and the sealed [`QemuImage`] checked against the manifest before
@@ -119,6 +120,14 @@ pub async fn capture(
     attributes: &convoy_protocol::vm::VmAttributes,
 ) -> Result<CapturedQemu, SnapshotError> {
     let dir = vm.dir();
+    let room = free_bytes(dir)?;
+    if room < stream_cap(vm) {
+        return Err(qemu_err(format!(
+            "saving the VM may take {} bytes, {room} free in {}",
+            stream_cap(vm),
+            dir.display()
+        )));
+    }
     let sock = dir.join("snapshot.sock");
     let stream_path = dir.join("snapshot.stream");
     let _ = std::fs::remove_file(&sock);
@@ -189,6 +198,16 @@ pub async fn capture(
     Ok(c)
 }
 
+/// The most of QEMU's stream a save stages: twice the guest's memory
+/// (pre-copy sends again what the guest rewrites, and auto-converge
+/// throttles it until that is little) and 64 MiB for the devices.
+fn stream_cap(vm: &QemuVm) -> u64 {
+    vm.definition
+        .memory_mib
+        .saturating_mul(2 << 20)
+        .saturating_add(64 << 20)
+}
+
 /// QEMU's stream into `file` through `sock`: the bytes written and QEMU's
 /// downtime.
 async fn save(
@@ -227,6 +246,7 @@ async fn save(
         .map_err(|e| qemu_err(format!("accept: {e}")))?;
     let deadline = Instant::now() + QEMU_TIMEOUT;
     let mut out = tokio::fs::File::from_std(file);
+    let cap = stream_cap(vm);
     let copy = async {
         let mut n = 0u64;
         let mut buf = vec![0u8; 1 << 20];
@@ -242,6 +262,11 @@ async fn save(
                 .await
                 .map_err(|e| qemu_err(format!("writing QEMU's stream: {e}")))?;
             n += k as u64;
+            if n > cap {
+                return Err(qemu_err(format!(
+                    "QEMU's stream passed {cap} bytes: the guest writes faster than it is saved"
+                )));
+            }
         }
         out.sync_all()
             .await
@@ -429,6 +454,36 @@ impl super::pull::Sink for Files {
     }
 }
 
+/// Bytes free for unprivileged use in directory `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, SnapshotError> {
+    let st = rustix::fs::statvfs(dir).map_err(|e| qemu_err(format!("{}: {e}", dir.display())))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Writes, in the VM's runtime directory `dir`, the incoming command line
+/// the disks `paths` are made for, before any of them is: an agent killed
+/// during the restore finds them at its next start as a destination's
+/// residue (`host::reattach`) and removes them. QEMU's launch replaces it
+/// with the command line it ran.
+fn plan_incoming(dir: &Path, paths: &[PathBuf]) -> Result<(), SnapshotError> {
+    use std::io::Write;
+    let mut args: Vec<String> = vec!["qemu".into(), "-incoming".into(), "defer".into()];
+    for p in paths {
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},format=raw",
+            crate::backend::qemu::process::option_value(p)
+        ));
+    }
+    let path = dir.join(crate::backend::qemu::process::LAUNCHED);
+    let mut f = crate::private::create_truncate(&path).map_err(qemu_err)?;
+    for a in args {
+        f.write_all(a.as_bytes()).map_err(qemu_err)?;
+        f.write_all(&[0]).map_err(qemu_err)?;
+    }
+    f.sync_all().map_err(qemu_err)
+}
+
 /// What a restore made, removed again if it fails.
 #[derive(Default)]
 struct Made {
@@ -454,17 +509,17 @@ impl Made {
 /// Restores `o` with this agent's QEMU configuration `cfg`: disks made in
 /// its image directory (at most `disk_limit` bytes in all, and what is
 /// free), every chunk and the root checked, then QEMU launched and fed the
-/// stream; started unless `paused`. The memory must be reserved by the
-/// caller.
+/// stream. The guest is left stopped (`-S`): the caller starts it once it
+/// has recorded the snapshot and, for a handover, won the claim. The
+/// memory must be reserved by the caller.
 pub async fn restore(
     store: &super::SnapshotStore,
     o: Opened,
     cfg: &QemuConfig,
     disk_limit: u64,
-    paused: bool,
 ) -> Result<Restored, SnapshotError> {
     let mut made = Made::default();
-    let r = restore_into(store, &o, cfg, disk_limit, paused, &mut made).await;
+    let r = restore_into(store, &o, cfg, disk_limit, &mut made).await;
     if r.is_err() {
         made.undo().await;
     }
@@ -476,7 +531,6 @@ async fn restore_into(
     o: &Opened,
     cfg: &QemuConfig,
     disk_limit: u64,
-    paused: bool,
     made: &mut Made,
 ) -> Result<Restored, SnapshotError> {
     let m = &o.found.manifest;
@@ -504,12 +558,25 @@ async fn restore_into(
     }
     crate::private::create_dir_all(&dir).map_err(qemu_err)?;
     made.dir = Some(dir.clone());
+    let stream_room = free_bytes(&dir)?;
+    if m.memory.bytes() > stream_room {
+        return Err(qemu_err(format!(
+            "the stream needs {} bytes, {stream_room} free in {}",
+            m.memory.bytes(),
+            dir.display()
+        )));
+    }
     let stream_path = dir.join("snapshot.stream");
     let stream = crate::private::create_new(&stream_path).map_err(qemu_err)?;
+    let paths = def
+        .disks
+        .iter()
+        .map(|rel| cfg.new_disk(rel).map_err(qemu_err))
+        .collect::<Result<Vec<_>, _>>()?;
+    plan_incoming(&dir, &paths)?;
     let ranges = convoy_protocol::disk::leaf_ranges(m.memory, &m.disks);
     let mut disks = Vec::new();
-    for ((rel, d), range) in def.disks.iter().zip(&m.disks).zip(ranges) {
-        let path = cfg.new_disk(rel).map_err(qemu_err)?;
+    for ((path, d), range) in paths.into_iter().zip(&m.disks).zip(ranges) {
         let f = crate::private::create_new(&path)
             .map_err(|e| qemu_err(format!("cannot create {}: {e}", path.display())))?;
         made.files.push(path.clone());
@@ -575,10 +642,7 @@ async fn restore_into(
     tokio::try_join!(feed, completed(&vm, deadline))?;
     let load_took = t.elapsed();
     let _ = std::fs::remove_file(&stream_path);
-    if !paused {
-        qmp(&vm, "cont", None).await?;
-    }
-    // The VM's own now: the caller registers it.
+    // The VM's own now: the caller records, registers and starts it.
     made.vm = None;
     made.files.clear();
     made.dir = None;

@@ -220,6 +220,12 @@ async fn a_first_push_cut_short_resumes_with_the_chunks_already_up() {
         // (Paused by the push it was cut from.)
         let _ = lab.vm.resume();
         let up = count();
+        if let Some(j) = &lab.journal {
+            assert!(j
+                .started_push(&url, &"vm-1".parse().unwrap())
+                .unwrap()
+                .is_some());
+        }
         assert!(!dir.path().join("bucket/manifests").exists());
         let r = lab.push().await;
         assert_eq!(r.generation, 1);

@@ -258,6 +258,12 @@ pub fn open_manifest(
     signed: &SignedManifest,
     verifier: &dyn ChainVerifier,
 ) -> Result<(SnapshotManifest, ChunkLayout), ManifestError> {
+    // Another format need not decode as this one: said as what it is.
+    if let Ok((format, _)) = postcard::take_from_bytes::<u16>(&signed.body) {
+        if format != FORMAT {
+            return Err(ManifestError::Format(format));
+        }
+    }
     let (m, signer) = signed.open_at_claimed(verifier, |m: &SnapshotManifest| m.created_at)?;
     if signer != m.source {
         return Err(ManifestError::Signer {

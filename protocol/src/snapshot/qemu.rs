@@ -100,7 +100,8 @@ impl QemuImage {
     /// Decodes the opened device state of `m` and checks it against the
     /// manifest: the same VM, name and attributes; a stream length that
     /// fills the memory leaves but their last page's padding; one disk
-    /// per disk of the definition, named `disk<i>`, from no base image.
+    /// per disk of the definition, named `disk<i>`, from no base image;
+    /// 4 KiB leaves.
     pub fn decode(bytes: &[u8], m: &SnapshotManifest) -> Result<QemuImage, QemuImageError> {
         if m.backend != SnapshotBackend::Qemu {
             return Err(QemuImageError::NotQemu(m.backend));
@@ -120,8 +121,11 @@ impl QemuImage {
         if q.definition.attributes != m.attributes {
             return bad("the definition's attributes are not the manifest's".into());
         }
-        let total = m.memory.bytes();
         let page = m.memory.page_size().bytes() as u64;
+        if page != 4096 {
+            return bad(format!("{page}-byte leaves (a QEMU snapshot's are 4096)"));
+        }
+        let total = m.memory.bytes();
         if q.stream_bytes == 0 || q.stream_bytes > total || q.stream_bytes <= total - page {
             return bad(format!(
                 "a stream of {} bytes in {} pages of {page}",
@@ -214,6 +218,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("after the state"));
+        let mut pages = m.clone();
+        pages.memory =
+            MemoryGeometry::new(crate::page::PageSize::try_from(8192).unwrap(), 2).unwrap();
+        assert!(refused(&image(), &pages).contains("8192-byte leaves"));
         let mut sim = m.clone();
         sim.backend = SnapshotBackend::Sim;
         assert!(matches!(

@@ -93,17 +93,35 @@ async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
     );
     assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
 
-    let r = match pull(&b, &url).await.unwrap() {
+    // Restored paused: its disk is the snapshot's, every block valid and
+    // no older than before the push; then it runs on from where the
+    // save was, no reboot (a booted guest starts from 1).
+    let r = match b
+        .snapshot(SnapshotRequest::Pull(PullRequest {
+            url: url.clone(),
+            snapshot: None,
+            vm: None,
+            paused: true,
+        }))
+        .await
+        .unwrap()
+    {
         SnapshotResponse::Pulled(r) => r,
         other => panic!("{other:?}"),
     };
     assert_eq!(
         (r.vm.backend.as_str(), r.vm.state),
-        ("qemu", VmState::Running)
+        ("qemu", VmState::Paused)
     );
-    // At b the counter goes on from where the save was, no reboot (a
-    // booted guest starts from 1).
+    let dst_disk = q.images("b").join("disk.img");
+    let blocks = disk_blocks(&dst_disk, 256);
+    assert!(blocks.iter().all(Option::is_some), "{blocks:?}");
+    let gen_at_b = blocks.into_iter().flatten().max().unwrap();
+    assert!(gen_at_b >= gen_before, "{gen_at_b} < {gen_before}");
     let log_b = q.serial("b", "guest");
+    assert!(counters(&log_b).is_empty(), "the paused guest ran at b");
+    let v = b.vm_pause("guest".parse().unwrap(), false).await.unwrap();
+    assert_eq!(v.state, VmState::Running);
     assert!(
         until(Duration::from_secs(60), || !counters(&log_b).is_empty()).await,
         "no counter at b: {:?}",
@@ -114,15 +132,7 @@ async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
         first > before,
         "b's guest counts from {first}, before {before}"
     );
-    // The disk came too: every block, of a generation no older than it
-    // had before the push.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     b.vm_delete("guest".parse().unwrap()).await.unwrap();
-    let dst_disk = q.images("b").join("disk.img");
-    let blocks = disk_blocks(&dst_disk, 256);
-    assert!(blocks.iter().all(Option::is_some), "{blocks:?}");
-    let gen_after = blocks.into_iter().flatten().max().unwrap();
-    assert!(gen_after >= gen_before, "{gen_after} < {gen_before}");
     std::fs::remove_file(&dst_disk).unwrap();
 
     // Pushed again: the next generation of the lineage; what QEMU's
@@ -153,6 +163,11 @@ async fn a_qemu_vm_and_its_disk_move_through_a_bucket() {
     assert!(e.to_string().contains("chunk"), "{e}");
     assert!(b.vm_list().await.unwrap().is_empty());
     assert!(!dst_disk.exists(), "the refused pull left its disk");
+    let runtime = q.serial("b", "guest");
+    assert!(
+        !runtime.parent().unwrap().exists(),
+        "the refused pull left its runtime directory"
+    );
     assert!(
         until(Duration::from_secs(10), || q.processes("b").is_empty()).await,
         "a QEMU runs at b"
@@ -215,7 +230,24 @@ async fn a_qemu_vm_is_handed_over_through_a_bucket_exactly_once() {
         .await,
         "the guest claimed back does not run at a"
     );
-    let e = pull(&b, &url).await.unwrap_err();
+    // b's late restore must never run the guest: its serial log (while
+    // it exists) never shows a counter.
+    let log_b = q.serial("b", "guest");
+    let ran = std::sync::atomic::AtomicBool::new(false);
+    let late = pull(&b, &url);
+    let watch = async {
+        loop {
+            if !counters(&log_b).is_empty() {
+                ran.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let e = tokio::select! {
+        r = late => r.unwrap_err(),
+        () = watch => unreachable!(),
+    };
+    assert!(!ran.into_inner(), "b's late restore ran the guest");
     assert!(e.to_string().contains("claimed VM guest first"), "{e}");
     assert!(b.vm_list().await.unwrap().is_empty());
     assert!(

@@ -167,7 +167,7 @@ impl Drop for Starting {
 /// `p` as the value of a QEMU option: a comma is QEMU's option separator,
 /// so each is doubled (QEMU's own escape); nothing in a file name can then
 /// add an option (`victim.img,file.locking=off` names one file).
-fn option_value(p: &Path) -> String {
+pub(crate) fn option_value(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 

@@ -181,8 +181,7 @@ pub(super) async fn pull(
         o.found.layout,
         o.found.digest,
     );
-    let restored =
-        snap::qemu::restore(store, o, &cfg, host.config.disk_capacity_bytes, paused).await;
+    let restored = snap::qemu::restore(store, o, &cfg, host.config.disk_capacity_bytes).await;
     let restored = match restored {
         Ok(r) => r,
         Err(e) => {
@@ -215,7 +214,9 @@ pub(super) async fn pull(
         ))
         .await;
     }
+    let guest = Guest::Qemu(qvm.clone());
     if let Some(v) = ticket {
+        // Started (unless to stay paused) only once the claim is ours.
         let h = convoy_protocol::snapshot::claim::Handover {
             migration: v.ticket.id,
             snapshot: manifest.snapshot,
@@ -223,11 +224,18 @@ pub(super) async fn pull(
             source: &manifest.source,
             destination: &host.id,
         };
-        let guest = Guest::Qemu(qvm.clone());
         if let Err(why) =
             super::super::via::claim_started(host, store, &h, &name, &guest, paused).await
         {
             return discard(why).await;
+        }
+    } else if !paused {
+        if let Err(e) = guest.resume().await {
+            return discard(error(
+                CtlErrorKind::Internal,
+                format!("VM {name} was restored but does not start: {e}"),
+            ))
+            .await;
         }
     }
     let state = if paused {
