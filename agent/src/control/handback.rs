@@ -8,9 +8,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use convoy_protocol::audit::AuditEvent;
-use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::ctl::{Outcome, RecoveryDecision, RecoveryReport, VmState};
 use convoy_protocol::digest::Digest;
-use convoy_protocol::names::SpiffeId;
+use convoy_protocol::names::{SpiffeId, VmName};
 use convoy_protocol::signed::ChainVerifier;
 use convoy_protocol::snapshot::claim::{Claim, Handover, Verdict};
 use convoy_protocol::snapshot::SnapshotId;
@@ -247,6 +247,12 @@ async fn settle(weak: Weak<Host>, p: PendingHandover, first: Duration) {
         let Some(host) = weak.upgrade() else {
             return;
         };
+        // One at a time with `convoyctl recover`, which may have settled
+        // it meanwhile.
+        let _one = host.resolving.lock().await;
+        if !still_pending(&host, &p) {
+            return;
+        }
         let claim = match host.config.snapshot_profiles.open(&p.url) {
             Ok(store) => claim_back(&host, &store, &p).await,
             Err(e) => Err(e.into()),
@@ -269,4 +275,92 @@ async fn settle(weak: Weak<Host>, p: PendingHandover, first: Duration) {
             audited = true;
         }
     }
+}
+
+/// Whether handover `p` is still recorded unsettled (an unreadable record
+/// counts as pending: nothing is done on a guess).
+fn still_pending(host: &Host, p: &PendingHandover) -> bool {
+    host.snapshots
+        .seen
+        .pending_handovers()
+        .map_or(true, |all| all.iter().any(|o| o.migration == p.migration))
+}
+
+/// `convoyctl recover` for the store-and-forward handovers this agent
+/// holds as their source (of `vm`, or all; `may` is the policy): each is
+/// settled now by its claim — the VM back here if ours is written, gone
+/// if the destination's is — or reported as staying paused with why. One
+/// whose `migrate --via` still waits is left to it. With `force`, a
+/// handover the store cannot settle (its URL unreachable, its credentials
+/// gone) resumes the VM here without a claim, on the operator's word
+/// (audited): the destination may have restored it before the store went.
+pub(super) async fn recover(
+    host: &Arc<Host>,
+    vm: Option<&VmName>,
+    force: bool,
+    may: impl Fn(&VmName) -> Result<(), String>,
+) -> Result<Vec<RecoveryReport>, String> {
+    let _one = host.resolving.lock().await;
+    let pending = host
+        .snapshots
+        .seen
+        .pending_handovers()
+        .map_err(|e| format!("the unsettled handovers cannot be read: {e}"))?;
+    let mut out = Vec::new();
+    for p in pending {
+        if vm.is_some_and(|v| *v != p.vm) {
+            continue;
+        }
+        let report = |decision, reason: String| RecoveryReport {
+            migration: p.migration,
+            vm: p.vm.clone(),
+            role: "source".into(),
+            peer: p.destination.to_string(),
+            phase: format!("store-and-forward handover via {}", p.url),
+            decision,
+            reason,
+        };
+        if let Err(why) = may(&p.vm) {
+            out.push(report(RecoveryDecision::StaysPaused, why));
+            continue;
+        }
+        if host.vms().get(&p.vm).is_some_and(|e| e.cancel.is_some()) {
+            out.push(report(
+                RecoveryDecision::StaysPaused,
+                "its migrate --via waits for the claim (convoyctl abort ends the wait)".into(),
+            ));
+            continue;
+        }
+        let claim = match host.config.snapshot_profiles.open(&p.url) {
+            Ok(store) => claim_back(host, &store, &p).await,
+            Err(e) => Err(e.into()),
+        };
+        let (decision, reason) = match claim {
+            Err(e) if force => {
+                let why = format!(
+                    "forced by the operator without a claim ({e}); the destination may \
+                     have restored it"
+                );
+                if held_here(host, &p) {
+                    give_back(host, &p).await;
+                }
+                let outcome = Outcome::Aborted(why.clone());
+                audit(host, &p, &outcome);
+                if let Err(e) = host.snapshots.seen.settle_handover(&p.migration) {
+                    tracing::error!(migration = %p.migration, "cannot forget a handover: {e}");
+                }
+                (RecoveryDecision::ResumedHere, why)
+            }
+            claim => match conclude(host, &p, claim, "claimed back by recover".into()).await {
+                Outcome::Completed => (
+                    RecoveryDecision::DiscardedHere,
+                    format!("{} claimed it: it runs there", p.destination),
+                ),
+                Outcome::Aborted(why) => (RecoveryDecision::ResumedHere, why),
+                other => (RecoveryDecision::StaysPaused, other.to_string()),
+            },
+        };
+        out.push(report(decision, reason));
+    }
+    Ok(out)
 }

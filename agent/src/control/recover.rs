@@ -1,5 +1,7 @@
 //! `convoyctl recover`: the migrations this agent holds unfinished,
-//! resolved by the rules of [`crate::host::indoubt`], each one a policy
+//! resolved by the rules of [`crate::host::indoubt`] (and its
+//! store-and-forward handovers, by their claims: `handback::recover`),
+//! each one a policy
 //! decision (`Recover`, with `force` when the operator resumes a source's
 //! copy without the destination's word).
 
@@ -47,8 +49,15 @@ pub(super) async fn recover(
             Err(format!("policy {}", d.explain()))
         }
     };
-    match crate::host::indoubt::recover(host, vm.as_ref(), operator, force, may).await {
-        Ok(reports) => CtlResponse::Recovered(reports),
-        Err(e) => error(CtlErrorKind::Internal, e),
+    let mut reports =
+        match crate::host::indoubt::recover(host, vm.as_ref(), operator, force, &may).await {
+            Ok(r) => r,
+            Err(e) => return error(CtlErrorKind::Internal, e),
+        };
+    // And the store-and-forward handovers it holds as their source.
+    match super::handback::recover(host, vm.as_ref(), force, may).await {
+        Ok(r) => reports.extend(r),
+        Err(e) => return error(CtlErrorKind::Internal, e),
     }
+    CtlResponse::Recovered(reports)
 }

@@ -329,6 +329,26 @@ async fn migrate_via(
     }
 }
 
+/// `migrate --via` of `vm` from a to b, in the background.
+async fn spawn_via(
+    lab: &Lab,
+    url: &str,
+    vm: &str,
+    wait_secs: u32,
+) -> tokio::task::JoinHandle<Result<SnapshotResponse, ClientError>> {
+    let (lab_a, url) = (lab.client("a").await.unwrap(), url.to_owned());
+    let req = convoy_tests::migrate(lab, vm, "a", "b");
+    tokio::spawn(async move {
+        lab_a
+            .snapshot(SnapshotRequest::MigrateVia {
+                migrate: req,
+                url,
+                wait_secs,
+            })
+            .await
+    })
+}
+
 fn pull_of(url: &str, vm: &str) -> SnapshotRequest {
     SnapshotRequest::Pull(PullRequest {
         url: url.into(),
@@ -356,19 +376,7 @@ async fn a_vm_handed_over_through_a_bucket_runs_exactly_once() {
     a.vm_create(sim_spec("db", MEMORY, 0)).await.unwrap();
 
     // Claimed: b pulls while a waits.
-    let source = {
-        let (lab_a, url) = (lab.client("a").await.unwrap(), url.clone());
-        let req = convoy_tests::migrate(&lab, "web", "a", "b");
-        tokio::spawn(async move {
-            lab_a
-                .snapshot(SnapshotRequest::MigrateVia {
-                    migrate: req,
-                    url,
-                    wait_secs: 60,
-                })
-                .await
-        })
-    };
+    let source = spawn_via(&lab, &url, "web", 60).await;
     let mut pulled = None;
     for _ in 0..200 {
         match b.snapshot(pull_of(&url, "web")).await {
@@ -544,4 +552,60 @@ async fn a_via_source_restarted_without_its_vm_leaves_the_snapshot_to_the_destin
         SnapshotResponse::Pulled(p) => assert_eq!(p.vm.state, VmState::Running),
         other => panic!("{other:?}"),
     }
+}
+
+/// A handover the store can no longer settle (the bucket gone while the
+/// source waited): the VM is held in doubt, `recover` says why and leaves
+/// it paused; `recover --force-resume-here` resumes it on the operator's
+/// word and forgets the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_whose_bucket_is_gone_is_recovered_only_by_force() {
+    use convoy_protocol::ctl::RecoveryDecision;
+    let Two {
+        _dir,
+        lab,
+        bucket,
+        url,
+        a,
+        ..
+    } = two().await;
+    a.vm_create(sim_spec("web", MEMORY, 0)).await.unwrap();
+    let source = spawn_via(&lab, &url, "web", 3).await;
+    // Once the snapshot is up, the bucket goes: a file where it was.
+    let prefix = bucket.path().join("snapshots");
+    let manifests = prefix.join("manifests");
+    for _ in 0..300 {
+        if std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    std::fs::rename(&prefix, bucket.path().join("gone")).unwrap();
+    std::fs::write(&prefix, b"not a bucket").unwrap();
+    let handed = match source.await.unwrap().unwrap() {
+        SnapshotResponse::Handed(h) => h,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        matches!(handed.outcome, convoy_protocol::ctl::Outcome::InDoubt(_)),
+        "{handed:?}"
+    );
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::InDoubt);
+
+    let r = a
+        .recover(Some("web".parse().unwrap()), false)
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].decision, RecoveryDecision::StaysPaused, "{r:?}");
+    assert!(r[0].phase.contains("store-and-forward"), "{r:?}");
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::InDoubt);
+
+    let r = a.recover(Some("web".parse().unwrap()), true).await.unwrap();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].decision, RecoveryDecision::ResumedHere, "{r:?}");
+    assert!(r[0].reason.contains("forced"), "{r:?}");
+    assert_eq!(a.vm_list().await.unwrap()[0].state, VmState::Running);
+    // Forgotten: nothing more to recover.
+    assert!(a.recover(None, false).await.unwrap().is_empty());
 }
