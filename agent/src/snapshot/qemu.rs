@@ -151,6 +151,9 @@ pub async fn capture(
     let mut definition = vm.definition.clone();
     definition.attributes = attributes.clone();
     let pages = stream_bytes.div_ceil(PAGE as u64).max(1);
+    let memory = MemoryGeometry::from_bytes(pages * PAGE as u64)
+        .map_err(|e| SnapshotError::Geometry(e.to_string()))?;
+    // (Dropped on an error below: the staged file goes with it.)
     let mut c = CapturedQemu {
         stream,
         stream_path,
@@ -158,15 +161,11 @@ pub async fn capture(
             definition,
             stream_bytes,
         },
-        // (Dropped on an error below: the file goes with it.)
-        memory: MemoryGeometry::from_bytes(PAGE as u64)
-            .map_err(|e| SnapshotError::Geometry(e.to_string()))?,
+        memory,
         disks: Vec::new(),
         state: Vec::new(),
         saved: (took, downtime),
     };
-    c.memory = MemoryGeometry::from_bytes(pages * PAGE as u64)
-        .map_err(|e| SnapshotError::Geometry(e.to_string()))?;
     for (i, path) in vm.spec.disks.iter().enumerate() {
         let f = File::open(path)
             .map_err(|e| qemu_err(format!("cannot open disk {}: {e}", path.display())))?;
