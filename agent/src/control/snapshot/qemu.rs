@@ -243,14 +243,22 @@ pub(super) async fn pull(
     } else {
         VmState::Running
     };
-    vm::register(
+    if let Err(r) = vm::register(
         host,
         &name,
         VmHandle::Qemu(qvm.clone()),
         state,
         &manifest.attributes,
     )
-    .await?;
+    .await
+    {
+        // Its QEMU is stopped by `register`; the disks this pull made go
+        // too, as on every other failure.
+        for d in &qvm.spec.disks {
+            let _ = std::fs::remove_file(d);
+        }
+        return Err(r);
+    }
     let (watch_host, watched) = (host.clone(), name.clone());
     tokio::spawn(qvm.watch(std::time::Duration::from_millis(500), move || {
         tracing::warn!(vm = %watched, "QEMU exited");
