@@ -200,11 +200,7 @@ pub(super) async fn create_qemu_vm(
             if let Err(r) = register(host, &spec.name, handle, state, &spec.attributes).await {
                 return r;
             }
-            let (watch_inner, name) = (host.clone(), spec.name.clone());
-            tokio::spawn(vm.watch(std::time::Duration::from_millis(500), move || {
-                tracing::warn!(vm = %name, "QEMU exited");
-                watch_inner.set_state(&name, VmState::Exited);
-            }));
+            crate::host::watch_qemu(host, &spec.name, &vm);
             match host.vm_info(&spec.name) {
                 Some(info) => CtlResponse::VmCreated(info),
                 None => error(CtlErrorKind::Internal, "VM vanished"),

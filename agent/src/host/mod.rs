@@ -713,6 +713,20 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// Marks VM `name` of `host` exited when its QEMU `vm` exits (checked
+/// every half second; a QEMU the agent stopped is not reported).
+pub(crate) fn watch_qemu(
+    host: &Arc<Host>,
+    name: &VmName,
+    vm: &Arc<crate::backend::qemu::vm::QemuVm>,
+) {
+    let (host, name) = (host.clone(), name.clone());
+    tokio::spawn(vm.clone().watch(Duration::from_millis(500), move || {
+        tracing::warn!(vm = %name, "QEMU exited");
+        host.set_state(&name, VmState::Exited);
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

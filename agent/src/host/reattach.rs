@@ -54,7 +54,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
@@ -194,7 +193,7 @@ pub(crate) async fn restore(host: &Arc<Host>, loaded: Loaded) {
     // One write: the entries found, the records discarded gone.
     host.vms().extend(entries);
     for (name, vm) in watched {
-        watch(host, &name, &vm);
+        crate::host::watch_qemu(host, &name, &vm);
     }
     sweep(host).await;
 }
@@ -353,15 +352,6 @@ fn reattach_sim(host: &Host, rec: VmRecord, v: VcpuRecord) -> Option<VmEntry> {
             Some(lost(rec, reason, None))
         }
     }
-}
-
-/// Marks `name` exited when its QEMU exits.
-fn watch(host: &Arc<Host>, name: &VmName, vm: &Arc<QemuVm>) {
-    let (host, name) = (host.clone(), name.clone());
-    tokio::spawn(vm.clone().watch(Duration::from_millis(500), move || {
-        tracing::warn!(vm = %name, "QEMU exited");
-        host.set_state(&name, VmState::Exited);
-    }));
 }
 
 /// Drops a reserved place: a sim staging's disk directory goes (a QEMU's

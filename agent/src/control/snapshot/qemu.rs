@@ -195,9 +195,7 @@ pub(super) async fn pull(
         async move {
             host.remove(&qvm.definition.name);
             qvm.kill().await;
-            for d in &qvm.spec.disks {
-                let _ = std::fs::remove_file(d);
-            }
+            remove_disks(&qvm);
             Err(why)
         }
     };
@@ -254,16 +252,10 @@ pub(super) async fn pull(
     {
         // Its QEMU is stopped by `register`; the disks this pull made go
         // too, as on every other failure.
-        for d in &qvm.spec.disks {
-            let _ = std::fs::remove_file(d);
-        }
+        remove_disks(&qvm);
         return Err(r);
     }
-    let (watch_host, watched) = (host.clone(), name.clone());
-    tokio::spawn(qvm.watch(std::time::Duration::from_millis(500), move || {
-        tracing::warn!(vm = %watched, "QEMU exited");
-        watch_host.set_state(&watched, VmState::Exited);
-    }));
+    crate::host::watch_qemu(host, &name, &qvm);
     tracing::info!(
         vm = %name,
         "restored from {object}: chunks in {:?}, QEMU loaded its state in {:?}",
@@ -284,4 +276,11 @@ pub(super) async fn pull(
             took: started.elapsed(),
         },
     )
+}
+
+/// Removes the disks a pull made for `qvm` (its QEMU stopped).
+fn remove_disks(qvm: &crate::backend::qemu::vm::QemuVm) {
+    for d in &qvm.spec.disks {
+        let _ = std::fs::remove_file(d);
+    }
 }

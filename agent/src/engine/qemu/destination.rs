@@ -660,11 +660,7 @@ impl Incoming {
             e.state = state;
             e.arrived_from = Some(self.peer.id.to_string());
         }
-        let (host, name) = (self.host.clone(), self.vm.clone());
-        tokio::spawn(qvm.watch(Duration::from_millis(500), move || {
-            tracing::warn!(vm = %name, "QEMU exited");
-            host.set_state(&name, VmState::Exited);
-        }));
+        crate::host::watch_qemu(&self.host, &self.vm, &qvm);
     }
 
     /// Nothing of the migration stays: QEMU killed, its files and any disk
