@@ -45,6 +45,9 @@ pub enum AgentError {
     /// the one it was given.
     #[error(transparent)]
     Policy(#[from] crate::trust::policy::PolicyError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// The identity's trust domain is not the bundle's.
     #[error("identity {id} is not in the trust bundle's domain {domain}")]
     WrongDomain {
@@ -309,6 +312,8 @@ pub struct AgentConfig {
     /// The S3 profiles snapshot buckets are reached with (none: the
     /// standard AWS environment for every bucket).
     pub snapshot_profiles: crate::snapshot::profile::StoreProfiles,
+    /// Where Prometheus metrics are served (`None`: nowhere).
+    pub metrics: Option<crate::metrics::MetricsConfig>,
     dangerous: DangerousOptions,
 }
 
@@ -340,6 +345,7 @@ impl AgentConfig {
             on_exit: OnExit::default(),
             sim_vcpu: crate::backend::sim::SimVcpuHost::default(),
             snapshot_profiles: Default::default(),
+            metrics: None,
             dangerous: DangerousOptions::default(),
         }
     }

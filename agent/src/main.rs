@@ -113,6 +113,16 @@ struct Args {
     /// environment), else the AWS environment.
     #[arg(long = "snapshot-profile", value_name = "s3://BUCKET=PROFILE")]
     snapshot_profiles: Vec<String>,
+    /// Serve Prometheus metrics (plain HTTP, GET on any path) on this
+    /// address, e.g. 127.0.0.1:9464. Off by default. The figures name no
+    /// VM and no peer.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Only these networks may scrape the metrics (`10.0.0.0/8`,
+    /// `192.0.2.7`); repeatable. Without it, anyone who reaches
+    /// --metrics-addr may.
+    #[arg(long, value_name = "CIDR", requires = "metrics_addr")]
+    metrics_allow: Vec<String>,
     /// Base images sim disks may be cloned from (`vm create --disk
     /// NAME=SIZE,base=BASE`); an incoming disk cloned from a base held
     /// here (same name and content) starts from it, and its unchanged
@@ -321,6 +331,12 @@ async fn agent_main() -> Result<()> {
     config.disk_capacity_bytes = args.disk_capacity;
     config.snapshot_profiles =
         convoy_agent::snapshot::profile::StoreProfiles::from_env(&args.snapshot_profiles)?;
+    config.metrics = args
+        .metrics_addr
+        .map(|addr| convoy_agent::metrics::MetricsConfig {
+            addr,
+            allow: args.metrics_allow.clone(),
+        });
     config.files = Some(files);
     // Sim VMs' vCPUs run in helper processes (this binary again), so that
     // they outlive this process and are found again when it restarts.

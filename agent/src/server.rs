@@ -91,6 +91,7 @@ impl Agent {
                 let snapshots = crate::host::Snapshots {
                     sealing: Arc::new(sealing),
                     seen: Arc::new(seen),
+                    pulls: dir.join("pulls"),
                 };
                 (
                     replay,
@@ -152,6 +153,11 @@ impl Agent {
             trust: config.trust.clone(),
         };
         let next_incarnation = loaded.next_incarnation;
+        let metrics = config
+            .metrics
+            .as_ref()
+            .map(crate::metrics::Metrics::serve)
+            .transpose()?;
         let agent = Agent {
             tcp: Arc::new(Mutex::new(Some(tcp))),
             stamps,
@@ -186,6 +192,7 @@ impl Agent {
                 resolving: tokio::sync::Mutex::new(()),
                 watchers: Mutex::new(tokio::task::JoinSet::new()),
                 snapshots,
+                metrics,
             }),
         };
         if let Some(p) = policy {
@@ -253,6 +260,11 @@ impl Agent {
             .clone()
             .zip(self.stamps.policy.clone())
             .map(|(files, s)| tokio::spawn(policy_reload_loop(self.host.clone(), files, s)));
+        let gauges = self
+            .host
+            .metrics
+            .is_some()
+            .then(|| tokio::spawn(gauge_loop(Arc::downgrade(&self.host))));
         let tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner()).take();
         loop {
             let accepted = tokio::select! {
@@ -318,7 +330,7 @@ impl Agent {
             });
         }
         drop(tcp);
-        for r in [reloader, policy_reloader].into_iter().flatten() {
+        for r in [reloader, policy_reloader, gauges].into_iter().flatten() {
             r.abort();
         }
         // The inquiries about migrations in doubt end with the agent (the
@@ -677,5 +689,21 @@ async fn policy_reload_loop(
             }
             Err(e) => tracing::error!("policy reload task failed: {e}"),
         }
+    }
+}
+
+/// Sets the metrics' gauges of the agent's load every second, while it
+/// runs.
+async fn gauge_loop(host: std::sync::Weak<Host>) {
+    loop {
+        let Some(h) = host.upgrade() else { return };
+        if let Some(m) = &h.metrics {
+            m.load(
+                h.active.load(std::sync::atomic::Ordering::Relaxed),
+                h.budget.active(),
+            );
+        }
+        drop(h);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

@@ -250,7 +250,7 @@ pub(crate) async fn migrate(
             };
             let done = run.drive(conn).await;
             let report = Deadline::explain(deadline, done.report);
-            return Ok(finish(&host, &req, migration, done.phases, report).await);
+            return Ok(finish(&host, &req, opts.mode, migration, done.phases, report).await);
         }
     };
 
@@ -292,7 +292,7 @@ pub(crate) async fn migrate(
     };
     let phases = std::mem::take(&mut run.phases);
     let report = Deadline::explain(deadline, report);
-    Ok(finish(&host, &req, migration, phases, report).await)
+    Ok(finish(&host, &req, opts.mode, migration, phases, report).await)
 }
 
 /// The plan's deadline: when it passes, a task cancels the migration as an
@@ -372,7 +372,15 @@ pub(crate) async fn take_up(
     tokio::spawn(async move {
         let (mut run, report) = prepared.drive().await;
         let phases = std::mem::take(&mut run.phases);
-        finish(&host, &run.req, run.migration, phases, report).await;
+        finish(
+            &host,
+            &run.req,
+            run.plan.mode,
+            run.migration,
+            phases,
+            report,
+        )
+        .await;
     });
     Ok(what)
 }
@@ -383,6 +391,7 @@ pub(crate) async fn take_up(
 async fn finish(
     host: &Arc<Host>,
     req: &MigrateRequest,
+    mode: MigrationMode,
     migration: MigrationId,
     phases: Vec<(String, u64)>,
     report: MigrationReport,
@@ -428,6 +437,9 @@ async fn finish(
     // In doubt: ask the destination, now and again, until it is decided.
     if matches!(report.outcome, Outcome::InDoubt(_)) {
         crate::host::indoubt::watch(host.clone(), migration, std::time::Duration::from_secs(1));
+    }
+    if let Some(m) = &host.metrics {
+        m.migrated(mode, &report);
     }
     host.record(report.clone());
     report

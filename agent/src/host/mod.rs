@@ -240,6 +240,8 @@ pub(crate) struct Host {
     pub(crate) watchers: Mutex<tokio::task::JoinSet<()>>,
     /// This agent's snapshot keys and records.
     pub(crate) snapshots: Snapshots,
+    /// Its Prometheus metrics, if served.
+    pub(crate) metrics: Option<crate::metrics::Metrics>,
 }
 
 /// What an agent keeps for snapshots in object storage
@@ -251,6 +253,9 @@ pub(crate) struct Snapshots {
     /// The newest generation of each lineage it pushed or restored
     /// (`snapshots.redb`).
     pub seen: Arc<crate::snapshot::seen::SeenLineages>,
+    /// Where pulls keep their chunks until done (`pulls/`,
+    /// [`crate::snapshot::partial`]).
+    pub pulls: std::path::PathBuf,
 }
 
 /// A page migration arriving here that takes lanes (extra connections of
@@ -421,9 +426,17 @@ impl Host {
     /// Appends to the audit log (a no-op for an agent without a state
     /// directory). A failed write closes the log: see [`Host::audit_ok`].
     pub fn audit(&self, event: convoy_protocol::audit::AuditEvent) {
+        if let Some(m) = &self.metrics {
+            m.audited(&event);
+        }
         if let Some(log) = &self.audit {
-            if let Err(e) = log.record(event) {
-                tracing::error!("audit: {e}");
+            match log.record(event) {
+                Ok(()) => {
+                    if let Some(m) = &self.metrics {
+                        m.audit_log(log.records(), crate::trust::authz::now_unix());
+                    }
+                }
+                Err(e) => tracing::error!("audit: {e}"),
             }
         }
     }

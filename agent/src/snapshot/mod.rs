@@ -22,10 +22,13 @@
 //!   restored into a QEMU launched only once every chunk checked.
 //! - [`pull`]: the newest (or a named) snapshot out of the bucket into a
 //!   staging image, every chunk and the root checked before it starts.
+//! - [`partial`]: a pull's chunks kept until it is done, so a pull cut
+//!   short fetches again only what it lacked.
 
 pub mod copy;
 pub mod enroll;
 pub mod handover;
+pub mod partial;
 pub mod pending;
 pub mod profile;
 pub mod pull;

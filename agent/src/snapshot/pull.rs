@@ -14,6 +14,7 @@ use convoy_protocol::snapshot::{
 };
 use futures_util::StreamExt;
 
+use super::partial::Partial;
 use super::sealing::SealingKeys;
 use super::{
     blocking, manifest_objects, newest_for, read_manifest, Found, SnapshotError, SnapshotStore,
@@ -43,6 +44,9 @@ pub struct PullRequest<'a> {
     pub disk_dir: Option<&'a std::path::Path>,
     /// Keep the VM paused once started.
     pub paused: bool,
+    /// Where chunks are kept until the pull is done (an earlier pull's
+    /// are used).
+    pub partial: Option<Arc<Partial>>,
 }
 
 impl std::fmt::Debug for PullRequest<'_> {
@@ -65,8 +69,8 @@ pub struct Pulled {
     pub vm: Arc<dyn VmBackend>,
     /// The device counter it resumed from.
     pub counter: u64,
-    /// Chunks fetched, and their bytes.
-    pub fetched: (u64, u64),
+    /// Chunks fetched, and those kept by an earlier pull.
+    pub fetched: Fetched,
     /// Fetching and checking the chunks.
     pub chunks_took: Duration,
     /// The whole pull.
@@ -161,7 +165,7 @@ pub async fn restore(
     };
     let t = Instant::now();
     let sink: Arc<dyn Sink> = Arc::new(SimSink(staging.clone()));
-    let fetched = match fetch_chunks(store, &m, layout, &key, Some(sink)).await {
+    let fetched = match fetch_chunks(store, &m, layout, &key, Some(sink), req.partial).await {
         Ok((f, _)) => f,
         Err(e) => {
             staging.discard();
@@ -208,7 +212,8 @@ pub async fn verify(
             }
         })?;
     }
-    fetch_chunks(store, m, found.layout, &key, None).await
+    let (f, root) = fetch_chunks(store, m, found.layout, &key, None, None).await?;
+    Ok(((f.chunks, f.bytes), root))
 }
 
 /// The manifest of snapshot `id`.
@@ -243,50 +248,103 @@ impl Sink for SimSink {
     }
 }
 
+/// What a pull fetched, and what it took from kept chunks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// Chunks fetched from the bucket.
+    pub chunks: u64,
+    /// Their sealed bytes.
+    pub bytes: u64,
+    /// Chunks taken from an earlier pull's kept ones instead.
+    pub kept: u64,
+}
+
 /// Fetches and checks (and writes to `staging`, given) every stored
-/// chunk, then checks the root, which it returns.
+/// chunk, then checks the root, which it returns. With `partial`, a chunk
+/// kept there by an earlier pull of this snapshot is opened from there
+/// (and fetched if it does not open), and every chunk fetched is kept.
 pub(super) async fn fetch_chunks(
     store: &SnapshotStore,
     m: &SnapshotManifest,
     layout: convoy_protocol::snapshot::ChunkLayout,
     key: &convoy_protocol::snapshot::DataKey,
     staging: Option<Arc<dyn Sink>>,
-) -> Result<((u64, u64), Digest), SnapshotError> {
+    partial: Option<Arc<Partial>>,
+) -> Result<(Fetched, Digest), SnapshotError> {
     let opener = Arc::new(Opener::new(m, layout, key));
     let mut restore = Restore::new(m, layout);
     let max = layout.max_sealed() as u64;
     let stored: Vec<_> = opener.stored().collect();
     let mut results = futures_util::stream::iter(stored)
         .map(|(i, name, _)| {
-            let (store, opener, staging) = (store.clone(), opener.clone(), staging.clone());
+            let (store, opener, staging, partial) = (
+                store.clone(),
+                opener.clone(),
+                staging.clone(),
+                partial.clone(),
+            );
             async move {
+                if let Some(p) = partial.clone() {
+                    let (opener, staging) = (opener.clone(), staging.clone());
+                    let kept = blocking(move || {
+                        let sealed = p.get(&name)?;
+                        let c = open_into(&opener, staging.as_deref(), i, &sealed);
+                        if c.is_err() {
+                            p.remove(&name);
+                        }
+                        c.ok()
+                    })
+                    .await?;
+                    if let Some(c) = kept {
+                        return Ok::<_, SnapshotError>((c, None));
+                    }
+                }
                 let bytes = store.get(&chunk_object(&name), max).await?;
                 let n = bytes.len() as u64;
                 let c = blocking(move || -> Result<_, SnapshotError> {
-                    let c = opener.open(i, &bytes)?;
-                    let Some(staging) = staging else {
-                        return Ok(c);
-                    };
-                    let start = opener.layout().range(i).start;
-                    for (leaf, data) in (start..).zip(c.raw.chunks_exact(opener.layout().page)) {
-                        if !is_zero(data) {
-                            staging.write_leaf(leaf, data)?;
-                        }
+                    let c = open_into(&opener, staging.as_deref(), i, &bytes)?;
+                    if let Some(p) = partial {
+                        p.put(&name, &bytes);
                     }
                     Ok(c)
                 })
                 .await??;
-                Ok::<_, SnapshotError>((c, n))
+                Ok((c, Some(n)))
             }
         })
         .buffer_unordered(PARALLEL);
-    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut done = Fetched::default();
     while let Some(r) = results.next().await {
         let (c, n) = r?;
         restore.record(&c);
-        chunks += 1;
-        bytes += n;
+        match n {
+            Some(n) => {
+                done.chunks += 1;
+                done.bytes += n;
+            }
+            None => done.kept += 1,
+        }
     }
     let root = restore.finish()?;
-    Ok(((chunks, bytes), root))
+    Ok((done, root))
+}
+
+/// Opens chunk `i` (sealed as `sealed`) and writes its leaves to
+/// `staging`, given.
+fn open_into(
+    opener: &Opener,
+    staging: Option<&dyn Sink>,
+    i: u64,
+    sealed: &[u8],
+) -> Result<convoy_protocol::snapshot::restore::OpenedChunk, SnapshotError> {
+    let c = opener.open(i, sealed)?;
+    if let Some(staging) = staging {
+        let start = opener.layout().range(i).start;
+        for (leaf, data) in (start..).zip(c.raw.chunks_exact(opener.layout().page)) {
+            if !is_zero(data) {
+                staging.write_leaf(leaf, data)?;
+            }
+        }
+    }
+    Ok(c)
 }

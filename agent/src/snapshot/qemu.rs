@@ -423,8 +423,8 @@ fn unseal(
 pub struct Restored {
     /// The VM, running (or paused).
     pub vm: Arc<QemuVm>,
-    /// Chunks fetched, and their bytes.
-    pub fetched: (u64, u64),
+    /// Chunks fetched, and those kept by an earlier pull.
+    pub fetched: super::pull::Fetched,
     /// Fetching and checking the chunks.
     pub chunks_took: Duration,
     /// QEMU loading the stream.
@@ -516,9 +516,10 @@ pub async fn restore(
     o: Opened,
     cfg: &QemuConfig,
     disk_limit: u64,
+    partial: Option<Arc<super::partial::Partial>>,
 ) -> Result<Restored, SnapshotError> {
     let mut made = Made::default();
-    let r = restore_into(store, &o, cfg, disk_limit, &mut made).await;
+    let r = restore_into(store, &o, cfg, disk_limit, partial, &mut made).await;
     if r.is_err() {
         made.undo().await;
     }
@@ -530,6 +531,7 @@ async fn restore_into(
     o: &Opened,
     cfg: &QemuConfig,
     disk_limit: u64,
+    partial: Option<Arc<super::partial::Partial>>,
     made: &mut Made,
 ) -> Result<Restored, SnapshotError> {
     let m = &o.found.manifest;
@@ -589,8 +591,15 @@ async fn restore_into(
         disks,
     });
     let t = Instant::now();
-    let (fetched, _root) =
-        super::pull::fetch_chunks(store, m, o.found.layout, &o.key, Some(files.clone())).await?;
+    let (fetched, _root) = super::pull::fetch_chunks(
+        store,
+        m,
+        o.found.layout,
+        &o.key,
+        Some(files.clone()),
+        partial,
+    )
+    .await?;
     let chunks_took = t.elapsed();
     for (f, _) in &files.disks {
         f.sync_all().map_err(qemu_err)?;

@@ -34,6 +34,8 @@ pub(super) struct Lab {
     pub(super) vm: Arc<dyn VmBackend>,
     /// Where a first push records its lineage (`None`: nowhere).
     journal: Option<Arc<super::seen::SeenLineages>>,
+    /// Where a pull keeps its chunks (`None`: nowhere).
+    partial: Option<Arc<super::partial::Partial>>,
 }
 
 fn lab() -> Lab {
@@ -61,6 +63,7 @@ fn lab_sized(store: SnapshotStore, dir: Option<tempfile::TempDir>, bytes: u64) -
         b: SealingKeys::ephemeral().unwrap(),
         vm,
         journal: None,
+        partial: None,
     }
 }
 
@@ -139,6 +142,7 @@ impl Lab {
                 capacity: 1 << 30,
                 disk_dir: None,
                 paused: true,
+                partial: self.partial.clone(),
             },
         )
         .await
@@ -250,6 +254,80 @@ async fn a_first_push_cut_short_resumes_with_the_chunks_already_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_cut_short_fetches_again_only_what_it_lacked_and_trusts_nothing_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    let mut lab = lab_sized(SnapshotStore::open(&url).unwrap(), None, 48 << 20);
+    lab.vm.pause().unwrap();
+    let r = lab.push().await;
+    lab.vm.pause().unwrap();
+    let v = InsecureCrypto(String::new());
+    let found = super::pull::choose(&lab.store, &v, &id(B), None, None)
+        .await
+        .unwrap();
+    let stored = found.manifest.stored().0;
+    let root = dir.path().join("pulls");
+    let kept_dir = root.join(r.snapshot.to_string());
+    let kept = || {
+        std::fs::read_dir(&kept_dir).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().ends_with(".part"))
+                .count() as u64
+        })
+    };
+    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    assert!(lab.partial.is_some());
+    tokio::select! {
+        r = lab.pull(None, None) => panic!("the pull was not cut: {:?}", r.map(|p| p.fetched)),
+        () = async {
+            while kept() < 8 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } => {}
+    }
+    let up = kept();
+    assert!(up < stored, "{up} of {stored} kept: the pull was not cut");
+
+    // One kept chunk altered: it does not open, so it is fetched again.
+    let first = std::fs::read_dir(&kept_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().ends_with(".part"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&first, &bytes).unwrap();
+
+    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    let p = lab.pull(None, None).await.unwrap();
+    eprintln!("{up} kept at the cut, then {:?} of {stored}", p.fetched);
+    assert!(
+        p.fetched.kept >= up - 1 && p.fetched.kept < up + 8,
+        "{up}: {:?}",
+        p.fetched
+    );
+    assert_eq!(p.fetched.chunks + p.fetched.kept, stored, "{:?}", p.fetched);
+    assert!(same_memory(&*lab.vm, &*p.vm));
+    p.vm.destroy();
+    assert_eq!(kept(), stored, "every chunk kept until the pull is done");
+    lab.partial.as_ref().unwrap().finish();
+    assert!(!kept_dir.exists());
+
+    // Kept chunks of a pull never retried go after a day, at the next pull.
+    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    let p = lab.pull(None, None).await.unwrap();
+    p.vm.destroy();
+    let day_old = std::time::SystemTime::now() - super::partial::KEEP - Duration::from_secs(60);
+    std::fs::File::open(&kept_dir)
+        .unwrap()
+        .set_modified(day_old)
+        .unwrap();
+    super::partial::sweep(&root, super::partial::KEEP);
+    assert!(!kept_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_that_loses_alters_or_renames_objects_is_refused_naming_them() {
     let lab = lab();
     let r = lab.push().await;
@@ -307,6 +385,7 @@ async fn an_agent_not_named_finds_nothing_it_can_open() {
             capacity: 1 << 30,
             disk_dir: None,
             paused: true,
+            partial: None,
         },
     )
     .await

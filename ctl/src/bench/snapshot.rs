@@ -388,6 +388,7 @@ async fn pull_once(agent: &Agent, store: &SnapshotStore, r: &PushReport) -> Resu
             capacity: u64::MAX,
             disk_dir: None,
             paused: true,
+            partial: None,
         },
     )
     .await?;

@@ -159,11 +159,19 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
         SnapshotResponse::Pulled(p) => {
             describe(&p.summary);
             println!(
-                "verified and restored: VM {} is {:?} here; fetched {} chunks ({}) in {:.0} ms, total {:.0} ms",
+                "verified and restored: VM {} is {:?} here; fetched {} chunks ({}){} in {:.0} ms, total {:.0} ms",
                 p.vm.name,
                 p.vm.state,
                 p.fetched.0,
                 mib(p.fetched.1),
+                if p.kept > 0 {
+                    format!(
+                        ", {} more kept by an earlier pull cut short (opened again)",
+                        p.kept
+                    )
+                } else {
+                    String::new()
+                },
                 p.chunks_ms,
                 p.total_ms
             );
@@ -264,6 +272,7 @@ fn json(r: &SnapshotResponse) -> serde_json::Value {
             "state": format!("{:?}", p.vm.state),
             "fetched_chunks": p.fetched.0,
             "fetched_bytes": p.fetched.1,
+            "kept_chunks": p.kept,
             "chunks_ms": p.chunks_ms,
             "total_ms": p.total_ms,
         }),

@@ -121,6 +121,9 @@ pub struct PullReport {
     pub vm: super::VmInfo,
     /// Chunks fetched and their bytes.
     pub fetched: (u64, u64),
+    /// Chunks not fetched again: an earlier pull of this snapshot, cut
+    /// short, had kept them (each opened and checked again).
+    pub kept: u64,
     /// Fetching and checking the chunks, milliseconds.
     pub chunks_ms: f64,
     /// The whole pull, milliseconds.

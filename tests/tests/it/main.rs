@@ -20,6 +20,7 @@ mod indoubt;
 mod journal;
 mod lanes;
 mod limits;
+mod metrics;
 mod migration;
 mod peers;
 mod policy;

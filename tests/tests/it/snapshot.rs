@@ -186,6 +186,16 @@ async fn a_vm_moves_through_a_bucket_sealed_for_the_agent_named() {
     assert_eq!(pulled.summary.snapshot, second.summary.snapshot);
     assert_eq!(pulled.vm.state, VmState::Running);
     assert_eq!(pulled.vm.memory_bytes, MEMORY);
+    assert_eq!(pulled.fetched.0, second.summary.chunks.1);
+    assert_eq!(pulled.kept, 0, "nothing kept from an earlier pull");
+    // The chunks it kept while it ran went once it was done.
+    let pulls = lab.audit_log("b").with_file_name("pulls");
+    assert_eq!(
+        std::fs::read_dir(&pulls).map_or(0, |d| d.count()),
+        0,
+        "{}",
+        pulls.display()
+    );
     // The same name cannot be restored twice on one agent.
     let e = pull(&b, &url, None).await.unwrap_err();
     assert_eq!(kind(&e), Some(CtlErrorKind::Exists), "{e}");

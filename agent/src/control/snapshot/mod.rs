@@ -444,6 +444,7 @@ async fn pull(
         m.snapshot,
     );
     let disk_dir = host.config.disk_dir();
+    let partial = snap::partial::Partial::open(&host.snapshots.pulls, m).map(Arc::new);
     let pulled = snap::pull::restore(
         store,
         found,
@@ -458,6 +459,7 @@ async fn pull(
             disk_dir: disk_dir.as_deref(),
             // A handover starts the VM only once its claim is written.
             paused: p.paused || ticket.is_some(),
+            partial: partial.clone(),
         },
     )
     .await;
@@ -530,6 +532,7 @@ async fn pull(
             fetched: pulled.fetched,
             chunks_took: pulled.chunks_took,
             took: pulled.took,
+            partial: partial.as_deref(),
         },
     )
 }
@@ -540,9 +543,11 @@ struct PullDone<'a> {
     manifest: &'a convoy_protocol::snapshot::SnapshotManifest,
     layout: convoy_protocol::snapshot::ChunkLayout,
     digest: convoy_protocol::digest::Digest,
-    fetched: (u64, u64),
+    fetched: snap::pull::Fetched,
     chunks_took: std::time::Duration,
     took: std::time::Duration,
+    /// The pull's kept chunks, removed now that it is done.
+    partial: Option<&'a snap::partial::Partial>,
 }
 
 /// A pull done, the VM registered: audited, reported.
@@ -553,6 +558,9 @@ fn pull_done(
     operator: &SpiffeId,
     d: &PullDone<'_>,
 ) -> Result<SnapshotResponse, CtlResponse> {
+    if let Some(p) = d.partial {
+        p.finish();
+    }
     let name = &d.manifest.vm;
     host.audit(AuditEvent::Snapshot {
         operation: "pull".into(),
@@ -568,7 +576,8 @@ fn pull_done(
     Ok(SnapshotResponse::Pulled(Box::new(PullReport {
         summary: snap::summary(d.object, d.manifest, d.layout, d.digest),
         vm,
-        fetched: d.fetched,
+        fetched: (d.fetched.chunks, d.fetched.bytes),
+        kept: d.fetched.kept,
         chunks_ms: d.chunks_took.as_secs_f64() * 1e3,
         total_ms: d.took.as_secs_f64() * 1e3,
     })))

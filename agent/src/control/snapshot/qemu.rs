@@ -181,7 +181,15 @@ pub(super) async fn pull(
         o.found.layout,
         o.found.digest,
     );
-    let restored = snap::qemu::restore(store, o, &cfg, host.config.disk_capacity_bytes).await;
+    let partial = snap::partial::Partial::open(&host.snapshots.pulls, &manifest).map(Arc::new);
+    let restored = snap::qemu::restore(
+        store,
+        o,
+        &cfg,
+        host.config.disk_capacity_bytes,
+        partial.clone(),
+    )
+    .await;
     let restored = match restored {
         Ok(r) => r,
         Err(e) => {
@@ -274,6 +282,7 @@ pub(super) async fn pull(
             fetched: restored.fetched,
             chunks_took: restored.chunks_took,
             took: started.elapsed(),
+            partial: partial.as_deref(),
         },
     )
 }

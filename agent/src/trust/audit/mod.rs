@@ -179,6 +179,11 @@ impl AuditLog {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Records in the log.
+    pub fn records(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).seq
+    }
+
     /// The log file.
     pub fn path(&self) -> &Path {
         &self.path
