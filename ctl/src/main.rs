@@ -64,6 +64,10 @@ enum Command {
     Vm(cmd::vm::Vm),
     /// Live-migrate a VM from the agent (--agent) to another agent.
     Migrate(cmd::migrate::Migrate),
+    /// Move every VM off a host (HOST, NAME@HOST:PORT) to the agents
+    /// named with --to, a few at a time, placed by free memory; a VM that
+    /// cannot move stays running where it is and is reported.
+    Evacuate(cmd::evacuate::Evacuate),
     /// Tickets several parties approve before a migration may run:
     /// request, approve, show (submit with `migrate --ticket FILE`).
     #[command(subcommand)]
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Audit(c) => cmd::audit::run(&cli.global, c).await,
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
+            Command::Evacuate(c) => cmd::evacuate::run(&cli.global, c).await,
             Command::Ticket(c) => cmd::ticket::run(&cli.global, c).await,
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
             Command::Recover(c) => cmd::recover::run(&cli.global, c).await,

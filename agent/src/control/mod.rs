@@ -221,6 +221,8 @@ async fn handle(
                 vms: host.vm_infos(),
                 active_migrations: host.active.load(std::sync::atomic::Ordering::Relaxed),
                 recent: host.recent(),
+                capacity_bytes: host.config.capacity_bytes,
+                used_bytes: host.used_bytes(),
             };
             respond(&mut send, CtlResponse::Status(status)).await?;
         }

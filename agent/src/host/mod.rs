@@ -646,18 +646,18 @@ impl Host {
         self.vms().get(name).map(|e| e.info(name))
     }
 
+    /// Guest memory the VMs here hold or have reserved.
+    pub fn used_bytes(&self) -> u64 {
+        used_of(&self.vms())
+    }
+
     /// Reserves `bytes` of capacity under `name`.
     pub fn reserve(&self, name: &VmName, bytes: u64, state: VmState) -> Result<(), ReserveError> {
         let mut vms = self.vms();
         if vms.contains_key(name) {
             return Err(ReserveError::Exists);
         }
-        // A lost VM holds no memory here.
-        let used: u64 = vms
-            .values()
-            .filter(|e| !matches!(e.handle, Some(VmHandle::Lost(_))))
-            .map(|e| e.bytes)
-            .sum();
+        let used = used_of(&vms);
         if used.saturating_add(bytes) > self.config.capacity_bytes {
             return Err(ReserveError::NoCapacity);
         }
@@ -738,6 +738,14 @@ pub(crate) fn watch_qemu(
         tracing::warn!(vm = %name, "QEMU exited");
         host.set_state(&name, VmState::Exited);
     }));
+}
+
+/// Guest memory `vms` hold or have reserved (a lost VM holds none here).
+fn used_of(vms: &HashMap<VmName, VmEntry>) -> u64 {
+    vms.values()
+        .filter(|e| !matches!(e.handle, Some(VmHandle::Lost(_))))
+        .map(|e| e.bytes)
+        .sum()
 }
 
 #[cfg(test)]

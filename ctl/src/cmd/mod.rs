@@ -3,6 +3,7 @@
 
 pub mod abort;
 pub mod audit;
+pub mod evacuate;
 pub mod migrate;
 pub mod pki;
 pub mod policy;

@@ -145,7 +145,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
                 "uploaded {} of {} stored chunks ({}){}, VM paused {:.0} ms, chunks {:.0} ms, total {:.0} ms",
                 p.uploaded,
                 p.summary.chunks.1,
-                mib(p.uploaded_bytes),
+                render::mib(p.uploaded_bytes),
                 if p.rounds > 0 {
                     format!(" in {} rounds while it ran", p.rounds)
                 } else {
@@ -163,7 +163,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
                 p.vm.name,
                 p.vm.state,
                 p.fetched.0,
-                mib(p.fetched.1),
+                render::mib(p.fetched.1),
                 if p.kept > 0 {
                     format!(
                         ", {} more kept by an earlier pull cut short (opened again)",
@@ -185,7 +185,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
                         s.snapshot.to_string(),
                         s.vm.to_string(),
                         s.generation.to_string(),
-                        mib(s.vm_bytes),
+                        render::mib(s.vm_bytes),
                         format!("{}/{}", s.chunks.1, s.chunks.0),
                         s.source.clone(),
                         s.recipients.len().to_string(),
@@ -219,7 +219,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
             println!(
                 "verified: {} chunks ({}) opened, root {} as signed, in {:.0} ms",
                 v.fetched.0,
-                mib(v.fetched.1),
+                render::mib(v.fetched.1),
                 short(&v.root.to_hex()),
                 v.total_ms
             );
@@ -240,7 +240,7 @@ pub async fn run(g: &Global, c: Snapshot) -> Result<()> {
                 c.manifests_present,
                 c.chunks_copied,
                 c.chunks_present,
-                mib(c.bytes_streamed),
+                render::mib(c.bytes_streamed),
                 if c.server_side { " (the server copied)" } else { "" },
                 c.total_ms
             );
@@ -332,7 +332,7 @@ fn describe(s: &SnapshotSummary) {
         s.backend,
         s.vm,
         s.generation,
-        mib(s.vm_bytes),
+        render::mib(s.vm_bytes),
         s.source,
         s.object
     );
@@ -340,8 +340,4 @@ fn describe(s: &SnapshotSummary) {
 
 fn short(hex: &str) -> &str {
     hex.get(..16).unwrap_or(hex)
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }

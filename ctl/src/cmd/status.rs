@@ -17,6 +17,11 @@ pub async fn run(g: &Global) -> Result<()> {
     println!("agent      {}", s.identity);
     println!("listening  {}", s.listen);
     println!("version    {}", s.version);
+    println!(
+        "memory     {} of {} held",
+        render::mib(s.used_bytes),
+        render::mib(s.capacity_bytes)
+    );
     println!("migrations {} running", s.active_migrations);
     println!();
     print!("{}", render::vms(&s.vms));

@@ -306,6 +306,10 @@ pub struct AgentStatus {
     pub active_migrations: u32,
     /// The latest finished migrations, newest last.
     pub recent: Vec<MigrationReport>,
+    /// Guest memory it may hold (`--capacity`).
+    pub capacity_bytes: u64,
+    /// Guest memory its VMs hold or have reserved (arrivals included).
+    pub used_bytes: u64,
 }
 
 /// A refused or failed request.

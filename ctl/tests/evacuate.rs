@@ -1,0 +1,146 @@
+//! `convoyctl evacuate`, run as an operator would against three lab
+//! agents: a dry run moves nothing; the run places each VM by free memory,
+//! moves what it may two at a time, and leaves a VM the policy pins
+//! running where it is, reported, with exit status 1; every VM runs on
+//! exactly one agent afterwards.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use convoy_agent::lab::Lab;
+use convoy_protocol::ctl::VmState;
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `convoyctl --pki PKI ARGS` (off the runtime).
+async fn convoyctl(pki: PathBuf, args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+            .arg("--pki")
+            .arg(&pki)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::start(dir.path(), &["a", "b", "c"], |name, cfg| {
+        cfg.capacity_bytes = match name {
+            "b" => 96 * MIB,
+            "c" => 192 * MIB,
+            _ => 1 << 30,
+        };
+    })
+    .await
+    .unwrap();
+    let pki = lab.pki.dir().to_path_buf();
+    let at = |n: &str| format!("{n}@{}", lab.agent(n).unwrap().addr);
+    let a = lab.client("a").await.unwrap();
+    for (name, mib) in [("huge", 160), ("mid", 64), ("small", 32)] {
+        a.vm_create(Lab::sim_test_vm(name.parse().unwrap(), mib * MIB, 200))
+            .await
+            .unwrap();
+    }
+    let mut pinned = Lab::sim_test_vm("pinned".parse().unwrap(), 8 * MIB, 200);
+    pinned
+        .attributes
+        .labels
+        .insert("pinned".into(), "true".into());
+    a.vm_create(pinned).await.unwrap();
+    let args = |extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "evacuate".into(),
+            at("a"),
+            "--to".into(),
+            at("b"),
+            "--to".into(),
+            at("c"),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+
+    // The plan: the largest first, each where most room is left.
+    let out = convoyctl(pki.clone(), args(&["--dry-run"])).await;
+    let t = text(&out);
+    eprintln!("{t}");
+    assert!(out.status.success(), "{t}");
+    let row = |vm: &str| {
+        t.lines()
+            .find(|l| l.split_whitespace().next() == Some(vm))
+            .unwrap_or_else(|| panic!("no row for {vm}: {t}"))
+            .to_owned()
+    };
+    assert!(row("huge").contains(" c "), "{t}");
+    assert!(row("mid").contains(" b "), "{t}");
+    assert!(t.contains("dry run: nothing moved"), "{t}");
+    assert_eq!(
+        a.vm_list().await.unwrap().len(),
+        4,
+        "the dry run moved something"
+    );
+
+    // The run.
+    let out = convoyctl(pki.clone(), args(&["--parallel", "2"])).await;
+    let t = text(&out);
+    eprintln!("{t}");
+    assert!(!out.status.success(), "the pinned VM stays, so exit 1: {t}");
+    for vm in ["huge", "mid", "small"] {
+        assert!(t.contains(&format!("{vm} → ")), "{vm}: {t}");
+    }
+    assert!(t.contains("pinned stays on a"), "{t}");
+    assert!(t.contains("evacuated 3 of 4 VMs"), "{t}");
+    assert!(t.contains("1 VM(s) stay on the host"), "{t}");
+
+    // Exactly once, and running.
+    let mut seen = Vec::new();
+    for n in ["a", "b", "c"] {
+        for v in lab.client(n).await.unwrap().vm_list().await.unwrap() {
+            assert_eq!(v.state, VmState::Running, "{n}: {v:?}");
+            seen.push((v.name.to_string(), n.to_owned()));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("huge".into(), "c".into()),
+            ("mid".into(), "b".into()),
+            ("pinned".into(), "a".into()),
+            ("small".into(), seen[3].1.clone()),
+        ]
+    );
+    assert_ne!(seen[3].1, "a");
+
+    // Again, as JSON: nothing left that may move.
+    let out = convoyctl(pki.clone(), {
+        let mut v = vec!["--json".to_string()];
+        v.extend(args(&[]));
+        v
+    })
+    .await;
+    assert!(!out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["moved"], 0, "{j}");
+    assert_eq!(j["vms"][0]["vm"], "pinned", "{j}");
+    assert!(
+        j["vms"][0]["outcome"].as_str().unwrap().contains("pinned"),
+        "{j}"
+    );
+    lab.shutdown().await;
+}
