@@ -54,6 +54,7 @@ pub(crate) mod control;
 pub(crate) mod engine;
 pub mod host;
 pub mod lab;
+pub mod logging;
 pub mod metrics;
 pub mod private;
 pub mod s3lab;

@@ -113,6 +113,11 @@ struct Args {
     /// environment), else the AWS environment.
     #[arg(long = "snapshot-profile", value_name = "s3://BUCKET=PROFILE")]
     snapshot_profiles: Vec<String>,
+    /// Log lines as `text` or `json` (one object per line; a migration's
+    /// lines carry its id, VM, peer and role in `span`). `RUST_LOG` sets
+    /// the level.
+    #[arg(long, default_value = "text", value_name = "FORMAT")]
+    log_format: convoy_agent::logging::LogFormat,
     /// Serve Prometheus metrics (plain HTTP, GET on any path) on this
     /// address, e.g. 127.0.0.1:9464. Off by default. The figures name no
     /// VM and no peer.
@@ -258,12 +263,14 @@ fn main() -> Result<()> {
 }
 
 async fn agent_main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    // `try_init` also forwards the `log` records of quinn and rustls.
+    tracing_subscriber::util::SubscriberInitExt::try_init(convoy_agent::logging::subscriber(
+        args.log_format,
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        std::io::stdout,
+    ))
+    .context("installing the log subscriber")?;
     let (files, domain) = match (&args.pki, &args.cert) {
         (Some(dir), None) => {
             let pki = Pki::open(dir)?;

@@ -4,8 +4,9 @@
 //! `metrics` facade), so agents sharing a process keep their figures
 //! apart, and serves it on its own scrape endpoint (the exporter's HTTP
 //! listener, plain HTTP, optionally limited to `--metrics-allow` networks).
-//! Most figures are derived from what the agent audits ([`Metrics::audited`]:
-//! one place, so a refusal or an outcome counted is one recorded); a source's
+//! Most figures are derived from the events the agent audits
+//! ([`Metrics::audited`], one place: what is counted is what the audit log
+//! is given); a source's
 //! migration report adds the timings and bytes ([`Metrics::migrated`]).
 //! Labels take bounded values only — modes, outcomes, reason classes,
 //! policy actions — never a VM's or a peer's name: the endpoint serves no
@@ -34,7 +35,7 @@ enum Kind {
 
 /// Every metric: its kind, name, unit and help text.
 const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
-    (Kind::Counter, "convoy_migrations_started_total", None, "Migrations this agent accepted a ticket for, by role."),
+    (Kind::Counter, "convoy_tickets_accepted_total", None, "Operators' tickets this agent accepted, by role (a source accepts one before it checks the VM)."),
     (Kind::Counter, "convoy_migrations_ended_total", None, "Migrations that ended on this agent, by outcome."),
     (Kind::Counter, "convoy_refusals_total", None, "Requests, connections and streams refused, by reason."),
     (Kind::Counter, "convoy_policy_decisions_total", None, "Policy decisions, by action and decision."),
@@ -94,11 +95,9 @@ fn meta() -> Metadata<'static> {
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()))
 }
 
-fn labels(pairs: &[(&'static str, &str)]) -> Vec<Label> {
-    pairs
-        .iter()
-        .map(|(k, v)| Label::new(*k, (*v).to_owned()))
-        .collect()
+/// Labels of static values only: never a name or text from elsewhere.
+fn labels(pairs: &[(&'static str, &'static str)]) -> Vec<Label> {
+    pairs.iter().map(|(k, v)| Label::new(*k, *v)).collect()
 }
 
 impl Metrics {
@@ -143,6 +142,11 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Stops serving (the agent stopped).
+    pub fn stop(&self) {
+        self.exporter.abort();
+    }
+
     /// The scrape endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -159,19 +163,19 @@ impl Metrics {
         }
     }
 
-    fn count(&self, name: &'static str, pairs: &[(&'static str, &str)]) {
+    fn count(&self, name: &'static str, pairs: &[(&'static str, &'static str)]) {
         self.recorder
             .register_counter(&Key::from_parts(name, labels(pairs)), &meta())
             .increment(1);
     }
 
-    fn add(&self, name: &'static str, pairs: &[(&'static str, &str)], n: u64) {
+    fn add(&self, name: &'static str, pairs: &[(&'static str, &'static str)], n: u64) {
         self.recorder
             .register_counter(&Key::from_parts(name, labels(pairs)), &meta())
             .increment(n);
     }
 
-    fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], v: f64) {
+    fn observe(&self, name: &'static str, pairs: &[(&'static str, &'static str)], v: f64) {
         self.recorder
             .register_histogram(&Key::from_parts(name, labels(pairs)), &meta())
             .record(v);
@@ -179,9 +183,9 @@ impl Metrics {
 
     /// Counts what `event` says.
     pub fn audited(&self, event: &AuditEvent) {
-        let (name, labels): (&'static str, Vec<(&'static str, &str)>) = match event {
+        let (name, labels): (&'static str, Vec<(&'static str, &'static str)>) = match event {
             AuditEvent::TicketAccepted { role, .. } => (
-                "convoy_migrations_started_total",
+                "convoy_tickets_accepted_total",
                 vec![("role", role_label(role))],
             ),
             AuditEvent::Outcome { outcome, .. } => (

@@ -333,6 +333,11 @@ impl Agent {
         for r in [reloader, policy_reloader, gauges].into_iter().flatten() {
             r.abort();
         }
+        // The scrape endpoint ends with the agent, even while tasks still
+        // hold its host.
+        if let Some(m) = &self.host.metrics {
+            m.stop();
+        }
         // The inquiries about migrations in doubt end with the agent (the
         // next start asks again).
         let mut watchers =

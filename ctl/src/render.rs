@@ -356,12 +356,12 @@ impl Bar {
     }
 }
 
-/// Prints a value as pretty JSON.
 /// Bytes as MiB, one decimal.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
+/// Prints a value as pretty JSON.
 pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())

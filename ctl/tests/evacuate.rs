@@ -1,8 +1,8 @@
 //! `convoyctl evacuate`, run as an operator would against three lab
 //! agents: a dry run moves nothing; the run places each VM by free memory,
 //! moves what it may two at a time, and leaves a VM the policy pins
-//! running where it is, reported, with exit status 1; every VM runs on
-//! exactly one agent afterwards.
+//! running where it is and a paused VM paused, reported, with exit status
+//! 1; every VM is on exactly one agent afterwards.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -62,6 +62,11 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
         .labels
         .insert("pinned".into(), "true".into());
     a.vm_create(pinned).await.unwrap();
+    // An operator's pause: such a VM is left where it is.
+    a.vm_create(Lab::sim_test_vm("resting".parse().unwrap(), 8 * MIB, 0))
+        .await
+        .unwrap();
+    a.vm_pause("resting".parse().unwrap(), true).await.unwrap();
     let args = |extra: &[&str]| {
         let mut v: Vec<String> = vec![
             "evacuate".into(),
@@ -88,10 +93,11 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
     };
     assert!(row("huge").contains(" c "), "{t}");
     assert!(row("mid").contains(" b "), "{t}");
+    assert!(row("resting").contains("not moved: it is Paused"), "{t}");
     assert!(t.contains("dry run: nothing moved"), "{t}");
     assert_eq!(
         a.vm_list().await.unwrap().len(),
-        4,
+        5,
         "the dry run moved something"
     );
 
@@ -104,14 +110,19 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
         assert!(t.contains(&format!("{vm} → ")), "{vm}: {t}");
     }
     assert!(t.contains("pinned stays on a"), "{t}");
-    assert!(t.contains("evacuated 3 of 4 VMs"), "{t}");
-    assert!(t.contains("1 VM(s) stay on the host"), "{t}");
+    assert!(t.contains("evacuated 3 of 5 VMs"), "{t}");
+    assert!(t.contains("2 VM(s) stay on the host"), "{t}");
 
     // Exactly once, and running.
     let mut seen = Vec::new();
     for n in ["a", "b", "c"] {
         for v in lab.client(n).await.unwrap().vm_list().await.unwrap() {
-            assert_eq!(v.state, VmState::Running, "{n}: {v:?}");
+            let want = if v.name.as_str() == "resting" {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
+            assert_eq!(v.state, want, "{n}: {v:?}");
             seen.push((v.name.to_string(), n.to_owned()));
         }
     }
@@ -122,10 +133,11 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
             ("huge".into(), "c".into()),
             ("mid".into(), "b".into()),
             ("pinned".into(), "a".into()),
-            ("small".into(), seen[3].1.clone()),
+            ("resting".into(), "a".into()),
+            ("small".into(), seen[4].1.clone()),
         ]
     );
-    assert_ne!(seen[3].1, "a");
+    assert_ne!(seen[4].1, "a");
 
     // Again, as JSON: nothing left that may move.
     let out = convoyctl(pki.clone(), {
@@ -137,10 +149,13 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
     assert!(!out.status.success());
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["moved"], 0, "{j}");
-    assert_eq!(j["vms"][0]["vm"], "pinned", "{j}");
+    let vms = j["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{j}");
+    let pinned = vms.iter().find(|v| v["vm"] == "pinned").unwrap();
     assert!(
-        j["vms"][0]["outcome"].as_str().unwrap().contains("pinned"),
+        pinned["outcome"].as_str().unwrap().contains("pinned"),
         "{j}"
     );
+    assert!(pinned["to"].is_null(), "{j}");
     lab.shutdown().await;
 }

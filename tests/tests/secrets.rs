@@ -1,6 +1,9 @@
 //! Secrets never reach the logs: with every log level on, a migration's
 //! whole log output (and the `Debug` of identities and configurations)
 //! holds no private key material of the CA, the agents or the operator.
+//! The logs are the agent's JSON lines (`--log-format json`), and every
+//! line the migration engine wrote on either side names the migration,
+//! its peer and its role.
 //!
 //! A test binary of its own, not a module of `it`: it installs a global
 //! TRACE subscriber (the agents log from every worker thread), which can
@@ -57,14 +60,53 @@ fn needles(pem: &str) -> Vec<String> {
     out
 }
 
+/// Every JSON line logged inside migration `migration` names it, its peer
+/// and its role, on both sides, and every line of the page-migration
+/// engine is inside it.
+fn migration_lines_carry_the_migration(logs: &str, migration: &str) {
+    let mut roles = std::collections::BTreeMap::new();
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let span = &v["span"];
+        let target = v["target"].as_str().unwrap_or_default();
+        if target.starts_with("convoy_agent::engine::native") {
+            assert_eq!(span["migration"], migration, "{line}");
+        }
+        if span["name"] != "migration" || span["migration"] != migration {
+            continue;
+        }
+        assert!(
+            span["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("spiffe://")),
+            "{line}"
+        );
+        let role = span["role"].as_str().unwrap_or_default().to_owned();
+        if role == "source" {
+            assert_eq!(span["vm"], "vm", "{line}");
+            if !roles.contains_key("source") {
+                eprintln!("{line}");
+            }
+        }
+        *roles.entry(role).or_insert(0) += 1;
+    }
+    assert!(
+        roles.get("source").is_some_and(|n| *n > 2)
+            && roles.get("destination").is_some_and(|n| *n > 0),
+        "lines by role: {roles:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_private_key_material_in_logs_or_debug_output() {
     let capture = Capture::default();
     let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber = convoy_agent::logging::subscriber(
+        convoy_agent::logging::LogFormat::Json,
+        tracing_subscriber::EnvFilter::new("trace"),
+        move || writer.clone(),
+    );
     // Global: the agents' tasks run on every worker thread. This file
     // holds this one test, so nothing else logs here.
     tracing::subscriber::set_global_default(subscriber).unwrap();
@@ -100,6 +142,7 @@ async fn no_private_key_material_in_logs_or_debug_output() {
         logs.len()
     );
     assert!(debug.contains("AgentName(\"operator\")"), "{debug}");
+    migration_lines_carry_the_migration(&logs, &r.migration);
     let mut keys = Vec::new();
     key_files(dir.path(), &mut keys);
     assert!(keys.len() >= 4, "CA, two agents, operator: {keys:?}");

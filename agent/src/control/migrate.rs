@@ -73,11 +73,18 @@ pub(super) async fn migrate(
     send: &mut SendStream,
 ) -> Result<(), WireError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let task = tokio::spawn(crate::engine::outgoing::migrate(
-        host.clone(),
-        req,
-        operator.clone(),
-        tx,
+    // Its id and the destination's identity are recorded once its ticket
+    // checks out.
+    let span = tracing::info_span!(
+        "migration",
+        role = "source",
+        vm = %req.vm,
+        peer = tracing::field::Empty,
+        migration = tracing::field::Empty,
+    );
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        crate::engine::outgoing::migrate(host.clone(), req, operator.clone(), tx),
+        span,
     ));
     while let Some(p) = rx.recv().await {
         // The operator may go away; the migration goes on.

@@ -56,21 +56,41 @@ pub(crate) async fn serve(host: Arc<Host>, conn: Connection, peer: Peer) {
     let Some(first) = first_message(&mut recv, left).await else {
         return timed_out(&host, &conn, &peer, limit);
     };
-    match first {
-        Ok(Some(Message::Propose(p))) if p.manifest.qemu.is_some() => {
-            qemu::destination::serve(host, conn, peer, send, recv, p).await;
+    // Every line of the migration carries it (`crate::logging`).
+    let span = |migration: &dyn std::fmt::Display, vm: Option<&dyn std::fmt::Display>| {
+        tracing::info_span!(
+            "migration",
+            role = "destination",
+            peer = %peer.id,
+            migration = %migration,
+            vm = vm.map(tracing::field::display),
+        )
+    };
+    let span = match &first {
+        Ok(Some(Message::Propose(p))) => span(&p.migration, Some(&p.vm)),
+        Ok(Some(Message::Resume(r))) => span(&r.migration, None),
+        Ok(Some(Message::Lane(l))) => span(&l.migration, None),
+        Ok(Some(Message::Inquire(i))) => span(&i.migration, None),
+        _ => tracing::Span::none(),
+    };
+    let serve = async move {
+        match first {
+            Ok(Some(Message::Propose(p))) if p.manifest.qemu.is_some() => {
+                qemu::destination::serve(host, conn, peer, send, recv, p).await;
+            }
+            Ok(Some(Message::Resume(r))) => {
+                native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
+            }
+            Ok(Some(Message::Lane(l))) => {
+                native::destination::join_lane(host, conn, peer, send, l).await
+            }
+            Ok(Some(Message::Inquire(i))) => {
+                crate::host::indoubt::answer(host, conn, peer, send, i).await;
+            }
+            first => native::destination::serve(host, conn, peer, send, recv, first).await,
         }
-        Ok(Some(Message::Resume(r))) => {
-            native::destination::hand_over_resume(host, conn, peer, send, recv, r).await;
-        }
-        Ok(Some(Message::Lane(l))) => {
-            native::destination::join_lane(host, conn, peer, send, l).await
-        }
-        Ok(Some(Message::Inquire(i))) => {
-            crate::host::indoubt::answer(host, conn, peer, send, i).await;
-        }
-        first => native::destination::serve(host, conn, peer, send, recv, first).await,
-    }
+    };
+    tracing::Instrument::instrument(serve, span).await;
 }
 
 #[cfg(test)]
@@ -112,7 +132,7 @@ mod tests {
             reason: Reason::Cancelled,
         });
         let bytes = abort.encode().unwrap();
-        let sender = tokio::spawn(async move {
+        let sender = crate::engine::spawn(async move {
             tokio::time::sleep(FIRST_MESSAGE - Duration::from_millis(1)).await;
             source.write_all(&bytes).await.unwrap();
             source

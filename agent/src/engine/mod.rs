@@ -14,6 +14,16 @@
 //! - [`native`]: page migrations of sim VMs, driving the state machines.
 //! - [`qemu`]: QEMU's own migration stream carried through Convoy.
 
+/// `tokio::spawn` inside the caller's span: a migration's tasks log with
+/// its fields ([`crate::logging`]).
+pub(crate) fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(f))
+}
+
 pub(crate) mod admission;
 pub(crate) mod clock;
 pub(crate) mod error;

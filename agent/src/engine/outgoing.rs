@@ -59,6 +59,9 @@ pub(crate) async fn migrate(
             return Err(e.into());
         }
     };
+    let span = tracing::Span::current();
+    span.record("migration", tracing::field::display(ticket.ticket.id));
+    span.record("peer", tracing::field::display(&ticket.ticket.destination));
     // The plan is the ticket's: what the operator signed is what runs.
     let opts = &ticket.ticket.plan;
     opts.validate().map_err(OptionsError::Plan)?;
@@ -308,7 +311,7 @@ impl Deadline {
     fn arm(after: std::time::Duration, cancel: Arc<tokio::sync::Notify>) -> Deadline {
         let passed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = passed.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::engine::spawn(async move {
             tokio::time::sleep(after).await;
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
             // A permit if the engine is not waiting at this instant.
@@ -369,7 +372,7 @@ pub(crate) async fn take_up(
     let prepared = crate::engine::native::source::restart::prepare(host, r, addr).await?;
     let what = prepared.what.clone();
     let host = host.clone();
-    tokio::spawn(async move {
+    crate::engine::spawn(async move {
         let (mut run, report) = prepared.drive().await;
         let phases = std::mem::take(&mut run.phases);
         finish(

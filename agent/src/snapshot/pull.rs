@@ -288,11 +288,17 @@ pub(super) async fn fetch_chunks(
                     let (opener, staging) = (opener.clone(), staging.clone());
                     let kept = blocking(move || {
                         let sealed = p.get(&name)?;
-                        let c = open_into(&opener, staging.as_deref(), i, &sealed);
-                        if c.is_err() {
-                            p.remove(&name);
+                        match open_into(&opener, staging.as_deref(), i, &sealed) {
+                            Ok(c) => Some(c),
+                            // It does not open: never used, fetched anew.
+                            Err(SnapshotError::Restore(_)) => {
+                                p.remove(&name);
+                                None
+                            }
+                            // Staging failed, not the chunk: fetched anew,
+                            // and a local error there ends the pull.
+                            Err(_) => None,
                         }
-                        c.ok()
                     })
                     .await?;
                     if let Some(c) = kept {

@@ -265,9 +265,10 @@ async fn a_pull_cut_short_fetches_again_only_what_it_lacked_and_trusts_nothing_k
     let found = super::pull::choose(&lab.store, &v, &id(B), None, None)
         .await
         .unwrap();
+    assert_eq!(found.manifest.snapshot, r.snapshot);
     let stored = found.manifest.stored().0;
     let root = dir.path().join("pulls");
-    let kept_dir = root.join(r.snapshot.to_string());
+    let kept_dir = root.join(found.digest.to_hex());
     let kept = || {
         std::fs::read_dir(&kept_dir).map_or(0, |d| {
             d.flatten()
@@ -275,7 +276,16 @@ async fn a_pull_cut_short_fetches_again_only_what_it_lacked_and_trusts_nothing_k
                 .count() as u64
         })
     };
-    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    let open_kept = || {
+        super::partial::Partial::open(
+            &root,
+            &found.digest,
+            found.manifest.stored().1,
+            found.layout.max_sealed() as u64,
+        )
+        .map(Arc::new)
+    };
+    lab.partial = open_kept();
     assert!(lab.partial.is_some());
     tokio::select! {
         r = lab.pull(None, None) => panic!("the pull was not cut: {:?}", r.map(|p| p.fetched)),
@@ -299,7 +309,7 @@ async fn a_pull_cut_short_fetches_again_only_what_it_lacked_and_trusts_nothing_k
     bytes[20] ^= 1;
     std::fs::write(&first, &bytes).unwrap();
 
-    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    lab.partial = open_kept();
     let p = lab.pull(None, None).await.unwrap();
     eprintln!("{up} kept at the cut, then {:?} of {stored}", p.fetched);
     assert!(
@@ -315,7 +325,7 @@ async fn a_pull_cut_short_fetches_again_only_what_it_lacked_and_trusts_nothing_k
     assert!(!kept_dir.exists());
 
     // Kept chunks of a pull never retried go after a day, at the next pull.
-    lab.partial = super::partial::Partial::open(&root, &found.manifest).map(Arc::new);
+    lab.partial = open_kept();
     let p = lab.pull(None, None).await.unwrap();
     p.vm.destroy();
     let day_old = std::time::SystemTime::now() - super::partial::KEEP - Duration::from_secs(60);

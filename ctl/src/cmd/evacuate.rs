@@ -13,8 +13,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use convoy_agent::client::ClientError;
 use convoy_agent::trust::authz::issue_ticket;
-use convoy_protocol::ctl::{MigrateRequest, MigrationReport, Outcome, VmInfo, VmState};
+use convoy_protocol::ctl::{
+    CtlErrorKind, MigrateRequest, MigrationReport, Outcome, VmInfo, VmState,
+};
 use convoy_protocol::names::{AgentName, SpiffeId};
 use futures_util::StreamExt;
 
@@ -72,6 +75,9 @@ pub async fn run(g: &Global, e: Evacuate) -> Result<()> {
     for t in &e.to {
         match target(g, t).await {
             Ok(t) if t.id == host.agent => bail!("--to {} is the host being evacuated", t.name),
+            Ok(t) if targets.iter().any(|o: &Target| o.id == t.id) => {
+                bail!("--to {} is named twice", t.name)
+            }
             Ok(t) => targets.push(t),
             Err(err) => eprintln!("leaving out {t}: {err:#}"),
         }
@@ -135,7 +141,7 @@ pub async fn run(g: &Global, e: Evacuate) -> Result<()> {
     }
     host.client.close().await;
     if doubt > 0 {
-        bail!("{doubt} VM(s) in doubt: `convoyctl recover` on the host resolves them");
+        bail!("{doubt} VM(s) in doubt or unknown: `convoyctl status` and `convoyctl recover` on the host");
     }
     if moved < done.len() {
         bail!("{} VM(s) stay on the host", done.len() - moved);
@@ -180,7 +186,9 @@ fn place(mut vms: Vec<VmInfo>, targets: &mut [Target]) -> (Vec<(VmInfo, usize)>,
             report: None,
             in_doubt: false,
         };
-        if !matches!(vm.state, VmState::Running | VmState::Paused) || vm.subject.is_none() {
+        // An agent migrates running VMs only: a paused one (an
+        // operator's pause) stays paused where it is.
+        if vm.state != VmState::Running || vm.subject.is_none() {
             stays.push(stay(format!("not moved: it is {:?}", vm.state)));
             continue;
         }
@@ -242,9 +250,26 @@ async fn move_one(
         let r = host.client.migrate(req, |_| {}).await;
         let (what, report) = match r {
             Ok(r) => (r.outcome.to_string(), r),
-            Err(e) => {
-                why.push(format!("{}: {e}", t.name));
+            // Refused before it began (ticket, policy, capacity, the VM
+            // busy): nothing moved, the next destination may take it.
+            Err(ClientError::Agent(e)) if e.kind != CtlErrorKind::Internal => {
+                why.push(format!("{}: {}", t.name, e.message));
                 continue;
+            }
+            // The answer was lost (the connection, the agent's task): the
+            // migration may have run on without us, so never elsewhere.
+            Err(e) => {
+                return Moved {
+                    vm: vm.name.to_string(),
+                    memory: vm.memory_bytes,
+                    to: None,
+                    what: format!(
+                        "unknown: no answer from the host about its move to {} ({e}); see `convoyctl status` on both",
+                        t.name
+                    ),
+                    report: None,
+                    in_doubt: true,
+                };
             }
         };
         match report.outcome {

@@ -113,7 +113,7 @@ async fn a_scrape_during_and_after_a_migration_shows_it_on_both_agents() {
     assert_series(
         &body,
         &[
-            ("convoy_migrations_started_total{role=\"source\"}", 1.0),
+            ("convoy_tickets_accepted_total{role=\"source\"}", 1.0),
             ("convoy_migrations_ended_total{outcome=\"completed\"}", 1.0),
             (
                 "convoy_migration_downtime_seconds_count{mode=\"precopy\"}",
@@ -162,7 +162,7 @@ async fn a_scrape_during_and_after_a_migration_shows_it_on_both_agents() {
     assert_series(
         &body_b,
         &[
-            ("convoy_migrations_started_total{role=\"destination\"}", 1.0),
+            ("convoy_tickets_accepted_total{role=\"destination\"}", 1.0),
             // A destination's success is the VM started there.
             ("convoy_migrations_ended_total{outcome=\"started\"}", 1.0),
             (

@@ -444,7 +444,7 @@ async fn pull(
         m.snapshot,
     );
     let disk_dir = host.config.disk_dir();
-    let partial = snap::partial::Partial::open(&host.snapshots.pulls, m).map(Arc::new);
+    let partial = kept(host, found.digest, m.stored().1, found.layout).await;
     let pulled = snap::pull::restore(
         store,
         found,
@@ -532,7 +532,7 @@ async fn pull(
             fetched: pulled.fetched,
             chunks_took: pulled.chunks_took,
             took: pulled.took,
-            partial: partial.as_deref(),
+            partial: partial.as_ref(),
         },
     )
 }
@@ -547,7 +547,24 @@ struct PullDone<'a> {
     chunks_took: std::time::Duration,
     took: std::time::Duration,
     /// The pull's kept chunks, removed now that it is done.
-    partial: Option<&'a snap::partial::Partial>,
+    partial: Option<&'a Arc<snap::partial::Partial>>,
+}
+
+/// Where the pull of the manifest `digest` (`stored` sealed bytes) keeps
+/// its chunks ([`snap::partial`]), opened off the async threads.
+async fn kept(
+    host: &Arc<Host>,
+    digest: convoy_protocol::digest::Digest,
+    stored: u64,
+    layout: convoy_protocol::snapshot::ChunkLayout,
+) -> Option<Arc<snap::partial::Partial>> {
+    let root = host.snapshots.pulls.clone();
+    let max = layout.max_sealed() as u64;
+    tokio::task::spawn_blocking(move || snap::partial::Partial::open(&root, &digest, stored, max))
+        .await
+        .ok()
+        .flatten()
+        .map(Arc::new)
 }
 
 /// A pull done, the VM registered: audited, reported.
@@ -559,7 +576,8 @@ fn pull_done(
     d: &PullDone<'_>,
 ) -> Result<SnapshotResponse, CtlResponse> {
     if let Some(p) = d.partial {
-        p.finish();
+        let p = p.clone();
+        tokio::task::spawn_blocking(move || p.finish());
     }
     let name = &d.manifest.vm;
     host.audit(AuditEvent::Snapshot {

@@ -181,7 +181,7 @@ pub(super) async fn pull(
         o.found.layout,
         o.found.digest,
     );
-    let partial = snap::partial::Partial::open(&host.snapshots.pulls, &manifest).map(Arc::new);
+    let partial = super::kept(host, digest, manifest.stored().1, layout).await;
     let restored = snap::qemu::restore(
         store,
         o,
@@ -282,7 +282,7 @@ pub(super) async fn pull(
             fetched: restored.fetched,
             chunks_took: restored.chunks_took,
             took: started.elapsed(),
-            partial: partial.as_deref(),
+            partial: partial.as_ref(),
         },
     )
 }

@@ -96,7 +96,7 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..2 {
             let p = p.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(crate::engine::spawn(async move {
                 for _ in 0..10 {
                     p.take(100_000).await;
                 }

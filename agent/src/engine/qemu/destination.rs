@@ -129,7 +129,7 @@ pub(crate) async fn serve(
     };
     let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
-    let reader = tokio::spawn(read_control(recv, ctl_tx));
+    let reader = crate::engine::spawn(read_control(recv, ctl_tx));
     let (outcome, step) = match run.admit(&p).await {
         Err(f) => {
             // Refused before anything ran: a Reject, not an Abort.
@@ -385,7 +385,7 @@ impl Incoming {
         self.link = Some(conn.clone());
         let qvm = self.qemu.clone().ok_or_else(|| Fail::local("no QEMU"))?;
         let (chan_tx, mut chans) = mpsc::unbounded_channel();
-        let mut acceptors = vec![AbortOnDrop(tokio::spawn(accept_channels(
+        let mut acceptors = vec![AbortOnDrop(crate::engine::spawn(accept_channels(
             conn.clone(),
             self.migration,
             self.manifest.clone(),

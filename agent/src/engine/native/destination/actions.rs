@@ -258,7 +258,7 @@ impl Incoming {
         // Faults have their own queue, served before other events.
         let (tx, batched) = mpsc::unbounded_channel();
         self.faults = Some(batched);
-        self.tasks.push(tokio::spawn(async move {
+        self.tasks.push(crate::engine::spawn(async move {
             // Every fault already queued goes in one Fetch.
             while let Some(p) = faults_rx.recv().await {
                 let mut pages = vec![p];
@@ -448,7 +448,7 @@ const DISK_FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// it, the sync before Started writes every block that arrived (2.8 s for
 /// a 4 GiB disk a quarter full, measured).
 fn flush_disks_while_arriving(staging: Arc<SimVm>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    crate::engine::spawn(async move {
         loop {
             tokio::time::sleep(DISK_FLUSH_EVERY).await;
             let s = staging.clone();

@@ -128,7 +128,7 @@ impl Incoming {
         };
         if let Some(why) = why {
             let host = self.host.clone();
-            tokio::spawn(async move { refuse_now(&host, &peer, conn, send, why).await });
+            crate::engine::spawn(async move { refuse_now(&host, &peer, conn, send, why).await });
             return;
         }
         let share = self.host.budget.join(&conn, Side::Receive);
@@ -142,7 +142,7 @@ impl Incoming {
         });
         // The answer goes aside: a source that reads nothing stalls
         // nothing here.
-        tokio::spawn(async move {
+        crate::engine::spawn(async move {
             let number = lane.lane;
             match write_message(&mut send, &Message::Lane(lane)).await {
                 Ok(_) => {

@@ -107,7 +107,7 @@ impl Tx {
 
 /// Reads the control stream into the engine's channel.
 fn spawn_control_reader(mut recv: RecvStream, tx: Tx) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    crate::engine::spawn(async move {
         loop {
             let r = read_message(&mut recv).await;
             let end = !matches!(r, Ok(Some(_)));

@@ -65,7 +65,7 @@ impl Incoming {
         let tx = self.tx.clone();
         let migration = self.migration;
         let (unopened, all_opened) = (self.unopened.clone(), self.all_opened.clone());
-        self.link_tasks.push(tokio::spawn(async move {
+        self.link_tasks.push(crate::engine::spawn(async move {
             let mut carried = 0u16;
             loop {
                 // Armed before the count is read: the last stream, opened
@@ -204,7 +204,7 @@ impl Incoming {
         let reuse = self.reuse.clone().filter(|_| stream < self.streams);
         let bases = self.base_ranges.clone();
         let retained = stream < self.streams && (reuse.is_some() || !bases.is_empty());
-        self.link_tasks.push(tokio::spawn(async move {
+        self.link_tasks.push(crate::engine::spawn(async move {
             loop {
                 match read_message(&mut recv).await {
                     Ok(Some(m)) => {

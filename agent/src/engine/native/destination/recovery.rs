@@ -75,7 +75,7 @@ pub(crate) fn refuse_resume(
 ) {
     tracing::warn!(peer = %peer.id, "Resume refused: {audit}");
     host.audit_refusal(peer.id.to_string(), audit);
-    tokio::spawn(refuse(conn, send, reason));
+    crate::engine::spawn(refuse(conn, send, reason));
 }
 
 /// Answers a connection with an Abort, then lets it close (bounded: a

@@ -271,7 +271,7 @@ impl<'r> Driver<'r> {
                 // A lane's end is the link's: a stream whose last bytes
                 // were written before it broke fails no write here.
                 let (watched, events) = (lane.clone(), self.wire.events_tx.clone());
-                tokio::spawn(async move {
+                crate::engine::spawn(async move {
                     let error = watched.closed().await;
                     let _ = events.send(EngineEvent::StreamFailed(StreamError::Lane {
                         lane: number,

@@ -43,7 +43,7 @@ pub(super) fn spawn_control_reader(
     mut recv: crate::transport::RecvStream,
     tx: mpsc::Sender<Result<Option<Message>, crate::transport::WireError>>,
 ) {
-    tokio::spawn(async move {
+    crate::engine::spawn(async move {
         loop {
             let r = read_message(&mut recv).await;
             let end = !matches!(r, Ok(Some(_)));
@@ -188,7 +188,7 @@ pub(super) fn spawn_writer(
     events: mpsc::UnboundedSender<EngineEvent>,
     link: Arc<AtomicU64>,
 ) {
-    tokio::spawn(async move {
+    crate::engine::spawn(async move {
         let (mut sent, mut waited) = (0.0f64, 0.0f64);
         while let Some(out) = out_rx.recv().await {
             match out {

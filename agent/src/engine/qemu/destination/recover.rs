@@ -158,7 +158,7 @@ impl Incoming {
             .ok_or_else(|| Fail::local("the link cuts name different channels"))?;
         ours.push(agreed);
         self.recoveries = link;
-        acceptors.push(AbortOnDrop(tokio::spawn(accept_resumed(
+        acceptors.push(AbortOnDrop(crate::engine::spawn(accept_resumed(
             conn.clone(),
             self.migration,
             ChannelKind::Resumed(link),
@@ -210,7 +210,7 @@ impl Incoming {
             return Err(Exchange::LinkLost(e.to_string()));
         }
         let (tx, mut new_ctl) = mpsc::channel(8);
-        tokio::spawn(read_control(recv, tx));
+        crate::engine::spawn(read_control(recv, tx));
         let c = match tokio::time::timeout(CUT_TIMEOUT, new_ctl.recv()).await {
             Ok(c) if !is_loss(&c) => c,
             // Lost, or silent: this link is given up.

@@ -200,7 +200,7 @@ impl Run {
             }
         };
         let (ctl_tx, mut ctl) = mpsc::channel(8);
-        let reader = tokio::spawn(read_control(recv, ctl_tx));
+        let reader = crate::engine::spawn(read_control(recv, ctl_tx));
         let (chan_tx, mut chans) = mpsc::unbounded_channel();
         let mut acceptors = JoinSet::new();
         let r = self

@@ -140,6 +140,24 @@ impl Run {
         }
     }
 
+    /// QEMU's figures of a completed migration, `q` or a later query:
+    /// QEMU reports `completed` a moment before it sets its total time
+    /// (and under load a query lands in between, reading 0), so it is
+    /// asked again, briefly, until the total is there.
+    async fn final_figures(&self, mut q: Value) -> Value {
+        for _ in 0..25 {
+            if q["total-time"].as_u64().is_some_and(|t| t > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match self.qmp("query-migrate", Value::Null).await {
+                Ok(again) if again["status"] == "completed" => q = again,
+                _ => break,
+            }
+        }
+        q
+    }
+
     /// Polls QEMU's migration until it completes, reporting progress and
     /// switching to post-copy when the plan says so; returns QEMU's last
     /// `query-migrate`.
@@ -228,7 +246,7 @@ impl Run {
                 rate_bytes_per_sec,
             });
             match status.as_str() {
-                "completed" => break q,
+                "completed" => break self.final_figures(q).await,
                 "failed" | "cancelled" => {
                     let why = q["error-desc"].as_str().unwrap_or(&status).to_owned();
                     st.qemu_status = status;

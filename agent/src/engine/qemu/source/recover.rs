@@ -179,7 +179,7 @@ impl Run {
                     .await
                     .map_err(|e| e.to_string())?;
                 let (tx, mut ctl) = mpsc::channel(8);
-                tokio::spawn(read_control(recv, tx));
+                crate::engine::spawn(read_control(recv, tx));
                 Ok::<_, String>((conn, send, ctl.recv().await, ctl))
             };
             match tokio::time::timeout(left.min(ANSWER_TIMEOUT), attempt).await {
