@@ -212,7 +212,15 @@ async fn a_first_push_cut_short_resumes_with_the_chunks_already_up() {
         if journalled {
             lab.journal = Some(Arc::new(super::seen::SeenLineages::open(&db).unwrap()));
         }
-        let count = || std::fs::read_dir(&chunks).map_or(0, |d| d.count() as u64);
+        // Chunks stored, not the store's staging files (`NAME#N`) of
+        // uploads under way.
+        let count = || {
+            std::fs::read_dir(&chunks).map_or(0, |d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().contains('#'))
+                    .count() as u64
+            })
+        };
         tokio::select! {
             r = lab.try_push() => panic!("the push was not cut: {r:?}"),
             () = async {
@@ -238,8 +246,10 @@ async fn a_first_push_cut_short_resumes_with_the_chunks_already_up() {
             r.uploaded, r.stored
         );
         if journalled {
-            // The vCPU's counter page may have moved on: its chunk again.
-            assert!(r.uploaded + up <= r.stored + 1, "{up} up, {r:?}");
+            // The VM runs (500 page writes a second) between the cut and
+            // the second push's pause: the chunks of the few pages it
+            // wrote go again, with the vCPU's counter page.
+            assert!(r.uploaded + up <= r.stored + 4, "{up} up, {r:?}");
             let j = lab.journal.as_ref().unwrap();
             assert_eq!(
                 j.started_push(&url, &"vm-1".parse().unwrap()).unwrap(),

@@ -520,6 +520,7 @@ async fn pull(
         &attributes,
     )
     .await?;
+    finish_kept(partial).await;
     pull_done(
         host,
         store,
@@ -532,7 +533,6 @@ async fn pull(
             fetched: pulled.fetched,
             chunks_took: pulled.chunks_took,
             took: pulled.took,
-            partial: partial.as_ref(),
         },
     )
 }
@@ -546,8 +546,14 @@ struct PullDone<'a> {
     fetched: snap::pull::Fetched,
     chunks_took: std::time::Duration,
     took: std::time::Duration,
-    /// The pull's kept chunks, removed now that it is done.
-    partial: Option<&'a Arc<snap::partial::Partial>>,
+}
+
+/// The pull is done: its kept chunks go (off the async threads) before it
+/// is reported.
+async fn finish_kept(partial: Option<Arc<snap::partial::Partial>>) {
+    if let Some(p) = partial {
+        let _ = tokio::task::spawn_blocking(move || p.finish()).await;
+    }
 }
 
 /// Where the pull of the manifest `digest` (`stored` sealed bytes) keeps
@@ -575,10 +581,6 @@ fn pull_done(
     operator: &SpiffeId,
     d: &PullDone<'_>,
 ) -> Result<SnapshotResponse, CtlResponse> {
-    if let Some(p) = d.partial {
-        let p = p.clone();
-        tokio::task::spawn_blocking(move || p.finish());
-    }
     let name = &d.manifest.vm;
     host.audit(AuditEvent::Snapshot {
         operation: "pull".into(),

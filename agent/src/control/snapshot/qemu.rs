@@ -12,7 +12,7 @@ use convoy_protocol::snapshot::{SealingKeyStatement, SnapshotBackend};
 
 use super::super::hold::{failed, release, Claimed, Guest};
 use super::super::{error, vm};
-use super::{pull_done, pushed, PullDone};
+use super::{finish_kept, pull_done, pushed, PullDone};
 use crate::host::{Host, VmHandle};
 use crate::snapshot::{self as snap, SnapshotStore};
 use crate::trust::authz::now_unix;
@@ -270,6 +270,7 @@ pub(super) async fn pull(
         restored.chunks_took,
         restored.load_took
     );
+    finish_kept(partial).await;
     pull_done(
         host,
         store,
@@ -282,7 +283,6 @@ pub(super) async fn pull(
             fetched: restored.fetched,
             chunks_took: restored.chunks_took,
             took: started.elapsed(),
-            partial: partial.as_ref(),
         },
     )
 }
