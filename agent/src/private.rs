@@ -34,6 +34,12 @@ pub const DIR_MODE: u32 = 0o700;
 /// Mode of every file the agent creates.
 pub const FILE_MODE: u32 = 0o600;
 
+/// Bytes free for unprivileged use on the filesystem of `dir`.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Creates `path` and any missing parent, each `0700`; an existing
 /// directory is left alone.
 pub fn create_dir_all(path: &Path) -> io::Result<()> {

@@ -45,7 +45,7 @@ impl Partial {
         let dir = root.join(manifest.to_hex());
         let room = crate::private::create_dir_all(&dir)
             .and_then(|()| touch(&dir))
-            .and_then(|()| free_bytes(&dir))
+            .and_then(|()| crate::private::free_bytes(&dir))
             .map(|free| free.saturating_add(kept_bytes(&dir)));
         let room = match room {
             Ok(v) => v,
@@ -104,11 +104,6 @@ impl Partial {
             tracing::warn!(dir = %self.dir.display(), error = %e, "a done pull's kept chunks not removed");
         }
     }
-
-    /// Where they are.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Removes the kept chunks of every pull under `root` untouched for longer
@@ -143,9 +138,4 @@ fn kept_bytes(dir: &Path) -> u64 {
             .map(|m| m.len())
             .sum()
     })
-}
-
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

@@ -455,8 +455,7 @@ impl super::pull::Sink for Files {
 
 /// Bytes free for unprivileged use in directory `dir`.
 fn free_bytes(dir: &Path) -> Result<u64, SnapshotError> {
-    let st = rustix::fs::statvfs(dir).map_err(|e| qemu_err(format!("{}: {e}", dir.display())))?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    crate::private::free_bytes(dir).map_err(|e| qemu_err(format!("{}: {e}", dir.display())))
 }
 
 /// Writes, in the VM's runtime directory `dir`, the incoming command line

@@ -195,8 +195,7 @@ impl QemuConfig {
 
     /// Bytes free for unprivileged use in the image directory.
     pub fn free_bytes(&self) -> Result<u64, ImageError> {
-        let st = rustix::fs::statvfs(&self.images).map_err(|e| self.directory(e.into()))?;
-        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+        crate::private::free_bytes(&self.images).map_err(|e| self.directory(e))
     }
 
     fn directory(&self, source: std::io::Error) -> ImageError {
