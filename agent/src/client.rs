@@ -168,6 +168,17 @@ impl CtlClient {
         }
     }
 
+    /// The fleet registry's VMs and agents the operator may see (`Fleet`).
+    pub async fn fleet(
+        &self,
+        q: convoy_protocol::ctl::fleet::FleetQuery,
+    ) -> Result<convoy_protocol::ctl::fleet::FleetView, ClientError> {
+        match self.request(CtlRequest::Fleet(q)).await? {
+            CtlResponse::Fleet(v) => Ok(*v),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// Deletes a VM.
     pub async fn vm_delete(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
         match self.request(CtlRequest::VmDelete(name)).await? {

@@ -314,6 +314,9 @@ pub struct AgentConfig {
     pub snapshot_profiles: crate::snapshot::profile::StoreProfiles,
     /// Where Prometheus metrics are served (`None`: nowhere).
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// The fleet registry on etcd (`None`: none; the two-agent protocol
+    /// alone settles who runs a VM).
+    pub registry: Option<crate::registry::RegistryConfig>,
     dangerous: DangerousOptions,
 }
 
@@ -346,6 +349,7 @@ impl AgentConfig {
             sim_vcpu: crate::backend::sim::SimVcpuHost::default(),
             snapshot_profiles: Default::default(),
             metrics: None,
+            registry: None,
             dangerous: DangerousOptions::default(),
         }
     }

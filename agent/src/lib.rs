@@ -57,6 +57,7 @@ pub mod lab;
 pub mod logging;
 pub mod metrics;
 pub mod private;
+pub mod registry;
 pub mod s3lab;
 pub mod server;
 pub mod snapshot;

@@ -128,6 +128,32 @@ struct Args {
     /// --metrics-addr may.
     #[arg(long, value_name = "CIDR", requires = "metrics_addr")]
     metrics_allow: Vec<String>,
+    /// The fleet registry: etcd endpoints (`http://10.0.0.5:2379`,
+    /// repeatable, or comma-separated). With it, a migration commits by
+    /// one etcd transaction and VMs are registered where they run
+    /// (docs/operations.md#the-fleet-registry). Needs an agent built with
+    /// `--features convoy-agent/registry`.
+    #[arg(long = "registry", value_name = "URL", value_delimiter = ',')]
+    registry: Vec<String>,
+    /// The prefix of the registry's keys.
+    #[arg(long, default_value = convoy_protocol::registry::DEFAULT_PREFIX, requires = "registry")]
+    registry_prefix: String,
+    /// Seconds this agent's liveness record outlives its last renewal.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600), requires = "registry")]
+    registry_lease: u64,
+    /// Milliseconds a registry operation (a commit with its retries) may
+    /// take before its outcome is unknown (the VM then stays paused).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000), requires = "registry")]
+    registry_timeout_ms: u64,
+    /// CA of the registry's TLS certificate (https:// endpoints).
+    #[arg(long, value_name = "PEM", requires = "registry")]
+    registry_ca: Option<PathBuf>,
+    /// Client certificate and key for the registry, when etcd asks for one.
+    #[arg(long, value_name = "PEM", requires_all = ["registry_ca", "registry_key"])]
+    registry_cert: Option<PathBuf>,
+    /// The key of --registry-cert.
+    #[arg(long, value_name = "PEM", requires = "registry_cert")]
+    registry_key: Option<PathBuf>,
     /// Base images sim disks may be cloned from (`vm create --disk
     /// NAME=SIZE,base=BASE`); an incoming disk cloned from a base held
     /// here (same name and content) starts from it, and its unchanged
@@ -313,6 +339,7 @@ async fn agent_main() -> Result<()> {
         );
     }
     let mut config = AgentConfig::new(args.listen, identity, trust);
+    config.registry = registry_config(&args)?;
     config.peers = args.peers.into_iter().collect::<HashMap<_, _>>();
     config.capacity_bytes = args.capacity;
     config.retain_images =
@@ -406,4 +433,42 @@ fn stop_signals() -> Result<impl std::future::Future<Output = ()>> {
             std::process::exit(130);
         });
     })
+}
+
+/// The registry's configuration from the flags (checked here: an agent
+/// that cannot use it does not start).
+fn registry_config(args: &Args) -> anyhow::Result<Option<convoy_agent::registry::RegistryConfig>> {
+    if args.registry.is_empty() {
+        return Ok(None);
+    }
+    if !cfg!(feature = "registry") {
+        bail!(
+            "--registry: {}",
+            convoy_agent::registry::RegistryError::NotBuilt
+        );
+    }
+    for e in &args.registry {
+        let https = e.starts_with("https://");
+        if !(https || e.starts_with("http://")) {
+            bail!("--registry {e}: an endpoint is http://HOST:PORT or https://HOST:PORT");
+        }
+        if https != args.registry_ca.is_some() {
+            bail!("--registry {e}: https:// endpoints need --registry-ca, http:// ones take none");
+        }
+    }
+    if !args.registry_prefix.starts_with('/') || !args.registry_prefix.ends_with('/') {
+        bail!("--registry-prefix must start and end with /");
+    }
+    let mut c = convoy_agent::registry::RegistryConfig::new(args.registry.clone());
+    c.prefix = args.registry_prefix.clone();
+    c.lease_ttl = std::time::Duration::from_secs(args.registry_lease);
+    c.timeout = std::time::Duration::from_millis(args.registry_timeout_ms);
+    c.tls = args
+        .registry_ca
+        .clone()
+        .map(|ca| convoy_agent::registry::RegistryTls {
+            ca,
+            client: args.registry_cert.clone().zip(args.registry_key.clone()),
+        });
+    Ok(Some(c))
 }

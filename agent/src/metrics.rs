@@ -368,6 +368,7 @@ fn action_label(action: &str) -> &'static str {
         "CreateVm",
         "DeleteVm",
         "PauseVm",
+        "ViewVm",
         "ReadAudit",
         "Abort",
         "Recover",

@@ -193,6 +193,7 @@ impl Agent {
                 watchers: Mutex::new(tokio::task::JoinSet::new()),
                 snapshots,
                 metrics,
+                registry: std::sync::OnceLock::new(),
             }),
         };
         if let Some(p) = policy {
@@ -241,6 +242,12 @@ impl Agent {
         if let Some(loaded) = loaded {
             crate::host::reattach::restore(&self.host, loaded).await;
         }
+        // The registry before the migrations left unfinished: resolving
+        // them may need it.
+        let registry = match self.host.config.registry.clone() {
+            Some(c) => crate::host::fleet::attach(&self.host, c).await,
+            None => None,
+        };
         // With the VMs found again: the migrations left unfinished.
         crate::host::indoubt::at_start(&self.host).await;
         // And the store-and-forward handovers left unsettled.
@@ -330,8 +337,15 @@ impl Agent {
             });
         }
         drop(tcp);
-        for r in [reloader, policy_reloader, gauges].into_iter().flatten() {
+        for r in [reloader, policy_reloader, gauges, registry]
+            .into_iter()
+            .flatten()
+        {
             r.abort();
+        }
+        // Its liveness record goes with it (a crash leaves it to expire).
+        if let Some(r) = self.host.registry.get() {
+            r.leave().await;
         }
         // The scrape endpoint ends with the agent, even while tasks still
         // hold its host.

@@ -4,11 +4,13 @@
 //!
 //! # Layout
 //! - `cmd/`: one module per operator command (`pki`, `policy`, `vm`,
-//!   `migrate`, `ticket`, `abort`, `status`, `audit`, `snapshot`).
+//!   `migrate`, `evacuate`, `fleet`/`where`, `ticket`, `abort`, `status`,
+//!   `audit`, `snapshot`).
 //! - [`demo`](mod@demo): `convoyctl demo`, a whole migration on this machine.
 //! - [`bench`](mod@bench): `convoyctl bench`, one module per experiment.
 //! - [`conn`]: operator identity and agent addressing shared by commands.
 //! - [`render`]: tables, progress bars and JSON output.
+//! - [`timeline`]: one migration over time, drawn (`migrate --plot`).
 #![forbid(unsafe_code)]
 
 // Every `print!`/`println!` of this crate goes through these (they shadow
@@ -37,6 +39,7 @@ mod cmd;
 mod conn;
 mod demo;
 mod render;
+mod timeline;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -68,6 +71,12 @@ enum Command {
     /// named with --to, a few at a time, placed by free memory; a VM that
     /// cannot move stays running where it is and is reported.
     Evacuate(cmd::evacuate::Evacuate),
+    /// The fleet registry (agents started with --registry): every VM you
+    /// may see, who owns it, and the agents alive.
+    #[command(subcommand)]
+    Fleet(cmd::fleet::Fleet),
+    /// Which agent runs a VM, from the fleet registry.
+    Where(cmd::fleet::Where),
     /// Tickets several parties approve before a migration may run:
     /// request, approve, show (submit with `migrate --ticket FILE`).
     #[command(subcommand)]
@@ -141,6 +150,8 @@ fn run(cli: Cli) -> Result<()> {
             Command::Vm(c) => cmd::vm::run(&cli.global, c).await,
             Command::Migrate(c) => cmd::migrate::run(&cli.global, c).await,
             Command::Evacuate(c) => cmd::evacuate::run(&cli.global, c).await,
+            Command::Fleet(c) => cmd::fleet::run(&cli.global, c).await,
+            Command::Where(c) => cmd::fleet::run_where(&cli.global, c).await,
             Command::Ticket(c) => cmd::ticket::run(&cli.global, c).await,
             Command::Abort(c) => cmd::abort::run(&cli.global, c).await,
             Command::Recover(c) => cmd::recover::run(&cli.global, c).await,

@@ -52,6 +52,55 @@ fn demo_json_reports_a_verified_migration_and_the_trust_path() {
     assert!(v["rounds"].as_u64().unwrap() >= 2);
 }
 
+/// `demo --plot FILE.json`: the migration over time, and the guest's work
+/// wherever it runs — in post-copy, at the destination after the switch.
+#[test]
+fn demo_plot_writes_the_migration_and_the_guest_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args(["demo", "--plot", "timeline.txt"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--plot takes"));
+    let file = dir.path().join("t.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+        .args(["demo", "--json", "--memory", "256MiB", "--mode", "postcopy"])
+        .arg("--plot")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let points = t["points"].as_array().unwrap();
+    assert!(points.len() >= 3, "{t}");
+    assert!(
+        points
+            .iter()
+            .any(|p| p["bytes_per_sec"].as_f64().unwrap() > 0.0),
+        "{t}"
+    );
+    // Paused at the source from the switch on; the guest works on at the
+    // destination meanwhile, as convoyctl saw it from outside.
+    let switch = points
+        .iter()
+        .find(|p| p["paused"] == true)
+        .and_then(|p| p["t_s"].as_f64())
+        .expect("a sample after the switch");
+    let guest = t["guest_work_per_sec_wherever_it_runs"].as_array().unwrap();
+    assert!(
+        guest
+            .iter()
+            .any(|g| g["t_s"].as_f64().unwrap() > switch
+                && g["work_per_sec"].as_f64().unwrap() > 0.0),
+        "{t}"
+    );
+}
+
 /// The store-and-forward path on the embedded default: through a
 /// directory, the agents never connecting.
 #[test]

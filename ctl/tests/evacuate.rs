@@ -2,7 +2,8 @@
 //! agents: a dry run moves nothing; the run places each VM by free memory,
 //! moves what it may two at a time, and leaves a VM the policy pins
 //! running where it is and a paused VM paused, reported, with exit status
-//! 1; every VM is on exactly one agent afterwards.
+//! 1; every VM is on exactly one agent afterwards. And `convoyctl fleet
+//! ls` and `convoyctl where`, against agents sharing a real etcd.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -157,5 +158,56 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
         "{j}"
     );
     assert!(pinned["to"].is_null(), "{j}");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_ls_and_where_answer_from_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(etcd) = convoy_agent::lab::etcd::etcd_binary("fleet ls").unwrap() else {
+        return;
+    };
+    let etcd = convoy_agent::lab::etcd::EtcdCluster::start(&etcd, &dir.path().join("etcd"), 1)
+        .await
+        .unwrap();
+    let ep = etcd.endpoints();
+    let lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |_, cfg| {
+        cfg.registry = Some(convoy_agent::registry::RegistryConfig::new(ep.clone()));
+    })
+    .await
+    .unwrap();
+    let pki = lab.pki.dir().to_path_buf();
+    let at = |n: &str| format!("{n}@{}", lab.agent(n).unwrap().addr);
+    let b = lab.client("b").await.unwrap();
+    b.vm_create(Lab::sim_test_vm("web".parse().unwrap(), 8 * MIB, 0))
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        let mut v = vec!["--agent".to_string(), at("a")];
+        v.extend(args.iter().map(ToString::to_string));
+        convoyctl(pki.clone(), v)
+    };
+    let out = run(&["where", "web"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "web runs on b (epoch 1)"
+    );
+    let out = run(&["fleet", "ls"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    let row = t.lines().find(|l| l.starts_with("web")).unwrap();
+    assert_eq!(
+        row.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["web", "b", "yes", "1", "default"],
+        "{t}"
+    );
+    assert!(t.lines().any(|l| l.starts_with("a ")), "{t}");
+    let out = run(&["--json", "fleet", "ls", "--host", "a"]).await;
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["vms"].as_array().unwrap().len(), 0, "{j}");
+    let out = run(&["where", "nowhere"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not in the registry"), "{}", text(&out));
     lab.shutdown().await;
 }

@@ -75,6 +75,7 @@ pub mod model;
 pub mod names;
 pub mod page;
 pub mod receipt;
+pub mod registry;
 pub mod reuse;
 pub mod signed;
 pub mod snapshot;

@@ -19,6 +19,7 @@ use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};
 use crate::trust::policy::{Query, VmFacts};
 
 mod audit;
+mod fleet;
 pub(crate) mod handback;
 mod hold;
 mod migrate;
@@ -102,6 +103,10 @@ fn summary(req: &CtlRequest) -> String {
     match req {
         CtlRequest::Status => "status".into(),
         CtlRequest::VmList => "vm list".into(),
+        CtlRequest::Fleet(q) => match &q.vm {
+            Some(vm) => format!("where {vm}"),
+            None => "fleet ls".into(),
+        },
         CtlRequest::VmCreate(s) => format!("vm create {} ({} bytes)", s.name, s.memory_bytes),
         CtlRequest::VmCreateQemu(s) => format!("vm create {} (qemu, {} MiB)", s.name, s.memory_mib),
         CtlRequest::VmAdoptQemu(s, sock) => format!("vm adopt {} (qemu at {sock})", s.name),
@@ -227,6 +232,7 @@ async fn handle(
             respond(&mut send, CtlResponse::Status(status)).await?;
         }
         CtlRequest::VmList => respond(&mut send, CtlResponse::VmList(host.vm_infos())).await?,
+        CtlRequest::Fleet(q) => respond(&mut send, fleet::fleet(&host, q, &peer.id).await).await?,
         CtlRequest::VmCreate(spec) => {
             let r = create_vm(&host, spec, &peer.id).await;
             respond(&mut send, r).await?;

@@ -64,7 +64,41 @@ pub(super) async fn delete_vm(
     if let Some(h) = entry.and_then(|e| e.handle) {
         h.destroy().await;
     }
+    // Its record goes with it; one left behind is reported, not fatal (the
+    // VM is gone either way).
+    match host.registry() {
+        Ok(None) => {}
+        Ok(Some(r)) => {
+            if let Err(e) = r.release(name).await {
+                tracing::warn!("registry: {name} deleted here, but its record stays: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("registry: {name} deleted here, but its record stays: {e}"),
+    }
     CtlResponse::VmDeleted(name.clone())
+}
+
+/// With a registry, a VM made here is registered as this agent's before
+/// it is made: refused when another agent owns a VM of that name, or when
+/// the registry cannot be reached (it could not be found nor moved then).
+async fn claim(
+    host: &Arc<Host>,
+    name: &convoy_protocol::names::VmName,
+    attributes: &convoy_protocol::vm::VmAttributes,
+    cause: &str,
+) -> Option<CtlResponse> {
+    let registry = match host.registry() {
+        Ok(None) => return None,
+        Ok(Some(r)) => r,
+        Err(e) => return Some(error(CtlErrorKind::Internal, e.to_string())),
+    };
+    match registry.claim(name, attributes, cause).await {
+        Ok(_) => None,
+        Err(e @ crate::registry::RegistryError::OwnedElsewhere { .. }) => {
+            Some(error(CtlErrorKind::Exists, e.to_string()))
+        }
+        Err(e) => Some(error(CtlErrorKind::Internal, e.to_string())),
+    }
 }
 
 /// Pauses a running VM (`pause`) or resumes a paused one; never one that
@@ -179,6 +213,15 @@ pub(super) async fn create_qemu_vm(
     };
     let bytes = spec.memory_mib << 20;
     if let Some(r) = reserve_error(host, &spec.name, bytes) {
+        return r;
+    }
+    let cause = if adopt.is_some() {
+        "adopted"
+    } else {
+        "created"
+    };
+    if let Some(r) = claim(host, &spec.name, &spec.attributes, cause).await {
+        host.remove(&spec.name);
         return r;
     }
     let started = match &adopt {
@@ -325,6 +368,10 @@ pub(super) async fn create_vm(
         return r;
     }
     if let Some(r) = reserve_error(host, &spec.name, spec.memory_bytes) {
+        return r;
+    }
+    if let Some(r) = claim(host, &spec.name, &spec.attributes, "created").await {
+        host.remove(&spec.name);
         return r;
     }
     let name = spec.name.clone();

@@ -56,6 +56,10 @@ pub enum MigrateError {
     /// The claim could not be recorded in the journal: the VM stays.
     #[error("the migration could not be recorded in the journal; the VM stays here: {0}")]
     Journal(#[source] crate::host::journal::JournalError),
+    /// The fleet registry does not name this agent as the VM's owner, or
+    /// cannot be reached: nothing moves.
+    #[error("registry: {0}; the VM stays here")]
+    Registry(#[source] crate::registry::RegistryError),
 }
 
 impl MigrateError {
@@ -68,6 +72,11 @@ impl MigrateError {
             MigrateError::WrongSubject { .. } => CtlErrorKind::Unauthorized,
             MigrateError::Bookkeeping(_) => CtlErrorKind::NoCapacity,
             MigrateError::Journal(_) => CtlErrorKind::Internal,
+            MigrateError::Registry(
+                crate::registry::RegistryError::OwnedElsewhere { .. }
+                | crate::registry::RegistryError::Unregistered(_),
+            ) => CtlErrorKind::Forbidden,
+            MigrateError::Registry(_) => CtlErrorKind::Internal,
             _ => CtlErrorKind::BadRequest,
         }
     }

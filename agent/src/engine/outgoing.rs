@@ -113,6 +113,13 @@ pub(crate) async fn migrate(
     if !decision.permitted {
         return Err(MigrateError::Forbidden(decision));
     }
+    // With a registry, only the VM's registered owner moves it.
+    if let Some(registry) = host.registry().map_err(MigrateError::Registry)? {
+        registry
+            .expect_owner(&req.vm, &host.id)
+            .await
+            .map_err(MigrateError::Registry)?;
+    }
     let addr = match &req.to_addr {
         Some(a) => a.parse().map_err(|error| OptionsError::Address {
             input: a.clone(),

@@ -518,6 +518,14 @@ fn mark_in_doubt(host: &Host, vm: &VmName) {
 /// Gives the VM back to this host: the journal first (the give-back, or
 /// the failed claim), then the VM resumes.
 async fn resume_here(host: &Arc<Host>, r: &JournalRecord, why: &str) -> (RecoveryDecision, String) {
+    // With a registry, it resumes here only once the registry says it is
+    // ours (rewritten so, fencing a commit still on its way); a record
+    // this migration's commit gave the destination is taken back when the
+    // destination fenced it (signed) or the operator forces the resume.
+    let back = (r.phase != convoy_protocol::journal::JournalPhase::Claimed).then_some(&r.peer);
+    if let Err(e) = crate::host::fleet::reclaim(host, &r.vm, r.migration, back).await {
+        return (RecoveryDecision::StaysPaused, format!("{why}, but {e}"));
+    }
     if let Err(e) = host
         .journal(JournalChange::Advance {
             migration: r.migration,

@@ -7,6 +7,7 @@
 
 pub mod bookkeeping;
 pub mod budget;
+pub(crate) mod fleet;
 pub(crate) mod indoubt;
 pub mod journal;
 pub mod limits;
@@ -242,6 +243,8 @@ pub(crate) struct Host {
     pub(crate) snapshots: Snapshots,
     /// Its Prometheus metrics, if served.
     pub(crate) metrics: Option<crate::metrics::Metrics>,
+    /// The fleet registry, once reached (only with `config.registry`).
+    pub(crate) registry: std::sync::OnceLock<Arc<crate::registry::Registry>>,
 }
 
 /// What an agent keeps for snapshots in object storage
@@ -532,15 +535,7 @@ impl Host {
         q: &crate::trust::policy::Query<'_>,
         migration: Option<convoy_protocol::names::MigrationId>,
     ) -> crate::trust::policy::Decision {
-        let policy = self
-            .policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let d = match policy {
-            Some(p) => p.decide(q),
-            None => crate::trust::policy::Decision::no_policy(),
-        };
+        let d = self.decide_unaudited(q);
         tracing::info!(
             action = q.action().name(),
             principal = %q.principal(),

@@ -20,6 +20,7 @@ use crate::trust::pki::{Pki, PkiError};
 use crate::{AgentConfig, AgentError};
 
 mod bulk;
+pub mod etcd;
 pub mod impair;
 mod launch;
 pub mod link;

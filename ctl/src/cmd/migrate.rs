@@ -51,6 +51,11 @@ pub struct Migrate {
     /// the VM before it claims it back (at most the ticket's lifetime).
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub via_wait: u32,
+    /// Draw the migration over time to FILE.svg or FILE.png (bytes per
+    /// second, dirty rate and pages left, the guest's work, the pause),
+    /// or write its series to FILE.json (sim VMs).
+    #[arg(long, value_name = "FILE", conflicts_with = "via")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -186,6 +191,9 @@ pub async fn subject(s: &Session, vm: &VmName) -> Result<VmSubject> {
 
 /// Runs `migrate`.
 pub async fn run(g: &Global, m: Migrate) -> Result<()> {
+    if let Some(p) = &m.plot {
+        crate::timeline::format(p)?;
+    }
     let s = session(g).await?;
     let req = match &m.ticket {
         Some(file) => submit(&s, file, m.to.as_deref())?,
@@ -214,15 +222,37 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
             }
         }
     };
+    let probe = match &m.plot {
+        Some(_) => Some(probe(g, &s.domain, &req).await),
+        None => None,
+    };
     let cl = s.client;
     if let Some(url) = m.via {
         return via(g, cl, req, url, m.via_wait).await;
     }
     let bar = render::Bar::new(g.json);
-    let report = cl.migrate(req, |p| bar.update(p)).await;
+    let mut timeline = crate::timeline::Timeline::default();
+    let report = cl
+        .migrate(req, |p| {
+            timeline.record(p);
+            bar.update(p);
+        })
+        .await;
     bar.finish();
     cl.close().await;
+    if let Some(p) = probe {
+        // A moment more of the guest where it now runs.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        timeline.add_service(&p.finish().await);
+    }
     let report = report?;
+    if let Some(path) = &m.plot {
+        // The migration is done either way: a plot that fails is said,
+        // not fatal.
+        if let Err(e) = timeline.write(path, &report) {
+            eprintln!("warning: {e:#}");
+        }
+    }
     if g.json {
         render::json(&report)?;
     } else {
@@ -235,6 +265,35 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         }
         _ => bail!("migration aborted; the VM still runs at the source"),
     }
+}
+
+/// For `--plot`: polls the VM's work on the source and, when `--to` gave
+/// its address, on the destination (of this trust domain). An agent that
+/// cannot be reached is left out: the plot then shows less, and says so
+/// by its legend.
+async fn probe(g: &Global, domain: &TrustDomain, req: &MigrateRequest) -> crate::timeline::Probe {
+    let mut clients = Vec::new();
+    if let Ok(c) = crate::conn::client(g).await {
+        clients.push(c);
+    }
+    let to = req.to_addr.as_deref().and_then(|a| a.parse().ok());
+    if let (Some(addr), Ok((pki, identity))) = (to, crate::conn::operator(g)) {
+        if let Ok(trust) = pki.trust() {
+            let id = SpiffeId::agent(domain.clone(), req.to.clone());
+            let c = convoy_agent::client::CtlClient::connect_with(
+                addr,
+                id,
+                &identity,
+                &trust,
+                g.transport,
+            )
+            .await;
+            if let Ok(c) = c {
+                clients.push(c);
+            }
+        }
+    }
+    crate::timeline::Probe::start(clients, req.vm.clone())
 }
 
 /// `migrate --via URL`: the source's side of a store-and-forward

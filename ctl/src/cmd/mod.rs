@@ -4,6 +4,7 @@
 pub mod abort;
 pub mod audit;
 pub mod evacuate;
+pub mod fleet;
 pub mod migrate;
 pub mod pki;
 pub mod policy;

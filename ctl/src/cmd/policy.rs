@@ -246,13 +246,14 @@ fn check(g: &Global, c: Check) -> Result<()> {
             };
             set.decide(&q)
         }
-        Action::CreateVm | Action::DeleteVm | Action::PauseVm | Action::Abort => {
+        Action::CreateVm | Action::DeleteVm | Action::PauseVm | Action::ViewVm | Action::Abort => {
             let host = need(&c.host, "host", a)?;
             let operator = &c.by;
             set.decide(&match a {
                 Action::CreateVm => Query::CreateVm { operator, vm, host },
                 Action::DeleteVm => Query::DeleteVm { operator, vm, host },
                 Action::PauseVm => Query::PauseVm { operator, vm, host },
+                Action::ViewVm => Query::ViewVm { operator, vm, host },
                 _ => Query::Abort { operator, vm, host },
             })
         }

@@ -64,12 +64,22 @@ pub struct Demo {
     /// restores and claims it; the agents never connect.
     #[arg(long, value_name = "URL")]
     pub via: Option<String>,
+    /// sim: draw the migration over time to FILE.svg or FILE.png, or
+    /// write its series to FILE.json (see `migrate --plot`).
+    #[arg(long, value_name = "FILE", conflicts_with = "via")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tuning: Tuning,
 }
 
 /// Runs the demo on the backend the flags choose.
 pub async fn run(g: &Global, d: Demo) -> Result<()> {
+    if let Some(p) = &d.plot {
+        if d.backend == "qemu" {
+            bail!("--plot takes the sim backend (QEMU migrations are not sampled yet)");
+        }
+        crate::timeline::format(p)?;
+    }
     if d.backend == "qemu" {
         if d.via.is_some() {
             bail!("--via takes the sim backend (QEMU VMs are not pushed to object storage yet)");
@@ -203,15 +213,37 @@ async fn migrate(
     lab: &Lab,
     a: &CtlClient,
     options: MigrationPlan,
+    plot: Option<&std::path::Path>,
 ) -> Result<MigrationReport> {
     let bar = render::Bar::new(g.json);
+    let mut timeline = crate::timeline::Timeline::default();
+    let probe = match plot {
+        Some(_) => Some(crate::timeline::Probe::start(
+            vec![lab.client("a").await?, lab.client("b").await?],
+            "demo".parse()?,
+        )),
+        None => None,
+    };
     let report = a
         .migrate(lab.migrate_request("demo", "a", "b", options)?, |p| {
-            bar.update(p)
+            timeline.record(p);
+            bar.update(p);
         })
         .await;
     bar.finish();
-    Ok(report?)
+    if let Some(p) = probe {
+        // A moment more of the guest where it now runs.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        timeline.add_service(&p.finish().await);
+    }
+    let report = report?;
+    if let Some(path) = plot {
+        timeline.write(path, &report)?;
+        if !g.json {
+            eprintln!("timeline: {}", path.display());
+        }
+    }
+    Ok(report)
 }
 
 /// The demo VM as agent `c` lists it, if it does.

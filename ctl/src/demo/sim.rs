@@ -56,7 +56,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     say(format!("migrating demo: a → b (live {})", d.tuning.mode));
     let mut options = d.tuning.options();
     options.copy_storage |= d.disk.is_some();
-    let report = migrate(g, &lab, &a, options).await?;
+    let report = migrate(g, &lab, &a, options, d.plot.as_deref()).await?;
 
     // Exactly once, and the guest carries on where it stopped.
     let on_a = listed(&a).await?.is_some();

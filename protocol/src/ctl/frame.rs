@@ -77,7 +77,7 @@ impl CtlMessage {
 
 /// How many variants [`CtlRequest`] has (its last one's index plus one;
 /// `request_variants_are_counted` keeps this in step).
-const REQUEST_VARIANTS: u32 = 12;
+const REQUEST_VARIANTS: u32 = 13;
 
 /// The postcard varint (an enum's variant index) `body` starts with.
 fn leading_varint(body: &[u8]) -> Option<u32> {
@@ -173,6 +173,7 @@ mod tests {
             CtlRequest::VmAdoptQemu(..) => 9,
             CtlRequest::Recover { .. } => 10,
             CtlRequest::Snapshot(_) => 11,
+            CtlRequest::Fleet(_) => 12,
         }
     }
 
@@ -194,9 +195,12 @@ mod tests {
             let body = postcard::to_stdvec(&r).unwrap();
             assert_eq!(leading_varint(&body), Some(index(&r)), "{r:?}");
         }
-        let last = CtlRequest::Snapshot(super::super::snapshot::SnapshotRequest::List {
+        let snapshot = CtlRequest::Snapshot(super::super::snapshot::SnapshotRequest::List {
             url: "file:///x".into(),
         });
+        let body = postcard::to_stdvec(&snapshot).unwrap();
+        assert_eq!(leading_varint(&body), Some(index(&snapshot)));
+        let last = CtlRequest::Fleet(super::super::fleet::FleetQuery::default());
         let body = postcard::to_stdvec(&last).unwrap();
         assert_eq!(leading_varint(&body), Some(index(&last)));
         assert_eq!(index(&last) + 1, REQUEST_VARIANTS);

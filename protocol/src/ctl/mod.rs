@@ -15,6 +15,7 @@ use crate::page::EncodingStats;
 pub use crate::vm::{Accel, QemuVmSpec};
 pub use frame::CtlMessage;
 
+pub mod fleet;
 pub mod frame;
 pub mod snapshot;
 
@@ -167,6 +168,31 @@ pub struct Progress {
     pub payload_bytes: u64,
     /// Measured rate of the last round, bytes per second.
     pub rate_bytes_per_sec: u64,
+    /// A periodic sample (native engine, every [`SAMPLE_EVERY_MS`]), for
+    /// timelines; `None` on the frames that report a phase change, and
+    /// for QEMU VMs.
+    pub sample: Option<Sample>,
+}
+
+/// How often a native migration's source samples it, milliseconds.
+pub const SAMPLE_EVERY_MS: u64 = 100;
+
+/// One instant of a migration as its source saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Since the migration started at the source, milliseconds.
+    pub elapsed_ms: u64,
+    /// The dirty rate last estimated, pages per second.
+    pub dirty_pages_per_sec: u64,
+    /// The guest's work counter (a sim VM's vCPU loop), read at the
+    /// source: it stands still while the VM is paused there, and after
+    /// it left.
+    pub guest_work: u64,
+    /// Pages served on post-copy faults so far.
+    pub faults_served: u64,
+    /// The VM is paused at the source (stop-and-copy, the handover, or
+    /// since a post-copy switch).
+    pub paused: bool,
 }
 
 /// How a migration ended.
@@ -387,6 +413,8 @@ pub enum CtlRequest {
     /// A snapshot in object storage: enroll, push, pull, list, verify,
     /// delete ([`snapshot`]).
     Snapshot(snapshot::SnapshotRequest),
+    /// The fleet registry's VMs and agents (`fleet ls`, `where`).
+    Fleet(fleet::FleetQuery),
 }
 
 /// What `Recover` decided about one migration.
@@ -497,4 +525,6 @@ pub enum CtlResponse {
     Recovered(Vec<RecoveryReport>),
     /// Answer to `Snapshot`.
     Snapshot(Box<snapshot::SnapshotResponse>),
+    /// Answer to `Fleet`.
+    Fleet(Box<fleet::FleetView>),
 }

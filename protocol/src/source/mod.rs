@@ -301,6 +301,10 @@ pub struct Source {
     round_bytes: u64,
     round_pages: u64,
     rate: u64,
+    /// The phase and the pages left last reported (periodic samples
+    /// repeat them).
+    last_phase: String,
+    last_remaining: u64,
     /// When the dirty log was last cleared or collected.
     last_log_at: Option<Instant>,
     /// Per page: rounds whose dirty log held it (saturating).
@@ -396,6 +400,8 @@ impl Source {
             round_bytes: 0,
             round_pages: 0,
             rate: 0,
+            last_phase: String::new(),
+            last_remaining: 0,
             last_log_at: None,
             dirty_rounds: Vec::new(),
             held: PageBitmap::empty(pages as u64),
@@ -663,14 +669,34 @@ impl Source {
     }
 
     fn progress(&mut self, phase: &str, remaining: u64) {
-        self.events.push_back(SourceEvent::Progress(Progress {
-            phase: phase.into(),
+        phase.clone_into(&mut self.last_phase);
+        self.last_remaining = remaining;
+        let p = self.snapshot();
+        self.events.push_back(SourceEvent::Progress(p));
+    }
+
+    /// The figures of now, under the phase (and pages left) last
+    /// reported: what a periodic sample of the migration shows.
+    pub fn snapshot(&self) -> Progress {
+        Progress {
+            phase: self.last_phase.clone(),
             round: self.rounds,
             pages_sent: self.pages_sent,
-            remaining_pages: remaining,
+            remaining_pages: self.last_remaining,
             total_pages: self.tree.len() as u64,
             payload_bytes: self.payload_bytes,
             rate_bytes_per_sec: self.rate,
-        }));
+            sample: None,
+        }
+    }
+
+    /// The guest's dirty rate last estimated, pages per second.
+    pub fn dirty_rate(&self) -> u64 {
+        self.convergence.dirty_rate
+    }
+
+    /// Pages served on post-copy faults so far.
+    pub fn faults_served(&self) -> u64 {
+        self.postcopy.served
     }
 }

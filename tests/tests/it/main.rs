@@ -27,6 +27,7 @@ mod policy;
 mod postcopy;
 mod qemu;
 mod qemu_snapshot;
+mod registry;
 mod resume;
 mod reuse;
 mod revocation;

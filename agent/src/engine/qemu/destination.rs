@@ -75,6 +75,8 @@ struct Incoming {
     accept: Option<Message>,
     /// The journal holds our record of the handover.
     journalled: bool,
+    /// The registry's owner record read at staging (with a registry).
+    registry: Option<crate::registry::Expected>,
     /// The guest runs here but its start could not be recorded: no
     /// `Started` was sent (in doubt).
     unconfirmed: Option<String>,
@@ -122,6 +124,7 @@ pub(crate) async fn serve(
         switched: false,
         accept: None,
         journalled: false,
+        registry: None,
         unconfirmed: None,
         resume_rx: None,
         link: None,
@@ -357,6 +360,10 @@ impl Incoming {
         self.receipts.push(accepted.clone());
         // The staging is on disk before the source hears of it: every
         // migration the source can commit has a record here to fence.
+        // With a registry, only the VM's registered owner may hand it here.
+        self.registry = crate::host::fleet::stage(&self.host, &self.vm, &self.peer.id)
+            .await
+            .map_err(|e| Fail::local(format!("registry: {e}")))?;
         self.record_staged()
             .await
             .map_err(|e| Fail::local(format!("the staging could not be recorded: {e}")))?;
@@ -638,14 +645,17 @@ impl Incoming {
     /// Records in the journal that the guest is handed over to us, before
     /// it may run here. Refused once the staging was fenced (an answer to
     /// the source's inquiry promised it would never run).
-    async fn record_handover(&mut self) -> Result<(), crate::host::journal::JournalError> {
+    async fn record_handover(&mut self) -> Result<(), String> {
         self.host
             .journal(JournalChange::Advance {
                 migration: self.migration,
                 role: JournalRole::Destination,
                 step: JournalStep::Commit,
             })
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
+        // With a registry, its transaction is the commit point.
+        crate::host::fleet::commit(&self.host, self.registry.as_ref(), self.migration).await?;
         self.phase("handover recorded");
         Ok(())
     }

@@ -19,6 +19,8 @@ pub enum Action {
     DeleteVm,
     /// Pausing or resuming a VM.
     PauseVm,
+    /// Seeing a VM in the fleet registry (`convoyctl fleet ls`, `where`).
+    ViewVm,
     /// Aborting a migration.
     Abort,
     /// Resolving a migration left in doubt (`convoyctl recover`); the
@@ -43,6 +45,7 @@ impl Action {
             Action::CreateVm => "CreateVm",
             Action::DeleteVm => "DeleteVm",
             Action::PauseVm => "PauseVm",
+            Action::ViewVm => "ViewVm",
             Action::Abort => "Abort",
             Action::Recover => "Recover",
             Action::ReadAudit => "ReadAudit",
@@ -56,7 +59,7 @@ impl Action {
 /// An action name policies do not govern (the text as given).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, Abort, Recover, ReadAudit, PushSnapshot, PullSnapshot, ManageSnapshots)"
+    "unknown action {0:?} (MigrateOut, MigrateIn, CreateVm, DeleteVm, PauseVm, ViewVm, Abort, Recover, ReadAudit, PushSnapshot, PullSnapshot, ManageSnapshots)"
 )]
 pub struct UnknownAction(pub String);
 
@@ -69,6 +72,7 @@ impl FromStr for Action {
             "CreateVm" => Action::CreateVm,
             "DeleteVm" => Action::DeleteVm,
             "PauseVm" => Action::PauseVm,
+            "ViewVm" => Action::ViewVm,
             "Abort" => Action::Abort,
             "Recover" => Action::Recover,
             "ReadAudit" => Action::ReadAudit,
@@ -126,6 +130,15 @@ pub enum Query<'a> {
         /// The VM to create.
         vm: VmFacts<'a>,
         /// This agent.
+        host: &'a SpiffeId,
+    },
+    /// Seeing a VM of the fleet registry, asked of `host`.
+    ViewVm {
+        /// Who asks.
+        operator: &'a SpiffeId,
+        /// The VM, as the registry describes it.
+        vm: VmFacts<'a>,
+        /// This agent (the one answering).
         host: &'a SpiffeId,
     },
     /// Deleting a VM on `host`.
@@ -221,6 +234,7 @@ impl Query<'_> {
             Query::MigrateIn { .. } => Action::MigrateIn,
             Query::CreateVm { .. } => Action::CreateVm,
             Query::DeleteVm { .. } => Action::DeleteVm,
+            Query::ViewVm { .. } => Action::ViewVm,
             Query::PauseVm { .. } => Action::PauseVm,
             Query::Abort { .. } => Action::Abort,
             Query::Recover { .. } => Action::Recover,
@@ -238,6 +252,7 @@ impl Query<'_> {
             | Query::MigrateOut { operator, .. }
             | Query::CreateVm { operator, .. }
             | Query::DeleteVm { operator, .. }
+            | Query::ViewVm { operator, .. }
             | Query::PauseVm { operator, .. }
             | Query::Abort { operator, .. }
             | Query::Recover { operator, .. }
@@ -263,6 +278,7 @@ impl Query<'_> {
             | Query::MigrateIn { vm, .. }
             | Query::CreateVm { vm, .. }
             | Query::DeleteVm { vm, .. }
+            | Query::ViewVm { vm, .. }
             | Query::PauseVm { vm, .. }
             | Query::Abort { vm, .. }
             | Query::Recover { vm, .. }

@@ -190,6 +190,7 @@ impl PolicySet {
             }
             Query::CreateVm { operator, vm, host }
             | Query::DeleteVm { operator, vm, host }
+            | Query::ViewVm { operator, vm, host }
             | Query::PauseVm { operator, vm, host }
             | Query::Abort { operator, vm, host } => {
                 extra.push(self.vm_entity(&vm)?);

@@ -330,6 +330,10 @@ impl Incoming {
         let Some(p) = sm.proposal() else {
             return Err("the staging could not be recorded: no proposal".into());
         };
+        // With a registry, only the VM's registered owner may hand it here.
+        self.registry = crate::host::fleet::stage(&self.host, &p.vm, &self.peer.id)
+            .await
+            .map_err(|e| format!("registry: {e}"))?;
         let incarnation = self.host.vms().get(&p.vm).map(|e| e.incarnation);
         let record = JournalRecord::staged(
             p.migration,
@@ -363,6 +367,8 @@ impl Incoming {
             })
             .await
             .map_err(|e| format!("the handover could not be recorded: {e}"))?;
+        // With a registry, its transaction is the commit point.
+        crate::host::fleet::commit(&self.host, self.registry.as_ref(), migration).await?;
         self.phase("handover recorded".into());
         Ok(())
     }

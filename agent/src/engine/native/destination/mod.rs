@@ -169,6 +169,7 @@ pub(crate) async fn serve(
         phases: Vec::new(),
         started: clock::now(),
         journalled: false,
+        registry: None,
     };
     let creds = host.creds();
     let mut sm = Destination::new(DestinationConfig {
@@ -459,6 +460,8 @@ struct Incoming {
     /// The journal holds our record of the handover: the outcome goes
     /// there too.
     journalled: bool,
+    /// The registry's owner record read at staging (with a registry).
+    registry: Option<crate::registry::Expected>,
 }
 
 impl Incoming {

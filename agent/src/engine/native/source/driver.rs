@@ -91,6 +91,10 @@ pub(super) struct Driver<'r> {
     /// A decision the journal could not record (the VM was then kept
     /// paused here): the outcome is in doubt whatever the machine says.
     unrecorded: Option<String>,
+    /// When the driver started, and the tick of its periodic samples
+    /// (for timelines: `convoyctl migrate --plot`).
+    began: std::time::Instant,
+    tick: tokio::time::Interval,
 }
 
 impl<'r> Driver<'r> {
@@ -144,6 +148,9 @@ impl<'r> Driver<'r> {
         committed: bool,
     ) -> Driver<'r> {
         let plan = run.plan.clone();
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(convoy_protocol::ctl::SAMPLE_EVERY_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         Driver {
             run,
             sm,
@@ -153,6 +160,8 @@ impl<'r> Driver<'r> {
             plan,
             committed,
             unrecorded: None,
+            began: std::time::Instant::now(),
+            tick,
         }
     }
 
@@ -509,11 +518,20 @@ impl<'r> Driver<'r> {
         // The VM was handed over and the destination gave it back: that
         // is recorded before it resumes here (else it stays paused).
         if self.committed {
+            // With a registry, the VM is this agent's again only once the
+            // registry says so (and is fenced against the commit).
+            let (host, vm, migration) = (&self.run.host, &self.run.req.vm, self.run.migration);
+            let back = Some(&self.dest);
+            if let Err(e) = crate::host::fleet::reclaim(host, vm, migration, back).await {
+                self.run.phase(&format!("given back, but {e}: kept paused"));
+                self.unrecorded = Some(format!("given back, but not resumed here: {e}"));
+                return;
+            }
             if let Err(e) = self.run.journal(JournalStep::Abort).await {
                 self.run.phase(&format!(
                     "given back, but that could not be recorded ({e}): kept paused"
                 ));
-                self.unrecorded = Some(e.to_string());
+                self.unrecorded = Some(format!("the journal could not record the outcome ({e})"));
                 return;
             }
         }
@@ -536,7 +554,7 @@ impl<'r> Driver<'r> {
             self.run.phase(&format!(
                 "started at the destination, but that could not be recorded ({e}): copy kept paused"
             ));
-            self.unrecorded = Some(e.to_string());
+            self.unrecorded = Some(format!("the journal could not record the outcome ({e})"));
             return;
         }
         self.run.host.remove(&self.run.req.vm);
@@ -584,6 +602,7 @@ impl<'r> Driver<'r> {
             },
             ev = self.wire.events.recv() => self.stream_event(ev),
             () = clock::until(deadline) => self.sm.handle_timeout(clock::now()),
+            _ = self.tick.tick() => self.sample(),
             () = self.run.cancel.notified() => {
                 if self.sm.cancel(clock::now()) {
                     tracing::info!(%migration, "cancelled by the operator");
@@ -592,6 +611,20 @@ impl<'r> Driver<'r> {
                 }
             }
         }
+    }
+
+    /// A periodic sample, to the operator's progress (dropped, not
+    /// waited for, when they read slowly).
+    fn sample(&mut self) {
+        let mut p = self.sm.snapshot();
+        p.sample = Some(convoy_protocol::ctl::Sample {
+            elapsed_ms: u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            dirty_pages_per_sec: self.sm.dirty_rate(),
+            guest_work: self.run.vm.counter(),
+            faults_served: self.sm.faults_served(),
+            paused: !self.run.vm.is_running(),
+        });
+        let _ = self.run.progress.try_send(p);
     }
 
     fn stream_event(&mut self, ev: Option<EngineEvent>) {
@@ -641,9 +674,7 @@ impl<'r> Driver<'r> {
         if let Some(e) = unrecorded {
             // Kept paused here: neither completed nor given back.
             run.host.set_state(&run.req.vm, VmState::InDoubt);
-            summary.outcome = Outcome::InDoubt(format!(
-                "the journal could not record the outcome ({e}); the paused copy is kept here"
-            ));
+            summary.outcome = Outcome::InDoubt(format!("{e}; the paused copy is kept here"));
         }
         drop(wire.jobs);
         // The encoders are done with their caches: back to the pool.

@@ -101,6 +101,7 @@ impl Run {
                 total_pages: len / 4096,
                 payload_bytes: done,
                 rate_bytes_per_sec: rate,
+                sample: None,
             });
             let mut ready = 0;
             for i in 0..self.prepared.disks.len() {

@@ -272,6 +272,21 @@ impl Run {
     /// paused (in doubt).
     async fn roll_back(&self, st: &mut State) -> bool {
         if st.committed {
+            // With a registry, the guest is this agent's again only once
+            // the registry says so (and is fenced against the commit).
+            let reclaimed = crate::host::fleet::reclaim(
+                &self.host,
+                &self.req.vm,
+                self.migration,
+                Some(&self.dest),
+            )
+            .await;
+            if let Err(e) = reclaimed {
+                self.host.set_state(&self.req.vm, VmState::InDoubt);
+                self.phase(st, &format!("given back, but {e}: kept paused"));
+                st.unrecorded = Some(format!("given back, but not resumed here: {e}"));
+                return false;
+            }
             let back = self
                 .journal(convoy_protocol::journal::JournalStep::Abort)
                 .await;
@@ -281,7 +296,7 @@ impl Run {
                     st,
                     "given back, but that could not be recorded: kept paused",
                 );
-                st.unrecorded = Some(e.to_string());
+                st.unrecorded = Some(format!("the journal could not record the give-back ({e})"));
                 return false;
             }
         }

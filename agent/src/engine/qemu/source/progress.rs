@@ -244,6 +244,7 @@ impl Run {
                 total_pages,
                 payload_bytes: ram["transferred"].as_u64().unwrap_or(0),
                 rate_bytes_per_sec,
+                sample: None,
             });
             match status.as_str() {
                 "completed" => break self.final_figures(q).await,

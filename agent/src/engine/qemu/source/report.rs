@@ -10,9 +10,7 @@ use super::{Finished, Run, State};
 impl Run {
     pub(super) fn finish(self, st: State, outcome: Outcome) -> Finished {
         let outcome = match &st.unrecorded {
-            Some(e) => Outcome::InDoubt(format!(
-                "the journal could not record the give-back ({e}); the guest is kept paused here"
-            )),
+            Some(e) => Outcome::InDoubt(format!("{e}; the guest is kept paused here")),
             None => outcome,
         };
         let q = &st.qemu_info;
