@@ -1,6 +1,10 @@
 //! `convoyctl fleet ls` and `convoyctl where`: the registry's VMs and
 //! agents, each VM shown only when the operator's policy permits
 //! `ViewVm` on it (decided here, not audited: a view changes nothing).
+//! The reconciliation's findings and the records that do not decode name
+//! VMs and agents of every tenant: they, and the agents that own no VM
+//! the operator sees, are shown only to an operator who may read this
+//! agent's audit log (`ReadAudit`, the admins of the example policies).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -29,12 +33,18 @@ pub(super) async fn fleet(host: &Arc<Host>, q: FleetQuery, operator: &SpiffeId) 
         Err(e) => return error(CtlErrorKind::Internal, e.to_string()),
     };
     let alive: BTreeSet<_> = contents.agents.iter().map(|a| a.id.clone()).collect();
-    let mut view = FleetView {
-        disagreements: registry.disagreements(),
-        ..FleetView::default()
-    };
-    view.disagreements
-        .extend(contents.bad.iter().map(|b| format!("a bad record: {b}")));
+    let admin = host
+        .decide_unaudited(&Query::ReadAudit {
+            operator,
+            host: &host.id,
+        })
+        .permitted;
+    let mut view = FleetView::default();
+    if admin {
+        view.disagreements = registry.disagreements();
+        view.disagreements
+            .extend(contents.bad.iter().map(|b| format!("a bad record: {b}")));
+    }
     for r in contents.vms {
         if q.vm.as_ref().is_some_and(|v| *v != r.vm)
             || q.host.as_ref().is_some_and(|h| h != r.owner.name())
@@ -66,10 +76,12 @@ pub(super) async fn fleet(host: &Arc<Host>, q: FleetQuery, operator: &SpiffeId) 
         });
     }
     view.vms.sort_by(|a, b| a.vm.cmp(&b.vm));
+    let owners: BTreeSet<_> = view.vms.iter().map(|v| v.owner.clone()).collect();
     view.agents = contents
         .agents
         .into_iter()
         .filter(|a| q.host.as_ref().is_none_or(|h| h == a.id.name()))
+        .filter(|a| admin || owners.contains(&a.id))
         .map(|a| FleetAgent {
             id: a.id,
             addr: a.addr,

@@ -39,6 +39,15 @@ pub(super) async fn migrate_via(
     wait_secs: u32,
     operator: &SpiffeId,
 ) -> Result<SnapshotResponse, CtlResponse> {
+    // Its handover is a claim object in the bucket, not a registry commit:
+    // with a registry it would leave the registry naming this agent.
+    if host.config.registry.is_some() {
+        return Err(super::error(
+            CtlErrorKind::BadRequest,
+            "store-and-forward migrations do not commit through the fleet registry yet: \
+             with --registry, migrate the VM live",
+        ));
+    }
     let ticket = host
         .authority()
         .at_source(operator, &host.id, &req)

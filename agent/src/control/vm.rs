@@ -66,22 +66,28 @@ pub(super) async fn delete_vm(
     }
     // Its record goes with it; one left behind is reported, not fatal (the
     // VM is gone either way).
-    match host.registry() {
-        Ok(None) => {}
-        Ok(Some(r)) => {
-            if let Err(e) = r.release(name).await {
-                tracing::warn!("registry: {name} deleted here, but its record stays: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("registry: {name} deleted here, but its record stays: {e}"),
-    }
+    unclaim(host, name).await;
     CtlResponse::VmDeleted(name.clone())
+}
+
+/// With a registry, the record of a VM that is not (or no longer) here
+/// goes; one that cannot be removed is logged (the next reconciliation
+/// reports it).
+pub(super) async fn unclaim(host: &Arc<Host>, name: &convoy_protocol::names::VmName) {
+    let released = match host.registry() {
+        Ok(None) => return,
+        Ok(Some(r)) => r.release(name).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = released {
+        tracing::warn!("registry: {name} is not here, but its record stays: {e}");
+    }
 }
 
 /// With a registry, a VM made here is registered as this agent's before
 /// it is made: refused when another agent owns a VM of that name, or when
 /// the registry cannot be reached (it could not be found nor moved then).
-async fn claim(
+pub(super) async fn claim(
     host: &Arc<Host>,
     name: &convoy_protocol::names::VmName,
     attributes: &convoy_protocol::vm::VmAttributes,
@@ -241,6 +247,7 @@ pub(super) async fn create_qemu_vm(
             };
             let handle = VmHandle::Qemu(vm.clone());
             if let Err(r) = register(host, &spec.name, handle, state, &spec.attributes).await {
+                unclaim(host, &spec.name).await;
                 return r;
             }
             crate::host::watch_qemu(host, &spec.name, &vm);
@@ -251,6 +258,7 @@ pub(super) async fn create_qemu_vm(
         }
         Err(e) => {
             host.remove(&spec.name);
+            unclaim(host, &spec.name).await;
             let _ = std::fs::remove_dir_all(&dir);
             let what = if adopt.is_some() {
                 "cannot adopt QEMU"
@@ -387,6 +395,7 @@ pub(super) async fn create_vm(
         Ok(Ok(vm)) => {
             let handle = VmHandle::Sim(vm);
             if let Err(r) = register(host, &name, handle, VmState::Running, &attributes).await {
+                unclaim(host, &name).await;
                 return r;
             }
             match host.vm_info(&name) {
@@ -396,10 +405,12 @@ pub(super) async fn create_vm(
         }
         Ok(Err(e)) => {
             host.remove(&name);
+            unclaim(host, &name).await;
             error(CtlErrorKind::BadRequest, e.to_string())
         }
         Err(e) => {
             host.remove(&name);
+            unclaim(host, &name).await;
             error(CtlErrorKind::Internal, e.to_string())
         }
     }

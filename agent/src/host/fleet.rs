@@ -170,14 +170,36 @@ pub(crate) async fn reconcile(
     Ok(found)
 }
 
+/// What a source declares in its proposal: [`Capabilities::REGISTRY`]
+/// when it commits through a registry.
+///
+/// [`Capabilities::REGISTRY`]: convoy_protocol::message::Capabilities::REGISTRY
+pub(crate) fn declared(host: &Host) -> convoy_protocol::message::Capabilities {
+    if host.config.registry.is_some() {
+        convoy_protocol::message::Capabilities::REGISTRY
+    } else {
+        convoy_protocol::message::Capabilities::default()
+    }
+}
+
 /// At staging: the registry must say that `source` owns `vm`; what was
-/// read is what the commit compares against.
+/// read is what the commit compares against. A source that commits
+/// through a registry (`source_has_registry`, its proposal says so) is
+/// refused by a destination without one.
 pub(crate) async fn stage(
     host: &Host,
     vm: &VmName,
     source: &SpiffeId,
+    source_has_registry: bool,
 ) -> Result<Option<Expected>, String> {
     let registry = match host.registry() {
+        Ok(None) if source_has_registry => {
+            return Err(
+                "the source commits through a fleet registry and this agent has none \
+                 (start it with --registry)"
+                    .into(),
+            )
+        }
         Ok(None) => return Ok(None),
         Ok(Some(r)) => r,
         Err(e) => return Err(e.to_string()),
@@ -248,5 +270,59 @@ pub(crate) async fn reclaim(
             Ok(())
         }
         Err(e) => Err(format!("the registry cannot confirm it: {e}")),
+    }
+}
+
+/// How a source's resume is squared with the registry (with one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TakeBack {
+    /// Never committed: the destination cannot have committed either (it
+    /// commits only after the handover, which follows the source's).
+    NotNeeded,
+    /// The record must still name this agent (an operator's force does
+    /// not override a destination's commit).
+    OwnOnly,
+    /// The destination gave the VM back (signed): a record its commit of
+    /// this migration wrote is taken back too.
+    GivenBack,
+}
+
+/// Before a source resumes the VM of its journal record `r`, as `take`
+/// says. `Err`: it stays paused.
+pub(crate) async fn take_back(
+    host: &Host,
+    r: &convoy_protocol::journal::JournalRecord,
+    take: TakeBack,
+) -> Result<(), String> {
+    let back = match take {
+        TakeBack::NotNeeded => return Ok(()),
+        TakeBack::OwnOnly => None,
+        TakeBack::GivenBack => Some(&r.peer),
+    };
+    reclaim(host, &r.vm, r.migration, back).await
+}
+
+/// A committed source whose destination does not answer: `Ok` (why) when
+/// the registry still names this agent — the destination never passed its
+/// commit point, which comes before the VM runs there, so the VM may
+/// resume here (after [`take_back`], whose write makes any commit still on
+/// its way fail); `Err` (why not) when it names another agent (it
+/// committed) or cannot say.
+pub(crate) async fn unanswered(host: &Host, vm: &VmName) -> Result<String, String> {
+    let registry = match host.registry() {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err("no registry".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    match registry.owner(vm).await {
+        Ok(Some((rec, _))) if rec.owner == host.id => {
+            Ok("the registry still names this agent: the destination never committed".into())
+        }
+        Ok(Some((rec, _))) => Err(format!(
+            "the registry names {} (epoch {}, {}): it committed, so the VM does not resume here",
+            rec.owner, rec.epoch, rec.cause
+        )),
+        Ok(None) => Err("the VM is not in the registry".into()),
+        Err(e) => Err(format!("none from the registry either: {e}")),
     }
 }

@@ -43,6 +43,8 @@ use convoy_protocol::indoubt::{
 use convoy_protocol::journal::{JournalPhase, JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::message::Message;
 use convoy_protocol::names::{MigrationId, SpiffeId, VmName};
+
+use crate::host::fleet::TakeBack;
 use convoy_protocol::signed::Signed;
 
 use super::journal::JournalChange;
@@ -427,21 +429,13 @@ async fn resolve_source(
 ) -> (RecoveryDecision, String, Option<SignedStatement>) {
     match SourceStanding::of(r) {
         Some(SourceStanding::Claimed) => {
-            let (d, why) = resume_here(
-                host,
-                r,
-                "claimed and never committed: the destination cannot run it",
-            )
-            .await;
+            let why = "claimed and never committed: the destination cannot run it";
+            let (d, why) = resume_here(host, r, why, TakeBack::NotNeeded).await;
             (d, why, None)
         }
         Some(SourceStanding::Committed { .. }) if force => {
-            let (d, why) = resume_here(
-                host,
-                r,
-                "forced by the operator, without the destination's word",
-            )
-            .await;
+            let why = "forced by the operator, without the destination's word";
+            let (d, why) = resume_here(host, r, why, TakeBack::OwnOnly).await;
             (d, why, None)
         }
         Some(SourceStanding::Committed { epoch }) => {
@@ -456,12 +450,25 @@ async fn resolve_source(
                 source_decides(&inquiry, &r.peer, answer.map(|(s, signer, _)| (s, signer)));
             let (d, why) = match decision {
                 SourceDecision::ResumeHere => {
-                    resume_here(host, r, "the destination fenced the handoff (signed)").await
+                    let why = "the destination fenced the handoff (signed)";
+                    resume_here(host, r, why, TakeBack::GivenBack).await
                 }
                 SourceDecision::DiscardHere => {
                     discard_here(host, r, "the destination runs it (signed)").await
                 }
                 SourceDecision::ResumePostcopy => take_up(host, r).await,
+                // No answer, with a registry: it says whether the
+                // destination committed, even when the peer is gone.
+                SourceDecision::StayPaused(Undecided::NoAnswer(why))
+                    if host.config.registry.is_some() =>
+                {
+                    let said = crate::host::fleet::unanswered(host, &r.vm).await;
+                    let why = format!("no answer from the destination ({why}); ");
+                    match said {
+                        Ok(ours) => resume_here(host, r, &(why + &ours), TakeBack::OwnOnly).await,
+                        Err(e) => stay_paused(host, r, &(why + &e)),
+                    }
+                }
                 SourceDecision::StayPaused(u) => stay_paused(host, r, &u),
             };
             (d, why, statement)
@@ -500,7 +507,11 @@ async fn take_up(host: &Arc<Host>, r: &JournalRecord) -> (RecoveryDecision, Stri
 }
 
 /// The VM stays paused here; why.
-fn stay_paused(host: &Host, r: &JournalRecord, why: &Undecided) -> (RecoveryDecision, String) {
+fn stay_paused(
+    host: &Host,
+    r: &JournalRecord,
+    why: &dyn std::fmt::Display,
+) -> (RecoveryDecision, String) {
     mark_in_doubt(host, &r.vm);
     (RecoveryDecision::StaysPaused, why.to_string())
 }
@@ -517,14 +528,16 @@ fn mark_in_doubt(host: &Host, vm: &VmName) {
 
 /// Gives the VM back to this host: the journal first (the give-back, or
 /// the failed claim), then the VM resumes.
-async fn resume_here(host: &Arc<Host>, r: &JournalRecord, why: &str) -> (RecoveryDecision, String) {
+async fn resume_here(
+    host: &Arc<Host>,
+    r: &JournalRecord,
+    why: &str,
+    take: TakeBack,
+) -> (RecoveryDecision, String) {
     // With a registry, it resumes here only once the registry says it is
-    // ours (rewritten so, fencing a commit still on its way); a record
-    // this migration's commit gave the destination is taken back when the
-    // destination fenced it (signed) or the operator forces the resume.
-    let back = (r.phase != convoy_protocol::journal::JournalPhase::Claimed).then_some(&r.peer);
-    if let Err(e) = crate::host::fleet::reclaim(host, &r.vm, r.migration, back).await {
-        return (RecoveryDecision::StaysPaused, format!("{why}, but {e}"));
+    // ours (rewritten so, fencing a commit still on its way).
+    if let Err(e) = crate::host::fleet::take_back(host, r, take).await {
+        return stay_paused(host, r, &format!("{why}, but {e}"));
     }
     if let Err(e) = host
         .journal(JournalChange::Advance {

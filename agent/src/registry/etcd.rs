@@ -182,9 +182,8 @@ impl Store {
         if r.succeeded() {
             Ok(())
         } else {
-            Err(RegistryError::Unreachable(format!(
-                "{vm}'s record changed while it was being removed"
-            )))
+            // Not retried: the revision is stale (or the record gone).
+            Err(RegistryError::Changed(vm.clone()))
         }
     }
 

@@ -111,6 +111,9 @@ pub enum RegistryError {
     /// No record for the VM.
     #[error("{0} is not in the registry")]
     Unregistered(VmName),
+    /// The record changed while it was being removed.
+    #[error("{0}'s record changed while it was being removed")]
+    Changed(VmName),
     /// The configuration cannot be used (a TLS file, an endpoint).
     #[error("registry configuration: {0}")]
     Config(String),
@@ -396,20 +399,29 @@ impl Registry {
         ))
     }
 
-    /// A VM deleted here: its record goes, if it is ours.
+    /// A VM deleted here: its record goes, if it is ours. A delete whose
+    /// answer was lost reads back as gone: done.
     pub(crate) async fn release(&self, vm: &VmName) -> Result<(), RegistryError> {
-        let Some((cur, revision)) = self.owner(vm).await? else {
-            return Ok(());
-        };
-        if cur.owner != self.me {
-            return Err(RegistryError::OwnedElsewhere {
-                vm: cur.vm,
-                owner: cur.owner,
-                epoch: cur.epoch,
-            });
+        for _ in 0..3 {
+            let Some((cur, revision)) = self.owner(vm).await? else {
+                return Ok(());
+            };
+            if cur.owner != self.me {
+                return Err(RegistryError::OwnedElsewhere {
+                    vm: cur.vm,
+                    owner: cur.owner,
+                    epoch: cur.epoch,
+                });
+            }
+            match self
+                .retrying(|t| self.store.delete_if(self.prefix(), vm, revision, t))
+                .await
+            {
+                Err(RegistryError::Changed(_)) => continue,
+                other => return other,
+            }
         }
-        self.retrying(|t| self.store.delete_if(self.prefix(), vm, revision, t))
-            .await
+        Err(RegistryError::Changed(vm.clone()))
     }
 
     /// Every record.

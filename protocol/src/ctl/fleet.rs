@@ -59,12 +59,14 @@ pub struct FleetAgent {
 pub struct FleetView {
     /// The VMs shown, by name.
     pub vms: Vec<FleetVm>,
-    /// The agents alive, by name.
+    /// The agents alive, by name (for an operator who may not read the
+    /// agent's audit log: those that own a VM shown).
     pub agents: Vec<FleetAgent>,
     /// VMs that matched but the policy does not let this operator see.
     pub hidden: u64,
     /// What the answering agent's reconciliation found (VMs it runs that
     /// the registry gives another, records naming it for VMs it does not
-    /// run, records that do not decode).
+    /// run, records that do not decode); only for an operator who may read
+    /// the agent's audit log.
     pub disagreements: Vec<String>,
 }

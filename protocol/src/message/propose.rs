@@ -76,6 +76,11 @@ impl Capabilities {
     /// holds that retained image; the source then sends unchanged pages as
     /// [`crate::page::RunKind::Retained`] in its first round.
     pub const REUSE: Capabilities = Capabilities(4);
+    /// Not negotiated but declared: the source commits through a fleet
+    /// registry (`agent::registry`), so the destination must commit
+    /// through it too, or refuse; a destination without one that ran the
+    /// VM would leave the registry naming the source.
+    pub const REGISTRY: Capabilities = Capabilities(8);
     /// Everything this build supports.
     pub const OURS: Capabilities = Capabilities(Self::ZSTD.0 | Self::DELTA.0 | Self::REUSE.0);
 

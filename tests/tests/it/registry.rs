@@ -233,6 +233,11 @@ async fn a_migration_commits_in_etcd_and_the_fleet_shows_where_each_vm_runs() {
     let seen = fleet(&as_eve, FleetQuery::default()).await;
     assert!(seen.vms.is_empty(), "{seen:?}");
     assert_eq!(seen.hidden, 1, "{seen:?}");
+    // Nor, not being an admin, the agents or the findings.
+    assert!(
+        seen.agents.is_empty() && seen.disagreements.is_empty(),
+        "{seen:?}"
+    );
 
     // A hostile record is reported, not believed.
     put_raw(&ep, "/convoy/vms/junk", b"{\"vm\":".to_vec()).await;
@@ -332,6 +337,78 @@ async fn a_registry_silent_at_the_commit_keeps_the_vm_paused_until_recover() {
     assert!(r.cause.starts_with("reclaimed"), "{r:?}");
     assert_eq!(state_of(b, "cache").await, None);
     f.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_gone_for_good_is_settled_by_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(etcd) = etcd("registry peer gone", dir.path(), 1).await else {
+        return;
+    };
+    let ep = etcd.endpoints();
+    // b reaches etcd through a link that will go dark for good: its
+    // commit never arrives.
+    let target = ep[0].trim_start_matches("http://").parse().unwrap();
+    let link = CuttableLink::start(target).await.unwrap();
+    let via = format!("http://{}", link.addr());
+    let mut lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |n, c| {
+        let e = if n == "b" { via.clone() } else { ep[0].clone() };
+        c.registry = Some(registry(vec![e]));
+    })
+    .await
+    .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("queue", 32 << 20, 2_000))
+        .await
+        .unwrap();
+    let mover = start_slow_migration(&lab, "queue").await;
+    link.set_up(false);
+    etcd.pause(0, true).unwrap();
+    let report = mover.await.unwrap();
+    assert!(matches!(report.outcome, Outcome::InDoubt(_)), "{report:?}");
+    // b is gone for good; etcd answers again.
+    lab.stop_agent("b").await.unwrap();
+    etcd.pause(0, false).unwrap();
+    // (The agent's own watcher may have asked first: the same rule.)
+    let decided = recover(&a, "queue").await;
+    assert!(
+        decided.iter().all(|d| *d == RecoveryDecision::ResumedHere),
+        "{decided:?}"
+    );
+    assert_eq!(state_of(&a, "queue").await, Some(VmState::Running));
+    let r = record(&ep, "queue").await.unwrap();
+    assert_eq!((r.owner.name().as_str(), r.epoch), ("a", 2), "{r:?}");
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_the_registry_refuses_a_source_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(etcd) = etcd("registry mixed", dir.path(), 1).await else {
+        return;
+    };
+    let ep = etcd.endpoints();
+    let lab = Lab::start(&dir.path().join("lab"), &["a", "b"], |n, c| {
+        if n == "a" {
+            c.registry = Some(registry(ep.clone()));
+        }
+    })
+    .await
+    .unwrap();
+    let a = lab.client("a").await.unwrap();
+    a.vm_create(sim_spec("solo", 16 << 20, 0)).await.unwrap();
+    let req = lab
+        .migrate_request("solo", "a", "b", MigrationPlan::default())
+        .unwrap();
+    let report = a.migrate(req, |_| {}).await.unwrap();
+    match &report.outcome {
+        Outcome::Aborted(why) => assert!(why.contains("registry"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state_of(&a, "solo").await, Some(VmState::Running));
+    let r = record(&ep, "solo").await.unwrap();
+    assert_eq!((r.owner.name().as_str(), r.epoch), ("a", 1), "{r:?}");
+    lab.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

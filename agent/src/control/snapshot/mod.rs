@@ -484,6 +484,13 @@ async fn pull(
             format!("the snapshot record cannot be written ({e}); VM {name} not started"),
         ));
     }
+    // With a registry, the VM is this agent's (the name free, or already
+    // its own) before it may run here.
+    if let Some(r) = super::vm::claim(host, &name, &attributes, "restored").await {
+        host.remove(&name);
+        pulled.vm.destroy();
+        return Err(r);
+    }
     if let Some(v) = &ticket {
         let h = convoy_protocol::snapshot::claim::Handover {
             migration: v.ticket.id,
@@ -504,6 +511,7 @@ async fn pull(
         {
             host.remove(&name);
             pulled.vm.destroy();
+            super::vm::unclaim(host, &name).await;
             return Err(why);
         }
     }
@@ -512,14 +520,18 @@ async fn pull(
     } else {
         VmState::Running
     };
-    super::vm::register(
+    let registered = super::vm::register(
         host,
         &name,
         VmHandle::Sim(pulled.vm.clone()),
         state,
         &attributes,
     )
-    .await?;
+    .await;
+    if let Err(r) = registered {
+        super::vm::unclaim(host, &name).await;
+        return Err(r);
+    }
     finish_kept(partial).await;
     pull_done(
         host,

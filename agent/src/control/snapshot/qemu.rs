@@ -175,6 +175,7 @@ pub(super) async fn pull(
     if let Some(r) = vm::reserve_error(host, &name, o.image.definition.memory_mib << 20) {
         return Err(r);
     }
+
     let (object, manifest, layout, digest) = (
         o.found.object.clone(),
         o.found.manifest.clone(),
@@ -204,6 +205,7 @@ pub(super) async fn pull(
             host.remove(&qvm.definition.name);
             qvm.kill().await;
             remove_disks(&qvm);
+            vm::unclaim(&host, &qvm.definition.name).await;
             Err(why)
         }
     };
@@ -219,6 +221,11 @@ pub(super) async fn pull(
             format!("the snapshot record cannot be written ({e}); VM {name} not started"),
         ))
         .await;
+    }
+    // With a registry, the VM is this agent's (the name free, or already
+    // its own) before it may run here.
+    if let Some(r) = vm::claim(host, &name, &manifest.attributes, "restored").await {
+        return discard(r).await;
     }
     let guest = Guest::Qemu(qvm.clone());
     if let Some(v) = ticket {
@@ -261,6 +268,7 @@ pub(super) async fn pull(
         // Its QEMU is stopped by `register`; the disks this pull made go
         // too, as on every other failure.
         remove_disks(&qvm);
+        vm::unclaim(host, &name).await;
         return Err(r);
     }
     crate::host::watch_qemu(host, &name, &qvm);

@@ -361,7 +361,10 @@ impl Incoming {
         // The staging is on disk before the source hears of it: every
         // migration the source can commit has a record here to fence.
         // With a registry, only the VM's registered owner may hand it here.
-        self.registry = crate::host::fleet::stage(&self.host, &self.vm, &self.peer.id)
+        let declared = p
+            .capabilities
+            .has(convoy_protocol::message::Capabilities::REGISTRY);
+        self.registry = crate::host::fleet::stage(&self.host, &self.vm, &self.peer.id, declared)
             .await
             .map_err(|e| Fail::local(format!("registry: {e}")))?;
         self.record_staged()

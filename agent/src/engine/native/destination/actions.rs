@@ -331,7 +331,10 @@ impl Incoming {
             return Err("the staging could not be recorded: no proposal".into());
         };
         // With a registry, only the VM's registered owner may hand it here.
-        self.registry = crate::host::fleet::stage(&self.host, &p.vm, &self.peer.id)
+        let declared = p
+            .capabilities
+            .has(convoy_protocol::message::Capabilities::REGISTRY);
+        self.registry = crate::host::fleet::stage(&self.host, &p.vm, &self.peer.id, declared)
             .await
             .map_err(|e| format!("registry: {e}"))?;
         let incarnation = self.host.vms().get(&p.vm).map(|e| e.incarnation);

@@ -91,10 +91,10 @@ pub(super) struct Driver<'r> {
     /// A decision the journal could not record (the VM was then kept
     /// paused here): the outcome is in doubt whatever the machine says.
     unrecorded: Option<String>,
-    /// When the driver started, and the tick of its periodic samples
-    /// (for timelines: `convoyctl migrate --plot`).
+    /// When it started; its periodic samples (`migrate --plot`).
     began: std::time::Instant,
     tick: tokio::time::Interval,
+    last_sample: std::time::Instant,
 }
 
 impl<'r> Driver<'r> {
@@ -162,6 +162,7 @@ impl<'r> Driver<'r> {
             unrecorded: None,
             began: std::time::Instant::now(),
             tick,
+            last_sample: std::time::Instant::now(),
         }
     }
 
@@ -583,6 +584,12 @@ impl<'r> Driver<'r> {
     /// Waits for the next input: a control message, a stream's report, the
     /// state machine's deadline, or the operator's cancel.
     async fn wait(&mut self) {
+        // Here too: the tick (last in the biased select) starves when busy.
+        if self.last_sample.elapsed()
+            >= Duration::from_millis(convoy_protocol::ctl::SAMPLE_EVERY_MS)
+        {
+            self.sample();
+        }
         let deadline = self.sm.poll_timeout();
         let migration = self.run.migration;
         tokio::select! {
@@ -616,6 +623,7 @@ impl<'r> Driver<'r> {
     /// A periodic sample, to the operator's progress (dropped, not
     /// waited for, when they read slowly).
     fn sample(&mut self) {
+        self.last_sample = std::time::Instant::now();
         let mut p = self.sm.snapshot();
         p.sample = Some(convoy_protocol::ctl::Sample {
             elapsed_ms: u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -776,11 +784,13 @@ impl Run {
                 )
             },
             // REUSE is dropped by the state machine without an offer.
-            capabilities: if plan.compression_level > 0 {
-                Capabilities::OURS
-            } else {
-                Capabilities(Capabilities::DELTA.0 | Capabilities::REUSE.0)
-            },
+            capabilities: Capabilities(
+                if plan.compression_level > 0 {
+                    Capabilities::OURS.0
+                } else {
+                    Capabilities::DELTA.0 | Capabilities::REUSE.0
+                } | crate::host::fleet::declared(&self.host).0,
+            ),
             accept_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),

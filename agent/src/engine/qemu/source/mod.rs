@@ -273,14 +273,13 @@ impl Run {
     async fn roll_back(&self, st: &mut State) -> bool {
         if st.committed {
             // With a registry, the guest is this agent's again only once
-            // the registry says so (and is fenced against the commit).
-            let reclaimed = crate::host::fleet::reclaim(
-                &self.host,
-                &self.req.vm,
-                self.migration,
-                Some(&self.dest),
-            )
-            .await;
+            // the registry still names this agent (and is fenced against a
+            // commit on its way). A rollback here may follow a lost echo
+            // of the switch, not only the destination's give-back: a
+            // record its commit wrote is taken back only on its signed
+            // word (`recover`).
+            let reclaimed =
+                crate::host::fleet::reclaim(&self.host, &self.req.vm, self.migration, None).await;
             if let Err(e) = reclaimed {
                 self.host.set_state(&self.req.vm, VmState::InDoubt);
                 self.phase(st, &format!("given back, but {e}: kept paused"));

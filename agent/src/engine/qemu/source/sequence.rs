@@ -8,9 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::transport::{Connection, SendStream};
 use convoy_protocol::ctl::{Outcome, VmState};
 use convoy_protocol::journal::JournalStep;
-use convoy_protocol::message::{
-    Abort, Capabilities, Handover, Manifest, Message, Propose, Reason, VersionRange,
-};
+use convoy_protocol::message::{Abort, Handover, Manifest, Message, Propose, Reason, VersionRange};
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::page::{MemoryGeometry, PageSize};
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind};
@@ -46,7 +44,7 @@ impl Run {
             .map_err(|e| Fail::local(format!("memory geometry: {e}")))?;
         let propose = Message::Propose(Propose {
             versions: VersionRange::OURS,
-            capabilities: Capabilities::default(),
+            capabilities: crate::host::fleet::declared(&self.host),
             migration: self.migration,
             vm: self.req.vm.clone(),
             attributes: self.attributes.clone(),
