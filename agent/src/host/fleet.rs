@@ -112,32 +112,23 @@ pub(crate) async fn reconcile(
     registry: &Registry,
 ) -> Result<Vec<String>, RegistryError> {
     let contents = registry.contents().await?;
-    // Settled VMs only: one migrating or in doubt is the journal's.
-    let local: BTreeMap<_, _> = host
+    // One snapshot of the VMs here: every name, with the attributes of
+    // the settled ones (one migrating or in doubt is the journal's).
+    let here: BTreeMap<_, _> = host
         .vms()
         .iter()
-        .filter(|(_, e)| {
-            matches!(
+        .map(|(n, e)| {
+            let settled = matches!(
                 e.state,
                 VmState::Running | VmState::Paused | VmState::Exited
-            )
+            );
+            (n.clone(), settled.then(|| e.attributes.clone()))
         })
-        .map(|(n, e)| (n.clone(), e.attributes.clone()))
-        .collect();
-    let unsettled: Vec<_> = host
-        .vms()
-        .iter()
-        .filter(|(_, e)| {
-            !matches!(
-                e.state,
-                VmState::Running | VmState::Paused | VmState::Exited
-            )
-        })
-        .map(|(n, _)| n.clone())
         .collect();
     let records: BTreeMap<_, _> = contents.vms.iter().map(|r| (r.vm.clone(), r)).collect();
     let mut found = Vec::new();
-    for (vm, attributes) in &local {
+    let settled = here.iter().filter_map(|(n, a)| a.as_ref().map(|a| (n, a)));
+    for (vm, attributes) in settled {
         match records.get(vm) {
             Some(r) if r.owner == *registry.me() => {}
             Some(r) => found.push(format!(
@@ -153,7 +144,7 @@ pub(crate) async fn reconcile(
         }
     }
     for r in &contents.vms {
-        if r.owner == *registry.me() && !local.contains_key(&r.vm) && !unsettled.contains(&r.vm) {
+        if r.owner == *registry.me() && !here.contains_key(&r.vm) {
             found.push(format!(
                 "the registry says {} runs here (epoch {}), but it is not here",
                 r.vm, r.epoch
