@@ -173,6 +173,7 @@ async fn run(case: Case) {
         seed: 7,
         attributes: Default::default(),
         disks: Vec::new(),
+        service_requests_per_sec: 0,
     })
     .await
     .unwrap();

@@ -298,6 +298,7 @@ fn sim(vm: &str) -> SimVmSpec {
         seed: 1,
         attributes: Default::default(),
         disks: Vec::new(),
+        service_requests_per_sec: 0,
     }
 }
 

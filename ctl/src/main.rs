@@ -38,6 +38,7 @@ mod bench;
 mod cmd;
 mod conn;
 mod demo;
+mod plot;
 mod render;
 mod timeline;
 

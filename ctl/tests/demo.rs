@@ -99,6 +99,25 @@ fn demo_plot_writes_the_migration_and_the_guest_through_it() {
                 && g["work_per_sec"].as_f64().unwrap() > 0.0),
         "{t}"
     );
+    // The guest's service (1000 requests/s by default) was served on both
+    // sides of the switch, and its requests waited through it: the
+    // slowest took at least the downtime.
+    let service = t["service"].as_array().unwrap();
+    let served_after = |after: f64| {
+        service.iter().any(|s| {
+            s["t_s"].as_f64().unwrap() > after && s["served_per_sec"].as_f64().unwrap() > 0.0
+        })
+    };
+    assert!(served_after(0.0) && served_after(switch), "{t}");
+    let summary = &t["service_summary"];
+    assert_eq!(summary["requests_per_sec"], 1000, "{t}");
+    assert!(summary["served"].as_u64().unwrap() > 500, "{t}");
+    let max = summary["max_ms"].as_f64().unwrap();
+    let downtime = t["downtime_ms"].as_f64().unwrap();
+    assert!(
+        max >= downtime * 0.8,
+        "max {max} ms, downtime {downtime} ms"
+    );
 }
 
 /// The store-and-forward path on the embedded default: through a

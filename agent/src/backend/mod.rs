@@ -64,6 +64,10 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn is_running(&self) -> bool;
     /// Workload dirty rate, pages per second.
     fn dirty_rate(&self) -> u64;
+    /// The guest's service's counters (a sim VM with a service).
+    fn service(&self) -> Option<convoy_protocol::ctl::service::ServiceStats> {
+        None
+    }
     /// Throttles the guest's CPU: `percent` of its time is taken away
     /// (auto-converge); 0 lifts the throttle.
     fn set_throttle(&self, percent: u8);

@@ -372,6 +372,13 @@ pub(super) async fn create_vm(
             ),
         );
     }
+    let most = convoy_protocol::ctl::service::MAX_SERVICE_REQUESTS_PER_SEC;
+    if spec.service_requests_per_sec > most {
+        return error(
+            CtlErrorKind::BadRequest,
+            format!("a service takes up to {most} requests/s"),
+        );
+    }
     if let Some(r) = may_create(host, &spec.name, &spec.attributes, operator) {
         return r;
     }

@@ -124,6 +124,7 @@ impl VmEntry {
             dirty_pages_per_sec: self.sim().map_or(0, |v| v.dirty_rate()),
             attributes: self.attributes.clone(),
             subject: self.subject(),
+            service: self.sim().and_then(|v| v.service()),
         }
     }
 

@@ -273,6 +273,7 @@ impl Lab {
             seed: 1,
             attributes: Default::default(),
             disks: Vec::new(),
+            service_requests_per_sec: 0,
         }
     }
 

@@ -103,6 +103,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             seed: i as u64 + 1,
             attributes: Default::default(),
             disks: Vec::new(),
+            service_requests_per_sec: 0,
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;

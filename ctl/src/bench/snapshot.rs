@@ -147,6 +147,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             seed: 1,
             attributes: Default::default(),
             disks: Vec::new(),
+            service_requests_per_sec: 0,
         };
         let vm: Arc<dyn VmBackend> = SimVm::create(&spec, None, None)?;
         vm.pause()?;

@@ -6,36 +6,23 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::snapshot_rows::Row;
+use crate::plot::{Format, FONT};
 
-/// The font family the chart names (registered from the embedded font).
-const FONT: &str = "sans-serif";
 const CONVOY: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const PLAIN: RGBColor = RGBColor(0xa8, 0xa8, 0xa8);
 /// The widest line of a bar pair's label, in characters.
 const LABEL_WIDTH: usize = 16;
 
-/// What `path` is drawn as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// `.svg`
-    Svg,
-    /// `.png`
-    Png,
-}
-
-/// The format `path`'s extension names, checked before the bench runs.
+/// The format `path`'s extension names (SVG or PNG), checked before the
+/// bench runs.
 pub fn format(path: &Path) -> Result<Format> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(Format::Svg),
-        Some(e) if e.eq_ignore_ascii_case("png") => Ok(Format::Png),
-        _ => bail!("{}: --plot takes FILE.svg or FILE.png", path.display()),
-    }
+    crate::plot::format(path, false)
 }
 
 /// Draws `rows` (those with a baseline) to `path`.
@@ -44,13 +31,12 @@ pub fn draw(path: &Path, rows: &[Row]) -> Result<()> {
     if bars.is_empty() {
         bail!("no row has a baseline to plot");
     }
-    plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow!("the embedded DejaVu Sans font does not load"))?;
+    crate::plot::register_font()?;
     let n = u32::try_from(bars.len())?;
     let size = (n.saturating_mul(120).max(800) + 120, 620);
     match format(path)? {
         Format::Svg => chart(&SVGBackend::new(path, size).into_drawing_area(), &bars),
-        Format::Png => chart(&BitMapBackend::new(path, size).into_drawing_area(), &bars),
+        _ => chart(&BitMapBackend::new(path, size).into_drawing_area(), &bars),
     }
 }
 
@@ -171,14 +157,6 @@ mod tests {
             label_lines("push VM -> s3", "random"),
             ["push VM -> s3", "[random]"]
         );
-    }
-
-    #[test]
-    fn the_format_is_the_extension_and_anything_else_is_refused() {
-        assert_eq!(format(Path::new("a/b.svg")).unwrap(), Format::Svg);
-        assert_eq!(format(Path::new("b.PNG")).unwrap(), Format::Png);
-        assert!(format(Path::new("b.jpg")).is_err());
-        assert!(format(Path::new("b")).is_err());
     }
 
     #[test]

@@ -243,7 +243,7 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
     if let Some(p) = probe {
         // A moment more of the guest where it now runs.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        timeline.add_service(&p.finish().await);
+        timeline.add_polls(&p.finish().await);
     }
     let report = report?;
     if let Some(path) = &m.plot {
@@ -257,6 +257,9 @@ pub async fn run(g: &Global, m: Migrate) -> Result<()> {
         render::json(&report)?;
     } else {
         print!("{}", render::report(&report));
+        if let Some(s) = timeline.service_summary() {
+            println!("{s}");
+        }
     }
     match report.outcome {
         Outcome::Completed => Ok(()),

@@ -108,6 +108,12 @@ pub struct Create {
     /// Percent of memory that takes 90% of the writes.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub hot_set: u8,
+    /// sim: requests per second a service in the guest takes (0 = none):
+    /// each touches a page of the hot set, waits while the VM is paused,
+    /// and its response time is recorded (`vm ls --json`, `migrate
+    /// --plot`).
+    #[arg(long, default_value_t = 0)]
+    pub service_rps: u64,
     /// Initial content.
     #[arg(long, value_enum, default_value = "mixed")]
     pub content: Content,
@@ -156,6 +162,9 @@ impl Create {
         if self.memory % (1 << 20) != 0 {
             anyhow::bail!("--memory must be a whole number of MiB for QEMU");
         }
+        if self.service_rps != 0 {
+            anyhow::bail!("--service-rps takes the sim backend");
+        }
         Ok(QemuVmSpec {
             name: self.name.clone(),
             binary: self.qemu_binary.clone(),
@@ -191,6 +200,7 @@ impl Create {
                 .iter()
                 .map(|d| parse_sim_disk(d))
                 .collect::<Result<_>>()?,
+            service_requests_per_sec: self.service_rps,
         })
     }
 }

@@ -51,6 +51,10 @@ pub struct Demo {
     /// Percent of memory that takes 90% of the writes.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub hot_set: u8,
+    /// sim: requests per second the guest's service takes (0 = none);
+    /// `--plot` draws their throughput and response time.
+    #[arg(long, default_value_t = 1000)]
+    pub service_rps: u64,
     /// Initial memory content.
     #[arg(long, value_enum, default_value = "mixed")]
     pub content: Content,
@@ -187,6 +191,7 @@ fn sim_spec(d: &Demo, memory: u64, disks: Vec<SimDiskSpec>) -> Result<SimVmSpec>
         seed: 1,
         attributes: attributes(),
         disks,
+        service_requests_per_sec: d.service_rps,
     })
 }
 
@@ -234,13 +239,16 @@ async fn migrate(
     if let Some(p) = probe {
         // A moment more of the guest where it now runs.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        timeline.add_service(&p.finish().await);
+        timeline.add_polls(&p.finish().await);
     }
     let report = report?;
     if let Some(path) = plot {
         timeline.write(path, &report)?;
         if !g.json {
             eprintln!("timeline: {}", path.display());
+            if let Some(s) = timeline.service_summary() {
+                eprintln!("{s}");
+            }
         }
     }
     Ok(report)

@@ -17,6 +17,7 @@ pub use frame::CtlMessage;
 
 pub mod fleet;
 pub mod frame;
+pub mod service;
 pub mod snapshot;
 
 /// What a simulated VM's memory is filled with at creation.
@@ -60,6 +61,9 @@ pub struct SimVmSpec {
     /// Its disks (sparse raw files in the agent's disk directory), which
     /// migrate with it.
     pub disks: Vec<SimDiskSpec>,
+    /// Requests per second its service takes (0 = none; see
+    /// [`service`]).
+    pub service_requests_per_sec: u64,
 }
 
 /// A disk of a simulated VM.
@@ -134,6 +138,9 @@ pub struct VmInfo {
     /// What a ticket to move it must bind (memory, disks, attribute
     /// digest); `None` while it is being created or arriving.
     pub subject: Option<crate::vm::VmSubject>,
+    /// Its service's counters as this agent sees them (a sim VM with a
+    /// service).
+    pub service: Option<service::ServiceStats>,
 }
 
 /// Migrate a VM to another agent.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_protocol::ctl::{Outcome, VmState};
+use convoy_protocol::ctl::{Outcome, VmInfo, VmState};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::receipt::ReceiptKind;
 use convoy_tests::{
@@ -16,11 +16,17 @@ use convoy_tests::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
     let (_dir, lab, a, b) = agents_a_and_b().await;
-    // 64 MiB, 20 000 page writes per second, 90% into a 10% hot set.
-    a.vm_create(sim_spec("web", 64 << 20, 20_000))
-        .await
-        .unwrap();
+    // 64 MiB, 20 000 page writes per second, 90% into a 10% hot set, and
+    // a service taking 500 requests a second.
+    let mut spec = sim_spec("web", 64 << 20, 20_000);
+    spec.service_requests_per_sec = 500;
+    a.vm_create(spec).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let served_before = a.vm_list().await.unwrap()[0]
+        .service
+        .as_ref()
+        .map(|s| s.served)
+        .unwrap();
 
     let mut updates = 0;
     let report = a
@@ -82,6 +88,24 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
         })
         .await,
         "the workload keeps running at the destination"
+    );
+    // The service's stream and counters moved with it and it serves on:
+    // the requests that arrived during the downtime waited it out.
+    let service = |vms: Vec<VmInfo>| vms[0].service.clone().unwrap();
+    let at_b = service(b.vm_list().await.unwrap());
+    assert!(at_b.served > served_before, "{at_b:?}");
+    let slowest = at_b.percentile_us(1.0).unwrap();
+    assert!(
+        slowest as f64 >= report.downtime_ms * 1e3 * 0.8,
+        "slowest {slowest} µs, downtime {} ms",
+        report.downtime_ms
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            service(b.vm_list().await.unwrap()).served > at_b.served
+        })
+        .await,
+        "the service runs on at the destination"
     );
 
     // And back again: b is a source now, a a destination.
@@ -171,6 +195,10 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("dirty rate up to"), "{err}");
+    let mut busy = sim_spec("y", 4 << 20, 0);
+    busy.service_requests_per_sec = u64::MAX;
+    let err = a.vm_create(busy).await.unwrap_err();
+    assert!(err.to_string().contains("requests/s"), "{err}");
 
     // A VM of the same name already at the destination: refused there,
     // still running here.

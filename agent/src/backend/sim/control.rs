@@ -5,7 +5,7 @@
 //! at the start of the VM's memfd, guest memory after them:
 //!
 //! ```text
-//! memfd: [ header (16 words) | disks (3 words each) | dirty bitmap | written bitmaps | pad ][ guest memory ]
+//! memfd: [ header (32 + 128 words) | disks (3 words each) | dirty bitmap | written bitmaps | pad ][ guest memory ]
 //!          └───────────── control, rounded up to a guest page ────────────────────────────┘
 //! ```
 //!
@@ -44,12 +44,14 @@ use crate::backend::{BackendError, VcpuError};
 
 /// "convoyVM", little-endian.
 const MAGIC: u64 = u64::from_le_bytes(*b"convoyVM");
-/// The layout this build writes and reads.
-const VERSION: u64 = 1;
+/// The layout this build writes and reads (2: the service's words).
+const VERSION: u64 = 2;
 /// The most disks a header may name (a sim VM has a handful).
 const MAX_DISKS: u64 = 64;
+/// Where the service's response-time histogram starts.
+const HISTOGRAM: usize = 32;
 /// Words before the disks'.
-const HEADER: usize = 16;
+const HEADER: usize = HISTOGRAM + convoy_protocol::ctl::service::BUCKETS;
 
 /// `owner`: the agent's own thread runs the vCPU.
 pub(super) const THREAD: u64 = 0;
@@ -75,6 +77,26 @@ enum Word {
     Owner,
     /// A helper's pid, once it mapped the memfd and waits for `owner`.
     Ready,
+    /// The service (`service`): requests per second (0: none), when its
+    /// stream started (µs since the Unix epoch), the next request to
+    /// serve, and its counters.
+    SvcRate,
+    SvcEpochUs,
+    SvcNext,
+    SvcServed,
+    SvcSumUs,
+    SvcDropped,
+}
+
+/// The service's words (see `service`).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Svc {
+    Rate,
+    EpochUs,
+    Next,
+    Served,
+    SumUs,
+    Dropped,
 }
 
 /// Where one disk's words are.
@@ -250,6 +272,23 @@ impl Control {
     /// A helper's pid once it is ready to take the vCPU.
     pub(super) fn ready(&self) -> &AtomicU64 {
         self.word(Word::Ready)
+    }
+
+    /// One of the service's words.
+    pub(super) fn svc(&self, w: Svc) -> &AtomicU64 {
+        self.word(match w {
+            Svc::Rate => Word::SvcRate,
+            Svc::EpochUs => Word::SvcEpochUs,
+            Svc::Next => Word::SvcNext,
+            Svc::Served => Word::SvcServed,
+            Svc::SumUs => Word::SvcSumUs,
+            Svc::Dropped => Word::SvcDropped,
+        })
+    }
+
+    /// The service's response-time histogram.
+    pub(super) fn svc_histogram(&self) -> &[AtomicU64] {
+        self.map.words().get(HISTOGRAM..HEADER).unwrap_or_default()
     }
 
     pub(super) fn is_paused(&self) -> bool {

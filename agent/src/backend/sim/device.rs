@@ -1,13 +1,15 @@
 //! A simulated VM's device state, as it travels from source to
 //! destination: the device counter and the workload's parameters (and
 //! each disk's write rate), so that the counter and the workload continue
-//! where they stopped after migration. The throttle is the source host's,
-//! not the guest's: it does not travel.
+//! where they stopped after migration, and its service's stream and
+//! counters (`service`). The throttle is the source host's, not the
+//! guest's: it does not travel.
 
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use super::service::ServiceState;
 use super::Shared;
 use crate::backend::{BackendError, DeviceStateError};
 
@@ -21,10 +23,13 @@ pub(super) struct DeviceState {
     pub(super) seed: u64,
     /// Each disk's block writes per second, in manifest order.
     pub(super) disk_writes_per_sec: Vec<u64>,
+    /// The service (rate 0: none).
+    pub(super) service: ServiceState,
 }
 
-/// The device-state version this build writes and reads.
-const DEVICE_STATE_VERSION: u8 = 2;
+/// The device-state version this build writes and reads (3: the
+/// service).
+const DEVICE_STATE_VERSION: u8 = 3;
 
 impl DeviceState {
     /// The state of the VM that `shared` is, as it is now (meaningful
@@ -39,6 +44,7 @@ impl DeviceState {
             hot_set_pct: u8::try_from(ctl.hot_set_pct().load(Ordering::Relaxed)).unwrap_or(u8::MAX),
             seed: ctl.seed().load(Ordering::Relaxed),
             disk_writes_per_sec: (0..shared.disks.len()).map(|i| ctl.disk_rate(i)).collect(),
+            service: ServiceState::of(ctl),
         }
     }
 
@@ -49,8 +55,8 @@ impl DeviceState {
 
     /// Parses the device state of a VM with `disks` disks. Refuses bytes
     /// that do not parse, an unknown version, a hot set outside 1..=100%,
-    /// a disk count other than `disks`, rates past the limits, and trailing
-    /// bytes.
+    /// a disk count other than `disks`, rates past the limits, a service
+    /// histogram of another length, and trailing bytes.
     pub(super) fn decode(bytes: &[u8], disks: usize) -> Result<DeviceState, BackendError> {
         let (s, rest): (DeviceState, &[u8]) =
             postcard::take_from_bytes(bytes).map_err(DeviceStateError::Decode)?;
@@ -58,6 +64,7 @@ impl DeviceState {
             || s.version != DEVICE_STATE_VERSION
             || !(1..=100).contains(&s.hot_set_pct)
             || s.disk_writes_per_sec.len() != disks
+            || s.service.histogram.len() != convoy_protocol::ctl::service::BUCKETS
         {
             return Err(DeviceStateError::Mismatch.into());
         }
@@ -66,6 +73,7 @@ impl DeviceState {
             || s.disk_writes_per_sec
                 .iter()
                 .any(|&r| r > convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC)
+            || !s.service.is_sane()
         {
             return Err(DeviceStateError::RateTooHigh.into());
         }
@@ -95,6 +103,7 @@ pub fn fuzz_device_state(data: &[u8]) {
         .disk_writes_per_sec
         .iter()
         .all(|&r| r <= convoy_protocol::ctl::MAX_DISK_WRITES_PER_SEC));
+    assert!(s.service.is_sane());
     match s.encode().map(|e| DeviceState::decode(&e, disks)) {
         Ok(Ok(again)) => assert_eq!(again, s, "round trip changed the state"),
         Ok(Err(e)) => panic!("a re-encoded state does not decode: {e}"),
@@ -114,6 +123,15 @@ mod tests {
             hot_set_pct: 10,
             seed: 7,
             disk_writes_per_sec: vec![100, 0],
+            service: ServiceState {
+                rate: 1000,
+                epoch_us: 1,
+                next: 5,
+                served: 5,
+                sum_us: 500,
+                dropped: 0,
+                histogram: vec![1; convoy_protocol::ctl::service::BUCKETS],
+            },
         }
     }
 
@@ -164,6 +182,12 @@ mod tests {
             ..state()
         };
         assert!(refused(&s.encode().unwrap(), 2), "disk write rate");
+        let mut s = state();
+        s.service.rate = u64::MAX;
+        assert!(refused(&s.encode().unwrap(), 2), "service rate");
+        let mut s = state();
+        s.service.histogram.pop();
+        assert!(refused(&s.encode().unwrap(), 2), "a short histogram");
         let s = DeviceState {
             dirty_pages_per_sec: convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC,
             ..state()

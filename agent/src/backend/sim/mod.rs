@@ -26,8 +26,11 @@
 //!   is timed from the handler reading it to the page being installed.
 //!   With storage post-copy the owed set covers disk blocks too: a guest
 //!   write to one waits for it, timed the same way.
-//! - The device state is the counter and the workload's parameters, so the
-//!   counter and the workload continue where they stopped after migration.
+//! - An optional service: requests arriving at a steady rate, served by
+//!   the vCPU's ticks while the VM runs, each touching a page, their
+//!   response times recorded (`service`).
+//! - The device state is the counter, the workload's parameters and the
+//!   service, so they continue where they stopped after migration.
 //! - The vCPU runs on a thread of the agent, or in a helper process that
 //!   maps the memfd (`helper`, [`SimVcpuHost`]): such a VM outlives its
 //!   agent, and a restarted agent maps it again ([`SimVm::reattach`]).
@@ -39,6 +42,7 @@
 //!
 //! - `content`: what memory is filled with at creation.
 //! - `control`: the control words in the memfd, the cross-process pause.
+//! - `service`: the guest's request stream, served by the vCPU.
 //! - `workload`: the vCPU loop — counter, hot set, rates, throttle — and
 //!   its thread.
 //! - `helper`: the vCPU's helper process — spawning it, moving the vCPU
@@ -60,6 +64,7 @@ mod device;
 mod disk;
 mod helper;
 mod paging;
+mod service;
 mod source;
 mod staging;
 mod workload;
@@ -183,6 +188,7 @@ impl SimVm {
         // copied, before its vCPU first ran.
         vm.shared.mem.store_word(0, 0);
         vm.set_workload(spec.dirty_pages_per_sec, spec.hot_set_pct, spec.seed);
+        service::start(&vm.shared.ctl, spec.service_requests_per_sec);
         for (i, d) in vm.shared.disks.iter().enumerate() {
             vm.shared.ctl.set_disk_rate(i, d.made_rate());
         }
@@ -341,6 +347,7 @@ pub(crate) mod testing {
             seed: 7,
             attributes: Default::default(),
             disks: Vec::new(),
+            service_requests_per_sec: 0,
         }
     }
 }

@@ -109,6 +109,10 @@ impl VmBackend for SimVm {
         self.shared.ctl.rate().load(Ordering::Relaxed)
     }
 
+    fn service(&self) -> Option<convoy_protocol::ctl::service::ServiceStats> {
+        super::service::stats(&self.shared.ctl)
+    }
+
     fn set_throttle(&self, percent: u8) {
         self.shared
             .ctl

@@ -160,6 +160,7 @@ impl Staging for SimVm {
         for (i, r) in s.disk_writes_per_sec.iter().enumerate() {
             self.shared.ctl.set_disk_rate(i, *r);
         }
+        s.service.restore(&self.shared.ctl);
         self.shared.ctl.set_paused(paused);
         self.spawn_workload();
         Ok((self, s.counter))

@@ -129,6 +129,7 @@ pub(super) fn run(shared: &Shared, me: u64) {
                         }
                     }
                 }
+                super::service::serve(shared);
             }
             ctl.end_tick();
         }

@@ -155,6 +155,7 @@ impl Ctx<'_> {
                 seed,
                 attributes: Default::default(),
                 disks,
+                service_requests_per_sec: 0,
             })
             .await?;
         Ok(())

@@ -68,6 +68,7 @@ pub async fn run(
             seed: 1,
             attributes,
             disks: Vec::new(),
+            service_requests_per_sec: 0,
         })
         .await?;
     tokio::time::sleep(SETTLE).await;
