@@ -21,7 +21,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder
 
 /// Histogram buckets for durations (seconds).
 const SECONDS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
 ];
 /// Histogram buckets for rounds.
 const ROUNDS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0];
@@ -47,6 +48,9 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
     (Kind::Histogram, "convoy_migration_downtime_seconds", Some(Unit::Seconds), "Completed migrations: the VM paused at the source until it ran at the destination, by mode."),
     (Kind::Histogram, "convoy_migration_rounds", None, "Copy rounds of a source's completed migrations, by mode."),
     (Kind::Histogram, "convoy_postcopy_fault_latency_seconds", Some(Unit::Seconds), "Median post-copy fault latency of each completed post-copy migration."),
+    (Kind::Histogram, "convoy_link_rtt_seconds", Some(Unit::Seconds), "The round-trip time of each source's migration link at its end (QUIC's smoothed estimate; over TCP the shortest control round trip), by transport."),
+    (Kind::Counter, "convoy_link_packets_sent_total", None, "QUIC packets a source's migrations sent."),
+    (Kind::Counter, "convoy_link_packets_lost_total", None, "Of those, declared lost by QUIC's loss detection."),
     (Kind::Gauge, "convoy_audit_records", None, "Records in this agent's audit log."),
     (Kind::Gauge, "convoy_audit_last_tree_head_timestamp_seconds", Some(Unit::Seconds), "When the audit log's last tree head was signed (Unix time)."),
     (Kind::Gauge, "convoy_migrations_active", None, "Migrations in progress on this agent, either role."),
@@ -290,6 +294,16 @@ impl Metrics {
                 &[("transport", t)],
                 r.wire_bytes,
             );
+            if let Some(l) = &r.link {
+                // CAST: microseconds of one round trip.
+                #[allow(clippy::cast_precision_loss)]
+                let rtt = l.rtt_us as f64 / 1e6;
+                self.observe("convoy_link_rtt_seconds", &[("transport", t)], rtt);
+                if let (Some(sent), Some(lost)) = (l.sent_packets, l.lost_packets) {
+                    self.add("convoy_link_packets_sent_total", &[], sent);
+                    self.add("convoy_link_packets_lost_total", &[], lost);
+                }
+            }
         }
     }
 }

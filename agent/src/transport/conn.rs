@@ -68,6 +68,31 @@ impl Stats {
     }
 }
 
+/// The link `conns` (a migration's first connection, then its lanes) went
+/// over: QUIC's figures, or over TCP the shortest control round trip
+/// `control_rtt_us` the migration measured.
+pub fn link_report<'a>(
+    mut conns: impl Iterator<Item = &'a Connection>,
+    control_rtt_us: u64,
+) -> Option<convoy_protocol::ctl::LinkReport> {
+    let first = conns.next()?;
+    let Some((rtt, sent, lost)) = first.quic_path() else {
+        return Some(convoy_protocol::ctl::LinkReport {
+            rtt_us: control_rtt_us,
+            sent_packets: None,
+            lost_packets: None,
+        });
+    };
+    let (sent, lost) = conns
+        .filter_map(Connection::quic_path)
+        .fold((sent, lost), |(s, l), (_, s2, l2)| (s + s2, l + l2));
+    Some(convoy_protocol::ctl::LinkReport {
+        rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+        sent_packets: Some(sent),
+        lost_packets: Some(lost),
+    })
+}
+
 /// An authenticated connection over QUIC or TCP.
 #[derive(Debug, Clone)]
 pub enum Connection {
@@ -172,6 +197,18 @@ impl Connection {
                 let (sent, received) = t.counted();
                 Stats { sent, received }
             }
+        }
+    }
+
+    /// QUIC's smoothed round-trip time and the packets sent and lost so
+    /// far (`None` over TCP).
+    pub fn quic_path(&self) -> Option<(std::time::Duration, u64, u64)> {
+        match self {
+            Connection::Quic(c) => {
+                let p = c.stats().path;
+                Some((p.rtt, p.sent_packets, p.lost_packets))
+            }
+            Connection::Tcp(_) => None,
         }
     }
 

@@ -288,6 +288,22 @@ pub struct MigrationReport {
     /// link break, and for QEMU VMs).
     #[serde(default)]
     pub lanes: u16,
+    /// The link as the migration's connections saw it (native engine).
+    #[serde(default)]
+    pub link: Option<LinkReport>,
+}
+
+/// The link a migration went over, at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// Round-trip time, microseconds: QUIC's smoothed estimate on the
+    /// first connection; over TCP, the shortest control round trip.
+    pub rtt_us: u64,
+    /// QUIC packets sent on all the connections (`None` over TCP, whose
+    /// kernel retransmits unseen).
+    pub sent_packets: Option<u64>,
+    /// Of those, declared lost by QUIC's loss detection.
+    pub lost_packets: Option<u64>,
 }
 
 /// One disk in a migration report.

@@ -147,6 +147,26 @@ async fn a_scrape_during_and_after_a_migration_shows_it_on_both_agents() {
     )
     .unwrap();
     assert_eq!(wire, report.wire_bytes as f64, "{body}");
+    // The link: its round trip, and the packets QUIC sent and lost.
+    let link = report.link.unwrap();
+    let rtt = value(
+        &body,
+        &format!("convoy_link_rtt_seconds_sum{{transport=\"{transport}\"}}"),
+    )
+    .unwrap();
+    assert!(
+        (rtt - link.rtt_us as f64 / 1e6).abs() < 1e-9,
+        "{rtt} {link:?}"
+    );
+    if transport == "quic" {
+        let sent = value(&body, "convoy_link_packets_sent_total").unwrap();
+        assert!(
+            sent > 100.0 && sent == link.sent_packets.unwrap() as f64,
+            "{body}"
+        );
+        let lost = value(&body, "convoy_link_packets_lost_total").unwrap();
+        assert_eq!(lost, link.lost_packets.unwrap() as f64, "{body}");
+    }
     assert!(
         value(&body, "convoy_audit_records").unwrap() > 5.0,
         "{body}"

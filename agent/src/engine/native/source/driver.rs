@@ -707,17 +707,9 @@ impl<'r> Driver<'r> {
                 "lanes carried {lane_bytes} of the last link's {link_bytes} wire bytes"
             ));
         }
-        let disks = run
-            .vm
-            .disks()
-            .into_iter()
-            .zip(sm.disk_roots())
-            .map(|(d, root)| convoy_protocol::ctl::DiskReport {
-                name: d.name,
-                bytes: d.bytes,
-                root,
-            })
-            .collect();
+        let disks = super::disk_reports(&*run.vm, sm.disk_roots());
+        let conns = wire.conn.iter().chain(wire.lanes.iter().map(|(l, _)| l));
+        let link = crate::transport::link_report(conns, summary.convergence.round_trip_us);
         if matches!(summary.outcome, Outcome::Aborted(_)) {
             run.host.set_state(&run.req.vm, VmState::Running);
         }
@@ -745,6 +737,7 @@ impl<'r> Driver<'r> {
             disks,
             disk_blocks_sent: summary.disk_blocks_sent,
             lanes: u16::try_from(wire.lanes.len()).unwrap_or(u16::MAX),
+            link,
             transport: wire.conn.as_ref().map(|c| c.kind().to_string()),
             outcome: summary.outcome,
         }

@@ -188,6 +188,7 @@ impl Run {
             disks: Vec::new(),
             disk_blocks_sent: 0,
             lanes: 0,
+            link: None,
             transport: None,
         }
     }
@@ -226,4 +227,20 @@ impl Run {
     pub(crate) async fn drive(&mut self, conn: Connection, dest: SpiffeId) -> MigrationReport {
         driver::Driver::start(self, conn, dest).await.run().await
     }
+}
+
+/// Each disk of `vm` as moved, with its root.
+fn disk_reports(
+    vm: &dyn VmBackend,
+    roots: Vec<convoy_protocol::digest::Digest>,
+) -> Vec<convoy_protocol::ctl::DiskReport> {
+    vm.disks()
+        .into_iter()
+        .zip(roots)
+        .map(|(d, root)| convoy_protocol::ctl::DiskReport {
+            name: d.name,
+            bytes: d.bytes,
+            root,
+        })
+        .collect()
 }

@@ -52,6 +52,7 @@ impl Run {
             disks: Vec::new(),
             disk_blocks_sent: 0,
             lanes: 0,
+            link: None,
             transport: st.transport.clone(),
             qemu: Some(Box::new(QemuFigures {
                 mode: self.prepared.manifest.mode,
