@@ -162,3 +162,42 @@ fn the_engine_bench_reports_consistent_rows() {
         "a busy VM changes more pages than an idle one: {reuse:?}"
     );
 }
+
+/// `--timelines DIR`: each row's migration drawn, with the service of
+/// `--service-rps` in it.
+#[test]
+fn the_engine_bench_draws_each_rows_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("timelines");
+    let v = common::bench_json(&[
+        "--engine",
+        "--tables",
+        "modes",
+        "--memory",
+        "64MiB",
+        "--modes",
+        "precopy",
+        "--dirty",
+        "busy=20000",
+        "--runs",
+        "1",
+        "--service-rps",
+        "500",
+        "--timelines",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(v["modes"].as_array().unwrap().len(), 1, "{v}");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let json = names
+        .iter()
+        .find(|n| n.ends_with("-precopy-20000.json"))
+        .unwrap_or_else(|| panic!("{names:?}"));
+    assert!(names.contains(&json.replace(".json", ".svg")), "{names:?}");
+    let t: Value = serde_json::from_slice(&std::fs::read(out.join(json)).unwrap()).unwrap();
+    assert!(t["points"].as_array().unwrap().len() >= 2, "{t}");
+    assert_eq!(t["service_summary"]["requests_per_sec"], 500, "{t}");
+    assert!(u(&t["service_summary"]["served"]) > 0, "{t}");
+}

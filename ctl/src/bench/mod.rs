@@ -113,6 +113,16 @@ pub struct Bench {
     /// --engine: blocks the workload writes to that disk per second.
     #[arg(long, default_value_t = 2000)]
     pub disk_writes: u64,
+    /// --engine: draw each migration of the modes and A/B tables over
+    /// time into DIR (`engine-N-MODE-RATE.svg` and `.json`, as `migrate
+    /// --plot` draws them).
+    #[arg(long, value_name = "DIR", requires = "engine")]
+    pub timelines: Option<std::path::PathBuf>,
+    /// --engine: requests per second a service in each VM takes (0 =
+    /// none; `--timelines` draws its throughput and response time). It
+    /// dirties pages too, so rows with and without differ.
+    #[arg(long, default_value_t = 0, requires = "engine")]
+    pub service_rps: u64,
     /// Instead: migrations of an idle VM of random memory (--memory,
     /// 128MiB by default) across the WAN lab of network namespaces, one
     /// per --rtt, --loss and --transports, each beside a raw bulk transfer

@@ -112,6 +112,10 @@ pub struct Ctx<'a> {
     quiet: bool,
     /// The disk of the modes table's VMs: size, writes per second.
     disk: Option<(u64, u64)>,
+    /// Where each migration's timeline goes (`--timelines`).
+    timelines: Option<&'a std::path::Path>,
+    /// Each VM's service, requests per second.
+    service_rps: u64,
 }
 
 impl Ctx<'_> {
@@ -155,7 +159,7 @@ impl Ctx<'_> {
                 seed,
                 attributes: Default::default(),
                 disks,
-                service_requests_per_sec: 0,
+                service_requests_per_sec: self.service_rps,
             })
             .await?;
         Ok(())
@@ -187,10 +191,35 @@ impl Ctx<'_> {
         self.create(&vm, memory, rate, 1, disk).await?;
         tokio::time::sleep(SETTLE).await;
         let mode = o.mode;
+        let probe = match self.timelines {
+            Some(_) => Some(crate::timeline::Probe::start(
+                vec![self.lab.client("a").await?, self.lab.client("b").await?],
+                vm.parse()?,
+            )),
+            None => None,
+        };
+        let mut timeline = crate::timeline::Timeline::default();
         let r = self
             .a
-            .migrate(self.lab.migrate_request(&vm, "a", "b", o)?, |_| {})
+            .migrate(self.lab.migrate_request(&vm, "a", "b", o)?, |p| {
+                timeline.record(p);
+            })
             .await;
+        if let (Some(p), Some(dir), Ok(report)) = (probe, self.timelines, &r) {
+            // A moment more of the guest where it now runs.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            timeline.add_polls(&p.finish().await);
+            let name = format!("{vm}-{mode}-{rate}");
+            for ext in ["svg", "json"] {
+                let path = dir.join(format!("{name}.{ext}"));
+                if let Err(e) = timeline.write(&path, report) {
+                    self.note(&format!("timeline {}: {e:#}", path.display()));
+                }
+            }
+            if let Some(s) = timeline.service_summary() {
+                self.note(&format!("{name}: {s}"));
+            }
+        }
         self.delete(&vm).await?;
         Ran::of(r, mode)
     }
@@ -205,6 +234,10 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         bail!("--dirty needs at least one rate");
     }
     let memory = b.memory.unwrap_or(1 << 30);
+    if let Some(d) = &b.timelines {
+        std::fs::create_dir_all(d)
+            .map_err(|e| anyhow::anyhow!("--timelines {}: {e}", d.display()))?;
+    }
     let want = |t: &str| b.tables.iter().any(|x| x == t);
     let base = b.tuning.options();
     let dir = tempfile::tempdir()?;
@@ -230,6 +263,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         next: std::cell::Cell::new(0),
         quiet: g.json,
         disk: b.disk.map(|d| (d, b.disk_writes)),
+        timelines: b.timelines.as_deref(),
+        service_rps: b.service_rps,
     };
     let mut out = Output {
         memory_bytes: memory,
