@@ -179,6 +179,18 @@ impl CtlClient {
         }
     }
 
+    /// Whether this agent would let the migration `q` describes go or
+    /// come (its policy, its room); nothing is consumed or reserved.
+    pub async fn admission(
+        &self,
+        q: convoy_protocol::ctl::admission::AdmissionQuery,
+    ) -> Result<convoy_protocol::ctl::admission::Admission, ClientError> {
+        match self.request(CtlRequest::Admission(Box::new(q))).await? {
+            CtlResponse::Admission(a) => Ok(a),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// Deletes a VM.
     pub async fn vm_delete(&self, name: convoy_protocol::names::VmName) -> Result<(), ClientError> {
         match self.request(CtlRequest::VmDelete(name)).await? {

@@ -191,6 +191,8 @@ fn bad_flags_get_a_clear_error_and_a_failure_status() {
 /// under `CI=true` their absence fails the test, otherwise it skips.
 #[test]
 fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("q.json");
     let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
         .args([
             "demo",
@@ -202,6 +204,8 @@ fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
             "--fill-mib",
             "16",
         ])
+        .arg("--plot")
+        .arg(&plot)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -224,4 +228,19 @@ fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
     assert!(v["qemu"]["downtime_ms"].as_u64().is_some(), "{v}");
     assert!(v["qemu"]["total_ms"].as_u64().unwrap() > 0);
     assert!(v["qemu"]["transferred_bytes"].as_u64().unwrap() > 16 << 20);
+    // QEMU's migration sampled from query-migrate: its bytes over time,
+    // paused at the source once QEMU left `active`.
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&plot).unwrap()).unwrap();
+    let points = t["points"].as_array().unwrap();
+    assert!(points.len() >= 2, "{t}");
+    assert!(
+        points
+            .iter()
+            .any(|p| p["bytes_per_sec"].as_f64().unwrap() > 0.0),
+        "{t}"
+    );
+    assert!(
+        points[0]["phase"].as_str().unwrap().starts_with("qemu "),
+        "{t}"
+    );
 }

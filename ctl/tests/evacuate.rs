@@ -95,6 +95,11 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
     assert!(row("huge").contains(" c "), "{t}");
     assert!(row("mid").contains(" b "), "{t}");
     assert!(row("resting").contains("not moved: it is Paused"), "{t}");
+    // The policies were asked first: the pinned VM is not in the plan.
+    assert!(
+        row("pinned").contains("every destination with room refuses it"),
+        "{t}"
+    );
     assert!(t.contains("dry run: nothing moved"), "{t}");
     assert_eq!(
         a.vm_list().await.unwrap().len(),

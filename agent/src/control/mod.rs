@@ -18,6 +18,7 @@ use crate::host::Host;
 use crate::transport::{close, read_ctl, write_ctl, Peer, WireError};
 use crate::trust::policy::{Query, VmFacts};
 
+mod admission;
 mod audit;
 mod fleet;
 pub(crate) mod handback;
@@ -129,6 +130,7 @@ fn summary(req: &CtlRequest) -> String {
             }
         ),
         CtlRequest::Snapshot(s) => format!("snapshot {} {}", s.operation(), s.url()),
+        CtlRequest::Admission(q) => format!("admission ({} bytes)", q.memory_bytes),
         other => format!("{other:?}"),
     }
 }
@@ -233,6 +235,9 @@ async fn handle(
         }
         CtlRequest::VmList => respond(&mut send, CtlResponse::VmList(host.vm_infos())).await?,
         CtlRequest::Fleet(q) => respond(&mut send, fleet::fleet(&host, q, &peer.id).await).await?,
+        CtlRequest::Admission(q) => {
+            respond(&mut send, admission::admission(&host, &q, &peer.id)).await?;
+        }
         CtlRequest::VmCreate(spec) => {
             let r = create_vm(&host, spec, &peer.id).await;
             respond(&mut send, r).await?;

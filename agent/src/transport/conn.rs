@@ -68,24 +68,50 @@ impl Stats {
     }
 }
 
+/// What the connections a migration closed along the way (a broken link,
+/// its lanes) carried, each counted once.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Carried {
+    /// Wire bytes, both directions.
+    pub wire_bytes: u64,
+    /// QUIC packets sent, and declared lost.
+    pub sent_packets: u64,
+    /// See `sent_packets`.
+    pub lost_packets: u64,
+}
+
+impl Carried {
+    /// Counts what `c` carried (once it is closed for good).
+    pub fn add(&mut self, c: &Connection) {
+        self.wire_bytes += c.stats().wire_bytes();
+        if let Some((_, sent, lost)) = c.quic_path() {
+            self.sent_packets += sent;
+            self.lost_packets += lost;
+        }
+    }
+}
+
 /// The link `conns` (a migration's first connection, then its lanes) went
-/// over: QUIC's figures, or over TCP the shortest control round trip
-/// `control_rtt_us` the migration measured.
+/// over, with what `earlier` connections carried: QUIC's figures, or over
+/// TCP the shortest control round trip `control_rtt_us` the migration
+/// measured (none measured: no report).
 pub fn link_report<'a>(
     mut conns: impl Iterator<Item = &'a Connection>,
+    earlier: Carried,
     control_rtt_us: u64,
 ) -> Option<convoy_protocol::ctl::LinkReport> {
     let first = conns.next()?;
     let Some((rtt, sent, lost)) = first.quic_path() else {
-        return Some(convoy_protocol::ctl::LinkReport {
+        return (control_rtt_us > 0).then_some(convoy_protocol::ctl::LinkReport {
             rtt_us: control_rtt_us,
             sent_packets: None,
             lost_packets: None,
         });
     };
-    let (sent, lost) = conns
-        .filter_map(Connection::quic_path)
-        .fold((sent, lost), |(s, l), (_, s2, l2)| (s + s2, l + l2));
+    let (sent, lost) = conns.filter_map(Connection::quic_path).fold(
+        (sent + earlier.sent_packets, lost + earlier.lost_packets),
+        |(s, l), (_, s2, l2)| (s + s2, l + l2),
+    );
     Some(convoy_protocol::ctl::LinkReport {
         rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
         sent_packets: Some(sent),

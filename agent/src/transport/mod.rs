@@ -31,7 +31,7 @@ mod conn;
 pub mod dial;
 pub mod tcp;
 
-pub use conn::{link_report, Connection, Kind, RecvStream, SendStream, Stats};
+pub use conn::{link_report, Carried, Connection, Kind, RecvStream, SendStream, Stats};
 pub use dial::{Choice, Dialer};
 
 /// ALPN between agents.

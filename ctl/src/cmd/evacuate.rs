@@ -2,10 +2,14 @@
 //! a time, each to the destination with the most free memory that fits
 //! it; a VM that cannot move stays running where it is, and is reported.
 //!
-//! Each VM is one ordinary migration (a ticket this operator signs for
-//! exactly that VM and destination, the same rules of exactly once); a
-//! migration a destination refuses (its policy, its capacity) is tried on
-//! the next destination with room. One line per VM as it ends, then a
+//! Before placing, the host and each destination are asked whether their
+//! policies (and the destination's room) would let each VM go there
+//! (`Admission`, with a ticket signed for the question and never spent),
+//! so the plan — and `--dry-run` — leaves out what they refuse. Each VM is
+//! then one ordinary migration (a ticket this operator signs for exactly
+//! that VM and destination, the same rules of exactly once); a migration
+//! a destination still refuses is tried on the next destination with
+//! room. One line per VM as it ends, then a
 //! table and a total; `--dry-run` prints the plan and moves nothing.
 
 use std::collections::HashMap;
@@ -14,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use convoy_agent::client::ClientError;
+use convoy_agent::client::CtlClient;
 use convoy_agent::trust::authz::issue_ticket;
+use convoy_protocol::ctl::admission::AdmissionQuery;
 use convoy_protocol::ctl::{
     CtlErrorKind, MigrateRequest, MigrationReport, Outcome, VmInfo, VmState,
 };
-use convoy_protocol::names::{AgentName, SpiffeId};
+use convoy_protocol::names::{AgentName, SpiffeId, VmName};
 use futures_util::StreamExt;
 
 use super::migrate::Tuning;
@@ -52,7 +58,12 @@ struct Target {
     addr: SocketAddr,
     /// Free guest memory, less what the plan sends it.
     free: u64,
+    /// Its session, while the plan is made.
+    client: Option<CtlClient>,
 }
+
+/// Whether the policies let a VM go to a destination: `Err(who: why)`.
+type Admitted = HashMap<(VmName, usize), Result<(), String>>;
 
 /// What became of one VM.
 struct Moved {
@@ -86,13 +97,25 @@ pub async fn run(g: &Global, e: Evacuate) -> Result<()> {
         bail!("no destination answered: nothing moved");
     }
     let vms = host.client.vm_list().await?;
-    let (plan, mut stays) = place(vms, &mut targets);
+    let options = e.tuning.options();
+    let lifetime = Duration::from_secs(e.ticket_lifetime);
+    let admitted = admissions(&host, &targets, &vms, &options, lifetime).await?;
+    for t in &mut targets {
+        if let Some(c) = t.client.take() {
+            c.close().await;
+        }
+    }
+    let (plan, mut stays) = place(vms, &mut targets, &admitted);
     if e.dry_run {
         return print_plan(g, &plan, &stays, &targets);
     }
+    if !g.json {
+        // What stays is known before anything moves.
+        for m in &stays {
+            println!("{}", line(m, &host.agent));
+        }
+    }
     let started = Instant::now();
-    let options = e.tuning.options();
-    let lifetime = Duration::from_secs(e.ticket_lifetime);
     let total = plan.len();
     let (hs, targets) = (&host, &targets);
     let mut moves = futures_util::stream::iter(plan)
@@ -159,18 +182,77 @@ async fn target(g: &Global, t: &str) -> Result<Target> {
     tg.agent = Some(t.to_owned());
     let s = session(&tg).await?;
     let st = s.client.status().await?;
-    s.client.close().await;
     Ok(Target {
         name: r.name,
         id: s.agent,
         addr,
         free: st.capacity_bytes.saturating_sub(st.used_bytes),
+        client: Some(s.client),
     })
+}
+
+/// Asks the host whether its policy lets each running VM go to each
+/// destination, and each destination whether its policy and room let it
+/// come, with a ticket signed for the question (verified there, never
+/// spent: each migration gets its own). An agent that cannot answer (one
+/// of an older build) rules nothing out: the migration decides.
+async fn admissions(
+    host: &Session,
+    targets: &[Target],
+    vms: &[VmInfo],
+    options: &convoy_protocol::model::MigrationPlan,
+    lifetime: Duration,
+) -> Result<Admitted> {
+    let mut out = HashMap::new();
+    for vm in vms.iter().filter(|v| v.state == VmState::Running) {
+        let Some(subject) = &vm.subject else { continue };
+        for (i, t) in targets.iter().enumerate() {
+            let ticket = issue_ticket(
+                &host.operator,
+                &vm.name,
+                subject.clone(),
+                host.agent.clone(),
+                t.id.clone(),
+                options,
+                lifetime,
+            )?;
+            let q = AdmissionQuery {
+                ticket,
+                attributes: vm.attributes.clone(),
+                memory_bytes: vm.memory_bytes,
+            };
+            let mut verdict = Ok(());
+            let asked = [
+                (host.agent.name().to_string(), Some(&host.client)),
+                (t.name.to_string(), t.client.as_ref()),
+            ];
+            for (who, client) in asked {
+                let Some(c) = client else { continue };
+                match c.admission(q.clone()).await {
+                    Ok(a) if !a.permitted => {
+                        verdict = Err(format!("{who}: {}", a.why));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!(
+                        "warning: {who} did not say whether it admits {} ({e}); the migration will",
+                        vm.name
+                    ),
+                }
+            }
+            out.insert((vm.name.clone(), i), verdict);
+        }
+    }
+    Ok(out)
 }
 
 /// The VMs that can move (largest first), each with the destination of
 /// most room that fits it; and those that stay, with why.
-fn place(mut vms: Vec<VmInfo>, targets: &mut [Target]) -> (Vec<(VmInfo, usize)>, Vec<Moved>) {
+fn place(
+    mut vms: Vec<VmInfo>,
+    targets: &mut [Target],
+    admitted: &Admitted,
+) -> (Vec<(VmInfo, usize)>, Vec<Moved>) {
     vms.sort_by(|a, b| {
         b.memory_bytes
             .cmp(&a.memory_bytes)
@@ -192,15 +274,34 @@ fn place(mut vms: Vec<VmInfo>, targets: &mut [Target]) -> (Vec<(VmInfo, usize)>,
             stays.push(stay(format!("not moved: it is {:?}", vm.state)));
             continue;
         }
-        let best = (0..targets.len())
+        let refused = |i: usize| {
+            admitted
+                .get(&(vm.name.clone(), i))
+                .and_then(|r| r.clone().err())
+        };
+        let roomy: Vec<usize> = (0..targets.len())
             .filter(|&i| targets[i].free >= vm.memory_bytes)
+            .collect();
+        let best = roomy
+            .iter()
+            .copied()
+            .filter(|&i| refused(i).is_none())
             .max_by_key(|&i| targets[i].free);
         match best {
             Some(i) => {
                 targets[i].free -= vm.memory_bytes;
                 plan.push((vm, i));
             }
-            None => stays.push(stay("not moved: no destination has room for it".into())),
+            None if roomy.is_empty() => {
+                stays.push(stay("not moved: no destination has room for it".into()));
+            }
+            None => {
+                let why: Vec<String> = roomy.iter().filter_map(|&i| refused(i)).collect();
+                stays.push(stay(format!(
+                    "not moved: every destination with room refuses it ({})",
+                    why.join("; ")
+                )));
+            }
         }
     }
     (plan, stays)

@@ -91,7 +91,7 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         "migrating demo: a → b (QEMU {} through Convoy, {} stream(s))",
         options.mode, options.streams
     ));
-    let report = migrate(g, &lab, &a, options, None).await?;
+    let report = migrate(g, &lab, &a, options, d.plot.as_deref()).await?;
     let at_pause = tokio::time::timeout(Duration::from_secs(10), tail)
         .await
         .ok()

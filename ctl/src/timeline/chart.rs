@@ -95,7 +95,6 @@ where
     let (points, title) = (frame.points, frame.title);
     area.fill(&WHITE).map_err(err)?;
     let area = area.titled(title, (FONT, 18)).map_err(err)?;
-    let panels = area.split_evenly((if frame.service.is_empty() { 3 } else { 5 }, 1));
     let t_end = points
         .last()
         .map_or(1.0, |p| p.t_s)
@@ -188,9 +187,16 @@ where
         ),
     ];
     let mut series = series;
+    // A guest without a work counter (QEMU's) has no work panel.
+    let worked =
+        points.iter().any(|p| p.guest_work_per_sec > 0.0) || frame.work.iter().any(|w| w.1 > 0.0);
+    if !worked {
+        series.truncate(2);
+    }
     if !frame.service.is_empty() {
         series.extend(service_panels(frame.service));
     }
+    let panels = area.split_evenly((series.len(), 1));
     for (panel, (y_label, lines, y_max)) in panels.iter().zip(series) {
         let mut c = ChartBuilder::on(panel)
             .margin(8)

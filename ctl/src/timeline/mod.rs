@@ -160,7 +160,7 @@ impl Timeline {
         let fmt = format(path)?;
         if self.points.len() < 2 {
             bail!(
-                "{}: the migration was too short for a timeline ({} sample(s) of {} ms; QEMU migrations have none yet)",
+                "{}: the migration was too short for a timeline ({} sample(s) of {} ms)",
                 path.display(),
                 self.points.len(),
                 convoy_protocol::ctl::SAMPLE_EVERY_MS

@@ -77,7 +77,7 @@ impl CtlMessage {
 
 /// How many variants [`CtlRequest`] has (its last one's index plus one;
 /// `request_variants_are_counted` keeps this in step).
-const REQUEST_VARIANTS: u32 = 13;
+const REQUEST_VARIANTS: u32 = 14;
 
 /// The postcard varint (an enum's variant index) `body` starts with.
 fn leading_varint(body: &[u8]) -> Option<u32> {
@@ -174,6 +174,7 @@ mod tests {
             CtlRequest::Recover { .. } => 10,
             CtlRequest::Snapshot(_) => 11,
             CtlRequest::Fleet(_) => 12,
+            CtlRequest::Admission(_) => 13,
         }
     }
 
@@ -200,7 +201,14 @@ mod tests {
         });
         let body = postcard::to_stdvec(&snapshot).unwrap();
         assert_eq!(leading_varint(&body), Some(index(&snapshot)));
-        let last = CtlRequest::Fleet(super::super::fleet::FleetQuery::default());
+        let fleet = CtlRequest::Fleet(super::super::fleet::FleetQuery::default());
+        let body = postcard::to_stdvec(&fleet).unwrap();
+        assert_eq!(leading_varint(&body), Some(index(&fleet)));
+        let last = CtlRequest::Admission(Box::new(super::super::admission::AdmissionQuery {
+            ticket: crate::signed::Signed::from_parts(vec![1], vec![2], vec![]),
+            attributes: Default::default(),
+            memory_bytes: 4096,
+        }));
         let body = postcard::to_stdvec(&last).unwrap();
         assert_eq!(leading_varint(&body), Some(index(&last)));
         assert_eq!(index(&last) + 1, REQUEST_VARIANTS);

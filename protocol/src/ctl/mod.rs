@@ -15,6 +15,7 @@ use crate::page::EncodingStats;
 pub use crate::vm::{Accel, QemuVmSpec};
 pub use frame::CtlMessage;
 
+pub mod admission;
 pub mod fleet;
 pub mod frame;
 pub mod service;
@@ -438,6 +439,8 @@ pub enum CtlRequest {
     Snapshot(snapshot::SnapshotRequest),
     /// The fleet registry's VMs and agents (`fleet ls`, `where`).
     Fleet(fleet::FleetQuery),
+    /// Would this agent let a migration go or come ([`admission`])?
+    Admission(Box<admission::AdmissionQuery>),
 }
 
 /// What `Recover` decided about one migration.
@@ -550,4 +553,6 @@ pub enum CtlResponse {
     Snapshot(Box<snapshot::SnapshotResponse>),
     /// Answer to `Fleet`.
     Fleet(Box<fleet::FleetView>),
+    /// Answer to `Admission`.
+    Admission(admission::Admission),
 }

@@ -100,7 +100,10 @@ impl ServiceStats {
     /// requests served did not exceed, as the ceiling of its bucket
     /// (`None` with nothing served).
     pub fn percentile_us(&self, q: f64) -> Option<u64> {
-        let total: u64 = self.histogram.iter().sum();
+        let total = self
+            .histogram
+            .iter()
+            .fold(0u64, |t, n| t.saturating_add(*n));
         if total == 0 {
             return None;
         }
@@ -112,9 +115,9 @@ impl ServiceStats {
             clippy::cast_sign_loss
         )]
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, n) in self.histogram.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return Some(bucket_ceiling(i));
             }

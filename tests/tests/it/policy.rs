@@ -10,6 +10,7 @@ use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
 use convoy_agent::trust::policy::{HostFacts, OperatorFacts};
 use convoy_protocol::audit::{verify_log, AuditEvent};
+use convoy_protocol::ctl::admission::AdmissionQuery;
 use convoy_protocol::ctl::{CtlErrorKind, Outcome, SimVmSpec, VmState};
 use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::names::SpiffeId;
@@ -197,7 +198,30 @@ async fn a_destination_forbid_overrides_the_permits_and_nothing_moves() {
     wait_loads(&lab, &["a", "b"], 2, 0).await;
     let a = lab.client("a").await.unwrap();
     a.vm_create(spec("vm", "default", 1)).await.unwrap();
-    let r = a.migrate(migrate(&lab, "vm", "a", "b"), |_| {}).await;
+    // Asked first (as `evacuate` does): a would let it go, b would not
+    // take it; nothing is audited, and the ticket is not spent.
+    let req = migrate(&lab, "vm", "a", "b");
+    let b = lab.client("b").await.unwrap();
+    let ask = |memory_bytes| AdmissionQuery {
+        ticket: req.ticket.clone(),
+        attributes: spec("vm", "default", 1).attributes,
+        memory_bytes,
+    };
+    assert!(a.admission(ask(8 << 20)).await.unwrap().permitted);
+    let no = b.admission(ask(8 << 20)).await.unwrap();
+    assert!(
+        !no.permitted && no.why.contains("[only-from-named-zones]"),
+        "{no:?}"
+    );
+    let too_big = b.admission(ask(1 << 50)).await.unwrap();
+    assert!(
+        !too_big.permitted && too_big.why.contains("free here"),
+        "{too_big:?}"
+    );
+    assert!(!decisions(&lab, "b")
+        .iter()
+        .any(|(a, _, _)| a == "MigrateIn"));
+    let r = a.migrate(req, |_| {}).await;
     let report = r.unwrap();
     match &report.outcome {
         Outcome::Aborted(why) => assert!(
@@ -223,6 +247,28 @@ async fn a_destination_forbid_overrides_the_permits_and_nothing_moves() {
         .security_level = 0;
     lab.write_inventory(&inv).unwrap();
     wait_loads(&lab, &["a", "b"], 3, 0).await;
+    let req = migrate(&lab, "vm", "a", "b");
+    let no = a
+        .admission(AdmissionQuery {
+            ticket: req.ticket.clone(),
+            attributes: spec("vm", "default", 1).attributes,
+            memory_bytes: 8 << 20,
+        })
+        .await
+        .unwrap();
+    assert!(!no.permitted && no.why.contains("[no-downgrade]"), "{no:?}");
+    // A ticket that does not verify is refused.
+    let mut other = req.ticket.clone();
+    other.signature[0] ^= 1;
+    let err = b
+        .admission(AdmissionQuery {
+            ticket: other,
+            attributes: Default::default(),
+            memory_bytes: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ticket"), "{err}");
     assert_forbidden(
         a.migrate(migrate(&lab, "vm", "a", "b"), |_| {}).await,
         "[no-downgrade]",

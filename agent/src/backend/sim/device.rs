@@ -31,6 +31,41 @@ pub(super) struct DeviceState {
 /// service).
 const DEVICE_STATE_VERSION: u8 = 3;
 
+/// The device state builds before the service wrote (version 2): still
+/// read, so that their snapshots restore and their migrations arrive; such
+/// a VM has no service.
+#[derive(Deserialize)]
+struct DeviceStateV2 {
+    version: u8,
+    counter: u64,
+    dirty_pages_per_sec: u64,
+    hot_set_pct: u8,
+    seed: u64,
+    disk_writes_per_sec: Vec<u64>,
+}
+
+impl From<DeviceStateV2> for DeviceState {
+    fn from(old: DeviceStateV2) -> DeviceState {
+        DeviceState {
+            // Read as what it is now; the version byte said 2.
+            version: if old.version == 2 {
+                DEVICE_STATE_VERSION
+            } else {
+                old.version
+            },
+            counter: old.counter,
+            dirty_pages_per_sec: old.dirty_pages_per_sec,
+            hot_set_pct: old.hot_set_pct,
+            seed: old.seed,
+            disk_writes_per_sec: old.disk_writes_per_sec,
+            service: ServiceState {
+                histogram: vec![0; convoy_protocol::ctl::service::BUCKETS],
+                ..ServiceState::default()
+            },
+        }
+    }
+}
+
 impl DeviceState {
     /// The state of the VM that `shared` is, as it is now (meaningful
     /// while paused).
@@ -58,8 +93,13 @@ impl DeviceState {
     /// a disk count other than `disks`, rates past the limits, a service
     /// histogram of another length, and trailing bytes.
     pub(super) fn decode(bytes: &[u8], disks: usize) -> Result<DeviceState, BackendError> {
-        let (s, rest): (DeviceState, &[u8]) =
-            postcard::take_from_bytes(bytes).map_err(DeviceStateError::Decode)?;
+        let (s, rest): (DeviceState, &[u8]) = if bytes.first() == Some(&2) {
+            let (old, rest): (DeviceStateV2, &[u8]) =
+                postcard::take_from_bytes(bytes).map_err(DeviceStateError::Decode)?;
+            (old.into(), rest)
+        } else {
+            postcard::take_from_bytes(bytes).map_err(DeviceStateError::Decode)?
+        };
         if !rest.is_empty()
             || s.version != DEVICE_STATE_VERSION
             || !(1..=100).contains(&s.hot_set_pct)
@@ -188,6 +228,19 @@ mod tests {
         let mut s = state();
         s.service.histogram.pop();
         assert!(refused(&s.encode().unwrap(), 2), "a short histogram");
+        // What builds before the service wrote (version 2) is still read,
+        // as a VM without a service.
+        let mut old = vec![2u8];
+        for v in [41u64, 5000] {
+            old.extend(postcard::to_stdvec(&v).unwrap());
+        }
+        old.push(10);
+        old.extend(postcard::to_stdvec(&7u64).unwrap());
+        old.extend(postcard::to_stdvec(&vec![100u64, 0]).unwrap());
+        let s = DeviceState::decode(&old, 2).unwrap();
+        assert_eq!((s.counter, s.dirty_pages_per_sec, s.seed), (41, 5000, 7));
+        assert_eq!(s.service.rate, 0);
+        assert!(refused(&old[..old.len() - 1], 2), "a truncated version 2");
         let s = DeviceState {
             dirty_pages_per_sec: convoy_protocol::ctl::MAX_DIRTY_PAGES_PER_SEC,
             ..state()

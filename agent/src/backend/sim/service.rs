@@ -75,7 +75,11 @@ pub(super) fn serve(shared: &Shared) {
             .fetch_add(stale - next, Ordering::Relaxed);
         next = stale;
     }
-    let end = arrived(epoch, now, rate).min(next + (4 * rate / 1000).max(4));
+    // Never backwards (a wall clock stepped back, or a destination's
+    // behind the source's): what was served is not served again.
+    let end = arrived(epoch, now, rate)
+        .min(next.saturating_add((4 * rate / 1000).max(4)))
+        .max(next);
     let pages = shared.geometry.page_count();
     let page = shared.geometry.page_size().bytes();
     let hot = (pages * ctl.hot_set_pct().load(Ordering::Relaxed) / 100).max(1);
@@ -107,14 +111,22 @@ pub(super) fn stats(ctl: &Control) -> Option<ServiceStats> {
         return None;
     }
     let epoch = ctl.svc(Svc::EpochUs).load(Ordering::Relaxed);
-    let next = ctl.svc(Svc::Next).load(Ordering::Relaxed);
     let now = now_us();
+    // Requests past the timeout are given up on whether or not the vCPU
+    // runs to notice (a paused VM's clients give up too).
+    let stale = arrived(epoch, now.saturating_sub(SERVICE_TIMEOUT_MS * 1000), rate);
+    let next = ctl.svc(Svc::Next).load(Ordering::Relaxed);
+    let given_up = stale.saturating_sub(next);
+    let next = next.max(stale);
     let waiting = arrived(epoch, now, rate).saturating_sub(next);
     Some(ServiceStats {
         requests_per_sec: rate,
         served: ctl.svc(Svc::Served).load(Ordering::Relaxed),
         response_us_sum: ctl.svc(Svc::SumUs).load(Ordering::Relaxed),
-        dropped: ctl.svc(Svc::Dropped).load(Ordering::Relaxed),
+        dropped: ctl
+            .svc(Svc::Dropped)
+            .load(Ordering::Relaxed)
+            .saturating_add(given_up),
         waiting,
         oldest_waiting_us: if waiting > 0 {
             now.saturating_sub(arrival(epoch, next, rate))

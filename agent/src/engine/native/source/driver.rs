@@ -44,7 +44,7 @@ struct Wire {
     /// The round being written: (round, streams done, pages skipped).
     rounds_pending: Option<(u32, u16, u64)>,
     /// Wire bytes of links that broke (recovery), counted once.
-    earlier_wire: u64,
+    earlier: crate::transport::Carried,
     /// The link's lanes ([`super::lanes`]): its extra connections, each
     /// with its budget share.
     lanes: Vec<(Connection, Share)>,
@@ -71,7 +71,7 @@ impl Wire {
             fault_jobs: None,
             cache_grant: None,
             rounds_pending: None,
-            earlier_wire: 0,
+            earlier: crate::transport::Carried::default(),
             lanes: Vec::new(),
         }
     }
@@ -408,7 +408,7 @@ impl<'r> Driver<'r> {
         // close with it, their bytes counted once.
         for (lane, _) in self.wire.lanes.drain(..) {
             lane.close(crate::transport::close::LINK_LOST.into(), b"link lost");
-            self.wire.earlier_wire += lane.stats().wire_bytes();
+            self.wire.earlier.add(&lane);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         drop(std::mem::replace(&mut self.wire.events_tx, tx));
@@ -459,7 +459,7 @@ impl<'r> Driver<'r> {
                 Ok(opened) => {
                     // The broken link's bytes, counted once.
                     if let Some(c) = &self.wire.conn {
-                        self.wire.earlier_wire += c.stats().wire_bytes();
+                        self.wire.earlier.add(c);
                     }
                     self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
                     self.wire.conn = Some(link.conn);
@@ -709,7 +709,8 @@ impl<'r> Driver<'r> {
         }
         let disks = super::disk_reports(&*run.vm, sm.disk_roots());
         let conns = wire.conn.iter().chain(wire.lanes.iter().map(|(l, _)| l));
-        let link = crate::transport::link_report(conns, summary.convergence.round_trip_us);
+        let rtt = summary.convergence.round_trip_us;
+        let link = crate::transport::link_report(conns, wire.earlier, rtt);
         if matches!(summary.outcome, Outcome::Aborted(_)) {
             run.host.set_state(&run.req.vm, VmState::Running);
         }
@@ -727,7 +728,7 @@ impl<'r> Driver<'r> {
             pages_sent: summary.pages_sent,
             encodings: summary.encodings,
             payload_bytes: summary.payload_bytes + run.control_bytes,
-            wire_bytes: wire.earlier_wire + link_bytes,
+            wire_bytes: wire.earlier.wire_bytes + link_bytes,
             memory_root: summary.memory_root,
             counter_at_pause: run.counter_at_pause,
             receipts: summary.receipts,

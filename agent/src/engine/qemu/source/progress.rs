@@ -177,6 +177,7 @@ impl Run {
     ) -> Result<Value, Fail> {
         let m = &self.prepared.manifest;
         let begun = clock::now();
+        let mut last_sample: Option<Duration> = None;
         let mut switched = false;
         let mut forced = false;
         let info = loop {
@@ -235,6 +236,13 @@ impl Run {
             // or NaN rate from QEMU is 0, an absurd one u64::MAX.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let rate_bytes_per_sec = (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64;
+            let sample = sample(
+                clock::since(begun),
+                &mut last_sample,
+                st.dirty_rate,
+                &status,
+                ram,
+            );
             let _ = self.progress.try_send(Progress {
                 phase: format!("qemu {status}"),
                 round: u32::try_from(ram["dirty-sync-count"].as_u64().unwrap_or(0))
@@ -244,7 +252,7 @@ impl Run {
                 total_pages,
                 payload_bytes: ram["transferred"].as_u64().unwrap_or(0),
                 rate_bytes_per_sec,
-                sample: None,
+                sample,
             });
             match status.as_str() {
                 "completed" => break self.final_figures(q).await,
@@ -304,4 +312,30 @@ impl Run {
         };
         Ok(info)
     }
+}
+
+/// A timeline sample of QEMU's migration every
+/// [`convoy_protocol::ctl::SAMPLE_EVERY_MS`] (`last`: when the previous
+/// one was taken): QEMU's dirty rate and post-copy page requests; the VM
+/// is paused at the source once QEMU left `active` (stop-and-copy, or
+/// since the post-copy switch). QEMU guests have no work counter.
+fn sample(
+    elapsed: Duration,
+    last: &mut Option<Duration>,
+    dirty_pages_per_sec: u64,
+    status: &str,
+    ram: &Value,
+) -> Option<convoy_protocol::ctl::Sample> {
+    let every = Duration::from_millis(convoy_protocol::ctl::SAMPLE_EVERY_MS);
+    if last.is_some_and(|t| elapsed < t + every) {
+        return None;
+    }
+    *last = Some(elapsed);
+    Some(convoy_protocol::ctl::Sample {
+        elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        dirty_pages_per_sec,
+        guest_work: 0,
+        faults_served: ram["postcopy-requests"].as_u64().unwrap_or(0),
+        paused: !matches!(status, "active" | "setup"),
+    })
 }
