@@ -246,8 +246,11 @@ pub(super) async fn migrate_via(
             () = cancel.notified() => break,
             // The agent stops without letting go of its VMs' helpers
             // first: the VM stays held and the record settles the
-            // handover at the next start.
-            _ = stopping.changed() => {
+            // handover at the next start. (`wait_for`, not `changed`: a
+            // stop sent before this handler subscribed counts too — it
+            // kept the handler, and the agent's state, for the whole
+            // wait.)
+            _ = stopping.wait_for(|stop| *stop) => {
                 return Err(error(
                     CtlErrorKind::Internal,
                     format!("the agent is stopping: migration {migration} is settled when it starts again"),
