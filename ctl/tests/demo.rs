@@ -243,4 +243,19 @@ fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
         points[0]["phase"].as_str().unwrap().starts_with("qemu "),
         "{t}"
     );
+    // The guest's own service (its second serial port), reached from
+    // outside at a and then at b: everything answered, nothing dropped,
+    // and the slowest request waited through QEMU's pause.
+    let summary = &t["service_summary"];
+    assert_eq!(summary["requests_per_sec"], 50, "{t}");
+    assert!(summary["served"].as_u64().unwrap() >= 10, "{t}");
+    assert_eq!(summary["dropped"], 0, "{t}");
+    let max = summary["max_ms"].as_f64().unwrap();
+    let downtime = v["qemu"]["downtime_ms"].as_f64().unwrap();
+    assert!(
+        max + 20.0 >= downtime,
+        "max {max} ms, downtime {downtime} ms"
+    );
+    let last = t["service"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["waiting"], 0, "{t}");
 }

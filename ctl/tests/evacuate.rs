@@ -81,6 +81,14 @@ async fn evacuate_places_by_free_memory_and_leaves_what_cannot_move_running() {
         v
     };
 
+    // No --to and no registry: told what to do, nothing moved.
+    let out = convoyctl(pki.clone(), vec!["evacuate".into(), at("a")]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no registry") && text(&out).contains("--to NAME@HOST:PORT"),
+        "{}",
+        text(&out)
+    );
     // The plan: the largest first, each where most room is left.
     let out = convoyctl(pki.clone(), args(&["--dry-run"])).await;
     let t = text(&out);
@@ -214,5 +222,15 @@ async fn fleet_ls_and_where_answer_from_the_registry() {
     let out = run(&["where", "nowhere"]).await;
     assert!(!out.status.success());
     assert!(text(&out).contains("not in the registry"), "{}", text(&out));
+    // Evacuating b with no --to: the destinations are the other agents
+    // alive in the registry (a), and the registry follows the move.
+    let out = convoyctl(pki.clone(), vec!["evacuate".into(), at("b")]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("web → a"), "{}", text(&out));
+    let out = run(&["where", "web"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "web runs on a (epoch 2)"
+    );
     lab.shutdown().await;
 }

@@ -252,6 +252,14 @@ impl Lab {
         self.qemu_runtime(agent).join(vm).join("serial.log")
     }
 
+    /// The socket of QEMU VM `vm`'s second serial port on lab agent
+    /// `agent`, where the test guest's service answers.
+    pub fn qemu_service(&self, agent: &str, vm: &str) -> PathBuf {
+        self.qemu_runtime(agent)
+            .join(vm)
+            .join(crate::backend::qemu::process::SERVICE_SOCKET)
+    }
+
     /// The signed audit log of lab agent `agent` (the default,
     /// STATE_DIR/audit.log).
     pub fn audit_log(&self, agent: &str) -> PathBuf {

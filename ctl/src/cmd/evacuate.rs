@@ -1,6 +1,9 @@
-//! `convoyctl evacuate HOST --to AGENT…`: every VM off one host, a few at
-//! a time, each to the destination with the most free memory that fits
+//! `convoyctl evacuate HOST [--to AGENT…]`: every VM off one host, a few
+//! at a time, each to the destination with the most free memory that fits
 //! it; a VM that cannot move stays running where it is, and is reported.
+//! Without `--to`, the destinations are every other agent alive in the
+//! fleet registry, as the host reads it (each is then authenticated by
+//! its SPIFFE ID like a named one: the registry only says where to dial).
 //!
 //! Before placing, the host and each destination are asked whether their
 //! policies (and the destination's room) would let each VM go there
@@ -36,7 +39,8 @@ pub struct Evacuate {
     /// The host to empty, as NAME@HOST:PORT.
     pub host: String,
     /// An agent that may receive its VMs, as NAME@HOST:PORT (repeatable).
-    #[arg(long = "to", required = true, value_name = "AGENT")]
+    /// Without it: every other agent alive in the fleet registry.
+    #[arg(long = "to", value_name = "AGENT")]
     pub to: Vec<String>,
     /// Migrations at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
@@ -82,8 +86,12 @@ pub async fn run(g: &Global, e: Evacuate) -> Result<()> {
     let host = session(&hg)
         .await
         .with_context(|| format!("the host to evacuate, {}", e.host))?;
+    let to = match e.to.is_empty() {
+        true => registry_targets(&host).await?,
+        false => e.to.clone(),
+    };
     let mut targets = Vec::new();
-    for t in &e.to {
+    for t in &to {
         match target(g, t).await {
             Ok(t) if t.id == host.agent => bail!("--to {} is the host being evacuated", t.name),
             Ok(t) if targets.iter().any(|o: &Target| o.id == t.id) => {
@@ -170,6 +178,30 @@ pub async fn run(g: &Global, e: Evacuate) -> Result<()> {
         bail!("{} VM(s) stay on the host", done.len() - moved);
     }
     Ok(())
+}
+
+/// Every agent alive in the registry but the host, as NAME@ADDR.
+async fn registry_targets(host: &Session) -> Result<Vec<String>> {
+    let view = host
+        .client
+        .fleet(convoy_protocol::ctl::fleet::FleetQuery::default())
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no --to given, and {} cannot list the fleet's agents ({e}): name the destinations with --to NAME@HOST:PORT",
+                host.agent.name()
+            )
+        })?;
+    let to: Vec<String> = view
+        .agents
+        .iter()
+        .filter(|a| a.id != host.agent)
+        .map(|a| format!("{}@{}", a.id.name(), a.addr))
+        .collect();
+    if to.is_empty() {
+        bail!("no other agent is alive in the fleet registry: nowhere to move to");
+    }
+    Ok(to)
 }
 
 /// Connects to destination `t` and reads its room.

@@ -209,23 +209,18 @@ async fn sim_lab(g: &Global) -> Result<(tempfile::TempDir, Lab, CtlClient, CtlCl
 }
 
 /// Migrates the demo VM from a to b with a progress bar (none with
-/// `--json`).
+/// `--json`); with `plot`, draws its timeline there, with what `probe`
+/// saw of the guest.
 async fn migrate(
     g: &Global,
     lab: &Lab,
     a: &CtlClient,
     options: MigrationPlan,
     plot: Option<&std::path::Path>,
+    probe: Option<crate::timeline::Probe>,
 ) -> Result<MigrationReport> {
     let bar = render::Bar::new(g.json);
     let mut timeline = crate::timeline::Timeline::default();
-    let probe = match plot {
-        Some(_) => Some(crate::timeline::Probe::start(
-            vec![lab.client("a").await?, lab.client("b").await?],
-            "demo".parse()?,
-        )),
-        None => None,
-    };
     let report = a
         .migrate(lab.migrate_request("demo", "a", "b", options)?, |p| {
             timeline.record(p);

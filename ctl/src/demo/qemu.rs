@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use convoy_agent::backend::qemu::guest;
+use convoy_agent::backend::qemu::service::ServiceClient;
 use convoy_agent::lab::Lab;
 use convoy_agent::units::format_bytes;
 use convoy_protocol::audit::{verify_log, AuditEvent};
@@ -17,6 +18,11 @@ use super::evidence::evidence;
 use super::{attributes, finish, lab_lines, listed, migrate, opt, report_json, Continuity, Demo};
 use crate::conn::Global;
 use crate::render;
+
+/// Requests per second to the guest's service with `--plot` (the test
+/// guest answers a few hundred under TCG; this leaves it most of its
+/// vCPU).
+const QEMU_SERVICE_RPS: u32 = 50;
 
 /// Runs the QEMU demo.
 pub async fn run(g: &Global, d: Demo) -> Result<()> {
@@ -91,7 +97,15 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
         "migrating demo: a → b (QEMU {} through Convoy, {} stream(s))",
         options.mode, options.streams
     ));
-    let report = migrate(g, &lab, &a, options, d.plot.as_deref()).await?;
+    // With a plot, a client of the guest's service (requests on its
+    // second serial port) follows it from a to b.
+    let probe = d.plot.as_ref().map(|_| {
+        crate::timeline::Probe::service(ServiceClient::start(
+            vec![lab.qemu_service("a", "demo"), lab.qemu_service("b", "demo")],
+            QEMU_SERVICE_RPS,
+        ))
+    });
+    let report = migrate(g, &lab, &a, options, d.plot.as_deref(), probe).await?;
     let at_pause = tokio::time::timeout(Duration::from_secs(10), tail)
         .await
         .ok()

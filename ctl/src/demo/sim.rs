@@ -56,7 +56,14 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     say(format!("migrating demo: a → b (live {})", d.tuning.mode));
     let mut options = d.tuning.options();
     options.copy_storage |= d.disk.is_some();
-    let report = migrate(g, &lab, &a, options, d.plot.as_deref()).await?;
+    let probe = match d.plot {
+        Some(_) => Some(crate::timeline::Probe::start(
+            vec![lab.client("a").await?, lab.client("b").await?],
+            "demo".parse()?,
+        )),
+        None => None,
+    };
+    let report = migrate(g, &lab, &a, options, d.plot.as_deref(), probe).await?;
 
     // Exactly once, and the guest carries on where it stopped.
     let on_a = listed(&a).await?.is_some();

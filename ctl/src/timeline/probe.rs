@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use convoy_agent::backend::qemu::service::ServiceClient;
 use convoy_agent::client::CtlClient;
 use convoy_protocol::ctl::service::ServiceStats;
 use convoy_protocol::ctl::VmState;
@@ -27,20 +28,28 @@ pub struct Probe {
     task: tokio::task::JoinHandle<Vec<Poll>>,
 }
 
+/// A probe's clock: a tick each sample period until it is stopped.
+struct Ticks {
+    tick: tokio::time::Interval,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Ticks {
+    /// Waits for the next tick: false once the probe is stopped.
+    async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.tick.tick() => true,
+            _ = self.stopped.changed() => false,
+        }
+    }
+}
+
 impl Probe {
     /// Starts polling `vm` on each of `clients` every 100 ms.
     pub fn start(clients: Vec<CtlClient>, vm: VmName) -> Probe {
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
+        Probe::spawn(|mut ticks| async move {
             let mut seen = Vec::new();
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(convoy_protocol::ctl::SAMPLE_EVERY_MS));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stopped.changed() => break,
-                }
+            while ticks.next().await {
                 // The counter (and the service's counters, in the device
                 // state) carry on wherever the VM runs: the copy with the
                 // highest counter is the guest.
@@ -74,7 +83,43 @@ impl Probe {
                 c.close().await;
             }
             seen
-        });
+        })
+    }
+
+    /// Polls the client of a QEMU test guest's service every 100 ms (the
+    /// guest has no work counter: none is drawn). At the end the client
+    /// waits up to two seconds for answers still owed, and what it saw
+    /// then is the last poll.
+    pub fn service(client: ServiceClient) -> Probe {
+        Probe::spawn(|mut ticks| async move {
+            let mut seen = Vec::new();
+            while ticks.next().await {
+                seen.push(Poll {
+                    at: Instant::now(),
+                    counter: 0,
+                    service: Some(client.stats()),
+                });
+            }
+            let last = client.finish(Duration::from_secs(2)).await;
+            seen.push(Poll {
+                at: Instant::now(),
+                counter: 0,
+                service: Some(last.stats),
+            });
+            seen
+        })
+    }
+
+    /// Runs `poll` with ticks every sample period until [`Probe::finish`].
+    fn spawn<F>(poll: impl FnOnce(Ticks) -> F) -> Probe
+    where
+        F: std::future::Future<Output = Vec<Poll>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(convoy_protocol::ctl::SAMPLE_EVERY_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let task = tokio::spawn(poll(Ticks { tick, stopped }));
         Probe { stop, task }
     }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use convoy_agent::backend::qemu::guest::{self, counters, TestGuest};
 use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
+use convoy_agent::backend::qemu::service::ServiceClient;
 use serde_json::json;
 
 /// The guest's kernel and initramfs, built once per test binary.
@@ -524,9 +525,19 @@ impl QemuLab {
         to: &str,
         options: convoy_protocol::model::MigrationPlan,
     ) -> convoy_protocol::ctl::MigrationReport {
+        let service = ServiceClient::start(
+            vec![
+                self.lab.qemu_service(from, vm),
+                self.lab.qemu_service(to, vm),
+            ],
+            50,
+        );
+        // A moment of service at the source first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let last = *counters(&self.serial(from, vm)).last().unwrap();
         let r = self.migrate(vm, from, to, options).await;
         self.assert_moved(&r, vm, from, to, last).await;
+        assert_served_through(service.finish(Duration::from_secs(30)).await, &r);
         r
     }
 
@@ -624,6 +635,34 @@ impl QemuLab {
             self.lab.journal(to)
         );
     }
+}
+
+/// The guest's service through a completed migration, from a client
+/// that sent to both hosts: served first at the source, then at the
+/// destination, every request answered in the end, and the slowest
+/// waited through QEMU's pause (requests go every 20 ms, so one arrived
+/// within 20 ms of its start).
+fn assert_served_through(
+    s: convoy_agent::backend::qemu::service::ServiceRecord,
+    r: &convoy_protocol::ctl::MigrationReport,
+) {
+    let max_ms = s.stats.percentile_us(1.0).unwrap_or(0) / 1000;
+    eprintln!(
+        "service: {} served ({:?} at each host), {} waiting, {} dropped; mean {:?} µs, p99 {:?} µs, max {max_ms} ms",
+        s.stats.served,
+        s.answered_by,
+        s.stats.waiting,
+        s.stats.dropped,
+        s.stats.mean_us(),
+        s.stats.percentile_us(0.99),
+    );
+    assert_eq!((s.stats.waiting, s.stats.dropped), (0, 0), "{s:?}");
+    assert!(s.answered_by[0] > 0 && s.answered_by[1] > 0, "{s:?}");
+    let downtime = r.qemu.as_ref().and_then(|q| q.downtime_ms).unwrap_or(0);
+    assert!(
+        max_ms + 20 >= downtime,
+        "max {max_ms} ms, QEMU's downtime {downtime} ms"
+    );
 }
 
 /// The test guest's definition as operators give it (paths relative to

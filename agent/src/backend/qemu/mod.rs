@@ -22,7 +22,9 @@
 //! - [`vm`]: operators' VM definitions resolved through the agent's
 //!   allow-lists (binary, image directory, no free-form arguments) and the
 //!   running VM;
-//! - [`guest`]: the tiny test guest of the demo, benchmark and tests.
+//! - [`guest`]: the tiny test guest of the demo, benchmark and tests;
+//! - [`service`]: a client of the test guest's request/response service
+//!   (its second serial port), following it across a migration.
 //!
 //! Migration through agents lives in `engine::qemu::source` and
 //! `engine::qemu::destination` (the message sequence and digests are in
@@ -35,5 +37,6 @@ pub mod identity;
 pub mod process;
 pub mod qmp;
 pub mod residue;
+pub mod service;
 pub mod tunnel;
 pub mod vm;

@@ -164,6 +164,10 @@ impl Drop for Starting {
     }
 }
 
+/// The unix socket in a runtime directory connected to the guest's
+/// second serial port (ttyS1).
+pub const SERVICE_SOCKET: &str = "svc.sock";
+
 /// `p` as the value of a QEMU option: a comma is QEMU's option separator,
 /// so each is doubled (QEMU's own escape); nothing in a file name can then
 /// add an option (`victim.img,file.locking=off` names one file).
@@ -213,6 +217,18 @@ impl QemuSpec {
             self.vcpus.to_string(),
             "-serial".into(),
             format!("file:{}", dir.join("serial.log").display()),
+            // The second serial port (the guest's ttyS1), a unix socket
+            // in the runtime directory: the channel by which a harness
+            // reaches a service in the guest (the test guest answers
+            // requests there). QEMU listens; nobody connected, the
+            // guest's writes are dropped.
+            "-chardev".into(),
+            format!(
+                "socket,id=svc,path={},server=on,wait=off",
+                option_value(&dir.join(SERVICE_SOCKET))
+            ),
+            "-serial".into(),
+            "chardev:svc".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
             "-no-reboot".into(),
@@ -251,6 +267,8 @@ impl QemuProcess {
         crate::private::create_dir_all(dir)?;
         let sock = dir.join("qmp.sock");
         let _ = std::fs::remove_file(&sock);
+        // QEMU will not listen where a stale socket is left.
+        let _ = std::fs::remove_file(dir.join(SERVICE_SOCKET));
         let stderr = crate::private::create_truncate(&dir.join("qemu.stderr"))?;
         // QEMU opens the serial log with the umask's mode; made here first,
         // it keeps ours.
