@@ -489,3 +489,76 @@ async fn a_three_member_cluster_commits_with_a_member_killed_mid_migration() {
     assert!(f.etcd.healthy(1).await && f.etcd.healthy(2).await);
     f.end().await;
 }
+
+/// Snapshots and the registry: a VM restored from a bucket is registered
+/// at the restore — refused while another agent owns that name, which
+/// then keeps running there alone — and a store-and-forward handover,
+/// whose commit point is a claim in the bucket, is refused by an agent
+/// with a registry (it says to migrate live), the VM running on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_vm_is_registered_and_a_via_handover_is_refused() {
+    use convoy_protocol::ctl::snapshot::{PullRequest, PushRequest, SnapshotRequest};
+    let Some(f) = fleet_of("registry snapshots", 1, Duration::from_secs(2)).await else {
+        return;
+    };
+    let bucket = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/snapshots", bucket.path().display());
+    f.b.snapshot(SnapshotRequest::Enroll { url: url.clone() })
+        .await
+        .unwrap();
+    f.a.vm_create(sim_spec("db", 16 << 20, 200)).await.unwrap();
+    f.a.snapshot(SnapshotRequest::Push(PushRequest {
+        vm: "db".parse().unwrap(),
+        url: url.clone(),
+        recipients: vec!["b".parse().unwrap()],
+        live: false,
+    }))
+    .await
+    .unwrap();
+    let pull = || {
+        f.b.snapshot(SnapshotRequest::Pull(PullRequest {
+            url: url.clone(),
+            snapshot: None,
+            vm: None,
+            paused: false,
+        }))
+    };
+    // a owns db: b may not run a copy of it.
+    let e = pull().await.unwrap_err().to_string();
+    assert!(
+        e.contains("the registry says db is owned by spiffe://")
+            && e.contains("/agent/a (epoch 1)"),
+        "{e}"
+    );
+    assert_eq!(state_of(&f.b, "db").await, None);
+    assert_eq!(state_of(&f.a, "db").await, Some(VmState::Running));
+    let r = record(&f.ep, "db").await.unwrap();
+    assert_eq!((r.owner.name().as_str(), r.epoch), ("a", 1), "{r:?}");
+
+    // A handover through the bucket is refused, the VM untouched.
+    let e = f
+        .a
+        .snapshot(SnapshotRequest::MigrateVia {
+            migrate: convoy_tests::migrate(&f.lab, "db", "a", "b"),
+            url: url.clone(),
+            wait_secs: 5,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fleet registry") && e.contains("live"), "{e}");
+    assert_eq!(state_of(&f.a, "db").await, Some(VmState::Running));
+
+    // Deleted at a, its record goes; restored at b, b's at epoch 1.
+    f.a.vm_delete("db".parse().unwrap()).await.unwrap();
+    assert!(record(&f.ep, "db").await.is_none());
+    pull().await.unwrap();
+    assert_eq!(state_of(&f.b, "db").await, Some(VmState::Running));
+    let r = record(&f.ep, "db").await.unwrap();
+    assert_eq!(
+        (r.owner.name().as_str(), r.epoch, r.cause.as_str()),
+        ("b", 1, "restored"),
+        "{r:?}"
+    );
+    f.end().await;
+}
