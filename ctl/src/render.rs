@@ -211,6 +211,10 @@ pub fn report(r: &MigrationReport) -> String {
                     ),
                 ]);
             }
+            let p = &c.pause;
+            if p.last_round_us + p.verify_us + p.commit_us + p.start_us > 0 {
+                rows.push(vec!["pause".into(), pause_parts(p)]);
+            }
         }
         Some(q) => {
             let ms = |v: Option<u64>| v.map_or("?".into(), |v| format!("{v} ms"));
@@ -388,4 +392,19 @@ fn link(l: &convoy_protocol::ctl::LinkReport) -> String {
         }
         _ => format!("RTT {rtt:.1} ms (control round trip)"),
     }
+}
+
+/// A pre-copy pause in its parts: `last round 12.1 ms, verify 3.0 ms,
+/// commit 1.2 ms, start 2.5 ms`.
+pub fn pause_parts(p: &convoy_protocol::model::PauseParts) -> String {
+    // CAST: microseconds of one pause, exact in f64.
+    #[allow(clippy::cast_precision_loss)]
+    let ms = |us: u64| us as f64 / 1000.0;
+    format!(
+        "last round {:.1} ms, verify {:.1} ms, commit {:.1} ms, start {:.1} ms",
+        ms(p.last_round_us),
+        ms(p.verify_us),
+        ms(p.commit_us),
+        ms(p.start_us)
+    )
 }

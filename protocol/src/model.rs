@@ -240,6 +240,28 @@ pub struct Convergence {
     /// `Handover`/`Started`).
     #[serde(default)]
     pub expected_downtime_ms: u64,
+    /// Where a pre-copy pause went (all zero after a post-copy switch,
+    /// or when the migration did not reach `Started`).
+    #[serde(default)]
+    pub pause: PauseParts,
+}
+
+/// A pre-copy pause in its parts, as the source saw them, microseconds;
+/// together they are the downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PauseParts {
+    /// From the pause to `Finish` sent: the last round's pages, after the
+    /// dirty log and the device state were read.
+    pub last_round_us: u64,
+    /// `Finish` to `Ready`: the destination took the last pages, checked
+    /// the root and the device state, and signed its receipt.
+    pub verify_us: u64,
+    /// `Ready` to `Handover` sent: the source recorded the handover
+    /// durably and signed its `Sent` receipt.
+    pub commit_us: u64,
+    /// `Handover` to `Started`: the destination recorded it, started the
+    /// VM and signed its receipt.
+    pub start_us: u64,
 }
 
 /// How a post-copy phase went.

@@ -3,6 +3,13 @@
 
 use std::time::Duration;
 
+/// Where the pre-copy downtime ramp starts, milliseconds
+/// ([`SourceConfig::downtime_aim`]).
+pub const RAMP_START_MS: u64 = 30;
+
+/// Rounds pre-copy aims at [`RAMP_START_MS`] before the aim grows.
+pub const RAMP_HOLD_ROUNDS: u32 = 4;
+
 use crate::message::{Capabilities, Manifest};
 use crate::model::{MigrationMode, MigrationPlan};
 use crate::names::{MigrationId, VmName};
@@ -68,9 +75,32 @@ impl SourceConfig {
         &self.manifest.plan
     }
 
-    /// Pause when the remaining pages are expected to take less than this.
+    /// The operator's downtime target: the most the pause may be
+    /// expected to take ([`SourceConfig::downtime_aim`] aims lower first).
     pub fn max_downtime(&self) -> Duration {
         Duration::from_millis(u64::from(self.plan().max_downtime_ms))
+    }
+
+    /// What pre-copy aims at after round `round`: pause once the rest is
+    /// expected to take less. The operator's target is a ceiling, reached
+    /// by a ramp: [`RAMP_START_MS`] (or the target, if lower) for the
+    /// first [`RAMP_HOLD_ROUNDS`] rounds, then half as much again each
+    /// round up to the target. A guest whose rounds shrink gets a short
+    /// pause for a few more short rounds; one whose rounds do not still
+    /// converges at the target, a few rounds later (the last round
+    /// allowed aims at the target itself).
+    pub fn downtime_aim(&self, round: u32) -> Duration {
+        let ceiling = self.max_downtime();
+        let start = Duration::from_millis(RAMP_START_MS).min(ceiling);
+        let Some(steps) = round.checked_sub(RAMP_HOLD_ROUNDS) else {
+            return start;
+        };
+        let grown = start.as_secs_f64() * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
+        if grown >= ceiling.as_secs_f64() {
+            ceiling
+        } else {
+            Duration::from_secs_f64(grown)
+        }
     }
 
     /// When the VM is handed over before all its pages are there: with

@@ -153,6 +153,7 @@ impl Source {
                     return Err(self.fail(now, e));
                 }
                 self.verified = true;
+                self.pause_marks[1] = Some(now);
                 self.postcopy.faults = r.faults;
                 self.phase = Phase::Committing;
                 if self.switched {
@@ -172,6 +173,7 @@ impl Source {
                     self.resumed_at =
                         Some(p + now.saturating_duration_since(p).saturating_sub(synced));
                 }
+                self.note_pause_parts(now);
                 // Whatever the receipt, the VM is the destination's now: a
                 // bad receipt leaves the outcome in doubt, never resumed.
                 match self.check_receipt(&s.receipt, ReceiptKind::Started, self.state()) {

@@ -46,6 +46,7 @@ impl Source {
         self.phase = Phase::AwaitReady {
             deadline: now + self.cfg.ready_timeout,
         };
+        self.pause_marks[0] = Some(now);
         self.progress("verify", 0);
     }
 
@@ -77,6 +78,7 @@ impl Source {
             self.phase = Phase::AwaitStarted {
                 deadline: now + self.cfg.started_timeout,
             };
+            self.pause_marks[2] = Some(now);
             self.progress("handover", 0);
         }
     }
@@ -91,6 +93,26 @@ impl Source {
             let why = format!("the handover could not be recorded: {detail}");
             self.fail_with(now, Reason::Internal(why.clone()), why);
         }
+    }
+
+    /// The pre-copy pause's parts, once `Started` came at `now`: from the
+    /// pause through each mark (a mark missing, or a post-copy switch:
+    /// zero).
+    pub(super) fn note_pause_parts(&mut self, now: Instant) {
+        let (Some(p), [Some(f), Some(r), Some(h)], false) =
+            (self.paused_at, self.pause_marks, self.switched)
+        else {
+            return;
+        };
+        let us = |a: Instant, b: Instant| {
+            u64::try_from(b.saturating_duration_since(a).as_micros()).unwrap_or(u64::MAX)
+        };
+        self.convergence.pause = crate::model::PauseParts {
+            last_round_us: us(p, f),
+            verify_us: us(f, r),
+            commit_us: us(r, h),
+            start_us: us(h, now),
+        };
     }
 
     /// Memory root and device digest handed over.

@@ -186,7 +186,7 @@ mod resume;
 mod sent;
 
 pub use crate::model::{Convergence, PostcopySummary};
-pub use config::{SourceConfig, Switchover};
+pub use config::{SourceConfig, Switchover, RAMP_HOLD_ROUNDS, RAMP_START_MS};
 pub use control::TRUSTED_ROUND_TRIPS;
 pub use driver::{SentBatch, SourceAction, SourceEvent};
 pub use error::SourceError;
@@ -291,6 +291,9 @@ pub struct Source {
     device_state: Vec<u8>,
     started_at: Option<Instant>,
     paused_at: Option<Instant>,
+    /// In a pre-copy pause: when `Finish` went, `Ready` came and
+    /// `Handover` went ([`crate::model::PauseParts`]).
+    pause_marks: [Option<Instant>; 3],
     converged: bool,
     verified: bool,
     handed_over: bool,
@@ -390,6 +393,7 @@ impl Source {
             device_state: Vec::new(),
             started_at: None,
             paused_at: None,
+            pause_marks: [None; 3],
             converged: false,
             verified: false,
             handed_over: false,

@@ -81,7 +81,14 @@ impl Source {
         self.convergence.expected_downtime_ms =
             u64::try_from(expected.as_millis()).unwrap_or(u64::MAX);
         self.progress("precopy", remaining);
-        if expected <= self.cfg.max_downtime() {
+        // The aim ramps up to the target; the last round allowed (or one
+        // whose handover alone misses the target) is held to the target.
+        let last_chance = round >= self.cfg.plan().max_rounds || self.handover_alone_misses();
+        let aim = match last_chance {
+            true => self.cfg.max_downtime(),
+            false => self.cfg.downtime_aim(round),
+        };
+        if expected <= aim {
             self.converged = true;
             self.pause(round, left, false);
             return;
@@ -128,10 +135,17 @@ impl Source {
             return;
         }
         // Auto-converge: the guest dirties at least half as fast as we send
-        // — unless the handover's round trips alone take the target: then
-        // no throttle can help, and it would only slow the guest.
+        // and the pause would overrun the target itself (not only the
+        // ramp's lower aim: the guest is not slowed for a pause shorter
+        // than the operator asked for) — unless the handover's round trips
+        // alone take the target: then no throttle can help, and it would
+        // only slow the guest.
         let futile = handover >= self.cfg.max_downtime();
-        if self.cfg.plan().auto_converge && !futile && dirtied.saturating_mul(2) >= self.round_pages
+        let over = expected > self.cfg.max_downtime();
+        if self.cfg.plan().auto_converge
+            && !futile
+            && over
+            && dirtied.saturating_mul(2) >= self.round_pages
         {
             self.stalled += 1;
         } else {

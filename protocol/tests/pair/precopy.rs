@@ -299,3 +299,84 @@ fn a_path_whose_round_trips_alone_exceed_the_target_fails_honestly() {
     assert!(s.convergence.expected_downtime_ms >= 600, "{s:?}");
     assert!(s.downtime.unwrap() >= Duration::from_millis(600));
 }
+
+#[test]
+fn the_downtime_aim_ramps_from_its_start_to_the_target() {
+    use convoy_protocol::source::{RAMP_HOLD_ROUNDS, RAMP_START_MS};
+    let ms = |d: Duration| d.as_millis();
+    let p = Pair::with(64, 0, 100e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = 300;
+    });
+    let c = &p.src_cfg;
+    let start = u128::from(RAMP_START_MS);
+    for round in 0..=RAMP_HOLD_ROUNDS {
+        assert_eq!(ms(c.downtime_aim(round)), start, "round {round}");
+    }
+    // Half as much again each round after, never past the target.
+    let next = c.downtime_aim(RAMP_HOLD_ROUNDS + 1);
+    assert_eq!(ms(next), start * 3 / 2);
+    let mut last = next;
+    for round in RAMP_HOLD_ROUNDS + 2..RAMP_HOLD_ROUNDS + 40 {
+        let aim = c.downtime_aim(round);
+        assert!(aim >= last && ms(aim) <= 300, "round {round}: {aim:?}");
+        last = aim;
+    }
+    assert_eq!(ms(last), 300);
+    assert_eq!(ms(c.downtime_aim(u32::MAX)), 300);
+    // A target below the ramp's start is the aim throughout.
+    let p = Pair::with(64, 0, 100e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = 10;
+    });
+    assert_eq!(ms(p.src_cfg.downtime_aim(0)), 10);
+    assert_eq!(ms(p.src_cfg.downtime_aim(50)), 10);
+}
+
+/// A VM whose rounds keep shrinking pauses with far less than the 300 ms
+/// target left (the ramp's aim), without a throttle; one whose rounds
+/// stop shrinking above the ramp's start still converges under the
+/// target, a few rounds later.
+#[test]
+fn pre_copy_aims_low_first_and_still_converges_at_the_target() {
+    let run = |writes_per_ms: u64| {
+        let mut p = Pair::with(4096, writes_per_ms, 50e6, 1 << 30, |c| {
+            c.manifest.plan.max_downtime_ms = 300;
+            c.manifest.plan.max_rounds = 30;
+            c.manifest.plan.force_stop = false;
+        });
+        without_delta(&mut p);
+        p.run();
+        p.summary().clone()
+    };
+    let s = run(5);
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.converged && s.verified);
+    let aim = convoy_protocol::source::RAMP_START_MS;
+    assert!(
+        s.convergence.expected_downtime_ms <= aim,
+        "paused expecting {} ms, over the ramp's {aim} ms",
+        s.convergence.expected_downtime_ms
+    );
+    assert_eq!(s.convergence.throttle, 0, "{s:?}");
+    // Busier: the rest never gets under the ramp's start, so the aim
+    // grows until it fits — the target is never passed.
+    let busy = run(200);
+    assert_eq!(busy.outcome, Outcome::Completed, "{busy:?}");
+    assert!(busy.converged);
+    let expected = busy.convergence.expected_downtime_ms;
+    assert!(
+        expected > aim && expected <= 300,
+        "paused expecting {expected} ms after {} rounds",
+        busy.rounds
+    );
+    assert!(busy.rounds > s.rounds.min(5), "{busy:?}");
+    // The pause's parts, as the source saw them, make up its downtime
+    // (the harness's link takes 5 ms each way: each exchange costs two).
+    let p = busy.convergence.pause;
+    let parts = Duration::from_micros(p.last_round_us + p.verify_us + p.commit_us + p.start_us);
+    let downtime = busy.downtime.unwrap();
+    assert!(
+        downtime.abs_diff(parts) < Duration::from_micros(4),
+        "{p:?} against {downtime:?}"
+    );
+    assert!(p.verify_us >= 10_000 && p.start_us >= 10_000, "{p:?}");
+}

@@ -536,9 +536,8 @@ async fn a_restored_vm_is_registered_and_a_via_handover_is_refused() {
     assert_eq!((r.owner.name().as_str(), r.epoch), ("a", 1), "{r:?}");
 
     // A handover through the bucket is refused, the VM untouched.
-    let e = f
-        .a
-        .snapshot(SnapshotRequest::MigrateVia {
+    let e =
+        f.a.snapshot(SnapshotRequest::MigrateVia {
             migrate: convoy_tests::migrate(&f.lab, "db", "a", "b"),
             url: url.clone(),
             wait_secs: 5,

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use convoy_agent::client::ClientError;
 use convoy_protocol::ctl::{CtlErrorKind, MigrationReport, Outcome};
-use convoy_protocol::model::MigrationMode;
+use convoy_protocol::model::{MigrationMode, PauseParts};
 use serde::Serialize;
 
 use crate::bench::table::{median, mib};
@@ -34,6 +34,8 @@ pub struct Figures {
     pub faults: Option<u64>,
     pub fault_median_us: Option<u64>,
     pub fault_p99_us: Option<u64>,
+    /// Where a pre-copy pause went.
+    pub pause: PauseParts,
 }
 
 impl Figures {
@@ -57,6 +59,7 @@ impl Figures {
                 .and_then(|p| p.faults)
                 .map(|f| f.median_us),
             fault_p99_us: r.postcopy.as_ref().and_then(|p| p.faults).map(|f| f.p99_us),
+            pause: r.convergence.pause,
         }
     }
 
@@ -87,6 +90,12 @@ impl Figures {
             throttle_pct: pick(|s| f64::from(s.throttle_pct)) as u8,
             measured_dirty_rate: pick(|s| s.measured_dirty_rate as f64) as u64,
             disk_blocks_sent: pick(|s| s.disk_blocks_sent as f64) as u64,
+            pause: PauseParts {
+                last_round_us: pick(|s| s.pause.last_round_us as f64) as u64,
+                verify_us: pick(|s| s.pause.verify_us as f64) as u64,
+                commit_us: pick(|s| s.pause.commit_us as f64) as u64,
+                start_us: pick(|s| s.pause.start_us as f64) as u64,
+            },
         })
     }
 }
@@ -156,7 +165,7 @@ pub fn outcome_cell(outcome: &str, completed: bool, verified: bool) -> String {
 }
 
 /// The column heads of [`cells`].
-pub const HEADS: [&str; 12] = [
+pub const HEADS: [&str; 13] = [
     "total ms",
     "downtime ms",
     "rounds",
@@ -169,6 +178,7 @@ pub const HEADS: [&str; 12] = [
     "disk blocks",
     "faults",
     "fault µs p50/p99",
+    "pause ms last/verify/commit/start",
 ];
 
 /// A migration's figures as table cells (dashes for none), under [`HEADS`].
@@ -190,9 +200,25 @@ pub fn cells(f: &Option<Figures>) -> Vec<String> {
                 (Some(m), Some(p)) => format!("{m}/{p}"),
                 _ => "-".into(),
             },
+            pause_cell(&f.pause),
         ],
-        None => vec!["-".to_string(); 12],
+        None => vec!["-".to_string(); HEADS.len()],
     }
+}
+
+/// A pause's parts in milliseconds, `12.1/3.0/1.2/2.5` (none: a dash).
+fn pause_cell(p: &PauseParts) -> String {
+    let parts = [p.last_round_us, p.verify_us, p.commit_us, p.start_us];
+    if parts.iter().all(|&us| us == 0) {
+        return "-".into();
+    }
+    // CAST: microseconds of one pause, exact in f64.
+    #[allow(clippy::cast_precision_loss)]
+    let ms: Vec<String> = parts
+        .iter()
+        .map(|&us| format!("{:.1}", us as f64 / 1000.0))
+        .collect();
+    ms.join("/")
 }
 
 #[cfg(test)]
