@@ -31,3 +31,50 @@ pub(crate) mod incoming;
 pub(crate) mod native;
 pub(crate) mod outgoing;
 pub(crate) mod qemu;
+
+/// Lowers the calling thread's CPU priority for the rest of its life
+/// (nice + [`BACKGROUND_NICE`], at most 19; Linux applies `setpriority` to
+/// one thread by its id): what a post-copy push's encoder and decoder
+/// threads do once the VM runs at the destination, so that on a busy host
+/// they yield the CPU to what a waiting vCPU needs — the fault path and
+/// the guest — instead of sharing it evenly. A thread may always lower its
+/// own priority; a failure only costs fault latency, so it is logged, not
+/// fatal. Returns the thread's nice value after.
+pub(crate) fn yield_to_faults() -> Option<i32> {
+    let tid = rustix::thread::gettid();
+    let now = rustix::process::getpriority_process(Some(tid)).ok()?;
+    let lower = now.saturating_add(BACKGROUND_NICE).min(19);
+    match rustix::process::setpriority_process(Some(tid), lower) {
+        Ok(()) => Some(lower),
+        Err(e) => {
+            tracing::debug!("cannot lower a post-copy push thread's priority: {e}");
+            Some(now)
+        }
+    }
+}
+
+/// How much a post-copy push's threads lower their priority
+/// ([`yield_to_faults`]).
+pub(crate) const BACKGROUND_NICE: i32 = 10;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// The calling thread's priority drops, and only its own: the thread
+    /// that spawned it keeps its nice value.
+    #[test]
+    fn a_push_thread_lowers_only_its_own_priority() {
+        let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let before = nice();
+        let (reported, after) = std::thread::spawn(move || {
+            let reported = super::yield_to_faults();
+            (reported, nice())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(reported, Some(after));
+        assert_eq!(after, (before + super::BACKGROUND_NICE).min(19));
+        assert_eq!(nice(), before);
+    }
+}

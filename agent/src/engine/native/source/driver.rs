@@ -345,6 +345,7 @@ impl<'r> Driver<'r> {
                 pages: pages.clone(),
                 skip_zero,
                 delta: !self.sm.is_switched(),
+                background: self.sm.is_switched(),
                 held: held.clone(),
             });
         }

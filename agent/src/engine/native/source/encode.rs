@@ -142,7 +142,13 @@ pub(super) fn encode_stream(
         *seq += 1;
         emit(&out, stream, round, enc, tamper.as_ref())
     };
+    let mut yielding = false;
     while let Ok(job) = jobs.recv() {
+        // After a post-copy switch this push is background to the faults.
+        if job.background && !yielding {
+            crate::engine::yield_to_faults();
+            yielding = true;
+        }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
         for p in job.pages.iter() {

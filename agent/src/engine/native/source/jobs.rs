@@ -66,6 +66,9 @@ pub(super) struct Job {
     /// Deltas allowed (not after a post-copy switch: the destination's
     /// copy of a page may have changed since).
     pub(super) delta: bool,
+    /// After a post-copy switch: this push is background to the faults
+    /// ([`crate::engine::yield_to_faults`]).
+    pub(super) background: bool,
     /// The first round: what the destination holds already.
     pub(super) held: Option<Arc<Held>>,
 }
