@@ -185,6 +185,9 @@ impl AgentProcess {
             Command::new(env!("CARGO_BIN_EXE_convoy-agent"))
                 .args(&self.args)
                 .env("RUST_LOG", "info")
+                // Inherited by its sim vCPU helpers, which outlive it by
+                // design: how the test finds them to end them.
+                .env(HELPER_MARK, &self.state)
                 .stdin(Stdio::null())
                 .stdout(out.try_clone().unwrap())
                 .stderr(out)
@@ -263,6 +266,35 @@ impl Drop for AgentProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        kill_helpers(&self.state);
+    }
+}
+
+/// The environment variable that marks an agent's processes with its
+/// state directory ([`AgentProcess::start`]).
+const HELPER_MARK: &str = "CONVOY_TEST_AGENT_STATE";
+
+/// Kills every process left from the agent with state directory `state`:
+/// its sim vCPU helpers keep a VM running after the agent is killed (what
+/// the restart tests rely on), and would otherwise run on after the test,
+/// taking CPU from every test after it.
+fn kill_helpers(state: &std::path::Path) {
+    let mark = format!("{HELPER_MARK}={}", state.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == mark.as_bytes()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
         }
     }
 }

@@ -192,14 +192,25 @@ async fn registry_targets(host: &Session) -> Result<Vec<String>> {
                 host.agent.name()
             )
         })?;
-    let to: Vec<String> = view
-        .agents
-        .iter()
-        .filter(|a| a.id != host.agent)
-        .map(|a| format!("{}@{}", a.id.name(), a.addr))
-        .collect();
+    let mut to = Vec::new();
+    for a in view.agents.iter().filter(|a| a.id != host.agent) {
+        // An agent listening on every address registers the wildcard:
+        // nothing to dial.
+        match a.addr.parse::<SocketAddr>() {
+            Ok(s) if s.ip().is_unspecified() => eprintln!(
+                "leaving out {}: it registered {} (it listens on every address); name it with --to",
+                a.id.name(),
+                a.addr
+            ),
+            _ => to.push(format!("{}@{}", a.id.name(), a.addr)),
+        }
+    }
     if to.is_empty() {
-        bail!("no other agent is alive in the fleet registry: nowhere to move to");
+        bail!(
+            "no other agent alive in the fleet registry that you may see (an operator the policy \
+             does not let read the audit log sees only the agents running VMs they may see): \
+             name the destinations with --to NAME@HOST:PORT"
+        );
     }
     Ok(to)
 }

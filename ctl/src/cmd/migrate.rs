@@ -73,8 +73,9 @@ pub struct Tuning {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
     pub connections: u16,
     /// Downtime target, milliseconds: the most pre-copy lets the pause
-    /// be expected to take. It aims lower first (30 ms, then half as much
-    /// again each round after the fourth, up to the target).
+    /// be expected to take. It aims lower first (30 ms of pages plus the
+    /// handover's round trips, then half as much again each round after
+    /// the fourth, up to the target).
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u32,
     /// Most pre-copy rounds; past them the migration fails (the VM keeps

@@ -81,25 +81,29 @@ impl SourceConfig {
         Duration::from_millis(u64::from(self.plan().max_downtime_ms))
     }
 
-    /// What pre-copy aims at after round `round`: pause once the rest is
+    /// What pre-copy aims at after round `round`, for a pause whose
+    /// handover's round trips take `handover`: pause once the rest is
     /// expected to take less. The operator's target is a ceiling, reached
-    /// by a ramp: [`RAMP_START_MS`] (or the target, if lower) for the
-    /// first [`RAMP_HOLD_ROUNDS`] rounds, then half as much again each
-    /// round up to the target. A guest whose rounds shrink gets a short
+    /// by a ramp of the pages' share: [`RAMP_START_MS`] of pages (plus the
+    /// handover, which no round shortens) for the first
+    /// [`RAMP_HOLD_ROUNDS`] rounds, then half as much again each round,
+    /// never above the target; the last two rounds `max_rounds` allows aim
+    /// at the target itself. A guest whose rounds shrink gets a short
     /// pause for a few more short rounds; one whose rounds do not still
-    /// converges at the target, a few rounds later (the last round
-    /// allowed aims at the target itself).
-    pub fn downtime_aim(&self, round: u32) -> Duration {
+    /// converges at the target, a few rounds later.
+    pub fn downtime_aim(&self, round: u32, handover: Duration) -> Duration {
         let ceiling = self.max_downtime();
-        let start = Duration::from_millis(RAMP_START_MS).min(ceiling);
-        let Some(steps) = round.checked_sub(RAMP_HOLD_ROUNDS) else {
-            return start;
-        };
-        let grown = start.as_secs_f64() * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
-        if grown >= ceiling.as_secs_f64() {
+        if round.saturating_add(2) > self.plan().max_rounds {
+            return ceiling;
+        }
+        let steps = round.saturating_sub(RAMP_HOLD_ROUNDS);
+        let pages = Duration::from_millis(RAMP_START_MS).as_secs_f64()
+            * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
+        let aim = handover.as_secs_f64() + pages;
+        if aim >= ceiling.as_secs_f64() {
             ceiling
         } else {
-            Duration::from_secs_f64(grown)
+            Duration::from_secs_f64(aim)
         }
     }
 

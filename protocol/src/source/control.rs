@@ -168,12 +168,12 @@ impl Source {
                 // The guest ran there while its disks were synced: that is
                 // not downtime (bounded by the pause, a lie cannot make it
                 // negative).
+                let synced = Duration::from_millis(u64::from(s.synced_ms));
                 if let (false, Some(p)) = (self.switched, self.paused_at) {
-                    let synced = Duration::from_millis(u64::from(s.synced_ms));
                     self.resumed_at =
                         Some(p + now.saturating_duration_since(p).saturating_sub(synced));
                 }
-                self.note_pause_parts(now);
+                self.note_pause_parts(now, synced);
                 // Whatever the receipt, the VM is the destination's now: a
                 // bad receipt leaves the outcome in doubt, never resumed.
                 match self.check_receipt(&s.receipt, ReceiptKind::Started, self.state()) {

@@ -2,7 +2,7 @@
 //! destination's receipts checked and kept, the handover recorded and
 //! sent with our `Sent` receipt.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::digest::{device_state_digest, Digest};
 use crate::message::{Finish, Handover, Message, Reason};
@@ -95,10 +95,11 @@ impl Source {
         }
     }
 
-    /// The pre-copy pause's parts, once `Started` came at `now`: from the
-    /// pause through each mark (a mark missing, or a post-copy switch:
-    /// zero).
-    pub(super) fn note_pause_parts(&mut self, now: Instant) {
+    /// The pre-copy pause's parts, once `Started` came at `now` after the
+    /// guest had run `synced` there (not downtime: taken off the start's
+    /// part, as off the downtime); from the pause through each mark (a
+    /// mark missing, or a post-copy switch: zero).
+    pub(super) fn note_pause_parts(&mut self, now: Instant, synced: Duration) {
         let (Some(p), [Some(f), Some(r), Some(h)], false) =
             (self.paused_at, self.pause_marks, self.switched)
         else {
@@ -111,7 +112,8 @@ impl Source {
             last_round_us: us(p, f),
             verify_us: us(f, r),
             commit_us: us(r, h),
-            start_us: us(h, now),
+            start_us: us(h, now)
+                .saturating_sub(u64::try_from(synced.as_micros()).unwrap_or(u64::MAX)),
         };
     }
 

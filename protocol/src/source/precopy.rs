@@ -81,12 +81,11 @@ impl Source {
         self.convergence.expected_downtime_ms =
             u64::try_from(expected.as_millis()).unwrap_or(u64::MAX);
         self.progress("precopy", remaining);
-        // The aim ramps up to the target; the last round allowed (or one
-        // whose handover alone misses the target) is held to the target.
-        let last_chance = round >= self.cfg.plan().max_rounds || self.handover_alone_misses();
-        let aim = match last_chance {
+        // The aim ramps up to the target (see `downtime_aim`); one whose
+        // handover alone misses the target is held to the target.
+        let aim = match self.handover_alone_misses() {
             true => self.cfg.max_downtime(),
-            false => self.cfg.downtime_aim(round),
+            false => self.cfg.downtime_aim(round, handover),
         };
         if expected <= aim {
             self.converged = true;
@@ -104,7 +103,11 @@ impl Source {
             let stalling = dirtied.saturating_mul(2) >= self.round_pages;
             let hopeless = self.handover_alone_misses();
             if due || round >= self.cfg.plan().max_rounds || stalling || hopeless {
-                self.pause(round, left, true);
+                // A pause within the target itself beats a switch: the
+                // ramp's lower aim is not worth post-copy's exposure.
+                let fits = expected <= self.cfg.max_downtime();
+                self.converged = fits;
+                self.pause(round, left, !fits);
                 return;
             }
         }

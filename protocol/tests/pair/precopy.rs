@@ -306,29 +306,42 @@ fn the_downtime_aim_ramps_from_its_start_to_the_target() {
     let ms = |d: Duration| d.as_millis();
     let p = Pair::with(64, 0, 100e6, 1 << 30, |c| {
         c.manifest.plan.max_downtime_ms = 300;
+        c.manifest.plan.max_rounds = 30;
     });
     let c = &p.src_cfg;
+    let aim = |round| ms(c.downtime_aim(round, Duration::ZERO));
     let start = u128::from(RAMP_START_MS);
     for round in 0..=RAMP_HOLD_ROUNDS {
-        assert_eq!(ms(c.downtime_aim(round)), start, "round {round}");
+        assert_eq!(aim(round), start, "round {round}");
     }
     // Half as much again each round after, never past the target.
-    let next = c.downtime_aim(RAMP_HOLD_ROUNDS + 1);
-    assert_eq!(ms(next), start * 3 / 2);
-    let mut last = next;
-    for round in RAMP_HOLD_ROUNDS + 2..RAMP_HOLD_ROUNDS + 40 {
-        let aim = c.downtime_aim(round);
-        assert!(aim >= last && ms(aim) <= 300, "round {round}: {aim:?}");
-        last = aim;
+    assert_eq!(aim(RAMP_HOLD_ROUNDS + 1), start * 3 / 2);
+    let mut last = aim(RAMP_HOLD_ROUNDS + 1);
+    for round in RAMP_HOLD_ROUNDS + 2..28 {
+        assert!(aim(round) >= last && aim(round) <= 300, "round {round}");
+        last = aim(round);
     }
-    assert_eq!(ms(last), 300);
-    assert_eq!(ms(c.downtime_aim(u32::MAX)), 300);
+    assert_eq!(last, 300);
+    assert_eq!(aim(u32::MAX), 300);
+    // The handover's round trips come on top of the pages' share: on a
+    // 100 ms path the first aim is 200 + 30 ms, not 30 ms no round can
+    // reach.
+    assert_eq!(ms(c.downtime_aim(1, Duration::from_millis(200))), 230);
+    assert_eq!(ms(c.downtime_aim(1, Duration::from_millis(290))), 300);
     // A target below the ramp's start is the aim throughout.
     let p = Pair::with(64, 0, 100e6, 1 << 30, |c| {
         c.manifest.plan.max_downtime_ms = 10;
     });
-    assert_eq!(ms(p.src_cfg.downtime_aim(0)), 10);
-    assert_eq!(ms(p.src_cfg.downtime_aim(50)), 10);
+    assert_eq!(ms(p.src_cfg.downtime_aim(0, Duration::ZERO)), 10);
+    // With few rounds allowed, the last two aim at the target itself.
+    let p = Pair::with(64, 0, 100e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = 300;
+        c.manifest.plan.max_rounds = 3;
+    });
+    let aims: Vec<u128> = (1..=3)
+        .map(|r| ms(p.src_cfg.downtime_aim(r, Duration::ZERO)))
+        .collect();
+    assert_eq!(aims, [start, 300, 300]);
 }
 
 /// A VM whose rounds keep shrinking pauses with far less than the 300 ms
@@ -350,7 +363,9 @@ fn pre_copy_aims_low_first_and_still_converges_at_the_target() {
     let s = run(5);
     assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
     assert!(s.converged && s.verified);
-    let aim = convoy_protocol::source::RAMP_START_MS;
+    // The ramp's first aim: its pages' share plus the handover's two
+    // round trips (10 ms each here).
+    let aim = convoy_protocol::source::RAMP_START_MS + 2 * s.convergence.round_trip_us / 1000;
     assert!(
         s.convergence.expected_downtime_ms <= aim,
         "paused expecting {} ms, over the ramp's {aim} ms",
@@ -379,4 +394,28 @@ fn pre_copy_aims_low_first_and_still_converges_at_the_target() {
         "{p:?} against {downtime:?}"
     );
     assert!(p.verify_us >= 10_000 && p.start_us >= 10_000, "{p:?}");
+}
+
+/// Hybrid: when the switch is due but the rest fits the target itself,
+/// pre-copy pauses instead — the ramp's lower aim is not worth post-copy.
+#[test]
+fn hybrid_pauses_by_pre_copy_when_the_target_fits_at_the_switch() {
+    let mut p = Pair::with(4096, 20, 50e6, 1 << 30, |c| {
+        c.manifest.plan.mode = convoy_protocol::model::MigrationMode::Hybrid;
+        c.manifest.plan.max_downtime_ms = 300;
+        c.manifest.plan.max_rounds = 30;
+    });
+    without_delta(&mut p);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed);
+    // Here the first pass leaves ~60 ms: over the ramp's first aim,
+    // within the target.
+    assert!(s.postcopy.is_none(), "switched: {:?}", s.postcopy);
+    assert!(s.converged && s.verified, "{:?}", s.convergence);
+    assert!(
+        s.downtime.unwrap() <= Duration::from_millis(300),
+        "{:?}",
+        s.downtime
+    );
 }

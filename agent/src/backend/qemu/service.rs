@@ -7,9 +7,12 @@
 //! The guest answers the line `q<id>` with `ok q<id>`. A [`ServiceClient`]
 //! follows the VM through a migration by talking to every host it may run
 //! on at once: it connects to each socket as soon as it exists (the
-//! destination's QEMU creates its own when it is launched), sends every
-//! request to every connected host, and takes the first answer to each.
-//! The source answers until it pauses; what it held in its serial port
+//! destination's QEMU creates its own when it is launched) and takes the
+//! first answer to each request. A host that has answered gets every
+//! request; one that has not yet (an incoming QEMU, whose guest does not
+//! run) gets one at a time, the oldest unanswered, again each second — so
+//! it does not pile up a backlog it would answer first once it runs. The
+//! source answers until it pauses; what it held in its serial port
 //! travels in the device state and is answered at the destination. Bytes
 //! a host had not yet handed to the guest are lost with it (or overwritten
 //! when the destination loads the device state), so a host that answers
@@ -141,12 +144,30 @@ struct Conn {
     lines: mpsc::Sender<String>,
     /// Whether this host answered anything yet.
     answered: bool,
+    /// When a host that has not answered was last sent a request.
+    probed_at: Option<Instant>,
 }
 
 impl Conn {
     /// Queues request `id`; a full queue drops it (it is sent again).
     fn send(&self, id: u64) {
         let _ = self.lines.try_send(format!("q{id}\n"));
+    }
+
+    /// A host that has not answered yet: the oldest request owed, if
+    /// none went to it within [`RESEND_AFTER`].
+    fn probe(&mut self, book: &Book, now: Instant) {
+        if self.answered
+            || self
+                .probed_at
+                .is_some_and(|t| now.saturating_duration_since(t) < RESEND_AFTER)
+        {
+            return;
+        }
+        if let Some(&id) = book.outstanding.keys().next() {
+            self.send(id);
+            self.probed_at = Some(now);
+        }
     }
 }
 
@@ -226,26 +247,27 @@ async fn run(
                 let id = next_id;
                 next_id += 1;
                 let now = Instant::now();
-                lock(&book).outstanding.insert(id, Outstanding { first_sent: now, last_sent: now });
-                for c in conns.iter().flatten() {
-                    c.send(id);
+                let mut b = lock(&book);
+                b.outstanding.insert(id, Outstanding { first_sent: now, last_sent: now });
+                for c in conns.iter_mut().flatten() {
+                    match c.answered {
+                        true => c.send(id),
+                        false => c.probe(&b, now),
+                    }
                 }
             }
             _ = upkeep.tick() => {
                 let now = Instant::now();
                 for (i, slot) in conns.iter_mut().enumerate() {
                     if slot.is_none() {
-                        if let Some(c) = connect(&sockets[i], i, &mut generation, &heard_tx).await {
-                            // Everything owed so far goes to a new host too.
-                            for id in lock(&book).outstanding.keys() {
-                                c.send(*id);
-                            }
-                            *slot = Some(c);
-                        }
+                        *slot = connect(&sockets[i], i, &mut generation, &heard_tx).await;
                     }
                 }
                 let mut b = lock(&book);
                 b.expire(now);
+                for c in conns.iter_mut().flatten() {
+                    c.probe(&b, now);
+                }
                 for (id, o) in b.outstanding.iter_mut() {
                     if now.saturating_duration_since(o.last_sent) >= RESEND_AFTER {
                         o.last_sent = now;
@@ -350,6 +372,7 @@ async fn connect(
         generation,
         lines,
         answered: false,
+        probed_at: None,
     })
 }
 
@@ -435,20 +458,35 @@ mod tests {
         assert!(r.stats.mean_us().unwrap() >= 30_000, "{r:?}");
     }
 
+    /// A host that never answers (an incoming QEMU, whose guest does not
+    /// run yet) is sent one request, not the stream: nothing piles up
+    /// there to be answered first once it runs.
     #[tokio::test]
-    async fn a_silent_host_leaves_requests_waiting_and_a_rate_is_bounded() {
+    async fn a_silent_host_gets_one_request_at_a_time_and_a_rate_is_bounded() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a.sock");
-        // Listens, never answers.
-        let _l = tokio::net::UnixListener::bind(&a).unwrap();
+        // Listens and reads, never answers.
+        let l = tokio::net::UnixListener::bind(&a).unwrap();
+        let heard = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut lines = BufReader::new(s).lines();
+            let mut got = Vec::new();
+            while let Ok(Ok(Some(l))) =
+                tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+            {
+                got.push(l);
+            }
+            got
+        });
         let client = ServiceClient::start(vec![a], u32::MAX);
         assert_eq!(
             client.stats().requests_per_sec,
             u64::from(MAX_REQUESTS_PER_SEC)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let r = client.finish(Duration::from_millis(100)).await;
         assert_eq!(r.stats.served, 0);
-        assert!(r.stats.waiting > 10, "{r:?}");
+        assert!(r.stats.waiting > 100, "{r:?}");
+        assert_eq!(heard.await.unwrap(), ["q0"]);
     }
 }
