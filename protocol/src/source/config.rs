@@ -3,16 +3,16 @@
 
 use std::time::Duration;
 
+use crate::message::{Capabilities, Manifest};
+use crate::model::{MigrationMode, MigrationPlan};
+use crate::names::{MigrationId, VmName};
+
 /// Where the pre-copy downtime ramp starts, milliseconds
 /// ([`SourceConfig::downtime_aim`]).
 pub const RAMP_START_MS: u64 = 30;
 
 /// Rounds pre-copy aims at [`RAMP_START_MS`] before the aim grows.
 pub const RAMP_HOLD_ROUNDS: u32 = 4;
-
-use crate::message::{Capabilities, Manifest};
-use crate::model::{MigrationMode, MigrationPlan};
-use crate::names::{MigrationId, VmName};
 
 /// When the source hands the VM over before all its pages are there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
