@@ -212,7 +212,7 @@ pub fn report(r: &MigrationReport) -> String {
                 ]);
             }
             let p = &c.pause;
-            if p.last_round_us + p.verify_us + p.commit_us + p.start_us > 0 {
+            if p.measured() {
                 rows.push(vec!["pause".into(), pause_parts(p)]);
             }
         }

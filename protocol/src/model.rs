@@ -264,6 +264,25 @@ pub struct PauseParts {
     pub start_us: u64,
 }
 
+impl PauseParts {
+    /// The four parts in order (last round, verify, commit, start),
+    /// microseconds.
+    pub fn parts_us(&self) -> [u64; 4] {
+        [
+            self.last_round_us,
+            self.verify_us,
+            self.commit_us,
+            self.start_us,
+        ]
+    }
+
+    /// Whether a pause was measured (not a post-copy switch, nor a
+    /// migration that never reached `Started`).
+    pub fn measured(&self) -> bool {
+        self.parts_us().iter().any(|&us| us > 0)
+    }
+}
+
 /// How a post-copy phase went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PostcopySummary {

@@ -39,8 +39,15 @@ pub(crate) mod qemu;
 /// they yield the CPU to what a waiting vCPU needs — the fault path and
 /// the guest — instead of sharing it evenly. A thread may always lower its
 /// own priority; a failure only costs fault latency, so it is logged, not
-/// fatal. Returns the thread's nice value after.
+/// fatal. Once per thread: later calls cost no system call, change
+/// nothing and return `None`. Returns the thread's nice value after.
 pub(crate) fn yield_to_faults() -> Option<i32> {
+    thread_local! {
+        static YIELDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if YIELDED.with(|y| y.replace(true)) {
+        return None;
+    }
     let tid = rustix::thread::gettid();
     let now = rustix::process::getpriority_process(Some(tid)).ok()?;
     let lower = now.saturating_add(BACKGROUND_NICE).min(19);
@@ -69,6 +76,8 @@ mod tests {
         let before = nice();
         let (reported, after) = std::thread::spawn(move || {
             let reported = super::yield_to_faults();
+            // Once per thread: a second call lowers nothing more.
+            assert_eq!(super::yield_to_faults(), None);
             (reported, nice())
         })
         .join()

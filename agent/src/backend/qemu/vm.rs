@@ -582,12 +582,6 @@ impl QemuVm {
         self.dir.join("serial.log")
     }
 
-    /// The socket of the guest's second serial port, where the test
-    /// guest's service answers ([`super::service`]).
-    pub fn service_socket(&self) -> PathBuf {
-        self.dir.join(super::process::SERVICE_SOCKET)
-    }
-
     /// Polls the process every `every` until it exits, then calls
     /// `on_exit` once.
     pub async fn watch(self: Arc<Self>, every: Duration, on_exit: impl FnOnce()) {

@@ -208,13 +208,13 @@ pub fn cells(f: &Option<Figures>) -> Vec<String> {
 
 /// A pause's parts in milliseconds, `12.1/3.0/1.2/2.5` (none: a dash).
 fn pause_cell(p: &PauseParts) -> String {
-    let parts = [p.last_round_us, p.verify_us, p.commit_us, p.start_us];
-    if parts.iter().all(|&us| us == 0) {
+    if !p.measured() {
         return "-".into();
     }
     // CAST: microseconds of one pause, exact in f64.
     #[allow(clippy::cast_precision_loss)]
-    let ms: Vec<String> = parts
+    let ms: Vec<String> = p
+        .parts_us()
         .iter()
         .map(|&us| format!("{:.1}", us as f64 / 1000.0))
         .collect();

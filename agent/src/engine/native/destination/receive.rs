@@ -243,14 +243,12 @@ impl Incoming {
                     rx.accept_retained();
                 }
                 let mut scratch = vec![0u8; geometry.page_size().bytes()];
-                let mut yielding = false;
                 // The permit is released once the frame is applied.
                 while let Some((m, _permit)) = frames_rx.blocking_recv() {
                     // After a post-copy switch a data stream's pages are
                     // background to the fault stream's (never lowered).
-                    if stream < streams && !yielding && switched.load(Ordering::Acquire) {
+                    if stream < streams && switched.load(Ordering::Acquire) {
                         crate::engine::yield_to_faults();
-                        yielding = true;
                     }
                     let Message::PageBatch(header, payload) = m else {
                         let _ = tx.send(Event::Bad(DestinationError::Unexpected {

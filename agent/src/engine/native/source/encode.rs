@@ -142,12 +142,10 @@ pub(super) fn encode_stream(
         *seq += 1;
         emit(&out, stream, round, enc, tamper.as_ref())
     };
-    let mut yielding = false;
     while let Ok(job) = jobs.recv() {
         // After a post-copy switch this push is background to the faults.
-        if job.background && !yielding {
+        if job.background {
             crate::engine::yield_to_faults();
-            yielding = true;
         }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
