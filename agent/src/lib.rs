@@ -51,6 +51,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub(crate) mod control;
+pub mod cpu;
 pub(crate) mod engine;
 pub mod host;
 pub mod lab;

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::LabError;
+use crate::cpu::CpuMeter;
 use crate::{Agent, AgentConfig};
 
 /// What the lab keeps of a bound agent.
@@ -40,9 +41,15 @@ fn facts(agent: &Agent) -> Result<Facts, LabError> {
     })
 }
 
-/// Starts an agent with `cfg`, in network namespace `netns` if given.
-pub(super) fn launch(cfg: AgentConfig, netns: Option<&str>) -> Result<Launched, LabError> {
-    let Some(netns) = netns else {
+/// Starts an agent with `cfg`: as a task of the calling runtime, or on a
+/// runtime of its own when it runs in network namespace `netns` or its
+/// threads' CPU time is charged to `meter`.
+pub(super) fn launch(
+    cfg: AgentConfig,
+    netns: Option<&str>,
+    meter: Option<&CpuMeter>,
+) -> Result<Launched, LabError> {
+    if netns.is_none() && meter.is_none() {
         let agent = Agent::bind(cfg)?;
         let facts = facts(&agent)?;
         let (stop, rx) = oneshot::channel();
@@ -50,25 +57,50 @@ pub(super) fn launch(cfg: AgentConfig, netns: Option<&str>) -> Result<Launched, 
             let _ = rx.await;
         }));
         return Ok(Launched { facts, stop, task });
+    }
+    let ns = match netns {
+        Some(n) => Some(Arc::new(std::fs::File::open(format!("/run/netns/{n}"))?)),
+        None => None,
     };
-    let ns = Arc::new(std::fs::File::open(format!("/run/netns/{netns}"))?);
+    let meter = meter.cloned();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel::<()>();
-    let name = format!("agent@{netns}");
+    let id = cfg.identity.id().to_string();
+    let short = id.rsplit('/').next().unwrap_or("agent").to_string();
+    let name = match netns {
+        Some(n) => format!("agent@{n}"),
+        None => format!("agent {short}"),
+    };
     std::thread::Builder::new().name(name).spawn(move || {
-        let runtime = super::wan::enter(&ns).and_then(|()| {
-            let ns = ns.clone();
+        let entered = match &ns {
+            Some(ns) => super::wan::enter(ns),
+            None => Ok(()),
+        };
+        if let Some(m) = &meter {
+            m.enter();
+        }
+        let runtime = entered.and_then(|()| {
+            let (ns, meter) = (ns.clone(), meter.clone());
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                // Named apart from the calling runtime's threads (`perf`,
+                // `top -H`).
+                .thread_name(format!("rt-{short}"))
                 .enable_all()
                 // Threads inherit the namespace of the thread that makes
                 // them; entering it again makes that explicit.
                 .on_thread_start(move || {
-                    if let Err(e) = super::wan::enter(&ns) {
-                        tracing::error!("a lab agent's thread left its namespace: {e}");
+                    if let Some(ns) = &ns {
+                        if let Err(e) = super::wan::enter(ns) {
+                            tracing::error!("a lab agent's thread left its namespace: {e}");
+                        }
+                    }
+                    if let Some(m) = &meter {
+                        m.enter();
                     }
                 })
+                .on_thread_stop(CpuMeter::leave)
                 .build()
         });
         let runtime = match runtime {
@@ -94,6 +126,7 @@ pub(super) fn launch(cfg: AgentConfig, netns: Option<&str>) -> Result<Launched, 
                 .await;
         });
         drop(runtime);
+        CpuMeter::leave();
         let _ = done_tx.send(());
     })?;
     let facts = ready_rx

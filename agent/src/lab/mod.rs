@@ -24,9 +24,10 @@ pub mod etcd;
 pub mod impair;
 mod launch;
 pub mod link;
+pub mod qemu_tls;
 pub mod wan;
 
-pub use bulk::{BenchError, BulkPath, Sink};
+pub use bulk::{BenchError, BulkCpu, BulkPath, Sink};
 
 /// Lab failures.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub struct LabAgent {
     journal: std::sync::Weak<crate::host::journal::Journal>,
     /// Its network namespace, in a WAN lab.
     netns: Option<String>,
+    /// What its threads' CPU time is charged to, in a metered lab.
+    meter: Option<crate::cpu::CpuMeter>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -99,6 +102,9 @@ pub struct Lab {
     agents: Vec<LabAgent>,
     /// The namespaces of a WAN lab (deleted with the lab).
     wan: Option<wan::Wan>,
+    /// Whether each agent runs on a runtime of its own, its threads' CPU
+    /// time counted ([`Lab::start_metered`]).
+    metered: bool,
 }
 
 /// The transport `CONVOY_LAB_TRANSPORT` names (`auto` when unset).
@@ -118,7 +124,25 @@ impl Lab {
         names: &[&str],
         tweak: impl Fn(&str, &mut AgentConfig),
     ) -> Result<Lab, LabError> {
-        Lab::start_in(dir, names, tweak, None)
+        Lab::start_in(dir, names, tweak, None, false)
+    }
+
+    /// Like [`Lab::start`], with each agent on a runtime of its own whose
+    /// threads, and the engine threads they spawn, are charged to a
+    /// [`crate::cpu::CpuMeter`] ([`Lab::cpu`]): `convoyctl bench`'s CPU
+    /// time per side.
+    pub async fn start_metered(
+        dir: &Path,
+        names: &[&str],
+        tweak: impl Fn(&str, &mut AgentConfig),
+    ) -> Result<Lab, LabError> {
+        Lab::start_in(dir, names, tweak, None, true)
+    }
+
+    /// CPU time agent `name`'s threads used so far, in a metered lab.
+    pub fn cpu(&self, name: &str) -> Option<Duration> {
+        let a = self.agents.iter().find(|a| a.name.as_str() == name)?;
+        a.meter.as_ref().map(crate::cpu::CpuMeter::total)
     }
 
     /// Like [`Lab::start`] with agents `a` and `b` on the two sites of a
@@ -131,7 +155,7 @@ impl Lab {
         tweak: impl Fn(&str, &mut AgentConfig),
     ) -> Result<Lab, LabError> {
         let wan = wan::Wan::start(config)?;
-        Lab::start_in(dir, &["a", "b"], tweak, Some(wan))
+        Lab::start_in(dir, &["a", "b"], tweak, Some(wan), false)
     }
 
     /// The WAN of a lab made by [`Lab::start_wan`].
@@ -144,6 +168,7 @@ impl Lab {
         names: &[&str],
         tweak: impl Fn(&str, &mut AgentConfig),
         wan: Option<wan::Wan>,
+        metered: bool,
     ) -> Result<Lab, LabError> {
         let pki = Pki::init(
             dir,
@@ -161,6 +186,7 @@ impl Lab {
             transport: lab_transport()?,
             agents: Vec::new(),
             wan,
+            metered,
         };
         lab.write_policy(names)?;
         for n in names {
@@ -413,7 +439,8 @@ impl Lab {
         cfg.transport = self.transport;
         tweak(name, &mut cfg);
         let netns = site.map(|s| s.netns);
-        let launched = launch::launch(cfg.clone(), netns.as_deref())?;
+        let meter = self.metered.then(crate::cpu::CpuMeter::new);
+        let launched = launch::launch(cfg.clone(), netns.as_deref(), meter.as_ref())?;
         let f = launched.facts;
         cfg.listen = f.addr;
         self.agents.push(LabAgent {
@@ -425,6 +452,7 @@ impl Lab {
             subjects: f.subjects,
             journal: f.journal,
             netns,
+            meter,
             stop: Some(launched.stop),
             task: Some(launched.task),
         });
@@ -484,7 +512,7 @@ impl Lab {
         // of the replay database before the new one opens it.
         let deadline = Instant::now() + Duration::from_secs(20);
         let launched = loop {
-            match launch::launch(a.config.clone(), a.netns.as_deref()) {
+            match launch::launch(a.config.clone(), a.netns.as_deref(), a.meter.as_ref()) {
                 Err(LabError::Agent(AgentError::State {
                     source:
                         StateError::ReplayCache(redb::Error::DatabaseAlreadyOpen)

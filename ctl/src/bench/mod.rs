@@ -2,8 +2,10 @@
 //! process (the lab of `convoy_agent::lab`).
 //! - [`raw`]: migrations of a simulated VM (idle with incompressible,
 //!   mixed and zero memory; busy at several dirty rates) side by side with
-//!   the raw QUIC bulk throughput of this machine, measured in the same run
-//!   with the same transport tuning and TLS. The default.
+//!   raw bulk transfers over the same transport (into nothing, into fresh
+//!   memory, and digesting every page at both ends), measured in the same
+//!   run with the same tuning and TLS, with each side's CPU time per GiB.
+//!   The default.
 //! - [`engine`] (`--engine`): what the native engine does with simulated
 //!   VMs, a module per table.
 //! - [`qemu`] (`--backend qemu`): one real guest migrated by QEMU natively
@@ -47,8 +49,9 @@ pub struct Bench {
     /// Guest memory of each VM (default: 1GiB for sim, 256MiB for qemu).
     #[arg(long, value_parser = convoy_agent::units::parse_size)]
     pub memory: Option<u64>,
-    /// qemu: migrations per path; --engine: migrations per A/B arm (the
-    /// median is reported).
+    /// Runs of each row (the median is reported): the default bench's
+    /// raw transfers and migrations; qemu: migrations per path; --engine:
+    /// migrations per A/B arm.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub runs: u32,
     /// qemu: MiB of random data the guest holds in memory.
@@ -135,7 +138,9 @@ pub struct Bench {
     /// --wan: the raw QUIC table by congestion controller.
     #[arg(long, requires = "wan")]
     pub controllers: bool,
-    /// --wan: transports of the migrations (quic, tcp, auto).
+    /// Transports: of the default bench's migrations and raw transfers,
+    /// one table part each (quic, tcp; auto is left out there); of
+    /// --wan's migrations (quic, tcp, auto).
     #[arg(long, value_delimiter = ',', default_value = "quic,tcp,auto")]
     pub transports: Vec<convoy_agent::transport::Choice>,
     /// --wan: the agents' QUIC congestion controller for the migrations.

@@ -1,13 +1,16 @@
 //! `convoyctl bench --backend qemu`: the same real guest migrated, in one
 //! run, (a) by QEMU natively over a local unix socket, with no
-//! authentication at all, and (b) through Convoy: two agents, mutual TLS
-//! over QUIC, tickets, policies, receipts and audit. Both paths ping-pong
-//! one booted guest between two QEMUs `--runs` times and report medians.
+//! authentication at all (for reference), (b) by QEMU natively with its
+//! own TLS (x509 `tls-creds` on both sides, peers verified, over TCP on
+//! loopback) — the baseline — and (c) through Convoy: two agents, mutual
+//! TLS over the lab's transport, tickets, policies, receipts and audit.
+//! Each path ping-pongs one booted guest between two QEMUs `--runs`
+//! times; medians.
 //!
-//! Both totals cover the same work: from the decision to migrate (the
+//! All totals cover the same work: from the decision to migrate (the
 //! destination QEMU not yet started) to the guest running at the
 //! destination. QEMU's own figures (its total time, downtime and bytes)
-//! are shown for both paths too.
+//! are shown for every path.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -45,7 +48,20 @@ struct Row {
     runs: usize,
     median: Sample,
     throughput_mb_s: f64,
-    vs_native_total: f64,
+    /// Total time against native TLS's (issue 20's target: ≤ 1.0).
+    vs_native_tls_total: f64,
+    /// Downtime minus native TLS's, ms (target: ≤ 20).
+    downtime_over_native_tls_ms: f64,
+}
+
+/// How a native migration travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Native {
+    /// A unix socket, nothing authenticated or encrypted.
+    Unix,
+    /// QEMU's TLS (x509 credentials, both peers verified) over TCP on
+    /// loopback, as between two hosts.
+    Tls,
 }
 
 /// Runs the QEMU benchmark.
@@ -68,7 +84,6 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             eprintln!("{s}");
         }
     };
-    note("native QEMU migration over a unix socket …");
     let setup = Setup {
         qemu: &qemu,
         guest: &built,
@@ -78,24 +93,36 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         runs: b.runs,
         dir: dir.path(),
     };
-    let native = native(&setup).await?;
+    note("native QEMU migration over a unix socket …");
+    let native_unix = native(&setup, Native::Unix).await?;
+    note("native QEMU migration with TLS (x509, peers verified) …");
+    convoy_agent::lab::qemu_tls::write_qemu_x509(&dir.path().join("x509"))?;
+    let native_tls = native(&setup, Native::Tls).await?;
     note("QEMU migration through Convoy …");
-    let convoy = through_convoy(&setup).await?;
-    let (n, c) = (median(&native), median(&convoy));
-    let row = |path: &str, runs: usize, m: Sample| Row {
-        path: path.into(),
-        runs,
-        median: m,
-        throughput_mb_s: if m.qemu_total_ms > 0.0 {
-            m.transferred as f64 / (m.qemu_total_ms / 1e3) / 1e6
-        } else {
-            0.0
-        },
-        vs_native_total: m.total_ms / n.total_ms,
+    let (convoy, transport) = through_convoy(&setup).await?;
+    let t = median(&native_tls);
+    let row = |path: &str, runs: &[Sample]| {
+        let m = median(runs);
+        Row {
+            path: path.into(),
+            runs: runs.len(),
+            median: m,
+            throughput_mb_s: if m.qemu_total_ms > 0.0 {
+                m.transferred as f64 / (m.qemu_total_ms / 1e3) / 1e6
+            } else {
+                0.0
+            },
+            vs_native_tls_total: m.total_ms / t.total_ms,
+            downtime_over_native_tls_ms: m.downtime_ms - t.downtime_ms,
+        }
     };
     let rows = vec![
-        row("native (unix socket, no TLS)", native.len(), n),
-        row("Convoy (QUIC, mutual TLS, receipts)", convoy.len(), c),
+        row("native (unix socket, no TLS)", &native_unix),
+        row("native TLS (x509, peers verified, TCP)", &native_tls),
+        row(
+            &format!("Convoy ({transport}, mutual TLS, receipts)"),
+            &convoy,
+        ),
     ];
     if g.json {
         return render::json(&json!({
@@ -103,7 +130,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             "fill_mib": b.fill_mib,
             "streams": o.streams,
             "rows": rows,
-            "native_runs": native,
+            "native_runs": native_unix,
+            "native_tls_runs": native_tls,
             "convoy_runs": convoy,
         }));
     }
@@ -129,7 +157,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 format!("{:.0}", r.median.qemu_downtime_ms),
                 convoy_agent::units::format_bytes(r.median.transferred),
                 format!("{:.0}", r.throughput_mb_s),
-                format!("{:.2}", r.vs_native_total),
+                format!("{:.2}", r.vs_native_tls_total),
+                format!("{:+.1}", r.downtime_over_native_tls_ms),
             ]
         })
         .collect();
@@ -144,7 +173,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 "QEMU downtime ms",
                 "transferred",
                 "MB/s",
-                "total vs native",
+                "total vs native TLS",
+                "downtime vs native TLS, ms",
             ],
             &table
         )
@@ -200,8 +230,9 @@ async fn booted(log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Native: ping-pong between fresh QEMUs over a unix socket.
-async fn native(b: &Setup<'_>) -> Result<Vec<Sample>> {
+/// Native: ping-pong between fresh QEMUs over a unix socket, or with
+/// QEMU's TLS over TCP (the credentials in `DIR/x509`).
+async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
     let Setup { o, runs, dir, .. } = *b;
     let spec = spec(b.qemu, b.guest, b.append, b.memory);
     let mut cur = QemuProcess::launch(&spec, &dir.join("native-0"), false).await?;
@@ -211,12 +242,45 @@ async fn native(b: &Setup<'_>) -> Result<Vec<Sample>> {
     for i in 1..=runs {
         let t0 = Instant::now();
         let mut next = QemuProcess::launch(&spec, &dir.join(format!("native-{i}")), true).await?;
-        let sock = dir.join(format!("native-{i}.sock"));
-        let uri = json!({ "uri": format!("unix:{}", sock.display()) });
+        let uri = match how {
+            Native::Unix => format!("unix:{}", dir.join(format!("native-{i}.sock")).display()),
+            Native::Tls => format!("tcp:127.0.0.1:{}", free_port()?),
+        };
+        let uri = json!({ "uri": uri });
         let mut params = json!({
             "downtime-limit": o.max_downtime_ms,
             "max-bandwidth": o.bandwidth.unwrap_or(1 << 40),
         });
+        if how == Native::Tls {
+            // Each QEMU is a destination once (a server), then a source
+            // (a client): one credentials object for each role.
+            let x509 = dir.join("x509");
+            for (q, id, endpoint) in [
+                (&mut next, "tls-in", "server"),
+                (&mut cur, "tls-out", "client"),
+            ] {
+                q.qmp
+                    .execute(
+                        "object-add",
+                        Some(json!({
+                            "qom-type": "tls-creds-x509",
+                            "id": id,
+                            "dir": x509,
+                            "endpoint": endpoint,
+                            "verify-peer": true,
+                        })),
+                    )
+                    .await?;
+            }
+            next.qmp
+                .execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "tls-creds": "tls-in" })),
+                )
+                .await?;
+            params["tls-creds"] = json!("tls-out");
+            params["tls-hostname"] = json!("localhost");
+        }
         if o.streams > 1 {
             params["multifd-channels"] = json!(o.streams);
             next.qmp
@@ -263,6 +327,13 @@ async fn native(b: &Setup<'_>) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// A TCP port on loopback free a moment ago (the destination QEMU listens
+/// on it next).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
 /// A native sample from QEMU's final `query-migrate` (its downtime is
 /// the path's downtime).
 fn native_sample(total_ms: f64, q: &Value) -> Sample {
@@ -276,8 +347,9 @@ fn native_sample(total_ms: f64, q: &Value) -> Sample {
     }
 }
 
-/// Through Convoy: ping-pong between two agents.
-async fn through_convoy(b: &Setup<'_>) -> Result<Vec<Sample>> {
+/// Through Convoy: ping-pong between two agents; the samples and the
+/// transport that carried them (the lab's, `CONVOY_LAB_TRANSPORT`).
+async fn through_convoy(b: &Setup<'_>) -> Result<(Vec<Sample>, String)> {
     let Setup {
         o,
         runs,
@@ -297,6 +369,7 @@ async fn through_convoy(b: &Setup<'_>) -> Result<Vec<Sample>> {
     a.close().await;
     booted(&lab.qemu_serial("a", "bench")).await?;
     let mut samples = Vec::new();
+    let mut transport = String::new();
     let mut at = ("a", "b");
     for _ in 0..runs {
         let c = lab.client(at.0).await?;
@@ -306,6 +379,9 @@ async fn through_convoy(b: &Setup<'_>) -> Result<Vec<Sample>> {
         c.close().await;
         if r.outcome != Outcome::Completed {
             bail!("migration through Convoy: {:?}", r.outcome);
+        }
+        if let Some(t) = &r.transport {
+            transport.clone_from(t);
         }
         let q = r
             .qemu
@@ -321,5 +397,5 @@ async fn through_convoy(b: &Setup<'_>) -> Result<Vec<Sample>> {
         at = (at.1, at.0);
     }
     lab.shutdown().await;
-    Ok(samples)
+    Ok((samples, transport))
 }

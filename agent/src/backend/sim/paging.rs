@@ -119,10 +119,11 @@ impl SimVm {
         });
         let handler = {
             let paging = paging.clone();
-            std::thread::Builder::new()
-                .name("convoy-faults".into())
-                .spawn(move || serve_faults(&paging, &uffd, &faults))
-                .map_err(PagingError::Thread)?
+            crate::cpu::spawn(
+                std::thread::Builder::new().name("convoy-faults".into()),
+                move || serve_faults(&paging, &uffd, &faults),
+            )
+            .map_err(PagingError::Thread)?
         };
         if let Ok(mut h) = paging.handler.lock() {
             *h = Some(handler);

@@ -230,9 +230,9 @@ impl Incoming {
         }));
         let tx = self.tx.clone();
         let streams = self.streams;
-        let spawned = std::thread::Builder::new()
-            .name(format!("convoy-dec-{stream}"))
-            .spawn(move || {
+        let spawned = crate::cpu::spawn(
+            std::thread::Builder::new().name(format!("convoy-dec-{stream}")),
+            move || {
                 let mut rx = if stream == streams {
                     // The post-copy fault stream: pages in the order asked.
                     StreamReceiver::unstriped(stream, geometry)
@@ -292,7 +292,8 @@ impl Incoming {
                         return;
                     }
                 }
-            });
+            },
+        );
         match spawned {
             Ok(handle) => self.link_threads.push(handle),
             // A local failure, not the link's: never recovered from.
@@ -336,7 +337,26 @@ pub(super) fn stage(
 ) -> Result<(), Box<Event>> {
     // A failed write or read here (a disk file) is ours, not the source's.
     let local = |e: BackendError| Box::<Event>::from(StagingFault::Stage(e));
+    let memory_pages = crate::backend::VmBackend::geometry(staging).page_count();
     for (idx, data) in batch.pages() {
+        // A whole or zero memory page is in staging exactly as it came (a
+        // copy into the mapping, which cannot fail or fall short): its
+        // leaf is that of the bytes that came, without reading them back.
+        if idx.0 < memory_pages {
+            match data {
+                PageData::Zero => {
+                    staging.write_page(idx, None).map_err(local)?;
+                    leaves.push((idx, zero_leaf(scratch.len())));
+                    continue;
+                }
+                PageData::Full(bytes) if bytes.len() == scratch.len() => {
+                    staging.write_page(idx, Some(bytes)).map_err(local)?;
+                    leaves.push((idx, page_leaf(bytes)));
+                    continue;
+                }
+                _ => {}
+            }
+        }
         match data {
             PageData::Zero => staging.write_page(idx, None).map_err(local)?,
             PageData::Full(bytes) => staging.write_page(idx, Some(bytes)).map_err(local)?,
@@ -367,7 +387,8 @@ pub(super) fn stage(
                 staging.write_page(idx, Some(scratch)).map_err(local)?;
             }
         }
-        // Hash what staging holds, not what we meant to write.
+        // Hash what staging holds (a disk block's file, a delta or a
+        // retained page), not what we meant to write.
         staging.read_staged(idx, scratch).map_err(local)?;
         leaves.push((idx, page_leaf(scratch)));
     }

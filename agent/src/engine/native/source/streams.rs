@@ -115,9 +115,9 @@ pub(super) async fn open_streams(
         let events_enc = events.clone();
         let link = Arc::new(AtomicU64::new(0));
         let link_enc = link.clone();
-        std::thread::Builder::new()
-            .name(format!("convoy-enc-{stream}"))
-            .spawn(move || {
+        crate::cpu::spawn(
+            std::thread::Builder::new().name(format!("convoy-enc-{stream}")),
+            move || {
                 let enc = Encoder {
                     stream,
                     streams,
@@ -130,8 +130,9 @@ pub(super) async fn open_streams(
                 if let Err(e) = encode_stream(enc, vm, job_rx, out_tx) {
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
-            })
-            .map_err(OpenError::Thread)?;
+            },
+        )
+        .map_err(OpenError::Thread)?;
         spawn_writer(send, out_rx, pacer.clone(), events.clone(), link);
         jobs.push(job_tx);
     }
@@ -146,14 +147,15 @@ pub(super) async fn open_streams(
         let events_enc = events.clone();
         let link = Arc::new(AtomicU64::new(0));
         let shrink = Shrink::new(level, adaptive, link.clone())?;
-        std::thread::Builder::new()
-            .name("convoy-faults".into())
-            .spawn(move || {
+        crate::cpu::spawn(
+            std::thread::Builder::new().name("convoy-faults".into()),
+            move || {
                 if let Err(e) = serve_faults(streams, vm, shrink, job_rx, out_tx) {
                     let _ = events_enc.send(EngineEvent::StreamFailed(e));
                 }
-            })
-            .map_err(OpenError::Thread)?;
+            },
+        )
+        .map_err(OpenError::Thread)?;
         spawn_writer(send, out_rx, pacer, events.clone(), link);
         faults = Some(job_tx);
     }

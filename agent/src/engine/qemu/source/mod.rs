@@ -24,6 +24,8 @@
 //!   the post-copy switch.
 //! * `channels.rs`: QEMU's sockets, each connection carried on a stream.
 //! * `progress.rs`: QEMU's migration parameters, and its progress polled.
+//! * `window.rs`: the send window kept near the link's bandwidth-delay
+//!   product, so QEMU's pacing sees the link.
 //! * `mirror.rs`: the disk mirrors into the destination's NBD exports.
 //! * `recover.rs`: post-copy recovery after the link broke.
 //! * `report.rs`: the report handed back for auditing.
@@ -35,6 +37,7 @@ mod progress;
 mod recover;
 mod report;
 mod sequence;
+mod window;
 
 pub(crate) use prepare::{prepare, Prepared};
 
@@ -131,6 +134,8 @@ struct State {
     recoveries: u16,
     /// Bytes on the wire of the links that broke.
     earlier_wire: u64,
+    /// What QUIC may hold of QEMU's stream unacknowledged.
+    window: window::SendWindow,
 }
 
 impl Run {
@@ -171,6 +176,7 @@ impl Run {
             link: None,
             recoveries: 0,
             earlier_wire: 0,
+            window: window::SendWindow::new(u64::from(self.host.config.tuning.connection_window)),
         };
         let outcome = match conn {
             Ok(conn) => {
@@ -192,6 +198,7 @@ impl Run {
     }
 
     async fn run(&self, conn: &Connection, st: &mut State) -> Outcome {
+        st.window.start(conn);
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {

@@ -220,6 +220,9 @@ impl Run {
             if !self.vm.alive().await {
                 return Err(Fail::source_exited());
             }
+            if let Some(link) = &st.link {
+                st.window.update(link, clock::since(begun));
+            }
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();
             // What a failed or cancelled migration reports: the last

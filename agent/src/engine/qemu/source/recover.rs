@@ -128,6 +128,7 @@ impl Run {
             chan_tx.clone(),
             self.prepared.manifest.mode,
         ));
+        st.window.start(&conn);
         if let Some(old) = st.link.replace(conn) {
             st.earlier_wire += old.stats().wire_bytes();
         }
