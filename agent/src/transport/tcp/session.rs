@@ -182,6 +182,11 @@ async fn drive(
     bi: mpsc::Sender<yamux::Stream>,
     uni: mpsc::Sender<yamux::Stream>,
 ) {
+    // Accepted streams are numbered as yamux accepts them, their kinds
+    // read concurrently, and queued back in that order.
+    let (sorted_tx, sorted_rx) = mpsc::unbounded_channel();
+    tokio::spawn(in_order(sorted_rx, bi, uni));
+    let mut accepted: u64 = 0;
     let mut opens: std::collections::VecDeque<oneshot::Sender<_>> = Default::default();
     // A local close: its reason, then the stream carrying it, then its
     // sending task.
@@ -318,10 +323,12 @@ async fn drive(
                 Poll::Ready(Some(Ok(s))) => {
                     tokio::spawn(sort(
                         s,
+                        accepted,
                         session.clone(),
                         events_tx.clone(),
-                        closing.is_none().then(|| (bi.clone(), uni.clone())),
+                        closing.is_none().then(|| sorted_tx.clone()),
                     ));
+                    accepted += 1;
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -348,33 +355,78 @@ fn lost(e: &yamux::ConnectionError) -> ConnectionError {
     }
 }
 
-/// Reads an accepted stream's kind and queues it (or takes the peer's
-/// close); without queues (a closing session), only the peer's close is
-/// taken.
+/// What an accepted stream turned out to be.
+enum Sorted {
+    Bi(yamux::Stream),
+    Uni(yamux::Stream),
+    /// A keep-alive, the peer's close, a stream without a kind in time, or
+    /// one accepted while closing: nothing to queue.
+    Neither,
+}
+
+/// Queues the accepted streams of each kind in the order yamux accepted
+/// them (the order the peer opened them), whatever order their kinds were
+/// read in — as QUIC hands out a kind's streams in the order of their ids.
+/// A peer may rely on it: a QEMU destination takes the first connection
+/// the tunnel makes as the main migration channel, and a multifd channel
+/// queued ahead of it made QEMU reset the stream.
+async fn in_order(
+    mut sorted: mpsc::UnboundedReceiver<(u64, Sorted)>,
+    bi: mpsc::Sender<yamux::Stream>,
+    uni: mpsc::Sender<yamux::Stream>,
+) {
+    let mut next = 0u64;
+    let mut ready = std::collections::BTreeMap::new();
+    while let Some((n, s)) = sorted.recv().await {
+        ready.insert(n, s);
+        while let Some(s) = ready.remove(&next) {
+            next += 1;
+            match s {
+                Sorted::Bi(s) => {
+                    let _ = bi.send(s).await;
+                }
+                Sorted::Uni(s) => {
+                    let _ = uni.send(s).await;
+                }
+                Sorted::Neither => {}
+            }
+        }
+    }
+}
+
+/// Reads accepted stream number `n`'s kind and hands it to `sorted` (or
+/// takes the peer's close); without `sorted` (a closing session), only
+/// the peer's close is taken.
 async fn sort(
     mut s: yamux::Stream,
+    n: u64,
     session: Arc<Inner>,
     events: mpsc::UnboundedSender<Event>,
-    queues: Option<(mpsc::Sender<yamux::Stream>, mpsc::Sender<yamux::Stream>)>,
+    sorted: Option<mpsc::UnboundedSender<(u64, Sorted)>>,
 ) {
     let mut tag = [0u8; 1];
-    match tokio::time::timeout(TAG_WITHIN, s.read_exact(&mut tag)).await {
-        Ok(Ok(())) => {}
-        _ => return,
+    let kind = match tokio::time::timeout(TAG_WITHIN, s.read_exact(&mut tag)).await {
+        Ok(Ok(())) => take(tag[0], s, &session, &events).await,
+        _ => Sorted::Neither,
+    };
+    if let Some(tx) = sorted {
+        let _ = tx.send((n, kind));
     }
-    match tag[0] {
-        TAG_BI => {
-            if let Some((bi, _)) = queues {
-                let _ = bi.send(s).await;
-            }
-        }
-        TAG_UNI => {
-            if let Some((_, uni)) = queues {
-                let _ = uni.send(s).await;
-            }
-        }
+}
+
+/// What a stream of kind `tag` is: one to queue, or the peer's close or a
+/// keep-alive, taken here.
+async fn take(
+    tag: u8,
+    mut s: yamux::Stream,
+    session: &Inner,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Sorted {
+    match tag {
+        TAG_BI => Sorted::Bi(s),
+        TAG_UNI => Sorted::Uni(s),
         // A keep-alive: its bytes were the point.
-        TAG_KEEPALIVE => {}
+        TAG_KEEPALIVE => Sorted::Neither,
         TAG_CLOSE => {
             let read = async {
                 let mut code = [0u8; 8];
@@ -395,10 +447,12 @@ async fn sort(
                 session.end(ConnectionError::Reset);
             }
             let _ = events.send(Event::PeerClosed);
+            Sorted::Neither
         }
         // Not a stream this protocol opens: the peer is broken.
         _ => {
             let _ = events.send(Event::Broken(b"unknown stream kind"));
+            Sorted::Neither
         }
     }
 }
