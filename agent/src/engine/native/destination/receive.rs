@@ -8,7 +8,6 @@ use std::sync::Arc;
 use crate::transport::RecvStream;
 use convoy_protocol::destination::{DestinationError, LocalFailure};
 use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
-use convoy_protocol::frame::MAX_FRAME_LEN;
 use convoy_protocol::message::Message;
 use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{BatchError, PageData, PageIndex, StreamReceiver};
@@ -307,10 +306,13 @@ impl Incoming {
 }
 
 /// Bytes of decoded frames a data stream may hold before it is applied:
-/// two of the largest frames a peer may send (the QUIC receive window, in
-/// the agent's budget, holds what is not read yet).
-#[allow(clippy::cast_possible_truncation)] // CAST: MAX_FRAME_LEN is 4 MiB.
-pub(super) const QUEUE_BYTES: u32 = 2 * MAX_FRAME_LEN as u32;
+/// two of the largest batches a source sends (1 MiB each; a larger frame,
+/// up to the 4 MiB any frame may be, waits for the queue to empty). The
+/// receive window, in the agent's migration budget, holds what is not
+/// read yet; this queue is outside it, and at 8 MiB a stream ten VMs
+/// migrating at once held 160 MiB here.
+#[allow(clippy::cast_possible_truncation)] // CAST: MAX_BATCH_BYTES is 1 MiB.
+pub(super) const QUEUE_BYTES: u32 = 2 * convoy_protocol::geometry::MAX_BATCH_BYTES as u32;
 /// Frames a data stream may hold, whatever their size.
 const QUEUE_FRAMES: usize = 32;
 

@@ -75,6 +75,13 @@ pub(super) struct StreamSetup {
 /// together (a quarter of guest memory when that is less).
 pub(super) const DELTA_CACHE_BYTES: u64 = 64 << 20;
 
+/// Encoded batches a stream's encoder may have waiting for its writer: a
+/// stripe's batch is at most 256 KiB, so 2 MiB a stream. The connection's
+/// send window, in the agent's migration budget, holds what the writer
+/// has handed over; this queue is outside the budget, and with 32 (8 MiB
+/// a stream) ten VMs migrating at once held 160 MiB here.
+const OUT_QUEUE: usize = 8;
+
 /// Opens the data streams, each with its encoder thread and writer task,
 /// and for post-copy the fault stream (index `streams`) after them.
 /// Data stream `i` goes on `conns[i % conns.len()]`, the fault stream on
@@ -109,7 +116,7 @@ pub(super) async fn open_streams(
         let conn = &conns[usize::from(stream) % conns.len()];
         let send = open_data_stream(conn, migration, stream).await?;
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(OUT_QUEUE);
         let vm = vm.clone();
         let tamper = tamper.clone();
         let events_enc = events.clone();
@@ -142,7 +149,7 @@ pub(super) async fn open_streams(
         // Faults go before the background push whenever both wait.
         let _ = send.set_priority(1);
         let (job_tx, job_rx) = std::sync::mpsc::channel::<FaultJob>();
-        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(32);
+        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(OUT_QUEUE);
         let vm = vm.clone();
         let events_enc = events.clone();
         let link = Arc::new(AtomicU64::new(0));
