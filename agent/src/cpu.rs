@@ -57,6 +57,10 @@ impl CpuMeter {
     /// [`CpuMeter::leave`] or ends having entered through [`spawn`].
     pub fn enter(&self) {
         let Some((tid, now)) = this_thread() else {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("no /proc/thread-self/schedstat: CPU time is not counted");
+            });
             return;
         };
         self.lock().live.insert(tid, now);
@@ -68,8 +72,10 @@ impl CpuMeter {
         let Some((meter, tid)) = CURRENT.with(|c| c.borrow_mut().take()) else {
             return;
         };
-        let now = schedstat_ns("/proc/thread-self/schedstat");
+        // Read under the lock, so a total taken meanwhile sees the thread
+        // either live or ended, never both or neither.
         let mut inner = meter.lock();
+        let now = schedstat_ns("/proc/thread-self/schedstat");
         if let Some(start) = inner.live.remove(&tid) {
             inner.ended_ns += now.unwrap_or(start).saturating_sub(start);
         }
@@ -110,14 +116,18 @@ where
 {
     let meter = CpuMeter::current();
     builder.spawn(move || {
-        if let Some(m) = &meter {
+        /// Leaves the meter however the thread ends, a panic included.
+        struct Leave;
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                CpuMeter::leave();
+            }
+        }
+        let _leave = meter.as_ref().map(|m| {
             m.enter();
-        }
-        let out = f();
-        if meter.is_some() {
-            CpuMeter::leave();
-        }
-        out
+            Leave
+        });
+        f()
     })
 }
 

@@ -455,6 +455,12 @@ async fn receive(
         }));
     }
     drop(tx);
+    // However this returns (a stream failed, a bad index), the acceptors
+    // end and the connections close, so the sender is not left waiting.
+    let _cleanup = Cleanup(
+        acceptors.iter().map(|a| a.abort_handle()).collect(),
+        conns.clone(),
+    );
     let mut n = 0;
     let mut tree = (shape.sink == Sink::VerifiedMemory)
         .then(|| MerkleTree::filled(shape.pages(shape.total()), Digest([0; 32])));
@@ -479,6 +485,21 @@ async fn receive(
     // The sender hears the close before this side's sockets go.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok((n, done, root))
+}
+
+/// Ends a receiver's acceptor tasks and closes its connections when
+/// dropped (closing one already closed does nothing).
+struct Cleanup(Vec<tokio::task::AbortHandle>, Vec<transport::Connection>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for a in &self.0 {
+            a.abort();
+        }
+        for c in &self.1 {
+            c.close(1u32.into(), b"receiver failed");
+        }
+    }
 }
 
 /// Accepts one connection over QUIC or TCP, whichever comes.

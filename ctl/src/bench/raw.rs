@@ -243,7 +243,7 @@ async fn one_run(g: &Global, b: &Bench, lab: &Lab, kind: Kind) -> Result<Vec<Row
                 |_| {},
             )
             .await?;
-        let (src, dst) = (cpu("a") - src0, cpu("b") - dst0);
+        let (src, dst) = (cpu("a").saturating_sub(src0), cpu("b").saturating_sub(dst0));
         let secs = r.total_ms / 1e3;
         let guest_mb_s = r.memory_bytes as f64 / secs / 1e6;
         rows.push(Row {

@@ -198,7 +198,6 @@ impl Run {
     }
 
     async fn run(&self, conn: &Connection, st: &mut State) -> Outcome {
-        st.window.start(conn);
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {

@@ -180,6 +180,9 @@ impl Run {
         let mut last_sample: Option<Duration> = None;
         let mut switched = false;
         let mut forced = false;
+        if let Some(link) = &st.link {
+            st.window.start(link);
+        }
         let info = loop {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
@@ -225,6 +228,11 @@ impl Run {
             }
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();
+            if status == "device" {
+                if let Some(link) = &st.link {
+                    st.window.open(link);
+                }
+            }
             // What a failed or cancelled migration reports: the last
             // figures, not none.
             st.qemu_info = q.clone();
