@@ -26,6 +26,8 @@
 //!   (`qemu`).
 //! - [`backend`]: the VM backend traits, the simulated VM ([`backend::sim`],
 //!   split by concern) and QEMU.
+//! - [`cpu`]: CPU time charged to groups of threads from their own clocks
+//!   (`convoyctl bench`'s CPU per GiB at each side).
 //! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests)
 //!   and the UDP impairment relay between them ([`lab::impair`]);
 //!   [`units`]: human sizes for command lines.
