@@ -145,29 +145,11 @@ impl Shape {
 }
 
 impl Lab {
-    /// Raw QUIC bulk transfer between two endpoints tuned and authenticated
-    /// exactly like this lab's agents: `bytes` over `streams`
-    /// unidirectional streams, timed from the first write to the last byte
-    /// received. The baseline `convoyctl bench` compares migrations with.
-    pub async fn raw_quic_bulk(
-        &self,
-        bytes: u64,
-        streams: u16,
-        sink: Sink,
-    ) -> Result<Duration, LabError> {
-        self.raw_bulk(
-            bytes,
-            streams,
-            sink,
-            &Tuning::default(),
-            Kind::Quic,
-            BulkPath::Loopback(None),
-        )
-        .await
-    }
-
-    /// [`Lab::raw_quic_bulk`] with `tuning`, and through the impairment
-    /// relay with `via` (towards the receiver, and back) when given.
+    /// Raw QUIC bulk transfer between two endpoints authenticated exactly
+    /// like this lab's agents and tuned with `tuning`: `bytes` over
+    /// `streams` unidirectional streams, timed from the first write to the
+    /// last byte received, through the impairment relay with `via`
+    /// (towards the receiver, and back) when given.
     pub async fn raw_quic_bulk_with(
         &self,
         bytes: u64,
@@ -625,11 +607,7 @@ impl Sender {
     async fn send(self, addr: SocketAddr) -> Result<(Instant, Option<Digest>), BenchError> {
         let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         let client = transport::endpoint(any, None, &self.tuning)?;
-        let choice = match self.kind {
-            Kind::Quic => transport::Choice::Quic,
-            Kind::Tcp => transport::Choice::Tcp,
-        };
-        let dialer = transport::Dialer::new(client, choice, self.tuning.clone());
+        let dialer = transport::Dialer::new(client, self.kind.into(), self.tuning.clone());
         let mut conns = Vec::new();
         for _ in 0..self.shape.connections {
             let conn = dialer

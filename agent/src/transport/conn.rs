@@ -46,6 +46,16 @@ impl Kind {
     }
 }
 
+impl From<Kind> for super::Choice {
+    /// The dial choice that uses only this transport.
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Quic => super::Choice::Quic,
+            Kind::Tcp => super::Choice::Tcp,
+        }
+    }
+}
+
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

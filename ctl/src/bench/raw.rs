@@ -73,19 +73,9 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     print_rows(g, &rows)
 }
 
-fn name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Quic => "QUIC",
-        Kind::Tcp => "TCP",
-    }
-}
-
 /// `--runs` runs of every row over `kind` on one lab, merged.
 async fn run_transport(g: &Global, b: &Bench, kind: Kind) -> Result<Vec<Row>> {
-    let choice = match kind {
-        Kind::Quic => Choice::Quic,
-        Kind::Tcp => Choice::Tcp,
-    };
+    let choice = Choice::from(kind);
     let dir = tempfile::tempdir()?;
     let mut lab =
         Lab::start_metered(dir.path(), &["a", "b"], |_, cfg| cfg.transport = choice).await?;
@@ -93,7 +83,7 @@ async fn run_transport(g: &Global, b: &Bench, kind: Kind) -> Result<Vec<Row>> {
     let mut runs = Vec::new();
     for run in 0..b.runs {
         if !g.json {
-            eprintln!("run {} of {} over {}", run + 1, b.runs, name(kind));
+            eprintln!("run {} of {} over {}", run + 1, b.runs, kind.as_str());
         }
         match one_run(g, b, &lab, kind).await {
             Ok(rows) => runs.push(rows),
@@ -152,7 +142,7 @@ fn merge(runs: Vec<Vec<Row>>) -> Vec<Row> {
 async fn one_run(g: &Global, b: &Bench, lab: &Lab, kind: Kind) -> Result<Vec<Row>> {
     let memory = b.memory.unwrap_or(1 << 30);
     let streams = b.tuning.streams;
-    let transport = name(kind);
+    let transport = kind.as_str();
     let base_bytes = b.baseline_bytes.unwrap_or(memory);
     let gib = |bytes: u64| bytes as f64 / GIB;
     let mut base = Vec::new();
