@@ -50,6 +50,7 @@
 //!   its ticket, for every backend.
 //! - [`journal`]: the record an agent keeps durably about a migration in
 //!   progress, which decision may follow which, and the ownership epoch.
+//! - [`units`]: durations in the whole units reports carry, saturating.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -82,6 +83,7 @@ pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod ticket;
+pub mod units;
 pub mod vm;
 
 pub use message::{DecodeError, Message};

@@ -123,7 +123,7 @@ pub fn link_report<'a>(
         |(s, l), (_, s2, l2)| (s + s2, l + l2),
     );
     Some(convoy_protocol::ctl::LinkReport {
-        rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+        rtt_us: convoy_protocol::units::micros(rtt),
         sent_packets: Some(sent),
         lost_packets: Some(lost),
     })

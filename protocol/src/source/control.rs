@@ -50,7 +50,7 @@ impl Source {
         let rt = self.round_trip.map_or(took, |r| r.min(took));
         self.round_trip = Some(rt);
         self.round_trips = self.round_trips.saturating_add(1);
-        self.convergence.round_trip_us = u64::try_from(rt.as_micros()).unwrap_or(u64::MAX);
+        self.convergence.round_trip_us = crate::units::micros(rt);
     }
 
     /// Whether the handover's two round trips alone take the downtime

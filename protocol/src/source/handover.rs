@@ -105,15 +105,12 @@ impl Source {
         else {
             return;
         };
-        let us = |a: Instant, b: Instant| {
-            u64::try_from(b.saturating_duration_since(a).as_micros()).unwrap_or(u64::MAX)
-        };
+        let us = |a: Instant, b: Instant| crate::units::micros(b.saturating_duration_since(a));
         self.convergence.pause = crate::model::PauseParts {
             last_round_us: us(p, f),
             verify_us: us(f, r),
             commit_us: us(r, h),
-            start_us: us(h, now)
-                .saturating_sub(u64::try_from(synced.as_micros()).unwrap_or(u64::MAX)),
+            start_us: us(h, now).saturating_sub(crate::units::micros(synced)),
         };
     }
 

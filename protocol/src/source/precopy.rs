@@ -78,8 +78,7 @@ impl Source {
         // no rate makes shorter).
         let handover = self.handover_estimate();
         let expected = data.saturating_add(handover);
-        self.convergence.expected_downtime_ms =
-            u64::try_from(expected.as_millis()).unwrap_or(u64::MAX);
+        self.convergence.expected_downtime_ms = crate::units::millis(expected);
         self.progress("precopy", remaining);
         // The aim ramps up to the target (see `downtime_aim`); one whose
         // handover alone misses the target is held to the target.

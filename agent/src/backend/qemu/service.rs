@@ -130,7 +130,7 @@ impl Book {
 }
 
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    convoy_protocol::units::micros(d)
 }
 
 fn lock(b: &Mutex<Book>) -> std::sync::MutexGuard<'_, Book> {

@@ -358,7 +358,7 @@ impl SimDisk {
         self.write(b, data)?;
         st.clear(b);
         if let Some(t) = st.asked.remove(&b) {
-            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let us = convoy_protocol::units::micros(t.elapsed());
             st.samples.push(us);
         }
         d.arrived.notify_all();

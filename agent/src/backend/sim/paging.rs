@@ -164,7 +164,7 @@ impl SimVm {
                 .and_then(|mut w| w.remove(&page.0));
             if let Some(t) = since {
                 if let Ok(mut s) = paging.samples.lock() {
-                    s.push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    s.push(convoy_protocol::units::micros(t.elapsed()));
                 }
             }
         }

@@ -28,7 +28,7 @@ use super::Shared;
 pub(super) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .map_or(0, convoy_protocol::units::micros)
 }
 
 /// Requests arrived by `now` of a stream at `rate` since `epoch`.

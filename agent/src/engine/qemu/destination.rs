@@ -202,7 +202,7 @@ pub(crate) async fn serve(
 
 impl Incoming {
     fn phase(&mut self, what: &str) {
-        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let ms = convoy_protocol::units::millis(clock::since(self.started));
         self.phases.push((what.to_owned(), ms));
     }
 

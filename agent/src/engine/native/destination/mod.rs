@@ -510,7 +510,7 @@ impl Incoming {
     }
 
     fn phase(&mut self, what: String) {
-        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let ms = convoy_protocol::units::millis(clock::since(self.started));
         self.phases.push((what, ms));
     }
 

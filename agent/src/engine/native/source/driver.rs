@@ -627,7 +627,7 @@ impl<'r> Driver<'r> {
         self.last_sample = std::time::Instant::now();
         let mut p = self.sm.snapshot();
         p.sample = Some(convoy_protocol::ctl::Sample {
-            elapsed_ms: u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            elapsed_ms: convoy_protocol::units::millis(self.began.elapsed()),
             dirty_pages_per_sec: self.sm.dirty_rate(),
             guest_work: self.run.vm.counter(),
             faults_served: self.sm.faults_served(),

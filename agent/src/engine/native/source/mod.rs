@@ -153,7 +153,7 @@ impl Run {
     }
 
     fn phase(&mut self, what: &str) {
-        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let ms = convoy_protocol::units::millis(clock::since(self.started));
         self.phases.push((what.to_owned(), ms));
     }
 

@@ -140,7 +140,7 @@ struct State {
 
 impl Run {
     fn phase(&self, st: &mut State, what: &str) {
-        let ms = u64::try_from(clock::since(self.started).as_millis()).unwrap_or(u64::MAX);
+        let ms = convoy_protocol::units::millis(clock::since(self.started));
         st.phases.push((what.to_owned(), ms));
     }
 

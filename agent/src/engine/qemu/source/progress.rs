@@ -343,7 +343,7 @@ fn sample(
     }
     *last = Some(elapsed);
     Some(convoy_protocol::ctl::Sample {
-        elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        elapsed_ms: convoy_protocol::units::millis(elapsed),
         dirty_pages_per_sec,
         guest_work: 0,
         faults_served: ram["postcopy-requests"].as_u64().unwrap_or(0),

@@ -325,7 +325,7 @@ impl Run {
         }
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            .map_or(0, convoy_protocol::units::micros);
         // The guest ran at the destination while its start was recorded
         // there: not downtime.
         let ran_us = u64::from(started.synced_ms) * 1000;
