@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use convoy_agent::backend::qemu::guest::{self, counters, TestGuest};
 use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
 use convoy_agent::backend::qemu::service::ServiceClient;
+use convoy_protocol::model::MigrationMode;
 use serde_json::json;
 
 /// The guest's kernel and initramfs, built once per test binary.
@@ -73,6 +74,196 @@ async fn migration_end(src: &mut QemuProcess) -> String {
     "timed out".into()
 }
 
+/// The mark of a panic raised when a guest's kernel reports a fault at
+/// the destination of a migration whose stream arrived as QEMU wrote it
+/// (see [`once_more_on_guest_fault`]).
+pub(crate) const GUEST_FAULT: &str = "the guest's kernel faulted after the migration";
+
+/// Waits up to `timeout` for the guest whose console is `log` to print a
+/// counter above `after`. A kernel fault report on the console ends the
+/// wait with a panic marked [`GUEST_FAULT`], the report in it.
+pub(crate) async fn counts_on(log: &Path, after: u64, timeout: Duration) -> bool {
+    let on = until(timeout, || {
+        kernel_fault(log) || counters(log).iter().any(|&c| c > after)
+    })
+    .await;
+    assert!(!kernel_fault(log), "{GUEST_FAULT}: {}", console(log));
+    on
+}
+
+/// Runs a QEMU migration test's scenario, and once more if it ended on
+/// [`GUEST_FAULT`]. QEMU 7.2 under TCG, here, now and then loses a
+/// guest's write during a live migration: its own migration over a unix
+/// socket, without Convoy, left the guest's kernel faulting at the
+/// destination once in 106 migrations of a guest rewriting memory on a
+/// loaded host (the vCPU's store can pass a TLB entry that the migration
+/// thread marks for dirty tracking a moment later). Convoy carries the
+/// stream QEMU writes and checks it byte for byte, so such a fault says
+/// nothing about Convoy; a second one in a row fails the test.
+pub(crate) async fn once_more_on_guest_fault<F, Fut>(scenario: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    for attempt in 1..=2 {
+        match tokio::spawn(scenario()).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or_default();
+                if attempt == 1 && msg.contains(GUEST_FAULT) {
+                    eprintln!("QEMU lost a guest's write (run again): {msg}");
+                    continue;
+                }
+                std::panic::resume_unwind(p);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_guest_fault_runs_the_scenario_once_more_and_only_once() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    once_more_on_guest_fault(|| async {
+        if RUNS.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("{GUEST_FAULT}: first run");
+        }
+    })
+    .await;
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+
+    // Twice in a row, or any other failure, fails.
+    for first in [GUEST_FAULT, "something else"] {
+        let runs = std::sync::Arc::new(AtomicU32::new(0));
+        let r = tokio::spawn({
+            let runs = runs.clone();
+            async move {
+                once_more_on_guest_fault(move || {
+                    let runs = runs.clone();
+                    async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst);
+                        let what = if n == 0 { first } else { GUEST_FAULT };
+                        panic!("{what}: run {n}");
+                    }
+                })
+                .await;
+            }
+        })
+        .await;
+        assert!(r.is_err_and(|e| e.is_panic()));
+        let expected = if first == GUEST_FAULT { 2 } else { 1 };
+        assert_eq!(runs.load(Ordering::SeqCst), expected, "{first}");
+    }
+}
+
+/// What the guest's kernel prints when it reports a fault of its own.
+const FAULT: [&str; 7] = [
+    "BUG:",
+    "Oops",
+    "general protection",
+    "invalid opcode",
+    "Kernel panic",
+    "WARNING:",
+    "Call Trace",
+];
+
+/// Whether the guest's kernel reported a fault on its console.
+pub(crate) fn kernel_fault(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| FAULT.iter().any(|m| t.contains(m)))
+}
+
+/// What a failed test shows of a guest's console: from just before the
+/// first kernel fault report to its end (the whole report, not only its
+/// last lines), or the console's last lines when there is none.
+pub(crate) fn console(log: &Path) -> String {
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) => return format!("({}: {e})", log.display()),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines
+        .iter()
+        .position(|l| FAULT.iter().any(|m| l.contains(m)));
+    let from = first.map_or(lines.len().saturating_sub(15), |i| i.saturating_sub(5));
+    let shown = &lines[from..lines.len().min(from + 80)];
+    format!(
+        "{}\n{}",
+        if first.is_some() {
+            "kernel fault report:"
+        } else {
+            "last lines:"
+        },
+        shown.join("\n")
+    )
+}
+
+/// A QEMU running the test guest (counting already) and one waiting for
+/// it (`-incoming defer`), their files under `dir`.
+async fn source_and_destination(g: &TestGuest, dir: &Path) -> (QemuProcess, QemuProcess) {
+    let src = QemuProcess::launch(&spec(g), &dir.join("src"), false)
+        .await
+        .unwrap();
+    let dst = QemuProcess::launch(&spec(g), &dir.join("dst"), true)
+        .await
+        .unwrap();
+    let src_log = src.serial_log();
+    assert!(until(Duration::from_secs(90), || counters(&src_log).len() >= 3).await);
+    (src, dst)
+}
+
+/// After a migration to `dst`: its guest runs and counts on from just
+/// after `last` (no restart, no jump). Its console log.
+async fn carried_on(dst: &mut QemuProcess, last: u64) -> PathBuf {
+    let dst_log = dst.serial_log();
+    assert!(
+        counts_on(&dst_log, last, Duration::from_secs(30)).await,
+        "no counter at the destination: {}",
+        console(&dst_log)
+    );
+    let first = counters(&dst_log)[0];
+    assert!(
+        first > last && first <= last + 3,
+        "the counter restarted or jumped: source ended at {last}, destination began at {first}"
+    );
+    let st = dst.qmp.execute("query-status", None).await.unwrap();
+    assert_eq!(st["status"], "running");
+    dst_log
+}
+
+/// Has `dst` (started `-incoming defer`) listen for its migration on a
+/// unix socket at `sock`.
+async fn incoming_at(dst: &mut QemuProcess, sock: &Path) {
+    let uri = format!("unix:{}", sock.display());
+    dst.qmp
+        .execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await
+        .unwrap();
+    assert!(until(Duration::from_secs(10), || sock.exists()).await);
+}
+
+/// Has `src` migrate to a unix socket at `sock`; its final status.
+async fn outgoing_to(src: &mut QemuProcess, sock: &Path) -> String {
+    let uri = format!("unix:{}", sock.display());
+    src.qmp
+        .execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .unwrap();
+    migration_end(src).await
+}
+
+/// QEMU's own migration from `src` to `dst` (started `-incoming defer`)
+/// over a unix socket at `sock`; the source's final status.
+async fn migrate_natively(src: &mut QemuProcess, dst: &mut QemuProcess, sock: &Path) -> String {
+    incoming_at(dst, sock).await;
+    outgoing_to(src, sock).await
+}
+
 pub(crate) async fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -106,48 +297,27 @@ async fn the_test_guest_boots_and_answers_qmp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_migration_over_a_unix_socket_keeps_the_counter_going() {
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut src = QemuProcess::launch(&spec(g), &dir.path().join("src"), false)
-        .await
-        .unwrap();
-    let mut dst = QemuProcess::launch(&spec(g), &dir.path().join("dst"), true)
-        .await
-        .unwrap();
-    let src_log = src.serial_log();
-    assert!(until(Duration::from_secs(90), || counters(&src_log).len() >= 3).await);
-    let sock = dir.path().join("migration.sock");
-    let uri = format!("unix:{}", sock.display());
-    dst.qmp
-        .execute("migrate-incoming", Some(json!({ "uri": uri })))
-        .await
-        .unwrap();
-    assert!(until(Duration::from_secs(10), || sock.exists()).await);
-    src.qmp
-        .execute("migrate", Some(json!({ "uri": uri })))
-        .await
-        .unwrap();
-    assert_eq!(migration_end(&mut src).await, "completed");
-    let st = src.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(st["status"], "postmigrate", "the source is paused for good");
-    let last = *counters(&src_log).last().unwrap();
-    let dst_log = dst.serial_log();
-    assert!(
-        until(Duration::from_secs(30), || !counters(&dst_log).is_empty()).await,
-        "no counter at the destination"
-    );
-    let st = dst.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(st["status"], "running");
-    let first = counters(&dst_log)[0];
-    assert!(
-        first > last && first <= last + 3,
-        "the counter restarted or jumped: source ended at {last}, destination began at {first}"
-    );
-    let text = std::fs::read_to_string(&dst_log).unwrap();
-    assert!(!text.contains("convoy-guest up"), "the guest rebooted");
-    src.quit().await;
-    dst.quit().await;
+    once_more_on_guest_fault(|| async {
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, mut dst) = source_and_destination(g, dir.path()).await;
+        let src_log = src.serial_log();
+        let sock = dir.path().join("migration.sock");
+        assert_eq!(
+            migrate_natively(&mut src, &mut dst, &sock).await,
+            "completed"
+        );
+        let st = src.qmp.execute("query-status", None).await.unwrap();
+        assert_eq!(st["status"], "postmigrate", "the source is paused for good");
+        let last = *counters(&src_log).last().unwrap();
+        let dst_log = carried_on(&mut dst, last).await;
+        let text = std::fs::read_to_string(&dst_log).unwrap();
+        assert!(!text.contains("convoy-guest up"), "the guest rebooted");
+        src.quit().await;
+        dst.quit().await;
+    })
+    .await;
 }
 
 /// QEMU's migration stream and return path carried through an
@@ -156,123 +326,98 @@ async fn native_migration_over_a_unix_socket_keeps_the_counter_going() {
 /// every byte: the data path of Convoy's `qemu` backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_migration_through_an_authenticated_quic_tunnel() {
-    use convoy_agent::backend::qemu::tunnel::splice;
-    use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
-    use convoy_agent::trust::identity::server_config;
-    use convoy_agent::trust::pki::Pki;
-    use convoy_protocol::names::{Role, TrustDomain};
+    once_more_on_guest_fault(|| async {
+        use convoy_agent::backend::qemu::tunnel::splice;
+        use convoy_agent::transport::{self, Tuning, ALPN_AGENT};
+        use convoy_agent::trust::identity::server_config;
+        use convoy_agent::trust::pki::Pki;
+        use convoy_protocol::names::{Role, TrustDomain};
 
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::init(
-        &dir.path().join("pki"),
-        TrustDomain::new("tunnel.test").unwrap(),
-    )
-    .unwrap();
-    let (na, nb) = ("a".parse().unwrap(), "b".parse().unwrap());
-    for n in [&na, &nb] {
-        pki.issue(Role::Agent, n, Duration::from_secs(600)).unwrap();
-    }
-    let (ida, idb) = (
-        pki.identity(Role::Agent, &na).unwrap(),
-        pki.identity(Role::Agent, &nb).unwrap(),
-    );
-    let trust = pki.trust().unwrap();
-    let tuning = Tuning::default();
-    let server = transport::endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(server_config(&idb, &trust, &[ALPN_AGENT]).unwrap()),
-        &tuning,
-    )
-    .unwrap();
-    let server_addr = server.local_addr().unwrap();
-
-    let mut src = QemuProcess::launch(&spec(g), &dir.path().join("src"), false)
-        .await
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(
+            &dir.path().join("pki"),
+            TrustDomain::new("tunnel.test").unwrap(),
+        )
         .unwrap();
-    let mut dst = QemuProcess::launch(&spec(g), &dir.path().join("dst"), true)
-        .await
+        let (na, nb) = ("a".parse().unwrap(), "b".parse().unwrap());
+        for n in [&na, &nb] {
+            pki.issue(Role::Agent, n, Duration::from_secs(600)).unwrap();
+        }
+        let (ida, idb) = (
+            pki.identity(Role::Agent, &na).unwrap(),
+            pki.identity(Role::Agent, &nb).unwrap(),
+        );
+        let trust = pki.trust().unwrap();
+        let tuning = Tuning::default();
+        let server = transport::endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(server_config(&idb, &trust, &[ALPN_AGENT]).unwrap()),
+            &tuning,
+        )
         .unwrap();
-    let src_log = src.serial_log();
-    assert!(until(Duration::from_secs(90), || counters(&src_log).len() >= 3).await);
+        let server_addr = server.local_addr().unwrap();
 
-    // Destination agent: QEMU listens on its own socket; the agent accepts
-    // the authenticated stream and connects it there.
-    let dst_sock = dir.path().join("dst-incoming.sock");
-    dst.qmp
-        .execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("unix:{}", dst_sock.display()) })),
+        let (mut src, mut dst) = source_and_destination(g, dir.path()).await;
+        let src_log = src.serial_log();
+
+        // Destination agent: QEMU listens on its own socket; the agent accepts
+        // the authenticated stream and connects it there.
+        let dst_sock = dir.path().join("dst-incoming.sock");
+        incoming_at(&mut dst, &dst_sock).await;
+        let b_side = tokio::spawn(async move {
+            let conn = transport::Connection::Quic(server.accept().await.unwrap().await.unwrap());
+            transport::grant_migration_credit(&conn, &transport::Tuning::default());
+            let (send, recv) = conn.accept_bi().await.unwrap();
+            let local = tokio::net::UnixStream::connect(&dst_sock).await.unwrap();
+            let r = splice(local, send, recv, 0).await.unwrap();
+            conn.closed().await;
+            r
+        });
+        // Source agent: QEMU migrates to a socket the agent listens on; the
+        // agent carries it to b, whose certificate it checks.
+        let src_sock = dir.path().join("src-outgoing.sock");
+        let listener = tokio::net::UnixListener::bind(&src_sock).unwrap();
+        let client = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &tuning).unwrap();
+        let conn = transport::connect(
+            &client,
+            server_addr,
+            pki.identity(Role::Agent, &nb).unwrap().id().clone(),
+            ALPN_AGENT,
+            &ida,
+            &trust,
+            &tuning,
         )
         .await
         .unwrap();
-    assert!(until(Duration::from_secs(10), || dst_sock.exists()).await);
-    let b_side = tokio::spawn(async move {
-        let conn = transport::Connection::Quic(server.accept().await.unwrap().await.unwrap());
-        transport::grant_migration_credit(&conn, &transport::Tuning::default());
-        let (send, recv) = conn.accept_bi().await.unwrap();
-        let local = tokio::net::UnixStream::connect(&dst_sock).await.unwrap();
-        let r = splice(local, send, recv, 0).await.unwrap();
-        conn.closed().await;
-        r
-    });
-    // Source agent: QEMU migrates to a socket the agent listens on; the
-    // agent carries it to b, whose certificate it checks.
-    let src_sock = dir.path().join("src-outgoing.sock");
-    let listener = tokio::net::UnixListener::bind(&src_sock).unwrap();
-    let client = transport::endpoint("127.0.0.1:0".parse().unwrap(), None, &tuning).unwrap();
-    let conn = transport::connect(
-        &client,
-        server_addr,
-        pki.identity(Role::Agent, &nb).unwrap().id().clone(),
-        ALPN_AGENT,
-        &ida,
-        &trust,
-        &tuning,
-    )
-    .await
-    .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let a_side = tokio::spawn(async move {
-        let (local, _) = listener.accept().await.unwrap();
-        splice(local, send, recv, 0).await.unwrap()
-    });
-    src.qmp
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", src_sock.display()) })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(migration_end(&mut src).await, "completed");
-    let last = *counters(&src_log).last().unwrap();
-    // The source QEMU is done: quitting it closes its end of the stream.
-    src.quit().await;
-    let a = tokio::time::timeout(Duration::from_secs(30), a_side)
-        .await
-        .unwrap()
-        .unwrap();
-    conn.close(0u32.into(), b"done");
-    let b = tokio::time::timeout(Duration::from_secs(30), b_side)
-        .await
-        .unwrap()
-        .unwrap();
-    // Every byte arrived as sent, both ways.
-    assert!(a.out.bytes > 1 << 20, "{a:?}");
-    assert_eq!(a.out, b.back, "source → destination digests differ");
-    assert_eq!(a.back, b.out, "return-path digests differ");
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let a_side = tokio::spawn(async move {
+            let (local, _) = listener.accept().await.unwrap();
+            splice(local, send, recv, 0).await.unwrap()
+        });
+        assert_eq!(outgoing_to(&mut src, &src_sock).await, "completed");
+        let last = *counters(&src_log).last().unwrap();
+        // The source QEMU is done: quitting it closes its end of the stream.
+        src.quit().await;
+        let a = tokio::time::timeout(Duration::from_secs(30), a_side)
+            .await
+            .unwrap()
+            .unwrap();
+        conn.close(0u32.into(), b"done");
+        let b = tokio::time::timeout(Duration::from_secs(30), b_side)
+            .await
+            .unwrap()
+            .unwrap();
+        // Every byte arrived as sent, both ways.
+        assert!(a.out.bytes > 1 << 20, "{a:?}");
+        assert_eq!(a.out, b.back, "source → destination digests differ");
+        assert_eq!(a.back, b.out, "return-path digests differ");
 
-    let dst_log = dst.serial_log();
-    assert!(until(Duration::from_secs(30), || !counters(&dst_log).is_empty()).await);
-    let first = counters(&dst_log)[0];
-    assert!(
-        first > last && first <= last + 3,
-        "source ended at {last}, destination began at {first}"
-    );
-    let st = dst.qmp.execute("query-status", None).await.unwrap();
-    assert_eq!(st["status"], "running");
-    dst.quit().await;
+        carried_on(&mut dst, last).await;
+        dst.quit().await;
+    })
+    .await;
 }
 
 /// QEMU VMs through the agent's operator API: only allow-listed binaries
@@ -579,19 +724,9 @@ impl QemuLab {
         // A TCG guest beside the suite's other tests on two cores may be
         // slow to print: a minute, and the log's end if it never does.
         assert!(
-            until(Duration::from_secs(60), || counters(&dst_log)
-                .iter()
-                .any(|&c| c > last_at_source))
-            .await,
-            "no counter after {last_at_source} at the destination; its serial log ends with {:?}",
-            std::fs::read_to_string(&dst_log).map(|s| s
-                .chars()
-                .rev()
-                .take(400)
-                .collect::<String>()
-                .chars()
-                .rev()
-                .collect::<String>())
+            counts_on(&dst_log, last_at_source, Duration::from_secs(60)).await,
+            "no counter after {last_at_source} at the destination; its console: {}",
+            console(&dst_log)
         );
         let after: Vec<u64> = counters(&dst_log)
             .into_iter()
@@ -715,74 +850,76 @@ async fn start_outside(q: &QemuLab, dir: &Path) -> (tokio::process::Child, PathB
 /// adopted process is quit. Refused adoptions say why and leave nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_qemu_is_adopted_by_its_qmp_socket_and_migrates() {
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    let outside = dir.path().join("outside");
-    let (mut child, sock) = start_outside(&q, &outside).await;
-    let c = q.lab.client("a").await.unwrap();
-    let sock_str = sock.display().to_string();
+    once_more_on_guest_fault(|| async {
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let q = QemuLab::start(dir.path(), g).await;
+        let outside = dir.path().join("outside");
+        let (mut child, sock) = start_outside(&q, &outside).await;
+        let c = q.lab.client("a").await.unwrap();
+        let sock_str = sock.display().to_string();
 
-    // Refusals: each says what is wrong and registers nothing.
-    let refused = |r: Result<_, convoy_agent::client::ClientError>| match r {
-        Ok(v) => panic!("adopted: {v:?}"),
-        Err(e) => e.to_string(),
-    };
-    let e = refused(
-        c.vm_adopt_qemu(definition("guest", vec![]), "qmp.sock".into())
-            .await,
-    );
-    assert!(e.contains("absolute path"), "{e}");
-    let missing = dir.path().join("nothing.sock").display().to_string();
-    let e = refused(c.vm_adopt_qemu(definition("guest", vec![]), missing).await);
-    assert!(e.contains("nothing.sock"), "{e}");
-    // A socket whose listener is not QEMU (this test binary): nothing is
-    // said to it.
-    let other = dir.path().join("other.sock");
-    let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
-    let e = refused(
-        c.vm_adopt_qemu(definition("guest", vec![]), other.display().to_string())
-            .await,
-    );
-    assert!(e.contains("not the allowed QEMU binary"), "{e}");
-    let mut bigger = definition("guest", vec![]);
-    bigger.memory_mib = 256;
-    let e = refused(c.vm_adopt_qemu(bigger, sock_str.clone()).await);
-    assert!(
-        e.contains("128 MiB of memory, the definition 256 MiB"),
-        "{e}"
-    );
-    let mut wider = definition("guest", vec![]);
-    wider.vcpus = 2;
-    let e = refused(c.vm_adopt_qemu(wider, sock_str.clone()).await);
-    assert!(e.contains("1 vCPUs, the definition 2"), "{e}");
-    assert!(c.vm_list().await.unwrap().is_empty());
-    assert!(
-        matches!(child.try_wait(), Ok(None)),
-        "a refused QEMU keeps running"
-    );
+        // Refusals: each says what is wrong and registers nothing.
+        let refused = |r: Result<_, convoy_agent::client::ClientError>| match r {
+            Ok(v) => panic!("adopted: {v:?}"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(
+            c.vm_adopt_qemu(definition("guest", vec![]), "qmp.sock".into())
+                .await,
+        );
+        assert!(e.contains("absolute path"), "{e}");
+        let missing = dir.path().join("nothing.sock").display().to_string();
+        let e = refused(c.vm_adopt_qemu(definition("guest", vec![]), missing).await);
+        assert!(e.contains("nothing.sock"), "{e}");
+        // A socket whose listener is not QEMU (this test binary): nothing is
+        // said to it.
+        let other = dir.path().join("other.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        let e = refused(
+            c.vm_adopt_qemu(definition("guest", vec![]), other.display().to_string())
+                .await,
+        );
+        assert!(e.contains("not the allowed QEMU binary"), "{e}");
+        let mut bigger = definition("guest", vec![]);
+        bigger.memory_mib = 256;
+        let e = refused(c.vm_adopt_qemu(bigger, sock_str.clone()).await);
+        assert!(
+            e.contains("128 MiB of memory, the definition 256 MiB"),
+            "{e}"
+        );
+        let mut wider = definition("guest", vec![]);
+        wider.vcpus = 2;
+        let e = refused(c.vm_adopt_qemu(wider, sock_str.clone()).await);
+        assert!(e.contains("1 vCPUs, the definition 2"), "{e}");
+        assert!(c.vm_list().await.unwrap().is_empty());
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "a refused QEMU keeps running"
+        );
 
-    let info = c
-        .vm_adopt_qemu(definition("guest", vec![]), sock_str)
-        .await
-        .unwrap();
-    assert_eq!(
-        (info.backend.as_str(), info.state),
-        ("qemu", convoy_protocol::ctl::VmState::Running)
-    );
-    let last = *counters(&outside.join("serial.log")).last().unwrap();
-    let r = q
-        .migrate("guest", "a", "b", options(MigrationMode::Precopy, 1))
-        .await;
-    q.assert_moved(&r, "guest", "a", "b", last).await;
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("the adopted QEMU quits after the migration")
-        .unwrap();
-    assert!(status.success(), "quit, not killed: {status}");
-    q.lab.shutdown().await;
+        let info = c
+            .vm_adopt_qemu(definition("guest", vec![]), sock_str)
+            .await
+            .unwrap();
+        assert_eq!(
+            (info.backend.as_str(), info.state),
+            ("qemu", convoy_protocol::ctl::VmState::Running)
+        );
+        let last = *counters(&outside.join("serial.log")).last().unwrap();
+        let r = q
+            .migrate("guest", "a", "b", options(MigrationMode::Precopy, 1))
+            .await;
+        q.assert_moved(&r, "guest", "a", "b", last).await;
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the adopted QEMU quits after the migration")
+            .unwrap();
+        assert!(status.success(), "quit, not killed: {status}");
+        q.lab.shutdown().await;
+    })
+    .await;
 }
 
 /// Waits until both agents' logs hold the migration's outcome, then builds
@@ -837,28 +974,44 @@ fn options(
     }
 }
 
+/// A heavy test's turn, a QEMU lab in a temporary directory, and the test
+/// guest running at `a` as "guest" (dropped in reverse: the lab, its
+/// directory, the turn); `None` where QEMU tests are skipped.
+async fn guest_at_a() -> Option<(
+    tokio::sync::SemaphorePermit<'static>,
+    tempfile::TempDir,
+    QemuLab,
+)> {
+    let g = guest()?;
+    let heavy = convoy_tests::heavy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let q = QemuLab::start(dir.path(), g).await;
+    q.create("a", "guest", vec![]).await;
+    Some((heavy, dir, q))
+}
+
 /// Pre-copy with one channel a → b, then back b → a with multifd over 2
 /// streams: the counter carries on each time, the source QEMU is gone,
 /// both logs hold matching receipts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    q.create("a", "guest", vec![]).await;
-    let r = q
-        .moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
-        .await;
-    assert_eq!(r.qemu.as_ref().unwrap().channels.len(), 1);
+    once_more_on_guest_fault(|| async {
+        let Some((_heavy, _dir, q)) = guest_at_a().await else {
+            return;
+        };
+        let r = q
+            .moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
+            .await;
+        assert_eq!(r.qemu.as_ref().unwrap().channels.len(), 1);
 
-    let r = q
-        .moves("guest", "b", "a", options(MigrationMode::Precopy, 2))
-        .await;
-    let fig = r.qemu.as_ref().unwrap();
-    assert_eq!((fig.multifd_channels, fig.channels.len()), (2, 3));
-    q.lab.shutdown().await;
+        let r = q
+            .moves("guest", "b", "a", options(MigrationMode::Precopy, 2))
+            .await;
+        let fig = r.qemu.as_ref().unwrap();
+        assert_eq!((fig.multifd_channels, fig.channels.len()), (2, 3));
+        q.lab.shutdown().await;
+    })
+    .await;
 }
 
 /// Post-copy a → b (the guest starts at b at the switch and faults the
@@ -866,25 +1019,25 @@ async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
 /// 300 ms of pre-copy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    q.create("a", "guest", vec![]).await;
-    let r = q
-        .moves("guest", "a", "b", options(MigrationMode::Postcopy, 1))
-        .await;
-    let fig = r.qemu.as_ref().unwrap();
-    assert_eq!(fig.mode, MigrationMode::Postcopy);
-    // Post-copy needs the return path: bytes came back on the main channel.
-    assert!(fig.channels[0].back_bytes > 0, "{fig:?}");
+    once_more_on_guest_fault(|| async {
+        let Some((_heavy, _dir, q)) = guest_at_a().await else {
+            return;
+        };
+        let r = q
+            .moves("guest", "a", "b", options(MigrationMode::Postcopy, 1))
+            .await;
+        let fig = r.qemu.as_ref().unwrap();
+        assert_eq!(fig.mode, MigrationMode::Postcopy);
+        // Post-copy needs the return path: bytes came back on the main channel.
+        assert!(fig.channels[0].back_bytes > 0, "{fig:?}");
 
-    let mut o = options(MigrationMode::Hybrid, 1);
-    o.postcopy_after_ms = Some(300);
-    o.bandwidth = Some(32 << 20);
-    q.moves("guest", "b", "a", o).await;
-    q.lab.shutdown().await;
+        let mut o = options(MigrationMode::Hybrid, 1);
+        o.postcopy_after_ms = Some(300);
+        o.bandwidth = Some(32 << 20);
+        q.moves("guest", "b", "a", o).await;
+        q.lab.shutdown().await;
+    })
+    .await;
 }
 
 /// Post-copy through a link the test cuts twice after the switch, each
@@ -896,106 +1049,108 @@ async fn qemu_vms_migrate_with_postcopy_and_hybrid() {
 /// broken channel counted as each side received it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_postcopy_recovers_after_its_link_is_cut() {
-    use convoy_protocol::model::MigrationMode;
-    use convoy_protocol::stream::ChannelKind;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = std::sync::Arc::new(
-        QemuLab::start_with(dir.path(), g, |_, c| {
-            convoy_tests::short_links(Duration::from_secs(60))(c)
-        })
-        .await,
-    );
-    q.create("a", "guest", vec![]).await;
-    let last = *counters(&q.serial("a", "guest")).last().unwrap();
-    let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
-        .await
-        .unwrap();
-    // Slow enough that post-copy's push of the rest takes half a minute
-    // (the cap holds after the switch: `max-postcopy-bandwidth`).
-    let mut o = options(MigrationMode::Postcopy, 1);
-    o.bandwidth = Some(2 << 20);
-    let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
-    req.to_addr = Some(link.addr().to_string());
-    let mover = {
-        let q = q.clone();
-        tokio::spawn(async move {
-            let c = q.lab.client("a").await.unwrap();
-            c.migrate(req, |p| q.progress.lock().unwrap().push(p.clone()))
-                .await
-                .unwrap()
-        })
-    };
-    // QEMU's migration is post-copy-active after progress entry `from`.
-    let active_after = |from: usize| {
-        let q = q.clone();
-        move || {
-            q.progress.lock().unwrap()[from..]
-                .iter()
-                .any(|p| p.phase == "qemu postcopy-active")
-        }
-    };
-    for cut in 1..=2 {
-        assert!(
-            until(Duration::from_secs(60), active_after(0)).await,
-            "never switched: {:?}",
-            q.progress.lock().unwrap().last()
+    once_more_on_guest_fault(|| async {
+        use convoy_protocol::stream::ChannelKind;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let q = std::sync::Arc::new(
+            QemuLab::start_with(dir.path(), g, |_, c| {
+                convoy_tests::short_links(Duration::from_secs(60))(c)
+            })
+            .await,
         );
-        link.set_up(false);
-        // Past the link timeout (2 s) on both sides.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let seen = q.progress.lock().unwrap().len();
-        link.set_up(true);
-        if cut == 1 {
-            // Recovered and migrating again before the second cut.
+        q.create("a", "guest", vec![]).await;
+        let last = *counters(&q.serial("a", "guest")).last().unwrap();
+        let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
+            .await
+            .unwrap();
+        // Slow enough that post-copy's push of the rest takes half a minute
+        // (the cap holds after the switch: `max-postcopy-bandwidth`).
+        let mut o = options(MigrationMode::Postcopy, 1);
+        o.bandwidth = Some(2 << 20);
+        let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
+        req.to_addr = Some(link.addr().to_string());
+        let mover = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let c = q.lab.client("a").await.unwrap();
+                c.migrate(req, |p| q.progress.lock().unwrap().push(p.clone()))
+                    .await
+                    .unwrap()
+            })
+        };
+        // QEMU's migration is post-copy-active after progress entry `from`.
+        let active_after = |from: usize| {
+            let q = q.clone();
+            move || {
+                q.progress.lock().unwrap()[from..]
+                    .iter()
+                    .any(|p| p.phase == "qemu postcopy-active")
+            }
+        };
+        for cut in 1..=2 {
             assert!(
-                until(Duration::from_secs(60), active_after(seen)).await,
-                "never recovered: {:?}",
+                until(Duration::from_secs(60), active_after(0)).await,
+                "never switched: {:?}",
                 q.progress.lock().unwrap().last()
             );
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            link.set_up(false);
+            // Past the link timeout (2 s) on both sides.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let seen = q.progress.lock().unwrap().len();
+            link.set_up(true);
+            if cut == 1 {
+                // Recovered and migrating again before the second cut.
+                assert!(
+                    until(Duration::from_secs(60), active_after(seen)).await,
+                    "never recovered: {:?}",
+                    q.progress.lock().unwrap().last()
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
-    }
-    let r = tokio::time::timeout(Duration::from_secs(300), mover)
-        .await
-        .expect("the migration never ended")
-        .unwrap();
-    for agent in ["a", "b"] {
-        eprintln!(
-            "{agent}: {:#?}",
-            convoy_tests::audited_phases(&q.lab, agent)
-        );
-        eprintln!(
-            "{agent}: {:#?}",
-            convoy_tests::refusals_logged(&q.lab, agent)
-        );
-    }
-    q.assert_moved(&r, "guest", "a", "b", last).await;
-    let fig = r.qemu.as_ref().unwrap();
-    let kinds: Vec<_> = fig.channels.iter().map(|c| c.kind).collect();
-    assert_eq!(
-        kinds,
-        [
-            ChannelKind::Migration(0),
-            ChannelKind::Resumed(1),
-            ChannelKind::Resumed(2)
-        ]
-    );
-    for agent in ["a", "b"] {
-        let phases = convoy_tests::audited_phases(&q.lab, agent);
-        for n in 1..=2 {
-            let want = format!("QEMU resumes post-copy on a new connection (recovery {n})");
-            assert!(
-                phases.iter().any(|p| p.contains(&want)),
-                "{agent}: {phases:?}"
+        let r = tokio::time::timeout(Duration::from_secs(300), mover)
+            .await
+            .expect("the migration never ended")
+            .unwrap();
+        for agent in ["a", "b"] {
+            eprintln!(
+                "{agent}: {:#?}",
+                convoy_tests::audited_phases(&q.lab, agent)
+            );
+            eprintln!(
+                "{agent}: {:#?}",
+                convoy_tests::refusals_logged(&q.lab, agent)
             );
         }
-    }
+        q.assert_moved(&r, "guest", "a", "b", last).await;
+        let fig = r.qemu.as_ref().unwrap();
+        let kinds: Vec<_> = fig.channels.iter().map(|c| c.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ChannelKind::Migration(0),
+                ChannelKind::Resumed(1),
+                ChannelKind::Resumed(2)
+            ]
+        );
+        for agent in ["a", "b"] {
+            let phases = convoy_tests::audited_phases(&q.lab, agent);
+            for n in 1..=2 {
+                let want = format!("QEMU resumes post-copy on a new connection (recovery {n})");
+                assert!(
+                    phases.iter().any(|p| p.contains(&want)),
+                    "{agent}: {phases:?}"
+                );
+            }
+        }
+    })
+    .await;
 }
 
 /// QEMU's downtime limit leaves room for the handover's two round trips:
@@ -1006,87 +1161,87 @@ async fn qemu_postcopy_recovers_after_its_link_is_cut() {
 /// guest moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_downtime_limit_leaves_room_for_the_handovers_round_trips() {
-    use convoy_protocol::ctl::Outcome;
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    q.create("a", "guest", vec![]).await;
-    let last = *counters(&q.serial("a", "guest")).last().unwrap();
-    let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
-        .await
-        .unwrap();
-    link.set_delay(Duration::from_millis(60));
-    let c = q.lab.client("a").await.unwrap();
-    let migrate = |target_ms: u32| {
-        let mut o = options(MigrationMode::Precopy, 1);
-        o.max_downtime_ms = target_ms;
-        let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
-        req.to_addr = Some(link.addr().to_string());
-        req
-    };
+    once_more_on_guest_fault(|| async {
+        use convoy_protocol::ctl::Outcome;
+        let Some((_heavy, _dir, q)) = guest_at_a().await else {
+            return;
+        };
+        let last = *counters(&q.serial("a", "guest")).last().unwrap();
+        let link = convoy_tests::CuttableLink::start(q.lab.agent("b").unwrap().addr)
+            .await
+            .unwrap();
+        link.set_delay(Duration::from_millis(60));
+        let c = q.lab.client("a").await.unwrap();
+        let migrate = |target_ms: u32| {
+            let mut o = options(MigrationMode::Precopy, 1);
+            o.max_downtime_ms = target_ms;
+            let mut req = q.lab.migrate_request("guest", "a", "b", o).unwrap();
+            req.to_addr = Some(link.addr().to_string());
+            req
+        };
 
-    let r = c.migrate(migrate(200), |_| {}).await.unwrap();
-    match &r.outcome {
-        Outcome::Aborted(why) => assert!(
-            why.contains("the handover's two round trips alone") && why.contains("200 ms"),
-            "{why}"
-        ),
-        other => panic!("{other:?} {r:?}"),
-    }
-    // Nothing was sent: QEMU never started migrating.
-    assert_eq!(r.pages_sent, 0, "{r:?}");
-    assert!(
-        until(Duration::from_secs(10), || counters(
-            &q.serial("a", "guest")
-        )
-        .last()
-            > Some(&last))
-        .await,
-        "the guest does not run on at a"
-    );
-    // b drops the QEMU it launched for the migration once the Abort is in
-    // (over TCP it may still be listed when a's report is back).
-    let cb = q.lab.client("b").await.unwrap();
-    let wait = std::time::Instant::now();
-    while !cb.vm_list().await.unwrap().is_empty() {
+        let r = c.migrate(migrate(200), |_| {}).await.unwrap();
+        match &r.outcome {
+            Outcome::Aborted(why) => assert!(
+                why.contains("the handover's two round trips alone") && why.contains("200 ms"),
+                "{why}"
+            ),
+            other => panic!("{other:?} {r:?}"),
+        }
+        // Nothing was sent: QEMU never started migrating.
+        assert_eq!(r.pages_sent, 0, "{r:?}");
         assert!(
-            wait.elapsed() < Duration::from_secs(20),
-            "b keeps the guest"
+            until(Duration::from_secs(10), || counters(
+                &q.serial("a", "guest")
+            )
+            .last()
+                > Some(&last))
+            .await,
+            "the guest does not run on at a"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        // b drops the QEMU it launched for the migration once the Abort is in
+        // (over TCP it may still be listed when a's report is back).
+        let cb = q.lab.client("b").await.unwrap();
+        let wait = std::time::Instant::now();
+        while !cb.vm_list().await.unwrap().is_empty() {
+            assert!(
+                wait.elapsed() < Duration::from_secs(20),
+                "b keeps the guest"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
-    // The last count at a is the one before the pause (over this slow
-    // link the copy takes seconds of counting): watched while it runs,
-    // since a's console goes with its QEMU.
-    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let watcher = {
-        let (seen, log) = (seen.clone(), q.serial("a", "guest"));
-        tokio::spawn(async move {
-            loop {
-                if let Some(&n) = counters(&log).last() {
-                    seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        // The last count at a is the one before the pause (over this slow
+        // link the copy takes seconds of counting): watched while it runs,
+        // since a's console goes with its QEMU.
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let watcher = {
+            let (seen, log) = (seen.clone(), q.serial("a", "guest"));
+            tokio::spawn(async move {
+                loop {
+                    if let Some(&n) = counters(&log).last() {
+                        seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
-    let r = c.migrate(migrate(1000), |_| {}).await.unwrap();
-    watcher.abort();
-    let last = seen.load(std::sync::atomic::Ordering::Relaxed);
-    q.assert_moved(&r, "guest", "a", "b", last).await;
-    let phases = convoy_tests::audited_phases(&q.lab, "a");
-    let limit: u64 = phases
-        .iter()
-        .find_map(|p| {
-            let rest = p.split("QEMU's downtime limit ").nth(1)?;
-            rest.split(" ms").next()?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no downtime limit among {phases:?}"));
-    // 1000 ms less two round trips of at least 120 ms each.
-    assert!((500..=760).contains(&limit), "{limit} ms: {phases:?}");
+            })
+        };
+        let r = c.migrate(migrate(1000), |_| {}).await.unwrap();
+        watcher.abort();
+        let last = seen.load(std::sync::atomic::Ordering::Relaxed);
+        q.assert_moved(&r, "guest", "a", "b", last).await;
+        let phases = convoy_tests::audited_phases(&q.lab, "a");
+        let limit: u64 = phases
+            .iter()
+            .find_map(|p| {
+                let rest = p.split("QEMU's downtime limit ").nth(1)?;
+                rest.split(" ms").next()?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no downtime limit among {phases:?}"));
+        // 1000 ms less two round trips of at least 120 ms each.
+        assert!((500..=760).contains(&limit), "{limit} ms: {phases:?}");
+    })
+    .await;
 }
 
 /// Blocks of the guest's disk pattern (`scripts/build-test-guest`): block
@@ -1123,97 +1278,99 @@ pub(crate) fn disk_blocks(path: &Path, n: usize) -> Vec<Option<u64>> {
 /// disk verifies block by block and holds every block the source had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_with_their_disk_while_it_is_written() {
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (q, src_disk) = QemuLab::with_written_disk(dir.path(), g).await;
-    let gen_before = disk_blocks(&src_disk, 256)
-        .iter()
-        .flatten()
-        .max()
-        .copied()
-        .unwrap();
-
-    // Without --copy-storage: refused, nothing touched.
-    let r = q
-        .lab
-        .client("a")
-        .await
-        .unwrap()
-        .migrate(
-            q.lab
-                .migrate_request("guest", "a", "b", options(MigrationMode::Precopy, 1))
-                .unwrap(),
-            |_| {},
-        )
-        .await;
-    match r {
-        Err(convoy_agent::client::ClientError::Agent(e)) => {
-            assert!(e.message.contains("--copy-storage"), "{e:?}")
-        }
-        other => panic!("{other:?}"),
-    }
-
-    let mut o = options(MigrationMode::Precopy, 1);
-    o.copy_storage = true;
-    let r = q.moves("guest", "a", "b", o).await;
-    let fig = r.qemu.as_ref().unwrap();
-    assert_eq!(fig.disks_copied, 1);
-    // The mirror's progress was shown before memory's, in 4 KiB units:
-    // at least the 4 MiB disk (QEMU's total grows with what the guest
-    // rewrites meanwhile), never going back, about all of it once in sync.
-    let mirrored: Vec<_> = q
-        .progress
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|p| p.phase == "mirroring disks")
-        .cloned()
-        .collect();
-    assert!(!mirrored.is_empty(), "{:?}", q.progress.lock().unwrap());
-    assert!(
-        mirrored
+    once_more_on_guest_fault(|| async {
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (q, src_disk) = QemuLab::with_written_disk(dir.path(), g).await;
+        let gen_before = disk_blocks(&src_disk, 256)
             .iter()
-            .all(|p| p.total_pages >= (4 << 20) / 4096 && p.pages_sent <= p.total_pages),
-        "{mirrored:?}"
-    );
-    assert!(mirrored
-        .windows(2)
-        .all(|w| w[0].pages_sent <= w[1].pages_sent));
-    let last = mirrored.last().unwrap();
-    // (In sync, offset may trail the total by the guest's latest writes.)
-    assert!(last.pages_sent * 10 >= last.total_pages * 9, "{mirrored:?}");
-    assert!(
-        fig.channels.iter().any(
-            |c| matches!(c.kind, convoy_protocol::stream::ChannelKind::Nbd(0))
-                && c.out_bytes >= 1 << 20
-        ),
-        "{fig:?}"
-    );
-    // The guest goes on writing at the destination; stop it there, then
-    // check its disk block by block.
-    let dst_disk = q.images("b").join("disk.img");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    q.lab
-        .client("b")
-        .await
-        .unwrap()
-        .vm_delete("guest".parse().unwrap())
-        .await
-        .unwrap();
-    let blocks = disk_blocks(&dst_disk, 256);
-    assert!(
-        blocks.iter().all(Option::is_some),
-        "a block never arrived: {blocks:?}"
-    );
-    let gen_after = blocks.iter().flatten().max().copied().unwrap();
-    assert!(
-        gen_after >= gen_before,
-        "older data at the destination: {gen_after} < {gen_before}"
-    );
-    eprintln!("disk generations: {gen_before} before the move, {gen_after} at the end");
-    q.lab.shutdown().await;
+            .flatten()
+            .max()
+            .copied()
+            .unwrap();
+
+        // Without --copy-storage: refused, nothing touched.
+        let r = q
+            .lab
+            .client("a")
+            .await
+            .unwrap()
+            .migrate(
+                q.lab
+                    .migrate_request("guest", "a", "b", options(MigrationMode::Precopy, 1))
+                    .unwrap(),
+                |_| {},
+            )
+            .await;
+        match r {
+            Err(convoy_agent::client::ClientError::Agent(e)) => {
+                assert!(e.message.contains("--copy-storage"), "{e:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut o = options(MigrationMode::Precopy, 1);
+        o.copy_storage = true;
+        let r = q.moves("guest", "a", "b", o).await;
+        let fig = r.qemu.as_ref().unwrap();
+        assert_eq!(fig.disks_copied, 1);
+        // The mirror's progress was shown before memory's, in 4 KiB units:
+        // at least the 4 MiB disk (QEMU's total grows with what the guest
+        // rewrites meanwhile), never going back, about all of it once in sync.
+        let mirrored: Vec<_> = q
+            .progress
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.phase == "mirroring disks")
+            .cloned()
+            .collect();
+        assert!(!mirrored.is_empty(), "{:?}", q.progress.lock().unwrap());
+        assert!(
+            mirrored
+                .iter()
+                .all(|p| p.total_pages >= (4 << 20) / 4096 && p.pages_sent <= p.total_pages),
+            "{mirrored:?}"
+        );
+        assert!(mirrored
+            .windows(2)
+            .all(|w| w[0].pages_sent <= w[1].pages_sent));
+        let last = mirrored.last().unwrap();
+        // (In sync, offset may trail the total by the guest's latest writes.)
+        assert!(last.pages_sent * 10 >= last.total_pages * 9, "{mirrored:?}");
+        assert!(
+            fig.channels.iter().any(|c| matches!(
+                c.kind,
+                convoy_protocol::stream::ChannelKind::Nbd(0)
+            ) && c.out_bytes >= 1 << 20),
+            "{fig:?}"
+        );
+        // The guest goes on writing at the destination; stop it there, then
+        // check its disk block by block.
+        let dst_disk = q.images("b").join("disk.img");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        q.lab
+            .client("b")
+            .await
+            .unwrap()
+            .vm_delete("guest".parse().unwrap())
+            .await
+            .unwrap();
+        let blocks = disk_blocks(&dst_disk, 256);
+        assert!(
+            blocks.iter().all(Option::is_some),
+            "a block never arrived: {blocks:?}"
+        );
+        let gen_after = blocks.iter().flatten().max().copied().unwrap();
+        assert!(
+            gen_after >= gen_before,
+            "older data at the destination: {gen_after} < {gen_before}"
+        );
+        eprintln!("disk generations: {gen_before} before the move, {gen_after} at the end");
+        q.lab.shutdown().await;
+    })
+    .await;
 }
 
 /// Kills every QEMU of `victim` once the migration to `to` is under way
@@ -1263,53 +1420,55 @@ impl QemuLab {
 /// and nothing is left at the destination either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
-    use convoy_protocol::ctl::{Outcome, VmState};
-    use convoy_protocol::model::MigrationMode;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = std::sync::Arc::new(QemuLab::start(dir.path(), g).await);
-    q.create("a", "guest", vec![]).await;
-    let slow = || {
-        let mut o = options(MigrationMode::Precopy, 1);
-        o.bandwidth = Some(8 << 20);
-        o
-    };
-    let killer = tokio::spawn(kill_mid_migration(q.clone(), "b", "b"));
-    let r = q.migrate("guest", "a", "b", slow()).await;
-    killer.await.unwrap();
-    match &r.outcome {
-        Outcome::Aborted(why) => eprintln!("destination killed: {why}"),
-        other => panic!("{other:?}"),
-    }
-    let a_list = q.lab.client("a").await.unwrap().vm_list().await.unwrap();
-    assert_eq!(a_list[0].state, VmState::Running);
-    let last = *counters(&q.serial("a", "guest")).last().unwrap();
-    assert!(
-        until(Duration::from_secs(10), || counters(
-            &q.serial("a", "guest")
-        )
-        .last()
-        .is_some_and(|&c| c > last + 5))
-        .await,
-        "the guest does not run at the source"
-    );
-    q.assert_nothing_at("b", "guest").await;
-    // The retry succeeds.
-    q.moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
-        .await;
+    once_more_on_guest_fault(|| async {
+        use convoy_protocol::ctl::{Outcome, VmState};
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let q = std::sync::Arc::new(QemuLab::start(dir.path(), g).await);
+        q.create("a", "guest", vec![]).await;
+        let slow = || {
+            let mut o = options(MigrationMode::Precopy, 1);
+            o.bandwidth = Some(8 << 20);
+            o
+        };
+        let killer = tokio::spawn(kill_mid_migration(q.clone(), "b", "b"));
+        let r = q.migrate("guest", "a", "b", slow()).await;
+        killer.await.unwrap();
+        match &r.outcome {
+            Outcome::Aborted(why) => eprintln!("destination killed: {why}"),
+            other => panic!("{other:?}"),
+        }
+        let a_list = q.lab.client("a").await.unwrap().vm_list().await.unwrap();
+        assert_eq!(a_list[0].state, VmState::Running);
+        let last = *counters(&q.serial("a", "guest")).last().unwrap();
+        assert!(
+            until(Duration::from_secs(10), || counters(
+                &q.serial("a", "guest")
+            )
+            .last()
+            .is_some_and(|&c| c > last + 5))
+            .await,
+            "the guest does not run at the source"
+        );
+        q.assert_nothing_at("b", "guest").await;
+        // The retry succeeds.
+        q.moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
+            .await;
 
-    // Now b is the source; kill its QEMU in the middle of the move to a.
-    let killer = tokio::spawn(kill_mid_migration(q.clone(), "a", "b"));
-    let r = q.migrate("guest", "b", "a", slow()).await;
-    killer.await.unwrap();
-    match &r.outcome {
-        Outcome::Aborted(why) => assert!(why.contains("source QEMU"), "{why}"),
-        other => panic!("{other:?}"),
-    }
-    q.assert_nothing_at("a", "guest").await;
-    let b_list = q.lab.client("b").await.unwrap().vm_list().await.unwrap();
-    assert_eq!(b_list[0].state, VmState::Exited);
+        // Now b is the source; kill its QEMU in the middle of the move to a.
+        let killer = tokio::spawn(kill_mid_migration(q.clone(), "a", "b"));
+        let r = q.migrate("guest", "b", "a", slow()).await;
+        killer.await.unwrap();
+        match &r.outcome {
+            Outcome::Aborted(why) => assert!(why.contains("source QEMU"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        q.assert_nothing_at("a", "guest").await;
+        let b_list = q.lab.client("b").await.unwrap().vm_list().await.unwrap();
+        assert_eq!(b_list[0].state, VmState::Exited);
+    })
+    .await;
 }
 
 /// A guest rewriting 16 MiB over and over, migrated over a link capped at
@@ -1321,134 +1480,181 @@ async fn a_qemu_killed_on_either_side_leaves_one_guest_or_a_clean_failure() {
 /// the copy cancels it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_guest_dirtying_faster_than_the_link_is_throttled_or_fails_honestly() {
-    use convoy_protocol::ctl::Outcome;
-    use convoy_protocol::model::MigrationPlan;
-    let Some(g) = guest() else { return };
-    let _heavy = convoy_tests::heavy().await;
-    let dir = tempfile::tempdir().unwrap();
-    let q = QemuLab::start(dir.path(), g).await;
-    let c = q.lab.client("a").await.unwrap();
-    let mut def = definition("busy", vec![]);
-    def.append = "console=ttyS0 quiet panic=-1 convoy.dirty=16".into();
-    c.vm_create_qemu(def).await.unwrap();
-    let log = q.serial("a", "busy");
-    assert!(
-        until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
-        "the guest did not come up"
-    );
-    assert!(std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("convoy-guest dirtying 16 MiB"));
+    once_more_on_guest_fault(|| async {
+        use convoy_protocol::ctl::Outcome;
+        use convoy_protocol::model::MigrationPlan;
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let q = QemuLab::start(dir.path(), g).await;
+        let c = q.lab.client("a").await.unwrap();
+        let mut def = definition("busy", vec![]);
+        def.append = "console=ttyS0 quiet panic=-1 convoy.dirty=16".into();
+        c.vm_create_qemu(def).await.unwrap();
+        let log = q.serial("a", "busy");
+        assert!(
+            until(Duration::from_secs(90), || counters(&log).len() >= 5).await,
+            "the guest did not come up"
+        );
+        assert!(std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("convoy-guest dirtying 16 MiB"));
 
-    let capped = MigrationPlan {
-        streams: 1,
-        bandwidth: Some(8 << 20),
-        ..MigrationPlan::default()
-    };
-    let r = q
-        .migrate(
-            "busy",
-            "a",
-            "b",
-            MigrationPlan {
-                auto_converge: false,
-                max_rounds: 4,
-                ..capped.clone()
-            },
-        )
-        .await;
-    match &r.outcome {
-        Outcome::Aborted(why) => {
-            assert!(why.contains("did not converge in 4 rounds"), "{why}");
-        }
-        other => panic!("{other:?} {r:?}"),
-    }
-    // What was done, not zeros.
-    assert!(r.rounds > 4, "{r:?}");
-    assert!(r.pages_sent > 0 && r.convergence.dirty_rate > 0, "{r:?}");
-    assert_eq!(r.convergence.throttle, 0, "{r:?}");
-    assert_eq!(r.qemu.as_ref().unwrap().status, "cancelled", "{r:?}");
-    // The guest runs on at a; nothing at b.
-    let last = *counters(&log).last().unwrap();
-    assert!(
-        until(Duration::from_secs(10), || counters(&log).last()
-            > Some(&last))
-        .await
-    );
-    assert!(q
-        .lab
-        .client("b")
-        .await
-        .unwrap()
-        .vm_list()
-        .await
-        .unwrap()
-        .is_empty());
-
-    // Rounds enough, but a deadline of 5 s: cancelled when it passes.
-    let r = q
-        .migrate(
-            "busy",
-            "a",
-            "b",
-            MigrationPlan {
-                auto_converge: false,
-                deadline_ms: Some(5_000),
-                ..capped.clone()
-            },
-        )
-        .await;
-    match &r.outcome {
-        Outcome::Aborted(why) => assert!(why.contains("deadline of 5.0 s"), "{why}"),
-        other => panic!("{other:?} {r:?}"),
-    }
-    let last = *counters(&log).last().unwrap();
-    assert!(
-        until(Duration::from_secs(10), || counters(&log).last()
-            > Some(&last))
-        .await
-    );
-
-    // The guest counts on at a while the copy runs (throttled): the
-    // counter to carry on from is the last one a printed, watched until
-    // a's QEMU and its log are gone.
-    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let watch = {
-        let (seen, log) = (seen.clone(), log.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Some(&c) = counters(&log).last() {
-                    seen.fetch_max(c, std::sync::atomic::Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let capped = MigrationPlan {
+            streams: 1,
+            bandwidth: Some(8 << 20),
+            ..MigrationPlan::default()
+        };
+        let r = q
+            .migrate(
+                "busy",
+                "a",
+                "b",
+                MigrationPlan {
+                    auto_converge: false,
+                    max_rounds: 4,
+                    ..capped.clone()
+                },
+            )
+            .await;
+        match &r.outcome {
+            Outcome::Aborted(why) => {
+                assert!(why.contains("did not converge in 4 rounds"), "{why}");
             }
-        })
+            other => panic!("{other:?} {r:?}"),
+        }
+        // What was done, not zeros.
+        assert!(r.rounds > 4, "{r:?}");
+        assert!(r.pages_sent > 0 && r.convergence.dirty_rate > 0, "{r:?}");
+        assert_eq!(r.convergence.throttle, 0, "{r:?}");
+        assert_eq!(r.qemu.as_ref().unwrap().status, "cancelled", "{r:?}");
+        // The guest runs on at a; nothing at b.
+        let last = *counters(&log).last().unwrap();
+        assert!(
+            until(Duration::from_secs(10), || counters(&log).last()
+                > Some(&last))
+            .await
+        );
+        assert!(q
+            .lab
+            .client("b")
+            .await
+            .unwrap()
+            .vm_list()
+            .await
+            .unwrap()
+            .is_empty());
+
+        // Rounds enough, but a deadline of 5 s: cancelled when it passes.
+        let r = q
+            .migrate(
+                "busy",
+                "a",
+                "b",
+                MigrationPlan {
+                    auto_converge: false,
+                    deadline_ms: Some(5_000),
+                    ..capped.clone()
+                },
+            )
+            .await;
+        match &r.outcome {
+            Outcome::Aborted(why) => assert!(why.contains("deadline of 5.0 s"), "{why}"),
+            other => panic!("{other:?} {r:?}"),
+        }
+        let last = *counters(&log).last().unwrap();
+        assert!(
+            until(Duration::from_secs(10), || counters(&log).last()
+                > Some(&last))
+            .await
+        );
+
+        // The guest counts on at a while the copy runs (throttled): the
+        // counter to carry on from is the last one a printed, watched until
+        // a's QEMU and its log are gone.
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let watch = {
+            let (seen, log) = (seen.clone(), log.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Some(&c) = counters(&log).last() {
+                        seen.fetch_max(c, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let r = q.migrate("busy", "a", "b", capped).await;
+        watch.abort();
+        let last = seen.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+        assert!(r.verified && r.convergence.throttle > 0, "{r:?}");
+        assert!(
+            until(Duration::from_secs(10), || q.processes("a").is_empty()).await,
+            "the source QEMU still runs"
+        );
+        // The guest counts on at b. Unthrottled there, its copy loop competes
+        // with the counter for one TCG vCPU on a loaded machine (a CI run saw
+        // no counter within 30 s once): the wait is long, the check the same.
+        let dst_log = q.serial("b", "busy");
+        assert!(
+            counts_on(&dst_log, last, Duration::from_secs(120)).await,
+            "no counter after {last} at b; b's console: {}",
+            console(&dst_log)
+        );
+        q.lab.shutdown().await;
+    })
+    .await;
+}
+
+/// QEMU's own live migration, over a unix socket and without Convoy, of a
+/// guest rewriting 16 MiB, back and forth `CONVOY_QEMU_ROUNDS` times
+/// (300 by default): fails when the guest's kernel faults at a
+/// destination. Not a test of Convoy: the evidence behind
+/// [`once_more_on_guest_fault`], run on demand (`--ignored`), best on a
+/// loaded host (it failed at round 106 of 300 with two busy loops
+/// beside it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a reproduction of a QEMU bug, minutes long"]
+async fn qemu_alone_migrating_a_busy_tcg_guest_back_and_forth() {
+    let Some(g) = guest() else { return };
+    let rounds: usize = std::env::var("CONVOY_QEMU_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let dir = tempfile::tempdir().unwrap();
+    let busy = QemuSpec {
+        append: "console=ttyS0 quiet panic=-1 convoy.dirty=16".into(),
+        ..spec(g)
     };
-    let r = q.migrate("busy", "a", "b", capped).await;
-    watch.abort();
-    let last = seen.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
-    assert!(r.verified && r.convergence.throttle > 0, "{r:?}");
+    let mut src = QemuProcess::launch(&busy, &dir.path().join("v0"), false)
+        .await
+        .unwrap();
     assert!(
-        until(Duration::from_secs(10), || q.processes("a").is_empty()).await,
-        "the source QEMU still runs"
+        until(Duration::from_secs(90), || counters(&src.serial_log())
+            .len()
+            >= 5)
+        .await
     );
-    // The guest counts on at b. Unthrottled there, its copy loop competes
-    // with the counter for one TCG vCPU on a loaded machine (a CI run saw
-    // no counter within 30 s once): the wait is long, the check the same.
-    let dst_log = q.serial("b", "busy");
-    assert!(
-        until(Duration::from_secs(120), || counters(&dst_log)
-            .iter()
-            .any(|&c| c > last))
-        .await,
-        "no counter after {last} at b; b's console ends: {:?}",
-        std::fs::read_to_string(&dst_log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-    );
-    q.lab.shutdown().await;
+    for i in 1..=rounds {
+        let mut dst = QemuProcess::launch(&busy, &dir.path().join(format!("v{i}")), true)
+            .await
+            .unwrap();
+        let sock = dir.path().join(format!("m{i}.sock"));
+        assert_eq!(
+            migrate_natively(&mut src, &mut dst, &sock).await,
+            "completed"
+        );
+        let last = counters(&src.serial_log()).last().copied().unwrap_or(0);
+        src.quit().await;
+        let log = dst.serial_log();
+        assert!(
+            counts_on(&log, last + 2, Duration::from_secs(30)).await,
+            "round {i}: no counter after {last}: {}",
+            console(&log)
+        );
+        eprintln!("round {i}: the guest counts on past {last}");
+        src = dst;
+    }
+    src.quit().await;
 }
