@@ -51,7 +51,7 @@ pub struct Bench {
     pub memory: Option<u64>,
     /// Runs of each row (the median is reported): the default bench's
     /// raw transfers and migrations; qemu: migrations per path; --engine:
-    /// migrations per A/B arm.
+    /// migrations per A/B arm, and of one VM alone before the VMs at once.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub runs: u32,
     /// qemu: MiB of random data the guest holds in memory.
@@ -91,19 +91,20 @@ pub struct Bench {
         value_parser = ["modes", "ab", "concurrent", "reuse"]
     )]
     pub tables: Vec<String>,
-    /// --engine: how many VMs to migrate at once, one run per count.
+    /// --engine: how many VMs to migrate at once, one run per count, after
+    /// --runs runs of one such VM alone (the baseline of "× one alone").
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "4,8",
+        default_value = "5,10,15",
         value_parser = clap::value_parser!(u32).range(1..=64)
     )]
     pub concurrent: Vec<u32>,
     /// --engine: guest memory of each VM migrated at once.
-    #[arg(long, default_value = "256MiB", value_parser = convoy_agent::units::parse_size)]
+    #[arg(long, default_value = "117MiB", value_parser = convoy_agent::units::parse_size)]
     pub concurrent_memory: u64,
     /// --engine: dirty rate of each VM migrated at once, pages per second.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 500)]
     pub concurrent_rate: u64,
     /// --engine: give each VM of the modes table a disk of this size (a
     /// quarter of it written, the rest holes), moved with its memory.

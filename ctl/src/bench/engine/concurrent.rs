@@ -1,7 +1,10 @@
 //! The concurrent table: N VMs created on agent `a` and all migrated to
-//! `b` at once through one client, with per-VM and wall-clock times and
-//! this process's peak resident memory beyond the guest images. The agents
-//! run in this process, so its RSS is theirs (plus this client's).
+//! `b` at once through one client, with per-VM and wall-clock times, the
+//! aggregate rate against one such VM alone (migrated `--runs` times in
+//! the same run), and the agents' own memory at its peak against their
+//! budgets. The agents run in this process, so its RSS is theirs (plus
+//! this client's): the guest images are its shared memory, what the agents
+//! allocate for themselves its anonymous memory ([`crate::bench::rss`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +16,8 @@ use serde::Serialize;
 
 use super::figures::{Figures, Ran};
 use super::{Ctx, SETTLE};
-use crate::bench::rss::{proc_status, settled_rss, Sampler, QUIET};
-use crate::bench::table::{mib, mib_signed};
+use crate::bench::rss::{proc_status, settled, Rss, Sampler, QUIET};
+use crate::bench::table::{median, mib, mib_signed};
 use crate::render;
 
 #[derive(Serialize)]
@@ -39,20 +42,31 @@ pub struct Concurrent {
     /// Guest bytes of all VMs over the wall-clock time.
     pub aggregate_guest_mb_s: f64,
     pub aggregate_wire_mb_s: f64,
+    /// Aggregate guest MB/s over that of one VM alone (the median of its
+    /// runs in the same bench); none for the runs of one alone.
+    pub vs_one_alone: Option<f64>,
     /// RSS before the VMs were created.
     pub rss_before_bytes: u64,
     /// Highest RSS while the VMs existed (VmHWM after a reset, and a
     /// 10 ms sampler).
     pub peak_rss_bytes: u64,
-    /// RSS rise when the VMs were created (the source images as resident).
+    /// Shared memory that came with the VMs' creation: the source images.
     pub source_images_bytes: u64,
-    /// RSS drop when the arrived VMs were deleted (the destination images,
-    /// and buffers the allocator returned late).
+    /// Shared memory that left when the arrived VMs were deleted: the
+    /// destination images.
     pub destination_images_bytes: u64,
-    /// peak − before − 2 × source images (the destination's images are as
-    /// resident as the source's).
+    /// Anonymous memory before the VMs were created.
+    pub anon_before_bytes: u64,
+    /// Highest anonymous memory during the migrations (10 ms sampler).
+    pub peak_anon_bytes: u64,
+    /// The agents' own memory at its peak: peak − before of the anonymous
+    /// memory (windows, queues, caches, trees, the allocator's slack; not
+    /// the images, which are shared memory).
     pub overhead_bytes: i64,
     pub overhead_per_vm_bytes: i64,
+    /// What the two agents' budgets allow together (the lab's agents run
+    /// with the default `--migration-memory`).
+    pub budget_bytes: u64,
     /// Whether VmHWM could be reset for this run (else the sampler only).
     pub hwm_reset: bool,
     pub per_vm: Vec<PerVm>,
@@ -70,13 +84,13 @@ pub async fn run(
         "{n} VMs of {} migrated at once …",
         format_bytes(memory)
     ));
-    let rss_before = settled_rss().await;
+    let before = settled().await;
     let names: Vec<String> = (0..n).map(|_| ctx.name()).collect();
     for (i, vm) in names.iter().enumerate() {
         ctx.create(vm, memory, rate, i as u64 + 1, None).await?;
     }
     tokio::time::sleep(QUIET.max(SETTLE)).await;
-    let rss_created = proc_status("VmRSS").unwrap_or(0);
+    let created = Rss::now();
     // From here on VmHWM is this run's peak (when the kernel lets us
     // reset it); the sampler covers kernels that do not.
     let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
@@ -108,8 +122,8 @@ pub async fn run(
     if let Ok(c) = Arc::try_unwrap(client) {
         c.close().await;
     }
-    let rss_arrived = settled_rss().await;
-    let sampled = sampler.stop();
+    let arrived = settled().await;
+    let peak = sampler.stop();
     let hwm = if hwm_reset {
         proc_status("VmHWM").unwrap_or(0)
     } else {
@@ -118,7 +132,7 @@ pub async fn run(
     for vm in &names {
         ctx.delete(vm).await?;
     }
-    let rss_deleted = settled_rss().await;
+    let deleted = settled().await;
     per_vm.sort_by(|x, y| x.vm.cmp(&y.vm));
     let mut totals: Vec<f64> = per_vm
         .iter()
@@ -130,15 +144,8 @@ pub async fn run(
         .iter()
         .filter_map(|v| v.figures.map(|f| f.wire_bytes))
         .sum();
-    let peak = sampled.max(hwm).max(rss_created);
-    let source = rss_created.saturating_sub(rss_before);
-    let destination = rss_arrived.saturating_sub(rss_deleted);
-    // The arrived images are as resident as the source's (the same pages,
-    // zero pages untouched at both ends). The RSS drop when they are
-    // deleted also measures them, but it includes whatever the allocator
-    // hands back late (window buffers of the migrations just ended), which
-    // made the overhead swing by hundreds of MiB between runs.
-    let overhead = peak as i64 - (rss_before + 2 * source) as i64;
+    let overhead = i64::try_from(peak.anon).unwrap_or(i64::MAX)
+        - i64::try_from(before.anon).unwrap_or(i64::MAX);
     Ok(Concurrent {
         vms: n,
         memory_bytes_each: memory,
@@ -148,82 +155,111 @@ pub async fn run(
         max_total_ms: totals.last().copied().unwrap_or(0.0),
         aggregate_guest_mb_s: u64::from(n) as f64 * memory as f64 / secs / 1e6,
         aggregate_wire_mb_s: wire as f64 / secs / 1e6,
-        rss_before_bytes: rss_before,
-        peak_rss_bytes: peak,
-        source_images_bytes: source,
-        destination_images_bytes: destination,
+        vs_one_alone: None,
+        rss_before_bytes: before.total,
+        peak_rss_bytes: peak.total.max(hwm).max(created.total),
+        source_images_bytes: created.shmem.saturating_sub(before.shmem),
+        destination_images_bytes: arrived.shmem.saturating_sub(deleted.shmem),
+        anon_before_bytes: before.anon,
+        peak_anon_bytes: peak.anon,
         overhead_bytes: overhead,
         overhead_per_vm_bytes: overhead / i64::from(n.max(1)),
+        budget_bytes: 2 * convoy_agent::host::budget::DEFAULT_MIGRATION_MEMORY,
         hwm_reset,
         per_vm,
     })
 }
 
-/// The table as text, with each run's per-VM times (nothing when there
+/// Sets each run's aggregate rate against the median of `alone`'s.
+pub fn against_one_alone(runs: &mut [Concurrent], alone: &[Concurrent]) {
+    let base = median(alone.iter().map(|c| c.aggregate_guest_mb_s));
+    if base > 0.0 {
+        for c in runs {
+            c.vs_one_alone = Some(c.aggregate_guest_mb_s / base);
+        }
+    }
+}
+
+/// The table as text: one VM alone (each run's rate), then a row per run
+/// of several at once, with each run's per-VM times (nothing when there
 /// are no runs).
-pub fn text(concurrent: &[Concurrent]) -> String {
+pub fn text(alone: &[Concurrent], concurrent: &[Concurrent]) -> String {
     let mut s = String::new();
-    if !concurrent.is_empty() {
-        s.push_str(
-            "\nVMs migrated at once (RSS of this process, which runs both agents; \
-             overhead = peak − before − 2 × source images)\n",
-        );
-        let rows: Vec<Vec<String>> = concurrent
+    if concurrent.is_empty() && alone.is_empty() {
+        return s;
+    }
+    s.push_str(
+        "\nVMs migrated at once (this process runs both agents: the images are its shared \
+         memory; the agents' peak is the rise of its anonymous memory, against both \
+         agents' budgets)\n",
+    );
+    if !alone.is_empty() {
+        let rates: Vec<String> = alone
             .iter()
-            .map(|c| {
-                let ok = c.per_vm.iter().filter(|v| v.verified).count();
-                vec![
-                    c.vms.to_string(),
-                    format_bytes(c.memory_bytes_each),
-                    format!("{:.0}", c.median_total_ms),
-                    format!("{:.0}", c.max_total_ms),
-                    format!("{:.0}", c.wall_ms),
-                    format!("{:.0}", c.aggregate_guest_mb_s),
-                    format!("{:.0}", c.aggregate_wire_mb_s),
-                    mib(c.rss_before_bytes),
-                    mib(c.peak_rss_bytes),
-                    mib(c.source_images_bytes),
-                    mib(c.destination_images_bytes),
-                    mib_signed(c.overhead_bytes),
-                    mib_signed(c.overhead_per_vm_bytes),
-                    format!("{ok}/{}", c.vms),
-                ]
+            .map(|c| format!("{:.0}", c.aggregate_guest_mb_s))
+            .collect();
+        s.push_str(&format!(
+            "  one VM alone, guest MB/s: {} (median {:.0})\n",
+            rates.join(", "),
+            median(alone.iter().map(|c| c.aggregate_guest_mb_s))
+        ));
+    }
+    let rows: Vec<Vec<String>> = concurrent
+        .iter()
+        .map(|c| {
+            let ok = c.per_vm.iter().filter(|v| v.verified).count();
+            vec![
+                c.vms.to_string(),
+                format_bytes(c.memory_bytes_each),
+                format!("{:.0}", c.median_total_ms),
+                format!("{:.0}", c.max_total_ms),
+                format!("{:.0}", c.wall_ms),
+                format!("{:.0}", c.aggregate_guest_mb_s),
+                c.vs_one_alone
+                    .map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+                format!("{:.0}", c.aggregate_wire_mb_s),
+                mib(c.peak_rss_bytes),
+                mib(c.source_images_bytes),
+                mib(c.destination_images_bytes),
+                mib_signed(c.overhead_bytes),
+                mib(c.budget_bytes),
+                format!("{ok}/{}", c.vms),
+            ]
+        })
+        .collect();
+    s.push_str(&render::table(
+        &[
+            "VMs",
+            "each",
+            "median ms",
+            "max ms",
+            "wall ms",
+            "guest MB/s",
+            "× one alone",
+            "wire MB/s",
+            "peak RSS MiB",
+            "source img MiB",
+            "dest img MiB",
+            "agents' peak MiB",
+            "budgets MiB",
+            "verified",
+        ],
+        &rows,
+    ));
+    for c in concurrent {
+        let totals: Vec<String> = c
+            .per_vm
+            .iter()
+            .map(|v| match v.figures {
+                Some(f) if v.verified => format!("{:.0}", f.total_ms),
+                _ => v.outcome.clone(),
             })
             .collect();
-        s.push_str(&render::table(
-            &[
-                "VMs",
-                "each",
-                "median ms",
-                "max ms",
-                "wall ms",
-                "guest MB/s",
-                "wire MB/s",
-                "RSS before MiB",
-                "peak MiB",
-                "source img MiB",
-                "dest img MiB",
-                "overhead MiB",
-                "per VM MiB",
-                "verified",
-            ],
-            &rows,
+        s.push_str(&format!(
+            "  {} VMs, per-VM total ms: {}\n",
+            c.vms,
+            totals.join(" ")
         ));
-        for c in concurrent {
-            let totals: Vec<String> = c
-                .per_vm
-                .iter()
-                .map(|v| match v.figures {
-                    Some(f) if v.verified => format!("{:.0}", f.total_ms),
-                    _ => v.outcome.clone(),
-                })
-                .collect();
-            s.push_str(&format!(
-                "  {} VMs, per-VM total ms: {}\n",
-                c.vms,
-                totals.join(" ")
-            ));
-        }
     }
     s
 }

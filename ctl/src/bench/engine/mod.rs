@@ -11,9 +11,10 @@
 //!   costs. Delta pages cannot be turned off from a request (the
 //!   destination always accepts them), so they get no A/B.
 //! - [`concurrent`]: N VMs created on agent `a` and all migrated to `b` at
-//!   once through one client, with per-VM and wall-clock times and this
-//!   process's peak resident memory beyond the guest images. The agents
-//!   run in this process, so its RSS is theirs (plus this client's).
+//!   once through one client, with per-VM and wall-clock times, the
+//!   aggregate rate against one VM alone (`--runs` runs of it first), and
+//!   the agents' own memory at its peak (the process's anonymous memory:
+//!   the images are shared memory) against their budgets.
 //! - [`reuse`]: memory reuse when a VM comes back. Per dirty rate, a VM
 //!   that opts in to retention goes a → b, runs there for `--reuse-dwell`,
 //!   and comes back b → a, where its encrypted image waits; the row sets
@@ -99,6 +100,9 @@ struct Output {
     load_end: Option<String>,
     modes: Vec<modes::ModeRow>,
     ab: Option<ab::Ab>,
+    /// One VM of the concurrent table's shape alone, `--runs` times: the
+    /// baseline of its "× one alone".
+    concurrent_alone: Vec<concurrent::Concurrent>,
     concurrent: Vec<concurrent::Concurrent>,
     reuse: Vec<reuse::ReuseRow>,
 }
@@ -280,6 +284,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         load_end: None,
         modes: Vec::new(),
         ab: None,
+        concurrent_alone: Vec::new(),
         concurrent: Vec::new(),
         reuse: Vec::new(),
     };
@@ -291,14 +296,20 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         out.ab = Some(ab::run(&ctx, memory, heavy, &base, b.runs).await?);
     }
     if want("concurrent") {
-        for &n in &b.concurrent {
-            let o = MigrationPlan {
-                mode: MigrationMode::Precopy,
-                ..base.clone()
-            };
-            out.concurrent
-                .push(concurrent::run(&ctx, n, b.concurrent_memory, b.concurrent_rate, o).await?);
+        let o = MigrationPlan {
+            mode: MigrationMode::Precopy,
+            ..base.clone()
+        };
+        let (mem, rate) = (b.concurrent_memory, b.concurrent_rate);
+        for _ in 0..b.runs {
+            out.concurrent_alone
+                .push(concurrent::run(&ctx, 1, mem, rate, o.clone()).await?);
         }
+        for &n in &b.concurrent {
+            out.concurrent
+                .push(concurrent::run(&ctx, n, mem, rate, o.clone()).await?);
+        }
+        concurrent::against_one_alone(&mut out.concurrent, &out.concurrent_alone);
     }
     // Last: the images the agents keep would count in the RSS above.
     if want("reuse") {
@@ -360,7 +371,7 @@ fn text(o: &Output) -> String {
     if let Some(ab) = &o.ab {
         s.push_str(&ab::text(ab, o.runs, o.max_rounds));
     }
-    s.push_str(&concurrent::text(&o.concurrent));
+    s.push_str(&concurrent::text(&o.concurrent_alone, &o.concurrent));
     s.push_str(&reuse::text(&o.reuse));
     s
 }
