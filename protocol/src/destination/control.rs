@@ -13,6 +13,16 @@ impl Destination {
     /// A message from the source's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), DestinationError> {
         self.heard(now);
+        if let Message::Probe(p) = msg {
+            // Answered at once, whatever is still in flight (see
+            // `Capabilities::PROBE`); nothing to answer before a proposal
+            // or after the end.
+            if !matches!(self.phase, Phase::AwaitPropose | Phase::Done) {
+                self.actions
+                    .push_back(DestinationAction::Send(Message::Probe(p)));
+            }
+            return Ok(());
+        }
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         match (phase, msg) {
             (Phase::AwaitPropose, Message::Propose(p)) => {

@@ -182,3 +182,24 @@ fn a_source_silent_after_accept_loses_its_staging_after_the_silence_limit() {
     assert!(failed);
     assert!(d.is_finished());
 }
+
+#[test]
+fn a_probe_is_answered_at_once_while_receiving_and_not_before_a_proposal() {
+    let now = Instant::now();
+    let probe = |seq| Message::Probe(crate::stream::Probe { seq });
+    let mut d = destination(now, 1 << 30);
+    d.handle_message(now, probe(1)).unwrap();
+    assert!(d.poll_action().is_none(), "answered before a proposal");
+    let plan = MigrationPlan {
+        mode: MigrationMode::Precopy,
+        ..MigrationPlan::default()
+    };
+    let mut d = receiving(&plan, now);
+    d.handle_message(now, probe(7)).unwrap();
+    match d.poll_action() {
+        Some(DestinationAction::Send(Message::Probe(p))) => assert_eq!(p.seq, 7),
+        other => panic!("{other:?}"),
+    }
+    // Nothing else changed: the migration still receives.
+    assert!(!d.is_finished());
+}

@@ -81,8 +81,17 @@ impl Capabilities {
     /// through it too, or refuse; a destination without one that ran the
     /// VM would leave the registry naming the source.
     pub const REGISTRY: Capabilities = Capabilities(8);
+    /// The destination answers a [`crate::stream::Probe`] on the control
+    /// stream at once, so the source times the control path with probes
+    /// instead of `Propose`→`Accept` and `RoundEnd`→`RoundApplied`, which
+    /// also hold the destination's work: making the staging, applying what
+    /// was still in flight — hundreds of milliseconds on a host busy with
+    /// other migrations, which made the handover look too slow for any
+    /// pause to meet the target.
+    pub const PROBE: Capabilities = Capabilities(16);
     /// Everything this build supports.
-    pub const OURS: Capabilities = Capabilities(Self::ZSTD.0 | Self::DELTA.0 | Self::REUSE.0);
+    pub const OURS: Capabilities =
+        Capabilities(Self::ZSTD.0 | Self::DELTA.0 | Self::REUSE.0 | Self::PROBE.0);
 
     /// Bits set in both.
     pub fn intersect(self, o: Capabilities) -> Capabilities {

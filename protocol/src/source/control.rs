@@ -13,10 +13,12 @@ use crate::receipt::ReceiptKind;
 use super::{Phase, Source, SourceAction, SourceError, Switchover};
 
 /// Control round trips measured before the shortest is trusted to say
-/// that the handover alone misses the downtime target (`Propose`→`Accept`
-/// and two rounds' `RoundEnd`→`RoundApplied`: each is an upper bound on
-/// the path's RTT, so a first one slowed by queues or the destination's
-/// work is not taken for the path).
+/// that the handover alone misses the downtime target: probes sent at
+/// `Accept` and at the first two rounds' `RoundEnd` (with a destination
+/// that does not answer probes, `Propose`→`Accept` and two rounds'
+/// `RoundEnd`→`RoundApplied`, which hold its work too). Each is an upper
+/// bound on the path's RTT, so a first one slowed by queues is not taken
+/// for the path.
 pub const TRUSTED_ROUND_TRIPS: u32 = 3;
 
 impl Source {
@@ -40,6 +42,28 @@ impl Source {
             let rate = (self.round_bytes as f64 / secs) as u64;
             self.rate = rate;
         }
+    }
+
+    /// Whether the destination answers probes at once: then only probes
+    /// time the control path.
+    fn probing(&self) -> bool {
+        self.accepted
+            .is_some_and(|c| c.has(crate::message::Capabilities::PROBE))
+    }
+
+    /// Sends a probe, when the destination answers them, and notes when.
+    pub(super) fn send_probe(&mut self, now: Instant) {
+        if !self.probing() {
+            return;
+        }
+        self.probes_sent = self.probes_sent.wrapping_add(1);
+        self.probe = Some((self.probes_sent, now));
+        self.actions
+            .push_back(SourceAction::Send(Box::new(Message::Probe(
+                crate::stream::Probe {
+                    seq: self.probes_sent,
+                },
+            ))));
     }
 
     /// A control exchange took `took`, from our message to the answer:
@@ -71,6 +95,17 @@ impl Source {
 
     /// A message from the destination's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), SourceError> {
+        if let Message::Probe(p) = msg {
+            // The answer to the probe in flight times the path; any other
+            // (late, repeated, never sent) measures nothing.
+            if let Some((seq, at)) = self.probe {
+                if seq == p.seq {
+                    self.probe = None;
+                    self.note_round_trip(now.saturating_duration_since(at));
+                }
+            }
+            return Ok(());
+        }
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         match (phase, msg) {
             (Phase::Proposed { .. }, Message::Accept(a)) => {
@@ -96,7 +131,11 @@ impl Source {
                 }
                 self.bases = a.bases;
                 self.accepted = Some(a.capabilities);
-                if let Some(t) = self.started_at {
+                if self.probing() {
+                    // Accept comes after the staging is made: a probe
+                    // times the path alone.
+                    self.send_probe(now);
+                } else if let Some(t) = self.started_at {
                     self.note_round_trip(now.saturating_duration_since(t));
                 }
                 self.actions.push_back(SourceAction::StartDirtyLog);
@@ -122,7 +161,9 @@ impl Source {
                 },
                 Message::RoundApplied(a),
             ) if a.round == round => {
-                if let Some(t) = self.round_end_at.take() {
+                // RoundApplied waits for what was still in flight: it
+                // times the path only where no probe does.
+                if let Some(t) = self.round_end_at.take().filter(|_| !self.probing()) {
                     self.note_round_trip(now.saturating_duration_since(t));
                 }
                 self.measure_round(now, round_start);

@@ -329,6 +329,10 @@ pub struct Source {
     /// When the current round's RoundEnd went (on this link): its
     /// RoundApplied measures a round trip.
     round_end_at: Option<Instant>,
+    /// The probe in flight (its number, when it went), and how many were
+    /// sent ([`crate::message::Capabilities::PROBE`]).
+    probe: Option<(u32, Instant)>,
+    probes_sent: u32,
     /// The shortest control round trip measured so far.
     round_trip: Option<Duration>,
     /// Control round trips measured (the shortest is `round_trip`).
@@ -416,6 +420,8 @@ impl Source {
             round_sent: PageBitmap::empty(pages as u64),
             round_ended: false,
             round_end_at: None,
+            probe: None,
+            probes_sent: 0,
             round_trip: None,
             round_trips: 0,
             carried: None,

@@ -25,8 +25,9 @@ impl Source {
             ));
         }
         let held = PageBitmap::from_words(r.held, count);
-        // A RoundEnd of the broken link measures no round trip.
+        // A RoundEnd or probe of the broken link measures no round trip.
         self.round_end_at = None;
+        self.probe = None;
         // Batches count from zero on the new streams.
         for b in &mut self.batches {
             *b = 0;

@@ -116,6 +116,7 @@ impl Source {
                         round,
                         batches: self.batches.clone(),
                     }))));
+                self.send_probe(now);
             }
             Phase::PostCopy {
                 round: r,

@@ -164,6 +164,9 @@ pub struct Pair {
     pub bandwidth: f64,
     /// Extra delay of the data streams behind the control stream.
     pub data_lag: Duration,
+    /// How long the destination takes to make its staging before it
+    /// accepts (a host busy with other migrations).
+    pub accept_delay: Duration,
     pub latency: Duration,
     pub to_dst: VecDeque<(Instant, Message)>,
     pub to_src: VecDeque<(Instant, Message)>,
@@ -319,6 +322,7 @@ impl Pair {
             bandwidth,
             latency: Duration::from_millis(5),
             data_lag: Duration::ZERO,
+            accept_delay: Duration::ZERO,
             to_dst: VecDeque::new(),
             to_src: VecDeque::new(),
             data: VecDeque::new(),
@@ -488,7 +492,11 @@ impl Pair {
                     if let Some(t) = self.tamper_control.as_mut() {
                         t(&mut m);
                     }
-                    self.src_msgs += 1;
+                    // Probes come and go beside the sequence the cut
+                    // hooks count.
+                    if !matches!(*m, Message::Probe(_)) {
+                        self.src_msgs += 1;
+                    }
                     if self.link_up {
                         self.to_dst.push_back((self.now + self.latency, *m));
                     }
@@ -578,7 +586,13 @@ impl Pair {
                         }
                     }
                     if self.link_up {
-                        self.to_src.push_back((self.now + self.latency, m));
+                        // Nothing else is on the way back before Accept:
+                        // delaying it keeps the stream in order.
+                        let work = match m {
+                            Message::Accept(_) => self.accept_delay,
+                            _ => Duration::ZERO,
+                        };
+                        self.to_src.push_back((self.now + self.latency + work, m));
                     }
                     if running && self.cut_on_running {
                         self.link_up = false;

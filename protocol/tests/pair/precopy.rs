@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::destination::DestinationEvent;
-use convoy_protocol::message::Message;
+use convoy_protocol::message::{Capabilities, Message};
 
 use crate::harness::{root_of, without_delta, Pair};
 
@@ -216,6 +216,43 @@ fn the_time_a_started_vm_waited_for_its_disks_is_not_downtime_and_cannot_go_belo
     assert!(plain >= Duration::from_millis(15), "{plain:?}");
     assert_eq!(run(Some(5)), plain - Duration::from_millis(5));
     assert_eq!(run(Some(u32::MAX)), Duration::ZERO);
+}
+
+#[test]
+fn probes_time_the_path_and_not_a_destination_slow_to_accept_and_apply() {
+    // A destination busy with other migrations: 400 ms to make its
+    // staging, each round applied 200 ms after its batches left. Timed by
+    // Accept and RoundApplied, the path would seem to take 200 ms a round
+    // trip, and the handover twice that: over a 300 ms target before any
+    // page is counted, which is what made migrations on a busy host give
+    // up. Probes, answered at once, time the path alone (5 ms each way).
+    let run = |probe: bool| {
+        let mut p = Pair::with(512, 5, 50e6, 1 << 30, |c| {
+            if !probe {
+                c.capabilities = Capabilities(c.capabilities.0 & !Capabilities::PROBE.0);
+            }
+        });
+        p.accept_delay = Duration::from_millis(400);
+        p.data_lag = Duration::from_millis(200);
+        p.run();
+        p
+    };
+    let p = run(true);
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified);
+    assert_eq!(s.convergence.round_trip_us, 10_000, "{:?}", s.convergence);
+    assert_eq!(
+        p.staging.as_ref().unwrap(),
+        p.paused_image.as_ref().unwrap()
+    );
+    // Without probes (a destination that does not answer them), as before.
+    let s = run(false).summary().clone();
+    assert!(
+        s.convergence.round_trip_us >= 200_000,
+        "{:?}",
+        s.convergence
+    );
 }
 
 /// A dirtying VM over a path of `one_way` each way, with a downtime

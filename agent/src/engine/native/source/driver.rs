@@ -783,7 +783,7 @@ impl Run {
                 if plan.compression_level > 0 {
                     Capabilities::OURS.0
                 } else {
-                    Capabilities::DELTA.0 | Capabilities::REUSE.0
+                    Capabilities::DELTA.0 | Capabilities::REUSE.0 | Capabilities::PROBE.0
                 } | crate::host::fleet::declared(&self.host).0,
             ),
             accept_timeout: Duration::from_secs(30),
