@@ -13,13 +13,14 @@ impl Destination {
     /// A message from the source's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), DestinationError> {
         self.heard(now);
-        if let Message::Probe(p) = msg {
-            // Answered at once, whatever is still in flight (see
-            // `Capabilities::PROBE`); nothing to answer before a proposal
-            // or after the end.
-            if !matches!(self.phase, Phase::AwaitPropose | Phase::Done) {
+        // Answered at once, whatever is still in flight (see
+        // `Capabilities::PROBE`); after the end, ignored. Before a
+        // proposal it is unexpected like anything else: a connection
+        // must begin with one.
+        if let (Message::Probe(p), false) = (&msg, matches!(self.phase, Phase::AwaitPropose)) {
+            if !matches!(self.phase, Phase::Done) {
                 self.actions
-                    .push_back(DestinationAction::Send(Message::Probe(p)));
+                    .push_back(DestinationAction::Send(Message::Probe(*p)));
             }
             return Ok(());
         }

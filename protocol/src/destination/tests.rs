@@ -184,12 +184,19 @@ fn a_source_silent_after_accept_loses_its_staging_after_the_silence_limit() {
 }
 
 #[test]
-fn a_probe_is_answered_at_once_while_receiving_and_not_before_a_proposal() {
+fn a_probe_is_answered_at_once_while_receiving_and_refused_before_a_proposal() {
     let now = Instant::now();
     let probe = |seq| Message::Probe(crate::stream::Probe { seq });
+    // A connection must begin with a proposal: a probe first is refused.
     let mut d = destination(now, 1 << 30);
-    d.handle_message(now, probe(1)).unwrap();
-    assert!(d.poll_action().is_none(), "answered before a proposal");
+    assert!(d.handle_message(now, probe(1)).is_err());
+    assert!(
+        !matches!(
+            d.poll_action(),
+            Some(DestinationAction::Send(Message::Probe(_)))
+        ),
+        "answered before a proposal"
+    );
     let plan = MigrationPlan {
         mode: MigrationMode::Precopy,
         ..MigrationPlan::default()

@@ -14,12 +14,16 @@ use super::{Phase, Source, SourceAction, SourceError, Switchover};
 
 /// Control round trips measured before the shortest is trusted to say
 /// that the handover alone misses the downtime target: probes sent at
-/// `Accept` and at the first two rounds' `RoundEnd` (with a destination
-/// that does not answer probes, `Propose`→`Accept` and two rounds'
-/// `RoundEnd`→`RoundApplied`, which hold its work too). Each is an upper
-/// bound on the path's RTT, so a first one slowed by queues is not taken
-/// for the path.
+/// `Accept` and before the first two rounds' `RoundEnd` (with a
+/// destination that does not answer probes, `Propose`→`Accept` and two
+/// rounds' `RoundEnd`→`RoundApplied`, which hold its work too). Each is
+/// an upper bound on the path's RTT, so a first one slowed by queues is
+/// not taken for the path.
 pub const TRUSTED_ROUND_TRIPS: u32 = 3;
+
+/// Probes waiting for their answer at most: an older one is forgotten
+/// (its answer then measures nothing).
+pub const PROBES_IN_FLIGHT: usize = 4;
 
 impl Source {
     /// A pre-copy round was applied at the destination: the rate it went
@@ -57,7 +61,10 @@ impl Source {
             return;
         }
         self.probes_sent = self.probes_sent.wrapping_add(1);
-        self.probe = Some((self.probes_sent, now));
+        if self.probes.len() == PROBES_IN_FLIGHT {
+            self.probes.pop_front();
+        }
+        self.probes.push_back((self.probes_sent, now));
         self.actions
             .push_back(SourceAction::Send(Box::new(Message::Probe(
                 crate::stream::Probe {
@@ -68,12 +75,15 @@ impl Source {
 
     /// A control exchange took `took`, from our message to the answer:
     /// the shortest so far bounds the path's round trip from above (it
-    /// holds the destination's work and any queue on the path, as the
-    /// handover's own exchanges will).
-    pub(super) fn note_round_trip(&mut self, took: Duration) {
+    /// holds any queue on the path, as the handover's own exchanges will).
+    /// Only a `trusted` one counts towards [`TRUSTED_ROUND_TRIPS`]: a
+    /// probe, or where there are none, any exchange.
+    pub(super) fn note_round_trip(&mut self, took: Duration, trusted: bool) {
         let rt = self.round_trip.map_or(took, |r| r.min(took));
         self.round_trip = Some(rt);
-        self.round_trips = self.round_trips.saturating_add(1);
+        if trusted {
+            self.round_trips = self.round_trips.saturating_add(1);
+        }
         self.convergence.round_trip_us = crate::units::micros(rt);
     }
 
@@ -96,13 +106,13 @@ impl Source {
     /// A message from the destination's control stream.
     pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), SourceError> {
         if let Message::Probe(p) = msg {
-            // The answer to the probe in flight times the path; any other
-            // (late, repeated, never sent) measures nothing.
-            if let Some((seq, at)) = self.probe {
-                if seq == p.seq {
-                    self.probe = None;
-                    self.note_round_trip(now.saturating_duration_since(at));
-                }
+            // The answer to a probe in flight times the path (and settles
+            // the older ones: the stream is ordered); any other (late,
+            // repeated, never sent) measures nothing.
+            if let Some(i) = self.probes.iter().position(|(seq, _)| *seq == p.seq) {
+                let (_, at) = self.probes[i];
+                self.probes.drain(..=i);
+                self.note_round_trip(now.saturating_duration_since(at), true);
             }
             return Ok(());
         }
@@ -131,13 +141,14 @@ impl Source {
                 }
                 self.bases = a.bases;
                 self.accepted = Some(a.capabilities);
-                if self.probing() {
-                    // Accept comes after the staging is made: a probe
-                    // times the path alone.
-                    self.send_probe(now);
-                } else if let Some(t) = self.started_at {
-                    self.note_round_trip(now.saturating_duration_since(t));
+                // Accept comes after the staging is made: an upper bound
+                // of the path, and where the destination answers probes,
+                // one times the path alone.
+                if let Some(t) = self.started_at {
+                    let probing = self.probing();
+                    self.note_round_trip(now.saturating_duration_since(t), !probing);
                 }
+                self.send_probe(now);
                 self.actions.push_back(SourceAction::StartDirtyLog);
                 self.last_log_at = Some(now);
                 self.copy_started = Some(now);
@@ -161,10 +172,11 @@ impl Source {
                 },
                 Message::RoundApplied(a),
             ) if a.round == round => {
-                // RoundApplied waits for what was still in flight: it
-                // times the path only where no probe does.
-                if let Some(t) = self.round_end_at.take().filter(|_| !self.probing()) {
-                    self.note_round_trip(now.saturating_duration_since(t));
+                // RoundApplied waits for what was still in flight: an
+                // upper bound, trusted only where no probe times the path.
+                if let Some(t) = self.round_end_at.take() {
+                    let probing = self.probing();
+                    self.note_round_trip(now.saturating_duration_since(t), !probing);
                 }
                 self.measure_round(now, round_start);
                 self.phase = Phase::Copying {

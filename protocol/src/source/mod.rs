@@ -329,9 +329,10 @@ pub struct Source {
     /// When the current round's RoundEnd went (on this link): its
     /// RoundApplied measures a round trip.
     round_end_at: Option<Instant>,
-    /// The probe in flight (its number, when it went), and how many were
-    /// sent ([`crate::message::Capabilities::PROBE`]).
-    probe: Option<(u32, Instant)>,
+    /// Probes in flight (number, when it went), oldest first, at most
+    /// [`PROBES_IN_FLIGHT`], and how many were sent
+    /// ([`crate::message::Capabilities::PROBE`]).
+    probes: std::collections::VecDeque<(u32, Instant)>,
     probes_sent: u32,
     /// The shortest control round trip measured so far.
     round_trip: Option<Duration>,
@@ -420,7 +421,7 @@ impl Source {
             round_sent: PageBitmap::empty(pages as u64),
             round_ended: false,
             round_end_at: None,
-            probe: None,
+            probes: std::collections::VecDeque::new(),
             probes_sent: 0,
             round_trip: None,
             round_trips: 0,

@@ -27,7 +27,7 @@ impl Source {
         let held = PageBitmap::from_words(r.held, count);
         // A RoundEnd or probe of the broken link measures no round trip.
         self.round_end_at = None;
-        self.probe = None;
+        self.probes.clear();
         // Batches count from zero on the new streams.
         for b in &mut self.batches {
             *b = 0;

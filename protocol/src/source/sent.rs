@@ -111,12 +111,14 @@ impl Source {
                 };
                 self.round_ended = true;
                 self.round_end_at = Some(now);
+                // Before RoundEnd on the ordered control stream: its answer
+                // comes before RoundApplied, so the round's decision has it.
+                self.send_probe(now);
                 self.actions
                     .push_back(SourceAction::Send(Box::new(Message::RoundEnd(RoundEnd {
                         round,
                         batches: self.batches.clone(),
                     }))));
-                self.send_probe(now);
             }
             Phase::PostCopy {
                 round: r,
