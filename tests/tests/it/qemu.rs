@@ -139,7 +139,7 @@ async fn a_guest_fault_runs_the_scenario_once_more_and_only_once() {
     static RUNS: AtomicU32 = AtomicU32::new(0);
     once_more_on_guest_fault(|| async {
         if RUNS.fetch_add(1, Ordering::SeqCst) == 0 {
-            panic!("{GUEST_FAULT}: first run");
+            panic!("{GUEST_FAULT}: simulated by this test, first run");
         }
     })
     .await;
@@ -156,7 +156,7 @@ async fn a_guest_fault_runs_the_scenario_once_more_and_only_once() {
                     async move {
                         let n = runs.fetch_add(1, Ordering::SeqCst);
                         let what = if n == 0 { first } else { GUEST_FAULT };
-                        panic!("{what}: run {n}");
+                        panic!("{what}: simulated by this test, run {n}");
                     }
                 })
                 .await;
