@@ -200,7 +200,9 @@ pub struct Switch {
 /// handover's two round trips fall inside a pre-copy migration's downtime,
 /// so the source takes them off the downtime target it gives QEMU
 /// ([`qemu_downtime_limit`]). (`Propose`→`Accept` cannot serve: the
-/// destination launches its QEMU in between.)
+/// destination launches its QEMU in between.) Page migrations time their
+/// control path with it too, where the destination accepted
+/// [`crate::message::Capabilities::PROBE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
     /// Which probe (the answer names the same).

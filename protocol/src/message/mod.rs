@@ -33,7 +33,7 @@
 //! | 22 | a signed statement | the answer to an inquiry |
 //! | 23 | [`PrecopyResumed`] | agent control, destination → source |
 //! | 24 | [`crate::stream::LinkCut`] | agent control of a new connection, both ways (stream migrations) |
-//! | 25 | [`crate::stream::Probe`] | agent control, source → destination and back (stream migrations) |
+//! | 25 | [`crate::stream::Probe`] | agent control, source → destination and back (stream migrations; page migrations with `Capabilities::PROBE`) |
 //! | 26 | [`Lane`] | an extra connection's first frame, source → destination, and the answer |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
@@ -134,6 +134,7 @@ pub enum Message {
     Statement(crate::indoubt::SignedStatement),
     /// Tag 24.
     LinkCut(crate::stream::LinkCut),
-    /// A control round trip timed (stream migrations), both ways.
+    /// A control round trip timed, both ways (stream migrations, and page
+    /// migrations whose destination accepted `Capabilities::PROBE`).
     Probe(crate::stream::Probe),
 }
