@@ -39,6 +39,7 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
     (Kind::Counter, "convoy_tickets_accepted_total", None, "Operators' tickets this agent accepted, by role (a source accepts one before it checks the VM)."),
     (Kind::Counter, "convoy_migrations_ended_total", None, "Migrations that ended on this agent, by outcome."),
     (Kind::Counter, "convoy_refusals_total", None, "Requests, connections and streams refused, by reason."),
+    (Kind::Counter, "convoy_handshakes_abandoned_total", None, "Handshakes the peer gave up on before they finished (the loser of a QUIC/TCP dial race, a port probe), by transport; not refusals."),
     (Kind::Counter, "convoy_policy_decisions_total", None, "Policy decisions, by action and decision."),
     (Kind::Counter, "convoy_snapshot_operations_total", None, "Snapshot operations done, by operation."),
     (Kind::Counter, "convoy_in_doubt_resolutions_total", None, "Unfinished migrations looked at or resolved, by role."),
@@ -220,6 +221,14 @@ impl Metrics {
             _ => return,
         };
         self.count(name, &labels);
+    }
+
+    /// A handshake over `kind` that the peer gave up on.
+    pub fn handshake_abandoned(&self, kind: crate::transport::Kind) {
+        self.count(
+            "convoy_handshakes_abandoned_total",
+            &[("transport", kind.as_str())],
+        );
     }
 
     /// The audit log holds `records` records, the last signed at `at_unix`.

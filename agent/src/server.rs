@@ -491,6 +491,10 @@ async fn serve_connection(
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
+        Err(e) if transport::quic_handshake_abandoned(&e) => {
+            host.handshake_abandoned(remote, transport::Kind::Quic, &e);
+            return Ok(());
+        }
         Err(e) => {
             // Logged (to stderr) and audited at the refusal rate limit:
             // anyone can cause this.
@@ -532,6 +536,10 @@ async fn serve_tcp(
         .await
     {
         Ok(hs) => hs,
+        Err(e) if transport::tcp_handshake_abandoned(&e) => {
+            host.handshake_abandoned(remote, transport::Kind::Tcp, &e);
+            return Ok(());
+        }
         Err(e) => {
             host.audit_refusal(remote.to_string(), format!("handshake refused: {e}"));
             return Err(TransportError::Tcp(e));

@@ -445,6 +445,23 @@ impl Host {
         }
     }
 
+    /// A handshake the peer gave up on before it finished (see
+    /// [`crate::transport::quic_handshake_abandoned`]): not audited, since
+    /// the agent refused nothing and every raced dial that TCP wins
+    /// leaves one, but counted (`convoy_handshakes_abandoned_total`) and
+    /// logged at debug level.
+    pub(crate) fn handshake_abandoned(
+        &self,
+        peer: std::net::SocketAddr,
+        kind: crate::transport::Kind,
+        why: &dyn std::fmt::Display,
+    ) {
+        tracing::debug!(%peer, transport = %kind, "handshake abandoned by the peer: {why}");
+        if let Some(m) = &self.metrics {
+            m.handshake_abandoned(kind);
+        }
+    }
+
     /// Records a refusal that an unauthenticated or hostile peer can cause
     /// at will (a refused handshake, garbage on a stream): at most
     /// [`REFUSALS_PER_WINDOW`] per 10 s, then one record counting those

@@ -529,6 +529,34 @@ pub struct Peer {
     pub alpn: Vec<u8>,
 }
 
+/// Whether a QUIC handshake ended because the peer closed it. A dialer
+/// that raced QUIC against TCP and went with TCP drops its QUIC attempt,
+/// which closes it with an application's code (sent during a handshake as
+/// a transport close with `APPLICATION_ERROR`, RFC 9000 §10.2.3). The agent
+/// refused nothing; a peer refusing the agent's certificate closes with a
+/// TLS alert's code instead, and that stays a refusal.
+pub fn quic_handshake_abandoned(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(_) => true,
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+        }
+        _ => false,
+    }
+}
+
+/// Whether a TLS-over-TCP handshake ended because the peer hung up before
+/// finishing it: the loser of a dial race, or a port probe. A handshake
+/// the agent refused ends in `InvalidData` (a certificate, an alert), one
+/// that took too long in `TimedOut`; both stay refusals.
+pub fn tcp_handshake_abandoned(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
 /// Reads the verified peer identity and ALPN of a connection and checks the
 /// peer may use that ALPN: agents (`/agent/…`) speak `convoy/1`, operators
 /// (`/operator/…`) speak `convoy-ctl/1`, both from our trust domain.
@@ -669,6 +697,40 @@ mod tests {
         }
         let e = "vegas".parse::<Congestion>().unwrap_err();
         assert!(e.contains("cubic, newreno or bbr"), "{e}");
+    }
+
+    #[test]
+    fn only_a_peer_hanging_up_abandons_a_handshake() {
+        use quinn::{ConnectionClose, ConnectionError, TransportErrorCode};
+        let closed = |error_code| {
+            ConnectionError::ConnectionClosed(ConnectionClose {
+                error_code,
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            })
+        };
+        // The dialer dropped its attempt (quinn sends that as
+        // APPLICATION_ERROR while the handshake runs).
+        assert!(super::quic_handshake_abandoned(&closed(
+            TransportErrorCode::APPLICATION_ERROR
+        )));
+        // The peer refused our certificate (a TLS alert), or the
+        // handshake broke the protocol, or went silent: refusals.
+        for e in [
+            closed(TransportErrorCode::crypto(42)),
+            closed(TransportErrorCode::PROTOCOL_VIOLATION),
+            ConnectionError::TimedOut,
+            ConnectionError::VersionMismatch,
+        ] {
+            assert!(!super::quic_handshake_abandoned(&e), "{e}");
+        }
+        use std::io::{Error, ErrorKind};
+        for k in [ErrorKind::UnexpectedEof, ErrorKind::ConnectionReset] {
+            assert!(super::tcp_handshake_abandoned(&Error::from(k)), "{k}");
+        }
+        for k in [ErrorKind::InvalidData, ErrorKind::TimedOut] {
+            assert!(!super::tcp_handshake_abandoned(&Error::from(k)), "{k}");
+        }
     }
 
     #[test]

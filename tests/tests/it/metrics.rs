@@ -5,8 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use convoy_agent::client::CtlClient;
+use convoy_agent::lab::impair::{Direction, Impairment, Relay, RelayConfig};
 use convoy_agent::lab::Lab;
 use convoy_agent::metrics::MetricsConfig;
+use convoy_agent::transport::Choice;
 use convoy_protocol::ctl::Outcome;
 use convoy_protocol::model::MigrationPlan;
 use convoy_tests::{eventually, sim_spec};
@@ -223,5 +226,65 @@ async fn a_scrape_during_and_after_a_migration_shows_it_on_both_agents() {
         .await
     );
     as_eve.close().await;
+    lab.shutdown().await;
+}
+
+/// A handshake the peer gives up on, as the loser of a QUIC/TCP dial race
+/// does, is counted and not audited as a refusal: the agent refused
+/// nothing, and every race that TCP wins would leave one against the
+/// refusal rate limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_the_peer_gives_up_on_is_counted_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pa = free_addr();
+    let lab = Lab::start(dir.path(), &["a"], |_, c| {
+        c.metrics = Some(MetricsConfig {
+            addr: pa,
+            allow: vec!["127.0.0.0/8".into()],
+        });
+    })
+    .await
+    .unwrap();
+    let a = lab.agent("a").unwrap();
+    // QUIC: the agent's answers take half a second to come back and the
+    // dialer gives up after a tenth, its Initial sent: it closes.
+    let relay = Relay::start(RelayConfig::new(a.addr)).await.unwrap();
+    relay.set(
+        Direction::ToClient,
+        Impairment {
+            delay: Duration::from_millis(500),
+            ..Impairment::default()
+        },
+    );
+    let dial = CtlClient::connect_with(
+        relay.addr(),
+        a.id.clone(),
+        &lab.operator,
+        &lab.trust,
+        Choice::Quic,
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), dial)
+            .await
+            .is_err(),
+        "the dial gave up before its handshake ended"
+    );
+    // TCP: connected, then closed before a byte of TLS.
+    drop(tokio::net::TcpStream::connect(a.addr).await.unwrap());
+    for t in ["quic", "tcp"] {
+        let series = format!("convoy_handshakes_abandoned_total{{transport=\"{t}\"}}");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                value(&scrape(pa).await.1, &series) == Some(1.0)
+            })
+            .await,
+            "{series}: {}",
+            scrape(pa).await.1
+        );
+    }
+    let refused = convoy_tests::refusals_logged(&lab, "a");
+    assert!(refused.is_empty(), "{refused:#?}");
+    // (A handshake the agent refuses still is one: peers.rs, no
+    // certificate and a foreign CA's.)
     lab.shutdown().await;
 }
