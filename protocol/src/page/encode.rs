@@ -336,6 +336,10 @@ pub struct EncodedBatch {
 /// shrink, so that incompressible memory does not pay for compression.
 pub struct Compressor {
     inner: Option<zstd::bulk::Compressor<'static>>,
+    /// zstd's output, kept from batch to batch: what is returned is a copy
+    /// at its size, not a vector of the input's bound (which a sender
+    /// then held at that size until the bytes were acknowledged).
+    scratch: Vec<u8>,
     level: i32,
     skip: u32,
     backoff: u32,
@@ -364,6 +368,7 @@ impl Compressor {
         };
         Ok(Compressor {
             inner,
+            scratch: Vec::new(),
             level: if level == 0 { 0 } else { level.clamp(1, 19) },
             skip: 0,
             backoff: 0,
@@ -397,10 +402,15 @@ impl Compressor {
             return Ok(None);
         }
         self.attempted = true;
-        let out = z.compress(data).map_err(ZstdError::from)?;
-        if out.len() + data.len() / 32 < data.len() {
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let n = z
+            .compress_to_buffer(data, &mut self.scratch)
+            .map_err(ZstdError::from)?;
+        if n + data.len() / 32 < data.len() {
             self.backoff = 0;
-            Ok(Some(out))
+            Ok(Some(self.scratch[..n].to_vec()))
         } else {
             self.backoff = (self.backoff * 2).clamp(1, MAX_BACKOFF);
             self.skip = self.backoff;
@@ -412,6 +422,24 @@ impl Compressor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_bytes_hold_no_more_memory_than_they_carry() {
+        let mut c = Compressor::new(1).unwrap();
+        let text: Vec<u8> = b"convoy moves running VMs. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(256 << 10)
+            .collect();
+        for _ in 0..3 {
+            let z = c.compress(&text).unwrap().expect("text compresses");
+            assert!(z.len() < 4096, "{}", z.len());
+            assert_eq!(z.capacity(), z.len(), "held at its size, not the input's");
+            let back = zstd::bulk::decompress(&z, text.len()).unwrap();
+            assert_eq!(back, text);
+        }
+    }
 
     #[test]
     fn incompressible_data_backs_off() {
