@@ -6,7 +6,6 @@
 //! this client's): the guest images are its shared memory, what the agents
 //! allocate for themselves its anonymous memory ([`crate::bench::rss`]).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -84,8 +83,19 @@ pub async fn run(
         "{n} VMs of {} migrated at once …",
         format_bytes(memory)
     ));
-    let before = settled().await;
     let names: Vec<String> = (0..n).map(|_| ctx.name()).collect();
+    // One operator connection a VM, as many `convoyctl migrate` at once
+    // would have: a connection carries at most 8 requests at once (an
+    // operator's stream credit, `transport::HANDSHAKE_STREAMS`), and
+    // through one the ninth VM and later waited for the first ones to
+    // finish. Connected before the memory is first read: each client's
+    // endpoint (3 MiB of receive buffers) is this process's, not the
+    // agents'.
+    let mut clients = Vec::new();
+    for _ in &names {
+        clients.push(ctx.lab.client("a").await?);
+    }
+    let before = settled().await;
     for (i, vm) in names.iter().enumerate() {
         ctx.create(vm, memory, rate, i as u64 + 1, None).await?;
     }
@@ -95,15 +105,16 @@ pub async fn run(
     // reset it); the sampler covers kernels that do not.
     let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let sampler = Sampler::start(Duration::from_millis(10));
-    let client = Arc::new(ctx.lab.client("a").await?);
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for vm in &names {
+    for (vm, client) in names.iter().zip(clients) {
         let req = ctx.lab.migrate_request(vm, "a", "b", o.clone())?;
-        let (client, vm) = (client.clone(), vm.clone());
+        let vm = vm.clone();
         set.spawn(async move {
             let r = client.migrate(req, |_| {}).await;
-            (vm, r, start.elapsed())
+            let at = start.elapsed();
+            client.close().await;
+            (vm, r, at)
         });
     }
     let mut per_vm = Vec::new();
@@ -119,9 +130,6 @@ pub async fn run(
         });
     }
     let wall = start.elapsed();
-    if let Ok(c) = Arc::try_unwrap(client) {
-        c.close().await;
-    }
     let arrived = settled().await;
     let peak = sampler.stop();
     let hwm = if hwm_reset {
