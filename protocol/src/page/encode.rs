@@ -301,7 +301,7 @@ impl BatchBuilder {
             }
             None => {
                 stats.raw = data_pages;
-                (Compression::None, self.data)
+                (Compression::None, at_size(self.data))
             }
         };
         Ok(EncodedBatch {
@@ -315,6 +315,23 @@ impl BatchBuilder {
             leaves: self.leaves,
             stats,
         })
+    }
+}
+
+/// `data` in an allocation no larger than it needs, within an eighth. A
+/// raw batch is built in room for a full one (256 KiB for the last few
+/// pages of a round), and a sender holds its payload until the bytes are
+/// acknowledged, with the send window counting only the bytes sent.
+/// Measured with 15 VMs migrating at once, before this and the
+/// compressor's own copy: 241 MB of the agents' 421 MB heap at its peak
+/// were payloads held at the size they were built in. So a payload well
+/// under its capacity is copied out at its size (a memcpy of what is
+/// sent); a full one is handed over as it is.
+fn at_size(data: Vec<u8>) -> Vec<u8> {
+    if data.capacity() - data.len() > data.len() / 8 {
+        data.as_slice().to_vec()
+    } else {
+        data
     }
 }
 
@@ -422,6 +439,37 @@ impl Compressor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_batch_well_under_its_room_is_finished_at_its_size() {
+        let page = PageSize::SIZE_4K;
+        let mut b = BatchBuilder::new(page);
+        b.push_with(PageIndex(3), |buf| buf.fill(7)).unwrap();
+        let built_in = b.data.capacity();
+        let enc = b.finish(0, 1, &mut Compressor::new(0).unwrap()).unwrap();
+        assert!(built_in >= 16 * page.bytes(), "{built_in}");
+        assert_eq!(enc.header.compression, Compression::None);
+        assert_eq!(enc.payload, vec![7u8; page.bytes()]);
+        assert_eq!(
+            enc.payload.capacity(),
+            enc.payload.len(),
+            "copied out at its size"
+        );
+
+        let full = vec![9u8; 256 << 10];
+        let at = full.as_ptr();
+        let kept = at_size(full);
+        assert_eq!(
+            kept.as_ptr(),
+            at,
+            "a full vector is handed over, not copied"
+        );
+        let mut nearly = Vec::with_capacity(100);
+        nearly.extend_from_slice(&[1u8; 95]);
+        let at = nearly.as_ptr();
+        let kept = at_size(nearly);
+        assert_eq!(kept.as_ptr(), at, "within an eighth: kept");
+    }
 
     #[test]
     fn compressed_bytes_hold_no_more_memory_than_they_carry() {

@@ -41,27 +41,10 @@ pub(super) fn emit(
     };
     out.blocking_send(StreamOut::Batch {
         head: Bytes::from(head),
-        payload: exact(payload),
+        payload: Bytes::from(payload),
         info,
     })
     .map_err(|_| StreamError::WriterGone)
-}
-
-/// `payload` as bytes that hold no more memory than they carry. `Bytes`
-/// keeps a vector's whole allocation, which waits in the stream's queue
-/// and the send window, and those count only the bytes sent. A raw batch
-/// is built in room for a full one (256 KiB for the last few pages of a
-/// round); zstd's own `compress` returned a vector of the input's bound
-/// (the protocol's `Compressor` now copies out at size itself). Measured
-/// with 15 VMs migrating at once, before either: 241 MB of the agents'
-/// 421 MB heap at its peak. So a payload well under its capacity is
-/// copied out at its size (a memcpy of what is sent).
-fn exact(payload: Vec<u8>) -> Bytes {
-    if payload.capacity() - payload.len() > payload.len() / 8 {
-        Bytes::copy_from_slice(&payload)
-    } else {
-        Bytes::from(payload)
-    }
 }
 
 /// How one data stream encodes.
@@ -239,25 +222,4 @@ pub(super) fn serve_faults(
         emit(&out, stream, job.round, enc, None)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_payload_well_under_its_capacity_is_sent_at_its_size() {
-        let mut small = Vec::with_capacity(256 << 10);
-        small.extend_from_slice(&[7u8; 40 << 10]);
-        let at = small.as_ptr();
-        let b = super::exact(small);
-        assert_eq!(&b[..], &[7u8; 40 << 10][..]);
-        assert_ne!(b.as_ptr(), at, "copied out of the 256 KiB allocation");
-        let full = vec![9u8; 256 << 10];
-        let at = full.as_ptr();
-        let b = super::exact(full);
-        assert_eq!(b.as_ptr(), at, "a full vector is handed over, not copied");
-        let mut nearly = Vec::with_capacity(100);
-        nearly.extend_from_slice(&[1u8; 95]);
-        let at = nearly.as_ptr();
-        assert_eq!(super::exact(nearly).as_ptr(), at, "within an eighth: kept");
-    }
 }
