@@ -156,6 +156,12 @@ impl MerkleTree {
         false
     }
 
+    /// Leaves changed since the last rehash: what the next
+    /// [`MerkleTree::root`] has to fold in.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
     /// The leaf at `i`.
     pub fn leaf(&self, i: usize) -> Option<Digest> {
         self.levels[0].get(i).copied()

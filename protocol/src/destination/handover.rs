@@ -32,6 +32,14 @@ impl Destination {
         (0..tree.len().min(pages)).map(|i| tree.leaf(i)).collect()
     }
 
+    /// Leaves set since the tree was last rehashed: what the root check at
+    /// `Finish` (inside the source's pause) still has to fold in.
+    pub fn unfolded_leaves(&self) -> usize {
+        self.tree
+            .as_ref()
+            .map_or(0, crate::digest::MerkleTree::pending)
+    }
+
     pub(super) fn try_verify(&mut self, now: Instant) -> Result<(), DestinationError> {
         let Phase::Draining(f) = &self.phase else {
             return Ok(());

@@ -38,6 +38,12 @@ impl Destination {
         });
         // Taken only once done: a tuple would take it at every call.
         if let Some(r) = done.then(|| self.round_end.take()).flatten() {
+            // The source decides on its pause only after this round is
+            // confirmed: rehashing the round's leaves now keeps the root
+            // at `Finish` (inside the pause) to the last round's pages.
+            if let Some(t) = self.tree.as_mut() {
+                t.root();
+            }
             // What a resumed round would not need again starts afresh.
             self.confirmed = r.round;
             if let Some(f) = self.fresh.as_mut() {
@@ -117,7 +123,15 @@ impl Destination {
                     return Err(p.0);
                 }
             }
-            tree.fold_if_due();
+            if matches!(self.phase, Phase::Draining(_)) {
+                // The source is paused, waiting on these: each batch's
+                // paths are rehashed as it lands, while the next is on
+                // its way, so that the root that ends the pause covers
+                // one batch, not the whole last round.
+                tree.root();
+            } else {
+                tree.fold_if_due();
+            }
             if !self.switched {
                 let fresh = self
                     .fresh

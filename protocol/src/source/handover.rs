@@ -32,6 +32,12 @@ impl Source {
             .collect()
     }
 
+    /// Leaves set since the tree was last rehashed: what the root at
+    /// `Finish` (inside the pause) still has to fold in.
+    pub fn unfolded_leaves(&self) -> usize {
+        self.tree.pending()
+    }
+
     /// Every page is sent: announce the root of the image as paused.
     pub(super) fn send_finish(&mut self, now: Instant) {
         let root = self.tree.root();

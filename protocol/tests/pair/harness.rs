@@ -168,6 +168,9 @@ pub struct Pair {
     /// accepts (a host busy with other migrations).
     pub accept_delay: Duration,
     pub latency: Duration,
+    /// At each pause: the leaves the source's and the destination's trees
+    /// had yet to fold in (what their roots inside the pause would cost).
+    pub unfolded_at_pause: Vec<(usize, usize)>,
     pub to_dst: VecDeque<(Instant, Message)>,
     pub to_src: VecDeque<(Instant, Message)>,
     pub data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
@@ -321,6 +324,7 @@ impl Pair {
             streams,
             bandwidth,
             latency: Duration::from_millis(5),
+            unfolded_at_pause: Vec::new(),
             data_lag: Duration::ZERO,
             accept_delay: Duration::ZERO,
             to_dst: VecDeque::new(),
@@ -518,6 +522,8 @@ impl Pair {
                     self.src.handle_dirty_log(self.now, d);
                 }
                 SourceAction::PauseVm => {
+                    self.unfolded_at_pause
+                        .push((self.src.unfolded_leaves(), self.dst.unfolded_leaves()));
                     self.vm.paused = true;
                     self.paused_image = Some(self.vm.pages.clone());
                     let d = self.vm.take_dirty();
