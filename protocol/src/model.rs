@@ -237,9 +237,14 @@ pub struct Convergence {
     /// The downtime pre-copy expected when it paused the VM (or at its
     /// last decision), milliseconds: the pages left over the measured
     /// rate, plus the handover's two round trips (`Finish`/`Ready`,
-    /// `Handover`/`Started`).
+    /// `Handover`/`Started`) and the durable records (`records_us`).
     #[serde(default)]
     pub expected_downtime_ms: u64,
+    /// The durable records the pause holds on both sides, as the source
+    /// estimated them from its own, microseconds (counted in the
+    /// expected downtime).
+    #[serde(default)]
+    pub records_us: u64,
     /// Where a pre-copy pause went (all zero after a post-copy switch,
     /// or when the migration did not reach `Started`).
     #[serde(default)]

@@ -205,6 +205,7 @@ impl SourceRun {
             ready_timeout: second,
             started_timeout: second,
             recovery: if bit(2) { second } else { Duration::ZERO },
+            durable_records: Duration::ZERO,
         });
         src.start(now);
         let mut run = SourceRun {

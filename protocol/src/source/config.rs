@@ -67,6 +67,11 @@ pub struct SourceConfig {
     /// After a post-copy switch, how long a broken link may take to come
     /// back before the outcome is in doubt (zero: no recovery).
     pub recovery: Duration,
+    /// How long the durable records a pre-copy pause holds take, both
+    /// sides together (ours before `Handover`, the destination's before
+    /// its VM runs), as the driver estimates them from its own: the
+    /// expected downtime counts them. Zero where nothing is recorded.
+    pub durable_records: Duration,
 }
 
 impl SourceConfig {

@@ -98,9 +98,11 @@ impl Source {
 
     /// The handover's share of the downtime: `Finish` to `Ready` and
     /// `Handover` to `Started`, two round trips (none measured: none
-    /// counted, as in simulated time that does not advance).
+    /// counted, as in simulated time that does not advance), and the
+    /// durable records between them.
     pub(super) fn handover_estimate(&self) -> Duration {
         crate::model::handover_time(self.round_trip.unwrap_or(Duration::ZERO))
+            .saturating_add(self.cfg.durable_records)
     }
 
     /// A message from the destination's control stream.

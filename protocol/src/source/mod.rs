@@ -372,6 +372,7 @@ pub struct Source {
 impl Source {
     /// A source that has not started.
     pub fn new(mut cfg: SourceConfig) -> Self {
+        let records_us = crate::units::micros(cfg.durable_records);
         // Memory pages, then disk blocks (checked again in `start`).
         let pages = crate::page::saturating_usize(
             cfg.manifest
@@ -427,7 +428,10 @@ impl Source {
             round_trips: 0,
             carried: None,
             stalled: 0,
-            convergence: Convergence::default(),
+            convergence: Convergence {
+                records_us,
+                ..Convergence::default()
+            },
             copy_started: None,
             switched: false,
             resumed_at: None,

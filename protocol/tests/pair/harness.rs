@@ -171,6 +171,9 @@ pub struct Pair {
     /// At each pause: the leaves the source's and the destination's trees
     /// had yet to fold in (what their roots inside the pause would cost).
     pub unfolded_at_pause: Vec<(usize, usize)>,
+    /// How long each side's durable record in the pause takes (the
+    /// source's before `Handover`, the destination's before its VM runs).
+    pub record: Duration,
     pub to_dst: VecDeque<(Instant, Message)>,
     pub to_src: VecDeque<(Instant, Message)>,
     pub data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
@@ -296,6 +299,7 @@ impl Pair {
             ready_timeout: Duration::from_secs(5),
             started_timeout: Duration::from_secs(5),
             recovery: Duration::ZERO,
+            durable_records: Duration::ZERO,
         };
         tweak(&mut cfg);
         // Both sides wait for a broken link alike.
@@ -325,6 +329,7 @@ impl Pair {
             bandwidth,
             latency: Duration::from_millis(5),
             unfolded_at_pause: Vec::new(),
+            record: Duration::ZERO,
             data_lag: Duration::ZERO,
             accept_delay: Duration::ZERO,
             to_dst: VecDeque::new(),
@@ -531,7 +536,10 @@ impl Pair {
                     self.paused_state = Some(state.clone());
                     self.src.handle_paused(self.now, d, state).unwrap();
                 }
-                SourceAction::CommitHandover => self.src.handle_handover_committed(self.now),
+                SourceAction::CommitHandover => {
+                    self.now += self.record;
+                    self.src.handle_handover_committed(self.now);
+                }
                 SourceAction::CommitSwitch => {
                     self.switched = true;
                     self.src.handle_switch_committed(self.now);
@@ -630,6 +638,7 @@ impl Pair {
                     let mut c = [0u8; 8];
                     c.copy_from_slice(&device_state);
                     self.started = Some(u64::from_le_bytes(c));
+                    self.now += self.record;
                     self.dst.handle_started(self.now);
                 }
                 DestinationAction::DiscardStaging => self.staging = None,

@@ -471,3 +471,33 @@ fn the_roots_inside_the_pause_cover_only_the_last_round() {
         assert_eq!(p.unfolded_at_pause, vec![(0, 0)], "dirtying {rate}/ms");
     }
 }
+
+#[test]
+fn the_expected_pause_counts_the_durable_records() {
+    // Each side's record in the pause takes 8 ms; the path 10 ms a round
+    // trip. Told what a record costs, the source expects the pause it
+    // gets; not told, it pauses expecting 16 ms less than it takes.
+    let run = |told: bool| {
+        let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+            c.manifest.plan.max_downtime_ms = 60;
+            if told {
+                c.durable_records = Duration::from_millis(16);
+            }
+        });
+        p.record = Duration::from_millis(8);
+        p.run();
+        let s = p.summary().clone();
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert!(s.verified && s.converged, "{s:?}");
+        let expected = s.convergence.expected_downtime_ms;
+        let took = s.downtime.unwrap().as_millis() as u64;
+        (expected, took, s.convergence.records_us)
+    };
+    let (expected, took, records_us) = run(true);
+    assert_eq!(records_us, 16_000);
+    assert!(expected >= 2 * 10 + 2 * 8, "{expected} ms");
+    assert!(took <= 60, "took {took} ms against a 60 ms target");
+    assert!(took <= expected + 5, "took {took} ms, expected {expected}");
+    let (expected, took, _) = run(false);
+    assert!(took >= expected + 15, "took {took} ms, expected {expected}");
+}

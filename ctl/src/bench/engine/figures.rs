@@ -36,6 +36,11 @@ pub struct Figures {
     pub fault_p99_us: Option<u64>,
     /// Where a pre-copy pause went.
     pub pause: PauseParts,
+    /// What the source expected the pause to take when it paused (or
+    /// when it last decided, if it never did).
+    pub expected_downtime_ms: u64,
+    /// The durable records the source expected in the pause, µs.
+    pub records_us: u64,
 }
 
 impl Figures {
@@ -60,6 +65,8 @@ impl Figures {
                 .map(|f| f.median_us),
             fault_p99_us: r.postcopy.as_ref().and_then(|p| p.faults).map(|f| f.p99_us),
             pause: r.convergence.pause,
+            expected_downtime_ms: r.convergence.expected_downtime_ms,
+            records_us: r.convergence.records_us,
         }
     }
 
@@ -96,6 +103,8 @@ impl Figures {
                 commit_us: pick(|s| s.pause.commit_us as f64) as u64,
                 start_us: pick(|s| s.pause.start_us as f64) as u64,
             },
+            expected_downtime_ms: pick(|s| s.expected_downtime_ms as f64) as u64,
+            records_us: pick(|s| s.records_us as f64) as u64,
         })
     }
 }

@@ -790,6 +790,7 @@ impl Run {
             ready_timeout: Duration::from_secs(120),
             started_timeout: Duration::from_secs(30),
             recovery: self.host.config.recovery_window,
+            durable_records: self.host.journal.pause_records(),
         }
     }
 }
