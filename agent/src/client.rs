@@ -282,7 +282,7 @@ impl CtlClient {
         loop {
             match CtlClient::next(&mut recv).await? {
                 CtlResponse::Progress(p) => on_progress(&p),
-                CtlResponse::Report(r) => return Ok(r),
+                CtlResponse::Report(r) => return Ok(*r),
                 other => return Err(ClientError::Unexpected(Box::new(other))),
             }
         }

@@ -204,11 +204,13 @@ pub fn report(r: &MigrationReport) -> String {
                     "downtime expected".into(),
                     format!(
                         "{} ms at pre-copy's last decision, of which the handover's two round trips {:.1} ms \
-                         (shortest control round trip {:.1} ms) and durable records {:.1} ms",
+                         (shortest control round trip {:.1} ms), durable records {:.1} ms \
+                         and the destination's apply lag {:.1} ms",
                         c.expected_downtime_ms,
                         2.0 * c.round_trip_us as f64 / 1000.0,
                         c.round_trip_us as f64 / 1000.0,
-                        c.records_us as f64 / 1000.0
+                        c.records_us as f64 / 1000.0,
+                        c.apply_lag_us as f64 / 1000.0
                     ),
                 ]);
             }

@@ -237,7 +237,8 @@ pub struct Convergence {
     /// The downtime pre-copy expected when it paused the VM (or at its
     /// last decision), milliseconds: the pages left over the measured
     /// rate, plus the handover's two round trips (`Finish`/`Ready`,
-    /// `Handover`/`Started`) and the durable records (`records_us`).
+    /// `Handover`/`Started`), the durable records (`records_us`) and the
+    /// destination's apply lag (`apply_lag_us`).
     #[serde(default)]
     pub expected_downtime_ms: u64,
     /// The durable records the pause holds on both sides, as the source
@@ -245,6 +246,12 @@ pub struct Convergence {
     /// expected downtime).
     #[serde(default)]
     pub records_us: u64,
+    /// The shortest time the destination took, beyond the path's round
+    /// trip, to confirm a round after its `RoundEnd` (applying what was
+    /// still in flight), microseconds: the expected downtime counts it
+    /// for the last round (0: not measured, or no probes).
+    #[serde(default)]
+    pub apply_lag_us: u64,
     /// Where a pre-copy pause went (all zero after a post-copy switch,
     /// or when the migration did not reach `Started`).
     #[serde(default)]

@@ -91,7 +91,7 @@ pub(super) async fn migrate(
         let _ = respond(send, CtlResponse::Progress(p)).await;
     }
     let r = match task.await {
-        Ok(Ok(report)) => CtlResponse::Report(report),
+        Ok(Ok(report)) => CtlResponse::Report(Box::new(report)),
         Ok(Err(e)) => error(e.kind(), e.to_string()),
         Err(e) => error(
             CtlErrorKind::Internal,

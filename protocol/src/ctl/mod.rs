@@ -531,7 +531,7 @@ pub enum CtlResponse {
     /// During `Migrate`.
     Progress(Progress),
     /// End of `Migrate`.
-    Report(MigrationReport),
+    Report(Box<MigrationReport>),
     /// Any request failed.
     Error(CtlError),
     /// Answer to `Abort`: the migration was cancelled, the VM runs here.

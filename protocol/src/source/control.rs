@@ -32,12 +32,16 @@ impl Source {
     /// The round's time holds one round trip (the last page's way there,
     /// `RoundApplied`'s way back) that is not the link's rate: on a long
     /// path it would make a small round look slow, and the handover's
-    /// round trips, counted apart, would be counted twice. It is taken
-    /// out, leaving at least a quarter of the time (the round trip is an
-    /// upper bound).
+    /// round trips, counted apart, would be counted twice. So would the
+    /// destination's apply lag, counted apart for the last round. Both
+    /// are taken out, leaving at least a quarter of the time (the round
+    /// trip is an upper bound).
     pub(super) fn measure_round(&mut self, now: Instant, round_start: Instant) {
         let took = now.saturating_duration_since(round_start);
-        let rt = self.round_trip.unwrap_or(Duration::ZERO);
+        let rt = self
+            .round_trip
+            .unwrap_or(Duration::ZERO)
+            .saturating_add(self.apply_lag());
         let secs = took.saturating_sub(rt).max(took / 4).as_secs_f64();
         if secs > 0.0 && self.round_bytes > 0 {
             // CAST: bytes over a positive time are finite and not
@@ -85,6 +89,28 @@ impl Source {
             self.round_trips = self.round_trips.saturating_add(1);
         }
         self.convergence.round_trip_us = crate::units::micros(rt);
+    }
+
+    /// A round's `RoundEnd` to its `RoundApplied` took `took`: less the
+    /// path's round trip (probes time it alone), the destination was
+    /// still applying what was in flight. The last round waits for that
+    /// too, inside the pause. The shortest so far is kept: like the round
+    /// trip, an honest lower bound (a large round leaves more in flight
+    /// than the last one will).
+    fn note_apply_lag(&mut self, took: Duration) {
+        let Some(rt) = self.round_trip else {
+            return;
+        };
+        let lag = took.saturating_sub(rt);
+        let lag = self.apply_lag.map_or(lag, |l| l.min(lag));
+        self.apply_lag = Some(lag);
+        self.convergence.apply_lag_us = crate::units::micros(lag);
+    }
+
+    /// The destination's apply lag ([`Source::note_apply_lag`]; zero
+    /// before one is measured).
+    pub(super) fn apply_lag(&self) -> Duration {
+        self.apply_lag.unwrap_or(Duration::ZERO)
     }
 
     /// Whether the handover's two round trips alone take the downtime
@@ -178,7 +204,11 @@ impl Source {
                 // upper bound, trusted only where no probe times the path.
                 if let Some(t) = self.round_end_at.take() {
                     let probing = self.probing();
-                    self.note_round_trip(now.saturating_duration_since(t), !probing);
+                    let took = now.saturating_duration_since(t);
+                    self.note_round_trip(took, !probing);
+                    if probing {
+                        self.note_apply_lag(took);
+                    }
                 }
                 self.measure_round(now, round_start);
                 self.phase = Phase::Copying {

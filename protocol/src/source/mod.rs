@@ -338,6 +338,10 @@ pub struct Source {
     round_trip: Option<Duration>,
     /// Control round trips measured (the shortest is `round_trip`).
     round_trips: u32,
+    /// The shortest wait, beyond the path's round trip, from a round's
+    /// `RoundEnd` to its `RoundApplied`: the destination still applying
+    /// what was in flight. Measured only where probes time the path.
+    apply_lag: Option<Duration>,
     /// Pre-copy recovery: dirty logs collected while the link was down,
     /// sent once it is back.
     carried: Option<PageBitmap>,
@@ -426,6 +430,7 @@ impl Source {
             probes_sent: 0,
             round_trip: None,
             round_trips: 0,
+            apply_lag: None,
             carried: None,
             stalled: 0,
             convergence: Convergence {

@@ -77,7 +77,9 @@ impl Source {
         // the handover's two round trips (on a 150 ms path, 300 ms that
         // no rate makes shorter).
         let handover = self.handover_estimate();
-        let expected = data.saturating_add(handover);
+        // The last pages wait behind the destination's apply lag too.
+        let lag = self.apply_lag();
+        let expected = data.saturating_add(lag).saturating_add(handover);
         self.convergence.expected_downtime_ms = crate::units::millis(expected);
         self.progress("precopy", remaining);
         // The aim ramps up to the target (see `downtime_aim`); one whose
@@ -119,7 +121,8 @@ impl Source {
                 let detail = format!(
                     "cannot converge at this dirty rate and bandwidth: the guest dirties {} pages/s, \
                      {} bytes/s are sent, and the {} pages left would take {} ms against a target of {} ms \
-                     ({} ms of pages and {} ms for the handover's two round trips) \
+                     ({} ms of pages, {} ms for the destination to apply them, and {} ms for the handover's \
+                     two round trips and durable records) \
                      after {} rounds (throttle {}%); raise --max-downtime, throttle the workload, \
                      use --mode postcopy or hybrid, or pass --force-stop",
                     self.convergence.dirty_rate,
@@ -128,6 +131,7 @@ impl Source {
                     expected.as_millis(),
                     self.cfg.plan().max_downtime_ms,
                     data.as_millis(),
+                    lag.as_millis(),
                     handover.as_millis(),
                     round,
                     self.convergence.throttle,

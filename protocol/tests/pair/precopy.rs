@@ -501,3 +501,30 @@ fn the_expected_pause_counts_the_durable_records() {
     let (expected, took, _) = run(false);
     assert!(took >= expected + 15, "took {took} ms, expected {expected}");
 }
+
+#[test]
+fn the_expected_pause_counts_the_destinations_apply_lag() {
+    // Every batch lands 20 ms behind the control stream (a destination
+    // slow to apply what arrives): each round's RoundApplied comes that
+    // much after the path's round trip, and so will the last round's
+    // pages, inside the pause. Counted, the pause is the one expected.
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = 80;
+    });
+    p.data_lag = Duration::from_millis(20);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified && s.converged, "{s:?}");
+    let c = &s.convergence;
+    assert_eq!(c.round_trip_us, 10_000, "probes time the path alone: {c:?}");
+    assert!(
+        (15_000..25_000).contains(&c.apply_lag_us),
+        "the lag beyond the round trip: {c:?}"
+    );
+    let expected = c.expected_downtime_ms;
+    let took = s.downtime.unwrap().as_millis() as u64;
+    assert!(expected >= 20 + 2 * 10, "{c:?}");
+    assert!(took <= 80, "took {took} ms against an 80 ms target");
+    assert!(took <= expected + 5, "took {took} ms, expected {expected}");
+}

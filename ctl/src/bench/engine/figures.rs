@@ -41,6 +41,8 @@ pub struct Figures {
     pub expected_downtime_ms: u64,
     /// The durable records the source expected in the pause, µs.
     pub records_us: u64,
+    /// The destination's apply lag the source expected in the pause, µs.
+    pub apply_lag_us: u64,
 }
 
 impl Figures {
@@ -67,6 +69,7 @@ impl Figures {
             pause: r.convergence.pause,
             expected_downtime_ms: r.convergence.expected_downtime_ms,
             records_us: r.convergence.records_us,
+            apply_lag_us: r.convergence.apply_lag_us,
         }
     }
 
@@ -105,6 +108,7 @@ impl Figures {
             },
             expected_downtime_ms: pick(|s| s.expected_downtime_ms as f64) as u64,
             records_us: pick(|s| s.records_us as f64) as u64,
+            apply_lag_us: pick(|s| s.apply_lag_us as f64) as u64,
         })
     }
 }
