@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::backend::qemu::process::{QemuProcess, QemuSpec};
 use convoy_agent::lab::Lab;
@@ -244,9 +244,12 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
         let mut next = QemuProcess::launch(&spec, &dir.join(format!("native-{i}")), true).await?;
         let uri = match how {
             Native::Unix => format!("unix:{}", dir.join(format!("native-{i}.sock")).display()),
-            Native::Tls => format!("tcp:127.0.0.1:{}", free_port()?),
+            // Port 0: the destination QEMU binds a free one itself, and
+            // says which below (a port found free here first could be
+            // taken before QEMU binds it).
+            Native::Tls => "tcp:127.0.0.1:0".to_owned(),
         };
-        let uri = json!({ "uri": uri });
+        let mut uri = json!({ "uri": uri });
         let mut params = json!({
             "downtime-limit": o.max_downtime_ms,
             "max-bandwidth": o.bandwidth.unwrap_or(1 << 40),
@@ -296,6 +299,10 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
         next.qmp
             .execute("migrate-incoming", Some(uri.clone()))
             .await?;
+        if how == Native::Tls {
+            let listening = next.qmp.execute("query-migrate", None).await?;
+            uri = json!({ "uri": format!("tcp:127.0.0.1:{}", listening_port(&listening)?) });
+        }
         cur.qmp
             .execute("migrate-set-capabilities", Some(caps.clone()))
             .await?;
@@ -327,11 +334,17 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// A TCP port on loopback free a moment ago (the destination QEMU listens
-/// on it next).
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    Ok(l.local_addr()?.port())
+/// The TCP port an incoming QEMU listens on, from its `query-migrate`
+/// (`socket-address`, QEMU 4.0 and later).
+fn listening_port(q: &Value) -> Result<u16> {
+    q["socket-address"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "inet")
+        .and_then(|a| a["port"].as_str())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("the destination QEMU names no TCP port it listens on: {q}"))
 }
 
 /// A native sample from QEMU's final `query-migrate` (its downtime is
@@ -398,4 +411,26 @@ async fn through_convoy(b: &Setup<'_>) -> Result<(Vec<Sample>, String)> {
     }
     lab.shutdown().await;
     Ok((samples, transport))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_an_incoming_qemu_listens_on_is_read_from_its_answer() {
+        // As QEMU 7.2 answers after `migrate-incoming tcp:127.0.0.1:0`.
+        let q = json!({ "socket-address": [
+            { "port": "39105", "ipv4": true, "host": "127.0.0.1", "type": "inet" }
+        ] });
+        assert_eq!(listening_port(&q).unwrap(), 39105);
+        for bad in [
+            json!({}),
+            json!({ "socket-address": [{ "type": "unix", "path": "/x" }] }),
+            json!({ "socket-address": [{ "type": "inet", "port": "http" }] }),
+        ] {
+            let e = listening_port(&bad).unwrap_err().to_string();
+            assert!(e.contains("names no TCP port"), "{e}");
+        }
+    }
 }
