@@ -38,11 +38,14 @@ impl Source {
     /// trip is an upper bound).
     pub(super) fn measure_round(&mut self, now: Instant, round_start: Instant) {
         let took = now.saturating_duration_since(round_start);
-        let rt = self
+        let counted_apart = self
             .round_trip
             .unwrap_or(Duration::ZERO)
             .saturating_add(self.apply_lag());
-        let secs = took.saturating_sub(rt).max(took / 4).as_secs_f64();
+        let secs = took
+            .saturating_sub(counted_apart)
+            .max(took / 4)
+            .as_secs_f64();
         if secs > 0.0 && self.round_bytes > 0 {
             // CAST: bytes over a positive time are finite and not
             // negative; `as` saturates at u64::MAX.
@@ -113,10 +116,10 @@ impl Source {
         self.apply_lag.unwrap_or(Duration::ZERO)
     }
 
-    /// Whether the handover's two round trips alone take the downtime
-    /// target, as the shortest of at least [`TRUSTED_ROUND_TRIPS`]
-    /// exchanges measured them: then no round, and no throttle, can bring
-    /// the pause under the target.
+    /// Whether the handover alone (its two round trips, the shortest of
+    /// at least [`TRUSTED_ROUND_TRIPS`] exchanges, and its durable
+    /// records) takes the downtime target: then no round, and no
+    /// throttle, can bring the pause under the target.
     pub(super) fn handover_alone_misses(&self) -> bool {
         self.round_trips >= TRUSTED_ROUND_TRIPS
             && self.handover_estimate() >= self.cfg.max_downtime()

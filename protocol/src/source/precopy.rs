@@ -75,7 +75,7 @@ impl Source {
         };
         // The pause lasts until `Started` is back: the pages left, then
         // the handover's two round trips (on a 150 ms path, 300 ms that
-        // no rate makes shorter).
+        // no rate makes shorter) and the durable records between them.
         let handover = self.handover_estimate();
         // The last pages wait behind the destination's apply lag too.
         let lag = self.apply_lag();
