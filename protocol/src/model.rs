@@ -258,8 +258,10 @@ pub struct Convergence {
     pub pause: PauseParts,
 }
 
-/// A pre-copy pause in its parts, as the source saw them, microseconds;
-/// together they are the downtime.
+/// A pre-copy pause in its parts, microseconds. The four main parts are
+/// the source's, on its clock, and together they are the downtime; the
+/// finer ones lie within them (zero: not measured), the destination's
+/// reported in `Started` and bounded by the part they fall in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PauseParts {
     /// From the pause to `Finish` sent: the last round's pages, after the
@@ -274,10 +276,28 @@ pub struct PauseParts {
     /// `Handover` to `Started`: the destination recorded it, started the
     /// VM and signed its receipt.
     pub start_us: u64,
+    /// In the last round: the VM paused, its dirty log and its device
+    /// state read.
+    #[serde(default)]
+    pub device_state_us: u64,
+    /// In verify, at the destination: the last pages applied after
+    /// `Finish` came.
+    #[serde(default)]
+    pub drain_us: u64,
+    /// In verify, at the destination: the root folded and checked, the
+    /// device state's digest, the `Ready` receipt signed and written.
+    #[serde(default)]
+    pub root_check_us: u64,
+    /// In start, at the destination: its durable record of the handover.
+    #[serde(default)]
+    pub record_us: u64,
+    /// In start, at the destination: the VM started from staging.
+    #[serde(default)]
+    pub vm_start_us: u64,
 }
 
 impl PauseParts {
-    /// The four parts in order (last round, verify, commit, start),
+    /// The four main parts in order (last round, verify, commit, start),
     /// microseconds.
     pub fn parts_us(&self) -> [u64; 4] {
         [
@@ -292,6 +312,19 @@ impl PauseParts {
     /// migration that never reached `Started`).
     pub fn measured(&self) -> bool {
         self.parts_us().iter().any(|&us| us > 0)
+    }
+
+    /// What verify and start hold beyond the destination's work it
+    /// reported: the two round trips, the messages' handling and the
+    /// receipts checked and signed on the way, microseconds.
+    pub fn exchanges_us(&self) -> u64 {
+        let verify = self
+            .verify_us
+            .saturating_sub(self.drain_us.saturating_add(self.root_check_us));
+        let start = self
+            .start_us
+            .saturating_sub(self.record_us.saturating_add(self.vm_start_us));
+        verify.saturating_add(start)
     }
 }
 

@@ -209,6 +209,12 @@ fn seeds() -> Vec<Message> {
         Message::Started(Started {
             start_ms: 3,
             synced_ms: 2,
+            pause: DestinationPause {
+                drain_us: 40,
+                check_us: 300,
+                record_us: 500,
+                start_us: 600,
+            },
             receipt: rc(ReceiptKind::Started),
         }),
         Message::Abort(Abort {
@@ -729,6 +735,7 @@ fn source_convo(config: [u8; 2], dirty: u8, script: Script) -> Vec<u8> {
                     _ => Message::Started(Started {
                         start_ms: 1,
                         synced_ms: 0,
+                        pause: DestinationPause::default(),
                         receipt: receipt(
                             if script == Script::WrongReceipt {
                                 ReceiptKind::Ready
@@ -865,6 +872,7 @@ fn write_source_seed_corpus_when_asked() {
     let started = message_op(&Message::Started(Started {
         start_ms: 0,
         synced_ms: 0,
+        pause: DestinationPause::default(),
         receipt: rc(ReceiptKind::Started),
     }));
     let mut early = vec![precopy, shape];

@@ -90,6 +90,7 @@ impl Destination {
                 }
                 self.check_counts(&f.batches)?;
                 self.phase = Phase::Draining(f);
+                self.pause.finish = Some(now);
                 self.try_verify(now)
             }
             (

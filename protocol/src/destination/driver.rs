@@ -17,7 +17,8 @@ use super::Destination;
 /// exhaustively, so a new variant breaks their build instead of being
 /// dropped at run time.
 pub enum DestinationAction {
-    /// Send on the control stream.
+    /// Send on the control stream (a `Ready` once written: call
+    /// [`Destination::note_ready_written`], which times the pause).
     Send(Message),
     /// Check the ticket against the connected source, then reserve a
     /// zeroed staging image for the VM, then call
@@ -36,7 +37,8 @@ pub enum DestinationAction {
         attributes: crate::vm::VmAttributes,
     },
     /// Start the VM from staging with this device state, then call
-    /// [`Destination::handle_started`].
+    /// [`Destination::handle_started`] (or, with what the record and the
+    /// start took, [`Destination::handle_started_after`]).
     StartVm {
         /// Device state.
         device_state: Vec<u8>,

@@ -5,11 +5,54 @@
 use std::time::{Duration, Instant};
 
 use crate::digest::{device_state_digest, Digest};
-use crate::message::{Abort, Message, Ready, Reason, Started};
+use crate::message::{Abort, DestinationPause, Message, Ready, Reason, Started};
 use crate::names::MigrationId;
 use crate::receipt::ReceiptKind;
+use crate::units::micros32;
 
 use super::{Destination, DestinationAction, DestinationError, DestinationEvent, Phase};
+
+/// What the driver measured while it started the VM after `Handover`
+/// (zero: not measured).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimes {
+    /// Recording the handover durably, before the VM may run here.
+    pub record: Duration,
+    /// Starting the VM from staging with its device state.
+    pub start: Duration,
+    /// From the VM running to Started: its disks put on stable storage
+    /// and its start recorded, which the guest did not wait for (not
+    /// downtime).
+    pub synced: Duration,
+}
+
+/// When the parts of the destination's share of a pre-copy pause began
+/// and ended (each from the `now` it was told).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PauseClock {
+    /// `Finish` came.
+    pub(super) finish: Option<Instant>,
+    /// Its last batch was applied: the root check began.
+    pub(super) drained: Option<Instant>,
+    /// `Ready` was written ([`Destination::note_ready_written`]).
+    pub(super) ready_written: Option<Instant>,
+}
+
+impl PauseClock {
+    /// Our share of the pause, with what the driver measured of the start.
+    fn share(&self, t: StartTimes) -> DestinationPause {
+        let us = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => micros32(b.saturating_duration_since(a)),
+            _ => 0,
+        };
+        DestinationPause {
+            drain_us: us(self.finish, self.drained),
+            check_us: us(self.drained, self.ready_written),
+            record_us: micros32(t.record),
+            start_us: micros32(t.start),
+        }
+    }
+}
 
 impl Destination {
     /// The key of the image the source retained when it handed the VM
@@ -68,6 +111,7 @@ impl Destination {
             return Err(self.fail(DestinationError::SwitchStateMismatch));
         }
         self.root = Some(staging);
+        self.pause.drained = Some(now);
         self.ready_at = Some(self.receipts.len());
         let receipt = match self.sign(now, ReceiptKind::Ready, Some((staging, device_digest))) {
             Ok(r) => r,
@@ -91,16 +135,25 @@ impl Destination {
         Ok(())
     }
 
-    /// The VM runs.
-    pub fn handle_started(&mut self, now: Instant) {
-        self.handle_started_synced(now, Duration::ZERO);
+    /// `Ready` was written to the source at `now`: the end of the root
+    /// check's part of the pause (what it took inside the call that
+    /// signed it, which a state machine without a clock cannot see).
+    pub fn note_ready_written(&mut self, now: Instant) {
+        if self.pause.drained.is_some() && self.pause.ready_written.is_none() {
+            self.pause.ready_written = Some(now);
+        }
     }
 
-    /// [`Destination::handle_started`] for a VM that ran `synced` before
-    /// its disks were on stable storage and its start recorded (the driver
-    /// starts it first and says Started only once both are: the source
-    /// discards its copy on Started).
-    pub fn handle_started_synced(&mut self, now: Instant, synced: Duration) {
+    /// The VM runs.
+    pub fn handle_started(&mut self, now: Instant) {
+        self.handle_started_after(now, StartTimes::default());
+    }
+
+    /// [`Destination::handle_started`], with what the driver measured of
+    /// the start: the driver starts the VM first and says Started only
+    /// once its disks are on stable storage and its start recorded
+    /// (`times.synced`: the source discards its copy on Started).
+    pub fn handle_started_after(&mut self, now: Instant, times: StartTimes) {
         if let Phase::Starting = self.phase {
             let ms = self
                 .handover_at
@@ -110,10 +163,17 @@ impl Destination {
                 // Unreachable: Starting is entered only with a receipt.
                 return;
             };
+            // After a post-copy switch the downtime ended there: no share.
+            let pause = if self.switched {
+                DestinationPause::default()
+            } else {
+                self.pause.share(times)
+            };
             self.actions
                 .push_back(DestinationAction::Send(Message::Started(Started {
                     start_ms: u32::try_from(ms).unwrap_or(u32::MAX),
-                    synced_ms: u32::try_from(synced.as_millis()).unwrap_or(u32::MAX),
+                    synced_ms: u32::try_from(times.synced.as_millis()).unwrap_or(u32::MAX),
+                    pause,
                     receipt,
                 })));
             self.events.push_back(DestinationEvent::Started {

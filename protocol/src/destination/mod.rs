@@ -127,6 +127,7 @@ mod tests;
 pub use config::{DestinationConfig, BOOKKEEPING_PER_LEAF};
 pub use driver::{DestinationAction, DestinationEvent};
 pub use error::{DestinationError, LocalFailure};
+pub use handover::StartTimes;
 pub use recovery::{ResumeRefused, MAX_RECOVERIES};
 
 #[derive(Debug)]
@@ -207,6 +208,8 @@ pub struct Destination {
     opened: Vec<bool>,
     root: Option<Digest>,
     handover_at: Option<Instant>,
+    /// When the parts of our share of a pre-copy pause began and ended.
+    pause: handover::PauseClock,
     receipts: Vec<crate::receipt::SignedReceipt>,
     started_receipt: Option<crate::receipt::SignedReceipt>,
     /// The VM runs here since a post-copy switch.
@@ -251,6 +254,7 @@ impl Destination {
             opened: Vec::new(),
             root: None,
             handover_at: None,
+            pause: handover::PauseClock::default(),
             receipts: Vec::new(),
             started_receipt: None,
             switched: false,

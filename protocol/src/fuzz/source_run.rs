@@ -434,7 +434,11 @@ impl SourceRun {
             Job::Pause => {
                 let d = self.dirty(arg);
                 let state = vec![arg; usize::from(arg % 32) + 1];
-                if self.src.handle_paused(self.now, d, state.clone()).is_ok() {
+                if self
+                    .src
+                    .handle_paused(self.now, self.now, d, state.clone())
+                    .is_ok()
+                {
                     self.device_state = Some(state);
                 }
             }

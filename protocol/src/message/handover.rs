@@ -44,6 +44,27 @@ pub struct Started {
     /// which this message waited for (the source keeps its copy until
     /// then) but the guest did not: not downtime.
     pub synced_ms: u32,
+    /// Where the destination's share of a pre-copy pause went
+    /// (informational, not signed; zero after a post-copy switch).
+    pub pause: DestinationPause,
     /// The destination's signed `Started` receipt.
     pub receipt: SignedReceipt,
+}
+
+/// The destination's share of a pre-copy pause, microseconds, each on its
+/// own clock: what the source cannot see from its side of the link. The
+/// source bounds each by the part of the pause it falls in (a destination
+/// that lies can only move time between the parts it reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationPause {
+    /// `Finish` received to the last batch applied: the last round's
+    /// pages still in flight or being applied.
+    pub drain_us: u32,
+    /// The last batch applied to `Ready` written: the root folded and
+    /// checked, the device state's digest, the `Ready` receipt signed.
+    pub check_us: u32,
+    /// The handover recorded durably in the destination's journal.
+    pub record_us: u32,
+    /// The VM started from staging with its device state.
+    pub start_us: u32,
 }

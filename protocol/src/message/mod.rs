@@ -70,7 +70,7 @@ pub use crate::model::FaultFigures;
 pub(crate) use codec::{decode_whole, encode_tagged, split_tag};
 pub use codec::{encode_batch_head, name_of, DecodeError, EncodeError, MalformedCause};
 pub use copy::{DataStreamOpen, Finish, Lane, RoundApplied, RoundEnd, MAX_DEVICE_STATE};
-pub use handover::{Handover, Ready, Started};
+pub use handover::{DestinationPause, Handover, Ready, Started};
 pub use postcopy::{
     Fetch, PostcopyRunning, PostcopySwitch, PrecopyResumed, Resume, Resumed, MAX_FETCH,
 };

@@ -24,10 +24,12 @@ use super::PostcopySwitch;
 /// 3: the ticket signs the whole [`crate::model::MigrationPlan`] and the
 /// manifest announces it (`Manifest.plan`), checked field by field at the
 /// destination ([`crate::admission`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: `Started.pause`, the destination's share of a pre-copy pause.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 
 /// Most data streams one migration may use.
 pub const MAX_DATA_STREAMS: u16 = crate::model::MAX_STREAMS;

@@ -261,7 +261,7 @@ impl Source {
                     self.resumed_at =
                         Some(p + now.saturating_duration_since(p).saturating_sub(synced));
                 }
-                self.note_pause_parts(now, synced);
+                self.note_pause_parts(now, synced, s.pause);
                 // Whatever the receipt, the VM is the destination's now: a
                 // bad receipt leaves the outcome in doubt, never resumed.
                 match self.check_receipt(&s.receipt, ReceiptKind::Started, self.state()) {

@@ -104,19 +104,41 @@ impl Source {
     /// The pre-copy pause's parts, once `Started` came at `now` after the
     /// guest had run `synced` there (not downtime: taken off the start's
     /// part, as off the downtime); from the pause through each mark (a
-    /// mark missing, or a post-copy switch: zero).
-    pub(super) fn note_pause_parts(&mut self, now: Instant, synced: Duration) {
+    /// mark missing, or a post-copy switch: zero). The destination's
+    /// `share` is bounded by the parts it falls in.
+    pub(super) fn note_pause_parts(
+        &mut self,
+        now: Instant,
+        synced: Duration,
+        share: crate::message::DestinationPause,
+    ) {
         let (Some(p), [Some(f), Some(r), Some(h)], false) =
             (self.paused_at, self.pause_marks, self.switched)
         else {
             return;
         };
         let us = |a: Instant, b: Instant| crate::units::micros(b.saturating_duration_since(a));
+        let (verify_us, start_us) = (
+            us(f, r),
+            us(h, now).saturating_sub(crate::units::micros(synced)),
+        );
+        // Two parts reported within one of ours, each held to what is left.
+        let within = |total: u64, a: u32, b: u32| {
+            let a = u64::from(a).min(total);
+            (a, u64::from(b).min(total - a))
+        };
+        let (drain_us, root_check_us) = within(verify_us, share.drain_us, share.check_us);
+        let (record_us, vm_start_us) = within(start_us, share.record_us, share.start_us);
         self.convergence.pause = crate::model::PauseParts {
             last_round_us: us(p, f),
-            verify_us: us(f, r),
+            verify_us,
             commit_us: us(r, h),
-            start_us: us(h, now).saturating_sub(crate::units::micros(synced)),
+            start_us,
+            device_state_us: crate::units::micros(self.pause_read).min(us(p, f)),
+            drain_us,
+            root_check_us,
+            record_us,
+            vm_start_us,
         };
     }
 

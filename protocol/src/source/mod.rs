@@ -294,6 +294,9 @@ pub struct Source {
     /// In a pre-copy pause: when `Finish` went, `Ready` came and
     /// `Handover` went ([`crate::model::PauseParts`]).
     pause_marks: [Option<Instant>; 3],
+    /// How long pausing the VM and reading its dirty log and device state
+    /// took, at the start of the pause.
+    pause_read: Duration,
     converged: bool,
     verified: bool,
     handed_over: bool,
@@ -404,6 +407,7 @@ impl Source {
             started_at: None,
             paused_at: None,
             pause_marks: [None; 3],
+            pause_read: Duration::ZERO,
             converged: false,
             verified: false,
             handed_over: false,

@@ -191,10 +191,13 @@ impl Source {
         self.begin_round(now, round + 1, send, false);
     }
 
-    /// The VM is paused; `dirty` was collected after pausing.
+    /// The VM is paused since `paused` (at or before `now`: its dirty log,
+    /// collected after pausing, and its device state were read since,
+    /// inside the downtime).
     pub fn handle_paused(
         &mut self,
         now: Instant,
+        paused: Instant,
         dirty: PageBitmap,
         device_state: Vec<u8>,
     ) -> Result<(), SourceError> {
@@ -207,7 +210,9 @@ impl Source {
         if device_state.len() > crate::message::MAX_DEVICE_STATE {
             return Err(self.fail(now, SourceError::DeviceStateTooLarge(device_state.len())));
         }
-        self.paused_at = Some(now);
+        let paused = paused.min(now);
+        self.paused_at = Some(paused);
+        self.pause_read = now.saturating_duration_since(paused);
         self.device_state = device_state;
         let mut last = self.pending.take().unwrap_or_else(|| dirty.clone());
         last.union_with(&dirty);

@@ -12,6 +12,7 @@ use convoy_protocol::ctl::Outcome;
 use convoy_protocol::delta::PageCache;
 use convoy_protocol::destination::{
     Destination, DestinationAction, DestinationConfig, DestinationError, DestinationEvent,
+    StartTimes,
 };
 use convoy_protocol::digest::{leaf_digest, Digest, MerkleTree};
 use convoy_protocol::fuzz::InsecureCrypto;
@@ -174,6 +175,12 @@ pub struct Pair {
     /// How long each side's durable record in the pause takes (the
     /// source's before `Handover`, the destination's before its VM runs).
     pub record: Duration,
+    /// How long the destination's root check and `Ready` receipt take
+    /// (between its last batch applied and `Ready` written).
+    pub check: Duration,
+    /// How long pausing the VM and reading its dirty log and device state
+    /// take (inside the pause).
+    pub pause_read: Duration,
     pub to_dst: VecDeque<(Instant, Message)>,
     pub to_src: VecDeque<(Instant, Message)>,
     pub data: VecDeque<(Instant, u16, BatchHeader, Bytes)>,
@@ -330,6 +337,8 @@ impl Pair {
             latency: Duration::from_millis(5),
             unfolded_at_pause: Vec::new(),
             record: Duration::ZERO,
+            check: Duration::ZERO,
+            pause_read: Duration::ZERO,
             data_lag: Duration::ZERO,
             accept_delay: Duration::ZERO,
             to_dst: VecDeque::new(),
@@ -534,7 +543,9 @@ impl Pair {
                     let d = self.vm.take_dirty();
                     let state = self.vm.counter.to_le_bytes().to_vec();
                     self.paused_state = Some(state.clone());
-                    self.src.handle_paused(self.now, d, state).unwrap();
+                    let paused = self.now;
+                    self.now += self.pause_read;
+                    self.src.handle_paused(self.now, paused, d, state).unwrap();
                 }
                 SourceAction::CommitHandover => {
                     self.now += self.record;
@@ -604,8 +615,12 @@ impl Pair {
                         // delaying it keeps the stream in order.
                         let work = match m {
                             Message::Accept(_) => self.accept_delay,
+                            Message::Ready(_) => self.check,
                             _ => Duration::ZERO,
                         };
+                        if matches!(m, Message::Ready(_)) {
+                            self.dst.note_ready_written(self.now + work);
+                        }
                         self.to_src.push_back((self.now + self.latency + work, m));
                     }
                     if running && self.cut_on_running {
@@ -639,7 +654,11 @@ impl Pair {
                     c.copy_from_slice(&device_state);
                     self.started = Some(u64::from_le_bytes(c));
                     self.now += self.record;
-                    self.dst.handle_started(self.now);
+                    let times = StartTimes {
+                        record: self.record,
+                        ..StartTimes::default()
+                    };
+                    self.dst.handle_started_after(self.now, times);
                 }
                 DestinationAction::DiscardStaging => self.staging = None,
                 DestinationAction::StartPostcopy { device_state, owed } => {

@@ -528,3 +528,58 @@ fn the_expected_pause_counts_the_destinations_apply_lag() {
     assert!(took <= 80, "took {took} ms against an 80 ms target");
     assert!(took <= expected + 5, "took {took} ms, expected {expected}");
 }
+
+#[test]
+fn the_pause_parts_name_the_destinations_share() {
+    // Reading the paused VM takes 2 ms, the destination's root check and
+    // `Ready` receipt 3 ms, each side's durable record 8 ms, and the link
+    // 5 ms each way: the report names each, and what is left of verify
+    // and start is the two round trips.
+    let mut p = Pair::with(2048, 20, 50e6, 1 << 30, |c| {
+        c.manifest.plan.max_downtime_ms = 100;
+    });
+    p.pause_read = Duration::from_millis(2);
+    p.check = Duration::from_millis(3);
+    p.record = Duration::from_millis(8);
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    assert!(s.verified && s.converged, "{s:?}");
+    let parts = s.convergence.pause;
+    assert_eq!(parts.device_state_us, 2_000, "{parts:?}");
+    assert_eq!(parts.root_check_us, 3_000, "{parts:?}");
+    assert_eq!(parts.record_us, 8_000, "{parts:?}");
+    assert_eq!(parts.commit_us, 8_000, "the source's record: {parts:?}");
+    assert_eq!(parts.vm_start_us, 0, "{parts:?}");
+    assert_eq!(parts.exchanges_us(), 20_000, "two round trips: {parts:?}");
+    assert!(parts.drain_us <= parts.verify_us, "{parts:?}");
+    // The downtime counts the read of the paused VM, and is the parts.
+    let sum = Duration::from_micros(parts.parts_us().iter().sum());
+    assert!(
+        sum.abs_diff(s.downtime.unwrap()) < Duration::from_micros(4),
+        "{parts:?}"
+    );
+}
+
+#[test]
+fn a_destination_that_overstates_its_share_is_bounded() {
+    // The destination's share is its own word: claiming a record far
+    // longer than the whole start moves nothing out of the other parts.
+    let mut p = Pair::with(2048, 0, 50e6, 1 << 30, |_| {});
+    p.tamper_back = Some(Box::new(|m| {
+        if let Message::Started(s) = m {
+            s.pause.record_us = u32::MAX;
+            s.pause.start_us = u32::MAX;
+            s.pause.drain_us = u32::MAX;
+        }
+    }));
+    p.run();
+    let s = p.summary().clone();
+    assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+    let parts = s.convergence.pause;
+    assert_eq!(parts.record_us, parts.start_us, "{parts:?}");
+    assert_eq!(parts.vm_start_us, 0, "{parts:?}");
+    assert_eq!(parts.drain_us, parts.verify_us, "{parts:?}");
+    assert_eq!(parts.root_check_us, 0, "{parts:?}");
+    assert_eq!(parts.exchanges_us(), 0, "{parts:?}");
+}

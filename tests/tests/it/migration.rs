@@ -40,6 +40,17 @@ async fn live_migration_under_a_dirtying_workload_verifies_and_continues() {
     assert!(report.rounds >= 2, "{report:?}");
     assert!(updates > 0, "progress was streamed");
     assert!(report.downtime_ms > 0.0 && report.downtime_ms < report.total_ms);
+    // The pause in its parts, both agents': they make up the downtime,
+    // and the destination's share is measured there (its root check, its
+    // journal record, the start), inside the parts the source saw.
+    let pause = report.convergence.pause;
+    let parts_ms = pause.parts_us().iter().sum::<u64>() as f64 / 1e3;
+    assert!((parts_ms - report.downtime_ms).abs() < 0.05, "{pause:?}");
+    assert!(pause.root_check_us > 0 && pause.record_us > 0, "{pause:?}");
+    assert!(
+        pause.vm_start_us > 0 && pause.exchanges_us() > 0,
+        "{pause:?}"
+    );
     assert!(report.wire_bytes > 0 && report.payload_bytes > 0);
     // Mixed content: zero pages cost nothing, the rest compresses.
     assert!(report.encodings.zero > 0 && report.encodings.zstd > 0);

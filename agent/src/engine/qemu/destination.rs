@@ -25,12 +25,14 @@ use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::VmState;
 use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::message::{
-    Abort, Accept, Capabilities, Message, Propose, Ready, Reason, Reject, Started, VersionRange,
+    Abort, Accept, Capabilities, DestinationPause, Message, Propose, Ready, Reason, Reject,
+    Started, VersionRange,
 };
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::names::{MigrationId, VmName};
 use convoy_protocol::receipt::{ticket_digest, Notary, ReceiptKind, SignedReceipt};
 use convoy_protocol::stream::{self, ChannelDigests, QemuManifest, Switch};
+use convoy_protocol::units::micros32;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -565,11 +567,16 @@ impl Incoming {
                 Some(roots),
             )
             .map_err(|e| Fail::local(e.to_string()))?;
+        let mut share = DestinationPause::default();
+        let mut starting = clock::now();
         if !self.switched {
             // Ours once recorded; unrecorded, it never runs here.
+            let recording = clock::now();
             self.record_handover()
                 .await
                 .map_err(|e| Fail::local(format!("the handover could not be recorded: {e}")))?;
+            share.record_us = micros32(clock::since(recording));
+            starting = clock::now();
             qvm.execute("cont", None)
                 .await
                 .map_err(|e| Fail::local(format!("QEMU cont: {e}")))?;
@@ -590,6 +597,10 @@ impl Incoming {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.switched {
+            // From `cont` to QEMU saying it runs.
+            share.start_us = micros32(clock::since(starting));
         }
         self.phase("started here");
         // In the VM registry first, then in the journal: an agent killed
@@ -621,6 +632,7 @@ impl Incoming {
             // QEMU's disks were flushed by QEMU before it continued; the
             // guest ran while its start was recorded.
             synced_ms: u32::try_from(clock::since(running).as_millis()).unwrap_or(u32::MAX),
+            pause: share,
             receipt: started,
         });
         // The guest runs here whatever happens to this message.

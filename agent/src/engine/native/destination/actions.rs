@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::transport::SendStream;
 use convoy_protocol::ctl::VmState;
-use convoy_protocol::destination::{Destination, DestinationAction};
+use convoy_protocol::destination::{Destination, DestinationAction, StartTimes};
 use convoy_protocol::journal::{JournalRecord, JournalRole, JournalStep};
 use convoy_protocol::message::{Manifest, Message, Reason};
 use convoy_protocol::names::{MigrationId, VmName};
@@ -36,11 +36,14 @@ impl Incoming {
     ) {
         match a {
             DestinationAction::Send(m) => {
-                if matches!(m, Message::Ready(_)) {
+                let ready = matches!(m, Message::Ready(_));
+                if ready {
                     crate::host::pause::at(&self.host, EnginePoint::DestinationReady).await;
                 }
-                if let Err(e) = write_message(send, &m).await {
-                    self.link_lost(sm, clock::now(), &e.to_string());
+                match write_message(send, &m).await {
+                    Ok(_) if ready => sm.note_ready_written(clock::now()),
+                    Ok(_) => {}
+                    Err(e) => self.link_lost(sm, clock::now(), &e.to_string()),
                 }
             }
             DestinationAction::AwaitResume => self.await_resume(),
@@ -209,17 +212,25 @@ impl Incoming {
             t.abort();
         }
         // Ours once recorded; unrecorded, it never runs here.
+        // Measured work, not deadlines: the real clock (`engine::clock`).
+        let recording = std::time::Instant::now();
         if let Err(e) = self.record_handover(sm).await {
             self.staging = Some(staging);
             sm.handle_start_failed(&e);
             return;
         }
+        let starting = std::time::Instant::now();
         match staging.clone().start(&device_state, self.start_paused) {
             Ok((vm, resumed_from)) => {
                 // The guest runs from here: what follows is not downtime
                 // (`confirm_started`). Registering it is a durable write
                 // of the VM registry (a new VM), about 0.4 ms measured.
-                let running = std::time::Instant::now(); // measured work, not a deadline
+                let running = std::time::Instant::now();
+                let times = StartTimes {
+                    record: starting.saturating_duration_since(recording),
+                    start: running.saturating_duration_since(starting),
+                    synced: Duration::ZERO,
+                };
                 let key = self.arrival_key(sm);
                 let state = if self.start_paused {
                     VmState::Paused
@@ -232,7 +243,8 @@ impl Incoming {
                 }
                 self.arrived(&name);
                 self.phase("verified and started here".into());
-                self.confirm_started(sm, staging.clone(), running).await;
+                self.confirm_started(sm, staging.clone(), running, times)
+                    .await;
             }
             Err(e) => {
                 self.staging = Some(staging);
@@ -322,7 +334,8 @@ impl Incoming {
         match staged {
             Some(s) => {
                 let now = std::time::Instant::now(); // measured work, not a deadline
-                self.confirm_started(sm, s, now).await;
+                self.confirm_started(sm, s, now, StartTimes::default())
+                    .await;
             }
             None => match self.record_started().await {
                 Ok(()) => sm.handle_started(clock::now()),
@@ -404,12 +417,14 @@ impl Incoming {
     /// start is recorded, before we say Started (the source discards its
     /// copy then); the guest runs meanwhile, so that time is not downtime.
     /// A sync or a record that fails leaves the migration in doubt.
-    /// `running`: when the guest began to run here.
+    /// `running`: when the guest began to run here; `times`: what its
+    /// record and start took (for the pause's parts).
     async fn confirm_started(
         &mut self,
         sm: &mut Destination,
         staging: Arc<SimVm>,
         running: std::time::Instant,
+        times: StartTimes,
     ) {
         self.move_vcpu(&staging).await;
         if staging.has_disks() {
@@ -422,7 +437,8 @@ impl Incoming {
         if let Err(e) = self.record_started().await {
             return sm.handle_start_unconfirmed(&e);
         }
-        sm.handle_started_synced(clock::now(), running.elapsed());
+        let synced = running.elapsed();
+        sm.handle_started_after(clock::now(), StartTimes { synced, ..times });
     }
 
     /// The VM runs here with every page in: its vCPU moves to where this

@@ -358,12 +358,13 @@ impl<'r> Driver<'r> {
         let run = &mut *self.run;
         run.phase("paused for the final copy");
         run.host.set_state(&run.req.vm, VmState::Paused);
+        let since = clock::now();
         let paused = run.vm.pause();
         let dirty = run.vm.collect_dirty_log();
         run.counter_at_pause = Some(run.vm.counter());
         match paused.and_then(|()| run.vm.device_state()) {
             Ok(state) => {
-                if let Err(e) = self.sm.handle_paused(clock::now(), dirty, state) {
+                if let Err(e) = self.sm.handle_paused(clock::now(), since, dirty, state) {
                     tracing::warn!("pause rejected: {e}");
                 }
             }
