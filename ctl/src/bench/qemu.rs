@@ -20,7 +20,7 @@ use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::backend::qemu::process::{QemuProcess, QemuSpec};
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{Accel, Outcome};
-use convoy_protocol::model::{MigrationMode, MigrationPlan};
+use convoy_protocol::model::{MigrationMode, MigrationPlan, PauseParts};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -32,7 +32,9 @@ use crate::render;
 struct Sample {
     /// Decision to guest running at the destination, ms.
     total_ms: f64,
-    /// The path's downtime, ms (native: QEMU's; Convoy: to Started).
+    /// The guest's downtime, ms: from its `STOP` at the source to its
+    /// `RESUME` at the destination (native), or to `Started` back at the
+    /// source (Convoy: a little longer, by that message's trip).
     downtime_ms: f64,
     /// QEMU's total-time, ms.
     qemu_total_ms: f64,
@@ -40,6 +42,8 @@ struct Sample {
     qemu_downtime_ms: f64,
     /// QEMU's ram.transferred, bytes.
     transferred: u64,
+    /// Through Convoy: where the pause went (native: none measured).
+    pause: PauseParts,
 }
 
 #[derive(Serialize)]
@@ -179,6 +183,14 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             &table
         )
     );
+    let pause = median(&convoy).pause;
+    if pause.measured() {
+        // The last round here is QEMU's stop-and-copy and the tunnel's drain.
+        println!(
+            "Convoy's pause (medians of each part): {}",
+            render::pause_parts(&pause)
+        );
+    }
     Ok(())
 }
 
@@ -202,6 +214,7 @@ fn median(v: &[Sample]) -> Sample {
         qemu_total_ms: pick(|s| s.qemu_total_ms),
         qemu_downtime_ms: pick(|s| s.qemu_downtime_ms),
         transferred: pick(|s| s.transferred as f64) as u64,
+        pause: table::median_pause(v.iter().map(|s| &s.pause)),
     }
 }
 
@@ -326,7 +339,26 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-        samples.push(native_sample(total_ms, &info));
+        // The guest's downtime: from its stop at the source to its resume
+        // at the destination (QEMU's own figure ends when the source has
+        // sent the last bytes, before the destination loaded them).
+        let stop = cur
+            .qmp
+            .take_events()
+            .iter()
+            .find(|e| e["event"] == "STOP")
+            .and_then(event_unix_us)
+            .context("the source QEMU sent no STOP event")?;
+        let resume = next
+            .qmp
+            .wait_event("RESUME", Duration::from_secs(5))
+            .await
+            .ok()
+            .as_ref()
+            .and_then(event_unix_us)
+            .context("the destination QEMU sent no RESUME event")?;
+        let guest_ms = resume.saturating_sub(stop) as f64 / 1e3;
+        samples.push(native_sample(total_ms, guest_ms, &info));
         cur.quit().await;
         cur = next;
     }
@@ -347,16 +379,23 @@ fn listening_port(q: &Value) -> Result<u16> {
         .with_context(|| format!("the destination QEMU names no TCP port it listens on: {q}"))
 }
 
-/// A native sample from QEMU's final `query-migrate` (its downtime is
-/// the path's downtime).
-fn native_sample(total_ms: f64, q: &Value) -> Sample {
-    let downtime = q["downtime"].as_f64().unwrap_or(0.0);
+/// A QMP event's timestamp, microseconds since the epoch.
+fn event_unix_us(e: &Value) -> Option<u64> {
+    let t = &e["timestamp"];
+    Some(t["seconds"].as_u64()? * 1_000_000 + t["microseconds"].as_u64()?)
+}
+
+/// A native sample: its total, the guest's downtime (`guest_ms`: stopped
+/// at the source to resumed at the destination), and QEMU's final
+/// `query-migrate`.
+fn native_sample(total_ms: f64, guest_ms: f64, q: &Value) -> Sample {
     Sample {
         total_ms,
-        downtime_ms: downtime,
+        downtime_ms: guest_ms,
         qemu_total_ms: q["total-time"].as_f64().unwrap_or(0.0),
-        qemu_downtime_ms: downtime,
+        qemu_downtime_ms: q["downtime"].as_f64().unwrap_or(0.0),
         transferred: q["ram"]["transferred"].as_u64().unwrap_or(0),
+        pause: PauseParts::default(),
     }
 }
 
@@ -406,6 +445,7 @@ async fn through_convoy(b: &Setup<'_>) -> Result<(Vec<Sample>, String)> {
             qemu_total_ms: q.total_ms.unwrap_or(0) as f64,
             qemu_downtime_ms: q.downtime_ms.unwrap_or(0) as f64,
             transferred: q.transferred_bytes.unwrap_or(0),
+            pause: r.convergence.pause,
         });
         at = (at.1, at.0);
     }

@@ -68,3 +68,25 @@ pub struct DestinationPause {
     /// The VM started from staging with its device state.
     pub start_us: u32,
 }
+
+impl DestinationPause {
+    /// `parts`, the source's own, with this share put in: each figure
+    /// held to what is left of the part it falls in (drain and check in
+    /// verify, record and start in start), so a wrong one cannot make the
+    /// finer parts add up to more than the pause.
+    pub fn put_in(self, parts: crate::model::PauseParts) -> crate::model::PauseParts {
+        let within = |total: u64, a: u32, b: u32| {
+            let a = u64::from(a).min(total);
+            (a, u64::from(b).min(total - a))
+        };
+        let (drain_us, root_check_us) = within(parts.verify_us, self.drain_us, self.check_us);
+        let (record_us, vm_start_us) = within(parts.start_us, self.record_us, self.start_us);
+        crate::model::PauseParts {
+            drain_us,
+            root_check_us,
+            record_us,
+            vm_start_us,
+            ..parts
+        }
+    }
+}

@@ -118,28 +118,15 @@ impl Source {
             return;
         };
         let us = |a: Instant, b: Instant| crate::units::micros(b.saturating_duration_since(a));
-        let (verify_us, start_us) = (
-            us(f, r),
-            us(h, now).saturating_sub(crate::units::micros(synced)),
-        );
-        // Two parts reported within one of ours, each held to what is left.
-        let within = |total: u64, a: u32, b: u32| {
-            let a = u64::from(a).min(total);
-            (a, u64::from(b).min(total - a))
-        };
-        let (drain_us, root_check_us) = within(verify_us, share.drain_us, share.check_us);
-        let (record_us, vm_start_us) = within(start_us, share.record_us, share.start_us);
-        self.convergence.pause = crate::model::PauseParts {
+        let ours = crate::model::PauseParts {
             last_round_us: us(p, f),
-            verify_us,
+            verify_us: us(f, r),
             commit_us: us(r, h),
-            start_us,
+            start_us: us(h, now).saturating_sub(crate::units::micros(synced)),
             device_state_us: crate::units::micros(self.pause_read).min(us(p, f)),
-            drain_us,
-            root_check_us,
-            record_us,
-            vm_start_us,
+            ..Default::default()
         };
+        self.convergence.pause = share.put_in(ours);
     }
 
     /// Memory root and device digest handed over.

@@ -726,6 +726,16 @@ impl QemuLab {
             q.transferred_bytes,
             q.channels.len()
         );
+        if q.mode == convoy_protocol::model::MigrationMode::Precopy {
+            // A pre-copy pause in its parts (from QEMU's stop), both
+            // agents': they make up the downtime, and the destination's
+            // record and start are its own measures.
+            let pause = r.convergence.pause;
+            let parts_ms = pause.parts_us().iter().sum::<u64>() as f64 / 1e3;
+            assert!((parts_ms - r.downtime_ms).abs() < 0.05, "{pause:?}");
+            assert!(pause.record_us > 0 && pause.vm_start_us > 0, "{pause:?}");
+            eprintln!("pause: {pause:?}");
+        }
         assert!(
             until(Duration::from_secs(10), || self.processes(from).is_empty()).await,
             "the source QEMU still runs"

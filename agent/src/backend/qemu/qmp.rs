@@ -265,23 +265,39 @@ impl Qmp {
 
     /// Waits for the event called `name` (kept events first).
     pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-            return Ok(self.events.remove(i).unwrap_or_default());
+        self.next_event(|e| e["event"] == name, timeout)
+            .await?
+            .ok_or_else(|| QmpError::Timeout(Waited::Event(name.to_owned())))
+    }
+
+    /// The first event `wanted` takes, kept ones first (the others read
+    /// meanwhile are kept), or `None` when none came within `timeout`.
+    pub async fn next_event(
+        &mut self,
+        wanted: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Option<Value>, QmpError> {
+        if let Some(i) = self.events.iter().position(&wanted) {
+            return Ok(self.events.remove(i));
         }
         let wait = async {
             loop {
                 let m = self.read().await?;
-                if m["event"] == name {
+                if m.get("event").is_none() {
+                    // Not an event, and no command is waiting: a stale
+                    // answer (its wait was cancelled).
+                    continue;
+                }
+                if wanted(&m) {
                     return Ok(m);
                 }
-                if m.get("event").is_some() {
-                    self.keep(m);
-                }
+                self.keep(m);
             }
         };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| QmpError::Timeout(Waited::Event(name.to_owned())))?
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 }
 
@@ -373,6 +389,38 @@ mod tests {
             q.execute("query-status", None).await,
             Err(QmpError::Closed) | Err(QmpError::Io(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_next_wanted_event_is_taken_and_the_others_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fake(
+            d.path(),
+            GREETING,
+            vec![
+                vec![r#"{"return": {}, "id": "convoy-1"}"#.into()],
+                vec![
+                    r#"{"return": {}, "id": "convoy-2"}"#.into(),
+                    r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}"#.into(),
+                    r#"{"event": "MIGRATION", "data": {"status": "completed"}}"#.into(),
+                ],
+                // Never sent: the connection stays open, quiet.
+                vec![],
+            ],
+        )
+        .await;
+        let mut q = Qmp::connect(&p).await.unwrap();
+        q.execute("migrate", None).await.unwrap();
+        let migration = |e: &Value| e["event"] == "MIGRATION";
+        let short = Duration::from_millis(200);
+        let ev = q.next_event(migration, short).await.unwrap().unwrap();
+        assert_eq!(ev["data"]["status"], "completed");
+        // None more: `None` after the wait, not an error.
+        assert!(q.next_event(migration, short).await.unwrap().is_none());
+        // The event read on the way was kept, in order.
+        let kept = q.take_events();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0]["event"], "STOP");
     }
 
     #[tokio::test]

@@ -531,6 +531,19 @@ impl QemuVm {
         }
     }
 
+    /// The first event `wanted` takes within `timeout` (`None`: none
+    /// came), kept or new; the others are kept. Holds this QEMU's QMP
+    /// connection meanwhile: other commands wait.
+    pub async fn next_event(
+        &self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Option<serde_json::Value>, QemuError> {
+        let mut g = self.process.lock().await;
+        let p = g.as_mut().ok_or(QemuError::Qmp(QmpError::Closed))?;
+        Ok(p.qmp.next_event(wanted, timeout).await?)
+    }
+
     /// QMP events received so far.
     pub async fn take_events(&self) -> Vec<serde_json::Value> {
         match self.process.lock().await.as_mut() {

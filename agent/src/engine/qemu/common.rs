@@ -84,7 +84,17 @@ pub(crate) fn capabilities(m: &QemuManifest) -> Value {
     json!([
         { "capability": "multifd", "state": m.multifd_channels > 0 },
         { "capability": "postcopy-ram", "state": m.mode != MigrationMode::Precopy },
+        // A `MIGRATION` event at each change of state: both agents wake
+        // on the end of the copy rather than at their next poll, which
+        // fell inside the downtime.
+        { "capability": "events", "state": true },
     ])
+}
+
+/// A QMP event of the migration: a change of its state (`MIGRATION`, with
+/// the `events` capability) or a new pass over memory (`MIGRATION_PASS`).
+pub(crate) fn is_migration_event(e: &Value) -> bool {
+    e["event"] == "MIGRATION" || e["event"] == "MIGRATION_PASS"
 }
 
 /// A control message, the end of the stream, or a read error.

@@ -36,7 +36,9 @@ use convoy_protocol::units::micros32;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::common::{capabilities, digests, read_control, ChanEvent, Control, Fail};
+use super::common::{
+    capabilities, digests, is_migration_event, read_control, ChanEvent, Control, Fail,
+};
 use crate::backend::qemu::process::QemuProcess;
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::admission;
@@ -89,6 +91,8 @@ struct Incoming {
     link: Option<Connection>,
     /// Post-copy recoveries made.
     recoveries: u16,
+    /// Our share of a pre-copy pause, reported in `Started`.
+    share: DestinationPause,
 }
 
 /// Serves an incoming QEMU migration whose `Propose` was just read.
@@ -131,6 +135,7 @@ pub(crate) async fn serve(
         resume_rx: None,
         link: None,
         recoveries: 0,
+        share: DestinationPause::default(),
     };
     let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
@@ -474,6 +479,7 @@ impl Incoming {
         if done.channels.len() > stream::MAX_CHANNELS {
             return Err(Fail::violation(PEER, "too many channels".into()));
         }
+        let done_at = clock::now();
         // Every channel the source carried has ended here too.
         let drain = tokio::time::Instant::now() + Duration::from_secs(30);
         while ours.len() < done.channels.len() {
@@ -483,6 +489,7 @@ impl Incoming {
             }
         }
         drop(acceptors);
+        let drained_at = clock::now();
         self.stop_waiting_for_resume();
         stream::compare(&done.channels, &ours)
             .map_err(|e| Fail::new(Reason::RootMismatch, format!("stream digests differ: {e}")))?;
@@ -505,7 +512,13 @@ impl Incoming {
                 _ if clock::now() > end => {
                     return Err(Fail::local("QEMU did not finish loading in time"))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                // Asked again when its state changes (inside the downtime:
+                // no poll's wait), or after 20 ms.
+                _ => {
+                    let _ = qvm
+                        .next_event(is_migration_event, Duration::from_millis(20))
+                        .await;
+                }
             }
         }
         if !self.manifest.disks.is_empty() {
@@ -531,6 +544,10 @@ impl Incoming {
             faults: None,
         });
         write_message(send, &m).await.map_err(Fail::link)?;
+        // Our share of the pause so far: the channels' last bytes, then
+        // QEMU's load, the digests compared and the receipt.
+        self.share.drain_us = micros32(drained_at.saturating_duration_since(done_at));
+        self.share.check_us = micros32(clock::since(drained_at));
         self.phase("QEMU holds every byte sent; waiting for the handover");
         let h = match tokio::time::timeout(HANDOVER_TIMEOUT, ctl.recv()).await {
             Err(_) => return Err(Fail::new(Reason::Timeout, "no Handover in time")),
@@ -567,7 +584,7 @@ impl Incoming {
                 Some(roots),
             )
             .map_err(|e| Fail::local(e.to_string()))?;
-        let mut share = DestinationPause::default();
+        let mut share = self.share;
         let mut starting = clock::now();
         if !self.switched {
             // Ours once recorded; unrecorded, it never runs here.

@@ -116,6 +116,11 @@ struct State {
     /// QEMU's last dirty rate, pages per second.
     dirty_rate: u64,
     stop_at_unix_us: Option<u64>,
+    /// In a pre-copy pause, on the same clock as QEMU's `STOP`: when
+    /// `StreamsDone` went, `Ready` came and `Handover` went.
+    pause_marks: [Option<u64>; 3],
+    /// Where the pause went (pre-copy, once `Started` came).
+    pause: convoy_protocol::model::PauseParts,
     downtime_ms: f64,
     handed_over: bool,
     /// The journal holds our commit: a rollback is a give-back.
@@ -165,6 +170,8 @@ impl Run {
             throttle: 0,
             dirty_rate: 0,
             stop_at_unix_us: None,
+            pause_marks: [None; 3],
+            pause: Default::default(),
             downtime_ms: 0.0,
             handed_over: false,
             committed: false,

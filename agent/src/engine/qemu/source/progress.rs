@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{Run, State, MIGRATION_TIMEOUT, PEER, POLL};
-use crate::engine::qemu::common::{capabilities, digests, ChanEvent, Control, Fail};
+use crate::engine::qemu::common::{
+    capabilities, digests, is_migration_event, ChanEvent, Control, Fail,
+};
 use crate::engine::qemu::recovery::{is_loss, live_channel, Broken};
 use tokio::task::JoinSet;
 
@@ -144,7 +146,7 @@ impl Run {
     /// QEMU reports `completed` a moment before it sets its total time
     /// (and under load a query lands in between, reading 0), so it is
     /// asked again, briefly, until the total is there.
-    async fn final_figures(&self, mut q: Value) -> Value {
+    pub(super) async fn final_figures(&self, mut q: Value) -> Value {
         for _ in 0..25 {
             if q["total-time"].as_u64().is_some_and(|t| t > 0) {
                 break;
@@ -185,7 +187,9 @@ impl Run {
         }
         let info = loop {
             tokio::select! {
-                () = tokio::time::sleep(POLL) => {}
+                // Polled every `POLL`, and at once when QEMU's migration
+                // changes state (its end, inside the downtime) or passes.
+                _ = self.vm.next_event(is_migration_event, POLL) => {}
                 () = self.cancel.notified() => {
                     if !st.handed_over {
                         return Err(Fail::cancelled());
@@ -266,7 +270,9 @@ impl Run {
                 sample,
             });
             match status.as_str() {
-                "completed" => break self.final_figures(q).await,
+                // QEMU's final figures are read after the handover
+                // ([`Run::final_figures`]): not inside the downtime.
+                "completed" => break q,
                 "failed" | "cancelled" => {
                     let why = q["error-desc"].as_str().unwrap_or(&status).to_owned();
                     st.qemu_status = status;

@@ -46,6 +46,7 @@ impl Run {
             convergence: convoy_protocol::model::Convergence {
                 dirty_rate: st.dirty_rate,
                 throttle: st.throttle,
+                pause: st.pause,
                 ..Default::default()
             },
             postcopy: None,

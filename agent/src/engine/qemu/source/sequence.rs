@@ -180,8 +180,10 @@ impl Run {
             channels: st.channels.clone(),
         });
         st.control_bytes += write_message(send, &done).await.map_err(Fail::link)? as u64;
+        st.pause_marks[0] = Some(unix_us());
         match self.next(ctl, READY_TIMEOUT, "Ready").await? {
             Message::Ready(r) => {
+                st.pause_marks[1] = Some(unix_us());
                 if r.memory_root != out_root || r.device_digest != back_root {
                     return Err(Fail::new(
                         Reason::RootMismatch,
@@ -308,6 +310,7 @@ impl Run {
             Ok(n) => st.control_bytes += n as u64,
             Err(e) => return self.in_doubt(st, format!("link lost at the handover: {e}")),
         }
+        st.pause_marks[2] = Some(unix_us());
         let started = match self.next(ctl, STARTED_TIMEOUT, "Started").await {
             Ok(Message::Started(s)) => s,
             Ok(other) => return self.in_doubt(st, format!("{} instead of Started", other.kind())),
@@ -323,14 +326,17 @@ impl Run {
         ) {
             return self.in_doubt(st, format!("Started receipt: {e}"));
         }
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, convoy_protocol::units::micros);
+        let now_us = unix_us();
+        // The downtime is over: QEMU's final figures may be waited for.
+        st.qemu_info = self.final_figures(std::mem::take(&mut st.qemu_info)).await;
         // The guest ran at the destination while its start was recorded
         // there: not downtime.
         let ran_us = u64::from(started.synced_ms) * 1000;
         st.downtime_ms = match (self.prepared.manifest.mode, st.stop_at_unix_us) {
             (MigrationMode::Precopy, Some(stop)) => {
+                if let [Some(f), Some(r), Some(h)] = st.pause_marks {
+                    st.pause = pause_parts([stop, f, r, h, now_us], ran_us, started.pause);
+                }
                 let down = now_us.saturating_sub(stop);
                 down.saturating_sub(ran_us) as f64 / 1e3
             }
@@ -351,4 +357,31 @@ impl Run {
         self.vm.stop().await;
         Outcome::Completed
     }
+}
+
+/// Now on the wall clock, in microseconds since the epoch: the clock of
+/// QEMU's `STOP` event, where a QEMU pause begins.
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, convoy_protocol::units::micros)
+}
+
+/// A QEMU pre-copy pause in its parts, from its marks (QEMU's `STOP`,
+/// `StreamsDone` sent, `Ready` come, `Handover` sent, `Started` come, each
+/// in wall-clock microseconds), less `ran_us` the guest already ran at the
+/// destination, with the destination's `share` put in. The last round is
+/// QEMU's stop-and-copy and the tunnel's drain.
+fn pause_parts(
+    [stop, finish, ready, handover, started]: [u64; 5],
+    ran_us: u64,
+    share: convoy_protocol::message::DestinationPause,
+) -> convoy_protocol::model::PauseParts {
+    share.put_in(convoy_protocol::model::PauseParts {
+        last_round_us: finish.saturating_sub(stop),
+        verify_us: ready.saturating_sub(finish),
+        commit_us: handover.saturating_sub(ready),
+        start_us: started.saturating_sub(handover).saturating_sub(ran_us),
+        ..Default::default()
+    })
 }
