@@ -365,6 +365,24 @@ pub fn handover_time(round_trip: std::time::Duration) -> std::time::Duration {
     round_trip.saturating_mul(2)
 }
 
+/// Where the pre-copy downtime ramp starts, milliseconds
+/// ([`ramp_pages`]).
+pub const RAMP_START_MS: u64 = 30;
+
+/// Rounds pre-copy aims at [`RAMP_START_MS`] before the aim grows.
+pub const RAMP_HOLD_ROUNDS: u32 = 4;
+
+/// The pages' share of the downtime the ramp aims at after round `round`
+/// (from 1): [`RAMP_START_MS`] for the first [`RAMP_HOLD_ROUNDS`] rounds,
+/// then half as much again each round (`SourceConfig::downtime_aim`;
+/// QEMU's `downtime-limit`, [`crate::stream::qemu_downtime_ramp`]).
+pub fn ramp_pages(round: u32) -> std::time::Duration {
+    let steps = round.saturating_sub(RAMP_HOLD_ROUNDS);
+    let ms = RAMP_START_MS as f64 * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
+    // An absurd round saturates: `from_secs_f64` would panic past u64.
+    std::time::Duration::try_from_secs_f64(ms / 1e3).unwrap_or(std::time::Duration::MAX)
+}
+
 #[cfg(test)]
 mod plan_tests {
     use super::*;

@@ -220,6 +220,24 @@ pub fn qemu_downtime_limit(target_ms: u32, rtt: std::time::Duration) -> Option<u
     (left > 0).then(|| u64::try_from(left).unwrap_or(u64::MAX))
 }
 
+/// QEMU's `downtime-limit` during pass `pass` (its `dirty-sync-count`, the
+/// first pass being 1), milliseconds: the ramp pre-copy follows for sim
+/// VMs ([`crate::model::ramp_pages`]) held under `limit_ms` (from
+/// [`qemu_downtime_limit`]), and the limit itself for the last two passes
+/// `max_rounds` allows. QEMU stops the guest once what is left fits the
+/// limit at the rate it measures: a guest whose passes shrink gets a short
+/// stop-and-copy after a few more short passes, one whose passes do not
+/// still stops by the operator's target, a few passes later.
+pub fn qemu_downtime_ramp(limit_ms: u64, pass: u64, max_rounds: u32) -> u64 {
+    if pass.saturating_add(2) > u64::from(max_rounds) {
+        return limit_ms;
+    }
+    let aim = crate::model::ramp_pages(u32::try_from(pass).unwrap_or(u32::MAX));
+    u64::try_from(aim.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, limit_ms.max(1))
+}
+
 /// Post-copy recovery of a stream migration, both ways on the new link's
 /// control stream (the destination first, once its QEMU listens for the
 /// recovery; the source answers): what this side carried of each channel
@@ -356,6 +374,23 @@ mod tests {
         assert_eq!(qemu_downtime_limit(300, ms(151)), None);
         assert_eq!(qemu_downtime_limit(0, ms(0)), None);
         assert_eq!(qemu_downtime_limit(u32::MAX, Duration::MAX), None);
+    }
+
+    #[test]
+    fn qemu_ramps_its_downtime_limit_up_to_the_ceiling() {
+        // 30 ms for the first four passes, then half as much again each
+        // pass, never above the limit; the last two passes allowed get the
+        // limit itself.
+        let ramp: Vec<u64> = (1..=12).map(|p| qemu_downtime_ramp(280, p, 30)).collect();
+        assert_eq!(ramp, [30, 30, 30, 30, 45, 67, 101, 151, 227, 280, 280, 280]);
+        assert_eq!(qemu_downtime_ramp(280, 28, 30), 280);
+        assert_eq!(qemu_downtime_ramp(280, 2, 3), 280);
+        // A limit under the ramp's start holds from the first pass.
+        assert_eq!(qemu_downtime_ramp(10, 1, 30), 10);
+        assert_eq!(qemu_downtime_ramp(1, 1, 30), 1);
+        // Absurd passes saturate.
+        assert_eq!(qemu_downtime_ramp(280, u64::MAX, u32::MAX), 280);
+        assert_eq!(qemu_downtime_ramp(280, u64::from(u32::MAX), u32::MAX), 280);
     }
 
     fn ch(kind: ChannelKind, out: u8, back: u8) -> ChannelDigests {

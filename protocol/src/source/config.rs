@@ -7,12 +7,7 @@ use crate::message::{Capabilities, Manifest};
 use crate::model::{MigrationMode, MigrationPlan};
 use crate::names::{MigrationId, VmName};
 
-/// Where the pre-copy downtime ramp starts, milliseconds
-/// ([`SourceConfig::downtime_aim`]).
-pub const RAMP_START_MS: u64 = 30;
-
-/// Rounds pre-copy aims at [`RAMP_START_MS`] before the aim grows.
-pub const RAMP_HOLD_ROUNDS: u32 = 4;
+use crate::model::ramp_pages;
 
 /// When the source hands the VM over before all its pages are there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,11 +84,10 @@ impl SourceConfig {
     /// What pre-copy aims at after round `round`, for a pause whose
     /// handover's round trips take `handover`: pause once the rest is
     /// expected to take less. The operator's target is a ceiling, reached
-    /// by a ramp of the pages' share: [`RAMP_START_MS`] of pages (plus the
-    /// handover, which no round shortens) for the first
-    /// [`RAMP_HOLD_ROUNDS`] rounds, then half as much again each round,
-    /// never above the target; the last two rounds `max_rounds` allows aim
-    /// at the target itself. A guest whose rounds shrink gets a short
+    /// by a ramp of the pages' share ([`ramp_pages`]: 30 ms of pages, plus
+    /// the handover, which no round shortens, for the first four rounds,
+    /// then half as much again each round), never above the target; the
+    /// last two rounds `max_rounds` allows aim at the target itself. A guest whose rounds shrink gets a short
     /// pause for a few more short rounds; one whose rounds do not still
     /// converges at the target, a few rounds later.
     pub fn downtime_aim(&self, round: u32, handover: Duration) -> Duration {
@@ -101,10 +95,7 @@ impl SourceConfig {
         if round.saturating_add(2) > self.plan().max_rounds {
             return ceiling;
         }
-        let steps = round.saturating_sub(RAMP_HOLD_ROUNDS);
-        let pages = Duration::from_millis(RAMP_START_MS).as_secs_f64()
-            * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
-        let aim = handover.as_secs_f64() + pages;
+        let aim = handover.as_secs_f64() + ramp_pages(round).as_secs_f64();
         if aim >= ceiling.as_secs_f64() {
             ceiling
         } else {

@@ -185,8 +185,9 @@ mod restart;
 mod resume;
 mod sent;
 
+pub use crate::model::{ramp_pages, RAMP_HOLD_ROUNDS, RAMP_START_MS};
 pub use crate::model::{Convergence, PostcopySummary};
-pub use config::{SourceConfig, Switchover, RAMP_HOLD_ROUNDS, RAMP_START_MS};
+pub use config::{SourceConfig, Switchover};
 pub use control::TRUSTED_ROUND_TRIPS;
 pub use driver::{SentBatch, SourceAction, SourceEvent};
 pub use error::SourceError;

@@ -1260,6 +1260,13 @@ async fn qemu_downtime_limit_leaves_room_for_the_handovers_round_trips() {
             .unwrap_or_else(|| panic!("no downtime limit among {phases:?}"));
         // 1000 ms less two round trips of at least 120 ms each.
         assert!((500..=760).contains(&limit), "{limit} ms: {phases:?}");
+        // Reached by the ramp, from 30 ms at the first pass.
+        assert!(
+            phases
+                .iter()
+                .any(|p| p.contains("reached by a ramp from 30 ms over QEMU's passes")),
+            "{phases:?}"
+        );
     })
     .await;
 }

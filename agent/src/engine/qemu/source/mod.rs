@@ -116,6 +116,12 @@ struct State {
     /// QEMU's last dirty rate, pages per second.
     dirty_rate: u64,
     stop_at_unix_us: Option<u64>,
+    /// QEMU's downtime limit from the target ([`Run::downtime_limit`]),
+    /// the pass QEMU is in (its `dirty-sync-count`) and the limit the
+    /// ramp gave it for that pass, milliseconds.
+    limit_ms: u64,
+    pass: u64,
+    ramped_ms: u64,
     /// In a pre-copy pause, on the same clock as QEMU's `STOP`: when
     /// `StreamsDone` went, `Ready` came and `Handover` went.
     pause_marks: [Option<u64>; 3],
@@ -170,6 +176,9 @@ impl Run {
             throttle: 0,
             dirty_rate: 0,
             stop_at_unix_us: None,
+            limit_ms: 0,
+            pass: 0,
+            ramped_ms: 0,
             pause_marks: [None; 3],
             pause: Default::default(),
             downtime_ms: 0.0,

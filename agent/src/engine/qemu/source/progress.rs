@@ -9,7 +9,7 @@ use convoy_protocol::ctl::Progress;
 use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::stream::QemuManifest;
-use convoy_protocol::stream::{qemu_downtime_limit, Probe};
+use convoy_protocol::stream::{qemu_downtime_limit, qemu_downtime_ramp, Probe};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -67,7 +67,7 @@ impl Run {
         // The operator's cap holds after a post-copy switch too (QEMU
         // takes `max-postcopy-bandwidth` then; 0 is no cap).
         let mut p = json!({
-            "downtime-limit": limit_ms,
+            "downtime-limit": self.ramped(limit_ms, 1, m.mode),
             "max-bandwidth": self.plan.bandwidth.unwrap_or(UNLIMITED),
             "max-postcopy-bandwidth": self.plan.bandwidth.unwrap_or(0),
             "cpu-throttle-initial": 20,
@@ -78,6 +78,16 @@ impl Run {
         }
         self.qmp("migrate-set-parameters", p).await?;
         Ok(())
+    }
+
+    /// QEMU's `downtime-limit` during its pass `pass`, under `limit_ms`:
+    /// the ramp ([`qemu_downtime_ramp`]) before a post-copy switch (a
+    /// post-copy migration stops the guest without it).
+    pub(super) fn ramped(&self, limit_ms: u64, pass: u64, mode: MigrationMode) -> u64 {
+        match mode {
+            MigrationMode::Postcopy => limit_ms,
+            _ => qemu_downtime_ramp(limit_ms, pass, self.plan.max_rounds),
+        }
     }
 
     /// QEMU's `downtime-limit`: the plan's target less the handover's two
@@ -116,7 +126,15 @@ impl Run {
                     st,
                     &format!(
                         "control round trip {rtt_ms:.1} ms: QEMU's downtime limit {limit} ms \
-                         (the {target} ms target less the handover's two round trips)"
+                         (the {target} ms target less the handover's two round trips){}",
+                        if self.plan.mode == MigrationMode::Postcopy {
+                            String::new()
+                        } else {
+                            format!(
+                                ", reached by a ramp from {} ms over QEMU's passes",
+                                self.ramped(limit, 1, self.plan.mode)
+                            )
+                        }
                     ),
                 );
                 Ok(limit)
@@ -232,6 +250,18 @@ impl Run {
             }
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();
+            // A new pass: the ramp's next limit, until it is forced or
+            // switched (a change QEMU takes at its next check).
+            let pass = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+            if status == "active" && pass > st.pass && !switched && !forced {
+                st.pass = pass;
+                let next = self.ramped(st.limit_ms, pass, m.mode);
+                if next != st.ramped_ms {
+                    self.qmp("migrate-set-parameters", json!({ "downtime-limit": next }))
+                        .await?;
+                    st.ramped_ms = next;
+                }
+            }
             if status == "device" {
                 if let Some(link) = &st.link {
                     st.window.open(link);

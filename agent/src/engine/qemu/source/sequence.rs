@@ -128,6 +128,8 @@ impl Run {
             opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
         }
         self.configure(m, limit).await?;
+        (st.limit_ms, st.pass) = (limit, 1);
+        st.ramped_ms = self.ramped(limit, 1, m.mode);
         self.qmp(
             "migrate",
             json!({ "uri": format!("unix:{}", out_sock.display()) }),
