@@ -186,6 +186,20 @@ pub struct StreamsDone {
     pub channels: Vec<ChannelDigests>,
 }
 
+/// Destination → source, during the copy: the destination's QEMU has read
+/// `bytes` of channel `kind` (from its start). The source sends each
+/// channel only so far ahead of this (a window per channel), so that what
+/// the destination's QEMU has yet to read when the source's is done is
+/// small: it is read inside the downtime. Reports come as the reads
+/// advance; one that goes back counts for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRead {
+    /// The channel.
+    pub kind: ChannelKind,
+    /// Bytes of it the destination's QEMU has read.
+    pub bytes: u64,
+}
+
 /// Post-copy: the source commits to the switch (it will not run the VM
 /// again); the destination answers with the same message once its QEMU
 /// will start the guest as soon as the device state arrives.

@@ -274,6 +274,11 @@ fn seeds() -> Vec<Message> {
             migration: convoy_protocol::names::MigrationId([1; 16]),
             lane: 1,
         }),
+        // How much of a stream migration's channel the destination read.
+        Message::ChannelRead(convoy_protocol::stream::ChannelRead {
+            kind: convoy_protocol::stream::ChannelKind::Migration(1),
+            bytes: 3 << 20,
+        }),
     ]
 }
 

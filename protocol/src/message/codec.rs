@@ -124,6 +124,7 @@ impl Message {
             Message::LinkCut(_) => tag::LINK_CUT,
             Message::Probe(_) => tag::PROBE,
             Message::Lane(_) => tag::LANE,
+            Message::ChannelRead(_) => tag::CHANNEL_READ,
             Message::DataStreamOpen(_) => tag::DATA_STREAM_OPEN,
             Message::PageBatch(..) => tag::PAGE_BATCH,
         }
@@ -162,6 +163,7 @@ impl Message {
             Message::LinkCut(m) => postcard::to_extend(m, out),
             Message::Probe(m) => postcard::to_extend(m, out),
             Message::Lane(m) => postcard::to_extend(m, out),
+            Message::ChannelRead(m) => postcard::to_extend(m, out),
             Message::DataStreamOpen(m) => postcard::to_extend(m, out),
             Message::PageBatch(h, payload) => postcard::to_extend(h, out).map(|mut o| {
                 o.extend_from_slice(payload);
@@ -212,6 +214,7 @@ impl Message {
             tag::SWITCH => Message::Switch(whole(t, body)?),
             tag::PROBE => Message::Probe(whole(t, body)?),
             tag::LANE => Message::Lane(whole(t, body)?),
+            tag::CHANNEL_READ => Message::ChannelRead(whole(t, body)?),
             tag::POSTCOPY_SWITCH => {
                 let m: PostcopySwitch = whole(t, body)?;
                 if m.batches.len() > usize::from(MAX_DATA_STREAMS) {
@@ -283,6 +286,7 @@ pub fn name_of(t: u8) -> &'static str {
         tag::LINK_CUT => "LinkCut",
         tag::PROBE => "Probe",
         tag::LANE => "Lane",
+        tag::CHANNEL_READ => "ChannelRead",
         tag::DATA_STREAM_OPEN => "DataStreamOpen",
         tag::PAGE_BATCH => "PageBatch",
         _ => "unknown",

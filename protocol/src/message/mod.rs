@@ -35,6 +35,7 @@
 //! | 24 | [`crate::stream::LinkCut`] | agent control of a new connection, both ways (stream migrations) |
 //! | 25 | [`crate::stream::Probe`] | agent control, source → destination and back (stream migrations; page migrations with `Capabilities::PROBE`) |
 //! | 26 | [`Lane`] | an extra connection's first frame, source → destination, and the answer |
+//! | 27 | [`crate::stream::ChannelRead`] | agent control, destination → source (stream migrations) |
 //!
 //! Tags 32 and 33 belong to the operator protocol, a message type of its
 //! own ([`crate::ctl::CtlMessage`]: request, response) framed the same way
@@ -137,4 +138,6 @@ pub enum Message {
     /// A control round trip timed, both ways (stream migrations, and page
     /// migrations whose destination accepted `Capabilities::PROBE`).
     Probe(crate::stream::Probe),
+    /// Tag 27: how much of a channel the destination's QEMU has read.
+    ChannelRead(crate::stream::ChannelRead),
 }

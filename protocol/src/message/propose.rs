@@ -25,7 +25,8 @@ use super::PostcopySwitch;
 /// manifest announces it (`Manifest.plan`), checked field by field at the
 /// destination ([`crate::admission`]).
 ///
-/// 4: `Started.pause`, the destination's share of a pre-copy pause.
+/// 4: `Started.pause`, the destination's share of a pre-copy pause;
+/// `ChannelRead` (tag 27), a stream migration's window per channel.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version this build accepts.

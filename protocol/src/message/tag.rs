@@ -29,5 +29,6 @@ pub const PRECOPY_RESUMED: u8 = 23;
 pub const LINK_CUT: u8 = 24;
 pub const PROBE: u8 = 25;
 pub const LANE: u8 = 26;
+pub const CHANNEL_READ: u8 = 27;
 // 32 and 33: the operator protocol's request and response
 // (`crate::ctl::frame::tag`), never a migration message's.

@@ -150,6 +150,10 @@ fn bad_input_is_typed() {
     for ok in [
         cut(1),
         Message::Probe(crate::stream::Probe { seq: 7 }),
+        Message::ChannelRead(crate::stream::ChannelRead {
+            kind: crate::stream::ChannelKind::Migration(2),
+            bytes: 5 << 30,
+        }),
         Message::Lane(Lane {
             migration: crate::names::MigrationId([7; 16]),
             lane: 3,

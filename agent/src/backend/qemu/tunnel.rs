@@ -4,6 +4,9 @@
 //! every byte carried each way. Both agents compute the same digests over
 //! the same bytes; receipts bind them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -99,6 +102,86 @@ impl Tail {
     }
 }
 
+/// How far one channel's sender may run ahead of what the far QEMU has
+/// read: a window per channel, kept by the far agent's reports
+/// ([`Credit::read`]). QUIC's own credit is granted as the far *agent*
+/// reads, up to a whole stream window (16 MiB) beyond, and the far QEMU
+/// may read more slowly than the link delivers: what waits in between
+/// must still be read after the source QEMU is done, inside the
+/// downtime. A window shared by the channels would not do: QEMU's multifd
+/// receivers stop reading at each sync until the main channel catches up,
+/// and their unread bytes could hold all the credit the main channel
+/// needs.
+#[derive(Debug)]
+pub struct Credit {
+    read: AtomicU64,
+    limit: AtomicU64,
+    more: tokio::sync::Notify,
+}
+
+impl Credit {
+    /// A channel's credit, `limit` bytes ahead of what was read.
+    pub fn new(limit: u64) -> Arc<Credit> {
+        Arc::new(Credit {
+            read: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+            more: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The far QEMU has read `bytes` of the channel (a report that goes
+    /// back counts for nothing).
+    pub fn read(&self, bytes: u64) {
+        if self.read.fetch_max(bytes, Ordering::AcqRel) < bytes {
+            self.more.notify_waiters();
+        }
+    }
+
+    /// What the far QEMU has read, as reported.
+    pub fn reported(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
+    }
+
+    /// Sets how far ahead of what was read the sender may be.
+    pub fn set_limit(&self, limit: u64) {
+        if self.limit.swap(limit, Ordering::AcqRel) < limit {
+            self.more.notify_waiters();
+        }
+    }
+
+    /// Waits until `sent` is within the limit of what was read.
+    pub(crate) async fn wait(&self, sent: u64) {
+        loop {
+            let more = self.more.notified();
+            let ahead = sent.saturating_sub(self.read.load(Ordering::Acquire));
+            if ahead < self.limit.load(Ordering::Acquire) {
+                return;
+            }
+            more.await;
+        }
+    }
+}
+
+/// What a splice is told beyond its streams: the credit its out direction
+/// keeps to, and whom to tell how much its back direction has written.
+#[derive(Clone, Default)]
+pub struct Pacing {
+    /// The out direction sends only within it (none: as QUIC allows).
+    pub credit: Option<Arc<Credit>>,
+    /// Called with the back direction's total bytes written after each
+    /// write (the near QEMU read them).
+    pub delivered: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Pacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacing")
+            .field("credit", &self.credit)
+            .field("delivered", &self.delivered.is_some())
+            .finish()
+    }
+}
+
 /// What one direction carried so far: it survives the pump's future, so
 /// a direction stopped by the other's failure still says what it carried.
 struct Count {
@@ -123,12 +206,14 @@ impl Count {
 }
 
 /// Copies `from` to `to` until `from` ends, counting in `count` what was
-/// written; with a `tail`, every byte read is kept there first.
+/// written; with a `tail`, every byte read is kept there first; with
+/// `pacing`, reading waits for its credit and each write is told.
 async fn pump<R, W>(
     mut from: R,
     to: &mut W,
     count: &mut Count,
     mut tail: Option<&mut Tail>,
+    pacing: &Pacing,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -136,6 +221,9 @@ where
 {
     let mut buf = vec![0u8; BUF];
     loop {
+        if let Some(c) = &pacing.credit {
+            c.wait(count.bytes).await;
+        }
         let n = from.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
@@ -155,6 +243,9 @@ where
             count.hasher.update(&buf[off..off + k]);
             count.bytes += k as u64;
             off += k;
+        }
+        if let Some(tell) = &pacing.delivered {
+            tell(count.bytes);
         }
     }
 }
@@ -189,20 +280,40 @@ impl std::fmt::Display for Cut {
 /// would otherwise finish a dropped stream cleanly.
 pub async fn splice(
     local: UnixStream,
+    send: crate::transport::SendStream,
+    recv: crate::transport::RecvStream,
+    keep: usize,
+) -> Result<Spliced, Box<Cut>> {
+    splice_paced(local, send, recv, keep, Pacing::default()).await
+}
+
+/// [`splice`], the out direction within `pacing`'s credit (by the far
+/// QEMU's reads) and the back direction's writes told to it.
+pub async fn splice_paced(
+    local: UnixStream,
     mut send: crate::transport::SendStream,
     mut recv: crate::transport::RecvStream,
     keep: usize,
+    pacing: Pacing,
 ) -> Result<Spliced, Box<Cut>> {
     let (lr, mut lw) = local.into_split();
     let mut tail = (keep > 0).then(|| Tail::new(keep));
     let (mut out, mut back) = (Count::new(), Count::new());
+    let out_pacing = Pacing {
+        credit: pacing.credit,
+        delivered: None,
+    };
+    let back_pacing = Pacing {
+        credit: None,
+        delivered: pacing.delivered,
+    };
     let r = {
         let out = async {
-            pump(lr, &mut send, &mut out, tail.as_mut()).await?;
+            pump(lr, &mut send, &mut out, tail.as_mut(), &out_pacing).await?;
             send.finish().map_err(std::io::Error::other)
         };
         let back = async {
-            pump(&mut recv, &mut lw, &mut back, None).await?;
+            pump(&mut recv, &mut lw, &mut back, None, &back_pacing).await?;
             lw.shutdown().await
         };
         // The first failure ends both directions at once.

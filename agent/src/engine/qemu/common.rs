@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::backend::qemu::tunnel::{splice, Cut, Spliced};
+use crate::backend::qemu::tunnel::{splice_paced, Cut, Pacing, Spliced};
 use crate::transport::{read_message, WireError};
 
 /// Why a QEMU migration stopped.
@@ -101,10 +101,20 @@ pub(crate) fn is_migration_event(e: &Value) -> bool {
 pub(crate) type Control = Result<Option<Message>, WireError>;
 
 /// Reads control messages until the stream ends (reads are not
-/// cancel-safe, so they never sit in a `select!`).
-pub(crate) async fn read_control(mut recv: RecvStream, tx: mpsc::Sender<Control>) {
+/// cancel-safe, so they never sit in a `select!`). At the source
+/// (`credits`), the destination's `ChannelRead` reports move the channels'
+/// credit here, whatever the engine is waiting for.
+pub(crate) async fn read_control(
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Control>,
+    credits: Option<std::sync::Arc<super::pacing::Credits>>,
+) {
     loop {
         let r = read_message(&mut recv).await;
+        if let (Ok(Some(Message::ChannelRead(read))), Some(c)) = (&r, &credits) {
+            c.read(*read);
+            continue;
+        }
         let end = !matches!(r, Ok(Some(_)));
         if tx.send(r).await.is_err() || end {
             return;
@@ -178,19 +188,20 @@ pub(crate) fn tail_for(kind: ChannelKind, mode: MigrationMode) -> usize {
 }
 
 /// Announces channel `kind` as open and splices it in `tasks` (keeping
-/// the last `keep` bytes sent out), reporting its end on `events`.
+/// the last `keep` bytes sent out, paced by `pacing`), reporting its end
+/// on `events`.
 pub(crate) fn carry(
     tasks: &mut JoinSet<()>,
     events: &mpsc::UnboundedSender<ChanEvent>,
     kind: ChannelKind,
     local: tokio::net::UnixStream,
     (send, recv): (SendStream, RecvStream),
-    keep: usize,
+    (keep, pacing): (usize, Pacing),
 ) {
     let _ = events.send(ChanEvent::Opened);
     let ev = events.clone();
     tasks.spawn(async move {
-        let r = splice(local, send, recv, keep)
+        let r = splice_paced(local, send, recv, keep, pacing)
             .await
             .map_err(ChannelError::Splice);
         let _ = ev.send(ChanEvent::Done(kind, r));

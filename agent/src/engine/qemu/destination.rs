@@ -139,7 +139,7 @@ pub(crate) async fn serve(
     };
     let _active = crate::host::ActiveGuard::new(&host.active);
     let (ctl_tx, mut ctl) = mpsc::channel(8);
-    let reader = crate::engine::spawn(read_control(recv, ctl_tx));
+    let reader = crate::engine::spawn(read_control(recv, ctl_tx, None));
     let (outcome, step) = match run.admit(&p).await {
         Err(f) => {
             // Refused before anything ran: a Reject, not an Abort.
@@ -402,12 +402,16 @@ impl Incoming {
         self.link = Some(conn.clone());
         let qvm = self.qemu.clone().ok_or_else(|| Fail::local("no QEMU"))?;
         let (chan_tx, mut chans) = mpsc::unbounded_channel();
+        // What our QEMU has read of each channel, told to the source, which
+        // sends each only so far ahead of it.
+        let reads = super::pacing::Reads::new();
         let mut acceptors = vec![AbortOnDrop(crate::engine::spawn(accept_channels(
             conn.clone(),
             self.migration,
             self.manifest.clone(),
             qvm.dir().to_owned(),
             chan_tx.clone(),
+            reads.clone(),
         )))];
         let mut ours: Vec<ChannelDigests> = Vec::new();
         let deadline = clock::now() + MIGRATION_TIMEOUT;
@@ -466,6 +470,11 @@ impl Incoming {
                     }
                     ev => channel_event(ev, &mut ours)?,
                 },
+                () = reads.due_soon() => {
+                    for r in reads.take_due() {
+                        write_message(send, &Message::ChannelRead(r)).await.map_err(Fail::link)?;
+                    }
+                }
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
                     if !qvm.alive().await {
                         return Err(Fail::local("the destination QEMU exited"));

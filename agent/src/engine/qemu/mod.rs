@@ -4,5 +4,6 @@
 
 pub(crate) mod common;
 pub(crate) mod destination;
+pub(crate) mod pacing;
 pub(crate) mod recovery;
 pub(crate) mod source;

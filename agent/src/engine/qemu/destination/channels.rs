@@ -3,6 +3,7 @@
 //! socket and carried.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_protocol::message::Message;
@@ -11,7 +12,9 @@ use convoy_protocol::names::MigrationId;
 use convoy_protocol::stream::{ChannelKind, QemuManifest};
 use tokio::sync::mpsc;
 
+use crate::backend::qemu::tunnel::Pacing;
 use crate::engine::qemu::common::{carry, tail_for, BadChannel, ChanEvent, ChannelError};
+use crate::engine::qemu::pacing::Reads;
 use crate::transport::{read_message, Connection, SendStream};
 
 /// Aborts a task when dropped.
@@ -32,6 +35,7 @@ pub(super) async fn accept_channels(
     manifest: QemuManifest,
     dir: PathBuf,
     events: mpsc::UnboundedSender<ChanEvent>,
+    reads: Arc<Reads>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut seen: Vec<ChannelKind> = Vec::new();
@@ -62,7 +66,7 @@ pub(super) async fn accept_channels(
             kind,
             &path,
             (send, recv),
-            manifest.mode,
+            (manifest.mode, reads.pacing(kind)),
         )
         .await
         {
@@ -81,11 +85,18 @@ pub(super) async fn to_qemu(
     kind: ChannelKind,
     path: &std::path::Path,
     streams: (SendStream, crate::transport::RecvStream),
-    mode: MigrationMode,
+    (mode, pacing): (MigrationMode, Pacing),
 ) -> bool {
     match tokio::net::UnixStream::connect(path).await {
         Ok(local) => {
-            carry(tasks, events, kind, local, streams, tail_for(kind, mode));
+            carry(
+                tasks,
+                events,
+                kind,
+                local,
+                streams,
+                (tail_for(kind, mode), pacing),
+            );
             true
         }
         Err(e) => {

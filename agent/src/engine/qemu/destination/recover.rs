@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::channels::{channel_header, to_qemu, AbortOnDrop};
 use super::{Incoming, PEER};
-use crate::backend::qemu::tunnel::Spliced;
+use crate::backend::qemu::tunnel::{Pacing, Spliced};
 use crate::backend::qemu::vm::QemuVm;
 use crate::engine::clock;
 use crate::engine::native::destination::refuse_resume;
@@ -210,7 +210,7 @@ impl Incoming {
             return Err(Exchange::LinkLost(e.to_string()));
         }
         let (tx, mut new_ctl) = mpsc::channel(8);
-        crate::engine::spawn(read_control(recv, tx));
+        crate::engine::spawn(read_control(recv, tx, None));
         let c = match tokio::time::timeout(CUT_TIMEOUT, new_ctl.recv()).await {
             Ok(c) if !is_loss(&c) => c,
             // Lost, or silent: this link is given up.
@@ -342,7 +342,16 @@ async fn accept_resumed(
         }
         None => return,
     }
-    if to_qemu(&mut tasks, &events, expected, &sock, (send, recv), mode).await {
+    if to_qemu(
+        &mut tasks,
+        &events,
+        expected,
+        &sock,
+        (send, recv),
+        (mode, Pacing::default()),
+    )
+    .await
+    {
         while tasks.join_next().await.is_some() {}
     }
 }

@@ -1,6 +1,9 @@
 //! QEMU's channels: it connects to sockets the agent owns, and each
 //! connection is carried on a new stream to the destination.
 
+use std::sync::Arc;
+
+use crate::engine::qemu::pacing::Credits;
 use crate::transport::Connection;
 use convoy_protocol::message::Message;
 use convoy_protocol::names::MigrationId;
@@ -47,7 +50,7 @@ pub(super) async fn accept_channels(
     migration: MigrationId,
     kinds: Vec<ChannelKind>,
     events: mpsc::UnboundedSender<ChanEvent>,
-    mode: MigrationMode,
+    (mode, credits): (MigrationMode, Arc<Credits>),
 ) {
     let mut tasks = JoinSet::new();
     for kind in kinds {
@@ -86,7 +89,7 @@ pub(super) async fn accept_channels(
             kind,
             local,
             (send, recv),
-            tail_for(kind, mode),
+            (tail_for(kind, mode), credits.pacing(kind)),
         );
     }
     // The splices live as long as this task: aborting it cuts them all.

@@ -122,6 +122,8 @@ struct State {
     limit_ms: u64,
     pass: u64,
     ramped_ms: u64,
+    /// Each migration channel's credit, kept by the destination's reads.
+    credits: Arc<crate::engine::qemu::pacing::Credits>,
     /// In a pre-copy pause, on the same clock as QEMU's `STOP`: when
     /// `StreamsDone` went, `Ready` came and `Handover` went.
     pause_marks: [Option<u64>; 3],
@@ -179,6 +181,7 @@ impl Run {
             limit_ms: 0,
             pass: 0,
             ramped_ms: 0,
+            credits: crate::engine::qemu::pacing::Credits::new(),
             pause_marks: [None; 3],
             pause: Default::default(),
             downtime_ms: 0.0,
@@ -222,7 +225,7 @@ impl Run {
             }
         };
         let (ctl_tx, mut ctl) = mpsc::channel(8);
-        let reader = crate::engine::spawn(read_control(recv, ctl_tx));
+        let reader = crate::engine::spawn(read_control(recv, ctl_tx, Some(st.credits.clone())));
         let (chan_tx, mut chans) = mpsc::unbounded_channel();
         let mut acceptors = JoinSet::new();
         let r = self

@@ -247,6 +247,14 @@ impl Run {
             }
             if let Some(link) = &st.link {
                 st.window.update(link, clock::since(begun));
+                // Each channel may run a send window ahead of what the
+                // destination's QEMU has read (over TCP, whose buffers
+                // this window does not follow, as the transport allows).
+                st.credits.set_window(if link.quic_path().is_some() {
+                    st.window.current()
+                } else {
+                    u64::MAX
+                });
             }
             let q = self.qmp("query-migrate", Value::Null).await?;
             let status = q["status"].as_str().unwrap_or("").to_owned();

@@ -90,7 +90,7 @@ impl Run {
                 mut send,
                 ctl,
                 cut,
-            } = self.reach(link, channel, deadline).await?;
+            } = self.reach(link, channel, deadline, &st.credits).await?;
             let theirs = their_view(&cut, self.migration, link, channel)
                 .map_err(|e| Fail::violation(PEER, e))?;
             broken
@@ -126,7 +126,7 @@ impl Run {
             self.migration,
             vec![ChannelKind::Resumed(link)],
             chan_tx.clone(),
-            self.prepared.manifest.mode,
+            (self.prepared.manifest.mode, st.credits.clone()),
         ));
         st.window.start(&conn);
         if let Some(old) = st.link.replace(conn) {
@@ -155,6 +155,7 @@ impl Run {
         link: u16,
         channel: ChannelKind,
         deadline: std::time::Instant,
+        credits: &std::sync::Arc<crate::engine::qemu::pacing::Credits>,
     ) -> Result<NewLink, Fail> {
         let td = ticket_digest(&self.req.ticket);
         loop {
@@ -180,7 +181,7 @@ impl Run {
                     .await
                     .map_err(|e| e.to_string())?;
                 let (tx, mut ctl) = mpsc::channel(8);
-                crate::engine::spawn(read_control(recv, tx));
+                crate::engine::spawn(read_control(recv, tx, Some(credits.clone())));
                 Ok::<_, String>((conn, send, ctl.recv().await, ctl))
             };
             match tokio::time::timeout(left.min(ANSWER_TIMEOUT), attempt).await {

@@ -107,7 +107,7 @@ impl Run {
                 .map(ChannelKind::Migration)
                 .collect(),
             chan_tx.clone(),
-            m.mode,
+            (m.mode, st.credits.clone()),
         ));
         let mut opened = 0usize;
         if !self.prepared.disks.is_empty() {
@@ -123,7 +123,7 @@ impl Run {
                     .map(|(i, _)| ChannelKind::Nbd(i))
                     .collect(),
                 chan_tx.clone(),
-                m.mode,
+                (m.mode, st.credits.clone()),
             ));
             opened += self.mirror_disks(&nbd_sock, ctl, chans, st).await?;
         }

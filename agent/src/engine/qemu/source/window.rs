@@ -86,6 +86,11 @@ impl SendWindow {
         conn.set_send_window(MIN_WINDOW);
     }
 
+    /// The window set now, bytes (0 before [`SendWindow::start`]).
+    pub(super) fn current(&self) -> u64 {
+        self.set
+    }
+
     /// Opens `conn`'s window fully: QEMU has stopped the guest, and what
     /// is left should go as fast as the link allows.
     pub(super) fn open(&mut self, conn: &Connection) {
