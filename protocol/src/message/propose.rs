@@ -25,12 +25,15 @@ use super::PostcopySwitch;
 /// manifest announces it (`Manifest.plan`), checked field by field at the
 /// destination ([`crate::admission`]).
 ///
-/// 4: `Started.pause`, the destination's share of a pre-copy pause;
-/// `ChannelRead` (tag 27), a stream migration's window per channel.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 4: `Started.pause`, the destination's share of a pre-copy pause.
+///
+/// 5: `ChannelRead` (tag 27), a stream migration's window per channel: a
+/// source paces its QEMU's channels by the destination's reports, which a
+/// version-4 destination never sends.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 5;
 
 /// Most data streams one migration may use.
 pub const MAX_DATA_STREAMS: u16 = crate::model::MAX_STREAMS;

@@ -415,6 +415,10 @@ impl Incoming {
         )))];
         let mut ours: Vec<ChannelDigests> = Vec::new();
         let deadline = clock::now() + MIGRATION_TIMEOUT;
+        // One timer for the whole loop: the other branches wake it often
+        // (a read report every 128 KiB), and a sleep made afresh on each
+        // pass would never fire while bytes flow.
+        let mut check = tokio::time::interval(Duration::from_millis(500));
         let done = loop {
             tokio::select! {
                 c = ctl.recv() => match c {
@@ -475,7 +479,7 @@ impl Incoming {
                         write_message(send, &Message::ChannelRead(r)).await.map_err(Fail::link)?;
                     }
                 }
-                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                _ = check.tick() => {
                     if !qvm.alive().await {
                         return Err(Fail::local("the destination QEMU exited"));
                     }

@@ -8,7 +8,6 @@
 //! were read after the source's QEMU was done: inside the downtime (40–80
 //! ms of a 512 MiB guest's pause on this machine, docs/benchmarks.md).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use convoy_protocol::stream::{ChannelKind, ChannelRead};
@@ -37,18 +36,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The source's credit for each of a migration's channels.
+/// The source's credit for each of a migration's channels, and the window
+/// each may run ahead (one lock for both: a channel opened while the
+/// window changes gets the new one).
 #[derive(Debug)]
 pub(crate) struct Credits {
-    by: Mutex<Vec<(ChannelKind, Arc<Credit>)>>,
-    limit: AtomicU64,
+    by: Mutex<(u64, Vec<ChannelCredit>)>,
 }
+
+/// A paced channel and its credit.
+type ChannelCredit = (ChannelKind, Arc<Credit>);
 
 impl Credits {
     pub(crate) fn new() -> Arc<Credits> {
         Arc::new(Credits {
-            by: Mutex::new(Vec::new()),
-            limit: AtomicU64::new(CHANNEL_WINDOW_MIN),
+            by: Mutex::new((CHANNEL_WINDOW_MIN, Vec::new())),
         })
     }
 
@@ -58,8 +60,9 @@ impl Credits {
         if !paced(kind) {
             return Pacing::default();
         }
-        let credit = Credit::new(self.limit.load(Ordering::Acquire));
-        lock(&self.by).push((kind, credit.clone()));
+        let mut by = lock(&self.by);
+        let credit = Credit::new(by.0);
+        by.1.push((kind, credit.clone()));
         Pacing {
             credit: Some(credit),
             delivered: None,
@@ -69,7 +72,7 @@ impl Credits {
     /// The destination's report: its QEMU has read `r.bytes` of `r.kind`
     /// (a channel not carried here is ignored).
     pub(crate) fn read(&self, r: ChannelRead) {
-        for (k, c) in lock(&self.by).iter() {
+        for (k, c) in lock(&self.by).1.iter() {
             if *k == r.kind {
                 c.read(r.bytes);
             }
@@ -80,8 +83,10 @@ impl Credits {
     /// [`CHANNEL_WINDOW_MIN`]).
     pub(crate) fn set_window(&self, window: u64) {
         let limit = window.max(CHANNEL_WINDOW_MIN);
-        if self.limit.swap(limit, Ordering::AcqRel) != limit {
-            for (_, c) in lock(&self.by).iter() {
+        let mut by = lock(&self.by);
+        if by.0 != limit {
+            by.0 = limit;
+            for (_, c) in by.1.iter() {
                 c.set_limit(limit);
             }
         }
@@ -225,5 +230,13 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // A channel opened after the window changed gets the new one.
+        let later = credits.pacing(ChannelKind::Migration(1)).credit.unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            later.wait(4 * CHANNEL_WINDOW_MIN - 1),
+        )
+        .await
+        .unwrap();
     }
 }
