@@ -373,14 +373,19 @@ pub const RAMP_START_MS: u64 = 30;
 pub const RAMP_HOLD_ROUNDS: u32 = 4;
 
 /// The pages' share of the downtime the ramp aims at after round `round`
-/// (from 1): [`RAMP_START_MS`] for the first [`RAMP_HOLD_ROUNDS`] rounds,
-/// then half as much again each round (`SourceConfig::downtime_aim`;
-/// QEMU's `downtime-limit`, [`crate::stream::qemu_downtime_ramp`]).
-pub fn ramp_pages(round: u32) -> std::time::Duration {
+/// (from 1) of at most `max_rounds`: [`RAMP_START_MS`] for the first
+/// [`RAMP_HOLD_ROUNDS`] rounds, then half as much again each round; `None`
+/// for the last two rounds allowed, which aim at the target itself
+/// (`SourceConfig::downtime_aim`; QEMU's `downtime-limit`,
+/// [`crate::stream::qemu_downtime_ramp`]).
+pub fn ramp_pages(round: u32, max_rounds: u32) -> Option<std::time::Duration> {
+    if round.saturating_add(2) > max_rounds {
+        return None;
+    }
     let steps = round.saturating_sub(RAMP_HOLD_ROUNDS);
     let ms = RAMP_START_MS as f64 * 1.5f64.powi(i32::try_from(steps).unwrap_or(i32::MAX));
     // An absurd round saturates: `from_secs_f64` would panic past u64.
-    std::time::Duration::try_from_secs_f64(ms / 1e3).unwrap_or(std::time::Duration::MAX)
+    Some(std::time::Duration::try_from_secs_f64(ms / 1e3).unwrap_or(std::time::Duration::MAX))
 }
 
 #[cfg(test)]

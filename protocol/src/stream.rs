@@ -243,10 +243,10 @@ pub fn qemu_downtime_limit(target_ms: u32, rtt: std::time::Duration) -> Option<u
 /// stop-and-copy after a few more short passes, one whose passes do not
 /// still stops by the operator's target, a few passes later.
 pub fn qemu_downtime_ramp(limit_ms: u64, pass: u64, max_rounds: u32) -> u64 {
-    if pass.saturating_add(2) > u64::from(max_rounds) {
+    let pass = u32::try_from(pass).unwrap_or(u32::MAX);
+    let Some(aim) = crate::model::ramp_pages(pass, max_rounds) else {
         return limit_ms;
-    }
-    let aim = crate::model::ramp_pages(u32::try_from(pass).unwrap_or(u32::MAX));
+    };
     u64::try_from(aim.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, limit_ms.max(1))

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use convoy_agent::backend::qemu::guest::{self, TestGuest};
 use convoy_agent::backend::qemu::process::{QemuProcess, QemuSpec};
+use convoy_agent::backend::qemu::qmp::event_unix_us;
 use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{Accel, Outcome};
 use convoy_protocol::model::{MigrationMode, MigrationPlan, PauseParts};
@@ -377,12 +378,6 @@ fn listening_port(q: &Value) -> Result<u16> {
         .and_then(|a| a["port"].as_str())
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("the destination QEMU names no TCP port it listens on: {q}"))
-}
-
-/// A QMP event's timestamp, microseconds since the epoch.
-fn event_unix_us(e: &Value) -> Option<u64> {
-    let t = &e["timestamp"];
-    Some(t["seconds"].as_u64()? * 1_000_000 + t["microseconds"].as_u64()?)
 }
 
 /// A native sample: its total, the guest's downtime (`guest_ms`: stopped

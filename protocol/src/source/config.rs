@@ -92,10 +92,10 @@ impl SourceConfig {
     /// converges at the target, a few rounds later.
     pub fn downtime_aim(&self, round: u32, handover: Duration) -> Duration {
         let ceiling = self.max_downtime();
-        if round.saturating_add(2) > self.plan().max_rounds {
+        let Some(pages) = ramp_pages(round, self.plan().max_rounds) else {
             return ceiling;
-        }
-        let aim = handover.as_secs_f64() + ramp_pages(round).as_secs_f64();
+        };
+        let aim = handover.as_secs_f64() + pages.as_secs_f64();
         if aim >= ceiling.as_secs_f64() {
             ceiling
         } else {

@@ -301,6 +301,13 @@ impl Qmp {
     }
 }
 
+/// A QMP event's timestamp, microseconds since the epoch (`None`: it has
+/// none).
+pub fn event_unix_us(e: &Value) -> Option<u64> {
+    let t = &e["timestamp"];
+    Some(t["seconds"].as_u64()? * 1_000_000 + t["microseconds"].as_u64()?)
+}
+
 /// An answer to one of our earlier commands (`convoy-N`, N below `next`).
 fn stale(m: &Value, next: u64) -> bool {
     m.get("id")
@@ -389,6 +396,13 @@ mod tests {
             q.execute("query-status", None).await,
             Err(QmpError::Closed) | Err(QmpError::Io(_))
         ));
+    }
+
+    #[test]
+    fn an_events_timestamp_in_microseconds() {
+        let e = json!({ "event": "STOP", "timestamp": { "seconds": 3, "microseconds": 25 } });
+        assert_eq!(event_unix_us(&e), Some(3_000_025));
+        assert_eq!(event_unix_us(&json!({ "event": "STOP" })), None);
     }
 
     #[tokio::test]
