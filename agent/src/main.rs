@@ -30,8 +30,10 @@ struct Args {
     /// connection).
     #[arg(long, default_value = "auto")]
     transport: convoy_agent::transport::Choice,
-    /// QUIC congestion controller: cubic (quinn's default), newreno or bbr.
-    #[arg(long, default_value = "cubic")]
+    /// QUIC congestion controller: cubic (quinn's default), newreno, bbr
+    /// (quinn's BBR bounded to the path's delivery rate) or quinn-bbr
+    /// (quinn's as it is).
+    #[arg(long, default_value = "bbr")]
     congestion: convoy_agent::transport::Congestion,
     /// A `convoyctl pki` directory: uses agents/NAME.crt, NAME.key and ca.crt.
     #[arg(long, env = "CONVOY_PKI")]

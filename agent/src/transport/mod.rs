@@ -1,7 +1,9 @@
 //! Transports: QUIC (the tuned quinn endpoint) and TLS 1.3 over TCP
 //! ([`tcp`]), one connection type over both ([`Connection`]), dialing by
 //! either or both raced ([`dial`]), authorizing accepted peers by ALPN and
-//! SPIFFE ID, and framed message I/O on streams.
+//! SPIFFE ID, and framed message I/O on streams. QUIC's congestion
+//! controller is chosen in [`congestion`]: by default quinn's BBR bounded
+//! to the path's delivery rate.
 //!
 //! Tuning, measured on a 2-core loopback (see `docs/benchmarks.md`):
 //! socket buffers raised to 4 MiB (the 208 KiB default drops packets), GSO
@@ -27,9 +29,12 @@ use thiserror::Error;
 
 use crate::trust::identity::{IdentityError, TrustBundle};
 
+pub mod congestion;
 mod conn;
 pub mod dial;
 pub mod tcp;
+
+pub use congestion::Congestion;
 
 pub use conn::{link_report, Carried, Connection, Kind, RecvStream, SendStream, Stats};
 pub use dial::{Choice, Dialer};
@@ -225,43 +230,6 @@ pub struct Tuning {
     pub congestion: Congestion,
 }
 
-/// QUIC congestion controllers quinn offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Congestion {
-    /// CUBIC (RFC 9438), quinn's default: loss-based.
-    #[default]
-    Cubic,
-    /// NewReno (RFC 9002's): loss-based, halves at each loss.
-    NewReno,
-    /// BBR (quinn's experimental v1): model-based, paced, does not take
-    /// random loss for congestion.
-    Bbr,
-}
-
-impl std::str::FromStr for Congestion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cubic" => Ok(Congestion::Cubic),
-            "newreno" => Ok(Congestion::NewReno),
-            "bbr" => Ok(Congestion::Bbr),
-            other => Err(format!(
-                "unknown congestion controller {other:?}: expected cubic, newreno or bbr"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Congestion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Congestion::Cubic => "cubic",
-            Congestion::NewReno => "newreno",
-            Congestion::Bbr => "bbr",
-        })
-    }
-}
-
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
@@ -292,13 +260,7 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
-        let factory: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
-            match self.congestion {
-                Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
-                Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
-                Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
-            };
-        t.congestion_controller_factory(factory);
+        t.congestion_controller_factory(self.congestion.factory());
 
         t
     }
@@ -682,22 +644,7 @@ pub async fn write_ctl(send: &mut SendStream, msg: &CtlMessage) -> Result<usize,
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
-    use super::{Congestion, ResetKey};
-
-    #[test]
-    fn congestion_controllers_parse_and_others_are_refused() {
-        for c in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
-            assert_eq!(c.to_string().parse::<Congestion>().unwrap(), c);
-            // Each makes a transport configuration (quinn takes the factory).
-            let _ = super::Tuning {
-                congestion: c,
-                ..super::Tuning::default()
-            }
-            .transport_config();
-        }
-        let e = "vegas".parse::<Congestion>().unwrap_err();
-        assert!(e.contains("cubic, newreno or bbr"), "{e}");
-    }
+    use super::ResetKey;
 
     #[test]
     fn only_a_peer_hanging_up_abandons_a_handshake() {

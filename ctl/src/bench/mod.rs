@@ -145,7 +145,7 @@ pub struct Bench {
     #[arg(long, value_delimiter = ',', default_value = "quic,tcp,auto")]
     pub transports: Vec<convoy_agent::transport::Choice>,
     /// --wan: the agents' QUIC congestion controller for the migrations.
-    #[arg(long, default_value = "cubic")]
+    #[arg(long, default_value = "bbr")]
     pub wan_congestion: convoy_agent::transport::Congestion,
     /// --wan: round-trip times, milliseconds.
     #[arg(long, value_delimiter = ',', default_value = "2,50,100,150")]
@@ -165,8 +165,13 @@ pub struct Bench {
     /// --wan: the link's rate, Mbit/s.
     #[arg(long, default_value_t = 100)]
     pub link_mbit: u64,
-    /// --wan --controllers: congestion controllers (cubic, newreno, bbr).
-    #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
+    /// --wan --controllers: congestion controllers (cubic, newreno, bbr,
+    /// quinn-bbr).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cubic,newreno,bbr,quinn-bbr"
+    )]
     pub congestion: Vec<convoy_agent::transport::Congestion>,
     /// --wan: seconds a transfer may take before its cell says so.
     #[arg(long, default_value_t = 120)]
