@@ -143,15 +143,6 @@ impl std::fmt::Debug for BoundedBbr {
     }
 }
 
-impl BoundedBbr {
-    /// The bound on the window, once the pipe was found full.
-    fn bound(&self) -> Option<u64> {
-        self.rate
-            .bound(BOUND_GAIN)
-            .map(|b| b.max(MIN_PACKETS * self.mtu))
-    }
-}
-
 impl Controller for BoundedBbr {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.inner.on_sent(now, bytes, last_packet_number);
@@ -166,7 +157,7 @@ impl Controller for BoundedBbr {
         rtt: &quinn_proto::RttEstimator,
     ) {
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
-        self.rate.on_ack(bytes, rtt.min());
+        self.rate.on_ack(now, sent, bytes);
     }
 
     fn on_end_acks(
@@ -198,15 +189,7 @@ impl Controller for BoundedBbr {
     }
 
     fn window(&self) -> u64 {
-        let inner = self.inner.window();
-        match self.bound() {
-            // At least what the path delivers in [`MIN_INTERVAL`]: on a
-            // short path (loopback, a LAN) BBR's window of two minimum
-            // RTTs is less than what delayed acknowledgements and a busy
-            // receiver hold back, and quinn paces at window / RTT.
-            Some(b) => inner.max(self.rate.floor()).min(b),
-            None => inner,
-        }
+        self.rate.limit(self.inner.window(), self.mtu, BOUND_GAIN)
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -234,17 +217,21 @@ impl Controller for BoundedBbr {
 
 /// The path's delivery rate, measured from acknowledgements over
 /// intervals of at least one minimum RTT (and [`MIN_INTERVAL`]), its
-/// maximum over the last [`FILTER_RTTS`] intervals, and whether it
-/// stopped growing. Sans-IO:
-/// the caller passes the time.
+/// maximum over the last [`FILTER_RTTS`] intervals the sender filled,
+/// whether it stopped growing, and the path's minimum RTT over the last
+/// [`RTT_WINDOW`]. Sans-IO: the caller passes the time.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryRate {
-    min_rtt: Option<Duration>,
+    /// The minimum RTT seen, and when.
+    min_rtt: Option<(Duration, Instant)>,
     /// The interval being measured: its start, bytes acked, and whether
     /// the sender ran out of data in it.
     start: Option<Instant>,
     bytes: u64,
     app_limited: bool,
+    /// When the packets acknowledged in the interval were sent: the
+    /// first and the last.
+    sent: Option<(Instant, Instant)>,
     /// Samples (end of interval, bytes per second), oldest first.
     samples: VecDeque<(Instant, f64)>,
     /// The rate at the last growth check, and flat round trips since.
@@ -254,46 +241,83 @@ pub struct DeliveryRate {
     filled: bool,
 }
 
+/// The minimum RTT is kept this long, then the next sample replaces it
+/// (BBR's RTprop filter): a path whose base RTT rose (a new route, a
+/// standing queue of others) is measured again, instead of a bound on a
+/// round trip that is gone shrinking the window interval by interval.
+pub const RTT_WINDOW: Duration = Duration::from_secs(10);
+
 impl DeliveryRate {
-    /// Bytes acknowledged; `min_rtt` as the RTT estimator has it.
-    pub fn on_ack(&mut self, bytes: u64, min_rtt: Duration) {
+    /// `bytes` of a packet sent at `sent` were acknowledged at `now`.
+    pub fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64) {
         self.bytes += bytes;
-        if !min_rtt.is_zero() {
-            self.min_rtt = Some(min_rtt);
+        self.sent = Some(match self.sent {
+            None => (sent, sent),
+            Some((first, last)) => (first.min(sent), last.max(sent)),
+        });
+        let rtt = now.saturating_duration_since(sent);
+        if rtt.is_zero() {
+            return;
         }
+        let replace = match self.min_rtt {
+            None => true,
+            Some((min, at)) => rtt <= min || now.saturating_duration_since(at) > RTT_WINDOW,
+        };
+        if replace {
+            self.min_rtt = Some((rtt, now));
+        }
+    }
+
+    /// The interval measured: the minimum RTT, and at least
+    /// [`MIN_INTERVAL`].
+    fn span(&self) -> Option<Duration> {
+        self.min_rtt.map(|(rtt, _)| rtt.max(MIN_INTERVAL))
     }
 
     /// A batch of acknowledgements ended at `now`. Closes the interval
     /// once it is a minimum RTT long.
     pub fn on_end_acks(&mut self, now: Instant, app_limited: bool) {
         self.app_limited |= app_limited;
-        let Some(rtt) = self.min_rtt else {
+        let Some(span) = self.span() else {
             return;
         };
-        let span = rtt.max(MIN_INTERVAL);
         let Some(start) = self.start else {
             // The first interval starts at the first acknowledgement.
-            self.start = Some(now);
-            self.bytes = 0;
-            self.app_limited = false;
+            self.restart(now);
             return;
         };
         let elapsed = now.saturating_duration_since(start);
         if elapsed < span {
             return;
         }
-        let rate = self.bytes as f64 / elapsed.as_secs_f64();
-        // An interval the sender could not fill says little about the
-        // path, unless it still beat what was measured.
-        if !self.app_limited || rate > self.max() {
-            self.sample(now, rate, span);
+        // The rate is the lower of the rates the packets were sent and
+        // acknowledged at: acknowledgements held back and then sent
+        // together (a stalled peer) do not make a burst of rate.
+        let sent_over = self.sent.map_or(Duration::ZERO, |(first, last)| {
+            last.saturating_duration_since(first)
+        });
+        let measured = elapsed.max(sent_over);
+        // An interval that spans a silence (an outage, a stalled peer, an
+        // idle sender) measures the silence, not the path: dropped.
+        if measured <= span * 2 {
+            let rate = self.bytes as f64 / measured.as_secs_f64();
+            // An interval the sender could not fill says little about the
+            // path, unless it still beat what was measured.
+            if !self.app_limited || rate > self.max() {
+                self.sample(now, rate, span, self.app_limited);
+            }
         }
+        self.restart(now);
+    }
+
+    fn restart(&mut self, now: Instant) {
         self.start = Some(now);
         self.bytes = 0;
         self.app_limited = false;
+        self.sent = None;
     }
 
-    fn sample(&mut self, now: Instant, rate: f64, span: Duration) {
+    fn sample(&mut self, now: Instant, rate: f64, span: Duration, app_limited: bool) {
         let keep = span * FILTER_RTTS;
         while self
             .samples
@@ -303,7 +327,10 @@ impl DeliveryRate {
             self.samples.pop_front();
         }
         self.samples.push_back((now, rate));
-        if self.filled {
+        // Only an interval the sender filled can show the pipe full (BBR's
+        // rule too): a connection carrying only control messages, each
+        // interval a little busier, would latch a tiny rate.
+        if self.filled || app_limited {
             return;
         }
         let max = self.max();
@@ -322,27 +349,38 @@ impl DeliveryRate {
         self.samples.iter().map(|(_, r)| *r).fold(0.0, f64::max)
     }
 
-    /// What the highest rate delivers in [`MIN_INTERVAL`], bytes.
-    pub fn floor(&self) -> u64 {
-        // CAST: as in `bound`.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let f = (self.max() * MIN_INTERVAL.as_secs_f64()) as u64;
-        f
-    }
-
-    /// `gain` × the highest rate × the minimum RTT (at least
-    /// [`MIN_INTERVAL`]), in bytes, once the pipe was found full; `None`
-    /// before.
-    pub fn bound(&self, gain: f64) -> Option<u64> {
-        let rtt = self.min_rtt?.max(MIN_INTERVAL);
+    /// The window for packets of `mtu` bytes when BBR's is `inner`: BBR's
+    /// until the pipe was found full; then at most `gain` × the highest
+    /// rate × the span, plus two packets, and on a path shorter than
+    /// [`MIN_INTERVAL`] at least what the highest rate delivers in it.
+    ///
+    /// The two packets: quinn sends a full packet only while in flight
+    /// and a packet fit under the window, so `gain` × what a window
+    /// delivered alone has a fixed point at five packets, below which it
+    /// would never grow again.
+    pub fn limit(&self, inner: u64, mtu: u64, gain: f64) -> u64 {
+        let (Some(span), Some((rtt, _))) = (self.span(), self.min_rtt) else {
+            return inner;
+        };
         if !self.filled {
-            return None;
+            return inner;
         }
+        let max = self.max();
         // CAST: a rate of bytes per second times seconds, far below u64's
         // range; a negative or NaN product saturates to 0.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let b = (gain * self.max() * rtt.as_secs_f64()) as u64;
-        Some(b)
+        let bound = ((gain * max * span.as_secs_f64()) as u64)
+            .saturating_add(2 * mtu)
+            .max(MIN_PACKETS * mtu);
+        let floor = if rtt < MIN_INTERVAL {
+            // CAST: as above.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let f = (max * MIN_INTERVAL.as_secs_f64()) as u64;
+            f
+        } else {
+            0
+        };
+        inner.max(floor).min(bound)
     }
 }
 
@@ -355,18 +393,82 @@ impl DeliveryRate {
     clippy::cast_sign_loss
 )]
 mod tests {
-    use super::{Congestion, DeliveryRate, BOUND_GAIN, FILTER_RTTS, MIN_INTERVAL};
+    use super::{Congestion, DeliveryRate, BOUND_GAIN, MIN_INTERVAL};
+    use std::collections::VecDeque;
     use std::time::{Duration, Instant};
 
-    /// Feeds `rate` bytes per second for `rtts` round trips of `rtt`,
-    /// acknowledged every millisecond.
-    fn feed(d: &mut DeliveryRate, t: &mut Instant, rtt: Duration, rate: f64, rtts: u32, app: bool) {
-        let step = Duration::from_millis(1);
-        let per_step = (rate * step.as_secs_f64()) as u64;
-        for _ in 0..(rtts * rtt.as_millis() as u32) {
-            *t += step;
-            d.on_ack(per_step, rtt);
-            d.on_end_acks(*t, app);
+    const MTU: u64 = 1200;
+    /// 100 Mbit/s.
+    const LINK: f64 = 12_500_000.0;
+    /// The router's queue.
+    const QUEUE: Duration = Duration::from_millis(50);
+
+    /// A bottleneck of `rate` bytes per second with a [`QUEUE`] and a base
+    /// RTT, and a sender that sends a full packet only while in flight and
+    /// the packet fit under the window (quinn's rule) and the queue has
+    /// room, in steps of a millisecond.
+    struct Path {
+        rate: f64,
+        rtt: Duration,
+        t: Instant,
+        link_free: Instant,
+        flight: VecDeque<(Instant, Instant, u64)>,
+        in_flight: u64,
+    }
+
+    impl Path {
+        fn new(rtt_ms: u64) -> Path {
+            let t = Instant::now();
+            Path {
+                rate: LINK,
+                rtt: Duration::from_millis(rtt_ms),
+                t,
+                link_free: t,
+                flight: VecDeque::new(),
+                in_flight: 0,
+            }
+        }
+
+        /// Runs `secs` with BBR's window `inner`; the sender has `offer`
+        /// bytes a millisecond (`None`: always more). Returns the bytes
+        /// per second delivered in the last second.
+        fn run(&mut self, d: &mut DeliveryRate, inner: u64, secs: f64, offer: Option<u64>) -> f64 {
+            let step = Duration::from_millis(1);
+            let steps = (secs * 1000.0) as u64;
+            let mut delivered = VecDeque::new();
+            for _ in 0..steps {
+                self.t += step;
+                let mut acked = 0;
+                while self.flight.front().is_some_and(|(at, _, _)| *at <= self.t) {
+                    let (_, sent, bytes) = self.flight.pop_front().unwrap();
+                    d.on_ack(self.t, sent, bytes);
+                    self.in_flight -= bytes;
+                    acked += bytes;
+                }
+                if acked > 0 {
+                    d.on_end_acks(self.t, offer.is_some());
+                }
+                delivered.push_back(acked);
+                if delivered.len() > 1000 {
+                    delivered.pop_front();
+                }
+                let window = d.limit(inner, MTU, BOUND_GAIN);
+                let mut budget = offer.unwrap_or(u64::MAX);
+                while self.in_flight + MTU < window && budget >= MTU {
+                    // The router's queue (tbf's 50 ms in the WAN lab) is
+                    // full: a paced sender waits.
+                    if self.link_free.saturating_duration_since(self.t) > QUEUE {
+                        break;
+                    }
+                    budget -= MTU;
+                    let start = self.link_free.max(self.t);
+                    self.link_free = start + Duration::from_secs_f64(MTU as f64 / self.rate);
+                    self.flight
+                        .push_back((self.link_free + self.rtt, self.t, MTU));
+                    self.in_flight += MTU;
+                }
+            }
+            delivered.iter().sum::<u64>() as f64 * 1000.0 / delivered.len() as f64
         }
     }
 
@@ -386,74 +488,96 @@ mod tests {
     }
 
     #[test]
-    fn no_bound_while_the_rate_grows_then_a_quarter_bdp_over_the_pipe() {
-        let rtt = Duration::from_millis(100);
+    fn bbrs_window_until_the_pipe_is_full_then_a_quarter_bdp_over_it() {
+        let mut path = Path::new(100);
         let mut d = DeliveryRate::default();
-        let mut t = Instant::now();
-        // Startup: the rate doubles each round trip; never bounded.
-        let mut rate = 100_000.0;
-        for _ in 0..7 {
-            feed(&mut d, &mut t, rtt, rate, 1, false);
-            assert_eq!(d.bound(BOUND_GAIN), None, "bounded at {rate} B/s");
-            rate *= 2.0;
-        }
-        // The link is full at 12.5 MB/s (100 Mbit/s): one more doubling,
-        // three flat round trips, and the bound is 1.25 × 12.5 MB/s ×
-        // 100 ms.
-        feed(&mut d, &mut t, rtt, 12_500_000.0, 1, false);
-        assert_eq!(d.bound(BOUND_GAIN), None);
-        feed(&mut d, &mut t, rtt, 12_500_000.0, 4, false);
-        let b = d.bound(BOUND_GAIN).expect("the pipe was found full");
-        let want = 1.25 * 12_500_000.0 * 0.1;
-        assert!((b as f64 - want).abs() < want * 0.02, "{b} against {want}");
+        let big = 1 << 30;
+        path.run(&mut d, big, 0.25, None);
+        assert_eq!(d.limit(big, MTU, BOUND_GAIN), big, "bounded too early");
+        let rate = path.run(&mut d, big, 3.0, None);
+        assert!(rate > LINK * 0.95, "{rate}");
+        let b = d.limit(big, MTU, BOUND_GAIN) as f64;
+        let want = 1.25 * LINK * 0.1;
+        assert!((b - want).abs() < want * 0.05, "{b} against {want}");
+        // Under the bound, BBR's own window stands.
+        assert_eq!(d.limit(100 * MTU, MTU, BOUND_GAIN), 100 * MTU);
     }
 
     #[test]
-    fn an_idle_sender_keeps_its_estimate_and_a_slower_path_lowers_it() {
-        let rtt = Duration::from_millis(50);
+    fn a_window_of_a_few_packets_grows_again() {
+        // BBR's window held at four packets (after an outage, say) long
+        // enough for the pipe to be found "full" at three packets a
+        // round trip; then BBR opens up. Without the two packets of
+        // headroom this stays at three packets a round trip for good.
+        let mut path = Path::new(150);
         let mut d = DeliveryRate::default();
-        let mut t = Instant::now();
-        feed(&mut d, &mut t, rtt, 10_000_000.0, 6, false);
-        let full = d.bound(BOUND_GAIN).unwrap();
-        // Out of data for many round trips (between two rounds): what the
-        // sender could not fill does not lower the bound.
-        feed(&mut d, &mut t, rtt, 1_000_000.0, 3 * FILTER_RTTS, true);
-        assert_eq!(d.bound(BOUND_GAIN), Some(full));
-        // The path slows (another flow shares it): after the filter's
-        // round trips the bound follows it down.
-        feed(&mut d, &mut t, rtt, 5_000_000.0, FILTER_RTTS + 2, false);
-        let slow = d.bound(BOUND_GAIN).unwrap();
-        assert!(
-            (slow as f64) < full as f64 * 0.55,
-            "{slow} after {full}: the old maximum was kept"
-        );
+        path.run(&mut d, 4 * MTU, 3.0, None);
+        assert!(d.limit(1 << 30, MTU, BOUND_GAIN) < 10 * MTU);
+        let rate = path.run(&mut d, 1 << 30, 15.0, None);
+        assert!(rate > LINK * 0.9, "{rate} B/s of {LINK}");
     }
 
     #[test]
-    fn a_short_path_bounds_at_least_what_delayed_acks_hold_back() {
-        // 2 ms RTT, 12.5 MB/s, but the peer acknowledges every 25 ms.
-        let rtt = Duration::from_millis(2);
+    fn a_silence_or_an_idle_sender_keeps_the_estimate() {
+        let mut path = Path::new(100);
         let mut d = DeliveryRate::default();
-        let mut t = Instant::now();
-        for _ in 0..40 {
-            t += MIN_INTERVAL;
-            d.on_ack((12_500_000.0 * MIN_INTERVAL.as_secs_f64()) as u64, rtt);
-            d.on_end_acks(t, false);
-        }
-        // A bound of one 2 ms round trip (31 KB) would leave the link
-        // idle between acknowledgements, measure less, and shrink again.
-        let b = d.bound(BOUND_GAIN).unwrap();
-        let want = 1.25 * 12_500_000.0 * MIN_INTERVAL.as_secs_f64();
-        assert!((b as f64 - want).abs() < want * 0.02, "{b} against {want}");
-    }
-
-    #[test]
-    fn no_rtt_no_samples_no_bound() {
-        let mut d = DeliveryRate::default();
-        let t = Instant::now();
+        path.run(&mut d, 1 << 30, 3.0, None);
+        let full = d.limit(1 << 30, MTU, BOUND_GAIN);
+        // Two seconds without an acknowledgement (an outage), then one:
+        // that interval measured the silence and is dropped.
+        let t = path.t + Duration::from_secs(2);
+        d.on_ack(t, t - path.rtt - Duration::from_millis(1), MTU);
         d.on_end_acks(t, false);
-        d.on_end_acks(t + Duration::from_secs(1), false);
-        assert_eq!(d.bound(BOUND_GAIN), None);
-        assert_eq!(d.max(), 0.0);
+        assert_eq!(d.limit(1 << 30, MTU, BOUND_GAIN), full);
+        // Out of data for seconds (between two rounds): what the sender
+        // could not fill does not lower it either.
+        path.t = t;
+        path.run(&mut d, 1 << 30, 3.0, Some(MTU));
+        assert_eq!(d.limit(1 << 30, MTU, BOUND_GAIN), full);
+    }
+
+    #[test]
+    fn a_sender_short_of_data_never_finds_the_pipe_full() {
+        // Control messages only, a little more each second: the pipe was
+        // never filled, so nothing bounds the bulk that follows.
+        let mut path = Path::new(150);
+        let mut d = DeliveryRate::default();
+        for packets in 1..6 {
+            path.run(&mut d, 1 << 30, 1.0, Some(packets * MTU));
+        }
+        assert_eq!(d.limit(1 << 30, MTU, BOUND_GAIN), 1 << 30);
+        let rate = path.run(&mut d, 1 << 30, 3.0, None);
+        assert!(rate > LINK * 0.95, "{rate}");
+    }
+
+    #[test]
+    fn a_rise_in_the_base_rtt_is_measured_again() {
+        // A new route: 100 ms becomes 150 ms. A bound on the old round
+        // trip would shrink the window interval by interval.
+        let mut path = Path::new(100);
+        let mut d = DeliveryRate::default();
+        path.run(&mut d, 1 << 30, 5.0, None);
+        path.rtt = Duration::from_millis(150);
+        let rate = path.run(&mut d, 1 << 30, 20.0, None);
+        assert!(rate > LINK * 0.9, "{rate} B/s of {LINK}");
+    }
+
+    #[test]
+    fn a_short_path_keeps_at_least_what_delayed_acks_hold_back() {
+        // 2 ms: BBR's window of two round trips is 50 KB; the window is
+        // at least what the path delivers in 25 ms.
+        let mut path = Path::new(2);
+        let mut d = DeliveryRate::default();
+        let bbr = (2.0 * LINK * 0.002) as u64;
+        path.run(&mut d, bbr, 2.0, None);
+        let w = d.limit(bbr, MTU, BOUND_GAIN) as f64;
+        let floor = d.max() * MIN_INTERVAL.as_secs_f64();
+        assert!(w >= floor && floor > LINK * 0.02, "{w} against {floor}");
+        // On a long path BBR's smaller window (its probe of the RTT) is
+        // kept: no floor there.
+        let mut path = Path::new(100);
+        let mut d = DeliveryRate::default();
+        path.run(&mut d, 1 << 30, 3.0, None);
+        assert_eq!(d.limit(10 * MTU, MTU, BOUND_GAIN), 10 * MTU);
     }
 }
