@@ -15,7 +15,10 @@
 //! bounds its window, once the path's rate stopped growing (BBR's own
 //! rule: three round trips without 25% more), to [`BOUND_GAIN`] × the
 //! highest delivery rate of the last [`FILTER_RTTS`] round trips × the
-//! minimum RTT. In flight is then at most a quarter of a BDP over the
+//! minimum RTT of the last [`RTT_WINDOW`] (at least [`MIN_INTERVAL`]),
+//! plus two packets ([`DeliveryRate::limit`] says why); on a path shorter
+//! than [`MIN_INTERVAL`] it holds the window at least at what the path
+//! delivers in that time. In flight is then at most a quarter of a BDP over the
 //! pipe: the link stays full, a queue of a quarter BDP at most, and quinn's
 //! pacer (1.25 × window / RTT) no longer outruns the link by much. Loss
 //! still does not shrink it, which is why it keeps a long lossy link full
