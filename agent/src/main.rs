@@ -33,7 +33,7 @@ struct Args {
     /// QUIC congestion controller: cubic (quinn's default), newreno, bbr
     /// (quinn's BBR bounded to the path's delivery rate) or quinn-bbr
     /// (quinn's as it is).
-    #[arg(long, default_value = "bbr")]
+    #[arg(long, default_value_t)]
     congestion: convoy_agent::transport::Congestion,
     /// A `convoyctl pki` directory: uses agents/NAME.crt, NAME.key and ca.crt.
     #[arg(long, env = "CONVOY_PKI")]

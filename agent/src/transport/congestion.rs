@@ -362,12 +362,10 @@ impl DeliveryRate {
     /// delivered alone has a fixed point at five packets, below which it
     /// would never grow again.
     pub fn limit(&self, inner: u64, mtu: u64, gain: f64) -> u64 {
-        let (Some(span), Some((rtt, _))) = (self.span(), self.min_rtt) else {
+        let Some((rtt, _)) = self.min_rtt.filter(|_| self.filled) else {
             return inner;
         };
-        if !self.filled {
-            return inner;
-        }
+        let span = rtt.max(MIN_INTERVAL);
         let max = self.max();
         // CAST: a rate of bytes per second times seconds, far below u64's
         // range; a negative or NaN product saturates to 0.

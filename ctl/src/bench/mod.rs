@@ -145,7 +145,7 @@ pub struct Bench {
     #[arg(long, value_delimiter = ',', default_value = "quic,tcp,auto")]
     pub transports: Vec<convoy_agent::transport::Choice>,
     /// --wan: the agents' QUIC congestion controller for the migrations.
-    #[arg(long, default_value = "bbr")]
+    #[arg(long, default_value_t)]
     pub wan_congestion: convoy_agent::transport::Congestion,
     /// --wan: round-trip times, milliseconds.
     #[arg(long, value_delimiter = ',', default_value = "2,50,100,150")]
