@@ -63,8 +63,14 @@ fn the_engine_bench_reports_consistent_rows() {
         assert!(u(&fig["rounds"]) >= 2, "{r}");
     }
     // Idle: nothing is sent twice but page 0, where the device counter
-    // ticks every millisecond.
-    assert!(u(&modes[0]["figures"]["resent_pages"]) <= 1, "{}", modes[0]);
+    // ticks every millisecond: at most once per round after the first (a
+    // loaded machine may take a third round).
+    let idle = &modes[0]["figures"];
+    assert!(
+        u(&idle["resent_pages"]) < u(&idle["rounds"]),
+        "{}",
+        modes[0]
+    );
     assert_eq!(modes[0]["dirty_pages_per_sec"], 0);
     assert!(
         u(&modes[1]["figures"]["resent_pages"]) > u(&modes[0]["figures"]["resent_pages"]),
