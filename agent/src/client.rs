@@ -93,6 +93,11 @@ impl CtlClient {
         self.conn.kind()
     }
 
+    /// The connection (its statistics, its QUIC controller's state).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     async fn open(&self, req: CtlRequest) -> Result<crate::transport::RecvStream, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
         write_ctl(&mut send, &CtlMessage::Request(req)).await?;

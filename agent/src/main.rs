@@ -30,7 +30,8 @@ struct Args {
     /// connection).
     #[arg(long, default_value = "auto")]
     transport: convoy_agent::transport::Choice,
-    /// QUIC congestion controller: cubic (quinn's default), newreno, bbr
+    /// QUIC congestion controller: auto (CUBIC on a path under 1 ms of
+    /// RTT, the bounded bbr above), cubic (quinn's default), newreno, bbr
     /// (quinn's BBR bounded to the path's delivery rate) or quinn-bbr
     /// (quinn's as it is).
     #[arg(long, default_value_t)]

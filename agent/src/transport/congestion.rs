@@ -1,5 +1,7 @@
-//! QUIC's congestion controllers: quinn's three, and BBR bounded to what
-//! the path delivers ([`BoundedBbr`], the `bbr` an operator chooses).
+//! QUIC's congestion controllers: quinn's three, BBR bounded to what the
+//! path delivers ([`BoundedBbr`], the `bbr` an operator chooses), and the
+//! agents' default, `auto` ([`ByPath`]): CUBIC on a sub-millisecond path,
+//! the bounded BBR on a longer one.
 //!
 //! # Why BBR needs a bound under quinn
 //! quinn's BBR computes a pacing rate but quinn's pacer does not use it:
@@ -31,6 +33,9 @@ use std::time::{Duration, Instant};
 
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 
+mod by_path;
+pub use by_path::{ByPath, ByPathConfig, PathClass, SHORT_PATH_RTT};
+
 /// QUIC congestion controllers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
@@ -39,22 +44,26 @@ pub enum Congestion {
     /// NewReno (RFC 9002's): loss-based, halves at each loss.
     NewReno,
     /// BBR bounded to the path's delivery rate ([`BoundedBbr`]):
-    /// model-based, does not take random loss for congestion. The agents'
-    /// default.
-    #[default]
+    /// model-based, does not take random loss for congestion.
     Bbr,
     /// quinn's BBR as it is (experimental v1): overruns short router
     /// queues under quinn's pacer; kept to measure against.
     QuinnBbr,
+    /// By the path ([`ByPath`]): CUBIC while the connection's lowest RTT
+    /// is under [`SHORT_PATH_RTT`], the bounded BBR otherwise. The agents'
+    /// default.
+    #[default]
+    Auto,
 }
 
 impl Congestion {
     /// Every controller, in the order `--congestion` lists them.
-    pub const ALL: [Congestion; 4] = [
+    pub const ALL: [Congestion; 5] = [
         Congestion::Cubic,
         Congestion::NewReno,
         Congestion::Bbr,
         Congestion::QuinnBbr,
+        Congestion::Auto,
     ];
 
     /// The quinn factory of this controller.
@@ -64,6 +73,7 @@ impl Congestion {
             Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
             Congestion::Bbr => Arc::new(BoundedBbrConfig::default()),
             Congestion::QuinnBbr => Arc::new(BbrConfig::default()),
+            Congestion::Auto => Arc::new(ByPathConfig::default()),
         }
     }
 }
@@ -76,7 +86,7 @@ impl std::str::FromStr for Congestion {
             .find(|c| c.to_string() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown congestion controller {s:?}: expected cubic, newreno, bbr or quinn-bbr"
+                    "unknown congestion controller {s:?}: expected cubic, newreno, bbr, quinn-bbr or auto"
                 )
             })
     }
@@ -89,6 +99,7 @@ impl std::fmt::Display for Congestion {
             Congestion::NewReno => "newreno",
             Congestion::Bbr => "bbr",
             Congestion::QuinnBbr => "quinn-bbr",
+            Congestion::Auto => "auto",
         })
     }
 }
@@ -485,7 +496,7 @@ mod tests {
             .transport_config();
         }
         let e = "vegas".parse::<Congestion>().unwrap_err();
-        assert!(e.contains("cubic, newreno, bbr or quinn-bbr"), "{e}");
+        assert!(e.contains("cubic, newreno, bbr, quinn-bbr or auto"), "{e}");
     }
 
     #[test]

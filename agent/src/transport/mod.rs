@@ -2,8 +2,9 @@
 //! ([`tcp`]), one connection type over both ([`Connection`]), dialing by
 //! either or both raced ([`dial`]), authorizing accepted peers by ALPN and
 //! SPIFFE ID, and framed message I/O on streams. QUIC's congestion
-//! controller is chosen in [`congestion`]: by default quinn's BBR bounded
-//! to the path's delivery rate.
+//! controller is chosen in [`congestion`]: by default by the path, CUBIC
+//! under a millisecond of RTT and quinn's BBR bounded to the path's
+//! delivery rate above.
 //!
 //! Tuning, measured on a 2-core loopback (see `docs/benchmarks.md`):
 //! socket buffers raised to 4 MiB (the 208 KiB default drops packets), GSO

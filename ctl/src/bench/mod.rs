@@ -144,9 +144,10 @@ pub struct Bench {
     /// --wan's migrations (quic, tcp, auto).
     #[arg(long, value_delimiter = ',', default_value = "quic,tcp,auto")]
     pub transports: Vec<convoy_agent::transport::Choice>,
-    /// --wan: the agents' QUIC congestion controller for the migrations.
-    #[arg(long, default_value_t)]
-    pub wan_congestion: convoy_agent::transport::Congestion,
+    /// The agents' QUIC congestion controller: for the default bench's
+    /// migrations and raw transfers, and --wan's migrations.
+    #[arg(long, alias = "wan-congestion", default_value_t)]
+    pub quic_congestion: convoy_agent::transport::Congestion,
     /// --wan: round-trip times, milliseconds.
     #[arg(long, value_delimiter = ',', default_value = "2,50,100,150")]
     pub rtt: Vec<u64>,
@@ -166,11 +167,11 @@ pub struct Bench {
     #[arg(long, default_value_t = 100)]
     pub link_mbit: u64,
     /// --wan --controllers: congestion controllers (cubic, newreno, bbr,
-    /// quinn-bbr).
+    /// quinn-bbr, auto).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cubic,newreno,bbr,quinn-bbr"
+        default_value = "cubic,newreno,bbr,quinn-bbr,auto"
     )]
     pub congestion: Vec<convoy_agent::transport::Congestion>,
     /// --wan: seconds a transfer may take before its cell says so.

@@ -70,15 +70,19 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     for kind in kinds {
         rows.extend(run_transport(g, &b, kind).await?);
     }
-    print_rows(g, &rows)
+    print_rows(g, &rows, b.quic_congestion)
 }
 
 /// `--runs` runs of every row over `kind` on one lab, merged.
 async fn run_transport(g: &Global, b: &Bench, kind: Kind) -> Result<Vec<Row>> {
     let choice = Choice::from(kind);
     let dir = tempfile::tempdir()?;
-    let mut lab =
-        Lab::start_metered(dir.path(), &["a", "b"], |_, cfg| cfg.transport = choice).await?;
+    let congestion = b.quic_congestion;
+    let mut lab = Lab::start_metered(dir.path(), &["a", "b"], |_, cfg| {
+        cfg.transport = choice;
+        cfg.tuning.congestion = congestion;
+    })
+    .await?;
     lab.transport = choice;
     let mut runs = Vec::new();
     for run in 0..b.runs {
@@ -263,7 +267,11 @@ async fn one_run(g: &Global, b: &Bench, lab: &Lab, kind: Kind) -> Result<Vec<Row
     Ok(rows)
 }
 
-fn print_rows(g: &Global, rows: &[Row]) -> Result<()> {
+fn print_rows(
+    g: &Global,
+    rows: &[Row],
+    congestion: convoy_agent::transport::Congestion,
+) -> Result<()> {
     if g.json {
         return render::json(&rows);
     }
@@ -315,5 +323,6 @@ fn print_rows(g: &Global, rows: &[Row]) -> Result<()> {
             &table
         )
     );
+    println!("QUIC congestion controller: {congestion}");
     Ok(())
 }

@@ -78,7 +78,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     }
     let link_bits = b.link_mbit.saturating_mul(1_000_000);
     let limit = Duration::from_secs(b.cell_timeout);
-    let congestion = b.wan_congestion;
+    let congestion = b.quic_congestion;
     let (content, content_name) = match b.wan_content.as_str() {
         "mixed" => (ContentProfile::Mixed, "mixed"),
         _ => (ContentProfile::Random, "random"),

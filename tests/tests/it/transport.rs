@@ -152,6 +152,46 @@ impl Drop for UdpDropped {
     }
 }
 
+/// The default QUIC controller (`auto`) takes CUBIC's window on
+/// loopback: the round trips of a few requests measure a path far under a
+/// millisecond. (On the WAN lab's 2 ms and longer, the unit tests of
+/// `PathClass` hold it to the bounded BBR.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_quic_controller_takes_cubics_window_on_loopback() {
+    use convoy_agent::client::CtlClient;
+    use convoy_agent::transport::{congestion, Congestion, Connection, Tuning};
+    assert_eq!(Tuning::default().congestion, Congestion::Auto);
+    let (_dir, lab) = lab_with(&["a"], |_, _| {}).await;
+    let a = lab.agent("a").unwrap();
+    let c = CtlClient::connect_with(
+        a.addr,
+        a.id.clone(),
+        &lab.operator,
+        &lab.trust,
+        Choice::Quic,
+    )
+    .await
+    .unwrap();
+    let class = || {
+        let Connection::Quic(q) = c.connection() else {
+            panic!("dialed over QUIC")
+        };
+        let state = q.congestion_state().into_any();
+        state.downcast::<congestion::ByPath>().unwrap().class()
+    };
+    // The handshake's few samples may include a busy moment; requests
+    // bring more.
+    let short = eventually(Duration::from_secs(10), || async {
+        c.vm_list().await.unwrap();
+        class().short()
+    })
+    .await;
+    assert!(short, "{:?}", class());
+    assert!(class().min_rtt().unwrap() < congestion::SHORT_PATH_RTT);
+    c.close().await;
+    lab.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_udp_dropped_by_a_firewall_the_migration_goes_over_tcp_and_says_so() {
     // Both agents dial by the default race, whatever the run's transport.
