@@ -5,7 +5,9 @@
 //! # Why two
 //! On loopback, where both agents share the CPU and nothing is lost, the
 //! bounded BBR moved migrations 0–9% and bare transfers 10–16% slower than
-//! CUBIC (docs/benchmarks.md). On a long link CUBIC is what cannot stay: it
+//! CUBIC on the machine it was first measured on (not seen again on the
+//! next one: docs/benchmarks.md), and the LAN's figures were measured
+//! with CUBIC. On a long link CUBIC is what cannot stay: it
 //! backs off at every random loss, and at 50–150 ms with 0.1% loss it did
 //! not finish a 64 MiB transfer in 40 s. Between the two the RTT decides:
 //! a sub-millisecond path is a LAN, where a loss-based controller regrows
