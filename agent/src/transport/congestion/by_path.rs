@@ -41,11 +41,12 @@ pub struct PathClass {
 }
 
 impl PathClass {
-    /// A packet sent at `sent` was acknowledged at `now`.
-    pub fn on_ack(&mut self, now: Instant, sent: Instant, rtt_min: Duration) {
-        // quinn's own minimum leaves out the peer's ack delay; the
-        // send-to-ack time includes it. The lower of both is the path's.
-        let rtt = now.saturating_duration_since(sent).min(rtt_min);
+    /// A packet sent at `sent` was acknowledged at `now`. (quinn's own
+    /// RTT samples are the same time for the largest packet each
+    /// acknowledgement covers, so its minimum is never lower than this
+    /// one; both include the peer's ack delay.)
+    pub fn on_ack(&mut self, now: Instant, sent: Instant) {
+        let rtt = now.saturating_duration_since(sent);
         if rtt.is_zero() {
             return;
         }
@@ -126,7 +127,7 @@ impl Controller for ByPath {
         app_limited: bool,
         rtt: &quinn_proto::RttEstimator,
     ) {
-        self.class.on_ack(now, sent, rtt.min());
+        self.class.on_ack(now, sent);
         self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
         self.bbr.on_ack(now, sent, bytes, app_limited, rtt);
     }
@@ -193,37 +194,31 @@ mod tests {
     use super::{PathClass, SHORT_PATH_RTT};
     use std::time::{Duration, Instant};
 
-    const NONE: Duration = Duration::MAX;
-
     #[test]
     fn a_path_is_long_until_a_round_trip_under_a_millisecond() {
         let t = Instant::now();
         let mut c = PathClass::default();
         assert!(!c.short(), "not measured: long");
-        c.on_ack(t + Duration::from_millis(2), t, NONE);
+        c.on_ack(t + Duration::from_millis(2), t);
         assert!(!c.short(), "2 ms (the WAN lab's shortest): long");
-        c.on_ack(t + SHORT_PATH_RTT, t, NONE);
+        c.on_ack(t + SHORT_PATH_RTT, t);
         assert!(!c.short(), "exactly the threshold: long");
-        c.on_ack(t + Duration::from_micros(150), t, NONE);
+        c.on_ack(t + Duration::from_micros(150), t);
         assert!(c.short(), "loopback: short");
-        // Once short, a slower round trip (a queue, a busy CPU) does not
-        // make it long again.
-        c.on_ack(t + Duration::from_millis(40), t, NONE);
+        // Once short, a slower round trip (a queue, a busy CPU, an
+        // acknowledgement held back) does not make it long again.
+        c.on_ack(t + Duration::from_millis(40), t);
         assert!(c.short());
         assert_eq!(c.min_rtt(), Some(Duration::from_micros(150)));
     }
 
     #[test]
-    fn the_peers_ack_delay_does_not_make_a_short_path_long() {
-        // Every acknowledgement held back 20 ms by the peer, but quinn's
-        // minimum (which leaves the delay out) says 200 µs.
+    fn a_clock_that_did_not_move_is_no_sample() {
         let t = Instant::now();
         let mut c = PathClass::default();
-        c.on_ack(t + Duration::from_millis(20), t, Duration::from_micros(200));
-        assert!(c.short());
-        // And a clock that did not move is no sample.
-        let mut c = PathClass::default();
-        c.on_ack(t, t + Duration::from_millis(1), NONE);
+        c.on_ack(t, t + Duration::from_millis(1));
+        c.on_ack(t, t);
         assert_eq!(c.min_rtt(), None);
+        assert!(!c.short());
     }
 }
