@@ -13,8 +13,9 @@
 //! a sub-millisecond path is a LAN, where a loss-based controller regrows
 //! its window within microseconds of a loss.
 //!
-//! Both controllers see every event, so the one in charge can change
-//! without a cold start; only its window is used. The path's class is
+//! Both controllers see every event while the path counts as long, so
+//! CUBIC takes over without a cold start; once the path is short (for
+//! good) the BBR is no longer fed. The path's class is
 //! decided by the lowest RTT seen on the connection ([`PathClass`]): it
 //! only falls, so a path found short stays short, and a long one becomes
 //! short the first time a round trip says so (before any sample the path
@@ -95,6 +96,13 @@ impl ByPath {
         self.class
     }
 
+    /// The bounded BBR while its window may still be used: a path found
+    /// short stays short, so from then on feeding it would be work on
+    /// every acknowledgement for a window nobody reads.
+    fn bbr_in_use(&mut self) -> Option<&mut Box<dyn Controller>> {
+        (!self.class.short()).then_some(&mut self.bbr)
+    }
+
     fn chosen(&self) -> &dyn Controller {
         match self.class.short() {
             true => self.cubic.as_ref(),
@@ -116,7 +124,9 @@ impl std::fmt::Debug for ByPath {
 impl Controller for ByPath {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.cubic.on_sent(now, bytes, last_packet_number);
-        self.bbr.on_sent(now, bytes, last_packet_number);
+        if let Some(bbr) = self.bbr_in_use() {
+            bbr.on_sent(now, bytes, last_packet_number);
+        }
     }
 
     fn on_ack(
@@ -129,7 +139,9 @@ impl Controller for ByPath {
     ) {
         self.class.on_ack(now, sent);
         self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
-        self.bbr.on_ack(now, sent, bytes, app_limited, rtt);
+        if let Some(bbr) = self.bbr_in_use() {
+            bbr.on_ack(now, sent, bytes, app_limited, rtt);
+        }
     }
 
     fn on_end_acks(
@@ -141,8 +153,9 @@ impl Controller for ByPath {
     ) {
         self.cubic
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-        self.bbr
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        if let Some(bbr) = self.bbr_in_use() {
+            bbr.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        }
     }
 
     fn on_congestion_event(
@@ -154,8 +167,9 @@ impl Controller for ByPath {
     ) {
         self.cubic
             .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-        self.bbr
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        if let Some(bbr) = self.bbr_in_use() {
+            bbr.on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        }
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
