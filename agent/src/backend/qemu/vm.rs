@@ -558,7 +558,17 @@ impl QemuVm {
             p.kill().await;
         }
         self.exited.store(true, Ordering::Relaxed);
+        self.log_stderr("killed");
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Logs what QEMU wrote on its standard error, if anything, before its
+    /// runtime directory goes: QEMU says there why it failed a migration
+    /// or closed a channel, and nowhere else.
+    fn log_stderr(&self, how: &str) {
+        if let Some(tail) = stderr_tail(&self.dir.join("qemu.stderr")) {
+            tracing::warn!(dir = %self.dir.display(), "QEMU {how}; its standard error ended with:\n{tail}");
+        }
     }
 
     /// Whether the process is still alive (checked now).
@@ -631,8 +641,27 @@ impl QemuVm {
             p.quit().await;
         }
         self.exited.store(true, Ordering::Relaxed);
+        self.log_stderr("stopped");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// At most this much of the end of QEMU's standard error is logged.
+const STDERR_TAIL: u64 = 4096;
+
+/// The last [`STDERR_TAIL`] bytes of the file at `path`, as text; `None`
+/// when it is missing or holds only white space.
+fn stderr_tail(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL)))
+        .ok()?;
+    let mut buf = Vec::new();
+    f.take(STDERR_TAIL).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 impl Drop for QemuVm {
@@ -670,5 +699,23 @@ mod tests {
             assert!(cfg.new_disk(bad).is_err(), "{bad}");
         }
         assert!(cfg.new_disk("new.img").is_ok());
+    }
+
+    #[test]
+    fn the_end_of_qemus_standard_error_is_what_is_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qemu.stderr");
+        assert_eq!(stderr_tail(&path), None, "no file");
+        std::fs::write(&path, b" \n\t\n").unwrap();
+        assert_eq!(stderr_tail(&path), None, "only white space");
+        let mut long = "x".repeat(10_000);
+        long.push_str("\nqemu-system-x86_64: load of migration failed: Input/output error\n");
+        std::fs::write(&path, &long).unwrap();
+        let tail = stderr_tail(&path).unwrap();
+        assert!(tail.len() <= 4096, "{}", tail.len());
+        assert!(
+            tail.ends_with("load of migration failed: Input/output error"),
+            "{tail}"
+        );
     }
 }
