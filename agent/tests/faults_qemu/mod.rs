@@ -57,6 +57,15 @@ fn serial(a: &AgentProcess) -> PathBuf {
     a.state.join("qemu").join("vm").join("serial.log")
 }
 
+/// The end of what `a`'s QEMU wrote on its standard error (while its
+/// runtime directory is there): for a failure's message.
+fn qemu_stderr(a: &AgentProcess) -> String {
+    let text =
+        std::fs::read(a.state.join("qemu").join("vm").join("qemu.stderr")).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(3000)..];
+    String::from_utf8_lossy(tail).into_owned()
+}
+
 /// The guest's last counter on `a`'s console, if any.
 fn last_counter(a: &AgentProcess) -> Option<u64> {
     counters(&serial(a)).last().copied()
@@ -149,9 +158,10 @@ pub(super) async fn run(point: &'static str, kill_source: bool, expect: Expect) 
             Duration::from_secs(120)
         )
         .await,
-        "never reached {point}\n--- a ---\n{}\n--- b ---\n{}",
+        "never reached {point}\n--- a ---\n{}\n--- b ---\n{}\n--- a's QEMU's standard error ---\n{}",
         a.output(),
-        b.output()
+        b.output(),
+        qemu_stderr(&a)
     );
     let held_is_b = point.starts_with("destination");
     if kill_source {

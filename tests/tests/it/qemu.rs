@@ -1248,6 +1248,12 @@ async fn qemu_downtime_limit_leaves_room_for_the_handovers_round_trips() {
         };
         let r = c.migrate(migrate(1000), |_| {}).await.unwrap();
         watcher.abort();
+        eprintln!(
+            "1000 ms target: downtime {:.1} ms, QEMU's {:?} ms, {:?}",
+            r.downtime_ms,
+            r.qemu.as_ref().map(|q| q.downtime_ms),
+            r.convergence.pause
+        );
         let last = seen.load(std::sync::atomic::Ordering::Relaxed);
         q.assert_moved(&r, "guest", "a", "b", last).await;
         let phases = convoy_tests::audited_phases(&q.lab, "a");

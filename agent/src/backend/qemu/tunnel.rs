@@ -163,7 +163,8 @@ impl Credit {
 }
 
 /// What a splice is told beyond its streams: the credit its out direction
-/// keeps to, and whom to tell how much its back direction has written.
+/// keeps to, whom to tell how much its back direction has written, and
+/// whether the local end may close first.
 #[derive(Clone, Default)]
 pub struct Pacing {
     /// The out direction sends only within it (none: as QUIC allows).
@@ -171,6 +172,17 @@ pub struct Pacing {
     /// Called with the back direction's total bytes written after each
     /// write (the near QEMU read them).
     pub delivered: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// The local end may close before the peer's bytes end, some of them
+    /// unread: a destination QEMU that has loaded the whole stream closes
+    /// its channels, and QEMU 7.2's multifd sender can follow a channel's
+    /// last sync packet with an empty one that the receiver never reads
+    /// (its socket then resets ours). With this set, a reset of the local
+    /// socket ends the out direction like an end of stream, and the back
+    /// direction, once the local socket is closed, goes on reading what
+    /// the peer sends and counts it without writing it: both agents hash
+    /// the same bytes, and whether the stream was complete is QEMU's to say
+    /// (its migration status; a QEMU that failed to load exits).
+    pub local_may_close: bool,
 }
 
 impl std::fmt::Debug for Pacing {
@@ -178,6 +190,7 @@ impl std::fmt::Debug for Pacing {
         f.debug_struct("Pacing")
             .field("credit", &self.credit)
             .field("delivered", &self.delivered.is_some())
+            .field("local_may_close", &self.local_may_close)
             .finish()
     }
 }
@@ -205,27 +218,67 @@ impl Count {
     }
 }
 
+/// Which end of a pump is the local socket, when it may close first
+/// ([`Pacing::local_may_close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalEnd {
+    /// Neither may close first: any error is the splice's failure.
+    Strict,
+    /// The pump reads from the local socket: its reset is its end.
+    Reads,
+    /// The pump writes to the local socket: once it is closed, what comes
+    /// is read and counted, not written.
+    Writes,
+}
+
+/// Whether `e` says the local socket was closed by the other process.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
+}
+
 /// Copies `from` to `to` until `from` ends, counting in `count` what was
 /// written; with a `tail`, every byte read is kept there first; with
-/// `pacing`, reading waits for its credit and each write is told.
+/// `pacing`, reading waits for its credit and each write is told; `local`
+/// says which end may close first.
 async fn pump<R, W>(
     mut from: R,
     to: &mut W,
     count: &mut Count,
     mut tail: Option<&mut Tail>,
-    pacing: &Pacing,
+    (pacing, local): (&Pacing, LocalEnd),
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
+    // Bytes counted after the local socket closed (never written).
+    let mut dropped: Option<u64> = None;
     loop {
         if let Some(c) = &pacing.credit {
             c.wait(count.bytes).await;
         }
-        let n = from.read(&mut buf).await?;
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if local == LocalEnd::Reads && closed_by_peer(&e) => {
+                tracing::info!(
+                    bytes = count.bytes,
+                    "the local end reset its channel: taken as its end"
+                );
+                0
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
+            if let Some(d) = dropped.filter(|d| *d > 0) {
+                tracing::info!(
+                    bytes = count.bytes,
+                    "{d} bytes came after the local end closed its channel: counted, not written"
+                );
+            }
             return Ok(());
         }
         if let Some(t) = tail.as_deref_mut() {
@@ -236,15 +289,30 @@ where
         // what reached `to`.
         let mut off = 0;
         while off < n {
-            let k = to.write(&buf[off..n]).await?;
-            if k == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+            if let Some(d) = dropped.as_mut() {
+                count.hasher.update(&buf[off..n]);
+                count.bytes += (n - off) as u64;
+                *d += (n - off) as u64;
+                break;
             }
+            let k = match to.write(&buf[off..n]).await {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(k) => k,
+                Err(e) if local == LocalEnd::Writes && closed_by_peer(&e) => {
+                    tracing::info!(
+                        bytes = count.bytes,
+                        "the local end closed its channel: the rest is counted, not written"
+                    );
+                    dropped = Some(0);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             count.hasher.update(&buf[off..off + k]);
             count.bytes += k as u64;
             off += k;
         }
-        if let Some(tell) = &pacing.delivered {
+        if let (Some(tell), None) = (&pacing.delivered, dropped) {
             tell(count.bytes);
         }
     }
@@ -267,7 +335,12 @@ pub struct Cut {
 
 impl std::fmt::Display for Cut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
+        // How far each way got says which end stopped short.
+        write!(
+            f,
+            "{} (carried until then: {} bytes from the local socket, {} bytes to it)",
+            self.error, self.partial.out.bytes, self.partial.back.bytes
+        )
     }
 }
 
@@ -299,22 +372,38 @@ pub async fn splice_paced(
     let (lr, mut lw) = local.into_split();
     let mut tail = (keep > 0).then(|| Tail::new(keep));
     let (mut out, mut back) = (Count::new(), Count::new());
+    let may_close = pacing.local_may_close;
+    let (reads, writes) = if may_close {
+        (LocalEnd::Reads, LocalEnd::Writes)
+    } else {
+        (LocalEnd::Strict, LocalEnd::Strict)
+    };
     let out_pacing = Pacing {
         credit: pacing.credit,
         delivered: None,
+        local_may_close: may_close,
     };
     let back_pacing = Pacing {
         credit: None,
         delivered: pacing.delivered,
+        local_may_close: may_close,
     };
     let r = {
         let out = async {
-            pump(lr, &mut send, &mut out, tail.as_mut(), &out_pacing).await?;
+            pump(lr, &mut send, &mut out, tail.as_mut(), (&out_pacing, reads)).await?;
             send.finish().map_err(std::io::Error::other)
         };
         let back = async {
-            pump(&mut recv, &mut lw, &mut back, None, &back_pacing).await?;
-            lw.shutdown().await
+            pump(&mut recv, &mut lw, &mut back, None, (&back_pacing, writes)).await?;
+            match lw.shutdown().await {
+                Err(e)
+                    if may_close
+                        && (closed_by_peer(&e) || e.kind() == std::io::ErrorKind::NotConnected) =>
+                {
+                    Ok(())
+                }
+                r => r,
+            }
         };
         // The first failure ends both directions at once.
         tokio::try_join!(out, back)

@@ -66,6 +66,7 @@ impl Credits {
         Pacing {
             credit: Some(credit),
             delivered: None,
+            local_may_close: false,
         }
     }
 
@@ -116,6 +117,7 @@ impl Reads {
         Pacing {
             credit: None,
             delivered: Some(Arc::new(move |bytes| reads.note(kind, bytes))),
+            local_may_close: false,
         }
     }
 

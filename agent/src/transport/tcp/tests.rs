@@ -539,3 +539,60 @@ async fn a_side_that_only_sends_keeps_a_quiet_peer_answering() {
     bs.finish().unwrap();
     assert!(reader.await.unwrap() > 100);
 }
+
+/// A QEMU tunnel's splice (`backend::qemu::tunnel`) over a session, its
+/// local end a QEMU that closes its socket with bytes unread, as a
+/// destination QEMU does once it has loaded the stream (QEMU 7.2's
+/// multifd sender can leave an empty packet after the last sync). Where
+/// the local end may close first, the splice ends cleanly and counts every
+/// byte the peer sent, those unread and those that came after the close,
+/// so both ends hash the same bytes; where it may not, the close fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_splice_whose_local_end_closes_first_counts_what_the_peer_sent() {
+    use crate::backend::qemu::tunnel::{splice_paced, Pacing};
+    use tokio::io::AsyncReadExt as _;
+
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let data: Vec<u8> = (0..(160u32 << 10)).map(|i| (i % 251) as u8).collect();
+    for may_close in [true, false] {
+        let (mut s, _r) = a.open_bi().await.unwrap();
+        // What QEMU reads before it closes, then what it leaves unread.
+        s.write_all(&data[..96 << 10]).await.unwrap();
+        let (bs, br) = b.accept_bi().await.unwrap();
+        let (mut qemu, agent) = tokio::net::UnixStream::pair().unwrap();
+        let pacing = Pacing {
+            local_may_close: may_close,
+            ..Pacing::default()
+        };
+        let splice = tokio::spawn(splice_paced(agent, bs, br, 0, pacing));
+        let mut read = vec![0u8; 64 << 10];
+        qemu.read_exact(&mut read).await.unwrap();
+        assert_eq!(read, data[..64 << 10]);
+        // The other 32 KiB reach QEMU's socket; it closes unread.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(qemu);
+        // More comes after the close, then the end.
+        s.write_all(&data[96 << 10..]).await.unwrap();
+        s.finish().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), splice)
+            .await
+            .unwrap()
+            .unwrap();
+        if may_close {
+            let sp = r.unwrap();
+            assert_eq!(sp.back.bytes, data.len() as u64);
+            assert_eq!(sp.back.digest, *blake3::hash(&data).as_bytes());
+            assert_eq!(sp.out.bytes, 0);
+        } else {
+            let cut = r.unwrap_err();
+            assert!(
+                matches!(
+                    cut.error.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ),
+                "{cut}"
+            );
+        }
+    }
+}

@@ -60,13 +60,20 @@ pub(super) async fn accept_channels(
             ChannelKind::Nbd(_) => dir.join("nbd.sock"),
             _ => dir.join("incoming.sock"),
         };
+        let mut pacing = reads.pacing(kind);
+        // A pre-copy QEMU closes its channels once it has loaded the
+        // stream, perhaps with an empty multifd packet unread
+        // ([`Pacing::local_may_close`]); post-copy keeps them strict, as
+        // a channel's break there is a link to recover.
+        pacing.local_may_close =
+            manifest.mode == MigrationMode::Precopy && matches!(kind, ChannelKind::Migration(_));
         if !to_qemu(
             &mut tasks,
             &events,
             kind,
             &path,
             (send, recv),
-            (manifest.mode, reads.pacing(kind)),
+            (manifest.mode, pacing),
         )
         .await
         {
