@@ -561,7 +561,7 @@ impl Incoming {
         // QEMU's load, the digests compared and the receipt.
         self.share.drain_us = micros32(drained_at.saturating_duration_since(done_at));
         self.share.check_us = micros32(clock::since(drained_at));
-        self.phase("QEMU holds every byte sent; waiting for the handover");
+        self.phase("QEMU loaded the stream, every byte compared; waiting for the handover");
         let h = match tokio::time::timeout(HANDOVER_TIMEOUT, ctl.recv()).await {
             Err(_) => return Err(Fail::new(Reason::Timeout, "no Handover in time")),
             Ok(c) => match Fail::from_control(c, PEER)? {

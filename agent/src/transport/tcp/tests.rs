@@ -561,20 +561,37 @@ async fn a_splice_whose_local_end_closes_first_counts_what_the_peer_sent() {
         s.write_all(&data[..96 << 10]).await.unwrap();
         let (bs, br) = b.accept_bi().await.unwrap();
         let (mut qemu, agent) = tokio::net::UnixStream::pair().unwrap();
+        // What the splice has written to QEMU's socket so far.
+        let (written_tx, mut written) = tokio::sync::watch::channel(0u64);
         let pacing = Pacing {
             local_may_close: may_close,
+            delivered: Some(Arc::new(move |n| {
+                written_tx.send_replace(n);
+            })),
             ..Pacing::default()
         };
         let splice = tokio::spawn(splice_paced(agent, bs, br, 0, pacing));
         let mut read = vec![0u8; 64 << 10];
         qemu.read_exact(&mut read).await.unwrap();
         assert_eq!(read, data[..64 << 10]);
-        // The other 32 KiB reach QEMU's socket; it closes unread.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The other 32 KiB are in QEMU's socket; it closes them unread
+        // (the agent's socket is reset).
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            written.wait_for(|n| *n == 96 << 10),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         drop(qemu);
-        // More comes after the close, then the end.
-        s.write_all(&data[96 << 10..]).await.unwrap();
-        s.finish().unwrap();
+        // More comes after the close, then the end (where the splice
+        // failed, the stream may be reset under the writer already).
+        let more = s.write_all(&data[96 << 10..]).await;
+        let fin = s.finish();
+        if may_close {
+            more.unwrap();
+            fin.unwrap();
+        }
         let r = tokio::time::timeout(Duration::from_secs(10), splice)
             .await
             .unwrap()

@@ -61,12 +61,13 @@ pub(super) async fn accept_channels(
             _ => dir.join("incoming.sock"),
         };
         let mut pacing = reads.pacing(kind);
-        // A pre-copy QEMU closes its channels once it has loaded the
-        // stream, perhaps with an empty multifd packet unread
-        // ([`Pacing::local_may_close`]); post-copy keeps them strict, as
-        // a channel's break there is a link to recover.
-        pacing.local_may_close =
-            manifest.mode == MigrationMode::Precopy && matches!(kind, ChannelKind::Migration(_));
+        // A pre-copy QEMU closes its multifd channels once it has loaded
+        // the stream, perhaps with an empty packet unread
+        // ([`Pacing::local_may_close`]). The main channel (with the return
+        // path) and post-copy stay strict: there a channel's break is a
+        // failure, or a link to recover.
+        pacing.local_may_close = manifest.mode == MigrationMode::Precopy
+            && matches!(kind, ChannelKind::Migration(n) if n > 0);
         if !to_qemu(
             &mut tasks,
             &events,
