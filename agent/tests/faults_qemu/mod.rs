@@ -60,10 +60,10 @@ fn serial(a: &AgentProcess) -> PathBuf {
 /// The end of what `a`'s QEMU wrote on its standard error (while its
 /// runtime directory is there): for a failure's message.
 fn qemu_stderr(a: &AgentProcess) -> String {
-    let text =
-        std::fs::read(a.state.join("qemu").join("vm").join("qemu.stderr")).unwrap_or_default();
-    let tail = &text[text.len().saturating_sub(3000)..];
-    String::from_utf8_lossy(tail).into_owned()
+    convoy_agent::backend::qemu::vm::stderr_tail(
+        &a.state.join("qemu").join("vm").join("qemu.stderr"),
+    )
+    .unwrap_or_default()
 }
 
 /// The guest's last counter on `a`'s console, if any.

@@ -647,11 +647,12 @@ impl QemuVm {
 }
 
 /// At most this much of the end of QEMU's standard error is logged.
-const STDERR_TAIL: u64 = 4096;
+pub const STDERR_TAIL: u64 = 4096;
 
-/// The last [`STDERR_TAIL`] bytes of the file at `path`, as text; `None`
-/// when it is missing or holds only white space.
-fn stderr_tail(path: &Path) -> Option<String> {
+/// The last [`STDERR_TAIL`] bytes of the file at `path` (a QEMU's
+/// `qemu.stderr`), as text; `None` when it is missing or holds only white
+/// space.
+pub fn stderr_tail(path: &Path) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
