@@ -12,7 +12,8 @@ use convoy_agent::lab::Lab;
 use convoy_protocol::ctl::{ContentProfile, MigrationReport, Outcome, VmState};
 use convoy_protocol::model::MigrationPlan;
 use convoy_tests::{
-    assert_phases_audited, eventually, lab_with, short_links, sim_spec, CuttableLink,
+    assert_phases_audited, audited_phases, eventually, lab_with, short_links, sim_spec,
+    CuttableLink,
 };
 
 /// Pages of the test VM (32 MiB of random memory).
@@ -219,31 +220,54 @@ async fn a_precopy_link_down_past_the_window_fails_and_the_vm_runs_on_at_the_sou
     lab.shutdown().await;
 }
 
+/// A link with a lane, cut mid-round: the resumed link dials its lane
+/// again once the destination has answered the `Resume`, and the rest of
+/// the round goes over both connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_cut_with_lanes_resumes_on_one_connection_and_completes() {
+async fn a_link_cut_with_lanes_resumes_with_its_lanes_and_completes() {
     let (_dir, lab, link, mover) = cut_mid_round(Duration::from_secs(30), 2).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     link.set_up(true);
     let (r, a, b) = completed_once(&lab, mover).await;
     assert_eq!(r.convergence.recoveries, 1, "{:?}", r.convergence);
-    assert_eq!(r.lanes, 0, "the resumed link is one connection");
-    assert_phases_audited(
-        &lab,
+    assert_eq!(r.lanes, 1, "the resumed link has its lane again");
+    // In order: the lane joins the first link, the link breaks and
+    // resumes, and the lane joins the new link and carries some of it.
+    let at = |agent: &str, needles: &[&str]| {
+        let phases = audited_phases(&lab, agent);
+        let mut from = 0;
+        for n in needles {
+            match phases[from..].iter().position(|p| p.contains(n)) {
+                Some(i) => from += i + 1,
+                None => panic!("{agent}: {n:?} after phase {from}: {phases:#?}"),
+            }
+        }
+        phases
+    };
+    at(
+        "b",
         &[
-            (
-                "a",
-                &["data streams over 2 ", "asking the destination to resume"],
-            ),
-            (
-                "b",
-                &[
-                    "lane 1 joined",
-                    "link lost in a pre-copy round",
-                    "resumed on a new connection",
-                ],
-            ),
+            "lane 1 joined",
+            "link lost in a pre-copy round",
+            "resumed on a new connection",
+            "lane 1 joined",
         ],
     );
+    let phases = at(
+        "a",
+        &[
+            "data streams over 2 ",
+            "asking the destination to resume",
+            "data streams over 2 ",
+            "lanes carried ",
+        ],
+    );
+    let carried = phases
+        .iter()
+        .find_map(|p| p.strip_prefix("lanes carried "))
+        .and_then(|p| p.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(carried.is_some_and(|n| n > 0), "{phases:#?}");
     a.close().await;
     b.close().await;
     lab.shutdown().await;

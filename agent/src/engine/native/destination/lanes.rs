@@ -7,7 +7,8 @@
 //! is a [`Lane`]. It reaches the migration it names only from the agent
 //! the migration came from, only while that migration's link is up (not
 //! while it waits for a `Resume`), and only as many as the signed plan
-//! allows, each number once. Anything else is refused with an `Abort`
+//! allows, each number once per link (a link resumed after a break takes
+//! its lanes again). Anything else is refused with an `Abort`
 //! and audited; the migration is not touched. The streams a lane opens
 //! are checked like those of the first connection (their index, once
 //! each, the migration they name).
@@ -114,8 +115,6 @@ impl Incoming {
         } = join;
         let why = if sm.is_recovering() || sm.is_finished() {
             Some("the migration's link is not up".to_string())
-        } else if self.tx.epoch > 0 {
-            Some("the migration resumed on one connection".to_string())
         } else if lane.lane == 0 || lane.lane >= self.connections {
             Some(format!(
                 "lane {} of a plan with {} connections",

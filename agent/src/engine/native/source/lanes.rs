@@ -8,6 +8,14 @@
 //! used once the destination answers with the same message. A lane that
 //! cannot be dialled or is refused is left out: its streams go on the
 //! first connection, and the migration says so in its phases.
+//!
+//! A link resumed after a break before the post-copy switch
+//! ([`super::driver`]'s recovery) dials its lanes again, once the
+//! destination has answered the `Resume` (a lane reaches a migration only
+//! while its link is up), and opens its data streams over them with the
+//! next round. After the switch the resumed link stays one connection:
+//! the VM runs at the destination, and a fault must not wait for lanes
+//! to be dialled.
 
 use std::time::Duration;
 
@@ -15,16 +23,47 @@ use convoy_protocol::message::{Lane, Message};
 use convoy_protocol::names::SpiffeId;
 use futures_util::future::join_all;
 
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::jobs::{EngineEvent, StreamError};
 use super::Run;
+use crate::host::budget::{Share, Side};
 use crate::transport::{read_message, write_message, Connection, Kind};
 
 /// How long a lane has to be dialled and answered.
 const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl Run {
+    /// Dials the plan's lanes beside `first` ([`Run::dial_lanes`]) and
+    /// makes each part of the link: its send window a share of the
+    /// budget, and its end the link's (reported on `events`: a stream
+    /// whose last bytes were written before it broke fails no write).
+    pub(super) async fn join_lanes(
+        &mut self,
+        dest: &SpiffeId,
+        first: &Connection,
+        connections: u16,
+        events: &UnboundedSender<EngineEvent>,
+    ) -> Vec<(Connection, Share)> {
+        let mut joined = Vec::new();
+        for (number, lane) in self.dial_lanes(dest, first.kind(), connections).await {
+            let share = self.host.budget.join(&lane, Side::Send);
+            let (watched, events) = (lane.clone(), events.clone());
+            crate::engine::spawn(async move {
+                let error = watched.closed().await;
+                let _ = events.send(EngineEvent::StreamFailed(StreamError::Lane {
+                    lane: number,
+                    error,
+                }));
+            });
+            joined.push((lane, share));
+        }
+        joined
+    }
+
     /// Dials lanes `1..connections` to `dest` over `kind`, together;
     /// returns those the destination took, with their numbers.
-    pub(super) async fn dial_lanes(
+    async fn dial_lanes(
         &mut self,
         dest: &SpiffeId,
         kind: Kind,

@@ -2,6 +2,8 @@
 //! [`Source`] — carry out its actions, report its events, wait for the next
 //! input — with one method per [`SourceAction`].
 
+mod link;
+
 use crate::engine::clock;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,14 +14,14 @@ use convoy_protocol::journal::JournalStep;
 use crate::host::pause::EnginePoint;
 use crate::transport::{Connection, SendStream};
 use convoy_protocol::message::{Capabilities, Manifest, Message};
-use convoy_protocol::model::{MigrationMode, MigrationPlan};
+use convoy_protocol::model::MigrationPlan;
 use convoy_protocol::page::PageBitmap;
 use convoy_protocol::page::PageIndex;
 use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
 use tokio::sync::mpsc;
 
-use super::jobs::{EngineEvent, FaultJob, Held, Job, OpenedStreams, StreamError};
-use super::streams::{open_streams, spawn_control_reader, OpenError, StreamSetup};
+use super::jobs::{EngineEvent, FaultJob, Held, Job, StreamError};
+use super::streams::spawn_control_reader;
 use super::Run;
 use crate::engine::native::pacer::Pacer;
 use crate::host::budget::{CacheGrant, Share, Side};
@@ -48,6 +50,9 @@ struct Wire {
     /// The link's lanes ([`super::lanes`]): its extra connections, each
     /// with its budget share.
     lanes: Vec<(Connection, Share)>,
+    /// A link resumed before the switch with lanes to dial: its streams
+    /// (delta, post-copy) open with the next pages it sends.
+    held_back: Option<(bool, bool)>,
 }
 
 impl Wire {
@@ -73,6 +78,7 @@ impl Wire {
             rounds_pending: None,
             earlier: crate::transport::Carried::default(),
             lanes: Vec::new(),
+            held_back: None,
         }
     }
 }
@@ -207,7 +213,7 @@ impl<'r> Driver<'r> {
                     self.sm.handle_switch_committed(clock::now());
                 }
             }
-            SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
+            SourceAction::ServePages { round, pages } => self.serve_pages(round, pages).await,
             SourceAction::Reconnect => self.reconnect().await,
             SourceAction::CommitHandover => {
                 if self.commit("handed over").await {
@@ -229,79 +235,6 @@ impl<'r> Driver<'r> {
         }
     }
 
-    /// Opens the data streams (and, for `postcopy`, the fault stream) on
-    /// `conns` (a link's first connection, then its lanes), sending
-    /// deltas when `delta`.
-    async fn open_streams(
-        &self,
-        conns: &[Connection],
-        delta: bool,
-        postcopy: bool,
-    ) -> Result<OpenedStreams, OpenError> {
-        let setup = StreamSetup {
-            migration: self.run.migration,
-            streams: self.plan.streams,
-            level: self.plan.compression_level,
-            tamper: self.run.host.config.dangerous_tamper(),
-            pacer: self.pacer.clone(),
-            delta,
-            postcopy,
-            adaptive: self.plan.adaptive_compression,
-        };
-        open_streams(
-            conns,
-            setup,
-            &self.run.vm,
-            &self.wire.events_tx,
-            &self.run.host.budget,
-        )
-        .await
-    }
-
-    /// Accepted: the dirty log starts and the data streams open.
-    async fn start_dirty_log(&mut self) {
-        self.run.vm.start_dirty_log();
-        let delta = self
-            .sm
-            .accepted_capabilities()
-            .is_some_and(|c| c.has(Capabilities::DELTA));
-        let postcopy = self.plan.mode != MigrationMode::Precopy;
-        let Some(conn) = self.wire.conn.clone() else {
-            return self.sm.handle_link_lost(clock::now(), "no connection");
-        };
-        let mut conns = vec![conn.clone()];
-        if self.plan.connections > 1 {
-            let lanes = self
-                .run
-                .dial_lanes(&self.dest, conn.kind(), self.plan.connections)
-                .await;
-            for (number, lane) in lanes {
-                let share = self.run.host.budget.join(&lane, Side::Send);
-                conns.push(lane.clone());
-                // A lane's end is the link's: a stream whose last bytes
-                // were written before it broke fails no write here.
-                let (watched, events) = (lane.clone(), self.wire.events_tx.clone());
-                crate::engine::spawn(async move {
-                    let error = watched.closed().await;
-                    let _ = events.send(EngineEvent::StreamFailed(StreamError::Lane {
-                        lane: number,
-                        error,
-                    }));
-                });
-                self.wire.lanes.push((lane, share));
-            }
-        }
-        let opened = self.open_streams(&conns, delta, postcopy).await;
-        match opened {
-            Ok(opened) => {
-                self.wire.jobs = opened.data;
-                self.wire.fault_jobs = opened.faults;
-                self.wire.cache_grant = opened.cache;
-            }
-            Err(e) => self.sm.handle_link_lost(clock::now(), &e.to_string()),
-        }
-    }
-
     async fn send_pages(&mut self, round: u32, pages: PageBitmap, skip_zero: bool) {
         let point = if self.sm.is_switched() {
             EnginePoint::SourcePostcopyPush
@@ -312,6 +245,9 @@ impl<'r> Driver<'r> {
         };
         if point != EnginePoint::SourceStopCopy {
             crate::host::pause::at(&self.run.host, point).await;
+        }
+        if !self.open_held_back().await {
+            return;
         }
         let pages = Arc::new(pages);
         self.wire.rounds_pending = Some((round, 0, 0));
@@ -375,7 +311,10 @@ impl<'r> Driver<'r> {
         }
     }
 
-    fn serve_pages(&mut self, round: u32, pages: Vec<PageIndex>) {
+    async fn serve_pages(&mut self, round: u32, pages: Vec<PageIndex>) {
+        if !self.open_held_back().await {
+            return;
+        }
         let sent = self
             .wire
             .fault_jobs
@@ -383,116 +322,6 @@ impl<'r> Driver<'r> {
             .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
         if !sent {
             self.sm.handle_link_lost(clock::now(), "no fault stream");
-        }
-    }
-
-    /// Recovery (post-copy, or a pre-copy round): the broken link's
-    /// streams go (what they had sent is reported first: its leaves
-    /// stand), then the destination is dialled again within the recovery
-    /// window.
-    async fn reconnect(&mut self) {
-        let switched = self.sm.is_switched();
-        let when = if switched {
-            "after the post-copy switch"
-        } else {
-            "in a pre-copy round, the VM running here"
-        };
-        self.run
-            .phase(&format!("link lost {when}: dialling the destination again"));
-        tracing::warn!(migration = %self.run.migration, switched, "link lost, reconnecting");
-        self.wire.jobs.clear();
-        self.wire.fault_jobs = None;
-        self.wire.rounds_pending = None;
-        if let Some(c) = &self.wire.conn {
-            c.close(crate::transport::close::LINK_LOST.into(), b"link lost");
-        }
-        // The new link goes on one connection: lanes joined to the old one
-        // close with it, their bytes counted once.
-        for (lane, _) in self.wire.lanes.drain(..) {
-            lane.close(crate::transport::close::LINK_LOST.into(), b"link lost");
-            self.wire.earlier.add(&lane);
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.wire.events_tx, tx));
-        let mut old = std::mem::replace(&mut self.wire.events, rx);
-        // (A Sent report lost to this bound makes the destination's Resumed
-        // look wrong: in doubt, safely.)
-        let drained = tokio::time::Instant::now() + Duration::from_secs(5);
-        while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await {
-            if let EngineEvent::Sent(b) = ev {
-                if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
-                    tracing::error!("engine bug: {e}");
-                }
-            }
-        }
-        // The broken link's caches go first: the new ones take their share.
-        self.wire.cache_grant = None;
-        let mut resumed = false;
-        // After the switch pages are installed only where missing there:
-        // whole pages, no deltas. Before it, deltas are against what the
-        // new streams sent (their caches start empty).
-        let delta = !switched
-            && self
-                .sm
-                .accepted_capabilities()
-                .is_some_and(|c| c.has(Capabilities::DELTA));
-        let postcopy = self.plan.mode != MigrationMode::Precopy;
-        let mut cancelled = false;
-        loop {
-            let deadline = self.sm.poll_timeout();
-            // Before the switch the operator may cancel meanwhile (after
-            // it a cancel is refused anyway).
-            let next = if switched {
-                self.run.redial(&self.dest, deadline).await
-            } else {
-                tokio::select! {
-                    l = self.run.redial(&self.dest, deadline) => l,
-                    () = self.run.cancel.notified() => {
-                        cancelled = true;
-                        None
-                    }
-                }
-            };
-            let Some(link) = next else { break };
-            let opened = self
-                .open_streams(std::slice::from_ref(&link.conn), delta, postcopy)
-                .await;
-            match opened {
-                Ok(opened) => {
-                    // The broken link's bytes, counted once.
-                    if let Some(c) = &self.wire.conn {
-                        self.wire.earlier.add(c);
-                    }
-                    self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
-                    self.wire.conn = Some(link.conn);
-                    self.wire.control = Some(link.send);
-                    let (ctrl_tx, rx) = mpsc::channel(16);
-                    self.wire.ctrl_rx = rx;
-                    spawn_control_reader(link.recv, ctrl_tx);
-                    self.wire.jobs = opened.data;
-                    self.wire.fault_jobs = opened.faults;
-                    self.wire.cache_grant = opened.cache;
-                    resumed = true;
-                    break;
-                }
-                // Broken again at once: dial again.
-                Err(e) => {
-                    tracing::info!(migration = %self.run.migration, "new link failed: {e}");
-                    link.conn
-                        .close(crate::transport::close::LINK_LOST.into(), b"link lost");
-                }
-            }
-        }
-        if cancelled {
-            tracing::info!(migration = %self.run.migration, "cancelled while dialling again");
-            self.sm.cancel(clock::now());
-        } else if resumed {
-            self.run
-                .phase("reconnected: asking the destination to resume");
-            self.sm.handle_reconnected(clock::now());
-        } else {
-            // Past the window: in doubt.
-            self.sm.handle_timeout(clock::now());
         }
     }
 
