@@ -8,12 +8,16 @@
 //! ([`roots`]): `memory_root` is the root over every byte sent from the
 //! source to the destination, `device` the root over every byte the
 //! destination sent back (QEMU's return path, NBD replies). The source and
-//! the destination each compute them over what they carried; the source
-//! announces its digests in [`StreamsDone`], the destination compares them
-//! with its own ([`compare`]) before it signs `Ready`, and the source
-//! compares the `Ready` receipt's roots with its own before it signs
-//! `Sent`. A single byte changed, dropped or added on any channel, either
-//! way, stops the migration with the VM still at the source.
+//! the destination each compute them over what they carried. The source
+//! announces what it sent in [`StreamsDone`] as soon as its own side of
+//! every channel has ended (not waiting for the destination's QEMU to
+//! close the way back: that would cost the pause a round trip); the
+//! destination compares it with what it received ([`compare`]) before it
+//! signs `Ready`, and the source compares the `Ready` receipt's roots,
+//! both ways, with its own before it signs `Sent` (the way back is checked
+//! there: the source is the side that received it). A single byte
+//! changed, dropped or added on any channel, either way, stops the
+//! migration with the VM still at the source.
 //!
 //! The message sequence (driven by the agent; QEMU does the copying):
 //!
@@ -23,7 +27,7 @@
 //! | 2 | `Accept` / `Reject` | the destination's QEMU waits, paused (`-S`) |
 //! | 3 | [`ChannelOpen`] on each stream | then raw bytes both ways |
 //! | 4 | [`Switch`] both ways (post-copy only) | the source commits: the VM runs at the destination from now on |
-//! | 5 | [`StreamsDone`] | QEMU finished at the source; its digests |
+//! | 5 | [`StreamsDone`] | QEMU finished at the source; what it sent on each channel |
 //! | 6 | `Ready` | the destination's QEMU holds the state; its roots |
 //! | 7 | `Handover` | the source's `Sent` receipt; it will never run the VM again |
 //! | 8 | `Started` | the guest runs at the destination |
@@ -178,12 +182,35 @@ pub struct ChannelDigests {
     pub back: Digest,
 }
 
-/// Source → destination: QEMU has finished sending; these are the digests
-/// of everything the source carried.
+/// What the source sent on one channel (its out direction, ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelSent {
+    /// The channel.
+    pub kind: ChannelKind,
+    /// Bytes from the source to the destination.
+    pub bytes: u64,
+    /// BLAKE3 of them, in order.
+    pub digest: Digest,
+}
+
+impl ChannelDigests {
+    /// Its way out alone.
+    pub fn sent(&self) -> ChannelSent {
+        ChannelSent {
+            kind: self.kind,
+            bytes: self.out_bytes,
+            digest: self.out,
+        }
+    }
+}
+
+/// Source → destination: QEMU has finished sending; what the source sent
+/// on every channel. (The way back is checked by the source, against
+/// `Ready`'s root.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamsDone {
     /// Every channel, in the order [`ChannelKind`] sorts them.
-    pub channels: Vec<ChannelDigests>,
+    pub channels: Vec<ChannelSent>,
 }
 
 /// Destination → source, during the copy: the destination's QEMU has read
@@ -332,13 +359,16 @@ pub fn roots(channels: &[ChannelDigests]) -> (Digest, Digest) {
 #[error("{0}")]
 pub struct StreamMismatch(pub String);
 
-/// Compares what the source says it carried with what the destination
-/// carried: the same channels, and on each the same bytes both ways.
+/// Compares what the source says it sent with what the destination
+/// received: the same channels, and on each the same bytes. (The way back
+/// is the source's to check: [`roots`] in `Ready`.)
 pub fn compare(
-    source: &[ChannelDigests],
+    source: &[ChannelSent],
     destination: &[ChannelDigests],
 ) -> Result<(), StreamMismatch> {
-    let (s, d) = (canonical(source.to_vec()), canonical(destination.to_vec()));
+    let d = canonical(destination.to_vec());
+    let mut s = source.to_vec();
+    s.sort_by_key(|c| order(&c.kind));
     if s.len() > MAX_CHANNELS || d.len() > MAX_CHANNELS {
         return Err(StreamMismatch(format!("more than {MAX_CHANNELS} channels")));
     }
@@ -346,16 +376,10 @@ pub fn compare(
         let Some(o) = d.iter().find(|o| o.kind == c.kind) else {
             return Err(StreamMismatch(format!("the {} never arrived", c.kind)));
         };
-        if (c.out_bytes, c.out) != (o.out_bytes, o.out) {
+        if (c.bytes, c.digest) != (o.out_bytes, o.out) {
             return Err(StreamMismatch(format!(
                 "{}: the source sent {} bytes, the destination received {} different ones",
-                c.kind, c.out_bytes, o.out_bytes
-            )));
-        }
-        if (c.back_bytes, c.back) != (o.back_bytes, o.back) {
-            return Err(StreamMismatch(format!(
-                "{}: the destination sent back {} bytes, the source received {} different ones",
-                c.kind, o.back_bytes, c.back_bytes
+                c.kind, c.bytes, o.out_bytes
             )));
         }
     }
@@ -364,6 +388,29 @@ pub fn compare(
             "the {} arrived but the source never sent it",
             extra.kind
         )));
+    }
+    Ok(())
+}
+
+/// The source's check of `Ready`: the destination's two roots
+/// (`memory_root`, `device`) against those of what the source carried,
+/// `ours` — the way out (which the destination compared already) and the
+/// way back (which only the source, its receiver, can check).
+pub fn check_ready(
+    ours: &[ChannelDigests],
+    memory_root: Digest,
+    device: Digest,
+) -> Result<(), StreamMismatch> {
+    let (out, back) = roots(ours);
+    if memory_root != out {
+        return Err(StreamMismatch(
+            "the destination holds other bytes than were sent".into(),
+        ));
+    }
+    if device != back {
+        return Err(StreamMismatch(
+            "the destination sent back other bytes than arrived here".into(),
+        ));
     }
     Ok(())
 }
@@ -443,29 +490,57 @@ mod tests {
 
     #[test]
     fn compare_names_the_first_difference() {
-        let s = vec![
+        let d = vec![
             ch(ChannelKind::Migration(0), 1, 2),
             ch(ChannelKind::Nbd(0), 3, 4),
         ];
-        assert_eq!(compare(&s, &[s[1], s[0]]), Ok(()));
-        let mut d = s.clone();
-        d[1].out.0[0] ^= 1;
-        let e = compare(&s, &d).unwrap_err();
+        let s: Vec<ChannelSent> = d.iter().map(ChannelDigests::sent).collect();
+        assert_eq!(compare(&s, &[d[1], d[0]]), Ok(()));
+        assert_eq!(compare(&[s[1], s[0]], &d), Ok(()));
+        let mut other = d.clone();
+        other[1].out.0[0] ^= 1;
+        let e = compare(&s, &other).unwrap_err();
         assert!(
             e.0.contains("disk 0 (NBD)") && e.0.contains("received"),
             "{e}"
         );
-        let mut d = s.clone();
-        d[0].back_bytes += 1;
-        let e = compare(&s, &d).unwrap_err();
-        assert!(
-            e.0.contains("main migration channel") && e.0.contains("sent back"),
-            "{e}"
-        );
-        let e = compare(&s, &s[..1]).unwrap_err();
+        let mut more = d.clone();
+        more[0].out_bytes += 1;
+        let e = compare(&s, &more).unwrap_err();
+        assert!(e.0.contains("main migration channel"), "{e}");
+        // The way back is not the destination's to compare: the source
+        // checks it against Ready's root.
+        let mut back = d.clone();
+        back[0].back_bytes += 1;
+        assert_eq!(compare(&s, &back), Ok(()));
+        assert_ne!(roots(&d).1, roots(&back).1);
+        let e = compare(&s, &d[..1]).unwrap_err();
         assert!(e.0.contains("never arrived"), "{e}");
-        let e = compare(&s[..1], &s).unwrap_err();
+        let e = compare(&s[..1], &d).unwrap_err();
         assert!(e.0.contains("never sent"), "{e}");
+    }
+
+    #[test]
+    fn the_source_checks_both_ways_against_ready() {
+        let ours = vec![
+            ch(ChannelKind::Migration(0), 1, 2),
+            ch(ChannelKind::Migration(1), 3, 0),
+        ];
+        let (out, back) = roots(&ours);
+        assert_eq!(check_ready(&ours, out, back), Ok(()));
+        // The destination received (or says it did) other bytes.
+        let e = check_ready(&ours, back, back).unwrap_err();
+        assert!(e.0.contains("other bytes than were sent"), "{e}");
+        // It sent back bytes other than those that arrived here: one byte
+        // of the return path changed on the way.
+        let mut theirs = ours.clone();
+        theirs[0].back.0[31] ^= 1;
+        let e = check_ready(&ours, out, roots(&theirs).1).unwrap_err();
+        assert!(e.0.contains("sent back"), "{e}");
+        // Or more of them.
+        theirs = ours.clone();
+        theirs[1].back_bytes += 1;
+        assert!(check_ready(&ours, out, roots(&theirs).1).is_err());
     }
 
     #[test]

@@ -30,10 +30,15 @@ use super::PostcopySwitch;
 /// 5: `ChannelRead` (tag 27), a stream migration's window per channel: a
 /// source paces its QEMU's channels by the destination's reports, which a
 /// version-4 destination never sends.
-pub const PROTOCOL_VERSION: u16 = 5;
+///
+/// 6: `StreamsDone` names what the source sent on each channel only
+/// ([`crate::stream::ChannelSent`]), once its own side has ended; the way
+/// back is checked by the source against `Ready`'s root. A version-5
+/// `StreamsDone` (both ways per channel) would be misread.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 5;
+pub const MIN_PROTOCOL_VERSION: u16 = 6;
 
 /// Most data streams one migration may use.
 pub const MAX_DATA_STREAMS: u16 = crate::model::MAX_STREAMS;

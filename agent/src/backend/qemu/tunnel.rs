@@ -163,8 +163,9 @@ impl Credit {
 }
 
 /// What a splice is told beyond its streams: the credit its out direction
-/// keeps to, whom to tell how much its back direction has written, and
-/// whether the local end may close first.
+/// keeps to, whom to tell how much its back direction has written and
+/// when its out direction has ended, and whether the local end may close
+/// first.
 #[derive(Clone, Default)]
 pub struct Pacing {
     /// The out direction sends only within it (none: as QUIC allows).
@@ -172,6 +173,10 @@ pub struct Pacing {
     /// Called with the back direction's total bytes written after each
     /// write (the near QEMU read them).
     pub delivered: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// Called once the out direction has ended cleanly (the local end's
+    /// end of stream read, the peer's stream finished), with what it
+    /// carried: final, whatever the back direction still does.
+    pub sent: Option<Arc<dyn Fn(Carried) + Send + Sync>>,
     /// The local end may close before the peer's bytes end, some of them
     /// unread: a destination QEMU that has loaded the whole stream closes
     /// its channels, and QEMU 7.2's multifd sender can follow a channel's
@@ -190,6 +195,7 @@ impl std::fmt::Debug for Pacing {
         f.debug_struct("Pacing")
             .field("credit", &self.credit)
             .field("delivered", &self.delivered.is_some())
+            .field("sent", &self.sent.is_some())
             .field("local_may_close", &self.local_may_close)
             .finish()
     }
@@ -239,16 +245,24 @@ fn closed_by_peer(e: &std::io::Error) -> bool {
     )
 }
 
+/// How one direction of a splice goes: the credit its reads wait for,
+/// whom its writes are told to, and which of its ends may close first.
+struct Direction<'p> {
+    credit: Option<&'p Credit>,
+    delivered: Option<&'p (dyn Fn(u64) + Send + Sync)>,
+    local: LocalEnd,
+}
+
 /// Copies `from` to `to` until `from` ends, counting in `count` what was
-/// written; with a `tail`, every byte read is kept there first; with
-/// `pacing`, reading waits for its credit and each write is told; `local`
-/// says which end may close first.
+/// written; with a `tail`, every byte read is kept there first; `how`
+/// says what reading waits for, whom each write is told and which end may
+/// close first.
 async fn pump<R, W>(
     mut from: R,
     to: &mut W,
     count: &mut Count,
     mut tail: Option<&mut Tail>,
-    (pacing, local): (&Pacing, LocalEnd),
+    how: Direction<'_>,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -257,8 +271,9 @@ where
     let mut buf = vec![0u8; BUF];
     // Bytes counted after the local socket closed (never written).
     let mut dropped: Option<u64> = None;
+    let local = how.local;
     loop {
-        if let Some(c) = &pacing.credit {
+        if let Some(c) = how.credit {
             c.wait(count.bytes).await;
         }
         let n = match from.read(&mut buf).await {
@@ -312,7 +327,7 @@ where
             count.bytes += k as u64;
             off += k;
         }
-        if let (Some(tell), None) = (&pacing.delivered, dropped) {
+        if let (Some(tell), None) = (how.delivered, dropped) {
             tell(count.bytes);
         }
     }
@@ -378,23 +393,27 @@ pub async fn splice_paced(
     } else {
         (LocalEnd::Strict, LocalEnd::Strict)
     };
-    let out_pacing = Pacing {
-        credit: pacing.credit,
-        delivered: None,
-        local_may_close: may_close,
-    };
-    let back_pacing = Pacing {
-        credit: None,
-        delivered: pacing.delivered,
-        local_may_close: may_close,
-    };
     let r = {
         let out = async {
-            pump(lr, &mut send, &mut out, tail.as_mut(), (&out_pacing, reads)).await?;
-            send.finish().map_err(std::io::Error::other)
+            let how = Direction {
+                credit: pacing.credit.as_deref(),
+                delivered: None,
+                local: reads,
+            };
+            pump(lr, &mut send, &mut out, tail.as_mut(), how).await?;
+            send.finish().map_err(std::io::Error::other)?;
+            if let Some(tell) = &pacing.sent {
+                tell(out.carried());
+            }
+            Ok(())
         };
         let back = async {
-            pump(&mut recv, &mut lw, &mut back, None, (&back_pacing, writes)).await?;
+            let how = Direction {
+                credit: None,
+                delivered: pacing.delivered.as_deref(),
+                local: writes,
+            };
+            pump(&mut recv, &mut lw, &mut back, None, how).await?;
             match lw.shutdown().await {
                 Err(e)
                     if may_close

@@ -7,12 +7,12 @@
 use crate::transport::{RecvStream, SendStream};
 use convoy_protocol::message::{Message, Reason};
 use convoy_protocol::model::MigrationMode;
-use convoy_protocol::stream::{ChannelDigests, ChannelKind, QemuManifest};
+use convoy_protocol::stream::{ChannelDigests, ChannelKind, ChannelSent, QemuManifest};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::backend::qemu::tunnel::{splice_paced, Cut, Pacing, Spliced};
+use crate::backend::qemu::tunnel::{splice_paced, Carried, Cut, Pacing, Spliced};
 use crate::transport::{read_message, WireError};
 
 /// Why a QEMU migration stopped.
@@ -126,6 +126,9 @@ pub(crate) async fn read_control(
 pub(crate) enum ChanEvent {
     /// QEMU opened it (and the stream to the peer is open).
     Opened,
+    /// Its way out ended cleanly: what this side sent on it, final (the
+    /// source's channels only).
+    Sent(ChannelKind, Carried),
     /// It ended, both ways.
     Done(ChannelKind, Result<Spliced, ChannelError>),
     /// The peer opened something that is not a channel of this migration.
@@ -206,6 +209,15 @@ pub(crate) fn carry(
             .map_err(ChannelError::Splice);
         let _ = ev.send(ChanEvent::Done(kind, r));
     });
+}
+
+/// What went out on channel `kind`: `c`.
+pub(crate) fn sent(kind: ChannelKind, c: Carried) -> ChannelSent {
+    ChannelSent {
+        kind,
+        bytes: c.bytes,
+        digest: convoy_protocol::digest::Digest(c.digest),
+    }
 }
 
 pub(crate) fn digests(kind: ChannelKind, sp: &Spliced) -> ChannelDigests {

@@ -389,8 +389,10 @@ impl Incoming {
         Ok(())
     }
 
-    /// Carries QEMU's stream until the source's end, checks every byte,
-    /// sends `Ready`, and on the handover starts the guest.
+    /// Carries QEMU's stream until the source's end, checks every byte it
+    /// received against what the source says it sent (the way back is the
+    /// source's to check, against `Ready`'s root), sends `Ready`, and on
+    /// the handover starts the guest.
     async fn receive(
         &mut self,
         conn: &Connection,
@@ -737,7 +739,8 @@ impl Incoming {
 
 fn channel_event(ev: Option<ChanEvent>, ours: &mut Vec<ChannelDigests>) -> Result<(), Fail> {
     match ev {
-        Some(ChanEvent::Opened) | None => Ok(()),
+        // (Sent: the source's channels only.)
+        Some(ChanEvent::Opened | ChanEvent::Sent(..)) | None => Ok(()),
         Some(ChanEvent::Done(kind, Ok(sp))) => {
             // Here the splice's "out" runs back to the source.
             let swapped = crate::backend::qemu::tunnel::Spliced {

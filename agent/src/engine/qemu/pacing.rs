@@ -65,8 +65,7 @@ impl Credits {
         by.1.push((kind, credit.clone()));
         Pacing {
             credit: Some(credit),
-            delivered: None,
-            local_may_close: false,
+            ..Pacing::default()
         }
     }
 
@@ -115,9 +114,8 @@ impl Reads {
         lock(&self.by).push((kind, 0, 0));
         let reads = self.clone();
         Pacing {
-            credit: None,
             delivered: Some(Arc::new(move |bytes| reads.note(kind, bytes))),
-            local_may_close: false,
+            ..Pacing::default()
         }
     }
 

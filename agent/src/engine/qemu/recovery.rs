@@ -111,6 +111,8 @@ pub(crate) async fn broken_channel(
             }
             Ok(None) => return Err(Fail::local("the channels' tasks ended")),
             Ok(Some(ChanEvent::Opened)) => *opened += 1,
+            // (Its Done names what went out too.)
+            Ok(Some(ChanEvent::Sent(..))) => {}
             Ok(Some(ChanEvent::Bad(e))) => return Err(Fail::link(e)),
             Ok(Some(ChanEvent::Done(kind, Ok(sp)))) if kind != channel => {
                 done.push(digests(kind, &sp));

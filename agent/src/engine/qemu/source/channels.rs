@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::backend::qemu::tunnel::Pacing;
 use crate::engine::qemu::pacing::Credits;
 use crate::transport::Connection;
 use convoy_protocol::message::Message;
@@ -83,13 +84,22 @@ pub(super) async fn accept_channels(
             let _ = events.send(ChanEvent::Done(kind, Err(e.into())));
             break;
         }
+        // What went out is final once the way out ends: `StreamsDone`
+        // need not wait for the destination's QEMU to close the way back.
+        let ev = events.clone();
+        let pacing = Pacing {
+            sent: Some(Arc::new(move |c| {
+                let _ = ev.send(ChanEvent::Sent(kind, c));
+            })),
+            ..credits.pacing(kind)
+        };
         carry(
             &mut tasks,
             &events,
             kind,
             local,
             (send, recv),
-            (tail_for(kind, mode), credits.pacing(kind)),
+            (tail_for(kind, mode), pacing),
         );
     }
     // The splices live as long as this task: aborting it cuts them all.

@@ -61,6 +61,7 @@ impl Run {
                 }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Opened) => opened += 1,
+                    Some(ChanEvent::Sent(kind, c)) => st.sent.push(crate::engine::qemu::common::sent(kind, c)),
                     Some(ChanEvent::Done(kind, Ok(_))) => return Err(Fail::link(format!("{kind} ended while mirroring"))),
                     Some(ChanEvent::Done(kind, Err(e))) => return Err(Fail::link(format!("{kind}: {e}"))),
                     Some(ChanEvent::Bad(e)) => return Err(Fail::link(e)),

@@ -37,6 +37,7 @@ mod progress;
 mod recover;
 mod report;
 mod sequence;
+mod verify;
 mod window;
 
 pub(crate) use prepare::{prepare, Prepared};
@@ -109,6 +110,9 @@ struct State {
     phases: Vec<(String, u64)>,
     receipts: Vec<SignedReceipt>,
     channels: Vec<ChannelDigests>,
+    /// Channels whose way out has ended ([`ChanEvent::Sent`]): what went
+    /// out on them, final.
+    sent: Vec<convoy_protocol::stream::ChannelSent>,
     qemu_status: String,
     qemu_info: Value,
     /// The highest throttle QEMU applied, percent.
@@ -173,6 +177,7 @@ impl Run {
             phases: Vec::new(),
             receipts: Vec::new(),
             channels: Vec::new(),
+            sent: Vec::new(),
             qemu_status: "not started".into(),
             qemu_info: Value::Null,
             throttle: 0,

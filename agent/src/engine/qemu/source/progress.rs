@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{Run, State, MIGRATION_TIMEOUT, PEER, POLL};
 use crate::engine::qemu::common::{
-    capabilities, digests, is_migration_event, ChanEvent, Control, Fail,
+    capabilities, digests, is_migration_event, sent, ChanEvent, Control, Fail,
 };
 use crate::engine::qemu::recovery::{is_loss, live_channel, Broken};
 use tokio::task::JoinSet;
@@ -224,6 +224,7 @@ impl Run {
                 }
                 ev = chans.recv() => match ev {
                     Some(ChanEvent::Opened) => *opened += 1,
+                    Some(ChanEvent::Sent(kind, c)) => st.sent.push(sent(kind, c)),
                     Some(ChanEvent::Done(kind, Ok(sp))) => st.channels.push(digests(kind, &sp)),
                     Some(ChanEvent::Done(kind, Err(e)))
                         if kind == live_channel(st.recoveries) && self.recoverable(st) =>

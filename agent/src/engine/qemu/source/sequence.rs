@@ -12,14 +12,14 @@ use convoy_protocol::message::{Abort, Handover, Manifest, Message, Propose, Reas
 use convoy_protocol::model::MigrationMode;
 use convoy_protocol::page::{MemoryGeometry, PageSize};
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind};
-use convoy_protocol::stream::{self, ChannelKind, StreamsDone, Switch};
+use convoy_protocol::stream::{self, ChannelKind, Switch};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::channels::{accept_channels, listen};
-use super::{Run, State, ACCEPT_TIMEOUT, DRAIN_TIMEOUT, PEER, READY_TIMEOUT, STARTED_TIMEOUT};
-use crate::engine::qemu::common::{digests, ChanEvent, Control, Fail};
+use super::{Run, State, ACCEPT_TIMEOUT, PEER, STARTED_TIMEOUT};
+use crate::engine::qemu::common::{ChanEvent, Control, Fail};
 use crate::transport::write_message;
 
 impl Run {
@@ -162,56 +162,8 @@ impl Run {
         if !self.prepared.disks.is_empty() {
             self.complete_mirrors().await?;
         }
-        // Every channel QEMU opened has ended both ways: the digests are final.
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while st.channels.len() < opened {
-            match tokio::time::timeout_at(deadline, chans.recv()).await {
-                Ok(Some(ChanEvent::Opened)) => opened += 1,
-                Ok(Some(ChanEvent::Done(kind, Ok(sp)))) => st.channels.push(digests(kind, &sp)),
-                Ok(Some(ChanEvent::Done(kind, Err(e)))) => {
-                    return Err(Fail::link(format!("{kind}: {e}")))
-                }
-                Ok(Some(ChanEvent::Bad(e))) => return Err(Fail::link(e)),
-                Ok(None) => break,
-                Err(_) => return Err(Fail::local("QEMU's channels did not close")),
-            }
-        }
-        st.channels = stream::canonical(std::mem::take(&mut st.channels));
-        let (out_root, back_root) = stream::roots(&st.channels);
-        let done = Message::StreamsDone(StreamsDone {
-            channels: st.channels.clone(),
-        });
-        st.control_bytes += write_message(send, &done).await.map_err(Fail::link)? as u64;
-        st.pause_marks[0] = Some(unix_us());
-        match self.next(ctl, READY_TIMEOUT, "Ready").await? {
-            Message::Ready(r) => {
-                st.pause_marks[1] = Some(unix_us());
-                if r.memory_root != out_root || r.device_digest != back_root {
-                    return Err(Fail::new(
-                        Reason::RootMismatch,
-                        "the destination holds other bytes than were sent",
-                    ));
-                }
-                notary
-                    .check(
-                        &r.receipt,
-                        &self.dest,
-                        ReceiptKind::Ready,
-                        self.migration,
-                        td,
-                        Some((out_root, back_root)),
-                    )
-                    .map_err(|e| Fail::violation(PEER, format!("Ready receipt: {e}")))?;
-                st.receipts.push(r.receipt);
-                st.verified = true;
-            }
-            other => {
-                return Err(Fail::violation(
-                    PEER,
-                    format!("{} instead of Ready", other.kind()),
-                ))
-            }
-        }
+        self.streams_done(send, ctl, chans, st, (opened, td))
+            .await?;
         self.phase(st, "the destination holds every byte sent");
         Ok(())
     }
@@ -363,7 +315,7 @@ impl Run {
 
 /// Now on the wall clock, in microseconds since the epoch: the clock of
 /// QEMU's `STOP` event, where a QEMU pause begins.
-fn unix_us() -> u64 {
+pub(super) fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, convoy_protocol::units::micros)
