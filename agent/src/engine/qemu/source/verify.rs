@@ -54,10 +54,18 @@ impl Run {
             let left = ready_by.saturating_duration_since(tokio::time::Instant::now());
             tokio::select! {
                 ev = chans.recv(), if st.channels.len() < opened => channel_event(ev, st, &mut opened)?,
-                m = self.next(ctl, left, "Ready"), if ready.is_none() => {
-                    st.pause_marks[1] = Some(super::sequence::unix_us());
-                    ready = Some(m?);
-                }
+                m = self.next(ctl, left, "Ready"), if ready.is_none() => match m? {
+                    Message::Ready(r) => {
+                        st.pause_marks[1] = Some(super::sequence::unix_us());
+                        ready = Some(r);
+                    }
+                    other => {
+                        return Err(Fail::violation(
+                            PEER,
+                            format!("{} instead of Ready", other.kind()),
+                        ))
+                    }
+                },
                 () = tokio::time::sleep_until(drained), if st.channels.len() < opened => {
                     return Err(Fail::local("QEMU's channels did not close"));
                 }
@@ -65,16 +73,7 @@ impl Run {
         }
         st.channels = stream::canonical(std::mem::take(&mut st.channels));
         let (out_root, back_root) = stream::roots(&st.channels);
-        let r = match ready {
-            Some(Message::Ready(r)) => r,
-            Some(other) => {
-                return Err(Fail::violation(
-                    PEER,
-                    format!("{} instead of Ready", other.kind()),
-                ))
-            }
-            None => return Err(Fail::local("no Ready")),
-        };
+        let r = ready.ok_or_else(|| Fail::local("no Ready"))?;
         stream::check_ready(&st.channels, r.memory_root, r.device_digest)
             .map_err(|e| Fail::new(Reason::RootMismatch, e.0))?;
         self.notary()

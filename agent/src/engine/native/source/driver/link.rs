@@ -99,8 +99,11 @@ impl Driver<'_> {
         let Some((delta, postcopy)) = self.wire.held_back.take() else {
             return true;
         };
-        let with_lanes = self.run.counter_at_pause.is_none() && !self.sm.is_switched();
-        self.open_link(with_lanes, delta, postcopy).await
+        let switched = self.sm.is_switched();
+        let with_lanes = self.run.counter_at_pause.is_none() && !switched;
+        // Switched meanwhile: whole pages only, no delta caches.
+        self.open_link(with_lanes, delta && !switched, postcopy)
+            .await
     }
 
     /// Recovery (post-copy, or a pre-copy round): the broken link's
