@@ -37,6 +37,8 @@ struct Row {
     link_used: Option<f64>,
     /// Packets the link's queue dropped towards b during the migration.
     link_drops: Option<u64>,
+    /// Packets the kernel dropped before the relay read them.
+    relay_drops: Option<u64>,
     /// The raw transfer's rate over the same transport, Mbit/s.
     raw_mbit_s: Option<f64>,
     /// How the pages went (adaptive compression's choice).
@@ -62,6 +64,15 @@ fn encoding_cell(e: &EncodingStats) -> String {
 }
 
 /// One direction: half the RTT and the loss (the rate is `tbf`'s).
+/// The kernel's TCP congestion controller, which TLS over TCP uses: the
+/// lab's namespaces take the host's at their creation.
+fn kernel_tcp_congestion() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").map_or_else(
+        |_| "unknown".into(),
+        |s| format!("the kernel's {}", s.trim()),
+    )
+}
+
 fn line(rtt_ms: u64, loss_pct: f64, burst: f64) -> Result<Impairment> {
     Ok(Impairment {
         delay: Duration::from_millis(rtt_ms / 2),
@@ -113,6 +124,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 a.vm_create(spec).await?;
                 let req = lab.migrate_request(&name, "a", "b", b.tuning.options())?;
                 let before = wan.link_counters(true)?;
+                let relay_before = wan.relay_drops()?;
                 let report = tokio::time::timeout(limit, a.migrate(req, |_| {})).await;
                 let mut row = Row {
                     rtt_ms,
@@ -126,6 +138,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                     wire_bytes: None,
                     link_used: None,
                     link_drops: None,
+                    relay_drops: None,
                     raw_mbit_s: None,
                     encodings: None,
                 };
@@ -149,6 +162,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                         row.link_used =
                             Some(carried as f64 * 8.0 / secs.max(1e-9) / link_bits as f64);
                         row.link_drops = Some(after.dropped.saturating_sub(before.dropped));
+                        row.relay_drops = Some(wan.relay_drops()?.saturating_sub(relay_before));
                         if r.transport.as_deref() == Some("tcp") {
                             kind = Kind::Tcp;
                         }
@@ -190,15 +204,18 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
     println!(
         "migrations of an idle {} MiB VM of {content_name} memory across the WAN lab (network \
          namespaces; tbf {} Mbit/s each way, half the RTT each way and {} both ways \
-         by the TUN relay; QUIC controller {congestion}; downtime target {} ms; {} streams over \
+         by the TUN relay; QUIC controller {congestion}; TCP controller {}; downtime target {} \
+         ms; {} streams over \
          {} connection(s)); raw: {} MiB of bulk over the same transport, streams and \
          connections through the same WAN. link used: what the link's tbf put on the wire towards \
-         b per second over its rate; queue drops: packets tbf dropped; of raw: memory moved per \
+         b per second over its rate; queue drops: packets tbf dropped; relay drops: packets the \
+         kernel dropped before the relay read them (the lab's loss, not the link's); of raw: memory moved per \
          second over the raw rate (above 100% when compression pays); pages: how the pages \
          went, as adaptive compression chose",
         super::table::mib(bytes),
         b.link_mbit,
         super::wan::loss_words(b.loss_burst),
+        kernel_tcp_congestion(),
         b.tuning.max_downtime,
         b.tuning.streams,
         b.tuning.connections,
@@ -230,6 +247,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 }),
                 util,
                 r.link_drops.map_or("-".into(), |d| d.to_string()),
+                r.relay_drops.map_or("-".into(), |d| d.to_string()),
                 r.raw_mbit_s.map_or("-".into(), |m| format!("{m:.1}")),
                 ratio,
                 r.encodings.as_ref().map_or("-".into(), encoding_cell),
@@ -249,6 +267,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 "wire MiB",
                 "link used",
                 "queue drops",
+                "relay drops",
                 "raw Mbit/s",
                 "of raw",
                 "pages",
