@@ -135,6 +135,17 @@ pub async fn run(g: &Global, d: Demo) -> Result<()> {
     let counter_continuous = matches!((at_pause, at_start, after),
         (Some(p), Some(s), Some(n)) if s > p && s <= p + 30 && n > s)
         && !guest::booted(&b_log);
+    if !counter_continuous {
+        // What the guest at b printed says why (a kernel fault after the
+        // migration is QEMU losing a guest's write; nothing at all, a
+        // guest that never ran).
+        let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        let from = log.char_indices().rev().nth(2000).map_or(0, |(i, _)| i);
+        eprintln!(
+            "the guest at b did not count on; the end of its serial log:\n{}",
+            &log[from..]
+        );
+    }
     let on_a = listed(&a).await?.is_some();
     let on_b = listed(&b).await?.is_some();
     let completed = report.outcome == Outcome::Completed;
