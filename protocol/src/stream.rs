@@ -395,12 +395,13 @@ pub fn compare(
 /// The source's check of `Ready`: the destination's two roots
 /// (`memory_root`, `device`) against those of what the source carried,
 /// `ours` — the way out (which the destination compared already) and the
-/// way back (which only the source, its receiver, can check).
+/// way back (which only the source, its receiver, can check). Returns
+/// the two roots, which the receipts then bind.
 pub fn check_ready(
     ours: &[ChannelDigests],
     memory_root: Digest,
     device: Digest,
-) -> Result<(), StreamMismatch> {
+) -> Result<(Digest, Digest), StreamMismatch> {
     let (out, back) = roots(ours);
     if memory_root != out {
         return Err(StreamMismatch(
@@ -412,7 +413,7 @@ pub fn check_ready(
             "the destination sent back other bytes than arrived here".into(),
         ));
     }
-    Ok(())
+    Ok((out, back))
 }
 
 #[cfg(test)]
@@ -527,7 +528,7 @@ mod tests {
             ch(ChannelKind::Migration(1), 3, 0),
         ];
         let (out, back) = roots(&ours);
-        assert_eq!(check_ready(&ours, out, back), Ok(()));
+        assert_eq!(check_ready(&ours, out, back), Ok((out, back)));
         // The destination received (or says it did) other bytes.
         let e = check_ready(&ours, back, back).unwrap_err();
         assert!(e.0.contains("other bytes than were sent"), "{e}");

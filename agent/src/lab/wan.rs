@@ -263,7 +263,7 @@ impl Wan {
                 "net.ipv4.conf.default.rp_filter=0",
             ],
         )?;
-        let name = format!("{t}t");
+        let name = tun_name(t);
         let tun = in_netns(&r, || Tun::create(&name))?;
         // The kernel queues packets for the relay on the device, 500 by
         // default: at a gigabit that is 6 ms of packets, and the relay (a
@@ -373,7 +373,7 @@ impl Wan {
                 "link",
                 "show",
                 "dev",
-                &format!("{}t", self.tag),
+                &tun_name(&self.tag),
             ],
         )?;
         Ok(tx_dropped(&out).unwrap_or(0))
@@ -402,6 +402,11 @@ impl Wan {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0))
     }
+}
+
+/// The relay's device in the router of the WAN tagged `tag`.
+fn tun_name(tag: &str) -> String {
+    format!("{tag}t")
 }
 
 /// The `dropped` count under `TX:` in `ip -s link show` (packets the

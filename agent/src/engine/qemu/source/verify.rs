@@ -72,10 +72,10 @@ impl Run {
             }
         }
         st.channels = stream::canonical(std::mem::take(&mut st.channels));
-        let (out_root, back_root) = stream::roots(&st.channels);
         let r = ready.ok_or_else(|| Fail::local("no Ready"))?;
-        stream::check_ready(&st.channels, r.memory_root, r.device_digest)
-            .map_err(|e| Fail::new(Reason::RootMismatch, e.0))?;
+        let (out_root, back_root) =
+            stream::check_ready(&st.channels, r.memory_root, r.device_digest)
+                .map_err(|e| Fail::new(Reason::RootMismatch, e.0))?;
         self.notary()
             .check(
                 &r.receipt,
