@@ -582,10 +582,18 @@ async fn a_handover_whose_bucket_is_gone_is_recovered_only_by_force() {
     a.vm_create(sim_spec("web", MEMORY, 0)).await.unwrap();
     let source = spawn_via(&lab, &url, "web", 3).await;
     // Once the snapshot is up, the bucket goes: a file where it was.
+    // "Up" is a manifest in place, not the store's staging file for it
+    // (`<name>#<n>`, linked into place afterwards): with the bucket gone
+    // between the two, the push itself fails (a CI run saw it), which is
+    // another path than the one this test is about.
     let prefix = bucket.path().join("snapshots");
     let manifests = prefix.join("manifests");
+    let placed = |d: std::fs::ReadDir| {
+        d.flatten()
+            .any(|e| !e.file_name().to_string_lossy().contains('#'))
+    };
     for _ in 0..300 {
-        if std::fs::read_dir(&manifests).is_ok_and(|mut d| d.next().is_some()) {
+        if std::fs::read_dir(&manifests).is_ok_and(placed) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
