@@ -44,6 +44,17 @@ pub enum WanError {
     /// Every name of the 4096 is taken.
     #[error("no free WAN lab slot (4096 in use)")]
     Full,
+    /// A command's output did not hold the counter looked for (its
+    /// format changed?): an error, never a zero that looks like a reading.
+    #[error("cannot read {what} from `{command}`'s output: {output}")]
+    Unreadable {
+        /// The counter.
+        what: &'static str,
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
     /// A namespace could not be entered, or the TUN device made.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -311,26 +322,13 @@ impl Wan {
     /// (zero without `rate_bits`: no `tbf` then).
     pub fn link_counters(&self, towards_b: bool) -> Result<LinkCounters, WanError> {
         let dev = format!("{}r{}", self.tag, if towards_b { "b" } else { "a" });
-        let out = run(
-            "tc",
-            &["-n", &self.router, "-s", "qdisc", "show", "dev", &dev],
-        )?;
-        let tbf = out
-            .split("qdisc ")
-            .find(|q| q.starts_with("tbf"))
-            .unwrap_or_default();
-        let after = |word: &str| {
-            let mut words = tbf.split_whitespace();
-            words
-                .position(|w| w.trim_start_matches('(') == word)
-                .and_then(|_| words.next())
-                .and_then(|n| n.trim_end_matches(',').parse().ok())
-                .unwrap_or(0)
-        };
-        Ok(LinkCounters {
-            bytes: after("Sent"),
-            dropped: after("dropped"),
-        })
+        let args = ["-n", &self.router, "-s", "qdisc", "show", "dev", &dev];
+        let out = run("tc", &args)?;
+        match tbf_counters(&out) {
+            None => Ok(LinkCounters::default()),
+            Some(Some(c)) => Ok(c),
+            Some(None) => Err(unreadable("the tbf counters", "tc", &args, out)),
+        }
     }
 
     /// Drops every UDP packet between the sites (nftables in the router:
@@ -364,44 +362,59 @@ impl Wan {
     /// Packets the kernel dropped before the relay read them (its device's
     /// queue full): loss of the lab's making, on neither site's link.
     pub fn relay_drops(&self) -> Result<u64, WanError> {
-        let out = run(
-            "ip",
-            &[
-                "-n",
-                &self.router,
-                "-s",
-                "link",
-                "show",
-                "dev",
-                &tun_name(&self.tag),
-            ],
-        )?;
-        Ok(tx_dropped(&out).unwrap_or(0))
+        let tun = tun_name(&self.tag);
+        let args = ["-n", &self.router, "-s", "link", "show", "dev", &tun];
+        let out = run("ip", &args)?;
+        tx_dropped(&out).ok_or_else(|| unreadable("the TX drops", "ip", &args, out))
     }
 
     /// UDP packets dropped by [`Wan::drop_udp`]'s rule so far.
     pub fn udp_dropped(&self) -> Result<u64, WanError> {
-        let out = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.router,
-                "nft",
-                "list",
-                "chain",
-                "inet",
-                "convoy_wan",
-                "forward",
-            ],
-        )?;
-        Ok(out
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        let args = [
+            "netns",
+            "exec",
+            &self.router,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "convoy_wan",
+            "forward",
+        ];
+        let out = run("ip", &args)?;
+        counter_packets(&out).ok_or_else(|| unreadable("the UDP drop counter", "ip", &args, out))
     }
+}
+
+fn unreadable(what: &'static str, program: &str, args: &[&str], output: String) -> WanError {
+    WanError::Unreadable {
+        what,
+        command: format!("{program} {}", args.join(" ")),
+        output,
+    }
+}
+
+/// The `tbf` qdisc's counters in `tc -s qdisc show`: `None` without a
+/// `tbf`, `Some(None)` when its counters cannot be read.
+fn tbf_counters(tc_s_qdisc: &str) -> Option<Option<LinkCounters>> {
+    let tbf = tc_s_qdisc.split("qdisc ").find(|q| q.starts_with("tbf"))?;
+    let after = |word: &str| {
+        let mut words = tbf.split_whitespace();
+        words.position(|w| w.trim_start_matches('(') == word)?;
+        words.next()?.trim_end_matches(',').parse().ok()
+    };
+    Some(
+        after("Sent")
+            .zip(after("dropped"))
+            .map(|(bytes, dropped)| LinkCounters { bytes, dropped }),
+    )
+}
+
+/// The packets of the first `counter` in `nft list chain`.
+fn counter_packets(nft_list: &str) -> Option<u64> {
+    let mut words = nft_list.split_whitespace();
+    words.position(|w| w == "packets")?;
+    words.next()?.parse().ok()
 }
 
 /// The relay's device in the router of the WAN tagged `tag`.
@@ -434,7 +447,29 @@ impl Drop for Wan {
 
 #[cfg(test)]
 mod tests {
-    use super::tx_dropped;
+    use super::{counter_packets, tbf_counters, tx_dropped};
+
+    #[test]
+    fn the_links_counters_are_read_from_its_tbf_and_an_unreadable_one_is_not_zero() {
+        let out = "qdisc tbf 8001: root refcnt 2 rate 100Mbit burst 125000b lat 50ms \n Sent 70123456 bytes 46789 pkt (dropped 7861, overlimits 9 requeues 0) \n backlog 0b 0p requeues 0\n";
+        let c = tbf_counters(out).flatten().map(|c| (c.bytes, c.dropped));
+        assert_eq!(c, Some((70_123_456, 7861)));
+        // No tbf (no rate set): no counters, which is zero.
+        assert!(tbf_counters("qdisc noqueue 0: root refcnt 2 \n Sent 0 bytes 0 pkt\n").is_none());
+        // A tbf whose counters moved elsewhere: unreadable, not zero.
+        assert!(matches!(
+            tbf_counters("qdisc tbf 8001: root rate 100Mbit\n Octets 5\n"),
+            Some(None)
+        ));
+    }
+
+    #[test]
+    fn the_udp_drop_counter_is_read_from_the_rule() {
+        let out = "table inet convoy_wan {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tmeta l4proto udp counter packets 12 bytes 3456 drop\n\t}\n}\n";
+        assert_eq!(counter_packets(out), Some(12));
+        assert_eq!(counter_packets("meta l4proto udp drop"), None);
+        assert_eq!(counter_packets("counter packets many"), None);
+    }
 
     #[test]
     fn the_relays_drops_are_read_from_the_devices_tx_counters() {
