@@ -35,13 +35,15 @@
 //! # Where `unsafe` lives
 //!
 //! The crate is `#![deny(unsafe_code)]`; the lint is allowed only on
-//! these modules, under [`backend`] and one in the lab:
+//! these modules, under [`backend`], one in the lab and one in the engine:
 //! - [`backend::memory`]: the guest mapping viewed as atomic words,
 //!   registering it with a userfaultfd, dropping its pages (`madvise`).
 //! - [`backend::uffd`]'s `descriptor` (the `userfaultfd` syscall and its
 //!   ioctls) and `region` (`madvise` on a checked range), and its tests.
 //! - [`lab::impair::tun`]: the one `TUNSETIFF` ioctl that makes the WAN
 //!   lab's TUN device.
+//! - `engine::priority`: `sched_setscheduler`, which puts a post-copy
+//!   push's source threads at `SCHED_IDLE` and back.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` argument (the workspace
 //! denies `clippy::undocumented_unsafe_blocks`); [`backend::uffd`]'s module

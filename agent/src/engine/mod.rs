@@ -30,12 +30,14 @@ pub(crate) mod error;
 pub(crate) mod incoming;
 pub(crate) mod native;
 pub(crate) mod outgoing;
+pub(crate) mod priority;
 pub(crate) mod qemu;
 
 /// Lowers the calling thread's CPU priority for the rest of its life
 /// (nice + [`BACKGROUND_NICE`], at most 19; Linux applies `setpriority` to
-/// one thread by its id): what a post-copy push's encoder and decoder
-/// threads do once the VM runs at the destination, so that on a busy host
+/// one thread by its id): what a post-copy push's decoder threads do once
+/// the VM runs at the destination (the source's encoders go further:
+/// [`priority`]), so that on a busy host
 /// they yield the CPU to what a waiting vCPU needs — the fault path and
 /// the guest — instead of sharing it evenly. A thread may always lower its
 /// own priority; a failure only costs fault latency, so it is logged, not

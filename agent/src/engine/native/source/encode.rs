@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::jobs::{FaultJob, HeldLeaf, Job, StreamError, StreamOut, BATCH_PAGES};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
+use crate::engine::priority::PushPriority;
 
 /// Frames an encoded batch of `stream` (through the tamper hook, if the
 /// agent was built dangerously with one) and hands it to the writer.
@@ -142,10 +143,11 @@ pub(super) fn encode_stream(
         *seq += 1;
         emit(&out, stream, round, enc, tamper.as_ref())
     };
+    // After a post-copy switch this push is background to the faults.
+    let mut priority = PushPriority::default();
     while let Ok(job) = jobs.recv() {
-        // After a post-copy switch this push is background to the faults.
         if job.background {
-            crate::engine::yield_to_faults();
+            priority.background();
         }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
@@ -180,6 +182,9 @@ pub(super) fn encode_stream(
                 skipped += 1;
             }
             if b.pages() >= BATCH_PAGES {
+                if job.background {
+                    priority.background();
+                }
                 let full =
                     std::mem::replace(&mut b, BatchBuilder::with_capacity(page_size, BATCH_PAGES));
                 flush(full, &mut seq, job.round, &mut comp)?;

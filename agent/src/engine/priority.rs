@@ -1,0 +1,318 @@
+//! The source's post-copy push gives way to the fault path, without
+//! starving.
+//!
+//! After a post-copy switch a vCPU at the destination waits on every
+//! fault, while the source's encoder threads compress and hash the
+//! background push. At nice + 10 ([`super::yield_to_faults`]) a fault's
+//! p99 stayed at 6–8 ms on two shared cores: a woken fault-path thread
+//! still waited its turn behind an encoder. At `SCHED_IDLE` a waking
+//! thread of any other policy preempts the encoder at once, and the p99
+//! fell to 2–4 ms (docs/benchmarks.md, "Post-copy fault latency"). The
+//! destination's decoders stay at nice + 10: `SCHED_IDLE` there changed
+//! nothing measurable, and that host runs the guest.
+//!
+//! `SCHED_IDLE` alone could starve the push on a host whose CPUs other
+//! work keeps busy (its weight is 3 against 1024), and a post-copy VM
+//! depends on both hosts until the push ends. So a [`PushPriority`] reads
+//! its thread's scheduler figures (`/proc/thread-self/schedstat`: time on
+//! a CPU, time runnable but waiting): once the thread ran less than
+//! [`STARVED_PERCENT`]% of the time it wanted a CPU, over at least
+//! [`WINDOW`], it goes back to the normal policy at nice + 10 for the rest
+//! of the push. A thread goes idle only when it can come back: leaving
+//! `SCHED_IDLE` needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows its
+//! nice value (sched(7)); without either, and without readable figures,
+//! it stays at nice + 10.
+//!
+//! The one `unsafe` call of the engine lives here: `sched_setscheduler`,
+//! which rustix does not offer.
+
+#![allow(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+/// The least time a thread must have wanted a CPU before its share is
+/// judged: a starved push loses about this much before it comes back,
+/// and a short crowd (the destination starting its VM at the switch) is
+/// not taken for starvation. (With 100 ms, loopback runs fell back in
+/// their first second, and their fault p99 with them.)
+pub(crate) const WINDOW: Duration = Duration::from_secs(1);
+
+/// Below this share of the time it wanted a CPU, an idle push thread is
+/// starved. Against one busy thread of the normal policy a thread gets
+/// 110 / 1134 ≈ 10% at nice + 10, and 3 / 1027 ≈ 0.3% at `SCHED_IDLE`:
+/// below 5% it is the idle policy that holds the push back. (On loopback,
+/// where both agents and the guest share two cores, the encoders got
+/// 13–18% at `SCHED_IDLE`, and the push took about as long as at nice +
+/// 10.)
+pub(crate) const STARVED_PERCENT: u64 = 5;
+
+/// How often an idle push thread reads its figures at most.
+const CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// How a push thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Standing {
+    /// Not yet background.
+    Normal,
+    /// `SCHED_IDLE`, watched for starvation.
+    Idle,
+    /// Normal policy at nice + 10: where `SCHED_IDLE` is not possible, or
+    /// after it starved the thread.
+    Nice,
+}
+
+/// A thread's scheduler figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct SchedStat {
+    /// Nanoseconds on a CPU.
+    pub run_ns: u64,
+    /// Nanoseconds runnable, waiting for a CPU.
+    pub wait_ns: u64,
+}
+
+impl SchedStat {
+    /// The calling thread's.
+    fn read() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+    }
+
+    /// `/proc/…/schedstat`: run time, wait time, slices.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let mut words = text.split_whitespace();
+        Some(Self {
+            run_ns: words.next()?.parse().ok()?,
+            wait_ns: words.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// Whether a thread was starved between two readings: `None` while it
+/// wanted a CPU for less than [`WINDOW`] in all (too little to judge).
+pub(crate) fn starved(before: SchedStat, now: SchedStat) -> Option<bool> {
+    let run = now.run_ns.saturating_sub(before.run_ns);
+    let wait = now.wait_ns.saturating_sub(before.wait_ns);
+    let wanted = run.saturating_add(wait);
+    if u128::from(wanted) < WINDOW.as_nanos() {
+        return None;
+    }
+    Some(u128::from(run) * 100 < u128::from(wanted) * u128::from(STARVED_PERCENT))
+}
+
+/// One push thread's standing; [`PushPriority::background`] before each
+/// batch of background work.
+#[derive(Debug)]
+pub(crate) struct PushPriority {
+    standing: Standing,
+    /// While idle: the start of the window judged, and when last checked.
+    window: Option<(SchedStat, Instant)>,
+}
+
+impl Default for PushPriority {
+    fn default() -> Self {
+        Self {
+            standing: Standing::Normal,
+            window: None,
+        }
+    }
+}
+
+impl PushPriority {
+    /// The thread's standing now.
+    #[cfg(test)]
+    pub(crate) fn standing(&self) -> Standing {
+        self.standing
+    }
+
+    /// The calling thread does background work: the first call lowers it
+    /// (nice + 10, then `SCHED_IDLE` where it can come back); later calls
+    /// bring it back to nice + 10 once `SCHED_IDLE` starves it.
+    pub(crate) fn background(&mut self) {
+        match self.standing {
+            Standing::Normal => self.enter(),
+            Standing::Idle => self.check(),
+            Standing::Nice => {}
+        }
+    }
+
+    fn enter(&mut self) {
+        super::yield_to_faults();
+        self.standing = Standing::Nice;
+        let Some(stat) = SchedStat::read() else {
+            tracing::debug!("no scheduler figures for this thread: the push stays at nice + 10");
+            return;
+        };
+        if !can_leave_idle() {
+            tracing::debug!("SCHED_IDLE could not be left again: the push stays at nice + 10");
+            return;
+        }
+        match set_policy(libc::SCHED_IDLE) {
+            Ok(()) => {
+                self.standing = Standing::Idle;
+                self.window = Some((stat, Instant::now()));
+            }
+            Err(e) => tracing::debug!("cannot make a post-copy push thread SCHED_IDLE: {e}"),
+        }
+    }
+
+    fn check(&mut self) {
+        let Some((start, checked)) = self.window else {
+            return;
+        };
+        if checked.elapsed() < CHECK_EVERY {
+            return;
+        }
+        let verdict = SchedStat::read().map(|now| (now, starved(start, now)));
+        match verdict {
+            Some((_, None)) => self.window = Some((start, Instant::now())),
+            Some((now, Some(false))) => self.window = Some((now, Instant::now())),
+            Some((now, Some(true))) => {
+                let run = now.run_ns.saturating_sub(start.run_ns) / 1_000_000;
+                let wait = now.wait_ns.saturating_sub(start.wait_ns) / 1_000_000;
+                self.leave_idle(&format!(
+                    "it ran {run} ms of the {} ms it wanted a CPU",
+                    run + wait
+                ));
+            }
+            None => self.leave_idle("its scheduler figures could not be read"),
+        }
+    }
+
+    fn leave_idle(&mut self, why: &str) {
+        self.window = None;
+        match set_policy(libc::SCHED_OTHER) {
+            Ok(()) => {
+                self.standing = Standing::Nice;
+                tracing::info!("a post-copy push thread left SCHED_IDLE for nice + 10: {why}");
+            }
+            // Checked before it went idle; if the limits changed since,
+            // the push goes on at the idle policy's pace.
+            Err(e) => {
+                self.standing = Standing::Nice;
+                tracing::warn!(
+                    "a post-copy push thread {why} but cannot leave SCHED_IDLE ({e}): \
+                     it goes on at the idle policy's pace"
+                );
+            }
+        }
+    }
+}
+
+/// Whether the calling thread could go back from `SCHED_IDLE` to the
+/// normal policy at its nice value: `CAP_SYS_NICE`, or a `RLIMIT_NICE`
+/// of at least 20 − nice (sched(7)).
+fn can_leave_idle() -> bool {
+    use rustix::thread::CapabilitySet;
+    let capable = rustix::thread::capabilities(None)
+        .is_ok_and(|c| c.effective.contains(CapabilitySet::SYS_NICE));
+    if capable {
+        return true;
+    }
+    let tid = rustix::thread::gettid();
+    let Ok(nice) = rustix::process::getpriority_process(Some(tid)) else {
+        return false;
+    };
+    let needed = u64::try_from(20 - nice).unwrap_or(0);
+    // No limit (`None`) is infinity.
+    rustix::process::getrlimit(rustix::process::Resource::Nice)
+        .current
+        .is_none_or(|limit| limit >= needed)
+}
+
+/// The calling thread's policy (its nice value is kept).
+fn set_policy(policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid `sched_param` that outlives the call; pid
+    // 0 is the calling thread (Linux applies the policy per thread); the
+    // call reads `param` and touches no other memory.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &raw const param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The calling thread's policy.
+#[cfg(test)]
+fn policy() -> libc::c_int {
+    // SAFETY: no argument but the calling thread's id (0).
+    unsafe { libc::sched_getscheduler(0) }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn schedstat_is_parsed_and_bad_text_is_none() {
+        let s = SchedStat::parse("913915860 517367 22\n").unwrap();
+        assert_eq!((s.run_ns, s.wait_ns), (913_915_860, 517_367));
+        assert!(SchedStat::parse("").is_none());
+        assert!(SchedStat::parse("12 x 3").is_none());
+        assert!(SchedStat::read().is_some(), "this kernel gives schedstat");
+    }
+
+    #[test]
+    fn starvation_is_judged_on_a_whole_window_only() {
+        let at = |run_ms: u64, wait_ms: u64| SchedStat {
+            run_ns: run_ms * 1_000_000,
+            wait_ns: wait_ms * 1_000_000,
+        };
+        let zero = SchedStat::default();
+        // Too little wanted to judge, however starved.
+        assert_eq!(starved(zero, at(1, 990)), None);
+        // 2% of 2 s: starved; 15% (as on loopback): not; 5% exactly: not.
+        assert_eq!(starved(zero, at(40, 1960)), Some(true));
+        assert_eq!(starved(zero, at(300, 1700)), Some(false));
+        assert_eq!(starved(zero, at(100, 1900)), Some(false));
+        // Differences, not totals.
+        assert_eq!(starved(at(1000, 0), at(1040, 1960)), Some(true));
+        // A clock that went back is no time at all.
+        assert_eq!(starved(at(5, 5), zero), None);
+    }
+
+    /// A push thread goes idle; with every CPU kept busy by threads of the
+    /// normal policy it is starved, and comes back to the normal policy
+    /// at nice + 10 (the test runs as root, as the agent does).
+    #[test]
+    fn an_idle_push_thread_starved_by_busy_cpus_comes_back() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        let hogs: Vec<_> = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        let push = std::thread::spawn(|| {
+            let mut p = PushPriority::default();
+            p.background();
+            let went_idle = (p.standing(), policy());
+            let begun = Instant::now();
+            while p.standing() == Standing::Idle && begun.elapsed() < Duration::from_secs(20) {
+                // A batch's worth of work.
+                let mut x = 0u64;
+                for i in 0..10_000u64 {
+                    x = std::hint::black_box(x.wrapping_add(i));
+                }
+                p.background();
+            }
+            (went_idle, p.standing(), policy())
+        });
+        let (went_idle, standing, after) = push.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for h in hogs {
+            h.join().unwrap();
+        }
+        assert_eq!(went_idle, (Standing::Idle, libc::SCHED_IDLE));
+        assert_eq!((standing, after), (Standing::Nice, libc::SCHED_OTHER));
+    }
+}
