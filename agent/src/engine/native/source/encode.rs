@@ -12,9 +12,8 @@ use convoy_protocol::delta::PageCache;
 use convoy_protocol::message::encode_batch_head;
 use convoy_protocol::page::{stream_for, BatchBuilder, BuildError, Compressor};
 use convoy_protocol::source::SentBatch;
-use tokio::sync::mpsc;
 
-use super::jobs::{FaultJob, HeldLeaf, Job, StreamError, StreamOut, BATCH_PAGES};
+use super::jobs::{FaultJob, HeldLeaf, Job, Outbox, StreamError, StreamOut, BATCH_PAGES};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 use crate::engine::priority::PushPriority;
@@ -22,7 +21,7 @@ use crate::engine::priority::PushPriority;
 /// Frames an encoded batch of `stream` (through the tamper hook, if the
 /// agent was built dangerously with one) and hands it to the writer.
 pub(super) fn emit(
-    out: &mpsc::Sender<StreamOut>,
+    out: &Outbox,
     stream: u16,
     round: u32,
     enc: convoy_protocol::page::EncodedBatch,
@@ -40,12 +39,11 @@ pub(super) fn emit(
         stats: enc.stats,
         frame_bytes: (head.len() + payload.len()) as u64,
     };
-    out.blocking_send(StreamOut::Batch {
+    out.send(StreamOut::Batch {
         head: Bytes::from(head),
         payload: Bytes::from(payload),
         info,
     })
-    .map_err(|_| StreamError::WriterGone)
 }
 
 /// How one data stream encodes.
@@ -116,7 +114,7 @@ pub(super) fn encode_stream(
     enc: Encoder,
     vm: Arc<dyn VmBackend>,
     jobs: std::sync::mpsc::Receiver<Job>,
-    out: mpsc::Sender<StreamOut>,
+    out: Outbox,
 ) -> Result<(), StreamError> {
     let Encoder {
         stream,
@@ -193,11 +191,10 @@ pub(super) fn encode_stream(
         if b.pages() > 0 {
             flush(b, &mut seq, job.round, &mut comp)?;
         }
-        out.blocking_send(StreamOut::RoundDone {
+        out.send(StreamOut::RoundDone {
             round: job.round,
             skipped,
-        })
-        .map_err(|_| StreamError::WriterGone)?;
+        })?;
     }
     Ok(())
 }
@@ -209,7 +206,7 @@ pub(super) fn serve_faults(
     vm: Arc<dyn VmBackend>,
     mut comp: Shrink,
     jobs: std::sync::mpsc::Receiver<FaultJob>,
-    out: mpsc::Sender<StreamOut>,
+    out: Outbox,
 ) -> Result<(), StreamError> {
     let page_size = vm.geometry().page_size();
     let mut seq = 0u64;

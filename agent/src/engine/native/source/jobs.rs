@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use convoy_protocol::page::{PageBitmap, PageIndex};
 use convoy_protocol::source::SentBatch;
+use tokio::sync::mpsc;
 
 /// Pages per batch: one stripe (128 KiB at 4 KiB pages).
 // CAST: STRIPE_PAGES is 64.
@@ -22,6 +23,60 @@ pub(super) enum StreamOut {
         round: u32,
         skipped: u64,
     },
+}
+
+/// An encoder thread's end of its stream's queue to the writer task.
+///
+/// A full queue parks the thread until the writer has taken a frame
+/// (the writer unparks it after each one: [`Outbox::taken`]), instead of
+/// waiting inside the channel as `blocking_send` does. Waiting there
+/// holds, for a moment, the lock the writer takes on every frame; an
+/// encoder at `SCHED_IDLE` (post-copy, [`crate::engine::priority`])
+/// preempted inside it would hold a runtime worker, and the fault path
+/// with it, until the idle thread ran again. `try_send` takes no lock.
+pub(super) struct Outbox {
+    tx: mpsc::Sender<StreamOut>,
+}
+
+/// The writer's handle to wake its encoder.
+#[derive(Clone, Debug)]
+pub(super) struct Taken(std::thread::Thread);
+
+impl Taken {
+    /// Wakes `encoder`, the thread that sends into the queue.
+    pub(super) fn new(encoder: std::thread::Thread) -> Self {
+        Self(encoder)
+    }
+
+    /// A frame left the queue: room for the encoder.
+    pub(super) fn taken(&self) {
+        self.0.unpark();
+    }
+}
+
+impl Outbox {
+    /// Longest park without news: a safety net, never needed (an unpark
+    /// that comes first is kept for the next park).
+    const PARK: std::time::Duration = std::time::Duration::from_millis(50);
+
+    pub(super) fn new(tx: mpsc::Sender<StreamOut>) -> Self {
+        Self { tx }
+    }
+
+    /// Queues `out`, parking while the queue is full; an error once the
+    /// writer is gone.
+    pub(super) fn send(&self, mut out: StreamOut) -> Result<(), StreamError> {
+        loop {
+            match self.tx.try_send(out) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamError::WriterGone),
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    out = back;
+                    std::thread::park_timeout(Self::PARK);
+                }
+            }
+        }
+    }
 }
 
 /// Why a data stream stopped: its encoder thread or its writer task.
@@ -67,7 +122,7 @@ pub(super) struct Job {
     /// copy of a page may have changed since).
     pub(super) delta: bool,
     /// After a post-copy switch: this push is background to the faults
-    /// ([`crate::engine::yield_to_faults`]).
+    /// ([`crate::engine::priority`]).
     pub(super) background: bool,
     /// The first round: what the destination holds already.
     pub(super) held: Option<Arc<Held>>,

@@ -15,7 +15,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 use super::encode::{encode_stream, serve_faults, Encoder, Shrink};
-use super::jobs::{EngineEvent, FaultJob, Job, OpenedStreams, StreamError, StreamOut};
+use super::jobs::{
+    EngineEvent, FaultJob, Job, OpenedStreams, Outbox, StreamError, StreamOut, Taken,
+};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 use crate::engine::native::pacer::Pacer;
@@ -122,7 +124,8 @@ pub(super) async fn open_streams(
         let events_enc = events.clone();
         let link = Arc::new(AtomicU64::new(0));
         let link_enc = link.clone();
-        crate::cpu::spawn(
+        let out_tx = Outbox::new(out_tx);
+        let encoder = crate::cpu::spawn(
             std::thread::Builder::new().name(format!("convoy-enc-{stream}")),
             move || {
                 let enc = Encoder {
@@ -140,7 +143,8 @@ pub(super) async fn open_streams(
             },
         )
         .map_err(OpenError::Thread)?;
-        spawn_writer(send, out_rx, pacer.clone(), events.clone(), link);
+        let taken = Taken::new(encoder.thread().clone());
+        spawn_writer(send, (out_rx, taken), pacer.clone(), events.clone(), link);
         jobs.push(job_tx);
     }
     let mut faults = None;
@@ -154,7 +158,8 @@ pub(super) async fn open_streams(
         let events_enc = events.clone();
         let link = Arc::new(AtomicU64::new(0));
         let shrink = Shrink::new(level, adaptive, link.clone())?;
-        crate::cpu::spawn(
+        let out_tx = Outbox::new(out_tx);
+        let encoder = crate::cpu::spawn(
             std::thread::Builder::new().name("convoy-faults".into()),
             move || {
                 if let Err(e) = serve_faults(streams, vm, shrink, job_rx, out_tx) {
@@ -163,7 +168,8 @@ pub(super) async fn open_streams(
             },
         )
         .map_err(OpenError::Thread)?;
-        spawn_writer(send, out_rx, pacer, events.clone(), link);
+        let taken = Taken::new(encoder.thread().clone());
+        spawn_writer(send, (out_rx, taken), pacer, events.clone(), link);
         faults = Some(job_tx);
     }
     Ok(OpenedStreams {
@@ -189,10 +195,11 @@ pub(super) async fn open_data_stream(
 
 /// The writer task of one stream: paced frames out, each reported sent;
 /// it measures the rate the link takes them at (bytes per second of
-/// waiting to send, into `link`, for adaptive compression).
+/// waiting to send, into `link`, for adaptive compression). It wakes its
+/// encoder after each frame it takes (`Outbox`).
 pub(super) fn spawn_writer(
     mut send: SendStream,
-    mut out_rx: mpsc::Receiver<StreamOut>,
+    (mut out_rx, taken): (mpsc::Receiver<StreamOut>, Taken),
     pacer: Option<Arc<Pacer>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     link: Arc<AtomicU64>,
@@ -200,6 +207,7 @@ pub(super) fn spawn_writer(
     crate::engine::spawn(async move {
         let (mut sent, mut waited) = (0.0f64, 0.0f64);
         while let Some(out) = out_rx.recv().await {
+            taken.taken();
             match out {
                 StreamOut::Batch {
                     head,
