@@ -30,6 +30,7 @@ pub(crate) mod error;
 pub(crate) mod incoming;
 pub(crate) mod native;
 pub(crate) mod outgoing;
+#[allow(unsafe_code)] // `sched_setscheduler` (and `sched_getscheduler` in its tests), nothing else.
 pub(crate) mod priority;
 pub(crate) mod qemu;
 

@@ -27,9 +27,8 @@
 //! figures that move, it stays at nice + 10.
 //!
 //! The one `unsafe` call of the engine lives here: `sched_setscheduler`,
-//! which rustix does not offer.
-
-#![allow(unsafe_code)]
+//! which rustix does not offer (the `allow` is on this module's
+//! declaration).
 
 use std::time::{Duration, Instant};
 
@@ -239,11 +238,17 @@ fn set_policy(policy: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// The policy of thread `tid` (0: the calling thread).
+#[cfg(test)]
+fn policy_of(tid: libc::pid_t) -> libc::c_int {
+    // SAFETY: no argument but a thread id; no memory is passed.
+    unsafe { libc::sched_getscheduler(tid) }
+}
+
 /// The calling thread's policy.
 #[cfg(test)]
 fn policy() -> libc::c_int {
-    // SAFETY: no argument but the calling thread's id (0).
-    unsafe { libc::sched_getscheduler(0) }
+    policy_of(0)
 }
 
 #[cfg(test)]
@@ -314,13 +319,15 @@ mod tests {
                 }
             })
         };
+        let test_thread = rustix::thread::gettid().as_raw_nonzero().get();
         let push = std::thread::spawn(move || {
             sched_setaffinity(None, &one).unwrap();
             let before = nice();
             let can = can_leave_idle();
             let mut p = PushPriority::default();
             p.background();
-            let went = (p.standing(), policy());
+            // This thread's policy, and the test thread's (untouched).
+            let went = (p.standing(), policy(), policy_of(test_thread));
             let begun = Instant::now();
             while p.standing() == Standing::Idle && begun.elapsed() < Duration::from_secs(20) {
                 // A batch's worth of work.
@@ -337,9 +344,9 @@ mod tests {
         busy.join().unwrap();
         assert_eq!(niced, (before + super::super::BACKGROUND_NICE).min(19));
         if can {
-            assert_eq!(went, (Standing::Idle, libc::SCHED_IDLE));
+            assert_eq!(went, (Standing::Idle, libc::SCHED_IDLE, libc::SCHED_OTHER));
         } else {
-            assert_eq!(went, (Standing::Nice, libc::SCHED_OTHER));
+            assert_eq!(went, (Standing::Nice, libc::SCHED_OTHER, libc::SCHED_OTHER));
         }
         assert_eq!((standing, after), (Standing::Nice, libc::SCHED_OTHER));
         // This suite runs as root, as an agent does.
