@@ -187,15 +187,14 @@ impl PushPriority {
 
     fn leave_idle(&mut self, why: &str) {
         self.window = None;
+        self.standing = Standing::Nice;
         match set_policy(libc::SCHED_OTHER) {
             Ok(()) => {
-                self.standing = Standing::Nice;
                 tracing::info!("a post-copy push thread left SCHED_IDLE for nice + 10: {why}");
             }
             // Checked before it went idle; if the limits changed since,
             // the push goes on at the idle policy's pace.
             Err(e) => {
-                self.standing = Standing::Nice;
                 tracing::warn!(
                     "a post-copy push thread {why} but cannot leave SCHED_IDLE ({e}): \
                      it goes on at the idle policy's pace"

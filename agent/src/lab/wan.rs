@@ -111,7 +111,7 @@ pub struct LinkCounters {
 /// Runs `ip`, `tc` or `nft` with `args`.
 fn run(program: &str, args: &[&str]) -> Result<String, WanError> {
     let failed = |output: String| WanError::Command {
-        command: format!("{program} {}", args.join(" ")),
+        command: command_line(program, args),
         output,
     };
     let out = Command::new(program)
@@ -323,12 +323,9 @@ impl Wan {
     pub fn link_counters(&self, towards_b: bool) -> Result<LinkCounters, WanError> {
         let dev = format!("{}r{}", self.tag, if towards_b { "b" } else { "a" });
         let args = ["-n", &self.router, "-s", "qdisc", "show", "dev", &dev];
-        let out = run("tc", &args)?;
-        match tbf_counters(&out) {
-            None => Ok(LinkCounters::default()),
-            Some(Some(c)) => Ok(c),
-            Some(None) => Err(unreadable("the tbf counters", "tc", &args, out)),
-        }
+        read_counter("tc", &args, "the tbf counters", |out| {
+            tbf_counters(out).unwrap_or_else(|| Some(LinkCounters::default()))
+        })
     }
 
     /// Drops every UDP packet between the sites (nftables in the router:
@@ -364,8 +361,7 @@ impl Wan {
     pub fn relay_drops(&self) -> Result<u64, WanError> {
         let tun = tun_name(&self.tag);
         let args = ["-n", &self.router, "-s", "link", "show", "dev", &tun];
-        let out = run("ip", &args)?;
-        tx_dropped(&out).ok_or_else(|| unreadable("the TX drops", "ip", &args, out))
+        read_counter("ip", &args, "the TX drops", tx_dropped)
     }
 
     /// UDP packets dropped by [`Wan::drop_udp`]'s rule so far.
@@ -381,17 +377,28 @@ impl Wan {
             "convoy_wan",
             "forward",
         ];
-        let out = run("ip", &args)?;
-        counter_packets(&out).ok_or_else(|| unreadable("the UDP drop counter", "ip", &args, out))
+        read_counter("ip", &args, "the UDP drop counter", counter_packets)
     }
 }
 
-fn unreadable(what: &'static str, program: &str, args: &[&str], output: String) -> WanError {
-    WanError::Unreadable {
+fn command_line(program: &str, args: &[&str]) -> String {
+    format!("{program} {}", args.join(" "))
+}
+
+/// Runs `program` and reads `what` from its output; an output `parse`
+/// cannot read is an error naming the command, never a zero.
+fn read_counter<T>(
+    program: &str,
+    args: &[&str],
+    what: &'static str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, WanError> {
+    let output = run(program, args)?;
+    parse(&output).ok_or_else(|| WanError::Unreadable {
         what,
-        command: format!("{program} {}", args.join(" ")),
+        command: command_line(program, args),
         output,
-    }
+    })
 }
 
 /// The `tbf` qdisc's counters in `tc -s qdisc show`: `None` without a
