@@ -68,11 +68,31 @@ pub fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::config::Agent
     }
 }
 
+/// Lab agent `agent`'s audit log, read while the agent runs, verified.
+///
+/// An append is one `write` of a record and its tree head, and a reader
+/// can see part of it (a read does not wait for a write in progress): that
+/// reads as a torn tail. So a torn tail is read again, for up to 2 s; one
+/// that stays is a real one and fails, as does any other fault.
+pub fn live_audit_log(lab: &Lab, agent: &str) -> convoy_protocol::audit::VerifiedLog {
+    use convoy_protocol::audit::{verify_log, LogFault};
+    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
+    let mut tries = 0;
+    loop {
+        let bytes = std::fs::read(&path).expect("audit log readable");
+        match verify_log(&bytes, &lab.trust) {
+            Err(e) if matches!(e.what, LogFault::TornTail { .. }) && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.expect("audit log verifies"),
+        }
+    }
+}
+
 /// The phases `agent` audited for its migrations.
 pub fn audited_phases(lab: &Lab, agent: &str) -> Vec<String> {
-    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
-    convoy_protocol::audit::verify_log(&bytes, &lab.trust)
-        .unwrap()
+    live_audit_log(lab, agent)
         .records
         .into_iter()
         .filter_map(|r| match r.event {
@@ -359,11 +379,8 @@ pub fn assert_unauthorized(answer: &Message, why: &str) {
 /// The reasons of every refusal (and failed outcome) in lab agent `agent`'s
 /// audit log, which must verify.
 pub fn refusals_logged(lab: &Lab, agent: &str) -> Vec<String> {
-    use convoy_protocol::audit::{verify_log, AuditEvent};
-    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
-    let bytes = std::fs::read(&path).expect("audit log readable");
-    verify_log(&bytes, &lab.trust)
-        .expect("audit log verifies")
+    use convoy_protocol::audit::AuditEvent;
+    live_audit_log(lab, agent)
         .records
         .into_iter()
         .filter_map(|r| match r.event {

@@ -313,7 +313,9 @@ fn torn(file: &Path, t: &TornTail) -> anyhow::Error {
     anyhow::anyhow!(
         "{} ends in a torn append: {} bytes from byte {} (entry {}) after the last signed tree head{}, \
          left by a crash in the middle of a write; everything before verifies. The agent cuts them \
-         off at its next start, keeps them in {}.torn-{}-… and records the cut",
+         off at its next start, keeps them in {}.torn-{}-… and records the cut. If the agent is \
+         running, this may be an append in progress as the file was read: run this again, or \
+         read the log with `convoyctl audit fetch`",
         file.display(),
         t.len,
         t.offset,

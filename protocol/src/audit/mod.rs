@@ -409,9 +409,12 @@ pub enum LogFault {
     Empty,
     /// A torn last append: bytes after the last tree head that a crash in
     /// the middle of a write leaves ([`recover_log`] says where to cut).
+    /// A reader of a running agent's file can see the same while an
+    /// append is in progress: a read does not wait for a write.
     #[error(
         "torn last append: {len} bytes after the last tree head, left by a crash in the middle \
-         of a write (the agent cuts them at its next start and records the cut)"
+         of a write (the agent cuts them at its next start and records the cut), or an append \
+         still in progress as the file was read"
     )]
     TornTail {
         /// Bytes from the end of the last tree head to the end of the file.

@@ -229,12 +229,7 @@ async fn a_commit_that_cannot_be_recorded_sends_no_handover_and_the_vm_stays() {
     a.close().await;
     b.close().await;
     lab.restart("a").await.unwrap();
-    let kept = lab.journal("a").unwrap();
-    assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].phase, JournalPhase::Claimed);
-    assert!(kept[0].held_here());
-    let bytes = std::fs::read(lab.audit_log("a")).unwrap();
-    let log = convoy_protocol::audit::verify_log(&bytes, &lab.trust).unwrap();
+    let log = convoy_tests::live_audit_log(&lab, "a");
     let found: Vec<_> = log
         .records
         .iter()
@@ -257,6 +252,45 @@ async fn a_commit_that_cannot_be_recorded_sends_no_handover_and_the_vm_stays() {
             "claimed".into(),
             0
         )]
+    );
+    // Then the restarted agent settles it alone (its disk takes records
+    // again): claimed and never committed, so the destination cannot run
+    // it, and the record ends as failed. (The resolution runs as the agent
+    // starts, so the record may be read either side of it: waited for.)
+    let ended = [
+        (JournalPhase::Claimed, Epoch(0)),
+        (JournalPhase::Ended(JournalOutcome::Failed), Epoch(0)),
+    ];
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            committed(&seen, "a") == ended
+        })
+        .await,
+        "{:?}",
+        committed(&seen, "a")
+    );
+    let kept = lab.journal("a").unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].is_settled(), "{:?}", kept[0]);
+    // Audited just after the record.
+    let resolved = || -> Vec<String> {
+        convoy_tests::live_audit_log(&lab, "a")
+            .records
+            .into_iter()
+            .filter_map(|r| match r.event {
+                AuditEvent::Resolution { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let r = resolved();
+            r.len() == 1 && r[0].contains("never committed")
+        })
+        .await,
+        "{:?}",
+        resolved()
     );
     lab.shutdown().await;
 }

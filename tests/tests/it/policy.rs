@@ -29,9 +29,7 @@ fn agent_id(lab: &Lab, name: &str) -> SpiffeId {
 
 /// The decisions in `agent`'s audit log: (action, permitted, explanation).
 fn decisions(lab: &Lab, agent: &str) -> Vec<(String, bool, String)> {
-    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
-    verify_log(&bytes, &lab.trust)
-        .unwrap()
+    convoy_tests::live_audit_log(lab, agent)
         .records
         .into_iter()
         .filter_map(|r| match r.event {
@@ -48,8 +46,7 @@ fn decisions(lab: &Lab, agent: &str) -> Vec<(String, bool, String)> {
 
 /// Policy load events in `agent`'s log: (loaded, rejected).
 fn loads(lab: &Lab, agent: &str) -> (usize, usize) {
-    let bytes = std::fs::read(lab.pki.dir().join("state").join(agent).join("audit.log")).unwrap();
-    let log = verify_log(&bytes, &lab.trust).unwrap();
+    let log = convoy_tests::live_audit_log(lab, agent);
     let n = |f: fn(&AuditEvent) -> bool| log.records.iter().filter(|r| f(&r.event)).count();
     (
         n(|e| matches!(e, AuditEvent::PolicyLoaded { .. })),

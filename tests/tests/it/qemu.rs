@@ -950,13 +950,9 @@ async fn evidence(
     to: &str,
     migration: &str,
 ) -> convoy_protocol::evidence::BundleSummary {
-    use convoy_protocol::audit::{verify_log, AuditEvent};
+    use convoy_protocol::audit::AuditEvent;
     use convoy_protocol::evidence::{build_bundle, check_bundle};
-    let log = |agent: &str| lab.pki.dir().join("state").join(agent).join("audit.log");
-    let read = |agent: &str| {
-        let bytes = std::fs::read(log(agent)).unwrap();
-        verify_log(&bytes, &lab.trust).unwrap()
-    };
+    let read = |agent: &str| convoy_tests::live_audit_log(lab, agent);
     let has_outcome = |agent: &str| {
         read(agent).records.iter().any(|r| {
             matches!(&r.event, AuditEvent::Outcome { migration: m, .. } if m.to_string() == migration)

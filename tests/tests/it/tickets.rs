@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use convoy_agent::client::ClientError;
 use convoy_agent::lab::Lab;
-use convoy_protocol::audit::{verify_log, AuditEvent};
+use convoy_protocol::audit::AuditEvent;
 use convoy_protocol::ctl::{CtlErrorKind, Outcome};
 use convoy_protocol::message::Message;
 use convoy_protocol::names::{AgentName, Role};
@@ -100,9 +100,7 @@ async fn forged_expired_and_misdirected_tickets_are_refused_at_the_source() {
     r.to = "c".parse().unwrap();
     assert_refused(&lab, a.migrate(r, |_| {}).await, "destination").await;
     // Every refusal is in the source's signed audit log, with its reason.
-    let log = std::fs::read(lab.pki.dir().join("state/a/audit.log")).unwrap();
-    let reasons: Vec<String> = verify_log(&log, &lab.trust)
-        .unwrap()
+    let reasons: Vec<String> = convoy_tests::live_audit_log(&lab, "a")
         .records
         .into_iter()
         .filter_map(|r| match r.event {
