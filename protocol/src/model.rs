@@ -101,8 +101,10 @@ pub struct MigrationPlan {
     /// Connections the data streams are spread over (1..=8, at most
     /// `streams`): each has its own congestion controller, so on a long
     /// lossy link several take a larger share of it than one. The control
-    /// stream and the post-copy fault stream stay on the first. Page VMs
-    /// only; a QEMU migration uses one.
+    /// stream and the post-copy fault stream stay on the first; with
+    /// post-copy in the plan the data streams leave it to one more
+    /// connection ([`MigrationPlan::lanes`]). Page VMs only; a QEMU
+    /// migration uses one.
     pub connections: u16,
 }
 
@@ -205,6 +207,18 @@ impl MigrationPlan {
             });
         }
         Ok(())
+    }
+
+    /// The lanes a page migration of this plan dials beside its first
+    /// connection (numbered `1..=lanes()`): the plan's `connections`
+    /// beyond the first, and with post-copy in the plan (post-copy or
+    /// hybrid) one more. Then the first connection carries the control
+    /// and fault streams alone and the data streams go on the lanes, so a
+    /// vCPU's fault never waits behind the background push in one
+    /// connection's send queue, congestion window or driver (the reason
+    /// for QEMU's `postcopy-preempt` channel).
+    pub fn lanes(&self) -> u16 {
+        self.connections.saturating_sub(1) + u16::from(self.mode != MigrationMode::Precopy)
     }
 }
 
@@ -415,5 +429,23 @@ mod plan_tests {
         }
         let why = plan(2, 3).validate().unwrap_err().to_string();
         assert!(why.contains("at most the streams (2), not 3"), "{why}");
+    }
+
+    #[test]
+    fn a_plan_with_postcopy_has_one_lane_more_for_its_data_streams() {
+        let plan = |mode, connections| MigrationPlan {
+            mode,
+            streams: 4,
+            connections,
+            ..MigrationPlan::default()
+        };
+        assert_eq!(plan(MigrationMode::Precopy, 1).lanes(), 0);
+        assert_eq!(plan(MigrationMode::Precopy, 3).lanes(), 2);
+        assert_eq!(plan(MigrationMode::Postcopy, 1).lanes(), 1);
+        assert_eq!(plan(MigrationMode::Hybrid, 1).lanes(), 1);
+        assert_eq!(plan(MigrationMode::Hybrid, 4).lanes(), 4);
+        // Never out of range, even from a plan that does not validate.
+        assert_eq!(plan(MigrationMode::Postcopy, 0).lanes(), 1);
+        assert_eq!(plan(MigrationMode::Postcopy, u16::MAX).lanes(), u16::MAX);
     }
 }

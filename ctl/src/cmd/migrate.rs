@@ -68,8 +68,9 @@ pub struct Tuning {
     pub streams: u16,
     /// Connections to spread the data streams over (at most --streams):
     /// each has its own congestion control, so on a long lossy link
-    /// several get more of it than one. Sim VMs only. Signed into the
-    /// ticket.
+    /// several get more of it than one. With post-copy one more: the
+    /// first carries only control and faults. Sim VMs only. Signed into
+    /// the ticket.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
     pub connections: u16,
     /// Downtime target, milliseconds: the most pre-copy lets the pause

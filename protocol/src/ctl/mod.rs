@@ -285,8 +285,9 @@ pub struct MigrationReport {
     /// (`None`: the destination was never reached).
     pub transport: Option<String>,
     /// Connections the data streams of the last link went over beyond the
-    /// first (its lanes: `--connections` less those left out; 0 after a
-    /// link break, and for QEMU VMs).
+    /// first (its lanes: `--connections` less one, plus one with
+    /// post-copy in the plan, less those left out; 0 after a link break
+    /// past the post-copy switch, and for QEMU VMs).
     #[serde(default)]
     pub lanes: u16,
     /// The link as the migration's connections saw it (native engine).

@@ -20,7 +20,8 @@ pub struct DataStreamOpen {
 }
 
 /// The first message of a page migration's extra connection, a *lane*
-/// (the plan's `connections` beyond the first), on its first
+/// ([`crate::model::MigrationPlan::lanes`]: the plan's `connections`
+/// beyond the first, and one more with post-copy), on its first
 /// bidirectional stream: its data streams carry some of the migration's.
 /// The destination answers with the same message when the lane joined,
 /// or an [`super::Abort`] when it did not (then the source puts those
@@ -29,7 +30,7 @@ pub struct DataStreamOpen {
 pub struct Lane {
     /// The migration the lane belongs to (from the same source agent).
     pub migration: MigrationId,
-    /// Its number, `1..connections` (the first connection is 0).
+    /// Its number, `1..=lanes` (the first connection is 0).
     pub lane: u16,
 }
 

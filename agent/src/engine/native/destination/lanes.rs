@@ -1,7 +1,9 @@
-//! Lanes: a page migration's extra connections (the plan's
-//! `connections` beyond the first). Each carries some of the data
-//! streams under its own congestion controller; the control stream and
-//! the post-copy fault stream stay on the first connection.
+//! Lanes: a page migration's extra connections
+//! ([`MigrationPlan::lanes`](convoy_protocol::model::MigrationPlan::lanes):
+//! the plan's `connections` beyond the first, and one more with
+//! post-copy). Each carries some of the data streams under its own
+//! congestion controller; the control stream and the post-copy fault
+//! stream stay on the first connection (with post-copy, alone there).
 //!
 //! A lane is a new mutually authenticated connection whose first message
 //! is a [`Lane`]. It reaches the migration it names only from the agent
@@ -80,15 +82,15 @@ async fn refuse_now(host: &Host, peer: &Peer, conn: Connection, send: SendStream
 }
 
 impl Incoming {
-    /// From the acceptance on: the plan's extra connections may join.
-    pub(super) fn accept_lanes(&mut self, connections: u16) {
-        if connections <= 1 || self.lanes_rx.is_some() {
+    /// From the acceptance on: the plan's `lanes` may join.
+    pub(super) fn accept_lanes(&mut self, lanes: u16) {
+        if lanes == 0 || self.lanes_rx.is_some() {
             return;
         }
         let Some(migration) = self.migration else {
             return;
         };
-        let (tx, rx) = mpsc::channel(usize::from(connections - 1));
+        let (tx, rx) = mpsc::channel(usize::from(lanes));
         self.host
             .lanes
             .lock()
@@ -101,7 +103,7 @@ impl Incoming {
                 },
             );
         self.lanes_rx = Some(rx);
-        self.connections = connections;
+        self.lanes_allowed = lanes;
     }
 
     /// A connection asks to be a lane: joined (answered with its `Lane`,
@@ -115,10 +117,10 @@ impl Incoming {
         } = join;
         let why = if sm.is_recovering() || sm.is_finished() {
             Some("the migration's link is not up".to_string())
-        } else if lane.lane == 0 || lane.lane >= self.connections {
+        } else if lane.lane == 0 || lane.lane > self.lanes_allowed {
             Some(format!(
-                "lane {} of a plan with {} connections",
-                lane.lane, self.connections
+                "lane {} past the plan's lanes (1..={})",
+                lane.lane, self.lanes_allowed
             ))
         } else if self.lanes.iter().any(|l| l.number == lane.lane) {
             Some(format!("lane {} joined already", lane.lane))

@@ -150,7 +150,7 @@ pub(crate) async fn serve(
         resume_rx: None,
         lanes_rx: None,
         lanes: Vec::new(),
-        connections: 1,
+        lanes_allowed: 0,
         unopened: Arc::new(AtomicU16::new(0)),
         all_opened: Arc::new(tokio::sync::Notify::new()),
         staging: None,
@@ -423,8 +423,9 @@ struct Incoming {
     lanes_rx: Option<mpsc::Receiver<LaneJoin>>,
     /// The lanes of the current link.
     lanes: Vec<lanes::Joined>,
-    /// The plan's connections, lanes included.
-    connections: u16,
+    /// The lanes the plan allows beside the first connection
+    /// ([`convoy_protocol::model::MigrationPlan::lanes`]).
+    lanes_allowed: u16,
     /// Data streams of the current link not accepted yet, on any of its
     /// connections.
     unopened: Arc<AtomicU16>,

@@ -1,7 +1,10 @@
 //! Lanes: the plan's extra connections to the destination, each carrying
 //! some of the data streams under its own congestion controller (on a
 //! long lossy link one loss-based controller backs off far below the
-//! link; several together keep more of it).
+//! link; several together keep more of it). With post-copy in the plan
+//! there is one lane more, and the data streams go on the lanes only: the
+//! first connection carries the control and fault streams alone
+//! ([`MigrationPlan::lanes`](convoy_protocol::model::MigrationPlan::lanes)).
 //!
 //! Each lane is dialled over the transport the first connection won
 //! with, introduced by a [`Lane`] on its first bidirectional stream and
@@ -34,7 +37,7 @@ use crate::transport::{read_message, write_message, Connection, Kind};
 const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl Run {
-    /// Dials the plan's lanes beside `first` ([`Run::dial_lanes`]) and
+    /// Dials `lanes` lanes beside `first` ([`Run::dial_lanes`]) and
     /// makes each part of the link: its send window a share of the
     /// budget, and its end the link's (reported on `events`: a stream
     /// whose last bytes were written before it broke fails no write).
@@ -42,11 +45,11 @@ impl Run {
         &mut self,
         dest: &SpiffeId,
         first: &Connection,
-        connections: u16,
+        lanes: u16,
         events: &UnboundedSender<EngineEvent>,
     ) -> Vec<(Connection, Share)> {
         let mut joined = Vec::new();
-        for (number, lane) in self.dial_lanes(dest, first.kind(), connections).await {
+        for (number, lane) in self.dial_lanes(dest, first.kind(), lanes).await {
             let share = self.host.budget.join(&lane, Side::Send);
             let (watched, events) = (lane.clone(), events.clone());
             crate::engine::spawn(async move {
@@ -61,15 +64,15 @@ impl Run {
         joined
     }
 
-    /// Dials lanes `1..connections` to `dest` over `kind`, together;
-    /// returns those the destination took, with their numbers.
+    /// Dials lanes `1..=lanes` to `dest` over `kind`, together; returns
+    /// those the destination took, with their numbers.
     async fn dial_lanes(
         &mut self,
         dest: &SpiffeId,
         kind: Kind,
-        connections: u16,
+        lanes: u16,
     ) -> Vec<(u16, Connection)> {
-        let attempts = (1..connections).map(|lane| {
+        let attempts = (1..=lanes).map(|lane| {
             let host = self.host.clone();
             let (addr, migration) = (self.addr, self.migration);
             async move {

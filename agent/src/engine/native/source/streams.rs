@@ -86,8 +86,11 @@ const OUT_QUEUE: usize = 8;
 
 /// Opens the data streams, each with its encoder thread and writer task,
 /// and for post-copy the fault stream (index `streams`) after them.
-/// Data stream `i` goes on `conns[i % conns.len()]`, the fault stream on
-/// the first (`conns` is the link's first connection, then its lanes).
+/// `conns` is the link's first connection, then its lanes. The fault
+/// stream goes on the first; data stream `i` on `conns[i % conns.len()]`,
+/// but with post-copy and lanes on the lanes only (`lanes[i %
+/// lanes.len()]`), so that faults have the first connection to
+/// themselves ([`MigrationPlan::lanes`](convoy_protocol::model::MigrationPlan::lanes)).
 pub(super) async fn open_streams(
     conns: &[Connection],
     setup: StreamSetup,
@@ -114,8 +117,12 @@ pub(super) async fn open_streams(
     let Some(first) = conns.first() else {
         return Err(OpenError::Open(quinn::ConnectionError::LocallyClosed));
     };
+    let data_conns = match conns {
+        [_, lanes @ ..] if postcopy && !lanes.is_empty() => lanes,
+        all => all,
+    };
     for stream in 0..streams {
-        let conn = &conns[usize::from(stream) % conns.len()];
+        let conn = &data_conns[usize::from(stream) % data_conns.len()];
         let send = open_data_stream(conn, migration, stream).await?;
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let (out_tx, out_rx) = mpsc::channel::<StreamOut>(OUT_QUEUE);

@@ -65,15 +65,10 @@ impl Driver<'_> {
             return false;
         };
         let mut conns = vec![conn.clone()];
-        if with_lanes && self.plan.connections > 1 {
+        if with_lanes && self.plan.lanes() > 0 {
             let lanes = self
                 .run
-                .join_lanes(
-                    &self.dest,
-                    &conn,
-                    self.plan.connections,
-                    &self.wire.events_tx,
-                )
+                .join_lanes(&self.dest, &conn, self.plan.lanes(), &self.wire.events_tx)
                 .await;
             conns.extend(lanes.iter().map(|(l, _)| l.clone()));
             self.wire.lanes = lanes;
@@ -177,7 +172,7 @@ impl Driver<'_> {
             let Some(link) = next else { break };
             // Lanes join only a link the destination has resumed: with
             // them to dial, the streams wait for the next pages.
-            let hold_back = !switched && self.plan.connections > 1;
+            let hold_back = !switched && self.plan.lanes() > 0;
             let opened = if hold_back {
                 Ok(None)
             } else {
