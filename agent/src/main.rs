@@ -182,8 +182,9 @@ struct Args {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// Authenticated connections held at once by one identity (operator
-    /// or agent).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    /// or agent). A post-copy migration holds two (its faults' and its
+    /// data streams'), so 32 lets 16 run at once from one source.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_peer: u32,
     /// Seconds an operator connection may stay open with no request in
     /// flight.

@@ -55,7 +55,7 @@ const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
     (Kind::Gauge, "convoy_audit_records", None, "Records in this agent's audit log."),
     (Kind::Gauge, "convoy_audit_last_tree_head_timestamp_seconds", Some(Unit::Seconds), "When the audit log's last tree head was signed (Unix time)."),
     (Kind::Gauge, "convoy_migrations_active", None, "Migrations in progress on this agent, either role."),
-    (Kind::Gauge, "convoy_budget_migrations", None, "Migrations holding a share of the agent's migration budget."),
+    (Kind::Gauge, "convoy_budget_migrations", None, "Migration connections (lanes included: a post-copy migration holds two) in the agent's migration budget."),
 ];
 
 /// Where and to whom an agent serves its metrics.

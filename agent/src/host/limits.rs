@@ -63,7 +63,7 @@ impl Default for ConnectionLimits {
             handshakes: 64,
             retry_above: 16,
             connections: 256,
-            per_peer: 16,
+            per_peer: 32,
             first_message: Duration::from_secs(30),
             idle: Duration::from_secs(300),
             silence: Duration::from_secs(60),

@@ -287,7 +287,8 @@ pub struct MigrationReport {
     /// Connections the data streams of the last link went over beyond the
     /// first (its lanes: `--connections` less one, plus one with
     /// post-copy in the plan, less those left out; 0 after a link break
-    /// past the post-copy switch, and for QEMU VMs).
+    /// past the post-copy switch or one whose streams opened only once
+    /// the VM was paused, and for QEMU VMs).
     #[serde(default)]
     pub lanes: u16,
     /// The link as the migration's connections saw it (native engine).

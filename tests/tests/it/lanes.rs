@@ -144,7 +144,13 @@ async fn postcopy_over(connections: u16, joined: &[&str]) {
     let f = pc.faults.expect("the destination's fault figures");
     assert!(f.faults > 0 && pc.served > 0, "{pc:?}");
     assert_eq!(r.lanes, connections, "the report names the lanes");
-    assert_phases_audited(&lab, &[("b", joined)]);
+    assert_phases_audited(
+        &lab,
+        &[
+            ("b", joined),
+            ("a", &["post-copy's faults alone on the first connection"]),
+        ],
+    );
     faults_alone_on_the_first_connection(&lab, pc.served);
     lab.shutdown().await;
 }
@@ -186,7 +192,10 @@ async fn a_lane_the_destination_will_not_take_is_left_out_and_the_migration_comp
         &lab,
         &[(
             "a",
-            &["lane 1 left out", "its streams go on the first connection"],
+            &[
+                "lane 1 left out",
+                "its streams go on the link's other connections",
+            ],
         )],
     );
     assert!(

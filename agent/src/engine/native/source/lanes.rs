@@ -37,7 +37,9 @@ use crate::transport::{read_message, write_message, Connection, Kind};
 const JOIN_LIMIT: Duration = Duration::from_secs(10);
 
 impl Run {
-    /// Dials `lanes` lanes beside `first` ([`Run::dial_lanes`]) and
+    /// Dials `lanes` lanes beside `first` ([`Run::dial_lanes`]; `apart`:
+    /// the data streams go on the lanes only, post-copy's faults alone on
+    /// `first`) and
     /// makes each part of the link: its send window a share of the
     /// budget, and its end the link's (reported on `events`: a stream
     /// whose last bytes were written before it broke fails no write).
@@ -45,11 +47,11 @@ impl Run {
         &mut self,
         dest: &SpiffeId,
         first: &Connection,
-        lanes: u16,
+        (lanes, apart): (u16, bool),
         events: &UnboundedSender<EngineEvent>,
     ) -> Vec<(Connection, Share)> {
         let mut joined = Vec::new();
-        for (number, lane) in self.dial_lanes(dest, first.kind(), lanes).await {
+        for (number, lane) in self.dial_lanes(dest, first.kind(), lanes, apart).await {
             let share = self.host.budget.join(&lane, Side::Send);
             let (watched, events) = (lane.clone(), events.clone());
             crate::engine::spawn(async move {
@@ -65,12 +67,14 @@ impl Run {
     }
 
     /// Dials lanes `1..=lanes` to `dest` over `kind`, together; returns
-    /// those the destination took, with their numbers.
+    /// those the destination took, with their numbers (`apart`: for the
+    /// data streams alone, said so in the phases).
     async fn dial_lanes(
         &mut self,
         dest: &SpiffeId,
         kind: Kind,
         lanes: u16,
+        apart: bool,
     ) -> Vec<(u16, Connection)> {
         let attempts = (1..=lanes).map(|lane| {
             let host = self.host.clone();
@@ -102,12 +106,17 @@ impl Run {
                 Err(e) => {
                     tracing::warn!(migration = %self.migration, lane, "lane left out: {e}");
                     self.phase(&format!(
-                        "lane {lane} left out ({e}): its streams go on the first connection"
+                        "lane {lane} left out ({e}): its streams go on the link's other connections"
                     ));
                 }
             }
         }
-        if !joined.is_empty() {
+        if apart && !joined.is_empty() {
+            self.phase(&format!(
+                "data streams over {} {kind} lanes, post-copy's faults alone on the first connection",
+                joined.len()
+            ));
+        } else if !joined.is_empty() {
             self.phase(&format!(
                 "data streams over {} {kind} connections",
                 joined.len() + 1

@@ -68,9 +68,21 @@ impl Driver<'_> {
         if with_lanes && self.plan.lanes() > 0 {
             let lanes = self
                 .run
-                .join_lanes(&self.dest, &conn, self.plan.lanes(), &self.wire.events_tx)
+                .join_lanes(
+                    &self.dest,
+                    &conn,
+                    (self.plan.lanes(), postcopy),
+                    &self.wire.events_tx,
+                )
                 .await;
             conns.extend(lanes.iter().map(|(l, _)| l.clone()));
+            // With post-copy the data streams go on the lanes: the first
+            // connection keeps the least window, the lanes the split.
+            if postcopy && !lanes.is_empty() {
+                if let Some(s) = &self.wire.share {
+                    s.lighten();
+                }
+            }
             self.wire.lanes = lanes;
         }
         match self.open_streams(&conns, delta, postcopy).await {
@@ -186,7 +198,7 @@ impl Driver<'_> {
                     if let Some(c) = &self.wire.conn {
                         self.wire.earlier.add(c);
                     }
-                    self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
+                    self.wire.share = Some(self.run.host.budget.join(&link.conn, Side::Send));
                     self.wire.conn = Some(link.conn);
                     self.wire.control = Some(link.send);
                     let (ctrl_tx, rx) = mpsc::channel(16);
