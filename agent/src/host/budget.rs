@@ -13,12 +13,7 @@
 //!
 //! Half the budget goes to the windows of the active migrations' connections,
 //! shared equally and rebalanced whenever one starts or ends (quinn lets a
-//! live connection's windows change). A connection that carries no data
-//! stream (a post-copy migration's first connection, once its data
-//! streams went on a lane: control and faults only) is made *light*
-//! ([`Share::lighten`]): it gets [`MIN_WINDOW`] and takes no part of the
-//! split, so a post-copy migration's lane gets what a pre-copy
-//! migration's one connection gets. A quarter is a pool the delta caches
+//! live connection's windows change); a quarter is a pool the delta caches
 //! are drawn from, first come first served (a migration that finds it empty
 //! sends without deltas); the rest covers the per-stream queues, which are
 //! a few batches each. With the default of 256 MiB one migration gets what
@@ -52,15 +47,11 @@ pub struct MigrationBudget {
     total: u64,
     /// The most a window may be (the transport's own setting).
     max_window: u64,
-    active: Mutex<Vec<Entry>>,
+    active: Mutex<Vec<(u64, Connection, Side)>>,
     next: AtomicU64,
     /// Bytes left for delta caches.
     cache_pool: AtomicU64,
 }
-
-/// A connection in the budget: its share's id, the connection, which of
-/// its windows is set, and whether it is light ([`Share::lighten`]).
-type Entry = (u64, Connection, Side, bool);
 
 /// A connection's place in the budget; leaving rebalances the others.
 #[derive(Debug)]
@@ -98,8 +89,8 @@ impl MigrationBudget {
     pub fn join(self: &Arc<Self>, conn: &Connection, side: Side) -> Share {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut active = self.lock();
-        active.push((id, conn.clone(), side, false));
-        self.rebalance(&active);
+        active.push((id, conn.clone(), side));
+        rebalance(&active, self.window_for(active.len()));
         Share {
             budget: self.clone(),
             id,
@@ -121,51 +112,25 @@ impl MigrationBudget {
         }
     }
 
-    /// Connections sharing the budget now, light ones included.
+    /// Connections sharing the budget now.
     pub fn active(&self) -> usize {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Connection, Side)>> {
         // Entries are whole at every point: a panic elsewhere leaves it usable.
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// The windows of connections that are light or not, in order:
-    /// light ones [`MIN_WINDOW`], the others an equal split among
-    /// themselves.
-    fn windows(&self, light: &[bool]) -> Vec<u64> {
-        let split = self.window_for(light.iter().filter(|l| !**l).count());
-        light
-            .iter()
-            .map(|l| if *l { MIN_WINDOW } else { split })
-            .collect()
-    }
-
-    /// Sets every connection's window ([`MigrationBudget::windows`]).
-    fn rebalance(&self, active: &[Entry]) {
-        let light: Vec<bool> = active.iter().map(|e| e.3).collect();
-        for ((_, c, side, _), window) in active.iter().zip(self.windows(&light)) {
-            match side {
-                Side::Send => c.set_send_window(window),
-                Side::Receive => {
-                    c.set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
-                }
-            }
-        }
-    }
 }
 
-impl Share {
-    /// This connection carries no data stream any more (control and
-    /// post-copy faults only): it keeps [`MIN_WINDOW`] and leaves the
-    /// split to the others.
-    pub fn lighten(&self) {
-        let mut active = self.budget.lock();
-        for e in active.iter_mut().filter(|e| e.0 == self.id) {
-            e.3 = true;
+fn rebalance(active: &[(u64, Connection, Side)], window: u64) {
+    for (_, c, side) in active {
+        match side {
+            Side::Send => c.set_send_window(window),
+            Side::Receive => {
+                c.set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
+            }
         }
-        self.budget.rebalance(&active);
     }
 }
 
@@ -173,7 +138,7 @@ impl Drop for Share {
     fn drop(&mut self) {
         let mut active = self.budget.lock();
         active.retain(|(id, ..)| *id != self.id);
-        self.budget.rebalance(&active);
+        rebalance(&active, self.budget.window_for(active.len()));
     }
 }
 
@@ -206,22 +171,5 @@ mod tests {
         );
         drop(first);
         assert_eq!(b.grant_cache(64 << 20).bytes, 40 << 20);
-    }
-
-    #[test]
-    fn a_light_connection_keeps_the_least_window_and_leaves_the_split_to_the_others() {
-        let b = MigrationBudget::new(256 << 20, 64 << 20);
-        // Four post-copy migrations, each a light first connection and a
-        // lane: the lanes split as four one-connection migrations would.
-        let light = [true, false, true, false, true, false, true, false];
-        let w = b.windows(&light);
-        for (l, w) in light.iter().zip(&w) {
-            assert_eq!(*w, if *l { MIN_WINDOW } else { 32 << 20 });
-        }
-        // Until its lane joins, a first connection is in the split.
-        assert_eq!(b.windows(&[false, false]), [64 << 20, 64 << 20]);
-        assert_eq!(b.windows(&[false; 8]), [16 << 20; 8]);
-        // Only light ones left: they keep the least.
-        assert_eq!(b.windows(&[true]), [MIN_WINDOW]);
     }
 }

@@ -183,7 +183,7 @@ impl Incoming {
                     ));
                     sm.handle_staging_ready_holding(clock::now(), held, bases);
                     self.accept_streams();
-                    self.accept_lanes(&manifest.plan);
+                    self.accept_lanes(manifest.plan.lanes());
                     // A pre-copy round whose link breaks resumes on a new
                     // connection: one may come from now on.
                     self.accept_resumes();

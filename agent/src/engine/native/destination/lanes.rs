@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use convoy_protocol::destination::Destination;
 use convoy_protocol::message::{Lane, Message, Reason};
-use convoy_protocol::model::{MigrationMode, MigrationPlan};
 use tokio::sync::mpsc;
 
 use super::{recovery, Incoming};
@@ -83,9 +82,8 @@ async fn refuse_now(host: &Host, peer: &Peer, conn: Connection, send: SendStream
 }
 
 impl Incoming {
-    /// From the acceptance on: the `plan`'s lanes may join.
-    pub(super) fn accept_lanes(&mut self, plan: &MigrationPlan) {
-        let lanes = plan.lanes();
+    /// From the acceptance on: the plan's `lanes` may join.
+    pub(super) fn accept_lanes(&mut self, lanes: u16) {
         if lanes == 0 || self.lanes_rx.is_some() {
             return;
         }
@@ -106,12 +104,11 @@ impl Incoming {
             );
         self.lanes_rx = Some(rx);
         self.lanes_allowed = lanes;
-        self.faults_apart = plan.mode != MigrationMode::Precopy;
     }
 
     /// A connection asks to be a lane: joined (answered with its `Lane`,
-    /// its streams accepted into the current link; true) or refused.
-    pub(super) fn add_lane(&mut self, sm: &Destination, join: LaneJoin) -> bool {
+    /// its streams accepted into the current link) or refused.
+    pub(super) fn add_lane(&mut self, sm: &Destination, join: LaneJoin) {
         let LaneJoin {
             conn,
             peer,
@@ -133,7 +130,7 @@ impl Incoming {
         if let Some(why) = why {
             let host = self.host.clone();
             crate::engine::spawn(async move { refuse_now(&host, &peer, conn, send, why).await });
-            return false;
+            return;
         }
         let share = self.host.budget.join(&conn, Side::Receive);
         self.spawn_acceptor(conn.clone(), Some(lane.lane));
@@ -155,7 +152,6 @@ impl Incoming {
                 Err(e) => tracing::info!(lane = number, "lane's answer not sent: {e}"),
             }
         });
-        true
     }
 
     /// The lanes of a link that ended (broken, or the migration is over)

@@ -151,7 +151,6 @@ pub(crate) async fn serve(
         lanes_rx: None,
         lanes: Vec::new(),
         lanes_allowed: 0,
-        faults_apart: false,
         unopened: Arc::new(AtomicU16::new(0)),
         all_opened: Arc::new(tokio::sync::Notify::new()),
         staging: None,
@@ -191,7 +190,7 @@ pub(crate) async fn serve(
     });
     let _active = crate::host::ActiveGuard::new(&host.active);
     // Its receive window is its share of the agent's budget.
-    let mut share = host.budget.join(&conn, crate::host::budget::Side::Receive);
+    let mut _share = host.budget.join(&conn, crate::host::budget::Side::Receive);
     loop {
         while let Some(a) = sm.poll_action() {
             run.act(&mut sm, &mut send, a).await;
@@ -309,7 +308,7 @@ pub(crate) async fn serve(
                 }
                 if let Some(new_send) = run.reconnect(&mut sm, rc).await {
                     send = new_send;
-                    share = host.budget.join(&run.conn, crate::host::budget::Side::Receive);
+                    _share = host.budget.join(&run.conn, crate::host::budget::Side::Receive);
                 }
                 continue;
             }
@@ -319,11 +318,7 @@ pub(crate) async fn serve(
                     None => std::future::pending().await,
                 }
             } => {
-                // With post-copy the data streams leave the first
-                // connection for the lanes: it keeps the least window.
-                if run.add_lane(&sm, join) && run.faults_apart {
-                    share.lighten();
-                }
+                run.add_lane(&sm, join);
                 continue;
             }
             ev = rx.recv() => match ev {
@@ -431,9 +426,6 @@ struct Incoming {
     /// The lanes the plan allows beside the first connection
     /// ([`convoy_protocol::model::MigrationPlan::lanes`]).
     lanes_allowed: u16,
-    /// The plan has post-copy: its data streams go on the lanes, the
-    /// first connection carries control and faults only.
-    faults_apart: bool,
     /// Data streams of the current link not accepted yet, on any of its
     /// connections.
     unopened: Arc<AtomicU16>,

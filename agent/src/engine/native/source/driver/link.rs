@@ -76,13 +76,6 @@ impl Driver<'_> {
                 )
                 .await;
             conns.extend(lanes.iter().map(|(l, _)| l.clone()));
-            // With post-copy the data streams go on the lanes: the first
-            // connection keeps the least window, the lanes the split.
-            if postcopy && !lanes.is_empty() {
-                if let Some(s) = &self.wire.share {
-                    s.lighten();
-                }
-            }
             self.wire.lanes = lanes;
         }
         match self.open_streams(&conns, delta, postcopy).await {
@@ -198,7 +191,7 @@ impl Driver<'_> {
                     if let Some(c) = &self.wire.conn {
                         self.wire.earlier.add(c);
                     }
-                    self.wire.share = Some(self.run.host.budget.join(&link.conn, Side::Send));
+                    self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
                     self.wire.conn = Some(link.conn);
                     self.wire.control = Some(link.send);
                     let (ctrl_tx, rx) = mpsc::channel(16);

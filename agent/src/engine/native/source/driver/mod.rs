@@ -34,7 +34,7 @@ struct Wire {
     /// first new link is up.
     conn: Option<Connection>,
     /// Its send window is its share of the agent's budget.
-    share: Option<Share>,
+    _share: Option<Share>,
     control: Option<SendStream>,
     ctrl_rx: mpsc::Receiver<Result<Option<Message>, WireError>>,
     events_tx: mpsc::UnboundedSender<EngineEvent>,
@@ -67,7 +67,7 @@ impl Wire {
         let (conn, share) = conn.unzip();
         Wire {
             conn,
-            share,
+            _share: share,
             control,
             ctrl_rx,
             events_tx,
