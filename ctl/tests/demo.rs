@@ -189,25 +189,47 @@ fn bad_flags_get_a_clear_error_and_a_failure_status() {
 /// Convoy, its serial counter continuing, with QEMU's own figures. Needs
 /// QEMU and the guest's Debian packages (`scripts/test` installs them):
 /// under `CI=true` their absence fails the test, otherwise it skips.
+///
+/// Run once more when the guest's kernel faulted at b after a verified
+/// stream (`guest_fault`): QEMU 7.2 under TCG now and then loses a guest's
+/// write, with or without Convoy (as the `it` QEMU tests'
+/// `once_more_on_guest_fault`); a second fault in a row fails.
 #[test]
 fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("q.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_convoyctl"))
-        .args([
-            "demo",
-            "--backend",
-            "qemu",
-            "--json",
-            "--memory",
-            "128MiB",
-            "--fill-mib",
-            "16",
-        ])
-        .arg("--plot")
-        .arg(&plot)
-        .output()
-        .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_convoyctl"))
+            .args([
+                "demo",
+                "--backend",
+                "qemu",
+                "--json",
+                "--memory",
+                "128MiB",
+                "--fill-mib",
+                "16",
+            ])
+            .arg("--plot")
+            .arg(&plot)
+            .output()
+            .unwrap()
+    };
+    let mut out = run();
+    let faulted = |o: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .is_ok_and(|v| v["guest_fault"] == true && v["verified"] == true)
+    };
+    if faulted(&out) {
+        // Past the harness's capture: CI's log keeps the first fault.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "QEMU lost a guest's write (run again): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out = run();
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success()
@@ -222,6 +244,7 @@ fn the_qemu_demo_moves_a_real_guest_and_reports_qemus_figures() {
     assert_eq!(v["backend"], "qemu");
     assert_eq!(v["verified"], true);
     assert_eq!(v["counter_continuous"], true);
+    assert_eq!(v["guest_fault"], false);
     assert_eq!(v["audit_verified"], true);
     assert_eq!(v["receipts"]["source"], 4);
     assert_eq!(v["receipts"]["destination"], 4);

@@ -173,19 +173,11 @@ async fn a_guest_fault_runs_the_scenario_once_more_and_only_once() {
 /// panic. Not its warnings, soft-lockup or stall reports, which a TCG
 /// guest starved on a loaded host (or throttled by auto-converge) may
 /// print and survive.
-const FAULT: [&str; 7] = [
-    "Oops",
-    "general protection fault",
-    "invalid opcode",
-    "kernel BUG at",
-    "BUG: unable to handle",
-    "BUG: kernel NULL pointer",
-    "Kernel panic",
-];
+const FAULT: [&str; 7] = convoy_agent::backend::qemu::guest::KERNEL_FAULT_MARKS;
 
 /// Whether the guest's kernel reported a fault on its console.
 pub(crate) fn kernel_fault(log: &Path) -> bool {
-    std::fs::read_to_string(log).is_ok_and(|t| FAULT.iter().any(|m| t.contains(m)))
+    convoy_agent::backend::qemu::guest::kernel_fault(log)
 }
 
 /// What a failed test shows of a guest's console: from just before the

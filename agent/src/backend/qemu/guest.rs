@@ -97,6 +97,26 @@ pub fn booted(serial_log: &Path) -> bool {
     std::fs::read_to_string(serial_log).is_ok_and(|t| t.contains("convoy-guest up"))
 }
 
+/// What a Linux guest's kernel prints on its console when it faults.
+pub const KERNEL_FAULT_MARKS: [&str; 7] = [
+    "Oops",
+    "general protection fault",
+    "invalid opcode",
+    "kernel BUG at",
+    "BUG: unable to handle",
+    "BUG: kernel NULL pointer",
+    "Kernel panic",
+];
+
+/// Whether the guest's kernel reported a fault on its console (after a
+/// migration whose stream arrived byte for byte as QEMU wrote it, that is
+/// QEMU 7.2 under TCG losing a guest's write: docs/architecture.md, "What
+/// the digests cannot see: QEMU losing a guest's write").
+pub fn kernel_fault(serial_log: &Path) -> bool {
+    std::fs::read_to_string(serial_log)
+        .is_ok_and(|t| KERNEL_FAULT_MARKS.iter().any(|m| t.contains(m)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
