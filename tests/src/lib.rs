@@ -76,7 +76,7 @@ pub fn short_links(window: Duration) -> impl Fn(&mut convoy_agent::config::Agent
 /// that stays is a real one and fails, as does any other fault.
 pub fn live_audit_log(lab: &Lab, agent: &str) -> convoy_protocol::audit::VerifiedLog {
     use convoy_protocol::audit::{verify_log, LogFault};
-    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
+    let path = lab.audit_log(agent);
     let mut tries = 0;
     loop {
         let bytes = std::fs::read(&path).expect("audit log readable");

@@ -23,7 +23,7 @@ struct Trusted {
 /// destination writes its own after the source has the Started receipt, so
 /// right after a migration returns it may not be there yet.
 async fn settled_log(lab: &Lab, agent: &str, outcomes: usize) -> Vec<u8> {
-    let path = lab.pki.dir().join("state").join(agent).join("audit.log");
+    let path = lab.audit_log(agent);
     for _ in 0..1000 {
         let bytes = std::fs::read(&path).unwrap();
         let n = verify_log(&bytes, &lab.trust).map_or(0, |v| {

@@ -54,6 +54,19 @@ fn committed(seen: &Seen, agent: &str) -> Vec<(JournalPhase, Epoch)> {
         .collect()
 }
 
+/// Waits (up to 5 s) until `agent`'s commits are `expected`; panics
+/// with those it has.
+async fn commits_become(seen: &Seen, agent: &str, expected: &[(JournalPhase, Epoch)]) {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            committed(seen, agent) == expected
+        })
+        .await,
+        "{:?}",
+        committed(seen, agent)
+    );
+}
+
 /// Where `agent`'s record in `phase` is in the order of all commits.
 fn position(seen: &Seen, agent: &str, phase: JournalPhase) -> usize {
     seen.lock()
@@ -199,14 +212,7 @@ async fn a_commit_that_cannot_be_recorded_sends_no_handover_and_the_vm_stays() {
         (JournalPhase::Staged, Epoch(0)),
         (JournalPhase::Ended(JournalOutcome::Failed), Epoch(0)),
     ];
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            committed(&seen, "b") == fenced
-        })
-        .await,
-        "{:?}",
-        committed(&seen, "b")
-    );
+    commits_become(&seen, "b", &fenced).await;
     assert!(lab.journal("b").unwrap().iter().all(|r| r.is_settled()));
     assert!(runs_on(&lab, "a").await, "the VM runs on at the source");
     let b = lab.client("b").await.unwrap();
@@ -261,14 +267,7 @@ async fn a_commit_that_cannot_be_recorded_sends_no_handover_and_the_vm_stays() {
         (JournalPhase::Claimed, Epoch(0)),
         (JournalPhase::Ended(JournalOutcome::Failed), Epoch(0)),
     ];
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            committed(&seen, "a") == ended
-        })
-        .await,
-        "{:?}",
-        committed(&seen, "a")
-    );
+    commits_become(&seen, "a", &ended).await;
     let kept = lab.journal("a").unwrap();
     assert_eq!(kept.len(), 1);
     assert!(kept[0].is_settled(), "{:?}", kept[0]);
