@@ -27,7 +27,9 @@
 //! - [`backend`]: the VM backend traits, the simulated VM ([`backend::sim`],
 //!   split by concern) and QEMU.
 //! - [`cpu`]: CPU time charged to groups of threads from their own clocks
-//!   (`convoyctl bench`'s CPU per GiB at each side).
+//!   (`convoyctl bench`'s CPU per GiB at each side); [`alloc`]: how long
+//!   the allocator keeps freed memory (the agent and `convoyctl` call
+//!   [`alloc::tune`] first thing).
 //! - [`lab`]: an in-process PKI and agents on loopback (demo, bench, tests)
 //!   and the UDP impairment relay between them ([`lab::impair`]);
 //!   [`units`]: human sizes for command lines.
@@ -35,7 +37,8 @@
 //! # Where `unsafe` lives
 //!
 //! The crate is `#![deny(unsafe_code)]`; the lint is allowed only on
-//! these modules, under [`backend`], one in the lab and one in the engine:
+//! these modules, under [`backend`], one in the lab, one in the engine
+//! and [`alloc`]:
 //! - [`backend::memory`]: the guest mapping viewed as atomic words,
 //!   registering it with a userfaultfd, dropping its pages (`madvise`).
 //! - [`backend::uffd`]'s `descriptor` (the `userfaultfd` syscall and its
@@ -44,6 +47,7 @@
 //!   lab's TUN device.
 //! - `engine::priority`: `sched_setscheduler`, which puts a post-copy
 //!   push's source threads at `SCHED_IDLE` and back.
+//! - [`alloc`]: reading and setting mimalloc's purge delay.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` argument (the workspace
 //! denies `clippy::undocumented_unsafe_blocks`); [`backend::uffd`]'s module
@@ -51,6 +55,8 @@
 
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)] // mimalloc's `mi_option_get` and `mi_option_set`, nothing else.
+pub mod alloc;
 pub mod backend;
 pub mod client;
 pub mod config;

@@ -275,6 +275,7 @@ fn parse_peer(s: &str) -> Result<(AgentName, SocketAddr), String> {
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
+    let purge = convoy_agent::alloc::tune();
     // A sim VM's vCPU helper (see `convoy_agent::backend::sim`): not an
     // agent, and no flags of one.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -289,10 +290,10 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?
-        .block_on(agent_main())
+        .block_on(agent_main(purge))
 }
 
-async fn agent_main() -> Result<()> {
+async fn agent_main(purge: convoy_agent::alloc::PurgeDelay) -> Result<()> {
     let args = Args::parse();
     // `try_init` also forwards the `log` records of quinn and rustls.
     tracing_subscriber::util::SubscriberInitExt::try_init(convoy_agent::logging::subscriber(
@@ -301,6 +302,19 @@ async fn agent_main() -> Result<()> {
         std::io::stdout,
     ))
     .context("installing the log subscriber")?;
+    match purge {
+        convoy_agent::alloc::PurgeDelay::Set => tracing::debug!(
+            ms = convoy_agent::alloc::PURGE_DELAY_MS,
+            "the allocator gives freed memory back after its purge delay"
+        ),
+        convoy_agent::alloc::PurgeDelay::FromEnvironment(ms) => {
+            tracing::info!(ms, "the allocator's purge delay is the environment's")
+        }
+        convoy_agent::alloc::PurgeDelay::Unrecognised(ms) => tracing::warn!(
+            ms,
+            "the allocator's purge delay is not mimalloc 3's default: left as it is"
+        ),
+    }
     let (files, domain) = match (&args.pki, &args.cert) {
         (Some(dir), None) => {
             let pki = Pki::open(dir)?;

@@ -122,6 +122,8 @@ fn stdout_failed(e: std::io::Error) {
 }
 
 fn main() -> std::process::ExitCode {
+    // The agents of `demo` and `bench` run in this process.
+    convoy_agent::alloc::tune();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
