@@ -43,8 +43,9 @@ pub enum PurgeDelay {
 }
 
 /// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`] unless the
-/// environment chose one. Call it once, early in `main`; it is harmless
-/// to call again.
+/// environment chose one. Call it first thing in `main`, before any other
+/// thread starts (mimalloc's option table is not synchronised); a second
+/// call finds the value set and writes nothing.
 pub fn tune() -> PurgeDelay {
     let from_env = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
         .iter()
@@ -66,17 +67,18 @@ pub fn tune() -> PurgeDelay {
 /// mimalloc's purge delay now, in milliseconds.
 pub fn get() -> c_long {
     // SAFETY: `mi_option_get` reads one entry of mimalloc's option table
-    // (initialised as the process started; an index within the table,
-    // checked against `_mi_option_last` by mimalloc itself). It takes no
-    // pointers and is safe to call from any thread at any time.
+    // (an index it checks against the table's end; an entry not yet read
+    // from the environment is read then) and takes no pointers.
     unsafe { libmimalloc_sys::mi_option_get(OPTION_PURGE_DELAY) }
 }
 
 fn set(ms: c_long) {
     // SAFETY: `mi_option_set` stores one value in mimalloc's option table
-    // (a relaxed store; mimalloc reads the purge delay each time it
-    // schedules a purge). It takes no pointers and is safe to call from
-    // any thread at any time.
+    // (an index it checks against the table's end) and takes no pointers.
+    // The store is a plain one that mimalloc's threads read without
+    // synchronisation, so it is made only from `tune`, which the agent and
+    // `convoyctl` call before they start any other thread, and only when
+    // the value is not already the one wanted.
     unsafe { libmimalloc_sys::mi_option_set(OPTION_PURGE_DELAY, ms) };
 }
 
@@ -85,8 +87,9 @@ mod tests {
     use super::*;
 
     /// The test binary runs on the system allocator, but mimalloc's option
-    /// table is there all the same (libmimalloc-sys is linked): the index
-    /// is mimalloc 3's purge delay, whose default is 1000 ms.
+    /// table is there all the same (libmimalloc-sys is linked; nothing else
+    /// here reads it): the index is mimalloc 3's purge delay, whose
+    /// default is 1000 ms.
     #[test]
     fn the_option_index_is_mimallocs_purge_delay() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
