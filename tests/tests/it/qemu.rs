@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use convoy_agent::backend::qemu::guest::{self, counters, TestGuest};
+use convoy_agent::backend::qemu::guest::{
+    self, counters, kernel_fault, TestGuest, KERNEL_FAULT_MARKS,
+};
 use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
 use convoy_agent::backend::qemu::service::ServiceClient;
 use convoy_protocol::model::MigrationMode;
@@ -169,17 +171,6 @@ async fn a_guest_fault_runs_the_scenario_once_more_and_only_once() {
     }
 }
 
-/// What the guest's kernel prints when it faults: an oops, a BUG() or a
-/// panic. Not its warnings, soft-lockup or stall reports, which a TCG
-/// guest starved on a loaded host (or throttled by auto-converge) may
-/// print and survive.
-const FAULT: [&str; 7] = convoy_agent::backend::qemu::guest::KERNEL_FAULT_MARKS;
-
-/// Whether the guest's kernel reported a fault on its console.
-pub(crate) fn kernel_fault(log: &Path) -> bool {
-    convoy_agent::backend::qemu::guest::kernel_fault(log)
-}
-
 /// What a failed test shows of a guest's console: from just before the
 /// first kernel fault report to its end (the whole report, not only its
 /// last lines), or the console's last lines when there is none.
@@ -191,7 +182,7 @@ pub(crate) fn console(log: &Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let first = lines
         .iter()
-        .position(|l| FAULT.iter().any(|m| l.contains(m)));
+        .position(|l| KERNEL_FAULT_MARKS.iter().any(|m| l.contains(m)));
     let from = first.map_or(lines.len().saturating_sub(15), |i| i.saturating_sub(5));
     let shown = &lines[from..lines.len().min(from + 80)];
     format!(

@@ -97,7 +97,10 @@ pub fn booted(serial_log: &Path) -> bool {
     std::fs::read_to_string(serial_log).is_ok_and(|t| t.contains("convoy-guest up"))
 }
 
-/// What a Linux guest's kernel prints on its console when it faults.
+/// What a Linux guest's kernel prints on its console when it faults: an
+/// oops, a BUG() or a panic. Not its warnings, soft-lockup or stall
+/// reports, which a TCG guest starved on a loaded host (or throttled by
+/// auto-converge) may print and survive.
 pub const KERNEL_FAULT_MARKS: [&str; 7] = [
     "Oops",
     "general protection fault",
