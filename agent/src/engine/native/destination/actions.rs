@@ -270,25 +270,10 @@ impl Incoming {
             sm.handle_start_failed(&e);
             return;
         }
-        let (faults_tx, mut faults_rx) = mpsc::unbounded_channel();
-        // Faults have their own queue, served before other events.
-        let (tx, batched) = mpsc::unbounded_channel();
-        self.faults = Some(batched);
-        self.tasks.push(crate::engine::spawn(async move {
-            // Every fault already queued goes in one Fetch.
-            while let Some(p) = faults_rx.recv().await {
-                let mut pages = vec![p];
-                while pages.len() < convoy_protocol::message::MAX_FETCH {
-                    match faults_rx.try_recv() {
-                        Ok(q) => pages.push(q),
-                        Err(_) => break,
-                    }
-                }
-                if tx.send(pages).is_err() {
-                    return;
-                }
-            }
-        }));
+        // Faults have their own queue, which the engine serves before
+        // other events (`super::next_faults`).
+        let (faults_tx, faults_rx) = mpsc::unbounded_channel();
+        self.faults = Some(faults_rx);
         let owed_pages = owed.count();
         let started = staging
             .begin_postcopy(&owed, faults_tx)

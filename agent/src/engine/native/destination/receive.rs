@@ -1,6 +1,8 @@
 //! Receiving pages and blocks: the data streams accepted, a decoder thread
-//! per stream staging what arrives (or installing it after a post-copy
-//! switch, only where still missing), and disks started from base images.
+//! per data stream staging what arrives (or installing it after a
+//! post-copy switch, only where still missing), the post-copy fault
+//! stream applied on the task that reads it, and disks started from base
+//! images.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
@@ -192,102 +194,65 @@ impl Incoming {
         let (Some(staging), Some(geometry)) = (self.staging.clone(), self.geometry) else {
             return;
         };
+        let faults = stream == self.streams;
+        // Retained pages come on the data streams, never on the fault one.
+        let reuse = self.reuse.clone().filter(|_| !faults);
+        let bases = self.base_ranges.clone();
+        let mut rx = if faults {
+            // The post-copy fault stream: pages in the order asked.
+            StreamReceiver::unstriped(stream, geometry)
+        } else {
+            StreamReceiver::new(stream, self.streams, geometry)
+        };
+        if !faults && (reuse.is_some() || !bases.is_empty()) {
+            rx.accept_retained();
+        }
+        let mut applier = Applier {
+            stream,
+            background: !faults,
+            rx,
+            staging,
+            reuse,
+            bases,
+            switched: self.switched.clone(),
+            scratch: vec![0u8; geometry.page_size().bytes()],
+            tx: self.tx.clone(),
+        };
+        let tx = self.tx.clone();
+        if faults {
+            // A vCPU waits on each of its frames, a page or a few: applied
+            // where it is read, without a hand-off to a thread that may
+            // wait for a CPU (one wake-up less on the fault's path).
+            self.link_tasks.push(crate::engine::spawn(async move {
+                while let Some(m) = next_frame(read_message(&mut recv).await, &tx) {
+                    if !applier.apply(m) {
+                        return;
+                    }
+                }
+            }));
+            return;
+        }
         // Bounded in bytes, not frames: a source sending only 4 MiB frames
         // holds at most QUEUE_BYTES here per stream, not 32 × 4 MiB.
         let (frames_tx, mut frames_rx) =
             mpsc::channel::<(Message, tokio::sync::OwnedSemaphorePermit)>(QUEUE_FRAMES);
         let queued = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES as usize));
-        let tx = self.tx.clone();
-        let switched = self.switched.clone();
-        // Retained pages come on the data streams, never on the fault one.
-        let reuse = self.reuse.clone().filter(|_| stream < self.streams);
-        let bases = self.base_ranges.clone();
-        let retained = stream < self.streams && (reuse.is_some() || !bases.is_empty());
         self.link_tasks.push(crate::engine::spawn(async move {
-            loop {
-                match read_message(&mut recv).await {
-                    Ok(Some(m)) => {
-                        let Ok(permit) = queued.clone().acquire_many_owned(queued_bytes(&m)).await
-                        else {
-                            return;
-                        };
-                        if frames_tx.send((m, permit)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = tx.send(Event::StreamEnded);
-                        return;
-                    }
-                    Err(WireError::Decode(d)) => {
-                        let _ = tx.send(Event::Bad(d.into()));
-                        return;
-                    }
-                    Err(_) => return,
+            while let Some(m) = next_frame(read_message(&mut recv).await, &tx) {
+                let Ok(permit) = queued.clone().acquire_many_owned(queued_bytes(&m)).await else {
+                    return;
+                };
+                if frames_tx.send((m, permit)).await.is_err() {
+                    return;
                 }
             }
         }));
-        let tx = self.tx.clone();
-        let streams = self.streams;
         let spawned = crate::cpu::spawn(
             std::thread::Builder::new().name(format!("convoy-dec-{stream}")),
             move || {
-                let mut rx = if stream == streams {
-                    // The post-copy fault stream: pages in the order asked.
-                    StreamReceiver::unstriped(stream, geometry)
-                } else {
-                    StreamReceiver::new(stream, streams, geometry)
-                };
-                if retained {
-                    rx.accept_retained();
-                }
-                let mut scratch = vec![0u8; geometry.page_size().bytes()];
                 // The permit is released once the frame is applied.
                 while let Some((m, _permit)) = frames_rx.blocking_recv() {
-                    // After a post-copy switch a data stream's pages are
-                    // background to the fault stream's (never lowered).
-                    if stream < streams && switched.load(Ordering::Acquire) {
-                        crate::engine::yield_to_faults();
-                    }
-                    let Message::PageBatch(header, payload) = m else {
-                        let _ = tx.send(Event::Bad(DestinationError::Unexpected {
-                            phase: "receiving pages",
-                            message: m.kind(),
-                        }));
-                        return;
-                    };
-                    let batch = match rx.receive(&header, &payload) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let _ = tx.send(Event::Bad(e.into()));
-                            return;
-                        }
-                    };
-                    let mut leaves = Vec::with_capacity(batch.len());
-                    let applied = if switched.load(Ordering::Acquire) {
-                        install(&staging, &batch, &mut scratch, &mut leaves)
-                    } else {
-                        stage(
-                            &staging,
-                            reuse.as_ref(),
-                            &bases,
-                            &batch,
-                            &mut scratch,
-                            &mut leaves,
-                        )
-                    };
-                    if let Err(e) = applied {
-                        let _ = tx.send(*e);
-                        return;
-                    }
-                    if tx
-                        .send(Event::Applied {
-                            stream,
-                            seq: batch.seq,
-                            leaves,
-                        })
-                        .is_err()
-                    {
+                    if !applier.apply(m) {
                         return;
                     }
                 }
@@ -302,6 +267,91 @@ impl Incoming {
                     .send(*Box::<Event>::from(StagingFault::DecoderThread(e)));
             }
         }
+    }
+}
+
+/// The frame a stream's read gave, or `None` once it ended (reported on
+/// `tx`: the end, or bytes that do not decode; a broken link is the
+/// connection's to report).
+fn next_frame(read: Result<Option<Message>, WireError>, tx: &super::Tx) -> Option<Message> {
+    match read {
+        Ok(Some(m)) => Some(m),
+        Ok(None) => {
+            let _ = tx.send(Event::StreamEnded);
+            None
+        }
+        Err(WireError::Decode(d)) => {
+            let _ = tx.send(Event::Bad(d.into()));
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// One stream's frames into staging: decoded, checked, staged (or
+/// installed after a post-copy switch) and reported applied.
+struct Applier {
+    stream: u16,
+    /// A data stream: background to the fault stream after a switch.
+    background: bool,
+    rx: StreamReceiver,
+    staging: Arc<SimVm>,
+    reuse: Option<Reuse>,
+    bases: Arc<Vec<std::ops::Range<u64>>>,
+    switched: Arc<std::sync::atomic::AtomicBool>,
+    /// One page.
+    scratch: Vec<u8>,
+    tx: super::Tx,
+}
+
+impl Applier {
+    /// Applies frame `m`; `false` when the stream must stop (reported on
+    /// `tx`).
+    fn apply(&mut self, m: Message) -> bool {
+        let switched = self.switched.load(Ordering::Acquire);
+        // After a post-copy switch a data stream's pages are background
+        // to the fault stream's (never lowered).
+        if self.background && switched {
+            crate::engine::yield_to_faults();
+        }
+        let Message::PageBatch(header, payload) = m else {
+            let _ = self.tx.send(Event::Bad(DestinationError::Unexpected {
+                phase: "receiving pages",
+                message: m.kind(),
+            }));
+            return false;
+        };
+        let batch = match self.rx.receive(&header, &payload) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.tx.send(Event::Bad(e.into()));
+                return false;
+            }
+        };
+        let mut leaves = Vec::with_capacity(batch.len());
+        let applied = if switched {
+            install(&self.staging, &batch, &mut self.scratch, &mut leaves)
+        } else {
+            stage(
+                &self.staging,
+                self.reuse.as_ref(),
+                &self.bases,
+                &batch,
+                &mut self.scratch,
+                &mut leaves,
+            )
+        };
+        if let Err(e) = applied {
+            let _ = self.tx.send(*e);
+            return false;
+        }
+        self.tx
+            .send(Event::Applied {
+                stream: self.stream,
+                seq: batch.seq,
+                leaves,
+            })
+            .is_ok()
     }
 }
 
