@@ -6,6 +6,13 @@
 //! allowance so that a short gap does not leave the link idle. Over any
 //! window longer than the burst the streams together send at most `rate`
 //! bytes per second (plus one burst).
+//!
+//! Post-copy's fault frames do not wait their turn ([`Pacer::charge`]): a
+//! vCPU waits on each, and behind the push's reservations (a 1 MiB frame
+//! per data stream, 100 ms each at 10 MiB/s) a fault would wait as long.
+//! They are sent at once and charged to the clock, so the push's next
+//! frames wait for them instead, and the cap holds over any window but
+//! for the fault bytes sent ahead of their slot.
 
 use crate::engine::clock;
 use std::sync::Mutex;
@@ -42,6 +49,12 @@ impl Pacer {
         };
         *next = Some(start + cost);
         start.checked_sub(BURST).unwrap_or(start)
+    }
+
+    /// Counts `bytes` sent now, ahead of their slot: the next frames to
+    /// reserve wait for them.
+    pub(crate) fn charge(&self, bytes: u64) {
+        let _ = self.reserve(clock::now(), bytes);
     }
 
     /// Waits until `bytes` may be sent.
@@ -85,6 +98,27 @@ mod tests {
         let next = p.reserve(later, 1);
         let gap = next.duration_since(later);
         assert!(gap >= Duration::from_millis(940), "{gap:?}");
+    }
+
+    #[test]
+    fn a_charged_frame_goes_now_and_the_next_reservation_waits_for_it() {
+        let p = Pacer::new(1_000_000);
+        let t0 = clock::now();
+        // A push frame already holds the next second.
+        let _ = p.reserve(t0, 1_000_000);
+        // A fault's 100 kB: sent at once (`charge` does not wait), and
+        // paid for by the push: its next slot is 0.1 s later than without.
+        p.charge(100_000);
+        let next = p.reserve(t0, 1);
+        let gap = next.duration_since(t0);
+        assert!(
+            gap >= Duration::from_millis(1_075) && gap <= Duration::from_millis(1_085),
+            "{gap:?}"
+        );
+        let without = Pacer::new(1_000_000);
+        let _ = without.reserve(t0, 1_000_000);
+        let next = without.reserve(t0, 1);
+        assert!(next.duration_since(t0) < Duration::from_millis(985));
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,7 +151,8 @@ pub(super) async fn open_streams(
         )
         .map_err(OpenError::Thread)?;
         let taken = Taken::new(encoder.thread().clone());
-        spawn_writer(send, (out_rx, taken), pacer.clone(), events.clone(), link);
+        let pacing = pacer.clone().map(Pacing::Wait);
+        spawn_writer(send, (out_rx, taken), pacing, events.clone(), link);
         jobs.push(job_tx);
     }
     let mut faults = None;
@@ -176,7 +177,9 @@ pub(super) async fn open_streams(
         )
         .map_err(OpenError::Thread)?;
         let taken = Taken::new(encoder.thread().clone());
-        spawn_writer(send, (out_rx, taken), pacer, events.clone(), link);
+        // A vCPU waits on each fault: sent at once, paid for by the push.
+        let pacing = pacer.map(Pacing::Charge);
+        spawn_writer(send, (out_rx, taken), pacing, events.clone(), link);
         faults = Some(job_tx);
     }
     Ok(OpenedStreams {
@@ -200,6 +203,15 @@ pub(super) async fn open_data_stream(
     Ok(send)
 }
 
+/// How a stream's frames meet the bandwidth cap.
+pub(super) enum Pacing {
+    /// Each waits for its slot (the data streams).
+    Wait(Arc<Pacer>),
+    /// Each goes at once and is charged to the cap (post-copy's faults,
+    /// [`Pacer::charge`]).
+    Charge(Arc<Pacer>),
+}
+
 /// The writer task of one stream: paced frames out, each reported sent;
 /// it measures the rate the link takes them at (bytes per second of
 /// waiting to send, into `link`, for adaptive compression). It wakes its
@@ -207,7 +219,7 @@ pub(super) async fn open_data_stream(
 pub(super) fn spawn_writer(
     mut send: SendStream,
     (mut out_rx, taken): (mpsc::Receiver<StreamOut>, Taken),
-    pacer: Option<Arc<Pacer>>,
+    pacing: Option<Pacing>,
     events: mpsc::UnboundedSender<EngineEvent>,
     link: Arc<AtomicU64>,
 ) {
@@ -222,8 +234,10 @@ pub(super) fn spawn_writer(
                     info,
                 } => {
                     let busy = Instant::now();
-                    if let Some(p) = &pacer {
-                        p.take(info.frame_bytes).await;
+                    match &pacing {
+                        Some(Pacing::Wait(p)) => p.take(info.frame_bytes).await,
+                        Some(Pacing::Charge(p)) => p.charge(info.frame_bytes),
+                        None => {}
                     }
                     let mut chunks = [head, payload];
                     if let Err(e) = send.write_all_chunks(&mut chunks).await {
