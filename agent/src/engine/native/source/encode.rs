@@ -150,7 +150,9 @@ pub(super) fn encode_stream(
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
         for p in job.pages.iter() {
-            if stream_for(p, streams) != stream {
+            if stream_for(p, streams) != stream
+                || job.served.as_ref().is_some_and(|s| s.contains(p))
+            {
                 continue;
             }
             // A leaf that cannot be read (a disk file) fails the stream,

@@ -126,6 +126,47 @@ pub(super) struct Job {
     pub(super) background: bool,
     /// The first round: what the destination holds already.
     pub(super) held: Option<Arc<Held>>,
+    /// After a post-copy switch: pages the fault stream has carried on
+    /// this link, left out of the push.
+    pub(super) served: Option<Arc<Served>>,
+}
+
+/// Pages served on the fault stream since a post-copy push began on its
+/// link (each fault brings up to `PREPAGE` owed pages after it): the push
+/// leaves out those its encoders have not read yet. Without it a page
+/// went twice, as a fault's and as the push's — a fifth of a 1 GiB
+/// push on loopback, nine tenths of a 256 MiB one under a 20 MiB/s cap.
+/// The VM is paused at the source, so both copies are the same bytes;
+/// the destination installs the first and keeps it. A link that breaks
+/// takes its set with it: what the destination still lacks, it says in
+/// `Resumed`, and the new link pushes all of it.
+pub(super) struct Served(Vec<std::sync::atomic::AtomicU64>);
+
+impl Served {
+    /// None of `leaves` pages served yet.
+    pub(super) fn new(leaves: u64) -> Self {
+        let words = usize::try_from(leaves.div_ceil(64)).unwrap_or(0);
+        Served(
+            (0..words)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Marks `p` served (a page past the end is ignored).
+    pub(super) fn insert(&self, p: PageIndex) {
+        if let Some(w) = usize::try_from(p.0 / 64).ok().and_then(|i| self.0.get(i)) {
+            w.fetch_or(1 << (p.0 % 64), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `p` was served.
+    pub(super) fn contains(&self, p: PageIndex) -> bool {
+        usize::try_from(p.0 / 64)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Relaxed) & (1 << (p.0 % 64)) != 0)
+    }
 }
 
 /// What the destination holds before the first round: the image it
@@ -188,4 +229,23 @@ pub(super) struct OpenedStreams {
     pub(super) faults: Option<std::sync::mpsc::Sender<FaultJob>>,
     /// The delta caches' share of the agent's budget, held while they are.
     pub(super) cache: Option<crate::host::budget::CacheGrant>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_pages_are_remembered_and_pages_past_the_end_ignored() {
+        let s = Served::new(130);
+        for p in [0, 63, 64, 129] {
+            assert!(!s.contains(PageIndex(p)));
+            s.insert(PageIndex(p));
+            assert!(s.contains(PageIndex(p)));
+        }
+        assert!(!s.contains(PageIndex(1)) && !s.contains(PageIndex(128)));
+        // Past the end: neither kept nor a panic.
+        s.insert(PageIndex(192));
+        assert!(!s.contains(PageIndex(192)) && !s.contains(PageIndex(u64::MAX)));
+    }
 }

@@ -20,7 +20,7 @@ use convoy_protocol::page::PageIndex;
 use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
 use tokio::sync::mpsc;
 
-use super::jobs::{EngineEvent, FaultJob, Held, Job, StreamError};
+use super::jobs::{EngineEvent, FaultJob, Held, Job, Served, StreamError};
 use super::streams::spawn_control_reader;
 use super::Run;
 use crate::engine::native::pacer::Pacer;
@@ -53,6 +53,9 @@ struct Wire {
     /// A link resumed before the switch with lanes to dial: its streams
     /// (delta, post-copy) open with the next pages it sends.
     held_back: Option<(bool, bool)>,
+    /// After a post-copy switch: pages served on the fault stream since
+    /// this link's push began ([`Served`]).
+    served: Option<Arc<Served>>,
 }
 
 impl Wire {
@@ -79,6 +82,7 @@ impl Wire {
             earlier: crate::transport::Carried::default(),
             lanes: Vec::new(),
             held_back: None,
+            served: None,
         }
     }
 }
@@ -275,6 +279,11 @@ impl<'r> Driver<'r> {
             (held.bases, held.whole) = self.run.held_bases(self.sm.accepted_bases()).await;
         }
         let held = (!held.is_empty()).then(|| Arc::new(held));
+        // The push after a switch leaves out what the faults carry.
+        self.wire.served = self
+            .sm
+            .is_switched()
+            .then(|| Arc::new(Served::new(pages.len())));
         for j in &self.wire.jobs {
             let _ = j.send(Job {
                 round,
@@ -283,6 +292,7 @@ impl<'r> Driver<'r> {
                 delta: !self.sm.is_switched(),
                 background: self.sm.is_switched(),
                 held: held.clone(),
+                served: self.wire.served.clone(),
             });
         }
         if self.wire.jobs.is_empty() {
@@ -314,6 +324,12 @@ impl<'r> Driver<'r> {
     async fn serve_pages(&mut self, round: u32, pages: Vec<PageIndex>) {
         if !self.open_held_back().await {
             return;
+        }
+        // Before the push's encoders read them: the push leaves them out.
+        if let Some(served) = &self.wire.served {
+            for &p in &pages {
+                served.insert(p);
+            }
         }
         let sent = self
             .wire
