@@ -147,6 +147,7 @@ pub(crate) async fn serve(
         link_tasks,
         link_threads: Vec::new(),
         dying_threads: Vec::new(),
+        dying_tasks: Vec::new(),
         resume_rx: None,
         lanes_rx: None,
         lanes: Vec::new(),
@@ -430,6 +431,9 @@ struct Incoming {
     /// Decoder threads of broken links, joined before a resume (so that
     /// every page they installed has its leaf reported first).
     dying_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Tasks of broken links, aborted and awaited before a resume for the
+    /// same reason: the fault stream's applies its frames itself.
+    dying_tasks: Vec<JoinHandle<()>>,
     /// Post-copy recovery: where a new connection that resumes this
     /// migration arrives, once the link broke.
     resume_rx: Option<mpsc::UnboundedReceiver<crate::host::Reconnection>>,

@@ -103,9 +103,12 @@ impl Incoming {
     /// in hand, reported as stale), the VM (or the pre-copy staging copy)
     /// stays, and the migration waits for its source to come back.
     pub(super) fn await_resume(&mut self) {
-        for t in self.link_tasks.drain(..) {
+        for t in &self.link_tasks {
             t.abort();
         }
+        // An aborted task ends at its next await: the fault stream's,
+        // which applies its frames itself, after the frame in hand.
+        self.dying_tasks.append(&mut self.link_tasks);
         // Their readers gone, the decoders end after the batch in hand.
         self.dying_threads.append(&mut self.link_threads);
         self.conn.close(
@@ -145,19 +148,26 @@ impl Incoming {
         }
     }
 
-    /// Joins the decoders of broken links (each ends after the batch in
-    /// hand once its reader is gone); false if one is still running after
-    /// 10 s.
+    /// Joins the decoders and tasks of broken links (each ends after the
+    /// batch in hand once its reader is gone); false if one is still
+    /// running after 10 s.
     pub(super) async fn join_dying(&mut self) -> bool {
+        let tasks = std::mem::take(&mut self.dying_tasks);
         let dying = std::mem::take(&mut self.dying_threads);
-        if dying.is_empty() {
+        if dying.is_empty() && tasks.is_empty() {
             return true;
         }
-        let joined = tokio::task::spawn_blocking(move || {
-            for t in dying {
-                let _ = t.join();
+        let joined = async move {
+            for t in tasks {
+                let _ = t.await;
             }
-        });
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in dying {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        };
         if tokio::time::timeout(Duration::from_secs(10), joined)
             .await
             .is_err()

@@ -123,6 +123,9 @@ impl Driver<'_> {
         self.wire.jobs.clear();
         self.wire.fault_jobs = None;
         self.wire.rounds_pending = None;
+        // What the old link's faults carried, the destination says in
+        // Resumed whether it holds: the new link's push starts its own set.
+        self.wire.served = None;
         if let Some(c) = &self.wire.conn {
             c.close(crate::transport::close::LINK_LOST.into(), b"link lost");
         }
