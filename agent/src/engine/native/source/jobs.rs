@@ -134,8 +134,9 @@ pub(super) struct Job {
 /// Pages served on the fault stream since a post-copy push began on its
 /// link (each fault brings up to `PREPAGE` owed pages after it): the push
 /// leaves out those its encoders have not read yet. Without it a page
-/// went twice, as a fault's and as the push's — a fifth of a 1 GiB
-/// push on loopback, nine tenths of a 256 MiB one under a 20 MiB/s cap.
+/// went twice, as a fault's and as the push's: up to a quarter of a
+/// 1 GiB push on loopback, nine tenths of a 256 MiB one under a 20 MiB/s
+/// cap.
 /// The VM is paused at the source, so both copies are the same bytes;
 /// the destination installs the first and keeps it. A link that breaks
 /// takes its set with it: what the destination still lacks, it says in
