@@ -726,11 +726,13 @@ impl QemuLab {
         let dst_log = self.serial(to, vm);
         // A TCG guest beside the suite's other tests on two cores may be
         // slow to print: a minute, and the log's end if it never does.
-        assert!(
-            counts_on(&dst_log, last_at_source, Duration::from_secs(60)).await,
-            "no counter after {last_at_source} at the destination; its console: {}",
-            console(&dst_log)
-        );
+        if !counts_on(&dst_log, last_at_source, Duration::from_secs(60)).await {
+            panic!(
+                "no counter after {last_at_source} at the destination; its console: {}\n{}",
+                console(&dst_log),
+                self.stalled(to, vm).await
+            );
+        }
         let after: Vec<u64> = counters(&dst_log)
             .into_iter()
             .filter(|&c| c > last_at_source.saturating_sub(1000))
@@ -1401,6 +1403,52 @@ async fn kill_mid_migration(q: std::sync::Arc<QemuLab>, to: &'static str, victim
 }
 
 impl QemuLab {
+    /// What a guest that printed nothing shows from outside: its QEMU's
+    /// standard error, and how much CPU each of QEMU's threads took in a
+    /// second (a vCPU thread near 0 waits for an interrupt that does not
+    /// come; near 100 it runs and the console does not carry its output).
+    async fn stalled(&self, agent: &str, vm: &str) -> String {
+        let ticks = |p: &Path| -> Vec<(String, u64)> {
+            let Ok(tasks) = std::fs::read_dir(p.join("task")) else {
+                return vec![];
+            };
+            tasks
+                .filter_map(|t| t.ok())
+                .filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                    // `pid (comm) state ...`: utime and stime are fields 14
+                    // and 15, the 12th and 13th after the comm.
+                    let (head, rest) = stat.rsplit_once(") ")?;
+                    let comm = head.split_once(" (")?.1.to_owned();
+                    let f: Vec<&str> = rest.split(' ').collect();
+                    let used = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                    Some((format!("{} {comm}", t.file_name().to_string_lossy()), used))
+                })
+                .collect()
+        };
+        let mut out = String::new();
+        let stderr = self.lab.qemu_runtime(agent).join(vm).join("qemu.stderr");
+        out += &format!(
+            "QEMU's standard error: {:?}\n",
+            std::fs::read_to_string(&stderr).unwrap_or_else(|e| e.to_string())
+        );
+        for p in self.processes(agent) {
+            let before = ticks(&p);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let after = ticks(&p);
+            out += &format!(
+                "{}: CPU ticks (1/100 s) in one second, per thread:",
+                p.display()
+            );
+            for (name, t) in &after {
+                let was = before.iter().find(|(n, _)| n == name).map_or(0, |b| b.1);
+                out += &format!(" [{name}: {}]", t.saturating_sub(was));
+            }
+            out += "\n";
+        }
+        out
+    }
+
     /// Nothing of `vm` at `agent`: no QEMU, no listing, no runtime files.
     async fn assert_nothing_at(&self, agent: &str, vm: &str) {
         assert!(
