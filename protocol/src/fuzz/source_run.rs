@@ -93,6 +93,7 @@ enum Job {
     Pause,
     CommitHandover,
     CommitSwitch,
+    StopFaults,
     Reconnect,
 }
 
@@ -431,6 +432,7 @@ impl SourceRun {
                 let d = self.dirty(arg);
                 self.src.handle_dirty_log(self.now, d);
             }
+            Job::StopFaults => self.src.handle_faults_stopped(self.now, 0),
             Job::Pause => {
                 let d = self.dirty(arg);
                 let state = vec![arg; usize::from(arg % 32) + 1];
@@ -547,6 +549,8 @@ impl SourceRun {
                 });
             }
             SourceAction::CollectDirtyLog => self.jobs.push_back(Job::Collect),
+            // This driver serves no Fetch itself.
+            SourceAction::StopFaults => self.jobs.push_back(Job::StopFaults),
             SourceAction::PauseVm => self.jobs.push_back(Job::Pause),
             SourceAction::CommitHandover => {
                 assert!(self.ready_valid, "handover committed without a valid Ready");

@@ -72,6 +72,13 @@ pub enum SourceAction {
         /// Ascending, at most one batch's worth.
         pages: Vec<PageIndex>,
     },
+    /// Post-copy: every owed page is pushed and every fault the machine
+    /// knows of is served. Stop serving Fetches outside the machine (a
+    /// driver that serves them as they are read,
+    /// [`Source::handle_fetches_served`]), then call
+    /// [`Source::handle_faults_stopped`] with how many were served that
+    /// way and not yet reported: `Finish` waits for their batches.
+    StopFaults,
     /// Recovery: the link broke after the switch, or in a pre-copy round
     /// (the VM still running here, its dirty log on: a dirty log collected
     /// meanwhile is kept). Drop the

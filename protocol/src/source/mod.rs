@@ -192,8 +192,21 @@ pub use control::TRUSTED_ROUND_TRIPS;
 pub use driver::{SentBatch, SourceAction, SourceEvent};
 pub use error::SourceError;
 pub use outcome::SourceSummary;
-pub use postcopy::PREPAGE;
+pub use postcopy::{fetch_pages, PREPAGE};
 pub use precopy::{HOT_ROUNDS, THROTTLE_STEPS};
+
+/// Post-copy: who serves the destination's Fetches
+/// ([`SourceAction::StopFaults`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultServing {
+    /// The driver may serve them as it reads them.
+    Open,
+    /// Asked to stop: waiting for [`Source::handle_faults_stopped`].
+    Stopping,
+    /// Only through the machine (`ServePages`), so that `Finish` counts
+    /// every batch.
+    Stopped,
+}
 
 #[derive(Debug)]
 enum Phase {
@@ -360,8 +373,11 @@ pub struct Source {
     /// Pages owed at the switch, and those sent since.
     owed: Option<PageBitmap>,
     pushed: PageBitmap,
-    /// ServePages actions not yet reported sent.
+    /// ServePages actions (and Fetches the driver served itself) not yet
+    /// reported sent.
     serving: u64,
+    /// Post-copy: whether the driver may still serve Fetches itself.
+    faults: FaultServing,
     postcopy: PostcopySummary,
     root: Option<Digest>,
     ticket_digest: Digest,
@@ -448,6 +464,7 @@ impl Source {
             owed: None,
             pushed: PageBitmap::empty(pages as u64),
             serving: 0,
+            faults: FaultServing::Open,
             postcopy: PostcopySummary::default(),
             root: None,
             receipts: Vec::new(),

@@ -25,7 +25,8 @@ use convoy_protocol::page::{
 use convoy_protocol::receipt::{ticket_digest, ReceiptKind, SignedReceipt};
 use convoy_protocol::reuse::{RetainedImage, ReuseError, ReuseKey, ReuseOffer};
 use convoy_protocol::source::{
-    SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent, SourceSummary,
+    fetch_pages, SentBatch, Source, SourceAction, SourceConfig, SourceError, SourceEvent,
+    SourceSummary,
 };
 
 pub const PAGE: usize = 4096;
@@ -259,6 +260,17 @@ pub struct Pair {
     /// At a cut after the switch, the source process dies: a new one is
     /// made from the paused image ([`Source::restarted_after_switch`]).
     pub restart_source_at_cut: bool,
+    /// The source's driver serves each Fetch itself while the machine
+    /// says so ([`Source::serving_faults`]), as the agent's control
+    /// reader does, instead of waiting for `ServePages`.
+    pub serve_directly: bool,
+    /// Fetches served that way.
+    pub served_directly: u64,
+    /// One more served that way as the machine asks to stop
+    /// (`StopFaults`), counted in its answer.
+    pub late_fetch_at_stop: bool,
+    /// The round of the last Fetch served directly.
+    pub fault_round: u32,
 }
 
 impl Pair {
@@ -353,6 +365,10 @@ impl Pair {
             missing: None,
             touch: vec![1, 2, 500, 900],
             cut_on_running: false,
+            serve_directly: false,
+            served_directly: 0,
+            late_fetch_at_stop: false,
+            fault_round: 0,
             cut_after_postcopy_batches: None,
             postcopy_batches: 0,
             cut_after_precopy_batches: None,
@@ -556,6 +572,15 @@ impl Pair {
                     self.src.handle_switch_committed(self.now);
                 }
                 SourceAction::ServePages { round, pages } => self.serve_pages(round, pages),
+                // Fetches served directly here were reported at once, but
+                // for one served as the machine asked to stop.
+                SourceAction::StopFaults if self.late_fetch_at_stop => {
+                    self.late_fetch_at_stop = false;
+                    self.src.handle_faults_stopped(self.now, 1);
+                    self.serve_pages(self.fault_round, vec![PageIndex(0)]);
+                    self.served_directly += 1;
+                }
+                SourceAction::StopFaults => self.src.handle_faults_stopped(self.now, 0),
                 SourceAction::Reconnect => {
                     // Streams of the new link count from zero.
                     self.reconnect_at = Some(self.now + self.outage);
@@ -810,6 +835,21 @@ impl Pair {
                 break;
             }
             let (_, m) = self.to_src.pop_front().unwrap();
+            if let (true, Message::Fetch(f), Some(round)) =
+                (self.serve_directly, &m, self.src.serving_faults())
+            {
+                // No pre-paging here: the asked pages alone.
+                let count = self.vm.pages.len() as u64;
+                if let Ok(pages) = fetch_pages(&f.pages, count, 64, |_| false) {
+                    self.fault_round = round;
+                    self.src.handle_fetches_served(1);
+                    self.serve_pages(round, pages);
+                    self.served_directly += 1;
+                    progressed = true;
+                    self.drain_src();
+                    continue;
+                }
+            }
             if let Err(e) = self.src.handle_message(self.now, m) {
                 self.src_errors.push(e);
             }

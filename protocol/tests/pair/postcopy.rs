@@ -23,6 +23,37 @@ fn postcopy_runs_the_vm_first_then_fills_and_verifies_every_page() {
     assert!(s.downtime.unwrap() * 5 < s.total, "{s:?}");
 }
 
+/// The agent's source serves a Fetch on the task that reads it, not
+/// through `ServePages`: the machine counts it, waits for its batch like
+/// any other and verifies the same.
+#[test]
+fn faults_served_by_the_driver_itself_are_counted_and_awaited() {
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.manifest.plan.mode = MigrationMode::Postcopy;
+    });
+    p.serve_directly = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert!(p.served_directly > 0, "{pc:?}");
+    assert_eq!(pc.fetches, p.served_directly, "{pc:?}");
+    assert!(pc.served >= p.served_directly, "{pc:?}");
+
+    // One served as the machine asks the driver to stop: `Finish` waits
+    // for its batch (sent after it, the destination would count one batch
+    // more than announced and fail).
+    let mut p = Pair::with(2048, 60, 50e6, 1 << 30, |c| {
+        c.manifest.plan.mode = MigrationMode::Postcopy;
+    });
+    p.serve_directly = true;
+    p.late_fetch_at_stop = true;
+    p.run();
+    let s = assert_postcopy_completed(&p);
+    let pc = s.postcopy.unwrap();
+    assert!(!p.late_fetch_at_stop, "the machine never asked to stop");
+    assert_eq!(pc.fetches, p.served_directly, "{pc:?}");
+}
+
 #[test]
 fn hybrid_switches_after_the_first_pass_and_owes_only_the_dirty_pages() {
     // The VM that never converges in pre-copy (see above).

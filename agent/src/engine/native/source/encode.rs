@@ -13,7 +13,7 @@ use convoy_protocol::message::encode_batch_head;
 use convoy_protocol::page::{stream_for, BatchBuilder, BuildError, Compressor};
 use convoy_protocol::source::SentBatch;
 
-use super::jobs::{FaultJob, HeldLeaf, Job, Outbox, StreamError, StreamOut, BATCH_PAGES};
+use super::jobs::{HeldLeaf, Job, Outbox, StreamError, StreamOut, BATCH_PAGES};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 use crate::engine::priority::PushPriority;
@@ -150,8 +150,7 @@ pub(super) fn encode_stream(
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
         for p in job.pages.iter() {
-            if stream_for(p, streams) != stream
-                || job.served.as_ref().is_some_and(|s| s.contains(p))
+            if stream_for(p, streams) != stream || job.served.as_ref().is_some_and(|s| !s.claim(p))
             {
                 continue;
             }
@@ -197,33 +196,6 @@ pub(super) fn encode_stream(
             round: job.round,
             skipped,
         })?;
-    }
-    Ok(())
-}
-
-/// The encoder thread of the post-copy fault stream: each job is one batch
-/// of pages of the paused VM.
-pub(super) fn serve_faults(
-    stream: u16,
-    vm: Arc<dyn VmBackend>,
-    mut comp: Shrink,
-    jobs: std::sync::mpsc::Receiver<FaultJob>,
-    out: Outbox,
-) -> Result<(), StreamError> {
-    let page_size = vm.geometry().page_size();
-    let mut seq = 0u64;
-    while let Ok(job) = jobs.recv() {
-        let mut b = BatchBuilder::new(page_size);
-        for p in job.pages {
-            let mut failed = None;
-            b.push_with(p, |buf| failed = vm.read_leaf(p, buf).err())?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-        }
-        let enc = comp.finish(b, seq, job.round)?;
-        seq += 1;
-        emit(&out, stream, job.round, enc, None)?;
     }
     Ok(())
 }

@@ -126,17 +126,19 @@ pub(super) struct Job {
     pub(super) background: bool,
     /// The first round: what the destination holds already.
     pub(super) held: Option<Arc<Held>>,
-    /// After a post-copy switch: pages the fault stream has carried on
-    /// this link, left out of the push.
+    /// After a post-copy switch: pages taken on this link (by the fault
+    /// stream: left out of the push).
     pub(super) served: Option<Arc<Served>>,
 }
 
-/// Pages served on the fault stream since a post-copy push began on its
-/// link (each fault brings up to `PREPAGE` owed pages after it): the push
-/// leaves out those its encoders have not read yet. Without it a page
-/// went twice, as a fault's and as the push's: up to a quarter of a
-/// 1 GiB push on loopback, nine tenths of a 256 MiB one under a 20 MiB/s
-/// cap.
+/// Pages taken since a post-copy push began on its link: served on the
+/// fault stream (each fault brings up to `PREPAGE` owed pages after it)
+/// or read by the push's encoders. The push leaves out what the faults
+/// took first, and the faults bring after theirs only pages no one took.
+/// Without it a page went twice, as a fault's and as the push's: up to a
+/// quarter of a 1 GiB push on loopback, nine tenths of a 256 MiB one under
+/// a 20 MiB/s cap. A page past the end is never taken: the set is made
+/// for its push's pages.
 /// The VM is paused at the source, so both copies are the same bytes;
 /// the destination installs the first and keeps it. A link that breaks
 /// takes its set with it: what the destination still lacks, it says in
@@ -154,11 +156,19 @@ impl Served {
         )
     }
 
-    /// Marks `p` served (a page past the end is ignored).
-    pub(super) fn insert(&self, p: PageIndex) {
-        if let Some(w) = usize::try_from(p.0 / 64).ok().and_then(|i| self.0.get(i)) {
-            w.fetch_or(1 << (p.0 % 64), std::sync::atomic::Ordering::Relaxed);
-        }
+    /// Takes `p`: `true` if no one had (a page past the end is never
+    /// taken). The faults take what they serve; the push's encoders take
+    /// each page before they read it, and leave out one taken already.
+    pub(super) fn claim(&self, p: PageIndex) -> bool {
+        usize::try_from(p.0 / 64)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .is_some_and(|w| {
+                let bit = 1 << (p.0 % 64);
+                // Acquire-release: an encoder that finds a page taken by a
+                // fault sees the Fetch counted before it (`FaultSlot`).
+                w.fetch_or(bit, std::sync::atomic::Ordering::AcqRel) & bit == 0
+            })
     }
 
     /// Whether `p` was served.
@@ -218,35 +228,22 @@ impl Held {
     }
 }
 
-/// Pages to serve on the fault stream, as one batch.
-pub(super) struct FaultJob {
-    pub(super) round: u32,
-    pub(super) pages: Vec<PageIndex>,
-}
-
-/// The job queues of the opened streams.
-pub(super) struct OpenedStreams {
-    pub(super) data: Vec<std::sync::mpsc::Sender<Job>>,
-    pub(super) faults: Option<std::sync::mpsc::Sender<FaultJob>>,
-    /// The delta caches' share of the agent's budget, held while they are.
-    pub(super) cache: Option<crate::host::budget::CacheGrant>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn served_pages_are_remembered_and_pages_past_the_end_ignored() {
+    fn a_page_is_taken_once_and_pages_past_the_end_never() {
         let s = Served::new(130);
         for p in [0, 63, 64, 129] {
             assert!(!s.contains(PageIndex(p)));
-            s.insert(PageIndex(p));
+            assert!(s.claim(PageIndex(p)), "{p}");
             assert!(s.contains(PageIndex(p)));
+            assert!(!s.claim(PageIndex(p)), "{p} twice");
         }
         assert!(!s.contains(PageIndex(1)) && !s.contains(PageIndex(128)));
         // Past the end: neither kept nor a panic.
-        s.insert(PageIndex(192));
+        assert!(!s.claim(PageIndex(192)));
         assert!(!s.contains(PageIndex(192)) && !s.contains(PageIndex(u64::MAX)));
     }
 }

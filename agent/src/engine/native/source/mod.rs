@@ -17,6 +17,7 @@
 
 mod driver;
 mod encode;
+mod faults;
 mod jobs;
 mod lanes;
 pub(crate) mod restart;

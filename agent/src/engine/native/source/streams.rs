@@ -14,10 +14,9 @@ use convoy_protocol::page::BuildError;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use super::encode::{encode_stream, serve_faults, Encoder, Shrink};
-use super::jobs::{
-    EngineEvent, FaultJob, Job, OpenedStreams, Outbox, StreamError, StreamOut, Taken,
-};
+use super::encode::{encode_stream, Encoder, Shrink};
+use super::faults::{FaultServer, FaultSlot};
+use super::jobs::{EngineEvent, Job, Outbox, StreamError, StreamOut, Taken};
 use crate::backend::VmBackend;
 use crate::config::TamperHook;
 use crate::engine::native::pacer::Pacer;
@@ -40,14 +39,30 @@ pub(super) enum OpenError {
     Thread(#[source] std::io::Error),
 }
 
-/// Reads the destination's control stream into `tx`.
+/// The job queues of the opened streams, and the fault stream.
+pub(super) struct OpenedStreams {
+    pub(super) data: Vec<std::sync::mpsc::Sender<Job>>,
+    pub(super) faults: Option<FaultServer>,
+    /// The delta caches' share of the agent's budget, held while they are.
+    pub(super) cache: Option<crate::host::budget::CacheGrant>,
+}
+
+/// Reads the destination's control stream into `tx`, serving each Fetch
+/// itself while `faults` is armed (its batch reported on `events`).
 pub(super) fn spawn_control_reader(
     mut recv: crate::transport::RecvStream,
-    tx: mpsc::Sender<Result<Option<Message>, crate::transport::WireError>>,
+    tx: mpsc::Sender<Result<Option<Message>, WireError>>,
+    faults: Arc<FaultSlot>,
+    events: mpsc::UnboundedSender<EngineEvent>,
 ) {
     crate::engine::spawn(async move {
         loop {
             let r = read_message(&mut recv).await;
+            if let Ok(Some(Message::Fetch(f))) = &r {
+                if faults.serve_fetch(f, &events).await {
+                    continue;
+                }
+            }
             let end = !matches!(r, Ok(Some(_)));
             if tx.send(r).await.is_err() || end {
                 return;
@@ -151,8 +166,7 @@ pub(super) async fn open_streams(
         )
         .map_err(OpenError::Thread)?;
         let taken = Taken::new(encoder.thread().clone());
-        let pacing = pacer.clone().map(Pacing::Wait);
-        spawn_writer(send, (out_rx, taken), pacing, events.clone(), link);
+        spawn_writer(send, (out_rx, taken), pacer.clone(), events.clone(), link);
         jobs.push(job_tx);
     }
     let mut faults = None;
@@ -160,27 +174,9 @@ pub(super) async fn open_streams(
         let send = open_data_stream(first, migration, streams).await?;
         // Faults go before the background push whenever both wait.
         let _ = send.set_priority(1);
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<FaultJob>();
-        let (out_tx, out_rx) = mpsc::channel::<StreamOut>(OUT_QUEUE);
-        let vm = vm.clone();
-        let events_enc = events.clone();
-        let link = Arc::new(AtomicU64::new(0));
-        let shrink = Shrink::new(level, adaptive, link.clone())?;
-        let out_tx = Outbox::new(out_tx);
-        let encoder = crate::cpu::spawn(
-            std::thread::Builder::new().name("convoy-faults".into()),
-            move || {
-                if let Err(e) = serve_faults(streams, vm, shrink, job_rx, out_tx) {
-                    let _ = events_enc.send(EngineEvent::StreamFailed(e));
-                }
-            },
-        )
-        .map_err(OpenError::Thread)?;
-        let taken = Taken::new(encoder.thread().clone());
+        let shrink = Shrink::new(level, adaptive, Arc::new(AtomicU64::new(0)))?;
         // A vCPU waits on each fault: sent at once, paid for by the push.
-        let pacing = pacer.map(Pacing::Charge);
-        spawn_writer(send, (out_rx, taken), pacing, events.clone(), link);
-        faults = Some(job_tx);
+        faults = Some(FaultServer::new(send, streams, vm.clone(), shrink, pacer));
     }
     Ok(OpenedStreams {
         data: jobs,
@@ -203,15 +199,6 @@ pub(super) async fn open_data_stream(
     Ok(send)
 }
 
-/// How a stream's frames meet the bandwidth cap.
-pub(super) enum Pacing {
-    /// Each waits for its slot (the data streams).
-    Wait(Arc<Pacer>),
-    /// Each goes at once and is charged to the cap (post-copy's faults,
-    /// [`Pacer::charge`]).
-    Charge(Arc<Pacer>),
-}
-
 /// The writer task of one stream: paced frames out, each reported sent;
 /// it measures the rate the link takes them at (bytes per second of
 /// waiting to send, into `link`, for adaptive compression). It wakes its
@@ -219,7 +206,7 @@ pub(super) enum Pacing {
 pub(super) fn spawn_writer(
     mut send: SendStream,
     (mut out_rx, taken): (mpsc::Receiver<StreamOut>, Taken),
-    pacing: Option<Pacing>,
+    pacer: Option<Arc<Pacer>>,
     events: mpsc::UnboundedSender<EngineEvent>,
     link: Arc<AtomicU64>,
 ) {
@@ -234,10 +221,8 @@ pub(super) fn spawn_writer(
                     info,
                 } => {
                     let busy = Instant::now();
-                    match &pacing {
-                        Some(Pacing::Wait(p)) => p.take(info.frame_bytes).await,
-                        Some(Pacing::Charge(p)) => p.charge(info.frame_bytes),
-                        None => {}
+                    if let Some(p) = &pacer {
+                        p.take(info.frame_bytes).await;
                     }
                     let mut chunks = [head, payload];
                     if let Err(e) = send.write_all_chunks(&mut chunks).await {

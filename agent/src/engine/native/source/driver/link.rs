@@ -7,8 +7,8 @@ use convoy_protocol::message::Capabilities;
 use convoy_protocol::model::MigrationMode;
 use tokio::sync::mpsc;
 
-use super::super::jobs::{EngineEvent, OpenedStreams};
-use super::super::streams::{open_streams, spawn_control_reader, OpenError, StreamSetup};
+use super::super::jobs::EngineEvent;
+use super::super::streams::{open_streams, OpenError, OpenedStreams, StreamSetup};
 use super::Driver;
 use crate::engine::clock;
 use crate::host::budget::Side;
@@ -81,7 +81,7 @@ impl Driver<'_> {
         match self.open_streams(&conns, delta, postcopy).await {
             Ok(opened) => {
                 self.wire.jobs = opened.data;
-                self.wire.fault_jobs = opened.faults;
+                self.wire.faults.set_server(opened.faults).await;
                 self.wire.cache_grant = opened.cache;
                 true
             }
@@ -121,11 +121,14 @@ impl Driver<'_> {
             .phase(&format!("link lost {when}: dialling the destination again"));
         tracing::warn!(migration = %self.run.migration, switched, "link lost, reconnecting");
         self.wire.jobs.clear();
-        self.wire.fault_jobs = None;
         self.wire.rounds_pending = None;
-        // What the old link's faults carried, the destination says in
-        // Resumed whether it holds: the new link's push starts its own set.
-        self.wire.served = None;
+        // The old link's reader stops serving, and its queue closes (the
+        // reader may be waiting on it: it ends, and the old events end
+        // with it). The new link gets a fault slot of its own. Whether it
+        // holds what the old link's faults carried, the destination says
+        // in Resumed: the new link's push starts a set of its own.
+        self.wire.faults.arm(None);
+        self.wire.ctrl_rx = mpsc::channel(1).1;
         if let Some(c) = &self.wire.conn {
             c.close(crate::transport::close::LINK_LOST.into(), b"link lost");
         }
@@ -142,6 +145,10 @@ impl Driver<'_> {
         // look wrong: in doubt, safely.)
         let drained = tokio::time::Instant::now() + Duration::from_secs(5);
         while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await {
+            let fetches = self.wire.faults.take_fetches();
+            if fetches > 0 {
+                self.sm.handle_fetches_served(fetches);
+            }
             if let EngineEvent::Sent(b) = ev {
                 if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
                     tracing::error!("engine bug: {e}");
@@ -196,14 +203,11 @@ impl Driver<'_> {
                     }
                     self.wire._share = Some(self.run.host.budget.join(&link.conn, Side::Send));
                     self.wire.conn = Some(link.conn);
-                    self.wire.control = Some(link.send);
-                    let (ctrl_tx, rx) = mpsc::channel(16);
-                    self.wire.ctrl_rx = rx;
-                    spawn_control_reader(link.recv, ctrl_tx);
+                    self.wire.listen(link.send, link.recv);
                     match opened {
                         Some(o) => {
                             self.wire.jobs = o.data;
-                            self.wire.fault_jobs = o.faults;
+                            self.wire.faults.set_server(o.faults).await;
                             self.wire.cache_grant = o.cache;
                         }
                         None => self.wire.held_back = Some((delta, postcopy)),

@@ -20,7 +20,8 @@ use convoy_protocol::page::PageIndex;
 use convoy_protocol::source::{Source, SourceAction, SourceConfig, SourceEvent, SourceSummary};
 use tokio::sync::mpsc;
 
-use super::jobs::{EngineEvent, FaultJob, Held, Job, Served, StreamError};
+use super::faults::{FaultSlot, Push};
+use super::jobs::{EngineEvent, Held, Job, Served, StreamError};
 use super::streams::spawn_control_reader;
 use super::Run;
 use crate::engine::native::pacer::Pacer;
@@ -40,7 +41,9 @@ struct Wire {
     events_tx: mpsc::UnboundedSender<EngineEvent>,
     events: mpsc::UnboundedReceiver<EngineEvent>,
     jobs: Vec<std::sync::mpsc::Sender<Job>>,
-    fault_jobs: Option<std::sync::mpsc::Sender<FaultJob>>,
+    /// The link's fault stream, shared with its control reader
+    /// ([`super::faults`]).
+    faults: Arc<FaultSlot>,
     /// The delta caches' share of the budget, held while the encoders are.
     cache_grant: Option<CacheGrant>,
     /// The round being written: (round, streams done, pages skipped).
@@ -53,37 +56,42 @@ struct Wire {
     /// A link resumed before the switch with lanes to dial: its streams
     /// (delta, post-copy) open with the next pages it sends.
     held_back: Option<(bool, bool)>,
-    /// After a post-copy switch: pages served on the fault stream since
-    /// this link's push began ([`Served`]).
-    served: Option<Arc<Served>>,
 }
 
 impl Wire {
-    /// A link's wire: its connection and budget share (if up), its control
-    /// stream and what reads it; no streams open yet.
-    fn new(
-        conn: Option<(Connection, Share)>,
-        control: Option<SendStream>,
-        ctrl_rx: mpsc::Receiver<Result<Option<Message>, WireError>>,
-    ) -> Wire {
+    /// A link's wire: its connection and budget share (if up); no control
+    /// stream ([`Wire::listen`]) and no streams open yet.
+    fn new(conn: Option<(Connection, Share)>) -> Wire {
         let (events_tx, events) = mpsc::unbounded_channel();
+        // Closed: nothing to read before the first link.
+        let (_, ctrl_rx) = mpsc::channel(1);
         let (conn, share) = conn.unzip();
         Wire {
             conn,
             _share: share,
-            control,
+            control: None,
             ctrl_rx,
             events_tx,
             events,
             jobs: Vec::new(),
-            fault_jobs: None,
+            faults: FaultSlot::new(),
             cache_grant: None,
             rounds_pending: None,
             earlier: crate::transport::Carried::default(),
             lanes: Vec::new(),
             held_back: None,
-            served: None,
         }
+    }
+
+    /// The link's control stream: `send` for the machine's messages, and
+    /// a reader of `recv` with a fault slot of its own (a new link's
+    /// faults never go on the old link's stream).
+    fn listen(&mut self, send: SendStream, recv: crate::transport::RecvStream) {
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
+        self.control = Some(send);
+        self.ctrl_rx = ctrl_rx;
+        self.faults = FaultSlot::new();
+        spawn_control_reader(recv, ctrl_tx, self.faults.clone(), self.events_tx.clone());
     }
 }
 
@@ -121,19 +129,13 @@ impl<'r> Driver<'r> {
         if let Some(offer) = &run.retain {
             sm.retain_image(offer.clone());
         }
-        let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
-        let (control, link_error) = match conn.open_bi().await {
-            Ok((send, recv)) => {
-                spawn_control_reader(recv, ctrl_tx);
-                (Some(send), None)
-            }
-            Err(e) => (None, Some(e.to_string())),
-        };
+        let opened = conn.open_bi().await;
+        let mut wire = Wire::new(Some((conn, share)));
         sm.start(clock::now());
-        if let Some(e) = link_error {
-            sm.handle_link_lost(clock::now(), &e);
+        match opened {
+            Ok((send, recv)) => wire.listen(send, recv),
+            Err(e) => sm.handle_link_lost(clock::now(), &e.to_string()),
         }
-        let wire = Wire::new(Some((conn, share)), control, ctrl_rx);
         Driver::with(run, sm, wire, dest, false)
     }
 
@@ -146,8 +148,7 @@ impl<'r> Driver<'r> {
         dest: convoy_protocol::names::SpiffeId,
     ) -> Driver<'r> {
         // No control stream until the first new link.
-        let (_, ctrl_rx) = mpsc::channel(1);
-        Driver::with(run, sm, Wire::new(None, None, ctrl_rx), dest, true)
+        Driver::with(run, sm, Wire::new(None), dest, true)
     }
 
     fn with(
@@ -182,6 +183,9 @@ impl<'r> Driver<'r> {
             while let Some(action) = self.sm.poll_action() {
                 self.act(action).await;
             }
+            // Faults are served as they are read while the machine is in
+            // post-copy, and go through it otherwise.
+            self.wire.faults.arm(self.sm.serving_faults());
             if let Some(s) = self.events() {
                 break s;
             }
@@ -218,6 +222,10 @@ impl<'r> Driver<'r> {
                 }
             }
             SourceAction::ServePages { round, pages } => self.serve_pages(round, pages).await,
+            SourceAction::StopFaults => {
+                let served = self.wire.faults.stop().await;
+                self.sm.handle_faults_stopped(clock::now(), served);
+            }
             SourceAction::Reconnect => self.reconnect().await,
             SourceAction::CommitHandover => {
                 if self.commit("handed over").await {
@@ -279,11 +287,14 @@ impl<'r> Driver<'r> {
             (held.bases, held.whole) = self.run.held_bases(self.sm.accepted_bases()).await;
         }
         let held = (!held.is_empty()).then(|| Arc::new(held));
-        // The push after a switch leaves out what the faults carry.
-        self.wire.served = self
-            .sm
-            .is_switched()
-            .then(|| Arc::new(Served::new(pages.len())));
+        // The push after a switch leaves out what the faults carry, and
+        // the faults bring after theirs only what the push has not taken.
+        let push = self.sm.is_switched().then(|| Push {
+            pages: pages.clone(),
+            served: Arc::new(Served::new(pages.len())),
+        });
+        let served = push.as_ref().map(|p| p.served.clone());
+        self.wire.faults.set_push(push);
         for j in &self.wire.jobs {
             let _ = j.send(Job {
                 round,
@@ -292,7 +303,7 @@ impl<'r> Driver<'r> {
                 delta: !self.sm.is_switched(),
                 background: self.sm.is_switched(),
                 held: held.clone(),
-                served: self.wire.served.clone(),
+                served: served.clone(),
             });
         }
         if self.wire.jobs.is_empty() {
@@ -325,20 +336,11 @@ impl<'r> Driver<'r> {
         if !self.open_held_back().await {
             return;
         }
-        // Before the push's encoders read them: the push leaves them out.
-        if let Some(served) = &self.wire.served {
-            for &p in &pages {
-                served.insert(p);
-            }
-        }
-        let sent = self
-            .wire
-            .fault_jobs
-            .as_ref()
-            .is_some_and(|f| f.send(FaultJob { round, pages }).is_ok());
-        if !sent {
-            self.sm.handle_link_lost(clock::now(), "no fault stream");
-        }
+        // On a task of its own: the stream may be waiting for credit (a
+        // link without a fault stream reports it gone there).
+        self.wire
+            .faults
+            .spawn_serve(round, pages, self.wire.events_tx.clone());
     }
 
     /// Records the handover (or the switch) in the journal before it is
@@ -483,6 +485,11 @@ impl<'r> Driver<'r> {
     }
 
     fn stream_event(&mut self, ev: Option<EngineEvent>) {
+        // The Fetches the control reader served, before their batches.
+        let fetches = self.wire.faults.take_fetches();
+        if fetches > 0 {
+            self.sm.handle_fetches_served(fetches);
+        }
         match ev {
             Some(EngineEvent::Sent(b)) => {
                 if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
