@@ -3,8 +3,11 @@
 //! time, a broken link, a cancel and the driver's reports interleaved as
 //! the input says. It checks, independently of the machine, that a handover
 //! and a completion follow only from a valid sequence of the destination's
-//! messages with matching receipts and digests, and that the VM is never
-//! both handed over and resumed here.
+//! messages with matching receipts and digests, that the VM is never
+//! both handed over and resumed here, and that no `Finish` goes before the
+//! batches of the Fetches the driver served itself (it serves some in
+//! post-copy, as the agent's control reader does, and some as the machine
+//! asks it to stop).
 //!
 //! An input is two configuration bytes, then operations: one byte each
 //! (its low 3 bits, see [`op`]), some followed by an operand.
@@ -94,6 +97,13 @@ enum Job {
     CommitHandover,
     CommitSwitch,
     StopFaults,
+    /// A Fetch the driver served itself (counted with
+    /// `handle_fetches_served`): its batch, reported sent, on the link
+    /// it was served on.
+    Served {
+        pages: Vec<PageIndex>,
+        link: u32,
+    },
     Reconnect,
 }
 
@@ -122,6 +132,11 @@ pub struct SourceRun {
     /// The operation in hand fed an Abort.
     aborting: bool,
     switched: bool,
+    /// Links lost so far: the driver's served batches belong to one.
+    link: u32,
+    /// Fetches the driver served itself on this link whose batches it
+    /// has not reported: no `Finish` may go meanwhile (it counts them).
+    served_unreported: u64,
     handed_over: bool,
     rolled_back: bool,
     discarded: bool,
@@ -227,6 +242,8 @@ impl SourceRun {
             running_there: false,
             aborting: false,
             switched: false,
+            link: 0,
+            served_unreported: 0,
             handed_over: false,
             rolled_back: false,
             discarded: false,
@@ -263,7 +280,12 @@ impl SourceRun {
                     self.src.handle_timeout(self.now);
                 }
             }
-            op::LINK_LOST => self.src.handle_link_lost(self.now, "fuzz"),
+            op::LINK_LOST => {
+                // What the old link's faults carried, `Resumed` says.
+                self.link += 1;
+                self.served_unreported = 0;
+                self.src.handle_link_lost(self.now, "fuzz");
+            }
             op::DRIVER_PART | op::DRIVER_JOB | op::DRIVER_ALL => {
                 let Some(&[arg]) = take(input, 1) else {
                     return false;
@@ -343,6 +365,24 @@ impl SourceRun {
     }
 
     fn message(&mut self, m: Message) {
+        // A driver that serves Fetches itself while the machine says so
+        // (as the agent's does): those whose first page is even, here.
+        if let (Message::Fetch(f), Some(_)) = (&m, self.src.serving_faults()) {
+            let count = self.tree.len() as u64;
+            let max = PageSize::SIZE_4K.max_batch_pages();
+            let pages = crate::source::fetch_pages(&f.pages, count, max, |_| false);
+            if let (Some(first), Ok(pages)) = (f.pages.first(), pages) {
+                if first.0 % 2 == 0 {
+                    self.src.handle_fetches_served(1);
+                    self.served_unreported += 1;
+                    self.jobs.push_back(Job::Served {
+                        pages,
+                        link: self.link,
+                    });
+                    return;
+                }
+            }
+        }
         let mut accepted_running = false;
         match &m {
             Message::Accept(a) => {
@@ -432,7 +472,24 @@ impl SourceRun {
                 let d = self.dirty(arg);
                 self.src.handle_dirty_log(self.now, d);
             }
-            Job::StopFaults => self.src.handle_faults_stopped(self.now, 0),
+            // Served as the machine asked to stop (0-2 Fetches).
+            Job::StopFaults => {
+                let n = u64::from(arg % 3);
+                self.src.handle_faults_stopped(self.now, n);
+                for _ in 0..n {
+                    self.served_unreported += 1;
+                    self.jobs.push_back(Job::Served {
+                        pages: vec![PageIndex(0)],
+                        link: self.link,
+                    });
+                }
+            }
+            Job::Served { pages, link } => {
+                self.report(self.data_streams, &pages);
+                if link == self.link {
+                    self.served_unreported -= 1;
+                }
+            }
             Job::Pause => {
                 let d = self.dirty(arg);
                 let state = vec![arg; usize::from(arg % 32) + 1];
@@ -499,6 +556,10 @@ impl SourceRun {
                         self.handed_over = true;
                     }
                     Message::Finish(f) => {
+                        assert_eq!(
+                            self.served_unreported, 0,
+                            "Finish before the batches of Fetches the driver served"
+                        );
                         let root = self.tree.root();
                         assert_eq!(f.memory_root, root, "Finish names another root");
                         self.finish_root = Some(root);
@@ -549,7 +610,6 @@ impl SourceRun {
                 });
             }
             SourceAction::CollectDirtyLog => self.jobs.push_back(Job::Collect),
-            // This driver serves no Fetch itself.
             SourceAction::StopFaults => self.jobs.push_back(Job::StopFaults),
             SourceAction::PauseVm => self.jobs.push_back(Job::Pause),
             SourceAction::CommitHandover => {
