@@ -24,26 +24,65 @@ pub(super) fn emit(
     out: &Outbox,
     stream: u16,
     round: u32,
-    enc: convoy_protocol::page::EncodedBatch,
+    mut enc: convoy_protocol::page::EncodedBatch,
     tamper: Option<&TamperHook>,
 ) -> Result<(), StreamError> {
-    let mut header = enc.header;
-    let mut payload = enc.payload;
     if let Some(t) = tamper {
-        t(round, &mut header, &mut payload);
+        t(round, &mut enc.header, &mut enc.payload);
     }
-    let head = encode_batch_head(&header, payload.len())?;
+    let (head, payload, info) = frame(stream, enc)?;
+    out.send(StreamOut::Batch {
+        head,
+        payload,
+        info,
+    })
+}
+
+/// An encoded batch of `stream` as a frame (its head and payload) and
+/// what to report once it is sent.
+pub(super) fn frame(
+    stream: u16,
+    enc: convoy_protocol::page::EncodedBatch,
+) -> Result<(Bytes, Bytes, SentBatch), StreamError> {
+    let head = encode_batch_head(&enc.header, enc.payload.len())?;
     let info = SentBatch {
         stream,
         leaves: enc.leaves,
         stats: enc.stats,
-        frame_bytes: (head.len() + payload.len()) as u64,
+        frame_bytes: (head.len() + enc.payload.len()) as u64,
     };
-    out.send(StreamOut::Batch {
-        head: Bytes::from(head),
-        payload: Bytes::from(payload),
-        info,
-    })
+    Ok((Bytes::from(head), Bytes::from(enc.payload), info))
+}
+
+/// A stream's rate of taking frames, for adaptive compression: bytes per
+/// second of writing, into the stream's `link` (f64 bits).
+pub(super) struct LinkRate {
+    link: Arc<AtomicU64>,
+    sent: f64,
+    waited: f64,
+}
+
+impl LinkRate {
+    pub(super) fn new(link: Arc<AtomicU64>) -> Self {
+        LinkRate {
+            link,
+            sent: 0.0,
+            waited: 0.0,
+        }
+    }
+
+    /// A frame of `bytes` took `busy` to write.
+    pub(super) fn record(&mut self, bytes: u64, busy: std::time::Duration) {
+        // Bytes over time, both decayed: a frame that went at once (into
+        // free buffer space) weighs its little time, not an enormous rate.
+        self.sent = self.sent * 0.9 + bytes as f64;
+        self.waited = self.waited * 0.9 + busy.as_secs_f64();
+        // Nothing until enough time was measured.
+        if self.waited >= 0.01 {
+            self.link
+                .store((self.sent / self.waited).to_bits(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// How one data stream encodes.

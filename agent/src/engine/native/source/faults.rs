@@ -27,13 +27,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use convoy_protocol::message::{encode_batch_head, Fetch};
+use convoy_protocol::message::Fetch;
 use convoy_protocol::page::{BatchBuilder, PageBitmap, PageIndex};
 use convoy_protocol::source::{fetch_pages, SentBatch};
 use tokio::sync::mpsc;
 
-use super::encode::Shrink;
+use super::encode::{frame, LinkRate, Shrink};
 use super::jobs::{EngineEvent, Served, StreamError};
 use crate::backend::VmBackend;
 use crate::engine::native::pacer::Pacer;
@@ -212,9 +211,8 @@ pub(super) struct FaultServer {
     seq: u64,
     /// The bandwidth cap: a fault goes at once, charged to it.
     pacer: Option<Arc<Pacer>>,
-    /// The stream's measured rate, for adaptive compression: bytes and
-    /// seconds of writing, both decayed.
-    rate: (f64, f64),
+    /// The stream's measured rate, for adaptive compression.
+    rate: LinkRate,
     max_pages: usize,
 }
 
@@ -227,6 +225,7 @@ impl FaultServer {
         pacer: Option<Arc<Pacer>>,
     ) -> Self {
         let max_pages = vm.geometry().page_size().max_batch_pages();
+        let rate = LinkRate::new(shrink.link.clone());
         FaultServer {
             send,
             stream,
@@ -234,7 +233,7 @@ impl FaultServer {
             shrink,
             seq: 0,
             pacer,
-            rate: (0.0, 0.0),
+            rate,
             max_pages,
         }
     }
@@ -252,28 +251,13 @@ impl FaultServer {
         }
         let enc = self.shrink.finish(b, self.seq, round)?;
         self.seq += 1;
-        let head = encode_batch_head(&enc.header, enc.payload.len())?;
-        let sent = SentBatch {
-            stream: self.stream,
-            leaves: enc.leaves,
-            stats: enc.stats,
-            frame_bytes: (head.len() + enc.payload.len()) as u64,
-        };
+        let (head, payload, sent) = frame(self.stream, enc)?;
         if let Some(p) = &self.pacer {
             p.charge(sent.frame_bytes);
         }
         let writing = Instant::now();
-        let mut chunks = [Bytes::from(head), Bytes::from(enc.payload)];
-        self.send.write_all_chunks(&mut chunks).await?;
-        // As the data streams' writers measure it (streams::spawn_writer).
-        let (bytes, secs) = &mut self.rate;
-        *bytes = *bytes * 0.9 + sent.frame_bytes as f64;
-        *secs = *secs * 0.9 + writing.elapsed().as_secs_f64();
-        if *secs >= 0.01 {
-            self.shrink
-                .link
-                .store((*bytes / *secs).to_bits(), Ordering::Relaxed);
-        }
+        self.send.write_all_chunks(&mut [head, payload]).await?;
+        self.rate.record(sent.frame_bytes, writing.elapsed());
         Ok(sent)
     }
 }

@@ -3,7 +3,7 @@
 //! plus the post-copy fault stream, with the jobs they take and the
 //! events they report.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ use convoy_protocol::page::BuildError;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use super::encode::{encode_stream, Encoder, Shrink};
+use super::encode::{encode_stream, Encoder, LinkRate, Shrink};
 use super::faults::{FaultServer, FaultSlot};
 use super::jobs::{EngineEvent, Job, Outbox, StreamError, StreamOut, Taken};
 use crate::backend::VmBackend;
@@ -211,7 +211,7 @@ pub(super) fn spawn_writer(
     link: Arc<AtomicU64>,
 ) {
     crate::engine::spawn(async move {
-        let (mut sent, mut waited) = (0.0f64, 0.0f64);
+        let mut rate = LinkRate::new(link);
         while let Some(out) = out_rx.recv().await {
             taken.taken();
             match out {
@@ -229,15 +229,7 @@ pub(super) fn spawn_writer(
                         let _ = events.send(EngineEvent::StreamFailed(StreamError::Write(e)));
                         return;
                     }
-                    // Bytes over time, both decayed: a frame that went at
-                    // once (into free buffer space) weighs its little time,
-                    // not an enormous rate.
-                    sent = sent * 0.9 + info.frame_bytes as f64;
-                    waited = waited * 0.9 + busy.elapsed().as_secs_f64();
-                    // Nothing until enough time was measured.
-                    if waited >= 0.01 {
-                        link.store((sent / waited).to_bits(), Ordering::Relaxed);
-                    }
+                    rate.record(info.frame_bytes, busy.elapsed());
                     let _ = events.send(EngineEvent::Sent(info));
                 }
                 StreamOut::RoundDone { round, skipped } => {

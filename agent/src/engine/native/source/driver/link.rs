@@ -145,10 +145,7 @@ impl Driver<'_> {
         // look wrong: in doubt, safely.)
         let drained = tokio::time::Instant::now() + Duration::from_secs(5);
         while let Ok(Some(ev)) = tokio::time::timeout_at(drained, old.recv()).await {
-            let fetches = self.wire.faults.take_fetches();
-            if fetches > 0 {
-                self.sm.handle_fetches_served(fetches);
-            }
+            self.count_served_fetches();
             if let EngineEvent::Sent(b) = ev {
                 if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
                     tracing::error!("engine bug: {e}");

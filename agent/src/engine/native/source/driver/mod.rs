@@ -484,12 +484,17 @@ impl<'r> Driver<'r> {
         let _ = self.run.progress.try_send(p);
     }
 
-    fn stream_event(&mut self, ev: Option<EngineEvent>) {
-        // The Fetches the control reader served, before their batches.
+    /// Tells the machine of the Fetches the control reader served: before
+    /// it handles a stream's report (their batches' among them).
+    fn count_served_fetches(&mut self) {
         let fetches = self.wire.faults.take_fetches();
         if fetches > 0 {
             self.sm.handle_fetches_served(fetches);
         }
+    }
+
+    fn stream_event(&mut self, ev: Option<EngineEvent>) {
+        self.count_served_fetches();
         match ev {
             Some(EngineEvent::Sent(b)) => {
                 if let Err(e) = self.sm.handle_batch_sent(clock::now(), &b) {
