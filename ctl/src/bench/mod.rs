@@ -22,6 +22,7 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod engine;
+mod proc_cpu;
 mod qemu;
 mod raw;
 mod rss;

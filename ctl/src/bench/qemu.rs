@@ -25,6 +25,7 @@ use convoy_protocol::model::{MigrationMode, MigrationPlan, PauseParts};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::proc_cpu::Usage;
 use super::{table, Bench};
 use crate::conn::Global;
 use crate::render;
@@ -45,6 +46,11 @@ struct Sample {
     transferred: u64,
     /// Through Convoy: where the pause went (native: none measured).
     pause: PauseParts,
+    /// CPU seconds both QEMUs used over `total_ms` (the source's vCPU
+    /// included).
+    qemus_cpu_s: f64,
+    /// CPU seconds both agents used over `total_ms` (native: none).
+    agents_cpu_s: f64,
 }
 
 #[derive(Serialize)]
@@ -57,6 +63,8 @@ struct Row {
     vs_native_tls_total: f64,
     /// Downtime minus native TLS's, ms (target: ≤ 20).
     downtime_over_native_tls_ms: f64,
+    /// The QEMUs' and agents' CPU seconds per GiB QEMU transferred.
+    cpu_s_per_gib: f64,
 }
 
 /// How a native migration travels.
@@ -119,6 +127,11 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             },
             vs_native_tls_total: m.total_ms / t.total_ms,
             downtime_over_native_tls_ms: m.downtime_ms - t.downtime_ms,
+            cpu_s_per_gib: if m.transferred > 0 {
+                (m.qemus_cpu_s + m.agents_cpu_s) / (m.transferred as f64 / f64::from(1u32 << 30))
+            } else {
+                0.0
+            },
         }
     };
     let rows = vec![
@@ -129,9 +142,15 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
             &convoy,
         ),
     ];
+    let digest_gb_s = digest_rate();
+    let carried = median(&convoy).transferred as f64;
+    // Both agents digest every byte they carry; native TLS does not.
+    let digest_cpu_s = 2.0 * carried / (digest_gb_s * 1e9);
     if g.json {
         return render::json(&json!({
             "memory_bytes": memory,
+            "digest_gb_s": digest_gb_s,
+            "digest_cpu_s": digest_cpu_s,
             "fill_mib": b.fill_mib,
             "streams": o.streams,
             "rows": rows,
@@ -164,6 +183,13 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 format!("{:.0}", r.throughput_mb_s),
                 format!("{:.2}", r.vs_native_tls_total),
                 format!("{:+.1}", r.downtime_over_native_tls_ms),
+                format!("{:.2}", r.median.qemus_cpu_s),
+                if r.median.agents_cpu_s > 0.0 {
+                    format!("{:.2}", r.median.agents_cpu_s)
+                } else {
+                    "-".into()
+                },
+                format!("{:.2}", r.cpu_s_per_gib),
             ]
         })
         .collect();
@@ -180,9 +206,16 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
                 "MB/s",
                 "total vs native TLS",
                 "downtime vs native TLS, ms",
+                "QEMUs CPU s",
+                "agents CPU s",
+                "CPU s/GiB",
             ],
             &table
         )
+    );
+    println!(
+        "BLAKE3 here, now: {digest_gb_s:.2} GB/s on one core: the two agents' digests of what \
+         they carried cost {digest_cpu_s:.2} CPU s of each migration through Convoy"
     );
     let pause = median(&convoy).pause;
     if pause.measured() {
@@ -193,6 +226,23 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// BLAKE3's rate on this machine, GB/s: the best of four digests of 64
+/// MiB (the digest the tunnels compute, over a buffer already in memory).
+fn digest_rate() -> f64 {
+    let buf: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let best = (0..4)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(convoy_protocol::digest::device_state_digest(&buf));
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or(Duration::MAX);
+    buf.len() as f64 / best.as_secs_f64().max(1e-9) / 1e9
 }
 
 /// What both paths migrate, and how.
@@ -216,6 +266,8 @@ fn median(v: &[Sample]) -> Sample {
         qemu_downtime_ms: pick(|s| s.qemu_downtime_ms),
         transferred: pick(|s| s.transferred as f64) as u64,
         pause: table::median_pause(v.iter().map(|s| &s.pause)),
+        qemus_cpu_s: pick(|s| s.qemus_cpu_s),
+        agents_cpu_s: pick(|s| s.agents_cpu_s),
     }
 }
 
@@ -254,7 +306,7 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
     let caps = json!({ "capabilities": [{ "capability": "multifd", "state": o.streams > 1 }] });
     let mut samples = Vec::new();
     for i in 1..=runs {
-        let t0 = Instant::now();
+        let (t0, cpu0) = (Instant::now(), Usage::now());
         let mut next = QemuProcess::launch(&spec, &dir.join(format!("native-{i}")), true).await?;
         let uri = match how {
             Native::Unix => format!("unix:{}", dir.join(format!("native-{i}.sock")).display()),
@@ -340,6 +392,7 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let cpu = Usage::now().since(cpu0);
         // The guest's downtime: from its stop at the source to its resume
         // at the destination (QEMU's own figure ends when the source has
         // sent the last bytes, before the destination loaded them).
@@ -359,7 +412,10 @@ async fn native(b: &Setup<'_>, how: Native) -> Result<Vec<Sample>> {
             .and_then(event_unix_us)
             .context("the destination QEMU sent no RESUME event")?;
         let guest_ms = resume.saturating_sub(stop) as f64 / 1e3;
-        samples.push(native_sample(total_ms, guest_ms, &info));
+        samples.push(Sample {
+            qemus_cpu_s: cpu.children.as_secs_f64(),
+            ..native_sample(total_ms, guest_ms, &info)
+        });
         cur.quit().await;
         cur = next;
     }
@@ -391,6 +447,8 @@ fn native_sample(total_ms: f64, guest_ms: f64, q: &Value) -> Sample {
         qemu_downtime_ms: q["downtime"].as_f64().unwrap_or(0.0),
         transferred: q["ram"]["transferred"].as_u64().unwrap_or(0),
         pause: PauseParts::default(),
+        qemus_cpu_s: 0.0,
+        agents_cpu_s: 0.0,
     }
 }
 
@@ -420,20 +478,25 @@ async fn through_convoy(b: &Setup<'_>) -> Result<(Vec<Sample>, String)> {
     let mut at = ("a", "b");
     for _ in 0..runs {
         let c = lab.client(at.0).await?;
-        let r = c
-            .migrate(lab.migrate_request("bench", at.0, at.1, o.clone())?, |_| {})
-            .await?;
+        let request = lab.migrate_request("bench", at.0, at.1, o.clone())?;
+        let cpu0 = Usage::now();
+        let r = c.migrate(request, |_| {}).await?;
+        let cpu = Usage::now().since(cpu0);
         c.close().await;
         if r.outcome != Outcome::Completed {
             bail!("migration through Convoy: {:?}", r.outcome);
-        }
-        if let Some(t) = &r.transport {
-            transport.clone_from(t);
         }
         let q = r
             .qemu
             .as_deref()
             .ok_or_else(|| anyhow!("no QEMU figures"))?;
+        if let Some(t) = &r.transport {
+            // The source agent may leave multifd out (`--qemu-multifd`).
+            transport = match q.multifd_channels {
+                0 => format!("{t}, one channel"),
+                n => format!("{t}, multifd {n}"),
+            };
+        }
         samples.push(Sample {
             total_ms: r.total_ms,
             downtime_ms: r.downtime_ms,
@@ -441,6 +504,8 @@ async fn through_convoy(b: &Setup<'_>) -> Result<(Vec<Sample>, String)> {
             qemu_downtime_ms: q.downtime_ms.unwrap_or(0) as f64,
             transferred: q.transferred_bytes.unwrap_or(0),
             pause: r.convergence.pause,
+            qemus_cpu_s: cpu.children.as_secs_f64(),
+            agents_cpu_s: cpu.own.as_secs_f64(),
         });
         at = (at.1, at.0);
     }
