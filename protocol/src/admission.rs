@@ -83,12 +83,12 @@ pub enum AdmissionError {
         manifest: MigrationMode,
     },
     /// The QEMU manifest's multifd channels do not follow from the plan's
-    /// streams.
-    #[error("the QEMU manifest opens {manifest} multifd channels, the ticket's {streams} streams mean {expected}")]
+    /// streams (neither as many nor none).
+    #[error("the QEMU manifest opens {manifest} multifd channels, the ticket's {streams} streams allow {expected} or none")]
     QemuChannels {
         /// The plan's streams.
         streams: u16,
-        /// Multifd channels those streams mean.
+        /// Multifd channels those streams allow (besides none).
         expected: u16,
         /// The manifest's multifd channels.
         manifest: u16,
@@ -211,13 +211,16 @@ pub fn admit(
                     manifest: q.mode,
                 });
             }
-            // More than one stream is multifd, for pre-copy only.
+            // More than one stream is multifd, for pre-copy only. A
+            // source may keep to QEMU's one stream instead (its agent
+            // leaves multifd out for a QEMU whose multifd sender spins):
+            // fewer channels than the ticket grants, never more or others.
             let expected = if plan.mode == MigrationMode::Precopy && plan.streams > 1 {
                 plan.streams
             } else {
                 0
             };
-            if q.multifd_channels != expected {
+            if q.multifd_channels != expected && q.multifd_channels != 0 {
                 return Err(AdmissionError::QemuChannels {
                     streams: plan.streams,
                     expected,
@@ -603,6 +606,8 @@ mod tests {
             check(&t, &m),
             Err(AdmissionError::QemuMode { .. })
         ));
+        // QEMU's one stream instead of multifd: fewer channels than granted.
+        assert_eq!(check(&t, &qemu(&plan, 0, 0)), Ok(()));
         // Another number of multifd channels.
         assert!(matches!(
             check(&t, &qemu(&plan, 4, 0)),

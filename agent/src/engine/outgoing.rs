@@ -149,7 +149,14 @@ pub(crate) async fn migrate(
                 if opts.connections > 1 {
                     return Err(OptionsError::ConnectionsQemu.into());
                 }
-                Claimed::Qemu(q.clone(), Box::new(qemu_source::prepare(q, &req, opts)?))
+                let multifd = host
+                    .config
+                    .qemu
+                    .as_ref()
+                    .map(|c| c.multifd)
+                    .unwrap_or_default();
+                let prepared = qemu_source::prepare(q, &req, opts, multifd)?;
+                Claimed::Qemu(q.clone(), Box::new(prepared))
             }
             (Some(VmHandle::Sim(vm)), VmState::Running) => {
                 let disks = vm.disks().len();

@@ -549,6 +549,7 @@ mod tests {
             binaries: vec![binary.into()],
             images: "/images".into(),
             runtime: "/state/qemu".into(),
+            multifd: Default::default(),
         }
     }
 

@@ -230,6 +230,7 @@ impl Lab {
                 binaries: vec![qemu.clone()],
                 images: Self::qemu_images_in(&root, n),
                 runtime: Self::qemu_runtime_in(&root, n),
+                multifd: Default::default(),
             });
             tweak(n, cfg);
         })

@@ -18,6 +18,7 @@ use convoy_agent::backend::qemu::guest::{
 };
 use convoy_agent::backend::qemu::process::{Accel, QemuProcess, QemuSpec};
 use convoy_agent::backend::qemu::service::ServiceClient;
+use convoy_agent::backend::qemu::vm::{multifd_busy_waits, Multifd};
 use convoy_protocol::model::MigrationMode;
 use serde_json::json;
 
@@ -436,6 +437,7 @@ async fn operators_run_qemu_vms_only_from_allowed_binaries_and_images() {
                 binaries: vec![qemu.clone()],
                 images: images.clone(),
                 runtime: runtime.clone(),
+                multifd: Default::default(),
             });
         }
     })
@@ -991,19 +993,45 @@ async fn guest_at_a() -> Option<(
     Some((heavy, dir, q))
 }
 
-/// Pre-copy with one channel a → b, then back b → a with multifd over 2
-/// streams: the counter carries on each time, the source QEMU is gone,
-/// both logs hold matching receipts.
+/// The version the test QEMU prints (`QEMU emulator version 7.2.22 …`).
+fn qemu_version() -> String {
+    let out = std::process::Command::new(qemu())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no version in {text:?}"))
+        .to_owned()
+}
+
+/// Pre-copy over 2 streams a → b, whose agent leaves multifd out for a
+/// QEMU whose multifd sender spins (one channel then), then back b → a,
+/// whose agent is told to use multifd whatever the version: the counter
+/// carries on each time, the source QEMU is gone, both logs hold matching
+/// receipts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_vms_migrate_between_agents_precopy_then_multifd() {
     once_more_on_guest_fault(|| async {
-        let Some((_heavy, _dir, q)) = guest_at_a().await else {
-            return;
-        };
+        let Some(g) = guest() else { return };
+        let _heavy = convoy_tests::heavy().await;
+        let dir = tempfile::tempdir().unwrap();
+        let q = QemuLab::start_with(dir.path(), g, |name, cfg| {
+            if let Some(c) = cfg.qemu.as_mut().filter(|_| name == "b") {
+                c.multifd = Multifd::Always;
+            }
+        })
+        .await;
+        q.create("a", "guest", vec![]).await;
         let r = q
-            .moves("guest", "a", "b", options(MigrationMode::Precopy, 1))
+            .moves("guest", "a", "b", options(MigrationMode::Precopy, 2))
             .await;
-        assert_eq!(r.qemu.as_ref().unwrap().channels.len(), 1);
+        let fig = r.qemu.as_ref().unwrap();
+        let spins = multifd_busy_waits(&qemu_version());
+        let want = if spins { (0, 1) } else { (2, 3) };
+        assert_eq!((fig.multifd_channels, fig.channels.len()), want);
 
         let r = q
             .moves("guest", "b", "a", options(MigrationMode::Precopy, 2))

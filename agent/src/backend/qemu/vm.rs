@@ -33,6 +33,37 @@ pub struct QemuConfig {
     /// Where each VM's QMP socket and serial log live (one directory per
     /// VM, created by the agent).
     pub runtime: PathBuf,
+    /// When a pre-copy migration of more than one stream uses QEMU's
+    /// multifd channels.
+    pub multifd: Multifd,
+}
+
+/// When a QEMU pre-copy migration asked for more than one stream uses
+/// QEMU's multifd channels through the tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Multifd {
+    /// Unless the source QEMU's multifd sender busy-waits for a free
+    /// channel ([`multifd_busy_waits`]): a tunnel that pushes back would
+    /// keep it spinning on a core the agents need. Then one channel.
+    #[default]
+    Auto,
+    /// Whenever more than one stream is asked for.
+    Always,
+}
+
+/// Whether QEMU `version` (`major.minor.micro`, as its QMP greeting
+/// gives it) is one whose multifd sender, once every channel is busy
+/// writing, spins on their locks instead of sleeping: a semaphore that
+/// each sync posts and nothing waits for lets `multifd_send_pages` go
+/// round the channels without blocking (reported and patched on
+/// qemu-devel in April 2023; QEMU 8.1 has the fix). An unreadable version
+/// is taken as not affected: the operator's streams are kept.
+pub fn multifd_busy_waits(version: &str) -> bool {
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (8, 1),
+        _ => false,
+    }
 }
 
 /// Why an operator's QEMU definition is not allowed
@@ -367,6 +398,8 @@ pub struct QemuVm {
     pub block_devices: Vec<String>,
     /// Adopted through its QMP socket rather than launched here.
     pub adopted: bool,
+    /// QEMU's version, from its QMP greeting (`major.minor.micro`).
+    pub version: String,
 }
 
 impl QemuVm {
@@ -399,6 +432,7 @@ impl QemuVm {
             qmp_socket: p.qmp_socket().to_owned(),
             identity: p.identity().clone(),
             adopted: p.is_adopted(),
+            version: p.qmp.version.clone(),
             block_devices,
             process: tokio::sync::Mutex::new(Some(p)),
             exited: AtomicBool::new(false),
@@ -688,6 +722,7 @@ mod tests {
             binaries: Vec::new(),
             images: dir.path().into(),
             runtime: dir.path().join("run"),
+            multifd: Multifd::Auto,
         };
         assert!(cfg.image("victim.img").is_ok());
         for bad in [
