@@ -57,7 +57,8 @@ impl std::str::FromStr for MigrationMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationPlan {
     /// Parallel data streams (1..=16). For QEMU VMs, more than one means
-    /// multifd with that many channels (pre-copy only).
+    /// multifd with that many channels (pre-copy only), unless the source
+    /// agent keeps to QEMU's one stream (`--qemu-multifd`).
     pub streams: u16,
     /// Downtime target in milliseconds.
     pub max_downtime_ms: u32,

@@ -966,6 +966,10 @@ fn write_qemu_seed_corpus_when_asked() {
     }
     let seeds: Vec<(&str, Vec<u8>)> = vec![
         ("seed-precopy", qemu_propose(0, 0, |_| {})),
+        (
+            "seed-precopy-one-channel",
+            qemu_propose(0, 0, |m| qemu(m).multifd_channels = 0),
+        ),
         ("seed-postcopy", qemu_propose(1, 0, |_| {})),
         ("seed-hybrid", qemu_propose(2, 0, |_| {})),
         ("seed-storage", qemu_propose(3, 2, |_| {})),
@@ -988,6 +992,10 @@ fn write_qemu_seed_corpus_when_asked() {
         (
             "hostile-multifd-postcopy",
             qemu_propose(1, 0, |m| qemu(m).multifd_channels = 2),
+        ),
+        (
+            "hostile-multifd-fewer",
+            qemu_propose(0, 0, |m| qemu(m).multifd_channels = 1),
         ),
         (
             "hostile-multifd-17",
@@ -1051,7 +1059,7 @@ fn write_qemu_seed_corpus_when_asked() {
         );
         write("qemu_manifest_admission", name, bytes);
     }
-    let whole = &seeds[3].1;
+    let whole = &seeds[4].1;
     write(
         "qemu_manifest_admission",
         "hostile-truncated",

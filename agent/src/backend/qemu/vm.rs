@@ -56,13 +56,14 @@ pub enum Multifd {
 /// writing, spins on their locks instead of sleeping: a semaphore that
 /// each sync posts and nothing waits for lets `multifd_send_pages` go
 /// round the channels without blocking (reported and patched on
-/// qemu-devel in April 2023; QEMU 8.1 has the fix). An unreadable version
-/// is taken as not affected: the operator's streams are kept.
+/// qemu-devel in April 2023; QEMU 8.1 has the fix). A version that cannot
+/// be read (the greeting reads a missing number as 0) is taken as
+/// affected: one channel works with every QEMU.
 pub fn multifd_busy_waits(version: &str) -> bool {
     let mut parts = version.split('.').map(str::parse::<u32>);
     match (parts.next(), parts.next()) {
         (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (8, 1),
-        _ => false,
+        _ => true,
     }
 }
 

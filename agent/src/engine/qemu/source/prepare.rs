@@ -106,9 +106,12 @@ mod tests {
         assert_eq!(multifd_channels(&precopy, Multifd::Auto, "8.0.5"), 0);
         assert_eq!(multifd_channels(&precopy, Multifd::Auto, "8.1.0"), 2);
         assert_eq!(multifd_channels(&precopy, Multifd::Auto, "10.0.2"), 2);
-        // A version that cannot be read keeps the operator's streams.
-        assert_eq!(multifd_channels(&precopy, Multifd::Auto, ""), 2);
-        assert_eq!(multifd_channels(&precopy, Multifd::Auto, "x.y"), 2);
+        // A version that cannot be read (or that the greeting gave as
+        // 0.0.0) is taken as affected.
+        assert_eq!(multifd_channels(&precopy, Multifd::Auto, ""), 0);
+        assert_eq!(multifd_channels(&precopy, Multifd::Auto, "x.y"), 0);
+        assert_eq!(multifd_channels(&precopy, Multifd::Auto, "0.0.0"), 0);
+        assert_eq!(multifd_channels(&precopy, Multifd::Always, "0.0.0"), 2);
         // One stream, or post-copy: never multifd.
         let one = plan(MigrationMode::Precopy, 1);
         assert_eq!(multifd_channels(&one, Multifd::Always, "10.0.2"), 0);
