@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use convoy_agent::backend::qemu::vm::Multifd;
 use convoy_agent::config::{CredentialFiles, FederationFiles};
 use convoy_agent::trust::pki::Pki;
 use convoy_agent::AgentConfig;
@@ -91,8 +92,8 @@ struct Args {
     /// When a QEMU pre-copy migration of more than one stream uses QEMU's
     /// multifd channels: auto (not with a QEMU before 8.1, whose multifd
     /// sender spins on a core while the tunnel pushes back) or always.
-    #[arg(long, value_enum, default_value_t = QemuMultifd::Auto)]
-    qemu_multifd: QemuMultifd,
+    #[arg(long, value_enum, default_value_t = Multifd::Auto)]
+    qemu_multifd: Multifd,
     /// Guest memory this agent may hold (e.g. 64GiB).
     #[arg(long, default_value = "64GiB", value_parser = convoy_agent::units::parse_size)]
     capacity: u64,
@@ -279,22 +280,6 @@ fn parse_peer(s: &str) -> Result<(AgentName, SocketAddr), String> {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `--qemu-multifd`.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum QemuMultifd {
-    Auto,
-    Always,
-}
-
-impl From<QemuMultifd> for convoy_agent::backend::qemu::vm::Multifd {
-    fn from(m: QemuMultifd) -> Self {
-        match m {
-            QemuMultifd::Auto => Self::Auto,
-            QemuMultifd::Always => Self::Always,
-        }
-    }
-}
-
 fn main() -> Result<()> {
     let purge = convoy_agent::alloc::tune();
     // A sim VM's vCPU helper (see `convoy_agent::backend::sim`): not an
@@ -431,7 +416,7 @@ async fn agent_main(purge: convoy_agent::alloc::PurgeDelay) -> Result<()> {
             binaries: args.qemu_binaries.clone(),
             images,
             runtime,
-            multifd: args.qemu_multifd.into(),
+            multifd: args.qemu_multifd,
         });
     }
     config.policy = match (args.policy, args.inventory) {

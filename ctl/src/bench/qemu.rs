@@ -143,7 +143,8 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         ),
     ];
     let digest_gb_s = digest_rate();
-    let carried = median(&convoy).transferred as f64;
+    let through = median(&convoy);
+    let carried = through.transferred as f64;
     // Both agents digest every byte they carry; native TLS does not.
     let digest_cpu_s = 2.0 * carried / (digest_gb_s * 1e9);
     if g.json {
@@ -217,7 +218,7 @@ pub async fn run(g: &Global, b: Bench) -> Result<()> {
         "BLAKE3 here, now: {digest_gb_s:.2} GB/s on one core: the two agents' digests of what \
          they carried cost {digest_cpu_s:.2} CPU s of each migration through Convoy"
     );
-    let pause = median(&convoy).pause;
+    let pause = through.pause;
     if pause.measured() {
         // The last round here is QEMU's stop-and-copy and the tunnel's drain.
         println!(

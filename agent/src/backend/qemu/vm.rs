@@ -39,12 +39,13 @@ pub struct QemuConfig {
 }
 
 /// When a QEMU pre-copy migration asked for more than one stream uses
-/// QEMU's multifd channels through the tunnel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// QEMU's multifd channels through the tunnel (the agent's
+/// `--qemu-multifd`; [`multifd_busy_waits`] says which QEMU spins).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Multifd {
-    /// Unless the source QEMU's multifd sender busy-waits for a free
-    /// channel ([`multifd_busy_waits`]): a tunnel that pushes back would
-    /// keep it spinning on a core the agents need. Then one channel.
+    /// Not when the source QEMU's multifd sender busy-waits for a free
+    /// channel (QEMU before 8.1): a tunnel that pushes back would keep it
+    /// spinning on a core the agents need. One channel then.
     #[default]
     Auto,
     /// Whenever more than one stream is asked for.
