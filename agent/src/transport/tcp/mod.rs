@@ -26,17 +26,16 @@
 //! small, an agent's is a migration's ([`Credit`]).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
+use io::{Counted, Joined};
+
+mod io;
 mod session;
 mod stream;
 
@@ -106,6 +105,7 @@ impl Credit {
     fn config(self) -> yamux::Config {
         let streams = self.streams.max(1);
         let mut c = yamux::Config::default();
+        c.set_split_send_size(io::FRAME_BODY);
         // Streams first: yamux checks window ≥ streams × 256 KiB at each
         // setter.
         c.set_max_num_streams(streams);
@@ -116,60 +116,11 @@ impl Credit {
     }
 }
 
-type Tls = tokio_rustls::TlsStream<Counted<tokio::net::TcpStream>>;
+type Tls = tokio_rustls::TlsStream<tokio::io::BufReader<Counted<tokio::net::TcpStream>>>;
 
-/// A TCP stream that counts the bytes it carries.
-#[derive(Debug)]
-pub struct Counted<T> {
-    inner: T,
-    sent: Arc<AtomicU64>,
-    received: Arc<AtomicU64>,
-}
-
-impl<T> Counted<T> {
-    fn new(inner: T) -> Self {
-        Counted {
-            inner,
-            sent: Arc::default(),
-            received: Arc::default(),
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.received
-            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.sent.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+/// The socket under TLS: counted, read through a buffer ([`io`]).
+fn socket(tcp: tokio::net::TcpStream) -> tokio::io::BufReader<Counted<tokio::net::TcpStream>> {
+    tokio::io::BufReader::with_capacity(io::READ_BUFFER, Counted::new(tcp))
 }
 
 /// Keep-alives and a user timeout at `idle`, no Nagle delay.
@@ -259,7 +210,7 @@ impl Handshaken {
         within: Duration,
     ) -> std::io::Result<Handshaken> {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let tls = tokio::time::timeout(within, acceptor.accept(Counted::new(tcp)))
+        let tls = tokio::time::timeout(within, acceptor.accept(socket(tcp)))
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
@@ -283,7 +234,7 @@ impl Handshaken {
         // QUIC.
         let name = rustls::pki_types::ServerName::try_from("convoy")
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let tls = connector.connect(name, Counted::new(tcp)).await?;
+        let tls = connector.connect(name, socket(tcp)).await?;
         Ok(Handshaken {
             tls: tls.into(),
             remote: addr,
@@ -323,20 +274,25 @@ impl Handshaken {
             tokio_rustls::TlsStream::Client(_) => yamux::Mode::Client,
             tokio_rustls::TlsStream::Server(_) => yamux::Mode::Server,
         };
-        let io = match &self.tls {
-            tokio_rustls::TlsStream::Client(c) => c.get_ref().0,
-            tokio_rustls::TlsStream::Server(s) => s.get_ref().0,
+        let mut tls = self.tls;
+        let wire = match &mut tls {
+            tokio_rustls::TlsStream::Client(c) => {
+                c.get_mut().1.set_buffer_limit(Some(io::SEND_BUFFER));
+                c.get_ref().0.get_ref().wire().clone()
+            }
+            tokio_rustls::TlsStream::Server(s) => {
+                s.get_mut().1.set_buffer_limit(Some(io::SEND_BUFFER));
+                s.get_ref().0.get_ref().wire().clone()
+            }
         };
-        let counted = (io.sent.clone(), io.received.clone());
-        let conn = yamux::Connection::new(self.tls.compat(), credit.config(), mode);
+        let conn = yamux::Connection::new(Joined::new(tls).compat(), credit.config(), mode);
         Session::start(
             conn,
             session::Peer {
                 remote: self.remote,
                 alpn,
                 chain,
-                sent: counted.0,
-                received: counted.1,
+                wire,
             },
             credit,
             timing,

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use quinn::{ApplicationClose, ConnectionError, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::io::Wire;
 use super::stream::Pair;
 use super::{
     Credit, Ended, StreamKind, Timing, Tls, CLOSE_WITHIN, MAX_REASON, TAG_BI, TAG_CLOSE,
@@ -46,8 +47,7 @@ struct Inner {
     remote: SocketAddr,
     alpn: Option<Vec<u8>>,
     chain: Option<Vec<CertificateDer<'static>>>,
-    sent: Arc<AtomicU64>,
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
 }
 
 /// A multiplexed TLS/TCP connection (cheap to clone).
@@ -140,10 +140,13 @@ impl Session {
 
     /// Bytes on the wire so far: sent, received.
     pub fn counted(&self) -> (u64, u64) {
-        (
-            self.inner.sent.load(Ordering::Relaxed),
-            self.inner.received.load(Ordering::Relaxed),
-        )
+        self.inner.wire.bytes()
+    }
+
+    /// Socket calls that moved bytes so far: writes, reads.
+    #[cfg(test)]
+    pub(crate) fn wire_calls(&self) -> (u64, u64) {
+        self.inner.wire.calls()
     }
 
     /// The peer's address.
@@ -175,7 +178,7 @@ impl Session {
 /// Runs the yamux connection: opens what is asked, sorts what the peer
 /// opens, and closes with a reason.
 async fn drive(
-    mut conn: yamux::Connection<tokio_util::compat::Compat<Tls>>,
+    mut conn: yamux::Connection<tokio_util::compat::Compat<super::Joined<Tls>>>,
     session: Arc<Inner>,
     timing: Timing,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -202,20 +205,20 @@ async fn drive(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let now = tokio::time::Instant::now();
-    let (mut heard, mut heard_at) = (session.received.load(Ordering::Relaxed), now);
-    let (mut said, mut said_at) = (session.sent.load(Ordering::Relaxed), now);
+    let (mut heard, mut heard_at) = (session.wire.received.load(Ordering::Relaxed), now);
+    let (mut said, mut said_at) = (session.wire.sent.load(Ordering::Relaxed), now);
     let mut ping_due = false;
     let result = std::future::poll_fn(|cx| {
         while tick.poll_tick(cx).is_ready() {
             let now = tokio::time::Instant::now();
-            let r = session.received.load(Ordering::Relaxed);
+            let r = session.wire.received.load(Ordering::Relaxed);
             if r != heard {
                 (heard, heard_at) = (r, now);
             } else if now - heard_at >= timing.idle {
                 session.end(ConnectionError::TimedOut);
                 return Poll::Ready(Err("idle timeout".to_owned()));
             }
-            let w = session.sent.load(Ordering::Relaxed);
+            let w = session.wire.sent.load(Ordering::Relaxed);
             if w != said {
                 (said, said_at) = (w, now);
             }
@@ -460,7 +463,7 @@ async fn take(
 impl Session {
     /// Runs `conn` as a session (its driver a task of its own).
     pub(super) fn start(
-        conn: yamux::Connection<tokio_util::compat::Compat<Tls>>,
+        conn: yamux::Connection<tokio_util::compat::Compat<super::Joined<Tls>>>,
         peer: Peer,
         credit: Credit,
         timing: Timing,
@@ -477,8 +480,7 @@ impl Session {
             remote: peer.remote,
             alpn: peer.alpn,
             chain: peer.chain,
-            sent: peer.sent,
-            received: peer.received,
+            wire: peer.wire,
         });
         let session = Session {
             inner: inner.clone(),
@@ -506,6 +508,5 @@ pub(super) struct Peer {
     pub remote: SocketAddr,
     pub alpn: Option<Vec<u8>>,
     pub chain: Option<Vec<CertificateDer<'static>>>,
-    pub sent: Arc<AtomicU64>,
-    pub received: Arc<AtomicU64>,
+    pub wire: Arc<Wire>,
 }

@@ -338,6 +338,46 @@ async fn bulk_data_both_ways_arrives_whole_through_partial_writes() {
     assert!(st.sent > 24 << 20 && st.received > 24 << 20, "{st:?}");
 }
 
+/// Bulk data leaves in few socket writes and arrives in few reads: a
+/// yamux frame's header goes with its body, a frame is four full TLS
+/// records sent in one vectored write, and the socket is read through a
+/// buffer. Without these, each 16 KiB frame took two records and two
+/// writes, and rustls read at most 4 KiB per call: 2 256 writes and
+/// 2 982 reads for these 16 MiB when measured (396 and 161 with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_data_leaves_in_few_socket_writes_and_arrives_in_few_reads() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let (Connection::Tcp(sa), Connection::Tcp(sb)) = (&a, &b) else {
+        unreachable!("TCP sessions")
+    };
+    let (writes0, _) = sa.wire_calls();
+    let (_, reads0) = sb.wire_calls();
+    const TOTAL: usize = 16 << 20;
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    let send = tokio::spawn(async move {
+        let piece = vec![0x5au8; 256 << 10];
+        for _ in 0..TOTAL / piece.len() {
+            s.write_all(&piece).await.unwrap();
+        }
+        s.finish().unwrap();
+        s.stopped().await.unwrap();
+    });
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0;
+    while let Some(k) = br.read(&mut buf).await.unwrap() {
+        n += k;
+    }
+    send.await.unwrap();
+    assert_eq!(n, TOTAL);
+    let writes = sa.wire_calls().0 - writes0;
+    let reads = sb.wire_calls().1 - reads0;
+    eprintln!("16 MiB: {writes} socket writes, {reads} socket reads");
+    assert!(writes <= 700, "{writes} socket writes for 16 MiB");
+    assert!(reads <= 1500, "{reads} socket reads for 16 MiB");
+}
+
 /// An agent's two listeners on one port: UDP that answers nothing (a
 /// firewall dropping it) and TCP that serves.
 async fn udp_blackholed_peer(p: &Pair2) -> (SocketAddr, std::net::UdpSocket) {
