@@ -13,6 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Ended, MAX_CHUNK};
 
+/// Chunks of at most this many bytes go in one yamux frame with their
+/// length prefix.
+const JOIN_UP_TO: usize = super::io::FRAME_BODY - 4;
+
 /// An opened or accepted stream, before it is split.
 pub struct Pair {
     pub(super) stream: yamux::Stream,
@@ -37,6 +41,7 @@ impl Pair {
             SendHalf {
                 shared: shared.clone(),
                 header: None,
+                joined: Vec::new(),
                 closing: None,
                 done: false,
             },
@@ -144,6 +149,9 @@ pub struct SendHalf {
     shared: Arc<Shared>,
     /// A chunk's length prefix, partly written.
     header: Option<([u8; 4], usize, usize)>,
+    /// A chunk that fits one yamux frame, its prefix first: written as
+    /// one frame instead of a 4-byte frame and another.
+    joined: Vec<u8>,
     closing: Option<tokio::task::JoinHandle<bool>>,
     done: bool,
 }
@@ -177,7 +185,20 @@ impl SendHalf {
         // Fits: MAX_CHUNK is far below usize's range.
         let (bytes, mut at, len) = self.header.unwrap_or((n.to_be_bytes(), 0, n as usize));
         let shared = self.shared.clone();
+        let joined = &mut self.joined;
         let r = shared.with(Side::Write, cx, |s, cx| -> Poll<std::io::Result<usize>> {
+            if at == 0 && len <= JOIN_UP_TO && len <= buf.len() {
+                // A copy of at most one frame, to save a frame (and with
+                // it a TLS record and a system call at each end).
+                joined.clear();
+                joined.extend_from_slice(&bytes);
+                joined.extend_from_slice(&buf[..len]);
+                match Pin::new(&mut *s).poll_write(cx, joined) {
+                    Poll::Ready(Ok(k)) if k > 4 => return Poll::Ready(Ok(k - 4)),
+                    Poll::Ready(Ok(k)) => at = k,
+                    other => return other,
+                }
+            }
             while at < 4 {
                 match Pin::new(&mut *s).poll_write(cx, &bytes[at..]) {
                     Poll::Ready(Ok(0)) => {

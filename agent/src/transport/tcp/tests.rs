@@ -378,6 +378,60 @@ async fn bulk_data_leaves_in_few_socket_writes_and_arrives_in_few_reads() {
     assert!(reads <= 1500, "{reads} socket reads for 16 MiB");
 }
 
+/// A chunk that fits one yamux frame goes in one frame with its length
+/// prefix (not a 4-byte frame and another): 8 KiB writes take about one
+/// socket write each (two before), and writes of every size around the
+/// limit, interleaved, arrive whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_chunks_go_in_one_frame_with_their_prefix_and_arrive_whole() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let (Connection::Tcp(sa), Connection::Tcp(_)) = (&a, &b) else {
+        unreachable!("TCP sessions")
+    };
+    let limit = super::io::FRAME_BODY - 4;
+    let sizes = [1, 3, 4, 5, 100, 8192, limit - 1, limit, limit + 1, 70_000];
+    let mut data = Vec::new();
+    for round in 0..40u32 {
+        for (i, n) in sizes.iter().enumerate() {
+            let v = u8::try_from((round as usize * 31 + i) % 251).unwrap();
+            data.extend(std::iter::repeat_n(v, *n));
+        }
+    }
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    let (mut bs, mut br) = b.accept_bi().await.unwrap();
+    let recv = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 100_000];
+        while let Some(k) = br.read(&mut buf).await.unwrap() {
+            got.extend_from_slice(&buf[..k]);
+        }
+        bs.finish().unwrap();
+        got
+    });
+    let mut at = 0;
+    for _ in 0..40 {
+        for n in sizes {
+            s.write_all(&data[at..at + n]).await.unwrap();
+            at += n;
+        }
+    }
+    // Then 2 048 writes of 8 KiB, counted.
+    let (writes0, _) = sa.wire_calls();
+    let piece = vec![7u8; 8 << 10];
+    for _ in 0..2048 {
+        s.write_all(&piece).await.unwrap();
+        data.extend_from_slice(&piece);
+    }
+    s.finish().unwrap();
+    let got = recv.await.unwrap();
+    let writes = sa.wire_calls().0 - writes0;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes arrived changed or out of order");
+    eprintln!("2048 writes of 8 KiB: {writes} socket writes");
+    assert!(writes <= 2600, "{writes} socket writes for 2048 chunks");
+}
+
 /// An agent's two listeners on one port: UDP that answers nothing (a
 /// firewall dropping it) and TCP that serves.
 async fn udp_blackholed_peer(p: &Pair2) -> (SocketAddr, std::net::UdpSocket) {
