@@ -64,7 +64,8 @@ pub(super) async fn claim_back(
                 .map(Some)
                 .ok_or_else(|| SnapshotError::Claim {
                     object,
-                    why: "the claim that was there first is gone".into(),
+                    why: "the claim that was there first cannot be read (still being written, or removed)"
+                        .into(),
                 })
         }
         other => other,

@@ -45,10 +45,13 @@ pub async fn claim(
     }
     match read(store, verifier, h).await? {
         Some(winner) => Ok(Some(winner)),
-        // There a moment ago and gone now: only the bucket removes claims.
+        // Refused as existing, and not there: still being written (S3
+        // answers 409 to a create while another is in progress), or
+        // removed by the bucket. Undecided until a later claim reads it.
         None => Err(SnapshotError::Claim {
             object: claim_object(&h.snapshot),
-            why: "the claim that was there first is gone".into(),
+            why: "the claim that was there first cannot be read (still being written, or removed)"
+                .into(),
         }),
     }
 }
@@ -118,10 +121,25 @@ pub(super) mod tests {
     use convoy_protocol::names::MigrationId;
     use convoy_protocol::snapshot::SnapshotId;
 
+    /// How the claimants of a round go.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(in crate::snapshot) enum Claims {
+        /// All at once.
+        Racing,
+        /// One after another, each after the last has its answer.
+        InTurn,
+    }
+
     /// `claimants` claims (even ones by the destination, odd ones by the
-    /// source) racing on each of `rounds` handovers in `store`: exactly one
-    /// is written, and every loser reads that one.
-    pub(in crate::snapshot) async fn race(store: &SnapshotStore, rounds: u8, claimants: u64) {
+    /// source) on each of `rounds` handovers in `store`, going as `how`
+    /// says: exactly one is written (the first, in turn), and every loser
+    /// reads that one.
+    pub(in crate::snapshot) async fn race(
+        store: &SnapshotStore,
+        rounds: u8,
+        claimants: u64,
+        how: Claims,
+    ) {
         let (a, b): (SpiffeId, SpiffeId) = (
             "spiffe://lab/agent/a".parse().unwrap(),
             "spiffe://lab/agent/b".parse().unwrap(),
@@ -156,6 +174,10 @@ pub(super) mod tests {
                     .unwrap();
                     (i, r.map(|c| c.at))
                 }));
+                if how == Claims::InTurn {
+                    let done = tasks.pop().unwrap().await;
+                    tasks.push(tokio::spawn(async move { done.unwrap() }));
+                }
             }
             let mut winners = Vec::new();
             let mut read = Vec::new();
@@ -166,6 +188,9 @@ pub(super) mod tests {
                 }
             }
             assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+            if how == Claims::InTurn {
+                assert_eq!(winners, [0], "the first claim wins");
+            }
             let w = winners[0];
             assert!(read.iter().all(|at| *at == 1_700_000_000 + w), "{read:?}");
         }
@@ -175,7 +200,7 @@ pub(super) mod tests {
     async fn of_claims_racing_exactly_one_wins_and_the_losers_read_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::open(&format!("file://{}/b", dir.path().display())).unwrap();
-        race(&store, 20, 8).await;
+        race(&store, 20, 8, Claims::Racing).await;
     }
     /// A claim read by a source that lost its manifest's digest: bound by
     /// migration, snapshot, signer and side, whatever manifest it names.

@@ -413,15 +413,28 @@ async fn snapshots_copy_from_a_directory_to_s3_then_within_the_bucket_and_resume
     }
 }
 
-/// The handover's claim on S3: claimants racing on one object, exactly
-/// one create succeeds (moto honours `If-None-Match: *`), every other
-/// reads the winner.
+/// The handover's claim on S3: claimants one after another on one
+/// object, the first create succeeds (moto honours `If-None-Match: *`
+/// with a 412), every other reads the winner.
+///
+/// Not racing, as `handover::tests` does on a directory: moto's
+/// `PutObject` checks the condition and stores the object in two steps
+/// without a lock between them (`moto/s3/responses.py`, `put_object`),
+/// and its server serves each request on a thread of its own, so two
+/// creates at once can both succeed there (one CI run in many saw two
+/// winners). S3 settles concurrent conditional writes itself: the first
+/// to finish succeeds, the others get 412, or 409 while it is still
+/// being written, which object_store also reports as an existing object;
+/// a claimant that then finds no claim yet gets an error, and the
+/// handover stays undecided (the VM paused at the source) until a later
+/// claim reads the winner's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handover_claims_racing_on_s3_have_one_winner() {
+async fn handover_claims_on_s3_have_one_winner_that_the_others_read() {
     let Some((_s3, store)) =
-        moto_store("s3_tests::handover_claims_racing_on_s3_have_one_winner").await
+        moto_store("s3_tests::handover_claims_on_s3_have_one_winner_that_the_others_read").await
     else {
         return;
     };
-    super::handover::tests::race(&store, 5, 6).await;
+    use super::handover::tests::{race, Claims};
+    race(&store, 5, 6, Claims::InTurn).await;
 }
