@@ -253,25 +253,49 @@ mod tests {
         writes: Vec<Vec<u8>>,
         max: usize,
         flushed: usize,
+        /// Every other write is refused with Pending first (woken at
+        /// once), as a socket that is full now and then.
+        stalls: bool,
+        stalled: bool,
+    }
+
+    impl Recorder {
+        /// Whether this write waits: alternately, when `stalls`.
+        fn stall(&mut self, cx: &mut Context<'_>) -> bool {
+            if !self.stalls {
+                return false;
+            }
+            self.stalled = !self.stalled;
+            if self.stalled {
+                cx.waker().wake_by_ref();
+            }
+            self.stalled
+        }
     }
 
     impl AsyncWrite for Recorder {
         fn poll_write(
             self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
             let this = self.get_mut();
+            if this.stall(cx) {
+                return Poll::Pending;
+            }
             let n = buf.len().min(this.max);
             this.writes.push(buf[..n].to_vec());
             Poll::Ready(Ok(n))
         }
         fn poll_write_vectored(
             self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<std::io::Result<usize>> {
             let this = self.get_mut();
+            if this.stall(cx) {
+                return Poll::Pending;
+            }
             let mut w = Vec::new();
             for b in bufs {
                 let take = b.len().min(this.max - w.len());
@@ -320,10 +344,22 @@ mod tests {
 
     #[tokio::test]
     async fn partial_writes_lose_and_repeat_nothing() {
+        partial_writes(false).await;
+    }
+
+    #[tokio::test]
+    async fn partial_writes_that_wait_lose_and_repeat_nothing() {
+        // Pending between the parts: while the held bytes are part sent,
+        // and before `buf` is.
+        partial_writes(true).await;
+    }
+
+    async fn partial_writes(stalls: bool) {
         // The inner writer takes 7 bytes at a time: the held bytes go
         // across several writes, and then the rest, in order.
         let mut j = Joined::new(Recorder {
             max: 7,
+            stalls,
             ..Recorder::default()
         });
         let mut want = Vec::new();

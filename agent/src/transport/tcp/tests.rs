@@ -432,6 +432,49 @@ async fn small_chunks_go_in_one_frame_with_their_prefix_and_arrive_whole() {
     assert!(writes <= 2600, "{writes} socket writes for 2048 chunks");
 }
 
+/// A small chunk whose joined write yamux takes only in part, because
+/// the stream's send window (256 KiB at the start, nothing read yet, the
+/// stream's kind byte counted) has 1, 2, 4 or 5 bytes left: 1 and 2 leave
+/// part of the length prefix to write, 4 all of the chunk's body, 5 all
+/// but one byte of it. Each stream's bytes arrive whole once the reader
+/// reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_chunk_cut_by_the_window_at_any_byte_arrives_whole() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    const WINDOW: usize = 256 << 10;
+    for left in [1usize, 2, 4, 5] {
+        // The kind byte, then `first` in one chunk (its prefix and body).
+        let first: Vec<u8> = (0..WINDOW - 1 - 4 - left)
+            .map(|i| u8::try_from(i % 241).unwrap())
+            .collect();
+        let second: Vec<u8> = (0..10u8).map(|i| 200 + i).collect();
+        let want = [first.clone(), second.clone()].concat();
+        let (mut s, _r) = a.open_bi().await.unwrap();
+        let send = tokio::spawn(async move {
+            s.write_all(&first).await.unwrap();
+            s.write_all(&second).await.unwrap();
+            s.finish().unwrap();
+            s
+        });
+        let (_bs, mut br) = b.accept_bi().await.unwrap();
+        // The writer stops at the window's end before anything is read.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        while let Some(k) = br.read(&mut buf).await.unwrap() {
+            got.extend_from_slice(&buf[..k]);
+        }
+        drop(send.await.unwrap());
+        assert!(
+            got == want,
+            "{left} bytes left: {} bytes arrived, {} sent",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
 /// An agent's two listeners on one port: UDP that answers nothing (a
 /// firewall dropping it) and TCP that serves.
 async fn udp_blackholed_peer(p: &Pair2) -> (SocketAddr, std::net::UdpSocket) {
