@@ -49,12 +49,12 @@ const SMALL: usize = 64;
 /// them.
 #[derive(Debug, Default)]
 pub(crate) struct Wire {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
     /// Writes that moved bytes.
-    pub writes: AtomicU64,
+    writes: AtomicU64,
     /// Reads that moved bytes.
-    pub reads: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl Wire {

@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -205,20 +204,19 @@ async fn drive(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let now = tokio::time::Instant::now();
-    let (mut heard, mut heard_at) = (session.wire.received.load(Ordering::Relaxed), now);
-    let (mut said, mut said_at) = (session.wire.sent.load(Ordering::Relaxed), now);
+    let (mut said, mut heard) = session.wire.bytes();
+    let (mut said_at, mut heard_at) = (now, now);
     let mut ping_due = false;
     let result = std::future::poll_fn(|cx| {
         while tick.poll_tick(cx).is_ready() {
             let now = tokio::time::Instant::now();
-            let r = session.wire.received.load(Ordering::Relaxed);
+            let (w, r) = session.wire.bytes();
             if r != heard {
                 (heard, heard_at) = (r, now);
             } else if now - heard_at >= timing.idle {
                 session.end(ConnectionError::TimedOut);
                 return Poll::Ready(Err("idle timeout".to_owned()));
             }
-            let w = session.wire.sent.load(Ordering::Relaxed);
             if w != said {
                 (said, said_at) = (w, now);
             }
