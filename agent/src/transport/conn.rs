@@ -431,13 +431,7 @@ impl RecvStream {
     pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
         match self {
             RecvStream::Quic(r) => Ok(r.read_chunk(max, true).await?.map(|c| c.bytes)),
-            RecvStream::Tcp(r) => {
-                let mut buf = vec![0u8; max.min(256 << 10)];
-                Ok(r.read(&mut buf).await?.map(|n| {
-                    buf.truncate(n);
-                    Bytes::from(buf)
-                }))
-            }
+            RecvStream::Tcp(r) => r.read_chunk(max).await,
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::io::{AsyncRead as FRead, AsyncWrite as FWrite};
 use quinn::{ClosedStream, ReadError, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,6 +17,10 @@ use super::{Ended, MAX_CHUNK};
 /// Chunks of at most this many bytes go in one yamux frame with their
 /// length prefix.
 const JOIN_UP_TO: usize = super::io::FRAME_BODY - 4;
+
+/// The most one [`RecvHalf::read_chunk`] returns, and so the size of the
+/// buffer it keeps.
+pub(crate) const SPARE_MAX: usize = 256 << 10;
 
 /// An opened or accepted stream, before it is split.
 pub struct Pair {
@@ -54,6 +59,7 @@ impl Pair {
                 stopped: false,
                 cutting: None,
                 failed: false,
+                spare: Vec::new(),
             },
         )
     }
@@ -353,6 +359,10 @@ pub struct RecvHalf {
     /// its own, which may be read after this one fails).
     cutting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     failed: bool,
+    /// What [`RecvHalf::read_chunk`] reads into: zeroed once and used
+    /// again, so that a read does not zero a whole fresh buffer for the
+    /// few bytes yamux may have (empty until that method is first used).
+    spare: Vec<u8>,
 }
 
 impl std::fmt::Debug for RecvHalf {
@@ -473,6 +483,22 @@ impl RecvHalf {
         } else {
             Some(n)
         })
+    }
+
+    /// Reads up to `max` bytes (at most `SPARE_MAX`, 256 KiB) as a chunk of
+    /// their own; `None` at the clean end of the stream. yamux can only
+    /// copy into initialised memory, so the bytes go through a buffer
+    /// kept for the next call and are copied out at their length.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
+        let cap = max.min(SPARE_MAX);
+        let mut spare = std::mem::take(&mut self.spare);
+        if spare.len() < cap {
+            spare.resize(cap, 0);
+        }
+        let chunk = (self.read(&mut spare[..cap]).await)
+            .map(|n| n.map(|n| Bytes::copy_from_slice(&spare[..n])));
+        self.spare = spare;
+        chunk
     }
 
     /// Reads no more.

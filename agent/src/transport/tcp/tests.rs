@@ -432,6 +432,41 @@ async fn small_chunks_go_in_one_frame_with_their_prefix_and_arrive_whole() {
     assert!(writes <= 2600, "{writes} socket writes for 2048 chunks");
 }
 
+/// `read_chunk` over TCP (what the raw bench reads with) hands back every
+/// byte in order, no chunk over its `max`, through the buffer it keeps.
+#[tokio::test]
+async fn read_chunk_returns_the_bytes_in_order_within_its_max() {
+    let p = pki();
+    let (a, b) = sessions(&p).await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut s, _r) = a.open_bi().await.unwrap();
+    let (_bs, mut br) = b.accept_bi().await.unwrap();
+    let sent = data.clone();
+    let send = tokio::spawn(async move {
+        for piece in sent.chunks(700_001) {
+            s.write_all(piece).await.unwrap();
+        }
+        s.finish().unwrap();
+    });
+    let mut got = Vec::new();
+    let mut i = 0usize;
+    loop {
+        let max = [0, 1, 4096, 100_000, 1 << 20][i % 5];
+        i += 1;
+        let Some(c) = br.read_chunk(max).await.unwrap() else {
+            break;
+        };
+        assert!(
+            c.len() <= max.min(super::stream::SPARE_MAX),
+            "{} > {max}",
+            c.len()
+        );
+        got.extend_from_slice(&c);
+    }
+    send.await.unwrap();
+    assert!(got == data, "the bytes arrived changed or out of order");
+}
+
 /// A small chunk whose joined write yamux takes only in part, because
 /// the stream's send window (256 KiB at the start, nothing read yet, the
 /// stream's kind byte counted) has 1, 2, 4 or 5 bytes left: 1 and 2 leave
