@@ -267,3 +267,48 @@ fn a_cache_under_one_page_holds_nothing() {
     assert!(c.is_empty());
     assert!(c.get(PageIndex(1)).is_none());
 }
+
+#[test]
+fn a_sweep_admitted_by_what_is_left_keeps_what_one_storing_all_keeps() {
+    // 1 000 pages sent once each through 64 slots (round 1), every third
+    // one as zero (removed, not stored): storing only the pages with at
+    // most 128 left, themselves counted, ends with the same versions as
+    // storing every one, after 21 evictions instead of 602.
+    let (slots, n) = (64usize, 1_000u64);
+    let mut all = PageCache::new(slots * 4096, PageSize::SIZE_4K);
+    let mut some = PageCache::new(slots * 4096, PageSize::SIZE_4K);
+    for i in 0..n {
+        let p = noise(4096, i);
+        some.admit_within(usize::try_from(n - i).unwrap());
+        for c in [&mut all, &mut some] {
+            if i % 3 == 0 {
+                c.remove(PageIndex(i));
+            } else {
+                c.insert(PageIndex(i), &p);
+            }
+        }
+    }
+    assert_eq!(all.stats().evictions, 666 - slots as u64);
+    assert_eq!(some.stats().evictions, 85 - slots as u64);
+    for i in 0..n {
+        assert_eq!(all.get(PageIndex(i)), some.get(PageIndex(i)), "page {i}");
+    }
+    assert_eq!(all.len(), slots);
+    assert_eq!(some.len(), slots);
+}
+
+#[test]
+fn a_page_not_admitted_drops_its_older_version() {
+    let mut c = PageCache::new(4 * 4096, PageSize::SIZE_4K);
+    c.insert(PageIndex(1), &[1; 4096]);
+    c.insert(PageIndex(2), &[2; 4096]);
+    c.admit_within(9);
+    // Page 1's new version is not stored, and its old one must not stay
+    // (the destination no longer holds it).
+    c.insert(PageIndex(1), &[9; 4096]);
+    assert!(c.get(PageIndex(1)).is_none());
+    assert_eq!(c.get(PageIndex(2)), Some(&[2u8; 4096][..]));
+    c.admit_within(8);
+    c.insert(PageIndex(1), &[9; 4096]);
+    assert_eq!(c.get(PageIndex(1)), Some(&[9u8; 4096][..]));
+}

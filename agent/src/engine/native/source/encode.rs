@@ -188,15 +188,33 @@ pub(super) fn encode_stream(
         }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
+        // This stream's pages of the job still to go, the next one
+        // counted: the delta cache stores only what it will keep
+        // (`PageCache::admit_within`).
+        let mut left = match (&cache, job.delta) {
+            (Some(_), true) => job
+                .pages
+                .iter()
+                .filter(|&p| stream_for(p, streams) == stream)
+                .count(),
+            _ => 0,
+        };
         for p in job.pages.iter() {
-            if stream_for(p, streams) != stream || job.served.as_ref().is_some_and(|s| !s.claim(p))
-            {
+            if stream_for(p, streams) != stream {
+                continue;
+            }
+            let ahead = left;
+            left = left.saturating_sub(1);
+            if job.served.as_ref().is_some_and(|s| !s.claim(p)) {
                 continue;
             }
             // A leaf that cannot be read (a disk file) fails the stream,
             // and so the migration: never sent as zeros.
             let mut failed = None;
             let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
+            if let Some(c) = cache.as_mut() {
+                c.admit_within(ahead);
+            }
             let cache = if job.delta { cache.as_mut() } else { None };
             let held = job.held.as_ref().and_then(|h| h.leaf(p));
             // The destination's block is not zero: a zero one must go.
