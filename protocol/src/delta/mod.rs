@@ -345,8 +345,11 @@ pub struct PageCache {
     free: Vec<u32>,
     len: usize,
     hand: usize,
-    /// Whether [`PageCache::insert`] stores (see [`PageCache::admit_within`]).
+    /// Whether the next [`PageCache::insert`] stores (see
+    /// [`PageCache::admit_within`]); each insert sets it back.
     admit: bool,
+    /// Whether every slot has been in use at once.
+    filled: bool,
     stats: CacheStats,
 }
 
@@ -385,6 +388,7 @@ impl PageCache {
             len: 0,
             hand: 0,
             admit: true,
+            filled: false,
             stats: CacheStats::default(),
         }
     }
@@ -436,11 +440,12 @@ impl PageCache {
     /// Stores `bytes` as the version of `idx`, replacing an older one or
     /// evicting another page's when full. A slice that is not one page long
     /// is not stored, and the older version is dropped; so is a page while
-    /// the cache does not admit ([`PageCache::admit_within`]).
+    /// the cache does not admit it ([`PageCache::admit_within`]).
     // CAST: a slot is below the slot count, at most 2^31 (see `new`).
     #[allow(clippy::cast_possible_truncation)]
     pub fn insert(&mut self, idx: PageIndex, bytes: &[u8]) {
-        if bytes.len() != self.page || !self.admit {
+        let admit = std::mem::replace(&mut self.admit, true);
+        if bytes.len() != self.page || !admit {
             self.remove(idx);
             return;
         }
@@ -458,32 +463,39 @@ impl PageCache {
                 self.owner[slot] = Some(idx);
                 self.referenced[slot] = false;
                 self.len += 1;
+                self.filled |= self.len == self.owner.len();
                 slot
             }
         };
         self.slab[slot * self.page..(slot + 1) * self.page].copy_from_slice(bytes);
     }
 
-    /// Admits the next page sent only when at most `left` pages, it
-    /// among them, are still to go in the same sweep (a round's pages on
-    /// one stream, each sent once) and `left` is within twice the
-    /// capacity.
+    /// Whether the next [`PageCache::insert`] stores its page, given that
+    /// `left` pages, that one among them, are still to go in the same
+    /// sweep (a round's pages on one stream, each sent once): yes until
+    /// the cache has first been full, and after that only within the last
+    /// twice its capacity.
     ///
-    /// A page inserted with `capacity` or more inserts after it in its
-    /// sweep is evicted before the sweep ends: each insert into a full
-    /// cache moves the clock hand on by at least one slot, a page just
-    /// inserted has its reference bit clear, and nothing in the same
-    /// sweep looks it up again. Storing it costs a copy and the index
-    /// work for nothing, and it sweeps out pages that were sent again
-    /// (hot ones). A round 1 of 1 GiB through a cache of 32 MiB stored 32
-    /// times what it kept. Twice the capacity because a page sent as zero
-    /// or held by the destination stores nothing: while at most half of
-    /// the pages left are such, the sweep still ends with the versions
-    /// storing every page would leave. Not admitting drops a page's older
-    /// version, as [`PageCache::insert`] says, so the cache still holds
-    /// only what the destination holds.
+    /// A page stored in a full cache with its reference bit clear (one
+    /// not looked up since) is evicted when the clock hand comes round to
+    /// its slot: after at most `capacity` more evictions, and a sweep
+    /// looks no page up twice. So in a sweep much longer than the cache
+    /// most of what it stores is evicted before the sweep ends, which
+    /// costs a copy and the index work for nothing and sweeps out the
+    /// hot pages (ones sent again, whose bit is set). A round 1 of 1 GiB
+    /// through a cache of 32 MiB stored 32 times what it kept.
+    ///
+    /// This is an estimate: pages sent as zero or held by the destination
+    /// store nothing, and the encoder cannot tell them before it reads
+    /// them. Where at most half of the last pages are such, a round 1
+    /// ends with the versions storing every page would leave; where more
+    /// are, with fewer (and with the first pages stored, which fill it,
+    /// when all of the last ones are zero). Either way a page not stored
+    /// drops its older version, as [`PageCache::insert`] says, so the
+    /// cache never holds a version the destination lacks; only the deltas
+    /// it makes possible change.
     pub fn admit_within(&mut self, left: usize) {
-        self.admit = left <= self.capacity().saturating_mul(2);
+        self.admit = !self.filled || left <= self.capacity().saturating_mul(2);
     }
 
     /// Forgets the version of `idx`, if any.

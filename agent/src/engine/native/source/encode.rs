@@ -186,6 +186,12 @@ pub(super) fn encode_stream(
         if job.background {
             priority.background();
         }
+        if !job.delta {
+            // Its pages change what the destination holds without the
+            // cache seeing them, so no later delta may use the cache
+            // (none comes: deltas end at the post-copy switch, for good).
+            cache = None;
+        }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
         // This stream's pages of the job still to go, the next one
