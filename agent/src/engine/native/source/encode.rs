@@ -197,13 +197,13 @@ pub(super) fn encode_stream(
         // This stream's pages of the job still to go, the next one
         // counted: the delta cache stores only what it will keep
         // (`PageCache::admit_within`).
-        let mut left = match (&cache, job.delta) {
-            (Some(_), true) => job
+        let mut left = match &cache {
+            Some(_) => job
                 .pages
                 .iter()
                 .filter(|&p| stream_for(p, streams) == stream)
                 .count(),
-            _ => 0,
+            None => 0,
         };
         for p in job.pages.iter() {
             if stream_for(p, streams) != stream {
@@ -218,10 +218,11 @@ pub(super) fn encode_stream(
             // and so the migration: never sent as zeros.
             let mut failed = None;
             let read = |buf: &mut [u8]| failed = vm.read_leaf(p, buf).err();
-            if let Some(c) = cache.as_mut() {
+            // None in a job without deltas (ended above).
+            let cache = cache.as_mut().map(|c| {
                 c.admit_within(ahead);
-            }
-            let cache = if job.delta { cache.as_mut() } else { None };
+                &mut *c
+            });
             let held = job.held.as_ref().and_then(|h| h.leaf(p));
             // The destination's block is not zero: a zero one must go.
             let skip_zero = job.skip_zero && !matches!(held, Some(HeldLeaf::Unknown));
