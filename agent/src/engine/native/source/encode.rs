@@ -194,21 +194,16 @@ pub(super) fn encode_stream(
         }
         let mut b = BatchBuilder::with_capacity(page_size, BATCH_PAGES);
         let mut skipped = 0u64;
+        let mine = || {
+            job.pages
+                .iter()
+                .filter(|&p| stream_for(p, streams) == stream)
+        };
         // This stream's pages of the job still to go, the next one
         // counted: the delta cache stores only what it will keep
         // (`PageCache::admit_within`).
-        let mut left = match &cache {
-            Some(_) => job
-                .pages
-                .iter()
-                .filter(|&p| stream_for(p, streams) == stream)
-                .count(),
-            None => 0,
-        };
-        for p in job.pages.iter() {
-            if stream_for(p, streams) != stream {
-                continue;
-            }
+        let mut left = if cache.is_some() { mine().count() } else { 0 };
+        for p in mine() {
             let ahead = left;
             left = left.saturating_sub(1);
             if job.served.as_ref().is_some_and(|s| !s.claim(p)) {
