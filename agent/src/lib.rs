@@ -46,7 +46,7 @@
 //! - [`lab::impair::tun`]: the one `TUNSETIFF` ioctl that makes the WAN
 //!   lab's TUN device.
 //! - `engine::priority`: `sched_setscheduler`, which puts a post-copy
-//!   push's source threads at `SCHED_IDLE` and back.
+//!   push's threads at `SCHED_IDLE` and back.
 //! - [`alloc`]: reading and setting mimalloc's purge delay.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` argument (the workspace

@@ -36,9 +36,9 @@ pub(crate) mod qemu;
 
 /// Lowers the calling thread's CPU priority for the rest of its life
 /// (nice + [`BACKGROUND_NICE`], at most 19; Linux applies `setpriority` to
-/// one thread by its id): what a post-copy push's decoder threads do once
-/// the VM runs at the destination (the source's encoders go further:
-/// [`priority`]), so that on a busy host
+/// one thread by its id): what a post-copy push's threads do first once
+/// the VM runs at the destination (then most go further: [`priority`]),
+/// so that on a busy host
 /// they yield the CPU to what a waiting vCPU needs — the fault path and
 /// the guest — instead of sharing it evenly. A thread may always lower its
 /// own priority; a failure only costs fault latency, so it is logged, not

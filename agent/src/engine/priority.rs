@@ -1,16 +1,21 @@
-//! The source's post-copy push gives way to the fault path, without
-//! starving.
+//! A post-copy push gives way to the fault path, without starving.
 //!
 //! After a post-copy switch a vCPU at the destination waits on every
 //! fault, while the source's encoder threads compress and hash the
-//! background push. At nice + 10 ([`super::yield_to_faults`]) a fault's
-//! p99 stayed at 6–8 ms on two shared cores: a woken fault-path thread
-//! still waited its turn behind an encoder. At `SCHED_IDLE` a waking
-//! thread of any other policy preempts the encoder at once, and the p99
-//! at 25 000 and 100 000 pages/s fell to 3.1–5.2 ms (docs/benchmarks.md,
-//! "The source's encoders at `SCHED_IDLE`"). The
-//! destination's decoders stay at nice + 10: `SCHED_IDLE` there changed
-//! nothing measurable, and that host runs the guest.
+//! background push and the destination's decoder threads install it. At
+//! nice + 10 ([`super::yield_to_faults`]) a fault's p99 stayed at 6–8 ms
+//! on two shared cores: a woken fault-path thread still waited its turn
+//! behind an encoder. At `SCHED_IDLE` a waking thread of any other policy
+//! preempts the encoder at once, and the p99 at 25 000 and 100 000
+//! pages/s fell to 3.1–5.2 ms (docs/benchmarks.md, "The source's encoders
+//! at `SCHED_IDLE`"). With the encoders idle, the scheduler's record
+//! showed the decoders at nice + 10 as what the runtime workers and the
+//! vCPU most waited behind; the decoders now go idle too, except with
+//! disks (a decoder writes a disk block under a lock the guest waits on),
+//! and frames reach them without a lock shared with a runtime worker
+//! (`native::destination::queue`). In 31 rows of each build, alternated,
+//! no fault p99 was over 5 ms, against 6 before (docs/benchmarks.md, "The
+//! destination's decoders at `SCHED_IDLE` too").
 //!
 //! `SCHED_IDLE` alone could starve the push on a host whose CPUs other
 //! work keeps busy (its weight is 3 against 1024), and a post-copy VM

@@ -18,6 +18,7 @@
 
 mod actions;
 mod lanes;
+mod queue;
 mod receive;
 mod recovery;
 

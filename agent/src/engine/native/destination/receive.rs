@@ -13,7 +13,6 @@ use convoy_protocol::digest::{leaf_digest, zero_leaf, Digest};
 use convoy_protocol::message::Message;
 use convoy_protocol::page::is_zero;
 use convoy_protocol::page::{BatchError, PageData, PageIndex, StreamReceiver};
-use tokio::sync::mpsc;
 
 use crate::backend::sim::SimVm;
 use crate::backend::{BackendError, Staging};
@@ -217,6 +216,7 @@ impl Incoming {
             switched: self.switched.clone(),
             scratch: vec![0u8; geometry.page_size().bytes()],
             tx: self.tx.clone(),
+            priority: crate::engine::priority::PushPriority::default(),
         };
         let tx = self.tx.clone();
         if faults {
@@ -233,31 +233,32 @@ impl Incoming {
             return;
         }
         // Bounded in bytes, not frames: a source sending only 4 MiB frames
-        // holds at most QUEUE_BYTES here per stream, not 32 × 4 MiB.
-        let (frames_tx, mut frames_rx) =
-            mpsc::channel::<(Message, tokio::sync::OwnedSemaphorePermit)>(QUEUE_FRAMES);
-        let queued = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES as usize));
-        self.link_tasks.push(crate::engine::spawn(async move {
-            while let Some(m) = next_frame(read_message(&mut recv).await, &tx) {
-                let Ok(permit) = queued.clone().acquire_many_owned(queued_bytes(&m)).await else {
-                    return;
-                };
-                if frames_tx.send((m, permit)).await.is_err() {
-                    return;
-                }
-            }
-        }));
+        // holds at most QUEUE_BYTES here per stream, not 32 × 4 MiB. No
+        // lock between the reader and the decoder, which may run at
+        // `SCHED_IDLE` after a switch (`super::queue`).
+        let (feed, mut drain) = super::queue::channel(QUEUE_FRAMES, QUEUE_BYTES as usize);
         let spawned = crate::cpu::spawn(
             std::thread::Builder::new().name(format!("convoy-dec-{stream}")),
             move || {
-                // The permit is released once the frame is applied.
-                while let Some((m, _permit)) = frames_rx.blocking_recv() {
+                // A frame counts against the bounds until it is applied.
+                while let Some((m, _taken)) = drain.next() {
                     if !applier.apply(m) {
                         return;
                     }
                 }
             },
         );
+        if let Ok(handle) = &spawned {
+            let mut feed = feed.to(handle.thread().clone());
+            self.link_tasks.push(crate::engine::spawn(async move {
+                while let Some(m) = next_frame(read_message(&mut recv).await, &tx) {
+                    let bytes = queued_bytes(&m) as usize;
+                    if !feed.send(m, bytes).await {
+                        return;
+                    }
+                }
+            }));
+        }
         match spawned {
             Ok(handle) => self.link_threads.push(handle),
             // A local failure, not the link's: never recovered from.
@@ -302,6 +303,8 @@ struct Applier {
     /// One page.
     scratch: Vec<u8>,
     tx: super::Tx,
+    /// How this decoder gives way to the faults after a switch.
+    priority: crate::engine::priority::PushPriority,
 }
 
 impl Applier {
@@ -310,9 +313,17 @@ impl Applier {
     fn apply(&mut self, m: Message) -> bool {
         let switched = self.switched.load(Ordering::Acquire);
         // After a post-copy switch a data stream's pages are background
-        // to the fault stream's (never lowered).
+        // to the fault stream's (never lowered): `SCHED_IDLE` where it can
+        // come back ([`crate::engine::priority`]). Not with disks: a disk
+        // block is written under the lock a guest write and a fault's
+        // block wait on, and an idle thread preempted there would hold
+        // them; nice + 10 then, as before.
         if self.background && switched {
-            crate::engine::yield_to_faults();
+            if self.staging.has_disks() {
+                crate::engine::yield_to_faults();
+            } else {
+                self.priority.background();
+            }
         }
         let Message::PageBatch(header, payload) = m else {
             let _ = self.tx.send(Event::Bad(DestinationError::Unexpected {
