@@ -18,10 +18,20 @@
 //! after each frame, and bounds the queue itself, in frames and in
 //! bytes, with two counters: a frame counts until it is applied, and the
 //! reader waits for room on an [`AtomicWaker`] that the decoder wakes
-//! when it gives room back. Waking the reader's task from the decoder
-//! thread schedules it on the runtime, which takes the runtime's own
-//! queue lock for a moment, as each of the source's encoders does for its
-//! writer.
+//! when it gives room back.
+//!
+//! What is left: waking a task from the decoder thread schedules it on
+//! the runtime, which takes the runtime's own locks for a moment (its
+//! injection queue, and to wake a parked worker, its idle list and that
+//! worker's parker), as each of the source's encoders does for its
+//! writer. The decoder does so when the reader waits for room, and for
+//! every frame when it reports the frame applied to the engine's task
+//! (`Event::Applied`). Installing a page also takes the sim backend's
+//! demand-paging mutexes (four, each for a lookup, an insert or a
+//! remove), which the fault stream's task takes too, and the kernel's
+//! `UFFDIO_COPY` takes the address space's lock for reading. The
+//! starvation check of [`crate::engine::priority`] bounds how long an
+//! idle decoder can keep any of them.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -261,7 +271,7 @@ mod tests {
         /// Frame `want` reached the decoder; it is applied (gives its
         /// room back).
         fn applied(&self, want: u8) {
-            assert_eq!(self.got.recv_timeout(Duration::from_secs(5)).unwrap(), want);
+            assert_eq!(self.got.recv_timeout(WAIT).unwrap(), want);
             self.release.send(()).unwrap();
         }
 
@@ -272,29 +282,47 @@ mod tests {
                 .is_err()
         }
 
+        /// Sends a frame that must go, within 5 s (a lost wake fails
+        /// here instead of hanging the test).
+        async fn sends(&mut self, i: u8, bytes: usize) {
+            let sent = tokio::time::timeout(WAIT, self.feed.send(frame(i), bytes))
+                .await
+                .expect("a send that has room still waits");
+            assert!(sent, "the decoder is gone");
+        }
+
         /// The feed gone: the parked decoder sees the end and returns.
         async fn end(self) {
             drop(self.feed);
-            let decoder = self.decoder;
-            tokio::task::spawn_blocking(move || decoder.join().unwrap())
-                .await
-                .unwrap();
+            joined(self.decoder).await;
         }
+    }
+
+    /// How long a step that must happen may take.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// The decoder thread ends within [`WAIT`].
+    async fn joined(decoder: std::thread::JoinHandle<()>) {
+        tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || decoder.join()))
+            .await
+            .expect("the decoder thread did not end")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_arrive_in_order_and_the_reader_waits_for_room() {
         let mut lab = Lab::new(2, 100);
         // Two frames fit; a third waits until the first is applied.
-        assert!(lab.feed.send(frame(1), 10).await);
-        assert!(lab.feed.send(frame(2), 10).await);
+        lab.sends(1, 10).await;
+        lab.sends(2, 10).await;
         assert!(
             lab.waits(3, 10).await,
             "a third frame went past a bound of two"
         );
         // (The send that timed out queued nothing: it waits before it counts.)
         lab.applied(1);
-        assert!(lab.feed.send(frame(3), 10).await);
+        lab.sends(3, 10).await;
         lab.applied(2);
         lab.applied(3);
         lab.end().await;
@@ -303,38 +331,39 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bytes_are_bounded_and_a_large_frame_goes_alone() {
         let mut lab = Lab::new(32, 100);
-        assert!(lab.feed.send(frame(1), 60).await);
+        lab.sends(1, 60).await;
         // 60 + 50 > 100: it waits.
         assert!(lab.waits(2, 50).await, "the byte bound was passed");
         lab.applied(1);
         // Larger than the bound: it goes once the queue is empty.
-        assert!(lab.feed.send(frame(2), 500).await);
+        lab.sends(2, 500).await;
         lab.applied(2);
         lab.end().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_waiting_for_room_stops_when_the_decoder_is_gone() {
+        let mut lab = Lab::new(2, 100);
+        lab.sends(1, 10).await;
+        lab.sends(2, 90).await;
+        assert_eq!(lab.got.recv_timeout(WAIT).unwrap(), 1);
         let Lab {
             mut feed,
             decoder,
-            got,
             release,
-        } = Lab::new(1, 100);
-        assert!(feed.send(frame(1), 10).await);
-        assert_eq!(got.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
-        // The decoder stops while it holds the only slot, and the reader
-        // waits for room: it must learn that none will come.
-        let waiting = tokio::spawn(async move { feed.send(frame(2), 10).await });
+            ..
+        } = lab;
+        // The reader waits for room for 50 bytes; the decoder stops while
+        // it holds frame 1. Giving frame 1 back leaves 90 bytes queued, no
+        // room for 50: only the decoder's end can let the reader go.
+        let waiting = tokio::spawn(async move { feed.send(frame(3), 50).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(release);
-        let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
+        let sent = tokio::time::timeout(WAIT, waiting)
             .await
             .expect("the reader still waits for a decoder that is gone")
             .unwrap();
-        assert!(!sent);
-        tokio::task::spawn_blocking(move || decoder.join().unwrap())
-            .await
-            .unwrap();
+        assert!(!sent, "a frame was sent to a decoder that is gone");
+        joined(decoder).await;
     }
 }
